@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    set up the virtual environment, then run the demo workflow on the embedded sample archive
+#   make test   set up the virtual environment, then run the whole test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+
+$(BIN)/sarlang: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first, pinned: a looser requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/sarlang
+
+setup: $(BIN)/sarlang
+
+run: setup
+	$(BIN)/sarlang run workflows/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/bench_tiling.py
+
+.PHONY: setup run test bench

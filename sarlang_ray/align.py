@@ -1,0 +1,289 @@
+"""align: per tile, the objects in pixel space, land-cover fractions and the optical twin.
+
+Vector labels (GeoParquet or any OGR format, any CRS) are validated once into ``align/labels.parquet``
+(EPSG:4326, with a bbox covering column); bad files and bad features go to the errors table. Then each
+tile shard of the tile stage becomes one shard of the final **tiles** table, on a Ray Data actor pool:
+
+* objects: labels of the scene's footprint reprojected to the tile CRS, queried with an STRtree per
+  scene, clipped to the tile, converted to pixel coordinates (box xyxy, polygon WKB, area, orientation).
+  An object is kept if at least ``align.min_visible_fraction`` of its area is inside the tile, or its
+  visible part spans at least that fraction of the tile (long objects: roads, bridges, harbours);
+* land cover: the land-cover raster warped (nearest) onto the tile grid, as class -> fraction;
+* optical: the optical twin warped onto the SAR tile's grid (same footprint, same pixels), as RGB PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+
+import geopandas as gpd
+import numpy as np
+import pyarrow as pa
+import shapely
+from affine import Affine
+from rasterio.enums import ColorInterp, Resampling
+from shapely import STRtree, affinity
+from shapely.geometry import box
+from shapely.validation import explain_validity
+
+from sarlang_ray import io
+from sarlang_ray.catalog import metric_gsd
+from sarlang_ray.config import AlignSection
+from sarlang_ray.errors import error_row, errors_table
+from sarlang_ray.tiling import TILES_SCHEMA, encode_png, resampling_for, warp_window
+
+STAGE = "align"
+
+OBJECT_TYPE = pa.struct([
+    ("class", pa.string()),
+    ("bbox_xyxy", pa.list_(pa.float32(), 4)),  # pixel coordinates: x right, y down, origin top-left corner
+    ("polygon", pa.binary()),  # WKB polygon in pixel coordinates
+    ("area_px", pa.float32()),
+    ("angle_deg", pa.float32()),  # long axis, counter-clockwise from the image x axis, in [0, 180)
+    ("visible_fraction", pa.float32()),
+    ("label_id", pa.string()),
+])
+ALIGNED_SCHEMA = TILES_SCHEMA.append(pa.field("optical_png", pa.binary())) \
+    .append(pa.field("objects", pa.list_(OBJECT_TYPE))) \
+    .append(pa.field("landcover", pa.map_(pa.string(), pa.float32()))) \
+    .append(pa.field("landcover_valid_fraction", pa.float32()))
+
+GEO_METADATA = {
+    "version": "1.1.0",
+    "primary_column": "footprint",
+    "columns": {"footprint": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None, "edges": "planar"}},
+}
+
+
+def _geo_schema(schema: pa.Schema) -> pa.Schema:
+    geo = dict(GEO_METADATA)
+    from pyproj import CRS
+
+    geo["columns"] = {"footprint": {**GEO_METADATA["columns"]["footprint"], "crs": CRS.from_epsg(4326).to_json_dict()}}
+    return schema.with_metadata({b"geo": json.dumps(geo).encode()})
+
+
+# ---------------------------------------------------------------- labels
+def prepare_labels(uris: list[str], cfg: AlignSection) -> tuple[gpd.GeoDataFrame, list[dict], int]:
+    """Read and validate label files. Returns clean labels (EPSG:4326), error rows, features planned."""
+    frames, errors, planned = [], [], 0
+    for uri in uris:
+        try:
+            gdf = gpd.read_parquet(uri) if uri.endswith((".parquet", ".geoparquet")) else gpd.read_file(uri)
+        except Exception as exc:
+            errors.append(error_row(STAGE, uri, "unreadable", f"cannot read labels {uri}: {exc}. Write them as GeoParquet or GeoJSON."))
+            continue
+        if gdf.crs is None:
+            errors.append(error_row(STAGE, uri, "no_crs", f"labels {uri} have no CRS. Set one (gdf.set_crs(...)) and write them again; "
+                                    "GeoJSON is WGS 84 by definition."))
+            continue
+        if cfg.class_column not in gdf.columns:
+            errors.append(error_row(STAGE, uri, "no_class_column", f"labels {uri} have no column {cfg.class_column!r} "
+                                    f"(columns: {list(gdf.columns)}). Rename it or set align.class_column."))
+            continue
+        planned += len(gdf)
+        keep = []
+        for i, (geom, cls) in enumerate(zip(gdf.geometry, gdf[cfg.class_column])):
+            item = f"{uri}#feature={i}"
+            if geom is None or geom.is_empty:
+                errors.append(error_row(STAGE, item, "empty_geometry", f"{item}: empty geometry. Remove the feature."))
+            elif geom.geom_type not in ("Polygon", "MultiPolygon"):
+                errors.append(error_row(STAGE, item, "not_polygon", f"{item}: {geom.geom_type}; labels must be polygons (buffer points/lines first)."))
+            elif not isinstance(cls, str) or not cls.strip():
+                errors.append(error_row(STAGE, item, "no_class", f"{item}: missing class name in column {cfg.class_column!r}."))
+            elif not geom.is_valid:
+                reason = explain_validity(geom)
+                if cfg.invalid_geometry == "repair":
+                    repaired = shapely.make_valid(geom)
+                    polys = [g for g in getattr(repaired, "geoms", [repaired]) if g.geom_type in ("Polygon", "MultiPolygon")]
+                    if polys and shapely.union_all(polys).area > 0:
+                        gdf.loc[gdf.index[i], "geometry"] = shapely.union_all(polys)
+                        keep.append(i)
+                        continue
+                errors.append(error_row(STAGE, item, "invalid_geometry", f"{item}: invalid polygon ({reason}). "
+                                        "Fix it (shapely.make_valid) or set align.invalid_geometry=repair."))
+            else:
+                keep.append(i)
+        part = gdf.iloc[keep]
+        frames.append(gpd.GeoDataFrame(
+            {"class": part[cfg.class_column].str.strip().values, "label_id": [f"{uri}#feature={i}" for i in keep]},
+            geometry=part.geometry.values, crs=gdf.crs,
+        ).to_crs(4326))
+    labels = gpd.GeoDataFrame(pd_concat(frames), crs=4326) if frames else gpd.GeoDataFrame({"class": [], "label_id": []}, geometry=[], crs=4326)
+    return labels, errors, planned
+
+
+def pd_concat(frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+def objects_in_tile(labels: gpd.GeoDataFrame, tree: STRtree, transform: Affine, size: int, min_visible: float) -> list[dict]:
+    """Labels (already in the tile CRS) clipped to a north-up tile, in pixel coordinates."""
+    a, c, e, f = transform.a, transform.c, transform.e, transform.f
+    tile_box = box(c, f + e * size, c + a * size, f)
+    to_px = [1 / a, 0, 0, 1 / e, -c / a, -f / e]
+    out = []
+    geoms = labels.geometry.values
+    for i in sorted(tree.query(tile_box, predicate="intersects").tolist()):
+        g = geoms[i]
+        clipped = g.intersection(tile_box)
+        if clipped.is_empty or clipped.area <= 0 or g.area <= 0:
+            continue
+        px = affinity.affine_transform(clipped, to_px)
+        x0, y0, x1, y1 = px.bounds
+        visible = clipped.area / g.area
+        if visible < min_visible and max(x1 - x0, y1 - y0) / size < min_visible:
+            continue
+        out.append({
+            "class": labels["class"].iat[i], "bbox_xyxy": [x0, y0, x1, y1], "polygon": shapely.to_wkb(px),
+            "area_px": px.area, "angle_deg": orientation_deg(px), "visible_fraction": min(1.0, visible),
+            "label_id": labels["label_id"].iat[i],
+        })
+    return out
+
+
+def orientation_deg(poly) -> float:
+    """Direction of the long axis of the minimum rotated rectangle, CCW from +x (image y points down)."""
+    rect = poly.minimum_rotated_rectangle
+    if rect.geom_type != "Polygon":
+        return 0.0
+    (x0, y0), (x1, y1), (x2, y2) = list(rect.exterior.coords)[:3]
+    e1, e2 = (x1 - x0, y1 - y0), (x2 - x1, y2 - y1)
+    dx, dy = e1 if math.hypot(*e1) >= math.hypot(*e2) else e2
+    return round(math.degrees(math.atan2(-dy, dx)) % 180.0, 3) % 180.0
+
+
+def landcover_fractions(lc: np.ndarray, classes: dict[int, str]) -> tuple[list[tuple[str, float]], float]:
+    """Class -> fraction over pixels of a known class; and the fraction of such pixels in the tile."""
+    finite = np.isfinite(lc)
+    values = lc[finite].astype(np.int64)
+    known = np.isin(values, list(classes))
+    n_known = int(known.sum())
+    if n_known == 0:
+        return [], 0.0
+    codes, counts = np.unique(values[known], return_counts=True)
+    fractions = {classes[int(k)]: float(n) / n_known for k, n in zip(codes, counts)}
+    return sorted(fractions.items()), n_known / lc.size
+
+
+def optical_band_indexes(src, configured: list[int] | None) -> list[int]:
+    if configured:
+        return list(configured)
+    ci = list(src.colorinterp)
+    if all(x in ci for x in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+        return [ci.index(ColorInterp.red) + 1, ci.index(ColorInterp.green) + 1, ci.index(ColorInterp.blue) + 1]
+    desc = [d or "" for d in src.descriptions]
+    if all(b in desc for b in ("B4", "B3", "B2")):  # Sentinel-2 naming
+        return [desc.index("B4") + 1, desc.index("B3") + 1, desc.index("B2") + 1]
+    return [1, 2, 3] if src.count >= 3 else [1, 1, 1]
+
+
+def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, tile_gsd: float) -> np.ndarray:
+    """The optical twin on the SAR tile's grid as uint8 RGB (nodata black)."""
+    native = math.sqrt(np.prod(metric_gsd(src)))
+    resampling = resampling_for(tile_gsd, native, Resampling.average)
+    if resampling == Resampling.nearest and tile_gsd < native * 0.99:
+        resampling = Resampling.bilinear
+    channels = [
+        warp_window(src, b, transform, crs, size, resampling, lambda blk: blk.astype(np.float32).filled(np.nan))
+        for b in bands
+    ]
+    rgb = np.stack([ch if ch is not None else np.full((size, size), np.nan, np.float32) for ch in channels], axis=-1)
+    valid = np.isfinite(rgb).all(axis=-1)
+    if src.dtypes[0] == "uint8":
+        out = np.where(valid[..., None], np.clip(np.rint(rgb), 0, 255), 0)
+    elif valid.any():  # reflectances and the like: joint 2-98 % stretch
+        lo, hi = np.percentile(rgb[valid], [2, 98])
+        out = np.where(valid[..., None], np.clip((rgb - lo) / max(hi - lo, 1e-6), 0, 1) * 255, 0)
+    else:
+        out = np.zeros_like(rgb)
+    return np.rint(out).astype(np.uint8)
+
+
+class AlignShard:
+    """Ray Data row function (actor pool): one tile shard -> one shard of the final tiles table."""
+
+    def __init__(self, cfg: AlignSection, run_dir: str, labels_uri: str | None, cache_scenes: int = 4):
+        from sarlang_ray import tiling
+
+        self.cfg = cfg
+        self.tile_shards = io.join(run_dir, tiling.STAGE, "shards")
+        self.out_shards = io.join(run_dir, STAGE, "shards")
+        self.out_errors = io.join(run_dir, STAGE, "errors")
+        scenes = io.read_parquet(io.join(run_dir, "catalog", "scenes.parquet"),
+                                 columns=["scene_id", "optical_uri", "landcover_uri", "footprint", "tile_crs"]).to_pylist()
+        self.scenes = {s["scene_id"]: s for s in scenes}
+        self.labels_uri = labels_uri
+        self._labels: OrderedDict[str, tuple[gpd.GeoDataFrame, STRtree]] = OrderedDict()
+        self._rasters: OrderedDict[str, object] = OrderedDict()
+        self.cache_scenes = cache_scenes
+        self.schema = _geo_schema(ALIGNED_SCHEMA)
+
+    def _raster(self, uri: str):
+        if uri not in self._rasters:
+            self._rasters[uri] = io.open_raster(uri)
+            if len(self._rasters) > 2 * self.cache_scenes:
+                self._rasters.popitem(last=False)[1].close()
+        return self._rasters[uri]
+
+    def _scene_labels(self, scene_id: str, crs: str) -> tuple[gpd.GeoDataFrame, STRtree]:
+        if scene_id not in self._labels:
+            scene = self.scenes[scene_id]
+            if self.labels_uri is None:
+                gdf = gpd.GeoDataFrame({"class": [], "label_id": []}, geometry=[], crs=4326)
+            else:
+                bbox = shapely.from_wkb(scene["footprint"]).bounds
+                fs, path = io.filesystem(self.labels_uri)
+                gdf = gpd.read_parquet(path, bbox=bbox, filesystem=fs)
+            gdf = gdf.to_crs(crs).reset_index(drop=True)
+            self._labels[scene_id] = (gdf, STRtree(gdf.geometry.values))
+            if len(self._labels) > self.cache_scenes:
+                self._labels.popitem(last=False)
+        return self._labels[scene_id]
+
+    def __call__(self, row: dict) -> dict:
+        name = row["shard"]
+        out_uri = io.join(self.out_shards, name)
+        tiles = io.read_parquet(io.join(self.tile_shards, name))
+        planned = tiles.num_rows
+        if io.exists(out_uri):
+            written = io.read_parquet(out_uri, columns=["tile_id"]).num_rows
+            return {"shard": name, "planned": planned, "written": written, "rejected": planned - written,
+                    "objects": 0, "skipped": True}
+        out_rows, errors, n_objects = [], [], 0
+        for tile in tiles.to_pylist():
+            try:
+                tile.update(self.align_tile(tile))
+            except Exception as exc:
+                errors.append(error_row(STAGE, tile["tile_id"], type(exc).__name__,
+                                        f"aligning {tile['tile_id']} failed: {exc}. Check the optical/land-cover rasters of scene {tile['scene_id']}."))
+                continue
+            n_objects += len(tile["objects"])
+            out_rows.append(tile)
+        io.write_parquet_atomic(io.join(self.out_errors, name), errors_table(errors))
+        io.write_parquet_atomic(out_uri, pa.Table.from_pylist(out_rows, schema=self.schema))
+        return {"shard": name, "planned": planned, "written": len(out_rows), "rejected": len(errors),
+                "objects": n_objects, "skipped": False}
+
+    def align_tile(self, tile: dict) -> dict:
+        scene = self.scenes[tile["scene_id"]]
+        t = Affine(*tile["transform"])
+        size = tile["width"]
+        labels, tree = self._scene_labels(tile["scene_id"], tile["crs"])
+        out: dict = {"objects": objects_in_tile(labels, tree, t, size, self.cfg.min_visible_fraction)}
+        out["landcover"], out["landcover_valid_fraction"] = [], 0.0
+        if scene["landcover_uri"]:
+            lc = warp_window(self._raster(scene["landcover_uri"]), 1, t, tile["crs"], size, Resampling.nearest,
+                             lambda blk: blk.astype(np.float32).filled(np.nan))
+            if lc is not None:
+                out["landcover"], out["landcover_valid_fraction"] = landcover_fractions(lc, self.cfg.landcover_classes)
+        out["optical_png"] = None
+        if scene["optical_uri"]:
+            src = self._raster(scene["optical_uri"])
+            rgb = optical_rgb(src, optical_band_indexes(src, self.cfg.optical_bands), t, tile["crs"], size, tile["gsd_m"])
+            out["optical_png"] = encode_png(rgb)
+        return out

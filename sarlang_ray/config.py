@@ -1,0 +1,195 @@
+"""One typed config tree for every stage (omegaconf structured dataclasses).
+
+A workflow YAML (``workflows/*.yaml``) is merged onto these defaults, then ``key=value`` overrides
+from the command line. Unknown keys and wrong types are rejected with a message that names the key.
+The resolved config is written into the run folder (``config.yaml``) so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A workflow config or override is invalid; the message names the key and what to do."""
+
+
+@dataclass
+class RunSection:
+    run_dir: str = "runs/demo"  # run folder (local path or s3://); every stage writes under it
+    seed: int = 0  # seed for everything random (synthetic archive, splits)
+    stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align"])  # what `run` does
+    force: bool = False  # re-run stages that already finished (default: a finished stage is a no-op)
+
+
+@dataclass
+class RaySection:
+    address: str | None = None  # None: connect to RAY_ADDRESS if set, else start a local Ray
+    num_cpus: int | None = None  # CPUs of a locally started Ray (None: all)
+    progress: bool = True  # show Ray Data progress bars
+
+
+@dataclass
+class SynthSection:
+    out_dir: str = "runs/demo/archive"  # where `sarlang synth` writes the sample archive
+    scale: int = 1  # number of copies of the scene set (4 gives an archive 4x larger)
+    looks: float = 4.0  # equivalent number of looks of the gamma speckle (higher: less speckle)
+    scene_size_px: int = 1024  # width and height of each SAR scene in pixels
+
+
+@dataclass
+class CatalogSection:
+    archive: str = "${synth.out_dir}"  # archive root: local folder or s3://bucket/prefix
+    sar_glob: str = "sar/**/*.tif"  # SAR scenes, relative to the archive
+    # regex -> replacement applied to a SAR uri to find its optical twin / land-cover raster (null: none)
+    optical_rule: list[str] | None = field(default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/optical/\\1_optical.tif"])
+    landcover_rule: list[str] | None = field(
+        default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/landcover/\\1_landcover.tif"]
+    )
+    labels_glob: str | None = "labels/*.parquet"  # vector labels (GeoParquet or any OGR format), any CRS
+    units: str = "auto"  # SAR units: auto, intensity, amplitude or db (auto: band metadata, name, values)
+    band: int = 1  # which band of a multi-polarisation SAR file to use
+    sensor: str | None = None  # override the sensor read from metadata / file name
+    region: str | None = None  # override the region read from tags / folder name
+    rotated: str = "warp"  # rotated/sheared geotransforms: warp (tiles are warped north-up) or reject
+    min_valid_fraction: float = 0.001  # a scene with fewer valid pixels (overview check) is rejected
+
+
+@dataclass
+class StretchSection:
+    mode: str = "percentile"  # percentile (per tile, like the paper's log stretch) or fixed
+    low: float = 2.0  # percentile mode: lower percentile of dB values
+    high: float = 98.0  # percentile mode: upper percentile of dB values
+    db_min: float = -25.0  # fixed mode: dB mapped to 0
+    db_max: float = 5.0  # fixed mode: dB mapped to 255
+
+
+@dataclass
+class SpeckleSection:
+    filter: str = "refined_lee"  # none, lee or refined_lee (applied to intensity before the dB stretch)
+    window: int = 7  # filter window in pixels (odd)
+    looks: float = 4.0  # equivalent number of looks of the native scene (scaled up for coarser GSDs)
+
+
+@dataclass
+class TileSection:
+    gsds_m: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0])  # target pyramid
+    include_native: bool = False  # also tile every scene at its own native GSD
+    tile_size: int = 256  # tile width and height in pixels
+    stride: int = 256  # window step in pixels (= tile_size: no overlap, no gaps)
+    max_nodata_fraction: float = 0.5  # tiles with more nodata/NaN/inf pixels are dropped (with reason)
+    tiles_per_shard: int = 64  # upper bound of tiles per Parquet shard (bounds shard size)
+    speckle: SpeckleSection = field(default_factory=SpeckleSection)
+    stretch: StretchSection = field(default_factory=StretchSection)
+    png_compress_level: int = 6  # zlib level of the PNG encoder (0-9)
+    concurrency: int | None = None  # worker actors (None: one per CPU)
+    num_cpus: float = 1.0  # CPUs per worker
+
+
+@dataclass
+class AlignSection:
+    min_visible_fraction: float = 0.3  # objects less visible inside a tile are dropped as slivers
+    invalid_geometry: str = "reject"  # reject (errors table) or repair (shapely make_valid) bad geometries
+    class_column: str = "class"  # column of the labels holding the class name
+    optical_bands: list[int] | None = None  # bands of the optical twin used as RGB (None: auto)
+    landcover_classes: dict[int, str] = field(
+        default_factory=lambda: {1: "water", 2: "built-up", 3: "vegetation", 4: "bare soil", 5: "road"}
+    )  # land-cover raster value -> class name; values not listed count as nodata
+    concurrency: int | None = None  # worker actors (None: one per CPU)
+    num_cpus: float = 1.0  # CPUs per worker
+
+
+@dataclass
+class WorkflowConfig:
+    name: str = "demo"  # workflow name (shown in the summary)
+    run: RunSection = field(default_factory=RunSection)
+    ray: RaySection = field(default_factory=RaySection)
+    synth: SynthSection = field(default_factory=SynthSection)
+    catalog: CatalogSection = field(default_factory=CatalogSection)
+    tile: TileSection = field(default_factory=TileSection)
+    align: AlignSection = field(default_factory=AlignSection)
+
+
+STAGES = ("synth", "catalog", "tile", "align")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WorkflowConfig:
+    """Load a workflow: defaults <- YAML file <- ``key=value`` overrides, then validate.
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, or a cross-field inconsistency.
+    """
+    schema = OmegaConf.structured(WorkflowConfig)
+    try:
+        layers: list[Any] = [schema]
+        if path is not None:
+            layers.append(OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value (for example tile.tile_size=128)")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        where = f" in {path}" if path else ""
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(
+            f"invalid config{where}: key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}. "
+            "Check the spelling against sarlang_ray/config.py (every field is listed there)."
+        ) from None
+    typed: WorkflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    _check(typed)
+    return typed
+
+
+def _check(cfg: WorkflowConfig) -> None:
+    """Cross-field checks, all in one place."""
+    problems = []
+    unknown = set(cfg.run.stages) - set(STAGES)
+    if unknown:
+        problems.append(f"run.stages has unknown stages {sorted(unknown)}; known: {list(STAGES)}")
+    if cfg.catalog.units not in ("auto", "intensity", "amplitude", "db"):
+        problems.append("catalog.units must be auto, intensity, amplitude or db")
+    if cfg.catalog.rotated not in ("warp", "reject"):
+        problems.append("catalog.rotated must be warp or reject")
+    for name in ("optical_rule", "landcover_rule"):
+        rule = getattr(cfg.catalog, name)
+        if rule is not None and len(rule) != 2:
+            problems.append(f"catalog.{name} must be [regex, replacement] or null")
+    t = cfg.tile
+    if t.tile_size < 16 or t.stride < 1:
+        problems.append("tile.tile_size must be >= 16 and tile.stride >= 1")
+    if t.stride > t.tile_size:
+        problems.append("tile.stride > tile.tile_size leaves gaps between tiles; use stride <= tile_size")
+    if not t.gsds_m and not t.include_native:
+        problems.append("tile.gsds_m is empty and tile.include_native is false: nothing to tile")
+    if any(g <= 0 for g in t.gsds_m):
+        problems.append("tile.gsds_m must be positive metres")
+    if not 0 <= t.max_nodata_fraction <= 1:
+        problems.append("tile.max_nodata_fraction must be within [0, 1]")
+    if t.speckle.filter not in ("none", "lee", "refined_lee"):
+        problems.append("tile.speckle.filter must be none, lee or refined_lee")
+    if t.speckle.window < 3 or t.speckle.window % 2 == 0:
+        problems.append("tile.speckle.window must be an odd number >= 3")
+    if t.stretch.mode not in ("percentile", "fixed"):
+        problems.append("tile.stretch.mode must be percentile or fixed")
+    if cfg.align.invalid_geometry not in ("reject", "repair"):
+        problems.append("align.invalid_geometry must be reject or repair")
+    if not 0 <= cfg.align.min_visible_fraction <= 1:
+        problems.append("align.min_visible_fraction must be within [0, 1]")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def to_yaml(cfg: WorkflowConfig) -> str:
+    """The resolved config as YAML (what is saved into the run folder)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dictconfig(cfg: WorkflowConfig) -> DictConfig:
+    return OmegaConf.structured(cfg)

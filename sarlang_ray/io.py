@@ -1,0 +1,113 @@
+"""Paths that are local folders or ``s3://`` URIs, through fsspec, and atomic writes.
+
+Every stage writes through :func:`write_bytes_atomic`, so a reader never sees half a file: locally a
+temporary name is renamed into place; on S3 a single PUT is already all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import rasterio
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``uri`` and the path inside it (credentials: the standard chains)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return bool(fs.exists(path))
+
+
+def glob(base: str, pattern: str) -> list[str]:
+    """Sorted URIs under ``base`` matching ``pattern`` (``**`` recurses)."""
+    fs, path = filesystem(base)
+    matches = fs.glob(join(path, pattern))
+    protocol = base.split("://", 1)[0] + "://" if is_remote(base) else ""
+    return sorted(protocol + m if protocol and not m.startswith(protocol) else m for m in matches)
+
+
+def makedirs(uri: str) -> None:
+    if not is_remote(uri):
+        os.makedirs(uri, exist_ok=True)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` so that ``uri`` either does not exist or holds all of it."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
+    tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return bytes(fs.cat_file(path))
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Serialise a table deterministically (same table -> same bytes)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_parquet_atomic(uri: str, table: pa.Table) -> None:
+    write_bytes_atomic(uri, parquet_bytes(table))
+
+
+def read_parquet(uris: list[str] | str, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file or concatenate several (small tables only: manifests, errors, scenes)."""
+    uris = [uris] if isinstance(uris, str) else uris
+    tables = []
+    for uri in uris:
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def open_raster(uri: str) -> rasterio.io.DatasetReader:
+    """Open a raster for reading: local paths directly, remote URIs through fsspec."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        return rasterio.open(path, opener=fs)
+    return rasterio.open(uri)

@@ -1,0 +1,243 @@
+"""The stages wired on Ray, top to bottom: synth -> catalog -> tile -> align, and the run summary.
+
+Each stage reads the previous stage's table under the run folder and writes its own, then a
+``<stage>/_SUCCESS.json`` with its counts. A stage whose ``_SUCCESS.json`` exists is skipped (a no-op)
+unless ``run.force=true``; an interrupted stage resumes, skipping shards that are already written.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sarlang_ray import align, catalog, io, synth, tiling
+from sarlang_ray.config import WorkflowConfig, to_yaml
+from sarlang_ray.errors import errors_table
+
+log = logging.getLogger("sarlang")
+
+
+def ensure_ray(cfg: WorkflowConfig) -> None:
+    """Connect to the configured cluster (or RAY_ADDRESS), or start a local Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict = {"log_to_driver": True}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress
+    ctx.execution_options.preserve_order = True  # deterministic manifests
+
+
+def _done_marker(run_dir: str, stage: str) -> str:
+    return io.join(run_dir, stage, "_SUCCESS.json")
+
+
+def _finished(cfg: WorkflowConfig, stage: str) -> dict | None:
+    marker = _done_marker(cfg.run.run_dir, stage)
+    if not cfg.run.force and io.exists(marker):
+        return io.read_json(marker)
+    return None
+
+
+def _workers(concurrency: int | None) -> int:
+    import ray
+
+    return concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def run_synth(cfg: WorkflowConfig) -> dict:
+    marker = io.join(cfg.synth.out_dir, "_SUCCESS.json")
+    if not cfg.run.force and io.exists(marker):
+        return io.read_json(marker)
+    t0 = time.time()
+    counts = synth.write_archive(cfg.synth, cfg.run.seed)
+    counts["seconds"] = round(time.time() - t0, 2)
+    io.write_json_atomic(marker, counts)
+    return counts
+
+
+def run_catalog(cfg: WorkflowConfig) -> dict:
+    """Scan the archive into catalog/scenes.parquet (GeoParquet) and catalog/errors.parquet."""
+    if (done := _finished(cfg, "catalog")) is not None:
+        return done
+    import ray
+
+    ensure_ray(cfg)
+    t0 = time.time()
+    uris = io.glob(cfg.catalog.archive, cfg.catalog.sar_glob)
+    if not uris:
+        raise FileNotFoundError(f"no SAR scenes match {cfg.catalog.sar_glob!r} under {cfg.catalog.archive}; "
+                                "check catalog.archive and catalog.sar_glob")
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=min(len(uris), 64))
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=min(len(uris), _workers(None)))
+    results = ds.map(catalog.SceneInspector, fn_constructor_args=(cfg.catalog,), compute=pool, num_cpus=1).take_all()
+    scenes = [r["scene"] for r in results if r["scene"] is not None]
+    errors = [r["error"] for r in results if r["error"] is not None]
+    ids = collections.Counter(s["scene_id"] for s in scenes)
+    assert all(n == 1 for n in ids.values()), f"scene_id collision: {[k for k, n in ids.items() if n > 1]}"
+    out = io.join(cfg.run.run_dir, "catalog")
+    write_scenes(io.join(out, "scenes.parquet"), sorted(scenes, key=lambda s: s["scene_id"]))
+    io.write_parquet_atomic(io.join(out, "errors.parquet"), errors_table(errors))
+    counts = {"planned": len(uris), "written": len(scenes), "rejected": len(errors), "seconds": round(time.time() - t0, 2)}
+    io.write_json_atomic(_done_marker(cfg.run.run_dir, "catalog"), counts)
+    return counts
+
+
+def write_scenes(uri: str, scenes: list[dict]) -> None:
+    table = pa.Table.from_pylist(scenes, schema=catalog.SCENES_SCHEMA)
+    table = table.replace_schema_metadata(align._geo_schema(table.schema).metadata)
+    io.write_parquet_atomic(uri, table)
+
+
+def read_scenes(run_dir: str) -> list[dict]:
+    return io.read_parquet(io.join(run_dir, "catalog", "scenes.parquet")).to_pylist()
+
+
+def _run_shards(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float) -> list[dict]:
+    """Map a row function over small work items on an actor pool; one block per item for balance."""
+    import ray
+
+    if not items:
+        return []
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    workers = min(_workers(concurrency), len(items))
+    pool = ray.data.ActorPoolStrategy(size=workers)
+    return ds.map(fn, fn_constructor_args=constructor_args, compute=pool, num_cpus=num_cpus).take_all()
+
+
+def run_tile(cfg: WorkflowConfig) -> dict:
+    """Tile every cataloged scene at every pyramid GSD into tile/shards/**.parquet."""
+    if (done := _finished(cfg, "tile")) is not None:
+        return done
+    ensure_ray(cfg)
+    t0 = time.time()
+    chunks = [c for s in read_scenes(cfg.run.run_dir) for c in tiling.plan_chunks(s, cfg.tile)]
+    manifest = _run_shards(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir), cfg.tile.concurrency, cfg.tile.num_cpus)
+    counts = _totals(manifest, time.time() - t0)
+    io.write_json_atomic(_done_marker(cfg.run.run_dir, "tile"), counts)
+    return counts
+
+
+def run_align(cfg: WorkflowConfig) -> dict:
+    """Align every tile shard with labels, land cover and the optical twin into align/shards/**.parquet."""
+    if (done := _finished(cfg, "align")) is not None:
+        return done
+    ensure_ray(cfg)
+    t0 = time.time()
+    out = io.join(cfg.run.run_dir, "align")
+    label_uris = io.glob(cfg.catalog.archive, cfg.catalog.labels_glob) if cfg.catalog.labels_glob else []
+    labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align)
+    labels_uri = None
+    if label_uris:
+        labels_uri = io.join(out, "labels.parquet")
+        fs, path = io.filesystem(labels_uri)
+        io.makedirs(out)
+        labels.to_parquet(path, filesystem=fs, write_covering_bbox=True)
+    io.write_parquet_atomic(io.join(out, "label_errors.parquet"), errors_table(label_errors))
+    shard_root = io.join(cfg.run.run_dir, tiling.STAGE, "shards")
+    shards = [{"shard": u[len(shard_root) + 1:]} for u in io.glob(shard_root, "*/*.parquet")]
+    manifest = _run_shards(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri), cfg.align.concurrency, cfg.align.num_cpus)
+    counts = _totals(manifest, time.time() - t0)
+    counts["labels"] = {"files": len(label_uris), "planned": n_features, "written": len(labels),
+                        "rejected": len(label_errors)}
+    io.write_json_atomic(_done_marker(cfg.run.run_dir, "align"), counts)
+    return counts
+
+
+def _totals(manifest: list[dict], seconds: float) -> dict:
+    return {
+        "shards": len(manifest),
+        "planned": sum(m["planned"] for m in manifest),
+        "written": sum(m["written"] for m in manifest),
+        "rejected": sum(m["rejected"] for m in manifest),
+        "skipped_shards": sum(bool(m["skipped"]) for m in manifest),
+        "seconds": round(seconds, 2),
+    }
+
+
+# ---------------------------------------------------------------- reading results
+def tile_shards(run_dir: str) -> list[str]:
+    return io.glob(io.join(run_dir, "align", "shards"), "*/*.parquet")
+
+
+def read_tiles(run_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """The final tiles table (all shards). For small runs and tests; pipelines should stream shards."""
+    return io.read_parquet(tile_shards(run_dir), columns=columns)
+
+
+def read_errors(run_dir: str) -> pa.Table:
+    """Every stage's rejected items in one table."""
+    uris = []
+    for path in ("catalog/errors.parquet", "align/label_errors.parquet"):
+        if io.exists(io.join(run_dir, path)):
+            uris.append(io.join(run_dir, path))
+    for stage in ("tile", "align"):
+        root = io.join(run_dir, stage, "errors")
+        if io.exists(root):
+            uris += io.glob(root, "*/*.parquet")
+    return io.read_parquet(uris) if uris else errors_table([])
+
+
+def summarise(cfg: WorkflowConfig, stage_counts: dict, seconds: float) -> dict:
+    """Scenes, tiles per GSD, objects per class, rejects by reason, wall time; read shard by shard."""
+    run_dir = cfg.run.run_dir
+    summary: dict = {"workflow": cfg.name, "run_dir": run_dir, "stages": stage_counts, "wall_seconds": round(seconds, 1)}
+    if io.exists(io.join(run_dir, "catalog", "scenes.parquet")):
+        summary["scenes"] = len(read_scenes(run_dir))
+    tiles_per_gsd: collections.Counter = collections.Counter()
+    objects: collections.Counter = collections.Counter()
+    for uri in tile_shards(run_dir):
+        t = io.read_parquet(uri, columns=["gsd_m", "objects"])
+        tiles_per_gsd.update(f"{g:g} m" for g in t["gsd_m"].to_pylist())
+        flat = pc.list_flatten(t["objects"])
+        if len(flat):
+            objects.update(pc.struct_field(flat, "class").to_pylist())
+    summary["tiles_per_gsd"] = dict(sorted(tiles_per_gsd.items(), key=lambda kv: float(kv[0].split()[0])))
+    summary["objects_per_class"] = dict(objects.most_common())
+    errors = read_errors(run_dir)
+    summary["rejects_by_reason"] = dict(collections.Counter(
+        f"{s}:{c}" for s, c in zip(errors["stage"].to_pylist(), errors["error_class"].to_pylist())).most_common())
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"== sarlang run '{s['workflow']}' -> {s['run_dir']} ({s['wall_seconds']} s) =="]
+    for stage, c in s["stages"].items():
+        extra = f"  planned {c.get('planned')} = written {c.get('written')} + rejected {c.get('rejected')}" if "planned" in c else ""
+        lines.append(f"  {stage:8s} {c.get('seconds', '-')} s{extra}")
+    if "scenes" in s:
+        lines.append(f"scenes: {s['scenes']}")
+    lines.append("tiles per GSD: " + ", ".join(f"{k}: {v}" for k, v in s["tiles_per_gsd"].items()))
+    lines.append("objects per class: " + ", ".join(f"{k}: {v}" for k, v in s["objects_per_class"].items()))
+    lines.append("rejects by reason: " + (", ".join(f"{k}: {v}" for k, v in s["rejects_by_reason"].items()) or "none"))
+    return "\n".join(lines)
+
+
+RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align": run_align}
+
+
+def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:
+    """Run the configured stages in order, save the resolved config, print and save the summary."""
+    t0 = time.time()
+    stages = stages or cfg.run.stages
+    io.makedirs(cfg.run.run_dir)
+    io.write_bytes_atomic(io.join(cfg.run.run_dir, "config.yaml"), to_yaml(cfg).encode())
+    counts = {}
+    for stage in stages:
+        log.info("stage %s", stage)
+        counts[stage] = RUNNERS[stage](cfg)
+    summary = summarise(cfg, counts, time.time() - t0)
+    io.write_json_atomic(io.join(cfg.run.run_dir, "summary.json"), summary)
+    return summary
