@@ -80,7 +80,7 @@ class TileSection:
     gsds_m: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0])  # target pyramid
     include_native: bool = False  # also tile every scene at its own native GSD
     tile_size: int = 256  # tile width and height in pixels
-    stride: int = 256  # window step in pixels (= tile_size: no overlap, no gaps)
+    stride: int | None = None  # window step in pixels (None: = tile_size, no overlap and no gaps)
     max_nodata_fraction: float = 0.5  # tiles with more nodata/NaN/inf pixels are dropped (with reason)
     tiles_per_shard: int = 64  # upper bound of tiles per Parquet shard (bounds shard size)
     speckle: SpeckleSection = field(default_factory=SpeckleSection)
@@ -88,6 +88,9 @@ class TileSection:
     png_compress_level: int = 6  # zlib level of the PNG encoder (0-9)
     concurrency: int | None = None  # worker actors (None: one per CPU)
     num_cpus: float = 1.0  # CPUs per worker
+
+    def step(self) -> int:
+        return self.stride or self.tile_size
 
 
 @dataclass
@@ -162,9 +165,9 @@ def _check(cfg: WorkflowConfig) -> None:
         if rule is not None and len(rule) != 2:
             problems.append(f"catalog.{name} must be [regex, replacement] or null")
     t = cfg.tile
-    if t.tile_size < 16 or t.stride < 1:
+    if t.tile_size < 16 or t.step() < 1:
         problems.append("tile.tile_size must be >= 16 and tile.stride >= 1")
-    if t.stride > t.tile_size:
+    if t.step() > t.tile_size:
         problems.append("tile.stride > tile.tile_size leaves gaps between tiles; use stride <= tile_size")
     if not t.gsds_m and not t.include_native:
         problems.append("tile.gsds_m is empty and tile.include_native is false: nothing to tile")

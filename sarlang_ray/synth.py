@@ -41,6 +41,7 @@ LABEL_CLASSES = ("ship", "aircraft", "car", "storage tank", "bridge", "harbour",
 LANDCOVER = {1: "water", 2: "built-up", 3: "vegetation", 4: "bare soil", 5: "road"}
 WATER, BUILT, VEG, BARE, ROAD = 1, 2, 3, 4, 5
 INCIDENCE_DEG = 35.0  # radar incidence angle: sets the shadow length behind tall objects
+DIHEDRAL_SIGMA0 = 8.0  # wall-ground double bounce, per metre of strip width
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,8 @@ def _drop_overlapping_labels(feats: list[Feature]) -> list[Feature]:
     return [f for i, f in enumerate(feats) if i not in drop_idx]
 
 
-def _sar_layers(feats: list[Feature]) -> list[tuple[Polygon, float]]:
-    """Geometry and sigma0 in drawing order, with radar shadows and double-bounce walls added.
+def _sar_layers(feats: list[Feature]) -> tuple[list[tuple[Polygon, float]], list[LineString]]:
+    """Geometry and sigma0 in drawing order with radar shadows added; and the double-bounce walls.
 
     Illumination comes from the west (sensor at -x): the shadow falls east of tall objects, and the walls
     whose outward normal points west form a dihedral with the ground (a bright line).
@@ -251,8 +252,8 @@ def _sar_layers(feats: list[Feature]) -> list[tuple[Polygon, float]]:
             dx, dy = x1 - x0, y1 - y0
             nx = dy if f.geom.exterior.is_ccw else -dy
             if nx < -0.3 * math.hypot(dx, dy):
-                bounces.append((LineString([(x0, y0), (x1, y1)]).buffer(0.6, cap_style="flat"), 6.0))
-    return base + shadows + tall + bounces
+                bounces.append(LineString([(x0, y0), (x1, y1)]))
+    return base + shadows + tall, bounces
 
 
 def _render(layers: list[tuple[Polygon, object]], shape: tuple[int, int], transform, fill, dtype) -> np.ndarray:
@@ -270,9 +271,14 @@ def render_scene(feats: list[Feature], transform, size: int, looks: float, rng: 
     window = box(left, bottom, right, top).buffer(200)
     visible = [f for f in feats if f.geom.intersects(window)]
 
-    sar_layers = _sar_layers(visible)
+    sar_layers, walls = _sar_layers(visible)
     idx = _render(sar_layers, fine_shape, fine_t, 0, "int32")
     sigma = np.array([s for _, s in sar_layers], dtype=np.float32)[idx]
+    if walls:
+        # a dihedral returns DIHEDRAL_SIGMA0 over a ~1 m wide strip: spread that energy over the sub-pixel
+        sub_px = abs(fine_t.a)
+        line = rasterize(walls, out_shape=fine_shape, transform=fine_t, all_touched=True, dtype="uint8").astype(bool)
+        sigma[line] = np.maximum(sigma[line], DIHEDRAL_SIGMA0 * min(1.0, 1.0 / sub_px))
     sigma = sigma.reshape(size, sub, size, sub).mean(axis=(1, 3))
     speckle = rng.gamma(shape=looks, scale=1.0 / looks, size=sigma.shape).astype(np.float32)
     sar = sigma * speckle

@@ -98,9 +98,9 @@ def grid_for(scene: dict, gsd: float, cfg: TileSection) -> Grid:
 
     def count(extent_m: float) -> int:
         px = extent_m / gsd
-        return max(1, math.ceil((px - cfg.tile_size) / cfg.stride - EPS) + 1) if px > cfg.tile_size else 1
+        return max(1, math.ceil((px - cfg.tile_size) / cfg.step() - EPS) + 1) if px > cfg.tile_size else 1
 
-    return Grid(scene["tile_crs"], gsd, x0, y0, count(height_m), count(width_m), cfg.tile_size, cfg.stride)
+    return Grid(scene["tile_crs"], gsd, x0, y0, count(height_m), count(width_m), cfg.tile_size, cfg.step())
 
 
 def plan_chunks(scene: dict, cfg: TileSection) -> list[dict]:

@@ -1,0 +1,51 @@
+"""Shared fixtures: one Ray for the whole session (127.0.0.1), the demo run, the real SAR data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_SAR = REPO.parent / "shared" / "data" / "real_sar"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def demo_config(run_dir: Path, *overrides: str):
+    from sarlang_ray.config import load_config
+
+    return load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [f"run.run_dir={run_dir}", f"synth.out_dir={run_dir}/archive", "ray.progress=false", *overrides],
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_session, tmp_path_factory):
+    """The demo workflow, run once for the session: (config, summary)."""
+    from sarlang_ray import pipeline
+
+    cfg = demo_config(tmp_path_factory.mktemp("demo") / "run")
+    summary = pipeline.run(cfg)
+    return cfg, summary
+
+
+@pytest.fixture(scope="session")
+def real_sar() -> Path:
+    if not REAL_SAR.is_dir():
+        pytest.skip(f"real SAR test data not found at {REAL_SAR} (it lives in ../shared/data/real_sar beside the repo)")
+    return REAL_SAR

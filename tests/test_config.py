@@ -1,0 +1,56 @@
+import subprocess
+import sys
+
+import pytest
+
+from sarlang_ray.cli import main
+from sarlang_ray.config import ConfigError, load_config, to_yaml
+
+from conftest import REPO
+
+
+def test_demo_workflow_loads_and_overrides_apply():
+    cfg = load_config(str(REPO / "workflows/demo.yaml"), ["tile.tile_size=128", "tile.gsds_m=[1,2]"])
+    assert cfg.tile.tile_size == 128
+    assert cfg.tile.gsds_m == [1.0, 2.0]
+    assert cfg.catalog.archive == cfg.synth.out_dir  # interpolation resolved
+    assert "tile_size: 128" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("tile.tile_sise=128", "tile_sise"), ("nonsense.x=1", "nonsense"), ("tile.speckle.windw=5", "windw")],
+)
+def test_unknown_key_is_rejected_naming_it(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+def test_wrong_type_is_rejected_naming_the_key():
+    with pytest.raises(ConfigError, match="tile_size"):
+        load_config(None, ["tile.tile_size=big"])
+
+
+def test_unknown_key_in_yaml_file_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tile:\n  tilesize: 128\n")
+    with pytest.raises(ConfigError, match="tilesize"):
+        load_config(str(bad))
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="stride"):
+        load_config(None, ["tile.tile_size=64", "tile.stride=128"])
+    with pytest.raises(ConfigError, match="speckle.filter"):
+        load_config(None, ["tile.speckle.filter=gaussian"])
+
+
+def test_cli_reports_unknown_key_and_exits_2(capsys):
+    assert main(["config", "tile.bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_python_dash_m_prints_the_resolved_config():
+    out = subprocess.run([sys.executable, "-m", "sarlang_ray", "config", "tile.tile_size=96"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "tile_size: 96" in out

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from sarlang_ray import sar
+from sarlang_ray.config import SpeckleSection, StretchSection
+
+
+def test_unit_conversions_to_intensity():
+    assert sar.to_intensity(np.array([2.0], np.float32), "amplitude")[0] == pytest.approx(4.0)
+    assert sar.to_intensity(np.array([-10.0], np.float32), "db")[0] == pytest.approx(0.1, rel=1e-5)
+    x = sar.to_intensity(np.array([np.inf, np.nan, -1.0, 0.5], np.float32), "intensity")
+    assert np.isnan(x[:3]).all() and x[3] == 0.5
+    with pytest.raises(ValueError, match="units"):
+        sar.to_intensity(np.ones(2), "furlongs")
+
+
+def _speckled_step(looks=4, size=128, seed=0):
+    rng = np.random.default_rng(seed)
+    truth = np.full((size, size), 0.01, np.float32)
+    truth[:, size // 2:] = 0.2  # a vertical edge
+    return truth, truth * rng.gamma(looks, 1 / looks, truth.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["lee", "refined_lee"])
+def test_speckle_filters_smooth_flat_areas_and_keep_the_edge(name):
+    truth, noisy = _speckled_step()
+    out = sar.despeckle(noisy, SpeckleSection(filter=name, window=7, looks=4))
+    flat = np.s_[10:-10, 10:50]
+    cv_in = noisy[flat].std() / noisy[flat].mean()
+    cv_out = out[flat].std() / out[flat].mean()
+    assert cv_in == pytest.approx(0.5, rel=0.1)  # 1/sqrt(looks)
+    assert cv_out < 0.6 * cv_in
+    # the edge stays sharp: the columns right next to it keep their side's level
+    assert out[10:-10, 62].mean() < 0.05 and out[10:-10, 65].mean() > 0.12
+
+
+def test_refined_lee_keeps_edges_sharper_than_lee():
+    truth, noisy = _speckled_step(seed=1)
+    err = {n: np.abs(sar.despeckle(noisy, SpeckleSection(filter=n, window=7, looks=4)) - truth)[:, 60:68].mean()
+           for n in ("lee", "refined_lee")}
+    assert err["refined_lee"] < err["lee"]
+
+
+def test_nan_pixels_stay_nan_and_do_not_spread():
+    _, noisy = _speckled_step()
+    noisy[5, 5] = np.nan
+    out = sar.refined_lee_filter(noisy)
+    assert np.isnan(out[5, 5]) and np.isfinite(out[5, 6]) and np.isfinite(out).sum() == out.size - 1
+
+
+def test_stretch_percentile_and_fixed():
+    db = np.linspace(-30, 10, 10001, dtype=np.float32).reshape(1, -1)
+    img, lo, hi = sar.stretch_to_uint8(db, StretchSection(mode="percentile", low=2, high=98))
+    assert lo == pytest.approx(-29.2, abs=0.01) and hi == pytest.approx(9.2, abs=0.01)
+    assert img.dtype == np.uint8 and img.min() == 0 and img.max() == 255
+    img, lo, hi = sar.stretch_to_uint8(np.array([[-25.0, 5.0, np.nan]]), StretchSection(mode="fixed"))
+    assert img.tolist() == [[0, 255, 0]] and (lo, hi) == (-25.0, 5.0)
