@@ -134,7 +134,7 @@ def objects_in_tile(labels: gpd.GeoDataFrame, tree: STRtree, transform: Affine, 
         if clipped.is_empty or clipped.area <= 0 or g.area <= 0:
             continue
         px = affinity.affine_transform(clipped, to_px)
-        x0, y0, x1, y1 = px.bounds
+        x0, y0, x1, y1 = (round(min(max(v, 0.0), float(size)), 4) for v in px.bounds)  # clip float noise
         visible = clipped.area / g.area
         if visible < min_visible and max(x1 - x0, y1 - y0) / size < min_visible:
             continue

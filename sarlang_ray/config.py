@@ -44,13 +44,13 @@ class SynthSection:
 @dataclass
 class CatalogSection:
     archive: str = "${synth.out_dir}"  # archive root: local folder or s3://bucket/prefix
-    sar_glob: str = "sar/**/*.tif"  # SAR scenes, relative to the archive
+    sar_glob: list[str] = field(default_factory=lambda: ["sar/**/*.tif"])  # SAR scene patterns, relative to the archive
     # regex -> replacement applied to a SAR uri to find its optical twin / land-cover raster (null: none)
     optical_rule: list[str] | None = field(default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/optical/\\1_optical.tif"])
     landcover_rule: list[str] | None = field(
         default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/landcover/\\1_landcover.tif"]
     )
-    labels_glob: str | None = "labels/*.parquet"  # vector labels (GeoParquet or any OGR format), any CRS
+    labels_glob: list[str] = field(default_factory=lambda: ["labels/*.parquet"])  # vector labels (GeoParquet or OGR), any CRS
     units: str = "auto"  # SAR units: auto, intensity, amplitude or db (auto: band metadata, name, values)
     band: int = 1  # which band of a multi-polarisation SAR file to use
     sensor: str | None = None  # override the sensor read from metadata / file name

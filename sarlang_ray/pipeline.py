@@ -76,7 +76,7 @@ def run_catalog(cfg: WorkflowConfig) -> dict:
 
     ensure_ray(cfg)
     t0 = time.time()
-    uris = io.glob(cfg.catalog.archive, cfg.catalog.sar_glob)
+    uris = sorted({u for pattern in cfg.catalog.sar_glob for u in io.glob(cfg.catalog.archive, pattern)})
     if not uris:
         raise FileNotFoundError(f"no SAR scenes match {cfg.catalog.sar_glob!r} under {cfg.catalog.archive}; "
                                 "check catalog.archive and catalog.sar_glob")
@@ -137,7 +137,7 @@ def run_align(cfg: WorkflowConfig) -> dict:
     ensure_ray(cfg)
     t0 = time.time()
     out = io.join(cfg.run.run_dir, "align")
-    label_uris = io.glob(cfg.catalog.archive, cfg.catalog.labels_glob) if cfg.catalog.labels_glob else []
+    label_uris = sorted({u for pattern in cfg.catalog.labels_glob for u in io.glob(cfg.catalog.archive, pattern)})
     labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align)
     labels_uri = None
     if label_uris:
@@ -150,8 +150,9 @@ def run_align(cfg: WorkflowConfig) -> dict:
     shards = [{"shard": u[len(shard_root) + 1:]} for u in io.glob(shard_root, "*/*.parquet")]
     manifest = _run_shards(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri), cfg.align.concurrency, cfg.align.num_cpus)
     counts = _totals(manifest, time.time() - t0)
-    counts["labels"] = {"files": len(label_uris), "planned": n_features, "written": len(labels),
-                        "rejected": len(label_errors)}
+    feature_errors = sum("#feature=" in e["item"] for e in label_errors)
+    counts["labels"] = {"files": len(label_uris), "files_rejected": len(label_errors) - feature_errors,
+                        "planned": n_features, "written": len(labels), "rejected": feature_errors}
     io.write_json_atomic(_done_marker(cfg.run.run_dir, "align"), counts)
     return counts
 
