@@ -66,10 +66,15 @@ def _geo_schema(schema: pa.Schema) -> pa.Schema:
 
 
 # ---------------------------------------------------------------- labels
-def prepare_labels(uris: list[str], cfg: AlignSection) -> tuple[gpd.GeoDataFrame, list[dict], int]:
-    """Read and validate label files. Returns clean labels (EPSG:4326), error rows, features planned."""
+def prepare_labels(uris: list[str], cfg: AlignSection, archive: str = "") -> tuple[gpd.GeoDataFrame, list[dict], int]:
+    """Read and validate label files. Returns clean labels (EPSG:4326), error rows, features planned.
+
+    ``label_id`` is ``<path relative to the archive>#feature=<row>``, so ids do not depend on where the
+    archive is mounted.
+    """
     frames, errors, planned = [], [], 0
     for uri in uris:
+        rel = uri[len(archive):].lstrip("/") if archive and uri.startswith(archive) else uri
         try:
             gdf = gpd.read_parquet(uri) if uri.endswith((".parquet", ".geoparquet")) else gpd.read_file(uri)
         except Exception as exc:
@@ -108,7 +113,7 @@ def prepare_labels(uris: list[str], cfg: AlignSection) -> tuple[gpd.GeoDataFrame
                 keep.append(i)
         part = gdf.iloc[keep]
         frames.append(gpd.GeoDataFrame(
-            {"class": part[cfg.class_column].str.strip().values, "label_id": [f"{uri}#feature={i}" for i in keep]},
+            {"class": part[cfg.class_column].str.strip().values, "label_id": [f"{rel}#feature={i}" for i in keep]},
             geometry=part.geometry.values, crs=gdf.crs,
         ).to_crs(4326))
     labels = gpd.GeoDataFrame(pd_concat(frames), crs=4326) if frames else gpd.GeoDataFrame({"class": [], "label_id": []}, geometry=[], crs=4326)

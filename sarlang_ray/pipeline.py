@@ -138,7 +138,7 @@ def run_align(cfg: WorkflowConfig) -> dict:
     t0 = time.time()
     out = io.join(cfg.run.run_dir, "align")
     label_uris = sorted({u for pattern in cfg.catalog.labels_glob for u in io.glob(cfg.catalog.archive, pattern)})
-    labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align)
+    labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align, cfg.catalog.archive)
     labels_uri = None
     if label_uris:
         labels_uri = io.join(out, "labels.parquet")

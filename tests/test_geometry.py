@@ -31,7 +31,7 @@ def labels_4326(demo_run):
         gdf = gpd.read_parquet(path)
         assert gdf.crs.to_epsg() == 4326
         for i, g in enumerate(gdf.geometry):
-            out[f"{path}#feature={i}"] = g
+            out[f"labels/{path.rsplit('/', 1)[-1]}#feature={i}"] = g
     return out
 
 
