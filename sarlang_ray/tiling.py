@@ -22,6 +22,8 @@ from __future__ import annotations
 import io as _io
 import json
 import math
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,6 +194,11 @@ def tile_footprint_wkb(transform: Affine, crs: str, size: int) -> bytes:
     return Polygon(zip(lon, lat)).wkb
 
 
+def _timing(started: float) -> dict:
+    """When and where a chunk ran (for throughput measurements; not written to any table)."""
+    return {"started_at": started, "finished_at": time.time(), "worker": os.getpid()}
+
+
 class TileChunk:
     """Ray Data row function (run on an actor pool): one chunk descriptor -> one shard + manifest row."""
 
@@ -209,16 +216,19 @@ class TileChunk:
         return self._open[1]
 
     def __call__(self, chunk: dict) -> dict:
+        started = time.time()
         name = shard_name(chunk["scene_id"], chunk["gsd_m"], chunk["chunk"])
         shard_uri = io.join(self.shards, name)
         planned = chunk["stop"] - chunk["start"]
         if io.exists(shard_uri):  # finished in an earlier run: count it, write nothing
             written = io.read_parquet(shard_uri, columns=["tile_id"]).num_rows
-            return {"shard": name, "planned": planned, "written": written, "rejected": planned - written, "skipped": True}
+            return {"shard": name, "planned": planned, "written": written, "rejected": planned - written, "skipped": True,
+                    **_timing(started)}
         rows, errors = self.process(chunk)
         io.write_parquet_atomic(io.join(self.errors, name), errors_table(errors))
         io.write_parquet_atomic(shard_uri, pa.Table.from_pylist(rows, schema=TILES_SCHEMA))
-        return {"shard": name, "planned": planned, "written": len(rows), "rejected": len(errors), "skipped": False}
+        return {"shard": name, "planned": planned, "written": len(rows), "rejected": len(errors), "skipped": False,
+                **_timing(started)}
 
     def process(self, chunk: dict) -> tuple[list[dict], list[dict]]:
         """Read, preprocess and encode the windows of a chunk (no writing: the benchmark loop uses this)."""

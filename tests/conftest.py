@@ -11,6 +11,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+# the S3 test server's endpoint must be in the environment before Ray starts (workers inherit it)
+import s3_server  # noqa: E402
+
+for _k, _v in s3_server.ENV.items():
+    os.environ.setdefault(_k, _v)
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_SAR = REPO.parent / "shared" / "data" / "real_sar"
 
@@ -49,3 +55,12 @@ def real_sar() -> Path:
     if not REAL_SAR.is_dir():
         pytest.skip(f"real SAR test data not found at {REAL_SAR} (it lives in ../shared/data/real_sar beside the repo)")
     return REAL_SAR
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 with bucket `sarlang`; stopped at the end of the session."""
+    server = s3_server.WeedMini(tmp_path_factory.mktemp("weed"), "sarlang")
+    server.start()
+    yield server
+    server.stop()

