@@ -71,7 +71,7 @@ def metric_gsd(src: rasterio.io.DatasetReader) -> tuple[float, float]:
         return dx * factor, dy * factor
     # geographic: geodesic length of one pixel step at the scene centre
     geod = Geod(ellps="WGS84")
-    cx, cy = t * (src.width / 2, src.height / 2)
+    cx, cy = t @ (src.width / 2, src.height / 2)
     lon, lat = warp_transform(crs, "EPSG:4326", [cx, cx + t.a, cx + t.b], [cy, cy + t.d, cy + t.e])
     _, _, sx = geod.inv(lon[0], lat[0], lon[1], lat[1])
     _, _, sy = geod.inv(lon[0], lat[0], lon[2], lat[2])
@@ -84,7 +84,7 @@ def footprint_4326(src: rasterio.io.DatasetReader, densify: int = 16) -> Polygon
     s = np.linspace(0, 1, densify + 1)[:-1]
     cols = np.concatenate([s * w, np.full_like(s, w), (1 - s) * w, np.zeros_like(s)])
     rows = np.concatenate([np.zeros_like(s), s * h, np.full_like(s, h), (1 - s) * h])
-    xs, ys = src.transform * (cols, rows)
+    xs, ys = zip(*(src.transform @ (c, r) for c, r in zip(cols, rows)))
     lon, lat = warp_transform(src.crs, "EPSG:4326", list(xs), list(ys))
     return Polygon(zip(lon, lat))
 

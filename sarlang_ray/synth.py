@@ -264,7 +264,7 @@ def _render(layers: list[tuple[Polygon, object]], shape: tuple[int, int], transf
 def render_scene(feats: list[Feature], transform, size: int, looks: float, rng: np.random.Generator):
     """SAR intensity, optical RGB and land cover for one scene window (feature coords in scene CRS)."""
     sub = 2  # sub-pixels per pixel side: objects smaller than a pixel still add their energy
-    fine_t = transform * transform.scale(1 / sub, 1 / sub)
+    fine_t = transform @ transform.scale(1 / sub, 1 / sub)
     fine_shape = (size * sub, size * sub)
     window = box(*rasterio.transform.array_bounds(size, size, transform)[::-1][::-1])
     left, bottom, right, top = rasterio.transform.array_bounds(size, size, transform)

@@ -92,7 +92,7 @@ def grid_for(scene: dict, gsd: float, cfg: TileSection) -> Grid:
         width_m = scene["width"] * abs(t.a)
         height_m = scene["height"] * abs(t.e)
     else:
-        corners = [t * (c, r) for c, r in ((0, 0), (scene["width"], 0), (scene["width"], scene["height"]), (0, scene["height"]))]
+        corners = [t @ (c, r) for c, r in ((0, 0), (scene["width"], 0), (scene["width"], scene["height"]), (0, scene["height"]))]
         xs, ys = zip(*corners)
         left, bottom, right, top = transform_bounds(scene["crs"], scene["tile_crs"], min(xs), min(ys), max(xs), max(ys), densify_pts=21) \
             if not same_crs else (min(xs), min(ys), max(xs), max(ys))
@@ -132,11 +132,11 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
 def source_window(src_transform: Affine, src_crs, dst_transform: Affine, dst_crs, size: int, pad: int = 2) -> Window:
     """The window of source pixels that covers a destination tile (any rotation, any CRS)."""
     left, top = dst_transform.c, dst_transform.f
-    right, bottom = dst_transform * (size, size)
+    right, bottom = dst_transform @ (size, size)
     if str(src_crs) != str(dst_crs):
         left, bottom, right, top = transform_bounds(dst_crs, src_crs, left, bottom, right, top, densify_pts=21)
     inv = ~src_transform
-    cols, rows = zip(*(inv * (x, y) for x, y in ((left, top), (right, top), (right, bottom), (left, bottom))))
+    cols, rows = zip(*(inv @ (x, y) for x, y in ((left, top), (right, top), (right, bottom), (left, bottom))))
     c0, c1 = math.floor(min(cols)) - pad, math.ceil(max(cols)) + pad
     r0, r1 = math.floor(min(rows)) - pad, math.ceil(max(rows)) + pad
     return Window(c0, r0, c1 - c0, r1 - r0)
@@ -189,7 +189,7 @@ def tile_footprint_wkb(transform: Affine, crs: str, size: int) -> bytes:
 
     s = np.linspace(0, size, 9)
     pts = [(c, 0) for c in s] + [(size, r) for c in [0] for r in s[1:]] + [(c, size) for c in s[::-1][1:]] + [(0, r) for r in s[::-1][1:]]
-    xs, ys = zip(*(transform * p for p in pts))
+    xs, ys = zip(*(transform @ p for p in pts))
     lon, lat = warp_transform(crs, "EPSG:4326", list(xs), list(ys))
     return Polygon(zip(lon, lat)).wkb
 

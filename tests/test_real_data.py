@@ -86,7 +86,7 @@ def test_umbra_rotated_scene_is_warped_north_up_with_the_right_footprint(real_ru
     assert scene["rotated"]
     with rasterio.open(scene["sar_uri"]) as src:
         t, w, h = src.transform, src.width, src.height
-    outline = Polygon([t * (0, 0), t * (w, 0), t * (w, h), t * (0, h)])
+    outline = Polygon([t @ (0, 0), t @ (w, 0), t @ (w, h), t @ (0, h)])
     umbra = [x for x in tiles if x["scene_id"] == scene["scene_id"]]
     assert {x["gsd_m"] for x in umbra} >= {2.0, 10.0, 30.0}  # 60 m: one tile, 90 % outside the outline
     for x in umbra:

@@ -88,7 +88,7 @@ def test_double_bounce_and_radar_shadow_at_buildings(archive):
         x0, y0, x1, y1 = g.bounds
         ym = (y0 + y1) / 2
         samples = {"wall": (x0 + 1.0, ym), "roof": ((x0 + x1) / 2, ym), "east": (x1 + 2.5, ym), "west": (x0 - 7.5, ym)}
-        px = {k: tuple(int(v) for v in inv * xy) for k, xy in samples.items()}
+        px = {k: tuple(int(v) for v in inv @ xy) for k, xy in samples.items()}
         if not all(0 <= c < shape[1] and 0 <= r < shape[0] and sar[r, c] > 0 for c, r in px.values()):
             continue
         if x1 - x0 < 15:
