@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 class RunSection:
     run_dir: str = "runs/demo"  # run folder (local path or s3://); every stage writes under it
     seed: int = 0  # seed for everything random (synthetic archive, splits)
-    stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align"])  # what `run` does
+    stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate"])  # what `run` does
     force: bool = False  # re-run stages that already finished (default: a finished stage is a no-op)
 
 
@@ -107,6 +107,28 @@ class AlignSection:
 
 
 @dataclass
+class QCSection:
+    colour: str = "repair"  # colour words SAR cannot show: repair (drop the word), reject or off
+    count: str = "repair"  # counts that disagree with the objects: repair (true count), reject or off
+    hallucination: str = "reject"  # classes absent from the tile's labels: repair (drop sentence), reject, off
+    vague: str = "reject"  # too short or empty phrases: reject or off
+    duplicate: str = "reject"  # the same question twice for one tile: reject or off
+    min_words_concise: int = 3  # shorter concise captions are vague
+    min_words_detailed: int = 12  # shorter detailed captions are vague
+
+
+@dataclass
+class AnnotateSection:
+    backend: str = "template"  # template, or "package.module:Class" of your own backend
+    identification_pairs: int = 2  # yes/no identification pairs per tile (as many yes as no)
+    max_per_family: int = 3  # cap of questions per question family and tile
+    qc: QCSection = field(default_factory=QCSection)
+    concurrency: int | None = None  # worker actors (None: one per CPU)
+    num_cpus: float = 1.0  # CPUs per worker
+    num_gpus: float = 0.0  # GPUs per worker (model backends)
+
+
+@dataclass
 class WorkflowConfig:
     name: str = "demo"  # workflow name (shown in the summary)
     run: RunSection = field(default_factory=RunSection)
@@ -115,9 +137,10 @@ class WorkflowConfig:
     catalog: CatalogSection = field(default_factory=CatalogSection)
     tile: TileSection = field(default_factory=TileSection)
     align: AlignSection = field(default_factory=AlignSection)
+    annotate: AnnotateSection = field(default_factory=AnnotateSection)
 
 
-STAGES = ("synth", "catalog", "tile", "align")
+STAGES = ("synth", "catalog", "tile", "align", "annotate")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WorkflowConfig:
@@ -185,6 +208,12 @@ def _check(cfg: WorkflowConfig) -> None:
         problems.append("align.invalid_geometry must be reject or repair")
     if not 0 <= cfg.align.min_visible_fraction <= 1:
         problems.append("align.min_visible_fraction must be within [0, 1]")
+    q = cfg.annotate.qc
+    for rule, allowed in (("colour", ("repair", "reject", "off")), ("count", ("repair", "reject", "off")),
+                          ("hallucination", ("repair", "reject", "off")), ("vague", ("reject", "off")),
+                          ("duplicate", ("reject", "off"))):
+        if getattr(q, rule) not in allowed:
+            problems.append(f"annotate.qc.{rule} must be one of {allowed}")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

@@ -8,14 +8,17 @@ unless ``run.force=true``; an interrupted stage resumes, skipping shards that ar
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import time
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from sarlang_ray import align, catalog, io, synth, tiling
+from sarlang_ray.annotate import stage as annotate_stage
 from sarlang_ray.config import WorkflowConfig, to_yaml
 from sarlang_ray.errors import errors_table
 
@@ -105,7 +108,8 @@ def read_scenes(run_dir: str) -> list[dict]:
     return io.read_parquet(io.join(run_dir, "catalog", "scenes.parquet")).to_pylist()
 
 
-def _run_shards(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float) -> list[dict]:
+def _run_shards(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float,
+                num_gpus: float = 0.0) -> list[dict]:
     """Map a row function over small work items on an actor pool; one block per item for balance."""
     import ray
 
@@ -114,7 +118,7 @@ def _run_shards(items: list[dict], fn, constructor_args: tuple, concurrency: int
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     workers = min(_workers(concurrency), len(items))
     pool = ray.data.ActorPoolStrategy(size=workers)
-    return ds.map(fn, fn_constructor_args=constructor_args, compute=pool, num_cpus=num_cpus).take_all()
+    return ds.map(fn, fn_constructor_args=constructor_args, compute=pool, num_cpus=num_cpus, num_gpus=num_gpus).take_all()
 
 
 def run_tile(cfg: WorkflowConfig) -> dict:
@@ -146,8 +150,7 @@ def run_align(cfg: WorkflowConfig) -> dict:
         io.makedirs(out)
         labels.to_parquet(path, filesystem=fs, write_covering_bbox=True)
     io.write_parquet_atomic(io.join(out, "label_errors.parquet"), errors_table(label_errors))
-    shard_root = io.join(cfg.run.run_dir, tiling.STAGE, "shards")
-    shards = [{"shard": u[len(shard_root) + 1:]} for u in io.glob(shard_root, "*/*.parquet")]
+    shards = _shard_items(io.join(cfg.run.run_dir, tiling.STAGE, "shards"))
     manifest = _run_shards(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri), cfg.align.concurrency, cfg.align.num_cpus)
     counts = _totals(manifest, time.time() - t0)
     feature_errors = sum("#feature=" in e["item"] for e in label_errors)
@@ -155,6 +158,31 @@ def run_align(cfg: WorkflowConfig) -> dict:
                         "planned": n_features, "written": len(labels), "rejected": feature_errors}
     io.write_json_atomic(_done_marker(cfg.run.run_dir, "align"), counts)
     return counts
+
+
+def run_annotate(cfg: WorkflowConfig) -> dict:
+    """Captions and QA for every tile shard into annotate/shards/**.parquet, with QC and its report."""
+    if (done := _finished(cfg, "annotate")) is not None:
+        return done
+    ensure_ray(cfg)
+    t0 = time.time()
+    a = cfg.annotate
+    manifest = _run_shards(_shard_items(io.join(cfg.run.run_dir, "align", "shards")), annotate_stage.AnnotateShard,
+                           (a, cfg.run.run_dir, cfg.run.seed), a.concurrency, a.num_cpus, a.num_gpus)
+    counts = _totals(manifest, time.time() - t0)
+    hits: collections.Counter = collections.Counter()
+    for m in manifest:
+        hits.update(json.loads(m["qc_hits"]))
+    pairs, passed = sum(m["pairs"] for m in manifest), sum(m["pairs_passed"] for m in manifest)
+    counts["pairs"] = {"planned": pairs, "passed": passed, "rejected": pairs - passed}
+    report = {"backend": a.backend, "pairs": counts["pairs"], "rule_hits": dict(hits), "rules": asdict(a.qc)}
+    io.write_json_atomic(io.join(cfg.run.run_dir, "annotate", "qc_report.json"), report)
+    io.write_json_atomic(_done_marker(cfg.run.run_dir, "annotate"), counts)
+    return counts
+
+
+def _shard_items(root: str) -> list[dict]:
+    return [{"shard": u[len(root) + 1:]} for u in io.glob(root, "*/*.parquet")]
 
 
 def _totals(manifest: list[dict], seconds: float) -> dict:
@@ -178,13 +206,23 @@ def read_tiles(run_dir: str, columns: list[str] | None = None) -> pa.Table:
     return io.read_parquet(tile_shards(run_dir), columns=columns)
 
 
+def annotation_shards(run_dir: str) -> list[str]:
+    root = io.join(run_dir, "annotate", "shards")
+    return io.glob(root, "*/*.parquet") if io.exists(root) else []
+
+
+def read_annotations(run_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """The annotations table (all shards; QC-rejected pairs included, with ``qc_passed`` false)."""
+    return io.read_parquet(annotation_shards(run_dir), columns=columns)
+
+
 def read_errors(run_dir: str) -> pa.Table:
     """Every stage's rejected items in one table."""
     uris = []
     for path in ("catalog/errors.parquet", "align/label_errors.parquet"):
         if io.exists(io.join(run_dir, path)):
             uris.append(io.join(run_dir, path))
-    for stage in ("tile", "align"):
+    for stage in ("tile", "align", "annotate"):
         root = io.join(run_dir, stage, "errors")
         if io.exists(root):
             uris += io.glob(root, "*/*.parquet")
@@ -207,6 +245,12 @@ def summarise(cfg: WorkflowConfig, stage_counts: dict, seconds: float) -> dict:
             objects.update(pc.struct_field(flat, "class").to_pylist())
     summary["tiles_per_gsd"] = dict(sorted(tiles_per_gsd.items(), key=lambda kv: float(kv[0].split()[0])))
     summary["objects_per_class"] = dict(objects.most_common())
+    apps: collections.Counter = collections.Counter()
+    for uri in annotation_shards(run_dir):
+        t = io.read_parquet(uri, columns=["application", "qc_passed"])
+        apps.update(a for a, ok in zip(t["application"].to_pylist(), t["qc_passed"].to_pylist()) if ok)
+    if apps:
+        summary["pairs_per_application"] = dict(apps.most_common())
     errors = read_errors(run_dir)
     summary["rejects_by_reason"] = dict(collections.Counter(
         f"{s}:{c}" for s, c in zip(errors["stage"].to_pylist(), errors["error_class"].to_pylist())).most_common())
@@ -222,11 +266,13 @@ def format_summary(s: dict) -> str:
         lines.append(f"scenes: {s['scenes']}")
     lines.append("tiles per GSD: " + ", ".join(f"{k}: {v}" for k, v in s["tiles_per_gsd"].items()))
     lines.append("objects per class: " + ", ".join(f"{k}: {v}" for k, v in s["objects_per_class"].items()))
+    if "pairs_per_application" in s:
+        lines.append("pairs per application (QC passed): " + ", ".join(f"{k}: {v}" for k, v in s["pairs_per_application"].items()))
     lines.append("rejects by reason: " + (", ".join(f"{k}: {v}" for k, v in s["rejects_by_reason"].items()) or "none"))
     return "\n".join(lines)
 
 
-RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align": run_align}
+RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align": run_align, "annotate": run_annotate}
 
 
 def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:

@@ -18,6 +18,8 @@ for _k, _v in s3_server.ENV.items():
     os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray workers import test helpers (tests/annotate_backends.py) by module name: put tests/ on their path
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
 REAL_SAR = REPO.parent / "shared" / "data" / "real_sar"
 
 

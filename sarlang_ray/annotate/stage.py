@@ -1,0 +1,106 @@
+"""The annotate stage: tiles table shards -> annotation shards, on a Ray Data actor pool.
+
+A backend is any object with a ``name`` and ``annotate(tile: dict) -> list[dict]`` (pairs with ``kind``,
+``application``, ``question_type``, ``question``, ``answer``); ``annotate.backend`` names a built-in one
+(``template``) or ``package.module:Class`` of your own (constructed with the annotate config section).
+A backend that raises, or returns malformed pairs, loses that tile only: it goes to the errors table
+with the reason and the run goes on. Counts reconcile per tile (planned = written + rejected) and per
+pair (planned = passed QC + rejected by QC); ``annotate/qc_report.json`` counts each rule's hits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections import Counter
+
+import pyarrow as pa
+
+from sarlang_ray import io
+from sarlang_ray.annotate.qc import RULES, apply_qc
+from sarlang_ray.annotate.template import TemplateAnnotator
+from sarlang_ray.annotate.vocab import APPLICATIONS
+from sarlang_ray.config import AnnotateSection
+from sarlang_ray.errors import error_row, errors_table
+
+STAGE = "annotate"
+KINDS = ("caption_concise", "caption_detailed", "vqa")
+ANNOTATION_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("tile_id", pa.string()), ("scene_id", pa.string()), ("gsd_m", pa.float64()),
+    ("kind", pa.string()), ("application", pa.string()), ("question_type", pa.string()),
+    ("question", pa.string()), ("answer", pa.string()), ("backend", pa.string()),
+    ("qc_passed", pa.bool_()), ("qc_reasons", pa.list_(pa.string())),
+])
+TILE_COLUMNS = ["tile_id", "scene_id", "gsd_m", "width", "objects", "landcover", "sar_png", "optical_png"]
+
+
+def load_backend(cfg: AnnotateSection, seed: int):
+    if cfg.backend == "template":
+        return TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs, max_per_family=cfg.max_per_family)
+    if ":" not in cfg.backend:
+        raise ValueError(f"unknown annotate.backend {cfg.backend!r}: use template or package.module:Class")
+    module, cls = cfg.backend.split(":", 1)
+    return getattr(importlib.import_module(module), cls)(cfg)
+
+
+def validate_pairs(pairs) -> str | None:
+    """Why a backend's output is malformed, or None if it is fine."""
+    if not isinstance(pairs, list) or not pairs:
+        return f"expected a non-empty list of pairs, got {type(pairs).__name__}"
+    for i, p in enumerate(pairs):
+        if not isinstance(p, dict):
+            return f"pair {i} is a {type(p).__name__}, not a dict"
+        if p.get("kind") not in KINDS:
+            return f"pair {i}: kind {p.get('kind')!r} not in {KINDS}"
+        if p.get("application") not in APPLICATIONS:
+            return f"pair {i}: application {p.get('application')!r} is not one of the seven"
+        for key in ("question", "answer", "question_type"):
+            if not isinstance(p.get(key), str) or not p[key].strip():
+                return f"pair {i}: {key} is missing or empty"
+    return None
+
+
+class AnnotateShard:
+    """Ray Data row function (actor pool): one tiles shard -> one annotations shard."""
+
+    def __init__(self, cfg: AnnotateSection, run_dir: str, seed: int):
+        self.cfg = cfg
+        self.backend = load_backend(cfg, seed)
+        self.tiles = io.join(run_dir, "align", "shards")
+        self.out = io.join(run_dir, STAGE, "shards")
+        self.errors = io.join(run_dir, STAGE, "errors")
+
+    def __call__(self, row: dict) -> dict:
+        name = row["shard"]
+        out_uri = io.join(self.out, name)
+        if io.exists(out_uri):
+            done = io.read_parquet(out_uri, columns=["tile_id", "qc_passed"])
+            n_err = io.read_parquet(io.join(self.errors, name)).num_rows
+            tiles = len(set(done["tile_id"].to_pylist()))
+            return {"shard": name, "planned": tiles + n_err, "written": tiles, "rejected": n_err, "skipped": True,
+                    "pairs": done.num_rows, "pairs_passed": sum(done["qc_passed"].to_pylist()), "qc_hits": "{}"}
+        tiles = io.read_parquet(io.join(self.tiles, name), columns=TILE_COLUMNS).to_pylist()
+        rows, errors, hits = [], [], Counter()
+        for tile in tiles:
+            tid = tile["tile_id"]
+            try:
+                pairs = self.backend.annotate(tile)
+            except Exception as exc:
+                errors.append(error_row(STAGE, tid, "backend_error", f"backend {self.cfg.backend!r} failed on {tid}: "
+                                        f"{type(exc).__name__}: {exc}. The tile is skipped; re-run to retry it."))
+                continue
+            problem = validate_pairs(pairs)
+            if problem:
+                errors.append(error_row(STAGE, tid, "malformed_output", f"backend {self.cfg.backend!r} on {tid}: {problem}."))
+                continue
+            for i, p in enumerate(apply_qc(pairs, tile["objects"], self.cfg.qc)):
+                hits.update(p["qc_reasons"])
+                rows.append({"pair_id": f"{tid}#{i:03d}", "tile_id": tid, "scene_id": tile["scene_id"], "gsd_m": tile["gsd_m"],
+                             "kind": p["kind"], "application": p["application"], "question_type": p["question_type"],
+                             "question": p["question"], "answer": p["answer"], "backend": getattr(self.backend, "name", self.cfg.backend),
+                             "qc_passed": p["qc_passed"], "qc_reasons": p["qc_reasons"]})
+        io.write_parquet_atomic(io.join(self.errors, name), errors_table(errors))
+        io.write_parquet_atomic(out_uri, pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA))
+        return {"shard": name, "planned": len(tiles), "written": len(tiles) - len(errors), "rejected": len(errors),
+                "skipped": False, "pairs": len(rows), "pairs_passed": sum(r["qc_passed"] for r in rows),
+                "qc_hits": json.dumps({k: hits[k] for k in RULES if hits[k]})}

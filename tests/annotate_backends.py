@@ -1,0 +1,20 @@
+"""Backends that misbehave on purpose, for the annotate stage's failure tests (importable by Ray workers)."""
+
+from sarlang_ray.annotate.template import TemplateAnnotator
+
+
+class FlakyBackend:
+    """Tiles whose (row, col) number is a multiple of 3 raise; of 5, return malformed pairs."""
+
+    name = "flaky"
+
+    def __init__(self, cfg):
+        self.inner = TemplateAnnotator()
+
+    def annotate(self, tile):
+        n = int(tile["tile_id"].rsplit("_c", 1)[1]) + 10 * int(tile["tile_id"].rsplit("_r", 1)[1][:4])
+        if n % 3 == 0:
+            raise RuntimeError("model server returned HTTP 500")
+        if n % 5 == 0:
+            return [{"kind": "vqa", "application": "astrology", "question": "?", "answer": "x", "question_type": "x"}]
+        return self.inner.annotate(tile)
