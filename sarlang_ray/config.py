@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 class RunSection:
     run_dir: str = "runs/demo"  # run folder (local path or s3://); every stage writes under it
     seed: int = 0  # seed for everything random (synthetic archive, splits)
-    stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate"])  # what `run` does
+    stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate", "export"])  # what `run` does
     force: bool = False  # re-run stages that already finished (default: a finished stage is a no-op)
 
 
@@ -129,6 +129,14 @@ class AnnotateSection:
 
 
 @dataclass
+class ExportSection:
+    split_by: str = "scene"  # scene or region: the unit that never lands in two splits
+    train: float = 0.7  # share of tiles in the train split
+    val: float = 0.1  # share of tiles in the validation split
+    test: float = 0.2  # share of tiles in the test split
+
+
+@dataclass
 class WorkflowConfig:
     name: str = "demo"  # workflow name (shown in the summary)
     run: RunSection = field(default_factory=RunSection)
@@ -138,9 +146,10 @@ class WorkflowConfig:
     tile: TileSection = field(default_factory=TileSection)
     align: AlignSection = field(default_factory=AlignSection)
     annotate: AnnotateSection = field(default_factory=AnnotateSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
 
-STAGES = ("synth", "catalog", "tile", "align", "annotate")
+STAGES = ("synth", "catalog", "tile", "align", "annotate", "export")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WorkflowConfig:
@@ -208,6 +217,11 @@ def _check(cfg: WorkflowConfig) -> None:
         problems.append("align.invalid_geometry must be reject or repair")
     if not 0 <= cfg.align.min_visible_fraction <= 1:
         problems.append("align.min_visible_fraction must be within [0, 1]")
+    e = cfg.export
+    if e.split_by not in ("scene", "region"):
+        problems.append("export.split_by must be scene or region")
+    if min(e.train, e.val, e.test) < 0 or abs(e.train + e.val + e.test - 1) > 1e-6:
+        problems.append("export.train + export.val + export.test must be 1, each >= 0")
     q = cfg.annotate.qc
     for rule, allowed in (("colour", ("repair", "reject", "off")), ("count", ("repair", "reject", "off")),
                           ("hallucination", ("repair", "reject", "off")), ("vague", ("reject", "off")),

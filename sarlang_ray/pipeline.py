@@ -272,7 +272,21 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align": run_align, "annotate": run_annotate}
+def run_export_stage(cfg: WorkflowConfig) -> dict:
+    """Splits and the four export forms under export/ (streams shard by shard in the driver)."""
+    if (done := _finished(cfg, "export")) is not None:
+        return done
+    from sarlang_ray.export import run_export
+
+    t0 = time.time()
+    counts = run_export(cfg)
+    counts["seconds"] = round(time.time() - t0, 2)
+    io.write_json_atomic(_done_marker(cfg.run.run_dir, "export"), counts)
+    return counts
+
+
+RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align": run_align, "annotate": run_annotate,
+           "export": run_export_stage}
 
 
 def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:

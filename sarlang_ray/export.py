@@ -1,0 +1,239 @@
+"""export: leakage-free splits, then the dataset in four forms, written shard by shard.
+
+* ``export/parquet/<split>/<shard>.parquet``: one row per QC-passed pair with the SAR tile as an
+  ``image`` {bytes, path} column and Hugging Face ``features`` metadata, so
+  ``datasets.load_dataset("parquet", data_files=...)`` decodes images.
+* ``export/llamafactory/``: ShareGPT JSON per split (``messages`` + ``images``, one ``<image>`` per image),
+  ``dataset_info.json``, and the PNGs under ``images/``.
+* ``export/sarlang1m/``: the SARLANG-1M release layout: ``SAR_images/``, ``captions/{concise,detailed}_<split>.csv``
+  (``image,caption``), ``vqa/vqa_<split>.json`` in LLaMA-Factory form (plus ``application``,
+  ``question_type`` and ``pair_id`` keys, which LLaMA-Factory ignores). :func:`import_sarlang1m` reads it back.
+* ``export/dataset_card.md`` with counts and PNG plots.
+
+Splits are by scene (``export.split_by: scene``) or region, so no scene lands in two splits: groups are
+ordered by a seeded hash and each goes to the split furthest below its target share of tiles.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as _io
+import json
+from collections import Counter
+
+import pyarrow as pa
+
+from sarlang_ray import io
+from sarlang_ray.config import WorkflowConfig
+
+SPLITS = ("train", "val", "test")
+PAIR_COLUMNS = ["pair_id", "tile_id", "scene_id", "gsd_m", "kind", "application", "question_type", "question", "answer"]
+HF_FEATURES = {
+    "pair_id": {"dtype": "string", "_type": "Value"}, "tile_id": {"dtype": "string", "_type": "Value"},
+    "scene_id": {"dtype": "string", "_type": "Value"}, "gsd_m": {"dtype": "float64", "_type": "Value"},
+    "kind": {"dtype": "string", "_type": "Value"}, "application": {"dtype": "string", "_type": "Value"},
+    "question_type": {"dtype": "string", "_type": "Value"}, "question": {"dtype": "string", "_type": "Value"},
+    "answer": {"dtype": "string", "_type": "Value"}, "split": {"dtype": "string", "_type": "Value"},
+    "image": {"_type": "Image"},
+}
+EXPORT_SCHEMA = pa.schema(
+    [(c, pa.float64() if c == "gsd_m" else pa.string()) for c in PAIR_COLUMNS]
+    + [("split", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]
+).with_metadata({b"huggingface": json.dumps({"info": {"features": HF_FEATURES}}).encode()})
+
+
+def assign_splits(group_sizes: dict[str, int], ratios: dict[str, float], seed: int) -> dict[str, str]:
+    """Group -> split; deterministic, every group in exactly one split, shares of items near ``ratios``."""
+    order = sorted(group_sizes, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    total = sum(group_sizes.values()) or 1
+    filled = {s: 0 for s in ratios if ratios[s] > 0}
+    out = {}
+    for g in order:
+        # the split that is furthest below its target share gets the next group
+        split = max(filled, key=lambda s: ratios[s] - filled[s] / total)
+        out[g] = split
+        filled[split] += group_sizes[g]
+    return out
+
+
+def _image_name(tile_id: str) -> str:
+    return f"{tile_id}.png"
+
+
+def run_export(cfg: WorkflowConfig) -> dict:
+    from sarlang_ray import pipeline
+
+    run_dir, e = cfg.run.run_dir, cfg.export
+    out = io.join(run_dir, "export")
+    scenes = {s["scene_id"]: s for s in pipeline.read_scenes(run_dir)}
+    tile_counts: Counter = Counter()
+    for uri in pipeline.tile_shards(run_dir):
+        tile_counts.update(io.read_parquet(uri, columns=["scene_id"])["scene_id"].to_pylist())
+    key = (lambda sid: scenes[sid]["region"]) if e.split_by == "region" else (lambda sid: sid)
+    groups: Counter = Counter()
+    for sid, n in tile_counts.items():
+        groups[key(sid)] += n
+    group_split = assign_splits(dict(groups), {"train": e.train, "val": e.val, "test": e.test}, cfg.run.seed)
+    scene_split = {sid: group_split[key(sid)] for sid in tile_counts}
+
+    llama = {s: [] for s in SPLITS}
+    captions = {(k, s): [] for k in ("concise", "detailed") for s in SPLITS}
+    stats = {"pairs": Counter(), "applications": Counter(), "question_types": Counter(), "classes": Counter(),
+             "landcover": Counter(), "gsd": Counter(), "tiles": Counter()}
+    ann_root = io.join(run_dir, "annotate", "shards")
+    for tile_uri in pipeline.tile_shards(run_dir):
+        name = tile_uri.rsplit("/shards/", 1)[1]
+        tiles = {t["tile_id"]: t for t in io.read_parquet(tile_uri, columns=["tile_id", "scene_id", "gsd_m", "sar_png", "objects", "landcover"]).to_pylist()}
+        ann_uri = io.join(ann_root, name)
+        pairs = [p for p in io.read_parquet(ann_uri, columns=PAIR_COLUMNS + ["qc_passed"]).to_pylist() if p["qc_passed"]] \
+            if io.exists(ann_uri) else []
+        used = sorted({p["tile_id"] for p in pairs})
+        for tid in used:  # images once per tile, in both image folders
+            png = tiles[tid]["sar_png"]
+            io.write_bytes_atomic(io.join(out, "llamafactory", "images", _image_name(tid)), png)
+            io.write_bytes_atomic(io.join(out, "sarlang1m", "SAR_images", _image_name(tid)), png)
+            t = tiles[tid]
+            stats["tiles"][scene_split[t["scene_id"]]] += 1
+            stats["gsd"][f"{t['gsd_m']:g}"] += 1
+            stats["classes"].update(o["class"] for o in t["objects"])
+            stats["landcover"].update({k: v for k, v in (t["landcover"] or [])})
+        rows = {s: [] for s in SPLITS}
+        for p in pairs:
+            split = scene_split[p["scene_id"]]
+            image = _image_name(p["tile_id"])
+            rows[split].append({**{c: p[c] for c in PAIR_COLUMNS}, "split": split,
+                                "image": {"bytes": tiles[p["tile_id"]]["sar_png"], "path": image}})
+            stats["pairs"][split] += 1
+            stats["applications"][p["application"]] += 1
+            stats["question_types"][p["question_type"]] += 1
+            record = {"messages": [{"role": "user", "content": "<image>" + p["question"]},
+                                   {"role": "assistant", "content": p["answer"]}],
+                      "images": [f"images/{image}"],
+                      "pair_id": p["pair_id"], "application": p["application"], "question_type": p["question_type"]}
+            llama[split].append(record)
+            if p["kind"] != "vqa":
+                captions[(p["kind"].split("_")[1], split)].append({"image": image, "caption": p["answer"]})
+        for split, r in rows.items():
+            if r:
+                io.write_parquet_atomic(io.join(out, "parquet", split, name.replace("/", "__")), pa.Table.from_pylist(r, schema=EXPORT_SCHEMA))
+
+    info = {}
+    for split in SPLITS:
+        io.write_json_atomic(io.join(out, "llamafactory", f"sarlang_{split}.json"), llama[split])
+        info[f"sarlang_{split}"] = {"file_name": f"sarlang_{split}.json", "formatting": "sharegpt",
+                                    "columns": {"messages": "messages", "images": "images"},
+                                    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+        vqa = [{**r, "images": [r["images"][0].replace("images/", "SAR_images/")]} for r in llama[split]
+               if r["application"] != "image description"]
+        io.write_json_atomic(io.join(out, "sarlang1m", "vqa", f"vqa_{split}.json"), vqa)
+        for kind in ("concise", "detailed"):
+            buf = _io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=["image", "caption"])
+            w.writeheader()
+            w.writerows(captions[(kind, split)])
+            io.write_bytes_atomic(io.join(out, "sarlang1m", "captions", f"{kind}_{split}.csv"), buf.getvalue().encode())
+    io.write_json_atomic(io.join(out, "llamafactory", "dataset_info.json"), info)
+    counts = {"splits": {s: {"tiles": stats["tiles"][s], "pairs": stats["pairs"][s]} for s in SPLITS},
+              "scene_split": scene_split, "question_types": len(stats["question_types"])}
+    write_card(out, cfg, stats, counts)
+    return counts
+
+
+def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict) -> None:
+    """dataset_card.md with counts, distributions and PNG plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {
+        "applications.png": ("Pairs per application", stats["applications"]),
+        "classes.png": ("Objects per class", stats["classes"]),
+        "landcover.png": ("Land cover (sum of tile fractions)", stats["landcover"]),
+        "gsd.png": ("Tiles per GSD (m)", Counter(dict(sorted(stats["gsd"].items(), key=lambda kv: float(kv[0]))))),
+    }
+    for fname, (title, counter) in plots.items():
+        items = list(counter.items()) if fname == "gsd.png" else counter.most_common()
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.bar([f"{k} m" if fname == "gsd.png" else str(k) for k, _ in items], [v for _, v in items], color="#3b6ea5")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        fig.tight_layout()
+        buf = _io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        io.write_bytes_atomic(io.join(out, "plots", fname), buf.getvalue())
+
+    def table(counter: Counter, head: str) -> str:
+        rows = "\n".join(f"| {k} | {v:g} |" for k, v in counter.most_common())
+        return f"| {head} | count |\n|---|---|\n{rows}\n"
+
+    splits = "\n".join(f"| {s} | {c['tiles']} | {c['pairs']} |" for s, c in counts["splits"].items())
+    qtypes = Counter()
+    for qt, n in stats["question_types"].items():
+        qtypes[qt.split("/")[0]] += n
+    card = f"""# Dataset card: {cfg.name}
+
+SAR image-text pairs built by sarlang-ray (backend `{cfg.annotate.backend}`), QC-passed pairs only.
+Splits by **{cfg.export.split_by}**: no {cfg.export.split_by} appears in two splits (seed {cfg.run.seed}).
+
+| split | tiles | pairs |
+|---|---|---|
+{splits}
+
+Distinct question types: {counts['question_types']}.
+
+## Pairs per application
+![applications](plots/applications.png)
+
+{table(stats['applications'], 'application')}
+## Pairs per question family
+{table(qtypes, 'family')}
+## Objects per class
+![classes](plots/classes.png)
+
+{table(stats['classes'], 'class')}
+## Land cover
+![landcover](plots/landcover.png)
+
+## Ground sample distance
+![gsd](plots/gsd.png)
+
+{table(stats['gsd'], 'GSD (m)')}
+## Files
+`parquet/<split>/` (Hugging Face `datasets`), `llamafactory/` (ShareGPT JSON + `dataset_info.json`),
+`sarlang1m/` (SARLANG-1M layout: `SAR_images/`, `captions/*.csv`, `vqa/*.json`).
+"""
+    io.write_bytes_atomic(io.join(out, "dataset_card.md"), card.encode())
+
+
+def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
+    """Read a SARLANG-1M-style release (caption CSVs, VQA JSON in LLaMA-Factory form) into pairs.
+
+    Returns a table with ``tile_id`` (image stem), ``split``, ``kind``, ``application``, ``question_type``,
+    ``question``, ``answer`` and ``image_path``. Releases without ``application``/``question_type`` keys
+    get ``application="unknown"``.
+    """
+    rows = []
+    for split in splits:
+        for kind in ("concise", "detailed"):
+            uri = io.join(root, "captions", f"{kind}_{split}.csv")
+            if not io.exists(uri):
+                continue
+            prompt = "Describe the content of this image in one sentence." if kind == "concise" else "Describe this image in detail."
+            for r in csv.DictReader(_io.StringIO(io.read_bytes(uri).decode())):
+                rows.append({"tile_id": r["image"].rsplit(".", 1)[0], "split": split, "kind": f"caption_{kind}",
+                             "application": "image description", "question_type": f"caption/{kind}",
+                             "question": prompt, "answer": r["caption"], "image_path": io.join(root, "SAR_images", r["image"])})
+        uri = io.join(root, "vqa", f"vqa_{split}.json")
+        if not io.exists(uri):
+            continue
+        for rec in io.read_json(uri):
+            user = next(m["content"] for m in rec["messages"] if m["role"] == "user")
+            answer = next(m["content"] for m in rec["messages"] if m["role"] == "assistant")
+            image = rec["images"][0]
+            rows.append({"tile_id": image.rsplit("/", 1)[-1].rsplit(".", 1)[0], "split": split, "kind": "vqa",
+                         "application": rec.get("application", "unknown"), "question_type": rec.get("question_type", "unknown"),
+                         "question": user.replace("<image>", "", 1).strip(), "answer": answer, "image_path": io.join(root, image)})
+    return pa.Table.from_pylist(rows)
