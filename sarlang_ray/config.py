@@ -118,11 +118,27 @@ class QCSection:
 
 
 @dataclass
+class OpenAISection:
+    base_url: str = "http://127.0.0.1:8000/v1"  # any OpenAI-compatible endpoint (vLLM, TGI, hosted)
+    model: str = "default"  # model name the endpoint serves
+    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key (never the key)
+    caption_image: str = "optical"  # optical (RGB-to-SAR transfer, as the paper) or sar
+    qa_per_tile: int = 8  # QA pairs asked for per tile
+    timeout_s: float = 60.0  # per request
+    max_retries: int = 3  # on timeouts, connection errors, 429 and 5xx
+    backoff_s: float = 1.0  # first retry delay, doubled each time
+    max_concurrency: int = 4  # requests in flight per worker actor
+    temperature: float = 0.2
+    max_tokens: int = 512
+
+
+@dataclass
 class AnnotateSection:
-    backend: str = "template"  # template, or "package.module:Class" of your own backend
+    backend: str = "template"  # template, openai, or "package.module:Class" of your own backend
     identification_pairs: int = 2  # yes/no identification pairs per tile (as many yes as no)
     max_per_family: int = 3  # cap of questions per question family and tile
     qc: QCSection = field(default_factory=QCSection)
+    openai: OpenAISection = field(default_factory=OpenAISection)
     concurrency: int | None = None  # worker actors (None: one per CPU)
     num_cpus: float = 1.0  # CPUs per worker
     num_gpus: float = 0.0  # GPUs per worker (model backends)

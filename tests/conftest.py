@@ -17,6 +17,10 @@ import s3_server  # noqa: E402
 for _k, _v in s3_server.ENV.items():
     os.environ.setdefault(_k, _v)
 
+# the key the local OpenAI-compatible test server expects (workers read it from their environment)
+TEST_OPENAI_KEY = "sk-sarlang-test-0123456789"
+os.environ.setdefault("SARLANG_TEST_OPENAI_KEY", TEST_OPENAI_KEY)
+
 REPO = Path(__file__).resolve().parents[1]
 # Ray workers import test helpers (tests/annotate_backends.py) by module name: put tests/ on their path
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)

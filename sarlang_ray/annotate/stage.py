@@ -37,8 +37,12 @@ TILE_COLUMNS = ["tile_id", "scene_id", "gsd_m", "width", "objects", "landcover",
 def load_backend(cfg: AnnotateSection, seed: int):
     if cfg.backend == "template":
         return TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs, max_per_family=cfg.max_per_family)
+    if cfg.backend == "openai":
+        from sarlang_ray.annotate.openai_backend import OpenAIAnnotator
+
+        return OpenAIAnnotator(cfg)
     if ":" not in cfg.backend:
-        raise ValueError(f"unknown annotate.backend {cfg.backend!r}: use template or package.module:Class")
+        raise ValueError(f"unknown annotate.backend {cfg.backend!r}: use template, openai or package.module:Class")
     module, cls = cfg.backend.split(":", 1)
     return getattr(importlib.import_module(module), cls)(cfg)
 
@@ -70,6 +74,18 @@ class AnnotateShard:
         self.out = io.join(run_dir, STAGE, "shards")
         self.errors = io.join(run_dir, STAGE, "errors")
 
+    def _annotate_all(self, tiles: list[dict]) -> list:
+        """Pairs (or the exception) per tile; backends with ``annotate_many`` run tiles concurrently."""
+        if hasattr(self.backend, "annotate_many"):
+            return self.backend.annotate_many(tiles)
+        out = []
+        for tile in tiles:
+            try:
+                out.append(self.backend.annotate(tile))
+            except Exception as exc:  # contained: this tile goes to the errors table
+                out.append(exc)
+        return out
+
     def __call__(self, row: dict) -> dict:
         name = row["shard"]
         out_uri = io.join(self.out, name)
@@ -81,13 +97,11 @@ class AnnotateShard:
                     "pairs": done.num_rows, "pairs_passed": sum(done["qc_passed"].to_pylist()), "qc_hits": "{}"}
         tiles = io.read_parquet(io.join(self.tiles, name), columns=TILE_COLUMNS).to_pylist()
         rows, errors, hits = [], [], Counter()
-        for tile in tiles:
+        for tile, pairs in zip(tiles, self._annotate_all(tiles)):
             tid = tile["tile_id"]
-            try:
-                pairs = self.backend.annotate(tile)
-            except Exception as exc:
+            if isinstance(pairs, Exception):
                 errors.append(error_row(STAGE, tid, "backend_error", f"backend {self.cfg.backend!r} failed on {tid}: "
-                                        f"{type(exc).__name__}: {exc}. The tile is skipped; re-run to retry it."))
+                                        f"{type(pairs).__name__}: {pairs}. The tile is skipped; re-run to retry it."))
                 continue
             problem = validate_pairs(pairs)
             if problem:

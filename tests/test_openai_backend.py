@@ -1,0 +1,134 @@
+"""The openai backend against a real OpenAI-compatible HTTP server started here on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from sarlang_ray import pipeline
+from sarlang_ray.config import load_config
+
+from conftest import TEST_OPENAI_KEY
+
+
+class ChatServer:
+    """/v1/chat/completions with deterministic misbehaviour keyed on the prompt:
+    hash % 5 == 0: HTTP 500 the first time (a retry succeeds); % 7 == 0: too slow, always (timeout);
+    % 11 == 0: prose instead of JSON (malformed)."""
+
+    def __init__(self):
+        self.seen: Counter = Counter()
+        self.stats: Counter = Counter()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.headers.get("Authorization") != f"Bearer {TEST_OPENAI_KEY}":
+                    return self._send(401, {"error": "bad key"})
+                status, content = server.reply(body)
+                if status != 200:
+                    return self._send(status, {"error": "boom"})
+                self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+
+            def _send(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except BrokenPipeError:  # the client timed out and left
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def reply(self, body):
+        content = body["messages"][0]["content"]
+        if isinstance(content, list):  # a captioning request with the image
+            text = content[1]["text"]
+            assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
+            with self.lock:
+                self.stats["caption"] += 1
+            if "one sentence" in text:
+                return 200, "An overhead radar-like view of the scene."
+            return 200, "This overhead image shows the land cover and the layout of the scene seen from above in detail."
+        h = int(hashlib.sha1(content.encode()).hexdigest(), 16)
+        with self.lock:
+            self.seen[h] += 1
+            first = self.seen[h] == 1
+            self.stats["qa"] += 1
+        if h % 5 == 0 and first:
+            with self.lock:
+                self.stats["500"] += 1
+            return 500, None
+        if h % 7 == 0:
+            time.sleep(2.5)
+            return 200, "[]"
+        if h % 11 == 0:
+            return 200, "Sure! Here are some questions about the image."
+        objects = re.search(r"Objects in the image \(class, position\): (.*?)\. Land cover", content, re.S).group(1)
+        n = 0 if objects == "none" else len(objects.split("), "))
+        return 200, "```json\n" + json.dumps([
+            {"application": "instance counting", "question": "How many labelled objects are there?", "answer": str(n)},
+            {"application": "astrology", "question": "Dropped?", "answer": "yes"},  # not one of the seven: dropped
+        ]) + "\n```"
+
+    def stop(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chat_server():
+    server = ChatServer()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_openai_backend_end_to_end(demo_run, chat_server, tmp_path):
+    cfg, _ = demo_run
+    run_dir = tmp_path / "llm"
+    shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive"))
+    llm = load_config(None, [
+        f"run.run_dir={run_dir}", "annotate.backend=openai", f"annotate.openai.base_url={chat_server.url}",
+        "annotate.openai.api_key_env=SARLANG_TEST_OPENAI_KEY", "annotate.openai.timeout_s=1",
+        "annotate.openai.max_retries=1", "annotate.openai.backoff_s=0.1", "ray.progress=false",
+    ])
+    summary = pipeline.run(llm, ["annotate"])
+    counts = summary["stages"]["annotate"]
+    assert counts["planned"] == counts["written"] + counts["rejected"]
+    errors = [e for e in pipeline.read_errors(str(run_dir)).to_pylist() if e["stage"] == "annotate"]
+    messages = " ".join(e["message"] for e in errors)
+    assert "timeout" in messages and "not a JSON list" in messages
+    assert counts["rejected"] == len(errors) > 0 and counts["written"] > 0
+    assert chat_server.stats["500"] > 0  # and those tiles still made it, through a retry
+
+    pairs = pipeline.read_annotations(str(run_dir)).to_pylist()
+    assert {p["backend"] for p in pairs} == {"openai"}
+    tiles = {t["tile_id"]: t for t in pipeline.read_tiles(str(run_dir), columns=["tile_id", "objects"]).to_pylist()}
+    vqa = [p for p in pairs if p["kind"] == "vqa"]
+    assert vqa and all(p["application"] == "instance counting" for p in vqa)  # the invalid application was dropped
+    for p in vqa:
+        assert int(p["answer"]) == min(len(tiles[p["tile_id"]]["objects"]), 60)
+    captions = [p for p in pairs if p["kind"] != "vqa"]
+    assert captions and all(p["qc_passed"] for p in captions)
+
+    secret_free = (run_dir / "config.yaml").read_text() + json.dumps(errors)
+    assert TEST_OPENAI_KEY not in secret_free and "SARLANG_TEST_OPENAI_KEY" in (run_dir / "config.yaml").read_text()
