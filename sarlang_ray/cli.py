@@ -1,7 +1,8 @@
 """Command line: ``sarlang <command> [workflow.yaml] [key=value ...]``.
 
 Commands: ``run`` (all configured stages), one stage by name (``synth``, ``catalog``, ``tile``,
-``align``), ``config`` (print the resolved config). Without a workflow file, ``workflows/demo.yaml``
+``align``, ``annotate``, ``export``), ``config`` (print the resolved config), ``model init-tiny DIR``
+(write a tiny offline VLM). Without a workflow file, ``workflows/demo.yaml``
 settings are the built-in defaults.
 """
 
@@ -17,10 +18,12 @@ from sarlang_ray.config import STAGES, ConfigError, load_config, to_yaml
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sarlang", description="SAR image-text dataset pipeline on Ray.")
-    parser.add_argument("command", choices=["run", "config", *STAGES], help="what to do")
+    parser.add_argument("command", choices=["run", "config", "model", *STAGES], help="what to do")
     parser.add_argument("args", nargs="*", help="an optional workflow YAML, then key=value overrides")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     ns = parser.parse_args(argv)
+    if ns.command == "model":
+        return _model(ns.args)
     workflow = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if workflow else ns.args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -36,6 +39,17 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = pipeline.run(cfg, None if ns.command == "run" else [ns.command])
     print(json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary))
+    return 0
+
+
+def _model(args: list[str]) -> int:
+    """``sarlang model init-tiny DIR``: write a tiny offline VLM (see sarlang_ray.models)."""
+    if len(args) != 2 or args[0] != "init-tiny":
+        print("usage: sarlang model init-tiny DIR", file=sys.stderr)
+        return 2
+    from sarlang_ray.models import init_tiny_vlm
+
+    print(f"tiny VLM written to {init_tiny_vlm(args[1])}")
     return 0
 
 

@@ -133,12 +133,23 @@ class OpenAISection:
 
 
 @dataclass
+class HFSection:
+    model: str = "runs/tiny-vlm"  # hub name or local folder of an AutoModelForImageTextToText
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16
+    caption_image: str = "optical"  # optical (RGB-to-SAR transfer, as the paper) or sar
+    batch_size: int = 8  # prompts per generate() call
+    max_new_tokens_caption: int = 32  # concise captions (detailed ones get 3x)
+    max_new_tokens_answer: int = 8  # VQA answers
+
+
+@dataclass
 class AnnotateSection:
-    backend: str = "template"  # template, openai, or "package.module:Class" of your own backend
+    backend: str = "template"  # template, hf, openai, or "package.module:Class" of your own backend
     identification_pairs: int = 2  # yes/no identification pairs per tile (as many yes as no)
     max_per_family: int = 3  # cap of questions per question family and tile
     qc: QCSection = field(default_factory=QCSection)
     openai: OpenAISection = field(default_factory=OpenAISection)
+    hf: HFSection = field(default_factory=HFSection)
     concurrency: int | None = None  # worker actors (None: one per CPU)
     num_cpus: float = 1.0  # CPUs per worker
     num_gpus: float = 0.0  # GPUs per worker (model backends)

@@ -37,12 +37,16 @@ TILE_COLUMNS = ["tile_id", "scene_id", "gsd_m", "width", "objects", "landcover",
 def load_backend(cfg: AnnotateSection, seed: int):
     if cfg.backend == "template":
         return TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs, max_per_family=cfg.max_per_family)
+    if cfg.backend == "hf":
+        from sarlang_ray.annotate.hf_backend import HFAnnotator
+
+        return HFAnnotator(cfg, seed)
     if cfg.backend == "openai":
         from sarlang_ray.annotate.openai_backend import OpenAIAnnotator
 
         return OpenAIAnnotator(cfg)
     if ":" not in cfg.backend:
-        raise ValueError(f"unknown annotate.backend {cfg.backend!r}: use template, openai or package.module:Class")
+        raise ValueError(f"unknown annotate.backend {cfg.backend!r}: use template, hf, openai or package.module:Class")
     module, cls = cfg.backend.split(":", 1)
     return getattr(importlib.import_module(module), cls)(cfg)
 
