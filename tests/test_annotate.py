@@ -135,6 +135,11 @@ def test_qc_reject_modes_and_duplicates():
     pairs = [{"kind": "vqa", "question": "How many ships?", "answer": "3"}, {"kind": "vqa", "question": "how many ships", "answer": "3"}]
     qc = apply_qc(pairs, objs, QCSection())
     assert [p["qc_passed"] for p in qc] == [True, False] and qc[1]["qc_reasons"] == ["duplicate"]
+    near = [{"kind": "caption_concise", "question": "q", "answer": "Three ships moored at the long harbour quay today."},
+            {"kind": "caption_concise", "question": "q", "answer": "Three ships moored at the long harbour quay, today!"},
+            {"kind": "caption_concise", "question": "q", "answer": "An urban area with three ships and one harbour."}]
+    qc = apply_qc(near, objs + [{"class": "harbour"}], QCSection())
+    assert [p["qc_passed"] for p in qc] == [True, False, True]
 
 
 def test_template_captions_pass_their_own_qc(annotated):

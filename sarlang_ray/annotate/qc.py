@@ -8,7 +8,8 @@ Rules (each ``repair``, ``reject`` or ``off`` in config; captions and free-text 
 * ``hallucination``: a class mentioned (any synonym: harbour/harbor/port, ship/boat/vessel, ...) that the
   tile's labels do not contain. Repair drops the sentence.
 * ``vague``: too few words or empty phrases ("some objects", "I cannot tell").
-* ``duplicate``: the same question (normalised) asked twice of one tile: later copies are rejected.
+* ``duplicate``: the same question (or caption) twice for one tile, after normalisation, or nearly the
+  same (token-set Jaccard >= 0.85): later copies are rejected.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def check_text(text: str, kind: str, counts: Counter, cfg: QCSection) -> tuple[s
     return (None if rejected else text), hits
 
 
+NEAR_DUPLICATE = 0.85  # token-set Jaccard similarity above which two texts of one tile are duplicates
+
+
+def _jaccard(a: frozenset, b: frozenset) -> float:
+    return len(a & b) / max(1, len(a | b))
+
+
 def normalise_question(q: str) -> str:
     return re.sub(r"[^a-z0-9\[\], ]", "", q.lower()).strip()
 
@@ -103,7 +111,7 @@ def normalise_question(q: str) -> str:
 def apply_qc(pairs: list[dict], objects: list[dict], cfg: QCSection) -> list[dict]:
     """QC one tile's pairs: fills ``qc_passed`` and ``qc_reasons``; repaired text replaces the original."""
     counts = Counter(o["class"] for o in objects)
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, frozenset]] = set()
     out = []
     for p in pairs:
         p = dict(p)
@@ -115,11 +123,12 @@ def apply_qc(pairs: list[dict], objects: list[dict], cfg: QCSection) -> list[dic
                 passed = False
             else:
                 p["answer"] = text
-        key = (p["kind"], normalise_question(p["question"]) if p["kind"] == "vqa" else normalise_question(p["answer"]))
-        if cfg.duplicate != "off" and key in seen:
+        text = normalise_question(p["question"] if p["kind"] == "vqa" else p["answer"])
+        tokens = frozenset(re.findall(r"[a-z0-9]+", text))
+        if cfg.duplicate != "off" and any(kind == p["kind"] and _jaccard(tokens, t) >= NEAR_DUPLICATE for kind, t in seen):
             reasons = reasons + ["duplicate"]
             passed = False
-        seen.add(key)
+        seen.add((p["kind"], tokens))
         p["qc_passed"], p["qc_reasons"] = passed, reasons
         out.append(p)
     return out
