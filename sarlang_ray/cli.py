@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         return _model(ns.args)
     workflow = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if workflow else ns.args
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("sarlang").setLevel(logging.INFO)  # our stage log; third-party chatter stays at WARNING
     try:
         cfg = load_config(workflow, overrides)
     except (ConfigError, FileNotFoundError) as exc:

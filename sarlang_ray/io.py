@@ -44,8 +44,11 @@ def glob(base: str, pattern: str) -> list[str]:
     """Sorted URIs under ``base`` matching ``pattern`` (``**`` recurses)."""
     fs, path = filesystem(base)
     matches = fs.glob(join(path, pattern))
-    protocol = base.split("://", 1)[0] + "://" if is_remote(base) else ""
-    return sorted(protocol + m if protocol and not m.startswith(protocol) else m for m in matches)
+    if not is_remote(base):  # fsspec answers absolute paths: keep the caller's form (relative stays relative)
+        root = os.path.abspath(base)
+        return sorted(join(base, os.path.relpath(m, root)) for m in matches)
+    protocol = base.split("://", 1)[0] + "://"
+    return sorted(protocol + m if not m.startswith(protocol) else m for m in matches)
 
 
 def makedirs(uri: str) -> None:

@@ -66,13 +66,14 @@ def test_same_seed_gives_identical_tables(demo_run, tmp_path):
 def test_cli_runs_the_workflow_on_the_session_cluster(ray_session, tmp_path):
     """`sarlang run workflows/demo.yaml ...` as a user types it, attached to the running Ray cluster."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    run_dir = tmp_path / "cli"
+    run_dir = tmp_path / "runs" / "cli"  # given relative to the working directory, as the demo does
     proc = subprocess.run(
-        [sys.executable, "-m", "sarlang_ray", "run", str(REPO / "workflows/demo.yaml"), f"run.run_dir={run_dir}",
-         f"synth.out_dir={run_dir}/archive", "synth.scene_size_px=256", "tile.tile_size=128", "ray.progress=false"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [sys.executable, "-m", "sarlang_ray", "run", str(REPO / "workflows/demo.yaml"), "run.run_dir=runs/cli",
+         "synth.out_dir=runs/cli/archive", "synth.scene_size_px=256", "tile.tile_size=128", "ray.progress=false"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiles per GSD" in proc.stdout and "objects per class" in proc.stdout
     assert (run_dir / "config.yaml").read_text().count("tile_size: 128") == 1
-    assert (run_dir / "summary.json").exists()
+    assert (run_dir / "summary.json").exists() and (run_dir / "export" / "dataset_card.md").exists()
+    assert "pairs per application" in proc.stdout
