@@ -211,9 +211,10 @@ Distinct question types: {counts['question_types']}.
 def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
     """Read a SARLANG-1M-style release (caption CSVs, VQA JSON in LLaMA-Factory form) into pairs.
 
-    Returns a table with ``tile_id`` (image stem), ``split``, ``kind``, ``application``, ``question_type``,
-    ``question``, ``answer`` and ``image_path``. Releases without ``application``/``question_type`` keys
-    get ``application="unknown"``.
+    Returns the annotations-table columns (``pair_id``, ``tile_id`` = image stem, ``kind``,
+    ``application``, ``question_type``, ``question``, ``answer``, ``backend="import"``, ``qc_passed``)
+    plus ``split`` and ``image_uri``. Releases without ``application``/``question_type`` keys (the
+    official one) get ``application="unknown"``.
     """
     rows = []
     for split in splits:
@@ -225,7 +226,7 @@ def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
             for r in csv.DictReader(_io.StringIO(io.read_bytes(uri).decode())):
                 rows.append({"tile_id": r["image"].rsplit(".", 1)[0], "split": split, "kind": f"caption_{kind}",
                              "application": "image description", "question_type": f"caption/{kind}",
-                             "question": prompt, "answer": r["caption"], "image_path": io.join(root, "SAR_images", r["image"])})
+                             "question": prompt, "answer": r["caption"], "image_uri": io.join(root, "SAR_images", r["image"])})
         uri = io.join(root, "vqa", f"vqa_{split}.json")
         if not io.exists(uri):
             continue
@@ -235,5 +236,11 @@ def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
             image = rec["images"][0]
             rows.append({"tile_id": image.rsplit("/", 1)[-1].rsplit(".", 1)[0], "split": split, "kind": "vqa",
                          "application": rec.get("application", "unknown"), "question_type": rec.get("question_type", "unknown"),
-                         "question": user.replace("<image>", "", 1).strip(), "answer": answer, "image_path": io.join(root, image)})
-    return pa.Table.from_pylist(rows)
+                         "question": user.replace("<image>", "", 1).strip(), "answer": answer, "image_uri": io.join(root, image)})
+    for i, r in enumerate(rows):
+        r.update({"pair_id": f"import-{i:08d}", "scene_id": None, "gsd_m": None, "backend": "import",
+                  "qc_passed": True, "qc_reasons": []})
+    from sarlang_ray.annotate.stage import ANNOTATION_SCHEMA
+
+    schema = ANNOTATION_SCHEMA.append(pa.field("split", pa.string())).append(pa.field("image_uri", pa.string()))
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -289,10 +289,21 @@ RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align"
            "export": run_export_stage}
 
 
+def _absolute_local_paths(cfg: WorkflowConfig) -> None:
+    """Relative local paths are relative to the driver's working directory; Ray workers may run
+    elsewhere (an attached cluster), so hand them absolute paths. Remote URIs are left alone."""
+    for section, key in (("run", "run_dir"), ("synth", "out_dir"), ("catalog", "archive")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and not io.is_remote(value) and not os.path.isabs(value):
+            setattr(obj, key, os.path.abspath(value))
+
+
 def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:
     """Run the configured stages in order, save the resolved config, print and save the summary."""
     t0 = time.time()
     stages = stages or cfg.run.stages
+    _absolute_local_paths(cfg)
     io.makedirs(cfg.run.run_dir)
     io.write_bytes_atomic(io.join(cfg.run.run_dir, "config.yaml"), to_yaml(cfg).encode())
     counts = {}

@@ -81,7 +81,25 @@ def test_reimporting_the_sarlang1m_layout_gives_back_the_same_pairs(exported):
     ours = [p for p in pipeline.read_annotations(cfg.run.run_dir).to_pylist() if p["qc_passed"]]
     key = lambda p: (p["tile_id"], p["kind"], p["application"], p["question_type"], p["question"], p["answer"])  # noqa: E731
     assert sorted(map(key, imported)) == sorted(map(key, ours))
-    assert all(Path(p["image_path"]).exists() for p in imported[:50])
+    assert all(Path(p["image_uri"]).exists() for p in imported)
+    assert {p["split"] for p in imported} <= {"train", "val", "test"}
+
+
+def test_import_cli_writes_an_annotations_table(exported, tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from sarlang_ray.annotate.stage import ANNOTATION_SCHEMA
+
+    _, _, out = exported
+    target = tmp_path / "imported.parquet"
+    proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "import", str(out / "sarlang1m"), str(target)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pq.read_table(target)
+    assert set(ANNOTATION_SCHEMA.names) <= set(table.column_names) and table.num_rows > 0
 
 
 def test_dataset_card_has_counts_and_plots(exported):
