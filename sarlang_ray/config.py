@@ -164,6 +164,30 @@ class ExportSection:
 
 
 @dataclass
+class TrainSection:
+    model: str = "runs/tiny-vlm"  # hub name or local folder of an AutoModelForImageTextToText
+    method: str = "lora"  # lora (peft, all linear layers) or full
+    lora_r: int = 8  # the paper's rank
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lr: float = 1e-4  # the paper's learning rate
+    epochs: int = 3  # the paper's epochs
+    warmup_ratio: float = 0.1  # the paper's warm-up
+    batch_size: int = 1  # per device, as the paper
+    grad_accum: int = 1  # gradient accumulation steps
+    max_length: int = 1024  # tokens per sample (image tokens included)
+    limit_pairs: int | None = None  # train on the first N pairs only (smoke runs)
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0
+    num_to_keep: int = 2  # checkpoints kept
+    max_failures: int = 1  # worker-group restarts, each resuming from the latest checkpoint
+    storage_path: str | None = None  # checkpoints (local or s3://); None: <run_dir>/train
+    name: str = "sarlang-train"  # Ray Train run name under storage_path
+    seed: int = 0
+
+
+@dataclass
 class WorkflowConfig:
     name: str = "demo"  # workflow name (shown in the summary)
     run: RunSection = field(default_factory=RunSection)
@@ -174,9 +198,10 @@ class WorkflowConfig:
     align: AlignSection = field(default_factory=AlignSection)
     annotate: AnnotateSection = field(default_factory=AnnotateSection)
     export: ExportSection = field(default_factory=ExportSection)
+    train: TrainSection = field(default_factory=TrainSection)
 
 
-STAGES = ("synth", "catalog", "tile", "align", "annotate", "export")
+STAGES = ("synth", "catalog", "tile", "align", "annotate", "export", "train")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WorkflowConfig:
@@ -249,6 +274,8 @@ def _check(cfg: WorkflowConfig) -> None:
         problems.append("export.split_by must be scene or region")
     if min(e.train, e.val, e.test) < 0 or abs(e.train + e.val + e.test - 1) > 1e-6:
         problems.append("export.train + export.val + export.test must be 1, each >= 0")
+    if cfg.train.method not in ("lora", "full"):
+        problems.append("train.method must be lora or full")
     q = cfg.annotate.qc
     for rule, allowed in (("colour", ("repair", "reject", "off")), ("count", ("repair", "reject", "off")),
                           ("hallucination", ("repair", "reject", "off")), ("vague", ("reject", "off")),

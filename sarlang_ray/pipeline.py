@@ -285,8 +285,23 @@ def run_export_stage(cfg: WorkflowConfig) -> dict:
     return counts
 
 
+def run_train_stage(cfg: WorkflowConfig) -> dict:
+    """Ray Train fine-tuning on the export (see sarlang_ray.train)."""
+    if (done := _finished(cfg, "train")) is not None:
+        return done
+    ensure_ray(cfg)
+    from sarlang_ray.train import run_train
+
+    t0 = time.time()
+    out = run_train(cfg)
+    counts = {k: out[k] for k in ("n_train", "val_loss_before", "val_loss_after", "checkpoint")}
+    counts["seconds"] = round(time.time() - t0, 2)
+    io.write_json_atomic(_done_marker(cfg.run.run_dir, "train"), counts)
+    return counts
+
+
 RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align": run_align, "annotate": run_annotate,
-           "export": run_export_stage}
+           "export": run_export_stage, "train": run_train_stage}
 
 
 def _absolute_local_paths(cfg: WorkflowConfig) -> None:
