@@ -307,11 +307,14 @@ RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align"
 def _absolute_local_paths(cfg: WorkflowConfig) -> None:
     """Relative local paths are relative to the driver's working directory; Ray workers may run
     elsewhere (an attached cluster), so hand them absolute paths. Remote URIs are left alone."""
-    for section, key in (("run", "run_dir"), ("synth", "out_dir"), ("catalog", "archive")):
+    for section, key in (("run", "run_dir"), ("synth", "out_dir"), ("catalog", "archive"), ("train", "storage_path")):
         obj = getattr(cfg, section)
         value = getattr(obj, key)
         if value and not io.is_remote(value) and not os.path.isabs(value):
             setattr(obj, key, os.path.abspath(value))
+    for obj in (cfg.train, cfg.annotate.hf):  # model: a hub name stays, an existing local folder gets absolute
+        if obj.model and not os.path.isabs(obj.model) and os.path.isdir(obj.model):
+            obj.model = os.path.abspath(obj.model)
 
 
 def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:
