@@ -8,6 +8,7 @@ unless ``run.force=true``; an interrupted stage resumes, skipping shards that ar
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -54,6 +55,28 @@ def _finished(cfg: WorkflowConfig, stage: str) -> dict | None:
     return None
 
 
+def stage(name: str, needs_ray: bool = True):
+    """Wrap a stage body: a finished stage is a no-op (unless run.force); otherwise connect Ray, run the
+    body, time it, and write ``<run_dir>/<name>/_SUCCESS.json`` with its counts."""
+
+    def wrap(body):
+        @functools.wraps(body)
+        def runner(cfg: WorkflowConfig) -> dict:
+            if (done := _finished(cfg, name)) is not None:
+                return done
+            if needs_ray:
+                ensure_ray(cfg)
+            t0 = time.time()
+            counts = body(cfg)
+            counts["seconds"] = round(time.time() - t0, 2)
+            io.write_json_atomic(_done_marker(cfg.run.run_dir, name), counts)
+            return counts
+
+        return runner
+
+    return wrap
+
+
 def _workers(concurrency: int | None) -> int:
     import ray
 
@@ -71,14 +94,11 @@ def run_synth(cfg: WorkflowConfig) -> dict:
     return counts
 
 
+@stage("catalog")
 def run_catalog(cfg: WorkflowConfig) -> dict:
     """Scan the archive into catalog/scenes.parquet (GeoParquet) and catalog/errors.parquet."""
-    if (done := _finished(cfg, "catalog")) is not None:
-        return done
     import ray
 
-    ensure_ray(cfg)
-    t0 = time.time()
     uris = sorted({u for pattern in cfg.catalog.sar_glob for u in io.glob(cfg.catalog.archive, pattern)})
     if not uris:
         raise FileNotFoundError(f"no SAR scenes match {cfg.catalog.sar_glob!r} under {cfg.catalog.archive}; "
@@ -93,9 +113,7 @@ def run_catalog(cfg: WorkflowConfig) -> dict:
     out = io.join(cfg.run.run_dir, "catalog")
     write_scenes(io.join(out, "scenes.parquet"), sorted(scenes, key=lambda s: s["scene_id"]))
     io.write_parquet_atomic(io.join(out, "errors.parquet"), errors_table(errors))
-    counts = {"planned": len(uris), "written": len(scenes), "rejected": len(errors), "seconds": round(time.time() - t0, 2)}
-    io.write_json_atomic(_done_marker(cfg.run.run_dir, "catalog"), counts)
-    return counts
+    return {"planned": len(uris), "written": len(scenes), "rejected": len(errors)}
 
 
 def write_scenes(uri: str, scenes: list[dict]) -> None:
@@ -121,25 +139,17 @@ def _run_shards(items: list[dict], fn, constructor_args: tuple, concurrency: int
     return ds.map(fn, fn_constructor_args=constructor_args, compute=pool, num_cpus=num_cpus, num_gpus=num_gpus).take_all()
 
 
+@stage("tile")
 def run_tile(cfg: WorkflowConfig) -> dict:
     """Tile every cataloged scene at every pyramid GSD into tile/shards/**.parquet."""
-    if (done := _finished(cfg, "tile")) is not None:
-        return done
-    ensure_ray(cfg)
-    t0 = time.time()
     chunks = [c for s in read_scenes(cfg.run.run_dir) for c in tiling.plan_chunks(s, cfg.tile)]
     manifest = _run_shards(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir), cfg.tile.concurrency, cfg.tile.num_cpus)
-    counts = _totals(manifest, time.time() - t0)
-    io.write_json_atomic(_done_marker(cfg.run.run_dir, "tile"), counts)
-    return counts
+    return _totals(manifest)
 
 
+@stage("align")
 def run_align(cfg: WorkflowConfig) -> dict:
     """Align every tile shard with labels, land cover and the optical twin into align/shards/**.parquet."""
-    if (done := _finished(cfg, "align")) is not None:
-        return done
-    ensure_ray(cfg)
-    t0 = time.time()
     out = io.join(cfg.run.run_dir, "align")
     label_uris = sorted({u for pattern in cfg.catalog.labels_glob for u in io.glob(cfg.catalog.archive, pattern)})
     labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align, cfg.catalog.archive)
@@ -152,24 +162,20 @@ def run_align(cfg: WorkflowConfig) -> dict:
     io.write_parquet_atomic(io.join(out, "label_errors.parquet"), errors_table(label_errors))
     shards = _shard_items(io.join(cfg.run.run_dir, tiling.STAGE, "shards"))
     manifest = _run_shards(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri), cfg.align.concurrency, cfg.align.num_cpus)
-    counts = _totals(manifest, time.time() - t0)
+    counts = _totals(manifest)
     feature_errors = sum("#feature=" in e["item"] for e in label_errors)
     counts["labels"] = {"files": len(label_uris), "files_rejected": len(label_errors) - feature_errors,
                         "planned": n_features, "written": len(labels), "rejected": feature_errors}
-    io.write_json_atomic(_done_marker(cfg.run.run_dir, "align"), counts)
     return counts
 
 
+@stage("annotate")
 def run_annotate(cfg: WorkflowConfig) -> dict:
     """Captions and QA for every tile shard into annotate/shards/**.parquet, with QC and its report."""
-    if (done := _finished(cfg, "annotate")) is not None:
-        return done
-    ensure_ray(cfg)
-    t0 = time.time()
     a = cfg.annotate
     manifest = _run_shards(_shard_items(io.join(cfg.run.run_dir, "align", "shards")), annotate_stage.AnnotateShard,
                            (a, cfg.run.run_dir, cfg.run.seed), a.concurrency, a.num_cpus, a.num_gpus)
-    counts = _totals(manifest, time.time() - t0)
+    counts = _totals(manifest)
     hits: collections.Counter = collections.Counter()
     for m in manifest:
         hits.update(json.loads(m["qc_hits"]))
@@ -177,7 +183,6 @@ def run_annotate(cfg: WorkflowConfig) -> dict:
     counts["pairs"] = {"planned": pairs, "passed": passed, "rejected": pairs - passed}
     report = {"backend": a.backend, "pairs": counts["pairs"], "rule_hits": dict(hits), "rules": asdict(a.qc)}
     io.write_json_atomic(io.join(cfg.run.run_dir, "annotate", "qc_report.json"), report)
-    io.write_json_atomic(_done_marker(cfg.run.run_dir, "annotate"), counts)
     return counts
 
 
@@ -185,14 +190,13 @@ def _shard_items(root: str) -> list[dict]:
     return [{"shard": u[len(root) + 1:]} for u in io.glob(root, "*/*.parquet")]
 
 
-def _totals(manifest: list[dict], seconds: float) -> dict:
+def _totals(manifest: list[dict]) -> dict:
     return {
         "shards": len(manifest),
         "planned": sum(m["planned"] for m in manifest),
         "written": sum(m["written"] for m in manifest),
         "rejected": sum(m["rejected"] for m in manifest),
         "skipped_shards": sum(bool(m["skipped"]) for m in manifest),
-        "seconds": round(seconds, 2),
     }
 
 
@@ -272,32 +276,21 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+@stage("export", needs_ray=False)
 def run_export_stage(cfg: WorkflowConfig) -> dict:
     """Splits and the four export forms under export/ (streams shard by shard in the driver)."""
-    if (done := _finished(cfg, "export")) is not None:
-        return done
     from sarlang_ray.export import run_export
 
-    t0 = time.time()
-    counts = run_export(cfg)
-    counts["seconds"] = round(time.time() - t0, 2)
-    io.write_json_atomic(_done_marker(cfg.run.run_dir, "export"), counts)
-    return counts
+    return run_export(cfg)
 
 
+@stage("train")
 def run_train_stage(cfg: WorkflowConfig) -> dict:
     """Ray Train fine-tuning on the export (see sarlang_ray.train)."""
-    if (done := _finished(cfg, "train")) is not None:
-        return done
-    ensure_ray(cfg)
     from sarlang_ray.train import run_train
 
-    t0 = time.time()
     out = run_train(cfg)
-    counts = {k: out[k] for k in ("n_train", "val_loss_before", "val_loss_after", "checkpoint")}
-    counts["seconds"] = round(time.time() - t0, 2)
-    io.write_json_atomic(_done_marker(cfg.run.run_dir, "train"), counts)
-    return counts
+    return {k: out[k] for k in ("n_train", "val_loss_before", "val_loss_after", "checkpoint")}
 
 
 RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align": run_align, "annotate": run_annotate,
