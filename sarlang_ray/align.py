@@ -74,7 +74,7 @@ def prepare_labels(uris: list[str], cfg: AlignSection, archive: str = "") -> tup
     """
     frames, errors, planned = [], [], 0
     for uri in uris:
-        rel = uri[len(archive):].lstrip("/") if archive and uri.startswith(archive) else uri
+        rel = io.relative(uri, archive)
         try:
             gdf = gpd.read_parquet(uri) if uri.endswith((".parquet", ".geoparquet")) else gpd.read_file(uri)
         except Exception as exc:
@@ -194,7 +194,7 @@ def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, t
     if resampling == Resampling.nearest and tile_gsd < native * 0.99:
         resampling = Resampling.bilinear
     channels = [
-        warp_window(src, b, transform, crs, size, resampling, lambda blk: blk.astype(np.float32).filled(np.nan))
+        warp_window(src, b, transform, crs, size, resampling)
         for b in bands
     ]
     rgb = np.stack([ch if ch is not None else np.full((size, size), np.nan, np.float32) for ch in channels], axis=-1)
@@ -282,8 +282,7 @@ class AlignShard:
         out: dict = {"objects": objects_in_tile(labels, tree, t, size, self.cfg.min_visible_fraction)}
         out["landcover"], out["landcover_valid_fraction"] = [], 0.0
         if scene["landcover_uri"]:
-            lc = warp_window(self._raster(scene["landcover_uri"]), 1, t, tile["crs"], size, Resampling.nearest,
-                             lambda blk: blk.astype(np.float32).filled(np.nan))
+            lc = warp_window(self._raster(scene["landcover_uri"]), 1, t, tile["crs"], size, Resampling.nearest)
             if lc is not None:
                 out["landcover"], out["landcover_valid_fraction"] = landcover_fractions(lc, self.cfg.landcover_classes)
         out["optical_png"] = None

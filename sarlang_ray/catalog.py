@@ -43,7 +43,7 @@ _SENSORS = (
 
 def scene_id_for(uri: str, archive: str) -> str:
     """Stable, path-safe id: the file stem (sanitised, shortened) plus a hash of the relative path."""
-    rel = uri[len(archive) :].lstrip("/") if uri.startswith(archive) else uri
+    rel = io.relative(uri, archive)
     stem = PurePosixPath(rel).name.rsplit(".", 1)[0].lower()
     stem = re.sub(r"[^a-z0-9]+", "_", stem).strip("_")[:48] or "scene"
     digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
@@ -78,15 +78,19 @@ def metric_gsd(src: rasterio.io.DatasetReader) -> tuple[float, float]:
     return abs(sx), abs(sy)
 
 
-def footprint_4326(src: rasterio.io.DatasetReader, densify: int = 16) -> Polygon:
-    """The raster's outline (densified pixel-space boundary) in EPSG:4326 lon/lat."""
-    w, h = src.width, src.height
+def outline_4326(transform, crs, width: int, height: int, densify: int = 16) -> Polygon:
+    """The outline of a pixel grid (each side densified into ``densify`` steps) in EPSG:4326 lon/lat."""
     s = np.linspace(0, 1, densify + 1)[:-1]
-    cols = np.concatenate([s * w, np.full_like(s, w), (1 - s) * w, np.zeros_like(s)])
-    rows = np.concatenate([np.zeros_like(s), s * h, np.full_like(s, h), (1 - s) * h])
-    xs, ys = zip(*(src.transform @ (c, r) for c, r in zip(cols, rows)))
-    lon, lat = warp_transform(src.crs, "EPSG:4326", list(xs), list(ys))
+    cols = np.concatenate([s * width, np.full_like(s, width), (1 - s) * width, np.zeros_like(s)])
+    rows = np.concatenate([np.zeros_like(s), s * height, np.full_like(s, height), (1 - s) * height])
+    xs, ys = zip(*(transform @ (c, r) for c, r in zip(cols, rows)))
+    lon, lat = warp_transform(crs, "EPSG:4326", list(xs), list(ys))
     return Polygon(zip(lon, lat))
+
+
+def footprint_4326(src: rasterio.io.DatasetReader) -> Polygon:
+    """A raster's outline in EPSG:4326 lon/lat."""
+    return outline_4326(src.transform, src.crs, src.width, src.height)
 
 
 def tile_crs_for(crs: CRS, footprint: Polygon) -> str:

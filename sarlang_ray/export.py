@@ -82,8 +82,9 @@ def run_export(cfg: WorkflowConfig) -> dict:
     stats = {"pairs": Counter(), "applications": Counter(), "question_types": Counter(), "classes": Counter(),
              "landcover": Counter(), "gsd": Counter(), "tiles": Counter()}
     ann_root = io.join(run_dir, "annotate", "shards")
+    tile_root = io.join(run_dir, "align", "shards")
     for tile_uri in pipeline.tile_shards(run_dir):
-        name = tile_uri.rsplit("/shards/", 1)[1]
+        name = io.relative(tile_uri, tile_root)
         tiles = {t["tile_id"]: t for t in io.read_parquet(tile_uri, columns=["tile_id", "scene_id", "gsd_m", "sar_png", "objects", "landcover"]).to_pylist()}
         ann_uri = io.join(ann_root, name)
         pairs = [p for p in io.read_parquet(ann_uri, columns=PAIR_COLUMNS + ["qc_passed"]).to_pylist() if p["qc_passed"]] \

@@ -35,6 +35,13 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def relative(uri: str, base: str) -> str:
+    """``uri`` relative to ``base`` (no leading slash); ``uri`` itself when it is not under ``base``."""
+    if base and uri.startswith(base):
+        return uri[len(base):].lstrip("/")
+    return uri
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return bool(fs.exists(path))

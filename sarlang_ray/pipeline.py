@@ -187,7 +187,7 @@ def run_annotate(cfg: WorkflowConfig) -> dict:
 
 
 def _shard_items(root: str) -> list[dict]:
-    return [{"shard": u[len(root) + 1:]} for u in io.glob(root, "*/*.parquet")]
+    return [{"shard": io.relative(u, root)} for u in io.glob(root, "*/*.parquet")]
 
 
 def _totals(manifest: list[dict]) -> dict:

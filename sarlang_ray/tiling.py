@@ -36,6 +36,7 @@ from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
 from sarlang_ray import io, sar
+from sarlang_ray.catalog import outline_4326
 from sarlang_ray.config import TileSection
 from sarlang_ray.errors import error_row, errors_table
 
@@ -143,10 +144,11 @@ def source_window(src_transform: Affine, src_crs, dst_transform: Affine, dst_crs
 
 
 def warp_window(src, band: int, dst_transform: Affine, dst_crs: str, size: int, resampling: Resampling,
-                to_float=None, dst_dtype="float32", dst_nodata=np.nan) -> np.ndarray | None:
-    """Read the source pixels under a tile and warp them onto the tile grid.
+                to_float=None) -> np.ndarray | None:
+    """Read the source pixels under a tile and warp them onto the tile grid, as float32 with NaN nodata.
 
-    ``to_float`` converts the raw block (masked array) before resampling, e.g. dB -> linear intensity.
+    ``to_float`` converts the raw block (masked array) before resampling, e.g. dB -> linear intensity;
+    by default the values are kept as they are.
     Returns None when the tile does not overlap the raster at all.
     """
     win = source_window(src.transform, src.crs, dst_transform, dst_crs, size)
@@ -158,12 +160,12 @@ def warp_window(src, band: int, dst_transform: Affine, dst_crs: str, size: int, 
     if inter.width <= 0 or inter.height <= 0:
         return None
     block = src.read(band, window=inter, masked=True)
-    data = to_float(block) if to_float else block.filled(dst_nodata).astype(dst_dtype)
-    dst = np.full((size, size), dst_nodata, dtype=dst_dtype)
+    data = to_float(block) if to_float else block.astype(np.float32).filled(np.nan)
+    dst = np.full((size, size), np.nan, dtype=np.float32)
     reproject(
         data, dst,
-        src_transform=src.window_transform(inter), src_crs=src.crs, src_nodata=dst_nodata,
-        dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=dst_nodata,
+        src_transform=src.window_transform(inter), src_crs=src.crs, src_nodata=np.nan,
+        dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=np.nan,
         resampling=resampling,
     )
     return dst
@@ -181,17 +183,6 @@ TILES_SCHEMA = pa.schema([
     ("db_p02", pa.float32()), ("db_p98", pa.float32()), ("stretch_db", pa.list_(pa.float32())),
     ("sensor", pa.string()), ("polarisation", pa.string()), ("region", pa.string()), ("native_gsd_m", pa.float64()),
 ])
-
-
-def tile_footprint_wkb(transform: Affine, crs: str, size: int) -> bytes:
-    from rasterio.warp import transform as warp_transform
-    from shapely.geometry import Polygon
-
-    s = np.linspace(0, size, 9)
-    pts = [(c, 0) for c in s] + [(size, r) for c in [0] for r in s[1:]] + [(c, size) for c in s[::-1][1:]] + [(0, r) for r in s[::-1][1:]]
-    xs, ys = zip(*(transform @ p for p in pts))
-    lon, lat = warp_transform(crs, "EPSG:4326", list(xs), list(ys))
-    return Polygon(zip(lon, lat)).wkb
 
 
 def _timing(started: float) -> dict:
@@ -285,7 +276,7 @@ class TileChunk:
             "tile_id": tid, "scene_id": scene["scene_id"], "gsd_m": grid.gsd, "row": r, "col": c,
             "crs": grid.crs, "transform": [float(v) for v in tuple(t)[:6]], "width": size, "height": size,
             "bounds": [t.c, t.f - size * grid.gsd, t.c + size * grid.gsd, t.f],
-            "footprint": tile_footprint_wkb(t, grid.crs, size),
+            "footprint": outline_4326(t, grid.crs, size, size, densify=8).wkb,
             "sar_png": encode_png(image, cfg.png_compress_level),
             "nodata_fraction": nodata_fraction, "db_mean": float(valid_db.mean()), "db_std": float(valid_db.std()),
             "db_p02": float(p02), "db_p98": float(p98), "stretch_db": [lo, hi],
