@@ -8,11 +8,16 @@ Rotated or sheared geotransforms (the Umbra GEC file, for one) are kept and *war
 (``catalog.rotated: warp``, the default): tiles are cut on a north-up grid in the scene's CRS and
 filled by GDAL's warper, so the rest of the pipeline only ever sees north-up tiles with a plain affine.
 Set ``catalog.rotated: reject`` to send such scenes to the errors table instead.
+
+The archive is a folder (SAR files found by ``catalog.sar_glob``) or a STAC file, a static catalog or an
+ItemCollection (SAR files are the items' assets, see :mod:`sarlang_ray.stac`); either way the same
+inspection runs on every file, and STAC items add their id, datetime, platform and ``sar:*`` fields.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from pathlib import PurePosixPath
@@ -25,11 +30,15 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
-from sarlang_ray import io
+from sarlang_ray import io, stac
 from sarlang_ray.config import CatalogSection
 from sarlang_ray.errors import ItemError, error_row
 
 STAGE = "catalog"
+# Header sanity limits, checked before any pixel is read: a header can claim any size, and GDAL reads a
+# whole block (tile or strip) at a time, so a lying header would otherwise make a worker allocate it.
+MAX_SIDE_PX = 2**20  # 1,048,576 px a side: ~15x a Sentinel-1 IW SLC swath
+MAX_BLOCK_BYTES = 2**28  # 256 MiB per block (a GeoTIFF tile or strip)
 _POLARISATIONS = ("VV", "VH", "HH", "HV")
 _SENSORS = (
     (re.compile(r"(^|[^a-z])s1[ab]?([^a-z]|$)|sentinel-?1|opera_l2_rtc-s1", re.I), "Sentinel-1"),
@@ -41,12 +50,38 @@ _SENSORS = (
 )
 
 
+def archive_root(archive: str) -> str:
+    """The folder SAR paths are relative to: the archive folder, or the folder of a STAC file (so a
+    catalog.json at the root of an archive gives the same scene ids as scanning that folder)."""
+    return stac.root_of(archive) if stac.is_stac(archive) else archive
+
+
+def list_scenes(cfg: CatalogSection) -> tuple[list[dict], list[dict]]:
+    """What to inspect: rows ``{"uri", "stac"}`` (``stac``: the item's metadata as JSON, or None for a
+    folder archive), sorted by uri, and error rows for STAC items that name no usable SAR asset.
+
+    Raises:
+        FileNotFoundError: nothing to inspect (no file matches the globs, or the STAC file lists no items).
+    """
+    if stac.is_stac(cfg.archive):
+        found, errors = stac.candidates(cfg.archive, cfg.stac_assets, STAGE)
+        if not found and not errors:
+            raise FileNotFoundError(f"the STAC file {cfg.archive} lists no items; check catalog.archive")
+        return sorted(({"uri": c.uri, "stac": c.to_json()} for c in found), key=lambda r: r["uri"]), errors
+    uris = sorted({u for pattern in cfg.sar_glob for u in io.glob(cfg.archive, pattern)})
+    if not uris:
+        raise FileNotFoundError(f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
+                                "check catalog.archive and catalog.sar_glob")
+    return [{"uri": u, "stac": None} for u in uris], []
+
+
 def scene_id_for(uri: str, archive: str) -> str:
-    """Stable, path-safe id: the file stem (sanitised, shortened) plus a hash of the relative path."""
+    """Stable, path-safe id: the file stem (sanitised, shortened) plus a hash of the path relative to
+    ``archive`` (the full uri for files outside it)."""
     rel = io.relative(uri, archive)
     stem = PurePosixPath(rel).name.rsplit(".", 1)[0].lower()
     stem = re.sub(r"[^a-z0-9]+", "_", stem).strip("_")[:48] or "scene"
-    digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:8]  # file names need not be UTF-8
     return f"{stem}-{digest}"
 
 
@@ -104,6 +139,8 @@ def tile_crs_for(crs: CRS, footprint: Polygon) -> str:
     info = query_utm_crs_info(
         datum_name="WGS 84", area_of_interest=AreaOfInterest(c.x, c.y, c.x, c.y)
     )
+    if not info:  # UTM stops at 84 N and 80 S: the polar caps use UPS North / South
+        return "EPSG:32661" if c.y > 0 else "EPSG:32761"
     return f"EPSG:{info[0].code}"
 
 
@@ -130,19 +167,63 @@ def _detect_units(src: rasterio.io.DatasetReader, band: int, sample: np.ndarray,
     return "intensity", "non-negative float values"
 
 
+def _reason(exc: Exception) -> str:
+    """An exception's text, with the GDAL error behind rasterio's "Read failed. See previous exception"."""
+    cause = exc.__cause__
+    text = f"{exc} ({cause})" if cause is not None and str(cause) not in str(exc) else str(exc)
+    return text.rstrip(".")
+
+
+def _check_transform(t, uri: str) -> None:
+    """Reject geotransforms that cannot place a pixel: NaN/inf terms, or a zero pixel area."""
+    terms = tuple(t)[:6]
+    if not all(math.isfinite(v) for v in terms):
+        raise ItemError("bad_transform", f"{uri} has a non-finite geotransform {terms}. Fix its georeferencing "
+                        "(gdal_edit.py -a_ullr or -a_gt) or remove it from the archive.")
+    if abs(t.a * t.e - t.b * t.d) < 1e-300:
+        raise ItemError("bad_transform", f"{uri} has a singular geotransform {terms}: a pixel covers zero area, so its "
+                        "footprint is empty. Fix its georeferencing (gdal_edit.py -a_ullr or -a_gt) or remove it.")
+
+
+def _check_pixels(src: rasterio.io.DatasetReader, band: int, uri: str) -> None:
+    """Reject what the pixels cannot be, from the header alone (before any read)."""
+    dtype = src.dtypes[band - 1]
+    if dtype.startswith("complex"):
+        raise ItemError("complex_sar", f"{uri} holds complex ({dtype}) samples: a single-look complex (SLC) product. "
+                        "Detect it first (amplitude |z|, e.g. gdal_translate with a VRT 'mod' pixel function, or "
+                        "gdal_calc.py --calc='abs(A)' --type=Float32) and catalog the detected GeoTIFF.")
+    if dtype == "int8":
+        raise ItemError("unsupported_dtype", f"{uri} has signed 8-bit samples (int8): no SAR product is stored that way "
+                        "(detected amplitude is unsigned, dB is float). Convert it (gdal_translate -ot Float32, then "
+                        "set catalog.units) or remove it.")
+    if src.tags(band, ns="IMAGE_STRUCTURE").get("NBITS") == "1":
+        raise ItemError("not_sar", f"{uri} is a 1-bit (boolean) raster: a mask, not SAR. Move it out of the SAR folder.")
+    if max(src.width, src.height) > MAX_SIDE_PX:
+        raise ItemError("too_large", f"{uri}: the header claims {src.width} x {src.height} px, more than "
+                        f"{MAX_SIDE_PX} px a side. A corrupt header, or a mosaic: split it (gdal_translate -srcwin) "
+                        "into scenes.")
+    rows, cols = src.block_shapes[band - 1]
+    block_bytes = rows * cols * np.dtype(dtype).itemsize
+    if block_bytes > MAX_BLOCK_BYTES:
+        raise ItemError("too_large", f"{uri}: one {cols} x {rows} px block is {block_bytes / 2**20:.0f} MiB "
+                        f"(limit {MAX_BLOCK_BYTES // 2**20} MiB); reading any pixel would load it whole. Rewrite it "
+                        "tiled (gdal_translate -co TILED=YES or -of COG).")
+
+
 def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
     """Inspect one SAR file. Returns a scenes-table row, or raises ItemError with the reason."""
     try:
         src = io.open_raster(uri)
     except Exception as exc:  # rasterio raises several classes for corrupt files
-        raise ItemError("unreadable", f"cannot open {uri}: {exc}. The file is corrupt or not a raster: re-download or remove it.") from None
+        raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. The file is corrupt or not a raster: re-download or remove it.") from None
     with src:
+        if src.transform.is_identity and src.gcps[0]:  # e.g. a Sentinel-1 GRD measurement file (its CRS is the GCPs')
+            raise ItemError("gcps_only", f"{uri} is georeferenced by GCPs only. Orthorectify it first (gdalwarp) and catalog the result.")
         if src.crs is None:
             raise ItemError("no_crs", f"{uri} has no CRS. Georeference it (gdal_edit.py -a_srs EPSG:<code>) or remove it from the archive.")
         if src.transform.is_identity:
-            if src.gcps[0]:
-                raise ItemError("gcps_only", f"{uri} is georeferenced by GCPs only. Orthorectify it first (gdalwarp) and catalog the result.")
             raise ItemError("no_georeference", f"{uri} has a CRS but no geotransform. Georeference it or remove it.")
+        _check_transform(src.transform, uri)
         interp = set(src.colorinterp)
         if src.count > 2 or interp & {ColorInterp.red, ColorInterp.green, ColorInterp.blue}:
             raise ItemError(
@@ -151,7 +232,9 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
                 "or multi-spectral image, not SAR. Move it out of the SAR folder (optical twins are found by catalog.optical_rule).",
             )
         if cfg.band > src.count:
-            raise ItemError("bad_band", f"{uri} has {src.count} band(s) but catalog.band={cfg.band}.")
+            raise ItemError("bad_band", f"{uri} has {src.count} band(s) but catalog.band={cfg.band}. Set catalog.band "
+                            "to a band of the file.")
+        _check_pixels(src, cfg.band, uri)
         t = src.transform
         rotated = abs(t.b) > 1e-12 or abs(t.d) > 1e-12
         if rotated and cfg.rotated == "reject":
@@ -161,7 +244,7 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
             sample = src.read(cfg.band, out_shape=(max(1, src.height // step), max(1, src.width // step)),
                               resampling=Resampling.nearest, masked=True)
         except Exception as exc:
-            raise ItemError("unreadable", f"cannot read pixels of {uri}: {exc}. The file is truncated or corrupt: re-download it.") from None
+            raise ItemError("unreadable", f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: re-download it.") from None
         values = sample.filled(np.nan).astype(np.float64)
         valid = np.isfinite(values)
         valid_fraction = float(valid.mean()) if values.size else 0.0
@@ -170,8 +253,12 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
         units, units_source = _detect_units(src, cfg.band, values, uri, cfg)
         gx, gy = metric_gsd(src)
         footprint = footprint_4326(src)
-        if not footprint.is_valid or footprint.area <= 0:
-            raise ItemError("bad_footprint", f"{uri}: footprint in EPSG:4326 is degenerate (antimeridian or polar scene?).")
+        lon_span = footprint.bounds[2] - footprint.bounds[0]
+        if not footprint.is_valid or footprint.area <= 0 or lon_span > 180:
+            # a lon/lat outline that wraps at +-180 degrees is invalid or spans the globe the wrong way round
+            raise ItemError("bad_footprint", f"{uri}: its footprint in EPSG:4326 is degenerate (lon {footprint.bounds[0]:.3f} "
+                            f"to {footprint.bounds[2]:.3f}): the scene crosses the antimeridian or contains a pole, which "
+                            "the lon/lat footprint cannot represent. Split it at 180 degrees (gdalwarp -te) or leave it out.")
         tags = {k.upper(): v for k, v in src.tags().items()}
         desc = (src.descriptions[cfg.band - 1] or "").upper()
         name = PurePosixPath(uri).name
@@ -182,7 +269,7 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
         sensor = cfg.sensor or tags.get("SENSOR") or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown")
         region = cfg.region or tags.get("REGION") or PurePosixPath(uri).parent.name
         return {
-            "scene_id": scene_id_for(uri, cfg.archive),
+            "scene_id": scene_id_for(uri, archive_root(cfg.archive)),
             "sar_uri": uri,
             "optical_uri": _companion(uri, cfg.optical_rule),
             "landcover_uri": _companion(uri, cfg.landcover_rule),
@@ -215,8 +302,40 @@ SCENES_SCHEMA = pa.schema(
         ("dtype", pa.string()), ("units", pa.string()), ("units_source", pa.string()), ("sensor", pa.string()),
         ("polarisation", pa.string()), ("region", pa.string()), ("valid_fraction", pa.float64()),
         ("footprint", pa.binary()),
+        # STAC archives only (null for folders): the item, its asset key, acquisition time (ISO 8601 as
+        # published), platform, SAR instrument mode, and all item properties as JSON
+        ("stac_item", pa.string()), ("stac_asset", pa.string()), ("datetime", pa.string()),
+        ("platform", pa.string()), ("instrument_mode", pa.string()), ("stac_properties", pa.string()),
     ]
 )
+_STAC_COLUMNS = ("stac_item", "stac_asset", "datetime", "platform", "instrument_mode", "stac_properties")
+
+
+def with_stac_metadata(scene: dict, item: stac.Candidate, cfg: CatalogSection) -> dict:
+    """A scene row with its STAC item's metadata. Published metadata beats what was guessed from the file
+    (tags, name, folder), and ``catalog.sensor`` beats both."""
+    props = item.properties
+    platform = stac.platform(props)
+    published = " ".join(str(props.get(k) or "") for k in ("constellation", "platform"))
+    if cfg.sensor is None and platform:
+        scene["sensor"] = next((s for rx, s in _SENSORS if rx.search(published)), platform)
+    pols = stac.polarisations(item)
+    if len(pols) == 1 and pols[0] in _POLARISATIONS:
+        scene["polarisation"] = pols[0]
+    mode = props.get("sar:instrument_mode")
+    scene.update(stac_item=item.item_id, stac_asset=item.asset, datetime=stac.acquired(props), platform=platform,
+                 instrument_mode=None if mode is None else str(mode),
+                 stac_properties=json.dumps(props, sort_keys=True, default=str))
+    return scene
+
+
+def _stac_error(uri: str, item: stac.Candidate, exc: ItemError) -> ItemError:
+    """A file a STAC item names but that does not exist is the catalog's fault: say which item and href."""
+    if exc.error_class == "unreadable" and not io.exists(uri):
+        return ItemError("stac_bad_href", f"STAC item {item.item_id!r} asset {item.asset!r}: {uri} does not exist "
+                         f"(href {item.href!r} in {item.item_href}, relative hrefs resolve against the item's "
+                         "location). Fix the href in the catalog or remove the item.")
+    return exc
 
 
 class SceneInspector:
@@ -227,9 +346,14 @@ class SceneInspector:
 
     def __call__(self, row: dict) -> dict:
         uri = row["uri"]
+        item = stac.Candidate.from_json(row["stac"]) if row.get("stac") else None
         try:
-            return {"scene": inspect_scene(uri, self.cfg), "error": None}
+            scene = inspect_scene(uri, self.cfg)
+            if item is None:
+                return {"scene": {**scene, **dict.fromkeys(_STAC_COLUMNS)}, "error": None}
+            return {"scene": with_stac_metadata(scene, item, self.cfg), "error": None}
         except ItemError as exc:
-            return {"scene": None, "error": error_row(STAGE, uri, exc.error_class, str(exc))}
+            err = exc if item is None else _stac_error(uri, item, exc)
+            return {"scene": None, "error": error_row(STAGE, uri, err.error_class, str(err))}
         except Exception as exc:  # anything unexpected is still recorded, never lost
             return {"scene": None, "error": error_row(STAGE, uri, type(exc).__name__, f"{uri}: {exc}")}
