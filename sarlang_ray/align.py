@@ -78,7 +78,7 @@ def prepare_labels(uris: list[str], cfg: AlignSection, archive: str = "") -> tup
         try:
             gdf = gpd.read_parquet(uri) if uri.endswith((".parquet", ".geoparquet")) else gpd.read_file(uri)
         except Exception as exc:
-            errors.append(error_row(STAGE, uri, "unreadable", f"cannot read labels {uri}: {exc}. Write them as GeoParquet or GeoJSON."))
+            errors.append(error_row(STAGE, uri, "unreadable", f"cannot read labels {uri}: {str(exc).rstrip('.')}. Write them as GeoParquet or GeoJSON."))
             continue
         if gdf.crs is None:
             errors.append(error_row(STAGE, uri, "no_crs", f"labels {uri} have no CRS. Set one (gdf.set_crs(...)) and write them again; "
@@ -97,7 +97,7 @@ def prepare_labels(uris: list[str], cfg: AlignSection, archive: str = "") -> tup
             elif geom.geom_type not in ("Polygon", "MultiPolygon"):
                 errors.append(error_row(STAGE, item, "not_polygon", f"{item}: {geom.geom_type}; labels must be polygons (buffer points/lines first)."))
             elif not isinstance(cls, str) or not cls.strip():
-                errors.append(error_row(STAGE, item, "no_class", f"{item}: missing class name in column {cfg.class_column!r}."))
+                errors.append(error_row(STAGE, item, "no_class", f"{item}: missing class name in column {cfg.class_column!r}. Fill it in or remove the feature."))
             elif not geom.is_valid:
                 reason = explain_validity(geom)
                 if cfg.invalid_geometry == "repair":
@@ -112,12 +112,29 @@ def prepare_labels(uris: list[str], cfg: AlignSection, archive: str = "") -> tup
             else:
                 keep.append(i)
         part = gdf.iloc[keep]
-        frames.append(gpd.GeoDataFrame(
+        frame = gpd.GeoDataFrame(
             {"class": part[cfg.class_column].str.strip().values, "label_id": [f"{rel}#feature={i}" for i in keep]},
             geometry=part.geometry.values, crs=gdf.crs,
-        ).to_crs(4326))
+        ).to_crs(4326)
+        placed = _placeable(frame)
+        for i in np.flatnonzero(~placed):
+            item = f"{uri}#feature={keep[i]}"
+            errors.append(error_row(STAGE, item, "bad_coordinates", f"{item}: in {gdf.crs.to_string()} this polygon lands at "
+                                    f"lon/lat bounds {tuple(round(v, 3) for v in frame.geometry.iloc[i].bounds)}, not a place "
+                                    "on Earth, or it crosses the antimeridian. Check the file's CRS (coordinates written in "
+                                    "another CRS than declared?) and split polygons at 180 degrees."))
+        frames.append(frame[placed])
     labels = gpd.GeoDataFrame(pd_concat(frames), crs=4326) if frames else gpd.GeoDataFrame({"class": [], "label_id": []}, geometry=[], crs=4326)
     return labels, errors, planned
+
+
+def _placeable(labels: gpd.GeoDataFrame) -> np.ndarray:
+    """Which lon/lat polygons are real places: finite, within [-180, 180] x [-90, 90], and not wrapped
+    round the globe (a polygon spanning more than 180 degrees of longitude crossed the antimeridian)."""
+    b = labels.geometry.bounds.to_numpy(dtype=np.float64).reshape(-1, 4)
+    with np.errstate(invalid="ignore"):
+        return (np.isfinite(b).all(axis=1) & (b[:, 0] >= -180) & (b[:, 2] <= 180) & (b[:, 1] >= -90) & (b[:, 3] <= 90)
+                & (b[:, 2] - b[:, 0] <= 180))
 
 
 def pd_concat(frames):

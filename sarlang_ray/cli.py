@@ -1,7 +1,7 @@
 """Command line: ``sarlang <command> [workflow.yaml] [key=value ...]``.
 
 Commands: ``run`` (all configured stages), one stage by name (``synth``, ``catalog``, ``tile``,
-``align``, ``annotate``, ``export``), ``config`` (print the resolved config), ``model init-tiny DIR``
+``align``, ``annotate``, ``export``, ``train``, ``evaluate``), ``config`` (print the resolved config), ``model init-tiny DIR``
 (write a tiny offline VLM), ``import RELEASE OUT.parquet`` (a SARLANG-1M-style release as an
 annotations table). Without a workflow file, ``workflows/demo.yaml``
 settings are the built-in defaults.
@@ -63,9 +63,14 @@ def _import(args: list[str]) -> int:
         print("usage: sarlang import RELEASE_DIR OUT.parquet", file=sys.stderr)
         return 2
     from sarlang_ray import io
+    from sarlang_ray.errors import ItemError
     from sarlang_ray.export import import_sarlang1m
 
-    table = import_sarlang1m(args[0])
+    try:
+        table = import_sarlang1m(args[0])
+    except ItemError as exc:  # an unsafe path, a malformed record, not a release: say so, no traceback
+        print(f"sarlang import: {exc}", file=sys.stderr)
+        return 2
     io.write_parquet_atomic(args[1], table)
     print(f"{table.num_rows} pairs from {args[0]} written to {args[1]}")
     return 0

@@ -7,11 +7,18 @@ The resolved config is written into the run folder (``config.yaml``) so a run ca
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from sarlang_ray.errors import redact_text
 
 
 class ConfigError(ValueError):
@@ -24,6 +31,9 @@ class RunSection:
     seed: int = 0  # seed for everything random (synthetic archive, splits)
     stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate", "export"])  # what `run` does
     force: bool = False  # re-run stages that already finished (default: a finished stage is a no-op)
+    # the one image-size value shared by annotation (hf), training and evaluation: images are downscaled to
+    # at most this many pixels (aspect kept), and processors that take it (Qwen2-VL's max_pixels) get it too
+    max_pixels: int | None = None
 
 
 @dataclass
@@ -57,6 +67,9 @@ class CatalogSection:
     region: str | None = None  # override the region read from tags / folder name
     rotated: str = "warp"  # rotated/sheared geotransforms: warp (tiles are warped north-up) or reject
     min_valid_fraction: float = 0.001  # a scene with fewer valid pixels (overview check) is rejected
+    # STAC archives (catalog.archive = a catalog.json or an ItemCollection file): keys of the SAR assets
+    # (case-insensitive, e.g. [vv, vh]); null: every GeoTIFF asset with the data role (or no roles)
+    stac_assets: list[str] | None = None
 
 
 @dataclass
@@ -185,6 +198,38 @@ class TrainSection:
     storage_path: str | None = None  # checkpoints (local or s3://); None: <run_dir>/train
     name: str = "sarlang-train"  # Ray Train run name under storage_path
     seed: int = 0
+    precision: str = "auto"  # auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16 (autocast)
+    init_tiny: bool = False  # write the tiny offline VLM to train.model first if that folder is missing (demo)
+
+
+@dataclass
+class PromptSection:
+    name: str = "paper"  # shown in the leaderboard
+    caption: str = "Describe the content of this image in one sentence."  # the paper's concise prompt
+    detailed: str = "Describe this image in detail."
+    vqa: str = "Question: {question}. Answer the question concisely."  # the paper's VQA prompt
+
+
+@dataclass
+class EvaluateSection:
+    # models: "base" (= train.model), "finetuned" (the train stage's merged checkpoint), or any hub name / folder
+    models: list[str] = field(default_factory=lambda: ["base", "finetuned"])
+    images: list[str] = field(default_factory=lambda: ["sar"])  # preprocessing variants: sar, sar_equalized, optical
+    prompts: list[PromptSection] = field(default_factory=lambda: [PromptSection()])
+    split: str = "test"  # export split to score
+    limit_pairs: int | None = None  # score the first N pairs only (smoke runs)
+    vqa_mode: str = "strict"  # leaderboard's VQA rule: strict or sarlang1m (both are always computed), or judge
+    judge: str = "off"  # off, or openai: the published rule's LLM judge on annotate.openai's endpoint (vqa_judge)
+    baselines: list[str] = field(default_factory=lambda: ["majority", "oracle"])  # reference rows
+    batch_size: int = 16  # prompts per generate() call
+    max_new_tokens_caption: int = 32  # concise captions (detailed ones get 3x)
+    max_new_tokens_answer: int = 8
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16
+    concurrency: int = 1  # inference actors per trial
+    num_cpus: float = 1.0  # CPUs per inference actor
+    num_gpus: float = 0.0  # GPUs per inference actor
+    max_concurrent_trials: int = 1  # Ray Tune trials at once
+    storage_path: str | None = None  # Tune results (local or s3://); None: <run_dir>/evaluate/tune
 
 
 @dataclass
@@ -199,9 +244,10 @@ class WorkflowConfig:
     annotate: AnnotateSection = field(default_factory=AnnotateSection)
     export: ExportSection = field(default_factory=ExportSection)
     train: TrainSection = field(default_factory=TrainSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
 
-STAGES = ("synth", "catalog", "tile", "align", "annotate", "export", "train")
+STAGES = ("synth", "catalog", "tile", "align", "annotate", "export", "train", "evaluate")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WorkflowConfig:
@@ -210,33 +256,53 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     Raises:
         ConfigError: an unknown key, a value of the wrong type, or a cross-field inconsistency.
     """
-    schema = OmegaConf.structured(WorkflowConfig)
+    cfg = OmegaConf.structured(WorkflowConfig)
+    source, key = path, None  # what is being merged, for the error message
     try:
-        layers: list[Any] = [schema]
         if path is not None:
-            layers.append(OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides:  # one at a time, so that an error names its override
+            key, sep, _ = item.partition("=")
+            if not sep:
                 raise ConfigError(f"override {item!r} is not key=value (for example tile.tile_size=128)")
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.merge(*layers)
+            source = f"override {item!r}"
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        source, key = path, None
         OmegaConf.resolve(cfg)
+        typed: WorkflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        where = f" in {path}" if path else ""
-        key = getattr(exc, "full_key", None)
-        raise ConfigError(
-            f"invalid config{where}: key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}. "
-            "Check the spelling against sarlang_ray/config.py (every field is listed there)."
-        ) from None
-    typed: WorkflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        problem = getattr(exc, "msg", None) or str(exc).split("\n")[0]
+        raise ConfigError(_message(source, getattr(exc, "full_key", None) or key, problem,
+                                   "Check the spelling against sarlang_ray/config.py (every field is listed there).")) from None
+    except yaml.YAMLError as exc:  # the value (or the file) is not YAML: an unclosed [ { or quote
+        raise ConfigError(_message(source, key, f"not valid YAML ({getattr(exc, 'problem', None) or exc})",
+                                   "Quote the value, or close its brackets.")) from None
+    except TypeError as exc:  # omegaconf cannot merge a list item given as a dotted key (tile.gsds_m.0=1)
+        raise ConfigError(_message(source, key, str(exc), "Give the whole value, e.g. tile.gsds_m=[1,2].")) from None
     _check(typed)
     return typed
 
 
+def _message(source: str | None, key: str | None, problem: str, advice: str) -> str:
+    where = f" in {source}" if source else ""
+    return f"invalid config{where}: key {key!r}: {problem}. {advice}"
+
+
+def _floats(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(key, value) of every float of a typed config, list items included."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _floats(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _floats(v, f"{prefix}[{i}]")
+    elif isinstance(obj, float):
+        yield prefix, obj
+
+
 def _check(cfg: WorkflowConfig) -> None:
     """Cross-field checks, all in one place."""
-    problems = []
+    problems = [f"{key} must be a finite number, not {value}" for key, value in _floats(cfg) if not math.isfinite(value)]
     unknown = set(cfg.run.stages) - set(STAGES)
     if unknown:
         problems.append(f"run.stages has unknown stages {sorted(unknown)}; known: {list(STAGES)}")
@@ -276,6 +342,30 @@ def _check(cfg: WorkflowConfig) -> None:
         problems.append("export.train + export.val + export.test must be 1, each >= 0")
     if cfg.train.method not in ("lora", "full"):
         problems.append("train.method must be lora or full")
+    if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+        problems.append("train.precision must be auto, fp32, bf16 or fp16")
+    if cfg.run.max_pixels is not None and cfg.run.max_pixels < 64:
+        problems.append("run.max_pixels must be >= 64 (or null for the processor's own size)")
+    ev = cfg.evaluate
+    bad_images = set(ev.images) - {"sar", "sar_equalized", "optical"}
+    if bad_images:
+        problems.append(f"evaluate.images has unknown variants {sorted(bad_images)}; known: sar, sar_equalized, optical")
+    if _CREDENTIALS_IN_URL.search(cfg.annotate.openai.base_url):
+        problems.append("annotate.openai.base_url must not hold user:password@ (requests would send it as Basic auth "
+                        "instead of the key): put the key in the variable named by annotate.openai.api_key_env")
+    if ev.judge not in ("off", "openai"):
+        problems.append("evaluate.judge must be off or openai")
+    if ev.vqa_mode not in ("strict", "sarlang1m", "judge") or (ev.vqa_mode == "judge" and ev.judge == "off"):
+        problems.append("evaluate.vqa_mode must be strict or sarlang1m (or judge, with evaluate.judge=openai)")
+    if set(ev.baselines) - {"majority", "oracle"}:
+        problems.append("evaluate.baselines may hold majority and oracle only")
+    if ev.split not in ("train", "val", "test"):
+        problems.append("evaluate.split must be train, val or test")
+    if not ev.models or not ev.images or not ev.prompts:
+        problems.append("evaluate.models, evaluate.images and evaluate.prompts must each list at least one entry")
+    for p in ev.prompts:
+        if "{question}" not in p.vqa:
+            problems.append(f"evaluate.prompts[{p.name}].vqa must contain {{question}}")
     q = cfg.annotate.qc
     for rule, allowed in (("colour", ("repair", "reject", "off")), ("count", ("repair", "reject", "off")),
                           ("hallucination", ("repair", "reject", "off")), ("vague", ("reject", "off")),
@@ -286,9 +376,29 @@ def _check(cfg: WorkflowConfig) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
+_CREDENTIALS_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]+):(?P<secret>[^/@\s]+)@", re.I)
+_SECRET_KEYS = re.compile(r"(secret|password|passwd|token|api_key)$", re.I)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A copy of a (nested) config value with secrets replaced by ``***``: passwords in URLs
+    (``s3://KEY:SECRET@bucket``, ``https://user:pass@host``) and values of keys named like secrets.
+    Key *names* (``annotate.openai.api_key_env``) are kept: the key itself never enters the config."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if isinstance(value, str):
+        if _SECRET_KEYS.search(key) and value:
+            return "***"
+        return _CREDENTIALS_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+    return value
+
+
 def to_yaml(cfg: WorkflowConfig) -> str:
-    """The resolved config as YAML (what is saved into the run folder)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML (what is saved into the run folder), secrets redacted."""
+    text = OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+    return redact_text(text, [cfg.annotate.openai.api_key_env])  # and secrets that came in by ${oc.env:...}
 
 
 def as_dictconfig(cfg: WorkflowConfig) -> DictConfig:

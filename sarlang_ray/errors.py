@@ -1,8 +1,15 @@
-"""The errors table that every stage writes: one row per rejected item, with a reason and what to do."""
+"""The errors table that every stage writes: one row per rejected item, with a reason and what to do.
+
+Rows are redacted (:func:`redact_text`): a message may quote a URL or an exception, and neither may carry a
+secret into the run folder.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
+from collections.abc import Iterable
 
 import pyarrow as pa
 
@@ -25,13 +32,40 @@ class ItemError(Exception):
         self.error_class = error_class
 
 
+REDACTED = "***"
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]+)@", re.I)  # s3://key:secret@bucket
+_AUTH_HEADER = re.compile(r"\b(?P<scheme>Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{8,}")  # an echoed Authorization header
+_SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|API_?KEY|ACCESS_KEY|(^|_)KEY$", re.I)
+
+
+def redact_text(text: str, env_names: Iterable[str] = ()) -> str:
+    """``text`` without secrets: the password in URLs (``s3://KEY:***@bucket``; a lone token before ``@``
+    goes whole), Authorization header values (``Bearer ***``, ``Basic ***``: servers echo them in errors),
+    and the values of secret-looking environment variables (names with SECRET, TOKEN,
+    PASSWORD, API_KEY, ...; plus ``env_names``, such as the variable named by
+    ``annotate.openai.api_key_env``). Values shorter than 8 characters are left alone: they would match
+    ordinary words."""
+
+    def userinfo(m: re.Match) -> str:
+        user, colon, _ = m["userinfo"].partition(":")
+        return f"{m['scheme']}{user}:{REDACTED}@" if colon else f"{m['scheme']}{REDACTED}@"
+
+    text = _AUTH_HEADER.sub(lambda m: f"{m['scheme']} {REDACTED}", _URL_USERINFO.sub(userinfo, text))
+    names = {n for n in os.environ if _SECRET_ENV.search(n)} | set(env_names)
+    for value in sorted({os.environ.get(n, "") for n in names}, key=len, reverse=True):
+        if len(value) >= 8:
+            text = text.replace(value, REDACTED)
+    return text
+
+
 def error_row(stage: str, item: str, error_class: str, message: str, timestamp: bool = True) -> dict:
-    """One errors-table row. ``timestamp=False`` keeps deterministic outputs byte-identical."""
+    """One errors-table row (item and message redacted). ``timestamp=False`` keeps deterministic outputs
+    byte-identical."""
     return {
         "stage": stage,
-        "item": item,
+        "item": redact_text(item),
         "error_class": error_class,
-        "message": message,
+        "message": redact_text(message),
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if timestamp else "",
     }
 

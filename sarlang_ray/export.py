@@ -20,12 +20,14 @@ import csv
 import hashlib
 import io as _io
 import json
+import re
 from collections import Counter
 
 import pyarrow as pa
 
 from sarlang_ray import io
 from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.errors import ItemError
 
 SPLITS = ("train", "val", "test")
 PAIR_COLUMNS = ["pair_id", "tile_id", "scene_id", "gsd_m", "kind", "application", "question_type", "question", "answer"]
@@ -209,14 +211,40 @@ Distinct question types: {counts['question_types']}.
     io.write_bytes_atomic(io.join(out, "dataset_card.md"), card.encode())
 
 
+def release_image(root: str, image: object, where: str) -> str:
+    """The uri of an image a release names, which must be a plain relative path inside the release.
+
+    Raises:
+        ItemError: ``unsafe_path`` for absolute paths, ``..`` parts, URLs, backslashes or control
+            characters (a hostile or broken release must not point readers outside itself).
+    """
+    path = str(image)
+    parts = path.split("/")
+    if (not isinstance(image, str) or not path or path.startswith(("/", "~")) or "://" in path or "\\" in path
+            or re.match(r"^[A-Za-z]:", path) or any(p in ("", ".", "..") for p in parts)
+            or any(ord(c) < 32 or ord(c) == 127 for c in path)):
+        raise ItemError("unsafe_path", f"{where}: image path {image!r} is not a plain relative path inside the release "
+                        f"{root} (absolute, '..', a URL or control characters). Fix or remove the entry; images must "
+                        "sit under the release folder.")
+    return io.join(root, path)
+
+
 def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
-    """Read a SARLANG-1M-style release (caption CSVs, VQA JSON in LLaMA-Factory form) into pairs.
+    """Read a SARLANG-1M-style release folder (caption CSVs, VQA JSON in LLaMA-Factory form) into pairs.
 
     Returns the annotations-table columns (``pair_id``, ``tile_id`` = image stem, ``kind``,
     ``application``, ``question_type``, ``question``, ``answer``, ``backend="import"``, ``qc_passed``)
     plus ``split`` and ``image_uri``. Releases without ``application``/``question_type`` keys (the
     official one) get ``application="unknown"``.
+
+    Raises:
+        ItemError: ``not_a_release`` (no ``captions/`` or ``vqa/`` folder: a zip must be unpacked first),
+            ``unsafe_path`` (an image path leaving the release, see :func:`release_image`),
+            ``malformed_release`` (a record without the expected keys).
     """
+    if not (io.exists(io.join(root, "captions")) or io.exists(io.join(root, "vqa"))):
+        raise ItemError("not_a_release", f"{root} is not a SARLANG-1M release folder: it has no captions/ or vqa/ "
+                        "folder. Unpack the release archive first and pass the folder that holds them.")
     rows = []
     for split in splits:
         for kind in ("concise", "detailed"):
@@ -224,20 +252,29 @@ def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
             if not io.exists(uri):
                 continue
             prompt = "Describe the content of this image in one sentence." if kind == "concise" else "Describe this image in detail."
-            for r in csv.DictReader(_io.StringIO(io.read_bytes(uri).decode())):
+            for line, r in enumerate(csv.DictReader(_io.StringIO(io.read_bytes(uri).decode())), start=2):
+                if not r.get("image") or r.get("caption") is None:
+                    raise ItemError("malformed_release", f"{uri} line {line}: needs columns image,caption. Fix the file.")
+                image_uri = release_image(root, f"SAR_images/{r['image']}", f"{uri} line {line}")
                 rows.append({"tile_id": r["image"].rsplit(".", 1)[0], "split": split, "kind": f"caption_{kind}",
                              "application": "image description", "question_type": f"caption/{kind}",
-                             "question": prompt, "answer": r["caption"], "image_uri": io.join(root, "SAR_images", r["image"])})
+                             "question": prompt, "answer": r["caption"], "image_uri": image_uri})
         uri = io.join(root, "vqa", f"vqa_{split}.json")
         if not io.exists(uri):
             continue
-        for rec in io.read_json(uri):
-            user = next(m["content"] for m in rec["messages"] if m["role"] == "user")
-            answer = next(m["content"] for m in rec["messages"] if m["role"] == "assistant")
-            image = rec["images"][0]
+        for i, rec in enumerate(io.read_json(uri)):
+            where = f"{uri} record {i}"
+            try:
+                user = next(m["content"] for m in rec["messages"] if m["role"] == "user")
+                answer = next(m["content"] for m in rec["messages"] if m["role"] == "assistant")
+                image = rec["images"][0]
+            except (KeyError, IndexError, TypeError, StopIteration):
+                raise ItemError("malformed_release", f"{where}: needs messages (a user and an assistant turn) and images "
+                                "(LLaMA-Factory ShareGPT form). Fix or remove the record.") from None
+            image_uri = release_image(root, image, where)
             rows.append({"tile_id": image.rsplit("/", 1)[-1].rsplit(".", 1)[0], "split": split, "kind": "vqa",
                          "application": rec.get("application", "unknown"), "question_type": rec.get("question_type", "unknown"),
-                         "question": user.replace("<image>", "", 1).strip(), "answer": answer, "image_uri": io.join(root, image)})
+                         "question": user.replace("<image>", "", 1).strip(), "answer": answer, "image_uri": image_uri})
     for i, r in enumerate(rows):
         r.update({"pair_id": f"import-{i:08d}", "scene_id": None, "gsd_m": None, "backend": "import",
                   "qc_passed": True, "qc_reasons": []})

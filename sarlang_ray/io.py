@@ -28,6 +28,43 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def arrow_filesystem(uri: str):
+    """``(pyarrow filesystem or None, path)`` for Ray Train / Tune ``storage_path``: remote URIs go through
+    the same fsspec filesystem (endpoint, credentials) as every other read and write of the pipeline."""
+    if not is_remote(uri):
+        return None, os.path.abspath(uri)
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def arrow_paths(uris: list[str]) -> list[str]:
+    """The paths to hand Ray Data / pyarrow with :func:`arrow_filesystem`'s filesystem (no scheme)."""
+    return [filesystem(u)[1] if is_remote(u) else os.path.abspath(u) for u in uris]
+
+
+def local_copy(uri: str, cache: str | None = None) -> str:
+    """A local folder with the contents of ``uri`` (a model folder on s3://, say); local paths and hub
+    names come back unchanged. Downloads once per URI into ``cache`` (default: a temp folder)."""
+    if not is_remote(uri):
+        return uri
+    import hashlib
+    import tempfile
+
+    target = os.path.join(cache or os.path.join(tempfile.gettempdir(), "sarlang-remote"),
+                          hashlib.sha1(uri.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(target, "_COMPLETE")):
+        fs, path = filesystem(uri)
+        partial = f"{target}.{uuid.uuid4().hex}.partial"
+        fs.get(path.rstrip("/") + "/", partial, recursive=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.exists(target):
+            os.replace(partial, target)
+        open(os.path.join(target, "_COMPLETE"), "w").close()
+    return target
+
+
 def join(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for part in parts:

@@ -71,3 +71,75 @@ def init_tiny_vlm(out_dir: str, seed: int = 0, image_size: int = 32, hidden: int
     model.save_pretrained(out_dir)  # safetensors
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def load_processor(model: str, max_pixels: int | None = None):
+    """``AutoProcessor`` of a model; ``max_pixels`` (``run.max_pixels``) goes to processors that take it
+    (Qwen2-VL / Qwen2.5-VL decide their image-token count from it)."""
+    import inspect
+
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model)
+    image_processor = getattr(processor, "image_processor", None)
+    if max_pixels and image_processor is not None and "max_pixels" in inspect.signature(type(image_processor).__init__).parameters:
+        processor = AutoProcessor.from_pretrained(model, max_pixels=max_pixels)
+    return processor
+
+
+def load_image(png: bytes, max_pixels: int | None = None, variant: str = "sar"):
+    """A tile PNG as the RGB PIL image every model stage feeds its processor.
+
+    ``max_pixels`` (``run.max_pixels``) downsizes (aspect kept, Lanczos) so width*height <= max_pixels;
+    ``variant`` is an evaluation preprocessing choice: ``sar`` as tiled, ``sar_equalized`` with its
+    histogram equalised (a contrast variant; ``optical`` tiles are the same as ``sar`` here: pass the
+    optical PNG)."""
+    import io as _io
+    import math
+
+    from PIL import Image, ImageOps
+
+    image = Image.open(_io.BytesIO(png)).convert("RGB")
+    if variant == "sar_equalized":
+        image = ImageOps.equalize(image)
+    if max_pixels and image.width * image.height > max_pixels:
+        scale = math.sqrt(max_pixels / (image.width * image.height))
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS)
+    return image
+
+
+class Generator:
+    """A VLM (hub name or folder, safetensors only) with batched greedy generation, on the GPU when asked
+    for and present. Used by the ``hf`` annotator and by evaluation."""
+
+    def __init__(self, model: str, dtype: str = "auto", use_gpu: bool = False, batch_size: int = 8,
+                 max_pixels: int | None = None):
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        from sarlang_ray.io import local_copy
+
+        model = local_copy(model)  # a model folder on s3:// (a fine-tuned checkpoint) is fetched once
+        self.torch = torch
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.batch_size = batch_size
+        torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.processor = load_processor(model, max_pixels)
+        self.processor.tokenizer.padding_side = "left"  # batched generation with a decoder-only LM
+        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, use_safetensors=True)
+        self.model.to(self.device).eval()
+
+    def generate(self, images: list, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """One greedy answer per (image, prompt), ``batch_size`` prompts per ``generate`` call."""
+        out: list[str] = []
+        for i in range(0, len(prompts), self.batch_size):
+            texts = [self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True)
+                for p in prompts[i:i + self.batch_size]]
+            inputs = self.processor(images=images[i:i + self.batch_size], text=texts, return_tensors="pt", padding=True)
+            inputs = inputs.to(self.device)
+            with self.torch.inference_mode():
+                ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new = ids[:, inputs["input_ids"].shape[1]:]
+            out += [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+        return out

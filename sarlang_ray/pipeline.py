@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from sarlang_ray import align, catalog, io, synth, tiling
 from sarlang_ray.annotate import stage as annotate_stage
 from sarlang_ray.config import WorkflowConfig, to_yaml
-from sarlang_ray.errors import errors_table
+from sarlang_ray.errors import errors_table, redact_text
 
 log = logging.getLogger("sarlang")
 
@@ -38,7 +38,8 @@ def ensure_ray(cfg: WorkflowConfig) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        # address="local": always a new local Ray, never one a `ray start` left on this machine
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress
     ctx.execution_options.preserve_order = True  # deterministic manifests
@@ -96,24 +97,25 @@ def run_synth(cfg: WorkflowConfig) -> dict:
 
 @stage("catalog")
 def run_catalog(cfg: WorkflowConfig) -> dict:
-    """Scan the archive into catalog/scenes.parquet (GeoParquet) and catalog/errors.parquet."""
+    """Scan the archive (a folder, or a STAC catalog / ItemCollection file) into catalog/scenes.parquet
+    (GeoParquet) and catalog/errors.parquet."""
     import ray
 
-    uris = sorted({u for pattern in cfg.catalog.sar_glob for u in io.glob(cfg.catalog.archive, pattern)})
-    if not uris:
-        raise FileNotFoundError(f"no SAR scenes match {cfg.catalog.sar_glob!r} under {cfg.catalog.archive}; "
-                                "check catalog.archive and catalog.sar_glob")
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=min(len(uris), 64))
-    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=min(len(uris), _workers(None)))
-    results = ds.map(catalog.SceneInspector, fn_constructor_args=(cfg.catalog,), compute=pool, num_cpus=1).take_all()
+    rows, errors = catalog.list_scenes(cfg.catalog)  # errors: STAC items without a usable SAR asset
+    planned = len(rows) + len(errors)
+    results = []
+    if rows:
+        ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 64))
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=min(len(rows), _workers(None)))
+        results = ds.map(catalog.SceneInspector, fn_constructor_args=(cfg.catalog,), compute=pool, num_cpus=1).take_all()
     scenes = [r["scene"] for r in results if r["scene"] is not None]
-    errors = [r["error"] for r in results if r["error"] is not None]
+    errors += [r["error"] for r in results if r["error"] is not None]
     ids = collections.Counter(s["scene_id"] for s in scenes)
     assert all(n == 1 for n in ids.values()), f"scene_id collision: {[k for k, n in ids.items() if n > 1]}"
     out = io.join(cfg.run.run_dir, "catalog")
     write_scenes(io.join(out, "scenes.parquet"), sorted(scenes, key=lambda s: s["scene_id"]))
     io.write_parquet_atomic(io.join(out, "errors.parquet"), errors_table(errors))
-    return {"planned": len(uris), "written": len(scenes), "rejected": len(errors)}
+    return {"planned": planned, "written": len(scenes), "rejected": len(errors)}
 
 
 def write_scenes(uri: str, scenes: list[dict]) -> None:
@@ -151,8 +153,9 @@ def run_tile(cfg: WorkflowConfig) -> dict:
 def run_align(cfg: WorkflowConfig) -> dict:
     """Align every tile shard with labels, land cover and the optical twin into align/shards/**.parquet."""
     out = io.join(cfg.run.run_dir, "align")
-    label_uris = sorted({u for pattern in cfg.catalog.labels_glob for u in io.glob(cfg.catalog.archive, pattern)})
-    labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align, cfg.catalog.archive)
+    root = catalog.archive_root(cfg.catalog.archive)  # a STAC catalog's labels sit beside its catalog.json
+    label_uris = sorted({u for pattern in cfg.catalog.labels_glob for u in io.glob(root, pattern)})
+    labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align, root)
     labels_uri = None
     if label_uris:
         labels_uri = io.join(out, "labels.parquet")
@@ -174,7 +177,7 @@ def run_annotate(cfg: WorkflowConfig) -> dict:
     """Captions and QA for every tile shard into annotate/shards/**.parquet, with QC and its report."""
     a = cfg.annotate
     manifest = _run_shards(_shard_items(io.join(cfg.run.run_dir, "align", "shards")), annotate_stage.AnnotateShard,
-                           (a, cfg.run.run_dir, cfg.run.seed), a.concurrency, a.num_cpus, a.num_gpus)
+                           (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels), a.concurrency, a.num_cpus, a.num_gpus)
     counts = _totals(manifest)
     hits: collections.Counter = collections.Counter()
     for m in manifest:
@@ -273,6 +276,14 @@ def format_summary(s: dict) -> str:
     if "pairs_per_application" in s:
         lines.append("pairs per application (QC passed): " + ", ".join(f"{k}: {v}" for k, v in s["pairs_per_application"].items()))
     lines.append("rejects by reason: " + (", ".join(f"{k}: {v}" for k, v in s["rejects_by_reason"].items()) or "none"))
+    if "train" in s["stages"]:
+        t = s["stages"]["train"]
+        lines.append(f"train: held-out loss {t['val_loss_before']:.3f} -> {t['val_loss_after']:.3f} on {t['n_train']} pairs; "
+                     f"checkpoint {t['checkpoint']}")
+    if "evaluate" in s["stages"]:
+        e = s["stages"]["evaluate"]
+        lines += ["", io.read_bytes(e["files"]).decode(), f"leaderboard files: {e['files']} (.csv, .json beside it)",
+                  "plots: " + ", ".join(e["plots"])]
     return "\n".join(lines)
 
 
@@ -293,8 +304,22 @@ def run_train_stage(cfg: WorkflowConfig) -> dict:
     return {k: out[k] for k in ("n_train", "val_loss_before", "val_loss_after", "checkpoint")}
 
 
+@stage("evaluate")
+def run_evaluate_stage(cfg: WorkflowConfig) -> dict:
+    """Ray Tune sweep of models x image variants x prompts on the test split -> leaderboard (sarlang_ray.evaluate)."""
+    from sarlang_ray.evaluate import run_evaluate
+
+    board = run_evaluate(cfg)
+    mode = board["vqa_mode"]
+    return {"trials": len([r for r in board["rows"] if "samples_per_s" in r]), "failed": len(board["failed"]),
+            "leaderboard": [{"model": r["model"], "image": r["image"], "prompt": r["prompt"], f"vqa_{mode}": r.get(f"vqa_{mode}"),
+                             "concise_cider_tok": r.get("concise_cider_tok")} for r in board["rows"]],
+            "files": io.join(cfg.run.run_dir, "evaluate", "leaderboard.md"), "plots": board["plots"]}
+
+
 RUNNERS = {"synth": run_synth, "catalog": run_catalog, "tile": run_tile, "align": run_align, "annotate": run_annotate,
-           "export": run_export_stage, "train": run_train_stage}
+           "export": run_export_stage, "train": run_train_stage,
+           "evaluate": run_evaluate_stage}
 
 
 def _absolute_local_paths(cfg: WorkflowConfig) -> None:
@@ -322,5 +347,6 @@ def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:
         log.info("stage %s", stage)
         counts[stage] = RUNNERS[stage](cfg)
     summary = summarise(cfg, counts, time.time() - t0)
-    io.write_json_atomic(io.join(cfg.run.run_dir, "summary.json"), summary)
+    text = redact_text(json.dumps(summary, indent=2, default=str), [cfg.annotate.openai.api_key_env])
+    io.write_bytes_atomic(io.join(cfg.run.run_dir, "summary.json"), text.encode())  # run_dir may hold s3://KEY:SECRET@
     return summary

@@ -20,13 +20,22 @@ import time
 
 from sarlang_ray import io
 from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.models import load_image, load_processor
 
 
-def _collate(processor, rows: dict, max_length: int, device):
+def autocast_dtype(precision: str, device):
+    """The autocast dtype for ``train.precision`` on ``device`` (None: plain fp32)."""
+    import torch
+
+    if precision == "auto":
+        cuda = getattr(device, "type", str(device)) == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _collate(processor, rows: dict, max_length: int, device, max_pixels: int | None = None):
     """Chat-format a batch; labels are -100 everywhere but on the answer tokens (and the end token)."""
-    from PIL import Image
-
-    images = [Image.open(_io.BytesIO(img["bytes"])).convert("RGB") for img in rows["image"]]
+    images = [load_image(img["bytes"], max_pixels) for img in rows["image"]]
     prompts, fulls = [], []
     eos = processor.tokenizer.eos_token or ""
     for q, a in zip(rows["question"], rows["answer"]):
@@ -50,15 +59,23 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText, AutoProcessor, get_linear_schedule_with_warmup
+    from transformers import AutoModelForImageTextToText, get_linear_schedule_with_warmup
 
     t = config["train"]
     torch.manual_seed(t["seed"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    processor = AutoProcessor.from_pretrained(t["model"])
-    model = AutoModelForImageTextToText.from_pretrained(t["model"], use_safetensors=True)
+    model_dir = io.local_copy(t["model"])  # a model folder on s3:// is fetched once per node
+    processor = load_processor(model_dir, config["max_pixels"])
+    amp = autocast_dtype(t["precision"], device)  # mixed precision where the device supports it
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    def forward(rows):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return model(**_collate(processor, rows, t["max_length"], device, config["max_pixels"]))
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, use_safetensors=True)
     if t["method"] == "lora":
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -69,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = max(1, math.ceil(config["n_train"] / (t["batch_size"] * world * t["grad_accum"])))
     total = steps_per_epoch * t["epochs"]
     scheduler = get_linear_schedule_with_warmup(optimizer, int(t["warmup_ratio"] * total), total)
-    start_epoch, history = 0, []
+    start_epoch, history, resumes = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume: adapter/model weights, optimizer, scheduler and history
         with checkpoint.as_directory() as d:
@@ -82,6 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.load_state_dict(state["scheduler"])
             meta = json.load(open(os.path.join(d, "state.json")))
             start_epoch, history = meta["epoch"] + 1, meta["history"]
+            resumes = meta.get("resumes", []) + [start_epoch]  # visible proof of each resume
     model = ray.train.torch.prepare_model(model)
     inner = model.module if hasattr(model, "module") else model
 
@@ -90,7 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
         total_loss, n = torch.zeros(2, device=device), 0
         with torch.no_grad():
             for rows in shard.iter_batches(batch_size=t["batch_size"], batch_format="numpy"):
-                out = model(**_collate(processor, rows, t["max_length"], device))
+                out = forward(rows)
                 total_loss += torch.tensor([out.loss.item() * len(rows["question"]), len(rows["question"])], device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(total_loss)
@@ -99,23 +117,29 @@ def train_loop_per_worker(config: dict) -> None:
 
     val = ray.train.get_dataset_shard("val")
     if start_epoch == 0 and not history:
+        t0 = time.time()
         history.append({"epoch": -1, "step": 0, "val_loss": mean_loss(val)})
+        history[-1]["val_seconds"] = time.time() - t0
     step = history[-1]["step"]
     for epoch in range(start_epoch, t["epochs"]):
         model.train()
         t0, seen, running = time.time(), 0, []
         for i, rows in enumerate(ray.train.get_dataset_shard("train").iter_batches(batch_size=t["batch_size"], batch_format="numpy")):
-            loss = model(**_collate(processor, rows, t["max_length"], device)).loss
-            (loss / t["grad_accum"]).backward()
+            loss = forward(rows).loss
+            scaler.scale(loss / t["grad_accum"]).backward()
             running.append(loss.item())
             seen += len(rows["question"])
             if (i + 1) % t["grad_accum"] == 0:
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-        history.append({"epoch": epoch, "step": step, "train_loss": sum(running) / max(1, len(running)),
-                        "val_loss": mean_loss(val), "samples_per_s": seen * world / max(time.time() - t0, 1e-9)})
+        seconds = time.time() - t0  # training only: the held-out pass below is timed apart
+        val_loss = mean_loss(val)
+        history.append({"epoch": epoch, "step": step, "train_loss": sum(running) / max(1, len(running)), "val_loss": val_loss,
+                        "seconds": seconds, "val_seconds": time.time() - t0 - seconds,
+                        "samples_per_s": seen * world / max(seconds, 1e-9)})
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 if t["method"] == "lora":
@@ -126,7 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
                     save_file({k: v.contiguous() for k, v in inner.state_dict().items()}, os.path.join(d, "model.safetensors"))
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                            os.path.join(d, "trainer_state.pt"))
-                json.dump({"epoch": epoch, "history": history}, open(os.path.join(d, "state.json"), "w"))
+                json.dump({"epoch": epoch, "history": history, "resumes": resumes}, open(os.path.join(d, "state.json"), "w"))
                 if epoch == t["epochs"] - 1:  # the final checkpoint also holds the merged model
                     merged = inner.merge_and_unload() if t["method"] == "lora" else inner
                     merged.save_pretrained(os.path.join(d, "merged"))
@@ -141,32 +165,42 @@ def run_train(cfg: WorkflowConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
+    if t.init_tiny and not io.exists(io.join(t.model, "config.json")):
+        from sarlang_ray.models import init_tiny_vlm
+
+        init_tiny_vlm(t.model, seed=cfg.run.seed)
+    if not io.is_remote(t.model) and os.path.isdir(t.model):
+        t.model = os.path.abspath(t.model)  # workers may run in another directory (or on another node)
     parquet = io.join(cfg.run.run_dir, "export", "parquet")
     splits = {s: io.glob(parquet, f"{s}/*.parquet") for s in ("train", "val", "test")}
     if not splits["train"]:
         raise FileNotFoundError(f"no training data under {parquet}: run the export stage first")
     held_out = splits["val"] or splits["test"]  # small archives may have no validation scene
     columns = ["image", "question", "answer"]
-    train_ds = ray.data.read_parquet(splits["train"], columns=columns)
-    val_ds = ray.data.read_parquet(held_out, columns=columns)
+    fs = io.arrow_filesystem(parquet)[0]  # s3:// through the pipeline's fsspec config (endpoint, credentials)
+    train_ds = ray.data.read_parquet(io.arrow_paths(splits["train"]), columns=columns, filesystem=fs)
+    val_ds = ray.data.read_parquet(io.arrow_paths(held_out), columns=columns, filesystem=fs)
     if t.limit_pairs:
         train_ds, val_ds = train_ds.limit(t.limit_pairs), val_ds.limit(max(1, t.limit_pairs // 4))
     n_train = train_ds.count()
     storage = t.storage_path or io.join(cfg.run.run_dir, "train")
-    if not io.is_remote(storage):
-        storage = os.path.abspath(storage)
+    storage_fs, storage_path = io.arrow_filesystem(storage)  # s3:// through the pipeline's own fsspec config
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": {k: getattr(t, k) for k in t.__dataclass_fields__}, "n_train": n_train},
+        train_loop_config={"train": {k: getattr(t, k) for k in t.__dataclass_fields__}, "n_train": n_train,
+                           "max_pixels": cfg.run.max_pixels},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name=t.name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+        run_config=RunConfig(name=t.name, storage_path=storage_path, storage_filesystem=storage_fs, checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
                              failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets={"train": train_ds, "val": val_ds},
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
-        history = json.load(open(os.path.join(d, "state.json")))["history"]
-    out = {"history": history, "checkpoint": result.checkpoint.path, "n_train": n_train,
+        state = json.load(open(os.path.join(d, "state.json")))
+    history = state["history"]
+    checkpoint = result.checkpoint.path if storage_fs is None else f"{storage.split('://')[0]}://{result.checkpoint.path}"
+    out = {"history": history, "resumes": state.get("resumes", []), "checkpoint": checkpoint,
+           "merged_model": io.join(checkpoint, "merged"), "n_train": n_train,
            "val_loss_before": history[0]["val_loss"], "val_loss_after": history[-1]["val_loss"]}
     io.write_json_atomic(io.join(cfg.run.run_dir, "train", "metrics.json"), out)
     _plot(history, io.join(cfg.run.run_dir, "train", "loss_curve.png"))

@@ -16,7 +16,7 @@ def tile_figure(tile: dict, classes: tuple[str, ...] | None = None, scale: int =
     """SAR tile (left) and optical twin (right) with object boxes; ``classes`` limits what is drawn."""
     sar = Image.open(_io.BytesIO(tile["sar_png"])).convert("RGB")
     panels = [sar]
-    if tile.get("optical_png"):
+    if tile.get("optical_png") is not None:
         panels.append(Image.open(_io.BytesIO(tile["optical_png"])).convert("RGB"))
     w, h = sar.size
     canvas = Image.new("RGB", (w * len(panels), h))
@@ -24,7 +24,8 @@ def tile_figure(tile: dict, classes: tuple[str, ...] | None = None, scale: int =
         canvas.paste(p, (i * w, 0))
     canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    for obj in tile.get("objects") or []:
+    objects = tile.get("objects")  # a list (pyarrow rows) or an array (pandas rows)
+    for obj in objects if objects is not None else []:
         if classes and obj["class"] not in classes:
             continue
         x0, y0, x1, y1 = (v * scale for v in obj["bbox_xyxy"])

@@ -31,7 +31,7 @@ REAL_SAR = REPO.parent / "shared" / "data" / "real_sar"
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -42,7 +42,9 @@ def demo_config(run_dir: Path, *overrides: str):
 
     return load_config(
         str(REPO / "workflows" / "demo.yaml"),
-        [f"run.run_dir={run_dir}", f"synth.out_dir={run_dir}/archive", "ray.progress=false", *overrides],
+        # the data stages; train and evaluate are tested on a copy of the export (fixture trained_run)
+        [f"run.run_dir={run_dir}", f"synth.out_dir={run_dir}/archive", "ray.progress=false",
+         "run.stages=[synth,catalog,tile,align,annotate,export]", *overrides],
     )
 
 
@@ -78,3 +80,21 @@ def tiny_vlm(tmp_path_factory) -> str:
     from sarlang_ray.models import init_tiny_vlm
 
     return init_tiny_vlm(str(tmp_path_factory.mktemp("models") / "tiny-vlm"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_run, tiny_vlm, tmp_path_factory):
+    """The demo export, fine-tuned (tiny VLM, full, 3 epochs) and evaluated once: (config, summary)."""
+    import shutil
+
+    from sarlang_ray import pipeline
+    from sarlang_ray.config import load_config
+
+    cfg, _ = demo_run
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(Path(cfg.run.run_dir) / "export", run_dir / "export")
+    shutil.copytree(Path(cfg.run.run_dir) / "align", run_dir / "align")  # the oracle re-captions tiles
+    tr = load_config(str(REPO / "workflows" / "demo.yaml"), [
+        f"run.run_dir={run_dir}", f"train.model={tiny_vlm}", "train.init_tiny=false", "ray.progress=false",
+        "run.stages=[train,evaluate]"])
+    return tr, pipeline.run(tr)

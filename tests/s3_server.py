@@ -7,6 +7,7 @@ environment configuration (FSSPEC_S3_*) *before* Ray starts, so Ray workers inhe
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -14,24 +15,32 @@ import time
 from pathlib import Path
 
 
-def _free_port_pair() -> int:
-    """A port p such that p and p + 10000 (SeaweedFS's gRPC port) are both free on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
+_RNG = random.Random()
+
+
+def _free_port_pair(taken: set[int]) -> int:
+    """A port p such that p and p + 10000 (SeaweedFS's gRPC port) are both free on 127.0.0.1.
+
+    Chosen in 20000..22767, so p + 10000 stays below the kernel's ephemeral range (32768+), where other
+    servers get their random ports, and both stay above Ray's worker ports (10002..19999): the ports are
+    picked at import and used minutes later, so they must come from a range nobody else draws from."""
+    for _ in range(500):
+        port = _RNG.randrange(20000, 22768)
+        if taken & {port, port + 10000}:
             continue
         try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
             return port
         except OSError:
             continue
-    raise RuntimeError("no free port pair on 127.0.0.1")
+    raise RuntimeError("no free port pair on 127.0.0.1 in 20000..32767")
 
 
-PORTS = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
+PORTS: dict[str, int] = {}
+for _name in ("master", "volume", "filer", "s3"):
+    PORTS[_name] = _free_port_pair({q for p in PORTS.values() for q in (p, p + 10000)})
 ENDPOINT = f"http://127.0.0.1:{PORTS['s3']}"
 ENV = {
     "FSSPEC_S3_ENDPOINT_URL": ENDPOINT,

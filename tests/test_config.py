@@ -54,3 +54,12 @@ def test_python_dash_m_prints_the_resolved_config():
     out = subprocess.run([sys.executable, "-m", "sarlang_ray", "config", "tile.tile_size=96"],
                          capture_output=True, text=True, check=True).stdout
     assert "tile_size: 96" in out
+
+
+def test_saved_config_redacts_secrets_but_keeps_key_names():
+    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), ["catalog.archive=s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/archive"])
+    text = to_yaml(cfg)
+    assert "wJalrXUtnFEMI" not in text and "s3://AKIAEXAMPLE:***@bucket/archive" in text
+    assert "api_key_env: OPENAI_API_KEY" in text  # the variable's name, never its value
+    with pytest.raises(ConfigError, match="base_url must not hold user:password"):
+        load_config(None, ["annotate.openai.base_url=https://bob:hunter2@llm.example/v1"])

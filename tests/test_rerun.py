@@ -64,7 +64,8 @@ def test_same_seed_gives_identical_tables(demo_run, tmp_path):
 
 @pytest.mark.slow
 def test_cli_runs_the_workflow_on_the_session_cluster(ray_session, tmp_path):
-    """`sarlang run workflows/demo.yaml ...` as a user types it, attached to the running Ray cluster."""
+    """`sarlang run workflows/demo.yaml ...` as a user types it, attached to the running Ray cluster: every
+    stage, ending with the leaderboard of the untrained and fine-tuned tiny VLM and both baselines."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     run_dir = tmp_path / "runs" / "cli"  # given relative to the working directory, as the demo does
     proc = subprocess.run(
@@ -77,3 +78,9 @@ def test_cli_runs_the_workflow_on_the_session_cluster(ray_session, tmp_path):
     assert (run_dir / "config.yaml").read_text().count("tile_size: 128") == 1
     assert (run_dir / "summary.json").exists() and (run_dir / "export" / "dataset_card.md").exists()
     assert "pairs per application" in proc.stdout
+    board = proc.stdout[proc.stdout.index("## Leaderboard"):]
+    for row in ("| base | sar | paper |", "| finetuned | sar | paper |", "majority answer (lower bound)",
+                "template oracle (upper bound)"):
+        assert row in board, row
+    assert f"plots: {run_dir.resolve()}/evaluate/plots/vqa_per_application.png" in proc.stdout
+    assert (run_dir / "tiny-vlm" / "model.safetensors").exists()  # train.init_tiny wrote the model

@@ -36,3 +36,31 @@ def test_catalog_tile_align_from_and_to_s3(ray_session, s3, tmp_path):
     pipeline.run(cfg_local)
     local_tiles = pipeline.read_tiles(cfg_local.run.run_dir, columns=["tile_id", "objects"])
     assert sorted(local_tiles["tile_id"].to_pylist()) == sorted(tiles["tile_id"].to_pylist())
+
+
+@pytest.mark.slow
+def test_train_checkpoints_and_evaluation_on_s3(demo_run, tiny_vlm, s3, tmp_path):
+    """Run folder on s3://: Ray Train writes its checkpoints there (through the pipeline's fsspec config),
+    evaluation loads the fine-tuned model from there and writes the leaderboard there."""
+    import json
+    from pathlib import Path
+
+    cfg0, _ = demo_run
+    fs = fsspec.filesystem("s3")
+    fs.put(str(Path(cfg0.run.run_dir) / "export"), "sarlang/runs/trained/export", recursive=True)
+    cfg = load_config(None, ["run.run_dir=s3://sarlang/runs/trained", f"train.model={tiny_vlm}", "train.method=full",
+                             "train.epochs=1", "train.limit_pairs=48", "train.batch_size=8", "train.lr=0.003",
+                             "evaluate.models=[finetuned]", "evaluate.limit_pairs=24", "evaluate.baselines=[majority]",
+                             "run.stages=[train,evaluate]", "ray.progress=false"])
+    summary = pipeline.run(cfg)
+    checkpoint = summary["stages"]["train"]["checkpoint"]
+    assert checkpoint.startswith("s3://sarlang/runs/trained/train/sarlang-train/checkpoint_")
+    assert io.exists(f"{checkpoint}/merged/model.safetensors") and io.exists(f"{checkpoint}/model.safetensors")
+    metrics = json.loads(fs.cat("sarlang/runs/trained/train/metrics.json"))
+    assert metrics["merged_model"] == f"{checkpoint}/merged"
+    board = json.loads(fs.cat("sarlang/runs/trained/evaluate/leaderboard.json"))
+    assert not board["failed"], board["failed"]
+    assert [r["model"] for r in board["rows"] if r["model"] == "finetuned"] and all(r["n_pairs"] == 24 for r in board["rows"])
+    assert fs.exists("sarlang/runs/trained/evaluate/predictions/finetuned__sar__paper.parquet")
+    assert fs.glob("sarlang/runs/trained/evaluate/tune/sweep/*")  # Tune's own results, on S3 too
+    assert not Path("s3:").exists() and not Path("sarlang").exists()  # no URI was mistaken for a local path

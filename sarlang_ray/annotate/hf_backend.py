@@ -8,12 +8,11 @@ GPU when the actor has one (``annotate.num_gpus``), else on the CPU. Weights loa
 
 from __future__ import annotations
 
-import io
-
 from PIL import Image
 
 from sarlang_ray.annotate.template import TemplateAnnotator
 from sarlang_ray.config import AnnotateSection
+from sarlang_ray.models import Generator, load_image
 
 CONCISE = "Describe the content of this image in one sentence."
 DETAILED = "Describe this image in detail."
@@ -22,38 +21,19 @@ DETAILED = "Describe this image in detail."
 class HFAnnotator:
     name = "hf"
 
-    def __init__(self, cfg: AnnotateSection, seed: int = 0):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    def __init__(self, cfg: AnnotateSection, seed: int = 0, max_pixels: int | None = None):
         self.cfg = cfg.hf
-        self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
-        dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.dtype]
-        self.processor = AutoProcessor.from_pretrained(self.cfg.model)
-        self.processor.tokenizer.padding_side = "left"  # batched generation with a decoder-only LM
-        self.model = AutoModelForImageTextToText.from_pretrained(self.cfg.model, dtype=dtype, use_safetensors=True)
-        self.model.to(self.device).eval()
+        self.max_pixels = max_pixels  # run.max_pixels, shared with training and evaluation
+        self.generator = Generator(self.cfg.model, self.cfg.dtype, cfg.num_gpus > 0, self.cfg.batch_size, max_pixels)
         self.questions = TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs,
                                            max_per_family=cfg.max_per_family)
-        self.torch = torch
 
     def _image(self, tile: dict) -> Image.Image:
         png = tile.get("optical_png") if self.cfg.caption_image == "optical" else None
-        return Image.open(io.BytesIO(png or tile["sar_png"])).convert("RGB")
+        return load_image(png or tile["sar_png"], self.max_pixels)
 
     def generate(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Batched greedy generation; one answer per (image, prompt)."""
-        out: list[str] = []
-        for i in range(0, len(prompts), self.cfg.batch_size):
-            texts = [self.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True)
-                for p in prompts[i:i + self.cfg.batch_size]]
-            inputs = self.processor(images=images[i:i + self.cfg.batch_size], text=texts, return_tensors="pt", padding=True)
-            inputs = inputs.to(self.device)
-            with self.torch.inference_mode():
-                ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            out += [t.strip() for t in self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
-        return out
+        return self.generator.generate(images, prompts, max_new_tokens)
 
     def annotate_many(self, tiles: list[dict]) -> list[list[dict] | Exception]:
         jobs = []  # (tile index, pair template, prompt, max tokens)

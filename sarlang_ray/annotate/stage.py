@@ -34,13 +34,13 @@ ANNOTATION_SCHEMA = pa.schema([
 TILE_COLUMNS = ["tile_id", "scene_id", "gsd_m", "width", "objects", "landcover", "sar_png", "optical_png"]
 
 
-def load_backend(cfg: AnnotateSection, seed: int):
+def load_backend(cfg: AnnotateSection, seed: int, max_pixels: int | None = None):
     if cfg.backend == "template":
         return TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs, max_per_family=cfg.max_per_family)
     if cfg.backend == "hf":
         from sarlang_ray.annotate.hf_backend import HFAnnotator
 
-        return HFAnnotator(cfg, seed)
+        return HFAnnotator(cfg, seed, max_pixels)
     if cfg.backend == "openai":
         from sarlang_ray.annotate.openai_backend import OpenAIAnnotator
 
@@ -71,9 +71,9 @@ def validate_pairs(pairs) -> str | None:
 class AnnotateShard:
     """Ray Data row function (actor pool): one tiles shard -> one annotations shard."""
 
-    def __init__(self, cfg: AnnotateSection, run_dir: str, seed: int):
+    def __init__(self, cfg: AnnotateSection, run_dir: str, seed: int, max_pixels: int | None = None):
         self.cfg = cfg
-        self.backend = load_backend(cfg, seed)
+        self.backend = load_backend(cfg, seed, max_pixels)
         self.tiles = io.join(run_dir, "align", "shards")
         self.out = io.join(run_dir, STAGE, "shards")
         self.errors = io.join(run_dir, STAGE, "errors")
@@ -93,12 +93,13 @@ class AnnotateShard:
     def __call__(self, row: dict) -> dict:
         name = row["shard"]
         out_uri = io.join(self.out, name)
-        if io.exists(out_uri):
-            done = io.read_parquet(out_uri, columns=["tile_id", "qc_passed"])
+        if io.exists(out_uri):  # written by an earlier (interrupted) run or a killed worker: count it again
+            done = io.read_parquet(out_uri, columns=["tile_id", "qc_passed", "qc_reasons"])
             n_err = io.read_parquet(io.join(self.errors, name)).num_rows
             tiles = len(set(done["tile_id"].to_pylist()))
+            hits = Counter(r for reasons in done["qc_reasons"].to_pylist() for r in reasons)
             return {"shard": name, "planned": tiles + n_err, "written": tiles, "rejected": n_err, "skipped": True,
-                    "pairs": done.num_rows, "pairs_passed": sum(done["qc_passed"].to_pylist()), "qc_hits": "{}"}
+                    "pairs": done.num_rows, "pairs_passed": sum(done["qc_passed"].to_pylist()), "qc_hits": _hits_json(hits)}
         tiles = io.read_parquet(io.join(self.tiles, name), columns=TILE_COLUMNS).to_pylist()
         rows, errors, hits = [], [], Counter()
         for tile, pairs in zip(tiles, self._annotate_all(tiles)):
@@ -121,4 +122,9 @@ class AnnotateShard:
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA))
         return {"shard": name, "planned": len(tiles), "written": len(tiles) - len(errors), "rejected": len(errors),
                 "skipped": False, "pairs": len(rows), "pairs_passed": sum(r["qc_passed"] for r in rows),
-                "qc_hits": json.dumps({k: hits[k] for k in RULES if hits[k]})}
+                "qc_hits": _hits_json(hits)}
+
+
+def _hits_json(hits: Counter) -> str:
+    """QC rule hits of one shard, for the stage's qc_report.json."""
+    return json.dumps({k: hits[k] for k in RULES if hits[k]})

@@ -1,0 +1,150 @@
+"""Evaluation: the Ray Tune sweep's leaderboard, its reference rows, failed trials, and the scoring glue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from sarlang_ray import evaluate, metrics, pipeline
+
+
+def test_score_glue_matches_the_metrics_module():
+    """score() keys captions per tile and kind, uses every reference, and computes VQA in both modes."""
+    pairs = [
+        {"pair_id": "a", "tile_id": "t1", "kind": "caption_concise", "application": "image description", "question_type": "c", "question": "", "answer": "two ships in a harbour"},
+        {"pair_id": "b", "tile_id": "t2", "kind": "caption_concise", "application": "image description", "question_type": "c", "question": "", "answer": "a bridge over water"},
+        {"pair_id": "c", "tile_id": "t1", "kind": "vqa", "application": "instance counting", "question_type": "counting/ship", "question": "How many ships?", "answer": "2"},
+        {"pair_id": "d", "tile_id": "t2", "kind": "vqa", "application": "object identification", "question_type": "id/bridge", "question": "Is there a bridge?", "answer": "yes"},
+    ]
+    refs = {("t1", "caption_concise"): ["two ships in a harbour", "ships moored at a quay"], ("t2", "caption_concise"): ["a bridge over water"]}
+    preds = {"a": "two ships at a quay", "b": "a bridge over a river", "c": "12", "d": "Yes."}
+    out = evaluate.score(pairs, preds, refs)
+    direct = metrics.caption_scores({"t1": refs[("t1", "caption_concise")], "t2": refs[("t2", "caption_concise")]},
+                                    {"t1": preds["a"], "t2": preds["b"]}, tokenize=True)
+    assert all(abs(out[f"concise_{k}_tok"] - v) < 1e-12 for k, v in direct.items())
+    # "12" for 2: wrong in strict mode, right by the published substring rule; "Yes." right in both
+    assert out["vqa_strict"] == 0.5 and out["vqa_sarlang1m"] == 1.0
+    assert out["vqa_strict_per_application"] == {"instance counting": 0.0, "object identification": 1.0}
+    assert out["vqa_sarlang1m_per_application"] == {"instance counting": 1.0, "object identification": 1.0}
+
+
+def test_select_pairs_one_caption_prompt_per_tile_and_kind():
+    import pyarrow as pa
+
+    rows = [{"pair_id": f"p{i}", "tile_id": "t", "kind": k, "application": "x", "question_type": "q", "question": "", "answer": str(i)}
+            for i, k in enumerate(["caption_concise", "caption_concise", "caption_detailed", "vqa", "vqa"])]
+    picked = evaluate.select_pairs(pa.Table.from_pylist(rows), None)
+    assert [p["pair_id"] for p in picked] == ["p0", "p2", "p3", "p4"]
+    assert len(evaluate.select_pairs(pa.Table.from_pylist(rows), 2)) == 2
+
+
+@pytest.mark.slow
+def test_leaderboard_files_baselines_and_summary(trained_run):
+    cfg, summary = trained_run
+    out = Path(cfg.run.run_dir) / "evaluate"
+    board = json.loads((out / "leaderboard.json").read_text())
+    models = [r["model"] for r in board["rows"]]
+    assert set(models) == {"base", "finetuned", "majority answer (lower bound)", "template oracle (upper bound)"}
+    assert models[0] == "template oracle (upper bound)"  # ranked by VQA accuracy
+    oracle = board["rows"][0]
+    assert oracle["vqa_strict"] == 1.0 and oracle["vqa_sarlang1m"] == 1.0
+    assert 0 < oracle["concise_bleu_4_tok"] < 1  # a re-phrased caption, not a copy of the reference
+    for r in board["rows"]:  # every metric of both caption sets, tokenised and raw
+        for kind in ("concise", "detailed"):
+            for name in evaluate.CAPTION_METRICS:
+                assert 0 <= r[f"{kind}_{name}_tok"] and 0 <= r[f"{kind}_{name}_raw"], (r["model"], kind, name)
+    header = (out / "leaderboard.csv").read_text().splitlines()[0]
+    assert "vqa_strict" in header and "concise_cider_tok" in header
+    assert (out / "leaderboard.md").read_text().count("\n| ") >= 4 + 2
+    for png in board["plots"]:
+        assert Path(png).read_bytes()[:4] == b"\x89PNG"
+    test_pairs = evaluate.select_pairs(pq.read_table(evaluate.split_files(cfg, "test")), None)
+    for name in ("base__sar__paper", "finetuned__sar__paper"):
+        pred = pq.read_table(out / "predictions" / f"{name}.parquet").to_pylist()
+        assert sorted(p["pair_id"] for p in pred) == sorted(p["pair_id"] for p in test_pairs)
+    text = pipeline.format_summary(summary)
+    assert "## Leaderboard" in text and "plots: " in text and "majority answer" in text
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_listed_and_the_sweep_goes_on(trained_run, tmp_path):
+    """A model that cannot load fails its trial only: the other trials and the baselines still land."""
+    import shutil
+
+    from sarlang_ray.config import load_config
+
+    cfg, _ = trained_run
+    run_dir = tmp_path / "run"
+    for part in ("export", "align", "train"):
+        shutil.copytree(Path(cfg.run.run_dir) / part, run_dir / part)
+    metrics_json = json.loads((run_dir / "train" / "metrics.json").read_text())
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    ev = load_config(None, [f"run.run_dir={run_dir}", f"train.model={cfg.train.model}", "ray.progress=false",
+                            f"evaluate.models=[{metrics_json['merged_model']},{broken}]", "evaluate.limit_pairs=40",
+                            "evaluate.baselines=[majority]"])
+    board = pipeline.run(ev, ["evaluate"])["stages"]["evaluate"]
+    assert board["trials"] == 1 and board["failed"] == 1
+    full = json.loads((run_dir / "evaluate" / "leaderboard.json").read_text())
+    assert full["failed"][0]["model"] == str(broken) and full["failed"][0]["error"]
+    assert {r["model"] for r in full["rows"]} == {metrics_json["merged_model"], "majority answer (lower bound)"}
+    assert all(r["n_pairs"] == 40 for r in full["rows"])
+    assert "Failed trials" in (run_dir / "evaluate" / "leaderboard.md").read_text()
+
+
+def test_openai_judge_decides_what_the_substring_rule_cannot(monkeypatch):
+    """evaluate.judge=openai: a real HTTP endpoint on 127.0.0.1 judges the non-substring, non-closed answers;
+    a call that keeps failing counts as wrong and is counted."""
+    import re
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sarlang_ray.config import load_config
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][0]["content"]
+            truth = re.search(r"Reference answer: (.*)", prompt).group(1)
+            pred = re.search(r"Predicted answer: (.*)", prompt).group(1)
+            seen.append((truth, pred))
+            if truth == "storage tank":  # this endpoint keeps failing for one question
+                self.send_response(500)
+                self.end_headers()
+                return
+            same = {("ship", "vessel"), ("harbour", "port")}
+            data = json.dumps({"choices": [{"message": {"content": "Yes." if (truth, pred) in same else "No"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        cfg = load_config(None, [f"annotate.openai.base_url=http://127.0.0.1:{httpd.server_address[1]}/v1",
+                                 "annotate.openai.max_retries=1", "annotate.openai.backoff_s=0.01",
+                                 "evaluate.judge=openai", "evaluate.vqa_mode=judge"])
+        judge = evaluate.OpenAIJudge(cfg)
+        pairs = [{"pair_id": str(i), "tile_id": "t", "kind": "vqa", "application": "object classification",
+                  "question_type": "cls", "question": f"What is object {i}?", "answer": a} for i, a in
+                 enumerate(["ship", "harbour", "bridge", "storage tank", "2", "yes"])]
+        preds = {"0": "vessel", "1": "port", "2": "road", "3": "oil tank", "4": "3", "5": "yes, there is"}
+        out = evaluate.score(pairs, preds, {}, judge)
+    finally:
+        httpd.shutdown()
+    # vessel/port: judged right; road: judged wrong; storage tank: endpoint failed -> wrong, counted;
+    # "3" for 2 is a closed answer (never sent to the judge); "yes, there is" contains "yes" (substring)
+    assert out["vqa_judge"] == pytest.approx(3 / 6)
+    assert out["judge_calls"] == 4 and out["judge_failures"] == 1
+    assert sorted(t for t, _ in seen) == ["bridge", "harbour", "ship", "storage tank", "storage tank"]
+    assert out["vqa_sarlang1m"] == pytest.approx(1 / 6) and out["vqa_strict"] == pytest.approx(4 / 6)
