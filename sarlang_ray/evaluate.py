@@ -121,14 +121,8 @@ def predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, pairs: li
     settings = {"dtype": ev.dtype, "num_gpus": ev.num_gpus, "batch_size": ev.batch_size, "max_pixels": cfg.run.max_pixels,
                 "max_new_tokens_caption": ev.max_new_tokens_caption, "max_new_tokens_answer": ev.max_new_tokens_answer}
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
-    # reading is light: a tenth of a CPU per file, so reads never wait behind the actors that hold the
-    # CPUs/GPUs (a Tune trial itself holds almost nothing: see run_evaluate); one file = one shard
-    columns = ["pair_id", "tile_id", "kind", "question", "image"]
-
-    def read(item: dict) -> list[dict]:
-        return [r for r in io.read_parquet(item["uri"], columns=columns).to_pylist() if r["pair_id"] in wanted]
-
-    ds = ray.data.from_items([{"uri": u} for u in split_files(cfg, ev.split)]).flat_map(read, num_cpus=0.1)
+    ds = io.parquet_dataset(split_files(cfg, ev.split), ["pair_id", "tile_id", "kind", "question", "image"],
+                            keep=lambda r: r["pair_id"] in wanted)  # light reads: a trial holds almost no CPU
     out = ds.map_batches(Predictor, fn_constructor_args=(model, image, prompt, settings, optical), batch_size=ev.batch_size * 4,
                          compute=ray.data.ActorPoolStrategy(size=ev.concurrency), num_cpus=ev.num_cpus, num_gpus=ev.num_gpus)
     return {r["pair_id"]: r["prediction"] for r in out.take_all()}

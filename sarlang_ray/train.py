@@ -177,12 +177,13 @@ def run_train(cfg: WorkflowConfig) -> dict:
         raise FileNotFoundError(f"no training data under {parquet}: run the export stage first")
     held_out = splits["val"] or splits["test"]  # small archives may have no validation scene
     columns = ["image", "question", "answer"]
-    fs = io.arrow_filesystem(parquet)[0]  # s3:// through the pipeline's fsspec config (endpoint, credentials)
-    train_ds = ray.data.read_parquet(io.arrow_paths(splits["train"]), columns=columns, filesystem=fs)
-    val_ds = ray.data.read_parquet(io.arrow_paths(held_out), columns=columns, filesystem=fs)
+    train_ds = io.parquet_dataset(splits["train"], columns)  # light reads: see io.parquet_dataset
+    val_ds = io.parquet_dataset(held_out, columns)
     if t.limit_pairs:
         train_ds, val_ds = train_ds.limit(t.limit_pairs), val_ds.limit(max(1, t.limit_pairs // 4))
-    n_train = train_ds.count()
+    n_train = io.parquet_rows(splits["train"])  # from the footers: counting the dataset would read it all
+    if t.limit_pairs:
+        n_train = min(n_train, t.limit_pairs)
     storage = t.storage_path or io.join(cfg.run.run_dir, "train")
     storage_fs, storage_path = io.arrow_filesystem(storage)  # s3:// through the pipeline's own fsspec config
     trainer = TorchTrainer(
