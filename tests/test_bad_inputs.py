@@ -195,26 +195,24 @@ def _named(errors, name: str) -> list[dict]:
     return []
 
 
-@pytest.mark.parametrize("case", SCENES, ids=[c[2] for c in SCENES])
-def test_bad_scene_is_rejected_at_catalog_with_reason(bad_run, case):
-    _, _, errors = bad_run
+def _assert_rejected_once(errors, case, stage: str) -> None:
+    """One error row for the gallery file, from ``stage``, with its class, its name and its advice."""
     _, _, name, error_class, advice = case
     found = _named(errors, name)
     assert len(found) == 1, found
     e = found[0]
-    assert e["stage"] == "catalog" and e["error_class"] == error_class, e
+    assert e["stage"] == stage and e["error_class"] == error_class, e
     assert name in e["message"] and advice in e["message"], e["message"]
+
+
+@pytest.mark.parametrize("case", SCENES, ids=[c[2] for c in SCENES])
+def test_bad_scene_is_rejected_at_catalog_with_reason(bad_run, case):
+    _assert_rejected_once(bad_run[2], case, "catalog")
 
 
 @pytest.mark.parametrize("case", LABELS, ids=[c[2] for c in LABELS])
 def test_bad_labels_are_rejected_at_align_with_reason(bad_run, case):
-    _, _, errors = bad_run
-    _, _, name, error_class, advice = case
-    found = _named(errors, name)
-    assert len(found) == 1, found
-    e = found[0]
-    assert e["stage"] == "align" and e["error_class"] == error_class, e
-    assert name in e["message"] and advice in e["message"], e["message"]
+    _assert_rejected_once(bad_run[2], case, "align")
 
 
 def test_nan_and_inf_pixels_are_nodata_and_never_reach_a_png(bad_run):
