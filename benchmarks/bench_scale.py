@@ -7,7 +7,8 @@ Ray while the summed PSS of every Ray process and the driver is sampled (peak re
 linearly with the number of tiles: we fit ``seconds = fixed + per_tile * tiles`` by least squares over the
 three points and report each point's deviation from the fit (target within +-15 %), plus the fixed cost
 and the marginal per-tile throughput. Peak memory should stay flat (target <= 1.25x of 1x at 16x):
-shards stream through actor pools, nothing holds the archive.
+shards stream through actor pools, nothing holds the archive. The template annotate stage of the same tiles
+is timed apart (an input of docs/sizing.md, not part of the fit).
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from bench_tiling import PeakMemory, _config  # noqa: E402
 from sarlang_ray import pipeline  # noqa: E402
 
 
-def one_scale(work: Path, scale: int, repeats: int) -> dict:
+def one_scale(work: Path, scale: int, repeats: int, annotate: bool = True) -> dict:
     import ray
 
     cfg = _config(work, f"scale{scale}", f"synth.scale={scale}")
     pipeline.run(cfg, ["synth", "catalog"])
     ray.shutdown()
+    scenes = pipeline.read_scenes(cfg.run.run_dir)
+    source = {"scenes": len(scenes), "sar_megapixels": round(sum(s["width"] * s["height"] for s in scenes) / 1e6, 2),
+              "sar_file_mib": round(sum(Path(s["sar_uri"]).stat().st_size for s in scenes) / 2**20, 1)}
     runs = []
     for r in range(repeats):
         for stage in ("tile", "align"):  # start both stages from scratch
@@ -51,9 +55,16 @@ def one_scale(work: Path, scale: int, repeats: int) -> dict:
                      "peak_pss_mib": mem.peak / 2**20, "tiles": stages["align"]["written"],
                      "objects": sum(summary["objects_per_class"].values())})
     best = min(runs, key=lambda x: x["seconds"])
-    return {"scale": scale, "tiles": best["tiles"], "objects": best["objects"], "seconds": round(best["seconds"], 2),
-            "stage_seconds": best["ray_init_and_stages"], "peak_pss_mib": round(max(r["peak_pss_mib"] for r in runs), 1),
-            "seconds_all": [round(r["seconds"], 2) for r in runs]}
+    point = {"scale": scale, "tiles": best["tiles"], "objects": best["objects"], "seconds": round(best["seconds"], 2),
+             "stage_seconds": best["ray_init_and_stages"], "peak_pss_mib": round(max(r["peak_pss_mib"] for r in runs), 1),
+             "seconds_all": [round(r["seconds"], 2) for r in runs], "source": source}
+    if annotate:  # template annotation of the same tiles, timed apart (not part of the tile + align fit)
+        t0 = time.time()
+        stages = pipeline.run(cfg, ["annotate"])["stages"]
+        point["annotate"] = {"seconds": round(time.time() - t0, 2), "stage_seconds": stages["annotate"]["seconds"],
+                             "tiles": stages["annotate"]["written"], "pairs": stages["annotate"]["pairs"]["passed"]}
+        ray.shutdown()
+    return point
 
 
 def linear_fit(points: list[dict]) -> dict:
@@ -72,11 +83,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", default="1,4,16")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-annotate", action="store_true", help="skip timing the template annotate stage")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "scale.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sarlang-scale-"))
     try:
-        points = [one_scale(work, int(s), args.repeats) for s in args.scales.split(",")]
+        points = [one_scale(work, int(s), args.repeats, not args.no_annotate) for s in args.scales.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = points[0]

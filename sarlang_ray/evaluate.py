@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io as _io
 import json
+import logging
 import os
 import re
 import time
@@ -30,6 +31,8 @@ import pyarrow as pa
 
 from sarlang_ray import io, metrics
 from sarlang_ray.config import WorkflowConfig
+
+log = logging.getLogger("sarlang")
 
 META = ["pair_id", "tile_id", "kind", "application", "question_type", "question", "answer"]
 CAPTION_KINDS = {"caption_concise": "concise", "caption_detailed": "detailed"}
@@ -123,8 +126,13 @@ def predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, pairs: li
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
     ds = io.parquet_dataset(split_files(cfg, ev.split), ["pair_id", "tile_id", "kind", "question", "image"],
                             keep=lambda r: r["pair_id"] in wanted)  # light reads: a trial holds almost no CPU
+    num_cpus = io.pool_cpus(ev.concurrency, ev.num_cpus, ray.cluster_resources().get("CPU", 1.0))
+    if num_cpus != ev.num_cpus:
+        log.warning("evaluate: %d actors x %.2g CPUs would leave no CPU for the reads feeding them; each actor asks "
+                    "for %.3g CPUs instead (lower evaluate.num_cpus or evaluate.concurrency, or add nodes, to "
+                    "silence this)", ev.concurrency, ev.num_cpus, num_cpus)
     out = ds.map_batches(Predictor, fn_constructor_args=(model, image, prompt, settings, optical), batch_size=ev.batch_size * 4,
-                         compute=ray.data.ActorPoolStrategy(size=ev.concurrency), num_cpus=ev.num_cpus, num_gpus=ev.num_gpus)
+                         compute=ray.data.ActorPoolStrategy(size=ev.concurrency), num_cpus=num_cpus, num_gpus=ev.num_gpus)
     return {r["pair_id"]: r["prediction"] for r in out.take_all()}
 
 

@@ -65,6 +65,23 @@ def parquet_dataset(uris: list[str], columns: list[str], keep=None, num_cpus: fl
     return ray.data.from_items([{"uri": u} for u in uris]).flat_map(read, num_cpus=num_cpus)
 
 
+READ_SHARE = 0.25  # CPUs an actor pool leaves free for the light read tasks of its own dataset
+
+
+def pool_cpus(concurrency: int, num_cpus: float, cluster_cpus: float, read_share: float = READ_SHARE) -> float:
+    """CPUs per actor for a pool of ``concurrency`` actors that is fed by :func:`parquet_dataset` reads.
+
+    A fixed-size pool whose actors together take every CPU of the cluster (``evaluate.concurrency=2,
+    num_cpus=1`` on a 2-CPU node) leaves nothing for the 0.1-CPU read tasks feeding it, and the dataset
+    waits forever. Such a pool's actors each ask for ``(cluster_cpus - read_share) / concurrency``
+    instead, so ``read_share`` CPUs stay free for reads; a pool that fits is left as asked. (On an
+    autoscaling cluster the cap is computed against the CPUs present when the pool starts; GPU pools are
+    placed by their GPUs, so a smaller CPU request changes nothing there.)"""
+    if concurrency * num_cpus + read_share <= cluster_cpus:
+        return num_cpus
+    return max(0.01, round((cluster_cpus - read_share) / concurrency, 3))
+
+
 def local_copy(uri: str, cache: str | None = None) -> str:
     """A local folder with the contents of ``uri`` (a model folder on s3://, say); local paths and hub
     names come back unchanged. Downloads once per URI into ``cache`` (default: a temp folder)."""

@@ -69,6 +69,32 @@ def test_leaderboard_files_baselines_and_summary(trained_run):
     assert "## Leaderboard" in text and "plots: " in text and "majority answer" in text
 
 
+def test_pool_cpus_leaves_a_read_share_only_when_the_pool_would_fill_the_cluster():
+    from sarlang_ray import io
+
+    assert io.pool_cpus(1, 1.0, 2.0) == 1.0  # fits beside its reads: as asked
+    assert io.pool_cpus(2, 1.0, 2.0) == 0.875  # 2 x 1 CPU on 2 CPUs: 0.25 CPU stays free for reads
+    assert io.pool_cpus(4, 1.0, 16.0) == 1.0
+    assert io.pool_cpus(16, 1.0, 16.0) == round(15.75 / 16, 3)
+    assert 2 * io.pool_cpus(2, 4.0, 2.0) + io.READ_SHARE <= 2.0
+
+
+@pytest.mark.timeout(300)
+def test_an_actor_pool_as_large_as_the_node_still_gets_its_reads(demo_run, tiny_vlm):
+    """evaluate.concurrency=2 x num_cpus=1 on the 2-CPU test Ray: without the read share the actors held
+    every CPU and the 0.1-CPU Parquet reads feeding them never ran (the dataset waited forever)."""
+    from sarlang_ray import io
+    from sarlang_ray.config import load_config
+
+    cfg, _ = demo_run
+    ev = load_config(None, [f"run.run_dir={cfg.run.run_dir}", "evaluate.concurrency=2", "evaluate.num_cpus=1",
+                            "evaluate.max_new_tokens_caption=4", "evaluate.max_new_tokens_answer=2", "ray.progress=false"])
+    pairs = evaluate.select_pairs(io.read_parquet(evaluate.split_files(ev, "test"), columns=evaluate.META), 24)
+    prompt = {"name": "paper", **{k: getattr(ev.evaluate.prompts[0], k) for k in ("caption", "detailed", "vqa")}}
+    predictions = evaluate.predict(ev, tiny_vlm, "sar", prompt, pairs)
+    assert sorted(predictions) == sorted(p["pair_id"] for p in pairs)
+
+
 @pytest.mark.slow
 def test_a_failing_trial_is_listed_and_the_sweep_goes_on(trained_run, tmp_path):
     """A model that cannot load fails its trial only: the other trials and the baselines still land."""
