@@ -20,7 +20,7 @@ run: setup
 	$(BIN)/sarlang run workflows/demo.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench_tiling.py
