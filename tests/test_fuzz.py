@@ -26,6 +26,7 @@ from shapely import STRtree
 from shapely.geometry import Point, Polygon
 
 from sarlang_ray.align import objects_in_tile, prepare_labels
+from sarlang_ray.annotate import vocab
 from sarlang_ray.catalog import inspect_scene, tile_crs_for
 from sarlang_ray.config import AlignSection, CatalogSection, ConfigError, WorkflowConfig, load_config
 from sarlang_ray.errors import ItemError
@@ -299,3 +300,16 @@ def test_scene_footprints_round_trip_or_are_rejected_as_bad_footprint(grid):
     tile_crs = CRS.from_user_input(scene["tile_crs"])
     assert tile_crs.is_projected and tile_crs.axis_info[0].unit_name == "metre"
     assert scene["tile_crs"] == tile_crs_for(rasterio.crs.CRS.from_wkt(crs.to_wkt()), footprint)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80), st.sampled_from(sorted({s for _, syns in vocab.CLASS_WORDS.values() for s in syns})))
+@example("a \u017fhip", "ship")  # LATIN SMALL LONG S: matched "ship" under re.I but .lower() kept it (KeyError)
+def test_class_mentions_in_any_text_never_raise_and_point_at_a_synonym(text, synonym):
+    """QC's hallucination rule reads class mentions out of free LLM text: arbitrary Unicode must not crash
+    it, every span must cover a synonym of the class it is filed under, and an inserted synonym is found."""
+    found = vocab.mentioned_classes(f"{text} {synonym} {text}")
+    assert vocab._SYNONYM_TO_CLASS[synonym.casefold()] in found
+    for cls, spans in found.items():
+        for start, end in spans:
+            assert vocab._SYNONYM_TO_CLASS[f"{text} {synonym} {text}"[start:end].casefold()] == cls

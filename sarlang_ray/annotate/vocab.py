@@ -54,7 +54,7 @@ def box_text(bbox: list[float], size: int) -> str:
     return "[" + ", ".join(str(int(round(v / size * 1000))) for v in bbox) + "]"
 
 
-_SYNONYM_TO_CLASS = {syn: cls for cls, (_, syns) in CLASS_WORDS.items() for syn in syns}
+_SYNONYM_TO_CLASS = {syn.casefold(): cls for cls, (_, syns) in CLASS_WORDS.items() for syn in syns}
 _MENTION = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _SYNONYM_TO_CLASS), key=len, reverse=True)) + r")\b", re.I)
 
 
@@ -62,5 +62,7 @@ def mentioned_classes(text: str) -> dict[str, list[tuple[int, int]]]:
     """Class -> spans of its mentions (any synonym, singular or plural) in free text."""
     out: dict[str, list[tuple[int, int]]] = {}
     for m in _MENTION.finditer(text):
-        out.setdefault(_SYNONYM_TO_CLASS[m.group(1).lower()], []).append(m.span())
+        # re.I also matches Unicode case variants that str.lower() leaves alone ("ſhip" for "ship", the Kelvin
+        # sign for "k"); casefold() maps them back to the synonym they matched
+        out.setdefault(_SYNONYM_TO_CLASS[m.group(1).casefold()], []).append(m.span())
     return out
