@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sarlang_ray.errors import redact_text
+from sarlang_ray.errors import has_credentials, redact_text, redact_urls
 
 
 class ConfigError(ValueError):
@@ -350,7 +350,7 @@ def _check(cfg: WorkflowConfig) -> None:
     bad_images = set(ev.images) - {"sar", "sar_equalized", "optical"}
     if bad_images:
         problems.append(f"evaluate.images has unknown variants {sorted(bad_images)}; known: sar, sar_equalized, optical")
-    if _CREDENTIALS_IN_URL.search(cfg.annotate.openai.base_url):
+    if has_credentials(cfg.annotate.openai.base_url):
         problems.append("annotate.openai.base_url must not hold user:password@ (requests would send it as Basic auth "
                         "instead of the key): put the key in the variable named by annotate.openai.api_key_env")
     if ev.judge not in ("off", "openai"):
@@ -376,7 +376,6 @@ def _check(cfg: WorkflowConfig) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
-_CREDENTIALS_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]+):(?P<secret>[^/@\s]+)@", re.I)
 _SECRET_KEYS = re.compile(r"(secret|password|passwd|token|api_key)$", re.I)
 
 
@@ -391,7 +390,7 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
         if _SECRET_KEYS.search(key) and value:
             return "***"
-        return _CREDENTIALS_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+        return redact_urls(value)
     return value
 
 

@@ -38,6 +38,22 @@ _AUTH_HEADER = re.compile(r"\b(?P<scheme>Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-
 _SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|API_?KEY|ACCESS_KEY|(^|_)KEY$", re.I)
 
 
+def _userinfo(m: re.Match) -> str:
+    user, colon, _ = m["userinfo"].partition(":")
+    return f"{m['scheme']}{user}:{REDACTED}@" if colon else f"{m['scheme']}{REDACTED}@"
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the password of every URL replaced (``s3://KEY:***@bucket``; a lone token before
+    ``@`` goes whole). The one URL rule of the package: config values, logs and error rows use it."""
+    return _URL_USERINFO.sub(_userinfo, text)
+
+
+def has_credentials(url: str) -> bool:
+    """Whether ``url`` carries ``user:password@`` or ``token@``."""
+    return bool(_URL_USERINFO.search(url))
+
+
 def redact_text(text: str, env_names: Iterable[str] = ()) -> str:
     """``text`` without secrets: the password in URLs (``s3://KEY:***@bucket``; a lone token before ``@``
     goes whole), Authorization header values (``Bearer ***``, ``Basic ***``: servers echo them in errors),
@@ -46,11 +62,7 @@ def redact_text(text: str, env_names: Iterable[str] = ()) -> str:
     ``annotate.openai.api_key_env``). Values shorter than 8 characters are left alone: they would match
     ordinary words."""
 
-    def userinfo(m: re.Match) -> str:
-        user, colon, _ = m["userinfo"].partition(":")
-        return f"{m['scheme']}{user}:{REDACTED}@" if colon else f"{m['scheme']}{REDACTED}@"
-
-    text = _AUTH_HEADER.sub(lambda m: f"{m['scheme']} {REDACTED}", _URL_USERINFO.sub(userinfo, text))
+    text = _AUTH_HEADER.sub(lambda m: f"{m['scheme']} {REDACTED}", redact_urls(text))
     names = {n for n in os.environ if _SECRET_ENV.search(n)} | set(env_names)
     for value in sorted({os.environ.get(n, "") for n in names}, key=len, reverse=True):
         if len(value) >= 8:
