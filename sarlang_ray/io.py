@@ -153,6 +153,29 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     os.replace(tmp, uri)
 
 
+def sweep_partial(folder: str, older_than_s: float = 600.0) -> list[str]:
+    """Delete the temporary files of :func:`write_bytes_atomic` (``<name>.tmp-<32 hex>``) under a local
+    ``folder`` that are older than ``older_than_s``: what a writer killed between write and rename left
+    behind (never read, since readers only open final names). Younger ones may belong to a writer still
+    at work and stay. Remote folders have none (a PUT is atomic). Returns the deleted paths."""
+    import re
+    import time
+
+    if is_remote(folder) or not os.path.isdir(folder):
+        return []
+    partial, cutoff, gone = re.compile(r"\.tmp-[0-9a-f]{32}$"), time.time() - older_than_s, []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if partial.search(name) and os.stat(path).st_mtime < cutoff:
+                    os.remove(path)
+                    gone.append(path)
+            except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                continue
+    return gone
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return bytes(fs.cat_file(path))

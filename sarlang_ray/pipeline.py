@@ -57,14 +57,18 @@ def _finished(cfg: WorkflowConfig, stage: str) -> dict | None:
 
 
 def stage(name: str, needs_ray: bool = True):
-    """Wrap a stage body: a finished stage is a no-op (unless run.force); otherwise connect Ray, run the
-    body, time it, and write ``<run_dir>/<name>/_SUCCESS.json`` with its counts."""
+    """Wrap a stage body: a finished stage is a no-op (unless run.force); otherwise sweep the partial files
+    killed writers left in ``<run_dir>/<name>``, connect Ray, run the body, time it, and write
+    ``<run_dir>/<name>/_SUCCESS.json`` with its counts."""
 
     def wrap(body):
         @functools.wraps(body)
         def runner(cfg: WorkflowConfig) -> dict:
             if (done := _finished(cfg, name)) is not None:
                 return done
+            swept = io.sweep_partial(io.join(cfg.run.run_dir, name))
+            if swept:
+                log.info("%s: removed %d partial files left by killed writers", name, len(swept))
             if needs_ray:
                 ensure_ray(cfg)
             t0 = time.time()

@@ -24,6 +24,34 @@ def _snapshot(root: str) -> dict[str, tuple[int, str]]:
     return out
 
 
+def test_a_stage_start_sweeps_partial_files_of_killed_writers_only(tmp_path):
+    """A writer killed between write and rename leaves ``<shard>.tmp-<hex>``; the next start of that stage
+    removes such files once they are old, and leaves young ones (a writer may still be at work) and
+    every other file alone."""
+    from sarlang_ray.config import load_config
+
+    shards = tmp_path / "run" / "demo_stage" / "shards"
+    shards.mkdir(parents=True)
+    stale, young = shards / f"a.parquet.tmp-{'0' * 32}", shards / f"b.parquet.tmp-{'f' * 32}"
+    keep = [shards / "a.parquet", shards / "notes.tmp-x", shards / f"c.tmp-{'0' * 32}.parquet"]
+    for p in (stale, young, *keep):
+        p.write_bytes(b"x")
+    hour_ago = os.stat(stale).st_mtime - 3600
+    for p in (stale, *keep):
+        os.utime(p, (hour_ago, hour_ago))
+
+    calls = []
+
+    @pipeline.stage("demo_stage", needs_ray=False)
+    def body(cfg):
+        calls.append(sorted(p.name for p in shards.iterdir()))
+        return {"planned": 0}
+
+    body(load_config(None, [f"run.run_dir={tmp_path / 'run'}"]))
+    assert calls == [sorted([young.name, *(p.name for p in keep)])]  # swept before the body ran
+    assert (tmp_path / "run" / "demo_stage" / "_SUCCESS.json").exists()
+
+
 def test_rerunning_a_finished_tile_stage_writes_nothing(demo_run):
     cfg, summary = demo_run
     before = _snapshot(cfg.run.run_dir)
