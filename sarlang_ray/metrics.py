@@ -10,11 +10,12 @@ each metric, the two caption tokenisation settings and the three VQA matching mo
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import re
 import shutil
+import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,7 @@ def caption_scores(refs: Mapping[str, list[str]], preds: Mapping[str, str], toke
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"bleu_{n}": float(b) for n, b in enumerate(bleu, start=1)}
-    with _meteor() as meteor:
-        scores["meteor"] = float(meteor.compute_score(_one_line(gts), _one_line(res))[0])
+    scores["meteor"] = _meteor_score(_one_line(gts), _one_line(res))
     scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     scores["cider"] = float(Cider().compute_score(gts, res)[0])
     if spice:
@@ -114,20 +114,47 @@ def _check_spice_models() -> None:
                            "internet access, or call caption_scores(..., spice=False)")
 
 
-@contextlib.contextmanager
-def _meteor() -> Iterator[Any]:
-    """pycocoevalcap's Meteor, whose Java process is ended on exit (the package only ends it in __del__)."""
-    from pycocoevalcap.meteor.meteor import Meteor
+_METEOR: dict[str, Any] = {}  # this process's METEOR scorer, started on first use
+_METEOR_LOCK = threading.Lock()
 
-    scorer = Meteor()
-    try:
-        yield scorer
-    finally:
+
+def _meteor() -> Any:
+    """pycocoevalcap's Meteor, one Java process per Python process: each start loads a 60 MB paraphrase
+    table (5-10 s), and one evaluation row scores four caption sets (concise/detailed x tokenised/raw).
+    A dead process is replaced; the live one is ended at exit (or by :func:`close_meteor`)."""
+    with _METEOR_LOCK:
+        scorer = _METEOR.get("scorer")
+        if scorer is None or scorer.meteor_p.poll() is not None:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            scorer = _METEOR["scorer"] = Meteor()
+            if not _METEOR.get("atexit"):
+                atexit.register(close_meteor)
+                _METEOR["atexit"] = True
+        return scorer
+
+
+def close_meteor() -> None:
+    """End this process's METEOR Java process, if one runs (pycocoevalcap itself ends it only in ``__del__``)."""
+    with _METEOR_LOCK:
+        scorer = _METEOR.pop("scorer", None)
+    if scorer is not None:
+        scorer.lock = threading.Lock()  # its __del__ takes the lock, which a failed compute_score left held
         process = scorer.meteor_p
         for pipe in (process.stdin, process.stdout, process.stderr):
             pipe.close()
         process.kill()
         process.wait()
+
+
+def _meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
+    scorer = _meteor()
+    try:
+        return float(scorer.compute_score(gts, res)[0])
+    except BaseException:
+        # compute_score does not release its lock on errors, and the Java side may be mid-answer: start over
+        close_meteor()
+        raise
 
 
 def _one_line(captions: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sarlang_ray import metrics
 from sarlang_ray.annotate.vocab import CLASS_WORDS, NUMBER_WORDS
 from sarlang_ray.metrics import (
     caption_scores,
@@ -85,6 +86,7 @@ def test_caption_scores_equal_pycocoevalcap(coco_meteor, monkeypatch):
             started.append(self)
 
     monkeypatch.setattr(meteor_module, "Meteor", RecordedMeteor)
+    metrics.close_meteor()  # start from no METEOR process
     # empty predictions need no placeholder: each scorer gives them 0, as pycocoevalcap itself does
     refs = {**REFS, "t6": ["A ship."], "t7": ["Two cars on a road."], "t8": ["A bridge."]}
     preds = {**PREDS, "t6": "", "t7": "...", "t8": None}
@@ -100,7 +102,22 @@ def test_caption_scores_equal_pycocoevalcap(coco_meteor, monkeypatch):
     # untokenised (the released script's setting), "Harbour." and "harbour" are different words
     for key in ("bleu_1", "bleu_4", "rouge_l", "cider"):
         assert ours[False][key] < ours[True][key], key
-    assert len(started) == 2 and all(m.meteor_p.poll() is not None for m in started)  # Java processes ended
+    assert len(started) == 1 and started[0].meteor_p.poll() is None  # one METEOR process served both calls
+    metrics.close_meteor()
+    assert started[0].meteor_p.poll() is not None  # and it ends on request (at exit otherwise)
+
+
+@needs_java
+def test_a_failed_meteor_call_gives_way_to_a_fresh_process():
+    """pycocoevalcap's compute_score keeps its lock on errors; the shared scorer is then replaced, so the
+    next call scores instead of waiting forever."""
+    metrics.close_meteor()
+    first = metrics._meteor()
+    with pytest.raises(AssertionError):  # pycocoevalcap asserts that gts and res have the same ids
+        metrics._meteor_score({"a": ["x"]}, {"b": ["x"]})
+    assert first.meteor_p.poll() is not None and metrics._meteor() is not first
+    assert caption_scores({"a": ["a ship"]}, {"a": "a ship"})["meteor"] > 0.9
+    metrics.close_meteor()
 
 
 @needs_java
