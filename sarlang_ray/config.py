@@ -219,7 +219,11 @@ class EvaluateSection:
     split: str = "test"  # export split to score
     limit_pairs: int | None = None  # score the first N pairs only (smoke runs)
     vqa_mode: str = "strict"  # leaderboard's VQA rule: strict or sarlang1m (both are always computed), or judge
-    judge: str = "off"  # off, or openai: the published rule's LLM judge on annotate.openai's endpoint (vqa_judge)
+    # the published rule's last step (vqa_judge): off; openai (an LLM on annotate.openai's endpoint); or
+    # embedding (a local sentence encoder, judge_model: hub name or folder; right when cosine >= judge_threshold)
+    judge: str = "off"
+    judge_model: str | None = None
+    judge_threshold: float = 0.8
     baselines: list[str] = field(default_factory=lambda: ["majority", "oracle"])  # reference rows
     batch_size: int = 16  # prompts per generate() call
     max_new_tokens_caption: int = 32  # concise captions (detailed ones get 3x)
@@ -353,10 +357,15 @@ def _check(cfg: WorkflowConfig) -> None:
     if has_credentials(cfg.annotate.openai.base_url):
         problems.append("annotate.openai.base_url must not hold user:password@ (requests would send it as Basic auth "
                         "instead of the key): put the key in the variable named by annotate.openai.api_key_env")
-    if ev.judge not in ("off", "openai"):
-        problems.append("evaluate.judge must be off or openai")
+    if ev.judge not in ("off", "openai", "embedding"):
+        problems.append("evaluate.judge must be off, openai or embedding")
+    if ev.judge == "embedding" and not ev.judge_model:
+        problems.append("evaluate.judge=embedding needs evaluate.judge_model (a sentence encoder: hub name or folder, "
+                        "e.g. sentence-transformers/all-MiniLM-L6-v2)")
+    if not -1.0 <= ev.judge_threshold <= 1.0:
+        problems.append("evaluate.judge_threshold is a cosine similarity: between -1 and 1")
     if ev.vqa_mode not in ("strict", "sarlang1m", "judge") or (ev.vqa_mode == "judge" and ev.judge == "off"):
-        problems.append("evaluate.vqa_mode must be strict or sarlang1m (or judge, with evaluate.judge=openai)")
+        problems.append("evaluate.vqa_mode must be strict or sarlang1m (or judge, with evaluate.judge=openai or embedding)")
     if set(ev.baselines) - {"majority", "oracle"}:
         problems.append("evaluate.baselines may hold majority and oracle only")
     if ev.split not in ("train", "val", "test"):

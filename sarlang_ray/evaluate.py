@@ -26,6 +26,7 @@ import os
 import re
 import time
 from collections import defaultdict
+from typing import Any
 
 import pyarrow as pa
 
@@ -165,6 +166,57 @@ class OpenAIJudge:
         return reply.strip().lower().lstrip("\"'*").startswith("yes")
 
 
+class EmbeddingJudge:
+    """A local judge for the published rule's last step: a sentence encoder (``evaluate.judge_model``: any
+    Hugging Face encoder, hub name or folder, e.g. ``sentence-transformers/all-MiniLM-L6-v2``) embeds the
+    reference and the prediction (mean of the last hidden states over real tokens, L2-normalised); the
+    prediction is right when their cosine similarity is at least ``evaluate.judge_threshold``. No network,
+    no API key, deterministic; weaker than an LLM at negation ("no ships" vs "ships")."""
+
+    def __init__(self, model: str, threshold: float, device: str = "cpu"):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        path = io.local_copy(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, use_safetensors=True).to(device).eval()
+        self.threshold, self.device, self.torch = threshold, device, torch
+        self.calls = self.failures = 0
+        self._cache: dict[str, Any] = {}
+
+    def embed(self, texts: list[str]):
+        """L2-normalised sentence embeddings of ``texts`` (one row each), cached per text."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if new:
+            batch = self.tokenizer(new, padding=True, truncation=True, max_length=64, return_tensors="pt").to(self.device)
+            with self.torch.no_grad():
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = self.torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+            self._cache.update(zip(new, pooled.float().cpu()))
+        return self.torch.stack([self._cache[t] for t in texts])
+
+    def similarity(self, truth: str, prediction: str) -> float:
+        a, b = self.embed([truth, prediction])
+        return float(a @ b)
+
+    def __call__(self, question: str, truth: str, prediction: str) -> bool:
+        self.calls += 1
+        if not prediction.strip():
+            return False
+        return self.similarity(truth, prediction) >= self.threshold
+
+
+def make_judge(cfg: WorkflowConfig):
+    """The judge ``evaluate.judge`` names (None for off)."""
+    ev = cfg.evaluate
+    if ev.judge == "openai":
+        return OpenAIJudge(cfg)
+    if ev.judge == "embedding":
+        return EmbeddingJudge(ev.judge_model, ev.judge_threshold)
+    return None
+
+
 def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list[str]], judge=None) -> dict:
     """Caption metrics (concise/detailed x tok/raw) and VQA accuracy (strict and sarlang1m, and ``judge``
     when a judge is given) of predictions.
@@ -218,7 +270,7 @@ def _trial(config: dict, cfg: WorkflowConfig) -> None:
     t0 = time.time()
     predictions = predict(cfg, model, config["image"], config["prompt"], pairs)
     seconds = time.time() - t0
-    result = score(pairs, predictions, caption_refs(table), OpenAIJudge(cfg) if cfg.evaluate.judge == "openai" else None)
+    result = score(pairs, predictions, caption_refs(table), make_judge(cfg))
     name = slug(config["model"], config["image"], config["prompt"]["name"])
     rows = [{**p, "prediction": predictions.get(p["pair_id"], "")} for p in pairs]
     io.write_parquet_atomic(io.join(cfg.run.run_dir, "evaluate", "predictions", f"{name}.parquet"), pa.Table.from_pylist(rows))

@@ -174,3 +174,42 @@ def test_openai_judge_decides_what_the_substring_rule_cannot(monkeypatch):
     assert out["judge_calls"] == 4 and out["judge_failures"] == 1
     assert sorted(t for t, _ in seen) == ["bridge", "harbour", "ship", "storage tank", "storage tank"]
     assert out["vqa_sarlang1m"] == pytest.approx(1 / 6) and out["vqa_strict"] == pytest.approx(4 / 6)
+
+
+def _tiny_encoder(folder: Path, synonyms: list[tuple[str, str]], words: list[str]) -> str:
+    """A 1-layer BERT written offline (config + vocab.txt, random weights, safetensors) in which each
+    synonym pair shares one word-embedding row: a stand-in for a trained sentence encoder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[w for pair in synonyms for w in pair], *words]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False)
+    with torch.no_grad():
+        for a, b in synonyms:
+            model.embeddings.word_embeddings.weight[vocab.index(b)] = model.embeddings.word_embeddings.weight[vocab.index(a)]
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_embedding_judge_decides_by_cosine_similarity_of_a_local_encoder(tmp_path):
+    """evaluate.judge=embedding: a local encoder (folder, safetensors) judges the answers the substring and
+    closed-answer rules leave open; equal meaning (here: a shared embedding) is right, other words and
+    empty answers are wrong; closed answers (yes/no, counts) never reach it."""
+    from sarlang_ray.config import load_config
+
+    encoder = _tiny_encoder(tmp_path / "encoder", [("soccer", "football"), ("harbour", "port")], ["bridge", "road", "ship"])
+    cfg = load_config(None, ["evaluate.judge=embedding", f"evaluate.judge_model={encoder}", "evaluate.judge_threshold=0.99",
+                             "evaluate.vqa_mode=judge"])
+    judge = evaluate.make_judge(cfg)
+    assert isinstance(judge, evaluate.EmbeddingJudge)
+    assert judge.similarity("soccer", "football") == pytest.approx(1.0, abs=1e-6)
+    assert judge.similarity("bridge", "road") < 0.99
+    pairs = [{"pair_id": str(i), "tile_id": "t", "kind": "vqa", "application": "others", "question_type": "q",
+              "question": f"What is {i}?", "answer": a} for i, a in enumerate(["soccer", "harbour", "bridge", "ship", "2", "no"])]
+    preds = {"0": "football", "1": "port", "2": "road", "3": "", "4": "3", "5": "yes"}
+    out = evaluate.score(pairs, preds, {}, judge)
+    assert out["vqa_judge"] == pytest.approx(2 / 6)  # soccer/football and harbour/port
+    assert out["vqa_sarlang1m"] == 0.0 and out["judge_calls"] == 4  # "2" and "no" are closed: no judge call
