@@ -239,11 +239,12 @@ def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list
             out[f"vqa_{mode}"] = acc["accuracy"]
             out[f"vqa_{mode}_per_application"] = {a: v["accuracy"] for a, v in acc["per_application"].items()}
             out[f"vqa_{mode}_per_question_type"] = {q: v["accuracy"] for q, v in acc["per_question_type"].items()}
-        if judge is not None:
+        if judge is not None:  # one judge may score several rows: count this row's calls only
+            calls, failures = judge.calls, judge.failures
             acc = metrics.vqa_accuracy(vqa, mode="judge", judge=judge)
             out["vqa_judge"] = acc["accuracy"]
             out["vqa_judge_per_application"] = {a: v["accuracy"] for a, v in acc["per_application"].items()}
-            out["judge_calls"], out["judge_failures"] = judge.calls, judge.failures
+            out["judge_calls"], out["judge_failures"] = judge.calls - calls, judge.failures - failures
         out["n_vqa"] = len(vqa)
     return out
 
@@ -285,13 +286,14 @@ def baseline_rows(cfg: WorkflowConfig, table: pa.Table) -> list[dict]:
     from sarlang_ray.pipeline import read_tiles
 
     pairs, refs, rows = select_pairs(table, cfg.evaluate.limit_pairs), caption_refs(table), []
+    judge = make_judge(cfg) if cfg.evaluate.baselines else None  # judged like the models' rows (vqa_judge)
     if "majority" in cfg.evaluate.baselines:
         train = io.read_parquet(split_files(cfg, "train"), columns=["kind", "question_type", "answer"]).to_pylist()
         majority = metrics.majority_answers([r for r in train if r["kind"] not in CAPTION_KINDS])
         common = {k: metrics.majority_answers([{"question_type": k, "answer": r["answer"]} for r in train if r["kind"] == k]).overall
                   for k in CAPTION_KINDS if any(r["kind"] == k for r in train)}
         preds = {p["pair_id"]: common.get(p["kind"], "") if p["kind"] in CAPTION_KINDS else majority[p["question_type"]] for p in pairs}
-        rows.append({**score(pairs, preds, refs), "model": "majority answer (lower bound)", "image": "-", "prompt": "-"})
+        rows.append({**score(pairs, preds, refs, judge), "model": "majority answer (lower bound)", "image": "-", "prompt": "-"})
     if "oracle" in cfg.evaluate.baselines:
         tile_ids = {p["tile_id"] for p in pairs}
         tiles = [t for t in read_tiles(cfg.run.run_dir, TILE_COLUMNS).to_pylist() if t["tile_id"] in tile_ids]
@@ -303,7 +305,7 @@ def baseline_rows(cfg: WorkflowConfig, table: pa.Table) -> list[dict]:
                     captions.setdefault((tile["tile_id"], pair["kind"]), pair["answer"])
         preds = {p["pair_id"]: captions.get((p["tile_id"], p["kind"]), "") if p["kind"] in CAPTION_KINDS else p["answer"]
                  for p in pairs}
-        rows.append({**score(pairs, preds, refs), "model": "template oracle (upper bound)", "image": "-", "prompt": "-"})
+        rows.append({**score(pairs, preds, refs, judge), "model": "template oracle (upper bound)", "image": "-", "prompt": "-"})
     return rows
 
 

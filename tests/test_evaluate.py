@@ -97,7 +97,8 @@ def test_an_actor_pool_as_large_as_the_node_still_gets_its_reads(demo_run, tiny_
 
 @pytest.mark.slow
 def test_a_failing_trial_is_listed_and_the_sweep_goes_on(trained_run, tmp_path):
-    """A model that cannot load fails its trial only: the other trials and the baselines still land."""
+    """A model that cannot load fails its trial only: the other trials and the baselines still land. The
+    sweep ranks by a local embedding judge (evaluate.judge=embedding), built inside the trial's process."""
     import shutil
 
     from sarlang_ray.config import load_config
@@ -112,13 +113,16 @@ def test_a_failing_trial_is_listed_and_the_sweep_goes_on(trained_run, tmp_path):
     (broken / "config.json").write_text("{not json")
     ev = load_config(None, [f"run.run_dir={run_dir}", f"train.model={cfg.train.model}", "ray.progress=false",
                             f"evaluate.models=[{metrics_json['merged_model']},{broken}]", "evaluate.limit_pairs=40",
-                            "evaluate.baselines=[majority]"])
+                            "evaluate.baselines=[majority]", "evaluate.judge=embedding", "evaluate.vqa_mode=judge",
+                            f"evaluate.judge_model={_tiny_encoder(tmp_path / 'encoder', [('ship', 'vessel')], ['road'])}"])
     board = pipeline.run(ev, ["evaluate"])["stages"]["evaluate"]
     assert board["trials"] == 1 and board["failed"] == 1
     full = json.loads((run_dir / "evaluate" / "leaderboard.json").read_text())
     assert full["failed"][0]["model"] == str(broken) and full["failed"][0]["error"]
     assert {r["model"] for r in full["rows"]} == {metrics_json["merged_model"], "majority answer (lower bound)"}
     assert all(r["n_pairs"] == 40 for r in full["rows"])
+    assert all(0 <= r["vqa_judge"] <= 1 and r["vqa_judge"] >= r["vqa_sarlang1m"] for r in full["rows"])  # judge only adds
+    assert "VQA rule `judge`" in (run_dir / "evaluate" / "leaderboard.md").read_text()
     assert "Failed trials" in (run_dir / "evaluate" / "leaderboard.md").read_text()
 
 
@@ -213,3 +217,5 @@ def test_embedding_judge_decides_by_cosine_similarity_of_a_local_encoder(tmp_pat
     out = evaluate.score(pairs, preds, {}, judge)
     assert out["vqa_judge"] == pytest.approx(2 / 6)  # soccer/football and harbour/port
     assert out["vqa_sarlang1m"] == 0.0 and out["judge_calls"] == 4  # "2" and "no" are closed: no judge call
+    again = evaluate.score(pairs[:1], preds, {}, judge)  # the same judge on another row counts that row only
+    assert again["vqa_judge"] == 1.0 and again["judge_calls"] == 1
