@@ -68,7 +68,7 @@ def inference(run: Path, work: Path, small: int = 16) -> list[dict]:
     for actors in (1, 2):
         cfg = load_config(None, [f"run.run_dir={run}", f"evaluate.concurrency={actors}", "ray.progress=false",
                                  "evaluate.num_cpus=1", "evaluate.split=train"])
-        prompt = {"name": "paper", **{k: getattr(cfg.evaluate.prompts[0], k) for k in ("caption", "detailed", "vqa")}}
+        prompt = evaluate.prompt_dict(cfg.evaluate.prompts[0])
         every = evaluate.select_pairs(io.read_parquet(evaluate.split_files(cfg, "train"), columns=evaluate.META), None)
         timings = {}
         for pairs in (every[:small], every):

@@ -109,6 +109,11 @@ class Predictor:
         return {"pair_id": batch["pair_id"], "prediction": predictions}
 
 
+def prompt_dict(prompt) -> dict:
+    """An ``evaluate.prompts`` entry as the plain dict a trial and ``predict`` take."""
+    return {"name": prompt.name, "caption": prompt.caption, "detailed": prompt.detailed, "vqa": prompt.vqa}
+
+
 def predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, pairs: list[dict]) -> dict[str, str]:
     """pair_id -> prediction for ``pairs``, by a Ray Data actor pool over the split's Parquet files."""
     import ray
@@ -224,26 +229,24 @@ def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list
     ``refs``: (tile_id, kind) -> every reference caption of that tile and kind in the split."""
     out: dict = {"n_pairs": len(pairs)}
     for kind, short in CAPTION_KINDS.items():
-        keys = [(p["tile_id"], kind) for p in pairs if p["kind"] == kind]
-        if not keys:
+        prompts = [p for p in pairs if p["kind"] == kind]  # one per tile (select_pairs)
+        if not prompts:
             continue
-        preds = {f"{t}": predictions.get(pid, "") for (t, _), pid in zip(keys, [p["pair_id"] for p in pairs if p["kind"] == kind])}
-        references = {f"{t}": refs[(t, k)] for t, k in keys}
+        preds = {p["tile_id"]: predictions.get(p["pair_id"], "") for p in prompts}
+        references = {p["tile_id"]: refs[(p["tile_id"], kind)] for p in prompts}
         for tokenize, tag in ((True, "tok"), (False, "raw")):
             for name, value in metrics.caption_scores(references, preds, tokenize=tokenize).items():
                 out[f"{short}_{name}_{tag}"] = value
     vqa = [{**p, "prediction": predictions.get(p["pair_id"], "")} for p in pairs if p["kind"] not in CAPTION_KINDS]
     if vqa:
-        for mode in ("strict", "sarlang1m"):
-            acc = metrics.vqa_accuracy(vqa, mode=mode)
+        modes = {"strict": None, "sarlang1m": None, **({"judge": judge} if judge is not None else {})}
+        calls, failures = (judge.calls, judge.failures) if judge is not None else (0, 0)
+        for mode, by in modes.items():
+            acc = metrics.vqa_accuracy(vqa, mode=mode, judge=by)
             out[f"vqa_{mode}"] = acc["accuracy"]
             out[f"vqa_{mode}_per_application"] = {a: v["accuracy"] for a, v in acc["per_application"].items()}
             out[f"vqa_{mode}_per_question_type"] = {q: v["accuracy"] for q, v in acc["per_question_type"].items()}
         if judge is not None:  # one judge may score several rows: count this row's calls only
-            calls, failures = judge.calls, judge.failures
-            acc = metrics.vqa_accuracy(vqa, mode="judge", judge=judge)
-            out["vqa_judge"] = acc["accuracy"]
-            out["vqa_judge_per_application"] = {a: v["accuracy"] for a, v in acc["per_application"].items()}
             out["judge_calls"], out["judge_failures"] = judge.calls - calls, judge.failures - failures
         out["n_vqa"] = len(vqa)
     return out
@@ -317,8 +320,7 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
     table = io.read_parquet(split_files(cfg, ev.split), columns=META)
     storage_fs, storage = io.arrow_filesystem(ev.storage_path or io.join(cfg.run.run_dir, "evaluate", "tune"))
     space = {"model": tune.grid_search(list(ev.models)), "image": tune.grid_search(list(ev.images)),
-             "prompt": tune.grid_search([{"name": p.name, "caption": p.caption, "detailed": p.detailed, "vqa": p.vqa}
-                                         for p in ev.prompts])}
+             "prompt": tune.grid_search([prompt_dict(p) for p in ev.prompts])}
     # a trial only drives its Ray Data actor pool, which holds the CPUs/GPUs: the trial itself asks for little
     tuner = tune.Tuner(tune.with_resources(tune.with_parameters(_trial, cfg=cfg), {"cpu": 0.01}), param_space=space,
                        tune_config=tune.TuneConfig(max_concurrent_trials=ev.max_concurrent_trials),

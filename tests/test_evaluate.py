@@ -90,7 +90,7 @@ def test_an_actor_pool_as_large_as_the_node_still_gets_its_reads(demo_run, tiny_
     ev = load_config(None, [f"run.run_dir={cfg.run.run_dir}", "evaluate.concurrency=2", "evaluate.num_cpus=1",
                             "evaluate.max_new_tokens_caption=4", "evaluate.max_new_tokens_answer=2", "ray.progress=false"])
     pairs = evaluate.select_pairs(io.read_parquet(evaluate.split_files(ev, "test"), columns=evaluate.META), 24)
-    prompt = {"name": "paper", **{k: getattr(ev.evaluate.prompts[0], k) for k in ("caption", "detailed", "vqa")}}
+    prompt = evaluate.prompt_dict(ev.evaluate.prompts[0])
     predictions = evaluate.predict(ev, tiny_vlm, "sar", prompt, pairs)
     assert sorted(predictions) == sorted(p["pair_id"] for p in pairs)
 
