@@ -14,7 +14,6 @@ tile shard of the tile stage becomes one shard of the final **tiles** table, on 
 
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 
@@ -32,38 +31,10 @@ from sarlang_ray import io
 from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
 from sarlang_ray.errors import error_row, errors_table
-from sarlang_ray.tiling import TILES_SCHEMA, encode_png, resampling_for, warp_window
+from sarlang_ray.tables import ALIGNED_SCHEMA, geo_schema
+from sarlang_ray.tiling import encode_png, resampling_for, warp_window
 
 STAGE = "align"
-
-OBJECT_TYPE = pa.struct([
-    ("class", pa.string()),
-    ("bbox_xyxy", pa.list_(pa.float32(), 4)),  # pixel coordinates: x right, y down, origin top-left corner
-    ("polygon", pa.binary()),  # WKB polygon in pixel coordinates
-    ("area_px", pa.float32()),
-    ("angle_deg", pa.float32()),  # long axis, counter-clockwise from the image x axis, in [0, 180)
-    ("visible_fraction", pa.float32()),
-    ("label_id", pa.string()),
-])
-ALIGNED_SCHEMA = TILES_SCHEMA.append(pa.field("optical_png", pa.binary())) \
-    .append(pa.field("objects", pa.list_(OBJECT_TYPE))) \
-    .append(pa.field("landcover", pa.map_(pa.string(), pa.float32()))) \
-    .append(pa.field("landcover_valid_fraction", pa.float32()))
-
-GEO_METADATA = {
-    "version": "1.1.0",
-    "primary_column": "footprint",
-    "columns": {"footprint": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None, "edges": "planar"}},
-}
-
-
-def _geo_schema(schema: pa.Schema) -> pa.Schema:
-    geo = dict(GEO_METADATA)
-    from pyproj import CRS
-
-    geo["columns"] = {"footprint": {**GEO_METADATA["columns"]["footprint"], "crs": CRS.from_epsg(4326).to_json_dict()}}
-    return schema.with_metadata({b"geo": json.dumps(geo).encode()})
-
 
 # ---------------------------------------------------------------- labels
 def prepare_labels(uris: list[str], cfg: AlignSection, archive: str = "") -> tuple[gpd.GeoDataFrame, list[dict], int]:
@@ -243,7 +214,7 @@ class AlignShard:
         self._labels: OrderedDict[str, tuple[gpd.GeoDataFrame, STRtree]] = OrderedDict()
         self._rasters: OrderedDict[str, object] = OrderedDict()
         self.cache_scenes = cache_scenes
-        self.schema = _geo_schema(ALIGNED_SCHEMA)
+        self.schema = geo_schema(ALIGNED_SCHEMA)
 
     def _raster(self, uri: str):
         if uri not in self._rasters:

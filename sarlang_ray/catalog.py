@@ -23,7 +23,6 @@ import re
 from pathlib import PurePosixPath
 
 import numpy as np
-import pyarrow as pa
 import rasterio
 from pyproj import CRS, Geod
 from rasterio.enums import ColorInterp, Resampling
@@ -293,21 +292,6 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
         }
 
 
-SCENES_SCHEMA = pa.schema(
-    [
-        ("scene_id", pa.string()), ("sar_uri", pa.string()), ("optical_uri", pa.string()),
-        ("landcover_uri", pa.string()), ("crs", pa.string()), ("tile_crs", pa.string()),
-        ("transform", pa.list_(pa.float64())), ("width", pa.int64()), ("height", pa.int64()),
-        ("gsd_m", pa.float64()), ("rotated", pa.bool_()), ("band", pa.int64()), ("nodata", pa.float64()),
-        ("dtype", pa.string()), ("units", pa.string()), ("units_source", pa.string()), ("sensor", pa.string()),
-        ("polarisation", pa.string()), ("region", pa.string()), ("valid_fraction", pa.float64()),
-        ("footprint", pa.binary()),
-        # STAC archives only (null for folders): the item, its asset key, acquisition time (ISO 8601 as
-        # published), platform, SAR instrument mode, and all item properties as JSON
-        ("stac_item", pa.string()), ("stac_asset", pa.string()), ("datetime", pa.string()),
-        ("platform", pa.string()), ("instrument_mode", pa.string()), ("stac_properties", pa.string()),
-    ]
-)
 _STAC_COLUMNS = ("stac_item", "stac_asset", "datetime", "platform", "instrument_mode", "stac_properties")
 
 

@@ -60,6 +60,9 @@ class CatalogSection:
     landcover_rule: list[str] | None = field(
         default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/landcover/\\1_landcover.tif"]
     )
+    # one land-cover raster for every scene (a path or uri; relative paths are relative to the archive):
+    # used for scenes that landcover_rule finds nothing for
+    landcover: str | None = None
     labels_glob: list[str] = field(default_factory=lambda: ["labels/*.parquet"])  # vector labels (GeoParquet or OGR), any CRS
     units: str = "auto"  # SAR units: auto, intensity, amplitude or db (auto: band metadata, name, values)
     band: int = 1  # which band of a multi-polarisation SAR file to use
@@ -170,7 +173,12 @@ class AnnotateSection:
 
 @dataclass
 class ExportSection:
-    split_by: str = "scene"  # scene or region: the unit that never lands in two splits
+    # geographic (default): tiles whose ground footprints intersect or lie within buffer_m of each other are
+    # always in one split, whatever scene, GSD, date or polarisation they come from (spatial blocks on an
+    # equal-area grid, boundary tiles dropped). scene or region: weaker, same ground can land in two splits
+    split_by: str = "geographic"
+    block_m: float = 2000.0  # side of the equal-area spatial blocks (EPSG:6933) that are assigned to splits
+    buffer_m: float = 50.0  # tiles of two splits stay at least this far apart on the ground
     train: float = 0.7  # share of tiles in the train split
     val: float = 0.1  # share of tiles in the validation split
     test: float = 0.2  # share of tiles in the test split
@@ -340,8 +348,10 @@ def _check(cfg: WorkflowConfig) -> None:
     if not 0 <= cfg.align.min_visible_fraction <= 1:
         problems.append("align.min_visible_fraction must be within [0, 1]")
     e = cfg.export
-    if e.split_by not in ("scene", "region"):
-        problems.append("export.split_by must be scene or region")
+    if e.split_by not in ("geographic", "scene", "region"):
+        problems.append("export.split_by must be geographic, scene or region")
+    if e.block_m <= 0 or e.buffer_m < 0:
+        problems.append("export.block_m must be > 0 and export.buffer_m >= 0 (metres)")
     if min(e.train, e.val, e.test) < 0 or abs(e.train + e.val + e.test - 1) > 1e-6:
         problems.append("export.train + export.val + export.test must be 1, each >= 0")
     if cfg.train.method not in ("lora", "full"):

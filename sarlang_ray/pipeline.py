@@ -15,13 +15,13 @@ import os
 import time
 from dataclasses import asdict
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from sarlang_ray import align, catalog, io, synth, tiling
 from sarlang_ray.annotate import stage as annotate_stage
 from sarlang_ray.config import WorkflowConfig, to_yaml
 from sarlang_ray.errors import errors_table, redact_text
+from sarlang_ray.tables import annotation_shards, read_annotations, read_errors, read_scenes, read_tiles, tile_shards, write_scenes  # noqa: F401  (re-exported)
 
 log = logging.getLogger("sarlang")
 
@@ -122,14 +122,6 @@ def run_catalog(cfg: WorkflowConfig) -> dict:
     return {"planned": planned, "written": len(scenes), "rejected": len(errors)}
 
 
-def write_scenes(uri: str, scenes: list[dict]) -> None:
-    table = pa.Table.from_pylist(scenes, schema=catalog.SCENES_SCHEMA)
-    table = table.replace_schema_metadata(align._geo_schema(table.schema).metadata)
-    io.write_parquet_atomic(uri, table)
-
-
-def read_scenes(run_dir: str) -> list[dict]:
-    return io.read_parquet(io.join(run_dir, "catalog", "scenes.parquet")).to_pylist()
 
 
 def _run_shards(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float,
@@ -205,39 +197,6 @@ def _totals(manifest: list[dict]) -> dict:
         "rejected": sum(m["rejected"] for m in manifest),
         "skipped_shards": sum(bool(m["skipped"]) for m in manifest),
     }
-
-
-# ---------------------------------------------------------------- reading results
-def tile_shards(run_dir: str) -> list[str]:
-    return io.glob(io.join(run_dir, "align", "shards"), "*/*.parquet")
-
-
-def read_tiles(run_dir: str, columns: list[str] | None = None) -> pa.Table:
-    """The final tiles table (all shards). For small runs and tests; pipelines should stream shards."""
-    return io.read_parquet(tile_shards(run_dir), columns=columns)
-
-
-def annotation_shards(run_dir: str) -> list[str]:
-    root = io.join(run_dir, "annotate", "shards")
-    return io.glob(root, "*/*.parquet") if io.exists(root) else []
-
-
-def read_annotations(run_dir: str, columns: list[str] | None = None) -> pa.Table:
-    """The annotations table (all shards; QC-rejected pairs included, with ``qc_passed`` false)."""
-    return io.read_parquet(annotation_shards(run_dir), columns=columns)
-
-
-def read_errors(run_dir: str) -> pa.Table:
-    """Every stage's rejected items in one table."""
-    uris = []
-    for path in ("catalog/errors.parquet", "align/label_errors.parquet"):
-        if io.exists(io.join(run_dir, path)):
-            uris.append(io.join(run_dir, path))
-    for stage in ("tile", "align", "annotate"):
-        root = io.join(run_dir, stage, "errors")
-        if io.exists(root):
-            uris += io.glob(root, "*/*.parquet")
-    return io.read_parquet(uris) if uris else errors_table([])
 
 
 def summarise(cfg: WorkflowConfig, stage_counts: dict, seconds: float) -> dict:

@@ -39,6 +39,7 @@ from sarlang_ray import io, sar
 from sarlang_ray.catalog import outline_4326
 from sarlang_ray.config import TileSection
 from sarlang_ray.errors import error_row, errors_table
+from sarlang_ray.tables import TILES_SCHEMA
 
 STAGE = "tile"
 EPS = 1e-6
@@ -173,16 +174,6 @@ def warp_window(src, band: int, dst_transform: Affine, dst_crs: str, size: int, 
 
 def resampling_for(tile_gsd: float, native_gsd: float, coarser: Resampling = Resampling.average) -> Resampling:
     return coarser if tile_gsd > native_gsd * 1.01 else Resampling.nearest
-
-
-TILES_SCHEMA = pa.schema([
-    ("tile_id", pa.string()), ("scene_id", pa.string()), ("gsd_m", pa.float64()), ("row", pa.int32()), ("col", pa.int32()),
-    ("crs", pa.string()), ("transform", pa.list_(pa.float64())), ("width", pa.int32()), ("height", pa.int32()),
-    ("bounds", pa.list_(pa.float64())), ("footprint", pa.binary()), ("sar_png", pa.binary()),
-    ("nodata_fraction", pa.float32()), ("db_mean", pa.float32()), ("db_std", pa.float32()),
-    ("db_p02", pa.float32()), ("db_p98", pa.float32()), ("stretch_db", pa.list_(pa.float32())),
-    ("sensor", pa.string()), ("polarisation", pa.string()), ("region", pa.string()), ("native_gsd_m", pa.float64()),
-])
 
 
 def _timing(started: float) -> dict:

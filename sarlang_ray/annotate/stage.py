@@ -22,16 +22,10 @@ from sarlang_ray.annotate.template import TemplateAnnotator
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import AnnotateSection
 from sarlang_ray.errors import error_row, errors_table
+from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS as TILE_COLUMNS, ANNOTATION_SCHEMA
 
 STAGE = "annotate"
 KINDS = ("caption_concise", "caption_detailed", "vqa")
-ANNOTATION_SCHEMA = pa.schema([
-    ("pair_id", pa.string()), ("tile_id", pa.string()), ("scene_id", pa.string()), ("gsd_m", pa.float64()),
-    ("kind", pa.string()), ("application", pa.string()), ("question_type", pa.string()),
-    ("question", pa.string()), ("answer", pa.string()), ("backend", pa.string()),
-    ("qc_passed", pa.bool_()), ("qc_reasons", pa.list_(pa.string())),
-])
-TILE_COLUMNS = ["tile_id", "scene_id", "gsd_m", "width", "objects", "landcover", "sar_png", "optical_png"]
 
 
 def load_backend(cfg: AnnotateSection, seed: int, max_pixels: int | None = None):

@@ -1,0 +1,138 @@
+"""The run folder's tables: their schemas, where their shards live, and how to read them.
+
+Every stage writes under one run folder (local or ``s3://``). This module knows the layout and the
+schemas and nothing of Ray or of how a table is made, so stages, notebooks and tools read results
+through it without importing the orchestrator:
+
+* ``catalog/scenes.parquet``: the **scenes** table (one row per usable SAR scene);
+* ``tile/shards/<scene>/<gsd>-<chunk>.parquet``: tiles before alignment;
+* ``align/shards/...``: the **tiles** table (tiles + objects, land cover, optical twin);
+* ``annotate/shards/...``: the **annotations** table (pairs, QC-rejected ones included);
+* ``<stage>/errors/...`` and ``catalog/errors.parquet``, ``align/label_errors.parquet``: the errors table.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from sarlang_ray import io
+from sarlang_ray.errors import errors_table
+
+SCENES_SCHEMA = pa.schema(
+    [
+        ("scene_id", pa.string()), ("sar_uri", pa.string()), ("optical_uri", pa.string()),
+        ("landcover_uri", pa.string()), ("crs", pa.string()), ("tile_crs", pa.string()),
+        ("transform", pa.list_(pa.float64())), ("width", pa.int64()), ("height", pa.int64()),
+        ("gsd_m", pa.float64()), ("rotated", pa.bool_()), ("band", pa.int64()), ("nodata", pa.float64()),
+        ("dtype", pa.string()), ("units", pa.string()), ("units_source", pa.string()), ("sensor", pa.string()),
+        ("polarisation", pa.string()), ("region", pa.string()), ("valid_fraction", pa.float64()),
+        ("footprint", pa.binary()),
+        # STAC archives only (null for folders): the item, its asset key, acquisition time (ISO 8601 as
+        # published), platform, SAR instrument mode, and all item properties as JSON
+        ("stac_item", pa.string()), ("stac_asset", pa.string()), ("datetime", pa.string()),
+        ("platform", pa.string()), ("instrument_mode", pa.string()), ("stac_properties", pa.string()),
+    ]
+)
+
+TILES_SCHEMA = pa.schema([
+    ("tile_id", pa.string()), ("scene_id", pa.string()), ("gsd_m", pa.float64()), ("row", pa.int32()), ("col", pa.int32()),
+    ("crs", pa.string()), ("transform", pa.list_(pa.float64())), ("width", pa.int32()), ("height", pa.int32()),
+    ("bounds", pa.list_(pa.float64())), ("footprint", pa.binary()), ("sar_png", pa.binary()),
+    ("nodata_fraction", pa.float32()), ("db_mean", pa.float32()), ("db_std", pa.float32()),
+    ("db_p02", pa.float32()), ("db_p98", pa.float32()), ("stretch_db", pa.list_(pa.float32())),
+    ("sensor", pa.string()), ("polarisation", pa.string()), ("region", pa.string()), ("native_gsd_m", pa.float64()),
+])
+
+OBJECT_TYPE = pa.struct([
+    ("class", pa.string()),
+    ("bbox_xyxy", pa.list_(pa.float32(), 4)),  # pixel coordinates: x right, y down, origin top-left corner
+    ("polygon", pa.binary()),  # WKB polygon in pixel coordinates
+    ("area_px", pa.float32()),
+    ("angle_deg", pa.float32()),  # long axis, counter-clockwise from the image x axis, in [0, 180)
+    ("visible_fraction", pa.float32()),
+    ("label_id", pa.string()),
+])
+ALIGNED_SCHEMA = TILES_SCHEMA.append(pa.field("optical_png", pa.binary())) \
+    .append(pa.field("objects", pa.list_(OBJECT_TYPE))) \
+    .append(pa.field("landcover", pa.map_(pa.string(), pa.float32()))) \
+    .append(pa.field("landcover_valid_fraction", pa.float32()))
+
+ANNOTATION_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("tile_id", pa.string()), ("scene_id", pa.string()), ("gsd_m", pa.float64()),
+    ("kind", pa.string()), ("application", pa.string()), ("question_type", pa.string()),
+    ("question", pa.string()), ("answer", pa.string()), ("backend", pa.string()),
+    ("qc_passed", pa.bool_()), ("qc_reasons", pa.list_(pa.string())),
+])
+# the tiles-table columns an annotator (or the template oracle) needs
+ANNOTATE_TILE_COLUMNS = ["tile_id", "scene_id", "gsd_m", "width", "objects", "landcover", "sar_png", "optical_png"]
+
+GEO_METADATA = {
+    "version": "1.1.0",
+    "primary_column": "footprint",
+    "columns": {"footprint": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None, "edges": "planar"}},
+}
+
+
+def geo_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with GeoParquet metadata: ``footprint`` is the primary geometry, WKB in EPSG:4326."""
+    from pyproj import CRS
+
+    geo = dict(GEO_METADATA)
+    geo["columns"] = {"footprint": {**GEO_METADATA["columns"]["footprint"], "crs": CRS.from_epsg(4326).to_json_dict()}}
+    return schema.with_metadata({b"geo": json.dumps(geo).encode()})
+
+
+# ---------------------------------------------------------------- scenes
+def scenes_uri(run_dir: str) -> str:
+    return io.join(run_dir, "catalog", "scenes.parquet")
+
+
+def write_scenes(uri: str, scenes: list[dict]) -> None:
+    table = pa.Table.from_pylist(scenes, schema=SCENES_SCHEMA)
+    io.write_parquet_atomic(uri, table.replace_schema_metadata(geo_schema(table.schema).metadata))
+
+
+def read_scenes(run_dir: str) -> list[dict]:
+    return io.read_parquet(scenes_uri(run_dir)).to_pylist()
+
+
+# ---------------------------------------------------------------- shards
+def shard_root(run_dir: str, stage: str) -> str:
+    return io.join(run_dir, stage, "shards")
+
+
+def shards(run_dir: str, stage: str) -> list[str]:
+    """The shard files a sharded stage (tile, align, annotate) has written, sorted; [] when none."""
+    root = shard_root(run_dir, stage)
+    return io.glob(root, "*/*.parquet") if io.exists(root) else []
+
+
+def tile_shards(run_dir: str) -> list[str]:
+    return shards(run_dir, "align")
+
+
+def read_tiles(run_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """The final tiles table (all shards). For small runs and tests; pipelines should stream shards."""
+    return io.read_parquet(tile_shards(run_dir), columns=columns)
+
+
+def annotation_shards(run_dir: str) -> list[str]:
+    return shards(run_dir, "annotate")
+
+
+def read_annotations(run_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """The annotations table (all shards; QC-rejected pairs included, with ``qc_passed`` false)."""
+    return io.read_parquet(annotation_shards(run_dir), columns=columns)
+
+
+def read_errors(run_dir: str) -> pa.Table:
+    """Every stage's rejected items in one table."""
+    uris = [io.join(run_dir, p) for p in ("catalog/errors.parquet", "align/label_errors.parquet", "export/errors.parquet")
+            if io.exists(io.join(run_dir, p))]
+    for stage in ("tile", "align", "annotate"):
+        root = io.join(run_dir, stage, "errors")
+        if io.exists(root):
+            uris += io.glob(root, "*/*.parquet")
+    return io.read_parquet(uris) if uris else errors_table([])
