@@ -33,6 +33,7 @@ import psutil  # noqa: E402
 
 from sarlang_ray import pipeline, tiling  # noqa: E402
 from sarlang_ray.config import load_config  # noqa: E402
+from sarlang_ray.stages.runner import map_items  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def throughput(work: Path, scale: int, tile_size: int, repeats: int) -> dict:
 
         shutil.rmtree(ray_dir, ignore_errors=True)
         t0 = time.time()
-        manifest = pipeline._run_shards(chunks, tiling.TileChunk, (cfg.tile, str(ray_dir)), None, 1.0)
+        manifest = map_items(chunks, tiling.TileChunk, (cfg.tile, str(ray_dir)), None, 1.0)
         ray_runs.append((time.time() - t0, steady_state_rate(manifest), len({m["worker"] for m in manifest})))
         assert sum(m["written"] for m in manifest) == n_tiles
     ray.shutdown()

@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from sarlang_ray import pipeline
 
-    summary = pipeline.run(cfg, None if ns.command == "run" else [ns.command])
+    try:
+        summary = pipeline.run(cfg, None if ns.command == "run" else [ns.command])
+    except pipeline.StageFailed as exc:  # the work failed; what was written is on disk and in summary.json
+        print(f"sarlang {ns.command}: failed: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary))
     return 0
 

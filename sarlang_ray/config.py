@@ -8,7 +8,9 @@ The resolved config is written into the run folder (``config.yaml``) so a run ca
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -272,13 +274,16 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     source, key = path, None  # what is being merged, for the error message
     try:
         if path is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if "name" not in loaded:  # the summary names the workflow actually run
+                loaded.name = os.path.splitext(os.path.basename(path))[0]
+            cfg = _merge(cfg, loaded)
         for item in overrides:  # one at a time, so that an error names its override
-            key, sep, _ = item.partition("=")
+            key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"override {item!r} is not key=value (for example tile.tile_size=128)")
             source = f"override {item!r}"
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={_quote_list_items(value)}"]))
         source, key = path, None
         OmegaConf.resolve(cfg)
         typed: WorkflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
@@ -293,6 +298,34 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(_message(source, key, str(exc), "Give the whole value, e.g. tile.gsds_m=[1,2].")) from None
     _check(typed)
     return typed
+
+
+# mappings that a workflow or override replaces whole (merging would keep default classes the user dropped)
+REPLACED_MAPPINGS = ("align.landcover_classes",)
+
+
+def _merge(base: DictConfig, incoming: DictConfig) -> DictConfig:
+    """OmegaConf.merge, except that the mappings of REPLACED_MAPPINGS given in ``incoming`` replace the
+    base's instead of merging into it."""
+    for key in REPLACED_MAPPINGS:
+        if OmegaConf.select(incoming, key) is not None:
+            OmegaConf.update(base, key, {}, merge=False)
+    return OmegaConf.merge(base, incoming)
+
+
+_BARE_ITEM = re.compile(r"^[^'\"\[\]{},]*[*?!&|>%@`][^'\"\[\]{},]*$")
+
+
+def _quote_list_items(value: str) -> str:
+    """``[*/*.tif, sar/**/*.tif]`` as the docs write it: list items YAML would misread (``*`` starts an
+    alias, ``!`` a tag, ``&`` an anchor ...) are quoted; anything else is left to YAML as typed."""
+    text = value.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return value
+    items = [i.strip() for i in text[1:-1].split(",")] if text[1:-1].strip() else []
+    if not any(_BARE_ITEM.match(i) for i in items):
+        return value
+    return "[" + ", ".join(json.dumps(i) if _BARE_ITEM.match(i) else i for i in items) + "]"
 
 
 def _message(source: str | None, key: str | None, problem: str, advice: str) -> str:

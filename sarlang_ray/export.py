@@ -17,7 +17,6 @@ ordered by a seeded hash and each goes to the split furthest below its target sh
 from __future__ import annotations
 
 import csv
-import hashlib
 import io as _io
 import json
 import re
@@ -25,11 +24,13 @@ from collections import Counter
 
 import pyarrow as pa
 
-from sarlang_ray import io
-from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.errors import ItemError
+import shapely
 
-SPLITS = ("train", "val", "test")
+from sarlang_ray import io, plots, tables
+from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.errors import ItemError, error_row, errors_table
+from sarlang_ray.splits import SPLITS, SplitTile, geographic_splits, group_splits, leakage_report
+
 PAIR_COLUMNS = ["pair_id", "tile_id", "scene_id", "gsd_m", "kind", "application", "question_type", "question", "answer"]
 HF_FEATURES = {
     "pair_id": {"dtype": "string", "_type": "Value"}, "tile_id": {"dtype": "string", "_type": "Value"},
@@ -45,39 +46,43 @@ EXPORT_SCHEMA = pa.schema(
 ).with_metadata({b"huggingface": json.dumps({"info": {"features": HF_FEATURES}}).encode()})
 
 
-def assign_splits(group_sizes: dict[str, int], ratios: dict[str, float], seed: int) -> dict[str, str]:
-    """Group -> split; deterministic, every group in exactly one split, shares of items near ``ratios``."""
-    order = sorted(group_sizes, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
-    total = sum(group_sizes.values()) or 1
-    filled = {s: 0 for s in ratios if ratios[s] > 0}
-    out = {}
-    for g in order:
-        # the split that is furthest below its target share gets the next group
-        split = max(filled, key=lambda s: ratios[s] - filled[s] / total)
-        out[g] = split
-        filled[split] += group_sizes[g]
-    return out
-
-
 def _image_name(tile_id: str) -> str:
     return f"{tile_id}.png"
 
 
-def run_export(cfg: WorkflowConfig) -> dict:
-    from sarlang_ray import pipeline
+def split_tiles(cfg: WorkflowConfig) -> list[SplitTile]:
+    """The tiles that have QC-passed pairs (the ones export writes), as split inputs; read shard by shard."""
+    run_dir = cfg.run.run_dir
+    out = []
+    for tile_uri in tables.tile_shards(run_dir):
+        ann_uri = io.join(tables.shard_root(run_dir, "annotate"), io.relative(tile_uri, tables.shard_root(run_dir, "align")))
+        if not io.exists(ann_uri):
+            continue
+        ann = io.read_parquet(ann_uri, columns=["tile_id", "qc_passed"])
+        used = {t for t, ok in zip(ann["tile_id"].to_pylist(), ann["qc_passed"].to_pylist()) if ok}
+        cols = ["tile_id", "scene_id", "region", "footprint", "crs", "objects"]
+        for t in io.read_parquet(tile_uri, columns=cols).to_pylist():
+            if t["tile_id"] in used:
+                out.append(SplitTile(t["tile_id"], t["scene_id"], t["region"], shapely.from_wkb(t["footprint"]), t["crs"],
+                                     frozenset(o["label_id"] for o in t["objects"] if o["label_id"])))
+    return out
 
+
+def run_export(cfg: WorkflowConfig) -> dict:
     run_dir, e = cfg.run.run_dir, cfg.export
     out = io.join(run_dir, "export")
-    scenes = {s["scene_id"]: s for s in pipeline.read_scenes(run_dir)}
-    tile_counts: Counter = Counter()
-    for uri in pipeline.tile_shards(run_dir):
-        tile_counts.update(io.read_parquet(uri, columns=["scene_id"])["scene_id"].to_pylist())
-    key = (lambda sid: scenes[sid]["region"]) if e.split_by == "region" else (lambda sid: sid)
-    groups: Counter = Counter()
-    for sid, n in tile_counts.items():
-        groups[key(sid)] += n
-    group_split = assign_splits(dict(groups), {"train": e.train, "val": e.val, "test": e.test}, cfg.run.seed)
-    scene_split = {sid: group_split[key(sid)] for sid in tile_counts}
+    ratios = {"train": e.train, "val": e.val, "test": e.test}
+    candidates = split_tiles(cfg)
+    dropped: dict[str, str] = {}
+    if e.split_by == "geographic":
+        tile_split, dropped = geographic_splits(candidates, ratios, cfg.run.seed, e.block_m, e.buffer_m)
+    else:
+        tile_split = group_splits(candidates, e.split_by, ratios, cfg.run.seed)
+    leakage = leakage_report(candidates, tile_split, e.buffer_m)
+    leakage.update(split_by=e.split_by, dropped_tiles=len(dropped))
+    io.write_json_atomic(io.join(out, "leakage.json"), leakage)
+    io.write_parquet_atomic(io.join(out, "errors.parquet"), errors_table(
+        [error_row("export", tid, "split_boundary", why) for tid, why in sorted(dropped.items())]))
 
     llama = {s: [] for s in SPLITS}
     captions = {(k, s): [] for k in ("concise", "detailed") for s in SPLITS}
@@ -85,25 +90,25 @@ def run_export(cfg: WorkflowConfig) -> dict:
              "landcover": Counter(), "gsd": Counter(), "tiles": Counter()}
     ann_root = io.join(run_dir, "annotate", "shards")
     tile_root = io.join(run_dir, "align", "shards")
-    for tile_uri in pipeline.tile_shards(run_dir):
+    for tile_uri in tables.tile_shards(run_dir):
         name = io.relative(tile_uri, tile_root)
         tiles = {t["tile_id"]: t for t in io.read_parquet(tile_uri, columns=["tile_id", "scene_id", "gsd_m", "sar_png", "objects", "landcover"]).to_pylist()}
         ann_uri = io.join(ann_root, name)
-        pairs = [p for p in io.read_parquet(ann_uri, columns=PAIR_COLUMNS + ["qc_passed"]).to_pylist() if p["qc_passed"]] \
-            if io.exists(ann_uri) else []
+        pairs = [p for p in io.read_parquet(ann_uri, columns=PAIR_COLUMNS + ["qc_passed"]).to_pylist()
+                 if p["qc_passed"] and p["tile_id"] in tile_split] if io.exists(ann_uri) else []
         used = sorted({p["tile_id"] for p in pairs})
         for tid in used:  # images once per tile, in both image folders
             png = tiles[tid]["sar_png"]
             io.write_bytes_atomic(io.join(out, "llamafactory", "images", _image_name(tid)), png)
             io.write_bytes_atomic(io.join(out, "sarlang1m", "SAR_images", _image_name(tid)), png)
             t = tiles[tid]
-            stats["tiles"][scene_split[t["scene_id"]]] += 1
+            stats["tiles"][tile_split[tid]] += 1
             stats["gsd"][f"{t['gsd_m']:g}"] += 1
             stats["classes"].update(o["class"] for o in t["objects"])
             stats["landcover"].update({k: v for k, v in (t["landcover"] or [])})
         rows = {s: [] for s in SPLITS}
         for p in pairs:
-            split = scene_split[p["scene_id"]]
+            split = tile_split[p["tile_id"]]
             image = _image_name(p["tile_id"])
             rows[split].append({**{c: p[c] for c in PAIR_COLUMNS}, "split": split,
                                 "image": {"bytes": tiles[p["tile_id"]]["sar_png"], "path": image}})
@@ -138,52 +143,62 @@ def run_export(cfg: WorkflowConfig) -> dict:
             io.write_bytes_atomic(io.join(out, "sarlang1m", "captions", f"{kind}_{split}.csv"), buf.getvalue().encode())
     io.write_json_atomic(io.join(out, "llamafactory", "dataset_info.json"), info)
     counts = {"splits": {s: {"tiles": stats["tiles"][s], "pairs": stats["pairs"][s]} for s in SPLITS},
-              "scene_split": scene_split, "question_types": len(stats["question_types"])}
-    write_card(out, cfg, stats, counts)
+              "planned": len(candidates), "written": len(candidates) - len(dropped), "rejected": len(dropped),
+              "question_types": len(stats["question_types"]),
+              "leakage": {k: v for k, v in leakage.items() if k in ("leak_free", "pairs")}}
+    write_card(out, cfg, stats, counts, leakage)
     return counts
 
 
-def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict) -> None:
-    """dataset_card.md with counts, distributions and PNG plots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots = {
+def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage: dict) -> None:
+    """dataset_card.md with counts, distributions, the leakage report and PNG plots."""
+    plt = plots.pyplot()
+    charts = {
         "applications.png": ("Pairs per application", stats["applications"]),
         "classes.png": ("Objects per class", stats["classes"]),
         "landcover.png": ("Land cover (sum of tile fractions)", stats["landcover"]),
         "gsd.png": ("Tiles per GSD (m)", Counter(dict(sorted(stats["gsd"].items(), key=lambda kv: float(kv[0]))))),
     }
-    for fname, (title, counter) in plots.items():
+    for fname, (title, counter) in charts.items():
         items = list(counter.items()) if fname == "gsd.png" else counter.most_common()
         fig, ax = plt.subplots(figsize=(7, 3.2))
         ax.bar([f"{k} m" if fname == "gsd.png" else str(k) for k, _ in items], [v for _, v in items], color="#3b6ea5")
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30, labelsize=8)
-        fig.tight_layout()
-        buf = _io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        io.write_bytes_atomic(io.join(out, "plots", fname), buf.getvalue())
+        plots.save_png(fig, io.join(out, "plots", fname))
 
     def table(counter: Counter, head: str) -> str:
         rows = "\n".join(f"| {k} | {v:g} |" for k, v in counter.most_common())
         return f"| {head} | count |\n|---|---|\n{rows}\n"
 
     splits = "\n".join(f"| {s} | {c['tiles']} | {c['pairs']} |" for s, c in counts["splits"].items())
+    leaks = "\n".join(f"| {k} | {v['intersection_m2']:g} | {v['tile_pairs_within_buffer']} | {v['shared_objects']} |"
+                      for k, v in leakage["pairs"].items())
+    how = {"geographic": f"**geographic**: tiles on spatial blocks of {cfg.export.block_m:g} m (equal-area grid); tiles of "
+                         f"different splits never share ground nor come closer than {cfg.export.buffer_m:g} m "
+                         f"({leakage['dropped_tiles']} boundary tiles dropped, listed in `errors.parquet`)",
+           "scene": "**scene** (weaker): no scene is in two splits, but scenes of the same ground can be",
+           "region": "**region** (weaker): no region is in two splits"}[cfg.export.split_by]
     qtypes = Counter()
     for qt, n in stats["question_types"].items():
         qtypes[qt.split("/")[0]] += n
     card = f"""# Dataset card: {cfg.name}
 
 SAR image-text pairs built by sarlang-ray (backend `{cfg.annotate.backend}`), QC-passed pairs only.
-Splits by **{cfg.export.split_by}**: no {cfg.export.split_by} appears in two splits (seed {cfg.run.seed}).
+Splits {how} (seed {cfg.run.seed}).
 
 | split | tiles | pairs |
 |---|---|---|
 {splits}
+
+## Leakage between splits
+Measured on the tiles written ({'no leakage' if leakage['leak_free'] else '**LEAKS**'}): ground area shared by
+the footprints of two splits (geodesic), tile pairs that share ground or lie within {leakage['buffer_m']:g} m, label
+objects that appear in both (`leakage.json`).
+
+| splits | shared area (m²) | tile pairs within buffer | shared objects |
+|---|---|---|---|
+{leaks}
 
 Distinct question types: {counts['question_types']}.
 
@@ -278,7 +293,5 @@ def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
     for i, r in enumerate(rows):
         r.update({"pair_id": f"import-{i:08d}", "scene_id": None, "gsd_m": None, "backend": "import",
                   "qc_passed": True, "qc_reasons": []})
-    from sarlang_ray.annotate.stage import ANNOTATION_SCHEMA
-
-    schema = ANNOTATION_SCHEMA.append(pa.field("split", pa.string())).append(pa.field("image_uri", pa.string()))
+    schema = tables.ANNOTATION_SCHEMA.append(pa.field("split", pa.string())).append(pa.field("image_uri", pa.string()))
     return pa.Table.from_pylist(rows, schema=schema)

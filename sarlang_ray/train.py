@@ -11,14 +11,13 @@ A restarted worker group resumes from the latest checkpoint (``FailureConfig(max
 
 from __future__ import annotations
 
-import io as _io
 import json
 import math
 import os
 import tempfile
 import time
 
-from sarlang_ray import io
+from sarlang_ray import io, plots
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.models import load_image, load_processor
 
@@ -209,20 +208,11 @@ def run_train(cfg: WorkflowConfig) -> dict:
 
 
 def _plot(history: list[dict], uri: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plots.pyplot().subplots(figsize=(6, 3.2))
     ax.plot([h["epoch"] + 1 for h in history], [h["val_loss"] for h in history], "o-", label="held-out loss")
     tr = [h for h in history if "train_loss" in h]
     ax.plot([h["epoch"] + 1 for h in tr], [h["train_loss"] for h in tr], "s--", label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend()
-    fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    io.write_bytes_atomic(uri, buf.getvalue())
+    plots.save_png(fig, uri)

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from sarlang_ray import pipeline
+from sarlang_ray.stages import annotate as annotate_stage
 from sarlang_ray.annotate.qc import apply_qc, check_text
 from sarlang_ray.annotate.template import (
     TemplateAnnotator, direction_of, pattern_of, question_type_space, shape_of,
@@ -158,7 +159,7 @@ def test_failing_backend_loses_only_its_tiles(demo_run, tmp_path):
     run_dir = tmp_path / "flaky"
     shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "archive"))
     flaky = load_config(None, [f"run.run_dir={run_dir}", "annotate.backend=annotate_backends:FlakyBackend", "ray.progress=false"])
-    counts = pipeline.run_annotate(flaky)
+    counts = annotate_stage.run(flaky)
     errors = [e for e in pipeline.read_errors(str(run_dir)).to_pylist() if e["stage"] == "annotate"]
     classes = Counter(e["error_class"] for e in errors)
     assert classes["backend_error"] > 0 and classes["malformed_output"] > 0

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from sarlang_ray import io, pipeline
+from sarlang_ray.stages import annotate as annotate_stage, tile as tile_stage
 
 from conftest import REPO, demo_config
 
@@ -153,7 +154,7 @@ def test_killing_a_tile_worker_mid_stage_loses_and_duplicates_no_tile(reference,
     cfg = _config(tmp_path / "run", Path(reference.synth.out_dir))
     _copy_stages(reference.run.run_dir, tmp_path / "run", ["catalog"])
     with KillBusyWorker("TileChunk", cfg.run.run_dir, "tile") as killer:
-        counts = pipeline.run_tile(cfg)
+        counts = tile_stage.run(cfg)
     _assert_killed_mid_stage(killer, reference.run.run_dir)
     assert counts["planned"] == counts["written"] + counts["rejected"]
     _assert_same_as_reference(cfg.run.run_dir, reference.run.run_dir, ["tile"])
@@ -167,7 +168,7 @@ def test_killing_an_annotate_worker_mid_stage_loses_and_duplicates_no_pair(refer
     cfg = _config(tmp_path / "run", Path(reference.synth.out_dir))
     _copy_stages(reference.run.run_dir, tmp_path / "run", ["catalog", "tile", "align"])
     with KillBusyWorker("AnnotateShard", cfg.run.run_dir, "annotate") as killer:
-        counts = pipeline.run_annotate(cfg)
+        counts = annotate_stage.run(cfg)
     _assert_killed_mid_stage(killer, reference.run.run_dir)
     assert counts["planned"] == counts["written"] + counts["rejected"]
     # shards, errors and qc_report.json (rule hits of every shard, retried ones included) as uninterrupted

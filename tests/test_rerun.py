@@ -24,14 +24,32 @@ def _snapshot(root: str) -> dict[str, tuple[int, str]]:
     return out
 
 
-def test_a_stage_start_sweeps_partial_files_of_killed_writers_only(tmp_path):
-    """A writer killed between write and rename leaves ``<shard>.tmp-<hex>``; the next start of that stage
-    removes such files once they are old, and leaves young ones (a writer may still be at work) and
-    every other file alone."""
-    from sarlang_ray.config import load_config
+def _toy_stage(calls: list, name: str = "demo_stage", fail: str | None = None):
+    from sarlang_ray.stages.runner import Stage
 
+    def body(cfg):
+        calls.append(cfg.tile.tile_size)
+        return {"planned": 0, **({"failure": fail} if fail else {})}
+
+    return Stage(name, body, keys=("tile",), needs_ray=False)
+
+
+def test_a_resumed_stage_sweeps_partial_files_of_killed_writers_only(tmp_path):
+    """A writer killed between write and rename leaves ``<shard>.tmp-<hex>``; when the stage resumes (same
+    fingerprint, no _SUCCESS.json), such files go once they are old, and young ones (a writer may still be
+    at work) and every other file stay."""
+    from sarlang_ray.config import load_config
+    from sarlang_ray.stages.runner import STARTED
+
+    from sarlang_ray.stages.runner import Stage
+
+    cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}"])
+    seen: list = []
     shards = tmp_path / "run" / "demo_stage" / "shards"
+    stage = Stage("demo_stage", lambda c: seen.append(sorted(p.name for p in shards.iterdir())) or {"planned": 0},
+                  keys=("tile",), needs_ray=False)
     shards.mkdir(parents=True)
+    io.write_json_atomic(stage.marker(cfg, STARTED), {"fingerprint": stage.fingerprint(cfg)})  # interrupted earlier
     stale, young = shards / f"a.parquet.tmp-{'0' * 32}", shards / f"b.parquet.tmp-{'f' * 32}"
     keep = [shards / "a.parquet", shards / "notes.tmp-x", shards / f"c.tmp-{'0' * 32}.parquet"]
     for p in (stale, young, *keep):
@@ -39,17 +57,113 @@ def test_a_stage_start_sweeps_partial_files_of_killed_writers_only(tmp_path):
     hour_ago = os.stat(stale).st_mtime - 3600
     for p in (stale, *keep):
         os.utime(p, (hour_ago, hour_ago))
-
-    calls = []
-
-    @pipeline.stage("demo_stage", needs_ray=False)
-    def body(cfg):
-        calls.append(sorted(p.name for p in shards.iterdir()))
-        return {"planned": 0}
-
-    body(load_config(None, [f"run.run_dir={tmp_path / 'run'}"]))
-    assert calls == [sorted([young.name, *(p.name for p in keep)])]  # swept before the body ran
+    stage.run(cfg)
+    assert seen == [sorted([young.name, *(p.name for p in keep)])]  # swept before the body ran, shards kept
     assert (tmp_path / "run" / "demo_stage" / "_SUCCESS.json").exists()
+
+
+def test_a_stage_reruns_only_when_what_it_is_made_from_changes(tmp_path):
+    from sarlang_ray.config import load_config
+
+    run_dir = tmp_path / "run"
+    calls: list = []
+    stage = _toy_stage(calls)
+    stage.run(load_config(None, [f"run.run_dir={run_dir}"]))
+    (run_dir / "demo_stage" / "old-output.parquet").write_bytes(b"made with tile_size 256")
+    stage.run(load_config(None, [f"run.run_dir={run_dir}", "tile.concurrency=1", "tile.num_cpus=0.5"]))  # resources only
+    assert calls == [256] and (run_dir / "demo_stage" / "old-output.parquet").exists()
+    stage.run(load_config(None, [f"run.run_dir={run_dir}", "tile.tile_size=128"]))
+    assert calls == [256, 128]
+    assert not (run_dir / "demo_stage" / "old-output.parquet").exists(), "a recomputed stage starts from nothing"
+    stage.run(load_config(None, [f"run.run_dir={run_dir}", "tile.tile_size=128", "run.force=true"]))
+    assert calls == [256, 128, 128]
+
+
+def test_an_interrupted_stage_with_another_config_is_not_resumed(tmp_path):
+    """Shards written under other settings must not be skipped as if they were this run's."""
+    from sarlang_ray.config import load_config
+    from sarlang_ray.stages.runner import STARTED
+
+    run_dir = tmp_path / "run"
+    old = load_config(None, [f"run.run_dir={run_dir}"])
+    stage = _toy_stage([])
+    io.write_json_atomic(stage.marker(old, STARTED), {"fingerprint": stage.fingerprint(old)})
+    (run_dir / "demo_stage" / "half-done.parquet").write_bytes(b"256 px")
+    stage.run(load_config(None, [f"run.run_dir={run_dir}", "tile.tile_size=128"]))
+    assert not (run_dir / "demo_stage" / "half-done.parquet").exists()
+
+
+def test_a_stage_whose_work_failed_raises_and_is_not_marked_done(tmp_path):
+    from sarlang_ray.config import load_config
+    from sarlang_ray.stages.runner import StageFailed
+
+    cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(StageFailed, match="nothing to do here"):
+        _toy_stage([], fail="nothing to do here").run(cfg)
+    assert not (tmp_path / "run" / "demo_stage" / "_SUCCESS.json").exists()
+
+
+@pytest.fixture
+def demo_copy(demo_run, tmp_path):
+    """A copy of the demo run's stage folders (the archive stays where it is: its path is part of the
+    catalog's config) and the config that made them, pointed at the copy."""
+    import shutil
+
+    cfg, _ = demo_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg.run.run_dir, run_dir, ignore=lambda d, names: ["archive"] if d == cfg.run.run_dir else [])
+    overrides = [f"synth.out_dir={cfg.synth.out_dir}"]
+    return run_dir, overrides
+
+
+def test_changing_a_tile_key_redoes_tile_and_every_stage_after_it(demo_copy):
+    """`sarlang tile workflows/demo.yaml tile.tile_size=128` on a finished demo run (as the README shows)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from sarlang_ray import cli
+
+    run_dir, overrides = demo_copy
+    before = {s: io.read_json(str(run_dir / s / "_SUCCESS.json"))["fingerprint"]["value"]
+              for s in ("catalog", "tile", "align", "annotate", "export")}
+    argv = ["tile", str(REPO / "workflows" / "demo.yaml"), f"run.run_dir={run_dir}", *overrides, "ray.progress=false",
+            "run.stages=[synth,catalog,tile,align,annotate,export]"]
+    assert cli.main([*argv, "tile.tile_size=128"]) == 0
+    after = {s: io.read_json(str(run_dir / s / "_SUCCESS.json"))["fingerprint"]["value"] for s in before}
+    assert after["catalog"] == before["catalog"]
+    assert all(after[s] != before[s] for s in ("tile", "align", "annotate", "export")), (before, after)
+    for stage in ("tile", "align"):
+        widths = {w for f in (run_dir / stage / "shards").glob("*/*.parquet") for w in pq.read_table(f, columns=["width"])["width"].to_pylist()}
+        assert widths == {128}, (stage, widths)
+    assert "tile_size: 128" in (run_dir / "config.yaml").read_text()
+    image = pq.read_table(next((run_dir / "export" / "parquet" / "train").glob("*.parquet")), columns=["image"])["image"][0]
+    from PIL import Image
+    import io as _io
+
+    assert Image.open(_io.BytesIO(image["bytes"].as_py())).size == (128, 128)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    n_tiles = sum(pq.read_metadata(f).num_rows for f in (run_dir / "align" / "shards").glob("*/*.parquet"))
+    assert summary["stages"]["align"]["written"] == n_tiles == sum(summary["tiles_per_gsd"].values())
+
+    # only a resource key changed: nothing is redone, nothing is rewritten
+    snapshot = _snapshot(str(run_dir))
+    assert cli.main([*argv, "tile.tile_size=128", "tile.concurrency=1", "align.num_cpus=0.5"]) == 0
+    changed = {k for k, v in _snapshot(str(run_dir)).items() if snapshot.get(k) != v} - {"summary.json", "config.yaml"}
+    assert not changed, changed
+
+
+def test_a_stage_run_alone_makes_the_stale_stages_before_it(demo_copy):
+    from sarlang_ray.config import load_config
+
+    run_dir, overrides = demo_copy
+    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}", *overrides,
+                                                               "run.stages=[synth,catalog,tile,align,annotate,export]"])
+    assert pipeline.plan(cfg, ["align"]) == ["align", "annotate", "export"]
+    assert pipeline.plan(cfg, ["export"]) == ["export"]
+    changed = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}", *overrides, "tile.tile_size=64",
+                                                                   "run.stages=[synth,catalog,tile,align,annotate,export]"])
+    assert pipeline.plan(changed, ["align"]) == ["tile", "align", "annotate", "export"]
 
 
 def test_rerunning_a_finished_tile_stage_writes_nothing(demo_run):
@@ -62,19 +176,25 @@ def test_rerunning_a_finished_tile_stage_writes_nothing(demo_run):
     assert again["stages"]["tile"] == summary["stages"]["tile"]
 
 
-def test_an_interrupted_stage_resumes_without_duplicates(demo_run):
-    cfg, summary = demo_run
+def test_an_interrupted_stage_resumes_without_duplicates(demo_copy):
+    from sarlang_ray.config import load_config
+    from sarlang_ray.stages import tile
+
+    run_dir, overrides = demo_copy
+    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}", *overrides, "ray.progress=false",
+                                                               "run.stages=[synth,catalog,tile,align,annotate,export]"])
+    done = io.read_json(str(run_dir / "tile" / "_SUCCESS.json"))
     shards = io.glob(io.join(cfg.run.run_dir, "tile", "shards"), "*/*.parquet")
     lost = shards[len(shards) // 2]
     os.remove(lost)  # as if the run died before this shard was written
     os.remove(io.join(cfg.run.run_dir, "tile", "_SUCCESS.json"))
-    counts = pipeline.run_tile(cfg)
+    counts = tile.run(cfg)
     assert counts["skipped_shards"] == counts["shards"] - 1  # only the missing shard was redone
     assert os.path.exists(lost)
-    assert {k: counts[k] for k in ("planned", "written", "rejected")} == \
-        {k: summary["stages"]["tile"][k] for k in ("planned", "written", "rejected")}
-    ids = pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id"])["tile_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == summary["stages"]["align"]["written"]
+    assert {k: counts[k] for k in ("planned", "written", "rejected")} == {k: done[k] for k in ("planned", "written", "rejected")}
+    ids = [t for f in io.glob(io.join(cfg.run.run_dir, "tile", "shards"), "*/*.parquet")
+           for t in io.read_parquet(f, columns=["tile_id"])["tile_id"].to_pylist()]
+    assert len(ids) == len(set(ids)) == done["written"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,268 @@
+"""Train / val / test splits without geographic leakage, and the report that measures leakage.
+
+A model scored on ground it was trained on (the same harbour at another GSD, date or polarisation) looks
+better than it is. So the default split is **geographic** (the spatial cross-validation of Roberts et al.
+2017, and of TorchGeo's grid-cell split helpers), and works on ground footprints rather than on scenes:
+
+1. every tile goes to the spatial block of an equal-area grid (EPSG:6933, ``block_m`` metres a side) that
+   holds its footprint's centroid; tiles of one place share a block whatever scene, GSD, date or
+   polarisation they come from;
+2. blocks are assigned to splits by a seeded hash, each to the split furthest below its target share of
+   tiles (:func:`assign_splits`);
+3. a tile whose footprint intersects, or comes closer than ``buffer_m`` to, a tile of another split (a tile
+   straddling a block boundary, a coarse tile over fine ones) is in conflict; the tiles with the most
+   conflicts are dropped until none is left (recorded with the reason, never silently).
+
+``split_by: scene`` and ``region`` are kept as explicit, weaker options: they keep a scene (or region)
+whole, but two scenes of the same ground may land in different splits. :func:`leakage_report` measures
+any assignment: per pair of splits, the ground area their tiles share, the tile pairs that meet, and the
+label objects that appear in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from pyproj import CRS, Geod, Transformer
+
+SPLITS = ("train", "val", "test")
+EQUAL_AREA = "EPSG:6933"  # WGS 84 / NSIDC EASE-Grid 2.0 Global: equal-area, metres, global
+_M_PER_DEG_LAT = 110_574.0  # the shortest degree of latitude (at the equator): conservative for search boxes
+
+
+@dataclass
+class SplitTile:
+    """What a split needs of a tile: its id and group keys, its ground footprint (EPSG:4326) and CRS, and
+    the label objects it shows."""
+
+    tile_id: str
+    scene_id: str
+    region: str
+    footprint: shapely.Polygon  # lon/lat
+    crs: str  # a metric CRS of the tile (its grid's), for distances on the ground
+    label_ids: frozenset[str]
+
+
+def assign_splits(group_sizes: dict[str, int], ratios: dict[str, float], seed: int) -> dict[str, str]:
+    """Group -> split; deterministic, every group in exactly one split, shares of items near ``ratios``."""
+    order = sorted(group_sizes, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    total = sum(group_sizes.values()) or 1
+    filled = {s: 0 for s in ratios if ratios[s] > 0}
+    out = {}
+    for g in order:
+        # the split that is furthest below its target share gets the next group
+        split = max(filled, key=lambda s: ratios[s] - filled[s] / total)
+        out[g] = split
+        filled[split] += group_sizes[g]
+    return out
+
+
+def block_of(footprints: list[shapely.Polygon], block_m: float) -> list[str]:
+    """The equal-area grid block (``"<col>_<row>"``) holding each footprint's centroid."""
+    if not footprints:
+        return []
+    centroids = shapely.centroid(np.asarray(footprints, dtype=object))
+    x, y = Transformer.from_crs("EPSG:4326", EQUAL_AREA, always_xy=True).transform(
+        shapely.get_x(centroids), shapely.get_y(centroids))
+    return [f"{math.floor(a / block_m)}_{math.floor(b / block_m)}" for a, b in zip(np.atleast_1d(x), np.atleast_1d(y))]
+
+
+class _Ground:
+    """Ground distances between lon/lat footprints, measured in a metric CRS of one of the two tiles."""
+
+    def __init__(self, tiles: list[SplitTile]):
+        self.tiles = tiles
+        self._projected: dict[tuple[int, str], shapely.Geometry] = {}
+        self._transformers: dict[str, Transformer] = {}
+
+    def _in(self, i: int, crs: str) -> shapely.Geometry:
+        key = (i, crs)
+        if key not in self._projected:
+            if crs not in self._transformers:
+                self._transformers[crs] = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+            t = self._transformers[crs]
+            self._projected[key] = shapely.transform(self.tiles[i].footprint, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+        return self._projected[key]
+
+    def meet(self, i: int, j: int, buffer_m: float) -> bool:
+        """Do tiles i and j share ground (interiors overlap) or lie closer than ``buffer_m``?"""
+        crs = self.tiles[i].crs
+        a, b = self._in(i, crs), self._in(j, crs)
+        if buffer_m > 0:
+            return a.distance(b) < buffer_m
+        return a.intersection(b).area > 0
+
+
+def candidate_pairs(tiles: list[SplitTile], buffer_m: float) -> np.ndarray:
+    """Index pairs (i < j) of tiles whose lon/lat bounds, widened by ``buffer_m`` (conservatively), meet."""
+    if len(tiles) < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    footprints = np.asarray([t.footprint for t in tiles], dtype=object)
+    bounds = shapely.bounds(footprints)
+    lat = np.maximum(np.abs(bounds[:, 1]), np.abs(bounds[:, 3]))
+    dlat = buffer_m / _M_PER_DEG_LAT
+    dlon = buffer_m / (_M_PER_DEG_LAT * np.maximum(np.cos(np.radians(np.minimum(lat, 89.9))), 1e-6))
+    boxes = shapely.box(bounds[:, 0] - dlon, bounds[:, 1] - dlat, bounds[:, 2] + dlon, bounds[:, 3] + dlat)
+    tree = shapely.STRtree(footprints)
+    src, dst = tree.query(boxes, predicate="intersects")
+    keep = src < dst
+    return np.column_stack([src[keep], dst[keep]])
+
+
+def hilbert_index(x: int, y: int, order: int = 32) -> int:
+    """Position of cell (x, y) (non-negative) on a Hilbert curve over a 2**order grid: cells close on the
+    curve are close on the ground, so consecutive runs of blocks form compact regions."""
+    d, s = 0, 1 << (order - 1)
+    while s > 0:
+        rx, ry = int(x & s > 0), int(y & s > 0)
+        d += s * s * ((3 * rx) ^ ry)
+        if ry == 0:  # rotate the quadrant
+            if rx == 1:
+                x, y = s - 1 - x, s - 1 - y
+            x, y = y, x
+        s >>= 1
+    return d
+
+
+def block_runs(block_sizes: dict[str, int], ratios: dict[str, float], seed: int, start: int | None = None) -> dict[str, str]:
+    """Block -> split: blocks in Hilbert order (started at ``start``, else a seeded place), cut into one
+    contiguous run per split sized by ``ratios`` (in items), so each split is a few compact regions and
+    boundaries are few."""
+    def cell(block: str) -> tuple[int, int]:
+        col, row = (int(v) for v in block.split("_"))
+        return col + (1 << 30), row + (1 << 30)
+
+    order = sorted(block_sizes, key=lambda b: hilbert_index(*cell(b)))
+    if not order:
+        return {}
+    if start is None:
+        start = int(hashlib.sha256(f"{seed}:start".encode()).hexdigest(), 16)
+    start %= len(order)
+    order = order[start:] + order[:start]
+    names = [s for s in SPLITS if ratios.get(s, 0) > 0]
+    names = sorted(names, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())  # which region comes first
+    total = sum(block_sizes.values()) or 1
+    out, filled, k = {}, 0.0, 0
+    bound = ratios[names[0]] * total
+    for i, b in enumerate(order):
+        left = len(order) - i
+        # move on once this split has its share, keeping at least one block for every split still to come
+        while k < len(names) - 1 and (filled + block_sizes[b] / 2 > bound or left <= len(names) - 1 - k):
+            k += 1
+            bound += ratios[names[k]] * total
+        out[b] = names[k]
+        filled += block_sizes[b]
+    return out
+
+
+def geographic_splits(tiles: list[SplitTile], ratios: dict[str, float], seed: int, block_m: float,
+                      buffer_m: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Tile id -> split, and tile id -> why it was dropped (the module docstring says how)."""
+    blocks = block_of([t.footprint for t in tiles], block_m)
+    sizes = dict(Counter(blocks))
+    meeting = meeting_pairs(tiles, buffer_m)
+    # a few seeded places to start the curve at; keep the one whose kept tiles come closest to the ratios
+    base = int(hashlib.sha256(f"{seed}:start".encode()).hexdigest(), 16)
+    best = None
+    for k in range(START_CANDIDATES):
+        block_split = block_runs(sizes, ratios, seed, start=base + k * max(1, len(sizes) // START_CANDIDATES))
+        kept, dropped = _resolve([block_split[b] for b in blocks], meeting, tiles, ratios, buffer_m)
+        shares = Counter(kept.values())
+        n = max(1, len(tiles))
+        miss = sum((shares[s] / n - r) ** 2 + (r > 0 and shares[s] == 0) for s, r in ratios.items()) + len(dropped) / n
+        if best is None or miss < best[0]:
+            best = (miss, kept, dropped)
+    return best[1], best[2]
+
+
+START_CANDIDATES = 8  # seeded start places tried along the Hilbert curve
+
+
+def _resolve(split: list[str], meeting: list[tuple[int, int]], tiles: list[SplitTile], ratios: dict[str, float],
+             buffer_m: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Drop tiles until no two tiles of different splits meet; (tile id -> split, tile id -> why dropped)."""
+    conflicts: dict[int, set[int]] = defaultdict(set)
+    for i, j in meeting:
+        if split[i] != split[j]:
+            conflicts[i].add(j)
+            conflicts[j].add(i)
+
+    def cost(i: int) -> tuple:
+        # drop from the split with the larger target first (it can spare tiles), then the most conflicted
+        # tile, then the larger footprint; the id makes it deterministic
+        return (-ratios[split[i]], -len(conflicts[i]), -tiles[i].footprint.area, tiles[i].tile_id)
+
+    dropped: dict[str, str] = {}
+    heap = [(cost(i), i) for i in conflicts]
+    heapq.heapify(heap)
+    while heap:
+        key, i = heapq.heappop(heap)
+        if not conflicts.get(i):
+            continue
+        if key != cost(i):  # its conflicts changed since it was queued
+            heapq.heappush(heap, (cost(i), i))
+            continue
+        others = sorted({split[j] for j in conflicts[i]})
+        dropped[tiles[i].tile_id] = (
+            f"tile {tiles[i].tile_id} (split {split[i]}) shares ground or label objects with, or lies within "
+            f"export.buffer_m={buffer_m:g} m of, {len(conflicts[i])} tile(s) of split(s) {', '.join(others)}; dropped so "
+            "that no ground is in two splits. A larger export.block_m means fewer split boundaries.")
+        for j in conflicts.pop(i):
+            conflicts[j].discard(i)
+            heapq.heappush(heap, (cost(j), j))
+    return {t.tile_id: s for t, s in zip(tiles, split) if t.tile_id not in dropped}, dropped
+
+
+def meeting_pairs(tiles: list[SplitTile], buffer_m: float) -> list[tuple[int, int]]:
+    """Index pairs (i < j) of tiles that share ground (interiors overlap), lie closer than ``buffer_m``, or
+    show the same label object."""
+    ground = _Ground(tiles)
+    out = [(i, j) for i, j in candidate_pairs(tiles, buffer_m).tolist()
+           if tiles[i].label_ids & tiles[j].label_ids or ground.meet(i, j, buffer_m)]
+    return out
+
+
+def group_splits(tiles: list[SplitTile], by: str, ratios: dict[str, float], seed: int) -> dict[str, str]:
+    """The weaker splits: whole scenes (``by="scene"``) or regions (``by="region"``) per split."""
+    key = (lambda t: t.region) if by == "region" else (lambda t: t.scene_id)
+    group_split = assign_splits(dict(Counter(key(t) for t in tiles)), ratios, seed)
+    return {t.tile_id: group_split[key(t)] for t in tiles}
+
+
+def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m: float) -> dict:
+    """Per pair of splits: ground area their tiles share (m², geodesic, of the union of each split's
+    footprints), tile pairs that share ground or lie closer than ``buffer_m``, and label objects in both."""
+    geod = Geod(ellps="WGS84")
+    placed = [t for t in tiles if t.tile_id in tile_split]
+    by_split = {s: [t for t in placed if tile_split[t.tile_id] == s] for s in SPLITS}
+    unions = {s: shapely.union_all([t.footprint for t in ts]) if ts else None for s, ts in by_split.items()}
+    labels = {s: set().union(*(t.label_ids for t in ts)) if ts else set() for s, ts in by_split.items()}
+    meeting: Counter = Counter()
+    for i, j in meeting_pairs(placed, buffer_m):
+        a, b = tile_split[placed[i].tile_id], tile_split[placed[j].tile_id]
+        if a != b:
+            meeting[tuple(sorted((a, b)))] += 1
+    pairs = {}
+    for k, a in enumerate(SPLITS):
+        for b in SPLITS[k + 1:]:
+            area = 0.0
+            if unions[a] is not None and unions[b] is not None:
+                shared = unions[a].intersection(unions[b])
+                area = abs(geod.geometry_area_perimeter(shared)[0]) if not shared.is_empty else 0.0
+            pairs[f"{a}/{b}"] = {"intersection_m2": round(area, 3), "tile_pairs_within_buffer": meeting[(min(a, b), max(a, b))],
+                                 "shared_objects": len(labels[a] & labels[b])}
+    return {"buffer_m": buffer_m, "pairs": pairs,
+            "leak_free": all(p["intersection_m2"] == 0 and p["shared_objects"] == 0 for p in pairs.values()),
+            "tiles": {s: len(ts) for s, ts in by_split.items()}}
+
+
+def metric_crs(crs: str) -> str:
+    """``crs`` if it is projected in metres, else the WGS 84 equal-area grid (distances roughly right)."""
+    c = CRS.from_user_input(crs)
+    return crs if c.is_projected and abs(c.axis_info[0].unit_conversion_factor - 1.0) < 1e-9 else EQUAL_AREA

@@ -1,0 +1,37 @@
+"""annotate: captions and QA for every tile shard -> ``annotate/shards/`` (the annotations table), with QC
+and ``annotate/qc_report.json``."""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import asdict
+
+from sarlang_ray import io
+from sarlang_ray.annotate import stage as annotate_stage
+from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
+
+
+def _body(cfg: WorkflowConfig) -> dict:
+    a = cfg.annotate
+    manifest = map_items(shard_items(io.join(cfg.run.run_dir, "align", "shards")), annotate_stage.AnnotateShard,
+                         (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels), a.concurrency, a.num_cpus, a.num_gpus)
+    counts = totals(manifest)
+    hits: collections.Counter = collections.Counter()
+    for m in manifest:
+        hits.update(json.loads(m["qc_hits"]))
+    pairs, passed = sum(m["pairs"] for m in manifest), sum(m["pairs_passed"] for m in manifest)
+    counts["pairs"] = {"planned": pairs, "passed": passed, "rejected": pairs - passed}
+    report = {"backend": a.backend, "pairs": counts["pairs"], "rule_hits": dict(hits), "rules": asdict(a.qc)}
+    io.write_json_atomic(io.join(cfg.run.run_dir, "annotate", "qc_report.json"), report)
+    return counts
+
+
+# api_key_env only names the variable that holds the key
+STAGE = Stage("annotate", _body, inputs=("align",), keys=("annotate", "run.seed", "run.max_pixels"),
+              ignore=frozenset({"api_key_env"}))
+
+
+def run(cfg: WorkflowConfig) -> dict:
+    return STAGE.run(cfg)

@@ -1,0 +1,33 @@
+"""evaluate: a Ray Tune sweep of models x image variants x prompts on an export split -> the leaderboard
+(see :mod:`sarlang_ray.evaluate`). A failed trial is listed in the leaderboard with its root exception,
+and makes the stage (and the command) fail once the leaderboard is written."""
+
+from __future__ import annotations
+
+from sarlang_ray import io
+from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.stages.runner import Stage
+
+
+def _body(cfg: WorkflowConfig) -> dict:
+    from sarlang_ray.evaluate import run_evaluate  # torch and transformers load only when a run evaluates
+
+    board = run_evaluate(cfg)
+    mode = board["vqa_mode"]
+    counts = {"trials": len([r for r in board["rows"] if "samples_per_s" in r]), "failed": len(board["failed"]),
+              "leaderboard": [{"model": r["model"], "image": r["image"], "prompt": r["prompt"], f"vqa_{mode}": r.get(f"vqa_{mode}"),
+                               "concise_cider_tok": r.get("concise_cider_tok")} for r in board["rows"]],
+              "files": io.join(cfg.run.run_dir, "evaluate", "leaderboard.md"), "plots": board["plots"]}
+    if board["failed"]:
+        counts["failure"] = f"{len(board['failed'])} trial(s) failed (leaderboard written: {counts['files']}): " + "; ".join(
+            f"{f['model']} / {f['image']} / {f['prompt']}: {f.get('error_class', 'Error')}: {f['error']}" for f in board["failed"])
+    return counts
+
+
+# batch_size only groups prompts per generate() call
+STAGE = Stage("evaluate", _body, inputs=("export", "train"), keys=("evaluate", "train.model", "run.max_pixels"),
+              ignore=frozenset({"batch_size"}))
+
+
+def run(cfg: WorkflowConfig) -> dict:
+    return STAGE.run(cfg)

@@ -1,0 +1,277 @@
+"""What every stage shares, in one place: fingerprints, skip / resume / redo, markers, actor pools.
+
+A stage is a :class:`Stage`: a name, the stages it reads (``inputs``), the config keys that change what it
+writes (``keys``) and a body ``cfg -> counts``. Running one:
+
+* its **fingerprint** is a hash of those config values (resources such as ``concurrency``, ``num_cpus`` or
+  progress bars left out) and of the fingerprints its inputs recorded on disk, i.e. of what it is really
+  made from;
+* ``<stage>/_SUCCESS.json`` with the same fingerprint: the stage is up to date, a no-op;
+* ``<stage>/_STARTED.json`` with the same fingerprint but no ``_SUCCESS.json``: an interrupted run, resumed
+  shard by shard (finished shards are kept);
+* anything else (a changed key, a changed input, ``run.force=true``, a marker from an older version): the
+  stage's folder is cleared and the stage recomputed; the markers of every stage made from it are removed
+  first, so the run folder never claims a stale stage is finished.
+
+This is the run-cache model of DVC and Snakemake (outputs keyed by the parameters and input hashes that
+made them), with two differences that fit a pipeline of sharded tables: the unit that is kept is the
+stage (with shard-level resume inside it), and inputs are identified by their producer's fingerprint,
+not by hashing terabytes of shards. Raw archive files are identified by their paths, not their bytes:
+a scene replaced in place under the same name needs ``run.force=true``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from sarlang_ray import io
+from sarlang_ray.config import WorkflowConfig
+
+log = logging.getLogger("sarlang")
+
+ORDER = ("synth", "catalog", "tile", "align", "annotate", "export", "train", "evaluate")
+SUCCESS, STARTED = "_SUCCESS.json", "_STARTED.json"
+FINGERPRINT_VERSION = 1  # bump when the meaning of a stage's output changes for the same config
+# keys that only say how fast or where a stage runs, never what it writes
+RESOURCE_KEYS = frozenset({
+    "concurrency", "num_cpus", "num_gpus", "max_concurrent_trials", "cpus_per_worker", "progress", "num_to_keep",
+    "max_failures", "storage_path", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "name",
+})
+
+
+class StageFailed(RuntimeError):
+    """A stage ran but its work failed (a failed trial, nothing planned): the command exits non-zero."""
+
+
+def _select(cfg: WorkflowConfig, path: str):
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _plain(value, ignore: frozenset[str]):
+    """A config value as plain JSON data, resource keys dropped at every level."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name), ignore) for f in dataclasses.fields(value) if f.name not in ignore}
+    if isinstance(value, dict):
+        return {str(k): _plain(v, ignore) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, ignore) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: what it reads, what config makes it, and its body."""
+
+    name: str
+    body: Callable[[WorkflowConfig], dict]
+    inputs: tuple[str, ...] = ()  # stages whose outputs this one reads
+    keys: tuple[str, ...] = ()  # config paths that change the output ("tile", "run.seed", ...)
+    ignore: frozenset[str] = field(default_factory=frozenset)  # more resource keys, for this stage only
+    needs_ray: bool = True
+
+    # ------------------------------------------------------------ where
+    def folder(self, cfg: WorkflowConfig) -> str:
+        return cfg.synth.out_dir if self.name == "synth" else io.join(cfg.run.run_dir, self.name)
+
+    def marker(self, cfg: WorkflowConfig, which: str = SUCCESS) -> str:
+        return io.join(self.folder(cfg), which)
+
+    # ------------------------------------------------------------ what it is made from
+    def settings(self, cfg: WorkflowConfig) -> dict:
+        """The config values that change this stage's output."""
+        ignore = RESOURCE_KEYS | self.ignore
+        return {k: _plain(_select(cfg, k), ignore) for k in self.keys}
+
+    def input_fingerprints(self, cfg: WorkflowConfig) -> dict[str, str | None]:
+        """The fingerprint each input stage recorded on disk (None: not made in this run folder)."""
+        out = {}
+        for name in self.inputs:
+            if name == "synth" and cfg.catalog.archive != cfg.synth.out_dir:
+                continue  # the archive is the user's own, not the synthetic one
+            marker = registry()[name].read_marker(cfg)
+            out[name] = marker["fingerprint"]["value"] if marker else None
+        return out
+
+    def fingerprint(self, cfg: WorkflowConfig) -> dict:
+        made_from = {"version": FINGERPRINT_VERSION, "stage": self.name, "config": self.settings(cfg),
+                     "inputs": self.input_fingerprints(cfg)}
+        text = json.dumps(made_from, sort_keys=True, default=str)
+        return {"value": hashlib.sha256(text.encode()).hexdigest()[:16], **made_from}
+
+    def read_marker(self, cfg: WorkflowConfig, which: str = SUCCESS) -> dict | None:
+        uri = self.marker(cfg, which)
+        if not io.exists(uri):
+            return None
+        marker = io.read_json(uri)
+        return marker if isinstance(marker.get("fingerprint"), dict) else None  # an older version's marker: stale
+
+    def status(self, cfg: WorkflowConfig) -> str:
+        """``done`` (up to date), ``stale`` (finished, but from other settings or inputs) or ``missing``."""
+        done = self.read_marker(cfg)
+        if done is None:
+            return "stale" if io.exists(self.marker(cfg)) else "missing"
+        return "done" if done["fingerprint"]["value"] == self.fingerprint(cfg)["value"] else "stale"
+
+    # ------------------------------------------------------------ running
+    def run(self, cfg: WorkflowConfig) -> dict:
+        """Run the stage if it is not up to date; its counts either way."""
+        fp = self.fingerprint(cfg)
+        done = self.read_marker(cfg)
+        if done is not None and done["fingerprint"]["value"] == fp["value"] and not cfg.run.force:
+            return _counts(done)
+        started = self.read_marker(cfg, STARTED)
+        resume = started is not None and started["fingerprint"]["value"] == fp["value"] and not cfg.run.force
+        invalidate_downstream(cfg, self.name)
+        if not resume:
+            if done is not None or started is not None or io.exists(self.marker(cfg)):
+                log.info("%s: %s; recomputing it", self.name, describe_change(done or started, fp))
+            clear(self.folder(cfg), owned=self.name != "synth" or io.exists(self.marker(cfg)) or started is not None)
+            io.write_json_atomic(self.marker(cfg, STARTED), {"fingerprint": fp})
+        else:
+            swept = io.sweep_partial(self.folder(cfg))
+            if swept:
+                log.info("%s: resuming; removed %d partial files left by killed writers", self.name, len(swept))
+        if self.needs_ray:
+            ensure_ray(cfg)
+        t0 = time.time()
+        counts = self.body(cfg)
+        counts["seconds"] = round(time.time() - t0, 2)
+        if problem := counts.pop("failure", None):  # the body finished its outputs, but its work failed
+            raise StageFailed(f"{self.name}: {problem}")
+        io.write_json_atomic(self.marker(cfg), {**counts, "fingerprint": fp})
+        return counts
+
+
+def _counts(marker: dict) -> dict:
+    return {k: v for k, v in marker.items() if k != "fingerprint"}
+
+
+def describe_change(old: dict | None, new: dict) -> str:
+    """Which config keys or inputs differ between a marker and a fingerprint, for the log."""
+    if old is None or not isinstance(old.get("fingerprint"), dict):
+        return "no record of what it was made from"
+    before = old["fingerprint"]
+    changes = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            changes.append(f"{path}: {a!r} -> {b!r}")
+
+    walk(before.get("config"), new["config"], "")
+    for name in sorted(set(before.get("inputs", {})) | set(new["inputs"])):
+        if before.get("inputs", {}).get(name) != new["inputs"].get(name):
+            changes.append(f"input {name} was remade")
+    return "changed: " + "; ".join(changes[:8]) if changes else "made by another version"
+
+
+def clear(folder: str, owned: bool = True) -> None:
+    """Remove a stage's previous outputs (a recompute starts from nothing, so no old shard is skipped)."""
+    if not owned or not io.exists(folder):
+        return
+    fs, path = io.filesystem(folder)
+    fs.rm(path, recursive=True)
+
+
+def downstream(name: str) -> list[str]:
+    """Every stage made (directly or not) from ``name``, in pipeline order."""
+    stages, out, frontier = registry(), [], {name}
+    for other in ORDER:
+        if set(stages[other].inputs) & frontier:
+            out.append(other)
+            frontier.add(other)
+    return out
+
+
+def invalidate_downstream(cfg: WorkflowConfig, name: str) -> None:
+    """Remove the success markers of every stage made from ``name``: they are about to be stale."""
+    stages = registry()
+    for other in downstream(name):
+        uri = stages[other].marker(cfg)
+        if io.exists(uri):
+            fs, path = io.filesystem(uri)
+            fs.rm(path)
+
+
+def registry() -> dict[str, Stage]:
+    """Every stage by name (imported on first use: the stage modules import this one)."""
+    import importlib
+
+    return {name: importlib.import_module(f"sarlang_ray.stages.{name}").STAGE for name in ORDER}
+
+
+# ---------------------------------------------------------------- Ray wiring shared by the stages
+def ensure_ray(cfg: WorkflowConfig) -> None:
+    """Connect to the configured cluster (or RAY_ADDRESS), or start a local Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict = {"log_to_driver": True}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # address="local": always a new local Ray, never one a `ray start` left on this machine
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress
+    ctx.execution_options.preserve_order = True  # deterministic manifests
+
+
+def workers(concurrency: int | None) -> int:
+    """Actors of a pool: as configured, else one per CPU of the cluster."""
+    import ray
+
+    return concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def map_items(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float,
+              num_gpus: float = 0.0, max_blocks: int | None = None) -> list[dict]:
+    """Map a row function over small work items on an actor pool (one block per item, for balance, up to
+    ``max_blocks``); the small manifest rows it returns come back to the driver."""
+    import ray
+
+    if not items:
+        return []
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), max_blocks or len(items)))
+    pool = ray.data.ActorPoolStrategy(size=min(workers(concurrency), len(items)))
+    return ds.map(fn, fn_constructor_args=constructor_args, compute=pool, num_cpus=num_cpus, num_gpus=num_gpus).take_all()
+
+
+def shard_items(root: str) -> list[dict]:
+    """One work item per shard under ``root`` (``<scene>/<name>.parquet``), named relative to it."""
+    return [{"shard": io.relative(u, root)} for u in io.glob(root, "*/*.parquet")] if io.exists(root) else []
+
+
+def totals(manifest: Iterable[dict]) -> dict:
+    manifest = list(manifest)
+    return {
+        "shards": len(manifest),
+        "planned": sum(m["planned"] for m in manifest),
+        "written": sum(m["written"] for m in manifest),
+        "rejected": sum(m["rejected"] for m in manifest),
+        "skipped_shards": sum(bool(m["skipped"]) for m in manifest),
+    }
+
+
+def existing_shard(uri: str, planned: int, name: str) -> dict | None:
+    """The manifest row of a shard an earlier (interrupted) run already wrote, or None: a resumed stage
+    counts it and writes nothing."""
+    if not io.exists(uri):
+        return None
+    written = io.read_parquet(uri, columns=["tile_id"]).num_rows
+    return {"shard": name, "planned": planned, "written": written, "rejected": planned - written, "skipped": True}

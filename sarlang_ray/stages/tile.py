@@ -1,0 +1,33 @@
+"""tile: every cataloged scene at every pyramid GSD -> ``tile/shards/<scene>/<gsd>-<chunk>.parquet``."""
+
+from __future__ import annotations
+
+from sarlang_ray import tables, tiling
+from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.stages.runner import Stage, map_items, totals
+
+
+def nothing_planned(scenes: list[dict], cfg: WorkflowConfig) -> str:
+    """Why a tile stage with scenes planned no tile, and what to change."""
+    if not scenes:
+        return ("the catalog has no usable scene, so there is nothing to tile; see catalog/errors.parquet "
+                "(sarlang_ray.tables.read_errors) for why each file was rejected")
+    finest = min(s["gsd_m"] for s in scenes)
+    return (f"every pyramid level (tile.gsds_m={list(cfg.tile.gsds_m)}) is finer than the archive's {finest:g} m, so no "
+            f"tile was planned. Add {finest:g} (or coarser GSDs) to tile.gsds_m, or set tile.include_native=true")
+
+
+def _body(cfg: WorkflowConfig) -> dict:
+    scenes = tables.read_scenes(cfg.run.run_dir)
+    chunks = [c for s in scenes for c in tiling.plan_chunks(s, cfg.tile)]
+    if not chunks:
+        return {"planned": 0, "written": 0, "rejected": 0, "failure": nothing_planned(scenes, cfg)}
+    manifest = map_items(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir), cfg.tile.concurrency, cfg.tile.num_cpus)
+    return totals(manifest)
+
+
+STAGE = Stage("tile", _body, inputs=("catalog",), keys=("tile",))
+
+
+def run(cfg: WorkflowConfig) -> dict:
+    return STAGE.run(cfg)

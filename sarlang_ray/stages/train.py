@@ -1,0 +1,21 @@
+"""train: Ray Train fine-tuning on the export (see :mod:`sarlang_ray.train`)."""
+
+from __future__ import annotations
+
+from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.stages.runner import Stage
+
+
+def _body(cfg: WorkflowConfig) -> dict:
+    from sarlang_ray.train import run_train  # torch and transformers load only when a run trains
+
+    out = run_train(cfg)
+    return {k: out[k] for k in ("n_train", "val_loss_before", "val_loss_after", "checkpoint")}
+
+
+# init_tiny only says whether to write the tiny model when it is missing; the model itself is train.model
+STAGE = Stage("train", _body, inputs=("export",), keys=("train", "run.max_pixels"), ignore=frozenset({"init_tiny"}))
+
+
+def run(cfg: WorkflowConfig) -> dict:
+    return STAGE.run(cfg)
