@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sarlang_ray import prompts
 from sarlang_ray.errors import has_credentials, redact_text, redact_urls
 
 
@@ -215,9 +216,9 @@ class TrainSection:
 @dataclass
 class PromptSection:
     name: str = "paper"  # shown in the leaderboard
-    caption: str = "Describe the content of this image in one sentence."  # the paper's concise prompt
-    detailed: str = "Describe this image in detail."
-    vqa: str = "Question: {question}. Answer the question concisely."  # the paper's VQA prompt
+    caption: str = prompts.CAPTION_CONCISE  # the paper's concise prompt
+    detailed: str = prompts.CAPTION_DETAILED
+    vqa: str = prompts.VQA  # the paper's VQA prompt
 
 
 @dataclass

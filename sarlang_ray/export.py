@@ -23,10 +23,9 @@ import re
 from collections import Counter
 
 import pyarrow as pa
-
 import shapely
 
-from sarlang_ray import io, plots, tables
+from sarlang_ray import io, plots, prompts, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import ItemError, error_row, errors_table
 from sarlang_ray.splits import SPLITS, SplitTile, geographic_splits, group_splits, leakage_report
@@ -266,7 +265,7 @@ def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
             uri = io.join(root, "captions", f"{kind}_{split}.csv")
             if not io.exists(uri):
                 continue
-            prompt = "Describe the content of this image in one sentence." if kind == "concise" else "Describe this image in detail."
+            prompt = prompts.CAPTIONS[kind]
             for line, r in enumerate(csv.DictReader(_io.StringIO(io.read_bytes(uri).decode())), start=2):
                 if not r.get("image") or r.get("caption") is None:
                     raise ItemError("malformed_release", f"{uri} line {line}: needs columns image,caption. Fix the file.")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from sarlang_ray import prompts
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
@@ -30,7 +32,7 @@ def _corpus() -> list[str]:
         if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
             lines += list(value)
     lines += [f"{c} {p}" for c, (p, syns) in CLASS_WORDS.items() for _ in range(3)] + list(POSITIONS) + list(NUMBER_WORDS)
-    lines += [str(i) for i in range(200)] + ["yes", "no", "user:", "assistant:", "Describe this image in detail."]
+    lines += [str(i) for i in range(200)] + ["yes", "no", "user:", "assistant:", prompts.CAPTION_DETAILED]
     return lines * 4
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from PIL import Image
 
+from sarlang_ray import prompts
 from sarlang_ray.annotate.template import TemplateAnnotator
 from sarlang_ray.config import AnnotateSection
 from sarlang_ray.models import Generator, load_image
-
-CONCISE = "Describe the content of this image in one sentence."
-DETAILED = "Describe this image in detail."
 
 
 class HFAnnotator:
@@ -40,11 +38,11 @@ class HFAnnotator:
         for k, tile in enumerate(tiles):
             for pair in self.questions.annotate(tile):
                 if pair["kind"] == "caption_concise":
-                    jobs.append((k, pair, CONCISE, self.cfg.max_new_tokens_caption))
+                    jobs.append((k, pair, prompts.CAPTION_CONCISE, self.cfg.max_new_tokens_caption))
                 elif pair["kind"] == "caption_detailed":
-                    jobs.append((k, pair, DETAILED, 3 * self.cfg.max_new_tokens_caption))
+                    jobs.append((k, pair, prompts.CAPTION_DETAILED, 3 * self.cfg.max_new_tokens_caption))
                 else:
-                    jobs.append((k, pair, pair["question"] + " Answer the question concisely.", self.cfg.max_new_tokens_answer))
+                    jobs.append((k, pair, pair["question"] + prompts.ANSWER_SUFFIX, self.cfg.max_new_tokens_answer))
         results: list[list[dict] | Exception] = [[] for _ in tiles]
         images = {k: self._image(t) for k, t in enumerate(tiles)}
         for budget in sorted({j[3] for j in jobs}):  # one generation length per batch

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from sarlang_ray import prompts
 from sarlang_ray.annotate.vocab import APPLICATIONS, position_of
 from sarlang_ray.config import AnnotateSection
 
@@ -97,9 +98,9 @@ class OpenAIAnnotator:
         qa = self._parse_qa(self._chat([{"role": "user", "content": prompt}]))
         pairs = [
             {"kind": "caption_concise", "application": "image description", "question_type": "caption/concise",
-             "question": "Describe the content of this image in one sentence.", "answer": concise},
+             "question": prompts.CAPTION_CONCISE, "answer": concise},
             {"kind": "caption_detailed", "application": "image description", "question_type": "caption/detailed",
-             "question": "Describe this image in detail.", "answer": detailed},
+             "question": prompts.CAPTION_DETAILED, "answer": detailed},
         ]
         counts = Counter()
         for item in qa:

@@ -22,7 +22,8 @@ from sarlang_ray.annotate.template import TemplateAnnotator
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import AnnotateSection
 from sarlang_ray.errors import error_row, errors_table
-from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS as TILE_COLUMNS, ANNOTATION_SCHEMA
+from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS as TILE_COLUMNS
+from sarlang_ray.tables import ANNOTATION_SCHEMA
 
 STAGE = "annotate"
 KINDS = ("caption_concise", "caption_detailed", "vqa")

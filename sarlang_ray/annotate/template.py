@@ -17,6 +17,7 @@ from collections import Counter
 import numpy as np
 import shapely
 
+from sarlang_ray import prompts
 from sarlang_ray.annotate.vocab import CLASS_WORDS, POSITIONS, box_text, count_phrase, plural, position_of
 
 CLASSES = tuple(CLASS_WORDS)
@@ -176,7 +177,7 @@ class TemplateAnnotator:
             things = " and ".join(count_phrase(c, counts[c]) for c in top)
             text = rng.choice([f"A SAR image of {things} in {where}.", f"{things[0].upper() + things[1:]} in {where}.",
                                f"Radar view of {where} with {things}."])
-        return self._pair("caption_concise", "image description", "caption/concise", "Describe the content of this image in one sentence.", text)
+        return self._pair("caption_concise", "image description", "caption/concise", prompts.CAPTION_CONCISE, text)
 
     def _detailed(self, rng, tile, objects, counts, landcover, size) -> dict:
         parts = []
@@ -202,7 +203,7 @@ class TemplateAnnotator:
                 if n >= 3:
                     pattern = pattern_of([_centre(o) for o in objects if o["class"] == cls], size)
                     parts.append(f"The {plural(cls)} {PATTERN_SENTENCE[pattern]}.")
-        return self._pair("caption_detailed", "image description", "caption/detailed", "Describe this image in detail.", " ".join(parts))
+        return self._pair("caption_detailed", "image description", "caption/detailed", prompts.CAPTION_DETAILED, " ".join(parts))
 
     # VQA ------------------------------------------------------------------
     def _vqa(self, rng, objects, counts, landcover, size) -> list[dict]:
