@@ -63,3 +63,20 @@ def test_saved_config_redacts_secrets_but_keeps_key_names():
     assert "api_key_env: OPENAI_API_KEY" in text  # the variable's name, never its value
     with pytest.raises(ConfigError, match="base_url must not hold user:password"):
         load_config(None, ["annotate.openai.base_url=https://bob:hunter2@llm.example/v1"])
+
+
+def test_list_overrides_need_no_inner_quotes(tmp_path):
+    """`catalog.sar_glob=[*/*.tif]` as the docs write it (bare, `*` would be a YAML alias)."""
+    cfg = load_config(None, ["catalog.sar_glob=[*/*.tif, sar/**/*.tif]", "tile.gsds_m=[1, 2.5]"])
+    assert cfg.catalog.sar_glob == ["*/*.tif", "sar/**/*.tif"] and cfg.tile.gsds_m == [1.0, 2.5]
+    assert load_config(None, ["catalog.sar_glob=['a b/*.tif']"]).catalog.sar_glob == ["a b/*.tif"]
+
+
+def test_a_landcover_legend_replaces_the_default_one(tmp_path):
+    cfg = load_config(None, ["align.landcover_classes={10: tree cover, 80: permanent water}"])
+    assert cfg.align.landcover_classes == {10: "tree cover", 80: "permanent water"}
+    workflow = tmp_path / "worldcover.yaml"
+    workflow.write_text("align:\n  landcover_classes: {50: built-up}\n")
+    from_file = load_config(str(workflow))
+    assert from_file.align.landcover_classes == {50: "built-up"}
+    assert from_file.name == "worldcover", "the summary names the workflow actually run"
