@@ -31,7 +31,7 @@ from sarlang_ray import io
 from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
 from sarlang_ray.errors import error_row, errors_table
-from sarlang_ray.tables import ALIGNED_SCHEMA, geo_schema
+from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema
 from sarlang_ray.tiling import encode_png, resampling_for, warp_window
 
 STAGE = "align"
@@ -243,10 +243,8 @@ class AlignShard:
         out_uri = io.join(self.out_shards, name)
         tiles = io.read_parquet(io.join(self.tile_shards, name))
         planned = tiles.num_rows
-        if io.exists(out_uri):
-            written = io.read_parquet(out_uri, columns=["tile_id"]).num_rows
-            return {"shard": name, "planned": planned, "written": written, "rejected": planned - written,
-                    "objects": 0, "skipped": True}
+        if (done := existing_shard(out_uri, planned, name)) is not None:  # an earlier, interrupted run wrote it
+            return {**done, "objects": 0}
         out_rows, errors, n_objects = [], [], 0
         for tile in tiles.to_pylist():
             try:

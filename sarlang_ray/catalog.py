@@ -4,10 +4,17 @@ Each SAR file is inspected on a Ray Data worker: georeferencing, GSD in metres, 
 units, sensor, polarisation, and a cheap decimated read that proves the pixels are readable and not all
 nodata. Files that cannot be used go to the errors table with the reason and what to do.
 
-Rotated or sheared geotransforms (the Umbra GEC file, for one) are kept and *warped north-up per tile*
-(``catalog.rotated: warp``, the default): tiles are cut on a north-up grid in the scene's CRS and
-filled by GDAL's warper, so the rest of the pipeline only ever sees north-up tiles with a plain affine.
-Set ``catalog.rotated: reject`` to send such scenes to the errors table instead.
+Geotransforms that are not north-up -- rotated or sheared (the Umbra GEC file, for one), south-up
+(positive y pixel size) or flipped east-west -- are kept and *warped north-up per tile*
+(``catalog.rotated: warp``, the default; the scene row says ``rotated: true``): tiles are cut on a
+north-up grid over the pixel grid's true bounds and filled by GDAL's warper, so the rest of the pipeline
+only ever sees north-up tiles with a plain affine. Set ``catalog.rotated: reject`` to send such scenes to
+the errors table instead.
+
+GSD is measured on the WGS 84 ellipsoid (geodesic length of a pixel step at the scene centre) for every
+CRS, and decides the tile CRS: a projected CRS in metres whose map metres are within 1 % of ground metres
+at the scene (UTM) is kept, anything else (geographic, feet, Web Mercator away from the equator) is tiled
+in its UTM zone. ``gsd_m`` is the pixel size in metres of the tile CRS, hence the ground GSD within 1 %.
 
 The archive is a folder (SAR files found by ``catalog.sar_glob``) or a STAC file, a static catalog or an
 ItemCollection (SAR files are the items' assets, see :mod:`sarlang_ray.stac`); either way the same
@@ -60,8 +67,14 @@ def list_scenes(cfg: CatalogSection) -> tuple[list[dict], list[dict]]:
     folder archive), sorted by uri, and error rows for STAC items that name no usable SAR asset.
 
     Raises:
-        FileNotFoundError: nothing to inspect (no file matches the globs, or the STAC file lists no items).
+        FileNotFoundError: nothing to inspect (no file matches the globs, or the STAC file lists no items), or
+            ``catalog.landcover`` names a file that does not exist.
     """
+    landcover = resolve_landcover(cfg)
+    if landcover is not None and not io.exists(landcover):
+        raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
+                                f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
+                                "catalog.landcover=null.")
     if stac.is_stac(cfg.archive):
         found, errors = stac.candidates(cfg.archive, cfg.stac_assets, STAGE)
         if not found and not errors:
@@ -95,21 +108,34 @@ def _companion(uri: str, rule: list[str] | None) -> str | None:
     return candidate
 
 
-def metric_gsd(src: rasterio.io.DatasetReader) -> tuple[float, float]:
-    """Pixel size in metres along the raster's x and y axes (works for rotated transforms)."""
-    t = src.transform
-    dx, dy = math.hypot(t.a, t.d), math.hypot(t.b, t.e)
-    crs = src.crs
-    if crs.is_projected:
-        factor = crs.linear_units_factor[1]
-        return dx * factor, dy * factor
-    # geographic: geodesic length of one pixel step at the scene centre
+def _geod_steps(crs, x: float, y: float, steps: list[tuple[float, float]]) -> list[float]:
+    """Geodesic lengths in metres (WGS 84 ellipsoid) from map point (x, y) to (x + dx, y + dy) for each step."""
+    xs = [x] + [x + dx for dx, _ in steps]
+    ys = [y] + [y + dy for _, dy in steps]
+    lon, lat = warp_transform(crs, "EPSG:4326", xs, ys)
     geod = Geod(ellps="WGS84")
+    return [abs(geod.inv(lon[0], lat[0], lo, la)[2]) for lo, la in zip(lon[1:], lat[1:])]
+
+
+def metric_gsd(src: rasterio.io.DatasetReader) -> tuple[float, float]:
+    """Ground pixel size in metres along the raster's x and y axes, measured on the WGS 84 ellipsoid:
+    the geodesic length of one pixel step from the scene centre, for every CRS (projected or not, any
+    rotation or mirroring). A projected CRS's map units are not ground metres where its scale factor is
+    not 1: Web Mercator at 60 N maps 10 m map pixels to 5 m on the ground."""
+    t = src.transform
     cx, cy = t @ (src.width / 2, src.height / 2)
-    lon, lat = warp_transform(crs, "EPSG:4326", [cx, cx + t.a, cx + t.b], [cy, cy + t.d, cy + t.e])
-    _, _, sx = geod.inv(lon[0], lat[0], lon[1], lat[1])
-    _, _, sy = geod.inv(lon[0], lat[0], lon[2], lat[2])
-    return abs(sx), abs(sy)
+    sx, sy = _geod_steps(src.crs, cx, cy, [(t.a, t.d), (t.b, t.e)])
+    return sx, sy
+
+
+def map_gsd(src: rasterio.io.DatasetReader) -> tuple[float, float] | None:
+    """Pixel size along x and y in metres *of the map* (map units x the CRS's linear unit factor), or None
+    for a geographic CRS. Equals the ground GSD only where the projection's scale factor is 1."""
+    if not src.crs.is_projected:
+        return None
+    t = src.transform
+    factor = src.crs.linear_units_factor[1]
+    return math.hypot(t.a, t.d) * factor, math.hypot(t.b, t.e) * factor
 
 
 def outline_4326(transform, crs, width: int, height: int, densify: int = 16) -> Polygon:
@@ -127,20 +153,56 @@ def footprint_4326(src: rasterio.io.DatasetReader) -> Polygon:
     return outline_4326(src.transform, src.crs, src.width, src.height)
 
 
+MAX_SCALE_ERROR = 0.01  # a projected CRS whose map metres differ more from ground metres is not a tile CRS
+
+
+def scale_error(crs: CRS, lon: float, lat: float, step_m: float = 100.0) -> float:
+    """How far the map metres of a projected CRS are from ground metres at (lon, lat): the largest
+    |map length / geodesic length - 1| of a ``step_m`` step along its x and y axes (0.0004 for UTM on its
+    central meridian, 1.0 for Web Mercator at 60 N); NaN where the point cannot be projected."""
+    try:
+        (x,), (y,) = warp_transform("EPSG:4326", crs, [lon], [lat])
+        step = step_m / crs.linear_units_factor[1]
+        ground = _geod_steps(crs, x, y, [(step, 0.0), (0.0, step)])
+    except Exception:  # outside the projection's domain
+        return math.nan
+    if not all(math.isfinite(v) and v > 0 for v in (x, y, *ground)):
+        return math.nan
+    return max(abs(step_m / g - 1.0) for g in ground)
+
+
 def tile_crs_for(crs: CRS, footprint: Polygon) -> str:
-    """CRS in which tiles are cut: the scene's own if projected, else the UTM zone of its centre."""
+    """CRS in which tiles are cut: the scene's own if it is projected in metres with map metres within
+    1 % of ground metres at the scene (UTM: 0.9996 to ~1.001), else the UTM zone of the scene's centre
+    (geographic scenes, feet, Web Mercator away from the equator, polar stereographic far from its
+    standard parallel); UPS beyond UTM's latitude limits."""
+    c = footprint.centroid
     if crs.is_projected and abs(crs.linear_units_factor[1] - 1.0) < 1e-9:
-        return crs.to_string()
+        err = scale_error(crs, c.x, c.y)
+        if not err > MAX_SCALE_ERROR:  # NaN (cannot tell): keep the scene's own CRS
+            return crs.to_string()
     from pyproj.aoi import AreaOfInterest
     from pyproj.database import query_utm_crs_info
 
-    c = footprint.centroid
     info = query_utm_crs_info(
         datum_name="WGS 84", area_of_interest=AreaOfInterest(c.x, c.y, c.x, c.y)
     )
     if not info:  # UTM stops at 84 N and 80 S: the polar caps use UPS North / South
         return "EPSG:32661" if c.y > 0 else "EPSG:32761"
     return f"EPSG:{info[0].code}"
+
+
+def orientation(t) -> str:
+    """How a geotransform lays pixels on the map: ``north-up`` (a > 0, e < 0, no rotation), ``rotated``
+    (rotation or shear terms b, d), ``south-up`` (e > 0: row 0 is the southern edge), ``flipped east-west``
+    (a < 0: column 0 is the eastern edge) or ``rotated 180 degrees`` (both)."""
+    if abs(t.b) > 1e-12 or abs(t.d) > 1e-12:
+        return "rotated"
+    if t.a > 0 and t.e < 0:
+        return "north-up"
+    if t.a > 0:
+        return "south-up"
+    return "flipped east-west" if t.e < 0 else "rotated 180 degrees"
 
 
 def _detect_units(src: rasterio.io.DatasetReader, band: int, sample: np.ndarray, uri: str, cfg: CatalogSection) -> tuple[str, str]:
@@ -209,6 +271,36 @@ def _check_pixels(src: rasterio.io.DatasetReader, band: int, uri: str) -> None:
                         "tiled (gdal_translate -co TILED=YES or -of COG).")
 
 
+_MASK_VALUES = ({-1, 0, 1}, {0, 255})  # 0/1 masks (-1: "no data" of e.g. Sen1Floods11's labels), 0/255 masks
+
+
+def _check_not_a_mask(src: rasterio.io.DatasetReader, band: int, sample: np.ma.MaskedArray, uri: str) -> None:
+    """Reject an integer raster whose valid (decimated) values are those of a binary mask: at most three
+    values within {-1, 0, 1}, or exactly {0, 255}. A water or cloud mask caught by a broad catalog.sar_glob
+    would otherwise be tiled as amplitude. Detected integer SAR (8/16-bit amplitude) takes hundreds of
+    values."""
+    if np.dtype(src.dtypes[band - 1]).kind not in "ui":
+        return
+    values = set(np.unique(sample.compressed()).tolist())
+    if not values or not any(values <= allowed for allowed in _MASK_VALUES) or values == {0} or values == {1}:
+        return  # all one value: all_nodata (if nodata) or a degenerate scene, not evidently a mask
+    shown = ", ".join(str(v) for v in sorted(values))
+    raise ItemError("not_sar", f"{uri} holds only the values {{{shown}}} ({src.dtypes[band - 1]}): a mask or label "
+                    "raster (e.g. a water mask), not SAR. Move it out of the SAR folder or narrow catalog.sar_glob so "
+                    "it does not match; a land-cover raster belongs in catalog.landcover_rule / catalog.landcover.")
+
+
+def resolve_landcover(cfg: CatalogSection) -> str | None:
+    """``catalog.landcover`` (one land-cover raster for every scene that ``landcover_rule`` finds none for)
+    as a uri: relative paths are relative to the archive root (the folder of a STAC file)."""
+    path = cfg.landcover
+    if not path:
+        return None
+    if "://" in path or path.startswith("/"):
+        return path
+    return io.join(archive_root(cfg.archive), path)
+
+
 def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
     """Inspect one SAR file. Returns a scenes-table row, or raises ItemError with the reason."""
     try:
@@ -235,9 +327,11 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
                             "to a band of the file.")
         _check_pixels(src, cfg.band, uri)
         t = src.transform
-        rotated = abs(t.b) > 1e-12 or abs(t.d) > 1e-12
+        orient = orientation(t)
+        rotated = orient != "north-up"  # tiles are warped north-up (mirrored pixels included)
         if rotated and cfg.rotated == "reject":
-            raise ItemError("rotated", f"{uri} has a rotated/sheared geotransform {tuple(t)[:6]}. Set catalog.rotated=warp to warp its tiles north-up.")
+            raise ItemError("rotated", f"{uri} is not north-up ({orient} geotransform {tuple(t)[:6]}). Set "
+                            "catalog.rotated=warp to warp its tiles north-up.")
         try:
             step = max(1, max(src.width, src.height) // 512)
             sample = src.read(cfg.band, out_shape=(max(1, src.height // step), max(1, src.width // step)),
@@ -249,8 +343,8 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
         valid_fraction = float(valid.mean()) if values.size else 0.0
         if valid_fraction < cfg.min_valid_fraction:
             raise ItemError("all_nodata", f"{uri}: no valid pixels (all nodata, NaN or inf) in a decimated read. Check the nodata value or remove the scene.")
+        _check_not_a_mask(src, cfg.band, sample, uri)
         units, units_source = _detect_units(src, cfg.band, values, uri, cfg)
-        gx, gy = metric_gsd(src)
         footprint = footprint_4326(src)
         lon_span = footprint.bounds[2] - footprint.bounds[0]
         if not footprint.is_valid or footprint.area <= 0 or lon_span > 180:
@@ -267,13 +361,17 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
             polarisation = m.group(1) if m else "unknown"
         sensor = cfg.sensor or tags.get("SENSOR") or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown")
         region = cfg.region or tags.get("REGION") or PurePosixPath(uri).parent.name
+        tile_crs = tile_crs_for(src.crs, footprint)
+        # GSD in metres of the tile CRS: the map pixel where tiles are cut in the scene's own CRS (within 1 % of
+        # the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground GSD
+        gx, gy = map_gsd(src) if tile_crs == src.crs.to_string() else metric_gsd(src)
         return {
             "scene_id": scene_id_for(uri, archive_root(cfg.archive)),
             "sar_uri": uri,
             "optical_uri": _companion(uri, cfg.optical_rule),
-            "landcover_uri": _companion(uri, cfg.landcover_rule),
+            "landcover_uri": _companion(uri, cfg.landcover_rule) or resolve_landcover(cfg),
             "crs": src.crs.to_string(),
-            "tile_crs": tile_crs_for(src.crs, footprint),
+            "tile_crs": tile_crs,
             "transform": [float(v) for v in tuple(t)[:6]],
             "width": src.width,
             "height": src.height,

@@ -71,7 +71,7 @@ class CatalogSection:
     band: int = 1  # which band of a multi-polarisation SAR file to use
     sensor: str | None = None  # override the sensor read from metadata / file name
     region: str | None = None  # override the region read from tags / folder name
-    rotated: str = "warp"  # rotated/sheared geotransforms: warp (tiles are warped north-up) or reject
+    rotated: str = "warp"  # geotransforms that are not north-up (rotated, sheared, flipped): warp (tiles warped north-up) or reject
     min_valid_fraction: float = 0.001  # a scene with fewer valid pixels (overview check) is rejected
     # STAC archives (catalog.archive = a catalog.json or an ItemCollection file): keys of the SAR assets
     # (case-insensitive, e.g. [vv, vh]); null: every GeoTIFF asset with the data role (or no roles)

@@ -13,13 +13,16 @@ trial. A trial runs batch inference on a Ray Data actor pool (``evaluate.concurr
 The ResultGrid becomes ``evaluate/leaderboard.{md,csv,json}`` and plots, with reference rows: the
 majority answer per question type of the train split (a lower bound) and the template oracle (captions
 re-written by the template annotator from the tile's objects with another seed; VQA answers recomputed
-from the objects, i.e. the references of a template-annotated dataset: an upper bound and a check of the
-scorer). The paper's published numbers sit in a separate table (``sarlang_ray/paper_results.json``).
+from the objects by the template annotator with the annotate stage's seed: the references of a
+template-annotated dataset, an upper bound and a check of the scorer). A reference row that cannot be
+computed (no tiles table, tiles without objects, questions the template annotator does not ask) is left
+out with a note. A failed trial does not stop the sweep: it is listed with its root exception (class and
+message, dug out from under Ray's wrappers), and the evaluate stage fails once the leaderboard is written.
+The paper's published numbers sit in a separate table (``sarlang_ray/paper_results.json``).
 """
 
 from __future__ import annotations
 
-import io as _io
 import json
 import logging
 import os
@@ -30,8 +33,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from sarlang_ray import io, metrics
+from sarlang_ray import io, metrics, plots
 from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS, read_tiles, tile_shards
 
 log = logging.getLogger("sarlang")
 
@@ -76,21 +80,24 @@ def select_pairs(table: pa.Table, limit: int | None) -> list[dict]:
 
 
 class Predictor:
-    """Ray Data actor: loads one model, answers a batch of pairs with the trial's prompts and image variant."""
+    """Ray Data actor: loads one model, answers a batch of pairs with the trial's prompts and image variant.
 
-    def __init__(self, model: str, image: str, prompt: dict, settings: dict, optical: dict | None = None):
+    Its constructor takes only small arguments (no images): the rows bring their image (the SAR tile, or
+    for the ``optical`` variant its optical twin, joined in by the read tasks; see :func:`pairs_dataset`)."""
+
+    def __init__(self, model: str, image: str, prompt: dict, settings: dict):
         from sarlang_ray.models import Generator
 
         self.generator = Generator(model, settings["dtype"], settings["num_gpus"] > 0, settings["batch_size"],
                                    settings["max_pixels"])
-        self.image, self.prompt, self.s, self.optical = image, prompt, settings, optical or {}
+        self.image, self.prompt, self.s = image, prompt, settings
 
     def __call__(self, batch: dict) -> dict:
         from sarlang_ray.models import load_image
 
         jobs = defaultdict(list)  # generation budget -> row indices
         prompts, images = [], []
-        for i, (kind, question, tile_id, img) in enumerate(zip(batch["kind"], batch["question"], batch["tile_id"], batch["image"])):
+        for i, (kind, question, img) in enumerate(zip(batch["kind"], batch["question"], batch["image"])):
             if kind == "caption_concise":
                 prompts.append(self.prompt["caption"])
                 jobs[self.s["max_new_tokens_caption"]].append(i)
@@ -100,8 +107,7 @@ class Predictor:
             else:
                 prompts.append(self.prompt["vqa"].format(question=str(question).rstrip("?. ")))
                 jobs[self.s["max_new_tokens_answer"]].append(i)
-            png = self.optical.get(tile_id) if self.image == "optical" else img["bytes"]
-            images.append(load_image(png, self.s["max_pixels"], self.image))
+            images.append(load_image(img["bytes"], self.s["max_pixels"], self.image))
         predictions = [""] * len(prompts)
         for budget, idx in jobs.items():
             for i, text in zip(idx, self.generator.generate([images[i] for i in idx], [prompts[i] for i in idx], budget)):
@@ -114,30 +120,77 @@ def prompt_dict(prompt) -> dict:
     return {"name": prompt.name, "caption": prompt.caption, "detailed": prompt.detailed, "vqa": prompt.vqa}
 
 
+def _optical_sources(cfg: WorkflowConfig, files: list[str], wanted: set[str]) -> list[list[str]]:
+    """For each split file: the tiles-table shards that hold the optical twins of its wanted pairs' tiles.
+    Reads tile ids only; raises when a tile is not in the tiles table."""
+    shard_of = {}
+    for uri in tile_shards(cfg.run.run_dir):
+        shard_of.update(dict.fromkeys(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist(), uri))
+    sources = []
+    for uri in files:
+        rows = io.read_parquet(uri, columns=["pair_id", "tile_id"]).to_pylist()
+        tiles = {r["tile_id"] for r in rows if r["pair_id"] in wanted}
+        missing = sorted(tiles - shard_of.keys())
+        if missing:
+            raise FileNotFoundError(f"evaluate.images lists 'optical' but {len(missing)} tile(s) of {uri} are not in the tiles "
+                                    f"table under {io.join(cfg.run.run_dir, 'align', 'shards')} (e.g. {missing[0]}): the "
+                                    "optical twins are read from there; copy the align stage's output into the run folder")
+        sources.append(sorted({shard_of[t] for t in tiles}))
+    return sources
+
+
+def pairs_dataset(cfg: WorkflowConfig, image: str, wanted: set[str]):
+    """A Ray Dataset of the split's wanted pairs (pair_id, tile_id, kind, question, image), one light read
+    task per split file (0.1 CPU: a trial holds almost no CPU and its actor pool the rest).
+
+    ``image="optical"``: each read task also reads the optical twins of its file's tiles from the tiles
+    table and puts them in the rows' ``image``; a tile without one fails the trial (an input upper bound
+    on part of the split would be no upper bound)."""
+    import ray
+
+    files = split_files(cfg, cfg.evaluate.split)
+    sources = _optical_sources(cfg, files, wanted) if image == "optical" else [[] for _ in files]
+    columns = ["pair_id", "tile_id", "kind", "question"] + ([] if image == "optical" else ["image"])
+
+    def read(item: dict) -> list[dict]:
+        rows = [r for r in io.read_parquet(item["uri"], columns=columns).to_pylist() if r["pair_id"] in wanted]
+        if item["tiles"]:
+            need, optical = {r["tile_id"] for r in rows}, {}
+            for uri in item["tiles"]:
+                t = io.read_parquet(uri, columns=["tile_id", "optical_png"])
+                optical.update((k, v) for k, v in zip(t["tile_id"].to_pylist(), t["optical_png"].to_pylist()) if k in need)
+            for r in rows:
+                if not optical.get(r["tile_id"]):
+                    raise ValueError(f"tile {r['tile_id']} has no optical twin (optical_png is empty in the tiles table): "
+                                     "the optical image variant needs one for every tile; drop 'optical' from evaluate.images")
+                r["image"] = {"bytes": optical[r["tile_id"]], "path": None}
+        return rows
+
+    return ray.data.from_items([{"uri": u, "tiles": t} for u, t in zip(files, sources)]).flat_map(read, num_cpus=0.1)
+
+
 def predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, pairs: list[dict]) -> dict[str, str]:
-    """pair_id -> prediction for ``pairs``, by a Ray Data actor pool over the split's Parquet files."""
+    """pair_id -> prediction for ``pairs``, by a Ray Data actor pool over the split's Parquet files.
+
+    The actors' constructor arguments stay small (model name, variant, prompt, settings): images travel
+    in the rows. (Ray Data puts every actor pool's constructor arguments, inside its serialised UDF, in
+    the object store whatever their size, so Ray's "constructor arguments in the object store and
+    max_restarts > 0" log line appears for any actor pool; see docs/evaluate.md. Large arguments would
+    only make that object, and each actor's copy of it, large.)"""
     import ray
 
     ev = cfg.evaluate
     wanted = {p["pair_id"] for p in pairs}
-    optical = None
-    if image == "optical":  # the RGB twin from the tiles table (an input upper bound, not a SAR result)
-        from sarlang_ray.pipeline import read_tiles
-
-        tiles = {p["tile_id"] for p in pairs}
-        optical = {t["tile_id"]: t["optical_png"] for t in read_tiles(cfg.run.run_dir, ["tile_id", "optical_png"]).to_pylist()
-                   if t["tile_id"] in tiles and t["optical_png"]}
     settings = {"dtype": ev.dtype, "num_gpus": ev.num_gpus, "batch_size": ev.batch_size, "max_pixels": cfg.run.max_pixels,
                 "max_new_tokens_caption": ev.max_new_tokens_caption, "max_new_tokens_answer": ev.max_new_tokens_answer}
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
-    ds = io.parquet_dataset(split_files(cfg, ev.split), ["pair_id", "tile_id", "kind", "question", "image"],
-                            keep=lambda r: r["pair_id"] in wanted)  # light reads: a trial holds almost no CPU
+    ds = pairs_dataset(cfg, image, wanted)
     num_cpus = io.pool_cpus(ev.concurrency, ev.num_cpus, ray.cluster_resources().get("CPU", 1.0))
     if num_cpus != ev.num_cpus:
         log.warning("evaluate: %d actors x %.2g CPUs would leave no CPU for the reads feeding them; each actor asks "
                     "for %.3g CPUs instead (lower evaluate.num_cpus or evaluate.concurrency, or add nodes, to "
                     "silence this)", ev.concurrency, ev.num_cpus, num_cpus)
-    out = ds.map_batches(Predictor, fn_constructor_args=(model, image, prompt, settings, optical), batch_size=ev.batch_size * 4,
+    out = ds.map_batches(Predictor, fn_constructor_args=(model, image, prompt, settings), batch_size=ev.batch_size * 4,
                          compute=ray.data.ActorPoolStrategy(size=ev.concurrency), num_cpus=num_cpus, num_gpus=ev.num_gpus)
     return {r["pair_id"]: r["prediction"] for r in out.take_all()}
 
@@ -282,38 +335,218 @@ def _trial(config: dict, cfg: WorkflowConfig) -> None:
                  "prompt": config["prompt"]["name"], "seconds": seconds, "samples_per_s": len(pairs) / max(seconds, 1e-9)})
 
 
-def baseline_rows(cfg: WorkflowConfig, table: pa.Table) -> list[dict]:
-    """The reference rows: majority answer (lower bound) and template oracle (upper bound)."""
-    from sarlang_ray.annotate.stage import TILE_COLUMNS
-    from sarlang_ray.annotate.template import TemplateAnnotator
-    from sarlang_ray.pipeline import read_tiles
+ORACLE = "template oracle (upper bound)"
+MAJORITY = "majority answer (lower bound)"
 
-    pairs, refs, rows = select_pairs(table, cfg.evaluate.limit_pairs), caption_refs(table), []
+
+def baseline_rows(cfg: WorkflowConfig, table: pa.Table) -> tuple[list[dict], list[str]]:
+    """The reference rows (majority answer, template oracle) that ``evaluate.baselines`` asks for and that
+    can be computed on this run, and a note for each one left out saying why."""
+    pairs, refs, rows, notes = select_pairs(table, cfg.evaluate.limit_pairs), caption_refs(table), [], []
     judge = make_judge(cfg) if cfg.evaluate.baselines else None  # judged like the models' rows (vqa_judge)
     if "majority" in cfg.evaluate.baselines:
-        train = io.read_parquet(split_files(cfg, "train"), columns=["kind", "question_type", "answer"]).to_pylist()
-        majority = metrics.majority_answers([r for r in train if r["kind"] not in CAPTION_KINDS])
-        common = {k: metrics.majority_answers([{"question_type": k, "answer": r["answer"]} for r in train if r["kind"] == k]).overall
-                  for k in CAPTION_KINDS if any(r["kind"] == k for r in train)}
-        preds = {p["pair_id"]: common.get(p["kind"], "") if p["kind"] in CAPTION_KINDS else majority[p["question_type"]] for p in pairs}
-        rows.append({**score(pairs, preds, refs, judge), "model": "majority answer (lower bound)", "image": "-", "prompt": "-"})
+        row, why = majority_row(cfg, pairs, refs, judge)
+        rows += [row] if row else []
+        notes += [f"{MAJORITY} left out: {why}"] if why else []
     if "oracle" in cfg.evaluate.baselines:
-        tile_ids = {p["tile_id"] for p in pairs}
-        tiles = [t for t in read_tiles(cfg.run.run_dir, TILE_COLUMNS).to_pylist() if t["tile_id"] in tile_ids]
-        rewrite = TemplateAnnotator(seed=cfg.run.seed + 1)
-        captions = {}
-        for tile in tiles:
-            for pair in rewrite.annotate(tile):
-                if pair["kind"] in CAPTION_KINDS:
-                    captions.setdefault((tile["tile_id"], pair["kind"]), pair["answer"])
-        preds = {p["pair_id"]: captions.get((p["tile_id"], p["kind"]), "") if p["kind"] in CAPTION_KINDS else p["answer"]
-                 for p in pairs}
-        rows.append({**score(pairs, preds, refs, judge), "model": "template oracle (upper bound)", "image": "-", "prompt": "-"})
-    return rows
+        row, why = oracle_row(cfg, pairs, refs, judge)
+        rows += [row] if row else []
+        notes += [f"{ORACLE} left out: {why}"] if why else []
+    return rows, notes
+
+
+def majority_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -> tuple[dict | None, str | None]:
+    """Lower bound: per question type the train split's most frequent answer; captions: its most frequent
+    caption of that kind. (row, None), or (None, why) when there is no train split."""
+    try:
+        files = split_files(cfg, "train")
+    except FileNotFoundError:
+        return None, f"no train split under {io.join(cfg.run.run_dir, 'export', 'parquet')} to take the answers from"
+    train = io.read_parquet(files, columns=["kind", "question_type", "answer"]).to_pylist()
+    majority = metrics.majority_answers([r for r in train if r["kind"] not in CAPTION_KINDS])
+    common = {k: metrics.majority_answers([{"question_type": k, "answer": r["answer"]} for r in train if r["kind"] == k]).overall
+              for k in CAPTION_KINDS if any(r["kind"] == k for r in train)}
+    preds = {p["pair_id"]: common.get(p["kind"], "") if p["kind"] in CAPTION_KINDS else majority[p["question_type"]] for p in pairs}
+    return {**score(pairs, preds, refs, judge), "model": MAJORITY, "image": "-", "prompt": "-"}, None
+
+
+def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -> tuple[dict | None, str | None]:
+    """Upper bound: the template annotator run again on the pairs' tiles (from the tiles table). VQA answers
+    are recomputed from each tile's objects (same seed and settings as the annotate stage, so the same
+    questions; matched on tile and question); captions are re-written with another seed.
+
+    (row, None), or (None, why) when the answers cannot be recomputed: no tiles table, pairs whose tile is
+    not in it, tiles without a single labelled object (nothing to recompute from), or questions the
+    template annotator does not ask (another annotate backend or seed). A row scoring copied references
+    would show 100 % and check nothing."""
+    from sarlang_ray.annotate.template import TemplateAnnotator
+
+    run_dir, split = cfg.run.run_dir, cfg.evaluate.split
+    if not tile_shards(run_dir):
+        return None, (f"no tiles table under {io.join(run_dir, 'align', 'shards')} to recompute the answers from "
+                      "(copy the align stage's output into the run folder)")
+    wanted = sorted({p["tile_id"] for p in pairs})
+    columns = [c for c in ANNOTATE_TILE_COLUMNS if not c.endswith("_png")]  # the template annotator reads no image
+    try:
+        table = read_tiles(run_dir, columns)
+    except Exception as exc:  # noqa: BLE001 -- e.g. written without objects (ArrowInvalid): a note, not a crash
+        return None, f"the tiles table under {io.join(run_dir, 'align', 'shards')} cannot be read: {type(exc).__name__}: {exc}"
+    import pyarrow.compute as pc
+
+    tiles = table.filter(pc.is_in(table["tile_id"], pa.array(wanted, pa.string()))).to_pylist()
+    missing = sorted(set(wanted) - {t["tile_id"] for t in tiles})
+    if missing:
+        return None, (f"{len(missing)} of the {len(wanted)} tiles of the {split} pairs are not in the tiles table "
+                      f"(e.g. {missing[0]}): their answers cannot be recomputed")
+    if not any(t["objects"] for t in tiles):
+        return None, (f"none of the {len(tiles)} tiles of the {split} pairs has a labelled object: there is nothing to "
+                      "recompute the answers from")
+    a = cfg.annotate
+    same = TemplateAnnotator(seed=cfg.run.seed, identification_pairs=a.identification_pairs, max_per_family=a.max_per_family)
+    rewrite = TemplateAnnotator(seed=cfg.run.seed + 1, identification_pairs=a.identification_pairs, max_per_family=a.max_per_family)
+    answers, captions = {}, {}
+    for tile in tiles:
+        for pair in same.annotate(tile):
+            if pair["kind"] not in CAPTION_KINDS:
+                answers.setdefault((tile["tile_id"], pair["question"]), pair["answer"])
+        for pair in rewrite.annotate(tile):
+            if pair["kind"] in CAPTION_KINDS:
+                captions.setdefault((tile["tile_id"], pair["kind"]), pair["answer"])
+    vqa = [p for p in pairs if p["kind"] not in CAPTION_KINDS]
+    unmatched = [p for p in vqa if (p["tile_id"], p["question"]) not in answers]
+    if unmatched:
+        return None, (f"{len(unmatched)} of the {len(vqa)} VQA questions are not ones the template annotator asks of "
+                      f"their tile (annotate.backend={a.backend}, run.seed={cfg.run.seed}), e.g. "
+                      f"{unmatched[0]['question']!r}: it can only recompute its own questions' answers")
+    preds = {p["pair_id"]: captions.get((p["tile_id"], p["kind"]), "") if p["kind"] in CAPTION_KINDS
+             else answers[(p["tile_id"], p["question"])] for p in pairs}
+    return {**score(pairs, preds, refs, judge), "model": ORACLE, "image": "-", "prompt": "-"}, None
+
+
+# ---------------------------------------------------------------- failed trials: the root exception
+# Ray's exceptions around the one that failed a trial (RayTaskError(X) is Ray's class for a remote X, and
+# Ray Data raises UserCodeException from the UDF's exception, ActorDiedError for an actor whose
+# constructor raised, with a SystemException as marker cause). A wrapper is the root only if nothing
+# else is found.
+WRAPPERS = frozenset({"RayTaskError", "RayError", "UserCodeException", "SystemException", "ActorDiedError", "RayActorError",
+                      "TuneError", "TrainingFailedError"})
+_CAUSE = "The above exception was the direct cause of the following exception:"
+_CONTEXT = "During handling of the above exception, another exception occurred:"
+_EXCEPTION_LINE = re.compile(r"([A-Za-z_][\w.]*(?:\([\w.]+\))?)(?:: (.*))?")
+
+
+def _short(name: str) -> str:
+    """``pyarrow.lib.ArrowInvalid`` -> ``ArrowInvalid``; ``ray.exceptions.RayTaskError(ValueError)`` -> ``RayTaskError``."""
+    return name.split("(", 1)[0].rsplit(".", 1)[-1]
+
+
+def _is_wrapper(name: str) -> bool:
+    return _short(name) in WRAPPERS
+
+
+def _segment_exception(segment: str) -> tuple[str, str] | None:
+    """The innermost exception line of one traceback (no chain markers in it): a non-indented
+    ``Name: message`` line right after a frame line (indented) or after Ray's ``ray::task() (pid=...)``
+    header. The last non-wrapper one wins (Ray's wrappers print the remote traceback inside their message)."""
+    found, prev = [], ""
+    for line in segment.splitlines():
+        if line.strip() and not line[0].isspace() and prev.startswith((" ", "\t", "ray::")):
+            m = _EXCEPTION_LINE.fullmatch(line.rstrip())
+            if m:
+                found.append((m.group(1), (m.group(2) or "").strip()))
+        if line.strip():
+            prev = line
+    real = [f for f in found if not _is_wrapper(f[0])]
+    return (real or found or [None])[-1]
+
+
+def root_from_text(text: str) -> tuple[str, str] | None:
+    """(class name, message) of the root exception in a formatted traceback, Python's or Ray's, or None.
+
+    Python prints a chain cause first; this walks back from the last exception through the explicit causes
+    (``raise ... from``) to the first one that is not a Ray wrapper. An implicit chain ("During handling of
+    the above exception") stops the walk: there the later exception is the one that says what went wrong
+    (``except JSONDecodeError: raise OSError("... is not a valid JSON file")``). Tune's error file may
+    hold several failures (retries): the last one is read."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    text = re.split(r"^Failure # \d+ .*$", text, flags=re.MULTILINE)[-1]
+    parts = re.split(f"({re.escape(_CAUSE)}|{re.escape(_CONTEXT)})", text)
+    segments, markers = parts[0::2], parts[1::2]
+    found = [_segment_exception(seg) for seg in segments]
+    i = max((k for k, f in enumerate(found) if f), default=None)
+    if i is None:
+        return None
+    best = i
+    while i > 0 and markers[i - 1] == _CAUSE and found[i - 1]:
+        i -= 1
+        if not _is_wrapper(found[i][0]) or _is_wrapper(found[best][0]):
+            best = i
+    name, message = found[best]
+    return _short(name), message
+
+
+def root_error(error, text: str = "") -> tuple[str, str]:
+    """(class name, message) of the exception that actually failed a trial, under Ray's wrappers.
+
+    ``error``: what Tune gives (``Result.error``: a RayTaskError, a TuneError, or the text of the trial's
+    error file when the exception could not be unpickled); ``text``: the trial's error file, if any. The
+    exception objects are followed through ``.cause`` (Ray's wrappers) and ``__cause__``; tracebacks in
+    their text are read for the causes that pickling dropped (a Ray Data task's UserCodeException keeps
+    its cause only in its traceback text)."""
+    chain, seen, exc = [], set(), error
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    real = [e for e in chain if not _is_wrapper(type(e).__name__)]
+    for candidate in (str(error) if error is not None else "", text):
+        parsed = root_from_text(candidate) if candidate else None
+        if parsed and not _is_wrapper(parsed[0]):
+            name, message = parsed
+            same = [e for e in real if type(e).__name__ == name and str(e).strip()]
+            if same and not message:
+                message = str(same[-1]).strip().splitlines()[0]
+            return name, message[:500]
+    if real:
+        return type(real[-1]).__name__, (str(real[-1]).strip().splitlines() or [""])[0][:500]
+    if chain:  # only Ray's own exception (e.g. an actor killed from outside): its first line says what happened
+        return _short(type(chain[-1]).__name__), (str(chain[-1]).strip().splitlines() or [""])[0][:500]
+    if isinstance(error, str) and error.strip():
+        return "Error", error.strip().splitlines()[-1][:500]
+    return "UnknownError", "the trial failed without an error message; see Tune's log"
+
+
+def failed_trial(result) -> dict:
+    """A failed Tune trial as a leaderboard entry: its grid point and the root exception (class, message)."""
+    point = result.config or {}
+    error_file, text = None, ""
+    if result.path:
+        try:  # Tune's text of the failure: the only place a cause survives when the exception itself did not
+            import pyarrow.fs as pafs
+
+            fs, path = result.filesystem, f"{result.path.rstrip('/')}/error.txt"
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                with fs.open_input_stream(path) as f:
+                    text = f.readall().decode(errors="replace")
+                error_file = path
+        except Exception as exc:  # noqa: BLE001 -- the board must be written; the error object is still read
+            log.debug("evaluate: cannot read %s/error.txt: %s", result.path, exc)
+    if result.error is None and not text:
+        error_class, error = "MissingResult", "the trial ended without reporting its metrics"
+    else:
+        error_class, error = root_error(result.error, text)
+    return {"model": point.get("model"), "image": point.get("image"), "prompt": (point.get("prompt") or {}).get("name"),
+            "error_class": error_class, "error": error, "error_file": error_file}
 
 
 def run_evaluate(cfg: WorkflowConfig) -> dict:
-    """The Ray Tune sweep, the baselines, the leaderboard files and plots; returns the leaderboard."""
+    """The Ray Tune sweep, the baselines, the leaderboard files and plots; returns the leaderboard.
+
+    A failed trial does not raise: it is listed in ``board["failed"]`` (grid point, root exception class and
+    message) and in leaderboard.md, and logged as an error; the other trials' rows are kept. The caller
+    decides the exit status (the evaluate stage fails when ``board["failed"]`` is not empty). A baseline
+    that cannot be computed is left out, with the reason in ``board["notes"]``."""
     from ray import tune
 
     ev = cfg.evaluate
@@ -328,30 +561,31 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
     grid = tuner.fit()
     rows, failed = [], []
     for result in grid:
-        if result.error is not None:
-            cfgp = result.config or {}
-            failed.append({"model": cfgp.get("model"), "image": cfgp.get("image"),
-                           "prompt": (cfgp.get("prompt") or {}).get("name"), "error": str(result.error).splitlines()[-1][:300]})
+        if result.error is not None or "n_pairs" not in (result.metrics or {}):
+            failed.append(failed_trial(result))
+            f = failed[-1]
+            log.error("evaluate: trial %s / %s / %s failed: %s: %s", f["model"], f["image"], f["prompt"], f["error_class"], f["error"])
             continue
         rows.append({k: v for k, v in result.metrics.items() if not k.startswith(("time", "timestamp", "training_iteration",
                      "date", "pid", "hostname", "node_ip", "done", "trial_id", "experiment", "iterations", "config"))})
-    rows += baseline_rows(cfg, table)
-    board = write_leaderboard(cfg, rows, failed)
-    return board
+    baselines, notes = baseline_rows(cfg, table)
+    for note in notes:
+        log.warning("evaluate: %s", note)
+    return write_leaderboard(cfg, rows + baselines, failed, notes)
 
 
 def _rank_key(cfg: WorkflowConfig):
     return lambda r: -(r.get(f"vqa_{cfg.evaluate.vqa_mode}") or 0.0)
 
 
-def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict]) -> dict:
+def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict], notes: list[str] = ()) -> dict:
     """evaluate/leaderboard.{json,csv,md} and plots/{vqa_per_application,captions}.png."""
     import pandas as pd
 
     out = io.join(cfg.run.run_dir, "evaluate")
     rows = sorted(rows, key=_rank_key(cfg))
     board = {"split": cfg.evaluate.split, "vqa_mode": cfg.evaluate.vqa_mode, "rows": rows, "failed": failed,
-             "paper": paper_results(), "plots": [io.join(out, "plots", "vqa_per_application.png"), io.join(out, "plots", "captions.png")]}
+             "notes": list(notes), "paper": paper_results(), "plots": [io.join(out, "plots", "vqa_per_application.png"), io.join(out, "plots", "captions.png")]}
     io.write_json_atomic(io.join(out, "leaderboard.json"), board)
     flat = pd.json_normalize(rows, sep=".")
     io.write_bytes_atomic(io.join(out, "leaderboard.csv"), flat.to_csv(index=False).encode())
@@ -372,7 +606,8 @@ def _fmt(value, pct: bool = False) -> str:
 
 
 def format_leaderboard(board: dict) -> str:
-    """The leaderboard as Markdown: our rows, failed trials, then the paper's published numbers apart."""
+    """The leaderboard as Markdown: our rows, failed trials, notes (baselines left out), then the paper's
+    published numbers apart."""
     mode = board["vqa_mode"]
     apps = sorted({a for r in board["rows"] for a in r.get(f"vqa_{mode}_per_application", {})})
     head = ["#", "model", "image", "prompt", f"VQA % ({mode})", "VQA % (sarlang1m)" if mode == "strict" else "VQA % (strict)",
@@ -388,7 +623,10 @@ def format_leaderboard(board: dict) -> str:
                  _fmt(r.get("concise_cider_tok")), _fmt(r.get("detailed_cider_tok"))]
         lines.append("| " + " | ".join(cells) + " |")
     if board["failed"]:
-        lines += ["", "### Failed trials", ""] + [f"- {f['model']} / {f['image']} / {f['prompt']}: {f['error']}" for f in board["failed"]]
+        lines += ["", "### Failed trials", ""] + [
+            f"- {f['model']} / {f['image']} / {f['prompt']}: {f.get('error_class', 'Error')}: {f['error']}" for f in board["failed"]]
+    if board.get("notes"):
+        lines += ["", "### Notes", ""] + [f"- {n}" for n in board["notes"]]
     paper = board["paper"]
     lines += ["", "### Published SARLANG-1M numbers (for comparison; not computed here)", "",
               "The paper (arXiv 2504.03254) scores VQA with a GPT-4o-mini judge after the substring rule, on its own",
@@ -400,18 +638,12 @@ def format_leaderboard(board: dict) -> str:
 
 
 def _plots(rows: list[dict], mode: str, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = plots.pyplot()
+
     def save(fig, name):
-        buf = _io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        io.write_bytes_atomic(io.join(out, "plots", name), buf.getvalue())
+        plots.save_png(fig, io.join(out, "plots", name))
 
     labels = [f"{r['model'].rstrip('/').rsplit('/', 1)[-1][:28]} / {r['image']} / {r['prompt']}" for r in rows]
     apps = sorted({a for r in rows for a in r.get(f"vqa_{mode}_per_application", {})})
@@ -422,7 +654,8 @@ def _plots(rows: list[dict], mode: str, out: str) -> None:
         ax.bar(np.arange(len(apps)) + i * width, [100 * per.get(a, 0) for a in apps], width, label=label)
     ax.set_xticks(np.arange(len(apps)) + 0.4 - width / 2, apps, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(f"VQA accuracy % ({mode})")
-    ax.legend(fontsize=7)
+    if rows:
+        ax.legend(fontsize=7)
     save(fig, "vqa_per_application.png")
     names = ["bleu_1", "bleu_4", "meteor", "rouge_l", "cider"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -431,5 +664,6 @@ def _plots(rows: list[dict], mode: str, out: str) -> None:
             ax.bar(np.arange(len(names)) + i * width, [r.get(f"{kind}_{n}_tok") or 0 for n in names], width, label=label)
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
         ax.set_title(f"{kind} captions")
-    axes[0].legend(fontsize=7)
+    if rows:
+        axes[0].legend(fontsize=7)
     save(fig, "captions.png")

@@ -109,6 +109,15 @@ def shards(run_dir: str, stage: str) -> list[str]:
     return io.glob(root, "*/*.parquet") if io.exists(root) else []
 
 
+def existing_shard(uri: str, planned: int, name: str) -> dict | None:
+    """The manifest row of a shard (with a ``tile_id`` column) that an earlier, interrupted run already
+    wrote, or None: a resumed stage counts it and writes nothing."""
+    if not io.exists(uri):
+        return None
+    written = io.read_parquet(uri, columns=["tile_id"]).num_rows
+    return {"shard": name, "planned": planned, "written": written, "rejected": planned - written, "skipped": True}
+
+
 def tile_shards(run_dir: str) -> list[str]:
     return shards(run_dir, "align")
 

@@ -8,9 +8,12 @@ GSD. A Ray Data actor pool turns each chunk into one Parquet shard with a determ
 * a re-run skips chunks whose shard exists (resume), and a finished stage is a no-op;
 * the same config gives byte-identical shards.
 
-Geometry. Tiles are cut on a north-up grid in the scene's ``tile_crs`` (its own CRS when projected, the
-local UTM zone otherwise). The grid starts at the scene's upper-left corner (or its footprint's bounds for
-rotated / geographic scenes), so at the native GSD tile pixels coincide with scene pixels. Each window is
+Geometry. Tiles are cut on a north-up grid in the scene's ``tile_crs`` (its own CRS when projected in
+metres with a scale factor within 1 % of 1, the local UTM zone otherwise). The grid starts at the
+upper-left corner of the bounds of the scene's pixel grid in the tile CRS: for a north-up scene that is
+the transform's origin, so at the native GSD tile pixels coincide with scene pixels; a south-up or
+east-west flipped scene's origin is another corner, and its tile pixels are its own pixels mirrored back
+north-up; rotated and reprojected scenes use the bounds of their (densified) outline. Each window is
 filled by GDAL's warper from the source pixels that cover it, in linear intensity, with ``average``
 resampling when the tile is coarser than the scene: averaging happens on intensity whatever the file's
 units. Windows reaching past the scene are padded with nodata, so with ``stride == tile_size`` the tiles
@@ -39,7 +42,7 @@ from sarlang_ray import io, sar
 from sarlang_ray.catalog import outline_4326
 from sarlang_ray.config import TileSection
 from sarlang_ray.errors import error_row, errors_table
-from sarlang_ray.tables import TILES_SCHEMA
+from sarlang_ray.tables import TILES_SCHEMA, existing_shard
 
 STAGE = "tile"
 EPS = 1e-6
@@ -85,20 +88,37 @@ class Grid:
         return self.n_rows * self.n_cols
 
 
-def grid_for(scene: dict, gsd: float, cfg: TileSection) -> Grid:
+def scene_bounds(scene: dict) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of a scene's pixel grid in its ``tile_crs``, whatever its orientation:
+    the min / max over the four corners (a south-up or east-west flipped grid's origin (c, f) is not its
+    upper-left corner), reprojected with densified edges when the tile CRS is another."""
     t = Affine(*scene["transform"])
-    same_crs = scene["tile_crs"] == scene["crs"]
-    if same_crs and not scene["rotated"]:
-        # anchor on the scene's own pixel grid: exact pixels at native GSD
-        x0, y0 = t.c, t.f
-        width_m = scene["width"] * abs(t.a)
-        height_m = scene["height"] * abs(t.e)
+    w, h = scene["width"], scene["height"]
+    if t.b == 0 and t.d == 0:  # axis-aligned (north-up or mirrored): exact pixel edges
+        x1, y1 = t.c + t.a * w, t.f + t.e * h
+        left, right = min(t.c, x1), max(t.c, x1)
+        bottom, top = min(t.f, y1), max(t.f, y1)
     else:
-        corners = [t @ (c, r) for c, r in ((0, 0), (scene["width"], 0), (scene["width"], scene["height"]), (0, scene["height"]))]
-        xs, ys = zip(*corners)
-        left, bottom, right, top = transform_bounds(scene["crs"], scene["tile_crs"], min(xs), min(ys), max(xs), max(ys), densify_pts=21) \
-            if not same_crs else (min(xs), min(ys), max(xs), max(ys))
-        x0, y0, width_m, height_m = left, top, right - left, top - bottom
+        xs, ys = zip(*(t @ (c, r) for c, r in ((0, 0), (w, 0), (w, h), (0, h))))
+        left, bottom, right, top = min(xs), min(ys), max(xs), max(ys)
+    if scene["tile_crs"] != scene["crs"]:
+        left, bottom, right, top = transform_bounds(scene["crs"], scene["tile_crs"], left, bottom, right, top,
+                                                    densify_pts=21)
+    return left, bottom, right, top
+
+
+def grid_for(scene: dict, gsd: float, cfg: TileSection) -> Grid:
+    """The north-up grid anchored at the upper-left corner of the scene's bounds in its tile CRS. For a
+    north-up scene tiled in its own CRS that corner is the transform's origin, so at the native GSD tile
+    pixels are the scene's pixels; a mirrored (south-up, east-west flipped) one is anchored at the same
+    corner of its bounds, so its tile pixels are its own pixels mirrored back."""
+    left, bottom, right, top = scene_bounds(scene)
+    x0, y0 = left, top
+    width_m = right - left
+    height_m = top - bottom
+    t = Affine(*scene["transform"])
+    if scene["tile_crs"] == scene["crs"] and t.b == 0 and t.d == 0:
+        width_m, height_m = scene["width"] * abs(t.a), scene["height"] * abs(t.e)  # no cancellation error
 
     def count(extent_m: float) -> int:
         px = extent_m / gsd
@@ -202,10 +222,8 @@ class TileChunk:
         name = shard_name(chunk["scene_id"], chunk["gsd_m"], chunk["chunk"])
         shard_uri = io.join(self.shards, name)
         planned = chunk["stop"] - chunk["start"]
-        if io.exists(shard_uri):  # finished in an earlier run: count it, write nothing
-            written = io.read_parquet(shard_uri, columns=["tile_id"]).num_rows
-            return {"shard": name, "planned": planned, "written": written, "rejected": planned - written, "skipped": True,
-                    **_timing(started)}
+        if (done := existing_shard(shard_uri, planned, name)) is not None:  # an earlier, interrupted run wrote it
+            return {**done, **_timing(started)}
         rows, errors = self.process(chunk)
         io.write_parquet_atomic(io.join(self.errors, name), errors_table(errors))
         io.write_parquet_atomic(shard_uri, pa.Table.from_pylist(rows, schema=TILES_SCHEMA))

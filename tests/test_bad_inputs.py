@@ -47,6 +47,8 @@ SCENES = [
     ("all nodata", "a real scene with every pixel 0 (its nodata value)", "allnodata_sar.tif", "all_nodata", "nodata value"),
     ("optical image as SAR", "the RGB optical twin copied into sar/", "rgb_given_as_sar.tif", "not_sar", "Move it"),
     ("boolean mask as SAR", "a 1-bit (NBITS=1) raster", "mask_1bit_sar.tif", "not_sar", "Move it"),
+    ("0/1 mask as SAR", "a uint8 water mask of 0 and 1 (as Sen1Floods11's) caught by a broad glob",
+     "water_mask_sar.tif", "not_sar", "narrow catalog.sar_glob"),
     ("complex SLC", "complex64 samples", "slc_complex_sar.tif", "complex_sar", "Detect it"),
     ("signed bytes", "int8 samples", "int8_sar.tif", "unsupported_dtype", "Convert it"),
     ("absurd size", "a 1 KB TIFF whose header claims 10^9 x 10^9 px", "huge_header_sar.tif", "too_large", "split it"),
@@ -143,6 +145,8 @@ def _make_bad_scenes(sar: Path, good: Path) -> None:
     utm = Affine(10, 0, 500000, 0, -10, 5800000)
     ones = np.ones((32, 32), "float32")
     _write(sar / "mask_1bit_sar.tif", ones.astype("uint8"), "EPSG:32631", utm, nbits=1)
+    water = (np.add.outer(np.arange(32), np.arange(32)) < 24).astype("uint8")  # 0/1, no nodata declared
+    _write(sar / "water_mask_sar.tif", water, "EPSG:32631", utm)
     _write(sar / "slc_complex_sar.tif", (ones + 1j * ones).astype("complex64"), "EPSG:32631", utm)
     _write(sar / "int8_sar.tif", ones.astype("int8"), "EPSG:32631", utm)
     (sar / "huge_header_sar.tif").write_bytes(_tiff(10**9, 10**9))

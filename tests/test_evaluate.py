@@ -95,10 +95,21 @@ def test_an_actor_pool_as_large_as_the_node_still_gets_its_reads(demo_run, tiny_
     assert sorted(predictions) == sorted(p["pair_id"] for p in pairs)
 
 
+def _drop_column(folder: Path, column: str) -> None:
+    """Rewrite every Parquet file under ``folder`` without ``column`` (a table written by another version)."""
+    for f in folder.rglob("*.parquet"):
+        table = pq.read_table(f)
+        pq.write_table(table.drop_columns([column]), f)
+
+
 @pytest.mark.slow
-def test_a_failing_trial_is_listed_and_the_sweep_goes_on(trained_run, tmp_path):
-    """A model that cannot load fails its trial only: the other trials and the baselines still land. The
-    sweep ranks by a local embedding judge (evaluate.judge=embedding), built inside the trial's process."""
+def test_a_failing_trial_is_listed_with_its_root_exception_and_the_sweep_goes_on(trained_run, tmp_path):
+    """Two trials of four fail for their own reason: a model folder whose config.json is not JSON (the
+    actor's constructor raises), and the optical variant on a tiles table written without optical_png (a
+    Ray Data read task raises ArrowInvalid, which Ray wraps in UserCodeException whose message is only a
+    retry hint). run_evaluate does not raise: the good trial and the baseline land, and each failure is
+    listed with the root exception's class and message, in leaderboard.json and leaderboard.md. The sweep
+    ranks by a local embedding judge (evaluate.judge=embedding), built inside the trial's process."""
     import shutil
 
     from sarlang_ray.config import load_config
@@ -107,23 +118,146 @@ def test_a_failing_trial_is_listed_and_the_sweep_goes_on(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     for part in ("export", "align", "train"):
         shutil.copytree(Path(cfg.run.run_dir) / part, run_dir / part)
+    _drop_column(run_dir / "align" / "shards", "optical_png")
     metrics_json = json.loads((run_dir / "train" / "metrics.json").read_text())
+    good = metrics_json["merged_model"]
     broken = tmp_path / "not-a-model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     ev = load_config(None, [f"run.run_dir={run_dir}", f"train.model={cfg.train.model}", "ray.progress=false",
-                            f"evaluate.models=[{metrics_json['merged_model']},{broken}]", "evaluate.limit_pairs=40",
+                            f"evaluate.models=[{good},{broken}]", "evaluate.images=[sar,optical]", "evaluate.limit_pairs=40",
                             "evaluate.baselines=[majority]", "evaluate.judge=embedding", "evaluate.vqa_mode=judge",
                             f"evaluate.judge_model={_tiny_encoder(tmp_path / 'encoder', [('ship', 'vessel')], ['road'])}"])
-    board = pipeline.run(ev, ["evaluate"])["stages"]["evaluate"]
-    assert board["trials"] == 1 and board["failed"] == 1
+    board = evaluate.run_evaluate(ev)
+    assert {(r["model"], r["image"]) for r in board["rows"]} == {(good, "sar"), ("majority answer (lower bound)", "-")}
+    assert all(r["n_pairs"] == 40 for r in board["rows"])
+    assert all(0 <= r["vqa_judge"] <= 1 and r["vqa_judge"] >= r["vqa_sarlang1m"] for r in board["rows"])  # judge only adds
+    failed = {(f["model"], f["image"]): f for f in board["failed"]}
+    assert set(failed) == {(good, "optical"), (str(broken), "sar"), (str(broken), "optical")}
+    arrow = failed[(good, "optical")]
+    assert arrow["error_class"] == "ArrowInvalid" and arrow["error"].startswith("No match for FieldRef.Name(optical_png)")
+    config = failed[(str(broken), "sar")]
+    assert config["error_class"] == "OSError" and "is not a valid JSON file" in config["error"]
+    assert failed[(str(broken), "optical")]["error_class"] in ("ArrowInvalid", "OSError")  # whichever fails first
+    for f in board["failed"]:  # the exception, never Ray's wrapper or its retry hint
+        assert f["prompt"] == "paper" and "retr" not in f["error"] and "UDF failed" not in f["error"], f
     full = json.loads((run_dir / "evaluate" / "leaderboard.json").read_text())
-    assert full["failed"][0]["model"] == str(broken) and full["failed"][0]["error"]
-    assert {r["model"] for r in full["rows"]} == {metrics_json["merged_model"], "majority answer (lower bound)"}
-    assert all(r["n_pairs"] == 40 for r in full["rows"])
-    assert all(0 <= r["vqa_judge"] <= 1 and r["vqa_judge"] >= r["vqa_sarlang1m"] for r in full["rows"])  # judge only adds
-    assert "VQA rule `judge`" in (run_dir / "evaluate" / "leaderboard.md").read_text()
-    assert "Failed trials" in (run_dir / "evaluate" / "leaderboard.md").read_text()
+    assert full["failed"] == board["failed"] and full["notes"] == []
+    md = (run_dir / "evaluate" / "leaderboard.md").read_text()
+    assert "VQA rule `judge`" in md and "### Failed trials" in md
+    assert f"- {good} / optical / paper: ArrowInvalid: No match for FieldRef.Name(optical_png)" in md
+    assert f"- {broken} / sar / paper: OSError: It looks like the config file at" in md
+
+
+def test_root_error_digs_through_rays_wrappers():
+    """The root exception of a failed trial from what Tune hands over: an exception object (RayTaskError
+    around the trial's exception), or only the text of a traceback where pickling dropped the cause
+    (Ray Data's UserCodeException), or an implicit chain (the later exception is the informative one)."""
+    import ray.exceptions
+
+    wrapped = ray.exceptions.RayTaskError("train", "Traceback ...\nValueError: bad value", ValueError("bad value"))
+    assert evaluate.root_error(wrapped.as_instanceof_cause()) == ("ValueError", "bad value")
+    data_task = ("\x1b[36mray::FlatMap(read)()\x1b[39m (pid=6956, ip=192.0.2.2)\n"
+                 '  File "/x/evaluate.py", line 7, in read\n    rows = io.read_parquet(uri, columns=columns)\n'
+                 "pyarrow.lib.ArrowInvalid: No match for FieldRef.Name(image) in pair_id: string\n\n"
+                 "The above exception was the direct cause of the following exception:\n\n"
+                 "ray::FlatMap(read)() (pid=6956, ip=192.0.2.2)\n"
+                 "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+                 "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
+                 "To change retry attempts, configure `ray.data.DataContext.get_current()` if you believe this to be transient.\n")
+    cause = ray.exceptions.UserCodeException("UDF failed to process a data block.")
+    outer = ray.exceptions.RayTaskError("train", data_task, cause).as_instanceof_cause()
+    assert evaluate.root_error(outer) == ("ArrowInvalid", "No match for FieldRef.Name(image) in pair_id: string")
+    tune_file = ("Failure # 1 (occurred at 2026-01-01_00-00-00)\nray::ImplicitFunc.train() (pid=1)\n"
+                 '  File "x.py", line 3, in f\n    json.loads(text)\njson.decoder.JSONDecodeError: Expecting value\n\n'
+                 "During handling of the above exception, another exception occurred:\n\n"
+                 '  File "x.py", line 5, in f\n    raise OSError("config.json is not a valid JSON file")\n'
+                 "OSError: config.json is not a valid JSON file\n")
+    assert evaluate.root_error(tune_file) == ("OSError", "config.json is not a valid JSON file")  # Result.error as text
+    assert evaluate.root_error(None, tune_file) == ("OSError", "config.json is not a valid JSON file")  # the error file
+
+
+def test_evaluate_does_not_import_the_orchestrator():
+    import subprocess
+    import sys
+
+    code = "import sarlang_ray.evaluate, sys; assert 'sarlang_ray.pipeline' not in sys.modules, 'imports pipeline'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_baselines_that_cannot_be_computed_are_left_out_with_a_note(demo_run, tmp_path):
+    """The template oracle recomputes answers from the tiles' objects: without a tiles table, with tiles of
+    the split that carry no object, or with pairs whose tile is missing from it, it is left out (never a
+    100 % row) and a note says why, in leaderboard.json and leaderboard.md; so is the majority answer
+    without a train split. With the tiles table as written, it recomputes every answer (100 %)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from sarlang_ray import io
+    from sarlang_ray.config import load_config
+
+    cfg0, _ = demo_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(cfg0.run.run_dir) / "export", run_dir / "export")
+    cfg = load_config(None, [f"run.run_dir={run_dir}", "evaluate.limit_pairs=60", "ray.progress=false"])
+    table = io.read_parquet(evaluate.split_files(cfg, "test"), columns=evaluate.META)
+
+    def baselines():
+        rows, notes = evaluate.baseline_rows(cfg, table)
+        return {r["model"]: r for r in rows}, notes
+
+    rows, notes = baselines()  # no tiles table
+    assert list(rows) == [evaluate.MAJORITY] and len(notes) == 1
+    assert notes[0].startswith(f"{evaluate.ORACLE} left out: no tiles table under")
+
+    shutil.copytree(Path(cfg0.run.run_dir) / "align", run_dir / "align")
+    rows, notes = baselines()  # the tiles table as the align stage wrote it: every answer recomputed
+    assert set(rows) == {evaluate.MAJORITY, evaluate.ORACLE} and notes == []
+    assert rows[evaluate.ORACLE]["vqa_strict"] == 1.0 and 0 < rows[evaluate.ORACLE]["concise_bleu_4_tok"] < 1
+
+    test_tiles = {p["tile_id"] for p in evaluate.select_pairs(table, 60)}
+    shards = sorted((run_dir / "align" / "shards").rglob("*.parquet"))
+    for f in shards:  # tiles of the split without a single object
+        t = pq.read_table(f)
+        empty = pa.array([[] if tid in test_tiles else objs for tid, objs in zip(t["tile_id"].to_pylist(), t["objects"].to_pylist())],
+                         t.schema.field("objects").type)
+        pq.write_table(t.set_column(t.schema.get_field_index("objects"), "objects", empty), f)
+    rows, notes = baselines()
+    assert list(rows) == [evaluate.MAJORITY] and "has a labelled object" in notes[0]
+
+    for f in shards:  # pairs whose tile is not in the tiles table
+        t = pq.read_table(f)
+        pq.write_table(t.filter(pc.invert(pc.is_in(t["tile_id"], pa.array(sorted(test_tiles)[:1])))), f)
+    rows, notes = baselines()
+    assert list(rows) == [evaluate.MAJORITY] and f"1 of the {len(test_tiles)} tiles of the test pairs are not in the tiles table" in notes[0]
+
+    shutil.rmtree(run_dir / "export" / "parquet" / "train")
+    rows, notes = baselines()
+    assert rows == {} and len(notes) == 2 and notes[0].startswith(f"{evaluate.MAJORITY} left out: no train split")
+    board = evaluate.write_leaderboard(cfg, list(rows.values()), [], notes)
+    assert json.loads((run_dir / "evaluate" / "leaderboard.json").read_text())["notes"] == notes == board["notes"]
+    md = (run_dir / "evaluate" / "leaderboard.md").read_text()
+    assert "### Notes" in md and all(f"- {n}" in md for n in notes)
+    assert "| template oracle" not in md and "| majority answer" not in md
+
+
+def test_the_optical_variant_reads_the_optical_twins_in_the_read_tasks(demo_run):
+    """evaluate.images=[optical]: the rows reaching the actors carry each tile's optical twin from the tiles
+    table (joined by the read tasks; the actors' constructor arguments hold no image)."""
+    from sarlang_ray import io, tables
+    from sarlang_ray.config import load_config
+
+    cfg0, _ = demo_run
+    cfg = load_config(None, [f"run.run_dir={cfg0.run.run_dir}", "ray.progress=false"])
+    pairs = evaluate.select_pairs(io.read_parquet(evaluate.split_files(cfg, "test"), columns=evaluate.META), 30)
+    rows = evaluate.pairs_dataset(cfg, "optical", {p["pair_id"] for p in pairs}).take_all()
+    optical = dict(zip(*tables.read_tiles(cfg.run.run_dir, ["tile_id", "optical_png"]).to_pydict().values()))
+    assert sorted(r["pair_id"] for r in rows) == sorted(p["pair_id"] for p in pairs)
+    assert all(r["image"]["bytes"] == optical[r["tile_id"]] for r in rows)
+    sar = {r["pair_id"]: r["image"]["bytes"] for r in evaluate.pairs_dataset(cfg, "sar", {p["pair_id"] for p in pairs}).take_all()}
+    assert all(sar[r["pair_id"]] != r["image"]["bytes"] for r in rows)
 
 
 def test_openai_judge_decides_what_the_substring_rule_cannot(monkeypatch):
@@ -219,3 +353,25 @@ def test_embedding_judge_decides_by_cosine_similarity_of_a_local_encoder(tmp_pat
     assert out["vqa_sarlang1m"] == 0.0 and out["judge_calls"] == 4  # "2" and "no" are closed: no judge call
     again = evaluate.score(pairs[:1], preds, {}, judge)  # the same judge on another row counts that row only
     assert again["vqa_judge"] == 1.0 and again["judge_calls"] == 1
+
+
+def test_a_failed_trial_makes_the_command_exit_non_zero_with_its_root_exception(trained_run, tmp_path, capsys):
+    """`sarlang evaluate` writes the leaderboard, then exits 1 and names the root exception on stderr; the
+    stage is not marked done, so a rerun tries again."""
+    import shutil
+
+    from sarlang_ray import cli
+
+    cfg, _ = trained_run
+    run_dir = tmp_path / "run"
+    for part in ("export", "train"):
+        shutil.copytree(Path(cfg.run.run_dir) / part, run_dir / part)
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    rc = cli.main(["evaluate", f"run.run_dir={run_dir}", f"train.model={cfg.train.model}", "ray.progress=false",
+                   "run.stages=[evaluate]", f"evaluate.models=[{broken}]", "evaluate.limit_pairs=8", "evaluate.baselines=[]"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "1 trial(s) failed" in err and "OSError" in err and "is not a valid JSON file" in err and "retr" not in err
+    assert (run_dir / "evaluate" / "leaderboard.md").exists() and not (run_dir / "evaluate" / "_SUCCESS.json").exists()

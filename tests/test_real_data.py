@@ -129,3 +129,25 @@ def test_event_polygon_from_geojson_covers_every_flood_tile(real_run):
         assert len(spain) == 1, x["tile_id"]  # the event polygon contains the whole chip
         assert spain[0]["bbox_xyxy"] == pytest.approx([0, 0, 64, 64])
     assert summary["stages"]["align"]["labels"]["written"] == 12
+
+
+def test_a_mask_under_a_broad_glob_is_not_sar_and_real_uint8_sar_is(ray_session, real_sar, tmp_path):
+    """``sen1floods11_spain_7370579/*.tif`` also catches the hand-labelled water mask (int16, -1/0/1) and
+    the Sentinel-2 image: both are rejected with what to do; the SAR chip and Umbra's 8-bit amplitude
+    (uint8, 0-255) are cataloged."""
+    cfg = load_config(None, [
+        f"run.run_dir={tmp_path / 'run'}", f"catalog.archive={real_sar}", "ray.progress=false",
+        "catalog.sar_glob=[sen1floods11_spain_7370579/*.tif,umbra_gec_mount_yasur/*.tiff]",
+        "catalog.optical_rule=null", "catalog.landcover_rule=null", "run.stages=[catalog]",
+    ])
+    summary = pipeline.run(cfg, ["catalog"])
+    scenes = _scene_rows(cfg)
+    assert set(scenes) == {"Spain_7370579_S1Hand.tif", "umbra_mount_yasur.tiff"}
+    assert scenes["umbra_mount_yasur.tiff"]["units"] == "amplitude" and scenes["umbra_mount_yasur.tiff"]["dtype"] == "uint8"
+    errors = {e["item"].rsplit("/", 1)[-1]: e for e in pipeline.read_errors(cfg.run.run_dir).to_pylist()}
+    assert set(errors) == {"Spain_7370579_LabelHand.tif", "Spain_7370579_S2Hand.tif"}
+    mask = errors["Spain_7370579_LabelHand.tif"]
+    assert mask["error_class"] == "not_sar"
+    assert "Spain_7370579_LabelHand.tif" in mask["message"] and "{-1, 0, 1}" in mask["message"]
+    assert "catalog.sar_glob" in mask["message"] and "mask" in mask["message"]
+    assert summary["stages"]["catalog"]["written"] == 2

@@ -13,6 +13,7 @@ from sarlang_ray.stages.runner import Stage, map_items
 
 def _body(cfg: WorkflowConfig) -> dict:
     rows, errors = catalog.list_scenes(cfg.catalog)  # errors: STAC items without a usable SAR asset
+    planned = len(rows) + len(errors)
     results = map_items(rows, catalog.SceneInspector, (cfg.catalog,), None, 1.0, max_blocks=64)
     scenes = [r["scene"] for r in results if r["scene"] is not None]
     errors += [r["error"] for r in results if r["error"] is not None]
@@ -20,7 +21,7 @@ def _body(cfg: WorkflowConfig) -> dict:
     assert all(n == 1 for n in ids.values()), f"scene_id collision: {[k for k, n in ids.items() if n > 1]}"
     tables.write_scenes(tables.scenes_uri(cfg.run.run_dir), sorted(scenes, key=lambda s: s["scene_id"]))
     io.write_parquet_atomic(io.join(cfg.run.run_dir, "catalog", "errors.parquet"), errors_table(errors))
-    return {"planned": len(rows) + len(errors), "written": len(scenes), "rejected": len(errors)}
+    return {"planned": planned, "written": len(scenes), "rejected": len(errors)}
 
 
 # the synthetic archive, when this run makes it, is an input: a new one means new scenes

@@ -266,12 +266,3 @@ def totals(manifest: Iterable[dict]) -> dict:
         "rejected": sum(m["rejected"] for m in manifest),
         "skipped_shards": sum(bool(m["skipped"]) for m in manifest),
     }
-
-
-def existing_shard(uri: str, planned: int, name: str) -> dict | None:
-    """The manifest row of a shard an earlier (interrupted) run already wrote, or None: a resumed stage
-    counts it and writes nothing."""
-    if not io.exists(uri):
-        return None
-    written = io.read_parquet(uri, columns=["tile_id"]).num_rows
-    return {"shard": name, "planned": planned, "written": written, "rejected": planned - written, "skipped": True}

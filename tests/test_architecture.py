@@ -1,0 +1,84 @@
+"""Imports point one way: cli -> pipeline -> stages -> domain modules -> tables / io / config.
+
+Checked twice: statically (every import statement, function-level ones included, so a cycle cannot hide
+inside a function) and by importing each stage module in a fresh interpreter."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "sarlang_ray"
+ORCHESTRATION = {"sarlang_ray.pipeline", "sarlang_ray.cli", "sarlang_ray.__main__"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every sarlang_ray module a file imports, anywhere in it."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("sarlang_ray")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sarlang_ray"):
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names if (PKG.parent / node.module.replace(".", "/") / f"{a.name}.py").exists()}
+    return out
+
+
+GRAPH = {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
+
+
+def test_no_module_below_the_orchestrator_imports_it():
+    offenders = {m: sorted(i & ORCHESTRATION) for m, i in GRAPH.items() if m not in ORCHESTRATION and i & ORCHESTRATION}
+    assert not offenders, offenders
+
+
+def test_domain_modules_do_not_import_the_stages():
+    stages = {m for m in GRAPH if m.startswith("sarlang_ray.stages")}
+    offenders = {m: sorted(i & stages) for m, i in GRAPH.items()
+                 if m not in stages and m not in ORCHESTRATION and i & stages}
+    assert not offenders, offenders
+
+
+def test_tables_sit_below_everything_but_io_config_and_errors():
+    assert GRAPH["sarlang_ray.tables"] <= {"sarlang_ray", "sarlang_ray.io", "sarlang_ray.errors", "sarlang_ray.config"}
+
+
+def test_the_import_graph_has_no_cycle():
+    known = set(GRAPH)
+    edges = {m: {i for i in deps if i in known and i != m} for m, deps in GRAPH.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        if state.get(m) == 1:
+            raise AssertionError(" -> ".join([*path, m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for d in sorted(edges[m]):
+            if d != "sarlang_ray":  # the package itself (from sarlang_ray import x) is not a module edge
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(edges):
+        visit(m, [])
+
+
+@pytest.mark.parametrize("module", sorted(["sarlang_ray.export", "sarlang_ray.evaluate", "sarlang_ray.train", "sarlang_ray.tables",
+                                           *(m for m in GRAPH if m.startswith("sarlang_ray.stages."))]))
+def test_each_stage_module_imports_without_the_orchestrator(module):
+    code = f"import sys, {module}; bad = [m for m in ('sarlang_ray.pipeline', 'sarlang_ray.cli') if m in sys.modules]; " \
+           "print(bad); sys.exit(1 if bad else 0)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
