@@ -105,6 +105,9 @@ class TileSection:
     speckle: SpeckleSection = field(default_factory=SpeckleSection)
     stretch: StretchSection = field(default_factory=StretchSection)
     png_compress_level: int = 6  # zlib level of the PNG encoder (0-9)
+    # coarser levels of linear-intensity scenes with overviews (COGs) average the nearest overview instead
+    # of every full-resolution pixel (false: always warp from full resolution)
+    use_overviews: bool = True
     concurrency: int | None = None  # worker actors (None: one per CPU)
     num_cpus: float = 1.0  # CPUs per worker
 

@@ -213,9 +213,11 @@ def read_parquet(uris: list[str] | str, columns: list[str] | None = None) -> pa.
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def open_raster(uri: str) -> rasterio.io.DatasetReader:
-    """Open a raster for reading: local paths directly, remote URIs through fsspec."""
+def open_raster(uri: str, **options) -> rasterio.io.DatasetReader:
+    """Open a raster for reading: local paths directly, remote URIs through fsspec. ``options`` go to
+    ``rasterio.open`` (``overview_level=k`` opens the k-th overview as a raster of its own)."""
+    options = {k: v for k, v in options.items() if v is not None}
     if is_remote(uri):
         fs, path = filesystem(uri)
-        return rasterio.open(path, opener=fs)
-    return rasterio.open(uri)
+        return rasterio.open(path, opener=fs, **options)
+    return rasterio.open(uri, **options)

@@ -6,6 +6,7 @@ SARLANG-1M paper filtered speckle with refined Lee and then applied a log stretc
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from scipy import ndimage
 
@@ -81,71 +82,121 @@ def _half_window_masks(window: int) -> list[np.ndarray]:
     return masks
 
 
-def refined_lee_filter(intensity: np.ndarray, window: int = 7, looks: float = 4.0) -> np.ndarray:
+def halo_for(window: int) -> int:
+    """How far refined Lee reaches from a pixel: the half window, or the 3x3 sub-window means one step
+    beyond the centre. A tile read with this many extra pixels on each side is filtered without seams."""
+    r = window // 2
+    return max(r, max(1, r - 1) + 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _refined_lee_kernel(xp, pad, halo, height, width, window, step, weights, looks, out):  # pragma: no cover (compiled)
+    """Refined Lee for every pixel of the inner region; ``xp`` is the filled image padded by ``pad``.
+
+    Per pixel: the 3x3 means at the centre and at ``step`` pixels along four axes (clamped to the image),
+    the axis of the strongest gradient, the half window on the side closer to the centre, and Lee's MMSE
+    weighting with that half window's mean and variance. Every value is a fixed-order sum over the pixel's
+    own neighbourhood, so the result does not depend on where the array starts (seamless tiles).
+    """
+    r = window // 2
+    m3 = np.empty((height, width))
+    for i in range(height):
+        for j in range(width):
+            acc = 0.0
+            for dy in range(-1, 2):
+                for dx in range(-1, 2):
+                    acc += xp[pad + i + dy, pad + j + dx]
+            m3[i, j] = acc / 9.0
+    # (side a, side b) offsets of each axis: up/down, up-right/down-left, right/left, down-right/up-left
+    axes = np.array([[-step, 0, step, 0], [-step, step, step, -step], [0, step, 0, -step], [step, step, -step, -step]])
+    noise_var = 1.0 / max(looks, 1e-6)
+    for i in range(halo, height - halo):
+        for j in range(halo, width - halo):
+            centre = m3[i, j]
+            best, direction = -1.0, 0
+            for k in range(4):
+                ay = min(max(i + axes[k, 0], 0), height - 1)
+                ax = min(max(j + axes[k, 1], 0), width - 1)
+                by = min(max(i + axes[k, 2], 0), height - 1)
+                bx = min(max(j + axes[k, 3], 0), width - 1)
+                ma, mb = m3[ay, ax], m3[by, bx]
+                gradient = abs(ma - mb)
+                if gradient > best:  # the first axis wins ties, as numpy's argmax
+                    best = gradient
+                    direction = k if abs(ma - centre) <= abs(mb - centre) else k + 4
+            mean, mean_sq = 0.0, 0.0
+            for dy in range(window):
+                for dx in range(window):
+                    w = weights[direction, dy, dx]
+                    if w != 0.0:
+                        v = xp[pad + i + dy - r, pad + j + dx - r]
+                        mean += w * v
+                        mean_sq += w * v * v
+            var = max(mean_sq - mean * mean, 0.0)
+            var_signal = (var - mean * mean * noise_var) / (1.0 + noise_var)
+            b = min(max(var_signal / max(var, 1e-20), 0.0), 1.0)
+            out[i - halo, j - halo] = mean + b * (xp[pad + i, pad + j] - mean)
+
+
+def refined_lee_filter(intensity: np.ndarray, window: int = 7, looks: float = 4.0, halo: int = 0) -> np.ndarray:
     """Refined Lee filter (Lee 1981) on linear intensity.
 
     Per pixel, the 3x3 grid of 3x3-means inside the window gives the gradient along four axes; on the
     axis with the strongest gradient, the half window on the side more similar to the centre is used for
     the local statistics, so edges are kept sharp while homogeneous areas are smoothed.
+
+    ``halo``: the input carries that many extra pixels on each side (read from the scene around a tile);
+    they feed the statistics of the pixels near the edge and are cut from the output. With
+    ``halo >= halo_for(window)`` a tile filtered on its own equals the same pixels of the scene filtered
+    whole (no seams); without, the edges are mirrored as scipy's ``reflect`` mode does.
+
+    Compiled with numba (one pass, only the chosen half window's statistics per pixel); the original
+    implementation (eight full-image correlations, then a per-pixel pick) is kept in the tests as the
+    reference it must match.
     """
     x, valid = _fill_invalid(intensity.astype(np.float64))
-    step = max(1, (window // 2) - 1)  # offset of the sub-window means (2 for a 7x7 window)
-    m3 = ndimage.uniform_filter(x, size=3, mode="reflect")
-
-    def shifted(oy: int, ox: int) -> np.ndarray:
-        return ndimage.shift(m3, (-oy, -ox), order=0, mode="nearest")
-
-    centre = m3
-    # (side a, side b) of each axis, as offsets of the sub-window means; the masks index matches
-    axes = [
-        ((-step, 0), (step, 0)),  # vertical gradient: up (mask 0) vs down (mask 4)
-        ((-step, step), (step, -step)),  # up-right (mask 1) vs down-left (mask 5)
-        ((0, step), (0, -step)),  # right (mask 2) vs left (mask 6)
-        ((step, step), (-step, -step)),  # down-right (mask 3) vs up-left (mask 7)
-    ]
-    gradients = []
-    choices = []
-    for k, (a, b) in enumerate(axes):
-        ma, mb = shifted(*a), shifted(*b)
-        gradients.append(np.abs(ma - mb))
-        # keep the half window whose side mean is closer to the centre mean
-        choices.append(np.where(np.abs(ma - centre) <= np.abs(mb - centre), k, k + 4))
-    axis = np.argmax(np.stack(gradients), axis=0)
-    direction = np.take_along_axis(np.stack(choices), axis[None], axis=0)[0]
-
-    masks = _half_window_masks(window)
-    out = np.empty_like(x)
-    for k, mask in enumerate(masks):
-        sel = direction == k
-        if not sel.any():
-            continue
-        mean, var = _local_stats(x, mask)
-        out[sel] = _lee_weighting(x, mean, var, looks)[sel]
+    r = window // 2
+    pad = r + 1
+    xp = np.pad(x, pad, mode="symmetric")  # scipy's "reflect" mode
+    weights = np.stack([m / m.sum() for m in _half_window_masks(window)])
+    out = np.empty((x.shape[0] - 2 * halo, x.shape[1] - 2 * halo))
+    _refined_lee_kernel(xp, pad, halo, x.shape[0], x.shape[1], window, max(1, r - 1), weights, float(looks), out)
     out = out.astype(np.float32)
-    out[~valid] = np.nan
+    out[~valid[halo: x.shape[0] - halo, halo: x.shape[1] - halo]] = np.nan
     return out
 
 
-def despeckle(intensity: np.ndarray, cfg: SpeckleSection, looks_scale: float = 1.0) -> np.ndarray:
-    """Apply the configured speckle filter. ``looks_scale`` > 1 for tiles averaged from finer pixels."""
+def despeckle_halo(cfg: SpeckleSection) -> int:
+    """Extra pixels a tile needs on each side for the configured filter to be seamless."""
+    return 0 if cfg.filter == "none" else halo_for(cfg.window)
+
+
+def despeckle(intensity: np.ndarray, cfg: SpeckleSection, looks_scale: float = 1.0, halo: int = 0) -> np.ndarray:
+    """Apply the configured speckle filter. ``looks_scale`` > 1 for tiles averaged from finer pixels;
+    ``halo``: extra pixels on each side of the input, cut from the output (see :func:`refined_lee_filter`)."""
     looks = cfg.looks * looks_scale
+    inner = np.s_[halo: intensity.shape[0] - halo, halo: intensity.shape[1] - halo]
     if cfg.filter == "none":
-        return intensity
+        return intensity[inner]
     if cfg.filter == "lee":
-        return lee_filter(intensity, cfg.window, looks)
+        return lee_filter(intensity, cfg.window, looks)[inner]
     if cfg.filter == "refined_lee":
-        return refined_lee_filter(intensity, cfg.window, looks)
+        return refined_lee_filter(intensity, cfg.window, looks, halo)
     raise ValueError(f"unknown speckle filter {cfg.filter!r}; use none, lee or refined_lee")
 
 
-def stretch_to_uint8(db: np.ndarray, cfg: StretchSection) -> tuple[np.ndarray, float, float]:
+def stretch_to_uint8(db: np.ndarray, cfg: StretchSection, bounds: tuple[float, float] | None = None
+                     ) -> tuple[np.ndarray, float, float]:
     """Clip dB values (per-tile percentiles or fixed range) and scale to 0..255; NaN becomes 0.
 
+    ``bounds``: the ``cfg.low`` / ``cfg.high`` percentiles of the valid values, when the caller has them.
     Returns the image and the dB values mapped to 0 and 255.
     """
     valid = np.isfinite(db)
     if cfg.mode == "fixed" or not valid.any():
         lo, hi = cfg.db_min, cfg.db_max
+    elif bounds is not None:
+        lo, hi = bounds
     else:
         lo, hi = (float(v) for v in np.percentile(db[valid], [cfg.low, cfg.high]))
     if hi - lo < 1e-6:

@@ -164,23 +164,29 @@ def source_window(src_transform: Affine, src_crs, dst_transform: Affine, dst_crs
     return Window(c0, r0, c1 - c0, r1 - r0)
 
 
+def _inside(win: Window, src) -> Window | None:
+    """The part of a pixel window inside the raster, or None."""
+    try:
+        inter = win.intersection(Window(0, 0, src.width, src.height))
+    except Exception:  # rasterio raises WindowError when they do not intersect
+        return None
+    return inter if inter.width > 0 and inter.height > 0 else None
+
+
 def warp_window(src, band: int, dst_transform: Affine, dst_crs: str, size: int, resampling: Resampling,
-                to_float=None) -> np.ndarray | None:
+                to_float=None, stats: dict | None = None) -> np.ndarray | None:
     """Read the source pixels under a tile and warp them onto the tile grid, as float32 with NaN nodata.
 
     ``to_float`` converts the raw block (masked array) before resampling, e.g. dB -> linear intensity;
-    by default the values are kept as they are.
+    by default the values are kept as they are. ``stats["pixels_read"]`` counts the source pixels decoded.
     Returns None when the tile does not overlap the raster at all.
     """
-    win = source_window(src.transform, src.crs, dst_transform, dst_crs, size)
-    full = Window(0, 0, src.width, src.height)
-    try:
-        inter = win.intersection(full)
-    except Exception:  # rasterio raises WindowError when they do not intersect
-        return None
-    if inter.width <= 0 or inter.height <= 0:
+    inter = _inside(source_window(src.transform, src.crs, dst_transform, dst_crs, size), src)
+    if inter is None:
         return None
     block = src.read(band, window=inter, masked=True)
+    if stats is not None:
+        stats["pixels_read"] = stats.get("pixels_read", 0) + block.size
     data = to_float(block) if to_float else block.astype(np.float32).filled(np.nan)
     dst = np.full((size, size), np.nan, dtype=np.float32)
     reproject(
@@ -190,6 +196,44 @@ def warp_window(src, band: int, dst_transform: Affine, dst_crs: str, size: int, 
         resampling=resampling,
     )
     return dst
+
+
+def pixel_window(src, dst_transform: Affine, dst_crs: str, size: int) -> Window | None:
+    """The window of ``src`` pixels that *is* the tile, when the tile grid is the raster's own pixel grid
+    (same CRS, north-up, same pixel size, origin on a pixel corner): then a plain windowed read gives
+    exactly what the warper would (nearest neighbour onto identical pixels). None otherwise."""
+    t = src.transform
+    if str(src.crs) != str(dst_crs) or t.b != 0 or t.d != 0 or t.a <= 0 or t.e >= 0:
+        return None
+    if not (math.isclose(dst_transform.a, t.a, rel_tol=1e-9) and math.isclose(dst_transform.e, t.e, rel_tol=1e-9)):
+        return None
+    col, row = (dst_transform.c - t.c) / t.a, (dst_transform.f - t.f) / t.e
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    return Window(round(col), round(row), size, size)
+
+
+def read_window(src, band: int, window: Window, size: int, to_float=None, stats: dict | None = None) -> np.ndarray | None:
+    """A tile read straight from the raster's pixels (see :func:`pixel_window`), float32 with NaN nodata
+    where the window leaves the raster; the same array :func:`warp_window` would return, for less work."""
+    inter = _inside(window, src)
+    if inter is None:
+        return None
+    block = src.read(band, window=inter, masked=True)
+    if stats is not None:
+        stats["pixels_read"] = stats.get("pixels_read", 0) + block.size
+    data = to_float(block) if to_float else block.astype(np.float32).filled(np.nan)
+    out = np.full((size, size), np.nan, dtype=np.float32)
+    r0, c0 = int(inter.row_off - window.row_off), int(inter.col_off - window.col_off)
+    out[r0: r0 + data.shape[0], c0: c0 + data.shape[1]] = data
+    return out
+
+
+def overview_for(src, factor: float) -> int | None:
+    """The index of the coarsest overview of band 1 whose decimation is at most ``factor`` (an overview
+    averages pixels the tile would average anyway), or None when the raster has none that fits."""
+    levels = [i for i, f in enumerate(src.overviews(1)) if f <= factor * (1 + 1e-6)]
+    return levels[-1] if levels else None
 
 
 def resampling_for(tile_gsd: float, native_gsd: float, coarser: Resampling = Resampling.average) -> Resampling:
@@ -208,14 +252,18 @@ class TileChunk:
         self.cfg = cfg
         self.shards = io.join(run_dir, STAGE, "shards")
         self.errors = io.join(run_dir, STAGE, "errors")
-        self._open: tuple[str, rasterio.io.DatasetReader] | None = None
+        self._open: dict[tuple[str, int | None], rasterio.io.DatasetReader] = {}  # one scene's datasets at a time
+        self.stats: dict = {}  # pixels_read, and tiles per read path (direct, overview, warp)
 
-    def _dataset(self, uri: str):
-        if self._open is None or self._open[0] != uri:
-            if self._open is not None:
-                self._open[1].close()
-            self._open = (uri, io.open_raster(uri))
-        return self._open[1]
+    def _dataset(self, uri: str, overview: int | None = None):
+        """The open dataset of a scene (or of one of its overviews); opening a new scene closes the last's."""
+        if (uri, overview) not in self._open:
+            if any(u != uri for u, _ in self._open):
+                for ds in self._open.values():
+                    ds.close()
+                self._open.clear()
+            self._open[(uri, overview)] = io.open_raster(uri, overview_level=overview)
+        return self._open[(uri, overview)]
 
     def __call__(self, chunk: dict) -> dict:
         started = time.time()
@@ -256,31 +304,63 @@ class TileChunk:
                 rows.append(row)
         return rows, errors
 
-    def make_tile(self, src, scene: dict, grid: Grid, r: int, c: int, tid: str) -> dict | str:
-        """One tile row, or the reason it was dropped."""
-        cfg = self.cfg
-        size = cfg.tile_size
-        t = grid.window_transform(r, c)
+    def read_intensity(self, src, scene: dict, transform: Affine, crs: str, size: int) -> np.ndarray:
+        """Linear intensity on a tile grid (NaN nodata) by the cheapest exact path:
+
+        * the tile grid is the scene's own pixel grid (native GSD, north-up, same CRS): a windowed read;
+        * a coarser level of a linear-intensity scene with overviews (a COG): the warper averages the
+          coarsest overview not coarser than the tile, instead of every full-resolution pixel
+          (``tile.use_overviews``); overviews of dB or amplitude files averaged those units, so they are not used;
+        * anything else (rotated, mirrored, another CRS, no overviews): GDAL's warper from full resolution.
+        """
         units = scene["units"]
 
         def to_linear(block: np.ma.MaskedArray) -> np.ndarray:
             return sar.to_intensity(block.astype(np.float32).filled(np.nan), units)
 
-        intensity = warp_window(src, scene["band"], t, grid.crs, size, resampling_for(grid.gsd, scene["gsd_m"]), to_linear)
-        if intensity is None:
-            intensity = np.full((size, size), np.nan, np.float32)
+        band, gsd, native = scene["band"], transform.a, scene["gsd_m"]
+        window = pixel_window(src, transform, crs, size)
+        if window is not None:
+            path, out = "direct", read_window(src, band, window, size, to_linear, self.stats)
+        else:
+            overview = None
+            if self.cfg.use_overviews and units == "intensity" and gsd > native * 1.01:
+                overview = overview_for(src, gsd / native)
+            if overview is not None:
+                path = "overview"
+                out = warp_window(self._dataset(scene["sar_uri"], overview), band, transform, crs, size,
+                                  Resampling.average, to_linear, self.stats)
+            else:
+                path = "warp"
+                out = warp_window(src, band, transform, crs, size, resampling_for(gsd, native), to_linear, self.stats)
+        self.stats[path] = self.stats.get(path, 0) + 1
+        return np.full((size, size), np.nan, np.float32) if out is None else out
+
+    def filtered_intensity(self, src, scene: dict, grid: Grid, t: Affine) -> tuple[np.ndarray, np.ndarray]:
+        """A tile's linear intensity before and after the speckle filter. The tile is read with a halo of
+        the filter's reach around it, so a tile filtered alone equals the scene filtered whole (no seams)."""
+        size, halo = self.cfg.tile_size, sar.despeckle_halo(self.cfg.speckle)
+        padded = self.read_intensity(src, scene, t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo)
+        looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
+        return padded[halo: halo + size, halo: halo + size], sar.despeckle(padded, self.cfg.speckle, looks_scale, halo)
+
+    def make_tile(self, src, scene: dict, grid: Grid, r: int, c: int, tid: str) -> dict | str:
+        """One tile row, or the reason it was dropped."""
+        cfg = self.cfg
+        size = cfg.tile_size
+        t = grid.window_transform(r, c)
+        intensity, filtered = self.filtered_intensity(src, scene, grid, t)
         invalid = ~np.isfinite(intensity)
         nodata_fraction = float(invalid.mean())
         if nodata_fraction > cfg.max_nodata_fraction:
             return (f"tile {tid} of {scene['sar_uri']}: {nodata_fraction:.0%} of pixels are nodata/NaN/inf "
                     f"(limit tile.max_nodata_fraction={cfg.max_nodata_fraction:.0%}); raise the limit to keep edge tiles.")
-        looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
-        filtered = sar.despeckle(intensity, cfg.speckle, looks_scale)
         db = sar.to_db(filtered)
         db[invalid] = np.nan
-        image, lo, hi = sar.stretch_to_uint8(db, cfg.stretch)
         valid_db = db[~invalid]
-        p02, p98 = np.percentile(valid_db, [2, 98])
+        # one partition for the statistics and the stretch (a percentile costs as much as the dB conversion)
+        p02, p98, low, high = np.percentile(valid_db, [2, 98, cfg.stretch.low, cfg.stretch.high])
+        image, lo, hi = sar.stretch_to_uint8(db, cfg.stretch, bounds=(float(low), float(high)))
         return {
             "tile_id": tid, "scene_id": scene["scene_id"], "gsd_m": grid.gsd, "row": r, "col": c,
             "crs": grid.crs, "transform": [float(v) for v in tuple(t)[:6]], "width": size, "height": size,
