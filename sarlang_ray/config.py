@@ -34,6 +34,9 @@ class RunSection:
     seed: int = 0  # seed for everything random (synthetic archive, splits)
     stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate", "export"])  # what `run` does
     force: bool = False  # re-run stages that already finished (default: a finished stage is a no-op)
+    # run_dir is a local path that every node of the cluster mounts (NFS, EFS, Lustre): allows a local
+    # run_dir on a cluster of more than one node (otherwise use s3:// or gs://, which every node sees)
+    shared_fs: bool = False
     # the one image-size value shared by annotation (hf), training and evaluation: images are downscaled to
     # at most this many pixels (aspect kept), and processors that take it (Qwen2-VL's max_pixels) get it too
     max_pixels: int | None = None
@@ -352,6 +355,10 @@ def _floats(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
 def _check(cfg: WorkflowConfig) -> None:
     """Cross-field checks, all in one place."""
     problems = [f"{key} must be a finite number, not {value}" for key, value in _floats(cfg) if not math.isfinite(value)]
+    for key, value in (("run.run_dir", cfg.run.run_dir), ("catalog.archive", cfg.catalog.archive)):
+        if re.search(r"YOUR[-_]BUCKET", value or "", re.I):
+            problems.append(f"{key}={value} still names the placeholder bucket: set it to a bucket (or shared folder) "
+                            f"of yours, e.g. {key}=s3://my-bucket/sarlang/runs/x")
     unknown = set(cfg.run.stages) - set(STAGES)
     if unknown:
         problems.append(f"run.stages has unknown stages {sorted(unknown)}; known: {list(STAGES)}")

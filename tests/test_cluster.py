@@ -259,7 +259,18 @@ def check_sarlang_command(command: str) -> None:
     assert args[:2] == ["sarlang", "run"], command
     workflow = REPO / args[2]
     assert workflow.is_file() and workflow.parent == REPO / "workflows", f"{args[2]} is not in workflows/"
-    load_config(str(workflow), args[3:])
+    # the docs' placeholder bucket is refused as it is (test_presets_refuse_the_placeholder_bucket): a user's works
+    load_config(str(workflow), [a.replace("YOUR_BUCKET", "my-bucket") for a in args[3:]])
+
+
+@pytest.mark.parametrize("preset", ["qwen2vl-2b.yaml", "qwen25vl-7b.yaml", "llava15-7b.yaml"])
+def test_presets_refuse_the_placeholder_bucket_until_it_is_set(preset):
+    """GPU presets run on clusters, where a local run_dir would scatter shards over the nodes' disks."""
+    from sarlang_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="placeholder bucket"):
+        load_config(str(REPO / "workflows" / preset))
+    assert load_config(str(REPO / "workflows" / preset), ["run.run_dir=s3://my-bucket/runs/x"]).run.run_dir == "s3://my-bucket/runs/x"
 
 
 def test_rayjob_entrypoint_runs_an_existing_workflow():

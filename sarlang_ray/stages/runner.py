@@ -129,6 +129,9 @@ class Stage:
         done = self.read_marker(cfg)
         if done is not None and done["fingerprint"]["value"] == fp["value"] and not cfg.run.force:
             return _counts(done)
+        if self.needs_ray:  # before touching the run folder: it may be the wrong kind of storage
+            ensure_ray(cfg)
+            check_storage(cfg)
         started = self.read_marker(cfg, STARTED)
         resume = started is not None and started["fingerprint"]["value"] == fp["value"] and not cfg.run.force
         invalidate_downstream(cfg, self.name)
@@ -141,8 +144,6 @@ class Stage:
             swept = io.sweep_partial(self.folder(cfg))
             if swept:
                 log.info("%s: resuming; removed %d partial files left by killed writers", self.name, len(swept))
-        if self.needs_ray:
-            ensure_ray(cfg)
         t0 = time.time()
         counts = self.body(cfg)
         counts["seconds"] = round(time.time() - t0, 2)
@@ -230,6 +231,25 @@ def ensure_ray(cfg: WorkflowConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress
     ctx.execution_options.preserve_order = True  # deterministic manifests
+
+
+def check_storage(cfg: WorkflowConfig) -> None:
+    """Refuse a local ``run_dir`` on a cluster of more than one node: workers would write shards to their
+    own disks, where the driver (and Ray Train) never finds them.
+
+    Raises:
+        StageFailed: with what to do instead.
+    """
+    import ray
+
+    if io.is_remote(cfg.run.run_dir) or cfg.run.shared_fs:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise StageFailed(
+            f"run.run_dir={cfg.run.run_dir} is a local path, but the Ray cluster has {len(nodes)} nodes: each would "
+            "write its shards to its own disk. Use storage every node sees (run.run_dir=s3://BUCKET/PREFIX or gs://...), "
+            "or, if that path is a shared file system mounted on every node (NFS, EFS, Lustre), set run.shared_fs=true.")
 
 
 def workers(concurrency: int | None) -> int:
