@@ -12,6 +12,10 @@ $(BIN)/sarlang: pyproject.toml
 	# torch first, pinned: a looser requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# lmms-eval's task loader, for the test that loads our exported task with it; --no-deps: its full
+	# install pulls torchvision (which does not load beside this torch), wandb, opencv and spacy
+	$(BIN)/pip install --quiet --no-deps lmms-eval==0.7.3 loguru==0.7.3 tenacity==9.2.1 evaluate==0.4.6 \
+		sacrebleu==2.6.0 portalocker==4.4.2 tabulate==0.10.0 colorama==0.4.6 lxml==6.1.3 pytz
 	touch $(BIN)/sarlang
 
 setup: $(BIN)/sarlang

@@ -2,9 +2,12 @@
 
 Commands: ``run`` (all configured stages), one stage by name (``synth``, ``catalog``, ``tile``,
 ``align``, ``annotate``, ``export``, ``train``, ``evaluate``), ``config`` (print the resolved config), ``model init-tiny DIR``
-(write a tiny offline VLM), ``import RELEASE OUT.parquet`` (a SARLANG-1M-style release as an
-annotations table). Without a workflow file, ``workflows/demo.yaml``
-settings are the built-in defaults.
+(write a tiny offline VLM), ``import RELEASE OUT.parquet [--sardet DIR] [--images DIR] [--embed-images]
+[--split S]`` (a SARLANG-1M release as published, our own export's, or any LLaMA-Factory / ShareGPT JSON
+dataset, as a pairs table with an errors table and a report), ``export-bench [workflow.yaml] [key=value ...]``
+(the evaluated split as an lmms-eval task and a VLMEvalKit TSV) and ``score-bench PREDICTIONS`` (a harness's
+predictions scored with our metrics). Without a workflow file, ``workflows/demo.yaml`` settings are the
+built-in defaults.
 """
 
 from __future__ import annotations
@@ -16,17 +19,18 @@ import sys
 
 from sarlang_ray.config import STAGES, ConfigError, load_config, to_yaml
 
+TOOLS = ("model", "import", "export-bench", "score-bench")
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("import", "score-bench", "model"):  # commands with options of their own
+        return {"import": _import, "score-bench": _score_bench, "model": _model}[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="sarlang", description="SAR image-text dataset pipeline on Ray.")
-    parser.add_argument("command", choices=["run", "config", "model", "import", *STAGES], help="what to do")
+    parser.add_argument("command", choices=["run", "config", *TOOLS, *STAGES], help="what to do")
     parser.add_argument("args", nargs="*", help="an optional workflow YAML, then key=value overrides")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     ns = parser.parse_args(argv)
-    if ns.command == "model":
-        return _model(ns.args)
-    if ns.command == "import":
-        return _import(ns.args)
     workflow = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if workflow else ns.args
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "config":
         print(to_yaml(cfg))
         return 0
+    if ns.command == "export-bench":
+        return _export_bench(cfg, ns.json)
     from sarlang_ray import pipeline
 
     try:
@@ -62,21 +68,72 @@ def _model(args: list[str]) -> int:
 
 
 def _import(args: list[str]) -> int:
-    """``sarlang import RELEASE_DIR OUT.parquet``: a SARLANG-1M-style release as an annotations table."""
-    if len(args) != 2:
-        print("usage: sarlang import RELEASE_DIR OUT.parquet", file=sys.stderr)
-        return 2
-    from sarlang_ray import io
+    """``sarlang import RELEASE OUT.parquet``: a release as a pairs table (``OUT.parquet``), its errors table
+    (``OUT.errors.parquet``) and report (``OUT.report.json``). Exits 1 when no record could be imported."""
+    parser = argparse.ArgumentParser(prog="sarlang import", description=(
+        "Read a SARLANG-1M release as published (SARimages*/ and Text/ after unzipping Text.zip), our own export's "
+        "sarlang1m/ folder, or any LLaMA-Factory / ShareGPT / ms-swift JSON dataset (a folder or one file) into a pairs "
+        "table that `sarlang evaluate evaluate.dataset=OUT.parquet` scores."))
+    parser.add_argument("release", help="the unpacked release folder (local or s3://), or one JSON/JSONL/CSV file")
+    parser.add_argument("out", help="the pairs table to write (.parquet); errors and report go beside it")
+    parser.add_argument("--sardet", help="folder with SARDet-100K's images (SARVQA1 names them, e.g. 0009787.jpg)")
+    parser.add_argument("--images", help="another image folder, searched before the release's own (e.g. the original TIFs)")
+    parser.add_argument("--split", action="append", choices=["train", "val", "test"], help="only these splits (repeatable)")
+    parser.add_argument("--embed-images", action="store_true", help="put the image bytes in the table (small sets)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    ns = parser.parse_args(args)
+    from sarlang_ray import release
     from sarlang_ray.errors import ItemError
-    from sarlang_ray.export import import_sarlang1m
 
     try:
-        table = import_sarlang1m(args[0])
-    except ItemError as exc:  # an unsafe path, a malformed record, not a release: say so, no traceback
+        result = release.import_release(ns.release, splits=tuple(ns.split) if ns.split else None, sardet=ns.sardet,
+                                        images=ns.images, embed_images=ns.embed_images)
+    except ItemError as exc:  # not a release: say so, no traceback
         print(f"sarlang import: {exc}", file=sys.stderr)
         return 2
-    io.write_parquet_atomic(args[1], table)
-    print(f"{table.num_rows} pairs from {args[0]} written to {args[1]}")
+    report = release.write_import(result, ns.out)
+    print(json.dumps(report, indent=2, default=str) if ns.json else release.format_report(result))
+    stem = ns.out.removesuffix(".parquet")
+    print(f"{result.table.num_rows} pairs written to {ns.out} (errors: {stem}.errors.parquet, report: {stem}.report.json)")
+    if not result.table.num_rows:
+        print(f"sarlang import: no pair could be imported from {ns.release}: see the reasons above and in "
+              f"{stem}.errors.parquet", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export_bench(cfg, as_json: bool) -> int:
+    """``sarlang export-bench [workflow.yaml] [key=value ...]``: see sarlang_ray.harness."""
+    from sarlang_ray import harness
+
+    try:
+        manifest = harness.export_bench(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"sarlang export-bench: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"{manifest['samples']} samples ({manifest['images']} images) of the {manifest['split']} split of {manifest['dataset']}")
+    for fmt, files in manifest["files"].items():
+        print(f"  {fmt}: {files.get('yaml') or files.get('tsv')}\n    run: {files['run']}")
+    return 0
+
+
+def _score_bench(args: list[str]) -> int:
+    """``sarlang score-bench PREDICTIONS``: a harness's predictions (VLMEvalKit's prediction file for a TSV of
+    export-bench, or lmms-eval's --log_samples jsonl) scored with our metrics."""
+    parser = argparse.ArgumentParser(prog="sarlang score-bench", description=_score_bench.__doc__)
+    parser.add_argument("predictions", help="VLMEvalKit prediction file (.tsv/.csv/.xlsx) or lmms-eval samples (.jsonl)")
+    ns = parser.parse_args(args)
+    from sarlang_ray import harness
+
+    try:
+        scores = harness.score_predictions(ns.predictions)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"sarlang score-bench: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(scores, indent=2, sort_keys=True))
     return 0
 
 

@@ -138,6 +138,10 @@ class QCSection:
     hallucination: str = "reject"  # classes absent from the tile's labels: repair (drop sentence), reject, off
     vague: str = "reject"  # too short or empty phrases: reject or off
     duplicate: str = "reject"  # the same question twice for one tile: reject or off
+    # pairs of one tile that contradict each other (yes/no vs counts vs captions vs land cover vs positions),
+    # absence asserted where land cover implies the class, classes too small to see at the tile's GSD:
+    # repair (drop the minority statements: caption sentences, VQA pairs), reject (whole pairs) or off
+    contradiction: str = "repair"
     min_words_concise: int = 3  # shorter concise captions are vague
     min_words_detailed: int = 12  # shorter detailed captions are vague
 
@@ -167,11 +171,28 @@ class HFSection:
     max_new_tokens_answer: int = 8  # VQA answers
 
 
+# Resolvability defaults, per class of the template vocabulary (justified in docs/annotate.md):
+# size of a typical instance in metres, and pixels it must span to be seen in SAR (speckle, layover).
+DEFAULT_CLASS_SIZE_M = {"ship": 40.0, "aircraft": 35.0, "car": 4.5, "storage tank": 20.0, "bridge": 40.0,
+                        "harbour": 200.0, "building": 20.0, "road": 100.0}
+DEFAULT_MIN_SIZE_PX = {"ship": 3.0, "aircraft": 6.0, "car": 4.0, "storage tank": 4.0, "bridge": 3.0,
+                       "harbour": 5.0, "building": 4.0, "road": 5.0}
+
+
 @dataclass
 class AnnotateSection:
     backend: str = "template"  # template, hf, openai, or "package.module:Class" of your own backend
     identification_pairs: int = 2  # yes/no identification pairs per tile (as many yes as no)
     max_per_family: int = 3  # cap of questions per question family and tile
+    # what a SAR tile can show (docs/annotate.md, "Resolvability"): a class is resolvable at a GSD when a
+    # typical instance of class_size_m metres spans at least min_size_px pixels; questions and captions never
+    # name a class that is not, and objects smaller than min_size_px (visible extent) are not counted
+    class_size_m: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_CLASS_SIZE_M))
+    min_size_px: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIN_SIZE_PX))
+    # class -> land-cover class that implies it: where that land cover covers >= implied_min_fraction of a
+    # tile, absence of the class is never asserted (built-up land holds buildings whether labelled or not)
+    implied_by: dict[str, str] = field(default_factory=lambda: {"building": "built-up"})
+    implied_min_fraction: float = 0.1
     qc: QCSection = field(default_factory=QCSection)
     openai: OpenAISection = field(default_factory=OpenAISection)
     hf: HFSection = field(default_factory=HFSection)
@@ -233,9 +254,17 @@ class EvaluateSection:
     models: list[str] = field(default_factory=lambda: ["base", "finetuned"])
     images: list[str] = field(default_factory=lambda: ["sar"])  # preprocessing variants: sar, sar_equalized, optical
     prompts: list[PromptSection] = field(default_factory=lambda: [PromptSection()])
-    split: str = "test"  # export split to score
+    # what to score: export (this run's export/parquet), a pairs table written by `sarlang import` (a SARLANG-1M
+    # release, our own, SARChat-Bench...: a .parquet file or a folder of them), or a LLaMA-Factory JSON file
+    dataset: str = "export"
+    # where the majority baseline takes its train answers when evaluate.dataset has no train split (a JSON
+    # file or a pairs table); null: the dataset's own train split
+    train_dataset: str | None = None
+    split: str = "test"  # split to score
     limit_pairs: int | None = None  # score the first N pairs only (smoke runs)
-    vqa_mode: str = "strict"  # leaderboard's VQA rule: strict or sarlang1m (both are always computed), or judge
+    # leaderboard's VQA rule: strict or sarlang1m (both are always computed), or judge; auto: strict on our
+    # export, sarlang1m (the published rule, comparable with the paper) on any other dataset
+    vqa_mode: str = "auto"
     # the published rule's last step (vqa_judge): off; openai (an LLM on annotate.openai's endpoint); or
     # embedding (a local sentence encoder, judge_model: hub name or folder; right when cosine >= judge_threshold)
     judge: str = "off"
@@ -254,6 +283,16 @@ class EvaluateSection:
 
 
 @dataclass
+class BenchSection:
+    """`sarlang export-bench`: the evaluated split (evaluate.dataset, evaluate.split) for other harnesses."""
+
+    out_dir: str | None = None  # where the harness files go; null: <run_dir>/bench
+    name: str | None = None  # task / dataset name (letters, digits, _); null: sarlang_<workflow name>_<split>
+    formats: list[str] = field(default_factory=lambda: ["lmms_eval", "vlmevalkit"])  # lmms_eval task, VLMEvalKit TSV
+    limit_pairs: int | None = None  # the first N pairs of evaluate's selection only
+
+
+@dataclass
 class WorkflowConfig:
     name: str = "demo"  # workflow name (shown in the summary)
     run: RunSection = field(default_factory=RunSection)
@@ -266,6 +305,7 @@ class WorkflowConfig:
     export: ExportSection = field(default_factory=ExportSection)
     train: TrainSection = field(default_factory=TrainSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    bench: BenchSection = field(default_factory=BenchSection)
 
 
 STAGES = ("synth", "catalog", "tile", "align", "annotate", "export", "train", "evaluate")
@@ -418,8 +458,22 @@ def _check(cfg: WorkflowConfig) -> None:
                         "e.g. sentence-transformers/all-MiniLM-L6-v2)")
     if not -1.0 <= ev.judge_threshold <= 1.0:
         problems.append("evaluate.judge_threshold is a cosine similarity: between -1 and 1")
-    if ev.vqa_mode not in ("strict", "sarlang1m", "judge") or (ev.vqa_mode == "judge" and ev.judge == "off"):
-        problems.append("evaluate.vqa_mode must be strict or sarlang1m (or judge, with evaluate.judge=openai or embedding)")
+    if ev.vqa_mode not in ("auto", "strict", "sarlang1m", "judge") or (ev.vqa_mode == "judge" and ev.judge == "off"):
+        problems.append("evaluate.vqa_mode must be auto, strict or sarlang1m (or judge, with evaluate.judge=openai or embedding)")
+    if not ev.dataset:
+        problems.append("evaluate.dataset must be export, a pairs table (.parquet or a folder) or a LLaMA-Factory JSON file")
+    if ev.dataset != "export" and "optical" in ev.images:
+        problems.append("evaluate.images=optical reads the optical twins from this run's tiles table: it works on "
+                        "evaluate.dataset=export only")
+    if ev.limit_pairs is not None and ev.limit_pairs < 1:
+        problems.append("evaluate.limit_pairs must be >= 1 (or null for every pair)")
+    b = cfg.bench
+    if set(b.formats) - {"lmms_eval", "vlmevalkit"} or not b.formats:
+        problems.append("bench.formats may hold lmms_eval and vlmevalkit (at least one)")
+    if b.name is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", b.name):
+        problems.append("bench.name must be letters, digits and _ (it names the lmms-eval task and the VLMEvalKit TSV)")
+    if b.limit_pairs is not None and b.limit_pairs < 1:
+        problems.append("bench.limit_pairs must be >= 1 (or null for every pair)")
     if set(ev.baselines) - {"majority", "oracle"}:
         problems.append("evaluate.baselines may hold majority and oracle only")
     if ev.split not in ("train", "val", "test"):
@@ -432,9 +486,22 @@ def _check(cfg: WorkflowConfig) -> None:
     q = cfg.annotate.qc
     for rule, allowed in (("colour", ("repair", "reject", "off")), ("count", ("repair", "reject", "off")),
                           ("hallucination", ("repair", "reject", "off")), ("vague", ("reject", "off")),
-                          ("duplicate", ("reject", "off"))):
+                          ("duplicate", ("reject", "off")), ("contradiction", ("repair", "reject", "off"))):
         if getattr(q, rule) not in allowed:
             problems.append(f"annotate.qc.{rule} must be one of {allowed}")
+    a = cfg.annotate
+    for key in ("class_size_m", "min_size_px"):
+        unknown = sorted(set(getattr(a, key)) - set(DEFAULT_CLASS_SIZE_M))
+        if unknown:
+            problems.append(f"annotate.{key} has unknown classes {unknown}; known: {sorted(DEFAULT_CLASS_SIZE_M)}")
+        bad = sorted(c for c, v in getattr(a, key).items() if not v > 0)
+        if bad:
+            problems.append(f"annotate.{key} must be > 0 for every class (not for {bad})")
+    unknown = sorted(set(a.implied_by) - set(DEFAULT_CLASS_SIZE_M))
+    if unknown:
+        problems.append(f"annotate.implied_by has unknown classes {unknown}; known: {sorted(DEFAULT_CLASS_SIZE_M)}")
+    if not 0 < a.implied_min_fraction <= 1:
+        problems.append("annotate.implied_min_fraction must be within (0, 1]")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

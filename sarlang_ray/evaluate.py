@@ -1,4 +1,10 @@
-"""evaluate: score VLMs on the export's test split; a Ray Tune sweep of models x image variants x prompts.
+"""evaluate: score VLMs on a split of ``evaluate.dataset``; a Ray Tune sweep of models x image variants x prompts.
+
+The dataset is this run's export (``export``, the default), a pairs table written by ``sarlang import`` (the
+SARLANG-1M release as published, SARChat-Bench, any LLaMA-Factory JSON set; :mod:`sarlang_ray.release`), or a
+LLaMA-Factory JSON file read the same way (:func:`prepare_datasets`); :func:`read_split` gives a split's rows
+whichever it is. ``evaluate.vqa_mode=auto`` ranks by ``strict`` on our export and by ``sarlang1m`` (the published
+rule) on anything else.
 
 Every point of the sweep (``evaluate.models`` x ``evaluate.images`` x ``evaluate.prompts``) is one Ray Tune
 trial. A trial runs batch inference on a Ray Data actor pool (``evaluate.concurrency`` actors with
@@ -34,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 
 from sarlang_ray import io, metrics, plots
+from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS, read_tiles, tile_shards
 
@@ -58,11 +65,109 @@ def resolve_model(name: str, cfg: WorkflowConfig) -> str:
 
 
 def split_files(cfg: WorkflowConfig, split: str) -> list[str]:
+    """The Parquet files that hold the ``split``: our export's ``export/parquet/<split>/*.parquet``, or (an
+    imported release, a LLaMA-Factory JSON dataset: ``evaluate.dataset``) the dataset's table files, whose
+    ``split`` column says which rows are the split (:func:`read_split` filters them)."""
+    if dataset_kind(cfg) != "export":
+        return table_uris(cfg, "train" if split == "train" and cfg.evaluate.train_dataset else "dataset")
     files = io.glob(io.join(cfg.run.run_dir, "export", "parquet"), f"{split}/*.parquet")
     if not files:
         raise FileNotFoundError(f"no {split} split under {cfg.run.run_dir}/export/parquet: run the export stage "
                                 "first (small archives may give no val split; use evaluate.split=test)")
     return files
+
+
+# ---------------------------------------------------------------- the dataset a sweep scores (evaluate.dataset)
+def dataset_kind(cfg: WorkflowConfig, which: str = "dataset") -> str:
+    """``export`` (this run's export), ``json`` (a LLaMA-Factory / ShareGPT JSON or JSONL file) or ``table``
+    (a pairs table from ``sarlang import``: a Parquet file, or a folder of them)."""
+    value = cfg.evaluate.dataset if which == "dataset" else (cfg.evaluate.train_dataset or cfg.evaluate.dataset)
+    if value == "export":
+        return "export"
+    return "json" if value.lower().endswith((".json", ".jsonl")) else "table"
+
+
+def dataset_label(cfg: WorkflowConfig) -> str:
+    return f"this run's export ({io.join(cfg.run.run_dir, 'export', 'parquet')})" if dataset_kind(cfg) == "export" \
+        else cfg.evaluate.dataset
+
+
+def vqa_mode(cfg: WorkflowConfig) -> str:
+    """The leaderboard's VQA rule: ``evaluate.vqa_mode``, where ``auto`` is ``strict`` on our export and
+    ``sarlang1m`` (the published rule, so numbers compare with the paper's) on any other dataset."""
+    mode = cfg.evaluate.vqa_mode
+    if mode == "auto":
+        return "strict" if dataset_kind(cfg) == "export" else "sarlang1m"
+    return mode
+
+
+def _converted_uri(cfg: WorkflowConfig, which: str) -> str:
+    return io.join(cfg.run.run_dir, "evaluate", "dataset", f"{which}.parquet")
+
+
+def table_uris(cfg: WorkflowConfig, which: str = "dataset") -> list[str]:
+    """The Parquet files of ``evaluate.dataset`` (``which="train"``: ``evaluate.train_dataset``)."""
+    value = cfg.evaluate.dataset if which == "dataset" else (cfg.evaluate.train_dataset or cfg.evaluate.dataset)
+    if dataset_kind(cfg, which) == "json":
+        uri = _converted_uri(cfg, which)
+        if not io.exists(uri):
+            raise FileNotFoundError(f"{value} has not been read yet ({uri} is missing): run_evaluate converts it first")
+        return [uri]
+    if value.endswith(".parquet"):
+        if not io.exists(value):
+            raise FileNotFoundError(f"evaluate.{'dataset' if which == 'dataset' else 'train_dataset'}={value} does not exist: "
+                                    "write it with `sarlang import RELEASE_DIR OUT.parquet`")
+        return [value]
+    files = [f for f in (io.glob(value, "**/*.parquet") if io.exists(value) else []) if not f.endswith(".errors.parquet")]
+    if not files:
+        raise FileNotFoundError(f"evaluate.dataset={value} holds no Parquet table: give a pairs table written by "
+                                "`sarlang import`, a LLaMA-Factory JSON file, or `export`")
+    return files
+
+
+def prepare_datasets(cfg: WorkflowConfig) -> list[str]:
+    """Read ``evaluate.dataset`` / ``evaluate.train_dataset`` given as LLaMA-Factory JSON into pairs tables under
+    ``evaluate/dataset/`` (every row in the split it is used as: the dataset in ``evaluate.split``, the train
+    dataset in ``train``), with the import's error table beside them. Returns notes on rejected records."""
+    from sarlang_ray import release
+
+    notes = []
+    for which in ("dataset", "train"):
+        if which == "train" and not cfg.evaluate.train_dataset:
+            continue
+        if dataset_kind(cfg, which) != "json":
+            continue
+        path = cfg.evaluate.dataset if which == "dataset" else cfg.evaluate.train_dataset
+        result = release.import_release(path, default_split=cfg.evaluate.split)
+        split = cfg.evaluate.split if which == "dataset" else "train"
+        table = result.table.set_column(result.table.schema.get_field_index("split"), "split",
+                                        pa.array([split] * result.table.num_rows, pa.string()))
+        uri = _converted_uri(cfg, which)
+        release.write_import(release.ImportResult(result.root, table, result.errors, result.files), uri)
+        t = result.totals
+        if t["rejected"]:
+            notes.append(f"{path}: {t['rejected']} of {t['records']} records rejected ({uri.replace('.parquet', '.errors.parquet')})")
+    return notes
+
+
+def read_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows of ``split`` of the evaluated dataset (``columns`` only).
+
+    Raises:
+        FileNotFoundError: no such split (the message says where it was looked for)."""
+    if dataset_kind(cfg) == "export":
+        return io.read_parquet(split_files(cfg, split), columns=columns)
+    which = "train" if split == "train" and cfg.evaluate.train_dataset else "dataset"
+    files = table_uris(cfg, which)
+    table = io.read_parquet(files, columns=None if columns is None else list(dict.fromkeys([*columns, "split"])))
+    import pyarrow.compute as pc
+
+    table = table.filter(pc.equal(table["split"], split))
+    if not table.num_rows:
+        where = cfg.evaluate.train_dataset if which == "train" else cfg.evaluate.dataset
+        raise FileNotFoundError(f"no {split} split in {where} (its splits: "
+                                f"{sorted(set(io.read_parquet(files, columns=['split'])['split'].to_pylist()))})")
+    return table.select(columns) if columns is not None else table
 
 
 def select_pairs(table: pa.Table, limit: int | None) -> list[dict]:
@@ -148,6 +253,8 @@ def pairs_dataset(cfg: WorkflowConfig, image: str, wanted: set[str]):
     on part of the split would be no upper bound)."""
     import ray
 
+    if dataset_kind(cfg) != "export":
+        return _table_pairs_dataset(cfg, wanted)
     files = split_files(cfg, cfg.evaluate.split)
     sources = _optical_sources(cfg, files, wanted) if image == "optical" else [[] for _ in files]
     columns = ["pair_id", "tile_id", "kind", "question"] + ([] if image == "optical" else ["image"])
@@ -167,6 +274,44 @@ def pairs_dataset(cfg: WorkflowConfig, image: str, wanted: set[str]):
         return rows
 
     return ray.data.from_items([{"uri": u, "tiles": t} for u, t in zip(files, sources)]).flat_map(read, num_cpus=0.1)
+
+
+def _table_pairs_dataset(cfg: WorkflowConfig, wanted: set[str], chunk: int = 64):
+    """The wanted pairs of an imported table: the driver reads their ids, questions and image uris (no pixels),
+    read tasks of ``chunk`` pairs each (0.1 CPU) read the images: from ``image_uri``, or embedded bytes from
+    the table. An image that cannot be read fails the trial, naming it."""
+    import ray
+
+    rows = [r for r in read_split(cfg, cfg.evaluate.split, ["pair_id", "tile_id", "kind", "question", "image_uri"]).to_pylist()
+            if r["pair_id"] in wanted]
+    files = table_uris(cfg)
+
+    def read(item: dict) -> list[dict]:
+        out, embedded = [], [r["pair_id"] for r in item["rows"] if not r["image_uri"]]
+        stored = {}
+        if embedded:
+            import pyarrow.compute as pc
+
+            t = io.read_parquet(item["files"], columns=["pair_id", "image"])
+            t = t.filter(pc.is_in(t["pair_id"], pa.array(embedded, pa.string())))
+            stored = dict(zip(t["pair_id"].to_pylist(), t["image"].to_pylist()))
+        for r in item["rows"]:
+            if r["image_uri"]:
+                try:
+                    data = io.read_bytes(r["image_uri"])
+                except (OSError, FileNotFoundError) as exc:
+                    raise FileNotFoundError(f"pair {r['pair_id']}: its image {r['image_uri']} cannot be read ({exc}); re-run "
+                                            "`sarlang import` (it checks every image) or restore the file") from exc
+                img = {"bytes": data, "path": r["image_uri"].rsplit("/", 1)[-1]}
+            else:
+                img = stored.get(r["pair_id"]) or {}
+                if not img.get("bytes"):
+                    raise ValueError(f"pair {r['pair_id']} has neither an image_uri nor embedded image bytes in {item['files']}")
+            out.append({"pair_id": r["pair_id"], "tile_id": r["tile_id"], "kind": r["kind"], "question": r["question"], "image": img})
+        return out
+
+    items = [{"files": files, "rows": rows[i:i + chunk]} for i in range(0, len(rows), chunk)]
+    return ray.data.from_items(items).flat_map(read, num_cpus=0.1)
 
 
 def predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, pairs: list[dict]) -> dict[str, str]:
@@ -321,7 +466,7 @@ def _trial(config: dict, cfg: WorkflowConfig) -> None:
     """One Ray Tune trial: inference for one (model, image variant, prompt), scored, predictions saved."""
     from ray import tune
 
-    table = io.read_parquet(split_files(cfg, cfg.evaluate.split), columns=META)
+    table = read_split(cfg, cfg.evaluate.split, META)
     pairs = select_pairs(table, cfg.evaluate.limit_pairs)
     model = resolve_model(config["model"], cfg)
     t0 = time.time()
@@ -359,10 +504,12 @@ def majority_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None)
     """Lower bound: per question type the train split's most frequent answer; captions: its most frequent
     caption of that kind. (row, None), or (None, why) when there is no train split."""
     try:
-        files = split_files(cfg, "train")
-    except FileNotFoundError:
-        return None, f"no train split under {io.join(cfg.run.run_dir, 'export', 'parquet')} to take the answers from"
-    train = io.read_parquet(files, columns=["kind", "question_type", "answer"]).to_pylist()
+        train = read_split(cfg, "train", ["kind", "question_type", "answer"]).to_pylist()
+    except FileNotFoundError as exc:
+        if dataset_kind(cfg) == "export":
+            return None, f"no train split under {io.join(cfg.run.run_dir, 'export', 'parquet')} to take the answers from"
+        return None, (f"no train split to take the answers from ({exc}); give one with evaluate.train_dataset "
+                      "(a LLaMA-Factory JSON file or a pairs table)")
     majority = metrics.majority_answers([r for r in train if r["kind"] not in CAPTION_KINDS])
     common = {k: metrics.majority_answers([{"question_type": k, "answer": r["answer"]} for r in train if r["kind"] == k]).overall
               for k in CAPTION_KINDS if any(r["kind"] == k for r in train)}
@@ -382,6 +529,9 @@ def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -
     from sarlang_ray.annotate.template import TemplateAnnotator
 
     run_dir, split = cfg.run.run_dir, cfg.evaluate.split
+    if dataset_kind(cfg) != "export":
+        return None, (f"evaluate.dataset={cfg.evaluate.dataset} is not this run's export: the template oracle recomputes "
+                      "answers from the labelled objects of this run's tiles, and an imported dataset has none")
     if not tile_shards(run_dir):
         return None, (f"no tiles table under {io.join(run_dir, 'align', 'shards')} to recompute the answers from "
                       "(copy the align stage's output into the run folder)")
@@ -549,8 +699,10 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
     that cannot be computed is left out, with the reason in ``board["notes"]``."""
     from ray import tune
 
+    cfg = _absolute_datasets(cfg)
     ev = cfg.evaluate
-    table = io.read_parquet(split_files(cfg, ev.split), columns=META)
+    notes = prepare_datasets(cfg)
+    table = read_split(cfg, ev.split, META)
     storage_fs, storage = io.arrow_filesystem(ev.storage_path or io.join(cfg.run.run_dir, "evaluate", "tune"))
     space = {"model": tune.grid_search(list(ev.models)), "image": tune.grid_search(list(ev.images)),
              "prompt": tune.grid_search([prompt_dict(p) for p in ev.prompts])}
@@ -568,14 +720,46 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
             continue
         rows.append({k: v for k, v in result.metrics.items() if not k.startswith(("time", "timestamp", "training_iteration",
                      "date", "pid", "hostname", "node_ip", "done", "trial_id", "experiment", "iterations", "config"))})
-    baselines, notes = baseline_rows(cfg, table)
+    baselines, baseline_notes = baseline_rows(cfg, table)
+    notes += baseline_notes
     for note in notes:
         log.warning("evaluate: %s", note)
     return write_leaderboard(cfg, rows + baselines, failed, notes)
 
 
+def _absolute_datasets(cfg: WorkflowConfig) -> WorkflowConfig:
+    """A copy of ``cfg`` whose local dataset paths are absolute: Tune runs each trial in its own folder."""
+    import copy
+    import os
+
+    out = copy.deepcopy(cfg)
+    for key in ("dataset", "train_dataset"):
+        value = getattr(out.evaluate, key)
+        if value and value != "export" and not io.is_remote(value) and not os.path.isabs(value):
+            setattr(out.evaluate, key, os.path.abspath(value))
+    return out
+
+
+def caption_sets(cfg: WorkflowConfig) -> dict[str, str]:
+    """How the leaderboard names the two caption test sets: ``concise``/``detailed`` on our export; on the
+    SARLANG-1M release ``concise (Caption_test1.csv)`` and ``complex (Caption_test.csv)``, as the paper."""
+    names = {"concise": "concise", "detailed": "detailed"}
+    if dataset_kind(cfg) == "export":
+        return names
+    try:
+        sources = set(read_split(cfg, cfg.evaluate.split, ["kind", "source"])["source"].to_pylist())
+    except (FileNotFoundError, KeyError, pa.ArrowInvalid):
+        return names
+    if "complex" in sources:
+        names["detailed"] = "complex (Caption_test.csv)"
+    if "concise" in sources and "complex" in sources:
+        names["concise"] = "concise (Caption_test1.csv)"
+    return names
+
+
 def _rank_key(cfg: WorkflowConfig):
-    return lambda r: -(r.get(f"vqa_{cfg.evaluate.vqa_mode}") or 0.0)
+    mode = vqa_mode(cfg)
+    return lambda r: -(r.get(f"vqa_{mode}") or 0.0)
 
 
 def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict], notes: list[str] = ()) -> dict:
@@ -584,13 +768,15 @@ def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict],
 
     out = io.join(cfg.run.run_dir, "evaluate")
     rows = sorted(rows, key=_rank_key(cfg))
-    board = {"split": cfg.evaluate.split, "vqa_mode": cfg.evaluate.vqa_mode, "rows": rows, "failed": failed,
-             "notes": list(notes), "paper": paper_results(), "plots": [io.join(out, "plots", "vqa_per_application.png"), io.join(out, "plots", "captions.png")]}
+    mode = vqa_mode(cfg)
+    board = {"split": cfg.evaluate.split, "vqa_mode": mode, "dataset": dataset_label(cfg), "caption_sets": caption_sets(cfg),
+             "rows": rows, "failed": failed, "notes": list(notes), "paper": paper_results(),
+             "plots": [io.join(out, "plots", "vqa_per_application.png"), io.join(out, "plots", "captions.png")]}
     io.write_json_atomic(io.join(out, "leaderboard.json"), board)
     flat = pd.json_normalize(rows, sep=".")
     io.write_bytes_atomic(io.join(out, "leaderboard.csv"), flat.to_csv(index=False).encode())
     io.write_bytes_atomic(io.join(out, "leaderboard.md"), format_leaderboard(board).encode())
-    _plots(rows, cfg.evaluate.vqa_mode, out)
+    _plots(rows, mode, out)
     return board
 
 
@@ -606,22 +792,33 @@ def _fmt(value, pct: bool = False) -> str:
 
 
 def format_leaderboard(board: dict) -> str:
-    """The leaderboard as Markdown: our rows, failed trials, notes (baselines left out), then the paper's
-    published numbers apart."""
+    """The leaderboard as Markdown: VQA accuracy overall and per application (the paper's seven; image
+    description is scored by its captions' CIDEr), the caption metrics per test set, failed trials, notes
+    (baselines left out), then the paper's published numbers apart."""
     mode = board["vqa_mode"]
-    apps = sorted({a for r in board["rows"] for a in r.get(f"vqa_{mode}_per_application", {})})
-    head = ["#", "model", "image", "prompt", f"VQA % ({mode})", "VQA % (sarlang1m)" if mode == "strict" else "VQA % (strict)",
-            *apps, "concise B-4", "concise METEOR", "concise R-L", "concise CIDEr", "detailed CIDEr"]
     other = "sarlang1m" if mode == "strict" else "strict"
-    lines = [f"## Leaderboard ({board['split']} split; VQA rule `{mode}`; captions with PTB tokenisation)", "",
+    sets = board.get("caption_sets") or {"concise": "concise", "detailed": "detailed"}
+    present = {a for r in board["rows"] for a in r.get(f"vqa_{mode}_per_application", {})}
+    apps = [a for a in APPLICATIONS[1:]] + sorted(present - set(APPLICATIONS[1:]))
+    desc = f"image description (CIDEr {sets['detailed'].split(' ')[0]} / {sets['concise'].split(' ')[0]})"
+    head = ["#", "model", "image", "prompt", f"VQA % ({mode})", f"VQA % ({other})", desc, *apps]
+    where = f" of {board['dataset']}" if board.get("dataset") else ""
+    lines = [f"## Leaderboard ({board['split']} split{where}; VQA rule `{mode}`; captions with PTB tokenisation)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(board["rows"], 1):
         per_app = r.get(f"vqa_{mode}_per_application", {})
+        cider = f"{_fmt(r.get('detailed_cider_tok'))} / {_fmt(r.get('concise_cider_tok'))}"
         cells = [str(i), str(r["model"]), str(r["image"]), str(r["prompt"]), _fmt(r.get(f"vqa_{mode}"), True),
-                 _fmt(r.get(f"vqa_{other}"), True), *[_fmt(per_app.get(a), True) for a in apps],
-                 _fmt(r.get("concise_bleu_4_tok")), _fmt(r.get("concise_meteor_tok")), _fmt(r.get("concise_rouge_l_tok")),
-                 _fmt(r.get("concise_cider_tok")), _fmt(r.get("detailed_cider_tok"))]
+                 _fmt(r.get(f"vqa_{other}"), True), cider, *[_fmt(per_app.get(a), True) for a in apps]]
         lines.append("| " + " | ".join(cells) + " |")
+    caption_rows = [(r, kind) for r in board["rows"] for kind in ("detailed", "concise") if r.get(f"{kind}_cider_tok") is not None]
+    if caption_rows:
+        lines += ["", "### Captions (one row per model and test set; PTB-tokenised, raw CIDEr as SARLANG-1M's script in the last column)", "",
+                  "| model | test set | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr | CIDEr (raw) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r, kind in caption_rows:
+            cells = [str(r["model"]), sets[kind], *[_fmt(r.get(f"{kind}_{m}_tok")) for m in CAPTION_METRICS], _fmt(r.get(f"{kind}_cider_raw"))]
+            lines.append("| " + " | ".join(cells) + " |")
     if board["failed"]:
         lines += ["", "### Failed trials", ""] + [
             f"- {f['model']} / {f['image']} / {f['prompt']}: {f.get('error_class', 'Error')}: {f['error']}" for f in board["failed"]]
@@ -630,10 +827,17 @@ def format_leaderboard(board: dict) -> str:
     paper = board["paper"]
     lines += ["", "### Published SARLANG-1M numbers (for comparison; not computed here)", "",
               "The paper (arXiv 2504.03254) scores VQA with a GPT-4o-mini judge after the substring rule, on its own",
-              "test set: not comparable with the rows above. Sources and caveats: `sarlang_ray/paper_results.json`.", "",
+              "test set: compare with the `sarlang1m` column (the same rule without the judge, a lower bound) on the",
+              "release's test split. Sources and caveats: `sarlang_ray/paper_results.json`.", "",
               "| model | setting | VQA % overall | source |", "|---|---|---|---|"]
     for r in paper.get("vqa", []):
         lines.append(f"| {r['model']} | {r.get('setting', '')} | {r.get('overall', '-')} | {r.get('source_ref', '').split(' (')[0]} |")
+    if paper.get("captions"):
+        lines += ["", "Published captioning CIDEr, x100 (ours above is x1: multiply by 100 to compare):", "",
+                  "| model | setting | test set | CIDEr x100 | source |", "|---|---|---|---|---|"]
+        for r in paper["captions"]:
+            lines.append(f"| {r['model']} | {r.get('setting', '')} | {r.get('test_set', '')} | {r.get('cider', '-')} | "
+                         f"{r.get('source_ref', '').split(' (')[0]} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,8 @@
   ``dataset_info.json``, and the PNGs under ``images/``.
 * ``export/sarlang1m/``: the SARLANG-1M release layout: ``SAR_images/``, ``captions/{concise,detailed}_<split>.csv``
   (``image,caption``), ``vqa/vqa_<split>.json`` in LLaMA-Factory form (plus ``application``,
-  ``question_type`` and ``pair_id`` keys, which LLaMA-Factory ignores). :func:`import_sarlang1m` reads it back.
+  ``question_type`` and ``pair_id`` keys, which LLaMA-Factory ignores). :mod:`sarlang_ray.release` reads it back
+  (``import_sarlang1m`` and ``release_image`` are re-exported here).
 * ``export/dataset_card.md`` with counts and PNG plots.
 
 Splits are by scene (``export.split_by: scene``) or region, so no scene lands in two splits: groups are
@@ -19,15 +20,14 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
-import re
 from collections import Counter
 
 import pyarrow as pa
 import shapely
 
-from sarlang_ray import io, plots, prompts, tables
+from sarlang_ray import io, plots, tables
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.errors import ItemError, error_row, errors_table
+from sarlang_ray.errors import error_row, errors_table
 from sarlang_ray.splits import SPLITS, SplitTile, geographic_splits, group_splits, leakage_report
 
 PAIR_COLUMNS = ["pair_id", "tile_id", "scene_id", "gsd_m", "kind", "application", "question_type", "question", "answer"]
@@ -150,7 +150,8 @@ def run_export(cfg: WorkflowConfig) -> dict:
 
 
 def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage: dict) -> None:
-    """dataset_card.md with counts, distributions, the leakage report and PNG plots."""
+    """dataset_card.md with counts, distributions, the leakage report, contradictions and PNG plots."""
+    from sarlang_ray.annotate import consistency
     plt = plots.pyplot()
     charts = {
         "applications.png": ("Pairs per application", stats["applications"]),
@@ -207,6 +208,7 @@ Distinct question types: {counts['question_types']}.
 {table(stats['applications'], 'application')}
 ## Pairs per question family
 {table(qtypes, 'family')}
+{consistency.card_section(cfg.run.run_dir, out, cfg.annotate)}
 ## Objects per class
 ![classes](plots/classes.png)
 
@@ -225,72 +227,5 @@ Distinct question types: {counts['question_types']}.
     io.write_bytes_atomic(io.join(out, "dataset_card.md"), card.encode())
 
 
-def release_image(root: str, image: object, where: str) -> str:
-    """The uri of an image a release names, which must be a plain relative path inside the release.
-
-    Raises:
-        ItemError: ``unsafe_path`` for absolute paths, ``..`` parts, URLs, backslashes or control
-            characters (a hostile or broken release must not point readers outside itself).
-    """
-    path = str(image)
-    parts = path.split("/")
-    if (not isinstance(image, str) or not path or path.startswith(("/", "~")) or "://" in path or "\\" in path
-            or re.match(r"^[A-Za-z]:", path) or any(p in ("", ".", "..") for p in parts)
-            or any(ord(c) < 32 or ord(c) == 127 for c in path)):
-        raise ItemError("unsafe_path", f"{where}: image path {image!r} is not a plain relative path inside the release "
-                        f"{root} (absolute, '..', a URL or control characters). Fix or remove the entry; images must "
-                        "sit under the release folder.")
-    return io.join(root, path)
-
-
-def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
-    """Read a SARLANG-1M-style release folder (caption CSVs, VQA JSON in LLaMA-Factory form) into pairs.
-
-    Returns the annotations-table columns (``pair_id``, ``tile_id`` = image stem, ``kind``,
-    ``application``, ``question_type``, ``question``, ``answer``, ``backend="import"``, ``qc_passed``)
-    plus ``split`` and ``image_uri``. Releases without ``application``/``question_type`` keys (the
-    official one) get ``application="unknown"``.
-
-    Raises:
-        ItemError: ``not_a_release`` (no ``captions/`` or ``vqa/`` folder: a zip must be unpacked first),
-            ``unsafe_path`` (an image path leaving the release, see :func:`release_image`),
-            ``malformed_release`` (a record without the expected keys).
-    """
-    if not (io.exists(io.join(root, "captions")) or io.exists(io.join(root, "vqa"))):
-        raise ItemError("not_a_release", f"{root} is not a SARLANG-1M release folder: it has no captions/ or vqa/ "
-                        "folder. Unpack the release archive first and pass the folder that holds them.")
-    rows = []
-    for split in splits:
-        for kind in ("concise", "detailed"):
-            uri = io.join(root, "captions", f"{kind}_{split}.csv")
-            if not io.exists(uri):
-                continue
-            prompt = prompts.CAPTIONS[kind]
-            for line, r in enumerate(csv.DictReader(_io.StringIO(io.read_bytes(uri).decode())), start=2):
-                if not r.get("image") or r.get("caption") is None:
-                    raise ItemError("malformed_release", f"{uri} line {line}: needs columns image,caption. Fix the file.")
-                image_uri = release_image(root, f"SAR_images/{r['image']}", f"{uri} line {line}")
-                rows.append({"tile_id": r["image"].rsplit(".", 1)[0], "split": split, "kind": f"caption_{kind}",
-                             "application": "image description", "question_type": f"caption/{kind}",
-                             "question": prompt, "answer": r["caption"], "image_uri": image_uri})
-        uri = io.join(root, "vqa", f"vqa_{split}.json")
-        if not io.exists(uri):
-            continue
-        for i, rec in enumerate(io.read_json(uri)):
-            where = f"{uri} record {i}"
-            try:
-                user = next(m["content"] for m in rec["messages"] if m["role"] == "user")
-                answer = next(m["content"] for m in rec["messages"] if m["role"] == "assistant")
-                image = rec["images"][0]
-            except (KeyError, IndexError, TypeError, StopIteration):
-                raise ItemError("malformed_release", f"{where}: needs messages (a user and an assistant turn) and images "
-                                "(LLaMA-Factory ShareGPT form). Fix or remove the record.") from None
-            image_uri = release_image(root, image, where)
-            rows.append({"tile_id": image.rsplit("/", 1)[-1].rsplit(".", 1)[0], "split": split, "kind": "vqa",
-                         "application": rec.get("application", "unknown"), "question_type": rec.get("question_type", "unknown"),
-                         "question": user.replace("<image>", "", 1).strip(), "answer": answer, "image_uri": image_uri})
-    for i, r in enumerate(rows):
-        r.update({"pair_id": f"import-{i:08d}", "scene_id": None, "gsd_m": None, "backend": "import",
-                  "qc_passed": True, "qc_reasons": []})
-    schema = tables.ANNOTATION_SCHEMA.append(pa.field("split", pa.string())).append(pa.field("image_uri", pa.string()))
-    return pa.Table.from_pylist(rows, schema=schema)
+# the release import lives in sarlang_ray.release; these names stay importable from here
+from sarlang_ray.release import import_sarlang1m, release_image  # noqa: F401  (re-exported)

@@ -1,7 +1,9 @@
-"""The template annotator's answers are checkably true; QC catches planted errors; failures are contained."""
+"""The template annotator's answers are checkably true of the labels and of what the pixels can show; QC
+catches planted errors; failures are contained."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 
@@ -20,7 +22,7 @@ from sarlang_ray.config import QCSection
 @pytest.fixture(scope="module")
 def annotated(demo_run):
     cfg, summary = demo_run
-    tiles = {t["tile_id"]: t for t in pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "width", "objects", "landcover"]).to_pylist()}
+    tiles = {t["tile_id"]: t for t in pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "gsd_m", "width", "objects", "landcover"]).to_pylist()}
     pairs = pipeline.read_annotations(cfg.run.run_dir).to_pylist()
     return cfg, summary, tiles, pairs
 
@@ -35,6 +37,35 @@ def _cell(box, size):
 def _number(n: int) -> str:
     words = "zero one two three four five six seven eight nine ten eleven twelve".split()
     return words[n] if n < len(words) else str(n)
+
+
+# the documented defaults, restated here (not read from the code under test): metres of a typical instance,
+# pixels it must span
+SIZE_M = {"ship": 40, "aircraft": 35, "car": 4.5, "storage tank": 20, "bridge": 40, "harbour": 200, "building": 20, "road": 100}
+MIN_PX = {"ship": 3, "aircraft": 6, "car": 4, "storage tank": 4, "bridge": 3, "harbour": 5, "building": 4, "road": 5}
+
+
+def _extent_px(obj) -> float:
+    """Largest distance between two vertices of the object's pixel polygon (brute force over all pairs)."""
+    import numpy as np
+    import shapely
+
+    pts = shapely.get_coordinates(shapely.from_wkb(obj["polygon"]))
+    return float(np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)).max())
+
+
+def _visible(tile) -> tuple[Counter, Counter, set]:
+    """Per class: labelled objects, objects the pixels can show; and the classes resolvable at the tile's GSD."""
+    resolvable = {c for c in SIZE_M if SIZE_M[c] / tile["gsd_m"] >= MIN_PX[c]}
+    labelled = Counter(o["class"] for o in tile["objects"])
+    seen = Counter(o["class"] for o in tile["objects"] if o["class"] in resolvable and _extent_px(o) >= MIN_PX[o["class"]])
+    return labelled, seen, resolvable
+
+
+def _names(text: str) -> set[str]:
+    """Classes a text names (singular or plural, any synonym), by plain word search."""
+    words = {w for w in re.findall(r"[a-z]+(?: tanks?)?", text.lower())}
+    return {c for c, (pl, syns) in CLASS_WORDS.items() if words & set(syns)}
 
 
 def test_every_application_is_covered_and_identification_is_balanced(annotated):
@@ -93,9 +124,15 @@ def test_every_template_answer_is_true(annotated):
             lc = dict(tile["landcover"])
             assert lc[a] == max(lc.values())
         elif p["kind"] == "caption_detailed" and counts:
-            listed = re.search(r"It contains (.*?)\.", a).group(1)
-            for cls, n in counts.items():  # every class with its true count, as words up to twelve
-                assert f"{_number(n)} {CLASS_WORDS[cls][0] if n != 1 else cls}" in listed, (cls, n, listed)
+            labelled, seen, _ = _visible(tile)
+            listed = re.search(r"It contains (.*?)\.", a)
+            for cls, n in labelled.items():
+                if seen[cls] == n:  # every object visible: the class with its true count, as words up to twelve
+                    assert f"{_number(n)} {CLASS_WORDS[cls][0] if n != 1 else cls}" in listed.group(1), (cls, n, a)
+                elif seen[cls]:  # some too small to see: named, not counted
+                    assert cls in _names(a) and not re.search(rf"\d+ {CLASS_WORDS[cls][0]}", a), (cls, a)
+                else:  # none visible: not named at all
+                    assert cls not in _names(a), (cls, a)
         checked[fam] += 1
     for fam in ("identification", "counting", "positioning", "region", "classification", "reasoning", "landcover", "caption"):
         assert checked[fam] >= 5, checked
@@ -168,3 +205,69 @@ def test_failing_backend_loses_only_its_tiles(demo_run, tmp_path):
     assert counts["rejected"] == len(errors)
     annotated_tiles = set(pipeline.read_annotations(str(run_dir), columns=["tile_id"])["tile_id"].to_pylist())
     assert not annotated_tiles & {e["item"] for e in errors}
+
+
+def test_no_question_about_a_class_below_its_resolvable_size(annotated):
+    """A class is only asked about or named at a GSD where a typical instance spans its minimum pixels; the
+    objects a question points at (region boxes, single instances) span them too. The demo holds such
+    classes (cars at 2-10 m, aircraft, storage tanks and buildings at 10 m), so the test is not empty."""
+    _, _, tiles, pairs = annotated
+    unseen_labels = sum(_visible(t)[0][c] - _visible(t)[1][c] for t in tiles.values() for c in _visible(t)[0])
+    assert unseen_labels > 100, unseen_labels
+    by_tile: dict[str, list] = {}
+    for p in pairs:
+        by_tile.setdefault(p["tile_id"], []).append(p)
+    asked = Counter()
+    for tid, tile_pairs in by_tile.items():
+        tile = tiles[tid]
+        labelled, seen, resolvable = _visible(tile)
+        for p in tile_pairs:
+            fam, *rest = p["question_type"].split("/")
+            named = set(rest[1:]) & set(CLASS_WORDS) | _names(p["question"] + " " + p["answer"])
+            if fam == "landcover":  # its answers are land-cover names ("road" = paved surface), not objects
+                named = set()
+            assert named <= resolvable, (tile["gsd_m"], named - resolvable, p["question"], p["answer"])
+            asked.update((c, tile["gsd_m"]) for c in named)
+            if fam == "region":  # the box is a seen object's: its diagonal spans at least the class minimum
+                x0, y0, x1, y1 = (int(v) for v in re.search(r"\[(\d+), (\d+), (\d+), (\d+)\]", p["question"]).groups())
+                assert math.hypot(x1 - x0, y1 - y0) * tile["width"] / 1000 + 1 >= MIN_PX[p["answer"]], p["question"]
+            if fam in ("counting", "total", "positioning", "position_yesno", "pattern", "reasoning"):
+                for cls in set(rest[1:]) & set(CLASS_WORDS):  # counts and places only where every object is seen
+                    assert seen[cls] == labelled[cls], (fam, cls, labelled[cls], seen[cls])
+    assert asked[("car", 1.0)] and asked[("ship", 10.0)] and not asked[("car", 10.0)], asked
+
+
+def test_absence_is_never_asserted_where_land_cover_implies_the_class(annotated):
+    """Built-up land without a building label (the port and airport of the demo: 38 of 76 tiles are > 50 %
+    built-up without one): no pair says there is no building, and the caption says what the image shows."""
+    _, _, tiles, pairs = annotated
+    implied = {tid for tid, t in tiles.items()
+               if dict(t["landcover"]).get("built-up", 0) >= 0.1 and not any(o["class"] == "building" for o in t["objects"])}
+    assert len(implied) >= 38
+    for p in pairs:
+        if p["tile_id"] not in implied:
+            continue
+        _, *rest = p["question_type"].split("/")
+        assert "building" not in set(rest[1:]) | _names(p["question"]), p["question"]  # neither asked nor offered
+        assert "without labelled objects" not in p["answer"] and "No labelled object" not in p["answer"], p["answer"]
+        if p["kind"] == "caption_detailed" and dict(tiles[p["tile_id"]]["landcover"])["built-up"] >= 0.5:
+            assert "Most of it is a dense built-up area." in p["answer"], p["answer"]
+
+
+def test_resolvability_follows_the_config(annotated):
+    """annotate.min_size_px per class: ships made unresolvable everywhere vanish from every pair."""
+    from sarlang_ray.annotate.visibility import Visibility
+    from sarlang_ray.config import load_config
+
+    _, _, tiles, _ = annotated
+    a = load_config(None, ["annotate.min_size_px.ship=1000"]).annotate
+    annotator = TemplateAnnotator(visibility=Visibility.from_config(a))
+    with_ships = [t for t in tiles.values() if any(o["class"] == "ship" for o in t["objects"])]
+    assert with_ships
+    for t in with_ships:
+        for p in annotator.annotate(t):
+            assert "ship" not in _names(p["question"] + " " + p["answer"]), p
+    with pytest.raises(ValueError, match="unknown classes"):
+        load_config(None, ["annotate.min_size_px.boat=3"])
+    with pytest.raises(ValueError, match="must be > 0"):
+        load_config(None, ["annotate.class_size_m.car=0"])

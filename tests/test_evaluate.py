@@ -375,3 +375,71 @@ def test_a_failed_trial_makes_the_command_exit_non_zero_with_its_root_exception(
     assert rc == 1
     assert "1 trial(s) failed" in err and "OSError" in err and "is not a valid JSON file" in err and "retr" not in err
     assert (run_dir / "evaluate" / "leaderboard.md").exists() and not (run_dir / "evaluate" / "_SUCCESS.json").exists()
+
+
+def test_one_command_evaluates_a_model_on_the_imported_sarlang1m_release(ray_session, tiny_vlm, tmp_path, capsys):
+    """`sarlang import` of a SARLANG-1M release as published, then `sarlang evaluate workflows/sarlang1m.yaml`:
+    the leaderboard has the paper's seven application columns, the complex and concise caption sets apart, the
+    majority baseline from the release's train split (no template oracle: no objects), the `sarlang1m` rule and
+    the published numbers."""
+    from conftest import REPO
+    from test_release import build_release
+
+    from sarlang_ray import cli
+    from sarlang_ray.annotate.vocab import APPLICATIONS
+
+    built = build_release(tmp_path)
+    pairs = tmp_path / "pairs.parquet"
+    assert cli.main(["import", str(built["root"]), str(pairs), "--sardet", str(built["sardet"])]) == 0
+    capsys.readouterr()
+    rc = cli.main(["evaluate", str(REPO / "workflows" / "sarlang1m.yaml"), f"run.run_dir={tmp_path / 'run'}",
+                   f"evaluate.dataset={pairs}", f"train.model={tiny_vlm}", "ray.progress=false",
+                   "evaluate.max_new_tokens_caption=4", "evaluate.max_new_tokens_answer=2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    board = json.loads((tmp_path / "run" / "evaluate" / "leaderboard.json").read_text())
+    assert board["vqa_mode"] == "sarlang1m" and board["caption_sets"] == {
+        "concise": "concise (Caption_test1.csv)", "detailed": "complex (Caption_test.csv)"}
+    assert [r["model"] for r in board["rows"]] == [evaluate.MAJORITY, "base"]  # ranked by the sarlang1m rule
+    base = board["rows"][1]
+    assert base["n_pairs"] == built["vqa_test"] + 5 and base["n_vqa"] == built["vqa_test"]
+    assert set(base["vqa_sarlang1m_per_application"]) >= set(APPLICATIONS[1:])
+    majority = board["rows"][0]
+    assert 0 < majority["vqa_strict"] < 1  # per question type from the train split, whose answers differ
+    header = next(line for line in out.splitlines() if line.startswith("| # | model"))
+    assert all(f" {app} " in header for app in APPLICATIONS[1:]) and "image description (CIDEr complex / concise)" in header
+    for label in ("| base | complex (Caption_test.csv) |", "| base | concise (Caption_test1.csv) |",
+                  "| majority answer (lower bound) | complex (Caption_test.csv) |", "| 1 | majority answer (lower bound) |",
+                  "### Published SARLANG-1M numbers", "| LLaVA-1.5-7B | zero-shot | 33.55 |", "| Qwen2.5-VL-7B | lora | complex | 55.64 |"):
+        assert label in out, label
+    assert "template oracle" not in out
+
+
+def test_a_llamafactory_json_file_is_a_dataset_too(tmp_path):
+    """evaluate.dataset=<LLaMA-Factory JSON>: read into a pairs table (every record in evaluate.split), the
+    majority baseline from evaluate.train_dataset, the oracle left out with a note, auto picks sarlang1m."""
+    from test_release import _llamafactory, _png
+
+    from sarlang_ray.config import load_config
+
+    for i in range(3):
+        _png(tmp_path / "images" / f"t{i}.png", i)
+    test = [_llamafactory(q, a, f"images/t{i % 3}.png") for i, (q, a) in enumerate(
+        [("How many ships are in the image?", "2"), ("Is there a bridge?", "no"), ("Where is the ship?", "top"),
+         ("What is the object in the area [1, 2, 3, 4]?", "car")])]
+    train = [_llamafactory("How many ships are in the image?", "3", "images/t0.png"),
+             _llamafactory("Is there a bridge?", "no", "images/t1.png"), _llamafactory("Is there a car?", "yes", "images/gone.png")]
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}", f"evaluate.dataset={tmp_path / 'test.json'}",
+                             f"evaluate.train_dataset={tmp_path / 'train.json'}"])
+    notes = evaluate.prepare_datasets(cfg)
+    assert notes == [f"{tmp_path / 'train.json'}: 1 of 3 records rejected ({tmp_path / 'run'}/evaluate/dataset/train.errors.parquet)"]
+    table = evaluate.read_split(cfg, "test", evaluate.META)
+    assert table.num_rows == 4 and evaluate.vqa_mode(cfg) == "sarlang1m"
+    assert sorted(table["application"].to_pylist()) == ["instance counting", "object identification", "object positioning",
+                                                        "region referring"]
+    rows, notes = evaluate.baseline_rows(cfg, table)
+    assert [r["model"] for r in rows] == [evaluate.MAJORITY] and "is not this run's export" in notes[0]
+    assert rows[0]["vqa_strict_per_application"]["object identification"] == 1.0  # "no", the train answer
+    assert rows[0]["vqa_strict_per_application"]["instance counting"] == 0.0  # "3" from train, "2" in test

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from sarlang_ray import pipeline
+from sarlang_ray.annotate.visibility import Visibility
+from sarlang_ray.annotate.vocab import CLASS_WORDS
 from sarlang_ray.config import load_config
 
 from conftest import TEST_OPENAI_KEY
@@ -122,11 +124,12 @@ def test_openai_backend_end_to_end(demo_run, chat_server, tmp_path):
 
     pairs = pipeline.read_annotations(str(run_dir)).to_pylist()
     assert {p["backend"] for p in pairs} == {"openai"}
-    tiles = {t["tile_id"]: t for t in pipeline.read_tiles(str(run_dir), columns=["tile_id", "objects"]).to_pylist()}
+    tiles = {t["tile_id"]: t for t in pipeline.read_tiles(str(run_dir), columns=["tile_id", "gsd_m", "objects", "landcover"]).to_pylist()}
     vqa = [p for p in pairs if p["kind"] == "vqa"]
     assert vqa and all(p["application"] == "instance counting" for p in vqa)  # the invalid application was dropped
-    for p in vqa:
-        assert int(p["answer"]) == min(len(tiles[p["tile_id"]]["objects"]), 60)
+    for p in vqa:  # the prompt lists the objects that can be seen at the tile's GSD (no 0.1-pixel cars at 10 m)
+        seen = Visibility().view(tiles[p["tile_id"]], tuple(CLASS_WORDS)).seen
+        assert int(p["answer"]) == min(len(seen), 60)
     captions = [p for p in pairs if p["kind"] != "vqa"]
     assert captions and all(p["qc_passed"] for p in captions)
 

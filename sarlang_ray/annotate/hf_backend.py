@@ -12,6 +12,7 @@ from PIL import Image
 
 from sarlang_ray import prompts
 from sarlang_ray.annotate.template import TemplateAnnotator
+from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.config import AnnotateSection
 from sarlang_ray.models import Generator, load_image
 
@@ -24,7 +25,7 @@ class HFAnnotator:
         self.max_pixels = max_pixels  # run.max_pixels, shared with training and evaluation
         self.generator = Generator(self.cfg.model, self.cfg.dtype, cfg.num_gpus > 0, self.cfg.batch_size, max_pixels)
         self.questions = TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs,
-                                           max_per_family=cfg.max_per_family)
+                                           max_per_family=cfg.max_per_family, visibility=Visibility.from_config(cfg))
 
     def _image(self, tile: dict) -> Image.Image:
         png = tile.get("optical_png") if self.cfg.caption_image == "optical" else None

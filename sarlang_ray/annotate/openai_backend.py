@@ -2,7 +2,9 @@
 
 RGB-to-SAR text transfer as in SARLANG-1M: the *optical twin* of each tile is captioned (concise and
 detailed), and the captions are attached to the SAR tile; QA pairs are asked for as JSON, grounded in
-the tile's object list given in the prompt. Every pair then goes through the same QC as template pairs.
+the tile's object list given in the prompt: only the objects that can be seen at the tile's GSD
+(:mod:`sarlang_ray.annotate.visibility`), so the model is not invited to ask about cars at 10 m. Every pair
+then goes through the same QC as template pairs, the contradiction rule included.
 
 The API key is read from the environment variable named by ``annotate.openai.api_key_env`` (never from
 the config, never logged). Requests have a timeout and are retried with exponential backoff on
@@ -23,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from sarlang_ray import prompts
-from sarlang_ray.annotate.vocab import APPLICATIONS, position_of
+from sarlang_ray.annotate.visibility import Visibility
+from sarlang_ray.annotate.vocab import APPLICATIONS, CLASS_WORDS, position_of
 from sarlang_ray.config import AnnotateSection
 
 CONCISE_PROMPT = "Describe the content of this remote sensing image in one sentence. Do not mention colours."
@@ -44,6 +47,7 @@ class OpenAIAnnotator:
 
     def __init__(self, cfg: AnnotateSection):
         self.cfg = cfg.openai
+        self.visibility = Visibility.from_config(cfg)
         key = os.environ.get(self.cfg.api_key_env, "")
         self.session = requests.Session()
         self.session.headers["Content-Type"] = "application/json"
@@ -91,7 +95,8 @@ class OpenAIAnnotator:
         concise = self._chat(self._image_message(image, CONCISE_PROMPT)).strip()
         detailed = self._chat(self._image_message(image, DETAILED_PROMPT)).strip()
         size = tile["width"]
-        objects = ", ".join(f"{o['class']} ({position_of(o['bbox_xyxy'], size)})" for o in tile["objects"][:60]) or "none"
+        seen = self.visibility.view(tile, tuple(CLASS_WORDS)).seen
+        objects = ", ".join(f"{o['class']} ({position_of(o['bbox_xyxy'], size)})" for o in seen[:60]) or "none"
         landcover = ", ".join(f"{k} {v:.0%}" for k, v in (tile.get("landcover") or [])) or "unknown"
         prompt = QA_PROMPT.format(objects=objects, landcover=landcover, n=self.cfg.qa_per_tile,
                                   applications=", ".join(a for a in APPLICATIONS if a != "image description"))

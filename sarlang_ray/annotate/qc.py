@@ -10,6 +10,11 @@ Rules (each ``repair``, ``reject`` or ``off`` in config; captions and free-text 
 * ``vague``: too few words or empty phrases ("some objects", "I cannot tell").
 * ``duplicate``: the same question (or caption) twice for one tile, after normalisation, or nearly the
   same (token-set Jaccard >= 0.85): later copies are rejected.
+* ``contradiction``: pairs of one tile that disagree (identification vs counts vs captions vs land cover vs
+  positions), absence asserted where land cover implies the class, and classes too small to see at the
+  tile's GSD (:mod:`sarlang_ray.annotate.consistency`, run over the pairs that passed the rules above).
+  Repair drops the blamed sentences of captions and rejects blamed VQA pairs (a yes/no cannot be edited
+  into the truth); reject rejects every pair holding a blamed statement.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from sarlang_ray.annotate import consistency
+from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import NUMBER_WORDS, count_phrase, mentioned_classes
 from sarlang_ray.config import QCSection
 
-RULES = ("colour", "count", "hallucination", "vague", "duplicate")
+RULES = ("colour", "count", "hallucination", "vague", "duplicate", "contradiction")
 COLOUR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "violet", "pink", "brown", "cyan", "magenta",
                 "turquoise", "beige", "colorful", "colourful", "multicolored", "multicoloured")
 _COLOUR = re.compile(r"\s*\b(" + "|".join(COLOUR_WORDS) + r")\b(?:-colou?red)?", re.I)
@@ -108,8 +115,17 @@ def normalise_question(q: str) -> str:
     return re.sub(r"[^a-z0-9\[\], ]", "", q.lower()).strip()
 
 
-def apply_qc(pairs: list[dict], objects: list[dict], cfg: QCSection) -> list[dict]:
-    """QC one tile's pairs: fills ``qc_passed`` and ``qc_reasons``; repaired text replaces the original."""
+def apply_qc(pairs: list[dict], objects: list[dict], cfg: QCSection, tile: dict | None = None,
+             visibility: Visibility | None = None) -> list[dict]:
+    """QC one tile's pairs: fills ``qc_passed`` and ``qc_reasons``; repaired text replaces the original.
+    The ``contradiction`` rule runs when ``tile`` (its ``gsd_m``, optionally ``width``) is given."""
+    return qc_tile(pairs, objects, cfg, tile, visibility)[0]
+
+
+def qc_tile(pairs: list[dict], objects: list[dict], cfg: QCSection, tile: dict | None = None,
+            visibility: Visibility | None = None) -> tuple[list[dict], list[consistency.Finding]]:
+    """:func:`apply_qc`, and the contradiction findings among the pairs that passed the other rules (their
+    statements' ``pair`` indices point into the returned list)."""
     counts = Counter(o["class"] for o in objects)
     seen: set[tuple[str, frozenset]] = set()
     out = []
@@ -131,4 +147,34 @@ def apply_qc(pairs: list[dict], objects: list[dict], cfg: QCSection) -> list[dic
         seen.add((p["kind"], tokens))
         p["qc_passed"], p["qc_reasons"] = passed, reasons
         out.append(p)
-    return out
+    if tile is None or cfg.contradiction == "off":
+        return out, []
+    return out, _contradictions(out, tile, cfg, visibility)
+
+
+def _contradictions(out: list[dict], tile: dict, cfg: QCSection, visibility: Visibility | None) -> list:
+    """The contradiction rule over the passed pairs of ``out`` (edited in place)."""
+    live = [i for i, p in enumerate(out) if p["qc_passed"]]
+    findings = consistency.contradictions(tile, [out[i] for i in live], visibility)
+    blamed: dict[int, set] = {}
+    for f in findings:
+        for s in f.blamed:
+            blamed.setdefault(live[s.pair], set()).add(s.sentence)
+    for i, sentence_ids in blamed.items():
+        p = out[i]
+        p["qc_reasons"] = p["qc_reasons"] + ["contradiction"]
+        if p["kind"] in FREE_TEXT_KINDS and cfg.contradiction == "repair" and None not in sentence_ids:
+            keep = [s for k, s in enumerate(consistency.sentences(p["answer"])) if k not in sentence_ids]
+            words = len(re.findall(r"[A-Za-z0-9]+", " ".join(keep)))
+            min_words = {"caption_concise": cfg.min_words_concise, "caption_detailed": cfg.min_words_detailed}[p["kind"]]
+            if keep and (cfg.vague == "off" or words >= min_words):
+                p["answer"] = " ".join(keep)
+                continue
+            if keep:
+                p["qc_reasons"].append("vague")
+        p["qc_passed"] = False
+    # the findings, re-indexed onto ``out``
+    return [consistency.Finding(f.rule, f.message,
+                                [consistency.Statement(live[s.pair], s.sentence, s.fact, s.value, s.text) for s in f.blamed],
+                                [consistency.Statement(live[s.pair], s.sentence, s.fact, s.value, s.text) for s in f.involved])
+            for f in findings]

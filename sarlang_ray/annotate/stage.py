@@ -5,7 +5,9 @@ A backend is any object with a ``name`` and ``annotate(tile: dict) -> list[dict]
 (``template``) or ``package.module:Class`` of your own (constructed with the annotate config section).
 A backend that raises, or returns malformed pairs, loses that tile only: it goes to the errors table
 with the reason and the run goes on. Counts reconcile per tile (planned = written + rejected) and per
-pair (planned = passed QC + rejected by QC); ``annotate/qc_report.json`` counts each rule's hits.
+pair (planned = passed QC + rejected by QC); ``annotate/qc_report.json`` counts each rule's hits. The
+contradiction findings of each shard (rule, message, the statements involved) are kept beside it in
+``annotate/findings/<scene>/<name>.json``, so a resumed stage reports them exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from collections import Counter
 import pyarrow as pa
 
 from sarlang_ray import io
-from sarlang_ray.annotate.qc import RULES, apply_qc
+from sarlang_ray.annotate.consistency import RULES as CONTRADICTION_RULES
+from sarlang_ray.annotate.qc import RULES, qc_tile
 from sarlang_ray.annotate.template import TemplateAnnotator
+from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import AnnotateSection
 from sarlang_ray.errors import error_row, errors_table
@@ -31,7 +35,8 @@ KINDS = ("caption_concise", "caption_detailed", "vqa")
 
 def load_backend(cfg: AnnotateSection, seed: int, max_pixels: int | None = None):
     if cfg.backend == "template":
-        return TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs, max_per_family=cfg.max_per_family)
+        return TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs, max_per_family=cfg.max_per_family,
+                                 visibility=Visibility.from_config(cfg))
     if cfg.backend == "hf":
         from sarlang_ray.annotate.hf_backend import HFAnnotator
 
@@ -44,6 +49,14 @@ def load_backend(cfg: AnnotateSection, seed: int, max_pixels: int | None = None)
         raise ValueError(f"unknown annotate.backend {cfg.backend!r}: use template, hf, openai or package.module:Class")
     module, cls = cfg.backend.split(":", 1)
     return getattr(importlib.import_module(module), cls)(cfg)
+
+
+def backend_name(cfg: AnnotateSection) -> str:
+    """The name the backend's pairs carry (their ``backend`` column), without loading a model."""
+    if ":" not in cfg.backend:
+        return cfg.backend
+    module, cls = cfg.backend.split(":", 1)
+    return getattr(getattr(importlib.import_module(module), cls, None), "name", cfg.backend)
 
 
 def validate_pairs(pairs) -> str | None:
@@ -72,6 +85,8 @@ class AnnotateShard:
         self.tiles = io.join(run_dir, "align", "shards")
         self.out = io.join(run_dir, STAGE, "shards")
         self.errors = io.join(run_dir, STAGE, "errors")
+        self.findings = io.join(run_dir, STAGE, "findings")
+        self.visibility = Visibility.from_config(cfg)
 
     def _annotate_all(self, tiles: list[dict]) -> list:
         """Pairs (or the exception) per tile; backends with ``annotate_many`` run tiles concurrently."""
@@ -94,9 +109,10 @@ class AnnotateShard:
             tiles = len(set(done["tile_id"].to_pylist()))
             hits = Counter(r for reasons in done["qc_reasons"].to_pylist() for r in reasons)
             return {"shard": name, "planned": tiles + n_err, "written": tiles, "rejected": n_err, "skipped": True,
-                    "pairs": done.num_rows, "pairs_passed": sum(done["qc_passed"].to_pylist()), "qc_hits": _hits_json(hits)}
+                    "pairs": done.num_rows, "pairs_passed": sum(done["qc_passed"].to_pylist()), "qc_hits": _hits_json(hits),
+                    "findings": json.dumps(io.read_json(self._findings_uri(name)))}
         tiles = io.read_parquet(io.join(self.tiles, name), columns=TILE_COLUMNS).to_pylist()
-        rows, errors, hits = [], [], Counter()
+        rows, errors, hits, findings = [], [], Counter(), []
         for tile, pairs in zip(tiles, self._annotate_all(tiles)):
             tid = tile["tile_id"]
             if isinstance(pairs, Exception):
@@ -107,17 +123,41 @@ class AnnotateShard:
             if problem:
                 errors.append(error_row(STAGE, tid, "malformed_output", f"backend {self.cfg.backend!r} on {tid}: {problem}."))
                 continue
-            for i, p in enumerate(apply_qc(pairs, tile["objects"], self.cfg.qc)):
+            checked, found = qc_tile(pairs, tile["objects"], self.cfg.qc, tile, self.visibility)
+            backend = getattr(self.backend, "name", self.cfg.backend)
+            findings += [{**f.example(tid, [{**p, "pair_id": f"{tid}#{i:03d}"} for i, p in enumerate(checked)]),
+                          "backend": backend} for f in found]
+            for i, p in enumerate(checked):
                 hits.update(p["qc_reasons"])
                 rows.append({"pair_id": f"{tid}#{i:03d}", "tile_id": tid, "scene_id": tile["scene_id"], "gsd_m": tile["gsd_m"],
                              "kind": p["kind"], "application": p["application"], "question_type": p["question_type"],
-                             "question": p["question"], "answer": p["answer"], "backend": getattr(self.backend, "name", self.cfg.backend),
+                             "question": p["question"], "answer": p["answer"], "backend": backend,
                              "qc_passed": p["qc_passed"], "qc_reasons": p["qc_reasons"]})
         io.write_parquet_atomic(io.join(self.errors, name), errors_table(errors))
+        io.write_json_atomic(self._findings_uri(name), findings)  # before the shard: a written shard has its findings
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA))
         return {"shard": name, "planned": len(tiles), "written": len(tiles) - len(errors), "rejected": len(errors),
                 "skipped": False, "pairs": len(rows), "pairs_passed": sum(r["qc_passed"] for r in rows),
-                "qc_hits": _hits_json(hits)}
+                "qc_hits": _hits_json(hits), "findings": json.dumps(findings)}
+
+    def _findings_uri(self, name: str) -> str:
+        return io.join(self.findings, name.rsplit(".", 1)[0] + ".json")
+
+
+def contradiction_report(findings: list[dict], backend: str, examples: int = 3) -> dict:
+    """The ``contradictions`` entry of qc_report.json: findings per rule, per rule and backend (the name the
+    pairs carry; ``backend`` when there is no finding), the tiles with one, and a few examples per rule in a
+    stable order (tile id), whatever order the shards finished in."""
+    counts = Counter(f["rule"] for f in findings)
+    by_backend: dict[str, Counter] = {}
+    for f in findings:
+        by_backend.setdefault(f["backend"], Counter())[f["rule"]] += 1
+    ordered = sorted(findings, key=lambda f: (f["tile_id"], f["message"], json.dumps(f["statements"])))
+    return {"findings": {r: counts[r] for r in CONTRADICTION_RULES},
+            "by_backend": {b: {r: c[r] for r in CONTRADICTION_RULES} for b, c in sorted(by_backend.items())}
+            or {backend: {r: 0 for r in CONTRADICTION_RULES}},
+            "tiles": len({f["tile_id"] for f in findings}),
+            "examples": {r: [f for f in ordered if f["rule"] == r][:examples] for r in CONTRADICTION_RULES if counts[r]}}
 
 
 def _hits_json(hits: Counter) -> str:

@@ -1,7 +1,10 @@
 """The `template` annotator: captions and QA for the seven applications, grounded in the tile's labels.
 
 No model: every caption and answer is computed from the tile's objects (class, pixel box, polygon,
-orientation) and land-cover fractions, so it is true by construction and tests can recompute it.
+orientation) and land-cover fractions, so it is true by construction and tests can recompute it. True of
+the labels is not enough: it must also be true of what the pixels can show at the tile's GSD, so classes
+too small to resolve are never named, and absence is never asserted where land cover implies the class
+(:mod:`sarlang_ray.annotate.visibility`).
 Phrasings vary per tile (seeded by the tile id); every pair records its application and a
 ``question_type`` = ``<family>/<template>/<class>[/<class>]`` so the type space is countable.
 
@@ -12,12 +15,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 
 import numpy as np
 import shapely
 
 from sarlang_ray import prompts
+from sarlang_ray.annotate.visibility import TileView, Visibility
 from sarlang_ray.annotate.vocab import CLASS_WORDS, POSITIONS, box_text, count_phrase, plural, position_of
 
 CLASSES = tuple(CLASS_WORDS)
@@ -27,6 +30,8 @@ LANDCOVER_PHRASES = {"water": "open water", "built-up": "a built-up area", "vege
                      "bare soil": "bare land", "road": "paved surfaces", "land": "land"}
 # land-cover names as caption words: never a label class name (QC would read "road" as a road object)
 LANDCOVER_WORDS = {"road": "paved surface"}
+# land cover that implies a class nobody labelled: said as what the image shows, never as "no buildings"
+DENSE_PHRASES = {"built-up": "a dense built-up area", "water": "open water", "vegetation": "dense vegetation"}
 
 IDENTIFICATION = ("Is there a {c} in the image?", "Does this SAR image contain a {c}?", "Can you see any {cs} here?",
                   "Are any {cs} visible in this image?", "Is a {c} present in the scene?", "Do you observe a {c}?",
@@ -143,22 +148,32 @@ def _centre(o: dict) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- the annotator
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 class TemplateAnnotator:
-    """Grounded captions and QA. ``annotate(tile)`` returns pair dicts; it never needs a GPU."""
+    """Grounded captions and QA. ``annotate(tile)`` returns pair dicts; it never needs a GPU.
+
+    Every statement is true of the tile's labels *and* of what its pixels can show (``visibility``): classes
+    too small to resolve at the tile's GSD are never named, classes with objects too small to see are
+    named but not counted, and absence is asserted only of classes that are resolvable, unlabelled and not
+    implied by land cover (see :mod:`sarlang_ray.annotate.visibility`)."""
 
     name = "template"
 
-    def __init__(self, seed: int = 0, identification_pairs: int = 2, max_per_family: int = 3):
+    def __init__(self, seed: int = 0, identification_pairs: int = 2, max_per_family: int = 3,
+                 visibility: Visibility | None = None):
         self.seed, self.identification_pairs, self.max_per_family = seed, identification_pairs, max_per_family
+        self.visibility = visibility or Visibility()
 
     def annotate(self, tile: dict) -> list[dict]:
         rng = random.Random(f"{self.seed}:{tile['tile_id']}")
         size = tile["width"]
-        objects = [o for o in tile["objects"] if o["class"] in CLASS_WORDS]
-        counts = Counter(o["class"] for o in objects)
+        view = self.visibility.view(tile, CLASSES)
         landcover = dict(tile.get("landcover") or [])
-        pairs = [self._concise(rng, counts, landcover), self._detailed(rng, tile, objects, counts, landcover, size)]
-        pairs += self._vqa(rng, objects, counts, landcover, size)
+        pairs = [self._concise(rng, view, landcover), self._detailed(rng, tile, view, landcover, size)]
+        pairs += self._vqa(rng, view, landcover, size)
         return pairs
 
     # captions -------------------------------------------------------------
@@ -166,20 +181,29 @@ class TemplateAnnotator:
     def _pair(kind, application, qtype, question, answer) -> dict:
         return {"kind": kind, "application": application, "question_type": qtype, "question": question, "answer": answer}
 
-    def _concise(self, rng, counts, landcover) -> dict:
+    @staticmethod
+    def _thing(view: TileView, cls: str) -> str:
+        """"three ships" for a countable class, "roads" for one with objects too small to count."""
+        return count_phrase(cls, view.counts[cls]) if cls in view.countable else plural(cls)
+
+    def _concise(self, rng, view: TileView, landcover) -> dict:
         lc = max(landcover, key=landcover.get) if landcover else None
         where = LANDCOVER_PHRASES.get(lc, "the scene") if lc else "the scene"
-        top = [c for c, _ in counts.most_common(2)]
+        # uncounted classes first: "roads and two ships", never "two ships and roads" (a count for roads)
+        top = sorted((c for c, _ in view.counts.most_common(2)), key=lambda c: c in view.countable)
         if not top:
-            text = rng.choice([f"A SAR image of {where}.", f"SAR view of {where} without labelled objects.",
-                               f"{where[0].upper() + where[1:]} seen by radar."])
+            variants = [f"A SAR image of {where}.", f"SAR view of {where} without labelled objects.",
+                        f"{where[0].upper() + where[1:]} seen by radar."]
+            text = rng.choice(variants)
+            if text == variants[1] and (view.implied or view.hidden):  # absence of what may be there: not said
+                text = variants[0]
         else:
-            things = " and ".join(count_phrase(c, counts[c]) for c in top)
+            things = " and ".join(self._thing(view, c) for c in top)
             text = rng.choice([f"A SAR image of {things} in {where}.", f"{things[0].upper() + things[1:]} in {where}.",
                                f"Radar view of {where} with {things}."])
         return self._pair("caption_concise", "image description", "caption/concise", prompts.CAPTION_CONCISE, text)
 
-    def _detailed(self, rng, tile, objects, counts, landcover, size) -> dict:
+    def _detailed(self, rng, tile, view: TileView, landcover, size) -> dict:
         parts = []
         if landcover:
             ranked = sorted(landcover.items(), key=lambda kv: -kv[1])
@@ -190,26 +214,41 @@ class TemplateAnnotator:
             parts.append(f"This SAR image at {tile['gsd_m']:g} m resolution is mostly {lc_text}.")
         else:
             parts.append(f"This SAR image has a ground resolution of {tile['gsd_m']:g} m.")
-        if not counts:
-            parts.append("No labelled objects are visible.")
-        else:
-            listed = [count_phrase(c, n) for c, n in counts.most_common()]
-            listing = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
-            parts.append(f"It contains {listing}.")
-            for cls, n in counts.most_common(3):
-                places = sorted({position_of(o["bbox_xyxy"], size) for o in objects if o["class"] == cls}, key=POSITIONS.index)
-                where = f"in the {' and '.join(places)} of the image" if len(places) <= 3 else "spread over the image"
-                parts.append(f"The {plural(cls, n)} {'is' if n == 1 else 'are'} {where}.")
-                if n >= 3:
-                    pattern = pattern_of([_centre(o) for o in objects if o["class"] == cls], size)
-                    parts.append(f"The {plural(cls)} {PATTERN_SENTENCE[pattern]}.")
+        counted = [c for c, _ in view.counts.most_common() if c in view.countable]
+        uncounted = [c for c, _ in view.counts.most_common() if c not in view.countable]
+        if counted:
+            parts.append(f"It contains {_join([count_phrase(c, view.counts[c]) for c in counted])}.")
+        if uncounted:
+            also = "are also visible" if counted else "are visible"
+            parts.append(f"{_join([plural(c) for c in uncounted]).capitalize()} {also}, some of them too small to count.")
+        for lc_class in sorted(set(view.implied.values())):  # what the image shows, no claim about unlabelled objects
+            plain = LANDCOVER_PHRASES.get(lc_class, lc_class)
+            if landcover.get(lc_class, 0.0) >= 0.5:
+                parts.append(f"Most of it is {DENSE_PHRASES.get(lc_class, plain)}.")
+            else:
+                parts.append(f"Part of it is {plain}.")
+        if not view.counts and not view.implied:
+            parts.append("No labelled objects are visible." if not view.hidden
+                         else f"No labelled object is large enough to be seen at {tile['gsd_m']:g} m.")
+        for cls in counted[:3]:
+            n = view.counts[cls]
+            places = sorted({position_of(o["bbox_xyxy"], size) for o in view.seen if o["class"] == cls}, key=POSITIONS.index)
+            where = f"in the {' and '.join(places)} of the image" if len(places) <= 3 else "spread over the image"
+            parts.append(f"The {plural(cls, n)} {'is' if n == 1 else 'are'} {where}.")
+            if n >= 3:
+                pattern = pattern_of([_centre(o) for o in view.seen if o["class"] == cls], size)
+                parts.append(f"The {plural(cls)} {PATTERN_SENTENCE[pattern]}.")
         return self._pair("caption_detailed", "image description", "caption/detailed", prompts.CAPTION_DETAILED, " ".join(parts))
 
     # VQA ------------------------------------------------------------------
-    def _vqa(self, rng, objects, counts, landcover, size) -> list[dict]:
+    def _vqa(self, rng, view: TileView, landcover, size) -> list[dict]:
+        """Questions the pixels can answer: positives about seen objects, counts only of countable classes,
+        negatives only about classes whose absence is assertable (``view.askable_absent``)."""
         out = []
+        objects, counts = view.seen, view.counts
         present = sorted(counts)
-        absent = sorted(set(CLASSES) - set(present))
+        countable = sorted(view.countable)
+        absent = list(view.askable_absent)
         add = lambda app, fam, i, q, a, *classes: out.append(  # noqa: E731
             self._pair("vqa", app, "/".join([fam, f"t{i}", *classes]), q, a))
 
@@ -217,13 +256,13 @@ class TemplateAnnotator:
             i = rng.randrange(len(templates))
             return i, templates[i]
 
-        # identification: as many yes as no, negatives from classes absent from the tile
+        # identification: as many yes as no, negatives from classes whose absence the pixels can show
         k = min(self.identification_pairs, len(present), len(absent))
         for cls, ans in [(c, "yes") for c in rng.sample(present, k)] + [(c, "no") for c in rng.sample(absent, k)]:
             i, t = pick(IDENTIFICATION)
             add("object identification", "identification", i, t.format(c=cls, cs=plural(cls)), ans, cls)
         # counting (plus one absent class: 0)
-        for cls in rng.sample(present, min(self.max_per_family, len(present))) + rng.sample(absent, min(1, len(absent))):
+        for cls in rng.sample(countable, min(self.max_per_family, len(countable))) + rng.sample(absent, min(1, len(absent))):
             i, t = pick(COUNTING)
             add("instance counting", "counting", i, t.format(cs=plural(cls)), str(counts.get(cls, 0)), cls)
         # classification: exactly one option present
@@ -233,18 +272,18 @@ class TemplateAnnotator:
             rng.shuffle(opts)
             i, t = pick(CLASSIFICATION)
             add("object classification", "classification", i, t.format(opts=", ".join(opts[:-1]) + " or " + opts[-1]), cls)
-        # region referring: box -> class
+        # region referring: box -> class, seen objects only
         for o in rng.sample(objects, min(self.max_per_family, len(objects))):
             i, t = pick(REGION)
             add("region referring", "region", i, t.format(b=box_text(o["bbox_xyxy"], size)), o["class"])
-        # positioning: single instances -> where; yes/no at a position
-        singles = [c for c in present if counts[c] == 1]
+        # positioning: single instances -> where; yes/no at a position (classes with no hidden instance)
+        singles = [c for c in countable if counts[c] == 1]
         for cls in rng.sample(singles, min(self.max_per_family, len(singles))):
             o = next(o for o in objects if o["class"] == cls)
             i, t = pick(POSITIONING)
             add("object positioning", "positioning", i, t.format(c=cls), position_of(o["bbox_xyxy"], size), cls)
-        if present:
-            cls = rng.choice(present)
+        if countable:
+            cls = rng.choice(countable)
             where = {position_of(o["bbox_xyxy"], size) for o in objects if o["class"] == cls}
             p = rng.choice(POSITIONS)
             i, t = pick(POSITION_YESNO)
@@ -258,7 +297,7 @@ class TemplateAnnotator:
             if shape == "elongated" and o["visible_fraction"] >= 0.999:
                 i, t = pick(DIRECTION)
                 add("others", "direction", i, t.format(c=cls), direction_of(o["angle_deg"]), cls)
-        groups = [c for c in present if counts[c] >= 3]
+        groups = [c for c in countable if counts[c] >= 3]
         for cls in rng.sample(groups, min(2, len(groups))):
             i, t = pick(PATTERN)
             add("others", "pattern", i, t.format(cs=plural(cls)), pattern_of([_centre(o) for o in objects if o["class"] == cls], size), cls)
@@ -267,15 +306,17 @@ class TemplateAnnotator:
             add("others", "landcover", i, t, max(landcover, key=landcover.get))
             i, t = pick(WATER)
             add("others", "water", i, t, "yes" if landcover.get("water", 0) >= 0.05 else "no")
-        if present:
-            a = rng.choice(present)
-            b = rng.choice([c for c in CLASSES if c != a])
-            i, t = pick(REASONING)
-            na, nb = counts.get(a, 0), counts.get(b, 0)
-            answer = [na > nb, na < nb, na > nb, na > nb, na > nb, na == nb][i]
-            add("others", "reasoning", i, t.format(**{"as": plural(a), "bs": plural(b)}), "yes" if answer else "no", a, b)
-            if len(present) >= 2:
-                a, b = sorted(rng.sample(present, 2))
+        if countable:
+            a = rng.choice(countable)
+            others = [c for c in countable + absent if c != a]
+            if others:
+                b = rng.choice(sorted(others))
+                i, t = pick(REASONING)
+                na, nb = counts.get(a, 0), counts.get(b, 0)
+                answer = [na > nb, na < nb, na > nb, na > nb, na > nb, na == nb][i]
+                add("others", "reasoning", i, t.format(**{"as": plural(a), "bs": plural(b)}), "yes" if answer else "no", a, b)
+            if len(countable) >= 2:
+                a, b = sorted(rng.sample(countable, 2))
                 i, t = pick(TOTAL)
                 add("others", "total", i, t.format(**{"as": plural(a), "bs": plural(b)}), str(counts[a] + counts[b]), a, b)
         return out

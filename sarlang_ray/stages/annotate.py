@@ -23,7 +23,9 @@ def _body(cfg: WorkflowConfig) -> dict:
         hits.update(json.loads(m["qc_hits"]))
     pairs, passed = sum(m["pairs"] for m in manifest), sum(m["pairs_passed"] for m in manifest)
     counts["pairs"] = {"planned": pairs, "passed": passed, "rejected": pairs - passed}
-    report = {"backend": a.backend, "pairs": counts["pairs"], "rule_hits": dict(hits), "rules": asdict(a.qc)}
+    findings = [f for m in manifest for f in json.loads(m["findings"])]
+    report = {"backend": a.backend, "pairs": counts["pairs"], "rule_hits": dict(hits), "rules": asdict(a.qc),
+              "contradictions": annotate_stage.contradiction_report(findings, annotate_stage.backend_name(a))}
     io.write_json_atomic(io.join(cfg.run.run_dir, "annotate", "qc_report.json"), report)
     return counts
 

@@ -1,4 +1,5 @@
-"""evaluate: a Ray Tune sweep of models x image variants x prompts on an export split -> the leaderboard
+"""evaluate: a Ray Tune sweep of models x image variants x prompts on a split of ``evaluate.dataset`` (this run's
+export, an imported release, a LLaMA-Factory JSON) -> the leaderboard
 (see :mod:`sarlang_ray.evaluate`). A failed trial is listed in the leaderboard with its root exception,
 and makes the stage (and the command) fail once the leaderboard is written."""
 
@@ -14,7 +15,7 @@ def _body(cfg: WorkflowConfig) -> dict:
 
     board = run_evaluate(cfg)
     mode = board["vqa_mode"]
-    counts = {"trials": len([r for r in board["rows"] if "samples_per_s" in r]), "failed": len(board["failed"]),
+    counts = {"dataset": board["dataset"], "trials": len([r for r in board["rows"] if "samples_per_s" in r]), "failed": len(board["failed"]),
               "leaderboard": [{"model": r["model"], "image": r["image"], "prompt": r["prompt"], f"vqa_{mode}": r.get(f"vqa_{mode}"),
                                "concise_cider_tok": r.get("concise_cider_tok")} for r in board["rows"]],
               "files": io.join(cfg.run.run_dir, "evaluate", "leaderboard.md"), "plots": board["plots"]}
