@@ -173,6 +173,15 @@ def _inside(win: Window, src) -> Window | None:
     return inter if inter.width > 0 and inter.height > 0 else None
 
 
+def _read_float(src, band: int, window: Window, to_float, stats: dict | None) -> np.ndarray:
+    """The pixels of a window (inside the raster) as float32, nodata as NaN, converted by ``to_float``;
+    ``stats["pixels_read"]`` counts the pixels decoded."""
+    block = src.read(band, window=window, masked=True)
+    if stats is not None:
+        stats["pixels_read"] = stats.get("pixels_read", 0) + block.size
+    return to_float(block) if to_float else block.astype(np.float32).filled(np.nan)
+
+
 def warp_window(src, band: int, dst_transform: Affine, dst_crs: str, size: int, resampling: Resampling,
                 to_float=None, stats: dict | None = None) -> np.ndarray | None:
     """Read the source pixels under a tile and warp them onto the tile grid, as float32 with NaN nodata.
@@ -184,10 +193,7 @@ def warp_window(src, band: int, dst_transform: Affine, dst_crs: str, size: int, 
     inter = _inside(source_window(src.transform, src.crs, dst_transform, dst_crs, size), src)
     if inter is None:
         return None
-    block = src.read(band, window=inter, masked=True)
-    if stats is not None:
-        stats["pixels_read"] = stats.get("pixels_read", 0) + block.size
-    data = to_float(block) if to_float else block.astype(np.float32).filled(np.nan)
+    data = _read_float(src, band, inter, to_float, stats)
     dst = np.full((size, size), np.nan, dtype=np.float32)
     reproject(
         data, dst,
@@ -219,10 +225,7 @@ def read_window(src, band: int, window: Window, size: int, to_float=None, stats:
     inter = _inside(window, src)
     if inter is None:
         return None
-    block = src.read(band, window=inter, masked=True)
-    if stats is not None:
-        stats["pixels_read"] = stats.get("pixels_read", 0) + block.size
-    data = to_float(block) if to_float else block.astype(np.float32).filled(np.nan)
+    data = _read_float(src, band, inter, to_float, stats)
     out = np.full((size, size), np.nan, dtype=np.float32)
     r0, c0 = int(inter.row_off - window.row_off), int(inter.col_off - window.col_off)
     out[r0: r0 + data.shape[0], c0: c0 + data.shape[1]] = data

@@ -7,42 +7,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-
-def _local_stats(x: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of ``x`` under a (0/1) kernel, by correlation."""
-    k = kernel / kernel.sum()
-    mean = ndimage.correlate(x, k, mode="reflect")
-    mean_sq = ndimage.correlate(x * x, k, mode="reflect")
-    return mean, np.maximum(mean_sq - mean * mean, 0.0)
-
-
-def _lee_weighting(x: np.ndarray, mean: np.ndarray, var: np.ndarray, looks: float) -> np.ndarray:
-    """Lee's MMSE estimate: mean + b (x - mean), b = var_signal / var_observed (multiplicative noise)."""
-    noise_var = 1.0 / max(looks, 1e-6)
-    var_signal = (var - mean * mean * noise_var) / (1.0 + noise_var)
-    b = np.clip(var_signal / np.maximum(var, 1e-20), 0.0, 1.0)
-    return mean + b * (x - mean)
-
-
-def _fill_invalid(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    valid = np.isfinite(x)
-    if valid.all():
-        return x, valid
-    filled = x.copy()
-    filled[~valid] = np.nanmedian(x) if valid.any() else 0.0
-    return filled, valid
-
-
-def _half_window_masks(window: int) -> list[np.ndarray]:
-    """The 8 edge-aligned half windows of refined Lee: each keeps the side of one of 8 directions."""
-    r = window // 2
-    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
-    masks = []
-    for k in range(8):
-        angle = k * np.pi / 4
-        ny, nx = -np.cos(angle), np.sin(angle)  # k=0 points up (towards smaller row index)
-        masks.append(((dy * ny + dx * nx) >= -1e-9).astype(np.float64))
-    return masks
+# helpers the original shared with the rest of the module, and that are unchanged there
+from sarlang_ray.sar import _fill_invalid, _half_window_masks, _lee_weighting, _local_stats
 
 
 def refined_lee_filter(intensity: np.ndarray, window: int = 7, looks: float = 4.0) -> np.ndarray:
