@@ -491,15 +491,11 @@ def _check(cfg: WorkflowConfig) -> None:
             problems.append(f"annotate.qc.{rule} must be one of {allowed}")
     a = cfg.annotate
     for key in ("class_size_m", "min_size_px"):
-        unknown = sorted(set(getattr(a, key)) - set(DEFAULT_CLASS_SIZE_M))
-        if unknown:
-            problems.append(f"annotate.{key} has unknown classes {unknown}; known: {sorted(DEFAULT_CLASS_SIZE_M)}")
-        bad = sorted(c for c, v in getattr(a, key).items() if not v > 0)
-        if bad:
-            problems.append(f"annotate.{key} must be > 0 for every class (not for {bad})")
-    unknown = sorted(set(a.implied_by) - set(DEFAULT_CLASS_SIZE_M))
-    if unknown:
-        problems.append(f"annotate.implied_by has unknown classes {unknown}; known: {sorted(DEFAULT_CLASS_SIZE_M)}")
+        problems += [f"annotate.{key}.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
+                     for c in sorted(set(getattr(a, key)) - set(DEFAULT_CLASS_SIZE_M))]
+        problems += [f"annotate.{key}.{c} must be > 0, not {v}" for c, v in sorted(getattr(a, key).items()) if not v > 0]
+    problems += [f"annotate.implied_by.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
+                 for c in sorted(set(a.implied_by) - set(DEFAULT_CLASS_SIZE_M))]
     if not 0 < a.implied_min_fraction <= 1:
         problems.append("annotate.implied_min_fraction must be within (0, 1]")
     if problems:

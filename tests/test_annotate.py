@@ -267,7 +267,7 @@ def test_resolvability_follows_the_config(annotated):
     for t in with_ships:
         for p in annotator.annotate(t):
             assert "ship" not in _names(p["question"] + " " + p["answer"]), p
-    with pytest.raises(ValueError, match="unknown classes"):
+    with pytest.raises(ValueError, match="annotate.min_size_px.boat names an unknown class"):
         load_config(None, ["annotate.min_size_px.boat=3"])
-    with pytest.raises(ValueError, match="must be > 0"):
+    with pytest.raises(ValueError, match="annotate.class_size_m.car must be > 0"):
         load_config(None, ["annotate.class_size_m.car=0"])
