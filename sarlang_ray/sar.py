@@ -90,7 +90,7 @@ def halo_for(window: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _refined_lee_kernel(xp, pad, halo, height, width, window, step, weights, looks, out):  # pragma: no cover (compiled)
+def _refined_lee_kernel(xp, pad, halo, height, width, window, step, cells, counts, weights, looks, out):  # pragma: no cover (compiled)
     """Refined Lee for every pixel of the inner region; ``xp`` is the filled image padded by ``pad``.
 
     Per pixel: the 3x3 means at the centre and at ``step`` pixels along four axes (clamped to the image),
@@ -98,7 +98,6 @@ def _refined_lee_kernel(xp, pad, halo, height, width, window, step, weights, loo
     weighting with that half window's mean and variance. Every value is a fixed-order sum over the pixel's
     own neighbourhood, so the result does not depend on where the array starts (seamless tiles).
     """
-    r = window // 2
     m3 = np.empty((height, width))
     for i in range(height):
         for j in range(width):
@@ -125,13 +124,11 @@ def _refined_lee_kernel(xp, pad, halo, height, width, window, step, weights, loo
                     best = gradient
                     direction = k if abs(ma - centre) <= abs(mb - centre) else k + 4
             mean, mean_sq = 0.0, 0.0
-            for dy in range(window):
-                for dx in range(window):
-                    w = weights[direction, dy, dx]
-                    if w != 0.0:
-                        v = xp[pad + i + dy - r, pad + j + dx - r]
-                        mean += w * v
-                        mean_sq += w * v * v
+            w = weights[direction]
+            for k in range(counts[direction]):  # the half window's cells, row by row as the reference sums
+                v = xp[pad + i + cells[direction, k, 0], pad + j + cells[direction, k, 1]]
+                mean += w * v
+                mean_sq += w * v * v
             var = max(mean_sq - mean * mean, 0.0)
             var_signal = (var - mean * mean * noise_var) / (1.0 + noise_var)
             b = min(max(var_signal / max(var, 1e-20), 0.0), 1.0)
@@ -158,9 +155,17 @@ def refined_lee_filter(intensity: np.ndarray, window: int = 7, looks: float = 4.
     r = window // 2
     pad = r + 1
     xp = np.pad(x, pad, mode="symmetric")  # scipy's "reflect" mode
-    weights = np.stack([m / m.sum() for m in _half_window_masks(window)])
+    masks = _half_window_masks(window)
+    # each half window as its cells' (dy, dx) offsets, and its weight 1 / (number of cells)
+    cells = np.zeros((8, window * window, 2), dtype=np.int64)
+    counts = np.zeros(8, dtype=np.int64)
+    for k, m in enumerate(masks):
+        dy, dx = np.nonzero(m)
+        cells[k, : len(dy)] = np.column_stack([dy - r, dx - r])
+        counts[k] = len(dy)
+    weights = np.array([1.0 / m.sum() for m in masks])
     out = np.empty((x.shape[0] - 2 * halo, x.shape[1] - 2 * halo))
-    _refined_lee_kernel(xp, pad, halo, x.shape[0], x.shape[1], window, max(1, r - 1), weights, float(looks), out)
+    _refined_lee_kernel(xp, pad, halo, x.shape[0], x.shape[1], window, max(1, r - 1), cells, counts, weights, float(looks), out)
     out = out.astype(np.float32)
     out[~valid[halo: x.shape[0] - halo, halo: x.shape[1] - halo]] = np.nan
     return out
