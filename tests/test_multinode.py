@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import REPO
 
 SCRIPT = textwrap.dedent('''
@@ -49,3 +51,82 @@ def test_a_local_run_dir_is_refused_on_a_multi_node_cluster(real_sar, tmp_path):
     assert "s3://" in out["local"] and "run.shared_fs=true" in out["local"]
     assert not (tmp_path / "local" / "catalog").exists(), "nothing written before the refusal"
     assert out["shared"] == 1
+
+
+NODE_LOSS = textwrap.dedent('''
+    import hashlib, json, sys, threading, time
+    from pathlib import Path
+    import ray
+    from ray.cluster_utils import Cluster
+    from sarlang_ray import pipeline
+    from sarlang_ray.config import load_config
+
+    archive, root = sys.argv[1], Path(sys.argv[2])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def config(run_dir):
+        return load_config(None, [f"run.run_dir={run_dir}", f"catalog.archive={archive}", "run.shared_fs=true",
+                                  "tile.gsds_m=[1.0,5.0]", "tile.tile_size=128", "tile.tiles_per_shard=4",
+                                  "tile.concurrency=2", "annotate.concurrency=2", "align.concurrency=2",
+                                  "run.stages=[catalog,tile,align,annotate]"])
+
+    def contents(run_dir, stage):
+        base = Path(run_dir, stage)
+        return {str(p.relative_to(base)): hashlib.sha1(p.read_bytes()).hexdigest()
+                for p in sorted(base.rglob("*.parquet")) if "errors" not in p.parts}
+
+    pipeline.run(config(root / "reference"))
+    removed = {}
+
+    def remove_a_busy_node(stage):
+        try:
+            _remove_a_busy_node(stage)
+        except Exception as exc:  # say why in the output rather than die silently in the thread
+            removed[stage + "_error"] = repr(exc)
+
+    def _remove_a_busy_node(stage):
+        shards = root / "faulty" / stage / "shards"
+        while not list(shards.glob("*/*.parquet")):
+            time.sleep(0.01)
+        busy = {a["Address"]["NodeID"] for a in ray._private.state.actors().values()  # the GCS's actor table
+                if a["State"] == "ALIVE" and "MapWorker" in a["ActorClassName"]}
+        victim = next(w for w in workers if w.node_id in busy and w not in removed.values())
+        removed[stage] = victim
+        removed[stage + "_shards_at_removal"] = len(list(shards.glob("*/*.parquet")))
+        cluster.remove_node(victim)
+        cluster.add_node(num_cpus=1)  # the autoscaler's replacement (a spot node lost, another one started)
+
+    for stage in ("tile", "annotate"):
+        t = threading.Thread(target=remove_a_busy_node, args=(stage,), daemon=True)
+        t.start()
+        pipeline.run(config(root / "faulty"), [stage] if stage == "tile" else ["align", "annotate"])
+        t.join(timeout=5)
+    out = {"removed": [s for s in ("tile", "annotate") if s in removed],
+           "errors": {k: v for k, v in removed.items() if k.endswith("_error")},
+           "shards_at_removal": {s: removed.get(s + "_shards_at_removal") for s in ("tile", "annotate")},
+           "total_shards": {s: len(contents(root / "reference", s)) for s in ("tile", "annotate")},
+           "same": {s: contents(root / "faulty", s) == contents(root / "reference", s) for s in ("tile", "align", "annotate")}}
+    ray.shutdown()
+    cluster.shutdown()
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_tile_and_mid_annotate_loses_and_duplicates_nothing(demo_run, tmp_path):
+    """A 3-node cluster (1 CPU each); while tile runs, then while annotate runs, a worker node that hosts an
+    actor is removed (as a spot node is reclaimed) and a fresh one joins: the stages finish, and every
+    table equals the one of an undisturbed run on the same cluster, shard for shard."""
+    cfg, _ = demo_run
+    proc = subprocess.run([sys.executable, "-c", NODE_LOSS, cfg.synth.out_dir, str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["removed"] == ["tile", "annotate"], out["errors"]
+    for stage in ("tile", "annotate"):
+        assert 0 < out["shards_at_removal"][stage] < out["total_shards"][stage], out
+    assert out["same"] == {"tile": True, "align": True, "annotate": True}, out
