@@ -61,3 +61,15 @@ def test_a_tile_stage_that_plans_nothing_says_why_and_exits_non_zero(opera_run, 
     assert "every pyramid level" in err and "finer than the archive's 30 m" in err
     assert "Add 30" in err and "tile.include_native=true" in err
     assert not (run_dir / "tile" / "_SUCCESS.json").exists()
+
+
+def test_a_catalog_without_a_usable_scene_says_why_and_exits_non_zero(ray_session, real_sar, tmp_path, capsys):
+    """A glob that only catches Sentinel-2 optical files: every file rejected as not_sar, nothing to tile."""
+    rc = cli.main(["catalog", f"run.run_dir={tmp_path / 'run'}", f"catalog.archive={real_sar}", "ray.progress=false",
+                   "catalog.sar_glob=[sen1floods11_spain_7370579/*_S2Hand.tif]", "run.stages=[catalog]"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "none of the 1 files" in err and "not_sar: 1" in err and "catalog/errors.parquet" in err
+    assert not (tmp_path / "run" / "catalog" / "_SUCCESS.json").exists()
+    errors = pipeline.read_errors(str(tmp_path / "run")).to_pylist()
+    assert [e["error_class"] for e in errors] == ["not_sar"]

@@ -21,7 +21,13 @@ def _body(cfg: WorkflowConfig) -> dict:
     assert all(n == 1 for n in ids.values()), f"scene_id collision: {[k for k, n in ids.items() if n > 1]}"
     tables.write_scenes(tables.scenes_uri(cfg.run.run_dir), sorted(scenes, key=lambda s: s["scene_id"]))
     io.write_parquet_atomic(io.join(cfg.run.run_dir, "catalog", "errors.parquet"), errors_table(errors))
-    return {"planned": planned, "written": len(scenes), "rejected": len(errors)}
+    counts = {"planned": planned, "written": len(scenes), "rejected": len(errors)}
+    if not scenes:
+        reasons = collections.Counter(e["error_class"] for e in errors)
+        counts["failure"] = (f"none of the {planned} files of {cfg.catalog.archive} is a usable SAR scene "
+                             f"({', '.join(f'{k}: {n}' for k, n in reasons.most_common())}); the reason for each file is in "
+                             "catalog/errors.parquet (sarlang_ray.tables.read_errors). Check catalog.sar_glob and the files")
+    return counts
 
 
 # the synthetic archive, when this run makes it, is an input: a new one means new scenes

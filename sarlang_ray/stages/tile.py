@@ -23,7 +23,12 @@ def _body(cfg: WorkflowConfig) -> dict:
     if not chunks:
         return {"planned": 0, "written": 0, "rejected": 0, "failure": nothing_planned(scenes, cfg)}
     manifest = map_items(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir), cfg.tile.concurrency, cfg.tile.num_cpus)
-    return totals(manifest)
+    counts = totals(manifest)
+    if counts["written"] == 0:
+        counts["failure"] = (f"all {counts['planned']} planned tiles were rejected; the reason for each is in tile/errors/ "
+                             "(sarlang_ray.tables.read_errors): nodata tiles need a higher tile.max_nodata_fraction, "
+                             "unreadable ones a fresh copy of the scene")
+    return counts
 
 
 STAGE = Stage("tile", _body, inputs=("catalog",), keys=("tile",))
