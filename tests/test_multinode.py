@@ -129,3 +129,66 @@ def test_a_node_lost_mid_tile_and_mid_annotate_loses_and_duplicates_nothing(demo
     for stage in ("tile", "annotate"):
         assert 0 < out["shards_at_removal"][stage] < out["total_shards"][stage], out
     assert out["same"] == {"tile": True, "align": True, "annotate": True}, out
+
+
+TRAIN_NODE_LOSS = textwrap.dedent('''
+    import json, sys, threading, time
+    from pathlib import Path
+    import ray
+    from ray.cluster_utils import Cluster
+    from sarlang_ray import pipeline
+    from sarlang_ray.config import load_config
+
+    run_dir, model = Path(sys.argv[1]), sys.argv[2]
+    # the head runs the driver only: the training worker lands on a worker node, which can be lost
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = load_config(None, [f"run.run_dir={run_dir}", f"train.model={model}", "run.shared_fs=true", "ray.progress=false",
+                             "train.method=full", "train.batch_size=8", "train.lr=0.003", "train.epochs=4",
+                             "train.limit_pairs=96", "train.max_failures=2", "run.stages=[train]"])
+    out = {}
+
+    def lose_the_training_node():
+        snapshot = run_dir / "train" / "sarlang-train" / "checkpoint_manager_snapshot.json"
+        while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):  # a checkpoint is registered
+            time.sleep(0.05)
+        nodes = {a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+                 if a["State"] == "ALIVE" and "RayTrainWorker" in a["ActorClassName"]}
+        victim = next(w for w in workers if w.node_id in nodes)
+        out["removed_node_had_the_worker"] = True
+        cluster.remove_node(victim)
+        cluster.add_node(num_cpus=2)  # a replacement joins, as the autoscaler would start one
+
+    t = threading.Thread(target=lose_the_training_node, daemon=True)
+    t.start()
+    pipeline.run(cfg)
+    t.join(timeout=5)
+    metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
+    out.update(resumes=metrics["resumes"], epochs=[h["epoch"] for h in metrics["history"]],
+               loss=[metrics["val_loss_before"], metrics["val_loss_after"]])
+    ray.shutdown()
+    cluster.shutdown()
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_losing_the_node_of_a_training_worker_resumes_from_the_checkpoint(demo_run, tiny_vlm, tmp_path):
+    """The node that runs the Ray Train worker is removed after the first checkpoint: the worker group
+    restarts on the nodes left and resumes from that checkpoint; every epoch runs exactly once."""
+    import shutil
+    from pathlib import Path
+
+    cfg, _ = demo_run
+    shutil.copytree(Path(cfg.run.run_dir) / "export", tmp_path / "run" / "export")
+    proc = subprocess.run([sys.executable, "-c", TRAIN_NODE_LOSS, str(tmp_path / "run"), tiny_vlm], capture_output=True,
+                          text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.get("removed_node_had_the_worker"), out
+    assert out["resumes"] and 1 <= out["resumes"][0] <= 3, out  # resumed from a checkpoint, not restarted
+    assert out["epochs"] == [-1, 0, 1, 2, 3], out  # every epoch exactly once
+    assert out["loss"][1] < out["loss"][0]
