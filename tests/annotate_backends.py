@@ -18,3 +18,18 @@ class FlakyBackend:
         if n % 5 == 0:
             return [{"kind": "vqa", "application": "astrology", "question": "?", "answer": "x", "question_type": "x"}]
         return self.inner.annotate(tile)
+
+
+class SlowBackend:
+    """The template annotator at a model's pace (50 ms a tile): a stage long enough to lose a node in."""
+
+    name = "slow"
+
+    def __init__(self, cfg):
+        self.inner = TemplateAnnotator()
+
+    def annotate(self, tile):
+        import time
+
+        time.sleep(0.05)
+        return self.inner.annotate(tile)

@@ -72,6 +72,7 @@ NODE_LOSS = textwrap.dedent('''
         return load_config(None, [f"run.run_dir={run_dir}", f"catalog.archive={archive}", "run.shared_fs=true",
                                   "tile.gsds_m=[1.0,5.0]", "tile.tile_size=128", "tile.tiles_per_shard=4",
                                   "tile.concurrency=2", "annotate.concurrency=2", "align.concurrency=2",
+                                  "annotate.backend=annotate_backends:SlowBackend",  # a model's pace, not milliseconds
                                   "run.stages=[catalog,tile,align,annotate]"])
 
     def contents(run_dir, stage):
