@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from sarlang_ray import io
 from sarlang_ray.config import WorkflowConfig, to_yaml
 from sarlang_ray.errors import redact_text
-from sarlang_ray.stages.runner import ORDER, StageFailed, downstream, ensure_ray, registry  # noqa: F401  (re-exported)
+from sarlang_ray.stages.runner import ORDER, StageFailed, counts_of, downstream, ensure_ray, registry  # noqa: F401  (re-exported)
 from sarlang_ray.tables import (annotation_shards, read_annotations, read_errors, read_scenes, read_tiles,  # noqa: F401
                                 tile_shards, write_scenes)
 
@@ -147,5 +147,5 @@ def finished_counts(cfg: WorkflowConfig) -> dict:
     for name, stage in registry().items():
         marker = stage.read_marker(cfg)
         if marker is not None and (name != "synth" or name in cfg.run.stages):
-            out[name] = {k: v for k, v in marker.items() if k != "fingerprint"}
+            out[name] = counts_of(marker)
     return out

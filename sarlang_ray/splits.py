@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import shapely
-from pyproj import CRS, Geod, Transformer
+from pyproj import Geod, Transformer
 
 SPLITS = ("train", "val", "test")
 EQUAL_AREA = "EPSG:6933"  # WGS 84 / NSIDC EASE-Grid 2.0 Global: equal-area, metres, global
@@ -260,9 +260,3 @@ def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m:
     return {"buffer_m": buffer_m, "pairs": pairs,
             "leak_free": all(p["intersection_m2"] == 0 and p["shared_objects"] == 0 for p in pairs.values()),
             "tiles": {s: len(ts) for s, ts in by_split.items()}}
-
-
-def metric_crs(crs: str) -> str:
-    """``crs`` if it is projected in metres, else the WGS 84 equal-area grid (distances roughly right)."""
-    c = CRS.from_user_input(crs)
-    return crs if c.is_projected and abs(c.axis_info[0].unit_conversion_factor - 1.0) < 1e-9 else EQUAL_AREA

@@ -128,7 +128,7 @@ class Stage:
         fp = self.fingerprint(cfg)
         done = self.read_marker(cfg)
         if done is not None and done["fingerprint"]["value"] == fp["value"] and not cfg.run.force:
-            return _counts(done)
+            return counts_of(done)
         if self.needs_ray:  # before touching the run folder: it may be the wrong kind of storage
             ensure_ray(cfg)
             check_storage(cfg)
@@ -153,7 +153,8 @@ class Stage:
         return counts
 
 
-def _counts(marker: dict) -> dict:
+def counts_of(marker: dict) -> dict:
+    """A marker's counts, without its fingerprint."""
     return {k: v for k, v in marker.items() if k != "fingerprint"}
 
 
