@@ -89,6 +89,30 @@ def load_processor(model: str, max_pixels: int | None = None):
     return processor
 
 
+def user_message(question: str) -> list[dict]:
+    """One user turn: the image, then the text (the content-list format every VLM chat template reads)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": str(question)}]}]
+
+
+def chat_texts(processor, question: str, answer: str | None = None) -> tuple[str, str | None]:
+    """``(prompt, full)``: the prompt rendered by the model's own chat template up to the assistant's turn,
+    and the whole conversation with ``answer`` as the assistant's turn (its end-of-turn marker included).
+
+    Training puts the loss on the tokens of ``full`` after those of ``prompt``; the answer's span therefore
+    comes from the template itself rather than from an assumed format. A template whose full rendering does
+    not start with its prompt rendering (some insert reasoning markers) falls back to ``prompt + answer + eos``.
+    """
+    messages = user_message(question)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    if answer is None:
+        return prompt, None
+    full = processor.apply_chat_template(
+        messages + [{"role": "assistant", "content": [{"type": "text", "text": str(answer)}]}])
+    if not full.startswith(prompt) or str(answer) not in full[len(prompt):]:
+        full = prompt + str(answer) + (processor.tokenizer.eos_token or "")
+    return prompt, full.rstrip()
+
+
 def load_image(png: bytes, max_pixels: int | None = None, variant: str = "sar"):
     """A tile PNG as the RGB PIL image every model stage feeds its processor.
 
