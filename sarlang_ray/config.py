@@ -111,8 +111,10 @@ class TileSection:
     # coarser levels of linear-intensity scenes with overviews (COGs) average the nearest overview instead
     # of every full-resolution pixel (false: always warp from full resolution)
     use_overviews: bool = True
-    concurrency: int | None = None  # worker actors (None: one per CPU)
+    concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
     num_cpus: float = 1.0  # CPUs per worker
+    max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)
+    memory_gb: float | None = None  # memory reserved per worker actor (None: none reserved)
 
     def step(self) -> int:
         return self.stride or self.tile_size
@@ -127,8 +129,10 @@ class AlignSection:
     landcover_classes: dict[int, str] = field(
         default_factory=lambda: {1: "water", 2: "built-up", 3: "vegetation", 4: "bare soil", 5: "road"}
     )  # land-cover raster value -> class name; values not listed count as nodata
-    concurrency: int | None = None  # worker actors (None: one per CPU)
+    concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
     num_cpus: float = 1.0  # CPUs per worker
+    max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)
+    memory_gb: float | None = None  # memory reserved per worker actor (None: none reserved)
 
 
 @dataclass
@@ -196,9 +200,11 @@ class AnnotateSection:
     qc: QCSection = field(default_factory=QCSection)
     openai: OpenAISection = field(default_factory=OpenAISection)
     hf: HFSection = field(default_factory=HFSection)
-    concurrency: int | None = None  # worker actors (None: one per CPU)
+    concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
     num_cpus: float = 1.0  # CPUs per worker
     num_gpus: float = 0.0  # GPUs per worker (model backends)
+    max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)
+    memory_gb: float | None = None  # memory reserved per worker actor (None: none reserved)
 
 
 @dataclass
@@ -410,6 +416,12 @@ def _check(cfg: WorkflowConfig) -> None:
         rule = getattr(cfg.catalog, name)
         if rule is not None and len(rule) != 2:
             problems.append(f"catalog.{name} must be [regex, replacement] or null")
+    for name in ("tile", "align", "annotate"):
+        section = getattr(cfg, name)
+        if section.max_actors is not None and section.max_actors < 1:
+            problems.append(f"{name}.max_actors must be >= 1 or null (one actor per work item)")
+        if section.memory_gb is not None and section.memory_gb <= 0:
+            problems.append(f"{name}.memory_gb must be > 0 or null (no memory reserved)")
     t = cfg.tile
     if t.tile_size < 16 or t.step() < 1:
         problems.append("tile.tile_size must be >= 16 and tile.stride >= 1")

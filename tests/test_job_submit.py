@@ -19,26 +19,21 @@ Needs the Ray Jobs API, i.e. ``ray[default]`` (dashboard, job agent), a declared
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from ray_heads import BIN, HeadStartFailed
+from ray_heads import ray_head as _ray_head
 
 from sarlang_ray import io, pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: `ray` and `sarlang` live here
 # what the job does not need (the upload limit of a working_dir is 500 MiB; this leaves ~0.5 MiB)
 EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info", "benchmarks/work",
             "*.tif", "*.tiff", "*.tmp-*"]
@@ -49,100 +44,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(1500),  # up to 3 head starts (180 s each) + the job (600 s) on a loaded machine
 ]
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (all held open while choosing, so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _http_ok(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never via a proxy
-    try:
-        with opener.open(url, timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _kill_leftovers(markers: list[str]) -> list[int]:
-    """SIGKILL any process whose command line names one of our unique temp paths; their pids."""
-    import psutil
-
-    killed = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        if p.pid != os.getpid() and any(m in cmdline for m in markers):
-            try:
-                p.kill()
-                killed.append(p.pid)
-            except psutil.Error:
-                pass
-    return killed
-
-
-class HeadStartFailed(RuntimeError):
-    """``ray start`` exited or did not serve its dashboard in time (the log tail is the message)."""
-
-
-@contextlib.contextmanager
-def _ray_head(log_path: Path, ready_timeout_s: float = 180):
-    """One ``ray start --head --block`` in its own temp dir and on its own free ports; stopped on exit,
-    with any process left naming the temp dir or ``log_path``'s folder (the test's run folder) killed.
-
-    Yields ``(dashboard_url, env, temp_dir)``: ``env`` is the environment for ``ray job`` commands.
-    """
-    # short: Ray's unix sockets live under the temp dir and their paths are limited to 107 bytes
-    temp_dir = tempfile.mkdtemp(prefix="sarlang-rayjob-", dir="/tmp")
-    ports = dict(zip(("gcs", "dashboard", "agent_http", "agent_grpc", "runtime_env", "metrics", "node_manager",
-                      "object_manager"), _free_ports(8)))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # the job's entrypoint finds `sarlang` here
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}", "--include-dashboard=true",
-        f"--dashboard-agent-listen-port={ports['agent_http']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-        f"--runtime-env-agent-port={ports['runtime_env']}", f"--metrics-export-port={ports['metrics']}",
-        f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
-        "--min-worker-port=0", "--max-worker-port=0",  # random worker ports: no clash with the session's Ray
-        "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]
-    log = open(log_path, "wb")
-    # own session and process group: the test's signals do not reach it, and a last-resort killpg is safe
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['dashboard']}"
-    try:
-        deadline = time.time() + ready_timeout_s
-        address_file = Path(temp_dir, "ray_current_cluster")  # written once the node is up
-        while not (address_file.exists() and _http_ok(f"{url}/api/version")):
-            if proc.poll() is not None:
-                raise HeadStartFailed(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.time() > deadline:
-                raise HeadStartFailed(f"no Ray dashboard on {url} after {ready_timeout_s} s:\n"
-                                      f"{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url, env, temp_dir
-    finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` kills its node's processes, then exits
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
-        time.sleep(1)
-        _kill_leftovers([temp_dir, str(log_path.parent)])  # safety net (a job driver); normally nothing is left
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def _body(cfg: WorkflowConfig) -> dict:
     io.write_parquet_atomic(io.join(out, "label_errors.parquet"), errors_table(label_errors))
     shards = shard_items(io.join(cfg.run.run_dir, "tile", "shards"))
     manifest = map_items(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri), cfg.align.concurrency,
-                         cfg.align.num_cpus)
+                         cfg.align.num_cpus, max_actors=cfg.align.max_actors, memory_gb=cfg.align.memory_gb)
     counts = totals(manifest)
     feature_errors = sum("#feature=" in e["item"] for e in label_errors)
     counts["labels"] = {"files": len(label_uris), "files_rejected": len(label_errors) - feature_errors,

@@ -16,7 +16,8 @@ from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
 def _body(cfg: WorkflowConfig) -> dict:
     a = cfg.annotate
     manifest = map_items(shard_items(io.join(cfg.run.run_dir, "align", "shards")), annotate_stage.AnnotateShard,
-                         (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels), a.concurrency, a.num_cpus, a.num_gpus)
+                         (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels), a.concurrency, a.num_cpus, a.num_gpus,
+                         max_actors=a.max_actors, memory_gb=a.memory_gb)
     counts = totals(manifest)
     hits: collections.Counter = collections.Counter()
     for m in manifest:

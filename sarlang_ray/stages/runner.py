@@ -41,8 +41,8 @@ SUCCESS, STARTED = "_SUCCESS.json", "_STARTED.json"
 FINGERPRINT_VERSION = 1  # bump when the meaning of a stage's output changes for the same config
 # keys that only say how fast or where a stage runs, never what it writes
 RESOURCE_KEYS = frozenset({
-    "concurrency", "num_cpus", "num_gpus", "max_concurrent_trials", "cpus_per_worker", "progress", "num_to_keep",
-    "max_failures", "storage_path", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "name",
+    "concurrency", "num_cpus", "num_gpus", "max_actors", "memory_gb", "max_concurrent_trials", "cpus_per_worker", "progress", "num_to_keep",
+    "max_failures", "storage_path", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "name", "raster_reader",
 })
 
 
@@ -253,24 +253,41 @@ def check_storage(cfg: WorkflowConfig) -> None:
             "or, if that path is a shared file system mounted on every node (NFS, EFS, Lustre), set run.shared_fs=true.")
 
 
-def workers(concurrency: int | None) -> int:
-    """Actors of a pool: as configured, else one per CPU of the cluster."""
+def pool(n_items: int, concurrency: int | None, max_actors: int | None = None):
+    """The actor pool of a stage: ``concurrency`` actors when set, else an autoscaling pool.
+
+    The autoscaling pool starts with the actors the cluster's CPUs fit now and may grow to ``max_actors``
+    (default: one per work item). Ray Data adds actors as resources appear and, on a cluster with an
+    autoscaler, asks it for the nodes that pending actors need, so a cluster that starts from zero workers
+    (or has no GPU node yet) grows for the stage instead of running it on one actor.
+
+    An actor holds one work item at a time: items are whole scenes or shards (seconds to minutes each), so
+    an item queued on a busy actor would wait while another actor idles, and a pool whose items all sit in
+    queues looks fully served and never grows.
+    """
     import ray
 
-    return concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if concurrency:
+        return ray.data.ActorPoolStrategy(size=min(concurrency, n_items), max_tasks_in_flight_per_actor=1)
+    now = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    top = max(1, min(max_actors or n_items, n_items))
+    return ray.data.ActorPoolStrategy(min_size=min(now, top), max_size=top, max_tasks_in_flight_per_actor=1)
 
 
 def map_items(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float,
-              num_gpus: float = 0.0, max_blocks: int | None = None) -> list[dict]:
+              num_gpus: float = 0.0, max_blocks: int | None = None, max_actors: int | None = None,
+              memory_gb: float | None = None) -> list[dict]:
     """Map a row function over small work items on an actor pool (one block per item, for balance, up to
-    ``max_blocks``); the small manifest rows it returns come back to the driver."""
+    ``max_blocks``); the small manifest rows it returns come back to the driver. ``memory_gb`` reserves
+    memory per actor (Ray's ``memory`` resource), so the scheduler and the autoscaler count it."""
     import ray
 
     if not items:
         return []
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), max_blocks or len(items)))
-    pool = ray.data.ActorPoolStrategy(size=min(workers(concurrency), len(items)))
-    return ds.map(fn, fn_constructor_args=constructor_args, compute=pool, num_cpus=num_cpus, num_gpus=num_gpus).take_all()
+    extra = {"memory": int(memory_gb * 2**30)} if memory_gb else {}
+    return ds.map(fn, fn_constructor_args=constructor_args, compute=pool(len(items), concurrency, max_actors),
+                  num_cpus=num_cpus, num_gpus=num_gpus, **extra).take_all()
 
 
 def shard_items(root: str) -> list[dict]:

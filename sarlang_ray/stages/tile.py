@@ -22,7 +22,8 @@ def _body(cfg: WorkflowConfig) -> dict:
     chunks = [c for s in scenes for c in tiling.plan_chunks(s, cfg.tile)]
     if not chunks:
         return {"planned": 0, "written": 0, "rejected": 0, "failure": nothing_planned(scenes, cfg)}
-    manifest = map_items(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir), cfg.tile.concurrency, cfg.tile.num_cpus)
+    manifest = map_items(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir), cfg.tile.concurrency, cfg.tile.num_cpus,
+                         max_actors=cfg.tile.max_actors, memory_gb=cfg.tile.memory_gb)
     counts = totals(manifest)
     if counts["written"] == 0:
         counts["failure"] = (f"all {counts['planned']} planned tiles were rejected; the reason for each is in tile/errors/ "

@@ -1,0 +1,101 @@
+"""Pools that grow with the autoscaler, on an autoscaling cluster on this machine.
+
+A head started with ``--autoscaling-config`` and Ray's fake multi-node provider (``RAY_FAKE_CLUSTER=1``,
+see ``ray_heads.py``): its autoscaler launches and stops worker nodes, each its own raylet here, as
+pending tasks and actors ask for them. The node types mirror ``cluster/aws.yaml`` at toy size: a head with
+no CPU for work, a CPU node type for tiling and a ``GPU: 1`` node type for annotation, both from zero.
+The pipeline runs as a driver of that cluster in a subprocess (the session's Ray is untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import REPO, demo_config
+from ray_heads import HeadStartFailed, ray_head
+
+from sarlang_ray import tables
+from sarlang_ray.config import to_yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+# cluster/aws.yaml at toy size: head CPU 0; cpu_tile and gpu from zero nodes
+NODE_TYPES = {
+    "cpu_tile": {"resources": {"CPU": 1}, "max_workers": 2},
+    "gpu": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 1},
+}
+
+# Ray Data asks the autoscaler for one more node of each type when the cluster's utilisation, averaged over
+# a window (10 s by default), stays above 75 %, at most every 10 s: shorter here, for stages of seconds
+FAST = {"RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"}
+
+# every node and every actor the cluster has had (the GCS keeps dead ones), as the driver's run left them
+CENSUS = textwrap.dedent('''
+    import json, ray
+    ray.init(log_to_driver=False)  # RAY_ADDRESS: the autoscaling head
+    nodes = [{"id": n["NodeID"], "resources": n["Resources"], "alive": n["Alive"]} for n in ray.nodes()]
+    actors = [{"class": a["ActorClassName"], "node": a["Address"]["NodeID"], "name": a.get("Name", "")}
+              for a in ray._private.state.actors().values()]
+    print(json.dumps({"nodes": nodes, "actors": actors}))
+''')
+
+
+GSDS = (5.0, 10.0)  # the demo's two coarsest levels: the same mechanics as all five, in a third of the time
+
+
+def _tiles(run_dir) -> set[str]:
+    return {r["tile_id"] for r in tables.read_tiles(str(run_dir), ["tile_id", "gsd_m"]).to_pylist() if r["gsd_m"] in GSDS}
+
+
+def _pairs(run_dir, tiles: set[str]) -> set[tuple]:
+    t = tables.read_annotations(str(run_dir), ["tile_id", "kind", "question", "answer"]).to_pylist()
+    return {(r["tile_id"], r["kind"], r["question"], r["answer"]) for r in t if r["tile_id"] in tiles}
+
+
+def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_path):
+    """Tiling on a cluster with no CPU for work brings up CPU nodes and spreads over them as they arrive
+    (the pool's pending actors are the autoscaler's demand);
+    annotation with ``num_gpus=1`` brings up the GPU node type from zero (its fake GPU runs the CPU code
+    path). Tiles and pairs equal those of the one-node run at the same levels."""
+    demo_cfg, _ = demo_run
+    run_dir = tmp_path / "run"
+    cfg = demo_config(run_dir, f"catalog.archive={demo_cfg.synth.out_dir}", "run.shared_fs=true",
+                      "run.stages=[catalog,tile,align,annotate]", f"tile.gsds_m={list(GSDS)}",
+                      # a pool of 2 tile actors for a cluster with 1 CPU node at most when tiling starts; annotate
+                      # keeps the default pool (it grows from the actors that fit now)
+                      "tile.concurrency=2", "annotate.num_gpus=1")
+    workflow = tmp_path / "workflow.yaml"
+    workflow.write_text(to_yaml(cfg))
+    for attempt in range(1, 4):
+        try:
+            with ray_head(tmp_path / f"head_{attempt}.log", num_cpus=0, autoscaling=NODE_TYPES) as (_, env, _):
+                run = subprocess.run([sys.executable, "-m", "sarlang_ray", "run", str(workflow), "--json"], env=env | FAST,
+                                     capture_output=True, text=True, timeout=900, cwd=REPO)
+                census = subprocess.run([sys.executable, "-c", CENSUS], env=env, capture_output=True, text=True,
+                                        timeout=120, cwd=REPO)
+            break
+        except HeadStartFailed as exc:
+            if attempt == 3:
+                pytest.fail(f"the autoscaling head failed to start three times; last: {exc}")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert census.returncode == 0, census.stderr[-3000:]
+    state = json.loads(census.stdout.strip().splitlines()[-1])
+    print(json.dumps(state, indent=1))
+    head = next(n for n in state["nodes"] if "node:__internal_head__" in n["resources"])
+    gpu_nodes = {n["id"] for n in state["nodes"] if n["resources"].get("GPU")}
+    cpu_nodes = {n["id"] for n in state["nodes"] if n["id"] != head["id"] and not n["resources"].get("GPU")}
+    assert head["resources"].get("CPU", 0) == 0
+    assert len(gpu_nodes) == 1, "annotation with num_gpus=1 did not bring up the GPU node type"
+    assert len(cpu_nodes) >= 2, "tiling did not grow the CPU node type past one node"
+    actors = [a for a in state["actors"] if "MapWorker" in a["class"]]
+    tile_nodes = {a["node"] for a in actors if "TileChunk" in a["class"] + a["name"]}
+    annotate_nodes = {a["node"] for a in actors if "AnnotateShard" in a["class"] + a["name"]}
+    assert len(tile_nodes) >= 2 and head["id"] not in tile_nodes, state["actors"]
+    assert annotate_nodes == gpu_nodes, state["actors"]
+    tiles = _tiles(run_dir)
+    assert tiles and tiles == _tiles(demo_cfg.run.run_dir)  # the one-node run's tiles at these levels
+    assert _pairs(run_dir, tiles) == _pairs(demo_cfg.run.run_dir, tiles)
