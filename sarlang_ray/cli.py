@@ -1,8 +1,8 @@
 """Command line: ``sarlang <command> [workflow.yaml] [key=value ...]``.
 
 Commands: ``run`` (all configured stages), one stage by name (``synth``, ``catalog``, ``tile``,
-``align``, ``annotate``, ``export``, ``train``, ``evaluate``), ``config`` (print the resolved config), ``model init-tiny DIR``
-(write a tiny offline VLM), ``import RELEASE OUT.parquet [--sardet DIR] [--images DIR] [--embed-images]
+``align``, ``annotate``, ``export``, ``train``, ``evaluate``), ``config`` (print the resolved config), ``model init-tiny DIR
+[--family F]`` (write a tiny offline VLM of a family) and ``model families`` (the family table), ``import RELEASE OUT.parquet [--sardet DIR] [--images DIR] [--embed-images]
 [--split S]`` (a SARLANG-1M release as published, our own export's, or any LLaMA-Factory / ShareGPT JSON
 dataset, as a pairs table with an errors table and a report), ``export-bench [workflow.yaml] [key=value ...]``
 (the evaluated split as an lmms-eval task and a VLMEvalKit TSV) and ``score-bench PREDICTIONS`` (a harness's
@@ -57,13 +57,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _model(args: list[str]) -> int:
-    """``sarlang model init-tiny DIR``: write a tiny offline VLM (see sarlang_ray.models)."""
-    if len(args) != 2 or args[0] != "init-tiny":
-        print("usage: sarlang model init-tiny DIR", file=sys.stderr)
-        return 2
+    """``sarlang model init-tiny DIR [--family F] [--seed N]``: write a tiny offline VLM of family ``F`` (a family
+    name, a model type or the hub name it stands in for, e.g. ``Qwen/Qwen2-VL-2B-Instruct``); ``sarlang model
+    families``: the family table (see sarlang_ray.families)."""
+    from sarlang_ray import families
+
+    parser = argparse.ArgumentParser(prog="sarlang model", description=_model.__doc__)
+    sub = parser.add_subparsers(dest="action", required=True)
+    init = sub.add_parser("init-tiny", help="write a tiny VLM with random weights, built offline")
+    init.add_argument("out_dir", help="folder to write (config, safetensors weights, processor, chat template)")
+    init.add_argument("--family", default="llava",
+                      help=f"one of {sorted(families.FAMILIES)}, or a hub name / model type of one (default llava)")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    sub.add_parser("families", help="print the VLM family table")
+    ns = parser.parse_args(args)
+    if ns.action == "families":
+        for f in families.FAMILIES.values():
+            print(f"{f.name:11} {f.processor:20} knob={f.image_knob:12} tied={f.tied!s:5} "
+                  f"lora={f.lora_targets} hub={','.join(f.hub_prefixes)}")
+        return 0
     from sarlang_ray.models import init_tiny_vlm
 
-    print(f"tiny VLM written to {init_tiny_vlm(args[1])}")
+    try:
+        family = families.tiny_for(ns.family)
+    except KeyError as exc:
+        print(f"sarlang model init-tiny: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print(f"tiny {family} VLM written to {init_tiny_vlm(ns.out_dir, seed=ns.seed, family=family)}")
     return 0
 
 

@@ -1,5 +1,9 @@
 """The `hf` annotator: any Hugging Face VLM (hub name or local folder) with batched generation.
 
+Family-agnostic: ``models.Generator`` renders prompts with the model's own chat template and feeds the
+processor's whole output to ``generate``; every family of ``sarlang_ray.families`` (LLaVA, Qwen2/2.5/3-VL,
+InternVL, Idefics3, SmolVLM, Gemma 3) is tested through this class (``tests/test_families.py``).
+
 RGB-to-SAR text transfer as in SARLANG-1M: the model sees the tile's *optical twin* (``annotate.hf.
 caption_image``), writes the concise and the detailed caption, and answers the grounded questions that
 the template annotator asks of the tile; captions and answers are attached to the SAR tile. Runs on a
