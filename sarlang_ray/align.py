@@ -1,7 +1,10 @@
 """align: per tile, the objects in pixel space, land-cover fractions and the optical twin.
 
 Vector labels (GeoParquet or any OGR format, any CRS) are validated once into ``align/labels.parquet``
-(EPSG:4326, with a bbox covering column); bad files and bad features go to the errors table. Then each
+(EPSG:4326, with a bbox covering column); bad files and bad features go to the errors table. A global
+layer (``catalog.labels``: one GeoParquet far larger than memory, or a partitioned folder of them) is
+never read whole: :class:`LabelSlicer` reads, per scene, only the files and row groups its footprint
+needs and validates those features the same way into ``align/labels/<scene_id>.parquet``. Then each
 tile shard of the tile stage becomes one shard of the final **tiles** table, on a Ray Data actor pool:
 
 * objects: labels of the scene's footprint reprojected to the tile CRS, queried with an STRtree per
@@ -27,7 +30,7 @@ from shapely import STRtree, affinity
 from shapely.geometry import box
 from shapely.validation import explain_validity
 
-from sarlang_ray import io
+from sarlang_ray import companions, io
 from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
 from sarlang_ray.errors import error_row, errors_table
@@ -60,43 +63,94 @@ def prepare_labels(uris: list[str], cfg: AlignSection, archive: str = "") -> tup
                                     f"(columns: {list(gdf.columns)}). Rename it or set align.class_column."))
             continue
         planned += len(gdf)
-        keep = []
-        for i, (geom, cls) in enumerate(zip(gdf.geometry, gdf[cfg.class_column])):
-            item = f"{uri}#feature={i}"
-            if geom is None or geom.is_empty:
-                errors.append(error_row(STAGE, item, "empty_geometry", f"{item}: empty geometry. Remove the feature."))
-            elif geom.geom_type not in ("Polygon", "MultiPolygon"):
-                errors.append(error_row(STAGE, item, "not_polygon", f"{item}: {geom.geom_type}; labels must be polygons (buffer points/lines first)."))
-            elif not isinstance(cls, str) or not cls.strip():
-                errors.append(error_row(STAGE, item, "no_class", f"{item}: missing class name in column {cfg.class_column!r}. Fill it in or remove the feature."))
-            elif not geom.is_valid:
-                reason = explain_validity(geom)
-                if cfg.invalid_geometry == "repair":
-                    repaired = shapely.make_valid(geom)
-                    polys = [g for g in getattr(repaired, "geoms", [repaired]) if g.geom_type in ("Polygon", "MultiPolygon")]
-                    if polys and shapely.union_all(polys).area > 0:
-                        gdf.loc[gdf.index[i], "geometry"] = shapely.union_all(polys)
-                        keep.append(i)
-                        continue
-                errors.append(error_row(STAGE, item, "invalid_geometry", f"{item}: invalid polygon ({reason}). "
-                                        "Fix it (shapely.make_valid) or set align.invalid_geometry=repair."))
-            else:
-                keep.append(i)
-        part = gdf.iloc[keep]
-        frame = gpd.GeoDataFrame(
-            {"class": part[cfg.class_column].str.strip().values, "label_id": [f"{rel}#feature={i}" for i in keep]},
-            geometry=part.geometry.values, crs=gdf.crs,
-        ).to_crs(4326)
-        placed = _placeable(frame)
-        for i in np.flatnonzero(~placed):
-            item = f"{uri}#feature={keep[i]}"
-            errors.append(error_row(STAGE, item, "bad_coordinates", f"{item}: in {gdf.crs.to_string()} this polygon lands at "
-                                    f"lon/lat bounds {tuple(round(v, 3) for v in frame.geometry.iloc[i].bounds)}, not a place "
-                                    "on Earth, or it crosses the antimeridian. Check the file's CRS (coordinates written in "
-                                    "another CRS than declared?) and split polygons at 180 degrees."))
-        frames.append(frame[placed])
+        frame, bad = clean_labels(gdf, list(gdf[cfg.class_column]), [f"{uri}#feature={i}" for i in range(len(gdf))],
+                                  [f"{rel}#feature={i}" for i in range(len(gdf))], cfg)
+        errors += bad
+        frames.append(frame)
     labels = gpd.GeoDataFrame(pd_concat(frames), crs=4326) if frames else gpd.GeoDataFrame({"class": [], "label_id": []}, geometry=[], crs=4326)
     return labels, errors, planned
+
+
+def clean_labels(gdf: gpd.GeoDataFrame, classes: list, items: list[str], ids: list[str],
+                 cfg: AlignSection) -> tuple[gpd.GeoDataFrame, list[dict]]:
+    """Validate features (a GeoDataFrame with a CRS) one by one: the usable ones as EPSG:4326 labels
+    (``class``, ``label_id``, geometry), an error row (item ``items[i]``) for each of the others: empty,
+    not a polygon, no class, invalid (repaired with ``align.invalid_geometry=repair``), not a place on Earth."""
+    errors, keep, geoms = [], [], list(gdf.geometry)
+    for i, (geom, cls) in enumerate(zip(geoms, classes)):
+        item = items[i]
+        if geom is None or geom.is_empty:
+            errors.append(error_row(STAGE, item, "empty_geometry", f"{item}: empty geometry. Remove the feature."))
+        elif geom.geom_type not in ("Polygon", "MultiPolygon"):
+            errors.append(error_row(STAGE, item, "not_polygon", f"{item}: {geom.geom_type}; labels must be polygons (buffer points/lines first)."))
+        elif not isinstance(cls, str) or not cls.strip():
+            errors.append(error_row(STAGE, item, "no_class", f"{item}: missing class name in column {cfg.class_column!r}. Fill it in or remove the feature."))
+        elif not geom.is_valid:
+            reason = explain_validity(geom)
+            if cfg.invalid_geometry == "repair":
+                repaired = shapely.make_valid(geom)
+                polys = [g for g in getattr(repaired, "geoms", [repaired]) if g.geom_type in ("Polygon", "MultiPolygon")]
+                if polys and shapely.union_all(polys).area > 0:
+                    geoms[i] = shapely.union_all(polys)
+                    keep.append(i)
+                    continue
+            errors.append(error_row(STAGE, item, "invalid_geometry", f"{item}: invalid polygon ({reason}). "
+                                    "Fix it (shapely.make_valid) or set align.invalid_geometry=repair."))
+        else:
+            keep.append(i)
+    frame = gpd.GeoDataFrame(
+        {"class": [classes[i].strip() for i in keep], "label_id": [ids[i] for i in keep]},
+        geometry=[geoms[i] for i in keep], crs=gdf.crs,
+    ).to_crs(4326)
+    placed = _placeable(frame)
+    for i in np.flatnonzero(~placed):
+        item = items[keep[i]]
+        errors.append(error_row(STAGE, item, "bad_coordinates", f"{item}: in {gdf.crs.to_string()} this polygon lands at "
+                                f"lon/lat bounds {tuple(round(v, 3) for v in frame.geometry.iloc[i].bounds)}, not a place "
+                                "on Earth, or it crosses the antimeridian. Check the file's CRS (coordinates written in "
+                                "another CRS than declared?) and split polygons at 180 degrees."))
+    return frame[placed], errors
+
+
+class LabelSlicer:
+    """Ray Data row function: one scene's slice of a global label layer (``catalog.labels``), validated.
+
+    Reads only the layer files whose extent meets the scene footprint's bounds, and in them only the row
+    groups (and rows) whose covering ``bbox`` meets it; maps classes from the layer's attributes
+    (``catalog.labels_class_map``); validates as :func:`clean_labels`. Writes the usable labels (EPSG:4326,
+    covering bbox) to ``<out>/labels/<scene_id>.parquet`` and the error rows to
+    ``<out>/label_errors/<scene_id>.parquet``; returns counts and the files the scan opened.
+    """
+
+    def __init__(self, layer: companions.LabelLayer, class_map: dict[str, str] | None, id_column: str | None,
+                 cfg: AlignSection, out: str):
+        self.layer, self.class_map, self.id_column, self.cfg, self.out = layer, class_map, id_column, cfg, out
+
+    def __call__(self, row: dict) -> dict:
+        scene_id = row["scene_id"]
+        bbox = self.layer.bbox_of(shapely.from_wkb(row["footprint"]))
+        columns = companions.class_columns(self.class_map, self.cfg.class_column)
+        if self.id_column:
+            columns.append(self.id_column)
+        table, files = self.layer.read(bbox, columns)
+        geometry = (gpd.GeoSeries.from_wkb(table.column(self.layer.geometry_column).to_numpy(zero_copy_only=False),
+                                           crs=self.layer.crs) if files else gpd.GeoSeries([], crs=self.layer.crs))
+        if files and not self.layer.covering:  # no covering column: the row groups were not filtered, the rows are
+            inside = geometry.intersects(box(*bbox)).to_numpy()
+            table, geometry = table.filter(pa.array(inside)), geometry[inside].reset_index(drop=True)
+        classes = companions.map_classes(table, self.class_map, self.cfg.class_column) if files else []
+        mapped = [i for i, c in enumerate(classes) if c is not None]
+        ids = companions.feature_ids(table, self.layer.geometry_column, self.id_column) if files else []
+        gdf = gpd.GeoDataFrame(geometry=geometry.iloc[mapped].reset_index(drop=True), crs=self.layer.crs)
+        labels, errors = clean_labels(gdf, [classes[i] for i in mapped],
+                                      [f"{self.layer.root}#{ids[i]}" for i in mapped], [ids[i] for i in mapped], self.cfg)
+        labels = labels.reset_index(drop=True)
+        fs, path = io.filesystem(io.join(self.out, "labels", f"{scene_id}.parquet"))
+        io.makedirs(io.join(self.out, "labels"))
+        labels.to_parquet(path, filesystem=fs, write_covering_bbox=True)
+        io.write_parquet_atomic(io.join(self.out, "label_errors", f"{scene_id}.parquet"), errors_table(errors))
+        return {"scene_id": scene_id, "files": files, "read": table.num_rows, "unmapped": table.num_rows - len(mapped),
+                "planned": len(mapped), "written": len(labels), "rejected": len(errors)}
 
 
 def _placeable(labels: gpd.GeoDataFrame) -> np.ndarray:
@@ -200,7 +254,8 @@ def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, t
 class AlignShard:
     """Ray Data row function (actor pool): one tile shard -> one shard of the final tiles table."""
 
-    def __init__(self, cfg: AlignSection, run_dir: str, labels_uri: str | None, cache_scenes: int = 4):
+    def __init__(self, cfg: AlignSection, run_dir: str, labels_uri: str | None, cache_scenes: int = 4,
+                 labels_dir: str | None = None):
         from sarlang_ray import tiling
 
         self.cfg = cfg
@@ -211,6 +266,8 @@ class AlignShard:
                                  columns=["scene_id", "optical_uri", "landcover_uri", "footprint", "tile_crs"]).to_pylist()
         self.scenes = {s["scene_id"]: s for s in scenes}
         self.labels_uri = labels_uri
+        self.labels_dir = labels_dir  # per-scene slices of a global layer (LabelSlicer)
+        self.landcover_classes = companions.landcover_classes(cfg.landcover_classes, cfg.landcover_preset)
         self._labels: OrderedDict[str, tuple[gpd.GeoDataFrame, STRtree]] = OrderedDict()
         self._rasters: OrderedDict[str, object] = OrderedDict()
         self.cache_scenes = cache_scenes
@@ -226,7 +283,11 @@ class AlignShard:
     def _scene_labels(self, scene_id: str, crs: str) -> tuple[gpd.GeoDataFrame, STRtree]:
         if scene_id not in self._labels:
             scene = self.scenes[scene_id]
-            if self.labels_uri is None:
+            scene_slice = None if self.labels_dir is None else io.join(self.labels_dir, f"{scene_id}.parquet")
+            if scene_slice is not None and io.exists(scene_slice):
+                fs, path = io.filesystem(scene_slice)
+                gdf = gpd.read_parquet(path, filesystem=fs)
+            elif self.labels_uri is None:
                 gdf = gpd.GeoDataFrame({"class": [], "label_id": []}, geometry=[], crs=4326)
             else:
                 bbox = shapely.from_wkb(scene["footprint"]).bounds
@@ -270,7 +331,7 @@ class AlignShard:
         if scene["landcover_uri"]:
             lc = warp_window(self._raster(scene["landcover_uri"]), 1, t, tile["crs"], size, Resampling.nearest)
             if lc is not None:
-                out["landcover"], out["landcover_valid_fraction"] = landcover_fractions(lc, self.cfg.landcover_classes)
+                out["landcover"], out["landcover_valid_fraction"] = landcover_fractions(lc, self.landcover_classes)
         out["optical_png"] = None
         if scene["optical_uri"]:
             src = self._raster(scene["optical_uri"])

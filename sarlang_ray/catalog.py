@@ -19,10 +19,16 @@ in its UTM zone. ``gsd_m`` is the pixel size in metres of the tile CRS, hence th
 The archive is a folder (SAR files found by ``catalog.sar_glob``) or a STAC file, a static catalog or an
 ItemCollection (SAR files are the items' assets, see :mod:`sarlang_ray.stac`); either way the same
 inspection runs on every file, and STAC items add their id, datetime, platform and ``sar:*`` fields.
+
+Companions: a scene's optical twin and land-cover raster come from the regex rules
+(``catalog.optical_rule``, ``catalog.landcover_rule``) where they match, else from a search
+(:func:`assign_companions`, :mod:`sarlang_ray.companions`): the best optical item of the STAC source
+``catalog.optical`` and the tiles of the land-cover layer ``catalog.landcover`` under its footprint.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -30,13 +36,15 @@ import re
 from pathlib import PurePosixPath
 
 import numpy as np
+import pyarrow as pa
 import rasterio
+import shapely
 from pyproj import CRS, Geod
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
-from sarlang_ray import io, stac
+from sarlang_ray import companions, io, stac, tables
 from sarlang_ray.config import CatalogSection
 from sarlang_ray.errors import ItemError, error_row
 
@@ -70,6 +78,7 @@ def list_scenes(cfg: CatalogSection) -> tuple[list[dict], list[dict]]:
         FileNotFoundError: nothing to inspect (no file matches the globs, or the STAC file lists no items), or
             ``catalog.landcover`` names a file that does not exist.
     """
+    companions.check(cfg)
     landcover = resolve_landcover(cfg)
     if landcover is not None and not io.exists(landcover):
         raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
@@ -99,7 +108,7 @@ def scene_id_for(uri: str, archive: str) -> str:
 
 def _companion(uri: str, rule: list[str] | None) -> str | None:
     """The optical twin / land-cover raster of a SAR uri, by regex substitution; None if absent."""
-    if rule is None:
+    if not rule:
         return None
     pattern, replacement = rule
     candidate = re.sub(pattern, replacement, uri)
@@ -293,12 +302,7 @@ def _check_not_a_mask(src: rasterio.io.DatasetReader, band: int, sample: np.ma.M
 def resolve_landcover(cfg: CatalogSection) -> str | None:
     """``catalog.landcover`` (one land-cover raster for every scene that ``landcover_rule`` finds none for)
     as a uri: relative paths are relative to the archive root (the folder of a STAC file)."""
-    path = cfg.landcover
-    if not path:
-        return None
-    if "://" in path or path.startswith("/"):
-        return path
-    return io.join(archive_root(cfg.archive), path)
+    return resolve_path(cfg, cfg.landcover) if cfg.landcover else None
 
 
 def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
@@ -361,6 +365,10 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
             polarisation = m.group(1) if m else "unknown"
         sensor = cfg.sensor or tags.get("SENSOR") or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown")
         region = cfg.region or tags.get("REGION") or PurePosixPath(uri).parent.name
+        optical = _companion(uri, cfg.optical_rule)
+        landcover = _companion(uri, cfg.landcover_rule)
+        if landcover is None and (single := resolve_landcover(cfg)) is not None and not companions.is_tiled(single):
+            landcover = single  # one raster or VRT for every scene; a folder or STAC file of tiles: assign_companions
         tile_crs = tile_crs_for(src.crs, footprint)
         # GSD in metres of the tile CRS: the map pixel where tiles are cut in the scene's own CRS (within 1 % of
         # the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground GSD
@@ -368,8 +376,8 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
         return {
             "scene_id": scene_id_for(uri, archive_root(cfg.archive)),
             "sar_uri": uri,
-            "optical_uri": _companion(uri, cfg.optical_rule),
-            "landcover_uri": _companion(uri, cfg.landcover_rule) or resolve_landcover(cfg),
+            "optical_uri": optical,
+            "landcover_uri": landcover,
             "crs": src.crs.to_string(),
             "tile_crs": tile_crs,
             "transform": [float(v) for v in tuple(t)[:6]],
@@ -387,6 +395,9 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
             "region": region,
             "valid_fraction": valid_fraction,
             "footprint": footprint.wkb,
+            "datetime": companions.acquired_from_file(tags, name),
+            **companions.no_twin_columns("rule" if optical else None),
+            "landcover_tiles": None,
         }
 
 
@@ -405,7 +416,8 @@ def with_stac_metadata(scene: dict, item: stac.Candidate, cfg: CatalogSection) -
     if len(pols) == 1 and pols[0] in _POLARISATIONS:
         scene["polarisation"] = pols[0]
     mode = props.get("sar:instrument_mode")
-    scene.update(stac_item=item.item_id, stac_asset=item.asset, datetime=stac.acquired(props), platform=platform,
+    scene.update(stac_item=item.item_id, stac_asset=item.asset, datetime=stac.acquired(props) or scene.get("datetime"),
+                 platform=platform,
                  instrument_mode=None if mode is None else str(mode),
                  stac_properties=json.dumps(props, sort_keys=True, default=str))
     return scene
@@ -432,10 +444,87 @@ class SceneInspector:
         try:
             scene = inspect_scene(uri, self.cfg)
             if item is None:
-                return {"scene": {**scene, **dict.fromkeys(_STAC_COLUMNS)}, "error": None}
+                return {"scene": {**scene, **dict.fromkeys(_STAC_COLUMNS), "datetime": scene["datetime"]}, "error": None}
             return {"scene": with_stac_metadata(scene, item, self.cfg), "error": None}
         except ItemError as exc:
             err = exc if item is None else _stac_error(uri, item, exc)
             return {"scene": None, "error": error_row(STAGE, uri, err.error_class, str(err))}
         except Exception as exc:  # anything unexpected is still recorded, never lost
             return {"scene": None, "error": error_row(STAGE, uri, type(exc).__name__, f"{uri}: {exc}")}
+
+
+# the scenes table: the contract's columns, and how each scene's companions were found
+SCENES_SCHEMA = tables.SCENES_SCHEMA
+for _name, _type in companions.TWIN_COLUMNS:
+    SCENES_SCHEMA = SCENES_SCHEMA.append(pa.field(_name, _type))
+
+
+def write_scenes(uri: str, scenes: list[dict]) -> None:
+    """The scenes table (GeoParquet) with the companion columns of :data:`companions.TWIN_COLUMNS`."""
+    table = pa.Table.from_pylist(scenes, schema=SCENES_SCHEMA)
+    io.write_parquet_atomic(uri, table.replace_schema_metadata(tables.geo_schema(table.schema).metadata))
+
+
+def assign_companions(scenes: list[dict], cfg: CatalogSection, vrt_dir: str) -> tuple[list[dict], list[dict], dict]:
+    """Optical twins by search and land-cover tiles by footprint for the scenes the rules left without.
+
+    Runs in the driver on scene descriptors. Per-scene land-cover VRTs (scenes on the border of several
+    tiles) are written under ``vrt_dir``. Returns the scenes kept, error rows for scenes rejected for
+    want of a twin (``catalog.no_twin=reject``), and counts: twins by how they were found and the reason
+    of every scene without one, land-cover tiles used.
+    """
+    errors: list[dict] = []
+    counts: dict = {"twins": collections.Counter(), "no_twin": collections.Counter(), "landcover": collections.Counter()}
+    finder = None
+    if cfg.optical:
+        finder = companions.TwinFinder(cfg, resolve_path(cfg, cfg.optical))
+        counts["optical_items"] = len(finder.items)
+        counts["optical_items_skipped"] = len(finder.skipped)  # no image asset or geometry, or unreadable
+    layer = None
+    landcover = resolve_landcover(cfg)
+    if landcover is not None and companions.is_tiled(landcover):
+        layer = companions.LandcoverLayer(landcover, cfg)
+        counts["landcover_tiles_indexed"] = len(layer.tiles)
+    kept = []
+    for scene in scenes:
+        footprint = shapely.from_wkb(scene["footprint"])
+        if scene["optical_uri"] is None and finder is not None:
+            twin, reason = finder.choose(footprint, companions.parse_time(scene.get("datetime")), scene["tile_crs"])
+            if twin is not None:
+                scene.update(companions.twin_columns(twin))
+            else:
+                scene.update(companions.no_twin_columns(None, reason))
+                if cfg.no_twin == "reject":
+                    errors.append(error_row(STAGE, scene["sar_uri"], "no_optical_twin",
+                                            f"{scene['sar_uri']}: no optical twin in {cfg.optical} ({reason.replace('_', ' ')}: "
+                                            f"within {cfg.time_window_days:g} days and covering at least "
+                                            f"{cfg.min_overlap:.0%} of the footprint). Widen catalog.time_window_days, lower "
+                                            "catalog.min_overlap, add items, or set catalog.no_twin=keep."))
+                    counts["no_twin"][reason] += 1
+                    continue
+        if scene["optical_uri"] is None:
+            counts["no_twin"][scene.get("optical_reason") or "no_rule_match"] += 1
+        else:
+            counts["twins"][scene["optical_source"] or "rule"] += 1
+        if scene["landcover_uri"] is None and layer is not None:
+            tiles = layer.tiles_for(footprint)
+            scene["landcover_tiles"] = len(tiles)
+            if len(tiles) == 1:
+                scene["landcover_uri"] = tiles[0].uri
+            elif tiles:
+                uri = io.join(vrt_dir, f"{scene['scene_id']}.vrt")
+                io.makedirs(vrt_dir)
+                io.write_bytes_atomic(uri, companions.vrt_xml(tiles).encode())
+                scene["landcover_uri"] = uri
+        counts["landcover"]["none" if scene["landcover_uri"] is None else
+                            "tiles" if scene.get("landcover_tiles") else "raster"] += 1
+        kept.append(scene)
+    counts = {k: dict(sorted(v.items())) if isinstance(v, collections.Counter) else v for k, v in counts.items()}
+    return kept, errors, counts
+
+
+def resolve_path(cfg: CatalogSection, path: str) -> str:
+    """A companion path: absolute, a URL, or relative to the archive root."""
+    if "://" in path or path.startswith("/"):
+        return path
+    return io.join(archive_root(cfg.archive), path)

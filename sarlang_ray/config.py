@@ -66,10 +66,30 @@ class CatalogSection:
     landcover_rule: list[str] | None = field(
         default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/landcover/\\1_landcover.tif"]
     )
-    # one land-cover raster for every scene (a path or uri; relative paths are relative to the archive):
-    # used for scenes that landcover_rule finds nothing for
+    # land cover for every scene that landcover_rule finds nothing for (relative paths are relative to the
+    # archive): one raster or VRT; a folder of tiles (landcover_glob); or a STAC file of tiles. The tiles a
+    # scene needs are found by footprint and read through a VRT written per scene (docs/byo-archive.md)
     landcover: str | None = None
+    landcover_glob: list[str] = field(default_factory=lambda: ["**/*.tif"])  # tiles of a catalog.landcover folder
     labels_glob: list[str] = field(default_factory=lambda: ["labels/*.parquet"])  # vector labels (GeoParquet or OGR), any CRS
+    # a global vector layer instead of labels_glob: one GeoParquet file (any size) or a folder of them (hive
+    # partitions or many files); each scene reads only the files and row groups its footprint needs
+    labels: str | None = None
+    # class of a feature of catalog.labels from its attributes: {"column": class} (any non-empty value, e.g.
+    # building: building) or {"column=value": class} (that value, e.g. "highway=motorway": road; wins over
+    # "column"); features no key matches are left out and counted. null: the column align.class_column
+    labels_class_map: dict[str, str] | None = None
+    labels_id_column: str | None = None  # column of catalog.labels with a stable feature id (null: hash of the geometry)
+    # optical twins by search: a STAC source (catalog/collection/ItemCollection JSON, a stac-geoparquet
+    # file, or a STAC API URL) searched for every scene that optical_rule finds no twin for
+    optical: str | None = None
+    optical_collections: list[str] | None = None  # STAC API only: collections searched (e.g. [sentinel-2-l2a])
+    optical_asset: str | None = None  # asset key of the optical image (null: the visual GeoTIFF asset, else data)
+    time_window_days: float = 30.0  # candidates acquired at most this many days before or after the scene
+    min_overlap: float = 0.1  # candidates covering less of the scene footprint (fraction) are not twins
+    twin_time_weight: float = 0.5  # score = overlap - time_weight * gap / window - cloud_weight * cloud / 100
+    twin_cloud_weight: float = 0.5
+    no_twin: str = "keep"  # a scene without a candidate: keep (no twin, reason counted) or reject (errors table)
     units: str = "auto"  # SAR units: auto, intensity, amplitude or db (auto: band metadata, name, values)
     band: int = 1  # which band of a multi-polarisation SAR file to use
     sensor: str | None = None  # override the sensor read from metadata / file name
@@ -129,6 +149,9 @@ class AlignSection:
     landcover_classes: dict[int, str] = field(
         default_factory=lambda: {1: "water", 2: "built-up", 3: "vegetation", 4: "bare soil", 5: "road"}
     )  # land-cover raster value -> class name; values not listed count as nodata
+    # a shipped legend used instead of landcover_classes: worldcover (ESA WorldCover 10 m: 10 tree cover ...
+    # 100 moss and lichen); null: landcover_classes
+    landcover_preset: str | None = None
     concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
     num_cpus: float = 1.0  # CPUs per worker
     max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)

@@ -159,6 +159,7 @@ def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage
         "landcover.png": ("Land cover (sum of tile fractions)", stats["landcover"]),
         "gsd.png": ("Tiles per GSD (m)", Counter(dict(sorted(stats["gsd"].items(), key=lambda kv: float(kv[0]))))),
     }
+    twins = _twin_section(cfg.run.run_dir, out, plt)
     for fname, (title, counter) in charts.items():
         items = list(counter.items()) if fname == "gsd.png" else counter.most_common()
         fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -216,6 +217,7 @@ Distinct question types: {counts['question_types']}.
 ## Land cover
 ![landcover](plots/landcover.png)
 
+{twins}
 ## Ground sample distance
 ![gsd](plots/gsd.png)
 
@@ -225,6 +227,30 @@ Distinct question types: {counts['question_types']}.
 `sarlang1m/` (SARLANG-1M layout: `SAR_images/`, `captions/*.csv`, `vqa/*.json`).
 """
     io.write_bytes_atomic(io.join(out, "dataset_card.md"), card.encode())
+
+
+def _twin_section(run_dir: str, out: str, plt) -> str:
+    """The card's optical-twin section: how each scene's twin was found, and a histogram of the time gaps
+    between scenes and twins found by search (``plots/time_gap.png``), from the scenes table."""
+    uri = tables.scenes_uri(run_dir)
+    names = set(io.read_parquet(uri).schema.names) if io.exists(uri) else set()
+    if "optical_gap_days" not in names:
+        return ""
+    scenes = io.read_parquet(uri, columns=["optical_source", "optical_gap_days", "optical_reason"]).to_pylist()
+    how = Counter(s["optical_source"] or f"none ({s['optical_reason'] or 'no rule match'})" for s in scenes)
+    gaps = [s["optical_gap_days"] for s in scenes if s["optical_gap_days"] is not None]
+    text = "## Optical twins\n" + "\n".join(f"- {k}: {v} scene(s)" for k, v in sorted(how.items())) + "\n"
+    if gaps:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.hist(gaps, bins=min(20, max(5, len(gaps))), color="#3b6ea5")
+        ax.set_title("Time gap between SAR scene and optical twin")
+        ax.set_xlabel("days")
+        ax.set_ylabel("scenes")
+        plots.save_png(fig, io.join(out, "plots", "time_gap.png"))
+        text += (f"\nTime gap of the {len(gaps)} twins found by search: median {sorted(gaps)[len(gaps) // 2]:.2f} days, "
+                 f"max {max(gaps):.2f} days (per scene in `catalog/scenes.parquet`: `optical_gap_days`).\n\n"
+                 "![time gap](plots/time_gap.png)\n")
+    return text + "\n"
 
 
 # the release import lives in sarlang_ray.release; these names stay importable from here

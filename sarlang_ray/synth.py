@@ -7,6 +7,13 @@
       optical/<scene>_optical.tif      uint8 RGB on the same grid (the co-registered optical twin)
       landcover/<scene>_landcover.tif  uint8 classes (1 water, 2 built-up, 3 vegetation, 4 bare, 5 road)
       labels/<city>.parquet            GeoParquet polygons in EPSG:4326 with a ``class`` column
+      optical/collection.json          a STAC collection of the optical scenes (footprint, datetime,
+                                       eo:cloud_cover), for finding twins by search (catalog.optical)
+
+Scene k (in scene_specs order) is acquired at ``FIRST_ACQUISITION + k * ACQUISITION_STEP`` (tag
+``ACQUISITION_DATETIME`` of the SAR file) and its optical twin ``k + 1`` hours later with ``5 * k`` %
+cloud cover, so a search ranks each scene's own twin first (the optical scenes of the other scenes of its
+city are at least ``ACQUISITION_STEP`` away, or cover too little of it).
 
 Two cities in different UTM zones share one procedural layout generator (sea, river, port with piers
 and ships, tank farm, city blocks with buildings and streets, bridges, parked cars, an airport with
@@ -21,6 +28,7 @@ configurable number of looks.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import os
 from dataclasses import dataclass
@@ -37,6 +45,8 @@ from shapely.ops import unary_union
 
 from sarlang_ray.config import SynthSection
 
+FIRST_ACQUISITION = dt.datetime(2024, 6, 1, 10, 0, tzinfo=dt.timezone.utc)
+ACQUISITION_STEP = dt.timedelta(days=7)
 LABEL_CLASSES = ("ship", "aircraft", "car", "storage tank", "bridge", "harbour", "building", "road")
 LANDCOVER = {1: "water", 2: "built-up", 3: "vegetation", 4: "bare soil", 5: "road"}
 WATER, BUILT, VEG, BARE, ROAD = 1, 2, 3, 4, 5
@@ -359,7 +369,9 @@ def write_archive(cfg: SynthSection, seed: int = 0) -> dict:
                       tiled=True, blockxsize=256, blockysize=256, compress="deflate")
         with rasterio.open(os.path.join(out, "sar", f"{scene_id}_sar.tif"), "w", count=1, dtype="float32", nodata=0.0, predictor=3, **common) as dst:
             dst.write(sar, 1)
-            dst.update_tags(SENSOR="sarlang-synthetic X-band", POLARISATION="VV", UNITS="intensity", REGION=city.name)
+            acquired = FIRST_ACQUISITION + k * ACQUISITION_STEP
+            dst.update_tags(SENSOR="sarlang-synthetic X-band", POLARISATION="VV", UNITS="intensity", REGION=city.name,
+                            ACQUISITION_DATETIME=acquired.strftime("%Y-%m-%dT%H:%M:%SZ"))
             dst.set_band_description(1, "VV")
         with rasterio.open(os.path.join(out, "optical", f"{scene_id}_optical.tif"), "w", count=3, dtype="uint8", nodata=0, photometric="RGB", **common) as dst:
             dst.write(rgb)
@@ -367,4 +379,38 @@ def write_archive(cfg: SynthSection, seed: int = 0) -> dict:
             dst.write(landcover, 1)
             dst.update_tags(CLASSES=",".join(f"{v}={n}" for v, n in LANDCOVER.items()))
         n_scenes += 1
+    write_optical_collection(out, scene_specs(cfg.scale))
     return {"scenes": n_scenes, "cities": len(CITIES), "labels": {c: sum(f.cls is not None for f in layouts[c]) for c in layouts}}
+
+
+def write_optical_collection(out: str, specs: list[tuple[str, SceneSpec]]) -> str:
+    """``optical/collection.json``: a self-contained STAC collection with one item per optical scene
+    (geometry: the raster's outline; datetime: the SAR scene's + k + 1 hours; ``eo:cloud_cover`` 5 * k %;
+    asset ``visual``, a relative href). Returns its path."""
+    import pystac
+
+    from sarlang_ray.catalog import footprint_4326
+
+    items = []
+    for k, (scene_id, _spec) in enumerate(specs):
+        path = os.path.join(out, "optical", f"{scene_id}_optical.tif")
+        with rasterio.open(path) as src:
+            footprint = footprint_4326(src)
+        when = FIRST_ACQUISITION + k * ACQUISITION_STEP + dt.timedelta(hours=k + 1)
+        item = pystac.Item(f"{scene_id}_optical", footprint.__geo_interface__, list(footprint.bounds), when,
+                           {"eo:cloud_cover": 5.0 * k, "platform": "sarlang-synthetic optical"})
+        item.add_asset("visual", pystac.Asset(os.path.abspath(path), media_type=pystac.MediaType.GEOTIFF, roles=["visual"]))
+        items.append(item)
+    bounds = [min(i.bbox[0] for i in items), min(i.bbox[1] for i in items), max(i.bbox[2] for i in items),
+              max(i.bbox[3] for i in items)]
+    times = [i.datetime for i in items]
+    collection = pystac.Collection(
+        "sarlang-synthetic-optical", "Optical scenes of the synthetic archive (the SAR scenes' twins)",
+        pystac.Extent(pystac.SpatialExtent([bounds]), pystac.TemporalExtent([[min(times), max(times)]])))
+    for item in items:
+        collection.add_item(item)
+    root = os.path.join(out, "optical")
+    collection.normalize_hrefs(os.path.abspath(root))
+    collection.make_all_asset_hrefs_relative()
+    collection.save(pystac.CatalogType.SELF_CONTAINED)
+    return os.path.join(root, "collection.json")

@@ -1,37 +1,71 @@
 """align: every tile shard with its objects, land cover and optical twin -> ``align/shards/`` (the tiles
-table); labels are validated once into ``align/labels.parquet``."""
+table). Labels come from ``catalog.labels_glob`` (validated once into ``align/labels.parquet``) or, for a
+global layer (``catalog.labels``), from per-scene slices (``align/labels/<scene_id>.parquet``)."""
 
 from __future__ import annotations
 
-from sarlang_ray import align, catalog, io
+from sarlang_ray import align, catalog, companions, io, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import errors_table
 from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
 
 
+def _global_labels(cfg: WorkflowConfig, out: str) -> dict:
+    """Slice the global layer per scene on workers; merge the per-scene error rows (a feature met by two
+    scenes is one error) into ``align/label_errors.parquet``. Counts are per (scene, feature)."""
+    layer = companions.LabelLayer.open(catalog.resolve_path(cfg.catalog, cfg.catalog.labels))
+    layer.check(cfg.catalog.labels_class_map, cfg.align.class_column, cfg.catalog.labels_id_column)
+    scenes = [{"scene_id": s["scene_id"], "footprint": s["footprint"]}
+              for s in io.read_parquet(tables.scenes_uri(cfg.run.run_dir), columns=["scene_id", "footprint"]).to_pylist()]
+    manifest = map_items(scenes, align.LabelSlicer, (layer, cfg.catalog.labels_class_map, cfg.catalog.labels_id_column,
+                                                     cfg.align, out), cfg.align.concurrency, cfg.align.num_cpus,
+                         max_actors=cfg.align.max_actors, memory_gb=cfg.align.memory_gb)
+    error_files = [io.join(out, "label_errors", f"{s['scene_id']}.parquet") for s in scenes]
+    rows, seen = [], set()
+    for uri in error_files:
+        for row in io.read_parquet(uri).to_pylist():
+            if row["item"] not in seen:
+                seen.add(row["item"])
+                rows.append(row)
+    io.write_parquet_atomic(io.join(out, "label_errors.parquet"), errors_table(rows))
+    files = sorted({f for m in manifest for f in m["files"]})
+    return {"layer": layer.root, "layer_files": len(layer.files), "files_read": len(files),
+            "features_read": sum(m["read"] for m in manifest), "unmapped": sum(m["unmapped"] for m in manifest),
+            "planned": sum(m["planned"] for m in manifest), "written": sum(m["written"] for m in manifest),
+            "rejected": sum(m["rejected"] for m in manifest), "distinct_errors": len(rows)}
+
+
 def _body(cfg: WorkflowConfig) -> dict:
     out = io.join(cfg.run.run_dir, "align")
-    root = catalog.archive_root(cfg.catalog.archive)  # a STAC catalog's labels sit beside its catalog.json
-    label_uris = sorted({u for pattern in cfg.catalog.labels_glob for u in io.glob(root, pattern)})
-    labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align, root)
-    labels_uri = None
-    if label_uris:
-        labels_uri = io.join(out, "labels.parquet")
-        fs, path = io.filesystem(labels_uri)
-        io.makedirs(out)
-        labels.to_parquet(path, filesystem=fs, write_covering_bbox=True)
-    io.write_parquet_atomic(io.join(out, "label_errors.parquet"), errors_table(label_errors))
-    shards = shard_items(io.join(cfg.run.run_dir, "tile", "shards"))
-    manifest = map_items(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri), cfg.align.concurrency,
-                         cfg.align.num_cpus, max_actors=cfg.align.max_actors, memory_gb=cfg.align.memory_gb)
-    counts = totals(manifest)
-    feature_errors = sum("#feature=" in e["item"] for e in label_errors)
-    counts["labels"] = {"files": len(label_uris), "files_rejected": len(label_errors) - feature_errors,
+    companions.landcover_classes(cfg.align.landcover_classes, cfg.align.landcover_preset)  # an unknown preset stops here
+    labels_uri, labels_dir = None, None
+    if cfg.catalog.labels:
+        label_counts = _global_labels(cfg, out)
+        labels_dir = io.join(out, "labels")
+    else:
+        root = catalog.archive_root(cfg.catalog.archive)  # a STAC catalog's labels sit beside its catalog.json
+        label_uris = sorted({u for pattern in cfg.catalog.labels_glob for u in io.glob(root, pattern)})
+        labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align, root)
+        if label_uris:
+            labels_uri = io.join(out, "labels.parquet")
+            fs, path = io.filesystem(labels_uri)
+            io.makedirs(out)
+            labels.to_parquet(path, filesystem=fs, write_covering_bbox=True)
+        io.write_parquet_atomic(io.join(out, "label_errors.parquet"), errors_table(label_errors))
+        feature_errors = sum("#feature=" in e["item"] for e in label_errors)
+        label_counts = {"files": len(label_uris), "files_rejected": len(label_errors) - feature_errors,
                         "planned": n_features, "written": len(labels), "rejected": feature_errors}
+    shards = shard_items(io.join(cfg.run.run_dir, "tile", "shards"))
+    manifest = map_items(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri, 4, labels_dir),
+                         cfg.align.concurrency, cfg.align.num_cpus, max_actors=cfg.align.max_actors,
+                         memory_gb=cfg.align.memory_gb)
+    counts = totals(manifest)
+    counts["labels"] = label_counts
     return counts
 
 
-STAGE = Stage("align", _body, inputs=("tile",), keys=("align", "catalog.labels_glob"))
+STAGE = Stage("align", _body, inputs=("tile",), keys=("align", "catalog.labels_glob", "catalog.labels",
+                                                      "catalog.labels_class_map", "catalog.labels_id_column"))
 
 
 def run(cfg: WorkflowConfig) -> dict:

@@ -1,5 +1,7 @@
 """catalog: scan the archive (a folder, or a STAC catalog / ItemCollection file) into
-``catalog/scenes.parquet`` (GeoParquet) and ``catalog/errors.parquet``."""
+``catalog/scenes.parquet`` (GeoParquet) and ``catalog/errors.parquet``; companions the rules do not name
+are searched for (optical twins in ``catalog.optical``, land-cover tiles in ``catalog.landcover``), with
+per-scene land-cover VRTs under ``catalog/landcover/``."""
 
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ def _body(cfg: WorkflowConfig) -> dict:
     rows, errors = catalog.list_scenes(cfg.catalog)  # errors: STAC items without a usable SAR asset
     planned = len(rows) + len(errors)
     results = map_items(rows, catalog.SceneInspector, (cfg.catalog,), None, 1.0, max_blocks=64)
-    scenes = [r["scene"] for r in results if r["scene"] is not None]
+    scenes = sorted((r["scene"] for r in results if r["scene"] is not None), key=lambda s: s["scene_id"])
     errors += [r["error"] for r in results if r["error"] is not None]
     ids = collections.Counter(s["scene_id"] for s in scenes)
     assert all(n == 1 for n in ids.values()), f"scene_id collision: {[k for k, n in ids.items() if n > 1]}"
-    tables.write_scenes(tables.scenes_uri(cfg.run.run_dir), sorted(scenes, key=lambda s: s["scene_id"]))
+    scenes, twin_errors, companions = catalog.assign_companions(
+        scenes, cfg.catalog, io.join(cfg.run.run_dir, "catalog", "landcover"))
+    errors += twin_errors
+    catalog.write_scenes(tables.scenes_uri(cfg.run.run_dir), scenes)
     io.write_parquet_atomic(io.join(cfg.run.run_dir, "catalog", "errors.parquet"), errors_table(errors))
-    counts = {"planned": planned, "written": len(scenes), "rejected": len(errors)}
+    counts = {"planned": planned, "written": len(scenes), "rejected": len(errors), "companions": companions}
     if not scenes:
         reasons = collections.Counter(e["error_class"] for e in errors)
         counts["failure"] = (f"none of the {planned} files of {cfg.catalog.archive} is a usable SAR scene "
