@@ -40,6 +40,9 @@ class RunSection:
     # the one image-size value shared by annotation (hf), training and evaluation: images are downscaled to
     # at most this many pixels (aspect kept), and processors that take it (Qwen2-VL's max_pixels) get it too
     max_pixels: int | None = None
+    # how s3:// rasters are read: gdal (GDAL's /vsis3/: ranged reads, block cache; endpoint and credentials
+    # from the fsspec config) or fsspec (a Python file object); docs/remote-rasters.md. Outputs are the same
+    raster_reader: str = "gdal"
 
 
 @dataclass
@@ -428,6 +431,8 @@ def _check(cfg: WorkflowConfig) -> None:
         if re.search(r"YOUR[-_]BUCKET", value or "", re.I):
             problems.append(f"{key}={value} still names the placeholder bucket: set it to a bucket (or shared folder) "
                             f"of yours, e.g. {key}=s3://my-bucket/sarlang/runs/x")
+    if cfg.run.raster_reader not in ("gdal", "fsspec"):
+        problems.append("run.raster_reader must be gdal (GDAL's /vsis3/) or fsspec")
     unknown = set(cfg.run.stages) - set(STAGES)
     if unknown:
         problems.append(f"run.stages has unknown stages {sorted(unknown)}; known: {list(STAGES)}")

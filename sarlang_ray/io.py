@@ -1,4 +1,4 @@
-"""Paths that are local folders or ``s3://`` URIs, through fsspec, and atomic writes.
+"""Paths that are local folders or ``s3://`` URIs, through fsspec; atomic writes; rasters (``/vsis3/``).
 
 Every stage writes through :func:`write_bytes_atomic`, so a reader never sees half a file: locally a
 temporary name is renamed into place; on S3 a single PUT is already all-or-nothing.
@@ -9,13 +9,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio
+import rasterio.errors
 
 
 def is_remote(uri: str) -> bool:
@@ -213,11 +216,175 @@ def read_parquet(uris: list[str] | str, columns: list[str] | None = None) -> pa.
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def open_raster(uri: str, **options) -> rasterio.io.DatasetReader:
-    """Open a raster for reading: local paths directly, remote URIs through fsspec. ``options`` go to
-    ``rasterio.open`` (``overview_level=k`` opens the k-th overview as a raster of its own)."""
+# ---------------------------------------------------------------- rasters
+RASTER_READERS = ("gdal", "fsspec")
+# how s3:// rasters are read in this process and the Ray workers it starts (``run.raster_reader``)
+RASTER_READER_ENV = "SARLANG_RASTER_READER"
+# GDAL's HTTP tuning for /vsis3/: set only where the environment does not set the option already
+GDAL_S3_TUNING = {
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",  # one ranged GET for neighbouring blocks of a window
+    "GDAL_HTTP_MAX_RETRY": "3",  # retry 429/502/503/504 (a busy object store), ...
+    "GDAL_HTTP_RETRY_DELAY": "1",  # ... after 1 s, then longer
+}
+_gdal_s3_lock = threading.Lock()
+_gdal_s3_applied: dict[str, str] = {}
+
+
+class RemoteRasterError(rasterio.errors.RasterioIOError):
+    """A remote raster could not be opened; the message names the URI, the reader and what to check."""
+
+
+def raster_reader(reader: str | None = None) -> str:
+    """The reader of ``s3://`` rasters: ``reader`` if given, else ``$SARLANG_RASTER_READER``, else ``gdal``.
+
+    Raises:
+        ValueError: the name is not one of :data:`RASTER_READERS`.
+    """
+    name = reader or os.environ.get(RASTER_READER_ENV) or "gdal"
+    if name not in RASTER_READERS:
+        raise ValueError(f"unknown raster reader {name!r}: set run.raster_reader (environment variable "
+                         f"{RASTER_READER_ENV}) to one of {', '.join(RASTER_READERS)}")
+    return name
+
+
+def use_raster_reader(reader: str) -> dict[str, str]:
+    """Make ``reader`` (``run.raster_reader``) the default of :func:`open_raster` in this process and in the
+    Ray workers it starts. Call it before ``ray.init``; on a running cluster pass the returned variables as
+    ``runtime_env={"env_vars": ...}`` so its workers get them too."""
+    os.environ[RASTER_READER_ENV] = raster_reader(reader)
+    return {RASTER_READER_ENV: os.environ[RASTER_READER_ENV]}
+
+
+def gdal_s3_options(fs: fsspec.AbstractFileSystem) -> dict[str, str]:
+    """GDAL configuration options that make ``/vsis3/`` reach the storage the s3fs filesystem ``fs`` reaches.
+
+    Taken from what s3fs was configured with (arguments or fsspec's config, e.g. ``FSSPEC_S3_*``):
+    ``endpoint_url`` (an argument or in ``client_kwargs``) gives ``AWS_S3_ENDPOINT`` (host:port) and
+    ``AWS_HTTPS``; a custom endpoint uses path-style addresses (``AWS_VIRTUAL_HOSTING=FALSE``) unless
+    ``config_kwargs`` ask for ``{"s3": {"addressing_style": "virtual"}}``; ``client_kwargs["region_name"]``
+    gives ``AWS_REGION``; ``key``/``secret``/``token`` the access key, secret and session token; ``anon``
+    unsigned requests; ``profile`` the shared-credentials profile; ``requester_pays`` the payer. What s3fs
+    was not given is not set, so GDAL looks where botocore would: the ``AWS_*`` variables, ``~/.aws``, the
+    instance role.
+    """
+    opts: dict[str, str] = {}
+    client = fs.client_kwargs  # s3fs passes these to botocore besides its own arguments (both: same value)
+    endpoint = client.get("endpoint_url") or fs.endpoint_url
+    if endpoint:
+        url = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        opts["AWS_S3_ENDPOINT"] = url.netloc
+        opts["AWS_HTTPS"] = "YES" if url.scheme == "https" else "NO"
+    elif not client.get("use_ssl", fs.use_ssl):
+        opts["AWS_HTTPS"] = "NO"
+    style = (fs.config_kwargs.get("s3") or {}).get("addressing_style")
+    if style in ("path", "virtual"):
+        opts["AWS_VIRTUAL_HOSTING"] = "TRUE" if style == "virtual" else "FALSE"
+    elif endpoint:  # S3-compatible servers (SeaweedFS, MinIO, Ceph) answer path-style addresses
+        opts["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    region = client.get("region_name")
+    if region:
+        opts["AWS_REGION"] = region
+    if fs.anon:
+        opts["AWS_NO_SIGN_REQUEST"] = "YES"
+    else:
+        for name, value in (("AWS_ACCESS_KEY_ID", client.get("aws_access_key_id") or fs.key),
+                            ("AWS_SECRET_ACCESS_KEY", client.get("aws_secret_access_key") or fs.secret),
+                            ("AWS_SESSION_TOKEN", client.get("aws_session_token") or fs.token),
+                            ("AWS_PROFILE", fs.kwargs.get("profile"))):
+            if value:
+                opts[name] = str(value)
+    if fs.requester_pays:
+        opts["AWS_REQUEST_PAYER"] = "requester"
+    return opts
+
+
+def configure_gdal_s3(fs: fsspec.AbstractFileSystem) -> dict[str, str]:
+    """Point GDAL's ``/vsis3/`` at the storage of ``fs`` for the whole process (see :func:`gdal_s3_options`).
+
+    The options go into the process environment, which GDAL reads for every option it is not given
+    otherwise, in every thread. That is deliberate: a dataset opened here is kept open by actors and read
+    later, from other threads, and GDAL may open more handles then (overviews, sidecar files, a reopened
+    connection), each reading the options anew. ``rasterio.Env`` (and ``rasterio.env.set_gdal_config``
+    outside the main thread) sets thread-local options that other threads do not see and that end with
+    the ``with`` block, and rasterio's ``AWSSession`` needs boto3. Worker processes that start later
+    inherit the settings, which name the same storage as their own fsspec config. The tuning options of
+    :data:`GDAL_S3_TUNING` are added where the environment does not set them. Options set here that a
+    new ``fs`` no longer implies are removed. Returns the options in force.
+    """
+    storage = gdal_s3_options(fs)
+    with _gdal_s3_lock:
+        wanted = {**{k: v for k, v in GDAL_S3_TUNING.items() if k not in os.environ or k in _gdal_s3_applied},
+                  **storage}
+        if wanted != _gdal_s3_applied:
+            for key in set(_gdal_s3_applied) - set(wanted):
+                os.environ.pop(key, None)
+            os.environ.update(wanted)
+            _gdal_s3_applied.clear()
+            _gdal_s3_applied.update(wanted)
+        return dict(_gdal_s3_applied)
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocol
+
+
+def open_raster(uri: str, reader: str | None = None, **options) -> rasterio.io.DatasetReader:
+    """Open a raster for reading. ``options`` go to ``rasterio.open`` (``overview_level=k`` opens the k-th
+    overview as a raster of its own).
+
+    Local paths are opened directly. ``s3://`` URIs are read by GDAL's ``/vsis3/`` (``reader="gdal"``,
+    the default: ranged GETs of the blocks a window needs, GDAL's block cache, object sizes and headers
+    cached per process; endpoint and credentials from the pipeline's fsspec config, see
+    :func:`configure_gdal_s3`) or through a Python fsspec file object (``reader="fsspec"``).
+    ``reader=None`` takes ``$SARLANG_RASTER_READER`` (``run.raster_reader``), so worker processes follow
+    the run's choice. Other remote schemes (``gs://``, ``https://``) go through fsspec. A local ``.vrt``
+    may name ``/vsis3/`` sources: GDAL gets the same storage settings before opening one. GDAL keeps what
+    it learned of an object (size, listing, cached ranges) for the life of the process: write a changed
+    file under a new name, not over an object already read.
+
+    Raises:
+        RemoteRasterError: a remote raster cannot be opened; the message says whether the object is
+            missing or unreachable and what to check (URI, endpoint, credentials).
+    """
     options = {k: v for k, v in options.items() if v is not None}
-    if is_remote(uri):
-        fs, path = filesystem(uri)
+    if not is_remote(uri):
+        if uri.lower().endswith(".vrt"):  # its sources may be /vsis3/ objects (land-cover mosaics)
+            configure_gdal_s3(fsspec.filesystem("s3"))
+        return rasterio.open(uri, **options)
+    fs, path = filesystem(uri)
+    name = raster_reader(reader) if _is_s3(fs) else "fsspec"
+    try:
+        if name == "gdal":
+            configure_gdal_s3(fs)
+            return rasterio.open(f"/vsis3/{path}", **options)
         return rasterio.open(path, opener=fs, **options)
-    return rasterio.open(uri, **options)
+    except rasterio.errors.RasterioIOError as exc:
+        raise RemoteRasterError(_open_failure(uri, name, fs, path, exc)) from exc
+
+
+def _open_failure(uri: str, reader: str, fs: fsspec.AbstractFileSystem, path: str, exc: Exception) -> str:
+    """Why ``uri`` did not open, and what to check: asks the storage (through fsspec) whether the object
+    exists, so a missing object and refused access read differently."""
+    via = "GDAL /vsis3/" if reader == "gdal" else "fsspec"
+    if _is_s3(fs):
+        where = fs.client_kwargs.get("endpoint_url") or fs.endpoint_url
+        where = f"{via}, endpoint {where}" if where else f"{via}, the default AWS endpoint"
+        config = ("the S3 endpoint and the credentials of the pipeline's fsspec config "
+                  "(FSSPEC_S3_ENDPOINT_URL, FSSPEC_S3_KEY / FSSPEC_S3_SECRET, "
+                  "or the AWS_* variables and ~/.aws)")
+    else:
+        where, config = via, "the storage's credentials (fsspec config)"
+    try:
+        fs.invalidate_cache(path)
+        found: bool | None = bool(fs.exists(path))
+    except Exception:  # credentials refused, endpoint down: exists() fails like the open did
+        found = None
+    if found is False:
+        return (f"{uri} does not exist ({where}). Check the URI, and that the endpoint and bucket are the "
+                "ones that hold the archive (fsspec config, e.g. FSSPEC_S3_ENDPOINT_URL).")
+    if found is None:
+        return f"cannot reach {uri} ({where}): {exc}. Check {config}."
+    hint = " (run.raster_reader=fsspec reads it through fsspec instead)" if reader == "gdal" else ""
+    return (f"cannot open {uri} ({where}): {exc}. The object exists: if the reason is HTTP 403 or access "
+            f"denied, check {config}; otherwise the file is corrupt or not a raster{hint}.")

@@ -216,19 +216,27 @@ def registry() -> dict[str, Stage]:
 
 # ---------------------------------------------------------------- Ray wiring shared by the stages
 def ensure_ray(cfg: WorkflowConfig) -> None:
-    """Connect to the configured cluster (or RAY_ADDRESS), or start a local Ray on 127.0.0.1."""
+    """Connect to the configured cluster (or RAY_ADDRESS), or start a local Ray on 127.0.0.1; either way (a
+    Ray the caller started included) set the Ray Data options the stages rely on.
+
+    ``run.raster_reader`` reaches the workers through the job's environment (``runtime_env``), so it applies
+    when this function starts the connection; a Ray initialised by the caller keeps its workers' own
+    (``SARLANG_RASTER_READER``, default gdal)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict = {"log_to_driver": True}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # address="local": always a new local Ray, never one a `ray start` left on this machine
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    reader_env = io.use_raster_reader(cfg.run.raster_reader)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        kwargs: dict = {"log_to_driver": True}
+        if cfg.run.raster_reader != "gdal":  # the default needs nothing: no runtime_env for the common case
+            kwargs["runtime_env"] = {"env_vars": reader_env}
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # address="local": always a new local Ray, never one a `ray start` left on this machine
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress
     ctx.execution_options.preserve_order = True  # deterministic manifests
