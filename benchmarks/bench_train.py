@@ -5,7 +5,7 @@
 Each Ray worker reserves 0.9 CPU (one intra-op thread): the remaining 0.2 lets Ray Data's read tasks
 (0.1 CPU each) feed them. Same model (a tiny LLaVA-style VLM from ``sarlang model init-tiny``, widened so compute dominates), same
 data (the demo export's train split), same LoRA setup, same global batch (the plain loop takes 2b pairs
-per step, each Ray worker b), the same ``_collate`` and optimizer code. Steady state = samples/s over the
+per step, each Ray worker b), the same preprocessing (``Preprocess``), ``collate`` and optimizer code. Steady state = samples/s over the
 epochs after the first (the first pays warm-up: allocator, lazy imports); Ray Train's fixed start-up
 (worker group, process group, dataset shards, model load; everything outside the training epochs and
 held-out passes) is reported separately. Each method runs ``--repeats`` times, alternating; the best counts.
@@ -51,12 +51,13 @@ def plain_loop(model_dir: str, files: list[str], batch: int, epochs: int, pairs:
     from transformers import AutoModelForImageTextToText
 
     from sarlang_ray.models import load_processor
-    from sarlang_ray.train import _collate
+    from sarlang_ray.train import Preprocess, collate
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    rows = pq.read_table(files, columns=["image", "question", "answer"]).slice(0, pairs).to_pylist()
+    rows = pq.read_table(files, columns=["pair_id", "image", "question", "answer"]).slice(0, pairs).to_pylist()
     processor = load_processor(model_dir)
+    preprocess = Preprocess(model_dir, None, 1024)
     model = get_peft_model(AutoModelForImageTextToText.from_pretrained(model_dir, use_safetensors=True),
                            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -66,8 +67,8 @@ def plain_loop(model_dir: str, files: list[str], batch: int, epochs: int, pairs:
         t0, seen = time.time(), 0
         for i in range(0, len(rows), batch):
             chunk = rows[i:i + batch]
-            cols = {k: [r[k] for r in chunk] for k in ("image", "question", "answer")}
-            loss = model(**_collate(processor, cols, 1024, torch.device("cpu"))).loss
+            cols = {k: [r[k] for r in chunk] for k in ("pair_id", "image", "question", "answer")}
+            loss = model(**collate(preprocess(cols), processor.tokenizer.pad_token_id)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -111,7 +112,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     run = export_dir(work)
     files = sorted(str(p) for p in (run / "export" / "parquet" / "train").glob("*.parquet"))
-    model_dir = init_tiny_vlm(str(work / "model"), hidden=256, layers=4, image_size=64)
+    import inspect
+
+    size = {"image_size": 64} if "image_size" in inspect.signature(init_tiny_vlm).parameters else {}
+    model_dir = init_tiny_vlm(str(work / "model"), hidden=256, layers=4, **size)
     t0 = time.time()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     ray_init_s = time.time() - t0

@@ -270,6 +270,15 @@ class TrainSection:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16 (autocast)
     init_tiny: bool = False  # write the tiny offline VLM to train.model first if that folder is missing (demo)
+    # ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard per decoder layer + root; train.method=full)
+    strategy: str = "ddp"
+    shuffle: bool = True  # a new seeded (train.seed) global shuffle of the training pairs every epoch
+    # Ray Data tasks at once that decode, template, tokenise and label pairs ahead of the workers (1 keeps
+    # the order of a seed exactly reproducible; more preprocess faster but deliver batches in completion order)
+    preprocess_concurrency: int = 1
+    preprocess_cpus: float = 1.0  # CPUs per preprocessing task (less when the training workers leave less)
+    preprocess_batch_size: int = 16  # pairs per preprocessing call
+    prefetch_batches: int = 2  # batches each worker has preprocessed and fetched ahead of the one it trains on
 
 
 @dataclass
@@ -433,6 +442,12 @@ def _check(cfg: WorkflowConfig) -> None:
                             f"of yours, e.g. {key}=s3://my-bucket/sarlang/runs/x")
     if cfg.run.raster_reader not in ("gdal", "fsspec"):
         problems.append("run.raster_reader must be gdal (GDAL's /vsis3/) or fsspec")
+    if cfg.train.strategy not in ("ddp", "fsdp"):
+        problems.append("train.strategy must be ddp or fsdp")
+    elif cfg.train.strategy == "fsdp" and cfg.train.method != "full":
+        problems.append("train.strategy=fsdp shards a full fine-tune: set train.method=full (LoRA trains few weights: use ddp)")
+    if cfg.train.preprocess_concurrency < 1 or cfg.train.preprocess_batch_size < 1:
+        problems.append("train.preprocess_concurrency and train.preprocess_batch_size must be >= 1")
     unknown = set(cfg.run.stages) - set(STAGES)
     if unknown:
         problems.append(f"run.stages has unknown stages {sorted(unknown)}; known: {list(STAGES)}")

@@ -1,16 +1,33 @@
 """train: fine-tune a Hugging Face VLM on the exported dataset with Ray Train (TorchTrainer, Train V2).
 
-Reads ``export/parquet/{train,val}`` with Ray Data (each worker streams its shard through
-``get_dataset_shard``), chat-formats every pair with the model's own processor and chat template, and
-puts the loss on the answer tokens only. LoRA through peft with the paper's defaults (r=8 on all linear
-layers, lr 1e-4, 3 epochs, warm-up ratio 0.1, per-device batch 1) or full fine-tuning. Each epoch ends
-with the held-out loss and a checkpoint (LoRA adapter as safetensors, optimizer and history); the last
-one also holds the merged model, loadable with plain ``AutoModelForImageTextToText.from_pretrained``.
-A restarted worker group resumes from the latest checkpoint (``FailureConfig(max_failures)``).
+The wiring, top to bottom:
+
+- **ingest** (:func:`ingest`): Ray Data reads ``export/parquet/{train,val}``; the training rows get a new
+  seeded global shuffle every epoch (``random_shuffle`` with ``RandomSeedConfig(train.seed,
+  reseed_after_execution=True)``); then :class:`Preprocess` actors (``map_batches``, the processor loaded
+  once per actor) decode the PNG, render the model's own chat template (``models.chat_texts``), run the
+  processor and build the labels. The training dataset runs with its own execution options
+  (``DataConfig``: no ``preserve_order``), the held-out one in file order, unshuffled.
+- **workers** (:func:`train_loop_per_worker`): each streams its shard with prefetch, pads and concatenates the
+  tensors (:func:`collate`, generic over whatever the processor returned) and moves them to its device.
+  Gradient accumulation skips the gradient all-reduce on all but the last micro-step (DDP ``no_sync``, FSDP2
+  ``set_requires_gradient_sync``) and steps the left-over micro-batches at the end of an epoch.
+- **strategies**: ``ddp`` (``prepare_model``) or ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer, then the
+  root; full fine-tuning).
+- **checkpoints**: every epoch, with ``save_pretrained`` (tied weights safe): the LoRA adapter or the full
+  model, the optimizer and scheduler, the history. Resuming checks that the checkpoint's weights are exactly
+  the model's and fails with a clear message otherwise. The last checkpoint also holds ``merged/`` (model and
+  processor, in the training dtype), loadable with plain ``AutoModelForImageTextToText.from_pretrained``.
+  A restarted worker group resumes from the latest checkpoint (``FailureConfig(max_failures)``).
+
+LoRA through peft with the paper's defaults (r=8 on all linear layers, lr 1e-4, 3 epochs, warm-up ratio 0.1,
+per-device batch 1) or full fine-tuning; the loss is on the answer tokens only, the answer's span found from
+the chat template.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -19,7 +36,10 @@ import time
 
 from sarlang_ray import io, plots
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.models import load_image, load_processor
+from sarlang_ray.models import chat_texts, load_image, load_processor
+
+IGNORE = -100  # label of tokens without loss (prompt, image, padding)
+STRATEGIES = ("ddp", "fsdp")
 
 
 def autocast_dtype(precision: str, device):
@@ -32,32 +52,235 @@ def autocast_dtype(precision: str, device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _collate(processor, rows: dict, max_length: int, device, max_pixels: int | None = None):
-    """Chat-format a batch; labels are -100 everywhere but on the answer tokens (and the end token)."""
-    images = [load_image(img["bytes"], max_pixels) for img in rows["image"]]
-    prompts, fulls = [], []
-    eos = processor.tokenizer.eos_token or ""
-    for q, a in zip(rows["question"], rows["answer"]):
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": str(q)}]}]
-        prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
-        prompts.append(prompt)
-        fulls.append(prompt + str(a) + eos)
-    processor.tokenizer.padding_side = "right"
-    batch = processor(images=images, text=fulls, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    for i, (img, prompt) in enumerate(zip(images, prompts)):
-        n_prompt = processor(images=[img], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
-        labels[i, :n_prompt] = -100
-    batch["labels"] = labels
-    return {k: v.to(device) for k, v in batch.items()}
+def weights_dtype(method: str, amp):
+    """The dtype the model's weights are loaded (and the merged model saved) in.
+
+    LoRA trains small fp32 adapters (peft keeps them fp32) over frozen base weights, which are loaded in the
+    autocast dtype: bf16 halves the memory of a 7B base (14 GB instead of 28). Full fine-tuning keeps fp32
+    master weights (AdamW updates in bf16 lose small steps) and computes in the autocast dtype."""
+    import torch
+
+    return amp if method == "lora" and amp is not None else torch.float32
+
+
+# --- preprocessing (Ray Data, ahead of the workers) -----------------------------------------------------------
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_pair(processor, image, question: str, answer: str, max_length: int) -> dict:
+    """One pair as the processor's tensors for training (numpy, batch dimension 1) plus ``labels``.
+
+    One processor call on the full conversation (``models.chat_texts``); the labels are ``-100`` on the
+    prompt's tokens (image tokens included) and the token ids on the answer and its end-of-turn marker. The
+    answer's length comes from the tokenizer alone (the prompt and the full text without image expansion:
+    the tokens after their common prefix), checked against the processor's tokens; where they disagree the
+    prompt goes through the processor too. Sequences longer than ``max_length`` lose the end of the answer.
+
+    Raises:
+        ValueError: the prompt alone (with its image tokens) is longer than ``max_length``.
+    """
+    prompt, full = chat_texts(processor, question, answer)
+    enc = dict(processor(images=[image], text=[full], return_tensors="np"))
+    ids = enc["input_ids"][0].tolist()
+    tok = processor.tokenizer
+    plain_full, plain_prompt = tok(full)["input_ids"], tok(prompt)["input_ids"]
+    n_answer = len(plain_full) - _common_prefix(plain_prompt, plain_full)
+    if n_answer > 0 and ids[len(ids) - n_answer:] == plain_full[len(plain_full) - n_answer:]:
+        n_prompt = len(ids) - n_answer
+    else:  # the processor tokenises differently (special tokens, ...): the prompt through it as well
+        prompt_ids = processor(images=[image], text=[prompt], return_tensors="np")["input_ids"][0].tolist()
+        n_prompt = _common_prefix(prompt_ids, ids)
+    if n_prompt >= max_length:
+        raise ValueError(f"the prompt of {question!r} is {n_prompt} tokens with its image, not less than "
+                         f"train.max_length={max_length}: raise train.max_length or lower run.max_pixels")
+    shape = enc["input_ids"].shape
+    labels = enc["input_ids"].copy()
+    labels[0, :n_prompt] = IGNORE
+    enc["labels"] = labels
+    if shape[1] > max_length:  # cut the answer's end, in every per-token tensor alike
+        enc = {k: v[:, :max_length] if v.shape == shape else v for k, v in enc.items()}
+    return enc
+
+
+class Preprocess:
+    """Ray Data ``map_batches`` class: PNG -> image (``run.max_pixels``) -> chat template -> processor ->
+    labels, for a batch of pairs; the processor is loaded once per actor.
+
+    Every output column holds one array per pair, as the processor returned it for that pair alone (batch
+    dimension 1 for per-token and most image tensors; Qwen's patch rows as they are); :func:`collate` batches
+    them on the worker."""
+
+    def __init__(self, model: str, max_pixels: int | None, max_length: int):
+        self.processor = load_processor(io.local_copy(model), max_pixels)
+        self.max_pixels, self.max_length = max_pixels, max_length
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        encoded = [encode_pair(self.processor, load_image(img["bytes"], self.max_pixels), q, a, self.max_length)
+                   for img, q, a in zip(batch["image"], batch["question"], batch["answer"])]
+        out = {"pair_id": np.asarray(batch["pair_id"])}
+        for key in encoded[0]:
+            column = np.empty(len(encoded), dtype=object)  # one array per pair, shapes may differ
+            column[:] = [e[key] for e in encoded]
+            out[key] = column
+        return out
+
+
+_PREPROCESSORS: dict[tuple, Preprocess] = {}
+
+
+def preprocess_batch(batch: dict, model: str, max_pixels: int | None, max_length: int) -> dict:
+    """:class:`Preprocess` as a Ray Data task function: the processor is loaded once per worker *process* and
+    kept there (Ray reuses its worker processes across tasks), so a new epoch, which is a new execution of the
+    dataset, starts no actor and loads no processor again."""
+    key = (model, max_pixels, max_length)
+    if key not in _PREPROCESSORS:
+        _PREPROCESSORS[key] = Preprocess(model, max_pixels, max_length)
+    return _PREPROCESSORS[key](batch)
+
+
+def collate(batch: dict, pad_token_id: int, device=None, float_dtype=None) -> dict:
+    """Batch the per-pair arrays of :class:`Preprocess` into model inputs (torch tensors on ``device``).
+
+    Generic over processors: a tensor shaped like the pair's ``input_ids`` is per-token (``input_ids``,
+    ``attention_mask``, ``labels``, ``token_type_ids``, ...) and is padded on the right along the sequence
+    (``pad_token_id``, ``-100`` for labels, 0 otherwise); any other (``pixel_values``, ``image_grid_thw``,
+    ``pixel_attention_mask``, ``image_sizes``...) is concatenated along its first dimension, its other
+    dimensions zero-padded to the largest (what the processors themselves do when they batch: Qwen's patch
+    rows concatenate, Idefics3's image tiles pad). Floating tensors are cast to ``float_dtype`` if given."""
+    import numpy as np
+    import torch
+
+    ids = [np.asarray(a) for a in batch["input_ids"]]
+    out = {}
+    for key, column in batch.items():
+        if key == "pair_id":
+            continue
+        arrays = [np.asarray(a) for a in column]
+        if all(a.shape == i.shape for a, i in zip(arrays, ids)):
+            pad = {"input_ids": pad_token_id, "labels": IGNORE}.get(key, 0)
+            width = max(a.shape[-1] for a in arrays)
+            arrays = [np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])], constant_values=pad)
+                      for a in arrays]
+        else:
+            largest = np.max([a.shape for a in arrays], axis=0)
+            arrays = [np.pad(a, [(0, 0)] + [(0, int(m - s)) for m, s in zip(largest[1:], a.shape[1:])]) for a in arrays]
+        tensor = torch.from_numpy(np.concatenate(arrays))
+        if float_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(float_dtype)
+        out[key] = tensor if device is None else tensor.to(device)
+    return out
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+
+
+def load_checkpoint_model(model_dir: str, folder: str, dtype):
+    """The model of ``model_dir`` (its config: the architecture being trained) with the weights of the
+    ``save_pretrained`` checkpoint ``folder``, checked key by key.
+
+    Loading goes through ``from_pretrained`` (which maps a checkpoint's saved key names onto the model's and
+    re-ties tied weights, saved once) with the training model's own config, so a checkpoint written by another
+    model cannot bring its own architecture along.
+
+    Raises:
+        RuntimeError: the checkpoint's keys or shapes are not exactly the model's (it was written by another
+            model or another ``train.method``), with the differences and what to do.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            folder, config=AutoConfig.from_pretrained(model_dir), dtype=dtype, use_safetensors=True,
+            ignore_mismatched_sizes=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RuntimeError(f"cannot resume from checkpoint {folder}: {exc}. {_WHAT_TO_DO}") from exc
+    shapes = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
+    if missing or unexpected or shapes:
+        raise RuntimeError(_mismatch(folder, sorted(missing), sorted(unexpected), sorted(shapes)))
+    return model
+
+
+def check_adapter(model, adapter: dict, folder: str) -> None:
+    """Raise a clear ``RuntimeError`` unless ``adapter`` holds exactly ``model``'s LoRA weights (keys, shapes)."""
+    from peft import get_peft_model_state_dict
+
+    own = get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(adapter)), sorted(set(adapter) - set(own))
+    shapes = sorted(k for k in set(own) & set(adapter) if tuple(own[k].shape) != tuple(adapter[k].shape))
+    if missing or unexpected or shapes:
+        raise RuntimeError(_mismatch(folder, missing, unexpected, shapes))
+
+
+def _mismatch(folder: str, missing: list, unexpected: list, shapes: list) -> str:
+    def few(keys: list) -> str:
+        return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+
+    return (f"cannot resume from checkpoint {folder}: its weights do not match the model being trained "
+            f"(missing {few(missing)}, unexpected {few(unexpected)}, shape differs {few(shapes)}). {_WHAT_TO_DO}")
+
+
+_WHAT_TO_DO = ("It was written by another train.model, train.method or LoRA setting: resume with the settings that "
+               "wrote it, or start afresh with a new train.name (or an empty train.storage_path)")
+
+
+def _decoder_layers(model) -> list:
+    """The modules FSDP shards one by one: those whose class is in the model's ``_no_split_modules`` (the
+    transformer blocks of its language model and vision tower, the unit transformers keeps whole)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no _no_split_modules: train.strategy=fsdp cannot find "
+                         "its layers to shard; use train.strategy=ddp")
+    return layers
+
+
+def _save_model(model, folder: str, state_dict: dict | None = None, dtype=None) -> None:
+    """``save_pretrained`` (safetensors; tied weights written once), optionally with the weights cast to
+    ``dtype`` and the config (and its sub-configs) saying so; ``model`` itself is left as it is."""
+    import copy
+
+    import torch
+
+    if dtype is None or dtype == torch.float32:
+        model.save_pretrained(folder, state_dict=state_dict)
+        return
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v
+                  for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
+    model.save_pretrained(folder, state_dict=state_dict)
+    config = copy.deepcopy(model.config)  # save_pretrained writes the dtype of the parameters in memory
+    for c in [config] + [getattr(config, name, None) for name in getattr(config, "sub_configs", {})]:
+        if c is not None:
+            c.dtype = dtype
+    config.save_pretrained(folder)
+
+
+# --- the worker ---------------------------------------------------------------------------------------------
+
+
+def steps_per_epoch(n_train: int, world: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch: every worker gets ``n_train // world`` pairs (an equal split), in
+    ``ceil(rows / batch_size)`` micro-batches, stepped every ``grad_accum`` and once more for the left-over."""
+    rows = n_train // world
+    return math.ceil(math.ceil(rows / batch_size) / grad_accum)
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    import contextlib
+
     import ray.train
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, get_linear_schedule_with_warmup
 
     t = config["train"]
@@ -66,123 +289,250 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     model_dir = io.local_copy(t["model"])  # a model folder on s3:// is fetched once per node
-    processor = load_processor(model_dir, config["max_pixels"])
+    processor = load_processor(model_dir, config["max_pixels"])  # saved beside the merged model
+    pad_id = processor.tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else (processor.tokenizer.eos_token_id or 0)
     amp = autocast_dtype(t["precision"], device)  # mixed precision where the device supports it
+    dtype = weights_dtype(t["method"], amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    fsdp = t["strategy"] == "fsdp"
 
-    def forward(rows):
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return model(**_collate(processor, rows, t["max_length"], device, config["max_pixels"]))
-
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, use_safetensors=True)
-    if t["method"] == "lora":
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
-        model = get_peft_model(model, LoraConfig(r=t["lora_r"], lora_alpha=t["lora_alpha"], lora_dropout=t["lora_dropout"],
-                                                 target_modules="all-linear"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t["lr"])
-    steps_per_epoch = max(1, math.ceil(config["n_train"] / (t["batch_size"] * world * t["grad_accum"])))
-    total = steps_per_epoch * t["epochs"]
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(t["warmup_ratio"] * total), total)
-    start_epoch, history, resumes = 0, [], []
+    start_epoch, history, resumes, resumed_trainer = 0, [], [], None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resume: adapter/model weights, optimizer, scheduler and history
-        with checkpoint.as_directory() as d:
-            if t["method"] == "lora":
-                set_peft_model_state_dict(model, load_file(os.path.join(d, "adapter", "adapter_model.safetensors")))
-            else:
-                model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
-            state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            meta = json.load(open(os.path.join(d, "state.json")))
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+        if d and t["method"] == "full":  # resume: the checkpoint's weights, checked key by key
+            model = load_checkpoint_model(model_dir, d, dtype)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+        if t["method"] == "lora":
+            from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            model = get_peft_model(model, LoraConfig(r=t["lora_r"], lora_alpha=t["lora_alpha"],
+                                                     lora_dropout=t["lora_dropout"], target_modules="all-linear"))
+            if d:
+                adapter = load_file(os.path.join(d, "adapter", "adapter_model.safetensors"))
+                check_adapter(model, adapter, os.path.join(d, "adapter"))
+                set_peft_model_state_dict(model, adapter)
+        if d:  # and the optimizer, scheduler and history
+            resumed_trainer = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=True)
+            with open(os.path.join(d, "state.json")) as f:
+                meta = json.load(f)
             start_epoch, history = meta["epoch"] + 1, meta["history"]
             resumes = meta.get("resumes", []) + [start_epoch]  # visible proof of each resume
-    model = ray.train.torch.prepare_model(model)
-    inner = model.module if hasattr(model, "module") else model
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+        from torch.distributed.fsdp import fully_shard
 
-    def mean_loss(shard) -> float:
+        model.to(device)
+        for layer in _decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        inner = model
+    else:
+        model = ray.train.torch.prepare_model(model)  # DDP when there are several workers
+        inner = model.module if hasattr(model, "module") else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t["lr"])
+    per_epoch = steps_per_epoch(config["n_train"], world, t["batch_size"], t["grad_accum"])
+    total = per_epoch * t["epochs"]
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t["warmup_ratio"] * total), total)
+    if resumed_trainer is not None:
+        if fsdp:
+            set_optimizer_state_dict(model, optimizer, resumed_trainer["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(resumed_trainer["optimizer"])
+        scheduler.load_state_dict(resumed_trainer["scheduler"])
+    float_dtype = amp if amp is not None else dtype
+
+    def forward(batch):
+        inputs = collate(batch, pad_id, device, float_dtype)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return model(**inputs)
+
+    def sync_gradients(on: bool):
+        """No gradient all-reduce on accumulation micro-steps, only on the one before a step."""
+        if fsdp:
+            model.set_requires_gradient_sync(on)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if on or not hasattr(model, "no_sync") else model.no_sync()
+
+    def batches(name: str):
+        return ray.train.get_dataset_shard(name).iter_batches(batch_size=t["batch_size"], batch_format="numpy",
+                                                               prefetch_batches=t["prefetch_batches"])
+
+    def mean_loss() -> float:
         model.eval()
-        total_loss, n = torch.zeros(2, device=device), 0
+        total_loss = torch.zeros(2, device=device)
         with torch.no_grad():
-            for rows in shard.iter_batches(batch_size=t["batch_size"], batch_format="numpy"):
-                out = forward(rows)
-                total_loss += torch.tensor([out.loss.item() * len(rows["question"]), len(rows["question"])], device=device)
+            for batch in batches("val"):
+                n = len(batch["pair_id"])
+                total_loss += torch.tensor([forward(batch).loss.item() * n, n], device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(total_loss)
         model.train()
         return float(total_loss[0] / max(total_loss[1], 1))
 
-    val = ray.train.get_dataset_shard("val")
     if start_epoch == 0 and not history:
         t0 = time.time()
-        history.append({"epoch": -1, "step": 0, "val_loss": mean_loss(val)})
+        history.append({"epoch": -1, "step": 0, "val_loss": mean_loss()})
         history[-1]["val_seconds"] = time.time() - t0
-    step = history[-1]["step"]
+    step, accum = history[-1]["step"], t["grad_accum"]
     for epoch in range(start_epoch, t["epochs"]):
         model.train()
-        t0, seen, running = time.time(), 0, []
-        for i, rows in enumerate(ray.train.get_dataset_shard("train").iter_batches(batch_size=t["batch_size"], batch_format="numpy")):
-            loss = forward(rows).loss
-            scaler.scale(loss / t["grad_accum"]).backward()
+        t0, seen, running, order = time.time(), 0, [], hashlib.sha256()
+        pending = 0  # micro-batches whose gradients wait for a step
+
+        def optimizer_step(micro: int):
+            nonlocal step
+            if micro < accum:  # the epoch's left-over: each micro-batch's loss was divided by accum, not micro
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(accum / micro)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+        it = iter(batches("train"))
+        batch = next(it, None)
+        while batch is not None:
+            following = next(it, None)  # one ahead: the epoch's last micro-batch must sync and step
+            last = pending + 1 == accum or following is None
+            with sync_gradients(last):
+                loss = forward(batch).loss
+                scaler.scale(loss / accum).backward()
+            pending += 1
             running.append(loss.item())
-            seen += len(rows["question"])
-            if (i + 1) % t["grad_accum"] == 0:
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+            seen += len(batch["pair_id"])
+            order.update("\n".join(map(str, batch["pair_id"])).encode() + b"\n")
+            if last:
+                optimizer_step(pending)
+                pending = 0
+            batch = following
         seconds = time.time() - t0  # training only: the held-out pass below is timed apart
-        val_loss = mean_loss(val)
+        val_loss = mean_loss()
         history.append({"epoch": epoch, "step": step, "train_loss": sum(running) / max(1, len(running)), "val_loss": val_loss,
                         "seconds": seconds, "val_seconds": time.time() - t0 - seconds,
-                        "samples_per_s": seen * world / max(seconds, 1e-9)})
+                        "samples_per_s": seen * world / max(seconds, 1e-9), "lr": scheduler.get_last_lr()[0],
+                        "order_sha256": order.hexdigest()})  # rank 0's sample order this epoch
+        final = epoch == t["epochs"] - 1
+        if fsdp:  # collectives: every rank takes part, rank 0 writes
+            model_state = get_model_state_dict(model, options=full)
+            trainer_state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=full),
+                             "scheduler": scheduler.state_dict()}
+        else:
+            model_state = None
+            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 if t["method"] == "lora":
                     inner.save_pretrained(os.path.join(d, "adapter"))  # safetensors adapter
                 else:
-                    from safetensors.torch import save_file
-
-                    save_file({k: v.contiguous() for k, v in inner.state_dict().items()}, os.path.join(d, "model.safetensors"))
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                           os.path.join(d, "trainer_state.pt"))
-                json.dump({"epoch": epoch, "history": history, "resumes": resumes}, open(os.path.join(d, "state.json"), "w"))
-                if epoch == t["epochs"] - 1:  # the final checkpoint also holds the merged model
-                    merged = inner.merge_and_unload() if t["method"] == "lora" else inner
-                    merged.save_pretrained(os.path.join(d, "merged"))
-                    processor.save_pretrained(os.path.join(d, "merged"))
+                    _save_model(inner, d, model_state)  # model.safetensors + config.json, fp32
+                torch.save(trainer_state, os.path.join(d, "trainer_state.pt"))
+                with open(os.path.join(d, "state.json"), "w") as f:
+                    json.dump({"epoch": epoch, "history": history, "resumes": resumes}, f)
+                if final:  # the final checkpoint also holds the merged model, in the training dtype
+                    merged = os.path.join(d, "merged")
+                    if t["method"] == "lora":
+                        _save_model(inner.merge_and_unload(), merged)  # the base's dtype (bf16 on such GPUs)
+                    else:
+                        _save_model(inner, merged, model_state, dtype=amp)
+                    processor.save_pretrained(merged)
             ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+# --- the driver ---------------------------------------------------------------------------------------------
+
+
+def _rows_dataset(files: list[str], columns: list[str], limit: int | None):
+    """A Ray Dataset of the rows of ``files`` in file order, one read per file; ``limit``: the first rows of
+    the first files (counted from the Parquet footers, so the same pairs every run and epoch)."""
+    import ray
+
+    items = [{"uri": f, "rows": None} for f in files]
+    if limit is not None:
+        items, left = [], limit
+        for f in files:
+            if left <= 0:
+                break
+            n = io.parquet_rows([f])
+            items.append({"uri": f, "rows": min(n, left)})
+            left -= n
+
+    def read(item: dict) -> list[dict]:
+        table = io.read_parquet(item["uri"], columns=columns)
+        return (table if item["rows"] is None else table.slice(0, item["rows"])).to_pylist()
+
+    return ray.data.from_items(items).flat_map(read, num_cpus=0.1)
+
+
+def ingest(cfg: WorkflowConfig) -> tuple[dict, object, int]:
+    """``(datasets, data_config, n_train)`` for the trainer: the preprocessed ``train`` (shuffled anew each
+    epoch with ``train.seed``) and ``val`` datasets, and the ``DataConfig`` that runs the training ingest
+    without ``preserve_order`` (the held-out one keeps the run's options)."""
+    import ray
+    from ray.data import RandomSeedConfig
+    from ray.train import DataConfig
+
+    t = cfg.train
+    parquet = io.join(cfg.run.run_dir, "export", "parquet")
+    splits = {s: io.glob(parquet, f"{s}/*.parquet") for s in ("train", "val", "test")}
+    if not splits["train"]:
+        raise FileNotFoundError(f"no training data under {parquet}: run the export stage first")
+    held_out = splits["val"] or splits["test"]  # small archives may have no validation scene
+    n_train = io.parquet_rows(splits["train"])  # from the footers: counting the dataset would read it all
+    if t.limit_pairs:
+        n_train = min(n_train, t.limit_pairs)
+    if n_train < t.num_workers:
+        raise ValueError(f"{n_train} training pairs under {parquet} for train.num_workers={t.num_workers}: "
+                         "every worker needs at least one")
+    columns = ["pair_id", "image", "question", "answer"]
+    train_ds = _rows_dataset(splits["train"], columns, t.limit_pairs)
+    val_ds = _rows_dataset(held_out, columns, max(1, t.limit_pairs // 4) if t.limit_pairs else None)
+    if t.shuffle:  # a new permutation every epoch (execution), the same sequence for the same seed
+        train_ds = train_ds.random_shuffle(seed=RandomSeedConfig(seed=t.seed, reseed_after_execution=True), num_cpus=0.1)
+    # CPUs left by the training workers, of which the preprocessing actors leave some to the reads
+    free = ray.cluster_resources().get("CPU", 1.0) - t.num_workers * t.cpus_per_worker
+    task_cpus = io.pool_cpus(t.preprocess_concurrency, t.preprocess_cpus, max(free, 0.0))
+    # tasks, at most preprocess_concurrency at once (1: batches leave in input order), in worker processes
+    # that keep their processor between epochs (preprocess_batch): no actor to start per epoch
+    preprocess = {"fn_kwargs": {"model": t.model, "max_pixels": cfg.run.max_pixels, "max_length": t.max_length},
+                  "batch_size": t.preprocess_batch_size, "num_cpus": task_cpus, "concurrency": t.preprocess_concurrency}
+    datasets = {"train": train_ds.map_batches(preprocess_batch, **preprocess),
+                "val": val_ds.map_batches(preprocess_batch, **preprocess)}
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = False  # the run's deterministic-manifest setting is not for training ingest
+    return datasets, DataConfig(execution_options={"train": options}), n_train
 
 
 def run_train(cfg: WorkflowConfig) -> dict:
     """Fine-tune on export/parquet; writes train/metrics.json, train/loss_curve.png, checkpoints under train/."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
+    if t.strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy={t.strategy!r}: use one of {list(STRATEGIES)}")
+    if t.strategy == "fsdp" and t.method != "full":
+        raise ValueError("train.strategy=fsdp shards the full model for full fine-tuning: set train.method=full, "
+                         "or keep train.strategy=ddp for LoRA (its frozen base needs no optimizer state)")
     if t.init_tiny and not io.exists(io.join(t.model, "config.json")):
         from sarlang_ray.models import init_tiny_vlm
 
         init_tiny_vlm(t.model, seed=cfg.run.seed)
     if not io.is_remote(t.model) and os.path.isdir(t.model):
         t.model = os.path.abspath(t.model)  # workers may run in another directory (or on another node)
-    parquet = io.join(cfg.run.run_dir, "export", "parquet")
-    splits = {s: io.glob(parquet, f"{s}/*.parquet") for s in ("train", "val", "test")}
-    if not splits["train"]:
-        raise FileNotFoundError(f"no training data under {parquet}: run the export stage first")
-    held_out = splits["val"] or splits["test"]  # small archives may have no validation scene
-    columns = ["image", "question", "answer"]
-    train_ds = io.parquet_dataset(splits["train"], columns)  # light reads: see io.parquet_dataset
-    val_ds = io.parquet_dataset(held_out, columns)
-    if t.limit_pairs:
-        train_ds, val_ds = train_ds.limit(t.limit_pairs), val_ds.limit(max(1, t.limit_pairs // 4))
-    n_train = io.parquet_rows(splits["train"])  # from the footers: counting the dataset would read it all
-    if t.limit_pairs:
-        n_train = min(n_train, t.limit_pairs)
+    datasets, data_config, n_train = ingest(cfg)
     storage = t.storage_path or io.join(cfg.run.run_dir, "train")
     storage_fs, storage_path = io.arrow_filesystem(storage)  # s3:// through the pipeline's own fsspec config
     trainer = TorchTrainer(
@@ -192,11 +542,12 @@ def run_train(cfg: WorkflowConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=t.name, storage_path=storage_path, storage_filesystem=storage_fs, checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
                              failure_config=FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets=datasets,
+        dataset_config=data_config,
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        state = json.load(open(os.path.join(d, "state.json")))
+    with result.checkpoint.as_directory() as d, open(os.path.join(d, "state.json")) as f:
+        state = json.load(f)
     history = state["history"]
     checkpoint = result.checkpoint.path if storage_fs is None else f"{storage.split('://')[0]}://{result.checkpoint.path}"
     out = {"history": history, "resumes": state.get("resumes", []), "checkpoint": checkpoint,
