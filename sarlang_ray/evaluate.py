@@ -7,8 +7,9 @@ whichever it is. ``evaluate.vqa_mode=auto`` ranks by ``strict`` on our export an
 rule) on anything else.
 
 Every point of the sweep (``evaluate.models`` x ``evaluate.images`` x ``evaluate.prompts``) is one Ray Tune
-trial. A trial runs batch inference on a Ray Data actor pool (``evaluate.concurrency`` actors with
-``num_cpus``/``num_gpus`` each; one model per actor, batched greedy generation) and scores it:
+trial. A trial runs batch inference on a Ray Data actor pool (``evaluate.engine=hf``: ``evaluate.concurrency``
+actors with ``num_cpus``/``num_gpus`` each; one model per actor, batched greedy generation; or
+``evaluate.engine=vllm``: Ray Data LLM's vLLM engine replicas, ``evaluate.vllm``, docs/vllm.md) and scores it:
 
 * captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) for the concise and the detailed test sets,
   with PTB tokenisation (``tok``) and without it (``raw``, as SARLANG-1M's released script); one
@@ -48,6 +49,7 @@ log = logging.getLogger("sarlang")
 
 META = ["pair_id", "tile_id", "kind", "application", "question_type", "question", "answer"]
 CAPTION_KINDS = {"caption_concise": "concise", "caption_detailed": "detailed"}
+ENGINES = ("hf", "vllm")  # evaluate.engine: transformers generate on an actor pool, or vLLM on Ray Data LLM
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
 
 
@@ -203,21 +205,52 @@ class Predictor:
         jobs = defaultdict(list)  # generation budget -> row indices
         prompts, images = [], []
         for i, (kind, question, img) in enumerate(zip(batch["kind"], batch["question"], batch["image"])):
-            if kind == "caption_concise":
-                prompts.append(self.prompt["caption"])
-                jobs[self.s["max_new_tokens_caption"]].append(i)
-            elif kind == "caption_detailed":
-                prompts.append(self.prompt["detailed"])
-                jobs[3 * self.s["max_new_tokens_caption"]].append(i)
-            else:
-                prompts.append(self.prompt["vqa"].format(question=str(question).rstrip("?. ")))
-                jobs[self.s["max_new_tokens_answer"]].append(i)
+            text, budget = pair_prompt(kind, question, self.prompt, self.s)
+            prompts.append(text)
+            jobs[budget].append(i)
             images.append(load_image(img["bytes"], self.s["max_pixels"], self.image))
         predictions = [""] * len(prompts)
         for budget, idx in jobs.items():
             for i, text in zip(idx, self.generator.generate([images[i] for i in idx], [prompts[i] for i in idx], budget)):
                 predictions[i] = text
         return {"pair_id": batch["pair_id"], "prediction": predictions}
+
+
+def pair_prompt(kind: str, question: str, prompt: dict, settings: dict) -> tuple[str, int]:
+    """(text asked, max new tokens) for one pair: the trial's caption prompts (detailed captions get 3x the
+    caption length) or its VQA prompt around the pair's question. Both engines ask exactly this."""
+    if kind == "caption_concise":
+        return prompt["caption"], settings["max_new_tokens_caption"]
+    if kind == "caption_detailed":
+        return prompt["detailed"], 3 * settings["max_new_tokens_caption"]
+    return prompt["vqa"].format(question=str(question).rstrip("?. ")), settings["max_new_tokens_answer"]
+
+
+def vllm_predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, ds) -> dict[str, str]:
+    """``predict`` with ``evaluate.engine=vllm``: the pairs dataset ``ds`` -> requests (same prompts, image
+    variant and ``run.max_pixels`` as the hf engine) -> Ray Data LLM's vLLM engine replicas
+    (``evaluate.vllm``) -> pair_id -> prediction. A pair that fails in the engine fails the trial, naming it
+    and the engine's message (the leaderboard lists the failed trial); an empty answer is a wrong one."""
+    from sarlang_ray import vllm_engine
+    from sarlang_ray.models import load_image
+
+    ev, max_pixels = cfg.evaluate, cfg.run.max_pixels
+    settings = {"max_new_tokens_caption": ev.max_new_tokens_caption, "max_new_tokens_answer": ev.max_new_tokens_answer}
+    processor = vllm_engine.build_processor(
+        ev.vllm, model, ev.dtype, max_pixels,
+        postprocess=lambda row: {"pair_id": row["pair_id"], **vllm_engine.parse_output(row)})
+
+    def to_request(row: dict) -> dict:
+        text, budget = pair_prompt(row["kind"], row["question"], prompt, settings)
+        chat = vllm_engine.render_prompt(vllm_engine.prompt_processor(model, max_pixels), text)
+        return vllm_engine.request(chat, load_image(row["image"]["bytes"], max_pixels, image), budget, pair_id=row["pair_id"])
+
+    out = processor(ds.map(to_request, num_cpus=0.1)).take_all()
+    failed = [r for r in out if r["error"]]
+    if failed:
+        raise RuntimeError(f"vLLM failed on {len(failed)} of {len(out)} pairs (e.g. {failed[0]['pair_id']}: "
+                           f"{failed[0]['error']})")
+    return {r["pair_id"]: r["text"] for r in out}
 
 
 def prompt_dict(prompt) -> dict:
@@ -326,6 +359,9 @@ def predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, pairs: li
 
     ev = cfg.evaluate
     wanted = {p["pair_id"] for p in pairs}
+    if ev.engine == "vllm":
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
+        return vllm_predict(cfg, model, image, prompt, pairs_dataset(cfg, image, wanted))
     settings = {"dtype": ev.dtype, "num_gpus": ev.num_gpus, "batch_size": ev.batch_size, "max_pixels": cfg.run.max_pixels,
                 "max_new_tokens_caption": ev.max_new_tokens_caption, "max_new_tokens_answer": ev.max_new_tokens_answer}
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
@@ -701,6 +737,12 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
 
     cfg = _absolute_datasets(cfg)
     ev = cfg.evaluate
+    if ev.engine not in ENGINES:
+        raise ValueError(f"evaluate.engine={ev.engine!r} is not one of {ENGINES}")
+    if ev.engine == "vllm":  # before any trial starts: every trial would fail the same way
+        from sarlang_ray.vllm_engine import require_vllm
+
+        require_vllm("evaluate.engine=vllm")
     notes = prepare_datasets(cfg)
     table = read_split(cfg, ev.split, META)
     storage_fs, storage = io.arrow_filesystem(ev.storage_path or io.join(cfg.run.run_dir, "evaluate", "tune"))

@@ -2,7 +2,9 @@
 
 A backend is any object with a ``name`` and ``annotate(tile: dict) -> list[dict]`` (pairs with ``kind``,
 ``application``, ``question_type``, ``question``, ``answer``); ``annotate.backend`` names a built-in one
-(``template``) or ``package.module:Class`` of your own (constructed with the annotate config section).
+(``template``, ``hf``, ``openai``, ``vllm``) or ``package.module:Class`` of your own (constructed with the
+annotate config section). ``vllm`` generates for the whole stage on Ray Data LLM first
+(:func:`sarlang_ray.annotate.vllm_backend.annotate_shards`), then writes each shard through this class.
 A backend that raises, or returns malformed pairs, loses that tile only: it goes to the errors table
 with the reason and the run goes on. Counts reconcile per tile (planned = written + rejected) and per
 pair (planned = passed QC + rejected by QC); ``annotate/qc_report.json`` counts each rule's hits. The
@@ -45,8 +47,12 @@ def load_backend(cfg: AnnotateSection, seed: int, max_pixels: int | None = None)
         from sarlang_ray.annotate.openai_backend import OpenAIAnnotator
 
         return OpenAIAnnotator(cfg)
+    if cfg.backend == "vllm":  # generation runs for the whole stage on Ray Data LLM (vllm_backend.annotate_shards)
+        from sarlang_ray.annotate.vllm_backend import VLLMAnnotator
+
+        return VLLMAnnotator(cfg, seed, max_pixels)
     if ":" not in cfg.backend:
-        raise ValueError(f"unknown annotate.backend {cfg.backend!r}: use template, hf, openai or package.module:Class")
+        raise ValueError(f"unknown annotate.backend {cfg.backend!r}: use template, hf, vllm, openai or package.module:Class")
     module, cls = cfg.backend.split(":", 1)
     return getattr(importlib.import_module(module), cls)(cfg)
 

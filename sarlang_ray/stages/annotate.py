@@ -15,9 +15,15 @@ from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
 
 def _body(cfg: WorkflowConfig) -> dict:
     a = cfg.annotate
-    manifest = map_items(shard_items(io.join(cfg.run.run_dir, "align", "shards")), annotate_stage.AnnotateShard,
-                         (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels), a.concurrency, a.num_cpus, a.num_gpus,
-                         max_actors=a.max_actors, memory_gb=a.memory_gb)
+    items = shard_items(io.join(cfg.run.run_dir, "align", "shards"))
+    if a.backend == "vllm":  # one Ray Data LLM pipeline for the stage's prompts, then QC and writes per shard
+        from sarlang_ray.annotate.vllm_backend import annotate_shards
+
+        manifest = annotate_shards(cfg, items, annotate_stage.AnnotateShard)
+    else:
+        manifest = map_items(items, annotate_stage.AnnotateShard,
+                             (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels), a.concurrency, a.num_cpus,
+                             a.num_gpus, max_actors=a.max_actors, memory_gb=a.memory_gb)
     counts = totals(manifest)
     hits: collections.Counter = collections.Counter()
     for m in manifest:

@@ -261,25 +261,32 @@ def check_storage(cfg: WorkflowConfig) -> None:
             "or, if that path is a shared file system mounted on every node (NFS, EFS, Lustre), set run.shared_fs=true.")
 
 
-def pool(n_items: int, concurrency: int | None, max_actors: int | None = None):
+def pool(n_items: int, concurrency: int | None, max_actors: int | None = None, num_cpus: float = 1.0,
+         num_gpus: float = 0.0):
     """The actor pool of a stage: ``concurrency`` actors when set, else an autoscaling pool.
 
-    The autoscaling pool starts with the actors the cluster's CPUs fit now and may grow to ``max_actors``
+    The autoscaling pool starts with the actors the cluster's CPUs (and GPUs) fit now and may grow to ``max_actors``
     (default: one per work item). Ray Data adds actors as resources appear and, on a cluster with an
     autoscaler, asks it for the nodes that pending actors need, so a cluster that starts from zero workers
     (or has no GPU node yet) grows for the stage instead of running it on one actor.
 
-    An actor holds one work item at a time: items are whole scenes or shards (seconds to minutes each), so
-    an item queued on a busy actor would wait while another actor idles, and a pool whose items all sit in
-    queues looks fully served and never grows.
+    A fixed pool's actor holds one work item at a time: items are whole scenes or shards (seconds to minutes
+    each), so an item queued on a busy actor would wait while another actor idles. An autoscaling pool's
+    actor holds two: Ray Data grows a pool only when its actors are over-subscribed (above 175 % of one item
+    each), so a queued second item is the signal that more actors are wanted.
     """
     import ray
 
     if concurrency:
         return ray.data.ActorPoolStrategy(size=min(concurrency, n_items), max_tasks_in_flight_per_actor=1)
-    now = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    have = ray.cluster_resources()
+    fits = [have.get("CPU", 0) / num_cpus] if num_cpus else []
+    fits += [have.get("GPU", 0) / num_gpus] if num_gpus else []
+    now = max(1, int(min(fits, default=1)))  # actors the cluster holds now (at least one: it asks for a node)
     top = max(1, min(max_actors or n_items, n_items))
-    return ray.data.ActorPoolStrategy(min_size=min(now, top), max_size=top, max_tasks_in_flight_per_actor=1)
+    if top <= now:  # everything fits now: a fixed pool
+        return ray.data.ActorPoolStrategy(size=top, max_tasks_in_flight_per_actor=1)
+    return ray.data.ActorPoolStrategy(min_size=now, max_size=top, max_tasks_in_flight_per_actor=2)
 
 
 def map_items(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float,
@@ -294,7 +301,7 @@ def map_items(items: list[dict], fn, constructor_args: tuple, concurrency: int |
         return []
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), max_blocks or len(items)))
     extra = {"memory": int(memory_gb * 2**30)} if memory_gb else {}
-    return ds.map(fn, fn_constructor_args=constructor_args, compute=pool(len(items), concurrency, max_actors),
+    return ds.map(fn, fn_constructor_args=constructor_args, compute=pool(len(items), concurrency, max_actors, num_cpus, num_gpus),
                   num_cpus=num_cpus, num_gpus=num_gpus, **extra).take_all()
 
 
