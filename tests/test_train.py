@@ -44,6 +44,19 @@ def _train_config(run_dir: Path, model: str, *overrides: str):
     return load_config(None, [f"run.run_dir={run_dir}", f"train.model={model}", "ray.progress=false", *overrides])
 
 
+def _of_this_session(proc) -> bool:
+    """Whether a Ray worker process belongs to the session's Ray (its raylet runs in the session's folder),
+    not to another Ray on the same machine."""
+    import psutil
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    try:
+        return session in " ".join(proc.parent().cmdline())
+    except (psutil.Error, AttributeError):
+        return False
+
+
 def _copy_export(demo_run, run_dir: Path) -> None:
     import shutil
 
@@ -79,7 +92,7 @@ def test_killed_worker_resumes_from_last_checkpoint(demo_run, tiny_vlm, tmp_path
     while killed is None and thread.is_alive() and time.time() < deadline:
         if snapshot.exists() and "checkpoint_" in snapshot.read_text():  # a checkpoint is registered
             for proc in psutil.process_iter(["cmdline"]):
-                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and _of_this_session(proc):
                     proc.kill()
                     killed = proc.pid
                     break
