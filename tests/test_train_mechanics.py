@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sarlang_ray import pipeline
+from sarlang_ray import families, pipeline
 from sarlang_ray.config import load_config
 from sarlang_ray.models import init_tiny_vlm, load_processor
 from sarlang_ray.train import IGNORE, check_adapter, collate, encode_pair, load_checkpoint_model
 
-FAMILIES = ["llava", "qwen2_vl", "idefics3", "gemma3", "internvl"]
+FAMILIES = sorted(families.FAMILIES)  # every family of the adapter table
 QA = [("How many ships are there?", "3"), ("Describe this image.", "A port with two ships and a road."),
       ("Is there a road?", "no")]
 
