@@ -309,6 +309,8 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
     """Inspect one SAR file. Returns a scenes-table row, or raises ItemError with the reason."""
     try:
         src = io.open_raster(uri)
+    except io.RemoteRasterError as exc:  # missing object, unreachable endpoint, refused credentials: its own advice
+        raise ItemError("unreadable", str(exc)) from None
     except Exception as exc:  # rasterio raises several classes for corrupt files
         raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. The file is corrupt or not a raster: re-download or remove it.") from None
     with src:

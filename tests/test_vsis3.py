@@ -286,3 +286,4 @@ def test_the_catalog_records_a_missing_object_in_its_errors_table(archive):
     row = inspect({"uri": missing, "stac": None})["error"]
     assert row["item"] == missing and row["error_class"] == "unreadable"
     assert f"{missing} does not exist (GDAL /vsis3/, endpoint {fsspec.filesystem('s3').endpoint_url})" in row["message"]
+    assert "corrupt" not in row["message"]  # a missing object is not called a corrupt file
