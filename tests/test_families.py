@@ -200,7 +200,7 @@ def test_lora_learns_merges_saves_and_reloads(tiny, family, tmp_path):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.85 * losses[0], losses
     merged = model.merge_and_unload().eval()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
