@@ -6,6 +6,8 @@ SARLANG-1M paper filtered speckle with refined Lee and then applied a log stretc
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from scipy import ndimage
@@ -90,14 +92,19 @@ def halo_for(window: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _refined_lee_kernel(xp, pad, halo, height, width, window, step, cells, counts, weights, looks, out):  # pragma: no cover (compiled)
+def _refined_lee_kernel(xp, pad, halo, height, width, step, offsets, counts, weights, looks, out):  # pragma: no cover (compiled)
     """Refined Lee for every pixel of the inner region; ``xp`` is the filled image padded by ``pad``.
 
     Per pixel: the 3x3 means at the centre and at ``step`` pixels along four axes (clamped to the image),
     the axis of the strongest gradient, the half window on the side closer to the centre, and Lee's MMSE
     weighting with that half window's mean and variance. Every value is a fixed-order sum over the pixel's
     own neighbourhood, so the result does not depend on where the array starts (seamless tiles).
+
+    Two passes per row: the directions of the whole row first (branch-free selects, so the loop
+    vectorises), then the chosen half windows' sums, read through flat offsets into ``xp``.
     """
+    n_cols = xp.shape[1]
+    flat = xp.ravel()
     m3 = np.empty((height, width))
     for i in range(height):
         for j in range(width):
@@ -106,33 +113,63 @@ def _refined_lee_kernel(xp, pad, halo, height, width, window, step, cells, count
                 for dx in range(-1, 2):
                     acc += xp[pad + i + dy, pad + j + dx]
             m3[i, j] = acc / 9.0
-    # (side a, side b) offsets of each axis: up/down, up-right/down-left, right/left, down-right/up-left
-    axes = np.array([[-step, 0, step, 0], [-step, step, step, -step], [0, step, 0, -step], [step, step, -step, -step]])
     noise_var = 1.0 / max(looks, 1e-6)
+    directions = np.empty(width, np.int64)
     for i in range(halo, height - halo):
+        up, down = max(i - step, 0), min(i + step, height - 1)
         for j in range(halo, width - halo):
+            left, right = max(j - step, 0), min(j + step, width - 1)
             centre = m3[i, j]
-            best, direction = -1.0, 0
-            for k in range(4):
-                ay = min(max(i + axes[k, 0], 0), height - 1)
-                ax = min(max(j + axes[k, 1], 0), width - 1)
-                by = min(max(i + axes[k, 2], 0), height - 1)
-                bx = min(max(j + axes[k, 3], 0), width - 1)
-                ma, mb = m3[ay, ax], m3[by, bx]
-                gradient = abs(ma - mb)
-                if gradient > best:  # the first axis wins ties, as numpy's argmax
-                    best = gradient
-                    direction = k if abs(ma - centre) <= abs(mb - centre) else k + 4
+            # (side a, side b) of each axis: up/down, up-right/down-left, right/left, down-right/up-left
+            a0, b0 = m3[up, j], m3[down, j]
+            a1, b1 = m3[up, right], m3[down, left]
+            a2, b2 = m3[i, right], m3[i, left]
+            a3, b3 = m3[down, right], m3[up, left]
+            g0, g1, g2, g3 = abs(a0 - b0), abs(a1 - b1), abs(a2 - b2), abs(a3 - b3)
+            # the strongest gradient; the first axis wins ties, as numpy's argmax
+            t = g1 > g0
+            best = g1 if t else g0
+            k = 1 if t else 0
+            ma = a1 if t else a0
+            mb = b1 if t else b0
+            t = g2 > best
+            best = g2 if t else best
+            k = 2 if t else k
+            ma = a2 if t else ma
+            mb = b2 if t else mb
+            t = g3 > best
+            k = 3 if t else k
+            ma = a3 if t else ma
+            mb = b3 if t else mb
+            directions[j] = k + (4 if abs(ma - centre) > abs(mb - centre) else 0)
+        for j in range(halo, width - halo):
+            direction = directions[j]
             mean, mean_sq = 0.0, 0.0
             w = weights[direction]
+            base = (pad + i) * n_cols + pad + j
             for k in range(counts[direction]):  # the half window's cells, row by row as the reference sums
-                v = xp[pad + i + cells[direction, k, 0], pad + j + cells[direction, k, 1]]
+                v = flat[base + offsets[direction, k]]
                 mean += w * v
                 mean_sq += w * v * v
             var = max(mean_sq - mean * mean, 0.0)
             var_signal = (var - mean * mean * noise_var) / (1.0 + noise_var)
             b = min(max(var_signal / max(var, 1e-20), 0.0), 1.0)
-            out[i - halo, j - halo] = mean + b * (xp[pad + i, pad + j] - mean)
+            out[i - halo, j - halo] = mean + b * (flat[base] - mean)
+
+
+@functools.lru_cache(maxsize=16)
+def _half_window_cells(window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each half window as its cells' (dy, dx) offsets in row-major order, their count, and its weight
+    1 / (number of cells)."""
+    r = window // 2
+    masks = _half_window_masks(window)
+    cells = np.zeros((8, window * window, 2), dtype=np.int64)
+    counts = np.zeros(8, dtype=np.int64)
+    for k, m in enumerate(masks):
+        dy, dx = np.nonzero(m)
+        cells[k, : len(dy)] = np.column_stack([dy - r, dx - r])
+        counts[k] = len(dy)
+    return cells, counts, np.array([1.0 / m.sum() for m in masks])
 
 
 def refined_lee_filter(intensity: np.ndarray, window: int = 7, looks: float = 4.0, halo: int = 0) -> np.ndarray:
@@ -155,17 +192,10 @@ def refined_lee_filter(intensity: np.ndarray, window: int = 7, looks: float = 4.
     r = window // 2
     pad = r + 1
     xp = np.pad(x, pad, mode="symmetric")  # scipy's "reflect" mode
-    masks = _half_window_masks(window)
-    # each half window as its cells' (dy, dx) offsets, and its weight 1 / (number of cells)
-    cells = np.zeros((8, window * window, 2), dtype=np.int64)
-    counts = np.zeros(8, dtype=np.int64)
-    for k, m in enumerate(masks):
-        dy, dx = np.nonzero(m)
-        cells[k, : len(dy)] = np.column_stack([dy - r, dx - r])
-        counts[k] = len(dy)
-    weights = np.array([1.0 / m.sum() for m in masks])
+    cells, counts, weights = _half_window_cells(window)
+    offsets = cells[:, :, 0] * xp.shape[1] + cells[:, :, 1]  # into the flattened padded image
     out = np.empty((x.shape[0] - 2 * halo, x.shape[1] - 2 * halo))
-    _refined_lee_kernel(xp, pad, halo, x.shape[0], x.shape[1], window, max(1, r - 1), cells, counts, weights, float(looks), out)
+    _refined_lee_kernel(xp, pad, halo, x.shape[0], x.shape[1], max(1, r - 1), offsets, counts, weights, float(looks), out)
     out = out.astype(np.float32)
     out[~valid[halo: x.shape[0] - halo, halo: x.shape[1] - halo]] = np.nan
     return out
