@@ -220,6 +220,75 @@ def despeckle(intensity: np.ndarray, cfg: SpeckleSection, looks_scale: float = 1
     raise ValueError(f"unknown speckle filter {cfg.filter!r}; use none, lee or refined_lee")
 
 
+_BINS = 4096
+
+
+@numba.njit(cache=True, nogil=True)
+def _order_statistics(x, ranks):  # pragma: no cover (compiled)
+    """The values of ``x`` (1-D, finite) at the sorted positions ``ranks``, without sorting ``x``: a
+    histogram over [min, max] finds the bin of each rank, then only those bins' values are sorted.
+    Binning is monotone, so a value's bin never ranks it past a larger value."""
+    n = x.size
+    lo, hi = x.min(), x.max()
+    out = np.empty(ranks.size, x.dtype)
+    if lo == hi:
+        out[:] = lo
+        return out
+    scale = _BINS / (np.float64(hi) - np.float64(lo))
+    counts = np.zeros(_BINS, np.int64)
+    for v in x:
+        counts[min(int((np.float64(v) - lo) * scale), _BINS - 1)] += 1
+    starts = np.zeros(_BINS + 1, np.int64)
+    for b in range(_BINS):
+        starts[b + 1] = starts[b] + counts[b]
+    wanted = np.full(_BINS, -1, np.int64)  # bin -> slot in the gathered buffer
+    bins = np.empty(ranks.size, np.int64)
+    offsets = np.zeros(ranks.size + 1, np.int64)
+    n_wanted = 0
+    for k in range(ranks.size):
+        b = np.searchsorted(starts, ranks[k], side="right") - 1
+        bins[k] = b
+        if wanted[b] < 0:
+            wanted[b] = n_wanted
+            offsets[n_wanted + 1] = offsets[n_wanted] + counts[b]
+            n_wanted += 1
+    buffer = np.empty(offsets[n_wanted], x.dtype)
+    fill = offsets[:n_wanted].copy()
+    for v in x:
+        slot = wanted[min(int((np.float64(v) - lo) * scale), _BINS - 1)]
+        if slot >= 0:
+            buffer[fill[slot]] = v
+            fill[slot] += 1
+    for k in range(n_wanted):
+        buffer[offsets[k]: offsets[k + 1]] = np.sort(buffer[offsets[k]: offsets[k + 1]])
+    for k in range(ranks.size):
+        b = bins[k]
+        out[k] = buffer[offsets[wanted[b]] + ranks[k] - starts[b]]
+    return out
+
+
+def percentiles(values: np.ndarray, q) -> np.ndarray:
+    """``np.percentile(values, q)`` (linear interpolation), bit for bit, for a 1-D array of finite values,
+    in about a third of the time on a tile: the order statistics come from :func:`_order_statistics` and the
+    interpolation is numpy's own formula (virtual index, float32 difference, the two-sided lerp)."""
+    x = np.ascontiguousarray(values).ravel()
+    n = x.size
+    quantiles = np.asarray(q, dtype=np.float64) / 100.0
+    virtual = (n - 1) * quantiles  # numpy's virtual index for method "linear"
+    previous = np.floor(virtual)
+    following = previous + 1
+    above, below = virtual >= n - 1, virtual < 0
+    previous[above], following[above] = n - 1, n - 1
+    previous[below], following[below] = 0, 0
+    gamma = virtual - np.where(above, -1, previous)  # numpy measures from the index it looked up (-1 above)
+    ranks = np.unique(np.concatenate([previous, following]).astype(np.int64))
+    stats = dict(zip(ranks.tolist(), _order_statistics(x, ranks)))
+    a = np.array([stats[int(i)] for i in previous], dtype=x.dtype)
+    b = np.array([stats[int(i)] for i in following], dtype=x.dtype)
+    diff = b - a
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+
+
 def stretch_to_uint8(db: np.ndarray, cfg: StretchSection, bounds: tuple[float, float] | None = None
                      ) -> tuple[np.ndarray, float, float]:
     """Clip dB values (per-tile percentiles or fixed range) and scale to 0..255; NaN becomes 0.
@@ -233,7 +302,7 @@ def stretch_to_uint8(db: np.ndarray, cfg: StretchSection, bounds: tuple[float, f
     elif bounds is not None:
         lo, hi = bounds
     else:
-        lo, hi = (float(v) for v in np.percentile(db[valid], [cfg.low, cfg.high]))
+        lo, hi = (float(v) for v in percentiles(db[valid], [cfg.low, cfg.high]))
     if hi - lo < 1e-6:
         hi = lo + 1e-6
     scaled = np.clip((db - lo) / (hi - lo), 0.0, 1.0) * 255.0

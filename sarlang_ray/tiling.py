@@ -22,18 +22,17 @@ cover the scene without gaps.
 
 from __future__ import annotations
 
-import io as _io
 import json
 import math
 import os
 import time
 from dataclasses import dataclass
 
+import imagecodecs
 import numpy as np
 import pyarrow as pa
 import rasterio
 from affine import Affine
-from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
@@ -146,9 +145,9 @@ def shard_name(scene_id: str, gsd: float, chunk: int) -> str:
 
 
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
-    buf = _io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+    """A PNG (8-bit grey or RGB) at zlib ``compress_level``, by libpng with zlib-ng (imagecodecs): the same
+    pixels Pillow would write, in about three quarters of its time on a speckled tile."""
+    return imagecodecs.png_encode(np.ascontiguousarray(array), level=compress_level)
 
 
 def source_window(src_transform: Affine, src_crs, dst_transform: Affine, dst_crs, size: int, pad: int = 2) -> Window:
@@ -362,7 +361,7 @@ class TileChunk:
         db[invalid] = np.nan
         valid_db = db[~invalid]
         # one partition for the statistics and the stretch (a percentile costs as much as the dB conversion)
-        p02, p98, low, high = np.percentile(valid_db, [2, 98, cfg.stretch.low, cfg.stretch.high])
+        p02, p98, low, high = sar.percentiles(valid_db, [2, 98, cfg.stretch.low, cfg.stretch.high])
         image, lo, hi = sar.stretch_to_uint8(db, cfg.stretch, bounds=(float(low), float(high)))
         return {
             "tile_id": tid, "scene_id": scene["scene_id"], "gsd_m": grid.gsd, "row": r, "col": c,

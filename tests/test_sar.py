@@ -55,3 +55,59 @@ def test_stretch_percentile_and_fixed():
     assert img.dtype == np.uint8 and img.min() == 0 and img.max() == 255
     img, lo, hi = sar.stretch_to_uint8(np.array([[-25.0, 5.0, np.nan]]), StretchSection(mode="fixed"))
     assert img.tolist() == [[0, 255, 0]] and (lo, hi) == (-25.0, 5.0)
+
+
+# ------------------------------------------------ the tile stage's fast percentiles and PNG encoder
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(hnp.arrays(st.sampled_from([np.float32, np.float64]), st.integers(1, 600),
+                  elements=st.floats(-1e6, 1e6, allow_nan=False, width=32)),
+       st.lists(st.floats(0, 100), min_size=1, max_size=6))
+def test_percentiles_equal_numpys_bit_for_bit(values, q):
+    """The histogram selection + numpy's interpolation formula against np.percentile itself: ties, constant
+    arrays, one element, extreme ranks, float32 and float64."""
+    expected = np.percentile(values, q)
+    got = sar.percentiles(values, q)
+    assert got.dtype == expected.dtype
+    assert np.array_equal(got, expected), (got, expected)
+
+
+def test_percentiles_equal_numpys_on_real_tiles(real_sar):
+    import rasterio
+
+    n = 0
+    for path in sorted(p for p in real_sar.rglob("*.tif*") if p.suffix in (".tif", ".tiff")):
+        with rasterio.open(path) as src:
+            block = src.read(1, masked=True).astype(np.float32).filled(np.nan)
+        db = sar.to_db(np.abs(block))
+        for r in range(0, db.shape[0] - 127, 128):
+            for c in range(0, db.shape[1] - 127, 128):
+                tile = db[r: r + 128, c: c + 128]
+                valid = tile[np.isfinite(tile)]
+                if valid.size:
+                    q = [2, 98, 0.5, 99.5]
+                    assert np.array_equal(sar.percentiles(valid, q), np.percentile(valid, q)), (path.name, r, c)
+                    n += 1
+    assert n >= 50
+
+
+def test_the_png_encoder_writes_the_same_pixels_as_pillow_reads():
+    import io
+
+    from PIL import Image
+
+    from sarlang_ray.tiling import encode_png
+
+    rng = np.random.default_rng(3)
+    for array in (rng.integers(0, 256, (512, 512), dtype=np.uint8), rng.integers(0, 256, (37, 53, 3), dtype=np.uint8),
+                  np.zeros((9, 9), np.uint8)[::2, ::3]):
+        png = encode_png(array, 6)
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.mode == ("RGB" if array.ndim == 3 else "L")
+            assert np.array_equal(np.asarray(im), array)
+    flat = encode_png(np.full((256, 256), 7, np.uint8), 6)
+    assert len(flat) < 1000  # compressed, not stored
