@@ -36,6 +36,7 @@ import os
 import re
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -43,7 +44,7 @@ import pyarrow as pa
 from sarlang_ray import io, metrics, plots
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS, read_tiles, tile_shards
+from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS, tile_shards
 
 log = logging.getLogger("sarlang")
 
@@ -157,19 +158,35 @@ def read_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None
 
     Raises:
         FileNotFoundError: no such split (the message says where it was looked for)."""
-    if dataset_kind(cfg) == "export":
-        return io.read_parquet(split_files(cfg, split), columns=columns)
-    which = "train" if split == "train" and cfg.evaluate.train_dataset else "dataset"
-    files = table_uris(cfg, which)
-    table = io.read_parquet(files, columns=None if columns is None else list(dict.fromkeys([*columns, "split"])))
+    parts = list(iter_split(cfg, split, columns))
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def iter_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The rows of ``split`` file by file (``columns`` only), so a whole split never sits in memory at once;
+    at least one table (maybe empty) for a split that exists.
+
+    Raises:
+        FileNotFoundError: no such split (the message says where it was looked for)."""
     import pyarrow.compute as pc
 
-    table = table.filter(pc.equal(table["split"], split))
-    if not table.num_rows:
+    if dataset_kind(cfg) == "export":
+        for uri in split_files(cfg, split):
+            yield io.read_parquet(uri, columns=columns)
+        return
+    which = "train" if split == "train" and cfg.evaluate.train_dataset else "dataset"
+    files = table_uris(cfg, which)
+    found = 0
+    for uri in files:
+        table = io.read_parquet(uri, columns=None if columns is None else list(dict.fromkeys([*columns, "split"])))
+        table = table.filter(pc.equal(table["split"], split))
+        if table.num_rows:
+            found += table.num_rows
+            yield table.select(columns) if columns is not None else table
+    if not found:
         where = cfg.evaluate.train_dataset if which == "train" else cfg.evaluate.dataset
         raise FileNotFoundError(f"no {split} split in {where} (its splits: "
                                 f"{sorted(set(io.read_parquet(files, columns=['split'])['split'].to_pylist()))})")
-    return table.select(columns) if columns is not None else table
 
 
 def select_pairs(table: pa.Table, limit: int | None) -> list[dict]:
@@ -539,16 +556,19 @@ def baseline_rows(cfg: WorkflowConfig, table: pa.Table) -> tuple[list[dict], lis
 def majority_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -> tuple[dict | None, str | None]:
     """Lower bound: per question type the train split's most frequent answer; captions: its most frequent
     caption of that kind. (row, None), or (None, why) when there is no train split."""
+    vqa, captions = metrics.AnswerCounts(), metrics.AnswerCounts()  # streamed file by file: counts only
     try:
-        train = read_split(cfg, "train", ["kind", "question_type", "answer"]).to_pylist()
+        for part in iter_split(cfg, "train", ["kind", "question_type", "answer"]):
+            kinds, types, answers = (part[c].to_pylist() for c in ("kind", "question_type", "answer"))
+            vqa.add((t, a) for k, t, a in zip(kinds, types, answers) if k not in CAPTION_KINDS)
+            captions.add((k, a) for k, a in zip(kinds, answers) if k in CAPTION_KINDS)
     except FileNotFoundError as exc:
         if dataset_kind(cfg) == "export":
             return None, f"no train split under {io.join(cfg.run.run_dir, 'export', 'parquet')} to take the answers from"
         return None, (f"no train split to take the answers from ({exc}); give one with evaluate.train_dataset "
                       "(a LLaMA-Factory JSON file or a pairs table)")
-    majority = metrics.majority_answers([r for r in train if r["kind"] not in CAPTION_KINDS])
-    common = {k: metrics.majority_answers([{"question_type": k, "answer": r["answer"]} for r in train if r["kind"] == k]).overall
-              for k in CAPTION_KINDS if any(r["kind"] == k for r in train)}
+    majority = vqa.majority()
+    common = dict(captions.majority()) if captions.per_type else {}  # caption kind -> its most frequent caption
     preds = {p["pair_id"]: common.get(p["kind"], "") if p["kind"] in CAPTION_KINDS else majority[p["question_type"]] for p in pairs}
     return {**score(pairs, preds, refs, judge), "model": MAJORITY, "image": "-", "prompt": "-"}, None
 
@@ -573,13 +593,15 @@ def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -
                       "(copy the align stage's output into the run folder)")
     wanted = sorted({p["tile_id"] for p in pairs})
     columns = [c for c in ANNOTATE_TILE_COLUMNS if not c.endswith("_png")]  # the template annotator reads no image
-    try:
-        table = read_tiles(run_dir, columns)
-    except Exception as exc:  # noqa: BLE001 -- e.g. written without objects (ArrowInvalid): a note, not a crash
-        return None, f"the tiles table under {io.join(run_dir, 'align', 'shards')} cannot be read: {type(exc).__name__}: {exc}"
     import pyarrow.compute as pc
 
-    tiles = table.filter(pc.is_in(table["tile_id"], pa.array(wanted, pa.string()))).to_pylist()
+    tiles, wanted_ids = [], pa.array(wanted, pa.string())
+    try:  # shard by shard, keeping only the split's tiles
+        for uri in tile_shards(run_dir):
+            shard = io.read_parquet(uri, columns=columns)
+            tiles += shard.filter(pc.is_in(shard["tile_id"], wanted_ids)).to_pylist()
+    except Exception as exc:  # noqa: BLE001 -- e.g. written without objects (ArrowInvalid): a note, not a crash
+        return None, f"the tiles table under {io.join(run_dir, 'align', 'shards')} cannot be read: {type(exc).__name__}: {exc}"
     missing = sorted(set(wanted) - {t["tile_id"] for t in tiles})
     if missing:
         return None, (f"{len(missing)} of the {len(wanted)} tiles of the {split} pairs are not in the tiles table "

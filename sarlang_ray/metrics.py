@@ -352,14 +352,30 @@ def majority_answers(train_rows: Iterable[Mapping[str, Any]] | Any) -> MajorityA
     Raises:
         ValueError: no rows.
     """
-    records = train_rows.to_dict("records") if hasattr(train_rows, "to_dict") else list(train_rows)
-    if not records:
-        raise ValueError("no training rows: the majority baseline needs the training split's answers")
-    per_type: dict[str, Counter[str]] = defaultdict(Counter)
-    for row in records:
-        per_type[_text(row["question_type"])][_text(row["answer"])] += 1
-    return MajorityAnswers({t: _most_frequent(c) for t, c in sorted(per_type.items())},
-                           _most_frequent(sum(per_type.values(), Counter())))
+    records = train_rows.to_dict("records") if hasattr(train_rows, "to_dict") else train_rows
+    counts = AnswerCounts()
+    counts.add((row["question_type"], row["answer"]) for row in records)
+    return counts.majority()
+
+
+class AnswerCounts:
+    """How often each answer occurs per question type, counted batch by batch (a split streamed from its
+    shards: only the distinct answers and their counts are held); :meth:`majority` gives the baseline."""
+
+    def __init__(self):
+        self.per_type: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def add(self, pairs: Iterable[tuple[Any, Any]]) -> None:
+        """Count (question type, answer) pairs."""
+        for question_type, answer in pairs:
+            self.per_type[_text(question_type)][_text(answer)] += 1
+
+    def majority(self) -> MajorityAnswers:
+        """See :func:`majority_answers`. Raises ValueError when nothing was counted."""
+        if not self.per_type:
+            raise ValueError("no training rows: the majority baseline needs the training split's answers")
+        return MajorityAnswers({t: _most_frequent(c) for t, c in sorted(self.per_type.items())},
+                               _most_frequent(sum(self.per_type.values(), Counter())))
 
 
 def _most_frequent(counts: Counter[str]) -> str:

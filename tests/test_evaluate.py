@@ -443,3 +443,46 @@ def test_a_llamafactory_json_file_is_a_dataset_too(tmp_path):
     assert [r["model"] for r in rows] == [evaluate.MAJORITY] and "is not this run's export" in notes[0]
     assert rows[0]["vqa_strict_per_application"]["object identification"] == 1.0  # "no", the train answer
     assert rows[0]["vqa_strict_per_application"]["instance counting"] == 0.0  # "3" from train, "2" in test
+
+
+def test_baselines_stream_the_split_and_give_what_the_whole_table_gives(demo_run):
+    """The majority answer counts the train split file by file; its predictions equal the most frequent answer
+    per question type (and caption per kind) counted here over the whole train table at once, ties to the
+    alphabetically first; the template oracle reads the tiles table shard by shard and still recomputes
+    every VQA answer."""
+    from collections import Counter
+
+    import pyarrow as pa
+
+    from sarlang_ray import io
+    from sarlang_ray.config import load_config
+
+    cfg0, _ = demo_run
+    cfg = load_config(None, [f"run.run_dir={cfg0.run.run_dir}", "ray.progress=false"])
+    files = evaluate.split_files(cfg, "train")
+    parts = list(evaluate.iter_split(cfg, "train", ["kind", "question_type", "answer"]))
+    assert len(parts) == len(files) > 1  # one table per export shard of the split
+    whole = pa.concat_tables(parts)
+    assert whole.equals(io.read_parquet(files, columns=["kind", "question_type", "answer"]))
+
+    counts: dict[str, Counter] = {}
+    for r in whole.to_pylist():
+        key = r["kind"] if r["kind"] in evaluate.CAPTION_KINDS else r["question_type"]
+        counts.setdefault(key, Counter())[r["answer"]] += 1
+    def most_frequent(c: Counter) -> str:
+        return sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+
+    expected_answer = {k: most_frequent(c) for k, c in counts.items()}
+    overall = most_frequent(sum((c for k, c in counts.items() if k not in evaluate.CAPTION_KINDS), Counter()))
+
+    test = io.read_parquet(evaluate.split_files(cfg, "test"), columns=evaluate.META)
+    pairs, refs = evaluate.select_pairs(test, None), evaluate.caption_refs(test)
+    expected_preds = {p["pair_id"]: expected_answer.get(p["kind"], "") if p["kind"] in evaluate.CAPTION_KINDS
+                      else expected_answer.get(p["question_type"], overall) for p in pairs}  # unseen type: overall
+    row, why = evaluate.majority_row(cfg, pairs, refs)
+    assert why is None
+    expected = {**evaluate.score(pairs, expected_preds, refs), "model": evaluate.MAJORITY, "image": "-", "prompt": "-"}
+    assert row == expected
+
+    oracle, why = evaluate.oracle_row(cfg, pairs, refs)
+    assert why is None and oracle["vqa_strict"] == 1.0
