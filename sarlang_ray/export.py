@@ -1,18 +1,25 @@
-"""export: leakage-free splits, then the dataset in four forms, written shard by shard.
+"""export: leakage-free splits, then the dataset in four forms, written shard by shard on Ray workers.
 
 * ``export/parquet/<split>/<shard>.parquet``: one row per QC-passed pair with the SAR tile as an
   ``image`` {bytes, path} column and Hugging Face ``features`` metadata, so
   ``datasets.load_dataset("parquet", data_files=...)`` decodes images.
-* ``export/llamafactory/``: ShareGPT JSON per split (``messages`` + ``images``, one ``<image>`` per image),
-  ``dataset_info.json``, and the PNGs under ``images/``.
-* ``export/sarlang1m/``: the SARLANG-1M release layout: ``SAR_images/``, ``captions/{concise,detailed}_<split>.csv``
-  (``image,caption``), ``vqa/vqa_<split>.json`` in LLaMA-Factory form (plus ``application``,
-  ``question_type`` and ``pair_id`` keys, which LLaMA-Factory ignores). :mod:`sarlang_ray.release` reads it back
-  (``import_sarlang1m`` and ``release_image`` are re-exported here).
+* ``export/sarlang1m/``: the SARLANG-1M release layout: ``SAR_images/`` (the one copy of every tile PNG),
+  ``captions/{concise,detailed}_<split>.csv`` (``image,caption``), ``vqa/vqa_<split>.json`` in LLaMA-Factory
+  form (plus ``application``, ``question_type`` and ``pair_id`` keys, which LLaMA-Factory ignores).
+  :mod:`sarlang_ray.release` reads it back (``import_sarlang1m`` and ``release_image`` are re-exported here).
+* ``export/llamafactory/``: ShareGPT JSON per split (``messages`` + ``images``, one ``<image>`` per image) and
+  ``dataset_info.json``. Its records name the images of ``sarlang1m/SAR_images/`` as
+  ``../sarlang1m/SAR_images/<tile>.png``: LLaMA-Factory joins an image path to ``media_dir``, which defaults to
+  ``dataset_dir`` (this folder), so ``dataset_dir=export/llamafactory`` finds them with no copy.
 * ``export/dataset_card.md`` with counts and PNG plots.
 
-Splits are by scene (``export.split_by: scene``) or region, so no scene lands in two splits: groups are
-ordered by a seeded hash and each goes to the split furthest below its target share of tiles.
+Splits are computed in the driver from small per-tile descriptors (:func:`split_tiles`: no images). The rest
+is per shard (:class:`ExportShard`, on Ray workers): it reads one tiles shard and its annotations, writes the
+PNGs, the Parquet shards and, for each JSON/CSV file of the layouts, a *part* (that shard's records, already
+encoded) under ``export/_parts/``, and returns only counters. :func:`assemble` then streams each file's parts,
+in shard order and one at a time, into the final file (one JSON array, byte for byte what one ``json.dumps`` of all records
+would give), and the parts are removed. Splits are by geography (default), scene or region, so no ground
+lands in two splits.
 """
 
 from __future__ import annotations
@@ -20,7 +27,12 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+import os
+import socket
+import tempfile
+import uuid
 from collections import Counter
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 import shapely
@@ -44,17 +56,36 @@ EXPORT_SCHEMA = pa.schema(
     + [("split", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]
 ).with_metadata({b"huggingface": json.dumps({"info": {"features": HF_FEATURES}}).encode()})
 
+IMAGES = "sarlang1m/SAR_images"  # under export/: the one copy of every tile PNG
+LLAMA_IMAGES = "../sarlang1m/SAR_images"  # how llamafactory/ records name that folder (relative to media_dir)
+PARTS = "_parts"  # under export/: per-shard parts of the JSON and CSV files, removed once assembled
+CSV_HEADER = b"image,caption\r\n"  # csv.DictWriter's header (and its \r\n line ends)
+STATS = ("pairs", "applications", "question_types", "classes", "landcover", "gsd", "tiles")  # the card's counters
+
 
 def _image_name(tile_id: str) -> str:
     return f"{tile_id}.png"
 
 
-def split_tiles(cfg: WorkflowConfig) -> list[SplitTile]:
-    """The tiles that have QC-passed pairs (the ones export writes), as split inputs; read shard by shard."""
-    run_dir = cfg.run.run_dir
-    out = []
+def assembled_files(split: str) -> dict[str, str]:
+    """The files of one split that are assembled from per-shard parts (path under export/ -> json or csv)."""
+    return {f"llamafactory/sarlang_{split}.json": "json", f"sarlang1m/vqa/vqa_{split}.json": "json",
+            f"sarlang1m/captions/concise_{split}.csv": "csv", f"sarlang1m/captions/detailed_{split}.csv": "csv"}
+
+
+def part_uri(out: str, target: str, shard: str) -> str:
+    """Where a shard's part of ``target`` (a path under export/) lives."""
+    return io.join(out, PARTS, target, shard.replace("/", "__") + ".part")
+
+
+# ---------------------------------------------------------------- driver: splits from small descriptors
+def split_inputs(run_dir: str) -> Iterator[tuple[str, SplitTile]]:
+    """(tiles shard name, split input) of every tile that has QC-passed pairs (the ones export writes), in
+    shard order; read shard by shard, no images."""
+    tile_root, ann_root = tables.shard_root(run_dir, "align"), tables.shard_root(run_dir, "annotate")
     for tile_uri in tables.tile_shards(run_dir):
-        ann_uri = io.join(tables.shard_root(run_dir, "annotate"), io.relative(tile_uri, tables.shard_root(run_dir, "align")))
+        name = io.relative(tile_uri, tile_root)
+        ann_uri = io.join(ann_root, name)
         if not io.exists(ann_uri):
             continue
         ann = io.read_parquet(ann_uri, columns=["tile_id", "qc_passed"])
@@ -62,16 +93,27 @@ def split_tiles(cfg: WorkflowConfig) -> list[SplitTile]:
         cols = ["tile_id", "scene_id", "region", "footprint", "crs", "objects"]
         for t in io.read_parquet(tile_uri, columns=cols).to_pylist():
             if t["tile_id"] in used:
-                out.append(SplitTile(t["tile_id"], t["scene_id"], t["region"], shapely.from_wkb(t["footprint"]), t["crs"],
-                                     frozenset(o["label_id"] for o in t["objects"] if o["label_id"])))
-    return out
+                yield name, SplitTile(t["tile_id"], t["scene_id"], t["region"], shapely.from_wkb(t["footprint"]),
+                                      t["crs"], frozenset(o["label_id"] for o in t["objects"] if o["label_id"]))
 
 
-def run_export(cfg: WorkflowConfig) -> dict:
-    run_dir, e = cfg.run.run_dir, cfg.export
-    out = io.join(run_dir, "export")
+def split_tiles(cfg: WorkflowConfig) -> list[SplitTile]:
+    """The tiles that have QC-passed pairs (the ones export writes), as split inputs; read shard by shard."""
+    return [t for _, t in split_inputs(cfg.run.run_dir)]
+
+
+def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
+    """Split the tiles (in the driver, from descriptors), write ``leakage.json`` and ``errors.parquet``.
+
+    Returns the work items, one per tiles shard with exported tiles (``index``, ``shard`` and ``splits``, its
+    tiles' splits as JSON), and the counts of the split (planned, written, rejected, leakage)."""
+    e, out = cfg.export, io.join(cfg.run.run_dir, "export")
+    shard_of: dict[str, str] = {}
+    candidates = []
+    for shard, tile in split_inputs(cfg.run.run_dir):
+        shard_of[tile.tile_id] = shard
+        candidates.append(tile)
     ratios = {"train": e.train, "val": e.val, "test": e.test}
-    candidates = split_tiles(cfg)
     dropped: dict[str, str] = {}
     if e.split_by == "geographic":
         tile_split, dropped = geographic_splits(candidates, ratios, cfg.run.seed, e.block_m, e.buffer_m)
@@ -82,71 +124,176 @@ def run_export(cfg: WorkflowConfig) -> dict:
     io.write_json_atomic(io.join(out, "leakage.json"), leakage)
     io.write_parquet_atomic(io.join(out, "errors.parquet"), errors_table(
         [error_row("export", tid, "split_boundary", why) for tid, why in sorted(dropped.items())]))
+    by_shard: dict[str, dict[str, str]] = {}
+    for tile in candidates:  # shard order (split_inputs'), tiles in shard order
+        if tile.tile_id in tile_split:
+            by_shard.setdefault(shard_of[tile.tile_id], {})[tile.tile_id] = tile_split[tile.tile_id]
+    items = [{"index": i, "shard": shard, "splits": json.dumps(splits)} for i, (shard, splits) in enumerate(by_shard.items())]
+    counts = {"planned": len(candidates), "written": len(candidates) - len(dropped), "rejected": len(dropped),
+              "leakage": leakage}
+    return items, counts
 
-    llama = {s: [] for s in SPLITS}
-    captions = {(k, s): [] for k in ("concise", "detailed") for s in SPLITS}
-    stats = {"pairs": Counter(), "applications": Counter(), "question_types": Counter(), "classes": Counter(),
-             "landcover": Counter(), "gsd": Counter(), "tiles": Counter()}
-    ann_root = io.join(run_dir, "annotate", "shards")
-    tile_root = io.join(run_dir, "align", "shards")
-    for tile_uri in tables.tile_shards(run_dir):
-        name = io.relative(tile_uri, tile_root)
-        tiles = {t["tile_id"]: t for t in io.read_parquet(tile_uri, columns=["tile_id", "scene_id", "gsd_m", "sar_png", "objects", "landcover"]).to_pylist()}
-        ann_uri = io.join(ann_root, name)
-        pairs = [p for p in io.read_parquet(ann_uri, columns=PAIR_COLUMNS + ["qc_passed"]).to_pylist()
-                 if p["qc_passed"] and p["tile_id"] in tile_split] if io.exists(ann_uri) else []
-        used = sorted({p["tile_id"] for p in pairs})
-        for tid in used:  # images once per tile, in both image folders
-            png = tiles[tid]["sar_png"]
-            io.write_bytes_atomic(io.join(out, "llamafactory", "images", _image_name(tid)), png)
-            io.write_bytes_atomic(io.join(out, "sarlang1m", "SAR_images", _image_name(tid)), png)
+
+# ---------------------------------------------------------------- workers: one shard
+def _json_item(record: dict) -> str:
+    """A record as it appears inside an ``indent=2`` JSON array (the array's own indent added)."""
+    return "  " + json.dumps(record, indent=2, sort_keys=True, default=str).replace("\n", "\n  ")
+
+
+def _csv_row(image: str, caption: str) -> str:
+    buf = _io.StringIO()
+    csv.writer(buf).writerow([image, caption])  # the dialect of csv.DictWriter: excel, \r\n
+    return buf.getvalue()
+
+
+class ExportShard:
+    """Ray Data row function (actor pool): one tiles shard and its annotations -> its PNGs, Parquet shards
+    and parts; returns a small manifest row (counters as JSON, the worker that did it)."""
+
+    def __init__(self, run_dir: str):
+        self.tile_root = tables.shard_root(run_dir, "align")
+        self.ann_root = tables.shard_root(run_dir, "annotate")
+        self.out = io.join(run_dir, "export")
+
+    def __call__(self, row: dict) -> dict:
+        name, split_of = row["shard"], json.loads(row["splits"])
+        done_uri = io.join(self.out, PARTS, "_done", name.replace("/", "__") + ".json")
+        if io.exists(done_uri):  # an earlier, interrupted run finished this shard: its files are there
+            return {**io.read_json(done_uri), "index": row["index"], "skipped": True}
+        tiles = {t["tile_id"]: t for t in io.read_parquet(
+            io.join(self.tile_root, name), columns=["tile_id", "gsd_m", "sar_png", "objects", "landcover"]).to_pylist()}
+        pairs = [p for p in io.read_parquet(io.join(self.ann_root, name), columns=PAIR_COLUMNS + ["qc_passed"]).to_pylist()
+                 if p["qc_passed"] and p["tile_id"] in split_of]
+        stats: dict[str, Counter] = {k: Counter() for k in STATS}
+        for tid in sorted({p["tile_id"] for p in pairs}):  # each image once, in the one image folder
             t = tiles[tid]
-            stats["tiles"][tile_split[tid]] += 1
+            io.write_bytes_atomic(io.join(self.out, IMAGES, _image_name(tid)), t["sar_png"])
+            stats["tiles"][split_of[tid]] += 1
             stats["gsd"][f"{t['gsd_m']:g}"] += 1
             stats["classes"].update(o["class"] for o in t["objects"])
             stats["landcover"].update({k: v for k, v in (t["landcover"] or [])})
-        rows = {s: [] for s in SPLITS}
+        rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        parts: dict[str, list[str]] = {}  # file under export/ -> this shard's encoded records of it
         for p in pairs:
-            split = tile_split[p["tile_id"]]
+            split = split_of[p["tile_id"]]
             image = _image_name(p["tile_id"])
             rows[split].append({**{c: p[c] for c in PAIR_COLUMNS}, "split": split,
                                 "image": {"bytes": tiles[p["tile_id"]]["sar_png"], "path": image}})
             stats["pairs"][split] += 1
             stats["applications"][p["application"]] += 1
             stats["question_types"][p["question_type"]] += 1
+            llama, vqa, concise, detailed = assembled_files(split)
             record = {"messages": [{"role": "user", "content": "<image>" + p["question"]},
                                    {"role": "assistant", "content": p["answer"]}],
-                      "images": [f"images/{image}"],
+                      "images": [f"{LLAMA_IMAGES}/{image}"],
                       "pair_id": p["pair_id"], "application": p["application"], "question_type": p["question_type"]}
-            llama[split].append(record)
+            parts.setdefault(llama, []).append(_json_item(record))
+            if p["application"] != "image description":
+                parts.setdefault(vqa, []).append(_json_item({**record, "images": [f"SAR_images/{image}"]}))
             if p["kind"] != "vqa":
-                captions[(p["kind"].split("_")[1], split)].append({"image": image, "caption": p["answer"]})
+                parts.setdefault(concise if p["kind"] == "caption_concise" else detailed, []).append(_csv_row(image, p["answer"]))
         for split, r in rows.items():
             if r:
-                io.write_parquet_atomic(io.join(out, "parquet", split, name.replace("/", "__")), pa.Table.from_pylist(r, schema=EXPORT_SCHEMA))
+                io.write_parquet_atomic(io.join(self.out, "parquet", split, name.replace("/", "__")),
+                                        pa.Table.from_pylist(r, schema=EXPORT_SCHEMA))
+        for target, encoded in parts.items():
+            sep = "" if target.endswith(".csv") else ",\n"  # CSV rows end in \r\n; JSON items need commas
+            io.write_bytes_atomic(part_uri(self.out, target, name), sep.join(encoded).encode())
+        manifest = {"shard": name, "tiles": sum(stats["tiles"].values()), "pairs": len(pairs),
+                    "parts": json.dumps({t: len(v) for t, v in sorted(parts.items())}),
+                    "stats": json.dumps(stats), "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        io.write_json_atomic(done_uri, manifest)  # last: the shard is complete
+        return {**manifest, "index": row["index"], "skipped": False}
 
-    info = {}
+
+# ---------------------------------------------------------------- assembling the parts
+def assembly_jobs(out: str, manifest: list[dict]) -> list[dict]:
+    """One job per assembled file: its URI and its parts' URIs in shard order (``manifest`` sorted)."""
+    jobs = []
     for split in SPLITS:
-        io.write_json_atomic(io.join(out, "llamafactory", f"sarlang_{split}.json"), llama[split])
-        info[f"sarlang_{split}"] = {"file_name": f"sarlang_{split}.json", "formatting": "sharegpt",
-                                    "columns": {"messages": "messages", "images": "images"},
-                                    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
-        vqa = [{**r, "images": [r["images"][0].replace("images/", "SAR_images/")]} for r in llama[split]
-               if r["application"] != "image description"]
-        io.write_json_atomic(io.join(out, "sarlang1m", "vqa", f"vqa_{split}.json"), vqa)
-        for kind in ("concise", "detailed"):
-            buf = _io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=["image", "caption"])
-            w.writeheader()
-            w.writerows(captions[(kind, split)])
-            io.write_bytes_atomic(io.join(out, "sarlang1m", "captions", f"{kind}_{split}.csv"), buf.getvalue().encode())
+        for target, fmt in assembled_files(split).items():
+            parts = [part_uri(out, target, m["shard"]) for m in manifest if target in json.loads(m["parts"])]
+            jobs.append({"target": io.join(out, target), "format": fmt, "parts": parts})
+    return jobs
+
+
+def assemble(job: dict) -> dict:
+    """Stream the parts of one file into it, in order and one part in memory at a time, atomically. JSON
+    parts are joined into one array (``[]`` when there are none), CSV parts follow the header."""
+    parts = job["parts"]
+
+    def chunks() -> Iterator[bytes]:
+        if job["format"] == "csv":
+            yield CSV_HEADER
+            for uri in parts:
+                yield io.read_bytes(uri)
+            return
+        if not parts:
+            yield b"[]"
+            return
+        yield b"[\n"
+        for i, uri in enumerate(parts):
+            yield (b",\n" if i else b"") + io.read_bytes(uri)
+        yield b"\n]"
+
+    write_stream_atomic(job["target"], chunks())
+    return {"target": job["target"], "parts": len(parts)}
+
+
+def write_stream_atomic(uri: str, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` one after another so that ``uri`` either does not exist or holds all of them, holding
+    one chunk at a time. Local: a temporary name (``<name>.tmp-<hex>``, what :func:`io.sweep_partial` cleans
+    after a killed writer) renamed into place; remote: spooled to a local temporary file, then one upload,
+    which the object store makes visible only when it is complete."""
+    if io.is_remote(uri):
+        fs, path = io.filesystem(uri)
+        with tempfile.NamedTemporaryFile(prefix="sarlang-export-") as tmp:
+            for chunk in chunks:
+                tmp.write(chunk)
+            tmp.flush()
+            fs.put_file(tmp.name, path)
+        return
+    os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
+    tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, uri)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def remove_parts(out: str) -> None:
+    """Remove ``export/_parts/`` once every file is assembled."""
+    fs, path = io.filesystem(io.join(out, PARTS))
+    fs.invalidate_cache(path)  # workers wrote there: a listing this process cached may not show it
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+# ---------------------------------------------------------------- the driver's summary
+def merge_stats(manifest: list[dict]) -> dict[str, Counter]:
+    """The card's counters, summed over the shards in shard order (keys in order of first appearance)."""
+    stats: dict[str, Counter] = {k: Counter() for k in STATS}
+    for m in manifest:
+        for k, counter in json.loads(m["stats"]).items():
+            stats[k].update(counter)
+    return stats
+
+
+def write_dataset_info(out: str) -> None:
+    """``llamafactory/dataset_info.json``: one ShareGPT dataset per split."""
+    info = {f"sarlang_{split}": {"file_name": f"sarlang_{split}.json", "formatting": "sharegpt",
+                                 "columns": {"messages": "messages", "images": "images"},
+                                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                          "assistant_tag": "assistant"}}
+            for split in SPLITS}
     io.write_json_atomic(io.join(out, "llamafactory", "dataset_info.json"), info)
-    counts = {"splits": {s: {"tiles": stats["tiles"][s], "pairs": stats["pairs"][s]} for s in SPLITS},
-              "planned": len(candidates), "written": len(candidates) - len(dropped), "rejected": len(dropped),
-              "question_types": len(stats["question_types"]),
-              "leakage": {k: v for k, v in leakage.items() if k in ("leak_free", "pairs")}}
-    write_card(out, cfg, stats, counts, leakage)
-    return counts
 
 
 def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -191,3 +192,189 @@ def test_dataset_card_has_counts_and_plots(exported):
         assert heading in card
     for png in ("applications", "classes", "landcover", "gsd"):
         assert (out / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- the export runs per shard on Ray workers
+def _expected_files(cfg) -> dict[str, bytes]:
+    """What the export must write, computed here from the tiles and annotations tables alone, the way the old
+    serial exporter did (records in shard order, then pair order; whole-list ``json.dumps``; ``csv.DictWriter``):
+    the assembled JSON/CSV files, every Parquet shard and every PNG, path under export/ -> bytes."""
+    import csv
+    import io as _io
+
+    import pyarrow as pa
+
+    from sarlang_ray import io, tables
+    from sarlang_ray.export import EXPORT_SCHEMA, PAIR_COLUMNS, split_tiles
+    from sarlang_ray.splits import SPLITS, geographic_splits
+
+    e = cfg.export
+    split_of, _ = geographic_splits(split_tiles(cfg), {"train": e.train, "val": e.val, "test": e.test}, cfg.run.seed,
+                                    e.block_m, e.buffer_m)
+    llama = {s: [] for s in SPLITS}
+    captions = {(k, s): [] for k in ("concise", "detailed") for s in SPLITS}
+    files: dict[str, bytes] = {}
+    root = tables.shard_root(cfg.run.run_dir, "align")
+    for uri in tables.tile_shards(cfg.run.run_dir):
+        name = io.relative(uri, root)
+        png = dict(zip(*io.read_parquet(uri, columns=["tile_id", "sar_png"]).to_pydict().values()))
+        pairs = [p for p in io.read_parquet(io.join(tables.shard_root(cfg.run.run_dir, "annotate"), name)).to_pylist()
+                 if p["qc_passed"] and p["tile_id"] in split_of]
+        rows = {s: [] for s in SPLITS}
+        for p in pairs:
+            split, image = split_of[p["tile_id"]], f"{p['tile_id']}.png"
+            files[f"sarlang1m/SAR_images/{image}"] = png[p["tile_id"]]
+            rows[split].append({**{c: p[c] for c in PAIR_COLUMNS}, "split": split,
+                                "image": {"bytes": png[p["tile_id"]], "path": image}})
+            llama[split].append({"messages": [{"role": "user", "content": "<image>" + p["question"]},
+                                              {"role": "assistant", "content": p["answer"]}],
+                                 "images": [f"images/{image}"], "pair_id": p["pair_id"],
+                                 "application": p["application"], "question_type": p["question_type"]})
+            if p["kind"] != "vqa":
+                captions[(p["kind"].split("_")[1], split)].append({"image": image, "caption": p["answer"]})
+        for split, r in rows.items():
+            if r:
+                files[f"parquet/{split}/{name.replace('/', '__')}"] = io.parquet_bytes(pa.Table.from_pylist(r, schema=EXPORT_SCHEMA))
+    for split in SPLITS:
+        def dump(records: list[dict], folder: str) -> bytes:
+            images = [{**r, "images": [r["images"][0].replace("images/", folder)]} for r in records]
+            return json.dumps(images, indent=2, sort_keys=True).encode()
+
+        files[f"llamafactory/sarlang_{split}.json"] = dump(llama[split], "../sarlang1m/SAR_images/")
+        files[f"sarlang1m/vqa/vqa_{split}.json"] = dump([r for r in llama[split] if r["application"] != "image description"],
+                                                        "SAR_images/")
+        for kind in ("concise", "detailed"):
+            buf = _io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=["image", "caption"])
+            w.writeheader()
+            w.writerows(captions[(kind, split)])
+            files[f"sarlang1m/captions/{kind}_{split}.csv"] = buf.getvalue().encode()
+    return files
+
+
+def test_the_files_are_those_the_tables_give(exported):
+    """Every assembled JSON/CSV file, Parquet shard and PNG, byte for byte, as computed from the tables
+    directly; the JSON files are valid and hold exactly the QC-passed pairs of the split tiles."""
+    cfg, summary, out = exported
+    expected = _expected_files(cfg)
+    written = {str(f.relative_to(out)) for top in ("parquet", "sarlang1m", "llamafactory") for f in (out / top).rglob("*")
+               if f.is_file()}
+    assert written - {"llamafactory/dataset_info.json"} == set(expected)
+    for path, data in sorted(expected.items()):
+        assert (out / path).read_bytes() == data, path
+    pairs = sum(len(json.loads((out / f"llamafactory/sarlang_{s}.json").read_text())) for s in ("train", "val", "test"))
+    assert pairs == sum(c["pairs"] for c in summary["stages"]["export"]["splits"].values()) > 0
+    assert not (out / "_parts").exists(), "per-shard parts are removed once assembled"
+
+
+def test_each_png_is_written_once_and_both_layouts_name_it(exported):
+    _, _, out = exported
+    pngs = [f for f in out.rglob("*.png") if "plots" not in f.parts]
+    tiles = set(_exported_tiles(out))
+    assert sorted(f.name for f in pngs) == sorted(f"{t}.png" for t in tiles), "one file per exported tile, no copies"
+    assert {f.parent for f in pngs} == {out / "sarlang1m" / "SAR_images"} and not (out / "llamafactory" / "images").exists()
+    # LLaMA-Factory joins image paths to media_dir, which defaults to dataset_dir (export/llamafactory)
+    used = set()
+    for split in ("train", "val", "test"):
+        for r in json.loads((out / "llamafactory" / f"sarlang_{split}.json").read_text()):
+            used.add((out / "llamafactory" / r["images"][0]).resolve())
+        for r in json.loads((out / "sarlang1m" / "vqa" / f"vqa_{split}.json").read_text()):
+            assert (out / "sarlang1m" / r["images"][0]).resolve() in {f.resolve() for f in pngs}
+    assert used == {f.resolve() for f in pngs}
+
+
+def test_workers_export_the_shards_and_a_second_export_is_byte_identical(exported, tmp_path, monkeypatch):
+    """The export of a copy of the run folder: the driver reads no image of the tiles table and writes no
+    PNG, Parquet shard or part (the actors do), and every file equals the first export's."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from conftest import demo_config
+
+    from sarlang_ray import io
+    from sarlang_ray.stages import export as export_stage
+
+    cfg, _, out = exported
+    run_dir = tmp_path / "run"
+    for stage in ("catalog", "align", "annotate"):
+        shutil.copytree(Path(cfg.run.run_dir) / stage, run_dir / stage)
+    reads, writes = [], []
+    read_parquet, write_bytes = io.read_parquet, io.write_bytes_atomic
+    monkeypatch.setattr(io, "read_parquet", lambda uris, columns=None: reads.append((uris, columns)) or read_parquet(uris, columns))
+    monkeypatch.setattr(io, "write_bytes_atomic", lambda uri, data: writes.append(uri) or write_bytes(uri, data))
+    counts = export_stage.run(demo_config(run_dir))
+    monkeypatch.undo()
+
+    tile_reads = [c for u, c in reads if "/align/shards/" in str(u)]
+    assert tile_reads and all(c is not None and "sar_png" not in c for c in tile_reads), tile_reads
+    assert not [u for u in writes if "/plots/" not in u and (u.endswith((".png", ".part")) or "/parquet/" in u)]
+    again = run_dir / "export"
+    assert counts["shards"] > 1 and len(list(again.glob("sarlang1m/SAR_images/*.png"))) == counts["written"]
+
+    def files(root: Path) -> set[str]:
+        return {str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()}
+
+    assert files(again) == files(out)
+    for path in sorted(files(out) - {"_SUCCESS.json", "errors.parquet"}):
+        assert (again / path).read_bytes() == (out / path).read_bytes(), path
+    untimed = [pq.read_table(d / "errors.parquet").drop_columns(["time"]) for d in (again, out)]  # rows carry the time
+    assert untimed[0].equals(untimed[1])
+
+
+def test_an_interrupted_export_resumes_finished_shards(exported, tmp_path):
+    """A shard whose parts were all written (its ``_parts/_done`` record) is not exported again on resume."""
+    import shutil
+
+    from conftest import demo_config
+
+    from sarlang_ray import export
+    from sarlang_ray.stages.runner import map_items
+
+    cfg, _, _ = exported
+    run_dir = tmp_path / "run"
+    for stage in ("align", "annotate"):
+        shutil.copytree(Path(cfg.run.run_dir) / stage, run_dir / stage)
+    items, _ = export.plan(demo_config(run_dir))
+    first = map_items(items[:1], export.ExportShard, (str(run_dir),), None, 1.0)
+    again = sorted(map_items(items[:2], export.ExportShard, (str(run_dir),), None, 1.0), key=lambda m: m["index"])
+    assert [m["skipped"] for m in again] == [True, False] and again[0]["stats"] == first[0]["stats"]
+    assert str(os.getpid()) not in {m["worker"].rsplit(":", 1)[1] for m in first + again}, "shards are exported by actors"
+
+
+def test_a_stream_write_is_all_or_nothing(tmp_path):
+    from sarlang_ray.export import write_stream_atomic
+
+    target = tmp_path / "f.json"
+
+    def broken():
+        yield b"[\n"
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError):
+        write_stream_atomic(str(target), broken())
+    assert list(tmp_path.iterdir()) == []
+    write_stream_atomic(str(target), iter([b"[", b"1", b"]"]))
+    assert target.read_bytes() == b"[1]" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.slow
+def test_export_to_s3_equals_the_local_export(exported, s3):
+    """Run folder on s3:// (SeaweedFS): workers write the shards there and the files are streamed together
+    there (one upload each), equal to the local export."""
+    import fsspec
+    from conftest import demo_config
+
+    from sarlang_ray.stages import export as export_stage
+
+    cfg, summary, out = exported
+    fs = fsspec.filesystem("s3")
+    for stage in ("catalog", "align", "annotate"):
+        fs.put(str(Path(cfg.run.run_dir) / stage), f"sarlang/export-run/{stage}", recursive=True)
+    counts = export_stage.run(demo_config(Path("unused"), "run.run_dir=s3://sarlang/export-run"))
+    assert counts["splits"] == summary["stages"]["export"]["splits"]
+    remote = "sarlang/export-run/export"
+    names = {p[len(remote) + 1:] for p in fs.find(remote)}
+    local = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
+    assert names == local
+    for path in sorted(local - {"_SUCCESS.json", "errors.parquet"}):
+        assert fs.cat_file(f"{remote}/{path}") == (out / path).read_bytes(), path
