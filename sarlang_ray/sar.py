@@ -7,12 +7,14 @@ SARLANG-1M paper filtered speckle with refined Lee and then applied a log stretc
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
 from scipy import ndimage
 
-from sarlang_ray.config import SpeckleSection, StretchSection
+if TYPE_CHECKING:  # annotations only: the radiometry needs nothing but numpy, scipy and numba
+    from sarlang_ray.config import SpeckleSection, StretchSection
 
 UNITS = ("intensity", "amplitude", "db")
 _TINY = 1e-10  # floor of linear intensity before taking the log (-100 dB)
