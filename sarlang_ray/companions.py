@@ -36,7 +36,6 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import shapely
 from pyproj import CRS, Transformer
@@ -557,6 +556,8 @@ class LabelLayer:
     def read(self, bbox: tuple[float, float, float, float], columns: list[str]) -> tuple[pa.Table, list[str]]:
         """Features whose covering bbox meets ``bbox`` (all features of the files met, when the layer has
         no covering column), with ``columns`` and the geometry; and the files the scan opened."""
+        import pyarrow.dataset as pads  # here: it imports pandas, which the tile actors do not need
+
         uris = self.files_for(bbox)
         if not uris:
             return pa.table({}), []

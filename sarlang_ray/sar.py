@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
-from scipy import ndimage
 
 if TYPE_CHECKING:  # annotations only: the radiometry needs nothing but numpy, scipy and numba
     from sarlang_ray.config import SpeckleSection, StretchSection
@@ -42,6 +41,8 @@ def to_db(intensity: np.ndarray) -> np.ndarray:
 
 def _local_stats(x: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance of ``x`` under a (0/1) kernel, by correlation."""
+    from scipy import ndimage  # here: only the classic Lee filter needs it
+
     k = kernel / kernel.sum()
     mean = ndimage.correlate(x, k, mode="reflect")
     mean_sq = ndimage.correlate(x * x, k, mode="reflect")
