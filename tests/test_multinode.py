@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO
+from conftest import REPO, demo_config
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -192,3 +192,141 @@ def test_losing_the_node_of_a_training_worker_resumes_from_the_checkpoint(demo_r
     assert out["resumes"] and 1 <= out["resumes"][0] <= 3, out  # resumed from a checkpoint, not restarted
     assert out["epochs"] == [-1, 0, 1, 2, 3], out  # every epoch exactly once
     assert out["loss"][1] < out["loss"][0]
+
+
+S3_RUN = textwrap.dedent('''
+    import json, os, subprocess, sys, time
+    from pathlib import Path
+    import ray
+    from ray.cluster_utils import Cluster
+
+    workflow, temp_dir = sys.argv[1], sys.argv[2]
+    # a head and 2 worker raylets, 1 CPU each: one-CPU actors of a pool of 3 can only be placed one per node
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir})
+    out = {}
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        t0 = time.time()
+        # the real CLI, as a driver of the cluster (the environment carries the S3 endpoint and keys)
+        run = subprocess.run([str(Path(sys.executable).parent / "sarlang"), "run", workflow, "--json"],
+                             env={**os.environ, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True,
+                             timeout=480)
+        out.update(rc=run.returncode, seconds=round(time.time() - t0, 1), stderr=run.stderr[-4000:])
+        ray.init(address=cluster.address, log_to_driver=False)
+        # the GCS's tables: every node, and every actor the run made (dead ones included) with its node
+        out["nodes"] = [{"id": n["NodeID"], "alive": n["Alive"], "head": "node:__internal_head__" in n["Resources"]}
+                        for n in ray.nodes()]
+        out["actors"] = [{"class": a["ActorClassName"] + " " + (a.get("Name") or ""), "node": a["Address"]["NodeID"]}
+                         for a in ray._private.state.actors().values()]
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+    print(json.dumps(out))
+''')
+
+DATA_STAGES = ("catalog", "tile", "align", "annotate", "export")
+POOLS = {"catalog": "SceneInspector", "tile": "TileChunk", "align": "AlignShard", "annotate": "AnnotateShard",
+         "export": "ExportShard"}
+
+
+def _tables(run_dir: str) -> dict:
+    """What a run wrote, read back with the table readers (local or s3://)."""
+    import collections
+    import hashlib
+
+    from sarlang_ray import io, tables
+
+    tiles = tables.read_tiles(run_dir, ["tile_id", "sar_png", "objects"]).to_pylist()
+    pairs = tables.read_annotations(run_dir, ["pair_id", "tile_id", "kind", "question", "answer", "qc_passed"]).to_pylist()
+    export = io.read_parquet(io.glob(io.join(run_dir, "export"), "parquet/*/*.parquet"),
+                             columns=["pair_id", "tile_id", "split", "answer"]).to_pylist()
+    errors = tables.read_errors(run_dir).to_pylist()
+    return {
+        "scenes": sorted(s["scene_id"] for s in tables.read_scenes(run_dir)),
+        "tile_shard_rows": io.parquet_rows(tables.shards(run_dir, "tile")),
+        "tiles": sorted((t["tile_id"], hashlib.sha1(t["sar_png"]).hexdigest(), len(t["objects"])) for t in tiles),
+        "pairs": sorted((p["pair_id"], p["tile_id"], p["kind"], p["question"], p["answer"], p["qc_passed"]) for p in pairs),
+        "export": sorted((r["pair_id"], r["tile_id"], r["split"], r["answer"]) for r in export),
+        "rejects": dict(collections.Counter(f"{e['stage']}:{e['error_class']}" for e in errors)),
+    }
+
+
+@pytest.mark.slow
+def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_path):
+    """`sarlang run` (catalog to export) as a driver of a 3-node cluster, archive and run folder on s3://
+    (SeaweedFS): the storage check accepts s3:// without run.shared_fs, every actor pool spreads over the
+    nodes, and the tables read back from S3 equal those of the one-node local demo run."""
+    import shutil
+    import tempfile
+
+    import fsspec
+    from ray_heads import kill_leftovers
+
+    from sarlang_ray import io
+    from sarlang_ray.config import to_yaml
+
+    demo_cfg, _ = demo_run
+    fsspec.filesystem("s3").put(demo_cfg.synth.out_dir, "sarlang/multinode/archive", recursive=True)  # the demo's archive
+    run_dir = "s3://sarlang/multinode/run"
+    cfg = demo_config(tmp_path / "unused", f"run.run_dir={run_dir}", "catalog.archive=s3://sarlang/multinode/archive",
+                      f"run.stages=[{','.join(DATA_STAGES)}]")
+    assert not cfg.run.shared_fs
+    workflow = tmp_path / "workflow.yaml"
+    workflow.write_text(to_yaml(cfg))
+    # short: Ray's unix sockets live under the temp dir; unique: what is left naming it is ours to kill
+    temp_dir = tempfile.mkdtemp(prefix="sarlang-mn-", dir="/tmp")
+    try:
+        proc = subprocess.run([sys.executable, "-c", S3_RUN, str(workflow), temp_dir], capture_output=True, text=True,
+                              timeout=600, cwd=REPO)
+    finally:  # a safety net: cluster.shutdown() (or Ray's reaper, if the script was killed) normally stops everything
+        if left := kill_leftovers([temp_dir, str(workflow)]):
+            print(f"killed {len(left)} processes the cluster left")
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rc"] == 0, out["stderr"]
+    print(f"sarlang run on the 3-node cluster: {out['seconds']} s")
+
+    # the run had 3 nodes, and every stage's pool ran on more than one of them
+    nodes = {n["id"] for n in out["nodes"] if n["alive"]}
+    assert len(nodes) == 3 and sum(n["head"] for n in out["nodes"]) == 1, out["nodes"]
+    spread = {stage: {a["node"] for a in out["actors"] if "MapWorker" in a["class"] and pool in a["class"]}
+              for stage, pool in POOLS.items()}
+    print("nodes per stage pool:", {s: len(n) for s, n in spread.items()})
+    for stage, where in spread.items():
+        assert len(where) >= 2 and where <= nodes, (stage, out["actors"])
+    assert set().union(*spread.values()) == nodes
+
+    # the run folder on S3: the storage check let s3:// through without run.shared_fs, and every stage finished
+    assert "shared_fs: false" in io.read_bytes(f"{run_dir}/config.yaml").decode()
+    summary = io.read_json(f"{run_dir}/summary.json")
+    counts = summary["stages"]
+    assert list(counts) == list(DATA_STAGES)
+
+    # the same tables as the one-node local run of the same archive and settings
+    ours, local = _tables(run_dir), _tables(demo_cfg.run.run_dir)
+    for key in ("scenes", "tiles", "pairs", "export", "rejects"):
+        assert ours[key] == local[key], key
+    assert ours["tiles"] and ours["export"]
+
+    # counts reconcile (planned = written + rejected), and agree with the tables
+    for stage in DATA_STAGES:
+        c = counts[stage]
+        assert c["planned"] == c["written"] + c["rejected"], (stage, c)
+    rejects = ours["rejects"]
+
+    def rejected(stage):
+        return sum(n for k, n in rejects.items() if k.startswith(f"{stage}:"))
+
+    assert counts["catalog"]["written"] == len(ours["scenes"]) and counts["catalog"]["rejected"] == rejected("catalog")
+    assert counts["tile"]["written"] == ours["tile_shard_rows"] and counts["tile"]["rejected"] == rejected("tile")
+    assert counts["align"]["written"] == len(ours["tiles"])
+    assert counts["annotate"]["written"] == len({p[1] for p in ours["pairs"]})
+    assert counts["annotate"]["pairs"]["passed"] == sum(p[5] for p in ours["pairs"])
+    assert counts["annotate"]["pairs"]["planned"] == len(ours["pairs"])
+    assert counts["export"]["written"] == len({r[1] for r in ours["export"]}) and counts["export"]["rejected"] == rejected("export")
+    assert len(ours["export"]) == len({p[0] for p in ours["pairs"] if p[5] and p[1] in {r[1] for r in ours["export"]}})
+    print(f"tiles {len(ours['tiles'])}, pairs {len(ours['pairs'])} ({counts['annotate']['pairs']['passed']} passed QC), "
+          f"exported {len(ours['export'])} pairs of {counts['export']['written']} tiles; counts {counts}")
