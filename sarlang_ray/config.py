@@ -138,6 +138,9 @@ class TileSection:
     num_cpus: float = 1.0  # CPUs per worker
     max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)
     memory_gb: float | None = None  # memory reserved per worker actor (None: none reserved)
+    # GDAL block cache per worker actor (MB): the block rows that neighbouring tiles (and the speckle
+    # filter's halo) share stay decoded. None: GDAL's default, 5 % of the node's RAM in every actor
+    gdal_cache_mb: int | None = 256
 
     def step(self) -> int:
         return self.stride or self.tile_size

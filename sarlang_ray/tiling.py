@@ -34,6 +34,7 @@ import pyarrow as pa
 import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
+from rasterio.env import set_gdal_config
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
@@ -252,6 +253,8 @@ class TileChunk:
 
     def __init__(self, cfg: TileSection, run_dir: str):
         self.cfg = cfg
+        if cfg.gdal_cache_mb is not None:  # rasterio sets GDAL's block cache in bytes (GDALSetCacheMax64)
+            set_gdal_config("GDAL_CACHEMAX", int(cfg.gdal_cache_mb * 2**20))
         self.shards = io.join(run_dir, STAGE, "shards")
         self.errors = io.join(run_dir, STAGE, "errors")
         self._open: dict[tuple[str, int | None], rasterio.io.DatasetReader] = {}  # one scene's datasets at a time

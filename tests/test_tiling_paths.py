@@ -145,3 +145,16 @@ def test_a_coarse_level_of_a_cog_reads_its_overviews(tmp_path):
     assert worker.stats["overview"] == grid.n_windows and warp_all.stats["warp"] == grid.n_windows
     assert worker.stats["pixels_read"] <= 2 * written < warp_all.stats["pixels_read"]
     assert np.mean(diffs) < 0.2, diffs
+
+
+def test_tile_actors_size_gdals_block_cache_from_the_config(tmp_path):
+    """tile.gdal_cache_mb sets GDAL's block cache of the actor's process in MB (rasterio takes bytes: 256
+    passed as is would leave a 256-byte cache, and every halo read would decode its blocks again)."""
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    before = get_gdal_config("GDAL_CACHEMAX")
+    try:
+        _tile_chunk(tmp_path, "tile.gdal_cache_mb=64")
+        assert get_gdal_config("GDAL_CACHEMAX") == 64 * 2**20
+    finally:
+        set_gdal_config("GDAL_CACHEMAX", int(before))

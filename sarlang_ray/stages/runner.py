@@ -43,6 +43,7 @@ FINGERPRINT_VERSION = 1  # bump when the meaning of a stage's output changes for
 RESOURCE_KEYS = frozenset({
     "concurrency", "num_cpus", "num_gpus", "max_actors", "memory_gb", "max_concurrent_trials", "cpus_per_worker", "progress", "num_to_keep",
     "max_failures", "storage_path", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "name", "raster_reader",
+    "gdal_cache_mb",
 })
 
 
