@@ -99,3 +99,16 @@ def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_pat
     tiles = _tiles(run_dir)
     assert tiles and tiles == _tiles(demo_cfg.run.run_dir)  # the one-node run's tiles at these levels
     assert _pairs(run_dir, tiles) == _pairs(demo_cfg.run.run_dir, tiles)
+
+
+def test_fixed_pools_queue_a_second_item_only_when_items_are_many_per_actor():
+    """A fixed pool keeps one item per actor while items are few (a queued item could wait behind a long one
+    while another actor idles), two from four items per actor on (the next item waits on the actor, not in
+    the driver); an autoscaling pool always two (its signal to grow)."""
+    from sarlang_ray.stages.runner import pool
+
+    shapes = {(n, c): (p.min_size, p.max_size, p.max_tasks_in_flight_per_actor)
+              for n, c in ((1, 2), (4, 2), (7, 2), (8, 2), (64, 16), (63, 16))
+              for p in [pool(n, c)]}
+    assert shapes == {(1, 2): (1, 1, 1), (4, 2): (2, 2, 1), (7, 2): (2, 2, 1), (8, 2): (2, 2, 2),
+                      (64, 16): (16, 16, 2), (63, 16): (16, 16, 1)}
