@@ -117,6 +117,9 @@ def processor_config(section: VLLMSection, model: str, dtype: str, max_pixels: i
     )
 
 
+MAP_CPUS = 0.1  # per task of Ray Data LLM's row maps around the engine
+
+
 def build_processor(section: VLLMSection, model: str, dtype: str, max_pixels: int | None, postprocess=None):
     """A Ray Data LLM processor: dataset of :func:`request` rows -> rows with the engine's output columns
     (``generated_text``, ``num_generated_tokens``, ``__inference_error__``, ...), or what ``postprocess``
@@ -124,7 +127,12 @@ def build_processor(section: VLLMSection, model: str, dtype: str, max_pixels: in
     from ray.data.llm import build_processor as _build
 
     require_vllm("the vLLM engine (annotate.backend=vllm / evaluate.engine=vllm)")
-    return _build(processor_config(section, model, dtype, max_pixels), postprocess=postprocess)
+    # Ray Data LLM's pre- and postprocess maps (one is added even without a function) only reshape rows: a
+    # tenth of a CPU each. At Ray Data's default of a whole CPU, a Tune trial's reservation plus the engine's
+    # CPU left a 2-CPU node 0.99 CPU short: the map never ran and the sweep waited forever
+    light = {"num_cpus": MAP_CPUS}
+    return _build(processor_config(section, model, dtype, max_pixels), postprocess=postprocess,
+                  preprocess_map_kwargs=light, postprocess_map_kwargs=light)
 
 
 @functools.lru_cache(maxsize=4)

@@ -271,6 +271,7 @@ def _vllm_env() -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the CPU engine starts twice (annotate, evaluate): about 5 min each here
 def test_vllm_backend_end_to_end_in_its_own_environment(demo_run, tmp_path):
     """annotate.backend=vllm and evaluate.engine=vllm with the real engine (vLLM's CPU build), in the
     separate environment docs/vllm.md builds; the annotations pass the schema and QC checks the hf
