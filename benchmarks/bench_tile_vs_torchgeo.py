@@ -17,6 +17,10 @@ resolution, convert to dB, stretch the 2-98 % percentiles to uint8, encode a PNG
   Parquet shards), which the others do not. "stage" is the stage's wall time (actor start-up included),
   "steady" the rate while both actors are busy.
 
+* ``floor_fast`` and ``torchgeo_fast``: the same two with the percentiles and the PNG done the tile stage's
+  way (``sar.percentiles``, exact by histogram selection; ``tiling.encode_png``, libpng + zlib-ng), so the
+  ratios to them show what the pipeline itself adds.
+
 Methods alternate, ``--repeats`` times each; the best run of each counts and every run is recorded.
 """
 
