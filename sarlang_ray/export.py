@@ -29,10 +29,8 @@ import io as _io
 import json
 import os
 import socket
-import tempfile
-import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 import shapely
@@ -236,36 +234,8 @@ def assemble(job: dict) -> dict:
             yield (b",\n" if i else b"") + io.read_bytes(uri)
         yield b"\n]"
 
-    write_stream_atomic(job["target"], chunks())
+    io.write_stream_atomic(job["target"], chunks())
     return {"target": job["target"], "parts": len(parts)}
-
-
-def write_stream_atomic(uri: str, chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` one after another so that ``uri`` either does not exist or holds all of them, holding
-    one chunk at a time. Local: a temporary name (``<name>.tmp-<hex>``, what :func:`io.sweep_partial` cleans
-    after a killed writer) renamed into place; remote: spooled to a local temporary file, then one upload,
-    which the object store makes visible only when it is complete."""
-    if io.is_remote(uri):
-        fs, path = io.filesystem(uri)
-        with tempfile.NamedTemporaryFile(prefix="sarlang-export-") as tmp:
-            for chunk in chunks:
-                tmp.write(chunk)
-            tmp.flush()
-            fs.put_file(tmp.name, path)
-        return
-    os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
-    tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, uri)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def remove_parts(out: str) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import threading
 import uuid
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -91,7 +93,6 @@ def local_copy(uri: str, cache: str | None = None) -> str:
     if not is_remote(uri):
         return uri
     import hashlib
-    import tempfile
 
     target = os.path.join(cache or os.path.join(tempfile.gettempdir(), "sarlang-remote"),
                           hashlib.sha1(uri.encode()).hexdigest()[:16])
@@ -147,13 +148,40 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         fs, path = filesystem(uri)
         fs.pipe_file(path, data)
         return
+    _replace_local(uri, (data,))
+
+
+def write_stream_atomic(uri: str, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` one after another so that ``uri`` either does not exist or holds all of them, holding
+    one chunk at a time. Local: as :func:`write_bytes_atomic`; remote: spooled to a local temporary file,
+    then one upload, which the object store makes visible only when it is complete."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        with tempfile.NamedTemporaryFile(prefix="sarlang-stream-") as tmp:
+            for chunk in chunks:
+                tmp.write(chunk)
+            tmp.flush()
+            fs.put_file(tmp.name, path)
+        return
+    _replace_local(uri, chunks)
+
+
+def _replace_local(uri: str, chunks: Iterable[bytes]) -> None:
+    """Write a local file under a temporary name (``<name>.tmp-<32 hex>``, what :func:`sweep_partial` cleans
+    after a killed writer), then rename it into place; a failed write leaves nothing behind."""
     os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
     tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, uri)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, uri)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def sweep_partial(folder: str, older_than_s: float = 600.0) -> list[str]:

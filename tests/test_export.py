@@ -342,7 +342,7 @@ def test_an_interrupted_export_resumes_finished_shards(exported, tmp_path):
 
 
 def test_a_stream_write_is_all_or_nothing(tmp_path):
-    from sarlang_ray.export import write_stream_atomic
+    from sarlang_ray.io import write_stream_atomic
 
     target = tmp_path / "f.json"
 
