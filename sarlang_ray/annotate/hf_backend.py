@@ -42,12 +42,8 @@ class HFAnnotator:
         jobs = []  # (tile index, pair template, prompt, max tokens)
         for k, tile in enumerate(tiles):
             for pair in self.questions.annotate(tile):
-                if pair["kind"] == "caption_concise":
-                    jobs.append((k, pair, prompts.CAPTION_CONCISE, self.cfg.max_new_tokens_caption))
-                elif pair["kind"] == "caption_detailed":
-                    jobs.append((k, pair, prompts.CAPTION_DETAILED, 3 * self.cfg.max_new_tokens_caption))
-                else:
-                    jobs.append((k, pair, pair["question"] + prompts.ANSWER_SUFFIX, self.cfg.max_new_tokens_answer))
+                jobs.append((k, pair, *prompts.annotation_prompt(pair, self.cfg.max_new_tokens_caption,
+                                                                 self.cfg.max_new_tokens_answer)))
         results: list[list[dict] | Exception] = [[] for _ in tiles]
         images = {k: self._image(t) for k, t in enumerate(tiles)}
         for budget in sorted({j[3] for j in jobs}):  # one generation length per batch

@@ -50,15 +50,8 @@ class VLLMAnnotator:
     def jobs(self, tile: dict) -> list[tuple[dict, str, int]]:
         """(pair without answer, text asked, max new tokens) per pair of the tile, in the template's order:
         the prompts and lengths the hf backend uses."""
-        out = []
-        for pair in self.questions.annotate(tile):
-            if pair["kind"] == "caption_concise":
-                out.append((pair, prompts.CAPTION_CONCISE, self.cfg.max_new_tokens_caption))
-            elif pair["kind"] == "caption_detailed":
-                out.append((pair, prompts.CAPTION_DETAILED, 3 * self.cfg.max_new_tokens_caption))
-            else:
-                out.append((pair, pair["question"] + prompts.ANSWER_SUFFIX, self.cfg.max_new_tokens_answer))
-        return out
+        return [(pair, *prompts.annotation_prompt(pair, self.cfg.max_new_tokens_caption, self.cfg.max_new_tokens_answer))
+                for pair in self.questions.annotate(tile)]
 
     def image_png(self, tile: dict) -> bytes:
         """The PNG the model sees: the optical twin (RGB-to-SAR transfer) when there is one and
