@@ -159,7 +159,7 @@ def read_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None
     Raises:
         FileNotFoundError: no such split (the message says where it was looked for)."""
     parts = list(iter_split(cfg, split, columns))
-    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]  # as io.read_parquet
 
 
 def iter_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:

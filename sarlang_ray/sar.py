@@ -226,6 +226,12 @@ def despeckle(intensity: np.ndarray, cfg: SpeckleSection, looks_scale: float = 1
 _BINS = 4096
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bin(v, lo, scale):  # pragma: no cover (compiled)
+    """The histogram bin of ``v``: one formula for both passes of :func:`_order_statistics`."""
+    return min(int((np.float64(v) - lo) * scale), _BINS - 1)
+
+
 @numba.njit(cache=True, nogil=True)
 def _order_statistics(x, ranks):  # pragma: no cover (compiled)
     """The values of ``x`` (1-D, finite) at the sorted positions ``ranks``, without sorting ``x``: a
@@ -240,7 +246,7 @@ def _order_statistics(x, ranks):  # pragma: no cover (compiled)
     scale = _BINS / (np.float64(hi) - np.float64(lo))
     counts = np.zeros(_BINS, np.int64)
     for v in x:
-        counts[min(int((np.float64(v) - lo) * scale), _BINS - 1)] += 1
+        counts[_bin(v, lo, scale)] += 1
     starts = np.zeros(_BINS + 1, np.int64)
     for b in range(_BINS):
         starts[b + 1] = starts[b] + counts[b]
@@ -258,7 +264,7 @@ def _order_statistics(x, ranks):  # pragma: no cover (compiled)
     buffer = np.empty(offsets[n_wanted], x.dtype)
     fill = offsets[:n_wanted].copy()
     for v in x:
-        slot = wanted[min(int((np.float64(v) - lo) * scale), _BINS - 1)]
+        slot = wanted[_bin(v, lo, scale)]
         if slot >= 0:
             buffer[fill[slot]] = v
             fill[slot] += 1
