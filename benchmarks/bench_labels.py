@@ -30,9 +30,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import PeakMemory, process_tree  # noqa: E402
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -40,43 +42,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 CLASS_MAP = {"building": "building", "kind=ship": "ship", "kind=road": "road", "kind=harbour": "harbour",
              "kind=storage tank": "storage tank", "kind=aircraft": "aircraft", "kind=car": "car", "kind=bridge": "bridge"}
-
-
-class PeakMemory:
-    """Samples the summed RSS and PSS of this process and all its descendants (the Ray it started)."""
-
-    def __init__(self, interval: float = 0.25):
-        import psutil
-
-        self.root = psutil.Process()
-        self.interval, self.peak_rss, self.peak_pss, self._stop = interval, 0, 0, threading.Event()
-
-    def _sample(self) -> tuple[int, int]:
-        import psutil
-
-        rss = pss = 0
-        for p in [self.root, *self.root.children(recursive=True)]:
-            try:
-                info = p.memory_full_info()
-                rss, pss = rss + info.rss, pss + info.pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return rss, pss
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss, pss = self._sample()
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def generate_layer(out: Path, archive: Path, features: int, chunk: int, seed: int = 0) -> dict:
@@ -159,7 +124,7 @@ def run_variant(work: Path, variant: str, layer: Path | None, result: Path) -> N
                       "catalog.labels_class_map=" + json.dumps(CLASS_MAP)]
     cfg = load_config(str(REPO / "workflows" / "demo.yaml"), overrides)
     t0 = time.time()
-    with PeakMemory() as mem:
+    with PeakMemory(process_tree()) as mem:
         start_ray()
         summary = pipeline.run(cfg)
     result.write_text(json.dumps({"seconds": round(time.time() - t0, 1), "peak_rss_bytes": mem.peak_rss,

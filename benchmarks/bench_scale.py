@@ -27,7 +27,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tiling import PeakMemory, _config  # noqa: E402
+from bench_tiling import _config  # noqa: E402
+from peak_memory import PeakMemory, ray_processes  # noqa: E402
 
 from sarlang_ray import pipeline  # noqa: E402
 
@@ -45,14 +46,14 @@ def one_scale(work: Path, scale: int, repeats: int, annotate: bool = True) -> di
     for r in range(repeats):
         for stage in ("tile", "align"):  # start both stages from scratch
             shutil.rmtree(Path(cfg.run.run_dir) / stage, ignore_errors=True)
-        with PeakMemory() as mem:
+        with PeakMemory(ray_processes) as mem:
             t0 = time.time()
             summary = pipeline.run(cfg, ["tile", "align"])
             seconds = time.time() - t0
             ray.shutdown()
         stages = summary["stages"]
         runs.append({"seconds": seconds, "ray_init_and_stages": {s: stages[s]["seconds"] for s in ("tile", "align")},
-                     "peak_pss_mib": mem.peak / 2**20, "tiles": stages["align"]["written"],
+                     "peak_pss_mib": mem.peak_pss / 2**20, "tiles": stages["align"]["written"],
                      "objects": sum(summary["objects_per_class"].values())})
     best = min(runs, key=lambda x: x["seconds"])
     point = {"scale": scale, "tiles": best["tiles"], "objects": best["objects"], "seconds": round(best["seconds"], 2),

@@ -22,14 +22,13 @@ import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import psutil  # noqa: E402
+from peak_memory import PeakMemory, ray_processes  # noqa: E402
 
 from sarlang_ray import pipeline, tiling  # noqa: E402
 from sarlang_ray.config import load_config  # noqa: E402
@@ -43,39 +42,6 @@ def _config(work: Path, name: str, *overrides: str):
         f"run.run_dir={work / name / 'run'}", f"synth.out_dir={work / name / 'archive'}", "ray.progress=false",
         *overrides,
     ])
-
-
-class PeakMemory:
-    """Samples the summed PSS of this process and every Ray process of the machine."""
-
-    def __init__(self, interval: float = 0.25):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _sample(self) -> int:
-        total = 0
-        for p in psutil.process_iter(["pid", "name", "cmdline"]):
-            try:
-                cmd = " ".join(p.info["cmdline"] or [])
-                if p.pid == os.getpid() or "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd \
-                        or "ray/_private" in cmd or "ray/dashboard" in cmd or "ray/autoscaler" in cmd:
-                    total += p.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return total
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def steady_state_rate(manifest: list[dict]) -> float:
@@ -146,10 +112,10 @@ def memory(work: Path) -> dict:
         cfg = _config(work, f"memory{scale}", f"synth.scale={scale}")
         pipeline.run(cfg, ["synth"])
         ray.shutdown()
-        with PeakMemory() as mem:
+        with PeakMemory(ray_processes) as mem:
             summary = pipeline.run(cfg, ["catalog", "tile", "align"])
             ray.shutdown()
-        out[f"scale{scale}"] = {"tiles": summary["stages"]["align"]["written"], "peak_pss_mib": round(mem.peak / 2**20, 1),
+        out[f"scale{scale}"] = {"tiles": summary["stages"]["align"]["written"], "peak_pss_mib": round(mem.peak_pss / 2**20, 1),
                                 "seconds": summary["wall_seconds"]}
     out["peak_ratio_4x_over_1x"] = round(out["scale4"]["peak_pss_mib"] / out["scale1"]["peak_pss_mib"], 3)
     out["tiles_ratio"] = round(out["scale4"]["tiles"] / out["scale1"]["tiles"], 2)
