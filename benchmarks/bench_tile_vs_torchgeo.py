@@ -175,7 +175,7 @@ def sarlang(work: Path, root: Path, speckle: str, tag: str, tiles_per_shard: int
 
     from sarlang_ray.config import load_config
     from sarlang_ray.stages import catalog, tile
-    from sarlang_ray.stages.runner import map_items
+    from sarlang_ray.stages.runner import map_tasks
     from sarlang_ray import tables, tiling
 
     run_dir = work / f"run-{tag}"
@@ -190,7 +190,7 @@ def sarlang(work: Path, root: Path, speckle: str, tag: str, tiles_per_shard: int
     # the same chunks once more, for the manifest's timings (steady state while both actors are busy)
     chunks = [c for s in tables.read_scenes(str(run_dir)) for c in tiling.plan_chunks(s, cfg.tile)]
     shutil.rmtree(run_dir / "tile", ignore_errors=True)
-    manifest = map_items(chunks, tiling.TileChunk, (cfg.tile, str(run_dir)), None, 1.0)
+    manifest = map_tasks(chunks, tiling.TileChunk, (cfg.tile, str(run_dir)))
     return {"tiles": counts["written"], "stage_seconds": counts["seconds"],
             "tiles_per_s_stage": round(counts["written"] / counts["seconds"], 1),
             "tiles_per_s_steady": round(steady_state_rate(manifest), 1)}

@@ -1,12 +1,15 @@
-"""Tiling throughput (Ray Data vs a plain single-process loop) and peak memory (1x vs 4x archive).
+"""Tiling throughput (the tile stage's Ray tasks, a Ray Data actor pool, a plain single-process loop) and peak
+memory (1x vs 4x archive).
 
     .venv/bin/python benchmarks/bench_tiling.py            # writes benchmarks/results/tiling.json
 
 Throughput: the same chunks go through the same read -> preprocess -> encode -> write code
-(``TileChunk``), once in a plain loop in this process, once on a Ray Data actor pool with one actor per
-core. Ray's start-up (``ray.init``) is timed separately; "overall" includes actor start-up, "steady
-state" is measured while every worker is busy (see ``steady_state_rate``). Each method runs ``--repeats``
-times, alternating, and the fastest run of each counts.
+(``TileChunk``), in a plain loop in this process, as Ray tasks on pooled workers (``map_tasks``, what the tile
+stage runs) and on a Ray Data actor pool with one actor per core (``map_items``, what the tile stage ran
+before). Ray's start-up (``ray.init``) is timed separately; "overall" includes worker start-up and the
+tail, "steady state" is measured while every worker is busy (see ``steady_state_rate``). Each method runs
+``--repeats`` times, alternating, and the fastest run of each counts; the first task run also counts
+apart ("cold": Ray's workers import the tile code then).
 
 Memory: catalog + tile + align of the demo archive and of one 4x larger, each on a fresh local Ray; the
 proportional set size (PSS, so shared pages count once) of every Ray process plus the driver is sampled
@@ -32,7 +35,7 @@ from peak_memory import PeakMemory, ray_processes  # noqa: E402
 
 from sarlang_ray import pipeline, tiling  # noqa: E402
 from sarlang_ray.config import load_config  # noqa: E402
-from sarlang_ray.stages.runner import map_items  # noqa: E402
+from sarlang_ray.stages.runner import map_items, map_tasks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,8 +78,8 @@ def throughput(work: Path, scale: int, tile_size: int, repeats: int) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     init_s = time.perf_counter() - t0
 
-    loop_runs, ray_runs = [], []
-    for _ in range(repeats):  # alternate, so slow phases of a shared machine hit both
+    loop_runs, ray_runs, task_runs = [], [], []
+    for _ in range(repeats):  # alternate, so slow phases of a shared machine hit every method
         shutil.rmtree(loop_dir, ignore_errors=True)
         worker = tiling.TileChunk(cfg.tile, str(loop_dir))  # same chunks, same code, same shard writes
         t0 = time.perf_counter()
@@ -89,9 +92,16 @@ def throughput(work: Path, scale: int, tile_size: int, repeats: int) -> dict:
         manifest = map_items(chunks, tiling.TileChunk, (cfg.tile, str(ray_dir)), None, 1.0)
         ray_runs.append((time.time() - t0, steady_state_rate(manifest), len({m["worker"] for m in manifest})))
         assert sum(m["written"] for m in manifest) == n_tiles
+
+        shutil.rmtree(ray_dir, ignore_errors=True)
+        t0 = time.time()
+        manifest = map_tasks(chunks, tiling.TileChunk, (cfg.tile, str(ray_dir)))
+        task_runs.append((time.time() - t0, steady_state_rate(manifest), len({m["worker"] for m in manifest})))
+        assert sum(m["written"] for m in manifest) == n_tiles
     ray.shutdown()
     loop_s = min(loop_runs)
     ray_s, steady_rate, workers = min(ray_runs)
+    task_s, task_steady, task_workers = min(task_runs)
     return {
         "tiles": n_tiles, "chunks": len(chunks), "tile_size": tile_size, "archive_scale": scale, "repeats": repeats,
         "loop_seconds": round(loop_s, 2), "loop_tiles_per_s": round(n_tiles / loop_s, 1),
@@ -101,6 +111,12 @@ def throughput(work: Path, scale: int, tile_size: int, repeats: int) -> dict:
         "ray_tiles_per_s_overall": round(n_tiles / ray_s, 1), "ray_tiles_per_s_steady": round(steady_rate, 1),
         "speedup_overall": round(loop_s / ray_s, 2), "speedup_steady": round(steady_rate / (n_tiles / loop_s), 2),
         "speedup_including_init": round(loop_s / (ray_s + init_s), 2),
+        "tasks_seconds_after_init": round(task_s, 2), "tasks_seconds_all": [round(x[0], 2) for x in task_runs],
+        "tasks_workers": task_workers, "tasks_tiles_per_s_overall": round(n_tiles / task_s, 1),
+        "tasks_tiles_per_s_cold": round(n_tiles / task_runs[0][0], 1),
+        "tasks_tiles_per_s_steady": round(task_steady, 1), "tasks_speedup_overall": round(loop_s / task_s, 2),
+        "tasks_speedup_steady": round(task_steady / (n_tiles / loop_s), 2),
+        "tasks_speedup_including_init": round(loop_s / (task_s + init_s), 2),
     }
 
 

@@ -134,12 +134,14 @@ class TileSection:
     # coarser levels of linear-intensity scenes with overviews (COGs) average the nearest overview instead
     # of every full-resolution pixel (false: always warp from full resolution)
     use_overviews: bool = True
-    concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
-    num_cpus: float = 1.0  # CPUs per worker
-    max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)
-    memory_gb: float | None = None  # memory reserved per worker actor (None: none reserved)
-    # GDAL block cache per worker actor (MB): the block rows that neighbouring tiles (and the speckle
-    # filter's halo) share stay decoded. None: GDAL's default, 5 % of the node's RAM in every actor
+    # chunks run as Ray tasks on the cluster's pooled worker processes (stages.runner.map_tasks)
+    concurrency: int | None = None  # chunks at once (None: as many as the cluster's CPUs hold, see max_tasks)
+    num_cpus: float = 1.0  # CPUs per task
+    max_tasks: int | None = None  # with concurrency unset, chunks submitted at once (None: every chunk, at most 4096);
+    # those the cluster cannot run yet are the autoscaler's demand
+    memory_gb: float | None = None  # memory reserved per task (None: none reserved)
+    # GDAL block cache per worker process (MB): the block rows that neighbouring tiles (and the speckle
+    # filter's halo) share stay decoded. None: GDAL's default, 5 % of the node's RAM in every process
     gdal_cache_mb: int | None = 256
 
     def step(self) -> int:
@@ -503,10 +505,10 @@ def _check(cfg: WorkflowConfig) -> None:
         rule = getattr(cfg.catalog, name)
         if rule is not None and len(rule) != 2:
             problems.append(f"catalog.{name} must be [regex, replacement] or null")
-    for name in ("tile", "align", "annotate"):
+    for name, key in (("tile", "max_tasks"), ("align", "max_actors"), ("annotate", "max_actors")):
         section = getattr(cfg, name)
-        if section.max_actors is not None and section.max_actors < 1:
-            problems.append(f"{name}.max_actors must be >= 1 or null (one actor per work item)")
+        if getattr(section, key) is not None and getattr(section, key) < 1:
+            problems.append(f"{name}.{key} must be >= 1 or null (no limit: one per work item)")
         if section.memory_gb is not None and section.memory_gb <= 0:
             problems.append(f"{name}.memory_gb must be > 0 or null (no memory reserved)")
     t = cfg.tile

@@ -249,7 +249,8 @@ def _timing(started: float) -> dict:
 
 
 class TileChunk:
-    """Ray Data row function (run on an actor pool): one chunk descriptor -> one shard + manifest row."""
+    """Row function of the tile stage (Ray tasks, one instance per worker process): one chunk descriptor -> one
+    shard + manifest row."""
 
     def __init__(self, cfg: TileSection, run_dir: str):
         self.cfg = cfg
@@ -264,11 +265,14 @@ class TileChunk:
         """The open dataset of a scene (or of one of its overviews); opening a new scene closes the last's."""
         if (uri, overview) not in self._open:
             if any(u != uri for u, _ in self._open):
-                for ds in self._open.values():
-                    ds.close()
-                self._open.clear()
+                self.close()
             self._open[(uri, overview)] = io.open_raster(uri, overview_level=overview)
         return self._open[(uri, overview)]
+
+    def close(self) -> None:
+        for ds in self._open.values():
+            ds.close()
+        self._open.clear()
 
     def __call__(self, chunk: dict) -> dict:
         started = time.time()

@@ -67,7 +67,7 @@ def _contents(run_dir: str, stage: str) -> dict[str, str]:
 
 def _counts(run_dir: str, stage: str) -> dict:
     done = io.read_json(os.path.join(run_dir, stage, "_SUCCESS.json"))
-    return {k: v for k, v in done.items() if k not in ("seconds", "skipped_shards")}
+    return {k: v for k, v in done.items() if k not in ("seconds", "skipped_shards", "placement")}
 
 
 def _assert_same_as_reference(run_dir: str, ref_dir: str, stages: list[str]) -> None:
@@ -92,13 +92,13 @@ def _assert_same_as_reference(run_dir: str, ref_dir: str, stages: list[str]) -> 
 
 # ---------------------------------------------------------------- a worker killed mid-stage
 class KillBusyWorker(threading.Thread):
-    """SIGKILL one of this process's Ray Data actors of ``udf`` while it runs a task, once the stage has
-    written its first shard. Only descendants of this process are candidates (other Ray clusters may
-    run on the same machine)."""
+    """SIGKILL one of this process's Ray workers while it runs an item of the stage (its process title is
+    ``busy_title``), once the stage has written its first shard. Only descendants of this process are
+    candidates (other Ray clusters may run on the same machine)."""
 
-    def __init__(self, udf: str, run_dir: str, stage: str):
+    def __init__(self, busy_title: str, run_dir: str, stage: str):
         super().__init__(daemon=True)
-        self.busy_title = f"ray::MapWorker(Map({udf})).submit"  # the process title while a task runs
+        self.busy_title = busy_title
         self.run_dir, self.stage = run_dir, stage
         self.stop = threading.Event()
         self.victim: psutil.Process | None = None
@@ -153,7 +153,10 @@ def _copy_stages(src: str, dst: Path, stages: list[str]) -> None:
 def test_killing_a_tile_worker_mid_stage_loses_and_duplicates_no_tile(reference, tmp_path):
     cfg = _config(tmp_path / "run", Path(reference.synth.out_dir))
     _copy_stages(reference.run.run_dir, tmp_path / "run", ["catalog"])
-    with KillBusyWorker("TileChunk", cfg.run.run_dir, "tile") as killer:
+    from sarlang_ray.stages.runner import task_name
+    from sarlang_ray.tiling import TileChunk
+
+    with KillBusyWorker(f"ray::{task_name(TileChunk)}", cfg.run.run_dir, "tile") as killer:  # a task's process title
         counts = tile_stage.run(cfg)
     _assert_killed_mid_stage(killer, reference.run.run_dir)
     assert counts["planned"] == counts["written"] + counts["rejected"]
@@ -167,7 +170,8 @@ def test_killing_a_tile_worker_mid_stage_loses_and_duplicates_no_tile(reference,
 def test_killing_an_annotate_worker_mid_stage_loses_and_duplicates_no_pair(reference, tmp_path):
     cfg = _config(tmp_path / "run", Path(reference.synth.out_dir))
     _copy_stages(reference.run.run_dir, tmp_path / "run", ["catalog", "tile", "align"])
-    with KillBusyWorker("AnnotateShard", cfg.run.run_dir, "annotate") as killer:
+    # the title of a Ray Data actor while it runs a task
+    with KillBusyWorker("ray::MapWorker(Map(AnnotateShard)).submit", cfg.run.run_dir, "annotate") as killer:
         counts = annotate_stage.run(cfg)
     _assert_killed_mid_stage(killer, reference.run.run_dir)
     assert counts["planned"] == counts["written"] + counts["rejected"]

@@ -55,6 +55,7 @@ def test_a_local_run_dir_is_refused_on_a_multi_node_cluster(real_sar, tmp_path):
 NODE_LOSS = textwrap.dedent('''
     import hashlib, json, sys, threading, time
     from pathlib import Path
+    import psutil
     import ray
     from ray.cluster_utils import Cluster
     from sarlang_ray import pipeline
@@ -83,6 +84,21 @@ NODE_LOSS = textwrap.dedent('''
     pipeline.run(config(root / "reference"))
     removed = {}
 
+    def busy_nodes(stage):
+        if stage == "annotate":  # Ray Data actors: the GCS's actor table
+            return {a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+                    if a["State"] == "ALIVE" and "MapWorker" in a["ActorClassName"]}
+        # tile's chunks are Ray tasks: a worker process titled ray::sarlang.TileChunk while it runs one, a child
+        # of its node's raylet (whose command line names the node)
+        out = set()
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if " ".join(proc.cmdline()).startswith("ray::sarlang.TileChunk"):
+                    out |= {a.split("=", 1)[1] for a in proc.parent().cmdline() if a.startswith("--node_id=")}
+            except psutil.Error:
+                continue
+        return out
+
     def remove_a_busy_node(stage):
         try:
             _remove_a_busy_node(stage)
@@ -93,9 +109,13 @@ NODE_LOSS = textwrap.dedent('''
         shards = root / "faulty" / stage / "shards"
         while not list(shards.glob("*/*.parquet")):
             time.sleep(0.01)
-        busy = {a["Address"]["NodeID"] for a in ray._private.state.actors().values()  # the GCS's actor table
-                if a["State"] == "ALIVE" and "MapWorker" in a["ActorClassName"]}
-        victim = next(w for w in workers if w.node_id in busy and w not in removed.values())
+        deadline = time.time() + 30
+        while True:
+            candidates = [w for w in workers if w.node_id in busy_nodes(stage) and w not in removed.values()]
+            if candidates or time.time() > deadline:
+                break
+            time.sleep(0.01)
+        victim = candidates[0]
         removed[stage] = victim
         removed[stage + "_shards_at_removal"] = len(list(shards.glob("*/*.parquet")))
         cluster.remove_node(victim)
@@ -118,8 +138,8 @@ NODE_LOSS = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_a_node_lost_mid_tile_and_mid_annotate_loses_and_duplicates_nothing(demo_run, tmp_path):
-    """A 4-node cluster (1 CPU each, pools of 2 actors); while tile runs, then while annotate runs, a worker
-    node that hosts an actor is removed (as a spot node is reclaimed): the stages finish on the nodes left,
+    """A 4-node cluster (1 CPU each; 2 tile tasks at once, then a pool of 2 annotate actors); while tile runs,
+    then while annotate runs, a worker node busy with the stage is removed (as a spot node is reclaimed): the stages finish on the nodes left,
     and every table equals the one of an undisturbed run on the same cluster, shard for shard."""
     cfg, _ = demo_run
     proc = subprocess.run([sys.executable, "-c", NODE_LOSS, cfg.synth.out_dir, str(tmp_path)], capture_output=True,
@@ -227,8 +247,7 @@ S3_RUN = textwrap.dedent('''
 ''')
 
 DATA_STAGES = ("catalog", "tile", "align", "annotate", "export")
-POOLS = {"catalog": "SceneInspector", "tile": "TileChunk", "align": "AlignShard", "annotate": "AnnotateShard",
-         "export": "ExportShard"}
+POOLS = {"catalog": "SceneInspector", "align": "AlignShard", "annotate": "AnnotateShard", "export": "ExportShard"}
 
 
 def _tables(run_dir: str) -> dict:
@@ -256,7 +275,7 @@ def _tables(run_dir: str) -> dict:
 @pytest.mark.slow
 def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_path):
     """`sarlang run` (catalog to export) as a driver of a 3-node cluster, archive and run folder on s3://
-    (SeaweedFS): the storage check accepts s3:// without run.shared_fs, every actor pool spreads over the
+    (SeaweedFS): the storage check accepts s3:// without run.shared_fs, every stage (actor pool or tasks) spreads over the
     nodes, and the tables read back from S3 equal those of the one-node local demo run."""
     import shutil
     import tempfile
@@ -294,6 +313,8 @@ def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_pat
     assert len(nodes) == 3 and sum(n["head"] for n in out["nodes"]) == 1, out["nodes"]
     spread = {stage: {a["node"] for a in out["actors"] if "MapWorker" in a["class"] and pool in a["class"]}
               for stage, pool in POOLS.items()}
+    # tile runs its chunks as Ray tasks, not on actors: its marker records the node of every chunk
+    spread["tile"] = set(io.read_json(io.join(run_dir, "tile", "_SUCCESS.json"))["placement"])
     print("nodes per stage pool:", {s: len(n) for s, n in spread.items()})
     for stage, where in spread.items():
         assert len(where) >= 2 and where <= nodes, (stage, out["actors"])

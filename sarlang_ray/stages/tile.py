@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sarlang_ray import tables, tiling
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.stages.runner import Stage, map_items, totals
+from sarlang_ray.stages.runner import Stage, map_tasks, placement, totals
 
 
 def nothing_planned(scenes: list[dict], cfg: WorkflowConfig) -> str:
@@ -22,9 +22,9 @@ def _body(cfg: WorkflowConfig) -> dict:
     chunks = [c for s in scenes for c in tiling.plan_chunks(s, cfg.tile)]
     if not chunks:
         return {"planned": 0, "written": 0, "rejected": 0, "failure": nothing_planned(scenes, cfg)}
-    manifest = map_items(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir), cfg.tile.concurrency, cfg.tile.num_cpus,
-                         max_actors=cfg.tile.max_actors, memory_gb=cfg.tile.memory_gb)
-    counts = totals(manifest)
+    manifest = map_tasks(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir), cfg.tile.concurrency, cfg.tile.num_cpus,
+                         max_tasks=cfg.tile.max_tasks, memory_gb=cfg.tile.memory_gb, progress=cfg.ray.progress)
+    counts = {**totals(manifest), "placement": placement(manifest)}
     if counts["written"] == 0:
         counts["failure"] = (f"all {counts['planned']} planned tiles were rejected; the reason for each is in tile/errors/ "
                              "(sarlang_ray.tables.read_errors): nodata tiles need a higher tile.max_nodata_fraction, "

@@ -1,0 +1,39 @@
+"""Row classes for tests/test_tasks.py: Ray workers import them by module name (tests/ is on their path)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+class Recorder:
+    """Records each construction (one line per instance, with its pid) and each call's pid and times."""
+
+    def __init__(self, log_dir: str, seconds: float = 0.0):
+        self.log_dir, self.seconds = Path(log_dir), seconds
+        with open(self.log_dir / "constructed.txt", "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def __call__(self, item: dict) -> dict:
+        started = time.time()
+        time.sleep(self.seconds)
+        if item.get("fail"):
+            raise ValueError(f"item {item['i']} is bad on purpose")
+        return {"i": item["i"], "pid": os.getpid(), "started_at": started, "finished_at": time.time()}
+
+
+class DiesOnce:
+    """Kills its own worker process the first time it sees item ``victim`` (a crashed or OOM-killed worker)."""
+
+    def __init__(self, log_dir: str, victim: int):
+        self.log_dir, self.victim = Path(log_dir), victim
+
+    def __call__(self, item: dict) -> dict:
+        marker = self.log_dir / f"ran-{item['i']}"
+        first = not marker.exists()
+        with open(marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if item["i"] == self.victim and first:
+            os._exit(1)  # no exception, no cleanup: the process is simply gone
+        return {"i": item["i"], "pid": os.getpid()}

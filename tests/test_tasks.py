@@ -1,0 +1,78 @@
+"""stages.runner.map_tasks: work items as Ray tasks on pooled worker processes (the tile stage's executor)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from sarlang_ray.stages.runner import map_tasks, task_name
+
+
+def test_results_come_back_in_item_order_with_one_instance_per_worker_process(ray_session, tmp_path):
+    import ray
+    from task_rows import Recorder
+
+    items = [{"i": i} for i in range(24)]
+    out = map_tasks(items, Recorder, (str(tmp_path), 0.02))
+    assert [r["i"] for r in out] == list(range(24))
+    assert {r["node"] for r in out} == {ray.get_runtime_context().get_node_id()}
+    pids = [r["pid"] for r in out]
+    assert os.getpid() not in pids  # ran in Ray's workers, not in the driver
+    constructed = (tmp_path / "constructed.txt").read_text().split()
+    # one instance per process that ran items, however many items it ran (not one per item)
+    assert sorted(constructed) == sorted({str(p) for p in pids})
+    assert len(constructed) < len(items)
+
+    # a second map (another stage, other arguments): new instances, in the same worker processes
+    again = map_tasks(items[:8], Recorder, (str(tmp_path), 0.0))
+    assert {r["pid"] for r in again} <= set(pids)
+    assert len((tmp_path / "constructed.txt").read_text().split()) == len(constructed) + len({r["pid"] for r in again})
+
+
+def test_concurrency_caps_the_items_running_at_once(ray_session, tmp_path):
+    from task_rows import Recorder
+
+    out = map_tasks([{"i": i} for i in range(6)], Recorder, (str(tmp_path), 0.15), concurrency=1)
+    spans = sorted((r["started_at"], r["finished_at"]) for r in out)
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(spans)), spans  # never two at once
+    wide = map_tasks([{"i": i} for i in range(6)], Recorder, (str(tmp_path), 0.3))
+    spans = sorted((r["started_at"], r["finished_at"]) for r in wide)
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), spans  # without a cap, the node's 2 CPUs overlap
+
+
+def test_an_error_in_a_row_fails_the_map_and_names_the_item(ray_session, tmp_path):
+    from task_rows import Recorder
+
+    items = [{"i": i, "fail": i == 3} for i in range(8)]
+    with pytest.raises(RuntimeError) as info:
+        map_tasks(items, Recorder, (str(tmp_path), 0.0))
+    message = str(info.value)
+    assert task_name(Recorder) in message and '"i": 3' in message and "item 3 is bad on purpose" in message
+
+
+def test_a_worker_that_dies_mid_item_is_replaced_and_the_item_run_again(ray_session, tmp_path):
+    from task_rows import DiesOnce
+
+    out = map_tasks([{"i": i} for i in range(6)], DiesOnce, (str(tmp_path), 2))
+    assert [r["i"] for r in out] == list(range(6))
+    died = (tmp_path / "ran-2").read_text().split()
+    assert len(died) == 2 and died[0] != died[1]  # the item ran twice, the second time in another process
+    assert all(len((tmp_path / f"ran-{i}").read_text().split()) == 1 for i in (0, 1, 3, 4, 5))
+
+
+def test_the_tile_stage_records_where_its_chunks_ran(demo_run):
+    """The tile marker's ``placement``: every chunk (one shard each) counted once, on this one-node Ray's node;
+    it is not one of the stage's counts."""
+    import ray
+
+    from sarlang_ray import io
+    from sarlang_ray.stages.runner import counts_of
+
+    cfg, summary = demo_run
+    marker = io.read_json(io.join(cfg.run.run_dir, "tile", "_SUCCESS.json"))
+    shards = io.glob(io.join(cfg.run.run_dir, "tile", "shards"), "*/*.parquet")
+    assert marker["placement"] == {ray.get_runtime_context().get_node_id(): len(shards)}
+    assert marker["shards"] == len(shards)
+    assert "placement" not in counts_of(marker) and "placement" not in summary["stages"]["tile"]
