@@ -145,10 +145,15 @@ def shard_name(scene_id: str, gsd: float, chunk: int) -> str:
     return f"{scene_id}/{gsd_tag(gsd)}-{chunk:05d}.parquet"
 
 
+# PNG row filter: Paeth for every row. libpng's default tries all five filters on every row and keeps the
+# smallest; on SAR tiles that costs a third of the encoding for under 1 % of the size (docs/tile.md).
+PNG_FILTER = imagecodecs.PNG.FILTER.PAETH
+
+
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
-    """A PNG (8-bit grey or RGB) at zlib ``compress_level``, by libpng with zlib-ng (imagecodecs): the same
-    pixels Pillow would write, in about three quarters of its time on a speckled tile."""
-    return imagecodecs.png_encode(np.ascontiguousarray(array), level=compress_level)
+    """A PNG (8-bit grey or RGB) at zlib ``compress_level``, by libpng with zlib-ng (imagecodecs), rows
+    filtered with Paeth: the same pixels Pillow would write, in about 55 % of its time on a speckled tile."""
+    return imagecodecs.png_encode(np.ascontiguousarray(array), level=compress_level, filter=PNG_FILTER)
 
 
 def source_window(src_transform: Affine, src_crs, dst_transform: Affine, dst_crs, size: int, pad: int = 2) -> Window:

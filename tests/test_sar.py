@@ -111,3 +111,39 @@ def test_the_png_encoder_writes_the_same_pixels_as_pillow_reads():
             assert np.array_equal(np.asarray(im), array)
     flat = encode_png(np.full((256, 256), 7, np.uint8), 6)
     assert len(flat) < 1000  # compressed, not stored
+
+
+def test_the_paeth_filtered_png_is_as_small_as_libpng_adaptive_filtering_on_real_sar(real_sar):
+    """The tile encoder filters every row with Paeth instead of trying all five filters per row: on stretched
+    crops of every real scene, its PNGs are within 1 % (in total; 3 % each) of libpng's adaptive choice."""
+    import imagecodecs
+    import rasterio
+    from rasterio.windows import Window
+
+    from sarlang_ray.tiling import encode_png
+
+    ours = adaptive = 0
+    crops = 0
+    scenes = [p for p in sorted(real_sar.rglob("*")) if p.suffix.lower() in (".tif", ".tiff")
+              and not any(k in p.name for k in ("LabelHand", "S2Hand"))]  # SAR only: not the water mask or Sentinel-2
+    for path in scenes:
+        with rasterio.open(path) as src:
+            if src.width < 128 or src.height < 128:
+                continue
+            for r0, c0 in ((0, 0), (src.height // 2 - 64, src.width // 2 - 64)):
+                x = src.read(1, window=Window(c0, r0, min(256, src.width - c0), min(256, src.height - r0)), masked=True)
+                x = x.astype(np.float64).filled(np.nan)
+                if not np.isfinite(x).any():
+                    continue
+                if path.name.endswith("_db.tif"):  # the pyroSAR scene is in dB already
+                    db = np.nan_to_num(x, nan=float(np.nanmin(x)))
+                else:  # amplitude or intensity: the stretch is the same in dB either way
+                    db = 10 * np.log10(np.maximum(np.nan_to_num(np.abs(x), nan=0.0), 1e-10))
+                lo, hi = np.percentile(db, [2, 98])
+                image = (np.clip((db - lo) / max(hi - lo, 1e-6), 0, 1) * 255).round().astype(np.uint8)
+                a, b = len(encode_png(image, 6)), len(imagecodecs.png_encode(image, level=6))
+                assert a <= 1.03 * b, (path.name, a, b)
+                ours, adaptive, crops = ours + a, adaptive + b, crops + 1
+    assert crops >= 6, crops
+    print(f"{crops} crops: Paeth {ours} bytes, adaptive {adaptive} bytes ({ours / adaptive:.4f})")
+    assert ours <= 1.01 * adaptive, (ours, adaptive)
