@@ -435,7 +435,7 @@ def _stac_error(uri: str, item: stac.Candidate, exc: ItemError) -> ItemError:
 
 
 class SceneInspector:
-    """Ray Data row function: a SAR uri in, a scene row or an error row out (never raises)."""
+    """Row function of the catalog stage (Ray tasks): a SAR uri in, a scene row or an error row out (never raises)."""
 
     def __init__(self, cfg: CatalogSection):
         self.cfg = cfg

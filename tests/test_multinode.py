@@ -247,7 +247,8 @@ S3_RUN = textwrap.dedent('''
 ''')
 
 DATA_STAGES = ("catalog", "tile", "align", "annotate", "export")
-POOLS = {"catalog": "SceneInspector", "align": "AlignShard", "annotate": "AnnotateShard", "export": "ExportShard"}
+POOLS = {"align": "AlignShard", "annotate": "AnnotateShard", "export": "ExportShard"}  # Ray Data actor pools
+TASK_STAGES = ("catalog", "tile")  # Ray tasks: their markers record where the items ran
 
 
 def _tables(run_dir: str) -> dict:
@@ -313,9 +314,9 @@ def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_pat
     assert len(nodes) == 3 and sum(n["head"] for n in out["nodes"]) == 1, out["nodes"]
     spread = {stage: {a["node"] for a in out["actors"] if "MapWorker" in a["class"] and pool in a["class"]}
               for stage, pool in POOLS.items()}
-    # tile runs its chunks as Ray tasks, not on actors: its marker records the node of every chunk
-    spread["tile"] = set(io.read_json(io.join(run_dir, "tile", "_SUCCESS.json"))["placement"])
-    print("nodes per stage pool:", {s: len(n) for s, n in spread.items()})
+    for stage in TASK_STAGES:  # tasks, not actors: the stage's marker records the node of every item
+        spread[stage] = set(io.read_json(io.join(run_dir, stage, "_SUCCESS.json"))["placement"])
+    print("nodes per stage:", {s: len(n) for s, n in spread.items()})
     for stage, where in spread.items():
         assert len(where) >= 2 and where <= nodes, (stage, out["actors"])
     assert set().union(*spread.values()) == nodes

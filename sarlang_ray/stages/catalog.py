@@ -10,13 +10,14 @@ import collections
 from sarlang_ray import catalog, io, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import errors_table
-from sarlang_ray.stages.runner import Stage, map_items
+from sarlang_ray.stages.runner import Stage, map_tasks, placement
 
 
 def _body(cfg: WorkflowConfig) -> dict:
     rows, errors = catalog.list_scenes(cfg.catalog)  # errors: STAC items without a usable SAR asset
     planned = len(rows) + len(errors)
-    results = map_items(rows, catalog.SceneInspector, (cfg.catalog,), None, 1.0, max_blocks=64)
+    # one Ray task per scene, on the pooled workers the tile stage then finds warm (rasterio, numba imported)
+    results = map_tasks(rows, catalog.SceneInspector, (cfg.catalog,), progress=cfg.ray.progress)
     scenes = sorted((r["scene"] for r in results if r["scene"] is not None), key=lambda s: s["scene_id"])
     errors += [r["error"] for r in results if r["error"] is not None]
     ids = collections.Counter(s["scene_id"] for s in scenes)
@@ -26,7 +27,8 @@ def _body(cfg: WorkflowConfig) -> dict:
     errors += twin_errors
     catalog.write_scenes(tables.scenes_uri(cfg.run.run_dir), scenes)
     io.write_parquet_atomic(io.join(cfg.run.run_dir, "catalog", "errors.parquet"), errors_table(errors))
-    counts = {"planned": planned, "written": len(scenes), "rejected": len(errors), "companions": companions}
+    counts = {"planned": planned, "written": len(scenes), "rejected": len(errors), "companions": companions,
+              "placement": placement(results)}
     if not scenes:
         reasons = collections.Counter(e["error_class"] for e in errors)
         counts["failure"] = (f"none of the {planned} files of {cfg.catalog.archive} is a usable SAR scene "
