@@ -1,4 +1,4 @@
-"""What every stage shares, in one place: fingerprints, skip / resume / redo, markers, actor pools.
+"""What every stage shares, in one place: fingerprints, skip / resume / redo, markers, actor pools, tasks.
 
 A stage is a :class:`Stage`: a name, the stages it reads (``inputs``), the config keys that change what it
 writes (``keys``) and a body ``cfg -> counts``. Running one:
@@ -365,7 +365,8 @@ def map_tasks(items: list[dict], cls, constructor_args: tuple, concurrency: int 
     """Map a row class over small work items as Ray tasks; the manifest rows come back in item order, each with
     the ``node`` it ran on.
 
-    For stages whose items are descriptors and whose workers write their own outputs (tile): nothing flows
+    For stages whose items are descriptors and whose results are small (catalog: scene rows; tile: shards
+    written by the workers, manifest rows back): nothing flows
     between operators, so Ray Data's streaming executor only adds its scheduling loop, and its actor pools a
     worker start per actor per stage (1.6-2.2 s on a 2-core node). Tasks run on Ray's pooled worker processes,
     which stay up between stages; ``cls(*constructor_args)`` is built once per process (:func:`_instance`).
