@@ -235,11 +235,10 @@ def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, t
     resampling = resampling_for(tile_gsd, native, Resampling.average)
     if resampling == Resampling.nearest and tile_gsd < native * 0.99:
         resampling = Resampling.bilinear
-    channels = [
-        warp_window(src, b, transform, crs, size, resampling)
-        for b in bands
-    ]
-    rgb = np.stack([ch if ch is not None else np.full((size, size), np.nan, np.float32) for ch in channels], axis=-1)
+    channels = warp_window(src, list(bands), transform, crs, size, resampling)  # the three bands in one warp
+    if channels is None:
+        channels = np.full((3, size, size), np.nan, np.float32)
+    rgb = np.moveaxis(channels, 0, -1)
     valid = np.isfinite(rgb).all(axis=-1)
     if src.dtypes[0] == "uint8":
         out = np.where(valid[..., None], np.clip(np.rint(rgb), 0, 255), 0)

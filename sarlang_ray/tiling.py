@@ -178,33 +178,36 @@ def _inside(win: Window, src) -> Window | None:
     return inter if inter.width > 0 and inter.height > 0 else None
 
 
-def _read_float(src, band: int, window: Window, to_float, stats: dict | None) -> np.ndarray:
+def _read_float(src, band: int | list[int], window: Window, to_float, stats: dict | None) -> np.ndarray:
     """The pixels of a window (inside the raster) as float32, nodata as NaN, converted by ``to_float``;
-    ``stats["pixels_read"]`` counts the pixels decoded."""
+    ``stats["pixels_read"]`` counts the pixels decoded. A list of bands gives a (bands, rows, cols) array."""
     block = src.read(band, window=window, masked=True)
     if stats is not None:
         stats["pixels_read"] = stats.get("pixels_read", 0) + block.size
     return to_float(block) if to_float else block.astype(np.float32).filled(np.nan)
 
 
-def warp_window(src, band: int, dst_transform: Affine, dst_crs: str, size: int, resampling: Resampling,
+def warp_window(src, band: int | list[int], dst_transform: Affine, dst_crs: str, size: int, resampling: Resampling,
                 to_float=None, stats: dict | None = None) -> np.ndarray | None:
     """Read the source pixels under a tile and warp them onto the tile grid, as float32 with NaN nodata.
 
-    ``to_float`` converts the raw block (masked array) before resampling, e.g. dB -> linear intensity;
-    by default the values are kept as they are. ``stats["pixels_read"]`` counts the source pixels decoded.
-    Returns None when the tile does not overlap the raster at all.
+    ``band``: one band (a (size, size) array back), or a list of bands warped in one pass ((bands, size,
+    size)): the transformer and the source window are computed once, and each band keeps its own nodata
+    (``UNIFIED_SRC_NODATA=NO``), so every band equals its own one-band warp. ``to_float`` converts the raw
+    block (masked array) before resampling, e.g. dB -> linear intensity; by default the values are kept as
+    they are. ``stats["pixels_read"]`` counts the source pixels decoded. Returns None when the tile does not
+    overlap the raster at all.
     """
     inter = _inside(source_window(src.transform, src.crs, dst_transform, dst_crs, size), src)
     if inter is None:
         return None
     data = _read_float(src, band, inter, to_float, stats)
-    dst = np.full((size, size), np.nan, dtype=np.float32)
+    dst = np.full(data.shape[:-2] + (size, size), np.nan, dtype=np.float32)
     reproject(
         data, dst,
         src_transform=src.window_transform(inter), src_crs=src.crs, src_nodata=np.nan,
         dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=np.nan,
-        resampling=resampling,
+        resampling=resampling, UNIFIED_SRC_NODATA="NO",
     )
     return dst
 

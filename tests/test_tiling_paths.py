@@ -158,3 +158,53 @@ def test_tile_actors_size_gdals_block_cache_from_the_config(tmp_path):
         assert get_gdal_config("GDAL_CACHEMAX") == 64 * 2**20
     finally:
         set_gdal_config("GDAL_CACHEMAX", int(before))
+
+
+@pytest.mark.parametrize("gsd_factor, crs", [(1.0, None), (2.5, None), (0.6, None), (1.7, "EPSG:3857")])
+def test_a_multiband_warp_equals_each_band_warped_alone(real_sar, gsd_factor, crs):
+    """Align warps the optical twin's three bands in one pass: on the real Sentinel-2 twin of Sen1Floods11
+    (its nodata border included), each band equals its own one-band warp, bit for bit, finer, coarser, at
+    native resolution and into another CRS."""
+    path = real_sar / "sen1floods11_spain_7370579" / "Spain_7370579_S2Hand.tif"
+    with rasterio.open(path) as src:
+        with rasterio.open(real_sar / "sen1floods11_spain_7370579" / "Spain_7370579_S1Hand.tif") as s1:
+            left, top = s1.transform.c, s1.transform.f  # a tile corner off the twin's own pixel grid
+        dst_crs = crs or src.crs.to_string()
+        if crs:
+            from pyproj import Transformer
+
+            left, top = Transformer.from_crs(src.crs, crs, always_xy=True).transform(left, top)
+        size, bands = 96, [4, 3, 2]
+        for k in range(3):  # tiles along the diagonal, the first one over the scene's edge
+            gsd = abs(src.transform.a) * gsd_factor * (1.0 if not crs else 1.1)
+            t = Affine(gsd, 0, left - 7.3 * gsd + k * 40 * gsd, 0, -gsd, top + 5.1 * gsd - k * 40 * gsd)
+            resampling = Resampling.average if gsd_factor > 1 else Resampling.bilinear
+            together = warp_window(src, bands, t, dst_crs, size, resampling)
+            alone = np.stack([warp_window(src, b, t, dst_crs, size, resampling) for b in bands])
+            assert together.shape == (3, size, size)
+            assert np.array_equal(together, alone, equal_nan=True), (k, np.nanmax(np.abs(together - alone)))
+            if k == 0:
+                assert np.isnan(together).any() and np.isfinite(together).any()  # the edge tile: nodata and data
+
+
+def test_a_multiband_warp_keeps_each_bands_own_nodata():
+    """A band with nodata where the others have data (a saturated or masked channel): the one-pass warp
+    averages each band over its own valid pixels, as the one-band warp does (GDAL's default would take a
+    pixel as valid in every band once any band has it)."""
+    from rasterio.io import MemoryFile
+
+    rng = np.random.default_rng(5)
+    data = rng.uniform(0, 1, (3, 64, 64)).astype(np.float32)
+    data[1, 10:30, 10:30] = np.nan  # only the second band
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "float32", "crs": "EPSG:32631",
+               "transform": Affine(10, 0, 500000, 0, -10, 4000000), "nodata": np.nan}
+    with MemoryFile() as mem:
+        with mem.open(**profile) as dst:
+            dst.write(data)
+        with mem.open() as src:
+            t = Affine(30, 0, 500000 + 3, 0, -30, 4000000 - 7)  # 3x coarser, off the pixel grid
+            together = warp_window(src, [1, 2, 3], t, "EPSG:32631", 20, Resampling.average)
+            alone = np.stack([warp_window(src, b, t, "EPSG:32631", 20, Resampling.average) for b in (1, 2, 3)])
+    # on the patch's edge the band's own average skips its nodata; inside it there is nothing to average
+    assert np.isfinite(alone[1, 3, 3]) and np.isnan(alone[1, 5, 5]) and np.isfinite(alone[[0, 2], 5, 5]).all()
+    assert np.array_equal(together, alone, equal_nan=True)
