@@ -57,17 +57,19 @@ def _pairs(run_dir, tiles: set[str]) -> set[tuple]:
 
 
 def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_path):
-    """Tiling on a cluster with no CPU for work brings up CPU nodes and spreads over them as they arrive
-    (the pool's pending actors are the autoscaler's demand);
-    annotation with ``num_gpus=1`` brings up the GPU node type from zero (its fake GPU runs the CPU code
-    path). Tiles and pairs equal those of the one-node run at the same levels."""
+    """On a cluster with no CPU for work, the first stages' pending tasks bring up a CPU node, and catalog
+    and tile run their tasks on CPU nodes only; align's fixed pool of 2 actors (Ray Data waits for both)
+    grows the CPU node type past one node; annotation with ``num_gpus=1`` brings up the GPU node type from
+    zero (its fake GPU runs the CPU code path). Tiles and pairs equal those of the one-node run at the same
+    levels. (Tile's own pending tasks are demand too, but at this archive's size the stage ends in seconds,
+    before a second node could join: whether one did is timing, not asserted.)"""
     demo_cfg, _ = demo_run
     run_dir = tmp_path / "run"
     cfg = demo_config(run_dir, f"catalog.archive={demo_cfg.synth.out_dir}", "run.shared_fs=true",
                       "run.stages=[catalog,tile,align,annotate]", f"tile.gsds_m={list(GSDS)}",
-                      # a pool of 2 tile actors for a cluster with 1 CPU node at most when tiling starts; annotate
-                      # keeps the default pool (it grows from the actors that fit now)
-                      "tile.concurrency=2", "annotate.num_gpus=1")
+                      # a pool of 2 align actors for a cluster with 1 CPU node when align starts; annotate keeps
+                      # the default pool (it grows from the actors that fit now)
+                      "align.concurrency=2", "annotate.num_gpus=1")
     workflow = tmp_path / "workflow.yaml"
     workflow.write_text(to_yaml(cfg))
     for attempt in range(1, 4):
@@ -90,12 +92,15 @@ def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_pat
     cpu_nodes = {n["id"] for n in state["nodes"] if n["id"] != head["id"] and not n["resources"].get("GPU")}
     assert head["resources"].get("CPU", 0) == 0
     assert len(gpu_nodes) == 1, "annotation with num_gpus=1 did not bring up the GPU node type"
-    assert len(cpu_nodes) >= 2, "tiling did not grow the CPU node type past one node"
+    assert len(cpu_nodes) >= 2, "align's pool of 2 did not grow the CPU node type past one node"
     actors = [a for a in state["actors"] if "MapWorker" in a["class"]]
-    # tile runs its chunks as Ray tasks: its marker records the node of every chunk
-    tile_nodes = set(json.loads((run_dir / "tile" / "_SUCCESS.json").read_text())["placement"])
+    # catalog and tile run as Ray tasks: their markers record the node of every item
+    for stage in ("catalog", "tile"):
+        where = set(json.loads((run_dir / stage / "_SUCCESS.json").read_text())["placement"])
+        assert where and head["id"] not in where and where <= cpu_nodes | gpu_nodes, (stage, where)
+    align_nodes = {a["node"] for a in actors if "AlignShard" in a["class"] + a["name"]}
     annotate_nodes = {a["node"] for a in actors if "AnnotateShard" in a["class"] + a["name"]}
-    assert len(tile_nodes) >= 2 and head["id"] not in tile_nodes, state["actors"]
+    assert len(align_nodes) >= 2 and head["id"] not in align_nodes, state["actors"]
     assert annotate_nodes == gpu_nodes, state["actors"]
     tiles = _tiles(run_dir)
     assert tiles and tiles == _tiles(demo_cfg.run.run_dir)  # the one-node run's tiles at these levels
