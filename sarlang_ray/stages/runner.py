@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -163,10 +163,7 @@ def counts_of(marker: dict) -> dict:
 
 def placement(manifest: Iterable[dict]) -> dict:
     """Items per node id of a map_tasks manifest (a stage marker's ``placement``: where the stage ran)."""
-    out: dict[str, int] = {}
-    for m in manifest:
-        out[m["node"]] = out.get(m["node"], 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(Counter(m["node"] for m in manifest).items()))
 
 
 def describe_change(old: dict | None, new: dict) -> str:
