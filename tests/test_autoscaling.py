@@ -31,7 +31,10 @@ NODE_TYPES = {
 
 # Ray Data asks the autoscaler for one more node of each type when the cluster's utilisation, averaged over
 # a window (10 s by default), stays above 75 %, at most every 10 s: shorter here, for stages of seconds
-FAST = {"RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"}
+FAST = {"RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2",
+        # Ray Data starts a pool's actors without waiting for them: on the toy archive align's second actor
+        # could come up only after the stage. Waiting for the pool before the first item makes it deterministic
+        "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"}
 
 # every node and every actor the cluster has had (the GCS keeps dead ones), as the driver's run left them
 CENSUS = textwrap.dedent('''
@@ -57,12 +60,16 @@ def _pairs(run_dir, tiles: set[str]) -> set[tuple]:
 
 
 def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_path):
-    """On a cluster with no CPU for work, the first stages' pending tasks bring up a CPU node, and catalog
-    and tile run their tasks on CPU nodes only; align's fixed pool of 2 actors (Ray Data waits for both)
-    grows the CPU node type past one node; annotation with ``num_gpus=1`` brings up the GPU node type from
-    zero (its fake GPU runs the CPU code path). Tiles and pairs equal those of the one-node run at the same
-    levels. (Tile's own pending tasks are demand too, but at this archive's size the stage ends in seconds,
-    before a second node could join: whether one did is timing, not asserted.)"""
+    """On a cluster with no CPU for work, the first stages' pending tasks bring up worker nodes, and catalog
+    and tile run their tasks on worker nodes only; align's fixed pool of 2 actors (1 CPU each, on nodes of 1
+    CPU; the test has Ray Data wait for both) runs on two worker nodes; annotation with ``num_gpus=1`` runs
+    only on the GPU node type, brought up from zero (its fake GPU runs the CPU code path). Tiles and pairs
+    equal those of the one-node run at the same levels.
+
+    Which type the CPU demand brings up is the autoscaler's choice: it launches GPU nodes last for CPU-only
+    demand (``AUTOSCALER_CONSERVE_GPU_NODES``), but catalog's and tile's tasks ask for more CPUs than the
+    CPU type's ``max_workers`` of 2 hold, so the GPU node may come up for them, before annotation, and run
+    CPU work (it did in one CI run). Not asserted either way; ``docs/scaling.md`` says how to bound it."""
     demo_cfg, _ = demo_run
     run_dir = tmp_path / "run"
     cfg = demo_config(run_dir, f"catalog.archive={demo_cfg.synth.out_dir}", "run.shared_fs=true",
@@ -92,7 +99,7 @@ def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_pat
     cpu_nodes = {n["id"] for n in state["nodes"] if n["id"] != head["id"] and not n["resources"].get("GPU")}
     assert head["resources"].get("CPU", 0) == 0
     assert len(gpu_nodes) == 1, "annotation with num_gpus=1 did not bring up the GPU node type"
-    assert len(cpu_nodes) >= 2, "align's pool of 2 did not grow the CPU node type past one node"
+    assert cpu_nodes, "the CPU demand of catalog and tile did not bring up the CPU node type"
     actors = [a for a in state["actors"] if "MapWorker" in a["class"]]
     # catalog and tile run as Ray tasks: their markers record the node of every item
     for stage in ("catalog", "tile"):
@@ -100,7 +107,7 @@ def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_pat
         assert where and head["id"] not in where and where <= cpu_nodes | gpu_nodes, (stage, where)
     align_nodes = {a["node"] for a in actors if "AlignShard" in a["class"] + a["name"]}
     annotate_nodes = {a["node"] for a in actors if "AnnotateShard" in a["class"] + a["name"]}
-    assert len(align_nodes) >= 2 and head["id"] not in align_nodes, state["actors"]
+    assert len(align_nodes) == 2 and head["id"] not in align_nodes, state["actors"]
     assert annotate_nodes == gpu_nodes, state["actors"]
     tiles = _tiles(run_dir)
     assert tiles and tiles == _tiles(demo_cfg.run.run_dir)  # the one-node run's tiles at these levels

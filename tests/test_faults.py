@@ -250,3 +250,58 @@ def test_an_interrupted_run_resumes_where_it_stopped_with_identical_tables(refer
     assert summary["stages"]["tile"]["skipped_shards"] == tiled
     assert summary["stages"]["annotate"]["skipped_shards"] == annotated
     _assert_same_as_reference(str(run_dir), ref, ["catalog", "tile", "align", "annotate"])
+
+
+# a driver that starts its own local Ray as `sarlang run` does, then keeps it busy
+_BUSY_DRIVER = """
+import time, ray
+from sarlang_ray.config import load_config
+from sarlang_ray.stages.runner import ensure_ray
+ensure_ray(load_config(None, ["ray.num_cpus=1", "ray.progress=false"]))
+@ray.remote
+def nap():
+    time.sleep(0.2)
+while True:
+    ray.get(nap.remote())
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_local_rays_agents_start_leaves_no_process_behind():
+    """Ctrl-C (SIGINT to the process group) in the first seconds of a run, while the raylet's dashboard and
+    runtime-env agents are still starting: the raylet dies with the driver, and on Ray 2.60 an agent that
+    has not yet registered never notices (it stayed behind as an orphan of init in CI). The driver's exit
+    hook (``runner.stop_local_ray``) ends them. The signal goes out the moment the agents exist, each of
+    three times."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _BUSY_DRIVER], env=env, cwd=REPO, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tree: dict[int, psutil.Process] = {}
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and proc.poll() is None:
+                with contextlib.suppress(psutil.Error):
+                    tree.update((p.pid, p) for p in psutil.Process(proc.pid).children(recursive=True))
+                names = set()
+                for p in tree.values():
+                    with contextlib.suppress(psutil.Error):
+                        names.add(p.name())
+                if {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names:
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail(f"the local Ray's agents did not start (driver rc {proc.poll()})")
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=60) != 0
+            deadline = time.time() + 30
+            while (alive := [p for p in tree.values() if _alive(p)]) and time.time() < deadline:
+                time.sleep(0.1)
+            assert not alive, (attempt, [(p.pid, p.name()) for p in alive])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            for p in tree.values():
+                if _alive(p):
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()

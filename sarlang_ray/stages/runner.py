@@ -22,6 +22,7 @@ a scene replaced in place under the same name needs ``run.force=true``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -243,11 +244,58 @@ def ensure_ray(cfg: WorkflowConfig) -> None:
             ray.init(address=address, **kwargs)
         else:
             # address="local": always a new local Ray, never one a `ray start` left on this machine
+            import atexit
+
+            # before ray.init: a Ctrl-C can come while it starts the processes. atexit is last in, first out, so
+            # this runs after ray.init's own shutdown hook (when there is one), and calls ray.shutdown itself
+            atexit.register(stop_local_ray)
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress
     ctx.execution_options.preserve_order = True  # deterministic manifests
+
+
+def stop_local_ray(grace_s: float = 5.0) -> list[int]:
+    """Shut down the local Ray this process started, then end every process still holding a file open in
+    its session's log folder; returns their pids.
+
+    Ray names a local session after the process that starts it (``<temp dir>/session_<date>_<pid>``) and
+    each of its processes keeps its logs open under ``logs/``: that is how they are found, even when
+    ``ray.init`` itself was interrupted. This is needed because Ctrl-C sends SIGINT to the whole process
+    group: the raylet dies with the driver, and a dashboard or runtime-env agent still starting up (its
+    raylet watch begins only once it has registered) stays behind for good, an orphan of init (Ray 2.60,
+    when the signal comes in the first seconds of a run; ``tests/test_faults.py`` reproduces it).
+    ``ray.shutdown`` ends only the processes it started itself (GCS, raylet, monitors), not the agents the
+    raylet started."""
+    import re
+
+    import psutil
+    import ray
+
+    with contextlib.suppress(Exception):  # an init cut short may leave nothing to shut down
+        ray.shutdown()
+    me, uid = os.getpid(), os.getuid()
+    ours = re.compile(rf"/session_[^/]*_{me}/logs/")
+    left = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.pid != me and proc.info["uids"] and proc.info["uids"].real == uid and any(
+                    ours.search(f.path) for f in proc.open_files()):
+                left.append(proc)
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            continue
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if left:
+        log.info("ended %d process(es) of the local Ray left after shutdown: %s", len(left),
+                 ", ".join(str(p.pid) for p in left))
+    return [p.pid for p in left]
 
 
 def check_storage(cfg: WorkflowConfig) -> None:
