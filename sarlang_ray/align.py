@@ -35,7 +35,7 @@ from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
 from sarlang_ray.errors import error_row, errors_table
 from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema
-from sarlang_ray.tiling import encode_png, resampling_for, warp_window
+from sarlang_ray.tiling import encode_png, grid_read, resampling_for
 
 STAGE = "align"
 
@@ -229,13 +229,16 @@ def optical_band_indexes(src, configured: list[int] | None) -> list[int]:
     return [1, 2, 3] if src.count >= 3 else [1, 1, 1]
 
 
-def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, tile_gsd: float) -> np.ndarray:
-    """The optical twin on the SAR tile's grid as uint8 RGB (nodata black)."""
+def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, tile_gsd: float,
+                stats: dict | None = None) -> np.ndarray:
+    """The optical twin on the SAR tile's grid as uint8 RGB (nodata black): read straight from its pixels
+    when the tile grid is the twin's own (a twin co-registered at the SAR's resolution, at the native
+    level), else warped (``stats`` counts the tiles of each path, see :func:`tiling.grid_read`)."""
     native = math.sqrt(np.prod(metric_gsd(src)))
     resampling = resampling_for(tile_gsd, native, Resampling.average)
     if resampling == Resampling.nearest and tile_gsd < native * 0.99:
         resampling = Resampling.bilinear
-    channels = warp_window(src, list(bands), transform, crs, size, resampling)  # the three bands in one warp
+    channels = grid_read(src, list(bands), transform, crs, size, resampling, stats=stats)  # three bands, one pass
     if channels is None:
         channels = np.full((3, size, size), np.nan, np.float32)
     rgb = np.moveaxis(channels, 0, -1)
@@ -328,7 +331,7 @@ class AlignShard:
         out: dict = {"objects": objects_in_tile(labels, tree, t, size, self.cfg.min_visible_fraction)}
         out["landcover"], out["landcover_valid_fraction"] = [], 0.0
         if scene["landcover_uri"]:
-            lc = warp_window(self._raster(scene["landcover_uri"]), 1, t, tile["crs"], size, Resampling.nearest)
+            lc = grid_read(self._raster(scene["landcover_uri"]), 1, t, tile["crs"], size, Resampling.nearest)
             if lc is not None:
                 out["landcover"], out["landcover_valid_fraction"] = landcover_fractions(lc, self.landcover_classes)
         out["optical_png"] = None

@@ -227,17 +227,35 @@ def pixel_window(src, dst_transform: Affine, dst_crs: str, size: int) -> Window 
     return Window(round(col), round(row), size, size)
 
 
-def read_window(src, band: int, window: Window, size: int, to_float=None, stats: dict | None = None) -> np.ndarray | None:
+def read_window(src, band: int | list[int], window: Window, size: int, to_float=None,
+                stats: dict | None = None) -> np.ndarray | None:
     """A tile read straight from the raster's pixels (see :func:`pixel_window`), float32 with NaN nodata
-    where the window leaves the raster; the same array :func:`warp_window` would return, for less work."""
+    where the window leaves the raster; the same array :func:`warp_window` would return, for less work
+    (a list of bands gives (bands, size, size), as there)."""
     inter = _inside(window, src)
     if inter is None:
         return None
     data = _read_float(src, band, inter, to_float, stats)
-    out = np.full((size, size), np.nan, dtype=np.float32)
+    out = np.full(data.shape[:-2] + (size, size), np.nan, dtype=np.float32)
     r0, c0 = int(inter.row_off - window.row_off), int(inter.col_off - window.col_off)
-    out[r0: r0 + data.shape[0], c0: c0 + data.shape[1]] = data
+    out[..., r0: r0 + data.shape[-2], c0: c0 + data.shape[-1]] = data
     return out
+
+
+def grid_read(src, band: int | list[int], dst_transform: Affine, dst_crs: str, size: int, resampling: Resampling,
+              to_float=None, stats: dict | None = None) -> np.ndarray | None:
+    """:func:`warp_window`'s result by the cheaper exact path: a windowed read when the resampling is nearest
+    neighbour and the tile grid is the raster's own pixel grid (:func:`pixel_window`: the native level),
+    the warper otherwise. (GDAL's average is not the identity on identical pixels next to nodata, so only
+    nearest takes the read; at the native level the stages resample with nearest.) ``stats["direct"]`` /
+    ``stats["warp"]`` count the tiles of each path."""
+    window = pixel_window(src, dst_transform, dst_crs, size) if resampling == Resampling.nearest else None
+    path = "warp" if window is None else "direct"
+    if stats is not None:
+        stats[path] = stats.get(path, 0) + 1
+    if window is None:
+        return warp_window(src, band, dst_transform, dst_crs, size, resampling, to_float, stats)
+    return read_window(src, band, window, size, to_float, stats)
 
 
 def overview_for(src, factor: float) -> int | None:
