@@ -378,3 +378,20 @@ def test_export_to_s3_equals_the_local_export(exported, s3):
     assert names == local
     for path in sorted(local - {"_SUCCESS.json", "errors.parquet"}):
         assert fs.cat_file(f"{remote}/{path}") == (out / path).read_bytes(), path
+
+
+def test_importing_our_llamafactory_folder_names_the_folder_to_import_instead(exported):
+    """`sarlang import export/llamafactory` cannot follow the records' ``../sarlang1m/SAR_images/`` paths (a
+    release must not point outside itself, tests/test_security.py): every record is refused, and the
+    reason names the sibling folder that holds the same pairs with their images; importing that one works."""
+    from sarlang_ray import release
+
+    _, _, out = exported
+    refused = release.import_release(str(out / "llamafactory"))
+    errors = refused.errors.to_pylist()
+    records = sum(len(json.loads(p.read_text())) for p in (out / "llamafactory").glob("sarlang_*.json"))
+    assert refused.table.num_rows == 0 and len(errors) == records > 0
+    assert {e["error_class"] for e in errors} == {"unsafe_path"}
+    assert all(f"sarlang import {out}/sarlang1m OUT.parquet" in e["message"] for e in errors), errors[0]["message"]
+    followed = release.import_release(f"{out}/sarlang1m")
+    assert followed.errors.num_rows == 0 and followed.table.num_rows >= records
