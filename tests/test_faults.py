@@ -209,18 +209,28 @@ def _sarlang_run(run_dir: Path, archive: Path, interrupt: tuple[signal.Signals, 
             rc = proc.wait(timeout=60 if interrupt else 600)
         except subprocess.TimeoutExpired:
             pytest.fail(f"sarlang run still running {'60 s after ' + interrupt[0].name if interrupt else 'after 600 s'}")
-        deadline = time.time() + 30
-        while (alive := [p for p in tree.values() if _alive(p)]) and time.time() < deadline:
-            time.sleep(0.1)
+        alive = _left_after(tree.values(), 30)
         assert not alive, f"processes left running after the run ended: {[(p.pid, p.name()) for p in alive]}"
     finally:  # whatever happened, nothing this test started stays behind
-        if proc.poll() is None:
-            proc.kill()
-        for p in tree.values():
-            if _alive(p):
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
+        _kill_all(proc, tree.values())
     return rc, log.read_text()
+
+
+def _left_after(procs, seconds: float) -> list[psutil.Process]:
+    """The processes still alive after waiting up to ``seconds`` for all of them to end."""
+    deadline = time.time() + seconds
+    while (alive := [p for p in procs if _alive(p)]) and time.time() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def _kill_all(proc: subprocess.Popen, procs) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    for p in procs:
+        if _alive(p):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 @pytest.mark.slow
@@ -294,14 +304,7 @@ def test_ctrl_c_while_the_local_rays_agents_start_leaves_no_process_behind():
                 pytest.fail(f"the local Ray's agents did not start (driver rc {proc.poll()})")
             os.killpg(proc.pid, signal.SIGINT)
             assert proc.wait(timeout=60) != 0
-            deadline = time.time() + 30
-            while (alive := [p for p in tree.values() if _alive(p)]) and time.time() < deadline:
-                time.sleep(0.1)
+            alive = _left_after(tree.values(), 30)
             assert not alive, (attempt, [(p.pid, p.name()) for p in alive])
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            for p in tree.values():
-                if _alive(p):
-                    with contextlib.suppress(psutil.Error):
-                        p.kill()
+            _kill_all(proc, tree.values())
