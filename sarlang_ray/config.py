@@ -418,9 +418,15 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={_quote_list_items(value)}"]))
         source, key = path, None
         OmegaConf.resolve(cfg)
-        typed: WorkflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        try:
+            typed: WorkflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        except ConfigError as exc:  # a section's own check (VLLMSection does not know where it sits)
+            raise ConfigError(_placed(cfg, exc)) from None
     except OmegaConfBaseException as exc:
         problem = getattr(exc, "msg", None) or str(exc).split("\n")[0]
+        if not (getattr(exc, "full_key", None) or key):  # failed resolving: name the interpolations given
+            key = ", ".join(k for k, _, v in (o.partition("=") for o in overrides) if "${" in v) or None
+            source = source if key is None else "the overrides' interpolations"
         raise ConfigError(_message(source, getattr(exc, "full_key", None) or key, problem,
                                    "Check the spelling against sarlang_ray/config.py (every field is listed there).")) from None
     except yaml.YAMLError as exc:  # the value (or the file) is not YAML: an unclosed [ { or quote
@@ -458,6 +464,16 @@ def _quote_list_items(value: str) -> str:
     if not any(_BARE_ITEM.match(i) for i in items):
         return value
     return "[" + ", ".join(json.dumps(i) if _BARE_ITEM.match(i) else i for i in items) + "]"
+
+
+def _placed(cfg: DictConfig, exc: ConfigError) -> str:
+    """The message of a vLLM section's check with the section it failed in (annotate.vllm, evaluate.vllm)."""
+    for section in ("annotate", "evaluate"):
+        try:
+            VLLMSection(**OmegaConf.to_container(cfg[section].vllm, resolve=True))
+        except ConfigError as inner:
+            return "invalid config: " + str(inner).split(": ", 1)[1].replace("vllm.", f"{section}.vllm.")
+    return str(exc)
 
 
 def _message(source: str | None, key: str | None, problem: str, advice: str) -> str:

@@ -99,6 +99,8 @@ def test_config_overrides_give_a_valid_config_or_a_config_error_naming_the_key(p
     ("tile=5", "tile"),  # a section given a scalar
     ("tile.gsds_m.0=2", "tile.gsds_m"),  # a list item addressed as a key
     ("export.train=nan", "export.train"),  # NaN passes every comparison: must be rejected by name
+    ("evaluate=${run.seed}", "evaluate"),  # a section given an interpolation: fails only when resolved
+    ("evaluate.vllm.concurrency=0", "evaluate.vllm.concurrency"),  # a check of a section used in two places
 ])
 def test_config_edge_cases_found_by_fuzzing(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
