@@ -229,16 +229,15 @@ def optical_band_indexes(src, configured: list[int] | None) -> list[int]:
     return [1, 2, 3] if src.count >= 3 else [1, 1, 1]
 
 
-def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, tile_gsd: float,
-                stats: dict | None = None) -> np.ndarray:
+def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, tile_gsd: float) -> np.ndarray:
     """The optical twin on the SAR tile's grid as uint8 RGB (nodata black): read straight from its pixels
     when the tile grid is the twin's own (a twin co-registered at the SAR's resolution, at the native
-    level), else warped (``stats`` counts the tiles of each path, see :func:`tiling.grid_read`)."""
+    level), else warped (:func:`tiling.grid_read`)."""
     native = math.sqrt(np.prod(metric_gsd(src)))
     resampling = resampling_for(tile_gsd, native, Resampling.average)
     if resampling == Resampling.nearest and tile_gsd < native * 0.99:
         resampling = Resampling.bilinear
-    channels = grid_read(src, list(bands), transform, crs, size, resampling, stats=stats)  # three bands, one pass
+    channels = grid_read(src, list(bands), transform, crs, size, resampling)  # three bands, one pass
     if channels is None:
         channels = np.full((3, size, size), np.nan, np.float32)
     rgb = np.moveaxis(channels, 0, -1)
