@@ -80,9 +80,9 @@ def _check_relative(root: str, image: object, where: str) -> None:
             or re.match(r"^[A-Za-z]:", path) or any(p in ("", ".", "..") for p in parts)
             or any(ord(c) < 32 or ord(c) == 127 for c in path)):
         ours = isinstance(image, str) and image.startswith("../sarlang1m/")  # export.LLAMA_IMAGES
-        hint = (f" This is sarlang-ray's own LLaMA-Factory export: import its sibling folder instead, "
-                f"`sarlang import {root.rstrip('/').rsplit('/', 1)[0] if '/' in root.rstrip('/') else '..'}/sarlang1m OUT.parquet` "
-                "(the same pairs, images inside it)." if ours else "")
+        export_dir = root.rstrip("/").rpartition("/")[0] or ".."
+        hint = (" This is sarlang-ray's own LLaMA-Factory export: import its sibling folder instead, "
+                f"`sarlang import {export_dir}/sarlang1m OUT.parquet` (the same pairs, images inside it)." if ours else "")
         raise ItemError("unsafe_path", f"{where}: image path {image!r} is not a plain relative path inside the release "
                         f"{root} (absolute, '..', a URL or control characters). Fix or remove the entry; images must "
                         f"sit under the release folder.{hint}")

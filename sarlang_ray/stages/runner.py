@@ -247,7 +247,9 @@ def ensure_ray(cfg: WorkflowConfig) -> None:
             import atexit
 
             # before ray.init: a Ctrl-C can come while it starts the processes. atexit is last in, first out, so
-            # this runs after ray.init's own shutdown hook (when there is one), and calls ray.shutdown itself
+            # this runs after ray.init's own shutdown hook (when there is one), and calls ray.shutdown itself.
+            # Once per process, however many local Rays it starts: one scan at exit finds them all
+            atexit.unregister(stop_local_ray)
             atexit.register(stop_local_ray)
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      **kwargs)
