@@ -277,14 +277,16 @@ while True:
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_the_local_rays_agents_start_leaves_no_process_behind():
-    """Ctrl-C (SIGINT to the process group) in the first seconds of a run, while the raylet's dashboard and
-    runtime-env agents are still starting: the raylet dies with the driver, and on Ray 2.60 an agent that
-    has not yet registered never notices (it stayed behind as an orphan of init in CI). The driver's exit
-    hook (``runner.stop_local_ray``) ends them. The signal goes out the moment the agents exist, each of
-    three times."""
+@pytest.mark.parametrize("how,attempts", [("ctrl-c", 3), ("kill -9", 2)])
+def test_a_driver_ended_while_its_local_rays_agents_start_leaves_no_process_behind(how, attempts):
+    """The driver ends in the first seconds of a run, while the raylet's dashboard and runtime-env agents are
+    still starting: the raylet dies with it, and on Ray 2.60 an agent that has not yet registered never
+    notices (it stayed behind as an orphan of init in CI). Ctrl-C (SIGINT to the process group): the
+    driver's exit hook (``runner.stop_local_ray``) ends them. ``kill -9`` of the driver alone (as an
+    out-of-memory kill, or Ray aborting the driver, which runs no exit hook): its watcher
+    (``reaper.start_watcher``) does. The driver ends the moment the agents exist, each time."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    for attempt in range(3):
+    for attempt in range(attempts):
         proc = subprocess.Popen([sys.executable, "-c", _BUSY_DRIVER], env=env, cwd=REPO, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         tree: dict[int, psutil.Process] = {}
@@ -302,7 +304,10 @@ def test_ctrl_c_while_the_local_rays_agents_start_leaves_no_process_behind():
                 time.sleep(0.01)
             else:
                 pytest.fail(f"the local Ray's agents did not start (driver rc {proc.poll()})")
-            os.killpg(proc.pid, signal.SIGINT)
+            if how == "ctrl-c":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.kill()
             assert proc.wait(timeout=60) != 0
             alive = _left_after(tree.values(), 30)
             assert not alive, (attempt, [(p.pid, p.name()) for p in alive])

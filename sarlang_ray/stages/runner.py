@@ -33,7 +33,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from sarlang_ray import io
+from sarlang_ray import io, reaper
 from sarlang_ray.config import WorkflowConfig
 
 log = logging.getLogger("sarlang")
@@ -246,9 +246,11 @@ def ensure_ray(cfg: WorkflowConfig) -> None:
             # address="local": always a new local Ray, never one a `ray start` left on this machine
             import atexit
 
-            # before ray.init: a Ctrl-C can come while it starts the processes. atexit is last in, first out, so
-            # this runs after ray.init's own shutdown hook (when there is one), and calls ray.shutdown itself.
-            # Once per process, however many local Rays it starts: one scan at exit finds them all
+            # both before ray.init: a Ctrl-C can come while it starts the processes. atexit is last in, first
+            # out, so the hook runs after ray.init's own shutdown hook (when there is one). Once per process,
+            # however many local Rays it starts: one scan at exit finds them all. The watcher covers the
+            # deaths that run no exit hook (SIGKILL, an abort)
+            reaper.start_watcher()
             atexit.unregister(stop_local_ray)
             atexit.register(stop_local_ray)
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -259,45 +261,14 @@ def ensure_ray(cfg: WorkflowConfig) -> None:
 
 
 def stop_local_ray(grace_s: float = 5.0) -> list[int]:
-    """Shut down the local Ray this process started, then end every process still holding a file open in
-    its session's log folder; returns their pids.
-
-    Ray names a local session after the process that starts it (``<temp dir>/session_<date>_<pid>``) and
-    each of its processes keeps its logs open under ``logs/``: that is how they are found, even when
-    ``ray.init`` itself was interrupted. This is needed because Ctrl-C sends SIGINT to the whole process
-    group: the raylet dies with the driver, and a dashboard or runtime-env agent still starting up (its
-    raylet watch begins only once it has registered) stays behind for good, an orphan of init (Ray 2.60,
-    when the signal comes in the first seconds of a run; ``tests/test_faults.py`` reproduces it).
-    ``ray.shutdown`` ends only the processes it started itself (GCS, raylet, monitors), not the agents the
-    raylet started."""
-    import re
-
-    import psutil
+    """Shut down the local Ray this process started, then end every process of it still running (see
+    :mod:`sarlang_ray.reaper`: on Ray 2.60 ``ray.shutdown`` leaves a raylet agent that had not yet registered
+    when Ctrl-C killed the raylet); returns their pids."""
     import ray
 
     with contextlib.suppress(Exception):  # an init cut short may leave nothing to shut down
         ray.shutdown()
-    me, uid = os.getpid(), os.getuid()
-    ours = re.compile(rf"/session_[^/]*_{me}/logs/")
-    left = []
-    for proc in psutil.process_iter(["uids"]):
-        try:
-            if proc.pid != me and proc.info["uids"] and proc.info["uids"].real == uid and any(
-                    ours.search(f.path) for f in proc.open_files()):
-                left.append(proc)
-        except psutil.Error:  # gone meanwhile, or not ours to read
-            continue
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(left, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    if left:
-        log.info("ended %d process(es) of the local Ray left after shutdown: %s", len(left),
-                 ", ".join(str(p.pid) for p in left))
-    return [p.pid for p in left]
+    return reaper.end_session(os.getpid(), grace_s)
 
 
 def check_storage(cfg: WorkflowConfig) -> None:
@@ -423,7 +394,7 @@ def map_tasks(items: list[dict], cls, constructor_args: tuple, concurrency: int 
       an autoscaler sees the rest as demand and adds nodes for it;
     * a task whose worker or node dies is run again (``max_retries``): items must be idempotent (shards written
       atomically, finished ones skipped); an exception raised by the row function fails the map, with the
-      item it came from, after cancelling what is still queued;
+      item it came from, after cancelling what is still queued (an interrupt too, on a cluster);
     * ``memory_gb`` reserves memory per task (Ray's ``memory`` resource), for the scheduler and the autoscaler.
     """
     import ray
@@ -460,9 +431,16 @@ def map_tasks(items: list[dict], cls, constructor_args: tuple, concurrency: int 
                     raise RuntimeError(f"{task_name(cls)} failed on item {_describe(items[index])}: {exc}") from exc
                 if bar is not None:
                     bar.update(1)
+    except BaseException as exc:
+        # nothing more of this map runs: a row failed, or Ctrl-C / SIGTERM on a driver connected to a cluster.
+        # Not on an interrupt of a local Ray this process started: the same Ctrl-C (sent to the process group)
+        # kills its workers, and a cancel racing their deaths can abort the driver in Ray 2.60's task manager
+        # (RAY_CHECK "Tried to complete task that was not pending"); the driver's exit ends that Ray anyway
+        if isinstance(exc, Exception) or not reaper.started_local_ray():
+            for ref in pending:
+                ray.cancel(ref)
+        raise
     finally:
-        for ref in pending:  # an error, or Ctrl-C: nothing of this map keeps running
-            ray.cancel(ref)
         if bar is not None:
             bar.close()
     return results

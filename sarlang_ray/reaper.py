@@ -1,0 +1,90 @@
+"""Nothing of a local Ray outlives the process that started it, however that process ends.
+
+Ray names a local session after the process that starts it (``<temp dir>/session_<date>_<pid>``) and each
+of its processes keeps files open under that session's ``logs/`` from the moment it starts (its inherited
+stdout and stderr at first, its own logs later): :func:`end_session` finds them by that and ends them.
+
+Two callers:
+
+* the driver's exit hook (``runner.stop_local_ray``), after ``ray.shutdown``: on Ray 2.60 a dashboard or
+  runtime-env agent that has not yet registered misses its raylet's death (Ctrl-C in a run's first seconds
+  kills the whole process group) and stays behind, an orphan of init; ``ray.shutdown`` ends only the
+  processes it started itself;
+* a watcher process (:func:`watch`, started by :func:`start_watcher` before ``ray.init``), for the deaths
+  that run no exit hook: SIGKILL, an out-of-memory kill, or Ray's own core worker aborting the driver
+  (a ``RAY_CHECK`` in its task manager when a cancel races a dying worker; it failed one CI run). It holds
+  the read end of a pipe whose write end only the driver holds; end of file means the driver is gone.
+
+Only this module's imports (psutil) run in the watcher: it costs one small Python process per driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import subprocess
+import sys
+
+log = logging.getLogger("sarlang")
+
+_WATCHER: subprocess.Popen | None = None
+
+
+def end_session(pid: int, grace_s: float = 5.0) -> list[int]:
+    """End every process of this user holding a file open under the logs of a Ray session started by
+    process ``pid`` (SIGTERM, then SIGKILL after ``grace_s``); returns their pids."""
+    import psutil
+
+    ours, uid, me = re.compile(rf"/session_[^/]*_{pid}/logs/"), os.getuid(), os.getpid()
+    left = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.pid not in (me, pid) and proc.info["uids"] and proc.info["uids"].real == uid and any(
+                    ours.search(f.path) for f in proc.open_files()):
+                left.append(proc)
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            continue
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if left:
+        log.info("ended %d process(es) of the local Ray of process %d: %s", len(left), pid,
+                 ", ".join(str(p.pid) for p in left))
+    return [p.pid for p in left]
+
+
+def start_watcher() -> subprocess.Popen:
+    """Start (once per process) the watcher that ends this process's local Ray sessions when it dies."""
+    global _WATCHER
+    if _WATCHER is None or _WATCHER.poll() is not None:
+        # its own session: the Ctrl-C that reaches the driver's process group does not reach it
+        _WATCHER = subprocess.Popen([sys.executable, "-m", "sarlang_ray.reaper", str(os.getpid())],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True)
+    return _WATCHER
+
+
+def started_local_ray() -> bool:
+    """Whether this process started a local Ray (and its watcher)."""
+    return _WATCHER is not None
+
+
+def watch(pid: int) -> None:
+    """Wait for the end of file on stdin (the driver ``pid`` has exited, however), then end its sessions."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        while sys.stdin.buffer.read(4096):
+            pass
+    end_session(pid)
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]))
