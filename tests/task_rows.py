@@ -37,3 +37,15 @@ class DiesOnce:
         if item["i"] == self.victim and first:
             os._exit(1)  # no exception, no cleanup: the process is simply gone
         return {"i": item["i"], "pid": os.getpid()}
+
+
+class Sleeper:
+    """Sleeps ``seconds``, then leaves ``done-<i>`` behind: which items ran to their end."""
+
+    def __init__(self, log_dir: str, seconds: float):
+        self.log_dir, self.seconds = Path(log_dir), seconds
+
+    def __call__(self, item: dict) -> dict:
+        time.sleep(self.seconds)
+        (self.log_dir / f"done-{item['i']}").touch()
+        return {"i": item["i"]}

@@ -62,6 +62,37 @@ def test_a_worker_that_dies_mid_item_is_replaced_and_the_item_run_again(ray_sess
     assert all(len((tmp_path / f"ran-{i}").read_text().split()) == 1 for i in (0, 1, 3, 4, 5))
 
 
+@pytest.mark.parametrize("own_local_ray", [False, True])
+def test_ctrl_c_cancels_what_is_queued_unless_the_driver_ends_its_own_local_ray(ray_session, tmp_path, monkeypatch,
+                                                                               own_local_ray):
+    """Connected to a Ray it did not start (a cluster; here the tests' session Ray), an interrupted map cancels
+    its tasks. On a local Ray the driver started itself, it cancels nothing: the Ctrl-C that reached the driver
+    reached that Ray's workers too (one process group), a cancel racing their deaths can abort the driver in
+    Ray 2.60, and the driver's exit ends that Ray anyway."""
+    import _thread
+    import threading
+    import time
+
+    from sarlang_ray import reaper
+    from task_rows import Sleeper
+
+    monkeypatch.setattr(reaper, "_WATCHER", object() if own_local_ray else None)
+    assert reaper.started_local_ray() is own_local_ray
+    items = [{"i": i} for i in range(8)]  # 8 s of work on the session's 2 CPUs: 4 s
+    timer = threading.Timer(1.5, _thread.interrupt_main)  # as Ctrl-C: SIGINT handled in the main thread
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        map_tasks(items, Sleeper, (str(tmp_path), 1.0))
+    deadline = time.time() + (15 if own_local_ray else 6)  # uncancelled, all 8 are done within 4 s of the start
+    while len(list(tmp_path.glob("done-*"))) < len(items) and time.time() < deadline:
+        time.sleep(0.2)
+    done = len(list(tmp_path.glob("done-*")))
+    if own_local_ray:
+        assert done == len(items)  # nothing cancelled: the tasks submitted ran to their end
+    else:
+        assert done <= 4, done  # at most the two running at the interrupt and the next two: the rest cancelled
+
+
 def test_the_tile_stage_records_where_its_chunks_ran(demo_run):
     """The tile marker's ``placement``: every chunk (one shard each) counted once, on this one-node Ray's node;
     it is not one of the stage's counts."""
