@@ -1,4 +1,5 @@
-"""Nothing of a local Ray outlives the process that started it, however that process ends.
+"""Process lifecycle: nothing of a local Ray outlives the process that started it, however that process
+ends; no Ray worker process outlives a cancel half-initialised (:func:`cancel_ends_worker`).
 
 Ray names a local session after the process that starts it (``<temp dir>/session_<date>_<pid>``) and each
 of its processes keeps files open under that session's ``logs/`` from the moment it starts (its inherited
@@ -16,6 +17,13 @@ Two callers:
   the read end of a pipe whose write end only the driver holds; end of file means the driver is gone.
 
 Only this module's imports (psutil) run in the watcher: it costs one small Python process per driver.
+
+A cancelled Ray task gets a ``KeyboardInterrupt`` wherever it is, and Ray then reuses its worker process
+for the next task. Cut short inside a first import (transformers -> torch -> sympy: seconds), that
+process keeps half-initialised modules in ``sys.modules`` and every later task there fails to import
+(``module 'sympy' has no attribute 'printing'``; ``Could not import module 'AutoProcessor'``): a training
+run failed this way in CI when Ray Data cancelled a preprocessing task as a node was lost, and every
+retry landed on the broken worker. Tasks that import lazily run inside :func:`cancel_ends_worker`.
 """
 
 from __future__ import annotations
@@ -57,6 +65,22 @@ def end_session(pid: int, grace_s: float = 5.0) -> list[int]:
         log.info("ended %d process(es) of the local Ray of process %d: %s", len(left), pid,
                  ", ".join(str(p.pid) for p in left))
     return [p.pid for p in left]
+
+
+@contextlib.contextmanager
+def cancel_ends_worker():
+    """Inside a Ray task: a cancel (``KeyboardInterrupt``) ends this worker process at once, so Ray starts a
+    clean one instead of reusing a process the interrupt left half-initialised. The task still ends as
+    cancelled (Ray reports ``TaskCancelledError`` and does not retry it). Anywhere else (the driver, a
+    plain call) the interrupt propagates as usual."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None:  # None in a driver
+            os._exit(1)
+        raise
 
 
 def start_watcher() -> subprocess.Popen:

@@ -34,7 +34,7 @@ import os
 import tempfile
 import time
 
-from sarlang_ray import io, plots
+from sarlang_ray import io, plots, reaper
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.models import chat_texts, load_image, load_processor
 
@@ -143,9 +143,10 @@ def preprocess_batch(batch: dict, model: str, max_pixels: int | None, max_length
     kept there (Ray reuses its worker processes across tasks), so a new epoch, which is a new execution of the
     dataset, starts no actor and loads no processor again."""
     key = (model, max_pixels, max_length)
-    if key not in _PREPROCESSORS:
-        _PREPROCESSORS[key] = Preprocess(model, max_pixels, max_length)
-    return _PREPROCESSORS[key](batch)
+    with reaper.cancel_ends_worker():  # Ray Data cancels these tasks when an epoch's execution is torn down
+        if key not in _PREPROCESSORS:
+            _PREPROCESSORS[key] = Preprocess(model, max_pixels, max_length)
+        return _PREPROCESSORS[key](batch)
 
 
 def collate(batch: dict, pad_token_id: int, device=None, float_dtype=None) -> dict:

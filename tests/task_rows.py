@@ -40,12 +40,14 @@ class DiesOnce:
 
 
 class Sleeper:
-    """Sleeps ``seconds``, then leaves ``done-<i>`` behind: which items ran to their end."""
+    """Leaves ``started-<i>`` (its pid), sleeps ``seconds``, then leaves ``done-<i>``: which items ran to their
+    end, and where."""
 
     def __init__(self, log_dir: str, seconds: float):
         self.log_dir, self.seconds = Path(log_dir), seconds
 
     def __call__(self, item: dict) -> dict:
+        (self.log_dir / f"started-{item['i']}").write_text(str(os.getpid()))
         time.sleep(self.seconds)
         (self.log_dir / f"done-{item['i']}").touch()
         return {"i": item["i"]}

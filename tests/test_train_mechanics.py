@@ -276,3 +276,52 @@ def test_fsdp_full_finetune_on_two_cpu_workers_saves_a_reloadable_model(demo_run
     merged = _logits(str(ckpt / "merged"), processor)
     assert torch.allclose(merged, _logits(strict, processor), atol=1e-5)
     assert not torch.allclose(merged, _logits(tiny_vlm, processor), atol=1e-3)
+
+
+def _preprocess_in_a_worker(pid_file: str, batch: dict, model: str) -> list[str]:
+    import os
+
+    from sarlang_ray.train import preprocess_batch
+
+    Path(pid_file).write_text(str(os.getpid()))
+    return sorted(preprocess_batch(batch, model, None, 256))
+
+
+def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_worker(ray_session, tiny_vlm, tmp_path):
+    """Ray Data cancels preprocessing tasks when an execution is torn down (a lost node restarting the training
+    workers). A cancel inside the first import of transformers -> torch used to leave the worker process with
+    half-initialised modules, and Ray reused it: every later task there failed to import (CI: "module 'sympy'
+    has no attribute 'printing'", each training retry). Now the cancelled task's process ends, and the next
+    task runs in a clean one."""
+    import io
+    import time
+
+    import psutil
+    import ray
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (64, 48), 90).save(buf, format="PNG")
+    batch = {"pair_id": np.array(["p0"]), "image": [{"bytes": buf.getvalue()}],
+             "question": np.array(["Is there a road?"]), "answer": np.array(["no"])}
+    task = ray.remote(_preprocess_in_a_worker)
+    for attempt, delay in enumerate((0.5, 1.2)):
+        # workers of their own (a runtime_env of their own): nothing imported yet when the cancel comes
+        opts = {"runtime_env": {"env_vars": {"SARLANG_TEST_FRESH_WORKERS": f"{attempt}"}}}
+        pid_file = tmp_path / f"pid-{attempt}"
+        ref = task.options(**opts).remote(str(pid_file), batch, tiny_vlm)
+        while not pid_file.exists():
+            time.sleep(0.01)
+        time.sleep(delay)  # the first imports take seconds in a fresh process
+        ray.cancel(ref)
+        with pytest.raises(ray.exceptions.TaskCancelledError):
+            ray.get(ref, timeout=60)
+        cancelled = int(pid_file.read_text())
+        deadline = time.time() + 10
+        while psutil.pid_exists(cancelled) and psutil.Process(cancelled).status() != psutil.STATUS_ZOMBIE \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        assert not psutil.pid_exists(cancelled) or psutil.Process(cancelled).status() == psutil.STATUS_ZOMBIE
+        keys = ray.get(task.options(**opts).remote(str(pid_file), batch, tiny_vlm), timeout=120)
+        assert int(pid_file.read_text()) != cancelled
+        assert {"input_ids", "labels", "pixel_values"} <= set(keys)

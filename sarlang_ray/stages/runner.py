@@ -368,7 +368,8 @@ def _instance(key: str, spec: list):
 def _run_item(key: str, spec: list, item: dict) -> dict:
     import ray
 
-    return {**_instance(key, spec)(item), "node": ray.get_runtime_context().get_node_id()}
+    with reaper.cancel_ends_worker():  # the instance's first item imports its domain's libraries
+        return {**_instance(key, spec)(item), "node": ray.get_runtime_context().get_node_id()}
 
 
 def task_name(cls) -> str:
