@@ -41,7 +41,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from sarlang_ray import io, metrics, plots
+from sarlang_ray import io, metrics, plots, reaper
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS, tile_shards
@@ -774,7 +774,8 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
     tuner = tune.Tuner(tune.with_resources(tune.with_parameters(_trial, cfg=cfg), {"cpu": 0.01}), param_space=space,
                        tune_config=tune.TuneConfig(max_concurrent_trials=ev.max_concurrent_trials),
                        run_config=tune.RunConfig(name="sweep", storage_path=storage, storage_filesystem=storage_fs, verbose=0))
-    grid = tuner.fit()
+    with reaper.sigint_kept():
+        grid = tuner.fit()
     rows, failed = [], []
     for result in grid:
         if result.error is not None or "n_pairs" not in (result.metrics or {}):

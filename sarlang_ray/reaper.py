@@ -1,5 +1,6 @@
 """Process lifecycle: nothing of a local Ray outlives the process that started it, however that process
-ends; no Ray worker process outlives a cancel half-initialised (:func:`cancel_ends_worker`).
+ends; no Ray worker process outlives a cancel half-initialised (:func:`cancel_ends_worker`); Ctrl-C still
+interrupts a driver after Ray Tune or Ray Train ran in it (:func:`sigint_kept`).
 
 Ray names a local session after the process that starts it (``<temp dir>/session_<date>_<pid>``) and each
 of its processes keeps files open under that session's ``logs/`` from the moment it starts (its inherited
@@ -81,6 +82,26 @@ def cancel_ends_worker():
         if ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None:  # None in a driver
             os._exit(1)
         raise
+
+
+@contextlib.contextmanager
+def sigint_kept():
+    """Give back the SIGINT handler the process had once the block ends. Ray Tune's ``Tuner.fit`` and Ray
+    Train's ``fit`` install their own (a graceful stop of *their* run) and leave it installed (Ray 2.60):
+    after an evaluation or a training run in a notebook or a driver, Ctrl-C of anything else printed "Stop
+    signal received ... ending Ray Tune run" and interrupted nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if before is not None:  # None: a handler not installed from Python, which cannot be put back
+            signal.signal(signal.SIGINT, before)
 
 
 def start_watcher() -> subprocess.Popen:

@@ -546,7 +546,8 @@ def run_train(cfg: WorkflowConfig) -> dict:
         datasets=datasets,
         dataset_config=data_config,
     )
-    result = trainer.fit()
+    with reaper.sigint_kept():
+        result = trainer.fit()
     with result.checkpoint.as_directory() as d, open(os.path.join(d, "state.json")) as f:
         state = json.load(f)
     history = state["history"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -128,7 +129,9 @@ def test_a_failing_trial_is_listed_with_its_root_exception_and_the_sweep_goes_on
                             f"evaluate.models=[{good},{broken}]", "evaluate.images=[sar,optical]", "evaluate.limit_pairs=40",
                             "evaluate.baselines=[majority]", "evaluate.judge=embedding", "evaluate.vqa_mode=judge",
                             f"evaluate.judge_model={_tiny_encoder(tmp_path / 'encoder', [('ship', 'vessel')], ['road'])}"])
+    sigint = signal.getsignal(signal.SIGINT)
     board = evaluate.run_evaluate(ev)
+    assert signal.getsignal(signal.SIGINT) is sigint  # Ray Tune's own handler is not left behind: Ctrl-C still works
     assert {(r["model"], r["image"]) for r in board["rows"]} == {(good, "sar"), ("majority answer (lower bound)", "-")}
     assert all(r["n_pairs"] == 40 for r in board["rows"])
     assert all(0 <= r["vqa_judge"] <= 1 and r["vqa_judge"] >= r["vqa_sarlang1m"] for r in board["rows"])  # judge only adds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 
 import pytest
 
@@ -69,16 +70,26 @@ def test_ctrl_c_cancels_what_is_queued_unless_the_driver_ends_its_own_local_ray(
     its tasks. On a local Ray the driver started itself, it cancels nothing: the Ctrl-C that reached the driver
     reached that Ray's workers too (one process group), a cancel racing their deaths can abort the driver in
     Ray 2.60, and the driver's exit ends that Ray anyway."""
+    from sarlang_ray import reaper
+
+    monkeypatch.setattr(reaper, "_WATCHER", object() if own_local_ray else None)
+    assert reaper.started_local_ray() is own_local_ray
+    # Python's own SIGINT handler, as in a fresh `sarlang run` (a Ray Tune or Train run in this process
+    # before may have left another: reaper.sigint_kept)
+    with reaper.sigint_kept():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _interrupt_a_map(tmp_path, own_local_ray)
+
+
+def _interrupt_a_map(tmp_path, own_local_ray: bool) -> None:
     import _thread
     import threading
     import time
 
-    from sarlang_ray import reaper
     from task_rows import Sleeper
 
-    monkeypatch.setattr(reaper, "_WATCHER", object() if own_local_ray else None)
-    assert reaper.started_local_ray() is own_local_ray
     items = [{"i": i} for i in range(8)]  # 8 s of work on the session's 2 CPUs: 4 s
+
     def ctrl_c_mid_item():  # as Ctrl-C: SIGINT handled in the main thread, while the first items sleep
         while not list(tmp_path.glob("started-*")):
             time.sleep(0.01)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ def test_lora_training_lowers_held_out_loss_and_checkpoints_reload(demo_run, tin
     shutil.copytree(Path(cfg.run.run_dir) / "export", run_dir / "export")
     tr = load_config(None, [f"run.run_dir={run_dir}", f"train.model={tiny_vlm}", "train.batch_size=8", "train.lr=0.003",
                             "train.epochs=2", "train.limit_pairs=240", "ray.progress=false"])
+    sigint = signal.getsignal(signal.SIGINT)
     counts = pipeline.run(tr, ["train"])["stages"]["train"]
+    assert signal.getsignal(signal.SIGINT) is sigint  # Ray Train's own handler is not left behind: Ctrl-C still works
     assert counts["val_loss_after"] < counts["val_loss_before"] - 0.05, counts
     metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [-1, 0, 1]
