@@ -148,16 +148,35 @@ class ExportShard:
     """Ray Data row function (actor pool): one tiles shard and its annotations -> its PNGs, Parquet shards
     and parts; returns a small manifest row (counters as JSON, the worker that did it)."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, visibility=None):
+        from sarlang_ray.annotate.visibility import Visibility
+
         self.tile_root = tables.shard_root(run_dir, "align")
         self.ann_root = tables.shard_root(run_dir, "annotate")
         self.out = io.join(run_dir, "export")
+        self.visibility = visibility or Visibility()
+
+    def contradictions(self, name: str, split_of: dict) -> dict:
+        """The contradiction checker (:mod:`sarlang_ray.annotate.consistency`) over the pairs this shard
+        exports, from their text, their tiles' GSD and width and their backend alone: the card's "left in this
+        export" column, summed over shards by the driver instead of read back whole into it."""
+        from sarlang_ray.annotate import consistency
+
+        tiles = {t["tile_id"]: t for t in io.read_parquet(io.join(self.tile_root, name),
+                                                          columns=["tile_id", "gsd_m", "width"]).to_pylist()}
+        pairs = [p for p in io.read_parquet(io.join(self.ann_root, name), columns=[
+            "pair_id", "tile_id", "gsd_m", "kind", "question", "answer", "backend", "qc_passed"]).to_pylist()
+            if p["qc_passed"] and p["tile_id"] in split_of]
+        return consistency.check_pairs(pairs, tiles, self.visibility)
 
     def __call__(self, row: dict) -> dict:
         name, split_of = row["shard"], json.loads(row["splits"])
         done_uri = io.join(self.out, PARTS, "_done", name.replace("/", "__") + ".json")
         if io.exists(done_uri):  # an earlier, interrupted run finished this shard: its files are there
-            return {**io.read_json(done_uri), "index": row["index"], "skipped": True}
+            done = io.read_json(done_uri)
+            if "contradictions" not in done:  # finished by a version that did not check there
+                done["contradictions"] = json.dumps(self.contradictions(name, split_of))
+            return {**done, "index": row["index"], "skipped": True}
         tiles = {t["tile_id"]: t for t in io.read_parquet(
             io.join(self.tile_root, name), columns=["tile_id", "gsd_m", "sar_png", "objects", "landcover"]).to_pylist()}
         pairs = [p for p in io.read_parquet(io.join(self.ann_root, name), columns=PAIR_COLUMNS + ["qc_passed"]).to_pylist()
@@ -199,7 +218,8 @@ class ExportShard:
             io.write_bytes_atomic(part_uri(self.out, target, name), sep.join(encoded).encode())
         manifest = {"shard": name, "tiles": sum(stats["tiles"].values()), "pairs": len(pairs),
                     "parts": json.dumps({t: len(v) for t, v in sorted(parts.items())}),
-                    "stats": json.dumps(stats), "worker": f"{socket.gethostname()}:{os.getpid()}"}
+                    "stats": json.dumps(stats), "contradictions": json.dumps(self.contradictions(name, split_of)),
+                    "worker": f"{socket.gethostname()}:{os.getpid()}"}
         io.write_json_atomic(done_uri, manifest)  # last: the shard is complete
         return {**manifest, "index": row["index"], "skipped": False}
 
@@ -266,8 +286,9 @@ def write_dataset_info(out: str) -> None:
     io.write_json_atomic(io.join(out, "llamafactory", "dataset_info.json"), info)
 
 
-def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage: dict) -> None:
-    """dataset_card.md with counts, distributions, the leakage report, contradictions and PNG plots."""
+def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage: dict, contradictions: dict) -> None:
+    """dataset_card.md with counts, distributions, the leakage report, contradictions (the shards' reports,
+    merged) and PNG plots."""
     from sarlang_ray.annotate import consistency
     plt = plots.pyplot()
     charts = {
@@ -326,7 +347,7 @@ Distinct question types: {counts['question_types']}.
 {table(stats['applications'], 'application')}
 ## Pairs per question family
 {table(qtypes, 'family')}
-{consistency.card_section(cfg.run.run_dir, out, cfg.annotate)}
+{consistency.card_section(cfg.run.run_dir, cfg.annotate, contradictions)}
 ## Objects per class
 ![classes](plots/classes.png)
 

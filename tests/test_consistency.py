@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sarlang_ray.annotate.consistency import check_export, check_pairs, contradictions
+from sarlang_ray.annotate.consistency import RULES, check_export, check_pairs, contradictions
 from sarlang_ray.annotate.qc import qc_tile
 from sarlang_ray.annotate.template import TemplateAnnotator
 from sarlang_ray.annotate.visibility import Visibility
@@ -268,3 +268,19 @@ def test_annotate_stage_reports_planted_model_errors_per_rule_and_backend(demo_r
     for rule in ("implied_absence", "unresolvable"):
         assert f"| {rule} | planted | {expected[rule]} | 0 |" in card, card
     assert set(check_export(str(run_dir))["findings"].values()) == {0}
+
+    # QC's contradiction rule off: the planted errors are exported, and the card's "left in this export"
+    # column (the export shards' reports, summed in the driver) is what the checker finds reading the
+    # exported files back whole
+    kept_cfg = load_config(None, [f"run.run_dir={run_dir}", "annotate.backend=test_consistency:PlantingBackend",
+                                  "annotate.qc.contradiction='off'", "ray.progress=false"])
+    annotate_stage.run(kept_cfg)
+    export_stage.run(kept_cfg)
+    card = (run_dir / "export" / "dataset_card.md").read_text()
+    read_back = check_export(str(run_dir))
+    assert read_back["by_backend"]["planted"]["implied_absence"] > 0
+    assert read_back["by_backend"]["planted"]["unresolvable"] > 0
+    for rule in RULES:
+        assert re.search(rf"\| {rule} \| planted \| [^|]+ \| {read_back['by_backend']['planted'][rule]} \|", card), card
+    tiles_line = f"{read_back['tiles_with_findings']} of\n{read_back['tiles']} exported tiles with a finding"
+    assert tiles_line in card, card

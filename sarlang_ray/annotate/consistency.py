@@ -505,6 +505,29 @@ def check_pairs(pairs: list[dict], tiles: dict[str, dict] | None = None, visibil
             "tiles_without_gsd": unjudged, "examples": {r: examples[r] for r in RULES if examples[r]}}
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """:func:`check_pairs` reports of disjoint sets of tiles (export shards), summed into one as if checked
+    together: counts added, examples kept in the reports' order up to ``EXAMPLES_PER_RULE`` per rule."""
+    out = {"tiles": 0, "pairs": 0, "tiles_with_findings": 0, "tiles_without_gsd": 0,
+           "findings": dict.fromkeys(RULES, 0), "pairs_hit": dict.fromkeys(RULES, 0), "by_backend": {}, "examples": {}}
+    for r in reports:
+        for key in ("tiles", "pairs", "tiles_with_findings", "tiles_without_gsd"):
+            out[key] += r[key]
+        for key in ("findings", "pairs_hit"):
+            for rule in RULES:
+                out[key][rule] += r[key].get(rule, 0)
+        for backend, counts in r["by_backend"].items():
+            mine = out["by_backend"].setdefault(backend, dict.fromkeys(RULES, 0))
+            for rule in RULES:
+                mine[rule] += counts.get(rule, 0)
+        for rule, examples in r["examples"].items():
+            kept = out["examples"].setdefault(rule, [])
+            kept.extend(examples[:EXAMPLES_PER_RULE - len(kept)])
+    out["by_backend"] = dict(sorted(out["by_backend"].items()))
+    out["examples"] = {r: out["examples"][r] for r in RULES if out["examples"].get(r)}
+    return out
+
+
 def check_export(run_dir: str, visibility: Visibility | None = None, export_dir: str | None = None) -> dict:
     """:func:`check_pairs` over an export (``export/parquet/<split>/*.parquet``), with each tile's width from
     the tiles table and each pair's backend from the annotations table where the run folder has them.
@@ -529,16 +552,12 @@ def check_export(run_dir: str, visibility: Visibility | None = None, export_dir:
     return check_pairs(pairs, tiles, visibility)
 
 
-def card_section(run_dir: str, export_dir: str, cfg: AnnotateSection) -> str:
+def card_section(run_dir: str, cfg: AnnotateSection, exported: dict) -> str:
     """The dataset card's "Contradictions" section (markdown): findings per rule and backend found by the
-    annotate stage's QC (``annotate/qc_report.json``) and by this checker run again over the export,
-    independently of the annotator (0 unless ``annotate.qc.contradiction`` is off), and the GSD up to which
-    each class is asked about."""
+    annotate stage's QC (``annotate/qc_report.json``) and by this checker run again over the exported pairs,
+    independently of the annotator (``exported``: the export shards' reports, :func:`merge_reports`; 0 unless
+    ``annotate.qc.contradiction`` is off), and the GSD up to which each class is asked about."""
     vis = Visibility.from_config(cfg)
-    try:
-        exported = check_export(run_dir, vis, export_dir=export_dir)
-    except FileNotFoundError:  # an export without pairs: nothing to check, said as such below
-        exported = {"by_backend": {}, "tiles_with_findings": 0, "tiles": 0}
     report_uri = io.join(run_dir, "annotate", "qc_report.json")
     annotated = io.read_json(report_uri).get("contradictions") if io.exists(report_uri) else None
     at_annotation = annotated["by_backend"] if annotated else {}

@@ -3,14 +3,18 @@
 
 The driver splits the tiles from small descriptors and holds only those and per-shard counters: every
 shard is exported by an actor of a pool (:class:`~sarlang_ray.export.ExportShard`: PNGs, Parquet shards,
-per-shard parts of the JSON and CSV files); the driver then streams each JSON/CSV file together from its
-parts, one part in memory at a time (:func:`~sarlang_ray.export.assemble`), and draws the card from the summed
-counters.
+per-shard parts of the JSON and CSV files, the contradiction checker's report of its pairs); the driver then
+streams each JSON/CSV file together from its parts, one part in memory at a time
+(:func:`~sarlang_ray.export.assemble`), and draws the card from the summed counters and reports.
 """
 
 from __future__ import annotations
 
+import json
+
 from sarlang_ray import export, io
+from sarlang_ray.annotate import consistency
+from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.splits import SPLITS
 from sarlang_ray.stages.runner import Stage, map_items
@@ -21,7 +25,9 @@ NUM_CPUS = 1.0  # per export actor: it reads a shard, writes PNGs and Parquet (I
 def _body(cfg: WorkflowConfig) -> dict:
     out = io.join(cfg.run.run_dir, "export")
     items, split_counts = export.plan(cfg)
-    manifest = sorted(map_items(items, export.ExportShard, (cfg.run.run_dir,), None, NUM_CPUS), key=lambda m: m["index"])
+    visibility = Visibility.from_config(cfg.annotate)
+    manifest = sorted(map_items(items, export.ExportShard, (cfg.run.run_dir, visibility), None, NUM_CPUS),
+                      key=lambda m: m["index"])
     for job in export.assembly_jobs(out, manifest):  # 12 text files: starting a Ray worker costs more than the copy
         export.assemble(job)
     export.write_dataset_info(out)
@@ -33,7 +39,8 @@ def _body(cfg: WorkflowConfig) -> dict:
               "question_types": len(stats["question_types"]),
               "leakage": {k: v for k, v in leakage.items() if k in ("leak_free", "pairs")},
               "shards": len(manifest), "skipped_shards": sum(bool(m["skipped"]) for m in manifest)}
-    export.write_card(out, cfg, stats, counts, leakage)
+    contradictions = consistency.merge_reports([json.loads(m["contradictions"]) for m in manifest])
+    export.write_card(out, cfg, stats, counts, leakage, contradictions)
     return counts
 
 
