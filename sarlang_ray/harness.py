@@ -24,9 +24,13 @@ The prompts are ``evaluate.prompts``' first entry (the paper's by default), as `
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -51,34 +55,31 @@ def prompt_text(prompt: dict, kind: str, question: str) -> str:
     return prompt["vqa"].format(question=str(question).rstrip("?. "))
 
 
-def _images(cfg: WorkflowConfig, pairs: list[dict]) -> dict[str, tuple[str, bytes]]:
-    """pair_id -> (image file name, bytes) for the pairs, read in the driver (export: the split's image column;
-    tables: ``image_uri`` or the embedded bytes)."""
+def _image_stream(cfg: WorkflowConfig, pairs: list[dict]) -> Iterator[tuple[str, str, bytes]]:
+    """(pair_id, image file name, bytes) for the pairs, one file of the split at a time (export: the split's
+    image column; tables: ``image_uri`` or the embedded bytes): the split's images never sit in memory together."""
     import pyarrow.compute as pc
 
     wanted = pa.array([p["pair_id"] for p in pairs], pa.string())
-    out = {}
-    if evaluate.dataset_kind(cfg) == "export":
-        for uri in evaluate.split_files(cfg, cfg.evaluate.split):
-            t = io.read_parquet(uri, columns=["pair_id", "tile_id", "image"])
-            t = t.filter(pc.is_in(t["pair_id"], wanted))
-            for pid, tid, img in zip(t["pair_id"].to_pylist(), t["tile_id"].to_pylist(), t["image"].to_pylist()):
-                out[pid] = (img.get("path") or f"{tid}.png", img["bytes"])
-        return out
-    table = evaluate.read_split(cfg, cfg.evaluate.split, ["pair_id", "image_uri", "image"])
-    table = table.filter(pc.is_in(table["pair_id"], wanted))
-    for pid, uri, img in zip(table["pair_id"].to_pylist(), table["image_uri"].to_pylist(), table["image"].to_pylist()):
-        if uri:
-            out[pid] = (uri.rsplit("/", 1)[-1], io.read_bytes(uri))
-        elif img and img.get("bytes"):
-            out[pid] = (img.get("path") or f"{pid}.png", img["bytes"])
-        else:
-            raise FileNotFoundError(f"pair {pid} has neither an image_uri nor embedded image bytes")
-    return out
+    export = evaluate.dataset_kind(cfg) == "export"
+    columns = ["pair_id", "tile_id", "image"] if export else ["pair_id", "image_uri", "image"]
+    for table in evaluate.iter_split(cfg, cfg.evaluate.split, columns):
+        table = table.filter(pc.is_in(table["pair_id"], wanted))
+        image = table["image"].combine_chunks()
+        paths, blobs = image.field("path").to_pylist(), image.field("bytes")  # bytes made row by row: pairs repeat them
+        for i, (pid, key) in enumerate(zip(table["pair_id"].to_pylist(), table[columns[1]].to_pylist())):
+            if export:
+                yield pid, paths[i] or f"{key}.png", blobs[i].as_py()
+            elif key:  # image_uri
+                yield pid, key.rsplit("/", 1)[-1], io.read_bytes(key)
+            elif image[i].is_valid and blobs[i].is_valid:
+                yield pid, paths[i] or f"{pid}.png", blobs[i].as_py()
+            else:
+                raise FileNotFoundError(f"pair {pid} has neither an image_uri nor embedded image bytes")
 
 
-def bench_samples(cfg: WorkflowConfig) -> tuple[list[dict], dict[str, tuple[str, bytes]]]:
-    """The samples a harness gets (one per pair ``sarlang evaluate`` scores, in its order) and their images."""
+def bench_samples(cfg: WorkflowConfig) -> list[dict]:
+    """The samples a harness gets: one per pair ``sarlang evaluate`` scores, in its order (images apart)."""
     cfg = evaluate._absolute_datasets(cfg)
     evaluate.prepare_datasets(cfg)
     table = evaluate.read_split(cfg, cfg.evaluate.split, evaluate.META)
@@ -96,7 +97,7 @@ def bench_samples(cfg: WorkflowConfig) -> tuple[list[dict], dict[str, tuple[str,
         samples.append({"index": i, **{k: p[k] for k in evaluate.META}, "prompt": prompt_text(prompt, p["kind"], p["question"]),
                         "references": refs[(p["tile_id"], p["kind"])] if caption else [p["answer"]],
                         "source": sources.get(p["pair_id"], "export")})
-    return samples, _images(cfg, pairs)
+    return samples
 
 
 def _metric_keys(samples: list[dict], mode: str) -> list[tuple[str, str]]:
@@ -187,25 +188,38 @@ metadata:
 def export_bench(cfg: WorkflowConfig) -> dict:
     """Write the evaluated split as an lmms-eval task and a VLMEvalKit TSV (``bench.formats``) under
     ``bench.out_dir``; returns the manifest (also ``manifest.json``): samples, files, per-application counts."""
-    samples, images = bench_samples(cfg)
+    cfg = evaluate._absolute_datasets(cfg)
+    samples = bench_samples(cfg)
     if not samples:
         raise ValueError(f"the {cfg.evaluate.split} split of {evaluate.dataset_label(cfg)} has no pairs to export")
     name = bench_name(cfg)
     out = cfg.bench.out_dir or io.join(cfg.run.run_dir, "bench")
-    # each image once, under a name unique to its bytes
-    names, by_name = {}, {}
-    for s in samples:
-        base, data = images[s["pair_id"]]
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".") or f"{s['pair_id']}.png"  # a plain file name
+    with tempfile.TemporaryDirectory(prefix="sarlang-bench-") as staged:
+        return _write_bench(cfg, samples, name, out, Path(staged))
+
+
+def _write_bench(cfg: WorkflowConfig, samples: list[dict], name: str, out: str, staged: Path) -> dict:
+    """export_bench's files. Each image once, under a name unique to its bytes, staged in a local folder as the
+    split's files stream by (only their digests are kept), then copied to the lmms-eval task and read back for
+    the TSV, row by row."""
+    names, digests = {}, {}  # pair_id -> file name; file name -> sha1 of its bytes
+    for pid, base, data in _image_stream(cfg, samples):
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".") or f"{pid}.png"  # a plain file name
         stem, _, ext = base.rpartition(".")
+        digest = hashlib.sha1(data).hexdigest()
         candidate, k = base, 1
-        while candidate in by_name and by_name[candidate] != data:
+        while candidate in digests and digests[candidate] != digest:
             k += 1
             candidate = f"{stem}-{k}.{ext}"
-        by_name[candidate] = data
-        names[s["pair_id"]] = candidate
+        if candidate not in digests:
+            digests[candidate] = digest
+            (staged / candidate).write_bytes(data)
+        names[pid] = candidate
+    missing = [s["pair_id"] for s in samples if s["pair_id"] not in names]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} pairs of the {cfg.evaluate.split} split have no image, e.g. {missing[:3]}")
     manifest = {"name": name, "split": cfg.evaluate.split, "dataset": evaluate.dataset_label(cfg), "samples": len(samples),
-                "images": len(by_name), "applications": _counts(s["application"] for s in samples),
+                "images": len(digests), "applications": _counts(s["application"] for s in samples),
                 "kinds": _counts(s["kind"] for s in samples), "files": {}}
     if "lmms_eval" in cfg.bench.formats:
         task_dir = io.join(out, "lmms_eval", name)
@@ -214,8 +228,8 @@ def export_bench(cfg: WorkflowConfig) -> dict:
         rows = [{**{k: s[k] for k in ("index", *evaluate.META, "prompt", "references", "source")},
                  "image_path": f"images/{names[s['pair_id']]}"} for s in samples]
         io.write_parquet_atomic(io.join(task_dir, f"{name}.parquet"), pa.Table.from_pylist(rows))
-        for fname, data in by_name.items():
-            io.write_bytes_atomic(io.join(task_dir, "images", fname), data)
+        for fname in digests:
+            io.write_bytes_atomic(io.join(task_dir, "images", fname), (staged / fname).read_bytes())
         utils = UTILS_TEMPLATE.format(name=name, metrics=dict(metrics)) + "".join(
             f"\ndef agg_{m}(items):\n    return _metric(items, {m!r})\n" for m, _ in metrics)
         io.write_bytes_atomic(io.join(task_dir, "utils.py"), utils.encode())
@@ -225,7 +239,7 @@ def export_bench(cfg: WorkflowConfig) -> dict:
                                           "run": f"lmms-eval --model <model> --tasks {name} --include_path {io.join(out, 'lmms_eval')}"}
     if "vlmevalkit" in cfg.bench.formats:
         tsv = io.join(out, "vlmevalkit", f"{name}.tsv")
-        io.write_bytes_atomic(tsv, vlmevalkit_tsv(samples, images, names, cfg.evaluate.split).encode())
+        io.write_stream_atomic(tsv, (chunk.encode() for chunk in vlmevalkit_tsv(samples, staged, names, cfg.evaluate.split)))
         manifest["files"]["vlmevalkit"] = {"tsv": tsv, "run": f"LMUData={io.join(out, 'vlmevalkit')} python run.py --data {name} "
                                            "--model <model> --mode infer   # then: sarlang score-bench <prediction file>"}
     io.write_json_atomic(io.join(out, "manifest.json"), manifest)
@@ -239,25 +253,30 @@ def _counts(values) -> dict:
     return dict(sorted(out.items()))
 
 
-def vlmevalkit_tsv(samples: list[dict], images: dict, names: dict, split: str) -> str:
-    """The VLMEvalKit TSV text: one row per sample; an image's first row holds its base64, later rows of the same
-    image hold that row's index (VLMEvalKit resolves image values of 64 characters or fewer as an index)."""
+def vlmevalkit_tsv(samples: list[dict], images: Path, names: dict, split: str, chunk_bytes: int = 1 << 20) -> Iterator[str]:
+    """The VLMEvalKit TSV text in chunks of rows of about ``chunk_bytes`` of base64 each (the header first): one
+    row per sample; an image's first row holds its base64 (read from the folder ``images``, by its name in
+    ``names``), later rows of the same image hold that row's index (VLMEvalKit resolves image values of 64
+    characters or fewer as an index)."""
     import pandas as pd
 
     first: dict[str, int] = {}
-    rows = []
-    for s in samples:
+    rows, size, header = [], 0, True
+    for i, s in enumerate(samples):
         name = names[s["pair_id"]]
         if name in first:
             image = str(first[name])
         else:
             first[name] = s["index"]
-            image = base64.b64encode(images[s["pair_id"]][1]).decode()
+            image = base64.b64encode((images / name).read_bytes()).decode()
+        size += len(image)
         rows.append({"index": s["index"], "image": image, "question": s["prompt"], "answer": s["answer"],
-                     "category": s["application"], "l2-category": s["question_type"], "split": split, "pair_id": s["pair_id"],
-                     "tile_id": s["tile_id"], "kind": s["kind"], "raw_question": s["question"],
+                     "category": s["application"], "l2-category": s["question_type"], "split": split,
+                     "pair_id": s["pair_id"], "tile_id": s["tile_id"], "kind": s["kind"], "raw_question": s["question"],
                      "references": json.dumps(s["references"]), "source": s["source"], "image_name": name})
-    return pd.DataFrame(rows, columns=TSV_COLUMNS).to_csv(sep="\t", index=False)
+        if size >= chunk_bytes or i == len(samples) - 1:
+            yield pd.DataFrame(rows, columns=TSV_COLUMNS).to_csv(sep="\t", index=False, header=header)
+            rows, size, header = [], 0, False
 
 
 # ---------------------------------------------------------------------------------------------------------

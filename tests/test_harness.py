@@ -179,3 +179,50 @@ def test_export_bench_writes_an_imported_release_too(tmp_path, capsys):
     rows = pd.read_parquet(tmp_path / "bench" / "lmms_eval" / "sarlang1m_test" / "sarlang1m_test.parquet")
     assert len(rows) == expected and set(rows["source"]) == {"SARVQA1", "SARVQA2", "complex", "concise"}
     assert all((tmp_path / "bench" / "lmms_eval" / "sarlang1m_test" / p).is_file() for p in rows["image_path"])
+
+
+def test_export_bench_holds_one_split_file_of_images_at_a_time(demo_run, tmp_path):
+    """Nothing big through the driver: export-bench streams the split file by file (images staged on local
+    disk, the TSV written in chunks), so its peak of Python allocations stays a fraction of the split's image
+    bytes. It held them whole before: every pair's image (a row holds its tile's image), then the whole TSV."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg0, _ = demo_run
+    src = Path(cfg0.run.run_dir) / "export" / "parquet" / "test"
+    dst = tmp_path / "run" / "export" / "parquet" / "test"
+    dst.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    table = pq.read_table(sorted(src.glob("*.parquet")))
+    big: dict[str, bytes] = {}  # an incompressible 256 KB image per tile in place of the demo's
+    for tid in table["tile_id"].to_pylist():
+        if tid not in big:
+            buf = _io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (512, 512), dtype=np.uint8)).save(buf, format="PNG")
+            big[tid] = buf.getvalue()
+    tids = table["tile_id"].to_pylist()
+    images = pa.array([{"bytes": big[t], "path": img["path"]} for t, img in zip(tids, table["image"].to_pylist())],
+                      table.schema.field("image").type)
+    table = table.set_column(table.schema.get_field_index("image"), "image", images)
+    for k in range(0, len(table), 4):  # files of 4 pairs, as an export of many small shards has
+        pq.write_table(table.slice(k, 4), dst / f"part-{k:04d}.parquet")
+    held_before = sum(len(big[t]) for t in tids)  # what the old export-bench held: every row's image
+    assert len(table) >= 100
+
+    harness.export_bench(load_config(None, [f"run.run_dir={tmp_path / 'run'}", f"bench.out_dir={tmp_path / 'warm'}"]))
+    cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}", f"bench.out_dir={tmp_path / 'bench'}"])
+    tracemalloc.start()  # after a first run: the modules it imports on first use are not what is measured
+    try:
+        manifest = harness.export_bench(cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert manifest["images"] == len(big) and manifest["samples"] > 0
+    data = _vlmevalkit_load(Path(manifest["files"]["vlmevalkit"]["tsv"]))
+    for _, row in data.iterrows():
+        assert base64.b64decode(row["image"]) == big[row["tile_id"]]
+    lmms = Path(manifest["files"]["lmms_eval"]["task_dir"])
+    assert {(lmms / p).read_bytes() for p in pd.read_parquet(lmms / f"{manifest['name']}.parquet")["image_path"]} == set(big.values())
+    assert peak < 0.25 * held_before, (peak, held_before)
