@@ -41,6 +41,9 @@ from sarlang_ray.errors import error_row, errors_table
 from sarlang_ray.splits import SPLITS, SplitTile, geographic_splits, group_splits, leakage_report
 
 PAIR_COLUMNS = ["pair_id", "tile_id", "scene_id", "gsd_m", "kind", "application", "question_type", "question", "answer"]
+# what the contradiction checker reads of a shard's tiles and pairs
+CHECK_TILE_COLUMNS = ["tile_id", "gsd_m", "width"]
+CHECK_PAIR_COLUMNS = ["pair_id", "tile_id", "gsd_m", "kind", "question", "answer", "backend"]
 HF_FEATURES = {
     "pair_id": {"dtype": "string", "_type": "Value"}, "tile_id": {"dtype": "string", "_type": "Value"},
     "scene_id": {"dtype": "string", "_type": "Value"}, "gsd_m": {"dtype": "float64", "_type": "Value"},
@@ -156,18 +159,20 @@ class ExportShard:
         self.out = io.join(run_dir, "export")
         self.visibility = visibility or Visibility()
 
-    def contradictions(self, name: str, split_of: dict) -> dict:
+    def read(self, name: str, split_of: dict, tile_columns: list[str], pair_columns: list[str]) -> tuple[dict, list]:
+        """The shard's tiles (tile id -> row) and its QC-passed pairs of split tiles, with those columns."""
+        tiles = {t["tile_id"]: t for t in io.read_parquet(io.join(self.tile_root, name), columns=tile_columns).to_pylist()}
+        pairs = [p for p in io.read_parquet(io.join(self.ann_root, name), columns=[*pair_columns, "qc_passed"]).to_pylist()
+                 if p["qc_passed"] and p["tile_id"] in split_of]
+        return tiles, pairs
+
+    def contradictions(self, tiles: dict, pairs: list[dict]) -> str:
         """The contradiction checker (:mod:`sarlang_ray.annotate.consistency`) over the pairs this shard
-        exports, from their text, their tiles' GSD and width and their backend alone: the card's "left in this
+        exports (their text, backend, and their tiles' GSD and width), as JSON: the card's "left in this
         export" column, summed over shards by the driver instead of read back whole into it."""
         from sarlang_ray.annotate import consistency
 
-        tiles = {t["tile_id"]: t for t in io.read_parquet(io.join(self.tile_root, name),
-                                                          columns=["tile_id", "gsd_m", "width"]).to_pylist()}
-        pairs = [p for p in io.read_parquet(io.join(self.ann_root, name), columns=[
-            "pair_id", "tile_id", "gsd_m", "kind", "question", "answer", "backend", "qc_passed"]).to_pylist()
-            if p["qc_passed"] and p["tile_id"] in split_of]
-        return consistency.check_pairs(pairs, tiles, self.visibility)
+        return json.dumps(consistency.check_pairs(pairs, tiles, self.visibility))
 
     def __call__(self, row: dict) -> dict:
         name, split_of = row["shard"], json.loads(row["splits"])
@@ -175,12 +180,10 @@ class ExportShard:
         if io.exists(done_uri):  # an earlier, interrupted run finished this shard: its files are there
             done = io.read_json(done_uri)
             if "contradictions" not in done:  # finished by a version that did not check there
-                done["contradictions"] = json.dumps(self.contradictions(name, split_of))
+                done["contradictions"] = self.contradictions(*self.read(name, split_of, CHECK_TILE_COLUMNS, CHECK_PAIR_COLUMNS))
             return {**done, "index": row["index"], "skipped": True}
-        tiles = {t["tile_id"]: t for t in io.read_parquet(
-            io.join(self.tile_root, name), columns=["tile_id", "gsd_m", "sar_png", "objects", "landcover"]).to_pylist()}
-        pairs = [p for p in io.read_parquet(io.join(self.ann_root, name), columns=PAIR_COLUMNS + ["qc_passed"]).to_pylist()
-                 if p["qc_passed"] and p["tile_id"] in split_of]
+        tiles, pairs = self.read(name, split_of, [*CHECK_TILE_COLUMNS, "sar_png", "objects", "landcover"],
+                                 [*PAIR_COLUMNS, "backend"])
         stats: dict[str, Counter] = {k: Counter() for k in STATS}
         for tid in sorted({p["tile_id"] for p in pairs}):  # each image once, in the one image folder
             t = tiles[tid]
@@ -218,7 +221,7 @@ class ExportShard:
             io.write_bytes_atomic(part_uri(self.out, target, name), sep.join(encoded).encode())
         manifest = {"shard": name, "tiles": sum(stats["tiles"].values()), "pairs": len(pairs),
                     "parts": json.dumps({t: len(v) for t, v in sorted(parts.items())}),
-                    "stats": json.dumps(stats), "contradictions": json.dumps(self.contradictions(name, split_of)),
+                    "stats": json.dumps(stats), "contradictions": self.contradictions(tiles, pairs),
                     "worker": f"{socket.gethostname()}:{os.getpid()}"}
         io.write_json_atomic(done_uri, manifest)  # last: the shard is complete
         return {**manifest, "index": row["index"], "skipped": False}
