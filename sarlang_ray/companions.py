@@ -44,29 +44,21 @@ from shapely.geometry import box, shape
 from shapely.ops import transform as shapely_transform
 
 from sarlang_ray import io, stac
-from sarlang_ray.config import CatalogSection
+from sarlang_ray.config import CatalogSection, catalog_problems
 
-NO_TWIN_MODES = ("keep", "reject")
 GEOTIFF_SUFFIXES = (".tif", ".tiff", ".vrt")
 
 # ---------------------------------------------------------------- checks
 
 
 def check(cfg: CatalogSection) -> None:
-    """The cross-field rules of the companion keys.
+    """The catalog keys' checks (:func:`sarlang_ray.config.catalog_problems`, which ``load_config`` runs), for a
+    section built without it.
 
     Raises:
         ValueError: a key out of range, with the key named.
     """
-    problems = []
-    if cfg.no_twin not in NO_TWIN_MODES:
-        problems.append(f"catalog.no_twin must be keep or reject, not {cfg.no_twin!r}")
-    if not cfg.time_window_days > 0:
-        problems.append("catalog.time_window_days must be > 0")
-    if not 0 <= cfg.min_overlap <= 1:
-        problems.append("catalog.min_overlap must be within [0, 1]")
-    if cfg.twin_time_weight < 0 or cfg.twin_cloud_weight < 0:
-        problems.append("catalog.twin_time_weight and catalog.twin_cloud_weight must be >= 0")
+    problems = catalog_problems(cfg)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
 

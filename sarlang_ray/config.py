@@ -493,8 +493,33 @@ def _floats(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
         yield prefix, obj
 
 
+IMAGE_SOURCES = ("optical", "sar")  # what an annotation model is shown for captions
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ANNOTATE_BACKENDS = ("template", "hf", "openai", "vllm")
+NO_TWIN_MODES = ("keep", "reject")
+
+
+def catalog_problems(c: CatalogSection) -> list[str]:
+    """The catalog section's value checks (the companion-search keys included), each naming its key."""
+    problems = []
+    if c.no_twin not in NO_TWIN_MODES:
+        problems.append(f"catalog.no_twin must be keep or reject, not {c.no_twin!r}")
+    if not c.time_window_days > 0:
+        problems.append(f"catalog.time_window_days must be > 0, not {c.time_window_days}")
+    if not 0 <= c.min_overlap <= 1:
+        problems.append(f"catalog.min_overlap is a fraction of the scene footprint: within [0, 1], not {c.min_overlap}")
+    if c.twin_time_weight < 0 or c.twin_cloud_weight < 0:
+        problems.append("catalog.twin_time_weight and catalog.twin_cloud_weight must be >= 0")
+    if c.band < 1:
+        problems.append(f"catalog.band counts from 1 (GDAL's band numbers), not {c.band}")
+    if not 0 <= c.min_valid_fraction <= 1:
+        problems.append(f"catalog.min_valid_fraction must be within [0, 1], not {c.min_valid_fraction}")
+    return problems
+
+
 def _check(cfg: WorkflowConfig) -> None:
-    """Cross-field checks, all in one place."""
+    """Cross-field checks, all in one place: ``load_config`` runs them, so ``sarlang config`` and every
+    command stop on a bad value before Ray starts."""
     problems = [f"{key} must be a finite number, not {value}" for key, value in _floats(cfg) if not math.isfinite(value)]
     for key, value in (("run.run_dir", cfg.run.run_dir), ("catalog.archive", cfg.catalog.archive)):
         if re.search(r"YOUR[-_]BUCKET", value or "", re.I):
@@ -517,6 +542,15 @@ def _check(cfg: WorkflowConfig) -> None:
         problems.append("catalog.units must be auto, intensity, amplitude or db")
     if cfg.catalog.rotated not in ("warp", "reject"):
         problems.append("catalog.rotated must be warp or reject")
+    problems += catalog_problems(cfg.catalog)
+    problems += [f"{key} must be one of {', '.join(allowed)}, not {value!r}" for key, value, allowed in (
+        ("annotate.openai.caption_image", cfg.annotate.openai.caption_image, IMAGE_SOURCES),
+        ("annotate.hf.caption_image", cfg.annotate.hf.caption_image, IMAGE_SOURCES),
+        ("annotate.hf.dtype", cfg.annotate.hf.dtype, DTYPES), ("evaluate.dtype", cfg.evaluate.dtype, DTYPES),
+    ) if value not in allowed]
+    if cfg.annotate.backend not in ANNOTATE_BACKENDS and ":" not in cfg.annotate.backend:
+        problems.append(f"annotate.backend={cfg.annotate.backend!r} is not one of {', '.join(ANNOTATE_BACKENDS)} "
+                        "(or package.module:Class of your own backend)")
     for name in ("optical_rule", "landcover_rule"):
         rule = getattr(cfg.catalog, name)
         if rule is not None and len(rule) != 2:
@@ -544,6 +578,14 @@ def _check(cfg: WorkflowConfig) -> None:
         problems.append("tile.speckle.window must be an odd number >= 3")
     if t.stretch.mode not in ("percentile", "fixed"):
         problems.append("tile.stretch.mode must be percentile or fixed")
+    if not 0 <= t.stretch.low < t.stretch.high <= 100:
+        problems.append("tile.stretch.low and tile.stretch.high are percentiles: 0 <= low < high <= 100")
+    if not t.stretch.db_min < t.stretch.db_max:
+        problems.append("tile.stretch.db_min must be below tile.stretch.db_max")
+    if not 0 <= t.png_compress_level <= 9:
+        problems.append("tile.png_compress_level is a zlib level: 0 to 9")
+    if t.tiles_per_shard < 1:
+        problems.append("tile.tiles_per_shard must be >= 1")
     if cfg.align.invalid_geometry not in ("reject", "repair"):
         problems.append("align.invalid_geometry must be reject or repair")
     if not 0 <= cfg.align.min_visible_fraction <= 1:

@@ -190,9 +190,13 @@ def test_scene_without_candidate_is_kept_with_its_reason_or_rejected(scenes, arc
 
 
 def test_bad_twin_config_is_refused_naming_the_key(archive):
-    cfg = load_config(None, [f"catalog.archive={archive}", "catalog.no_twin=drop"])
+    """When the config is loaded (before any scan), and again by the catalog for a section built by hand."""
+    from dataclasses import replace
+
     with pytest.raises(ValueError, match="catalog.no_twin"):
-        catalog.list_scenes(cfg.catalog)
+        load_config(None, [f"catalog.archive={archive}", "catalog.no_twin=drop"])
+    with pytest.raises(ValueError, match="catalog.min_overlap"):
+        catalog.list_scenes(replace(load_config(None, [f"catalog.archive={archive}"]).catalog, min_overlap=5.0))
 
 
 def test_scene_time_from_tags_and_file_names():

@@ -80,3 +80,25 @@ def test_a_landcover_legend_replaces_the_default_one(tmp_path):
     from_file = load_config(str(workflow))
     assert from_file.align.landcover_classes == {50: "built-up"}
     assert from_file.name == "worldcover", "the summary names the workflow actually run"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("catalog.no_twin=bogus", "catalog.no_twin must be keep or reject"),
+    ("catalog.min_overlap=5", "catalog.min_overlap"),
+    ("catalog.time_window_days=0", "catalog.time_window_days"),
+    ("catalog.band=0", "catalog.band"),
+    ("annotate.backend=gpt", "annotate.backend"),
+    ("annotate.openai.caption_image=thermal", "annotate.openai.caption_image"),
+    ("evaluate.dtype=int4", "evaluate.dtype"),
+    ("tile.stretch.low=99", "tile.stretch.low"),
+])
+def test_every_value_check_runs_when_the_config_is_loaded(override, words, capsys):
+    """`sarlang config ...` exits 2 naming the key, so a bad value never reaches a stage (or a Ray start)."""
+    assert main(["config", override]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_sarlang_config_with_a_bad_catalog_value_exits_non_zero():
+    proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "config", "catalog.no_twin=bogus"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "catalog.no_twin" in proc.stderr and not proc.stdout
