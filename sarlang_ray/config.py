@@ -434,8 +434,25 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                                    "Quote the value, or close its brackets.")) from None
     except TypeError as exc:  # omegaconf cannot merge a list item given as a dotted key (tile.gsds_m.0=1)
         raise ConfigError(_message(source, key, str(exc), "Give the whole value, e.g. tile.gsds_m=[1,2].")) from None
+    _read_off_as_off(typed)
     _check(typed)
     return typed
+
+
+# the keys whose value may be `off`: YAML 1.1 (omegaconf's parser) reads a bare off as false, which a str field
+# then holds as "False" (annotate.qc.colour=off on the command line, or `colour: off` in a workflow)
+OFF_KEYS = ("annotate.qc.colour", "annotate.qc.count", "annotate.qc.hallucination", "annotate.qc.vague",
+            "annotate.qc.duplicate", "annotate.qc.contradiction", "evaluate.judge")
+
+
+def _read_off_as_off(cfg: WorkflowConfig) -> None:
+    for key in OFF_KEYS:
+        section, name = key.rsplit(".", 1)
+        obj = cfg
+        for part in section.split("."):
+            obj = getattr(obj, part)
+        if getattr(obj, name) == "False":
+            setattr(obj, name, "off")
 
 
 # mappings that a workflow or override replaces whole (merging would keep default classes the user dropped)

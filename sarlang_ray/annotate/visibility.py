@@ -66,6 +66,10 @@ class TileView:
     unresolvable: frozenset[str]
 
 
+# the annotate keys that Visibility.from_config reads (a stage that builds one keys them)
+VISIBILITY_KEYS = ("annotate.class_size_m", "annotate.min_size_px", "annotate.implied_by", "annotate.implied_min_fraction")
+
+
 @dataclass(frozen=True)
 class Visibility:
     """Per-class resolvability and land-cover implications (from the ``annotate`` config section)."""

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 from sarlang_ray import io
 from sarlang_ray.annotate import stage as annotate_stage
+from sarlang_ray.annotate.visibility import VISIBILITY_KEYS
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
 
@@ -37,9 +38,15 @@ def _body(cfg: WorkflowConfig) -> dict:
     return counts
 
 
-# api_key_env only names the variable that holds the key
-STAGE = Stage("annotate", _body, inputs=("align",), keys=("annotate", "run.seed", "run.max_pixels"),
-              ignore=frozenset({"api_key_env"}))
+def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
+    """What annotate reads: QC and resolvability, and the selected backend's own keys only."""
+    questions = ("annotate.identification_pairs", "annotate.max_per_family", "run.seed")  # the template annotator's
+    model = (*questions, "annotate.hf", "run.max_pixels")
+    backend = {"template": questions, "openai": ("annotate.openai",), "hf": model, "vllm": (*model, "annotate.vllm")}
+    return ("annotate.backend", "annotate.qc", *VISIBILITY_KEYS, *backend.get(cfg.annotate.backend, ("annotate",)))  # your own: all
+
+
+STAGE = Stage("annotate", _body, inputs=("align",), keys=read_keys)
 
 
 def run(cfg: WorkflowConfig) -> dict:

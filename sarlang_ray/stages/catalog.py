@@ -37,8 +37,10 @@ def _body(cfg: WorkflowConfig) -> dict:
     return counts
 
 
-# the synthetic archive, when this run makes it, is an input: a new one means new scenes
-STAGE = Stage("catalog", _body, inputs=("synth",), keys=("catalog",))
+# the synthetic archive, when this run makes it, is an input: a new one means new scenes. The label keys are
+# align's: a class-map change must not re-tile
+LABEL_KEYS = frozenset({"catalog.labels_glob", "catalog.labels", "catalog.labels_class_map", "catalog.labels_id_column"})
+STAGE = Stage("catalog", _body, inputs=("synth",), keys=("catalog",), drop=LABEL_KEYS)
 
 
 def run(cfg: WorkflowConfig) -> dict:

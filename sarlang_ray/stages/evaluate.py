@@ -5,6 +5,8 @@ and makes the stage (and the command) fail once the leaderboard is written."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from sarlang_ray import io
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.stages.runner import Stage
@@ -25,9 +27,23 @@ def _body(cfg: WorkflowConfig) -> dict:
     return counts
 
 
+def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
+    """What evaluate reads: its section (the vLLM engine's keys with evaluate.engine=vllm only, the embedding judge's
+    with evaluate.judge=embedding only), the base model (train.model), the image size, the oracle's annotator
+    settings, and the OpenAI judge's endpoint (annotate.openai)."""
+    ev = cfg.evaluate
+    unread = ({"vllm"} if ev.engine != "vllm" else set()) | ({"judge_model", "judge_threshold"} if ev.judge != "embedding" else set())
+    keys = [f"evaluate.{f.name}" for f in dataclasses.fields(ev) if f.name not in unread]
+    keys += ["train.model", "run.max_pixels"]
+    if "oracle" in ev.baselines:  # recomputes the answers with the annotate stage's template annotator
+        keys += ["run.seed", "annotate.identification_pairs", "annotate.max_per_family"]
+    if ev.judge == "openai":  # what the judge's requests are made of (stages.runner.RESOURCE_KEYS: how they are sent)
+        keys += ["annotate.openai.base_url", "annotate.openai.model", "annotate.openai.temperature", "annotate.openai.max_tokens"]
+    return tuple(keys)
+
+
 # batch_size only groups prompts per generate() call
-STAGE = Stage("evaluate", _body, inputs=("export", "train"), keys=("evaluate", "train.model", "run.max_pixels"),
-              ignore=frozenset({"batch_size"}))
+STAGE = Stage("evaluate", _body, inputs=("export", "train"), keys=read_keys, ignore=frozenset({"batch_size"}))
 
 
 def run(cfg: WorkflowConfig) -> dict:

@@ -14,7 +14,7 @@ import json
 
 from sarlang_ray import export, io
 from sarlang_ray.annotate import consistency
-from sarlang_ray.annotate.visibility import Visibility
+from sarlang_ray.annotate.visibility import VISIBILITY_KEYS, Visibility
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.splits import SPLITS
 from sarlang_ray.stages.runner import Stage, map_items
@@ -44,7 +44,8 @@ def _body(cfg: WorkflowConfig) -> dict:
     return counts
 
 
-STAGE = Stage("export", _body, inputs=("annotate",), keys=("export", "run.seed"))
+# the card names the backend and the QC rules, and reports resolvability with annotate's settings
+STAGE = Stage("export", _body, inputs=("annotate",), keys=("export", "run.seed", "annotate.backend", "annotate.qc", *VISIBILITY_KEYS))
 
 
 def run(cfg: WorkflowConfig) -> dict:

@@ -1,7 +1,8 @@
 """What every stage shares, in one place: fingerprints, skip / resume / redo, markers, actor pools, tasks.
 
-A stage is a :class:`Stage`: a name, the stages it reads (``inputs``), the config keys that change what it
-writes (``keys``) and a body ``cfg -> counts``. Running one:
+A stage is a :class:`Stage`: a name, the stages it reads (``inputs``), the config keys it reads (``keys``, a
+tuple or a function of the config: annotate reads only its backend's section) and a body ``cfg -> counts``.
+Running one:
 
 * its **fingerprint** is a hash of those config values (resources such as ``concurrency``, ``num_cpus`` or
   progress bars left out) and of the fingerprints its inputs recorded on disk, i.e. of what it is really
@@ -41,11 +42,14 @@ log = logging.getLogger("sarlang")
 ORDER = ("synth", "catalog", "tile", "align", "annotate", "export", "train", "evaluate")
 SUCCESS, STARTED = "_SUCCESS.json", "_STARTED.json"
 FINGERPRINT_VERSION = 1  # bump when the meaning of a stage's output changes for the same config
-# keys that only say how fast or where a stage runs, never what it writes
+# field names (at any level of a stage's keys) that only say how fast or where a stage runs, never what it
+# writes. Not `name`: a prompt's name is the leaderboard's label (train.name, where checkpoints go, is
+# train's own ignore). docs/architecture.md has the table of what each key redoes (tests/test_fingerprints.py)
 RESOURCE_KEYS = frozenset({
     "concurrency", "num_cpus", "num_gpus", "max_actors", "max_tasks", "memory_gb", "max_concurrent_trials", "cpus_per_worker", "progress", "num_to_keep",
-    "max_failures", "storage_path", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "name", "raster_reader",
-    "gdal_cache_mb",
+    "max_failures", "storage_path", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "raster_reader",
+    "gdal_cache_mb", "preprocess_cpus", "prefetch_batches", "cpus_per_replica", "accelerator_type", "gpu_memory_utilization",
+    "api_key_env",  # names the variable that holds a key, never the key
 })
 
 
@@ -60,14 +64,16 @@ def _select(cfg: WorkflowConfig, path: str):
     return obj
 
 
-def _plain(value, ignore: frozenset[str]):
-    """A config value as plain JSON data, resource keys dropped at every level."""
+def _plain(value, ignore: frozenset[str], path: str = "", drop: frozenset[str] = frozenset()):
+    """A config value as plain JSON data, resource keys (field names) and the fields at ``drop`` (dotted
+    paths) left out at every level."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name), ignore) for f in dataclasses.fields(value) if f.name not in ignore}
+        return {f.name: _plain(getattr(value, f.name), ignore, f"{path}.{f.name}", drop) for f in dataclasses.fields(value)
+                if f.name not in ignore and f"{path}.{f.name}" not in drop}
     if isinstance(value, dict):
-        return {str(k): _plain(v, ignore) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): _plain(v, ignore, path, drop) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
-        return [_plain(v, ignore) for v in value]
+        return [_plain(v, ignore, path, drop) for v in value]
     return value
 
 
@@ -78,8 +84,11 @@ class Stage:
     name: str
     body: Callable[[WorkflowConfig], dict]
     inputs: tuple[str, ...] = ()  # stages whose outputs this one reads
-    keys: tuple[str, ...] = ()  # config paths that change the output ("tile", "run.seed", ...)
-    ignore: frozenset[str] = field(default_factory=frozenset)  # more resource keys, for this stage only
+    # the config paths the stage reads ("tile", "run.seed", ...), or a function of the config that gives them
+    # (annotate reads only its selected backend's section)
+    keys: tuple[str, ...] | Callable[[WorkflowConfig], tuple[str, ...]] = ()
+    ignore: frozenset[str] = field(default_factory=frozenset)  # more resource keys (field names), for this stage only
+    drop: frozenset[str] = field(default_factory=frozenset)  # paths under ``keys`` the stage does not read
     needs_ray: bool = True
 
     # ------------------------------------------------------------ where
@@ -90,10 +99,15 @@ class Stage:
         return io.join(self.folder(cfg), which)
 
     # ------------------------------------------------------------ what it is made from
+    def read_keys(self, cfg: WorkflowConfig) -> tuple[str, ...]:
+        """The config paths this stage reads under ``cfg``."""
+        return self.keys(cfg) if callable(self.keys) else self.keys
+
     def settings(self, cfg: WorkflowConfig) -> dict:
         """The config values that change this stage's output."""
         ignore = RESOURCE_KEYS | self.ignore
-        return {k: _plain(_select(cfg, k), ignore) for k in self.keys}
+        return {k: _plain(_select(cfg, k), ignore, k, self.drop) for k in self.read_keys(cfg)
+                if k.rsplit(".", 1)[-1] not in ignore and k not in self.drop}
 
     def input_fingerprints(self, cfg: WorkflowConfig) -> dict[str, str | None]:
         """The fingerprint each input stage recorded on disk (None: not made in this run folder)."""

@@ -13,8 +13,9 @@ def _body(cfg: WorkflowConfig) -> dict:
     return {k: out[k] for k in ("n_train", "val_loss_before", "val_loss_after", "checkpoint")}
 
 
-# init_tiny only says whether to write the tiny model when it is missing; the model itself is train.model
-STAGE = Stage("train", _body, inputs=("export",), keys=("train", "run.max_pixels"), ignore=frozenset({"init_tiny"}))
+# init_tiny only says whether to write the tiny model when it is missing (the model itself is train.model);
+# name is where the checkpoints go under storage_path
+STAGE = Stage("train", _body, inputs=("export",), keys=("train", "run.max_pixels"), ignore=frozenset({"init_tiny", "name"}))
 
 
 def run(cfg: WorkflowConfig) -> dict:
