@@ -7,7 +7,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from sarlang_ray import io, pipeline
+from sarlang_ray import evaluate, io, pipeline
 from sarlang_ray.config import SynthSection, load_config
 from sarlang_ray.synth import write_archive
 
@@ -63,7 +63,7 @@ def test_train_checkpoints_and_evaluation_on_s3(demo_run, tiny_vlm, s3, tmp_path
     board = json.loads(fs.cat("sarlang/runs/trained/evaluate/leaderboard.json"))
     assert not board["failed"], board["failed"]
     assert [r["model"] for r in board["rows"] if r["model"] == "finetuned"] and all(r["n_pairs"] == 24 for r in board["rows"])
-    assert fs.exists("sarlang/runs/trained/evaluate/predictions/finetuned__sar__paper.parquet")
+    assert fs.exists("sarlang/runs/trained/evaluate/predictions/" + evaluate.prediction_name("finetuned", "sar", "paper"))
     assert fs.glob("sarlang/runs/trained/evaluate/tune/sweep/*")  # Tune's own results, on S3 too
     assert not Path("s3:").exists() and not Path("sarlang").exists()  # no URI was mistaken for a local path
 
