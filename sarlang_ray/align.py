@@ -36,7 +36,7 @@ from shapely.validation import explain_validity
 from sarlang_ray import companions, io
 from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
-from sarlang_ray.errors import ItemError, error_row, errors_table
+from sarlang_ray.errors import ItemError, error_row, errors_table, reasons_json
 from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema
 from sarlang_ray.tiling import encode_png, grid_read, resampling_for
 
@@ -330,7 +330,9 @@ class AlignShard:
         tiles = io.read_parquet(io.join(self.tile_shards, name))
         planned = tiles.num_rows
         if (done := existing_shard(out_uri, planned, name)) is not None:  # an earlier, interrupted run wrote it
-            return {**done, "objects": 0}
+            errors_uri = io.join(self.out_errors, name)
+            rows = io.read_parquet(errors_uri, columns=["error_class"]).to_pylist() if io.exists(errors_uri) else []
+            return {**done, "objects": 0, "reasons": reasons_json(rows)}
         out_rows, errors, n_objects = [], [], 0
         for tile in tiles.to_pylist():
             try:
@@ -344,7 +346,7 @@ class AlignShard:
         io.write_parquet_atomic(io.join(self.out_errors, name), errors_table(errors))
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(out_rows, schema=self.schema))
         return {"shard": name, "planned": planned, "written": len(out_rows), "rejected": len(errors),
-                "objects": n_objects, "skipped": False}
+                "objects": n_objects, "skipped": False, "reasons": reasons_json(errors)}
 
     def align_tile(self, tile: dict) -> dict:
         """Objects, land cover and optical twin of one tile.
