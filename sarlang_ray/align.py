@@ -18,6 +18,8 @@ tile shard of the tile stage becomes one shard of the final **tiles** table, on 
 from __future__ import annotations
 
 import math
+import os
+import traceback
 from collections import OrderedDict
 
 import geopandas as gpd
@@ -25,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import shapely
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.enums import ColorInterp, Resampling
 from shapely import STRtree, affinity
 from shapely.geometry import box
@@ -33,7 +36,7 @@ from shapely.validation import explain_validity
 from sarlang_ray import companions, io
 from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
-from sarlang_ray.errors import error_row, errors_table
+from sarlang_ray.errors import ItemError, error_row, errors_table, reasons_json
 from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema
 from sarlang_ray.tiling import encode_png, grid_read, resampling_for
 
@@ -252,6 +255,27 @@ def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, t
     return np.rint(out).astype(np.uint8)
 
 
+IO_ERRORS = (OSError, CPLE_BaseError)  # a file that cannot be read (RasterioIOError, ArrowIOError are OSErrors)
+
+
+def failure_reason(exc: Exception, tile: dict, scene: dict) -> ItemError:
+    """The errors-table reason of a tile that failed to align, by cause: an :class:`ItemError` keeps its own
+    class (``nodata``: an empty tile); a file that cannot be read is ``unreadable``, the only case told to
+    fetch the file again; anything else is a ``bug`` of sarlang-ray, with where it was raised."""
+    tid = tile["tile_id"]
+    if isinstance(exc, ItemError):
+        return exc
+    files = ", ".join(f"{k.split('_')[0]} {scene[k]}" for k in ("optical_uri", "landcover_uri") if scene.get(k))
+    if isinstance(exc, IO_ERRORS):
+        return ItemError("unreadable", f"aligning {tid} failed reading a raster of scene {tile['scene_id']} "
+                                       f"({files or 'no companion raster'}): {type(exc).__name__}: {exc}. The file may be "
+                                       "missing, truncated or corrupt: re-download it.")
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames))
+    return ItemError("bug", f"aligning {tid} raised {type(exc).__name__}: {exc} (at {where}). This is a bug in "
+                            "sarlang-ray, not a problem with the input files: please report it with this message.")
+
+
 class AlignShard:
     """Ray Data row function (actor pool): one tile shard -> one shard of the final tiles table."""
 
@@ -306,23 +330,35 @@ class AlignShard:
         tiles = io.read_parquet(io.join(self.tile_shards, name))
         planned = tiles.num_rows
         if (done := existing_shard(out_uri, planned, name)) is not None:  # an earlier, interrupted run wrote it
-            return {**done, "objects": 0}
+            errors_uri = io.join(self.out_errors, name)
+            rows = io.read_parquet(errors_uri, columns=["error_class"]).to_pylist() if io.exists(errors_uri) else []
+            return {**done, "objects": 0, "reasons": reasons_json(rows)}
         out_rows, errors, n_objects = [], [], 0
         for tile in tiles.to_pylist():
             try:
                 tile.update(self.align_tile(tile))
             except Exception as exc:
-                errors.append(error_row(STAGE, tile["tile_id"], type(exc).__name__,
-                                        f"aligning {tile['tile_id']} failed: {exc}. Check the optical/land-cover rasters of scene {tile['scene_id']}."))
+                reason = failure_reason(exc, tile, self.scenes[tile["scene_id"]])
+                errors.append(error_row(STAGE, tile["tile_id"], reason.error_class, str(reason)))
                 continue
             n_objects += len(tile["objects"])
             out_rows.append(tile)
         io.write_parquet_atomic(io.join(self.out_errors, name), errors_table(errors))
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(out_rows, schema=self.schema))
         return {"shard": name, "planned": planned, "written": len(out_rows), "rejected": len(errors),
-                "objects": n_objects, "skipped": False}
+                "objects": n_objects, "skipped": False, "reasons": reasons_json(errors)}
 
     def align_tile(self, tile: dict) -> dict:
+        """Objects, land cover and optical twin of one tile.
+
+        Raises:
+            ItemError: ``nodata``: the tile has no valid SAR pixel (possible with
+                ``tile.max_nodata_fraction=1``): there is nothing to align or describe.
+        """
+        if (tile.get("nodata_fraction") or 0.0) >= 1.0:
+            raise ItemError("nodata", f"tile {tile['tile_id']} of scene {tile['scene_id']} has no valid SAR pixel "
+                                      "(all nodata): nothing to align or describe. Set tile.max_nodata_fraction below 1 "
+                                      "to drop such tiles at the tile stage.")
         scene = self.scenes[tile["scene_id"]]
         t = Affine(*tile["transform"])
         size = tile["width"]

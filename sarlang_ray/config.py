@@ -43,6 +43,8 @@ class RunSection:
     # how s3:// rasters are read: gdal (GDAL's /vsis3/: ranged reads, block cache; endpoint and credentials
     # from the fsspec config) or fsspec (a Python file object); docs/remote-rasters.md. Outputs are the same
     raster_reader: str = "gdal"
+    # a stage with more than this share of its planned items rejected for one reason warns in the summary
+    warn_reject_share: float = 0.5
 
 
 @dataclass
@@ -544,6 +546,8 @@ def _check(cfg: WorkflowConfig) -> None:
                             f"of yours, e.g. {key}=s3://my-bucket/sarlang/runs/x")
     if cfg.run.raster_reader not in ("gdal", "fsspec"):
         problems.append("run.raster_reader must be gdal (GDAL's /vsis3/) or fsspec")
+    if not 0 <= cfg.run.warn_reject_share <= 1:
+        problems.append("run.warn_reject_share must be within [0, 1]")
     if cfg.evaluate.engine not in ("hf", "vllm"):
         problems.append("evaluate.engine must be hf (transformers generate) or vllm (Ray Data LLM)")
     if cfg.train.strategy not in ("ddp", "fsdp"):

@@ -7,11 +7,16 @@ secret into the run folder.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 
 import pyarrow as pa
+
+log = logging.getLogger("sarlang")
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -84,3 +89,57 @@ def error_row(stage: str, item: str, error_class: str, message: str, timestamp: 
 
 def errors_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+
+
+def reasons_json(rows: Iterable[dict]) -> str:
+    """A shard's rejects per ``error_class``, as JSON: what a worker returns to the driver in its manifest
+    row, so the driver never reads the errors table back to count them."""
+    return json.dumps(dict(Counter(r["error_class"] for r in rows)), sort_keys=True)
+
+
+def summed_reasons(manifest: Iterable[dict]) -> Counter:
+    """The rejects per ``error_class`` of a stage, summed over its manifest rows (:func:`reasons_json`)."""
+    total: Counter = Counter()
+    for m in manifest:
+        total.update(json.loads(m.get("reasons") or "{}"))
+    return total
+
+
+def _by_reason(reasons: Counter) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))) or "no reason recorded"
+
+
+def nothing_written(stage: str, planned: int, written: int, reasons: Counter, hint: str = "") -> str | None:
+    """Why a stage that planned items wrote none (its ``failure``: the command exits non-zero), or None when
+    it wrote something or planned nothing. The message gives the reasons of the stage's errors table and
+    ``hint``, what to change."""
+    if planned <= 0 or written > 0:
+        return None
+    return (f"all {planned} planned items were rejected ({_by_reason(reasons)}); each is a row of the {stage} errors "
+            f"table with its message (sarlang_ray.tables.read_errors).{' ' + hint if hint else ''}")
+
+
+def dominant_reasons(stage: str, planned: int, reasons: Counter, share: float) -> list[str]:
+    """A warning per reason that rejected more than ``share`` of a stage's planned items (``run.warn_reject_share``):
+    one cause taking out most of a stage is worth a look even when the stage wrote something."""
+    return [f"{stage}: {n} of {planned} planned items ({n / planned:.0%}) rejected as {reason} (more than "
+            f"run.warn_reject_share={share:g}); see the {stage} errors table" for reason, n in sorted(reasons.items())
+            if planned > 0 and n > share * planned]
+
+
+def judge_outcome(stage: str, counts: dict, reasons: Counter, share: float, hint: str = "") -> dict:
+    """A data stage's counts with its verdict added: ``failure`` when it planned items and wrote none (the
+    stage raises :class:`~sarlang_ray.stages.runner.StageFailed` and the command exits non-zero), and
+    ``warnings`` (logged now, printed in the summary) for every reason that rejected more than ``share`` of
+    its planned items; ``rejects_by_reason`` is kept in the stage's marker."""
+    counts["rejects_by_reason"] = dict(sorted(reasons.items()))
+    problem = nothing_written(stage, counts.get("planned", 0), counts.get("written", 0), reasons, hint)
+    if problem:
+        counts["failure"] = problem
+        return counts
+    warnings = dominant_reasons(stage, counts.get("planned", 0), reasons, share)
+    for w in warnings:
+        log.warning("WARNING %s", w)
+    if warnings:
+        counts["warnings"] = warnings
+    return counts

@@ -30,6 +30,7 @@ The paper's published numbers sit in a separate table (``sarlang_ray/paper_resul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -515,6 +516,14 @@ def slug(*parts: str) -> str:
     return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "_", p.rstrip("/").rsplit("/", 1)[-1] if "/" in p else p)[:60] for p in parts)
 
 
+def prediction_name(model: str, image: str, prompt: str) -> str:
+    """The predictions file of a trial (under ``evaluate/predictions/``): the model's last path component
+    for a reader, with a short hash of the whole model entry beside it, so ``.../checkpoint_000001/merged``
+    and ``.../checkpoint_000002/merged`` (two trials of one sweep, maybe at once) write two files."""
+    digest = hashlib.sha256(model.encode()).hexdigest()[:8]
+    return f"{slug(model)}-{digest}__{slug(image, prompt)}.parquet"
+
+
 def _trial(config: dict, cfg: WorkflowConfig) -> None:
     """One Ray Tune trial: inference for one (model, image variant, prompt), scored, predictions saved."""
     from ray import tune
@@ -526,9 +535,9 @@ def _trial(config: dict, cfg: WorkflowConfig) -> None:
     predictions = predict(cfg, model, config["image"], config["prompt"], pairs)
     seconds = time.time() - t0
     result = score(pairs, predictions, caption_refs(table), make_judge(cfg))
-    name = slug(config["model"], config["image"], config["prompt"]["name"])
+    name = prediction_name(config["model"], config["image"], config["prompt"]["name"])
     rows = [{**p, "prediction": predictions.get(p["pair_id"], "")} for p in pairs]
-    io.write_parquet_atomic(io.join(cfg.run.run_dir, "evaluate", "predictions", f"{name}.parquet"), pa.Table.from_pylist(rows))
+    io.write_parquet_atomic(io.join(cfg.run.run_dir, "evaluate", "predictions", name), pa.Table.from_pylist(rows))
     tune.report({**result, "model": config["model"], "model_path": model, "image": config["image"],
                  "prompt": config["prompt"]["name"], "seconds": seconds, "samples_per_s": len(pairs) / max(seconds, 1e-9)})
 

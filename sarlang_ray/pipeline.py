@@ -83,6 +83,7 @@ def format_summary(s: dict) -> str:
     for stage, c in s["stages"].items():
         extra = f"  planned {c.get('planned')} = written {c.get('written')} + rejected {c.get('rejected')}" if "planned" in c else ""
         lines.append(f"  {stage:8s} {c.get('seconds', '-')} s{extra}")
+        lines += [f"  !! WARNING {w}" for w in c.get("warnings", [])]  # one reason took out much of the stage
     if "scenes" in s:
         lines.append(f"scenes: {s['scenes']}")
     lines.append("tiles per GSD: " + ", ".join(f"{k}: {v}" for k, v in s["tiles_per_gsd"].items()))

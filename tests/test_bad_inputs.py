@@ -395,3 +395,63 @@ def test_every_error_class_in_the_code_is_documented_and_vice_versa():
     assert len(code) >= 20, code
     assert documented == code, (f"in the code, not in docs/reliability.md: {sorted(code - documented)}; "
                                 f"in the doc, not in the code: {sorted(documented - code)}")
+
+
+def test_align_errors_are_classed_by_cause(demo_run, tmp_path, monkeypatch):
+    """An all-nodata tile is `nodata`, an unreadable optical twin `unreadable` (the only one told to
+    re-download), and a programming error `bug` with where it was raised; the other tiles are written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sarlang_ray import align
+
+    cfg, _ = demo_run
+    src = Path(cfg.run.run_dir)
+    run = tmp_path / "run"
+    shutil.copytree(src / "catalog", run / "catalog")
+    shutil.copytree(src / "tile", run / "tile")
+    scenes = pq.read_table(run / "catalog" / "scenes.parquet").to_pylist()
+    scene = next(s for s in scenes if s["optical_uri"] and s["landcover_uri"])
+    shard = sorted((run / "tile" / "shards" / scene["scene_id"]).glob("*.parquet"))[0]
+    name = str(shard.relative_to(run / "tile" / "shards"))
+    tiles = pq.read_table(shard)
+    empty = tiles["tile_id"][0].as_py()
+    fractions = [1.0] + tiles["nodata_fraction"].to_pylist()[1:]
+    pq.write_table(tiles.set_column(tiles.schema.get_field_index("nodata_fraction"), "nodata_fraction",
+                                    pa.array(fractions, pa.float32())), shard)
+
+    def errors_of() -> dict[str, tuple[str, str]]:
+        for d in ("shards", "errors"):
+            shutil.rmtree(run / "align" / d, ignore_errors=True)
+        done = align.AlignShard(cfg.align, str(run), None)({"shard": name})
+        rows = pq.read_table(run / "align" / "errors" / name).to_pylist()
+        assert done["planned"] == tiles.num_rows == done["written"] + done["rejected"] and done["rejected"] == len(rows)
+        return {r["item"]: (r["error_class"], r["message"]) for r in rows}
+
+    errors = errors_of()
+    assert list(errors) == [empty] and errors[empty][0] == "nodata" and "tile.max_nodata_fraction" in errors[empty][1]
+
+    # the optical twin truncated (a download cut short): every other tile of the scene is unreadable
+    optical = Path(scene["optical_uri"])
+    cut = tmp_path / optical.name
+    cut.write_bytes(optical.read_bytes()[:2000])
+    pq.write_table(pa.Table.from_pylist([{**s, "optical_uri": str(cut) if s is scene else s["optical_uri"]} for s in scenes],
+                                        schema=pq.read_schema(run / "catalog" / "scenes.parquet")), run / "catalog" / "scenes.parquet")
+    errors = errors_of()
+    assert len(errors) == tiles.num_rows and errors.pop(empty)[0] == "nodata"
+    assert {c for c, _ in errors.values()} == {"unreadable"}
+    assert all("re-download" in m and str(cut) in m for _, m in errors.values())
+
+    # a programming error (planted: the land-cover step raises) is a bug, with where, and no re-download advice
+    pq.write_table(pa.Table.from_pylist(scenes, schema=pq.read_schema(run / "catalog" / "scenes.parquet")),
+                   run / "catalog" / "scenes.parquet")
+
+    def broken(lc, classes):
+        return sorted(classes.items())[0][1] + 1  # str + int: TypeError
+
+    monkeypatch.setattr(align, "landcover_fractions", broken)
+    errors = errors_of()
+    assert errors.pop(empty)[0] == "nodata" and {c for c, _ in errors.values()} == {"bug"}
+    for _, message in errors.values():
+        assert "raised TypeError" in message
+        assert "in broken" in message and "in align_tile" in message and "re-download" not in message

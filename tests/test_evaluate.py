@@ -63,8 +63,8 @@ def test_leaderboard_files_baselines_and_summary(trained_run):
     for png in board["plots"]:
         assert Path(png).read_bytes()[:4] == b"\x89PNG"
     test_pairs = evaluate.select_pairs(pq.read_table(evaluate.split_files(cfg, "test")), None)
-    for name in ("base__sar__paper", "finetuned__sar__paper"):
-        pred = pq.read_table(out / "predictions" / f"{name}.parquet").to_pylist()
+    for model in ("base", "finetuned"):
+        pred = pq.read_table(out / "predictions" / evaluate.prediction_name(model, "sar", "paper")).to_pylist()
         assert sorted(p["pair_id"] for p in pred) == sorted(p["pair_id"] for p in test_pairs)
     text = pipeline.format_summary(summary)
     assert "## Leaderboard" in text and "plots: " in text and "majority answer" in text
@@ -150,6 +150,32 @@ def test_a_failing_trial_is_listed_with_its_root_exception_and_the_sweep_goes_on
     assert "VQA rule `judge`" in md and "### Failed trials" in md
     assert f"- {good} / optical / paper: ArrowInvalid: No match for FieldRef.Name(optical_png)" in md
     assert f"- {broken} / sar / paper: OSError: It looks like the config file at" in md
+
+
+@pytest.mark.timeout(600)
+def test_two_models_with_the_same_last_path_component_write_two_prediction_files(demo_run, tiny_vlm, tmp_path):
+    """Two checkpoints both named .../merged (a sweep over checkpoints): each trial keeps its own predictions
+    file, named by the readable last component and a hash of the whole path."""
+    import shutil
+
+    from sarlang_ray.config import load_config
+
+    cfg, _ = demo_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(cfg.run.run_dir) / "export", run_dir / "export")
+    models = [tmp_path / f"checkpoint_00000{i}" / "merged" for i in (1, 2)]
+    for m in models:
+        shutil.copytree(tiny_vlm, m)
+    ev = load_config(None, [f"run.run_dir={run_dir}", "ray.progress=false", f"evaluate.models=[{models[0]},{models[1]}]",
+                            "evaluate.limit_pairs=6", "evaluate.baselines=[]", "evaluate.max_new_tokens_caption=2",
+                            "evaluate.max_new_tokens_answer=2"])
+    board = evaluate.run_evaluate(ev)
+    assert not board["failed"] and {r["model"] for r in board["rows"]} == {str(m) for m in models}
+    files = sorted(p.name for p in (run_dir / "evaluate" / "predictions").glob("*.parquet"))
+    expected = sorted(evaluate.prediction_name(str(m), "sar", "paper") for m in models)
+    assert files == expected and len(set(files)) == 2 and all(f.startswith("merged-") for f in files)
+    for f in files:
+        assert pq.read_table(run_dir / "evaluate" / "predictions" / f).num_rows == 6
 
 
 def test_root_error_digs_through_rays_wrappers():

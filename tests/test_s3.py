@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import fsspec
 import pytest
 
-from sarlang_ray import io, pipeline
+from sarlang_ray import evaluate, io, pipeline
 from sarlang_ray.config import SynthSection, load_config
 from sarlang_ray.synth import write_archive
 
@@ -61,6 +63,66 @@ def test_train_checkpoints_and_evaluation_on_s3(demo_run, tiny_vlm, s3, tmp_path
     board = json.loads(fs.cat("sarlang/runs/trained/evaluate/leaderboard.json"))
     assert not board["failed"], board["failed"]
     assert [r["model"] for r in board["rows"] if r["model"] == "finetuned"] and all(r["n_pairs"] == 24 for r in board["rows"])
-    assert fs.exists("sarlang/runs/trained/evaluate/predictions/finetuned__sar__paper.parquet")
+    assert fs.exists("sarlang/runs/trained/evaluate/predictions/" + evaluate.prediction_name("finetuned", "sar", "paper"))
     assert fs.glob("sarlang/runs/trained/evaluate/tune/sweep/*")  # Tune's own results, on S3 too
     assert not Path("s3:").exists() and not Path("sarlang").exists()  # no URI was mistaken for a local path
+
+
+FETCH = """
+import sys, time
+from sarlang_ray import io
+
+real = io.filesystem
+
+
+def counted(uri):  # each download appends a line to the count file, and takes a moment (a model is large)
+    fs, path = real(uri)
+    get = fs.get
+
+    def slow_get(*args, **kwargs):
+        with open(sys.argv[3], "a") as f:
+            f.write("get\\n")
+        time.sleep(1.0)
+        return get(*args, **kwargs)
+
+    fs.get = slow_get
+    return fs, path
+
+
+io.filesystem = counted
+start = float(sys.argv[4])
+time.sleep(max(0.0, start - time.time()))  # all four ask at the same moment
+print(io.local_copy(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_local_copy_downloads_once_per_node_with_no_partial_left(s3, tmp_path):
+    """Four processes of one node ask for the same s3:// model folder at once: one download, one folder with
+    every file, no ``.partial`` copy left; a later call downloads nothing."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    files = {"config.json": b'{"a": 1}', "weights.bin": os.urandom(3 << 20), "sub/tokenizer.json": b"{}"}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    fsspec.filesystem("s3").put(str(src), "sarlang/models/m", recursive=True)
+    uri, cache, count = "s3://sarlang/models/m", tmp_path / "cache", tmp_path / "downloads.txt"
+    start = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", FETCH, uri, str(cache), str(count), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    folders = {o.strip().splitlines()[-1] for o, _ in outs}
+    assert len(folders) == 1
+    folder = folders.pop()
+    assert count.read_text().count("get") == 1  # one download, not four
+    for name, data in files.items():
+        assert (Path(folder) / name).read_bytes() == data
+    assert sorted(p.name for p in cache.iterdir() if p.name.endswith(".partial")) == []
+    assert sorted(p.name for p in cache.iterdir()) == sorted([Path(folder).name, Path(folder).name + ".lock"])
+    subprocess.run([sys.executable, "-c", FETCH, uri, str(cache), str(count), "0"], check=True, capture_output=True)
+    assert count.read_text().count("get") == 1  # already there: nothing fetched

@@ -27,7 +27,7 @@ from sarlang_ray.annotate.template import TemplateAnnotator
 from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import AnnotateSection
-from sarlang_ray.errors import error_row, errors_table
+from sarlang_ray.errors import error_row, errors_table, reasons_json
 from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS as TILE_COLUMNS
 from sarlang_ray.tables import ANNOTATION_SCHEMA
 
@@ -111,10 +111,12 @@ class AnnotateShard:
         out_uri = io.join(self.out, name)
         if io.exists(out_uri):  # written by an earlier (interrupted) run or a killed worker: count it again
             done = io.read_parquet(out_uri, columns=["tile_id", "qc_passed", "qc_reasons"])
-            n_err = io.read_parquet(io.join(self.errors, name)).num_rows
+            shard_errors = io.read_parquet(io.join(self.errors, name), columns=["error_class"]).to_pylist()
+            n_err = len(shard_errors)
             tiles = len(set(done["tile_id"].to_pylist()))
             hits = Counter(r for reasons in done["qc_reasons"].to_pylist() for r in reasons)
             return {"shard": name, "planned": tiles + n_err, "written": tiles, "rejected": n_err, "skipped": True,
+                    "reasons": reasons_json(shard_errors),
                     "pairs": done.num_rows, "pairs_passed": sum(done["qc_passed"].to_pylist()), "qc_hits": _hits_json(hits),
                     "findings": json.dumps(io.read_json(self._findings_uri(name)))}
         tiles = io.read_parquet(io.join(self.tiles, name), columns=TILE_COLUMNS).to_pylist()
@@ -143,7 +145,7 @@ class AnnotateShard:
         io.write_json_atomic(self._findings_uri(name), findings)  # before the shard: a written shard has its findings
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA))
         return {"shard": name, "planned": len(tiles), "written": len(tiles) - len(errors), "rejected": len(errors),
-                "skipped": False, "pairs": len(rows), "pairs_passed": sum(r["qc_passed"] for r in rows),
+                "skipped": False, "reasons": reasons_json(errors), "pairs": len(rows), "pairs_passed": sum(r["qc_passed"] for r in rows),
                 "qc_hits": _hits_json(hits), "findings": json.dumps(findings)}
 
     def _findings_uri(self, name: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sarlang_ray import align, catalog, companions, io, tables
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.errors import errors_table
+from sarlang_ray.errors import errors_table, judge_outcome, summed_reasons
 from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
 
 
@@ -61,7 +61,8 @@ def _body(cfg: WorkflowConfig) -> dict:
                          memory_gb=cfg.align.memory_gb)
     counts = totals(manifest)
     counts["labels"] = label_counts
-    return counts
+    return judge_outcome("align", counts, summed_reasons(manifest), cfg.run.warn_reject_share,
+                         "Check the tiles' optical and land-cover rasters (catalog.optical_rule, catalog.landcover_rule).")
 
 
 STAGE = Stage("align", _body, inputs=("tile",), keys=("align", "catalog.labels_glob", "catalog.labels",

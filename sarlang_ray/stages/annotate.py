@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from dataclasses import asdict
 
 from sarlang_ray import io
 from sarlang_ray.annotate import stage as annotate_stage
 from sarlang_ray.annotate.visibility import VISIBILITY_KEYS
-from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.config import AnnotateSection, WorkflowConfig
+from sarlang_ray.errors import judge_outcome, summed_reasons
 from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
 
 
@@ -35,7 +37,22 @@ def _body(cfg: WorkflowConfig) -> dict:
     report = {"backend": a.backend, "pairs": counts["pairs"], "rule_hits": dict(hits), "rules": asdict(a.qc),
               "contradictions": annotate_stage.contradiction_report(findings, annotate_stage.backend_name(a))}
     io.write_json_atomic(io.join(cfg.run.run_dir, "annotate", "qc_report.json"), report)
+    counts = judge_outcome("annotate", counts, summed_reasons(manifest), cfg.run.warn_reject_share, failure_hint(a))
+    if "failure" not in counts and pairs > 0 and passed == 0:
+        counts["failure"] = (f"QC rejected all {pairs} pairs of the {counts['written']} annotated tiles (rule hits: "
+                             f"{dict(hits.most_common())}); see annotate/qc_report.json and the annotate.qc rules")
     return counts
+
+
+def failure_hint(a: AnnotateSection) -> str:
+    """What to change when no tile was annotated: for the openai backend, the key variable when it is unset
+    here (the usual cause: every request answered 401)."""
+    if a.backend == "openai" and not os.environ.get(a.openai.api_key_env):
+        return (f"The API key variable {a.openai.api_key_env} (annotate.openai.api_key_env) is not set in this "
+                f"environment: export {a.openai.api_key_env}=<key> (on every node of a cluster) and run annotate again.")
+    if a.backend in ("openai", "vllm", "hf"):
+        return f"Check that the annotate.{a.backend} model and endpoint work (the first error rows say how each tile failed)."
+    return ""
 
 
 def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:

@@ -11,11 +11,13 @@ streams each JSON/CSV file together from its parts, one part in memory at a time
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from sarlang_ray import export, io
 from sarlang_ray.annotate import consistency
 from sarlang_ray.annotate.visibility import VISIBILITY_KEYS, Visibility
 from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.errors import judge_outcome
 from sarlang_ray.splits import SPLITS
 from sarlang_ray.stages.runner import Stage, map_items
 
@@ -25,6 +27,11 @@ NUM_CPUS = 1.0  # per export actor: it reads a shard, writes PNGs and Parquet (I
 def _body(cfg: WorkflowConfig) -> dict:
     out = io.join(cfg.run.run_dir, "export")
     items, split_counts = export.plan(cfg)
+    reasons = Counter(split_counts["reasons"])
+    if split_counts["planned"] and not split_counts["written"]:
+        return judge_outcome("export", {k: split_counts[k] for k in ("planned", "written", "rejected")}, reasons,
+                             cfg.run.warn_reject_share, "A larger export.block_m (or a smaller export.buffer_m) "
+                             "leaves fewer tiles at split boundaries.")
     visibility = Visibility.from_config(cfg.annotate)
     manifest = sorted(map_items(items, export.ExportShard, (cfg.run.run_dir, visibility), None, NUM_CPUS),
                       key=lambda m: m["index"])
@@ -41,7 +48,7 @@ def _body(cfg: WorkflowConfig) -> dict:
               "shards": len(manifest), "skipped_shards": sum(bool(m["skipped"]) for m in manifest)}
     contradictions = consistency.merge_reports([json.loads(m["contradictions"]) for m in manifest])
     export.write_card(out, cfg, stats, counts, leakage, contradictions)
-    return counts
+    return judge_outcome("export", counts, reasons, cfg.run.warn_reject_share)
 
 
 # the card names the backend and the QC rules, and reports resolvability with annotate's settings
