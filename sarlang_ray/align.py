@@ -37,7 +37,7 @@ from sarlang_ray import companions, io
 from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
 from sarlang_ray.errors import ItemError, error_row, errors_table, reasons_json
-from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema
+from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema, tiles_counters
 from sarlang_ray.tiling import encode_png, grid_read, resampling_for
 
 STAGE = "align"
@@ -332,7 +332,8 @@ class AlignShard:
         if (done := existing_shard(out_uri, planned, name)) is not None:  # an earlier, interrupted run wrote it
             errors_uri = io.join(self.out_errors, name)
             rows = io.read_parquet(errors_uri, columns=["error_class"]).to_pylist() if io.exists(errors_uri) else []
-            return {**done, "objects": 0, "reasons": reasons_json(rows)}
+            return {**done, "objects": 0, "reasons": reasons_json(rows),
+                    **tiles_counters(io.read_parquet(out_uri, columns=["gsd_m", "objects"]).to_pylist())}
         out_rows, errors, n_objects = [], [], 0
         for tile in tiles.to_pylist():
             try:
@@ -346,7 +347,7 @@ class AlignShard:
         io.write_parquet_atomic(io.join(self.out_errors, name), errors_table(errors))
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(out_rows, schema=self.schema))
         return {"shard": name, "planned": planned, "written": len(out_rows), "rejected": len(errors),
-                "objects": n_objects, "skipped": False, "reasons": reasons_json(errors)}
+                "objects": n_objects, "skipped": False, "reasons": reasons_json(errors), **tiles_counters(out_rows)}
 
     def align_tile(self, tile: dict) -> dict:
         """Objects, land cover and optical twin of one tile.

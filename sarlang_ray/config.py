@@ -34,6 +34,9 @@ class RunSection:
     seed: int = 0  # seed for everything random (synthetic archive, splits)
     stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate", "export"])  # what `run` does
     force: bool = False  # re-run stages that already finished (default: a finished stage is a no-op)
+    # on a finished stage, redo only the items of its errors table and keep the rest (annotate: the tiles whose
+    # backend failed); the stages made from it are redone. Stages that cannot redo single items say so
+    retry_errors: bool = False
     # run_dir is a local path that every node of the cluster mounts (NFS, EFS, Lustre): allows a local
     # run_dir on a cluster of more than one node (otherwise use s3:// or gs://, which every node sees)
     shared_fs: bool = False

@@ -45,7 +45,7 @@ import pyarrow as pa
 from sarlang_ray import io, metrics, plots, reaper
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS, tile_shards
+from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS, tiles_table_shards
 
 log = logging.getLogger("sarlang")
 
@@ -280,7 +280,7 @@ def _optical_sources(cfg: WorkflowConfig, files: list[str], wanted: set[str]) ->
     """For each split file: the tiles-table shards that hold the optical twins of its wanted pairs' tiles.
     Reads tile ids only; raises when a tile is not in the tiles table."""
     shard_of = {}
-    for uri in tile_shards(cfg.run.run_dir):
+    for uri in tiles_table_shards(cfg.run.run_dir):
         shard_of.update(dict.fromkeys(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist(), uri))
     sources = []
     for uri in files:
@@ -597,7 +597,7 @@ def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -
     if dataset_kind(cfg) != "export":
         return None, (f"evaluate.dataset={cfg.evaluate.dataset} is not this run's export: the template oracle recomputes "
                       "answers from the labelled objects of this run's tiles, and an imported dataset has none")
-    if not tile_shards(run_dir):
+    if not tiles_table_shards(run_dir):
         return None, (f"no tiles table under {io.join(run_dir, 'align', 'shards')} to recompute the answers from "
                       "(copy the align stage's output into the run folder)")
     wanted = sorted({p["tile_id"] for p in pairs})
@@ -606,7 +606,7 @@ def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -
 
     tiles, wanted_ids = [], pa.array(wanted, pa.string())
     try:  # shard by shard, keeping only the split's tiles
-        for uri in tile_shards(run_dir):
+        for uri in tiles_table_shards(run_dir):
             shard = io.read_parquet(uri, columns=columns)
             tiles += shard.filter(pc.is_in(shard["tile_id"], wanted_ids)).to_pylist()
     except Exception as exc:  # noqa: BLE001 -- e.g. written without objects (ArrowInvalid): a note, not a crash

@@ -84,7 +84,7 @@ def split_inputs(run_dir: str) -> Iterator[tuple[str, SplitTile]]:
     """(tiles shard name, split input) of every tile that has QC-passed pairs (the ones export writes), in
     shard order; read shard by shard, no images."""
     tile_root, ann_root = tables.shard_root(run_dir, "align"), tables.shard_root(run_dir, "annotate")
-    for tile_uri in tables.tile_shards(run_dir):
+    for tile_uri in tables.tiles_table_shards(run_dir):
         name = io.relative(tile_uri, tile_root)
         ann_uri = io.join(ann_root, name)
         if not io.exists(ann_uri):

@@ -10,7 +10,7 @@ recomputed (fingerprints of the config keys and inputs it is made from). This mo
   ``run.stages`` before it that are missing or out of date.
 
 So ``config.yaml`` (written once the planned stages are done) and ``summary.json`` (built from every
-stage's ``_SUCCESS.json``) describe what is on disk.
+stage's ``_SUCCESS.json``, without reading a shard) describe what is on disk.
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ import logging
 import os
 import time
 
-import pyarrow.compute as pc
-
 from sarlang_ray import io
 from sarlang_ray.config import WorkflowConfig, to_yaml
 from sarlang_ray.errors import redact_text
 from sarlang_ray.stages.runner import ORDER, StageFailed, counts_of, downstream, ensure_ray, registry  # noqa: F401  (re-exported)
 from sarlang_ray.tables import (annotation_shards, read_annotations, read_errors, read_scenes, read_tiles,  # noqa: F401
-                                tile_shards, write_scenes)
+                                tiles_table_shards)
 
 log = logging.getLogger("sarlang")
 
@@ -50,31 +48,29 @@ def plan(cfg: WorkflowConfig, requested: list[str]) -> list[str]:
     return [s for s in ORDER if s in chosen]
 
 
+# what the summary shows once, at its top level, of the stages' counts
+SUMMARY_FIELDS = ("tiles_per_gsd", "objects_per_class", "pairs_per_application")
+
+
 def summarise(cfg: WorkflowConfig, stage_counts: dict, seconds: float) -> dict:
-    """Scenes, tiles per GSD, objects per class, rejects by reason, wall time; read shard by shard."""
-    run_dir = cfg.run.run_dir
-    summary: dict = {"workflow": cfg.name, "run_dir": run_dir, "stages": stage_counts, "wall_seconds": round(seconds, 1)}
-    if io.exists(io.join(run_dir, "catalog", "scenes.parquet")):
-        summary["scenes"] = len(read_scenes(run_dir))
-    tiles_per_gsd: collections.Counter = collections.Counter()
-    objects: collections.Counter = collections.Counter()
-    for uri in tile_shards(run_dir):
-        t = io.read_parquet(uri, columns=["gsd_m", "objects"])
-        tiles_per_gsd.update(f"{g:g} m" for g in t["gsd_m"].to_pylist())
-        flat = pc.list_flatten(t["objects"])
-        if len(flat):
-            objects.update(pc.struct_field(flat, "class").to_pylist())
-    summary["tiles_per_gsd"] = dict(sorted(tiles_per_gsd.items(), key=lambda kv: float(kv[0].split()[0])))
-    summary["objects_per_class"] = dict(objects.most_common())
-    apps: collections.Counter = collections.Counter()
-    for uri in annotation_shards(run_dir):
-        t = io.read_parquet(uri, columns=["application", "qc_passed"])
-        apps.update(a for a, ok in zip(t["application"].to_pylist(), t["qc_passed"].to_pylist()) if ok)
-    if apps:
-        summary["pairs_per_application"] = dict(apps.most_common())
-    errors = read_errors(run_dir)
-    summary["rejects_by_reason"] = dict(collections.Counter(
-        f"{s}:{c}" for s, c in zip(errors["stage"].to_pylist(), errors["error_class"].to_pylist())).most_common())
+    """Scenes, tiles per GSD, objects per class, pairs per application, rejects by reason and wall time, from the
+    finished stages' counts (their ``_SUCCESS.json``) only: it runs after every command, a no-op one included, and
+    reads no shard (the workers counted them and the stage markers hold the sums)."""
+    summary: dict = {"workflow": cfg.name, "run_dir": cfg.run.run_dir, "wall_seconds": round(seconds, 1),
+                     "stages": {name: {k: v for k, v in c.items() if k not in SUMMARY_FIELDS} for name, c in stage_counts.items()}}
+    if "catalog" in stage_counts:
+        summary["scenes"] = stage_counts["catalog"]["written"]
+    align = stage_counts.get("align", {})
+    summary["tiles_per_gsd"] = dict(sorted(align.get("tiles_per_gsd", {}).items(), key=lambda kv: float(kv[0].split()[0])))
+    summary["objects_per_class"] = dict(collections.Counter(align.get("objects_per_class", {})).most_common())
+    if apps := stage_counts.get("annotate", {}).get("pairs_per_application"):
+        summary["pairs_per_application"] = dict(collections.Counter(apps).most_common())
+    rejects: collections.Counter = collections.Counter()
+    for name, c in stage_counts.items():
+        labels = c.get("labels") if isinstance(c.get("labels"), dict) else {}  # align's label files and features
+        for reasons in (c.get("rejects_by_reason") or {}, labels.get("rejects_by_reason") or {}):
+            rejects.update({f"{name}:{k}": v for k, v in reasons.items()})
+    summary["rejects_by_reason"] = dict(rejects.most_common())
     return summary
 
 
@@ -129,16 +125,24 @@ def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:
         log.info("stages to run: %s (the ones after a requested stage that this run folder holds are redone when "
                  "it changes; missing ones before it are made)", ", ".join(todo))
     runners = registry()
+    failed = True
     try:
         for name in todo:
             log.info("stage %s", name)
             runners[name].run(cfg)
+        failed = False
     finally:
         # what is on disk now: the config of the stages just run, and every finished stage's counts
-        io.write_bytes_atomic(io.join(cfg.run.run_dir, "config.yaml"), to_yaml(cfg).encode())
-        summary = summarise(cfg, finished_counts(cfg), time.time() - t0)
-        text = redact_text(json.dumps(summary, indent=2, default=str), [cfg.annotate.openai.api_key_env])
-        io.write_bytes_atomic(io.join(cfg.run.run_dir, "summary.json"), text.encode())  # run_dir may hold s3://KEY:SECRET@
+        try:
+            io.write_bytes_atomic(io.join(cfg.run.run_dir, "config.yaml"), to_yaml(cfg).encode())
+            summary = summarise(cfg, finished_counts(cfg), time.time() - t0)
+            text = redact_text(json.dumps(summary, indent=2, default=str), [cfg.annotate.openai.api_key_env])
+            io.write_bytes_atomic(io.join(cfg.run.run_dir, "summary.json"), text.encode())  # run_dir may hold s3://KEY:SECRET@
+        except Exception:
+            if not failed:
+                raise
+            # the stage's own exception (StageFailed, an interrupt) is the one the command reports
+            log.exception("the run summary could not be written after the failure below")
     return summary
 
 

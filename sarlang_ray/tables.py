@@ -14,6 +14,7 @@ through it without importing the orchestrator:
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pyarrow as pa
 
@@ -118,13 +119,23 @@ def existing_shard(uri: str, planned: int, name: str) -> dict | None:
     return {"shard": name, "planned": planned, "written": written, "rejected": planned - written, "skipped": True}
 
 
-def tile_shards(run_dir: str) -> list[str]:
+def tiles_table_shards(run_dir: str) -> list[str]:
+    """The shards of the **tiles** table (``align/shards/``: the tiles with objects, land cover and optical twin;
+    ``tile/shards/`` holds the tile stage's tiles before alignment)."""
     return shards(run_dir, "align")
+
+
+def tiles_counters(tiles: list[dict]) -> dict:
+    """Tiles per GSD and objects per class of some rows of the tiles table, as JSON (a manifest row's ``gsds`` and
+    ``classes``: the align stage's marker sums them for the run summary)."""
+    gsds = Counter(f"{t['gsd_m']:g} m" for t in tiles)
+    classes = Counter(o["class"] for t in tiles for o in t["objects"] or [])
+    return {"gsds": json.dumps(dict(sorted(gsds.items()))), "classes": json.dumps(dict(sorted(classes.items())))}
 
 
 def read_tiles(run_dir: str, columns: list[str] | None = None) -> pa.Table:
     """The final tiles table (all shards). For small runs and tests; pipelines should stream shards."""
-    return io.read_parquet(tile_shards(run_dir), columns=columns)
+    return io.read_parquet(tiles_table_shards(run_dir), columns=columns)
 
 
 def annotation_shards(run_dir: str) -> list[str]:
@@ -134,6 +145,14 @@ def annotation_shards(run_dir: str) -> list[str]:
 def read_annotations(run_dir: str, columns: list[str] | None = None) -> pa.Table:
     """The annotations table (all shards; QC-rejected pairs included, with ``qc_passed`` false)."""
     return io.read_parquet(annotation_shards(run_dir), columns=columns)
+
+
+def shard_error_reasons(run_dir: str, stage: str, names: list[str]) -> dict[str, int]:
+    """Rejects per ``error_class`` in the errors tables of some shards of a sharded stage (``<stage>/errors/<name>``)."""
+    reasons: Counter = Counter()
+    for name in names:
+        reasons.update(io.read_parquet(io.join(run_dir, stage, "errors", name), columns=["error_class"])["error_class"].to_pylist())
+    return dict(sorted(reasons.items()))
 
 
 def read_errors(run_dir: str) -> pa.Table:

@@ -215,7 +215,7 @@ def _expected_files(cfg) -> dict[str, bytes]:
     captions = {(k, s): [] for k in ("concise", "detailed") for s in SPLITS}
     files: dict[str, bytes] = {}
     root = tables.shard_root(cfg.run.run_dir, "align")
-    for uri in tables.tile_shards(cfg.run.run_dir):
+    for uri in tables.tiles_table_shards(cfg.run.run_dir):
         name = io.relative(uri, root)
         png = dict(zip(*io.read_parquet(uri, columns=["tile_id", "sar_png"]).to_pydict().values()))
         pairs = [p for p in io.read_parquet(io.join(tables.shard_root(cfg.run.run_dir, "annotate"), name)).to_pylist()

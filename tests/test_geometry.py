@@ -149,7 +149,7 @@ def test_footprints_are_geoparquet(demo_run):
     import pyarrow.parquet as pq
 
     cfg, _ = demo_run
-    shard = pipeline.tile_shards(cfg.run.run_dir)[0]
+    shard = pipeline.tiles_table_shards(cfg.run.run_dir)[0]
     gdf = gpd.read_parquet(shard)  # needs valid GeoParquet 'geo' metadata
     assert gdf.crs.to_epsg() == 4326 and gdf.geometry.name == "footprint"
     assert (gdf.geometry.bounds.maxx <= 180).all() and gdf.geometry.is_valid.all()

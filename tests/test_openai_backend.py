@@ -19,7 +19,7 @@ from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import CLASS_WORDS
 from sarlang_ray.config import load_config
 
-from conftest import TEST_OPENAI_KEY
+from conftest import REPO, TEST_OPENAI_KEY
 
 
 class ChatServer:
@@ -66,13 +66,7 @@ class ChatServer:
     def reply(self, body):
         content = body["messages"][0]["content"]
         if isinstance(content, list):  # a captioning request with the image
-            text = content[1]["text"]
-            assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
-            with self.lock:
-                self.stats["caption"] += 1
-            if "one sentence" in text:
-                return 200, "An overhead radar-like view of the scene."
-            return 200, "This overhead image shows the land cover and the layout of the scene seen from above in detail."
+            return 200, self.caption(content)
         h = int(hashlib.sha1(content.encode()).hexdigest(), 16)
         with self.lock:
             self.seen[h] += 1
@@ -87,9 +81,23 @@ class ChatServer:
             return 200, "[]"
         if h % 11 == 0:
             return 200, "Sure! Here are some questions about the image."
+        return 200, self.qa_answer(content)
+
+    def caption(self, content: list) -> str:
+        text = content[1]["text"]
+        assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
+        with self.lock:
+            self.stats["caption"] += 1
+        if "one sentence" in text:
+            return "An overhead radar-like view of the scene."
+        return "This overhead image shows the land cover and the layout of the scene seen from above in detail."
+
+    @staticmethod
+    def qa_answer(content: str) -> str:
+        """A well-formed QA reply: the count of the objects the prompt lists, and a pair to drop."""
         objects = re.search(r"Objects in the image \(class, position\): (.*?)\. Land cover", content, re.S).group(1)
         n = 0 if objects == "none" else len(objects.split("), "))
-        return 200, "```json\n" + json.dumps([
+        return "```json\n" + json.dumps([
             {"application": "instance counting", "question": "How many labelled objects are there?", "answer": str(n)},
             {"application": "astrology", "question": "Dropped?", "answer": "yes"},  # not one of the seven: dropped
         ]) + "\n```"
@@ -161,3 +169,66 @@ def test_openai_backend_without_its_key_fails_at_annotate_naming_the_variable(de
     assert "SARLANG_TEST_UNSET_KEY" in err and "is not set" in err
     assert chat_server.stats["401"] - before >= tiles  # the server was asked, and refused
     assert not (run_dir / "annotate" / "_SUCCESS.json").exists() and not (run_dir / "export").exists()
+
+
+class HealingServer(ChatServer):
+    """Counts every request; until ``healed``, the QA request of a tile whose prompt hashes to a multiple of 3 gets
+    HTTP 500 (with annotate.openai.max_retries=0 the tile fails: 3 requests, 2 captions and the QA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.healed, self.calls = False, 0
+
+    def reply(self, body):
+        content = body["messages"][0]["content"]
+        with self.lock:
+            self.calls += 1
+        if isinstance(content, list):
+            return 200, self.caption(content)
+        if not self.healed and int(hashlib.sha1(content.encode()).hexdigest(), 16) % 3 == 0:
+            return 500, None
+        return 200, self.qa_answer(content)
+
+
+def test_a_retry_redoes_only_the_failed_tiles(demo_run, tmp_path):
+    """`sarlang annotate ... run.retry_errors=true` after an endpoint outage: only the tiles of the errors table
+    are asked again (the server counts the requests), the other pairs are kept as they were, the counts and the
+    errors table are updated, and the export made from the old annotations is redone."""
+    from sarlang_ray import cli, io
+
+    cfg, _ = demo_run
+    run_dir = tmp_path / "retry"
+    shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive"))
+    server = HealingServer()
+    try:
+        argv = ["annotate", str(REPO / "workflows" / "demo.yaml"), f"run.run_dir={run_dir}", f"synth.out_dir={cfg.synth.out_dir}", "annotate.backend=openai",
+                f"annotate.openai.base_url={server.url}", "annotate.openai.api_key_env=SARLANG_TEST_OPENAI_KEY",
+                "annotate.openai.max_retries=0", "ray.progress=false", "run.stages=[synth,catalog,tile,align,annotate,export]"]
+        assert cli.main(argv) == 0
+        assert cli.main(["export", *argv[1:]]) == 0
+        first = io.read_json(str(run_dir / "annotate" / "_SUCCESS.json"))
+        failed = {e["item"] for e in pipeline.read_errors(str(run_dir)).to_pylist() if e["stage"] == "annotate"}
+        assert 0 < first["rejected"] == len(failed) < first["planned"]
+        assert server.calls == 3 * first["planned"]
+        kept = sorted(json.dumps(r, sort_keys=True) for r in pipeline.read_annotations(str(run_dir)).to_pylist())
+        export_before = io.read_json(str(run_dir / "export" / "_SUCCESS.json"))
+
+        server.healed, server.calls = True, 0
+        assert cli.main([*argv, "run.retry_errors=true"]) == 0
+        assert server.calls == 3 * len(failed)  # the failed tiles' requests, and no other
+        after = io.read_json(str(run_dir / "annotate" / "_SUCCESS.json"))
+        assert (after["planned"], after["written"], after["rejected"], after["retried"]) == (first["planned"], first["planned"], 0, len(failed))
+        assert after["fingerprint"]["value"] == first["fingerprint"]["value"] and after["fingerprint"]["retries"] == 1
+        assert not [e for e in pipeline.read_errors(str(run_dir)).to_pylist() if e["stage"] == "annotate"]
+        pairs = pipeline.read_annotations(str(run_dir)).to_pylist()
+        assert {p["tile_id"] for p in pairs} >= failed and len({p["pair_id"] for p in pairs}) == len(pairs)
+        assert sorted(json.dumps(r, sort_keys=True) for r in pairs if r["tile_id"] not in failed) == kept  # the others, as they were
+        export_after = io.read_json(str(run_dir / "export" / "_SUCCESS.json"))
+        assert export_after["fingerprint"]["inputs"]["annotate"] != export_before["fingerprint"]["inputs"]["annotate"]
+        assert export_after["planned"] > export_before["planned"]  # the recovered tiles are exported
+
+        server.calls = 0  # nothing left to retry: a no-op
+        assert cli.main([*argv, "run.retry_errors=true"]) == 0
+        assert server.calls == 0
+    finally:
+        server.stop()

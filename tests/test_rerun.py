@@ -197,6 +197,50 @@ def test_an_interrupted_stage_resumes_without_duplicates(demo_copy):
     assert len(ids) == len(set(ids)) == done["written"]
 
 
+def test_the_summary_is_made_from_the_markers_alone(demo_copy):
+    """Every shard, errors table and the scenes table unreadable after the run: the summary of the next command
+    (a no-op) still has the right counts, so it read none of them (the workers counted; the markers hold the sums)."""
+    import collections
+
+    from sarlang_ray.config import load_config
+
+    run_dir, overrides = demo_copy
+    tiles = pipeline.read_tiles(str(run_dir), columns=["gsd_m", "objects"]).to_pylist()
+    pairs = pipeline.read_annotations(str(run_dir), columns=["application", "qc_passed"]).to_pylist()
+    errors = pipeline.read_errors(str(run_dir)).to_pylist()
+    truth = {"scenes": len(pipeline.read_scenes(str(run_dir))),
+             "tiles_per_gsd": collections.Counter(f"{t['gsd_m']:g} m" for t in tiles),
+             "objects_per_class": collections.Counter(o["class"] for t in tiles for o in t["objects"]),
+             "pairs_per_application": collections.Counter(p["application"] for p in pairs if p["qc_passed"]),
+             "rejects_by_reason": collections.Counter(f"{e['stage']}:{e['error_class']}" for e in errors)}
+    assert all(truth.values())
+    broken = [p for stage in ("catalog", "tile", "align", "annotate") for p in (run_dir / stage).rglob("*.parquet")]
+    for p in broken:
+        p.write_bytes(b"not parquet")
+    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}", *overrides, "ray.progress=false",
+                                                               "run.stages=[synth,catalog,tile,align,annotate,export]"])
+    summary = pipeline.run(cfg)
+    assert {k: summary[k] for k in truth} == {k: v if isinstance(v, int) else dict(v) for k, v in truth.items()}
+    assert "tiles per GSD: " + ", ".join(f"{k}: {v}" for k, v in summary["tiles_per_gsd"].items()) in pipeline.format_summary(summary)
+    assert all(p.read_bytes() == b"not parquet" for p in broken)  # nothing was redone
+
+
+def test_a_summary_that_fails_does_not_hide_why_the_stage_failed(ray_session, tmp_path):
+    """The summary runs in a ``finally``: an error of its own (here a marker it cannot read) is logged, and the
+    command reports the stage's failure."""
+    from sarlang_ray.config import load_config
+    from sarlang_ray.stages import StageFailed
+
+    (tmp_path / "empty" / "sar").mkdir(parents=True)
+    (tmp_path / "empty" / "sar" / "scene.tif").write_bytes(b"not a GeoTIFF")  # the catalog rejects it: no usable scene
+    (tmp_path / "run" / "tile").mkdir(parents=True)
+    (tmp_path / "run" / "tile" / "_SUCCESS.json").write_text("{not json")
+    cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}", f"catalog.archive={tmp_path / 'empty'}",
+                             "run.stages=[catalog]", "ray.progress=false"])
+    with pytest.raises(StageFailed, match="^catalog: "):
+        pipeline.run(cfg)
+
+
 @pytest.mark.slow
 def test_same_seed_gives_identical_tables(demo_run, tmp_path):
     cfg, _ = demo_run

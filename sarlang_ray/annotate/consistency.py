@@ -542,7 +542,7 @@ def check_export(run_dir: str, visibility: Visibility | None = None, export_dir:
     cols = ["pair_id", "tile_id", "gsd_m", "kind", "question", "answer"]
     pairs = io.read_parquet(files, columns=cols).to_pylist()
     tiles = {}
-    if tables.tile_shards(run_dir):
+    if tables.tiles_table_shards(run_dir):
         tiles = {t["tile_id"]: t for t in tables.read_tiles(run_dir, ["tile_id", "gsd_m", "width"]).to_pylist()}
     if tables.annotation_shards(run_dir):
         ann = tables.read_annotations(run_dir, ["pair_id", "backend"])

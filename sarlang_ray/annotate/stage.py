@@ -83,9 +83,13 @@ def validate_pairs(pairs) -> str | None:
 
 
 class AnnotateShard:
-    """Ray Data row function (actor pool): one tiles shard -> one annotations shard."""
+    """Ray Data row function (actor pool): one tiles shard -> one annotations shard.
 
-    def __init__(self, cfg: AnnotateSection, run_dir: str, seed: int, max_pixels: int | None = None):
+    ``retry``: a shard written before is not only counted again: the tiles of its errors table are annotated
+    again and their pairs merged into it (in tile order, as one run would have written them); the others' pairs
+    are kept as they are (``run.retry_errors=true``: paid requests that succeeded are not made twice)."""
+
+    def __init__(self, cfg: AnnotateSection, run_dir: str, seed: int, max_pixels: int | None = None, retry: bool = False):
         self.cfg = cfg
         self.backend = load_backend(cfg, seed, max_pixels)
         self.tiles = io.join(run_dir, "align", "shards")
@@ -93,6 +97,7 @@ class AnnotateShard:
         self.errors = io.join(run_dir, STAGE, "errors")
         self.findings = io.join(run_dir, STAGE, "findings")
         self.visibility = Visibility.from_config(cfg)
+        self.retry = retry
 
     def _annotate_all(self, tiles: list[dict]) -> list:
         """Pairs (or the exception) per tile; backends with ``annotate_many`` run tiles concurrently."""
@@ -109,23 +114,40 @@ class AnnotateShard:
     def __call__(self, row: dict) -> dict:
         name = row["shard"]
         out_uri = io.join(self.out, name)
-        if io.exists(out_uri):  # written by an earlier (interrupted) run or a killed worker: count it again
-            done = io.read_parquet(out_uri, columns=["tile_id", "qc_passed", "qc_reasons"])
-            shard_errors = io.read_parquet(io.join(self.errors, name), columns=["error_class"]).to_pylist()
-            n_err = len(shard_errors)
-            tiles = len(set(done["tile_id"].to_pylist()))
-            hits = Counter(r for reasons in done["qc_reasons"].to_pylist() for r in reasons)
-            return {"shard": name, "planned": tiles + n_err, "written": tiles, "rejected": n_err, "skipped": True,
-                    "reasons": reasons_json(shard_errors),
-                    "pairs": done.num_rows, "pairs_passed": sum(done["qc_passed"].to_pylist()), "qc_hits": _hits_json(hits),
-                    "findings": json.dumps(io.read_json(self._findings_uri(name)))}
+        kept = None  # a retry: the pairs and findings of the tiles that succeeded before
+        if io.exists(out_uri):  # written by an earlier run (interrupted, or finished and now retried) or a killed worker
+            ids = io.read_parquet(io.join(self.tiles, name), columns=["tile_id"])["tile_id"].to_pylist()
+            done = io.read_parquet(out_uri).to_pylist()
+            # the failed tiles: those without a pair (a tile the backend answered has one, QC-rejected or not), so a
+            # retry killed between its writes loses no tile and annotates none twice
+            failed = set(ids) - {r["tile_id"] for r in done} if self.retry else set()
+            if not failed:
+                return self._counted(name, len(ids), done)
+            kept = done, io.read_json(self._findings_uri(name))
         tiles = io.read_parquet(io.join(self.tiles, name), columns=TILE_COLUMNS).to_pylist()
-        rows, errors, hits, findings = [], [], Counter(), []
+        order, planned = {t["tile_id"]: i for i, t in enumerate(tiles)}, len(tiles)
+        if kept is not None:
+            tiles = [t for t in tiles if t["tile_id"] in failed]
+        rows, errors, findings = self._annotate(tiles)
+        if kept is not None:
+            rows = sorted(kept[0] + rows, key=lambda r: (order[r["tile_id"]], r["pair_id"]))
+            findings = kept[1] + findings
+        io.write_parquet_atomic(io.join(self.errors, name), errors_table(errors))
+        io.write_json_atomic(self._findings_uri(name), findings)  # before the shard: a written shard has its findings
+        io.write_parquet_atomic(out_uri, pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA))
+        return {"shard": name, "planned": planned, "written": planned - len(errors), "rejected": len(errors),
+                "skipped": False, "retried": len(tiles) if kept is not None else 0, **_pair_counts(rows),
+                "reasons": reasons_json(errors), "findings": json.dumps(findings)}
+
+    def _annotate(self, tiles: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+        """The annotation rows, error rows and contradiction findings of ``tiles``."""
+        rows, errors, findings = [], [], []
         for tile, pairs in zip(tiles, self._annotate_all(tiles)):
             tid = tile["tile_id"]
             if isinstance(pairs, Exception):
                 errors.append(error_row(STAGE, tid, "backend_error", f"backend {self.cfg.backend!r} failed on {tid}: "
-                                        f"{type(pairs).__name__}: {pairs}. The tile is skipped; re-run to retry it."))
+                                        f"{type(pairs).__name__}: {pairs}. The tile is skipped; run annotate again with "
+                                        "run.retry_errors=true to retry the failed tiles only."))
                 continue
             problem = validate_pairs(pairs)
             if problem:
@@ -135,18 +157,20 @@ class AnnotateShard:
             backend = getattr(self.backend, "name", self.cfg.backend)
             findings += [{**f.example(tid, [{**p, "pair_id": f"{tid}#{i:03d}"} for i, p in enumerate(checked)]),
                           "backend": backend} for f in found]
-            for i, p in enumerate(checked):
-                hits.update(p["qc_reasons"])
-                rows.append({"pair_id": f"{tid}#{i:03d}", "tile_id": tid, "scene_id": tile["scene_id"], "gsd_m": tile["gsd_m"],
-                             "kind": p["kind"], "application": p["application"], "question_type": p["question_type"],
-                             "question": p["question"], "answer": p["answer"], "backend": backend,
-                             "qc_passed": p["qc_passed"], "qc_reasons": p["qc_reasons"]})
-        io.write_parquet_atomic(io.join(self.errors, name), errors_table(errors))
-        io.write_json_atomic(self._findings_uri(name), findings)  # before the shard: a written shard has its findings
-        io.write_parquet_atomic(out_uri, pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA))
-        return {"shard": name, "planned": len(tiles), "written": len(tiles) - len(errors), "rejected": len(errors),
-                "skipped": False, "reasons": reasons_json(errors), "pairs": len(rows), "pairs_passed": sum(r["qc_passed"] for r in rows),
-                "qc_hits": _hits_json(hits), "findings": json.dumps(findings)}
+            rows += [{"pair_id": f"{tid}#{i:03d}", "tile_id": tid, "scene_id": tile["scene_id"], "gsd_m": tile["gsd_m"],
+                      "kind": p["kind"], "application": p["application"], "question_type": p["question_type"],
+                      "question": p["question"], "answer": p["answer"], "backend": backend,
+                      "qc_passed": p["qc_passed"], "qc_reasons": p["qc_reasons"]} for i, p in enumerate(checked)]
+        return rows, errors, findings
+
+    def _counted(self, name: str, planned: int, done: list[dict]) -> dict:
+        """The manifest row of a shard written before (``done``: its pairs), counted again by a resumed or retried
+        stage: written are the tiles with pairs, the reasons those of its errors table."""
+        shard_errors = io.read_parquet(io.join(self.errors, name), columns=["error_class"]).to_pylist()
+        tiles = len({r["tile_id"] for r in done})
+        return {"shard": name, "planned": planned, "written": tiles, "rejected": planned - tiles,
+                "skipped": True, "retried": 0, **_pair_counts(done), "reasons": reasons_json(shard_errors),
+                "findings": json.dumps(io.read_json(self._findings_uri(name)))}
 
     def _findings_uri(self, name: str) -> str:
         return io.join(self.findings, name.rsplit(".", 1)[0] + ".json")
@@ -168,6 +192,10 @@ def contradiction_report(findings: list[dict], backend: str, examples: int = 3) 
             "examples": {r: [f for f in ordered if f["rule"] == r][:examples] for r in CONTRADICTION_RULES if counts[r]}}
 
 
-def _hits_json(hits: Counter) -> str:
-    """QC rule hits of one shard, for the stage's qc_report.json."""
-    return json.dumps({k: hits[k] for k in RULES if hits[k]})
+def _pair_counts(rows: list[dict]) -> dict:
+    """A shard's pair counts for its manifest row: pairs, QC-passed pairs, QC rule hits (the stage's qc_report.json)
+    and QC-passed pairs per application (the run summary), the last two as JSON."""
+    hits = Counter(r for p in rows for r in p["qc_reasons"])
+    apps = Counter(p["application"] for p in rows if p["qc_passed"])
+    return {"pairs": len(rows), "pairs_passed": sum(p["qc_passed"] for p in rows),
+            "qc_hits": json.dumps({k: hits[k] for k in RULES if hits[k]}), "applications": json.dumps(dict(sorted(apps.items())))}

@@ -4,6 +4,8 @@ global layer (``catalog.labels``), from per-scene slices (``align/labels/<scene_
 
 from __future__ import annotations
 
+from collections import Counter
+
 from sarlang_ray import align, catalog, companions, io, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import errors_table, judge_outcome, summed_reasons
@@ -32,7 +34,12 @@ def _global_labels(cfg: WorkflowConfig, out: str) -> dict:
     return {"layer": layer.root, "layer_files": len(layer.files), "files_read": len(files),
             "features_read": sum(m["read"] for m in manifest), "unmapped": sum(m["unmapped"] for m in manifest),
             "planned": sum(m["planned"] for m in manifest), "written": sum(m["written"] for m in manifest),
-            "rejected": sum(m["rejected"] for m in manifest), "distinct_errors": len(rows)}
+            "rejected": sum(m["rejected"] for m in manifest), "distinct_errors": len(rows), "rejects_by_reason": _reasons(rows)}
+
+
+def _reasons(rows: list[dict]) -> dict[str, int]:
+    """Label files and features rejected per ``error_class`` (the run summary's ``align:`` reasons)."""
+    return dict(sorted(Counter(r["error_class"] for r in rows).items()))
 
 
 def _body(cfg: WorkflowConfig) -> dict:
@@ -54,7 +61,8 @@ def _body(cfg: WorkflowConfig) -> dict:
         io.write_parquet_atomic(io.join(out, "label_errors.parquet"), errors_table(label_errors))
         feature_errors = sum("#feature=" in e["item"] for e in label_errors)
         label_counts = {"files": len(label_uris), "files_rejected": len(label_errors) - feature_errors,
-                        "planned": n_features, "written": len(labels), "rejected": feature_errors}
+                        "planned": n_features, "written": len(labels), "rejected": feature_errors,
+                        "rejects_by_reason": _reasons(label_errors)}
     shards = shard_items(io.join(cfg.run.run_dir, "tile", "shards"))
     manifest = map_items(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri, 4, labels_dir),
                          cfg.align.concurrency, cfg.align.num_cpus, max_actors=cfg.align.max_actors,

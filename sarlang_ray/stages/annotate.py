@@ -4,7 +4,9 @@ and ``annotate/qc_report.json``."""
 from __future__ import annotations
 
 import collections
+import functools
 import json
+import logging
 import os
 from dataclasses import asdict
 
@@ -15,17 +17,24 @@ from sarlang_ray.config import AnnotateSection, WorkflowConfig
 from sarlang_ray.errors import judge_outcome, summed_reasons
 from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
 
+log = logging.getLogger("sarlang")
 
-def _body(cfg: WorkflowConfig) -> dict:
+
+def _body(cfg: WorkflowConfig, retry: bool = False) -> dict:
+    """Annotate every shard (finished ones counted again); ``retry``: and annotate again the failed tiles of the
+    finished ones, keeping their other pairs."""
     a = cfg.annotate
     items = shard_items(io.join(cfg.run.run_dir, "align", "shards"))
     if a.backend == "vllm":  # one Ray Data LLM pipeline for the stage's prompts, then QC and writes per shard
         from sarlang_ray.annotate.vllm_backend import annotate_shards
 
+        if retry:
+            log.warning("annotate: the vllm backend generates whole shards and cannot retry single tiles; the failed "
+                        "tiles stay in the errors table (run.force=true annotates everything again)")
         manifest = annotate_shards(cfg, items, annotate_stage.AnnotateShard)
     else:
         manifest = map_items(items, annotate_stage.AnnotateShard,
-                             (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels), a.concurrency, a.num_cpus,
+                             (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels, retry), a.concurrency, a.num_cpus,
                              a.num_gpus, max_actors=a.max_actors, memory_gb=a.memory_gb)
     counts = totals(manifest)
     hits: collections.Counter = collections.Counter()
@@ -63,7 +72,7 @@ def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
     return ("annotate.backend", "annotate.qc", *VISIBILITY_KEYS, *backend.get(cfg.annotate.backend, ("annotate",)))  # your own: all
 
 
-STAGE = Stage("annotate", _body, inputs=("align",), keys=read_keys)
+STAGE = Stage("annotate", _body, inputs=("align",), keys=read_keys, retry=functools.partial(_body, retry=True))
 
 
 def run(cfg: WorkflowConfig) -> dict:

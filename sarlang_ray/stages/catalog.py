@@ -27,10 +27,10 @@ def _body(cfg: WorkflowConfig) -> dict:
     errors += twin_errors
     catalog.write_scenes(tables.scenes_uri(cfg.run.run_dir), scenes)
     io.write_parquet_atomic(io.join(cfg.run.run_dir, "catalog", "errors.parquet"), errors_table(errors))
+    reasons = collections.Counter(e["error_class"] for e in errors)
     counts = {"planned": planned, "written": len(scenes), "rejected": len(errors), "companions": companions,
-              "placement": placement(results)}
+              "rejects_by_reason": dict(sorted(reasons.items())), "placement": placement(results)}
     if not scenes:
-        reasons = collections.Counter(e["error_class"] for e in errors)
         counts["failure"] = (f"none of the {planned} files of {cfg.catalog.archive} is a usable SAR scene "
                              f"({', '.join(f'{k}: {n}' for k, n in reasons.most_common())}); the reason for each file is in "
                              "catalog/errors.parquet (sarlang_ray.tables.read_errors). Check catalog.sar_glob and the files")

@@ -90,6 +90,9 @@ class Stage:
     ignore: frozenset[str] = field(default_factory=frozenset)  # more resource keys (field names), for this stage only
     drop: frozenset[str] = field(default_factory=frozenset)  # paths under ``keys`` the stage does not read
     needs_ray: bool = True
+    # the body that redoes only the items of the stage's errors table, keeping the rest (run.retry_errors=true on a
+    # finished stage); None: the stage cannot, and keeps its rejects (run.force=true redoes it all)
+    retry: Callable[[WorkflowConfig], dict] | None = None
 
     # ------------------------------------------------------------ where
     def folder(self, cfg: WorkflowConfig) -> str:
@@ -116,7 +119,7 @@ class Stage:
             if name == "synth" and cfg.catalog.archive != cfg.synth.out_dir:
                 continue  # the archive is the user's own, not the synthetic one
             marker = registry()[name].read_marker(cfg)
-            out[name] = marker["fingerprint"]["value"] if marker else None
+            out[name] = output_id(marker) if marker else None
         return out
 
     def fingerprint(self, cfg: WorkflowConfig) -> dict:
@@ -141,17 +144,31 @@ class Stage:
 
     # ------------------------------------------------------------ running
     def run(self, cfg: WorkflowConfig) -> dict:
-        """Run the stage if it is not up to date; its counts either way."""
+        """Run the stage if it is not up to date (or, with ``run.retry_errors=true``, redo the items it rejected);
+        its counts either way."""
         fp = self.fingerprint(cfg)
         done = self.read_marker(cfg)
         if done is not None and done["fingerprint"]["value"] == fp["value"] and not cfg.run.force:
-            return counts_of(done)
-        if self.needs_ray:  # before touching the run folder: it may be the wrong kind of storage
-            ensure_ray(cfg)
-            check_storage(cfg)
+            if not (cfg.run.retry_errors and done.get("rejected")):
+                return counts_of(done)
+            if self.retry is None:
+                log.warning("%s: run.retry_errors=true, but this stage cannot redo single items: its %d rejected items "
+                            "stay (its errors table says why; run.force=true redoes the whole stage)", self.name, done["rejected"])
+                return counts_of(done)
+            log.info("%s: retrying the %d items of its errors table; the %d written ones are kept", self.name,
+                     done["rejected"], done.get("written", 0))
+            self._prepare(cfg)
+            # one more remake of this output: the stages made from it see a new input, and a resume keeps the count
+            fp = {**fp, "retries": done["fingerprint"].get("retries", 0) + 1}
+            io.write_json_atomic(self.marker(cfg, STARTED), {"fingerprint": fp})
+            fs, path = io.filesystem(self.marker(cfg))
+            fs.rm(path)  # until the retry ends, the stage is unfinished: an interrupted one resumes, shard by shard
+            return self._execute(cfg, fp, self.retry)
+        self._prepare(cfg)
         started = self.read_marker(cfg, STARTED)
         resume = started is not None and started["fingerprint"]["value"] == fp["value"] and not cfg.run.force
-        invalidate_downstream(cfg, self.name)
+        if resume and started["fingerprint"].get("retries"):  # an interrupted retry: its outputs are partly remade
+            fp = {**fp, "retries": started["fingerprint"]["retries"]}
         if not resume:
             if done is not None or started is not None or io.exists(self.marker(cfg)):
                 log.info("%s: %s; recomputing it", self.name, describe_change(done or started, fp))
@@ -161,14 +178,35 @@ class Stage:
             swept = io.sweep_partial(self.folder(cfg))
             if swept:
                 log.info("%s: resuming; removed %d partial files left by killed writers", self.name, len(swept))
+        return self._execute(cfg, fp, self.body)
+
+    def _prepare(self, cfg: WorkflowConfig) -> None:
+        """What comes before touching the stage's folder: Ray (the run folder may be the wrong kind of storage for
+        its cluster), and the removal of the success markers of every stage made from this one."""
+        if self.needs_ray:
+            ensure_ray(cfg)
+            check_storage(cfg)
+        invalidate_downstream(cfg, self.name)
+
+    def _execute(self, cfg: WorkflowConfig, fp: dict, body: Callable[[WorkflowConfig], dict]) -> dict:
+        """Run ``body`` on a stage folder that is ready for it; write the success marker with its counts."""
         t0 = time.time()
-        counts = self.body(cfg)
+        counts = body(cfg)
         counts["seconds"] = round(time.time() - t0, 2)
         placement = counts.pop("placement", None)  # where the work ran: recorded in the marker, not a count
         if problem := counts.pop("failure", None):  # the body finished its outputs, but its work failed
             raise StageFailed(f"{self.name}: {problem}")
         io.write_json_atomic(self.marker(cfg), {**counts, **({"placement": placement} if placement else {}), "fingerprint": fp})
         return counts
+
+
+def output_id(marker: dict) -> str:
+    """What the stages made from this one record as its fingerprint: the marker's, changed by every retry of its
+    errors (``run.retry_errors=true`` remakes part of the output with the same config and inputs)."""
+    fp = marker["fingerprint"]
+    if not fp.get("retries"):
+        return fp["value"]
+    return hashlib.sha256(f"{fp['value']}+retry{fp['retries']}".encode()).hexdigest()[:16]
 
 
 def counts_of(marker: dict) -> dict:
@@ -472,12 +510,26 @@ def shard_items(root: str) -> list[dict]:
     return [{"shard": io.relative(u, root)} for u in io.glob(root, "*/*.parquet")] if io.exists(root) else []
 
 
+# per-shard counters (JSON objects in the manifest rows) summed into the stage's marker, where the run summary
+# reads them: the summary never reads a shard
+SUMMED = {"gsds": "tiles_per_gsd", "classes": "objects_per_class", "applications": "pairs_per_application"}
+
+
 def totals(manifest: Iterable[dict]) -> dict:
     manifest = list(manifest)
-    return {
+    out = {
         "shards": len(manifest),
         "planned": sum(m["planned"] for m in manifest),
         "written": sum(m["written"] for m in manifest),
         "rejected": sum(m["rejected"] for m in manifest),
         "skipped_shards": sum(bool(m["skipped"]) for m in manifest),
     }
+    if any("retried" in m for m in manifest):
+        out["retried"] = sum(m.get("retried", 0) for m in manifest)
+    for field_, name in SUMMED.items():
+        if any(field_ in m for m in manifest):
+            total: Counter = Counter()
+            for m in manifest:
+                total.update(json.loads(m.get(field_) or "{}"))
+            out[name] = dict(total.most_common())
+    return out

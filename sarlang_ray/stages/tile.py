@@ -25,6 +25,8 @@ def _body(cfg: WorkflowConfig) -> dict:
     manifest = map_tasks(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir), cfg.tile.concurrency, cfg.tile.num_cpus,
                          max_tasks=cfg.tile.max_tasks, memory_gb=cfg.tile.memory_gb, progress=cfg.ray.progress)
     counts = {**totals(manifest), "placement": placement(manifest)}
+    # for the run summary: the errors tables of the shards that rejected tiles, read once here
+    counts["rejects_by_reason"] = tables.shard_error_reasons(cfg.run.run_dir, "tile", [m["shard"] for m in manifest if m["rejected"]])
     if counts["written"] == 0:
         counts["failure"] = (f"all {counts['planned']} planned tiles were rejected; the reason for each is in tile/errors/ "
                              "(sarlang_ray.tables.read_errors): nodata tiles need a higher tile.max_nodata_fraction, "
