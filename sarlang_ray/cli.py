@@ -6,8 +6,9 @@ Commands: ``run`` (all configured stages), one stage by name (``synth``, ``catal
 [--split S]`` (a SARLANG-1M release as published, our own export's, or any LLaMA-Factory / ShareGPT JSON
 dataset, as a pairs table with an errors table and a report), ``export-bench [workflow.yaml] [key=value ...]``
 (the evaluated split as an lmms-eval task and a VLMEvalKit TSV) and ``score-bench PREDICTIONS`` (a harness's
-predictions scored with our metrics). Without a workflow file, ``workflows/demo.yaml`` settings are the
-built-in defaults.
+predictions scored with our metrics). Without a workflow file, the built-in defaults of
+:mod:`sarlang_ray.config` apply; they are not ``workflows/demo.yaml`` (the demo also trains and evaluates, on
+its own tiny model): ``sarlang config`` prints what a command would use.
 """
 
 from __future__ import annotations

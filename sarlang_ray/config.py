@@ -708,6 +708,3 @@ def to_yaml(cfg: WorkflowConfig) -> str:
     text = OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
     return redact_text(text, [cfg.annotate.openai.api_key_env])  # and secrets that came in by ${oc.env:...}
 
-
-def as_dictconfig(cfg: WorkflowConfig) -> DictConfig:
-    return OmegaConf.structured(cfg)

@@ -13,7 +13,7 @@
   ``dataset_dir`` (this folder), so ``dataset_dir=export/llamafactory`` finds them with no copy.
 * ``export/dataset_card.md`` with counts and PNG plots.
 
-Splits are computed in the driver from small per-tile descriptors (:func:`split_tiles`: no images). The rest
+Splits are computed in the driver from small per-tile descriptors (:func:`split_inputs`: no images). The rest
 is per shard (:class:`ExportShard`, on Ray workers): it reads one tiles shard and its annotations, writes the
 PNGs, the Parquet shards and, for each JSON/CSV file of the layouts, a *part* (that shard's records, already
 encoded) under ``export/_parts/``, and returns only counters. :func:`assemble` then streams each file's parts,
@@ -96,11 +96,6 @@ def split_inputs(run_dir: str) -> Iterator[tuple[str, SplitTile]]:
             if t["tile_id"] in used:
                 yield name, SplitTile(t["tile_id"], t["scene_id"], t["region"], shapely.from_wkb(t["footprint"]),
                                       t["crs"], frozenset(o["label_id"] for o in t["objects"] if o["label_id"]))
-
-
-def split_tiles(cfg: WorkflowConfig) -> list[SplitTile]:
-    """The tiles that have QC-passed pairs (the ones export writes), as split inputs; read shard by shard."""
-    return [t for _, t in split_inputs(cfg.run.run_dir)]
 
 
 def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:

@@ -54,27 +54,11 @@ def parquet_rows(uris: list[str]) -> int:
     return total
 
 
-def parquet_dataset(uris: list[str], columns: list[str], keep=None, num_cpus: float = 0.1):
-    """A Ray Dataset of the rows of Parquet files (local or remote, through fsspec), one file per task.
-
-    Reading is light, so each task asks for ``num_cpus`` (a tenth of a CPU): reads still run when actor
-    pools or training workers hold every CPU of the node. (``ray.data.read_parquet`` plans its file
-    listing as a task that needs a whole CPU, which then waits forever behind them.) ``keep``: an optional
-    row predicate applied while reading."""
-    import ray
-
-    def read(item: dict) -> list[dict]:
-        rows = read_parquet(item["uri"], columns=columns).to_pylist()
-        return [r for r in rows if keep(r)] if keep else rows
-
-    return ray.data.from_items([{"uri": u} for u in uris]).flat_map(read, num_cpus=num_cpus)
-
-
 READ_SHARE = 0.25  # CPUs an actor pool leaves free for the light read tasks of its own dataset
 
 
 def pool_cpus(concurrency: int, num_cpus: float, cluster_cpus: float, read_share: float = READ_SHARE) -> float:
-    """CPUs per actor for a pool of ``concurrency`` actors that is fed by :func:`parquet_dataset` reads.
+    """CPUs per actor for a pool of ``concurrency`` actors that is fed by light Ray Data read tasks (0.1 CPU each).
 
     A fixed-size pool whose actors together take every CPU of the cluster (``evaluate.concurrency=2,
     num_cpus=1`` on a 2-CPU node) leaves nothing for the 0.1-CPU read tasks feeding it, and the dataset

@@ -89,8 +89,9 @@ def format_summary(s: dict) -> str:
     lines.append("rejects by reason: " + (", ".join(f"{k}: {v}" for k, v in s["rejects_by_reason"].items()) or "none"))
     if "train" in s["stages"]:
         t = s["stages"]["train"]
-        lines.append(f"train: held-out loss {t['val_loss_before']:.3f} -> {t['val_loss_after']:.3f} on {t['n_train']} pairs; "
-                     f"checkpoint {t['checkpoint']}")
+        split = t.get("held_out_split", "val")
+        lines.append(f"train: held-out loss ({split} split{'!' if split != 'val' else ''}) {t['val_loss_before']:.3f} -> "
+                     f"{t['val_loss_after']:.3f} on {t['n_train']} pairs; checkpoint {t['checkpoint']}")
     if "evaluate" in s["stages"]:
         e = s["stages"]["evaluate"]
         lines += ["", io.read_bytes(e["files"]).decode(), f"leaderboard files: {e['files']} (.csv, .json beside it)",

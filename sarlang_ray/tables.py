@@ -90,11 +90,6 @@ def scenes_uri(run_dir: str) -> str:
     return io.join(run_dir, "catalog", "scenes.parquet")
 
 
-def write_scenes(uri: str, scenes: list[dict]) -> None:
-    table = pa.Table.from_pylist(scenes, schema=SCENES_SCHEMA)
-    io.write_parquet_atomic(uri, table.replace_schema_metadata(geo_schema(table.schema).metadata))
-
-
 def read_scenes(run_dir: str) -> list[dict]:
     return io.read_parquet(scenes_uri(run_dir)).to_pylist()
 

@@ -4,9 +4,10 @@ The wiring, top to bottom:
 
 - **ingest** (:func:`ingest`): Ray Data reads ``export/parquet/{train,val}``; the training rows get a new
   seeded global shuffle every epoch (``random_shuffle`` with ``RandomSeedConfig(train.seed,
-  reseed_after_execution=True)``); then :class:`Preprocess` actors (``map_batches``, the processor loaded
-  once per actor) decode the PNG, render the model's own chat template (``models.chat_texts``), run the
-  processor and build the labels. The training dataset runs with its own execution options
+  reseed_after_execution=True)``); then Ray Data tasks (``map_batches(preprocess_batch)``, at most
+  ``train.preprocess_concurrency`` at once, each worker process keeping its :class:`Preprocess` and so its
+  processor from one task and one epoch to the next) decode the PNG, render the model's own chat template
+  (``models.chat_texts``), run the processor and build the labels. The training dataset runs with its own execution options
   (``DataConfig``: no ``preserve_order``), the held-out one in file order, unshuffled.
 - **workers** (:func:`train_loop_per_worker`): each streams its shard with prefetch, pads and concatenates the
   tensors (:func:`collate`, generic over whatever the processor returned) and moves them to its device.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -37,6 +39,8 @@ import time
 from sarlang_ray import io, plots, reaper
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.models import chat_texts, load_image, load_processor
+
+log = logging.getLogger("sarlang")
 
 IGNORE = -100  # label of tokens without loss (prompt, image, padding)
 STRATEGIES = ("ddp", "fsdp")
@@ -111,8 +115,8 @@ def encode_pair(processor, image, question: str, answer: str, max_length: int) -
 
 
 class Preprocess:
-    """Ray Data ``map_batches`` class: PNG -> image (``run.max_pixels``) -> chat template -> processor ->
-    labels, for a batch of pairs; the processor is loaded once per actor.
+    """PNG -> image (``run.max_pixels``) -> chat template -> processor -> labels, for a batch of pairs; the
+    processor is loaded when it is made (:func:`preprocess_batch` keeps one per worker process).
 
     Every output column holds one array per pair, as the processor returned it for that pair alone (batch
     dimension 1 for per-token and most image tensors; Qwen's patch rows as they are); :func:`collate` batches
@@ -371,11 +375,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     def mean_loss() -> float:
         model.eval()
-        total_loss = torch.zeros(2, device=device)
+        total_loss = torch.zeros(2, device=device)  # summed on the device: one sync at the end, not one per batch
         with torch.no_grad():
             for batch in batches("val"):
                 n = len(batch["pair_id"])
-                total_loss += torch.tensor([forward(batch).loss.item() * n, n], device=device)
+                total_loss[0] += forward(batch).loss.detach().float() * n
+                total_loss[1] += n
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(total_loss)
         model.train()
@@ -388,7 +393,10 @@ def train_loop_per_worker(config: dict) -> None:
     step, accum = history[-1]["step"], t["grad_accum"]
     for epoch in range(start_epoch, t["epochs"]):
         model.train()
-        t0, seen, running, order = time.time(), 0, [], hashlib.sha256()
+        t0, seen, order = time.time(), 0, hashlib.sha256()
+        # the micro-batches' summed loss stays on the device: read once per epoch (the history's logging step),
+        # since a .item() per micro-batch waits for the GPU every step
+        running, micro_batches = torch.zeros((), device=device), 0
         pending = 0  # micro-batches whose gradients wait for a step
 
         def optimizer_step(micro: int):
@@ -412,7 +420,8 @@ def train_loop_per_worker(config: dict) -> None:
                 loss = forward(batch).loss
                 scaler.scale(loss / accum).backward()
             pending += 1
-            running.append(loss.item())
+            running += loss.detach().float()
+            micro_batches += 1
             seen += len(batch["pair_id"])
             order.update("\n".join(map(str, batch["pair_id"])).encode() + b"\n")
             if last:
@@ -421,7 +430,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch = following
         seconds = time.time() - t0  # training only: the held-out pass below is timed apart
         val_loss = mean_loss()
-        history.append({"epoch": epoch, "step": step, "train_loss": sum(running) / max(1, len(running)), "val_loss": val_loss,
+        history.append({"epoch": epoch, "step": step, "train_loss": running.item() / max(1, micro_batches), "val_loss": val_loss,
                         "seconds": seconds, "val_seconds": time.time() - t0 - seconds,
                         "samples_per_s": seen * world / max(seconds, 1e-9), "lr": scheduler.get_last_lr()[0],
                         "order_sha256": order.hexdigest()})  # rank 0's sample order this epoch
@@ -477,6 +486,13 @@ def _rows_dataset(files: list[str], columns: list[str], limit: int | None):
     return ray.data.from_items(items).flat_map(read, num_cpus=0.1)
 
 
+def held_out_split(parquet: str) -> str:
+    """The split the held-out loss is measured on: ``val``, or ``test`` when the export has no validation pairs (a
+    small archive may put no block in val). Then the held-out loss is the test split's, the split the leaderboard
+    scores: the training log, metrics.json and the run summary say so."""
+    return "val" if io.glob(parquet, "val/*.parquet") else "test"
+
+
 def ingest(cfg: WorkflowConfig) -> tuple[dict, object, int]:
     """``(datasets, data_config, n_train)`` for the trainer: the preprocessed ``train`` (shuffled anew each
     epoch with ``train.seed``) and ``val`` datasets, and the ``DataConfig`` that runs the training ingest
@@ -490,7 +506,7 @@ def ingest(cfg: WorkflowConfig) -> tuple[dict, object, int]:
     splits = {s: io.glob(parquet, f"{s}/*.parquet") for s in ("train", "val", "test")}
     if not splits["train"]:
         raise FileNotFoundError(f"no training data under {parquet}: run the export stage first")
-    held_out = splits["val"] or splits["test"]  # small archives may have no validation scene
+    held_out = splits[held_out_split(parquet)]
     n_train = io.parquet_rows(splits["train"])  # from the footers: counting the dataset would read it all
     if t.limit_pairs:
         n_train = min(n_train, t.limit_pairs)
@@ -533,6 +549,10 @@ def run_train(cfg: WorkflowConfig) -> dict:
         init_tiny_vlm(t.model, seed=cfg.run.seed)
     if not io.is_remote(t.model) and os.path.isdir(t.model):
         t.model = os.path.abspath(t.model)  # workers may run in another directory (or on another node)
+    held_out = held_out_split(io.join(cfg.run.run_dir, "export", "parquet"))
+    if held_out != "val":
+        log.warning("WARNING train: the export has no val split: the held-out loss is measured on the TEST split, the "
+                    "pairs the leaderboard scores (a larger archive, or other export.val / export.block_m, gives a val split)")
     datasets, data_config, n_train = ingest(cfg)
     storage = t.storage_path or io.join(cfg.run.run_dir, "train")
     storage_fs, storage_path = io.arrow_filesystem(storage)  # s3:// through the pipeline's own fsspec config
@@ -553,7 +573,7 @@ def run_train(cfg: WorkflowConfig) -> dict:
     history = state["history"]
     checkpoint = result.checkpoint.path if storage_fs is None else f"{storage.split('://')[0]}://{result.checkpoint.path}"
     out = {"history": history, "resumes": state.get("resumes", []), "checkpoint": checkpoint,
-           "merged_model": io.join(checkpoint, "merged"), "n_train": n_train,
+           "merged_model": io.join(checkpoint, "merged"), "n_train": n_train, "held_out_split": held_out,
            "val_loss_before": history[0]["val_loss"], "val_loss_after": history[-1]["val_loss"]}
     io.write_json_atomic(io.join(cfg.run.run_dir, "train", "metrics.json"), out)
     _plot(history, io.join(cfg.run.run_dir, "train", "loss_curve.png"))

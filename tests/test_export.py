@@ -84,11 +84,11 @@ def test_default_split_is_geographic_with_no_shared_ground_or_objects(exported):
 
 def test_the_scene_split_leaks_and_the_report_says_so(exported):
     """The old default: no scene in two splits, yet the same ground in train and test."""
-    from sarlang_ray.export import split_tiles
+    from sarlang_ray.export import split_inputs
     from sarlang_ray.splits import group_splits, leakage_report
 
     cfg, _, _ = exported
-    candidates = split_tiles(cfg)
+    candidates = [t for _, t in split_inputs(cfg.run.run_dir)]
     split_of = group_splits(candidates, "scene", {"train": 0.7, "val": 0.1, "test": 0.2}, cfg.run.seed)
     report = leakage_report(candidates, split_of, cfg.export.buffer_m)
     tiles = pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "footprint", "crs", "objects"]).to_pylist()
@@ -102,11 +102,11 @@ def test_the_scene_split_leaks_and_the_report_says_so(exported):
 
 
 def test_splits_are_deterministic_and_follow_the_seed(exported):
-    from sarlang_ray.export import split_tiles
+    from sarlang_ray.export import split_inputs
     from sarlang_ray.splits import geographic_splits
 
     cfg, _, _ = exported
-    candidates = split_tiles(cfg)
+    candidates = [t for _, t in split_inputs(cfg.run.run_dir)]
     ratios = {"train": 0.7, "val": 0.1, "test": 0.2}
     a = geographic_splits(candidates, ratios, 0, 2000.0, 50.0)
     assert a == geographic_splits(list(reversed(candidates)), ratios, 0, 2000.0, 50.0)
@@ -205,11 +205,11 @@ def _expected_files(cfg) -> dict[str, bytes]:
     import pyarrow as pa
 
     from sarlang_ray import io, tables
-    from sarlang_ray.export import EXPORT_SCHEMA, PAIR_COLUMNS, split_tiles
+    from sarlang_ray.export import EXPORT_SCHEMA, PAIR_COLUMNS, split_inputs
     from sarlang_ray.splits import SPLITS, geographic_splits
 
     e = cfg.export
-    split_of, _ = geographic_splits(split_tiles(cfg), {"train": e.train, "val": e.val, "test": e.test}, cfg.run.seed,
+    split_of, _ = geographic_splits([t for _, t in split_inputs(cfg.run.run_dir)], {"train": e.train, "val": e.val, "test": e.test}, cfg.run.seed,
                                     e.block_m, e.buffer_m)
     llama = {s: [] for s in SPLITS}
     captions = {(k, s): [] for k in ("concise", "detailed") for s in SPLITS}

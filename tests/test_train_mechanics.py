@@ -325,3 +325,23 @@ def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_wo
         keys = ray.get(task.options(**opts).remote(str(pid_file), batch, tiny_vlm), timeout=120)
         assert int(pid_file.read_text()) != cancelled
         assert {"input_ids", "labels", "pixel_values"} <= set(keys)
+
+
+def test_a_held_out_loss_on_the_test_split_is_said_loudly(tmp_path):
+    """An export without a val split: the held-out loss is measured on the test split (the leaderboard's pairs),
+    and the train marker and the summary say so instead of calling it held-out as usual."""
+    from sarlang_ray.train import held_out_split
+
+    parquet = tmp_path / "export" / "parquet"
+    for split in ("train", "test"):
+        (parquet / split).mkdir(parents=True)
+        (parquet / split / "0.parquet").write_bytes(b"")
+    assert held_out_split(str(parquet)) == "test"
+    (parquet / "val").mkdir()
+    (parquet / "val" / "0.parquet").write_bytes(b"")
+    assert held_out_split(str(parquet)) == "val"
+    counts = {"n_train": 10, "val_loss_before": 2.0, "val_loss_after": 1.0, "checkpoint": "c", "held_out_split": "test",
+              "warnings": ["train: the export has no val split, so the held-out loss is the test split's"]}
+    text = pipeline.format_summary({"workflow": "w", "run_dir": "r", "wall_seconds": 1.0, "stages": {"train": counts},
+                                    "tiles_per_gsd": {}, "objects_per_class": {}, "rejects_by_reason": {}})
+    assert "held-out loss (test split!) 2.000 -> 1.000" in text and "!! WARNING train: the export has no val split" in text

@@ -377,16 +377,15 @@ def pool(n_items: int, concurrency: int | None, max_actors: int | None = None, n
 
 
 def map_items(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float,
-              num_gpus: float = 0.0, max_blocks: int | None = None, max_actors: int | None = None,
-              memory_gb: float | None = None) -> list[dict]:
-    """Map a row function over small work items on an actor pool (one block per item, for balance, up to
-    ``max_blocks``); the small manifest rows it returns come back to the driver. ``memory_gb`` reserves
-    memory per actor (Ray's ``memory`` resource), so the scheduler and the autoscaler count it."""
+              num_gpus: float = 0.0, max_actors: int | None = None, memory_gb: float | None = None) -> list[dict]:
+    """Map a row function over small work items on an actor pool (one block per item, for balance); the small
+    manifest rows it returns come back to the driver. ``memory_gb`` reserves memory per actor (Ray's ``memory``
+    resource), so the scheduler and the autoscaler count it."""
     import ray
 
     if not items:
         return []
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), max_blocks or len(items)))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     extra = {"memory": int(memory_gb * 2**30)} if memory_gb else {}
     return ds.map(fn, fn_constructor_args=constructor_args, compute=pool(len(items), concurrency, max_actors, num_cpus, num_gpus),
                   num_cpus=num_cpus, num_gpus=num_gpus, **extra).take_all()
