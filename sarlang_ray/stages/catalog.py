@@ -28,7 +28,10 @@ def _body(cfg: WorkflowConfig) -> dict:
     catalog.write_scenes(tables.scenes_uri(cfg.run.run_dir), scenes)
     io.write_parquet_atomic(io.join(cfg.run.run_dir, "catalog", "errors.parquet"), errors_table(errors))
     counts = {"planned": planned, "written": len(scenes), "rejected": len(errors), "companions": companions,
-              "placement": placement(results)}
+              "placement": placement(results),
+              # STAC proj:* fields that disagreed with the file (the file won), GRD scenes on strong relief
+              "proj_mismatches": sum(1 for s in scenes if s.get("proj_mismatch")),
+              "relief_flagged": sum(1 for s in scenes if s.get("relief_flag"))}
     if not scenes:
         reasons = collections.Counter(e["error_class"] for e in errors)
         counts["failure"] = (f"none of the {planned} files of {cfg.catalog.archive} is a usable SAR scene "
