@@ -331,3 +331,31 @@ def test_stac_grd_item_with_made_up_proj_fields_gives_the_products_own_tiles(ray
     for t in stac_tiles:
         other = by_key[(t["gsd_m"], t["row"], t["col"])]
         assert t["sar_png"] == other["sar_png"] and t["transform"] == other["transform"] and t["bands"] == other["bands"]
+
+
+@pytest.mark.slow
+def test_safe_zip_on_s3_is_read_in_place_and_gives_the_local_tiles(ray_session, s3, real_sar, tmp_path):
+    """A SAFE zip in a bucket: manifest and LUT XML by ranged reads of the zip, the measurement by GDAL's
+    /vsizip//vsis3/ (nothing downloaded whole); the tiles equal those of the same zip on a local disk."""
+    import fsspec
+
+    ann = annotation(real_sar / "s1_grd_safe_metadata" / PRODUCTS["2021"])
+    nodes, _ = _targets(ann)
+    zip_path = build_product(real_sar, "2021", tmp_path / "local", BACKGROUND_DN,
+                             [(p["line"], p["pixel"], TARGET_DN) for p in nodes])
+    fsspec.filesystem("s3").put(str(zip_path), f"sarlang/grd-archive/{zip_path.name}")
+    node = nodes[0]
+    aoi = [node["longitude"] - 0.02, node["latitude"] - 0.02, node["longitude"] + 0.02, node["latitude"] + 0.02]
+    common = ["catalog.sar_glob=['*.zip']", "catalog.optical_rule=null", "catalog.landcover_rule=null",
+              "run.stages=[catalog,tile]", "ray.progress=false", f"tile.aoi={aoi}", "tile.gsds_m=[20]",
+              "tile.tile_size=256"]
+    tiles = {}
+    for name, archive in (("s3", "s3://sarlang/grd-archive"), ("local", str(zip_path.parent))):
+        cfg = load_config(None, [f"run.run_dir={tmp_path / name}", f"catalog.archive={archive}", *common])
+        summary = pipeline.run(cfg, ["catalog", "tile"])
+        assert summary["stages"]["catalog"]["written"] == 1, summary["stages"]["catalog"]
+        (scene,) = pipeline.read_scenes(cfg.run.run_dir)
+        assert scene["sar_uri"] == f"{archive}/{zip_path.name}"
+        assert json.loads(scene["bands"])[0]["uri"].startswith("/vsizip//vsis3/sarlang/" if name == "s3" else "/vsizip/")
+        tiles[name] = {(t["row"], t["col"]): t["sar_png"] for t in _tile_rows(tmp_path / name)}
+    assert tiles["s3"] and tiles["s3"] == tiles["local"]
