@@ -341,25 +341,23 @@ class Radiometry:
         noise = read_noise(band["noise"]) if noise_removal and band.get("noise") else None
         return cls(calibration, lut, noise, float(10 ** (floor_db / 10)))
 
-    def intensity(self, dn: np.ndarray, row_off: int, col_off: int) -> tuple[np.ndarray, int]:
-        """Calibrated linear intensity of a window of DN (NaN stays NaN), and how many valid pixels noise
-        removal took to the floor. ``row_off``/``col_off``: where the window starts in the product."""
+    def intensity(self, dn: np.ndarray, row_off: int, col_off: int) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated linear intensity (float32) of a window of DN (NaN stays NaN), and where noise removal
+        took valid pixels to zero or below (those get the floor). ``row_off``/``col_off``: where the window
+        starts in the product."""
         rows = np.arange(row_off, row_off + dn.shape[0], dtype=np.float64)
         cols = np.arange(col_off, col_off + dn.shape[1], dtype=np.float64)
-        power = dn.astype(np.float64) ** 2
-        clipped = 0
+        power = dn.astype(np.float32) ** 2
+        low = np.zeros(dn.shape, bool)
         if self.noise is not None:
-            power = power - self.noise.on_window(rows, cols)
-            low = power <= 0
-            clipped = int(np.count_nonzero(low & np.isfinite(power)))
+            power -= self.noise.on_window(rows, cols).astype(np.float32)
+            low = power <= 0  # NaN compares False: no-data stays no-data
         if self.lut is not None:
-            a = self.lut.on_window(rows, cols)
-            out = power / (a * a)
-        else:
-            out = power
+            a = self.lut.on_window(rows, cols).astype(np.float32)
+            power /= a * a
         if self.noise is not None:
-            out = np.where(low, self.floor, out)
-        return out.astype(np.float32), clipped
+            power[low] = self.floor
+        return power, low
 
 
 def geolocation_grid(annotation_uri: str) -> list[dict]:

@@ -449,22 +449,24 @@ class TileChunk:
         looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
         return padded[halo: halo + size, halo: halo + size], sar.despeckle(padded, self.cfg.speckle, looks_scale, halo)
 
-    def gcp_intensity(self, scene: dict, bands: list[dict], transform: Affine, crs: str, size: int
+    def gcp_intensity(self, scene: dict, bands: list[dict], transform: Affine, crs: str, height: int, width: int
                       ) -> tuple[np.ndarray | None, list[int]]:
-        """Linear intensity of a GCP-referenced scene's bands on a tile grid ((bands, size, size), NaN nodata),
-        and per band the pixels noise removal took to the floor.
+        """Linear intensity of a GCP-referenced scene's bands on a grid of ``height`` x ``width`` pixels
+        ((bands, height, width), NaN nodata), or None when the grid misses the scene, and per band how many
+        pixels of the source window thermal-noise removal took to the floor.
 
-        Only the source window under the tile is read (found by inverting the GCP transformer along the
-        tile's outline), calibrated with the product's LUTs on that window's lines and pixels, and warped by
-        GDAL through the GCPs shifted into the window (``SRC_METHOD=GCP_TPS``, or the polynomial), which is
-        the same mapping as warping the whole product."""
+        Only the source window under the grid is read (found by inverting the GCP transformer along the
+        grid's outline), calibrated with the product's LUTs on that window's lines and pixels, and warped by
+        GDAL through the GCPs shifted into the window (``SRC_METHOD=GCP_TPS``, or the polynomial): the same
+        mapping as warping the whole product."""
         sid = scene["scene_id"]
         if sid not in self._georef:
             self._georef = {sid: Georef(json.loads(scene["gcps"]), scene["crs"], *_method(scene["gcp_method"]))}
             self._radiometry = {}
         georef = self._georef[sid]
-        s = np.linspace(0, size, 9)
-        edge = np.concatenate([s, np.full(9, size), s[::-1], np.zeros(9)]), np.concatenate([np.zeros(9), s, np.full(9, size), s[::-1]])
+        sx, sy = np.linspace(0, width, 17), np.linspace(0, height, 9)
+        edge = (np.concatenate([sx, np.full(9, width), sx[::-1], np.zeros(9)]),
+                np.concatenate([np.zeros(17), sy, np.full(17, height), sy[::-1]]))
         xs, ys = transform * edge
         if str(crs) != str(georef.crs):
             from rasterio.warp import transform as warp_points
@@ -472,19 +474,17 @@ class TileChunk:
             xs, ys = warp_points(crs, georef.crs, list(xs), list(ys))
         rows, cols = georef.rowcol(xs, ys)
         pad = 4 + math.ceil(transform.a / max(scene["gsd_m"], 1e-9))
-        win = Window(math.floor(np.min(cols)) - pad, math.floor(np.min(rows)) - pad, 0, 0)
-        win = Window(win.col_off, win.row_off, math.ceil(np.max(cols)) + pad - win.col_off,
-                     math.ceil(np.max(rows)) + pad - win.row_off)
-        src0 = self._dataset(bands[0]["uri"])
-        inter = _inside(win, src0)
+        c0, r0 = math.floor(np.min(cols)) - pad, math.floor(np.min(rows)) - pad
+        win = Window(c0, r0, math.ceil(np.max(cols)) + pad - c0, math.ceil(np.max(rows)) + pad - r0)
+        inter = _inside(win, self._dataset(bands[0]["uri"]))
         if inter is None:
             return None, [0] * len(bands)
-        data, clipped = [], []
+        data, floored = [], []
         for b in bands:
             src = self._dataset(b["uri"])
             block = src.read(b["band"], window=inter, masked=True)
             self.stats["pixels_read"] = self.stats.get("pixels_read", 0) + block.size
-            dn = block.astype(np.float64).filled(np.nan)
+            dn = block.astype(np.float32).filled(np.nan)
             if scene.get("nodata") is not None:
                 dn[dn == scene["nodata"]] = np.nan
             if scene.get("calibration") not in (None, "none") or scene.get("noise_removed"):
@@ -492,31 +492,32 @@ class TileChunk:
                 if key not in self._radiometry:
                     self._radiometry[key] = safe.Radiometry.for_band(
                         b, scene.get("calibration") or "none", bool(scene.get("noise_removed")), b.get("noise_floor_db", -40.0))
-                values, n = self._radiometry[key].intensity(dn, int(inter.row_off), int(inter.col_off))
+                values, low = self._radiometry[key].intensity(dn, int(inter.row_off), int(inter.col_off))
             else:
-                values, n = sar.to_intensity(dn, scene["units"]), 0
-            data.append(values.astype(np.float32))
-            clipped.append(n)
-        dst = np.full((len(bands), size, size), np.nan, dtype=np.float32)
-        reproject(np.stack(data), dst, src_nodata=np.nan, dst_transform=transform, dst_crs=crs, dst_nodata=np.nan,
+                values, low = sar.to_intensity(dn, scene["units"]), np.zeros(dn.shape, bool)
+            data.append(values)
+            floored.append(int(np.count_nonzero(low)))
+        stack = np.stack(data)
+        dst = np.full((len(stack), height, width), np.nan, dtype=np.float32)
+        reproject(stack, dst, src_nodata=np.nan, dst_transform=transform, dst_crs=crs, dst_nodata=np.nan,
                   resampling=resampling_for(transform.a, scene["gsd_m"]), UNIFIED_SRC_NODATA="NO",
                   **georef.warp_options(inter.row_off, inter.col_off))
         self.stats["gcp_warp"] = self.stats.get("gcp_warp", 0) + 1
-        return dst, clipped
+        return dst, floored
 
-    def band_intensities(self, src, scene: dict, bands: list[dict], grid: Grid, t: Affine
+    def band_intensities(self, src, scene: dict, bands: list[dict], grid: Grid, t: Affine, r: int = 0, c: int = 0
                          ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
         """Every band's linear intensity on a tile, before and after the speckle filter (read with the filter's
-        halo, as :meth:`filtered_intensity`), and the pixels noise removal floored per band."""
+        halo, as :meth:`filtered_intensity`), and per band the source pixels noise removal took to the floor."""
         size, halo = self.cfg.tile_size, sar.despeckle_halo(self.cfg.speckle)
         looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
+        inner = np.s_[halo: halo + size, halo: halo + size]
         if scene.get("georef") == "gcps":
-            padded, clipped = self.gcp_intensity(scene, bands, t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo)
+            padded, clipped = self.gcp_intensity(scene, bands, t @ Affine.translation(-halo, -halo), grid.crs,
+                                                 size + 2 * halo, size + 2 * halo)
             if padded is None:
                 padded = np.full((len(bands), size + 2 * halo, size + 2 * halo), np.nan, np.float32)
-            inner = np.s_[halo: halo + size, halo: halo + size]
-            raw = [p[inner] for p in padded]
-            return raw, [sar.despeckle(p, self.cfg.speckle, looks_scale, halo) for p in padded], clipped
+            return [p[inner] for p in padded], [sar.despeckle(p, self.cfg.speckle, looks_scale, halo) for p in padded], clipped
         if len(bands) == 1:
             raw, filtered = self.filtered_intensity(src, scene, grid, t)
             return [raw], [filtered], [0]
@@ -524,7 +525,7 @@ class TileChunk:
         for b in bands:
             padded = self.read_intensity(self._dataset(b["uri"]), {**scene, "band": b["band"]},
                                          t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo, uri=b["uri"])
-            raws.append(padded[halo: halo + size, halo: halo + size])
+            raws.append(padded[inner])
             filts.append(sar.despeckle(padded, self.cfg.speckle, looks_scale, halo))
         return raws, filts, [0] * len(bands)
 
@@ -535,7 +536,7 @@ class TileChunk:
         t = grid.window_transform(r, c)
         bands = scene_bands(scene)
         mode, shown = png_selection(bands, cfg.bands)
-        raws, filts, clipped = self.band_intensities(src, scene, bands, grid, t)
+        raws, filts, clipped = self.band_intensities(src, scene, bands, grid, t, r, c)
         invalid = np.zeros((size, size), bool)
         for i in shown:
             invalid |= ~np.isfinite(raws[i])
