@@ -99,13 +99,21 @@ def list_scenes(cfg: CatalogSection) -> tuple[list[dict], list[dict]]:
         raise FileNotFoundError(f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
                                 "check catalog.archive and catalog.sar_glob")
     rows = [{"uri": p, "stac": None, "product": "safe", "bands": None} for p in products]
-    for group in (polarisation_groups(uris) if cfg.group_polarisations else [[u] for u in uris]):
+    masks = {u for u in uris if _MASK_FILE.search(u)} if cfg.group_polarisations else set()
+    for group in (polarisation_groups(sorted(set(uris) - masks)) if cfg.group_polarisations else [[u] for u in uris]):
+        # an OPERA burst's layover/shadow mask (..._mask.tif beside ..._VV.tif): its non-zero pixels become nodata
+        folder, _, name = group[0].rpartition("/")
+        mask = _POL_TOKEN.sub("mask", name) if len(_POL_TOKEN.findall(name)) == 1 else None
+        mask = f"{folder}/{mask}" if mask and f"{folder}/{mask}" in masks else None
+        masks.discard(mask)
         rows.append({"uri": group[0], "stac": None, "product": None,
-                     "bands": [{"uri": u} for u in group] if len(group) > 1 else None})
+                     "bands": [{"uri": u, "mask": mask} for u in group] if len(group) > 1 or mask else None})
+    rows += [{"uri": m, "stac": None, "product": None, "bands": None} for m in sorted(masks)]  # masks of nothing
     return sorted(rows, key=lambda r: r["uri"]), []
 
 
 _POL_TOKEN = re.compile(r"(?<![A-Za-z])(VV|VH|HH|HV)(?![A-Za-z])")
+_MASK_FILE = re.compile(r"[_-]mask\.tiff?$", re.I)  # OPERA RTC-S1's layover/shadow layer
 
 
 def _product_root(uri: str) -> str:
@@ -640,6 +648,18 @@ def inspect_group(bands: list[dict], cfg: CatalogSection) -> dict:
                                 "or size), so they cannot be one scene. Set catalog.group_polarisations=false to "
                                 "catalog them as separate scenes.")
             records.append({**b, "polarisation": pol})
+    mask = bands[0].get("mask")
+    if mask:
+        try:
+            with io.open_raster(mask) as src:
+                grid = (src.crs.to_string() if src.crs else None, [float(v) for v in tuple(src.transform)[:6]],
+                        src.width, src.height)
+        except Exception as exc:
+            raise ItemError("unreadable", f"cannot open the mask {mask}: {_reason(exc)}. Re-download or remove it.") from None
+        if grid != (scene["crs"], scene["transform"], scene["width"], scene["height"]):
+            raise ItemError("polarisation_grids", f"the mask {mask} is not on the pixel grid of {first}. Remove it or "
+                            "set catalog.group_polarisations=false.")
+    records = [{**r, "mask": mask} if mask else {k: v for k, v in r.items() if k != "mask"} for r in records]
     scene["bands"] = json.dumps(records, sort_keys=True)
     scene["polarisations"] = scene["polarisation"] = "+".join(b["polarisation"] for b in records)
     key = _POL_TOKEN.sub("", PurePosixPath(first).name)

@@ -382,7 +382,7 @@ class TileChunk:
         scene = json.loads(chunk["scene_json"])
         grid = grid_for(scene, chunk["gsd_m"], self.cfg)
         rows, errors = [], []
-        self._keep = {b["uri"] for b in scene_bands(scene)}
+        self._keep = {u for b in scene_bands(scene) for u in (b["uri"], b.get("mask")) if u}
         try:
             src = self._dataset(scene_bands(scene)[0]["uri"])
             png_selection(scene_bands(scene), self.cfg.bands)
@@ -518,13 +518,21 @@ class TileChunk:
             if padded is None:
                 padded = np.full((len(bands), size + 2 * halo, size + 2 * halo), np.nan, np.float32)
             return [p[inner] for p in padded], [sar.despeckle(p, self.cfg.speckle, looks_scale, halo) for p in padded], clipped
-        if len(bands) == 1:
+        mask = bands[0].get("mask")
+        if len(bands) == 1 and not mask:
             raw, filtered = self.filtered_intensity(src, scene, grid, t)
             return [raw], [filtered], [0]
+        masked = None
+        if mask:  # OPERA's layover/shadow layer: 0 valid; shadow, layover, both and fill become nodata
+            layer = grid_read(self._dataset(mask), 1, t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo,
+                              Resampling.nearest)
+            masked = np.ones((size + 2 * halo,) * 2, bool) if layer is None else ~(layer == 0)
         raws, filts = [], []
         for b in bands:
             padded = self.read_intensity(self._dataset(b["uri"]), {**scene, "band": b["band"]},
                                          t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo, uri=b["uri"])
+            if masked is not None:
+                padded[masked] = np.nan
             raws.append(padded[inner])
             filts.append(sar.despeckle(padded, self.cfg.speckle, looks_scale, halo))
         return raws, filts, [0] * len(bands)

@@ -359,3 +359,41 @@ def test_safe_zip_on_s3_is_read_in_place_and_gives_the_local_tiles(ray_session, 
         assert json.loads(scene["bands"])[0]["uri"].startswith("/vsizip//vsis3/sarlang/" if name == "s3" else "/vsizip/")
         tiles[name] = {(t["row"], t["col"]): t["sar_png"] for t in _tile_rows(tmp_path / name)}
     assert tiles["s3"] and tiles["s3"] == tiles["local"]
+
+
+def test_opera_layover_shadow_mask_becomes_nodata(ray_session, real_sar, tmp_path):
+    """An OPERA burst with its ``_mask`` layer (0 valid, 1 shadow, 2 layover, 3 both): masked pixels are
+    nodata in every band; the tile's nodata fraction is the mask's non-zero share of its window."""
+    import shutil
+
+    import rasterio
+
+    folder = real_sar / "opera_rtc_s1_t137_crops" / "2021-11-19"
+    stem = "OPERA_L2_RTC-S1_T137-292319-IW2_20211119T015858Z_20250830T120333Z_S1A_30_v1.0"
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for pol in ("VV", "VH"):
+        shutil.copy(folder / f"{stem}_{pol}.tif", archive)
+    with rasterio.open(folder / f"{stem}_VV.tif") as src:
+        profile = {**src.profile, "dtype": "uint8", "nodata": 255, "compress": "deflate"}
+    mask = np.zeros((100, 100), np.uint8)
+    mask[10:30, 5:45] = 1  # shadow
+    mask[60:95, 55:70] = 2  # layover
+    mask[0:3, :] = 3
+    with rasterio.open(archive / f"{stem}_mask.tif", "w", **profile) as dst:
+        dst.write(mask, 1)
+    cfg = load_config(None, [
+        f"run.run_dir={tmp_path / 'run'}", f"catalog.archive={archive}", "catalog.sar_glob=['*.tif']",
+        "catalog.optical_rule=null", "catalog.landcover_rule=null", "run.stages=[catalog,tile]", "ray.progress=false",
+        "tile.gsds_m=[30]", "tile.tile_size=50", "tile.max_nodata_fraction=1.0", "tile.speckle.filter=none"])
+    summary = pipeline.run(cfg, ["catalog", "tile"])
+    assert summary["stages"]["catalog"]["planned"] == 1  # the VV, VH and mask files are one scene
+    (scene,) = pipeline.read_scenes(cfg.run.run_dir)
+    assert {b["mask"] for b in json.loads(scene["bands"])} == {str(archive / f"{stem}_mask.tif")}
+    tiles = _tile_rows(tmp_path / "run")
+    assert len(tiles) == 4
+    for t in tiles:
+        window = mask[t["row"] * 50: t["row"] * 50 + 50, t["col"] * 50: t["col"] * 50 + 50]
+        assert t["nodata_fraction"] == pytest.approx((window != 0).mean())
+        for b in t["bands"]:
+            assert b["nodata_fraction"] == pytest.approx((window != 0).mean())
