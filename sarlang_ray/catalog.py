@@ -413,6 +413,9 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
             raise ItemError("all_nodata", f"{uri}: no valid pixels (all nodata, NaN or inf) in a decimated read. Check the nodata value or remove the scene.")
         _check_not_a_mask(src, cfg.band, sample, uri)
         units, units_source = _detect_units(src, cfg.band, values, uri, cfg)
+        sidecar = sidecar_calibration(uri) if cfg.calibration != "none" else None
+        if sidecar is not None:  # a Capella-style amplitude product: DN x scale factor is calibrated amplitude
+            units, units_source = "amplitude", f"sidecar {sidecar['source']}: scale factor {sidecar['scale_factor']:g}"
         footprint = footprint_4326(src)
         lon_span = footprint.bounds[2] - footprint.bounds[0]
         if not footprint.is_valid or footprint.area <= 0 or lon_span > 180:
@@ -458,8 +461,33 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
             "datetime": companions.acquired_from_file(tags, name),
             **companions.no_twin_columns("rule" if optical else None),
             "landcover_tiles": None,
-            **product_columns(bands=[{"polarisation": polarisation, "uri": uri, "band": cfg.band}]),
+            **product_columns(bands=[{"polarisation": polarisation, "uri": uri, "band": cfg.band}],
+                              **({} if sidecar is None else {"scale_factor": sidecar["scale_factor"],
+                                                            "calibration": sidecar["calibration"]})),
         }
+
+
+_RADIOMETRY = {"beta_nought": "beta0", "sigma_nought": "sigma0", "gamma_nought": "gamma0"}
+
+
+def sidecar_calibration(uri: str) -> dict | None:
+    """The calibration of a detected amplitude product from its sidecar metadata, where present: Capella's
+    ``<stem>_extended.json`` (or ``<stem>.json``) ``collect.image.scale_factor`` (calibrated amplitude = DN x
+    scale factor) and ``collect.image.radiometry`` (beta_nought, sigma_nought...). None without one."""
+    stem = uri.rsplit(".", 1)[0]
+    for candidate in (f"{stem}_extended.json", f"{stem}.json"):
+        try:
+            if not io.exists(candidate):
+                continue
+            image = (json.loads(io.read_bytes(candidate)).get("collect") or {}).get("image") or {}
+        except Exception:
+            continue
+        factor = image.get("scale_factor")
+        if isinstance(factor, (int, float)) and factor > 0:
+            radiometry = str(image.get("radiometry") or "").lower()
+            return {"scale_factor": float(factor), "calibration": _RADIOMETRY.get(radiometry, radiometry or None),
+                    "source": PurePosixPath(candidate).name}
+    return None
 
 
 def _polarisation_of(src: rasterio.io.DatasetReader, uri: str, band: int) -> str:
@@ -489,6 +517,7 @@ PRODUCT_COLUMNS = (
     ("noise_schema", pa.string()),  # ipf2 (noiseVectorList) or ipf3 (range x azimuth)
     ("pass_direction", pa.string()),
     ("proj_mismatch", pa.string()),  # STAC proj:* that disagreed with the file header (JSON), the file won
+    ("scale_factor", pa.float64()),  # amplitude products with sidecar metadata (Capella): amplitude = DN x this
 )
 
 

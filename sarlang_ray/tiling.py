@@ -419,9 +419,11 @@ class TileChunk:
         * anything else (rotated, mirrored, another CRS, no overviews): GDAL's warper from full resolution.
         """
         units = scene["units"]
+        scale = np.float32(scene.get("scale_factor") or 1.0)  # sidecar-calibrated amplitude (Capella)
 
         def to_linear(block: np.ma.MaskedArray) -> np.ndarray:
-            return sar.to_intensity(block.astype(np.float32).filled(np.nan), units)
+            values = block.astype(np.float32).filled(np.nan)
+            return sar.to_intensity(values * scale if scale != 1 else values, units)
 
         band, gsd, native = scene["band"], transform.a, scene["gsd_m"]
         window = pixel_window(src, transform, crs, size)

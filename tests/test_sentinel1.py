@@ -397,3 +397,37 @@ def test_opera_layover_shadow_mask_becomes_nodata(ray_session, real_sar, tmp_pat
         assert t["nodata_fraction"] == pytest.approx((window != 0).mean())
         for b in t["bands"]:
             assert b["nodata_fraction"] == pytest.approx((window != 0).mean())
+
+
+def test_amplitude_product_with_a_sidecar_scale_factor_is_calibrated(ray_session, real_sar, tmp_path):
+    """The real Umbra amplitude file with a Capella-style sidecar (``collect.image.scale_factor``,
+    ``radiometry``): amplitude = DN x scale factor, so every tile's dB statistics shift by exactly
+    20 log10(scale factor) against the same file without the sidecar, and the scene says how."""
+    import shutil
+
+    src = real_sar / "umbra_gec_mount_yasur" / "umbra_mount_yasur.tiff"
+    factor = 0.0123
+    runs = {}
+    for name in ("plain", "sidecar"):
+        archive = tmp_path / name
+        archive.mkdir()
+        shutil.copy(src, archive)
+        if name == "sidecar":
+            (archive / "umbra_mount_yasur_extended.json").write_text(json.dumps(
+                {"collect": {"image": {"scale_factor": factor, "radiometry": "beta_nought"}}}))
+        cfg = load_config(None, [
+            f"run.run_dir={tmp_path / name / 'run'}", f"catalog.archive={archive}", "catalog.sar_glob=['*.tiff']",
+            "catalog.optical_rule=null", "catalog.landcover_rule=null", "run.stages=[catalog,tile]",
+            "ray.progress=false", "tile.gsds_m=[10]", "tile.tile_size=64", "tile.max_nodata_fraction=0.9"])
+        pipeline.run(cfg, ["catalog", "tile"])
+        (scene,) = pipeline.read_scenes(cfg.run.run_dir)
+        runs[name] = (scene, {(t["row"], t["col"]): t for t in _tile_rows(tmp_path / name / "run")})
+    scene, tiles = runs["sidecar"]
+    assert scene["scale_factor"] == factor and scene["calibration"] == "beta0" and "scale factor" in scene["units_source"]
+    assert runs["plain"][0]["scale_factor"] is None
+    assert tiles and sorted(tiles) == sorted(runs["plain"][1])
+    shift = 20 * np.log10(factor)
+    for key, t in tiles.items():
+        plain = runs["plain"][1][key]
+        assert t["db_mean"] - plain["db_mean"] == pytest.approx(shift, abs=1e-3)
+        assert t["sar_png"] == plain["sar_png"]  # a per-tile percentile stretch: the same picture
