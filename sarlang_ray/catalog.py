@@ -44,7 +44,8 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
-from sarlang_ray import companions, io, stac, tables
+from sarlang_ray import companions, io, safe, stac, tables
+from sarlang_ray.gcps import Georef, to_lists
 from sarlang_ray.config import CatalogSection
 from sarlang_ray.errors import ItemError, error_row
 
@@ -85,15 +86,61 @@ def list_scenes(cfg: CatalogSection) -> tuple[list[dict], list[dict]]:
                                 f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
                                 "catalog.landcover=null.")
     if stac.is_stac(cfg.archive):
-        found, errors = stac.candidates(cfg.archive, cfg.stac_assets, STAGE)
+        found, errors = stac.candidates(cfg.archive, cfg.stac_assets, STAGE, cfg.group_polarisations)
         if not found and not errors:
             raise FileNotFoundError(f"the STAC file {cfg.archive} lists no items; check catalog.archive")
-        return sorted(({"uri": c.uri, "stac": c.to_json()} for c in found), key=lambda r: r["uri"]), errors
-    uris = sorted({u for pattern in cfg.sar_glob for u in io.glob(cfg.archive, pattern)})
-    if not uris:
+        return sorted(({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found),
+                      key=lambda r: r["uri"]), errors
+    # a SAFE folder, its manifest.safe or a SAFE zip is a product; files inside a .SAFE folder belong to it
+    found = {u for pattern in cfg.sar_glob for u in io.glob(cfg.archive, pattern)}
+    products = sorted({_product_root(u) for u in found if safe.is_product(u)})
+    uris = sorted(u for u in found if ".safe/" not in u.lower() and not safe.is_product(u))
+    if not uris and not products:
         raise FileNotFoundError(f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
                                 "check catalog.archive and catalog.sar_glob")
-    return [{"uri": u, "stac": None} for u in uris], []
+    rows = [{"uri": p, "stac": None, "product": "safe", "bands": None} for p in products]
+    masks = {u for u in uris if _MASK_FILE.search(u)} if cfg.group_polarisations else set()
+    for group in (polarisation_groups(sorted(set(uris) - masks)) if cfg.group_polarisations else [[u] for u in uris]):
+        # an OPERA burst's layover/shadow mask (..._mask.tif beside ..._VV.tif): its non-zero pixels become nodata
+        folder, _, name = group[0].rpartition("/")
+        mask = _POL_TOKEN.sub("mask", name) if len(_POL_TOKEN.findall(name)) == 1 else None
+        mask = f"{folder}/{mask}" if mask and f"{folder}/{mask}" in masks else None
+        masks.discard(mask)
+        rows.append({"uri": group[0], "stac": None, "product": None,
+                     "bands": [{"uri": u, "mask": mask} for u in group] if len(group) > 1 or mask else None})
+    rows += [{"uri": m, "stac": None, "product": None, "bands": None} for m in sorted(masks)]  # masks of nothing
+    return sorted(rows, key=lambda r: r["uri"]), []
+
+
+_POL_TOKEN = re.compile(r"(?<![A-Za-z])(VV|VH|HH|HV)(?![A-Za-z])")
+_MASK_FILE = re.compile(r"[_-]mask\.tiff?$", re.I)  # OPERA RTC-S1's layover/shadow layer
+
+
+def _product_root(uri: str) -> str:
+    """A SAFE product's uri: the .SAFE folder of a manifest.safe, else the path itself (a zip)."""
+    return uri[: -len("/manifest.safe")] if uri.lower().endswith("/manifest.safe") else uri
+
+
+def polarisation_groups(uris: list[str]) -> list[list[str]]:
+    """Files of one folder whose names differ only in one polarisation token (``..._VV.tif`` and
+    ``..._VH.tif`` of an OPERA burst) as groups, co-polarisation first (VV, HH, VH, HV); every other file
+    alone. Two files with the same polarisation and key stay apart."""
+    groups: dict[str, dict[str, str]] = {}
+    alone: list[list[str]] = []
+    for uri in uris:
+        folder, _, name = uri.rpartition("/")
+        tokens = _POL_TOKEN.findall(name)
+        if len(tokens) != 1:
+            alone.append([uri])
+            continue
+        key = f"{folder}/{_POL_TOKEN.sub('{pol}', name)}"
+        if tokens[0] in groups.setdefault(key, {}):
+            alone.append([uri])
+            continue
+        groups[key][tokens[0]] = uri
+    order = ("VV", "HH", "VH", "HV")
+    out = [[members[p] for p in sorted(members, key=order.index)] for members in groups.values()]
+    return sorted(out + alone)
 
 
 def scene_id_for(uri: str, archive: str) -> str:
@@ -305,8 +352,22 @@ def resolve_landcover(cfg: CatalogSection) -> str | None:
     return resolve_path(cfg, cfg.landcover) if cfg.landcover else None
 
 
-def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
-    """Inspect one SAR file. Returns a scenes-table row, or raises ItemError with the reason."""
+def _lut_columns(bands: list[dict], cfg: CatalogSection) -> dict:
+    """Radiometry columns (and band records) of GCP-referenced bands that come with calibration / noise XML
+    (a Sentinel-1 GRD STAC item): calibrated like a SAFE product; none otherwise."""
+    if cfg.calibration == "none" or not bands or not all(b.get("calibration") for b in bands):
+        return {}
+    noise = cfg.noise_removal and all(b.get("noise") for b in bands)
+    for b in bands:
+        b["noise"] = b.get("noise") if noise else None
+        b["noise_floor_db"] = cfg.noise_floor_db
+    return {"calibration": cfg.calibration, "noise_removed": bool(noise), "product_type": "GRD",
+            "noise_schema": safe.read_noise(bands[0]["noise"]).schema if noise else None, "nodata": 0.0}
+
+
+def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None) -> dict:
+    """Inspect one SAR file. Returns a scenes-table row, or raises ItemError with the reason. ``bands``:
+    the scene's band records when it has several files or LUTs (a STAC item's VV and VH assets)."""
     try:
         src = io.open_raster(uri)
     except io.RemoteRasterError as exc:  # missing object, unreachable endpoint, refused credentials: its own advice
@@ -315,7 +376,8 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
         raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. The file is corrupt or not a raster: re-download or remove it.") from None
     with src:
         if src.transform.is_identity and src.gcps[0]:  # e.g. a Sentinel-1 GRD measurement file (its CRS is the GCPs')
-            raise ItemError("gcps_only", f"{uri} is georeferenced by GCPs only. Orthorectify it first (gdalwarp) and catalog the result.")
+            bands = bands or [{"polarisation": _polarisation_of(src, uri, cfg.band), "uri": uri, "band": cfg.band}]
+            return gcp_scene(src, uri, cfg, bands=bands, **_lut_columns(bands, cfg))
         if src.crs is None:
             raise ItemError("no_crs", f"{uri} has no CRS. Georeference it (gdal_edit.py -a_srs EPSG:<code>) or remove it from the archive.")
         if src.transform.is_identity:
@@ -351,6 +413,9 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
             raise ItemError("all_nodata", f"{uri}: no valid pixels (all nodata, NaN or inf) in a decimated read. Check the nodata value or remove the scene.")
         _check_not_a_mask(src, cfg.band, sample, uri)
         units, units_source = _detect_units(src, cfg.band, values, uri, cfg)
+        sidecar = sidecar_calibration(uri) if cfg.calibration != "none" else None
+        if sidecar is not None:  # a Capella-style amplitude product: DN x scale factor is calibrated amplitude
+            units, units_source = "amplitude", f"sidecar {sidecar['source']}: scale factor {sidecar['scale_factor']:g}"
         footprint = footprint_4326(src)
         lon_span = footprint.bounds[2] - footprint.bounds[0]
         if not footprint.is_valid or footprint.area <= 0 or lon_span > 180:
@@ -359,12 +424,8 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
                             f"to {footprint.bounds[2]:.3f}): the scene crosses the antimeridian or contains a pole, which "
                             "the lon/lat footprint cannot represent. Split it at 180 degrees (gdalwarp -te) or leave it out.")
         tags = {k.upper(): v for k, v in src.tags().items()}
-        desc = (src.descriptions[cfg.band - 1] or "").upper()
         name = PurePosixPath(uri).name
-        polarisation = tags.get("POLARISATION") or (desc if desc in _POLARISATIONS else None)
-        if polarisation is None:
-            m = re.search(r"(?<![A-Za-z])(VV|VH|HH|HV)(?![A-Za-z])", name)
-            polarisation = m.group(1) if m else "unknown"
+        polarisation = _polarisation_of(src, uri, cfg.band)
         sensor = cfg.sensor or tags.get("SENSOR") or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown")
         region = cfg.region or tags.get("REGION") or PurePosixPath(uri).parent.name
         optical = _companion(uri, cfg.optical_rule)
@@ -400,7 +461,239 @@ def inspect_scene(uri: str, cfg: CatalogSection) -> dict:
             "datetime": companions.acquired_from_file(tags, name),
             **companions.no_twin_columns("rule" if optical else None),
             "landcover_tiles": None,
+            **product_columns(bands=[{"polarisation": polarisation, "uri": uri, "band": cfg.band}],
+                              **({} if sidecar is None else {"scale_factor": sidecar["scale_factor"],
+                                                            "calibration": sidecar["calibration"]})),
         }
+
+
+_RADIOMETRY = {"beta_nought": "beta0", "sigma_nought": "sigma0", "gamma_nought": "gamma0"}
+
+
+def sidecar_calibration(uri: str) -> dict | None:
+    """The calibration of a detected amplitude product from its sidecar metadata, where present: Capella's
+    ``<stem>_extended.json`` (or ``<stem>.json``) ``collect.image.scale_factor`` (calibrated amplitude = DN x
+    scale factor) and ``collect.image.radiometry`` (beta_nought, sigma_nought...). None without one."""
+    stem = uri.rsplit(".", 1)[0]
+    for candidate in (f"{stem}_extended.json", f"{stem}.json"):
+        try:
+            if not io.exists(candidate):
+                continue
+            image = (json.loads(io.read_bytes(candidate)).get("collect") or {}).get("image") or {}
+        except Exception:
+            continue
+        factor = image.get("scale_factor")
+        if isinstance(factor, (int, float)) and factor > 0:
+            radiometry = str(image.get("radiometry") or "").lower()
+            return {"scale_factor": float(factor), "calibration": _RADIOMETRY.get(radiometry, radiometry or None),
+                    "source": PurePosixPath(candidate).name}
+    return None
+
+
+def _polarisation_of(src: rasterio.io.DatasetReader, uri: str, band: int) -> str:
+    """A file's polarisation: its POLARISATION tag, the band description, then a token of the file name."""
+    tags = {k.upper(): v for k, v in src.tags().items()}
+    desc = (src.descriptions[band - 1] or "").upper()
+    polarisation = tags.get("POLARISATION") or (desc if desc in _POLARISATIONS else None)
+    if polarisation is None:
+        m = _POL_TOKEN.search(PurePosixPath(uri).name)
+        polarisation = m.group(1) if m else "unknown"
+    return polarisation
+
+
+# columns of how a scene is read: its bands (polarisations), georeferencing and radiometry
+PRODUCT_COLUMNS = (
+    ("bands", pa.string()),  # JSON list: {polarisation, uri, band, calibration, noise, annotation} per polarisation
+    ("polarisations", pa.string()),  # e.g. VV+VH
+    ("product_type", pa.string()),  # GRD for Sentinel-1 products, null for files
+    ("georef", pa.string()),  # transform (a geotransform) or gcps
+    ("gcps", pa.string()),  # JSON [[row, col, x, y, z], ...] (georef=gcps)
+    ("gcp_method", pa.string()),  # tps, polynomial<order> or affine
+    ("tile_bounds", pa.list_(pa.float64())),  # georef=gcps: bounds of the footprint in the tile CRS
+    ("relief_m", pa.float64()),  # spread of the GCP heights
+    ("relief_flag", pa.bool_()),  # relief_m > catalog.max_relief_m and no terrain correction: geolocation weak
+    ("calibration", pa.string()),  # sigma0 / beta0 / gamma0 from the product's LUTs, none, or null (no LUTs)
+    ("noise_removed", pa.bool_()),  # thermal-noise LUTs subtracted
+    ("noise_schema", pa.string()),  # ipf2 (noiseVectorList) or ipf3 (range x azimuth)
+    ("pass_direction", pa.string()),
+    ("proj_mismatch", pa.string()),  # STAC proj:* that disagreed with the file header (JSON), the file won
+    ("scale_factor", pa.float64()),  # amplitude products with sidecar metadata (Capella): amplitude = DN x this
+)
+
+
+def product_columns(**values) -> dict:
+    """The :data:`PRODUCT_COLUMNS` of a scene row: ``bands`` (a list) and any others given, the rest null."""
+    row = dict.fromkeys(name for name, _ in PRODUCT_COLUMNS)
+    row["georef"] = "transform"
+    row.update(values)
+    bands = row["bands"] or []
+    row["polarisations"] = "+".join(b["polarisation"] for b in bands) or None
+    row["bands"] = json.dumps(bands, sort_keys=True)
+    return row
+
+
+def _sample_windows(src: rasterio.io.DatasetReader, band: int, size: int = 64) -> np.ma.MaskedArray:
+    """Nine small windows spread over a raster (3 x 3), for the readability and validity checks of products
+    too large to read decimated without overviews (a GRD measurement file: ~800 MB, no overviews)."""
+    from rasterio.windows import Window
+
+    parts = []
+    for fr in (0.25, 0.5, 0.75):
+        for fc in (0.25, 0.5, 0.75):
+            r, c = int(src.height * fr), int(src.width * fc)
+            parts.append(src.read(band, window=Window(c, r, min(size, src.width - c), min(size, src.height - r)),
+                                  masked=True).ravel())
+    return np.ma.concatenate(parts)
+
+
+def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, bands: list[dict],
+              gcp_list: list[list[float]] | None = None, gcp_crs: str | None = None, nodata: float | None = None,
+              **columns) -> dict:
+    """The scene row of a raster georeferenced by GCPs (the file's own, or ``gcp_list`` from an annotation):
+    footprint and GSD through the GCP transformer, tiles cut in the UTM zone of the footprint's centre."""
+    if gcp_list is None:
+        gcp_objs, crs = src.gcps
+        gcp_list, gcp_crs = to_lists(gcp_objs), crs.to_string() if crs else "EPSG:4326"
+    georef = Georef(gcp_list, gcp_crs, cfg.gcp_method, cfg.gcp_order)
+    _check_pixels(src, bands[0]["band"], uri)
+    if len(gcp_list) < 3:
+        raise ItemError("bad_gcps", f"{uri} has {len(gcp_list)} GCPs; at least 3 are needed to place it. Fix its "
+                        "georeferencing or remove it.")
+    try:
+        sample = _sample_windows(src, bands[0]["band"])
+    except Exception as exc:
+        raise ItemError("unreadable", f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: "
+                        "re-download it.") from None
+    values = sample.filled(np.nan).astype(np.float64)
+    if nodata is not None:
+        values[values == nodata] = np.nan
+    valid_fraction = float(np.isfinite(values).mean()) if values.size else 0.0
+    if valid_fraction < cfg.min_valid_fraction:
+        raise ItemError("all_nodata", f"{uri}: no valid pixels in nine sample windows. Check the product or remove it.")
+    footprint = georef.outline_4326(src.width, src.height)
+    if not footprint.is_valid or footprint.area <= 0 or footprint.bounds[2] - footprint.bounds[0] > 180:
+        raise ItemError("bad_footprint", f"{uri}: its GCP footprint is degenerate or crosses the antimeridian "
+                        f"(lon {footprint.bounds[0]:.3f} to {footprint.bounds[2]:.3f}); split the scene or leave it out.")
+    tile_crs = tile_crs_for(CRS.from_user_input(gcp_crs), footprint)
+    gx, gy = georef.ground_gsd(src.width, src.height)
+    from rasterio.warp import transform_geom
+
+    bounds = shapely.geometry.shape(transform_geom("EPSG:4326", tile_crs, shapely.geometry.mapping(footprint))).bounds
+    relief = georef.relief_m()
+    name = PurePosixPath(uri).name
+    tags = {k.upper(): v for k, v in src.tags().items()}
+    calibrated = columns.get("calibration") not in (None, "none")
+    nodata = columns.pop("nodata", nodata)
+    units, units_source = ("intensity", f"calibration {columns['calibration']}") if calibrated else \
+        _detect_units(src, bands[0]["band"], values, uri, cfg)
+    optical = _companion(uri, cfg.optical_rule)
+    landcover = _companion(uri, cfg.landcover_rule)
+    if landcover is None and (single := resolve_landcover(cfg)) is not None and not companions.is_tiled(single):
+        landcover = single
+    method = cfg.gcp_method + (str(cfg.gcp_order) if cfg.gcp_method == "polynomial" else "")
+    return {
+        "scene_id": scene_id_for(uri, archive_root(cfg.archive)), "sar_uri": uri, "optical_uri": optical,
+        "landcover_uri": landcover, "crs": gcp_crs, "tile_crs": tile_crs, "transform": None,
+        "width": src.width, "height": src.height, "gsd_m": float(math.sqrt(gx * gy)), "rotated": False,
+        "band": bands[0]["band"], "nodata": nodata if nodata is not None else (None if src.nodata is None else float(src.nodata)),
+        "dtype": src.dtypes[bands[0]["band"] - 1], "units": units, "units_source": units_source,
+        "sensor": cfg.sensor or tags.get("SENSOR") or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown"),
+        "polarisation": "+".join(b["polarisation"] for b in bands), "region": cfg.region or tags.get("REGION") or
+        PurePosixPath(uri).parent.name, "valid_fraction": valid_fraction, "footprint": footprint.wkb,
+        "datetime": columns.pop("datetime", None) or companions.acquired_from_file(tags, name),
+        **companions.no_twin_columns("rule" if optical else None), "landcover_tiles": None,
+        **product_columns(bands=bands, georef="gcps", gcps=json.dumps(gcp_list), gcp_method=method,
+                          tile_bounds=[float(v) for v in bounds], relief_m=relief,
+                          relief_flag=bool(relief > cfg.max_relief_m), **columns),
+    }
+
+
+def inspect_product(uri: str, cfg: CatalogSection) -> dict:
+    """Inspect a Sentinel-1 SAFE product (folder or zip, local or s3://): one scene with all its
+    polarisations, georeferenced by the measurement file's GCPs (the annotation's geolocation grid where the
+    file has none), calibrated by its LUTs."""
+    try:
+        product = safe.open_product(uri)
+    except safe.SafeError as exc:
+        raise ItemError("bad_product", str(exc)) from None
+    except Exception as exc:
+        raise ItemError("unreadable", f"cannot read the SAFE product {uri}: {_reason(exc)}. Re-download it.") from None
+    if cfg.calibration != "none" and any(b.calibration is None for b in product.bands):
+        raise ItemError("no_calibration", f"{uri}: no calibration annotation for "
+                        f"{[b.polarisation for b in product.bands if b.calibration is None]}. Re-download the product, "
+                        "or set catalog.calibration=none to tile digital numbers.")
+    bands = [{"polarisation": b.polarisation, "uri": b.measurement, "band": 1, "calibration": b.calibration,
+              "noise": b.noise if cfg.noise_removal else None, "annotation": b.annotation,
+              "noise_floor_db": cfg.noise_floor_db} for b in product.bands]
+    first = product.bands[0]
+    try:
+        src = io.open_raster(first.measurement)
+    except Exception as exc:
+        raise ItemError("unreadable", f"cannot open the measurement {first.measurement} of {uri}: {_reason(exc)}. "
+                        "Re-download the product.") from None
+    with src:
+        for other in product.bands[1:]:
+            with io.open_raster(other.measurement) as o:
+                if (o.width, o.height) != (src.width, src.height):
+                    raise ItemError("bad_product", f"{uri}: {other.polarisation} is {o.width} x {o.height} px but "
+                                    f"{first.polarisation} {src.width} x {src.height}; re-download the product.")
+        gcp_list = gcp_crs = None
+        if not src.gcps[0]:  # a measurement re-encoded without its GCPs: the annotation's geolocation grid
+            if first.annotation is None:
+                raise ItemError("no_georeference", f"{uri}: the measurement has no GCPs and there is no annotation.")
+            grid = safe.geolocation_grid(first.annotation)
+            gcp_list = [[p["line"], p["pixel"], p["longitude"], p["latitude"], p["height"]] for p in grid]
+            gcp_crs = "EPSG:4326"
+        noise_schema = None
+        if cfg.noise_removal and first.noise:
+            noise_schema = safe.read_noise(first.noise).schema
+        return gcp_scene(src, uri, cfg, bands, gcp_list, gcp_crs, nodata=0.0,  # GRD fills no-data with DN 0
+                         product_type=product.product_type, calibration=cfg.calibration,
+                         noise_removed=bool(cfg.noise_removal and first.noise), noise_schema=noise_schema,
+                         pass_direction=product.pass_direction, datetime=product.start_time)
+
+
+def inspect_group(bands: list[dict], cfg: CatalogSection) -> dict:
+    """One scene of several single-polarisation files on one pixel grid (an OPERA burst's VV and VH, a STAC
+    item's polarisation assets): the first (co-polarisation) file is inspected, the others must share its
+    grid. ``bands``: ``{uri, polarisation (optional), calibration / noise (optional)}`` per file."""
+    bands = [{"band": cfg.band, **b} for b in bands]
+    first = bands[0]["uri"]
+    scene = inspect_scene(first, cfg, bands=bands)
+    records = json.loads(scene["bands"])
+    if len(records) == 1:  # a georeferenced file: its record, then the others checked against its grid
+        records = [{**bands[0], **records[0]}]
+        for b in bands[1:]:
+            uri = b["uri"]
+            try:
+                with io.open_raster(uri) as src:
+                    grid = (src.crs.to_string() if src.crs else None, [float(v) for v in tuple(src.transform)[:6]],
+                            src.width, src.height)
+                    pol = b.get("polarisation") or _polarisation_of(src, uri, cfg.band)
+            except Exception as exc:
+                raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. Re-download or remove it.") from None
+            if grid != (scene["crs"], scene["transform"], scene["width"], scene["height"]):
+                raise ItemError("polarisation_grids", f"{uri} is not on the pixel grid of {first} (another CRS, transform "
+                                "or size), so they cannot be one scene. Set catalog.group_polarisations=false to "
+                                "catalog them as separate scenes.")
+            records.append({**b, "polarisation": pol})
+    mask = bands[0].get("mask")
+    if mask:
+        try:
+            with io.open_raster(mask) as src:
+                grid = (src.crs.to_string() if src.crs else None, [float(v) for v in tuple(src.transform)[:6]],
+                        src.width, src.height)
+        except Exception as exc:
+            raise ItemError("unreadable", f"cannot open the mask {mask}: {_reason(exc)}. Re-download or remove it.") from None
+        if grid != (scene["crs"], scene["transform"], scene["width"], scene["height"]):
+            raise ItemError("polarisation_grids", f"the mask {mask} is not on the pixel grid of {first}. Remove it or "
+                            "set catalog.group_polarisations=false.")
+    records = [{**r, "mask": mask} if mask else {k: v for k, v in r.items() if k != "mask"} for r in records]
+    scene["bands"] = json.dumps(records, sort_keys=True)
+    scene["polarisations"] = scene["polarisation"] = "+".join(b["polarisation"] for b in records)
+    key = _POL_TOKEN.sub("", PurePosixPath(first).name)
+    scene["scene_id"] = scene_id_for(f"{first.rsplit('/', 1)[0]}/{key}", archive_root(cfg.archive))
+    return scene
 
 
 _STAC_COLUMNS = ("stac_item", "stac_asset", "datetime", "platform", "instrument_mode", "stac_properties")
@@ -415,14 +708,47 @@ def with_stac_metadata(scene: dict, item: stac.Candidate, cfg: CatalogSection) -
     if cfg.sensor is None and platform:
         scene["sensor"] = next((s for rx, s in _SENSORS if rx.search(published)), platform)
     pols = stac.polarisations(item)
-    if len(pols) == 1 and pols[0] in _POLARISATIONS:
+    if item.bands is None and len(pols) == 1 and pols[0] in _POLARISATIONS:
         scene["polarisation"] = pols[0]
+        scene["polarisations"] = pols[0]
+        scene["bands"] = json.dumps([{**b, "polarisation": pols[0]} for b in json.loads(scene["bands"])], sort_keys=True)
+    scene["proj_mismatch"] = proj_mismatch(props, item.asset_fields, scene)
     mode = props.get("sar:instrument_mode")
     scene.update(stac_item=item.item_id, stac_asset=item.asset, datetime=stac.acquired(props) or scene.get("datetime"),
                  platform=platform,
                  instrument_mode=None if mode is None else str(mode),
                  stac_properties=json.dumps(props, sort_keys=True, default=str))
     return scene
+
+
+def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
+    """The STAC projection fields (``proj:shape``, ``proj:transform``, ``proj:epsg`` / ``proj:code``, asset
+    fields first) that disagree with the file's header, as JSON ``{field: {"item": ..., "file": ...}}``;
+    None when they agree or are absent. The file always wins: catalogues publish made-up values for GRD
+    items (a transposed shape, a transform derived from the bounding box of a GCP-referenced file)."""
+    def field_(name):
+        return asset_fields.get(name, props.get(name))
+
+    found = {}
+    shape = field_("proj:shape")
+    if shape is not None and [int(v) for v in shape] != [scene["height"], scene["width"]]:
+        found["proj:shape"] = {"item": list(shape), "file": [scene["height"], scene["width"]]}
+    transform = field_("proj:transform")
+    if transform is not None:
+        file_t = scene["transform"]
+        if file_t is None or not np.allclose([float(v) for v in list(transform)[:6]], file_t, rtol=0, atol=1e-6 * max(
+                1.0, max(abs(v) for v in file_t))):
+            found["proj:transform"] = {"item": list(transform)[:6],
+                                       "file": file_t if file_t is not None else f"none: {scene['georef']}"}
+    code = field_("proj:code") or (f"EPSG:{field_('proj:epsg')}" if field_("proj:epsg") is not None else None)
+    if code is not None and scene["crs"] is not None:
+        try:
+            same = CRS.from_user_input(code) == CRS.from_user_input(scene["crs"])
+        except Exception:
+            same = False
+        if not same or scene.get("georef") == "gcps":
+            found["proj:code"] = {"item": code, "file": scene["crs"] + (" (of the GCPs)" if scene.get("georef") == "gcps" else "")}
+    return json.dumps(found, sort_keys=True) if found else None
 
 
 def _stac_error(uri: str, item: stac.Candidate, exc: ItemError) -> ItemError:
@@ -444,7 +770,12 @@ class SceneInspector:
         uri = row["uri"]
         item = stac.Candidate.from_json(row["stac"]) if row.get("stac") else None
         try:
-            scene = inspect_scene(uri, self.cfg)
+            if row.get("product") == "safe":
+                scene = inspect_product(uri, self.cfg)
+            elif row.get("bands"):
+                scene = inspect_group(row["bands"], self.cfg)
+            else:
+                scene = inspect_scene(uri, self.cfg)
             if item is None:
                 return {"scene": {**scene, **dict.fromkeys(_STAC_COLUMNS), "datetime": scene["datetime"]}, "error": None}
             return {"scene": with_stac_metadata(scene, item, self.cfg), "error": None}
@@ -457,7 +788,7 @@ class SceneInspector:
 
 # the scenes table: the contract's columns, and how each scene's companions were found
 SCENES_SCHEMA = tables.SCENES_SCHEMA
-for _name, _type in companions.TWIN_COLUMNS:
+for _name, _type in (*companions.TWIN_COLUMNS, *PRODUCT_COLUMNS):
     SCENES_SCHEMA = SCENES_SCHEMA.append(pa.field(_name, _type))
 
 

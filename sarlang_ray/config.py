@@ -107,6 +107,23 @@ class CatalogSection:
     # STAC archives (catalog.archive = a catalog.json or an ItemCollection file): keys of the SAR assets
     # (case-insensitive, e.g. [vv, vh]); null: every GeoTIFF asset with the data role (or no roles)
     stac_assets: list[str] | None = None
+    # Sentinel-1 products as distributed (docs/sentinel1.md): whatever sar_glob matches that is a SAFE folder
+    # (``*.SAFE`` or its manifest.safe) or a SAFE zip (``*.SAFE.zip``, ``S1?_*.zip``) is read in place as one
+    # scene with all its polarisations, e.g. sar_glob=["**/*.zip"]; files inside a .SAFE folder are never scenes
+    calibration: str = "sigma0"  # products with calibration LUTs: sigma0, beta0, gamma0 or none (digital numbers)
+    noise_removal: bool = True  # subtract the product's thermal-noise LUTs (both IPF schemas) before calibration
+    noise_floor_db: float = -40.0  # pixels that noise removal takes to zero or below get this value (and are counted)
+    # GCP-referenced scenes (Sentinel-1 GRD measurement files, COG_SAFE, GCP-only GeoTIFFs): warped by GDAL through
+    # the GCPs themselves: tps (thin-plate spline, exact at every GCP) or polynomial (order gcp_order); affine
+    # (one least-squares affine, hundreds of metres off on a GRD) exists only to measure what the others avoid
+    gcp_method: str = "tps"
+    gcp_order: int = 3  # gcp_method=polynomial: 1, 2 or 3
+    # without a DEM, GRD geolocation assumes the heights of the geolocation grid: scenes whose grid spans more
+    # relief than this (metres) are flagged (scenes table: relief_m, relief_flag)
+    max_relief_m: float = 500.0
+    # files of one folder whose names differ only in the polarisation token (..._VV.tif / ..._VH.tif: an OPERA
+    # burst) form one scene with both polarisations; false: one scene per file
+    group_polarisations: bool = True
 
 
 @dataclass
@@ -139,6 +156,12 @@ class TileSection:
     # coarser levels of linear-intensity scenes with overviews (COGs) average the nearest overview instead
     # of every full-resolution pixel (false: always warp from full resolution)
     use_overviews: bool = True
+    # what the PNG holds for scenes with several polarisations: auto (the co-polarisation, VV or HH), one of
+    # VV, VH, HH, HV, or composite (RGB: R = co-pol dB, G = cross-pol dB, B = co/cross ratio in dB, each
+    # stretched on its own; docs/sentinel1.md). Scenes with one polarisation always give a grey PNG
+    bands: str = "auto"
+    # tile only the windows that intersect this lon/lat box [west, south, east, north] (null: whole scenes)
+    aoi: list[float] | None = None
     # chunks run as Ray tasks on the cluster's pooled worker processes (stages.runner.map_tasks)
     concurrency: int | None = None  # chunks at once (None: as many as the cluster's CPUs hold, see max_tasks)
     num_cpus: float = 1.0  # CPUs per task
@@ -575,6 +598,17 @@ def _check(cfg: WorkflowConfig) -> None:
     if cfg.annotate.backend not in ANNOTATE_BACKENDS and ":" not in cfg.annotate.backend:
         problems.append(f"annotate.backend={cfg.annotate.backend!r} is not one of {', '.join(ANNOTATE_BACKENDS)} "
                         "(or package.module:Class of your own backend)")
+    if cfg.catalog.calibration not in ("sigma0", "beta0", "gamma0", "none"):
+        problems.append("catalog.calibration must be sigma0, beta0, gamma0 or none")
+    if cfg.catalog.gcp_method not in ("tps", "polynomial", "affine"):
+        problems.append("catalog.gcp_method must be tps, polynomial or affine")
+    if cfg.catalog.gcp_order not in (1, 2, 3):
+        problems.append("catalog.gcp_order must be 1, 2 or 3")
+    if cfg.tile.bands not in ("auto", "composite", "VV", "VH", "HH", "HV"):
+        problems.append("tile.bands must be auto, composite, VV, VH, HH or HV")
+    aoi = cfg.tile.aoi
+    if aoi is not None and (len(aoi) != 4 or not (-180 <= aoi[0] < aoi[2] <= 180 and -90 <= aoi[1] < aoi[3] <= 90)):
+        problems.append("tile.aoi must be [west, south, east, north] in degrees (west < east, south < north) or null")
     for name in ("optical_rule", "landcover_rule"):
         rule = getattr(cfg.catalog, name)
         if rule is not None and len(rule) != 2:

@@ -384,7 +384,8 @@ def open_raster(uri: str, reader: str | None = None, **options) -> rasterio.io.D
     """
     options = {k: v for k, v in options.items() if v is not None}
     if not is_remote(uri):
-        if uri.lower().endswith(".vrt"):  # its sources may be /vsis3/ objects (land-cover mosaics)
+        # a .vrt may name /vsis3/ sources (land-cover mosaics); /vsizip//vsis3/: a member of a zip on s3 (SAFE)
+        if uri.lower().endswith(".vrt") or "/vsis3/" in uri:
             configure_gdal_s3(fsspec.filesystem("s3"))
         return rasterio.open(uri, **options)
     fs, path = filesystem(uri)

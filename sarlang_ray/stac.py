@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -55,6 +56,9 @@ class Candidate:
     href: str  # the asset href as written in the item (relative or absolute)
     properties: dict[str, Any] = field(default_factory=dict)  # the item's properties
     asset_fields: dict[str, Any] = field(default_factory=dict)  # extension fields of the asset (sar:polarizations)
+    # the polarisations of one item as one scene: {polarisation, uri, band, asset, calibration, noise} per asset
+    # (calibration / noise: the item's Sentinel-1 calibration and noise XML assets of that polarisation)
+    bands: list[dict[str, Any]] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True, default=str)
@@ -145,11 +149,43 @@ def sar_assets(item: pystac.Item, keys: list[str] | None) -> list[tuple[str, pys
     return sorted((k, a) for k, a in item.assets.items() if _is_geotiff(a))
 
 
-def candidates(archive: str, asset_keys: list[str] | None, stage: str) -> tuple[list[Candidate], list[dict]]:
+_XML_ASSET = re.compile(r"(?:^|[-_])(calibration|noise)[-_](vv|vh|hh|hv)$", re.I)
+
+
+def lut_assets(item: pystac.Item, base: str) -> dict[tuple[str, str], str]:
+    """An item's Sentinel-1 calibration and noise XML assets (the Planetary Computer's
+    ``schema-calibration-vv``, ``schema-noise-vh``...) as {(kind, POL): absolute uri}."""
+    out = {}
+    for key, asset in item.assets.items():
+        m = _XML_ASSET.search(key)
+        if m:
+            out[(m.group(1).lower(), m.group(2).upper())] = _local(make_absolute_href(asset.href, base, start_is_dir=False))
+    return out
+
+
+def group_polarisations(cands: list[Candidate], luts: dict[tuple[str, str], str]) -> list[Candidate]:
+    """The assets of one item with one distinct polarisation each (VV and VH) as one candidate with bands,
+    co-polarisation first; anything else (one asset, unknown or repeated polarisations) as it is."""
+    pols = [polarisations(c) for c in cands]
+    if len(cands) < 2 or any(len(p) != 1 for p in pols) or len({p[0] for p in pols}) != len(pols):
+        return cands
+    order = ("VV", "HH", "VH", "HV")
+    ranked = sorted(zip(cands, (p[0] for p in pols)), key=lambda cp: order.index(cp[1]) if cp[1] in order else 9)
+    first = ranked[0][0]
+    bands = [{"polarisation": pol, "uri": c.uri, "band": 1, "asset": c.asset,
+              "calibration": luts.get(("calibration", pol)), "noise": luts.get(("noise", pol))} for c, pol in ranked]
+    return [Candidate(uri=first.uri, item_id=first.item_id, item_href=first.item_href,
+                      asset="+".join(c.asset for c, _ in ranked), href=first.href, properties=first.properties,
+                      asset_fields=first.asset_fields, bands=bands)]
+
+
+def candidates(archive: str, asset_keys: list[str] | None, stage: str, group: bool = True
+               ) -> tuple[list[Candidate], list[dict]]:
     """The SAR assets of a STAC file as inspection candidates, plus error rows for unusable items.
 
     An item without a SAR asset is rejected (``stac_no_sar_asset``), so planned = written + rejected
-    holds per item as well. Two items naming the same raster keep the first (by item id).
+    holds per item as well. Two items naming the same raster keep the first (by item id). With ``group``,
+    an item's single-polarisation assets (VV, VH) are one candidate (:func:`group_polarisations`).
     """
     items, errors = read_items(archive, stage)
     found: list[Candidate] = []
@@ -162,6 +198,7 @@ def candidates(archive: str, asset_keys: list[str] | None, stage: str) -> tuple[
                                     f"STAC item {item.id!r} has no asset {which} (its assets: {sorted(item.assets)}). "
                                     "Set catalog.stac_assets to the keys of its SAR assets."))
             continue
+        mine: list[Candidate] = []
         for key, asset in assets:
             uri = _local(make_absolute_href(asset.href, base, start_is_dir=False))
             if uri in seen:
@@ -170,8 +207,9 @@ def candidates(archive: str, asset_keys: list[str] | None, stage: str) -> tuple[
                                         f"{seen[uri]!r}; kept once."))
                 continue
             seen[uri] = item.id
-            found.append(Candidate(uri=uri, item_id=item.id, item_href=base, asset=key, href=asset.href,
-                                   properties=dict(item.properties), asset_fields=dict(asset.extra_fields)))
+            mine.append(Candidate(uri=uri, item_id=item.id, item_href=base, asset=key, href=asset.href,
+                                  properties=dict(item.properties), asset_fields=dict(asset.extra_fields)))
+        found += group_polarisations(mine, lut_assets(item, base)) if group else mine
     return found, errors
 
 

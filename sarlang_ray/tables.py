@@ -44,6 +44,13 @@ TILES_SCHEMA = pa.schema([
     ("nodata_fraction", pa.float32()), ("db_mean", pa.float32()), ("db_std", pa.float32()),
     ("db_p02", pa.float32()), ("db_p98", pa.float32()), ("stretch_db", pa.list_(pa.float32())),
     ("sensor", pa.string()), ("polarisation", pa.string()), ("region", pa.string()), ("native_gsd_m", pa.float64()),
+    # every polarisation of the scene on this tile (the PNG shows `polarisation`: one of them or a composite);
+    # noise_clipped: pixels thermal-noise removal took to catalog.noise_floor_db; stretch_db: null if not shown
+    ("bands", pa.list_(pa.struct([
+        ("polarisation", pa.string()), ("nodata_fraction", pa.float32()), ("noise_clipped", pa.int64()),
+        ("db_mean", pa.float32()), ("db_std", pa.float32()), ("db_p02", pa.float32()), ("db_p98", pa.float32()),
+        ("stretch_db", pa.list_(pa.float32())),
+    ]))),
 ])
 
 OBJECT_TYPE = pa.struct([

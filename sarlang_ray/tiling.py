@@ -38,8 +38,9 @@ from rasterio.env import set_gdal_config
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
-from sarlang_ray import io, sar
+from sarlang_ray import io, sar, safe
 from sarlang_ray.catalog import outline_4326
+from sarlang_ray.gcps import Georef
 from sarlang_ray.config import TileSection
 from sarlang_ray.errors import error_row, errors_table
 from sarlang_ray.tables import TILES_SCHEMA, existing_shard
@@ -92,6 +93,8 @@ def scene_bounds(scene: dict) -> tuple[float, float, float, float]:
     """(left, bottom, right, top) of a scene's pixel grid in its ``tile_crs``, whatever its orientation:
     the min / max over the four corners (a south-up or east-west flipped grid's origin (c, f) is not its
     upper-left corner), reprojected with densified edges when the tile CRS is another."""
+    if scene.get("georef") == "gcps":  # the GCP footprint's bounds in the tile CRS, computed by the catalog
+        return tuple(scene["tile_bounds"])
     t = Affine(*scene["transform"])
     w, h = scene["width"], scene["height"]
     if t.b == 0 and t.d == 0:  # axis-aligned (north-up or mirrored): exact pixel edges
@@ -116,8 +119,8 @@ def grid_for(scene: dict, gsd: float, cfg: TileSection) -> Grid:
     x0, y0 = left, top
     width_m = right - left
     height_m = top - bottom
-    t = Affine(*scene["transform"])
-    if scene["tile_crs"] == scene["crs"] and t.b == 0 and t.d == 0:
+    t = Affine(*scene["transform"]) if scene.get("transform") else None
+    if t is not None and scene["tile_crs"] == scene["crs"] and t.b == 0 and t.d == 0:
         width_m, height_m = scene["width"] * abs(t.a), scene["height"] * abs(t.e)  # no cancellation error
 
     def count(extent_m: float) -> int:
@@ -127,18 +130,75 @@ def grid_for(scene: dict, gsd: float, cfg: TileSection) -> Grid:
     return Grid(scene["tile_crs"], gsd, x0, y0, count(height_m), count(width_m), cfg.tile_size, cfg.step())
 
 
+def aoi_windows(grid: Grid, aoi: list[float] | None) -> tuple[int, int, int, int]:
+    """The rows [r0, r1) and columns [c0, c1) of a grid's windows that intersect a lon/lat box (all of them
+    without one; an empty range when the box misses the scene)."""
+    if aoi is None:
+        return 0, grid.n_rows, 0, grid.n_cols
+    left, bottom, right, top = transform_bounds("EPSG:4326", grid.crs, *aoi, densify_pts=21)
+    step = grid.stride * grid.gsd
+    extent = grid.tile_size * grid.gsd
+    c0 = max(0, math.floor((left - grid.x0 - extent) / step) + 1)
+    c1 = min(grid.n_cols, math.ceil((right - grid.x0) / step))
+    r0 = max(0, math.floor((grid.y0 - top - extent) / step) + 1)
+    r1 = min(grid.n_rows, math.ceil((grid.y0 - bottom) / step))
+    return r0, max(r0, r1), c0, max(c0, c1)
+
+
 def plan_chunks(scene: dict, cfg: TileSection) -> list[dict]:
-    """Chunk descriptors for one scene: small rows for Ray Data (no pixels)."""
+    """Chunk descriptors for one scene: small rows for Ray Data (no pixels). With ``tile.aoi`` only the
+    windows that intersect it are planned; a chunk's windows are numbered row by row over that block."""
     out = []
     scene_json = json.dumps({k: v for k, v in scene.items() if k != "footprint"})
     for gsd in pyramid_for(scene, cfg):
         grid = grid_for(scene, gsd, cfg)
-        for chunk, start in enumerate(range(0, grid.n_windows, cfg.tiles_per_shard)):
+        r0, r1, c0, c1 = aoi_windows(grid, cfg.aoi)
+        n = (r1 - r0) * (c1 - c0)
+        for chunk, start in enumerate(range(0, n, cfg.tiles_per_shard)):
             out.append({
                 "scene_id": scene["scene_id"], "gsd_m": gsd, "chunk": chunk, "start": start,
-                "stop": min(start + cfg.tiles_per_shard, grid.n_windows), "scene_json": scene_json,
+                "stop": min(start + cfg.tiles_per_shard, n), "scene_json": scene_json,
+                "block": [r0, c0, c1 - c0],
             })
     return out
+
+
+def window_of(chunk: dict, grid: Grid, i: int) -> tuple[int, int]:
+    """Row and column of the i-th window of a chunk's block (the whole grid for chunks without one)."""
+    r0, c0, n_cols = chunk.get("block") or (0, 0, grid.n_cols)
+    return r0 + i // n_cols, c0 + i % n_cols
+
+
+def scene_bands(scene: dict) -> list[dict]:
+    """A scene's bands (one per polarisation, co-polarisation first): ``{polarisation, uri, band, ...}``."""
+    bands = json.loads(scene["bands"]) if scene.get("bands") else []
+    return bands or [{"polarisation": scene.get("polarisation") or "unknown", "uri": scene["sar_uri"],
+                      "band": scene["band"]}]
+
+
+class MissingBand(ValueError):
+    """tile.bands names a polarisation the scene does not have."""
+
+
+_CO, _CROSS = ("VV", "HH"), ("VH", "HV")
+
+
+def png_selection(bands: list[dict], mode: str) -> tuple[str, list[int]]:
+    """What the PNG holds: ``("grey", [i])`` or ``("composite", [co, cross])``, indexes into ``bands``.
+    ``auto``: the first band (the co-polarisation of a dual-pol scene); ``composite`` on a single-pol
+    scene: grey."""
+    pols = [b["polarisation"] for b in bands]
+    if mode == "auto":
+        return "grey", [0]
+    if mode == "composite":
+        co = next((i for i, p in enumerate(pols) if p in _CO), None)
+        cross = next((i for i, p in enumerate(pols) if p in _CROSS), None)
+        if co is None or cross is None:
+            return "grey", [0]
+        return "composite", [co, cross]
+    if mode not in pols:
+        raise MissingBand(f"tile.bands={mode} but the scene has {'+'.join(pols)}; set tile.bands=auto or one of {pols}")
+    return "grey", [pols.index(mode)]
 
 
 def shard_name(scene_id: str, gsd: float, chunk: int) -> str:
@@ -285,12 +345,16 @@ class TileChunk:
         self.shards = io.join(run_dir, STAGE, "shards")
         self.errors = io.join(run_dir, STAGE, "errors")
         self._open: dict[tuple[str, int | None], rasterio.io.DatasetReader] = {}  # one scene's datasets at a time
+        self._keep: set[str] = set()  # the uris of the current scene's bands
+        self._georef: dict[str, Georef] = {}  # GCP transformers, per scene
+        self._radiometry: dict[tuple[str, str], safe.Radiometry] = {}  # calibration / noise LUTs, per scene band
         self.stats: dict = {}  # pixels_read, and tiles per read path (direct, overview, warp)
 
     def _dataset(self, uri: str, overview: int | None = None):
         """The open dataset of a scene (or of one of its overviews); opening a new scene closes the last's."""
         if (uri, overview) not in self._open:
-            if any(u != uri for u, _ in self._open):
+            keep = getattr(self, "_keep", None) or {uri}
+            if any(u not in keep for u, _ in self._open):
                 self.close()
             self._open[(uri, overview)] = io.open_raster(uri, overview_level=overview)
         return self._open[(uri, overview)]
@@ -318,15 +382,20 @@ class TileChunk:
         scene = json.loads(chunk["scene_json"])
         grid = grid_for(scene, chunk["gsd_m"], self.cfg)
         rows, errors = [], []
+        self._keep = {u for b in scene_bands(scene) for u in (b["uri"], b.get("mask")) if u}
         try:
-            src = self._dataset(scene["sar_uri"])
+            src = self._dataset(scene_bands(scene)[0]["uri"])
+            png_selection(scene_bands(scene), self.cfg.bands)
         except Exception as exc:
             for i in range(chunk["start"], chunk["stop"]):
-                tid = tile_id_for(scene["scene_id"], grid.gsd, i // grid.n_cols, i % grid.n_cols)
-                errors.append(error_row(STAGE, tid, "unreadable", f"{scene['sar_uri']}: {exc}. Re-download the scene."))
+                tid = tile_id_for(scene["scene_id"], grid.gsd, *window_of(chunk, grid, i))
+                if isinstance(exc, MissingBand):
+                    errors.append(error_row(STAGE, tid, "missing_polarisation", f"{scene['sar_uri']}: {exc}."))
+                else:
+                    errors.append(error_row(STAGE, tid, "unreadable", f"{scene['sar_uri']}: {exc}. Re-download the scene."))
             return rows, errors
         for i in range(chunk["start"], chunk["stop"]):
-            r, c = divmod(i, grid.n_cols)
+            r, c = window_of(chunk, grid, i)
             tid = tile_id_for(scene["scene_id"], grid.gsd, r, c)
             try:
                 row = self.make_tile(src, scene, grid, r, c, tid)
@@ -339,7 +408,8 @@ class TileChunk:
                 rows.append(row)
         return rows, errors
 
-    def read_intensity(self, src, scene: dict, transform: Affine, crs: str, size: int) -> np.ndarray:
+    def read_intensity(self, src, scene: dict, transform: Affine, crs: str, size: int, uri: str | None = None
+                       ) -> np.ndarray:
         """Linear intensity on a tile grid (NaN nodata) by the cheapest exact path:
 
         * the tile grid is the scene's own pixel grid (native GSD, north-up, same CRS): a windowed read;
@@ -349,9 +419,11 @@ class TileChunk:
         * anything else (rotated, mirrored, another CRS, no overviews): GDAL's warper from full resolution.
         """
         units = scene["units"]
+        scale = np.float32(scene.get("scale_factor") or 1.0)  # sidecar-calibrated amplitude (Capella)
 
         def to_linear(block: np.ma.MaskedArray) -> np.ndarray:
-            return sar.to_intensity(block.astype(np.float32).filled(np.nan), units)
+            values = block.astype(np.float32).filled(np.nan)
+            return sar.to_intensity(values * scale if scale != 1 else values, units)
 
         band, gsd, native = scene["band"], transform.a, scene["gsd_m"]
         window = pixel_window(src, transform, crs, size)
@@ -363,7 +435,7 @@ class TileChunk:
                 overview = overview_for(src, gsd / native)
             if overview is not None:
                 path = "overview"
-                out = warp_window(self._dataset(scene["sar_uri"], overview), band, transform, crs, size,
+                out = warp_window(self._dataset(uri or scene["sar_uri"], overview), band, transform, crs, size,
                                   Resampling.average, to_linear, self.stats)
             else:
                 path = "warp"
@@ -379,31 +451,163 @@ class TileChunk:
         looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
         return padded[halo: halo + size, halo: halo + size], sar.despeckle(padded, self.cfg.speckle, looks_scale, halo)
 
+    def gcp_intensity(self, scene: dict, bands: list[dict], transform: Affine, crs: str, height: int, width: int
+                      ) -> tuple[np.ndarray | None, list[int]]:
+        """Linear intensity of a GCP-referenced scene's bands on a grid of ``height`` x ``width`` pixels
+        ((bands, height, width), NaN nodata), or None when the grid misses the scene, and per band how many
+        pixels of the source window thermal-noise removal took to the floor.
+
+        Only the source window under the grid is read (found by inverting the GCP transformer along the
+        grid's outline), calibrated with the product's LUTs on that window's lines and pixels, and warped by
+        GDAL through the GCPs shifted into the window (``SRC_METHOD=GCP_TPS``, or the polynomial): the same
+        mapping as warping the whole product."""
+        sid = scene["scene_id"]
+        if sid not in self._georef:
+            self._georef = {sid: Georef(json.loads(scene["gcps"]), scene["crs"], *_method(scene["gcp_method"]))}
+            self._radiometry = {}
+        georef = self._georef[sid]
+        sx, sy = np.linspace(0, width, 17), np.linspace(0, height, 9)
+        edge = (np.concatenate([sx, np.full(9, width), sx[::-1], np.zeros(9)]),
+                np.concatenate([np.zeros(17), sy, np.full(17, height), sy[::-1]]))
+        xs, ys = transform * edge
+        if str(crs) != str(georef.crs):
+            from rasterio.warp import transform as warp_points
+
+            xs, ys = warp_points(crs, georef.crs, list(xs), list(ys))
+        rows, cols = georef.rowcol(xs, ys)
+        pad = 4 + math.ceil(transform.a / max(scene["gsd_m"], 1e-9))
+        c0, r0 = math.floor(np.min(cols)) - pad, math.floor(np.min(rows)) - pad
+        win = Window(c0, r0, math.ceil(np.max(cols)) + pad - c0, math.ceil(np.max(rows)) + pad - r0)
+        inter = _inside(win, self._dataset(bands[0]["uri"]))
+        if inter is None:
+            return None, [0] * len(bands)
+        data, floored = [], []
+        for b in bands:
+            src = self._dataset(b["uri"])
+            block = src.read(b["band"], window=inter, masked=True)
+            self.stats["pixels_read"] = self.stats.get("pixels_read", 0) + block.size
+            dn = block.astype(np.float32).filled(np.nan)
+            if scene.get("nodata") is not None:
+                dn[dn == scene["nodata"]] = np.nan
+            if scene.get("calibration") not in (None, "none") or scene.get("noise_removed"):
+                key = (sid, b["polarisation"])
+                if key not in self._radiometry:
+                    self._radiometry[key] = safe.Radiometry.for_band(
+                        b, scene.get("calibration") or "none", bool(scene.get("noise_removed")), b.get("noise_floor_db", -40.0))
+                values, low = self._radiometry[key].intensity(dn, int(inter.row_off), int(inter.col_off))
+            else:
+                values, low = sar.to_intensity(dn, scene["units"]), np.zeros(dn.shape, bool)
+            data.append(values)
+            floored.append(int(np.count_nonzero(low)))
+        stack = np.stack(data)
+        dst = np.full((len(stack), height, width), np.nan, dtype=np.float32)
+        reproject(stack, dst, src_nodata=np.nan, dst_transform=transform, dst_crs=crs, dst_nodata=np.nan,
+                  resampling=resampling_for(transform.a, scene["gsd_m"]), UNIFIED_SRC_NODATA="NO",
+                  **georef.warp_options(inter.row_off, inter.col_off))
+        self.stats["gcp_warp"] = self.stats.get("gcp_warp", 0) + 1
+        return dst, floored
+
+    def band_intensities(self, src, scene: dict, bands: list[dict], grid: Grid, t: Affine, r: int = 0, c: int = 0
+                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+        """Every band's linear intensity on a tile, before and after the speckle filter (read with the filter's
+        halo, as :meth:`filtered_intensity`), and per band the source pixels noise removal took to the floor."""
+        size, halo = self.cfg.tile_size, sar.despeckle_halo(self.cfg.speckle)
+        looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
+        inner = np.s_[halo: halo + size, halo: halo + size]
+        if scene.get("georef") == "gcps":
+            padded, clipped = self.gcp_intensity(scene, bands, t @ Affine.translation(-halo, -halo), grid.crs,
+                                                 size + 2 * halo, size + 2 * halo)
+            if padded is None:
+                padded = np.full((len(bands), size + 2 * halo, size + 2 * halo), np.nan, np.float32)
+            return [p[inner] for p in padded], [sar.despeckle(p, self.cfg.speckle, looks_scale, halo) for p in padded], clipped
+        mask = bands[0].get("mask")
+        if len(bands) == 1 and not mask:
+            raw, filtered = self.filtered_intensity(src, scene, grid, t)
+            return [raw], [filtered], [0]
+        masked = None
+        if mask:  # OPERA's layover/shadow layer: 0 valid; shadow, layover, both and fill become nodata
+            layer = grid_read(self._dataset(mask), 1, t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo,
+                              Resampling.nearest)
+            masked = np.ones((size + 2 * halo,) * 2, bool) if layer is None else ~(layer == 0)
+        raws, filts = [], []
+        for b in bands:
+            padded = self.read_intensity(self._dataset(b["uri"]), {**scene, "band": b["band"]},
+                                         t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo, uri=b["uri"])
+            if masked is not None:
+                padded[masked] = np.nan
+            raws.append(padded[inner])
+            filts.append(sar.despeckle(padded, self.cfg.speckle, looks_scale, halo))
+        return raws, filts, [0] * len(bands)
+
     def make_tile(self, src, scene: dict, grid: Grid, r: int, c: int, tid: str) -> dict | str:
         """One tile row, or the reason it was dropped."""
         cfg = self.cfg
         size = cfg.tile_size
         t = grid.window_transform(r, c)
-        intensity, filtered = self.filtered_intensity(src, scene, grid, t)
-        invalid = ~np.isfinite(intensity)
+        bands = scene_bands(scene)
+        mode, shown = png_selection(bands, cfg.bands)
+        raws, filts, clipped = self.band_intensities(src, scene, bands, grid, t, r, c)
+        invalid = np.zeros((size, size), bool)
+        for i in shown:
+            invalid |= ~np.isfinite(raws[i])
         nodata_fraction = float(invalid.mean())
         if nodata_fraction > cfg.max_nodata_fraction:
             return (f"tile {tid} of {scene['sar_uri']}: {nodata_fraction:.0%} of pixels are nodata/NaN/inf "
                     f"(limit tile.max_nodata_fraction={cfg.max_nodata_fraction:.0%}); raise the limit to keep edge tiles.")
-        db = sar.to_db(filtered)
-        db[invalid] = np.nan
-        valid_db = db[~invalid]
-        # one partition for the statistics and the stretch (a percentile costs as much as the dB conversion)
-        p02, p98, low, high = sar.percentiles(valid_db, [2, 98, cfg.stretch.low, cfg.stretch.high])
-        image, lo, hi = sar.stretch_to_uint8(db, cfg.stretch, bounds=(float(low), float(high)))
+        band_rows, dbs = [], []
+        for i, b in enumerate(bands):
+            bad = ~np.isfinite(raws[i])
+            db = sar.to_db(filts[i])
+            db[bad] = np.nan
+            dbs.append(db)
+            ok = db[~bad]
+            if ok.size:
+                p02, p98, low, high = sar.percentiles(ok, [2, 98, cfg.stretch.low, cfg.stretch.high])
+                stats = {"db_mean": float(ok.mean()), "db_std": float(ok.std()), "db_p02": float(p02), "db_p98": float(p98)}
+            else:
+                low = high = None
+                stats = dict.fromkeys(("db_mean", "db_std", "db_p02", "db_p98"), float("nan"))
+            band_rows.append({"polarisation": b["polarisation"], "nodata_fraction": float(bad.mean()),
+                              "noise_clipped": int(clipped[i]), **stats, "_bounds": (low, high)})
+        channels, stretches = [], []
+        images = [dbs[i] for i in shown] if mode == "grey" else [dbs[shown[0]], dbs[shown[1]], dbs[shown[0]] - dbs[shown[1]]]
+        for k, db in enumerate(images):
+            db = db.copy()
+            db[invalid] = np.nan
+            if k < len(shown):  # a band: its own percentiles (computed above over its valid pixels)
+                bounds = band_rows[shown[k]]["_bounds"]
+                bounds = None if bounds[0] is None else (float(bounds[0]), float(bounds[1]))
+            else:  # the co/cross ratio of a composite
+                valid = db[np.isfinite(db)]
+                bounds = tuple(float(v) for v in sar.percentiles(valid, [cfg.stretch.low, cfg.stretch.high])) if valid.size else None
+            image, lo, hi = sar.stretch_to_uint8(db, cfg.stretch, bounds=bounds)
+            channels.append(image)
+            stretches.append([lo, hi])
+        for k, i in enumerate(shown):
+            band_rows[i]["stretch_db"] = stretches[k]
+        for row in band_rows:
+            row.pop("_bounds")
+            row.setdefault("stretch_db", None)
+        first = band_rows[shown[0]]
+        image = channels[0] if mode == "grey" else np.dstack(channels)
+        label = bands[shown[0]]["polarisation"] if mode == "grey" else \
+            f"{bands[shown[0]]['polarisation']}+{bands[shown[1]]['polarisation']} composite"
         return {
             "tile_id": tid, "scene_id": scene["scene_id"], "gsd_m": grid.gsd, "row": r, "col": c,
             "crs": grid.crs, "transform": [float(v) for v in tuple(t)[:6]], "width": size, "height": size,
             "bounds": [t.c, t.f - size * grid.gsd, t.c + size * grid.gsd, t.f],
             "footprint": outline_4326(t, grid.crs, size, size, densify=8).wkb,
             "sar_png": encode_png(image, cfg.png_compress_level),
-            "nodata_fraction": nodata_fraction, "db_mean": float(valid_db.mean()), "db_std": float(valid_db.std()),
-            "db_p02": float(p02), "db_p98": float(p98), "stretch_db": [lo, hi],
-            "sensor": scene["sensor"], "polarisation": scene["polarisation"], "region": scene["region"],
-            "native_gsd_m": scene["gsd_m"],
+            "nodata_fraction": nodata_fraction, "db_mean": first["db_mean"], "db_std": first["db_std"],
+            "db_p02": first["db_p02"], "db_p98": first["db_p98"], "stretch_db": stretches[0],
+            "sensor": scene["sensor"], "polarisation": label, "region": scene["region"],
+            "native_gsd_m": scene["gsd_m"], "bands": band_rows,
         }
+
+
+def _method(name: str | None) -> tuple[str, int]:
+    """``gcp_method`` of a scene row (tps, polynomial<order>, affine) as (method, order)."""
+    name = name or "tps"
+    if name.startswith("polynomial"):
+        return "polynomial", int(name[len("polynomial"):] or 3)
+    return name, 3

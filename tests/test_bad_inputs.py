@@ -42,8 +42,8 @@ SCENES = [
     ("truncated GeoTIFF", "a real scene cut to its first third", "truncated_sar.tif", "unreadable", "re-download"),
     ("not a TIFF inside", "TIFF magic bytes, then junk", "garbage_sar.tif", "unreadable", "corrupt"),
     ("no CRS", "a real scene written without CRS", "nocrs_sar.tif", "no_crs", "Georeference it"),
-    ("GCPs only", "georeferenced by 4 GCPs, no geotransform (as a Sentinel-1 GRD measurement file)",
-     "gcps_sar.tif", "gcps_only", "Orthorectify"),
+    ("too few GCPs", "georeferenced by 2 GCPs, no geotransform (a GCP-only file needs at least 3)",
+     "gcps_sar.tif", "bad_gcps", "at least 3"),
     ("all nodata", "a real scene with every pixel 0 (its nodata value)", "allnodata_sar.tif", "all_nodata", "nodata value"),
     ("optical image as SAR", "the RGB optical twin copied into sar/", "rgb_given_as_sar.tif", "not_sar", "Move it"),
     ("boolean mask as SAR", "a 1-bit (NBITS=1) raster", "mask_1bit_sar.tif", "not_sar", "Move it"),
@@ -130,7 +130,7 @@ def _make_bad_scenes(sar: Path, good: Path) -> None:
     with rasterio.open(sar / "nocrs_sar.tif", "w", **p) as dst:  # no CRS at all
         dst.write(data, 1)
     with rasterio.open(sar / "gcps_sar.tif", "w", driver="GTiff", width=32, height=32, count=1, dtype="float32") as dst:
-        dst.gcps = ([GroundControlPoint(r, c, 4.1 + c / 3200, 51.9 - r / 3200) for r in (0, 32) for c in (0, 32)],
+        dst.gcps = ([GroundControlPoint(r, c, 4.1 + c / 3200, 51.9 - r / 3200) for r, c in ((0, 0), (32, 32))],
                     CRS.from_epsg(4326))
         dst.write(np.ones((32, 32), "float32"), 1)
     with rasterio.open(sar / "allnodata_sar.tif", "w", **profile) as dst:

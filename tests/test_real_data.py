@@ -4,6 +4,7 @@ against the source rasters themselves."""
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -36,7 +37,8 @@ def real_run(ray_session, real_sar, tmp_path_factory):
 
 
 def _scene_rows(cfg):
-    return {s["sar_uri"].rsplit("/", 1)[-1]: s for s in pipeline.read_scenes(cfg.run.run_dir)}
+    """Scene rows by the file name of each of their bands (an OPERA burst's VV and VH files are one scene)."""
+    return {b["uri"].rsplit("/", 1)[-1]: s for s in pipeline.read_scenes(cfg.run.run_dir) for b in json.loads(s["bands"])}
 
 
 def test_every_real_sar_file_is_tiled(real_run, real_sar):
@@ -66,9 +68,14 @@ def test_units_detected_per_product(real_run):
     assert scenes["S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif"]["units"] == "db"
     assert scenes["umbra_mount_yasur.tiff"]["units"] == "amplitude"
     assert scenes["Spain_7370579_S1Hand.tif"]["units"] == "db"
-    opera = [s for n, s in scenes.items() if n.startswith("OPERA")]
-    assert len(opera) == 60 and {s["units"] for s in opera} == {"intensity"}
-    assert {s["polarisation"] for s in opera} == {"VV", "VH"}
+    opera = {s["scene_id"]: s for n, s in scenes.items() if n.startswith("OPERA")}
+    # 60 files: 15 bursts x 2 dates, each burst-date's VV and VH files one scene with both polarisations
+    assert len(opera) == 30 and {s["units"] for s in opera.values()} == {"intensity"}
+    assert {s["polarisation"] for s in opera.values()} == {"VV+VH"}
+    for s in opera.values():
+        vv, vh = json.loads(s["bands"])
+        assert (vv["polarisation"], vh["polarisation"]) == ("VV", "VH")
+        assert vv["uri"].endswith("_VV.tif") and vh["uri"] == vv["uri"][: -len("_VV.tif")] + "_VH.tif"
     assert scenes["Spain_7370579_S1Hand.tif"]["polarisation"] == "VV"  # from the band description
 
 

@@ -190,11 +190,15 @@ def test_real_opera_burst_item(ray_session, real_sar, tmp_path):
     root.save(pystac.CatalogType.SELF_CONTAINED)  # asset hrefs stay absolute: the data lives elsewhere
 
     counts, scenes, errors = _catalog(tmp_path / "run", str(tmp_path / "stac" / "catalog.json"))
-    assert (counts["planned"], counts["written"], counts["rejected"]) == (2, 2, 0) and not errors
+    # the item's VV and VH assets are one scene with both polarisations, as the folder scan groups the files
+    assert (counts["planned"], counts["written"], counts["rejected"]) == (1, 1, 0) and not errors
     _, folder_scenes, _ = _catalog(tmp_path / "folder", str(folder), f"catalog.sar_glob=[{stem}_*.tif]")
     _assert_same_scenes(scenes, folder_scenes, exact_ids=False)  # ids hash paths relative to another root
-    by_pol = {s["stac_asset"]: s for s in scenes.values()}
-    assert {k: s["polarisation"] for k, s in by_pol.items()} == {"VV": "VV", "VH": "VH"}
+    (s,) = scenes.values()
+    assert s["stac_asset"] == "VV+VH" and s["polarisation"] == "VV+VH"
+    assert [(b["polarisation"], b["uri"]) for b in json.loads(s["bands"])] == [(p, str(files[p])) for p in ("VV", "VH")]
+    (f,) = folder_scenes.values()
+    assert [b["uri"] for b in json.loads(f["bands"])] == [b["uri"] for b in json.loads(s["bands"])]
     for s in scenes.values():
         assert s["sensor"] == "Sentinel-1" and s["platform"] == "sentinel-1a" and s["instrument_mode"] == "IW"
         assert s["stac_item"] == stem and s["datetime"] == "2021-11-19T01:58:54Z"

@@ -29,7 +29,10 @@ def _body(cfg: WorkflowConfig) -> dict:
     io.write_parquet_atomic(io.join(cfg.run.run_dir, "catalog", "errors.parquet"), errors_table(errors))
     reasons = collections.Counter(e["error_class"] for e in errors)
     counts = {"planned": planned, "written": len(scenes), "rejected": len(errors), "companions": companions,
-              "rejects_by_reason": dict(sorted(reasons.items())), "placement": placement(results)}
+              "rejects_by_reason": dict(sorted(reasons.items())), "placement": placement(results),
+              # STAC proj:* fields that disagreed with the file (the file won), GRD scenes on strong relief
+              "proj_mismatches": sum(1 for s in scenes if s.get("proj_mismatch")),
+              "relief_flagged": sum(1 for s in scenes if s.get("relief_flag"))}
     if not scenes:
         counts["failure"] = (f"none of the {planned} files of {cfg.catalog.archive} is a usable SAR scene "
                              f"({', '.join(f'{k}: {n}' for k, n in reasons.most_common())}); the reason for each file is in "
