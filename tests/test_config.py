@@ -102,3 +102,9 @@ def test_sarlang_config_with_a_bad_catalog_value_exits_non_zero():
     proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "config", "catalog.no_twin=bogus"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "catalog.no_twin" in proc.stderr and not proc.stdout
+
+
+def test_off_on_the_command_line_is_off():
+    """YAML 1.1 reads a bare `off` as false; the QC rules and the judge take it as the word it is."""
+    cfg = load_config(None, ["annotate.qc.colour=off", "annotate.qc.contradiction=off", "evaluate.judge=off"])
+    assert (cfg.annotate.qc.colour, cfg.annotate.qc.contradiction, cfg.evaluate.judge) == ("off", "off", "off")
