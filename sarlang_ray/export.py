@@ -11,6 +11,9 @@
   ``dataset_info.json``. Its records name the images of ``sarlang1m/SAR_images/`` as
   ``../sarlang1m/SAR_images/<tile>.png``: LLaMA-Factory joins an image path to ``media_dir``, which defaults to
   ``dataset_dir`` (this folder), so ``dataset_dir=export/llamafactory`` finds them with no copy.
+* ``export/objects/<shard>.parquet``: the label objects of every exported tile (``tile_id``, ``split``,
+  ``object_id``, ``label_id``, ``class``); ``object_id`` is the label id, or for an object clipped at a split
+  boundary the id of its part in that split (:func:`sarlang_ray.splits.clipped_id`).
 * ``export/dataset_card.md`` with counts and PNG plots.
 
 Splits are computed in the driver from small per-tile descriptors (:func:`split_inputs`: no images). The rest
@@ -38,7 +41,7 @@ import shapely
 from sarlang_ray import io, plots, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import error_row, errors_table
-from sarlang_ray.splits import SPLITS, SplitTile, geographic_splits, group_splits, leakage_report
+from sarlang_ray.splits import OBJECT, SPLITS, SplitTile, clipped_id, geographic_splits, group_splits, leakage_report
 
 PAIR_COLUMNS = ["pair_id", "tile_id", "scene_id", "gsd_m", "kind", "application", "question_type", "question", "answer"]
 # what the contradiction checker reads of a shard's tiles and pairs
@@ -60,6 +63,10 @@ EXPORT_SCHEMA = pa.schema(
 IMAGES = "sarlang1m/SAR_images"  # under export/: the one copy of every tile PNG
 LLAMA_IMAGES = "../sarlang1m/SAR_images"  # how llamafactory/ records name that folder (relative to media_dir)
 PARTS = "_parts"  # under export/: per-shard parts of the JSON and CSV files, removed once assembled
+OBJECTS = "objects"  # under export/: the label objects of every exported tile, with the id they carry in this export
+OBJECTS_SCHEMA = pa.schema([("tile_id", pa.string()), ("split", pa.string()),
+                            ("object_id", pa.string()),  # label_id, or its clipped id (splits.clipped_id) when clipped
+                            ("label_id", pa.string()), ("class", pa.string())])
 CSV_HEADER = b"image,caption\r\n"  # csv.DictWriter's header (and its \r\n line ends)
 STATS = ("pairs", "applications", "question_types", "classes", "landcover", "gsd", "tiles")  # the card's counters
 
@@ -110,23 +117,28 @@ def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
         shard_of[tile.tile_id] = shard
         candidates.append(tile)
     ratios = {"train": e.train, "val": e.val, "test": e.test}
-    dropped: dict[str, str] = {}
+    dropped: dict[str, tuple[str, str]] = {}
+    clipped: set[str] = set()
     if e.split_by == "geographic":
-        tile_split, dropped = geographic_splits(candidates, ratios, cfg.run.seed, e.block_m, e.buffer_m)
+        tile_split, dropped, clipped = geographic_splits(candidates, ratios, cfg.run.seed, e.block_m, e.buffer_m)
     else:
         tile_split = group_splits(candidates, e.split_by, ratios, cfg.run.seed)
-    leakage = leakage_report(candidates, tile_split, e.buffer_m)
+    leakage = leakage_report(candidates, tile_split, e.buffer_m, clipped)
     leakage.update(split_by=e.split_by, dropped_tiles=len(dropped))
     io.write_json_atomic(io.join(out, "leakage.json"), leakage)
     io.write_parquet_atomic(io.join(out, "errors.parquet"), errors_table(
-        [error_row("export", tid, "split_boundary", why) for tid, why in sorted(dropped.items())]))
+        [error_row("export", tid, "split_object", why) if kind == OBJECT else error_row("export", tid, "split_boundary", why)
+         for tid, (kind, why) in sorted(dropped.items())]))
     by_shard: dict[str, dict[str, str]] = {}
+    clipped_in: dict[str, set[str]] = {}
     for tile in candidates:  # shard order (split_inputs'), tiles in shard order
         if tile.tile_id in tile_split:
             by_shard.setdefault(shard_of[tile.tile_id], {})[tile.tile_id] = tile_split[tile.tile_id]
-    items = [{"index": i, "shard": shard, "splits": json.dumps(splits)} for i, (shard, splits) in enumerate(by_shard.items())]
+            clipped_in.setdefault(shard_of[tile.tile_id], set()).update(tile.label_ids & clipped)
+    items = [{"index": i, "shard": shard, "splits": json.dumps(splits), "clipped": json.dumps(sorted(clipped_in[shard]))}
+             for i, (shard, splits) in enumerate(by_shard.items())]
     counts = {"planned": len(candidates), "written": len(candidates) - len(dropped), "rejected": len(dropped),
-              "reasons": {"split_boundary": len(dropped)} if dropped else {}, "leakage": leakage}
+              "reasons": dict(Counter(kind for kind, _ in dropped.values())), "leakage": leakage}
     return items, counts
 
 
@@ -170,7 +182,7 @@ class ExportShard:
         return json.dumps(consistency.check_pairs(pairs, tiles, self.visibility))
 
     def __call__(self, row: dict) -> dict:
-        name, split_of = row["shard"], json.loads(row["splits"])
+        name, split_of, clipped = row["shard"], json.loads(row["splits"]), set(json.loads(row.get("clipped") or "[]"))
         done_uri = io.join(self.out, PARTS, "_done", name.replace("/", "__") + ".json")
         if io.exists(done_uri):  # an earlier, interrupted run finished this shard: its files are there
             done = io.read_json(done_uri)
@@ -180,9 +192,14 @@ class ExportShard:
         tiles, pairs = self.read(name, split_of, [*CHECK_TILE_COLUMNS, "sar_png", "objects", "landcover"],
                                  [*PAIR_COLUMNS, "backend"])
         stats: dict[str, Counter] = {k: Counter() for k in STATS}
+        objects: list[dict] = []
         for tid in sorted({p["tile_id"] for p in pairs}):  # each image once, in the one image folder
             t = tiles[tid]
             io.write_bytes_atomic(io.join(self.out, IMAGES, _image_name(tid)), t["sar_png"])
+            split = split_of[tid]
+            objects += [{"tile_id": tid, "split": split, "object_id": clipped_id(o["label_id"], split)
+                         if o["label_id"] in clipped else o["label_id"], "label_id": o["label_id"], "class": o["class"]}
+                        for o in t["objects"]]
             stats["tiles"][split_of[tid]] += 1
             stats["gsd"][f"{t['gsd_m']:g}"] += 1
             stats["classes"].update(o["class"] for o in t["objects"])
@@ -211,6 +228,7 @@ class ExportShard:
             if r:
                 io.write_parquet_atomic(io.join(self.out, "parquet", split, name.replace("/", "__")),
                                         pa.Table.from_pylist(r, schema=EXPORT_SCHEMA))
+        io.write_parquet_atomic(io.join(self.out, OBJECTS, name.replace("/", "__")), pa.Table.from_pylist(objects, schema=OBJECTS_SCHEMA))
         for target, encoded in parts.items():
             sep = "" if target.endswith(".csv") else ",\n"  # CSV rows end in \r\n; JSON items need commas
             io.write_bytes_atomic(part_uri(self.out, target, name), sep.join(encoded).encode())
@@ -312,8 +330,10 @@ def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage
     leaks = "\n".join(f"| {k} | {v['intersection_m2']:g} | {v['tile_pairs_within_buffer']} | {v['shared_objects']} |"
                       for k, v in leakage["pairs"].items())
     how = {"geographic": f"**geographic**: tiles on spatial blocks of {cfg.export.block_m:g} m (equal-area grid); tiles of "
-                         f"different splits never share ground nor come closer than {cfg.export.buffer_m:g} m "
-                         f"({leakage['dropped_tiles']} boundary tiles dropped, listed in `errors.parquet`)",
+                         f"different splits never share ground nor come closer than {cfg.export.buffer_m:g} m, and no "
+                         f"label object is in two splits ({leakage['dropped_tiles']} boundary tiles dropped, listed in "
+                         f"`errors.parquet`; {leakage.get('clipped_objects', 0)} objects longer than a block clipped at "
+                         "split boundaries, each part with its own id in `objects/`)",
            "scene": "**scene** (weaker): no scene is in two splits, but scenes of the same ground can be",
            "region": "**region** (weaker): no region is in two splits"}[cfg.export.split_by]
     qtypes = Counter()

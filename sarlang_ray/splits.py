@@ -11,12 +11,18 @@ better than it is. So the default split is **geographic** (the spatial cross-val
    tiles (:func:`assign_splits`);
 3. a tile whose footprint intersects, or comes closer than ``buffer_m`` to, a tile of another split (a tile
    straddling a block boundary, a coarse tile over fine ones) is in conflict; the tiles with the most
-   conflicts are dropped until none is left (recorded with the reason, never silently).
+   conflicts are dropped until none is left (recorded with the reason, never silently);
+4. a label object (by id) shown by tiles of two splits is a conflict whatever the distance
+   (:func:`resolve_objects`, tiles indexed by label id): a *long* object (the centroids of the tiles showing
+   it lie more than ``block_m`` apart along x or y of the equal-area grid: a motorway, a river) is clipped,
+   the part each split's tiles show being an object of that split with its own id
+   (:func:`clipped_id`); any other object stays in the split holding most of its tiles, and its tiles in
+   other splits are dropped.
 
 ``split_by: scene`` and ``region`` are kept as explicit, weaker options: they keep a scene (or region)
 whole, but two scenes of the same ground may land in different splits. :func:`leakage_report` measures
 any assignment: per pair of splits, the ground area their tiles share, the tile pairs that meet, and the
-label objects that appear in both.
+label objects that appear in both (clipped objects by their clipped ids), and how many objects were clipped.
 """
 
 from __future__ import annotations
@@ -63,14 +69,20 @@ def assign_splits(group_sizes: dict[str, int], ratios: dict[str, float], seed: i
     return out
 
 
-def block_of(footprints: list[shapely.Polygon], block_m: float) -> list[str]:
-    """The equal-area grid block (``"<col>_<row>"``) holding each footprint's centroid."""
+def grid_centroids(footprints: list[shapely.Polygon]) -> tuple[np.ndarray, np.ndarray]:
+    """x and y (metres, in the equal-area grid's CRS) of each footprint's centroid."""
     if not footprints:
-        return []
+        return np.empty(0), np.empty(0)
     centroids = shapely.centroid(np.asarray(footprints, dtype=object))
     x, y = Transformer.from_crs("EPSG:4326", EQUAL_AREA, always_xy=True).transform(
         shapely.get_x(centroids), shapely.get_y(centroids))
-    return [f"{math.floor(a / block_m)}_{math.floor(b / block_m)}" for a, b in zip(np.atleast_1d(x), np.atleast_1d(y))]
+    return np.atleast_1d(x), np.atleast_1d(y)
+
+
+def block_of(footprints: list[shapely.Polygon], block_m: float) -> list[str]:
+    """The equal-area grid block (``"<col>_<row>"``) holding each footprint's centroid."""
+    x, y = grid_centroids(footprints)
+    return [f"{math.floor(a / block_m)}_{math.floor(b / block_m)}" for a, b in zip(x, y)]
 
 
 class _Ground:
@@ -162,31 +174,81 @@ def block_runs(block_sizes: dict[str, int], ratios: dict[str, float], seed: int,
 
 
 def geographic_splits(tiles: list[SplitTile], ratios: dict[str, float], seed: int, block_m: float,
-                      buffer_m: float) -> tuple[dict[str, str], dict[str, str]]:
-    """Tile id -> split, and tile id -> why it was dropped (the module docstring says how)."""
-    blocks = block_of([t.footprint for t in tiles], block_m)
+                      buffer_m: float) -> tuple[dict[str, str], dict[str, tuple[str, str]], set[str]]:
+    """Tile id -> split; tile id -> (error class, why) of each dropped tile; and the ids of the label objects
+    clipped at split boundaries (the module docstring says how)."""
+    footprints = [t.footprint for t in tiles]
+    blocks = block_of(footprints, block_m)
     sizes = dict(Counter(blocks))
     meeting = meeting_pairs(tiles, buffer_m)
+    objects = ObjectIndex(tiles, block_m)
     # a few seeded places to start the curve at; keep the one whose kept tiles come closest to the ratios
     base = int(hashlib.sha256(f"{seed}:start".encode()).hexdigest(), 16)
     best = None
     for k in range(START_CANDIDATES):
         block_split = block_runs(sizes, ratios, seed, start=base + k * max(1, len(sizes) // START_CANDIDATES))
-        kept, dropped = _resolve([block_split[b] for b in blocks], meeting, tiles, ratios, buffer_m)
+        kept, dropped, clipped = _resolve([block_split[b] for b in blocks], meeting, tiles, ratios, buffer_m, objects)
         shares = Counter(kept.values())
         n = max(1, len(tiles))
         miss = sum((shares[s] / n - r) ** 2 + (r > 0 and shares[s] == 0) for s, r in ratios.items()) + len(dropped) / n
         if best is None or miss < best[0]:
-            best = (miss, kept, dropped)
-    return best[1], best[2]
+            best = (miss, kept, dropped, clipped)
+    return best[1], best[2], best[3]
 
 
 START_CANDIDATES = 8  # seeded start places tried along the Hilbert curve
+BOUNDARY, OBJECT = "split_boundary", "split_object"  # why a tile was dropped: ground, or a label object
+
+
+def clipped_id(label_id: str, split: str) -> str:
+    """The id of the part of a clipped label object that lies in ``split``'s tiles."""
+    return f"{label_id}~{split}"
+
+
+class ObjectIndex:
+    """Tiles indexed by label id (each label's tile indexes, in tile order), and the long labels: those whose
+    tiles' centroids lie more than ``block_m`` apart along x or y of the equal-area grid. Linear in the
+    number of (tile, label) pairs: no pair of tiles is ever compared."""
+
+    def __init__(self, tiles: list[SplitTile], block_m: float):
+        self.tiles: dict[str, list[int]] = defaultdict(list)
+        for i, t in enumerate(tiles):
+            for label in t.label_ids:
+                self.tiles[label].append(i)
+        x, y = grid_centroids([t.footprint for t in tiles])
+        self.long = {label for label, idx in self.tiles.items() if len(idx) > 1
+                     and max(np.ptp(x[idx]), np.ptp(y[idx])) > block_m}
+
+
+def resolve_objects(split: list[str], dropped: dict[int, tuple[str, str]], tiles: list[SplitTile],
+                    ratios: dict[str, float], objects: ObjectIndex) -> set[str]:
+    """Make every label object live in one split: objects in order of their id; one whose kept tiles lie in
+    more than one split is clipped when it is long (its id is returned), else it stays in the split that
+    holds most of its kept tiles (ties: the larger target share, then the name) and its tiles in the other
+    splits are dropped (added to ``dropped``). A drop never adds an object to a split, so an object settled
+    earlier stays settled."""
+    for label in sorted(objects.tiles):
+        if label in objects.long:
+            continue  # clipped below, once every drop is known
+        kept = [i for i in objects.tiles[label] if i not in dropped]
+        counts = Counter(split[i] for i in kept)
+        if len(counts) < 2:
+            continue
+        home = max(counts, key=lambda s: (counts[s], ratios[s], s))
+        for i in kept:
+            if split[i] != home:
+                dropped[i] = (OBJECT, (
+                    f"tile {tiles[i].tile_id} (split {split[i]}) shows label object {label}, which {counts[home]} "
+                    f"tile(s) of split {home} also show; dropped so that the object lives in one split (it spans "
+                    "less than export.block_m, so it is not clipped). A larger export.block_m means fewer split boundaries."))
+    return {label for label in objects.long
+            if len({split[i] for i in objects.tiles[label] if i not in dropped}) > 1}
 
 
 def _resolve(split: list[str], meeting: list[tuple[int, int]], tiles: list[SplitTile], ratios: dict[str, float],
-             buffer_m: float) -> tuple[dict[str, str], dict[str, str]]:
-    """Drop tiles until no two tiles of different splits meet; (tile id -> split, tile id -> why dropped)."""
+             buffer_m: float, objects: ObjectIndex) -> tuple[dict[str, str], dict[str, tuple[str, str]], set[str]]:
+    """Drop tiles until no two tiles of different splits meet, then settle the label objects
+    (:func:`resolve_objects`); (tile id -> split, tile id -> (error class, why), clipped label ids)."""
     conflicts: dict[int, set[int]] = defaultdict(set)
     for i, j in meeting:
         if split[i] != split[j]:
@@ -198,7 +260,7 @@ def _resolve(split: list[str], meeting: list[tuple[int, int]], tiles: list[Split
         # tile, then the larger footprint; the id makes it deterministic
         return (-ratios[split[i]], -len(conflicts[i]), -tiles[i].footprint.area, tiles[i].tile_id)
 
-    dropped: dict[str, str] = {}
+    dropped: dict[int, tuple[str, str]] = {}
     heap = [(cost(i), i) for i in conflicts]
     heapq.heapify(heap)
     while heap:
@@ -209,23 +271,23 @@ def _resolve(split: list[str], meeting: list[tuple[int, int]], tiles: list[Split
             heapq.heappush(heap, (cost(i), i))
             continue
         others = sorted({split[j] for j in conflicts[i]})
-        dropped[tiles[i].tile_id] = (
-            f"tile {tiles[i].tile_id} (split {split[i]}) shares ground or label objects with, or lies within "
+        dropped[i] = (BOUNDARY, (
+            f"tile {tiles[i].tile_id} (split {split[i]}) shares ground with, or lies within "
             f"export.buffer_m={buffer_m:g} m of, {len(conflicts[i])} tile(s) of split(s) {', '.join(others)}; dropped so "
-            "that no ground is in two splits. A larger export.block_m means fewer split boundaries.")
+            "that no ground is in two splits. A larger export.block_m means fewer split boundaries."))
         for j in conflicts.pop(i):
             conflicts[j].discard(i)
             heapq.heappush(heap, (cost(j), j))
-    return {t.tile_id: s for t, s in zip(tiles, split) if t.tile_id not in dropped}, dropped
+    clipped = resolve_objects(split, dropped, tiles, ratios, objects)
+    return ({t.tile_id: s for i, (t, s) in enumerate(zip(tiles, split)) if i not in dropped},
+            {tiles[i].tile_id: why for i, why in dropped.items()}, clipped)
 
 
 def meeting_pairs(tiles: list[SplitTile], buffer_m: float) -> list[tuple[int, int]]:
-    """Index pairs (i < j) of tiles that share ground (interiors overlap), lie closer than ``buffer_m``, or
-    show the same label object."""
+    """Index pairs (i < j) of tiles that share ground (interiors overlap) or lie closer than ``buffer_m``
+    (label objects shared at any distance are :func:`resolve_objects`' business)."""
     ground = _Ground(tiles)
-    out = [(i, j) for i, j in candidate_pairs(tiles, buffer_m).tolist()
-           if tiles[i].label_ids & tiles[j].label_ids or ground.meet(i, j, buffer_m)]
-    return out
+    return [(i, j) for i, j in candidate_pairs(tiles, buffer_m).tolist() if ground.meet(i, j, buffer_m)]
 
 
 def group_splits(tiles: list[SplitTile], by: str, ratios: dict[str, float], seed: int) -> dict[str, str]:
@@ -235,14 +297,21 @@ def group_splits(tiles: list[SplitTile], by: str, ratios: dict[str, float], seed
     return {t.tile_id: group_split[key(t)] for t in tiles}
 
 
-def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m: float) -> dict:
+def object_ids(tile: SplitTile, split: str, clipped: set[str] = frozenset()) -> set[str]:
+    """The ids of the label objects a tile of ``split`` shows, clipped objects by their clipped id."""
+    return {clipped_id(label, split) if label in clipped else label for label in tile.label_ids}
+
+
+def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m: float,
+                   clipped: set[str] = frozenset()) -> dict:
     """Per pair of splits: ground area their tiles share (m², geodesic, of the union of each split's
-    footprints), tile pairs that share ground or lie closer than ``buffer_m``, and label objects in both."""
+    footprints), tile pairs that share ground or lie closer than ``buffer_m``, and label objects in both (a
+    clipped object by the id of each of its parts: :func:`clipped_id`); and how many objects were clipped."""
     geod = Geod(ellps="WGS84")
     placed = [t for t in tiles if t.tile_id in tile_split]
     by_split = {s: [t for t in placed if tile_split[t.tile_id] == s] for s in SPLITS}
     unions = {s: shapely.union_all([t.footprint for t in ts]) if ts else None for s, ts in by_split.items()}
-    labels = {s: set().union(*(t.label_ids for t in ts)) if ts else set() for s, ts in by_split.items()}
+    labels = {s: set().union(*(object_ids(t, s, clipped) for t in ts)) if ts else set() for s, ts in by_split.items()}
     meeting: Counter = Counter()
     for i, j in meeting_pairs(placed, buffer_m):
         a, b = tile_split[placed[i].tile_id], tile_split[placed[j].tile_id]
@@ -259,4 +328,5 @@ def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m:
                                  "shared_objects": len(labels[a] & labels[b])}
     return {"buffer_m": buffer_m, "pairs": pairs,
             "leak_free": all(p["intersection_m2"] == 0 and p["shared_objects"] == 0 for p in pairs.values()),
-            "tiles": {s: len(ts) for s, ts in by_split.items()}}
+            "tiles": {s: len(ts) for s, ts in by_split.items()}, "clipped_objects": len(clipped),
+            "clipped_parts": len({(label, tile_split[t.tile_id]) for t in placed for label in t.label_ids & clipped})}

@@ -209,7 +209,8 @@ def _expected_files(cfg) -> dict[str, bytes]:
     from sarlang_ray.splits import SPLITS, geographic_splits
 
     e = cfg.export
-    split_of, _ = geographic_splits([t for _, t in split_inputs(cfg.run.run_dir)], {"train": e.train, "val": e.val, "test": e.test}, cfg.run.seed,
+    split_of, _, _ = geographic_splits([t for _, t in split_inputs(cfg.run.run_dir)], {"train": e.train, "val": e.val, "test": e.test},
+                                       cfg.run.seed,
                                     e.block_m, e.buffer_m)
     llama = {s: [] for s in SPLITS}
     captions = {(k, s): [] for k in ("concise", "detailed") for s in SPLITS}
@@ -418,3 +419,138 @@ def test_one_reason_rejecting_more_than_the_share_warns_in_the_summary(exported,
     assert f"  !! WARNING {warning}" in pipeline.format_summary(again)
     marker = json.loads((run_dir / "export" / "_SUCCESS.json").read_text())
     assert marker["warnings"] == again["stages"]["export"]["warnings"]
+
+
+def _exported_objects(out: Path, tiles: dict[str, dict], split_of: dict[str, str]) -> list[dict]:
+    """(tile, split, object id, label id) of every object of every exported tile: from ``export/objects/``,
+    checked against the tiles table; an export without that folder (older code) exports each object under
+    its label id."""
+    import pyarrow.parquet as pq
+
+    files = sorted(out.glob("objects/*.parquet"))
+    if not files:
+        return [{"tile_id": tid, "split": s, "object_id": o["label_id"], "label_id": o["label_id"]}
+                for tid, s in split_of.items() for o in tiles[tid]["objects"]]
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    assert sorted((r["tile_id"], r["label_id"]) for r in rows) == sorted(
+        (tid, o["label_id"]) for tid in split_of for o in tiles[tid]["objects"]), "every object of every exported tile"
+    assert all(split_of[r["tile_id"]] == r["split"] for r in rows)
+    return rows
+
+
+def test_a_long_road_across_split_blocks_is_in_no_two_splits(demo_run, tmp_path):
+    """A 12 m wide road drawn from a val tile of Shanghai's 10 m scene through the 1 m scene (test), several
+    kilometres and many tiles across 2 km blocks, with the default split: by brute force over the exported
+    tiles, no object id (original or clipped) is in two splits. The road is longer than a block, so it is
+    clipped: one part per split it crosses, each under its own id (before, tiles of val and test far apart
+    both showed the road under one id, and the report said leak-free)."""
+    import shutil
+
+    import geopandas as gpd
+    import pyarrow.parquet as pq
+    from pyproj import Transformer
+    from shapely import from_wkb
+    from shapely.geometry import LineString
+    from shapely.ops import transform
+
+    from conftest import demo_config
+    from sarlang_ray.splits import EQUAL_AREA
+
+    def clipped_id(label: str, split: str) -> str:  # as docs/export.md states it
+        return f"{label}~{split}"
+
+    cfg, _ = demo_run
+    out0 = Path(cfg.run.run_dir) / "export"
+    split0 = _exported_tiles(out0)
+    t0 = {t["tile_id"]: t for t in pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "scene_id", "gsd_m", "footprint"]).to_pylist()}
+    fine = [t for tid, t in t0.items() if t["scene_id"].startswith("shanghai_1m") and split0.get(tid) == "test"]
+    coarse = [t for tid, t in t0.items() if t["scene_id"].startswith("shanghai_10m") and split0.get(tid) == "val"]
+    assert fine and coarse, "the demo's Shanghai has test tiles (1 m scene) and val tiles (10 m scene)"
+    centre = from_wkb(sorted(fine, key=lambda t: t["tile_id"])[0]["footprint"]).centroid
+    start = min((from_wkb(t["footprint"]).centroid for t in coarse), key=lambda c: c.distance(centre))
+    utm = Transformer.from_crs("EPSG:4326", "EPSG:32651", always_xy=True)
+    a, b = transform(utm.transform, start), transform(utm.transform, centre)
+    road = LineString([(a.x, a.y), (b.x + 0.5 * (b.x - a.x), b.y + 0.5 * (b.y - a.y))]).buffer(6, cap_style="flat")
+    assert road.length / 2 > 2 * cfg.export.block_m  # blocks long
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(cfg.run.run_dir) / "archive", run_dir / "archive")
+    gpd.GeoDataFrame({"class": ["road"]}, geometry=[road], crs="EPSG:32651").to_crs(4326).to_parquet(
+        run_dir / "archive" / "labels" / "long_road.parquet")
+    road_id = "labels/long_road.parquet#feature=0"
+    run = demo_config(run_dir, "run.stages=[catalog,tile,align,annotate,export]")
+    assert run.export.split_by == "geographic" and run.export.block_m == 2000
+    pipeline.run(run)
+
+    out = run_dir / "export"
+    split_of = _exported_tiles(out)
+    tiles = {t["tile_id"]: t for t in pipeline.read_tiles(str(run_dir), columns=["tile_id", "footprint", "objects"]).to_pylist()}
+    on_road = {tid for tid in split_of if road_id in {o["label_id"] for o in tiles[tid]["objects"]}}
+    assert len(on_road) >= 8 and len({split_of[t] for t in on_road}) >= 2, "the road is exported in tiles of two splits"
+
+    # brute force over the exported tiles: every object id and the splits whose tiles show it
+    rows = _exported_objects(out, tiles, split_of)
+    splits_of_id: dict[str, set] = {}
+    for r in rows:
+        splits_of_id.setdefault(r["object_id"], set()).add(r["split"])
+    crossing = {i: sorted(s) for i, s in splits_of_id.items() if len(s) > 1}
+    print(f"road in {len(on_road)} exported tiles of splits {sorted({split_of[t] for t in on_road})}; "
+          f"{len(splits_of_id)} object ids; in two splits: {crossing}")
+    assert crossing == {}, f"object ids in two splits: {crossing}"
+    clipped = {r["label_id"] for r in rows if r["object_id"] != r["label_id"]}
+    assert not clipped & set(splits_of_id), "a clipped object is never exported under its original id"
+    for r in rows:
+        if r["label_id"] in clipped:
+            assert r["object_id"] == clipped_id(r["label_id"], r["split"])
+    road_parts = {r["object_id"] for r in rows if r["label_id"] == road_id}
+    assert road_parts == {clipped_id(road_id, s) for s in {split_of[t] for t in on_road}}
+
+    # a clipped object is longer than a block: its exported tiles' centroids lie more than block_m apart
+    to_grid = Transformer.from_crs("EPSG:4326", EQUAL_AREA, always_xy=True)
+    for label in clipped:
+        xy = [to_grid.transform(*from_wkb(tiles[r["tile_id"]]["footprint"]).centroid.coords[0]) for r in rows if r["label_id"] == label]
+        spans = [max(v[k] for v in xy) - min(v[k] for v in xy) for k in (0, 1)]
+        assert max(spans) > run.export.block_m, (label, spans)
+    report = json.loads((out / "leakage.json").read_text())
+    assert report["leak_free"] and report["clipped_objects"] == len(clipped) >= 1
+    assert report["clipped_parts"] == len({(r["label_id"], r["split"]) for r in rows if r["label_id"] in clipped})
+    assert sum(p["shared_objects"] for p in report["pairs"].values()) == 0
+
+
+def _row_of_tiles(n: int, labels) -> list:
+    """``n`` tiles of ~110 m in a row ~300 m apart (lon 4 E, lat 52 N: across several 2 km blocks); tile i
+    shows the label ids ``labels(i)``."""
+    import shapely
+
+    from sarlang_ray.splits import SplitTile
+
+    return [SplitTile(f"t{i:02d}", "s", "r", shapely.box(4.0 + i * 0.0045, 52.0, 4.0015 + i * 0.0045, 52.001), "EPSG:32631",
+                      frozenset(labels(i))) for i in range(n)]
+
+
+def test_objects_shared_at_any_distance_are_clipped_when_long_and_dropped_when_short():
+    """The review's case (40 tiles ~300 m apart sharing one label: before, splits 28/4/8 with the label in
+    all three and leak_free false) and short objects of three neighbouring tiles across block boundaries;
+    checked by brute force over every tile kept: no object id in two splits."""
+    from sarlang_ray.splits import geographic_splits, leakage_report, object_ids
+
+    ratios = {"train": 0.7, "val": 0.1, "test": 0.2}
+    for labels, long_ in ((lambda i: {"road"}, True), (lambda i: {f"o{j}" for j in range(i - 2, i + 1)}, False)):
+        tiles = _row_of_tiles(60, labels)
+        kept, dropped, clipped = geographic_splits(tiles, ratios, 0, 2000.0, 50.0)
+        assert set(kept.values()) == {"train", "val", "test"}
+        seen: dict[str, set] = {}
+        for t in tiles:
+            if t.tile_id in kept:
+                for i in object_ids(t, kept[t.tile_id], clipped):
+                    seen.setdefault(i, set()).add(kept[t.tile_id])
+        assert all(len(s) == 1 for s in seen.values()), {i: s for i, s in seen.items() if len(s) > 1}
+        report = leakage_report(tiles, kept, 50.0, clipped)
+        assert report["leak_free"] and report["clipped_objects"] == len(clipped)
+        if long_:  # one road over 18 km: clipped into one part per split, nothing dropped for it
+            assert clipped == {"road"} and not dropped and report["clipped_parts"] == 3
+            assert seen.keys() == {"road~train", "road~val", "road~test"}
+        else:  # objects of ~700 m: never clipped; their tiles in the minority split are dropped, and say why
+            assert not clipped and dropped and {kind for kind, _ in dropped.values()} == {"split_object"}
+            assert all("shows label object" in why for _, why in dropped.values())
+            assert len(kept) + len(dropped) == len(tiles)

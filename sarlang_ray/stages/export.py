@@ -44,7 +44,7 @@ def _body(cfg: WorkflowConfig) -> dict:
     counts = {"splits": {s: {"tiles": stats["tiles"][s], "pairs": stats["pairs"][s]} for s in SPLITS},
               "planned": split_counts["planned"], "written": split_counts["written"], "rejected": split_counts["rejected"],
               "question_types": len(stats["question_types"]),
-              "leakage": {k: v for k, v in leakage.items() if k in ("leak_free", "pairs")},
+              "leakage": {k: v for k, v in leakage.items() if k in ("leak_free", "pairs", "clipped_objects")},
               "shards": len(manifest), "skipped_shards": sum(bool(m["skipped"]) for m in manifest)}
     contradictions = consistency.merge_reports([json.loads(m["contradictions"]) for m in manifest])
     export.write_card(out, cfg, stats, counts, leakage, contradictions)
