@@ -22,6 +22,7 @@ from sarlang_ray.catalog import scene_id_for
 from sarlang_ray.config import load_config, to_yaml
 from sarlang_ray.errors import ItemError, redact_text
 from sarlang_ray.export import import_sarlang1m
+from sarlang_ray.stages.runner import StageFailed
 from sarlang_ray.tiling import shard_name, tile_id_for
 
 from conftest import REPO, TEST_OPENAI_KEY
@@ -241,11 +242,13 @@ def test_no_secret_reaches_the_run_folder_or_the_logs(ray_session, tmp_path, mon
     ])
     caplog.set_level(logging.DEBUG)
     try:
-        summary = pipeline.run(cfg)
+        with pytest.raises(StageFailed, match="backend_error") as failed:  # every tile rejected: the stage fails
+            pipeline.run(cfg)
     finally:
         server.httpd.shutdown()
     errors = [e for e in pipeline.read_errors(str(run_dir)).to_pylist() if e["stage"] == "annotate"]
-    assert summary["stages"]["annotate"]["rejected"] == len(errors) > 0
+    assert errors and f"backend_error: {len(errors)}" in str(failed.value)
+    assert aws_secret not in str(failed.value) and TEST_OPENAI_KEY not in str(failed.value)
     # the server echoed the key it was sent: the row keeps the reason, not the key
     assert all("HTTP 401" in e["message"] and "invalid key Bearer ***" in e["message"] for e in errors), errors[0]
 
