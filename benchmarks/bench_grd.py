@@ -11,7 +11,7 @@ the same GSD with the same speckle, tiled over the same ground box: what the pip
 GRD data somebody had orthorectified by hand.
 
 Throughput: the same ``TileChunk.process`` (read -> calibrate -> warp -> refined Lee -> dB stretch ->
-PNG) in one process, 512 px tiles at the product's native GSD (10.08 m on the ground), the fastest of
+PNG) in one process, 512 px tiles at the product's native GSD (its 10 m pixel spacing), the fastest of
 ``--repeats`` runs of each path, alternating. Geolocation: every node target's centroid in the tiles
 against the node's own lat/lon from the annotation, per GCP method (tps, polynomial order 3, affine).
 """

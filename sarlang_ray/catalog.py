@@ -361,8 +361,10 @@ def _lut_columns(bands: list[dict], cfg: CatalogSection) -> dict:
     for b in bands:
         b["noise"] = b.get("noise") if noise else None
         b["noise_floor_db"] = cfg.noise_floor_db
+    annotation = bands[0].get("annotation")
     return {"calibration": cfg.calibration, "noise_removed": bool(noise), "product_type": "GRD",
-            "noise_schema": safe.read_noise(bands[0]["noise"]).schema if noise else None, "nodata": 0.0}
+            "noise_schema": safe.read_noise(bands[0]["noise"]).schema if noise else None, "nodata": 0.0,
+            "spacing": safe.pixel_spacing(annotation) if annotation else None}
 
 
 def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None) -> dict:
@@ -548,9 +550,11 @@ def _sample_windows(src: rasterio.io.DatasetReader, band: int, size: int = 64) -
 
 def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, bands: list[dict],
               gcp_list: list[list[float]] | None = None, gcp_crs: str | None = None, nodata: float | None = None,
-              **columns) -> dict:
+              spacing: tuple[float, float] | None = None, **columns) -> dict:
     """The scene row of a raster georeferenced by GCPs (the file's own, or ``gcp_list`` from an annotation):
     footprint and GSD through the GCP transformer, tiles cut in the UTM zone of the footprint's centre."""
+    nodata = columns.pop("nodata", nodata)
+    spacing = columns.pop("spacing", None) or spacing
     if gcp_list is None:
         gcp_objs, crs = src.gcps
         gcp_list, gcp_crs = to_lists(gcp_objs), crs.to_string() if crs else "EPSG:4326"
@@ -575,7 +579,9 @@ def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, ban
         raise ItemError("bad_footprint", f"{uri}: its GCP footprint is degenerate or crosses the antimeridian "
                         f"(lon {footprint.bounds[0]:.3f} to {footprint.bounds[2]:.3f}); split the scene or leave it out.")
     tile_crs = tile_crs_for(CRS.from_user_input(gcp_crs), footprint)
-    gx, gy = georef.ground_gsd(src.width, src.height)
+    # the product's own pixel spacing where it states one (10 m for IW GRDH: what "10 m tiles" means to a user);
+    # else the geodesic length of a pixel step through the GCPs (10.06-10.08 m on the real IW products)
+    gx, gy = spacing or georef.ground_gsd(src.width, src.height)
     from rasterio.warp import transform_geom
 
     bounds = shapely.geometry.shape(transform_geom("EPSG:4326", tile_crs, shapely.geometry.mapping(footprint))).bounds
@@ -583,7 +589,6 @@ def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, ban
     name = PurePosixPath(uri).name
     tags = {k.upper(): v for k, v in src.tags().items()}
     calibrated = columns.get("calibration") not in (None, "none")
-    nodata = columns.pop("nodata", nodata)
     units, units_source = ("intensity", f"calibration {columns['calibration']}") if calibrated else \
         _detect_units(src, bands[0]["band"], values, uri, cfg)
     optical = _companion(uri, cfg.optical_rule)
@@ -647,7 +652,8 @@ def inspect_product(uri: str, cfg: CatalogSection) -> dict:
         noise_schema = None
         if cfg.noise_removal and first.noise:
             noise_schema = safe.read_noise(first.noise).schema
-        return gcp_scene(src, uri, cfg, bands, gcp_list, gcp_crs, nodata=0.0,  # GRD fills no-data with DN 0
+        spacing = safe.pixel_spacing(first.annotation) if first.annotation else None
+        return gcp_scene(src, uri, cfg, bands, gcp_list, gcp_crs, nodata=0.0, spacing=spacing,  # GRD no-data: DN 0
                          product_type=product.product_type, calibration=cfg.calibration,
                          noise_removed=bool(cfg.noise_removal and first.noise), noise_schema=noise_schema,
                          pass_direction=product.pass_direction, datetime=product.start_time)

@@ -360,6 +360,13 @@ class Radiometry:
         return power, low
 
 
+def pixel_spacing(annotation_uri: str) -> tuple[float, float] | None:
+    """The product's nominal (range, azimuth) pixel spacing in metres (10 m x 10 m for IW GRDH), or None."""
+    root = ET.fromstring(read_member(annotation_uri))
+    rng, az = root.findtext(".//rangePixelSpacing"), root.findtext(".//azimuthPixelSpacing")
+    return (float(rng), float(az)) if rng and az else None
+
+
 def geolocation_grid(annotation_uri: str) -> list[dict]:
     """The annotation's geolocation grid: ``{line, pixel, latitude, longitude, height}`` per point."""
     root = ET.fromstring(read_member(annotation_uri))

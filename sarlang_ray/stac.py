@@ -149,12 +149,12 @@ def sar_assets(item: pystac.Item, keys: list[str] | None) -> list[tuple[str, pys
     return sorted((k, a) for k, a in item.assets.items() if _is_geotiff(a))
 
 
-_XML_ASSET = re.compile(r"(?:^|[-_])(calibration|noise)[-_](vv|vh|hh|hv)$", re.I)
+_XML_ASSET = re.compile(r"(?:^|[-_])(calibration|noise|product)[-_](vv|vh|hh|hv)$", re.I)
 
 
 def lut_assets(item: pystac.Item, base: str) -> dict[tuple[str, str], str]:
-    """An item's Sentinel-1 calibration and noise XML assets (the Planetary Computer's
-    ``schema-calibration-vv``, ``schema-noise-vh``...) as {(kind, POL): absolute uri}."""
+    """An item's Sentinel-1 calibration, noise and product annotation XML assets (the Planetary Computer's
+    ``schema-calibration-vv``, ``schema-noise-vh``, ``schema-product-vv``...) as {(kind, POL): absolute uri}."""
     out = {}
     for key, asset in item.assets.items():
         m = _XML_ASSET.search(key)
@@ -173,7 +173,8 @@ def group_polarisations(cands: list[Candidate], luts: dict[tuple[str, str], str]
     ranked = sorted(zip(cands, (p[0] for p in pols)), key=lambda cp: order.index(cp[1]) if cp[1] in order else 9)
     first = ranked[0][0]
     bands = [{"polarisation": pol, "uri": c.uri, "band": 1, "asset": c.asset,
-              "calibration": luts.get(("calibration", pol)), "noise": luts.get(("noise", pol))} for c, pol in ranked]
+              "calibration": luts.get(("calibration", pol)), "noise": luts.get(("noise", pol)),
+              "annotation": luts.get(("product", pol))} for c, pol in ranked]
     return [Candidate(uri=first.uri, item_id=first.item_id, item_href=first.item_href,
                       asset="+".join(c.asset for c, _ in ranked), href=first.href, properties=first.properties,
                       asset_fields=first.asset_fields, bands=bands)]

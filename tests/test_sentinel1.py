@@ -107,7 +107,7 @@ def _errors_m(tiles, scene, gsd, expected_lonlat):
     return [float(np.hypot(f[0] - c[0], f[1] - c[1])) for f, c in zip(found, centres)]
 
 
-def test_grd_targets_land_on_their_geolocation_grid_nodes(grd, tmp_path):
+def test_grd_targets_land_on_their_geolocation_grid_nodes(ray_session, grd, tmp_path):
     """Every bright square centred on a geolocation-grid node lands within 0.5 px of the node's own lat/lon
     (annotation XML); every square between nodes within 0.5 px of where GDAL's TPS transformer (the one
     its warper uses with SRC_METHOD=GCP_TPS), called here directly on the GCPs, puts it. At the native
@@ -288,10 +288,10 @@ def test_stac_grd_item_with_made_up_proj_fields_gives_the_products_own_tiles(ray
     aoi = [node["longitude"] - 0.02, node["latitude"] - 0.02, node["longitude"] + 0.02, node["latitude"] + 0.02]
     assets = {}
     for kind, folder in (("measurement", "measurement"), ("calibration", "annotation/calibration"),
-                         ("noise", "annotation/calibration")):
+                         ("noise", "annotation/calibration"), ("product", "annotation")):
         for pol in ("vv", "vh"):
             path = next(p for p in (safe_dir / folder).iterdir() if f"-{pol}-" in p.name and
-                        (kind == "measurement" or p.name.startswith(kind)))
+                        (kind in ("measurement", "product") or p.name.startswith(kind)))
             key = pol if kind == "measurement" else f"schema-{kind}-{pol}"
             media = "image/tiff; application=geotiff" if kind == "measurement" else "application/xml"
             assets[key] = pystac.Asset(str(path), media_type=media, roles=["data"] if kind == "measurement" else ["metadata"])
