@@ -428,21 +428,12 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
         tags = {k.upper(): v for k, v in src.tags().items()}
         name = PurePosixPath(uri).name
         polarisation = _polarisation_of(src, uri, cfg.band)
-        sensor = cfg.sensor or tags.get("SENSOR") or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown")
-        region = cfg.region or tags.get("REGION") or PurePosixPath(uri).parent.name
-        optical = _companion(uri, cfg.optical_rule)
-        landcover = _companion(uri, cfg.landcover_rule)
-        if landcover is None and (single := resolve_landcover(cfg)) is not None and not companions.is_tiled(single):
-            landcover = single  # one raster or VRT for every scene; a folder or STAC file of tiles: assign_companions
         tile_crs = tile_crs_for(src.crs, footprint)
         # GSD in metres of the tile CRS: the map pixel where tiles are cut in the scene's own CRS (within 1 % of
         # the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground GSD
         gx, gy = map_gsd(src) if tile_crs == src.crs.to_string() else metric_gsd(src)
         return {
-            "scene_id": scene_id_for(uri, archive_root(cfg.archive)),
-            "sar_uri": uri,
-            "optical_uri": optical,
-            "landcover_uri": landcover,
+            **_file_columns(uri, tags, cfg),
             "crs": src.crs.to_string(),
             "tile_crs": tile_crs,
             "transform": [float(v) for v in tuple(t)[:6]],
@@ -455,14 +446,10 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
             "dtype": src.dtypes[cfg.band - 1],
             "units": units,
             "units_source": units_source,
-            "sensor": sensor,
             "polarisation": polarisation,
-            "region": region,
             "valid_fraction": valid_fraction,
             "footprint": footprint.wkb,
             "datetime": companions.acquired_from_file(tags, name),
-            **companions.no_twin_columns("rule" if optical else None),
-            "landcover_tiles": None,
             **product_columns(bands=[{"polarisation": polarisation, "uri": uri, "band": cfg.band}],
                               **({} if sidecar is None else {"scale_factor": sidecar["scale_factor"],
                                                             "calibration": sidecar["calibration"]})),
@@ -490,6 +477,22 @@ def sidecar_calibration(uri: str) -> dict | None:
             return {"scale_factor": float(factor), "calibration": _RADIOMETRY.get(radiometry, radiometry or None),
                     "source": PurePosixPath(candidate).name}
     return None
+
+
+def _file_columns(uri: str, tags: dict, cfg: CatalogSection) -> dict:
+    """The columns of a scene row that come from its file's path and tags, whatever its georeferencing: id,
+    companions by rule (or the one land-cover raster for every scene), sensor and region."""
+    optical = _companion(uri, cfg.optical_rule)
+    landcover = _companion(uri, cfg.landcover_rule)
+    if landcover is None and (single := resolve_landcover(cfg)) is not None and not companions.is_tiled(single):
+        landcover = single  # one raster or VRT for every scene; a folder or STAC file of tiles: assign_companions
+    return {
+        "scene_id": scene_id_for(uri, archive_root(cfg.archive)), "sar_uri": uri, "optical_uri": optical,
+        "landcover_uri": landcover,
+        "sensor": cfg.sensor or tags.get("SENSOR") or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown"),
+        "region": cfg.region or tags.get("REGION") or PurePosixPath(uri).parent.name,
+        **companions.no_twin_columns("rule" if optical else None), "landcover_tiles": None,
+    }
 
 
 def _polarisation_of(src: rasterio.io.DatasetReader, uri: str, band: int) -> str:
@@ -591,22 +594,14 @@ def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, ban
     calibrated = columns.get("calibration") not in (None, "none")
     units, units_source = ("intensity", f"calibration {columns['calibration']}") if calibrated else \
         _detect_units(src, bands[0]["band"], values, uri, cfg)
-    optical = _companion(uri, cfg.optical_rule)
-    landcover = _companion(uri, cfg.landcover_rule)
-    if landcover is None and (single := resolve_landcover(cfg)) is not None and not companions.is_tiled(single):
-        landcover = single
     method = cfg.gcp_method + (str(cfg.gcp_order) if cfg.gcp_method == "polynomial" else "")
     return {
-        "scene_id": scene_id_for(uri, archive_root(cfg.archive)), "sar_uri": uri, "optical_uri": optical,
-        "landcover_uri": landcover, "crs": gcp_crs, "tile_crs": tile_crs, "transform": None,
+        **_file_columns(uri, tags, cfg), "crs": gcp_crs, "tile_crs": tile_crs, "transform": None,
         "width": src.width, "height": src.height, "gsd_m": float(math.sqrt(gx * gy)), "rotated": False,
         "band": bands[0]["band"], "nodata": nodata if nodata is not None else (None if src.nodata is None else float(src.nodata)),
         "dtype": src.dtypes[bands[0]["band"] - 1], "units": units, "units_source": units_source,
-        "sensor": cfg.sensor or tags.get("SENSOR") or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown"),
-        "polarisation": "+".join(b["polarisation"] for b in bands), "region": cfg.region or tags.get("REGION") or
-        PurePosixPath(uri).parent.name, "valid_fraction": valid_fraction, "footprint": footprint.wkb,
-        "datetime": columns.pop("datetime", None) or companions.acquired_from_file(tags, name),
-        **companions.no_twin_columns("rule" if optical else None), "landcover_tiles": None,
+        "polarisation": "+".join(b["polarisation"] for b in bands), "valid_fraction": valid_fraction,
+        "footprint": footprint.wkb, "datetime": columns.pop("datetime", None) or companions.acquired_from_file(tags, name),
         **product_columns(bands=bands, georef="gcps", gcps=json.dumps(gcp_list), gcp_method=method,
                           tile_bounds=[float(v) for v in bounds], relief_m=relief,
                           relief_flag=bool(relief > cfg.max_relief_m), **columns),

@@ -353,7 +353,7 @@ class TileChunk:
     def _dataset(self, uri: str, overview: int | None = None):
         """The open dataset of a scene (or of one of its overviews); opening a new scene closes the last's."""
         if (uri, overview) not in self._open:
-            keep = getattr(self, "_keep", None) or {uri}
+            keep = self._keep or {uri}
             if any(u not in keep for u, _ in self._open):
                 self.close()
             self._open[(uri, overview)] = io.open_raster(uri, overview_level=overview)
@@ -382,10 +382,11 @@ class TileChunk:
         scene = json.loads(chunk["scene_json"])
         grid = grid_for(scene, chunk["gsd_m"], self.cfg)
         rows, errors = [], []
-        self._keep = {u for b in scene_bands(scene) for u in (b["uri"], b.get("mask")) if u}
+        bands = scene_bands(scene)
+        self._keep = {u for b in bands for u in (b["uri"], b.get("mask")) if u}
         try:
-            src = self._dataset(scene_bands(scene)[0]["uri"])
-            png_selection(scene_bands(scene), self.cfg.bands)
+            src = self._dataset(bands[0]["uri"])
+            png_selection(bands, self.cfg.bands)
         except Exception as exc:
             for i in range(chunk["start"], chunk["stop"]):
                 tid = tile_id_for(scene["scene_id"], grid.gsd, *window_of(chunk, grid, i))
@@ -507,7 +508,7 @@ class TileChunk:
         self.stats["gcp_warp"] = self.stats.get("gcp_warp", 0) + 1
         return dst, floored
 
-    def band_intensities(self, src, scene: dict, bands: list[dict], grid: Grid, t: Affine, r: int = 0, c: int = 0
+    def band_intensities(self, src, scene: dict, bands: list[dict], grid: Grid, t: Affine
                          ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
         """Every band's linear intensity on a tile, before and after the speckle filter (read with the filter's
         halo, as :meth:`filtered_intensity`), and per band the source pixels noise removal took to the floor."""
@@ -546,7 +547,7 @@ class TileChunk:
         t = grid.window_transform(r, c)
         bands = scene_bands(scene)
         mode, shown = png_selection(bands, cfg.bands)
-        raws, filts, clipped = self.band_intensities(src, scene, bands, grid, t, r, c)
+        raws, filts, clipped = self.band_intensities(src, scene, bands, grid, t)
         invalid = np.zeros((size, size), bool)
         for i in shown:
             invalid |= ~np.isfinite(raws[i])
