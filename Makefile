@@ -26,7 +26,11 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q --durations=25 tests
 
+# the tier with no Ray, no demo run and no server (marked in tests/conftest.py): minutes, for quick feedback
+test-fast: setup
+	SARLANG_TEST_TIER=fast $(BIN)/python -m pytest -q -m fast -n 2 --durations=10 tests
+
 bench: setup
 	$(BIN)/python benchmarks/bench_tiling.py
 
-.PHONY: setup run test bench
+.PHONY: setup run test test-fast bench

@@ -98,3 +98,36 @@ def trained_run(demo_run, tiny_vlm, tmp_path_factory):
         f"run.run_dir={run_dir}", f"train.model={tiny_vlm}", "train.init_tiny=false", "ray.progress=false",
         "run.stages=[train,evaluate]"])
     return tr, pipeline.run(tr)
+
+
+# ---------------------------------------------------------------- test tiers
+# `make test-fast` runs the tests marked `fast`: those that need no Ray, no demo run and no server. The mark is
+# derived here from the fixtures a test uses (transitively); a module that starts its own cluster or server
+# without a fixture says so with `pytestmark = pytest.mark.needs_ray`. In the fast tier (SARLANG_TEST_TIER=fast)
+# starting Ray or a test server raises, so a test that was classified wrongly fails loudly instead of slowing
+# the tier down.
+HEAVY_FIXTURES = frozenset({"ray_session", "demo_run", "trained_run", "s3", "tiny_vlm"})
+FAST_TIER = os.environ.get("SARLANG_TEST_TIER") == "fast"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        heavy = HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if not heavy and item.get_closest_marker("needs_ray") is None:
+            item.add_marker(pytest.mark.fast)
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{what} in the fast test tier: give the test the fixture it needs (ray_session, s3, ...) "
+                           "or mark its module `pytestmark = pytest.mark.needs_ray`")
+    return refuse
+
+
+if FAST_TIER:
+    import ray
+    import ray.cluster_utils
+
+    ray.init = _refuse("ray.init")
+    ray.cluster_utils.Cluster.__init__ = _refuse("a Ray cluster")
+    s3_server.WeedMini.start = _refuse("the S3 test server")

@@ -277,6 +277,7 @@ while True:
 
 
 @pytest.mark.slow
+@pytest.mark.needs_ray  # the driver subprocess starts a local Ray
 @pytest.mark.parametrize("how,attempts", [("ctrl-c", 3), ("kill -9", 2)])
 def test_a_driver_ended_while_its_local_rays_agents_start_leaves_no_process_behind(how, attempts):
     """The driver ends in the first seconds of a run, while the raylet's dashboard and runtime-env agents are

@@ -42,6 +42,7 @@ JOB_TIMEOUT_S = 600
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.needs_ray,  # `ray start --head` in a subprocess
     pytest.mark.timeout(1500),  # up to 3 head starts (180 s each) + the job (600 s) on a loaded machine
 ]
 

@@ -11,6 +11,8 @@ import textwrap
 import pytest
 from conftest import REPO, demo_config
 
+pytestmark = pytest.mark.needs_ray  # every test drives a ray.cluster_utils.Cluster from a subprocess
+
 SCRIPT = textwrap.dedent('''
     import json, sys
     import ray
