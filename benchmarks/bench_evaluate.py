@@ -61,7 +61,7 @@ def inference(run: Path, work: Path, small: int = 16) -> list[dict]:
     cancels the fixed start-up cost."""
     import ray
 
-    from sarlang_ray.models import init_tiny_vlm
+    from sarlang_ray.tiny_models import init_tiny_vlm
 
     model = init_tiny_vlm(str(work / "model"))
     results = []

@@ -139,7 +139,7 @@ def gpu_model(out: str) -> str:
     from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from sarlang_ray.models import CHAT_TEMPLATE, init_tiny_vlm
+    from sarlang_ray.tiny_models import CHAT_TEMPLATE, init_tiny_vlm
 
     init_tiny_vlm(out)  # tokenizer (and a tiny model, replaced below)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -180,7 +180,7 @@ def main() -> int:
 
     import ray
 
-    from sarlang_ray.models import init_tiny_vlm
+    from sarlang_ray.tiny_models import init_tiny_vlm
     from sarlang_ray.vllm_engine import hub_layout, require_vllm
 
     version = require_vllm("bench_generate.py")

@@ -107,7 +107,7 @@ def main() -> None:
 
     import ray
 
-    from sarlang_ray.models import init_tiny_vlm
+    from sarlang_ray.tiny_models import init_tiny_vlm
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     run = export_dir(work)

@@ -96,7 +96,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import sarlang_ray.train as after
-    from sarlang_ray.models import init_tiny_vlm
+    from sarlang_ray.tiny_models import init_tiny_vlm
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-preprocess-"))
     export_run = export_dir(work)

@@ -77,7 +77,7 @@ def _model(args: list[str]) -> int:
             print(f"{f.name:11} {f.processor:20} knob={f.image_knob:12} tied={f.tied!s:5} "
                   f"lora={f.lora_targets} hub={','.join(f.hub_prefixes)}")
         return 0
-    from sarlang_ray.models import init_tiny_vlm
+    from sarlang_ray.tiny_models import init_tiny_vlm
 
     try:
         family = families.tiny_for(ns.family)

@@ -544,7 +544,7 @@ def run_train(cfg: WorkflowConfig) -> dict:
         raise ValueError("train.strategy=fsdp shards the full model for full fine-tuning: set train.method=full, "
                          "or keep train.strategy=ddp for LoRA (its frozen base needs no optimizer state)")
     if t.init_tiny and not io.exists(io.join(t.model, "config.json")):
-        from sarlang_ray.models import init_tiny_vlm
+        from sarlang_ray.tiny_models import init_tiny_vlm
 
         init_tiny_vlm(t.model, seed=cfg.run.seed)
     if not io.is_remote(t.model) and os.path.isdir(t.model):

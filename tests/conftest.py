@@ -77,7 +77,7 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory) -> str:
     """A tiny LLaVA-style VLM written offline with save_pretrained (what `sarlang model init-tiny` does)."""
-    from sarlang_ray.models import init_tiny_vlm
+    from sarlang_ray.tiny_models import init_tiny_vlm
 
     return init_tiny_vlm(str(tmp_path_factory.mktemp("models") / "tiny-vlm"))
 

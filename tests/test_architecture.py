@@ -1,6 +1,6 @@
 """Imports point one way: cli -> pipeline -> stages -> domain modules -> tables / io / config.
 
-Checked twice: statically (every import statement, function-level ones included, so a cycle cannot hide
+Every module has a layer (LAYERS, bottom first) and imports only its own layer or lower ones. Checked twice: statically (every import statement, function-level ones included, so a cycle cannot hide
 inside a function) and by importing each stage module in a fresh interpreter."""
 
 from __future__ import annotations
@@ -37,6 +37,33 @@ def _imports(path: Path) -> set[str]:
 
 
 GRAPH = {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
+
+
+# bottom first; a module imports only modules of its own layer or of a lower one
+LAYERS = [
+    ("base", {"sarlang_ray", "errors", "io", "config", "prompts", "reaper", "tables", "plots", "viz"}),
+    ("primitives", {"gcps", "safe", "stac", "sar", "companions", "splits", "metrics", "families",
+                    "annotate", "annotate.vocab", "annotate.visibility"}),
+    ("model runtime", {"models", "vllm_engine"}),
+    ("domain", {"catalog", "tiling", "align", "synth", "release", "export", "train", "evaluate", "harness",
+                "tiny_models", "annotate.template", "annotate.consistency", "annotate.qc", "annotate.stage",
+                "annotate.openai_backend", "annotate.hf_backend", "annotate.vllm_backend"}),
+    ("stages", {"stages", *(m.removeprefix("sarlang_ray.") for m in GRAPH if m.startswith("sarlang_ray.stages."))}),
+    ("orchestration", {"pipeline", "cli", "__main__"}),
+]
+LAYER = {("sarlang_ray." + m if m != "sarlang_ray" else m): rank for rank, (_, mods) in enumerate(LAYERS) for m in mods}
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(set(GRAPH) - set(LAYER))
+    assert not missing, f"give these modules a layer in LAYERS (tests/test_architecture.py): {missing}"
+
+
+def test_no_import_points_up_a_layer():
+    upward = {m: sorted(f"{d} ({LAYERS[LAYER[d]][0]})" for d in deps if d in LAYER and LAYER[d] > LAYER[m])
+              for m, deps in GRAPH.items() if m in LAYER}
+    upward = {m: ds for m, ds in upward.items() if ds}
+    assert not upward, upward
 
 
 def test_no_module_below_the_orchestrator_imports_it():

@@ -14,9 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
-from sarlang_ray import families, models
+from sarlang_ray import families, models, tiny_models
 
-FAMILIES = sorted(models.TINY_BUILDERS)
+FAMILIES = sorted(tiny_models.TINY_BUILDERS)
 REPO = Path(__file__).resolve().parents[1]
 
 # What closes the assistant's turn in each family's published chat template (from the hub repos' templates,
@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
 
     def get(family: str) -> str:
         if family not in built:
-            built[family] = models.init_tiny_vlm(str(tmp_path_factory.mktemp("tiny") / family), family=family)
+            built[family] = tiny_models.init_tiny_vlm(str(tmp_path_factory.mktemp("tiny") / family), family=family)
         return built[family]
 
     return get
@@ -223,7 +223,7 @@ def test_every_preset_names_a_family_with_a_tiny_builder():
                 hub_models[f"{preset.name}:{section}"] = value
     assert {"qwen2vl-2b.yaml:train", "qwen25vl-7b.yaml:train", "llava15-7b.yaml:train"} <= set(hub_models)
     for where, name in hub_models.items():
-        assert families.tiny_for(name) in models.TINY_BUILDERS, where
+        assert families.tiny_for(name) in tiny_models.TINY_BUILDERS, where
     assert families.tiny_for("Qwen/Qwen2-VL-2B-Instruct") == "qwen2_vl"
     assert families.tiny_for("Qwen/Qwen2.5-VL-7B-Instruct") == "qwen2_5_vl"
     assert families.tiny_for("llava-hf/llava-1.5-7b-hf") == "llava"

@@ -17,7 +17,7 @@ from conftest import REPO
 
 from sarlang_ray import families, pipeline
 from sarlang_ray.config import load_config
-from sarlang_ray.models import init_tiny_vlm
+from sarlang_ray.tiny_models import init_tiny_vlm
 
 
 @pytest.mark.slow

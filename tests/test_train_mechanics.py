@@ -13,7 +13,8 @@ import pytest
 
 from sarlang_ray import families, pipeline
 from sarlang_ray.config import load_config
-from sarlang_ray.models import init_tiny_vlm, load_processor
+from sarlang_ray.models import load_processor
+from sarlang_ray.tiny_models import init_tiny_vlm
 from sarlang_ray.train import IGNORE, check_adapter, collate, encode_pair, load_checkpoint_model
 
 FAMILIES = sorted(families.FAMILIES)  # every family of the adapter table

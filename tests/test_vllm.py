@@ -245,7 +245,7 @@ import json, sys
 import ray
 from sarlang_ray import pipeline
 from sarlang_ray.config import load_config
-from sarlang_ray.models import init_tiny_vlm
+from sarlang_ray.tiny_models import init_tiny_vlm
 from sarlang_ray.vllm_engine import hub_layout
 run_dir = sys.argv[1]
 # vLLM's CPU attention needs a head size of 32 or more (hidden 256 / 4 heads); the CLIP keys in the hub's layout
