@@ -28,6 +28,7 @@ the chat template.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -280,185 +281,280 @@ def steps_per_epoch(n_train: int, world: int, batch_size: int, grad_accum: int) 
     return math.ceil(math.ceil(rows / batch_size) / grad_accum)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import contextlib
+@dataclasses.dataclass
+class _Worker:
+    """What one Ray Train worker holds while it trains; the named steps below read and update it."""
 
+    t: dict  # the train section
+    rank: int
+    world: int
+    device: object
+    processor: object
+    amp: object  # autocast dtype, or None
+    dtype: object  # weights dtype
+    fsdp: bool
+    model: object = None  # what runs forward: DDP-wrapped, FSDP-sharded or plain
+    inner: object = None  # what saves: the unwrapped model (peft or transformers)
+    params: list = dataclasses.field(default_factory=list)
+    optimizer: object = None
+    scheduler: object = None
+    scaler: object = None
+    step: int = 0
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.processor.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def _open_worker(config: dict) -> _Worker:
     import ray.train
     import torch
-    from transformers import AutoModelForImageTextToText, get_linear_schedule_with_warmup
 
     t = config["train"]
     torch.manual_seed(t["seed"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    model_dir = io.local_copy(t["model"])  # a model folder on s3:// is fetched once per node
-    processor = load_processor(model_dir, config["max_pixels"])  # saved beside the merged model
-    pad_id = processor.tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else (processor.tokenizer.eos_token_id or 0)
     amp = autocast_dtype(t["precision"], device)  # mixed precision where the device supports it
-    dtype = weights_dtype(t["method"], amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    fsdp = t["strategy"] == "fsdp"
+    w = _Worker(t=t, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
+                processor=None, amp=amp, dtype=weights_dtype(t["method"], amp), fsdp=t["strategy"] == "fsdp")
+    w.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    return w
 
-    start_epoch, history, resumes, resumed_trainer = 0, [], [], None
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
-        if d and t["method"] == "full":  # resume: the checkpoint's weights, checked key by key
-            model = load_checkpoint_model(model_dir, d, dtype)
-        else:
-            model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
-        if t["method"] == "lora":
-            from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-            from safetensors.torch import load_file
 
-            model = get_peft_model(model, LoraConfig(r=t["lora_r"], lora_alpha=t["lora_alpha"],
-                                                     lora_dropout=t["lora_dropout"], target_modules="all-linear"))
-            if d:
-                adapter = load_file(os.path.join(d, "adapter", "adapter_model.safetensors"))
-                check_adapter(model, adapter, os.path.join(d, "adapter"))
-                set_peft_model_state_dict(model, adapter)
-        if d:  # and the optimizer, scheduler and history
-            resumed_trainer = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=True)
-            with open(os.path.join(d, "state.json")) as f:
-                meta = json.load(f)
-            start_epoch, history = meta["epoch"] + 1, meta["history"]
-            resumes = meta.get("resumes", []) + [start_epoch]  # visible proof of each resume
-    if fsdp:
+def build_model(w: _Worker, model_dir: str, checkpoint_dir: str | None):
+    """The model to train: the base (or, resuming full fine-tuning, the checkpoint's weights, checked key by
+    key), with the LoRA adapter on all linear layers (the checkpoint's, checked, when resuming)."""
+    from transformers import AutoModelForImageTextToText
+
+    d, t = checkpoint_dir, w.t
+    if d and t["method"] == "full":
+        model = load_checkpoint_model(model_dir, d, w.dtype)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=w.dtype, use_safetensors=True)
+    if t["method"] == "lora":
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        model = get_peft_model(model, LoraConfig(r=t["lora_r"], lora_alpha=t["lora_alpha"],
+                                                 lora_dropout=t["lora_dropout"], target_modules="all-linear"))
+        if d:
+            adapter = load_file(os.path.join(d, "adapter", "adapter_model.safetensors"))
+            check_adapter(model, adapter, os.path.join(d, "adapter"))
+            set_peft_model_state_dict(model, adapter)
+    return model
+
+
+def resume_state(checkpoint_dir: str | None) -> tuple[int, list[dict], list[int], dict | None]:
+    """(first epoch, history, resumes, optimizer + scheduler state) from a checkpoint, or a fresh start."""
+    if not checkpoint_dir:
+        return 0, [], [], None
+    import torch
+
+    trainer_state = torch.load(os.path.join(checkpoint_dir, "trainer_state.pt"), weights_only=True)
+    with open(os.path.join(checkpoint_dir, "state.json")) as f:
+        meta = json.load(f)
+    start_epoch = meta["epoch"] + 1
+    return start_epoch, meta["history"], meta.get("resumes", []) + [start_epoch], trainer_state  # resumes: proof
+
+
+def distribute(w: _Worker, model) -> None:
+    """DDP (``prepare_model``, a no-op on one worker) or FSDP2: ``fully_shard`` per decoder layer, then the root."""
+    import ray.train
+
+    if w.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(w.device)
+        for layer in _decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        w.model = w.inner = model
+    else:
+        w.model = ray.train.torch.prepare_model(model)  # DDP when there are several workers
+        w.inner = w.model.module if hasattr(w.model, "module") else w.model
+    w.params = [p for p in w.model.parameters() if p.requires_grad]
+
+
+def make_optimizer(w: _Worker, n_train: int, trainer_state: dict | None) -> None:
+    """AdamW over the trainable parameters and the linear warm-up schedule, restored from ``trainer_state``."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    t = w.t
+    w.optimizer = torch.optim.AdamW(w.params, lr=t["lr"])
+    total = steps_per_epoch(n_train, w.world, t["batch_size"], t["grad_accum"]) * t["epochs"]
+    w.scheduler = get_linear_schedule_with_warmup(w.optimizer, int(t["warmup_ratio"] * total), total)
+    if trainer_state is None:
+        return
+    if w.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(w.model, w.optimizer, trainer_state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        w.optimizer.load_state_dict(trainer_state["optimizer"])
+    w.scheduler.load_state_dict(trainer_state["scheduler"])
+
+
+def _forward(w: _Worker, batch):
+    import torch
+
+    inputs = collate(batch, w.pad_id, w.device, w.amp if w.amp is not None else w.dtype)
+    with torch.autocast(w.device.type, dtype=w.amp or torch.float32, enabled=w.amp is not None):
+        return w.model(**inputs)
+
+
+def _batches(w: _Worker, name: str):
+    import ray.train
+
+    return ray.train.get_dataset_shard(name).iter_batches(batch_size=w.t["batch_size"], batch_format="numpy",
+                                                           prefetch_batches=w.t["prefetch_batches"])
+
+
+def _sync_gradients(w: _Worker, on: bool):
+    """No gradient all-reduce on accumulation micro-steps, only on the one before a step."""
+    import contextlib
+
+    if w.fsdp:
+        w.model.set_requires_gradient_sync(on)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if on or not hasattr(w.model, "no_sync") else w.model.no_sync()
+
+
+def held_out_loss(w: _Worker) -> float:
+    """Mean loss over the held-out shard, summed on the device and all-reduced once (not one sync per batch)."""
+    import torch
+
+    w.model.eval()
+    total_loss = torch.zeros(2, device=w.device)
+    with torch.no_grad():
+        for batch in _batches(w, "val"):
+            n = len(batch["pair_id"])
+            total_loss[0] += _forward(w, batch).loss.detach().float() * n
+            total_loss[1] += n
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total_loss)
+    w.model.train()
+    return float(total_loss[0] / max(total_loss[1], 1))
+
+
+def _optimizer_step(w: _Worker, micro: int) -> None:
+    accum = w.t["grad_accum"]
+    if micro < accum:  # the epoch's left-over: each micro-batch's loss was divided by accum, not micro
+        for p in w.params:
+            if p.grad is not None:
+                p.grad.mul_(accum / micro)
+    w.scaler.step(w.optimizer)
+    w.scaler.update()
+    w.scheduler.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    w.step += 1
+
+
+def train_epoch(w: _Worker) -> dict:
+    """One pass over this worker's training shard with gradient accumulation; the epoch's history fields."""
+    import torch
+
+    accum = w.t["grad_accum"]
+    w.model.train()
+    t0, seen, order = time.time(), 0, hashlib.sha256()
+    # the micro-batches' summed loss stays on the device: read once per epoch (the history's logging step),
+    # since a .item() per micro-batch waits for the GPU every step
+    running, micro_batches = torch.zeros((), device=w.device), 0
+    pending = 0  # micro-batches whose gradients wait for a step
+    it = iter(_batches(w, "train"))
+    batch = next(it, None)
+    while batch is not None:
+        following = next(it, None)  # one ahead: the epoch's last micro-batch must sync and step
+        last = pending + 1 == accum or following is None
+        with _sync_gradients(w, last):
+            loss = _forward(w, batch).loss
+            w.scaler.scale(loss / accum).backward()
+        pending += 1
+        running += loss.detach().float()
+        micro_batches += 1
+        seen += len(batch["pair_id"])
+        order.update("\n".join(map(str, batch["pair_id"])).encode() + b"\n")
+        if last:
+            _optimizer_step(w, pending)
+            pending = 0
+        batch = following
+    seconds = time.time() - t0
+    return {"step": w.step, "train_loss": running.item() / max(1, micro_batches), "seconds": seconds,
+            "samples_per_s": seen * w.world / max(seconds, 1e-9), "lr": w.scheduler.get_last_lr()[0],
+            "order_sha256": order.hexdigest()}  # rank 0's sample order this epoch
+
+
+def save_checkpoint(w: _Worker, epoch: int, history: list[dict], resumes: list[int], final: bool) -> None:
+    """Report the epoch's metrics with a checkpoint: adapter or full weights, optimizer + scheduler, history;
+    the final one also holds ``merged/`` (model + processor, in the training dtype). Under FSDP every rank
+    gathers the full state (collectives), rank 0 writes."""
+    import ray.train
+    import torch
+
+    if w.fsdp:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
-            set_optimizer_state_dict,
         )
-        from torch.distributed.fsdp import fully_shard
 
-        model.to(device)
-        for layer in _decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        inner = model
+        model_state = get_model_state_dict(w.model, options=full)
+        trainer_state = {"optimizer": get_optimizer_state_dict(w.model, w.optimizer, options=full),
+                         "scheduler": w.scheduler.state_dict()}
     else:
-        model = ray.train.torch.prepare_model(model)  # DDP when there are several workers
-        inner = model.module if hasattr(model, "module") else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t["lr"])
-    per_epoch = steps_per_epoch(config["n_train"], world, t["batch_size"], t["grad_accum"])
-    total = per_epoch * t["epochs"]
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(t["warmup_ratio"] * total), total)
-    if resumed_trainer is not None:
-        if fsdp:
-            set_optimizer_state_dict(model, optimizer, resumed_trainer["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(resumed_trainer["optimizer"])
-        scheduler.load_state_dict(resumed_trainer["scheduler"])
-    float_dtype = amp if amp is not None else dtype
+        model_state = None
+        trainer_state = {"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict()}
+    lora = w.t["method"] == "lora"
+    with tempfile.TemporaryDirectory() as d:
+        if w.rank == 0:
+            if lora:
+                w.inner.save_pretrained(os.path.join(d, "adapter"))  # safetensors adapter
+            else:
+                _save_model(w.inner, d, model_state)  # model.safetensors + config.json, fp32
+            torch.save(trainer_state, os.path.join(d, "trainer_state.pt"))
+            with open(os.path.join(d, "state.json"), "w") as f:
+                json.dump({"epoch": epoch, "history": history, "resumes": resumes}, f)
+            if final:
+                merged = os.path.join(d, "merged")
+                if lora:
+                    _save_model(w.inner.merge_and_unload(), merged)  # the base's dtype (bf16 on such GPUs)
+                else:
+                    _save_model(w.inner, merged, model_state, dtype=w.amp)
+                w.processor.save_pretrained(merged)
+        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d) if w.rank == 0 else None)
 
-    def forward(batch):
-        inputs = collate(batch, pad_id, device, float_dtype)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return model(**inputs)
 
-    def sync_gradients(on: bool):
-        """No gradient all-reduce on accumulation micro-steps, only on the one before a step."""
-        if fsdp:
-            model.set_requires_gradient_sync(on)
-            return contextlib.nullcontext()
-        return contextlib.nullcontext() if on or not hasattr(model, "no_sync") else model.no_sync()
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: build the model (resuming from the latest checkpoint if there is one),
+    distribute it, make the optimizer, then per epoch train, measure the held-out loss and save a checkpoint."""
+    import contextlib
 
-    def batches(name: str):
-        return ray.train.get_dataset_shard(name).iter_batches(batch_size=t["batch_size"], batch_format="numpy",
-                                                               prefetch_batches=t["prefetch_batches"])
+    import ray.train
 
-    def mean_loss() -> float:
-        model.eval()
-        total_loss = torch.zeros(2, device=device)  # summed on the device: one sync at the end, not one per batch
-        with torch.no_grad():
-            for batch in batches("val"):
-                n = len(batch["pair_id"])
-                total_loss[0] += forward(batch).loss.detach().float() * n
-                total_loss[1] += n
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total_loss)
-        model.train()
-        return float(total_loss[0] / max(total_loss[1], 1))
-
+    w = _open_worker(config)
+    model_dir = io.local_copy(w.t["model"])  # a model folder on s3:// is fetched once per node
+    w.processor = load_processor(model_dir, config["max_pixels"])  # saved beside the merged model
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+        model = build_model(w, model_dir, d)
+        start_epoch, history, resumes, trainer_state = resume_state(d)
+    distribute(w, model)
+    make_optimizer(w, config["n_train"], trainer_state)
     if start_epoch == 0 and not history:
         t0 = time.time()
-        history.append({"epoch": -1, "step": 0, "val_loss": mean_loss()})
+        history.append({"epoch": -1, "step": 0, "val_loss": held_out_loss(w)})
         history[-1]["val_seconds"] = time.time() - t0
-    step, accum = history[-1]["step"], t["grad_accum"]
-    for epoch in range(start_epoch, t["epochs"]):
-        model.train()
-        t0, seen, order = time.time(), 0, hashlib.sha256()
-        # the micro-batches' summed loss stays on the device: read once per epoch (the history's logging step),
-        # since a .item() per micro-batch waits for the GPU every step
-        running, micro_batches = torch.zeros((), device=device), 0
-        pending = 0  # micro-batches whose gradients wait for a step
-
-        def optimizer_step(micro: int):
-            nonlocal step
-            if micro < accum:  # the epoch's left-over: each micro-batch's loss was divided by accum, not micro
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(accum / micro)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-        it = iter(batches("train"))
-        batch = next(it, None)
-        while batch is not None:
-            following = next(it, None)  # one ahead: the epoch's last micro-batch must sync and step
-            last = pending + 1 == accum or following is None
-            with sync_gradients(last):
-                loss = forward(batch).loss
-                scaler.scale(loss / accum).backward()
-            pending += 1
-            running += loss.detach().float()
-            micro_batches += 1
-            seen += len(batch["pair_id"])
-            order.update("\n".join(map(str, batch["pair_id"])).encode() + b"\n")
-            if last:
-                optimizer_step(pending)
-                pending = 0
-            batch = following
-        seconds = time.time() - t0  # training only: the held-out pass below is timed apart
-        val_loss = mean_loss()
-        history.append({"epoch": epoch, "step": step, "train_loss": running.item() / max(1, micro_batches), "val_loss": val_loss,
-                        "seconds": seconds, "val_seconds": time.time() - t0 - seconds,
-                        "samples_per_s": seen * world / max(seconds, 1e-9), "lr": scheduler.get_last_lr()[0],
-                        "order_sha256": order.hexdigest()})  # rank 0's sample order this epoch
-        final = epoch == t["epochs"] - 1
-        if fsdp:  # collectives: every rank takes part, rank 0 writes
-            model_state = get_model_state_dict(model, options=full)
-            trainer_state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=full),
-                             "scheduler": scheduler.state_dict()}
-        else:
-            model_state = None
-            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                if t["method"] == "lora":
-                    inner.save_pretrained(os.path.join(d, "adapter"))  # safetensors adapter
-                else:
-                    _save_model(inner, d, model_state)  # model.safetensors + config.json, fp32
-                torch.save(trainer_state, os.path.join(d, "trainer_state.pt"))
-                with open(os.path.join(d, "state.json"), "w") as f:
-                    json.dump({"epoch": epoch, "history": history, "resumes": resumes}, f)
-                if final:  # the final checkpoint also holds the merged model, in the training dtype
-                    merged = os.path.join(d, "merged")
-                    if t["method"] == "lora":
-                        _save_model(inner.merge_and_unload(), merged)  # the base's dtype (bf16 on such GPUs)
-                    else:
-                        _save_model(inner, merged, model_state, dtype=amp)
-                    processor.save_pretrained(merged)
-            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+    w.step = history[-1]["step"]
+    for epoch in range(start_epoch, w.t["epochs"]):
+        entry = {"epoch": epoch, **train_epoch(w)}
+        t0 = time.time()
+        entry["val_loss"] = held_out_loss(w)
+        entry["val_seconds"] = time.time() - t0
+        history.append(entry)
+        save_checkpoint(w, epoch, history, resumes, final=epoch == w.t["epochs"] - 1)
 
 
 # --- the driver ---------------------------------------------------------------------------------------------
