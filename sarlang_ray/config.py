@@ -382,6 +382,10 @@ class EvaluateSection:
     judge_model: str | None = None
     judge_threshold: float = 0.8
     baselines: list[str] = field(default_factory=lambda: ["majority", "oracle"])  # reference rows
+    # box answers (SARChat grounding/referring, any answer that is a box) are right at IoU >= 0.5; the frame the
+    # predictions' / references' boxes are read in: auto (by convention, docs/evaluate.md), pixel, norm1, norm1000
+    box_frame: str = "auto"
+    truth_box_frame: str = "auto"
     batch_size: int = 16  # prompts per generate() call
     max_new_tokens_caption: int = 32  # concise captions (detailed ones get 3x)
     max_new_tokens_answer: int = 8
@@ -677,6 +681,9 @@ def _check(cfg: WorkflowConfig) -> None:
         problems.append("evaluate.judge_threshold is a cosine similarity: between -1 and 1")
     if ev.vqa_mode not in ("auto", "strict", "sarlang1m", "judge") or (ev.vqa_mode == "judge" and ev.judge == "off"):
         problems.append("evaluate.vqa_mode must be auto, strict or sarlang1m (or judge, with evaluate.judge=openai or embedding)")
+    for key in ("box_frame", "truth_box_frame"):
+        if getattr(ev, key) not in ("auto", "pixel", "norm1", "norm1000"):
+            problems.append(f"evaluate.{key} must be auto, pixel, norm1 (0-1) or norm1000 (0-1000)")
     if not ev.dataset:
         problems.append("evaluate.dataset must be export, a pairs table (.parquet or a folder) or a LLaMA-Factory JSON file")
     if ev.dataset != "export" and "optical" in ev.images:
