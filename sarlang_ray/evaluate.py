@@ -30,6 +30,7 @@ The paper's published numbers sit in a separate table (``sarlang_ray/paper_resul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -467,7 +468,7 @@ class EmbeddingJudge:
 def make_judge(cfg: WorkflowConfig):
     """The judge ``evaluate.judge`` names (None for off)."""
     ev = cfg.evaluate
-    if ev.judge == "openai":
+    if ev.judge in ("openai", "served"):  # served: run_evaluate pointed annotate.openai at the judge it serves
         return OpenAIJudge(cfg)
     if ev.judge == "embedding":
         return EmbeddingJudge(ev.judge_model, ev.judge_threshold)
@@ -870,9 +871,8 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
     A failed trial does not raise: it is listed in ``board["failed"]`` (grid point, root exception class and
     message) and in leaderboard.md, and logged as an error; the other trials' rows are kept. The caller
     decides the exit status (the evaluate stage fails when ``board["failed"]`` is not empty). A baseline
-    that cannot be computed is left out, with the reason in ``board["notes"]``."""
-    from ray import tune
-
+    that cannot be computed is left out, with the reason in ``board["notes"]``. ``evaluate.judge=served``: the
+    judge's server runs for the sweep and the baselines, and is stopped after them (:func:`judge_service`)."""
     cfg = _absolute_datasets(cfg)
     ev = cfg.evaluate
     if ev.engine not in ENGINES:
@@ -881,6 +881,64 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
         from sarlang_ray.vllm_engine import require_vllm
 
         require_vllm("evaluate.engine=vllm")
+    with judge_service(cfg) as (cfg, judge_info):
+        board = _sweep(cfg, judge_info)
+    return board
+
+
+def judge_name(cfg: WorkflowConfig) -> str | None:
+    """The judge's model name as the leaderboard shows it (None: no judge)."""
+    ev = cfg.evaluate
+    if ev.judge == "openai":
+        return cfg.annotate.openai.model
+    if ev.judge in ("embedding", "served"):
+        from sarlang_ray.judge import served_name
+
+        return served_name(ev.judge_model)
+    return None
+
+
+@contextlib.contextmanager
+def judge_service(cfg: WorkflowConfig):
+    """``evaluate.judge=served``: serve ``evaluate.judge_model`` (:func:`sarlang_ray.judge.served_judge`) for the
+    block and yield a copy of ``cfg`` whose ``annotate.openai`` points at it, with the judge's description (name,
+    url; ``requests`` filled in after the block). Any other judge: ``cfg`` as it is."""
+    ev = cfg.evaluate
+    info = {"kind": ev.judge, "name": judge_name(cfg)} if ev.judge != "off" else None
+    if ev.judge != "served":
+        yield cfg, info
+        return
+    import copy
+
+    from sarlang_ray import judge
+
+    with judge.served_judge(ev.judge_model, dtype=ev.dtype, num_cpus=ev.judge_num_cpus, num_gpus=ev.judge_num_gpus) as served:
+        out = copy.deepcopy(cfg)
+        o = out.annotate.openai
+        o.base_url, o.model, o.api_key_env = served["base_url"], served["model"], "SARLANG_SERVED_JUDGE_KEY_UNUSED"
+        o.temperature, o.max_tokens = 0.0, 8
+        info.update(name=served["model"], url=served["base_url"], model_path=ev.judge_model)
+        info["_stats_url"] = served["stats_url"]
+        yield out, info
+
+
+def _judge_requests(info: dict | None) -> None:
+    """The served judge's own count of the requests it answered (before it is stopped)."""
+    url = (info or {}).pop("_stats_url", None)
+    if url:
+        import requests
+
+        try:
+            info["requests"] = requests.get(url, timeout=30).json()["requests"]
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            info["requests"] = None
+            log.warning("evaluate: cannot read the judge server's request count at %s: %s", url, exc)
+
+
+def _sweep(cfg: WorkflowConfig, judge_info: dict | None) -> dict:
+    from ray import tune
+
+    ev = cfg.evaluate
     notes = prepare_datasets(cfg)
     table = read_split(cfg, ev.split, META)
     storage_fs, storage = io.arrow_filesystem(ev.storage_path or io.join(cfg.run.run_dir, "evaluate", "tune"))
@@ -903,9 +961,10 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
                      "date", "pid", "hostname", "node_ip", "done", "trial_id", "experiment", "iterations", "config"))})
     baselines, baseline_notes = baseline_rows(cfg, table)
     notes += baseline_notes
+    _judge_requests(judge_info)
     for note in notes:
         log.warning("evaluate: %s", note)
-    return write_leaderboard(cfg, rows + baselines, failed, notes)
+    return write_leaderboard(cfg, rows + baselines, failed, notes, judge_info)
 
 
 def _absolute_datasets(cfg: WorkflowConfig) -> WorkflowConfig:
@@ -943,7 +1002,8 @@ def _rank_key(cfg: WorkflowConfig):
     return lambda r: -(r.get(f"vqa_{mode}") or 0.0)
 
 
-def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict], notes: list[str] = ()) -> dict:
+def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict], notes: list[str] = (),
+                      judge: dict | None = None) -> dict:
     """evaluate/leaderboard.{json,csv,md} and plots/{vqa_per_application,captions}.png."""
     import pandas as pd
 
@@ -951,7 +1011,7 @@ def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict],
     rows = sorted(rows, key=_rank_key(cfg))
     mode = vqa_mode(cfg)
     board = {"split": cfg.evaluate.split, "vqa_mode": mode, "dataset": dataset_label(cfg), "caption_sets": caption_sets(cfg),
-             "rows": rows, "failed": failed, "notes": list(notes), "paper": paper_results(),
+             "rows": rows, "failed": failed, "notes": list(notes), "paper": paper_results(), "judge": judge,
              "plots": [io.join(out, "plots", "vqa_per_application.png"), io.join(out, "plots", "captions.png")]}
     io.write_json_atomic(io.join(out, "leaderboard.json"), board)
     flat = pd.json_normalize(rows, sep=".")
@@ -977,12 +1037,15 @@ def format_leaderboard(board: dict) -> str:
     description is scored by its captions' CIDEr), the caption metrics per test set, failed trials, notes
     (baselines left out), then the paper's published numbers apart."""
     mode = board["vqa_mode"]
-    other = "sarlang1m" if mode == "strict" else "strict"
+    other = "strict" if mode == "sarlang1m" else "sarlang1m"  # beside a judged ranking: the same rule without the judge
+    judge = board.get("judge") or {}
+    judged = mode != "judge" and any(r.get("vqa_judge") is not None for r in board["rows"])
     sets = board.get("caption_sets") or {"concise": "concise", "detailed": "detailed"}
     present = {a for r in board["rows"] for a in r.get(f"vqa_{mode}_per_application", {})}
     apps = [a for a in APPLICATIONS[1:]] + sorted(present - set(APPLICATIONS[1:]))
     desc = f"image description (CIDEr {sets['detailed'].split(' ')[0]} / {sets['concise'].split(' ')[0]})"
-    head = ["#", "model", "image", "prompt", f"VQA % ({mode})", f"VQA % ({other})", desc, *apps]
+    label = lambda m: f"VQA % (judged by {judge.get('name')})" if m == "judge" else f"VQA % ({m})"  # noqa: E731
+    head = ["#", "model", "image", "prompt", label(mode), label(other), *([label("judge")] if judged else []), desc, *apps]
     where = f" of {board['dataset']}" if board.get("dataset") else ""
     lines = [f"## Leaderboard ({board['split']} split{where}; VQA rule `{mode}`; captions with PTB tokenisation)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -990,7 +1053,8 @@ def format_leaderboard(board: dict) -> str:
         per_app = r.get(f"vqa_{mode}_per_application", {})
         cider = f"{_fmt(r.get('detailed_cider_tok'))} / {_fmt(r.get('concise_cider_tok'))}"
         cells = [str(i), str(r["model"]), str(r["image"]), str(r["prompt"]), _fmt(r.get(f"vqa_{mode}"), True),
-                 _fmt(r.get(f"vqa_{other}"), True), cider, *[_fmt(per_app.get(a), True) for a in apps]]
+                 _fmt(r.get(f"vqa_{other}"), True), *([_fmt(r.get("vqa_judge"), True)] if judged else []), cider,
+                 *[_fmt(per_app.get(a), True) for a in apps]]
         lines.append("| " + " | ".join(cells) + " |")
     caption_rows = [(r, kind) for r in board["rows"] for kind in ("detailed", "concise") if r.get(f"{kind}_cider_tok") is not None]
     if caption_rows:
@@ -1000,6 +1064,10 @@ def format_leaderboard(board: dict) -> str:
         for r, kind in caption_rows:
             cells = [str(r["model"]), sets[kind], *[_fmt(r.get(f"{kind}_{m}_tok")) for m in CAPTION_METRICS], _fmt(r.get(f"{kind}_cider_raw"))]
             lines.append("| " + " | ".join(cells) + " |")
+    if judge:
+        lines += ["", f"Judge: `{judge.get('name')}` (evaluate.judge={judge.get('kind')}"
+                  + (f", served at {judge['url']} for this sweep, {judge.get('requests')} requests answered" if judge.get("url") else "")
+                  + "); per row, `judge_calls` in leaderboard.json counts the answers the rules left undecided that went to it."]
     lines += sarchat_section(board["rows"])
     if board["failed"]:
         lines += ["", "### Failed trials", ""] + [
