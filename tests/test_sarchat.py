@@ -253,3 +253,29 @@ def test_one_command_evaluates_a_model_on_sarchat(ray_session, tiny_vlm, sarchat
                    f"evaluate.models=[{broken}]"])
     captured = capsys.readouterr()
     assert rc == 1 and "1 trial(s) failed" in captured.err
+
+
+def test_the_exported_harness_task_scores_sarchat_like_sarlang_evaluate(sarchat, tmp_path):
+    """export-bench's samples carry each pair's task and (box pairs) image size: the lmms-eval aggregation of
+    perfect predictions gives 100 % on every task, and a box shifted off the truth is wrong there too."""
+    from conftest import REPO
+
+    from sarlang_ray import harness
+    from sarlang_ray.config import load_config
+
+    root, _ = sarchat
+    pairs = tmp_path / "pairs.parquet"
+    release.write_import(release.import_release(str(root)), str(pairs))
+    cfg = load_config(str(REPO / "workflows" / "sarchat.yaml"), [f"run.run_dir={tmp_path / 'run'}", f"evaluate.dataset={pairs}"])
+    samples = harness.bench_samples(cfg)
+    assert {s["task"] for s in samples} == set(release.SARCHAT_TASKS)
+    box = [s for s in samples if boxes.is_box_answer(s["answer"])]
+    assert box and all(json.loads(s["box_size"]) == list(SIZES[int(s["tile_id"])  % 3]) for s in box)
+    keys = dict(harness._metric_keys(samples, "strict"))
+    assert {f"sarchat_{t}" for t in release.SARCHAT_TASKS} <= keys.keys()
+    items = [{**{k: s[k] for k in ("pair_id", "tile_id", "kind", "application", "question_type", "question", "answer", "task",
+                                   "box_size")}, "references": s["references"], "prediction": s["answer"]} for s in samples]
+    for t in ("classification", "counting", "grounding", "identification", "referring"):
+        assert harness.aggregate(items, keys[f"sarchat_{t}"]) == 1.0, t
+    shifted = [{**i, "prediction": "[0, 0, 10, 10]"} if boxes.is_box_answer(i["answer"]) else i for i in items]
+    assert harness.aggregate(shifted, keys["sarchat_grounding"]) == 0.0
