@@ -52,7 +52,8 @@ def _source_kind(src: str) -> str:
         if not io.exists(src):
             raise FileNotFoundError(f"{src} does not exist: write a pairs table with `sarlang import RELEASE {src}`")
         return "table"
-    if io.glob(io.join(src, "export", "parquet"), "*/*.parquet") if io.exists(io.join(src, "export", "parquet")) else []:
+    root = io.join(src, "export", "parquet")
+    if io.exists(root) and io.glob(root, "*/*.parquet"):
         return "run"
     raise FileNotFoundError(f"{src} is neither a run folder with an export (export/parquet/<split>/*.parquet: run the "
                             "export stage first) nor a pairs table (.parquet) written by `sarlang import`")

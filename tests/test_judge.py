@@ -51,3 +51,17 @@ def test_a_served_judge_scores_only_what_the_rules_leave_undecided(ray_session, 
     assert row["vqa_judge"] >= row["vqa_sarlang1m"]  # the judge only adds to what the rule already accepted
     with pytest.raises(requests.ConnectionError):  # the server was stopped with the sweep
         requests.get(f"{judge['url']}/models", timeout=5)
+
+
+def test_a_served_judge_needs_a_model_and_is_named_as_served():
+    from sarlang_ray.config import ConfigError, load_config
+    from sarlang_ray.judge import served_name
+
+    with pytest.raises(ConfigError, match="evaluate.judge=served needs evaluate.judge_model"):
+        load_config(None, ["evaluate.judge=served"])
+    with pytest.raises(ConfigError, match="judge_num_cpus"):
+        load_config(None, ["evaluate.judge=served", "evaluate.judge_model=m", "evaluate.judge_num_cpus=-1"])
+    assert load_config(None, ["evaluate.judge=served", "evaluate.judge_model=Qwen/Qwen2.5-7B-Instruct",
+                              "evaluate.vqa_mode=judge"]).evaluate.judge == "served"
+    assert served_name("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    assert served_name("/models/runs/tiny-vlm/") == "tiny-vlm" and served_name("s3://b/m/merged") == "merged"
