@@ -135,7 +135,9 @@ def _metric_keys(samples: list[dict], mode: str) -> list[tuple[str, str]]:
     for kind, short in evaluate.CAPTION_KINDS.items():
         if any(s["kind"] == kind for s in samples):
             keys += [(f"{short}_{m}", f"{short}_{m}_tok") for m in evaluate.CAPTION_METRICS]
-    from sarlang_ray.release import SARCHAT_TASKS  # SARChat-Bench: one metric per task, scored as `sarlang evaluate`
+    from sarlang_ray.release import (
+        SARCHAT_TASKS,  # SARChat-Bench: one metric per task, scored as `sarlang evaluate`
+    )
 
     tasks = {s.get("task") for s in samples}
     keys += [(f"sarchat_{t}", f"sarchat|{t}") for t in SARCHAT_TASKS if t in tasks]

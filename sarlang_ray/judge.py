@@ -36,7 +36,13 @@ class TextChat:
 
     def __init__(self, model: str, dtype: str = "auto", use_gpu: bool = False):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            AutoTokenizer,
+        )
 
         from sarlang_ray.io import local_copy
 
