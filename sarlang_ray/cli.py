@@ -5,8 +5,9 @@ Commands: ``run`` (all configured stages), one stage by name (``synth``, ``catal
 [--family F]`` (write a tiny offline VLM of a family) and ``model families`` (the family table), ``import RELEASE OUT.parquet [--sardet DIR] [--images DIR] [--embed-images]
 [--split S]`` (a SARLANG-1M release as published, our own export's, or any LLaMA-Factory / ShareGPT JSON
 dataset, as a pairs table with an errors table and a report), ``export-bench [workflow.yaml] [key=value ...]``
-(the evaluated split as an lmms-eval task and a VLMEvalKit TSV) and ``score-bench PREDICTIONS`` (a harness's
-predictions scored with our metrics). Without a workflow file, the built-in defaults of
+(the evaluated split as an lmms-eval task and a VLMEvalKit TSV), ``score-bench PREDICTIONS`` (a harness's
+predictions scored with our metrics) and ``export-hf RUN_DIR|TABLE OUT`` (a Hugging Face dataset folder).
+Without a workflow file, the built-in defaults of
 :mod:`sarlang_ray.config` apply; they are not ``workflows/demo.yaml`` (the demo also trains and evaluates, on
 its own tiny model): ``sarlang config`` prints what a command would use.
 """
@@ -20,13 +21,13 @@ import sys
 
 from sarlang_ray.config import STAGES, ConfigError, load_config, to_yaml
 
-TOOLS = ("model", "import", "export-bench", "score-bench")
+TOOLS = ("model", "import", "export-bench", "score-bench", "export-hf")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("import", "score-bench", "model"):  # commands with options of their own
-        return {"import": _import, "score-bench": _score_bench, "model": _model}[argv[0]](argv[1:])
+    if argv and argv[0] in ("import", "score-bench", "model", "export-hf"):  # commands with options of their own
+        return {"import": _import, "score-bench": _score_bench, "model": _model, "export-hf": _export_hf}[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="sarlang", description="SAR image-text dataset pipeline on Ray.")
     parser.add_argument("command", choices=["run", "config", *TOOLS, *STAGES], help="what to do")
     parser.add_argument("args", nargs="*", help="an optional workflow YAML, then key=value overrides")
@@ -155,6 +156,28 @@ def _score_bench(args: list[str]) -> int:
         print(f"sarlang score-bench: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(scores, indent=2, sort_keys=True))
+    return 0
+
+
+def _export_hf(args: list[str]) -> int:
+    """``sarlang export-hf RUN_DIR|IMPORTED_TABLE OUT``: a dataset folder in the Hugging Face layout (Parquet shards
+    per split with an Image feature, README.md with the Hub's YAML header); see sarlang_ray.hf_export."""
+    parser = argparse.ArgumentParser(prog="sarlang export-hf", description=_export_hf.__doc__)
+    parser.add_argument("source", help="a run folder with an export, or a pairs table (.parquet) from `sarlang import`")
+    parser.add_argument("out", help="the dataset folder to write (local or s3://)")
+    parser.add_argument("--license", default="other", help="the Hub licence id of the card (default: other)")
+    parser.add_argument("--name", help="the dataset's pretty name (default: the source's folder or file name)")
+    parser.add_argument("--rows-per-shard", type=int, default=1000, help="rows per Parquet shard of an imported table")
+    ns = parser.parse_args(args)
+    from sarlang_ray import hf_export
+
+    try:
+        manifest = hf_export.export_hf(ns.source, ns.out, license=ns.license, name=ns.name, rows_per_shard=ns.rows_per_shard)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"sarlang export-hf: {exc}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{s}: {n} rows in {manifest['shards'][s]} shard(s)" for s, n in manifest["rows"].items())
+          + f" written to {ns.out} (card: {manifest['readme']}); load it with datasets.load_dataset({ns.out!r})")
     return 0
 
 

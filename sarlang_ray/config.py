@@ -378,10 +378,18 @@ class EvaluateSection:
     vqa_mode: str = "auto"
     # the published rule's last step (vqa_judge): off; openai (an LLM on annotate.openai's endpoint); or
     # embedding (a local sentence encoder, judge_model: hub name or folder; right when cosine >= judge_threshold)
+    # or served: an open model (judge_model: hub name or folder) that the evaluation serves on the cluster for the
+    # sweep (Ray Serve, OpenAI-compatible; sarlang_ray/judge.py), judge_num_cpus/judge_num_gpus for its replica
     judge: str = "off"
     judge_model: str | None = None
     judge_threshold: float = 0.8
+    judge_num_cpus: float = 1.0
+    judge_num_gpus: float = 0.0
     baselines: list[str] = field(default_factory=lambda: ["majority", "oracle"])  # reference rows
+    # box answers (SARChat grounding/referring, any answer that is a box) are right at IoU >= 0.5; the frame the
+    # predictions' / references' boxes are read in: auto (by convention, docs/evaluate.md), pixel, norm1, norm1000
+    box_frame: str = "auto"
+    truth_box_frame: str = "auto"
     batch_size: int = 16  # prompts per generate() call
     max_new_tokens_caption: int = 32  # concise captions (detailed ones get 3x)
     max_new_tokens_answer: int = 8
@@ -668,15 +676,24 @@ def _check(cfg: WorkflowConfig) -> None:
     if has_credentials(cfg.annotate.openai.base_url):
         problems.append("annotate.openai.base_url must not hold user:password@ (requests would send it as Basic auth "
                         "instead of the key): put the key in the variable named by annotate.openai.api_key_env")
-    if ev.judge not in ("off", "openai", "embedding"):
-        problems.append("evaluate.judge must be off, openai or embedding")
+    if ev.judge not in ("off", "openai", "embedding", "served"):
+        problems.append("evaluate.judge must be off, openai, embedding or served")
     if ev.judge == "embedding" and not ev.judge_model:
         problems.append("evaluate.judge=embedding needs evaluate.judge_model (a sentence encoder: hub name or folder, "
                         "e.g. sentence-transformers/all-MiniLM-L6-v2)")
+    if ev.judge == "served" and not ev.judge_model:
+        problems.append("evaluate.judge=served needs evaluate.judge_model (the open model to serve: hub name or folder, "
+                        "e.g. Qwen/Qwen2.5-7B-Instruct)")
+    if ev.judge_num_cpus < 0 or ev.judge_num_gpus < 0:
+        problems.append("evaluate.judge_num_cpus and judge_num_gpus must be >= 0")
     if not -1.0 <= ev.judge_threshold <= 1.0:
         problems.append("evaluate.judge_threshold is a cosine similarity: between -1 and 1")
     if ev.vqa_mode not in ("auto", "strict", "sarlang1m", "judge") or (ev.vqa_mode == "judge" and ev.judge == "off"):
-        problems.append("evaluate.vqa_mode must be auto, strict or sarlang1m (or judge, with evaluate.judge=openai or embedding)")
+        problems.append("evaluate.vqa_mode must be auto, strict or sarlang1m (or judge, with evaluate.judge=openai, embedding "
+                        "or served)")
+    for key in ("box_frame", "truth_box_frame"):
+        if getattr(ev, key) not in ("auto", "pixel", "norm1", "norm1000"):
+            problems.append(f"evaluate.{key} must be auto, pixel, norm1 (0-1) or norm1000 (0-1000)")
     if not ev.dataset:
         problems.append("evaluate.dataset must be export, a pairs table (.parquet or a folder) or a LLaMA-Factory JSON file")
     if ev.dataset != "export" and "optical" in ev.images:

@@ -30,6 +30,7 @@ The paper's published numbers sit in a separate table (``sarlang_ray/paper_resul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -467,18 +468,22 @@ class EmbeddingJudge:
 def make_judge(cfg: WorkflowConfig):
     """The judge ``evaluate.judge`` names (None for off)."""
     ev = cfg.evaluate
-    if ev.judge == "openai":
+    if ev.judge in ("openai", "served"):  # served: run_evaluate pointed annotate.openai at the judge it serves
         return OpenAIJudge(cfg)
     if ev.judge == "embedding":
         return EmbeddingJudge(ev.judge_model, ev.judge_threshold)
     return None
 
 
-def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list[str]], judge=None) -> dict:
+def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list[str]], judge=None,
+          context: dict | None = None) -> dict:
     """Caption metrics (concise/detailed x tok/raw) and VQA accuracy (strict and sarlang1m, and ``judge``
-    when a judge is given) of predictions.
+    when a judge is given) of predictions; box answers by IoU; the SARChat-Bench section per task.
 
-    ``refs``: (tile_id, kind) -> every reference caption of that tile and kind in the split."""
+    ``refs``: (tile_id, kind) -> every reference caption of that tile and kind in the split.
+    ``context`` (:func:`scoring_context`): ``sizes`` (pair_id -> (width, height) of the box-answer pairs'
+    images), ``tasks`` (pair_id -> SARChat task), ``box_frame``/``truth_box_frame``."""
+    context = context or {}
     out: dict = {"n_pairs": len(pairs)}
     for kind, short in CAPTION_KINDS.items():
         prompts = [p for p in pairs if p["kind"] == kind]  # one per tile (select_pairs)
@@ -490,6 +495,12 @@ def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list
             for name, value in metrics.caption_scores(references, preds, tokenize=tokenize).items():
                 out[f"{short}_{name}_{tag}"] = value
     vqa = [{**p, "prediction": predictions.get(p["pair_id"], "")} for p in pairs if p["kind"] not in CAPTION_KINDS]
+    failures = box_decisions(vqa, context)
+    if failures is not None:
+        out["box_pairs"], out["box_failures"] = failures.pop("_pairs"), failures
+        out["box_parse_failures"] = sum(failures.get(k, 0) for k in ("no_box", "degenerate", "outside"))
+    if context.get("tasks"):
+        out.update(sarchat_scores(pairs, vqa, predictions, refs, context["tasks"]))
     if vqa:
         modes = {"strict": None, "sarlang1m": None, **({"judge": judge} if judge is not None else {})}
         calls, failures = (judge.calls, judge.failures) if judge is not None else (0, 0)
@@ -502,6 +513,101 @@ def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list
             out["judge_calls"], out["judge_failures"] = judge.calls - calls, judge.failures - failures
         out["n_vqa"] = len(vqa)
     return out
+
+
+def box_decisions(vqa: list[dict], context: dict) -> dict | None:
+    """Score every VQA row whose reference answer is a box by IoU (:mod:`sarlang_ray.boxes`), in place: the
+    row's ``decided`` is True/False (read by :func:`metrics.vqa_accuracy` in strict and judge mode) and ``why``
+    the reason it is wrong. Returns the reasons counted (``_pairs``: how many box rows), or None (no box row).
+
+    Raises:
+        ValueError: a box row whose image size is not in ``context['sizes']``."""
+    from sarlang_ray import boxes
+
+    box_rows = [r for r in vqa if boxes.is_box_answer(r["answer"])]
+    if not box_rows:
+        return None
+    sizes, counts = context.get("sizes") or {}, {"_pairs": len(box_rows)}
+    for r in box_rows:
+        if r["pair_id"] not in sizes:
+            raise ValueError(f"pair {r['pair_id']}: its answer is a box but its image size is unknown (scoring_context "
+                             "reads the sizes of every box pair's image)")
+        w, h = sizes[r["pair_id"]]
+        ok, why, _ = boxes.box_correct(r["prediction"], r["answer"], w, h, frame=context.get("box_frame", "auto"),
+                                       truth_frame=context.get("truth_box_frame", "auto"))
+        r["decided"], r["why"] = ok, why
+        if why:
+            counts[why] = counts.get(why, 0) + 1
+    return counts
+
+
+def sarchat_scores(pairs: list[dict], vqa: list[dict], predictions: dict[str, str], refs: dict, tasks: dict) -> dict:
+    """SARChat-Bench-2M's six columns, as its authors score them: classification, identification and counting by
+    accuracy (the strict rule: normalised answers, the first integer for a count), grounding and referring by
+    IoU >= 0.5 when the answer is a box (``decided``, :func:`box_decisions`; else the strict rule), description by
+    the caption metrics (CIDEr, PTB-tokenised, in ``sarchat`` as a fraction; every metric in ``sarchat_description``).
+    ``sarchat_n``: pairs per task."""
+    from sarlang_ray import release
+
+    acc: dict[str, list[int]] = {}
+    for r in vqa:
+        task = tasks.get(r["pair_id"])
+        if task is None or task == "description":
+            continue
+        ok = r["decided"] if r.get("decided") is not None else metrics.vqa_correct(r["prediction"], r["answer"], "strict")
+        n, c = acc.setdefault(task, [0, 0])
+        acc[task] = [n + 1, c + bool(ok)]
+    out = {"sarchat": {t: c / n for t, (n, c) in acc.items()}, "sarchat_n": {t: n for t, (n, _) in acc.items()}}
+    described = [p for p in pairs if tasks.get(p["pair_id"]) == "description"]
+    if described:
+        preds = {(p["tile_id"], p["kind"]): predictions.get(p["pair_id"], "") for p in described}
+        keys = sorted(preds)
+        scores = metrics.caption_scores({str(i): refs.get(k) or [""] for i, k in enumerate(keys)},
+                                        {str(i): preds[k] for i, k in enumerate(keys)}, tokenize=True)
+        out["sarchat"]["description"] = scores["cider"]
+        out["sarchat_description"] = scores
+        out["sarchat_n"]["description"] = len(keys)
+    out["sarchat"] = {t: out["sarchat"][t] for t in release.SARCHAT_TASKS if t in out["sarchat"]}
+    return out
+
+
+def pair_tasks(cfg: WorkflowConfig) -> dict[str, str]:
+    """pair_id -> SARChat-Bench task of the evaluated split's pairs (empty: our export, or no SARChat rows)."""
+    if dataset_kind(cfg) == "export":
+        return {}
+    try:
+        t = read_split(cfg, cfg.evaluate.split, ["pair_id", "task"])
+    except (KeyError, pa.ArrowInvalid, ValueError):  # a table written before the task column
+        return {}
+    return {p: k for p, k in zip(t["pair_id"].to_pylist(), t["task"].to_pylist()) if k}
+
+
+def image_sizes(cfg: WorkflowConfig, wanted: set[str]) -> dict[str, tuple[int, int]]:
+    """pair_id -> (width, height) of the images of ``wanted`` pairs, read by Ray Data tasks (image headers only
+    are decoded; nothing but the sizes comes back)."""
+    if not wanted:
+        return {}
+
+    def size(row: dict) -> dict:
+        import io as _io
+
+        from PIL import Image
+
+        with Image.open(_io.BytesIO(row["image"]["bytes"])) as im:
+            return {"pair_id": row["pair_id"], "width": im.width, "height": im.height}
+
+    rows = pairs_dataset(cfg, "sar", wanted).map(size, num_cpus=0.1).take_all()
+    return {r["pair_id"]: (r["width"], r["height"]) for r in rows}
+
+
+def scoring_context(cfg: WorkflowConfig, pairs: list[dict]) -> dict:
+    """What :func:`score` needs beyond the answers: the SARChat tasks, the image sizes of the box-answer pairs,
+    the box frames."""
+    from sarlang_ray import boxes
+
+    wanted = {p["pair_id"] for p in pairs if p["kind"] not in CAPTION_KINDS and boxes.is_box_answer(p["answer"])}
+    return {"tasks": pair_tasks(cfg), "sizes": image_sizes(cfg, wanted), "box_frame": cfg.evaluate.box_frame,
+            "truth_box_frame": cfg.evaluate.truth_box_frame}
 
 
 def caption_refs(table: pa.Table) -> dict[tuple, list[str]]:
@@ -534,7 +640,7 @@ def _trial(config: dict, cfg: WorkflowConfig) -> None:
     t0 = time.time()
     predictions = predict(cfg, model, config["image"], config["prompt"], pairs)
     seconds = time.time() - t0
-    result = score(pairs, predictions, caption_refs(table), make_judge(cfg))
+    result = score(pairs, predictions, caption_refs(table), make_judge(cfg), scoring_context(cfg, pairs))
     name = prediction_name(config["model"], config["image"], config["prompt"]["name"])
     rows = [{**p, "prediction": predictions.get(p["pair_id"], "")} for p in pairs]
     io.write_parquet_atomic(io.join(cfg.run.run_dir, "evaluate", "predictions", name), pa.Table.from_pylist(rows))
@@ -551,8 +657,9 @@ def baseline_rows(cfg: WorkflowConfig, table: pa.Table) -> tuple[list[dict], lis
     can be computed on this run, and a note for each one left out saying why."""
     pairs, refs, rows, notes = select_pairs(table, cfg.evaluate.limit_pairs), caption_refs(table), [], []
     judge = make_judge(cfg) if cfg.evaluate.baselines else None  # judged like the models' rows (vqa_judge)
+    context = scoring_context(cfg, pairs) if cfg.evaluate.baselines else {}
     if "majority" in cfg.evaluate.baselines:
-        row, why = majority_row(cfg, pairs, refs, judge)
+        row, why = majority_row(cfg, pairs, refs, judge, context)
         rows += [row] if row else []
         notes += [f"{MAJORITY} left out: {why}"] if why else []
     if "oracle" in cfg.evaluate.baselines:
@@ -562,7 +669,8 @@ def baseline_rows(cfg: WorkflowConfig, table: pa.Table) -> tuple[list[dict], lis
     return rows, notes
 
 
-def majority_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -> tuple[dict | None, str | None]:
+def majority_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None,
+                 context: dict | None = None) -> tuple[dict | None, str | None]:
     """Lower bound: per question type the train split's most frequent answer; captions: its most frequent
     caption of that kind. (row, None), or (None, why) when there is no train split."""
     vqa, captions = metrics.AnswerCounts(), metrics.AnswerCounts()  # streamed file by file: counts only
@@ -579,7 +687,7 @@ def majority_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None)
     majority = vqa.majority()
     common = dict(captions.majority()) if captions.per_type else {}  # caption kind -> its most frequent caption
     preds = {p["pair_id"]: common.get(p["kind"], "") if p["kind"] in CAPTION_KINDS else majority[p["question_type"]] for p in pairs}
-    return {**score(pairs, preds, refs, judge), "model": MAJORITY, "image": "-", "prompt": "-"}, None
+    return {**score(pairs, preds, refs, judge, context), "model": MAJORITY, "image": "-", "prompt": "-"}, None
 
 
 def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -> tuple[dict | None, str | None]:
@@ -763,9 +871,8 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
     A failed trial does not raise: it is listed in ``board["failed"]`` (grid point, root exception class and
     message) and in leaderboard.md, and logged as an error; the other trials' rows are kept. The caller
     decides the exit status (the evaluate stage fails when ``board["failed"]`` is not empty). A baseline
-    that cannot be computed is left out, with the reason in ``board["notes"]``."""
-    from ray import tune
-
+    that cannot be computed is left out, with the reason in ``board["notes"]``. ``evaluate.judge=served``: the
+    judge's server runs for the sweep and the baselines, and is stopped after them (:func:`judge_service`)."""
     cfg = _absolute_datasets(cfg)
     ev = cfg.evaluate
     if ev.engine not in ENGINES:
@@ -774,6 +881,64 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
         from sarlang_ray.vllm_engine import require_vllm
 
         require_vllm("evaluate.engine=vllm")
+    with judge_service(cfg) as (cfg, judge_info):
+        board = _sweep(cfg, judge_info)
+    return board
+
+
+def judge_name(cfg: WorkflowConfig) -> str | None:
+    """The judge's model name as the leaderboard shows it (None: no judge)."""
+    ev = cfg.evaluate
+    if ev.judge == "openai":
+        return cfg.annotate.openai.model
+    if ev.judge in ("embedding", "served"):
+        from sarlang_ray.judge import served_name
+
+        return served_name(ev.judge_model)
+    return None
+
+
+@contextlib.contextmanager
+def judge_service(cfg: WorkflowConfig):
+    """``evaluate.judge=served``: serve ``evaluate.judge_model`` (:func:`sarlang_ray.judge.served_judge`) for the
+    block and yield a copy of ``cfg`` whose ``annotate.openai`` points at it, with the judge's description (name,
+    url; ``requests`` filled in after the block). Any other judge: ``cfg`` as it is."""
+    ev = cfg.evaluate
+    info = {"kind": ev.judge, "name": judge_name(cfg)} if ev.judge != "off" else None
+    if ev.judge != "served":
+        yield cfg, info
+        return
+    import copy
+
+    from sarlang_ray import judge
+
+    with judge.served_judge(ev.judge_model, dtype=ev.dtype, num_cpus=ev.judge_num_cpus, num_gpus=ev.judge_num_gpus) as served:
+        out = copy.deepcopy(cfg)
+        o = out.annotate.openai
+        o.base_url, o.model, o.api_key_env = served["base_url"], served["model"], "SARLANG_SERVED_JUDGE_KEY_UNUSED"
+        o.temperature, o.max_tokens = 0.0, 8
+        info.update(name=served["model"], url=served["base_url"], model_path=ev.judge_model)
+        info["_stats_url"] = served["stats_url"]
+        yield out, info
+
+
+def _judge_requests(info: dict | None) -> None:
+    """The served judge's own count of the requests it answered (before it is stopped)."""
+    url = (info or {}).pop("_stats_url", None)
+    if url:
+        import requests
+
+        try:
+            info["requests"] = requests.get(url, timeout=30).json()["requests"]
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            info["requests"] = None
+            log.warning("evaluate: cannot read the judge server's request count at %s: %s", url, exc)
+
+
+def _sweep(cfg: WorkflowConfig, judge_info: dict | None) -> dict:
+    from ray import tune
+
+    ev = cfg.evaluate
     notes = prepare_datasets(cfg)
     table = read_split(cfg, ev.split, META)
     storage_fs, storage = io.arrow_filesystem(ev.storage_path or io.join(cfg.run.run_dir, "evaluate", "tune"))
@@ -796,9 +961,10 @@ def run_evaluate(cfg: WorkflowConfig) -> dict:
                      "date", "pid", "hostname", "node_ip", "done", "trial_id", "experiment", "iterations", "config"))})
     baselines, baseline_notes = baseline_rows(cfg, table)
     notes += baseline_notes
+    _judge_requests(judge_info)
     for note in notes:
         log.warning("evaluate: %s", note)
-    return write_leaderboard(cfg, rows + baselines, failed, notes)
+    return write_leaderboard(cfg, rows + baselines, failed, notes, judge_info)
 
 
 def _absolute_datasets(cfg: WorkflowConfig) -> WorkflowConfig:
@@ -836,7 +1002,8 @@ def _rank_key(cfg: WorkflowConfig):
     return lambda r: -(r.get(f"vqa_{mode}") or 0.0)
 
 
-def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict], notes: list[str] = ()) -> dict:
+def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict], notes: list[str] = (),
+                      judge: dict | None = None) -> dict:
     """evaluate/leaderboard.{json,csv,md} and plots/{vqa_per_application,captions}.png."""
     import pandas as pd
 
@@ -844,7 +1011,7 @@ def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict],
     rows = sorted(rows, key=_rank_key(cfg))
     mode = vqa_mode(cfg)
     board = {"split": cfg.evaluate.split, "vqa_mode": mode, "dataset": dataset_label(cfg), "caption_sets": caption_sets(cfg),
-             "rows": rows, "failed": failed, "notes": list(notes), "paper": paper_results(),
+             "rows": rows, "failed": failed, "notes": list(notes), "paper": paper_results(), "judge": judge,
              "plots": [io.join(out, "plots", "vqa_per_application.png"), io.join(out, "plots", "captions.png")]}
     io.write_json_atomic(io.join(out, "leaderboard.json"), board)
     flat = pd.json_normalize(rows, sep=".")
@@ -870,12 +1037,15 @@ def format_leaderboard(board: dict) -> str:
     description is scored by its captions' CIDEr), the caption metrics per test set, failed trials, notes
     (baselines left out), then the paper's published numbers apart."""
     mode = board["vqa_mode"]
-    other = "sarlang1m" if mode == "strict" else "strict"
+    other = "strict" if mode == "sarlang1m" else "sarlang1m"  # beside a judged ranking: the same rule without the judge
+    judge = board.get("judge") or {}
+    judged = mode != "judge" and any(r.get("vqa_judge") is not None for r in board["rows"])
     sets = board.get("caption_sets") or {"concise": "concise", "detailed": "detailed"}
     present = {a for r in board["rows"] for a in r.get(f"vqa_{mode}_per_application", {})}
     apps = [a for a in APPLICATIONS[1:]] + sorted(present - set(APPLICATIONS[1:]))
     desc = f"image description (CIDEr {sets['detailed'].split(' ')[0]} / {sets['concise'].split(' ')[0]})"
-    head = ["#", "model", "image", "prompt", f"VQA % ({mode})", f"VQA % ({other})", desc, *apps]
+    label = lambda m: f"VQA % (judged by {judge.get('name')})" if m == "judge" else f"VQA % ({m})"  # noqa: E731
+    head = ["#", "model", "image", "prompt", label(mode), label(other), *([label("judge")] if judged else []), desc, *apps]
     where = f" of {board['dataset']}" if board.get("dataset") else ""
     lines = [f"## Leaderboard ({board['split']} split{where}; VQA rule `{mode}`; captions with PTB tokenisation)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -883,7 +1053,8 @@ def format_leaderboard(board: dict) -> str:
         per_app = r.get(f"vqa_{mode}_per_application", {})
         cider = f"{_fmt(r.get('detailed_cider_tok'))} / {_fmt(r.get('concise_cider_tok'))}"
         cells = [str(i), str(r["model"]), str(r["image"]), str(r["prompt"]), _fmt(r.get(f"vqa_{mode}"), True),
-                 _fmt(r.get(f"vqa_{other}"), True), cider, *[_fmt(per_app.get(a), True) for a in apps]]
+                 _fmt(r.get(f"vqa_{other}"), True), *([_fmt(r.get("vqa_judge"), True)] if judged else []), cider,
+                 *[_fmt(per_app.get(a), True) for a in apps]]
         lines.append("| " + " | ".join(cells) + " |")
     caption_rows = [(r, kind) for r in board["rows"] for kind in ("detailed", "concise") if r.get(f"{kind}_cider_tok") is not None]
     if caption_rows:
@@ -893,6 +1064,11 @@ def format_leaderboard(board: dict) -> str:
         for r, kind in caption_rows:
             cells = [str(r["model"]), sets[kind], *[_fmt(r.get(f"{kind}_{m}_tok")) for m in CAPTION_METRICS], _fmt(r.get(f"{kind}_cider_raw"))]
             lines.append("| " + " | ".join(cells) + " |")
+    if judge:
+        lines += ["", f"Judge: `{judge.get('name')}` (evaluate.judge={judge.get('kind')}"
+                  + (f", served at {judge['url']} for this sweep, {judge.get('requests')} requests answered" if judge.get("url") else "")
+                  + "); per row, `judge_calls` in leaderboard.json counts the answers the rules left undecided that went to it."]
+    lines += sarchat_section(board["rows"])
     if board["failed"]:
         lines += ["", "### Failed trials", ""] + [
             f"- {f['model']} / {f['image']} / {f['prompt']}: {f.get('error_class', 'Error')}: {f['error']}" for f in board["failed"]]
@@ -913,6 +1089,30 @@ def format_leaderboard(board: dict) -> str:
             lines.append(f"| {r['model']} | {r.get('setting', '')} | {r.get('test_set', '')} | {r.get('cider', '-')} | "
                          f"{r.get('source_ref', '').split(' (')[0]} |")
     return "\n".join(lines) + "\n"
+
+
+def sarchat_section(rows: list[dict]) -> list[str]:
+    """The leaderboard's SARChat-Bench-2M section (Markdown lines; none when no row has SARChat scores): one
+    column per task as its authors score it, the box answers' parse failures per model."""
+    from sarlang_ray import release
+
+    scored = [r for r in rows if r.get("sarchat")]
+    if not scored:
+        return []
+    head = ["model", "image", "prompt", *[f"{t} (CIDEr)" if t == "description" else f"{t} %" for t in release.SARCHAT_TASKS],
+            "box parse failures"]
+    lines = ["", "### SARChat-Bench-2M (classification, identification: accuracy; counting: exact; grounding, referring: "
+             "box IoU >= 0.5; description: CIDEr, PTB-tokenised)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in scored:
+        sc, n = r["sarchat"], r.get("sarchat_n", {})
+        cells = [str(r["model"]), str(r["image"]), str(r["prompt"])]
+        cells += [(_fmt(sc.get(t)) if t == "description" else _fmt(sc.get(t), True)) + (f" (n={n[t]})" if t in n else "")
+                  for t in release.SARCHAT_TASKS]
+        fails = r.get("box_failures") or {}
+        cells.append(f"{r.get('box_parse_failures', 0)} of {r.get('box_pairs', 0)}"
+                     + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(fails.items())) + ")" if fails else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plots(rows: list[dict], mode: str, out: str) -> None:

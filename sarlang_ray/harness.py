@@ -38,7 +38,7 @@ from sarlang_ray import evaluate, io
 from sarlang_ray.config import WorkflowConfig
 
 TSV_COLUMNS = ["index", "image", "question", "answer", "category", "l2-category", "split", "pair_id", "tile_id", "kind",
-               "raw_question", "references", "source", "image_name"]
+               "raw_question", "references", "source", "image_name", "task", "box_size"]
 
 
 def bench_name(cfg: WorkflowConfig) -> str:
@@ -90,14 +90,39 @@ def bench_samples(cfg: WorkflowConfig) -> list[dict]:
     if evaluate.dataset_kind(cfg) != "export":
         t = evaluate.read_split(cfg, cfg.evaluate.split, ["pair_id", "source"])
         sources = dict(zip(t["pair_id"].to_pylist(), t["source"].to_pylist()))
+    tasks = evaluate.pair_tasks(cfg)
+    sizes = _box_sizes(cfg, pairs)
     prompt = evaluate.prompt_dict(cfg.evaluate.prompts[0])
     samples = []
     for i, p in enumerate(pairs):
         caption = p["kind"] in evaluate.CAPTION_KINDS
         samples.append({"index": i, **{k: p[k] for k in evaluate.META}, "prompt": prompt_text(prompt, p["kind"], p["question"]),
                         "references": refs[(p["tile_id"], p["kind"])] if caption else [p["answer"]],
-                        "source": sources.get(p["pair_id"], "export")})
+                        "source": sources.get(p["pair_id"], "export"), "task": tasks.get(p["pair_id"], ""),
+                        "box_size": json.dumps(sizes[p["pair_id"]]) if p["pair_id"] in sizes else ""})
     return samples
+
+
+def _box_sizes(cfg: WorkflowConfig, pairs: list[dict]) -> dict[str, list[int]]:
+    """pair_id -> [width, height] of the images of the box-answer pairs (scored by IoU, which needs the size)."""
+    import io as _io
+
+    from PIL import Image
+
+    from sarlang_ray import boxes
+
+    wanted = [p for p in pairs if p["kind"] not in evaluate.CAPTION_KINDS and boxes.is_box_answer(p["answer"])]
+    sizes = {}
+    for pid, _, data in (_image_stream(cfg, wanted) if wanted else ()):
+        with Image.open(_io.BytesIO(data)) as im:
+            sizes[pid] = [im.width, im.height]
+    return sizes
+
+
+def scoring_context(rows: list[dict]) -> dict:
+    """:func:`sarlang_ray.evaluate.score`'s context from exported samples (their ``task`` and ``box_size``)."""
+    sizes = {r["pair_id"]: tuple(json.loads(r["box_size"])) for r in rows if r.get("box_size")}
+    return {"tasks": {r["pair_id"]: r["task"] for r in rows if r.get("task")}, "sizes": sizes}
 
 
 def _metric_keys(samples: list[dict], mode: str) -> list[tuple[str, str]]:
@@ -110,6 +135,12 @@ def _metric_keys(samples: list[dict], mode: str) -> list[tuple[str, str]]:
     for kind, short in evaluate.CAPTION_KINDS.items():
         if any(s["kind"] == kind for s in samples):
             keys += [(f"{short}_{m}", f"{short}_{m}_tok") for m in evaluate.CAPTION_METRICS]
+    from sarlang_ray.release import (
+        SARCHAT_TASKS,  # SARChat-Bench: one metric per task, scored as `sarlang evaluate`
+    )
+
+    tasks = {s.get("task") for s in samples}
+    keys += [(f"sarchat_{t}", f"sarchat|{t}") for t in SARCHAT_TASKS if t in tasks]
     return keys
 
 
@@ -125,7 +156,7 @@ import os
 from PIL import Image
 
 TASK_DIR = os.path.dirname(os.path.abspath(__file__))
-FIELDS = ("pair_id", "tile_id", "kind", "application", "question_type", "question", "answer")
+FIELDS = ("pair_id", "tile_id", "kind", "application", "question_type", "question", "answer", "task", "box_size")
 # lmms-eval metric -> key of sarlang_ray.evaluate.score's result ("a|b": per-application entry b of a)
 METRICS = {metrics!r}
 
@@ -141,7 +172,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
-    item = {{k: doc[k] for k in FIELDS}}
+    item = {{k: doc.get(k, "") for k in FIELDS}}
     item["references"] = list(doc["references"])
     item["prediction"] = results[0] if results else ""
     return {{name: item for name in METRICS}}
@@ -225,7 +256,7 @@ def _write_bench(cfg: WorkflowConfig, samples: list[dict], name: str, out: str, 
         task_dir = io.join(out, "lmms_eval", name)
         mode = evaluate.vqa_mode(cfg)
         metrics = _metric_keys(samples, mode if mode in ("strict", "sarlang1m") else "sarlang1m")
-        rows = [{**{k: s[k] for k in ("index", *evaluate.META, "prompt", "references", "source")},
+        rows = [{**{k: s[k] for k in ("index", *evaluate.META, "prompt", "references", "source", "task", "box_size")},
                  "image_path": f"images/{names[s['pair_id']]}"} for s in samples]
         io.write_parquet_atomic(io.join(task_dir, f"{name}.parquet"), pa.Table.from_pylist(rows))
         for fname in digests:
@@ -273,7 +304,8 @@ def vlmevalkit_tsv(samples: list[dict], images: Path, names: dict, split: str, c
         rows.append({"index": s["index"], "image": image, "question": s["prompt"], "answer": s["answer"],
                      "category": s["application"], "l2-category": s["question_type"], "split": split,
                      "pair_id": s["pair_id"], "tile_id": s["tile_id"], "kind": s["kind"], "raw_question": s["question"],
-                     "references": json.dumps(s["references"]), "source": s["source"], "image_name": name})
+                     "references": json.dumps(s["references"]), "source": s["source"], "image_name": name,
+                     "task": s.get("task", ""), "box_size": s.get("box_size", "")})
         if size >= chunk_bytes or i == len(samples) - 1:
             yield pd.DataFrame(rows, columns=TSV_COLUMNS).to_csv(sep="\t", index=False, header=header)
             rows, size, header = [], 0, False
@@ -295,7 +327,8 @@ def aggregate(items: list[dict], key: str) -> float:
         pairs = [{k: i[k] for k in evaluate.META} for i in items]
         refs = {(i["tile_id"], i["kind"]): list(i["references"]) for i in items if i["kind"] in evaluate.CAPTION_KINDS}
         _SCORES.clear()
-        _SCORES[signature] = evaluate.score(pairs, {i["pair_id"]: i["prediction"] for i in items}, refs)
+        _SCORES[signature] = evaluate.score(pairs, {i["pair_id"]: i["prediction"] for i in items}, refs, None,
+                                            scoring_context(items))
     result = _SCORES[signature]
     if "|" in key:
         group, entry = key.split("|", 1)
@@ -344,4 +377,5 @@ def score_predictions(path: str) -> dict:
     rows = read_predictions(path)
     pairs = [{k: r.get(k, "") for k in evaluate.META} for r in rows]
     refs = {(r["tile_id"], r["kind"]): list(r["references"]) for r in rows if r["kind"] in evaluate.CAPTION_KINDS}
-    return evaluate.score(pairs, {r["pair_id"]: r.get("prediction") or "" for r in rows}, refs)
+    return evaluate.score(pairs, {r["pair_id"]: r.get("prediction") or "" for r in rows}, refs, None,
+                          scoring_context(rows))

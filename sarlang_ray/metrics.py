@@ -301,7 +301,9 @@ def vqa_accuracy(rows: Iterable[Mapping[str, Any]] | Any, mode: str = "strict", 
     Args:
         rows: a list of dicts or a pandas DataFrame with columns ``prediction``, ``answer``,
             ``application``, ``question_type`` (and ``question``, for a judge). A missing prediction
-            (None, NaN) counts as the empty answer.
+            (None, NaN) counts as the empty answer. A row with ``decided`` (True/False: a box answer
+            scored by IoU, :mod:`sarlang_ray.boxes`) is right or wrong by it in ``strict`` and ``judge``
+            mode (never sent to the judge); ``sarlang1m`` keeps the published substring rule.
         mode, judge: as in ``vqa_correct``.
 
     Returns:
@@ -320,8 +322,12 @@ def vqa_accuracy(rows: Iterable[Mapping[str, Any]] | Any, mode: str = "strict", 
         absent = {"prediction", "answer", "application", "question_type"} - set(row)
         if absent:
             raise ValueError(f"row without column(s) {sorted(absent)}: {dict(row)}")
-        ok = vqa_correct(_text(row["prediction"]), _text(row["answer"]), mode,
-                         question=_text(row.get("question")), judge=judge)
+        decided = row.get("decided")  # a box answer, scored by IoU (sarlang_ray.boxes): the rules decide it
+        if decided is not None and mode != "sarlang1m":
+            ok = bool(decided)
+        else:
+            ok = vqa_correct(_text(row["prediction"]), _text(row["answer"]), mode,
+                             question=_text(row.get("question")), judge=judge)
         for key in (("all", ""), ("per_application", _text(row["application"])),
                     ("per_question_type", _text(row["question_type"]))):
             tally[key][0] += 1

@@ -56,7 +56,14 @@ IMAGE_DIRS = ("SAR_images", "SARimages_preprocessed/SARimages", "SARimages_prepr
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 PAIRS_SCHEMA = (ANNOTATION_SCHEMA.append(pa.field("split", pa.string())).append(pa.field("image_uri", pa.string()))
                 .append(pa.field("source", pa.string())).append(pa.field("file", pa.string()))
-                .append(pa.field("image", IMAGE_TYPE)))
+                .append(pa.field("image", IMAGE_TYPE)).append(pa.field("task", pa.string())))
+# SARChat-Bench-2M's six tasks (its README's table), the ``task`` of its rows; None for every other release
+SARCHAT_TASKS = ("classification", "description", "counting", "grounding", "identification", "referring")
+# a record's task tag ("[refer] Locate 1 aircraft.") or its file's task name (SARChat_classify_refer_single_test.json)
+_SARCHAT_NAMES = {"cls": "classification", "classify": "classification", "classification": "classification",
+                  "describe": "description", "description": "description", "caption": "description",
+                  "count": "counting", "counting": "counting", "grounding": "grounding", "identify": "identification",
+                  "identification": "identification", "refer": "referring", "referring": "referring"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,6 +250,22 @@ def classify_question(question: str) -> tuple[str, str]:
     if tag in _TAGS:
         return out(*_TAGS[tag])
     return UNKNOWN, UNKNOWN
+
+
+def sarchat_task(question: str, source: str, rec: dict | None = None) -> str | None:
+    """The SARChat-Bench-2M task (one of :data:`SARCHAT_TASKS`) of one of its questions, from the data: the
+    question's task tag (``[count] How many ...``), else its file's task name (``SARChat:classify_count`` from
+    ``SARChat_classify_count_test.json``: the last known word before ``_single``/``_multi``), else the record's
+    own ``task`` key; None when none of them names a task (the mixed ``total_task`` training file without tags)."""
+    m = _TAG.match(re.sub(r"<image>|<img>|</img>", " ", str(question or "")).strip())
+    if m and m.group(1).strip().lower() in _SARCHAT_NAMES:
+        return _SARCHAT_NAMES[m.group(1).strip().lower()]
+    words = [w for w in source.split(":", 1)[-1].lower().split("_") if w not in ("single", "multi")]
+    for w in reversed(words):
+        if w in _SARCHAT_NAMES:
+            return _SARCHAT_NAMES[w]
+    own = str((rec or {}).get("task") or "").strip().lower()
+    return _SARCHAT_NAMES.get(own) or (own if own in SARCHAT_TASKS else None)
 
 
 def _application(rec: dict) -> str | None:
@@ -438,7 +461,7 @@ def describe_file(rel: str, default_split: str = "test") -> FileSpec | None:
     split = _split_of(stem, default_split)
     source = _SPLIT_TOKEN.sub("", stem).strip("_- .") or stem
     role = "caption" if re.search(r"caption|describe|description", low) else "vqa"
-    if m := re.fullmatch(r"sarchat_(.+?)_(train|test|val)", low):
+    if m := re.fullmatch(r"sarchat_(.+?)_(train|test|val)(?:_.*)?", low):
         source = f"SARChat:{m.group(1)}"
     return FileSpec(rel, role, source, split)
 
@@ -649,7 +672,7 @@ class _Reader:
         return found
 
     def add(self, spec: FileSpec, kind: str, question: str, answer: str, image_uri: str, rec: dict | None, item: str,
-            application: str | None = None, question_type: str | None = None) -> None:
+            application: str | None = None, question_type: str | None = None, task: str | None = None) -> None:
         if kind == "vqa":
             if application is None:
                 application, question_type = classify_question(question)
@@ -661,7 +684,8 @@ class _Reader:
         row = {"pair_id": f"{base}-{self.ids[base]:07d}", "tile_id": image_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0],
                "scene_id": None, "gsd_m": None, "kind": kind, "application": application, "question_type": question_type,
                "question": question, "answer": answer, "backend": "import", "qc_passed": True, "qc_reasons": [],
-               "split": spec.split, "image_uri": image_uri, "source": spec.source, "file": item, "image": None}
+               "split": spec.split, "image_uri": image_uri, "source": spec.source, "file": item, "image": None,
+               "task": task}
         if self.embed:
             row["image"] = {"bytes": io.read_bytes(image_uri), "path": image_uri.rsplit("/", 1)[-1]}
         self.rows.append(row)
@@ -726,16 +750,26 @@ class _Reader:
             except ItemError as exc:
                 self.reject(item, exc, stats)
                 continue
+            tasks = [None] * len(turns)
+            if spec.source.startswith("SARChat:"):
+                tasks = [sarchat_task(q, spec.source, rec) for q, _ in turns]
+                if None in tasks:
+                    self.reject(item, ItemError("unknown_task", f"{where}: a SARChat-Bench record whose task cannot be told: "
+                                                "no task tag ([cls], [count], [identify], [refer], [grounding], [describe]) "
+                                                f"leads its question {turns[tasks.index(None)][0][:80]!r}, its file name "
+                                                f"({spec.rel}) names none and it has no 'task' key. Tag the question or "
+                                                "move the record to its task's file."), stats)
+                    continue
             stats["imported"] += 1
             for t, (question, answer) in enumerate(turns):
                 question, answer = _clean_question(question), str(answer).strip()
-                if spec.role == "caption":
+                if spec.role == "caption" or tasks[t] == "description":
                     kind = spec.kind or _caption_kind(question, answer)
                 else:
                     kind = "vqa"
                 self.add(spec, kind, question if kind == "vqa" else (question or prompts.CAPTIONS[kind.split("_")[1]]),
                          answer, image_uri, rec, item if len(turns) == 1 else f"{item}.{t}", _application(rec),
-                         rec.get("question_type") if _application(rec) else None)
+                         rec.get("question_type") if _application(rec) else None, task=tasks[t])
                 stats["pairs"] += 1
         stats["form"] = stats.get("form") or ("+".join(sorted(forms)) or "none")
 

@@ -45,6 +45,7 @@ ALTERNATES = {
     "evaluate.judge": "openai", "evaluate.judge_model": "all-MiniLM-L12", "evaluate.baselines": "[majority]",
     "evaluate.dtype": "float32", "evaluate.engine": "vllm", "evaluate.vllm.device": "cpu",
     "evaluate.vllm.accelerator_type": "H100", "bench.formats": "[lmms_eval]", "bench.name": "task_x",
+    "evaluate.box_frame": "norm1000", "evaluate.truth_box_frame": "pixel",
 }
 # keys changed together with another (the shares of the splits sum to 1)
 TOGETHER = {"export.train": ["export.test=0.3"], "export.val": ["export.test=0.1"], "export.test": ["export.train=0.8"],

@@ -32,7 +32,8 @@ def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
     with evaluate.judge=embedding only), the base model (train.model), the image size, the oracle's annotator
     settings, and the OpenAI judge's endpoint (annotate.openai)."""
     ev = cfg.evaluate
-    unread = ({"vllm"} if ev.engine != "vllm" else set()) | ({"judge_model", "judge_threshold"} if ev.judge != "embedding" else set())
+    unread = (({"vllm"} if ev.engine != "vllm" else set()) | ({"judge_threshold"} if ev.judge != "embedding" else set())
+              | ({"judge_model"} if ev.judge not in ("embedding", "served") else set()))
     keys = [f"evaluate.{f.name}" for f in dataclasses.fields(ev) if f.name not in unread]
     keys += ["train.model", "run.max_pixels"]
     if "oracle" in ev.baselines:  # recomputes the answers with the annotate stage's template annotator
