@@ -42,11 +42,11 @@ GRAPH = {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
 # bottom first; a module imports only modules of its own layer or of a lower one
 LAYERS = [
     ("base", {"sarlang_ray", "errors", "io", "config", "prompts", "reaper", "tables", "plots", "viz"}),
-    ("primitives", {"gcps", "safe", "stac", "sar", "companions", "splits", "metrics", "families",
+    ("primitives", {"gcps", "safe", "stac", "sar", "companions", "splits", "metrics", "families", "boxes",
                     "annotate", "annotate.vocab", "annotate.visibility"}),
-    ("model runtime", {"models", "vllm_engine"}),
+    ("model runtime", {"models", "vllm_engine", "judge"}),
     ("domain", {"catalog", "tiling", "align", "synth", "release", "export", "train", "evaluate", "harness",
-                "tiny_models", "annotate.template", "annotate.consistency", "annotate.qc", "annotate.stage",
+                "tiny_models", "hf_export", "annotate.template", "annotate.consistency", "annotate.qc", "annotate.stage",
                 "annotate.openai_backend", "annotate.hf_backend", "annotate.vllm_backend"}),
     ("stages", {"stages", *(m.removeprefix("sarlang_ray.") for m in GRAPH if m.startswith("sarlang_ray.stages."))}),
     ("orchestration", {"pipeline", "cli", "__main__"}),
