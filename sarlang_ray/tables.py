@@ -182,12 +182,29 @@ def shard_error_reasons(run_dir: str, stage: str, names: list[str]) -> dict[str,
     return dict(sorted(reasons.items()))
 
 
-def read_errors(run_dir: str) -> pa.Table:
-    """Every stage's rejected items in one table (a chunk that rejected nothing has no file: nothing to read)."""
-    uris = [io.join(run_dir, p) for p in ("catalog/errors.parquet", "align/label_errors.parquet", "export/errors.parquet")
-            if io.exists(io.join(run_dir, p))]
-    for stage in ("tile", "align", "annotate"):
-        root = io.join(run_dir, stage, "errors")
-        if io.exists(root):
+STAGE_ERROR_FILES = {"catalog": ["catalog/errors.parquet"], "align": ["align/label_errors.parquet"],
+                     "export": ["export/errors.parquet"]}  # one file per stage; tile, align, annotate: one per chunk too
+
+
+def error_files(run_dir: str, stage: str | None = None) -> list[str]:
+    """The errors files of one stage (or of all), in stage order; chunks that rejected nothing have none."""
+    uris = []
+    for name in ("catalog", "tile", "align", "annotate", "export") if stage is None else (stage,):
+        uris += [u for u in (io.join(run_dir, p) for p in STAGE_ERROR_FILES.get(name, [])) if io.exists(u)]
+        root = io.join(run_dir, name, "errors")
+        if name in ("tile", "align", "annotate") and io.exists(root):
             uris += io.glob(root, "*/*.parquet")
+    return uris
+
+
+def iter_errors(run_dir: str, stage: str | None = None):
+    """The errors table one file at a time (a table each): for a run whose errors are too many to hold at once."""
+    for uri in error_files(run_dir, stage):
+        yield io.read_parquet(uri)
+
+
+def read_errors(run_dir: str, stage: str | None = None) -> pa.Table:
+    """Every stage's rejected items in one table, or one stage's (a chunk that rejected nothing has no file:
+    nothing to read)."""
+    uris = error_files(run_dir, stage)
     return io.read_parquet(uris) if uris else errors_table([])

@@ -49,6 +49,10 @@ def test_chunks_without_rows_write_no_side_file(demo_run):
     by_reason = Counter(f"{e['stage']}:{e['error_class']}" for e in errors if e["stage"] != "catalog")
     assert dict(by_reason) == summary["rejects_by_reason"]
     assert sum(_rows(p) for p in files["tile/errors"]) == summary["stages"]["tile"]["rejected"] > 0
+    # one stage's errors, or the table one file at a time: the same rows
+    assert tables.read_errors(str(run), "tile").to_pylist() == [e for e in errors if e["stage"] == "tile"]
+    assert tables.read_errors(str(run), "annotate").num_rows == 0
+    assert sorted(r["item"] for t in tables.iter_errors(str(run)) for r in t.to_pylist()) == sorted(e["item"] for e in errors)
     names = [str(p.relative_to(run / "tile" / "shards")) for p in sorted((run / "tile" / "shards").rglob("*.parquet"))]
     assert tables.shard_error_reasons(str(run), "tile", names) == summary["stages"]["tile"]["rejects_by_reason"]
 
