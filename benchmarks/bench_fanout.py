@@ -59,8 +59,9 @@ def measure(way: str, n: int) -> dict:
         totals = runner.totals(manifest)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     assert totals["shards"] == n and totals["planned"] == 8 * n, totals
+    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     out = {"way": way, "items": n, "driver_cpu_s": round(cpu, 3), "driver_cpu_ms_per_item": round(1000 * cpu / n, 4),
-           "wall_s": round(wall, 2), "peak_rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)}
+           "wall_s": round(wall, 2), "peak_rss_growth_mb": round(growth, 1)}
     ray.shutdown()
     return out
 
