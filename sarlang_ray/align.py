@@ -36,8 +36,8 @@ from shapely.validation import explain_validity
 from sarlang_ray import companions, io
 from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
-from sarlang_ray.errors import ItemError, error_row, errors_table, reasons_json
-from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema, tiles_counters
+from sarlang_ray.errors import ItemError, error_row, reasons_json
+from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema, read_error_rows, tiles_counters, write_errors
 from sarlang_ray.tiling import encode_png, grid_read, resampling_for
 
 STAGE = "align"
@@ -151,7 +151,7 @@ class LabelSlicer:
         fs, path = io.filesystem(io.join(self.out, "labels", f"{scene_id}.parquet"))
         io.makedirs(io.join(self.out, "labels"))
         labels.to_parquet(path, filesystem=fs, write_covering_bbox=True)
-        io.write_parquet_atomic(io.join(self.out, "label_errors", f"{scene_id}.parquet"), errors_table(errors))
+        write_errors(io.join(self.out, "label_errors", f"{scene_id}.parquet"), errors)  # only when it has rows
         return {"scene_id": scene_id, "files": files, "read": table.num_rows, "unmapped": table.num_rows - len(mapped),
                 "planned": len(mapped), "written": len(labels), "rejected": len(errors)}
 
@@ -330,8 +330,7 @@ class AlignShard:
         tiles = io.read_parquet(io.join(self.tile_shards, name))
         planned = tiles.num_rows
         if (done := existing_shard(out_uri, planned, name)) is not None:  # an earlier, interrupted run wrote it
-            errors_uri = io.join(self.out_errors, name)
-            rows = io.read_parquet(errors_uri, columns=["error_class"]).to_pylist() if io.exists(errors_uri) else []
+            rows = read_error_rows(io.join(self.out_errors, name), ["error_class"])
             return {**done, "objects": 0, "reasons": reasons_json(rows),
                     **tiles_counters(io.read_parquet(out_uri, columns=["gsd_m", "objects"]).to_pylist())}
         out_rows, errors, n_objects = [], [], 0
@@ -344,7 +343,7 @@ class AlignShard:
                 continue
             n_objects += len(tile["objects"])
             out_rows.append(tile)
-        io.write_parquet_atomic(io.join(self.out_errors, name), errors_table(errors))
+        write_errors(io.join(self.out_errors, name), errors)  # only when the shard rejected a tile
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(out_rows, schema=self.schema))
         return {"shard": name, "planned": planned, "written": len(out_rows), "rejected": len(errors),
                 "objects": n_objects, "skipped": False, "reasons": reasons_json(errors), **tiles_counters(out_rows)}

@@ -314,6 +314,13 @@ class ExportSection:
     train: float = 0.7  # share of tiles in the train split
     val: float = 0.1  # share of tiles in the validation split
     test: float = 0.2  # share of tiles in the test split
+    # a split's JSON, CSV or Parquet file above either size is written as numbered shards in a folder (by Ray
+    # tasks, listed in export/manifest.json; LLaMA-Factory's dataset_info.json names the folder); below both,
+    # one file as the published layout. The PNGs go under SAR_images/<scene>/<gsd>/ once more tiles are
+    # exported than images_per_prefix (object stores throttle per prefix); below, flat in SAR_images/
+    shard_records: int = 1_000_000
+    shard_bytes: int = 2**30
+    images_per_prefix: int = 100_000
 
 
 @dataclass

@@ -75,10 +75,34 @@ def _image_name(tile_id: str) -> str:
     return f"{tile_id}.png"
 
 
+def image_path(tile: dict, nested: bool) -> str:
+    """Where a tile's PNG lives under ``SAR_images/``: flat (``<tile>.png``, the published layout) or, for an
+    export of more tiles than ``export.images_per_prefix``, under its scene and GSD (``<scene>/<gsd>m/<tile>.png``:
+    a scene holds ~1,000 tiles per GSD, so no prefix of an object store holds more than a few thousand PNGs)."""
+    name = _image_name(tile["tile_id"])
+    return f"{tile['scene_id']}/{tile['gsd_m']:g}m/{name}" if nested else name
+
+
 def assembled_files(split: str) -> dict[str, str]:
     """The files of one split that are assembled from per-shard parts (path under export/ -> json or csv)."""
     return {f"llamafactory/sarlang_{split}.json": "json", f"sarlang1m/vqa/vqa_{split}.json": "json",
             f"sarlang1m/captions/concise_{split}.csv": "csv", f"sarlang1m/captions/detailed_{split}.csv": "csv"}
+
+
+def parquet_target(split: str) -> str:
+    """The logical Parquet file of a split (path under export/): the workers write one file per tiles shard in
+    ``parquet/<split>/``; a sharded export merges them into numbered shards there."""
+    return f"parquet/{split}.parquet"
+
+
+def shard_names(target: str, n: int) -> list[str]:
+    """The numbered shards of ``target`` (a path under export/), in a folder named after it:
+    ``llamafactory/sarlang_train.json`` -> ``llamafactory/sarlang_train/sarlang_train-00000-of-00003.json``. The
+    folder holds the shards only (LLaMA-Factory loads every file of a dataset folder and wants one type). Parquet
+    shards sit in ``parquet/<split>/``, where the per-shard files were (what train and evaluate read)."""
+    folder, _, name = target.rpartition("/")
+    stem, ext = name.rsplit(".", 1)
+    return [f"{folder}/{stem}/{stem}-{i:05d}-of-{n:05d}.{ext}" for i in range(n)]
 
 
 def part_uri(out: str, target: str, shard: str) -> str:
@@ -129,14 +153,15 @@ def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     io.write_parquet_atomic(io.join(out, "errors.parquet"), errors_table(
         [error_row("export", tid, "split_object", why) if kind == OBJECT else error_row("export", tid, "split_boundary", why)
          for tid, (kind, why) in sorted(dropped.items())]))
+    nested = len(tile_split) > e.images_per_prefix  # PNGs under SAR_images/<scene>/<gsd>m/ (image_path)
     by_shard: dict[str, dict[str, str]] = {}
     clipped_in: dict[str, set[str]] = {}
     for tile in candidates:  # shard order (split_inputs'), tiles in shard order
         if tile.tile_id in tile_split:
             by_shard.setdefault(shard_of[tile.tile_id], {})[tile.tile_id] = tile_split[tile.tile_id]
             clipped_in.setdefault(shard_of[tile.tile_id], set()).update(tile.label_ids & clipped)
-    items = [{"index": i, "shard": shard, "splits": json.dumps(splits), "clipped": json.dumps(sorted(clipped_in[shard]))}
-             for i, (shard, splits) in enumerate(by_shard.items())]
+    items = [{"index": i, "shard": shard, "splits": json.dumps(splits), "clipped": json.dumps(sorted(clipped_in[shard])),
+              "nested_images": nested} for i, (shard, splits) in enumerate(by_shard.items())]
     counts = {"planned": len(candidates), "written": len(candidates) - len(dropped), "rejected": len(dropped),
               "reasons": dict(Counter(kind for kind, _ in dropped.values())), "leakage": leakage}
     return items, counts
@@ -189,13 +214,14 @@ class ExportShard:
             if "contradictions" not in done:  # finished by a version that did not check there
                 done["contradictions"] = self.contradictions(*self.read(name, split_of, CHECK_TILE_COLUMNS, CHECK_PAIR_COLUMNS))
             return {**done, "index": row["index"], "skipped": True}
-        tiles, pairs = self.read(name, split_of, [*CHECK_TILE_COLUMNS, "sar_png", "objects", "landcover"],
+        tiles, pairs = self.read(name, split_of, [*CHECK_TILE_COLUMNS, "scene_id", "sar_png", "objects", "landcover"],
                                  [*PAIR_COLUMNS, "backend"])
+        nested = bool(row.get("nested_images"))
         stats: dict[str, Counter] = {k: Counter() for k in STATS}
         objects: list[dict] = []
         for tid in sorted({p["tile_id"] for p in pairs}):  # each image once, in the one image folder
             t = tiles[tid]
-            io.write_bytes_atomic(io.join(self.out, IMAGES, _image_name(tid)), t["sar_png"])
+            io.write_bytes_atomic(io.join(self.out, IMAGES, image_path(t, nested)), t["sar_png"])
             split = split_of[tid]
             objects += [{"tile_id": tid, "split": split, "object_id": clipped_id(o["label_id"], split)
                          if o["label_id"] in clipped else o["label_id"], "label_id": o["label_id"], "class": o["class"]}
@@ -208,7 +234,7 @@ class ExportShard:
         parts: dict[str, list[str]] = {}  # file under export/ -> this shard's encoded records of it
         for p in pairs:
             split = split_of[p["tile_id"]]
-            image = _image_name(p["tile_id"])
+            image = image_path(tiles[p["tile_id"]], nested)
             rows[split].append({**{c: p[c] for c in PAIR_COLUMNS}, "split": split,
                                 "image": {"bytes": tiles[p["tile_id"]]["sar_png"], "path": image}})
             stats["pairs"][split] += 1
@@ -224,16 +250,21 @@ class ExportShard:
                 parts.setdefault(vqa, []).append(_json_item({**record, "images": [f"SAR_images/{image}"]}))
             if p["kind"] != "vqa":
                 parts.setdefault(concise if p["kind"] == "caption_concise" else detailed, []).append(_csv_row(image, p["answer"]))
+        sizes: dict[str, list[int]] = {}  # file under export/ -> this shard's [records, bytes] of it
         for split, r in rows.items():
             if r:
-                io.write_parquet_atomic(io.join(self.out, "parquet", split, name.replace("/", "__")),
-                                        pa.Table.from_pylist(r, schema=EXPORT_SCHEMA))
+                data = io.parquet_bytes(pa.Table.from_pylist(r, schema=EXPORT_SCHEMA))
+                io.write_bytes_atomic(io.join(self.out, "parquet", split, name.replace("/", "__")), data)
+                sizes[parquet_target(split)] = [len(r), len(data)]
         io.write_parquet_atomic(io.join(self.out, OBJECTS, name.replace("/", "__")), pa.Table.from_pylist(objects, schema=OBJECTS_SCHEMA))
         for target, encoded in parts.items():
             sep = "" if target.endswith(".csv") else ",\n"  # CSV rows end in \r\n; JSON items need commas
-            io.write_bytes_atomic(part_uri(self.out, target, name), sep.join(encoded).encode())
+            data = sep.join(encoded).encode()
+            io.write_bytes_atomic(part_uri(self.out, target, name), data)
+            sizes[target] = [len(encoded), len(data)]
         manifest = {"shard": name, "tiles": sum(stats["tiles"].values()), "pairs": len(pairs),
                     "parts": json.dumps({t: len(v) for t, v in sorted(parts.items())}),
+                    "sizes": json.dumps(dict(sorted(sizes.items()))),
                     "stats": json.dumps(stats), "contradictions": self.contradictions(tiles, pairs),
                     "worker": f"{socket.gethostname()}:{os.getpid()}"}
         io.write_json_atomic(done_uri, manifest)  # last: the shard is complete
@@ -241,22 +272,124 @@ class ExportShard:
 
 
 # ---------------------------------------------------------------- assembling the parts
-def assembly_jobs(out: str, manifest: list[dict]) -> list[dict]:
-    """One job per assembled file: its URI and its parts' URIs in shard order (``manifest`` sorted)."""
+def _pieces(out: str, manifest: list[dict], split: str, target: str) -> list[tuple[str, int, int]]:
+    """(uri, records, bytes) of the workers' pieces of ``target`` (a text file's parts, or a split's per-shard
+    Parquet files), in shard order (``manifest`` sorted)."""
+    pieces = []
+    for m in manifest:
+        sizes = json.loads(m.get("sizes") or "{}")
+        if target.startswith("parquet/"):
+            if target in sizes:
+                pieces.append((io.join(out, "parquet", split, m["shard"].replace("/", "__")), *sizes[target]))
+        elif target in json.loads(m["parts"]):  # a shard finished by a version that recorded no sizes: 0 bytes
+            pieces.append((part_uri(out, target, m["shard"]), *sizes.get(target, [json.loads(m["parts"])[target], 0])))
+    return pieces
+
+
+def _groups(pieces: list[tuple[str, int, int]], max_records: int, max_bytes: int) -> list[list[tuple[str, int, int]]]:
+    """Consecutive pieces in groups of at most ``max_records`` records and ``max_bytes`` bytes (a piece larger
+    than either is a group of its own): the numbered shards of a file."""
+    groups: list[list[tuple[str, int, int]]] = [[]]
+    records = size = 0
+    for piece in pieces:
+        if groups[-1] and (records + piece[1] > max_records or size + piece[2] > max_bytes):
+            groups.append([])
+            records = size = 0
+        groups[-1].append(piece)
+        records, size = records + piece[1], size + piece[2]
+    return groups
+
+
+def assembly_jobs(out: str, manifest: list[dict], max_records: int = 1_000_000, max_bytes: int = 2**30) -> list[dict]:
+    """The files to write from the workers' pieces, one job each (``manifest`` sorted).
+
+    A file whose records or bytes stay within ``max_records`` and ``max_bytes`` is one file, as published (a
+    JSON/CSV file: one job, ``sharded`` false; a split's Parquet: the workers' per-shard files stay as they are,
+    no job). Above either, it is written as numbered shards (:func:`shard_names`), one job per shard
+    (``sharded`` true: run by Ray tasks, :class:`AssembleFile`), each of consecutive pieces in shard order, so the
+    shards read in name order hold the records in the single file's order."""
     jobs = []
     for split in SPLITS:
-        for target, fmt in assembled_files(split).items():
-            parts = [part_uri(out, target, m["shard"]) for m in manifest if target in json.loads(m["parts"])]
-            jobs.append({"target": io.join(out, target), "format": fmt, "parts": parts})
+        for target, fmt in [*assembled_files(split).items(), (parquet_target(split), "parquet")]:
+            pieces = _pieces(out, manifest, split, target)
+            records, size = sum(p[1] for p in pieces), sum(p[2] for p in pieces)
+            if records <= max_records and size <= max_bytes:
+                if fmt != "parquet":
+                    jobs.append({"logical": target, "target": io.join(out, target), "format": fmt,
+                                 "parts": [p[0] for p in pieces], "records": records, "sharded": False})
+                continue
+            groups = _groups(pieces, max_records, max_bytes)
+            jobs += [{"logical": target, "target": io.join(out, name), "format": fmt, "parts": [p[0] for p in group],
+                      "records": sum(p[1] for p in group), "sharded": True}
+                     for name, group in zip(shard_names(target, len(groups)), groups)]
     return jobs
+
+
+class _Sink:
+    """A write-only file object that hands on what is written to it in chunks and counts the position itself
+    (Parquet's footer holds offsets: a truncated BytesIO would report wrong ones)."""
+
+    def __init__(self):
+        self.pos, self.chunks, self.closed = 0, [], False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.chunks.append(data)
+        self.pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data, self.chunks = b"".join(self.chunks), []
+        return data
+
+
+def _parquet_chunks(parts: list[str]) -> Iterator[bytes]:
+    """One Parquet file from several of one schema (the export's, with its Hugging Face metadata), one part in
+    memory at a time: each part becomes a row group."""
+    import pyarrow.parquet as pq
+
+    sink, writer = _Sink(), None
+    for uri in parts:
+        table = io.read_parquet(uri)
+        if writer is None:
+            writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), table.schema, compression="zstd")
+        writer.write_table(table)
+        yield sink.take()
+    if writer is not None:
+        writer.close()
+    yield sink.take()
 
 
 def assemble(job: dict) -> dict:
     """Stream the parts of one file into it, in order and one part in memory at a time, atomically. JSON
-    parts are joined into one array (``[]`` when there are none), CSV parts follow the header."""
+    parts are joined into one array (``[]`` when there are none), CSV parts follow the header, Parquet parts
+    become row groups of one file. A shard that an interrupted export already wrote (atomically: whole or
+    absent) is kept. Returns the file's path, records and bytes (for ``manifest.json``)."""
     parts = job["parts"]
+    if job.get("sharded") and io.exists(job["target"]):
+        fs, path = io.filesystem(job["target"])
+        return {"logical": job["logical"], "target": job["target"], "records": job["records"], "bytes": fs.size(path)}
+    written = 0
+
+    def counted(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        nonlocal written
+        for chunk in chunks:
+            written += len(chunk)
+            yield chunk
 
     def chunks() -> Iterator[bytes]:
+        if job["format"] == "parquet":
+            yield from _parquet_chunks(parts)
+            return
         if job["format"] == "csv":
             yield CSV_HEADER
             for uri in parts:
@@ -270,8 +403,50 @@ def assemble(job: dict) -> dict:
             yield (b",\n" if i else b"") + io.read_bytes(uri)
         yield b"\n]"
 
-    io.write_stream_atomic(job["target"], chunks())
-    return {"target": job["target"], "parts": len(parts)}
+    io.write_stream_atomic(job["target"], counted(chunks()))
+    return {"logical": job["logical"], "target": job["target"], "records": job["records"], "bytes": written}
+
+
+class AssembleFile:
+    """Ray task row class (:func:`sarlang_ray.stages.runner.map_tasks`): one numbered shard of a big file, written
+    on a worker from its parts (the driver only lists them)."""
+
+    def __call__(self, job: dict) -> dict:
+        return assemble(job)
+
+
+def write_manifest(out: str, jobs: list[dict], written: list[dict], manifest: list[dict], nested_images: bool) -> dict:
+    """``export/manifest.json``: every file of the export's logical files (the JSON and CSV files and each split's
+    Parquet) with its records and bytes, whether it is sharded, and where the PNGs are; what a tool that moves or
+    checks the export reads instead of listing folders. Returns it."""
+    files: dict[str, dict] = {}
+    for w in written:
+        files.setdefault(w["logical"], {"files": []})["files"].append(
+            {"path": io.relative(w["target"], out), "records": w["records"], "bytes": w["bytes"]})
+    sharded = {j["logical"] for j in jobs if j["sharded"]}
+    for split in SPLITS:  # Parquet below the threshold: the workers' per-shard files, as they are
+        target = parquet_target(split)
+        if target not in sharded:
+            files[target] = {"files": [{"path": io.relative(uri, out), "records": n, "bytes": b}
+                                       for uri, n, b in _pieces(out, manifest, split, target)]}
+    for target, entry in files.items():
+        entry["files"].sort(key=lambda f: f["path"])
+        entry.update(sharded=target in sharded, records=sum(f["records"] for f in entry["files"]),
+                     bytes=sum(f["bytes"] for f in entry["files"]))
+    doc = {"files": dict(sorted(files.items())),
+           "images": {"folder": IMAGES, "layout": "<scene>/<gsd>m/<tile>.png" if nested_images else "<tile>.png"}}
+    io.write_json_atomic(io.join(out, "manifest.json"), doc)
+    return doc
+
+
+def remove_merged_parquet(out: str, jobs: list[dict]) -> None:
+    """Remove the workers' per-shard Parquet files that numbered shards now hold (after every shard is written)."""
+    for job in jobs:
+        if job["sharded"] and job["format"] == "parquet":
+            for uri in job["parts"]:
+                if io.exists(uri):
+                    fs, path = io.filesystem(uri)
+                    fs.rm(path)
 
 
 def remove_parts(out: str) -> None:
@@ -292,9 +467,14 @@ def merge_stats(manifest: list[dict]) -> dict[str, Counter]:
     return stats
 
 
-def write_dataset_info(out: str) -> None:
-    """``llamafactory/dataset_info.json``: one ShareGPT dataset per split."""
-    info = {f"sarlang_{split}": {"file_name": f"sarlang_{split}.json", "formatting": "sharegpt",
+def write_dataset_info(out: str, sharded: set[str] = frozenset()) -> None:
+    """``llamafactory/dataset_info.json``: one ShareGPT dataset per split. A sharded split's ``file_name`` is its
+    folder of numbered shards: LLaMA-Factory's loader (``data/loader.py``, ``_load_single_dataset``) loads every
+    file of a folder it is given as one dataset."""
+    def name(split: str) -> str:
+        return f"sarlang_{split}" if f"llamafactory/sarlang_{split}.json" in sharded else f"sarlang_{split}.json"
+
+    info = {f"sarlang_{split}": {"file_name": name(split), "formatting": "sharegpt",
                                  "columns": {"messages": "messages", "images": "images"},
                                  "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                                           "assistant_tag": "assistant"}}

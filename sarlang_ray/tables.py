@@ -8,7 +8,9 @@ through it without importing the orchestrator:
 * ``tile/shards/<scene>/<gsd>-<chunk>.parquet``: tiles before alignment;
 * ``align/shards/...``: the **tiles** table (tiles + objects, land cover, optical twin);
 * ``annotate/shards/...``: the **annotations** table (pairs, QC-rejected ones included);
-* ``<stage>/errors/...`` and ``catalog/errors.parquet``, ``align/label_errors.parquet``: the errors table.
+* ``<stage>/errors/...`` and ``catalog/errors.parquet``, ``align/label_errors.parquet``: the errors table. A chunk
+  (``<stage>/errors/<shard>``, ``annotate/findings/<shard>.json``, ``align/label_errors/<scene>.parquet``) writes its
+  side file only when it has rows: a missing one means none (:func:`write_errors`, :func:`read_error_rows`).
 """
 
 from __future__ import annotations
@@ -149,20 +151,60 @@ def read_annotations(run_dir: str, columns: list[str] | None = None) -> pa.Table
     return io.read_parquet(annotation_shards(run_dir), columns=columns)
 
 
+def write_rows_file(uri: str, rows: list[dict], write) -> None:
+    """Write a per-chunk side file (an errors table, a findings list) only when it has rows: at 1e8 tiles most
+    chunks have none, and an empty file per chunk was half of all files in a run folder (and a read each for
+    every reader). A chunk that has none now removes the file an earlier attempt left (a retry that fixed its
+    tiles), so what is on disk is always this attempt's rows; readers treat a missing file as no rows."""
+    if rows:
+        write(uri, rows)
+    elif io.exists(uri):
+        fs, path = io.filesystem(uri)
+        fs.rm(path)
+
+
+def write_errors(uri: str, rows: list[dict]) -> None:
+    """A chunk's errors table (``<stage>/errors/<shard>``), written only when the chunk rejected something."""
+    write_rows_file(uri, rows, lambda u, r: io.write_parquet_atomic(u, errors_table(r)))
+
+
+def read_error_rows(uri: str, columns: list[str] | None = None) -> list[dict]:
+    """The rows of a chunk's errors table; [] when the chunk wrote none (it rejected nothing)."""
+    return io.read_parquet(uri, columns=columns).to_pylist() if io.exists(uri) else []
+
+
 def shard_error_reasons(run_dir: str, stage: str, names: list[str]) -> dict[str, int]:
-    """Rejects per ``error_class`` in the errors tables of some shards of a sharded stage (``<stage>/errors/<name>``)."""
+    """Rejects per ``error_class`` in the errors tables of some shards of a sharded stage (``<stage>/errors/<name>``;
+    a shard without one rejected nothing)."""
     reasons: Counter = Counter()
     for name in names:
-        reasons.update(io.read_parquet(io.join(run_dir, stage, "errors", name), columns=["error_class"])["error_class"].to_pylist())
+        reasons.update(r["error_class"] for r in read_error_rows(io.join(run_dir, stage, "errors", name), ["error_class"]))
     return dict(sorted(reasons.items()))
 
 
-def read_errors(run_dir: str) -> pa.Table:
-    """Every stage's rejected items in one table."""
-    uris = [io.join(run_dir, p) for p in ("catalog/errors.parquet", "align/label_errors.parquet", "export/errors.parquet")
-            if io.exists(io.join(run_dir, p))]
-    for stage in ("tile", "align", "annotate"):
-        root = io.join(run_dir, stage, "errors")
-        if io.exists(root):
+STAGE_ERROR_FILES = {"catalog": ["catalog/errors.parquet"], "align": ["align/label_errors.parquet"],
+                     "export": ["export/errors.parquet"]}  # one file per stage; tile, align, annotate: one per chunk too
+
+
+def error_files(run_dir: str, stage: str | None = None) -> list[str]:
+    """The errors files of one stage (or of all), in stage order; chunks that rejected nothing have none."""
+    uris = []
+    for name in ("catalog", "tile", "align", "annotate", "export") if stage is None else (stage,):
+        uris += [u for u in (io.join(run_dir, p) for p in STAGE_ERROR_FILES.get(name, [])) if io.exists(u)]
+        root = io.join(run_dir, name, "errors")
+        if name in ("tile", "align", "annotate") and io.exists(root):
             uris += io.glob(root, "*/*.parquet")
+    return uris
+
+
+def iter_errors(run_dir: str, stage: str | None = None):
+    """The errors table one file at a time (a table each): for a run whose errors are too many to hold at once."""
+    for uri in error_files(run_dir, stage):
+        yield io.read_parquet(uri)
+
+
+def read_errors(run_dir: str, stage: str | None = None) -> pa.Table:
+    """Every stage's rejected items in one table, or one stage's (a chunk that rejected nothing has no file:
+    nothing to read)."""
+    uris = error_files(run_dir, stage)
     return io.read_parquet(uris) if uris else errors_table([])

@@ -42,8 +42,8 @@ from sarlang_ray import io, sar, safe
 from sarlang_ray.catalog import outline_4326
 from sarlang_ray.gcps import Georef
 from sarlang_ray.config import TileSection
-from sarlang_ray.errors import error_row, errors_table
-from sarlang_ray.tables import TILES_SCHEMA, existing_shard
+from sarlang_ray.errors import error_row
+from sarlang_ray.tables import TILES_SCHEMA, existing_shard, write_errors
 
 STAGE = "tile"
 EPS = 1e-6
@@ -372,7 +372,7 @@ class TileChunk:
         if (done := existing_shard(shard_uri, planned, name)) is not None:  # an earlier, interrupted run wrote it
             return {**done, **_timing(started)}
         rows, errors = self.process(chunk)
-        io.write_parquet_atomic(io.join(self.errors, name), errors_table(errors))
+        write_errors(io.join(self.errors, name), errors)  # only when the chunk rejected a tile
         io.write_parquet_atomic(shard_uri, pa.Table.from_pylist(rows, schema=TILES_SCHEMA))
         return {"shard": name, "planned": planned, "written": len(rows), "rejected": len(errors), "skipped": False,
                 **_timing(started)}

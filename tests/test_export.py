@@ -336,7 +336,7 @@ def test_an_interrupted_export_resumes_finished_shards(exported, tmp_path):
     for stage in ("align", "annotate"):
         shutil.copytree(Path(cfg.run.run_dir) / stage, run_dir / stage)
     items, _ = export.plan(demo_config(run_dir))
-    first = map_items(items[:1], export.ExportShard, (str(run_dir),), None, 1.0)
+    first = list(map_items(items[:1], export.ExportShard, (str(run_dir),), None, 1.0))
     again = sorted(map_items(items[:2], export.ExportShard, (str(run_dir),), None, 1.0), key=lambda m: m["index"])
     assert [m["skipped"] for m in again] == [True, False] and again[0]["stats"] == first[0]["stats"]
     assert str(os.getpid()) not in {m["worker"].rsplit(":", 1)[1] for m in first + again}, "shards are exported by actors"

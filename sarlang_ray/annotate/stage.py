@@ -9,7 +9,8 @@ A backend that raises, or returns malformed pairs, loses that tile only: it goes
 with the reason and the run goes on. Counts reconcile per tile (planned = written + rejected) and per
 pair (planned = passed QC + rejected by QC); ``annotate/qc_report.json`` counts each rule's hits. The
 contradiction findings of each shard (rule, message, the statements involved) are kept beside it in
-``annotate/findings/<scene>/<name>.json``, so a resumed stage reports them exactly as an uninterrupted one.
+``annotate/findings/<scene>/<name>.json`` (only for a shard that has some), so a resumed stage reports them
+exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from sarlang_ray.annotate.template import TemplateAnnotator
 from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import AnnotateSection
-from sarlang_ray.errors import error_row, errors_table, reasons_json
+from sarlang_ray.errors import error_row, reasons_json
 from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS as TILE_COLUMNS
-from sarlang_ray.tables import ANNOTATION_SCHEMA
+from sarlang_ray.tables import ANNOTATION_SCHEMA, read_error_rows, write_errors, write_rows_file
 
 STAGE = "annotate"
 KINDS = ("caption_concise", "caption_detailed", "vqa")
@@ -123,7 +124,7 @@ class AnnotateShard:
             failed = set(ids) - {r["tile_id"] for r in done} if self.retry else set()
             if not failed:
                 return self._counted(name, len(ids), done)
-            kept = done, io.read_json(self._findings_uri(name))
+            kept = done, self._read_findings(name)
         tiles = io.read_parquet(io.join(self.tiles, name), columns=TILE_COLUMNS).to_pylist()
         order, planned = {t["tile_id"]: i for i, t in enumerate(tiles)}, len(tiles)
         if kept is not None:
@@ -132,8 +133,10 @@ class AnnotateShard:
         if kept is not None:
             rows = sorted(kept[0] + rows, key=lambda r: (order[r["tile_id"]], r["pair_id"]))
             findings = kept[1] + findings
-        io.write_parquet_atomic(io.join(self.errors, name), errors_table(errors))
-        io.write_json_atomic(self._findings_uri(name), findings)  # before the shard: a written shard has its findings
+        # side files only when they have rows (a retry that fixed every tile removes the old ones); both before the
+        # shard: a written shard has its errors and findings
+        write_errors(io.join(self.errors, name), errors)
+        write_rows_file(self._findings_uri(name), findings, io.write_json_atomic)
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA))
         return {"shard": name, "planned": planned, "written": planned - len(errors), "rejected": len(errors),
                 "skipped": False, "retried": len(tiles) if kept is not None else 0, **_pair_counts(rows),
@@ -166,14 +169,19 @@ class AnnotateShard:
     def _counted(self, name: str, planned: int, done: list[dict]) -> dict:
         """The manifest row of a shard written before (``done``: its pairs), counted again by a resumed or retried
         stage: written are the tiles with pairs, the reasons those of its errors table."""
-        shard_errors = io.read_parquet(io.join(self.errors, name), columns=["error_class"]).to_pylist()
+        shard_errors = read_error_rows(io.join(self.errors, name), ["error_class"])
         tiles = len({r["tile_id"] for r in done})
         return {"shard": name, "planned": planned, "written": tiles, "rejected": planned - tiles,
                 "skipped": True, "retried": 0, **_pair_counts(done), "reasons": reasons_json(shard_errors),
-                "findings": json.dumps(io.read_json(self._findings_uri(name)))}
+                "findings": json.dumps(self._read_findings(name))}
 
     def _findings_uri(self, name: str) -> str:
         return io.join(self.findings, name.rsplit(".", 1)[0] + ".json")
+
+    def _read_findings(self, name: str) -> list[dict]:
+        """A written shard's contradiction findings; [] when it has no file (the shard had none)."""
+        uri = self._findings_uri(name)
+        return io.read_json(uri) if io.exists(uri) else []
 
 
 def contradiction_report(findings: list[dict], backend: str, examples: int = 3) -> dict:

@@ -25,7 +25,7 @@ def _global_labels(cfg: WorkflowConfig, out: str) -> dict:
     error_files = [io.join(out, "label_errors", f"{s['scene_id']}.parquet") for s in scenes]
     rows, seen = [], set()
     for uri in error_files:
-        for row in io.read_parquet(uri).to_pylist():
+        for row in tables.read_error_rows(uri):  # a scene whose labels were all good wrote none
             if row["item"] not in seen:
                 seen.add(row["item"])
                 rows.append(row)

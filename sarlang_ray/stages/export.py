@@ -5,7 +5,9 @@ The driver splits the tiles from small descriptors and holds only those and per-
 shard is exported by an actor of a pool (:class:`~sarlang_ray.export.ExportShard`: PNGs, Parquet shards,
 per-shard parts of the JSON and CSV files, the contradiction checker's report of its pairs); the driver then
 streams each JSON/CSV file together from its parts, one part in memory at a time
-(:func:`~sarlang_ray.export.assemble`), and draws the card from the summed counters and reports.
+(:func:`~sarlang_ray.export.assemble`), or, for a file above ``export.shard_records`` / ``export.shard_bytes``,
+has Ray tasks write it as numbered shards (Parquet included), lists every file in ``manifest.json``, and draws
+the card from the summed counters and reports.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sarlang_ray.annotate.visibility import VISIBILITY_KEYS, Visibility
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import judge_outcome
 from sarlang_ray.splits import SPLITS
-from sarlang_ray.stages.runner import Stage, map_items
+from sarlang_ray.stages.runner import Stage, map_items, map_tasks
 
 NUM_CPUS = 1.0  # per export actor: it reads a shard, writes PNGs and Parquet (I/O, zstd)
 
@@ -35,9 +37,15 @@ def _body(cfg: WorkflowConfig) -> dict:
     visibility = Visibility.from_config(cfg.annotate)
     manifest = sorted(map_items(items, export.ExportShard, (cfg.run.run_dir, visibility), None, NUM_CPUS),
                       key=lambda m: m["index"])
-    for job in export.assembly_jobs(out, manifest):  # 12 text files: starting a Ray worker costs more than the copy
-        export.assemble(job)
-    export.write_dataset_info(out)
+    e = cfg.export
+    jobs = export.assembly_jobs(out, manifest, e.shard_records, e.shard_bytes)
+    # files within the thresholds (12 small text files at most): in the driver, where starting a Ray worker costs
+    # more than the copy; the numbered shards of big files: Ray tasks, each streaming its parts
+    written = [export.assemble(job) for job in jobs if not job["sharded"]]
+    written += map_tasks([job for job in jobs if job["sharded"]], export.AssembleFile, (), num_cpus=NUM_CPUS)
+    export.write_manifest(out, jobs, written, manifest, any(i["nested_images"] for i in items))
+    export.write_dataset_info(out, {job["logical"] for job in jobs if job["sharded"]})
+    export.remove_merged_parquet(out, jobs)
     export.remove_parts(out)
     stats = export.merge_stats(manifest)
     leakage = split_counts["leakage"]

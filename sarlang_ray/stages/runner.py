@@ -376,19 +376,84 @@ def pool(n_items: int, concurrency: int | None, max_actors: int | None = None, n
     return ray.data.ActorPoolStrategy(min_size=now, max_size=top, max_tasks_in_flight_per_actor=2)
 
 
-def map_items(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float,
-              num_gpus: float = 0.0, max_actors: int | None = None, memory_gb: float | None = None) -> list[dict]:
-    """Map a row function over small work items on an actor pool (one block per item, for balance); the small
-    manifest rows it returns come back to the driver. ``memory_gb`` reserves memory per actor (Ray's ``memory``
-    resource), so the scheduler and the autoscaler count it."""
+MAX_BLOCKS = 1024  # map_items: blocks of items at most (more when the cluster has more than 1024 / 16 CPUs)
+
+
+class Manifest:
+    """The manifest rows of a map, spooled to a local temporary file of the driver as they arrive instead of
+    collected in its memory (one JSON line each); iterable any number of times, each pass reading the file."""
+
+    def __init__(self):
+        import tempfile
+        import weakref
+
+        fd, self.path = tempfile.mkstemp(prefix="sarlang-manifest-", suffix=".jsonl")
+        self._file = os.fdopen(fd, "wb")
+        self._rows = 0
+        self._finalizer = weakref.finalize(self, _remove_file, self._file, self.path)  # at the latest when collected
+
+    def close(self) -> None:
+        """Remove the spool file now."""
+        self._finalizer()
+
+    def append(self, row: dict) -> None:
+        self._file.write(json.dumps(row, default=_plain_json).encode() + b"\n")
+        self._rows += 1
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def __iter__(self):
+        self._file.flush()
+        with open(self.path, "rb") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def _plain_json(value):
+    """numpy values of a Ray Data row as JSON (``tolist`` covers scalars and arrays)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _remove_file(handle, path: str) -> None:
+    handle.close()
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def item_blocks(n_items: int) -> int:
+    """Blocks for ``n_items`` work items: one per item up to ``MAX_BLOCKS`` (few items of seconds to minutes each:
+    balance matters), then ``MAX_BLOCKS`` (or 16 per cluster CPU, if more) of consecutive items. The driver pays
+    Ray Data's scheduling per block (~4.5 ms measured), so its cost stops growing with items; an actor takes a
+    block at a time, so the tail is at most one block's items (n / 1024)."""
     import ray
 
+    cpus = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
+    return max(1, min(n_items, max(MAX_BLOCKS, 16 * cpus)))
+
+
+def map_items(items: list[dict], fn, constructor_args: tuple, concurrency: int | None, num_cpus: float,
+              num_gpus: float = 0.0, max_actors: int | None = None, memory_gb: float | None = None) -> Manifest:
+    """Map a row function over small work items on an actor pool; the small manifest rows it returns stream
+    into a :class:`Manifest` (a local file of the driver), in item order. Items go in blocks
+    (:func:`item_blocks`): one per item for up to ``MAX_BLOCKS`` items, then consecutive items per block, so the
+    driver's cost per item falls as items grow (``benchmarks/bench_scale_plan.py``). ``memory_gb`` reserves
+    memory per actor (Ray's ``memory`` resource), so the scheduler and the autoscaler count it."""
+    import ray
+
+    manifest = Manifest()
     if not items:
-        return []
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+        return manifest
+    blocks = item_blocks(len(items))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     extra = {"memory": int(memory_gb * 2**30)} if memory_gb else {}
-    return ds.map(fn, fn_constructor_args=constructor_args, compute=pool(len(items), concurrency, max_actors, num_cpus, num_gpus),
-                  num_cpus=num_cpus, num_gpus=num_gpus, **extra).take_all()
+    mapped = ds.map(fn, fn_constructor_args=constructor_args, compute=pool(blocks, concurrency, max_actors, num_cpus, num_gpus),
+                    num_cpus=num_cpus, num_gpus=num_gpus, **extra)
+    for row in mapped.iter_rows():
+        manifest.append(row)
+    return manifest
 
 
 # ---------------------------------------------------------------- work items as Ray tasks
@@ -515,20 +580,23 @@ SUMMED = {"gsds": "tiles_per_gsd", "classes": "objects_per_class", "applications
 
 
 def totals(manifest: Iterable[dict]) -> dict:
-    manifest = list(manifest)
-    out = {
-        "shards": len(manifest),
-        "planned": sum(m["planned"] for m in manifest),
-        "written": sum(m["written"] for m in manifest),
-        "rejected": sum(m["rejected"] for m in manifest),
-        "skipped_shards": sum(bool(m["skipped"]) for m in manifest),
-    }
-    if any("retried" in m for m in manifest):
-        out["retried"] = sum(m.get("retried", 0) for m in manifest)
+    """The stage's counts from its manifest rows, in one pass (a :class:`Manifest` is read from its file, never
+    held whole)."""
+    out = {"shards": 0, "planned": 0, "written": 0, "rejected": 0, "skipped_shards": 0}
+    retried, summed = None, {}
+    for m in manifest:
+        out["shards"] += 1
+        for key in ("planned", "written", "rejected"):
+            out[key] += m[key]
+        out["skipped_shards"] += bool(m["skipped"])
+        if "retried" in m:
+            retried = (retried or 0) + (m["retried"] or 0)
+        for field_ in SUMMED:
+            if field_ in m:
+                summed.setdefault(field_, Counter()).update(json.loads(m[field_] or "{}"))
+    if retried is not None:
+        out["retried"] = retried
     for field_, name in SUMMED.items():
-        if any(field_ in m for m in manifest):
-            total: Counter = Counter()
-            for m in manifest:
-                total.update(json.loads(m.get(field_) or "{}"))
-            out[name] = dict(total.most_common())
+        if field_ in summed:
+            out[name] = dict(summed[field_].most_common())
     return out

@@ -1,0 +1,162 @@
+"""Sharded exports (issue 31): above export.shard_records / shard_bytes a split's LLaMA-Factory JSON, SARLANG-1M
+JSON and CSV and Parquet are numbered shards written by Ray tasks, listed in manifest.json, and the frameworks read
+them as one dataset with the records of the single-file export; above export.images_per_prefix the PNGs go under
+SAR_images/<scene>/<gsd>m/."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import demo_config
+
+SPLITS = ("train", "val", "test")
+SHARD_RECORDS = 100
+
+
+@pytest.fixture(scope="module")
+def sharded(demo_run, tmp_path_factory):
+    """The demo's export again, from a copy of its run folder, with shards of at most 100 records and PNGs
+    nested from 10 tiles on: (single-file export folder, sharded export folder, counts)."""
+    from sarlang_ray.stages import export as export_stage
+
+    cfg, _ = demo_run
+    run_dir = tmp_path_factory.mktemp("sharded") / "run"
+    for stage in ("catalog", "align", "annotate"):
+        shutil.copytree(Path(cfg.run.run_dir) / stage, run_dir / stage)
+    counts = export_stage.run(demo_config(run_dir, f"export.shard_records={SHARD_RECORDS}", "export.images_per_prefix=10"))
+    return Path(cfg.run.run_dir) / "export", run_dir / "export", counts
+
+
+def _llamafactory_load(dataset_dir: Path, name: str, cache: Path):
+    """LLaMA-Factory's file handling, reproduced (its package pins torch and transformers versions this project
+    must not change, so it is not installed): ``data/loader.py`` ``_load_single_dataset`` (hiyouga/LLaMA-Factory,
+    load_from == "file") joins ``dataset_dir`` and the dataset's ``file_name`` from ``dataset_info.json``; a folder
+    gives every file in ``os.listdir`` order, whose extensions must map to one builder (``FILEEXT2TYPE``), then
+    ``datasets.load_dataset(path=builder, data_files=files, split="train")``."""
+    from datasets import load_dataset
+
+    filetypes = {"arrow": "arrow", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet", "txt": "text"}
+    attr = json.loads((dataset_dir / "dataset_info.json").read_text())[name]
+    local_path = os.path.join(dataset_dir, attr["file_name"])
+    if os.path.isdir(local_path):
+        data_files = [os.path.join(local_path, f) for f in os.listdir(local_path)]
+    elif os.path.isfile(local_path):
+        data_files = [local_path]
+    else:
+        raise ValueError(f"File {local_path} not found.")
+    builder = filetypes.get(os.path.splitext(data_files[0])[-1][1:])
+    assert builder is not None and all(filetypes.get(os.path.splitext(f)[-1][1:]) == builder for f in data_files)
+    return load_dataset(path=builder, data_files=data_files, split="train", cache_dir=str(cache))
+
+
+def _image_bytes(root: Path, paths: list[str]) -> list[bytes]:
+    return [(root / p).resolve().read_bytes() for p in paths]
+
+
+def _same_records(single: list[dict], sharded: list[dict], single_root: Path, sharded_root: Path, key: str = "images"):
+    """The same records in the same order, but for where their images are; those are the same PNGs."""
+    assert len(single) == len(sharded) > 0
+    for a, b in zip(single, sharded):
+        assert {k: v for k, v in a.items() if k != key} == {k: v for k, v in b.items() if k != key}
+        assert [Path(p).name for p in a[key]] == [Path(p).name for p in b[key]]
+        assert _image_bytes(single_root, a[key]) == _image_bytes(sharded_root, b[key])
+
+
+def test_big_files_are_numbered_shards_that_read_as_the_single_file(sharded, tmp_path):
+    from datasets import load_dataset
+
+    single, out, counts = sharded
+    assert counts["written"] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    align = single.parent / "align" / "shards"
+    shard_of = {tid: str(f.relative_to(align)) for f in align.rglob("*.parquet")
+                for tid in pq.read_table(f, columns=["tile_id"])["tile_id"].to_pylist()}
+    info = json.loads((out / "llamafactory" / "dataset_info.json").read_text())
+    for split in SPLITS:
+        records = json.loads((single / "llamafactory" / f"sarlang_{split}.json").read_text())
+        folder = out / "llamafactory" / f"sarlang_{split}"
+        if len(records) <= SHARD_RECORDS:  # small files stay one file, as published
+            assert not folder.exists() and info[f"sarlang_{split}"]["file_name"] == f"sarlang_{split}.json"
+            continue
+        shards = sorted(folder.iterdir())
+        assert len(shards) > 1 and not (out / "llamafactory" / f"sarlang_{split}.json").exists()
+        assert info[f"sarlang_{split}"]["file_name"] == f"sarlang_{split}"
+        # a shard holds whole tiles shards' records: at most SHARD_RECORDS, unless one tiles shard has more
+        for p in shards:
+            held = json.loads(p.read_text())
+            assert len(held) <= SHARD_RECORDS or len({shard_of[r["pair_id"].split("#")[0]] for r in held}) == 1, p
+        # the shards in name order are the single file's records in its order (json, and datasets' reader)
+        joined = [r for p in shards for r in json.loads(p.read_text())]
+        _same_records(records, joined, single / "llamafactory", out / "llamafactory")
+        hf = load_dataset("json", data_files=[str(p) for p in shards], split="train", cache_dir=str(tmp_path))
+        assert hf["pair_id"] == [r["pair_id"] for r in records] and hf["messages"] == [r["messages"] for r in records]
+        # LLaMA-Factory's own file handling, from dataset_info.json: one dataset, the same records (any order)
+        lf = _llamafactory_load(out / "llamafactory", f"sarlang_{split}", tmp_path)
+        by_id = {r["pair_id"]: r for r in lf}
+        assert len(lf) == len(records) and set(by_id) == {r["pair_id"] for r in records}
+        _same_records(records, [by_id[r["pair_id"]] for r in records], single / "llamafactory", out / "llamafactory")
+        # the manifest lists those shards, with their records and bytes
+        entry = manifest["files"][f"llamafactory/sarlang_{split}.json"]
+        assert entry["sharded"] and entry["records"] == len(records)
+        assert [f["path"] for f in entry["files"]] == [str(p.relative_to(out)) for p in shards]
+        assert [f["bytes"] for f in entry["files"]] == [p.stat().st_size for p in shards]
+        # the SARLANG-1M layout: VQA JSON and caption CSVs, the same way
+        vqa = json.loads((single / "sarlang1m" / "vqa" / f"vqa_{split}.json").read_text())
+        vqa_shards = sorted((out / "sarlang1m" / "vqa" / f"vqa_{split}").glob("*.json")) if len(vqa) > SHARD_RECORDS else \
+            [out / "sarlang1m" / "vqa" / f"vqa_{split}.json"]
+        _same_records(vqa, [r for p in vqa_shards for r in json.loads(p.read_text())], single / "sarlang1m", out / "sarlang1m")
+        for kind in ("concise", "detailed"):
+            rows = list(csv.DictReader((single / "sarlang1m" / "captions" / f"{kind}_{split}.csv").open(newline="")))
+            target = out / "sarlang1m" / "captions" / f"{kind}_{split}"
+            files = sorted(target.glob("*.csv")) if len(rows) > SHARD_RECORDS else [target.with_suffix(".csv")]
+            got = load_dataset("csv", data_files=[str(f) for f in files], split="train", cache_dir=str(tmp_path)).to_list()
+            _same_records([{**r, "image": [r["image"]]} for r in rows], [{**r, "image": [r["image"]]} for r in got],
+                          single / "sarlang1m" / "SAR_images", out / "sarlang1m" / "SAR_images", key="image")
+    # Parquet: numbered shards in parquet/<split>/ (nothing else there), the single export's rows in its order
+    for split in SPLITS:
+        before = sorted((single / "parquet" / split).glob("*.parquet"))
+        after = sorted((out / "parquet" / split).glob("*.parquet"))
+        a = pq.read_table(before).to_pylist()
+        b = load_dataset("parquet", data_files=[str(p) for p in after], split="train", cache_dir=str(tmp_path))
+        assert len(b) == len(a) and b["pair_id"] == [r["pair_id"] for r in a]
+        raw = pq.read_table(after).to_pylist()
+        assert [{**r, "image": r["image"]["bytes"]} for r in raw] == [{**r, "image": r["image"]["bytes"]} for r in a]
+        if len(a) > SHARD_RECORDS:
+            assert all("-of-" in p.name for p in after) and len(after) > 1
+            assert manifest["files"][f"parquet/{split}.parquet"]["sharded"]
+        assert manifest["files"][f"parquet/{split}.parquet"]["records"] == len(a)
+    assert not (out / "_parts").exists()
+
+
+def test_pngs_spread_under_scene_and_gsd_prefixes(sharded):
+    single, out, _ = sharded
+    flat = {p.name: p.read_bytes() for p in (single / "sarlang1m" / "SAR_images").glob("*.png")}
+    nested = sorted((out / "sarlang1m" / "SAR_images").rglob("*.png"))
+    assert len(nested) == len(flat) > 10 and {p.name: p.read_bytes() for p in nested} == flat
+    tiles = {t["tile_id"]: t for t in pq.read_table(sorted((single.parent / "align" / "shards").rglob("*.parquet")),
+                                                     columns=["tile_id", "scene_id", "gsd_m"]).to_pylist()}
+    for p in nested:  # SAR_images/<scene>/<gsd>m/<tile>.png, from the tiles table
+        t = tiles[p.stem]
+        assert p.relative_to(out / "sarlang1m" / "SAR_images").parts == (t["scene_id"], f"{t['gsd_m']:g}m", p.name)
+    assert json.loads((out / "manifest.json").read_text())["images"]["layout"] == "<scene>/<gsd>m/<tile>.png"
+
+
+def test_a_small_export_keeps_the_published_single_files(demo_run):
+    cfg, _ = demo_run
+    out = Path(cfg.run.run_dir) / "export"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not any(e["sharded"] for e in manifest["files"].values())
+    for split in SPLITS:
+        assert (out / "llamafactory" / f"sarlang_{split}.json").is_file()
+        assert (out / "sarlang1m" / "vqa" / f"vqa_{split}.json").is_file()
+    assert {p.parent.name for p in (out / "sarlang1m" / "SAR_images").rglob("*.png")} == {"SAR_images"}
+    for target, entry in manifest["files"].items():
+        for f in entry["files"]:
+            assert (out / f["path"]).stat().st_size == f["bytes"], target

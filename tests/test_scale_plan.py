@@ -1,0 +1,60 @@
+"""The geographic split on a synthetic archive with revisits and long objects (benchmarks/bench_scale_plan.py's
+generator, small): by brute force, no ground and no label object in two splits, and the ratios kept."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import shapely
+from pyproj import Transformer
+from shapely.ops import transform as reproject
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_scale_plan import generate  # noqa: E402
+
+from conftest import demo_config  # noqa: E402
+from sarlang_ray import export  # noqa: E402
+
+
+def test_synthetic_revisits_and_long_roads_split_without_leaks(tmp_path):
+    run = tmp_path / "run"
+    n = generate(run, 4 * 256 * 3, revisits=3)  # 4 places seen 3 times: 3,072 tiles
+    cfg = demo_config(run)
+    items, counts = export.plan(cfg)
+    split_of = {tid: s for item in items for tid, s in json.loads(item["splits"]).items()}
+    clipped = {c for item in items for c in json.loads(item["clipped"])}
+    tiles = pq.read_table(sorted((run / "align" / "shards").rglob("*.parquet"))).to_pylist()
+    assert len(tiles) == n == counts["planned"] and len(split_of) == counts["written"] > 0.8 * n
+    kept = [t for t in tiles if t["tile_id"] in split_of]
+    # ground: every pair of kept tiles closer than buffer_m (in their UTM zone) is in one split; a revisit's tile
+    # (the same footprint, another scene) is such a pair
+    by_crs = defaultdict(list)
+    for t in kept:
+        by_crs[t["crs"]].append(t)
+    pairs = 0
+    for crs, group in by_crs.items():
+        to_utm = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+        geoms = np.array([reproject(to_utm.transform, shapely.from_wkb(t["footprint"])) for t in group])
+        a, b = shapely.STRtree(geoms).query(geoms, predicate="dwithin", distance=cfg.export.buffer_m)
+        pairs += len(a)
+        assert all(split_of[group[i]["tile_id"]] == split_of[group[j]["tile_id"]] for i, j in zip(a.tolist(), b.tolist()))
+    assert pairs > len(kept) * 3  # revisits and neighbours were compared, not only each tile with itself
+    # objects: an id (a clipped one by its part's id) lives in one split; the long roads are the clipped ones
+    splits_of_id = defaultdict(set)
+    for t in kept:
+        s = split_of[t["tile_id"]]
+        for o in t["objects"]:
+            splits_of_id[f"{o['label_id']}~{s}" if o["label_id"] in clipped else o["label_id"]].add(s)
+    assert all(len(v) == 1 for v in splits_of_id.values())
+    assert clipped and all("/road" in c for c in clipped)
+    assert counts["leakage"]["leak_free"]
+    # the ratios, within the tolerance of tests/test_export.py on blocks of places
+    shares = {s: sum(v == s for v in split_of.values()) / len(split_of) for s in ("train", "val", "test")}
+    assert abs(shares["train"] - 0.7) < 0.15 and all(shares[s] > 0 for s in shares), shares
