@@ -20,13 +20,13 @@ import sys
 
 from sarlang_ray.config import STAGES, ConfigError, load_config, to_yaml
 
-TOOLS = ("model", "import", "export-bench", "score-bench")
+TOOLS = ("model", "import", "export-bench", "score-bench", "view")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("import", "score-bench", "model"):  # commands with options of their own
-        return {"import": _import, "score-bench": _score_bench, "model": _model}[argv[0]](argv[1:])
+    if argv and argv[0] in ("import", "score-bench", "model", "view"):  # commands with options of their own
+        return {"import": _import, "score-bench": _score_bench, "model": _model, "view": _view}[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="sarlang", description="SAR image-text dataset pipeline on Ray.")
     parser.add_argument("command", choices=["run", "config", *TOOLS, *STAGES], help="what to do")
     parser.add_argument("args", nargs="*", help="an optional workflow YAML, then key=value overrides")
@@ -54,6 +54,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sarlang {ns.command}: failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary))
+    return 0
+
+
+def _view(args: list[str]) -> int:
+    """``sarlang view RUN_DIR [--out DIR] [--serve]``: a static site to browse a run (see sarlang_ray.view)."""
+    parser = argparse.ArgumentParser(prog="sarlang view", description=(
+        "Write a static site (index.html, data, thumbnails; opens from a file or any static host) to look at a run: "
+        "tiles with filters, each tile's SAR and optical twin with boxes, pairs, QC verdicts and model answers, a map "
+        "of footprints by split, the leakage report, the errors table and the leaderboard."))
+    parser.add_argument("run_dir", help="the run folder (local or s3://)")
+    parser.add_argument("--out", help="where to write the site (default RUN_DIR/view)")
+    parser.add_argument("--sample", type=int, default=100, help="tiles kept per filter value in the grid (default 100)")
+    parser.add_argument("--basemap", help="an XYZ tile URL template ({z}/{x}/{y}) drawn under the map's footprints")
+    parser.add_argument("--serve", action="store_true", help="then serve it on http://127.0.0.1:PORT (local sites)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (ray.address=...)")
+    ns = parser.parse_args(args)
+    from sarlang_ray import io, pipeline, view
+
+    try:
+        cfg = load_config(None, [f"run.run_dir={ns.run_dir}", *ns.overrides])
+    except ConfigError as exc:
+        print(f"sarlang view: {exc}", file=sys.stderr)
+        return 2
+    pipeline.ensure_ray(cfg)
+    try:
+        made = view.build_site(ns.run_dir, ns.out, sample=ns.sample, basemap=ns.basemap)
+    except FileNotFoundError as exc:
+        print(f"sarlang view: {exc}", file=sys.stderr)
+        return 1
+    print(f"{made['tiles']} tiles ({made['exported']} exported, {made['errors']} error rows) in {made['pages']} pages; "
+          f"site: {io.join(made['out'], 'index.html')}")
+    if ns.serve:
+        if io.is_remote(made["out"]):
+            print("sarlang view: --serve serves local folders; a site on object storage is served by its host", file=sys.stderr)
+            return 2
+        view.serve(made["out"], ns.port)
     return 0
 
 

@@ -33,3 +33,20 @@ class SlowBackend:
 
         time.sleep(0.05)
         return self.inner.annotate(tile)
+
+
+class HallucinatingBackend:
+    """The template annotator, plus on every tile without a harbour an answer that names one: QC's
+    hallucination rule rejects it (the viewer test shows a rejected pair with its reason)."""
+
+    name = "hallucinating"
+
+    def __init__(self, cfg):
+        self.inner = TemplateAnnotator()
+
+    def annotate(self, tile):
+        pairs = self.inner.annotate(tile)
+        if "harbour" not in {o["class"] for o in tile.get("objects") or []}:
+            pairs.append({"kind": "vqa", "application": "object identification", "question_type": "identification/harbour",
+                          "question": "What structure lines the water here?", "answer": "A harbour with several berths."})
+        return pairs
