@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["run", "config", *TOOLS, *STAGES], help="what to do")
     parser.add_argument("args", nargs="*", help="an optional workflow YAML, then key=value overrides")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's progress bars, INFO lines and worker logs live (else they go to RUN_DIR/logs/)")
     ns = parser.parse_args(argv)
     workflow = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if workflow else ns.args
@@ -48,13 +50,43 @@ def main(argv: list[str] | None = None) -> int:
         return _export_bench(cfg, ns.json)
     from sarlang_ray import pipeline
 
+    stages = None if ns.command == "run" else [ns.command]
     try:
-        summary = pipeline.run(cfg, None if ns.command == "run" else [ns.command])
+        if ns.verbose or ns.json:
+            summary = pipeline.run(cfg, stages)
+        else:
+            summary = _run_quietly(cfg, ns.command, stages)
     except pipeline.StageFailed as exc:  # the work failed; what was written is on disk and in summary.json
         print(f"sarlang {ns.command}: failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary))
     return 0
+
+
+def _run_quietly(cfg, command: str, stages: list[str] | None) -> dict:
+    """``pipeline.run`` with a person's terminal (sarlang_ray.console): stage lines, bars and counts here, Ray's own
+    output in ``RUN_DIR/logs/<command>-<time>.log`` (a local file uploaded there at the end for an s3:// run)."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    from sarlang_ray import console, io, pipeline
+
+    run_dir = cfg.run.run_dir
+    name = f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    remote = io.is_remote(run_dir)
+    local = os.path.join(tempfile.mkdtemp(prefix="sarlang-log-") if remote else os.path.abspath(run_dir), "logs", name)
+    target = io.join(run_dir, "logs", name) if remote else local
+    try:
+        with console.Capture(local) as cap:
+            cap.write(f"sarlang {command} '{cfg.name}' -> {run_dir}; Ray's output: {target} (-v shows it here)")
+            return pipeline.run(cfg, stages, console=console.Console(cfg, cap.terminal))
+    finally:
+        if remote:  # the capture has ended: the log is complete
+            with open(local, "rb") as f:
+                io.write_bytes_atomic(target, f.read())
+            shutil.rmtree(os.path.dirname(os.path.dirname(local)), ignore_errors=True)
 
 
 def _view(args: list[str]) -> int:

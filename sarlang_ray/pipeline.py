@@ -112,8 +112,9 @@ def _absolute_local_paths(cfg: WorkflowConfig) -> None:
             obj.model = os.path.abspath(obj.model)
 
 
-def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:
-    """Run the planned stages in order, then save the resolved config and the summary.
+def run(cfg: WorkflowConfig, stages: list[str] | None = None, console=None) -> dict:
+    """Run the planned stages in order, then save the resolved config and the summary. ``console``
+    (:class:`sarlang_ray.console.Console`) is told when each stage starts and ends, with its counts.
 
     Raises:
         StageFailed: a stage's work failed (its outputs and the summary so far are written first).
@@ -128,11 +129,17 @@ def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:
     runners = registry()
     failed = True
     try:
-        for name in todo:
+        for i, name in enumerate(todo, 1):
             log.info("stage %s", name)
-            runners[name].run(cfg)
+            if console is not None:
+                console.stage_started(name, i, len(todo))
+            counts = runners[name].run(cfg)
+            if console is not None:
+                console.stage_done(name, counts)
         failed = False
     finally:
+        if console is not None:
+            console.stop()
         # what is on disk now: the config of the stages just run, and every finished stage's counts
         try:
             io.write_bytes_atomic(io.join(cfg.run.run_dir, "config.yaml"), to_yaml(cfg).encode())
