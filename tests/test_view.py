@@ -31,11 +31,11 @@ def viewed_run(demo_run, trained_run, tmp_path_factory):
     tr, _ = trained_run
     run_dir = tmp_path_factory.mktemp("viewed") / "run"
     shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive", "view"))
-    shutil.copytree(Path(tr.run.run_dir) / "evaluate", run_dir / "evaluate")
     again = load_config(str(REPO / "workflows" / "demo.yaml"), [
         f"run.run_dir={run_dir}", f"synth.out_dir={cfg.synth.out_dir}", "ray.progress=false",
         "annotate.backend=annotate_backends:HallucinatingBackend", "run.stages=[catalog,tile,align,annotate,export]"])
     pipeline.run(again, ["annotate", "export"])
+    shutil.copytree(Path(tr.run.run_dir) / "evaluate", run_dir / "evaluate")  # after: a run would redo it
     out = run_dir / "site"
     proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "view", str(run_dir), "--out", str(out)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -171,3 +171,31 @@ def test_site_in_headless_chromium(viewed_run, browser, tmp_path):
     board = json.loads((run_dir / "evaluate" / "leaderboard.json").read_text())
     assert len(browser.find_elements("css selector", "#leaderboard tr")) - 1 == len(board["rows"])
     _shot(browser, tmp_path, "leaderboard")
+
+
+def test_card_shows_a_sample_mosaic_and_the_split_map(demo_run):
+    """The demo's dataset card: a mosaic of random test tiles (named in the card, each a test tile) and the
+    exported tiles per region and split on a map (the counts it states match the tables read here)."""
+    import re
+    from collections import Counter
+
+    from PIL import Image
+
+    cfg, _ = demo_run
+    export = Path(cfg.run.run_dir) / "export"
+    card = (export / "dataset_card.md").read_text()
+    assert "![samples](plots/samples.png)" in card and "![split map](plots/split_map.png)" in card
+    samples_line = next(x for x in card.splitlines() if x.startswith(tuple("0123456789")) and "random test tiles" in x)
+    shown = re.findall(r"`([^`]+)`", samples_line.split(":", 1)[1])
+    rows = _export_rows(Path(cfg.run.run_dir))
+    test_tiles = {r["tile_id"] for r in rows if r["split"] == "test"}
+    assert len(shown) == len(set(shown)) == min(6, len(test_tiles)) and set(shown) <= test_tiles
+    width, height = Image.open(export / "plots" / "samples.png").size
+    assert width > 600 and height > 300
+    map_line = next(x for x in card.splitlines() if x.startswith("Footprints of the exported tiles"))
+    stated = {(region, split): int(n) for region, body in re.findall(r"(\w+): ((?:\w+ \d+(?:, )?)+)", map_line.split(":", 1)[1])
+              for split, n in re.findall(r"(\w+) (\d+)", body)}
+    split_of = {r["tile_id"]: r["split"] for r in rows}
+    region_of = {t["tile_id"]: t["region"] for t in pq.read_table(
+        sorted((Path(cfg.run.run_dir) / "align" / "shards").glob("*/*.parquet")), columns=["tile_id", "region"]).to_pylist()}
+    assert stated == dict(Counter((region_of[t], s) for t, s in split_of.items()))
