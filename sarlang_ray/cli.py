@@ -51,15 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     from sarlang_ray import pipeline
 
     stages = None if ns.command == "run" else [ns.command]
+    quiet = not (ns.verbose or ns.json)
     try:
-        if ns.verbose or ns.json:
-            summary = pipeline.run(cfg, stages)
-        else:
-            summary = _run_quietly(cfg, ns.command, stages)
+        summary = _run_quietly(cfg, ns.command, stages) if quiet else pipeline.run(cfg, stages)
     except pipeline.StageFailed as exc:  # the work failed; what was written is on disk and in summary.json
         print(f"sarlang {ns.command}: failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary))
+    # quiet: each stage's counts were printed as it ended
+    print(json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary, stage_lines=not quiet))
     return 0
 
 

@@ -74,12 +74,16 @@ def summarise(cfg: WorkflowConfig, stage_counts: dict, seconds: float) -> dict:
     return summary
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: dict, stage_lines: bool = True) -> str:
+    """The summary as text; ``stage_lines=False`` leaves out the per-stage rows (the terminal printed each stage's
+    counts as it ended) but keeps their warnings."""
     lines = [f"== sarlang run '{s['workflow']}' -> {s['run_dir']} ({s['wall_seconds']} s) =="]
     for stage, c in s["stages"].items():
         extra = f"  planned {c.get('planned')} = written {c.get('written')} + rejected {c.get('rejected')}" if "planned" in c else ""
-        lines.append(f"  {stage:8s} {c.get('seconds', '-')} s{extra}")
-        lines += [f"  !! WARNING {w}" for w in c.get("warnings", [])]  # one reason took out much of the stage
+        if stage_lines:
+            lines.append(f"  {stage:8s} {c.get('seconds', '-')} s{extra}")
+        lines += [f"  !! WARNING {stage}: {w}" if not stage_lines else f"  !! WARNING {w}"
+                  for w in c.get("warnings", [])]  # one reason took out much of the stage
     if "scenes" in s:
         lines.append(f"scenes: {s['scenes']}")
     lines.append("tiles per GSD: " + ", ".join(f"{k}: {v}" for k, v in s["tiles_per_gsd"].items()))

@@ -17,6 +17,7 @@ filters that sample in the browser and pages through the full index shard by sha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import io as _io
@@ -283,10 +284,15 @@ def build_site(run_dir: str, out: str | None = None, sample: int = 100, thumb_px
     return {k: v for k, v in manifest.items() if k not in ("scenes", "summary", "pages")} | {"out": out, "pages": len(pages)}
 
 
+def make_server(folder: str, port: int = 8000, host: str = "127.0.0.1") -> http.server.ThreadingHTTPServer:
+    """An HTTP server of a local site folder (port 0: any free port; ``server_address`` says which)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+    return http.server.ThreadingHTTPServer((host, port), handler)
+
+
 def serve(folder: str, port: int = 8000, host: str = "127.0.0.1") -> None:
     """Serve a local site folder over HTTP until interrupted (``sarlang view --serve``)."""
-    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=folder, **kw)  # noqa: E731
-    with http.server.ThreadingHTTPServer((host, port), handler) as httpd:
+    with make_server(folder, port, host) as httpd:
         print(f"serving {folder} on http://{host}:{httpd.server_address[1]}/ (Ctrl-C stops)", flush=True)
         try:
             httpd.serve_forever()
@@ -294,5 +300,5 @@ def serve(folder: str, port: int = 8000, host: str = "127.0.0.1") -> None:
             pass
 
 
-__all__ = ["build_site", "serve", "view_shard", "shard_jobs", "FILTERS", "NOT_EXPORTED"]
+__all__ = ["build_site", "make_server", "serve", "view_shard", "shard_jobs", "FILTERS", "NOT_EXPORTED"]
 

@@ -36,7 +36,7 @@ class SlowBackend:
 
 
 class HallucinatingBackend:
-    """The template annotator, plus on every tile without a harbour an answer that names one: QC's
+    """The template annotator, plus on every tile without a harbour a caption that names one: QC's
     hallucination rule rejects it (the viewer test shows a rejected pair with its reason)."""
 
     name = "hallucinating"
@@ -47,6 +47,7 @@ class HallucinatingBackend:
     def annotate(self, tile):
         pairs = self.inner.annotate(tile)
         if "harbour" not in {o["class"] for o in tile.get("objects") or []}:
-            pairs.append({"kind": "vqa", "application": "object identification", "question_type": "identification/harbour",
-                          "question": "What structure lines the water here?", "answer": "A harbour with several berths."})
+            pairs.append({"kind": "caption_concise", "application": "image description", "question_type": "caption/concise",
+                          "question": "Describe the content of this image in one sentence.",
+                          "answer": "A busy harbour with cranes along its quays."})
         return pairs

@@ -199,3 +199,49 @@ def test_card_shows_a_sample_mosaic_and_the_split_map(demo_run):
     region_of = {t["tile_id"]: t["region"] for t in pq.read_table(
         sorted((Path(cfg.run.run_dir) / "align" / "shards").glob("*/*.parquet")), columns=["tile_id", "region"]).to_pylist()}
     assert stated == dict(Counter((region_of[t], s) for t, s in split_of.items()))
+
+
+def test_site_of_an_s3_run_written_to_s3(demo_run, s3, tmp_path):
+    """A run folder on s3:// gives, on s3://, the same site as its local copy gives locally: the same files, the
+    same index (the data files name the run folder, so that is compared with the folder name swapped)."""
+    import fsspec
+
+    from sarlang_ray import view
+
+    cfg, _ = demo_run
+    local_run = Path(cfg.run.run_dir)
+    fs = fsspec.filesystem("s3")
+    for part in ("align", "annotate", "export", "catalog", "tile"):
+        fs.put(str(local_run / part), f"sarlang/runs/viewed/{part}", recursive=True)
+    remote = view.build_site("s3://sarlang/runs/viewed", "s3://sarlang/sites/viewed")
+    local = view.build_site(str(local_run), str(tmp_path / "site"))
+    assert remote["tiles"] == local["tiles"] > 0 and remote["exported"] == local["exported"] == len(
+        {r["tile_id"] for r in _export_rows(local_run)})
+    remote_files = {f.split("sarlang/sites/viewed/", 1)[1] for f in fs.find("sarlang/sites/viewed")}
+    local_files = {str(p.relative_to(tmp_path / "site")) for p in (tmp_path / "site").rglob("*") if p.is_file()}
+    assert remote_files == local_files
+    for name in ("data/sample.js", "data/pages/0.js"):
+        got = fs.cat(f"sarlang/sites/viewed/{name}").decode().replace("s3://sarlang/runs/viewed", str(local_run))
+        assert got == (tmp_path / "site" / name).read_text()
+
+
+def test_serve_hands_out_the_site_files(tmp_path):
+    """`sarlang view --serve`'s server: the site's files over HTTP on 127.0.0.1, byte for byte."""
+    import threading
+    import urllib.request
+
+    from sarlang_ray import view
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "index.html").write_text("<!doctype html><p>site</p>")
+    (tmp_path / "data" / "manifest.js").write_text("SV.manifest = {};")
+    server = view.make_server(str(tmp_path), 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for name in ("index.html", "data/manifest.js"):
+            with urllib.request.urlopen(f"{base}/{name}", timeout=10) as r:
+                assert r.read() == (tmp_path / name).read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()
