@@ -146,6 +146,8 @@ def test_site_in_headless_chromium(viewed_run, browser, tmp_path):
                 checked += 1
     assert checked and wrong, (checked, wrong)  # a tiny model gets some wrong: the marks are exercised
     _shot(browser, tmp_path, "tile")
+    browser.execute_script("document.querySelector('#pairs tr.rejected').scrollIntoView()")
+    _shot(browser, tmp_path, "tile-pairs")
 
     # the map: one footprint per exported tile, coloured by its split
     _open(browser, site, "map.html")
