@@ -399,10 +399,11 @@ def _exported_shards(out: str) -> list[tuple[str, str]]:
                                                          if io.exists(io.join(out, "parquet", split)) else [])]
 
 
-def _align_shard(run_dir: str, export_shard: str) -> str:
-    """The tiles-table shard an export shard was made from (``<scene>__<name>.parquet`` <- ``<scene>/<name>.parquet``)."""
-    scene, name = export_shard.rsplit("/", 1)[-1].split("__", 1)
-    return io.join(tables.shard_root(run_dir, "align"), scene, name)
+def _align_shards(run_dir: str) -> dict[str, str]:
+    """Export shard file name -> the tiles-table shard it was made from (``<scene>/<name>.parquet`` is exported as
+    ``<scene>__<name>.parquet``)."""
+    root = tables.shard_root(run_dir, "align")
+    return {io.relative(uri, root).replace("/", "__"): uri for uri in tables.tiles_table_shards(run_dir)}
 
 
 def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
@@ -418,6 +419,7 @@ def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
 
     rng = random.Random(seed)
     shards = _exported_shards(out)
+    align_of = _align_shards(run_dir)
     if not shards:
         return ""
     text = ""
@@ -435,7 +437,7 @@ def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
         for ax in axes.flat:
             ax.axis("off")
         for ax, (uri, tid) in zip(axes.flat, picked):
-            tile = next(t for t in io.read_parquet(_align_shard(run_dir, uri), columns=[
+            tile = next(t for t in io.read_parquet(align_of[uri.rsplit("/", 1)[-1]], columns=[
                 "tile_id", "gsd_m", "sar_png", "optical_png", "objects"]).to_pylist() if t["tile_id"] == tid)
             pairs = [p for p in io.read_parquet(uri, columns=["tile_id", "kind", "question", "answer"]).to_pylist()
                      if p["tile_id"] == tid]
@@ -457,7 +459,7 @@ def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
         if drawn >= CARD_MAP_TILES:
             break
         ids = set(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist())
-        for t in io.read_parquet(_align_shard(run_dir, uri), columns=["tile_id", "region", "footprint"]).to_pylist():
+        for t in io.read_parquet(align_of[uri.rsplit("/", 1)[-1]], columns=["tile_id", "region", "footprint"]).to_pylist():
             if t["tile_id"] in ids and drawn < CARD_MAP_TILES:
                 ring = np.asarray(shapely.from_wkb(t["footprint"]).exterior.coords)
                 regions.setdefault(t["region"] or "?", []).append((split, ring))
