@@ -77,10 +77,22 @@ def _run_quietly(cfg, command: str, stages: list[str] | None) -> dict:
     remote = io.is_remote(run_dir)
     local = os.path.join(tempfile.mkdtemp(prefix="sarlang-log-") if remote else os.path.abspath(run_dir), "logs", name)
     target = io.join(run_dir, "logs", name) if remote else local
-    try:
+    import ray
+
+    ours = not ray.is_initialized()  # a Ray the command starts is shut down inside the capture: the workers'
+    try:  # last lines, which the driver prints late, land in the log too
         with console.Capture(local) as cap:
             cap.write(f"sarlang {command} '{cfg.name}' -> {run_dir}; Ray's output: {target} (-v shows it here)")
-            return pipeline.run(cfg, stages, console=console.Console(cfg, cap.terminal))
+            failure: Exception | None = None
+            try:
+                summary = pipeline.run(cfg, stages, console=console.Console(cfg, cap.terminal))
+            except Exception as exc:  # not on an interrupt: its own path ends that Ray (stages.runner, reaper)
+                failure = exc
+            if ours and ray.is_initialized():
+                ray.shutdown()
+            if failure is not None:
+                raise failure
+            return summary
     finally:
         if remote:  # the capture has ended: the log is complete
             with open(local, "rb") as f:

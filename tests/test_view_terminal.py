@@ -59,12 +59,11 @@ def test_legend_sits_outside_the_bars(tmp_path):
     for i in range(3):
         ax.bar([j + 0.25 * i for j in range(4)], [100, 95, 100, 98], 0.25, label=f"model {i} / sar / paper")
     legend = plots.legend_outside(ax, fontsize=7)
-    fig.canvas.draw()
-    box = legend.get_window_extent()
+    uri = plots.save_png(fig, str(tmp_path / "p.png"), dpi=fig.dpi)
+    fig.canvas.draw()  # the layout as saved
+    box, axes_box = legend.get_window_extent(), ax.get_window_extent()
     for patch in ax.patches:
         assert not box.overlaps(patch.get_window_extent()), (box, patch.get_window_extent())
-    axes_box = ax.get_window_extent()
     assert box.x0 >= axes_box.x1  # beside the axes, so over no data of any height
-    uri = plots.save_png(fig, str(tmp_path / "p.png"), dpi=fig.dpi)
-    width, _ = Image.open(uri).size
-    assert width >= box.x1 - axes_box.x0  # the saved picture holds the axes and the legend beside them
+    width, height = Image.open(uri).size
+    assert width >= box.x1 - axes_box.x0 and height >= box.y1 - box.y0  # the picture holds axes and legend
