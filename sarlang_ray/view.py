@@ -86,11 +86,14 @@ def _filtered(uri: str, column: str, values: list[str], columns: list[str] | Non
     """Rows of one Parquet file whose ``column`` is in ``values`` (read with the filter pushed down)."""
     import pyarrow.parquet as pq
 
-    if not io.exists(uri):
+    if not values or not io.exists(uri):
         return []
     fs, path = io.arrow_filesystem(uri)
-    t = pq.read_table(path, filesystem=fs, columns=None if columns is None else sorted({*columns, column}))
-    if not t.num_rows:  # an empty errors table may type its columns null
+    cols = None if columns is None else sorted({*columns, column})
+    if pa.types.is_string(pq.read_schema(path, filesystem=fs).field(column).type):  # row groups skipped by statistics
+        return pq.read_table(path, filesystem=fs, columns=cols, filters=pc.field(column).isin(pa.array(values, pa.string()))).to_pylist()
+    t = pq.read_table(path, filesystem=fs, columns=cols)  # an empty errors table may type its columns null
+    if not t.num_rows:
         return []
     return t.filter(pc.is_in(t[column].cast(pa.string()), value_set=pa.array(values, pa.string()))).to_pylist()
 
