@@ -18,7 +18,15 @@ $(BIN)/sarlang: pyproject.toml
 		sacrebleu==2.6.0 portalocker==4.4.2 tabulate==0.10.0 colorama==0.4.6 lxml==6.1.3 pytz
 	touch $(BIN)/sarlang
 
-setup: $(BIN)/sarlang
+# headless Chromium for the viewer's browser test (tests/test_view.py): Debian's packages, installed only when the
+# driver is missing; selenium is pointed at /usr/bin/chromedriver (no selenium-manager downloads)
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMEDRIVER):
+	$(SUDO) apt-get install -y --no-install-recommends chromium chromium-driver \
+		|| ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium chromium-driver)
+
+setup: $(BIN)/sarlang $(CHROMEDRIVER)
 
 run: setup
 	$(BIN)/sarlang run workflows/demo.yaml

@@ -6,7 +6,8 @@ Commands: ``run`` (all configured stages), one stage by name (``synth``, ``catal
 [--split S]`` (a SARLANG-1M release as published, our own export's, or any LLaMA-Factory / ShareGPT JSON
 dataset, as a pairs table with an errors table and a report), ``export-bench [workflow.yaml] [key=value ...]``
 (the evaluated split as an lmms-eval task and a VLMEvalKit TSV), ``score-bench PREDICTIONS`` (a harness's
-predictions scored with our metrics) and ``export-hf RUN_DIR|TABLE OUT`` (a Hugging Face dataset folder).
+predictions scored with our metrics), ``export-hf RUN_DIR|TABLE OUT`` (a Hugging Face dataset folder) and
+``view RUN_DIR`` (a static site to look at a run).
 Without a workflow file, the built-in defaults of
 :mod:`sarlang_ray.config` apply; they are not ``workflows/demo.yaml`` (the demo also trains and evaluates, on
 its own tiny model): ``sarlang config`` prints what a command would use.
@@ -21,17 +22,20 @@ import sys
 
 from sarlang_ray.config import STAGES, ConfigError, load_config, to_yaml
 
-TOOLS = ("model", "import", "export-bench", "score-bench", "export-hf")
+TOOLS = ("model", "import", "export-bench", "score-bench", "export-hf", "view")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("import", "score-bench", "model", "export-hf"):  # commands with options of their own
-        return {"import": _import, "score-bench": _score_bench, "model": _model, "export-hf": _export_hf}[argv[0]](argv[1:])
+    own = {"import": _import, "score-bench": _score_bench, "model": _model, "export-hf": _export_hf, "view": _view}
+    if argv and argv[0] in own:  # commands with options of their own
+        return own[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="sarlang", description="SAR image-text dataset pipeline on Ray.")
     parser.add_argument("command", choices=["run", "config", *TOOLS, *STAGES], help="what to do")
     parser.add_argument("args", nargs="*", help="an optional workflow YAML, then key=value overrides")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's progress bars, INFO lines and worker logs live (else they go to RUN_DIR/logs/)")
     ns = parser.parse_args(argv)
     workflow = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if workflow else ns.args
@@ -49,12 +53,90 @@ def main(argv: list[str] | None = None) -> int:
         return _export_bench(cfg, ns.json)
     from sarlang_ray import pipeline
 
+    stages = None if ns.command == "run" else [ns.command]
+    quiet = not (ns.verbose or ns.json)
     try:
-        summary = pipeline.run(cfg, None if ns.command == "run" else [ns.command])
+        summary = _run_quietly(cfg, ns.command, stages) if quiet else pipeline.run(cfg, stages)
     except pipeline.StageFailed as exc:  # the work failed; what was written is on disk and in summary.json
         print(f"sarlang {ns.command}: failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary))
+    # quiet: each stage's counts were printed as it ended
+    print(json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary, stage_lines=not quiet))
+    return 0
+
+
+def _run_quietly(cfg, command: str, stages: list[str] | None) -> dict:
+    """``pipeline.run`` with a person's terminal (sarlang_ray.console): stage lines, bars and counts here, Ray's own
+    output in ``RUN_DIR/logs/<command>-<time>.log`` (a local file uploaded there at the end for an s3:// run)."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    from sarlang_ray import console, io, pipeline
+
+    run_dir = cfg.run.run_dir
+    name = f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    remote = io.is_remote(run_dir)
+    local = os.path.join(tempfile.mkdtemp(prefix="sarlang-log-") if remote else os.path.abspath(run_dir), "logs", name)
+    target = io.join(run_dir, "logs", name) if remote else local
+    import ray
+
+    ours = not ray.is_initialized()  # a Ray the command starts is shut down inside the capture: the workers'
+    try:  # last lines, which the driver prints late, land in the log too
+        with console.Capture(local) as cap:
+            cap.write(f"sarlang {command} '{cfg.name}' -> {run_dir}; Ray's output: {target} (-v shows it here)")
+            failure: Exception | None = None
+            try:
+                summary = pipeline.run(cfg, stages, console=console.Console(cfg, cap.terminal))
+            except Exception as exc:  # not on an interrupt: its own path ends that Ray (stages.runner, reaper)
+                failure = exc
+            if ours and ray.is_initialized():
+                ray.shutdown()
+            if failure is not None:
+                raise failure
+            return summary
+    finally:
+        if remote:  # the capture has ended: the log is complete
+            with open(local, "rb") as f:
+                io.write_bytes_atomic(target, f.read())
+            shutil.rmtree(os.path.dirname(os.path.dirname(local)), ignore_errors=True)
+
+
+def _view(args: list[str]) -> int:
+    """``sarlang view RUN_DIR [--out DIR] [--serve]``: a static site to browse a run (see sarlang_ray.view)."""
+    parser = argparse.ArgumentParser(prog="sarlang view", description=(
+        "Write a static site (index.html, data, thumbnails; opens from a file or any static host) to look at a run: "
+        "tiles with filters, each tile's SAR and optical twin with boxes, pairs, QC verdicts and model answers, a map "
+        "of footprints by split, the leakage report, the errors table and the leaderboard."))
+    parser.add_argument("run_dir", help="the run folder (local or s3://)")
+    parser.add_argument("--out", help="where to write the site (default RUN_DIR/view)")
+    parser.add_argument("--sample", type=int, default=100, help="tiles kept per filter value in the grid (default 100)")
+    parser.add_argument("--basemap", help="an XYZ tile URL template ({z}/{x}/{y}) drawn under the map's footprints")
+    parser.add_argument("--serve", action="store_true", help="then serve it on http://127.0.0.1:PORT (local sites)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (ray.address=...)")
+    ns = parser.parse_args(args)
+    from sarlang_ray import io, pipeline, view
+
+    try:
+        cfg = load_config(None, [f"run.run_dir={ns.run_dir}", *ns.overrides])
+    except ConfigError as exc:
+        print(f"sarlang view: {exc}", file=sys.stderr)
+        return 2
+    pipeline.ensure_ray(cfg)
+    try:
+        made = view.build_site(ns.run_dir, ns.out, sample=ns.sample, basemap=ns.basemap)
+    except FileNotFoundError as exc:
+        print(f"sarlang view: {exc}", file=sys.stderr)
+        return 1
+    print(f"{made['tiles']} tiles ({made['exported']} exported, {made['errors']} error rows) in {made['pages']} pages; "
+          f"site: {io.join(made['out'], 'index.html')}")
+    if ns.serve:
+        if io.is_remote(made["out"]):
+            print("sarlang view: --serve serves local folders; a site on object storage is served by its host", file=sys.stderr)
+            return 2
+        view.serve(made["out"], ns.port)
     return 0
 
 

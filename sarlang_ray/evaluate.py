@@ -1133,7 +1133,7 @@ def _plots(rows: list[dict], mode: str, out: str) -> None:
     ax.set_xticks(np.arange(len(apps)) + 0.4 - width / 2, apps, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(f"VQA accuracy % ({mode})")
     if rows:
-        ax.legend(fontsize=7)
+        plots.legend_outside(ax, fontsize=7)
     save(fig, "vqa_per_application.png")
     names = ["bleu_1", "bleu_4", "meteor", "rouge_l", "cider"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -1143,5 +1143,5 @@ def _plots(rows: list[dict], mode: str, out: str) -> None:
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
         ax.set_title(f"{kind} captions")
     if rows:
-        axes[0].legend(fontsize=7)
+        plots.legend_outside(axes[1], fontsize=7)
     save(fig, "captions.png")

@@ -494,6 +494,7 @@ def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage
         "gsd.png": ("Tiles per GSD (m)", Counter(dict(sorted(stats["gsd"].items(), key=lambda kv: float(kv[0]))))),
     }
     twins = _twin_section(cfg.run.run_dir, out, plt)
+    samples = _sample_section(cfg.run.run_dir, out, plt, seed=cfg.run.seed)
     for fname, (title, counter) in charts.items():
         items = list(counter.items()) if fname == "gsd.png" else counter.most_common()
         fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -528,6 +529,7 @@ Splits {how} (seed {cfg.run.seed}).
 |---|---|---|
 {splits}
 
+{samples}
 ## Leakage between splits
 Measured on the tiles written ({'no leakage' if leakage['leak_free'] else '**LEAKS**'}): ground area shared by
 the footprints of two splits (geodesic), tile pairs that share ground or lie within {leakage['buffer_m']:g} m, label
@@ -563,6 +565,108 @@ Distinct question types: {counts['question_types']}.
 `sarlang1m/` (SARLANG-1M layout: `SAR_images/`, `captions/*.csv`, `vqa/*.json`).
 """
     io.write_bytes_atomic(io.join(out, "dataset_card.md"), card.encode())
+
+
+CARD_SAMPLES = 6  # test tiles in the card's mosaic
+CARD_PAIRS = 3  # pairs printed under each
+CARD_MAP_TILES = 20000  # footprints drawn at most on the card's split map (a sample beyond)
+SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
+
+
+def _exported_shards(out: str) -> list[tuple[str, str]]:
+    """(split, Parquet shard) of the export, in name order."""
+    return [(split, uri) for split in SPLITS for uri in (io.glob(io.join(out, "parquet", split), "*.parquet")
+                                                         if io.exists(io.join(out, "parquet", split)) else [])]
+
+
+def _align_shards(run_dir: str) -> dict[str, str]:
+    """Export shard file name -> the tiles-table shard it was made from (``<scene>/<name>.parquet`` is exported as
+    ``<scene>__<name>.parquet``)."""
+    root = tables.shard_root(run_dir, "align")
+    return {io.relative(uri, root).replace("/", "__"): uri for uri in tables.tiles_table_shards(run_dir)}
+
+
+def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
+    """The card's pictures: a mosaic of CARD_SAMPLES random test tiles (SAR and optical twin with boxes, a few
+    of their pairs under each: ``plots/samples.png``) and the exported tiles' footprints coloured by split, one
+    panel per region (``plots/split_map.png``). Read shard by shard: the tiles' pixels of the sample only, the
+    footprints of at most CARD_MAP_TILES tiles."""
+    import random
+    import textwrap
+
+    import numpy as np
+    from sarlang_ray import viz
+
+    rng = random.Random(seed)
+    shards = _exported_shards(out)
+    align_of = _align_shards(run_dir)
+    if not shards:
+        return ""
+    text = ""
+    test = [uri for split, uri in shards if split == "test"]
+    picked: list[tuple[str, str]] = []  # (export shard, tile id): a random shard, then a random tile of it
+    for uri in rng.sample(test, len(test)):
+        ids = sorted(set(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist()))
+        picked += [(uri, t) for t in rng.sample(ids, min(len(ids), CARD_SAMPLES - len(picked)))]
+        if len(picked) >= CARD_SAMPLES:
+            break
+    if picked:
+        cols = min(3, len(picked))
+        rows = -(-len(picked) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (uri, tid) in zip(axes.flat, picked):
+            tile = next(t for t in io.read_parquet(align_of[uri.rsplit("/", 1)[-1]], columns=[
+                "tile_id", "gsd_m", "sar_png", "optical_png", "objects"]).to_pylist() if t["tile_id"] == tid)
+            pairs = [p for p in io.read_parquet(uri, columns=["tile_id", "kind", "question", "answer"]).to_pylist()
+                     if p["tile_id"] == tid]
+            vqa = [p for p in pairs if p["kind"] == "vqa"]
+            chosen = [p for p in pairs if p["kind"] == "caption_concise"][:1] + rng.sample(vqa, min(len(vqa), CARD_PAIRS - 1))
+            ax.imshow(np.asarray(viz.tile_figure(tile, scale=1)))
+            ax.set_title(f"{tid} ({tile['gsd_m']:g} m)\nSAR | optical twin", fontsize=6.5)
+            lines = [textwrap.shorten(f"Q: {p['question']}  A: {p['answer']}" if p["kind"] == "vqa" else f"Caption: {p['answer']}",
+                                      110) for p in chosen]
+            ax.text(0.0, -0.02, "\n".join(textwrap.fill(x, 62) for x in lines), transform=ax.transAxes, fontsize=6.5,
+                    va="top", ha="left", wrap=True)
+        plots.save_png(fig, io.join(out, "plots", "samples.png"))
+        text += (f"## Samples\n{len(picked)} random test tiles (SAR and its optical twin, boxes in class colours), with "
+                 f"{CARD_PAIRS} of their pairs each (`sarlang view` browses them all): "
+                 + ", ".join(f"`{t}`" for _, t in picked) + ".\n\n![samples](plots/samples.png)\n\n")
+    regions: dict[str, list] = {}
+    drawn = 0
+    for split, uri in shards:
+        if drawn >= CARD_MAP_TILES:
+            break
+        ids = set(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist())
+        for t in io.read_parquet(align_of[uri.rsplit("/", 1)[-1]], columns=["tile_id", "region", "footprint"]).to_pylist():
+            if t["tile_id"] in ids and drawn < CARD_MAP_TILES:
+                ring = np.asarray(shapely.from_wkb(t["footprint"]).exterior.coords)
+                regions.setdefault(t["region"] or "?", []).append((split, ring))
+                drawn += 1
+    if regions:
+        from matplotlib.patches import Patch, Polygon
+
+        fig, axes = plt.subplots(1, len(regions), figsize=(4.2 * len(regions) + 1.6, 4.2), squeeze=False)
+        for ax, (region, polys) in zip(axes.flat, sorted(regions.items())):
+            for split, ring in polys:
+                ax.add_patch(Polygon(ring, closed=True, facecolor=SPLIT_COLOURS[split], edgecolor=SPLIT_COLOURS[split],
+                                     alpha=0.45, linewidth=0.5, gid=f"tile:{split}"))
+            ax.autoscale_view()
+            ax.set_aspect(1 / np.cos(np.radians(np.mean([r[:, 1].mean() for _, r in polys]))))
+            ax.set_title(f"{region}: {len(polys)} tiles", fontsize=9)
+            ax.set_xlabel("longitude", fontsize=7)
+            ax.set_ylabel("latitude", fontsize=7)
+            ax.tick_params(labelsize=6)
+        plots.legend_outside(axes.flat[-1], handles=[Patch(color=c, alpha=0.6, label=s) for s, c in SPLIT_COLOURS.items()],
+                             fontsize=8)
+        plots.save_png(fig, io.join(out, "plots", "split_map.png"))
+        text += ("## Tiles per split on the map\nFootprints of the exported tiles, coloured by split, one panel per region"
+                 + (f" (the first {CARD_MAP_TILES})" if drawn >= CARD_MAP_TILES else "") + ": "
+                 + "; ".join(f"{region}: " + ", ".join(f"{sp} {n}" for sp, n in Counter(sp for sp, _ in polys).items())
+                             for region, polys in sorted(regions.items()))
+                 + ".\n\n![split map](plots/split_map.png)\n")
+    return text
 
 
 def _twin_section(run_dir: str, out: str, plt) -> str:

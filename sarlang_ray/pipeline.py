@@ -74,12 +74,16 @@ def summarise(cfg: WorkflowConfig, stage_counts: dict, seconds: float) -> dict:
     return summary
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: dict, stage_lines: bool = True) -> str:
+    """The summary as text; ``stage_lines=False`` leaves out the per-stage rows (the terminal printed each stage's
+    counts as it ended) but keeps their warnings."""
     lines = [f"== sarlang run '{s['workflow']}' -> {s['run_dir']} ({s['wall_seconds']} s) =="]
     for stage, c in s["stages"].items():
         extra = f"  planned {c.get('planned')} = written {c.get('written')} + rejected {c.get('rejected')}" if "planned" in c else ""
-        lines.append(f"  {stage:8s} {c.get('seconds', '-')} s{extra}")
-        lines += [f"  !! WARNING {w}" for w in c.get("warnings", [])]  # one reason took out much of the stage
+        if stage_lines:
+            lines.append(f"  {stage:8s} {c.get('seconds', '-')} s{extra}")
+        lines += [f"  !! WARNING {stage}: {w}" if not stage_lines else f"  !! WARNING {w}"
+                  for w in c.get("warnings", [])]  # one reason took out much of the stage
     if "scenes" in s:
         lines.append(f"scenes: {s['scenes']}")
     lines.append("tiles per GSD: " + ", ".join(f"{k}: {v}" for k, v in s["tiles_per_gsd"].items()))
@@ -112,8 +116,9 @@ def _absolute_local_paths(cfg: WorkflowConfig) -> None:
             obj.model = os.path.abspath(obj.model)
 
 
-def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:
-    """Run the planned stages in order, then save the resolved config and the summary.
+def run(cfg: WorkflowConfig, stages: list[str] | None = None, console=None) -> dict:
+    """Run the planned stages in order, then save the resolved config and the summary. ``console``
+    (:class:`sarlang_ray.console.Console`) is told when each stage starts and ends, with its counts.
 
     Raises:
         StageFailed: a stage's work failed (its outputs and the summary so far are written first).
@@ -128,11 +133,17 @@ def run(cfg: WorkflowConfig, stages: list[str] | None = None) -> dict:
     runners = registry()
     failed = True
     try:
-        for name in todo:
+        for i, name in enumerate(todo, 1):
             log.info("stage %s", name)
-            runners[name].run(cfg)
+            if console is not None:
+                console.stage_started(name, i, len(todo))
+            counts = runners[name].run(cfg)
+            if console is not None:
+                console.stage_done(name, counts)
         failed = False
     finally:
+        if console is not None:
+            console.stop()
         # what is on disk now: the config of the stages just run, and every finished stage's counts
         try:
             io.write_bytes_atomic(io.join(cfg.run.run_dir, "config.yaml"), to_yaml(cfg).encode())

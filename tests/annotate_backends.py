@@ -33,3 +33,21 @@ class SlowBackend:
 
         time.sleep(0.05)
         return self.inner.annotate(tile)
+
+
+class HallucinatingBackend:
+    """The template annotator, plus on every tile without a harbour a caption that names one: QC's
+    hallucination rule rejects it (the viewer test shows a rejected pair with its reason)."""
+
+    name = "hallucinating"
+
+    def __init__(self, cfg):
+        self.inner = TemplateAnnotator()
+
+    def annotate(self, tile):
+        pairs = self.inner.annotate(tile)
+        if "harbour" not in {o["class"] for o in tile.get("objects") or []}:
+            pairs.append({"kind": "caption_concise", "application": "image description", "question_type": "caption/concise",
+                          "question": "Describe the content of this image in one sentence.",
+                          "answer": "A busy harbour with cranes along its quays."})
+        return pairs

@@ -46,10 +46,10 @@ LAYERS = [
                     "annotate", "annotate.vocab", "annotate.visibility"}),
     ("model runtime", {"models", "vllm_engine", "judge"}),
     ("domain", {"catalog", "tiling", "align", "synth", "release", "export", "train", "evaluate", "harness",
-                "tiny_models", "hf_export", "annotate.template", "annotate.consistency", "annotate.qc", "annotate.stage",
+                "tiny_models", "hf_export", "view", "annotate.template", "annotate.consistency", "annotate.qc", "annotate.stage",
                 "annotate.openai_backend", "annotate.hf_backend", "annotate.vllm_backend"}),
     ("stages", {"stages", *(m.removeprefix("sarlang_ray.") for m in GRAPH if m.startswith("sarlang_ray.stages."))}),
-    ("orchestration", {"pipeline", "cli", "__main__"}),
+    ("orchestration", {"pipeline", "cli", "console", "__main__"}),
 ]
 LAYER = {("sarlang_ray." + m if m != "sarlang_ray" else m): rank for rank, (_, mods) in enumerate(LAYERS) for m in mods}
 

@@ -54,8 +54,37 @@ def test_data_notebooks_execute(name, demo_run):
     text = _text(nb)
     if name.startswith("01"):
         assert f"{summary['stages']['align']['written']} tiles" in text
+        # the map per region draws one polygon per tile, in its split's colour (counted on the axes' artists)
+        assert _drawn_footprints(text) == _footprints_by_region(Path(cfg.run.run_dir))
     else:
         assert "passed QC" in text and "object identification" in text
+        assert "/view/tile.html#" in text  # where the viewer shows the same tile
+
+
+def _drawn_footprints(text: str) -> dict:
+    """{(region, split): polygons} from notebook 01's "<region>: <split> <n>, ... tile footprints drawn" lines."""
+    import re
+
+    out = {}
+    for region, body in re.findall(r"^(\S+): (.+) tile footprints drawn$", text, flags=re.M):
+        for split, n in re.findall(r"(train|val|test|not exported) (\d+)", body):
+            out[(region, split)] = int(n)
+    return out
+
+
+def _footprints_by_region(run_dir: Path) -> dict:
+    """The same counts from the tables (pyarrow): tiles per region, split from the export's Parquet shards."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    split_of = {}
+    for split in ("train", "val", "test"):
+        files = sorted((run_dir / "export" / "parquet" / split).glob("*.parquet"))
+        if files:
+            split_of.update(dict.fromkeys(pq.read_table(files, columns=["tile_id"])["tile_id"].to_pylist(), split))
+    tiles = pq.read_table(sorted((run_dir / "align" / "shards").glob("*/*.parquet")), columns=["tile_id", "region"]).to_pylist()
+    return dict(Counter((t["region"], split_of.get(t["tile_id"], "not exported")) for t in tiles))
 
 
 @pytest.mark.slow
@@ -65,3 +94,4 @@ def test_leaderboard_notebook_executes(trained_run):
     assert _images(nb) >= 2  # loss curve, per-application bars
     text = _text(nb)
     assert "Leaderboard" in text and "majority answer" in text and "finetuned" in text
+    assert "/view/leaderboard.html" in text
