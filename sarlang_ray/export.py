@@ -14,6 +14,8 @@
 * ``export/objects/<shard>.parquet``: the label objects of every exported tile (``tile_id``, ``split``,
   ``object_id``, ``label_id``, ``class``); ``object_id`` is the label id, or for an object clipped at a split
   boundary the id of its part in that split (:func:`sarlang_ray.splits.clipped_id`).
+* ``export/tiles/<shard>.parquet``: the split of every exported tile of that tiles shard (``tile_id``,
+  ``scene_id``, ``split``), whatever the Parquet above was merged into; the card and ``sarlang view`` read it.
 * ``export/dataset_card.md`` with counts and PNG plots.
 
 Splits are computed in the driver from small per-tile descriptors (:func:`split_inputs`: no images). The rest
@@ -64,6 +66,10 @@ IMAGES = "sarlang1m/SAR_images"  # under export/: the one copy of every tile PNG
 LLAMA_IMAGES = "../sarlang1m/SAR_images"  # how llamafactory/ records name that folder (relative to media_dir)
 PARTS = "_parts"  # under export/: per-shard parts of the JSON and CSV files, removed once assembled
 OBJECTS = "objects"  # under export/: the label objects of every exported tile, with the id they carry in this export
+# under export/: the split of every exported tile, one file per tiles shard named like it (its Parquet and JSON may be
+# merged into numbered shards; this stays, for the card and `sarlang view`)
+TILES = "tiles"
+TILES_SCHEMA = pa.schema([("tile_id", pa.string()), ("scene_id", pa.string()), ("split", pa.string())])
 OBJECTS_SCHEMA = pa.schema([("tile_id", pa.string()), ("split", pa.string()),
                             ("object_id", pa.string()),  # label_id, or its clipped id (splits.clipped_id) when clipped
                             ("label_id", pa.string()), ("class", pa.string())])
@@ -257,6 +263,9 @@ class ExportShard:
                 io.write_bytes_atomic(io.join(self.out, "parquet", split, name.replace("/", "__")), data)
                 sizes[parquet_target(split)] = [len(r), len(data)]
         io.write_parquet_atomic(io.join(self.out, OBJECTS, name.replace("/", "__")), pa.Table.from_pylist(objects, schema=OBJECTS_SCHEMA))
+        exported = sorted({p["tile_id"] for p in pairs})
+        io.write_parquet_atomic(io.join(self.out, TILES, name.replace("/", "__")), pa.Table.from_pylist(
+            [{"tile_id": t, "scene_id": tiles[t]["scene_id"], "split": split_of[t]} for t in exported], schema=TILES_SCHEMA))
         for target, encoded in parts.items():
             sep = "" if target.endswith(".csv") else ",\n"  # CSV rows end in \r\n; JSON items need commas
             data = sep.join(encoded).encode()
@@ -574,9 +583,12 @@ SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
 
 
 def _exported_shards(out: str) -> list[tuple[str, str]]:
-    """(split, Parquet shard) of the export, in name order."""
-    return [(split, uri) for split in SPLITS for uri in (io.glob(io.join(out, "parquet", split), "*.parquet")
-                                                         if io.exists(io.join(out, "parquet", split)) else [])]
+    """(split, tiles shard's membership file under ``export/tiles/``) for every split the shard exported tiles to,
+    in name order: the same whether the export's Parquet is one file per shard or merged into numbered shards."""
+    root = io.join(out, TILES)
+    files = sorted(io.glob(root, "*.parquet")) if io.exists(root) else []
+    return [(split, uri) for uri in files
+            for split in sorted(set(io.read_parquet(uri, columns=["split"])["split"].to_pylist()), key=SPLITS.index)]
 
 
 def _align_shards(run_dir: str) -> dict[str, str]:
@@ -606,7 +618,8 @@ def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
     test = [uri for split, uri in shards if split == "test"]
     picked: list[tuple[str, str]] = []  # (export shard, tile id): a random shard, then a random tile of it
     for uri in rng.sample(test, len(test)):
-        ids = sorted(set(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist()))
+        t = io.read_parquet(uri, columns=["tile_id", "split"]).to_pylist()
+        ids = sorted({r["tile_id"] for r in t if r["split"] == "test"})
         picked += [(uri, t) for t in rng.sample(ids, min(len(ids), CARD_SAMPLES - len(picked)))]
         if len(picked) >= CARD_SAMPLES:
             break
@@ -619,8 +632,10 @@ def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
         for ax, (uri, tid) in zip(axes.flat, picked):
             tile = next(t for t in io.read_parquet(align_of[uri.rsplit("/", 1)[-1]], columns=[
                 "tile_id", "gsd_m", "sar_png", "optical_png", "objects"]).to_pylist() if t["tile_id"] == tid)
-            pairs = [p for p in io.read_parquet(uri, columns=["tile_id", "kind", "question", "answer"]).to_pylist()
-                     if p["tile_id"] == tid]
+            ann = io.join(tables.shard_root(run_dir, "annotate"),
+                          io.relative(align_of[uri.rsplit("/", 1)[-1]], tables.shard_root(run_dir, "align")))
+            pairs = [p for p in io.read_parquet(ann, columns=["tile_id", "kind", "question", "answer", "qc_passed"]).to_pylist()
+                     if p["tile_id"] == tid and p["qc_passed"]]
             vqa = [p for p in pairs if p["kind"] == "vqa"]
             chosen = [p for p in pairs if p["kind"] == "caption_concise"][:1] + rng.sample(vqa, min(len(vqa), CARD_PAIRS - 1))
             ax.imshow(np.asarray(viz.tile_figure(tile, scale=1)))
@@ -638,7 +653,7 @@ def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
     for split, uri in shards:
         if drawn >= CARD_MAP_TILES:
             break
-        ids = set(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist())
+        ids = {r["tile_id"] for r in io.read_parquet(uri, columns=["tile_id", "split"]).to_pylist() if r["split"] == split}
         for t in io.read_parquet(align_of[uri.rsplit("/", 1)[-1]], columns=["tile_id", "region", "footprint"]).to_pylist():
             if t["tile_id"] in ids and drawn < CARD_MAP_TILES:
                 ring = np.asarray(shapely.from_wkb(t["footprint"]).exterior.coords)

@@ -125,10 +125,9 @@ def view_shard(job: dict) -> dict:
     ann_uri = io.join(tables.shard_root(run_dir, "annotate"), rel)
     pairs = io.read_parquet(ann_uri).to_pylist() if io.exists(ann_uri) else []
     export_name = rel.replace("/", "__")
-    split_of = {}
-    for split in SPLITS:
-        for r in _filtered(io.join(run_dir, "export", "parquet", split, export_name), "tile_id", ids, ["tile_id", "split"]):
-            split_of[r["tile_id"]] = r["split"]
+    # the export's membership file of this shard (export/tiles/: there whether or not its Parquet was merged)
+    split_of = {r["tile_id"]: r["split"] for r in _filtered(io.join(run_dir, "export", "tiles", export_name), "tile_id",
+                                                             ids, ["tile_id", "split"])}
     errors: dict[str, list[dict]] = {}
     error_uris = [io.join(run_dir, stage, "errors", rel) for stage in ("tile", "align", "annotate")]
     error_uris += [io.join(run_dir, "export", "errors.parquet")]

@@ -160,3 +160,23 @@ def test_a_small_export_keeps_the_published_single_files(demo_run):
     for target, entry in manifest["files"].items():
         for f in entry["files"]:
             assert (out / f["path"]).stat().st_size == f["bytes"], target
+
+
+def test_a_sharded_export_keeps_the_card_pictures_and_each_tiles_split(sharded):
+    """The card and `sarlang view` find each exported tile's split in export/tiles/ (named like the tiles shard),
+    which a sharded export keeps although its per-shard Parquet is merged away: the same tiles and splits as the
+    exported Parquet rows read here, and the card still has its mosaic of test tiles."""
+    import re
+
+    _, out, _ = sharded
+    rows = pq.read_table(sorted((out / "parquet").rglob("*.parquet")), columns=["tile_id", "split"]).to_pylist()
+    merged = [d for d in (out / "parquet").iterdir() if not any("__" in p.name for p in d.glob("*.parquet"))]
+    assert merged  # a split above the threshold: its per-shard files were merged into numbered shards
+    member = pq.read_table(sorted((out / "tiles").glob("*.parquet"))).to_pylist()
+    assert len(member) == len({m["tile_id"] for m in member})
+    assert {m["tile_id"]: m["split"] for m in member} == {r["tile_id"]: r["split"] for r in rows}
+    card = (out / "dataset_card.md").read_text()
+    assert "![samples](plots/samples.png)" in card and (out / "plots" / "samples.png").stat().st_size > 10_000
+    line = next(x for x in card.splitlines() if "random test tiles" in x)
+    shown = re.findall(r"`([^`]+)`", line.split(":", 1)[1])
+    assert shown and {s for s in shown} <= {r["tile_id"] for r in rows if r["split"] == "test"}
