@@ -44,7 +44,7 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
-from sarlang_ray import companions, io, safe, stac, tables
+from sarlang_ray import companions, io, safe, search, stac, tables
 from sarlang_ray.gcps import Georef, to_lists
 from sarlang_ray.config import CatalogSection
 from sarlang_ray.errors import ItemError, error_row
@@ -71,9 +71,10 @@ def archive_root(archive: str) -> str:
     return stac.root_of(archive) if stac.is_stac(archive) else archive
 
 
-def list_scenes(cfg: CatalogSection) -> tuple[list[dict], list[dict]]:
+def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[dict], list[dict]]:
     """What to inspect: rows ``{"uri", "stac"}`` (``stac``: the item's metadata as JSON, or None for a
     folder archive), sorted by uri, and error rows for STAC items that name no usable SAR asset.
+    ``snapshot``: the frozen items of ``catalog.search`` (:func:`search.freeze`), read instead of the archive.
 
     Raises:
         FileNotFoundError: nothing to inspect (no file matches the globs, or the STAC file lists no items), or
@@ -85,6 +86,16 @@ def list_scenes(cfg: CatalogSection) -> tuple[list[dict], list[dict]]:
         raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
                                 f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
                                 "catalog.landcover=null.")
+    if snapshot is not None:
+        import pystac
+
+        pairs = []
+        for d in search.read_items(snapshot):
+            item = pystac.Item.from_dict(d, preserve_dict=False)
+            pairs.append((item, item.get_self_href() or snapshot))
+        found, errors = stac.candidates_from_items(pairs, [], snapshot, cfg.stac_assets, STAGE, cfg.group_polarisations)
+        return sorted(({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found),
+                      key=lambda r: r["uri"]), errors
     if stac.is_stac(cfg.archive):
         found, errors = stac.candidates(cfg.archive, cfg.stac_assets, STAGE, cfg.group_polarisations)
         if not found and not errors:
@@ -754,7 +765,7 @@ def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
 
 def _stac_error(uri: str, item: stac.Candidate, exc: ItemError) -> ItemError:
     """A file a STAC item names but that does not exist is the catalog's fault: say which item and href."""
-    if exc.error_class == "unreadable" and not io.exists(uri):
+    if exc.error_class == "unreadable" and not io.exists(io.sign_href(uri)):
         return ItemError("stac_bad_href", f"STAC item {item.item_id!r} asset {item.asset!r}: {uri} does not exist "
                          f"(href {item.href!r} in {item.item_href}, relative hrefs resolve against the item's "
                          "location). Fix the href in the catalog or remove the item.")
@@ -766,6 +777,8 @@ class SceneInspector:
 
     def __init__(self, cfg: CatalogSection):
         self.cfg = cfg
+        # catalog.sign and the S3 access of the run, in whichever worker process this runs
+        io.use_access(cfg.sign, cfg.s3_anonymous, cfg.s3_requester_pays)
 
     def __call__(self, row: dict) -> dict:
         uri = row["uri"]

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import collections
 
-from sarlang_ray import catalog, io, tables
+from sarlang_ray import catalog, io, search, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import errors_table
 from sarlang_ray.stages.runner import Stage, map_tasks, placement
 
 
 def _body(cfg: WorkflowConfig) -> dict:
-    rows, errors = catalog.list_scenes(cfg.catalog)  # errors: STAC items without a usable SAR asset
+    io.use_access(cfg.catalog.sign, cfg.catalog.s3_anonymous, cfg.catalog.s3_requester_pays)
+    snapshot, searched = None, None
+    if cfg.catalog.search.source:  # frozen into the run folder before anything is inspected; reused by a rerun
+        snapshot, searched = search.freeze(cfg.catalog.search, cfg.run.run_dir)
+    rows, errors = catalog.list_scenes(cfg.catalog, snapshot)  # errors: STAC items without a usable SAR asset
     planned = len(rows) + len(errors)
     # one Ray task per scene, on the pooled workers the tile stage then finds warm (rasterio, numba imported)
     results = map_tasks(rows, catalog.SceneInspector, (cfg.catalog,), progress=cfg.ray.progress)
@@ -33,8 +37,11 @@ def _body(cfg: WorkflowConfig) -> dict:
               # STAC proj:* fields that disagreed with the file (the file won), GRD scenes on strong relief
               "proj_mismatches": sum(1 for s in scenes if s.get("proj_mismatch")),
               "relief_flagged": sum(1 for s in scenes if s.get("relief_flag"))}
+    if searched is not None:
+        counts["search"] = searched
     if not scenes:
-        counts["failure"] = (f"none of the {planned} files of {cfg.catalog.archive} is a usable SAR scene "
+        source = snapshot or cfg.catalog.archive
+        counts["failure"] = (f"none of the {planned} files of {source} is a usable SAR scene "
                              f"({', '.join(f'{k}: {n}' for k, n in reasons.most_common())}); the reason for each file is in "
                              "catalog/errors.parquet (sarlang_ray.tables.read_errors). Check catalog.sar_glob and the files")
     return counts
