@@ -247,9 +247,22 @@ def snapshot_batches(q: SearchSection, geom, stats: dict, batch_size: int = 65_5
     dataset = snapshot_dataset(q.source)
     start, end = interval(q.datetime)
     expr = pushdown(dataset.schema, q, geom, start, end)
-    stats["files"] = len(dataset.files)
-    for batch in dataset.to_batches(filter=expr, batch_size=batch_size):
-        stats["scanned"] = stats.get("scanned", 0) + batch.num_rows
+    stats.update(files=len(dataset.files), files_read=0, row_groups=0, row_groups_read=0, rows_matched_pushdown=0)
+    for fragment in dataset.get_fragments(filter=expr):
+        stats["row_groups"] += fragment.num_row_groups
+        # the row groups whose statistics can match: the only ones read
+        groups = fragment.split_by_row_group(expr, schema=dataset.schema) if expr is not None else [fragment]
+        stats["row_groups_read"] += len(groups) if expr is not None else fragment.num_row_groups
+        stats["files_read"] += bool(groups)
+        for group in groups:
+            yield from _selected(group.to_batches(filter=expr, schema=dataset.schema, batch_size=batch_size),
+                                 q, geom, stats)
+
+
+def _selected(batches, q: SearchSection, geom, stats: dict) -> Iterator[pa.Table]:
+    """The exact tests on batches the pushdown let through: footprint (shapely) and properties."""
+    for batch in batches:
+        stats["rows_matched_pushdown"] += batch.num_rows
         if not batch.num_rows:
             continue
         keep = pa.array([True] * batch.num_rows)
