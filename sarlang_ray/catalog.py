@@ -477,9 +477,10 @@ def sidecar_calibration(uri: str) -> dict | None:
     stem = uri.rsplit(".", 1)[0]
     for candidate in (f"{stem}_extended.json", f"{stem}.json"):
         try:
-            if not io.exists(candidate):
+            href = io.sign_href(candidate)  # beside a signed asset: signed too (catalog.sign)
+            if not io.exists(href):
                 continue
-            image = (json.loads(io.read_bytes(candidate)).get("collect") or {}).get("image") or {}
+            image = (json.loads(io.read_bytes(href)).get("collect") or {}).get("image") or {}
         except Exception:
             continue
         factor = image.get("scale_factor")

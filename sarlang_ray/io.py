@@ -349,6 +349,12 @@ def use_access(sign: str = "none", anonymous: bool = False, requester_pays: bool
     return env
 
 
+def access_of(catalog) -> dict:
+    """The access settings of a catalog section (``catalog.sign``, ``s3_anonymous``, ``s3_requester_pays``)
+    as the keyword arguments of :func:`use_access`, for the row classes of the stages that read rasters."""
+    return {"sign": catalog.sign, "anonymous": catalog.s3_anonymous, "requester_pays": catalog.s3_requester_pays}
+
+
 def gdal_s3_options(fs: fsspec.AbstractFileSystem) -> dict[str, str]:
     """GDAL configuration options that make ``/vsis3/`` reach the storage the s3fs filesystem ``fs`` reaches.
 
@@ -451,10 +457,13 @@ def open_raster(uri: str, reader: str | None = None, **options) -> rasterio.io.D
     fs, path = filesystem(href)
     name = raster_reader(reader) if _is_s3(fs) else "fsspec"
     try:
-        if name == "gdal":
-            configure_gdal_s3(fs)
-            return rasterio.open(f"/vsis3/{path}", **options)
-        return rasterio.open(path, opener=fs, **options)
+        # a signed href names one object: GDAL must not look for sidecars (.aux.xml, .ovr, .msk) beside it,
+        # whose names it would derive from the signed URL (query included) and ask for unsigned
+        with rasterio.Env(**({"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if href != uri else {})):
+            if name == "gdal":
+                configure_gdal_s3(fs)
+                return rasterio.open(f"/vsis3/{path}", **options)
+            return rasterio.open(path, opener=fs, **options)
     except rasterio.errors.RasterioIOError as exc:
         # the message names the href as published: a signed one carries a token, which stays out of logs
         message = _open_failure(uri, name, fs, path, exc)
