@@ -876,3 +876,114 @@ def resolve_path(cfg: CatalogSection, path: str) -> str:
     if "://" in path or path.startswith("/"):
         return path
     return io.join(archive_root(cfg.archive), path)
+
+
+# ---------------------------------------------------------------- the streaming catalog (catalog.search)
+class SeenDigests:
+    """The rasters a paged listing has cataloged, as 8-byte digests of their uris (``stac.candidates_from_items``'s
+    ``seen``): what the driver keeps per asset to reject an asset named twice across pages (~60 B in a Python
+    set, against ~250 B for the uri and the item id)."""
+
+    def __init__(self):
+        self._digests: set[int] = set()
+
+    @staticmethod
+    def _key(uri: str) -> int:
+        return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+    def __contains__(self, uri: str) -> bool:
+        return self._key(uri) in self._digests
+
+    def __getitem__(self, uri: str) -> str:
+        return "an earlier item of the listing"
+
+    def __setitem__(self, uri: str, item_id: str) -> None:
+        self._digests.add(self._key(uri))
+
+
+def snapshot_pages(cfg: CatalogSection, snapshot: str, page_rows: int):
+    """The inspection rows of a frozen search snapshot, ``page_rows`` candidates at a time, with the error rows
+    of the items of that page that name no usable SAR asset: ``(rows, errors)`` per page, in the snapshot's
+    order, so the driver never holds more than a page of items."""
+    import pystac
+
+    seen = SeenDigests()
+    pending: list[dict] = []
+    errors: list[dict] = []
+    items: list = []
+
+    def flush_items():
+        found, errs = stac.candidates_from_items(items, [], snapshot, cfg.stac_assets, STAGE, cfg.group_polarisations,
+                                                 seen=seen)
+        items.clear()
+        pending.extend({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found)
+        errors.extend(errs)
+
+    for d in search.read_items(snapshot):
+        item = pystac.Item.from_dict(d, preserve_dict=False)
+        items.append((item, item.get_self_href() or snapshot))
+        if len(items) >= page_rows:
+            flush_items()
+        while len(pending) >= page_rows:
+            yield pending[:page_rows], errors[:]
+            del pending[:page_rows]
+            errors.clear()
+    flush_items()
+    while pending or errors:
+        yield pending[:page_rows], errors[:]
+        del pending[:page_rows]
+        errors.clear()
+
+
+def inspect_page(cfg: CatalogSection, run_dir: str, index: int, rows: list[dict], listing_errors: list[dict]) -> dict:
+    """One page of the streaming catalog, on a Ray worker: inspect its rows, find their companions, and write
+    ``catalog/parts/scenes-<index>.parquet`` and ``errors-<index>.parquet``. Returns counts only."""
+    import ray
+
+    from sarlang_ray.errors import errors_table
+
+    inspector = SceneInspector(cfg)
+    results = [inspector(r) for r in rows]
+    scenes = sorted((r["scene"] for r in results if r["scene"] is not None), key=lambda s: s["scene_id"])
+    errors = list(listing_errors) + [r["error"] for r in results if r["error"] is not None]
+    scenes, twin_errors, companion_counts = assign_companions(scenes, cfg, io.join(run_dir, STAGE, "landcover"))
+    errors += twin_errors
+    parts = io.join(run_dir, STAGE, "parts")
+    write_scenes(io.join(parts, f"scenes-{index:06d}.parquet"), scenes)
+    io.write_parquet_atomic(io.join(parts, f"errors-{index:06d}.parquet"), errors_table(errors))
+    return {"planned": len(rows) + len(listing_errors), "written": len(scenes), "rejected": len(errors),
+            "reasons": dict(collections.Counter(e["error_class"] for e in errors)), "companions": companion_counts,
+            "proj_mismatches": sum(1 for s in scenes if s.get("proj_mismatch")),
+            "relief_flagged": sum(1 for s in scenes if s.get("relief_flag")),
+            "node": ray.get_runtime_context().get_node_id()}
+
+
+def merge_parts(run_dir: str, pages: int) -> None:
+    """The parts of the streaming catalog as ``catalog/scenes.parquet`` and ``catalog/errors.parquet``, in page
+    order, one part in memory at a time (a Parquet writer streaming row groups to :func:`io.write_stream_atomic`);
+    the parts are removed after."""
+    import io as pyio
+
+    import pyarrow.parquet as pq
+
+    from sarlang_ray.errors import ERROR_SCHEMA
+
+    parts = io.join(run_dir, STAGE, "parts")
+    scenes_schema = SCENES_SCHEMA.with_metadata(tables.geo_schema(SCENES_SCHEMA).metadata)
+
+    def chunks(kind: str, schema: pa.Schema):
+        buf = pyio.BytesIO()
+        writer = pq.ParquetWriter(buf, schema)
+        for i in range(pages):
+            table = io.read_parquet(io.join(parts, f"{kind}-{i:06d}.parquet"))
+            writer.write_table(table.cast(schema))
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+        writer.close()
+        yield buf.getvalue()
+
+    io.write_stream_atomic(tables.scenes_uri(run_dir), chunks("scenes", scenes_schema))
+    io.write_stream_atomic(io.join(run_dir, STAGE, "errors.parquet"), chunks("errors", ERROR_SCHEMA))
+    fs, path = io.filesystem(parts)
+    fs.rm(path, recursive=True)

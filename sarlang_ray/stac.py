@@ -201,12 +201,13 @@ def candidates(archive: str, asset_keys: list[str] | None, stage: str, group: bo
 
 
 def candidates_from_items(items: list[tuple[pystac.Item, str]], errors: list[dict], archive: str,
-                          asset_keys: list[str] | None, stage: str, group: bool = True
-                          ) -> tuple[list[Candidate], list[dict]]:
+                          asset_keys: list[str] | None, stage: str, group: bool = True,
+                          seen: dict[str, str] | None = None) -> tuple[list[Candidate], list[dict]]:
     """:func:`candidates` of items already read (a STAC file's, or a search snapshot's): ``(item, base)``
-    pairs, ``base`` the href relative asset hrefs resolve against; ``archive`` names the source in errors."""
+    pairs, ``base`` the href relative asset hrefs resolve against; ``archive`` names the source in errors.
+    ``seen``: the rasters already cataloged (uri -> item id), shared by the pages of one listing."""
     found: list[Candidate] = []
-    seen: dict[str, str] = {}
+    seen = {} if seen is None else seen
     for item, base in sorted(items, key=lambda pair: pair[0].id):
         assets = sar_assets(item, asset_keys)
         if not assets:

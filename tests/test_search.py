@@ -152,3 +152,68 @@ def test_property_filter_and_cql2():
     assert search.cql2({"sar:polarizations": ["VH"], "sat:orbit_state": "ascending"}) == {"op": "and", "args": [
         {"op": "a_contains", "args": [{"property": "sar:polarizations"}, ["VH"]]},
         {"op": "=", "args": [{"property": "sat:orbit_state"}, "ascending"]}]}
+
+
+def test_the_streaming_catalog_equals_the_whole_listing(ray_session, real_sar, tmp_path):
+    """A snapshot of more items than three pages of inspection tasks, with items whose file is missing and an
+    asset named by two items on different pages: the streamed scenes and errors tables hold what the catalog of
+    the same items as one ItemCollection (the whole-listing path) holds, and the counts reconcile."""
+    import stac_geoparquet.arrow
+
+    from sarlang_ray.stages import catalog as catalog_stage
+
+    n = 2 * catalog_stage.PAGE_ROWS + 20
+    items = []
+    for it in _items_n(real_sar, tmp_path / "rasters", n):
+        items.append(it)
+    items[5]["assets"]["vv"]["href"] = str(tmp_path / "rasters" / "missing_VV.tif")  # stac_bad_href
+    items[-1]["assets"] = {"vv": dict(items[1]["assets"]["vv"])}  # the raster of item 1, pages apart: stac_duplicate
+    items[-1]["properties"]["sar:polarizations"] = ["VV"]
+    stac_geoparquet.arrow.to_parquet(stac_geoparquet.arrow.parse_stac_items_to_arrow(items), tmp_path / "items.parquet")
+    (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+
+    streamed, whole = tmp_path / "streamed", tmp_path / "whole"
+    base = [f"catalog.archive={tmp_path}", "run.stages=[catalog]"]
+    summary = pipeline.run(load_config(None, [f"run.run_dir={streamed}", *base,
+                                              f"catalog.search.source={tmp_path / 'items.parquet'}"]))
+    pipeline.run(load_config(None, [f"run.run_dir={whole}", *base, f"catalog.archive={tmp_path / 'items.json'}"]))
+    counts = summary["stages"]["catalog"]
+    assert counts["pages"] >= 3 and counts["planned"] == counts["written"] + counts["rejected"] == n
+    assert counts["rejects_by_reason"] == {"stac_bad_href": 1, "stac_duplicate": 1}
+    a = pq.read_table(tables.scenes_uri(str(streamed))).to_pylist()
+    b = pq.read_table(tables.scenes_uri(str(whole))).to_pylist()
+    assert len(a) == n - 2
+    key = lambda s: s["scene_id"]  # noqa: E731
+    # the same properties and instants; the stac-geoparquet round trip writes datetimes with microseconds
+    drop = ("stac_properties", "datetime")
+    instant = lambda t: dt.datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    assert [instant(s["datetime"]) for s in sorted(a, key=key)] == [instant(s["datetime"]) for s in sorted(b, key=key)]
+    def rows(table):  # JSON: NaN nodata compares equal to itself
+        return [json.dumps({k: v for k, v in s.items() if k not in drop}, sort_keys=True, default=str)
+                for s in sorted(table, key=key)]
+
+    assert rows(a) == rows(b)
+    errors = pq.read_table(streamed / "catalog" / "errors.parquet").to_pylist()
+    assert sorted(e["error_class"] for e in errors) == ["stac_bad_href", "stac_duplicate"]
+    assert not (streamed / "catalog" / "parts").exists()
+
+
+def _items_n(real_sar: Path, folder: Path, n: int) -> list[dict]:
+    """``n`` items like :func:`_items` (VV + VH on even items), each with rasters of its own."""
+    pairs = _pairs(real_sar)
+    folder.mkdir()
+    out = []
+    for i in range(n):
+        vv, vh = pairs[i % len(pairs)]
+        assets = {}
+        for pol, src in (("vv", vv), ("vh", vh))[: 2 if i % 2 == 0 else 1]:
+            link = folder / f"scene{i:04d}_{pol.upper()}.tif"
+            link.symlink_to(src)
+            assets[pol] = {"href": str(link), "type": "image/tiff; application=geotiff", "roles": ["data"]}
+        geom = box(i % 20, 40 + i // 20, i % 20 + 0.5, 40.5 + i // 20)
+        out.append({"type": "Feature", "stac_version": "1.0.0", "id": f"s1-{i:04d}", "collection": "opera-rtc",
+                    "geometry": mapping(geom), "bbox": list(geom.bounds), "links": [], "assets": assets,
+                    "stac_extensions": [],
+                    "properties": {"datetime": (T0 + dt.timedelta(hours=i)).isoformat().replace("+00:00", "Z"),
+                                   "platform": "sentinel-1a", "sar:polarizations": ["VV", "VH"] if i % 2 == 0 else ["VV"]}})
+    return out
