@@ -60,7 +60,7 @@ def write_snapshot(folder: Path, n: int, seed: int = 0, row_group: int = 10_000,
         vh = pa.array([href.format(id=i, pol="VH") if d else None for i, d in zip(ids[sel], dual[sel])])
         kind = pa.array(["image/tiff; application=geotiff; profile=cloud-optimized"] * len(sel))
         roles = pa.array([["data"]] * len(sel), pa.list_(pa.string()))
-        def asset(h, missing=None):
+        def asset(h, missing=None, roles=roles, kind=kind):
             return pa.StructArray.from_arrays([h, roles, kind], ["href", "roles", "type"], mask=missing)
 
         table = pa.table({
@@ -79,7 +79,7 @@ def write_snapshot(folder: Path, n: int, seed: int = 0, row_group: int = 10_000,
             "sar:instrument_mode": pa.array(["IW"] * len(sel)),
             "sar:polarizations": pa.array(pols, pa.list_(pa.string())),
         }).replace_schema_metadata(meta)
-        part = folder / f"month={str(month)}"
+        part = folder / f"month={month!s}"
         part.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, part / "part-0.parquet", row_group_size=row_group, compression="zstd")
     (folder / "_generated.json").write_text(json.dumps({"items": n, "seed": seed, "at": dt.datetime.now().isoformat()}))

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import shapely
 from shapely.geometry import box, mapping, shape
+from stac_server import RustacServer  # tests/stac_server.py
 
 from sarlang_ray import pipeline, search, tables
 from sarlang_ray.config import SearchSection, load_config
-from stac_server import RustacServer  # tests/stac_server.py
 
 T0 = dt.datetime(2024, 1, 1, 6, 0, tzinfo=dt.timezone.utc)
 N_ITEMS = 45  # more than four pages of 10
@@ -129,7 +129,7 @@ def test_a_run_is_reproducible_from_its_snapshot(stac_api, tmp_path):
     q = SearchSection(source=server.url, collections=["opera-rtc"], bbox=[1.2, 40.2, 3.4, 42.9], page_size=7)
     uri, counts = search.freeze(q, str(tmp_path / "a"))
     assert counts["queried"] and counts["pages"] >= 2
-    again, counts2 = search.freeze(SearchSection(source=uri), str(tmp_path / "b"))
+    again, _ = search.freeze(SearchSection(source=uri), str(tmp_path / "b"))
     assert {d["id"] for d in search.read_items(again)} == {d["id"] for d in search.read_items(uri)}
     expected = {it["id"] for it in items if shape(it["geometry"]).intersects(box(1.2, 40.2, 3.4, 42.9))}
     assert {d["id"] for d in search.read_items(uri)} == expected
@@ -163,9 +163,7 @@ def test_the_streaming_catalog_equals_the_whole_listing(ray_session, real_sar, t
     from sarlang_ray.stages import catalog as catalog_stage
 
     n = 2 * catalog_stage.PAGE_ROWS + 20
-    items = []
-    for it in _items_n(real_sar, tmp_path / "rasters", n):
-        items.append(it)
+    items = _items_n(real_sar, tmp_path / "rasters", n)
     items[5]["assets"]["vv"]["href"] = str(tmp_path / "rasters" / "missing_VV.tif")  # stac_bad_href
     items[-1]["assets"] = {"vv": dict(items[1]["assets"]["vv"])}  # the raster of item 1, pages apart: stac_duplicate
     items[-1]["properties"]["sar:polarizations"] = ["VV"]
@@ -183,10 +181,10 @@ def test_the_streaming_catalog_equals_the_whole_listing(ray_session, real_sar, t
     a = pq.read_table(tables.scenes_uri(str(streamed))).to_pylist()
     b = pq.read_table(tables.scenes_uri(str(whole))).to_pylist()
     assert len(a) == n - 2
-    key = lambda s: s["scene_id"]  # noqa: E731
+    key = lambda s: s["scene_id"]
     # the same properties and instants; the stac-geoparquet round trip writes datetimes with microseconds
     drop = ("stac_properties", "datetime")
-    instant = lambda t: dt.datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    instant = lambda t: dt.datetime.fromisoformat(t.replace("Z", "+00:00"))
     assert [instant(s["datetime"]) for s in sorted(a, key=key)] == [instant(s["datetime"]) for s in sorted(b, key=key)]
     def rows(table):  # JSON: NaN nodata compares equal to itself
         return [json.dumps({k: v for k, v in s.items() if k not in drop}, sort_keys=True, default=str)

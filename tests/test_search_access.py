@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import stac_geoparquet.arrow
+from header_proxy import HeaderProxy  # tests/header_proxy.py
+from http_files import FileServer  # tests/http_files.py
 from s3fs import S3FileSystem
 
-from http_files import FileServer  # tests/http_files.py
-from header_proxy import HeaderProxy  # tests/header_proxy.py
 from sarlang_ray import catalog, io, pipeline, tables
 from sarlang_ray.config import load_config
 
@@ -91,7 +91,7 @@ def proxied_s3(s3, monkeypatch, real_sar):
         fs = S3FileSystem(endpoint_url=proxy.url, key="sarlang-test", secret="sarlang-test-secret",
                           skip_instance_cache=True)
         src = real_sar / "opera_rtc_s1_t137_crops"
-        path = sorted(src.glob("2021-11-19/*_VV.tif"))[0]
+        path = min(src.glob("2021-11-19/*_VV.tif"))
         for name in ("gdal-anon.tif", "fsspec-anon.tif", "gdal-payer.tif", "fsspec-payer.tif", "gdal-plain.tif"):
             fs.put(str(path), f"{key}/{name}")
         with rasterio.open(path) as local:

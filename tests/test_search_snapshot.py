@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from stac_snapshots import expected, write_snapshot  # tests/stac_snapshots.py
 
 from sarlang_ray import search
 from sarlang_ray.config import SearchSection
-from stac_snapshots import expected, write_snapshot  # tests/stac_snapshots.py
 
 pytestmark = pytest.mark.slow  # ~20 s, most of it writing the million items
 N = 1_000_000
