@@ -241,7 +241,7 @@ def pushdown(schema: pa.Schema, q: SearchSection, geom, start, end):
     return expr
 
 
-def snapshot_batches(q: SearchSection, geom, stats: dict, batch_size: int = 65_536) -> Iterator[pa.Table]:
+def snapshot_batches(q: SearchSection, geom, stats: dict, batch_size: int = 8192) -> Iterator[pa.Table]:
     """The selected rows of a stac-geoparquet snapshot, one table per record batch (arrow, never dicts of
     the rows a predicate rejected)."""
     dataset = snapshot_dataset(q.source)
@@ -255,8 +255,9 @@ def snapshot_batches(q: SearchSection, geom, stats: dict, batch_size: int = 65_5
         stats["row_groups_read"] += len(groups) if expr is not None else fragment.num_row_groups
         stats["files_read"] += bool(groups)
         for group in groups:
-            yield from _selected(group.to_batches(filter=expr, schema=dataset.schema, batch_size=batch_size),
-                                 q, geom, stats)
+            # little read-ahead: pyarrow's default (16 batches) would decode a whole small snapshot at once
+            yield from _selected(group.to_batches(filter=expr, schema=dataset.schema, batch_size=batch_size,
+                                                  batch_readahead=2, fragment_readahead=1), q, geom, stats)
 
 
 def _selected(batches, q: SearchSection, geom, stats: dict) -> Iterator[pa.Table]:
@@ -292,6 +293,7 @@ def freeze(q: SearchSection, run_dir: str) -> tuple[str, dict]:
     start, end = interval(q.datetime)
     stats: dict = {}
     cap = q.max_items
+    io.makedirs(io.join(run_dir, FOLDER))
     if is_api(q.source):
         found = []
         for item in api_items(q, geom, stats):
@@ -299,25 +301,52 @@ def freeze(q: SearchSection, run_dir: str) -> tuple[str, dict]:
                 found.append(item)
                 if cap is not None and len(found) >= cap:
                     break
-        table = _items_table(found) if found else None
-    else:
-        parts, n = [], 0
-        for part in snapshot_batches(q, geom, stats):
-            parts.append(part.slice(0, cap - n) if cap is not None else part)
-            n += parts[-1].num_rows
-            if cap is not None and n >= cap:
-                break
-        table = pa.concat_tables(parts, promote_options="permissive") if parts else None
-    if table is None or not table.num_rows:
+        n = len(found)
+        if n:
+            io.write_parquet_atomic(uri, _items_table(found))
+    else:  # written batch by batch as the scan selects them: the driver holds one batch, not the selection
+        written = [0]
+        io.write_stream_atomic(uri, _snapshot_chunks(snapshot_batches(q, geom, stats), cap, written))
+        n = written[0]
+    if not n:
+        if io.exists(uri):
+            fs, path = io.filesystem(uri)
+            fs.rm(path)
         raise SearchError(f"catalog.search found no items in {q.source} (collections {q.collections}, bbox {q.bbox}, "
                           f"aoi {q.aoi}, datetime {q.datetime}, filter {q.filter}). Widen the search")
-    io.makedirs(io.join(run_dir, FOLDER))
-    io.write_parquet_atomic(uri, table)
     io.write_json_atomic(io.join(run_dir, FOLDER, f"items-{search_key(q)}.json"),
-                         {"search": dataclasses.asdict(q), "items": table.num_rows, **stats,
+                         {"search": dataclasses.asdict(q), "items": n, **stats,
                           "frozen_at": dt.datetime.now(dt.timezone.utc).isoformat()})
-    log.info("catalog.search: %d items frozen into %s", table.num_rows, uri)
-    return uri, {"snapshot": uri, "items": table.num_rows, "queried": True, **stats}
+    log.info("catalog.search: %d items frozen into %s", n, uri)
+    return uri, {"snapshot": uri, "items": n, "queried": True, **stats}
+
+
+def _snapshot_chunks(parts: Iterator[pa.Table], cap: int | None, written: list[int]) -> Iterator[bytes]:
+    """The bytes of a Parquet file of ``parts`` (at most ``cap`` rows), as a writer produces them, part by part;
+    ``written[0]``: the rows written so far."""
+    import io as pyio
+
+    buf, writer = pyio.BytesIO(), None
+
+    def drain() -> bytes:
+        data = buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+        return data
+
+    for part in parts:
+        if cap is not None:
+            part = part.slice(0, cap - written[0])
+        if writer is None:
+            writer = pq.ParquetWriter(buf, part.schema)
+        writer.write_table(part)
+        written[0] += part.num_rows
+        yield drain()
+        if cap is not None and written[0] >= cap:
+            break
+    if writer is not None:
+        writer.close()
+        yield drain()
 
 
 def _items_table(items: list[dict]) -> pa.Table:
