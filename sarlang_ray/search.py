@@ -251,8 +251,9 @@ def snapshot_batches(q: SearchSection, geom, stats: dict, batch_size: int = 8192
     for fragment in dataset.get_fragments(filter=expr):
         stats["row_groups"] += fragment.num_row_groups
         # the row groups whose statistics can match: the only ones read
-        groups = fragment.split_by_row_group(expr, schema=dataset.schema) if expr is not None else [fragment]
-        stats["row_groups_read"] += len(groups) if expr is not None else fragment.num_row_groups
+        # one row group at a time, also without a filter (a whole file would be decoded ahead)
+        groups = fragment.split_by_row_group(expr, schema=dataset.schema)
+        stats["row_groups_read"] += len(groups)
         stats["files_read"] += bool(groups)
         for group in groups:
             # little read-ahead: pyarrow's default (16 batches) would decode a whole small snapshot at once
