@@ -280,10 +280,12 @@ class AlignShard:
     """Ray Data row function (actor pool): one tile shard -> one shard of the final tiles table."""
 
     def __init__(self, cfg: AlignSection, run_dir: str, labels_uri: str | None, cache_scenes: int = 4,
-                 labels_dir: str | None = None):
+                 labels_dir: str | None = None, access: dict | None = None):
         from sarlang_ray import tiling
 
         self.cfg = cfg
+        if access:  # catalog.sign and S3 access (io.access_of): optical twins and land cover read signed
+            io.use_access(**access)
         self.tile_shards = io.join(run_dir, tiling.STAGE, "shards")
         self.out_shards = io.join(run_dir, STAGE, "shards")
         self.out_errors = io.join(run_dir, STAGE, "errors")

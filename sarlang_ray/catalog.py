@@ -44,7 +44,7 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
-from sarlang_ray import companions, io, safe, stac, tables
+from sarlang_ray import companions, io, safe, search, stac, tables
 from sarlang_ray.gcps import Georef, to_lists
 from sarlang_ray.config import CatalogSection
 from sarlang_ray.errors import ItemError, error_row
@@ -71,9 +71,10 @@ def archive_root(archive: str) -> str:
     return stac.root_of(archive) if stac.is_stac(archive) else archive
 
 
-def list_scenes(cfg: CatalogSection) -> tuple[list[dict], list[dict]]:
+def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[dict], list[dict]]:
     """What to inspect: rows ``{"uri", "stac"}`` (``stac``: the item's metadata as JSON, or None for a
     folder archive), sorted by uri, and error rows for STAC items that name no usable SAR asset.
+    ``snapshot``: the frozen items of ``catalog.search`` (:func:`search.freeze`), read instead of the archive.
 
     Raises:
         FileNotFoundError: nothing to inspect (no file matches the globs, or the STAC file lists no items), or
@@ -85,6 +86,16 @@ def list_scenes(cfg: CatalogSection) -> tuple[list[dict], list[dict]]:
         raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
                                 f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
                                 "catalog.landcover=null.")
+    if snapshot is not None:
+        import pystac
+
+        pairs = []
+        for d in search.read_items(snapshot):
+            item = pystac.Item.from_dict(d, preserve_dict=False)
+            pairs.append((item, item.get_self_href() or snapshot))
+        found, errors = stac.candidates_from_items(pairs, [], snapshot, cfg.stac_assets, STAGE, cfg.group_polarisations)
+        return sorted(({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found),
+                      key=lambda r: r["uri"]), errors
     if stac.is_stac(cfg.archive):
         found, errors = stac.candidates(cfg.archive, cfg.stac_assets, STAGE, cfg.group_polarisations)
         if not found and not errors:
@@ -466,9 +477,10 @@ def sidecar_calibration(uri: str) -> dict | None:
     stem = uri.rsplit(".", 1)[0]
     for candidate in (f"{stem}_extended.json", f"{stem}.json"):
         try:
-            if not io.exists(candidate):
+            href = io.sign_href(candidate)  # beside a signed asset: signed too (catalog.sign)
+            if not io.exists(href):
                 continue
-            image = (json.loads(io.read_bytes(candidate)).get("collect") or {}).get("image") or {}
+            image = (json.loads(io.read_bytes(href)).get("collect") or {}).get("image") or {}
         except Exception:
             continue
         factor = image.get("scale_factor")
@@ -754,7 +766,7 @@ def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
 
 def _stac_error(uri: str, item: stac.Candidate, exc: ItemError) -> ItemError:
     """A file a STAC item names but that does not exist is the catalog's fault: say which item and href."""
-    if exc.error_class == "unreadable" and not io.exists(uri):
+    if exc.error_class == "unreadable" and not io.exists(io.sign_href(uri)):
         return ItemError("stac_bad_href", f"STAC item {item.item_id!r} asset {item.asset!r}: {uri} does not exist "
                          f"(href {item.href!r} in {item.item_href}, relative hrefs resolve against the item's "
                          "location). Fix the href in the catalog or remove the item.")
@@ -766,6 +778,8 @@ class SceneInspector:
 
     def __init__(self, cfg: CatalogSection):
         self.cfg = cfg
+        # catalog.sign and the S3 access of the run, in whichever worker process this runs
+        io.use_access(cfg.sign, cfg.s3_anonymous, cfg.s3_requester_pays)
 
     def __call__(self, row: dict) -> dict:
         uri = row["uri"]
@@ -862,3 +876,114 @@ def resolve_path(cfg: CatalogSection, path: str) -> str:
     if "://" in path or path.startswith("/"):
         return path
     return io.join(archive_root(cfg.archive), path)
+
+
+# ---------------------------------------------------------------- the streaming catalog (catalog.search)
+class SeenDigests:
+    """The rasters a paged listing has cataloged, as 8-byte digests of their uris (``stac.candidates_from_items``'s
+    ``seen``): what the driver keeps per asset to reject an asset named twice across pages (~60 B in a Python
+    set, against ~250 B for the uri and the item id)."""
+
+    def __init__(self):
+        self._digests: set[int] = set()
+
+    @staticmethod
+    def _key(uri: str) -> int:
+        return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+    def __contains__(self, uri: str) -> bool:
+        return self._key(uri) in self._digests
+
+    def __getitem__(self, uri: str) -> str:
+        return "an earlier item of the listing"
+
+    def __setitem__(self, uri: str, item_id: str) -> None:
+        self._digests.add(self._key(uri))
+
+
+def snapshot_pages(cfg: CatalogSection, snapshot: str, page_rows: int):
+    """The inspection rows of a frozen search snapshot, ``page_rows`` candidates at a time, with the error rows
+    of the items of that page that name no usable SAR asset: ``(rows, errors)`` per page, in the snapshot's
+    order, so the driver never holds more than a page of items."""
+    import pystac
+
+    seen = SeenDigests()
+    pending: list[dict] = []
+    errors: list[dict] = []
+    items: list = []
+
+    def flush_items():
+        found, errs = stac.candidates_from_items(items, [], snapshot, cfg.stac_assets, STAGE, cfg.group_polarisations,
+                                                 seen=seen)
+        items.clear()
+        pending.extend({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found)
+        errors.extend(errs)
+
+    for d in search.read_items(snapshot):
+        item = pystac.Item.from_dict(d, preserve_dict=False)
+        items.append((item, item.get_self_href() or snapshot))
+        if len(items) >= page_rows:
+            flush_items()
+        while len(pending) >= page_rows:
+            yield pending[:page_rows], errors[:]
+            del pending[:page_rows]
+            errors.clear()
+    flush_items()
+    while pending or errors:
+        yield pending[:page_rows], errors[:]
+        del pending[:page_rows]
+        errors.clear()
+
+
+def inspect_page(cfg: CatalogSection, run_dir: str, index: int, rows: list[dict], listing_errors: list[dict]) -> dict:
+    """One page of the streaming catalog, on a Ray worker: inspect its rows, find their companions, and write
+    ``catalog/parts/scenes-<index>.parquet`` and ``errors-<index>.parquet``. Returns counts only."""
+    import ray
+
+    from sarlang_ray.errors import errors_table
+
+    inspector = SceneInspector(cfg)
+    results = [inspector(r) for r in rows]
+    scenes = sorted((r["scene"] for r in results if r["scene"] is not None), key=lambda s: s["scene_id"])
+    errors = list(listing_errors) + [r["error"] for r in results if r["error"] is not None]
+    scenes, twin_errors, companion_counts = assign_companions(scenes, cfg, io.join(run_dir, STAGE, "landcover"))
+    errors += twin_errors
+    parts = io.join(run_dir, STAGE, "parts")
+    write_scenes(io.join(parts, f"scenes-{index:06d}.parquet"), scenes)
+    io.write_parquet_atomic(io.join(parts, f"errors-{index:06d}.parquet"), errors_table(errors))
+    return {"planned": len(rows) + len(listing_errors), "written": len(scenes), "rejected": len(errors),
+            "reasons": dict(collections.Counter(e["error_class"] for e in errors)), "companions": companion_counts,
+            "proj_mismatches": sum(1 for s in scenes if s.get("proj_mismatch")),
+            "relief_flagged": sum(1 for s in scenes if s.get("relief_flag")),
+            "node": ray.get_runtime_context().get_node_id()}
+
+
+def merge_parts(run_dir: str, pages: int) -> None:
+    """The parts of the streaming catalog as ``catalog/scenes.parquet`` and ``catalog/errors.parquet``, in page
+    order, one part in memory at a time (a Parquet writer streaming row groups to :func:`io.write_stream_atomic`);
+    the parts are removed after."""
+    import io as pyio
+
+    import pyarrow.parquet as pq
+
+    from sarlang_ray.errors import ERROR_SCHEMA
+
+    parts = io.join(run_dir, STAGE, "parts")
+    scenes_schema = SCENES_SCHEMA.with_metadata(tables.geo_schema(SCENES_SCHEMA).metadata)
+
+    def chunks(kind: str, schema: pa.Schema):
+        buf = pyio.BytesIO()
+        writer = pq.ParquetWriter(buf, schema)
+        for i in range(pages):
+            table = io.read_parquet(io.join(parts, f"{kind}-{i:06d}.parquet"))
+            writer.write_table(table.cast(schema))
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+        writer.close()
+        yield buf.getvalue()
+
+    io.write_stream_atomic(tables.scenes_uri(run_dir), chunks("scenes", scenes_schema))
+    io.write_stream_atomic(io.join(run_dir, STAGE, "errors.parquet"), chunks("errors", ERROR_SCHEMA))
+    fs, path = io.filesystem(parts)
+    fs.rm(path, recursive=True)

@@ -66,6 +66,26 @@ class SynthSection:
 
 
 @dataclass
+class SearchSection:
+    """SAR scenes by search (docs/catalog.md, "Scenes by search"): the items a STAC API or a stac-geoparquet
+    snapshot returns for these keys are frozen into the run folder before the catalog inspects anything."""
+
+    # a STAC API URL (http(s)://..., searched with pystac-client) or a stac-geoparquet file / folder of them
+    # (local or s3://, partitioned or not); null: no search (catalog.archive is globbed or read as STAC)
+    source: str | None = None
+    collections: list[str] | None = None  # collections searched (a snapshot: its items' `collection` column)
+    bbox: list[float] | None = None  # AOI as [west, south, east, north] in lon/lat
+    aoi: str | None = None  # AOI as a vector file (any OGR format / GeoParquet, any CRS): the union of its features
+    datetime: str | None = None  # a STAC interval, e.g. 2024-01-01T00:00:00Z/2024-02-01T00:00:00Z (.. = open end)
+    # item properties: {"sat:orbit_state": ascending} (equal), {"platform": [sentinel-1a, sentinel-1c]} (any of),
+    # {"sar:polarizations": [VH]} on a list property (contains all). Sent as CQL2 where the API conforms to
+    # Filter, and always applied to what comes back
+    filter: dict[str, Any] | None = None
+    max_items: int | None = None  # at most this many items (the first by id order of the source's answer)
+    page_size: int = 100  # items per page of a STAC API
+
+
+@dataclass
 class CatalogSection:
     archive: str = "${synth.out_dir}"  # archive root: local folder or s3://bucket/prefix
     sar_glob: list[str] = field(default_factory=lambda: ["sar/**/*.tif"])  # SAR scene patterns, relative to the archive
@@ -124,6 +144,13 @@ class CatalogSection:
     # files of one folder whose names differ only in the polarisation token (..._VV.tif / ..._VH.tif: an OPERA
     # burst) form one scene with both polarisations; false: one scene per file
     group_polarisations: bool = True
+    # SAR scenes by search instead of catalog.archive (a STAC API or a stac-geoparquet snapshot)
+    search: SearchSection = field(default_factory=SearchSection)
+    # asset hrefs are signed before every read: none, planetary_computer (package planetary-computer) or a
+    # python entry point module:function taking an href and returning the href to read
+    sign: str = "none"
+    s3_anonymous: bool = False  # s3:// reads are unsigned requests (public buckets), by fsspec and GDAL alike
+    s3_requester_pays: bool = False  # s3:// reads are paid by the requester (AWS_REQUEST_PAYER=requester)
 
 
 @dataclass
@@ -574,6 +601,19 @@ def catalog_problems(c: CatalogSection) -> list[str]:
         problems.append(f"catalog.band counts from 1 (GDAL's band numbers), not {c.band}")
     if not 0 <= c.min_valid_fraction <= 1:
         problems.append(f"catalog.min_valid_fraction must be within [0, 1], not {c.min_valid_fraction}")
+    q = c.search
+    if q.bbox is not None and not (len(q.bbox) == 4 and q.bbox[0] <= q.bbox[2] and q.bbox[1] <= q.bbox[3]):
+        problems.append(f"catalog.search.bbox is [west, south, east, north] with west <= east and south <= north, "
+                        f"not {q.bbox}")
+    if q.bbox is not None and q.aoi is not None:
+        problems.append("catalog.search.bbox and catalog.search.aoi are both set: give one AOI")
+    if q.max_items is not None and q.max_items < 1:
+        problems.append(f"catalog.search.max_items must be >= 1 (or null), not {q.max_items}")
+    if q.page_size < 1:
+        problems.append(f"catalog.search.page_size must be >= 1, not {q.page_size}")
+    if c.sign not in ("none", "planetary_computer") and ":" not in c.sign:
+        problems.append(f"catalog.sign must be none, planetary_computer or a python entry point module:function, "
+                        f"not {c.sign!r}")
     return problems
 
 

@@ -290,6 +290,71 @@ def use_raster_reader(reader: str) -> dict[str, str]:
     return {RASTER_READER_ENV: os.environ[RASTER_READER_ENV]}
 
 
+# ---------------------------------------------------------------- access: signed hrefs, anonymous, requester pays
+SIGN_ENV = "SARLANG_SIGN"  # catalog.sign in this process and the Ray workers it starts
+_signers: dict[str, Any] = {}
+_access_env: set[str] = set()  # the FSSPEC_S3_* variables use_access set (a user's own are left alone)
+
+
+def signer(spec: str | None = None):
+    """The function that signs an href before it is read, for ``catalog.sign``: None for ``none``;
+    ``planetary_computer`` (the Planetary Computer's SAS tokens, refreshed by that package before they
+    expire, so a long run keeps reading); ``module:function`` any python entry point ``href -> href``.
+    ``spec=None`` takes ``$SARLANG_SIGN``.
+
+    Raises:
+        ValueError: the entry point cannot be imported (the message names it).
+    """
+    spec = spec if spec is not None else os.environ.get(SIGN_ENV, "none")
+    if spec in ("", "none"):
+        return None
+    if spec not in _signers:
+        import importlib
+
+        module, _, name = ("planetary_computer:sign" if spec == "planetary_computer" else spec).partition(":")
+        try:
+            _signers[spec] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            extra = " (pip install planetary-computer)" if spec == "planetary_computer" else ""
+            raise ValueError(f"catalog.sign={spec!r}: cannot load {module}:{name}{extra}: {exc}") from None
+    return _signers[spec]
+
+
+def sign_href(uri: str, spec: str | None = None) -> str:
+    """``uri`` as it must be read: signed by ``catalog.sign`` when it is remote (local paths are never signed).
+    Signing happens at every open, never once in the driver, so a token never outlives its run."""
+    fn = signer(spec)
+    return uri if fn is None or not is_remote(uri) else str(fn(uri))
+
+
+def use_access(sign: str = "none", anonymous: bool = False, requester_pays: bool = False) -> dict[str, str]:
+    """Make ``catalog.sign``, ``catalog.s3_anonymous`` and ``catalog.s3_requester_pays`` the access of this
+    process: the fsspec config (so every s3fs filesystem made from now on, and through
+    :func:`gdal_s3_options` GDAL's ``/vsis3/``, sends unsigned or requester-pays requests) and the environment
+    (``SARLANG_SIGN``, ``FSSPEC_S3_ANON``, ``FSSPEC_S3_REQUESTER_PAYS``) that the Ray workers it starts
+    inherit. Workers call it too with the config they are given. Returns the variables set."""
+    env = {SIGN_ENV: sign or "none"}
+    s3 = fsspec.config.conf.setdefault("s3", {})
+    for key, name, on in (("anon", "FSSPEC_S3_ANON", anonymous), ("requester_pays", "FSSPEC_S3_REQUESTER_PAYS",
+                                                                   requester_pays)):
+        if on:
+            s3[key] = True
+            env[name] = "true"
+            _access_env.add(name)
+        elif name in _access_env:
+            s3.pop(key, None)
+            os.environ.pop(name, None)
+            _access_env.discard(name)
+    os.environ.update(env)
+    return env
+
+
+def access_of(catalog) -> dict:
+    """The access settings of a catalog section (``catalog.sign``, ``s3_anonymous``, ``s3_requester_pays``)
+    as the keyword arguments of :func:`use_access`, for the row classes of the stages that read rasters."""
+    return {"sign": catalog.sign, "anonymous": catalog.s3_anonymous, "requester_pays": catalog.s3_requester_pays}
+
+
 def gdal_s3_options(fs: fsspec.AbstractFileSystem) -> dict[str, str]:
     """GDAL configuration options that make ``/vsis3/`` reach the storage the s3fs filesystem ``fs`` reaches.
 
@@ -383,20 +448,26 @@ def open_raster(uri: str, reader: str | None = None, **options) -> rasterio.io.D
             missing or unreachable and what to check (URI, endpoint, credentials).
     """
     options = {k: v for k, v in options.items() if v is not None}
-    if not is_remote(uri):
+    href = sign_href(uri)  # catalog.sign: every remote href is signed right before it is read
+    if not is_remote(href):
         # a .vrt may name /vsis3/ sources (land-cover mosaics); /vsizip//vsis3/: a member of a zip on s3 (SAFE)
-        if uri.lower().endswith(".vrt") or "/vsis3/" in uri:
+        if href.lower().endswith(".vrt") or "/vsis3/" in href:
             configure_gdal_s3(fsspec.filesystem("s3"))
-        return rasterio.open(uri, **options)
-    fs, path = filesystem(uri)
+        return rasterio.open(href, **options)
+    fs, path = filesystem(href)
     name = raster_reader(reader) if _is_s3(fs) else "fsspec"
     try:
-        if name == "gdal":
-            configure_gdal_s3(fs)
-            return rasterio.open(f"/vsis3/{path}", **options)
-        return rasterio.open(path, opener=fs, **options)
+        # a signed href names one object: GDAL must not look for sidecars (.aux.xml, .ovr, .msk) beside it,
+        # whose names it would derive from the signed URL (query included) and ask for unsigned
+        with rasterio.Env(**({"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if href != uri else {})):
+            if name == "gdal":
+                configure_gdal_s3(fs)
+                return rasterio.open(f"/vsis3/{path}", **options)
+            return rasterio.open(path, opener=fs, **options)
     except rasterio.errors.RasterioIOError as exc:
-        raise RemoteRasterError(_open_failure(uri, name, fs, path, exc)) from exc
+        # the message names the href as published: a signed one carries a token, which stays out of logs
+        message = _open_failure(uri, name, fs, path, exc)
+        raise RemoteRasterError(message.replace(href, uri).replace(path, uri) if href != uri else message) from exc
 
 
 def _open_failure(uri: str, reader: str, fs: fsspec.AbstractFileSystem, path: str, exc: Exception) -> str:

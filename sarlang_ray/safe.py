@@ -150,7 +150,7 @@ def read_member(uri: str) -> bytes:
         fs, path = io.filesystem(archive)
         with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
             return zf.read(member)
-    return io.read_bytes(uri)
+    return io.read_bytes(io.sign_href(uri))  # a STAC item's LUT asset: signed like its rasters (catalog.sign)
 
 
 def _text(root: ET.Element, suffix: str) -> str | None:

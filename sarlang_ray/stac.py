@@ -83,6 +83,14 @@ def _local(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def resolve(href: str, base: str) -> str:
+    """An asset href as a uri: absolute ones (a URL, or a local path, even in an item served over HTTP) as
+    they are, relative ones against ``base`` (the item's location)."""
+    if "://" in href or href.startswith("/"):
+        return _local(href)
+    return _local(make_absolute_href(href, base, start_is_dir=False))
+
+
 def read_items(archive: str, stage: str) -> tuple[list[tuple[pystac.Item, str]], list[dict]]:
     """Every item of a STAC file with the href its relative asset hrefs resolve against, and an error row
     for every item or child link that cannot be read (a broken link rejects that branch, not the archive).
@@ -159,7 +167,7 @@ def lut_assets(item: pystac.Item, base: str) -> dict[tuple[str, str], str]:
     for key, asset in item.assets.items():
         m = _XML_ASSET.search(key)
         if m:
-            out[(m.group(1).lower(), m.group(2).upper())] = _local(make_absolute_href(asset.href, base, start_is_dir=False))
+            out[(m.group(1).lower(), m.group(2).upper())] = resolve(asset.href, base)
     return out
 
 
@@ -189,8 +197,17 @@ def candidates(archive: str, asset_keys: list[str] | None, stage: str, group: bo
     an item's single-polarisation assets (VV, VH) are one candidate (:func:`group_polarisations`).
     """
     items, errors = read_items(archive, stage)
+    return candidates_from_items(items, errors, archive, asset_keys, stage, group)
+
+
+def candidates_from_items(items: list[tuple[pystac.Item, str]], errors: list[dict], archive: str,
+                          asset_keys: list[str] | None, stage: str, group: bool = True,
+                          seen: dict[str, str] | None = None) -> tuple[list[Candidate], list[dict]]:
+    """:func:`candidates` of items already read (a STAC file's, or a search snapshot's): ``(item, base)``
+    pairs, ``base`` the href relative asset hrefs resolve against; ``archive`` names the source in errors.
+    ``seen``: the rasters already cataloged (uri -> item id), shared by the pages of one listing."""
     found: list[Candidate] = []
-    seen: dict[str, str] = {}
+    seen = {} if seen is None else seen
     for item, base in sorted(items, key=lambda pair: pair[0].id):
         assets = sar_assets(item, asset_keys)
         if not assets:
@@ -201,7 +218,7 @@ def candidates(archive: str, asset_keys: list[str] | None, stage: str, group: bo
             continue
         mine: list[Candidate] = []
         for key, asset in assets:
-            uri = _local(make_absolute_href(asset.href, base, start_is_dir=False))
+            uri = resolve(asset.href, base)
             if uri in seen:
                 errors.append(error_row(stage, f"{base}#{key}", "stac_duplicate",
                                         f"STAC item {item.id!r} asset {key!r} names {uri}, already cataloged from item "

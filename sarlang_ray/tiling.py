@@ -338,8 +338,10 @@ class TileChunk:
     """Row function of the tile stage (Ray tasks, one instance per worker process): one chunk descriptor -> one
     shard + manifest row."""
 
-    def __init__(self, cfg: TileSection, run_dir: str):
+    def __init__(self, cfg: TileSection, run_dir: str, access: dict | None = None):
         self.cfg = cfg
+        if access:  # catalog.sign and S3 access (io.access_of): every href this worker reads is signed
+            io.use_access(**access)
         if cfg.gdal_cache_mb is not None:  # rasterio sets GDAL's block cache in bytes (GDALSetCacheMax64)
             set_gdal_config("GDAL_CACHEMAX", int(cfg.gdal_cache_mb * 2**20))
         self.shards = io.join(run_dir, STAGE, "shards")

@@ -42,7 +42,7 @@ GRAPH = {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
 # bottom first; a module imports only modules of its own layer or of a lower one
 LAYERS = [
     ("base", {"sarlang_ray", "errors", "io", "config", "prompts", "reaper", "tables", "plots", "viz"}),
-    ("primitives", {"gcps", "safe", "stac", "sar", "companions", "splits", "metrics", "families", "boxes",
+    ("primitives", {"gcps", "safe", "stac", "sar", "companions", "splits", "metrics", "families", "boxes", "search",
                     "annotate", "annotate.vocab", "annotate.visibility"}),
     ("model runtime", {"models", "vllm_engine", "judge"}),
     ("domain", {"catalog", "tiling", "align", "synth", "release", "export", "train", "evaluate", "harness",

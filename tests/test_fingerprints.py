@@ -30,7 +30,8 @@ TABLE = "### What a changed key redoes"
 ALTERNATES = {
     "run.stages": "[synth,catalog,tile]", "run.raster_reader": "fsspec", "ray.address": "auto",
     "catalog.no_twin": "reject", "catalog.units": "db", "catalog.rotated": "reject", "catalog.calibration": "beta0",
-    "catalog.gcp_method": "polynomial", "catalog.gcp_order": "2", "tile.bands": "composite", "tile.aoi": "[0, 0, 1, 1]",
+    "catalog.search.bbox": "[0, 0, 1, 1]", "catalog.search.filter": "{platform: sentinel-1a}",
+    "catalog.sign": "planetary_computer", "catalog.gcp_method": "polynomial", "catalog.gcp_order": "2", "tile.bands": "composite", "tile.aoi": "[0, 0, 1, 1]",
     "catalog.optical_rule": "['/sar/(.*)\\.tif$', '/opt/\\1.tif']", "catalog.landcover_rule": "['/sar/(.*)\\.tif$', '/lc/\\1.tif']",
     "tile.speckle.filter": "lee", "tile.stretch.mode": "fixed", "align.invalid_geometry": "repair",
     "align.landcover_preset": "worldcover", "align.optical_bands": "[3,2,1]",

@@ -64,7 +64,7 @@ def _body(cfg: WorkflowConfig) -> dict:
                         "planned": n_features, "written": len(labels), "rejected": feature_errors,
                         "rejects_by_reason": _reasons(label_errors)}
     shards = shard_items(io.join(cfg.run.run_dir, "tile", "shards"))
-    manifest = map_items(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri, 4, labels_dir),
+    manifest = map_items(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri, 4, labels_dir, io.access_of(cfg.catalog)),
                          cfg.align.concurrency, cfg.align.num_cpus, max_actors=cfg.align.max_actors,
                          memory_gb=cfg.align.memory_gb)
     counts = totals(manifest)

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import collections
 
-from sarlang_ray import catalog, io, tables
+import pyarrow.compute as pc
+
+from sarlang_ray import catalog, io, search, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import errors_table
 from sarlang_ray.stages.runner import Stage, map_tasks, placement
 
 
 def _body(cfg: WorkflowConfig) -> dict:
+    io.use_access(cfg.catalog.sign, cfg.catalog.s3_anonymous, cfg.catalog.s3_requester_pays)
+    if cfg.catalog.search.source:  # frozen into the run folder before anything is inspected; reused by a rerun
+        snapshot, searched = search.freeze(cfg.catalog.search, cfg.run.run_dir)
+        return _stream(cfg, snapshot, searched)
     rows, errors = catalog.list_scenes(cfg.catalog)  # errors: STAC items without a usable SAR asset
     planned = len(rows) + len(errors)
     # one Ray task per scene, on the pooled workers the tile stage then finds warm (rasterio, numba imported)
@@ -37,6 +43,60 @@ def _body(cfg: WorkflowConfig) -> dict:
         counts["failure"] = (f"none of the {planned} files of {cfg.catalog.archive} is a usable SAR scene "
                              f"({', '.join(f'{k}: {n}' for k, n in reasons.most_common())}); the reason for each file is in "
                              "catalog/errors.parquet (sarlang_ray.tables.read_errors). Check catalog.sar_glob and the files")
+    return counts
+
+
+PAGE_ROWS = 64  # scenes per inspection task of the streaming catalog
+
+
+def _stream(cfg: WorkflowConfig, snapshot: str, searched: dict) -> dict:
+    """The catalog of a search snapshot, streaming: pages of the listing become Ray tasks as they are read (at
+    most two per CPU of the cluster in flight), each task writes its part of the scenes and errors tables, and the
+    driver keeps counts (and an 8-byte digest per asset, for duplicates across pages) until the parts are merged
+    into ``catalog/scenes.parquet`` one at a time."""
+    import ray
+
+    remote = ray.remote(catalog.inspect_page).options(num_cpus=1, max_retries=3, name="sarlang.CatalogPage")
+    window = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
+    cat = ray.put(cfg.catalog)
+    pending: list = []
+    done: list[dict] = []
+    pages = 0
+
+    def collect(block: bool) -> None:
+        nonlocal pending
+        ready, pending = ray.wait(pending, num_returns=1 if block else len(pending), timeout=None if block else 0)
+        done.extend(ray.get(ready))
+
+    for rows, listing_errors in catalog.snapshot_pages(cfg.catalog, snapshot, PAGE_ROWS):
+        pending.append(remote.remote(cat, cfg.run.run_dir, pages, rows, listing_errors))
+        pages += 1
+        while len(pending) >= window:
+            collect(True)
+    while pending:
+        collect(True)
+    catalog.merge_parts(cfg.run.run_dir, pages)
+    ids = io.read_parquet(tables.scenes_uri(cfg.run.run_dir), columns=["scene_id"]).column("scene_id")
+    assert len(pc.unique(ids)) == len(ids), "scene_id collision in the streaming catalog"
+    reasons: collections.Counter = collections.Counter()
+    companions: dict = {}
+    for d in done:
+        reasons.update(d["reasons"])
+        for key, value in d["companions"].items():
+            if isinstance(value, dict):
+                companions[key] = dict(collections.Counter(companions.get(key, {})) + collections.Counter(value))
+            else:
+                companions[key] = value
+    counts = {"planned": sum(d["planned"] for d in done), "written": sum(d["written"] for d in done),
+              "rejected": sum(d["rejected"] for d in done), "companions": companions,
+              "rejects_by_reason": dict(sorted(reasons.items())),
+              "placement": dict(sorted(collections.Counter(d["node"] for d in done).items())),
+              "proj_mismatches": sum(d["proj_mismatches"] for d in done),
+              "relief_flagged": sum(d["relief_flagged"] for d in done), "search": searched, "pages": pages}
+    if not counts["written"]:
+        counts["failure"] = (f"none of the {counts['planned']} items of the search snapshot {snapshot} is a usable SAR "
+                             f"scene ({', '.join(f'{k}: {n}' for k, n in reasons.most_common())}); the reason for each "
+                             "is in catalog/errors.parquet (sarlang_ray.tables.read_errors)")
     return counts
 
 

@@ -1,0 +1,74 @@
+"""A static file server on 127.0.0.1 for tests, with HTTP range requests (what GDAL and fsspec read COGs by)
+that answers only signed requests (:mod:`stac_signers`: ``?sig=`` must be the signature of the path) and
+records every request, so a test can tell that every href read was signed."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from stac_signers import signature
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def _serve(self, body: bool) -> None:
+        server: FileServer = self.server  # type: ignore[assignment]
+        url = urlsplit(self.path)
+        signed = parse_qs(url.query).get("sig", [""])[0] == signature(url.path)
+        with server.lock:
+            server.requests.append((self.command, url.path, signed))
+        path = server.root / url.path.lstrip("/")
+        if not signed:
+            return self._status(403)
+        if not path.is_file():
+            return self._status(404)
+        data = path.read_bytes()
+        size, start, end = len(data), 0, len(data) - 1
+        ranged = self.headers.get("Range", "").startswith("bytes=")
+        if ranged:
+            first, _, last = self.headers["Range"][6:].split(",")[0].partition("-")
+            start, end = (size - int(last), size - 1) if not first else (int(first), min(int(last or size - 1), size - 1))
+        chunk = data[start:end + 1]
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Length", str(len(chunk)))
+        self.send_header("Accept-Ranges", "bytes")
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if body:
+            self.wfile.write(chunk)
+
+    def _status(self, code: int) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self._serve(True)
+
+    def do_HEAD(self) -> None:
+        self._serve(False)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """Serves ``root`` on 127.0.0.1; ``requests``: (method, path, signed) of every request."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path):
+        self.root, self.requests, self.lock = Path(root), [], threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> FileServer:
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
