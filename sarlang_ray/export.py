@@ -598,16 +598,47 @@ def _align_shards(run_dir: str) -> dict[str, str]:
     return {io.relative(uri, root).replace("/", "__"): uri for uri in tables.tiles_table_shards(run_dir)}
 
 
-def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
-    """The card's pictures: a mosaic of CARD_SAMPLES random test tiles (SAR and optical twin with boxes, a few
-    of their pairs under each: ``plots/samples.png``) and the exported tiles' footprints coloured by split, one
-    panel per region (``plots/split_map.png``). Read shard by shard: the tiles' pixels of the sample only, the
-    footprints of at most CARD_MAP_TILES tiles."""
+def _draw_samples(run_dir: str, out: str, jobs: list[tuple[str, str]], seed: int) -> None:
+    """``plots/samples.png``: each (tiles shard, tile id) of ``jobs`` as SAR | optical twin with its boxes, a
+    caption and CARD_PAIRS - 1 of its QC-passed QA pairs under it (a Ray task: it reads the tiles' pixels)."""
     import random
     import textwrap
 
     import numpy as np
+
     from sarlang_ray import viz
+
+    plt, rng = plots.pyplot(), random.Random(seed)
+    cols = min(3, len(jobs))
+    rows = -(-len(jobs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (align_uri, tid) in zip(axes.flat, jobs):
+        tile = next(t for t in io.read_parquet(align_uri, columns=[
+            "tile_id", "gsd_m", "sar_png", "optical_png", "objects"]).to_pylist() if t["tile_id"] == tid)
+        ann = io.join(tables.shard_root(run_dir, "annotate"), io.relative(align_uri, tables.shard_root(run_dir, "align")))
+        pairs = [p for p in io.read_parquet(ann, columns=["tile_id", "kind", "question", "answer", "qc_passed"]).to_pylist()
+                 if p["tile_id"] == tid and p["qc_passed"]]
+        vqa = [p for p in pairs if p["kind"] == "vqa"]
+        chosen = [p for p in pairs if p["kind"] == "caption_concise"][:1] + rng.sample(vqa, min(len(vqa), CARD_PAIRS - 1))
+        ax.imshow(np.asarray(viz.tile_figure(tile, scale=1)))
+        ax.set_title(f"{tid} ({tile['gsd_m']:g} m)\nSAR | optical twin", fontsize=6.5)
+        lines = [textwrap.shorten(f"Q: {p['question']}  A: {p['answer']}" if p["kind"] == "vqa" else f"Caption: {p['answer']}",
+                                  110) for p in chosen]
+        ax.text(0.0, -0.02, "\n".join(textwrap.fill(x, 62) for x in lines), transform=ax.transAxes, fontsize=6.5,
+                va="top", ha="left", wrap=True)
+    plots.save_png(fig, io.join(out, "plots", "samples.png"))
+
+
+def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
+    """The card's pictures: a mosaic of CARD_SAMPLES random test tiles (SAR and optical twin with boxes, a few
+    of their pairs under each: ``plots/samples.png``) and the exported tiles' footprints coloured by split, one
+    panel per region (``plots/split_map.png``). Read shard by shard: the tiles' pixels of the sample only, the
+    footprints of at most CARD_MAP_TILES tiles. The driver picks tile ids; a Ray task reads the pixels."""
+    import random
+
+    import numpy as np
 
     rng = random.Random(seed)
     shards = _exported_shards(out)
@@ -623,28 +654,11 @@ def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
         picked += [(uri, t) for t in rng.sample(ids, min(len(ids), CARD_SAMPLES - len(picked)))]
         if len(picked) >= CARD_SAMPLES:
             break
-    if picked:
-        cols = min(3, len(picked))
-        rows = -(-len(picked) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, (uri, tid) in zip(axes.flat, picked):
-            tile = next(t for t in io.read_parquet(align_of[uri.rsplit("/", 1)[-1]], columns=[
-                "tile_id", "gsd_m", "sar_png", "optical_png", "objects"]).to_pylist() if t["tile_id"] == tid)
-            ann = io.join(tables.shard_root(run_dir, "annotate"),
-                          io.relative(align_of[uri.rsplit("/", 1)[-1]], tables.shard_root(run_dir, "align")))
-            pairs = [p for p in io.read_parquet(ann, columns=["tile_id", "kind", "question", "answer", "qc_passed"]).to_pylist()
-                     if p["tile_id"] == tid and p["qc_passed"]]
-            vqa = [p for p in pairs if p["kind"] == "vqa"]
-            chosen = [p for p in pairs if p["kind"] == "caption_concise"][:1] + rng.sample(vqa, min(len(vqa), CARD_PAIRS - 1))
-            ax.imshow(np.asarray(viz.tile_figure(tile, scale=1)))
-            ax.set_title(f"{tid} ({tile['gsd_m']:g} m)\nSAR | optical twin", fontsize=6.5)
-            lines = [textwrap.shorten(f"Q: {p['question']}  A: {p['answer']}" if p["kind"] == "vqa" else f"Caption: {p['answer']}",
-                                      110) for p in chosen]
-            ax.text(0.0, -0.02, "\n".join(textwrap.fill(x, 62) for x in lines), transform=ax.transAxes, fontsize=6.5,
-                    va="top", ha="left", wrap=True)
-        plots.save_png(fig, io.join(out, "plots", "samples.png"))
+    if picked:  # the pixels are read and drawn by a Ray worker: the driver reads no image of the tiles table
+        import ray
+
+        jobs = [(align_of[uri.rsplit("/", 1)[-1]], tid) for uri, tid in picked]
+        ray.get(ray.remote(num_cpus=1)(_draw_samples).remote(run_dir, out, jobs, seed))
         text += (f"## Samples\n{len(picked)} random test tiles (SAR and its optical twin, boxes in class colours), with "
                  f"{CARD_PAIRS} of their pairs each (`sarlang view` browses them all): "
                  + ", ".join(f"`{t}`" for _, t in picked) + ".\n\n![samples](plots/samples.png)\n\n")
