@@ -28,6 +28,7 @@ lands in two splits.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _io
 import json
 import os
@@ -36,12 +37,21 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.compute
 import shapely
 
 from sarlang_ray import io, plots, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import error_row, errors_table
-from sarlang_ray.splits import OBJECT, SPLITS, SplitTile, clipped_id, geographic_splits, group_splits, leakage_report
+from sarlang_ray.splits import (
+    OBJECT,
+    SPLITS,
+    SplitTile,
+    clipped_id,
+    geographic_splits,
+    group_splits,
+    leakage_report,
+)
 
 PAIR_COLUMNS = ["pair_id", "tile_id", "scene_id", "gsd_m", "kind", "application", "question_type", "question", "answer"]
 # what the contradiction checker reads of a shard's tiles and pairs
@@ -133,8 +143,11 @@ def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     """Split the tiles (in the driver, from descriptors), write ``leakage.json`` and ``errors.parquet``.
 
     Returns the work items, one per tiles shard with exported tiles (``index``, ``shard`` and ``splits``, its
-    tiles' splits as JSON), and the counts of the split (planned, written, rejected, leakage)."""
+    tiles' splits as JSON), and the counts of the split (planned, written, rejected, leakage). A geographic
+    split with ``export.planner: workers`` (the default) is planned by Ray tasks instead (:func:`plan_on_workers`)."""
     e, out = cfg.export, io.join(cfg.run.run_dir, "export")
+    if e.split_by == "geographic" and e.planner == "workers":
+        return plan_on_workers(cfg)
     shard_of: dict[str, str] = {}
     candidates = []
     for shard, tile in split_inputs(cfg.run.run_dir):
@@ -164,6 +177,370 @@ def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
               "nested_images": nested} for i, (shard, splits) in enumerate(by_shard.items())]
     counts = {"planned": len(candidates), "written": len(candidates) - len(dropped), "rejected": len(dropped),
               "reasons": dict(Counter(kind for kind, _ in dropped.values())), "leakage": leakage}
+    return items, counts
+
+
+# ---------------------------------------------------------------- workers: the split planned from block aggregates
+PLAN = "_plan"  # under export/: the planner's tile index (one file per batch of tiles shards) and its decisions
+PLAN_SHARDS_PER_TASK = 32  # tiles shards a planning task indexes (~8k tiles at 256 a shard)
+PLAN_TILES_PER_UNIT = 20_000  # boundary tiles a conflict task loads at most (a larger group of conflicts: one task)
+LABEL_BUCKETS = 8  # the group-by on label id: partitions, each settled by one task
+INDEX_SCHEMA = pa.schema([("tile_id", pa.string()), ("shard", pa.string()), ("col", pa.int64()), ("row", pa.int64()),
+                          ("gx", pa.float64()), ("gy", pa.float64()), ("footprint", pa.binary()), ("crs", pa.string()),
+                          ("labels", pa.list_(pa.string()))])
+DECISIONS_SCHEMA = pa.schema([("tile_id", pa.string()), ("split", pa.string()), ("clipped", pa.list_(pa.string()))])
+
+
+def block_keys(cols, rows):
+    """One int64 per block (column, row): the key block arrays are sorted and looked up by."""
+    import numpy as np
+
+    return ((np.asarray(cols, dtype=np.int64) + (1 << 31)) << 32) | (np.asarray(rows, dtype=np.int64) + (1 << 31))
+
+
+def decisions_uri(out: str, shard: str) -> str:
+    """The planner's per-tile decisions for one tiles shard (tile id, split, clipped labels): what its
+    :class:`ExportShard` reads instead of a list of every tile from the driver."""
+    return io.join(out, PLAN, "decisions", shard.replace("/", "__"))
+
+
+def _index_batch(run_dir: str, out: str, k: int, names: list[str], block_m: float) -> dict:
+    """Index one batch of tiles shards (the tiles with QC-passed pairs): per tile its block, grid centroid,
+    footprint, CRS and label ids, written to ``_plan/index/<k>.parquet``; returns the batch's block aggregates
+    (block, tile count, bounds of its tiles' footprints) only."""
+    import numpy as np
+    import pandas as pd
+
+    from sarlang_ray.splits import grid_centroids
+
+    tile_root, ann_root = tables.shard_root(run_dir, "align"), tables.shard_root(run_dir, "annotate")
+    parts = []
+    for name in names:
+        ann_uri = io.join(ann_root, name)
+        if not io.exists(ann_uri):
+            continue
+        ann = io.read_parquet(ann_uri, columns=["tile_id", "qc_passed"])
+        used = {t for t, ok in zip(ann["tile_id"].to_pylist(), ann["qc_passed"].to_pylist()) if ok}
+        t = io.read_parquet(io.join(tile_root, name), columns=["tile_id", "footprint", "crs", "objects"])
+        keep = [tid in used for tid in t["tile_id"].to_pylist()]
+        if not any(keep):
+            continue
+        t = t.filter(pa.array(keep))
+        labels = [sorted({o["label_id"] for o in objs if o["label_id"]}) for objs in t["objects"].to_pylist()]
+        parts.append(pa.table({"tile_id": t["tile_id"], "shard": [name] * t.num_rows, "footprint": t["footprint"],
+                               "crs": t["crs"], "labels": pa.array(labels, pa.list_(pa.string()))}))
+    if not parts:
+        return {"k": k, "tiles": 0}
+    t = pa.concat_tables(parts)
+    geoms = shapely.from_wkb(t["footprint"].to_numpy(zero_copy_only=False))
+    gx, gy = grid_centroids(list(geoms))
+    col, row = np.floor(gx / block_m).astype(np.int64), np.floor(gy / block_m).astype(np.int64)
+    index = pa.table({"tile_id": t["tile_id"], "shard": t["shard"], "col": col, "row": row, "gx": gx, "gy": gy,
+                      "footprint": t["footprint"], "crs": t["crs"], "labels": t["labels"]}, schema=INDEX_SCHEMA)
+    io.write_parquet_atomic(io.join(out, PLAN, "index", f"{k:05d}.parquet"), index)
+    b = shapely.bounds(geoms)
+    agg = pd.DataFrame({"key": block_keys(col, row), "col": col, "row": row, "n": 1, "minx": b[:, 0], "miny": b[:, 1],
+                        "maxx": b[:, 2], "maxy": b[:, 3]}).groupby("key").agg(
+        col=("col", "first"), row=("row", "first"), n=("n", "sum"), minx=("minx", "min"), miny=("miny", "min"),
+        maxx=("maxx", "max"), maxy=("maxy", "max"))
+    return {"k": k, "tiles": t.num_rows, "blocks": agg.reset_index()}
+
+
+def _read_index(out: str, ks, columns: list[str]) -> pa.Table:
+    return io.read_parquet([io.join(out, PLAN, "index", f"{k:05d}.parquet") for k in ks], columns=columns)
+
+
+def _split_of(keys, blocks):
+    """The split index (into ``SPLITS``) of each tile, from its block key and the blocks (sorted keys, splits)."""
+    import numpy as np
+
+    sorted_keys, block_split = blocks
+    return block_split[np.searchsorted(sorted_keys, keys)]
+
+
+def _boundary_unit(out: str, ks: list[int], clusters: list[list[int]], blocks, ratios: dict[str, float],
+                   buffer_m: float, dropped=None) -> dict:
+    """One task's groups of neighbouring blocks of different splits (each a connected group: every pair of
+    tiles of different splits that can meet lies in one group). Without ``dropped``: the boundary tiles to
+    drop, by :func:`~sarlang_ray.splits.ground_drops` (today's rule, on exactly the tiles it could touch);
+    with it (every tile the plan dropped): the leakage report's ground part over the tiles kept."""
+    import numpy as np
+
+    from sarlang_ray.splits import BOUNDARY, ground_drops, leakage_report, meeting_pairs
+
+    t = _read_index(out, ks, ["tile_id", "col", "row", "footprint", "crs"])
+    keys = block_keys(t["col"].to_numpy(), t["row"].to_numpy())
+    split = _split_of(keys, blocks)
+    tids = t["tile_id"].to_pylist()
+    fps = shapely.from_wkb(t["footprint"].to_numpy(zero_copy_only=False))
+    crs = t["crs"].to_pylist()
+    drops, report = [], {"area": Counter(), "pairs": Counter()}
+    gone = set(dropped) if dropped is not None else set()
+    for cluster in clusters:
+        idx = np.flatnonzero(np.isin(keys, np.asarray(cluster, dtype=np.int64)))
+        idx = idx[np.argsort([tids[i] for i in idx], kind="stable")]  # tile order: by id, whatever the files' order
+        if dropped is not None:
+            idx = np.asarray([i for i in idx if tids[i] not in gone], dtype=np.int64)
+        tiles = [SplitTile(tids[i], "", "", fps[i], crs[i], frozenset()) for i in idx]
+        names = [SPLITS[split[i]] for i in idx]
+        if dropped is None:
+            for i, (kind, why) in ground_drops(names, meeting_pairs(tiles, buffer_m), tiles, ratios, buffer_m).items():
+                drops.append((tiles[i].tile_id, kind, why))
+        else:
+            rep = leakage_report(tiles, {tl.tile_id: s for tl, s in zip(tiles, names)}, buffer_m)
+            for pair, p in rep["pairs"].items():
+                report["area"][pair] += p["intersection_m2"]
+                report["pairs"][pair] += p["tile_pairs_within_buffer"]
+    assert all(kind == BOUNDARY for _, kind, _ in drops)
+    return {"drops": drops, "report": report}
+
+
+def _label_bucket(labels, buckets: int):
+    import numpy as np
+    import pandas as pd
+
+    return (pd.util.hash_array(np.asarray(labels, dtype=object)) % np.uint64(buckets)).astype(np.int64)
+
+
+def _label_rows(out: str, k: int, blocks, buckets: int, dropped=None, clipped=None) -> tuple:
+    """The map side of the group-by on label id: one row per (tile, label) of a batch, with the tile's split
+    and grid centroid and whether the plan dropped it, in ``buckets`` partitions by hash of the label. With
+    ``clipped`` (the report's pass), the rows of kept tiles only, by object id (a clipped label: its part's)."""
+    import numpy as np
+    import pandas as pd
+
+    from sarlang_ray.splits import clipped_id
+
+    t = _read_index(out, [k], ["tile_id", "col", "row", "gx", "gy", "labels"])
+    split = _split_of(block_keys(t["col"].to_numpy(), t["row"].to_numpy()), blocks)
+    lab = t["labels"].combine_chunks()
+    parent = pa.compute.list_parent_indices(lab).to_numpy()
+    df = pd.DataFrame({"label": pa.compute.list_flatten(lab).to_numpy(zero_copy_only=False),
+                       "tile_id": np.asarray(t["tile_id"].to_numpy(zero_copy_only=False))[parent],
+                       "split": split[parent], "gx": t["gx"].to_numpy()[parent], "gy": t["gy"].to_numpy()[parent]})
+    df["gone"] = df["tile_id"].isin(set(dropped)) if dropped is not None else False
+    if clipped is not None:
+        df = df[~df["gone"]]
+        is_clipped = df["label"].isin(set(clipped)).to_numpy()
+        names = np.asarray(SPLITS, dtype=object)[df["split"].to_numpy()]
+        object_id = [clipped_id(label, s) if c else label for label, s, c in zip(df["label"], names, is_clipped)]
+        df = pd.DataFrame({"label": object_id, "split": df["split"].to_numpy(), "clipped": is_clipped}).drop_duplicates()
+    bucket = _label_bucket(df["label"].to_numpy(), buckets)
+    return tuple(df[bucket == b] for b in range(buckets))
+
+
+def _settle_labels(ratios: dict[str, float], block_m: float, *parts) -> dict:
+    """The reduce side: every label id of one partition with all its tiles. A label whose tiles (those the
+    ground resolution kept) lie in more than one split is clipped when long (its tiles' grid centroids more
+    than ``block_m`` apart along x or y, as :class:`~sarlang_ray.splits.ObjectIndex`), else stays in the split
+    holding most of them (ties: larger target share, then name) and its tiles in the other splits are dropped
+    (:func:`~sarlang_ray.splits.resolve_objects`' rule, each label on the ground-kept tiles)."""
+    import pandas as pd
+
+    df = pd.concat(parts, ignore_index=True)
+    if df.empty:
+        return {"drops": [], "clipped": []}
+    g = df.groupby("label")
+    span = pd.concat([g["gx"].max() - g["gx"].min(), g["gy"].max() - g["gy"].min()], axis=1).max(axis=1)
+    long = (g.size() > 1) & (span > block_m)
+    kept = df[~df["gone"]]
+    counts = kept.groupby(["label", "split"]).size()
+    n_splits = counts.groupby(level=0).size()
+    multi = n_splits[n_splits > 1].index
+    clipped = sorted(label for label in multi if long[label])
+    home = {}
+    for label in multi:
+        if long[label]:
+            continue
+        c = {SPLITS[s]: int(n) for s, n in counts[label].items()}
+        home[label] = max(c, key=lambda s: (c[s], ratios[s], s)), c
+    drops = {}
+    if home:
+        rows = kept[kept["label"].isin(set(home))]
+        for label, tid, s in sorted(zip(rows["label"], rows["tile_id"], rows["split"])):
+            h, c = home[label]
+            if SPLITS[s] != h and tid not in drops:
+                drops[tid] = (OBJECT, (
+                    f"tile {tid} (split {SPLITS[s]}) shows label object {label}, which {c[h]} tile(s) of split {h} "
+                    "also show; dropped so that the object lives in one split (it spans less than export.block_m, "
+                    "so it is not clipped). A larger export.block_m means fewer split boundaries."))
+    return {"drops": [(tid, kind, why) for tid, (kind, why) in drops.items()], "clipped": clipped}
+
+
+def _report_labels(*parts) -> dict:
+    """The leakage report's label part for one partition of object ids: per pair of splits, the object ids in
+    both; and the clipped objects' parts."""
+    import pandas as pd
+
+    df = pd.concat(parts, ignore_index=True).drop_duplicates()
+    shared = Counter()
+    for _, splits in df.groupby("label")["split"]:
+        s = sorted(set(splits.tolist()))
+        for i, a in enumerate(s):
+            for b in s[i + 1:]:
+                shared[f"{SPLITS[a]}/{SPLITS[b]}"] += 1
+    return {"shared": shared, "clipped_parts": int(df.loc[df["clipped"], "label"].nunique())}
+
+
+def _decide(out: str, k: int, blocks, dropped, clipped) -> list[tuple[str, list[int]]]:
+    """Write the decisions of a batch's tiles shards (kept tiles: split and clipped labels); (shard, tiles kept
+    per split) of each, in shard order."""
+    import numpy as np
+
+    t = _read_index(out, [k], ["tile_id", "shard", "col", "row", "labels"])
+    split = _split_of(block_keys(t["col"].to_numpy(), t["row"].to_numpy()), blocks)
+    gone, clip = set(dropped), set(clipped)
+    tids, shards, labels = t["tile_id"].to_pylist(), t["shard"].to_pylist(), t["labels"].to_pylist()
+    by_shard: dict[str, list[int]] = {}
+    for i, (tid, shard) in enumerate(zip(tids, shards)):
+        if tid not in gone:
+            by_shard.setdefault(shard, []).append(i)
+    done = []
+    for shard, idx in by_shard.items():
+        io.write_parquet_atomic(decisions_uri(out, shard), pa.table({
+            "tile_id": [tids[i] for i in idx], "split": [SPLITS[split[i]] for i in idx],
+            "clipped": [sorted(set(labels[i]) & clip) for i in idx]}, schema=DECISIONS_SCHEMA))
+        done.append((shard, [int(n) for n in np.bincount(split[idx], minlength=len(SPLITS))]))
+    return done
+
+
+def _remote(fn, **options):
+    import ray
+
+    return ray.remote(**{"num_cpus": 1, "max_retries": 3, **options})(fn)
+
+
+def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
+    """:func:`plan` for ``split_by: geographic`` without holding tiles in the driver (Ray tasks; same items
+    and counts, each item naming its shard's decisions file instead of carrying its tiles' splits).
+
+    1. tasks index batches of tiles shards (``_plan/index/``) and return per-block aggregates (tile count,
+       bounds); the driver keeps blocks only, as arrays;
+    2. blocks are assigned by :func:`~sarlang_ray.splits.block_runs_arrays` (today's Hilbert runs and ratios;
+       the start place whose block shares come closest to the ratios);
+    3. neighbouring blocks of different splits (bounds within ``buffer_m``) form connected groups; a task per
+       few groups loads their tiles and drops boundary tiles (:func:`~sarlang_ray.splits.ground_drops`);
+    4. a group-by on label id (tasks, hash partitions) clips the long labels spanning splits and drops the
+       tiles that put a short label in a second split;
+    5. tasks write the decisions per tiles shard (``_plan/decisions/``), and compute the leakage report the
+       same way (per group of neighbouring blocks, per object id)."""
+    import numpy as np
+    import pandas as pd
+    import ray
+
+    from sarlang_ray.splits import _M_PER_DEG_LAT, START_CANDIDATES, block_runs_arrays
+
+    e, run_dir = cfg.export, cfg.run.run_dir
+    out = io.join(run_dir, "export")
+    ratios = {"train": e.train, "val": e.val, "test": e.test}
+    tile_root = tables.shard_root(run_dir, "align")
+    names = [io.relative(u, tile_root) for u in tables.tiles_table_shards(run_dir)]
+    batches = [names[i:i + PLAN_SHARDS_PER_TASK] for i in range(0, len(names), PLAN_SHARDS_PER_TASK)]
+    index = _remote(_index_batch)
+    aggs, ks, planned = [], [], 0
+    pending = [index.remote(run_dir, out, k, b, e.block_m) for k, b in enumerate(batches)]
+    for ref in pending:  # one batch's aggregates at a time
+        a = ray.get(ref)
+        if a["tiles"]:
+            planned += a["tiles"]
+            ks.append(a["k"])
+            aggs.append(a["blocks"].assign(k=a["k"]))
+    del pending
+    if not aggs:
+        return [], {"planned": 0, "written": 0, "rejected": 0, "reasons": {}, "leakage": {}}
+    per_batch = pd.concat(aggs, ignore_index=True)
+    del aggs
+    blk = per_batch.groupby("key").agg(col=("col", "first"), row=("row", "first"), n=("n", "sum"), minx=("minx", "min"),
+                                       miny=("miny", "min"), maxx=("maxx", "max"), maxy=("maxy", "max"))
+    keys, sizes = blk.index.to_numpy(), blk["n"].to_numpy()
+    base = int(hashlib.sha256(f"{cfg.run.seed}:start".encode()).hexdigest(), 16)
+    best = None
+    total = sizes.sum()
+    for c in range(START_CANDIDATES):
+        split = block_runs_arrays(blk["col"].to_numpy(), blk["row"].to_numpy(), sizes, ratios, cfg.run.seed,
+                                  start=base + c * max(1, len(keys) // START_CANDIDATES))
+        shares = np.bincount(split, weights=sizes, minlength=len(SPLITS)) / total
+        miss = sum((shares[i] - ratios[s]) ** 2 + (ratios[s] > 0 and shares[i] == 0) for i, s in enumerate(SPLITS))
+        if best is None or miss < best[0]:
+            best = (miss, split)
+    split = best[1]
+    blocks = ray.put((keys, split))
+    # neighbouring blocks of different splits, and the connected groups they form
+    lat = np.maximum(np.abs(blk["miny"].to_numpy()), np.abs(blk["maxy"].to_numpy()))
+    dlat = e.buffer_m / _M_PER_DEG_LAT
+    dlon = e.buffer_m / (_M_PER_DEG_LAT * np.maximum(np.cos(np.radians(np.minimum(lat, 89.9))), 1e-6))
+    boxes = shapely.box(blk["minx"].to_numpy(), blk["miny"].to_numpy(), blk["maxx"].to_numpy(), blk["maxy"].to_numpy())
+    wide = shapely.box(blk["minx"].to_numpy() - dlon, blk["miny"].to_numpy() - dlat, blk["maxx"].to_numpy() + dlon,
+                       blk["maxy"].to_numpy() + dlat)
+    a, b = shapely.STRtree(boxes).query(wide, predicate="intersects")
+    cross = split[a] != split[b]
+    a, b = a[cross], b[cross]
+    del boxes, wide, blk
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(keys), len(keys))), directed=False)
+    on_edge = np.zeros(len(keys), dtype=bool)
+    on_edge[a], on_edge[b] = True, True
+    groups = pd.DataFrame({"key": keys[on_edge], "comp": comp[on_edge], "n": sizes[on_edge]})
+    where = per_batch[per_batch["key"].isin(groups["key"])][["key", "k"]]
+    del per_batch
+    units, unit, unit_n = [], [], 0
+    for _, grp in groups.groupby("comp"):
+        unit.append(grp["key"].tolist())
+        unit_n += int(grp["n"].sum())
+        if unit_n >= PLAN_TILES_PER_UNIT:
+            units.append(unit)
+            unit, unit_n = [], 0
+    if unit:
+        units.append(unit)
+    key_k = where.groupby("key")["k"].apply(list).to_dict()
+    unit_ks = [sorted({k for cl in u for key in cl for k in key_k[key]}) for u in units]
+    boundary = _remote(_boundary_unit)
+    drops = [d for res in ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m) for u, uk in zip(units, unit_ks)])
+             for d in res["drops"]]
+    ground = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
+    rows = _remote(_label_rows, num_returns=LABEL_BUCKETS)
+    mapped = [rows.remote(out, k, blocks, LABEL_BUCKETS, ground) for k in ks]
+    settle = _remote(_settle_labels)
+    settled = ray.get([settle.remote(ratios, e.block_m, *[m[p] for m in mapped]) for p in range(LABEL_BUCKETS)])
+    del mapped
+    clipped = sorted(c for s in settled for c in s["clipped"])
+    drops += [d for s in settled for d in s["drops"]]
+    del settled
+    dropped = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
+    clipped_ref = ray.put(clipped)
+    decide = _remote(_decide)
+    decided = [ray.get(r) for r in [decide.remote(out, k, blocks, dropped, clipped_ref) for k in ks]]
+    # the leakage report, computed the same way: per group of neighbouring blocks, per object id
+    mapped = [rows.remote(out, k, blocks, LABEL_BUCKETS, dropped, clipped_ref) for k in ks]
+    report_labels = _remote(_report_labels)
+    label_rep = ray.get([report_labels.remote(*[m[p] for m in mapped]) for p in range(LABEL_BUCKETS)])
+    del mapped
+    ground_rep = ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m, dropped) for u, uk in zip(units, unit_ks)])
+    kept = np.sum([n for batch in decided for _, n in batch], axis=0)
+    pairs = {}
+    for i, s in enumerate(SPLITS):
+        for t in SPLITS[i + 1:]:
+            p = f"{s}/{t}"
+            pairs[p] = {"intersection_m2": round(sum(r["report"]["area"][p] for r in ground_rep), 3),
+                        "tile_pairs_within_buffer": sum(r["report"]["pairs"][p] for r in ground_rep),
+                        "shared_objects": sum(r["shared"][p] for r in label_rep)}
+    leakage = {"buffer_m": e.buffer_m, "pairs": pairs,
+               "leak_free": all(p["intersection_m2"] == 0 and p["shared_objects"] == 0 for p in pairs.values()),
+               "tiles": {s: int(kept[i]) for i, s in enumerate(SPLITS)}, "clipped_objects": len(clipped),
+               "clipped_parts": sum(r["clipped_parts"] for r in label_rep), "split_by": e.split_by,
+               "dropped_tiles": len(drops), "planner": "workers", "blocks": len(keys), "boundary_units": len(units)}
+    io.write_json_atomic(io.join(out, "leakage.json"), leakage)
+    io.write_parquet_atomic(io.join(out, "errors.parquet"), errors_table(
+        [error_row("export", tid, kind, why) for tid, kind, why in sorted(drops)]))
+    written = int(kept.sum())
+    nested = written > e.images_per_prefix
+    shards = [(shard, n) for batch in decided for shard, n in batch]
+    items = [{"index": i, "shard": shard, "decisions": decisions_uri(out, shard), "nested_images": nested}
+             for i, (shard, _) in enumerate(shards)]
+    counts = {"planned": planned, "written": written, "rejected": len(drops),
+              "reasons": dict(Counter(kind for _, kind, _ in drops)), "leakage": leakage}
     return items, counts
 
 
@@ -207,7 +584,12 @@ class ExportShard:
         return json.dumps(consistency.check_pairs(pairs, tiles, self.visibility))
 
     def __call__(self, row: dict) -> dict:
-        name, split_of, clipped = row["shard"], json.loads(row["splits"]), set(json.loads(row.get("clipped") or "[]"))
+        name = row["shard"]
+        if row.get("decisions"):  # planned on the workers: this shard's decisions file
+            d = io.read_parquet(row["decisions"]).to_pylist()
+            split_of, clipped = {t["tile_id"]: t["split"] for t in d}, {c for t in d for c in t["clipped"]}
+        else:
+            split_of, clipped = json.loads(row["splits"]), set(json.loads(row.get("clipped") or "[]"))
         done_uri = io.join(self.out, PARTS, "_done", name.replace("/", "__") + ".json")
         if io.exists(done_uri):  # an earlier, interrupted run finished this shard: its files are there
             done = io.read_json(done_uri)
@@ -449,9 +831,9 @@ def remove_merged_parquet(out: str, jobs: list[dict]) -> None:
                     fs.rm(path)
 
 
-def remove_parts(out: str) -> None:
-    """Remove ``export/_parts/`` once every file is assembled."""
-    fs, path = io.filesystem(io.join(out, PARTS))
+def remove_parts(out: str, folder: str = PARTS) -> None:
+    """Remove ``export/_parts/`` once every file is assembled (or ``folder``: the planner's ``_plan/``)."""
+    fs, path = io.filesystem(io.join(out, folder))
     fs.invalidate_cache(path)  # workers wrote there: a listing this process cached may not show it
     if fs.exists(path):
         fs.rm(path, recursive=True)

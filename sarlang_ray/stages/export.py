@@ -47,6 +47,7 @@ def _body(cfg: WorkflowConfig) -> dict:
     export.write_dataset_info(out, {job["logical"] for job in jobs if job["sharded"]})
     export.remove_merged_parquet(out, jobs)
     export.remove_parts(out)
+    export.remove_parts(out, export.PLAN)  # the planner's index and decisions: read by the shards, now done
     stats = export.merge_stats(manifest)
     leakage = split_counts["leakage"]
     counts = {"splits": {s: {"tiles": stats["tiles"][s], "pairs": stats["pairs"][s]} for s in SPLITS},
