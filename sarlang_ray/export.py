@@ -324,8 +324,9 @@ def _label_rows(out: str, k: int, blocks, buckets: int, dropped=None, clipped=No
         is_clipped = df["label"].isin(set(clipped)).to_numpy()
         names = np.asarray(SPLITS, dtype=object)[df["split"].to_numpy()]
         object_id = [clipped_id(label, s) if c else label for label, s, c in zip(df["label"], names, is_clipped)]
-        df = pd.DataFrame({"label": object_id, "split": df["split"].to_numpy(), "clipped": is_clipped}).drop_duplicates()
-    bucket = _label_bucket(df["label"].to_numpy(), buckets)
+        df = pd.DataFrame({"base": df["label"].to_numpy(), "label": object_id, "split": df["split"].to_numpy(),
+                           "clipped": is_clipped}).drop_duplicates()
+    bucket = _label_bucket(df["base" if clipped is not None else "label"].to_numpy(), buckets)  # a label's parts together
     return tuple(df[bucket == b] for b in range(buckets))
 
 
@@ -368,18 +369,25 @@ def _settle_labels(ratios: dict[str, float], block_m: float, *parts) -> dict:
 
 
 def _report_labels(*parts) -> dict:
-    """The leakage report's label part for one partition of object ids: per pair of splits, the object ids in
-    both; and the clipped objects' parts."""
+    """The leakage report's label part for one partition of label ids (the kept tiles' object ids): per pair of
+    splits, the object ids in both; the clipped labels whose kept tiles still lie in more than one split (a
+    label clipped on the ground-kept tiles whose other parts' tiles were all dropped for another label is one
+    split's again, as :func:`~sarlang_ray.splits.resolve_objects` decides after every drop), and their parts."""
     import pandas as pd
 
     df = pd.concat(parts, ignore_index=True).drop_duplicates()
+    if df.empty:
+        return {"shared": Counter(), "clipped": [], "clipped_parts": 0}
+    parts_of = df[df["clipped"]].groupby("base")["split"].nunique()
+    clipped = sorted(parts_of[parts_of > 1].index)
+    df = df.assign(label=df["label"].where(~df["clipped"] | df["base"].isin(set(clipped)), df["base"]))
     shared = Counter()
     for _, splits in df.groupby("label")["split"]:
         s = sorted(set(splits.tolist()))
         for i, a in enumerate(s):
             for b in s[i + 1:]:
                 shared[f"{SPLITS[a]}/{SPLITS[b]}"] += 1
-    return {"shared": shared, "clipped_parts": int(df.loc[df["clipped"], "label"].nunique())}
+    return {"shared": shared, "clipped": clipped, "clipped_parts": int(parts_of[parts_of > 1].sum())}
 
 
 def _decide(out: str, k: int, blocks, dropped, clipped) -> list[tuple[str, list[int]]]:
@@ -509,14 +517,15 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     drops += [d for s in settled for d in s["drops"]]
     del settled
     dropped = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
-    clipped_ref = ray.put(clipped)
-    decide = _remote(_decide)
-    decided = [ray.get(r) for r in [decide.remote(out, k, blocks, dropped, clipped_ref) for k in ks]]
-    # the leakage report, computed the same way: per group of neighbouring blocks, per object id
-    mapped = [rows.remote(out, k, blocks, LABEL_BUCKETS, dropped, clipped_ref) for k in ks]
+    # the leakage report's label part, by the same group-by on the kept tiles: it also settles which clipped labels
+    # still lie in two splits once every drop is known (the others are not clipped)
+    mapped = [rows.remote(out, k, blocks, LABEL_BUCKETS, dropped, ray.put(clipped)) for k in ks]
     report_labels = _remote(_report_labels)
     label_rep = ray.get([report_labels.remote(*[m[p] for m in mapped]) for p in range(LABEL_BUCKETS)])
     del mapped
+    clipped = sorted(c for r in label_rep for c in r["clipped"])
+    decide = _remote(_decide)
+    decided = [ray.get(r) for r in [decide.remote(out, k, blocks, dropped, ray.put(clipped)) for k in ks]]
     ground_rep = ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m, dropped) for u, uk in zip(units, unit_ks)])
     kept = np.sum([n for batch in decided for _, n in batch], axis=0)
     pairs = {}
