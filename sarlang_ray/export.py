@@ -259,7 +259,7 @@ def _split_of(keys, blocks):
 
 
 def _boundary_unit(out: str, ks: list[int], clusters: list[list[int]], blocks, ratios: dict[str, float],
-                   buffer_m: float, dropped=None) -> dict:
+                   buffer_m: float, dropped=None, count_only: bool = False) -> dict:
     """One task's groups of neighbouring blocks of different splits (each a connected group: every pair of
     tiles of different splits that can meet lies in one group). Without ``dropped``: the boundary tiles to
     drop, by :func:`~sarlang_ray.splits.ground_drops` (today's rule, on exactly the tiles it could touch);
@@ -274,7 +274,7 @@ def _boundary_unit(out: str, ks: list[int], clusters: list[list[int]], blocks, r
     tids = t["tile_id"].to_pylist()
     fps = shapely.from_wkb(t["footprint"].to_numpy(zero_copy_only=False))
     crs = t["crs"].to_pylist()
-    drops, report = [], {"area": Counter(), "pairs": Counter()}
+    drops, report, lost = [], {"area": Counter(), "pairs": Counter()}, [0] * len(SPLITS)
     gone = set(dropped) if dropped is not None else set()
     for cluster in clusters:
         idx = np.flatnonzero(np.isin(keys, np.asarray(cluster, dtype=np.int64)))
@@ -285,14 +285,16 @@ def _boundary_unit(out: str, ks: list[int], clusters: list[list[int]], blocks, r
         names = [SPLITS[split[i]] for i in idx]
         if dropped is None:
             for i, (kind, why) in ground_drops(names, meeting_pairs(tiles, buffer_m), tiles, ratios, buffer_m).items():
-                drops.append((tiles[i].tile_id, kind, why))
+                lost[SPLITS.index(names[i])] += 1
+                if not count_only:
+                    drops.append((tiles[i].tile_id, kind, why))
         else:
             rep = leakage_report(tiles, {tl.tile_id: s for tl, s in zip(tiles, names)}, buffer_m)
             for pair, p in rep["pairs"].items():
                 report["area"][pair] += p["intersection_m2"]
                 report["pairs"][pair] += p["tile_pairs_within_buffer"]
     assert all(kind == BOUNDARY for _, kind, _ in drops)
-    return {"drops": drops, "report": report}
+    return {"drops": drops, "report": report, "lost": lost}
 
 
 def _label_bucket(labels, buckets: int):
@@ -461,50 +463,76 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     blk = per_batch.groupby("key").agg(col=("col", "first"), row=("row", "first"), n=("n", "sum"), minx=("minx", "min"),
                                        miny=("miny", "min"), maxx=("maxx", "max"), maxy=("maxy", "max"))
     keys, sizes = blk.index.to_numpy(), blk["n"].to_numpy()
-    base = int(hashlib.sha256(f"{cfg.run.seed}:start".encode()).hexdigest(), 16)
-    best = None
-    total = sizes.sum()
-    for c in range(START_CANDIDATES):
-        split = block_runs_arrays(blk["col"].to_numpy(), blk["row"].to_numpy(), sizes, ratios, cfg.run.seed,
-                                  start=base + c * max(1, len(keys) // START_CANDIDATES))
-        shares = np.bincount(split, weights=sizes, minlength=len(SPLITS)) / total
-        miss = sum((shares[i] - ratios[s]) ** 2 + (ratios[s] > 0 and shares[i] == 0) for i, s in enumerate(SPLITS))
-        if best is None or miss < best[0]:
-            best = (miss, split)
-    split = best[1]
-    blocks = ray.put((keys, split))
-    # neighbouring blocks of different splits, and the connected groups they form
+    # neighbouring blocks (bounds within buffer_m): their tiles are the only ones that can meet
     lat = np.maximum(np.abs(blk["miny"].to_numpy()), np.abs(blk["maxy"].to_numpy()))
     dlat = e.buffer_m / _M_PER_DEG_LAT
     dlon = e.buffer_m / (_M_PER_DEG_LAT * np.maximum(np.cos(np.radians(np.minimum(lat, 89.9))), 1e-6))
     boxes = shapely.box(blk["minx"].to_numpy(), blk["miny"].to_numpy(), blk["maxx"].to_numpy(), blk["maxy"].to_numpy())
     wide = shapely.box(blk["minx"].to_numpy() - dlon, blk["miny"].to_numpy() - dlat, blk["maxx"].to_numpy() + dlon,
                        blk["maxy"].to_numpy() + dlat)
-    a, b = shapely.STRtree(boxes).query(wide, predicate="intersects")
-    cross = split[a] != split[b]
-    a, b = a[cross], b[cross]
-    del boxes, wide, blk
+    near_a, near_b = shapely.STRtree(boxes).query(wide, predicate="intersects")
+    keep = near_a < near_b
+    near_a, near_b = near_a[keep], near_b[keep]
+    del boxes, wide
+    # the batches each block's tiles are in (key-sorted pairs: a block of revisits is in several)
+    pair_key, pair_k = per_batch["key"].to_numpy(), per_batch["k"].to_numpy()
+    order = np.argsort(pair_key, kind="stable")
+    pair_key, pair_k = pair_key[order], pair_k[order]
+    del per_batch, order
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(keys), len(keys))), directed=False)
-    on_edge = np.zeros(len(keys), dtype=bool)
-    on_edge[a], on_edge[b] = True, True
-    groups = pd.DataFrame({"key": keys[on_edge], "comp": comp[on_edge], "n": sizes[on_edge]})
-    where = per_batch[per_batch["key"].isin(groups["key"])][["key", "k"]]
-    del per_batch
-    units, unit, unit_n = [], [], 0
-    for _, grp in groups.groupby("comp"):
-        unit.append(grp["key"].tolist())
-        unit_n += int(grp["n"].sum())
-        if unit_n >= PLAN_TILES_PER_UNIT:
+    def boundary_units(split):
+        """The connected groups that neighbouring blocks of different splits form, packed into task units
+        (block keys of each group) with the index batches each unit reads."""
+        cross = split[near_a] != split[near_b]
+        a, b = near_a[cross], near_b[cross]
+        _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(keys), len(keys))), directed=False)
+        on_edge = np.zeros(len(keys), dtype=bool)
+        on_edge[a], on_edge[b] = True, True
+        groups = pd.DataFrame({"key": keys[on_edge], "comp": comp[on_edge], "n": sizes[on_edge]})
+        units, unit, unit_n = [], [], 0
+        for _, grp in groups.groupby("comp"):
+            unit.append(grp["key"].tolist())
+            unit_n += int(grp["n"].sum())
+            if unit_n >= PLAN_TILES_PER_UNIT:
+                units.append(unit)
+                unit, unit_n = [], 0
+        if unit:
             units.append(unit)
-            unit, unit_n = [], 0
-    if unit:
-        units.append(unit)
-    key_k = where.groupby("key")["k"].apply(list).to_dict()
-    unit_ks = [sorted({k for cl in u for key in cl for k in key_k[key]}) for u in units]
+        unit_ks = []
+        for u in units:
+            flat = np.asarray([key for cl in u for key in cl], dtype=np.int64)
+            lo, hi = np.searchsorted(pair_key, flat, "left"), np.searchsorted(pair_key, flat, "right")
+            unit_ks.append(sorted({int(k) for i, j in zip(lo, hi) for k in pair_k[i:j]}))
+        return units, unit_ks
+
+    # a few seeded places to start the curve at; keep the one whose kept tiles come closest to the ratios (as the
+    # driver's planner: shares of the tiles kept, plus the share dropped), with the ground drops of each start
+    # resolved on the workers (boundary tiles only; label objects are settled for the start chosen)
     boundary = _remote(_boundary_unit)
+    base = int(hashlib.sha256(f"{cfg.run.seed}:start".encode()).hexdigest(), 16)
+    candidates = []
+    for c in range(START_CANDIDATES):
+        split = block_runs_arrays(blk["col"].to_numpy(), blk["row"].to_numpy(), sizes, ratios, cfg.run.seed,
+                                  start=base + c * max(1, len(keys) // START_CANDIDATES))
+        units, unit_ks = boundary_units(split)
+        ref = ray.put((keys, split))
+        counted = [boundary.remote(out, uk, u, ref, ratios, e.buffer_m, count_only=True) for u, uk in zip(units, unit_ks)]
+        candidates.append((split, ref, units, unit_ks, counted))
+    best = None
+    for split, ref, units, unit_ks, counted in candidates:
+        lost = np.zeros(len(SPLITS))
+        for res in ray.get(counted):
+            lost += res["lost"]
+        kept = np.bincount(split, weights=sizes, minlength=len(SPLITS)) - lost
+        n = max(1, planned)
+        miss = sum((kept[i] / n - ratios[s]) ** 2 + (ratios[s] > 0 and kept[i] == 0) for i, s in enumerate(SPLITS)) \
+            + lost.sum() / n
+        if best is None or miss < best[0]:
+            best = (miss, split, ref, units, unit_ks)
+    _, split, blocks, units, unit_ks = best
+    del candidates, blk
     drops = [d for res in ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m) for u, uk in zip(units, unit_ks)])
              for d in res["drops"]]
     ground = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
