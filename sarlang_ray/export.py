@@ -192,10 +192,11 @@ DECISIONS_SCHEMA = pa.schema([("tile_id", pa.string()), ("split", pa.string()), 
 
 
 def block_keys(cols, rows):
-    """One int64 per block (column, row): the key block arrays are sorted and looked up by."""
+    """One int64 per block (column, row; |column| < 2**30, |row| < 2**31): the key block arrays are sorted and
+    looked up by, in column then row order."""
     import numpy as np
 
-    return ((np.asarray(cols, dtype=np.int64) + (1 << 31)) << 32) | (np.asarray(rows, dtype=np.int64) + (1 << 31))
+    return ((np.asarray(cols, dtype=np.int64) + (1 << 30)) << 32) | (np.asarray(rows, dtype=np.int64) + (1 << 31))
 
 
 def decisions_uri(out: str, shard: str) -> str:
@@ -414,6 +415,48 @@ def _decide(out: str, k: int, blocks, dropped, clipped) -> list[tuple[str, list[
     return done
 
 
+def neighbour_blocks(keys, cols, rows, bounds, block_m: float, buffer_m: float):
+    """Index pairs (a < b) of blocks whose tiles' bounds (lon/lat, ``bounds``: minx, miny, maxx, maxy per
+    block), widened by ``buffer_m`` as :func:`~sarlang_ray.splits.candidate_pairs` widens a tile's, meet: no tile
+    of two blocks outside these pairs can come within ``buffer_m``. From arrays only (no geometry per block):
+    the equal-area grid is cylindrical (x from longitude, y from latitude, both monotonic), so each block's
+    bounds cover a range of grid cells around its own, and only blocks within the widest such reach of each
+    other are compared, one cell offset at a time."""
+    import numpy as np
+    from pyproj import Transformer
+
+    from sarlang_ray.splits import _M_PER_DEG_LAT, EQUAL_AREA
+
+    keys, cols, rows = np.asarray(keys), np.asarray(cols, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    lat = np.maximum(np.abs(bounds[:, 1]), np.abs(bounds[:, 3]))
+    dlat = buffer_m / _M_PER_DEG_LAT
+    dlon = buffer_m / (_M_PER_DEG_LAT * np.maximum(np.cos(np.radians(np.minimum(lat, 89.9))), 1e-6))
+    wide = np.column_stack([bounds[:, 0] - dlon, bounds[:, 1] - dlat, bounds[:, 2] + dlon, bounds[:, 3] + dlat])
+    to_grid = Transformer.from_crs("EPSG:4326", EQUAL_AREA, always_xy=True)
+    x0, y0 = to_grid.transform(np.clip(wide[:, 0], -180, 180), np.clip(wide[:, 1], -89.9, 89.9))
+    x1, y1 = to_grid.transform(np.clip(wide[:, 2], -180, 180), np.clip(wide[:, 3], -89.9, 89.9))
+    # how many cells a block's widened bounds reach beyond its own cell (the widest, for every block)
+    reach = int(max(np.max(cols - np.floor(np.asarray(x0) / block_m)), np.max(np.floor(np.asarray(x1) / block_m) - cols),
+                    np.max(rows - np.floor(np.asarray(y0) / block_m)), np.max(np.floor(np.asarray(y1) / block_m) - rows), 0))
+    span = 2 * reach  # a block within the reach of another's widened bounds, whose own bounds reach back
+    out_a, out_b = [], []
+    for dc in range(-span, span + 1):
+        for dr in range(-span, span + 1):
+            if (dc, dr) <= (0, 0):
+                continue  # each unordered pair once (the offset and its opposite), never a block with itself
+            want = block_keys(cols + dc, rows + dr)
+            at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+            a = np.flatnonzero(keys[at] == want)
+            b = at[a]
+            meet = ((wide[a, 0] <= bounds[b, 2]) & (bounds[b, 0] <= wide[a, 2])
+                    & (wide[a, 1] <= bounds[b, 3]) & (bounds[b, 1] <= wide[a, 3])) | \
+                ((wide[b, 0] <= bounds[a, 2]) & (bounds[a, 0] <= wide[b, 2])
+                 & (wide[b, 1] <= bounds[a, 3]) & (bounds[a, 1] <= wide[b, 3]))
+            out_a.append(np.minimum(a[meet], b[meet]))
+            out_b.append(np.maximum(a[meet], b[meet]))
+    return np.concatenate(out_a), np.concatenate(out_b)
+
+
 def _remote(fn, **options):
     import ray
 
@@ -438,7 +481,7 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     import pandas as pd
     import ray
 
-    from sarlang_ray.splits import _M_PER_DEG_LAT, START_CANDIDATES, block_runs_arrays
+    from sarlang_ray.splits import START_CANDIDATES, block_runs_arrays
 
     e, run_dir = cfg.export, cfg.run.run_dir
     out = io.join(run_dir, "export")
@@ -464,16 +507,8 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
                                        miny=("miny", "min"), maxx=("maxx", "max"), maxy=("maxy", "max"))
     keys, sizes = blk.index.to_numpy(), blk["n"].to_numpy()
     # neighbouring blocks (bounds within buffer_m): their tiles are the only ones that can meet
-    lat = np.maximum(np.abs(blk["miny"].to_numpy()), np.abs(blk["maxy"].to_numpy()))
-    dlat = e.buffer_m / _M_PER_DEG_LAT
-    dlon = e.buffer_m / (_M_PER_DEG_LAT * np.maximum(np.cos(np.radians(np.minimum(lat, 89.9))), 1e-6))
-    boxes = shapely.box(blk["minx"].to_numpy(), blk["miny"].to_numpy(), blk["maxx"].to_numpy(), blk["maxy"].to_numpy())
-    wide = shapely.box(blk["minx"].to_numpy() - dlon, blk["miny"].to_numpy() - dlat, blk["maxx"].to_numpy() + dlon,
-                       blk["maxy"].to_numpy() + dlat)
-    near_a, near_b = shapely.STRtree(boxes).query(wide, predicate="intersects")
-    keep = near_a < near_b
-    near_a, near_b = near_a[keep], near_b[keep]
-    del boxes, wide
+    near_a, near_b = neighbour_blocks(keys, blk["col"].to_numpy(), blk["row"].to_numpy(),
+                                      blk[["minx", "miny", "maxx", "maxy"]].to_numpy(), e.block_m, e.buffer_m)
     # the batches each block's tiles are in (key-sorted pairs: a block of revisits is in several)
     pair_key, pair_k = per_batch["key"].to_numpy(), per_batch["k"].to_numpy()
     order = np.argsort(pair_key, kind="stable")

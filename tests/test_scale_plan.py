@@ -93,3 +93,33 @@ def test_the_workers_planner_gives_the_drivers_split(tmp_path, ray_session):
     assert {k: new["leakage"][k] for k in old["leakage"]} == old["leakage"]
     # the errors table names the same dropped tiles for the same reasons, in the same words
     assert errors["workers"] == errors["driver"] and len(errors["driver"]) == old["rejected"] > 0
+
+
+def test_neighbouring_blocks_from_arrays_are_those_a_spatial_index_finds():
+    """export.neighbour_blocks (cell offsets on block arrays) against shapely's STRtree over the blocks'
+    widened bounds, on blocks of tiles of mixed sizes (some reaching well beyond their own block)."""
+    from sarlang_ray.splits import grid_centroids
+
+    rng = np.random.default_rng(3)
+    lon0, lat0 = rng.uniform(4.0, 4.3, 3000), rng.uniform(60.0, 60.2, 3000)  # a high latitude: x and y scale apart
+    size = np.where(rng.random(3000) < 0.05, 0.03, 0.004)  # a few tiles ~1.7-3 km, most ~250 m
+    boxes = shapely.box(lon0, lat0, lon0 + size, lat0 + size / 2)
+    gx, gy = grid_centroids(list(boxes))
+    col, row = np.floor(gx / 2000.0).astype(np.int64), np.floor(gy / 2000.0).astype(np.int64)
+    keys = export.block_keys(col, row)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    b = shapely.bounds(boxes)
+    bounds = np.column_stack([np.full(len(uniq), np.inf), np.full(len(uniq), np.inf), np.full(len(uniq), -np.inf),
+                              np.full(len(uniq), -np.inf)])
+    for i, k in enumerate(inverse):
+        bounds[k] = [min(bounds[k, 0], b[i, 0]), min(bounds[k, 1], b[i, 1]), max(bounds[k, 2], b[i, 2]), max(bounds[k, 3], b[i, 3])]
+    cols, rows = (uniq >> 32) - (1 << 30), (uniq & 0xFFFFFFFF) - (1 << 31)
+    a, c = export.neighbour_blocks(uniq, cols, rows, bounds, 2000.0, 50.0)
+    got = set(zip(a.tolist(), c.tolist()))
+    # expected: blocks whose bounds, widened by 50 m (generously in degrees at this latitude), intersect
+    dlat, dlon = 50 / 110_574.0, 50 / (110_574.0 * np.cos(np.radians(bounds[:, 3])))
+    blocks = shapely.box(*bounds.T)
+    wide = shapely.box(bounds[:, 0] - dlon, bounds[:, 1] - dlat, bounds[:, 2] + dlon, bounds[:, 3] + dlat)
+    s, d = shapely.STRtree(blocks).query(wide, predicate="intersects")
+    expected = {(min(i, j), max(i, j)) for i, j in zip(s.tolist(), d.tolist()) if i != j}
+    assert got == expected and len(expected) > len(uniq)
