@@ -16,8 +16,10 @@
   boundary the id of its part in that split (:func:`sarlang_ray.splits.clipped_id`).
 * ``export/dataset_card.md`` with counts and PNG plots.
 
-Splits are computed in the driver from small per-tile descriptors (:func:`split_inputs`: no images). The rest
-is per shard (:class:`ExportShard`, on Ray workers): it reads one tiles shard and its annotations, writes the
+Geographic splits are planned by Ray tasks from block aggregates (:func:`plan_on_workers`: the driver holds
+blocks, never tiles; each shard's decisions in ``export/_plan/decisions/``), or with ``export.planner: driver``
+(and for the scene and region splits) in the driver from small per-tile descriptors (:func:`split_inputs`: no
+images). The rest is per shard (:class:`ExportShard`, on Ray workers): it reads one tiles shard and its annotations, writes the
 PNGs, the Parquet shards and, for each JSON/CSV file of the layouts, a *part* (that shard's records, already
 encoded) under ``export/_parts/``, and returns only counters. :func:`assemble` then streams each file's parts,
 in shard order and one at a time, into the final file (one JSON array, byte for byte what one ``json.dumps`` of all records
