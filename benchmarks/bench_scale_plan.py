@@ -1,9 +1,9 @@
-"""Export planning (splits + leakage report) at 10k, 100k (and, with --sizes, 1M) synthetic tiles: the driver's
-peak memory and time per tile of today's planner, the baseline that planning on the workers (issue 31, item 1:
-still open) must beat.
+"""Export planning (splits + leakage report) at 10k, 100k and 1M synthetic tiles, 1 and 16 revisits: the driver's
+peak memory and time per tile of both planners, ``export.planner=workers`` (Ray tasks from block aggregates, the
+default) and ``driver`` (one descriptor per tile in the driver, the reference; run up to ``--driver-max`` tiles).
 
-    .venv/bin/python benchmarks/bench_scale_plan.py                       # 10k and 100k tiles, 1 and 16 revisits
-    .venv/bin/python benchmarks/bench_scale_plan.py --sizes 10000 1000000  # -> benchmarks/results/scale_plan.json
+    .venv/bin/python benchmarks/bench_scale_plan.py                      # -> benchmarks/results/scale_plan.json
+    .venv/bin/python benchmarks/bench_scale_plan.py --sizes 10000 100000 --revisits 1
 
 The generator writes what the planner reads of the align and annotate shards (``export.split_inputs``: tile id,
 scene, region, footprint, CRS, label objects; tile id and ``qc_passed``), in shards of 256 tiles: scenes of
@@ -11,7 +11,9 @@ scene, region, footprint, CRS, label objects; tile id and ``qc_passed``), in sha
 polygon as the tile stage writes it; ~10 label ids per tile, most shared with a neighbour (objects crossing
 tile edges), and one long object (a road) along every row of tiles of a scene. ``revisits`` scenes cover each
 place (other dates: the same ground, other scene ids), as a Sentinel-1 archive revisits its tracks. Each size
-runs in a fresh process; peak RSS is ``resource.getrusage`` (the whole process) less its RSS before planning.
+and planner runs in a fresh process (the workers' planner on a local Ray of 2 CPUs started before the
+measurement); peak RSS is the driver process's ``resource.getrusage`` less its RSS before planning (Ray's worker
+processes hold the tasks' memory, not the driver).
 """
 
 from __future__ import annotations
@@ -86,45 +88,68 @@ def generate(run_dir: Path, n_tiles: int, revisits: int) -> int:
     return written
 
 
-def measure(run_dir: Path) -> dict:
+def measure(run_dir: Path, planner: str) -> dict:
     from sarlang_ray import export
     from sarlang_ray.config import load_config
 
-    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}"])
+    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}", f"export.planner={planner}"])
+    if planner == "workers":
+        import ray
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     items, counts = export.plan(cfg)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"tiles": counts["planned"], "written": counts["written"], "work_items": len(items),
-            "leak_free": counts["leakage"]["leak_free"], "seconds": round(seconds, 2),
+    return {"planner": planner, "tiles": counts["planned"], "written": counts["written"], "work_items": len(items),
+            "leak_free": counts["leakage"]["leak_free"], "clipped_objects": counts["leakage"]["clipped_objects"],
+            "blocks": counts["leakage"].get("blocks"), "seconds": round(seconds, 2),
             "us_per_tile": round(1e6 * seconds / max(1, counts["planned"]), 1),
             "peak_rss_mb": round(peak / 1024, 1), "peak_rss_growth_mb": round((peak - rss0) / 1024, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--revisits", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--planners", nargs="+", default=["workers", "driver"])
+    parser.add_argument("--driver-max", type=int, default=100_000, help="largest size the driver's planner runs at")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--planner", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.measure:
-        print(json.dumps(measure(Path(ns.measure))))
+        print(json.dumps(measure(Path(ns.measure), ns.planner)))
         return
     runs = []
     for revisits in ns.revisits:
         for n in ns.sizes:
             run_dir = WORK / f"n{n}-r{revisits}" / "run"
             shutil.rmtree(run_dir.parent, ignore_errors=True)
+            t0 = time.perf_counter()
             made = generate(run_dir, n, revisits)
-            done = subprocess.run([sys.executable, __file__, "--measure", str(run_dir)], capture_output=True, text=True,
-                                  check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-            runs.append({"revisits": revisits, "generated": made, **json.loads(done.stdout.strip().splitlines()[-1])})
-            print(runs[-1], flush=True)
+            print(f"generated {made} tiles ({revisits} revisits) in {time.perf_counter() - t0:.0f} s", flush=True)
+            for planner in ns.planners:
+                if planner == "driver" and n > ns.driver_max:
+                    continue
+                done = subprocess.run([sys.executable, __file__, "--measure", str(run_dir), "--planner", planner],
+                                      capture_output=True, text=True, check=True,
+                                      env={**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"})
+                runs.append({"revisits": revisits, "generated": made, **json.loads(done.stdout.strip().splitlines()[-1])})
+                print(runs[-1], flush=True)
             shutil.rmtree(run_dir.parent, ignore_errors=True)
-    result = {"benchmark": "export.plan (geographic splits + leakage report) in the driver, today's planner",
-              "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "runs": runs,
-              "note": "baseline for issue 31 item 1 (planning on the workers from block aggregates): not built yet"}
+    ratios = {}
+    for planner in ns.planners:
+        for revisits in ns.revisits:
+            mine = sorted((r for r in runs if r["planner"] == planner and r["revisits"] == revisits), key=lambda r: r["tiles"])
+            if len(mine) > 1:
+                ratios[f"{planner}, {revisits} revisits: {mine[-1]['tiles']} vs {mine[0]['tiles']} tiles"] = {
+                    "peak_rss": round(mine[-1]["peak_rss_mb"] / mine[0]["peak_rss_mb"], 2),
+                    "peak_rss_growth": round(mine[-1]["peak_rss_growth_mb"] / max(0.1, mine[0]["peak_rss_growth_mb"]), 2),
+                    "us_per_tile": round(mine[-1]["us_per_tile"] / mine[0]["us_per_tile"], 2)}
+    result = {"benchmark": "export.plan (geographic splits + leakage report): planner on the workers vs in the driver",
+              "machine": f"{platform.node()} ({os.cpu_count()} CPUs, shared with other jobs)", "runs": runs,
+              "largest_vs_smallest": ratios}
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -336,6 +336,9 @@ class ExportSection:
     # always in one split, whatever scene, GSD, date or polarisation they come from (spatial blocks on an
     # equal-area grid, boundary tiles dropped). scene or region: weaker, same ground can land in two splits
     split_by: str = "geographic"
+    # geographic splits planned by Ray tasks from block aggregates (workers: the driver holds blocks, not tiles)
+    # or in the driver from one descriptor per tile (driver: the reference planner, for comparison)
+    planner: str = "workers"
     block_m: float = 2000.0  # side of the equal-area spatial blocks (EPSG:6933) that are assigned to splits
     buffer_m: float = 50.0  # tiles of two splits stay at least this far apart on the ground
     train: float = 0.7  # share of tiles in the train split
@@ -706,6 +709,8 @@ def _check(cfg: WorkflowConfig) -> None:
     e = cfg.export
     if e.split_by not in ("geographic", "scene", "region"):
         problems.append("export.split_by must be geographic, scene or region")
+    if e.planner not in ("workers", "driver"):
+        problems.append("export.planner must be workers or driver")
     if e.block_m <= 0 or e.buffer_m < 0:
         problems.append("export.block_m must be > 0 and export.buffer_m >= 0 (metres)")
     if min(e.train, e.val, e.test) < 0 or abs(e.train + e.val + e.test - 1) > 1e-6:

@@ -18,8 +18,10 @@
   ``scene_id``, ``split``), whatever the Parquet above was merged into; the card and ``sarlang view`` read it.
 * ``export/dataset_card.md`` with counts and PNG plots.
 
-Splits are computed in the driver from small per-tile descriptors (:func:`split_inputs`: no images). The rest
-is per shard (:class:`ExportShard`, on Ray workers): it reads one tiles shard and its annotations, writes the
+Geographic splits are planned by Ray tasks from block aggregates (:func:`plan_on_workers`: the driver holds
+blocks, never tiles; each shard's decisions in ``export/_plan/decisions/``), or with ``export.planner: driver``
+(and for the scene and region splits) in the driver from small per-tile descriptors (:func:`split_inputs`: no
+images). The rest is per shard (:class:`ExportShard`, on Ray workers): it reads one tiles shard and its annotations, writes the
 PNGs, the Parquet shards and, for each JSON/CSV file of the layouts, a *part* (that shard's records, already
 encoded) under ``export/_parts/``, and returns only counters. :func:`assemble` then streams each file's parts,
 in shard order and one at a time, into the final file (one JSON array, byte for byte what one ``json.dumps`` of all records
@@ -30,6 +32,7 @@ lands in two splits.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _io
 import json
 import os
@@ -38,12 +41,21 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.compute
 import shapely
 
 from sarlang_ray import io, plots, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import error_row, errors_table
-from sarlang_ray.splits import OBJECT, SPLITS, SplitTile, clipped_id, geographic_splits, group_splits, leakage_report
+from sarlang_ray.splits import (
+    OBJECT,
+    SPLITS,
+    SplitTile,
+    clipped_id,
+    geographic_splits,
+    group_splits,
+    leakage_report,
+)
 
 PAIR_COLUMNS = ["pair_id", "tile_id", "scene_id", "gsd_m", "kind", "application", "question_type", "question", "answer"]
 # what the contradiction checker reads of a shard's tiles and pairs
@@ -139,8 +151,11 @@ def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     """Split the tiles (in the driver, from descriptors), write ``leakage.json`` and ``errors.parquet``.
 
     Returns the work items, one per tiles shard with exported tiles (``index``, ``shard`` and ``splits``, its
-    tiles' splits as JSON), and the counts of the split (planned, written, rejected, leakage)."""
+    tiles' splits as JSON), and the counts of the split (planned, written, rejected, leakage). A geographic
+    split with ``export.planner: workers`` (the default) is planned by Ray tasks instead (:func:`plan_on_workers`)."""
     e, out = cfg.export, io.join(cfg.run.run_dir, "export")
+    if e.split_by == "geographic" and e.planner == "workers":
+        return plan_on_workers(cfg)
     shard_of: dict[str, str] = {}
     candidates = []
     for shard, tile in split_inputs(cfg.run.run_dir):
@@ -170,6 +185,442 @@ def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
               "nested_images": nested} for i, (shard, splits) in enumerate(by_shard.items())]
     counts = {"planned": len(candidates), "written": len(candidates) - len(dropped), "rejected": len(dropped),
               "reasons": dict(Counter(kind for kind, _ in dropped.values())), "leakage": leakage}
+    return items, counts
+
+
+# ---------------------------------------------------------------- workers: the split planned from block aggregates
+PLAN = "_plan"  # under export/: the planner's tile index (one file per batch of tiles shards) and its decisions
+PLAN_SHARDS_PER_TASK = 32  # tiles shards a planning task indexes (~8k tiles at 256 a shard)
+PLAN_TILES_PER_UNIT = 20_000  # boundary tiles a conflict task loads at most (a larger group of conflicts: one task)
+LABEL_BUCKETS = 8  # the group-by on label id: partitions, each settled by one task
+INDEX_SCHEMA = pa.schema([("tile_id", pa.string()), ("shard", pa.string()), ("col", pa.int64()), ("row", pa.int64()),
+                          ("gx", pa.float64()), ("gy", pa.float64()), ("footprint", pa.binary()), ("crs", pa.string()),
+                          ("labels", pa.list_(pa.string()))])
+DECISIONS_SCHEMA = pa.schema([("tile_id", pa.string()), ("split", pa.string()), ("clipped", pa.list_(pa.string()))])
+
+
+def block_keys(cols, rows):
+    """One int64 per block (column, row; |column| < 2**30, |row| < 2**31): the key block arrays are sorted and
+    looked up by, in column then row order."""
+    import numpy as np
+
+    return ((np.asarray(cols, dtype=np.int64) + (1 << 30)) << 32) | (np.asarray(rows, dtype=np.int64) + (1 << 31))
+
+
+def decisions_uri(out: str, shard: str) -> str:
+    """The planner's per-tile decisions for one tiles shard (tile id, split, clipped labels): what its
+    :class:`ExportShard` reads instead of a list of every tile from the driver."""
+    return io.join(out, PLAN, "decisions", shard.replace("/", "__"))
+
+
+def _index_batch(run_dir: str, out: str, k: int, names: list[str], block_m: float) -> dict:
+    """Index one batch of tiles shards (the tiles with QC-passed pairs): per tile its block, grid centroid,
+    footprint, CRS and label ids, written to ``_plan/index/<k>.parquet``; returns the batch's block aggregates
+    (block, tile count, bounds of its tiles' footprints) only."""
+    import numpy as np
+    import pandas as pd
+
+    from sarlang_ray.splits import grid_centroids
+
+    tile_root, ann_root = tables.shard_root(run_dir, "align"), tables.shard_root(run_dir, "annotate")
+    parts = []
+    for name in names:
+        ann_uri = io.join(ann_root, name)
+        if not io.exists(ann_uri):
+            continue
+        ann = io.read_parquet(ann_uri, columns=["tile_id", "qc_passed"])
+        used = {t for t, ok in zip(ann["tile_id"].to_pylist(), ann["qc_passed"].to_pylist()) if ok}
+        t = io.read_parquet(io.join(tile_root, name), columns=["tile_id", "footprint", "crs", "objects"])
+        keep = [tid in used for tid in t["tile_id"].to_pylist()]
+        if not any(keep):
+            continue
+        t = t.filter(pa.array(keep))
+        labels = [sorted({o["label_id"] for o in objs if o["label_id"]}) for objs in t["objects"].to_pylist()]
+        parts.append(pa.table({"tile_id": t["tile_id"], "shard": [name] * t.num_rows, "footprint": t["footprint"],
+                               "crs": t["crs"], "labels": pa.array(labels, pa.list_(pa.string()))}))
+    if not parts:
+        return {"k": k, "tiles": 0}
+    t = pa.concat_tables(parts)
+    geoms = shapely.from_wkb(t["footprint"].to_numpy(zero_copy_only=False))
+    gx, gy = grid_centroids(list(geoms))
+    col, row = np.floor(gx / block_m).astype(np.int64), np.floor(gy / block_m).astype(np.int64)
+    index = pa.table({"tile_id": t["tile_id"], "shard": t["shard"], "col": col, "row": row, "gx": gx, "gy": gy,
+                      "footprint": t["footprint"], "crs": t["crs"], "labels": t["labels"]}, schema=INDEX_SCHEMA)
+    io.write_parquet_atomic(io.join(out, PLAN, "index", f"{k:05d}.parquet"), index)
+    b = shapely.bounds(geoms)
+    agg = pd.DataFrame({"key": block_keys(col, row), "col": col, "row": row, "n": 1, "minx": b[:, 0], "miny": b[:, 1],
+                        "maxx": b[:, 2], "maxy": b[:, 3]}).groupby("key").agg(
+        col=("col", "first"), row=("row", "first"), n=("n", "sum"), minx=("minx", "min"), miny=("miny", "min"),
+        maxx=("maxx", "max"), maxy=("maxy", "max"))
+    return {"k": k, "tiles": t.num_rows, "blocks": agg.reset_index()}
+
+
+def _read_index(out: str, ks, columns: list[str]) -> pa.Table:
+    return io.read_parquet([io.join(out, PLAN, "index", f"{k:05d}.parquet") for k in ks], columns=columns)
+
+
+def _split_of(keys, blocks):
+    """The split index (into ``SPLITS``) of each tile, from its block key and the blocks (sorted keys, splits)."""
+    import numpy as np
+
+    sorted_keys, block_split = blocks
+    return block_split[np.searchsorted(sorted_keys, keys)]
+
+
+def _boundary_unit(out: str, ks: list[int], clusters: list[list[int]], blocks, ratios: dict[str, float],
+                   buffer_m: float, dropped=None, count_only: bool = False) -> dict:
+    """One task's groups of neighbouring blocks of different splits (each a connected group: every pair of
+    tiles of different splits that can meet lies in one group). Without ``dropped``: the boundary tiles to
+    drop, by :func:`~sarlang_ray.splits.ground_drops` (today's rule, on exactly the tiles it could touch);
+    with it (every tile the plan dropped): the leakage report's ground part over the tiles kept."""
+    import numpy as np
+
+    from sarlang_ray.splits import BOUNDARY, ground_drops, leakage_report, meeting_pairs
+
+    t = _read_index(out, ks, ["tile_id", "col", "row", "footprint", "crs"])
+    keys = block_keys(t["col"].to_numpy(), t["row"].to_numpy())
+    split = _split_of(keys, blocks)
+    tids = t["tile_id"].to_pylist()
+    fps = shapely.from_wkb(t["footprint"].to_numpy(zero_copy_only=False))
+    crs = t["crs"].to_pylist()
+    drops, report, lost = [], {"area": Counter(), "pairs": Counter()}, [0] * len(SPLITS)
+    gone = set(dropped) if dropped is not None else set()
+    for cluster in clusters:
+        idx = np.flatnonzero(np.isin(keys, np.asarray(cluster, dtype=np.int64)))
+        idx = idx[np.argsort([tids[i] for i in idx], kind="stable")]  # tile order: by id, whatever the files' order
+        if dropped is not None:
+            idx = np.asarray([i for i in idx if tids[i] not in gone], dtype=np.int64)
+        tiles = [SplitTile(tids[i], "", "", fps[i], crs[i], frozenset()) for i in idx]
+        names = [SPLITS[split[i]] for i in idx]
+        if dropped is None:
+            for i, (kind, why) in ground_drops(names, meeting_pairs(tiles, buffer_m), tiles, ratios, buffer_m).items():
+                lost[SPLITS.index(names[i])] += 1
+                if not count_only:
+                    drops.append((tiles[i].tile_id, kind, why))
+        else:
+            rep = leakage_report(tiles, {tl.tile_id: s for tl, s in zip(tiles, names)}, buffer_m)
+            for pair, p in rep["pairs"].items():
+                report["area"][pair] += p["intersection_m2"]
+                report["pairs"][pair] += p["tile_pairs_within_buffer"]
+    assert all(kind == BOUNDARY for _, kind, _ in drops)
+    return {"drops": drops, "report": report, "lost": lost}
+
+
+def _label_bucket(labels, buckets: int):
+    import numpy as np
+    import pandas as pd
+
+    return (pd.util.hash_array(np.asarray(labels, dtype=object)) % np.uint64(buckets)).astype(np.int64)
+
+
+def _label_rows(out: str, k: int, blocks, buckets: int, dropped=None, clipped=None) -> tuple:
+    """The map side of the group-by on label id: one row per (tile, label) of a batch, with the tile's split
+    and grid centroid and whether the plan dropped it, in ``buckets`` partitions by hash of the label. With
+    ``clipped`` (the report's pass), the rows of kept tiles only, by object id (a clipped label: its part's)."""
+    import numpy as np
+    import pandas as pd
+
+    from sarlang_ray.splits import clipped_id
+
+    t = _read_index(out, [k], ["tile_id", "col", "row", "gx", "gy", "labels"])
+    split = _split_of(block_keys(t["col"].to_numpy(), t["row"].to_numpy()), blocks)
+    lab = t["labels"].combine_chunks()
+    parent = pa.compute.list_parent_indices(lab).to_numpy()
+    df = pd.DataFrame({"label": pa.compute.list_flatten(lab).to_numpy(zero_copy_only=False),
+                       "tile_id": np.asarray(t["tile_id"].to_numpy(zero_copy_only=False))[parent],
+                       "split": split[parent], "gx": t["gx"].to_numpy()[parent], "gy": t["gy"].to_numpy()[parent]})
+    df["gone"] = df["tile_id"].isin(set(dropped)) if dropped is not None else False
+    if clipped is not None:
+        df = df[~df["gone"]]
+        is_clipped = df["label"].isin(set(clipped)).to_numpy()
+        names = np.asarray(SPLITS, dtype=object)[df["split"].to_numpy()]
+        object_id = [clipped_id(label, s) if c else label for label, s, c in zip(df["label"], names, is_clipped)]
+        df = pd.DataFrame({"base": df["label"].to_numpy(), "label": object_id, "split": df["split"].to_numpy(),
+                           "clipped": is_clipped}).drop_duplicates()
+    bucket = _label_bucket(df["base" if clipped is not None else "label"].to_numpy(), buckets)  # a label's parts together
+    return tuple(df[bucket == b] for b in range(buckets))
+
+
+def _settle_labels(ratios: dict[str, float], block_m: float, *parts) -> dict:
+    """The reduce side: every label id of one partition with all its tiles. A label whose tiles (those the
+    ground resolution kept) lie in more than one split is clipped when long (its tiles' grid centroids more
+    than ``block_m`` apart along x or y, as :class:`~sarlang_ray.splits.ObjectIndex`), else stays in the split
+    holding most of them (ties: larger target share, then name) and its tiles in the other splits are dropped
+    (:func:`~sarlang_ray.splits.resolve_objects`' rule, each label on the ground-kept tiles)."""
+    import pandas as pd
+
+    df = pd.concat(parts, ignore_index=True)
+    if df.empty:
+        return {"drops": [], "clipped": []}
+    g = df.groupby("label")
+    span = pd.concat([g["gx"].max() - g["gx"].min(), g["gy"].max() - g["gy"].min()], axis=1).max(axis=1)
+    long = (g.size() > 1) & (span > block_m)
+    kept = df[~df["gone"]]
+    counts = kept.groupby(["label", "split"]).size()
+    n_splits = counts.groupby(level=0).size()
+    multi = n_splits[n_splits > 1].index
+    clipped = sorted(label for label in multi if long[label])
+    home = {}
+    for label in multi:
+        if long[label]:
+            continue
+        c = {SPLITS[s]: int(n) for s, n in counts[label].items()}
+        home[label] = max(c, key=lambda s: (c[s], ratios[s], s)), c
+    drops = {}
+    if home:
+        rows = kept[kept["label"].isin(set(home))]
+        for label, tid, s in sorted(zip(rows["label"], rows["tile_id"], rows["split"])):
+            h, c = home[label]
+            if SPLITS[s] != h and tid not in drops:
+                drops[tid] = (OBJECT, (
+                    f"tile {tid} (split {SPLITS[s]}) shows label object {label}, which {c[h]} tile(s) of split {h} "
+                    "also show; dropped so that the object lives in one split (it spans less than export.block_m, "
+                    "so it is not clipped). A larger export.block_m means fewer split boundaries."))
+    return {"drops": [(tid, kind, why) for tid, (kind, why) in drops.items()], "clipped": clipped}
+
+
+def _report_labels(*parts) -> dict:
+    """The leakage report's label part for one partition of label ids (the kept tiles' object ids): per pair of
+    splits, the object ids in both; the clipped labels whose kept tiles still lie in more than one split (a
+    label clipped on the ground-kept tiles whose other parts' tiles were all dropped for another label is one
+    split's again, as :func:`~sarlang_ray.splits.resolve_objects` decides after every drop), and their parts."""
+    import pandas as pd
+
+    df = pd.concat(parts, ignore_index=True).drop_duplicates()
+    if df.empty:
+        return {"shared": Counter(), "clipped": [], "clipped_parts": 0}
+    parts_of = df[df["clipped"]].groupby("base")["split"].nunique()
+    clipped = sorted(parts_of[parts_of > 1].index)
+    df = df.assign(label=df["label"].where(~df["clipped"] | df["base"].isin(set(clipped)), df["base"]))
+    shared = Counter()
+    for _, splits in df.groupby("label")["split"]:
+        s = sorted(set(splits.tolist()))
+        for i, a in enumerate(s):
+            for b in s[i + 1:]:
+                shared[f"{SPLITS[a]}/{SPLITS[b]}"] += 1
+    return {"shared": shared, "clipped": clipped, "clipped_parts": int(parts_of[parts_of > 1].sum())}
+
+
+def _decide(out: str, k: int, blocks, dropped, clipped) -> list[tuple[str, list[int]]]:
+    """Write the decisions of a batch's tiles shards (kept tiles: split and clipped labels); (shard, tiles kept
+    per split) of each, in shard order."""
+    import numpy as np
+
+    t = _read_index(out, [k], ["tile_id", "shard", "col", "row", "labels"])
+    split = _split_of(block_keys(t["col"].to_numpy(), t["row"].to_numpy()), blocks)
+    gone, clip = set(dropped), set(clipped)
+    tids, shards, labels = t["tile_id"].to_pylist(), t["shard"].to_pylist(), t["labels"].to_pylist()
+    by_shard: dict[str, list[int]] = {}
+    for i, (tid, shard) in enumerate(zip(tids, shards)):
+        if tid not in gone:
+            by_shard.setdefault(shard, []).append(i)
+    done = []
+    for shard, idx in by_shard.items():
+        io.write_parquet_atomic(decisions_uri(out, shard), pa.table({
+            "tile_id": [tids[i] for i in idx], "split": [SPLITS[split[i]] for i in idx],
+            "clipped": [sorted(set(labels[i]) & clip) for i in idx]}, schema=DECISIONS_SCHEMA))
+        done.append((shard, [int(n) for n in np.bincount(split[idx], minlength=len(SPLITS))]))
+    return done
+
+
+def neighbour_blocks(keys, cols, rows, bounds, block_m: float, buffer_m: float):
+    """Index pairs (a < b) of blocks whose tiles' bounds (lon/lat, ``bounds``: minx, miny, maxx, maxy per
+    block), widened by ``buffer_m`` as :func:`~sarlang_ray.splits.candidate_pairs` widens a tile's, meet: no tile
+    of two blocks outside these pairs can come within ``buffer_m``. From arrays only (no geometry per block):
+    the equal-area grid is cylindrical (x from longitude, y from latitude, both monotonic), so each block's
+    bounds cover a range of grid cells around its own, and only blocks within the widest such reach of each
+    other are compared, one cell offset at a time."""
+    import numpy as np
+    from pyproj import Transformer
+
+    from sarlang_ray.splits import _M_PER_DEG_LAT, EQUAL_AREA
+
+    keys, cols, rows = np.asarray(keys), np.asarray(cols, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    lat = np.maximum(np.abs(bounds[:, 1]), np.abs(bounds[:, 3]))
+    dlat = buffer_m / _M_PER_DEG_LAT
+    dlon = buffer_m / (_M_PER_DEG_LAT * np.maximum(np.cos(np.radians(np.minimum(lat, 89.9))), 1e-6))
+    wide = np.column_stack([bounds[:, 0] - dlon, bounds[:, 1] - dlat, bounds[:, 2] + dlon, bounds[:, 3] + dlat])
+    to_grid = Transformer.from_crs("EPSG:4326", EQUAL_AREA, always_xy=True)
+    x0, y0 = to_grid.transform(np.clip(wide[:, 0], -180, 180), np.clip(wide[:, 1], -89.9, 89.9))
+    x1, y1 = to_grid.transform(np.clip(wide[:, 2], -180, 180), np.clip(wide[:, 3], -89.9, 89.9))
+    # how many cells a block's widened bounds reach beyond its own cell (the widest, for every block)
+    reach = int(max(np.max(cols - np.floor(np.asarray(x0) / block_m)), np.max(np.floor(np.asarray(x1) / block_m) - cols),
+                    np.max(rows - np.floor(np.asarray(y0) / block_m)), np.max(np.floor(np.asarray(y1) / block_m) - rows), 0))
+    span = 2 * reach  # a block within the reach of another's widened bounds, whose own bounds reach back
+    out_a, out_b = [], []
+    for dc in range(-span, span + 1):
+        for dr in range(-span, span + 1):
+            if (dc, dr) <= (0, 0):
+                continue  # each unordered pair once (the offset and its opposite), never a block with itself
+            want = block_keys(cols + dc, rows + dr)
+            at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+            a = np.flatnonzero(keys[at] == want)
+            b = at[a]
+            meet = ((wide[a, 0] <= bounds[b, 2]) & (bounds[b, 0] <= wide[a, 2])
+                    & (wide[a, 1] <= bounds[b, 3]) & (bounds[b, 1] <= wide[a, 3])) | \
+                ((wide[b, 0] <= bounds[a, 2]) & (bounds[a, 0] <= wide[b, 2])
+                 & (wide[b, 1] <= bounds[a, 3]) & (bounds[a, 1] <= wide[b, 3]))
+            out_a.append(np.minimum(a[meet], b[meet]))
+            out_b.append(np.maximum(a[meet], b[meet]))
+    return np.concatenate(out_a), np.concatenate(out_b)
+
+
+def _remote(fn, **options):
+    import ray
+
+    return ray.remote(**{"num_cpus": 1, "max_retries": 3, **options})(fn)
+
+
+def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
+    """:func:`plan` for ``split_by: geographic`` without holding tiles in the driver (Ray tasks; same items
+    and counts, each item naming its shard's decisions file instead of carrying its tiles' splits).
+
+    1. tasks index batches of tiles shards (``_plan/index/``) and return per-block aggregates (tile count,
+       bounds); the driver keeps blocks only, as arrays;
+    2. blocks are assigned by :func:`~sarlang_ray.splits.block_runs_arrays` (today's Hilbert runs and ratios;
+       the start place whose block shares come closest to the ratios);
+    3. neighbouring blocks of different splits (bounds within ``buffer_m``) form connected groups; a task per
+       few groups loads their tiles and drops boundary tiles (:func:`~sarlang_ray.splits.ground_drops`);
+    4. a group-by on label id (tasks, hash partitions) clips the long labels spanning splits and drops the
+       tiles that put a short label in a second split;
+    5. tasks write the decisions per tiles shard (``_plan/decisions/``), and compute the leakage report the
+       same way (per group of neighbouring blocks, per object id)."""
+    import numpy as np
+    import pandas as pd
+    import ray
+
+    from sarlang_ray.splits import START_CANDIDATES, block_runs_arrays
+
+    e, run_dir = cfg.export, cfg.run.run_dir
+    out = io.join(run_dir, "export")
+    ratios = {"train": e.train, "val": e.val, "test": e.test}
+    tile_root = tables.shard_root(run_dir, "align")
+    names = [io.relative(u, tile_root) for u in tables.tiles_table_shards(run_dir)]
+    batches = [names[i:i + PLAN_SHARDS_PER_TASK] for i in range(0, len(names), PLAN_SHARDS_PER_TASK)]
+    index = _remote(_index_batch)
+    aggs, ks, planned = [], [], 0
+    pending = [index.remote(run_dir, out, k, b, e.block_m) for k, b in enumerate(batches)]
+    for ref in pending:  # one batch's aggregates at a time
+        a = ray.get(ref)
+        if a["tiles"]:
+            planned += a["tiles"]
+            ks.append(a["k"])
+            aggs.append(a["blocks"].assign(k=a["k"]))
+    del pending
+    if not aggs:
+        return [], {"planned": 0, "written": 0, "rejected": 0, "reasons": {}, "leakage": {}}
+    per_batch = pd.concat(aggs, ignore_index=True)
+    del aggs
+    blk = per_batch.groupby("key").agg(col=("col", "first"), row=("row", "first"), n=("n", "sum"), minx=("minx", "min"),
+                                       miny=("miny", "min"), maxx=("maxx", "max"), maxy=("maxy", "max"))
+    keys, sizes = blk.index.to_numpy(), blk["n"].to_numpy()
+    # neighbouring blocks (bounds within buffer_m): their tiles are the only ones that can meet
+    near_a, near_b = neighbour_blocks(keys, blk["col"].to_numpy(), blk["row"].to_numpy(),
+                                      blk[["minx", "miny", "maxx", "maxy"]].to_numpy(), e.block_m, e.buffer_m)
+    # the batches each block's tiles are in (key-sorted pairs: a block of revisits is in several)
+    pair_key, pair_k = per_batch["key"].to_numpy(), per_batch["k"].to_numpy()
+    order = np.argsort(pair_key, kind="stable")
+    pair_key, pair_k = pair_key[order], pair_k[order]
+    del per_batch, order
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    def boundary_units(split):
+        """The connected groups that neighbouring blocks of different splits form, packed into task units
+        (block keys of each group) with the index batches each unit reads."""
+        cross = split[near_a] != split[near_b]
+        a, b = near_a[cross], near_b[cross]
+        _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(keys), len(keys))), directed=False)
+        on_edge = np.zeros(len(keys), dtype=bool)
+        on_edge[a], on_edge[b] = True, True
+        groups = pd.DataFrame({"key": keys[on_edge], "comp": comp[on_edge], "n": sizes[on_edge]})
+        units, unit, unit_n = [], [], 0
+        for _, grp in groups.groupby("comp"):
+            unit.append(grp["key"].tolist())
+            unit_n += int(grp["n"].sum())
+            if unit_n >= PLAN_TILES_PER_UNIT:
+                units.append(unit)
+                unit, unit_n = [], 0
+        if unit:
+            units.append(unit)
+        unit_ks = []
+        for u in units:
+            flat = np.asarray([key for cl in u for key in cl], dtype=np.int64)
+            lo, hi = np.searchsorted(pair_key, flat, "left"), np.searchsorted(pair_key, flat, "right")
+            unit_ks.append(sorted({int(k) for i, j in zip(lo, hi) for k in pair_k[i:j]}))
+        return units, unit_ks
+
+    # a few seeded places to start the curve at; keep the one whose kept tiles come closest to the ratios (as the
+    # driver's planner: shares of the tiles kept, plus the share dropped), with the ground drops of each start
+    # resolved on the workers (boundary tiles only; label objects are settled for the start chosen)
+    boundary = _remote(_boundary_unit)
+    base = int(hashlib.sha256(f"{cfg.run.seed}:start".encode()).hexdigest(), 16)
+    candidates = []
+    for c in range(START_CANDIDATES):
+        split = block_runs_arrays(blk["col"].to_numpy(), blk["row"].to_numpy(), sizes, ratios, cfg.run.seed,
+                                  start=base + c * max(1, len(keys) // START_CANDIDATES))
+        units, unit_ks = boundary_units(split)
+        ref = ray.put((keys, split))
+        counted = [boundary.remote(out, uk, u, ref, ratios, e.buffer_m, count_only=True) for u, uk in zip(units, unit_ks)]
+        candidates.append((split, ref, units, unit_ks, counted))
+    best = None
+    for split, ref, units, unit_ks, counted in candidates:
+        lost = np.zeros(len(SPLITS))
+        for res in ray.get(counted):
+            lost += res["lost"]
+        kept = np.bincount(split, weights=sizes, minlength=len(SPLITS)) - lost
+        n = max(1, planned)
+        miss = sum((kept[i] / n - ratios[s]) ** 2 + (ratios[s] > 0 and kept[i] == 0) for i, s in enumerate(SPLITS)) \
+            + lost.sum() / n
+        if best is None or miss < best[0]:
+            best = (miss, split, ref, units, unit_ks)
+    _, split, blocks, units, unit_ks = best
+    del candidates, blk
+    drops = [d for res in ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m) for u, uk in zip(units, unit_ks)])
+             for d in res["drops"]]
+    ground = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
+    rows = _remote(_label_rows, num_returns=LABEL_BUCKETS)
+    mapped = [rows.remote(out, k, blocks, LABEL_BUCKETS, ground) for k in ks]
+    settle = _remote(_settle_labels)
+    settled = ray.get([settle.remote(ratios, e.block_m, *[m[p] for m in mapped]) for p in range(LABEL_BUCKETS)])
+    del mapped
+    clipped = sorted(c for s in settled for c in s["clipped"])
+    drops += [d for s in settled for d in s["drops"]]
+    del settled
+    dropped = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
+    # the leakage report's label part, by the same group-by on the kept tiles: it also settles which clipped labels
+    # still lie in two splits once every drop is known (the others are not clipped)
+    mapped = [rows.remote(out, k, blocks, LABEL_BUCKETS, dropped, ray.put(clipped)) for k in ks]
+    report_labels = _remote(_report_labels)
+    label_rep = ray.get([report_labels.remote(*[m[p] for m in mapped]) for p in range(LABEL_BUCKETS)])
+    del mapped
+    clipped = sorted(c for r in label_rep for c in r["clipped"])
+    decide = _remote(_decide)
+    decided = [ray.get(r) for r in [decide.remote(out, k, blocks, dropped, ray.put(clipped)) for k in ks]]
+    ground_rep = ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m, dropped) for u, uk in zip(units, unit_ks)])
+    kept = np.sum([n for batch in decided for _, n in batch], axis=0)
+    pairs = {}
+    for i, s in enumerate(SPLITS):
+        for t in SPLITS[i + 1:]:
+            p = f"{s}/{t}"
+            pairs[p] = {"intersection_m2": round(sum(r["report"]["area"][p] for r in ground_rep), 3),
+                        "tile_pairs_within_buffer": sum(r["report"]["pairs"][p] for r in ground_rep),
+                        "shared_objects": sum(r["shared"][p] for r in label_rep)}
+    leakage = {"buffer_m": e.buffer_m, "pairs": pairs,
+               "leak_free": all(p["intersection_m2"] == 0 and p["shared_objects"] == 0 for p in pairs.values()),
+               "tiles": {s: int(kept[i]) for i, s in enumerate(SPLITS)}, "clipped_objects": len(clipped),
+               "clipped_parts": sum(r["clipped_parts"] for r in label_rep), "split_by": e.split_by,
+               "dropped_tiles": len(drops), "planner": "workers", "blocks": len(keys), "boundary_units": len(units)}
+    io.write_json_atomic(io.join(out, "leakage.json"), leakage)
+    io.write_parquet_atomic(io.join(out, "errors.parquet"), errors_table(
+        [error_row("export", tid, kind, why) for tid, kind, why in sorted(drops)]))
+    written = int(kept.sum())
+    nested = written > e.images_per_prefix
+    shards = [(shard, n) for batch in decided for shard, n in batch]
+    items = [{"index": i, "shard": shard, "decisions": decisions_uri(out, shard), "nested_images": nested}
+             for i, (shard, _) in enumerate(shards)]
+    counts = {"planned": planned, "written": written, "rejected": len(drops),
+              "reasons": dict(Counter(kind for _, kind, _ in drops)), "leakage": leakage}
     return items, counts
 
 
@@ -213,7 +664,12 @@ class ExportShard:
         return json.dumps(consistency.check_pairs(pairs, tiles, self.visibility))
 
     def __call__(self, row: dict) -> dict:
-        name, split_of, clipped = row["shard"], json.loads(row["splits"]), set(json.loads(row.get("clipped") or "[]"))
+        name = row["shard"]
+        if row.get("decisions"):  # planned on the workers: this shard's decisions file
+            d = io.read_parquet(row["decisions"]).to_pylist()
+            split_of, clipped = {t["tile_id"]: t["split"] for t in d}, {c for t in d for c in t["clipped"]}
+        else:
+            split_of, clipped = json.loads(row["splits"]), set(json.loads(row.get("clipped") or "[]"))
         done_uri = io.join(self.out, PARTS, "_done", name.replace("/", "__") + ".json")
         if io.exists(done_uri):  # an earlier, interrupted run finished this shard: its files are there
             done = io.read_json(done_uri)
@@ -458,9 +914,9 @@ def remove_merged_parquet(out: str, jobs: list[dict]) -> None:
                     fs.rm(path)
 
 
-def remove_parts(out: str) -> None:
-    """Remove ``export/_parts/`` once every file is assembled."""
-    fs, path = io.filesystem(io.join(out, PARTS))
+def remove_parts(out: str, folder: str = PARTS) -> None:
+    """Remove ``export/_parts/`` once every file is assembled (or ``folder``: the planner's ``_plan/``)."""
+    fs, path = io.filesystem(io.join(out, folder))
     fs.invalidate_cache(path)  # workers wrote there: a listing this process cached may not show it
     if fs.exists(path):
         fs.rm(path, recursive=True)

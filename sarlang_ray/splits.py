@@ -142,6 +142,52 @@ def hilbert_index(x: int, y: int, order: int = 32) -> int:
     return d
 
 
+def hilbert_indexes(x: np.ndarray, y: np.ndarray, order: int = 32) -> np.ndarray:
+    """:func:`hilbert_index` of many cells at once (numpy, uint64): the same positions, for block arrays."""
+    x, y = np.asarray(x, dtype=np.uint64).copy(), np.asarray(y, dtype=np.uint64).copy()
+    d = np.zeros(x.shape, dtype=np.uint64)
+    s = 1 << (order - 1)
+    while s > 0:
+        su = np.uint64(s)
+        rx, ry = ((x & su) > 0).astype(np.uint64), ((y & su) > 0).astype(np.uint64)
+        d += su * su * ((np.uint64(3) * rx) ^ ry)
+        rot = ry == 0
+        flip = rot & (rx == 1)
+        x[flip], y[flip] = su - np.uint64(1) - x[flip], su - np.uint64(1) - y[flip]
+        x[rot], y[rot] = y[rot], x[rot].copy()
+        s >>= 1
+    return d
+
+
+def block_runs_arrays(cols: np.ndarray, rows: np.ndarray, sizes: np.ndarray, ratios: dict[str, float], seed: int,
+                      start: int | None = None) -> np.ndarray:
+    """:func:`block_runs` on block arrays (column, row, tile count of each block): the index in ``SPLITS`` of
+    each block's split, the same assignment, without a dict of block names (a driver holds blocks as arrays)."""
+    names = [s for s in SPLITS if ratios.get(s, 0) > 0]
+    names = sorted(names, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    out = np.zeros(len(cols), dtype=np.int8)
+    if not len(cols):
+        return out
+    h = hilbert_indexes(np.asarray(cols, dtype=np.int64) + (1 << 30), np.asarray(rows, dtype=np.int64) + (1 << 30))
+    order = np.argsort(h, kind="stable")
+    if start is None:
+        start = int(hashlib.sha256(f"{seed}:start".encode()).hexdigest(), 16)
+    order = np.roll(order, -(start % len(order)))
+    total = float(sizes.sum()) or 1.0
+    sz = np.asarray(sizes, dtype=np.float64)[order]
+    code = [SPLITS.index(s) for s in names]
+    filled, k, bound, n = 0.0, 0, ratios[names[0]] * total, len(order)
+    chosen = np.empty(n, dtype=np.int8)
+    for i in range(n):
+        while k < len(names) - 1 and (filled + sz[i] / 2 > bound or n - i <= len(names) - 1 - k):
+            k += 1
+            bound += ratios[names[k]] * total
+        chosen[i] = code[k]
+        filled += sz[i]
+    out[order] = chosen
+    return out
+
+
 def block_runs(block_sizes: dict[str, int], ratios: dict[str, float], seed: int, start: int | None = None) -> dict[str, str]:
     """Block -> split: blocks in Hilbert order (started at ``start``, else a seeded place), cut into one
     contiguous run per split sized by ``ratios`` (in items), so each split is a few compact regions and
@@ -249,6 +295,17 @@ def _resolve(split: list[str], meeting: list[tuple[int, int]], tiles: list[Split
              buffer_m: float, objects: ObjectIndex) -> tuple[dict[str, str], dict[str, tuple[str, str]], set[str]]:
     """Drop tiles until no two tiles of different splits meet, then settle the label objects
     (:func:`resolve_objects`); (tile id -> split, tile id -> (error class, why), clipped label ids)."""
+    dropped = ground_drops(split, meeting, tiles, ratios, buffer_m)
+    clipped = resolve_objects(split, dropped, tiles, ratios, objects)
+    return ({t.tile_id: s for i, (t, s) in enumerate(zip(tiles, split)) if i not in dropped},
+            {tiles[i].tile_id: why for i, why in dropped.items()}, clipped)
+
+
+def ground_drops(split: list[str], meeting: list[tuple[int, int]], tiles: list[SplitTile], ratios: dict[str, float],
+                 buffer_m: float) -> dict[int, tuple[str, str]]:
+    """The tiles dropped so that no two tiles of different splits meet (index -> (error class, why)): the most
+    costly first, greedily. Tiles that meet no tile of another split never enter, so running it on any set of
+    tiles that holds every conflict of a connected group of conflicts gives that group's drops."""
     conflicts: dict[int, set[int]] = defaultdict(set)
     for i, j in meeting:
         if split[i] != split[j]:
@@ -278,9 +335,7 @@ def _resolve(split: list[str], meeting: list[tuple[int, int]], tiles: list[Split
         for j in conflicts.pop(i):
             conflicts[j].discard(i)
             heapq.heappush(heap, (cost(j), j))
-    clipped = resolve_objects(split, dropped, tiles, ratios, objects)
-    return ({t.tile_id: s for i, (t, s) in enumerate(zip(tiles, split)) if i not in dropped},
-            {tiles[i].tile_id: why for i, why in dropped.items()}, clipped)
+    return dropped
 
 
 def meeting_pairs(tiles: list[SplitTile], buffer_m: float) -> list[tuple[int, int]]:

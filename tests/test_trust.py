@@ -48,6 +48,27 @@ def test_every_date_and_polarisation_of_a_burst_lands_in_one_split(opera_run):
                                        for p in report["pairs"].values())
     e = summary["stages"]["export"]
     assert e["planned"] == e["written"] + e["rejected"]
+    # by brute force over the exported tiles (shapely in each tile's UTM zone, not the planner): no two tiles of
+    # different splits closer than export.buffer_m (tiles of one UTM zone: the 15 bursts' track)
+    import numpy as np
+    import shapely
+    from pyproj import Transformer
+    from shapely.ops import transform as reproject
+
+    split_of = {}
+    for f in Path(cfg.run.run_dir, "export", "parquet").glob("*/*.parquet"):
+        split_of |= dict(zip(*pq.read_table(f, columns=["tile_id", "split"]).to_pydict().values()))
+    tiles = [t for t in pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "footprint", "crs"]).to_pylist()
+             if t["tile_id"] in split_of]
+    by_crs = defaultdict(list)
+    for t in tiles:
+        by_crs[t["crs"]].append(t)
+    for crs, group in by_crs.items():
+        to_utm = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+        geoms = np.array([reproject(to_utm.transform, shapely.from_wkb(t["footprint"])) for t in group])
+        a, b = shapely.STRtree(geoms).query(geoms, predicate="dwithin", distance=cfg.export.buffer_m)
+        assert len(a) > len(group)  # neighbours were compared, not only each tile with itself
+        assert all(split_of[group[i]["tile_id"]] == split_of[group[j]["tile_id"]] for i, j in zip(a.tolist(), b.tolist()))
 
 
 def test_a_tile_stage_that_plans_nothing_says_why_and_exits_non_zero(opera_run, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """export: geographic splits, a leakage report, and the dataset in four forms under ``export/``
 (see :mod:`sarlang_ray.export`).
 
-The driver splits the tiles from small descriptors and holds only those and per-shard counters: every
+Ray tasks plan the split from block aggregates (the driver holds blocks and per-shard counters, not tiles;
+:func:`~sarlang_ray.export.plan_on_workers`), each shard's decisions in a file its exporter reads: every
 shard is exported by an actor of a pool (:class:`~sarlang_ray.export.ExportShard`: PNGs, Parquet shards,
 per-shard parts of the JSON and CSV files, the contradiction checker's report of its pairs); the driver then
 streams each JSON/CSV file together from its parts, one part in memory at a time
@@ -47,6 +48,7 @@ def _body(cfg: WorkflowConfig) -> dict:
     export.write_dataset_info(out, {job["logical"] for job in jobs if job["sharded"]})
     export.remove_merged_parquet(out, jobs)
     export.remove_parts(out)
+    export.remove_parts(out, export.PLAN)  # the planner's index and decisions: read by the shards, now done
     stats = export.merge_stats(manifest)
     leakage = split_counts["leakage"]
     counts = {"splits": {s: {"tiles": stats["tiles"][s], "pairs": stats["pairs"][s]} for s in SPLITS},
