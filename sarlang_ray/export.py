@@ -959,7 +959,7 @@ def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage
         "gsd.png": ("Tiles per GSD (m)", Counter(dict(sorted(stats["gsd"].items(), key=lambda kv: float(kv[0]))))),
     }
     twins = _twin_section(cfg.run.run_dir, out, plt)
-    samples = _sample_section(cfg.run.run_dir, out, plt, seed=cfg.run.seed)
+    samples = _sample_section(cfg.run.run_dir, out, seed=cfg.run.seed)
     for fname, (title, counter) in charts.items():
         items = list(counter.items()) if fname == "gsd.png" else counter.most_common()
         fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -1087,44 +1087,20 @@ def _draw_samples(run_dir: str, out: str, jobs: list[tuple[str, str]], seed: int
     plots.save_png(fig, io.join(out, "plots", "samples.png"))
 
 
-def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
-    """The card's pictures: a mosaic of CARD_SAMPLES random test tiles (SAR and optical twin with boxes, a few
-    of their pairs under each: ``plots/samples.png``) and the exported tiles' footprints coloured by split, one
-    panel per region (``plots/split_map.png``). Read shard by shard: the tiles' pixels of the sample only, the
-    footprints of at most CARD_MAP_TILES tiles. The driver picks tile ids; a Ray task reads the pixels."""
-    import random
-
+def _draw_split_map(out: str, jobs: list[tuple[str, str, str]]) -> str:
+    """``plots/split_map.png``: the footprints of the exported tiles (at most CARD_MAP_TILES), coloured by split,
+    one panel per region, from each (split, membership file, tiles shard) of ``jobs``; returns the card's text
+    for it (a Ray task: it reads the tiles shards' footprints)."""
     import numpy as np
 
-    rng = random.Random(seed)
-    shards = _exported_shards(out)
-    align_of = _align_shards(run_dir)
-    if not shards:
-        return ""
-    text = ""
-    test = [uri for split, uri in shards if split == "test"]
-    picked: list[tuple[str, str]] = []  # (export shard, tile id): a random shard, then a random tile of it
-    for uri in rng.sample(test, len(test)):
-        t = io.read_parquet(uri, columns=["tile_id", "split"]).to_pylist()
-        ids = sorted({r["tile_id"] for r in t if r["split"] == "test"})
-        picked += [(uri, t) for t in rng.sample(ids, min(len(ids), CARD_SAMPLES - len(picked)))]
-        if len(picked) >= CARD_SAMPLES:
-            break
-    if picked:  # the pixels are read and drawn by a Ray worker: the driver reads no image of the tiles table
-        import ray
-
-        jobs = [(align_of[uri.rsplit("/", 1)[-1]], tid) for uri, tid in picked]
-        ray.get(ray.remote(num_cpus=1)(_draw_samples).remote(run_dir, out, jobs, seed))
-        text += (f"## Samples\n{len(picked)} random test tiles (SAR and its optical twin, boxes in class colours), with "
-                 f"{CARD_PAIRS} of their pairs each (`sarlang view` browses them all): "
-                 + ", ".join(f"`{t}`" for _, t in picked) + ".\n\n![samples](plots/samples.png)\n\n")
+    plt = plots.pyplot()
     regions: dict[str, list] = {}
     drawn = 0
-    for split, uri in shards:
+    for split, uri, align_uri in jobs:
         if drawn >= CARD_MAP_TILES:
             break
         ids = {r["tile_id"] for r in io.read_parquet(uri, columns=["tile_id", "split"]).to_pylist() if r["split"] == split}
-        for t in io.read_parquet(align_of[uri.rsplit("/", 1)[-1]], columns=["tile_id", "region", "footprint"]).to_pylist():
+        for t in io.read_parquet(align_uri, columns=["tile_id", "region", "footprint"]).to_pylist():
             if t["tile_id"] in ids and drawn < CARD_MAP_TILES:
                 ring = np.asarray(shapely.from_wkb(t["footprint"]).exterior.coords)
                 regions.setdefault(t["region"] or "?", []).append((split, ring))
@@ -1146,12 +1122,46 @@ def _sample_section(run_dir: str, out: str, plt, seed: int) -> str:
         plots.legend_outside(axes.flat[-1], handles=[Patch(color=c, alpha=0.6, label=s) for s, c in SPLIT_COLOURS.items()],
                              fontsize=8)
         plots.save_png(fig, io.join(out, "plots", "split_map.png"))
-        text += ("## Tiles per split on the map\nFootprints of the exported tiles, coloured by split, one panel per region"
+        return ("## Tiles per split on the map\nFootprints of the exported tiles, coloured by split, one panel per region"
                  + (f" (the first {CARD_MAP_TILES})" if drawn >= CARD_MAP_TILES else "") + ": "
                  + "; ".join(f"{region}: " + ", ".join(f"{sp} {n}" for sp, n in Counter(sp for sp, _ in polys).items())
                              for region, polys in sorted(regions.items()))
                  + ".\n\n![split map](plots/split_map.png)\n")
-    return text
+    return ""
+
+
+def _sample_section(run_dir: str, out: str, seed: int) -> str:
+    """The card's pictures: a mosaic of CARD_SAMPLES random test tiles (SAR and optical twin with boxes, a few
+    of their pairs under each: ``plots/samples.png``) and the exported tiles' footprints coloured by split, one
+    panel per region (``plots/split_map.png``). Read shard by shard: the tiles' pixels of the sample only, the
+    footprints of at most CARD_MAP_TILES tiles. The driver picks tile ids from the membership files; Ray tasks read
+    the tiles shards (pixels, footprints) and draw."""
+    import random
+
+    import ray
+
+    rng = random.Random(seed)
+    shards = _exported_shards(out)
+    align_of = _align_shards(run_dir)
+    if not shards:
+        return ""
+    text = ""
+    test = [uri for split, uri in shards if split == "test"]
+    picked: list[tuple[str, str]] = []  # (export shard, tile id): a random shard, then a random tile of it
+    for uri in rng.sample(test, len(test)):
+        t = io.read_parquet(uri, columns=["tile_id", "split"]).to_pylist()
+        ids = sorted({r["tile_id"] for r in t if r["split"] == "test"})
+        picked += [(uri, t) for t in rng.sample(ids, min(len(ids), CARD_SAMPLES - len(picked)))]
+        if len(picked) >= CARD_SAMPLES:
+            break
+    if picked:  # the pixels are read and drawn by a Ray worker: the driver reads no image of the tiles table
+        jobs = [(align_of[uri.rsplit("/", 1)[-1]], tid) for uri, tid in picked]
+        ray.get(ray.remote(num_cpus=1)(_draw_samples).remote(run_dir, out, jobs, seed))
+        text += (f"## Samples\n{len(picked)} random test tiles (SAR and its optical twin, boxes in class colours), with "
+                 f"{CARD_PAIRS} of their pairs each (`sarlang view` browses them all): "
+                 + ", ".join(f"`{t}`" for _, t in picked) + ".\n\n![samples](plots/samples.png)\n\n")
+    jobs = [(split, uri, align_of[uri.rsplit("/", 1)[-1]]) for split, uri in shards]
+    return text + ray.get(ray.remote(num_cpus=1)(_draw_split_map).remote(out, jobs))
 
 
 def _twin_section(run_dir: str, out: str, plt) -> str:
