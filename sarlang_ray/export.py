@@ -313,7 +313,7 @@ def _label_bucket(labels, buckets: int):
     return (pd.util.hash_array(np.asarray(labels, dtype=object)) % np.uint64(buckets)).astype(np.int64)
 
 
-def _label_rows(out: str, k: int, blocks, buckets: int, dropped=None, clipped=None) -> tuple:
+def _label_rows(out: str, k: int, blocks, buckets: int, dropped=None, clipped=None) -> int:
     """The map side of the group-by on label id: one row per (tile, label) of a batch, with the tile's split
     and grid centroid and whether the plan dropped it, in ``buckets`` partitions by hash of the label. With
     ``clipped`` (the report's pass), the rows of kept tiles only, by object id (a clipped label: its part's)."""
@@ -338,10 +338,22 @@ def _label_rows(out: str, k: int, blocks, buckets: int, dropped=None, clipped=No
         df = pd.DataFrame({"base": df["label"].to_numpy(), "label": object_id, "split": df["split"].to_numpy(),
                            "clipped": is_clipped}).drop_duplicates()
     bucket = _label_bucket(df["base" if clipped is not None else "label"].to_numpy(), buckets)  # a label's parts together
-    return tuple(df[bucket == b] for b in range(buckets))
+    folder = "report" if clipped is not None else "labels"
+    for b in range(buckets):  # files, not task results: small results would come back through the driver
+        part = df[bucket == b]
+        if len(part):
+            io.write_parquet_atomic(io.join(out, PLAN, folder, f"{b:02d}", f"{k:05d}.parquet"),
+                                    pa.Table.from_pandas(part, preserve_index=False))
+    return len(df)
 
 
-def _settle_labels(ratios: dict[str, float], block_m: float, *parts) -> dict:
+def _partition(out: str, folder: str, b: int, ks: list[int]):
+    """Every map task's rows of one partition of the group-by on label id (a pandas frame, or None)."""
+    uris = [u for u in (io.join(out, PLAN, folder, f"{b:02d}", f"{k:05d}.parquet") for k in ks) if io.exists(u)]
+    return io.read_parquet(uris).to_pandas() if uris else None
+
+
+def _settle_labels(ratios: dict[str, float], block_m: float, out: str, b: int, ks: list[int]) -> dict:
     """The reduce side: every label id of one partition with all its tiles. A label whose tiles (those the
     ground resolution kept) lie in more than one split is clipped when long (its tiles' grid centroids more
     than ``block_m`` apart along x or y, as :class:`~sarlang_ray.splits.ObjectIndex`), else stays in the split
@@ -349,8 +361,8 @@ def _settle_labels(ratios: dict[str, float], block_m: float, *parts) -> dict:
     (:func:`~sarlang_ray.splits.resolve_objects`' rule, each label on the ground-kept tiles)."""
     import pandas as pd
 
-    df = pd.concat(parts, ignore_index=True)
-    if df.empty:
+    df = _partition(out, "labels", b, ks)
+    if df is None or df.empty:
         return {"drops": [], "clipped": []}
     g = df.groupby("label")
     span = pd.concat([g["gx"].max() - g["gx"].min(), g["gy"].max() - g["gy"].min()], axis=1).max(axis=1)
@@ -379,15 +391,14 @@ def _settle_labels(ratios: dict[str, float], block_m: float, *parts) -> dict:
     return {"drops": [(tid, kind, why) for tid, (kind, why) in drops.items()], "clipped": clipped}
 
 
-def _report_labels(*parts) -> dict:
+def _report_labels(out: str, b: int, ks: list[int]) -> dict:
     """The leakage report's label part for one partition of label ids (the kept tiles' object ids): per pair of
     splits, the object ids in both; the clipped labels whose kept tiles still lie in more than one split (a
     label clipped on the ground-kept tiles whose other parts' tiles were all dropped for another label is one
     split's again, as :func:`~sarlang_ray.splits.resolve_objects` decides after every drop), and their parts."""
-    import pandas as pd
 
-    df = pd.concat(parts, ignore_index=True).drop_duplicates()
-    if df.empty:
+    df = _partition(out, "report", b, ks)
+    if df is None or df.empty:
         return {"shared": Counter(), "clipped": [], "clipped_parts": 0}
     parts_of = df[df["clipped"]].groupby("base")["split"].nunique()
     clipped = sorted(parts_of[parts_of > 1].index)
@@ -395,9 +406,9 @@ def _report_labels(*parts) -> dict:
     shared = Counter()
     for _, splits in df.groupby("label")["split"]:
         s = sorted(set(splits.tolist()))
-        for i, a in enumerate(s):
-            for b in s[i + 1:]:
-                shared[f"{SPLITS[a]}/{SPLITS[b]}"] += 1
+        for i, x in enumerate(s):
+            for y in s[i + 1:]:
+                shared[f"{SPLITS[x]}/{SPLITS[y]}"] += 1
     return {"shared": shared, "clipped": clipped, "clipped_parts": int(parts_of[parts_of > 1].sum())}
 
 
@@ -497,6 +508,7 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     tile_root = tables.shard_root(run_dir, "align")
     names = [io.relative(u, tile_root) for u in tables.tiles_table_shards(run_dir)]
     batches = [names[i:i + PLAN_SHARDS_PER_TASK] for i in range(0, len(names), PLAN_SHARDS_PER_TASK)]
+    remove_parts(out, PLAN)  # an earlier plan's files: this one writes its own
     index = _remote(_index_batch)
     aggs, ks, planned = [], [], 0
     pending = [index.remote(run_dir, out, k, b, e.block_m) for k, b in enumerate(batches)]
@@ -579,21 +591,19 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     drops = [d for res in ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m) for u, uk in zip(units, unit_ks)])
              for d in res["drops"]]
     ground = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
-    rows = _remote(_label_rows, num_returns=LABEL_BUCKETS)
-    mapped = [rows.remote(out, k, blocks, LABEL_BUCKETS, ground) for k in ks]
+    rows = _remote(_label_rows)
+    ray.get([rows.remote(out, k, blocks, LABEL_BUCKETS, ground) for k in ks])
     settle = _remote(_settle_labels)
-    settled = ray.get([settle.remote(ratios, e.block_m, *[m[p] for m in mapped]) for p in range(LABEL_BUCKETS)])
-    del mapped
+    settled = ray.get([settle.remote(ratios, e.block_m, out, p, ks) for p in range(LABEL_BUCKETS)])
     clipped = sorted(c for s in settled for c in s["clipped"])
     drops += [d for s in settled for d in s["drops"]]
     del settled
     dropped = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
     # the leakage report's label part, by the same group-by on the kept tiles: it also settles which clipped labels
     # still lie in two splits once every drop is known (the others are not clipped)
-    mapped = [rows.remote(out, k, blocks, LABEL_BUCKETS, dropped, ray.put(clipped)) for k in ks]
+    ray.get([rows.remote(out, k, blocks, LABEL_BUCKETS, dropped, ray.put(clipped)) for k in ks])
     report_labels = _remote(_report_labels)
-    label_rep = ray.get([report_labels.remote(*[m[p] for m in mapped]) for p in range(LABEL_BUCKETS)])
-    del mapped
+    label_rep = ray.get([report_labels.remote(out, p, ks) for p in range(LABEL_BUCKETS)])
     clipped = sorted(c for r in label_rep for c in r["clipped"])
     decide = _remote(_decide)
     decided = [ray.get(r) for r in [decide.remote(out, k, blocks, dropped, ray.put(clipped)) for k in ks]]
