@@ -31,7 +31,9 @@ import pyarrow.compute as pc
 
 from sarlang_ray import io, tables
 
-STATIC = ("index.html", "tile.html", "map.html", "leakage.html", "errors.html", "leaderboard.html", "app.js", "style.css")
+STATIC = ("app.js", "style.css")
+# the site's pages: file -> title; each is view_static/page.html with its title and the page app.js renders
+PAGES = {"index": "Tiles", "tile": "Tile", "map": "Map", "leakage": "Leakage", "errors": "Errors", "leaderboard": "Leaderboard"}
 FILTERS = ("split", "application", "gsd", "scene", "class", "qc", "error")  # the grid's filters: fields of an index row
 SPLITS = ("train", "val", "test")
 NOT_EXPORTED = "not exported"
@@ -249,6 +251,9 @@ def build_site(run_dir: str, out: str | None = None, sample: int = 100, thumb_px
     static = resources.files("sarlang_ray") / "view_static"
     for name in STATIC:
         io.write_bytes_atomic(io.join(out, name), (static / name).read_bytes())
+    shell = (static / "page.html").read_text()
+    for page, title in PAGES.items():
+        io.write_bytes_atomic(io.join(out, f"{page}.html"), shell.replace("{title}", title).replace("{page}", page).encode())
     jobs = shard_jobs(run_dir, out, thumb_px, sample)
     task = ray.remote(num_cpus=1, max_retries=2)(view_shard)
     width = max_in_flight or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
