@@ -319,10 +319,16 @@ def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_wo
             ray.get(ref, timeout=60)
         cancelled = int(pid_file.read_text())
         deadline = time.time() + 10
-        while psutil.pid_exists(cancelled) and psutil.Process(cancelled).status() != psutil.STATUS_ZOMBIE \
-                and time.time() < deadline:
+
+        def gone() -> bool:  # exited, or a zombie; NoSuchProcess: it exited between the two calls
+            try:
+                return psutil.Process(cancelled).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        while not gone() and time.time() < deadline:
             time.sleep(0.05)
-        assert not psutil.pid_exists(cancelled) or psutil.Process(cancelled).status() == psutil.STATUS_ZOMBIE
+        assert gone()
         keys = ray.get(task.options(**opts).remote(str(pid_file), batch, tiny_vlm), timeout=120)
         assert int(pid_file.read_text()) != cancelled
         assert {"input_ids", "labels", "pixel_values"} <= set(keys)
