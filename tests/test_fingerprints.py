@@ -40,7 +40,7 @@ ALTERNATES = {
     "annotate.qc.colour": "reject", "annotate.qc.count": "reject", "annotate.qc.hallucination": "repair",
     "annotate.qc.vague": "off", "annotate.qc.duplicate": "off", "annotate.qc.contradiction": "reject",
     "annotate.implied_by": "{building: water}",
-    "export.split_by": "scene", "export.train": "0.6", "export.val": "0.2", "export.test": "0.1",
+    "export.split_by": "scene", "export.planner": "driver", "export.train": "0.6", "export.val": "0.2", "export.test": "0.1",
     "train.method": "full", "train.precision": "fp32", "train.strategy": "fsdp",
     "evaluate.images": "[sar, sar_equalized]", "evaluate.split": "val", "evaluate.vqa_mode": "strict",
     "evaluate.judge": "openai", "evaluate.judge_model": "all-MiniLM-L12", "evaluate.baselines": "[majority]",
