@@ -111,24 +111,33 @@ def _count(root: str, pattern: str) -> int:
         return 0
 
 
-def _progress_of(run_dir: str, stage: str, cfg) -> tuple[int, int | None]:
-    """(done, total or None) of a running stage, from the files under the run folder."""
-    shards = lambda name: _count(io.join(run_dir, name, "shards"), "*/*.parquet")  # noqa: E731
-    if stage == "tile":
-        return shards("tile"), None
-    if stage == "align":
-        return shards("align"), shards("tile")
-    if stage == "annotate":
-        return shards("annotate"), shards("align")
-    if stage == "export":
-        return _count(io.join(run_dir, "export", "objects"), "*.parquet"), shards("annotate")
+def _shards(run_dir: str, stage: str) -> int:
+    return _count(io.join(run_dir, stage, "shards"), "*/*.parquet")
+
+
+def _total_of(run_dir: str, stage: str, cfg) -> int | None:
+    """The items a stage will do (its input's shards, or the evaluate trials), or None where the files do not
+    say: fixed while the stage runs, so listed once per stage, not once per tick of the bar."""
+    inputs = {"align": "tile", "annotate": "align", "export": "annotate"}
+    if stage in inputs:
+        return _shards(run_dir, inputs[stage])
     if stage == "evaluate":
         ev = cfg.evaluate
-        trials = len(ev.models) * len(ev.images) * max(1, len(getattr(ev, "prompts", None) or [None]))
-        return _count(io.join(run_dir, "evaluate", "predictions"), "*.parquet"), trials
+        return len(ev.models) * len(ev.images) * max(1, len(getattr(ev, "prompts", None) or [None]))
+    return None
+
+
+def _done_of(run_dir: str, stage: str) -> int:
+    """The items a running stage has written so far, from the files under the run folder."""
+    if stage in ("tile", "align", "annotate"):
+        return _shards(run_dir, stage)
+    if stage == "export":
+        return _count(io.join(run_dir, "export", "objects"), "*.parquet")
+    if stage == "evaluate":
+        return _count(io.join(run_dir, "evaluate", "predictions"), "*.parquet")
     if stage == "catalog":
-        return (1 if io.exists(io.join(run_dir, "catalog", "scenes.parquet")) else 0), None
-    return 0, None
+        return 1 if io.exists(io.join(run_dir, "catalog", "scenes.parquet")) else 0
+    return 0
 
 
 class Console:
@@ -153,8 +162,9 @@ class Console:
             self._thread.start()
 
     def _bar(self, name: str, t0: float) -> None:
+        total = _total_of(self.cfg.run.run_dir, name, self.cfg)
         while not self._stop.wait(self.interval_s):
-            done, total = _progress_of(self.cfg.run.run_dir, name, self.cfg)
+            done = _done_of(self.cfg.run.run_dir, name)
             elapsed = time.time() - t0
             rate = done / elapsed if elapsed > 0 else 0.0
             if total:

@@ -1097,21 +1097,22 @@ def _draw_samples(run_dir: str, out: str, jobs: list[tuple[str, str]], seed: int
     plots.save_png(fig, io.join(out, "plots", "samples.png"))
 
 
-def _draw_split_map(out: str, jobs: list[tuple[str, str, str]]) -> str:
+def _draw_split_map(out: str, jobs: list[tuple[str, str]]) -> str:
     """``plots/split_map.png``: the footprints of the exported tiles (at most CARD_MAP_TILES), coloured by split,
-    one panel per region, from each (split, membership file, tiles shard) of ``jobs``; returns the card's text
-    for it (a Ray task: it reads the tiles shards' footprints)."""
+    one panel per region, from each (membership file, tiles shard) of ``jobs``, each read once; returns the card's
+    text for it (a Ray task: it reads the tiles shards' footprints)."""
     import numpy as np
 
     plt = plots.pyplot()
     regions: dict[str, list] = {}
     drawn = 0
-    for split, uri, align_uri in jobs:
+    for uri, align_uri in jobs:
         if drawn >= CARD_MAP_TILES:
             break
-        ids = {r["tile_id"] for r in io.read_parquet(uri, columns=["tile_id", "split"]).to_pylist() if r["split"] == split}
+        split_of = {r["tile_id"]: r["split"] for r in io.read_parquet(uri, columns=["tile_id", "split"]).to_pylist()}
         for t in io.read_parquet(align_uri, columns=["tile_id", "region", "footprint"]).to_pylist():
-            if t["tile_id"] in ids and drawn < CARD_MAP_TILES:
+            split = split_of.get(t["tile_id"])
+            if split and drawn < CARD_MAP_TILES:
                 ring = np.asarray(shapely.from_wkb(t["footprint"]).exterior.coords)
                 regions.setdefault(t["region"] or "?", []).append((split, ring))
                 drawn += 1
@@ -1134,7 +1135,8 @@ def _draw_split_map(out: str, jobs: list[tuple[str, str, str]]) -> str:
         plots.save_png(fig, io.join(out, "plots", "split_map.png"))
         return ("## Tiles per split on the map\nFootprints of the exported tiles, coloured by split, one panel per region"
                  + (f" (the first {CARD_MAP_TILES})" if drawn >= CARD_MAP_TILES else "") + ": "
-                 + "; ".join(f"{region}: " + ", ".join(f"{sp} {n}" for sp, n in Counter(sp for sp, _ in polys).items())
+                 + "; ".join(f"{region}: " + ", ".join(f"{sp} {n}" for sp, n in sorted(
+                     Counter(sp for sp, _ in polys).items(), key=lambda kv: SPLITS.index(kv[0])))
                              for region, polys in sorted(regions.items()))
                  + ".\n\n![split map](plots/split_map.png)\n")
     return ""
@@ -1170,7 +1172,7 @@ def _sample_section(run_dir: str, out: str, seed: int) -> str:
         text += (f"## Samples\n{len(picked)} random test tiles (SAR and its optical twin, boxes in class colours), with "
                  f"{CARD_PAIRS} of their pairs each (`sarlang view` browses them all): "
                  + ", ".join(f"`{t}`" for _, t in picked) + ".\n\n![samples](plots/samples.png)\n\n")
-    jobs = [(split, uri, align_of[uri.rsplit("/", 1)[-1]]) for split, uri in shards]
+    jobs = [(uri, align_of[uri.rsplit("/", 1)[-1]]) for uri in sorted({uri for _, uri in shards})]
     return text + ray.get(ray.remote(num_cpus=1)(_draw_split_map).remote(out, jobs))
 
 

@@ -35,7 +35,6 @@ STATIC = ("app.js", "style.css")
 # the site's pages: file -> title; each is view_static/page.html with its title and the page app.js renders
 PAGES = {"index": "Tiles", "tile": "Tile", "map": "Map", "leakage": "Leakage", "errors": "Errors", "leaderboard": "Leaderboard"}
 FILTERS = ("split", "application", "gsd", "scene", "class", "qc", "error")  # the grid's filters: fields of an index row
-SPLITS = ("train", "val", "test")
 NOT_EXPORTED = "not exported"
 TILE_COLUMNS = ["tile_id", "scene_id", "gsd_m", "region", "footprint", "sar_png", "optical_png", "objects", "landcover",
                 "width", "height"]
