@@ -134,6 +134,17 @@ def worker(mode: str, hrefs: list[str], n_windows: int, counts_url: str) -> dict
     return out
 
 
+def run_best(repeat: int, *args) -> dict:
+    """``run_worker`` ``repeat`` times: requests and bytes of the first run (every run asks the same), each
+    pass's fastest time (the machine is shared: the slower runs measure other people's load)."""
+    runs = [run_worker(*args) for _ in range(repeat)]
+    best = runs[0]
+    for key in [k for k in best if "/" in k]:
+        best[key]["seconds"] = min(r[key]["seconds"] for r in runs)
+        best[key]["seconds_all_runs"] = [r[key]["seconds"] for r in runs]
+    return best
+
+
 def run_worker(mode: str, hrefs, n_windows: int, counts_url: str, env_extra: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GDAL_", "CPL_", "VSI_", "FSSPEC_"))}
     env.update(env_extra, PYTHONPATH=str(REPO))
@@ -162,6 +173,7 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=30.0)
     ap.add_argument("--windows", type=int, default=12, help="random 512x512 windows per scene, level and pass")
     ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per configuration (fastest time kept)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gdal_network.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--hrefs", help=argparse.SUPPRESS)
@@ -182,6 +194,7 @@ def main() -> None:
 
     latency = a.latency_ms / 1000
     report = {"what": __doc__.split("\n")[0], "latency_ms_per_request": a.latency_ms, "window": WINDOW,
+              "runs_per_configuration": a.repeat, "seconds": "each pass's fastest of the runs",
               "windows_per_scene_level_pass": a.windows,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "rasterio": rasterio.__version__,
                           "gdal": rasterio.__gdal_version__, "load_average_1min": round(os.getloadavg()[0], 1)},
@@ -198,7 +211,7 @@ def main() -> None:
         with FileServer(Path(tmp) / "archive", signed_only=False, latency_s=latency) as server:
             counters.target = server
             hrefs = [(f"{server.url}/{p.name}", sizes[p.name]) for p in files]
-            runs["vsicurl"] = {name: run_worker(mode, hrefs, a.windows, counters.url, env)
+            runs["vsicurl"] = {name: run_best(a.repeat, mode, hrefs, a.windows, counters.url, env)
                                for name, mode, env in configurations({}, {})}
         weed = s3_server.WeedMini(Path(tmp) / "weed", BUCKET)
         weed.start()
@@ -213,7 +226,7 @@ def main() -> None:
                            "AWS_SECRET_ACCESS_KEY": s3_server.ENV["FSSPEC_S3_SECRET"]}
                 sarlang = {**s3_server.ENV, "FSSPEC_S3_ENDPOINT_URL": proxy.url}
                 hrefs = [(f"s3://{BUCKET}/archive/{p.name}", sizes[p.name]) for p in files]
-                runs["vsis3"] = {name: run_worker(mode, hrefs, a.windows, counters.url, env)
+                runs["vsis3"] = {name: run_best(a.repeat, mode, hrefs, a.windows, counters.url, env)
                                  for name, mode, env in configurations(storage, sarlang)}
         finally:
             weed.stop()
