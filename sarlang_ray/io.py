@@ -255,12 +255,24 @@ def read_parquet(uris: list[str] | str, columns: list[str] | None = None) -> pa.
 RASTER_READERS = ("gdal", "fsspec")
 # how s3:// rasters are read in this process and the Ray workers it starts (``run.raster_reader``)
 RASTER_READER_ENV = "SARLANG_RASTER_READER"
-# GDAL's HTTP tuning for /vsis3/: set only where the environment does not set the option already
-GDAL_S3_TUNING = {
+# GDAL's network settings for remote rasters (/vsis3/, /vsicurl/), in ONE place: every process that opens a
+# remote raster through open_raster puts them into its environment (configure_gdal_network), where the
+# environment does not set the option already, so a user overrides any of them by setting it (in the shell, or
+# a cluster's runtime_env env_vars). Chosen by benchmarks/bench_gdal_network.py (docs/remote-rasters.md).
+GDAL_NETWORK = {
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",  # one ranged GET for neighbouring blocks of a window
+    "GDAL_HTTP_MULTIRANGE": "YES",  # the ranges of a window fetched in parallel (GDAL's default, pinned)
+    "GDAL_HTTP_MULTIPLEX": "YES",  # ... over one HTTP/2 connection where the server speaks HTTP/2
     "GDAL_HTTP_MAX_RETRY": "3",  # retry 429/502/503/504 (a busy object store), ...
     "GDAL_HTTP_RETRY_DELAY": "1",  # ... after 1 s, then longer
 }
+# GDAL's options for the open of an http(s) raster (thread-local, for the open only: what GDAL learns at open,
+# the sidecar list, is kept by the dataset). A URL names one object: listing its "folder" is a GET of an HTML
+# page that blob stores refuse, after which GDAL asks for every sidecar name it knows (.aux.xml, .ovr, .msk,
+# ...), each a request with its latency; EMPTY_DIR asks for none. (/vsis3/ keeps its one LIST per folder:
+# sidecars such as pyroSAR's .aux.xml are found there.)
+GDAL_HTTP_OPEN = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+GDAL_S3_TUNING = GDAL_NETWORK  # the name this table had when it tuned /vsis3/ only
 _gdal_s3_lock = threading.Lock()
 _gdal_s3_applied: dict[str, str] = {}
 
@@ -407,13 +419,13 @@ def configure_gdal_s3(fs: fsspec.AbstractFileSystem) -> dict[str, str]:
     connection), each reading the options anew. ``rasterio.Env`` (and ``rasterio.env.set_gdal_config``
     outside the main thread) sets thread-local options that other threads do not see and that end with
     the ``with`` block, and rasterio's ``AWSSession`` needs boto3. Worker processes that start later
-    inherit the settings, which name the same storage as their own fsspec config. The tuning options of
-    :data:`GDAL_S3_TUNING` are added where the environment does not set them. Options set here that a
+    inherit the settings, which name the same storage as their own fsspec config. The network options of
+    :data:`GDAL_NETWORK` are added where the environment does not set them. Options set here that a
     new ``fs`` no longer implies are removed. Returns the options in force.
     """
     storage = gdal_s3_options(fs)
     with _gdal_s3_lock:
-        wanted = {**{k: v for k, v in GDAL_S3_TUNING.items() if k not in os.environ or k in _gdal_s3_applied},
+        wanted = {**{k: v for k, v in GDAL_NETWORK.items() if k not in os.environ or k in _gdal_s3_applied},
                   **storage}
         if wanted != _gdal_s3_applied:
             for key in set(_gdal_s3_applied) - set(wanted):
@@ -422,6 +434,23 @@ def configure_gdal_s3(fs: fsspec.AbstractFileSystem) -> dict[str, str]:
             _gdal_s3_applied.clear()
             _gdal_s3_applied.update(wanted)
         return dict(_gdal_s3_applied)
+
+
+def configure_gdal_network() -> dict[str, str]:
+    """Put GDAL's network settings (:data:`GDAL_NETWORK`) into this process's environment where it does not
+    set them already (a user's own value wins), for every thread and every handle GDAL opens later (see
+    :func:`configure_gdal_s3` for why the environment). Called at every remote open; returns the options in
+    force."""
+    with _gdal_s3_lock:
+        for key, value in GDAL_NETWORK.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _gdal_s3_applied[key] = value
+        return {key: os.environ[key] for key in GDAL_NETWORK}
+
+
+def _is_http(uri: str) -> bool:
+    return uri.lower().startswith(("http://", "https://"))
 
 
 def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
@@ -436,9 +465,11 @@ def open_raster(uri: str, reader: str | None = None, **options) -> rasterio.io.D
     Local paths are opened directly. ``s3://`` URIs are read by GDAL's ``/vsis3/`` (``reader="gdal"``,
     the default: ranged GETs of the blocks a window needs, GDAL's block cache, object sizes and headers
     cached per process; endpoint and credentials from the pipeline's fsspec config, see
-    :func:`configure_gdal_s3`) or through a Python fsspec file object (``reader="fsspec"``).
+    :func:`configure_gdal_s3`) or through a Python fsspec file object (``reader="fsspec"``); ``http(s)://``
+    URIs likewise by GDAL's ``/vsicurl/`` (no sidecar looked for: :data:`GDAL_HTTP_OPEN`) or fsspec.
+    Both GDAL paths run with :data:`GDAL_NETWORK` (:func:`configure_gdal_network`).
     ``reader=None`` takes ``$SARLANG_RASTER_READER`` (``run.raster_reader``), so worker processes follow
-    the run's choice. Other remote schemes (``gs://``, ``https://``) go through fsspec. A local ``.vrt``
+    the run's choice. Other remote schemes (``gs://``) go through fsspec. A local ``.vrt``
     may name ``/vsis3/`` sources: GDAL gets the same storage settings before opening one. GDAL keeps what
     it learned of an object (size, listing, cached ranges) for the life of the process: write a changed
     file under a new name, not over an object already read.
@@ -455,11 +486,16 @@ def open_raster(uri: str, reader: str | None = None, **options) -> rasterio.io.D
             configure_gdal_s3(fsspec.filesystem("s3"))
         return rasterio.open(href, **options)
     fs, path = filesystem(href)
-    name = raster_reader(reader) if _is_s3(fs) else "fsspec"
+    http = _is_http(href)
+    name = raster_reader(reader) if _is_s3(fs) or http else "fsspec"
     try:
         # a signed href names one object: GDAL must not look for sidecars (.aux.xml, .ovr, .msk) beside it,
-        # whose names it would derive from the signed URL (query included) and ask for unsigned
-        with rasterio.Env(**({"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"} if href != uri else {})):
+        # whose names it would derive from the signed URL (query included) and ask for unsigned; nor beside
+        # any http(s) URL (GDAL_HTTP_OPEN)
+        with rasterio.Env(**(GDAL_HTTP_OPEN if http or href != uri else {})):
+            if name == "gdal" and http:
+                configure_gdal_network()
+                return rasterio.open(f"/vsicurl/{href}", **options)
             if name == "gdal":
                 configure_gdal_s3(fs)
                 return rasterio.open(f"/vsis3/{path}", **options)
@@ -473,7 +509,7 @@ def open_raster(uri: str, reader: str | None = None, **options) -> rasterio.io.D
 def _open_failure(uri: str, reader: str, fs: fsspec.AbstractFileSystem, path: str, exc: Exception) -> str:
     """Why ``uri`` did not open, and what to check: asks the storage (through fsspec) whether the object
     exists, so a missing object and refused access read differently."""
-    via = "GDAL /vsis3/" if reader == "gdal" else "fsspec"
+    via = ("GDAL /vsis3/" if _is_s3(fs) else "GDAL /vsicurl/") if reader == "gdal" else "fsspec"
     if _is_s3(fs):
         where = fs.client_kwargs.get("endpoint_url") or fs.endpoint_url
         where = f"{via}, endpoint {where}" if where else f"{via}, the default AWS endpoint"

@@ -23,6 +23,9 @@ A snapshot is read as a pyarrow dataset: the bbox, datetime and collection predi
 Parquet row-group statistics (files and row groups whose statistics cannot match are not read), then the
 exact footprint test (shapely) and the property filter run per record batch on what remains, so the
 driver holds the selection, never the snapshot.
+
+An API search is frozen as its pages arrive (:func:`_freeze_api`): items that pass go to a spool on disk page by
+page and become stac-geoparquet in chunks, so the driver holds a page, never the search.
 """
 
 from __future__ import annotations
@@ -295,16 +298,8 @@ def freeze(q: SearchSection, run_dir: str) -> tuple[str, dict]:
     stats: dict = {}
     cap = q.max_items
     io.makedirs(io.join(run_dir, FOLDER))
-    if is_api(q.source):
-        found = []
-        for item in api_items(q, geom, stats):
-            if _keep(item, q, geom, start, end):
-                found.append(item)
-                if cap is not None and len(found) >= cap:
-                    break
-        n = len(found)
-        if n:
-            io.write_parquet_atomic(uri, _items_table(found))
+    if is_api(q.source):  # page by page to a spool on disk, then to Parquet in chunks: the driver holds a page
+        n = _freeze_api(q, geom, start, end, stats, uri)
     else:  # written batch by batch as the scan selects them: the driver holds one batch, not the selection
         written = [0]
         io.write_stream_atomic(uri, _snapshot_chunks(snapshot_batches(q, geom, stats), cap, written))
@@ -350,27 +345,43 @@ def _snapshot_chunks(parts: Iterator[pa.Table], cap: int | None, written: list[i
         yield drain()
 
 
-def _items_table(items: list[dict]) -> pa.Table:
-    """Item dicts as a stac-geoparquet table (GeoParquet 1.1 metadata with the bbox covering)."""
-    import stac_geoparquet.arrow
-
-    table = stac_geoparquet.arrow.parse_stac_items_to_arrow(items).read_all()
-    return _with_geo_metadata(table)
+SPOOL_CHUNK = 1024  # items per Arrow batch when the spool of an API search becomes Parquet
 
 
-def _with_geo_metadata(table: pa.Table) -> pa.Table:
-    """The GeoParquet metadata stac-geoparquet writes (``to_parquet``), on the table itself, so the atomic
-    writer of :mod:`sarlang_ray.io` can write it anywhere."""
+def _freeze_api(q: SearchSection, geom, start, end, stats: dict, uri: str) -> int:
+    """Write the items of an API search that pass the client-side filter to ``uri`` as stac-geoparquet; returns
+    how many. Pages are consumed as pystac-client fetches them: each passing item goes to a local NDJSON spool
+    as it arrives, so the driver holds one page, not the search. stac-geoparquet then converts the spool in
+    chunks of :data:`SPOOL_CHUNK` items (two passes: the schema common to all items, since pages may carry
+    different properties and assets; then the rows, batch by batch through a Parquet writer), and the file is
+    copied to the run folder in blocks."""
     import os
     import tempfile
 
     import stac_geoparquet.arrow
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "empty.parquet")
-        stac_geoparquet.arrow.to_parquet(table.slice(0, 0), path)
-        meta = pq.read_schema(path).metadata
-    return table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+    n, cap = 0, q.max_items
+    with tempfile.TemporaryDirectory(prefix="sarlang-search-") as tmp:
+        spool = os.path.join(tmp, "items.ndjson")
+        with open(spool, "w") as f:
+            for item in api_items(q, geom, stats):
+                if _keep(item, q, geom, start, end):
+                    f.write(json.dumps(item, separators=(",", ":")) + "\n")
+                    n += 1
+                    if cap is not None and n >= cap:
+                        break
+        if n:
+            parquet = os.path.join(tmp, "items.parquet")
+            stac_geoparquet.arrow.to_parquet(
+                stac_geoparquet.arrow.parse_stac_ndjson_to_arrow(spool, chunk_size=SPOOL_CHUNK), parquet)
+            io.write_stream_atomic(uri, _file_blocks(parquet))
+    return n
+
+
+def _file_blocks(path: str, size: int = 8 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(size):
+            yield block
 
 
 def read_items(uri: str) -> Iterator[dict]:

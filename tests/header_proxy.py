@@ -1,11 +1,13 @@
 """A pass-through HTTP proxy on 127.0.0.1 that records the headers of every request (tests: what a reader
-sent to SeaweedFS: a signature or none, ``x-amz-request-payer``)."""
+sent to SeaweedFS: a signature or none, ``x-amz-request-payer``); with ``latency_s`` it delays every answer, as
+a remote store's round trip would, and ``bytes_sent`` counts the body bytes it answered (benchmarks)."""
 
 from __future__ import annotations
 
 import http.client
 import http.server
 import threading
+import time
 from urllib.parse import urlsplit
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
@@ -25,6 +27,8 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         conn.request(self.command, self.path, body=body or None, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
+        if server.latency_s:
+            time.sleep(server.latency_s)
         self.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in _HOP and (k.lower() != "content-length" or self.command == "HEAD"):
@@ -34,6 +38,8 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+            with server.lock:
+                server.bytes_sent += len(data)
         conn.close()
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
@@ -45,8 +51,9 @@ class _Forward(http.server.BaseHTTPRequestHandler):
 class HeaderProxy(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, latency_s: float = 0.0):
         self.upstream, self.requests, self.lock = upstream, [], threading.Lock()
+        self.latency_s, self.bytes_sent = latency_s, 0
         super().__init__(("127.0.0.1", 0), _Forward)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 

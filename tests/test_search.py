@@ -215,3 +215,32 @@ def _items_n(real_sar: Path, folder: Path, n: int) -> list[dict]:
                     "properties": {"datetime": (T0 + dt.timedelta(hours=i)).isoformat().replace("+00:00", "Z"),
                                    "platform": "sentinel-1a", "sar:polarizations": ["VV", "VH"] if i % 2 == 0 else ["VV"]}})
     return out
+
+
+def test_api_pages_of_different_shapes_freeze_whole(real_sar, tmp_path):
+    """The API path writes each page to the snapshot as it arrives: items of later pages carry a property and an
+    asset the first pages' items lack, and the frozen stac-geoparquet still holds every item as served (ids,
+    properties and asset keys), with a cap that stops in the middle of a page."""
+    items = _items_n(real_sar, tmp_path / "rasters", 30)
+    for i, it in enumerate(items):
+        it["assets"] = {"vv": it["assets"]["vv"]}
+        if i >= 20:  # from the fifth page of 5 on
+            it["properties"]["sat:relative_orbit"] = 37 + i
+            it["assets"]["thumbnail"] = {"href": f"http://127.0.0.1/thumb{i}.png", "roles": ["thumbnail"]}
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    server = RustacServer(path, tmp_path / "rustac.log").start()
+    try:
+        uri, counts = search.freeze(SearchSection(source=server.url, page_size=5), str(tmp_path / "a"))
+        capped, _ = search.freeze(SearchSection(source=server.url, page_size=5, max_items=23), str(tmp_path / "b"))
+    finally:
+        server.stop()
+    assert counts["pages"] >= 6 and counts["items"] == 30
+    frozen = {d["id"]: d for d in search.read_items(uri)}
+    assert set(frozen) == {it["id"] for it in items}
+    for it in items:
+        got = frozen[it["id"]]
+        assert set(got["assets"]) == set(it["assets"])
+        assert got["properties"].get("sat:relative_orbit") == it["properties"].get("sat:relative_orbit")
+        assert got["properties"]["sar:polarizations"] == it["properties"]["sar:polarizations"]
+    assert [d["id"] for d in search.read_items(capped)] == [it["id"] for it in items][:23]
