@@ -42,6 +42,13 @@ def test_make_run_prints_at_most_80_lines_with_counts_and_leaderboard(tmp_path):
             assert f"planned {counts['planned']} = written {counts['written']} + rejected {counts['rejected']}" in line
     board = (run_dir / "evaluate" / "leaderboard.md").read_text().strip().splitlines()
     assert board and all(row in lines for row in board)  # the leaderboard, every row of it
+    # the whole recipe ran: the untrained and the fine-tuned tiny VLM on SAR with the paper's prompts, both baselines
+    for row in ("| base | sar | paper |", "| finetuned | sar | paper |", "majority answer (lower bound)",
+                "template oracle (upper bound)"):
+        assert any(row in x for x in board), row
+    assert (run_dir / "tiny-vlm" / "model.safetensors").exists()  # train.init_tiny wrote the model
+    assert (run_dir / "evaluate" / "plots" / "vqa_per_application.png").exists()
+    assert (run_dir / "summary.json").exists() and (run_dir / "export" / "dataset_card.md").exists()
 
     logs = list((run_dir / "logs").glob("run-*.log"))
     assert len(logs) == 1 and str(logs[0]) in lines[0]  # named at the start
