@@ -12,9 +12,10 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,57 @@ from sarlang_ray.errors import has_credentials, redact_text, redact_urls
 
 class ConfigError(ValueError):
     """A workflow config or override is invalid; the message names the key and what to do."""
+
+
+# old resource keys, loaded for one release: each is the upper bound of an autoscaling `concurrency` when that
+# is unset (`max_actors: 8` -> `concurrency: [1, 8]`); `_translate_legacy` rewrites them with a warning
+LEGACY_BOUNDS = {"tile.max_tasks": "tile.concurrency", "align.max_actors": "align.concurrency",
+                 "annotate.max_actors": "annotate.concurrency"}
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A workflow or override uses a config key that is replaced; it still loads, translated, for one release.
+    A FutureWarning, so Python shows it to the person running a command (DeprecationWarning it hides)."""
+
+
+@dataclass
+class StageResources:
+    """The resource keys of every data stage (catalog, tile, align, annotate, export; evaluate's inference
+    actors), one vocabulary (docs/scaling.md, "Resource keys"): what one worker (a Ray task or an actor)
+    reserves, and how many run at once. Fingerprints ignore them (they say how fast, never what is
+    written)."""
+
+    num_cpus: float = 1.0  # CPUs per worker (task or actor)
+    num_gpus: float = 0.0  # GPUs per worker (model backends)
+    memory_gb: float | None = None  # memory reserved per worker (null: none reserved)
+    # workers at once, Ray Data's convention: N (a fixed number), [min, max] (autoscaling between the two:
+    # what the cluster cannot place yet is the autoscaler's demand) or null (the cluster decides: as many as
+    # its resources hold, growing with the cluster up to one per work item)
+    concurrency: int | list[int] | None = None
+
+    def resource_problems(self, section: str) -> list[str]:
+        """The resource keys' value checks, each naming its key (``section``: where this section sits)."""
+        problems = [f"{section}.{key} must be >= 0, not {getattr(self, key)}"
+                    for key in ("num_cpus", "num_gpus") if getattr(self, key) < 0]
+        if self.memory_gb is not None and self.memory_gb <= 0:
+            problems.append(f"{section}.memory_gb must be > 0 or null (no memory reserved), "
+                            f"not {self.memory_gb}")
+        c = self.concurrency
+        fixed = _is_int(c) and c >= 1
+        bounds = isinstance(c, list) and len(c) == 2 and all(_is_int(v) for v in c) and 1 <= c[0] <= c[1]
+        if not (c is None or fixed or bounds):
+            problems.append(f"{section}.concurrency must be N >= 1 (fixed), [min, max] with 1 <= min <= max "
+                            f"(autoscaling) or null (the cluster decides), not {c}")
+        return problems
+
+
+class ResourceKeys(TypedDict):
+    """What a stage runs with: :func:`resource_keys` of its section."""
+
+    num_cpus: float
+    num_gpus: float
+    memory_gb: float | None
+    concurrency: int | tuple[int, int] | None
 
 
 @dataclass
@@ -86,7 +138,8 @@ class SearchSection:
 
 
 @dataclass
-class CatalogSection:
+class CatalogSection(StageResources):
+    # resource keys (StageResources): num_cpus, num_gpus, memory_gb and concurrency of the page tasks
     archive: str = "${synth.out_dir}"  # archive root: local folder or s3://bucket/prefix
     sar_glob: list[str] = field(default_factory=lambda: ["sar/**/*.tif"])  # SAR scene patterns, relative to the archive
     # regex -> replacement applied to a SAR uri to find its optical twin / land-cover raster (null: none)
@@ -170,7 +223,8 @@ class SpeckleSection:
 
 
 @dataclass
-class TileSection:
+class TileSection(StageResources):
+    # resource keys (StageResources) of the chunk tasks; concurrency: chunks at once
     gsds_m: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0])  # target pyramid
     include_native: bool = False  # also tile every scene at its own native GSD
     tile_size: int = 256  # tile width and height in pixels
@@ -189,12 +243,6 @@ class TileSection:
     bands: str = "auto"
     # tile only the windows that intersect this lon/lat box [west, south, east, north] (null: whole scenes)
     aoi: list[float] | None = None
-    # chunks run as Ray tasks on the cluster's pooled worker processes (stages.runner.map_tasks)
-    concurrency: int | None = None  # chunks at once (None: as many as the cluster's CPUs hold, see max_tasks)
-    num_cpus: float = 1.0  # CPUs per task
-    max_tasks: int | None = None  # with concurrency unset, chunks submitted at once (None: every chunk, at most 4096);
-    # those the cluster cannot run yet are the autoscaler's demand
-    memory_gb: float | None = None  # memory reserved per task (None: none reserved)
     # GDAL block cache per worker process (MB): the block rows that neighbouring tiles (and the speckle
     # filter's halo) share stay decoded. None: GDAL's default, 5 % of the node's RAM in every process
     gdal_cache_mb: int | None = 256
@@ -202,9 +250,15 @@ class TileSection:
     def step(self) -> int:
         return self.stride or self.tile_size
 
+    @property
+    def max_tasks(self) -> int | None:
+        """Transitional, for the stage code until it reads :func:`resource_keys`: the old key's value."""
+        return _upper_bound(self.concurrency)
+
 
 @dataclass
-class AlignSection:
+class AlignSection(StageResources):
+    # resource keys (StageResources) of the align workers
     min_visible_fraction: float = 0.3  # objects less visible inside a tile are dropped as slivers
     invalid_geometry: str = "reject"  # reject (errors table) or repair (shapely make_valid) bad geometries
     class_column: str = "class"  # column of the labels holding the class name
@@ -215,10 +269,11 @@ class AlignSection:
     # a shipped legend used instead of landcover_classes: worldcover (ESA WorldCover 10 m: 10 tree cover ...
     # 100 moss and lichen); null: landcover_classes
     landcover_preset: str | None = None
-    concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
-    num_cpus: float = 1.0  # CPUs per worker
-    max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)
-    memory_gb: float | None = None  # memory reserved per worker actor (None: none reserved)
+
+    @property
+    def max_actors(self) -> int | None:
+        """Transitional, for the stage code until it reads :func:`resource_keys`: the old key's value."""
+        return _upper_bound(self.concurrency)
 
 
 @dataclass
@@ -306,7 +361,8 @@ DEFAULT_MIN_SIZE_PX = {"ship": 3.0, "aircraft": 6.0, "car": 4.0, "storage tank":
 
 
 @dataclass
-class AnnotateSection:
+class AnnotateSection(StageResources):
+    # resource keys (StageResources) of the annotation workers (num_gpus: model backends)
     backend: str = "template"  # template, hf, openai, or "package.module:Class" of your own backend
     identification_pairs: int = 2  # yes/no identification pairs per tile (as many yes as no)
     max_per_family: int = 3  # cap of questions per question family and tile
@@ -323,15 +379,16 @@ class AnnotateSection:
     openai: OpenAISection = field(default_factory=OpenAISection)
     hf: HFSection = field(default_factory=HFSection)
     vllm: VLLMSection = field(default_factory=VLLMSection)  # backend=vllm: engine knobs (model etc. from hf)
-    concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
-    num_cpus: float = 1.0  # CPUs per worker
-    num_gpus: float = 0.0  # GPUs per worker (model backends)
-    max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)
-    memory_gb: float | None = None  # memory reserved per worker actor (None: none reserved)
+
+    @property
+    def max_actors(self) -> int | None:
+        """Transitional, for the stage code until it reads :func:`resource_keys`: the old key's value."""
+        return _upper_bound(self.concurrency)
 
 
 @dataclass
-class ExportSection:
+class ExportSection(StageResources):
+    # resource keys (StageResources) of the export tasks (planning, shards, assembling files)
     # geographic (default): tiles whose ground footprints intersect or lie within buffer_m of each other are
     # always in one split, whatever scene, GSD, date or polarisation they come from (spatial blocks on an
     # equal-area grid, boundary tiles dropped). scene or region: weaker, same ground can land in two splits
@@ -397,7 +454,10 @@ class PromptSection:
 
 
 @dataclass
-class EvaluateSection:
+class EvaluateSection(StageResources):
+    # resource keys (StageResources) of the inference actors, per trial (engine=hf; vllm sizes its replicas in
+    # evaluate.vllm); concurrency 1 by default: one model per trial
+    concurrency: int | list[int] | None = 1
     # models: "base" (= train.model), "finetuned" (the train stage's merged checkpoint), or any hub name / folder
     models: list[str] = field(default_factory=lambda: ["base", "finetuned"])
     images: list[str] = field(default_factory=lambda: ["sar"])  # preprocessing variants: sar, sar_equalized, optical
@@ -431,9 +491,6 @@ class EvaluateSection:
     max_new_tokens_caption: int = 32  # concise captions (detailed ones get 3x)
     max_new_tokens_answer: int = 8
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
-    concurrency: int = 1  # inference actors per trial
-    num_cpus: float = 1.0  # CPUs per inference actor
-    num_gpus: float = 0.0  # GPUs per inference actor
     max_concurrent_trials: int = 1  # Ray Tune trials at once
     storage_path: str | None = None  # Tune results (local or s3://); None: <run_dir>/evaluate/tune
     engine: str = "hf"  # how trials generate: hf (transformers generate on an actor pool) or vllm (Ray Data LLM)
@@ -467,6 +524,31 @@ class WorkflowConfig:
 
 
 STAGES = ("synth", "catalog", "tile", "align", "annotate", "export", "train", "evaluate")
+# the StageResources sections
+RESOURCE_SECTIONS = ("catalog", "tile", "align", "annotate", "export", "evaluate")
+
+
+def resource_keys(section: StageResources | TrainSection) -> ResourceKeys:
+    """What one worker of a stage reserves and how many run at once, in the one vocabulary: ``concurrency`` is
+    N (fixed), ``(min, max)`` (autoscaling) or None (the cluster decides).
+
+    Train keeps Ray Train's own keys (``ScalingConfig``), mapped here for a caller that wants one shape:
+    ``num_workers`` is a fixed concurrency, ``cpus_per_worker`` the CPUs and ``use_gpu`` one GPU per
+    worker."""
+    if isinstance(section, TrainSection):
+        return ResourceKeys(num_cpus=section.cpus_per_worker, num_gpus=1.0 if section.use_gpu else 0.0,
+                            memory_gb=None, concurrency=section.num_workers)
+    c = section.concurrency
+    return ResourceKeys(num_cpus=section.num_cpus, num_gpus=section.num_gpus, memory_gb=section.memory_gb,
+                        concurrency=(c[0], c[1]) if isinstance(c, list) else c)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _upper_bound(concurrency: int | list[int] | None) -> int | None:
+    return concurrency[1] if isinstance(concurrency, list) else None
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WorkflowConfig:
@@ -482,13 +564,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             loaded = OmegaConf.load(path)
             if "name" not in loaded:  # the summary names the workflow actually run
                 loaded.name = os.path.splitext(os.path.basename(path))[0]
-            cfg = _merge(cfg, loaded)
+            cfg = _merge(cfg, _translate_legacy(cfg, loaded, path))
         for item in overrides:  # one at a time, so that an error names its override
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"override {item!r} is not key=value (for example tile.tile_size=128)")
             source = f"override {item!r}"
-            cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={_quote_list_items(value)}"]))
+            incoming = OmegaConf.from_dotlist([f"{key}={_quote_list_items(value)}"])
+            cfg = _merge(cfg, _translate_legacy(cfg, incoming, source))
         source, key = path, None
         OmegaConf.resolve(cfg)
         try:
@@ -496,7 +579,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         except ConfigError as exc:  # a section's own check (VLLMSection does not know where it sits)
             raise ConfigError(_placed(cfg, exc)) from None
     except OmegaConfBaseException as exc:
-        problem = getattr(exc, "msg", None) or str(exc).split("\n")[0]
+        problem = (getattr(exc, "msg", None) or str(exc)).split("\n")[0]
         if not (getattr(exc, "full_key", None) or key):  # failed resolving: name the interpolations given
             key = ", ".join(k for k, _, v in (o.partition("=") for o in overrides) if "${" in v) or None
             source = source if key is None else "the overrides' interpolations"
@@ -526,6 +609,37 @@ def _read_off_as_off(cfg: WorkflowConfig) -> None:
             obj = getattr(obj, part)
         if getattr(obj, name) == "False":
             setattr(obj, name, "off")
+
+
+def _translate_legacy(base: DictConfig, incoming: DictConfig, source: str | None) -> DictConfig:
+    """``incoming`` with the old resource keys of LEGACY_BOUNDS rewritten into ``concurrency``, each with a
+    ConfigDeprecationWarning naming the new key (Python shows a warning once per process and message).
+
+    The old key was the upper bound of an autoscaling pool when ``concurrency`` was unset, and ignored when it
+    was set: ``max_actors: 8`` becomes ``concurrency: [1, 8]`` unless a fixed ``concurrency: N`` is given
+    (here or earlier), which still wins."""
+    for old, new in LEGACY_BOUNDS.items():
+        section, key = old.split(".")
+        node = incoming.get(section) if isinstance(incoming, DictConfig) else None
+        if not isinstance(node, DictConfig) or key not in node:
+            continue
+        bound = node.pop(key)
+        where = f" in {source}" if source else ""
+        if bound is not None and not (_is_int(bound) and bound >= 1):
+            raise ConfigError(f"invalid config{where}: {old} (replaced by {new}) must be >= 1 or null, "
+                              f"not {bound}; write {new}=[1, N] instead")
+        given = node.get("concurrency") if "concurrency" in node else OmegaConf.select(base, new)
+        if bound is None:
+            change = f"drop {old} (null was its default: {new}=null lets the cluster decide)"
+        elif _is_int(given):
+            change = f"{old}={bound} is ignored, as before, since {new}={given} fixes the number; drop {old}"
+        else:
+            node["concurrency"] = [1, bound]
+            change = (f"{old}={bound} now reads as {new}=[1, {bound}] (autoscaling from 1 to {bound}); "
+                      "write that instead")
+        warnings.warn(f"deprecated config key {old}{where}: {change}. The old key loads until the next "
+                      "release", ConfigDeprecationWarning, stacklevel=3)
+    return incoming
 
 
 # mappings that a workflow or override replaces whole (merging would keep default classes the user dropped)
@@ -568,7 +682,8 @@ def _placed(cfg: DictConfig, exc: ConfigError) -> str:
 
 def _message(source: str | None, key: str | None, problem: str, advice: str) -> str:
     where = f" in {source}" if source else ""
-    return f"invalid config{where}: key {key!r}: {problem}. {advice}"
+    end = "" if problem.endswith((".", "?", "!")) else "."
+    return f"invalid config{where}: key {key!r}: {problem}{end} {advice}"
 
 
 def _floats(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -671,12 +786,8 @@ def _check(cfg: WorkflowConfig) -> None:
         rule = getattr(cfg.catalog, name)
         if rule is not None and len(rule) != 2:
             problems.append(f"catalog.{name} must be [regex, replacement] or null")
-    for name, key in (("tile", "max_tasks"), ("align", "max_actors"), ("annotate", "max_actors")):
-        section = getattr(cfg, name)
-        if getattr(section, key) is not None and getattr(section, key) < 1:
-            problems.append(f"{name}.{key} must be >= 1 or null (no limit: one per work item)")
-        if section.memory_gb is not None and section.memory_gb <= 0:
-            problems.append(f"{name}.memory_gb must be > 0 or null (no memory reserved)")
+    for name in RESOURCE_SECTIONS:
+        problems += getattr(cfg, name).resource_problems(name)
     t = cfg.tile
     if t.tile_size < 16 or t.step() < 1:
         problems.append("tile.tile_size must be >= 16 and tile.stride >= 1")
