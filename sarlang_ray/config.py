@@ -22,7 +22,7 @@ import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypedDict, Union, cast, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -164,9 +164,11 @@ class StageResources(Section):
             problems.append(f"{section}.memory_gb must be > 0 or null (no memory reserved), "
                             f"not {self.memory_gb}")
         c = self.concurrency
-        fixed = _is_int(c) and c >= 1
-        bounds = isinstance(c, list) and len(c) == 2 and all(_is_int(v) for v in c) and 1 <= c[0] <= c[1]
-        if not (c is None or fixed or bounds):
+        if isinstance(c, list):
+            ok = len(c) == 2 and all(_is_int(v) for v in c) and 1 <= c[0] <= c[1]
+        else:
+            ok = c is None or (_is_int(c) and c >= 1)
+        if not ok:
             problems.append(f"{section}.concurrency must be N >= 1 (fixed), [min, max] with 1 <= min <= max "
                             f"(autoscaling) or null (the cluster decides), not {c}")
         return problems
@@ -863,6 +865,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     try:
         if path is not None:
             loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"invalid config in {path}: a workflow is a mapping of sections (run:, tile:, ...), "
+                                  f"not a {type(loaded).__name__}")
             if "name" not in loaded:  # the summary names the workflow actually run
                 loaded.name = os.path.splitext(os.path.basename(path))[0]
             cfg = _merge(cfg, _prepare(cfg, loaded, path))
@@ -956,7 +961,7 @@ def _merge(base: DictConfig, incoming: DictConfig) -> DictConfig:
     for key in REPLACED_MAPPINGS:
         if OmegaConf.select(incoming, key) is not None:
             OmegaConf.update(base, key, {}, merge=False)
-    return OmegaConf.merge(base, incoming)
+    return cast(DictConfig, OmegaConf.merge(base, incoming))
 
 
 _BARE_ITEM = re.compile(r"^[^'\"\[\]{},]*[*?!&|>%@`][^'\"\[\]{},]*$")

@@ -92,3 +92,10 @@ def test_fingerprints_see_the_modes_as_plain_strings():
         settings = stage.settings(cfg)
         assert json.loads(json.dumps(settings)) == settings, stage.name  # plain JSON, nothing that encodes differently
     assert registry()["tile"].settings(cfg)["tile"]["speckle"]["filter"] == "lee"
+
+
+def test_a_workflow_file_that_is_not_a_mapping_is_refused(tmp_path):
+    workflow = tmp_path / "list.yaml"
+    workflow.write_text("- tile\n- align\n")
+    with pytest.raises(ConfigError, match="a workflow is a mapping of sections"):
+        load_config(str(workflow))
