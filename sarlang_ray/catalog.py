@@ -48,7 +48,6 @@ from sarlang_ray import companions, io, safe, search, stac, tables
 from sarlang_ray.gcps import Georef, to_lists
 from sarlang_ray.config import CatalogSection
 from sarlang_ray.errors import ItemError, error_row
-from sarlang_ray.rows import SceneRow
 
 STAGE = "catalog"
 # Header sanity limits, checked before any pixel is read: a header can claim any size, and GDAL reads a
@@ -713,7 +712,7 @@ def inspect_group(bands: list[dict], cfg: CatalogSection) -> dict:
 _STAC_COLUMNS = ("stac_item", "stac_asset", "datetime", "platform", "instrument_mode", "stac_properties")
 
 
-def with_stac_metadata(scene: SceneRow, item: stac.Candidate, cfg: CatalogSection) -> dict:
+def with_stac_metadata(scene: dict, item: stac.Candidate, cfg: CatalogSection) -> dict:
     """A scene row with its STAC item's metadata. Published metadata beats what was guessed from the file
     (tags, name, folder), and ``catalog.sensor`` beats both."""
     props = item.properties
@@ -735,7 +734,7 @@ def with_stac_metadata(scene: SceneRow, item: stac.Candidate, cfg: CatalogSectio
     return scene
 
 
-def proj_mismatch(props: dict, asset_fields: dict, scene: SceneRow) -> str | None:
+def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
     """The STAC projection fields (``proj:shape``, ``proj:transform``, ``proj:epsg`` / ``proj:code``, asset
     fields first) that disagree with the file's header, as JSON ``{field: {"item": ..., "file": ...}}``;
     None when they agree or are absent. The file always wins: catalogues publish made-up values for GRD

@@ -26,6 +26,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
+from typing import Any
 from dataclasses import dataclass
 
 import imagecodecs
@@ -90,7 +92,7 @@ class Grid:
         return self.n_rows * self.n_cols
 
 
-def scene_bounds(scene: SceneRow) -> tuple[float, float, float, float]:
+def scene_bounds(scene: Mapping[str, Any]) -> tuple[float, float, float, float]:
     """(left, bottom, right, top) of a scene's pixel grid in its ``tile_crs``, whatever its orientation:
     the min / max over the four corners (a south-up or east-west flipped grid's origin (c, f) is not its
     upper-left corner), reprojected with densified edges when the tile CRS is another."""
@@ -170,7 +172,7 @@ def window_of(chunk: ChunkRow, grid: Grid, i: int) -> tuple[int, int]:
     return r0 + i // n_cols, c0 + i % n_cols
 
 
-def scene_bands(scene: SceneRow) -> list[dict]:
+def scene_bands(scene: Mapping[str, Any]) -> list[dict]:
     """A scene's bands (one per polarisation, co-polarisation first): ``{polarisation, uri, band, ...}``."""
     bands = json.loads(scene["bands"]) if scene.get("bands") else []
     return bands or [{"polarisation": scene.get("polarisation") or "unknown", "uri": scene["sar_uri"],
@@ -455,7 +457,7 @@ class TileChunk:
         looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
         return padded[halo: halo + size, halo: halo + size], sar.despeckle(padded, self.cfg.speckle, looks_scale, halo)
 
-    def gcp_intensity(self, scene: SceneRow, bands: list[dict], transform: Affine, crs: str, height: int, width: int
+    def gcp_intensity(self, scene: Mapping[str, Any], bands: list[dict], transform: Affine, crs: str, height: int, width: int
                       ) -> tuple[np.ndarray | None, list[int]]:
         """Linear intensity of a GCP-referenced scene's bands on a grid of ``height`` x ``width`` pixels
         ((bands, height, width), NaN nodata), or None when the grid misses the scene, and per band how many

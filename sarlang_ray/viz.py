@@ -18,8 +18,8 @@ def tile_figure(tile: AlignedTileRow, classes: tuple[str, ...] | None = None, sc
     """SAR tile (left) and optical twin (right) with object boxes; ``classes`` limits what is drawn."""
     sar = Image.open(_io.BytesIO(tile["sar_png"])).convert("RGB")
     panels = [sar]
-    if tile.get("optical_png") is not None:
-        panels.append(Image.open(_io.BytesIO(tile["optical_png"])).convert("RGB"))
+    if (optical := tile.get("optical_png")) is not None:
+        panels.append(Image.open(_io.BytesIO(optical)).convert("RGB"))
     w, h = sar.size
     canvas = Image.new("RGB", (w * len(panels), h))
     for i, p in enumerate(panels):
