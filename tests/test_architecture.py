@@ -41,7 +41,7 @@ GRAPH = {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
 
 # bottom first; a module imports only modules of its own layer or of a lower one
 LAYERS = [
-    ("base", {"sarlang_ray", "errors", "io", "config", "prompts", "reaper", "tables", "plots", "viz"}),
+    ("base", {"sarlang_ray", "errors", "io", "config", "prompts", "reaper", "tables", "plots", "viz", "rows"}),
     ("primitives", {"gcps", "safe", "stac", "sar", "companions", "splits", "metrics", "families", "boxes", "search",
                     "annotate", "annotate.vocab", "annotate.visibility"}),
     ("model runtime", {"models", "vllm_engine", "judge"}),

@@ -322,4 +322,4 @@ def test_documented_config_keys_exist(doc):
 
 def test_key_check_bites():
     assert config_has("tile.concurrency") and config_has("annotate.hf.model")
-    assert not config_has("tile.num_gpus") and not config_has("annotate.concurency")
+    assert not config_has("tile.num_gpu") and not config_has("annotate.concurency")

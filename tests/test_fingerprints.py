@@ -47,6 +47,9 @@ ALTERNATES = {
     "evaluate.dtype": "float32", "evaluate.engine": "vllm", "evaluate.vllm.device": "cpu",
     "evaluate.vllm.accelerator_type": "H100", "bench.formats": "[lmms_eval]", "bench.name": "task_x",
     "evaluate.box_frame": "norm1000", "evaluate.truth_box_frame": "pixel",
+    # resource keys: an autoscaling range as well as the walk's fixed number
+    "catalog.concurrency": "[1, 4]", "tile.concurrency": "[2, 8]", "align.concurrency": "[1, 4]",
+    "annotate.concurrency": "[1, 2]", "export.concurrency": "[1, 3]", "evaluate.concurrency": "[1, 2]",
 }
 # keys changed together with another (the shares of the splits sum to 1)
 TOGETHER = {"export.train": ["export.test=0.3"], "export.val": ["export.test=0.1"], "export.test": ["export.train=0.8"],
@@ -209,4 +212,5 @@ def test_a_class_map_change_does_not_retile_and_a_prompt_rename_redoes_evaluate(
     assert walk.redone(["annotate.openai.model=gpt-x"]) == []  # backend=template reads no endpoint
     judged = Walk(tmp_path / "judged", base_overrides(tmp_path / "judged", "evaluate.judge=openai"))
     assert judged.redone(["annotate.openai.model=gpt-x"]) == ["evaluate"]  # the judge's model: a new leaderboard
-    assert walk.redone(["tile.concurrency=1", "align.num_cpus=0.5", "annotate.max_actors=2"]) == []
+    assert walk.redone(["tile.concurrency=1", "align.num_cpus=0.5", "annotate.concurrency=[1, 2]"]) == []
+    assert walk.redone(["annotate.max_actors=2"]) == []  # the old key (translated: tests/test_config_resources.py)
