@@ -47,9 +47,9 @@ from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
 from sarlang_ray import companions, io, safe, search, stac, tables
-from sarlang_ray.gcps import Georef, to_lists
 from sarlang_ray.config import CatalogSection
 from sarlang_ray.errors import ItemError, error_row
+from sarlang_ray.gcps import Georef, to_lists
 
 STAGE = "catalog"
 # Header sanity limits, checked before any pixel is read: a header can claim any size, and GDAL reads a
@@ -827,8 +827,10 @@ def assign_companions(scenes: list[dict], cfg: CatalogSection, vrt_dir: str) -> 
     counts: dict = {"twins": collections.Counter(), "no_twin": collections.Counter(), "landcover": collections.Counter()}
     finder = None
     if cfg.optical:
-        finder = companions.TwinFinder(cfg, resolve_path(cfg, cfg.optical))
-        counts["optical_items"] = len(finder.items)
+        # only the candidates these scenes can use (footprint and time): a page holds its own, not the source's
+        finder = companions.TwinFinder(cfg, resolve_path(cfg, cfg.optical),
+                                       scenes=[s for s in scenes if s["optical_uri"] is None])
+        counts["optical_items"] = finder.usable
         counts["optical_items_skipped"] = len(finder.skipped)  # no image asset or geometry, or unreadable
     layer = None
     landcover = resolve_landcover(cfg)

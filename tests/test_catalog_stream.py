@@ -161,3 +161,58 @@ def test_the_streamed_glob_equals_the_whole_listing_locally_and_on_s3(ray_sessio
         assert names == ["corrupt_VV.tif"]
         assert counts["planned"] == counts["written"] + counts["rejected"] == 6 and counts["pages"] >= 2
         assert not (run / "catalog" / "parts").exists()
+
+
+def test_twin_candidates_pruned_per_page_choose_the_twins_of_the_whole_source(tmp_path):
+    """A page's TwinFinder keeps only the optical items its scenes can use (footprint on the page's extent, time
+    within the window of one of its scenes): every scene gets the twin, score and reason the finder over the whole
+    source gives, including ``outside_time_window`` for scenes whose only candidates were pruned by time."""
+    import random
+
+    import shapely
+    from shapely.geometry import box, mapping
+
+    from sarlang_ray import companions
+
+    rng = random.Random(7)
+    t0 = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
+    scenes = []
+    for k in range(48):
+        x, y = (k % 8) * 2.0, 40 + (k // 8) * 2.0
+        scenes.append({"scene_id": f"s{k}", "footprint": shapely.to_wkb(box(x, y, x + 1, y + 1)),
+                       "datetime": (t0 + dt.timedelta(days=10 * k)).isoformat(), "tile_crs": "EPSG:32631",
+                       "optical_uri": None})
+    scenes[-1]["footprint"] = shapely.to_wkb(box(100, 0, 101, 1))  # far from every item: no_candidate
+    feats = []
+    for j in range(600):
+        x, y = rng.uniform(-2, 17), rng.uniform(38, 53)
+        when = t0 + dt.timedelta(days=rng.uniform(-60, 540))
+        props = {"datetime": None if j % 50 == 0 else when.isoformat(), "eo:cloud_cover": rng.uniform(0, 60)}
+        if props["datetime"] is None:
+            props |= {"start_datetime": when.isoformat(), "end_datetime": when.isoformat()}
+        geom = box(x, y, x + rng.uniform(0.3, 2.5), y + rng.uniform(0.3, 2.5))
+        feats.append({"type": "Feature", "stac_version": "1.0.0", "id": f"opt{j:03d}", "geometry": mapping(geom),
+                      "bbox": list(geom.bounds), "properties": props, "links": [],
+                      "assets": {"visual": {"href": f"opt{j:03d}.tif", "type": "image/tiff; application=geotiff",
+                                            "roles": ["visual"]}}})
+    source = tmp_path / "optical.json"
+    source.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    cfg = load_config(None, [f"catalog.archive={tmp_path}", "catalog.optical_rule=null", f"catalog.optical={source}",
+                             "catalog.time_window_days=20"]).catalog
+    whole = companions.TwinFinder(cfg, str(source))
+
+    def pick(finder, s):
+        twin, reason = finder.choose(shapely.from_wkb(s["footprint"]), companions.parse_time(s["datetime"]),
+                                     s["tile_crs"])
+        return (twin.item.item_id, twin.item.uri, round(twin.score, 9)) if twin else None, reason
+
+    reasons = set()
+    for start in range(0, len(scenes), 8):
+        page = scenes[start:start + 8]
+        pruned = companions.TwinFinder(cfg, str(source), scenes=page)
+        assert len(pruned.items) < len(whole.items) and pruned.usable == whole.usable == 600
+        for s in page:
+            expected = pick(whole, s)
+            assert pick(pruned, s) == expected, s["scene_id"]
+            reasons.add(expected[1])
+    assert {None, "outside_time_window", "no_candidate"} <= reasons
