@@ -32,7 +32,9 @@ import collections
 import hashlib
 import json
 import math
+import os
 import re
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -45,9 +47,9 @@ from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
 from sarlang_ray import companions, io, safe, search, stac, tables
-from sarlang_ray.gcps import Georef, to_lists
 from sarlang_ray.config import CatalogSection
 from sarlang_ray.errors import ItemError, error_row
+from sarlang_ray.gcps import Georef, to_lists
 
 STAGE = "catalog"
 # Header sanity limits, checked before any pixel is read: a header can claim any size, and GDAL reads a
@@ -825,8 +827,10 @@ def assign_companions(scenes: list[dict], cfg: CatalogSection, vrt_dir: str) -> 
     counts: dict = {"twins": collections.Counter(), "no_twin": collections.Counter(), "landcover": collections.Counter()}
     finder = None
     if cfg.optical:
-        finder = companions.TwinFinder(cfg, resolve_path(cfg, cfg.optical))
-        counts["optical_items"] = len(finder.items)
+        # only the candidates these scenes can use (footprint and time): a page holds its own, not the source's
+        finder = companions.TwinFinder(cfg, resolve_path(cfg, cfg.optical),
+                                       scenes=[s for s in scenes if s["optical_uri"] is None])
+        counts["optical_items"] = finder.usable
         counts["optical_items_skipped"] = len(finder.skipped)  # no image asset or geometry, or unreadable
     layer = None
     landcover = resolve_landcover(cfg)
@@ -881,65 +885,287 @@ def resolve_path(cfg: CatalogSection, path: str) -> str:
 # ---------------------------------------------------------------- the streaming catalog (catalog.search)
 class SeenDigests:
     """The rasters a paged listing has cataloged, as 8-byte digests of their uris (``stac.candidates_from_items``'s
-    ``seen``): what the driver keeps per asset to reject an asset named twice across pages (~60 B in a Python
-    set, against ~250 B for the uri and the item id)."""
+    ``seen``): what the driver keeps per asset to reject an asset named twice across pages. The recent digests
+    sit in a small set; every ``TAIL`` of them are sorted into a numpy block, and blocks of equal length merge
+    (a log-structured set): 8 bytes a uri, no Python object per uri (a set of ints took ~70 B each, and its
+    small objects, interleaved with the pages', kept the allocator's arenas alive)."""
+
+    TAIL = 1 << 14
 
     def __init__(self):
-        self._digests: set[int] = set()
+        self._tail: set[int] = set()
+        self._blocks: list[np.ndarray] = []
 
     @staticmethod
     def _key(uri: str) -> int:
         return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
 
+    def __len__(self) -> int:
+        return len(self._tail) + sum(len(b) for b in self._blocks)
+
     def __contains__(self, uri: str) -> bool:
-        return self._key(uri) in self._digests
+        key = self._key(uri)
+        if key in self._tail:
+            return True
+        key = np.uint64(key)
+        for block in self._blocks:
+            i = int(np.searchsorted(block, key))
+            if i < len(block) and block[i] == key:
+                return True
+        return False
 
     def __getitem__(self, uri: str) -> str:
         return "an earlier item of the listing"
 
     def __setitem__(self, uri: str, item_id: str) -> None:
-        self._digests.add(self._key(uri))
+        self._tail.add(self._key(uri))
+        if len(self._tail) >= self.TAIL:
+            block = np.sort(np.fromiter(self._tail, dtype=np.uint64, count=len(self._tail)))
+            self._tail.clear()
+            while self._blocks and len(self._blocks[-1]) <= len(block):
+                block = np.union1d(self._blocks.pop(), block)
+            self._blocks.append(block)
 
 
-def snapshot_pages(cfg: CatalogSection, snapshot: str, page_rows: int):
-    """The inspection rows of a frozen search snapshot, ``page_rows`` candidates at a time, with the error rows
-    of the items of that page that name no usable SAR asset: ``(rows, errors)`` per page, in the snapshot's
-    order, so the driver never holds more than a page of items."""
-    import pystac
+def page_sizes(page_rows: int) -> Iterator[int]:
+    """Rows per page: 4, 8, 16... up to ``page_rows``, then ``page_rows`` on: a small archive still becomes
+    several tasks (as many CPUs busy as it has scenes for), a big one pages of ``page_rows``."""
+    size = min(4, page_rows)
+    while True:
+        yield size
+        size = min(2 * size, page_rows)
 
-    seen = SeenDigests()
+
+def _paged(rows: Iterator[tuple[list[dict], list[dict]]], page_rows: int) -> Iterator[tuple[list[dict], list[dict]]]:
+    """``(rows, errors)`` chunks of any length regrouped into pages of :func:`page_sizes` rows; the error rows
+    travel with the page they came with (or the next)."""
+    sizes = page_sizes(page_rows)
+    size = next(sizes)
     pending: list[dict] = []
     errors: list[dict] = []
-    items: list = []
-
-    def flush_items():
-        found, errs = stac.candidates_from_items(items, [], snapshot, cfg.stac_assets, STAGE, cfg.group_polarisations,
-                                                 seen=seen)
-        items.clear()
-        pending.extend({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found)
+    for found, errs in rows:
+        pending.extend(found)
         errors.extend(errs)
-
-    for d in search.read_items(snapshot):
-        item = pystac.Item.from_dict(d, preserve_dict=False)
-        items.append((item, item.get_self_href() or snapshot))
-        if len(items) >= page_rows:
-            flush_items()
-        while len(pending) >= page_rows:
-            yield pending[:page_rows], errors[:]
-            del pending[:page_rows]
+        while len(pending) >= size:
+            yield pending[:size], errors[:]
+            del pending[:size]
             errors.clear()
-    flush_items()
+            size = next(sizes)
     while pending or errors:
-        yield pending[:page_rows], errors[:]
-        del pending[:page_rows]
+        yield pending[:size], errors[:]
+        del pending[:size]
         errors.clear()
 
 
-def inspect_page(cfg: CatalogSection, run_dir: str, index: int, rows: list[dict], listing_errors: list[dict]) -> dict:
-    """One page of the streaming catalog, on a Ray worker: inspect its rows, find their companions, and write
-    ``catalog/parts/scenes-<index>.parquet`` and ``errors-<index>.parquet``. Returns counts only."""
+def listing_pages(cfg: CatalogSection, snapshot: str | None, page_rows: int) -> Iterator[tuple[list[dict], list[dict]]]:
+    """What :func:`list_scenes` lists, as pages read while they are listed: ``(rows, errors)``, the inspection rows
+    of up to ``page_rows`` scenes and the error rows of the listing that came with them. One generator for every
+    source: a search snapshot and a STAC file (an ItemCollection parsed item by item, a static catalog walked link
+    by link) page their items; a glob lists the archive in key order (s3:// a page of 1,000 keys at a time) and
+    groups polarisations and masks as soon as nothing later can join them. The driver holds a page, the groups
+    still open and 8 bytes per asset (duplicates across pages), never the listing.
+
+    Raises:
+        FileNotFoundError: as :func:`list_scenes`, once the listing is over (nothing to inspect).
+    """
+    companions.check(cfg)
+    landcover = resolve_landcover(cfg)
+    if landcover is not None and not io.exists(landcover):
+        raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
+                                f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
+                                "catalog.landcover=null.")
+    if snapshot is None and not stac.is_stac(cfg.archive):
+        listed = 0
+        for page in _paged(_glob_rows(cfg), page_rows):
+            listed += len(page[0])
+            yield page
+        if not listed:
+            raise FileNotFoundError(f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
+                                    "check catalog.archive and catalog.sar_glob")
+        return
+    source = snapshot or cfg.archive
+    if snapshot is not None:
+        import pystac
+
+        entries = ((item, item.get_self_href() or snapshot) for item in
+                   (pystac.Item.from_dict(d, preserve_dict=False) for d in search.read_items(snapshot)))
+    else:
+        entries = stac.iter_items(cfg.archive, STAGE)
+    listed = 0
+    for page in _paged(_item_rows(cfg, entries, source, page_rows), page_rows):
+        listed += len(page[0]) + len(page[1])
+        yield page
+    if not listed:
+        raise FileNotFoundError(f"the STAC file {cfg.archive} lists no items; check catalog.archive")
+
+
+def snapshot_pages(cfg: CatalogSection, snapshot: str, page_rows: int) -> Iterator[tuple[list[dict], list[dict]]]:
+    """The pages of a frozen search snapshot (:func:`listing_pages`)."""
+    return listing_pages(cfg, snapshot, page_rows)
+
+
+def _item_rows(cfg: CatalogSection, entries: Iterator, source: str, chunk: int) -> Iterator[tuple[list[dict], list[dict]]]:
+    """STAC entries (``(item, base)`` pairs or error rows) as inspection rows and error rows, ``chunk`` items at a
+    time (``stac.candidates_from_items``, duplicates across chunks by digest)."""
+    seen = SeenDigests()
+    items: list = []
+    errors: list[dict] = []
+
+    def flush():
+        found, errs = stac.candidates_from_items(items, errors, source, cfg.stac_assets, STAGE, cfg.group_polarisations,
+                                                 seen=seen)
+        items.clear()
+        rows = [{"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found]
+        out = (rows, list(errs))
+        errors.clear()
+        return out
+
+    for entry in entries:
+        if isinstance(entry, dict):
+            errors.append(entry)
+        else:
+            items.append(entry)
+        if len(items) >= chunk or len(errors) >= chunk:
+            yield flush()
+    yield flush()
+
+
+def _glob_root(cfg: CatalogSection) -> tuple[str, list[re.Pattern]]:
+    """The folder under the archive a listing of ``catalog.sar_glob`` starts from (the part of the patterns
+    before their first wildcard, common to all), and the patterns as regular expressions over the paths of the
+    archive's filesystem (``fsspec.utils.glob_translate``: the matching ``fs.glob`` does)."""
+    from fsspec.utils import glob_translate
+
+    fs, base = io.filesystem(cfg.archive)
+    base = os.path.abspath(base) if not io.is_remote(cfg.archive) else base.rstrip("/")
+    fixed = []
+    for pattern in cfg.sar_glob:
+        parts = pattern.split("/")
+        stem = []
+        for part in parts[:-1]:
+            if any(ch in part for ch in "*?["):
+                break
+            stem.append(part)
+        fixed.append(stem)
+    common = []
+    for level in zip(*fixed):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    root = "/".join([base, *common])
+    return root, [re.compile(glob_translate(f"{base}/{p}")) for p in cfg.sar_glob]
+
+
+def _listed(cfg: CatalogSection, root: str) -> Iterator[str]:
+    """Every file under ``root`` (a path of the archive's filesystem), in key order (byte order of the full
+    path, what S3 lists in): local folders walked in that order one folder at a time; s3:// listed flat a page
+    at a time (s3fs's paginated ``_iterdir``, no listing cache); other filesystems found whole and sorted."""
+    fs, _ = io.filesystem(cfg.archive)
+    if not io.is_remote(cfg.archive):
+        def walk(folder: str) -> Iterator[str]:
+            try:
+                entries = sorted(((e.name + "/" if e.is_dir() else e.name), e.path) for e in os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            for name, path in entries:
+                if name.endswith("/"):
+                    yield from walk(path)
+                else:
+                    yield path
+        yield from walk(root)
+        return
+    if cfg.archive.startswith(("s3://", "s3a://")):
+        from fsspec.asyn import sync
+
+        bucket, key, _ = fs.split_path(root)
+        pages = fs._iterdir(bucket, delimiter="", prefix=f"{key}/" if key else "")
+        while True:
+            try:
+                info = sync(fs.loop, pages.__anext__)
+            except StopAsyncIteration:
+                return
+            yield info["name"]
+    yield from sorted(fs.find(root))
+
+
+def _glob_rows(cfg: CatalogSection) -> Iterator[tuple[list[dict], list[dict]]]:
+    """The inspection rows of a folder archive as it is listed (:func:`list_scenes`'s rows, in key order).
+
+    A polarisation group (``x_VV.tif``, ``x_VH.tif``) and an OPERA mask (``x_mask.tif``) share the text before
+    the polarisation token, and every member sorts at or before the mask's name (``HH`` < ``HV`` < ``VH`` <
+    ``VV`` < ``mask``): a group is complete, and leaves, once the listing has passed that name."""
+    root, patterns = _glob_root(cfg)
+    local = not io.is_remote(cfg.archive)
+    protocol = "" if local else cfg.archive.split("://", 1)[0] + "://"
+    base = os.path.abspath(io.filesystem(cfg.archive)[1]) if local else None
+
+    def uri_of(path: str) -> str:
+        return io.join(cfg.archive, os.path.relpath(path, base)) if local else protocol + path
+
+    def matches(path: str) -> bool:
+        return any(p.match(path) for p in patterns)
+
+    products = SeenDigests()
+    # open groups: the path of their mask -> [that path, {polarisation: uri}, the mask's uri]
+    groups: dict[str, list] = {}
+    rows: list[dict] = []
+
+    def close(upto: str | None) -> None:
+        for key in [k for k, g in groups.items() if upto is None or g[0] < upto]:
+            _, members, mask = groups.pop(key)
+            order = ("VV", "HH", "VH", "HV")
+            uris = [members[p] for p in sorted(members, key=order.index)]
+            rows.append({"uri": uris[0], "stac": None, "product": None,
+                         "bands": [{"uri": u, "mask": mask} for u in uris] if len(uris) > 1 or mask else None})
+
+    for path in _listed(cfg, root):
+        close(path)
+        low = path.lower()
+        safe_at = low.find(".safe/")
+        if safe_at >= 0:  # a file inside a .SAFE folder: the folder is a product if a pattern names it or its manifest
+            folder = path[: safe_at + len(".safe")]
+            if (matches(folder) or (low.endswith("/manifest.safe") and matches(path))) and folder not in products:
+                products[folder] = folder
+                rows.append({"uri": uri_of(folder), "stac": None, "product": "safe", "bands": None})
+        elif matches(path):
+            uri = uri_of(path)
+            if safe.is_product(uri):
+                rows.append({"uri": _product_root(uri), "stac": None, "product": "safe", "bands": None})
+            elif not cfg.group_polarisations:
+                rows.append({"uri": uri, "stac": None, "product": None, "bands": None})
+            else:
+                folder, _, name = path.rpartition("/")
+                tokens = _POL_TOKEN.findall(name)
+                if _MASK_FILE.search(name):  # the mask of the open group named after it, else a scene of its own
+                    group = groups.get(path)
+                    if group is not None and group[2] is None:
+                        group[2] = uri
+                    else:
+                        rows.append({"uri": uri, "stac": None, "product": None, "bands": None})
+                elif len(tokens) != 1:
+                    rows.append({"uri": uri, "stac": None, "product": None, "bands": None})
+                else:
+                    # a group is named by its mask's path (the token replaced by "mask"), the last name of it
+                    key = f"{folder}/{_POL_TOKEN.sub('mask', name)}"
+                    group = groups.setdefault(key, [key, {}, None])
+                    if tokens[0] in group[1]:  # the same polarisation twice: apart, as in the whole listing
+                        rows.append({"uri": uri, "stac": None, "product": None, "bands": None})
+                    else:
+                        group[1][tokens[0]] = uri
+        if len(rows) >= 64:
+            yield rows[:], []
+            rows.clear()
+    close(None)
+    yield rows, []
+
+
+def inspect_page(cfg: CatalogSection, run_dir: str, index: int, page: tuple[list[dict], list[dict]]) -> dict:
+    """One page of the streaming catalog, on a Ray worker: inspect its rows (``page``: the inspection rows and the
+    listing's error rows of that page), find their companions, and write ``catalog/parts/scenes-<index>.parquet``
+    and ``errors-<index>.parquet``. Returns counts only."""
     import ray
 
+    rows, listing_errors = page
     from sarlang_ray.errors import errors_table
 
     inspector = SceneInspector(cfg)
@@ -958,6 +1184,32 @@ def inspect_page(cfg: CatalogSection, run_dir: str, index: int, rows: list[dict]
             "node": ray.get_runtime_context().get_node_id()}
 
 
+def duplicate_ids(scenes_uri: str, n: int) -> list[str]:
+    """The scene ids that appear more than once in a scenes table of ``n`` rows, read a row group at a time and
+    compared as 8-byte digests (the driver holds 8 bytes a scene, not the ids)."""
+    import pyarrow.parquet as pq
+
+    fs, path = io.filesystem(scenes_uri)
+    digests = np.empty(n, dtype=np.uint64)
+    at = 0
+    with fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["scene_id"], batch_size=8192):
+            for sid in batch.column(0).to_pylist():
+                digests[at] = SeenDigests._key(sid)
+                at += 1
+    values, counts = np.unique(digests[:at], return_counts=True)
+    if (counts == 1).all():
+        return []
+    clashes = set(values[counts > 1].tolist())
+    found = io.read_parquet(scenes_uri, columns=["scene_id"]).column("scene_id").to_pylist()  # only on failure
+    return sorted({s for s in found if SeenDigests._key(s) in clashes})
+
+
+# rows per row group of the merged tables: a row group per part (64 rows) made the writer's footer metadata, held
+# until the file is closed, grow with the number of pages (~100 KB a part: 155 MB of the driver at 100k scenes)
+MERGE_ROWS = 4096
+
+
 def merge_parts(run_dir: str, pages: int) -> None:
     """The parts of the streaming catalog as ``catalog/scenes.parquet`` and ``catalog/errors.parquet``, in page
     order, one part in memory at a time (a Parquet writer streaming row groups to :func:`io.write_stream_atomic`);
@@ -974,12 +1226,22 @@ def merge_parts(run_dir: str, pages: int) -> None:
     def chunks(kind: str, schema: pa.Schema):
         buf = pyio.BytesIO()
         writer = pq.ParquetWriter(buf, schema)
-        for i in range(pages):
-            table = io.read_parquet(io.join(parts, f"{kind}-{i:06d}.parquet"))
-            writer.write_table(table.cast(schema))
-            yield buf.getvalue()
+        held: list[pa.Table] = []
+
+        def flush() -> bytes:
+            writer.write_table(pa.concat_tables(held), row_group_size=MERGE_ROWS)
+            held.clear()
+            data = buf.getvalue()
             buf.seek(0)
             buf.truncate()
+            return data
+
+        for i in range(pages):
+            held.append(io.read_parquet(io.join(parts, f"{kind}-{i:06d}.parquet")).cast(schema))
+            if sum(t.num_rows for t in held) >= MERGE_ROWS:
+                yield flush()
+        if held:
+            yield flush()
         writer.close()
         yield buf.getvalue()
 

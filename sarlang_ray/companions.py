@@ -25,11 +25,13 @@ Nothing here knows Ray or the run folder; the catalog and align stages call it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -176,53 +178,108 @@ def _cloud(props: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
-def read_static_items(source: str, asset: str | None) -> tuple[list[OpticalItem], list[str]]:
-    """Every item of a static STAC file (catalog, collection, ItemCollection) or a stac-geoparquet file
-    as optical candidates, and what was skipped: the ids of items without an image asset or geometry,
-    and the hrefs of item links that could not be read."""
-    out: list[OpticalItem] = []
-    skipped: list[str] = []
+def _static_dicts(source: str) -> Iterator[tuple[dict, str] | dict]:
+    """The item dicts of a static STAC file or a stac-geoparquet file, one at a time, with the href their asset
+    hrefs resolve against; error rows (dicts with ``item``) for links that cannot be read."""
     if source.lower().endswith((".parquet", ".geoparquet")):
         import stac_geoparquet.arrow
 
         fs, path = io.filesystem(source)
-        table = pq.read_table(path, filesystem=fs)
-        base = source
-        dicts = [(d, base) for d in stac_geoparquet.arrow.stac_table_to_items(table)]
-    else:
-        items, errors = stac.read_items(source, "catalog")
-        skipped += [e["item"] for e in errors]
-        dicts = [(item.to_dict(include_self_link=False, transform_hrefs=False), href) for item, href in items]
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                for d in stac_geoparquet.arrow.stac_table_to_items(pa.Table.from_batches([batch])):
+                    yield d, source
+        return
+    for entry in stac.iter_items(source, "catalog"):
+        if isinstance(entry, dict):
+            yield entry
+        else:
+            item, href = entry
+            yield item.to_dict(include_self_link=False, transform_hrefs=False), href
+
+
+def read_static_items(source: str, asset: str | None, keep=None) -> tuple[list[OpticalItem], list[str], dict]:
+    """The items of a static STAC file (catalog, collection, ItemCollection) or a stac-geoparquet file as
+    optical candidates, read one at a time, and what was skipped: the ids of items without an image asset or
+    geometry, and the hrefs of item links that could not be read.
+
+    ``keep(item) -> bool | None``: the candidates a caller can use (True), those it needs only the footprint of
+    (None: ``counts["pruned_geometries"]``) and those it cannot use at all (False); all are kept without it.
+    Returns (items, skipped, counts): ``usable``, the items with an image asset and a geometry, pruned or not."""
+    out: list[OpticalItem] = []
+    skipped: list[str] = []
+    shadows: list = []
+    usable = 0
     from pystac.utils import make_absolute_href
 
-    for d, base in sorted(dicts, key=lambda pair: pair[0]["id"]):
+    for entry in _static_dicts(source):
+        if not isinstance(entry, tuple):
+            skipped.append(entry["item"])
+            continue
+        d, base = entry
         found = _optical_asset(d.get("assets") or {}, asset)
         geometry = d.get("geometry")
         if found is None or geometry is None:
             skipped.append(d["id"])
             continue
-        uri = stac._local(make_absolute_href(found[1], base, start_is_dir=False))
+        usable += 1
         props = d.get("properties") or {}
-        out.append(OpticalItem(d["id"], uri, shape(geometry), _item_time(props), _cloud(props)))
-    return out, skipped
+        item = OpticalItem(d["id"], "", shape(geometry), _item_time(props), _cloud(props))
+        verdict = True if keep is None else keep(item)
+        if verdict is None:
+            shadows.append(item.geometry)
+        elif verdict:
+            out.append(dataclasses.replace(item, uri=stac._local(make_absolute_href(found[1], base, start_is_dir=False))))
+    return sorted(out, key=lambda i: i.item_id), skipped, {"usable": usable, "pruned_geometries": shadows}
 
 
 class TwinFinder:
-    """Ranks the optical candidates of one scene and picks its twin (see the module docstring)."""
+    """Ranks the optical candidates of one scene and picks its twin (see the module docstring).
 
-    def __init__(self, cfg: CatalogSection, source: str):
+    ``scenes``: the scenes the finder will be asked about (a page of the catalog). Only the candidates that can
+    be chosen for one of them are kept: a footprint meeting the page's extent and a time within
+    ``catalog.time_window_days`` of the page's scenes; of those that meet the extent but not the time, only the
+    footprint (so a scene whose candidates are all too far in time still says ``outside_time_window``)."""
+
+    def __init__(self, cfg: CatalogSection, source: str, scenes: list[dict] | None = None):
         self.cfg = cfg
         self.source = source
         self.api = source.startswith(("http://", "https://")) and not source.lower().endswith(
             (".json", ".geojson", ".parquet", ".geoparquet"))
         self.items: list[OpticalItem] = []
         self.skipped: list[str] = []
+        self.usable = 0
+        self.out_of_time = STRtree([])
         if not self.api:
             if not io.exists(source):
                 raise FileNotFoundError(f"catalog.optical={cfg.optical!r}: {source} does not exist. Point it at a STAC "
                                         "catalog/collection/ItemCollection JSON, a stac-geoparquet file or a STAC API URL.")
-            self.items, self.skipped = read_static_items(source, cfg.optical_asset)
+            self.items, self.skipped, counts = read_static_items(source, cfg.optical_asset, self._pruner(scenes))
+            self.usable = counts["usable"]
             self.tree = STRtree([i.geometry for i in self.items])
+            self.out_of_time = STRtree(counts["pruned_geometries"])
+
+    def _pruner(self, scenes: list[dict] | None):
+        """``keep`` of :func:`read_static_items` for a page of scenes, or None (keep everything)."""
+        if not scenes:
+            return None
+        footprints = [shapely.from_wkb(s["footprint"]) for s in scenes]
+        extent = shapely.union_all(footprints) if len(footprints) < 256 else shapely.box(
+            *shapely.total_bounds(footprints))
+        times = [parse_time(s.get("datetime")) for s in scenes]
+        window = dt.timedelta(days=self.cfg.time_window_days)
+        # an item within the window of a scene without a time is any item: no pruning by time then
+        span = None if any(t is None for t in times) else (min(times) - window, max(times) + window)
+        shapely.prepare(extent)
+
+        def keep(item: OpticalItem) -> bool | None:
+            if not shapely.intersects(extent, item.geometry):
+                return False
+            if span is not None and item.when is not None and not span[0] <= item.when <= span[1]:
+                return None
+            return True
+
+        return keep
 
     def _search_api(self, footprint, when: dt.datetime | None) -> list[OpticalItem]:
         try:
@@ -252,7 +309,8 @@ class TwinFinder:
         ``outside_time_window`` (nothing within the window), ``overlap_below_min``."""
         found = self._search_api(footprint, when) if self.api else self.candidates(footprint)
         if not found:
-            return None, "no_candidate"
+            pruned = not self.api and len(self.out_of_time.query(footprint, predicate="intersects"))
+            return None, "outside_time_window" if pruned else "no_candidate"
         window = self.cfg.time_window_days
         to_tile = Transformer.from_crs("EPSG:4326", tile_crs, always_xy=True).transform
         scene_area = shapely_transform(to_tile, footprint)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -122,6 +123,14 @@ def read_items(archive: str, stage: str) -> tuple[list[tuple[pystac.Item, str]],
 
 def _walk(cat: pystac.Catalog, root: pystac.Catalog, items: list, errors: list, seen: set[str], stage: str) -> None:
     """Depth-first over item and child links; a link that cannot be resolved is one error row."""
+    for entry in _iter_walk(cat, root, seen, stage):
+        (errors if isinstance(entry, dict) else items).append(entry)
+
+
+def _iter_walk(cat: pystac.Catalog, root: pystac.Catalog, seen: set[str], stage: str) -> Iterator[tuple | dict]:
+    """:func:`_walk` as a generator: ``(item, base)`` pairs and error rows as the links are followed. A link is
+    set back to its href once followed, so the catalog does not keep what it has yielded (the hrefs of the
+    links followed stay, in ``seen``)."""
     for rel in (pystac.RelType.ITEM, pystac.RelType.CHILD):
         for link in cat.get_links(rel):
             href = link.get_absolute_href() or link.href
@@ -131,14 +140,55 @@ def _walk(cat: pystac.Catalog, root: pystac.Catalog, items: list, errors: list, 
             try:
                 target = link.resolve_stac_object(root=root).target
             except Exception as exc:  # missing file, bad JSON, not STAC: pystac raises several classes
-                errors.append(error_row(stage, href, "stac_unreadable",
-                                        f"{rel} link {link.href!r} of {cat.get_self_href()} cannot be read ({exc}). "
-                                        "Fix or remove the link in the catalog."))
+                yield error_row(stage, href, "stac_unreadable",
+                                f"{rel} link {link.href!r} of {cat.get_self_href()} cannot be read ({exc}). "
+                                "Fix or remove the link in the catalog.")
                 continue
             if isinstance(target, pystac.Item):
-                items.append((target, target.get_self_href() or href))
+                yield target, target.get_self_href() or href
             elif isinstance(target, pystac.Catalog):
-                _walk(target, root, items, errors, seen, stage)
+                yield from _iter_walk(target, root, seen, stage)
+            link.target = href
+
+
+def iter_items(archive: str, stage: str) -> Iterator[tuple | dict]:
+    """:func:`read_items` one item at a time: ``(item, base)`` pairs and error rows, in the same order. An
+    ItemCollection is parsed item by item (ijson), a static catalog walked link by link, so the driver holds one
+    item (and the catalogs above it), not the file's items.
+
+    Raises:
+        FileNotFoundError: the STAC file itself does not exist.
+        ValueError: it is JSON but not STAC.
+    """
+    import ijson
+
+    if not io.exists(archive):
+        raise FileNotFoundError(f"STAC file {archive} does not exist; check catalog.archive")
+    fs, path = io.filesystem(archive)
+    kind = None
+    with fs.open(path, "rb") as f:  # the top-level type, or a features array: an ItemCollection
+        for prefix, event, value in ijson.parse(f):
+            if prefix == "type" and event == "string":
+                kind = value
+                break
+            if prefix == "features" and event == "start_array":
+                kind = "FeatureCollection"
+                break
+    if kind != "FeatureCollection":
+        if kind not in ("Catalog", "Collection", "Feature"):
+            raise ValueError(f"{archive} is not STAC: its type is {kind!r}, expected Catalog, Collection, Feature "
+                             "(an item) or FeatureCollection (an ItemCollection). Point catalog.archive at a folder "
+                             "or at the catalog.json / items file.")
+        if kind == "Feature":
+            yield from read_items(archive, stage)[0]
+            return
+        root = pystac.read_file(archive, stac_io=FsspecStacIO())
+        yield from _iter_walk(root, root, set(), stage)  # type: ignore[arg-type]
+        return
+    with fs.open(path, "rb") as f:
+        for d in ijson.items(f, "features.item", use_float=True):
+            item = pystac.Item.from_dict(d, preserve_dict=False)
+            yield item, item.get_self_href() or archive
 
 
 def _is_geotiff(asset: pystac.Asset) -> bool:
