@@ -21,6 +21,7 @@ import math
 import os
 import traceback
 from collections import OrderedDict
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -106,7 +107,7 @@ def clean_labels(gdf: gpd.GeoDataFrame, classes: list, items: list[str], ids: li
         geometry=[geoms[i] for i in keep], crs=gdf.crs,
     ).to_crs(4326)
     placed = _placeable(frame)
-    for i in np.flatnonzero(~placed):
+    for i in np.flatnonzero(~placed).tolist():
         item = items[keep[i]]
         errors.append(error_row(STAGE, item, "bad_coordinates", f"{item}: in {gdf.crs.to_string()} this polygon lands at "
                                 f"lon/lat bounds {tuple(round(v, 3) for v in frame.geometry.iloc[i].bounds)}, not a place "
@@ -296,7 +297,7 @@ class AlignShard:
         self.labels_dir = labels_dir  # per-scene slices of a global layer (LabelSlicer)
         self.landcover_classes = companions.landcover_classes(cfg.landcover_classes, cfg.landcover_preset)
         self._labels: OrderedDict[str, tuple[gpd.GeoDataFrame, STRtree]] = OrderedDict()
-        self._rasters: OrderedDict[str, object] = OrderedDict()
+        self._rasters: OrderedDict[str, Any] = OrderedDict()  # open rasterio datasets (rasterio is untyped)
         self.cache_scenes = cache_scenes
         self.schema = geo_schema(ALIGNED_SCHEMA)
 

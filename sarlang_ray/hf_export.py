@@ -120,7 +120,7 @@ def export_hf(src: str, out: str, *, license: str = "other", name: str | None = 
         rows[split] = rows.get(split, 0) + table.num_rows
     if not staged:
         raise ValueError(f"{src} has no train, val or test rows to export")
-    files = {}
+    files: dict[str, list[str]] = {}
     for split, uris in staged.items():
         files[split] = []
         for k, uri in enumerate(uris):

@@ -37,7 +37,9 @@ import io as _io
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
@@ -486,7 +488,7 @@ class ImageIndex:
     PNG folders before the others and ``SARimages_original`` (TIFs) last; ``before`` folders (``--images``)
     are searched ahead of the release, ``after`` folders (``--sardet``) behind it, both recursively."""
 
-    def __init__(self, root: str, files: list[str], before: list[str] = (), after: list[str] = ()):
+    def __init__(self, root: str, files: list[str], before: Sequence[str] = (), after: Sequence[str] = ()):
         self.root, self.files = root, set(files)
         self.before, self.after = [d for d in before if d], [d for d in after if d]
         self.release_images = sorted((f for f in files if f.lower().endswith(IMAGE_EXTS)), key=self._rank)
@@ -681,7 +683,7 @@ class _Reader:
             application, question_type = "image description", f"caption/{kind.split('_', 1)[1]}"
         base = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rel.rsplit(".", 1)[0].rsplit("/", 1)[-1])
         self.ids[base] += 1
-        row = {"pair_id": f"{base}-{self.ids[base]:07d}", "tile_id": image_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+        row: dict[str, Any] = {"pair_id": f"{base}-{self.ids[base]:07d}", "tile_id": image_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0],
                "scene_id": None, "gsd_m": None, "kind": kind, "application": application, "question_type": question_type,
                "question": question, "answer": answer, "backend": "import", "qc_passed": True, "qc_reasons": [],
                "split": spec.split, "image_uri": image_uri, "source": spec.source, "file": item, "image": None,
@@ -692,7 +694,7 @@ class _Reader:
 
     def read(self, spec: FileSpec) -> None:
         uri = io.join(self.root, spec.rel)
-        stats = {"file": spec.rel, "role": spec.role, "source": spec.source, "split": spec.split,
+        stats: dict[str, Any] = {"file": spec.rel, "role": spec.role, "source": spec.source, "split": spec.split,
                  "records": 0, "imported": 0, "rejected": 0, "pairs": 0}
         self.files.append(stats)
         try:
@@ -731,7 +733,7 @@ class _Reader:
                                                  "(LLaMA-Factory, ShareGPT and ms-swift datasets are JSON lists). Convert it to "
                                                  "a list."), stats)
                 return
-        forms = Counter()
+        forms: Counter[str] = Counter()
         for i, rec in enumerate(records):
             stats["records"] += 1
             where, item = f"{uri} record {i}", f"{spec.rel}#{i}"
@@ -750,7 +752,7 @@ class _Reader:
             except ItemError as exc:
                 self.reject(item, exc, stats)
                 continue
-            tasks = [None] * len(turns)
+            tasks: list[str | None] = [None] * len(turns)
             if spec.source.startswith("SARChat:"):
                 tasks = [sarchat_task(q, spec.source, rec) for q, _ in turns]
                 if None in tasks:

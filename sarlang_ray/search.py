@@ -168,6 +168,13 @@ def _keep(item: dict, q: SearchSection, geom, start, end) -> bool:
 
 
 # ---------------------------------------------------------------- sources
+def _source(q: SearchSection) -> str:
+    """``catalog.search.source``, which a search needs (the config check requires it when search is on)."""
+    if q.source is None:
+        raise SearchError("catalog.search.source is not set: give a STAC API URL or a stac-geoparquet file.")
+    return q.source
+
+
 def api_items(q: SearchSection, geom, stats: dict) -> Iterator[dict]:
     """Items of a STAC API search, page by page (pystac-client follows the API's next links)."""
     try:
@@ -177,7 +184,7 @@ def api_items(q: SearchSection, geom, stats: dict) -> Iterator[dict]:
         raise ImportError("catalog.search.source is a STAC API URL: install pystac-client "
                           "(pip install 'sarlang-ray[stac-api]')") from None
     try:
-        client = Client.open(q.source)
+        client = Client.open(_source(q))
     except Exception as exc:
         raise SearchError(f"catalog.search.source={q.source!r}: cannot open the STAC API ({exc}). Check the URL "
                           "(the API's landing page) and the network") from None
@@ -244,7 +251,7 @@ def pushdown(schema: pa.Schema, q: SearchSection, geom, start, end):
 def snapshot_batches(q: SearchSection, geom, stats: dict, batch_size: int = 8192) -> Iterator[pa.Table]:
     """The selected rows of a stac-geoparquet snapshot, one table per record batch (arrow, never dicts of
     the rows a predicate rejected)."""
-    dataset = snapshot_dataset(q.source)
+    dataset = snapshot_dataset(_source(q))
     start, end = interval(q.datetime)
     expr = pushdown(dataset.schema, q, geom, start, end)
     stats.update(files=len(dataset.files), files_read=0, row_groups=0, row_groups_read=0, rows_matched_pushdown=0)
@@ -295,7 +302,7 @@ def freeze(q: SearchSection, run_dir: str) -> tuple[str, dict]:
     stats: dict = {}
     cap = q.max_items
     io.makedirs(io.join(run_dir, FOLDER))
-    if is_api(q.source):
+    if is_api(_source(q)):
         found = []
         for item in api_items(q, geom, stats):
             if _keep(item, q, geom, start, end):

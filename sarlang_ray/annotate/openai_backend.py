@@ -107,7 +107,7 @@ class OpenAIAnnotator:
             {"kind": "caption_detailed", "application": "image description", "question_type": "caption/detailed",
              "question": prompts.CAPTION_DETAILED, "answer": detailed},
         ]
-        counts = Counter()
+        counts: Counter[str] = Counter()
         for item in qa:
             counts[item["application"]] += 1
             pairs.append({"kind": "vqa", "application": item["application"],

@@ -17,6 +17,7 @@ import math
 import random
 
 import numpy as np
+from numpy.typing import ArrayLike
 import shapely
 
 from sarlang_ray import prompts
@@ -118,7 +119,7 @@ def direction_of(angle_deg: float) -> str:
     return "northwest-southeast"
 
 
-def pattern_of(centres: np.ndarray, size: int) -> str:
+def pattern_of(centres: ArrayLike, size: int) -> str:
     """Arrangement of >= 3 object centres: in a row, in a grid, clustered or scattered."""
     pts = np.asarray(centres, dtype=float)
     centred = pts - pts.mean(axis=0)
