@@ -34,6 +34,7 @@ import json
 import math
 import re
 from pathlib import PurePosixPath
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -103,13 +104,13 @@ def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[
         return sorted(({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found),
                       key=lambda r: r["uri"]), errors
     # a SAFE folder, its manifest.safe or a SAFE zip is a product; files inside a .SAFE folder belong to it
-    found = {u for pattern in cfg.sar_glob for u in io.glob(cfg.archive, pattern)}
-    products = sorted({_product_root(u) for u in found if safe.is_product(u)})
-    uris = sorted(u for u in found if ".safe/" not in u.lower() and not safe.is_product(u))
+    matched = {u for pattern in cfg.sar_glob for u in io.glob(cfg.archive, pattern)}
+    products = sorted({_product_root(u) for u in matched if safe.is_product(u)})
+    uris = sorted(u for u in matched if ".safe/" not in u.lower() and not safe.is_product(u))
     if not uris and not products:
         raise FileNotFoundError(f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
                                 "check catalog.archive and catalog.sar_glob")
-    rows = [{"uri": p, "stac": None, "product": "safe", "bands": None} for p in products]
+    rows: list[dict[str, Any]] = [{"uri": p, "stac": None, "product": "safe", "bands": None} for p in products]
     masks = {u for u in uris if _MASK_FILE.search(u)} if cfg.group_polarisations else set()
     for group in (polarisation_groups(sorted(set(uris) - masks)) if cfg.group_polarisations else [[u] for u in uris]):
         # an OPERA burst's layover/shadow mask (..._mask.tif beside ..._VV.tif): its non-zero pixels become nodata
@@ -223,7 +224,7 @@ def footprint_4326(src: rasterio.io.DatasetReader) -> Polygon:
 MAX_SCALE_ERROR = 0.01  # a projected CRS whose map metres differ more from ground metres is not a tile CRS
 
 
-def scale_error(crs: CRS, lon: float, lat: float, step_m: float = 100.0) -> float:
+def scale_error(crs: rasterio.crs.CRS, lon: float, lat: float, step_m: float = 100.0) -> float:
     """How far the map metres of a projected CRS are from ground metres at (lon, lat): the largest
     |map length / geodesic length - 1| of a ``step_m`` step along its x and y axes (0.0004 for UTM on its
     central meridian, 1.0 for Web Mercator at 60 N); NaN where the point cannot be projected."""
@@ -238,7 +239,7 @@ def scale_error(crs: CRS, lon: float, lat: float, step_m: float = 100.0) -> floa
     return max(abs(step_m / g - 1.0) for g in ground)
 
 
-def tile_crs_for(crs: CRS, footprint: Polygon) -> str:
+def tile_crs_for(crs: rasterio.crs.CRS, footprint: Polygon) -> str:
     """CRS in which tiles are cut: the scene's own if it is projected in metres with map metres within
     1 % of ground metres at the scene (UTM: 0.9996 to ~1.001), else the UTM zone of the scene's centre
     (geographic scenes, feet, Web Mercator away from the equator, polar stereographic far from its
@@ -442,7 +443,8 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
         tile_crs = tile_crs_for(src.crs, footprint)
         # GSD in metres of the tile CRS: the map pixel where tiles are cut in the scene's own CRS (within 1 % of
         # the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground GSD
-        gx, gy = map_gsd(src) if tile_crs == src.crs.to_string() else metric_gsd(src)
+        own = map_gsd(src) if tile_crs == src.crs.to_string() else None  # never None there: the CRS is projected
+        gx, gy = own if own is not None else metric_gsd(src)
         return {
             **_file_columns(uri, tags, cfg),
             "crs": src.crs.to_string(),
@@ -573,6 +575,8 @@ def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, ban
     if gcp_list is None:
         gcp_objs, crs = src.gcps
         gcp_list, gcp_crs = to_lists(gcp_objs), crs.to_string() if crs else "EPSG:4326"
+    elif gcp_crs is None:
+        raise ValueError(f"{uri}: gcp_list without its gcp_crs")
     georef = Georef(gcp_list, gcp_crs, cfg.gcp_method, cfg.gcp_order)
     _check_pixels(src, bands[0]["band"], uri)
     if len(gcp_list) < 3:
@@ -742,7 +746,7 @@ def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
     def field_(name):
         return asset_fields.get(name, props.get(name))
 
-    found = {}
+    found: dict[str, dict[str, Any]] = {}
     shape = field_("proj:shape")
     if shape is not None and [int(v) for v in shape] != [scene["height"], scene["width"]]:
         found["proj:shape"] = {"item": list(shape), "file": [scene["height"], scene["width"]]}
@@ -844,7 +848,7 @@ def assign_companions(scenes: list[dict], cfg: CatalogSection, vrt_dir: str) -> 
                 scene.update(companions.no_twin_columns(None, reason))
                 if cfg.no_twin == "reject":
                     errors.append(error_row(STAGE, scene["sar_uri"], "no_optical_twin",
-                                            f"{scene['sar_uri']}: no optical twin in {cfg.optical} ({reason.replace('_', ' ')}: "
+                                            f"{scene['sar_uri']}: no optical twin in {cfg.optical} ({(reason or '').replace('_', ' ')}: "
                                             f"within {cfg.time_window_days:g} days and covering at least "
                                             f"{cfg.min_overlap:.0%} of the footprint). Widen catalog.time_window_days, lower "
                                             "catalog.min_overlap, add items, or set catalog.no_twin=keep."))
@@ -884,7 +888,7 @@ class SeenDigests:
     ``seen``): what the driver keeps per asset to reject an asset named twice across pages (~60 B in a Python
     set, against ~250 B for the uri and the item id)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._digests: set[int] = set()
 
     @staticmethod
