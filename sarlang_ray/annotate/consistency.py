@@ -32,6 +32,7 @@ import math
 import re
 import sys
 from collections import Counter, defaultdict
+from typing import Any
 from dataclasses import dataclass, field
 
 from sarlang_ray import io, tables
@@ -89,7 +90,7 @@ class Statement:
     pair: int  # index of the pair in the tile's list
     sentence: int | None  # caption sentence index; None: the whole (VQA) pair
     fact: tuple
-    value: object
+    value: Any  # its type depends on ``fact`` (the list above): a tuple, bool, number or class name
     text: str
 
 
@@ -166,9 +167,9 @@ def _caption_statements(i: int, text: str) -> list[Statement]:
 
         for m in _LC_FRACTION.finditer(sent):
             add(("lc_fraction", LANDCOVER_SYNONYMS[m.group(1).lower()]), float(m.group(2)) / 100)
-        m = _LC_DOMINANT.search(sent)
-        if m:
-            add(("lc_dominant",), LANDCOVER_SYNONYMS[m.group(1).lower()])
+        dominant = _LC_DOMINANT.search(sent)
+        if dominant:
+            add(("lc_dominant",), LANDCOVER_SYNONYMS[dominant.group(1).lower()])
         if _ABSENT_ALL.search(sent):
             add(("absent_all",), True)
         mentions = mentioned_classes(sent)
@@ -347,9 +348,9 @@ def _places(stmts: list[Statement], known: dict[str, int], findings: list[Findin
             continue
         group = [s for s in stmts if s.fact[0] == "at" and s.fact[1] == cls and s.value]
         cells = set().union(*claims.values())
-        _, blamed_keys = _vote([Statement(k[0], k[1], ("at", cls), v, "") for k, v in claims.items()],
-                                     lambda v, h: h in v, cells)
-        blamed_keys = {(b.pair, b.sentence) for b in blamed_keys}
+        _, blamed_claims = _vote([Statement(k[0], k[1], ("at", cls), v, "") for k, v in claims.items()],
+                                 lambda v, h: h in v, cells)
+        blamed_keys = {(b.pair, b.sentence) for b in blamed_claims}
         if blamed_keys:
             blamed = [s for s in group if (s.pair, s.sentence) in blamed_keys]
             findings.append(Finding("position", f"the one {cls} placed in {', '.join(sorted(cells))}", blamed, group))
@@ -415,7 +416,7 @@ def _implied(stmts: list[Statement], vis: Visibility, findings: list[Finding]) -
     for cls, lc in sorted(vis.implied_by.items()):
         if lc not in evidence:
             continue
-        said = {}  # one finding per caption sentence or VQA pair
+        said: dict[tuple[int, int | None], Statement] = {}  # one finding per caption sentence or VQA pair
         for s in stmts:
             if (s.fact == ("count", cls) and s.value == ("eq", 0)) or s.fact == ("absent_all",):
                 said.setdefault((s.pair, s.sentence), s)
@@ -480,7 +481,8 @@ def check_pairs(pairs: list[dict], tiles: dict[str, dict] | None = None, visibil
     by_tile: dict[str, list[dict]] = defaultdict(list)
     for p in pairs:
         by_tile[p["tile_id"]].append(p)
-    findings, hit_pairs = Counter(), Counter()
+    findings: Counter[str] = Counter()
+    hit_pairs: Counter[str] = Counter()
     by_backend: dict[str, Counter] = defaultdict(Counter)
     examples: dict[str, list] = defaultdict(list)
     tiles_hit, unjudged = set(), 0
@@ -508,7 +510,7 @@ def check_pairs(pairs: list[dict], tiles: dict[str, dict] | None = None, visibil
 def merge_reports(reports: list[dict]) -> dict:
     """:func:`check_pairs` reports of disjoint sets of tiles (export shards), summed into one as if checked
     together: counts added, examples kept in the reports' order up to ``EXAMPLES_PER_RULE`` per rule."""
-    out = {"tiles": 0, "pairs": 0, "tiles_with_findings": 0, "tiles_without_gsd": 0,
+    out: dict[str, Any] = {"tiles": 0, "pairs": 0, "tiles_with_findings": 0, "tiles_without_gsd": 0,
            "findings": dict.fromkeys(RULES, 0), "pairs_hit": dict.fromkeys(RULES, 0), "by_backend": {}, "examples": {}}
     for r in reports:
         for key in ("tiles", "pairs", "tiles_with_findings", "tiles_without_gsd"):
