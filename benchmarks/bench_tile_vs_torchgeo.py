@@ -41,10 +41,10 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import numpy as np  # noqa: E402
-import rasterio  # noqa: E402
-from affine import Affine  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import rasterio
+from affine import Affine
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / "benchmarks" / "work" / "torchgeo-venv"
@@ -175,10 +175,10 @@ def torchgeo(root: Path, fast: bool = False) -> dict:
 def sarlang(work: Path, root: Path, speckle: str, tag: str, tiles_per_shard: int) -> dict:
     from bench_tiling import steady_state_rate
 
+    from sarlang_ray import tables, tiling
     from sarlang_ray.config import load_config
     from sarlang_ray.stages import catalog, tile
     from sarlang_ray.stages.runner import map_tasks
-    from sarlang_ray import tables, tiling
 
     run_dir = work / f"run-{tag}"
     cfg = load_config(None, [f"run.run_dir={run_dir}", f"catalog.archive={root}", "catalog.sar_glob=[*.tif]",

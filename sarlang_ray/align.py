@@ -38,7 +38,14 @@ from sarlang_ray import companions, io
 from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
 from sarlang_ray.errors import ItemError, error_row, reasons_json
-from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema, read_error_rows, tiles_counters, write_errors
+from sarlang_ray.tables import (
+    ALIGNED_SCHEMA,
+    existing_shard,
+    geo_schema,
+    read_error_rows,
+    tiles_counters,
+    write_errors,
+)
 from sarlang_ray.tiling import encode_png, grid_read, resampling_for
 
 STAGE = "align"

@@ -46,9 +46,9 @@ from rasterio.warp import transform as warp_transform
 from shapely.geometry import Polygon
 
 from sarlang_ray import companions, io, safe, search, stac, tables
-from sarlang_ray.gcps import Georef, to_lists
 from sarlang_ray.config import CatalogSection
 from sarlang_ray.errors import ItemError, error_row
+from sarlang_ray.gcps import Georef, to_lists
 
 STAGE = "catalog"
 # Header sanity limits, checked before any pixel is read: a header can claim any size, and GDAL reads a
@@ -57,12 +57,12 @@ MAX_SIDE_PX = 2**20  # 1,048,576 px a side: ~15x a Sentinel-1 IW SLC swath
 MAX_BLOCK_BYTES = 2**28  # 256 MiB per block (a GeoTIFF tile or strip)
 _POLARISATIONS = ("VV", "VH", "HH", "HV")
 _SENSORS = (
-    (re.compile(r"(^|[^a-z])s1[ab]?([^a-z]|$)|sentinel-?1|opera_l2_rtc-s1", re.I), "Sentinel-1"),
-    (re.compile(r"umbra", re.I), "Umbra"),
-    (re.compile(r"capella", re.I), "Capella"),
-    (re.compile(r"iceye", re.I), "ICEYE"),
-    (re.compile(r"gf-?3|gaofen", re.I), "Gaofen-3"),
-    (re.compile(r"tsx|terrasar", re.I), "TerraSAR-X"),
+    (re.compile(r"(^|[^a-z])s1[ab]?([^a-z]|$)|sentinel-?1|opera_l2_rtc-s1", re.IGNORECASE), "Sentinel-1"),
+    (re.compile(r"umbra", re.IGNORECASE), "Umbra"),
+    (re.compile(r"capella", re.IGNORECASE), "Capella"),
+    (re.compile(r"iceye", re.IGNORECASE), "ICEYE"),
+    (re.compile(r"gf-?3|gaofen", re.IGNORECASE), "Gaofen-3"),
+    (re.compile(r"tsx|terrasar", re.IGNORECASE), "TerraSAR-X"),
 )
 
 
@@ -125,7 +125,7 @@ def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[
 
 
 _POL_TOKEN = re.compile(r"(?<![A-Za-z])(VV|VH|HH|HV)(?![A-Za-z])")
-_MASK_FILE = re.compile(r"[_-]mask\.tiff?$", re.I)  # OPERA RTC-S1's layover/shadow layer
+_MASK_FILE = re.compile(r"[_-]mask\.tiff?$", re.IGNORECASE)  # OPERA RTC-S1's layover/shadow layer
 
 
 def _product_root(uri: str) -> str:

@@ -1052,7 +1052,7 @@ def format_leaderboard(board: dict) -> str:
     present = {a for r in board["rows"] for a in r.get(f"vqa_{mode}_per_application", {})}
     apps = [a for a in APPLICATIONS[1:]] + sorted(present - set(APPLICATIONS[1:]))
     desc = f"image description (CIDEr {sets['detailed'].split(' ')[0]} / {sets['concise'].split(' ')[0]})"
-    label = lambda m: f"VQA % (judged by {judge.get('name')})" if m == "judge" else f"VQA % ({m})"  # noqa: E731
+    label = lambda m: f"VQA % (judged by {judge.get('name')})" if m == "judge" else f"VQA % ({m})"
     head = ["#", "model", "image", "prompt", label(mode), label(other), *([label("judge")] if judged else []), desc, *apps]
     where = f" of {board['dataset']}" if board.get("dataset") else ""
     lines = [f"## Leaderboard ({board['split']} split{where}; VQA rule `{mode}`; captions with PTB tokenisation)", "",

@@ -180,8 +180,7 @@ def _replace_local(uri: str, chunks: Iterable[bytes]) -> None:
     tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            f.writelines(chunks)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, uri)

@@ -11,7 +11,6 @@ import os
 
 from sarlang_ray import families
 
-
 # --- processors whose video processor needs torchvision ------------------------------------------------------
 # transformers 5 gives Qwen-VL, InternVL and SmolVLM processors a mandatory video processor, and every video
 # processor it ships is built on torchvision, which this project does not install (it replaces the pinned

@@ -149,8 +149,8 @@ _TAGS = {"identify": ("object identification", "identification"), "count": ("ins
          "describe": ("image description", "description"), "caption": ("image description", "description"),
          "refer": ("object positioning", "positioning"), "grounding": ("region referring", "region"),
          "detection": ("object positioning", "positioning")}
-_CLASS_HINT = re.compile(r"^\s*the (?:classes|categories|options|positions) are\s*:?\s*([^.?]*)[.?]?\s*", re.I)
-_TAG = re.compile(r"^\s*\[([a-z_ ]+)\]\s*", re.I)
+_CLASS_HINT = re.compile(r"^\s*the (?:classes|categories|options|positions) are\s*:?\s*([^.?]*)[.?]?\s*", re.IGNORECASE)
+_TAG = re.compile(r"^\s*\[([a-z_ ]+)\]\s*", re.IGNORECASE)
 _NOUN_STOP = (r"(?=\s+(?:are|is|can|could|do|does|in|on|at|inside|within|of|that|which|visible|present|here|there|seen|shown|"
               r"located|appear|appears|exist|exists|found|this|the|near|around|along|from|to|you)\b|\s*[?.,:;]|$)")
 _NOUN_AFTER = (
@@ -409,7 +409,7 @@ def csv_columns(rows: list[list[str]], uri: str) -> tuple[dict[str, int], bool, 
         raise ItemError("unknown_columns", f"{uri}: cannot tell the image and text columns apart (header: "
                         f"{first[:6] if header else 'none'}). Give the file a header such as image,caption or "
                         "image,question,answer.")
-    label = lambda i: f"{first[i].strip()!r} (column {i})" if header else f"column {i}"  # noqa: E731
+    label = lambda i: f"{first[i].strip()!r} (column {i})" if header else f"column {i}"
     how = ", ".join(f"{role} = {label(i)}" for role, i in cols.items()) + ("" if header else " (no header)")
     return cols, header, how
 
@@ -427,7 +427,7 @@ class FileSpec:
     image_prefix: str = ""  # CSV image names are relative to this folder of the release (ours: SAR_images/)
 
 
-_SPLIT_TOKEN = re.compile(r"(?:^|[_\-. ])(train|training|trainval|val|valid|validation|dev|test\d*)(?=$|[_\-. ])", re.I)
+_SPLIT_TOKEN = re.compile(r"(?:^|[_\-. ])(train|training|trainval|val|valid|validation|dev|test\d*)(?=$|[_\-. ])", re.IGNORECASE)
 
 
 def _split_of(stem: str, default: str) -> str:
@@ -448,7 +448,7 @@ def describe_file(rel: str, default_split: str = "test") -> FileSpec | None:
     if (not name.lower().endswith(TEXT_EXTS) or name.startswith(".") or "__MACOSX" in parts
             or low in ("dataset_info", "leakage", "summary", "manifest") or low.endswith(("report", "errors"))):
         return None
-    if m := re.fullmatch(r"(SARVQA\d+)_(train|test|val)\w*", stem, re.I):
+    if m := re.fullmatch(r"(SARVQA\d+)_(train|test|val)\w*", stem, re.IGNORECASE):
         return FileSpec(rel, "vqa", m.group(1).upper(), _split_of(m.group(2), default_split))
     if re.fullmatch(r"caption[-_ ]?train(?:ing)?", low):
         return FileSpec(rel, "caption", "training", "train")
@@ -546,7 +546,7 @@ def list_files(root: str, absolute: bool = False) -> list[str]:
         return []
     found = fs.find(path)
     base = path.rstrip("/") + "/"
-    rel = sorted(f[len(base):] if f.startswith(base) else f for f in found)
+    rel = sorted(f.removeprefix(base) for f in found)
     return [io.join(root, r) for r in rel] if absolute else rel
 
 
@@ -789,7 +789,7 @@ class _Reader:
         for n, row in enumerate(rows[1:] if header else rows, start=2 if header else 1):
             stats["records"] += 1
             where, item = f"{uri} line {n}", f"{spec.rel}:{n}"
-            cell = lambda role, row=row: row[cols[role]].strip() if role in cols and cols[role] < len(row) else ""  # noqa: E731
+            cell = lambda role, row=row: row[cols[role]].strip() if role in cols and cols[role] < len(row) else ""
             text = cell("text") if "text" in cols else cell("answer")
             if not cell("image") or not text or ("question" in cols and not cell("question")):
                 what = "caption" if "text" in cols else "question and answer"

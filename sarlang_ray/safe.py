@@ -28,8 +28,8 @@ from __future__ import annotations
 import functools
 import posixpath
 import re
-import zipfile
 import xml.etree.ElementTree as ET
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +38,7 @@ from sarlang_ray import io
 
 CALIBRATIONS = ("sigma0", "beta0", "gamma0", "none")
 _LUT_TAG = {"sigma0": "sigmaNought", "beta0": "betaNought", "gamma0": "gamma"}
-_PRODUCT_NAME = re.compile(r"S1[ABCD]_(IW|EW|SM|WV|S\d)_(GRD[HMF]?|SLC|OCN)_", re.I)
+_PRODUCT_NAME = re.compile(r"S1[ABCD]_(IW|EW|SM|WV|S\d)_(GRD[HMF]?|SLC|OCN)_", re.IGNORECASE)
 
 
 class SafeError(ValueError):
@@ -80,7 +80,7 @@ class Product:
 
 def _rel(href: str) -> str:
     """A manifest href (``./measurement/x.tiff``) as a path relative to the .SAFE folder."""
-    return posixpath.normpath(href[2:] if href.startswith("./") else href)
+    return posixpath.normpath(href.removeprefix("./"))
 
 
 class _Reader:

@@ -80,7 +80,7 @@ def root_of(archive: str) -> str:
 
 def _local(uri: str) -> str:
     """``file://`` URLs as plain paths (what a folder scan produces, so scene ids agree)."""
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri.removeprefix("file://")
 
 
 def resolve(href: str, base: str) -> str:
@@ -157,7 +157,7 @@ def sar_assets(item: pystac.Item, keys: list[str] | None) -> list[tuple[str, pys
     return sorted((k, a) for k, a in item.assets.items() if _is_geotiff(a))
 
 
-_XML_ASSET = re.compile(r"(?:^|[-_])(calibration|noise|product)[-_](vv|vh|hh|hv)$", re.I)
+_XML_ASSET = re.compile(r"(?:^|[-_])(calibration|noise|product)[-_](vv|vh|hh|hv)$", re.IGNORECASE)
 
 
 def lut_assets(item: pystac.Item, base: str) -> dict[tuple[str, str], str]:

@@ -40,8 +40,7 @@ import numpy as np
 import rasterio
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
-from shapely import affinity
-from shapely import STRtree
+from shapely import STRtree, affinity
 from shapely.geometry import LineString, Point, Polygon, box
 from shapely.ops import unary_union
 

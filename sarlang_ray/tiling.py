@@ -38,11 +38,11 @@ from rasterio.env import set_gdal_config
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
-from sarlang_ray import io, sar, safe
+from sarlang_ray import io, safe, sar
 from sarlang_ray.catalog import outline_4326
-from sarlang_ray.gcps import Georef
 from sarlang_ray.config import TileSection
 from sarlang_ray.errors import error_row
+from sarlang_ray.gcps import Georef
 from sarlang_ray.tables import TILES_SCHEMA, existing_shard, write_errors
 
 STAGE = "tile"

@@ -20,6 +20,7 @@ import os
 from sarlang_ray import families, prompts
 from sarlang_ray.models import _build_processor
 
+
 def _corpus() -> list[str]:
     """Text the tokenizer is trained on: every template phrasing, class, position and number."""
     from sarlang_ray.annotate import template

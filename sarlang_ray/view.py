@@ -308,5 +308,5 @@ def serve(folder: str, port: int = 8000, host: str = "127.0.0.1") -> None:
             pass
 
 
-__all__ = ["build_site", "make_server", "serve", "view_shard", "shard_jobs", "FILTERS", "NOT_EXPORTED"]
+__all__ = ["FILTERS", "NOT_EXPORTED", "build_site", "make_server", "serve", "shard_jobs", "view_shard"]
 

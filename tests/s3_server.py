@@ -6,14 +6,12 @@ environment configuration (FSSPEC_S3_*) *before* Ray starts, so Ray workers inhe
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
-
 
 _RNG = random.Random()
 

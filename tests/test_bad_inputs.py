@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import rasterio
 from affine import Affine
+from conftest import REPO
 from pyproj import Transformer
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
@@ -32,8 +33,6 @@ from sarlang_ray import pipeline
 from sarlang_ray.config import ConfigError, SynthSection, load_config
 from sarlang_ray.errors import ItemError
 from sarlang_ray.synth import write_archive
-
-from conftest import REPO
 
 DOC = REPO / "docs" / "reliability.md"
 
@@ -390,7 +389,7 @@ def test_every_error_class_in_the_code_is_documented_and_vice_versa():
     text = DOC.read_text()
     section = text[text.index("## Error classes"):]
     section = section[:section.index("\n## ", 1)]
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE))
     code = _code_error_classes()
     assert len(code) >= 20, code
     assert documented == code, (f"in the code, not in docs/reliability.md: {sorted(code - documented)}; "

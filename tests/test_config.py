@@ -2,11 +2,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from sarlang_ray.cli import main
 from sarlang_ray.config import ConfigError, load_config, to_yaml
-
-from conftest import REPO
 
 
 def test_demo_workflow_loads_and_overrides_apply():

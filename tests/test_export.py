@@ -162,7 +162,7 @@ def test_reimporting_the_sarlang1m_layout_gives_back_the_same_pairs(exported):
     imported = import_sarlang1m(str(out / "sarlang1m")).to_pylist()
     kept = set(_exported_tiles(out))
     ours = [p for p in pipeline.read_annotations(cfg.run.run_dir).to_pylist() if p["qc_passed"] and p["tile_id"] in kept]
-    key = lambda p: (p["tile_id"], p["kind"], p["application"], p["question_type"], p["question"], p["answer"])  # noqa: E731
+    key = lambda p: (p["tile_id"], p["kind"], p["application"], p["question_type"], p["question"], p["answer"])
     assert sorted(map(key, imported)) == sorted(map(key, ours))
     assert all(Path(p["image_uri"]).exists() for p in imported)
     assert {p["split"] for p in imported} <= {"train", "val", "test"}
@@ -447,13 +447,12 @@ def test_a_long_road_across_split_blocks_is_in_no_two_splits(demo_run, tmp_path)
     import shutil
 
     import geopandas as gpd
-    import pyarrow.parquet as pq
+    from conftest import demo_config
     from pyproj import Transformer
     from shapely import from_wkb
     from shapely.geometry import LineString
     from shapely.ops import transform
 
-    from conftest import demo_config
     from sarlang_ray.splits import EQUAL_AREA
 
     def clipped_id(label: str, split: str) -> str:  # as docs/export.md states it

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import REPO, demo_config
 
 from sarlang_ray import io, pipeline
-from sarlang_ray.stages import annotate as annotate_stage, tile as tile_stage
-
-from conftest import REPO, demo_config
+from sarlang_ray.stages import annotate as annotate_stage
+from sarlang_ray.stages import tile as tile_stage
 
 STAGES = ["synth", "catalog", "tile", "align", "annotate"]
 # small enough for CI (38 shards of at most 4 tiles per stage), large enough that a stage is still

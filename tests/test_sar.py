@@ -58,9 +58,9 @@ def test_stretch_percentile_and_fixed():
 
 
 # ------------------------------------------------ the tile stage's fast percentiles and PNG encoder
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 
 @settings(max_examples=300, deadline=None)

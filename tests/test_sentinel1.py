@@ -19,9 +19,9 @@ from PIL import Image
 from pyproj import Transformer
 from rasterio.control import GroundControlPoint
 from rasterio.transform import GCPTransformer
+from safe_products import PRODUCTS, annotation, build_product
 from scipy.interpolate import RegularGridInterpolator
 
-from safe_products import PRODUCTS, annotation, build_product
 from sarlang_ray import catalog, pipeline, tiling
 from sarlang_ray.config import load_config
 

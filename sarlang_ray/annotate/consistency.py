@@ -32,8 +32,8 @@ import math
 import re
 import sys
 from collections import Counter, defaultdict
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from sarlang_ray import io, tables
 from sarlang_ray.annotate.visibility import Visibility
@@ -53,29 +53,29 @@ LANDCOVER_SYNONYMS = {
     "paved surfaces": "road", "paved surface": "road", "paved": "road", "road": "road",
 }
 _LC = "|".join(sorted(map(re.escape, LANDCOVER_SYNONYMS), key=len, reverse=True))
-_LC_FRACTION = re.compile(rf"\b({_LC})\s*\(\s*(\d+(?:\.\d+)?)\s*%\s*\)", re.I)
-_LC_DOMINANT = re.compile(rf"\b(?:mostly|most of (?:it|the image|the tile|the scene) is)\s+(?:an?\s+)?(?:dense\s+)?({_LC})\b", re.I)
-_LC_WORD = re.compile(rf"\b({_LC})\b", re.I)
-_LC_QUESTION = re.compile(r"land ?cover|surface|terrain|covers the (largest|most)|dominat", re.I)
+_LC_FRACTION = re.compile(rf"\b({_LC})\s*\(\s*(\d+(?:\.\d+)?)\s*%\s*\)", re.IGNORECASE)
+_LC_DOMINANT = re.compile(rf"\b(?:mostly|most of (?:it|the image|the tile|the scene) is)\s+(?:an?\s+)?(?:dense\s+)?({_LC})\b", re.IGNORECASE)
+_LC_WORD = re.compile(rf"\b({_LC})\b", re.IGNORECASE)
+_LC_QUESTION = re.compile(r"land ?cover|surface|terrain|covers the (largest|most)|dominat", re.IGNORECASE)
 
 _POSITION_SYNONYMS = ((r"\bupper\b", "top"), (r"\blower\b", "bottom"), (r"\b(?:centre|middle)\b", "center"), (r"-", " "))
 _POSITION = re.compile(r"\b(" + "|".join(sorted(map(re.escape, POSITIONS), key=len, reverse=True)) + r")\b")
 _NUMBER = r"(\d+|" + "|".join(NUMBER_WORDS) + r"|a single|an|a)"
-_COUNT_BEFORE = re.compile(_NUMBER + r"((?:\s+[a-z-]+){0,2})\s+$", re.I)
+_COUNT_BEFORE = re.compile(_NUMBER + r"((?:\s+[a-z-]+){0,2})\s+$", re.IGNORECASE)
 _NOT_ADJECTIVES = {"and", "or", "of", "the", "than", "with", "in", "on", "at", "to", "from", "by", "for", "as", "more",
                    "fewer", "less", "are", "is", "be", "there", "these", "those", "many", "several", "some", "m"}
-_NEGATOR = re.compile(r"\b(no|not|without|none|zero|neither|nor|absent|never)\b|n't\b", re.I)
-_NEGATED_AFTER = re.compile(r"\b(?:not|n't)\b.*\b(?:visible|present|seen|there|found)\b|\babsent\b", re.I)
+_NEGATOR = re.compile(r"\b(no|not|without|none|zero|neither|nor|absent|never)\b|n't\b", re.IGNORECASE)
+_NEGATED_AFTER = re.compile(r"\b(?:not|n't)\b.*\b(?:visible|present|seen|there|found)\b|\babsent\b", re.IGNORECASE)
 _ABSENT_ALL = re.compile(r"\b(?:no|without|zero)\s+(?:labell?ed\s+|visible\s+|other\s+|distinct\s+)?(?:objects?|targets?)\b"
-                         r"|\bno labell?ed object\b|\bnothing\b", re.I)
-_CLAUSE = re.compile(r"[,;:]|\bbut\b|\bwhile\b|\bwhereas\b", re.I)
+                         r"|\bno labell?ed object\b|\bnothing\b", re.IGNORECASE)
+_CLAUSE = re.compile(r"[,;:]|\bbut\b|\bwhile\b|\bwhereas\b", re.IGNORECASE)
 _BOX = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\]")
-_COUNT_QUESTION = re.compile(r"\bhow many\b|^\s*count\b|\bnumber of\b|\bcount of\b", re.I)
-_COMPARE = (("eq", re.compile(r"\bas many\b|\bsame number\b|\bequal\b", re.I)),
-            ("lt", re.compile(r"\bfewer\b|\bless\b|\bsmaller\b", re.I)),
-            ("gt", re.compile(r"\bmore\b|\bexceed|\bnumerous\b|\blarger\b|\bgreater\b", re.I)))
-_WH = re.compile(r"^\s*(what|which|where|describe|how would|along|locate|identify|name|in which|give)\b", re.I)
-_WHERE = re.compile(r"\bwhere\b|\bwhich (part|region|area)\b|\blocate\b|\bposition\b|\bin which\b", re.I)
+_COUNT_QUESTION = re.compile(r"\bhow many\b|^\s*count\b|\bnumber of\b|\bcount of\b", re.IGNORECASE)
+_COMPARE = (("eq", re.compile(r"\bas many\b|\bsame number\b|\bequal\b", re.IGNORECASE)),
+            ("lt", re.compile(r"\bfewer\b|\bless\b|\bsmaller\b", re.IGNORECASE)),
+            ("gt", re.compile(r"\bmore\b|\bexceed|\bnumerous\b|\blarger\b|\bgreater\b", re.IGNORECASE)))
+_WH = re.compile(r"^\s*(what|which|where|describe|how would|along|locate|identify|name|in which|give)\b", re.IGNORECASE)
+_WHERE = re.compile(r"\bwhere\b|\bwhich (part|region|area)\b|\blocate\b|\bposition\b|\bin which\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def _caption_count(sent: str, start: int, end: int) -> tuple | None:
 def _vqa_statements(i: int, question: str, answer: str) -> list[Statement]:
     out = []
     text = f"{question} -> {answer}"
-    add = lambda fact, value: out.append(Statement(i, None, fact, value, text))  # noqa: E731
+    add = lambda fact, value: out.append(Statement(i, None, fact, value, text))
     classes = _ordered_classes(question)
     yn = _yes_no(answer)
     if _LC_QUESTION.search(question) and not classes:  # dominant land cover: the answer is a land-cover word
@@ -220,7 +220,7 @@ def _vqa_statements(i: int, question: str, answer: str) -> list[Statement]:
         if m:
             add(("lc_dominant",), LANDCOVER_SYNONYMS[m.group(1).lower()])
         return out
-    if re.search(r"\bwater\b", question, re.I) and not classes and yn is not None:
+    if re.search(r"\bwater\b", question, re.IGNORECASE) and not classes and yn is not None:
         add(("water",), yn)
         return out
     answer_classes = _ordered_classes(answer)
@@ -254,7 +254,7 @@ def _vqa_statements(i: int, question: str, answer: str) -> list[Statement]:
         elif n is not None and len(classes) == 1:
             add(("count", classes[0]), ("eq", n))
         return out
-    if not _WH.search(question) or re.match(r"^\s*(no|none|nothing|there (is|are) no)\b", answer, re.I):
+    if not _WH.search(question) or re.match(r"^\s*(no|none|nothing|there (is|are) no)\b", answer, re.IGNORECASE):
         return out
     if len(classes) >= 2 and len(answer_classes) == 1:  # classification: the option chosen is present
         add(("count", answer_classes[0]), ("ge", 1))
@@ -384,7 +384,7 @@ def _landcover(stmts: list[Statement], findings: list[Finding]) -> None:
                           if f.fact[1] == "water" and f.value >= 0.1]
             conflicts += [(w, d, "no water, but water dominates") for d in dominant if d.value == "water"]
     # one conflict per two statements (a caption sentence or a VQA pair is one voice, whatever it states)
-    key = lambda st: (st.pair, st.sentence)  # noqa: E731
+    key = lambda st: (st.pair, st.sentence)
     unique: dict[frozenset, tuple] = {}
     for a, b, why in conflicts:
         if key(a) != key(b):

@@ -117,7 +117,7 @@ class OpenAIAnnotator:
 
     @staticmethod
     def _parse_qa(text: str) -> list[dict]:
-        m = re.search(r"\[.*\]", text, re.S)  # models like to wrap JSON in prose or code fences
+        m = re.search(r"\[.*\]", text, re.DOTALL)  # models like to wrap JSON in prose or code fences
         if not m:
             raise BackendError(f"QA reply is not a JSON list: {text[:120]!r}")
         try:

@@ -17,8 +17,8 @@ import math
 import random
 
 import numpy as np
-from numpy.typing import ArrayLike
 import shapely
+from numpy.typing import ArrayLike
 
 from sarlang_ray import prompts
 from sarlang_ray.annotate.visibility import TileView, Visibility
@@ -208,7 +208,7 @@ class TemplateAnnotator:
         parts = []
         if landcover:
             ranked = sorted(landcover.items(), key=lambda kv: -kv[1])
-            word = lambda name: LANDCOVER_WORDS.get(name, name)  # noqa: E731
+            word = lambda name: LANDCOVER_WORDS.get(name, name)
             lc_text = f"{word(ranked[0][0])} ({ranked[0][1]:.0%})"
             if len(ranked) > 1 and ranked[1][1] >= 0.1:
                 lc_text += f" and {word(ranked[1][0])} ({ranked[1][1]:.0%})"
@@ -250,7 +250,7 @@ class TemplateAnnotator:
         present = sorted(counts)
         countable = sorted(view.countable)
         absent = list(view.askable_absent)
-        add = lambda app, fam, i, q, a, *classes: out.append(  # noqa: E731
+        add = lambda app, fam, i, q, a, *classes: out.append(
             self._pair("vqa", app, "/".join([fam, f"t{i}", *classes]), q, a))
 
         def pick(templates):

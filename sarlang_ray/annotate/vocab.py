@@ -55,7 +55,7 @@ def box_text(bbox: list[float], size: int) -> str:
 
 
 _SYNONYM_TO_CLASS = {syn.casefold(): cls for cls, (_, syns) in CLASS_WORDS.items() for syn in syns}
-_MENTION = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _SYNONYM_TO_CLASS), key=len, reverse=True)) + r")\b", re.I)
+_MENTION = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _SYNONYM_TO_CLASS), key=len, reverse=True)) + r")\b", re.IGNORECASE)
 
 
 def mentioned_classes(text: str) -> dict[str, list[tuple[int, int]]]:
