@@ -170,7 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        zip_path, ann, nodes = build(work, rng)
+        zip_path, _ann, nodes = build(work, rng)
         build_s = time.perf_counter() - t0
         lon = [p["longitude"] for p in nodes]
         lat = [p["latitude"] for p in nodes]

@@ -62,7 +62,7 @@ def prepare_labels(uris: list[str], cfg: AlignSection, archive: str = "") -> tup
         rel = io.relative(uri, archive)
         try:
             gdf = gpd.read_parquet(uri) if uri.endswith((".parquet", ".geoparquet")) else gpd.read_file(uri)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - geopandas/pyogrio raise many classes: the file's error row
             errors.append(error_row(STAGE, uri, "unreadable", f"cannot read labels {uri}: {str(exc).rstrip('.')}. Write them as GeoParquet or GeoJSON."))
             continue
         if gdf.crs is None:
@@ -347,7 +347,7 @@ class AlignShard:
         for tile in tiles.to_pylist():
             try:
                 tile.update(self.align_tile(tile))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - contained: this tile goes to the errors table with its reason
                 reason = failure_reason(exc, tile, self.scenes[tile["scene_id"]])
                 errors.append(error_row(STAGE, tile["tile_id"], reason.error_class, str(reason)))
                 continue

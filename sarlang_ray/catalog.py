@@ -232,7 +232,7 @@ def scale_error(crs: rasterio.crs.CRS, lon: float, lat: float, step_m: float = 1
         (x,), (y,) = warp_transform("EPSG:4326", crs, [lon], [lat])
         step = step_m / crs.linear_units_factor[1]
         ground = _geod_steps(crs, x, y, [(step, 0.0), (0.0, step)])
-    except Exception:  # outside the projection's domain
+    except Exception:  # noqa: BLE001 - outside the projection's domain
         return math.nan
     if not all(math.isfinite(v) and v > 0 for v in (x, y, *ground)):
         return math.nan
@@ -386,7 +386,7 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
         src = io.open_raster(uri)
     except io.RemoteRasterError as exc:  # missing object, unreachable endpoint, refused credentials: its own advice
         raise ItemError("unreadable", str(exc)) from None
-    except Exception as exc:  # rasterio raises several classes for corrupt files
+    except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
         raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. The file is corrupt or not a raster: re-download or remove it.") from None
     with src:
         if src.transform.is_identity and src.gcps[0]:  # e.g. a Sentinel-1 GRD measurement file (its CRS is the GCPs')
@@ -418,7 +418,7 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
             step = max(1, max(src.width, src.height) // 512)
             sample = src.read(cfg.band, out_shape=(max(1, src.height // step), max(1, src.width // step)),
                               resampling=Resampling.nearest, masked=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
             raise ItemError("unreadable", f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: re-download it.") from None
         values = sample.filled(np.nan).astype(np.float64)
         valid = np.isfinite(values)
@@ -483,7 +483,7 @@ def sidecar_calibration(uri: str) -> dict | None:
             if not io.exists(href):
                 continue
             image = (json.loads(io.read_bytes(href)).get("collect") or {}).get("image") or {}
-        except Exception:
+        except Exception:  # noqa: BLE001, S112 - an unreadable sidecar is no sidecar: try the next name
             continue
         factor = image.get("scale_factor")
         if isinstance(factor, (int, float)) and factor > 0:
@@ -584,7 +584,7 @@ def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, ban
                         "georeferencing or remove it.")
     try:
         sample = _sample_windows(src, bands[0]["band"])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
         raise ItemError("unreadable", f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: "
                         "re-download it.") from None
     values = sample.filled(np.nan).astype(np.float64)
@@ -632,7 +632,7 @@ def inspect_product(uri: str, cfg: CatalogSection) -> dict:
         product = safe.open_product(uri)
     except safe.SafeError as exc:
         raise ItemError("bad_product", str(exc)) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - zip, XML and fsspec errors alike: the product's error row
         raise ItemError("unreadable", f"cannot read the SAFE product {uri}: {_reason(exc)}. Re-download it.") from None
     if cfg.calibration != "none" and any(b.calibration is None for b in product.bands):
         raise ItemError("no_calibration", f"{uri}: no calibration annotation for "
@@ -644,7 +644,7 @@ def inspect_product(uri: str, cfg: CatalogSection) -> dict:
     first = product.bands[0]
     try:
         src = io.open_raster(first.measurement)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
         raise ItemError("unreadable", f"cannot open the measurement {first.measurement} of {uri}: {_reason(exc)}. "
                         "Re-download the product.") from None
     with src:
@@ -687,7 +687,7 @@ def inspect_group(bands: list[dict], cfg: CatalogSection) -> dict:
                     grid = (src.crs.to_string() if src.crs else None, [float(v) for v in tuple(src.transform)[:6]],
                             src.width, src.height)
                     pol = b.get("polarisation") or _polarisation_of(src, uri, cfg.band)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
                 raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. Re-download or remove it.") from None
             if grid != (scene["crs"], scene["transform"], scene["width"], scene["height"]):
                 raise ItemError("polarisation_grids", f"{uri} is not on the pixel grid of {first} (another CRS, transform "
@@ -700,7 +700,7 @@ def inspect_group(bands: list[dict], cfg: CatalogSection) -> dict:
             with io.open_raster(mask) as src:
                 grid = (src.crs.to_string() if src.crs else None, [float(v) for v in tuple(src.transform)[:6]],
                         src.width, src.height)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
             raise ItemError("unreadable", f"cannot open the mask {mask}: {_reason(exc)}. Re-download or remove it.") from None
         if grid != (scene["crs"], scene["transform"], scene["width"], scene["height"]):
             raise ItemError("polarisation_grids", f"the mask {mask} is not on the pixel grid of {first}. Remove it or "
@@ -761,7 +761,7 @@ def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
     if code is not None and scene["crs"] is not None:
         try:
             same = CRS.from_user_input(code) == CRS.from_user_input(scene["crs"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - a code pyproj cannot read is not the file's CRS
             same = False
         if not same or scene.get("georef") == "gcps":
             found["proj:code"] = {"item": code, "file": scene["crs"] + (" (of the GCPs)" if scene.get("georef") == "gcps" else "")}
@@ -801,7 +801,7 @@ class SceneInspector:
         except ItemError as exc:
             err = exc if item is None else _stac_error(uri, item, exc)
             return {"scene": None, "error": error_row(STAGE, uri, err.error_class, str(err))}
-        except Exception as exc:  # anything unexpected is still recorded, never lost
+        except Exception as exc:  # noqa: BLE001 - anything unexpected is still recorded, never lost
             return {"scene": None, "error": error_row(STAGE, uri, type(exc).__name__, f"{uri}: {exc}")}
 
 

@@ -1035,7 +1035,7 @@ def paper_results() -> dict:
 
 
 def _fmt(value, pct: bool = False) -> str:
-    if value is None or value != value:
+    if value is None or value != value:  # noqa: PLR0124 - NaN is the one value unequal to itself
         return "-"
     return f"{100 * value:.1f}" if pct else f"{value:.3f}"
 
@@ -1109,8 +1109,8 @@ def sarchat_section(rows: list[dict]) -> list[str]:
         return []
     head = ["model", "image", "prompt", *[f"{t} (CIDEr)" if t == "description" else f"{t} %" for t in release.SARCHAT_TASKS],
             "box parse failures"]
-    lines = ["", "### SARChat-Bench-2M (classification, identification: accuracy; counting: exact; grounding, referring: "
-             "box IoU >= 0.5; description: CIDEr, PTB-tokenised)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["", ("### SARChat-Bench-2M (classification, identification: accuracy; counting: exact; grounding, referring: "
+                  "box IoU >= 0.5; description: CIDEr, PTB-tokenised)"), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in scored:
         sc, n = r["sarchat"], r.get("sarchat_n", {})
         cells = [str(r["model"]), str(r["image"]), str(r["prompt"])]

@@ -484,7 +484,7 @@ def _open_failure(uri: str, reader: str, fs: fsspec.AbstractFileSystem, path: st
     try:
         fs.invalidate_cache(path)
         found: bool | None = bool(fs.exists(path))
-    except Exception:  # credentials refused, endpoint down: exists() fails like the open did
+    except Exception:  # noqa: BLE001 - credentials refused, endpoint down: exists() fails like the open did
         found = None
     if found is False:
         return (f"{uri} does not exist ({where}). Check the URI, and that the endpoint and bucket are the "

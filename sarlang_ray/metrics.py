@@ -356,7 +356,7 @@ def _check_mode(mode: str, judge: Judge | None) -> None:
 def _text(value: object) -> str:
     """A table cell as text: None, NaN and pandas.NA (a missing prediction) become ''."""
     try:
-        missing = value is None or bool(value != value)  # NaN is the one value unequal to itself
+        missing = value is None or bool(value != value)  # noqa: PLR0124 - NaN is the one value unequal to itself
     except TypeError:  # pandas.NA refuses bool()
         missing = True
     return "" if missing else str(value)

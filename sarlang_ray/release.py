@@ -299,8 +299,8 @@ def record_turns(rec) -> tuple[str, list[tuple[str, str]]]:
     Raises:
         ValueError: not a record of a known form, or no user/assistant pair in it.
     """
-    if not isinstance(rec, dict):
-        raise ValueError("not a JSON object")
+    if not isinstance(rec, dict):  # ValueError as documented: every malformed record is reported alike
+        raise ValueError("not a JSON object")  # noqa: TRY004
     if "messages" in rec or "conversations" in rec:
         form, turns, role_key, text_key = (("llamafactory", rec["messages"], "role", "content") if "messages" in rec
                                            else ("sharegpt", rec["conversations"], "from", "value"))
@@ -738,8 +738,8 @@ class _Reader:
             stats["records"] += 1
             where, item = f"{uri} record {i}", f"{spec.rel}#{i}"
             try:
-                if isinstance(rec, Exception):
-                    raise ValueError(str(rec))
+                if isinstance(rec, Exception):  # a JSONL line that did not parse: malformed like any other
+                    raise ValueError(str(rec))  # noqa: TRY004
                 form, turns = record_turns(rec)
             except (ValueError, TypeError, AttributeError) as exc:
                 self.reject(item, ItemError("malformed_release", f"{where}: needs messages (a user and an assistant turn) and "
@@ -828,8 +828,8 @@ def format_report(result: ImportResult) -> str:
     CSV columns chosen, pairs per application with the unknown rate and examples, errors by class."""
     r = result.report()
     t = r["totals"]
-    lines = [f"import {result.root}: records {t['records']} = imported {t['imported']} + rejected {t['rejected']} "
-             f"-> {t['pairs']} pairs"]
+    lines = [(f"import {result.root}: records {t['records']} = imported {t['imported']} + rejected {t['rejected']} "
+              f"-> {t['pairs']} pairs")]
     for f in r["files"]:
         if f.get("skipped"):
             lines.append(f"  {f['file']}: skipped, {f['skipped']}")

@@ -50,7 +50,7 @@ def is_product(uri: str) -> bool:
     (``.SAFE.zip`` or a Sentinel-1 product name ending in ``.zip``)."""
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     low = name.lower()
-    return (low.endswith(".safe") or low == "manifest.safe" or low.endswith(".safe.zip")
+    return (low.endswith((".safe", ".safe.zip")) or low == "manifest.safe"
             or (low.endswith(".zip") and bool(_PRODUCT_NAME.match(name))))
 
 

@@ -86,7 +86,7 @@ def aoi_geometry(q: SearchSection):
 
     try:
         frame = gpd.read_parquet(q.aoi) if q.aoi.lower().endswith((".parquet", ".geoparquet")) else gpd.read_file(q.aoi)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - geopandas/pyogrio raise many classes: one clear SearchError
         raise SearchError(f"catalog.search.aoi={q.aoi!r} cannot be read as a vector file ({exc}); give a GeoPackage, "
                           "GeoJSON, shapefile or GeoParquet") from None
     if frame.empty:
@@ -185,7 +185,7 @@ def api_items(q: SearchSection, geom, stats: dict) -> Iterator[dict]:
                           "(pip install 'sarlang-ray[stac-api]')") from None
     try:
         client = Client.open(_source(q))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - network, HTTP and JSON errors alike: one clear SearchError
         raise SearchError(f"catalog.search.source={q.source!r}: cannot open the STAC API ({exc}). Check the URL "
                           "(the API's landing page) and the network") from None
     client.add_conforms_to("ITEM_SEARCH")  # some APIs omit it from conformsTo; search is what is asked

@@ -130,7 +130,7 @@ def _walk(cat: pystac.Catalog, root: pystac.Catalog, items: list, errors: list, 
             seen.add(href)
             try:
                 target = link.resolve_stac_object(root=root).target
-            except Exception as exc:  # missing file, bad JSON, not STAC: pystac raises several classes
+            except Exception as exc:  # noqa: BLE001 - missing file, bad JSON, not STAC: pystac raises several classes
                 errors.append(error_row(stage, href, "stac_unreadable",
                                         f"{rel} link {link.href!r} of {cat.get_self_href()} cannot be read ({exc}). "
                                         "Fix or remove the link in the catalog."))

@@ -29,6 +29,7 @@ configurable number of looks.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -273,7 +274,7 @@ def _sar_layers(feats: list[Feature]) -> tuple[list[tuple[Polygon, float]], list
         shadows.append((unary_union([f.geom, affinity.translate(f.geom, xoff=shift)]).convex_hull, 0.0008))
         tall.append((f.geom, f.sigma0))
         ring = list(f.geom.exterior.coords)
-        for (x0, y0), (x1, y1) in zip(ring[:-1], ring[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(ring):
             # exterior rings from shapely are CCW after orient; outward normal of edge (dx,dy) is (dy,-dx)
             dx, dy = x1 - x0, y1 - y0
             nx = dy if f.geom.exterior.is_ccw else -dy
@@ -381,8 +382,8 @@ def write_archive(cfg: SynthSection, seed: int = 0) -> dict:
         sar[nodata] = 0.0
         rgb[:, nodata] = 0
         landcover[nodata] = 0
-        common = dict(driver="GTiff", width=size, height=size, crs=f"EPSG:{city.epsg}", transform=transform,
-                      tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+        common = {"driver": "GTiff", "width": size, "height": size, "crs": f"EPSG:{city.epsg}", "transform": transform,
+                  "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
         with rasterio.open(os.path.join(out, "sar", f"{scene_id}_sar.tif"), "w", count=1, dtype="float32", nodata=0.0, predictor=3, **common) as dst:
             dst.write(sar, 1)
             acquired = FIRST_ACQUISITION + k * ACQUISITION_STEP

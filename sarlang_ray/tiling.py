@@ -64,7 +64,7 @@ def pyramid_for(scene: dict, cfg: TileSection) -> list[float]:
     gsds = [g for g in cfg.gsds_m if g >= native * (1 - 1e-3)]
     if cfg.include_native and not any(abs(g - native) < native * 1e-3 for g in gsds):
         gsds.append(native)
-    return sorted(set(round(g, 6) for g in gsds))
+    return sorted({round(g, 6) for g in gsds})
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def _inside(win: Window, src) -> Window | None:
     """The part of a pixel window inside the raster, or None."""
     try:
         inter = win.intersection(Window(0, 0, src.width, src.height))
-    except Exception:  # rasterio raises WindowError when they do not intersect
+    except Exception:  # noqa: BLE001 - rasterio raises WindowError when they do not intersect
         return None
     return inter if inter.width > 0 and inter.height > 0 else None
 
@@ -392,7 +392,7 @@ class TileChunk:
         try:
             src = self._dataset(bands[0]["uri"])
             png_selection(bands, self.cfg.bands)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an unopenable scene: each of the chunk's tiles gets an error row
             for i in range(chunk["start"], chunk["stop"]):
                 tid = tile_id_for(scene["scene_id"], grid.gsd, *window_of(chunk, grid, i))
                 if isinstance(exc, MissingBand):
@@ -405,7 +405,7 @@ class TileChunk:
             tid = tile_id_for(scene["scene_id"], grid.gsd, r, c)
             try:
                 row = self.make_tile(src, scene, grid, r, c, tid)
-            except Exception as exc:  # a corrupt block loses this tile only, with the reason
+            except Exception as exc:  # noqa: BLE001 - a corrupt block loses this tile only, with the reason
                 errors.append(error_row(STAGE, tid, "unreadable", f"{scene['sar_uri']} window of {tid}: {exc}. The file is truncated or corrupt: re-download it."))
                 continue
             if isinstance(row, str):

@@ -53,7 +53,7 @@ def test_the_lmms_eval_task_follows_the_documented_schema(bench):
     """What lmms-eval's docs (and its bundled tasks, e.g. chartqa.yaml) require of a task: a YAML with task,
     dataset_path + dataset_kwargs.data_files, test_split, output_type, the !function hooks and a metric_list whose
     aggregations exist; read here with a !function constructor that imports utils.py as lmms-eval does."""
-    cfg, manifest, pairs = bench
+    _cfg, manifest, pairs = bench
     task_dir = Path(manifest["files"]["lmms_eval"]["task_dir"])
 
     def function(loader, node):

@@ -136,7 +136,7 @@ class OpenAIAnnotator:
         def one(tile):
             try:
                 return self.annotate(tile)
-            except Exception as exc:  # returned, not raised: the other tiles go on
+            except Exception as exc:  # noqa: BLE001 - returned, not raised: the other tiles go on
                 return exc
 
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.max_concurrency)) as pool:
