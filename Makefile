@@ -31,7 +31,20 @@ setup: $(BIN)/sarlang $(CHROMEDRIVER)
 run: setup
 	$(BIN)/sarlang run workflows/demo.yaml
 
-test: setup
+# the linter and the type checker (their settings: pyproject.toml; mypy's cache in .mypy_cache, ignored by git).
+# TEMPORARY (issue 29): sarlang_ray/config.py and sarlang_ray/stages/ are being rewritten on other branches, so
+# their findings are left out here; the coordinator removes LINT_PENDING and MYPY_PENDING once they are merged.
+LINT_PENDING := --extend-exclude sarlang_ray/config.py --extend-exclude sarlang_ray/stages
+MYPY_PENDING := ^sarlang_ray/(config\.py|stages/)
+lint: setup
+	$(BIN)/ruff check $(LINT_PENDING) sarlang_ray tests benchmarks
+	@report="$$($(BIN)/mypy --cache-dir .mypy_cache 2>&1)"; rc=$$?; \
+	left="$$(printf '%s\n' "$$report" | grep ': error:' | grep -Ev '$(MYPY_PENDING)')"; \
+	if [ $$rc -gt 1 ] || [ -n "$$left" ]; then printf '%s\n' "$$report"; exit 1; fi; \
+	echo "mypy: no errors outside config.py and stages/ ($$(printf '%s\n' "$$report" | tail -n 1))"
+
+# lint first: a test run starts only on code that passes the linter and the type checker
+test: setup lint
 	$(BIN)/python -m pytest -q --durations=25 tests
 
 # the tier with no Ray, no demo run and no server (marked in tests/conftest.py): minutes, for quick feedback
@@ -41,4 +54,4 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_tiling.py
 
-.PHONY: setup run test test-fast bench
+.PHONY: setup lint run test test-fast bench

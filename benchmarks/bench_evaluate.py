@@ -26,10 +26,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import REPO, export_dir  # noqa: E402
+from bench_train import REPO, export_dir
 
-from sarlang_ray import evaluate, io, metrics  # noqa: E402
-from sarlang_ray.config import load_config  # noqa: E402
+from sarlang_ray import evaluate, io, metrics
+from sarlang_ray.config import load_config
 
 
 def scoring(run: Path, n: int = 10_000) -> dict:

@@ -36,8 +36,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sarlang_ray import io  # noqa: E402
-from sarlang_ray.config import VLLMSection, load_config  # noqa: E402
+from sarlang_ray import io
+from sarlang_ray.config import VLLMSection, load_config
 
 
 def demo_tiles(work: Path) -> tuple[Path, list[str]]:
@@ -136,8 +136,15 @@ def gpu_model(out: str) -> str:
     """A ~2 B LLaVA-1.5-style VLM from its config, random weights: CLIP ViT-L/14 at 336 px (576 image tokens)
     + a 2048-wide, 28-layer Llama decoder; the tokenizer and chat template of the tiny VLM."""
     import torch
-    from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     from sarlang_ray.tiny_models import CHAT_TEMPLATE, init_tiny_vlm
 

@@ -30,17 +30,18 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
-import rasterio  # noqa: E402
-from affine import Affine  # noqa: E402
-from pyproj import Transformer  # noqa: E402
+import numpy as np
+import rasterio
+from affine import Affine
+from pyproj import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import safe_products  # noqa: E402
-from sarlang_ray import catalog, tiling  # noqa: E402
-from sarlang_ray.config import load_config  # noqa: E402
+import safe_products
+
+from sarlang_ray import catalog, tiling
+from sarlang_ray.config import load_config
 
 REAL = REPO.parent / "shared" / "data" / "real_sar"
 DN_TARGET = 20000
@@ -169,7 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        zip_path, ann, nodes = build(work, rng)
+        zip_path, _ann, nodes = build(work, rng)
         build_s = time.perf_counter() - t0
         lon = [p["longitude"] for p in nodes]
         lat = [p["latitude"] for p in nodes]

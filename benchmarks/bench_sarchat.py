@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sarlang_ray import boxes, metrics, release  # noqa: E402
+from sarlang_ray import boxes, metrics, release
 
 # README test-set sizes per task; the files of each task share them equally
 TEST = {"classify": 10024, "describe": 6032, "classify_count": 11704, "classify_grounding_single": 5804,

@@ -27,10 +27,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tiling import _config  # noqa: E402
-from peak_memory import PeakMemory, ray_processes  # noqa: E402
+from bench_tiling import _config
+from peak_memory import PeakMemory, ray_processes
 
-from sarlang_ray import pipeline  # noqa: E402
+from sarlang_ray import pipeline
 
 
 def one_scale(work: Path, scale: int, repeats: int, annotate: bool = True) -> dict:

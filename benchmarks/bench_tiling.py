@@ -32,11 +32,11 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from peak_memory import PeakMemory, ray_processes  # noqa: E402
+from peak_memory import PeakMemory, ray_processes
 
-from sarlang_ray import pipeline, tiling  # noqa: E402
-from sarlang_ray.config import load_config  # noqa: E402
-from sarlang_ray.stages.runner import map_items, map_tasks  # noqa: E402
+from sarlang_ray import pipeline, tiling
+from sarlang_ray.config import load_config
+from sarlang_ray.stages.runner import map_items, map_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 

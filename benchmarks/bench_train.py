@@ -28,8 +28,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sarlang_ray import pipeline  # noqa: E402
-from sarlang_ray.config import load_config  # noqa: E402
+from sarlang_ray import pipeline
+from sarlang_ray.config import load_config
 
 
 def export_dir(work: Path) -> Path:

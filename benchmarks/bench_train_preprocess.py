@@ -38,10 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_train import export_dir  # noqa: E402
+from bench_train import export_dir
 
-from sarlang_ray import pipeline  # noqa: E402
-from sarlang_ray.config import load_config  # noqa: E402
+from sarlang_ray import pipeline
+from sarlang_ray.config import load_config
 
 
 def before_module(rev: str):

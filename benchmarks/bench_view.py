@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from peak_memory import PeakMemory  # noqa: E402
+from peak_memory import PeakMemory
 
 ID_COLUMNS = ("tile_id", "scene_id", "pair_id", "item")
 

@@ -105,7 +105,7 @@ def write_archive(folder: Path, n_synthetic: int, size: int) -> list[Path]:
     from rasterio.transform import from_origin
 
     folder.mkdir(parents=True, exist_ok=True)
-    cog = dict(driver="COG", BLOCKSIZE=256, COMPRESS="DEFLATE", OVERVIEW_RESAMPLING="AVERAGE")
+    cog = {"driver": "COG", "BLOCKSIZE": 256, "COMPRESS": "DEFLATE", "OVERVIEW_RESAMPLING": "AVERAGE"}
     out = []
     umbra = REAL_SAR / "umbra_gec_mount_yasur" / "umbra_mount_yasur.tiff"
     if umbra.exists():

@@ -100,7 +100,6 @@ def size(tb: float, preset: str = "sentinel1-grd", tile_size: int = 256, valid_f
     # GPU generation: decode is bound by memory bandwidth (one step reads every bf16 weight once, for a
     # batch of sequences); the prompt (image tokens + text) is a forward pass at the achieved TFLOP/s of
     # the measured training step
-    gpus = gpu_nodes * gpus_per_node
     decode_tok_s = decode_batch * hbm_tb_s * 1e12 / (2 * caption_model_params) * decode_efficiency
     prefill_tok_s = m["achieved_tflops"] * 1e12 / (2 * caption_model_params)
 
@@ -138,9 +137,9 @@ def markdown(s: dict) -> str:
     def n(x):
         return f"{x:,.0f}" if x >= 100 else f"{x:,.2g}"
 
-    lines = [f"**{s['tb']:g} TB of {s['preset']}** ({s['preset_note']}; levels {s['levels_m']} m): "
-             f"{n(s['pixels'] / 1e9)} Gpx, {n(s['tiles'])} tiles, {n(s['pairs'])} QA/caption pairs "
-             f"(training on {n(s['train_pairs'])}, evaluating on {n(s['eval_pairs'])}).", "",
+    lines = [(f"**{s['tb']:g} TB of {s['preset']}** ({s['preset_note']}; levels {s['levels_m']} m): "
+              f"{n(s['pixels'] / 1e9)} Gpx, {n(s['tiles'])} tiles, {n(s['pairs'])} QA/caption pairs "
+              f"(training on {n(s['train_pairs'])}, evaluating on {n(s['eval_pairs'])})."), "",
              "| stage | work | node-hours | nodes | wall hours | bottleneck | basis |", "|---|---|---|---|---|---|---|"]
     for r in s["stages"]:
         lines.append(f"| {r['stage']} | {n(r['work'])} {r['unit']} | {n(r['node_hours'])} ({r['node_kind']}) | "

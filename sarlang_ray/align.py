@@ -21,6 +21,7 @@ import math
 import os
 import traceback
 from collections import OrderedDict
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -38,7 +39,14 @@ from sarlang_ray.catalog import metric_gsd
 from sarlang_ray.config import AlignSection
 from sarlang_ray.errors import ItemError, error_row, reasons_json
 from sarlang_ray.rows import SceneRow, TileRow
-from sarlang_ray.tables import ALIGNED_SCHEMA, existing_shard, geo_schema, read_error_rows, tiles_counters, write_errors
+from sarlang_ray.tables import (
+    ALIGNED_SCHEMA,
+    existing_shard,
+    geo_schema,
+    read_error_rows,
+    tiles_counters,
+    write_errors,
+)
 from sarlang_ray.tiling import encode_png, grid_read, resampling_for
 
 STAGE = "align"
@@ -55,7 +63,7 @@ def prepare_labels(uris: list[str], cfg: AlignSection, archive: str = "") -> tup
         rel = io.relative(uri, archive)
         try:
             gdf = gpd.read_parquet(uri) if uri.endswith((".parquet", ".geoparquet")) else gpd.read_file(uri)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - geopandas/pyogrio raise many classes: the file's error row
             errors.append(error_row(STAGE, uri, "unreadable", f"cannot read labels {uri}: {str(exc).rstrip('.')}. Write them as GeoParquet or GeoJSON."))
             continue
         if gdf.crs is None:
@@ -107,7 +115,7 @@ def clean_labels(gdf: gpd.GeoDataFrame, classes: list, items: list[str], ids: li
         geometry=[geoms[i] for i in keep], crs=gdf.crs,
     ).to_crs(4326)
     placed = _placeable(frame)
-    for i in np.flatnonzero(~placed):
+    for i in np.flatnonzero(~placed).tolist():
         item = items[keep[i]]
         errors.append(error_row(STAGE, item, "bad_coordinates", f"{item}: in {gdf.crs.to_string()} this polygon lands at "
                                 f"lon/lat bounds {tuple(round(v, 3) for v in frame.geometry.iloc[i].bounds)}, not a place "
@@ -297,7 +305,7 @@ class AlignShard:
         self.labels_dir = labels_dir  # per-scene slices of a global layer (LabelSlicer)
         self.landcover_classes = companions.landcover_classes(cfg.landcover_classes, cfg.landcover_preset)
         self._labels: OrderedDict[str, tuple[gpd.GeoDataFrame, STRtree]] = OrderedDict()
-        self._rasters: OrderedDict[str, object] = OrderedDict()
+        self._rasters: OrderedDict[str, Any] = OrderedDict()  # open rasterio datasets (rasterio is untyped)
         self.cache_scenes = cache_scenes
         self.schema = geo_schema(ALIGNED_SCHEMA)
 
@@ -340,7 +348,7 @@ class AlignShard:
         for tile in tiles.to_pylist():
             try:
                 tile.update(self.align_tile(tile))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - contained: this tile goes to the errors table with its reason
                 reason = failure_reason(exc, tile, self.scenes[tile["scene_id"]])
                 errors.append(error_row(STAGE, tile["tile_id"], reason.error_class, str(reason)))
                 continue

@@ -75,9 +75,8 @@ def find_boxes(text: str) -> list[RawBox]:
         for m in pattern.finditer(text):
             if any(m.start() < e and s < m.end() for s, e in taken):
                 continue
-            values = tuple(float(v) for v in m.groups())
-            if name == "qwen":  # (x1,y1),(x2,y2)
-                values = (values[0], values[1], values[2], values[3])
+            x1, y1, x2, y2 = (float(v) for v in m.groups())  # every convention's pattern has four numbers
+            values = (x1, y1, x2, y2)  # qwen's (x1,y1),(x2,y2) too
             auto = "norm1" if all(0 <= v <= 1 for v in values) and any("." in g for g in m.groups()) else frame
             taken.append((m.start(), m.end()))
             found.append((m.start(), RawBox(values, name, auto)))

@@ -36,6 +36,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import PurePosixPath
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,12 +59,12 @@ MAX_SIDE_PX = 2**20  # 1,048,576 px a side: ~15x a Sentinel-1 IW SLC swath
 MAX_BLOCK_BYTES = 2**28  # 256 MiB per block (a GeoTIFF tile or strip)
 _POLARISATIONS = ("VV", "VH", "HH", "HV")
 _SENSORS = (
-    (re.compile(r"(^|[^a-z])s1[ab]?([^a-z]|$)|sentinel-?1|opera_l2_rtc-s1", re.I), "Sentinel-1"),
-    (re.compile(r"umbra", re.I), "Umbra"),
-    (re.compile(r"capella", re.I), "Capella"),
-    (re.compile(r"iceye", re.I), "ICEYE"),
-    (re.compile(r"gf-?3|gaofen", re.I), "Gaofen-3"),
-    (re.compile(r"tsx|terrasar", re.I), "TerraSAR-X"),
+    (re.compile(r"(^|[^a-z])s1[ab]?([^a-z]|$)|sentinel-?1|opera_l2_rtc-s1", re.IGNORECASE), "Sentinel-1"),
+    (re.compile(r"umbra", re.IGNORECASE), "Umbra"),
+    (re.compile(r"capella", re.IGNORECASE), "Capella"),
+    (re.compile(r"iceye", re.IGNORECASE), "ICEYE"),
+    (re.compile(r"gf-?3|gaofen", re.IGNORECASE), "Gaofen-3"),
+    (re.compile(r"tsx|terrasar", re.IGNORECASE), "TerraSAR-X"),
 )
 
 
@@ -105,13 +106,13 @@ def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[
         return sorted(({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found),
                       key=lambda r: r["uri"]), errors
     # a SAFE folder, its manifest.safe or a SAFE zip is a product; files inside a .SAFE folder belong to it
-    found = {u for pattern in cfg.sar_glob for u in io.glob(cfg.archive, pattern)}
-    products = sorted({_product_root(u) for u in found if safe.is_product(u)})
-    uris = sorted(u for u in found if ".safe/" not in u.lower() and not safe.is_product(u))
+    matched = {u for pattern in cfg.sar_glob for u in io.glob(cfg.archive, pattern)}
+    products = sorted({_product_root(u) for u in matched if safe.is_product(u)})
+    uris = sorted(u for u in matched if ".safe/" not in u.lower() and not safe.is_product(u))
     if not uris and not products:
         raise FileNotFoundError(f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
                                 "check catalog.archive and catalog.sar_glob")
-    rows = [{"uri": p, "stac": None, "product": "safe", "bands": None} for p in products]
+    rows: list[dict[str, Any]] = [{"uri": p, "stac": None, "product": "safe", "bands": None} for p in products]
     masks = {u for u in uris if _MASK_FILE.search(u)} if cfg.group_polarisations else set()
     for group in (polarisation_groups(sorted(set(uris) - masks)) if cfg.group_polarisations else [[u] for u in uris]):
         # an OPERA burst's layover/shadow mask (..._mask.tif beside ..._VV.tif): its non-zero pixels become nodata
@@ -126,7 +127,7 @@ def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[
 
 
 _POL_TOKEN = re.compile(r"(?<![A-Za-z])(VV|VH|HH|HV)(?![A-Za-z])")
-_MASK_FILE = re.compile(r"[_-]mask\.tiff?$", re.I)  # OPERA RTC-S1's layover/shadow layer
+_MASK_FILE = re.compile(r"[_-]mask\.tiff?$", re.IGNORECASE)  # OPERA RTC-S1's layover/shadow layer
 
 
 def _product_root(uri: str) -> str:
@@ -225,7 +226,7 @@ def footprint_4326(src: rasterio.io.DatasetReader) -> Polygon:
 MAX_SCALE_ERROR = 0.01  # a projected CRS whose map metres differ more from ground metres is not a tile CRS
 
 
-def scale_error(crs: CRS, lon: float, lat: float, step_m: float = 100.0) -> float:
+def scale_error(crs: rasterio.crs.CRS, lon: float, lat: float, step_m: float = 100.0) -> float:
     """How far the map metres of a projected CRS are from ground metres at (lon, lat): the largest
     |map length / geodesic length - 1| of a ``step_m`` step along its x and y axes (0.0004 for UTM on its
     central meridian, 1.0 for Web Mercator at 60 N); NaN where the point cannot be projected."""
@@ -233,14 +234,14 @@ def scale_error(crs: CRS, lon: float, lat: float, step_m: float = 100.0) -> floa
         (x,), (y,) = warp_transform("EPSG:4326", crs, [lon], [lat])
         step = step_m / crs.linear_units_factor[1]
         ground = _geod_steps(crs, x, y, [(step, 0.0), (0.0, step)])
-    except Exception:  # outside the projection's domain
+    except Exception:  # noqa: BLE001 - outside the projection's domain
         return math.nan
     if not all(math.isfinite(v) and v > 0 for v in (x, y, *ground)):
         return math.nan
     return max(abs(step_m / g - 1.0) for g in ground)
 
 
-def tile_crs_for(crs: CRS, footprint: Polygon) -> str:
+def tile_crs_for(crs: rasterio.crs.CRS, footprint: Polygon) -> str:
     """CRS in which tiles are cut: the scene's own if it is projected in metres with map metres within
     1 % of ground metres at the scene (UTM: 0.9996 to ~1.001), else the UTM zone of the scene's centre
     (geographic scenes, feet, Web Mercator away from the equator, polar stereographic far from its
@@ -387,7 +388,7 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
         src = io.open_raster(uri)
     except io.RemoteRasterError as exc:  # missing object, unreachable endpoint, refused credentials: its own advice
         raise ItemError("unreadable", str(exc)) from None
-    except Exception as exc:  # rasterio raises several classes for corrupt files
+    except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
         raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. The file is corrupt or not a raster: re-download or remove it.") from None
     with src:
         if src.transform.is_identity and src.gcps[0]:  # e.g. a Sentinel-1 GRD measurement file (its CRS is the GCPs')
@@ -419,7 +420,7 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
             step = max(1, max(src.width, src.height) // 512)
             sample = src.read(cfg.band, out_shape=(max(1, src.height // step), max(1, src.width // step)),
                               resampling=Resampling.nearest, masked=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
             raise ItemError("unreadable", f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: re-download it.") from None
         values = sample.filled(np.nan).astype(np.float64)
         valid = np.isfinite(values)
@@ -444,7 +445,8 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
         tile_crs = tile_crs_for(src.crs, footprint)
         # GSD in metres of the tile CRS: the map pixel where tiles are cut in the scene's own CRS (within 1 % of
         # the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground GSD
-        gx, gy = map_gsd(src) if tile_crs == src.crs.to_string() else metric_gsd(src)
+        own = map_gsd(src) if tile_crs == src.crs.to_string() else None  # never None there: the CRS is projected
+        gx, gy = own if own is not None else metric_gsd(src)
         return {
             **_file_columns(uri, tags, cfg),
             "crs": src.crs.to_string(),
@@ -483,7 +485,7 @@ def sidecar_calibration(uri: str) -> dict | None:
             if not io.exists(href):
                 continue
             image = (json.loads(io.read_bytes(href)).get("collect") or {}).get("image") or {}
-        except Exception:
+        except Exception:  # noqa: BLE001, S112 - an unreadable sidecar is no sidecar: try the next name
             continue
         factor = image.get("scale_factor")
         if isinstance(factor, (int, float)) and factor > 0:
@@ -575,6 +577,8 @@ def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, ban
     if gcp_list is None:
         gcp_objs, crs = src.gcps
         gcp_list, gcp_crs = to_lists(gcp_objs), crs.to_string() if crs else "EPSG:4326"
+    elif gcp_crs is None:
+        raise ValueError(f"{uri}: gcp_list without its gcp_crs")
     georef = Georef(gcp_list, gcp_crs, cfg.gcp_method, cfg.gcp_order)
     _check_pixels(src, bands[0]["band"], uri)
     if len(gcp_list) < 3:
@@ -582,7 +586,7 @@ def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, ban
                         "georeferencing or remove it.")
     try:
         sample = _sample_windows(src, bands[0]["band"])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
         raise ItemError("unreadable", f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: "
                         "re-download it.") from None
     values = sample.filled(np.nan).astype(np.float64)
@@ -630,7 +634,7 @@ def inspect_product(uri: str, cfg: CatalogSection) -> dict:
         product = safe.open_product(uri)
     except safe.SafeError as exc:
         raise ItemError("bad_product", str(exc)) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - zip, XML and fsspec errors alike: the product's error row
         raise ItemError("unreadable", f"cannot read the SAFE product {uri}: {_reason(exc)}. Re-download it.") from None
     if cfg.calibration != "none" and any(b.calibration is None for b in product.bands):
         raise ItemError("no_calibration", f"{uri}: no calibration annotation for "
@@ -642,7 +646,7 @@ def inspect_product(uri: str, cfg: CatalogSection) -> dict:
     first = product.bands[0]
     try:
         src = io.open_raster(first.measurement)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
         raise ItemError("unreadable", f"cannot open the measurement {first.measurement} of {uri}: {_reason(exc)}. "
                         "Re-download the product.") from None
     with src:
@@ -685,7 +689,7 @@ def inspect_group(bands: list[dict], cfg: CatalogSection) -> dict:
                     grid = (src.crs.to_string() if src.crs else None, [float(v) for v in tuple(src.transform)[:6]],
                             src.width, src.height)
                     pol = b.get("polarisation") or _polarisation_of(src, uri, cfg.band)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
                 raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. Re-download or remove it.") from None
             if grid != (scene["crs"], scene["transform"], scene["width"], scene["height"]):
                 raise ItemError("polarisation_grids", f"{uri} is not on the pixel grid of {first} (another CRS, transform "
@@ -698,7 +702,7 @@ def inspect_group(bands: list[dict], cfg: CatalogSection) -> dict:
             with io.open_raster(mask) as src:
                 grid = (src.crs.to_string() if src.crs else None, [float(v) for v in tuple(src.transform)[:6]],
                         src.width, src.height)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
             raise ItemError("unreadable", f"cannot open the mask {mask}: {_reason(exc)}. Re-download or remove it.") from None
         if grid != (scene["crs"], scene["transform"], scene["width"], scene["height"]):
             raise ItemError("polarisation_grids", f"the mask {mask} is not on the pixel grid of {first}. Remove it or "
@@ -744,7 +748,7 @@ def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
     def field_(name):
         return asset_fields.get(name, props.get(name))
 
-    found = {}
+    found: dict[str, dict[str, Any]] = {}
     shape = field_("proj:shape")
     if shape is not None and [int(v) for v in shape] != [scene["height"], scene["width"]]:
         found["proj:shape"] = {"item": list(shape), "file": [scene["height"], scene["width"]]}
@@ -759,7 +763,7 @@ def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
     if code is not None and scene["crs"] is not None:
         try:
             same = CRS.from_user_input(code) == CRS.from_user_input(scene["crs"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - a code pyproj cannot read is not the file's CRS
             same = False
         if not same or scene.get("georef") == "gcps":
             found["proj:code"] = {"item": code, "file": scene["crs"] + (" (of the GCPs)" if scene.get("georef") == "gcps" else "")}
@@ -799,7 +803,7 @@ class SceneInspector:
         except ItemError as exc:
             err = exc if item is None else _stac_error(uri, item, exc)
             return {"scene": None, "error": error_row(STAGE, uri, err.error_class, str(err))}
-        except Exception as exc:  # anything unexpected is still recorded, never lost
+        except Exception as exc:  # noqa: BLE001 - anything unexpected is still recorded, never lost
             return {"scene": None, "error": error_row(STAGE, uri, type(exc).__name__, f"{uri}: {exc}")}
 
 
@@ -848,7 +852,7 @@ def assign_companions(scenes: list[dict], cfg: CatalogSection, vrt_dir: str) -> 
                 scene.update(companions.no_twin_columns(None, reason))
                 if cfg.no_twin == "reject":
                     errors.append(error_row(STAGE, scene["sar_uri"], "no_optical_twin",
-                                            f"{scene['sar_uri']}: no optical twin in {cfg.optical} ({reason.replace('_', ' ')}: "
+                                            f"{scene['sar_uri']}: no optical twin in {cfg.optical} ({(reason or '').replace('_', ' ')}: "
                                             f"within {cfg.time_window_days:g} days and covering at least "
                                             f"{cfg.min_overlap:.0%} of the footprint). Widen catalog.time_window_days, lower "
                                             "catalog.min_overlap, add items, or set catalog.no_twin=keep."))
@@ -892,7 +896,7 @@ class SeenDigests:
 
     TAIL = 1 << 14
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._tail: set[int] = set()
         self._blocks: list[np.ndarray] = []
 

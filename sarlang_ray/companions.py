@@ -546,7 +546,9 @@ class LabelLayer:
         if not uris:
             raise FileNotFoundError(f"catalog.labels={uri!r}: no GeoParquet file there. Point it at a .parquet file or a "
                                     "folder of them (hive partitions or many files).")
-        files, geo0, names = [], None, []
+        files: list[LabelFile] = []
+        geo0: dict | None = None
+        names: list[str] = []
         for u in uris:
             fs, path = io.filesystem(u)
             with fs.open(path, "rb") as f:
@@ -559,6 +561,7 @@ class LabelLayer:
             geo = json.loads(raw)
             geo0 = geo0 or geo
             files.append(LabelFile(u, _file_bbox(meta, geo)))
+        assert geo0 is not None  # uris is not empty and each file's geo metadata was read
         column = geo0["primary_column"]
         col_meta = geo0["columns"][column]
         crs_value = col_meta.get("crs", "OGC:CRS84")
@@ -641,7 +644,8 @@ def _file_bbox(meta: pq.FileMetaData, geo: dict) -> tuple[float, float, float, f
     bbox columns over all row groups; None if neither is written."""
     col = geo["columns"][geo["primary_column"]]
     if col.get("bbox") and len(col["bbox"]) == 4:
-        return tuple(float(v) for v in col["bbox"])
+        x0, y0, x1, y1 = (float(v) for v in col["bbox"])
+        return x0, y0, x1, y1
     covering = (col.get("covering") or {}).get("bbox")
     if not covering or meta.num_row_groups == 0:
         return None

@@ -20,8 +20,12 @@ import re
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from sarlang_ray import io
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 # warning and error lines of the captured output worth a person's attention (Ray's deprecation notes are not)
 ALERT = re.compile(r"\b(ERROR|CRITICAL|WARNING|Traceback)\b|\b\w+Error: ")
@@ -49,7 +53,7 @@ class Capture:
         self.suppressed = 0
         self._lock = threading.Lock()
 
-    def __enter__(self) -> Capture:
+    def __enter__(self) -> Self:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         self._log = open(self.log_path, "ab", buffering=0)
         read, write = os.pipe()

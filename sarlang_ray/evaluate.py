@@ -38,7 +38,7 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -143,6 +143,7 @@ def prepare_datasets(cfg: WorkflowConfig) -> list[str]:
         if dataset_kind(cfg, which) != "json":
             continue
         path = cfg.evaluate.dataset if which == "dataset" else cfg.evaluate.train_dataset
+        assert path is not None  # train_dataset is set (checked above) and dataset is never None
         result = release.import_release(path, default_split=cfg.evaluate.split)
         split = cfg.evaluate.split if which == "dataset" else "train"
         table = result.table.set_column(result.table.schema.get_field_index("split"), "split",
@@ -314,7 +315,8 @@ def pairs_dataset(cfg: WorkflowConfig, image: str, wanted: set[str]):
     def read(item: dict) -> list[dict]:
         rows = [r for r in io.read_parquet(item["uri"], columns=columns).to_pylist() if r["pair_id"] in wanted]
         if item["tiles"]:
-            need, optical = {r["tile_id"] for r in rows}, {}
+            need = {r["tile_id"] for r in rows}
+            optical: dict[str, bytes | None] = {}
             for uri in item["tiles"]:
                 t = io.read_parquet(uri, columns=["tile_id", "optical_png"])
                 optical.update((k, v) for k, v in zip(t["tile_id"].to_pylist(), t["optical_png"].to_pylist()) if k in need)
@@ -471,6 +473,7 @@ def make_judge(cfg: WorkflowConfig):
     if ev.judge in ("openai", "served"):  # served: run_evaluate pointed annotate.openai at the judge it serves
         return OpenAIJudge(cfg)
     if ev.judge == "embedding":
+        assert ev.judge_model is not None  # the config check requires it for judge=embedding
         return EmbeddingJudge(ev.judge_model, ev.judge_threshold)
     return None
 
@@ -503,14 +506,14 @@ def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list
         out.update(sarchat_scores(pairs, vqa, predictions, refs, context["tasks"]))
     if vqa:
         modes = {"strict": None, "sarlang1m": None, **({"judge": judge} if judge is not None else {})}
-        calls, failures = (judge.calls, judge.failures) if judge is not None else (0, 0)
+        calls, judge_failures = (judge.calls, judge.failures) if judge is not None else (0, 0)
         for mode, by in modes.items():
             acc = metrics.vqa_accuracy(vqa, mode=mode, judge=by)
             out[f"vqa_{mode}"] = acc["accuracy"]
             out[f"vqa_{mode}_per_application"] = {a: v["accuracy"] for a, v in acc["per_application"].items()}
             out[f"vqa_{mode}_per_question_type"] = {q: v["accuracy"] for q, v in acc["per_question_type"].items()}
         if judge is not None:  # one judge may score several rows: count this row's calls only
-            out["judge_calls"], out["judge_failures"] = judge.calls - calls, judge.failures - failures
+            out["judge_calls"], out["judge_failures"] = judge.calls - calls, judge.failures - judge_failures
         out["n_vqa"] = len(vqa)
     return out
 
@@ -557,7 +560,7 @@ def sarchat_scores(pairs: list[dict], vqa: list[dict], predictions: dict[str, st
         ok = r["decided"] if r.get("decided") is not None else metrics.vqa_correct(r["prediction"], r["answer"], "strict")
         n, c = acc.setdefault(task, [0, 0])
         acc[task] = [n + 1, c + bool(ok)]
-    out = {"sarchat": {t: c / n for t, (n, c) in acc.items()}, "sarchat_n": {t: n for t, (n, _) in acc.items()}}
+    out: dict[str, Any] = {"sarchat": {t: c / n for t, (n, c) in acc.items()}, "sarchat_n": {t: n for t, (n, _) in acc.items()}}
     described = [p for p in pairs if tasks.get(p["pair_id"]) == "description"]
     if described:
         preds = {(p["tile_id"], p["kind"]): predictions.get(p["pair_id"], "") for p in described}
@@ -729,7 +732,8 @@ def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -
     a = cfg.annotate
     same = TemplateAnnotator(seed=cfg.run.seed, identification_pairs=a.identification_pairs, max_per_family=a.max_per_family)
     rewrite = TemplateAnnotator(seed=cfg.run.seed + 1, identification_pairs=a.identification_pairs, max_per_family=a.max_per_family)
-    answers, captions = {}, {}
+    answers: dict[tuple[str, str], str] = {}
+    captions: dict[tuple[str, str], str] = {}
     for tile in tiles:
         for pair in same.annotate(tile):
             if pair["kind"] not in CAPTION_KINDS:
@@ -782,7 +786,8 @@ def _segment_exception(segment: str) -> tuple[str, str] | None:
         if line.strip():
             prev = line
     real = [f for f in found if not _is_wrapper(f[0])]
-    return (real or found or [None])[-1]
+    chosen = real or found
+    return chosen[-1] if chosen else None
 
 
 def root_from_text(text: str) -> tuple[str, str] | None:
@@ -797,12 +802,11 @@ def root_from_text(text: str) -> tuple[str, str] | None:
     text = re.split(r"^Failure # \d+ .*$", text, flags=re.MULTILINE)[-1]
     parts = re.split(f"({re.escape(_CAUSE)}|{re.escape(_CONTEXT)})", text)
     segments, markers = parts[0::2], parts[1::2]
-    found = [_segment_exception(seg) for seg in segments]
-    i = max((k for k, f in enumerate(found) if f), default=None)
-    if i is None:
+    found = {k: f for k, f in enumerate(_segment_exception(seg) for seg in segments) if f}  # segment -> exception
+    if not found:
         return None
-    best = i
-    while i > 0 and markers[i - 1] == _CAUSE and found[i - 1]:
+    i = best = max(found)
+    while i > 0 and markers[i - 1] == _CAUSE and (i - 1) in found:
         i -= 1
         if not _is_wrapper(found[i][0]) or _is_wrapper(found[best][0]):
             best = i
@@ -894,6 +898,7 @@ def judge_name(cfg: WorkflowConfig) -> str | None:
     if ev.judge in ("embedding", "served"):
         from sarlang_ray.judge import served_name
 
+        assert ev.judge_model is not None  # the config check requires it for these judges
         return served_name(ev.judge_model)
     return None
 
@@ -904,14 +909,15 @@ def judge_service(cfg: WorkflowConfig):
     block and yield a copy of ``cfg`` whose ``annotate.openai`` points at it, with the judge's description (name,
     url; ``requests`` filled in after the block). Any other judge: ``cfg`` as it is."""
     ev = cfg.evaluate
-    info = {"kind": ev.judge, "name": judge_name(cfg)} if ev.judge != "off" else None
     if ev.judge != "served":
-        yield cfg, info
+        yield cfg, ({"kind": ev.judge, "name": judge_name(cfg)} if ev.judge != "off" else None)
         return
     import copy
 
     from sarlang_ray import judge
 
+    info: dict[str, Any] = {"kind": ev.judge, "name": judge_name(cfg)}
+    assert ev.judge_model is not None  # the config check requires it for judge=served
     with judge.served_judge(ev.judge_model, dtype=ev.dtype, num_cpus=ev.judge_num_cpus, num_gpus=ev.judge_num_gpus) as served:
         out = copy.deepcopy(cfg)
         o = out.annotate.openai
@@ -924,8 +930,8 @@ def judge_service(cfg: WorkflowConfig):
 
 def _judge_requests(info: dict | None) -> None:
     """The served judge's own count of the requests it answered (before it is stopped)."""
-    url = (info or {}).pop("_stats_url", None)
-    if url:
+    url = info.pop("_stats_url", None) if info is not None else None
+    if info is not None and url:
         import requests
 
         try:
@@ -951,13 +957,15 @@ def _sweep(cfg: WorkflowConfig, judge_info: dict | None) -> dict:
     with reaper.sigint_kept():
         grid = tuner.fit()
     rows, failed = [], []
-    for result in grid:
-        if result.error is not None or "n_pairs" not in (result.metrics or {}):
+    for trial in range(len(grid)):  # a ResultGrid is a sequence (__len__, __getitem__), not declared iterable
+        result = grid[trial]
+        trial_metrics = result.metrics or {}
+        if result.error is not None or "n_pairs" not in trial_metrics:
             failed.append(failed_trial(result))
             f = failed[-1]
             log.error("evaluate: trial %s / %s / %s failed: %s: %s", f["model"], f["image"], f["prompt"], f["error_class"], f["error"])
             continue
-        rows.append({k: v for k, v in result.metrics.items() if not k.startswith(("time", "timestamp", "training_iteration",
+        rows.append({k: v for k, v in trial_metrics.items() if not k.startswith(("time", "timestamp", "training_iteration",
                      "date", "pid", "hostname", "node_ip", "done", "trial_id", "experiment", "iterations", "config"))})
     baselines, baseline_notes = baseline_rows(cfg, table)
     notes += baseline_notes
@@ -1002,7 +1010,7 @@ def _rank_key(cfg: WorkflowConfig):
     return lambda r: -(r.get(f"vqa_{mode}") or 0.0)
 
 
-def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict], notes: list[str] = (),
+def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict], notes: Sequence[str] = (),
                       judge: dict | None = None) -> dict:
     """evaluate/leaderboard.{json,csv,md} and plots/{vqa_per_application,captions}.png."""
     import pandas as pd
@@ -1027,7 +1035,7 @@ def paper_results() -> dict:
 
 
 def _fmt(value, pct: bool = False) -> str:
-    if value is None or value != value:
+    if value is None or value != value:  # noqa: PLR0124 - NaN is the one value unequal to itself
         return "-"
     return f"{100 * value:.1f}" if pct else f"{value:.3f}"
 
@@ -1044,7 +1052,7 @@ def format_leaderboard(board: dict) -> str:
     present = {a for r in board["rows"] for a in r.get(f"vqa_{mode}_per_application", {})}
     apps = [a for a in APPLICATIONS[1:]] + sorted(present - set(APPLICATIONS[1:]))
     desc = f"image description (CIDEr {sets['detailed'].split(' ')[0]} / {sets['concise'].split(' ')[0]})"
-    label = lambda m: f"VQA % (judged by {judge.get('name')})" if m == "judge" else f"VQA % ({m})"  # noqa: E731
+    label = lambda m: f"VQA % (judged by {judge.get('name')})" if m == "judge" else f"VQA % ({m})"
     head = ["#", "model", "image", "prompt", label(mode), label(other), *([label("judge")] if judged else []), desc, *apps]
     where = f" of {board['dataset']}" if board.get("dataset") else ""
     lines = [f"## Leaderboard ({board['split']} split{where}; VQA rule `{mode}`; captions with PTB tokenisation)", "",
@@ -1101,8 +1109,8 @@ def sarchat_section(rows: list[dict]) -> list[str]:
         return []
     head = ["model", "image", "prompt", *[f"{t} (CIDEr)" if t == "description" else f"{t} %" for t in release.SARCHAT_TASKS],
             "box parse failures"]
-    lines = ["", "### SARChat-Bench-2M (classification, identification: accuracy; counting: exact; grounding, referring: "
-             "box IoU >= 0.5; description: CIDEr, PTB-tokenised)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["", ("### SARChat-Bench-2M (classification, identification: accuracy; counting: exact; grounding, referring: "
+                  "box IoU >= 0.5; description: CIDEr, PTB-tokenised)"), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in scored:
         sc, n = r["sarchat"], r.get("sarchat_n", {})
         cells = [str(r["model"]), str(r["image"]), str(r["prompt"])]

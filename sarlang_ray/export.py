@@ -39,6 +39,7 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 
 import pyarrow as pa
 import pyarrow.compute
@@ -283,7 +284,9 @@ def _boundary_unit(out: str, ks: list[int], clusters: list[list[int]], blocks, r
     tids = t["tile_id"].to_pylist()
     fps = shapely.from_wkb(t["footprint"].to_numpy(zero_copy_only=False))
     crs = t["crs"].to_pylist()
-    drops, report, lost = [], {"area": Counter(), "pairs": Counter()}, [0] * len(SPLITS)
+    drops: list[tuple[str, str, str]] = []
+    report: dict[str, Counter] = {"area": Counter(), "pairs": Counter()}
+    lost = [0] * len(SPLITS)
     gone = set(dropped) if dropped is not None else set()
     for cluster in clusters:
         idx = np.flatnonzero(np.isin(keys, np.asarray(cluster, dtype=np.int64)))
@@ -403,7 +406,7 @@ def _report_labels(out: str, b: int, ks: list[int]) -> dict:
     parts_of = df[df["clipped"]].groupby("base")["split"].nunique()
     clipped = sorted(parts_of[parts_of > 1].index)
     df = df.assign(label=df["label"].where(~df["clipped"] | df["base"].isin(set(clipped)), df["base"]))
-    shared = Counter()
+    shared: Counter[str] = Counter()
     for _, splits in df.groupby("label")["split"]:
         s = sorted(set(splits.tolist()))
         for i, x in enumerate(s):
@@ -586,6 +589,7 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
             + lost.sum() / n
         if best is None or miss < best[0]:
             best = (miss, split, ref, units, unit_ks)
+    assert best is not None  # START_CANDIDATES >= 1 candidates
     _, split, blocks, units, unit_ks = best
     del candidates, blk
     drops = [d for res in ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m) for u, uk in zip(units, unit_ks)])
@@ -942,7 +946,7 @@ def merge_stats(manifest: list[dict]) -> dict[str, Counter]:
     return stats
 
 
-def write_dataset_info(out: str, sharded: set[str] = frozenset()) -> None:
+def write_dataset_info(out: str, sharded: AbstractSet[str] = frozenset()) -> None:
     """``llamafactory/dataset_info.json``: one ShareGPT dataset per split. A sharded split's ``file_name`` is its
     folder of numbered shards: LLaMA-Factory's loader (``data/loader.py``, ``_load_single_dataset``) loads every
     file of a folder it is given as one dataset."""
@@ -992,7 +996,7 @@ def write_card(out: str, cfg: WorkflowConfig, stats: dict, counts: dict, leakage
                          "split boundaries, each part with its own id in `objects/`)",
            "scene": "**scene** (weaker): no scene is in two splits, but scenes of the same ground can be",
            "region": "**region** (weaker): no region is in two splits"}[cfg.export.split_by]
-    qtypes = Counter()
+    qtypes: Counter[str] = Counter()
     for qt, n in stats["question_types"].items():
         qtypes[qt.split("/")[0]] += n
     card = f"""# Dataset card: {cfg.name}

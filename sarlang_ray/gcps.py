@@ -12,6 +12,7 @@ GCP lists travel as plain lists ``[row, col, x, y, z]`` so they fit in a scene r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pyproj import Geod, Transformer
@@ -83,7 +84,7 @@ class Georef:
             from affine import Affine
 
             return {"src_transform": self.affine() * Affine.translation(col_off, row_off), "src_crs": self.crs}
-        opts = {"gcps": from_lists(self.gcps, row_off, col_off), "src_crs": self.crs}
+        opts: dict[str, Any] = {"gcps": from_lists(self.gcps, row_off, col_off), "src_crs": self.crs}
         if self.method == "tps":
             opts["SRC_METHOD"] = "GCP_TPS"
         else:

@@ -31,6 +31,7 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -233,7 +234,8 @@ def _write_bench(cfg: WorkflowConfig, samples: list[dict], name: str, out: str, 
     """export_bench's files. Each image once, under a name unique to its bytes, staged in a local folder as the
     split's files stream by (only their digests are kept), then copied to the lmms-eval task and read back for
     the TSV, row by row."""
-    names, digests = {}, {}  # pair_id -> file name; file name -> sha1 of its bytes
+    names: dict[str, str] = {}  # pair_id -> file name
+    digests: dict[str, str] = {}  # file name -> sha1 of its bytes
     for pid, base, data in _image_stream(cfg, samples):
         base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".") or f"{pid}.png"  # a plain file name
         stem, _, ext = base.rpartition(".")
@@ -249,7 +251,7 @@ def _write_bench(cfg: WorkflowConfig, samples: list[dict], name: str, out: str, 
     missing = [s["pair_id"] for s in samples if s["pair_id"] not in names]
     if missing:
         raise FileNotFoundError(f"{len(missing)} pairs of the {cfg.evaluate.split} split have no image, e.g. {missing[:3]}")
-    manifest = {"name": name, "split": cfg.evaluate.split, "dataset": evaluate.dataset_label(cfg), "samples": len(samples),
+    manifest: dict[str, Any] = {"name": name, "split": cfg.evaluate.split, "dataset": evaluate.dataset_label(cfg), "samples": len(samples),
                 "images": len(digests), "applications": _counts(s["application"] for s in samples),
                 "kinds": _counts(s["kind"] for s in samples), "files": {}}
     if "lmms_eval" in cfg.bench.formats:

@@ -120,7 +120,7 @@ def export_hf(src: str, out: str, *, license: str = "other", name: str | None = 
         rows[split] = rows.get(split, 0) + table.num_rows
     if not staged:
         raise ValueError(f"{src} has no train, val or test rows to export")
-    files = {}
+    files: dict[str, list[str]] = {}
     for split, uris in staged.items():
         files[split] = []
         for k, uri in enumerate(uris):
@@ -166,8 +166,8 @@ def dataset_card(name: str, src: str, kind: str, schema: pa.Schema, rows: dict[s
                  leakage: dict | None) -> str:
     header = yaml.safe_dump(card_header(schema, rows, license, name), sort_keys=False, allow_unicode=True)
     lines = ["---", header.rstrip(), "---", "", f"# {name}", "",
-             f"SAR image-text pairs written by `sarlang export-hf` (sarlang-ray) from {'the run' if kind == 'run' else 'the imported table'} "
-             f"`{src}`. Load it with `datasets.load_dataset(\"<this folder or repo>\")`: the `image` column decodes to PIL images.", "",
+             (f"SAR image-text pairs written by `sarlang export-hf` (sarlang-ray) from {'the run' if kind == 'run' else 'the imported table'} "
+              f"`{src}`. Load it with `datasets.load_dataset(\"<this folder or repo>\")`: the `image` column decodes to PIL images."), "",
              "| split | rows |", "|---|---|"] + [f"| {HF_SPLITS[s]} | {n} |" for s, n in rows.items()]
     lines += ["", "## Leakage", ""]
     if leakage is None:
@@ -179,7 +179,7 @@ def dataset_card(name: str, src: str, kind: str, schema: pa.Schema, rows: dict[s
                      f"(ground shared by two splits, tiles within {leakage.get('buffer_m', '?')} m, label objects in two "
                      "splits). The report as written by the export stage:")
         lines += ["", "```json", json.dumps(leakage, indent=2, sort_keys=True, default=str), "```"]
-    lines += ["", "## Licence", "", f"`license: {license}` in the header above. The images derive from the SAR products the "
-              "run catalogued (or the release imported): their own licences and attributions apply, and "
-              "`license: other` means they must be read there before redistributing."]
+    lines += ["", "## Licence", "", (f"`license: {license}` in the header above. The images derive from the SAR products the "
+               "run catalogued (or the release imported): their own licences and attributions apply, and "
+               "`license: other` means they must be read there before redistributing.")]
     return "\n".join(lines) + "\n"

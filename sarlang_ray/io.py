@@ -180,8 +180,7 @@ def _replace_local(uri: str, chunks: Iterable[bytes]) -> None:
     tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            f.writelines(chunks)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, uri)
@@ -521,7 +520,7 @@ def _open_failure(uri: str, reader: str, fs: fsspec.AbstractFileSystem, path: st
     try:
         fs.invalidate_cache(path)
         found: bool | None = bool(fs.exists(path))
-    except Exception:  # credentials refused, endpoint down: exists() fails like the open did
+    except Exception:  # noqa: BLE001 - credentials refused, endpoint down: exists() fails like the open did
         found = None
     if found is False:
         return (f"{uri} does not exist ({where}). Check the URI, and that the endpoint and bucket are the "

@@ -59,7 +59,7 @@ class TextChat:
         else:
             self.templater = self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types the wrapped .to() without self
 
     def prompt(self, messages: list[dict]) -> str:
         turns = [{"role": m.get("role", "user"), "content": _text(m.get("content"))} for m in messages]
@@ -118,7 +118,8 @@ def build_app(model: str, served_name: str, dtype: str, num_cpus: float, num_gpu
                                                        "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
-    return OpenAIChatServer.bind()
+    # mypy keeps a decorated class's own type (python/mypy#3135): serve.deployment made it a Deployment
+    return OpenAIChatServer.bind()  # type: ignore[attr-defined]
 
 
 def served_name(model: str) -> str:

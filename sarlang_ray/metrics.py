@@ -338,8 +338,8 @@ def vqa_accuracy(rows: Iterable[Mapping[str, Any]] | Any, mode: str = "strict", 
 
     result: dict[str, Any] = {"mode": mode, **entry(*tally.pop(("all", ""))), "per_application": {},
                               "per_question_type": {}}
-    for (group, key), counts in sorted(tally.items()):
-        result[group][key] = entry(*counts)
+    for (group, name), counts in sorted(tally.items()):
+        result[group][name] = entry(*counts)
     return result
 
 
@@ -356,7 +356,7 @@ def _check_mode(mode: str, judge: Judge | None) -> None:
 def _text(value: object) -> str:
     """A table cell as text: None, NaN and pandas.NA (a missing prediction) become ''."""
     try:
-        missing = value is None or bool(value != value)  # NaN is the one value unequal to itself
+        missing = value is None or bool(value != value)  # noqa: PLR0124 - NaN is the one value unequal to itself
     except TypeError:  # pandas.NA refuses bool()
         missing = True
     return "" if missing else str(value)
@@ -396,7 +396,7 @@ class AnswerCounts:
     """How often each answer occurs per question type, counted batch by batch (a split streamed from its
     shards: only the distinct answers and their counts are held); :meth:`majority` gives the baseline."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.per_type: dict[str, Counter[str]] = defaultdict(Counter)
 
     def add(self, pairs: Iterable[tuple[Any, Any]]) -> None:

@@ -11,7 +11,6 @@ import os
 
 from sarlang_ray import families
 
-
 # --- processors whose video processor needs torchvision ------------------------------------------------------
 # transformers 5 gives Qwen-VL, InternVL and SmolVLM processors a mandatory video processor, and every video
 # processor it ships is built on torchvision, which this project does not install (it replaces the pinned
@@ -105,6 +104,9 @@ def _load_images_only(model: str, **kwargs):
 
     saved = read("processor_config.json")
     cls_name = saved.get("processor_class") or read("preprocessor_config.json").get("processor_class")
+    if not cls_name:
+        raise ValueError(f"{model}: neither processor_config.json nor preprocessor_config.json names a processor_class; "
+                         "save the model's processor with it (processor.save_pretrained).")
     cls = getattr(transformers, cls_name)
     video = saved.get("video_processor") or read("video_preprocessor_config.json")
     params = inspect.signature(cls.__init__).parameters
@@ -191,7 +193,7 @@ def load_image(png: bytes, max_pixels: int | None = None, variant: str = "sar"):
         image = ImageOps.equalize(image)
     if max_pixels and image.width * image.height > max_pixels:
         scale = math.sqrt(max_pixels / (image.width * image.height))
-        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS)
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.Resampling.LANCZOS)
     return image
 
 
@@ -215,7 +217,7 @@ class Generator:
         self.processor = load_processor(model, max_pixels)
         self.processor.tokenizer.padding_side = "left"  # batched generation with a decoder-only LM
         self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, use_safetensors=True)
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types the wrapped .to() without self
 
     def generate(self, images: list, prompts: list[str], max_new_tokens: int) -> list[str]:
         """One greedy answer per (image, prompt), ``batch_size`` prompts per ``generate`` call."""

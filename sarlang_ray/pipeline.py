@@ -25,8 +25,14 @@ from sarlang_ray import io
 from sarlang_ray.config import WorkflowConfig, to_yaml
 from sarlang_ray.errors import redact_text
 from sarlang_ray.stages.runner import ORDER, StageFailed, counts_of, downstream, ensure_ray, registry  # noqa: F401  (re-exported)
-from sarlang_ray.tables import (annotation_shards, read_annotations, read_errors, read_scenes, read_tiles,  # noqa: F401
-                                tiles_table_shards)
+from sarlang_ray.tables import (  # noqa: F401
+    annotation_shards,
+    read_annotations,
+    read_errors,
+    read_scenes,
+    read_tiles,
+    tiles_table_shards,
+)
 
 log = logging.getLogger("sarlang")
 

@@ -37,7 +37,9 @@ import io as _io
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
@@ -147,8 +149,8 @@ _TAGS = {"identify": ("object identification", "identification"), "count": ("ins
          "describe": ("image description", "description"), "caption": ("image description", "description"),
          "refer": ("object positioning", "positioning"), "grounding": ("region referring", "region"),
          "detection": ("object positioning", "positioning")}
-_CLASS_HINT = re.compile(r"^\s*the (?:classes|categories|options|positions) are\s*:?\s*([^.?]*)[.?]?\s*", re.I)
-_TAG = re.compile(r"^\s*\[([a-z_ ]+)\]\s*", re.I)
+_CLASS_HINT = re.compile(r"^\s*the (?:classes|categories|options|positions) are\s*:?\s*([^.?]*)[.?]?\s*", re.IGNORECASE)
+_TAG = re.compile(r"^\s*\[([a-z_ ]+)\]\s*", re.IGNORECASE)
 _NOUN_STOP = (r"(?=\s+(?:are|is|can|could|do|does|in|on|at|inside|within|of|that|which|visible|present|here|there|seen|shown|"
               r"located|appear|appears|exist|exists|found|this|the|near|around|along|from|to|you)\b|\s*[?.,:;]|$)")
 _NOUN_AFTER = (
@@ -297,8 +299,8 @@ def record_turns(rec) -> tuple[str, list[tuple[str, str]]]:
     Raises:
         ValueError: not a record of a known form, or no user/assistant pair in it.
     """
-    if not isinstance(rec, dict):
-        raise ValueError("not a JSON object")
+    if not isinstance(rec, dict):  # ValueError as documented: every malformed record is reported alike
+        raise ValueError("not a JSON object")  # noqa: TRY004
     if "messages" in rec or "conversations" in rec:
         form, turns, role_key, text_key = (("llamafactory", rec["messages"], "role", "content") if "messages" in rec
                                            else ("sharegpt", rec["conversations"], "from", "value"))
@@ -407,7 +409,7 @@ def csv_columns(rows: list[list[str]], uri: str) -> tuple[dict[str, int], bool, 
         raise ItemError("unknown_columns", f"{uri}: cannot tell the image and text columns apart (header: "
                         f"{first[:6] if header else 'none'}). Give the file a header such as image,caption or "
                         "image,question,answer.")
-    label = lambda i: f"{first[i].strip()!r} (column {i})" if header else f"column {i}"  # noqa: E731
+    label = lambda i: f"{first[i].strip()!r} (column {i})" if header else f"column {i}"
     how = ", ".join(f"{role} = {label(i)}" for role, i in cols.items()) + ("" if header else " (no header)")
     return cols, header, how
 
@@ -425,7 +427,7 @@ class FileSpec:
     image_prefix: str = ""  # CSV image names are relative to this folder of the release (ours: SAR_images/)
 
 
-_SPLIT_TOKEN = re.compile(r"(?:^|[_\-. ])(train|training|trainval|val|valid|validation|dev|test\d*)(?=$|[_\-. ])", re.I)
+_SPLIT_TOKEN = re.compile(r"(?:^|[_\-. ])(train|training|trainval|val|valid|validation|dev|test\d*)(?=$|[_\-. ])", re.IGNORECASE)
 
 
 def _split_of(stem: str, default: str) -> str:
@@ -446,7 +448,7 @@ def describe_file(rel: str, default_split: str = "test") -> FileSpec | None:
     if (not name.lower().endswith(TEXT_EXTS) or name.startswith(".") or "__MACOSX" in parts
             or low in ("dataset_info", "leakage", "summary", "manifest") or low.endswith(("report", "errors"))):
         return None
-    if m := re.fullmatch(r"(SARVQA\d+)_(train|test|val)\w*", stem, re.I):
+    if m := re.fullmatch(r"(SARVQA\d+)_(train|test|val)\w*", stem, re.IGNORECASE):
         return FileSpec(rel, "vqa", m.group(1).upper(), _split_of(m.group(2), default_split))
     if re.fullmatch(r"caption[-_ ]?train(?:ing)?", low):
         return FileSpec(rel, "caption", "training", "train")
@@ -486,7 +488,7 @@ class ImageIndex:
     PNG folders before the others and ``SARimages_original`` (TIFs) last; ``before`` folders (``--images``)
     are searched ahead of the release, ``after`` folders (``--sardet``) behind it, both recursively."""
 
-    def __init__(self, root: str, files: list[str], before: list[str] = (), after: list[str] = ()):
+    def __init__(self, root: str, files: list[str], before: Sequence[str] = (), after: Sequence[str] = ()):
         self.root, self.files = root, set(files)
         self.before, self.after = [d for d in before if d], [d for d in after if d]
         self.release_images = sorted((f for f in files if f.lower().endswith(IMAGE_EXTS)), key=self._rank)
@@ -544,7 +546,7 @@ def list_files(root: str, absolute: bool = False) -> list[str]:
         return []
     found = fs.find(path)
     base = path.rstrip("/") + "/"
-    rel = sorted(f[len(base):] if f.startswith(base) else f for f in found)
+    rel = sorted(f.removeprefix(base) for f in found)
     return [io.join(root, r) for r in rel] if absolute else rel
 
 
@@ -681,7 +683,7 @@ class _Reader:
             application, question_type = "image description", f"caption/{kind.split('_', 1)[1]}"
         base = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rel.rsplit(".", 1)[0].rsplit("/", 1)[-1])
         self.ids[base] += 1
-        row = {"pair_id": f"{base}-{self.ids[base]:07d}", "tile_id": image_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+        row: dict[str, Any] = {"pair_id": f"{base}-{self.ids[base]:07d}", "tile_id": image_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0],
                "scene_id": None, "gsd_m": None, "kind": kind, "application": application, "question_type": question_type,
                "question": question, "answer": answer, "backend": "import", "qc_passed": True, "qc_reasons": [],
                "split": spec.split, "image_uri": image_uri, "source": spec.source, "file": item, "image": None,
@@ -692,7 +694,7 @@ class _Reader:
 
     def read(self, spec: FileSpec) -> None:
         uri = io.join(self.root, spec.rel)
-        stats = {"file": spec.rel, "role": spec.role, "source": spec.source, "split": spec.split,
+        stats: dict[str, Any] = {"file": spec.rel, "role": spec.role, "source": spec.source, "split": spec.split,
                  "records": 0, "imported": 0, "rejected": 0, "pairs": 0}
         self.files.append(stats)
         try:
@@ -731,13 +733,13 @@ class _Reader:
                                                  "(LLaMA-Factory, ShareGPT and ms-swift datasets are JSON lists). Convert it to "
                                                  "a list."), stats)
                 return
-        forms = Counter()
+        forms: Counter[str] = Counter()
         for i, rec in enumerate(records):
             stats["records"] += 1
             where, item = f"{uri} record {i}", f"{spec.rel}#{i}"
             try:
-                if isinstance(rec, Exception):
-                    raise ValueError(str(rec))
+                if isinstance(rec, Exception):  # a JSONL line that did not parse: malformed like any other
+                    raise ValueError(str(rec))  # noqa: TRY004
                 form, turns = record_turns(rec)
             except (ValueError, TypeError, AttributeError) as exc:
                 self.reject(item, ItemError("malformed_release", f"{where}: needs messages (a user and an assistant turn) and "
@@ -750,7 +752,7 @@ class _Reader:
             except ItemError as exc:
                 self.reject(item, exc, stats)
                 continue
-            tasks = [None] * len(turns)
+            tasks: list[str | None] = [None] * len(turns)
             if spec.source.startswith("SARChat:"):
                 tasks = [sarchat_task(q, spec.source, rec) for q, _ in turns]
                 if None in tasks:
@@ -787,7 +789,7 @@ class _Reader:
         for n, row in enumerate(rows[1:] if header else rows, start=2 if header else 1):
             stats["records"] += 1
             where, item = f"{uri} line {n}", f"{spec.rel}:{n}"
-            cell = lambda role, row=row: row[cols[role]].strip() if role in cols and cols[role] < len(row) else ""  # noqa: E731
+            cell = lambda role, row=row: row[cols[role]].strip() if role in cols and cols[role] < len(row) else ""
             text = cell("text") if "text" in cols else cell("answer")
             if not cell("image") or not text or ("question" in cols and not cell("question")):
                 what = "caption" if "text" in cols else "question and answer"
@@ -826,8 +828,8 @@ def format_report(result: ImportResult) -> str:
     CSV columns chosen, pairs per application with the unknown rate and examples, errors by class."""
     r = result.report()
     t = r["totals"]
-    lines = [f"import {result.root}: records {t['records']} = imported {t['imported']} + rejected {t['rejected']} "
-             f"-> {t['pairs']} pairs"]
+    lines = [(f"import {result.root}: records {t['records']} = imported {t['imported']} + rejected {t['rejected']} "
+              f"-> {t['pairs']} pairs")]
     for f in r["files"]:
         if f.get("skipped"):
             lines.append(f"  {f['file']}: skipped, {f['skipped']}")

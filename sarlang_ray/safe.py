@@ -28,8 +28,8 @@ from __future__ import annotations
 import functools
 import posixpath
 import re
-import zipfile
 import xml.etree.ElementTree as ET
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +38,7 @@ from sarlang_ray import io
 
 CALIBRATIONS = ("sigma0", "beta0", "gamma0", "none")
 _LUT_TAG = {"sigma0": "sigmaNought", "beta0": "betaNought", "gamma0": "gamma"}
-_PRODUCT_NAME = re.compile(r"S1[ABCD]_(IW|EW|SM|WV|S\d)_(GRD[HMF]?|SLC|OCN)_", re.I)
+_PRODUCT_NAME = re.compile(r"S1[ABCD]_(IW|EW|SM|WV|S\d)_(GRD[HMF]?|SLC|OCN)_", re.IGNORECASE)
 
 
 class SafeError(ValueError):
@@ -50,7 +50,7 @@ def is_product(uri: str) -> bool:
     (``.SAFE.zip`` or a Sentinel-1 product name ending in ``.zip``)."""
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     low = name.lower()
-    return (low.endswith(".safe") or low == "manifest.safe" or low.endswith(".safe.zip")
+    return (low.endswith((".safe", ".safe.zip")) or low == "manifest.safe"
             or (low.endswith(".zip") and bool(_PRODUCT_NAME.match(name))))
 
 
@@ -80,7 +80,7 @@ class Product:
 
 def _rel(href: str) -> str:
     """A manifest href (``./measurement/x.tiff``) as a path relative to the .SAFE folder."""
-    return posixpath.normpath(href[2:] if href.startswith("./") else href)
+    return posixpath.normpath(href.removeprefix("./"))
 
 
 class _Reader:
@@ -179,8 +179,8 @@ def open_product(uri: str) -> Product:
             pass_direction=(_text(manifest, "pass") or "").lower() or None, start_time=_text(manifest, "startTime"),
             ipf_version=software.get("version") if software is not None else None,
         )
-        hrefs = [el.get("href") for el in manifest.iter() if el.tag.endswith("fileLocation") and el.get("href")]
-        files = {"measurement": {}, "annotation": {}, "calibration": {}, "noise": {}}
+        hrefs = [href for el in manifest.iter() if el.tag.endswith("fileLocation") and (href := el.get("href"))]
+        files: dict[str, dict[str, str]] = {"measurement": {}, "annotation": {}, "calibration": {}, "noise": {}}
         for href in hrefs:
             base = href.rsplit("/", 1)[-1].lower()
             m = re.search(r"-(vv|vh|hh|hv)-", base)
@@ -240,6 +240,15 @@ class Lut:
         return a * (1 - w) + b * w
 
 
+def _child_text(el: ET.Element, tag: str) -> str:
+    """The text of ``el``'s child ``tag``, which the annotation schema requires (a clear error where it is missing,
+    instead of ``float(None)``)."""
+    text = el.findtext(tag)
+    if text is None:
+        raise SafeError(f"<{el.tag}> has no <{tag}>: a truncated or non-Sentinel-1 annotation. Re-download the product.")
+    return text
+
+
 def _floats(el: ET.Element | None) -> np.ndarray:
     return np.array((el.text or "").split(), dtype=np.float64) if el is not None else np.zeros(0)
 
@@ -247,7 +256,7 @@ def _floats(el: ET.Element | None) -> np.ndarray:
 def _vectors(root: ET.Element, vector_tag: str, value_tag: str) -> Lut | None:
     lines, pixels, values = [], [], []
     for v in root.iter(vector_tag):
-        lines.append(float(v.findtext("line")))
+        lines.append(float(_child_text(v, "line")))
         pixels.append(_floats(v.find("pixel")))
         values.append(_floats(v.find(value_tag)))
     if not lines:
@@ -310,8 +319,8 @@ def read_noise(uri: str) -> Noise:
             if not lines.size:
                 continue
             blocks.append(AzimuthBlock(
-                int(v.findtext("firstAzimuthLine")), int(v.findtext("lastAzimuthLine")),
-                int(v.findtext("firstRangeSample")), int(v.findtext("lastRangeSample")),
+                int(_child_text(v, "firstAzimuthLine")), int(_child_text(v, "lastAzimuthLine")),
+                int(_child_text(v, "firstRangeSample")), int(_child_text(v, "lastRangeSample")),
                 lines, _floats(v.find("noiseAzimuthLut"))))
         schema = "ipf3"
     else:
@@ -370,5 +379,5 @@ def pixel_spacing(annotation_uri: str) -> tuple[float, float] | None:
 def geolocation_grid(annotation_uri: str) -> list[dict]:
     """The annotation's geolocation grid: ``{line, pixel, latitude, longitude, height}`` per point."""
     root = ET.fromstring(read_member(annotation_uri))
-    return [{k: float(p.findtext(k)) for k in ("line", "pixel", "latitude", "longitude", "height")}
+    return [{k: float(_child_text(p, k)) for k in ("line", "pixel", "latitude", "longitude", "height")}
             for p in root.iter("geolocationGridPoint")]

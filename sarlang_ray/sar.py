@@ -237,7 +237,6 @@ def _order_statistics(x, ranks):  # pragma: no cover (compiled)
     """The values of ``x`` (1-D, finite) at the sorted positions ``ranks``, without sorting ``x``: a
     histogram over [min, max] finds the bin of each rank, then only those bins' values are sorted.
     Binning is monotone, so a value's bin never ranks it past a larger value."""
-    n = x.size
     lo, hi = x.min(), x.max()
     out = np.empty(ranks.size, x.dtype)
     if lo == hi:

@@ -89,7 +89,7 @@ def aoi_geometry(q: SearchSection):
 
     try:
         frame = gpd.read_parquet(q.aoi) if q.aoi.lower().endswith((".parquet", ".geoparquet")) else gpd.read_file(q.aoi)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - geopandas/pyogrio raise many classes: one clear SearchError
         raise SearchError(f"catalog.search.aoi={q.aoi!r} cannot be read as a vector file ({exc}); give a GeoPackage, "
                           "GeoJSON, shapefile or GeoParquet") from None
     if frame.empty:
@@ -171,6 +171,13 @@ def _keep(item: dict, q: SearchSection, geom, start, end) -> bool:
 
 
 # ---------------------------------------------------------------- sources
+def _source(q: SearchSection) -> str:
+    """``catalog.search.source``, which a search needs (the config check requires it when search is on)."""
+    if q.source is None:
+        raise SearchError("catalog.search.source is not set: give a STAC API URL or a stac-geoparquet file.")
+    return q.source
+
+
 def api_items(q: SearchSection, geom, stats: dict) -> Iterator[dict]:
     """Items of a STAC API search, page by page (pystac-client follows the API's next links)."""
     try:
@@ -180,8 +187,8 @@ def api_items(q: SearchSection, geom, stats: dict) -> Iterator[dict]:
         raise ImportError("catalog.search.source is a STAC API URL: install pystac-client "
                           "(pip install 'sarlang-ray[stac-api]')") from None
     try:
-        client = Client.open(q.source)
-    except Exception as exc:
+        client = Client.open(_source(q))
+    except Exception as exc:  # noqa: BLE001 - network, HTTP and JSON errors alike: one clear SearchError
         raise SearchError(f"catalog.search.source={q.source!r}: cannot open the STAC API ({exc}). Check the URL "
                           "(the API's landing page) and the network") from None
     client.add_conforms_to("ITEM_SEARCH")  # some APIs omit it from conformsTo; search is what is asked
@@ -247,7 +254,7 @@ def pushdown(schema: pa.Schema, q: SearchSection, geom, start, end):
 def snapshot_batches(q: SearchSection, geom, stats: dict, batch_size: int = 8192) -> Iterator[pa.Table]:
     """The selected rows of a stac-geoparquet snapshot, one table per record batch (arrow, never dicts of
     the rows a predicate rejected)."""
-    dataset = snapshot_dataset(q.source)
+    dataset = snapshot_dataset(_source(q))
     start, end = interval(q.datetime)
     expr = pushdown(dataset.schema, q, geom, start, end)
     stats.update(files=len(dataset.files), files_read=0, row_groups=0, row_groups_read=0, rows_matched_pushdown=0)
@@ -298,7 +305,7 @@ def freeze(q: SearchSection, run_dir: str) -> tuple[str, dict]:
     stats: dict = {}
     cap = q.max_items
     io.makedirs(io.join(run_dir, FOLDER))
-    if is_api(q.source):  # page by page to a spool on disk, then to Parquet in chunks: the driver holds a page
+    if is_api(_source(q)):  # page by page to a spool on disk, then to Parquet in chunks: the driver holds a page
         n = _freeze_api(q, geom, start, end, stats, uri)
     else:  # written batch by batch as the scan selects them: the driver holds one batch, not the selection
         written = [0]

@@ -31,6 +31,7 @@ import hashlib
 import heapq
 import math
 from collections import Counter, defaultdict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,6 +240,7 @@ def geographic_splits(tiles: list[SplitTile], ratios: dict[str, float], seed: in
         miss = sum((shares[s] / n - r) ** 2 + (r > 0 and shares[s] == 0) for s, r in ratios.items()) + len(dropped) / n
         if best is None or miss < best[0]:
             best = (miss, kept, dropped, clipped)
+    assert best is not None  # START_CANDIDATES >= 1 tries
     return best[1], best[2], best[3]
 
 
@@ -352,13 +354,13 @@ def group_splits(tiles: list[SplitTile], by: str, ratios: dict[str, float], seed
     return {t.tile_id: group_split[key(t)] for t in tiles}
 
 
-def object_ids(tile: SplitTile, split: str, clipped: set[str] = frozenset()) -> set[str]:
+def object_ids(tile: SplitTile, split: str, clipped: AbstractSet[str] = frozenset()) -> set[str]:
     """The ids of the label objects a tile of ``split`` shows, clipped objects by their clipped id."""
     return {clipped_id(label, split) if label in clipped else label for label in tile.label_ids}
 
 
 def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m: float,
-                   clipped: set[str] = frozenset()) -> dict:
+                   clipped: AbstractSet[str] = frozenset()) -> dict:
     """Per pair of splits: ground area their tiles share (m², geodesic, of the union of each split's
     footprints), tile pairs that share ground or lie closer than ``buffer_m``, and label objects in both (a
     clipped object by the id of each of its parts: :func:`clipped_id`); and how many objects were clipped."""
@@ -376,8 +378,9 @@ def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m:
     for k, a in enumerate(SPLITS):
         for b in SPLITS[k + 1:]:
             area = 0.0
-            if unions[a] is not None and unions[b] is not None:
-                shared = unions[a].intersection(unions[b])
+            union_a, union_b = unions[a], unions[b]
+            if union_a is not None and union_b is not None:
+                shared = union_a.intersection(union_b)
                 area = abs(geod.geometry_area_perimeter(shared)[0]) if not shared.is_empty else 0.0
             pairs[f"{a}/{b}"] = {"intersection_m2": round(area, 3), "tile_pairs_within_buffer": meeting[(min(a, b), max(a, b))],
                                  "shared_objects": len(labels[a] & labels[b])}

@@ -81,7 +81,7 @@ def root_of(archive: str) -> str:
 
 def _local(uri: str) -> str:
     """``file://`` URLs as plain paths (what a folder scan produces, so scene ids agree)."""
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri.removeprefix("file://")
 
 
 def resolve(href: str, base: str) -> str:
@@ -139,7 +139,7 @@ def _iter_walk(cat: pystac.Catalog, root: pystac.Catalog, seen: set[str], stage:
             seen.add(href)
             try:
                 target = link.resolve_stac_object(root=root).target
-            except Exception as exc:  # missing file, bad JSON, not STAC: pystac raises several classes
+            except Exception as exc:  # noqa: BLE001 - missing file, bad JSON, not STAC: pystac raises several classes
                 yield error_row(stage, href, "stac_unreadable",
                                 f"{rel} link {link.href!r} of {cat.get_self_href()} cannot be read ({exc}). "
                                 "Fix or remove the link in the catalog.")
@@ -207,7 +207,7 @@ def sar_assets(item: pystac.Item, keys: list[str] | None) -> list[tuple[str, pys
     return sorted((k, a) for k, a in item.assets.items() if _is_geotiff(a))
 
 
-_XML_ASSET = re.compile(r"(?:^|[-_])(calibration|noise|product)[-_](vv|vh|hh|hv)$", re.I)
+_XML_ASSET = re.compile(r"(?:^|[-_])(calibration|noise|product)[-_](vv|vh|hh|hv)$", re.IGNORECASE)
 
 
 def lut_assets(item: pystac.Item, base: str) -> dict[tuple[str, str], str]:

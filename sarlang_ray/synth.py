@@ -29,17 +29,19 @@ configurable number of looks.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import geopandas as gpd
 import numpy as np
 import rasterio
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
-from shapely import affinity
-from shapely import STRtree
+from shapely import STRtree, affinity
 from shapely.geometry import LineString, Point, Polygon, box
 from shapely.ops import unary_union
 
@@ -92,12 +94,26 @@ class Feature:
     height_m: float = 0.0  # > 0: casts radar shadow and has a double-bounce wall
 
 
+@overload
+def _shore_y(x: float) -> float: ...
+@overload
+def _shore_y(x: np.ndarray) -> np.ndarray: ...
 def _shore_y(x: float | np.ndarray) -> float | np.ndarray:
     return -800.0 + 120.0 * np.sin(np.asarray(x) / 700.0)
 
 
+@overload
+def _river_x(y: float) -> float: ...
+@overload
+def _river_x(y: np.ndarray) -> np.ndarray: ...
 def _river_x(y: float | np.ndarray) -> float | np.ndarray:
     return 420.0 + 100.0 * np.sin(np.asarray(y) / 500.0)
+
+
+def _rgb(values: np.ndarray | list[int]) -> tuple[int, int, int]:
+    """Three colour components as Python ints (a feature's ``rgb``)."""
+    r, g, b = (int(v) for v in values)
+    return r, g, b
 
 
 def _rect(cx: float, cy: float, length: float, width: float, angle_deg: float) -> Polygon:
@@ -123,7 +139,8 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
     feats: list[Feature] = [Feature(land, None, 0.06, (88, 118, 64), VEG)]
     for _ in range(25):  # bare-soil fields
         cx, cy = rng.uniform(-half, half, 2)
-        feats.append(Feature(_rect(cx, cy, *rng.uniform(150, 500, 2), rng.uniform(0, 90)), None, 0.025, (150, 128, 96), BARE))
+        length, width = rng.uniform(150, 500, 2)
+        feats.append(Feature(_rect(cx, cy, length, width, rng.uniform(0, 90)), None, 0.025, (150, 128, 96), BARE))
     built_zone = box(-1600, float(_shore_y(-1600)) - 10, 2600, 2900)
     feats.append(Feature(built_zone, None, 0.09, (128, 124, 118), BUILT))
     airport = box(-2900, 400, -1700, 2600)
@@ -163,7 +180,7 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
     for i in range(24):
         for j in range(3):
             if rng.random() < 0.7:
-                col = tuple(int(v) for v in rng.integers(20, 235, 3))
+                col = _rgb(rng.integers(20, 235, 3))
                 car = _rect(lot_x - 64 + i * 5.6, lot_y - 28 + j * 26, 4.6, 1.9, 90 + rng.normal(0, 3))
                 feats.append(Feature(car, "car", 0.9, col, ROAD))
 
@@ -198,18 +215,18 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
             n = int(line.length // 7)
             for k in range(1, n - 1):
                 p = line.interpolate(k * 7.0)
-                col = tuple(int(v) for v in rng.integers(20, 235, 3))
+                col = _rgb(rng.integers(20, 235, 3))
                 feats.append(Feature(_rect(p.x, p.y, 4.6, 1.9, angle + rng.normal(0, 2)), "car", 0.9, col, ROAD))
     for bx, by in blocks:
         c = affinity.rotate(Point(bx, by), rot, origin=origin)
         if not built_zone.contains(c) or water.buffer(60).contains(c) or water.intersects(c.buffer(75)):
             continue
-        n = rng.integers(1, 4)
+        n = int(rng.integers(1, 4))
         for k in range(n):
             w, h = rng.uniform(18, 55), rng.uniform(18, 55)
             ox = (k - (n - 1) / 2) * 40
             b = _rect(c.x + ox * math.cos(math.radians(rot)), c.y + ox * math.sin(math.radians(rot)), w, h, rot)
-            roof = tuple(int(v) for v in rng.choice([[150, 70, 60], [120, 120, 125], [200, 195, 185], [90, 80, 75]]))
+            roof = _rgb(rng.choice([[150, 70, 60], [120, 120, 125], [200, 195, 185], [90, 80, 75]]))
             feats.append(Feature(b, "building", 0.14, roof, BUILT, height_m=rng.uniform(6, 60)))
 
     # airport apron with rows of parked aircraft
@@ -257,7 +274,7 @@ def _sar_layers(feats: list[Feature]) -> tuple[list[tuple[Polygon, float]], list
         shadows.append((unary_union([f.geom, affinity.translate(f.geom, xoff=shift)]).convex_hull, 0.0008))
         tall.append((f.geom, f.sigma0))
         ring = list(f.geom.exterior.coords)
-        for (x0, y0), (x1, y1) in zip(ring[:-1], ring[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(ring):
             # exterior rings from shapely are CCW after orient; outward normal of edge (dx,dy) is (dy,-dx)
             dx, dy = x1 - x0, y1 - y0
             nx = dy if f.geom.exterior.is_ccw else -dy
@@ -266,7 +283,7 @@ def _sar_layers(feats: list[Feature]) -> tuple[list[tuple[Polygon, float]], list
     return base + shadows + tall, bounces
 
 
-def _render(layers: list[tuple[Polygon, object]], shape: tuple[int, int], transform, fill, dtype) -> np.ndarray:
+def _render(layers: Sequence[tuple[Polygon, object]], shape: tuple[int, int], transform, fill, dtype) -> np.ndarray:
     """Rasterise (geometry, value-index) in order; later shapes overwrite earlier ones."""
     return rasterize(((g, i) for i, (g, _) in enumerate(layers)), out_shape=shape, transform=transform, fill=fill, dtype=dtype)
 
@@ -365,8 +382,8 @@ def write_archive(cfg: SynthSection, seed: int = 0) -> dict:
         sar[nodata] = 0.0
         rgb[:, nodata] = 0
         landcover[nodata] = 0
-        common = dict(driver="GTiff", width=size, height=size, crs=f"EPSG:{city.epsg}", transform=transform,
-                      tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+        common = {"driver": "GTiff", "width": size, "height": size, "crs": f"EPSG:{city.epsg}", "transform": transform,
+                  "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
         with rasterio.open(os.path.join(out, "sar", f"{scene_id}_sar.tif"), "w", count=1, dtype="float32", nodata=0.0, predictor=3, **common) as dst:
             dst.write(sar, 1)
             acquired = FIRST_ACQUISITION + k * ACQUISITION_STEP
@@ -391,7 +408,7 @@ def write_optical_collection(out: str, specs: list[tuple[str, SceneSpec]]) -> st
 
     from sarlang_ray.catalog import footprint_4326
 
-    items = []
+    items, boxes, times = [], [], []
     for k, (scene_id, _spec) in enumerate(specs):
         path = os.path.join(out, "optical", f"{scene_id}_optical.tif")
         with rasterio.open(path) as src:
@@ -401,9 +418,9 @@ def write_optical_collection(out: str, specs: list[tuple[str, SceneSpec]]) -> st
                            {"eo:cloud_cover": 5.0 * k, "platform": "sarlang-synthetic optical"})
         item.add_asset("visual", pystac.Asset(os.path.abspath(path), media_type=pystac.MediaType.GEOTIFF, roles=["visual"]))
         items.append(item)
-    bounds = [min(i.bbox[0] for i in items), min(i.bbox[1] for i in items), max(i.bbox[2] for i in items),
-              max(i.bbox[3] for i in items)]
-    times = [i.datetime for i in items]
+        boxes.append(footprint.bounds)  # the item's bbox
+        times.append(when)  # its datetime
+    bounds = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
     collection = pystac.Collection(
         "sarlang-synthetic-optical", "Optical scenes of the synthetic archive (the SAR scenes' twins)",
         pystac.Extent(pystac.SpatialExtent([bounds]), pystac.TemporalExtent([[min(times), max(times)]])))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from typing import Any
 
 import pyarrow as pa
 
@@ -78,7 +79,7 @@ ANNOTATION_SCHEMA = pa.schema([
 # the tiles-table columns an annotator (or the template oracle) needs
 ANNOTATE_TILE_COLUMNS = ["tile_id", "scene_id", "gsd_m", "width", "objects", "landcover", "sar_png", "optical_png"]
 
-GEO_METADATA = {
+GEO_METADATA: dict[str, Any] = {
     "version": "1.1.0",
     "primary_column": "footprint",
     "columns": {"footprint": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None, "edges": "planar"}},

@@ -40,11 +40,11 @@ from rasterio.env import set_gdal_config
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
-from sarlang_ray import io, sar, safe
+from sarlang_ray import io, safe, sar
 from sarlang_ray.catalog import outline_4326
-from sarlang_ray.gcps import Georef
 from sarlang_ray.config import TileSection
 from sarlang_ray.errors import error_row
+from sarlang_ray.gcps import Georef
 from sarlang_ray.rows import ChunkRow, SceneRow
 from sarlang_ray.tables import TILES_SCHEMA, existing_shard, write_errors
 
@@ -67,7 +67,7 @@ def pyramid_for(scene: SceneRow, cfg: TileSection) -> list[float]:
     gsds = [g for g in cfg.gsds_m if g >= native * (1 - 1e-3)]
     if cfg.include_native and not any(abs(g - native) < native * 1e-3 for g in gsds):
         gsds.append(native)
-    return sorted(set(round(g, 6) for g in gsds))
+    return sorted({round(g, 6) for g in gsds})
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,9 @@ PNG_FILTER = imagecodecs.PNG.FILTER.PAETH
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     """A PNG (8-bit grey or RGB) at zlib ``compress_level``, by libpng with zlib-ng (imagecodecs), rows
     filtered with Paeth: the same pixels Pillow would write, in about 55 % of its time on a speckled tile."""
-    return imagecodecs.png_encode(np.ascontiguousarray(array), level=compress_level, filter=PNG_FILTER)
+    # imagecodecs' stub returns bytes | bytearray for every call; it is a bytearray only when out= is given
+    return imagecodecs.png_encode(  # type: ignore[return-value]
+        np.ascontiguousarray(array), level=compress_level, filter=PNG_FILTER)
 
 
 def source_window(src_transform: Affine, src_crs, dst_transform: Affine, dst_crs, size: int, pad: int = 2) -> Window:
@@ -236,7 +238,7 @@ def _inside(win: Window, src) -> Window | None:
     """The part of a pixel window inside the raster, or None."""
     try:
         inter = win.intersection(Window(0, 0, src.width, src.height))
-    except Exception:  # rasterio raises WindowError when they do not intersect
+    except Exception:  # noqa: BLE001 - rasterio raises WindowError when they do not intersect
         return None
     return inter if inter.width > 0 and inter.height > 0 else None
 
@@ -386,13 +388,14 @@ class TileChunk:
         """Read, preprocess and encode the windows of a chunk (no writing: the benchmark loop uses this)."""
         scene = json.loads(chunk["scene_json"])
         grid = grid_for(scene, chunk["gsd_m"], self.cfg)
-        rows, errors = [], []
+        rows: list[dict] = []
+        errors: list[dict] = []
         bands = scene_bands(scene)
         self._keep = {u for b in bands for u in (b["uri"], b.get("mask")) if u}
         try:
             src = self._dataset(bands[0]["uri"])
             png_selection(bands, self.cfg.bands)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an unopenable scene: each of the chunk's tiles gets an error row
             for i in range(chunk["start"], chunk["stop"]):
                 tid = tile_id_for(scene["scene_id"], grid.gsd, *window_of(chunk, grid, i))
                 if isinstance(exc, MissingBand):
@@ -405,7 +408,7 @@ class TileChunk:
             tid = tile_id_for(scene["scene_id"], grid.gsd, r, c)
             try:
                 row = self.make_tile(src, scene, grid, r, c, tid)
-            except Exception as exc:  # a corrupt block loses this tile only, with the reason
+            except Exception as exc:  # noqa: BLE001 - a corrupt block loses this tile only, with the reason
                 errors.append(error_row(STAGE, tid, "unreadable", f"{scene['sar_uri']} window of {tid}: {exc}. The file is truncated or corrupt: re-download it."))
                 continue
             if isinstance(row, str):
@@ -428,7 +431,7 @@ class TileChunk:
         scale = np.float32(scene.get("scale_factor") or 1.0)  # sidecar-calibrated amplitude (Capella)
 
         def to_linear(block: np.ma.MaskedArray) -> np.ndarray:
-            values = block.astype(np.float32).filled(np.nan)
+            values = np.ma.filled(block.astype(np.float32), np.nan)
             return sar.to_intensity(values * scale if scale != 1 else values, units)
 
         band, gsd, native = scene["band"], transform.a, scene["gsd_m"]
@@ -475,7 +478,7 @@ class TileChunk:
         sx, sy = np.linspace(0, width, 17), np.linspace(0, height, 9)
         edge = (np.concatenate([sx, np.full(9, width), sx[::-1], np.zeros(9)]),
                 np.concatenate([np.zeros(17), sy, np.full(17, height), sy[::-1]]))
-        xs, ys = transform * edge
+        xs, ys = transform * edge  # type: ignore[operator]  # affine maps arrays of points too; its hints say a point
         if str(crs) != str(georef.crs):
             from rasterio.warp import transform as warp_points
 

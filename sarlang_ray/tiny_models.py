@@ -20,6 +20,7 @@ import os
 from sarlang_ray import families, prompts
 from sarlang_ray.models import _build_processor
 
+
 def _corpus() -> list[str]:
     """Text the tokenizer is trained on: every template phrasing, class, position and number."""
     from sarlang_ray.annotate import template
@@ -221,7 +222,7 @@ def _tiny_llava(hidden: int, layers: int, size: int):
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                        num_attention_heads=2, image_size=size, patch_size=patch),
         text_config=LlamaConfig(**_text(hidden, layers, tokenizer, initializer_range=0.02)),  # untied: the default
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
         vision_feature_layer=-1, tie_word_embeddings=False)
     return LlavaForConditionalGeneration(config), processor
 
@@ -353,10 +354,12 @@ def _tiny_idefics3(hidden: int, layers: int, size: int):
                                                 do_image_splitting=True)
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=(tile // patch // 2) ** 2,
                                   chat_template=IDEFICS3_TEMPLATE)
+    # pad_token_id: a generic config attribute the config accepts as an extra keyword (its dataclass __init__, all
+    # that mypy sees, does not list it)
     config = Idefics3Config(vision_config=_idefics_vision(layers, tile, patch),
                             text_config=dict(model_type="llama", **_text(hidden, layers, tokenizer)), scale_factor=2,
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)  # type: ignore[call-arg]
     return Idefics3ForConditionalGeneration(config), processor
 
 
@@ -382,7 +385,8 @@ def _tiny_smolvlm(hidden: int, layers: int, size: int):
     config = SmolVLMConfig(vision_config=_idefics_vision(layers, tile, patch),
                            text_config=dict(model_type="llama", **_text(hidden, layers, tokenizer)), scale_factor=2,
                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)  # as SmolVLM-256M/500M
+                           pad_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]  # as Idefics3Config's
+                           tie_word_embeddings=True)  # as SmolVLM-256M/500M
     return SmolVLMForConditionalGeneration(config), processor
 
 

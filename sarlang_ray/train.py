@@ -36,10 +36,15 @@ import math
 import os
 import tempfile
 import time
+from typing import TYPE_CHECKING, Any
 
 from sarlang_ray import io, plots, reaper
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.models import chat_texts, load_image, load_processor
+
+if TYPE_CHECKING:  # torch and Ray Train are imported where they run (the driver never loads torch for this module)
+    import torch
+    from ray.train import DataConfig
 
 log = logging.getLogger("sarlang")
 
@@ -205,9 +210,11 @@ def load_checkpoint_model(model_dir: str, folder: str, dtype):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     try:
-        model, info = AutoModelForImageTextToText.from_pretrained(
+        # transformers types the return as the model alone; output_loading_info=True makes it (model, info)
+        loaded: Any = AutoModelForImageTextToText.from_pretrained(
             folder, config=AutoConfig.from_pretrained(model_dir), dtype=dtype, use_safetensors=True,
             ignore_mismatched_sizes=True, output_loading_info=True)
+        model, info = loaded
     except (OSError, ValueError, RuntimeError) as exc:
         raise RuntimeError(f"cannot resume from checkpoint {folder}: {exc}. {_WHAT_TO_DO}") from exc
     shapes = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
@@ -288,17 +295,18 @@ class _Worker:
     t: dict  # the train section
     rank: int
     world: int
-    device: object
-    processor: object
-    amp: object  # autocast dtype, or None
-    dtype: object  # weights dtype
+    device: torch.device
+    processor: Any  # a transformers processor (loaded by build_model)
+    amp: torch.dtype | None  # autocast dtype, or None
+    dtype: torch.dtype  # weights dtype
     fsdp: bool
-    model: object = None  # what runs forward: DDP-wrapped, FSDP-sharded or plain
-    inner: object = None  # what saves: the unwrapped model (peft or transformers)
+    # set by the steps below (Any: None until then, and the wrappers' types are not torch.nn.Module's own)
+    model: Any = None  # what runs forward: DDP-wrapped, FSDP-sharded or plain
+    inner: Any = None  # what saves: the unwrapped model (peft or transformers)
     params: list = dataclasses.field(default_factory=list)
-    optimizer: object = None
-    scheduler: object = None
-    scaler: object = None
+    optimizer: Any = None  # torch.optim.AdamW (make_optimizer)
+    scheduler: Any = None  # its LambdaLR warm-up schedule
+    scaler: Any = None  # torch.amp.GradScaler
     step: int = 0
 
     @property
@@ -436,7 +444,7 @@ def held_out_loss(w: _Worker) -> float:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total_loss)
     w.model.train()
-    return float(total_loss[0] / max(total_loss[1], 1))
+    return float(total_loss[0] / total_loss[1].clamp(min=1))
 
 
 def _optimizer_step(w: _Worker, micro: int) -> None:
@@ -565,9 +573,10 @@ def _rows_dataset(files: list[str], columns: list[str], limit: int | None):
     the first files (counted from the Parquet footers, so the same pairs every run and epoch)."""
     import ray
 
-    items = [{"uri": f, "rows": None} for f in files]
+    items: list[dict[str, Any]] = [{"uri": f, "rows": None} for f in files]
     if limit is not None:
-        items, left = [], limit
+        items = []
+        left = limit
         for f in files:
             if left <= 0:
                 break
@@ -589,7 +598,7 @@ def held_out_split(parquet: str) -> str:
     return "val" if io.glob(parquet, "val/*.parquet") else "test"
 
 
-def ingest(cfg: WorkflowConfig) -> tuple[dict, object, int]:
+def ingest(cfg: WorkflowConfig) -> tuple[dict, DataConfig, int]:
     """``(datasets, data_config, n_train)`` for the trainer: the preprocessed ``train`` (shuffled anew each
     epoch with ``train.seed``) and ``val`` datasets, and the ``DataConfig`` that runs the training ingest
     without ``preserve_order`` (the held-out one keeps the run's options)."""
@@ -664,6 +673,8 @@ def run_train(cfg: WorkflowConfig) -> dict:
     )
     with reaper.sigint_kept():
         result = trainer.fit()
+    if result.checkpoint is None:  # every epoch reports one; none means no epoch finished
+        raise RuntimeError(f"train: the run {t.name} finished without a checkpoint. Read its log for the failure.")
     with result.checkpoint.as_directory() as d, open(os.path.join(d, "state.json")) as f:
         state = json.load(f)
     history = state["history"]

@@ -73,7 +73,7 @@ def _thumbnail(sar_png: bytes, objects: list, px: int) -> bytes:
 
     img = Image.open(_io.BytesIO(sar_png)).convert("RGB")
     scale = px / max(img.size)
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(img)
     for o in objects or []:
         x0, y0, x1, y1 = (v * scale for v in o["bbox_xyxy"])
@@ -146,7 +146,8 @@ def view_shard(job: dict) -> dict:
     for p in pairs:
         by_tile.setdefault(p["tile_id"], []).append(p)
 
-    rows, counts = [], {f: Counter() for f in FILTERS}
+    rows: list[dict] = []
+    counts: dict[str, Counter] = {f: Counter() for f in FILTERS}
     samples: dict[str, dict[str, list]] = {f: {} for f in FILTERS}
     for t in tiles:
         tid, name = t["tile_id"], _safe(t["tile_id"])
@@ -259,7 +260,8 @@ def build_site(run_dir: str, out: str | None = None, sample: int = 100, thumb_px
     counts: dict[str, Counter] = {f: Counter() for f in FILTERS}
     kept: dict = {}
     pages, n_tiles, n_exported = [], 0, 0
-    pending, todo = [], list(jobs)
+    pending: list[ray.ObjectRef] = []
+    todo = list(jobs)
     while todo or pending:  # a bounded window of tasks: results are merged (and dropped) as they come back
         while todo and len(pending) < width:
             pending.append(task.remote(todo.pop(0)))
@@ -306,5 +308,5 @@ def serve(folder: str, port: int = 8000, host: str = "127.0.0.1") -> None:
             pass
 
 
-__all__ = ["build_site", "make_server", "serve", "view_shard", "shard_jobs", "FILTERS", "NOT_EXPORTED"]
+__all__ = ["FILTERS", "NOT_EXPORTED", "build_site", "make_server", "serve", "shard_jobs", "view_shard"]
 

@@ -24,7 +24,7 @@ def tile_figure(tile: AlignedTileRow, classes: tuple[str, ...] | None = None, sc
     canvas = Image.new("RGB", (w * len(panels), h))
     for i, p in enumerate(panels):
         canvas.paste(p, (i * w, 0))
-    canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+    canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(canvas)
     objects = tile.get("objects")  # a list (pyarrow rows) or an array (pandas rows)
     for obj in objects if objects is not None else []:

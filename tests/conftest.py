@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 # the S3 test server's endpoint must be in the environment before Ray starts (workers inherit it)
-import s3_server  # noqa: E402
+import s3_server
 
 for _k, _v in s3_server.ENV.items():
     os.environ.setdefault(_k, _v)

@@ -100,7 +100,7 @@ def ray_head(log_path: Path, ready_timeout_s: float = 180, num_cpus: int = 2, au
         cmd.append(f"--autoscaling-config={config_path}")
         # the fake provider's nodes, and their addresses: 127.0.0.1 (Ray's loopback mode), not the host's IP
         env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    log = open(log_path, "wb")
+    log = open(log_path, "wb")  # noqa: SIM115 - the head's output for its whole life: closed when it is stopped
     # own session and process group: the test's signals do not reach it, and a last-resort killpg is safe
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{ports['dashboard']}"

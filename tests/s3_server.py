@@ -6,14 +6,12 @@ environment configuration (FSSPEC_S3_*) *before* Ray starts, so Ray workers inhe
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
-
 
 _RNG = random.Random()
 
@@ -71,7 +69,7 @@ class WeedMini:
             f"-master.port={PORTS['master']}", f"-volume.port={PORTS['volume']}", f"-filer.port={PORTS['filer']}",
             f"-s3.port={PORTS['s3']}", "-webdav=false", "-admin.ui=false", f"-bucket={self.bucket}",
         ]
-        self.log = open(self.data_dir / "weed.log", "wb")
+        self.log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - the server's log while it runs: closed by stop()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         import fsspec
 
@@ -84,7 +82,7 @@ class WeedMini:
                 fs.pipe_file(f"{self.bucket}/.probe", b"ok")
                 if fs.cat_file(f"{self.bucket}/.probe") == b"ok":
                     return
-            except Exception:
+            except Exception:  # noqa: BLE001 - not up yet, whatever the client raises: poll again
                 time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"weed mini did not serve S3 on {ENDPOINT} within {timeout} s")

@@ -48,8 +48,8 @@ def write_measurement(path: Path, ann: Annotation, background: float, targets: l
     convention, so the square's centroid is where the GCPs place (line, pixel)."""
     gcps = [GroundControlPoint(row=p["line"], col=p["pixel"], x=p["longitude"], y=p["latitude"], z=p["height"])
             for p in ann.grid]
-    profile = dict(driver="GTiff", width=ann.width, height=ann.height, count=1, dtype="uint16", tiled=True,
-                   blockxsize=512, blockysize=512, compress=compress)
+    profile = {"driver": "GTiff", "width": ann.width, "height": ann.height, "count": 1, "dtype": "uint16", "tiled": True,
+               "blockxsize": 512, "blockysize": 512, "compress": compress}
     if with_gcps:
         profile.update(gcps=gcps, crs="EPSG:4326")
     by_strip: dict[int, list] = {}
@@ -61,8 +61,9 @@ def write_measurement(path: Path, ann: Annotation, background: float, targets: l
             h = min(512, ann.height - r)
             block = np.full((h, ann.width), background, np.uint16)
             for line, pixel, dn in by_strip.get(r // 512, []):
-                r0, r1 = int(round(line)) - half - r, int(round(line)) + half - r
-                c0, c1 = int(round(pixel)) - half, int(round(pixel)) + half
+                # int(): numpy floats' round() was a float before NumPy 2
+                r0, r1 = int(round(line)) - half - r, int(round(line)) + half - r  # noqa: RUF046
+                c0, c1 = int(round(pixel)) - half, int(round(pixel)) + half  # noqa: RUF046
                 block[max(r0, 0): max(r1, 0), max(c0, 0): c1] = dn
             dst.write(block[None], window=Window(0, r, ann.width, h))
 

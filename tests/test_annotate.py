@@ -10,13 +10,17 @@ from collections import Counter
 import pytest
 
 from sarlang_ray import pipeline
-from sarlang_ray.stages import annotate as annotate_stage
 from sarlang_ray.annotate.qc import apply_qc, check_text
 from sarlang_ray.annotate.template import (
-    TemplateAnnotator, direction_of, pattern_of, question_type_space, shape_of,
+    TemplateAnnotator,
+    direction_of,
+    pattern_of,
+    question_type_space,
+    shape_of,
 )
 from sarlang_ray.annotate.vocab import APPLICATIONS, CLASS_WORDS
 from sarlang_ray.config import QCSection
+from sarlang_ray.stages import annotate as annotate_stage
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def _cell(box, size):
 
 
 def _number(n: int) -> str:
-    words = "zero one two three four five six seven eight nine ten eleven twelve".split()
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
     return words[n] if n < len(words) else str(n)
 
 

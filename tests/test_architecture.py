@@ -107,5 +107,5 @@ def test_the_import_graph_has_no_cycle():
 def test_each_stage_module_imports_without_the_orchestrator(module):
     code = f"import sys, {module}; bad = [m for m in ('sarlang_ray.pipeline', 'sarlang_ray.cli') if m in sys.modules]; " \
            "print(bad); sys.exit(1 if bad else 0)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import rasterio
 from affine import Affine
+from conftest import REPO
 from pyproj import Transformer
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
@@ -32,8 +33,6 @@ from sarlang_ray import pipeline
 from sarlang_ray.config import ConfigError, SynthSection, load_config
 from sarlang_ray.errors import ItemError
 from sarlang_ray.synth import write_archive
-
-from conftest import REPO
 
 DOC = REPO / "docs" / "reliability.md"
 
@@ -183,7 +182,7 @@ def bad_run(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     archive = root / "archive"
     write_archive(SynthSection(out_dir=str(archive), scene_size_px=256), seed=3)
-    _make_bad_scenes(archive / "sar", sorted((archive / "sar").glob("*.tif"))[0])
+    _make_bad_scenes(archive / "sar", min((archive / "sar").glob("*.tif")))
     _make_bad_labels(archive / "labels")
     cfg = load_config(None, [f"run.run_dir={root / 'run'}", f"catalog.archive={archive}",
                              "run.stages=[catalog,tile,align]", "ray.progress=false", "tile.tile_size=128"])
@@ -194,7 +193,7 @@ def bad_run(ray_session, tmp_path_factory):
 
 def _named(errors, name: str) -> list[dict]:
     """Error rows of one gallery file (scene or label file) or one feature of it."""
-    if "#" in name or name.endswith(".parquet") or name.endswith(".tif"):
+    if "#" in name or name.endswith((".parquet", ".tif")):
         return [e for e in errors if e["item"].endswith("/" + name)]
     return []
 
@@ -231,8 +230,8 @@ def test_nan_and_inf_pixels_are_nodata_and_never_reach_a_png(bad_run):
 
 
 def test_bad_label_features_and_files_are_rejected_the_rest_is_used(bad_run):
-    cfg, summary, errors = bad_run
-    bowtie = [e for e in errors if e["error_class"] == "invalid_geometry"][0]
+    _cfg, summary, errors = bad_run
+    bowtie = next(e for e in errors if e["error_class"] == "invalid_geometry")
     assert "Self-intersection" in bowtie["message"] and "#feature=0" in bowtie["item"]
     labels = summary["stages"]["align"]["labels"]
     assert labels["planned"] == labels["written"] + labels["rejected"]
@@ -390,7 +389,7 @@ def test_every_error_class_in_the_code_is_documented_and_vice_versa():
     text = DOC.read_text()
     section = text[text.index("## Error classes"):]
     section = section[:section.index("\n## ", 1)]
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE))
     code = _code_error_classes()
     assert len(code) >= 20, code
     assert documented == code, (f"in the code, not in docs/reliability.md: {sorted(code - documented)}; "
@@ -412,7 +411,7 @@ def test_align_errors_are_classed_by_cause(demo_run, tmp_path, monkeypatch):
     shutil.copytree(src / "tile", run / "tile")
     scenes = pq.read_table(run / "catalog" / "scenes.parquet").to_pylist()
     scene = next(s for s in scenes if s["optical_uri"] and s["landcover_uri"])
-    shard = sorted((run / "tile" / "shards" / scene["scene_id"]).glob("*.parquet"))[0]
+    shard = min((run / "tile" / "shards" / scene["scene_id"]).glob("*.parquet"))
     name = str(shard.relative_to(run / "tile" / "shards"))
     tiles = pq.read_table(shard)
     empty = tiles["tile_id"][0].as_py()
@@ -447,7 +446,7 @@ def test_align_errors_are_classed_by_cause(demo_run, tmp_path, monkeypatch):
                    run / "catalog" / "scenes.parquet")
 
     def broken(lc, classes):
-        return sorted(classes.items())[0][1] + 1  # str + int: TypeError
+        return min(classes.items())[1] + 1  # str + int: TypeError
 
     monkeypatch.setattr(align, "landcover_fractions", broken)
     errors = errors_of()

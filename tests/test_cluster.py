@@ -308,7 +308,7 @@ KEY = re.compile(rf"^({SECTIONS})\.([a-z_][a-z0-9_.]*?)(=.*)?$")
 @pytest.mark.parametrize("doc", ["cluster/README.md", "docs/scaling.md"])
 def test_documented_config_keys_exist(doc):
     text = (REPO / doc).read_text()
-    spans = re.findall(r"`([^`\n]+)`", text) + re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    spans = re.findall(r"`([^`\n]+)`", text) + re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.DOTALL)
     keys = set()
     for span in spans:
         for token in span.split():

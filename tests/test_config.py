@@ -2,11 +2,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from sarlang_ray.cli import main
 from sarlang_ray.config import ConfigError, load_config, to_yaml
-
-from conftest import REPO
 
 
 def test_demo_workflow_loads_and_overrides_apply():
@@ -100,7 +99,7 @@ def test_every_value_check_runs_when_the_config_is_loaded(override, words, capsy
 
 def test_sarlang_config_with_a_bad_catalog_value_exits_non_zero():
     proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "config", "catalog.no_twin=bogus"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "catalog.no_twin" in proc.stderr and not proc.stdout
 
 

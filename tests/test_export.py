@@ -92,7 +92,7 @@ def test_the_scene_split_leaks_and_the_report_says_so(exported):
     split_of = group_splits(candidates, "scene", {"train": 0.7, "val": 0.1, "test": 0.2}, cfg.run.seed)
     report = leakage_report(candidates, split_of, cfg.export.buffer_m)
     tiles = pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "footprint", "crs", "objects"]).to_pylist()
-    area, near, shared = _brute_force_leaks(tiles, split_of, cfg.export.buffer_m)
+    area, _near, shared = _brute_force_leaks(tiles, split_of, cfg.export.buffer_m)
     assert not report["leak_free"] and shared > 0 and area > 0
     assert sum(p["shared_objects"] for p in report["pairs"].values()) == shared
     geodesic = sum(p["intersection_m2"] for p in report["pairs"].values())
@@ -140,7 +140,7 @@ def test_parquet_loads_with_hf_datasets_and_decodes_images(exported):
 
 
 def test_llamafactory_json_is_well_formed(exported):
-    _, summary, out = exported
+    _, _summary, out = exported
     info = json.loads((out / "llamafactory" / "dataset_info.json").read_text())
     assert info["sarlang_train"]["formatting"] == "sharegpt"
     n = 0
@@ -162,7 +162,7 @@ def test_reimporting_the_sarlang1m_layout_gives_back_the_same_pairs(exported):
     imported = import_sarlang1m(str(out / "sarlang1m")).to_pylist()
     kept = set(_exported_tiles(out))
     ours = [p for p in pipeline.read_annotations(cfg.run.run_dir).to_pylist() if p["qc_passed"] and p["tile_id"] in kept]
-    key = lambda p: (p["tile_id"], p["kind"], p["application"], p["question_type"], p["question"], p["answer"])  # noqa: E731
+    key = lambda p: (p["tile_id"], p["kind"], p["application"], p["question_type"], p["question"], p["answer"])
     assert sorted(map(key, imported)) == sorted(map(key, ours))
     assert all(Path(p["image_uri"]).exists() for p in imported)
     assert {p["split"] for p in imported} <= {"train", "val", "test"}
@@ -179,7 +179,7 @@ def test_import_cli_writes_an_annotations_table(exported, tmp_path):
     _, _, out = exported
     target = tmp_path / "imported.parquet"
     proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "import", str(out / "sarlang1m"), str(target)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = pq.read_table(target)
     assert set(ANNOTATION_SCHEMA.names) <= set(table.column_names) and table.num_rows > 0
@@ -447,13 +447,12 @@ def test_a_long_road_across_split_blocks_is_in_no_two_splits(demo_run, tmp_path)
     import shutil
 
     import geopandas as gpd
-    import pyarrow.parquet as pq
+    from conftest import demo_config
     from pyproj import Transformer
     from shapely import from_wkb
     from shapely.geometry import LineString
     from shapely.ops import transform
 
-    from conftest import demo_config
     from sarlang_ray.splits import EQUAL_AREA
 
     def clipped_id(label: str, split: str) -> str:  # as docs/export.md states it
@@ -466,7 +465,7 @@ def test_a_long_road_across_split_blocks_is_in_no_two_splits(demo_run, tmp_path)
     fine = [t for tid, t in t0.items() if t["scene_id"].startswith("shanghai_1m") and split0.get(tid) == "test"]
     coarse = [t for tid, t in t0.items() if t["scene_id"].startswith("shanghai_10m") and split0.get(tid) == "val"]
     assert fine and coarse, "the demo's Shanghai has test tiles (1 m scene) and val tiles (10 m scene)"
-    centre = from_wkb(sorted(fine, key=lambda t: t["tile_id"])[0]["footprint"]).centroid
+    centre = from_wkb(min(fine, key=lambda t: t["tile_id"])["footprint"]).centroid
     start = min((from_wkb(t["footprint"]).centroid for t in coarse), key=lambda c: c.distance(centre))
     utm = Transformer.from_crs("EPSG:4326", "EPSG:32651", always_xy=True)
     a, b = transform(utm.transform, start), transform(utm.transform, centre)

@@ -17,14 +17,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
+from conftest import REPO, demo_config
 
 from sarlang_ray import io, pipeline
-from sarlang_ray.stages import annotate as annotate_stage, tile as tile_stage
+from sarlang_ray.stages import annotate as annotate_stage
+from sarlang_ray.stages import tile as tile_stage
 
-from conftest import REPO, demo_config
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 STAGES = ["synth", "catalog", "tile", "align", "annotate"]
 # small enough for CI (38 shards of at most 4 tiles per stage), large enough that a stage is still
@@ -120,7 +124,7 @@ class KillBusyWorker(threading.Thread):
                         return
             time.sleep(0.01)
 
-    def __enter__(self) -> KillBusyWorker:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -16,12 +16,11 @@ import typing
 
 import pytest
 import yaml
+from conftest import REPO
 
 from sarlang_ray import config as config_module
 from sarlang_ray.config import ConfigError, WorkflowConfig, load_config
 from sarlang_ray.stages.runner import ORDER, RESOURCE_KEYS, registry
-
-from conftest import REPO
 
 DOC = REPO / "docs" / "architecture.md"
 TABLE = "### What a changed key redoes"

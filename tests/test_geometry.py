@@ -91,7 +91,7 @@ def test_a_known_ship_is_in_the_right_tile_and_bright_in_sar_and_optical(demo_ru
                 objs = [o for o in tile["objects"] if o["label_id"] == label_id]
                 if not objs or objs[0]["class"] != "ship" or objs[0]["visible_fraction"] < 0.999:
                     continue
-                x_0, y_0, x_1, y_1 = (int(round(v)) for v in objs[0]["bbox_xyxy"])
+                x_0, y_0, x_1, y_1 = (int(round(v)) for v in objs[0]["bbox_xyxy"])  # noqa: RUF046 - numpy floats
                 sar = _png(tile["sar_png"])
                 opt = _png(tile["optical_png"]).astype(int)
                 assert sar[y_0:y_1 + 1, x_0:x_1 + 1].max() >= 250, tid  # bright target in SAR
@@ -103,7 +103,7 @@ def test_a_known_ship_is_in_the_right_tile_and_bright_in_sar_and_optical(demo_ru
 
 def test_tiles_cover_each_scene_without_gaps(demo_run, tiles):
     """With stride = tile size: windows abut exactly, start at the scene corner and reach past its far edge."""
-    cfg, summary = demo_run
+    cfg, _summary = demo_run
     errors = pipeline.read_errors(cfg.run.run_dir).to_pylist()
     dropped = {e["item"] for e in errors if e["stage"] == "tile"}
     scenes = {s["scene_id"]: s for s in pipeline.read_scenes(cfg.run.run_dir)}

@@ -13,13 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO
 from PIL import Image
 
 from sarlang_ray import cli, evaluate, harness
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import load_config
-
-from conftest import REPO
 
 NAME = "sarlang_demo_test"
 
@@ -54,7 +53,7 @@ def test_the_lmms_eval_task_follows_the_documented_schema(bench):
     """What lmms-eval's docs (and its bundled tasks, e.g. chartqa.yaml) require of a task: a YAML with task,
     dataset_path + dataset_kwargs.data_files, test_split, output_type, the !function hooks and a metric_list whose
     aggregations exist; read here with a !function constructor that imports utils.py as lmms-eval does."""
-    cfg, manifest, pairs = bench
+    _cfg, manifest, pairs = bench
     task_dir = Path(manifest["files"]["lmms_eval"]["task_dir"])
 
     def function(loader, node):
@@ -68,7 +67,7 @@ def test_the_lmms_eval_task_follows_the_documented_schema(bench):
         pass
 
     Loader.add_constructor("!function", function)
-    config = yaml.load((task_dir / f"{NAME}.yaml").read_text(), Loader=Loader)  # noqa: S506 -- our own file
+    config = yaml.load((task_dir / f"{NAME}.yaml").read_text(), Loader=Loader)
     assert config["task"] == NAME and config["dataset_path"] == "parquet" and config["test_split"] == "test"
     assert config["output_type"] == "generate_until" and config["doc_to_target"] == "answer"
     assert all(callable(config[k]) for k in ("doc_to_visual", "doc_to_text", "process_results"))

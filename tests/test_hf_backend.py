@@ -18,7 +18,7 @@ from sarlang_ray.config import load_config
 
 def test_init_tiny_writes_a_loadable_safetensors_model(tmp_path):
     out = tmp_path / "vlm"
-    proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "model", "init-tiny", str(out)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "model", "init-tiny", str(out)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
     from PIL import Image

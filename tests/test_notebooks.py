@@ -66,7 +66,7 @@ def _drawn_footprints(text: str) -> dict:
     import re
 
     out = {}
-    for region, body in re.findall(r"^(\S+): (.+) tile footprints drawn$", text, flags=re.M):
+    for region, body in re.findall(r"^(\S+): (.+) tile footprints drawn$", text, flags=re.MULTILINE):
         for split, n in re.findall(r"(train|val|test|not exported) (\d+)", body):
             out[(region, split)] = int(n)
     return out

@@ -10,16 +10,14 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
+from conftest import REPO, TEST_OPENAI_KEY
 
 from sarlang_ray import pipeline
 from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import CLASS_WORDS
 from sarlang_ray.config import load_config
-
-from conftest import REPO, TEST_OPENAI_KEY
 
 
 class ChatServer:
@@ -95,7 +93,7 @@ class ChatServer:
     @staticmethod
     def qa_answer(content: str) -> str:
         """A well-formed QA reply: the count of the objects the prompt lists, and a pair to drop."""
-        objects = re.search(r"Objects in the image \(class, position\): (.*?)\. Land cover", content, re.S).group(1)
+        objects = re.search(r"Objects in the image \(class, position\): (.*?)\. Land cover", content, re.DOTALL).group(1)
         n = 0 if objects == "none" else len(objects.split("), "))
         return "```json\n" + json.dumps([
             {"application": "instance counting", "question": "How many labelled objects are there?", "answer": str(n)},

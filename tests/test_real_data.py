@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 
 import numpy as np
 import pytest
@@ -24,8 +23,8 @@ def real_run(ray_session, real_sar, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("real") / "run"
     cfg = load_config(None, [
         f"run.run_dir={run_dir}", f"catalog.archive={real_sar}", "run.stages=[catalog,tile,align]", "ray.progress=false",
-        "catalog.sar_glob=[pyrosar_s1_grd_geocoded/*.tif,umbra_gec_mount_yasur/*.tiff,opera_rtc_s1_t137_crops/*/*.tif,"
-        "sen1floods11_spain_7370579/*_S1Hand.tif,sen1floods11_spain_7370579/*_S2Hand.tif]",
+        ("catalog.sar_glob=[pyrosar_s1_grd_geocoded/*.tif,umbra_gec_mount_yasur/*.tiff,opera_rtc_s1_t137_crops/*/*.tif,"
+         "sen1floods11_spain_7370579/*_S1Hand.tif,sen1floods11_spain_7370579/*_S2Hand.tif]"),
         "catalog.optical_rule=[_S1Hand\\.tif$,_S2Hand.tif]", "catalog.landcover_rule=[_S1Hand\\.tif$,_LabelHand.tif]",
         "catalog.labels_glob=[sen1floods11_spain_7370579/*.geojson]", "align.class_column=location",
         "align.landcover_classes={0: land, 1: water}", "align.optical_bands=[4,3,2]",

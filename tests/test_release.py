@@ -106,15 +106,16 @@ def build_release(root: Path) -> dict:
     cap.mkdir(parents=True)
     training = [("France_Nice_0.png", "Describe the content of this image in one sentence.", "A harbour with two ships."),
                 ("France_Nice_1.png", "Describe this image in detail.",
-                 "This SAR image shows a dense urban area with many bright buildings along a river, a bridge crossing it in "
-                 "the middle and several storage tanks near the bottom edge. Roads cut the blocks into a grid."),
+                 ("This SAR image shows a dense urban area with many bright buildings along a river, a bridge crossing it in "
+                  "the middle and several storage tanks near the bottom edge. Roads cut the blocks into a grid.")),
                 ("France_Nice_2.png", "Describe the content of this image in one sentence.", "An airport with parked aircraft.")]
     (cap / "Caption-training.json").write_text(json.dumps([_llamafactory(p, c, f"SARimages/{n}") for n, p, c in training]))
     (cap / "Caption-training.csv").write_text("Image Name,Caption\n" + "".join(f"{n},{c}\n" for n, _, c in training))
-    complex_ = [("France_Nice_3.png", "A detailed view of a container port: rows of containers, cranes along the quay and "
-                 "three large ships moored at the piers, with a breakwater closing the basin."),
-                ("France_Nice_4.png", "Farmland fills the image with regular rectangular fields, a narrow road runs from the "
-                 "top left corner to the bottom right one and a few isolated farm buildings stand beside it.")]
+    complex_ = [("France_Nice_3.png", ("A detailed view of a container port: rows of containers, cranes along the quay and "
+                                       "three large ships moored at the piers, with a breakwater closing the basin.")),
+                ("France_Nice_4.png", ("Farmland fills the image with regular rectangular fields, a narrow road runs from the "
+                                       "top left corner to the bottom right one and a few isolated farm buildings stand "
+                                       "beside it."))]
     (cap / "Caption_test.csv").write_text(" Image Name , Caption \n" + "".join(f'{n},"{c}"\n' for n, c in complex_))
     concise = [("France_Nice_3.png", "A port with ships at the quay."), ("France_Nice_4.png", "Fields crossed by a road."),
                ("France_Nice_5.png", "A bridge over a river.")]

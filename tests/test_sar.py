@@ -23,7 +23,7 @@ def _speckled_step(looks=4, size=128, seed=0):
 
 @pytest.mark.parametrize("name", ["lee", "refined_lee"])
 def test_speckle_filters_smooth_flat_areas_and_keep_the_edge(name):
-    truth, noisy = _speckled_step()
+    _truth, noisy = _speckled_step()
     out = sar.despeckle(noisy, SpeckleSection(filter=name, window=7, looks=4))
     flat = np.s_[10:-10, 10:50]
     cv_in = noisy[flat].std() / noisy[flat].mean()
@@ -58,9 +58,9 @@ def test_stretch_percentile_and_fixed():
 
 
 # ------------------------------------------------ the tile stage's fast percentiles and PNG encoder
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 
 @settings(max_examples=300, deadline=None)

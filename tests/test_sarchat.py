@@ -39,15 +39,14 @@ def _question(task: str, i: int) -> tuple[str, str]:
     """(question, answer) of record i of a task, answers in the release's forms (boxes in pixels, {<x1><y1><x2><y2>})."""
     w, h = SIZES[i % 3]
     b = (40 + 10 * i, 30 + 5 * i, min(w - 1, 200 + 10 * i), min(h - 1, 180 + 7 * i))
-    one = "{<%d><%d><%d><%d>}" % b
+    one = "{{<{}><{}><{}><{}>}}".format(*b)
     return {
         "classification": ("What is the category of the target in this SAR image?", ["ship", "aircraft", "car"][i % 3]),
         "description": ("Describe the image in detail.", f"There are {i + 1} ships moored in a harbour near the coast."),
         "counting": ("How many ships are there in the image?", str(i + 1)),
         "grounding": (f"Give the bounding box of the ship number {i}.", one),
         "identification": ("Is there an aircraft in the image?", ["yes", "no"][i % 2]),
-        "referring": (f"Locate {i % 2 + 1} ship(s).", one if i % 2 == 0 else one + " and {<%d><%d><%d><%d>}" % (
-            b[0] + 150, b[1] + 100, b[2] + 150, b[3] + 100)),
+        "referring": (f"Locate {i % 2 + 1} ship(s).", one if i % 2 == 0 else one + f" and {{<{b[0] + 150}><{b[1] + 100}><{b[2] + 150}><{b[3] + 100}>}}"),
     }[task]
 
 
@@ -136,8 +135,8 @@ def _cases():
     return [
         ("[110, 105, 310, 260]", near, None),
         ("The ship is at [250, 200, 420, 380].", far, None),
-        ("<box>[[%d, %d, %d, %d]]</box>" % tuple(n1000(near)), [v * s / 1000 for v, s in zip(n1000(near), (W, H, W, H))], None),
-        ("<|box_start|>(%d,%d),(%d,%d)<|box_end|>" % tuple(q), [v * s / 1000 for v, s in zip(q, (W, H, W, H))], None),
+        ("<box>[[{}, {}, {}, {}]]</box>".format(*n1000(near)), [v * s / 1000 for v, s in zip(n1000(near), (W, H, W, H))], None),
+        ("<|box_start|>({},{}),({},{})<|box_end|>".format(*q), [v * s / 1000 for v, s in zip(q, (W, H, W, H))], None),
         ("[0.1375, 0.175, 0.3875, 0.4333]", (0.1375 * W, 0.175 * H, 0.3875 * W, 0.4333 * H), None),
         ("{<100><100><300><160>}", half, None),
         ("[700, 500, 900, 650]", None, "outside"),  # reaches outside the 800 x 600 image
@@ -150,7 +149,7 @@ def _cases():
 
 
 def test_box_iou_scoring_equals_shapely_on_hand_made_predictions():
-    truth = "{<%d><%d><%d><%d>}" % TRUTH
+    truth = "{{<{}><{}><{}><{}>}}".format(*TRUTH)
     for text, meant, reason in _cases():
         ok, why, value = boxes.box_correct(text, truth, W, H)
         if meant is None:
@@ -173,7 +172,7 @@ def test_score_gives_six_sarchat_columns_and_counts_box_parse_failures():
     """score() on hand-made predictions: per task the accuracy counted here by hand and shapely; the parse
     failures reported."""
     pairs, predictions, tasks, sizes, expect = [], {}, {}, {}, {}
-    truth = "{<%d><%d><%d><%d>}" % TRUTH
+    truth = "{{<{}><{}><{}><{}>}}".format(*TRUTH)
     for i, (text, meant, _) in enumerate(_cases()):
         for task in ("grounding", "referring"):
             pid = f"{task}-{i}"

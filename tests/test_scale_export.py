@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import demo_config
 
 SPLITS = ("train", "val", "test")

@@ -9,8 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from conftest import demo_config
+
 from sarlang_ray import pipeline, tables
 from sarlang_ray.errors import error_row
 

@@ -18,10 +18,10 @@ from shapely.ops import transform as reproject
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_scale_plan import generate  # noqa: E402
+from bench_scale_plan import generate
+from conftest import demo_config
 
-from conftest import demo_config  # noqa: E402
-from sarlang_ray import export  # noqa: E402
+from sarlang_ray import export
 
 
 def decisions(items: list[dict]) -> tuple[dict[str, str], set[str]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO, TEST_OPENAI_KEY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +25,6 @@ from sarlang_ray.errors import ItemError, redact_text
 from sarlang_ray.export import import_sarlang1m
 from sarlang_ray.stages.runner import StageFailed
 from sarlang_ray.tiling import shard_name, tile_id_for
-
-from conftest import REPO, TEST_OPENAI_KEY
 
 PACKAGE = REPO / "sarlang_ray"
 
@@ -271,7 +270,7 @@ def test_s3_credentials_come_from_the_standard_chain_only():
     One function names AWS credential variables: ``io.gdal_s3_options``, which hands GDAL's ``/vsis3/`` what
     s3fs itself resolved (its ``key``/``secret``/``client_kwargs``), so GDAL reaches the same storage with
     the same credentials; it reads them from the filesystem object only, never from config or literals."""
-    pattern = re.compile(r"(aws_secret_access_key|aws_access_key_id|secret=|key=os\.environ)", re.I)
+    pattern = re.compile(r"(aws_secret_access_key|aws_access_key_id|secret=|key=os\.environ)", re.IGNORECASE)
     bridge = _lines_of(PACKAGE / "io.py", "gdal_s3_options")
     hits = [f"{p.relative_to(REPO)}:{i}" for p in PACKAGE.rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1)

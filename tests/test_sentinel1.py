@@ -19,9 +19,9 @@ from PIL import Image
 from pyproj import Transformer
 from rasterio.control import GroundControlPoint
 from rasterio.transform import GCPTransformer
+from safe_products import PRODUCTS, annotation, build_product
 from scipy.interpolate import RegularGridInterpolator
 
-from safe_products import PRODUCTS, annotation, build_product
 from sarlang_ray import catalog, pipeline, tiling
 from sarlang_ray.config import load_config
 
@@ -113,7 +113,7 @@ def test_grd_targets_land_on_their_geolocation_grid_nodes(ray_session, grd, tmp_
     its warper uses with SRC_METHOD=GCP_TPS), called here directly on the GCPs, puts it. At the native
     GSD (nearest neighbour) and at 20 m (average)."""
     key, zip_path, ann, nodes, between = grd
-    cfg, summary, scenes = _run(zip_path, tmp_path / "run", nodes)
+    _cfg, _summary, scenes = _run(zip_path, tmp_path / "run", nodes)
     assert len(scenes) == 1
     scene = scenes[0]
     assert scene["georef"] == "gcps" and scene["product_type"] == "GRD" and scene["polarisations"] == "VV+VH"
@@ -175,7 +175,7 @@ def test_grd_calibration_equals_an_independent_computation(grd, tmp_path, calibr
     """sigma0 / beta0 / gamma0 of every tile pixel = (DN^2 - noise) / A^2 computed here from the XML with
     scipy's bilinear interpolator, within 0.05 dB, with and without thermal-noise removal, both noise
     schemas (the 2015 product's noise LUT is all zeros: removal must leave it unchanged)."""
-    key, zip_path, ann, nodes, between = grd
+    key, zip_path, ann, _nodes, _between = grd
     lo, hi = -30.0, -5.0  # fixed stretch: one PNG level = 0.098 dB, so decoding is within 0.05 dB
     cfg = load_config(None, [
         f"run.run_dir={tmp_path}", f"catalog.archive={zip_path.parent}", "catalog.optical_rule=null",
@@ -281,7 +281,7 @@ def test_stac_grd_item_with_made_up_proj_fields_gives_the_products_own_tiles(ray
     import pystac
 
     ann = annotation(real_sar / "s1_grd_safe_metadata" / PRODUCTS["2021"])
-    nodes, between = _targets(ann)
+    nodes, _between = _targets(ann)
     targets = [(p["line"], p["pixel"], TARGET_DN) for p in nodes]
     safe_dir = build_product(real_sar, "2021", tmp_path / "product", BACKGROUND_DN, targets, as_zip=False)
     node = nodes[0]

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import size_archive  # noqa: E402
+import size_archive
 
 
 def _stage(sized: dict, prefix: str) -> dict:

@@ -158,7 +158,7 @@ def test_broken_item_link_rejects_that_item_only(ray_session, stac_archive, tmp_
     bad["links"].append({"rel": "item", "href": "./gone/gone.json", "type": "application/geo+json"})
     (stac_archive / "scenes" / "catalog.json").write_text(json.dumps(bad))
     try:
-        counts, scenes, errors = _catalog(tmp_path / "run", str(stac_archive / "catalog.json"))
+        counts, _scenes, errors = _catalog(tmp_path / "run", str(stac_archive / "catalog.json"))
     finally:
         bad["links"].pop()
         (stac_archive / "scenes" / "catalog.json").write_text(json.dumps(bad))

@@ -62,7 +62,7 @@ def _scene(archive, name):
 
 
 def test_sar_looks_like_sar(archive):
-    sar, lc, labels, (transform, crs, shape) = _scene(archive, "rotterdam_5m")
+    sar, lc, labels, (transform, _crs, shape) = _scene(archive, "rotterdam_5m")
     valid = sar > 0
     db = 10 * np.log10(np.where(valid, sar, 1))
     water, land = (lc == 1) & valid, (lc == 3) & valid
@@ -81,7 +81,7 @@ def test_sar_looks_like_sar(archive):
 
 def test_double_bounce_and_radar_shadow_at_buildings(archive):
     """Illumination from the west: bright line on west walls, shadow east of the building."""
-    sar, lc, labels, (transform, crs, shape) = _scene(archive, "rotterdam_5m")
+    sar, _lc, labels, (transform, _crs, shape) = _scene(archive, "rotterdam_5m")
     inv = ~transform
     wall, roof, east, west = [], [], [], []
     for g in labels[labels["class"] == "building"].geometry:
@@ -102,7 +102,7 @@ def test_double_bounce_and_radar_shadow_at_buildings(archive):
 
 
 def test_optical_twin_shows_the_same_objects(archive):
-    sar, lc, labels, (transform, crs, shape) = _scene(archive, "rotterdam_0p5m")
+    sar, lc, labels, (transform, _crs, shape) = _scene(archive, "rotterdam_0p5m")
     path = next((archive / "optical").glob("rotterdam_0p5m*_optical.tif"))
     with rasterio.open(path) as src:
         rgb = src.read().astype(float)

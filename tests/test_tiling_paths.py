@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+import reference_filters
 from affine import Affine
 from rasterio.enums import Resampling
 
-import reference_filters
 from sarlang_ray import sar
 from sarlang_ray.config import load_config
 from sarlang_ray.tiling import TileChunk, grid_for, pixel_window, read_window, warp_window
@@ -95,7 +95,7 @@ def test_native_tiles_read_directly_equal_the_warped_ones(real_sar, name):
     path = real_sar / name
     with rasterio.open(path) as src:
         size, t = 48, src.transform
-        to_float = lambda b: sar.to_intensity(b.astype(np.float32).filled(np.nan), REAL[name])  # noqa: E731
+        to_float = lambda b: sar.to_intensity(b.astype(np.float32).filled(np.nan), REAL[name])
         n = 0
         for row in range(-8, src.height, 40):  # windows inside, across and beyond the edges, halo-like offsets
             for col in range(-8, src.width, 40):

@@ -320,9 +320,9 @@ def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_wo
         cancelled = int(pid_file.read_text())
         deadline = time.time() + 10
 
-        def gone() -> bool:  # exited, or a zombie; NoSuchProcess: it exited between the two calls
+        def gone(pid: int = cancelled) -> bool:  # exited, or a zombie; NoSuchProcess: it exited between the calls
             try:
-                return psutil.Process(cancelled).status() == psutil.STATUS_ZOMBIE
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
             except psutil.NoSuchProcess:
                 return True
 

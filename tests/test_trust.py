@@ -32,8 +32,9 @@ def test_every_date_and_polarisation_of_a_burst_lands_in_one_split(opera_run):
     burst_of = {sid: re.search(r"T137-\d+-IW\d", s["sar_uri"]).group(0) for sid, s in scenes.items()}
     assert len(set(burst_of.values())) == 15
     splits_of_burst: dict[str, set] = defaultdict(set)
-    import pyarrow.parquet as pq
     from pathlib import Path
+
+    import pyarrow.parquet as pq
 
     n = 0
     for f in Path(cfg.run.run_dir, "export", "parquet").glob("*/*.parquet"):

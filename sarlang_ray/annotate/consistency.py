@@ -33,6 +33,7 @@ import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from sarlang_ray import io, tables
 from sarlang_ray.annotate.visibility import Visibility
@@ -52,29 +53,29 @@ LANDCOVER_SYNONYMS = {
     "paved surfaces": "road", "paved surface": "road", "paved": "road", "road": "road",
 }
 _LC = "|".join(sorted(map(re.escape, LANDCOVER_SYNONYMS), key=len, reverse=True))
-_LC_FRACTION = re.compile(rf"\b({_LC})\s*\(\s*(\d+(?:\.\d+)?)\s*%\s*\)", re.I)
-_LC_DOMINANT = re.compile(rf"\b(?:mostly|most of (?:it|the image|the tile|the scene) is)\s+(?:an?\s+)?(?:dense\s+)?({_LC})\b", re.I)
-_LC_WORD = re.compile(rf"\b({_LC})\b", re.I)
-_LC_QUESTION = re.compile(r"land ?cover|surface|terrain|covers the (largest|most)|dominat", re.I)
+_LC_FRACTION = re.compile(rf"\b({_LC})\s*\(\s*(\d+(?:\.\d+)?)\s*%\s*\)", re.IGNORECASE)
+_LC_DOMINANT = re.compile(rf"\b(?:mostly|most of (?:it|the image|the tile|the scene) is)\s+(?:an?\s+)?(?:dense\s+)?({_LC})\b", re.IGNORECASE)
+_LC_WORD = re.compile(rf"\b({_LC})\b", re.IGNORECASE)
+_LC_QUESTION = re.compile(r"land ?cover|surface|terrain|covers the (largest|most)|dominat", re.IGNORECASE)
 
 _POSITION_SYNONYMS = ((r"\bupper\b", "top"), (r"\blower\b", "bottom"), (r"\b(?:centre|middle)\b", "center"), (r"-", " "))
 _POSITION = re.compile(r"\b(" + "|".join(sorted(map(re.escape, POSITIONS), key=len, reverse=True)) + r")\b")
 _NUMBER = r"(\d+|" + "|".join(NUMBER_WORDS) + r"|a single|an|a)"
-_COUNT_BEFORE = re.compile(_NUMBER + r"((?:\s+[a-z-]+){0,2})\s+$", re.I)
+_COUNT_BEFORE = re.compile(_NUMBER + r"((?:\s+[a-z-]+){0,2})\s+$", re.IGNORECASE)
 _NOT_ADJECTIVES = {"and", "or", "of", "the", "than", "with", "in", "on", "at", "to", "from", "by", "for", "as", "more",
                    "fewer", "less", "are", "is", "be", "there", "these", "those", "many", "several", "some", "m"}
-_NEGATOR = re.compile(r"\b(no|not|without|none|zero|neither|nor|absent|never)\b|n't\b", re.I)
-_NEGATED_AFTER = re.compile(r"\b(?:not|n't)\b.*\b(?:visible|present|seen|there|found)\b|\babsent\b", re.I)
+_NEGATOR = re.compile(r"\b(no|not|without|none|zero|neither|nor|absent|never)\b|n't\b", re.IGNORECASE)
+_NEGATED_AFTER = re.compile(r"\b(?:not|n't)\b.*\b(?:visible|present|seen|there|found)\b|\babsent\b", re.IGNORECASE)
 _ABSENT_ALL = re.compile(r"\b(?:no|without|zero)\s+(?:labell?ed\s+|visible\s+|other\s+|distinct\s+)?(?:objects?|targets?)\b"
-                         r"|\bno labell?ed object\b|\bnothing\b", re.I)
-_CLAUSE = re.compile(r"[,;:]|\bbut\b|\bwhile\b|\bwhereas\b", re.I)
+                         r"|\bno labell?ed object\b|\bnothing\b", re.IGNORECASE)
+_CLAUSE = re.compile(r"[,;:]|\bbut\b|\bwhile\b|\bwhereas\b", re.IGNORECASE)
 _BOX = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\]")
-_COUNT_QUESTION = re.compile(r"\bhow many\b|^\s*count\b|\bnumber of\b|\bcount of\b", re.I)
-_COMPARE = (("eq", re.compile(r"\bas many\b|\bsame number\b|\bequal\b", re.I)),
-            ("lt", re.compile(r"\bfewer\b|\bless\b|\bsmaller\b", re.I)),
-            ("gt", re.compile(r"\bmore\b|\bexceed|\bnumerous\b|\blarger\b|\bgreater\b", re.I)))
-_WH = re.compile(r"^\s*(what|which|where|describe|how would|along|locate|identify|name|in which|give)\b", re.I)
-_WHERE = re.compile(r"\bwhere\b|\bwhich (part|region|area)\b|\blocate\b|\bposition\b|\bin which\b", re.I)
+_COUNT_QUESTION = re.compile(r"\bhow many\b|^\s*count\b|\bnumber of\b|\bcount of\b", re.IGNORECASE)
+_COMPARE = (("eq", re.compile(r"\bas many\b|\bsame number\b|\bequal\b", re.IGNORECASE)),
+            ("lt", re.compile(r"\bfewer\b|\bless\b|\bsmaller\b", re.IGNORECASE)),
+            ("gt", re.compile(r"\bmore\b|\bexceed|\bnumerous\b|\blarger\b|\bgreater\b", re.IGNORECASE)))
+_WH = re.compile(r"^\s*(what|which|where|describe|how would|along|locate|identify|name|in which|give)\b", re.IGNORECASE)
+_WHERE = re.compile(r"\bwhere\b|\bwhich (part|region|area)\b|\blocate\b|\bposition\b|\bin which\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Statement:
     pair: int  # index of the pair in the tile's list
     sentence: int | None  # caption sentence index; None: the whole (VQA) pair
     fact: tuple
-    value: object
+    value: Any  # its type depends on ``fact`` (the list above): a tuple, bool, number or class name
     text: str
 
 
@@ -166,9 +167,9 @@ def _caption_statements(i: int, text: str) -> list[Statement]:
 
         for m in _LC_FRACTION.finditer(sent):
             add(("lc_fraction", LANDCOVER_SYNONYMS[m.group(1).lower()]), float(m.group(2)) / 100)
-        m = _LC_DOMINANT.search(sent)
-        if m:
-            add(("lc_dominant",), LANDCOVER_SYNONYMS[m.group(1).lower()])
+        dominant = _LC_DOMINANT.search(sent)
+        if dominant:
+            add(("lc_dominant",), LANDCOVER_SYNONYMS[dominant.group(1).lower()])
         if _ABSENT_ALL.search(sent):
             add(("absent_all",), True)
         mentions = mentioned_classes(sent)
@@ -211,7 +212,7 @@ def _caption_count(sent: str, start: int, end: int) -> tuple | None:
 def _vqa_statements(i: int, question: str, answer: str) -> list[Statement]:
     out = []
     text = f"{question} -> {answer}"
-    add = lambda fact, value: out.append(Statement(i, None, fact, value, text))  # noqa: E731
+    add = lambda fact, value: out.append(Statement(i, None, fact, value, text))
     classes = _ordered_classes(question)
     yn = _yes_no(answer)
     if _LC_QUESTION.search(question) and not classes:  # dominant land cover: the answer is a land-cover word
@@ -219,7 +220,7 @@ def _vqa_statements(i: int, question: str, answer: str) -> list[Statement]:
         if m:
             add(("lc_dominant",), LANDCOVER_SYNONYMS[m.group(1).lower()])
         return out
-    if re.search(r"\bwater\b", question, re.I) and not classes and yn is not None:
+    if re.search(r"\bwater\b", question, re.IGNORECASE) and not classes and yn is not None:
         add(("water",), yn)
         return out
     answer_classes = _ordered_classes(answer)
@@ -253,7 +254,7 @@ def _vqa_statements(i: int, question: str, answer: str) -> list[Statement]:
         elif n is not None and len(classes) == 1:
             add(("count", classes[0]), ("eq", n))
         return out
-    if not _WH.search(question) or re.match(r"^\s*(no|none|nothing|there (is|are) no)\b", answer, re.I):
+    if not _WH.search(question) or re.match(r"^\s*(no|none|nothing|there (is|are) no)\b", answer, re.IGNORECASE):
         return out
     if len(classes) >= 2 and len(answer_classes) == 1:  # classification: the option chosen is present
         add(("count", answer_classes[0]), ("ge", 1))
@@ -347,9 +348,9 @@ def _places(stmts: list[Statement], known: dict[str, int], findings: list[Findin
             continue
         group = [s for s in stmts if s.fact[0] == "at" and s.fact[1] == cls and s.value]
         cells = set().union(*claims.values())
-        _, blamed_keys = _vote([Statement(k[0], k[1], ("at", cls), v, "") for k, v in claims.items()],
-                                     lambda v, h: h in v, cells)
-        blamed_keys = {(b.pair, b.sentence) for b in blamed_keys}
+        _, blamed_claims = _vote([Statement(k[0], k[1], ("at", cls), v, "") for k, v in claims.items()],
+                                 lambda v, h: h in v, cells)
+        blamed_keys = {(b.pair, b.sentence) for b in blamed_claims}
         if blamed_keys:
             blamed = [s for s in group if (s.pair, s.sentence) in blamed_keys]
             findings.append(Finding("position", f"the one {cls} placed in {', '.join(sorted(cells))}", blamed, group))
@@ -383,7 +384,7 @@ def _landcover(stmts: list[Statement], findings: list[Finding]) -> None:
                           if f.fact[1] == "water" and f.value >= 0.1]
             conflicts += [(w, d, "no water, but water dominates") for d in dominant if d.value == "water"]
     # one conflict per two statements (a caption sentence or a VQA pair is one voice, whatever it states)
-    key = lambda st: (st.pair, st.sentence)  # noqa: E731
+    key = lambda st: (st.pair, st.sentence)
     unique: dict[frozenset, tuple] = {}
     for a, b, why in conflicts:
         if key(a) != key(b):
@@ -415,7 +416,7 @@ def _implied(stmts: list[Statement], vis: Visibility, findings: list[Finding]) -
     for cls, lc in sorted(vis.implied_by.items()):
         if lc not in evidence:
             continue
-        said = {}  # one finding per caption sentence or VQA pair
+        said: dict[tuple[int, int | None], Statement] = {}  # one finding per caption sentence or VQA pair
         for s in stmts:
             if (s.fact == ("count", cls) and s.value == ("eq", 0)) or s.fact == ("absent_all",):
                 said.setdefault((s.pair, s.sentence), s)
@@ -480,7 +481,8 @@ def check_pairs(pairs: list[dict], tiles: dict[str, dict] | None = None, visibil
     by_tile: dict[str, list[dict]] = defaultdict(list)
     for p in pairs:
         by_tile[p["tile_id"]].append(p)
-    findings, hit_pairs = Counter(), Counter()
+    findings: Counter[str] = Counter()
+    hit_pairs: Counter[str] = Counter()
     by_backend: dict[str, Counter] = defaultdict(Counter)
     examples: dict[str, list] = defaultdict(list)
     tiles_hit, unjudged = set(), 0
@@ -508,7 +510,7 @@ def check_pairs(pairs: list[dict], tiles: dict[str, dict] | None = None, visibil
 def merge_reports(reports: list[dict]) -> dict:
     """:func:`check_pairs` reports of disjoint sets of tiles (export shards), summed into one as if checked
     together: counts added, examples kept in the reports' order up to ``EXAMPLES_PER_RULE`` per rule."""
-    out = {"tiles": 0, "pairs": 0, "tiles_with_findings": 0, "tiles_without_gsd": 0,
+    out: dict[str, Any] = {"tiles": 0, "pairs": 0, "tiles_with_findings": 0, "tiles_without_gsd": 0,
            "findings": dict.fromkeys(RULES, 0), "pairs_hit": dict.fromkeys(RULES, 0), "by_backend": {}, "examples": {}}
     for r in reports:
         for key in ("tiles", "pairs", "tiles_with_findings", "tiles_without_gsd"):

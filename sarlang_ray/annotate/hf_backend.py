@@ -44,16 +44,17 @@ class HFAnnotator:
             for pair in self.questions.annotate(tile):
                 jobs.append((k, pair, *prompts.annotation_prompt(pair, self.cfg.max_new_tokens_caption,
                                                                  self.cfg.max_new_tokens_answer)))
-        results: list[list[dict] | Exception] = [[] for _ in tiles]
+        answered: list[list[dict]] = [[] for _ in tiles]
         images = {k: self._image(t) for k, t in enumerate(tiles)}
         for budget in sorted({j[3] for j in jobs}):  # one generation length per batch
             group = [j for j in jobs if j[3] == budget]
             answers = self.generate([images[j[0]] for j in group], [j[2] for j in group], budget)
             for (k, pair, _, _), answer in zip(group, answers):
-                results[k].append({**pair, "answer": answer})
-        for k, pairs in enumerate(results):
+                answered[k].append({**pair, "answer": answer})
+        results: list[list[dict] | Exception] = []
+        for pairs in answered:
             if not any(p["answer"] for p in pairs):
-                results[k] = ValueError("the model generated only empty text for this tile")
+                results.append(ValueError("the model generated only empty text for this tile"))
             else:  # empty answers are malformed: drop them, keep the rest
-                results[k] = [p for p in pairs if p["answer"]]
+                results.append([p for p in pairs if p["answer"]])
         return results

@@ -107,7 +107,7 @@ class OpenAIAnnotator:
             {"kind": "caption_detailed", "application": "image description", "question_type": "caption/detailed",
              "question": prompts.CAPTION_DETAILED, "answer": detailed},
         ]
-        counts = Counter()
+        counts: Counter[str] = Counter()
         for item in qa:
             counts[item["application"]] += 1
             pairs.append({"kind": "vqa", "application": item["application"],
@@ -117,7 +117,7 @@ class OpenAIAnnotator:
 
     @staticmethod
     def _parse_qa(text: str) -> list[dict]:
-        m = re.search(r"\[.*\]", text, re.S)  # models like to wrap JSON in prose or code fences
+        m = re.search(r"\[.*\]", text, re.DOTALL)  # models like to wrap JSON in prose or code fences
         if not m:
             raise BackendError(f"QA reply is not a JSON list: {text[:120]!r}")
         try:
@@ -136,7 +136,7 @@ class OpenAIAnnotator:
         def one(tile):
             try:
                 return self.annotate(tile)
-            except Exception as exc:  # returned, not raised: the other tiles go on
+            except Exception as exc:  # noqa: BLE001 - returned, not raised: the other tiles go on
                 return exc
 
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.max_concurrency)) as pool:

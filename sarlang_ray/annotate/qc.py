@@ -30,7 +30,7 @@ from sarlang_ray.config import QCSection
 RULES = ("colour", "count", "hallucination", "vague", "duplicate", "contradiction")
 COLOUR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "violet", "pink", "brown", "cyan", "magenta",
                 "turquoise", "beige", "colorful", "colourful", "multicolored", "multicoloured")
-_COLOUR = re.compile(r"\s*\b(" + "|".join(COLOUR_WORDS) + r")\b(?:-colou?red)?", re.I)
+_COLOUR = re.compile(r"\s*\b(" + "|".join(COLOUR_WORDS) + r")\b(?:-colou?red)?", re.IGNORECASE)
 _NUMBER = r"(\d+|" + "|".join(NUMBER_WORDS) + r"|a single|a|an|one)"
 VAGUE_PHRASES = ("some objects", "various objects", "something", "some things", "i cannot", "i can't", "it is unclear",
                  "hard to tell", "not sure", "an image", "a picture", "unknown objects")
@@ -75,7 +75,7 @@ def check_text(text: str, kind: str, counts: Counter, cfg: QCSection) -> tuple[s
         for cls, spans in mentioned_classes(text).items():
             true = counts.get(cls, 0)
             for start, end in reversed(spans):
-                m = re.search(_NUMBER + r"((?:\s+[a-z-]+){0,2})\s+$", text[:start], re.I)
+                m = re.search(_NUMBER + r"((?:\s+[a-z-]+){0,2})\s+$", text[:start], re.IGNORECASE)
                 if not m or true == 0:
                     continue
                 value = _number_value(m.group(1))

@@ -108,7 +108,7 @@ class AnnotateShard:
         for tile in tiles:
             try:
                 out.append(self.backend.annotate(tile))
-            except Exception as exc:  # contained: this tile goes to the errors table
+            except Exception as exc:  # noqa: BLE001 - contained: this tile goes to the errors table
                 out.append(exc)
         return out
 

@@ -18,6 +18,7 @@ import random
 
 import numpy as np
 import shapely
+from numpy.typing import ArrayLike
 
 from sarlang_ray import prompts
 from sarlang_ray.annotate.visibility import TileView, Visibility
@@ -118,7 +119,7 @@ def direction_of(angle_deg: float) -> str:
     return "northwest-southeast"
 
 
-def pattern_of(centres: np.ndarray, size: int) -> str:
+def pattern_of(centres: ArrayLike, size: int) -> str:
     """Arrangement of >= 3 object centres: in a row, in a grid, clustered or scattered."""
     pts = np.asarray(centres, dtype=float)
     centred = pts - pts.mean(axis=0)
@@ -207,7 +208,7 @@ class TemplateAnnotator:
         parts = []
         if landcover:
             ranked = sorted(landcover.items(), key=lambda kv: -kv[1])
-            word = lambda name: LANDCOVER_WORDS.get(name, name)  # noqa: E731
+            word = lambda name: LANDCOVER_WORDS.get(name, name)
             lc_text = f"{word(ranked[0][0])} ({ranked[0][1]:.0%})"
             if len(ranked) > 1 and ranked[1][1] >= 0.1:
                 lc_text += f" and {word(ranked[1][0])} ({ranked[1][1]:.0%})"
@@ -249,7 +250,7 @@ class TemplateAnnotator:
         present = sorted(counts)
         countable = sorted(view.countable)
         absent = list(view.askable_absent)
-        add = lambda app, fam, i, q, a, *classes: out.append(  # noqa: E731
+        add = lambda app, fam, i, q, a, *classes: out.append(
             self._pair("vqa", app, "/".join([fam, f"t{i}", *classes]), q, a))
 
         def pick(templates):

@@ -51,11 +51,12 @@ def position_of(bbox: list[float], size: int) -> str:
 
 def box_text(bbox: list[float], size: int) -> str:
     """Region format: [x0, y0, x1, y1] as integers on a 0-1000 scale of the tile (x right, y down)."""
-    return "[" + ", ".join(str(int(round(v / size * 1000))) for v in bbox) + "]"
+    # int(): bbox values may be numpy floats, whose round() was a float before NumPy 2
+    return "[" + ", ".join(str(int(round(v / size * 1000))) for v in bbox) + "]"  # noqa: RUF046
 
 
 _SYNONYM_TO_CLASS = {syn.casefold(): cls for cls, (_, syns) in CLASS_WORDS.items() for syn in syns}
-_MENTION = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _SYNONYM_TO_CLASS), key=len, reverse=True)) + r")\b", re.I)
+_MENTION = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _SYNONYM_TO_CLASS), key=len, reverse=True)) + r")\b", re.IGNORECASE)
 
 
 def mentioned_classes(text: str) -> dict[str, list[tuple[int, int]]]:
