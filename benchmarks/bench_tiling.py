@@ -36,7 +36,7 @@ from peak_memory import PeakMemory, ray_processes  # noqa: E402
 
 from sarlang_ray import pipeline, tiling  # noqa: E402
 from sarlang_ray.config import load_config  # noqa: E402
-from sarlang_ray.stages.runner import map_items, map_tasks  # noqa: E402
+from sarlang_ray.stages.execution import map_items, map_tasks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,6 +39,7 @@ def _imports(path: Path) -> set[str]:
 GRAPH = {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
 
 
+STAGE_MACHINERY = ("stages.cluster", "stages.execution", "stages.stage")
 # bottom first; a module imports only modules of its own layer or of a lower one
 LAYERS = [
     ("base", {"sarlang_ray", "errors", "io", "config", "prompts", "reaper", "tables", "plots", "viz"}),
@@ -48,7 +49,9 @@ LAYERS = [
     ("domain", {"catalog", "tiling", "align", "synth", "release", "export", "train", "evaluate", "harness",
                 "tiny_models", "hf_export", "view", "annotate.template", "annotate.consistency", "annotate.qc", "annotate.stage",
                 "annotate.openai_backend", "annotate.hf_backend", "annotate.vllm_backend"}),
-    ("stages", {"stages", *(m.removeprefix("sarlang_ray.") for m in GRAPH if m.startswith("sarlang_ray.stages."))}),
+    # what every stage shares: the Ray connection, how work runs, fingerprints and markers (never a stage module)
+    ("stage machinery", set(STAGE_MACHINERY)),
+    ("stages", {"stages", *(m.removeprefix("sarlang_ray.") for m in GRAPH if m.startswith("sarlang_ray.stages."))} - set(STAGE_MACHINERY)),
     ("orchestration", {"pipeline", "cli", "console", "__main__"}),
 ]
 LAYER = {("sarlang_ray." + m if m != "sarlang_ray" else m): rank for rank, (_, mods) in enumerate(LAYERS) for m in mods}

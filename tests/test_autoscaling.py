@@ -118,7 +118,7 @@ def test_fixed_pools_queue_a_second_item_only_when_items_are_many_per_actor():
     """A fixed pool keeps one item per actor while items are few (a queued item could wait behind a long one
     while another actor idles), two from four items per actor on (the next item waits on the actor, not in
     the driver); an autoscaling pool always two (its signal to grow)."""
-    from sarlang_ray.stages.runner import pool
+    from sarlang_ray.stages.execution import pool
 
     shapes = {(n, c): (p.min_size, p.max_size, p.max_tasks_in_flight_per_actor)
               for n, c in ((1, 2), (4, 2), (7, 2), (8, 2), (64, 16), (63, 16))

@@ -329,7 +329,7 @@ def test_an_interrupted_export_resumes_finished_shards(exported, tmp_path):
     from conftest import demo_config
 
     from sarlang_ray import export
-    from sarlang_ray.stages.runner import map_items
+    from sarlang_ray.stages.execution import map_items
 
     cfg, _, _ = exported
     run_dir = tmp_path / "run"

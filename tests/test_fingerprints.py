@@ -19,7 +19,7 @@ import yaml
 
 from sarlang_ray import config as config_module
 from sarlang_ray.config import ConfigError, WorkflowConfig, load_config
-from sarlang_ray.stages.runner import ORDER, RESOURCE_KEYS, registry
+from sarlang_ray.stages.stage import ORDER, RESOURCE_KEYS, registry
 
 from conftest import REPO
 

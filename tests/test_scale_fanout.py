@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from sarlang_ray.stages import runner
+from sarlang_ray.stages import execution as runner
 
 
 class Square:

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from sarlang_ray.stages.runner import map_tasks, task_name
+from sarlang_ray.stages.execution import map_tasks, task_name
 
 
 def test_results_come_back_in_item_order_with_one_instance_per_worker_process(ray_session, tmp_path):
@@ -129,7 +129,7 @@ def test_the_tile_stage_records_where_its_chunks_ran(demo_run):
     import ray
 
     from sarlang_ray import io
-    from sarlang_ray.stages.runner import counts_of
+    from sarlang_ray.stages.stage import counts_of
 
     cfg, summary = demo_run
     marker = io.read_json(io.join(cfg.run.run_dir, "tile", "_SUCCESS.json"))

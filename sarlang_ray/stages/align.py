@@ -9,7 +9,8 @@ from collections import Counter
 from sarlang_ray import align, catalog, companions, io, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import errors_table, judge_outcome, summed_reasons
-from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
+from sarlang_ray.stages.execution import map_items, shard_items, totals
+from sarlang_ray.stages.stage import Stage
 
 
 def _global_labels(cfg: WorkflowConfig, out: str) -> dict:

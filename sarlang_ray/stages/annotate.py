@@ -15,7 +15,8 @@ from sarlang_ray.annotate import stage as annotate_stage
 from sarlang_ray.annotate.visibility import VISIBILITY_KEYS
 from sarlang_ray.config import AnnotateSection, WorkflowConfig
 from sarlang_ray.errors import judge_outcome, summed_reasons
-from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
+from sarlang_ray.stages.execution import map_items, shard_items, totals
+from sarlang_ray.stages.stage import Stage
 
 log = logging.getLogger("sarlang")
 

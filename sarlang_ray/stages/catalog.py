@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 from sarlang_ray import catalog, io, search, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import errors_table
-from sarlang_ray.stages.runner import Stage, map_tasks, placement
+from sarlang_ray.stages.execution import map_tasks, placement
+from sarlang_ray.stages.stage import Stage
 
 
 def _body(cfg: WorkflowConfig) -> dict:

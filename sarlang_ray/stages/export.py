@@ -22,7 +22,8 @@ from sarlang_ray.annotate.visibility import VISIBILITY_KEYS, Visibility
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import judge_outcome
 from sarlang_ray.splits import SPLITS
-from sarlang_ray.stages.runner import Stage, map_items, map_tasks
+from sarlang_ray.stages.execution import map_items, map_tasks
+from sarlang_ray.stages.stage import Stage
 
 NUM_CPUS = 1.0  # per export actor: it reads a shard, writes PNGs and Parquet (I/O, zstd)
 

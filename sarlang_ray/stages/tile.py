@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sarlang_ray import io, tables, tiling
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.stages.runner import Stage, map_tasks, placement, totals
+from sarlang_ray.stages.execution import map_tasks, placement, totals
+from sarlang_ray.stages.stage import Stage
 
 
 def nothing_planned(scenes: list[dict], cfg: WorkflowConfig) -> str:
