@@ -170,8 +170,11 @@ def test_killing_a_tile_worker_mid_stage_loses_and_duplicates_no_tile(reference,
 def test_killing_an_annotate_worker_mid_stage_loses_and_duplicates_no_pair(reference, tmp_path):
     cfg = _config(tmp_path / "run", Path(reference.synth.out_dir))
     _copy_stages(reference.run.run_dir, tmp_path / "run", ["catalog", "tile", "align"])
-    # the title of a Ray Data actor while it runs a task
-    with KillBusyWorker("ray::MapWorker(Map(AnnotateShard)).submit", cfg.run.run_dir, "annotate") as killer:
+    from sarlang_ray.annotate.stage import AnnotateShard
+    from sarlang_ray.stages.execution import task_name
+
+    # the template backend holds no model: its shards are Ray tasks, the worker titled ray::sarlang.AnnotateShard
+    with KillBusyWorker(f"ray::{task_name(AnnotateShard)}", cfg.run.run_dir, "annotate") as killer:
         counts = annotate_stage.run(cfg)
     _assert_killed_mid_stage(killer, reference.run.run_dir)
     assert counts["planned"] == counts["written"] + counts["rejected"]

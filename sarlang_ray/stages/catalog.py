@@ -6,13 +6,15 @@ per-scene land-cover VRTs under ``catalog/landcover/``."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pyarrow.compute as pc
 
 from sarlang_ray import catalog, io, search, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import errors_table
-from sarlang_ray.stages.execution import map_tasks, placement
+from sarlang_ray.stages import execution
+from sarlang_ray.stages.execution import Resources, Work, placement
 from sarlang_ray.stages.stage import Stage
 
 
@@ -24,7 +26,8 @@ def _body(cfg: WorkflowConfig) -> dict:
     rows, errors = catalog.list_scenes(cfg.catalog)  # errors: STAC items without a usable SAR asset
     planned = len(rows) + len(errors)
     # one Ray task per scene, on the pooled workers the tile stage then finds warm (rasterio, numba imported)
-    results = map_tasks(rows, catalog.SceneInspector, (cfg.catalog,), progress=cfg.ray.progress)
+    results = execution.map(Work(rows, catalog.SceneInspector, (cfg.catalog,), Resources.of(cfg.catalog),
+                                 progress=cfg.ray.progress))
     scenes = sorted((r["scene"] for r in results if r["scene"] is not None), key=lambda s: s["scene_id"])
     errors += [r["error"] for r in results if r["error"] is not None]
     ids = collections.Counter(s["scene_id"] for s in scenes)
@@ -50,6 +53,16 @@ def _body(cfg: WorkflowConfig) -> dict:
 PAGE_ROWS = 64  # scenes per inspection task of the streaming catalog
 
 
+class CatalogPage:
+    """Row class of the streaming catalog: one page of the listing (:func:`sarlang_ray.catalog.inspect_page`)."""
+
+    def __init__(self, cfg, run_dir: str):
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def __call__(self, item: dict) -> dict:
+        return catalog.inspect_page(self.cfg, self.run_dir, item["page"], item["rows"], item["errors"])
+
+
 def _stream(cfg: WorkflowConfig, snapshot: str, searched: dict) -> dict:
     """The catalog of a search snapshot, streaming: pages of the listing become Ray tasks as they are read (at
     most two per CPU of the cluster in flight), each task writes its part of the scenes and errors tables, and the
@@ -57,25 +70,19 @@ def _stream(cfg: WorkflowConfig, snapshot: str, searched: dict) -> dict:
     into ``catalog/scenes.parquet`` one at a time."""
     import ray
 
-    remote = ray.remote(catalog.inspect_page).options(num_cpus=1, max_retries=3, name="sarlang.CatalogPage")
-    window = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
-    cat = ray.put(cfg.catalog)
-    pending: list = []
-    done: list[dict] = []
     pages = 0
 
-    def collect(block: bool) -> None:
-        nonlocal pending
-        ready, pending = ray.wait(pending, num_returns=1 if block else len(pending), timeout=None if block else 0)
-        done.extend(ray.get(ready))
+    def listing():
+        nonlocal pages
+        for rows, listing_errors in catalog.snapshot_pages(cfg.catalog, snapshot, PAGE_ROWS):
+            yield {"page": pages, "rows": rows, "errors": listing_errors}
+            pages += 1
 
-    for rows, listing_errors in catalog.snapshot_pages(cfg.catalog, snapshot, PAGE_ROWS):
-        pending.append(remote.remote(cat, cfg.run.run_dir, pages, rows, listing_errors))
-        pages += 1
-        while len(pending) >= window:
-            collect(True)
-    while pending:
-        collect(True)
+    resources = Resources.of(cfg.catalog)
+    window = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))  # pages in flight: the listing is read as they end
+    done = execution.map(Work(listing(), CatalogPage, (cfg.catalog, cfg.run.run_dir),
+                              dataclasses.replace(resources, concurrency=resources.concurrency or window),
+                              progress=cfg.ray.progress))
     catalog.merge_parts(cfg.run.run_dir, pages)
     ids = io.read_parquet(tables.scenes_uri(cfg.run.run_dir), columns=["scene_id"]).column("scene_id")
     assert len(pc.unique(ids)) == len(ids), "scene_id collision in the streaming catalog"
@@ -91,7 +98,7 @@ def _stream(cfg: WorkflowConfig, snapshot: str, searched: dict) -> dict:
     counts = {"planned": sum(d["planned"] for d in done), "written": sum(d["written"] for d in done),
               "rejected": sum(d["rejected"] for d in done), "companions": companions,
               "rejects_by_reason": dict(sorted(reasons.items())),
-              "placement": dict(sorted(collections.Counter(d["node"] for d in done).items())),
+              "placement": placement(done),
               "proj_mismatches": sum(d["proj_mismatches"] for d in done),
               "relief_flagged": sum(d["relief_flagged"] for d in done), "search": searched, "pages": pages}
     if not counts["written"]:
