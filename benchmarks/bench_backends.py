@@ -4,8 +4,8 @@
 
 The demo's data stages run once up to tile; its tile shards are then copied ``--factor`` times (``<scene>/<name>-cK``:
 the same pixels under new shard names), so align and annotate (template backend) get ``factor`` x the demo's items
-(hundreds of shards) of the demo's real work each. Then, alternating the order in each repetition (tasks first, then
-actors first), align and annotate are run on each back-end of ``execution.map`` (``SARLANG_MAP_BACKEND``, which
+(hundreds of shards) of the demo's real work each. Then, alternating the order (align: tasks then actors, annotate: actors
+then tasks; the next repetition the other way round), align and annotate are run on each back-end of ``execution.map`` (``SARLANG_MAP_BACKEND``, which
 overrides what a stage declares; benchmarks only) with ``run.force=true``: the stage time (its ``_SUCCESS.json``
 ``seconds``), and the driver's peak RSS while it ran (sampled every 0.1 s), on one local Ray of the machine's CPUs.
 
@@ -65,6 +65,22 @@ def measure(stage: str, cfg, backend: str) -> dict:
             "driver_peak_rss_mib": round(peak.peak_rss / 2**20, 1), "shards": counts["shards"], "written": counts["written"]}
 
 
+def write(meta: dict, runs: list[dict]) -> dict:
+    summary = {}
+    for stage in ("align", "annotate"):
+        per = {b: [r for r in runs if r["stage"] == stage and r["backend"] == b] for b in ("tasks", "actors")}
+        if not all(per.values()):
+            continue
+        summary[stage] = {b: {"stage_s_median": statistics.median(r["stage_s"] for r in rs),
+                              "driver_peak_rss_mib_max": max(r["driver_peak_rss_mib"] for r in rs)} for b, rs in per.items()}
+        summary[stage]["actors_over_tasks_time"] = round(summary[stage]["actors"]["stage_s_median"]
+                                                        / summary[stage]["tasks"]["stage_s_median"], 2)
+    result = {**meta, "runs": runs, "summary": summary}
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--factor", type=int, default=16)
@@ -86,29 +102,22 @@ def main() -> None:
         cfg = demo_config(work / "run", "run.force=true")
         ensure_ray(cfg)
         runs = []
-        for rep in range(args.reps):
-            order = ["tasks", "actors"] if rep % 2 == 0 else ["actors", "tasks"]
-            for backend in order:
-                for stage in ("align", "annotate"):  # annotate reads this back-end's align output
-                    row = {"rep": rep, **measure(stage, cfg, backend)}
-                    runs.append(row)
-                    print(json.dumps(row), flush=True)
-        summary = {}
-        for stage in ("align", "annotate"):
-            per = {b: [r for r in runs if r["stage"] == stage and r["backend"] == b] for b in ("tasks", "actors")}
-            summary[stage] = {b: {"stage_s_median": statistics.median(r["stage_s"] for r in rs),
-                                  "driver_peak_rss_mib_max": max(r["driver_peak_rss_mib"] for r in rs)} for b, rs in per.items()}
-            summary[stage]["actors_over_tasks_time"] = round(summary[stage]["actors"]["stage_s_median"]
-                                                            / summary[stage]["tasks"]["stage_s_median"], 2)
         import ray
 
-        result = {"benchmark": "execution.map back-ends: Ray tasks on pooled workers vs a Ray Data actor pool",
-                  "machine": f"{platform.node()} ({os.cpu_count()} CPUs), shared with other jobs while it ran",
-                  "ray_cpus": ray.cluster_resources().get("CPU"), "demo_shards": demo_shards, "factor": args.factor,
-                  "shards": shards, "reps": args.reps, "runs": runs, "summary": summary}
-        RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(summary, indent=1))
+        meta = {"benchmark": "execution.map back-ends: Ray tasks on pooled workers vs a Ray Data actor pool",
+                "machine": f"{platform.node()} ({os.cpu_count()} CPUs), shared with other jobs while it ran",
+                "ray_cpus": ray.cluster_resources().get("CPU"), "demo_shards": demo_shards, "factor": args.factor,
+                "shards": shards, "reps": args.reps}
+        for rep in range(args.reps):
+            # align's output is the same on either back-end (annotate reads whichever ran last); the order alternates
+            # within a repetition and between repetitions
+            first, second = ("tasks", "actors") if rep % 2 == 0 else ("actors", "tasks")
+            for stage, backend in (("align", first), ("align", second), ("annotate", second), ("annotate", first)):
+                row = {"rep": rep, **measure(stage, cfg, backend)}
+                runs.append(row)
+                print(json.dumps(row), flush=True)
+                write(meta, runs)  # what has run so far, should a later run not finish
+        print(json.dumps(write(meta, runs)["summary"], indent=1))
     finally:
         from sarlang_ray.stages.cluster import stop_local_ray
 

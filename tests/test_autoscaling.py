@@ -61,9 +61,8 @@ def _pairs(run_dir, tiles: set[str]) -> set[tuple]:
 
 def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_path):
     """On a cluster with no CPU for work, the first stages' pending tasks bring up worker nodes, and catalog
-    and tile run their tasks on worker nodes only; align's fixed pool of 2 actors (1 CPU each, on nodes of 1
-    CPU; the test has Ray Data wait for both) runs on two worker nodes; annotation with ``num_gpus=1`` runs
-    only on the GPU node type, brought up from zero (its fake GPU runs the CPU code path). Tiles and pairs
+    tile and align (rows that hold no model) run their tasks on worker nodes only, as their markers' placement
+    says; annotation with ``num_gpus=1`` (an actor pool: it asks for a GPU) runs only on the GPU node type, brought up from zero (its fake GPU runs the CPU code path). Tiles and pairs
     equal those of the one-node run at the same levels.
 
     Which type the CPU demand brings up is the autoscaler's choice: it launches GPU nodes last for CPU-only
@@ -74,8 +73,8 @@ def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_pat
     run_dir = tmp_path / "run"
     cfg = demo_config(run_dir, f"catalog.archive={demo_cfg.synth.out_dir}", "run.shared_fs=true",
                       "run.stages=[catalog,tile,align,annotate]", f"tile.gsds_m={list(GSDS)}",
-                      # a pool of 2 align actors for a cluster with 1 CPU node when align starts; annotate keeps
-                      # the default pool (it grows from the actors that fit now)
+                      # at most 2 align tasks at once; annotate keeps the default pool (it grows from the actors
+                      # that fit now)
                       "align.concurrency=2", "annotate.num_gpus=1")
     workflow = tmp_path / "workflow.yaml"
     workflow.write_text(to_yaml(cfg))

@@ -379,6 +379,7 @@ PLACEMENT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # 4 min on a loaded 2-core machine (the demo's data stages at two GSDs on 3 raylets)
 def test_every_data_stage_records_where_its_items_ran_on_a_3_node_cluster(tmp_path):
     """Each data stage's ``_SUCCESS.json`` has a ``placement``: per node id its address and items, the items adding
     up to the stage's own count of them (scenes, chunks / shards, export shards), on the cluster's nodes."""
