@@ -264,7 +264,7 @@ class _ActorRow:
 def _actors(work: Work) -> Manifest:
     """The items in blocks (:func:`item_blocks`: one per item up to ``MAX_BLOCKS``, then consecutive items per
     block, so the driver's cost per item stops growing) on an actor pool (:func:`pool`); rows stream into the
-    manifest in item order (the stages' DataContext preserves order)."""
+    manifest in item order (Ray Data's ``preserve_order``, set here as the stages' Ray connection sets it)."""
     import ray
 
     manifest = Manifest()
@@ -276,6 +276,7 @@ def _actors(work: Work) -> Manifest:
     c = r.concurrency
     fixed, top = (c, None) if isinstance(c, int) else (None, c[1] if c else None)
     low = c[0] if isinstance(c, tuple) else 1
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the manifest is in item order
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     # named as the row class: Ray Data's operator and actors read Map(<row class>) in the dashboard and process titles
     actor = type(work.row.__name__, (_ActorRow,), {"__qualname__": work.row.__name__})
