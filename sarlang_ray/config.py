@@ -189,7 +189,7 @@ class TileSection:
     bands: str = "auto"
     # tile only the windows that intersect this lon/lat box [west, south, east, north] (null: whole scenes)
     aoi: list[float] | None = None
-    # chunks run as Ray tasks on the cluster's pooled worker processes (stages.execution.map)
+    # chunks run as Ray tasks on the cluster's pooled worker processes (stages.runner.map_tasks)
     concurrency: int | None = None  # chunks at once (None: as many as the cluster's CPUs hold, see max_tasks)
     num_cpus: float = 1.0  # CPUs per task
     max_tasks: int | None = None  # with concurrency unset, chunks submitted at once (None: every chunk, at most 4096);
