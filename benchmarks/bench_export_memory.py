@@ -57,7 +57,7 @@ if exporter == "old":
     body = old.run_export
 else:
     from sarlang_ray.stages import export as stage
-    from sarlang_ray.stages.runner import ensure_ray
+    from sarlang_ray.stages.cluster import ensure_ray
     ensure_ray(cfg)  # Ray's own driver state is counted in the RSS before the body
     body = stage.STAGE.run  # run.force=true: clears export/ first, like the old one's rmtree
 from sarlang_ray import plots

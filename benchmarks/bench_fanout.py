@@ -40,7 +40,7 @@ class Echo:
 def measure(way: str, n: int) -> dict:
     import ray
 
-    from sarlang_ray.stages import runner
+    from sarlang_ray.stages import execution as runner
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     ctx = ray.data.DataContext.get_current()

@@ -36,7 +36,7 @@ from peak_memory import PeakMemory, ray_processes
 
 from sarlang_ray import pipeline, tiling
 from sarlang_ray.config import load_config
-from sarlang_ray.stages.runner import map_items, map_tasks
+from sarlang_ray.stages.execution import map_items, map_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 

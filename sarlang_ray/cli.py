@@ -89,7 +89,7 @@ def _run_quietly(cfg, command: str, stages: list[str] | None) -> dict:
             failure: Exception | None = None
             try:
                 summary = pipeline.run(cfg, stages, console=console.Console(cfg, cap.terminal))
-            except Exception as exc:  # noqa: BLE001 - not on an interrupt: its own path ends that Ray (stages.runner, reaper)
+            except Exception as exc:  # noqa: BLE001 - not on an interrupt: its own path ends that Ray (stages.cluster, reaper)
                 failure = exc
             if ours and ray.is_initialized():
                 ray.shutdown()

@@ -446,11 +446,6 @@ class TileSection(StageResources):
             problems.append(f"{name}.tiles_per_shard must be >= 1")
         return problems
 
-    @property
-    def max_tasks(self) -> int | None:
-        """Transitional, for the stage code until it reads :func:`resource_keys`: the old key's value."""
-        return _upper_bound(self.concurrency)
-
 
 @dataclass
 class AlignSection(StageResources):
@@ -472,11 +467,6 @@ class AlignSection(StageResources):
         if not 0 <= self.min_visible_fraction <= 1:
             problems.append(f"{name}.min_visible_fraction must be within [0, 1]")
         return problems
-
-    @property
-    def max_actors(self) -> int | None:
-        """Transitional, for the stage code until it reads :func:`resource_keys`: the old key's value."""
-        return _upper_bound(self.concurrency)
 
 
 @dataclass
@@ -610,11 +600,6 @@ class AnnotateSection(StageResources):
         if not 0 < a.implied_min_fraction <= 1:
             problems.append(f"{name}.implied_min_fraction must be within (0, 1]")
         return problems
-
-    @property
-    def max_actors(self) -> int | None:
-        """Transitional, for the stage code until it reads :func:`resource_keys`: the old key's value."""
-        return _upper_bound(self.concurrency)
 
 
 @dataclass
@@ -849,9 +834,6 @@ def resource_keys(section: StageResources | TrainSection) -> ResourceKeys:
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _upper_bound(concurrency: int | list[int] | None) -> int | None:
-    return concurrency[1] if isinstance(concurrency, list) else None
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WorkflowConfig:

@@ -129,7 +129,7 @@ def dominant_reasons(stage: str, planned: int, reasons: Counter, share: float) -
 
 def judge_outcome(stage: str, counts: dict, reasons: Counter, share: float, hint: str = "") -> dict:
     """A data stage's counts with its verdict added: ``failure`` when it planned items and wrote none (the
-    stage raises :class:`~sarlang_ray.stages.runner.StageFailed` and the command exits non-zero), and
+    stage raises :class:`~sarlang_ray.stages.stage.StageFailed` and the command exits non-zero), and
     ``warnings`` (logged now, printed in the summary) for every reason that rejected more than ``share`` of
     its planned items; ``rejects_by_reason`` is kept in the stage's marker."""
     counts["rejects_by_reason"] = dict(sorted(reasons.items()))

@@ -45,7 +45,7 @@ import pyarrow as pa
 
 from sarlang_ray import io, metrics, plots, reaper
 from sarlang_ray.annotate.vocab import APPLICATIONS
-from sarlang_ray.config import WorkflowConfig
+from sarlang_ray.config import WorkflowConfig, resource_keys
 from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS, tiles_table_shards
 
 log = logging.getLogger("sarlang")
@@ -387,13 +387,18 @@ def predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, pairs: li
                 "max_new_tokens_caption": ev.max_new_tokens_caption, "max_new_tokens_answer": ev.max_new_tokens_answer}
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
     ds = pairs_dataset(cfg, image, wanted)
-    num_cpus = io.pool_cpus(ev.concurrency, ev.num_cpus, ray.cluster_resources().get("CPU", 1.0))
+    # the one resource vocabulary: concurrency N (a pool of N actors) or [min, max] (autoscaling between them)
+    c = resource_keys(ev)["concurrency"] or 1
+    low, high = c if isinstance(c, tuple) else (c, c)
+    num_cpus = io.pool_cpus(high, ev.num_cpus, ray.cluster_resources().get("CPU", 1.0))
     if num_cpus != ev.num_cpus:
         log.warning("evaluate: %d actors x %.2g CPUs would leave no CPU for the reads feeding them; each actor asks "
                     "for %.3g CPUs instead (lower evaluate.num_cpus or evaluate.concurrency, or add nodes, to "
-                    "silence this)", ev.concurrency, ev.num_cpus, num_cpus)
+                    "silence this)", high, ev.num_cpus, num_cpus)
+    pool = (ray.data.ActorPoolStrategy(size=low) if low == high
+            else ray.data.ActorPoolStrategy(min_size=low, max_size=high))
     out = ds.map_batches(Predictor, fn_constructor_args=(model, image, prompt, settings), batch_size=ev.batch_size * 4,
-                         compute=ray.data.ActorPoolStrategy(size=ev.concurrency), num_cpus=num_cpus, num_gpus=ev.num_gpus)
+                         compute=pool, num_cpus=num_cpus, num_gpus=ev.num_gpus)
     return {r["pair_id"]: r["prediction"] for r in out.take_all()}
 
 

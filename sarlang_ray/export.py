@@ -887,7 +887,7 @@ def assemble(job: dict) -> dict:
 
 
 class AssembleFile:
-    """Ray task row class (:func:`sarlang_ray.stages.runner.map_tasks`): one numbered shard of a big file, written
+    """Ray task row class (:func:`sarlang_ray.stages.execution.map`): one numbered shard of a big file, written
     on a worker from its parts (the driver only lists them)."""
 
     def __call__(self, job: dict) -> dict:

@@ -1,7 +1,7 @@
 """The orchestrator: which stages a command runs, in what order, and the run summary.
 
 Each stage (:mod:`sarlang_ray.stages`) reads the tables of the stages before it under the run folder and
-writes its own; :mod:`sarlang_ray.stages.runner` decides whether a stage is up to date, resumes or is
+writes its own; :mod:`sarlang_ray.stages.stage` decides whether a stage is up to date, resumes or is
 recomputed (fingerprints of the config keys and inputs it is made from). This module plans a command:
 
 * ``sarlang run``: every stage of ``run.stages``;
@@ -24,7 +24,8 @@ import time
 from sarlang_ray import io
 from sarlang_ray.config import WorkflowConfig, to_yaml
 from sarlang_ray.errors import redact_text
-from sarlang_ray.stages.runner import ORDER, StageFailed, counts_of, downstream, ensure_ray, registry  # noqa: F401  (re-exported)
+from sarlang_ray.stages.cluster import ensure_ray  # noqa: F401  (re-exported)
+from sarlang_ray.stages.stage import ORDER, StageFailed, counts_of, downstream, registry  # noqa: F401  (re-exported)
 from sarlang_ray.tables import (  # noqa: F401
     annotation_shards,
     read_annotations,

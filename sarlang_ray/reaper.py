@@ -8,7 +8,7 @@ stdout and stderr at first, its own logs later): :func:`end_session` finds them 
 
 Two callers:
 
-* the driver's exit hook (``runner.stop_local_ray``), after ``ray.shutdown``: on Ray 2.60 a dashboard or
+* the driver's exit hook (``cluster.stop_local_ray``), after ``ray.shutdown``: on Ray 2.60 a dashboard or
   runtime-env agent that has not yet registered misses its raylet's death (Ctrl-C in a run's first seconds
   kills the whole process group) and stays behind, an orphan of init; ``ray.shutdown`` ends only the
   processes it started itself;

@@ -39,6 +39,7 @@ def _imports(path: Path) -> set[str]:
 GRAPH = {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
 
 
+STAGE_MACHINERY = ("stages.cluster", "stages.execution", "stages.stage")
 # bottom first; a module imports only modules of its own layer or of a lower one
 LAYERS = [
     ("base", {"sarlang_ray", "errors", "io", "config", "prompts", "reaper", "tables", "plots", "viz", "rows"}),
@@ -48,7 +49,9 @@ LAYERS = [
     ("domain", {"catalog", "tiling", "align", "synth", "release", "export", "train", "evaluate", "harness",
                 "tiny_models", "hf_export", "view", "annotate.template", "annotate.consistency", "annotate.qc", "annotate.stage",
                 "annotate.openai_backend", "annotate.hf_backend", "annotate.vllm_backend"}),
-    ("stages", {"stages", *(m.removeprefix("sarlang_ray.") for m in GRAPH if m.startswith("sarlang_ray.stages."))}),
+    # what every stage shares: the Ray connection, how work runs, fingerprints and markers (never a stage module)
+    ("stage machinery", set(STAGE_MACHINERY)),
+    ("stages", {"stages", *(m.removeprefix("sarlang_ray.") for m in GRAPH if m.startswith("sarlang_ray.stages."))} - set(STAGE_MACHINERY)),
     ("orchestration", {"pipeline", "cli", "console", "__main__"}),
 ]
 LAYER = {("sarlang_ray." + m if m != "sarlang_ray" else m): rank for rank, (_, mods) in enumerate(LAYERS) for m in mods}
@@ -109,3 +112,46 @@ def test_each_stage_module_imports_without_the_orchestrator(module):
            "print(bad); sys.exit(1 if bad else 0)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- one execution model
+# the stage modules that run work other than through execution.map: the Ray Train and Ray Tune entry points
+# (train, evaluate), the stage machinery itself (execution runs the work, cluster connects, stage decides)
+NOT_MAPPED = {"sarlang_ray.stages.train", "sarlang_ray.stages.evaluate",
+              *(f"sarlang_ray.{m}" for m in STAGE_MACHINERY)}
+RAY_WORK = {"remote", "get", "wait", "put", "data", "train", "tune", "cancel"}  # ray.<these>: running work by hand
+
+
+def work_outside_map(source: str) -> list[str]:
+    """Where a module runs Ray work by hand: ``ray.remote/get/wait/put/cancel``, ``ray.data``, ``ray.train``,
+    ``ray.tune``, any ``.remote(`` call, ``map_batches``, or a private back-end of execution imported."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            if isinstance(node.value, ast.Name) and node.value.id == "ray" and node.attr in RAY_WORK:
+                found.append(f"line {node.lineno}: ray.{node.attr}")
+            elif node.attr in ("remote", "map_batches", "iter_rows", "from_items"):
+                found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ray"):
+            found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.ImportFrom) and node.module == "sarlang_ray.stages.execution":
+            found += [f"line {node.lineno}: execution.{a.name}" for a in node.names
+                      if a.name.startswith("_") or a.name in ("pool", "item_blocks")]
+    return found
+
+
+def test_the_scan_finds_work_run_by_hand():
+    assert work_outside_map("import ray\nray.get(ray.remote(f).remote(1))\n")
+    assert work_outside_map("def f(ds):\n    return ds.map_batches(g)\n")
+    assert work_outside_map("import ray\nds = ray.data.from_items([])\n")
+    assert work_outside_map("from sarlang_ray.stages.execution import _tasks\n")
+    assert not work_outside_map("from sarlang_ray.stages import execution\nexecution.map(work)\nray.cluster_resources()\n")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m.startswith("sarlang_ray.stages.") and m not in NOT_MAPPED))
+def test_data_stages_run_work_only_through_map(module):
+    path = PKG.parent / (module.replace(".", "/") + ".py")
+    found = work_outside_map(path.read_text())
+    assert not found, f"{module} runs work by hand ({found}): declare a Work and call execution.map"
+    if module != "sarlang_ray.stages.synth":  # synth writes the sample archive in the driver: no items
+        assert "execution.map(" in path.read_text() or "annotate_shards(" in path.read_text()

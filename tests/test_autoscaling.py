@@ -61,9 +61,8 @@ def _pairs(run_dir, tiles: set[str]) -> set[tuple]:
 
 def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_path):
     """On a cluster with no CPU for work, the first stages' pending tasks bring up worker nodes, and catalog
-    and tile run their tasks on worker nodes only; align's fixed pool of 2 actors (1 CPU each, on nodes of 1
-    CPU; the test has Ray Data wait for both) runs on two worker nodes; annotation with ``num_gpus=1`` runs
-    only on the GPU node type, brought up from zero (its fake GPU runs the CPU code path). Tiles and pairs
+    tile and align (rows that hold no model) run their tasks on worker nodes only, as their markers' placement
+    says; annotation with ``num_gpus=1`` (an actor pool: it asks for a GPU) runs only on the GPU node type, brought up from zero (its fake GPU runs the CPU code path). Tiles and pairs
     equal those of the one-node run at the same levels.
 
     Which type the CPU demand brings up is the autoscaler's choice: it launches GPU nodes last for CPU-only
@@ -74,8 +73,8 @@ def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_pat
     run_dir = tmp_path / "run"
     cfg = demo_config(run_dir, f"catalog.archive={demo_cfg.synth.out_dir}", "run.shared_fs=true",
                       "run.stages=[catalog,tile,align,annotate]", f"tile.gsds_m={list(GSDS)}",
-                      # a pool of 2 align actors for a cluster with 1 CPU node when align starts; annotate keeps
-                      # the default pool (it grows from the actors that fit now)
+                      # at most 2 align tasks at once; annotate keeps the default pool (it grows from the actors
+                      # that fit now)
                       "align.concurrency=2", "annotate.num_gpus=1")
     workflow = tmp_path / "workflow.yaml"
     workflow.write_text(to_yaml(cfg))
@@ -101,14 +100,13 @@ def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_pat
     assert len(gpu_nodes) == 1, "annotation with num_gpus=1 did not bring up the GPU node type"
     assert cpu_nodes, "the CPU demand of catalog and tile did not bring up the CPU node type"
     actors = [a for a in state["actors"] if "MapWorker" in a["class"]]
-    # catalog and tile run as Ray tasks: their markers record the node of every item
-    for stage in ("catalog", "tile"):
+    # catalog, tile and align run as Ray tasks (rows that hold no model): their markers record the node of every item
+    for stage in ("catalog", "tile", "align"):
         where = set(json.loads((run_dir / stage / "_SUCCESS.json").read_text())["placement"])
         assert where and head["id"] not in where and where <= cpu_nodes | gpu_nodes, (stage, where)
-    align_nodes = {a["node"] for a in actors if "AlignShard" in a["class"] + a["name"]}
-    annotate_nodes = {a["node"] for a in actors if "AnnotateShard" in a["class"] + a["name"]}
-    assert len(align_nodes) == 2 and head["id"] not in align_nodes, state["actors"]
+    annotate_nodes = {a["node"] for a in actors if "AnnotateShard" in a["class"] + a["name"]}  # num_gpus=1: actors
     assert annotate_nodes == gpu_nodes, state["actors"]
+    assert set(json.loads((run_dir / "annotate" / "_SUCCESS.json").read_text())["placement"]) == gpu_nodes
     tiles = _tiles(run_dir)
     assert tiles and tiles == _tiles(demo_cfg.run.run_dir)  # the one-node run's tiles at these levels
     assert _pairs(run_dir, tiles) == _pairs(demo_cfg.run.run_dir, tiles)
@@ -118,7 +116,7 @@ def test_fixed_pools_queue_a_second_item_only_when_items_are_many_per_actor():
     """A fixed pool keeps one item per actor while items are few (a queued item could wait behind a long one
     while another actor idles), two from four items per actor on (the next item waits on the actor, not in
     the driver); an autoscaling pool always two (its signal to grow)."""
-    from sarlang_ray.stages.runner import pool
+    from sarlang_ray.stages.execution import pool
 
     shapes = {(n, c): (p.min_size, p.max_size, p.max_tasks_in_flight_per_actor)
               for n, c in ((1, 2), (4, 2), (7, 2), (8, 2), (64, 16), (63, 16))

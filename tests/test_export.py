@@ -329,17 +329,18 @@ def test_an_interrupted_export_resumes_finished_shards(exported, tmp_path):
     from conftest import demo_config
 
     from sarlang_ray import export
-    from sarlang_ray.stages.runner import map_items
+    from sarlang_ray.stages import execution
+    from sarlang_ray.stages.execution import Work
 
     cfg, _, _ = exported
     run_dir = tmp_path / "run"
     for stage in ("align", "annotate"):
         shutil.copytree(Path(cfg.run.run_dir) / stage, run_dir / stage)
     items, _ = export.plan(demo_config(run_dir))
-    first = list(map_items(items[:1], export.ExportShard, (str(run_dir),), None, 1.0))
-    again = sorted(map_items(items[:2], export.ExportShard, (str(run_dir),), None, 1.0), key=lambda m: m["index"])
+    first = list(execution.map(Work(items[:1], export.ExportShard, (str(run_dir),))))
+    again = sorted(execution.map(Work(items[:2], export.ExportShard, (str(run_dir),))), key=lambda m: m["index"])
     assert [m["skipped"] for m in again] == [True, False] and again[0]["stats"] == first[0]["stats"]
-    assert str(os.getpid()) not in {m["worker"].rsplit(":", 1)[1] for m in first + again}, "shards are exported by actors"
+    assert str(os.getpid()) not in {m["worker"].rsplit(":", 1)[1] for m in first + again}, "shards are exported by Ray workers"
 
 
 def test_a_stream_write_is_all_or_nothing(tmp_path):

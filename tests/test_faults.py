@@ -157,7 +157,7 @@ def _copy_stages(src: str, dst: Path, stages: list[str]) -> None:
 def test_killing_a_tile_worker_mid_stage_loses_and_duplicates_no_tile(reference, tmp_path):
     cfg = _config(tmp_path / "run", Path(reference.synth.out_dir))
     _copy_stages(reference.run.run_dir, tmp_path / "run", ["catalog"])
-    from sarlang_ray.stages.runner import task_name
+    from sarlang_ray.stages.execution import task_name
     from sarlang_ray.tiling import TileChunk
 
     with KillBusyWorker(f"ray::{task_name(TileChunk)}", cfg.run.run_dir, "tile") as killer:  # a task's process title
@@ -174,8 +174,11 @@ def test_killing_a_tile_worker_mid_stage_loses_and_duplicates_no_tile(reference,
 def test_killing_an_annotate_worker_mid_stage_loses_and_duplicates_no_pair(reference, tmp_path):
     cfg = _config(tmp_path / "run", Path(reference.synth.out_dir))
     _copy_stages(reference.run.run_dir, tmp_path / "run", ["catalog", "tile", "align"])
-    # the title of a Ray Data actor while it runs a task
-    with KillBusyWorker("ray::MapWorker(Map(AnnotateShard)).submit", cfg.run.run_dir, "annotate") as killer:
+    from sarlang_ray.annotate.stage import AnnotateShard
+    from sarlang_ray.stages.execution import task_name
+
+    # the template backend holds no model: its shards are Ray tasks, the worker titled ray::sarlang.AnnotateShard
+    with KillBusyWorker(f"ray::{task_name(AnnotateShard)}", cfg.run.run_dir, "annotate") as killer:
         counts = annotate_stage.run(cfg)
     _assert_killed_mid_stage(killer, reference.run.run_dir)
     assert counts["planned"] == counts["written"] + counts["rejected"]
@@ -270,7 +273,7 @@ def test_an_interrupted_run_resumes_where_it_stopped_with_identical_tables(refer
 _BUSY_DRIVER = """
 import time, ray
 from sarlang_ray.config import load_config
-from sarlang_ray.stages.runner import ensure_ray
+from sarlang_ray.stages.cluster import ensure_ray
 ensure_ray(load_config(None, ["ray.num_cpus=1", "ray.progress=false"]))
 @ray.remote
 def nap():
@@ -287,7 +290,7 @@ def test_a_driver_ended_while_its_local_rays_agents_start_leaves_no_process_behi
     """The driver ends in the first seconds of a run, while the raylet's dashboard and runtime-env agents are
     still starting: the raylet dies with it, and on Ray 2.60 an agent that has not yet registered never
     notices (it stayed behind as an orphan of init in CI). Ctrl-C (SIGINT to the process group): the
-    driver's exit hook (``runner.stop_local_ray``) ends them. ``kill -9`` of the driver alone (as an
+    driver's exit hook (``cluster.stop_local_ray``) ends them. ``kill -9`` of the driver alone (as an
     out-of-memory kill, or Ray aborting the driver, which runs no exit hook): its watcher
     (``reaper.start_watcher``) does. The driver ends the moment the agents exist, each time."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -20,7 +20,7 @@ from conftest import REPO
 
 from sarlang_ray import config as config_module
 from sarlang_ray.config import ConfigError, WorkflowConfig, load_config
-from sarlang_ray.stages.runner import ORDER, RESOURCE_KEYS, registry
+from sarlang_ray.stages.stage import ORDER, RESOURCE_KEYS, registry
 
 DOC = REPO / "docs" / "architecture.md"
 TABLE = "### What a changed key redoes"

@@ -28,7 +28,7 @@ def _snapshot(root: str) -> dict[str, tuple[int, str]]:
 
 
 def _toy_stage(calls: list, name: str = "demo_stage", fail: str | None = None):
-    from sarlang_ray.stages.runner import Stage
+    from sarlang_ray.stages.stage import Stage
 
     def body(cfg):
         calls.append(cfg.tile.tile_size)
@@ -42,7 +42,7 @@ def test_a_resumed_stage_sweeps_partial_files_of_killed_writers_only(tmp_path):
     fingerprint, no _SUCCESS.json), such files go once they are old, and young ones (a writer may still be
     at work) and every other file stay."""
     from sarlang_ray.config import load_config
-    from sarlang_ray.stages.runner import STARTED, Stage
+    from sarlang_ray.stages.stage import STARTED, Stage
 
     cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}"])
     seen: list = []
@@ -83,7 +83,7 @@ def test_a_stage_reruns_only_when_what_it_is_made_from_changes(tmp_path):
 def test_an_interrupted_stage_with_another_config_is_not_resumed(tmp_path):
     """Shards written under other settings must not be skipped as if they were this run's."""
     from sarlang_ray.config import load_config
-    from sarlang_ray.stages.runner import STARTED
+    from sarlang_ray.stages.stage import STARTED
 
     run_dir = tmp_path / "run"
     old = load_config(None, [f"run.run_dir={run_dir}"])
@@ -96,7 +96,7 @@ def test_an_interrupted_stage_with_another_config_is_not_resumed(tmp_path):
 
 def test_a_stage_whose_work_failed_raises_and_is_not_marked_done(tmp_path):
     from sarlang_ray.config import load_config
-    from sarlang_ray.stages.runner import StageFailed
+    from sarlang_ray.stages.stage import StageFailed
 
     cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}"])
     with pytest.raises(StageFailed, match="nothing to do here"):

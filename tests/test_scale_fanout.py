@@ -1,11 +1,11 @@
-"""Fan-out of actor-pool stages (issue 31): runner.map_items puts many items in few blocks and streams the
+"""Fan-out of actor-pool stages (issue 31): the actor pool of execution.map puts many items in few blocks and streams the
 manifest rows to a file of the driver, in item order. Driver CPU per item: benchmarks/bench_fanout.py."""
 
 from __future__ import annotations
 
 import os
 
-from sarlang_ray.stages import runner
+from sarlang_ray.stages import execution as runner
 
 
 class Square:
@@ -19,7 +19,7 @@ def test_many_items_go_in_few_blocks_and_the_manifest_streams_to_a_file(ray_sess
     n = 200
     assert runner.item_blocks(n) == max(8, 16 * int(ray_session.cluster_resources()["CPU"])) < n
     items = [{"shard": f"s/{i:05d}.parquet", "n": i} for i in range(n)]
-    manifest = runner.map_items(items, Square, (), None, 1.0)
+    manifest = runner.map(runner.Work(items, Square, (), holds_model=True))
     assert isinstance(manifest, runner.Manifest) and os.path.getsize(manifest.path) > 0 and len(manifest) == n
     rows = list(manifest)
     assert [r["shard"] for r in rows] == [i["shard"] for i in items]  # item order

@@ -23,7 +23,7 @@ from sarlang_ray.catalog import scene_id_for
 from sarlang_ray.config import load_config, to_yaml
 from sarlang_ray.errors import ItemError, redact_text
 from sarlang_ray.export import import_sarlang1m
-from sarlang_ray.stages.runner import StageFailed
+from sarlang_ray.stages.stage import StageFailed
 from sarlang_ray.tiling import shard_name, tile_id_for
 
 PACKAGE = REPO / "sarlang_ray"

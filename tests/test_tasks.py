@@ -1,4 +1,5 @@
-"""stages.runner.map_tasks: work items as Ray tasks on pooled worker processes (the tile stage's executor)."""
+"""stages.execution.map: work items as Ray tasks on pooled worker processes (rows that need CPUs only), or on an
+actor pool (rows that pin a model); both with the same manifest contract."""
 
 from __future__ import annotations
 
@@ -8,7 +9,50 @@ import signal
 
 import pytest
 
-from sarlang_ray.stages.runner import map_tasks, task_name
+from sarlang_ray.stages import execution
+from sarlang_ray.stages.execution import ACTORS, TASKS, Resources, Work, task_name
+
+
+def map_tasks(items, cls, args, concurrency=None):
+    return execution.map(Work(items, cls, args, Resources(concurrency=concurrency)))
+
+
+def test_the_back_end_follows_the_declared_need_not_the_stage():
+    assert Work([], dict).backend == TASKS
+    assert Work([], dict, holds_model=True).backend == ACTORS
+    assert Work([], dict, resources=Resources(num_gpus=1)).backend == ACTORS
+
+
+def test_resources_from_a_sections_keys():
+    from sarlang_ray.config import load_config
+
+    cfg = load_config(None, ["tile.concurrency=3", "align.max_actors=5", "annotate.num_gpus=1", "annotate.memory_gb=2"])
+    assert Resources.of(cfg.tile) == Resources(num_cpus=1.0, concurrency=3)
+    assert Resources.of(cfg.align).concurrency == (1, 5)
+    assert Resources.of(cfg.annotate) == Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=2.0)
+    assert Resources.of(cfg.export) == Resources()  # the defaults: one CPU, no GPU, none reserved, the cluster decides
+    cfg = load_config(None, ["catalog.concurrency=[2, 6]", "export.num_cpus=0.5", "export.memory_gb=1.5"])
+    assert Resources.of(cfg.catalog).concurrency == (2, 6)
+    assert Resources.of(cfg.export) == Resources(num_cpus=0.5, memory_gb=1.5)
+    assert Resources(concurrency=(1, 5)).width(100) == 5 and Resources().width(7) == 7 and Resources(concurrency=2).width(None) == 2
+
+
+@pytest.mark.parametrize("holds_model", [False, True], ids=["tasks", "actors"])
+def test_both_back_ends_keep_item_order_record_the_node_and_name_a_failed_item(ray_session, tmp_path, holds_model):
+    import ray
+    from task_rows import Recorder
+
+    node = ray.get_runtime_context().get_node_id()
+    out = execution.map(Work(({"i": i} for i in range(12)) if not holds_model else [{"i": i} for i in range(12)],
+                             Recorder, (str(tmp_path), 0.0), holds_model=holds_model))
+    assert [r["i"] for r in out] == list(range(12)) and {r["node"] for r in out} == {node}
+    assert os.getpid() not in {r["pid"] for r in out}
+    assert execution.placement(out) == {node: {"ip": ray.util.get_node_ip_address(), "items": 12}}  # this one node
+    items = [{"i": i, "fail": i == 3} for i in range(6)]
+    with pytest.raises(RuntimeError) as info:
+        execution.map(Work(items, Recorder, (str(tmp_path), 0.0), holds_model=holds_model))
+    message = str(info.value)
+    assert task_name(Recorder) in message and '"i": 3' in message and "item 3 is bad on purpose" in message
 
 
 def test_results_come_back_in_item_order_with_one_instance_per_worker_process(ray_session, tmp_path):
@@ -129,11 +173,11 @@ def test_the_tile_stage_records_where_its_chunks_ran(demo_run):
     import ray
 
     from sarlang_ray import io
-    from sarlang_ray.stages.runner import counts_of
+    from sarlang_ray.stages.stage import counts_of
 
     cfg, summary = demo_run
     marker = io.read_json(io.join(cfg.run.run_dir, "tile", "_SUCCESS.json"))
     shards = io.glob(io.join(cfg.run.run_dir, "tile", "shards"), "*/*.parquet")
-    assert marker["placement"] == {ray.get_runtime_context().get_node_id(): len(shards)}
+    assert marker["placement"] == {ray.get_runtime_context().get_node_id(): {"ip": ray.util.get_node_ip_address(), "items": len(shards)}}
     assert marker["shards"] == len(shards)
     assert "placement" not in counts_of(marker) and "placement" not in summary["stages"]["tile"]

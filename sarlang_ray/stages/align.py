@@ -9,19 +9,20 @@ from collections import Counter
 from sarlang_ray import align, catalog, companions, io, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import errors_table, judge_outcome, summed_reasons
-from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
+from sarlang_ray.stages import execution
+from sarlang_ray.stages.execution import Manifest, Resources, Work, placement, shard_items, totals
+from sarlang_ray.stages.stage import Stage
 
 
-def _global_labels(cfg: WorkflowConfig, out: str) -> dict:
+def _global_labels(cfg: WorkflowConfig, out: str) -> tuple[dict, Manifest]:
     """Slice the global layer per scene on workers; merge the per-scene error rows (a feature met by two
     scenes is one error) into ``align/label_errors.parquet``. Counts are per (scene, feature)."""
     layer = companions.LabelLayer.open(catalog.resolve_path(cfg.catalog, cfg.catalog.labels))
     layer.check(cfg.catalog.labels_class_map, cfg.align.class_column, cfg.catalog.labels_id_column)
     scenes = [{"scene_id": s["scene_id"], "footprint": s["footprint"]}
               for s in io.read_parquet(tables.scenes_uri(cfg.run.run_dir), columns=["scene_id", "footprint"]).to_pylist()]
-    manifest = map_items(scenes, align.LabelSlicer, (layer, cfg.catalog.labels_class_map, cfg.catalog.labels_id_column,
-                                                     cfg.align, out), cfg.align.concurrency, cfg.align.num_cpus,
-                         max_actors=cfg.align.max_actors, memory_gb=cfg.align.memory_gb)
+    manifest = execution.map(Work(scenes, align.LabelSlicer, (layer, cfg.catalog.labels_class_map, cfg.catalog.labels_id_column,
+                                                              cfg.align, out), Resources.of(cfg.align), progress=cfg.ray.progress))
     error_files = [io.join(out, "label_errors", f"{s['scene_id']}.parquet") for s in scenes]
     rows, seen = [], set()
     for uri in error_files:
@@ -34,7 +35,7 @@ def _global_labels(cfg: WorkflowConfig, out: str) -> dict:
     return {"layer": layer.root, "layer_files": len(layer.files), "files_read": len(files),
             "features_read": sum(m["read"] for m in manifest), "unmapped": sum(m["unmapped"] for m in manifest),
             "planned": sum(m["planned"] for m in manifest), "written": sum(m["written"] for m in manifest),
-            "rejected": sum(m["rejected"] for m in manifest), "distinct_errors": len(rows), "rejects_by_reason": _reasons(rows)}
+            "rejected": sum(m["rejected"] for m in manifest), "distinct_errors": len(rows), "rejects_by_reason": _reasons(rows)}, manifest
 
 
 def _reasons(rows: list[dict]) -> dict[str, int]:
@@ -45,9 +46,9 @@ def _reasons(rows: list[dict]) -> dict[str, int]:
 def _body(cfg: WorkflowConfig) -> dict:
     out = io.join(cfg.run.run_dir, "align")
     companions.landcover_classes(cfg.align.landcover_classes, cfg.align.landcover_preset)  # an unknown preset stops here
-    labels_uri, labels_dir = None, None
+    labels_uri, labels_dir, sliced = None, None, Manifest()
     if cfg.catalog.labels:
-        label_counts = _global_labels(cfg, out)
+        label_counts, sliced = _global_labels(cfg, out)
         labels_dir = io.join(out, "labels")
     else:
         root = catalog.archive_root(cfg.catalog.archive)  # a STAC catalog's labels sit beside its catalog.json
@@ -64,10 +65,10 @@ def _body(cfg: WorkflowConfig) -> dict:
                         "planned": n_features, "written": len(labels), "rejected": feature_errors,
                         "rejects_by_reason": _reasons(label_errors)}
     shards = shard_items(io.join(cfg.run.run_dir, "tile", "shards"))
-    manifest = map_items(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri, 4, labels_dir, io.access_of(cfg.catalog)),
-                         cfg.align.concurrency, cfg.align.num_cpus, max_actors=cfg.align.max_actors,
-                         memory_gb=cfg.align.memory_gb)
-    counts = totals(manifest)
+    manifest = execution.map(Work(shards, align.AlignShard, (cfg.align, cfg.run.run_dir, labels_uri, 4, labels_dir,
+                                                             io.access_of(cfg.catalog)),
+                                  Resources.of(cfg.align), progress=cfg.ray.progress))
+    counts = {**totals(manifest), "placement": placement(sliced, manifest)}
     counts["labels"] = label_counts
     return judge_outcome("align", counts, summed_reasons(manifest), cfg.run.warn_reject_share,
                          "Check the tiles' optical and land-cover rasters (catalog.optical_rule, catalog.landcover_rule).")

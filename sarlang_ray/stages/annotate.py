@@ -15,7 +15,9 @@ from sarlang_ray.annotate import stage as annotate_stage
 from sarlang_ray.annotate.visibility import VISIBILITY_KEYS
 from sarlang_ray.config import AnnotateSection, WorkflowConfig
 from sarlang_ray.errors import judge_outcome, summed_reasons
-from sarlang_ray.stages.runner import Stage, map_items, shard_items, totals
+from sarlang_ray.stages import execution
+from sarlang_ray.stages.execution import Manifest, Resources, Work, placement, shard_items, totals
+from sarlang_ray.stages.stage import Stage
 
 log = logging.getLogger("sarlang")
 
@@ -31,12 +33,16 @@ def _body(cfg: WorkflowConfig, retry: bool = False) -> dict:
         if retry:
             log.warning("annotate: the vllm backend generates whole shards and cannot retry single tiles; the failed "
                         "tiles stay in the errors table (run.force=true annotates everything again)")
-        manifest = annotate_shards(cfg, items, annotate_stage.AnnotateShard)
+        manifest = Manifest()
+        for row in annotate_shards(cfg, items, annotate_stage.AnnotateShard):  # each row with the node that finished it
+            manifest.append(row)
     else:
-        manifest = map_items(items, annotate_stage.AnnotateShard,
-                             (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels, retry), a.concurrency, a.num_cpus,
-                             a.num_gpus, max_actors=a.max_actors, memory_gb=a.memory_gb)
-    counts = totals(manifest)
+        # a model backend (hf, or one of your own) loads its model once per actor and keeps it: an actor pool;
+        # the template and openai backends hold no model: tasks on the pooled workers
+        manifest = execution.map(Work(items, annotate_stage.AnnotateShard,
+                                      (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels, retry), Resources.of(a),
+                                      holds_model=a.backend not in ("template", "openai"), progress=cfg.ray.progress))
+    counts = {**totals(manifest), "placement": placement(manifest)}
     hits: collections.Counter = collections.Counter()
     for m in manifest:
         hits.update(json.loads(m["qc_hits"]))

@@ -6,10 +6,13 @@ per-scene land-cover VRTs under ``catalog/landcover/``."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 from sarlang_ray import catalog, io, search, tables
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.stages.runner import Stage
+from sarlang_ray.stages import execution
+from sarlang_ray.stages.execution import Resources, Work, placement
+from sarlang_ray.stages.stage import Stage
 
 
 def _body(cfg: WorkflowConfig) -> dict:
@@ -23,59 +26,59 @@ def _body(cfg: WorkflowConfig) -> dict:
 PAGE_ROWS = 64  # scenes per inspection task of the streaming catalog
 
 
+class CatalogPage:
+    """Row class of the streaming catalog: one page of the listing (:func:`sarlang_ray.catalog.inspect_page`)."""
+
+    def __init__(self, cfg, run_dir: str):
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def __call__(self, item: dict) -> dict:
+        return catalog.inspect_page(self.cfg, self.run_dir, item["page"], (item["rows"], item["errors"]))
+
+
 def _stream(cfg: WorkflowConfig, snapshot: str | None, searched: dict | None) -> dict:
     """The catalog, streaming, whatever the source (a search snapshot, a STAC file, a glob over a folder or
-    bucket: :func:`catalog.listing_pages`): pages of the listing become Ray tasks as they are read (at
-    most two per CPU of the cluster in flight), each task writes its part of the scenes and errors tables, and the
-    driver keeps counts (and an 8-byte digest per asset, for duplicates across pages) until the parts are merged
-    into ``catalog/scenes.parquet`` one at a time.
+    bucket: :func:`catalog.listing_pages`): pages of the listing become tasks of ``execution.map`` as they are
+    read (at most two per CPU of the cluster in flight), each task writes its part of the scenes and errors
+    tables, and the driver keeps counts (and an 8-byte digest per asset, for duplicates across pages) until the
+    parts are merged into ``catalog/scenes.parquet`` one at a time.
 
-    A page travels through the object store (``ray.put``), not inline in the task: Ray kept ~12 KB of every
-    task's inline arguments in the driver after the task had finished (23 MB at 1,563 pages)."""
+    A page travels through the object store (``Work.by_reference``), not inline in the task: Ray kept ~12 KB of
+    every task's inline arguments in the driver after the task had finished (23 MB at 1,563 pages)."""
     import ray
 
-    remote = ray.remote(catalog.inspect_page).options(num_cpus=1, max_retries=3, name="sarlang.CatalogPage")
-    window = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
-    cat = ray.put(cfg.catalog)
-    pending: list = []
-    totals: collections.Counter = collections.Counter()
-    reasons: collections.Counter = collections.Counter()
-    nodes: collections.Counter = collections.Counter()
-    companions: dict = {}
     pages = 0
 
-    def add(d: dict) -> None:  # counts only: nothing per page stays in the driver
+    def listing():
+        nonlocal pages
+        for rows, listing_errors in catalog.listing_pages(cfg.catalog, snapshot, PAGE_ROWS):
+            yield {"page": pages, "rows": rows, "errors": listing_errors}
+            pages += 1
+
+    resources = Resources.of(cfg.catalog)
+    window = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))  # pages in flight: the listing is read as they end
+    done = execution.map(Work(listing(), CatalogPage, (cfg.catalog, cfg.run.run_dir),
+                              dataclasses.replace(resources, concurrency=resources.concurrency or window),
+                              progress=cfg.ray.progress, by_reference=True))
+    catalog.merge_parts(cfg.run.run_dir, pages)
+    totals: collections.Counter = collections.Counter()
+    reasons: collections.Counter = collections.Counter()
+    companions: dict = {}
+    for d in done:  # the manifest is spooled to a file: one page's counts at a time
         totals.update({k: d[k] for k in ("planned", "written", "rejected", "proj_mismatches", "relief_flagged")})
         reasons.update(d["reasons"])
-        nodes[d["node"]] += d["planned"]  # scenes per node, as a map_tasks placement
         for key, value in d["companions"].items():
             if isinstance(value, dict):
                 companions[key] = dict(collections.Counter(companions.get(key, {})) + collections.Counter(value))
             else:
                 companions[key] = value
-
-    def collect() -> None:
-        nonlocal pending
-        ready, pending = ray.wait(pending, num_returns=1)
-        for d in ray.get(ready):
-            add(d)
-
-    for rows, listing_errors in catalog.listing_pages(cfg.catalog, snapshot, PAGE_ROWS):
-        page = ray.put((rows, listing_errors))
-        pending.append(remote.remote(cat, cfg.run.run_dir, pages, page))
-        del page, rows, listing_errors
-        pages += 1
-        while len(pending) >= window:
-            collect()
-    while pending:
-        collect()
-    catalog.merge_parts(cfg.run.run_dir, pages)
     duplicates = catalog.duplicate_ids(tables.scenes_uri(cfg.run.run_dir), totals["written"])
     assert not duplicates, f"scene_id collision in the streaming catalog: {duplicates}"
     counts = {"planned": totals["planned"], "written": totals["written"], "rejected": totals["rejected"],
               "companions": companions, "rejects_by_reason": dict(sorted(reasons.items())),
-              "placement": dict(sorted(nodes.items())), "proj_mismatches": totals["proj_mismatches"],
-              "relief_flagged": totals["relief_flagged"], "pages": pages}
+              "placement": placement(done, weight="planned"),  # scenes per node, not pages
+              "proj_mismatches": totals["proj_mismatches"], "relief_flagged": totals["relief_flagged"],
+              "pages": pages}
     if searched is not None:
         counts["search"] = searched
     if not counts["written"]:

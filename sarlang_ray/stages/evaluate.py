@@ -9,7 +9,7 @@ import dataclasses
 
 from sarlang_ray import io
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.stages.runner import Stage
+from sarlang_ray.stages.stage import Stage
 
 
 def _body(cfg: WorkflowConfig) -> dict:
@@ -38,7 +38,7 @@ def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
     keys += ["train.model", "run.max_pixels"]
     if "oracle" in ev.baselines:  # recomputes the answers with the annotate stage's template annotator
         keys += ["run.seed", "annotate.identification_pairs", "annotate.max_per_family"]
-    if ev.judge == "openai":  # what the judge's requests are made of (stages.runner.RESOURCE_KEYS: how they are sent)
+    if ev.judge == "openai":  # what the judge's requests are made of (stages.stage.RESOURCE_KEYS: how they are sent)
         keys += ["annotate.openai.base_url", "annotate.openai.model", "annotate.openai.temperature", "annotate.openai.max_tokens"]
     return tuple(keys)
 

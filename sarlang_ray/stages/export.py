@@ -22,10 +22,9 @@ from sarlang_ray.annotate.visibility import VISIBILITY_KEYS, Visibility
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import judge_outcome
 from sarlang_ray.splits import SPLITS
-from sarlang_ray.stages.runner import Stage, map_items, map_tasks
-
-NUM_CPUS = 1.0  # per export actor: it reads a shard, writes PNGs and Parquet (I/O, zstd)
-
+from sarlang_ray.stages import execution
+from sarlang_ray.stages.execution import Resources, Work, placement
+from sarlang_ray.stages.stage import Stage
 
 def _body(cfg: WorkflowConfig) -> dict:
     out = io.join(cfg.run.run_dir, "export")
@@ -36,14 +35,16 @@ def _body(cfg: WorkflowConfig) -> dict:
                              cfg.run.warn_reject_share, "A larger export.block_m (or a smaller export.buffer_m) "
                              "leaves fewer tiles at split boundaries.")
     visibility = Visibility.from_config(cfg.annotate)
-    manifest = sorted(map_items(items, export.ExportShard, (cfg.run.run_dir, visibility), None, NUM_CPUS),
-                      key=lambda m: m["index"])
+    resources = Resources.of(cfg.export)
+    shards = execution.map(Work(items, export.ExportShard, (cfg.run.run_dir, visibility), resources, progress=cfg.ray.progress))
+    manifest = sorted(shards, key=lambda m: m["index"])
     e = cfg.export
     jobs = export.assembly_jobs(out, manifest, e.shard_records, e.shard_bytes)
     # files within the thresholds (12 small text files at most): in the driver, where starting a Ray worker costs
     # more than the copy; the numbered shards of big files: Ray tasks, each streaming its parts
     written = [export.assemble(job) for job in jobs if not job["sharded"]]
-    written += map_tasks([job for job in jobs if job["sharded"]], export.AssembleFile, (), num_cpus=NUM_CPUS)
+    assembled = execution.map(Work([job for job in jobs if job["sharded"]], export.AssembleFile, (), resources))
+    written += list(assembled)
     export.write_manifest(out, jobs, written, manifest, any(i["nested_images"] for i in items))
     export.write_dataset_info(out, {job["logical"] for job in jobs if job["sharded"]})
     export.remove_merged_parquet(out, jobs)
@@ -58,6 +59,7 @@ def _body(cfg: WorkflowConfig) -> dict:
               "shards": len(manifest), "skipped_shards": sum(bool(m["skipped"]) for m in manifest)}
     contradictions = consistency.merge_reports([json.loads(m["contradictions"]) for m in manifest])
     export.write_card(out, cfg, stats, counts, leakage, contradictions)
+    counts["placement"] = placement(shards, assembled)  # the marker's, not the card's
     return judge_outcome("export", counts, reasons, cfg.run.warn_reject_share)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sarlang_ray import synth
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.stages.runner import Stage
+from sarlang_ray.stages.stage import Stage
 
 
 def _body(cfg: WorkflowConfig) -> dict:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from sarlang_ray import io, tables, tiling
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.stages.runner import Stage, map_tasks, placement, totals
+from sarlang_ray.stages import execution
+from sarlang_ray.stages.execution import Resources, Work, placement, totals
+from sarlang_ray.stages.stage import Stage
 
 
 def nothing_planned(scenes: list[dict], cfg: WorkflowConfig) -> str:
@@ -22,8 +24,8 @@ def _body(cfg: WorkflowConfig) -> dict:
     chunks = [c for s in scenes for c in tiling.plan_chunks(s, cfg.tile)]
     if not chunks:
         return {"planned": 0, "written": 0, "rejected": 0, "failure": nothing_planned(scenes, cfg)}
-    manifest = map_tasks(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir, io.access_of(cfg.catalog)), cfg.tile.concurrency, cfg.tile.num_cpus,
-                         max_tasks=cfg.tile.max_tasks, memory_gb=cfg.tile.memory_gb, progress=cfg.ray.progress)
+    manifest = execution.map(Work(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir, io.access_of(cfg.catalog)),
+                                  Resources.of(cfg.tile), progress=cfg.ray.progress))
     counts = {**totals(manifest), "placement": placement(manifest)}
     # for the run summary: the errors tables of the shards that rejected tiles, read once here
     counts["rejects_by_reason"] = tables.shard_error_reasons(cfg.run.run_dir, "tile", [m["shard"] for m in manifest if m["rejected"]])

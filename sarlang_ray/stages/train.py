@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sarlang_ray.config import WorkflowConfig
-from sarlang_ray.stages.runner import Stage
+from sarlang_ray.stages.stage import Stage
 
 
 def _body(cfg: WorkflowConfig) -> dict:
