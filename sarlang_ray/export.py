@@ -246,19 +246,53 @@ def _index_batch(run_dir: str, out: str, k: int, names: list[str], block_m: floa
     index = pa.table({"tile_id": t["tile_id"], "shard": t["shard"], "col": col, "row": row, "gx": gx, "gy": gy,
                       "footprint": t["footprint"], "crs": t["crs"], "labels": t["labels"]}, schema=INDEX_SCHEMA)
     io.write_parquet_atomic(io.join(out, PLAN, "index", f"{k:05d}.parquet"), index)
-    keys, n, bounds = reduce_blocks(block_keys(col, row), np.ones(len(col), dtype=np.int64), shapely.bounds(geoms))
-    return {"k": k, "tiles": t.num_rows, "keys": keys, "n": n, "bounds": bounds}
+    keys, n, bounds = reduce_blocks(block_keys(col, row), np.ones(len(col), dtype=np.int32), outward32(shapely.bounds(geoms)))
+    # a file, not the task's result: a result of this size goes through the object store, whose pages the driver
+    # maps while it reads them (they counted in its RSS, ~20 MB at 1M tiles of one visit)
+    io.write_parquet_atomic(blocks_uri(out, k), pa.table({"key": keys, "n": n, "minx": bounds[:, 0], "miny": bounds[:, 1],
+                                                         "maxx": bounds[:, 2], "maxy": bounds[:, 3]}))
+    return {"k": k, "tiles": t.num_rows, "blocks": len(keys)}
+
+
+def blocks_uri(out: str, k: int) -> str:
+    """One index batch's block aggregates (key, tile count, float32 bounds), read by the driver."""
+    return io.join(out, PLAN, "blocks", f"{k:05d}.parquet")
+
+
+def read_blocks(out: str, k: int):
+    """(keys, tile counts, bounds) of one index batch's blocks, numpy arrays (bounds: float32, n x 4)."""
+    import numpy as np
+
+    t = io.read_parquet(blocks_uri(out, k))
+    return (t["key"].to_numpy(), t["n"].to_numpy(),
+            np.column_stack([t[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")]))
+
+
+def outward32(bounds):
+    """Bounds (minx, miny, maxx, maxy rows) as float32, rounded outward (minima down, maxima up): they still
+    contain the float64 bounds, so neighbouring blocks found from them are a superset of the exact ones (a
+    group of conflicts may take in a block more; the tiles compared are the same), at half the memory."""
+    import numpy as np
+
+    b = np.asarray(bounds, dtype=np.float64)
+    f = b.astype(np.float32)
+    low = f[:, :2]
+    low[...] = np.where(low > b[:, :2], np.nextafter(low, np.float32(-np.inf)), low)
+    high = f[:, 2:]
+    high[...] = np.where(high < b[:, 2:], np.nextafter(high, np.float32(np.inf)), high)
+    return f
 
 
 def reduce_blocks(keys, n, bounds):
     """Block aggregates with one row per key (sorted keys, tile counts summed, bounds merged) from rows that may
-    repeat a key (a block's tiles, or a block seen by several batches): numpy arrays, 48 bytes a block."""
+    repeat a key (a block's tiles, or a block seen by several batches): numpy arrays (28 bytes a block with
+    int32 counts and float32 bounds)."""
     import numpy as np
 
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=np.int64)
-    merged = np.empty((len(starts), 4))
+    merged = np.empty((len(starts), 4), dtype=bounds.dtype)
     for c, reduce in enumerate((np.minimum, np.minimum, np.maximum, np.maximum)):
         merged[:, c] = reduce.reduceat(bounds[order, c], starts) if len(starts) else []
     return keys[starts], np.add.reduceat(n[order], starts) if len(starts) else n[:0], merged
@@ -273,7 +307,8 @@ class BlockAggregates:
     def __init__(self):
         import numpy as np
 
-        self.keys, self.n, self.bounds = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, 4))
+        self.keys, self.n = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+        self.bounds = np.zeros((0, 4), dtype=np.float32)
         self._pending: list[tuple] = []
         self._rows = 0
         self._batch_keys: list = []
@@ -282,7 +317,7 @@ class BlockAggregates:
     def add(self, k: int, keys, n, bounds) -> None:
         import numpy as np
 
-        self._pending.append((keys, n, bounds))
+        self._pending.append((keys, n.astype(np.int32), bounds.astype(np.float32)))
         self._batch_keys.append(keys)
         self._batch_ks.append(np.full(len(keys), k, dtype=np.int32))
         self._rows += len(keys)
@@ -496,6 +531,7 @@ def _widen(bounds, buffer_m: float):
 
     from sarlang_ray.splits import _M_PER_DEG_LAT
 
+    bounds = np.asarray(bounds, dtype=np.float64)  # float32 bounds widened in float64: no rounding inward
     lat = np.maximum(np.abs(bounds[:, 1]), np.abs(bounds[:, 3]))
     dlat = buffer_m / _M_PER_DEG_LAT
     dlon = buffer_m / (_M_PER_DEG_LAT * np.maximum(np.cos(np.radians(np.minimum(lat, 89.9))), 1e-6))
@@ -552,6 +588,8 @@ def _remote(fn, **options):
     return ray.remote(**{"num_cpus": 1, "max_retries": 3, **options})(fn)
 
 
+
+
 def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     """:func:`plan` for ``split_by: geographic`` without holding tiles in the driver (Ray tasks; same items
     and counts, each item naming its shard's decisions file instead of carrying its tiles' splits).
@@ -588,8 +626,7 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
         if a["tiles"]:
             planned += a["tiles"]
             ks.append(a["k"])
-            agg.add(a["k"], a["keys"].copy(), a["n"].copy(), a["bounds"].copy())  # copies: no pinned task result
-        del a
+            agg.add(a["k"], *read_blocks(out, a["k"]))
     del pending
     if not ks:
         return [], {"planned": 0, "written": 0, "rejected": 0, "reasons": {}, "leakage": {}}
