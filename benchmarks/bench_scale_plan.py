@@ -1,9 +1,16 @@
 """Export planning (splits + leakage report) at 10k, 100k and 1M synthetic tiles, 1 and 16 revisits: the driver's
 peak memory and time per tile of both planners, ``export.planner=workers`` (Ray tasks from block aggregates, the
 default) and ``driver`` (one descriptor per tile in the driver, the reference; run up to ``--driver-max`` tiles).
+With ``--export``, the whole export stage instead (``stages.export._body``: planning on the workers, leakage
+report, the shards' actor pool writing PNGs, Parquet and parts, the assembly of the LLaMA-Factory / SARLANG-1M /
+Parquet files, numbered shards by Ray tasks above ``--shard-records``, manifest, card) on full synthetic shards.
 
     .venv/bin/python benchmarks/bench_scale_plan.py                      # -> benchmarks/results/scale_plan.json
     .venv/bin/python benchmarks/bench_scale_plan.py --sizes 10000 100000 --revisits 1
+    .venv/bin/python benchmarks/bench_scale_plan.py --export --sizes 10000 100000 --code "what ran"
+
+Rows are merged into the results file: a row replaces an earlier one of the same stage, planner, revisits, size
+and ``--code`` (the label of the code that ran), so earlier rows stay for comparison.
 
 The generator writes what the planner reads of the align and annotate shards (``export.split_inputs``: tile id,
 scene, region, footprint, CRS, label objects; tile id and ``qc_passed``), in shards of 256 tiles: scenes of
@@ -222,12 +229,18 @@ def main() -> None:
                         "stage, planner, revisits, size and code replace earlier ones in the results file)")
     parser.add_argument("--keep", action="store_true", help="keep the generated shards in benchmarks/work/ and "
                         "reuse those of an earlier --keep run of the same size (generating 1M tiles takes ~10 min)")
+    parser.add_argument("--add", help="a file of rows (JSON lines) printed by --measure runs started by hand, with "
+                        "their revisits and generated counts: merged into the results like the rows of a run")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--planner", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.measure:
         row = measure_export(Path(ns.measure), ns.shard_records) if ns.export else measure(Path(ns.measure), ns.planner)
         print(json.dumps(row))
+        return
+    if ns.add:
+        save([{**json.loads(line), **({"code": ns.code} if ns.code else {})}
+              for line in Path(ns.add).read_text().splitlines() if line.strip()])
         return
     runs = []
     for revisits in ns.revisits:
@@ -248,14 +261,24 @@ def main() -> None:
                     continue
                 args = ["--export", "--shard-records", str(ns.shard_records)] if ns.export else []
                 done = subprocess.run([sys.executable, __file__, "--measure", str(run_dir), "--planner", planner, *args],
-                                      capture_output=True, text=True, check=True,
+                                      capture_output=True, text=True, check=False,
                                       env={**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"})
+                if done.returncode:  # one failed measurement (say Ray not starting on a loaded machine) loses no other
+                    print(f"{n} tiles, {revisits} revisits, {planner}: failed\n{done.stderr[-3000:]}", flush=True)
+                    continue
                 row = {"revisits": revisits, "generated": made, **json.loads(done.stdout.strip().splitlines()[-1])}
                 runs.append({**row, "code": ns.code} if ns.code else row)
                 print(runs[-1], flush=True)
+                save(runs[-1:])  # each row as it comes
                 shutil.rmtree(run_dir / "export", ignore_errors=True)
             if not ns.keep:
                 shutil.rmtree(run_dir.parent, ignore_errors=True)
+    print(json.dumps(json.loads(RESULT.read_text())["largest_vs_smallest"], indent=2))
+
+
+def save(runs: list[dict]) -> None:
+    """Merge rows into the results file (a row replaces one of the same stage, planner, revisits, size and code)
+    and recompute the largest-vs-smallest ratios."""
     old = json.loads(RESULT.read_text()) if RESULT.exists() else {}
 
     def same(r):
@@ -266,9 +289,8 @@ def main() -> None:
     result = {**old, "benchmark": "export planning (geographic splits + leakage report; planner on the workers vs in "
               "the driver) and the whole export stage (planning + leakage + shards + assembly, rows with a stage)",
               "machine": f"{platform.node()} ({os.cpu_count()} CPUs, shared with other jobs)", "runs": runs,
-              "largest_vs_smallest": ratios_of(runs)}
+              "largest_vs_smallest": {**old.get("largest_vs_smallest", {}), **ratios_of(runs)}}
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["largest_vs_smallest"], indent=2))
 
 
 if __name__ == "__main__":
