@@ -219,7 +219,6 @@ def _index_batch(run_dir: str, out: str, k: int, names: list[str], block_m: floa
     footprint, CRS and label ids, written to ``_plan/index/<k>.parquet``; returns the batch's block aggregates
     (block, tile count, bounds of its tiles' footprints) only."""
     import numpy as np
-    import pandas as pd
 
     from sarlang_ray.splits import grid_centroids
 
@@ -248,27 +247,115 @@ def _index_batch(run_dir: str, out: str, k: int, names: list[str], block_m: floa
     index = pa.table({"tile_id": t["tile_id"], "shard": t["shard"], "col": col, "row": row, "gx": gx, "gy": gy,
                       "footprint": t["footprint"], "crs": t["crs"], "labels": t["labels"]}, schema=INDEX_SCHEMA)
     io.write_parquet_atomic(io.join(out, PLAN, "index", f"{k:05d}.parquet"), index)
-    b = shapely.bounds(geoms)
-    agg = pd.DataFrame({"key": block_keys(col, row), "col": col, "row": row, "n": 1, "minx": b[:, 0], "miny": b[:, 1],
-                        "maxx": b[:, 2], "maxy": b[:, 3]}).groupby("key").agg(
-        col=("col", "first"), row=("row", "first"), n=("n", "sum"), minx=("minx", "min"), miny=("miny", "min"),
-        maxx=("maxx", "max"), maxy=("maxy", "max"))
-    return {"k": k, "tiles": t.num_rows, "blocks": agg.reset_index()}
+    keys, n, bounds = reduce_blocks(block_keys(col, row), np.ones(len(col), dtype=np.int32), outward32(shapely.bounds(geoms)))
+    # a file, not the task's result: a result of this size goes through the object store, whose pages the driver
+    # maps while it reads them (they counted in its RSS, ~20 MB at 1M tiles of one visit)
+    io.write_parquet_atomic(blocks_uri(out, k), pa.table({"key": keys, "n": n, "minx": bounds[:, 0], "miny": bounds[:, 1],
+                                                         "maxx": bounds[:, 2], "maxy": bounds[:, 3]}))
+    return {"k": k, "tiles": t.num_rows, "blocks": len(keys)}
+
+
+def blocks_uri(out: str, k: int) -> str:
+    """One index batch's block aggregates (key, tile count, float32 bounds), read by the driver."""
+    return io.join(out, PLAN, "blocks", f"{k:05d}.parquet")
+
+
+def read_blocks(out: str, k: int):
+    """(keys, tile counts, bounds) of one index batch's blocks, numpy arrays (bounds: float32, n x 4)."""
+    import numpy as np
+
+    t = io.read_parquet(blocks_uri(out, k))
+    return (t["key"].to_numpy(), t["n"].to_numpy(),
+            np.column_stack([t[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")]))
+
+
+def outward32(bounds):
+    """Bounds (minx, miny, maxx, maxy rows) as float32, rounded outward (minima down, maxima up): they still
+    contain the float64 bounds, so neighbouring blocks found from them are a superset of the exact ones (a
+    group of conflicts may take in a block more; the tiles compared are the same), at half the memory."""
+    import numpy as np
+
+    b = np.asarray(bounds, dtype=np.float64)
+    f = b.astype(np.float32)
+    low = f[:, :2]
+    low[...] = np.where(low > b[:, :2], np.nextafter(low, np.float32(-np.inf)), low)
+    high = f[:, 2:]
+    high[...] = np.where(high < b[:, 2:], np.nextafter(high, np.float32(np.inf)), high)
+    return f
+
+
+def reduce_blocks(keys, n, bounds):
+    """Block aggregates with one row per key (sorted keys, tile counts summed, bounds merged) from rows that may
+    repeat a key (a block's tiles, or a block seen by several batches): numpy arrays (28 bytes a block with
+    int32 counts and float32 bounds)."""
+    import numpy as np
+
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=np.int64)
+    merged = np.empty((len(starts), 4), dtype=bounds.dtype)
+    for c, reduce in enumerate((np.minimum, np.minimum, np.maximum, np.maximum)):
+        merged[:, c] = reduce.reduceat(bounds[order, c], starts) if len(starts) else []
+    return keys[starts], np.add.reduceat(n[order], starts) if len(starts) else n[:0], merged
+
+
+class BlockAggregates:
+    """The driver's blocks (sorted keys, tile counts, bounds) merged as index batches arrive: the batches'
+    arrays are reduced once they hold as many rows as the blocks so far, so the driver never holds every
+    batch's rows at once (at one visit blocks are nearly as many as tiles: 2 km blocks of 1.28 km tiles).
+    Also which batches hold each block (sorted block keys, batch numbers; a block of revisits is in several)."""
+
+    def __init__(self):
+        import numpy as np
+
+        self.keys, self.n = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+        self.bounds = np.zeros((0, 4), dtype=np.float32)
+        self._pending: list[tuple] = []
+        self._rows = 0
+        self._batch_keys: list = []
+        self._batch_ks: list = []
+
+    def add(self, k: int, keys, n, bounds) -> None:
+        import numpy as np
+
+        self._pending.append((keys, n.astype(np.int32), bounds.astype(np.float32)))
+        self._batch_keys.append(keys)
+        self._batch_ks.append(np.full(len(keys), k, dtype=np.int32))
+        self._rows += len(keys)
+        if self._rows > max(65_536, len(self.keys)):
+            self._reduce()
+
+    def _reduce(self) -> None:
+        import numpy as np
+
+        if self._pending:
+            parts = [(self.keys, self.n, self.bounds), *self._pending]
+            self._pending, self._rows = [], 0
+            self.keys, self.n, self.bounds = reduce_blocks(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+
+    def finish(self):
+        """(keys, tile counts, bounds) of the blocks, and (keys, batches) of the blocks' batches, key-sorted."""
+        import numpy as np
+
+        self._reduce()
+        pair_key, pair_k = np.concatenate(self._batch_keys), np.concatenate(self._batch_ks)
+        self._batch_keys = self._batch_ks = []
+        order = np.argsort(pair_key, kind="stable")
+        return (self.keys, self.n, self.bounds), (pair_key[order], pair_k[order])
 
 
 def _read_index(out: str, ks, columns: list[str]) -> pa.Table:
     return io.read_parquet([io.join(out, PLAN, "index", f"{k:05d}.parquet") for k in ks], columns=columns)
 
 
-def _split_of(keys, blocks):
+def _split_of(keys, sorted_keys, block_split):
     """The split index (into ``SPLITS``) of each tile, from its block key and the blocks (sorted keys, splits)."""
     import numpy as np
 
-    sorted_keys, block_split = blocks
     return block_split[np.searchsorted(sorted_keys, keys)]
 
 
-def _boundary_unit(out: str, ks: list[int], clusters: list[list[int]], blocks, ratios: dict[str, float],
+def _boundary_unit(out: str, ks: list[int], clusters: list[list[int]], bkeys, bsplit, ratios: dict[str, float],
                    buffer_m: float, dropped=None, count_only: bool = False) -> dict:
     """One task's groups of neighbouring blocks of different splits (each a connected group: every pair of
     tiles of different splits that can meet lies in one group). Without ``dropped``: the boundary tiles to
@@ -280,7 +367,7 @@ def _boundary_unit(out: str, ks: list[int], clusters: list[list[int]], blocks, r
 
     t = _read_index(out, ks, ["tile_id", "col", "row", "footprint", "crs"])
     keys = block_keys(t["col"].to_numpy(), t["row"].to_numpy())
-    split = _split_of(keys, blocks)
+    split = _split_of(keys, bkeys, bsplit)
     tids = t["tile_id"].to_pylist()
     fps = shapely.from_wkb(t["footprint"].to_numpy(zero_copy_only=False))
     crs = t["crs"].to_pylist()
@@ -316,7 +403,7 @@ def _label_bucket(labels, buckets: int):
     return (pd.util.hash_array(np.asarray(labels, dtype=object)) % np.uint64(buckets)).astype(np.int64)
 
 
-def _label_rows(out: str, k: int, blocks, buckets: int, dropped=None, clipped=None) -> int:
+def _label_rows(out: str, k: int, bkeys, bsplit, buckets: int, dropped=None, clipped=None) -> int:
     """The map side of the group-by on label id: one row per (tile, label) of a batch, with the tile's split
     and grid centroid and whether the plan dropped it, in ``buckets`` partitions by hash of the label. With
     ``clipped`` (the report's pass), the rows of kept tiles only, by object id (a clipped label: its part's)."""
@@ -326,7 +413,7 @@ def _label_rows(out: str, k: int, blocks, buckets: int, dropped=None, clipped=No
     from sarlang_ray.splits import clipped_id
 
     t = _read_index(out, [k], ["tile_id", "col", "row", "gx", "gy", "labels"])
-    split = _split_of(block_keys(t["col"].to_numpy(), t["row"].to_numpy()), blocks)
+    split = _split_of(block_keys(t["col"].to_numpy(), t["row"].to_numpy()), bkeys, bsplit)
     lab = t["labels"].combine_chunks()
     parent = pa.compute.list_parent_indices(lab).to_numpy()
     df = pd.DataFrame({"label": pa.compute.list_flatten(lab).to_numpy(zero_copy_only=False),
@@ -415,13 +502,13 @@ def _report_labels(out: str, b: int, ks: list[int]) -> dict:
     return {"shared": shared, "clipped": clipped, "clipped_parts": int(parts_of[parts_of > 1].sum())}
 
 
-def _decide(out: str, k: int, blocks, dropped, clipped) -> list[tuple[str, list[int]]]:
+def _decide(out: str, k: int, bkeys, bsplit, dropped, clipped) -> list[tuple[str, list[int]]]:
     """Write the decisions of a batch's tiles shards (kept tiles: split and clipped labels); (shard, tiles kept
     per split) of each, in shard order."""
     import numpy as np
 
     t = _read_index(out, [k], ["tile_id", "shard", "col", "row", "labels"])
-    split = _split_of(block_keys(t["col"].to_numpy(), t["row"].to_numpy()), blocks)
+    split = _split_of(block_keys(t["col"].to_numpy(), t["row"].to_numpy()), bkeys, bsplit)
     gone, clip = set(dropped), set(clipped)
     tids, shards, labels = t["tile_id"].to_pylist(), t["shard"].to_pylist(), t["labels"].to_pylist()
     by_shard: dict[str, list[int]] = {}
@@ -437,45 +524,64 @@ def _decide(out: str, k: int, blocks, dropped, clipped) -> list[tuple[str, list[
     return done
 
 
-def neighbour_blocks(keys, cols, rows, bounds, block_m: float, buffer_m: float):
-    """Index pairs (a < b) of blocks whose tiles' bounds (lon/lat, ``bounds``: minx, miny, maxx, maxy per
+NEIGHBOUR_CHUNK = 65_536  # blocks compared at a time (temporary arrays of this length, not of every block)
+
+
+def _widen(bounds, buffer_m: float):
+    """Blocks' bounds (lon/lat) widened by ``buffer_m`` as :func:`~sarlang_ray.splits.candidate_pairs` widens a
+    tile's."""
+    import numpy as np
+
+    from sarlang_ray.splits import _M_PER_DEG_LAT
+
+    bounds = np.asarray(bounds, dtype=np.float64)  # float32 bounds widened in float64: no rounding inward
+    lat = np.maximum(np.abs(bounds[:, 1]), np.abs(bounds[:, 3]))
+    dlat = buffer_m / _M_PER_DEG_LAT
+    dlon = buffer_m / (_M_PER_DEG_LAT * np.maximum(np.cos(np.radians(np.minimum(lat, 89.9))), 1e-6))
+    return np.column_stack([bounds[:, 0] - dlon, bounds[:, 1] - dlat, bounds[:, 2] + dlon, bounds[:, 3] + dlat])
+
+
+def neighbour_blocks(keys, cols, rows, bounds, block_m: float, buffer_m: float, chunk: int = NEIGHBOUR_CHUNK):
+    """Index pairs (a < b, int32) of blocks whose tiles' bounds (lon/lat, ``bounds``: minx, miny, maxx, maxy per
     block), widened by ``buffer_m`` as :func:`~sarlang_ray.splits.candidate_pairs` widens a tile's, meet: no tile
     of two blocks outside these pairs can come within ``buffer_m``. From arrays only (no geometry per block):
     the equal-area grid is cylindrical (x from longitude, y from latitude, both monotonic), so each block's
     bounds cover a range of grid cells around its own, and only blocks within the widest such reach of each
-    other are compared, one cell offset at a time."""
+    other are compared, one cell offset at a time, ``chunk`` blocks at a time (the driver's temporaries stay
+    the size of a chunk however many blocks there are)."""
     import numpy as np
     from pyproj import Transformer
 
-    from sarlang_ray.splits import _M_PER_DEG_LAT, EQUAL_AREA
+    from sarlang_ray.splits import EQUAL_AREA
 
     keys, cols, rows = np.asarray(keys), np.asarray(cols, dtype=np.int64), np.asarray(rows, dtype=np.int64)
-    lat = np.maximum(np.abs(bounds[:, 1]), np.abs(bounds[:, 3]))
-    dlat = buffer_m / _M_PER_DEG_LAT
-    dlon = buffer_m / (_M_PER_DEG_LAT * np.maximum(np.cos(np.radians(np.minimum(lat, 89.9))), 1e-6))
-    wide = np.column_stack([bounds[:, 0] - dlon, bounds[:, 1] - dlat, bounds[:, 2] + dlon, bounds[:, 3] + dlat])
     to_grid = Transformer.from_crs("EPSG:4326", EQUAL_AREA, always_xy=True)
-    x0, y0 = to_grid.transform(np.clip(wide[:, 0], -180, 180), np.clip(wide[:, 1], -89.9, 89.9))
-    x1, y1 = to_grid.transform(np.clip(wide[:, 2], -180, 180), np.clip(wide[:, 3], -89.9, 89.9))
-    # how many cells a block's widened bounds reach beyond its own cell (the widest, for every block)
-    reach = int(max(np.max(cols - np.floor(np.asarray(x0) / block_m)), np.max(np.floor(np.asarray(x1) / block_m) - cols),
-                    np.max(rows - np.floor(np.asarray(y0) / block_m)), np.max(np.floor(np.asarray(y1) / block_m) - rows), 0))
+    reach = 0  # how many cells a block's widened bounds reach beyond its own cell (the widest, for every block)
+    for lo in range(0, len(keys), chunk):
+        wide, c, r = _widen(bounds[lo:lo + chunk], buffer_m), cols[lo:lo + chunk], rows[lo:lo + chunk]
+        x0, y0 = to_grid.transform(np.clip(wide[:, 0], -180, 180), np.clip(wide[:, 1], -89.9, 89.9))
+        x1, y1 = to_grid.transform(np.clip(wide[:, 2], -180, 180), np.clip(wide[:, 3], -89.9, 89.9))
+        reach = int(max(reach, np.max(c - np.floor(np.asarray(x0) / block_m)), np.max(np.floor(np.asarray(x1) / block_m) - c),
+                        np.max(r - np.floor(np.asarray(y0) / block_m)), np.max(np.floor(np.asarray(y1) / block_m) - r)))
     span = 2 * reach  # a block within the reach of another's widened bounds, whose own bounds reach back
-    out_a, out_b = [], []
-    for dc in range(-span, span + 1):
-        for dr in range(-span, span + 1):
-            if (dc, dr) <= (0, 0):
-                continue  # each unordered pair once (the offset and its opposite), never a block with itself
-            want = block_keys(cols + dc, rows + dr)
-            at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
-            a = np.flatnonzero(keys[at] == want)
-            b = at[a]
-            meet = ((wide[a, 0] <= bounds[b, 2]) & (bounds[b, 0] <= wide[a, 2])
-                    & (wide[a, 1] <= bounds[b, 3]) & (bounds[b, 1] <= wide[a, 3])) | \
-                ((wide[b, 0] <= bounds[a, 2]) & (bounds[a, 0] <= wide[b, 2])
-                 & (wide[b, 1] <= bounds[a, 3]) & (bounds[a, 1] <= wide[b, 3]))
-            out_a.append(np.minimum(a[meet], b[meet]))
-            out_b.append(np.maximum(a[meet], b[meet]))
+    out_a, out_b = [np.zeros(0, dtype=np.int32)], [np.zeros(0, dtype=np.int32)]
+    for lo in range(0, len(keys), chunk):
+        wide_a, bounds_a = _widen(bounds[lo:lo + chunk], buffer_m), bounds[lo:lo + chunk]
+        for dc in range(-span, span + 1):
+            for dr in range(-span, span + 1):
+                if (dc, dr) <= (0, 0):
+                    continue  # each unordered pair once (the offset and its opposite), never a block with itself
+                want = block_keys(cols[lo:lo + chunk] + dc, rows[lo:lo + chunk] + dr)
+                at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+                a = np.flatnonzero(keys[at] == want)
+                b = at[a]
+                wa, ba, bb = wide_a[a], bounds_a[a], bounds[b]
+                wb = _widen(bb, buffer_m)
+                meet = ((wa[:, 0] <= bb[:, 2]) & (bb[:, 0] <= wa[:, 2]) & (wa[:, 1] <= bb[:, 3]) & (bb[:, 1] <= wa[:, 3])) | \
+                    ((wb[:, 0] <= ba[:, 2]) & (ba[:, 0] <= wb[:, 2]) & (wb[:, 1] <= ba[:, 3]) & (ba[:, 1] <= wb[:, 3]))
+                a = a[meet] + lo
+                out_a.append(np.minimum(a, b[meet]).astype(np.int32))
+                out_b.append(np.maximum(a, b[meet]).astype(np.int32))
     return np.concatenate(out_a), np.concatenate(out_b)
 
 
@@ -483,6 +589,8 @@ def _remote(fn, **options):
     import ray
 
     return ray.remote(**{"num_cpus": 1, "max_retries": 3, **options})(fn)
+
+
 
 
 def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
@@ -513,30 +621,25 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     batches = [names[i:i + PLAN_SHARDS_PER_TASK] for i in range(0, len(names), PLAN_SHARDS_PER_TASK)]
     remove_parts(out, PLAN)  # an earlier plan's files: this one writes its own
     index = _remote(_index_batch)
-    aggs, ks, planned = [], [], 0
+    agg, ks, planned = BlockAggregates(), [], 0
     pending = [index.remote(run_dir, out, k, b, e.block_m) for k, b in enumerate(batches)]
-    for ref in pending:  # one batch's aggregates at a time
+    for i, ref in enumerate(pending):  # one batch's aggregates at a time, merged as they come
         a = ray.get(ref)
+        pending[i] = None
         if a["tiles"]:
             planned += a["tiles"]
             ks.append(a["k"])
-            aggs.append(a["blocks"].assign(k=a["k"]))
+            agg.add(a["k"], *read_blocks(out, a["k"]))
     del pending
-    if not aggs:
+    if not ks:
         return [], {"planned": 0, "written": 0, "rejected": 0, "reasons": {}, "leakage": {}}
-    per_batch = pd.concat(aggs, ignore_index=True)
-    del aggs
-    blk = per_batch.groupby("key").agg(col=("col", "first"), row=("row", "first"), n=("n", "sum"), minx=("minx", "min"),
-                                       miny=("miny", "min"), maxx=("maxx", "max"), maxy=("maxy", "max"))
-    keys, sizes = blk.index.to_numpy(), blk["n"].to_numpy()
-    # neighbouring blocks (bounds within buffer_m): their tiles are the only ones that can meet
-    near_a, near_b = neighbour_blocks(keys, blk["col"].to_numpy(), blk["row"].to_numpy(),
-                                      blk[["minx", "miny", "maxx", "maxy"]].to_numpy(), e.block_m, e.buffer_m)
     # the batches each block's tiles are in (key-sorted pairs: a block of revisits is in several)
-    pair_key, pair_k = per_batch["key"].to_numpy(), per_batch["k"].to_numpy()
-    order = np.argsort(pair_key, kind="stable")
-    pair_key, pair_k = pair_key[order], pair_k[order]
-    del per_batch, order
+    (keys, sizes, bounds), (pair_key, pair_k) = agg.finish()
+    del agg
+    cols, rows = (keys >> 32) - (1 << 30), (keys & 0xFFFFFFFF) - (1 << 31)
+    # neighbouring blocks (bounds within buffer_m): their tiles are the only ones that can meet
+    near_a, near_b = neighbour_blocks(keys, cols, rows, bounds, e.block_m, e.buffer_m)
+    del bounds
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -569,14 +672,16 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     # driver's planner: shares of the tiles kept, plus the share dropped), with the ground drops of each start
     # resolved on the workers (boundary tiles only; label objects are settled for the start chosen)
     boundary = _remote(_boundary_unit)
+    keys_ref = ray.put(keys)
     base = int(hashlib.sha256(f"{cfg.run.seed}:start".encode()).hexdigest(), 16)
     candidates = []
     for c in range(START_CANDIDATES):
-        split = block_runs_arrays(blk["col"].to_numpy(), blk["row"].to_numpy(), sizes, ratios, cfg.run.seed,
+        split = block_runs_arrays(cols, rows, sizes, ratios, cfg.run.seed,
                                   start=base + c * max(1, len(keys) // START_CANDIDATES))
         units, unit_ks = boundary_units(split)
-        ref = ray.put((keys, split))
-        counted = [boundary.remote(out, uk, u, ref, ratios, e.buffer_m, count_only=True) for u, uk in zip(units, unit_ks)]
+        ref = ray.put(split)  # the block keys are put once (keys_ref), a start's splits (a byte a block) each
+        counted = [boundary.remote(out, uk, u, keys_ref, ref, ratios, e.buffer_m, count_only=True)
+                   for u, uk in zip(units, unit_ks)]
         candidates.append((split, ref, units, unit_ks, counted))
     best = None
     for split, ref, units, unit_ks, counted in candidates:
@@ -591,12 +696,14 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
             best = (miss, split, ref, units, unit_ks)
     assert best is not None  # START_CANDIDATES >= 1 candidates
     _, split, blocks, units, unit_ks = best
-    del candidates, blk
-    drops = [d for res in ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m) for u, uk in zip(units, unit_ks)])
+    del candidates, cols, rows
+    near_a = near_b = pair_key = pair_k = None  # the blocks' neighbours and batches: the units hold what is needed
+    drops = [d for res in ray.get([boundary.remote(out, uk, u, keys_ref, blocks, ratios, e.buffer_m)
+                                   for u, uk in zip(units, unit_ks)])
              for d in res["drops"]]
     ground = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
     rows = _remote(_label_rows)
-    ray.get([rows.remote(out, k, blocks, LABEL_BUCKETS, ground) for k in ks])
+    ray.get([rows.remote(out, k, keys_ref, blocks, LABEL_BUCKETS, ground) for k in ks])
     settle = _remote(_settle_labels)
     settled = ray.get([settle.remote(ratios, e.block_m, out, p, ks) for p in range(LABEL_BUCKETS)])
     clipped = sorted(c for s in settled for c in s["clipped"])
@@ -605,13 +712,13 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     dropped = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
     # the leakage report's label part, by the same group-by on the kept tiles: it also settles which clipped labels
     # still lie in two splits once every drop is known (the others are not clipped)
-    ray.get([rows.remote(out, k, blocks, LABEL_BUCKETS, dropped, ray.put(clipped)) for k in ks])
+    ray.get([rows.remote(out, k, keys_ref, blocks, LABEL_BUCKETS, dropped, ray.put(clipped)) for k in ks])
     report_labels = _remote(_report_labels)
     label_rep = ray.get([report_labels.remote(out, p, ks) for p in range(LABEL_BUCKETS)])
     clipped = sorted(c for r in label_rep for c in r["clipped"])
     decide = _remote(_decide)
-    decided = [ray.get(r) for r in [decide.remote(out, k, blocks, dropped, ray.put(clipped)) for k in ks]]
-    ground_rep = ray.get([boundary.remote(out, uk, u, blocks, ratios, e.buffer_m, dropped) for u, uk in zip(units, unit_ks)])
+    decided = [ray.get(r) for r in [decide.remote(out, k, keys_ref, blocks, dropped, ray.put(clipped)) for k in ks]]
+    ground_rep = ray.get([boundary.remote(out, uk, u, keys_ref, blocks, ratios, e.buffer_m, dropped) for u, uk in zip(units, unit_ks)])
     kept = np.sum([n for batch in decided for _, n in batch], axis=0)
     pairs = {}
     for i, s in enumerate(SPLITS):

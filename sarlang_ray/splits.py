@@ -169,7 +169,9 @@ def block_runs_arrays(cols: np.ndarray, rows: np.ndarray, sizes: np.ndarray, rat
     out = np.zeros(len(cols), dtype=np.int8)
     if not len(cols):
         return out
-    h = hilbert_indexes(np.asarray(cols, dtype=np.int64) + (1 << 30), np.asarray(rows, dtype=np.int64) + (1 << 30))
+    x, y = np.asarray(cols, dtype=np.int64) + (1 << 30), np.asarray(rows, dtype=np.int64) + (1 << 30)
+    step = 65_536  # in chunks: the curve's ~10 temporaries per cell stay the size of a chunk, not of every block
+    h = np.concatenate([hilbert_indexes(x[i:i + step], y[i:i + step]) for i in range(0, len(x), step)])
     order = np.argsort(h, kind="stable")
     if start is None:
         start = int(hashlib.sha256(f"{seed}:start".encode()).hexdigest(), 16)

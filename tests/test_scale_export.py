@@ -34,9 +34,9 @@ def sharded(demo_run, tmp_path_factory):
 
 
 def _llamafactory_load(dataset_dir: Path, name: str, cache: Path):
-    """LLaMA-Factory's file handling, reproduced (its package pins torch and transformers versions this project
-    must not change, so it is not installed): ``data/loader.py`` ``_load_single_dataset`` (hiyouga/LLaMA-Factory,
-    load_from == "file") joins ``dataset_dir`` and the dataset's ``file_name`` from ``dataset_info.json``; a folder
+    """LLaMA-Factory's file handling, reproduced (fast, without its package; its own code reads the shards in
+    :func:`test_llamafactorys_own_loader_reads_the_shards_as_the_single_file`): ``data/loader.py``
+    ``_load_single_dataset`` (hiyouga/LLaMA-Factory 0.9.5, load_from == "file") joins ``dataset_dir`` and the dataset's ``file_name`` from ``dataset_info.json``; a folder
     gives every file in ``os.listdir`` order, whose extensions must map to one builder (``FILEEXT2TYPE``), then
     ``datasets.load_dataset(path=builder, data_files=files, split="train")``."""
     from datasets import load_dataset
@@ -53,6 +53,111 @@ def _llamafactory_load(dataset_dir: Path, name: str, cache: Path):
     builder = filetypes.get(os.path.splitext(data_files[0])[-1][1:])
     assert builder is not None and all(filetypes.get(os.path.splitext(f)[-1][1:]) == builder for f in data_files)
     return load_dataset(path=builder, data_files=data_files, split="train", cache_dir=str(cache))
+
+
+LLAMAFACTORY = "llamafactory==0.9.5"  # the release whose data/loader.py the helper above was read from
+LF_VENV = Path(__file__).resolve().parents[1] / ".lf-venv"  # ignored by git; built by the fixture below
+# run by the LLaMA-Factory venv's Python: its own parser (data/parser.py get_dataset_list reads dataset_info.json)
+# and loader (data/loader.py _load_single_dataset: the folder's files through datasets, then align_dataset into
+# its standard columns); llamafactory/data/__init__.py is not run (its template module imports torchaudio, whose
+# wheels are built for other torch versions; the loader does not use it), nor hparams/__init__ (the trainers)
+LF_LOAD = """
+import json, sys, types
+from pathlib import Path
+import llamafactory
+root = Path(llamafactory.__file__).parent
+for sub in ("data", "hparams"):
+    pkg = types.ModuleType("llamafactory." + sub)
+    pkg.__path__ = [str(root / sub)]
+    sys.modules[pkg.__name__] = pkg
+from transformers import Seq2SeqTrainingArguments
+from llamafactory.data import loader, parser
+from llamafactory.hparams.data_args import DataArguments
+from llamafactory.hparams.model_args import ModelArguments
+cache, out = sys.argv[1], {}
+training_args = Seq2SeqTrainingArguments(output_dir=cache)
+for arg in sys.argv[2:]:  # dataset_dir:name, each loaded as a training config naming it would
+    dataset_dir, name = arg.rsplit(":", 1)
+    attr, = parser.get_dataset_list([name], dataset_dir)
+    ds = loader._load_single_dataset(attr, ModelArguments(model_name_or_path="unused", cache_dir=cache),
+                                     DataArguments(dataset_dir=dataset_dir, media_dir=dataset_dir), training_args)
+    out[arg] = {"load_from": attr.load_from, "file_name": attr.dataset_name, "rows": ds.to_list()}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="session")
+def llamafactory_python():
+    """A Python with LLaMA-Factory's package, in its own venv under the worktree: ``pip install --no-deps`` of the
+    pinned release (its requirements pin transformers, datasets and peft below this project's), the project
+    venv's packages visible through a ``.pth`` file (so torch and datasets are the project's, unchanged)."""
+    import site
+    import subprocess
+    import sys
+
+    python = LF_VENV / "bin" / "python"
+    marker = LF_VENV / f"{LLAMAFACTORY}.installed"
+    if not marker.exists():
+        shutil.rmtree(LF_VENV, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(LF_VENV)], check=True)
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+        Path(purelib, "_sarlang_project.pth").write_text(site.getsitepackages()[0] + "\n")
+        done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
+                               "--disable-pip-version-check", LLAMAFACTORY], check=False, capture_output=True,
+                              text=True)
+        if done.returncode:
+            if any(w in done.stderr for w in ("NewConnectionError", "Network is unreachable", "No matching distribution",
+                                              "Temporary failure in name resolution")):
+                pytest.skip(f"PyPI unreachable, {LLAMAFACTORY} not installed: {done.stderr.strip()[-300:]}")
+            raise RuntimeError(f"pip install {LLAMAFACTORY} into {LF_VENV} failed: {done.stderr}")
+        marker.touch()
+    return python
+
+
+def _llamafactory_rows(python: Path, datasets: list[tuple[Path, str]], cache: Path) -> dict:
+    """What LLaMA-Factory's loader gives for each (dataset_dir, dataset name), by "dataset_dir:name"; one process
+    (its imports take most of the time)."""
+    import subprocess
+
+    args = [f"{d}:{name}" for d, name in datasets]
+    done = subprocess.run([str(python), "-c", LF_LOAD, str(cache), *args], check=False, capture_output=True,
+                          text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_llamafactorys_own_loader_reads_the_shards_as_the_single_file(sharded, llamafactory_python, tmp_path):
+    """LLaMA-Factory 0.9.5's own code (installed from PyPI in .lf-venv) reads the sharded split through our
+    dataset_info.json: its parser takes the folder as a file dataset, its loader loads every shard as one dataset
+    and converts it (ShareGPT columns and tags, images resolved against media_dir) to the same rows as the
+    single-file export gives, with the same PNGs behind the image paths."""
+    single, out, _ = sharded
+    records_of = {s: json.loads((single / "llamafactory" / f"sarlang_{s}.json").read_text()) for s in SPLITS}
+    big = [s for s in SPLITS if len(records_of[s]) > SHARD_RECORDS]
+    assert big  # at least one split was sharded
+    loaded = _llamafactory_rows(llamafactory_python, [(d / "llamafactory", f"sarlang_{s}") for s in big for d in (out, single)],
+                                tmp_path)
+    for split in big:
+        records = records_of[split]
+        got = loaded[f"{out / 'llamafactory'}:sarlang_{split}"]
+        want = loaded[f"{single / 'llamafactory'}:sarlang_{split}"]
+        assert got["load_from"] == "file" and got["file_name"] == f"sarlang_{split}"  # the folder of shards
+        assert want["file_name"] == f"sarlang_{split}.json"
+        rows, expected = got["rows"], want["rows"]
+        assert len(rows) == len(expected) == len(records)
+
+        def key(r):  # the loader lists a folder in os.listdir order: compare the rows, not their order
+            return json.dumps({k: v for k, v in r.items() if k != "_images"}, sort_keys=True), Path(r["_images"][0]).name
+
+        rows, expected = sorted(rows, key=key), sorted(expected, key=key)
+        assert [key(r) for r in rows] == [key(r) for r in expected]
+        # the prompt and answer of each record, in its order of the single file (the converter's own columns)
+        assert sorted(r["_prompt"][0]["content"] + r["_response"][0]["content"] for r in rows) == sorted(
+            r["messages"][0]["content"] + r["messages"][1]["content"] for r in records)
+        for a, b in zip(rows, expected):  # the images resolved to files that exist, and hold the same PNG
+            assert Path(a["_images"][0]).is_file() and Path(a["_images"][0]).read_bytes() == Path(b["_images"][0]).read_bytes()
 
 
 def _image_bytes(root: Path, paths: list[str]) -> list[bytes]:
