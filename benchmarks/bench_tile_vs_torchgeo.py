@@ -179,7 +179,6 @@ def sarlang(work: Path, root: Path, speckle: str, tag: str, tiles_per_shard: int
     from sarlang_ray.config import load_config
     from sarlang_ray.stages import catalog, tile
     from sarlang_ray.stages.execution import map_tasks
-    from sarlang_ray import tables, tiling
 
     run_dir = work / f"run-{tag}"
     cfg = load_config(None, [f"run.run_dir={run_dir}", f"catalog.archive={root}", "catalog.sar_glob=[*.tif]",

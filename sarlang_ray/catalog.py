@@ -34,7 +34,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -988,6 +988,7 @@ def listing_pages(cfg: CatalogSection, snapshot: str | None, page_rows: int) -> 
                                     "check catalog.archive and catalog.sar_glob")
         return
     source = snapshot or cfg.archive
+    entries: Iterable[Any]
     if snapshot is not None:
         import pystac
 
@@ -1040,7 +1041,7 @@ def _glob_root(cfg: CatalogSection) -> tuple[str, list[re.Pattern]]:
     archive's filesystem (``fsspec.utils.glob_translate``: the matching ``fs.glob`` does)."""
     from fsspec.utils import glob_translate
 
-    fs, base = io.filesystem(cfg.archive)
+    _fs, base = io.filesystem(cfg.archive)
     base = os.path.abspath(base) if not io.is_remote(cfg.archive) else base.rstrip("/")
     fixed = []
     for pattern in cfg.sar_glob:

@@ -266,10 +266,11 @@ class TwinFinder:
         footprints = [shapely.from_wkb(s["footprint"]) for s in scenes]
         extent = shapely.union_all(footprints) if len(footprints) < 256 else shapely.box(
             *shapely.total_bounds(footprints))
-        times = [parse_time(s.get("datetime")) for s in scenes]
+        parsed = [parse_time(s.get("datetime")) for s in scenes]
+        times = [t for t in parsed if t is not None]
         window = dt.timedelta(days=self.cfg.time_window_days)
         # an item within the window of a scene without a time is any item: no pruning by time then
-        span = None if any(t is None for t in times) else (min(times) - window, max(times) + window)
+        span = None if len(times) < len(parsed) else (min(times) - window, max(times) + window)
         shapely.prepare(extent)
 
         def keep(item: OpticalItem) -> bool | None:

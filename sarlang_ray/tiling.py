@@ -27,8 +27,8 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import imagecodecs
 import numpy as np

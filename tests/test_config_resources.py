@@ -20,7 +20,7 @@ from sarlang_ray.config import (
     load_config,
     resource_keys,
 )
-from sarlang_ray.stages.runner import RESOURCE_KEYS, registry
+from sarlang_ray.stages.stage import RESOURCE_KEYS, registry
 
 STAGE_SECTIONS = ("catalog", "tile", "align", "annotate", "export", "evaluate")
 

@@ -12,7 +12,7 @@ import pytest
 
 from sarlang_ray import config as config_module
 from sarlang_ray.config import CatalogSection, ConfigError, Section, VLLMSection, WorkflowConfig, load_config
-from sarlang_ray.stages.runner import registry
+from sarlang_ray.stages.stage import registry
 
 
 def _modes(obj, prefix: str = ""):

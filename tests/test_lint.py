@@ -29,6 +29,10 @@ def test_make_test_runs_ruff_then_mypy_before_pytest():
     assert first("ruff check") < first("mypy") < first("-m pytest"), "\n".join(out)
     ruff = out[first("ruff check")]
     assert all(path in ruff.split() for path in ("sarlang_ray", "tests", "benchmarks")), ruff
+    # the suite in two runs that together hold every test: the fast tier (marked by conftest.py) and the rest
+    runs = [line for line in out if "-m pytest" in line]
+    assert len(runs) == 2 and "-m fast" in runs[0] and ('-m "not fast"' in runs[1] or "-m 'not fast'" in runs[1]), runs
+    assert all(run.rstrip().endswith(" tests") for run in runs), runs
 
 
 def test_mypy_settings_silence_nothing_globally():

@@ -17,6 +17,7 @@ from sarlang_ray.stages.stage import Stage
 def _global_labels(cfg: WorkflowConfig, out: str) -> tuple[dict, Manifest]:
     """Slice the global layer per scene on workers; merge the per-scene error rows (a feature met by two
     scenes is one error) into ``align/label_errors.parquet``. Counts are per (scene, feature)."""
+    assert cfg.catalog.labels is not None  # called for a global label layer only
     layer = companions.LabelLayer.open(catalog.resolve_path(cfg.catalog, cfg.catalog.labels))
     layer.check(cfg.catalog.labels_class_map, cfg.align.class_column, cfg.catalog.labels_id_column)
     scenes = [{"scene_id": s["scene_id"], "footprint": s["footprint"]}

@@ -28,7 +28,7 @@ import json
 import os
 import pickle
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +61,9 @@ class Resources:
 
         keys = resource_keys(section)
         c = keys["concurrency"]
+        concurrency = (int(c[0]), int(c[1])) if isinstance(c, (list, tuple)) else c
         return cls(num_cpus=float(keys["num_cpus"]), num_gpus=float(keys["num_gpus"] or 0.0),
-                   memory_gb=keys["memory_gb"] or None, concurrency=tuple(c) if isinstance(c, (list, tuple)) else c)
+                   memory_gb=keys["memory_gb"] or None, concurrency=concurrency)
 
     def width(self, n_items: int | None) -> int:
         """Tasks in flight at most."""
@@ -85,7 +86,7 @@ class Work:
     item, returning that item's small manifest row. ``finish`` turns the manifest into what ``map`` returns (by
     default the :class:`Manifest` itself)."""
 
-    items: Iterable[dict]
+    items: Iterable[Mapping[str, Any]]
     row: type
     args: tuple = ()
     resources: Resources = field(default_factory=Resources)
@@ -186,7 +187,7 @@ def _where() -> dict:
     return {"node": ray.get_runtime_context().get_node_id()}
 
 
-def _item_failed(cls, item: dict, exc: BaseException) -> str:
+def _item_failed(cls, item: Mapping[str, Any], exc: BaseException) -> str:
     return f"{task_name(cls)} failed on item {_describe(item)}: {exc}"
 
 
@@ -300,13 +301,13 @@ def _actors(work: Work) -> Manifest:
         failed = failed[failed.index(task_name(work.row)):] if task_name(work.row) in failed else failed
     finally:
         with contextlib.suppress(Exception):
-            rows.close()  # an interrupt or a failed row: stop the pool's executor, nothing more of this map runs
+            rows.close()  # type: ignore[attr-defined]  # a generator (iter of one); an interrupt or a failed row: stop the pool's executor, nothing more of this map runs
         if bar is not None:
             bar.close()
     if failed is not None:
         # raised outside the handler, so it does not hold Ray Data's error (whose traceback holds the executor and
         # its actors, and their CPUs, for as long as the caller keeps the error)
-        rows = mapped = ds = None
+        del rows, mapped, ds
         import gc
 
         gc.collect()
@@ -339,7 +340,7 @@ def _instance(key: str, spec: list):
     return inst
 
 
-def _run_item(key: str, spec: list, item: dict) -> dict:
+def _run_item(key: str, spec: list, item: Mapping[str, Any]) -> dict:
     with reaper.cancel_ends_worker():  # the instance's first item imports its domain's libraries
         return {**_instance(key, spec)(item), **_where()}
 
@@ -361,7 +362,7 @@ def _tasks(work: Work) -> Manifest:
 
     manifest = Manifest()
     items = iter(work.items)
-    total = len(work.items) if hasattr(work.items, "__len__") else None
+    total = len(work.items) if isinstance(work.items, Sized) else None
     if total == 0:
         return manifest
     cls = work.row
@@ -416,7 +417,7 @@ def _tasks(work: Work) -> Manifest:
     return manifest
 
 
-def _describe(item: dict) -> str:
+def _describe(item: Mapping[str, Any]) -> str:
     """A work item in an error message: its identifying keys, not its payload."""
     short = {k: v for k, v in item.items() if not (isinstance(v, str) and len(v) > 200)}
     return json.dumps(short, default=str)[:500]
@@ -435,8 +436,9 @@ SUMMED = {"gsds": "tiles_per_gsd", "classes": "objects_per_class", "applications
 def totals(manifest: Iterable[dict]) -> dict:
     """The stage's counts from its manifest rows, in one pass (a :class:`Manifest` is read from its file, never
     held whole)."""
-    out = {"shards": 0, "planned": 0, "written": 0, "rejected": 0, "skipped_shards": 0}
-    retried, summed = None, {}
+    out: dict[str, Any] = {"shards": 0, "planned": 0, "written": 0, "rejected": 0, "skipped_shards": 0}
+    retried: int | None = None
+    summed: dict[str, Counter] = {}
     for m in manifest:
         out["shards"] += 1
         for key in ("planned", "written", "rejected"):

@@ -26,6 +26,7 @@ from sarlang_ray.stages import execution
 from sarlang_ray.stages.execution import Resources, Work, placement
 from sarlang_ray.stages.stage import Stage
 
+
 def _body(cfg: WorkflowConfig) -> dict:
     out = io.join(cfg.run.run_dir, "export")
     items, split_counts = export.plan(cfg)

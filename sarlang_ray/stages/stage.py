@@ -164,7 +164,7 @@ class Stage:
         self._prepare(cfg)
         started = self.read_marker(cfg, STARTED)
         resume = started is not None and started["fingerprint"]["value"] == fp["value"] and not cfg.run.force
-        if resume and started["fingerprint"].get("retries"):  # an interrupted retry: its outputs are partly remade
+        if resume and started is not None and started["fingerprint"].get("retries"):  # an interrupted retry: its outputs are partly remade
             fp = {**fp, "retries": started["fingerprint"]["retries"]}
         if not resume:
             if done is not None or started is not None or io.exists(self.marker(cfg)):

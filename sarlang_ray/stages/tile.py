@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from sarlang_ray import io, tables, tiling
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.stages import execution
 from sarlang_ray.stages.execution import Resources, Work, placement, totals
 from sarlang_ray.stages.stage import Stage
+
+if TYPE_CHECKING:
+    from sarlang_ray.rows import SceneRow
 
 
 def nothing_planned(scenes: list[dict], cfg: WorkflowConfig) -> str:
@@ -21,7 +26,7 @@ def nothing_planned(scenes: list[dict], cfg: WorkflowConfig) -> str:
 
 def _body(cfg: WorkflowConfig) -> dict:
     scenes = tables.read_scenes(cfg.run.run_dir)
-    chunks = [c for s in scenes for c in tiling.plan_chunks(s, cfg.tile)]
+    chunks = [c for s in scenes for c in tiling.plan_chunks(cast("SceneRow", s), cfg.tile)]
     if not chunks:
         return {"planned": 0, "written": 0, "rejected": 0, "failure": nothing_planned(scenes, cfg)}
     manifest = execution.map(Work(chunks, tiling.TileChunk, (cfg.tile, cfg.run.run_dir, io.access_of(cfg.catalog)),

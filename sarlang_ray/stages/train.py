@@ -12,8 +12,8 @@ def _body(cfg: WorkflowConfig) -> dict:
     out = run_train(cfg)
     counts = {k: out[k] for k in ("n_train", "val_loss_before", "val_loss_after", "checkpoint", "held_out_split")}
     if out["held_out_split"] != "val":
-        counts["warnings"] = ["train: the export has no val split, so the held-out loss is the test split's (the pairs "
-                              "the leaderboard scores)"]
+        counts["warnings"] = [("train: the export has no val split, so the held-out loss is the test split's (the "
+                               "pairs the leaderboard scores)")]
     return counts
 
 
