@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.needs_ray  # the command starts its own local Ray: not the fast tier
 def test_make_run_prints_at_most_80_lines_with_counts_and_leaderboard(tmp_path):
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
