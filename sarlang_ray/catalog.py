@@ -74,6 +74,16 @@ def archive_root(archive: str) -> str:
     return stac.root_of(archive) if stac.is_stac(archive) else archive
 
 
+def _check_sources(cfg: CatalogSection) -> None:
+    """What both listings check before listing: the companion settings, and that a land-cover file named exists."""
+    companions.check(cfg)
+    landcover = resolve_landcover(cfg)
+    if landcover is not None and not io.exists(landcover):
+        raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
+                                f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
+                                "catalog.landcover=null.")
+
+
 def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[dict], list[dict]]:
     """What to inspect: rows ``{"uri", "stac"}`` (``stac``: the item's metadata as JSON, or None for a
     folder archive), sorted by uri, and error rows for STAC items that name no usable SAR asset.
@@ -83,12 +93,7 @@ def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[
         FileNotFoundError: nothing to inspect (no file matches the globs, or the STAC file lists no items), or
             ``catalog.landcover`` names a file that does not exist.
     """
-    companions.check(cfg)
-    landcover = resolve_landcover(cfg)
-    if landcover is not None and not io.exists(landcover):
-        raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
-                                f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
-                                "catalog.landcover=null.")
+    _check_sources(cfg)
     if snapshot is not None:
         import pystac
 
@@ -972,12 +977,7 @@ def listing_pages(cfg: CatalogSection, snapshot: str | None, page_rows: int) -> 
     Raises:
         FileNotFoundError: as :func:`list_scenes`, once the listing is over (nothing to inspect).
     """
-    companions.check(cfg)
-    landcover = resolve_landcover(cfg)
-    if landcover is not None and not io.exists(landcover):
-        raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
-                                f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
-                                "catalog.landcover=null.")
+    _check_sources(cfg)
     if snapshot is None and not stac.is_stac(cfg.archive):
         listed = 0
         for page in _paged(_glob_rows(cfg), page_rows):
