@@ -1,4 +1,5 @@
-"""catalog.search over stac-geoparquet snapshots of 10k, 100k and 1M items, and over a STAC API (rustac's server)
+"""catalog.search over stac-geoparquet snapshots of 10k, 100k and 1M items, and over a STAC API (rustac's
+server)
 of 2k and 20k items: time and driver peak memory.
 
     python benchmarks/bench_catalog_search.py [--sizes 10000 100000 1000000] [--api-sizes 2000 20000]
@@ -7,11 +8,14 @@ of 2k and 20k items: time and driver peak memory.
 API: ``rustac serve`` (tests/stac_server.py) over an ItemCollection of Sentinel-1-GRD-like items (VV and VH
 assets, the properties a Planetary Computer item has, ~2.5 KB of JSON each), searched whole in pages of
 API_PAGE; the frozen snapshot is written page by page (search.freeze). Its baseline, in the same run: the
-former path, every item that passes kept in a list and converted at the end. ``--only`` runs one part and keeps
+former path, every item that passes kept in a list and converted at the end. ``--only`` runs one part and
+keeps
 the other's results from the existing output file.
 
-Each snapshot is generated (tests/stac_snapshots.py: Sentinel-1-like items over Europe through 2024, one folder
-per month, row groups of 10,000 items sorted by latitude). The selection is one month (March) and an AOI around
+Each snapshot is generated (tests/stac_snapshots.py: Sentinel-1-like items over Europe through 2024, one
+folder
+per month, row groups of 10,000 items sorted by latitude). The selection is one month (March) and an AOI
+around
 (6 E, 52 N) sized per snapshot so that every size selects about the same number of items: the driver's memory
 must follow the selection, not the snapshot.
 
@@ -94,8 +98,15 @@ def aoi_for(n: int) -> list[float]:
 
 
 def measure(mode: str, folder, bbox, run_dir: Path) -> dict:
-    code = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), mode=mode, folder=str(folder), bbox=bbox,
-                        run_dir=str(run_dir), page=API_PAGE)
+    code = CHILD.format(
+        repo=str(REPO),
+        tests=str(REPO / "tests"),
+        mode=mode,
+        folder=str(folder),
+        bbox=bbox,
+        run_dir=str(run_dir),
+        page=API_PAGE,
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -115,30 +126,67 @@ def api_items(n: int, seed: int = 0) -> list[dict]:
         when = t0 + dt.timedelta(seconds=rng.uniform(0, 366 * 86400))
         name = f"S1A_IW_GRDH_1SDV_{when:%Y%m%dT%H%M%S}_{i:06d}"
         base = f"https://sentinel1euwest.blob.core.windows.net/s1-grd/GRD/{when:%Y/%m/%d}/IW/DV/{name}"
-        assets = {pol: {"href": f"{base}/measurement/iw-{pol}.tiff", "type": "image/tiff; application=geotiff; "
-                        "profile=cloud-optimized", "title": f"{pol.upper()}: vertical transmit", "roles": ["data"]}
-                  for pol in ("vv", "vh")}
-        assets["safe-manifest"] = {"href": f"{base}/manifest.safe", "type": "application/xml", "roles": ["metadata"]}
-        out.append({"type": "Feature", "stac_version": "1.0.0", "id": name, "collection": "sentinel-1-grd",
-                    "geometry": {"type": "Polygon", "coordinates": [ring]},
-                    "bbox": [x - 0.3, y, x + SIDE, y + SIDE], "links": [], "assets": assets,
-                    "stac_extensions": ["https://stac-extensions.github.io/sar/v1.0.0/schema.json",
-                                        "https://stac-extensions.github.io/sat/v1.0.0/schema.json"],
-                    "properties": {"datetime": when.isoformat().replace("+00:00", "Z"), "platform": "SENTINEL-1A",
-                                   "constellation": "Sentinel-1", "sar:instrument_mode": "IW",
-                                   "sar:polarizations": ["VV", "VH"], "sar:frequency_band": "C",
-                                   "sar:center_frequency": 5.405, "sar:product_type": "GRD",
-                                   "sar:resolution_range": 20, "sar:resolution_azimuth": 22,
-                                   "sar:pixel_spacing_range": 10, "sar:pixel_spacing_azimuth": 10,
-                                   "sar:looks_range": 5, "sar:looks_azimuth": 1, "sar:looks_equivalent_number": 4.4,
-                                   "sat:orbit_state": rng.choice(["ascending", "descending"]),
-                                   "sat:absolute_orbit": 50000 + i % 9000, "sat:relative_orbit": 1 + i % 175,
-                                   "s1:datatake_id": str(300000 + i), "s1:product_timeliness": "Fast-24h",
-                                   "s1:processing_level": "1", "s1:resolution": "high",
-                                   "s1:instrument_configuration_ID": "7", "s1:total_slices": "20",
-                                   "s1:slice_number": str(1 + i % 20), "s1:orbit_source": "RESORB",
-                                   "s1:shape": [25000, 16000], "s1:product_identifier": name,
-                                   "s1:processing_datetime": when.isoformat().replace("+00:00", "Z")}})
+        assets = {
+            pol: {
+                "href": f"{base}/measurement/iw-{pol}.tiff",
+                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                "title": f"{pol.upper()}: vertical transmit",
+                "roles": ["data"],
+            }
+            for pol in ("vv", "vh")
+        }
+        assets["safe-manifest"] = {
+            "href": f"{base}/manifest.safe",
+            "type": "application/xml",
+            "roles": ["metadata"],
+        }
+        out.append(
+            {
+                "type": "Feature",
+                "stac_version": "1.0.0",
+                "id": name,
+                "collection": "sentinel-1-grd",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "bbox": [x - 0.3, y, x + SIDE, y + SIDE],
+                "links": [],
+                "assets": assets,
+                "stac_extensions": [
+                    "https://stac-extensions.github.io/sar/v1.0.0/schema.json",
+                    "https://stac-extensions.github.io/sat/v1.0.0/schema.json",
+                ],
+                "properties": {
+                    "datetime": when.isoformat().replace("+00:00", "Z"),
+                    "platform": "SENTINEL-1A",
+                    "constellation": "Sentinel-1",
+                    "sar:instrument_mode": "IW",
+                    "sar:polarizations": ["VV", "VH"],
+                    "sar:frequency_band": "C",
+                    "sar:center_frequency": 5.405,
+                    "sar:product_type": "GRD",
+                    "sar:resolution_range": 20,
+                    "sar:resolution_azimuth": 22,
+                    "sar:pixel_spacing_range": 10,
+                    "sar:pixel_spacing_azimuth": 10,
+                    "sar:looks_range": 5,
+                    "sar:looks_azimuth": 1,
+                    "sar:looks_equivalent_number": 4.4,
+                    "sat:orbit_state": rng.choice(["ascending", "descending"]),
+                    "sat:absolute_orbit": 50000 + i % 9000,
+                    "sat:relative_orbit": 1 + i % 175,
+                    "s1:datatake_id": str(300000 + i),
+                    "s1:product_timeliness": "Fast-24h",
+                    "s1:processing_level": "1",
+                    "s1:resolution": "high",
+                    "s1:instrument_configuration_ID": "7",
+                    "s1:total_slices": "20",
+                    "s1:slice_number": str(1 + i % 20),
+                    "s1:orbit_source": "RESORB",
+                    "s1:shape": [25000, 16000],
+                    "s1:product_identifier": name,
+                    "s1:processing_datetime": when.isoformat().replace("+00:00", "Z"),
+                },
+            }
+        )
     return out
 
 
@@ -158,8 +206,15 @@ def run_api(sizes: list[int], tmp: str) -> list[dict]:
         finally:
             server.stop()
         assert found["selected"] == whole["selected"] == n, (found, whole)
-        rows.append({"items": n, "itemcollection_mib": round(path.stat().st_size / 2**20, 1), "page_size": API_PAGE,
-                     "search": found, "baseline_whole_list": whole})
+        rows.append(
+            {
+                "items": n,
+                "itemcollection_mib": round(path.stat().st_size / 2**20, 1),
+                "page_size": API_PAGE,
+                "search": found,
+                "baseline_whole_list": whole,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -189,31 +244,57 @@ def main() -> None:
                 found = measure("search", folder, bbox, Path(tmp) / f"run{n}")
                 whole = measure("read_whole", folder, bbox, Path(tmp) / f"whole{n}")
                 assert found["selected"] == whole["selected"], (found, whole)
-                rows.append({"items": n, "snapshot_mib": round(size / 2**20, 1), "generate_s": round(made, 1),
-                             "aoi": [round(v, 3) for v in bbox], "search": found, "baseline_read_whole": whole})
+                rows.append(
+                    {
+                        "items": n,
+                        "snapshot_mib": round(size / 2**20, 1),
+                        "generate_s": round(made, 1),
+                        "aoi": [round(v, 3) for v in bbox],
+                        "search": found,
+                        "baseline_read_whole": whole,
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
             small, big = rows[0], rows[-1]
-            result.update({
-                "benchmark": "catalog.search over a partitioned stac-geoparquet snapshot (AOI + one month)",
-                "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-                "rows": rows,
-                "peak_ratio_largest_vs_smallest": round(big["search"]["peak_rss_mib"] / small["search"]["peak_rss_mib"], 3),
-                "baseline_peak_ratio_largest_vs_smallest": round(
-                    big["baseline_read_whole"]["peak_rss_mib"] / small["baseline_read_whole"]["peak_rss_mib"], 3),
-            })
+            result.update(
+                {
+                    "benchmark": "catalog.search over a partitioned stac-geoparquet snapshot (AOI + one "
+                    "month)",
+                    "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+                    "rows": rows,
+                    "peak_ratio_largest_vs_smallest": round(
+                        big["search"]["peak_rss_mib"] / small["search"]["peak_rss_mib"], 3
+                    ),
+                    "baseline_peak_ratio_largest_vs_smallest": round(
+                        big["baseline_read_whole"]["peak_rss_mib"]
+                        / small["baseline_read_whole"]["peak_rss_mib"],
+                        3,
+                    ),
+                }
+            )
         if args.only != "snapshot":
             api = run_api(args.api_sizes, tmp)
             small, big = api[0], api[-1]
-            result.update({
-                "api_benchmark": "catalog.search of a whole STAC API collection (rustac serve), frozen page by page",
-                "api_rows": api,
-                "api_peak_above_imports_ratio_largest_vs_smallest": round(
-                    big["search"]["peak_above_imports_mib"] / max(0.1, small["search"]["peak_above_imports_mib"]), 2),
-                "api_peak_ratio_largest_vs_smallest": round(
-                    big["search"]["peak_rss_mib"] / small["search"]["peak_rss_mib"], 3),
-                "api_baseline_peak_ratio_largest_vs_smallest": round(
-                    big["baseline_whole_list"]["peak_rss_mib"] / small["baseline_whole_list"]["peak_rss_mib"], 3),
-            })
+            result.update(
+                {
+                    "api_benchmark": "catalog.search of a whole STAC API collection (rustac serve), frozen "
+                    "page by page",
+                    "api_rows": api,
+                    "api_peak_above_imports_ratio_largest_vs_smallest": round(
+                        big["search"]["peak_above_imports_mib"]
+                        / max(0.1, small["search"]["peak_above_imports_mib"]),
+                        2,
+                    ),
+                    "api_peak_ratio_largest_vs_smallest": round(
+                        big["search"]["peak_rss_mib"] / small["search"]["peak_rss_mib"], 3
+                    ),
+                    "api_baseline_peak_ratio_largest_vs_smallest": round(
+                        big["baseline_whole_list"]["peak_rss_mib"]
+                        / small["baseline_whole_list"]["peak_rss_mib"],
+                        3,
+                    ),
+                }
+            )
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("rows")}, indent=2))
 

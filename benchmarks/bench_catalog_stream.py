@@ -1,4 +1,5 @@
-"""The streaming catalog at 10,000 and 100,000 scenes (catalog.search's snapshot): time and driver peak memory.
+"""The streaming catalog at 10,000 and 100,000 scenes (catalog.search's snapshot): time and driver peak
+memory.
 
     python benchmarks/bench_catalog_stream.py [--sizes 10000 100000] [--baseline-size 10000]
         [--out benchmarks/results/catalog_stream.json]
@@ -13,7 +14,8 @@ before, that was the whole listing held in the driver (506 MiB at 10k, results o
 
 ``--driver-only``: the same driver (listing, pages through the object store, Ray tasks, merge of the parts,
 duplicate check) at the same sizes, but each task writes a copy of one really inspected page (scene ids made
-unique) instead of inspecting its rasters: the driver's memory at a size the 2 shared cores of this machine cannot
+unique) instead of inspecting its rasters: the driver's memory at a size the 2 shared cores of this machine
+cannot
 inspect in the time there is. A measurement of the driver, not of the catalog (rows ``driver_only``).
 """
 
@@ -79,12 +81,30 @@ def make_items(folder: Path, n: int) -> list[dict]:
         link = links / f"s{i:07d}_VV.tif"
         os.symlink(vv[i % len(vv)], link)
         x, y = (i % 400) * 0.1 - 10, 35 + (i // 400) * 0.1
-        geom = {"type": "Polygon", "coordinates": [[[x, y], [x + 0.1, y], [x + 0.1, y + 0.1], [x, y + 0.1], [x, y]]]}
-        items.append({"type": "Feature", "stac_version": "1.0.0", "id": f"S1_{i:07d}", "collection": "bench",
-                      "geometry": geom, "bbox": [x, y, x + 0.1, y + 0.1], "links": [], "stac_extensions": [],
-                      "assets": {"vv": {"href": str(link), "type": "image/tiff; application=geotiff", "roles": ["data"]}},
-                      "properties": {"datetime": (t0 + dt.timedelta(minutes=i)).isoformat(), "platform": "sentinel-1a",
-                                     "sar:polarizations": ["VV"]}})
+        geom = {
+            "type": "Polygon",
+            "coordinates": [[[x, y], [x + 0.1, y], [x + 0.1, y + 0.1], [x, y + 0.1], [x, y]]],
+        }
+        items.append(
+            {
+                "type": "Feature",
+                "stac_version": "1.0.0",
+                "id": f"S1_{i:07d}",
+                "collection": "bench",
+                "geometry": geom,
+                "bbox": [x, y, x + 0.1, y + 0.1],
+                "links": [],
+                "stac_extensions": [],
+                "assets": {
+                    "vv": {"href": str(link), "type": "image/tiff; application=geotiff", "roles": ["data"]}
+                },
+                "properties": {
+                    "datetime": (t0 + dt.timedelta(minutes=i)).isoformat(),
+                    "platform": "sentinel-1a",
+                    "sar:polarizations": ["VV"],
+                },
+            }
+        )
     return items
 
 
@@ -120,7 +140,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--baseline-size", type=int, default=10_000)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "catalog_stream.json"))
-    parser.add_argument("--driver-only", action="store_true", help="tasks copy one inspected page (see above)")
+    parser.add_argument(
+        "--driver-only", action="store_true", help="tasks copy one inspected page (see above)"
+    )
     args = parser.parse_args()
     import stac_geoparquet.arrow
 
@@ -137,22 +159,41 @@ def main() -> None:
             if args.driver_only:
                 template = str(folder / "template.parquet")
                 make_template(folder, template)
-                overrides = [f"run.run_dir={folder / 'run'}", f"catalog.archive={folder}", "run.stages=[catalog]",
-                             f"catalog.search.source={folder / 'items.parquet'}", "ray.num_cpus=2", "ray.progress=false"]
+                overrides = [
+                    f"run.run_dir={folder / 'run'}",
+                    f"catalog.archive={folder}",
+                    "run.stages=[catalog]",
+                    f"catalog.search.source={folder / 'items.parquet'}",
+                    "ray.num_cpus=2",
+                    "ray.progress=false",
+                ]
                 row["driver_only"] = run_stage(overrides, template)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 continue
             if n == args.baseline_size:
-                (folder / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+                (folder / "items.json").write_text(
+                    json.dumps({"type": "FeatureCollection", "features": items})
+                )
             del items
             common = ["run.stages=[catalog]", "ray.num_cpus=2", "ray.progress=false"]
             if n in args.sizes:
-                row["streaming"] = run_stage([f"run.run_dir={folder / 'run'}", f"catalog.archive={folder}",
-                                              f"catalog.search.source={folder / 'items.parquet'}", *common])
+                row["streaming"] = run_stage(
+                    [
+                        f"run.run_dir={folder / 'run'}",
+                        f"catalog.archive={folder}",
+                        f"catalog.search.source={folder / 'items.parquet'}",
+                        *common,
+                    ]
+                )
             if n == args.baseline_size:
-                row["item_collection"] = run_stage([f"run.run_dir={folder / 'run_whole'}",
-                                                  f"catalog.archive={folder / 'items.json'}", *common])
+                row["item_collection"] = run_stage(
+                    [
+                        f"run.run_dir={folder / 'run_whole'}",
+                        f"catalog.archive={folder / 'items.json'}",
+                        *common,
+                    ]
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
     kind = "driver_only" if args.driver_only else "streaming"
@@ -164,7 +205,8 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "rows": rows,
         "driver_peak_ratio_largest_vs_smallest": round(
-            big[kind]["driver_peak_rss_mib"] / small[kind]["driver_peak_rss_mib"], 3),
+            big[kind]["driver_peak_rss_mib"] / small[kind]["driver_peak_rss_mib"], 3
+        ),
         "scenes_per_s_largest": round(big["scenes"] / big[kind]["stage_seconds"], 1),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -33,8 +33,10 @@ from sarlang_ray.config import load_config
 
 
 def scoring(run: Path, n: int = 10_000) -> dict:
-    table = io.read_parquet(sorted(str(p) for p in (run / "export" / "parquet").glob("*/*.parquet")),
-                            columns=["kind", "answer", "question_type", "application"]).to_pylist()
+    table = io.read_parquet(
+        sorted(str(p) for p in (run / "export" / "parquet").glob("*/*.parquet")),
+        columns=["kind", "answer", "question_type", "application"],
+    ).to_pylist()
     captions = [r["answer"] for r in table if r["kind"] == "caption_concise"]
     rng = random.Random(0)
     refs = {str(i): [captions[i % len(captions)]] for i in range(n)}
@@ -66,10 +68,20 @@ def inference(run: Path, work: Path, small: int = 16) -> list[dict]:
     model = init_tiny_vlm(str(work / "model"))
     results = []
     for actors in (1, 2):
-        cfg = load_config(None, [f"run.run_dir={run}", f"evaluate.concurrency={actors}", "ray.progress=false",
-                                 "evaluate.num_cpus=1", "evaluate.split=train"])
+        cfg = load_config(
+            None,
+            [
+                f"run.run_dir={run}",
+                f"evaluate.concurrency={actors}",
+                "ray.progress=false",
+                "evaluate.num_cpus=1",
+                "evaluate.split=train",
+            ],
+        )
         prompt = evaluate.prompt_dict(cfg.evaluate.prompts[0])
-        every = evaluate.select_pairs(io.read_parquet(evaluate.split_files(cfg, "train"), columns=evaluate.META), None)
+        every = evaluate.select_pairs(
+            io.read_parquet(evaluate.split_files(cfg, "train"), columns=evaluate.META), None
+        )
         timings = {}
         for pairs in (every[:small], every):
             t0 = time.time()
@@ -77,9 +89,16 @@ def inference(run: Path, work: Path, small: int = 16) -> list[dict]:
             timings[len(pairs)] = time.time() - t0
             assert len(predictions) == len(pairs)
         n, t = len(every), timings[len(every)]
-        results.append({"actors": actors, "pairs": n, "seconds": round(t, 2), "samples_per_s_end_to_end": round(n / t, 1),
-                        "seconds_small_pass": round(timings[small], 2),
-                        "samples_per_s_steady": round((n - small) / (t - timings[small]), 1)})
+        results.append(
+            {
+                "actors": actors,
+                "pairs": n,
+                "seconds": round(t, 2),
+                "samples_per_s_end_to_end": round(n / t, 1),
+                "seconds_small_pass": round(timings[small], 2),
+                "samples_per_s_steady": round((n - small) / (t - timings[small]), 1),
+            }
+        )
         print(results[-1])
     ray.shutdown()
     return results
@@ -91,8 +110,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     run = export_dir(work)
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "inference_tiny_vlm": inference(run, work), "scoring": scoring(run), "date": time.strftime("%Y-%m-%d %H:%M")}
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "inference_tiny_vlm": inference(run, work),
+        "scoring": scoring(run),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     out = REPO / "benchmarks" / "results" / "evaluate.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

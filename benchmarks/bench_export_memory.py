@@ -85,9 +85,19 @@ def base_run(base: str | None) -> Path:
         return Path(base)
     run = WORK / "x1"
     if not (run / "annotate" / "_SUCCESS.json").exists():
-        subprocess.run([str(Path(sys.executable).parent / "sarlang"), "run", str(REPO / "workflows" / "demo.yaml"),
-                        f"run.run_dir={run}", f"synth.out_dir={WORK / 'archive'}", "ray.progress=false",
-                        "run.stages=[synth,catalog,tile,align,annotate]"], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "sarlang"),
+                "run",
+                str(REPO / "workflows" / "demo.yaml"),
+                f"run.run_dir={run}",
+                f"synth.out_dir={WORK / 'archive'}",
+                "ray.progress=false",
+                "run.stages=[synth,catalog,tile,align,annotate]",
+            ],
+            check=True,
+            cwd=REPO,
+        )
     return run
 
 
@@ -99,7 +109,9 @@ def _copy_table(table: pa.Table, copy: int) -> pa.Table:
         if "pair_id" in r:
             r["pair_id"] = f"{r['pair_id']}-r{copy}"
         if r.get("footprint") is not None:
-            moved = shapely.transform(shapely.from_wkb(r["footprint"]), lambda xy: xy + [SHIFT_DEG * copy, 0.0])
+            moved = shapely.transform(
+                shapely.from_wkb(r["footprint"]), lambda xy: xy + [SHIFT_DEG * copy, 0.0]
+            )
             r["footprint"] = shapely.to_wkb(moved)
         for o in r.get("objects") or []:
             if o["label_id"]:
@@ -108,7 +120,8 @@ def _copy_table(table: pa.Table, copy: int) -> pa.Table:
 
 
 def replicate(src: Path, factor: int) -> Path:
-    """A run folder with ``factor`` copies of ``src``'s align and annotate shards (plus what the card reads)."""
+    """A run folder with ``factor`` copies of ``src``'s align and annotate shards (plus what the card
+    reads)."""
     dst = WORK / f"x{factor}"
     if (dst / "annotate" / "_SUCCESS.json").exists():
         return dst
@@ -132,8 +145,14 @@ def replicate(src: Path, factor: int) -> Path:
 
 
 def measure(exporter: str, run: Path, old_source: Path, trace: bool) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, exporter, str(run), str(old_source), "1" if trace else "0"],
-                          capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, exporter, str(run), str(old_source), "1" if trace else "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+        check=False,
+    )
     if proc.returncode:
         raise RuntimeError(f"{exporter} export of {run} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -149,29 +168,55 @@ def main() -> None:
 
     WORK.mkdir(parents=True, exist_ok=True)
     old_source = WORK / "old_export.py"
-    old_source.write_text(subprocess.run(["git", "show", f"{args.old_rev}:sarlang_ray/export.py"], cwd=REPO, check=True,
-                                         capture_output=True, text=True).stdout)
+    old_source.write_text(
+        subprocess.run(
+            ["git", "show", f"{args.old_rev}:sarlang_ray/export.py"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     base = base_run(args.base)
     points = []
     for scale in args.scales:
         run = base if scale == 1 else replicate(base, scale)
         for exporter in ("old", "new"):
-            plain, traced = measure(exporter, run, old_source, False), measure(exporter, run, old_source, True)
-            point = {"scale": scale, "exporter": exporter, **plain, "python_peak_mib": traced["python_peak_mib"],
-                     "rss_growth_mib": round(plain["rss_peak_mib"] - plain["rss_before_mib"], 1)}
+            plain, traced = (
+                measure(exporter, run, old_source, False),
+                measure(exporter, run, old_source, True),
+            )
+            point = {
+                "scale": scale,
+                "exporter": exporter,
+                **plain,
+                "python_peak_mib": traced["python_peak_mib"],
+                "rss_growth_mib": round(plain["rss_peak_mib"] - plain["rss_before_mib"], 1),
+            }
             print(json.dumps(point), flush=True)
             points.append(point)
     by = {(p["scale"], p["exporter"]): p for p in points}
     top = max(args.scales)
-    ratios = {e: {"rss_peak": round(by[(top, e)]["rss_peak_mib"] / by[(1, e)]["rss_peak_mib"], 3),
-                  "python_peak": round(by[(top, e)]["python_peak_mib"] / by[(1, e)]["python_peak_mib"], 3),
-                  "pairs": round(by[(top, e)]["pairs"] / by[(1, e)]["pairs"], 2)}
-              for e in ("old", "new")} if 1 in args.scales and top > 1 else {}
-    result = {"benchmark": "export stage: driver peak memory, old serial exporter vs Ray workers",
-              "date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                                              "load_average": os.getloadavg()},
-              "old_exporter": f"git {args.old_rev}:sarlang_ray/export.py", "points": points,
-              f"ratio_{top}x_over_1x": ratios}
+    ratios = (
+        {
+            e: {
+                "rss_peak": round(by[(top, e)]["rss_peak_mib"] / by[(1, e)]["rss_peak_mib"], 3),
+                "python_peak": round(by[(top, e)]["python_peak_mib"] / by[(1, e)]["python_peak_mib"], 3),
+                "pairs": round(by[(top, e)]["pairs"] / by[(1, e)]["pairs"], 2),
+            }
+            for e in ("old", "new")
+        }
+        if 1 in args.scales and top > 1
+        else {}
+    )
+    result = {
+        "benchmark": "export stage: driver peak memory, old serial exporter vs Ray workers",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
+        "old_exporter": f"git {args.old_rev}:sarlang_ray/export.py",
+        "points": points,
+        f"ratio_{top}x_over_1x": ratios,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(ratios, indent=2))
 

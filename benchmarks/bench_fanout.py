@@ -1,4 +1,5 @@
-"""Driver CPU per work item of an actor-pool stage (``runner.map_items``): one block per item (before issue 31)
+"""Driver CPU per work item of an actor-pool stage (``runner.map_items``): one block per item (before issue
+31)
 vs items batched into blocks with the manifest streamed to a file (now).
 
     .venv/bin/python benchmarks/bench_fanout.py        # writes benchmarks/results/fanout.json
@@ -33,8 +34,16 @@ class Echo:
     """A row function that only answers: a manifest row like the stages' (counters as JSON)."""
 
     def __call__(self, row: dict) -> dict:
-        return {"shard": row["shard"], "planned": 8, "written": 8, "rejected": 0, "skipped": False,
-                "reasons": "{}", "gsds": json.dumps({"10 m": 8}), "classes": json.dumps({"building": 12, "road": 3})}
+        return {
+            "shard": row["shard"],
+            "planned": 8,
+            "written": 8,
+            "rejected": 0,
+            "skipped": False,
+            "reasons": "{}",
+            "gsds": json.dumps({"10 m": 8}),
+            "classes": json.dumps({"building": 12, "road": 3}),
+        }
 
 
 def measure(way: str, n: int) -> dict:
@@ -42,7 +51,13 @@ def measure(way: str, n: int) -> dict:
 
     from sarlang_ray.stages import execution as runner
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
@@ -60,8 +75,14 @@ def measure(way: str, n: int) -> dict:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     assert totals["shards"] == n and totals["planned"] == 8 * n, totals
     growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    out = {"way": way, "items": n, "driver_cpu_s": round(cpu, 3), "driver_cpu_ms_per_item": round(1000 * cpu / n, 4),
-           "wall_s": round(wall, 2), "peak_rss_growth_mb": round(growth, 1)}
+    out = {
+        "way": way,
+        "items": n,
+        "driver_cpu_s": round(cpu, 3),
+        "driver_cpu_ms_per_item": round(1000 * cpu / n, 4),
+        "wall_s": round(wall, 2),
+        "peak_rss_growth_mb": round(growth, 1),
+    }
     ray.shutdown()
     return out
 
@@ -73,14 +94,20 @@ def main() -> None:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     runs = []
     for way, n in (("one_block_per_item", 2048), ("blocks", 2048), ("blocks", 16384)):
-        done = subprocess.run([sys.executable, __file__, way, str(n)], env=env, capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, way, str(n)], env=env, capture_output=True, text=True, check=True
+        )
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(runs[-1], flush=True)
     base = runs[0]["driver_cpu_ms_per_item"]
-    result = {"benchmark": "driver CPU per item of runner.map_items", "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
-              "runs": runs, "target_ms_per_item_at_16k": 1.0,
-              "blocks_16k_ms_per_item": runs[2]["driver_cpu_ms_per_item"],
-              "ratio_blocks_vs_one_block_per_item_at_2048": round(runs[1]["driver_cpu_ms_per_item"] / base, 3)}
+    result = {
+        "benchmark": "driver CPU per item of runner.map_items",
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
+        "runs": runs,
+        "target_ms_per_item_at_16k": 1.0,
+        "blocks_16k_ms_per_item": runs[2]["driver_cpu_ms_per_item"],
+        "ratio_blocks_vs_one_block_per_item_at_2048": round(runs[1]["driver_cpu_ms_per_item"] / base, 3),
+    }
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

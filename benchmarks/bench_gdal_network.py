@@ -1,9 +1,11 @@
 """GDAL's network settings for remote COGs: GDAL's defaults against each option alone and against the settings
 sarlang-ray applies (``io.GDAL_NETWORK``, ``io.GDAL_HTTP_OPEN``), over ``/vsicurl/`` and ``/vsis3/``.
 
-    python benchmarks/bench_gdal_network.py [--latency-ms 30] [--windows 12] [--out benchmarks/results/gdal_network.json]
+    python benchmarks/bench_gdal_network.py [--latency-ms 30] [--windows 12] [--out
+benchmarks/results/gdal_network.json]
 
-Archive: tiled COGs with overviews (256-pixel blocks, deflate): the real Umbra scene of ../shared/data/real_sar
+Archive: tiled COGs with overviews (256-pixel blocks, deflate): the real Umbra scene of
+../shared/data/real_sar
 made into a COG (2000 x 2000 uint8) and a synthetic float32 speckle scene (4096 x 4096), as bench_vsis3 makes
 them. Servers, on 127.0.0.1, each adding ``--latency-ms`` to every answer (a remote store's round trip) and
 counting requests and body bytes:
@@ -14,7 +16,8 @@ counting requests and body bytes:
 
 Each configuration runs in a fresh process (GDAL's caches are per process) and reads the same random 512 x 512
 windows per scene, at full resolution and at overview level 1, in two passes: ``cold`` (open each scene, read
-its windows, close it) and ``reopened`` (the same again in the same process: what a worker that reopens a scene
+its windows, close it) and ``reopened`` (the same again in the same process: what a worker that reopens a
+scene
 gets). ``gdal_defaults`` opens with plain rasterio and no GDAL option set (the storage options only, for
 /vsis3/); ``sarlang`` opens through ``io.open_raster``; the others are the defaults plus one option. Every
 configuration's pixels are hashed: they must all be equal.
@@ -80,9 +83,12 @@ class Counters(http.server.ThreadingHTTPServer):
     def counts(self) -> dict:
         with self.target.lock:
             paths = [r[1].split("?")[0] for r in self.target.requests]
-            return {"requests": len(paths), "bytes": self.target.bytes_sent,
-                    "not_the_tif": sum(not p.endswith(".tif") for p in paths),
-                    "head": sum(r[0] == "HEAD" for r in self.target.requests)}
+            return {
+                "requests": len(paths),
+                "bytes": self.target.bytes_sent,
+                "not_the_tif": sum(not p.endswith(".tif") for p in paths),
+                "head": sum(r[0] == "HEAD" for r in self.target.requests),
+            }
 
 
 # ---------------------------------------------------------------- one configuration, in a fresh process
@@ -114,8 +120,10 @@ def worker(mode: str, hrefs: list[str], n_windows: int, counts_url: str) -> dict
         for level, factor in ((None, 1), (1, 4)):
             w, h = width // factor, height // factor
             side = min(WINDOW, w, h)
-            plan[(href, level)] = [Window(int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1)),
-                                          side, side) for _ in range(n_windows)]
+            plan[(href, level)] = [
+                Window(int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1)), side, side)
+                for _ in range(n_windows)
+            ]
     out, digest = {}, hashlib.sha256()
     for level in (None, 1):
         for phase in ("cold", "reopened"):
@@ -129,7 +137,9 @@ def worker(mode: str, hrefs: list[str], n_windows: int, counts_url: str) -> dict
             seconds = time.perf_counter() - t0
             after = counters()
             out[f"{'full' if level is None else 'overview1'}/{phase}"] = {
-                "seconds": round(seconds, 3), **{k: after[k] - before[k] for k in after}}
+                "seconds": round(seconds, 3),
+                **{k: after[k] - before[k] for k in after},
+            }
     out["sha256"] = digest.hexdigest()
     return out
 
@@ -146,10 +156,22 @@ def run_best(repeat: int, *args) -> dict:
 
 
 def run_worker(mode: str, hrefs, n_windows: int, counts_url: str, env_extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GDAL_", "CPL_", "VSI_", "FSSPEC_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GDAL_", "CPL_", "VSI_", "FSSPEC_"))
+    }
     env.update(env_extra, PYTHONPATH=str(REPO))
-    args = [sys.executable, __file__, "--worker", mode, "--windows", str(n_windows), "--counts-url", counts_url,
-            "--hrefs", json.dumps(hrefs)]
+    args = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--windows",
+        str(n_windows),
+        "--counts-url",
+        counts_url,
+        "--hrefs",
+        json.dumps(hrefs),
+    ]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, check=False)
     if done.returncode:
         raise RuntimeError(f"{mode} worker failed:\n{done.stderr[-3000:]}")
@@ -165,13 +187,17 @@ def configurations(storage_env: dict, sarlang_env: dict) -> list[tuple[str, str,
 
 def totals(result: dict) -> dict:
     keys = [k for k in result if "/" in k]
-    return {m: round(sum(result[k][m] for k in keys), 3) for m in ("seconds", "requests", "bytes", "not_the_tif")}
+    return {
+        m: round(sum(result[k][m] for k in keys), 3) for m in ("seconds", "requests", "bytes", "not_the_tif")
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--latency-ms", type=float, default=30.0)
-    ap.add_argument("--windows", type=int, default=12, help="random 512x512 windows per scene, level and pass")
+    ap.add_argument(
+        "--windows", type=int, default=12, help="random 512x512 windows per scene, level and pass"
+    )
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration (fastest time kept)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gdal_network.json"))
@@ -193,12 +219,22 @@ def main() -> None:
     from http_files import FileServer
 
     latency = a.latency_ms / 1000
-    report = {"what": __doc__.split("\n")[0], "latency_ms_per_request": a.latency_ms, "window": WINDOW,
-              "runs_per_configuration": a.repeat, "seconds": "each pass's fastest of the runs",
-              "windows_per_scene_level_pass": a.windows,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "rasterio": rasterio.__version__,
-                          "gdal": rasterio.__gdal_version__, "load_average_1min": round(os.getloadavg()[0], 1)},
-              "transports": {}}
+    report = {
+        "what": __doc__.split("\n")[0],
+        "latency_ms_per_request": a.latency_ms,
+        "window": WINDOW,
+        "runs_per_configuration": a.repeat,
+        "seconds": "each pass's fastest of the runs",
+        "windows_per_scene_level_pass": a.windows,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "rasterio": rasterio.__version__,
+            "gdal": rasterio.__gdal_version__,
+            "load_average_1min": round(os.getloadavg()[0], 1),
+        },
+        "transports": {},
+    }
     counters = Counters()
     with tempfile.TemporaryDirectory(prefix="bench-gdal-net-") as tmp:
         files = write_archive(Path(tmp) / "archive", 1, a.size)
@@ -206,13 +242,17 @@ def main() -> None:
         for path in files:
             with rasterio.open(path) as src:
                 sizes[path.name] = (src.width, src.height)
-        report["scenes"] = [{"name": p.name, "shape": list(sizes[p.name]), "bytes": p.stat().st_size} for p in files]
+        report["scenes"] = [
+            {"name": p.name, "shape": list(sizes[p.name]), "bytes": p.stat().st_size} for p in files
+        ]
         runs: dict[str, dict] = {}
         with FileServer(Path(tmp) / "archive", signed_only=False, latency_s=latency) as server:
             counters.target = server
             hrefs = [(f"{server.url}/{p.name}", sizes[p.name]) for p in files]
-            runs["vsicurl"] = {name: run_best(a.repeat, mode, hrefs, a.windows, counters.url, env)
-                               for name, mode, env in configurations({}, {})}
+            runs["vsicurl"] = {
+                name: run_best(a.repeat, mode, hrefs, a.windows, counters.url, env)
+                for name, mode, env in configurations({}, {})
+            }
         weed = s3_server.WeedMini(Path(tmp) / "weed", BUCKET)
         weed.start()
         try:
@@ -221,13 +261,19 @@ def main() -> None:
                 fs.put(str(path), f"{BUCKET}/archive/{path.name}")
             with HeaderProxy(s3_server.ENDPOINT, latency_s=latency) as proxy:
                 counters.target = proxy
-                storage = {"AWS_S3_ENDPOINT": proxy.url.split("://")[1], "AWS_HTTPS": "NO",
-                           "AWS_VIRTUAL_HOSTING": "FALSE", "AWS_ACCESS_KEY_ID": s3_server.ENV["FSSPEC_S3_KEY"],
-                           "AWS_SECRET_ACCESS_KEY": s3_server.ENV["FSSPEC_S3_SECRET"]}
+                storage = {
+                    "AWS_S3_ENDPOINT": proxy.url.split("://")[1],
+                    "AWS_HTTPS": "NO",
+                    "AWS_VIRTUAL_HOSTING": "FALSE",
+                    "AWS_ACCESS_KEY_ID": s3_server.ENV["FSSPEC_S3_KEY"],
+                    "AWS_SECRET_ACCESS_KEY": s3_server.ENV["FSSPEC_S3_SECRET"],
+                }
                 sarlang = {**s3_server.ENV, "FSSPEC_S3_ENDPOINT_URL": proxy.url}
                 hrefs = [(f"s3://{BUCKET}/archive/{p.name}", sizes[p.name]) for p in files]
-                runs["vsis3"] = {name: run_best(a.repeat, mode, hrefs, a.windows, counters.url, env)
-                                 for name, mode, env in configurations(storage, sarlang)}
+                runs["vsis3"] = {
+                    name: run_best(a.repeat, mode, hrefs, a.windows, counters.url, env)
+                    for name, mode, env in configurations(storage, sarlang)
+                }
         finally:
             weed.stop()
     counters.shutdown()
@@ -238,9 +284,14 @@ def main() -> None:
         table = {}
         for name, result in rows.items():
             tot = totals(result)
-            table[name] = {"total": tot, "vs_defaults": {
-                m: round(tot[m] / base[m], 3) if base[m] else None for m in ("seconds", "requests", "bytes")},
-                "passes": {k: v for k, v in result.items() if "/" in k}}
+            table[name] = {
+                "total": tot,
+                "vs_defaults": {
+                    m: round(tot[m] / base[m], 3) if base[m] else None
+                    for m in ("seconds", "requests", "bytes")
+                },
+                "passes": {k: v for k, v in result.items() if "/" in k},
+            }
         report["transports"][transport] = table
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")

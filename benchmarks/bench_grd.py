@@ -54,20 +54,35 @@ def speckled_measurement(path: Path, ann, block: tuple[int, int, int, int], targ
     from rasterio.windows import Window
 
     r0, r1, c0, c1 = block
-    gcps = [GroundControlPoint(row=p["line"], col=p["pixel"], x=p["longitude"], y=p["latitude"], z=p["height"])
-            for p in ann.grid]
-    with rasterio.open(path, "w", driver="GTiff", width=ann.width, height=ann.height, count=1, dtype="uint16",
-                       tiled=True, blockxsize=512, blockysize=512, compress="deflate", gcps=gcps, crs="EPSG:4326") as dst:
+    gcps = [
+        GroundControlPoint(row=p["line"], col=p["pixel"], x=p["longitude"], y=p["latitude"], z=p["height"])
+        for p in ann.grid
+    ]
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=ann.width,
+        height=ann.height,
+        count=1,
+        dtype="uint16",
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        gcps=gcps,
+        crs="EPSG:4326",
+    ) as dst:
         for r in range(r0 - r0 % 512, r1, 512):
             h = min(512, ann.height - r)
             rows = np.zeros((h, c1 - c0), np.uint16)
             lo, hi = max(r0, r) - r, min(r1, r + h) - r
-            power = rng.gamma(4.0, 150.0 ** 2 / 4.0, size=(hi - lo, c1 - c0))
+            power = rng.gamma(4.0, 150.0**2 / 4.0, size=(hi - lo, c1 - c0))
             rows[lo:hi] = np.clip(np.sqrt(power), 1, 65535).astype(np.uint16)
             for line, pixel in targets:
                 a, b = int(line) - 3 - r, int(pixel) - 3 - c0
                 if -6 < a < h and 0 <= b:
-                    rows[max(a, 0): max(a + 6, 0), b: b + 6] = DN_TARGET
+                    rows[max(a, 0) : max(a + 6, 0), b : b + 6] = DN_TARGET
             dst.write(rows[None], window=Window(c0, r, c1 - c0, h))
 
 
@@ -77,7 +92,9 @@ def build(work: Path, rng):
     lines = sorted({p["line"] for p in ann.grid})
     pixels = sorted({p["pixel"] for p in ann.grid})
     block = (int(lines[3]) - 600, int(lines[5]) + 600, int(pixels[8]) - 600, int(pixels[11]) + 600)
-    nodes = [p for p in ann.grid if lines[3] <= p["line"] <= lines[5] and pixels[8] <= p["pixel"] <= pixels[11]]
+    nodes = [
+        p for p in ann.grid if lines[3] <= p["line"] <= lines[5] and pixels[8] <= p["pixel"] <= pixels[11]
+    ]
     # the product, with measurement files written by the function above (both polarisations)
     zip_path = safe_products.build_product(REAL, "2021", work / "archive", background=0)
     import shutil
@@ -98,11 +115,21 @@ def build(work: Path, rng):
 
 
 def config(work: Path, archive: Path, aoi, *overrides):
-    return load_config(None, [
-        f"run.run_dir={work / 'run'}", f"catalog.archive={archive}", "catalog.optical_rule=null",
-        "catalog.landcover_rule=null", f"tile.aoi={aoi}", "tile.gsds_m=[]", "tile.include_native=true",
-        "tile.tile_size=512", "tile.max_nodata_fraction=1.0", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"run.run_dir={work / 'run'}",
+            f"catalog.archive={archive}",
+            "catalog.optical_rule=null",
+            "catalog.landcover_rule=null",
+            f"tile.aoi={aoi}",
+            "tile.gsds_m=[]",
+            "tile.include_native=true",
+            "tile.tile_size=512",
+            "tile.max_nodata_fraction=1.0",
+            *overrides,
+        ],
+    )
 
 
 def tile_all(cfg, scene, work: Path):
@@ -129,8 +156,19 @@ def native_cog(work: Path, scene: dict, rng) -> list[Path]:
         data = rng.gamma(4.0, mean / 4.0, size=(h, w)).astype(np.float32)
         path = work / "cog" / "sar" / f"native_sigma0_{pol}.tif"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with rasterio.open(path, "w", driver="COG", width=w, height=h, count=1, dtype="float32", crs=scene["tile_crs"],
-                           transform=Affine(gsd, 0, left, 0, -gsd, top), BLOCKSIZE=512, compress="deflate") as dst:
+        with rasterio.open(
+            path,
+            "w",
+            driver="COG",
+            width=w,
+            height=h,
+            count=1,
+            dtype="float32",
+            crs=scene["tile_crs"],
+            transform=Affine(gsd, 0, left, 0, -gsd, top),
+            BLOCKSIZE=512,
+            compress="deflate",
+        ) as dst:
             dst.write(data[None])
         paths.append(path)
     return paths
@@ -146,10 +184,14 @@ def node_errors(rows, scene, nodes) -> list[float]:
     sums = np.zeros((len(nodes), 3))
     for t in rows:
         img = np.asarray(Image.open(_io.BytesIO(t["sar_png"]))).astype(float)
-        r, c = np.nonzero(img > 0)  # fixed stretch from 0 dB: speckle (about -13 dB) is 0, targets (+30 dB) bright
+        r, c = np.nonzero(
+            img > 0
+        )  # fixed stretch from 0 dB: speckle (about -13 dB) is 0, targets (+30 dB) bright
         if not r.size:
             continue
-        weight = 10 ** (img[r, c] / 255 * 40 / 10)  # back to linear intensity: partial pixels weigh what they hold
+        weight = 10 ** (
+            img[r, c] / 255 * 40 / 10
+        )  # back to linear intensity: partial pixels weigh what they hold
         xs, ys = Affine(*t["transform"]) * (c + 0.5, r + 0.5)
         d = np.hypot(xs[:, None] - centres[:, 0], ys[:, None] - centres[:, 1])
         near = np.argmin(d, axis=1)
@@ -175,10 +217,17 @@ def main() -> None:
         lon = [p["longitude"] for p in nodes]
         lat = [p["latitude"] for p in nodes]
         aoi = [min(lon) + 0.005, min(lat) + 0.005, max(lon) - 0.005, max(lat) - 0.005]
-        results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                     "platform": platform.platform()},
-                         "product": zip_path.name, "build_seconds": round(build_s, 1), "aoi": aoi,
-                         "node_targets": len(nodes)}
+        results: dict = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "product": zip_path.name,
+            "build_seconds": round(build_s, 1),
+            "aoi": aoi,
+            "node_targets": len(nodes),
+        }
         scenes, timings, rows_by = {}, {}, {}
         for method in ("tps", "polynomial", "affine"):
             cfg = config(work, zip_path.parent, aoi, f"catalog.gcp_method={method}")
@@ -190,11 +239,15 @@ def main() -> None:
         cogs = native_cog(work, scene, rng)
         cog_cfg = config(work, cogs[0].parent.parent, aoi, "catalog.sar_glob=[sar/*.tif]")
         cog_scene = catalog.inspect_group([{"uri": str(p)} for p in cogs], cog_cfg.catalog)
-        plans = {"grd_tps": (config(work, zip_path.parent, aoi), scenes["tps"]),
-                 "grd_polynomial3": (config(work, zip_path.parent, aoi, "catalog.gcp_method=polynomial"),
-                                     scenes["polynomial"]),
-                 "grd_affine": (config(work, zip_path.parent, aoi, "catalog.gcp_method=affine"), scenes["affine"]),
-                 "native_cog": (cog_cfg, cog_scene)}
+        plans = {
+            "grd_tps": (config(work, zip_path.parent, aoi), scenes["tps"]),
+            "grd_polynomial3": (
+                config(work, zip_path.parent, aoi, "catalog.gcp_method=polynomial"),
+                scenes["polynomial"],
+            ),
+            "grd_affine": (config(work, zip_path.parent, aoi, "catalog.gcp_method=affine"), scenes["affine"]),
+            "native_cog": (cog_cfg, cog_scene),
+        }
         for _ in range(args.repeats):
             for name, (cfg, sc) in plans.items():
                 rows, seconds = tile_all(cfg, sc, work)
@@ -203,25 +256,46 @@ def main() -> None:
         throughput = {}
         for name, secs in timings.items():
             n = len(rows_by[name])
-            throughput[name] = {"tiles": n, "seconds_all": [round(s, 2) for s in secs],
-                                "tiles_per_s": round(n / min(secs), 2)}
+            throughput[name] = {
+                "tiles": n,
+                "seconds_all": [round(s, 2) for s in secs],
+                "tiles_per_s": round(n / min(secs), 2),
+            }
         for name in ("grd_tps", "grd_polynomial3", "grd_affine"):
-            throughput[name]["vs_native_cog"] = round(throughput[name]["tiles_per_s"] / throughput["native_cog"]["tiles_per_s"], 3)
+            throughput[name]["vs_native_cog"] = round(
+                throughput[name]["tiles_per_s"] / throughput["native_cog"]["tiles_per_s"], 3
+            )
         results["throughput"] = throughput
-        results["tile"] = {"size_px": 512, "gsd_m": round(scene["gsd_m"], 3), "speckle": "refined_lee",
-                           "calibration": scene["calibration"], "noise_removed": scene["noise_removed"]}
+        results["tile"] = {
+            "size_px": 512,
+            "gsd_m": round(scene["gsd_m"], 3),
+            "speckle": "refined_lee",
+            "calibration": scene["calibration"],
+            "noise_removed": scene["noise_removed"],
+        }
         geoloc = {}
-        sharp = ["tile.speckle.filter=none", "tile.stretch.mode=fixed", "tile.stretch.db_min=0", "tile.stretch.db_max=40"]
+        sharp = [
+            "tile.speckle.filter=none",
+            "tile.stretch.mode=fixed",
+            "tile.stretch.db_min=0",
+            "tile.stretch.db_max=40",
+        ]
         for name, method in (("grd_tps", "tps"), ("grd_polynomial3", "polynomial"), ("grd_affine", "affine")):
             cfg = config(work, zip_path.parent, aoi, f"catalog.gcp_method={method}", *sharp)
             rows, _ = tile_all(cfg, scenes[method], work)
             errors = node_errors(rows, scene, nodes)
-            geoloc[name] = {"targets_found": len(errors), "median_m": round(statistics.median(errors), 2),
-                            "max_m": round(max(errors), 2), "rms_m": round(float(np.sqrt(np.mean(np.square(errors)))), 2),
-                            "median_px": round(statistics.median(errors) / scene["gsd_m"], 3)}
-        results["geolocation_at_grid_nodes"] = {"how": "native GSD, nearest, no speckle filter, fixed stretch 0-40 dB: "
-                                                "linear-weighted centroid of each 6 x 6 px target vs its node's lat/lon",
-                                                **geoloc}
+            geoloc[name] = {
+                "targets_found": len(errors),
+                "median_m": round(statistics.median(errors), 2),
+                "max_m": round(max(errors), 2),
+                "rms_m": round(float(np.sqrt(np.mean(np.square(errors)))), 2),
+                "median_px": round(statistics.median(errors) / scene["gsd_m"], 3),
+            }
+        results["geolocation_at_grid_nodes"] = {
+            "how": "native GSD, nearest, no speckle filter, fixed stretch 0-40 dB: "
+            "linear-weighted centroid of each 6 x 6 px target vs its node's lat/lon",
+            **geoloc,
+        }
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

@@ -40,8 +40,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
-CLASS_MAP = {"building": "building", "kind=ship": "ship", "kind=road": "road", "kind=harbour": "harbour",
-             "kind=storage tank": "storage tank", "kind=aircraft": "aircraft", "kind=car": "car", "kind=bridge": "bridge"}
+CLASS_MAP = {
+    "building": "building",
+    "kind=ship": "ship",
+    "kind=road": "road",
+    "kind=harbour": "harbour",
+    "kind=storage tank": "storage tank",
+    "kind=aircraft": "aircraft",
+    "kind=car": "car",
+    "kind=bridge": "bridge",
+}
 
 
 def generate_layer(out: Path, archive: Path, features: int, chunk: int, seed: int = 0) -> dict:
@@ -71,21 +79,33 @@ def generate_layer(out: Path, archive: Path, features: int, chunk: int, seed: in
         w, h = rng.uniform(5e-5, 3e-4, n), rng.uniform(5e-5, 3e-4, n)
         order = np.lexsort((x, y))  # row groups of nearby features: their bbox statistics prune
         x, y, w, h = x[order], y[order], w[order], h[order]
-        gdf = gpd.GeoDataFrame({"building": np.full(n, "yes"), "object_id": [f"gen-{i}-{k}" for k in range(n)]},
-                               geometry=shapely.box(x, y, x + w, y + h), crs=4326)
+        gdf = gpd.GeoDataFrame(
+            {"building": np.full(n, "yes"), "object_id": [f"gen-{i}-{k}" for k in range(n)]},
+            geometry=shapely.box(x, y, x + w, y + h),
+            crs=4326,
+        )
         (out / f"region={i:03d}").mkdir()
-        gdf.to_parquet(out / f"region={i:03d}" / "part.parquet", write_covering_bbox=True, row_group_size=10_000)
+        gdf.to_parquet(
+            out / f"region={i:03d}" / "part.parquet", write_covering_bbox=True, row_group_size=10_000
+        )
         written += n
-    demo = pd.concat([gpd.read_parquet(p) for p in sorted((archive / "labels").glob("*.parquet"))], ignore_index=True)
+    demo = pd.concat(
+        [gpd.read_parquet(p) for p in sorted((archive / "labels").glob("*.parquet"))], ignore_index=True
+    )
     demo = gpd.GeoDataFrame(demo, crs=4326)
     demo["building"] = np.where(demo["class"] == "building", "yes", None)
     demo["kind"] = demo["class"]
     (out / "region=demo").mkdir()
-    demo.drop(columns=["class", "city"]).to_parquet(out / "region=demo" / "part.parquet", write_covering_bbox=True,
-                                                     row_group_size=10_000)
+    demo.drop(columns=["class", "city"]).to_parquet(
+        out / "region=demo" / "part.parquet", write_covering_bbox=True, row_group_size=10_000
+    )
     files = sorted(out.rglob("*.parquet"))
-    return {"generated_features": written, "demo_features": len(demo), "files": len(files),
-            "bytes": sum(f.stat().st_size for f in files)}
+    return {
+        "generated_features": written,
+        "demo_features": len(demo),
+        "files": len(files),
+        "bytes": sum(f.stat().st_size for f in files),
+    }
 
 
 def start_ray(attempts: int = 12) -> None:
@@ -97,7 +117,9 @@ def start_ray(attempts: int = 12) -> None:
 
     for attempt in range(attempts):
         try:
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            ray.init(
+                address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
+            )
             break
         except Exception:  # Ray raises a bare Exception for a start-up timeout
             ray.shutdown()
@@ -117,18 +139,35 @@ def run_variant(work: Path, variant: str, layer: Path | None, result: Path) -> N
     from sarlang_ray import pipeline
     from sarlang_ray.config import load_config
 
-    overrides = [f"run.run_dir={work / ('run_' + variant)}", f"synth.out_dir={work / 'archive'}", f"catalog.archive={work / 'archive'}",
-                 "run.stages=[catalog,tile,align]", "ray.progress=false"]
+    overrides = [
+        f"run.run_dir={work / ('run_' + variant)}",
+        f"synth.out_dir={work / 'archive'}",
+        f"catalog.archive={work / 'archive'}",
+        "run.stages=[catalog,tile,align]",
+        "ray.progress=false",
+    ]
     if layer is not None:
-        overrides += [f"catalog.labels={layer}", "catalog.labels_id_column=object_id",
-                      "catalog.labels_class_map=" + json.dumps(CLASS_MAP)]
+        overrides += [
+            f"catalog.labels={layer}",
+            "catalog.labels_id_column=object_id",
+            "catalog.labels_class_map=" + json.dumps(CLASS_MAP),
+        ]
     cfg = load_config(str(REPO / "workflows" / "demo.yaml"), overrides)
     t0 = time.time()
     with PeakMemory(process_tree()) as mem:
         start_ray()
         summary = pipeline.run(cfg)
-    result.write_text(json.dumps({"seconds": round(time.time() - t0, 1), "peak_rss_bytes": mem.peak_rss,
-                                  "peak_pss_bytes": mem.peak_pss, "align": summary["stages"]["align"]}, default=str))
+    result.write_text(
+        json.dumps(
+            {
+                "seconds": round(time.time() - t0, 1),
+                "peak_rss_bytes": mem.peak_rss,
+                "peak_pss_bytes": mem.peak_pss,
+                "align": summary["stages"]["align"],
+            },
+            default=str,
+        )
+    )
 
 
 def compare(work: Path) -> dict:
@@ -152,7 +191,11 @@ def compare(work: Path) -> dict:
         oa = sorted((demo_ids[o["label_id"]], o["class"], tuple(o["bbox_xyxy"])) for o in a[tid]["objects"])
         ob = sorted((o["label_id"], o["class"], tuple(o["bbox_xyxy"])) for o in b[tid]["objects"])
         objects += len(oa)
-        if oa != ob or a[tid]["landcover"] != b[tid]["landcover"] or a[tid]["optical_png"] != b[tid]["optical_png"]:
+        if (
+            oa != ob
+            or a[tid]["landcover"] != b[tid]["landcover"]
+            or a[tid]["optical_png"] != b[tid]["optical_png"]
+        ):
             differing.append(tid)
     return {"tiles": len(a), "objects": objects, "tiles_differing": len(differing), "equal": not differing}
 
@@ -167,14 +210,20 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_labels_"))
     if args.variant:
-        run_variant(work, args.variant, work / "layer" if args.variant == "layer" else None,
-                    work / f"result_{args.variant}.json")
+        run_variant(
+            work,
+            args.variant,
+            work / "layer" if args.variant == "layer" else None,
+            work / f"result_{args.variant}.json",
+        )
         return 0
     from sarlang_ray.config import load_config
     from sarlang_ray.synth import write_archive
 
     try:
-        if (work / "layer_stats.json").exists():  # a --work folder of an earlier, interrupted run: reuse its layer
+        if (
+            work / "layer_stats.json"
+        ).exists():  # a --work folder of an earlier, interrupted run: reuse its layer
             layer = json.loads((work / "layer_stats.json").read_text())
         else:
             cfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"synth.out_dir={work / 'archive'}"])
@@ -187,7 +236,9 @@ def main() -> int:
         for variant in ("glob", "layer"):
             for _attempt in range(5):  # on a loaded machine, Ray's 30 s node start-up limit can pass: retry
                 shutil.rmtree(work / f"run_{variant}", ignore_errors=True)  # a fresh run, never a resumed one
-                done = subprocess.run([sys.executable, __file__, "--work", str(work), "--variant", variant], check=False)
+                done = subprocess.run(
+                    [sys.executable, __file__, "--work", str(work), "--variant", variant], check=False
+                )
                 if done.returncode == 0:
                     break
                 time.sleep(20)
@@ -198,11 +249,21 @@ def main() -> int:
         ratio_rss = runs["layer"]["peak_rss_bytes"] / runs["glob"]["peak_rss_bytes"]
         ratio_pss = runs["layer"]["peak_pss_bytes"] / runs["glob"]["peak_pss_bytes"]
         result = {
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
             "layer": layer,
-            "runs": {k: {"seconds": v["seconds"], "peak_rss_mib": round(v["peak_rss_bytes"] / 2**20, 1),
-                         "peak_pss_mib": round(v["peak_pss_bytes"] / 2**20, 1), "labels": v["align"]["labels"]}
-                     for k, v in runs.items()},
+            "runs": {
+                k: {
+                    "seconds": v["seconds"],
+                    "peak_rss_mib": round(v["peak_rss_bytes"] / 2**20, 1),
+                    "peak_pss_mib": round(v["peak_pss_bytes"] / 2**20, 1),
+                    "labels": v["align"]["labels"],
+                }
+                for k, v in runs.items()
+            },
             "peak_rss_ratio_layer_over_demo": round(ratio_rss, 3),
             "peak_pss_ratio_layer_over_demo": round(ratio_pss, 3),
             "within_1_25x": ratio_rss <= 1.25 and ratio_pss <= 1.25,

@@ -40,8 +40,11 @@ def one_scale(work: Path, scale: int, repeats: int, annotate: bool = True) -> di
     pipeline.run(cfg, ["synth", "catalog"])
     ray.shutdown()
     scenes = pipeline.read_scenes(cfg.run.run_dir)
-    source = {"scenes": len(scenes), "sar_megapixels": round(sum(s["width"] * s["height"] for s in scenes) / 1e6, 2),
-              "sar_file_mib": round(sum(Path(s["sar_uri"]).stat().st_size for s in scenes) / 2**20, 1)}
+    source = {
+        "scenes": len(scenes),
+        "sar_megapixels": round(sum(s["width"] * s["height"] for s in scenes) / 1e6, 2),
+        "sar_file_mib": round(sum(Path(s["sar_uri"]).stat().st_size for s in scenes) / 2**20, 1),
+    }
     runs = []
     for r in range(repeats):
         for stage in ("tile", "align"):  # start both stages from scratch
@@ -52,18 +55,35 @@ def one_scale(work: Path, scale: int, repeats: int, annotate: bool = True) -> di
             seconds = time.time() - t0
             ray.shutdown()
         stages = summary["stages"]
-        runs.append({"seconds": seconds, "ray_init_and_stages": {s: stages[s]["seconds"] for s in ("tile", "align")},
-                     "peak_pss_mib": mem.peak_pss / 2**20, "tiles": stages["align"]["written"],
-                     "objects": sum(summary["objects_per_class"].values())})
+        runs.append(
+            {
+                "seconds": seconds,
+                "ray_init_and_stages": {s: stages[s]["seconds"] for s in ("tile", "align")},
+                "peak_pss_mib": mem.peak_pss / 2**20,
+                "tiles": stages["align"]["written"],
+                "objects": sum(summary["objects_per_class"].values()),
+            }
+        )
     best = min(runs, key=lambda x: x["seconds"])
-    point = {"scale": scale, "tiles": best["tiles"], "objects": best["objects"], "seconds": round(best["seconds"], 2),
-             "stage_seconds": best["ray_init_and_stages"], "peak_pss_mib": round(max(r["peak_pss_mib"] for r in runs), 1),
-             "seconds_all": [round(r["seconds"], 2) for r in runs], "source": source}
+    point = {
+        "scale": scale,
+        "tiles": best["tiles"],
+        "objects": best["objects"],
+        "seconds": round(best["seconds"], 2),
+        "stage_seconds": best["ray_init_and_stages"],
+        "peak_pss_mib": round(max(r["peak_pss_mib"] for r in runs), 1),
+        "seconds_all": [round(r["seconds"], 2) for r in runs],
+        "source": source,
+    }
     if annotate:  # template annotation of the same tiles, timed apart (not part of the tile + align fit)
         t0 = time.time()
         stages = pipeline.run(cfg, ["annotate"])["stages"]
-        point["annotate"] = {"seconds": round(time.time() - t0, 2), "stage_seconds": stages["annotate"]["seconds"],
-                             "tiles": stages["annotate"]["written"], "pairs": stages["annotate"]["pairs"]["passed"]}
+        point["annotate"] = {
+            "seconds": round(time.time() - t0, 2),
+            "stage_seconds": stages["annotate"]["seconds"],
+            "tiles": stages["annotate"]["written"],
+            "pairs": stages["annotate"]["pairs"]["passed"],
+        }
         ray.shutdown()
     return point
 
@@ -75,9 +95,13 @@ def linear_fit(points: list[dict]) -> dict:
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     fixed = my - slope * mx
     dev = [(y - (fixed + slope * x)) / y for x, y in zip(xs, ys)]
-    return {"fixed_seconds": round(fixed, 2), "seconds_per_tile": round(slope, 4),
-            "marginal_tiles_per_s": round(1 / slope, 1), "deviation_from_fit": [round(d, 3) for d in dev],
-            "max_abs_deviation": round(max(abs(d) for d in dev), 3)}
+    return {
+        "fixed_seconds": round(fixed, 2),
+        "seconds_per_tile": round(slope, 4),
+        "marginal_tiles_per_s": round(1 / slope, 1),
+        "deviation_from_fit": [round(d, 3) for d in dev],
+        "max_abs_deviation": round(max(abs(d) for d in dev), 3),
+    }
 
 
 def main() -> int:
@@ -94,10 +118,16 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     base = points[0]
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
         "points": points,
         "fit": linear_fit(points),
-        "memory_ratio_vs_1x": {p["scale"]: round(p["peak_pss_mib"] / base["peak_pss_mib"], 3) for p in points},
+        "memory_ratio_vs_1x": {
+            p["scale"]: round(p["peak_pss_mib"] / base["peak_pss_mib"], 3) for p in points
+        },
         "tiles_ratio_vs_1x": {p["scale"]: round(p["tiles"] / base["tiles"], 2) for p in points},
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }

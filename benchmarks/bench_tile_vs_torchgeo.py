@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / "benchmarks" / "work" / "torchgeo-venv"
 SIZE, TILE = 8192, 512
 
-TORCHGEO_SCRIPT = r'''
+TORCHGEO_SCRIPT = r"""
 import io, json, sys, time
 import numpy as np
 from PIL import Image
@@ -99,7 +99,7 @@ if __name__ == "__main__":
     n = sum(1 for s in loader if s["png_bytes"] > 0)
     t2 = time.perf_counter()
     print(json.dumps({"tiles": n, "setup_s": t1 - t0, "seconds": t2 - t1}))
-'''
+"""
 
 
 def make_archive(root: Path) -> list[Path]:
@@ -112,13 +112,27 @@ def make_archive(root: Path) -> list[Path]:
         if path.exists():
             continue
         rng = np.random.default_rng(k)
-        profile = {"driver": "GTiff", "width": SIZE, "height": SIZE, "count": 1, "dtype": "float32", "crs": "EPSG:32631",
-                   "transform": Affine(1.0, 0, 600000 + k * 20000, 0, -1.0, 5800000), "tiled": True, "blockxsize": 512,
-                   "blockysize": 512, "compress": "deflate"}
+        profile = {
+            "driver": "GTiff",
+            "width": SIZE,
+            "height": SIZE,
+            "count": 1,
+            "dtype": "float32",
+            "crs": "EPSG:32631",
+            "transform": Affine(1.0, 0, 600000 + k * 20000, 0, -1.0, 5800000),
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "compress": "deflate",
+        }
         with rasterio.open(path, "w", **profile) as dst:
             for r0 in range(0, SIZE, 1024):
-                yy, xx = np.mgrid[r0:r0 + 1024, 0:SIZE]
-                sigma0 = 0.05 + 0.15 * ((xx // 700 + yy // 500) % 3 == 0) + 0.3 * (np.abs(np.sin(xx / 900) * 800 - (yy % 1600)) < 40)
+                yy, xx = np.mgrid[r0 : r0 + 1024, 0:SIZE]
+                sigma0 = (
+                    0.05
+                    + 0.15 * ((xx // 700 + yy // 500) % 3 == 0)
+                    + 0.3 * (np.abs(np.sin(xx / 900) * 800 - (yy % 1600)) < 40)
+                )
                 sigma0 = np.where(np.abs(xx - 4000 - 600 * np.sin(yy / 1500)) < 120, 0.005, sigma0)
                 block = (sigma0 * rng.gamma(4, 0.25, sigma0.shape)).astype(np.float32)
                 dst.write(block, 1, window=rasterio.windows.Window(0, r0, SIZE, 1024))
@@ -126,8 +140,10 @@ def make_archive(root: Path) -> list[Path]:
 
 
 def floor(paths: list[Path], fast: bool = False) -> dict:
-    """One process: windowed reads, dB, stretch, PNG. ``fast``: the percentiles and the PNG by the tile stage's
-    implementations (``sar.percentiles``, libpng + zlib-ng), the floor for the same work done as sarlang does it."""
+    """One process: windowed reads, dB, stretch, PNG. ``fast``: the percentiles and the PNG by the tile
+    stage's
+    implementations (``sar.percentiles``, libpng + zlib-ng), the floor for the same work done as sarlang does
+    it."""
     from sarlang_ray import sar
     from sarlang_ray.tiling import encode_png
 
@@ -154,17 +170,36 @@ def torchgeo_python() -> Path:
     python = VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "torch==2.14.1", "torchvision==0.29.1", "torchgeo",
-                        "rasterio", "pillow", "requests",  # torchgeo 0.8.1 imports requests undeclared
-                        "numba", "scipy", "imagecodecs"], check=True)  # the fast work imports sarlang_ray.sar
+        subprocess.run(
+            [
+                str(VENV / "bin" / "pip"),
+                "install",
+                "-q",
+                "torch==2.14.1",
+                "torchvision==0.29.1",
+                "torchgeo",
+                "rasterio",
+                "pillow",
+                "requests",  # torchgeo 0.8.1 imports requests undeclared
+                "numba",
+                "scipy",
+                "imagecodecs",
+            ],
+            check=True,
+        )  # the fast work imports sarlang_ray.sar
     return python
 
 
 def torchgeo(root: Path, fast: bool = False) -> dict:
     script = VENV.parent / "torchgeo_tiles.py"
     script.write_text(TORCHGEO_SCRIPT)
-    proc = subprocess.run([str(torchgeo_python()), str(script), str(root), str(TILE), "fast" if fast else "pillow"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    proc = subprocess.run(
+        [str(torchgeo_python()), str(script), str(root), str(TILE), "fast" if fast else "pillow"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
     if proc.returncode:
         raise RuntimeError(f"TorchGeo run failed: {proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -181,10 +216,21 @@ def sarlang(work: Path, root: Path, speckle: str, tag: str, tiles_per_shard: int
     from sarlang_ray.stages.execution import map_tasks
 
     run_dir = work / f"run-{tag}"
-    cfg = load_config(None, [f"run.run_dir={run_dir}", f"catalog.archive={root}", "catalog.sar_glob=[*.tif]",
-                             "catalog.units=intensity", "tile.gsds_m=[1.0]", f"tile.tile_size={TILE}",
-                             f"tile.speckle.filter={speckle}", f"tile.tiles_per_shard={tiles_per_shard}", "ray.progress=false",
-                             "run.stages=[catalog,tile]"])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            f"catalog.archive={root}",
+            "catalog.sar_glob=[*.tif]",
+            "catalog.units=intensity",
+            "tile.gsds_m=[1.0]",
+            f"tile.tile_size={TILE}",
+            f"tile.speckle.filter={speckle}",
+            f"tile.tiles_per_shard={tiles_per_shard}",
+            "ray.progress=false",
+            "run.stages=[catalog,tile]",
+        ],
+    )
     if not (run_dir / "catalog" / "_SUCCESS.json").exists():
         catalog.run(cfg)
     shutil.rmtree(run_dir / "tile", ignore_errors=True)
@@ -193,9 +239,12 @@ def sarlang(work: Path, root: Path, speckle: str, tag: str, tiles_per_shard: int
     chunks = [c for s in tables.read_scenes(str(run_dir)) for c in tiling.plan_chunks(s, cfg.tile)]
     shutil.rmtree(run_dir / "tile", ignore_errors=True)
     manifest = map_tasks(chunks, tiling.TileChunk, (cfg.tile, str(run_dir)))
-    return {"tiles": counts["written"], "stage_seconds": counts["seconds"],
-            "tiles_per_s_stage": round(counts["written"] / counts["seconds"], 1),
-            "tiles_per_s_steady": round(steady_state_rate(manifest), 1)}
+    return {
+        "tiles": counts["written"],
+        "stage_seconds": counts["seconds"],
+        "tiles_per_s_stage": round(counts["written"] / counts["seconds"], 1),
+        "tiles_per_s_steady": round(steady_state_rate(manifest), 1),
+    }
 
 
 def overview_pixels(work: Path) -> dict:
@@ -209,18 +258,47 @@ def overview_pixels(work: Path) -> dict:
     plain, cog = work / "cog-plain.tif", work / "cog.tif"
     if not cog.exists():
         rng = np.random.default_rng(7)
-        with rasterio.open(plain, "w", driver="GTiff", width=n, height=n, count=1, dtype="float32", crs="EPSG:32631",
-                           transform=Affine(0.5, 0, 600000, 0, -0.5, 5800000), tiled=True, blockxsize=512, blockysize=512) as dst:
+        with rasterio.open(
+            plain,
+            "w",
+            driver="GTiff",
+            width=n,
+            height=n,
+            count=1,
+            dtype="float32",
+            crs="EPSG:32631",
+            transform=Affine(0.5, 0, 600000, 0, -0.5, 5800000),
+            tiled=True,
+            blockxsize=512,
+            blockysize=512,
+        ) as dst:
             for r0 in range(0, n, 1024):
-                dst.write((0.1 * rng.gamma(4, 0.25, (1024, n))).astype(np.float32), 1, window=rasterio.windows.Window(0, r0, n, 1024))
+                dst.write(
+                    (0.1 * rng.gamma(4, 0.25, (1024, n))).astype(np.float32),
+                    1,
+                    window=rasterio.windows.Window(0, r0, n, 1024),
+                )
         rio_copy(plain, cog, driver="COG", RESAMPLING="AVERAGE", OVERVIEWS="AUTO", BLOCKSIZE=256)
     out = {}
     for use in (True, False):
-        worker = TileChunk(load_config(None, ["tile.tile_size=256", f"tile.use_overviews={str(use).lower()}"]).tile, str(work))
+        worker = TileChunk(
+            load_config(None, ["tile.tile_size=256", f"tile.use_overviews={str(use).lower()}"]).tile,
+            str(work),
+        )
         with rasterio.open(cog) as src:
             t = src.transform
-            scene = {"scene_id": "cog", "sar_uri": str(cog), "crs": src.crs.to_string(), "tile_crs": src.crs.to_string(),
-                     "transform": list(t)[:6], "width": n, "height": n, "gsd_m": 0.5, "band": 1, "units": "intensity"}
+            scene = {
+                "scene_id": "cog",
+                "sar_uri": str(cog),
+                "crs": src.crs.to_string(),
+                "tile_crs": src.crs.to_string(),
+                "transform": list(t)[:6],
+                "width": n,
+                "height": n,
+                "gsd_m": 0.5,
+                "band": 1,
+                "units": "intensity",
+            }
             grid = grid_for(scene, 10.0, worker.cfg)
             t0 = time.perf_counter()
             for r in range(grid.n_rows):
@@ -228,16 +306,22 @@ def overview_pixels(work: Path) -> dict:
                     worker.read_intensity(src, scene, grid.window_transform(r, c), grid.crs, 256)
             written = grid.n_windows * 256 * 256
             out["overviews" if use else "full_resolution"] = {
-                "tiles": grid.n_windows, "pixels_written": written, "pixels_decoded": worker.stats["pixels_read"],
+                "tiles": grid.n_windows,
+                "pixels_written": written,
+                "pixels_decoded": worker.stats["pixels_read"],
                 "decoded_per_written": round(worker.stats["pixels_read"] / written, 2),
-                "seconds": round(time.perf_counter() - t0, 2), "overview_factors": src.overviews(1)}
+                "seconds": round(time.perf_counter() - t0, 2),
+                "overview_factors": src.overviews(1),
+            }
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tiles-per-shard", type=int, default=64, help="tile.tiles_per_shard (the stage's default: 64)")
+    parser.add_argument(
+        "--tiles-per-shard", type=int, default=64, help="tile.tiles_per_shard (the stage's default: 64)"
+    )
     parser.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "tile_vs_torchgeo"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tile_vs_torchgeo.json"))
     args = parser.parse_args()
@@ -249,11 +333,23 @@ def main() -> int:
     make_archive(root)
     torchgeo_python()
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     init_s = time.perf_counter() - t0
-    runs: dict[str, list] = {"floor": [], "floor_fast": [], "torchgeo": [], "torchgeo_fast": [], "sarlang": [],
-                             "sarlang_refined_lee": []}
+    runs: dict[str, list] = {
+        "floor": [],
+        "floor_fast": [],
+        "torchgeo": [],
+        "torchgeo_fast": [],
+        "sarlang": [],
+        "sarlang_refined_lee": [],
+    }
     for _ in range(args.repeats):  # alternate, so slow phases of a shared machine hit every method
         runs["floor"].append(floor(sorted(root.glob("*.tif"))))
         runs["floor_fast"].append(floor(sorted(root.glob("*.tif")), fast=True))
@@ -262,13 +358,23 @@ def main() -> int:
         runs["sarlang"].append(sarlang(work, root, "none", "none", args.tiles_per_shard))
         runs["sarlang_refined_lee"].append(sarlang(work, root, "refined_lee", "lee", args.tiles_per_shard))
     ray.shutdown()
-    best = {k: max(v, key=lambda r: r.get("tiles_per_s", r.get("tiles_per_s_stage"))) for k, v in runs.items()}
+    best = {
+        k: max(v, key=lambda r: r.get("tiles_per_s", r.get("tiles_per_s_stage"))) for k, v in runs.items()
+    }
     stage, steady = best["sarlang"]["tiles_per_s_stage"], best["sarlang"]["tiles_per_s_steady"]
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
-        "work": f"{2 * (SIZE // TILE) ** 2} tiles of {TILE} px from two {SIZE} px float32 deflate GeoTIFFs (512 px blocks): "
-                "read, dB, 2-98 % stretch, PNG level 6",
-        "ray_init_seconds": round(init_s, 2), "tiles_per_shard": args.tiles_per_shard, "best": best, "runs": runs,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+        "work": f"{2 * (SIZE // TILE) ** 2} tiles of {TILE} px from two {SIZE} px float32 deflate GeoTIFFs "
+        "(512 px blocks): "
+        "read, dB, 2-98 % stretch, PNG level 6",
+        "ray_init_seconds": round(init_s, 2),
+        "tiles_per_shard": args.tiles_per_shard,
+        "best": best,
+        "runs": runs,
         "ratios": {
             "sarlang_stage_over_torchgeo": round(stage / best["torchgeo"]["tiles_per_s"], 2),
             "sarlang_steady_over_torchgeo": round(steady / best["torchgeo"]["tiles_per_s"], 2),
@@ -278,10 +384,17 @@ def main() -> int:
             "sarlang_stage_over_torchgeo_fast": round(stage / best["torchgeo_fast"]["tiles_per_s"], 2),
             "sarlang_stage_over_floor_fast": round(stage / best["floor_fast"]["tiles_per_s"], 2),
             "sarlang_steady_over_floor_fast": round(steady / best["floor_fast"]["tiles_per_s"], 2),
-            "refined_lee_stage_over_filter_off": round(best["sarlang_refined_lee"]["tiles_per_s_stage"] / stage, 2),
-            # the first tile stage of the session: Ray's workers import the tile code then (once per worker process)
-            "sarlang_cold_stage_over_torchgeo": round(runs["sarlang"][0]["tiles_per_s_stage"] / best["torchgeo"]["tiles_per_s"], 2),
-            "sarlang_cold_stage_over_floor": round(runs["sarlang"][0]["tiles_per_s_stage"] / best["floor"]["tiles_per_s"], 2),
+            "refined_lee_stage_over_filter_off": round(
+                best["sarlang_refined_lee"]["tiles_per_s_stage"] / stage, 2
+            ),
+            # the first tile stage of the session: Ray's workers import the tile code then (once per worker
+            # process)
+            "sarlang_cold_stage_over_torchgeo": round(
+                runs["sarlang"][0]["tiles_per_s_stage"] / best["torchgeo"]["tiles_per_s"], 2
+            ),
+            "sarlang_cold_stage_over_floor": round(
+                runs["sarlang"][0]["tiles_per_s_stage"] / best["floor"]["tiles_per_s"], 2
+            ),
         },
         "cog_10m_level_of_0p5m": overview_pixels(work),
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -42,10 +42,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(work: Path, name: str, *overrides: str):
-    return load_config(str(REPO / "workflows" / "demo.yaml"), [
-        f"run.run_dir={work / name / 'run'}", f"synth.out_dir={work / name / 'archive'}", "ray.progress=false",
-        *overrides,
-    ])
+    return load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [
+            f"run.run_dir={work / name / 'run'}",
+            f"synth.out_dir={work / name / 'archive'}",
+            "ray.progress=false",
+            *overrides,
+        ],
+    )
 
 
 def steady_state_rate(manifest: list[dict]) -> float:
@@ -75,7 +80,9 @@ def throughput(work: Path, scale: int, tile_size: int, repeats: int) -> dict:
     loop_dir, ray_dir = work / "throughput" / "loop", work / "throughput" / "ray"
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     init_s = time.perf_counter() - t0
 
@@ -94,31 +101,47 @@ def throughput(work: Path, scale: int, tile_size: int, repeats: int) -> dict:
         ray_runs.append((time.time() - t0, steady_state_rate(manifest), len({m["worker"] for m in manifest})))
         assert sum(m["written"] for m in manifest) == n_tiles
 
-        for cold in (True, False):  # right after the actor pool (it took the idle workers with it), then again
+        for cold in (
+            True,
+            False,
+        ):  # right after the actor pool (it took the idle workers with it), then again
             shutil.rmtree(ray_dir, ignore_errors=True)
             t0 = time.time()
             manifest = map_tasks(chunks, tiling.TileChunk, (cfg.tile, str(ray_dir)))
             (cold_runs if cold else task_runs).append(
-                (time.time() - t0, steady_state_rate(manifest), len({m["worker"] for m in manifest})))
+                (time.time() - t0, steady_state_rate(manifest), len({m["worker"] for m in manifest}))
+            )
             assert sum(m["written"] for m in manifest) == n_tiles
     ray.shutdown()
     loop_s = min(loop_runs)
     ray_s, steady_rate, workers = min(ray_runs)
     task_s, task_steady, task_workers = min(task_runs)
     return {
-        "tiles": n_tiles, "chunks": len(chunks), "tile_size": tile_size, "archive_scale": scale, "repeats": repeats,
-        "loop_seconds": round(loop_s, 2), "loop_tiles_per_s": round(n_tiles / loop_s, 1),
+        "tiles": n_tiles,
+        "chunks": len(chunks),
+        "tile_size": tile_size,
+        "archive_scale": scale,
+        "repeats": repeats,
+        "loop_seconds": round(loop_s, 2),
+        "loop_tiles_per_s": round(n_tiles / loop_s, 1),
         "loop_seconds_all": [round(x, 2) for x in loop_runs],
-        "ray_init_seconds": round(init_s, 2), "ray_seconds_after_init": round(ray_s, 2),
-        "ray_seconds_all": [round(x[0], 2) for x in ray_runs], "ray_workers": workers,
-        "ray_tiles_per_s_overall": round(n_tiles / ray_s, 1), "ray_tiles_per_s_steady": round(steady_rate, 1),
-        "speedup_overall": round(loop_s / ray_s, 2), "speedup_steady": round(steady_rate / (n_tiles / loop_s), 2),
+        "ray_init_seconds": round(init_s, 2),
+        "ray_seconds_after_init": round(ray_s, 2),
+        "ray_seconds_all": [round(x[0], 2) for x in ray_runs],
+        "ray_workers": workers,
+        "ray_tiles_per_s_overall": round(n_tiles / ray_s, 1),
+        "ray_tiles_per_s_steady": round(steady_rate, 1),
+        "speedup_overall": round(loop_s / ray_s, 2),
+        "speedup_steady": round(steady_rate / (n_tiles / loop_s), 2),
         "speedup_including_init": round(loop_s / (ray_s + init_s), 2),
-        "tasks_seconds_after_init": round(task_s, 2), "tasks_seconds_all": [round(x[0], 2) for x in task_runs],
-        "tasks_workers": task_workers, "tasks_tiles_per_s_overall": round(n_tiles / task_s, 1),
+        "tasks_seconds_after_init": round(task_s, 2),
+        "tasks_seconds_all": [round(x[0], 2) for x in task_runs],
+        "tasks_workers": task_workers,
+        "tasks_tiles_per_s_overall": round(n_tiles / task_s, 1),
         "tasks_cold_seconds_all": [round(x[0], 2) for x in cold_runs],
         "tasks_tiles_per_s_cold": round(n_tiles / min(cold_runs)[0], 1),
-        "tasks_tiles_per_s_steady": round(task_steady, 1), "tasks_speedup_overall": round(loop_s / task_s, 2),
+        "tasks_tiles_per_s_steady": round(task_steady, 1),
+        "tasks_speedup_overall": round(loop_s / task_s, 2),
         "tasks_speedup_steady": round(task_steady / (n_tiles / loop_s), 2),
         "tasks_speedup_including_init": round(loop_s / (task_s + init_s), 2),
     }
@@ -135,8 +158,11 @@ def memory(work: Path) -> dict:
         with PeakMemory(ray_processes) as mem:
             summary = pipeline.run(cfg, ["catalog", "tile", "align"])
             ray.shutdown()
-        out[f"scale{scale}"] = {"tiles": summary["stages"]["align"]["written"], "peak_pss_mib": round(mem.peak_pss / 2**20, 1),
-                                "seconds": summary["wall_seconds"]}
+        out[f"scale{scale}"] = {
+            "tiles": summary["stages"]["align"]["written"],
+            "peak_pss_mib": round(mem.peak_pss / 2**20, 1),
+            "seconds": summary["wall_seconds"],
+        }
     out["peak_ratio_4x_over_1x"] = round(out["scale4"]["peak_pss_mib"] / out["scale1"]["peak_pss_mib"], 3)
     out["tiles_ratio"] = round(out["scale4"]["tiles"] / out["scale1"]["tiles"], 2)
     return out
@@ -144,7 +170,9 @@ def memory(work: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=int, default=7, help="archive copies for the throughput run (7: >2000 tiles)")
+    parser.add_argument(
+        "--scale", type=int, default=7, help="archive copies for the throughput run (7: >2000 tiles)"
+    )
     parser.add_argument("--tile-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each method; the fastest counts")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tiling.json"))
@@ -152,7 +180,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sarlang-bench-"))
     try:
         result = {
-            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+            },
             "throughput": throughput(work, args.scale, args.tile_size, args.repeats),
             "memory": memory(work),
             "date": time.strftime("%Y-%m-%d %H:%M"),

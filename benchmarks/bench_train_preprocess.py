@@ -49,8 +49,9 @@ def before_module(rev: str):
     import it by name)."""
     import ray.cloudpickle
 
-    source = subprocess.run(["git", "show", f"{rev}:sarlang_ray/train.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{rev}:sarlang_ray/train.py"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
     path = Path(tempfile.mkdtemp(prefix="train-before-")) / "train_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("train_before", path)
@@ -61,15 +62,28 @@ def before_module(rev: str):
     return module
 
 
-def one_run(variant: str, run_train, export_run: Path, work: Path, model: str, args, overrides: list[str]) -> dict:
+def one_run(
+    variant: str, run_train, export_run: Path, work: Path, model: str, args, overrides: list[str]
+) -> dict:
     import sarlang_ray.train
 
     run_dir = work / variant
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(export_run / "export", run_dir / "export")
-    cfg = load_config(None, [f"run.run_dir={run_dir}", f"train.model={model}", f"train.batch_size={args.batch}",
-                             f"train.epochs={args.epochs}", f"train.limit_pairs={args.pairs}", "train.lr=1e-3",
-                             "train.num_to_keep=1", "ray.progress=false", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            f"train.model={model}",
+            f"train.batch_size={args.batch}",
+            f"train.epochs={args.epochs}",
+            f"train.limit_pairs={args.pairs}",
+            "train.lr=1e-3",
+            "train.num_to_keep=1",
+            "ray.progress=false",
+            *overrides,
+        ],
+    )
     real = sarlang_ray.train.run_train
     sarlang_ray.train.run_train = run_train  # the stage imports run_train when it runs
     try:
@@ -80,9 +94,14 @@ def one_run(variant: str, run_train, export_run: Path, work: Path, model: str, a
         sarlang_ray.train.run_train = real
     history = json.loads((run_dir / "train" / "metrics.json").read_text())["history"]
     rates = [h["samples_per_s"] for h in history if "samples_per_s" in h]
-    return {"variant": variant, "samples_per_s_per_epoch": rates, "steady_samples_per_s": sum(rates[1:]) / len(rates[1:]),
-            "stage_wall_s": wall, "load_average_1min": [load0, os.getloadavg()[0]],
-            "val_loss": [h["val_loss"] for h in history]}
+    return {
+        "variant": variant,
+        "samples_per_s_per_epoch": rates,
+        "steady_samples_per_s": sum(rates[1:]) / len(rates[1:]),
+        "stage_wall_s": wall,
+        "load_average_1min": [load0, os.getloadavg()[0]],
+        "val_loss": [h["val_loss"] for h in history],
+    }
 
 
 def main() -> None:
@@ -103,23 +122,41 @@ def main() -> None:
     size = {"image_size": 64} if "image_size" in inspect.signature(init_tiny_vlm).parameters else {}
     model = init_tiny_vlm(str(work / "model"), hidden=256, layers=4, **size)
     old = before_module(args.before)
-    variants = [("before", old.run_train, []), ("after", after.run_train, []),
-                ("after_no_shuffle", after.run_train, ["train.shuffle=false"])]
+    variants = [
+        ("before", old.run_train, []),
+        ("after", after.run_train, []),
+        ("after_no_shuffle", after.run_train, ["train.shuffle=false"]),
+    ]
     runs: dict[str, list] = {v: [] for v, _, _ in variants}
     for r in range(args.repeats):
         for variant, fn, overrides in variants:
             runs[variant].append(one_run(variant, fn, export_run, work, model, args, overrides))
-            print(f"repeat {r} {variant}: {runs[variant][-1]['steady_samples_per_s']:.2f} samples/s, "
-                  f"stage {runs[variant][-1]['stage_wall_s']:.0f} s", flush=True)
+            print(
+                f"repeat {r} {variant}: {runs[variant][-1]['steady_samples_per_s']:.2f} samples/s, "
+                f"stage {runs[variant][-1]['stage_wall_s']:.0f} s",
+                flush=True,
+            )
     best = {v: max(rs, key=lambda x: x["steady_samples_per_s"]) for v, rs in runs.items()}
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "setup": {"model": "tiny LLaVA-style VLM (init_tiny_vlm hidden 256, 4 layers)", "method": "lora r=8 all-linear",
-                  "pairs_per_epoch": args.pairs, "batch": args.batch, "epochs": args.epochs, "repeats": args.repeats,
-                  "workers": "1 Ray Train worker, 1 CPU; Ray on 2 CPUs", "before": args.before},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "setup": {
+            "model": "tiny LLaVA-style VLM (init_tiny_vlm hidden 256, 4 layers)",
+            "method": "lora r=8 all-linear",
+            "pairs_per_epoch": args.pairs,
+            "batch": args.batch,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "workers": "1 Ray Train worker, 1 CPU; Ray on 2 CPUs",
+            "before": args.before,
+        },
         "best": best,
         "after_over_before": best["after"]["steady_samples_per_s"] / best["before"]["steady_samples_per_s"],
-        "after_no_shuffle_over_before": best["after_no_shuffle"]["steady_samples_per_s"] / best["before"]["steady_samples_per_s"],
+        "after_no_shuffle_over_before": best["after_no_shuffle"]["steady_samples_per_s"]
+        / best["before"]["steady_samples_per_s"],
         "all_runs": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,13 @@
-"""`sarlang view` on a run 16x the demo's tiles against the demo itself: wall time and the driver's peak memory.
+"""`sarlang view` on a run 16x the demo's tiles against the demo itself: wall time and the driver's peak
+memory.
 
 The site is written by one Ray task per tiles shard and the driver keeps counters and a bounded sample, so its
 memory should not grow with the run (goal: <= 1.25x the demo's). The large run is the demo's own tables copied
 ``--copies`` times under new scene, tile and pair ids (``x<k>-`` prefixed: every table the viewer reads, so
-each copy is a run of its own ground): the same content the demo's pipeline makes, at 16x the tiles and shards,
-without re-running the pipeline for minutes. Each `sarlang view` runs as a fresh process with its own local Ray;
+each copy is a run of its own ground): the same content the demo's pipeline makes, at 16x the tiles and
+shards,
+without re-running the pipeline for minutes. Each `sarlang view` runs as a fresh process with its own local
+Ray;
 the driver's RSS is sampled every 50 ms (benchmarks/peak_memory.py), its Ray workers are not counted.
 
 Run: python benchmarks/bench_view.py [--run-dir EXISTING_DEMO_RUN] [--copies 16]
@@ -38,9 +41,20 @@ def demo_run(run_dir: Path) -> Path:
     """The demo's data stages (what `sarlang view` shows), run once into ``run_dir`` unless already there."""
     if not (run_dir / "export" / "_SUCCESS.json").exists():
         env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-        subprocess.run([sys.executable, "-m", "sarlang_ray", "run", str(REPO / "workflows" / "demo.yaml"),
-                        f"run.run_dir={run_dir}", f"synth.out_dir={run_dir}/archive",
-                        "run.stages=[synth,catalog,tile,align,annotate,export]"], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sarlang_ray",
+                "run",
+                str(REPO / "workflows" / "demo.yaml"),
+                f"run.run_dir={run_dir}",
+                f"synth.out_dir={run_dir}/archive",
+                "run.stages=[synth,catalog,tile,align,annotate,export]",
+            ],
+            check=True,
+            env=env,
+        )
     return run_dir
 
 
@@ -70,7 +84,12 @@ def replicate(src: Path, dst: Path, copies: int) -> Path:
             out = dst / "export" / "parquet" / f.parent.name / f"x{k}-{f.name}"
             out.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(_prefixed(t, f"x{k}-"), out)
-    for rel in ("export/errors.parquet", "catalog/scenes.parquet", "align/label_errors.parquet", "catalog/errors.parquet"):
+    for rel in (
+        "export/errors.parquet",
+        "catalog/scenes.parquet",
+        "align/label_errors.parquet",
+        "catalog/errors.parquet",
+    ):
         if (src / rel).exists():
             t = pq.read_table(src / rel)
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -85,10 +104,18 @@ def view(run_dir: Path, out: Path) -> dict:
     """One `sarlang view` in a fresh process: seconds, driver peak RSS, and what it reported."""
     if out.exists():
         shutil.rmtree(out)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "PYTHONPATH": str(REPO),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sarlang_ray", "view", str(run_dir), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sarlang_ray", "view", str(run_dir), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     driver = psutil.Process(proc.pid)
     with PeakMemory(lambda: [driver], interval=0.05) as mem:
         output, _ = proc.communicate()
@@ -96,13 +123,19 @@ def view(run_dir: Path, out: Path) -> dict:
     if proc.returncode:
         raise SystemExit(output[-3000:])
     line = [x for x in output.splitlines() if " tiles (" in x][-1]
-    return {"seconds": round(seconds, 2), "driver_peak_rss_mb": round(mem.peak_rss / 2**20, 1), "report": line,
-            "site_files": sum(1 for _ in out.rglob("*") if _.is_file())}
+    return {
+        "seconds": round(seconds, 2),
+        "driver_peak_rss_mb": round(mem.peak_rss / 2**20, 1),
+        "report": line,
+        "site_files": sum(1 for _ in out.rglob("*") if _.is_file()),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", help="a finished demo run (default: run the demo's data stages in a temp folder)")
+    ap.add_argument(
+        "--run-dir", help="a finished demo run (default: run the demo's data stages in a temp folder)"
+    )
     ap.add_argument("--copies", type=int, default=16)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "view.json"))
     args = ap.parse_args()
@@ -115,10 +148,15 @@ def main() -> None:
         base = min(runs["demo"]["driver_peak_rss_mb"], runs["demo_again"]["driver_peak_rss_mb"])
         big_run = runs[f"x{args.copies}"]
         result = {
-            "what": "sarlang view: demo run vs the demo's tables copied --copies times (new ids); fresh process and "
-                    "local Ray each; driver RSS sampled every 50 ms",
-            "copies": args.copies, "runs": runs, "cpus": os.cpu_count(),
-            "time_ratio": round(big_run["seconds"] / min(runs["demo"]["seconds"], runs["demo_again"]["seconds"]), 2),
+            "what": "sarlang view: demo run vs the demo's tables copied --copies times (new ids); fresh "
+            "process and "
+            "local Ray each; driver RSS sampled every 50 ms",
+            "copies": args.copies,
+            "runs": runs,
+            "cpus": os.cpu_count(),
+            "time_ratio": round(
+                big_run["seconds"] / min(runs["demo"]["seconds"], runs["demo_again"]["seconds"]), 2
+            ),
             "driver_memory_ratio": round(big_run["driver_peak_rss_mb"] / base, 3),
             "memory_goal": 1.25,
         }

@@ -117,8 +117,17 @@ def write_archive(folder: Path, n_synthetic: int, size: int) -> list[Path]:
         field = (0.05 + 0.2 * (np.sin(6 * xx + i) * np.cos(4 * yy) + 1)).astype("float32")
         data = (field * rng.gamma(4.0, 1 / 4.0, size=(size, size))).astype("float32")
         plain = folder / f"synthetic_{i}_plain.tif"
-        with rasterio.open(plain, "w", driver="GTiff", width=size, height=size, count=1, dtype="float32",
-                           crs="EPSG:32631", transform=from_origin(600000 + i * 1e5, 4800000, 10, 10)) as dst:
+        with rasterio.open(
+            plain,
+            "w",
+            driver="GTiff",
+            width=size,
+            height=size,
+            count=1,
+            dtype="float32",
+            crs="EPSG:32631",
+            transform=from_origin(600000 + i * 1e5, 4800000, 10, 10),
+        ) as dst:
             dst.write(data, 1)
         rasterio.shutil.copy(plain, folder / f"synthetic_{i}.tif", **cog)
         plain.unlink()
@@ -150,8 +159,11 @@ def worker(reader: str, uris: list[str], n_windows: int, counts_url: str | None)
         for level, factor in ((None, 1), (1, 4)):
             w, h = sizes[None][0] // factor, sizes[None][1] // factor
             plan[(uri, level)] = [
-                Window(int(rng.integers(0, w - WINDOW + 1)), int(rng.integers(0, h - WINDOW + 1)), WINDOW, WINDOW)
-                for _ in range(n_windows)]
+                Window(
+                    int(rng.integers(0, w - WINDOW + 1)), int(rng.integers(0, h - WINDOW + 1)), WINDOW, WINDOW
+                )
+                for _ in range(n_windows)
+            ]
 
     result, digest = {}, hashlib.sha256()
     for level in (None, 1):
@@ -174,9 +186,13 @@ def worker(reader: str, uris: list[str], n_windows: int, counts_url: str | None)
                         digest.update(block.tobytes())
             seconds = time.perf_counter() - t0
             after = counters()
-            phases[phase] = {"reads": reads, "seconds": round(seconds, 3), "reads_per_s": round(reads / seconds, 1),
-                             "requests": after["requests"] - before["requests"],
-                             "bytes": after["bytes"] - before["bytes"]}
+            phases[phase] = {
+                "reads": reads,
+                "seconds": round(seconds, 3),
+                "reads_per_s": round(reads / seconds, 1),
+                "requests": after["requests"] - before["requests"],
+                "bytes": after["bytes"] - before["bytes"],
+            }
         for ds in datasets.values():
             ds.close()
         result[name] = phases
@@ -237,8 +253,10 @@ def main() -> None:
             proxied = f"http://127.0.0.1:{proxy.server_address[1]}"
             runs = {}
             for reader in ("fsspec", "gdal"):
-                runs[reader] = {"direct": run_worker(reader, uris, a.windows, s3_server.ENDPOINT, None),
-                                "proxied": run_worker(reader, uris, a.windows, proxied, f"{proxied}/__counts")}
+                runs[reader] = {
+                    "direct": run_worker(reader, uris, a.windows, s3_server.ENDPOINT, None),
+                    "proxied": run_worker(reader, uris, a.windows, proxied, f"{proxied}/__counts"),
+                }
         finally:
             if proxy:
                 proxy.shutdown()
@@ -246,31 +264,55 @@ def main() -> None:
         scenes = []
         for path in files:
             with rasterio.open(path) as src:
-                scenes.append({"name": path.name, "shape": list(src.shape), "dtype": src.dtypes[0],
-                               "bytes": path.stat().st_size, "overviews": src.overviews(1)})
+                scenes.append(
+                    {
+                        "name": path.name,
+                        "shape": list(src.shape),
+                        "dtype": src.dtypes[0],
+                        "bytes": path.stat().st_size,
+                        "overviews": src.overviews(1),
+                    }
+                )
 
-    report = {"what": "random 256x256 window reads of s3:// COGs on SeaweedFS: GDAL /vsis3/ vs fsspec opener",
-              "scenes": scenes, "windows_per_scene_and_level": a.windows,
-              "machine": {"cpus": os.cpu_count(), "load_average_1_5_15min": [round(x, 1) for x in os.getloadavg()],
-                          "python": platform.python_version(),
-                          "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__},
-              "identical_pixels": len({r[m]["sha256_of_cold_reads"] for r in runs.values() for m in r}) == 1,
-              "gdal_dataset_name": runs["gdal"]["direct"]["name_of_a_dataset"],
-              "results": {}, "ratios_gdal_over_fsspec": {}}
+    report = {
+        "what": "random 256x256 window reads of s3:// COGs on SeaweedFS: GDAL /vsis3/ vs fsspec opener",
+        "scenes": scenes,
+        "windows_per_scene_and_level": a.windows,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_1_5_15min": [round(x, 1) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "rasterio": rasterio.__version__,
+            "gdal": rasterio.__gdal_version__,
+        },
+        "identical_pixels": len({r[m]["sha256_of_cold_reads"] for r in runs.values() for m in r}) == 1,
+        "gdal_dataset_name": runs["gdal"]["direct"]["name_of_a_dataset"],
+        "results": {},
+        "ratios_gdal_over_fsspec": {},
+    }
     for level in ("full", "overview1"):
         for phase in ("cold", "warm_same_datasets", "warm_reopened"):
             row = {}
             for reader in ("fsspec", "gdal"):
                 d, p = runs[reader]["direct"][level][phase], runs[reader]["proxied"][level][phase]
-                row[reader] = {"reads_per_s": d["reads_per_s"], "seconds": d["seconds"], "reads": d["reads"],
-                               "requests": p["requests"], "bytes_transferred": p["bytes"]}
+                row[reader] = {
+                    "reads_per_s": d["reads_per_s"],
+                    "seconds": d["seconds"],
+                    "reads": d["reads"],
+                    "requests": p["requests"],
+                    "bytes_transferred": p["bytes"],
+                }
             report["results"][f"{level}/{phase}"] = row
             f, g = row["fsspec"], row["gdal"]
             report["ratios_gdal_over_fsspec"][f"{level}/{phase}"] = {
                 "reads_per_s": round(g["reads_per_s"] / f["reads_per_s"], 2),
-                "bytes_transferred": (round(g["bytes_transferred"] / f["bytes_transferred"], 3)
-                                      if f["bytes_transferred"] else None),
-                "requests": round(g["requests"] / f["requests"], 3) if f["requests"] else None}
+                "bytes_transferred": (
+                    round(g["bytes_transferred"] / f["bytes_transferred"], 3)
+                    if f["bytes_transferred"]
+                    else None
+                ),
+                "requests": round(g["requests"] / f["requests"], 3) if f["requests"] else None,
+            }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["ratios_gdal_over_fsspec"], indent=2))

@@ -6,9 +6,12 @@
     # every Parquet file of both run folders: the same relative paths, and pyarrow.Table.equals for each
     python benchmarks/compare_runs.py compare /tmp/runs/base /tmp/runs/branch [--json results/x.json]
 
-Every Parquet file is compared: a file only one run has, or any table that differs (schema, values, row order) is
-reported and makes the command exit 1. Two things differ between any two runs and are normalised first: each run's
-own folder in paths (the archive lives under it: ``<run>``) and the wall-clock ``time`` column of errors tables.
+Every Parquet file is compared: a file only one run has, or any table that differs (schema, values, row order)
+is
+reported and makes the command exit 1. Two things differ between any two runs and are normalised first: each
+run's
+own folder in paths (the archive lives under it: ``<run>``) and the wall-clock ``time`` column of errors
+tables.
 """
 
 from __future__ import annotations
@@ -27,14 +30,23 @@ def run(run_dir: Path) -> None:
     from sarlang_ray import pipeline
 
     summary = pipeline.run(demo_config(run_dir))
-    print(json.dumps({k: {c: v for c, v in s.items() if c in ("planned", "written", "rejected")}
-                      for k, s in summary["stages"].items()}))
+    print(
+        json.dumps(
+            {
+                k: {c: v for c, v in s.items() if c in ("planned", "written", "rejected")}
+                for k, s in summary["stages"].items()
+            }
+        )
+    )
 
 
 def _normal(table, name: str, root: Path):
-    """What may differ between two runs of the same code: the run folder (the archive's paths under it are in the
-    scenes table and in error messages) becomes ``<run>``, and the ``time`` column of an errors table (when the
-    error was recorded: wall clock) is left out. Schema metadata is left out too; everything else is compared."""
+    """What may differ between two runs of the same code: the run folder (the archive's paths under it are in
+    the
+    scenes table and in error messages) becomes ``<run>``, and the ``time`` column of an errors table (when
+    the
+    error was recorded: wall clock) is left out. Schema metadata is left out too; everything else is
+    compared."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -57,14 +69,21 @@ def compare(a: Path, b: Path) -> dict:
     only = {"only_in_first": sorted(set(left) - set(right)), "only_in_second": sorted(set(right) - set(left))}
     different, rows = [], 0
     for name in sorted(set(left) & set(right)):
-        # read as plain tables (no dataset partition discovery, no pandas metadata) and compare values and schema
+        # read as plain tables (no dataset partition discovery, no pandas metadata) and compare values and
+        # schema
         ta, tb = _normal(pq.read_table(left[name]), name, a), _normal(pq.read_table(right[name]), name, b)
         rows += ta.num_rows
         if not ta.equals(tb):
             different.append(name)
-    return {"first": str(a), "second": str(b), "files_compared": len(set(left) & set(right)), "rows_compared": rows,
-            "different": different, **only,
-            "identical": not different and not only["only_in_first"] and not only["only_in_second"]}
+    return {
+        "first": str(a),
+        "second": str(b),
+        "files_compared": len(set(left) & set(right)),
+        "rows_compared": rows,
+        "different": different,
+        **only,
+        "identical": not different and not only["only_in_first"] and not only["only_in_second"],
+    }
 
 
 def main() -> int:

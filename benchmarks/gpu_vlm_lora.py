@@ -26,17 +26,48 @@ def build(tiny: bool, device: str, dtype):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     if tiny:
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=28, patch_size=14)
-        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4, vocab_size=1000)
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        text = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=1000,
+        )
     else:
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                  image_size=336, patch_size=14, projection_dim=768)
-        text = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
-                           num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=text.vocab_size - 1,
-                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        )
+        text = LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+        )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=text.vocab_size - 1,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype)
     return model, config
@@ -61,7 +92,12 @@ def main() -> int:
     t0 = time.time()
     model, config = build(a.tiny, device, dtype)
     n_total = sum(p.numel() for p in model.parameters())
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    )
     model = get_peft_model(model, lora)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     build_s = time.time() - t0
@@ -71,7 +107,7 @@ def main() -> int:
     n_img = (vc.image_size // vc.patch_size) ** 2
     seq = n_img + a.text_tokens
     ids = torch.randint(0, tc.vocab_size - 2, (a.batch, seq), device=device)
-    ids[:, 1:1 + n_img] = config.image_token_id
+    ids[:, 1 : 1 + n_img] = config.image_token_id
     pixels = torch.randn(a.batch, 3, vc.image_size, vc.image_size, device=device, dtype=dtype)
     labels = ids.clone()
     labels[:, : 1 + n_img] = -100  # loss on text tokens only, like answer-only training
@@ -99,12 +135,23 @@ def main() -> int:
     flops = 2 * forward + 4 * n_lora * tokens
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "dtype": str(dtype), "params_total": n_total, "params_lora": n_lora,
-        "batch": a.batch, "seq_len": seq, "image_tokens": n_img, "steps": a.steps,
-        "step_seconds": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
-        "samples_per_s": round(a.batch / step_s, 2), "model_tflops_per_step": round(flops / 1e12, 2),
-        "achieved_tflops": round(flops / step_s / 1e12, 1), "mfu_vs_peak": round(flops / step_s / (a.peak_tflops * 1e12), 3),
-        "peak_tflops": a.peak_tflops, "build_seconds": round(build_s, 1), "final_loss": round(float(loss.detach()), 4),
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "params_total": n_total,
+        "params_lora": n_lora,
+        "batch": a.batch,
+        "seq_len": seq,
+        "image_tokens": n_img,
+        "steps": a.steps,
+        "step_seconds": round(step_s, 4),
+        "tokens_per_s": round(tokens / step_s, 1),
+        "samples_per_s": round(a.batch / step_s, 2),
+        "model_tflops_per_step": round(flops / 1e12, 2),
+        "achieved_tflops": round(flops / step_s / 1e12, 1),
+        "mfu_vs_peak": round(flops / step_s / (a.peak_tflops * 1e12), 3),
+        "peak_tflops": a.peak_tflops,
+        "build_seconds": round(build_s, 1),
+        "final_loss": round(float(loss.detach()), 4),
         "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None,
     }
     print(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
 """Ctrl-C of `sarlang run` mid-tile, again and again, on a loaded machine: does every run end cleanly?
 
-    .venv/bin/python benchmarks/stress_interrupt.py --runs 8 --load 2   # writes benchmarks/results/interrupt_stress.json
+    .venv/bin/python benchmarks/stress_interrupt.py --runs 8 --load 2   # writes
+benchmarks/results/interrupt_stress.json
 
 Each run is `sarlang run` of the demo workflow at the size of ``tests/test_faults.py`` (its own local Ray),
 with ``--load`` busy-loop processes beside it; SIGINT goes to its process group (as Ctrl-C in a terminal)
@@ -32,8 +33,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["tile.gsds_m=[1.0,5.0]", "tile.tile_size=128", "tile.tiles_per_shard=4", "annotate.concurrency=1",
-         "ray.num_cpus=2", "ray.progress=false", "run.stages=[synth,catalog,tile,align,annotate]"]
+SMALL = [
+    "tile.gsds_m=[1.0,5.0]",
+    "tile.tile_size=128",
+    "tile.tiles_per_shard=4",
+    "annotate.concurrency=1",
+    "ray.num_cpus=2",
+    "ray.progress=false",
+    "run.stages=[synth,catalog,tile,align,annotate]",
+]
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -46,12 +54,22 @@ def one_run(work: Path, archive: Path, index: int) -> dict:
     run_dir = work / f"run{index}"
     shards = run_dir / "tile" / "shards"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "sarlang_ray", "run", str(REPO / "workflows" / "demo.yaml"), f"run.run_dir={run_dir}",
-           f"synth.out_dir={archive}", *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sarlang_ray",
+        "run",
+        str(REPO / "workflows" / "demo.yaml"),
+        f"run.run_dir={run_dir}",
+        f"synth.out_dir={archive}",
+        *SMALL,
+    ]
     log = work / f"run{index}.log"
     t0 = time.time()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
     tree: dict[int, psutil.Process] = {}
     signalled = None
     try:
@@ -71,9 +89,13 @@ def one_run(work: Path, archive: Path, index: int) -> dict:
         while (left := [p for p in tree.values() if _alive(p)]) and time.time() < deadline:
             time.sleep(0.1)
         text = log.read_text()
-        return {"signal_at_s": signalled, "rc": rc, "keyboard_interrupt": "KeyboardInterrupt" in text,
-                "ray_check_failed": "Check failed" in text,
-                "left_after_30s": [f"{p.pid} {p.name()}" for p in left if _alive(p)]}
+        return {
+            "signal_at_s": signalled,
+            "rc": rc,
+            "keyboard_interrupt": "KeyboardInterrupt" in text,
+            "ray_check_failed": "Check failed" in text,
+            "left_after_30s": [f"{p.pid} {p.name()}" for p in left if _alive(p)],
+        }
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -99,9 +121,17 @@ def main() -> None:
     finally:
         for b in burners:
             b.kill()
-    clean = sum(r["keyboard_interrupt"] and not r["ray_check_failed"] and not r["left_after_30s"] for r in runs)
-    result = {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()} {os.cpu_count()} CPUs",
-              "load_processes": args.load, "runs": runs, "clean_runs": clean, "of": len(runs)}
+    clean = sum(
+        r["keyboard_interrupt"] and not r["ray_check_failed"] and not r["left_after_30s"] for r in runs
+    )
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+        "load_processes": args.load,
+        "runs": runs,
+        "clean_runs": clean,
+        "of": len(runs),
+    }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"{clean} of {len(runs)} runs ended cleanly -> {args.out}")
     shutil.rmtree(work, ignore_errors=True)

@@ -39,8 +39,12 @@ _TAGGED = re.compile(rf"<box>\s*\[?\s*\[{_N},{_N},{_N},{_N}\]\s*\]?\s*</box>")
 _ANGLE = re.compile(rf"\{{?\s*<{_N}>\s*<{_N}>\s*<{_N}>\s*<{_N}>\s*\}}?")
 _PLAIN = re.compile(rf"\[{_N},{_N},{_N},{_N}\]")
 # in this order: a later pattern never reads a span an earlier one matched
-_CONVENTIONS = (("qwen", _QWEN, "norm1000"), ("tagged", _TAGGED, "norm1000"), ("angle", _ANGLE, "pixel"),
-                ("plain", _PLAIN, "pixel"))
+_CONVENTIONS = (
+    ("qwen", _QWEN, "norm1000"),
+    ("tagged", _TAGGED, "norm1000"),
+    ("angle", _ANGLE, "pixel"),
+    ("plain", _PLAIN, "pixel"),
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,9 @@ def find_boxes(text: str) -> list[RawBox]:
                 continue
             x1, y1, x2, y2 = (float(v) for v in m.groups())  # every convention's pattern has four numbers
             values = (x1, y1, x2, y2)  # qwen's (x1,y1),(x2,y2) too
-            auto = "norm1" if all(0 <= v <= 1 for v in values) and any("." in g for g in m.groups()) else frame
+            auto = (
+                "norm1" if all(0 <= v <= 1 for v in values) and any("." in g for g in m.groups()) else frame
+            )
             taken.append((m.start(), m.end()))
             found.append((m.start(), RawBox(values, name, auto)))
     return [b for _, b in sorted(found, key=lambda t: t[0])]
@@ -121,8 +127,16 @@ def parse(text: str, width: float, height: float, frame: str = "auto") -> tuple[
     return out, None
 
 
-def box_correct(prediction: str, truth: str, width: float, height: float, *, frame: str = "auto",
-                truth_frame: str = "auto", threshold: float = IOU_THRESHOLD) -> tuple[bool, str | None, float]:
+def box_correct(
+    prediction: str,
+    truth: str,
+    width: float,
+    height: float,
+    *,
+    frame: str = "auto",
+    truth_frame: str = "auto",
+    threshold: float = IOU_THRESHOLD,
+) -> tuple[bool, str | None, float]:
     """(right, why wrong or None, IoU) of a predicted box answer against the truth's box(es).
 
     The IoU reported is the smallest of the matched pairs (0 when nothing matched).
@@ -132,8 +146,10 @@ def box_correct(prediction: str, truth: str, width: float, height: float, *, fra
     """
     truths, why = parse(truth, width, height, truth_frame)
     if why:
-        raise ValueError(f"the reference answer {truth!r} is not a valid box inside a {width:g} x {height:g} image "
-                         f"({why}); check evaluate.truth_box_frame")
+        raise ValueError(
+            f"the reference answer {truth!r} is not a valid box inside a {width:g} x {height:g} image "
+            f"({why}); check evaluate.truth_box_frame"
+        )
     preds, why = parse(prediction, width, height, frame)
     if why:
         return False, why, 0.0

@@ -75,13 +75,16 @@ def archive_root(archive: str) -> str:
 
 
 def _check_sources(cfg: CatalogSection) -> None:
-    """What both listings check before listing: the companion settings, and that a land-cover file named exists."""
+    """What both listings check before listing: the companion settings, and that a land-cover file named
+    exists."""
     companions.check(cfg)
     landcover = resolve_landcover(cfg)
     if landcover is not None and not io.exists(landcover):
-        raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
-                                f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
-                                "catalog.landcover=null.")
+        raise FileNotFoundError(
+            f"catalog.landcover={cfg.landcover!r}: {landcover} does not exist (relative paths are "
+            f"relative to the archive {archive_root(cfg.archive)}). Fix the path or set "
+            "catalog.landcover=null."
+        )
 
 
 def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[dict], list[dict]]:
@@ -101,33 +104,54 @@ def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[
         for d in search.read_items(snapshot):
             item = pystac.Item.from_dict(d, preserve_dict=False)
             pairs.append((item, item.get_self_href() or snapshot))
-        found, errors = stac.candidates_from_items(pairs, [], snapshot, cfg.stac_assets, STAGE, cfg.group_polarisations)
-        return sorted(({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found),
-                      key=lambda r: r["uri"]), errors
+        found, errors = stac.candidates_from_items(
+            pairs, [], snapshot, cfg.stac_assets, STAGE, cfg.group_polarisations
+        )
+        return sorted(
+            ({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found),
+            key=lambda r: r["uri"],
+        ), errors
     if stac.is_stac(cfg.archive):
         found, errors = stac.candidates(cfg.archive, cfg.stac_assets, STAGE, cfg.group_polarisations)
         if not found and not errors:
             raise FileNotFoundError(f"the STAC file {cfg.archive} lists no items; check catalog.archive")
-        return sorted(({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found),
-                      key=lambda r: r["uri"]), errors
+        return sorted(
+            ({"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found),
+            key=lambda r: r["uri"],
+        ), errors
     # a SAFE folder, its manifest.safe or a SAFE zip is a product; files inside a .SAFE folder belong to it
     matched = {u for pattern in cfg.sar_glob for u in io.glob(cfg.archive, pattern)}
     products = sorted({_product_root(u) for u in matched if safe.is_product(u)})
     uris = sorted(u for u in matched if ".safe/" not in u.lower() and not safe.is_product(u))
     if not uris and not products:
-        raise FileNotFoundError(f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
-                                "check catalog.archive and catalog.sar_glob")
-    rows: list[dict[str, Any]] = [{"uri": p, "stac": None, "product": "safe", "bands": None} for p in products]
+        raise FileNotFoundError(
+            f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
+            "check catalog.archive and catalog.sar_glob"
+        )
+    rows: list[dict[str, Any]] = [
+        {"uri": p, "stac": None, "product": "safe", "bands": None} for p in products
+    ]
     masks = {u for u in uris if _MASK_FILE.search(u)} if cfg.group_polarisations else set()
-    for group in (polarisation_groups(sorted(set(uris) - masks)) if cfg.group_polarisations else [[u] for u in uris]):
-        # an OPERA burst's layover/shadow mask (..._mask.tif beside ..._VV.tif): its non-zero pixels become nodata
+    for group in (
+        polarisation_groups(sorted(set(uris) - masks)) if cfg.group_polarisations else [[u] for u in uris]
+    ):
+        # an OPERA burst's layover/shadow mask (..._mask.tif beside ..._VV.tif): its non-zero pixels become
+        # nodata
         folder, _, name = group[0].rpartition("/")
         mask = _POL_TOKEN.sub("mask", name) if len(_POL_TOKEN.findall(name)) == 1 else None
         mask = f"{folder}/{mask}" if mask and f"{folder}/{mask}" in masks else None
         masks.discard(mask)
-        rows.append({"uri": group[0], "stac": None, "product": None,
-                     "bands": [{"uri": u, "mask": mask} for u in group] if len(group) > 1 or mask else None})
-    rows += [{"uri": m, "stac": None, "product": None, "bands": None} for m in sorted(masks)]  # masks of nothing
+        rows.append(
+            {
+                "uri": group[0],
+                "stac": None,
+                "product": None,
+                "bands": [{"uri": u, "mask": mask} for u in group] if len(group) > 1 or mask else None,
+            }
+        )
+    rows += [
+        {"uri": m, "stac": None, "product": None, "bands": None} for m in sorted(masks)
+    ]  # masks of nothing
     return sorted(rows, key=lambda r: r["uri"]), []
 
 
@@ -168,7 +192,9 @@ def scene_id_for(uri: str, archive: str) -> str:
     rel = io.relative(uri, archive)
     stem = PurePosixPath(rel).name.rsplit(".", 1)[0].lower()
     stem = re.sub(r"[^a-z0-9]+", "_", stem).strip("_")[:48] or "scene"
-    digest = hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:8]  # file names need not be UTF-8
+    digest = hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[
+        :8
+    ]  # file names need not be UTF-8
     return f"{stem}-{digest}"
 
 
@@ -184,7 +210,8 @@ def _companion(uri: str, rule: list[str] | None) -> str | None:
 
 
 def _geod_steps(crs, x: float, y: float, steps: list[tuple[float, float]]) -> list[float]:
-    """Geodesic lengths in metres (WGS 84 ellipsoid) from map point (x, y) to (x + dx, y + dy) for each step."""
+    """Geodesic lengths in metres (WGS 84 ellipsoid) from map point (x, y) to (x + dx, y + dy) for each
+    step."""
     xs = [x] + [x + dx for dx, _ in steps]
     ys = [y] + [y + dy for _, dy in steps]
     lon, lat = warp_transform(crs, "EPSG:4326", xs, ys)
@@ -259,9 +286,7 @@ def tile_crs_for(crs: rasterio.crs.CRS, footprint: Polygon) -> str:
     from pyproj.aoi import AreaOfInterest
     from pyproj.database import query_utm_crs_info
 
-    info = query_utm_crs_info(
-        datum_name="WGS 84", area_of_interest=AreaOfInterest(c.x, c.y, c.x, c.y)
-    )
+    info = query_utm_crs_info(datum_name="WGS 84", area_of_interest=AreaOfInterest(c.x, c.y, c.x, c.y))
     if not info:  # UTM stops at 84 N and 80 S: the polar caps use UPS North / South
         return "EPSG:32661" if c.y > 0 else "EPSG:32761"
     return f"EPSG:{info[0].code}"
@@ -280,14 +305,24 @@ def orientation(t) -> str:
     return "flipped east-west" if t.e < 0 else "rotated 180 degrees"
 
 
-def _detect_units(src: rasterio.io.DatasetReader, band: int, sample: np.ndarray, uri: str, cfg: CatalogSection) -> tuple[str, str]:
+def _detect_units(
+    src: rasterio.io.DatasetReader, band: int, sample: np.ndarray, uri: str, cfg: CatalogSection
+) -> tuple[str, str]:
     """SAR units and how they were decided: config, metadata, file name, then the values themselves."""
     if cfg.units != "auto":
         return cfg.units, "config"
     tags = {k.upper(): v for k, v in {**src.tags(), **src.tags(band)}.items()}
     declared = (tags.get("UNITS") or src.units[band - 1] or "").lower()
-    for token, units in (("db", "db"), ("decibel", "db"), ("amplitude", "amplitude"), ("intensity", "intensity"),
-                         ("power", "intensity"), ("linear", "intensity"), ("gamma0", "intensity"), ("sigma0", "intensity")):
+    for token, units in (
+        ("db", "db"),
+        ("decibel", "db"),
+        ("amplitude", "amplitude"),
+        ("intensity", "intensity"),
+        ("power", "intensity"),
+        ("linear", "intensity"),
+        ("gamma0", "intensity"),
+        ("sigma0", "intensity"),
+    ):
         if token in declared:
             return units, "metadata"
     name = PurePosixPath(uri).name.lower()
@@ -314,36 +349,56 @@ def _check_transform(t, uri: str) -> None:
     """Reject geotransforms that cannot place a pixel: NaN/inf terms, or a zero pixel area."""
     terms = tuple(t)[:6]
     if not all(math.isfinite(v) for v in terms):
-        raise ItemError("bad_transform", f"{uri} has a non-finite geotransform {terms}. Fix its georeferencing "
-                        "(gdal_edit.py -a_ullr or -a_gt) or remove it from the archive.")
+        raise ItemError(
+            "bad_transform",
+            f"{uri} has a non-finite geotransform {terms}. Fix its georeferencing "
+            "(gdal_edit.py -a_ullr or -a_gt) or remove it from the archive.",
+        )
     if abs(t.a * t.e - t.b * t.d) < 1e-300:
-        raise ItemError("bad_transform", f"{uri} has a singular geotransform {terms}: a pixel covers zero area, so its "
-                        "footprint is empty. Fix its georeferencing (gdal_edit.py -a_ullr or -a_gt) or remove it.")
+        raise ItemError(
+            "bad_transform",
+            f"{uri} has a singular geotransform {terms}: a pixel covers zero area, so its "
+            "footprint is empty. Fix its georeferencing (gdal_edit.py -a_ullr or -a_gt) or remove it.",
+        )
 
 
 def _check_pixels(src: rasterio.io.DatasetReader, band: int, uri: str) -> None:
     """Reject what the pixels cannot be, from the header alone (before any read)."""
     dtype = src.dtypes[band - 1]
     if dtype.startswith("complex"):
-        raise ItemError("complex_sar", f"{uri} holds complex ({dtype}) samples: a single-look complex (SLC) product. "
-                        "Detect it first (amplitude |z|, e.g. gdal_translate with a VRT 'mod' pixel function, or "
-                        "gdal_calc.py --calc='abs(A)' --type=Float32) and catalog the detected GeoTIFF.")
+        raise ItemError(
+            "complex_sar",
+            f"{uri} holds complex ({dtype}) samples: a single-look complex (SLC) product. "
+            "Detect it first (amplitude |z|, e.g. gdal_translate with a VRT 'mod' pixel function, or "
+            "gdal_calc.py --calc='abs(A)' --type=Float32) and catalog the detected GeoTIFF.",
+        )
     if dtype == "int8":
-        raise ItemError("unsupported_dtype", f"{uri} has signed 8-bit samples (int8): no SAR product is stored that way "
-                        "(detected amplitude is unsigned, dB is float). Convert it (gdal_translate -ot Float32, then "
-                        "set catalog.units) or remove it.")
+        raise ItemError(
+            "unsupported_dtype",
+            f"{uri} has signed 8-bit samples (int8): no SAR product is stored that way "
+            "(detected amplitude is unsigned, dB is float). Convert it (gdal_translate -ot Float32, then "
+            "set catalog.units) or remove it.",
+        )
     if src.tags(band, ns="IMAGE_STRUCTURE").get("NBITS") == "1":
-        raise ItemError("not_sar", f"{uri} is a 1-bit (boolean) raster: a mask, not SAR. Move it out of the SAR folder.")
+        raise ItemError(
+            "not_sar", f"{uri} is a 1-bit (boolean) raster: a mask, not SAR. Move it out of the SAR folder."
+        )
     if max(src.width, src.height) > MAX_SIDE_PX:
-        raise ItemError("too_large", f"{uri}: the header claims {src.width} x {src.height} px, more than "
-                        f"{MAX_SIDE_PX} px a side. A corrupt header, or a mosaic: split it (gdal_translate -srcwin) "
-                        "into scenes.")
+        raise ItemError(
+            "too_large",
+            f"{uri}: the header claims {src.width} x {src.height} px, more than "
+            f"{MAX_SIDE_PX} px a side. A corrupt header, or a mosaic: split it (gdal_translate -srcwin) "
+            "into scenes.",
+        )
     rows, cols = src.block_shapes[band - 1]
     block_bytes = rows * cols * np.dtype(dtype).itemsize
     if block_bytes > MAX_BLOCK_BYTES:
-        raise ItemError("too_large", f"{uri}: one {cols} x {rows} px block is {block_bytes / 2**20:.0f} MiB "
-                        f"(limit {MAX_BLOCK_BYTES // 2**20} MiB); reading any pixel would load it whole. Rewrite it "
-                        "tiled (gdal_translate -co TILED=YES or -of COG).")
+        raise ItemError(
+            "too_large",
+            f"{uri}: one {cols} x {rows} px block is {block_bytes / 2**20:.0f} MiB "
+            f"(limit {MAX_BLOCK_BYTES // 2**20} MiB); reading any pixel would load it whole. Rewrite it "
+            "tiled (gdal_translate -co TILED=YES or -of COG).",
+        )
 
 
 _MASK_VALUES = ({-1, 0, 1}, {0, 255})  # 0/1 masks (-1: "no data" of e.g. Sen1Floods11's labels), 0/255 masks
@@ -360,9 +415,12 @@ def _check_not_a_mask(src: rasterio.io.DatasetReader, band: int, sample: np.ma.M
     if not values or not any(values <= allowed for allowed in _MASK_VALUES) or values == {0} or values == {1}:
         return  # all one value: all_nodata (if nodata) or a degenerate scene, not evidently a mask
     shown = ", ".join(str(v) for v in sorted(values))
-    raise ItemError("not_sar", f"{uri} holds only the values {{{shown}}} ({src.dtypes[band - 1]}): a mask or label "
-                    "raster (e.g. a water mask), not SAR. Move it out of the SAR folder or narrow catalog.sar_glob so "
-                    "it does not match; a land-cover raster belongs in catalog.landcover_rule / catalog.landcover.")
+    raise ItemError(
+        "not_sar",
+        f"{uri} holds only the values {{{shown}}} ({src.dtypes[band - 1]}): a mask or label "
+        "raster (e.g. a water mask), not SAR. Move it out of the SAR folder or narrow catalog.sar_glob so "
+        "it does not match; a land-cover raster belongs in catalog.landcover_rule / catalog.landcover.",
+    )
 
 
 def resolve_landcover(cfg: CatalogSection) -> str | None:
@@ -381,9 +439,14 @@ def _lut_columns(bands: list[dict], cfg: CatalogSection) -> dict:
         b["noise"] = b.get("noise") if noise else None
         b["noise_floor_db"] = cfg.noise_floor_db
     annotation = bands[0].get("annotation")
-    return {"calibration": cfg.calibration, "noise_removed": bool(noise), "product_type": "GRD",
-            "noise_schema": safe.read_noise(bands[0]["noise"]).schema if noise else None, "nodata": 0.0,
-            "spacing": safe.pixel_spacing(annotation) if annotation else None}
+    return {
+        "calibration": cfg.calibration,
+        "noise_removed": bool(noise),
+        "product_type": "GRD",
+        "noise_schema": safe.read_noise(bands[0]["noise"]).schema if noise else None,
+        "nodata": 0.0,
+        "spacing": safe.pixel_spacing(annotation) if annotation else None,
+    }
 
 
 def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None) -> dict:
@@ -391,66 +454,116 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
     the scene's band records when it has several files or LUTs (a STAC item's VV and VH assets)."""
     try:
         src = io.open_raster(uri)
-    except io.RemoteRasterError as exc:  # missing object, unreachable endpoint, refused credentials: its own advice
+    except (
+        io.RemoteRasterError
+    ) as exc:  # missing object, unreachable endpoint, refused credentials: its own advice
         raise ItemError("unreadable", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
-        raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. The file is corrupt or not a raster: re-download or remove it.") from None
+        raise ItemError(
+            "unreadable",
+            f"cannot open {uri}: {_reason(exc)}. The file is corrupt or not a raster: re-download or remove "
+            "it.",
+        ) from None
     with src:
-        if src.transform.is_identity and src.gcps[0]:  # e.g. a Sentinel-1 GRD measurement file (its CRS is the GCPs')
-            bands = bands or [{"polarisation": _polarisation_of(src, uri, cfg.band), "uri": uri, "band": cfg.band}]
+        if (
+            src.transform.is_identity and src.gcps[0]
+        ):  # e.g. a Sentinel-1 GRD measurement file (its CRS is the GCPs')
+            bands = bands or [
+                {"polarisation": _polarisation_of(src, uri, cfg.band), "uri": uri, "band": cfg.band}
+            ]
             return gcp_scene(src, uri, cfg, bands=bands, **_lut_columns(bands, cfg))
         if src.crs is None:
-            raise ItemError("no_crs", f"{uri} has no CRS. Georeference it (gdal_edit.py -a_srs EPSG:<code>) or remove it from the archive.")
+            raise ItemError(
+                "no_crs",
+                f"{uri} has no CRS. Georeference it (gdal_edit.py -a_srs EPSG:<code>) or remove it from the "
+                "archive.",
+            )
         if src.transform.is_identity:
-            raise ItemError("no_georeference", f"{uri} has a CRS but no geotransform. Georeference it or remove it.")
+            raise ItemError(
+                "no_georeference", f"{uri} has a CRS but no geotransform. Georeference it or remove it."
+            )
         _check_transform(src.transform, uri)
         interp = set(src.colorinterp)
         if src.count > 2 or interp & {ColorInterp.red, ColorInterp.green, ColorInterp.blue}:
             raise ItemError(
                 "not_sar",
-                f"{uri} has {src.count} bands ({', '.join(d or '?' for d in src.descriptions)}); it looks like an optical "
-                "or multi-spectral image, not SAR. Move it out of the SAR folder (optical twins are found by catalog.optical_rule).",
+                f"{uri} has {src.count} bands ({', '.join(d or '?' for d in src.descriptions)}); it looks "
+                "like an optical "
+                "or multi-spectral image, not SAR. Move it out of the SAR folder (optical twins are found by "
+                "catalog.optical_rule).",
             )
         if cfg.band > src.count:
-            raise ItemError("bad_band", f"{uri} has {src.count} band(s) but catalog.band={cfg.band}. Set catalog.band "
-                            "to a band of the file.")
+            raise ItemError(
+                "bad_band",
+                f"{uri} has {src.count} band(s) but catalog.band={cfg.band}. Set catalog.band "
+                "to a band of the file.",
+            )
         _check_pixels(src, cfg.band, uri)
         t = src.transform
         orient = orientation(t)
         rotated = orient != "north-up"  # tiles are warped north-up (mirrored pixels included)
         if rotated and cfg.rotated == "reject":
-            raise ItemError("rotated", f"{uri} is not north-up ({orient} geotransform {tuple(t)[:6]}). Set "
-                            "catalog.rotated=warp to warp its tiles north-up.")
+            raise ItemError(
+                "rotated",
+                f"{uri} is not north-up ({orient} geotransform {tuple(t)[:6]}). Set "
+                "catalog.rotated=warp to warp its tiles north-up.",
+            )
         try:
             step = max(1, max(src.width, src.height) // 512)
-            sample = src.read(cfg.band, out_shape=(max(1, src.height // step), max(1, src.width // step)),
-                              resampling=Resampling.nearest, masked=True)
+            sample = src.read(
+                cfg.band,
+                out_shape=(max(1, src.height // step), max(1, src.width // step)),
+                resampling=Resampling.nearest,
+                masked=True,
+            )
         except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
-            raise ItemError("unreadable", f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: re-download it.") from None
+            raise ItemError(
+                "unreadable",
+                f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: re-download "
+                "it.",
+            ) from None
         values = sample.filled(np.nan).astype(np.float64)
         valid = np.isfinite(values)
         valid_fraction = float(valid.mean()) if values.size else 0.0
         if valid_fraction < cfg.min_valid_fraction:
-            raise ItemError("all_nodata", f"{uri}: no valid pixels (all nodata, NaN or inf) in a decimated read. Check the nodata value or remove the scene.")
+            raise ItemError(
+                "all_nodata",
+                f"{uri}: no valid pixels (all nodata, NaN or inf) in a decimated read. Check the nodata "
+                "value or remove the scene.",
+            )
         _check_not_a_mask(src, cfg.band, sample, uri)
         units, units_source = _detect_units(src, cfg.band, values, uri, cfg)
         sidecar = sidecar_calibration(uri) if cfg.calibration != "none" else None
-        if sidecar is not None:  # a Capella-style amplitude product: DN x scale factor is calibrated amplitude
-            units, units_source = "amplitude", f"sidecar {sidecar['source']}: scale factor {sidecar['scale_factor']:g}"
+        if (
+            sidecar is not None
+        ):  # a Capella-style amplitude product: DN x scale factor is calibrated amplitude
+            units, units_source = (
+                "amplitude",
+                f"sidecar {sidecar['source']}: scale factor {sidecar['scale_factor']:g}",
+            )
         footprint = footprint_4326(src)
         lon_span = footprint.bounds[2] - footprint.bounds[0]
         if not footprint.is_valid or footprint.area <= 0 or lon_span > 180:
             # a lon/lat outline that wraps at +-180 degrees is invalid or spans the globe the wrong way round
-            raise ItemError("bad_footprint", f"{uri}: its footprint in EPSG:4326 is degenerate (lon {footprint.bounds[0]:.3f} "
-                            f"to {footprint.bounds[2]:.3f}): the scene crosses the antimeridian or contains a pole, which "
-                            "the lon/lat footprint cannot represent. Split it at 180 degrees (gdalwarp -te) or leave it out.")
+            raise ItemError(
+                "bad_footprint",
+                f"{uri}: its footprint in EPSG:4326 is degenerate (lon {footprint.bounds[0]:.3f} "
+                f"to {footprint.bounds[2]:.3f}): the scene crosses the antimeridian or contains a pole, "
+                "which "
+                "the lon/lat footprint cannot represent. Split it at 180 degrees (gdalwarp -te) or leave it "
+                "out.",
+            )
         tags = {k.upper(): v for k, v in src.tags().items()}
         name = PurePosixPath(uri).name
         polarisation = _polarisation_of(src, uri, cfg.band)
         tile_crs = tile_crs_for(src.crs, footprint)
-        # GSD in metres of the tile CRS: the map pixel where tiles are cut in the scene's own CRS (within 1 % of
-        # the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground GSD
-        own = map_gsd(src) if tile_crs == src.crs.to_string() else None  # never None there: the CRS is projected
+        # GSD in metres of the tile CRS: the map pixel where tiles are cut in the scene's own CRS (within 1 %
+        # of
+        # the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground
+        # GSD
+        own = (
+            map_gsd(src) if tile_crs == src.crs.to_string() else None
+        )  # never None there: the CRS is projected
         gx, gy = own if own is not None else metric_gsd(src)
         return {
             **_file_columns(uri, tags, cfg),
@@ -470,9 +583,14 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
             "valid_fraction": valid_fraction,
             "footprint": footprint.wkb,
             "datetime": companions.acquired_from_file(tags, name),
-            **product_columns(bands=[{"polarisation": polarisation, "uri": uri, "band": cfg.band}],
-                              **({} if sidecar is None else {"scale_factor": sidecar["scale_factor"],
-                                                            "calibration": sidecar["calibration"]})),
+            **product_columns(
+                bands=[{"polarisation": polarisation, "uri": uri, "band": cfg.band}],
+                **(
+                    {}
+                    if sidecar is None
+                    else {"scale_factor": sidecar["scale_factor"], "calibration": sidecar["calibration"]}
+                ),
+            ),
         }
 
 
@@ -495,8 +613,11 @@ def sidecar_calibration(uri: str) -> dict | None:
         factor = image.get("scale_factor")
         if isinstance(factor, (int, float)) and factor > 0:
             radiometry = str(image.get("radiometry") or "").lower()
-            return {"scale_factor": float(factor), "calibration": _RADIOMETRY.get(radiometry, radiometry or None),
-                    "source": PurePosixPath(candidate).name}
+            return {
+                "scale_factor": float(factor),
+                "calibration": _RADIOMETRY.get(radiometry, radiometry or None),
+                "source": PurePosixPath(candidate).name,
+            }
     return None
 
 
@@ -505,14 +626,25 @@ def _file_columns(uri: str, tags: dict, cfg: CatalogSection) -> dict:
     companions by rule (or the one land-cover raster for every scene), sensor and region."""
     optical = _companion(uri, cfg.optical_rule)
     landcover = _companion(uri, cfg.landcover_rule)
-    if landcover is None and (single := resolve_landcover(cfg)) is not None and not companions.is_tiled(single):
-        landcover = single  # one raster or VRT for every scene; a folder or STAC file of tiles: assign_companions
+    if (
+        landcover is None
+        and (single := resolve_landcover(cfg)) is not None
+        and not companions.is_tiled(single)
+    ):
+        landcover = (
+            single  # one raster or VRT for every scene; a folder or STAC file of tiles: assign_companions
+        )
     return {
-        "scene_id": scene_id_for(uri, archive_root(cfg.archive)), "sar_uri": uri, "optical_uri": optical,
+        "scene_id": scene_id_for(uri, archive_root(cfg.archive)),
+        "sar_uri": uri,
+        "optical_uri": optical,
         "landcover_uri": landcover,
-        "sensor": cfg.sensor or tags.get("SENSOR") or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown"),
+        "sensor": cfg.sensor
+        or tags.get("SENSOR")
+        or next((s for rx, s in _SENSORS if rx.search(uri)), "unknown"),
         "region": cfg.region or tags.get("REGION") or PurePosixPath(uri).parent.name,
-        **companions.no_twin_columns("rule" if optical else None), "landcover_tiles": None,
+        **companions.no_twin_columns("rule" if optical else None),
+        "landcover_tiles": None,
     }
 
 
@@ -529,7 +661,10 @@ def _polarisation_of(src: rasterio.io.DatasetReader, uri: str, band: int) -> str
 
 # columns of how a scene is read: its bands (polarisations), georeferencing and radiometry
 PRODUCT_COLUMNS = (
-    ("bands", pa.string()),  # JSON list: {polarisation, uri, band, calibration, noise, annotation} per polarisation
+    (
+        "bands",
+        pa.string(),
+    ),  # JSON list: {polarisation, uri, band, calibration, noise, annotation} per polarisation
     ("polarisations", pa.string()),  # e.g. VV+VH
     ("product_type", pa.string()),  # GRD for Sentinel-1 products, null for files
     ("georef", pa.string()),  # transform (a geotransform) or gcps
@@ -537,13 +672,19 @@ PRODUCT_COLUMNS = (
     ("gcp_method", pa.string()),  # tps, polynomial<order> or affine
     ("tile_bounds", pa.list_(pa.float64())),  # georef=gcps: bounds of the footprint in the tile CRS
     ("relief_m", pa.float64()),  # spread of the GCP heights
-    ("relief_flag", pa.bool_()),  # relief_m > catalog.max_relief_m and no terrain correction: geolocation weak
+    (
+        "relief_flag",
+        pa.bool_(),
+    ),  # relief_m > catalog.max_relief_m and no terrain correction: geolocation weak
     ("calibration", pa.string()),  # sigma0 / beta0 / gamma0 from the product's LUTs, none, or null (no LUTs)
     ("noise_removed", pa.bool_()),  # thermal-noise LUTs subtracted
     ("noise_schema", pa.string()),  # ipf2 (noiseVectorList) or ipf3 (range x azimuth)
     ("pass_direction", pa.string()),
     ("proj_mismatch", pa.string()),  # STAC proj:* that disagreed with the file header (JSON), the file won
-    ("scale_factor", pa.float64()),  # amplitude products with sidecar metadata (Capella): amplitude = DN x this
+    (
+        "scale_factor",
+        pa.float64(),
+    ),  # amplitude products with sidecar metadata (Capella): amplitude = DN x this
 )
 
 
@@ -567,14 +708,27 @@ def _sample_windows(src: rasterio.io.DatasetReader, band: int, size: int = 64) -
     for fr in (0.25, 0.5, 0.75):
         for fc in (0.25, 0.5, 0.75):
             r, c = int(src.height * fr), int(src.width * fc)
-            parts.append(src.read(band, window=Window(c, r, min(size, src.width - c), min(size, src.height - r)),
-                                  masked=True).ravel())
+            parts.append(
+                src.read(
+                    band,
+                    window=Window(c, r, min(size, src.width - c), min(size, src.height - r)),
+                    masked=True,
+                ).ravel()
+            )
     return np.ma.concatenate(parts)
 
 
-def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, bands: list[dict],
-              gcp_list: list[list[float]] | None = None, gcp_crs: str | None = None, nodata: float | None = None,
-              spacing: tuple[float, float] | None = None, **columns) -> dict:
+def gcp_scene(
+    src: rasterio.io.DatasetReader,
+    uri: str,
+    cfg: CatalogSection,
+    bands: list[dict],
+    gcp_list: list[list[float]] | None = None,
+    gcp_crs: str | None = None,
+    nodata: float | None = None,
+    spacing: tuple[float, float] | None = None,
+    **columns,
+) -> dict:
     """The scene row of a raster georeferenced by GCPs (the file's own, or ``gcp_list`` from an annotation):
     footprint and GSD through the GCP transformer, tiles cut in the UTM zone of the footprint's centre."""
     nodata = columns.pop("nodata", nodata)
@@ -587,47 +741,81 @@ def gcp_scene(src: rasterio.io.DatasetReader, uri: str, cfg: CatalogSection, ban
     georef = Georef(gcp_list, gcp_crs, cfg.gcp_method, cfg.gcp_order)
     _check_pixels(src, bands[0]["band"], uri)
     if len(gcp_list) < 3:
-        raise ItemError("bad_gcps", f"{uri} has {len(gcp_list)} GCPs; at least 3 are needed to place it. Fix its "
-                        "georeferencing or remove it.")
+        raise ItemError(
+            "bad_gcps",
+            f"{uri} has {len(gcp_list)} GCPs; at least 3 are needed to place it. Fix its "
+            "georeferencing or remove it.",
+        )
     try:
         sample = _sample_windows(src, bands[0]["band"])
     except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
-        raise ItemError("unreadable", f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: "
-                        "re-download it.") from None
+        raise ItemError(
+            "unreadable",
+            f"cannot read pixels of {uri}: {_reason(exc)}. The file is truncated or corrupt: re-download it.",
+        ) from None
     values = sample.filled(np.nan).astype(np.float64)
     if nodata is not None:
         values[values == nodata] = np.nan
     valid_fraction = float(np.isfinite(values).mean()) if values.size else 0.0
     if valid_fraction < cfg.min_valid_fraction:
-        raise ItemError("all_nodata", f"{uri}: no valid pixels in nine sample windows. Check the product or remove it.")
+        raise ItemError(
+            "all_nodata", f"{uri}: no valid pixels in nine sample windows. Check the product or remove it."
+        )
     footprint = georef.outline_4326(src.width, src.height)
     if not footprint.is_valid or footprint.area <= 0 or footprint.bounds[2] - footprint.bounds[0] > 180:
-        raise ItemError("bad_footprint", f"{uri}: its GCP footprint is degenerate or crosses the antimeridian "
-                        f"(lon {footprint.bounds[0]:.3f} to {footprint.bounds[2]:.3f}); split the scene or leave it out.")
+        raise ItemError(
+            "bad_footprint",
+            f"{uri}: its GCP footprint is degenerate or crosses the antimeridian "
+            f"(lon {footprint.bounds[0]:.3f} to {footprint.bounds[2]:.3f}); split the scene or leave it out.",
+        )
     tile_crs = tile_crs_for(CRS.from_user_input(gcp_crs), footprint)
-    # the product's own pixel spacing where it states one (10 m for IW GRDH: what "10 m tiles" means to a user);
+    # the product's own pixel spacing where it states one (10 m for IW GRDH: what "10 m tiles" means to a
+    # user);
     # else the geodesic length of a pixel step through the GCPs (10.06-10.08 m on the real IW products)
     gx, gy = spacing or georef.ground_gsd(src.width, src.height)
     from rasterio.warp import transform_geom
 
-    bounds = shapely.geometry.shape(transform_geom("EPSG:4326", tile_crs, shapely.geometry.mapping(footprint))).bounds
+    bounds = shapely.geometry.shape(
+        transform_geom("EPSG:4326", tile_crs, shapely.geometry.mapping(footprint))
+    ).bounds
     relief = georef.relief_m()
     name = PurePosixPath(uri).name
     tags = {k.upper(): v for k, v in src.tags().items()}
     calibrated = columns.get("calibration") not in (None, "none")
-    units, units_source = ("intensity", f"calibration {columns['calibration']}") if calibrated else \
-        _detect_units(src, bands[0]["band"], values, uri, cfg)
+    units, units_source = (
+        ("intensity", f"calibration {columns['calibration']}")
+        if calibrated
+        else _detect_units(src, bands[0]["band"], values, uri, cfg)
+    )
     method = cfg.gcp_method + (str(cfg.gcp_order) if cfg.gcp_method == "polynomial" else "")
     return {
-        **_file_columns(uri, tags, cfg), "crs": gcp_crs, "tile_crs": tile_crs, "transform": None,
-        "width": src.width, "height": src.height, "gsd_m": float(math.sqrt(gx * gy)), "rotated": False,
-        "band": bands[0]["band"], "nodata": nodata if nodata is not None else (None if src.nodata is None else float(src.nodata)),
-        "dtype": src.dtypes[bands[0]["band"] - 1], "units": units, "units_source": units_source,
-        "polarisation": "+".join(b["polarisation"] for b in bands), "valid_fraction": valid_fraction,
-        "footprint": footprint.wkb, "datetime": columns.pop("datetime", None) or companions.acquired_from_file(tags, name),
-        **product_columns(bands=bands, georef="gcps", gcps=json.dumps(gcp_list), gcp_method=method,
-                          tile_bounds=[float(v) for v in bounds], relief_m=relief,
-                          relief_flag=bool(relief > cfg.max_relief_m), **columns),
+        **_file_columns(uri, tags, cfg),
+        "crs": gcp_crs,
+        "tile_crs": tile_crs,
+        "transform": None,
+        "width": src.width,
+        "height": src.height,
+        "gsd_m": float(math.sqrt(gx * gy)),
+        "rotated": False,
+        "band": bands[0]["band"],
+        "nodata": nodata if nodata is not None else (None if src.nodata is None else float(src.nodata)),
+        "dtype": src.dtypes[bands[0]["band"] - 1],
+        "units": units,
+        "units_source": units_source,
+        "polarisation": "+".join(b["polarisation"] for b in bands),
+        "valid_fraction": valid_fraction,
+        "footprint": footprint.wkb,
+        "datetime": columns.pop("datetime", None) or companions.acquired_from_file(tags, name),
+        **product_columns(
+            bands=bands,
+            georef="gcps",
+            gcps=json.dumps(gcp_list),
+            gcp_method=method,
+            tile_bounds=[float(v) for v in bounds],
+            relief_m=relief,
+            relief_flag=bool(relief > cfg.max_relief_m),
+            **columns,
+        ),
     }
 
 
@@ -640,30 +828,52 @@ def inspect_product(uri: str, cfg: CatalogSection) -> dict:
     except safe.SafeError as exc:
         raise ItemError("bad_product", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - zip, XML and fsspec errors alike: the product's error row
-        raise ItemError("unreadable", f"cannot read the SAFE product {uri}: {_reason(exc)}. Re-download it.") from None
+        raise ItemError(
+            "unreadable", f"cannot read the SAFE product {uri}: {_reason(exc)}. Re-download it."
+        ) from None
     if cfg.calibration != "none" and any(b.calibration is None for b in product.bands):
-        raise ItemError("no_calibration", f"{uri}: no calibration annotation for "
-                        f"{[b.polarisation for b in product.bands if b.calibration is None]}. Re-download the product, "
-                        "or set catalog.calibration=none to tile digital numbers.")
-    bands = [{"polarisation": b.polarisation, "uri": b.measurement, "band": 1, "calibration": b.calibration,
-              "noise": b.noise if cfg.noise_removal else None, "annotation": b.annotation,
-              "noise_floor_db": cfg.noise_floor_db} for b in product.bands]
+        raise ItemError(
+            "no_calibration",
+            f"{uri}: no calibration annotation for "
+            f"{[b.polarisation for b in product.bands if b.calibration is None]}. Re-download the product, "
+            "or set catalog.calibration=none to tile digital numbers.",
+        )
+    bands = [
+        {
+            "polarisation": b.polarisation,
+            "uri": b.measurement,
+            "band": 1,
+            "calibration": b.calibration,
+            "noise": b.noise if cfg.noise_removal else None,
+            "annotation": b.annotation,
+            "noise_floor_db": cfg.noise_floor_db,
+        }
+        for b in product.bands
+    ]
     first = product.bands[0]
     try:
         src = io.open_raster(first.measurement)
     except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
-        raise ItemError("unreadable", f"cannot open the measurement {first.measurement} of {uri}: {_reason(exc)}. "
-                        "Re-download the product.") from None
+        raise ItemError(
+            "unreadable",
+            f"cannot open the measurement {first.measurement} of {uri}: {_reason(exc)}. "
+            "Re-download the product.",
+        ) from None
     with src:
         for other in product.bands[1:]:
             with io.open_raster(other.measurement) as o:
                 if (o.width, o.height) != (src.width, src.height):
-                    raise ItemError("bad_product", f"{uri}: {other.polarisation} is {o.width} x {o.height} px but "
-                                    f"{first.polarisation} {src.width} x {src.height}; re-download the product.")
+                    raise ItemError(
+                        "bad_product",
+                        f"{uri}: {other.polarisation} is {o.width} x {o.height} px but "
+                        f"{first.polarisation} {src.width} x {src.height}; re-download the product.",
+                    )
         gcp_list = gcp_crs = None
         if not src.gcps[0]:  # a measurement re-encoded without its GCPs: the annotation's geolocation grid
             if first.annotation is None:
-                raise ItemError("no_georeference", f"{uri}: the measurement has no GCPs and there is no annotation.")
+                raise ItemError(
+                    "no_georeference", f"{uri}: the measurement has no GCPs and there is no annotation."
+                )
             grid = safe.geolocation_grid(first.annotation)
             gcp_list = [[p["line"], p["pixel"], p["longitude"], p["latitude"], p["height"]] for p in grid]
             gcp_crs = "EPSG:4326"
@@ -671,10 +881,22 @@ def inspect_product(uri: str, cfg: CatalogSection) -> dict:
         if cfg.noise_removal and first.noise:
             noise_schema = safe.read_noise(first.noise).schema
         spacing = safe.pixel_spacing(first.annotation) if first.annotation else None
-        return gcp_scene(src, uri, cfg, bands, gcp_list, gcp_crs, nodata=0.0, spacing=spacing,  # GRD no-data: DN 0
-                         product_type=product.product_type, calibration=cfg.calibration,
-                         noise_removed=bool(cfg.noise_removal and first.noise), noise_schema=noise_schema,
-                         pass_direction=product.pass_direction, datetime=product.start_time)
+        return gcp_scene(
+            src,
+            uri,
+            cfg,
+            bands,
+            gcp_list,
+            gcp_crs,
+            nodata=0.0,
+            spacing=spacing,  # GRD no-data: DN 0
+            product_type=product.product_type,
+            calibration=cfg.calibration,
+            noise_removed=bool(cfg.noise_removal and first.noise),
+            noise_schema=noise_schema,
+            pass_direction=product.pass_direction,
+            datetime=product.start_time,
+        )
 
 
 def inspect_group(bands: list[dict], cfg: CatalogSection) -> dict:
@@ -691,27 +913,45 @@ def inspect_group(bands: list[dict], cfg: CatalogSection) -> dict:
             uri = b["uri"]
             try:
                 with io.open_raster(uri) as src:
-                    grid = (src.crs.to_string() if src.crs else None, [float(v) for v in tuple(src.transform)[:6]],
-                            src.width, src.height)
+                    grid = (
+                        src.crs.to_string() if src.crs else None,
+                        [float(v) for v in tuple(src.transform)[:6]],
+                        src.width,
+                        src.height,
+                    )
                     pol = b.get("polarisation") or _polarisation_of(src, uri, cfg.band)
             except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
-                raise ItemError("unreadable", f"cannot open {uri}: {_reason(exc)}. Re-download or remove it.") from None
+                raise ItemError(
+                    "unreadable", f"cannot open {uri}: {_reason(exc)}. Re-download or remove it."
+                ) from None
             if grid != (scene["crs"], scene["transform"], scene["width"], scene["height"]):
-                raise ItemError("polarisation_grids", f"{uri} is not on the pixel grid of {first} (another CRS, transform "
-                                "or size), so they cannot be one scene. Set catalog.group_polarisations=false to "
-                                "catalog them as separate scenes.")
+                raise ItemError(
+                    "polarisation_grids",
+                    f"{uri} is not on the pixel grid of {first} (another CRS, transform "
+                    "or size), so they cannot be one scene. Set catalog.group_polarisations=false to "
+                    "catalog them as separate scenes.",
+                )
             records.append({**b, "polarisation": pol})
     mask = bands[0].get("mask")
     if mask:
         try:
             with io.open_raster(mask) as src:
-                grid = (src.crs.to_string() if src.crs else None, [float(v) for v in tuple(src.transform)[:6]],
-                        src.width, src.height)
+                grid = (
+                    src.crs.to_string() if src.crs else None,
+                    [float(v) for v in tuple(src.transform)[:6]],
+                    src.width,
+                    src.height,
+                )
         except Exception as exc:  # noqa: BLE001 - rasterio raises several classes for corrupt files
-            raise ItemError("unreadable", f"cannot open the mask {mask}: {_reason(exc)}. Re-download or remove it.") from None
+            raise ItemError(
+                "unreadable", f"cannot open the mask {mask}: {_reason(exc)}. Re-download or remove it."
+            ) from None
         if grid != (scene["crs"], scene["transform"], scene["width"], scene["height"]):
-            raise ItemError("polarisation_grids", f"the mask {mask} is not on the pixel grid of {first}. Remove it or "
-                            "set catalog.group_polarisations=false.")
+            raise ItemError(
+                "polarisation_grids",
+                f"the mask {mask} is not on the pixel grid of {first}. Remove it or "
+                "set catalog.group_polarisations=false.",
+            )
     records = [{**r, "mask": mask} if mask else {k: v for k, v in r.items() if k != "mask"} for r in records]
     scene["bands"] = json.dumps(records, sort_keys=True)
     scene["polarisations"] = scene["polarisation"] = "+".join(b["polarisation"] for b in records)
@@ -735,13 +975,19 @@ def with_stac_metadata(scene: dict, item: stac.Candidate, cfg: CatalogSection) -
     if item.bands is None and len(pols) == 1 and pols[0] in _POLARISATIONS:
         scene["polarisation"] = pols[0]
         scene["polarisations"] = pols[0]
-        scene["bands"] = json.dumps([{**b, "polarisation": pols[0]} for b in json.loads(scene["bands"])], sort_keys=True)
+        scene["bands"] = json.dumps(
+            [{**b, "polarisation": pols[0]} for b in json.loads(scene["bands"])], sort_keys=True
+        )
     scene["proj_mismatch"] = proj_mismatch(props, item.asset_fields, scene)
     mode = props.get("sar:instrument_mode")
-    scene.update(stac_item=item.item_id, stac_asset=item.asset, datetime=stac.acquired(props) or scene.get("datetime"),
-                 platform=platform,
-                 instrument_mode=None if mode is None else str(mode),
-                 stac_properties=json.dumps(props, sort_keys=True, default=str))
+    scene.update(
+        stac_item=item.item_id,
+        stac_asset=item.asset,
+        datetime=stac.acquired(props) or scene.get("datetime"),
+        platform=platform,
+        instrument_mode=None if mode is None else str(mode),
+        stac_properties=json.dumps(props, sort_keys=True, default=str),
+    )
     return scene
 
 
@@ -750,6 +996,7 @@ def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
     fields first) that disagree with the file's header, as JSON ``{field: {"item": ..., "file": ...}}``;
     None when they agree or are absent. The file always wins: catalogues publish made-up values for GRD
     items (a transposed shape, a transform derived from the bounding box of a GCP-referenced file)."""
+
     def field_(name):
         return asset_fields.get(name, props.get(name))
 
@@ -760,10 +1007,16 @@ def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
     transform = field_("proj:transform")
     if transform is not None:
         file_t = scene["transform"]
-        if file_t is None or not np.allclose([float(v) for v in list(transform)[:6]], file_t, rtol=0, atol=1e-6 * max(
-                1.0, max(abs(v) for v in file_t))):
-            found["proj:transform"] = {"item": list(transform)[:6],
-                                       "file": file_t if file_t is not None else f"none: {scene['georef']}"}
+        if file_t is None or not np.allclose(
+            [float(v) for v in list(transform)[:6]],
+            file_t,
+            rtol=0,
+            atol=1e-6 * max(1.0, max(abs(v) for v in file_t)),
+        ):
+            found["proj:transform"] = {
+                "item": list(transform)[:6],
+                "file": file_t if file_t is not None else f"none: {scene['georef']}",
+            }
     code = field_("proj:code") or (f"EPSG:{field_('proj:epsg')}" if field_("proj:epsg") is not None else None)
     if code is not None and scene["crs"] is not None:
         try:
@@ -771,21 +1024,28 @@ def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
         except Exception:  # noqa: BLE001 - a code pyproj cannot read is not the file's CRS
             same = False
         if not same or scene.get("georef") == "gcps":
-            found["proj:code"] = {"item": code, "file": scene["crs"] + (" (of the GCPs)" if scene.get("georef") == "gcps" else "")}
+            found["proj:code"] = {
+                "item": code,
+                "file": scene["crs"] + (" (of the GCPs)" if scene.get("georef") == "gcps" else ""),
+            }
     return json.dumps(found, sort_keys=True) if found else None
 
 
 def _stac_error(uri: str, item: stac.Candidate, exc: ItemError) -> ItemError:
     """A file a STAC item names but that does not exist is the catalog's fault: say which item and href."""
     if exc.error_class == "unreadable" and not io.exists(io.sign_href(uri)):
-        return ItemError("stac_bad_href", f"STAC item {item.item_id!r} asset {item.asset!r}: {uri} does not exist "
-                         f"(href {item.href!r} in {item.item_href}, relative hrefs resolve against the item's "
-                         "location). Fix the href in the catalog or remove the item.")
+        return ItemError(
+            "stac_bad_href",
+            f"STAC item {item.item_id!r} asset {item.asset!r}: {uri} does not exist "
+            f"(href {item.href!r} in {item.item_href}, relative hrefs resolve against the item's "
+            "location). Fix the href in the catalog or remove the item.",
+        )
     return exc
 
 
 class SceneInspector:
-    """Row function of the catalog stage (Ray tasks): a SAR uri in, a scene row or an error row out (never raises)."""
+    """Row function of the catalog stage (Ray tasks): a SAR uri in, a scene row or an error row out (never
+    raises)."""
 
     def __init__(self, cfg: CatalogSection):
         self.cfg = cfg
@@ -803,7 +1063,10 @@ class SceneInspector:
             else:
                 scene = inspect_scene(uri, self.cfg)
             if item is None:
-                return {"scene": {**scene, **dict.fromkeys(_STAC_COLUMNS), "datetime": scene["datetime"]}, "error": None}
+                return {
+                    "scene": {**scene, **dict.fromkeys(_STAC_COLUMNS), "datetime": scene["datetime"]},
+                    "error": None,
+                }
             return {"scene": with_stac_metadata(scene, item, self.cfg), "error": None}
         except ItemError as exc:
             err = exc if item is None else _stac_error(uri, item, exc)
@@ -824,7 +1087,9 @@ def write_scenes(uri: str, scenes: list[dict]) -> None:
     io.write_parquet_atomic(uri, table.replace_schema_metadata(tables.geo_schema(table.schema).metadata))
 
 
-def assign_companions(scenes: list[dict], cfg: CatalogSection, vrt_dir: str) -> tuple[list[dict], list[dict], dict]:
+def assign_companions(
+    scenes: list[dict], cfg: CatalogSection, vrt_dir: str
+) -> tuple[list[dict], list[dict], dict]:
     """Optical twins by search and land-cover tiles by footprint for the scenes the rules left without.
 
     Runs in the driver on scene descriptors. Per-scene land-cover VRTs (scenes on the border of several
@@ -833,12 +1098,18 @@ def assign_companions(scenes: list[dict], cfg: CatalogSection, vrt_dir: str) -> 
     of every scene without one, land-cover tiles used.
     """
     errors: list[dict] = []
-    counts: dict = {"twins": collections.Counter(), "no_twin": collections.Counter(), "landcover": collections.Counter()}
+    counts: dict = {
+        "twins": collections.Counter(),
+        "no_twin": collections.Counter(),
+        "landcover": collections.Counter(),
+    }
     finder = None
     if cfg.optical:
-        # only the candidates these scenes can use (footprint and time): a page holds its own, not the source's
-        finder = companions.TwinFinder(cfg, resolve_path(cfg, cfg.optical),
-                                       scenes=[s for s in scenes if s["optical_uri"] is None])
+        # only the candidates these scenes can use (footprint and time): a page holds its own, not the
+        # source's
+        finder = companions.TwinFinder(
+            cfg, resolve_path(cfg, cfg.optical), scenes=[s for s in scenes if s["optical_uri"] is None]
+        )
         counts["optical_items"] = finder.usable
         counts["optical_items_skipped"] = len(finder.skipped)  # no image asset or geometry, or unreadable
     layer = None
@@ -850,17 +1121,26 @@ def assign_companions(scenes: list[dict], cfg: CatalogSection, vrt_dir: str) -> 
     for scene in scenes:
         footprint = shapely.from_wkb(scene["footprint"])
         if scene["optical_uri"] is None and finder is not None:
-            twin, reason = finder.choose(footprint, companions.parse_time(scene.get("datetime")), scene["tile_crs"])
+            twin, reason = finder.choose(
+                footprint, companions.parse_time(scene.get("datetime")), scene["tile_crs"]
+            )
             if twin is not None:
                 scene.update(companions.twin_columns(twin))
             else:
                 scene.update(companions.no_twin_columns(None, reason))
                 if cfg.no_twin == "reject":
-                    errors.append(error_row(STAGE, scene["sar_uri"], "no_optical_twin",
-                                            f"{scene['sar_uri']}: no optical twin in {cfg.optical} ({(reason or '').replace('_', ' ')}: "
-                                            f"within {cfg.time_window_days:g} days and covering at least "
-                                            f"{cfg.min_overlap:.0%} of the footprint). Widen catalog.time_window_days, lower "
-                                            "catalog.min_overlap, add items, or set catalog.no_twin=keep."))
+                    errors.append(
+                        error_row(
+                            STAGE,
+                            scene["sar_uri"],
+                            "no_optical_twin",
+                            f"{scene['sar_uri']}: no optical twin in {cfg.optical} "
+                            f"({(reason or '').replace('_', ' ')}: "
+                            f"within {cfg.time_window_days:g} days and covering at least "
+                            f"{cfg.min_overlap:.0%} of the footprint). Widen catalog.time_window_days, lower "
+                            "catalog.min_overlap, add items, or set catalog.no_twin=keep.",
+                        )
+                    )
                     counts["no_twin"][reason] += 1
                     continue
         if scene["optical_uri"] is None:
@@ -877,10 +1157,17 @@ def assign_companions(scenes: list[dict], cfg: CatalogSection, vrt_dir: str) -> 
                 io.makedirs(vrt_dir)
                 io.write_bytes_atomic(uri, companions.vrt_xml(tiles).encode())
                 scene["landcover_uri"] = uri
-        counts["landcover"]["none" if scene["landcover_uri"] is None else
-                            "tiles" if scene.get("landcover_tiles") else "raster"] += 1
+        counts["landcover"][
+            "none"
+            if scene["landcover_uri"] is None
+            else "tiles"
+            if scene.get("landcover_tiles")
+            else "raster"
+        ] += 1
         kept.append(scene)
-    counts = {k: dict(sorted(v.items())) if isinstance(v, collections.Counter) else v for k, v in counts.items()}
+    counts = {
+        k: dict(sorted(v.items())) if isinstance(v, collections.Counter) else v for k, v in counts.items()
+    }
     return kept, errors, counts
 
 
@@ -893,7 +1180,8 @@ def resolve_path(cfg: CatalogSection, path: str) -> str:
 
 # ---------------------------------------------------------------- the streaming catalog (catalog.search)
 class SeenDigests:
-    """The rasters a paged listing has cataloged, as 8-byte digests of their uris (``stac.candidates_from_items``'s
+    """The rasters a paged listing has cataloged, as 8-byte digests of their uris
+    (``stac.candidates_from_items``'s
     ``seen``): what the driver keeps per asset to reject an asset named twice across pages. The recent digests
     sit in a small set; every ``TAIL`` of them are sorted into a numpy block, and blocks of equal length merge
     (a log-structured set): 8 bytes a uri, no Python object per uri (a set of ints took ~70 B each, and its
@@ -907,7 +1195,9 @@ class SeenDigests:
 
     @staticmethod
     def _key(uri: str) -> int:
-        return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+        return int.from_bytes(
+            hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little"
+        )
 
     def __len__(self) -> int:
         return len(self._tail) + sum(len(b) for b in self._blocks)
@@ -945,7 +1235,9 @@ def page_sizes(page_rows: int) -> Iterator[int]:
         size = min(2 * size, page_rows)
 
 
-def _paged(rows: Iterator[tuple[list[dict], list[dict]]], page_rows: int) -> Iterator[tuple[list[dict], list[dict]]]:
+def _paged(
+    rows: Iterator[tuple[list[dict], list[dict]]], page_rows: int
+) -> Iterator[tuple[list[dict], list[dict]]]:
     """``(rows, errors)`` chunks of any length regrouped into pages of :func:`page_sizes` rows; the error rows
     travel with the page they came with (or the next)."""
     sizes = page_sizes(page_rows)
@@ -966,11 +1258,17 @@ def _paged(rows: Iterator[tuple[list[dict], list[dict]]], page_rows: int) -> Ite
         errors.clear()
 
 
-def listing_pages(cfg: CatalogSection, snapshot: str | None, page_rows: int) -> Iterator[tuple[list[dict], list[dict]]]:
-    """What :func:`list_scenes` lists, as pages read while they are listed: ``(rows, errors)``, the inspection rows
-    of up to ``page_rows`` scenes and the error rows of the listing that came with them. One generator for every
-    source: a search snapshot and a STAC file (an ItemCollection parsed item by item, a static catalog walked link
-    by link) page their items; a glob lists the archive in key order (s3:// a page of 1,000 keys at a time) and
+def listing_pages(
+    cfg: CatalogSection, snapshot: str | None, page_rows: int
+) -> Iterator[tuple[list[dict], list[dict]]]:
+    """What :func:`list_scenes` lists, as pages read while they are listed: ``(rows, errors)``, the inspection
+    rows
+    of up to ``page_rows`` scenes and the error rows of the listing that came with them. One generator for
+    every
+    source: a search snapshot and a STAC file (an ItemCollection parsed item by item, a static catalog walked
+    link
+    by link) page their items; a glob lists the archive in key order (s3:// a page of 1,000 keys at a time)
+    and
     groups polarisations and masks as soon as nothing later can join them. The driver holds a page, the groups
     still open and 8 bytes per asset (duplicates across pages), never the listing.
 
@@ -984,16 +1282,20 @@ def listing_pages(cfg: CatalogSection, snapshot: str | None, page_rows: int) -> 
             listed += len(page[0])
             yield page
         if not listed:
-            raise FileNotFoundError(f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
-                                    "check catalog.archive and catalog.sar_glob")
+            raise FileNotFoundError(
+                f"no SAR scenes match {cfg.sar_glob!r} under {cfg.archive}; "
+                "check catalog.archive and catalog.sar_glob"
+            )
         return
     source = snapshot or cfg.archive
     entries: Iterable[Any]
     if snapshot is not None:
         import pystac
 
-        entries = ((item, item.get_self_href() or snapshot) for item in
-                   (pystac.Item.from_dict(d, preserve_dict=False) for d in search.read_items(snapshot)))
+        entries = (
+            (item, item.get_self_href() or snapshot)
+            for item in (pystac.Item.from_dict(d, preserve_dict=False) for d in search.read_items(snapshot))
+        )
     else:
         entries = stac.iter_items(cfg.archive, STAGE)
     listed = 0
@@ -1004,21 +1306,27 @@ def listing_pages(cfg: CatalogSection, snapshot: str | None, page_rows: int) -> 
         raise FileNotFoundError(f"the STAC file {cfg.archive} lists no items; check catalog.archive")
 
 
-def snapshot_pages(cfg: CatalogSection, snapshot: str, page_rows: int) -> Iterator[tuple[list[dict], list[dict]]]:
+def snapshot_pages(
+    cfg: CatalogSection, snapshot: str, page_rows: int
+) -> Iterator[tuple[list[dict], list[dict]]]:
     """The pages of a frozen search snapshot (:func:`listing_pages`)."""
     return listing_pages(cfg, snapshot, page_rows)
 
 
-def _item_rows(cfg: CatalogSection, entries: Iterator, source: str, chunk: int) -> Iterator[tuple[list[dict], list[dict]]]:
-    """STAC entries (``(item, base)`` pairs or error rows) as inspection rows and error rows, ``chunk`` items at a
+def _item_rows(
+    cfg: CatalogSection, entries: Iterator, source: str, chunk: int
+) -> Iterator[tuple[list[dict], list[dict]]]:
+    """STAC entries (``(item, base)`` pairs or error rows) as inspection rows and error rows, ``chunk`` items
+    at a
     time (``stac.candidates_from_items``, duplicates across chunks by digest)."""
     seen = SeenDigests()
     items: list = []
     errors: list[dict] = []
 
     def flush():
-        found, errs = stac.candidates_from_items(items, errors, source, cfg.stac_assets, STAGE, cfg.group_polarisations,
-                                                 seen=seen)
+        found, errs = stac.candidates_from_items(
+            items, errors, source, cfg.stac_assets, STAGE, cfg.group_polarisations, seen=seen
+        )
         items.clear()
         rows = [{"uri": c.uri, "stac": c.to_json(), "product": None, "bands": c.bands} for c in found]
         out = (rows, list(errs))
@@ -1067,9 +1375,12 @@ def _listed(cfg: CatalogSection, root: str) -> Iterator[str]:
     at a time (s3fs's paginated ``_iterdir``, no listing cache); other filesystems found whole and sorted."""
     fs, _ = io.filesystem(cfg.archive)
     if not io.is_remote(cfg.archive):
+
         def walk(folder: str) -> Iterator[str]:
             try:
-                entries = sorted(((e.name + "/" if e.is_dir() else e.name), e.path) for e in os.scandir(folder))
+                entries = sorted(
+                    ((e.name + "/" if e.is_dir() else e.name), e.path) for e in os.scandir(folder)
+                )
             except (FileNotFoundError, NotADirectoryError):
                 return
             for name, path in entries:
@@ -1077,6 +1388,7 @@ def _listed(cfg: CatalogSection, root: str) -> Iterator[str]:
                     yield from walk(path)
                 else:
                     yield path
+
         yield from walk(root)
         return
     if cfg.archive.startswith(("s3://", "s3a://")):
@@ -1120,16 +1432,26 @@ def _glob_rows(cfg: CatalogSection) -> Iterator[tuple[list[dict], list[dict]]]:
             _, members, mask = groups.pop(key)
             order = ("VV", "HH", "VH", "HV")
             uris = [members[p] for p in sorted(members, key=order.index)]
-            rows.append({"uri": uris[0], "stac": None, "product": None,
-                         "bands": [{"uri": u, "mask": mask} for u in uris] if len(uris) > 1 or mask else None})
+            rows.append(
+                {
+                    "uri": uris[0],
+                    "stac": None,
+                    "product": None,
+                    "bands": [{"uri": u, "mask": mask} for u in uris] if len(uris) > 1 or mask else None,
+                }
+            )
 
     for path in _listed(cfg, root):
         close(path)
         low = path.lower()
         safe_at = low.find(".safe/")
-        if safe_at >= 0:  # a file inside a .SAFE folder: the folder is a product if a pattern names it or its manifest
+        if (
+            safe_at >= 0
+        ):  # a file inside a .SAFE folder: the folder is a product if a pattern names it or its manifest
             folder = path[: safe_at + len(".safe")]
-            if (matches(folder) or (low.endswith("/manifest.safe") and matches(path))) and folder not in products:
+            if (
+                matches(folder) or (low.endswith("/manifest.safe") and matches(path))
+            ) and folder not in products:
                 products[folder] = folder
                 rows.append({"uri": uri_of(folder), "stac": None, "product": "safe", "bands": None})
         elif matches(path):
@@ -1141,7 +1463,9 @@ def _glob_rows(cfg: CatalogSection) -> Iterator[tuple[list[dict], list[dict]]]:
             else:
                 folder, _, name = path.rpartition("/")
                 tokens = _POL_TOKEN.findall(name)
-                if _MASK_FILE.search(name):  # the mask of the open group named after it, else a scene of its own
+                if _MASK_FILE.search(
+                    name
+                ):  # the mask of the open group named after it, else a scene of its own
                     group = groups.get(path)
                     if group is not None and group[2] is None:
                         group[2] = uri
@@ -1165,8 +1489,10 @@ def _glob_rows(cfg: CatalogSection) -> Iterator[tuple[list[dict], list[dict]]]:
 
 
 def inspect_page(cfg: CatalogSection, run_dir: str, index: int, page: tuple[list[dict], list[dict]]) -> dict:
-    """One page of the streaming catalog, on a Ray worker: inspect its rows (``page``: the inspection rows and the
-    listing's error rows of that page), find their companions, and write ``catalog/parts/scenes-<index>.parquet``
+    """One page of the streaming catalog, on a Ray worker: inspect its rows (``page``: the inspection rows and
+    the
+    listing's error rows of that page), find their companions, and write
+    ``catalog/parts/scenes-<index>.parquet``
     and ``errors-<index>.parquet``. Returns counts only."""
     import ray
 
@@ -1177,20 +1503,28 @@ def inspect_page(cfg: CatalogSection, run_dir: str, index: int, page: tuple[list
     results = [inspector(r) for r in rows]
     scenes = sorted((r["scene"] for r in results if r["scene"] is not None), key=lambda s: s["scene_id"])
     errors = list(listing_errors) + [r["error"] for r in results if r["error"] is not None]
-    scenes, twin_errors, companion_counts = assign_companions(scenes, cfg, io.join(run_dir, STAGE, "landcover"))
+    scenes, twin_errors, companion_counts = assign_companions(
+        scenes, cfg, io.join(run_dir, STAGE, "landcover")
+    )
     errors += twin_errors
     parts = io.join(run_dir, STAGE, "parts")
     write_scenes(io.join(parts, f"scenes-{index:06d}.parquet"), scenes)
     io.write_parquet_atomic(io.join(parts, f"errors-{index:06d}.parquet"), errors_table(errors))
-    return {"planned": len(rows) + len(listing_errors), "written": len(scenes), "rejected": len(errors),
-            "reasons": dict(collections.Counter(e["error_class"] for e in errors)), "companions": companion_counts,
-            "proj_mismatches": sum(1 for s in scenes if s.get("proj_mismatch")),
-            "relief_flagged": sum(1 for s in scenes if s.get("relief_flag")),
-            "node": ray.get_runtime_context().get_node_id()}
+    return {
+        "planned": len(rows) + len(listing_errors),
+        "written": len(scenes),
+        "rejected": len(errors),
+        "reasons": dict(collections.Counter(e["error_class"] for e in errors)),
+        "companions": companion_counts,
+        "proj_mismatches": sum(1 for s in scenes if s.get("proj_mismatch")),
+        "relief_flagged": sum(1 for s in scenes if s.get("relief_flag")),
+        "node": ray.get_runtime_context().get_node_id(),
+    }
 
 
 def duplicate_ids(scenes_uri: str, n: int) -> list[str]:
-    """The scene ids that appear more than once in a scenes table of ``n`` rows, read a row group at a time and
+    """The scene ids that appear more than once in a scenes table of ``n`` rows, read a row group at a time
+    and
     compared as 8-byte digests (the driver holds 8 bytes a scene, not the ids)."""
     import pyarrow.parquet as pq
 
@@ -1206,18 +1540,24 @@ def duplicate_ids(scenes_uri: str, n: int) -> list[str]:
     if (counts == 1).all():
         return []
     clashes = set(values[counts > 1].tolist())
-    found = io.read_parquet(scenes_uri, columns=["scene_id"]).column("scene_id").to_pylist()  # only on failure
+    found = (
+        io.read_parquet(scenes_uri, columns=["scene_id"]).column("scene_id").to_pylist()
+    )  # only on failure
     return sorted({s for s in found if SeenDigests._key(s) in clashes})
 
 
-# rows per row group of the merged tables: a row group per part (64 rows) made the writer's footer metadata, held
-# until the file is closed, grow with the number of pages (~100 KB a part: 155 MB of the driver at 100k scenes)
+# rows per row group of the merged tables: a row group per part (64 rows) made the writer's footer metadata,
+# held
+# until the file is closed, grow with the number of pages (~100 KB a part: 155 MB of the driver at 100k
+# scenes)
 MERGE_ROWS = 4096
 
 
 def merge_parts(run_dir: str, pages: int) -> None:
-    """The parts of the streaming catalog as ``catalog/scenes.parquet`` and ``catalog/errors.parquet``, in page
-    order, one part in memory at a time (a Parquet writer streaming row groups to :func:`io.write_stream_atomic`);
+    """The parts of the streaming catalog as ``catalog/scenes.parquet`` and ``catalog/errors.parquet``, in
+    page
+    order, one part in memory at a time (a Parquet writer streaming row groups to
+    :func:`io.write_stream_atomic`);
     the parts are removed after."""
     import io as pyio
 

@@ -1,8 +1,10 @@
 """Command line: ``sarlang <command> [workflow.yaml] [key=value ...]``.
 
 Commands: ``run`` (all configured stages), one stage by name (``synth``, ``catalog``, ``tile``,
-``align``, ``annotate``, ``export``, ``train``, ``evaluate``), ``config`` (print the resolved config), ``model init-tiny DIR
-[--family F]`` (write a tiny offline VLM of a family) and ``model families`` (the family table), ``import RELEASE OUT.parquet [--sardet DIR] [--images DIR] [--embed-images]
+``align``, ``annotate``, ``export``, ``train``, ``evaluate``), ``config`` (print the resolved config), ``model
+init-tiny DIR
+[--family F]`` (write a tiny offline VLM of a family) and ``model families`` (the family table), ``import
+RELEASE OUT.parquet [--sardet DIR] [--images DIR] [--embed-images]
 [--split S]`` (a SARLANG-1M release as published, our own export's, or any LLaMA-Factory / ShareGPT JSON
 dataset, as a pairs table with an errors table and a report), ``export-bench [workflow.yaml] [key=value ...]``
 (the evaluated split as an lmms-eval task and a VLMEvalKit TSV), ``score-bench PREDICTIONS`` (a harness's
@@ -27,15 +29,25 @@ TOOLS = ("model", "import", "export-bench", "score-bench", "export-hf", "view")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    own = {"import": _import, "score-bench": _score_bench, "model": _model, "export-hf": _export_hf, "view": _view}
+    own = {
+        "import": _import,
+        "score-bench": _score_bench,
+        "model": _model,
+        "export-hf": _export_hf,
+        "view": _view,
+    }
     if argv and argv[0] in own:  # commands with options of their own
         return own[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="sarlang", description="SAR image-text dataset pipeline on Ray.")
     parser.add_argument("command", choices=["run", "config", *TOOLS, *STAGES], help="what to do")
     parser.add_argument("args", nargs="*", help="an optional workflow YAML, then key=value overrides")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show Ray's progress bars, INFO lines and worker logs live (else they go to RUN_DIR/logs/)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's progress bars, INFO lines and worker logs live (else they go to RUN_DIR/logs/)",
+    )
     ns = parser.parse_args(argv)
     workflow = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if workflow else ns.args
@@ -61,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sarlang {ns.command}: failed: {exc}", file=sys.stderr)
         return 1
     # quiet: each stage's counts were printed as it ended
-    print(json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary, stage_lines=not quiet))
+    print(
+        json.dumps(summary, indent=2) if ns.json else pipeline.format_summary(summary, stage_lines=not quiet)
+    )
     return 0
 
 
 def _run_quietly(cfg, command: str, stages: list[str] | None) -> dict:
-    """``pipeline.run`` with a person's terminal (sarlang_ray.console): stage lines, bars and counts here, Ray's own
-    output in ``RUN_DIR/logs/<command>-<time>.log`` (a local file uploaded there at the end for an s3:// run)."""
+    """``pipeline.run`` with a person's terminal (sarlang_ray.console): stage lines, bars and counts here,
+    Ray's own
+    output in ``RUN_DIR/logs/<command>-<time>.log`` (a local file uploaded there at the end for an s3://
+    run)."""
     import os
     import shutil
     import tempfile
@@ -78,18 +94,23 @@ def _run_quietly(cfg, command: str, stages: list[str] | None) -> dict:
     run_dir = cfg.run.run_dir
     name = f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
     remote = io.is_remote(run_dir)
-    local = os.path.join(tempfile.mkdtemp(prefix="sarlang-log-") if remote else os.path.abspath(run_dir), "logs", name)
+    local = os.path.join(
+        tempfile.mkdtemp(prefix="sarlang-log-") if remote else os.path.abspath(run_dir), "logs", name
+    )
     target = io.join(run_dir, "logs", name) if remote else local
     import ray
 
     ours = not ray.is_initialized()  # a Ray the command starts is shut down inside the capture: the workers'
     try:  # last lines, which the driver prints late, land in the log too
         with console.Capture(local) as cap:
-            cap.write(f"sarlang {command} '{cfg.name}' -> {run_dir}; Ray's output: {target} (-v shows it here)")
+            cap.write(
+                f"sarlang {command} '{cfg.name}' -> {run_dir}; Ray's output: {target} (-v shows it here)"
+            )
             failure: Exception | None = None
             try:
                 summary = pipeline.run(cfg, stages, console=console.Console(cfg, cap.terminal))
-            except Exception as exc:  # noqa: BLE001 - not on an interrupt: its own path ends that Ray (stages.cluster, reaper)
+            # not on an interrupt: its own path ends that Ray (stages.cluster, reaper
+            except Exception as exc:  # noqa: BLE001
                 failure = exc
             if ours and ray.is_initialized():
                 ray.shutdown()
@@ -104,16 +125,29 @@ def _run_quietly(cfg, command: str, stages: list[str] | None) -> dict:
 
 
 def _view(args: list[str]) -> int:
-    """``sarlang view RUN_DIR [--out DIR] [--serve]``: a static site to browse a run (see sarlang_ray.view)."""
-    parser = argparse.ArgumentParser(prog="sarlang view", description=(
-        "Write a static site (index.html, data, thumbnails; opens from a file or any static host) to look at a run: "
-        "tiles with filters, each tile's SAR and optical twin with boxes, pairs, QC verdicts and model answers, a map "
-        "of footprints by split, the leakage report, the errors table and the leaderboard."))
+    """``sarlang view RUN_DIR [--out DIR] [--serve]``: a static site to browse a run (see
+    sarlang_ray.view)."""
+    parser = argparse.ArgumentParser(
+        prog="sarlang view",
+        description=(
+            "Write a static site (index.html, data, thumbnails; opens from a file or any static host) to "
+            "look at a run: "
+            "tiles with filters, each tile's SAR and optical twin with boxes, pairs, QC verdicts and model "
+            "answers, a map "
+            "of footprints by split, the leakage report, the errors table and the leaderboard."
+        ),
+    )
     parser.add_argument("run_dir", help="the run folder (local or s3://)")
     parser.add_argument("--out", help="where to write the site (default RUN_DIR/view)")
-    parser.add_argument("--sample", type=int, default=100, help="tiles kept per filter value in the grid (default 100)")
-    parser.add_argument("--basemap", help="an XYZ tile URL template ({z}/{x}/{y}) drawn under the map's footprints")
-    parser.add_argument("--serve", action="store_true", help="then serve it on http://127.0.0.1:PORT (local sites)")
+    parser.add_argument(
+        "--sample", type=int, default=100, help="tiles kept per filter value in the grid (default 100)"
+    )
+    parser.add_argument(
+        "--basemap", help="an XYZ tile URL template ({z}/{x}/{y}) drawn under the map's footprints"
+    )
+    parser.add_argument(
+        "--serve", action="store_true", help="then serve it on http://127.0.0.1:PORT (local sites)"
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (ray.address=...)")
     ns = parser.parse_args(args)
@@ -130,18 +164,25 @@ def _view(args: list[str]) -> int:
     except FileNotFoundError as exc:
         print(f"sarlang view: {exc}", file=sys.stderr)
         return 1
-    print(f"{made['tiles']} tiles ({made['exported']} exported, {made['errors']} error rows) in {made['pages']} pages; "
-          f"site: {io.join(made['out'], 'index.html')}")
+    print(
+        f"{made['tiles']} tiles ({made['exported']} exported, {made['errors']} error rows) in "
+        f"{made['pages']} pages; "
+        f"site: {io.join(made['out'], 'index.html')}"
+    )
     if ns.serve:
         if io.is_remote(made["out"]):
-            print("sarlang view: --serve serves local folders; a site on object storage is served by its host", file=sys.stderr)
+            print(
+                "sarlang view: --serve serves local folders; a site on object storage is served by its host",
+                file=sys.stderr,
+            )
             return 2
         view.serve(made["out"], ns.port)
     return 0
 
 
 def _model(args: list[str]) -> int:
-    """``sarlang model init-tiny DIR [--family F] [--seed N]``: write a tiny offline VLM of family ``F`` (a family
+    """``sarlang model init-tiny DIR [--family F] [--seed N]``: write a tiny offline VLM of family ``F`` (a
+    family
     name, a model type or the hub name it stands in for, e.g. ``Qwen/Qwen2-VL-2B-Instruct``); ``sarlang model
     families``: the family table (see sarlang_ray.families)."""
     from sarlang_ray import families
@@ -149,16 +190,23 @@ def _model(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sarlang model", description=_model.__doc__)
     sub = parser.add_subparsers(dest="action", required=True)
     init = sub.add_parser("init-tiny", help="write a tiny VLM with random weights, built offline")
-    init.add_argument("out_dir", help="folder to write (config, safetensors weights, processor, chat template)")
-    init.add_argument("--family", default="llava",
-                      help=f"one of {sorted(families.FAMILIES)}, or a hub name / model type of one (default llava)")
+    init.add_argument(
+        "out_dir", help="folder to write (config, safetensors weights, processor, chat template)"
+    )
+    init.add_argument(
+        "--family",
+        default="llava",
+        help=f"one of {sorted(families.FAMILIES)}, or a hub name / model type of one (default llava)",
+    )
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     sub.add_parser("families", help="print the VLM family table")
     ns = parser.parse_args(args)
     if ns.action == "families":
         for f in families.FAMILIES.values():
-            print(f"{f.name:11} {f.processor:20} knob={f.image_knob:12} tied={f.tied!s:5} "
-                  f"lora={f.lora_targets} hub={','.join(f.hub_prefixes)}")
+            print(
+                f"{f.name:11} {f.processor:20} knob={f.image_knob:12} tied={f.tied!s:5} "
+                f"lora={f.lora_targets} hub={','.join(f.hub_prefixes)}"
+            )
         return 0
     from sarlang_ray.tiny_models import init_tiny_vlm
 
@@ -174,34 +222,61 @@ def _model(args: list[str]) -> int:
 def _import(args: list[str]) -> int:
     """``sarlang import RELEASE OUT.parquet``: a release as a pairs table (``OUT.parquet``), its errors table
     (``OUT.errors.parquet``) and report (``OUT.report.json``). Exits 1 when no record could be imported."""
-    parser = argparse.ArgumentParser(prog="sarlang import", description=(
-        "Read a SARLANG-1M release as published (SARimages*/ and Text/ after unzipping Text.zip), our own export's "
-        "sarlang1m/ folder, or any LLaMA-Factory / ShareGPT / ms-swift JSON dataset (a folder or one file) into a pairs "
-        "table that `sarlang evaluate evaluate.dataset=OUT.parquet` scores."))
-    parser.add_argument("release", help="the unpacked release folder (local or s3://), or one JSON/JSONL/CSV file")
+    parser = argparse.ArgumentParser(
+        prog="sarlang import",
+        description=(
+            "Read a SARLANG-1M release as published (SARimages*/ and Text/ after unzipping Text.zip), our "
+            "own export's "
+            "sarlang1m/ folder, or any LLaMA-Factory / ShareGPT / ms-swift JSON dataset (a folder or one "
+            "file) into a pairs "
+            "table that `sarlang evaluate evaluate.dataset=OUT.parquet` scores."
+        ),
+    )
+    parser.add_argument(
+        "release", help="the unpacked release folder (local or s3://), or one JSON/JSONL/CSV file"
+    )
     parser.add_argument("out", help="the pairs table to write (.parquet); errors and report go beside it")
-    parser.add_argument("--sardet", help="folder with SARDet-100K's images (SARVQA1 names them, e.g. 0009787.jpg)")
-    parser.add_argument("--images", help="another image folder, searched before the release's own (e.g. the original TIFs)")
-    parser.add_argument("--split", action="append", choices=["train", "val", "test"], help="only these splits (repeatable)")
-    parser.add_argument("--embed-images", action="store_true", help="put the image bytes in the table (small sets)")
+    parser.add_argument(
+        "--sardet", help="folder with SARDet-100K's images (SARVQA1 names them, e.g. 0009787.jpg)"
+    )
+    parser.add_argument(
+        "--images", help="another image folder, searched before the release's own (e.g. the original TIFs)"
+    )
+    parser.add_argument(
+        "--split", action="append", choices=["train", "val", "test"], help="only these splits (repeatable)"
+    )
+    parser.add_argument(
+        "--embed-images", action="store_true", help="put the image bytes in the table (small sets)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     ns = parser.parse_args(args)
     from sarlang_ray import release
     from sarlang_ray.errors import ItemError
 
     try:
-        result = release.import_release(ns.release, splits=tuple(ns.split) if ns.split else None, sardet=ns.sardet,
-                                        images=ns.images, embed_images=ns.embed_images)
+        result = release.import_release(
+            ns.release,
+            splits=tuple(ns.split) if ns.split else None,
+            sardet=ns.sardet,
+            images=ns.images,
+            embed_images=ns.embed_images,
+        )
     except ItemError as exc:  # not a release: say so, no traceback
         print(f"sarlang import: {exc}", file=sys.stderr)
         return 2
     report = release.write_import(result, ns.out)
     print(json.dumps(report, indent=2, default=str) if ns.json else release.format_report(result))
     stem = ns.out.removesuffix(".parquet")
-    print(f"{result.table.num_rows} pairs written to {ns.out} (errors: {stem}.errors.parquet, report: {stem}.report.json)")
+    print(
+        f"{result.table.num_rows} pairs written to {ns.out} (errors: {stem}.errors.parquet, report: "
+        f"{stem}.report.json)"
+    )
     if not result.table.num_rows:
-        print(f"sarlang import: no pair could be imported from {ns.release}: see the reasons above and in "
-              f"{stem}.errors.parquet", file=sys.stderr)
+        print(
+            f"sarlang import: no pair could be imported from {ns.release}: see the reasons above and in "
+            f"{stem}.errors.parquet",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -218,7 +293,10 @@ def _export_bench(cfg, as_json: bool) -> int:
     if as_json:
         print(json.dumps(manifest, indent=2))
         return 0
-    print(f"{manifest['samples']} samples ({manifest['images']} images) of the {manifest['split']} split of {manifest['dataset']}")
+    print(
+        f"{manifest['samples']} samples ({manifest['images']} images) of the {manifest['split']} split of "
+        f"{manifest['dataset']}"
+    )
     for fmt, files in manifest["files"].items():
         print(f"  {fmt}: {files.get('yaml') or files.get('tsv')}\n    run: {files['run']}")
     return 0
@@ -228,7 +306,9 @@ def _score_bench(args: list[str]) -> int:
     """``sarlang score-bench PREDICTIONS``: a harness's predictions (VLMEvalKit's prediction file for a TSV of
     export-bench, or lmms-eval's --log_samples jsonl) scored with our metrics."""
     parser = argparse.ArgumentParser(prog="sarlang score-bench", description=_score_bench.__doc__)
-    parser.add_argument("predictions", help="VLMEvalKit prediction file (.tsv/.csv/.xlsx) or lmms-eval samples (.jsonl)")
+    parser.add_argument(
+        "predictions", help="VLMEvalKit prediction file (.tsv/.csv/.xlsx) or lmms-eval samples (.jsonl)"
+    )
     ns = parser.parse_args(args)
     from sarlang_ray import harness
 
@@ -242,24 +322,35 @@ def _score_bench(args: list[str]) -> int:
 
 
 def _export_hf(args: list[str]) -> int:
-    """``sarlang export-hf RUN_DIR|IMPORTED_TABLE OUT``: a dataset folder in the Hugging Face layout (Parquet shards
+    """``sarlang export-hf RUN_DIR|IMPORTED_TABLE OUT``: a dataset folder in the Hugging Face layout (Parquet
+    shards
     per split with an Image feature, README.md with the Hub's YAML header); see sarlang_ray.hf_export."""
     parser = argparse.ArgumentParser(prog="sarlang export-hf", description=_export_hf.__doc__)
-    parser.add_argument("source", help="a run folder with an export, or a pairs table (.parquet) from `sarlang import`")
+    parser.add_argument(
+        "source", help="a run folder with an export, or a pairs table (.parquet) from `sarlang import`"
+    )
     parser.add_argument("out", help="the dataset folder to write (local or s3://)")
     parser.add_argument("--license", default="other", help="the Hub licence id of the card (default: other)")
-    parser.add_argument("--name", help="the dataset's pretty name (default: the source's folder or file name)")
-    parser.add_argument("--rows-per-shard", type=int, default=1000, help="rows per Parquet shard of an imported table")
+    parser.add_argument(
+        "--name", help="the dataset's pretty name (default: the source's folder or file name)"
+    )
+    parser.add_argument(
+        "--rows-per-shard", type=int, default=1000, help="rows per Parquet shard of an imported table"
+    )
     ns = parser.parse_args(args)
     from sarlang_ray import hf_export
 
     try:
-        manifest = hf_export.export_hf(ns.source, ns.out, license=ns.license, name=ns.name, rows_per_shard=ns.rows_per_shard)
+        manifest = hf_export.export_hf(
+            ns.source, ns.out, license=ns.license, name=ns.name, rows_per_shard=ns.rows_per_shard
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"sarlang export-hf: {exc}", file=sys.stderr)
         return 1
-    print(", ".join(f"{s}: {n} rows in {manifest['shards'][s]} shard(s)" for s, n in manifest["rows"].items())
-          + f" written to {ns.out} (card: {manifest['readme']}); load it with datasets.load_dataset({ns.out!r})")
+    print(
+        ", ".join(f"{s}: {n} rows in {manifest['shards'][s]} shard(s)" for s, n in manifest["rows"].items())
+        + f" written to {ns.out} (card: {manifest['readme']}); load it with datasets.load_dataset({ns.out!r})"
+    )
     return 0
 
 

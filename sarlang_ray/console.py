@@ -1,9 +1,11 @@
-"""What ``sarlang run`` shows a person: a line when a stage starts, a progress bar while it runs, its counts when
+"""What ``sarlang run`` shows a person: a line when a stage starts, a progress bar while it runs, its counts
+when
 it ends, then the summary; everything else (Ray Data's bars and INFO lines, worker logs, Tune's trial tables)
 goes to a log file in the run folder, named at the start.
 
 Ray writes to the process's file descriptors 1 and 2 (its workers' lines come back through the driver), not
-only through Python's ``sys.stdout``, so the capture is at the descriptor level: both are pointed at a pipe whose
+only through Python's ``sys.stdout``, so the capture is at the descriptor level: both are pointed at a pipe
+whose
 reader thread appends every line to the log and passes the warning and error lines to the terminal, once each
 (a line that differs only by process ids, numbers or times is the same line). ``-v`` turns the capture off.
 
@@ -42,7 +44,8 @@ def _normalised(line: str) -> str:
 
 
 class Capture:
-    """Send fds 1 and 2 to ``log_path``, echoing warning/error lines once to the terminal (see the module doc)."""
+    """Send fds 1 and 2 to ``log_path``, echoing warning/error lines once to the terminal (see the module
+    doc)."""
 
     def __init__(self, log_path: str):
         self.log_path = log_path
@@ -175,7 +178,9 @@ class Console:
                 width = 24
                 filled = min(width, int(width * done / total))
                 eta = f"ETA {max(0.0, (total - done) / rate):.0f} s" if rate > 0 and done < total else ""
-                text = f"  {name:9s} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.1f}/s {eta}"
+                text = (
+                    f"  {name:9s} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.1f}/s {eta}"
+                )
             else:
                 text = f"  {name:9s} {done} written, {elapsed:.0f} s"
             self.out.write("\r" + text[:110].ljust(110))

@@ -38,8 +38,12 @@ class ItemError(Exception):
 
 
 REDACTED = "***"
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]+)@", re.IGNORECASE)  # s3://key:secret@bucket
-_AUTH_HEADER = re.compile(r"\b(?P<scheme>Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{8,}")  # an echoed Authorization header
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]+)@", re.IGNORECASE
+)  # s3://key:secret@bucket
+_AUTH_HEADER = re.compile(
+    r"\b(?P<scheme>Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{8,}"
+)  # an echoed Authorization header
 _SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|API_?KEY|ACCESS_KEY|(^|_)KEY$", re.IGNORECASE)
 
 
@@ -106,7 +110,10 @@ def summed_reasons(manifest: Iterable[dict]) -> Counter:
 
 
 def _by_reason(reasons: Counter) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))) or "no reason recorded"
+    return (
+        ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        or "no reason recorded"
+    )
 
 
 def nothing_written(stage: str, planned: int, written: int, reasons: Counter, hint: str = "") -> str | None:
@@ -115,16 +122,23 @@ def nothing_written(stage: str, planned: int, written: int, reasons: Counter, hi
     ``hint``, what to change."""
     if planned <= 0 or written > 0:
         return None
-    return (f"all {planned} planned items were rejected ({_by_reason(reasons)}); each is a row of the {stage} errors "
-            f"table with its message (sarlang_ray.tables.read_errors).{' ' + hint if hint else ''}")
+    return (
+        f"all {planned} planned items were rejected ({_by_reason(reasons)}); each is a row of the {stage} "
+        "errors "
+        f"table with its message (sarlang_ray.tables.read_errors).{' ' + hint if hint else ''}"
+    )
 
 
 def dominant_reasons(stage: str, planned: int, reasons: Counter, share: float) -> list[str]:
-    """A warning per reason that rejected more than ``share`` of a stage's planned items (``run.warn_reject_share``):
+    """A warning per reason that rejected more than ``share`` of a stage's planned items
+    (``run.warn_reject_share``):
     one cause taking out most of a stage is worth a look even when the stage wrote something."""
-    return [f"{stage}: {n} of {planned} planned items ({n / planned:.0%}) rejected as {reason} (more than "
-            f"run.warn_reject_share={share:g}); see the {stage} errors table" for reason, n in sorted(reasons.items())
-            if planned > 0 and n > share * planned]
+    return [
+        f"{stage}: {n} of {planned} planned items ({n / planned:.0%}) rejected as {reason} (more than "
+        f"run.warn_reject_share={share:g}); see the {stage} errors table"
+        for reason, n in sorted(reasons.items())
+        if planned > 0 and n > share * planned
+    ]
 
 
 def judge_outcome(stage: str, counts: dict, reasons: Counter, share: float, hint: str = "") -> dict:

@@ -1,9 +1,11 @@
-"""evaluate: score VLMs on a split of ``evaluate.dataset``; a Ray Tune sweep of models x image variants x prompts.
+"""evaluate: score VLMs on a split of ``evaluate.dataset``; a Ray Tune sweep of models x image variants x
+prompts.
 
 The dataset is this run's export (``export``, the default), a pairs table written by ``sarlang import`` (the
 SARLANG-1M release as published, SARChat-Bench, any LLaMA-Factory JSON set; :mod:`sarlang_ray.release`), or a
 LLaMA-Factory JSON file read the same way (:func:`prepare_datasets`); :func:`read_split` gives a split's rows
-whichever it is. ``evaluate.vqa_mode=auto`` ranks by ``strict`` on our export and by ``sarlang1m`` (the published
+whichever it is. ``evaluate.vqa_mode=auto`` ranks by ``strict`` on our export and by ``sarlang1m`` (the
+published
 rule) on anything else.
 
 Every point of the sweep (``evaluate.models`` x ``evaluate.images`` x ``evaluate.prompts``) is one Ray Tune
@@ -63,8 +65,10 @@ def resolve_model(name: str, cfg: WorkflowConfig) -> str:
     if name == "finetuned":
         uri = io.join(cfg.run.run_dir, "train", "metrics.json")
         if not io.exists(uri):
-            raise FileNotFoundError(f"evaluate.models lists 'finetuned' but {uri} is missing: run the train stage "
-                                    "first, or list a model folder / hub name instead")
+            raise FileNotFoundError(
+                f"evaluate.models lists 'finetuned' but {uri} is missing: run the train stage "
+                "first, or list a model folder / hub name instead"
+            )
         return io.read_json(uri)["merged_model"]
     return name
 
@@ -77,24 +81,32 @@ def split_files(cfg: WorkflowConfig, split: str) -> list[str]:
         return table_uris(cfg, "train" if split == "train" and cfg.evaluate.train_dataset else "dataset")
     files = io.glob(io.join(cfg.run.run_dir, "export", "parquet"), f"{split}/*.parquet")
     if not files:
-        raise FileNotFoundError(f"no {split} split under {cfg.run.run_dir}/export/parquet: run the export stage "
-                                "first (small archives may give no val split; use evaluate.split=test)")
+        raise FileNotFoundError(
+            f"no {split} split under {cfg.run.run_dir}/export/parquet: run the export stage "
+            "first (small archives may give no val split; use evaluate.split=test)"
+        )
     return files
 
 
-# ---------------------------------------------------------------- the dataset a sweep scores (evaluate.dataset)
+# ---------------------------------------------------------------- the dataset a sweep scores
+# (evaluate.dataset)
 def dataset_kind(cfg: WorkflowConfig, which: str = "dataset") -> str:
     """``export`` (this run's export), ``json`` (a LLaMA-Factory / ShareGPT JSON or JSONL file) or ``table``
     (a pairs table from ``sarlang import``: a Parquet file, or a folder of them)."""
-    value = cfg.evaluate.dataset if which == "dataset" else (cfg.evaluate.train_dataset or cfg.evaluate.dataset)
+    value = (
+        cfg.evaluate.dataset if which == "dataset" else (cfg.evaluate.train_dataset or cfg.evaluate.dataset)
+    )
     if value == "export":
         return "export"
     return "json" if value.lower().endswith((".json", ".jsonl")) else "table"
 
 
 def dataset_label(cfg: WorkflowConfig) -> str:
-    return f"this run's export ({io.join(cfg.run.run_dir, 'export', 'parquet')})" if dataset_kind(cfg) == "export" \
+    return (
+        f"this run's export ({io.join(cfg.run.run_dir, 'export', 'parquet')})"
+        if dataset_kind(cfg) == "export"
         else cfg.evaluate.dataset
+    )
 
 
 def vqa_mode(cfg: WorkflowConfig) -> str:
@@ -112,26 +124,39 @@ def _converted_uri(cfg: WorkflowConfig, which: str) -> str:
 
 def table_uris(cfg: WorkflowConfig, which: str = "dataset") -> list[str]:
     """The Parquet files of ``evaluate.dataset`` (``which="train"``: ``evaluate.train_dataset``)."""
-    value = cfg.evaluate.dataset if which == "dataset" else (cfg.evaluate.train_dataset or cfg.evaluate.dataset)
+    value = (
+        cfg.evaluate.dataset if which == "dataset" else (cfg.evaluate.train_dataset or cfg.evaluate.dataset)
+    )
     if dataset_kind(cfg, which) == "json":
         uri = _converted_uri(cfg, which)
         if not io.exists(uri):
-            raise FileNotFoundError(f"{value} has not been read yet ({uri} is missing): run_evaluate converts it first")
+            raise FileNotFoundError(
+                f"{value} has not been read yet ({uri} is missing): run_evaluate converts it first"
+            )
         return [uri]
     if value.endswith(".parquet"):
         if not io.exists(value):
-            raise FileNotFoundError(f"evaluate.{'dataset' if which == 'dataset' else 'train_dataset'}={value} does not exist: "
-                                    "write it with `sarlang import RELEASE_DIR OUT.parquet`")
+            raise FileNotFoundError(
+                f"evaluate.{'dataset' if which == 'dataset' else 'train_dataset'}={value} does not exist: "
+                "write it with `sarlang import RELEASE_DIR OUT.parquet`"
+            )
         return [value]
-    files = [f for f in (io.glob(value, "**/*.parquet") if io.exists(value) else []) if not f.endswith(".errors.parquet")]
+    files = [
+        f
+        for f in (io.glob(value, "**/*.parquet") if io.exists(value) else [])
+        if not f.endswith(".errors.parquet")
+    ]
     if not files:
-        raise FileNotFoundError(f"evaluate.dataset={value} holds no Parquet table: give a pairs table written by "
-                                "`sarlang import`, a LLaMA-Factory JSON file, or `export`")
+        raise FileNotFoundError(
+            f"evaluate.dataset={value} holds no Parquet table: give a pairs table written by "
+            "`sarlang import`, a LLaMA-Factory JSON file, or `export`"
+        )
     return files
 
 
 def prepare_datasets(cfg: WorkflowConfig) -> list[str]:
-    """Read ``evaluate.dataset`` / ``evaluate.train_dataset`` given as LLaMA-Factory JSON into pairs tables under
+    """Read ``evaluate.dataset`` / ``evaluate.train_dataset`` given as LLaMA-Factory JSON into pairs tables
+    under
     ``evaluate/dataset/`` (every row in the split it is used as: the dataset in ``evaluate.split``, the train
     dataset in ``train``), with the import's error table beside them. Returns notes on rejected records."""
     from sarlang_ray import release
@@ -146,13 +171,19 @@ def prepare_datasets(cfg: WorkflowConfig) -> list[str]:
         assert path is not None  # train_dataset is set (checked above) and dataset is never None
         result = release.import_release(path, default_split=cfg.evaluate.split)
         split = cfg.evaluate.split if which == "dataset" else "train"
-        table = result.table.set_column(result.table.schema.get_field_index("split"), "split",
-                                        pa.array([split] * result.table.num_rows, pa.string()))
+        table = result.table.set_column(
+            result.table.schema.get_field_index("split"),
+            "split",
+            pa.array([split] * result.table.num_rows, pa.string()),
+        )
         uri = _converted_uri(cfg, which)
         release.write_import(release.ImportResult(result.root, table, result.errors, result.files), uri)
         t = result.totals
         if t["rejected"]:
-            notes.append(f"{path}: {t['rejected']} of {t['records']} records rejected ({uri.replace('.parquet', '.errors.parquet')})")
+            notes.append(
+                f"{path}: {t['rejected']} of {t['records']} records rejected "
+                f"({uri.replace('.parquet', '.errors.parquet')})"
+            )
     return notes
 
 
@@ -162,7 +193,9 @@ def read_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None
     Raises:
         FileNotFoundError: no such split (the message says where it was looked for)."""
     parts = list(iter_split(cfg, split, columns))
-    return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]  # as io.read_parquet
+    return (
+        pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    )  # as io.read_parquet
 
 
 def iter_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -181,15 +214,19 @@ def iter_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None
     files = table_uris(cfg, which)
     found = 0
     for uri in files:
-        table = io.read_parquet(uri, columns=None if columns is None else list(dict.fromkeys([*columns, "split"])))
+        table = io.read_parquet(
+            uri, columns=None if columns is None else list(dict.fromkeys([*columns, "split"]))
+        )
         table = table.filter(pc.equal(table["split"], split))
         if table.num_rows:
             found += table.num_rows
             yield table.select(columns) if columns is not None else table
     if not found:
         where = cfg.evaluate.train_dataset if which == "train" else cfg.evaluate.dataset
-        raise FileNotFoundError(f"no {split} split in {where} (its splits: "
-                                f"{sorted(set(io.read_parquet(files, columns=['split'])['split'].to_pylist()))})")
+        raise FileNotFoundError(
+            f"no {split} split in {where} (its splits: "
+            f"{sorted(set(io.read_parquet(files, columns=['split'])['split'].to_pylist()))})"
+        )
 
 
 def select_pairs(table: pa.Table, limit: int | None) -> list[dict]:
@@ -215,8 +252,9 @@ class Predictor:
     def __init__(self, model: str, image: str, prompt: dict, settings: dict):
         from sarlang_ray.models import Generator
 
-        self.generator = Generator(model, settings["dtype"], settings["num_gpus"] > 0, settings["batch_size"],
-                                   settings["max_pixels"])
+        self.generator = Generator(
+            model, settings["dtype"], settings["num_gpus"] > 0, settings["batch_size"], settings["max_pixels"]
+        )
         self.image, self.prompt, self.s = image, prompt, settings
 
     def __call__(self, batch: dict) -> dict:
@@ -231,7 +269,9 @@ class Predictor:
             images.append(load_image(img["bytes"], self.s["max_pixels"], self.image))
         predictions = [""] * len(prompts)
         for budget, idx in jobs.items():
-            for i, text in zip(idx, self.generator.generate([images[i] for i in idx], [prompts[i] for i in idx], budget)):
+            for i, text in zip(
+                idx, self.generator.generate([images[i] for i in idx], [prompts[i] for i in idx], budget)
+            ):
                 predictions[i] = text
         return {"pair_id": batch["pair_id"], "prediction": predictions}
 
@@ -255,21 +295,32 @@ def vllm_predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, ds) 
     from sarlang_ray.models import load_image
 
     ev, max_pixels = cfg.evaluate, cfg.run.max_pixels
-    settings = {"max_new_tokens_caption": ev.max_new_tokens_caption, "max_new_tokens_answer": ev.max_new_tokens_answer}
+    settings = {
+        "max_new_tokens_caption": ev.max_new_tokens_caption,
+        "max_new_tokens_answer": ev.max_new_tokens_answer,
+    }
     processor = vllm_engine.build_processor(
-        ev.vllm, model, ev.dtype, max_pixels,
-        postprocess=lambda row: {"pair_id": row["pair_id"], **vllm_engine.parse_output(row)})
+        ev.vllm,
+        model,
+        ev.dtype,
+        max_pixels,
+        postprocess=lambda row: {"pair_id": row["pair_id"], **vllm_engine.parse_output(row)},
+    )
 
     def to_request(row: dict) -> dict:
         text, budget = pair_prompt(row["kind"], row["question"], prompt, settings)
         chat = vllm_engine.render_prompt(vllm_engine.prompt_processor(model, max_pixels), text)
-        return vllm_engine.request(chat, load_image(row["image"]["bytes"], max_pixels, image), budget, pair_id=row["pair_id"])
+        return vllm_engine.request(
+            chat, load_image(row["image"]["bytes"], max_pixels, image), budget, pair_id=row["pair_id"]
+        )
 
     out = processor(ds.map(to_request, num_cpus=0.1)).take_all()
     failed = [r for r in out if r["error"]]
     if failed:
-        raise RuntimeError(f"vLLM failed on {len(failed)} of {len(out)} pairs (e.g. {failed[0]['pair_id']}: "
-                           f"{failed[0]['error']})")
+        raise RuntimeError(
+            f"vLLM failed on {len(failed)} of {len(out)} pairs (e.g. {failed[0]['pair_id']}: "
+            f"{failed[0]['error']})"
+        )
     return {r["pair_id"]: r["text"] for r in out}
 
 
@@ -290,9 +341,11 @@ def _optical_sources(cfg: WorkflowConfig, files: list[str], wanted: set[str]) ->
         tiles = {r["tile_id"] for r in rows if r["pair_id"] in wanted}
         missing = sorted(tiles - shard_of.keys())
         if missing:
-            raise FileNotFoundError(f"evaluate.images lists 'optical' but {len(missing)} tile(s) of {uri} are not in the tiles "
-                                    f"table under {io.join(cfg.run.run_dir, 'align', 'shards')} (e.g. {missing[0]}): the "
-                                    "optical twins are read from there; copy the align stage's output into the run folder")
+            raise FileNotFoundError(
+                f"evaluate.images lists 'optical' but {len(missing)} tile(s) of {uri} are not in the tiles "
+                f"table under {io.join(cfg.run.run_dir, 'align', 'shards')} (e.g. {missing[0]}): the "
+                "optical twins are read from there; copy the align stage's output into the run folder"
+            )
         sources.append(sorted({shard_of[t] for t in tiles}))
     return sources
 
@@ -313,31 +366,48 @@ def pairs_dataset(cfg: WorkflowConfig, image: str, wanted: set[str]):
     columns = ["pair_id", "tile_id", "kind", "question"] + ([] if image == "optical" else ["image"])
 
     def read(item: dict) -> list[dict]:
-        rows = [r for r in io.read_parquet(item["uri"], columns=columns).to_pylist() if r["pair_id"] in wanted]
+        rows = [
+            r for r in io.read_parquet(item["uri"], columns=columns).to_pylist() if r["pair_id"] in wanted
+        ]
         if item["tiles"]:
             need = {r["tile_id"] for r in rows}
             optical: dict[str, bytes | None] = {}
             for uri in item["tiles"]:
                 t = io.read_parquet(uri, columns=["tile_id", "optical_png"])
-                optical.update((k, v) for k, v in zip(t["tile_id"].to_pylist(), t["optical_png"].to_pylist()) if k in need)
+                optical.update(
+                    (k, v)
+                    for k, v in zip(t["tile_id"].to_pylist(), t["optical_png"].to_pylist())
+                    if k in need
+                )
             for r in rows:
                 if not optical.get(r["tile_id"]):
-                    raise ValueError(f"tile {r['tile_id']} has no optical twin (optical_png is empty in the tiles table): "
-                                     "the optical image variant needs one for every tile; drop 'optical' from evaluate.images")
+                    raise ValueError(
+                        f"tile {r['tile_id']} has no optical twin (optical_png is empty in the tiles table): "
+                        "the optical image variant needs one for every tile; drop 'optical' from "
+                        "evaluate.images"
+                    )
                 r["image"] = {"bytes": optical[r["tile_id"]], "path": None}
         return rows
 
-    return ray.data.from_items([{"uri": u, "tiles": t} for u, t in zip(files, sources)]).flat_map(read, num_cpus=0.1)
+    return ray.data.from_items([{"uri": u, "tiles": t} for u, t in zip(files, sources)]).flat_map(
+        read, num_cpus=0.1
+    )
 
 
 def _table_pairs_dataset(cfg: WorkflowConfig, wanted: set[str], chunk: int = 64):
-    """The wanted pairs of an imported table: the driver reads their ids, questions and image uris (no pixels),
+    """The wanted pairs of an imported table: the driver reads their ids, questions and image uris (no
+    pixels),
     read tasks of ``chunk`` pairs each (0.1 CPU) read the images: from ``image_uri``, or embedded bytes from
     the table. An image that cannot be read fails the trial, naming it."""
     import ray
 
-    rows = [r for r in read_split(cfg, cfg.evaluate.split, ["pair_id", "tile_id", "kind", "question", "image_uri"]).to_pylist()
-            if r["pair_id"] in wanted]
+    rows = [
+        r
+        for r in read_split(
+            cfg, cfg.evaluate.split, ["pair_id", "tile_id", "kind", "question", "image_uri"]
+        ).to_pylist()
+        if r["pair_id"] in wanted
+    ]
     files = table_uris(cfg)
 
     def read(item: dict) -> list[dict]:
@@ -354,17 +424,30 @@ def _table_pairs_dataset(cfg: WorkflowConfig, wanted: set[str], chunk: int = 64)
                 try:
                     data = io.read_bytes(r["image_uri"])
                 except (OSError, FileNotFoundError) as exc:
-                    raise FileNotFoundError(f"pair {r['pair_id']}: its image {r['image_uri']} cannot be read ({exc}); re-run "
-                                            "`sarlang import` (it checks every image) or restore the file") from exc
+                    raise FileNotFoundError(
+                        f"pair {r['pair_id']}: its image {r['image_uri']} cannot be read ({exc}); re-run "
+                        "`sarlang import` (it checks every image) or restore the file"
+                    ) from exc
                 img = {"bytes": data, "path": r["image_uri"].rsplit("/", 1)[-1]}
             else:
                 img = stored.get(r["pair_id"]) or {}
                 if not img.get("bytes"):
-                    raise ValueError(f"pair {r['pair_id']} has neither an image_uri nor embedded image bytes in {item['files']}")
-            out.append({"pair_id": r["pair_id"], "tile_id": r["tile_id"], "kind": r["kind"], "question": r["question"], "image": img})
+                    raise ValueError(
+                        f"pair {r['pair_id']} has neither an image_uri nor embedded image bytes in "
+                        f"{item['files']}"
+                    )
+            out.append(
+                {
+                    "pair_id": r["pair_id"],
+                    "tile_id": r["tile_id"],
+                    "kind": r["kind"],
+                    "question": r["question"],
+                    "image": img,
+                }
+            )
         return out
 
-    items = [{"files": files, "rows": rows[i:i + chunk]} for i in range(0, len(rows), chunk)]
+    items = [{"files": files, "rows": rows[i : i + chunk]} for i in range(0, len(rows), chunk)]
     return ray.data.from_items(items).flat_map(read, num_cpus=0.1)
 
 
@@ -383,8 +466,14 @@ def predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, pairs: li
     if ev.engine == "vllm":
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
         return vllm_predict(cfg, model, image, prompt, pairs_dataset(cfg, image, wanted))
-    settings = {"dtype": ev.dtype, "num_gpus": ev.num_gpus, "batch_size": ev.batch_size, "max_pixels": cfg.run.max_pixels,
-                "max_new_tokens_caption": ev.max_new_tokens_caption, "max_new_tokens_answer": ev.max_new_tokens_answer}
+    settings = {
+        "dtype": ev.dtype,
+        "num_gpus": ev.num_gpus,
+        "batch_size": ev.batch_size,
+        "max_pixels": cfg.run.max_pixels,
+        "max_new_tokens_caption": ev.max_new_tokens_caption,
+        "max_new_tokens_answer": ev.max_new_tokens_answer,
+    }
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
     ds = pairs_dataset(cfg, image, wanted)
     # the one resource vocabulary: concurrency N (a pool of N actors) or [min, max] (autoscaling between them)
@@ -392,19 +481,35 @@ def predict(cfg: WorkflowConfig, model: str, image: str, prompt: dict, pairs: li
     low, high = c if isinstance(c, tuple) else (c, c)
     num_cpus = io.pool_cpus(high, ev.num_cpus, ray.cluster_resources().get("CPU", 1.0))
     if num_cpus != ev.num_cpus:
-        log.warning("evaluate: %d actors x %.2g CPUs would leave no CPU for the reads feeding them; each actor asks "
-                    "for %.3g CPUs instead (lower evaluate.num_cpus or evaluate.concurrency, or add nodes, to "
-                    "silence this)", high, ev.num_cpus, num_cpus)
-    pool = (ray.data.ActorPoolStrategy(size=low) if low == high
-            else ray.data.ActorPoolStrategy(min_size=low, max_size=high))
-    out = ds.map_batches(Predictor, fn_constructor_args=(model, image, prompt, settings), batch_size=ev.batch_size * 4,
-                         compute=pool, num_cpus=num_cpus, num_gpus=ev.num_gpus)
+        log.warning(
+            "evaluate: %d actors x %.2g CPUs would leave no CPU for the reads feeding them; each actor asks "
+            "for %.3g CPUs instead (lower evaluate.num_cpus or evaluate.concurrency, or add nodes, to "
+            "silence this)",
+            high,
+            ev.num_cpus,
+            num_cpus,
+        )
+    pool = (
+        ray.data.ActorPoolStrategy(size=low)
+        if low == high
+        else ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    )
+    out = ds.map_batches(
+        Predictor,
+        fn_constructor_args=(model, image, prompt, settings),
+        batch_size=ev.batch_size * 4,
+        compute=pool,
+        num_cpus=num_cpus,
+        num_gpus=ev.num_gpus,
+    )
     return {r["pair_id"]: r["prediction"] for r in out.take_all()}
 
 
-JUDGE_PROMPT = ("You grade answers to questions about a remote sensing image.\nQuestion: {question}\n"
-                "Reference answer: {truth}\nPredicted answer: {prediction}\nDoes the predicted answer have the same "
-                "meaning as the reference (semantic meaning, not exact wording; synonyms count)? Reply yes or no.")
+JUDGE_PROMPT = (
+    "You grade answers to questions about a remote sensing image.\nQuestion: {question}\n"
+    "Reference answer: {truth}\nPredicted answer: {prediction}\nDoes the predicted answer have the same "
+    "meaning as the reference (semantic meaning, not exact wording; synonyms count)? Reply yes or no."
+)
 
 
 class OpenAIJudge:
@@ -423,8 +528,14 @@ class OpenAIJudge:
 
         self.calls += 1
         try:
-            reply = self.client._chat([{"role": "user", "content": JUDGE_PROMPT.format(
-                question=question, truth=truth, prediction=prediction)}])
+            reply = self.client._chat(
+                [
+                    {
+                        "role": "user",
+                        "content": JUDGE_PROMPT.format(question=question, truth=truth, prediction=prediction),
+                    }
+                ]
+            )
         except BackendError:
             self.failures += 1
             return False
@@ -453,11 +564,15 @@ class EmbeddingJudge:
         """L2-normalised sentence embeddings of ``texts`` (one row each), cached per text."""
         new = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if new:
-            batch = self.tokenizer(new, padding=True, truncation=True, max_length=64, return_tensors="pt").to(self.device)
+            batch = self.tokenizer(new, padding=True, truncation=True, max_length=64, return_tensors="pt").to(
+                self.device
+            )
             with self.torch.no_grad():
                 hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = self.torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+            pooled = self.torch.nn.functional.normalize(
+                (hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1
+            )
             self._cache.update(zip(new, pooled.float().cpu()))
         return self.torch.stack([self._cache[t] for t in texts])
 
@@ -475,7 +590,10 @@ class EmbeddingJudge:
 def make_judge(cfg: WorkflowConfig):
     """The judge ``evaluate.judge`` names (None for off)."""
     ev = cfg.evaluate
-    if ev.judge in ("openai", "served"):  # served: run_evaluate pointed annotate.openai at the judge it serves
+    if ev.judge in (
+        "openai",
+        "served",
+    ):  # served: run_evaluate pointed annotate.openai at the judge it serves
         return OpenAIJudge(cfg)
     if ev.judge == "embedding":
         assert ev.judge_model is not None  # the config check requires it for judge=embedding
@@ -483,8 +601,13 @@ def make_judge(cfg: WorkflowConfig):
     return None
 
 
-def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list[str]], judge=None,
-          context: dict | None = None) -> dict:
+def score(
+    pairs: list[dict],
+    predictions: dict[str, str],
+    refs: dict[tuple, list[str]],
+    judge=None,
+    context: dict | None = None,
+) -> dict:
     """Caption metrics (concise/detailed x tok/raw) and VQA accuracy (strict and sarlang1m, and ``judge``
     when a judge is given) of predictions; box answers by IoU; the SARChat-Bench section per task.
 
@@ -502,7 +625,11 @@ def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list
         for tokenize, tag in ((True, "tok"), (False, "raw")):
             for name, value in metrics.caption_scores(references, preds, tokenize=tokenize).items():
                 out[f"{short}_{name}_{tag}"] = value
-    vqa = [{**p, "prediction": predictions.get(p["pair_id"], "")} for p in pairs if p["kind"] not in CAPTION_KINDS]
+    vqa = [
+        {**p, "prediction": predictions.get(p["pair_id"], "")}
+        for p in pairs
+        if p["kind"] not in CAPTION_KINDS
+    ]
     failures = box_decisions(vqa, context)
     if failures is not None:
         out["box_pairs"], out["box_failures"] = failures.pop("_pairs"), failures
@@ -516,7 +643,9 @@ def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list
             acc = metrics.vqa_accuracy(vqa, mode=mode, judge=by)
             out[f"vqa_{mode}"] = acc["accuracy"]
             out[f"vqa_{mode}_per_application"] = {a: v["accuracy"] for a, v in acc["per_application"].items()}
-            out[f"vqa_{mode}_per_question_type"] = {q: v["accuracy"] for q, v in acc["per_question_type"].items()}
+            out[f"vqa_{mode}_per_question_type"] = {
+                q: v["accuracy"] for q, v in acc["per_question_type"].items()
+            }
         if judge is not None:  # one judge may score several rows: count this row's calls only
             out["judge_calls"], out["judge_failures"] = judge.calls - calls, judge.failures - judge_failures
         out["n_vqa"] = len(vqa)
@@ -525,7 +654,8 @@ def score(pairs: list[dict], predictions: dict[str, str], refs: dict[tuple, list
 
 def box_decisions(vqa: list[dict], context: dict) -> dict | None:
     """Score every VQA row whose reference answer is a box by IoU (:mod:`sarlang_ray.boxes`), in place: the
-    row's ``decided`` is True/False (read by :func:`metrics.vqa_accuracy` in strict and judge mode) and ``why``
+    row's ``decided`` is True/False (read by :func:`metrics.vqa_accuracy` in strict and judge mode) and
+    ``why``
     the reason it is wrong. Returns the reasons counted (``_pairs``: how many box rows), or None (no box row).
 
     Raises:
@@ -538,22 +668,35 @@ def box_decisions(vqa: list[dict], context: dict) -> dict | None:
     sizes, counts = context.get("sizes") or {}, {"_pairs": len(box_rows)}
     for r in box_rows:
         if r["pair_id"] not in sizes:
-            raise ValueError(f"pair {r['pair_id']}: its answer is a box but its image size is unknown (scoring_context "
-                             "reads the sizes of every box pair's image)")
+            raise ValueError(
+                f"pair {r['pair_id']}: its answer is a box but its image size is unknown (scoring_context "
+                "reads the sizes of every box pair's image)"
+            )
         w, h = sizes[r["pair_id"]]
-        ok, why, _ = boxes.box_correct(r["prediction"], r["answer"], w, h, frame=context.get("box_frame", "auto"),
-                                       truth_frame=context.get("truth_box_frame", "auto"))
+        ok, why, _ = boxes.box_correct(
+            r["prediction"],
+            r["answer"],
+            w,
+            h,
+            frame=context.get("box_frame", "auto"),
+            truth_frame=context.get("truth_box_frame", "auto"),
+        )
         r["decided"], r["why"] = ok, why
         if why:
             counts[why] = counts.get(why, 0) + 1
     return counts
 
 
-def sarchat_scores(pairs: list[dict], vqa: list[dict], predictions: dict[str, str], refs: dict, tasks: dict) -> dict:
-    """SARChat-Bench-2M's six columns, as its authors score them: classification, identification and counting by
+def sarchat_scores(
+    pairs: list[dict], vqa: list[dict], predictions: dict[str, str], refs: dict, tasks: dict
+) -> dict:
+    """SARChat-Bench-2M's six columns, as its authors score them: classification, identification and counting
+    by
     accuracy (the strict rule: normalised answers, the first integer for a count), grounding and referring by
-    IoU >= 0.5 when the answer is a box (``decided``, :func:`box_decisions`; else the strict rule), description by
-    the caption metrics (CIDEr, PTB-tokenised, in ``sarchat`` as a fraction; every metric in ``sarchat_description``).
+    IoU >= 0.5 when the answer is a box (``decided``, :func:`box_decisions`; else the strict rule),
+    description by
+    the caption metrics (CIDEr, PTB-tokenised, in ``sarchat`` as a fraction; every metric in
+    ``sarchat_description``).
     ``sarchat_n``: pairs per task."""
     from sarlang_ray import release
 
@@ -562,16 +705,26 @@ def sarchat_scores(pairs: list[dict], vqa: list[dict], predictions: dict[str, st
         task = tasks.get(r["pair_id"])
         if task is None or task == "description":
             continue
-        ok = r["decided"] if r.get("decided") is not None else metrics.vqa_correct(r["prediction"], r["answer"], "strict")
+        ok = (
+            r["decided"]
+            if r.get("decided") is not None
+            else metrics.vqa_correct(r["prediction"], r["answer"], "strict")
+        )
         n, c = acc.setdefault(task, [0, 0])
         acc[task] = [n + 1, c + bool(ok)]
-    out: dict[str, Any] = {"sarchat": {t: c / n for t, (n, c) in acc.items()}, "sarchat_n": {t: n for t, (n, _) in acc.items()}}
+    out: dict[str, Any] = {
+        "sarchat": {t: c / n for t, (n, c) in acc.items()},
+        "sarchat_n": {t: n for t, (n, _) in acc.items()},
+    }
     described = [p for p in pairs if tasks.get(p["pair_id"]) == "description"]
     if described:
         preds = {(p["tile_id"], p["kind"]): predictions.get(p["pair_id"], "") for p in described}
         keys = sorted(preds)
-        scores = metrics.caption_scores({str(i): refs.get(k) or [""] for i, k in enumerate(keys)},
-                                        {str(i): preds[k] for i, k in enumerate(keys)}, tokenize=True)
+        scores = metrics.caption_scores(
+            {str(i): refs.get(k) or [""] for i, k in enumerate(keys)},
+            {str(i): preds[k] for i, k in enumerate(keys)},
+            tokenize=True,
+        )
         out["sarchat"]["description"] = scores["cider"]
         out["sarchat_description"] = scores
         out["sarchat_n"]["description"] = len(keys)
@@ -580,7 +733,8 @@ def sarchat_scores(pairs: list[dict], vqa: list[dict], predictions: dict[str, st
 
 
 def pair_tasks(cfg: WorkflowConfig) -> dict[str, str]:
-    """pair_id -> SARChat-Bench task of the evaluated split's pairs (empty: our export, or no SARChat rows)."""
+    """pair_id -> SARChat-Bench task of the evaluated split's pairs (empty: our export, or no SARChat
+    rows)."""
     if dataset_kind(cfg) == "export":
         return {}
     try:
@@ -591,7 +745,8 @@ def pair_tasks(cfg: WorkflowConfig) -> dict[str, str]:
 
 
 def image_sizes(cfg: WorkflowConfig, wanted: set[str]) -> dict[str, tuple[int, int]]:
-    """pair_id -> (width, height) of the images of ``wanted`` pairs, read by Ray Data tasks (image headers only
+    """pair_id -> (width, height) of the images of ``wanted`` pairs, read by Ray Data tasks (image headers
+    only
     are decoded; nothing but the sizes comes back)."""
     if not wanted:
         return {}
@@ -609,13 +764,20 @@ def image_sizes(cfg: WorkflowConfig, wanted: set[str]) -> dict[str, tuple[int, i
 
 
 def scoring_context(cfg: WorkflowConfig, pairs: list[dict]) -> dict:
-    """What :func:`score` needs beyond the answers: the SARChat tasks, the image sizes of the box-answer pairs,
+    """What :func:`score` needs beyond the answers: the SARChat tasks, the image sizes of the box-answer
+    pairs,
     the box frames."""
     from sarlang_ray import boxes
 
-    wanted = {p["pair_id"] for p in pairs if p["kind"] not in CAPTION_KINDS and boxes.is_box_answer(p["answer"])}
-    return {"tasks": pair_tasks(cfg), "sizes": image_sizes(cfg, wanted), "box_frame": cfg.evaluate.box_frame,
-            "truth_box_frame": cfg.evaluate.truth_box_frame}
+    wanted = {
+        p["pair_id"] for p in pairs if p["kind"] not in CAPTION_KINDS and boxes.is_box_answer(p["answer"])
+    }
+    return {
+        "tasks": pair_tasks(cfg),
+        "sizes": image_sizes(cfg, wanted),
+        "box_frame": cfg.evaluate.box_frame,
+        "truth_box_frame": cfg.evaluate.truth_box_frame,
+    }
 
 
 def caption_refs(table: pa.Table) -> dict[tuple, list[str]]:
@@ -627,7 +789,10 @@ def caption_refs(table: pa.Table) -> dict[tuple, list[str]]:
 
 
 def slug(*parts: str) -> str:
-    return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "_", p.rstrip("/").rsplit("/", 1)[-1] if "/" in p else p)[:60] for p in parts)
+    return "__".join(
+        re.sub(r"[^A-Za-z0-9._-]+", "_", p.rstrip("/").rsplit("/", 1)[-1] if "/" in p else p)[:60]
+        for p in parts
+    )
 
 
 def prediction_name(model: str, image: str, prompt: str) -> str:
@@ -651,9 +816,20 @@ def _trial(config: dict, cfg: WorkflowConfig) -> None:
     result = score(pairs, predictions, caption_refs(table), make_judge(cfg), scoring_context(cfg, pairs))
     name = prediction_name(config["model"], config["image"], config["prompt"]["name"])
     rows = [{**p, "prediction": predictions.get(p["pair_id"], "")} for p in pairs]
-    io.write_parquet_atomic(io.join(cfg.run.run_dir, "evaluate", "predictions", name), pa.Table.from_pylist(rows))
-    tune.report({**result, "model": config["model"], "model_path": model, "image": config["image"],
-                 "prompt": config["prompt"]["name"], "seconds": seconds, "samples_per_s": len(pairs) / max(seconds, 1e-9)})
+    io.write_parquet_atomic(
+        io.join(cfg.run.run_dir, "evaluate", "predictions", name), pa.Table.from_pylist(rows)
+    )
+    tune.report(
+        {
+            **result,
+            "model": config["model"],
+            "model_path": model,
+            "image": config["image"],
+            "prompt": config["prompt"]["name"],
+            "seconds": seconds,
+            "samples_per_s": len(pairs) / max(seconds, 1e-9),
+        }
+    )
 
 
 ORACLE = "template oracle (upper bound)"
@@ -677,8 +853,9 @@ def baseline_rows(cfg: WorkflowConfig, table: pa.Table) -> tuple[list[dict], lis
     return rows, notes
 
 
-def majority_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None,
-                 context: dict | None = None) -> tuple[dict | None, str | None]:
+def majority_row(
+    cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None, context: dict | None = None
+) -> tuple[dict | None, str | None]:
     """Lower bound: per question type the train split's most frequent answer; captions: its most frequent
     caption of that kind. (row, None), or (None, why) when there is no train split."""
     vqa, captions = metrics.AnswerCounts(), metrics.AnswerCounts()  # streamed file by file: counts only
@@ -689,16 +866,30 @@ def majority_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None,
             captions.add((k, a) for k, a in zip(kinds, answers) if k in CAPTION_KINDS)
     except FileNotFoundError as exc:
         if dataset_kind(cfg) == "export":
-            return None, f"no train split under {io.join(cfg.run.run_dir, 'export', 'parquet')} to take the answers from"
-        return None, (f"no train split to take the answers from ({exc}); give one with evaluate.train_dataset "
-                      "(a LLaMA-Factory JSON file or a pairs table)")
+            return (
+                None,
+                f"no train split under {io.join(cfg.run.run_dir, 'export', 'parquet')} to take the answers from",
+            )
+        return None, (
+            f"no train split to take the answers from ({exc}); give one with evaluate.train_dataset "
+            "(a LLaMA-Factory JSON file or a pairs table)"
+        )
     majority = vqa.majority()
-    common = dict(captions.majority()) if captions.per_type else {}  # caption kind -> its most frequent caption
-    preds = {p["pair_id"]: common.get(p["kind"], "") if p["kind"] in CAPTION_KINDS else majority[p["question_type"]] for p in pairs}
+    common = (
+        dict(captions.majority()) if captions.per_type else {}
+    )  # caption kind -> its most frequent caption
+    preds = {
+        p["pair_id"]: common.get(p["kind"], "")
+        if p["kind"] in CAPTION_KINDS
+        else majority[p["question_type"]]
+        for p in pairs
+    }
     return {**score(pairs, preds, refs, judge, context), "model": MAJORITY, "image": "-", "prompt": "-"}, None
 
 
-def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -> tuple[dict | None, str | None]:
+def oracle_row(
+    cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None
+) -> tuple[dict | None, str | None]:
     """Upper bound: the template annotator run again on the pairs' tiles (from the tiles table). VQA answers
     are recomputed from each tile's objects (same seed and settings as the annotate stage, so the same
     questions; matched on tile and question); captions are re-written with another seed.
@@ -711,13 +902,20 @@ def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -
 
     run_dir, split = cfg.run.run_dir, cfg.evaluate.split
     if dataset_kind(cfg) != "export":
-        return None, (f"evaluate.dataset={cfg.evaluate.dataset} is not this run's export: the template oracle recomputes "
-                      "answers from the labelled objects of this run's tiles, and an imported dataset has none")
+        return None, (
+            f"evaluate.dataset={cfg.evaluate.dataset} is not this run's export: the template oracle "
+            "recomputes "
+            "answers from the labelled objects of this run's tiles, and an imported dataset has none"
+        )
     if not tiles_table_shards(run_dir):
-        return None, (f"no tiles table under {io.join(run_dir, 'align', 'shards')} to recompute the answers from "
-                      "(copy the align stage's output into the run folder)")
+        return None, (
+            f"no tiles table under {io.join(run_dir, 'align', 'shards')} to recompute the answers from "
+            "(copy the align stage's output into the run folder)"
+        )
     wanted = sorted({p["tile_id"] for p in pairs})
-    columns = [c for c in ANNOTATE_TILE_COLUMNS if not c.endswith("_png")]  # the template annotator reads no image
+    columns = [
+        c for c in ANNOTATE_TILE_COLUMNS if not c.endswith("_png")
+    ]  # the template annotator reads no image
     import pyarrow.compute as pc
 
     tiles, wanted_ids = [], pa.array(wanted, pa.string())
@@ -725,18 +923,33 @@ def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -
         for uri in tiles_table_shards(run_dir):
             shard = io.read_parquet(uri, columns=columns)
             tiles += shard.filter(pc.is_in(shard["tile_id"], wanted_ids)).to_pylist()
-    except Exception as exc:  # noqa: BLE001 -- e.g. written without objects (ArrowInvalid): a note, not a crash
-        return None, f"the tiles table under {io.join(run_dir, 'align', 'shards')} cannot be read: {type(exc).__name__}: {exc}"
+    # - e.g. written without objects (ArrowInvalid): a note, not a crash
+    except Exception as exc:  # noqa: BLE001
+        return (
+            None,
+            (
+                f"the tiles table under {io.join(run_dir, 'align', 'shards')} cannot be read: "
+                f"{type(exc).__name__}: {exc}"
+            ),
+        )
     missing = sorted(set(wanted) - {t["tile_id"] for t in tiles})
     if missing:
-        return None, (f"{len(missing)} of the {len(wanted)} tiles of the {split} pairs are not in the tiles table "
-                      f"(e.g. {missing[0]}): their answers cannot be recomputed")
+        return None, (
+            f"{len(missing)} of the {len(wanted)} tiles of the {split} pairs are not in the tiles table "
+            f"(e.g. {missing[0]}): their answers cannot be recomputed"
+        )
     if not any(t["objects"] for t in tiles):
-        return None, (f"none of the {len(tiles)} tiles of the {split} pairs has a labelled object: there is nothing to "
-                      "recompute the answers from")
+        return None, (
+            f"none of the {len(tiles)} tiles of the {split} pairs has a labelled object: there is nothing to "
+            "recompute the answers from"
+        )
     a = cfg.annotate
-    same = TemplateAnnotator(seed=cfg.run.seed, identification_pairs=a.identification_pairs, max_per_family=a.max_per_family)
-    rewrite = TemplateAnnotator(seed=cfg.run.seed + 1, identification_pairs=a.identification_pairs, max_per_family=a.max_per_family)
+    same = TemplateAnnotator(
+        seed=cfg.run.seed, identification_pairs=a.identification_pairs, max_per_family=a.max_per_family
+    )
+    rewrite = TemplateAnnotator(
+        seed=cfg.run.seed + 1, identification_pairs=a.identification_pairs, max_per_family=a.max_per_family
+    )
     answers: dict[tuple[str, str], str] = {}
     captions: dict[tuple[str, str], str] = {}
     for tile in tiles:
@@ -749,11 +962,17 @@ def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -
     vqa = [p for p in pairs if p["kind"] not in CAPTION_KINDS]
     unmatched = [p for p in vqa if (p["tile_id"], p["question"]) not in answers]
     if unmatched:
-        return None, (f"{len(unmatched)} of the {len(vqa)} VQA questions are not ones the template annotator asks of "
-                      f"their tile (annotate.backend={a.backend}, run.seed={cfg.run.seed}), e.g. "
-                      f"{unmatched[0]['question']!r}: it can only recompute its own questions' answers")
-    preds = {p["pair_id"]: captions.get((p["tile_id"], p["kind"]), "") if p["kind"] in CAPTION_KINDS
-             else answers[(p["tile_id"], p["question"])] for p in pairs}
+        return None, (
+            f"{len(unmatched)} of the {len(vqa)} VQA questions are not ones the template annotator asks of "
+            f"their tile (annotate.backend={a.backend}, run.seed={cfg.run.seed}), e.g. "
+            f"{unmatched[0]['question']!r}: it can only recompute its own questions' answers"
+        )
+    preds = {
+        p["pair_id"]: captions.get((p["tile_id"], p["kind"]), "")
+        if p["kind"] in CAPTION_KINDS
+        else answers[(p["tile_id"], p["question"])]
+        for p in pairs
+    }
     return {**score(pairs, preds, refs, judge), "model": ORACLE, "image": "-", "prompt": "-"}, None
 
 
@@ -762,15 +981,26 @@ def oracle_row(cfg: WorkflowConfig, pairs: list[dict], refs: dict, judge=None) -
 # Ray Data raises UserCodeException from the UDF's exception, ActorDiedError for an actor whose
 # constructor raised, with a SystemException as marker cause). A wrapper is the root only if nothing
 # else is found.
-WRAPPERS = frozenset({"RayTaskError", "RayError", "UserCodeException", "SystemException", "ActorDiedError", "RayActorError",
-                      "TuneError", "TrainingFailedError"})
+WRAPPERS = frozenset(
+    {
+        "RayTaskError",
+        "RayError",
+        "UserCodeException",
+        "SystemException",
+        "ActorDiedError",
+        "RayActorError",
+        "TuneError",
+        "TrainingFailedError",
+    }
+)
 _CAUSE = "The above exception was the direct cause of the following exception:"
 _CONTEXT = "During handling of the above exception, another exception occurred:"
 _EXCEPTION_LINE = re.compile(r"([A-Za-z_][\w.]*(?:\([\w.]+\))?)(?:: (.*))?")
 
 
 def _short(name: str) -> str:
-    """``pyarrow.lib.ArrowInvalid`` -> ``ArrowInvalid``; ``ray.exceptions.RayTaskError(ValueError)`` -> ``RayTaskError``."""
+    """``pyarrow.lib.ArrowInvalid`` -> ``ArrowInvalid``; ``ray.exceptions.RayTaskError(ValueError)`` ->
+    ``RayTaskError``."""
     return name.split("(", 1)[0].rsplit(".", 1)[-1]
 
 
@@ -807,7 +1037,9 @@ def root_from_text(text: str) -> tuple[str, str] | None:
     text = re.split(r"^Failure # \d+ .*$", text, flags=re.MULTILINE)[-1]
     parts = re.split(f"({re.escape(_CAUSE)}|{re.escape(_CONTEXT)})", text)
     segments, markers = parts[0::2], parts[1::2]
-    found = {k: f for k, f in enumerate(_segment_exception(seg) for seg in segments) if f}  # segment -> exception
+    found = {
+        k: f for k, f in enumerate(_segment_exception(seg) for seg in segments) if f
+    }  # segment -> exception
     if not found:
         return None
     i = best = max(found)
@@ -844,7 +1076,9 @@ def root_error(error, text: str = "") -> tuple[str, str]:
             return name, message[:500]
     if real:
         return type(real[-1]).__name__, (str(real[-1]).strip().splitlines() or [""])[0][:500]
-    if chain:  # only Ray's own exception (e.g. an actor killed from outside): its first line says what happened
+    if (
+        chain
+    ):  # only Ray's own exception (e.g. an actor killed from outside): its first line says what happened
         return _short(type(chain[-1]).__name__), (str(chain[-1]).strip().splitlines() or [""])[0][:500]
     if isinstance(error, str) and error.strip():
         return "Error", error.strip().splitlines()[-1][:500]
@@ -870,8 +1104,14 @@ def failed_trial(result) -> dict:
         error_class, error = "MissingResult", "the trial ended without reporting its metrics"
     else:
         error_class, error = root_error(result.error, text)
-    return {"model": point.get("model"), "image": point.get("image"), "prompt": (point.get("prompt") or {}).get("name"),
-            "error_class": error_class, "error": error, "error_file": error_file}
+    return {
+        "model": point.get("model"),
+        "image": point.get("image"),
+        "prompt": (point.get("prompt") or {}).get("name"),
+        "error_class": error_class,
+        "error": error,
+        "error_file": error_file,
+    }
 
 
 def run_evaluate(cfg: WorkflowConfig) -> dict:
@@ -910,8 +1150,10 @@ def judge_name(cfg: WorkflowConfig) -> str | None:
 
 @contextlib.contextmanager
 def judge_service(cfg: WorkflowConfig):
-    """``evaluate.judge=served``: serve ``evaluate.judge_model`` (:func:`sarlang_ray.judge.served_judge`) for the
-    block and yield a copy of ``cfg`` whose ``annotate.openai`` points at it, with the judge's description (name,
+    """``evaluate.judge=served``: serve ``evaluate.judge_model`` (:func:`sarlang_ray.judge.served_judge`) for
+    the
+    block and yield a copy of ``cfg`` whose ``annotate.openai`` points at it, with the judge's description
+    (name,
     url; ``requests`` filled in after the block). Any other judge: ``cfg`` as it is."""
     ev = cfg.evaluate
     if ev.judge != "served":
@@ -923,10 +1165,16 @@ def judge_service(cfg: WorkflowConfig):
 
     info: dict[str, Any] = {"kind": ev.judge, "name": judge_name(cfg)}
     assert ev.judge_model is not None  # the config check requires it for judge=served
-    with judge.served_judge(ev.judge_model, dtype=ev.dtype, num_cpus=ev.judge_num_cpus, num_gpus=ev.judge_num_gpus) as served:
+    with judge.served_judge(
+        ev.judge_model, dtype=ev.dtype, num_cpus=ev.judge_num_cpus, num_gpus=ev.judge_num_gpus
+    ) as served:
         out = copy.deepcopy(cfg)
         o = out.annotate.openai
-        o.base_url, o.model, o.api_key_env = served["base_url"], served["model"], "SARLANG_SERVED_JUDGE_KEY_UNUSED"
+        o.base_url, o.model, o.api_key_env = (
+            served["base_url"],
+            served["model"],
+            "SARLANG_SERVED_JUDGE_KEY_UNUSED",
+        )
         o.temperature, o.max_tokens = 0.0, 8
         info.update(name=served["model"], url=served["base_url"], model_path=ev.judge_model)
         info["_stats_url"] = served["stats_url"]
@@ -953,12 +1201,20 @@ def _sweep(cfg: WorkflowConfig, judge_info: dict | None) -> dict:
     notes = prepare_datasets(cfg)
     table = read_split(cfg, ev.split, META)
     storage_fs, storage = io.arrow_filesystem(ev.storage_path or io.join(cfg.run.run_dir, "evaluate", "tune"))
-    space = {"model": tune.grid_search(list(ev.models)), "image": tune.grid_search(list(ev.images)),
-             "prompt": tune.grid_search([prompt_dict(p) for p in ev.prompts])}
+    space = {
+        "model": tune.grid_search(list(ev.models)),
+        "image": tune.grid_search(list(ev.images)),
+        "prompt": tune.grid_search([prompt_dict(p) for p in ev.prompts]),
+    }
     # a trial only drives its Ray Data actor pool, which holds the CPUs/GPUs: the trial itself asks for little
-    tuner = tune.Tuner(tune.with_resources(tune.with_parameters(_trial, cfg=cfg), {"cpu": 0.01}), param_space=space,
-                       tune_config=tune.TuneConfig(max_concurrent_trials=ev.max_concurrent_trials),
-                       run_config=tune.RunConfig(name="sweep", storage_path=storage, storage_filesystem=storage_fs, verbose=0))
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial, cfg=cfg), {"cpu": 0.01}),
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=ev.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name="sweep", storage_path=storage, storage_filesystem=storage_fs, verbose=0
+        ),
+    )
     with reaper.sigint_kept():
         grid = tuner.fit()
     rows, failed = [], []
@@ -968,10 +1224,37 @@ def _sweep(cfg: WorkflowConfig, judge_info: dict | None) -> dict:
         if result.error is not None or "n_pairs" not in trial_metrics:
             failed.append(failed_trial(result))
             f = failed[-1]
-            log.error("evaluate: trial %s / %s / %s failed: %s: %s", f["model"], f["image"], f["prompt"], f["error_class"], f["error"])
+            log.error(
+                "evaluate: trial %s / %s / %s failed: %s: %s",
+                f["model"],
+                f["image"],
+                f["prompt"],
+                f["error_class"],
+                f["error"],
+            )
             continue
-        rows.append({k: v for k, v in trial_metrics.items() if not k.startswith(("time", "timestamp", "training_iteration",
-                     "date", "pid", "hostname", "node_ip", "done", "trial_id", "experiment", "iterations", "config"))})
+        rows.append(
+            {
+                k: v
+                for k, v in trial_metrics.items()
+                if not k.startswith(
+                    (
+                        "time",
+                        "timestamp",
+                        "training_iteration",
+                        "date",
+                        "pid",
+                        "hostname",
+                        "node_ip",
+                        "done",
+                        "trial_id",
+                        "experiment",
+                        "iterations",
+                        "config",
+                    )
+                )
+            }
+        )
     baselines, baseline_notes = baseline_rows(cfg, table)
     notes += baseline_notes
     _judge_requests(judge_info)
@@ -1015,17 +1298,31 @@ def _rank_key(cfg: WorkflowConfig):
     return lambda r: -(r.get(f"vqa_{mode}") or 0.0)
 
 
-def write_leaderboard(cfg: WorkflowConfig, rows: list[dict], failed: list[dict], notes: Sequence[str] = (),
-                      judge: dict | None = None) -> dict:
+def write_leaderboard(
+    cfg: WorkflowConfig,
+    rows: list[dict],
+    failed: list[dict],
+    notes: Sequence[str] = (),
+    judge: dict | None = None,
+) -> dict:
     """evaluate/leaderboard.{json,csv,md} and plots/{vqa_per_application,captions}.png."""
     import pandas as pd
 
     out = io.join(cfg.run.run_dir, "evaluate")
     rows = sorted(rows, key=_rank_key(cfg))
     mode = vqa_mode(cfg)
-    board = {"split": cfg.evaluate.split, "vqa_mode": mode, "dataset": dataset_label(cfg), "caption_sets": caption_sets(cfg),
-             "rows": rows, "failed": failed, "notes": list(notes), "paper": paper_results(), "judge": judge,
-             "plots": [io.join(out, "plots", "vqa_per_application.png"), io.join(out, "plots", "captions.png")]}
+    board = {
+        "split": cfg.evaluate.split,
+        "vqa_mode": mode,
+        "dataset": dataset_label(cfg),
+        "caption_sets": caption_sets(cfg),
+        "rows": rows,
+        "failed": failed,
+        "notes": list(notes),
+        "paper": paper_results(),
+        "judge": judge,
+        "plots": [io.join(out, "plots", "vqa_per_application.png"), io.join(out, "plots", "captions.png")],
+    }
     io.write_json_atomic(io.join(out, "leaderboard.json"), board)
     flat = pd.json_normalize(rows, sep=".")
     io.write_bytes_atomic(io.join(out, "leaderboard.csv"), flat.to_csv(index=False).encode())
@@ -1050,7 +1347,9 @@ def format_leaderboard(board: dict) -> str:
     description is scored by its captions' CIDEr), the caption metrics per test set, failed trials, notes
     (baselines left out), then the paper's published numbers apart."""
     mode = board["vqa_mode"]
-    other = "strict" if mode == "sarlang1m" else "sarlang1m"  # beside a judged ranking: the same rule without the judge
+    other = (
+        "strict" if mode == "sarlang1m" else "sarlang1m"
+    )  # beside a judged ranking: the same rule without the judge
     judge = board.get("judge") or {}
     judged = mode != "judge" and any(r.get("vqa_judge") is not None for r in board["rows"])
     sets = board.get("caption_sets") or {"concise": "concise", "detailed": "detailed"}
@@ -1058,49 +1357,118 @@ def format_leaderboard(board: dict) -> str:
     apps = [a for a in APPLICATIONS[1:]] + sorted(present - set(APPLICATIONS[1:]))
     desc = f"image description (CIDEr {sets['detailed'].split(' ')[0]} / {sets['concise'].split(' ')[0]})"
     label = lambda m: f"VQA % (judged by {judge.get('name')})" if m == "judge" else f"VQA % ({m})"
-    head = ["#", "model", "image", "prompt", label(mode), label(other), *([label("judge")] if judged else []), desc, *apps]
+    head = [
+        "#",
+        "model",
+        "image",
+        "prompt",
+        label(mode),
+        label(other),
+        *([label("judge")] if judged else []),
+        desc,
+        *apps,
+    ]
     where = f" of {board['dataset']}" if board.get("dataset") else ""
-    lines = [f"## Leaderboard ({board['split']} split{where}; VQA rule `{mode}`; captions with PTB tokenisation)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"## Leaderboard ({board['split']} split{where}; VQA rule `{mode}`; captions with PTB tokenisation)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for i, r in enumerate(board["rows"], 1):
         per_app = r.get(f"vqa_{mode}_per_application", {})
         cider = f"{_fmt(r.get('detailed_cider_tok'))} / {_fmt(r.get('concise_cider_tok'))}"
-        cells = [str(i), str(r["model"]), str(r["image"]), str(r["prompt"]), _fmt(r.get(f"vqa_{mode}"), True),
-                 _fmt(r.get(f"vqa_{other}"), True), *([_fmt(r.get("vqa_judge"), True)] if judged else []), cider,
-                 *[_fmt(per_app.get(a), True) for a in apps]]
+        cells = [
+            str(i),
+            str(r["model"]),
+            str(r["image"]),
+            str(r["prompt"]),
+            _fmt(r.get(f"vqa_{mode}"), True),
+            _fmt(r.get(f"vqa_{other}"), True),
+            *([_fmt(r.get("vqa_judge"), True)] if judged else []),
+            cider,
+            *[_fmt(per_app.get(a), True) for a in apps],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    caption_rows = [(r, kind) for r in board["rows"] for kind in ("detailed", "concise") if r.get(f"{kind}_cider_tok") is not None]
+    caption_rows = [
+        (r, kind)
+        for r in board["rows"]
+        for kind in ("detailed", "concise")
+        if r.get(f"{kind}_cider_tok") is not None
+    ]
     if caption_rows:
-        lines += ["", "### Captions (one row per model and test set; PTB-tokenised, raw CIDEr as SARLANG-1M's script in the last column)", "",
-                  "| model | test set | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr | CIDEr (raw) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            (
+                "### Captions (one row per model and test set; PTB-tokenised, raw CIDEr as SARLANG-1M's "
+                "script in the last column)"
+            ),
+            "",
+            (
+                "| model | test set | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr "
+                "| CIDEr (raw) |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r, kind in caption_rows:
-            cells = [str(r["model"]), sets[kind], *[_fmt(r.get(f"{kind}_{m}_tok")) for m in CAPTION_METRICS], _fmt(r.get(f"{kind}_cider_raw"))]
+            cells = [
+                str(r["model"]),
+                sets[kind],
+                *[_fmt(r.get(f"{kind}_{m}_tok")) for m in CAPTION_METRICS],
+                _fmt(r.get(f"{kind}_cider_raw")),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     if judge:
-        lines += ["", f"Judge: `{judge.get('name')}` (evaluate.judge={judge.get('kind')}"
-                  + (f", served at {judge['url']} for this sweep, {judge.get('requests')} requests answered" if judge.get("url") else "")
-                  + "); per row, `judge_calls` in leaderboard.json counts the answers the rules left undecided that went to it."]
+        lines += [
+            "",
+            f"Judge: `{judge.get('name')}` (evaluate.judge={judge.get('kind')}"
+            + (
+                f", served at {judge['url']} for this sweep, {judge.get('requests')} requests answered"
+                if judge.get("url")
+                else ""
+            )
+            + "); per row, `judge_calls` in leaderboard.json counts the answers the rules left undecided "
+            "that went to it.",
+        ]
     lines += sarchat_section(board["rows"])
     if board["failed"]:
         lines += ["", "### Failed trials", ""] + [
-            f"- {f['model']} / {f['image']} / {f['prompt']}: {f.get('error_class', 'Error')}: {f['error']}" for f in board["failed"]]
+            f"- {f['model']} / {f['image']} / {f['prompt']}: {f.get('error_class', 'Error')}: {f['error']}"
+            for f in board["failed"]
+        ]
     if board.get("notes"):
         lines += ["", "### Notes", ""] + [f"- {n}" for n in board["notes"]]
     paper = board["paper"]
-    lines += ["", "### Published SARLANG-1M numbers (for comparison; not computed here)", "",
-              "The paper (arXiv 2504.03254) scores VQA with a GPT-4o-mini judge after the substring rule, on its own",
-              "test set: compare with the `sarlang1m` column (the same rule without the judge, a lower bound) on the",
-              "release's test split. Sources and caveats: `sarlang_ray/paper_results.json`.", "",
-              "| model | setting | VQA % overall | source |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "### Published SARLANG-1M numbers (for comparison; not computed here)",
+        "",
+        "The paper (arXiv 2504.03254) scores VQA with a GPT-4o-mini judge after the substring rule,",
+        "on its own test set: compare with the `sarlang1m` column (the same rule without the judge,",
+        "a lower bound) on the release's test split. Sources and caveats: `sarlang_ray/paper_results.json`.",
+        "",
+        "| model | setting | VQA % overall | source |",
+        "|---|---|---|---|",
+    ]
     for r in paper.get("vqa", []):
-        lines.append(f"| {r['model']} | {r.get('setting', '')} | {r.get('overall', '-')} | {r.get('source_ref', '').split(' (')[0]} |")
+        lines.append(
+            f"| {r['model']} | {r.get('setting', '')} | {r.get('overall', '-')} | "
+            f"{r.get('source_ref', '').split(' (')[0]} |"
+        )
     if paper.get("captions"):
-        lines += ["", "Published captioning CIDEr, x100 (ours above is x1: multiply by 100 to compare):", "",
-                  "| model | setting | test set | CIDEr x100 | source |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Published captioning CIDEr, x100 (ours above is x1: multiply by 100 to compare):",
+            "",
+            "| model | setting | test set | CIDEr x100 | source |",
+            "|---|---|---|---|---|",
+        ]
         for r in paper["captions"]:
-            lines.append(f"| {r['model']} | {r.get('setting', '')} | {r.get('test_set', '')} | {r.get('cider', '-')} | "
-                         f"{r.get('source_ref', '').split(' (')[0]} |")
+            lines.append(
+                f"| {r['model']} | {r.get('setting', '')} | {r.get('test_set', '')} | {r.get('cider', '-')} "
+                "| "
+                f"{r.get('source_ref', '').split(' (')[0]} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -1112,18 +1480,37 @@ def sarchat_section(rows: list[dict]) -> list[str]:
     scored = [r for r in rows if r.get("sarchat")]
     if not scored:
         return []
-    head = ["model", "image", "prompt", *[f"{t} (CIDEr)" if t == "description" else f"{t} %" for t in release.SARCHAT_TASKS],
-            "box parse failures"]
-    lines = ["", ("### SARChat-Bench-2M (classification, identification: accuracy; counting: exact; grounding, referring: "
-                  "box IoU >= 0.5; description: CIDEr, PTB-tokenised)"), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "model",
+        "image",
+        "prompt",
+        *[f"{t} (CIDEr)" if t == "description" else f"{t} %" for t in release.SARCHAT_TASKS],
+        "box parse failures",
+    ]
+    lines = [
+        "",
+        (
+            "### SARChat-Bench-2M (classification, identification: accuracy; counting: exact; grounding, "
+            "referring: "
+            "box IoU >= 0.5; description: CIDEr, PTB-tokenised)"
+        ),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in scored:
         sc, n = r["sarchat"], r.get("sarchat_n", {})
         cells = [str(r["model"]), str(r["image"]), str(r["prompt"])]
-        cells += [(_fmt(sc.get(t)) if t == "description" else _fmt(sc.get(t), True)) + (f" (n={n[t]})" if t in n else "")
-                  for t in release.SARCHAT_TASKS]
+        cells += [
+            (_fmt(sc.get(t)) if t == "description" else _fmt(sc.get(t), True))
+            + (f" (n={n[t]})" if t in n else "")
+            for t in release.SARCHAT_TASKS
+        ]
         fails = r.get("box_failures") or {}
-        cells.append(f"{r.get('box_parse_failures', 0)} of {r.get('box_pairs', 0)}"
-                     + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(fails.items())) + ")" if fails else ""))
+        cells.append(
+            f"{r.get('box_parse_failures', 0)} of {r.get('box_pairs', 0)}"
+            + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(fails.items())) + ")" if fails else "")
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -1136,7 +1523,9 @@ def _plots(rows: list[dict], mode: str, out: str) -> None:
     def save(fig, name):
         plots.save_png(fig, io.join(out, "plots", name))
 
-    labels = [f"{r['model'].rstrip('/').rsplit('/', 1)[-1][:28]} / {r['image']} / {r['prompt']}" for r in rows]
+    labels = [
+        f"{r['model'].rstrip('/').rsplit('/', 1)[-1][:28]} / {r['image']} / {r['prompt']}" for r in rows
+    ]
     apps = sorted({a for r in rows for a in r.get(f"vqa_{mode}_per_application", {})})
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(apps) + 2), 3.8))
     width = 0.8 / max(1, len(rows))
@@ -1152,7 +1541,12 @@ def _plots(rows: list[dict], mode: str, out: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, kind in zip(axes, ("concise", "detailed")):
         for i, (r, label) in enumerate(zip(rows, labels)):
-            ax.bar(np.arange(len(names)) + i * width, [r.get(f"{kind}_{n}_tok") or 0 for n in names], width, label=label)
+            ax.bar(
+                np.arange(len(names)) + i * width,
+                [r.get(f"{kind}_{n}_tok") or 0 for n in names],
+                width,
+                label=label,
+            )
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
         ax.set_title(f"{kind} captions")
     if rows:

@@ -47,33 +47,91 @@ class Family:
     notes: str = ""
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("llava", ("llava-hf/llava-1.5", "llava-hf/bakllava"), "LlavaProcessor", "fixed", tied=False,
-           notes="CLIP ViT-L/14-336 + Vicuna; 576 image tokens per image; the template ends no turn, so the "
-                 "answer is followed by </s> (the end of sequence LLaVA-1.5 was trained with)"),
-    Family("qwen2_vl", ("qwen/qwen2-vl",), "Qwen2VLProcessor", "max_pixels", tied=True,
-           forward_inputs=("image_grid_thw",),
-           notes="Qwen2-VL-2B ties its embeddings (7B and 72B do not); one image token per 2x2 merged 14-px patch"),
-    Family("qwen2_5_vl", ("qwen/qwen2.5-vl",), "Qwen2_5_VLProcessor", "max_pixels", tied=False,
-           forward_inputs=("image_grid_thw",), notes="Qwen2.5-VL-3B ties its embeddings, 7B and 72B do not"),
-    Family("qwen3_vl", ("qwen/qwen3-vl",), "Qwen3VLProcessor", "max_pixels", tied=True,
-           forward_inputs=("image_grid_thw",), notes="16-px patches, DeepStack visual features; 2B/4B tie their embeddings"),
-    Family("internvl", ("opengvlab/internvl",), "InternVLProcessor", "fixed", tied=False,
-           notes="the -hf checkpoints (e.g. OpenGVLab/InternVL3-2B-hf); 448-px tiles (crop_to_patches), "
-                 "256 <IMG_CONTEXT> tokens per tile"),
-    Family("idefics3", ("huggingfacem4/idefics3",), "Idefics3Processor", "longest_edge", tied=False,
-           forward_inputs=("pixel_attention_mask",), notes="image splitting into 364-px tiles plus a global image"),
-    Family("smolvlm", ("huggingfacetb/smolvlm",), "SmolVLMProcessor", "longest_edge", tied=True,
-           forward_inputs=("pixel_attention_mask",), notes="Idefics3's architecture on SmolLM2; 512-px tiles"),
-    Family("gemma3", ("google/gemma-3",), "Gemma3Processor", "fixed", tied=True,
-           forward_inputs=("token_type_ids",),
-           notes="896-px SigLIP, 256 image tokens between <start_of_image> and <end_of_image>; token_type_ids "
-                 "mark image tokens (bidirectional attention over them; without them, silently causal)"),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "llava",
+            ("llava-hf/llava-1.5", "llava-hf/bakllava"),
+            "LlavaProcessor",
+            "fixed",
+            tied=False,
+            notes="CLIP ViT-L/14-336 + Vicuna; 576 image tokens per image; the template ends no turn, so the "
+            "answer is followed by </s> (the end of sequence LLaVA-1.5 was trained with)",
+        ),
+        Family(
+            "qwen2_vl",
+            ("qwen/qwen2-vl",),
+            "Qwen2VLProcessor",
+            "max_pixels",
+            tied=True,
+            forward_inputs=("image_grid_thw",),
+            notes="Qwen2-VL-2B ties its embeddings (7B and 72B do not); one image token per 2x2 merged 14-px "
+            "patch",
+        ),
+        Family(
+            "qwen2_5_vl",
+            ("qwen/qwen2.5-vl",),
+            "Qwen2_5_VLProcessor",
+            "max_pixels",
+            tied=False,
+            forward_inputs=("image_grid_thw",),
+            notes="Qwen2.5-VL-3B ties its embeddings, 7B and 72B do not",
+        ),
+        Family(
+            "qwen3_vl",
+            ("qwen/qwen3-vl",),
+            "Qwen3VLProcessor",
+            "max_pixels",
+            tied=True,
+            forward_inputs=("image_grid_thw",),
+            notes="16-px patches, DeepStack visual features; 2B/4B tie their embeddings",
+        ),
+        Family(
+            "internvl",
+            ("opengvlab/internvl",),
+            "InternVLProcessor",
+            "fixed",
+            tied=False,
+            notes="the -hf checkpoints (e.g. OpenGVLab/InternVL3-2B-hf); 448-px tiles (crop_to_patches), "
+            "256 <IMG_CONTEXT> tokens per tile",
+        ),
+        Family(
+            "idefics3",
+            ("huggingfacem4/idefics3",),
+            "Idefics3Processor",
+            "longest_edge",
+            tied=False,
+            forward_inputs=("pixel_attention_mask",),
+            notes="image splitting into 364-px tiles plus a global image",
+        ),
+        Family(
+            "smolvlm",
+            ("huggingfacetb/smolvlm",),
+            "SmolVLMProcessor",
+            "longest_edge",
+            tied=True,
+            forward_inputs=("pixel_attention_mask",),
+            notes="Idefics3's architecture on SmolLM2; 512-px tiles",
+        ),
+        Family(
+            "gemma3",
+            ("google/gemma-3",),
+            "Gemma3Processor",
+            "fixed",
+            tied=True,
+            forward_inputs=("token_type_ids",),
+            notes="896-px SigLIP, 256 image tokens between <start_of_image> and <end_of_image>; "
+            "token_type_ids "
+            "mark image tokens (bidirectional attention over them; without them, silently causal)",
+        ),
+    )
+}
 
 
 def _model_type(model) -> str | None:
-    """The model type of a config object, a model folder, a hub name or a model-type string (None if unknown)."""
+    """The model type of a config object, a model folder, a hub name or a model-type string (None if
+    unknown)."""
     if hasattr(model, "model_type"):
         return model.model_type
     model = str(model)
@@ -99,9 +157,11 @@ def family_of(model) -> Family:
     """
     model_type = _model_type(model)
     if model_type not in FAMILIES:
-        raise KeyError(f"{model!r} (model type {model_type!r}) is not a VLM family this pipeline knows; known: "
-                       f"{sorted(FAMILIES)}. Add a row to sarlang_ray/families.py (and a tiny builder in "
-                       "sarlang_ray/models.py) to support it")
+        raise KeyError(
+            f"{model!r} (model type {model_type!r}) is not a VLM family this pipeline knows; known: "
+            f"{sorted(FAMILIES)}. Add a row to sarlang_ray/families.py (and a tiny builder in "
+            "sarlang_ray/models.py) to support it"
+        )
     return FAMILIES[model_type]
 
 
@@ -127,8 +187,12 @@ def processor_kwargs(model, max_pixels: int | None, image_processor=None) -> dic
         return {}
     if knob == "max_pixels":  # Qwen: the image-token budget; min_pixels never above it
         size = getattr(image_processor, "size", None) or {}
-        min_pixels = getattr(image_processor, "min_pixels", None) or getattr(size, "shortest_edge", None) or (
-            size.get("shortest_edge") if isinstance(size, dict) else None) or 0
+        min_pixels = (
+            getattr(image_processor, "min_pixels", None)
+            or getattr(size, "shortest_edge", None)
+            or (size.get("shortest_edge") if isinstance(size, dict) else None)
+            or 0
+        )
         return {"max_pixels": int(max_pixels), "min_pixels": int(min(min_pixels, max_pixels))}
     if knob == "longest_edge":  # Idefics3/SmolVLM: the longest edge, a whole number of tiles (at least one)
         tile = (getattr(image_processor, "max_image_size", None) or {}).get("longest_edge") or 1

@@ -27,7 +27,9 @@ def to_lists(gcps: list[GroundControlPoint]) -> list[list[float]]:
     return [[g.row, g.col, g.x, g.y, 0.0 if g.z is None else g.z] for g in gcps]
 
 
-def from_lists(rows: list[list[float]], row_off: float = 0.0, col_off: float = 0.0) -> list[GroundControlPoint]:
+def from_lists(
+    rows: list[list[float]], row_off: float = 0.0, col_off: float = 0.0
+) -> list[GroundControlPoint]:
     """GCPs from lists, shifted into a window starting at (row_off, col_off) of the raster."""
     return [GroundControlPoint(row=r - row_off, col=c - col_off, x=x, y=y, z=z) for r, c, x, y, z in rows]
 
@@ -54,7 +56,8 @@ class Georef:
         if self._tr is None:
             if self.method == "affine":
                 self._tr = self.affine()
-            else:  # TPS for windows and outlines of both methods: exact at the GCPs; polynomial warps differ < 1 px
+            # TPS for windows and outlines of both methods: exact at the GCPs; polynomial warps differ < 1 px
+            else:
                 self._tr = GCPTransformer(from_lists(self.gcps), tps=True)
         return self._tr
 
@@ -78,12 +81,16 @@ class Georef:
         return np.asarray(rows, float), np.asarray(cols, float)
 
     def warp_options(self, row_off: float, col_off: float) -> dict:
-        """Keyword arguments of ``rasterio.warp.reproject`` for a source window starting at (row_off, col_off):
+        """Keyword arguments of ``rasterio.warp.reproject`` for a source window starting at (row_off,
+        col_off):
         the GCPs shifted into the window and GDAL's transformer options (an affine for ``affine``)."""
         if self.method == "affine":
             from affine import Affine
 
-            return {"src_transform": self.affine() * Affine.translation(col_off, row_off), "src_crs": self.crs}
+            return {
+                "src_transform": self.affine() * Affine.translation(col_off, row_off),
+                "src_crs": self.crs,
+            }
         opts: dict[str, Any] = {"gcps": from_lists(self.gcps, row_off, col_off), "src_crs": self.crs}
         if self.method == "tps":
             opts["SRC_METHOD"] = "GCP_TPS"

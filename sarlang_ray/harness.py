@@ -4,7 +4,8 @@
 ``evaluate.split`` of ``evaluate.dataset``: our export, an imported release, a LLaMA-Factory JSON; the same
 selection: every VQA pair, one caption prompt per image and caption set) in two forms:
 
-* an **lmms-eval task** (``lmms_eval/<name>/``): ``<name>.yaml`` (``dataset_path: parquet`` with ``data_files``
+* an **lmms-eval task** (``lmms_eval/<name>/``): ``<name>.yaml`` (``dataset_path: parquet`` with
+``data_files``
   beside it, ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target``, ``process_results`` and one
   ``metric_list`` entry per metric with its aggregation), ``utils.py`` (those hooks; the aggregations call
   :func:`sarlang_ray.evaluate.score`, so a model scores the same in lmms-eval as in ``sarlang evaluate``),
@@ -38,8 +39,24 @@ import pyarrow as pa
 from sarlang_ray import evaluate, io
 from sarlang_ray.config import WorkflowConfig
 
-TSV_COLUMNS = ["index", "image", "question", "answer", "category", "l2-category", "split", "pair_id", "tile_id", "kind",
-               "raw_question", "references", "source", "image_name", "task", "box_size"]
+TSV_COLUMNS = [
+    "index",
+    "image",
+    "question",
+    "answer",
+    "category",
+    "l2-category",
+    "split",
+    "pair_id",
+    "tile_id",
+    "kind",
+    "raw_question",
+    "references",
+    "source",
+    "image_name",
+    "task",
+    "box_size",
+]
 
 
 def bench_name(cfg: WorkflowConfig) -> str:
@@ -58,7 +75,8 @@ def prompt_text(prompt: dict, kind: str, question: str) -> str:
 
 def _image_stream(cfg: WorkflowConfig, pairs: list[dict]) -> Iterator[tuple[str, str, bytes]]:
     """(pair_id, image file name, bytes) for the pairs, one file of the split at a time (export: the split's
-    image column; tables: ``image_uri`` or the embedded bytes): the split's images never sit in memory together."""
+    image column; tables: ``image_uri`` or the embedded bytes): the split's images never sit in memory
+    together."""
     import pyarrow.compute as pc
 
     wanted = pa.array([p["pair_id"] for p in pairs], pa.string())
@@ -67,7 +85,10 @@ def _image_stream(cfg: WorkflowConfig, pairs: list[dict]) -> Iterator[tuple[str,
     for table in evaluate.iter_split(cfg, cfg.evaluate.split, columns):
         table = table.filter(pc.is_in(table["pair_id"], wanted))
         image = table["image"].combine_chunks()
-        paths, blobs = image.field("path").to_pylist(), image.field("bytes")  # bytes made row by row: pairs repeat them
+        paths, blobs = (
+            image.field("path").to_pylist(),
+            image.field("bytes"),
+        )  # bytes made row by row: pairs repeat them
         for i, (pid, key) in enumerate(zip(table["pair_id"].to_pylist(), table[columns[1]].to_pylist())):
             if export:
                 yield pid, paths[i] or f"{key}.png", blobs[i].as_py()
@@ -97,42 +118,60 @@ def bench_samples(cfg: WorkflowConfig) -> list[dict]:
     samples = []
     for i, p in enumerate(pairs):
         caption = p["kind"] in evaluate.CAPTION_KINDS
-        samples.append({"index": i, **{k: p[k] for k in evaluate.META}, "prompt": prompt_text(prompt, p["kind"], p["question"]),
-                        "references": refs[(p["tile_id"], p["kind"])] if caption else [p["answer"]],
-                        "source": sources.get(p["pair_id"], "export"), "task": tasks.get(p["pair_id"], ""),
-                        "box_size": json.dumps(sizes[p["pair_id"]]) if p["pair_id"] in sizes else ""})
+        samples.append(
+            {
+                "index": i,
+                **{k: p[k] for k in evaluate.META},
+                "prompt": prompt_text(prompt, p["kind"], p["question"]),
+                "references": refs[(p["tile_id"], p["kind"])] if caption else [p["answer"]],
+                "source": sources.get(p["pair_id"], "export"),
+                "task": tasks.get(p["pair_id"], ""),
+                "box_size": json.dumps(sizes[p["pair_id"]]) if p["pair_id"] in sizes else "",
+            }
+        )
     return samples
 
 
 def _box_sizes(cfg: WorkflowConfig, pairs: list[dict]) -> dict[str, list[int]]:
-    """pair_id -> [width, height] of the images of the box-answer pairs (scored by IoU, which needs the size)."""
+    """pair_id -> [width, height] of the images of the box-answer pairs (scored by IoU, which needs the
+    size)."""
     import io as _io
 
     from PIL import Image
 
     from sarlang_ray import boxes
 
-    wanted = [p for p in pairs if p["kind"] not in evaluate.CAPTION_KINDS and boxes.is_box_answer(p["answer"])]
+    wanted = [
+        p for p in pairs if p["kind"] not in evaluate.CAPTION_KINDS and boxes.is_box_answer(p["answer"])
+    ]
     sizes = {}
-    for pid, _, data in (_image_stream(cfg, wanted) if wanted else ()):
+    for pid, _, data in _image_stream(cfg, wanted) if wanted else ():
         with Image.open(_io.BytesIO(data)) as im:
             sizes[pid] = [im.width, im.height]
     return sizes
 
 
 def scoring_context(rows: list[dict]) -> dict:
-    """:func:`sarlang_ray.evaluate.score`'s context from exported samples (their ``task`` and ``box_size``)."""
+    """:func:`sarlang_ray.evaluate.score`'s context from exported samples (their ``task`` and
+    ``box_size``)."""
     sizes = {r["pair_id"]: tuple(json.loads(r["box_size"])) for r in rows if r.get("box_size")}
     return {"tasks": {r["pair_id"]: r["task"] for r in rows if r.get("task")}, "sizes": sizes}
 
 
 def _metric_keys(samples: list[dict], mode: str) -> list[tuple[str, str]]:
-    """(lmms-eval metric name, key into :func:`sarlang_ray.evaluate.score`'s result) for what the samples hold."""
+    """(lmms-eval metric name, key into :func:`sarlang_ray.evaluate.score`'s result) for what the samples
+    hold."""
     keys = []
     if any(s["kind"] not in evaluate.CAPTION_KINDS for s in samples):
         keys += [("vqa_strict", "vqa_strict"), ("vqa_sarlang1m", "vqa_sarlang1m")]
         apps = sorted({s["application"] for s in samples if s["kind"] not in evaluate.CAPTION_KINDS})
-        keys += [(f"vqa_{mode}_{re.sub(r'[^a-z0-9]+', '_', a.lower()).strip('_')}", f"vqa_{mode}_per_application|{a}") for a in apps]
+        keys += [
+            (
+                f"vqa_{mode}_{re.sub(r'[^a-z0-9]+', '_', a.lower()).strip('_')}",
+                f"vqa_{mode}_per_application|{a}",
+            )
+            for a in apps
+        ]
     for kind, short in evaluate.CAPTION_KINDS.items():
         if any(s["kind"] == kind for s in samples):
             keys += [(f"{short}_{m}", f"{short}_{m}_tok") for m in evaluate.CAPTION_METRICS]
@@ -189,7 +228,10 @@ def _metric(items, name):
 
 def _yaml(name: str, metrics: list[tuple[str, str]], cfg: WorkflowConfig, n: int) -> str:
     ev = cfg.evaluate
-    metric_list = "\n".join(f"  - metric: {m}\n    aggregation: !function utils.agg_{m}\n    higher_is_better: true" for m, _ in metrics)
+    metric_list = "\n".join(
+        f"  - metric: {m}\n    aggregation: !function utils.agg_{m}\n    higher_is_better: true"
+        for m, _ in metrics
+    )
     return f"""# lmms-eval task written by `sarlang export-bench` (sarlang-ray): {n} samples, the {ev.split} split of
 # {evaluate.dataset_label(cfg)}. Run:
 #   lmms-eval --model <model> --model_args pretrained=<hub name> --tasks {name} --include_path <this folder's parent>
@@ -219,11 +261,14 @@ metadata:
 
 def export_bench(cfg: WorkflowConfig) -> dict:
     """Write the evaluated split as an lmms-eval task and a VLMEvalKit TSV (``bench.formats``) under
-    ``bench.out_dir``; returns the manifest (also ``manifest.json``): samples, files, per-application counts."""
+    ``bench.out_dir``; returns the manifest (also ``manifest.json``): samples, files, per-application
+    counts."""
     cfg = evaluate._absolute_datasets(cfg)
     samples = bench_samples(cfg)
     if not samples:
-        raise ValueError(f"the {cfg.evaluate.split} split of {evaluate.dataset_label(cfg)} has no pairs to export")
+        raise ValueError(
+            f"the {cfg.evaluate.split} split of {evaluate.dataset_label(cfg)} has no pairs to export"
+        )
     name = bench_name(cfg)
     out = cfg.bench.out_dir or io.join(cfg.run.run_dir, "bench")
     with tempfile.TemporaryDirectory(prefix="sarlang-bench-") as staged:
@@ -231,7 +276,8 @@ def export_bench(cfg: WorkflowConfig) -> dict:
 
 
 def _write_bench(cfg: WorkflowConfig, samples: list[dict], name: str, out: str, staged: Path) -> dict:
-    """export_bench's files. Each image once, under a name unique to its bytes, staged in a local folder as the
+    """export_bench's files. Each image once, under a name unique to its bytes, staged in a local folder as
+    the
     split's files stream by (only their digests are kept), then copied to the lmms-eval task and read back for
     the TSV, row by row."""
     names: dict[str, str] = {}  # pair_id -> file name
@@ -250,31 +296,59 @@ def _write_bench(cfg: WorkflowConfig, samples: list[dict], name: str, out: str, 
         names[pid] = candidate
     missing = [s["pair_id"] for s in samples if s["pair_id"] not in names]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} pairs of the {cfg.evaluate.split} split have no image, e.g. {missing[:3]}")
-    manifest: dict[str, Any] = {"name": name, "split": cfg.evaluate.split, "dataset": evaluate.dataset_label(cfg), "samples": len(samples),
-                "images": len(digests), "applications": _counts(s["application"] for s in samples),
-                "kinds": _counts(s["kind"] for s in samples), "files": {}}
+        raise FileNotFoundError(
+            f"{len(missing)} pairs of the {cfg.evaluate.split} split have no image, e.g. {missing[:3]}"
+        )
+    manifest: dict[str, Any] = {
+        "name": name,
+        "split": cfg.evaluate.split,
+        "dataset": evaluate.dataset_label(cfg),
+        "samples": len(samples),
+        "images": len(digests),
+        "applications": _counts(s["application"] for s in samples),
+        "kinds": _counts(s["kind"] for s in samples),
+        "files": {},
+    }
     if "lmms_eval" in cfg.bench.formats:
         task_dir = io.join(out, "lmms_eval", name)
         mode = evaluate.vqa_mode(cfg)
         metrics = _metric_keys(samples, mode if mode in ("strict", "sarlang1m") else "sarlang1m")
-        rows = [{**{k: s[k] for k in ("index", *evaluate.META, "prompt", "references", "source", "task", "box_size")},
-                 "image_path": f"images/{names[s['pair_id']]}"} for s in samples]
+        rows = [
+            {
+                **{
+                    k: s[k]
+                    for k in ("index", *evaluate.META, "prompt", "references", "source", "task", "box_size")
+                },
+                "image_path": f"images/{names[s['pair_id']]}",
+            }
+            for s in samples
+        ]
         io.write_parquet_atomic(io.join(task_dir, f"{name}.parquet"), pa.Table.from_pylist(rows))
         for fname in digests:
             io.write_bytes_atomic(io.join(task_dir, "images", fname), (staged / fname).read_bytes())
         utils = UTILS_TEMPLATE.format(name=name, metrics=dict(metrics)) + "".join(
-            f"\ndef agg_{m}(items):\n    return _metric(items, {m!r})\n" for m, _ in metrics)
+            f"\ndef agg_{m}(items):\n    return _metric(items, {m!r})\n" for m, _ in metrics
+        )
         io.write_bytes_atomic(io.join(task_dir, "utils.py"), utils.encode())
-        io.write_bytes_atomic(io.join(task_dir, f"{name}.yaml"), _yaml(name, metrics, cfg, len(samples)).encode())
-        manifest["files"]["lmms_eval"] = {"task_dir": task_dir, "yaml": io.join(task_dir, f"{name}.yaml"),
-                                          "metrics": [m for m, _ in metrics],
-                                          "run": f"lmms-eval --model <model> --tasks {name} --include_path {io.join(out, 'lmms_eval')}"}
+        io.write_bytes_atomic(
+            io.join(task_dir, f"{name}.yaml"), _yaml(name, metrics, cfg, len(samples)).encode()
+        )
+        manifest["files"]["lmms_eval"] = {
+            "task_dir": task_dir,
+            "yaml": io.join(task_dir, f"{name}.yaml"),
+            "metrics": [m for m, _ in metrics],
+            "run": f"lmms-eval --model <model> --tasks {name} --include_path {io.join(out, 'lmms_eval')}",
+        }
     if "vlmevalkit" in cfg.bench.formats:
         tsv = io.join(out, "vlmevalkit", f"{name}.tsv")
-        io.write_stream_atomic(tsv, (chunk.encode() for chunk in vlmevalkit_tsv(samples, staged, names, cfg.evaluate.split)))
-        manifest["files"]["vlmevalkit"] = {"tsv": tsv, "run": f"LMUData={io.join(out, 'vlmevalkit')} python run.py --data {name} "
-                                           "--model <model> --mode infer   # then: sarlang score-bench <prediction file>"}
+        io.write_stream_atomic(
+            tsv, (chunk.encode() for chunk in vlmevalkit_tsv(samples, staged, names, cfg.evaluate.split))
+        )
+        manifest["files"]["vlmevalkit"] = {
+            "tsv": tsv,
+            "run": f"LMUData={io.join(out, 'vlmevalkit')} python run.py --data {name} "
+            "--model <model> --mode infer   # then: sarlang score-bench <prediction file>",
+        }
     io.write_json_atomic(io.join(out, "manifest.json"), manifest)
     return manifest
 
@@ -286,8 +360,11 @@ def _counts(values) -> dict:
     return dict(sorted(out.items()))
 
 
-def vlmevalkit_tsv(samples: list[dict], images: Path, names: dict, split: str, chunk_bytes: int = 1 << 20) -> Iterator[str]:
-    """The VLMEvalKit TSV text in chunks of rows of about ``chunk_bytes`` of base64 each (the header first): one
+def vlmevalkit_tsv(
+    samples: list[dict], images: Path, names: dict, split: str, chunk_bytes: int = 1 << 20
+) -> Iterator[str]:
+    """The VLMEvalKit TSV text in chunks of rows of about ``chunk_bytes`` of base64 each (the header first):
+    one
     row per sample; an image's first row holds its base64 (read from the folder ``images``, by its name in
     ``names``), later rows of the same image hold that row's index (VLMEvalKit resolves image values of 64
     characters or fewer as an index)."""
@@ -303,11 +380,26 @@ def vlmevalkit_tsv(samples: list[dict], images: Path, names: dict, split: str, c
             first[name] = s["index"]
             image = base64.b64encode((images / name).read_bytes()).decode()
         size += len(image)
-        rows.append({"index": s["index"], "image": image, "question": s["prompt"], "answer": s["answer"],
-                     "category": s["application"], "l2-category": s["question_type"], "split": split,
-                     "pair_id": s["pair_id"], "tile_id": s["tile_id"], "kind": s["kind"], "raw_question": s["question"],
-                     "references": json.dumps(s["references"]), "source": s["source"], "image_name": name,
-                     "task": s.get("task", ""), "box_size": s.get("box_size", "")})
+        rows.append(
+            {
+                "index": s["index"],
+                "image": image,
+                "question": s["prompt"],
+                "answer": s["answer"],
+                "category": s["application"],
+                "l2-category": s["question_type"],
+                "split": split,
+                "pair_id": s["pair_id"],
+                "tile_id": s["tile_id"],
+                "kind": s["kind"],
+                "raw_question": s["question"],
+                "references": json.dumps(s["references"]),
+                "source": s["source"],
+                "image_name": name,
+                "task": s.get("task", ""),
+                "box_size": s.get("box_size", ""),
+            }
+        )
         if size >= chunk_bytes or i == len(samples) - 1:
             yield pd.DataFrame(rows, columns=TSV_COLUMNS).to_csv(sep="\t", index=False, header=header)
             rows, size, header = [], 0, False
@@ -320,26 +412,36 @@ _SCORES: dict[tuple, dict] = {}
 
 
 def aggregate(items: list[dict], key: str) -> float:
-    """One metric of :func:`sarlang_ray.evaluate.score` over lmms-eval's ``process_results`` items (the exported
-    task's aggregations call this). ``key``: a key of the score, or ``group|entry`` (``vqa_sarlang1m_per_application|
+    """One metric of :func:`sarlang_ray.evaluate.score` over lmms-eval's ``process_results`` items (the
+    exported
+    task's aggregations call this). ``key``: a key of the score, or ``group|entry``
+    (``vqa_sarlang1m_per_application|
     others``). The score is computed once per set of predictions: lmms-eval loads utils.py anew for every
     ``!function``, so the cache lives here."""
     signature = tuple((i["pair_id"], i["prediction"]) for i in items)
     if signature not in _SCORES:
         pairs = [{k: i[k] for k in evaluate.META} for i in items]
-        refs = {(i["tile_id"], i["kind"]): list(i["references"]) for i in items if i["kind"] in evaluate.CAPTION_KINDS}
+        refs = {
+            (i["tile_id"], i["kind"]): list(i["references"])
+            for i in items
+            if i["kind"] in evaluate.CAPTION_KINDS
+        }
         _SCORES.clear()
-        _SCORES[signature] = evaluate.score(pairs, {i["pair_id"]: i["prediction"] for i in items}, refs, None,
-                                            scoring_context(items))
+        _SCORES[signature] = evaluate.score(
+            pairs, {i["pair_id"]: i["prediction"] for i in items}, refs, None, scoring_context(items)
+        )
     result = _SCORES[signature]
     if "|" in key:
         group, entry = key.split("|", 1)
         return float(result.get(group, {}).get(entry, 0.0))
     return float(result.get(key, 0.0))
 
+
 def read_predictions(path: str) -> list[dict]:
-    """Rows with ``pair_id``, ``tile_id``, ``kind``, ``application``, ``question_type``, ``question``, ``answer``,
-    ``references`` and ``prediction`` from a harness's output: VLMEvalKit's prediction file (``.tsv``, ``.csv``,
+    """Rows with ``pair_id``, ``tile_id``, ``kind``, ``application``, ``question_type``, ``question``,
+    ``answer``,
+    ``references`` and ``prediction`` from a harness's output: VLMEvalKit's prediction file (``.tsv``,
+    ``.csv``,
     ``.xlsx``: the TSV's columns plus ``prediction``) or lmms-eval's ``--log_samples`` file (``.jsonl``: our
     ``process_results`` items)."""
     import pandas as pd
@@ -350,10 +452,16 @@ def read_predictions(path: str) -> list[dict]:
             if not line.strip():
                 continue
             sample = json.loads(line)
-            item = next((v for v in sample.values() if isinstance(v, dict) and "pair_id" in v and "prediction" in v), None)
+            item = next(
+                (v for v in sample.values() if isinstance(v, dict) and "pair_id" in v and "prediction" in v),
+                None,
+            )
             if item is None:
-                raise ValueError(f"{path}: a sample without a sarlang item (pair_id, prediction): was it written by the task "
-                                 "`sarlang export-bench` made, with --log_samples?")
+                raise ValueError(
+                    f"{path}: a sample without a sarlang item (pair_id, prediction): was it written by the "
+                    "task "
+                    "`sarlang export-bench` made, with --log_samples?"
+                )
             rows.append(item)
         return rows
     fs, p = io.filesystem(path)
@@ -364,8 +472,10 @@ def read_predictions(path: str) -> list[dict]:
             df = pd.read_csv(f, sep="\t" if path.endswith(".tsv") else ",", dtype=str, keep_default_na=False)
     missing = {"pair_id", "kind", "prediction", "answer"} - set(df.columns)
     if missing:
-        raise ValueError(f"{path}: no column(s) {sorted(missing)}: give VLMEvalKit's prediction file for a TSV written by "
-                         "`sarlang export-bench` (it keeps the TSV's columns and adds prediction)")
+        raise ValueError(
+            f"{path}: no column(s) {sorted(missing)}: give VLMEvalKit's prediction file for a TSV written by "
+            "`sarlang export-bench` (it keeps the TSV's columns and adds prediction)"
+        )
     rows = df.to_dict("records")
     for r in rows:
         r["application"], r["question_type"] = r.get("category", ""), r.get("l2-category", "")
@@ -378,6 +488,9 @@ def score_predictions(path: str) -> dict:
     """Our metrics (:func:`sarlang_ray.evaluate.score`) of a harness's prediction file."""
     rows = read_predictions(path)
     pairs = [{k: r.get(k, "") for k in evaluate.META} for r in rows]
-    refs = {(r["tile_id"], r["kind"]): list(r["references"]) for r in rows if r["kind"] in evaluate.CAPTION_KINDS}
-    return evaluate.score(pairs, {r["pair_id"]: r.get("prediction") or "" for r in rows}, refs, None,
-                          scoring_context(rows))
+    refs = {
+        (r["tile_id"], r["kind"]): list(r["references"]) for r in rows if r["kind"] in evaluate.CAPTION_KINDS
+    }
+    return evaluate.score(
+        pairs, {r["pair_id"]: r.get("prediction") or "" for r in rows}, refs, None, scoring_context(rows)
+    )

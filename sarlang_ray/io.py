@@ -57,8 +57,11 @@ def parquet_rows(uris: list[str]) -> int:
 READ_SHARE = 0.25  # CPUs an actor pool leaves free for the light read tasks of its own dataset
 
 
-def pool_cpus(concurrency: int, num_cpus: float, cluster_cpus: float, read_share: float = READ_SHARE) -> float:
-    """CPUs per actor for a pool of ``concurrency`` actors that is fed by light Ray Data read tasks (0.1 CPU each).
+def pool_cpus(
+    concurrency: int, num_cpus: float, cluster_cpus: float, read_share: float = READ_SHARE
+) -> float:
+    """CPUs per actor for a pool of ``concurrency`` actors that is fed by light Ray Data read tasks (0.1 CPU
+    each).
 
     A fixed-size pool whose actors together take every CPU of the cluster (``evaluate.concurrency=2,
     num_cpus=1`` on a 2-CPU node) leaves nothing for the 0.1-CPU read tasks feeding it, and the dataset
@@ -87,8 +90,10 @@ def local_copy(uri: str, cache: str | None = None) -> str:
     import hashlib
     import shutil
 
-    target = os.path.join(cache or os.path.join(tempfile.gettempdir(), "sarlang-remote"),
-                          hashlib.sha1(uri.encode()).hexdigest()[:16])
+    target = os.path.join(
+        cache or os.path.join(tempfile.gettempdir(), "sarlang-remote"),
+        hashlib.sha1(uri.encode()).hexdigest()[:16],
+    )
     complete = os.path.join(target, "_COMPLETE")
     if os.path.exists(complete):
         return target
@@ -98,7 +103,9 @@ def local_copy(uri: str, cache: str | None = None) -> str:
         try:
             if os.path.exists(complete):  # another process fetched it while this one waited
                 return target
-            for stale in _glob.glob(f"{_glob.escape(target)}.*.partial") + ([target] if os.path.exists(target) else []):
+            for stale in _glob.glob(f"{_glob.escape(target)}.*.partial") + (
+                [target] if os.path.exists(target) else []
+            ):
                 shutil.rmtree(stale, ignore_errors=True)  # a download killed midway (the lock holder is gone)
             fs, path = filesystem(uri)
             partial = f"{target}.{uuid.uuid4().hex}.partial"
@@ -124,7 +131,7 @@ def join(base: str, *parts: str) -> str:
 def relative(uri: str, base: str) -> str:
     """``uri`` relative to ``base`` (no leading slash); ``uri`` itself when it is not under ``base``."""
     if base and uri.startswith(base):
-        return uri[len(base):].lstrip("/")
+        return uri[len(base) :].lstrip("/")
     return uri
 
 
@@ -288,8 +295,10 @@ def raster_reader(reader: str | None = None) -> str:
     """
     name = reader or os.environ.get(RASTER_READER_ENV) or "gdal"
     if name not in RASTER_READERS:
-        raise ValueError(f"unknown raster reader {name!r}: set run.raster_reader (environment variable "
-                         f"{RASTER_READER_ENV}) to one of {', '.join(RASTER_READERS)}")
+        raise ValueError(
+            f"unknown raster reader {name!r}: set run.raster_reader (environment variable "
+            f"{RASTER_READER_ENV}) to one of {', '.join(RASTER_READERS)}"
+        )
     return name
 
 
@@ -301,7 +310,8 @@ def use_raster_reader(reader: str) -> dict[str, str]:
     return {RASTER_READER_ENV: os.environ[RASTER_READER_ENV]}
 
 
-# ---------------------------------------------------------------- access: signed hrefs, anonymous, requester pays
+# ---------------------------------------------------------------- access: signed hrefs, anonymous, requester
+# pays
 SIGN_ENV = "SARLANG_SIGN"  # catalog.sign in this process and the Ray workers it starts
 _signers: dict[str, Any] = {}
 _access_env: set[str] = set()  # the FSSPEC_S3_* variables use_access set (a user's own are left alone)
@@ -332,7 +342,8 @@ def signer(spec: str | None = None):
 
 
 def sign_href(uri: str, spec: str | None = None) -> str:
-    """``uri`` as it must be read: signed by ``catalog.sign`` when it is remote (local paths are never signed).
+    """``uri`` as it must be read: signed by ``catalog.sign`` when it is remote (local paths are never
+    signed).
     Signing happens at every open, never once in the driver, so a token never outlives its run."""
     fn = signer(spec)
     return uri if fn is None or not is_remote(uri) else str(fn(uri))
@@ -346,8 +357,10 @@ def use_access(sign: str = "none", anonymous: bool = False, requester_pays: bool
     inherit. Workers call it too with the config they are given. Returns the variables set."""
     env = {SIGN_ENV: sign or "none"}
     s3 = fsspec.config.conf.setdefault("s3", {})
-    for key, name, on in (("anon", "FSSPEC_S3_ANON", anonymous), ("requester_pays", "FSSPEC_S3_REQUESTER_PAYS",
-                                                                   requester_pays)):
+    for key, name, on in (
+        ("anon", "FSSPEC_S3_ANON", anonymous),
+        ("requester_pays", "FSSPEC_S3_REQUESTER_PAYS", requester_pays),
+    ):
         if on:
             s3[key] = True
             env[name] = "true"
@@ -363,7 +376,11 @@ def use_access(sign: str = "none", anonymous: bool = False, requester_pays: bool
 def access_of(catalog) -> dict:
     """The access settings of a catalog section (``catalog.sign``, ``s3_anonymous``, ``s3_requester_pays``)
     as the keyword arguments of :func:`use_access`, for the row classes of the stages that read rasters."""
-    return {"sign": catalog.sign, "anonymous": catalog.s3_anonymous, "requester_pays": catalog.s3_requester_pays}
+    return {
+        "sign": catalog.sign,
+        "anonymous": catalog.s3_anonymous,
+        "requester_pays": catalog.s3_requester_pays,
+    }
 
 
 def gdal_s3_options(fs: fsspec.AbstractFileSystem) -> dict[str, str]:
@@ -398,10 +415,12 @@ def gdal_s3_options(fs: fsspec.AbstractFileSystem) -> dict[str, str]:
     if fs.anon:
         opts["AWS_NO_SIGN_REQUEST"] = "YES"
     else:
-        for name, value in (("AWS_ACCESS_KEY_ID", client.get("aws_access_key_id") or fs.key),
-                            ("AWS_SECRET_ACCESS_KEY", client.get("aws_secret_access_key") or fs.secret),
-                            ("AWS_SESSION_TOKEN", client.get("aws_session_token") or fs.token),
-                            ("AWS_PROFILE", fs.kwargs.get("profile"))):
+        for name, value in (
+            ("AWS_ACCESS_KEY_ID", client.get("aws_access_key_id") or fs.key),
+            ("AWS_SECRET_ACCESS_KEY", client.get("aws_secret_access_key") or fs.secret),
+            ("AWS_SESSION_TOKEN", client.get("aws_session_token") or fs.token),
+            ("AWS_PROFILE", fs.kwargs.get("profile")),
+        ):
             if value:
                 opts[name] = str(value)
     if fs.requester_pays:
@@ -424,8 +443,10 @@ def configure_gdal_s3(fs: fsspec.AbstractFileSystem) -> dict[str, str]:
     """
     storage = gdal_s3_options(fs)
     with _gdal_s3_lock:
-        wanted = {**{k: v for k, v in GDAL_NETWORK.items() if k not in os.environ or k in _gdal_s3_applied},
-                  **storage}
+        wanted = {
+            **{k: v for k, v in GDAL_NETWORK.items() if k not in os.environ or k in _gdal_s3_applied},
+            **storage,
+        }
         if wanted != _gdal_s3_applied:
             for key in set(_gdal_s3_applied) - set(wanted):
                 os.environ.pop(key, None)
@@ -480,7 +501,8 @@ def open_raster(uri: str, reader: str | None = None, **options) -> rasterio.io.D
     options = {k: v for k, v in options.items() if v is not None}
     href = sign_href(uri)  # catalog.sign: every remote href is signed right before it is read
     if not is_remote(href):
-        # a .vrt may name /vsis3/ sources (land-cover mosaics); /vsizip//vsis3/: a member of a zip on s3 (SAFE)
+        # a .vrt may name /vsis3/ sources (land-cover mosaics); /vsizip//vsis3/: a member of a zip on s3
+        # (SAFE)
         if href.lower().endswith(".vrt") or "/vsis3/" in href:
             configure_gdal_s3(fsspec.filesystem("s3"))
         return rasterio.open(href, **options)
@@ -502,7 +524,9 @@ def open_raster(uri: str, reader: str | None = None, **options) -> rasterio.io.D
     except rasterio.errors.RasterioIOError as exc:
         # the message names the href as published: a signed one carries a token, which stays out of logs
         message = _open_failure(uri, name, fs, path, exc)
-        raise RemoteRasterError(message.replace(href, uri).replace(path, uri) if href != uri else message) from exc
+        raise RemoteRasterError(
+            message.replace(href, uri).replace(path, uri) if href != uri else message
+        ) from exc
 
 
 def _open_failure(uri: str, reader: str, fs: fsspec.AbstractFileSystem, path: str, exc: Exception) -> str:
@@ -512,9 +536,11 @@ def _open_failure(uri: str, reader: str, fs: fsspec.AbstractFileSystem, path: st
     if _is_s3(fs):
         where = fs.client_kwargs.get("endpoint_url") or fs.endpoint_url
         where = f"{via}, endpoint {where}" if where else f"{via}, the default AWS endpoint"
-        config = ("the S3 endpoint and the credentials of the pipeline's fsspec config "
-                  "(FSSPEC_S3_ENDPOINT_URL, FSSPEC_S3_KEY / FSSPEC_S3_SECRET, "
-                  "or the AWS_* variables and ~/.aws)")
+        config = (
+            "the S3 endpoint and the credentials of the pipeline's fsspec config "
+            "(FSSPEC_S3_ENDPOINT_URL, FSSPEC_S3_KEY / FSSPEC_S3_SECRET, "
+            "or the AWS_* variables and ~/.aws)"
+        )
     else:
         where, config = via, "the storage's credentials (fsspec config)"
     try:
@@ -523,10 +549,14 @@ def _open_failure(uri: str, reader: str, fs: fsspec.AbstractFileSystem, path: st
     except Exception:  # noqa: BLE001 - credentials refused, endpoint down: exists() fails like the open did
         found = None
     if found is False:
-        return (f"{uri} does not exist ({where}). Check the URI, and that the endpoint and bucket are the "
-                "ones that hold the archive (fsspec config, e.g. FSSPEC_S3_ENDPOINT_URL).")
+        return (
+            f"{uri} does not exist ({where}). Check the URI, and that the endpoint and bucket are the "
+            "ones that hold the archive (fsspec config, e.g. FSSPEC_S3_ENDPOINT_URL)."
+        )
     if found is None:
         return f"cannot reach {uri} ({where}): {exc}. Check {config}."
     hint = " (run.raster_reader=fsspec reads it through fsspec instead)" if reader == "gdal" else ""
-    return (f"cannot open {uri} ({where}): {exc}. The object exists: if the reason is HTTP 403 or access "
-            f"denied, check {config}; otherwise the file is corrupt or not a raster{hint}.")
+    return (
+        f"cannot open {uri} ({where}): {exc}. The object exists: if the reason is HTTP 403 or access "
+        f"denied, check {config}; otherwise the file is corrupt or not a raster{hint}."
+    )

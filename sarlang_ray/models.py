@@ -11,7 +11,8 @@ import os
 
 from sarlang_ray import families
 
-# --- processors whose video processor needs torchvision ------------------------------------------------------
+# --- processors whose video processor needs torchvision
+# ------------------------------------------------------
 # transformers 5 gives Qwen-VL, InternVL and SmolVLM processors a mandatory video processor, and every video
 # processor it ships is built on torchvision, which this project does not install (it replaces the pinned
 # torch). Images never touch it. Without torchvision, the processor is built with ``ImagesOnlyVideoProcessor``
@@ -23,7 +24,8 @@ def _video_mixin():
     import transformers
     from transformers.video_processing_utils import VideoProcessorMixin
 
-    # transformers exports this base class only when torchvision is installed, yet checks every processor's video
+    # transformers exports this base class only when torchvision is installed, yet checks every processor's
+    # video
     # processor against it by name: make the name resolvable (the class itself needs no torchvision)
     if "VideoProcessorMixin" not in transformers.__dict__:
         transformers.VideoProcessorMixin = VideoProcessorMixin
@@ -35,7 +37,8 @@ def _images_only_class():
     mixin = _video_mixin()
 
     class ImagesOnlyVideoProcessor(mixin):
-        """Holds a video processor's settings where torchvision (which every video processor needs) is absent."""
+        """Holds a video processor's settings where torchvision (which every video processor needs) is
+        absent."""
 
         def __init__(self, settings: dict):
             super().__init__()
@@ -47,13 +50,19 @@ def _images_only_class():
             return dict(self._settings)
 
         def __call__(self, videos, **kwargs):
-            raise RuntimeError(f"video input needs torchvision for {self._settings.get('video_processor_type')}; "
-                               "this pipeline feeds images only")
+            raise RuntimeError(
+                f"video input needs torchvision for {self._settings.get('video_processor_type')}; "
+                "this pipeline feeds images only"
+            )
 
         preprocess = __call__
 
-    # picklable (Ray ships processors to workers) as sarlang_ray.models.ImagesOnlyVideoProcessor (module __getattr__)
-    ImagesOnlyVideoProcessor.__module__, ImagesOnlyVideoProcessor.__qualname__ = __name__, "ImagesOnlyVideoProcessor"
+    # picklable (Ray ships processors to workers) as sarlang_ray.models.ImagesOnlyVideoProcessor (module
+    # __getattr__)
+    ImagesOnlyVideoProcessor.__module__, ImagesOnlyVideoProcessor.__qualname__ = (
+        __name__,
+        "ImagesOnlyVideoProcessor",
+    )
     return ImagesOnlyVideoProcessor
 
 
@@ -105,12 +114,18 @@ def _load_images_only(model: str, **kwargs):
     saved = read("processor_config.json")
     cls_name = saved.get("processor_class") or read("preprocessor_config.json").get("processor_class")
     if not cls_name:
-        raise ValueError(f"{model}: neither processor_config.json nor preprocessor_config.json names a processor_class; "
-                         "save the model's processor with it (processor.save_pretrained).")
+        raise ValueError(
+            f"{model}: neither processor_config.json nor preprocessor_config.json names a processor_class; "
+            "save the model's processor with it (processor.save_pretrained)."
+        )
     cls = getattr(transformers, cls_name)
     video = saved.get("video_processor") or read("video_preprocessor_config.json")
     params = inspect.signature(cls.__init__).parameters
-    extra = {k: v for k, v in saved.items() if k in params and k not in ("image_processor", "tokenizer", "video_processor")}
+    extra = {
+        k: v
+        for k, v in saved.items()
+        if k in params and k not in ("image_processor", "tokenizer", "video_processor")
+    }
     template = os.path.join(model, "chat_template.jinja")
     chat_template = None
     if os.path.isfile(template):
@@ -118,8 +133,13 @@ def _load_images_only(model: str, **kwargs):
             chat_template = f.read()
     tokenizer = AutoTokenizer.from_pretrained(model)
     image_processor = AutoImageProcessor.from_pretrained(model, **kwargs)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=images_only_video_processor(video),
-               chat_template=chat_template or getattr(tokenizer, "chat_template", None), **extra)
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=images_only_video_processor(video),
+        chat_template=chat_template or getattr(tokenizer, "chat_template", None),
+        **extra,
+    )
 
 
 def _auto_processor(model: str, **kwargs):
@@ -167,12 +187,16 @@ def chat_texts(processor, question: str, answer: str | None = None) -> tuple[str
         return prompt, None
     answer = str(answer)
     eos = processor.tokenizer.eos_token or ""
-    full = processor.apply_chat_template(messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}])
+    full = processor.apply_chat_template(
+        messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    )
     at = full.find(answer, len(prompt)) if full.startswith(prompt) else -1
     if at < 0:
         return prompt, prompt + answer + eos
     end = at + len(answer)
-    marker = full[end:].strip().split("\n")[0].strip()  # what closes this turn (nothing in LLaVA-1.5's template)
+    marker = (
+        full[end:].strip().split("\n")[0].strip()
+    )  # what closes this turn (nothing in LLaVA-1.5's template)
     return prompt, full[:end] + (marker or eos)
 
 
@@ -193,7 +217,9 @@ def load_image(png: bytes, max_pixels: int | None = None, variant: str = "sar"):
         image = ImageOps.equalize(image)
     if max_pixels and image.width * image.height > max_pixels:
         scale = math.sqrt(max_pixels / (image.width * image.height))
-        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.Resampling.LANCZOS)
+        image = image.resize(
+            (max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.Resampling.LANCZOS
+        )
     return image
 
 
@@ -202,8 +228,14 @@ class Generator:
     for and present. Used by the ``hf`` annotator and by evaluation; family-agnostic: prompts come from the
     model's chat template, the processor's whole output goes to ``generate``, only new tokens are decoded."""
 
-    def __init__(self, model: str, dtype: str = "auto", use_gpu: bool = False, batch_size: int = 8,
-                 max_pixels: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        use_gpu: bool = False,
+        batch_size: int = 8,
+        max_pixels: int | None = None,
+    ):
         import torch
         from transformers import AutoModelForImageTextToText
 
@@ -213,23 +245,32 @@ class Generator:
         self.torch = torch
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.batch_size = batch_size
-        torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        torch_dtype = {
+            "auto": "auto",
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
         self.processor = load_processor(model, max_pixels)
         self.processor.tokenizer.padding_side = "left"  # batched generation with a decoder-only LM
-        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, use_safetensors=True)
-        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types the wrapped .to() without self
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            model, dtype=torch_dtype, use_safetensors=True
+        )
+        # transformers types the wrapped .to() without self
+        self.model.to(self.device).eval()  # type: ignore[arg-type]
 
     def generate(self, images: list, prompts: list[str], max_new_tokens: int) -> list[str]:
         """One greedy answer per (image, prompt), ``batch_size`` prompts per ``generate`` call."""
         out: list[str] = []
         for i in range(0, len(prompts), self.batch_size):
-            texts = [chat_texts(self.processor, p)[0] for p in prompts[i:i + self.batch_size]]
-            batch_images = [[image] for image in images[i:i + self.batch_size]]  # one image per prompt
-            inputs = self.processor(images=batch_images, text=texts, return_tensors="pt", padding=True,
-                                    padding_side="left")
+            texts = [chat_texts(self.processor, p)[0] for p in prompts[i : i + self.batch_size]]
+            batch_images = [[image] for image in images[i : i + self.batch_size]]  # one image per prompt
+            inputs = self.processor(
+                images=batch_images, text=texts, return_tensors="pt", padding=True, padding_side="left"
+            )
             inputs = inputs.to(self.device)
             with self.torch.inference_mode():
                 ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = ids[:, inputs["input_ids"].shape[1]:]
+            new = ids[:, inputs["input_ids"].shape[1] :]
             out += [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
         return out

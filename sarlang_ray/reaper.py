@@ -50,8 +50,12 @@ def end_session(pid: int, grace_s: float = 5.0) -> list[int]:
     left = []
     for proc in psutil.process_iter(["uids"]):
         try:
-            if proc.pid not in (me, pid) and proc.info["uids"] and proc.info["uids"].real == uid and any(
-                    ours.search(f.path) for f in proc.open_files()):
+            if (
+                proc.pid not in (me, pid)
+                and proc.info["uids"]
+                and proc.info["uids"].real == uid
+                and any(ours.search(f.path) for f in proc.open_files())
+            ):
                 left.append(proc)
         except psutil.Error:  # gone meanwhile, or not ours to read
             continue
@@ -63,8 +67,12 @@ def end_session(pid: int, grace_s: float = 5.0) -> list[int]:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     if left:
-        log.info("ended %d process(es) of the local Ray of process %d: %s", len(left), pid,
-                 ", ".join(str(p.pid) for p in left))
+        log.info(
+            "ended %d process(es) of the local Ray of process %d: %s",
+            len(left),
+            pid,
+            ", ".join(str(p.pid) for p in left),
+        )
     return [p.pid for p in left]
 
 
@@ -109,9 +117,14 @@ def start_watcher() -> subprocess.Popen:
     global _WATCHER
     if _WATCHER is None or _WATCHER.poll() is not None:
         # its own session: the Ctrl-C that reaches the driver's process group does not reach it
-        _WATCHER = subprocess.Popen([sys.executable, "-m", "sarlang_ray.reaper", str(os.getpid())],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True, close_fds=True)
+        _WATCHER = subprocess.Popen(
+            [sys.executable, "-m", "sarlang_ray.reaper", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
     return _WATCHER
 
 

@@ -4,9 +4,11 @@ LLaMA-Factory / ms-swift / ShareGPT JSON instruction set (SARChat-Bench-2M's, fo
 :func:`import_release` walks a release folder (local or ``s3://``) and reads every text file it recognises:
 
 * **SARLANG-1M as published** (HF ``YiminJimmy/SARLANG-1M``, README of ``Jimmyxichen/SARLANG-1M``): images in
-  ``SARimages_preprocessed/SARimages/`` or ``SARimages/`` (PNG), ``SARimages_original/`` (TIF); text (``Text.zip``,
+  ``SARimages_preprocessed/SARimages/`` or ``SARimages/`` (PNG), ``SARimages_original/`` (TIF); text
+(``Text.zip``,
   unpacked) in ``Text/caption/Caption-training.csv`` (concise and complex captions mixed), ``Caption_test.csv``
-  (complex), ``Caption_test1.csv`` (concise), their JSON twins, and ``Text/VQA/{train,test}/SARVQA{1,2}_{train,test}.json``.
+  (complex), ``Caption_test1.csv`` (concise), their JSON twins, and
+``Text/VQA/{train,test}/SARVQA{1,2}_{train,test}.json``.
   SARVQA1's images come from SARDet-100K (``0009787.jpg``) and are distributed separately: pass their folder as
   ``sardet``. Files may sit one folder deeper or shallower: they are found by name, anywhere in the release.
 * **our export layout** (``export/sarlang1m/``): ``captions/{concise,detailed}_<split>.csv`` (images under
@@ -15,15 +17,20 @@ LLaMA-Factory / ms-swift / ShareGPT JSON instruction set (SARChat-Bench-2M's, fo
 
 Records: LLaMA-Factory / ms-swift form (``messages`` with ``role`` user/assistant and an ``<image>`` tag, plus
 ``images``), ShareGPT form (``conversations`` with ``from`` human/gpt and ``value``), or plain
-``question``/``answer``/``image``; each user turn with its assistant turn is one pair. CSVs: the image and text
+``question``/``answer``/``image``; each user turn with its assistant turn is one pair. CSVs: the image and
+text
 columns are found from the header (``image``, ``Image Name``, ``filename`` ...; ``caption``, ``text`` ...;
-``question``, ``answer``) or, in a headerless file, from the values (file names vs text); the choice is reported.
+``question``, ``answer``) or, in a headerless file, from the values (file names vs text); the choice is
+reported.
 A JSON and a CSV twin of the same name: the JSON is read, the CSV reported as skipped.
 
-Every row keeps its ``source`` (``SARVQA1``/``SARVQA2``, ``complex``/``concise``/``training``, ...), ``split``,
+Every row keeps its ``source`` (``SARVQA1``/``SARVQA2``, ``complex``/``concise``/``training``, ...),
+``split``,
 ``file`` (``path#record``) and its image: ``image_uri`` checked to exist (or the bytes in ``image``, with
-``embed_images``). A record whose image is missing, whose path leaves the release, or that is malformed becomes a
-row of the errors table naming the file, the record and what to do; per file ``records = imported + rejected``.
+``embed_images``). A record whose image is missing, whose path leaves the release, or that is malformed
+becomes a
+row of the errors table naming the file, the record and what to do; per file ``records = imported +
+rejected``.
 
 Applications: a record's own ``application`` key (ours) is kept; every other question gets one of the paper's
 seven applications from rules over its text (:func:`classify_question`); what no rule matches is ``unknown``,
@@ -53,23 +60,47 @@ UNKNOWN = "unknown"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 TEXT_EXTS = (".json", ".jsonl", ".csv")
 # where releases keep their SAR images, searched in this order by file name
-IMAGE_DIRS = ("SAR_images", "SARimages_preprocessed/SARimages", "SARimages_preprocessed", "SARimages",
-              "SARimages_original", "images")
+IMAGE_DIRS = (
+    "SAR_images",
+    "SARimages_preprocessed/SARimages",
+    "SARimages_preprocessed",
+    "SARimages",
+    "SARimages_original",
+    "images",
+)
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-PAIRS_SCHEMA = (ANNOTATION_SCHEMA.append(pa.field("split", pa.string())).append(pa.field("image_uri", pa.string()))
-                .append(pa.field("source", pa.string())).append(pa.field("file", pa.string()))
-                .append(pa.field("image", IMAGE_TYPE)).append(pa.field("task", pa.string())))
+PAIRS_SCHEMA = (
+    ANNOTATION_SCHEMA.append(pa.field("split", pa.string()))
+    .append(pa.field("image_uri", pa.string()))
+    .append(pa.field("source", pa.string()))
+    .append(pa.field("file", pa.string()))
+    .append(pa.field("image", IMAGE_TYPE))
+    .append(pa.field("task", pa.string()))
+)
 # SARChat-Bench-2M's six tasks (its README's table), the ``task`` of its rows; None for every other release
 SARCHAT_TASKS = ("classification", "description", "counting", "grounding", "identification", "referring")
-# a record's task tag ("[refer] Locate 1 aircraft.") or its file's task name (SARChat_classify_refer_single_test.json)
-_SARCHAT_NAMES = {"cls": "classification", "classify": "classification", "classification": "classification",
-                  "describe": "description", "description": "description", "caption": "description",
-                  "count": "counting", "counting": "counting", "grounding": "grounding", "identify": "identification",
-                  "identification": "identification", "refer": "referring", "referring": "referring"}
+# a record's task tag ("[refer] Locate 1 aircraft.") or its file's task name
+# (SARChat_classify_refer_single_test.json)
+_SARCHAT_NAMES = {
+    "cls": "classification",
+    "classify": "classification",
+    "classification": "classification",
+    "describe": "description",
+    "description": "description",
+    "caption": "description",
+    "count": "counting",
+    "counting": "counting",
+    "grounding": "grounding",
+    "identify": "identification",
+    "identification": "identification",
+    "refer": "referring",
+    "referring": "referring",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # safety: a release names images inside itself only
+
 
 def release_image(root: str, image: object, where: str) -> str:
     """The uri of an image a release names, which must be a plain relative path inside the release.
@@ -85,88 +116,211 @@ def release_image(root: str, image: object, where: str) -> str:
 def _check_relative(root: str, image: object, where: str) -> None:
     path = str(image)
     parts = path.split("/")
-    if (not isinstance(image, str) or not path or path.startswith(("/", "~")) or "://" in path or "\\" in path
-            or re.match(r"^[A-Za-z]:", path) or any(p in ("", ".", "..") for p in parts)
-            or any(ord(c) < 32 or ord(c) == 127 for c in path)):
+    if (
+        not isinstance(image, str)
+        or not path
+        or path.startswith(("/", "~"))
+        or "://" in path
+        or "\\" in path
+        or re.match(r"^[A-Za-z]:", path)
+        or any(p in ("", ".", "..") for p in parts)
+        or any(ord(c) < 32 or ord(c) == 127 for c in path)
+    ):
         ours = isinstance(image, str) and image.startswith("../sarlang1m/")  # export.LLAMA_IMAGES
         export_dir = root.rstrip("/").rpartition("/")[0] or ".."
-        hint = (" This is sarlang-ray's own LLaMA-Factory export: import its sibling folder instead, "
-                f"`sarlang import {export_dir}/sarlang1m OUT.parquet` (the same pairs, images inside it)." if ours else "")
-        raise ItemError("unsafe_path", f"{where}: image path {image!r} is not a plain relative path inside the release "
-                        f"{root} (absolute, '..', a URL or control characters). Fix or remove the entry; images must "
-                        f"sit under the release folder.{hint}")
+        hint = (
+            " This is sarlang-ray's own LLaMA-Factory export: import its sibling folder instead, "
+            f"`sarlang import {export_dir}/sarlang1m OUT.parquet` (the same pairs, images inside it)."
+            if ours
+            else ""
+        )
+        raise ItemError(
+            "unsafe_path",
+            f"{where}: image path {image!r} is not a plain relative path inside the release "
+            f"{root} (absolute, '..', a URL or control characters). Fix or remove the entry; images must "
+            f"sit under the release folder.{hint}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the seven applications, from the question text
 
-_BOX = re.compile(r"\[\s*-?\d+(?:\.\d+)?\s*(?:,\s*-?\d+(?:\.\d+)?\s*){3}\]|\(\s*-?\d+(?:\.\d+)?\s*(?:,\s*-?\d+(?:\.\d+)?\s*){3}\)"
-                  r"|(?:<\d+>\s*){4}|\{\s*<\d+>|<(?:box|bbox|ref|quad)>|\bx1\b.*\by1\b")
-_POSITION_WORD = r"(?:top|bottom|upper|lower|left|right|cent(?:er|re|ral)|middle|corner|north|south|east|west)"
+_BOX = re.compile(
+    r"\[\s*-?\d+(?:\.\d+)?\s*(?:,\s*-?\d+(?:\.\d+)?\s*){3}\]|\(\s*-?\d+(?:\.\d+)?\s*(?:,\s*-?\d+(?:\.\d+)?\s*){3}\)"
+    r"|(?:<\d+>\s*){4}|\{\s*<\d+>|<(?:box|bbox|ref|quad)>|\bx1\b.*\by1\b"
+)
+_POSITION_WORD = (
+    r"(?:top|bottom|upper|lower|left|right|cent(?:er|re|ral)|middle|corner|north|south|east|west)"
+)
 _POSITION = re.compile(
-    rf"\bwhere\b|\blocat(?:e|ed|ion)\b|\bposition(?:ed|s)?\b|\bwhich (?:part|region|area|side|half|quadrant|corner|portion|section)\b"
-    rf"|\b{_POSITION_WORD}[- ]?(?:{_POSITION_WORD}[- ]?)?(?:part|area|side|half|quadrant|corner|portion|section|region|of the (?:image|scene|picture))\b"
-    rf"|\bin the {_POSITION_WORD}\b|\bat the {_POSITION_WORD}\b|\bon the (?:left|right)\b")
+    r"\bwhere\b|\blocat(?:e|ed|ion)\b|\bposition(?:ed|s)?\b|\bwhich "
+    r"(?:part|region|area|side|half|quadrant|corner|portion|section)\b"
+    rf"|\b{_POSITION_WORD}[- ]?(?:{_POSITION_WORD}[- "
+    r"]?)?(?:part|area|side|half|quadrant|corner|portion|section|region|of the (?:image|scene|picture))\b"
+    rf"|\bin the {_POSITION_WORD}\b|\bat the {_POSITION_WORD}\b|\bon the (?:left|right)\b"
+)
 _REASONING = re.compile(
-    r"\bmore\b.*\bthan\b|\bfewer\b.*\bthan\b|\bless\b.*\bthan\b|\bas many\b.*\bas\b|\bexceed|\b(?:larger|greater|smaller|bigger|"
-    r"higher|lower)\b.*\bthan\b|\bcompared?\b|\bwhy\b|\bpurpose\b|\bused for\b|\bfunction of\b|\blikely\b|\bwhat might\b"
-    r"|\bcould\b.*\b(?:be|indicate)\b|\breason\b|\binfer\b|\bsame number\b|\bequal number\b|\bin total\b|\btogether\b"
-    r"|\bcombined\b|\baltogether\b|\beither\b|\bsum of\b|\btotal\b.*\band\b")
-_COUNT = re.compile(r"\bhow many\b|\bcount\b|\bnumber of\b|\bquantity of\b|\bhow much\b.*\b(?:are|is)\b.*\b(?:there|present)\b")
-_LAND = (r"(?:water|vegetation|forest|farm ?land|crop ?land|grass ?land|wetland|bare (?:soil|land)|soil|rangeland|"
-         r"agricultural land|built[- ]up (?:area|land))")
+    r"\bmore\b.*\bthan\b|\bfewer\b.*\bthan\b|\bless\b.*\bthan\b|\bas "
+    r"many\b.*\bas\b|\bexceed|\b(?:larger|greater|smaller|bigger|"
+    r"higher|lower)\b.*\bthan\b|\bcompared?\b|\bwhy\b|\bpurpose\b|\bused for\b|\bfunction "
+    r"of\b|\blikely\b|\bwhat might\b"
+    r"|\bcould\b.*\b(?:be|indicate)\b|\breason\b|\binfer\b|\bsame number\b|\bequal number\b|\bin "
+    r"total\b|\btogether\b"
+    r"|\bcombined\b|\baltogether\b|\beither\b|\bsum of\b|\btotal\b.*\band\b"
+)
+_COUNT = re.compile(
+    r"\bhow many\b|\bcount\b|\bnumber of\b|\bquantity of\b|\bhow "
+    r"much\b.*\b(?:are|is)\b.*\b(?:there|present)\b"
+)
+_LAND = (
+    r"(?:water|vegetation|forest|farm ?land|crop ?land|grass ?land|wetland|bare (?:soil|land)|soil|rangeland|"
+    r"agricultural land|built[- ]up (?:area|land))"
+)
 _OTHERS = (
     ("shape", re.compile(r"\bshape[sd]?\b|\boutline\b|\bgeometr|\bcontour\b|\bform of\b")),
-    ("direction", re.compile(r"\borient(?:ation|ed)\b|\bdirection\b|\baligned\b|\balignment\b|\bheading\b|\bpointing\b|\bfacing\b|\bangle\b"
-                             r"|\bflow(?:s|ing)?\b|\bfrom (?:north|south|east|west)\b")),
-    ("pattern", re.compile(r"\barrange(?:d|ment)\b|\bpattern\b|\blayout\b|\bdistribut(?:ed|ion)\b|\bspacing\b|\bdensity\b|\bclustered\b|\bscattered\b")),
-    ("landcover", re.compile(rf"\bland[- ]?(?:cover|use)\b|\bterrain\b|\bsurface\b|\blandscape\b|\bcovers?\b.*\b(?:most|largest|majority)\b"
-                             rf"|^(?:is|are) there (?:any )?(?:open )?{_LAND}\b|\bcontains? (?:any )?(?:open )?{_LAND}\b"
-                             rf"|\b(?:see|observe) (?:any )?(?:open )?{_LAND}\b|\b{_LAND} (?:body|bodies|area|areas|region|visible|present)\b"
-                             rf"|\b(?:agricultural|urban|residential|industrial|rural) (?:area|land|region|zone)\b"
-                             rf"|\b(?:covered|dominated|occupied) (?:mostly |mainly |largely )?(?:by|with) (?:open )?{_LAND}")),
-    ("attribute", re.compile(r"\bsize\b|\blength\b|\bwidth\b|\bheight\b|\bhow (?:big|large|long|wide|tall)\b|\bmaterial\b|\bcondition\b"
-                             r"|\bstate of\b|\bstatus\b")),
+    (
+        "direction",
+        re.compile(
+            r"\borient(?:ation|ed)\b|\bdirection\b|\baligned\b|\balignment\b|\bheading\b|\bpointing\b|\bfacing\b|\bangle\b"
+            r"|\bflow(?:s|ing)?\b|\bfrom (?:north|south|east|west)\b"
+        ),
+    ),
+    (
+        "pattern",
+        re.compile(
+            r"\barrange(?:d|ment)\b|\bpattern\b|\blayout\b|\bdistribut(?:ed|ion)\b|\bspacing\b|\bdensity\b|\bclustered\b|\bscattered\b"
+        ),
+    ),
+    (
+        "landcover",
+        re.compile(
+            rf"\bland[- ]?(?:cover|use)\b|\bterrain\b|\bsurface\b|\blandscape\b|\bcovers?\b.*\b(?:most|largest|majority)\b"
+            rf"|^(?:is|are) there (?:any )?(?:open )?{_LAND}\b|\bcontains? (?:any )?(?:open )?{_LAND}\b"
+            rf"|\b(?:see|observe) (?:any )?(?:open )?{_LAND}\b|\b{_LAND} "
+            r"(?:body|bodies|area|areas|region|visible|present)\b"
+            rf"|\b(?:agricultural|urban|residential|industrial|rural) (?:area|land|region|zone)\b"
+            rf"|\b(?:covered|dominated|occupied) (?:mostly |mainly |largely )?(?:by|with) (?:open )?{_LAND}"
+        ),
+    ),
+    (
+        "attribute",
+        re.compile(
+            r"\bsize\b|\blength\b|\bwidth\b|\bheight\b|\bhow "
+            r"(?:big|large|long|wide|tall)\b|\bmaterial\b|\bcondition\b"
+            r"|\bstate of\b|\bstatus\b"
+        ),
+    ),
 )
-_DESCRIBE = re.compile(r"^(?:please )?(?:describe|caption|summari[sz]e|give (?:a |an )?(?:brief |short |concise |detailed )?(?:caption|description|summary)"
-                       r"|provide (?:a |an )?(?:brief |short |concise |detailed )?(?:caption|description|summary)|write (?:a |an )?(?:caption|description)"
-                       r"|generate (?:a |an )?(?:caption|description)|what (?:does|do) (?:this|the) (?:sar )?(?:image|picture|scene) (?:show|depict|contain)\b"
-                       r"|what is (?:shown|depicted|happening) in (?:this|the) (?:sar )?(?:image|picture|scene)|tell me about (?:this|the) (?:image|scene))")
+_DESCRIBE = re.compile(
+    r"^(?:please )?(?:describe|caption|summari[sz]e|give (?:a |an )?(?:brief |short |concise |detailed "
+    r")?(?:caption|description|summary)"
+    r"|provide (?:a |an )?(?:brief |short |concise |detailed )?(?:caption|description|summary)|write (?:a "
+    r"|an )?(?:caption|description)"
+    r"|generate (?:a |an )?(?:caption|description)|what (?:does|do) (?:this|the) (?:sar "
+    r")?(?:image|picture|scene) (?:show|depict|contain)\b"
+    r"|what is (?:shown|depicted|happening) in (?:this|the) (?:sar )?(?:image|picture|scene)|tell me about "
+    r"(?:this|the) (?:image|scene))"
+)
 _CLASSIFY = re.compile(
-    r"\bwhat (?:type|kind|sort|category|class|categories|classes|types|kinds) of\b|\bwhich (?:category|class|type|kind|categories|classes|types)\b"
-    r"|\b(?:predominant|dominant|main|primary|major|principal|most common|most frequent|most prominent)\b.*\b(?:category|class|object|objects|target|targets|type|feature|thing)\b"
-    r"|\bclassif|\bwhich of (?:these|the following|the classes|the categories)\b|\bamong\b|\bselect the\b|\bchoose\b"
-    r"|\bwhat (?:object|objects|target|targets|category|class) (?:is|are|can|does|do)\b|\bwhat is (?:the|this) (?:object|target)\b"
-    r"|\bwhat (?:is|are) (?:present|visible|shown|seen)\b|\bwhat can (?:be seen|you see)\b|\bidentify the (?:category|class|type|object)"
-    r"|\b(?:object|target) (?:class|category|type)\b|\bwhat (?:objects?|targets?|categor(?:y|ies)|class(?:es)?|things?)\b")
+    r"\bwhat (?:type|kind|sort|category|class|categories|classes|types|kinds) of\b|\bwhich "
+    r"(?:category|class|type|kind|categories|classes|types)\b"
+    r"|\b(?:predominant|dominant|main|primary|major|principal|most common|most frequent|most "
+    r"prominent)\b.*\b(?:category|class|object|objects|target|targets|type|feature|thing)\b"
+    r"|\bclassif|\bwhich of (?:these|the following|the classes|the categories)\b|\bamong\b|\bselect "
+    r"the\b|\bchoose\b"
+    r"|\bwhat (?:object|objects|target|targets|category|class) (?:is|are|can|does|do)\b|\bwhat is "
+    r"(?:the|this) (?:object|target)\b"
+    r"|\bwhat (?:is|are) (?:present|visible|shown|seen)\b|\bwhat can (?:be seen|you see)\b|\bidentify the "
+    r"(?:category|class|type|object)"
+    r"|\b(?:object|target) (?:class|category|type)\b|\bwhat "
+    r"(?:objects?|targets?|categor(?:y|ies)|class(?:es)?|things?)\b"
+)
 _IDENTIFY = re.compile(
-    r"^(?:is|are) there\b|^(?:is|are) (?:a|an|any|some|the)\b|^does (?:the|this) (?:sar )?(?:image|scene|picture|area|region|photo)\b"
-    r"|^do (?:you|we) (?:see|observe|notice)\b|^can (?:you|we|one) (?:see|find|spot|observe|detect|identify)\b|^can (?:a|an|any|the)\b.*\bbe\b"
-    r"|^(?:is|are) (?:there )?any\b|\b(?:present|visible|exist|exists|appear|appears) (?:in|on)\b|\bcontain(?:s)? (?:a|an|any)\b"
-    r"|\bis there\b|\bare there\b|\bdetect(?:ed)?\b|\bpresence of\b")
-_TAGS = {"identify": ("object identification", "identification"), "count": ("instance counting", "counting"),
-         "cls": ("object classification", "classification"), "classify": ("object classification", "classification"),
-         "describe": ("image description", "description"), "caption": ("image description", "description"),
-         "refer": ("object positioning", "positioning"), "grounding": ("region referring", "region"),
-         "detection": ("object positioning", "positioning")}
-_CLASS_HINT = re.compile(r"^\s*the (?:classes|categories|options|positions) are\s*:?\s*([^.?]*)[.?]?\s*", re.IGNORECASE)
+    r"^(?:is|are) there\b|^(?:is|are) (?:a|an|any|some|the)\b|^does (?:the|this) (?:sar "
+    r")?(?:image|scene|picture|area|region|photo)\b"
+    r"|^do (?:you|we) (?:see|observe|notice)\b|^can (?:you|we|one) "
+    r"(?:see|find|spot|observe|detect|identify)\b|^can (?:a|an|any|the)\b.*\bbe\b"
+    r"|^(?:is|are) (?:there )?any\b|\b(?:present|visible|exist|exists|appear|appears) "
+    r"(?:in|on)\b|\bcontain(?:s)? (?:a|an|any)\b"
+    r"|\bis there\b|\bare there\b|\bdetect(?:ed)?\b|\bpresence of\b"
+)
+_TAGS = {
+    "identify": ("object identification", "identification"),
+    "count": ("instance counting", "counting"),
+    "cls": ("object classification", "classification"),
+    "classify": ("object classification", "classification"),
+    "describe": ("image description", "description"),
+    "caption": ("image description", "description"),
+    "refer": ("object positioning", "positioning"),
+    "grounding": ("region referring", "region"),
+    "detection": ("object positioning", "positioning"),
+}
+_CLASS_HINT = re.compile(
+    r"^\s*the (?:classes|categories|options|positions) are\s*:?\s*([^.?]*)[.?]?\s*", re.IGNORECASE
+)
 _TAG = re.compile(r"^\s*\[([a-z_ ]+)\]\s*", re.IGNORECASE)
-_NOUN_STOP = (r"(?=\s+(?:are|is|can|could|do|does|in|on|at|inside|within|of|that|which|visible|present|here|there|seen|shown|"
-              r"located|appear|appears|exist|exists|found|this|the|near|around|along|from|to|you)\b|\s*[?.,:;]|$)")
+_NOUN_STOP = (
+    r"(?=\s+(?:are|is|can|could|do|does|in|on|at|inside|within|of|that|which|visible|present|here|there|seen|shown|"
+    r"located|appear|appears|exist|exists|found|this|the|near|around|along|from|to|you)\b|\s*[?.,:;]|$)"
+)
 _NOUN_AFTER = (
-    ("counting", re.compile(r"\bhow many (?:distinct |different |individual |separate )?([a-z][a-z\- ]*?)" + _NOUN_STOP)),
+    (
+        "counting",
+        re.compile(
+            r"\bhow many (?:distinct |different |individual |separate )?([a-z][a-z\- ]*?)" + _NOUN_STOP
+        ),
+    ),
     ("counting", re.compile(r"\b(?:number|count|quantity) of (?:the )?([a-z][a-z\- ]*?)" + _NOUN_STOP)),
     ("counting", re.compile(r"^count (?:the |all )?([a-z][a-z\- ]*?)" + _NOUN_STOP)),
-    ("identification", re.compile(r"\b(?:is|are) there (?:a |an |any |some )?([a-z][a-z\- ]*?)" + _NOUN_STOP)),
-    ("identification", re.compile(r"\b(?:contain|show|include|have|see|observe|find|spot|detect)s? (?:a |an |any |some )?([a-z][a-z\- ]*?)" + _NOUN_STOP)),
+    (
+        "identification",
+        re.compile(r"\b(?:is|are) there (?:a |an |any |some )?([a-z][a-z\- ]*?)" + _NOUN_STOP),
+    ),
+    (
+        "identification",
+        re.compile(
+            r"\b(?:contain|show|include|have|see|observe|find|spot|detect)s? (?:a |an |any |some "
+            r")?([a-z][a-z\- ]*?)" + _NOUN_STOP
+        ),
+    ),
     ("identification", re.compile(r"^(?:is|are|can) (?:a |an |any |the )([a-z][a-z\- ]*?)" + _NOUN_STOP)),
     ("positioning", re.compile(r"\bwhere (?:is|are) (?:the |a |an )?([a-z][a-z\- ]*?)" + _NOUN_STOP)),
-    ("positioning", re.compile(r"\b(?:locate|position of|location of) (?:the |a |an )?([a-z][a-z\- ]*?)" + _NOUN_STOP)),
+    (
+        "positioning",
+        re.compile(r"\b(?:locate|position of|location of) (?:the |a |an )?([a-z][a-z\- ]*?)" + _NOUN_STOP),
+    ),
     ("positioning", re.compile(r"\b(?:contains?|is) the ([a-z][a-z\- ]*?)" + _NOUN_STOP)),
-    (None, re.compile(r"\b(?:shape|orientation|direction|size|length|outline|arrangement) of (?:the |a |an )?([a-z][a-z\- ]*?)" + _NOUN_STOP)),
+    (
+        None,
+        re.compile(
+            r"\b(?:shape|orientation|direction|size|length|outline|arrangement) of (?:the |a |an "
+            r")?([a-z][a-z\- ]*?)" + _NOUN_STOP
+        ),
+    ),
 )
-_GENERIC_NOUNS = {"image", "scene", "picture", "object", "objects", "thing", "things", "target", "targets", "area", "region",
-                  "it", "them", "one", "any", "sar image", "photo", "instance", "instances", "item", "items"}
+_GENERIC_NOUNS = {
+    "image",
+    "scene",
+    "picture",
+    "object",
+    "objects",
+    "thing",
+    "things",
+    "target",
+    "targets",
+    "area",
+    "region",
+    "it",
+    "them",
+    "one",
+    "any",
+    "sar image",
+    "photo",
+    "instance",
+    "instances",
+    "item",
+    "items",
+}
 
 
 def _singular(noun: str) -> str:
@@ -187,7 +341,9 @@ def _noun(text: str, family: str) -> str | None:
             continue
         m = pattern.search(text)
         if m:
-            noun = " ".join(w for w in m.group(1).split() if w not in ("a", "an", "the", "any", "some"))[:40].strip(" -")
+            noun = " ".join(w for w in m.group(1).split() if w not in ("a", "an", "the", "any", "some"))[
+                :40
+            ].strip(" -")
             if noun and noun not in _GENERIC_NOUNS and len(noun.split()) <= 2:
                 return _singular(noun)
     return None
@@ -212,19 +368,26 @@ def classify_question(question: str) -> tuple[str, str]:
     m = _TAG.match(text)
     if m:
         tag = m.group(1).strip().lower().replace(" ", "_")
-        text = text[m.end():]
+        text = text[m.end() :]
     hint = ""
     m = _CLASS_HINT.match(text)
     if m:
         hint = m.group(1).lower()
-        text = text[m.end():]
+        text = text[m.end() :]
     q = re.sub(r"\s+", " ", text.lower()).strip()
-    positions_offered = bool(hint) and all(re.fullmatch(_POSITION_WORD + r"(?: " + _POSITION_WORD + ")?", w.strip())
-                                           for w in hint.split(",") if w.strip())
+    positions_offered = bool(hint) and all(
+        re.fullmatch(_POSITION_WORD + r"(?: " + _POSITION_WORD + ")?", w.strip())
+        for w in hint.split(",")
+        if w.strip()
+    )
 
     def out(app: str, family: str) -> tuple[str, str]:
-        noun = _noun(q, family) if family in ("counting", "identification", "positioning", "shape", "direction",
-                                              "pattern", "attribute") else None
+        noun = (
+            _noun(q, family)
+            if family
+            in ("counting", "identification", "positioning", "shape", "direction", "pattern", "attribute")
+            else None
+        )
         return app, f"{family}/{noun}" if noun else family
 
     if not q:
@@ -257,8 +420,10 @@ def classify_question(question: str) -> tuple[str, str]:
 def sarchat_task(question: str, source: str, rec: dict | None = None) -> str | None:
     """The SARChat-Bench-2M task (one of :data:`SARCHAT_TASKS`) of one of its questions, from the data: the
     question's task tag (``[count] How many ...``), else its file's task name (``SARChat:classify_count`` from
-    ``SARChat_classify_count_test.json``: the last known word before ``_single``/``_multi``), else the record's
-    own ``task`` key; None when none of them names a task (the mixed ``total_task`` training file without tags)."""
+    ``SARChat_classify_count_test.json``: the last known word before ``_single``/``_multi``), else the
+    record's
+    own ``task`` key; None when none of them names a task (the mixed ``total_task`` training file without
+    tags)."""
     m = _TAG.match(re.sub(r"<image>|<img>|</img>", " ", str(question or "")).strip())
     if m and m.group(1).strip().lower() in _SARCHAT_NAMES:
         return _SARCHAT_NAMES[m.group(1).strip().lower()]
@@ -289,7 +454,9 @@ def _text(content) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI-style parts
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+        return " ".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type", "text") == "text"
+        )
     raise TypeError("content is not text")
 
 
@@ -302,8 +469,11 @@ def record_turns(rec) -> tuple[str, list[tuple[str, str]]]:
     if not isinstance(rec, dict):  # ValueError as documented: every malformed record is reported alike
         raise ValueError("not a JSON object")  # noqa: TRY004
     if "messages" in rec or "conversations" in rec:
-        form, turns, role_key, text_key = (("llamafactory", rec["messages"], "role", "content") if "messages" in rec
-                                           else ("sharegpt", rec["conversations"], "from", "value"))
+        form, turns, role_key, text_key = (
+            ("llamafactory", rec["messages"], "role", "content")
+            if "messages" in rec
+            else ("sharegpt", rec["conversations"], "from", "value")
+        )
         if not isinstance(turns, list):
             raise ValueError("messages/conversations is not a list")
         pairs, question = [], None
@@ -343,10 +513,38 @@ def _clean_question(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # CSV columns, from the header or the values
 
-_IMAGE_HEADERS = {"image", "images", "imagename", "imgname", "img", "imgid", "imageid", "filename", "file", "path",
-                  "imagepath", "imagefile", "picture", "name", "image_name", "imagenames"}
-_TEXT_HEADERS = {"caption", "captions", "text", "description", "sentence", "sentences", "label", "gt", "groundtruth",
-                 "caption1", "desc", "annotation"}
+_IMAGE_HEADERS = {
+    "image",
+    "images",
+    "imagename",
+    "imgname",
+    "img",
+    "imgid",
+    "imageid",
+    "filename",
+    "file",
+    "path",
+    "imagepath",
+    "imagefile",
+    "picture",
+    "name",
+    "image_name",
+    "imagenames",
+}
+_TEXT_HEADERS = {
+    "caption",
+    "captions",
+    "text",
+    "description",
+    "sentence",
+    "sentences",
+    "label",
+    "gt",
+    "groundtruth",
+    "caption1",
+    "desc",
+    "annotation",
+}
 _QUESTION_HEADERS = {"question", "questions", "query", "prompt", "q"}
 _ANSWER_HEADERS = {"answer", "answers", "response", "a", "gt", "groundtruth", "groundtruthanswer", "label"}
 
@@ -371,14 +569,21 @@ def csv_columns(rows: list[list[str]], uri: str) -> tuple[dict[str, int], bool, 
     """
     first = rows[0] if rows else []
     names = [_norm(c) for c in first]
-    header = bool(first) and not any(_is_image_name(c) for c in first) and any(
-        n in _IMAGE_HEADERS | _TEXT_HEADERS | _QUESTION_HEADERS | _ANSWER_HEADERS for n in names)
+    header = (
+        bool(first)
+        and not any(_is_image_name(c) for c in first)
+        and any(n in _IMAGE_HEADERS | _TEXT_HEADERS | _QUESTION_HEADERS | _ANSWER_HEADERS for n in names)
+    )
     body = rows[1:] if header else rows
     width = max((len(r) for r in body[:200]), default=len(first))
     cols: dict[str, int] = {}
     if header:
-        for role, known in (("image", _IMAGE_HEADERS), ("question", _QUESTION_HEADERS), ("answer", _ANSWER_HEADERS - {"label"}),
-                            ("text", _TEXT_HEADERS)):
+        for role, known in (
+            ("image", _IMAGE_HEADERS),
+            ("question", _QUESTION_HEADERS),
+            ("answer", _ANSWER_HEADERS - {"label"}),
+            ("text", _TEXT_HEADERS),
+        ):
             hit = next((i for i, n in enumerate(names) if n in known and i not in cols.values()), None)
             if hit is not None:
                 cols[role] = hit
@@ -406,9 +611,12 @@ def csv_columns(rows: list[list[str]], uri: str) -> tuple[dict[str, int], bool, 
         else:
             cols["text"] = max(free, key=lambda i: sum(len(r[i]) for r in sample if i < len(r)))
     if "image" not in cols or not ({"text"} <= cols.keys() or {"question", "answer"} <= cols.keys()):
-        raise ItemError("unknown_columns", f"{uri}: cannot tell the image and text columns apart (header: "
-                        f"{first[:6] if header else 'none'}). Give the file a header such as image,caption or "
-                        "image,question,answer.")
+        raise ItemError(
+            "unknown_columns",
+            f"{uri}: cannot tell the image and text columns apart (header: "
+            f"{first[:6] if header else 'none'}). Give the file a header such as image,caption or "
+            "image,question,answer.",
+        )
     label = lambda i: f"{first[i].strip()!r} (column {i})" if header else f"column {i}"
     how = ", ".join(f"{role} = {label(i)}" for role, i in cols.items()) + ("" if header else " (no header)")
     return cols, header, how
@@ -416,6 +624,7 @@ def csv_columns(rows: list[list[str]], uri: str) -> tuple[dict[str, int], bool, 
 
 # ---------------------------------------------------------------------------------------------------------
 # what a file in a release is
+
 
 @dataclass
 class FileSpec:
@@ -427,7 +636,9 @@ class FileSpec:
     image_prefix: str = ""  # CSV image names are relative to this folder of the release (ours: SAR_images/)
 
 
-_SPLIT_TOKEN = re.compile(r"(?:^|[_\-. ])(train|training|trainval|val|valid|validation|dev|test\d*)(?=$|[_\-. ])", re.IGNORECASE)
+_SPLIT_TOKEN = re.compile(
+    r"(?:^|[_\-. ])(train|training|trainval|val|valid|validation|dev|test\d*)(?=$|[_\-. ])", re.IGNORECASE
+)
 
 
 def _split_of(stem: str, default: str) -> str:
@@ -445,8 +656,13 @@ def describe_file(rel: str, default_split: str = "test") -> FileSpec | None:
     stem = name.rsplit(".", 1)[0]
     parent = parts[-2].lower() if len(parts) > 1 else ""
     low = stem.lower()
-    if (not name.lower().endswith(TEXT_EXTS) or name.startswith(".") or "__MACOSX" in parts
-            or low in ("dataset_info", "leakage", "summary", "manifest") or low.endswith(("report", "errors"))):
+    if (
+        not name.lower().endswith(TEXT_EXTS)
+        or name.startswith(".")
+        or "__MACOSX" in parts
+        or low in ("dataset_info", "leakage", "summary", "manifest")
+        or low.endswith(("report", "errors"))
+    ):
         return None
     if m := re.fullmatch(r"(SARVQA\d+)_(train|test|val)\w*", stem, re.IGNORECASE):
         return FileSpec(rel, "vqa", m.group(1).upper(), _split_of(m.group(2), default_split))
@@ -469,7 +685,8 @@ def describe_file(rel: str, default_split: str = "test") -> FileSpec | None:
 
 
 def _caption_kind(prompt: str | None, caption: str) -> str:
-    """concise or detailed, for a caption from a mixed file: from the prompt that asked for it, else its length."""
+    """concise or detailed, for a caption from a mixed file: from the prompt that asked for it, else its
+    length."""
     p = (prompt or "").lower()
     if re.search(r"one sentence|brief|concise|short|single sentence", p):
         return "caption_concise"
@@ -482,6 +699,7 @@ def _caption_kind(prompt: str | None, caption: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # images: found by path inside the release, else by name in the image folders
 
+
 class ImageIndex:
     """Where a release's images are. A record's path is looked up as given inside the release first; then its
     file name (else its stem, with any image extension) among every image of the release, the preprocessed
@@ -492,8 +710,10 @@ class ImageIndex:
         self.root, self.files = root, set(files)
         self.before, self.after = [d for d in before if d], [d for d in after if d]
         self.release_images = sorted((f for f in files if f.lower().endswith(IMAGE_EXTS)), key=self._rank)
-        folders = sorted({f.rsplit("/", 1)[0] if "/" in f else "." for f in self.release_images},
-                         key=lambda d: self._rank(d + "/x"))
+        folders = sorted(
+            {f.rsplit("/", 1)[0] if "/" in f else "." for f in self.release_images},
+            key=lambda d: self._rank(d + "/x"),
+        )
         self.folders = [*self.before, *(io.join(root, d) if d != "." else root for d in folders), *self.after]
         self._by_name: dict[str, str] = {}
         self._by_stem: dict[str, str] = {}
@@ -526,7 +746,9 @@ class ImageIndex:
             self._by_stem.setdefault(base.rsplit(".", 1)[0], uri)
 
     def where(self) -> str:
-        shown = ", ".join(self.folders[:6]) + (f" and {len(self.folders) - 6} more folders" if len(self.folders) > 6 else "")
+        shown = ", ".join(self.folders[:6]) + (
+            f" and {len(self.folders) - 6} more folders" if len(self.folders) > 6 else ""
+        )
         return shown or f"{self.root} (no image in it)"
 
     def find(self, path: str, prefix: str = "") -> str | None:
@@ -553,6 +775,7 @@ def list_files(root: str, absolute: bool = False) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # the import
 
+
 @dataclass
 class ImportResult:
     """What :func:`import_release` read: the pairs, the errors, and per-file counts that reconcile."""
@@ -568,24 +791,54 @@ class ImportResult:
         return {k: sum(f.get(k, 0) for f in self.files) for k in keys}
 
     def applications(self) -> dict:
-        vqa = [a for a, k in zip(self.table["application"].to_pylist(), self.table["kind"].to_pylist()) if k == "vqa"]
+        vqa = [
+            a
+            for a, k in zip(self.table["application"].to_pylist(), self.table["kind"].to_pylist())
+            if k == "vqa"
+        ]
         counts = Counter(vqa)
-        unknown = [q for q, a, k in zip(self.table["question"].to_pylist(), self.table["application"].to_pylist(),
-                                       self.table["kind"].to_pylist()) if k == "vqa" and a == UNKNOWN]
-        return {"vqa_pairs": len(vqa), "per_application": {a: counts.get(a, 0) for a in (*APPLICATIONS, UNKNOWN) if counts.get(a)},
-                "unknown": len(unknown), "unknown_rate": len(unknown) / len(vqa) if vqa else 0.0,
-                "unknown_examples": list(dict.fromkeys(unknown))[:10]}
+        unknown = [
+            q
+            for q, a, k in zip(
+                self.table["question"].to_pylist(),
+                self.table["application"].to_pylist(),
+                self.table["kind"].to_pylist(),
+            )
+            if k == "vqa" and a == UNKNOWN
+        ]
+        return {
+            "vqa_pairs": len(vqa),
+            "per_application": {a: counts.get(a, 0) for a in (*APPLICATIONS, UNKNOWN) if counts.get(a)},
+            "unknown": len(unknown),
+            "unknown_rate": len(unknown) / len(vqa) if vqa else 0.0,
+            "unknown_examples": list(dict.fromkeys(unknown))[:10],
+        }
 
     def report(self) -> dict:
         errors = Counter(self.errors["error_class"].to_pylist())
-        return {"root": self.root, "totals": self.totals, "files": self.files, "applications": self.applications(),
-                "errors_by_class": dict(errors.most_common()),
-                "splits": dict(Counter(self.table["split"].to_pylist())), "sources": dict(Counter(self.table["source"].to_pylist()))}
+        return {
+            "root": self.root,
+            "totals": self.totals,
+            "files": self.files,
+            "applications": self.applications(),
+            "errors_by_class": dict(errors.most_common()),
+            "splits": dict(Counter(self.table["split"].to_pylist())),
+            "sources": dict(Counter(self.table["source"].to_pylist())),
+        }
 
 
-def import_release(root: str, *, splits: tuple[str, ...] | None = None, sardet: str | None = None,
-                   images: str | None = None, check_images: bool = True, embed_images: bool = False,
-                   strict: bool = False, default_split: str = "test", files: list[str] | None = None) -> ImportResult:
+def import_release(
+    root: str,
+    *,
+    splits: tuple[str, ...] | None = None,
+    sardet: str | None = None,
+    images: str | None = None,
+    check_images: bool = True,
+    embed_images: bool = False,
+    strict: bool = False,
+    default_split: str = "test",
+    files: list[str] | None = None,
+) -> ImportResult:
     """Read a release folder (or one JSON/JSONL/CSV file) into a pairs table, an errors table and a report.
 
     Args:
@@ -609,31 +862,56 @@ def import_release(root: str, *, splits: tuple[str, ...] | None = None, sardet: 
         root, single = root.rsplit("/", 1) if "/" in root else (".", root)
     listing = list_files(root) if fs.isdir(io.filesystem(root)[1]) else []
     if not listing:
-        raise ItemError("not_a_release", f"{root} is not a release folder: it is missing, empty, or a file (a zip?). "
-                        "Unpack the release archive first and pass the folder that holds it (SARLANG-1M: the folder with "
-                        "SARimages*/ and Text/, after `unzip Text.zip`).")
+        raise ItemError(
+            "not_a_release",
+            f"{root} is not a release folder: it is missing, empty, or a file (a zip?). "
+            "Unpack the release archive first and pass the folder that holds it (SARLANG-1M: the folder with "
+            "SARimages*/ and Text/, after `unzip Text.zip`).",
+        )
     wanted = [single] if single else files
     specs, skipped = [], []
-    for rel in (wanted if wanted is not None else listing):
+    for rel in wanted if wanted is not None else listing:
         spec = describe_file(rel, default_split)
         if spec is not None and (splits is None or spec.split in splits):
             specs.append(spec)
     by_stem: dict[tuple[str, str], list[FileSpec]] = defaultdict(list)
     for s in specs:
-        by_stem[(s.rel.rsplit("/", 1)[0] if "/" in s.rel else "", s.rel.rsplit("/", 1)[-1].rsplit(".", 1)[0].lower())].append(s)
+        by_stem[
+            (
+                s.rel.rsplit("/", 1)[0] if "/" in s.rel else "",
+                s.rel.rsplit("/", 1)[-1].rsplit(".", 1)[0].lower(),
+            )
+        ].append(s)
     chosen = []
     for group in by_stem.values():
         group.sort(key=lambda s: [".json", ".jsonl", ".csv"].index("." + s.rel.rsplit(".", 1)[-1].lower()))
         chosen.append(group[0])
-        skipped += [{"file": s.rel, "skipped": f"twin of {group[0].rel} (the JSON is read)", "records": 0, "imported": 0,
-                     "rejected": 0, "pairs": 0} for s in group[1:]]
+        skipped += [
+            {
+                "file": s.rel,
+                "skipped": f"twin of {group[0].rel} (the JSON is read)",
+                "records": 0,
+                "imported": 0,
+                "rejected": 0,
+                "pairs": 0,
+            }
+            for s in group[1:]
+        ]
     chosen.sort(key=lambda s: s.rel)
     if not chosen:
         zips = [f for f in listing if f.lower().endswith(".zip")]
-        hint = f" It holds {', '.join(zips[:3])}: unpack {'them' if len(zips) > 1 else 'it'} in place." if zips else ""
-        raise ItemError("not_a_release", f"{root} is not a release folder: it has no caption or VQA file (captions/, vqa/, "
-                        f"Text/caption/*.csv, Text/VQA/**/SARVQA*.json, or a JSON list of records).{hint} Unpack the release "
-                        "archive first and pass the folder that holds it.")
+        hint = (
+            f" It holds {', '.join(zips[:3])}: unpack {'them' if len(zips) > 1 else 'it'} in place."
+            if zips
+            else ""
+        )
+        raise ItemError(
+            "not_a_release",
+            f"{root} is not a release folder: it has no caption or VQA file (captions/, vqa/, "
+            f"Text/caption/*.csv, Text/VQA/**/SARVQA*.json, or a JSON list of records).{hint} Unpack the "
+            "release "
+            "archive first and pass the folder that holds it.",
+        )
     index = ImageIndex(root, listing, before=[images] if images else [], after=[sardet] if sardet else [])
     reader = _Reader(root, index, check_images, embed_images, strict)
     for spec in chosen:
@@ -660,21 +938,42 @@ class _Reader:
     def image(self, spec: FileSpec, path, where: str) -> str:
         """The uri of a record's image. Raises ItemError (unsafe_path, missing_image)."""
         if not isinstance(path, str) or not path:
-            raise ItemError("malformed_release", f"{where}: the record names no image (images, image). Fix or remove it.")
+            raise ItemError(
+                "malformed_release", f"{where}: the record names no image (images, image). Fix or remove it."
+            )
         _check_relative(self.root, spec.image_prefix + path, where)
         found = self.index.find(path, spec.image_prefix)
         if found is None:
             if not self.check:
                 return io.join(self.root, spec.image_prefix + path)
-            hint = (" SARDet-100K images (such as 0009787.jpg, SARVQA1's) are distributed separately: download "
-                    "SARDet-100K and pass its image folder with --sardet DIR." if spec.source == "SARVQA1" or re.fullmatch(r"\d+\.jpe?g", path.rsplit("/", 1)[-1]) else "")
-            raise ItemError("missing_image", f"{where}: image {path!r} is not in the release (searched {spec.image_prefix + path!r} "
-                            f"and by name in {self.index.where()}).{hint} Add the image, or pass the folder that holds it "
-                            "with --images DIR.")
+            hint = (
+                " SARDet-100K images (such as 0009787.jpg, SARVQA1's) are distributed separately: download "
+                "SARDet-100K and pass its image folder with --sardet DIR."
+                if spec.source == "SARVQA1" or re.fullmatch(r"\d+\.jpe?g", path.rsplit("/", 1)[-1])
+                else ""
+            )
+            raise ItemError(
+                "missing_image",
+                f"{where}: image {path!r} is not in the release (searched {spec.image_prefix + path!r} "
+                f"and by name in {self.index.where()}).{hint} Add the image, or pass the folder that holds "
+                "it "
+                "with --images DIR.",
+            )
         return found
 
-    def add(self, spec: FileSpec, kind: str, question: str, answer: str, image_uri: str, rec: dict | None, item: str,
-            application: str | None = None, question_type: str | None = None, task: str | None = None) -> None:
+    def add(
+        self,
+        spec: FileSpec,
+        kind: str,
+        question: str,
+        answer: str,
+        image_uri: str,
+        rec: dict | None,
+        item: str,
+        application: str | None = None,
+        question_type: str | None = None,
+        task: str | None = None,
+    ) -> None:
         if kind == "vqa":
             if application is None:
                 application, question_type = classify_question(question)
@@ -683,26 +982,55 @@ class _Reader:
             application, question_type = "image description", f"caption/{kind.split('_', 1)[1]}"
         base = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rel.rsplit(".", 1)[0].rsplit("/", 1)[-1])
         self.ids[base] += 1
-        row: dict[str, Any] = {"pair_id": f"{base}-{self.ids[base]:07d}", "tile_id": image_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0],
-               "scene_id": None, "gsd_m": None, "kind": kind, "application": application, "question_type": question_type,
-               "question": question, "answer": answer, "backend": "import", "qc_passed": True, "qc_reasons": [],
-               "split": spec.split, "image_uri": image_uri, "source": spec.source, "file": item, "image": None,
-               "task": task}
+        row: dict[str, Any] = {
+            "pair_id": f"{base}-{self.ids[base]:07d}",
+            "tile_id": image_uri.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+            "scene_id": None,
+            "gsd_m": None,
+            "kind": kind,
+            "application": application,
+            "question_type": question_type,
+            "question": question,
+            "answer": answer,
+            "backend": "import",
+            "qc_passed": True,
+            "qc_reasons": [],
+            "split": spec.split,
+            "image_uri": image_uri,
+            "source": spec.source,
+            "file": item,
+            "image": None,
+            "task": task,
+        }
         if self.embed:
             row["image"] = {"bytes": io.read_bytes(image_uri), "path": image_uri.rsplit("/", 1)[-1]}
         self.rows.append(row)
 
     def read(self, spec: FileSpec) -> None:
         uri = io.join(self.root, spec.rel)
-        stats: dict[str, Any] = {"file": spec.rel, "role": spec.role, "source": spec.source, "split": spec.split,
-                 "records": 0, "imported": 0, "rejected": 0, "pairs": 0}
+        stats: dict[str, Any] = {
+            "file": spec.rel,
+            "role": spec.role,
+            "source": spec.source,
+            "split": spec.split,
+            "records": 0,
+            "imported": 0,
+            "rejected": 0,
+            "pairs": 0,
+        }
         self.files.append(stats)
         try:
             data = io.read_bytes(uri).decode("utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             stats["records"] += 1
-            self.reject(spec.rel, ItemError("unreadable_file", f"{uri}: cannot be read as UTF-8 text ({exc}). Re-extract it "
-                                             "from the release archive."), stats)
+            self.reject(
+                spec.rel,
+                ItemError(
+                    "unreadable_file",
+                    f"{uri}: cannot be read as UTF-8 text ({exc}). Re-extract it from the release archive.",
+                ),
+                stats,
+            )
             return
         if spec.rel.lower().endswith(".csv"):
             self._csv(spec, uri, data, stats)
@@ -724,14 +1052,28 @@ class _Reader:
                 records = json.loads(data)
             except json.JSONDecodeError as exc:
                 stats["records"] += 1
-                self.reject(spec.rel, ItemError("unreadable_file", f"{uri}: not valid JSON ({exc.msg} at line {exc.lineno}). "
-                                                 "Re-extract the file from the release archive."), stats)
+                self.reject(
+                    spec.rel,
+                    ItemError(
+                        "unreadable_file",
+                        f"{uri}: not valid JSON ({exc.msg} at line {exc.lineno}). "
+                        "Re-extract the file from the release archive.",
+                    ),
+                    stats,
+                )
                 return
             if not isinstance(records, list):
                 stats["records"] += 1
-                self.reject(spec.rel, ItemError("unreadable_file", f"{uri}: a JSON {type(records).__name__}, not a list of records "
-                                                 "(LLaMA-Factory, ShareGPT and ms-swift datasets are JSON lists). Convert it to "
-                                                 "a list."), stats)
+                self.reject(
+                    spec.rel,
+                    ItemError(
+                        "unreadable_file",
+                        f"{uri}: a JSON {type(records).__name__}, not a list of records "
+                        "(LLaMA-Factory, ShareGPT and ms-swift datasets are JSON lists). Convert it to "
+                        "a list.",
+                    ),
+                    stats,
+                )
                 return
         forms: Counter[str] = Counter()
         for i, rec in enumerate(records):
@@ -742,9 +1084,16 @@ class _Reader:
                     raise ValueError(str(rec))  # noqa: TRY004
                 form, turns = record_turns(rec)
             except (ValueError, TypeError, AttributeError) as exc:
-                self.reject(item, ItemError("malformed_release", f"{where}: needs messages (a user and an assistant turn) and "
-                                            "images (LLaMA-Factory form), or conversations with from/value (ShareGPT form), or "
-                                            f"question/answer and image ({exc}). Fix or remove the record."), stats)
+                self.reject(
+                    item,
+                    ItemError(
+                        "malformed_release",
+                        f"{where}: needs messages (a user and an assistant turn) and "
+                        "images (LLaMA-Factory form), or conversations with from/value (ShareGPT form), or "
+                        f"question/answer and image ({exc}). Fix or remove the record.",
+                    ),
+                    stats,
+                )
                 continue
             forms[form] += 1
             try:
@@ -756,11 +1105,18 @@ class _Reader:
             if spec.source.startswith("SARChat:"):
                 tasks = [sarchat_task(q, spec.source, rec) for q, _ in turns]
                 if None in tasks:
-                    self.reject(item, ItemError("unknown_task", f"{where}: a SARChat-Bench record whose task cannot be told: "
-                                                "no task tag ([cls], [count], [identify], [refer], [grounding], [describe]) "
-                                                f"leads its question {turns[tasks.index(None)][0][:80]!r}, its file name "
-                                                f"({spec.rel}) names none and it has no 'task' key. Tag the question or "
-                                                "move the record to its task's file."), stats)
+                    self.reject(
+                        item,
+                        ItemError(
+                            "unknown_task",
+                            f"{where}: a SARChat-Bench record whose task cannot be told: "
+                            "no task tag ([cls], [count], [identify], [refer], [grounding], [describe]) "
+                            f"leads its question {turns[tasks.index(None)][0][:80]!r}, its file name "
+                            f"({spec.rel}) names none and it has no 'task' key. Tag the question or "
+                            "move the record to its task's file.",
+                        ),
+                        stats,
+                    )
                     continue
             stats["imported"] += 1
             for t, (question, answer) in enumerate(turns):
@@ -769,9 +1125,18 @@ class _Reader:
                     kind = spec.kind or _caption_kind(question, answer)
                 else:
                     kind = "vqa"
-                self.add(spec, kind, question if kind == "vqa" else (question or prompts.CAPTIONS[kind.split("_")[1]]),
-                         answer, image_uri, rec, item if len(turns) == 1 else f"{item}.{t}", _application(rec),
-                         rec.get("question_type") if _application(rec) else None, task=tasks[t])
+                self.add(
+                    spec,
+                    kind,
+                    question if kind == "vqa" else (question or prompts.CAPTIONS[kind.split("_")[1]]),
+                    answer,
+                    image_uri,
+                    rec,
+                    item if len(turns) == 1 else f"{item}.{t}",
+                    _application(rec),
+                    rec.get("question_type") if _application(rec) else None,
+                    task=tasks[t],
+                )
                 stats["pairs"] += 1
         stats["form"] = stats.get("form") or ("+".join(sorted(forms)) or "none")
 
@@ -789,12 +1154,20 @@ class _Reader:
         for n, row in enumerate(rows[1:] if header else rows, start=2 if header else 1):
             stats["records"] += 1
             where, item = f"{uri} line {n}", f"{spec.rel}:{n}"
-            cell = lambda role, row=row: row[cols[role]].strip() if role in cols and cols[role] < len(row) else ""
+            cell = lambda role, row=row: (
+                row[cols[role]].strip() if role in cols and cols[role] < len(row) else ""
+            )
             text = cell("text") if "text" in cols else cell("answer")
             if not cell("image") or not text or ("question" in cols and not cell("question")):
                 what = "caption" if "text" in cols else "question and answer"
-                self.reject(item, ItemError("malformed_release", f"{where}: needs an image and a {what} ({how}). Fix or "
-                                            "remove the line."), stats)
+                self.reject(
+                    item,
+                    ItemError(
+                        "malformed_release",
+                        f"{where}: needs an image and a {what} ({how}). Fix or remove the line.",
+                    ),
+                    stats,
+                )
                 continue
             try:
                 image_uri = self.image(spec, cell("image"), where)
@@ -813,7 +1186,8 @@ class _Reader:
 
 
 def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
-    """A SARLANG-style release folder (ours or the published SARLANG-1M) as a pairs table, raising on the first
+    """A SARLANG-style release folder (ours or the published SARLANG-1M) as a pairs table, raising on the
+    first
     unsafe image path or malformed record (what :func:`import_release` with ``strict=True`` does). Images are
     not required to exist here: ``image_uri`` is where the release says they are.
 
@@ -828,26 +1202,41 @@ def format_report(result: ImportResult) -> str:
     CSV columns chosen, pairs per application with the unknown rate and examples, errors by class."""
     r = result.report()
     t = r["totals"]
-    lines = [(f"import {result.root}: records {t['records']} = imported {t['imported']} + rejected {t['rejected']} "
-              f"-> {t['pairs']} pairs")]
+    lines = [
+        (
+            f"import {result.root}: records {t['records']} = imported {t['imported']} + rejected "
+            f"{t['rejected']} "
+            f"-> {t['pairs']} pairs"
+        )
+    ]
     for f in r["files"]:
         if f.get("skipped"):
             lines.append(f"  {f['file']}: skipped, {f['skipped']}")
             continue
         cols = f"; columns: {f['columns']}" if f.get("columns") else ""
-        lines.append(f"  {f['file']} ({f.get('form')}, {f['source']}, {f['split']}): records {f['records']} = imported "
-                     f"{f['imported']} + rejected {f['rejected']}{cols}")
+        lines.append(
+            f"  {f['file']} ({f.get('form')}, {f['source']}, {f['split']}): records {f['records']} = "
+            "imported "
+            f"{f['imported']} + rejected {f['rejected']}{cols}"
+        )
     a = r["applications"]
     if a["vqa_pairs"]:
-        lines.append("VQA pairs per application: " + ", ".join(f"{k}: {v}" for k, v in a["per_application"].items()))
-        lines.append(f"unknown application: {a['unknown']} of {a['vqa_pairs']} ({100 * a['unknown_rate']:.2f} %)"
-                     + ("; e.g. " + " | ".join(repr(q) for q in a["unknown_examples"][:5]) if a["unknown"] else ""))
-    lines.append("rejected by reason: " + (", ".join(f"{k}: {v}" for k, v in r["errors_by_class"].items()) or "none"))
+        lines.append(
+            "VQA pairs per application: " + ", ".join(f"{k}: {v}" for k, v in a["per_application"].items())
+        )
+        lines.append(
+            f"unknown application: {a['unknown']} of {a['vqa_pairs']} ({100 * a['unknown_rate']:.2f} %)"
+            + ("; e.g. " + " | ".join(repr(q) for q in a["unknown_examples"][:5]) if a["unknown"] else "")
+        )
+    lines.append(
+        "rejected by reason: " + (", ".join(f"{k}: {v}" for k, v in r["errors_by_class"].items()) or "none")
+    )
     return "\n".join(lines)
 
 
 def write_import(result: ImportResult, out: str) -> dict:
-    """``out`` (the pairs, Parquet), ``<out stem>.errors.parquet`` and ``<out stem>.report.json``; the report."""
+    """``out`` (the pairs, Parquet), ``<out stem>.errors.parquet`` and ``<out stem>.report.json``; the
+    report."""
     stem = out.removesuffix(".parquet")
     io.write_parquet_atomic(out, result.table)
     io.write_parquet_atomic(f"{stem}.errors.parquet", result.errors)

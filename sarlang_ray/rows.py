@@ -13,26 +13,65 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-SceneRow = TypedDict("SceneRow", {
-    # tables.SCENES_SCHEMA: the contract's columns
-    "scene_id": str, "sar_uri": str, "optical_uri": str | None, "landcover_uri": str | None, "crs": str,
-    "tile_crs": str, "transform": list[float], "width": int, "height": int, "gsd_m": float, "rotated": bool,
-    "band": int, "nodata": float | None, "dtype": str, "units": str, "units_source": str | None,
-    "sensor": str | None, "polarisation": str | None, "region": str | None, "valid_fraction": float,
-    "footprint": bytes,
-    "stac_item": str | None, "stac_asset": str | None, "datetime": str | None, "platform": str | None,
-    "instrument_mode": str | None, "stac_properties": str | None,
-    # companions.TWIN_COLUMNS: how the scene's optical twin and land cover were found
-    "optical_source": str | None, "optical_items": list[str] | None, "optical_datetime": str | None,
-    "optical_gap_days": float | None, "optical_overlap": float | None, "optical_cloud": float | None,
-    "optical_score": float | None, "optical_reason": str | None, "landcover_tiles": int | None,
-    # catalog.PRODUCT_COLUMNS: what a product (Sentinel-1 SAFE, GCP-referenced file) adds
-    "bands": str | None, "polarisations": str | None, "product_type": str | None, "georef": str | None,
-    "gcps": str | None, "gcp_method": str | None, "tile_bounds": list[float] | None, "relief_m": float | None,
-    "relief_flag": bool | None, "calibration": str | None, "noise_removed": bool | None,
-    "noise_schema": str | None, "pass_direction": str | None, "proj_mismatch": str | None,
-    "scale_factor": float | None,
-})
+SceneRow = TypedDict(
+    "SceneRow",
+    {
+        # tables.SCENES_SCHEMA: the contract's columns
+        "scene_id": str,
+        "sar_uri": str,
+        "optical_uri": str | None,
+        "landcover_uri": str | None,
+        "crs": str,
+        "tile_crs": str,
+        "transform": list[float],
+        "width": int,
+        "height": int,
+        "gsd_m": float,
+        "rotated": bool,
+        "band": int,
+        "nodata": float | None,
+        "dtype": str,
+        "units": str,
+        "units_source": str | None,
+        "sensor": str | None,
+        "polarisation": str | None,
+        "region": str | None,
+        "valid_fraction": float,
+        "footprint": bytes,
+        "stac_item": str | None,
+        "stac_asset": str | None,
+        "datetime": str | None,
+        "platform": str | None,
+        "instrument_mode": str | None,
+        "stac_properties": str | None,
+        # companions.TWIN_COLUMNS: how the scene's optical twin and land cover were found
+        "optical_source": str | None,
+        "optical_items": list[str] | None,
+        "optical_datetime": str | None,
+        "optical_gap_days": float | None,
+        "optical_overlap": float | None,
+        "optical_cloud": float | None,
+        "optical_score": float | None,
+        "optical_reason": str | None,
+        "landcover_tiles": int | None,
+        # catalog.PRODUCT_COLUMNS: what a product (Sentinel-1 SAFE, GCP-referenced file) adds
+        "bands": str | None,
+        "polarisations": str | None,
+        "product_type": str | None,
+        "georef": str | None,
+        "gcps": str | None,
+        "gcp_method": str | None,
+        "tile_bounds": list[float] | None,
+        "relief_m": float | None,
+        "relief_flag": bool | None,
+        "calibration": str | None,
+        "noise_removed": bool | None,
+        "noise_schema": str | None,
+        "pass_direction": str | None,
+        "proj_mismatch": str | None,
+        "scale_factor": float | None,
+    },
+)
 
 
 class ChunkRow(TypedDict):
@@ -90,10 +129,18 @@ class TileRow(TypedDict):
 
 
 # an object of a tile (tables.OBJECT_TYPE); "class" is a keyword, hence the functional form
-ObjectRow = TypedDict("ObjectRow", {
-    "class": str, "bbox_xyxy": list[float], "polygon": bytes, "area_px": float, "angle_deg": float,
-    "visible_fraction": float, "label_id": str | None,
-})
+ObjectRow = TypedDict(
+    "ObjectRow",
+    {
+        "class": str,
+        "bbox_xyxy": list[float],
+        "polygon": bytes,
+        "area_px": float,
+        "angle_deg": float,
+        "visible_fraction": float,
+        "label_id": str | None,
+    },
+)
 
 
 class AlignedTileRow(TileRow):

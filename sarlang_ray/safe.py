@@ -50,8 +50,11 @@ def is_product(uri: str) -> bool:
     (``.SAFE.zip`` or a Sentinel-1 product name ending in ``.zip``)."""
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     low = name.lower()
-    return (low.endswith((".safe", ".safe.zip")) or low == "manifest.safe"
-            or (low.endswith(".zip") and bool(_PRODUCT_NAME.match(name))))
+    return (
+        low.endswith((".safe", ".safe.zip"))
+        or low == "manifest.safe"
+        or (low.endswith(".zip") and bool(_PRODUCT_NAME.match(name)))
+    )
 
 
 @dataclass
@@ -91,7 +94,9 @@ class _Reader:
         self.zip = self.uri.lower().endswith(".zip")
         if self.zip:
             fs, path = io.filesystem(self.uri)
-            self._file = fs.open(path, "rb")  # seekable: zipfile reads the central directory and members by range
+            self._file = fs.open(
+                path, "rb"
+            )  # seekable: zipfile reads the central directory and members by range
             try:
                 self._zf = zipfile.ZipFile(self._file)
             except zipfile.BadZipFile as exc:
@@ -105,7 +110,11 @@ class _Reader:
             self.root = manifests[0].rsplit("/", 1)[0]  # the .SAFE folder inside the zip
             self._names = set(names)
         else:
-            self.root = self.uri[: -len("/manifest.safe")] if self.uri.lower().endswith("/manifest.safe") else self.uri
+            self.root = (
+                self.uri[: -len("/manifest.safe")]
+                if self.uri.lower().endswith("/manifest.safe")
+                else self.uri
+            )
 
     def read(self, rel: str) -> bytes:
         rel = _rel(rel)
@@ -144,7 +153,8 @@ class _Reader:
 
 
 def read_member(uri: str) -> bytes:
-    """The bytes of a product member named by :meth:`_Reader.member_uri` (``archive.zip!path`` or a plain uri)."""
+    """The bytes of a product member named by :meth:`_Reader.member_uri` (``archive.zip!path`` or a plain
+    uri)."""
     if "!" in uri and uri.split("!", 1)[0].lower().endswith(".zip"):
         archive, member = uri.split("!", 1)
         fs, path = io.filesystem(archive)
@@ -174,13 +184,24 @@ def open_product(uri: str) -> Product:
         name = name[: -len(".SAFE")] if name.upper().endswith(".SAFE") else name
         software = next((el for el in manifest.iter() if el.tag.endswith("software")), None)
         product = Product(
-            uri=uri, name=name, mission="Sentinel-1" + (_text(manifest, "number") or ""),
-            mode=_text(manifest, "mode"), product_type=_text(manifest, "productType"),
-            pass_direction=(_text(manifest, "pass") or "").lower() or None, start_time=_text(manifest, "startTime"),
+            uri=uri,
+            name=name,
+            mission="Sentinel-1" + (_text(manifest, "number") or ""),
+            mode=_text(manifest, "mode"),
+            product_type=_text(manifest, "productType"),
+            pass_direction=(_text(manifest, "pass") or "").lower() or None,
+            start_time=_text(manifest, "startTime"),
             ipf_version=software.get("version") if software is not None else None,
         )
-        hrefs = [href for el in manifest.iter() if el.tag.endswith("fileLocation") and (href := el.get("href"))]
-        files: dict[str, dict[str, str]] = {"measurement": {}, "annotation": {}, "calibration": {}, "noise": {}}
+        hrefs = [
+            href for el in manifest.iter() if el.tag.endswith("fileLocation") and (href := el.get("href"))
+        ]
+        files: dict[str, dict[str, str]] = {
+            "measurement": {},
+            "annotation": {},
+            "calibration": {},
+            "noise": {},
+        }
         for href in hrefs:
             base = href.rsplit("/", 1)[-1].lower()
             m = re.search(r"-(vv|vh|hh|hv)-", base)
@@ -200,14 +221,23 @@ def open_product(uri: str) -> Product:
         for pol in sorted(files["measurement"], key=lambda p: ("VV", "HH", "VH", "HV").index(p)):
             href = files["measurement"][pol]
             if not reader.exists(href):
-                raise SafeError(f"{uri}: the measurement {href.lstrip('./')} named by its manifest is missing (an "
-                                "incomplete download or a metadata-only copy): re-download the product")
-            product.bands.append(Band(
-                polarisation=pol, measurement=reader.gdal_path(href),
-                annotation=reader.member_uri(files["annotation"][pol]) if pol in files["annotation"] else None,
-                calibration=reader.member_uri(files["calibration"][pol]) if pol in files["calibration"] else None,
-                noise=reader.member_uri(files["noise"][pol]) if pol in files["noise"] else None,
-            ))
+                raise SafeError(
+                    f"{uri}: the measurement {href.lstrip('./')} named by its manifest is missing (an "
+                    "incomplete download or a metadata-only copy): re-download the product"
+                )
+            product.bands.append(
+                Band(
+                    polarisation=pol,
+                    measurement=reader.gdal_path(href),
+                    annotation=reader.member_uri(files["annotation"][pol])
+                    if pol in files["annotation"]
+                    else None,
+                    calibration=reader.member_uri(files["calibration"][pol])
+                    if pol in files["calibration"]
+                    else None,
+                    noise=reader.member_uri(files["noise"][pol]) if pol in files["noise"] else None,
+                )
+            )
         return product
     finally:
         reader.close()
@@ -241,11 +271,14 @@ class Lut:
 
 
 def _child_text(el: ET.Element, tag: str) -> str:
-    """The text of ``el``'s child ``tag``, which the annotation schema requires (a clear error where it is missing,
+    """The text of ``el``'s child ``tag``, which the annotation schema requires (a clear error where it is
+    missing,
     instead of ``float(None)``)."""
     text = el.findtext(tag)
     if text is None:
-        raise SafeError(f"<{el.tag}> has no <{tag}>: a truncated or non-Sentinel-1 annotation. Re-download the product.")
+        raise SafeError(
+            f"<{el.tag}> has no <{tag}>: a truncated or non-Sentinel-1 annotation. Re-download the product."
+        )
     return text
 
 
@@ -296,7 +329,8 @@ class Noise:
     azimuth: list[AzimuthBlock]
 
     def on_window(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Thermal noise power (DN^2 units) on a window: range LUT x azimuth LUT of the block each pixel is in."""
+        """Thermal noise power (DN^2 units) on a window: range LUT x azimuth LUT of the block each pixel is
+        in."""
         out = self.range.on_window(rows, cols)
         for b in self.azimuth:
             rsel = (rows >= b.first_line) & (rows <= b.last_line)
@@ -318,10 +352,16 @@ def read_noise(uri: str) -> Noise:
             lines = _floats(v.find("line"))
             if not lines.size:
                 continue
-            blocks.append(AzimuthBlock(
-                int(_child_text(v, "firstAzimuthLine")), int(_child_text(v, "lastAzimuthLine")),
-                int(_child_text(v, "firstRangeSample")), int(_child_text(v, "lastRangeSample")),
-                lines, _floats(v.find("noiseAzimuthLut"))))
+            blocks.append(
+                AzimuthBlock(
+                    int(_child_text(v, "firstAzimuthLine")),
+                    int(_child_text(v, "lastAzimuthLine")),
+                    int(_child_text(v, "firstRangeSample")),
+                    int(_child_text(v, "lastRangeSample")),
+                    lines,
+                    _floats(v.find("noiseAzimuthLut")),
+                )
+            )
         schema = "ipf3"
     else:
         rng = _vectors(root, "noiseVector", "noiseLut")
@@ -344,8 +384,10 @@ class Radiometry:
     def for_band(cls, band: dict, calibration: str, noise_removal: bool, floor_db: float) -> Radiometry:
         """From a scene row's band record (``calibration`` and ``noise`` member uris, or None)."""
         if calibration != "none" and not band.get("calibration"):
-            raise SafeError(f"{band['uri']}: no calibration annotation for {band['polarisation']}; "
-                            "set catalog.calibration=none to tile digital numbers")
+            raise SafeError(
+                f"{band['uri']}: no calibration annotation for {band['polarisation']}; "
+                "set catalog.calibration=none to tile digital numbers"
+            )
         lut = read_calibration(band["calibration"], calibration) if calibration != "none" else None
         noise = read_noise(band["noise"]) if noise_removal and band.get("noise") else None
         return cls(calibration, lut, noise, float(10 ** (floor_db / 10)))
@@ -379,5 +421,7 @@ def pixel_spacing(annotation_uri: str) -> tuple[float, float] | None:
 def geolocation_grid(annotation_uri: str) -> list[dict]:
     """The annotation's geolocation grid: ``{line, pixel, latitude, longitude, height}`` per point."""
     root = ET.fromstring(read_member(annotation_uri))
-    return [{k: float(_child_text(p, k)) for k in ("line", "pixel", "latitude", "longitude", "height")}
-            for p in root.iter("geolocationGridPoint")]
+    return [
+        {k: float(_child_text(p, k)) for k in ("line", "pixel", "latitude", "longitude", "height")}
+        for p in root.iter("geolocationGridPoint")
+    ]

@@ -95,7 +95,9 @@ def halo_for(window: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _refined_lee_kernel(xp, pad, halo, height, width, step, offsets, counts, weights, looks, out):  # pragma: no cover (compiled)
+def _refined_lee_kernel(
+    xp, pad, halo, height, width, step, offsets, counts, weights, looks, out
+):  # pragma: no cover (compiled)
     """Refined Lee for every pixel of the inner region; ``xp`` is the filled image padded by ``pad``.
 
     Per pixel: the 3x3 means at the centre and at ``step`` pixels along four axes (clamped to the image),
@@ -175,7 +177,9 @@ def _half_window_cells(window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return cells, counts, np.array([1.0 / m.sum() for m in masks])
 
 
-def refined_lee_filter(intensity: np.ndarray, window: int = 7, looks: float = 4.0, halo: int = 0) -> np.ndarray:
+def refined_lee_filter(
+    intensity: np.ndarray, window: int = 7, looks: float = 4.0, halo: int = 0
+) -> np.ndarray:
     """Refined Lee filter (Lee 1981) on linear intensity.
 
     Per pixel, the 3x3 grid of 3x3-means inside the window gives the gradient along four axes; on the
@@ -198,9 +202,11 @@ def refined_lee_filter(intensity: np.ndarray, window: int = 7, looks: float = 4.
     cells, counts, weights = _half_window_cells(window)
     offsets = cells[:, :, 0] * xp.shape[1] + cells[:, :, 1]  # into the flattened padded image
     out = np.empty((x.shape[0] - 2 * halo, x.shape[1] - 2 * halo))
-    _refined_lee_kernel(xp, pad, halo, x.shape[0], x.shape[1], max(1, r - 1), offsets, counts, weights, float(looks), out)
+    _refined_lee_kernel(
+        xp, pad, halo, x.shape[0], x.shape[1], max(1, r - 1), offsets, counts, weights, float(looks), out
+    )
     out = out.astype(np.float32)
-    out[~valid[halo: x.shape[0] - halo, halo: x.shape[1] - halo]] = np.nan
+    out[~valid[halo : x.shape[0] - halo, halo : x.shape[1] - halo]] = np.nan
     return out
 
 
@@ -209,11 +215,13 @@ def despeckle_halo(cfg: SpeckleSection) -> int:
     return 0 if cfg.filter == "none" else halo_for(cfg.window)
 
 
-def despeckle(intensity: np.ndarray, cfg: SpeckleSection, looks_scale: float = 1.0, halo: int = 0) -> np.ndarray:
+def despeckle(
+    intensity: np.ndarray, cfg: SpeckleSection, looks_scale: float = 1.0, halo: int = 0
+) -> np.ndarray:
     """Apply the configured speckle filter. ``looks_scale`` > 1 for tiles averaged from finer pixels;
     ``halo``: extra pixels on each side of the input, cut from the output (see :func:`refined_lee_filter`)."""
     looks = cfg.looks * looks_scale
-    inner = np.s_[halo: intensity.shape[0] - halo, halo: intensity.shape[1] - halo]
+    inner = np.s_[halo : intensity.shape[0] - halo, halo : intensity.shape[1] - halo]
     if cfg.filter == "none":
         return intensity[inner]
     if cfg.filter == "lee":
@@ -268,7 +276,7 @@ def _order_statistics(x, ranks):  # pragma: no cover (compiled)
             buffer[fill[slot]] = v
             fill[slot] += 1
     for k in range(n_wanted):
-        buffer[offsets[k]: offsets[k + 1]] = np.sort(buffer[offsets[k]: offsets[k + 1]])
+        buffer[offsets[k] : offsets[k + 1]] = np.sort(buffer[offsets[k] : offsets[k + 1]])
     for k in range(ranks.size):
         b = bins[k]
         out[k] = buffer[offsets[wanted[b]] + ranks[k] - starts[b]]
@@ -297,8 +305,9 @@ def percentiles(values: np.ndarray, q) -> np.ndarray:
     return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
 
 
-def stretch_to_uint8(db: np.ndarray, cfg: StretchSection, bounds: tuple[float, float] | None = None
-                     ) -> tuple[np.ndarray, float, float]:
+def stretch_to_uint8(
+    db: np.ndarray, cfg: StretchSection, bounds: tuple[float, float] | None = None
+) -> tuple[np.ndarray, float, float]:
     """Clip dB values (per-tile percentiles or fixed range) and scale to 0..255; NaN becomes 0.
 
     ``bounds``: the ``cfg.low`` / ``cfg.high`` percentiles of the valid values, when the caller has them.

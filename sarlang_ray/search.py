@@ -24,7 +24,8 @@ Parquet row-group statistics (files and row groups whose statistics cannot match
 exact footprint test (shapely) and the property filter run per record batch on what remains, so the
 driver holds the selection, never the snapshot.
 
-An API search is frozen as its pages arrive (:func:`_freeze_api`): items that pass go to a spool on disk page by
+An API search is frozen as its pages arrive (:func:`_freeze_api`): items that pass go to a spool on disk page
+by
 page and become stac-geoparquet in chunks, so the driver holds a page, never the search.
 """
 
@@ -54,13 +55,15 @@ _TS = pa.timestamp("us", tz="UTC")
 
 
 class SearchError(ValueError):
-    """The search cannot run as configured (a bad AOI file, an unreachable API, no items); says what to fix."""
+    """The search cannot run as configured (a bad AOI file, an unreachable API, no items); says what to
+    fix."""
 
 
 def is_api(source: str) -> bool:
     """A STAC API (searched page by page) rather than a stac-geoparquet file or folder."""
     return source.startswith(("http://", "https://")) and not source.lower().split("?")[0].endswith(
-        (".parquet", ".geoparquet"))
+        (".parquet", ".geoparquet")
+    )
 
 
 def search_key(q: SearchSection) -> str:
@@ -88,10 +91,16 @@ def aoi_geometry(q: SearchSection):
     import geopandas as gpd
 
     try:
-        frame = gpd.read_parquet(q.aoi) if q.aoi.lower().endswith((".parquet", ".geoparquet")) else gpd.read_file(q.aoi)
+        frame = (
+            gpd.read_parquet(q.aoi)
+            if q.aoi.lower().endswith((".parquet", ".geoparquet"))
+            else gpd.read_file(q.aoi)
+        )
     except Exception as exc:  # noqa: BLE001 - geopandas/pyogrio raise many classes: one clear SearchError
-        raise SearchError(f"catalog.search.aoi={q.aoi!r} cannot be read as a vector file ({exc}); give a GeoPackage, "
-                          "GeoJSON, shapefile or GeoParquet") from None
+        raise SearchError(
+            f"catalog.search.aoi={q.aoi!r} cannot be read as a vector file ({exc}); give a GeoPackage, "
+            "GeoJSON, shapefile or GeoParquet"
+        ) from None
     if frame.empty:
         raise SearchError(f"catalog.search.aoi={q.aoi!r} has no features")
     if frame.crs is None:
@@ -160,7 +169,9 @@ def _keep(item: dict, q: SearchSection, geom, start, end) -> bool:
     props = item.get("properties") or {}
     if q.collections and item.get("collection") not in q.collections:
         return False
-    if geom is not None and (item.get("geometry") is None or not shapely.geometry.shape(item["geometry"]).intersects(geom)):
+    if geom is not None and (
+        item.get("geometry") is None or not shapely.geometry.shape(item["geometry"]).intersects(geom)
+    ):
         return False
     when = _item_time(props)
     if (start or end) and when is None:
@@ -184,27 +195,36 @@ def api_items(q: SearchSection, geom, stats: dict) -> Iterator[dict]:
         from pystac_client import Client
         from pystac_client.conformance import ConformanceClasses
     except ImportError:  # pragma: no cover - optional dependency
-        raise ImportError("catalog.search.source is a STAC API URL: install pystac-client "
-                          "(pip install 'sarlang-ray[stac-api]')") from None
+        raise ImportError(
+            "catalog.search.source is a STAC API URL: install pystac-client "
+            "(pip install 'sarlang-ray[stac-api]')"
+        ) from None
     try:
         client = Client.open(_source(q))
     except Exception as exc:  # noqa: BLE001 - network, HTTP and JSON errors alike: one clear SearchError
-        raise SearchError(f"catalog.search.source={q.source!r}: cannot open the STAC API ({exc}). Check the URL "
-                          "(the API's landing page) and the network") from None
+        raise SearchError(
+            f"catalog.search.source={q.source!r}: cannot open the STAC API ({exc}). Check the URL "
+            "(the API's landing page) and the network"
+        ) from None
     client.add_conforms_to("ITEM_SEARCH")  # some APIs omit it from conformsTo; search is what is asked
     use_filter = bool(q.filter) and client.conforms_to(ConformanceClasses.FILTER)
     stats["cql2"] = use_filter
-    search = client.search(collections=q.collections, intersects=None if geom is None else mapping(geom),
-                           datetime=q.datetime, limit=q.page_size,
-                           filter=cql2(q.filter) if use_filter else None,
-                           filter_lang="cql2-json" if use_filter else None)
+    search = client.search(
+        collections=q.collections,
+        intersects=None if geom is None else mapping(geom),
+        datetime=q.datetime,
+        limit=q.page_size,
+        filter=cql2(q.filter) if use_filter else None,
+        filter_lang="cql2-json" if use_filter else None,
+    )
     for page in search.pages_as_dicts():
         stats["pages"] = stats.get("pages", 0) + 1
         yield from page.get("features") or []
 
 
 def _covering(schema: pa.Schema) -> dict[str, list[str]]:
-    """The GeoParquet 1.1 bbox covering of the geometry column (``bbox.xmin`` ...), default stac-geoparquet's."""
+    """The GeoParquet 1.1 bbox covering of the geometry column (``bbox.xmin`` ...), default
+    stac-geoparquet's."""
     geo = json.loads((schema.metadata or {}).get(b"geo", b"{}") or b"{}")
     column = geo.get("primary_column", "geometry")
     cover = ((geo.get("columns") or {}).get(column) or {}).get("covering", {}).get("bbox")
@@ -216,14 +236,22 @@ def snapshot_dataset(source: str) -> ds.Dataset:
     the schemas of its files unified (partitions may carry different property columns)."""
     fs, path = io.filesystem(source)
     if not fs.exists(path):
-        raise SearchError(f"catalog.search.source={source!r} does not exist: point it at a stac-geoparquet file or "
-                          "a folder of them")
+        raise SearchError(
+            f"catalog.search.source={source!r} does not exist: point it at a stac-geoparquet file or "
+            "a folder of them"
+        )
     arrow_fs = pa.fs.PyFileSystem(pa.fs.FSSpecHandler(fs)) if io.is_remote(source) else None
     dataset = ds.dataset(path, format="parquet", filesystem=arrow_fs, exclude_invalid_files=False)
-    schemas = [pq.read_schema(f, filesystem=arrow_fs) for f in dataset.files] if len(dataset.files) > 1 else []
+    schemas = (
+        [pq.read_schema(f, filesystem=arrow_fs) for f in dataset.files] if len(dataset.files) > 1 else []
+    )
     if len(set(map(str, schemas))) > 1:
-        dataset = ds.dataset(path, format="parquet", filesystem=arrow_fs,
-                             schema=pa.unify_schemas(schemas, promote_options="permissive"))
+        dataset = ds.dataset(
+            path,
+            format="parquet",
+            filesystem=arrow_fs,
+            schema=pa.unify_schemas(schemas, promote_options="permissive"),
+        )
     return dataset
 
 
@@ -238,8 +266,12 @@ def pushdown(schema: pa.Schema, q: SearchSection, geom, start, end):
     if geom is not None:
         cover = _covering(schema)
         w, s, e, n = geom.bounds
-        expr = both((ds.field(*cover["xmin"]) <= e) & (ds.field(*cover["xmax"]) >= w)
-                    & (ds.field(*cover["ymin"]) <= n) & (ds.field(*cover["ymax"]) >= s))
+        expr = both(
+            (ds.field(*cover["xmin"]) <= e)
+            & (ds.field(*cover["xmax"]) >= w)
+            & (ds.field(*cover["ymin"]) <= n)
+            & (ds.field(*cover["ymax"]) >= s)
+        )
     if "datetime" in schema.names and (start or end):
         kind = schema.field("datetime").type
         if start:
@@ -257,7 +289,9 @@ def snapshot_batches(q: SearchSection, geom, stats: dict, batch_size: int = 8192
     dataset = snapshot_dataset(_source(q))
     start, end = interval(q.datetime)
     expr = pushdown(dataset.schema, q, geom, start, end)
-    stats.update(files=len(dataset.files), files_read=0, row_groups=0, row_groups_read=0, rows_matched_pushdown=0)
+    stats.update(
+        files=len(dataset.files), files_read=0, row_groups=0, row_groups_read=0, rows_matched_pushdown=0
+    )
     for fragment in dataset.get_fragments(filter=expr):
         stats["row_groups"] += fragment.num_row_groups
         # the row groups whose statistics can match: the only ones read
@@ -267,8 +301,18 @@ def snapshot_batches(q: SearchSection, geom, stats: dict, batch_size: int = 8192
         stats["files_read"] += bool(groups)
         for group in groups:
             # little read-ahead: pyarrow's default (16 batches) would decode a whole small snapshot at once
-            yield from _selected(group.to_batches(filter=expr, schema=dataset.schema, batch_size=batch_size,
-                                                  batch_readahead=2, fragment_readahead=1), q, geom, stats)
+            yield from _selected(
+                group.to_batches(
+                    filter=expr,
+                    schema=dataset.schema,
+                    batch_size=batch_size,
+                    batch_readahead=2,
+                    fragment_readahead=1,
+                ),
+                q,
+                geom,
+                stats,
+            )
 
 
 def _selected(batches, q: SearchSection, geom, stats: dict) -> Iterator[pa.Table]:
@@ -305,7 +349,9 @@ def freeze(q: SearchSection, run_dir: str) -> tuple[str, dict]:
     stats: dict = {}
     cap = q.max_items
     io.makedirs(io.join(run_dir, FOLDER))
-    if is_api(_source(q)):  # page by page to a spool on disk, then to Parquet in chunks: the driver holds a page
+    if is_api(
+        _source(q)
+    ):  # page by page to a spool on disk, then to Parquet in chunks: the driver holds a page
         n = _freeze_api(q, geom, start, end, stats, uri)
     else:  # written batch by batch as the scan selects them: the driver holds one batch, not the selection
         written = [0]
@@ -315,17 +361,26 @@ def freeze(q: SearchSection, run_dir: str) -> tuple[str, dict]:
         if io.exists(uri):
             fs, path = io.filesystem(uri)
             fs.rm(path)
-        raise SearchError(f"catalog.search found no items in {q.source} (collections {q.collections}, bbox {q.bbox}, "
-                          f"aoi {q.aoi}, datetime {q.datetime}, filter {q.filter}). Widen the search")
-    io.write_json_atomic(io.join(run_dir, FOLDER, f"items-{search_key(q)}.json"),
-                         {"search": dataclasses.asdict(q), "items": n, **stats,
-                          "frozen_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+        raise SearchError(
+            f"catalog.search found no items in {q.source} (collections {q.collections}, bbox {q.bbox}, "
+            f"aoi {q.aoi}, datetime {q.datetime}, filter {q.filter}). Widen the search"
+        )
+    io.write_json_atomic(
+        io.join(run_dir, FOLDER, f"items-{search_key(q)}.json"),
+        {
+            "search": dataclasses.asdict(q),
+            "items": n,
+            **stats,
+            "frozen_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        },
+    )
     log.info("catalog.search: %d items frozen into %s", n, uri)
     return uri, {"snapshot": uri, "items": n, "queried": True, **stats}
 
 
 def _snapshot_chunks(parts: Iterator[pa.Table], cap: int | None, written: list[int]) -> Iterator[bytes]:
-    """The bytes of a Parquet file of ``parts`` (at most ``cap`` rows), as a writer produces them, part by part;
+    """The bytes of a Parquet file of ``parts`` (at most ``cap`` rows), as a writer produces them, part by
+    part;
     ``written[0]``: the rows written so far."""
     import io as pyio
 
@@ -356,7 +411,8 @@ SPOOL_CHUNK = 1024  # items per Arrow batch when the spool of an API search beco
 
 
 def _freeze_api(q: SearchSection, geom, start, end, stats: dict, uri: str) -> int:
-    """Write the items of an API search that pass the client-side filter to ``uri`` as stac-geoparquet; returns
+    """Write the items of an API search that pass the client-side filter to ``uri`` as stac-geoparquet;
+    returns
     how many. Pages are consumed as pystac-client fetches them: each passing item goes to a local NDJSON spool
     as it arrives, so the driver holds one page, not the search. stac-geoparquet then converts the spool in
     chunks of :data:`SPOOL_CHUNK` items (two passes: the schema common to all items, since pages may carry
@@ -380,7 +436,8 @@ def _freeze_api(q: SearchSection, geom, start, end, stats: dict, uri: str) -> in
         if n:
             parquet = os.path.join(tmp, "items.parquet")
             stac_geoparquet.arrow.to_parquet(
-                stac_geoparquet.arrow.parse_stac_ndjson_to_arrow(spool, chunk_size=SPOOL_CHUNK), parquet)
+                stac_geoparquet.arrow.parse_stac_ndjson_to_arrow(spool, chunk_size=SPOOL_CHUNK), parquet
+            )
             io.write_stream_atomic(uri, _file_blocks(parquet))
     return n
 

@@ -76,7 +76,8 @@ def grid_centroids(footprints: list[shapely.Polygon]) -> tuple[np.ndarray, np.nd
         return np.empty(0), np.empty(0)
     centroids = shapely.centroid(np.asarray(footprints, dtype=object))
     x, y = Transformer.from_crs("EPSG:4326", EQUAL_AREA, always_xy=True).transform(
-        shapely.get_x(centroids), shapely.get_y(centroids))
+        shapely.get_x(centroids), shapely.get_y(centroids)
+    )
     return np.atleast_1d(x), np.atleast_1d(y)
 
 
@@ -100,7 +101,9 @@ class _Ground:
             if crs not in self._transformers:
                 self._transformers[crs] = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
             t = self._transformers[crs]
-            self._projected[key] = shapely.transform(self.tiles[i].footprint, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+            self._projected[key] = shapely.transform(
+                self.tiles[i].footprint, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1]))
+            )
         return self._projected[key]
 
     def meet(self, i: int, j: int, buffer_m: float) -> bool:
@@ -160,18 +163,27 @@ def hilbert_indexes(x: np.ndarray, y: np.ndarray, order: int = 32) -> np.ndarray
     return d
 
 
-def block_runs_arrays(cols: np.ndarray, rows: np.ndarray, sizes: np.ndarray, ratios: dict[str, float], seed: int,
-                      start: int | None = None) -> np.ndarray:
+def block_runs_arrays(
+    cols: np.ndarray,
+    rows: np.ndarray,
+    sizes: np.ndarray,
+    ratios: dict[str, float],
+    seed: int,
+    start: int | None = None,
+) -> np.ndarray:
     """:func:`block_runs` on block arrays (column, row, tile count of each block): the index in ``SPLITS`` of
-    each block's split, the same assignment, without a dict of block names (a driver holds blocks as arrays)."""
+    each block's split, the same assignment, without a dict of block names (a driver holds blocks as
+    arrays)."""
     names = [s for s in SPLITS if ratios.get(s, 0) > 0]
     names = sorted(names, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
     out = np.zeros(len(cols), dtype=np.int8)
     if not len(cols):
         return out
     x, y = np.asarray(cols, dtype=np.int64) + (1 << 30), np.asarray(rows, dtype=np.int64) + (1 << 30)
-    step = 65_536  # in chunks: the curve's ~10 temporaries per cell stay the size of a chunk, not of every block
-    h = np.concatenate([hilbert_indexes(x[i:i + step], y[i:i + step]) for i in range(0, len(x), step)])
+    step = (
+        65_536  # in chunks: the curve's ~10 temporaries per cell stay the size of a chunk, not of every block
+    )
+    h = np.concatenate([hilbert_indexes(x[i : i + step], y[i : i + step]) for i in range(0, len(x), step)])
     order = np.argsort(h, kind="stable")
     if start is None:
         start = int(hashlib.sha256(f"{seed}:start".encode()).hexdigest(), 16)
@@ -191,10 +203,13 @@ def block_runs_arrays(cols: np.ndarray, rows: np.ndarray, sizes: np.ndarray, rat
     return out
 
 
-def block_runs(block_sizes: dict[str, int], ratios: dict[str, float], seed: int, start: int | None = None) -> dict[str, str]:
+def block_runs(
+    block_sizes: dict[str, int], ratios: dict[str, float], seed: int, start: int | None = None
+) -> dict[str, str]:
     """Block -> split: blocks in Hilbert order (started at ``start``, else a seeded place), cut into one
     contiguous run per split sized by ``ratios`` (in items), so each split is a few compact regions and
     boundaries are few."""
+
     def cell(block: str) -> tuple[int, int]:
         col, row = (int(v) for v in block.split("_"))
         return col + (1 << 30), row + (1 << 30)
@@ -207,7 +222,9 @@ def block_runs(block_sizes: dict[str, int], ratios: dict[str, float], seed: int,
     start %= len(order)
     order = order[start:] + order[:start]
     names = [s for s in SPLITS if ratios.get(s, 0) > 0]
-    names = sorted(names, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())  # which region comes first
+    names = sorted(
+        names, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest()
+    )  # which region comes first
     total = sum(block_sizes.values()) or 1
     out, filled, k = {}, 0.0, 0
     bound = ratios[names[0]] * total
@@ -222,8 +239,9 @@ def block_runs(block_sizes: dict[str, int], ratios: dict[str, float], seed: int,
     return out
 
 
-def geographic_splits(tiles: list[SplitTile], ratios: dict[str, float], seed: int, block_m: float,
-                      buffer_m: float) -> tuple[dict[str, str], dict[str, tuple[str, str]], set[str]]:
+def geographic_splits(
+    tiles: list[SplitTile], ratios: dict[str, float], seed: int, block_m: float, buffer_m: float
+) -> tuple[dict[str, str], dict[str, tuple[str, str]], set[str]]:
     """Tile id -> split; tile id -> (error class, why) of each dropped tile; and the ids of the label objects
     clipped at split boundaries (the module docstring says how)."""
     footprints = [t.footprint for t in tiles]
@@ -236,10 +254,15 @@ def geographic_splits(tiles: list[SplitTile], ratios: dict[str, float], seed: in
     best = None
     for k in range(START_CANDIDATES):
         block_split = block_runs(sizes, ratios, seed, start=base + k * max(1, len(sizes) // START_CANDIDATES))
-        kept, dropped, clipped = _resolve([block_split[b] for b in blocks], meeting, tiles, ratios, buffer_m, objects)
+        kept, dropped, clipped = _resolve(
+            [block_split[b] for b in blocks], meeting, tiles, ratios, buffer_m, objects
+        )
         shares = Counter(kept.values())
         n = max(1, len(tiles))
-        miss = sum((shares[s] / n - r) ** 2 + (r > 0 and shares[s] == 0) for s, r in ratios.items()) + len(dropped) / n
+        miss = (
+            sum((shares[s] / n - r) ** 2 + (r > 0 and shares[s] == 0) for s, r in ratios.items())
+            + len(dropped) / n
+        )
         if best is None or miss < best[0]:
             best = (miss, kept, dropped, clipped)
     assert best is not None  # START_CANDIDATES >= 1 tries
@@ -266,12 +289,20 @@ class ObjectIndex:
             for label in t.label_ids:
                 self.tiles[label].append(i)
         x, y = grid_centroids([t.footprint for t in tiles])
-        self.long = {label for label, idx in self.tiles.items() if len(idx) > 1
-                     and max(np.ptp(x[idx]), np.ptp(y[idx])) > block_m}
+        self.long = {
+            label
+            for label, idx in self.tiles.items()
+            if len(idx) > 1 and max(np.ptp(x[idx]), np.ptp(y[idx])) > block_m
+        }
 
 
-def resolve_objects(split: list[str], dropped: dict[int, tuple[str, str]], tiles: list[SplitTile],
-                    ratios: dict[str, float], objects: ObjectIndex) -> set[str]:
+def resolve_objects(
+    split: list[str],
+    dropped: dict[int, tuple[str, str]],
+    tiles: list[SplitTile],
+    ratios: dict[str, float],
+    objects: ObjectIndex,
+) -> set[str]:
     """Make every label object live in one split: objects in order of their id; one whose kept tiles lie in
     more than one split is clipped when it is long (its id is returned), else it stays in the split that
     holds most of its kept tiles (ties: the larger target share, then the name) and its tiles in the other
@@ -287,26 +318,50 @@ def resolve_objects(split: list[str], dropped: dict[int, tuple[str, str]], tiles
         home = max(counts, key=lambda s: (counts[s], ratios[s], s))
         for i in kept:
             if split[i] != home:
-                dropped[i] = (OBJECT, (
-                    f"tile {tiles[i].tile_id} (split {split[i]}) shows label object {label}, which {counts[home]} "
-                    f"tile(s) of split {home} also show; dropped so that the object lives in one split (it spans "
-                    "less than export.block_m, so it is not clipped). A larger export.block_m means fewer split boundaries."))
-    return {label for label in objects.long
-            if len({split[i] for i in objects.tiles[label] if i not in dropped}) > 1}
+                dropped[i] = (
+                    OBJECT,
+                    (
+                        f"tile {tiles[i].tile_id} (split {split[i]}) shows label object {label}, which "
+                        f"{counts[home]} "
+                        f"tile(s) of split {home} also show; dropped so that the object lives in one split "
+                        "(it spans "
+                        "less than export.block_m, so it is not clipped). A larger export.block_m means "
+                        "fewer split boundaries."
+                    ),
+                )
+    return {
+        label
+        for label in objects.long
+        if len({split[i] for i in objects.tiles[label] if i not in dropped}) > 1
+    }
 
 
-def _resolve(split: list[str], meeting: list[tuple[int, int]], tiles: list[SplitTile], ratios: dict[str, float],
-             buffer_m: float, objects: ObjectIndex) -> tuple[dict[str, str], dict[str, tuple[str, str]], set[str]]:
+def _resolve(
+    split: list[str],
+    meeting: list[tuple[int, int]],
+    tiles: list[SplitTile],
+    ratios: dict[str, float],
+    buffer_m: float,
+    objects: ObjectIndex,
+) -> tuple[dict[str, str], dict[str, tuple[str, str]], set[str]]:
     """Drop tiles until no two tiles of different splits meet, then settle the label objects
     (:func:`resolve_objects`); (tile id -> split, tile id -> (error class, why), clipped label ids)."""
     dropped = ground_drops(split, meeting, tiles, ratios, buffer_m)
     clipped = resolve_objects(split, dropped, tiles, ratios, objects)
-    return ({t.tile_id: s for i, (t, s) in enumerate(zip(tiles, split)) if i not in dropped},
-            {tiles[i].tile_id: why for i, why in dropped.items()}, clipped)
+    return (
+        {t.tile_id: s for i, (t, s) in enumerate(zip(tiles, split)) if i not in dropped},
+        {tiles[i].tile_id: why for i, why in dropped.items()},
+        clipped,
+    )
 
 
-def ground_drops(split: list[str], meeting: list[tuple[int, int]], tiles: list[SplitTile], ratios: dict[str, float],
-                 buffer_m: float) -> dict[int, tuple[str, str]]:
+def ground_drops(
+    split: list[str],
+    meeting: list[tuple[int, int]],
+    tiles: list[SplitTile],
+    ratios: dict[str, float],
+    buffer_m: float,
+) -> dict[int, tuple[str, str]]:
     """The tiles dropped so that no two tiles of different splits meet (index -> (error class, why)): the most
     costly first, greedily. Tiles that meet no tile of another split never enter, so running it on any set of
     tiles that holds every conflict of a connected group of conflicts gives that group's drops."""
@@ -332,10 +387,15 @@ def ground_drops(split: list[str], meeting: list[tuple[int, int]], tiles: list[S
             heapq.heappush(heap, (cost(i), i))
             continue
         others = sorted({split[j] for j in conflicts[i]})
-        dropped[i] = (BOUNDARY, (
-            f"tile {tiles[i].tile_id} (split {split[i]}) shares ground with, or lies within "
-            f"export.buffer_m={buffer_m:g} m of, {len(conflicts[i])} tile(s) of split(s) {', '.join(others)}; dropped so "
-            "that no ground is in two splits. A larger export.block_m means fewer split boundaries."))
+        dropped[i] = (
+            BOUNDARY,
+            (
+                f"tile {tiles[i].tile_id} (split {split[i]}) shares ground with, or lies within "
+                f"export.buffer_m={buffer_m:g} m of, {len(conflicts[i])} tile(s) of split(s) "
+                f"{', '.join(others)}; dropped so "
+                "that no ground is in two splits. A larger export.block_m means fewer split boundaries."
+            ),
+        )
         for j in conflicts.pop(i):
             conflicts[j].discard(i)
             heapq.heappush(heap, (cost(j), j))
@@ -361,8 +421,12 @@ def object_ids(tile: SplitTile, split: str, clipped: AbstractSet[str] = frozense
     return {clipped_id(label, split) if label in clipped else label for label in tile.label_ids}
 
 
-def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m: float,
-                   clipped: AbstractSet[str] = frozenset()) -> dict:
+def leakage_report(
+    tiles: list[SplitTile],
+    tile_split: dict[str, str],
+    buffer_m: float,
+    clipped: AbstractSet[str] = frozenset(),
+) -> dict:
     """Per pair of splits: ground area their tiles share (m², geodesic, of the union of each split's
     footprints), tile pairs that share ground or lie closer than ``buffer_m``, and label objects in both (a
     clipped object by the id of each of its parts: :func:`clipped_id`); and how many objects were clipped."""
@@ -370,7 +434,10 @@ def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m:
     placed = [t for t in tiles if t.tile_id in tile_split]
     by_split = {s: [t for t in placed if tile_split[t.tile_id] == s] for s in SPLITS}
     unions = {s: shapely.union_all([t.footprint for t in ts]) if ts else None for s, ts in by_split.items()}
-    labels = {s: set().union(*(object_ids(t, s, clipped) for t in ts)) if ts else set() for s, ts in by_split.items()}
+    labels = {
+        s: set().union(*(object_ids(t, s, clipped) for t in ts)) if ts else set()
+        for s, ts in by_split.items()
+    }
     meeting: Counter = Counter()
     for i, j in meeting_pairs(placed, buffer_m):
         a, b = tile_split[placed[i].tile_id], tile_split[placed[j].tile_id]
@@ -378,15 +445,24 @@ def leakage_report(tiles: list[SplitTile], tile_split: dict[str, str], buffer_m:
             meeting[tuple(sorted((a, b)))] += 1
     pairs = {}
     for k, a in enumerate(SPLITS):
-        for b in SPLITS[k + 1:]:
+        for b in SPLITS[k + 1 :]:
             area = 0.0
             union_a, union_b = unions[a], unions[b]
             if union_a is not None and union_b is not None:
                 shared = union_a.intersection(union_b)
                 area = abs(geod.geometry_area_perimeter(shared)[0]) if not shared.is_empty else 0.0
-            pairs[f"{a}/{b}"] = {"intersection_m2": round(area, 3), "tile_pairs_within_buffer": meeting[(min(a, b), max(a, b))],
-                                 "shared_objects": len(labels[a] & labels[b])}
-    return {"buffer_m": buffer_m, "pairs": pairs,
-            "leak_free": all(p["intersection_m2"] == 0 and p["shared_objects"] == 0 for p in pairs.values()),
-            "tiles": {s: len(ts) for s, ts in by_split.items()}, "clipped_objects": len(clipped),
-            "clipped_parts": len({(label, tile_split[t.tile_id]) for t in placed for label in t.label_ids & clipped})}
+            pairs[f"{a}/{b}"] = {
+                "intersection_m2": round(area, 3),
+                "tile_pairs_within_buffer": meeting[(min(a, b), max(a, b))],
+                "shared_objects": len(labels[a] & labels[b]),
+            }
+    return {
+        "buffer_m": buffer_m,
+        "pairs": pairs,
+        "leak_free": all(p["intersection_m2"] == 0 and p["shared_objects"] == 0 for p in pairs.values()),
+        "tiles": {s: len(ts) for s, ts in by_split.items()},
+        "clipped_objects": len(clipped),
+        "clipped_parts": len(
+            {(label, tile_split[t.tile_id]) for t in placed for label in t.label_ids & clipped}
+        ),
+    }

@@ -37,7 +37,8 @@ _PLATFORM_KEYS = ("platform", "constellation")
 
 
 class FsspecStacIO(pystac.StacIO):
-    """pystac reads and writes through fsspec, so catalogs on s3:// (or any fsspec URL) work like local ones."""
+    """pystac reads and writes through fsspec, so catalogs on s3:// (or any fsspec URL) work like local
+    ones."""
 
     def read_text(self, source: Any, *args: Any, **kwargs: Any) -> str:
         return io.read_bytes(_local(str(os.fspath(source)))).decode("utf-8")
@@ -56,8 +57,11 @@ class Candidate:
     asset: str  # asset key
     href: str  # the asset href as written in the item (relative or absolute)
     properties: dict[str, Any] = field(default_factory=dict)  # the item's properties
-    asset_fields: dict[str, Any] = field(default_factory=dict)  # extension fields of the asset (sar:polarizations)
-    # the polarisations of one item as one scene: {polarisation, uri, band, asset, calibration, noise} per asset
+    asset_fields: dict[str, Any] = field(
+        default_factory=dict
+    )  # extension fields of the asset (sar:polarizations)
+    # the polarisations of one item as one scene: {polarisation, uri, band, asset, calibration, noise} per
+    # asset
     # (calibration / noise: the item's Sentinel-1 calibration and noise XML assets of that polarisation)
     bands: list[dict[str, Any]] | None = None
 
@@ -111,9 +115,11 @@ def read_items(archive: str, stage: str) -> tuple[list[tuple[pystac.Item, str]],
     if kind == "Feature":
         return [(pystac.Item.from_dict(doc, href=archive, preserve_dict=False), archive)], []
     if kind not in ("Catalog", "Collection"):
-        raise ValueError(f"{archive} is not STAC: its type is {kind!r}, expected Catalog, Collection, Feature "
-                         "(an item) or FeatureCollection (an ItemCollection). Point catalog.archive at a folder "
-                         "or at the catalog.json / items file.")
+        raise ValueError(
+            f"{archive} is not STAC: its type is {kind!r}, expected Catalog, Collection, Feature "
+            "(an item) or FeatureCollection (an ItemCollection). Point catalog.archive at a folder "
+            "or at the catalog.json / items file."
+        )
     root = pystac.read_file(archive, stac_io=stac_io)
     items: list[tuple[pystac.Item, str]] = []
     errors: list[dict] = []
@@ -121,14 +127,19 @@ def read_items(archive: str, stage: str) -> tuple[list[tuple[pystac.Item, str]],
     return items, errors
 
 
-def _walk(cat: pystac.Catalog, root: pystac.Catalog, items: list, errors: list, seen: set[str], stage: str) -> None:
+def _walk(
+    cat: pystac.Catalog, root: pystac.Catalog, items: list, errors: list, seen: set[str], stage: str
+) -> None:
     """Depth-first over item and child links; a link that cannot be resolved is one error row."""
     for entry in _iter_walk(cat, root, seen, stage):
         (errors if isinstance(entry, dict) else items).append(entry)
 
 
-def _iter_walk(cat: pystac.Catalog, root: pystac.Catalog, seen: set[str], stage: str) -> Iterator[tuple | dict]:
-    """:func:`_walk` as a generator: ``(item, base)`` pairs and error rows as the links are followed. A link is
+def _iter_walk(
+    cat: pystac.Catalog, root: pystac.Catalog, seen: set[str], stage: str
+) -> Iterator[tuple | dict]:
+    """:func:`_walk` as a generator: ``(item, base)`` pairs and error rows as the links are followed. A link
+    is
     set back to its href once followed, so the catalog does not keep what it has yielded (the hrefs of the
     links followed stay, in ``seen``)."""
     for rel in (pystac.RelType.ITEM, pystac.RelType.CHILD):
@@ -139,10 +150,15 @@ def _iter_walk(cat: pystac.Catalog, root: pystac.Catalog, seen: set[str], stage:
             seen.add(href)
             try:
                 target = link.resolve_stac_object(root=root).target
-            except Exception as exc:  # noqa: BLE001 - missing file, bad JSON, not STAC: pystac raises several classes
-                yield error_row(stage, href, "stac_unreadable",
-                                f"{rel} link {link.href!r} of {cat.get_self_href()} cannot be read ({exc}). "
-                                "Fix or remove the link in the catalog.")
+            # missing file, bad JSON, not STAC: pystac raises several classes
+            except Exception as exc:  # noqa: BLE001
+                yield error_row(
+                    stage,
+                    href,
+                    "stac_unreadable",
+                    f"{rel} link {link.href!r} of {cat.get_self_href()} cannot be read ({exc}). "
+                    "Fix or remove the link in the catalog.",
+                )
                 continue
             if isinstance(target, pystac.Item):
                 yield target, target.get_self_href() or href
@@ -153,7 +169,8 @@ def _iter_walk(cat: pystac.Catalog, root: pystac.Catalog, seen: set[str], stage:
 
 def iter_items(archive: str, stage: str) -> Iterator[tuple | dict]:
     """:func:`read_items` one item at a time: ``(item, base)`` pairs and error rows, in the same order. An
-    ItemCollection is parsed item by item (ijson), a static catalog walked link by link, so the driver holds one
+    ItemCollection is parsed item by item (ijson), a static catalog walked link by link, so the driver holds
+    one
     item (and the catalogs above it), not the file's items.
 
     Raises:
@@ -176,9 +193,11 @@ def iter_items(archive: str, stage: str) -> Iterator[tuple | dict]:
                 break
     if kind != "FeatureCollection":
         if kind not in ("Catalog", "Collection", "Feature"):
-            raise ValueError(f"{archive} is not STAC: its type is {kind!r}, expected Catalog, Collection, Feature "
-                             "(an item) or FeatureCollection (an ItemCollection). Point catalog.archive at a folder "
-                             "or at the catalog.json / items file.")
+            raise ValueError(
+                f"{archive} is not STAC: its type is {kind!r}, expected Catalog, Collection, Feature "
+                "(an item) or FeatureCollection (an ItemCollection). Point catalog.archive at a folder "
+                "or at the catalog.json / items file."
+            )
         if kind == "Feature":
             yield from read_items(archive, stage)[0]
             return
@@ -212,7 +231,8 @@ _XML_ASSET = re.compile(r"(?:^|[-_])(calibration|noise|product)[-_](vv|vh|hh|hv)
 
 def lut_assets(item: pystac.Item, base: str) -> dict[tuple[str, str], str]:
     """An item's Sentinel-1 calibration, noise and product annotation XML assets (the Planetary Computer's
-    ``schema-calibration-vv``, ``schema-noise-vh``, ``schema-product-vv``...) as {(kind, POL): absolute uri}."""
+    ``schema-calibration-vv``, ``schema-noise-vh``, ``schema-product-vv``...) as {(kind, POL): absolute
+    uri}."""
     out = {}
     for key, asset in item.assets.items():
         m = _XML_ASSET.search(key)
@@ -228,18 +248,39 @@ def group_polarisations(cands: list[Candidate], luts: dict[tuple[str, str], str]
     if len(cands) < 2 or any(len(p) != 1 for p in pols) or len({p[0] for p in pols}) != len(pols):
         return cands
     order = ("VV", "HH", "VH", "HV")
-    ranked = sorted(zip(cands, (p[0] for p in pols)), key=lambda cp: order.index(cp[1]) if cp[1] in order else 9)
+    ranked = sorted(
+        zip(cands, (p[0] for p in pols)), key=lambda cp: order.index(cp[1]) if cp[1] in order else 9
+    )
     first = ranked[0][0]
-    bands = [{"polarisation": pol, "uri": c.uri, "band": 1, "asset": c.asset,
-              "calibration": luts.get(("calibration", pol)), "noise": luts.get(("noise", pol)),
-              "annotation": luts.get(("product", pol))} for c, pol in ranked]
-    return [Candidate(uri=first.uri, item_id=first.item_id, item_href=first.item_href,
-                      asset="+".join(c.asset for c, _ in ranked), href=first.href, properties=first.properties,
-                      asset_fields=first.asset_fields, bands=bands)]
+    bands = [
+        {
+            "polarisation": pol,
+            "uri": c.uri,
+            "band": 1,
+            "asset": c.asset,
+            "calibration": luts.get(("calibration", pol)),
+            "noise": luts.get(("noise", pol)),
+            "annotation": luts.get(("product", pol)),
+        }
+        for c, pol in ranked
+    ]
+    return [
+        Candidate(
+            uri=first.uri,
+            item_id=first.item_id,
+            item_href=first.item_href,
+            asset="+".join(c.asset for c, _ in ranked),
+            href=first.href,
+            properties=first.properties,
+            asset_fields=first.asset_fields,
+            bands=bands,
+        )
+    ]
 
 
-def candidates(archive: str, asset_keys: list[str] | None, stage: str, group: bool = True
-               ) -> tuple[list[Candidate], list[dict]]:
+def candidates(
+    archive: str, asset_keys: list[str] | None, stage: str, group: bool = True
+) -> tuple[list[Candidate], list[dict]]:
     """The SAR assets of a STAC file as inspection candidates, plus error rows for unusable items.
 
     An item without a SAR asset is rejected (``stac_no_sar_asset``), so planned = written + rejected
@@ -250,9 +291,15 @@ def candidates(archive: str, asset_keys: list[str] | None, stage: str, group: bo
     return candidates_from_items(items, errors, archive, asset_keys, stage, group)
 
 
-def candidates_from_items(items: list[tuple[pystac.Item, str]], errors: list[dict], archive: str,
-                          asset_keys: list[str] | None, stage: str, group: bool = True,
-                          seen: dict[str, str] | None = None) -> tuple[list[Candidate], list[dict]]:
+def candidates_from_items(
+    items: list[tuple[pystac.Item, str]],
+    errors: list[dict],
+    archive: str,
+    asset_keys: list[str] | None,
+    stage: str,
+    group: bool = True,
+    seen: dict[str, str] | None = None,
+) -> tuple[list[Candidate], list[dict]]:
     """:func:`candidates` of items already read (a STAC file's, or a search snapshot's): ``(item, base)``
     pairs, ``base`` the href relative asset hrefs resolve against; ``archive`` names the source in errors.
     ``seen``: the rasters already cataloged (uri -> item id), shared by the pages of one listing."""
@@ -261,22 +308,47 @@ def candidates_from_items(items: list[tuple[pystac.Item, str]], errors: list[dic
     for item, base in sorted(items, key=lambda pair: pair[0].id):
         assets = sar_assets(item, asset_keys)
         if not assets:
-            which = f"named any of {asset_keys}" if asset_keys is not None else "with a GeoTIFF media type and the data role"
-            errors.append(error_row(stage, base if base != archive else f"{archive}#{item.id}", "stac_no_sar_asset",
-                                    f"STAC item {item.id!r} has no asset {which} (its assets: {sorted(item.assets)}). "
-                                    "Set catalog.stac_assets to the keys of its SAR assets."))
+            which = (
+                f"named any of {asset_keys}"
+                if asset_keys is not None
+                else "with a GeoTIFF media type and the data role"
+            )
+            errors.append(
+                error_row(
+                    stage,
+                    base if base != archive else f"{archive}#{item.id}",
+                    "stac_no_sar_asset",
+                    f"STAC item {item.id!r} has no asset {which} (its assets: {sorted(item.assets)}). "
+                    "Set catalog.stac_assets to the keys of its SAR assets.",
+                )
+            )
             continue
         mine: list[Candidate] = []
         for key, asset in assets:
             uri = resolve(asset.href, base)
             if uri in seen:
-                errors.append(error_row(stage, f"{base}#{key}", "stac_duplicate",
-                                        f"STAC item {item.id!r} asset {key!r} names {uri}, already cataloged from item "
-                                        f"{seen[uri]!r}; kept once."))
+                errors.append(
+                    error_row(
+                        stage,
+                        f"{base}#{key}",
+                        "stac_duplicate",
+                        f"STAC item {item.id!r} asset {key!r} names {uri}, already cataloged from item "
+                        f"{seen[uri]!r}; kept once.",
+                    )
+                )
                 continue
             seen[uri] = item.id
-            mine.append(Candidate(uri=uri, item_id=item.id, item_href=base, asset=key, href=asset.href,
-                                  properties=dict(item.properties), asset_fields=dict(asset.extra_fields)))
+            mine.append(
+                Candidate(
+                    uri=uri,
+                    item_id=item.id,
+                    item_href=base,
+                    asset=key,
+                    href=asset.href,
+                    properties=dict(item.properties),
+                    asset_fields=dict(asset.extra_fields),
+                )
+            )
         found += group_polarisations(mine, lut_assets(item, base)) if group else mine
     return found, errors
 
@@ -292,7 +364,8 @@ def acquired(props: dict[str, Any]) -> str | None:
 
 
 def polarisations(c: Candidate) -> list[str]:
-    """Polarisations of this asset: the asset's own ``sar:polarizations``, its key (vv, vh...), then the item's."""
+    """Polarisations of this asset: the asset's own ``sar:polarizations``, its key (vv, vh...), then the
+    item's."""
     own = c.asset_fields.get("sar:polarizations")
     if own:
         return [str(p).upper() for p in own]

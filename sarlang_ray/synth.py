@@ -140,7 +140,9 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
     for _ in range(25):  # bare-soil fields
         cx, cy = rng.uniform(-half, half, 2)
         length, width = rng.uniform(150, 500, 2)
-        feats.append(Feature(_rect(cx, cy, length, width, rng.uniform(0, 90)), None, 0.025, (150, 128, 96), BARE))
+        feats.append(
+            Feature(_rect(cx, cy, length, width, rng.uniform(0, 90)), None, 0.025, (150, 128, 96), BARE)
+        )
     built_zone = box(-1600, float(_shore_y(-1600)) - 10, 2600, 2900)
     feats.append(Feature(built_zone, None, 0.09, (128, 124, 118), BUILT))
     airport = box(-2900, 400, -1700, 2600)
@@ -151,7 +153,10 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
 
     # port: one harbour polygon (quay strip + piers), moored ships between piers, anchored ships offshore
     quay = box(-1500, float(_shore_y(-1500)) - 40, -350, float(_shore_y(-1500)) + 60)
-    piers = [box(px - 30, float(_shore_y(px)) - 340, px + 30, float(_shore_y(px)) + 20) for px in (-1380, -1080, -780, -480)]
+    piers = [
+        box(px - 30, float(_shore_y(px)) - 340, px + 30, float(_shore_y(px)) + 20)
+        for px in (-1380, -1080, -780, -480)
+    ]
     harbour = unary_union([quay, *piers])
     feats.append(Feature(harbour, "harbour", 0.12, (170, 168, 160), BUILT))
     for px in (-1380, -1080, -780, -480):
@@ -159,12 +164,20 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
             if rng.random() < 0.85:
                 length = rng.uniform(80, 200)
                 cy = float(_shore_y(px)) - 60 - length / 2 - rng.uniform(0, 60)
-                feats.append(Feature(_rect(px + side * 52, cy, length, length / 6.5, 90), "ship", 4.0, (200, 60, 50), WATER))
+                feats.append(
+                    Feature(
+                        _rect(px + side * 52, cy, length, length / 6.5, 90), "ship", 4.0, (200, 60, 50), WATER
+                    )
+                )
     for _ in range(14):
         x = rng.uniform(-3000, 3000)
         y = float(_shore_y(x)) - rng.uniform(500, 3000)
         length = rng.uniform(40, 260)
-        feats.append(Feature(_rect(x, y, length, length / 6.0, rng.uniform(0, 180)), "ship", 5.0, (230, 230, 225), WATER))
+        feats.append(
+            Feature(
+                _rect(x, y, length, length / 6.0, rng.uniform(0, 180)), "ship", 5.0, (230, 230, 225), WATER
+            )
+        )
 
     # tank farm behind the quay
     y0 = float(_shore_y(-1400)) + 130
@@ -172,11 +185,15 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
         for j in range(3):
             r = rng.uniform(10, 24)
             c = Point(-1460 + i * 70, y0 + j * 70).buffer(r, 32)
-            feats.append(Feature(c, "storage tank", 0.25, (235, 235, 230), BUILT, height_m=rng.uniform(10, 20)))
+            feats.append(
+                Feature(c, "storage tank", 0.25, (235, 235, 230), BUILT, height_m=rng.uniform(10, 20))
+            )
 
     # parking lot next to the port with parked cars
     lot_x, lot_y = -760.0, float(_shore_y(-760)) + 120
-    feats.append(Feature(box(lot_x - 70, lot_y - 40, lot_x + 70, lot_y + 40), None, 0.006, (70, 70, 72), ROAD))
+    feats.append(
+        Feature(box(lot_x - 70, lot_y - 40, lot_x + 70, lot_y + 40), None, 0.006, (70, 70, 72), ROAD)
+    )
     for i in range(24):
         for j in range(3):
             if rng.random() < 0.7:
@@ -190,8 +207,16 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
     roads, blocks = [], []
     for gx in np.arange(-1500, 2600, spacing):
         for gy in np.arange(-500, 2900, spacing):
-            for seg, crosses_river in ((LineString([(gx, gy), (gx + spacing, gy)]), True), (LineString([(gx, gy), (gx, gy + spacing)]), False)):
-                roads.append((affinity.rotate(seg.buffer(road_w / 2, cap_style="flat"), rot, origin=origin), crosses_river))
+            for seg, crosses_river in (
+                (LineString([(gx, gy), (gx + spacing, gy)]), True),
+                (LineString([(gx, gy), (gx, gy + spacing)]), False),
+            ):
+                roads.append(
+                    (
+                        affinity.rotate(seg.buffer(road_w / 2, cap_style="flat"), rot, origin=origin),
+                        crosses_river,
+                    )
+                )
             blocks.append((gx + spacing / 2, gy + spacing / 2))
     water = unary_union([sea, river])
     for road, crosses_river in roads:
@@ -216,7 +241,9 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
             for k in range(1, n - 1):
                 p = line.interpolate(k * 7.0)
                 col = _rgb(rng.integers(20, 235, 3))
-                feats.append(Feature(_rect(p.x, p.y, 4.6, 1.9, angle + rng.normal(0, 2)), "car", 0.9, col, ROAD))
+                feats.append(
+                    Feature(_rect(p.x, p.y, 4.6, 1.9, angle + rng.normal(0, 2)), "car", 0.9, col, ROAD)
+                )
     for bx, by in blocks:
         c = affinity.rotate(Point(bx, by), rot, origin=origin)
         if not built_zone.contains(c) or water.buffer(60).contains(c) or water.intersects(c.buffer(75)):
@@ -225,7 +252,9 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
         for k in range(n):
             w, h = rng.uniform(18, 55), rng.uniform(18, 55)
             ox = (k - (n - 1) / 2) * 40
-            b = _rect(c.x + ox * math.cos(math.radians(rot)), c.y + ox * math.sin(math.radians(rot)), w, h, rot)
+            b = _rect(
+                c.x + ox * math.cos(math.radians(rot)), c.y + ox * math.sin(math.radians(rot)), w, h, rot
+            )
             roof = _rgb(rng.choice([[150, 70, 60], [120, 120, 125], [200, 195, 185], [90, 80, 75]]))
             feats.append(Feature(b, "building", 0.14, roof, BUILT, height_m=rng.uniform(6, 60)))
 
@@ -235,8 +264,13 @@ def city_layout(city: City, rng: np.random.Generator) -> list[Feature]:
             span = rng.uniform(28, 64)
             feats.append(
                 Feature(
-                    _aircraft(-2450 + row * 230, 900 + k * 150 + rng.normal(0, 8), span, 180 + rng.normal(0, 4)),
-                    "aircraft", 1.6, (236, 238, 240), BUILT,
+                    _aircraft(
+                        -2450 + row * 230, 900 + k * 150 + rng.normal(0, 8), span, 180 + rng.normal(0, 4)
+                    ),
+                    "aircraft",
+                    1.6,
+                    (236, 238, 240),
+                    BUILT,
                 )
             )
     return _drop_overlapping_labels(feats)
@@ -283,9 +317,17 @@ def _sar_layers(feats: list[Feature]) -> tuple[list[tuple[Polygon, float]], list
     return base + shadows + tall, bounces
 
 
-def _render(layers: Sequence[tuple[Polygon, object]], shape: tuple[int, int], transform, fill, dtype) -> np.ndarray:
+def _render(
+    layers: Sequence[tuple[Polygon, object]], shape: tuple[int, int], transform, fill, dtype
+) -> np.ndarray:
     """Rasterise (geometry, value-index) in order; later shapes overwrite earlier ones."""
-    return rasterize(((g, i) for i, (g, _) in enumerate(layers)), out_shape=shape, transform=transform, fill=fill, dtype=dtype)
+    return rasterize(
+        ((g, i) for i, (g, _) in enumerate(layers)),
+        out_shape=shape,
+        transform=transform,
+        fill=fill,
+        dtype=dtype,
+    )
 
 
 def render_scene(feats: list[Feature], transform, size: int, looks: float, rng: np.random.Generator):
@@ -304,7 +346,9 @@ def render_scene(feats: list[Feature], transform, size: int, looks: float, rng: 
     if walls:
         # a dihedral returns DIHEDRAL_SIGMA0 over a ~1 m wide strip: spread that energy over the sub-pixel
         sub_px = abs(fine_t.a)
-        line = rasterize(walls, out_shape=fine_shape, transform=fine_t, all_touched=True, dtype="uint8").astype(bool)
+        line = rasterize(
+            walls, out_shape=fine_shape, transform=fine_t, all_touched=True, dtype="uint8"
+        ).astype(bool)
         sigma[line] = np.maximum(sigma[line], DIHEDRAL_SIGMA0 * min(1.0, 1.0 / sub_px))
     sigma = sigma.reshape(size, sub, size, sub).mean(axis=(1, 3))
     speckle = rng.gamma(shape=looks, scale=1.0 / looks, size=sigma.shape).astype(np.float32)
@@ -355,11 +399,22 @@ def write_archive(cfg: SynthSection, seed: int = 0) -> dict:
         centre = gpd.GeoSeries.from_xy([city.lon], [city.lat], crs=4326).to_crs(city.epsg)[0]
         labelled = [f for f in layouts[city.name] if f.cls is not None]
         layouts_utm[city.name] = [
-            Feature(affinity.translate(f.geom, centre.x, centre.y), f.cls, f.sigma0, f.rgb, f.landcover, f.height_m)
+            Feature(
+                affinity.translate(f.geom, centre.x, centre.y),
+                f.cls,
+                f.sigma0,
+                f.rgb,
+                f.landcover,
+                f.height_m,
+            )
             for f in layouts[city.name]
         ]
         gdf = gpd.GeoDataFrame(
-            {"class": [f.cls for f in labelled], "city": city.name, "object_id": [f"{city.name}-{k:05d}" for k in range(len(labelled))]},
+            {
+                "class": [f.cls for f in labelled],
+                "city": city.name,
+                "object_id": [f"{city.name}-{k:05d}" for k in range(len(labelled))],
+            },
             geometry=[f.geom for f in layouts_utm[city.name] if f.cls is not None],
             crs=city.epsg,
         ).to_crs(4326)
@@ -382,22 +437,63 @@ def write_archive(cfg: SynthSection, seed: int = 0) -> dict:
         sar[nodata] = 0.0
         rgb[:, nodata] = 0
         landcover[nodata] = 0
-        common = {"driver": "GTiff", "width": size, "height": size, "crs": f"EPSG:{city.epsg}", "transform": transform,
-                  "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
-        with rasterio.open(os.path.join(out, "sar", f"{scene_id}_sar.tif"), "w", count=1, dtype="float32", nodata=0.0, predictor=3, **common) as dst:
+        common = {
+            "driver": "GTiff",
+            "width": size,
+            "height": size,
+            "crs": f"EPSG:{city.epsg}",
+            "transform": transform,
+            "tiled": True,
+            "blockxsize": 256,
+            "blockysize": 256,
+            "compress": "deflate",
+        }
+        with rasterio.open(
+            os.path.join(out, "sar", f"{scene_id}_sar.tif"),
+            "w",
+            count=1,
+            dtype="float32",
+            nodata=0.0,
+            predictor=3,
+            **common,
+        ) as dst:
             dst.write(sar, 1)
             acquired = FIRST_ACQUISITION + k * ACQUISITION_STEP
-            dst.update_tags(SENSOR="sarlang-synthetic X-band", POLARISATION="VV", UNITS="intensity", REGION=city.name,
-                            ACQUISITION_DATETIME=acquired.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            dst.update_tags(
+                SENSOR="sarlang-synthetic X-band",
+                POLARISATION="VV",
+                UNITS="intensity",
+                REGION=city.name,
+                ACQUISITION_DATETIME=acquired.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            )
             dst.set_band_description(1, "VV")
-        with rasterio.open(os.path.join(out, "optical", f"{scene_id}_optical.tif"), "w", count=3, dtype="uint8", nodata=0, photometric="RGB", **common) as dst:
+        with rasterio.open(
+            os.path.join(out, "optical", f"{scene_id}_optical.tif"),
+            "w",
+            count=3,
+            dtype="uint8",
+            nodata=0,
+            photometric="RGB",
+            **common,
+        ) as dst:
             dst.write(rgb)
-        with rasterio.open(os.path.join(out, "landcover", f"{scene_id}_landcover.tif"), "w", count=1, dtype="uint8", nodata=0, **common) as dst:
+        with rasterio.open(
+            os.path.join(out, "landcover", f"{scene_id}_landcover.tif"),
+            "w",
+            count=1,
+            dtype="uint8",
+            nodata=0,
+            **common,
+        ) as dst:
             dst.write(landcover, 1)
             dst.update_tags(CLASSES=",".join(f"{v}={n}" for v, n in LANDCOVER.items()))
         n_scenes += 1
     write_optical_collection(out, scene_specs(cfg.scale))
-    return {"scenes": n_scenes, "cities": len(CITIES), "labels": {c: sum(f.cls is not None for f in layouts[c]) for c in layouts}}
+    return {
+        "scenes": n_scenes,
+        "cities": len(CITIES),
+        "labels": {c: sum(f.cls is not None for f in layouts[c]) for c in layouts},
+    }
 
 
 def write_optical_collection(out: str, specs: list[tuple[str, SceneSpec]]) -> str:
@@ -414,16 +510,31 @@ def write_optical_collection(out: str, specs: list[tuple[str, SceneSpec]]) -> st
         with rasterio.open(path) as src:
             footprint = footprint_4326(src)
         when = FIRST_ACQUISITION + k * ACQUISITION_STEP + dt.timedelta(hours=k + 1)
-        item = pystac.Item(f"{scene_id}_optical", footprint.__geo_interface__, list(footprint.bounds), when,
-                           {"eo:cloud_cover": 5.0 * k, "platform": "sarlang-synthetic optical"})
-        item.add_asset("visual", pystac.Asset(os.path.abspath(path), media_type=pystac.MediaType.GEOTIFF, roles=["visual"]))
+        item = pystac.Item(
+            f"{scene_id}_optical",
+            footprint.__geo_interface__,
+            list(footprint.bounds),
+            when,
+            {"eo:cloud_cover": 5.0 * k, "platform": "sarlang-synthetic optical"},
+        )
+        item.add_asset(
+            "visual",
+            pystac.Asset(os.path.abspath(path), media_type=pystac.MediaType.GEOTIFF, roles=["visual"]),
+        )
         items.append(item)
         boxes.append(footprint.bounds)  # the item's bbox
         times.append(when)  # its datetime
-    bounds = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+    bounds = [
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    ]
     collection = pystac.Collection(
-        "sarlang-synthetic-optical", "Optical scenes of the synthetic archive (the SAR scenes' twins)",
-        pystac.Extent(pystac.SpatialExtent([bounds]), pystac.TemporalExtent([[min(times), max(times)]])))
+        "sarlang-synthetic-optical",
+        "Optical scenes of the synthetic archive (the SAR scenes' twins)",
+        pystac.Extent(pystac.SpatialExtent([bounds]), pystac.TemporalExtent([[min(times), max(times)]])),
+    )
     for item in items:
         collection.add_item(item)
     root = os.path.join(out, "optical")

@@ -108,8 +108,9 @@ def scene_bounds(scene: Mapping[str, Any]) -> tuple[float, float, float, float]:
         xs, ys = zip(*(t @ (c, r) for c, r in ((0, 0), (w, 0), (w, h), (0, h))))
         left, bottom, right, top = min(xs), min(ys), max(xs), max(ys)
     if scene["tile_crs"] != scene["crs"]:
-        left, bottom, right, top = transform_bounds(scene["crs"], scene["tile_crs"], left, bottom, right, top,
-                                                    densify_pts=21)
+        left, bottom, right, top = transform_bounds(
+            scene["crs"], scene["tile_crs"], left, bottom, right, top, densify_pts=21
+        )
     return left, bottom, right, top
 
 
@@ -158,11 +159,17 @@ def plan_chunks(scene: SceneRow, cfg: TileSection) -> list[ChunkRow]:
         r0, r1, c0, c1 = aoi_windows(grid, cfg.aoi)
         n = (r1 - r0) * (c1 - c0)
         for chunk, start in enumerate(range(0, n, cfg.tiles_per_shard)):
-            out.append({
-                "scene_id": scene["scene_id"], "gsd_m": gsd, "chunk": chunk, "start": start,
-                "stop": min(start + cfg.tiles_per_shard, n), "scene_json": scene_json,
-                "block": [r0, c0, c1 - c0],
-            })
+            out.append(
+                {
+                    "scene_id": scene["scene_id"],
+                    "gsd_m": gsd,
+                    "chunk": chunk,
+                    "start": start,
+                    "stop": min(start + cfg.tiles_per_shard, n),
+                    "scene_json": scene_json,
+                    "block": [r0, c0, c1 - c0],
+                }
+            )
     return out
 
 
@@ -175,8 +182,13 @@ def window_of(chunk: ChunkRow, grid: Grid, i: int) -> tuple[int, int]:
 def scene_bands(scene: Mapping[str, Any]) -> list[dict]:
     """A scene's bands (one per polarisation, co-polarisation first): ``{polarisation, uri, band, ...}``."""
     bands = json.loads(scene["bands"]) if scene.get("bands") else []
-    return bands or [{"polarisation": scene.get("polarisation") or "unknown", "uri": scene["sar_uri"],
-                      "band": scene["band"]}]
+    return bands or [
+        {
+            "polarisation": scene.get("polarisation") or "unknown",
+            "uri": scene["sar_uri"],
+            "band": scene["band"],
+        }
+    ]
 
 
 class MissingBand(ValueError):
@@ -200,7 +212,9 @@ def png_selection(bands: list[dict], mode: str) -> tuple[str, list[int]]:
             return "grey", [0]
         return "composite", [co, cross]
     if mode not in pols:
-        raise MissingBand(f"tile.bands={mode} but the scene has {'+'.join(pols)}; set tile.bands=auto or one of {pols}")
+        raise MissingBand(
+            f"tile.bands={mode} but the scene has {'+'.join(pols)}; set tile.bands=auto or one of {pols}"
+        )
     return "grey", [pols.index(mode)]
 
 
@@ -218,15 +232,20 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     filtered with Paeth: the same pixels Pillow would write, in about 55 % of its time on a speckled tile."""
     # imagecodecs' stub returns bytes | bytearray for every call; it is a bytearray only when out= is given
     return imagecodecs.png_encode(  # type: ignore[return-value]
-        np.ascontiguousarray(array), level=compress_level, filter=PNG_FILTER)
+        np.ascontiguousarray(array), level=compress_level, filter=PNG_FILTER
+    )
 
 
-def source_window(src_transform: Affine, src_crs, dst_transform: Affine, dst_crs, size: int, pad: int = 2) -> Window:
+def source_window(
+    src_transform: Affine, src_crs, dst_transform: Affine, dst_crs, size: int, pad: int = 2
+) -> Window:
     """The window of source pixels that covers a destination tile (any rotation, any CRS)."""
     left, top = dst_transform.c, dst_transform.f
     right, bottom = dst_transform @ (size, size)
     if str(src_crs) != str(dst_crs):
-        left, bottom, right, top = transform_bounds(dst_crs, src_crs, left, bottom, right, top, densify_pts=21)
+        left, bottom, right, top = transform_bounds(
+            dst_crs, src_crs, left, bottom, right, top, densify_pts=21
+        )
     inv = ~src_transform
     cols, rows = zip(*(inv @ (x, y) for x, y in ((left, top), (right, top), (right, bottom), (left, bottom))))
     c0, c1 = math.floor(min(cols)) - pad, math.ceil(max(cols)) + pad
@@ -252,8 +271,16 @@ def _read_float(src, band: int | list[int], window: Window, to_float, stats: dic
     return to_float(block) if to_float else block.astype(np.float32).filled(np.nan)
 
 
-def warp_window(src, band: int | list[int], dst_transform: Affine, dst_crs: str, size: int, resampling: Resampling,
-                to_float=None, stats: dict | None = None) -> np.ndarray | None:
+def warp_window(
+    src,
+    band: int | list[int],
+    dst_transform: Affine,
+    dst_crs: str,
+    size: int,
+    resampling: Resampling,
+    to_float=None,
+    stats: dict | None = None,
+) -> np.ndarray | None:
     """Read the source pixels under a tile and warp them onto the tile grid, as float32 with NaN nodata.
 
     ``band``: one band (a (size, size) array back), or a list of bands warped in one pass ((bands, size,
@@ -269,10 +296,16 @@ def warp_window(src, band: int | list[int], dst_transform: Affine, dst_crs: str,
     data = _read_float(src, band, inter, to_float, stats)
     dst = np.full(data.shape[:-2] + (size, size), np.nan, dtype=np.float32)
     reproject(
-        data, dst,
-        src_transform=src.window_transform(inter), src_crs=src.crs, src_nodata=np.nan,
-        dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=np.nan,
-        resampling=resampling, UNIFIED_SRC_NODATA="NO",
+        data,
+        dst,
+        src_transform=src.window_transform(inter),
+        src_crs=src.crs,
+        src_nodata=np.nan,
+        dst_transform=dst_transform,
+        dst_crs=dst_crs,
+        dst_nodata=np.nan,
+        resampling=resampling,
+        UNIFIED_SRC_NODATA="NO",
     )
     return dst
 
@@ -284,7 +317,9 @@ def pixel_window(src, dst_transform: Affine, dst_crs: str, size: int) -> Window 
     t = src.transform
     if str(src.crs) != str(dst_crs) or t.b != 0 or t.d != 0 or t.a <= 0 or t.e >= 0:
         return None
-    if not (math.isclose(dst_transform.a, t.a, rel_tol=1e-9) and math.isclose(dst_transform.e, t.e, rel_tol=1e-9)):
+    if not (
+        math.isclose(dst_transform.a, t.a, rel_tol=1e-9) and math.isclose(dst_transform.e, t.e, rel_tol=1e-9)
+    ):
         return None
     col, row = (dst_transform.c - t.c) / t.a, (dst_transform.f - t.f) / t.e
     if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
@@ -292,8 +327,9 @@ def pixel_window(src, dst_transform: Affine, dst_crs: str, size: int) -> Window 
     return Window(round(col), round(row), size, size)
 
 
-def read_window(src, band: int | list[int], window: Window, size: int, to_float=None,
-                stats: dict | None = None) -> np.ndarray | None:
+def read_window(
+    src, band: int | list[int], window: Window, size: int, to_float=None, stats: dict | None = None
+) -> np.ndarray | None:
     """A tile read straight from the raster's pixels (see :func:`pixel_window`), float32 with NaN nodata
     where the window leaves the raster; the same array :func:`warp_window` would return, for less work
     (a list of bands gives (bands, size, size), as there)."""
@@ -303,12 +339,20 @@ def read_window(src, band: int | list[int], window: Window, size: int, to_float=
     data = _read_float(src, band, inter, to_float, stats)
     out = np.full(data.shape[:-2] + (size, size), np.nan, dtype=np.float32)
     r0, c0 = int(inter.row_off - window.row_off), int(inter.col_off - window.col_off)
-    out[..., r0: r0 + data.shape[-2], c0: c0 + data.shape[-1]] = data
+    out[..., r0 : r0 + data.shape[-2], c0 : c0 + data.shape[-1]] = data
     return out
 
 
-def grid_read(src, band: int | list[int], dst_transform: Affine, dst_crs: str, size: int, resampling: Resampling,
-              to_float=None, stats: dict | None = None) -> np.ndarray | None:
+def grid_read(
+    src,
+    band: int | list[int],
+    dst_transform: Affine,
+    dst_crs: str,
+    size: int,
+    resampling: Resampling,
+    to_float=None,
+    stats: dict | None = None,
+) -> np.ndarray | None:
     """:func:`warp_window`'s result by the cheaper exact path: a windowed read when the resampling is nearest
     neighbour and the tile grid is the raster's own pixel grid (:func:`pixel_window`: the native level),
     the warper otherwise. (GDAL's average is not the identity on identical pixels next to nodata, so only
@@ -330,7 +374,9 @@ def overview_for(src, factor: float) -> int | None:
     return levels[-1] if levels else None
 
 
-def resampling_for(tile_gsd: float, native_gsd: float, coarser: Resampling = Resampling.average) -> Resampling:
+def resampling_for(
+    tile_gsd: float, native_gsd: float, coarser: Resampling = Resampling.average
+) -> Resampling:
     return coarser if tile_gsd > native_gsd * 1.01 else Resampling.nearest
 
 
@@ -340,7 +386,8 @@ def _timing(started: float) -> dict:
 
 
 class TileChunk:
-    """Row function of the tile stage (Ray tasks, one instance per worker process): one chunk descriptor -> one
+    """Row function of the tile stage (Ray tasks, one instance per worker process): one chunk descriptor ->
+    one
     shard + manifest row."""
 
     def __init__(self, cfg: TileSection, run_dir: str, access: dict | None = None):
@@ -351,10 +398,14 @@ class TileChunk:
             set_gdal_config("GDAL_CACHEMAX", int(cfg.gdal_cache_mb * 2**20))
         self.shards = io.join(run_dir, STAGE, "shards")
         self.errors = io.join(run_dir, STAGE, "errors")
-        self._open: dict[tuple[str, int | None], rasterio.io.DatasetReader] = {}  # one scene's datasets at a time
+        self._open: dict[
+            tuple[str, int | None], rasterio.io.DatasetReader
+        ] = {}  # one scene's datasets at a time
         self._keep: set[str] = set()  # the uris of the current scene's bands
         self._georef: dict[str, Georef] = {}  # GCP transformers, per scene
-        self._radiometry: dict[tuple[str, str], safe.Radiometry] = {}  # calibration / noise LUTs, per scene band
+        self._radiometry: dict[
+            tuple[str, str], safe.Radiometry
+        ] = {}  # calibration / noise LUTs, per scene band
         self.stats: dict = {}  # pixels_read, and tiles per read path (direct, overview, warp)
 
     def _dataset(self, uri: str, overview: int | None = None):
@@ -376,13 +427,21 @@ class TileChunk:
         name = shard_name(chunk["scene_id"], chunk["gsd_m"], chunk["chunk"])
         shard_uri = io.join(self.shards, name)
         planned = chunk["stop"] - chunk["start"]
-        if (done := existing_shard(shard_uri, planned, name)) is not None:  # an earlier, interrupted run wrote it
+        if (
+            done := existing_shard(shard_uri, planned, name)
+        ) is not None:  # an earlier, interrupted run wrote it
             return {**done, **_timing(started)}
         rows, errors = self.process(chunk)
         write_errors(io.join(self.errors, name), errors)  # only when the chunk rejected a tile
         io.write_parquet_atomic(shard_uri, pa.Table.from_pylist(rows, schema=TILES_SCHEMA))
-        return {"shard": name, "planned": planned, "written": len(rows), "rejected": len(errors), "skipped": False,
-                **_timing(started)}
+        return {
+            "shard": name,
+            "planned": planned,
+            "written": len(rows),
+            "rejected": len(errors),
+            "skipped": False,
+            **_timing(started),
+        }
 
     def process(self, chunk: ChunkRow) -> tuple[list[dict], list[dict]]:
         """Read, preprocess and encode the windows of a chunk (no writing: the benchmark loop uses this)."""
@@ -395,13 +454,20 @@ class TileChunk:
         try:
             src = self._dataset(bands[0]["uri"])
             png_selection(bands, self.cfg.bands)
-        except Exception as exc:  # noqa: BLE001 - an unopenable scene: each of the chunk's tiles gets an error row
+        # an unopenable scene: each of the chunk's tiles gets an error row
+        except Exception as exc:  # noqa: BLE001
             for i in range(chunk["start"], chunk["stop"]):
                 tid = tile_id_for(scene["scene_id"], grid.gsd, *window_of(chunk, grid, i))
                 if isinstance(exc, MissingBand):
-                    errors.append(error_row(STAGE, tid, "missing_polarisation", f"{scene['sar_uri']}: {exc}."))
+                    errors.append(
+                        error_row(STAGE, tid, "missing_polarisation", f"{scene['sar_uri']}: {exc}.")
+                    )
                 else:
-                    errors.append(error_row(STAGE, tid, "unreadable", f"{scene['sar_uri']}: {exc}. Re-download the scene."))
+                    errors.append(
+                        error_row(
+                            STAGE, tid, "unreadable", f"{scene['sar_uri']}: {exc}. Re-download the scene."
+                        )
+                    )
             return rows, errors
         for i in range(chunk["start"], chunk["stop"]):
             r, c = window_of(chunk, grid, i)
@@ -409,7 +475,15 @@ class TileChunk:
             try:
                 row = self.make_tile(src, scene, grid, r, c, tid)
             except Exception as exc:  # noqa: BLE001 - a corrupt block loses this tile only, with the reason
-                errors.append(error_row(STAGE, tid, "unreadable", f"{scene['sar_uri']} window of {tid}: {exc}. The file is truncated or corrupt: re-download it."))
+                errors.append(
+                    error_row(
+                        STAGE,
+                        tid,
+                        "unreadable",
+                        f"{scene['sar_uri']} window of {tid}: {exc}. The file is truncated or corrupt: "
+                        "re-download it.",
+                    )
+                )
                 continue
             if isinstance(row, str):
                 errors.append(error_row(STAGE, tid, "nodata", row))
@@ -417,14 +491,16 @@ class TileChunk:
                 rows.append(row)
         return rows, errors
 
-    def read_intensity(self, src, scene: SceneRow, transform: Affine, crs: str, size: int, uri: str | None = None
-                       ) -> np.ndarray:
+    def read_intensity(
+        self, src, scene: SceneRow, transform: Affine, crs: str, size: int, uri: str | None = None
+    ) -> np.ndarray:
         """Linear intensity on a tile grid (NaN nodata) by the cheapest exact path:
 
         * the tile grid is the scene's own pixel grid (native GSD, north-up, same CRS): a windowed read;
         * a coarser level of a linear-intensity scene with overviews (a COG): the warper averages the
           coarsest overview not coarser than the tile, instead of every full-resolution pixel
-          (``tile.use_overviews``); overviews of dB or amplitude files averaged those units, so they are not used;
+          (``tile.use_overviews``); overviews of dB or amplitude files averaged those units, so they are not
+        used;
         * anything else (rotated, mirrored, another CRS, no overviews): GDAL's warper from full resolution.
         """
         units = scene["units"]
@@ -444,24 +520,47 @@ class TileChunk:
                 overview = overview_for(src, gsd / native)
             if overview is not None:
                 path = "overview"
-                out = warp_window(self._dataset(uri or scene["sar_uri"], overview), band, transform, crs, size,
-                                  Resampling.average, to_linear, self.stats)
+                out = warp_window(
+                    self._dataset(uri or scene["sar_uri"], overview),
+                    band,
+                    transform,
+                    crs,
+                    size,
+                    Resampling.average,
+                    to_linear,
+                    self.stats,
+                )
             else:
                 path = "warp"
-                out = warp_window(src, band, transform, crs, size, resampling_for(gsd, native), to_linear, self.stats)
+                out = warp_window(
+                    src, band, transform, crs, size, resampling_for(gsd, native), to_linear, self.stats
+                )
         self.stats[path] = self.stats.get(path, 0) + 1
         return np.full((size, size), np.nan, np.float32) if out is None else out
 
-    def filtered_intensity(self, src, scene: SceneRow, grid: Grid, t: Affine) -> tuple[np.ndarray, np.ndarray]:
+    def filtered_intensity(
+        self, src, scene: SceneRow, grid: Grid, t: Affine
+    ) -> tuple[np.ndarray, np.ndarray]:
         """A tile's linear intensity before and after the speckle filter. The tile is read with a halo of
         the filter's reach around it, so a tile filtered alone equals the scene filtered whole (no seams)."""
         size, halo = self.cfg.tile_size, sar.despeckle_halo(self.cfg.speckle)
-        padded = self.read_intensity(src, scene, t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo)
+        padded = self.read_intensity(
+            src, scene, t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo
+        )
         looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
-        return padded[halo: halo + size, halo: halo + size], sar.despeckle(padded, self.cfg.speckle, looks_scale, halo)
+        return padded[halo : halo + size, halo : halo + size], sar.despeckle(
+            padded, self.cfg.speckle, looks_scale, halo
+        )
 
-    def gcp_intensity(self, scene: Mapping[str, Any], bands: list[dict], transform: Affine, crs: str, height: int, width: int
-                      ) -> tuple[np.ndarray | None, list[int]]:
+    def gcp_intensity(
+        self,
+        scene: Mapping[str, Any],
+        bands: list[dict],
+        transform: Affine,
+        crs: str,
+        height: int,
+        width: int,
+    ) -> tuple[np.ndarray | None, list[int]]:
         """Linear intensity of a GCP-referenced scene's bands on a grid of ``height`` x ``width`` pixels
         ((bands, height, width), NaN nodata), or None when the grid misses the scene, and per band how many
         pixels of the source window thermal-noise removal took to the floor.
@@ -472,13 +571,18 @@ class TileChunk:
         mapping as warping the whole product."""
         sid = scene["scene_id"]
         if sid not in self._georef:
-            self._georef = {sid: Georef(json.loads(scene["gcps"]), scene["crs"], *_method(scene["gcp_method"]))}
+            self._georef = {
+                sid: Georef(json.loads(scene["gcps"]), scene["crs"], *_method(scene["gcp_method"]))
+            }
             self._radiometry = {}
         georef = self._georef[sid]
         sx, sy = np.linspace(0, width, 17), np.linspace(0, height, 9)
-        edge = (np.concatenate([sx, np.full(9, width), sx[::-1], np.zeros(9)]),
-                np.concatenate([np.zeros(17), sy, np.full(17, height), sy[::-1]]))
-        xs, ys = transform * edge  # type: ignore[operator]  # affine maps arrays of points too; its hints say a point
+        edge = (
+            np.concatenate([sx, np.full(9, width), sx[::-1], np.zeros(9)]),
+            np.concatenate([np.zeros(17), sy, np.full(17, height), sy[::-1]]),
+        )
+        # affine maps arrays of points too; its hints say a point
+        xs, ys = transform * edge  # type: ignore[operator]
         if str(crs) != str(georef.crs):
             from rasterio.warp import transform as warp_points
 
@@ -502,7 +606,11 @@ class TileChunk:
                 key = (sid, b["polarisation"])
                 if key not in self._radiometry:
                     self._radiometry[key] = safe.Radiometry.for_band(
-                        b, scene.get("calibration") or "none", bool(scene.get("noise_removed")), b.get("noise_floor_db", -40.0))
+                        b,
+                        scene.get("calibration") or "none",
+                        bool(scene.get("noise_removed")),
+                        b.get("noise_floor_db", -40.0),
+                    )
                 values, low = self._radiometry[key].intensity(dn, int(inter.row_off), int(inter.col_off))
             else:
                 values, low = sar.to_intensity(dn, scene["units"]), np.zeros(dn.shape, bool)
@@ -510,38 +618,66 @@ class TileChunk:
             floored.append(int(np.count_nonzero(low)))
         stack = np.stack(data)
         dst = np.full((len(stack), height, width), np.nan, dtype=np.float32)
-        reproject(stack, dst, src_nodata=np.nan, dst_transform=transform, dst_crs=crs, dst_nodata=np.nan,
-                  resampling=resampling_for(transform.a, scene["gsd_m"]), UNIFIED_SRC_NODATA="NO",
-                  **georef.warp_options(inter.row_off, inter.col_off))
+        reproject(
+            stack,
+            dst,
+            src_nodata=np.nan,
+            dst_transform=transform,
+            dst_crs=crs,
+            dst_nodata=np.nan,
+            resampling=resampling_for(transform.a, scene["gsd_m"]),
+            UNIFIED_SRC_NODATA="NO",
+            **georef.warp_options(inter.row_off, inter.col_off),
+        )
         self.stats["gcp_warp"] = self.stats.get("gcp_warp", 0) + 1
         return dst, floored
 
-    def band_intensities(self, src, scene: SceneRow, bands: list[dict], grid: Grid, t: Affine
-                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
-        """Every band's linear intensity on a tile, before and after the speckle filter (read with the filter's
-        halo, as :meth:`filtered_intensity`), and per band the source pixels noise removal took to the floor."""
+    def band_intensities(
+        self, src, scene: SceneRow, bands: list[dict], grid: Grid, t: Affine
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+        """Every band's linear intensity on a tile, before and after the speckle filter (read with the
+        filter's
+        halo, as :meth:`filtered_intensity`), and per band the source pixels noise removal took to the
+        floor."""
         size, halo = self.cfg.tile_size, sar.despeckle_halo(self.cfg.speckle)
         looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
-        inner = np.s_[halo: halo + size, halo: halo + size]
+        inner = np.s_[halo : halo + size, halo : halo + size]
         if scene.get("georef") == "gcps":
-            padded, clipped = self.gcp_intensity(scene, bands, t @ Affine.translation(-halo, -halo), grid.crs,
-                                                 size + 2 * halo, size + 2 * halo)
+            padded, clipped = self.gcp_intensity(
+                scene, bands, t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo, size + 2 * halo
+            )
             if padded is None:
                 padded = np.full((len(bands), size + 2 * halo, size + 2 * halo), np.nan, np.float32)
-            return [p[inner] for p in padded], [sar.despeckle(p, self.cfg.speckle, looks_scale, halo) for p in padded], clipped
+            return (
+                [p[inner] for p in padded],
+                [sar.despeckle(p, self.cfg.speckle, looks_scale, halo) for p in padded],
+                clipped,
+            )
         mask = bands[0].get("mask")
         if len(bands) == 1 and not mask:
             raw, filtered = self.filtered_intensity(src, scene, grid, t)
             return [raw], [filtered], [0]
         masked = None
         if mask:  # OPERA's layover/shadow layer: 0 valid; shadow, layover, both and fill become nodata
-            layer = grid_read(self._dataset(mask), 1, t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo,
-                              Resampling.nearest)
+            layer = grid_read(
+                self._dataset(mask),
+                1,
+                t @ Affine.translation(-halo, -halo),
+                grid.crs,
+                size + 2 * halo,
+                Resampling.nearest,
+            )
             masked = np.ones((size + 2 * halo,) * 2, bool) if layer is None else ~(layer == 0)
         raws, filts = [], []
         for b in bands:
-            padded = self.read_intensity(self._dataset(b["uri"]), {**scene, "band": b["band"]},
-                                         t @ Affine.translation(-halo, -halo), grid.crs, size + 2 * halo, uri=b["uri"])
+            padded = self.read_intensity(
+                self._dataset(b["uri"]),
+                {**scene, "band": b["band"]},
+                t @ Affine.translation(-halo, -halo),
+                grid.crs,
+                size + 2 * halo,
+                uri=b["uri"],
+            )
             if masked is not None:
                 padded[masked] = np.nan
             raws.append(padded[inner])
@@ -561,8 +697,11 @@ class TileChunk:
             invalid |= ~np.isfinite(raws[i])
         nodata_fraction = float(invalid.mean())
         if nodata_fraction > cfg.max_nodata_fraction:
-            return (f"tile {tid} of {scene['sar_uri']}: {nodata_fraction:.0%} of pixels are nodata/NaN/inf "
-                    f"(limit tile.max_nodata_fraction={cfg.max_nodata_fraction:.0%}); raise the limit to keep edge tiles.")
+            return (
+                f"tile {tid} of {scene['sar_uri']}: {nodata_fraction:.0%} of pixels are nodata/NaN/inf "
+                f"(limit tile.max_nodata_fraction={cfg.max_nodata_fraction:.0%}); raise the limit to keep "
+                "edge tiles."
+            )
         band_rows, dbs = [], []
         for i, b in enumerate(bands):
             bad = ~np.isfinite(raws[i])
@@ -572,14 +711,30 @@ class TileChunk:
             ok = db[~bad]
             if ok.size:
                 p02, p98, low, high = sar.percentiles(ok, [2, 98, cfg.stretch.low, cfg.stretch.high])
-                stats = {"db_mean": float(ok.mean()), "db_std": float(ok.std()), "db_p02": float(p02), "db_p98": float(p98)}
+                stats = {
+                    "db_mean": float(ok.mean()),
+                    "db_std": float(ok.std()),
+                    "db_p02": float(p02),
+                    "db_p98": float(p98),
+                }
             else:
                 low = high = None
                 stats = dict.fromkeys(("db_mean", "db_std", "db_p02", "db_p98"), float("nan"))
-            band_rows.append({"polarisation": b["polarisation"], "nodata_fraction": float(bad.mean()),
-                              "noise_clipped": int(clipped[i]), **stats, "_bounds": (low, high)})
+            band_rows.append(
+                {
+                    "polarisation": b["polarisation"],
+                    "nodata_fraction": float(bad.mean()),
+                    "noise_clipped": int(clipped[i]),
+                    **stats,
+                    "_bounds": (low, high),
+                }
+            )
         channels, stretches = [], []
-        images = [dbs[i] for i in shown] if mode == "grey" else [dbs[shown[0]], dbs[shown[1]], dbs[shown[0]] - dbs[shown[1]]]
+        images = (
+            [dbs[i] for i in shown]
+            if mode == "grey"
+            else [dbs[shown[0]], dbs[shown[1]], dbs[shown[0]] - dbs[shown[1]]]
+        )
         for k, db in enumerate(images):
             db = db.copy()
             db[invalid] = np.nan
@@ -588,7 +743,11 @@ class TileChunk:
                 bounds = None if bounds[0] is None else (float(bounds[0]), float(bounds[1]))
             else:  # the co/cross ratio of a composite
                 valid = db[np.isfinite(db)]
-                bounds = tuple(float(v) for v in sar.percentiles(valid, [cfg.stretch.low, cfg.stretch.high])) if valid.size else None
+                bounds = (
+                    tuple(float(v) for v in sar.percentiles(valid, [cfg.stretch.low, cfg.stretch.high]))
+                    if valid.size
+                    else None
+                )
             image, lo, hi = sar.stretch_to_uint8(db, cfg.stretch, bounds=bounds)
             channels.append(image)
             stretches.append([lo, hi])
@@ -599,18 +758,35 @@ class TileChunk:
             row.setdefault("stretch_db", None)
         first = band_rows[shown[0]]
         image = channels[0] if mode == "grey" else np.dstack(channels)
-        label = bands[shown[0]]["polarisation"] if mode == "grey" else \
-            f"{bands[shown[0]]['polarisation']}+{bands[shown[1]]['polarisation']} composite"
+        label = (
+            bands[shown[0]]["polarisation"]
+            if mode == "grey"
+            else f"{bands[shown[0]]['polarisation']}+{bands[shown[1]]['polarisation']} composite"
+        )
         return {
-            "tile_id": tid, "scene_id": scene["scene_id"], "gsd_m": grid.gsd, "row": r, "col": c,
-            "crs": grid.crs, "transform": [float(v) for v in tuple(t)[:6]], "width": size, "height": size,
+            "tile_id": tid,
+            "scene_id": scene["scene_id"],
+            "gsd_m": grid.gsd,
+            "row": r,
+            "col": c,
+            "crs": grid.crs,
+            "transform": [float(v) for v in tuple(t)[:6]],
+            "width": size,
+            "height": size,
             "bounds": [t.c, t.f - size * grid.gsd, t.c + size * grid.gsd, t.f],
             "footprint": outline_4326(t, grid.crs, size, size, densify=8).wkb,
             "sar_png": encode_png(image, cfg.png_compress_level),
-            "nodata_fraction": nodata_fraction, "db_mean": first["db_mean"], "db_std": first["db_std"],
-            "db_p02": first["db_p02"], "db_p98": first["db_p98"], "stretch_db": stretches[0],
-            "sensor": scene["sensor"], "polarisation": label, "region": scene["region"],
-            "native_gsd_m": scene["gsd_m"], "bands": band_rows,
+            "nodata_fraction": nodata_fraction,
+            "db_mean": first["db_mean"],
+            "db_std": first["db_std"],
+            "db_p02": first["db_p02"],
+            "db_p98": first["db_p98"],
+            "stretch_db": stretches[0],
+            "sensor": scene["sensor"],
+            "polarisation": label,
+            "region": scene["region"],
+            "native_gsd_m": scene["gsd_m"],
+            "bands": band_rows,
         }
 
 
@@ -618,5 +794,5 @@ def _method(name: str | None) -> tuple[str, int]:
     """``gcp_method`` of a scene row (tps, polynomial<order>, affine) as (method, order)."""
     name = name or "tps"
     if name.startswith("polynomial"):
-        return "polynomial", int(name[len("polynomial"):] or 3)
+        return "polynomial", int(name[len("polynomial") :] or 3)
     return name, 3

@@ -31,17 +31,36 @@ def _corpus() -> list[str]:
         value = getattr(template, name)
         if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
             lines += list(value)
-    lines += [f"{c} {p}" for c, (p, syns) in CLASS_WORDS.items() for _ in range(3)] + list(POSITIONS) + list(NUMBER_WORDS)
-    lines += [str(i) for i in range(200)] + ["yes", "no", "user:", "assistant:", "User:", "Assistant:", "USER:",
-                                             "ASSISTANT:", "system", "user", "assistant", "model",
-                                             prompts.CAPTION_DETAILED]
+    lines += (
+        [f"{c} {p}" for c, (p, syns) in CLASS_WORDS.items() for _ in range(3)]
+        + list(POSITIONS)
+        + list(NUMBER_WORDS)
+    )
+    lines += [str(i) for i in range(200)] + [
+        "yes",
+        "no",
+        "user:",
+        "assistant:",
+        "User:",
+        "Assistant:",
+        "USER:",
+        "ASSISTANT:",
+        "system",
+        "user",
+        "assistant",
+        "model",
+        prompts.CAPTION_DETAILED,
+    ]
     return lines * 4
 
 
-def _tokenizer(specials: list[str], roles: dict[str, str], extra: dict[str, str] | None = None, add_bos: bool = False):
+def _tokenizer(
+    specials: list[str], roles: dict[str, str], extra: dict[str, str] | None = None, add_bos: bool = False
+):
     """A byte-level BPE tokenizer trained on ``_corpus()`` with ``specials`` as special tokens.
 
-    ``roles`` maps ``bos_token``/``eos_token``/``pad_token``/``unk_token`` to tokens of ``specials``; ``extra``
+    ``roles`` maps ``bos_token``/``eos_token``/``pad_token``/``unk_token`` to tokens of ``specials``;
+    ``extra``
     names the family's multimodal tokens (``image_token``, ``boi_token``...) the processors read as tokenizer
     attributes. ``add_bos`` prepends the BOS token to every encoding, as Llama tokenizers do."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -50,36 +69,52 @@ def _tokenizer(specials: list[str], roles: dict[str, str], extra: dict[str, str]
     tok = Tokenizer(models.BPE(unk_token=roles.get("unk_token")))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=1024, special_tokens=specials,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(
+            vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     if add_bos:
         bos = roles["bos_token"]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", extra_special_tokens=extra or {}, **roles)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, padding_side="left", extra_special_tokens=extra or {}, **roles
+    )
 
 
 # Chat templates in each family's published format (the hub repos' chat_template.json / the transformers
 # conversion scripts), trimmed of tool-calling branches a captioning pipeline never renders.
 LLAVA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% "
+    "endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'image') %}"
     "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' "
+    "'}}{% endfor %}"
     "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 QWEN2_VL_TEMPLATE = (  # Qwen2-VL and Qwen2.5-VL
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in "
+    "messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] "
+    "}}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value "
+    "}}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif "
+    "%}{% endfor %}"
     "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 QWEN3_VL_TEMPLATE = """{%- set image_count = namespace(value=0) %}
@@ -124,16 +159,21 @@ QWEN3_VL_TEMPLATE = """{%- set image_count = namespace(value=0) %}
 {%- endif %}
 """
 INTERNVL_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is "
+    "string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == "
+    "'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == "
+    "'text' %}"
     "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
 _IDEFICS_TURNS = (
-    "{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == 'image' %}"
+    "{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == "
+    "'image' %}"
     "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
-    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor "
+    "%}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 IDEFICS3_TEMPLATE = "<|begin_of_text|>" + _IDEFICS_TURNS
@@ -190,10 +230,20 @@ def _text(hidden: int, layers: int, tokenizer, **extra) -> dict:
     (a newline or a colon, which strip to nothing); wider weights make an untrained model write varied text.
     The tiny LLaVA (untied, the demo's model, fine-tuned from random weights) keeps the default 0.02, from
     which it learns the demo's answers within its 3 epochs."""
-    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=hidden // 4, vocab_size=len(tokenizer), max_position_embeddings=2048,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, **{"initializer_range": 0.2, **extra})
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{"initializer_range": 0.2, **extra},
+    )
 
 
 def _ids(tokenizer, *tokens: str) -> list[int]:
@@ -210,27 +260,58 @@ def _tiny_llava(hidden: int, layers: int, size: int):
         LlavaProcessor,
     )
 
-    tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-                           {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
-                           {"image_token": "<image>"}, add_bos=True)
+    tokenizer = _tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+        {"image_token": "<image>"},
+        add_bos=True,
+    )
     patch = 8  # (size / 8)^2 patches + CLS: 16 image tokens at 32 px (the "default" strategy drops CLS)
-    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": size},
-                                                                     crop_size={"height": size, "width": size}),
-                               tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
-                               chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                       num_attention_heads=2, image_size=size, patch_size=patch),
-        text_config=LlamaConfig(**_text(hidden, layers, tokenizer, initializer_range=0.02)),  # untied: the default
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1, tie_word_embeddings=False)
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            image_size=size,
+            patch_size=patch,
+        ),
+        text_config=LlamaConfig(
+            **_text(hidden, layers, tokenizer, initializer_range=0.02)
+        ),  # untied: the default
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
     return LlavaForConditionalGeneration(config), processor
 
 
-_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
-_QWEN_EXTRA = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-               "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}
+_QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+_QWEN_EXTRA = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+}
 
 
 def _qwen_parts(patch: int, size: int, template: str, processor_class: str):
@@ -239,14 +320,30 @@ def _qwen_parts(patch: int, size: int, template: str, processor_class: str):
     import transformers
     from transformers import Qwen2VLImageProcessorPil
 
-    tokenizer = _tokenizer(_QWEN_SPECIALS, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, _QWEN_EXTRA)
-    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, temporal_patch_size=2, merge_size=2,
-                                               min_pixels=(2 * patch) ** 2, max_pixels=(2 * size) ** 2)
-    video_config = {"video_processor_type": processor_class.replace("Processor", "VideoProcessor"),
-                    "patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,
-                    "size": {"shortest_edge": (2 * patch) ** 2, "longest_edge": (2 * size) ** 2}}
-    processor = _build_processor(getattr(transformers, processor_class), image_processor, tokenizer, video_config,
-                                 chat_template=template)
+    tokenizer = _tokenizer(
+        _QWEN_SPECIALS, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, _QWEN_EXTRA
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch,
+        temporal_patch_size=2,
+        merge_size=2,
+        min_pixels=(2 * patch) ** 2,
+        max_pixels=(2 * size) ** 2,
+    )
+    video_config = {
+        "video_processor_type": processor_class.replace("Processor", "VideoProcessor"),
+        "patch_size": patch,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "size": {"shortest_edge": (2 * patch) ** 2, "longest_edge": (2 * size) ** 2},
+    }
+    processor = _build_processor(
+        getattr(transformers, processor_class),
+        image_processor,
+        tokenizer,
+        video_config,
+        chat_template=template,
+    )
     return tokenizer, processor
 
 
@@ -259,13 +356,27 @@ def _tiny_qwen2_vl(hidden: int, layers: int, size: int):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     tokenizer, processor = _qwen_parts(8, size, QWEN2_VL_TEMPLATE, "Qwen2VLProcessor")
-    image, video, start, end = _ids(tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    image, video, start, end = _ids(
+        tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
     config = Qwen2VLConfig(
         text_config=_text(hidden, layers, tokenizer, rope_parameters=_qwen_rope(hidden)),
-        vision_config={"depth": layers, "embed_dim": 32, "hidden_size": hidden, "num_heads": 2, "mlp_ratio": 2, "patch_size": 8,
-                           "spatial_merge_size": 2, "temporal_patch_size": 2},
-        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
-        tie_word_embeddings=True)  # as Qwen2-VL-2B
+        vision_config={
+            "depth": layers,
+            "embed_dim": 32,
+            "hidden_size": hidden,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        tie_word_embeddings=True,
+    )  # as Qwen2-VL-2B
     return Qwen2VLForConditionalGeneration(config), processor
 
 
@@ -273,14 +384,29 @@ def _tiny_qwen2_5_vl(hidden: int, layers: int, size: int):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer, processor = _qwen_parts(8, size, QWEN2_VL_TEMPLATE, "Qwen2_5_VLProcessor")
-    image, video, start, end = _ids(tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    image, video, start, end = _ids(
+        tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
     config = Qwen2_5_VLConfig(
         text_config=_text(hidden, layers, tokenizer, rope_parameters=_qwen_rope(hidden)),
-        vision_config={"depth": layers, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 8,
-                           "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": hidden, "window_size": 32,
-                           "fullatt_block_indexes": [layers - 1]},
-        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
-        tie_word_embeddings=False)  # as Qwen2.5-VL-7B
+        vision_config={
+            "depth": layers,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": hidden,
+            "window_size": 32,
+            "fullatt_block_indexes": [layers - 1],
+        },
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        tie_word_embeddings=False,
+    )  # as Qwen2.5-VL-7B
     return Qwen2_5_VLForConditionalGeneration(config), processor
 
 
@@ -288,15 +414,30 @@ def _tiny_qwen3_vl(hidden: int, layers: int, size: int):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tokenizer, processor = _qwen_parts(8, size, QWEN3_VL_TEMPLATE, "Qwen3VLProcessor")
-    image, video, start, end = _ids(tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    image, video, start, end = _ids(
+        tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
     rope = {**_qwen_rope(hidden), "mrope_interleaved": True}
     config = Qwen3VLConfig(
         text_config=_text(hidden, layers, tokenizer, rope_parameters=rope),
-        vision_config={"depth": layers, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 8,
-                           "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": hidden,
-                           "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
-        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
-        tie_word_embeddings=True)  # as Qwen3-VL-2B
+        vision_config={
+            "depth": layers,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": hidden,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        tie_word_embeddings=True,
+    )  # as Qwen3-VL-2B
     return Qwen3VLForConditionalGeneration(config), processor
 
 
@@ -308,34 +449,63 @@ def _tiny_internvl(hidden: int, layers: int, size: int):
         InternVLProcessor,
     )
 
-    tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
-                           {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-                           {"start_image_token": "<img>", "end_image_token": "</img>",
-                            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    tokenizer = _tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
     patch = 8  # a 32-px tile: 4x4 patches, pixel-shuffled by 0.5 to 2x2 = 4 tokens per tile
     tokens = (size // patch // 2) ** 2
-    image_processor = GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=True,
-                                               min_patches=1, max_patches=4)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": size, "width": size}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
     video_config = {"video_processor_type": "InternVLVideoProcessor", "size": {"height": size, "width": size}}
-    processor = _build_processor(InternVLProcessor, image_processor, tokenizer, video_config,
-                                 image_seq_length=tokens, chat_template=INTERNVL_TEMPLATE)
+    processor = _build_processor(
+        InternVLProcessor,
+        image_processor,
+        tokenizer,
+        video_config,
+        image_seq_length=tokens,
+        chat_template=INTERNVL_TEMPLATE,
+    )
     config = InternVLConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 2,
-                           "image_size": [size, size], "patch_size": [patch, patch]},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "image_size": [size, size],
+            "patch_size": [patch, patch],
+        },
         text_config=dict(model_type="qwen2", **_text(hidden, layers, tokenizer)),
-        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=tokens, downsample_ratio=0.5,
-        tie_word_embeddings=False)
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=tokens,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
     return InternVLForConditionalGeneration(config), processor
 
 
 def _idefics_tokens() -> list[str]:
-    return (["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
-            + [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)])
+    return ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+        f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)
+    ]
 
 
 def _idefics_vision(layers: int, size: int, patch: int) -> dict:
-    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 2,
-                "image_size": size, "patch_size": patch}
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "image_size": size,
+        "patch_size": patch,
+    }
 
 
 def _tiny_idefics3(hidden: int, layers: int, size: int):
@@ -346,20 +516,35 @@ def _tiny_idefics3(hidden: int, layers: int, size: int):
         Idefics3Processor,
     )
 
-    tokenizer = _tokenizer(["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", *_idefics_tokens()],
-                           {"bos_token": "<|begin_of_text|>", "eos_token": "<end_of_utterance>",
-                                "pad_token": "<|finetune_right_pad_id|>"})
+    tokenizer = _tokenizer(
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", *_idefics_tokens()],
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<end_of_utterance>",
+            "pad_token": "<|finetune_right_pad_id|>",
+        },
+    )
     tile, patch = size, 8  # at 32 px, 4x4 patches per tile, pixel-shuffled by 2: 4 tokens per tile
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile},
-                                                do_image_splitting=True)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=(tile // patch // 2) ** 2,
-                                  chat_template=IDEFICS3_TEMPLATE)
-    # pad_token_id: a generic config attribute the config accepts as an extra keyword (its dataclass __init__, all
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile}, do_image_splitting=True
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=(tile // patch // 2) ** 2,
+        chat_template=IDEFICS3_TEMPLATE,
+    )
+    # pad_token_id: a generic config attribute the config accepts as an extra keyword (its dataclass __init__,
+    # all
     # that mypy sees, does not list it)
-    config = Idefics3Config(vision_config=_idefics_vision(layers, tile, patch),
-                            text_config=dict(model_type="llama", **_text(hidden, layers, tokenizer)), scale_factor=2,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)  # type: ignore[call-arg]
+    config = Idefics3Config(
+        vision_config=_idefics_vision(layers, tile, patch),
+        text_config=dict(model_type="llama", **_text(hidden, layers, tokenizer)),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )  # type: ignore[call-arg]
     return Idefics3ForConditionalGeneration(config), processor
 
 
@@ -371,22 +556,41 @@ def _tiny_smolvlm(hidden: int, layers: int, size: int):
         SmolVLMProcessor,
     )
 
-    tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_idefics_tokens()],
-                           {"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>"},
-                           {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
-                            "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"})
+    tokenizer = _tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_idefics_tokens()],
+        {"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>"},
+        {
+            "fake_image_token": "<fake_token_around_image>",
+            "image_token": "<image>",
+            "end_of_utterance_token": "<end_of_utterance>",
+            "global_image_token": "<global-img>",
+        },
+    )
     tile, patch = size, 8
-    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile},
-                                               do_image_splitting=True)
-    video_config = {"video_processor_type": "SmolVLMVideoProcessor", "size": {"longest_edge": 2 * tile},
-                    "max_image_size": {"longest_edge": tile}}
-    processor = _build_processor(SmolVLMProcessor, image_processor, tokenizer, video_config, image_seq_len=(tile // patch // 2) ** 2,
-                                 chat_template=SMOLVLM_TEMPLATE)
-    config = SmolVLMConfig(vision_config=_idefics_vision(layers, tile, patch),
-                           text_config=dict(model_type="llama", **_text(hidden, layers, tokenizer)), scale_factor=2,
-                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                           pad_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]  # as Idefics3Config's
-                           tie_word_embeddings=True)  # as SmolVLM-256M/500M
+    image_processor = SmolVLMImageProcessorPil(
+        size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile}, do_image_splitting=True
+    )
+    video_config = {
+        "video_processor_type": "SmolVLMVideoProcessor",
+        "size": {"longest_edge": 2 * tile},
+        "max_image_size": {"longest_edge": tile},
+    }
+    processor = _build_processor(
+        SmolVLMProcessor,
+        image_processor,
+        tokenizer,
+        video_config,
+        image_seq_len=(tile // patch // 2) ** 2,
+        chat_template=SMOLVLM_TEMPLATE,
+    )
+    config = SmolVLMConfig(
+        vision_config=_idefics_vision(layers, tile, patch),
+        text_config=dict(model_type="llama", **_text(hidden, layers, tokenizer)),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]  # as Idefics3Config's
+        tie_word_embeddings=True,
+    )  # as SmolVLM-256M/500M
     return SmolVLMForConditionalGeneration(config), processor
 
 
@@ -399,25 +603,59 @@ def _tiny_gemma3(hidden: int, layers: int, size: int):
         Gemma3Processor,
     )
 
-    tokenizer = _tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
-                            "<start_of_image>", "<end_of_image>", "<image_soft_token>"],
-                           {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"},
-                           {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                            "image_token": "<image_soft_token>"})
-    patch = 8  # at 32 px, 4x4 patches average-pooled to 2x2 = 4 soft tokens between <start_of_image> and <end_of_image>
+    tokenizer = _tokenizer(
+        [
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+            "<start_of_image>",
+            "<end_of_image>",
+            "<image_soft_token>",
+        ],
+        {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"},
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    # at 32 px, 4x4 patches average-pooled to 2x2 = 4 soft tokens between <start_of_image> and <end_of_image>
+    patch = 8
     tokens = (size // patch // 2) ** 2
-    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
-                                tokenizer=tokenizer, image_seq_length=tokens, chat_template=GEMMA3_TEMPLATE)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+        image_seq_length=tokens,
+        chat_template=GEMMA3_TEMPLATE,
+    )
     boi, eoi, soft = _ids(tokenizer, "<start_of_image>", "<end_of_image>", "<image_soft_token>")
-    text = _text(hidden, layers, tokenizer, query_pre_attn_scalar=hidden // 4, sliding_window=64,
-                 layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
-    config = Gemma3Config(text_config=text,
-                          vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers,
-                                             "num_attention_heads": 2, "image_size": size, "patch_size": patch},
-                          mm_tokens_per_image=tokens, boi_token_index=boi, eoi_token_index=eoi, image_token_index=soft,
-                          initializer_range=0.2, tie_word_embeddings=True)  # as every Gemma 3
+    text = _text(
+        hidden,
+        layers,
+        tokenizer,
+        query_pre_attn_scalar=hidden // 4,
+        sliding_window=64,
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "image_size": size,
+            "patch_size": patch,
+        },
+        mm_tokens_per_image=tokens,
+        boi_token_index=boi,
+        eoi_token_index=eoi,
+        image_token_index=soft,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+    )  # as every Gemma 3
     model = Gemma3ForConditionalGeneration(config)
-    # Gemma scales token embeddings by sqrt(hidden) and normalises each layer's output (post-norms at 1 + 0): an
+    # Gemma scales token embeddings by sqrt(hidden) and normalises each layer's output (post-norms at 1 + 0):
+    # an
     # untrained two-layer model then repeats its last input token; 4x wider post-norms let the layers speak
     with torch.no_grad():
         for name, weight in model.named_parameters():
@@ -426,17 +664,32 @@ def _tiny_gemma3(hidden: int, layers: int, size: int):
     return model, processor
 
 
-TINY_BUILDERS = {"llava": _tiny_llava, "qwen2_vl": _tiny_qwen2_vl, "qwen2_5_vl": _tiny_qwen2_5_vl,
-                 "qwen3_vl": _tiny_qwen3_vl, "internvl": _tiny_internvl, "idefics3": _tiny_idefics3,
-                 "smolvlm": _tiny_smolvlm, "gemma3": _tiny_gemma3}
+TINY_BUILDERS = {
+    "llava": _tiny_llava,
+    "qwen2_vl": _tiny_qwen2_vl,
+    "qwen2_5_vl": _tiny_qwen2_5_vl,
+    "qwen3_vl": _tiny_qwen3_vl,
+    "internvl": _tiny_internvl,
+    "idefics3": _tiny_idefics3,
+    "smolvlm": _tiny_smolvlm,
+    "gemma3": _tiny_gemma3,
+}
 
 
-def init_tiny_vlm(out_dir: str, seed: int = 0, family: str = "llava", hidden: int = 64, layers: int = 2,
-                  image_size: int = 32) -> str:
-    """Write a tiny VLM of ``family`` (see ``TINY_BUILDERS``) + its processor to ``out_dir``; returns ``out_dir``.
+def init_tiny_vlm(
+    out_dir: str,
+    seed: int = 0,
+    family: str = "llava",
+    hidden: int = 64,
+    layers: int = 2,
+    image_size: int = 32,
+) -> str:
+    """Write a tiny VLM of ``family`` (see ``TINY_BUILDERS``) + its processor to ``out_dir``; returns
+    ``out_dir``.
 
     ``family`` may also be a hub name or model type that ``families.tiny_for`` places
-    (``Qwen/Qwen2-VL-2B-Instruct`` gives a tiny ``qwen2_vl``). ``hidden`` is the text decoder's width (4 heads),
+    (``Qwen/Qwen2-VL-2B-Instruct`` gives a tiny ``qwen2_vl``). ``hidden`` is the text decoder's width (4
+    heads),
     ``layers`` the depth of its decoder and vision tower, ``image_size`` (a multiple of 16) the vision input
     side (tile side for InternVL/Idefics3/SmolVLM; half the largest image side for Qwen). Weights are random
     (``seed``), in float32."""

@@ -7,7 +7,8 @@ The wiring, top to bottom:
   reseed_after_execution=True)``); then Ray Data tasks (``map_batches(preprocess_batch)``, at most
   ``train.preprocess_concurrency`` at once, each worker process keeping its :class:`Preprocess` and so its
   processor from one task and one epoch to the next) decode the PNG, render the model's own chat template
-  (``models.chat_texts``), run the processor and build the labels. The training dataset runs with its own execution options
+  (``models.chat_texts``), run the processor and build the labels. The training dataset runs with its own
+execution options
   (``DataConfig``: no ``preserve_order``), the held-out one in file order, unshuffled.
 - **workers** (:func:`train_loop_per_worker`): each streams its shard with prefetch, pads and concatenates the
   tensors (:func:`collate`, generic over whatever the processor returned) and moves them to its device.
@@ -42,7 +43,9 @@ from sarlang_ray import io, plots, reaper
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.models import chat_texts, load_image, load_processor
 
-if TYPE_CHECKING:  # torch and Ray Train are imported where they run (the driver never loads torch for this module)
+if (
+    TYPE_CHECKING
+):  # torch and Ray Train are imported where they run (the driver never loads torch for this module)
     import torch
     from ray.train import DataConfig
 
@@ -73,7 +76,8 @@ def weights_dtype(method: str, amp):
     return amp if method == "lora" and amp is not None else torch.float32
 
 
-# --- preprocessing (Ray Data, ahead of the workers) -----------------------------------------------------------
+# --- preprocessing (Ray Data, ahead of the workers)
+# -----------------------------------------------------------
 
 
 def _common_prefix(a, b) -> int:
@@ -103,14 +107,16 @@ def encode_pair(processor, image, question: str, answer: str, max_length: int) -
     tok = processor.tokenizer
     plain_full, plain_prompt = tok(full)["input_ids"], tok(prompt)["input_ids"]
     n_answer = len(plain_full) - _common_prefix(plain_prompt, plain_full)
-    if n_answer > 0 and ids[len(ids) - n_answer:] == plain_full[len(plain_full) - n_answer:]:
+    if n_answer > 0 and ids[len(ids) - n_answer :] == plain_full[len(plain_full) - n_answer :]:
         n_prompt = len(ids) - n_answer
     else:  # the processor tokenises differently (special tokens, ...): the prompt through it as well
         prompt_ids = processor(images=[image], text=[prompt], return_tensors="np")["input_ids"][0].tolist()
         n_prompt = _common_prefix(prompt_ids, ids)
     if n_prompt >= max_length:
-        raise ValueError(f"the prompt of {question!r} is {n_prompt} tokens with its image, not less than "
-                         f"train.max_length={max_length}: raise train.max_length or lower run.max_pixels")
+        raise ValueError(
+            f"the prompt of {question!r} is {n_prompt} tokens with its image, not less than "
+            f"train.max_length={max_length}: raise train.max_length or lower run.max_pixels"
+        )
     shape = enc["input_ids"].shape
     labels = enc["input_ids"].copy()
     labels[0, :n_prompt] = IGNORE
@@ -135,8 +141,10 @@ class Preprocess:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        encoded = [encode_pair(self.processor, load_image(img["bytes"], self.max_pixels), q, a, self.max_length)
-                   for img, q, a in zip(batch["image"], batch["question"], batch["answer"])]
+        encoded = [
+            encode_pair(self.processor, load_image(img["bytes"], self.max_pixels), q, a, self.max_length)
+            for img, q, a in zip(batch["image"], batch["question"], batch["answer"])
+        ]
         out = {"pair_id": np.asarray(batch["pair_id"])}
         for key in encoded[0]:
             column = np.empty(len(encoded), dtype=object)  # one array per pair, shapes may differ
@@ -180,11 +188,16 @@ def collate(batch: dict, pad_token_id: int, device=None, float_dtype=None) -> di
         if all(a.shape == i.shape for a, i in zip(arrays, ids)):
             pad = {"input_ids": pad_token_id, "labels": IGNORE}.get(key, 0)
             width = max(a.shape[-1] for a in arrays)
-            arrays = [np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])], constant_values=pad)
-                      for a in arrays]
+            arrays = [
+                np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])], constant_values=pad)
+                for a in arrays
+            ]
         else:
             largest = np.max([a.shape for a in arrays], axis=0)
-            arrays = [np.pad(a, [(0, 0)] + [(0, int(m - s)) for m, s in zip(largest[1:], a.shape[1:])]) for a in arrays]
+            arrays = [
+                np.pad(a, [(0, 0)] + [(0, int(m - s)) for m, s in zip(largest[1:], a.shape[1:])])
+                for a in arrays
+            ]
         tensor = torch.from_numpy(np.concatenate(arrays))
         if float_dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(float_dtype)
@@ -212,8 +225,13 @@ def load_checkpoint_model(model_dir: str, folder: str, dtype):
     try:
         # transformers types the return as the model alone; output_loading_info=True makes it (model, info)
         loaded: Any = AutoModelForImageTextToText.from_pretrained(
-            folder, config=AutoConfig.from_pretrained(model_dir), dtype=dtype, use_safetensors=True,
-            ignore_mismatched_sizes=True, output_loading_info=True)
+            folder,
+            config=AutoConfig.from_pretrained(model_dir),
+            dtype=dtype,
+            use_safetensors=True,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+        )
         model, info = loaded
     except (OSError, ValueError, RuntimeError) as exc:
         raise RuntimeError(f"cannot resume from checkpoint {folder}: {exc}. {_WHAT_TO_DO}") from exc
@@ -225,7 +243,8 @@ def load_checkpoint_model(model_dir: str, folder: str, dtype):
 
 
 def check_adapter(model, adapter: dict, folder: str) -> None:
-    """Raise a clear ``RuntimeError`` unless ``adapter`` holds exactly ``model``'s LoRA weights (keys, shapes)."""
+    """Raise a clear ``RuntimeError`` unless ``adapter`` holds exactly ``model``'s LoRA weights (keys,
+    shapes)."""
     from peft import get_peft_model_state_dict
 
     own = get_peft_model_state_dict(model)
@@ -239,12 +258,16 @@ def _mismatch(folder: str, missing: list, unexpected: list, shapes: list) -> str
     def few(keys: list) -> str:
         return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
 
-    return (f"cannot resume from checkpoint {folder}: its weights do not match the model being trained "
-            f"(missing {few(missing)}, unexpected {few(unexpected)}, shape differs {few(shapes)}). {_WHAT_TO_DO}")
+    return (
+        f"cannot resume from checkpoint {folder}: its weights do not match the model being trained "
+        f"(missing {few(missing)}, unexpected {few(unexpected)}, shape differs {few(shapes)}). {_WHAT_TO_DO}"
+    )
 
 
-_WHAT_TO_DO = ("It was written by another train.model, train.method or LoRA setting: resume with the settings that "
-               "wrote it, or start afresh with a new train.name (or an empty train.storage_path)")
+_WHAT_TO_DO = (
+    "It was written by another train.model, train.method or LoRA setting: resume with the settings that "
+    "wrote it, or start afresh with a new train.name (or an empty train.storage_path)"
+)
 
 
 def _decoder_layers(model) -> list:
@@ -253,8 +276,10 @@ def _decoder_layers(model) -> list:
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(model).__name__} names no _no_split_modules: train.strategy=fsdp cannot find "
-                         "its layers to shard; use train.strategy=ddp")
+        raise ValueError(
+            f"{type(model).__name__} names no _no_split_modules: train.strategy=fsdp cannot find "
+            "its layers to shard; use train.strategy=ddp"
+        )
     return layers
 
 
@@ -268,8 +293,10 @@ def _save_model(model, folder: str, state_dict: dict | None = None, dtype=None) 
     if dtype is None or dtype == torch.float32:
         model.save_pretrained(folder, state_dict=state_dict)
         return
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v
-                  for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
+    state_dict = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in (state_dict if state_dict is not None else model.state_dict()).items()
+    }
     model.save_pretrained(folder, state_dict=state_dict)
     config = copy.deepcopy(model.config)  # save_pretrained writes the dtype of the parameters in memory
     for c in [config] + [getattr(config, name, None) for name in getattr(config, "sub_configs", {})]:
@@ -283,7 +310,8 @@ def _save_model(model, folder: str, state_dict: dict | None = None, dtype=None) 
 
 def steps_per_epoch(n_train: int, world: int, batch_size: int, grad_accum: int) -> int:
     """Optimizer steps per epoch: every worker gets ``n_train // world`` pairs (an equal split), in
-    ``ceil(rows / batch_size)`` micro-batches, stepped every ``grad_accum`` and once more for the left-over."""
+    ``ceil(rows / batch_size)`` micro-batches, stepped every ``grad_accum`` and once more for the
+    left-over."""
     rows = n_train // world
     return math.ceil(math.ceil(rows / batch_size) / grad_accum)
 
@@ -324,8 +352,16 @@ def _open_worker(config: dict) -> _Worker:
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     amp = autocast_dtype(t["precision"], device)  # mixed precision where the device supports it
-    w = _Worker(t=t, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
-                processor=None, amp=amp, dtype=weights_dtype(t["method"], amp), fsdp=t["strategy"] == "fsdp")
+    w = _Worker(
+        t=t,
+        rank=ctx.get_world_rank(),
+        world=ctx.get_world_size(),
+        device=device,
+        processor=None,
+        amp=amp,
+        dtype=weights_dtype(t["method"], amp),
+        fsdp=t["strategy"] == "fsdp",
+    )
     w.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return w
 
@@ -344,8 +380,15 @@ def build_model(w: _Worker, model_dir: str, checkpoint_dir: str | None):
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        model = get_peft_model(model, LoraConfig(r=t["lora_r"], lora_alpha=t["lora_alpha"],
-                                                 lora_dropout=t["lora_dropout"], target_modules="all-linear"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=t["lora_r"],
+                lora_alpha=t["lora_alpha"],
+                lora_dropout=t["lora_dropout"],
+                target_modules="all-linear",
+            ),
+        )
         if d:
             adapter = load_file(os.path.join(d, "adapter", "adapter_model.safetensors"))
             check_adapter(model, adapter, os.path.join(d, "adapter"))
@@ -363,11 +406,17 @@ def resume_state(checkpoint_dir: str | None) -> tuple[int, list[dict], list[int]
     with open(os.path.join(checkpoint_dir, "state.json")) as f:
         meta = json.load(f)
     start_epoch = meta["epoch"] + 1
-    return start_epoch, meta["history"], meta.get("resumes", []) + [start_epoch], trainer_state  # resumes: proof
+    return (
+        start_epoch,
+        meta["history"],
+        meta.get("resumes", []) + [start_epoch],
+        trainer_state,
+    )  # resumes: proof
 
 
 def distribute(w: _Worker, model) -> None:
-    """DDP (``prepare_model``, a no-op on one worker) or FSDP2: ``fully_shard`` per decoder layer, then the root."""
+    """DDP (``prepare_model``, a no-op on one worker) or FSDP2: ``fully_shard`` per decoder layer, then the
+    root."""
     import ray.train
 
     if w.fsdp:
@@ -385,7 +434,8 @@ def distribute(w: _Worker, model) -> None:
 
 
 def make_optimizer(w: _Worker, n_train: int, trainer_state: dict | None) -> None:
-    """AdamW over the trainable parameters and the linear warm-up schedule, restored from ``trainer_state``."""
+    """AdamW over the trainable parameters and the linear warm-up schedule, restored from
+    ``trainer_state``."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -398,8 +448,9 @@ def make_optimizer(w: _Worker, n_train: int, trainer_state: dict | None) -> None
     if w.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(w.model, w.optimizer, trainer_state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            w.model, w.optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
     else:
         w.optimizer.load_state_dict(trainer_state["optimizer"])
     w.scheduler.load_state_dict(trainer_state["scheduler"])
@@ -416,8 +467,9 @@ def _forward(w: _Worker, batch):
 def _batches(w: _Worker, name: str):
     import ray.train
 
-    return ray.train.get_dataset_shard(name).iter_batches(batch_size=w.t["batch_size"], batch_format="numpy",
-                                                           prefetch_batches=w.t["prefetch_batches"])
+    return ray.train.get_dataset_shard(name).iter_batches(
+        batch_size=w.t["batch_size"], batch_format="numpy", prefetch_batches=w.t["prefetch_batches"]
+    )
 
 
 def _sync_gradients(w: _Worker, on: bool):
@@ -431,7 +483,8 @@ def _sync_gradients(w: _Worker, on: bool):
 
 
 def held_out_loss(w: _Worker) -> float:
-    """Mean loss over the held-out shard, summed on the device and all-reduced once (not one sync per batch)."""
+    """Mean loss over the held-out shard, summed on the device and all-reduced once (not one sync per
+    batch)."""
     import torch
 
     w.model.eval()
@@ -489,9 +542,14 @@ def train_epoch(w: _Worker) -> dict:
             pending = 0
         batch = following
     seconds = time.time() - t0
-    return {"step": w.step, "train_loss": running.item() / max(1, micro_batches), "seconds": seconds,
-            "samples_per_s": seen * w.world / max(seconds, 1e-9), "lr": w.scheduler.get_last_lr()[0],
-            "order_sha256": order.hexdigest()}  # rank 0's sample order this epoch
+    return {
+        "step": w.step,
+        "train_loss": running.item() / max(1, micro_batches),
+        "seconds": seconds,
+        "samples_per_s": seen * w.world / max(seconds, 1e-9),
+        "lr": w.scheduler.get_last_lr()[0],
+        "order_sha256": order.hexdigest(),
+    }  # rank 0's sample order this epoch
 
 
 def save_checkpoint(w: _Worker, epoch: int, history: list[dict], resumes: list[int], final: bool) -> None:
@@ -510,8 +568,10 @@ def save_checkpoint(w: _Worker, epoch: int, history: list[dict], resumes: list[i
 
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(w.model, options=full)
-        trainer_state = {"optimizer": get_optimizer_state_dict(w.model, w.optimizer, options=full),
-                         "scheduler": w.scheduler.state_dict()}
+        trainer_state = {
+            "optimizer": get_optimizer_state_dict(w.model, w.optimizer, options=full),
+            "scheduler": w.scheduler.state_dict(),
+        }
     else:
         model_state = None
         trainer_state = {"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict()}
@@ -532,12 +592,15 @@ def save_checkpoint(w: _Worker, epoch: int, history: list[dict], resumes: list[i
                 else:
                     _save_model(w.inner, merged, model_state, dtype=w.amp)
                 w.processor.save_pretrained(merged)
-        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d) if w.rank == 0 else None)
+        ray.train.report(
+            history[-1], checkpoint=ray.train.Checkpoint.from_directory(d) if w.rank == 0 else None
+        )
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: build the model (resuming from the latest checkpoint if there is one),
-    distribute it, make the optimizer, then per epoch train, measure the held-out loss and save a checkpoint."""
+    distribute it, make the optimizer, then per epoch train, measure the held-out loss and save a
+    checkpoint."""
     import contextlib
 
     import ray.train
@@ -592,8 +655,10 @@ def _rows_dataset(files: list[str], columns: list[str], limit: int | None):
 
 
 def held_out_split(parquet: str) -> str:
-    """The split the held-out loss is measured on: ``val``, or ``test`` when the export has no validation pairs (a
-    small archive may put no block in val). Then the held-out loss is the test split's, the split the leaderboard
+    """The split the held-out loss is measured on: ``val``, or ``test`` when the export has no validation
+    pairs (a
+    small archive may put no block in val). Then the held-out loss is the test split's, the split the
+    leaderboard
     scores: the training log, metrics.json and the run summary say so."""
     return "val" if io.glob(parquet, "val/*.parquet") else "test"
 
@@ -616,29 +681,40 @@ def ingest(cfg: WorkflowConfig) -> tuple[dict, DataConfig, int]:
     if t.limit_pairs:
         n_train = min(n_train, t.limit_pairs)
     if n_train < t.num_workers:
-        raise ValueError(f"{n_train} training pairs under {parquet} for train.num_workers={t.num_workers}: "
-                         "every worker needs at least one")
+        raise ValueError(
+            f"{n_train} training pairs under {parquet} for train.num_workers={t.num_workers}: "
+            "every worker needs at least one"
+        )
     columns = ["pair_id", "image", "question", "answer"]
     train_ds = _rows_dataset(splits["train"], columns, t.limit_pairs)
     val_ds = _rows_dataset(held_out, columns, max(1, t.limit_pairs // 4) if t.limit_pairs else None)
     if t.shuffle:  # a new permutation every epoch (execution), the same sequence for the same seed
-        train_ds = train_ds.random_shuffle(seed=RandomSeedConfig(seed=t.seed, reseed_after_execution=True), num_cpus=0.1)
+        train_ds = train_ds.random_shuffle(
+            seed=RandomSeedConfig(seed=t.seed, reseed_after_execution=True), num_cpus=0.1
+        )
     # CPUs left by the training workers, of which the preprocessing actors leave some to the reads
     free = ray.cluster_resources().get("CPU", 1.0) - t.num_workers * t.cpus_per_worker
     task_cpus = io.pool_cpus(t.preprocess_concurrency, t.preprocess_cpus, max(free, 0.0))
     # tasks, at most preprocess_concurrency at once (1: batches leave in input order), in worker processes
     # that keep their processor between epochs (preprocess_batch): no actor to start per epoch
-    preprocess = {"fn_kwargs": {"model": t.model, "max_pixels": cfg.run.max_pixels, "max_length": t.max_length},
-                  "batch_size": t.preprocess_batch_size, "num_cpus": task_cpus, "concurrency": t.preprocess_concurrency}
-    datasets = {"train": train_ds.map_batches(preprocess_batch, **preprocess),
-                "val": val_ds.map_batches(preprocess_batch, **preprocess)}
+    preprocess = {
+        "fn_kwargs": {"model": t.model, "max_pixels": cfg.run.max_pixels, "max_length": t.max_length},
+        "batch_size": t.preprocess_batch_size,
+        "num_cpus": task_cpus,
+        "concurrency": t.preprocess_concurrency,
+    }
+    datasets = {
+        "train": train_ds.map_batches(preprocess_batch, **preprocess),
+        "val": val_ds.map_batches(preprocess_batch, **preprocess),
+    }
     options = DataConfig.default_ingest_options()
     options.preserve_order = False  # the run's deterministic-manifest setting is not for training ingest
     return datasets, DataConfig(execution_options={"train": options}), n_train
 
 
 def run_train(cfg: WorkflowConfig) -> dict:
-    """Fine-tune on export/parquet; writes train/metrics.json, train/loss_curve.png, checkpoints under train/."""
+    """Fine-tune on export/parquet; writes train/metrics.json, train/loss_curve.png, checkpoints under
+    train/."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -646,8 +722,10 @@ def run_train(cfg: WorkflowConfig) -> dict:
     if t.strategy not in STRATEGIES:
         raise ValueError(f"train.strategy={t.strategy!r}: use one of {list(STRATEGIES)}")
     if t.strategy == "fsdp" and t.method != "full":
-        raise ValueError("train.strategy=fsdp shards the full model for full fine-tuning: set train.method=full, "
-                         "or keep train.strategy=ddp for LoRA (its frozen base needs no optimizer state)")
+        raise ValueError(
+            "train.strategy=fsdp shards the full model for full fine-tuning: set train.method=full, "
+            "or keep train.strategy=ddp for LoRA (its frozen base needs no optimizer state)"
+        )
     if t.init_tiny and not io.exists(io.join(t.model, "config.json")):
         from sarlang_ray.tiny_models import init_tiny_vlm
 
@@ -656,32 +734,59 @@ def run_train(cfg: WorkflowConfig) -> dict:
         t.model = os.path.abspath(t.model)  # workers may run in another directory (or on another node)
     held_out = held_out_split(io.join(cfg.run.run_dir, "export", "parquet"))
     if held_out != "val":
-        log.warning("WARNING train: the export has no val split: the held-out loss is measured on the TEST split, the "
-                    "pairs the leaderboard scores (a larger archive, or other export.val / export.block_m, gives a val split)")
+        log.warning(
+            "WARNING train: the export has no val split: the held-out loss is measured on the TEST split, "
+            "the "
+            "pairs the leaderboard scores (a larger archive, or other export.val / export.block_m, gives a "
+            "val split)"
+        )
     datasets, data_config, n_train = ingest(cfg)
     storage = t.storage_path or io.join(cfg.run.run_dir, "train")
     storage_fs, storage_path = io.arrow_filesystem(storage)  # s3:// through the pipeline's own fsspec config
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": {k: getattr(t, k) for k in t.__dataclass_fields__}, "n_train": n_train,
-                           "max_pixels": cfg.run.max_pixels},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name=t.name, storage_path=storage_path, storage_filesystem=storage_fs, checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
-                             failure_config=FailureConfig(max_failures=t.max_failures)),
+        train_loop_config={
+            "train": {k: getattr(t, k) for k in t.__dataclass_fields__},
+            "n_train": n_train,
+            "max_pixels": cfg.run.max_pixels,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=t.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
         datasets=datasets,
         dataset_config=data_config,
     )
     with reaper.sigint_kept():
         result = trainer.fit()
     if result.checkpoint is None:  # every epoch reports one; none means no epoch finished
-        raise RuntimeError(f"train: the run {t.name} finished without a checkpoint. Read its log for the failure.")
+        raise RuntimeError(
+            f"train: the run {t.name} finished without a checkpoint. Read its log for the failure."
+        )
     with result.checkpoint.as_directory() as d, open(os.path.join(d, "state.json")) as f:
         state = json.load(f)
     history = state["history"]
-    checkpoint = result.checkpoint.path if storage_fs is None else f"{storage.split('://')[0]}://{result.checkpoint.path}"
-    out = {"history": history, "resumes": state.get("resumes", []), "checkpoint": checkpoint,
-           "merged_model": io.join(checkpoint, "merged"), "n_train": n_train, "held_out_split": held_out,
-           "val_loss_before": history[0]["val_loss"], "val_loss_after": history[-1]["val_loss"]}
+    checkpoint = (
+        result.checkpoint.path
+        if storage_fs is None
+        else f"{storage.split('://')[0]}://{result.checkpoint.path}"
+    )
+    out = {
+        "history": history,
+        "resumes": state.get("resumes", []),
+        "checkpoint": checkpoint,
+        "merged_model": io.join(checkpoint, "merged"),
+        "n_train": n_train,
+        "held_out_split": held_out,
+        "val_loss_before": history[0]["val_loss"],
+        "val_loss_after": history[-1]["val_loss"],
+    }
     io.write_json_atomic(io.join(cfg.run.run_dir, "train", "metrics.json"), out)
     _plot(history, io.join(cfg.run.run_dir, "train", "loss_curve.png"))
     return out

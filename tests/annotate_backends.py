@@ -16,7 +16,15 @@ class FlakyBackend:
         if n % 3 == 0:
             raise RuntimeError("model server returned HTTP 500")
         if n % 5 == 0:
-            return [{"kind": "vqa", "application": "astrology", "question": "?", "answer": "x", "question_type": "x"}]
+            return [
+                {
+                    "kind": "vqa",
+                    "application": "astrology",
+                    "question": "?",
+                    "answer": "x",
+                    "question_type": "x",
+                }
+            ]
         return self.inner.annotate(tile)
 
 
@@ -47,7 +55,13 @@ class HallucinatingBackend:
     def annotate(self, tile):
         pairs = self.inner.annotate(tile)
         if "harbour" not in {o["class"] for o in tile.get("objects") or []}:
-            pairs.append({"kind": "caption_concise", "application": "image description", "question_type": "caption/concise",
-                          "question": "Describe the content of this image in one sentence.",
-                          "answer": "A busy harbour with cranes along its quays."})
+            pairs.append(
+                {
+                    "kind": "caption_concise",
+                    "application": "image description",
+                    "question_type": "caption/concise",
+                    "question": "Describe the content of this image in one sentence.",
+                    "answer": "A busy harbour with cranes along its quays.",
+                }
+            )
         return pairs

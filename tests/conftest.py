@@ -23,7 +23,9 @@ os.environ.setdefault("SARLANG_TEST_OPENAI_KEY", TEST_OPENAI_KEY)
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray workers import test helpers (tests/annotate_backends.py) by module name: put tests/ on their path
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p
+)
 REAL_SAR = REPO.parent / "shared" / "data" / "real_sar"
 
 
@@ -31,7 +33,13 @@ REAL_SAR = REPO.parent / "shared" / "data" / "real_sar"
 def ray_session():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -43,8 +51,13 @@ def demo_config(run_dir: Path, *overrides: str):
     return load_config(
         str(REPO / "workflows" / "demo.yaml"),
         # the data stages; train and evaluate are tested on a copy of the export (fixture trained_run)
-        [f"run.run_dir={run_dir}", f"synth.out_dir={run_dir}/archive", "ray.progress=false",
-         "run.stages=[synth,catalog,tile,align,annotate,export]", *overrides],
+        [
+            f"run.run_dir={run_dir}",
+            f"synth.out_dir={run_dir}/archive",
+            "ray.progress=false",
+            "run.stages=[synth,catalog,tile,align,annotate,export]",
+            *overrides,
+        ],
     )
 
 
@@ -61,7 +74,10 @@ def demo_run(ray_session, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_sar() -> Path:
     if not REAL_SAR.is_dir():
-        pytest.skip(f"real SAR test data not found at {REAL_SAR} (it lives in ../shared/data/real_sar beside the repo)")
+        pytest.skip(
+            f"real SAR test data not found at {REAL_SAR} (it lives in ../shared/data/real_sar beside the "
+            "repo)"
+        )
     return REAL_SAR
 
 
@@ -94,16 +110,25 @@ def trained_run(demo_run, tiny_vlm, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     shutil.copytree(Path(cfg.run.run_dir) / "export", run_dir / "export")
     shutil.copytree(Path(cfg.run.run_dir) / "align", run_dir / "align")  # the oracle re-captions tiles
-    tr = load_config(str(REPO / "workflows" / "demo.yaml"), [
-        f"run.run_dir={run_dir}", f"train.model={tiny_vlm}", "train.init_tiny=false", "ray.progress=false",
-        "run.stages=[train,evaluate]"])
+    tr = load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [
+            f"run.run_dir={run_dir}",
+            f"train.model={tiny_vlm}",
+            "train.init_tiny=false",
+            "ray.progress=false",
+            "run.stages=[train,evaluate]",
+        ],
+    )
     return tr, pipeline.run(tr)
 
 
 # ---------------------------------------------------------------- test tiers
-# `make test-fast` runs the tests marked `fast`: those that need no Ray, no demo run and no server. The mark is
+# `make test-fast` runs the tests marked `fast`: those that need no Ray, no demo run and no server. The mark
+# is
 # derived here from the fixtures a test uses (transitively); a module that starts its own cluster or server
-# without a fixture says so with `pytestmark = pytest.mark.needs_ray`. In the fast tier (SARLANG_TEST_TIER=fast)
+# without a fixture says so with `pytestmark = pytest.mark.needs_ray`. In the fast tier
+# (SARLANG_TEST_TIER=fast)
 # starting Ray or a test server raises, so a test that was classified wrongly fails loudly instead of slowing
 # the tier down.
 HEAVY_FIXTURES = frozenset({"ray_session", "demo_run", "trained_run", "s3", "tiny_vlm"})
@@ -119,8 +144,11 @@ def pytest_collection_modifyitems(config, items):
 
 def _refuse(what: str):
     def refuse(*args, **kwargs):
-        raise RuntimeError(f"{what} in the fast test tier: give the test the fixture it needs (ray_session, s3, ...) "
-                           "or mark its module `pytestmark = pytest.mark.needs_ray`")
+        raise RuntimeError(
+            f"{what} in the fast test tier: give the test the fixture it needs (ray_session, s3, ...) "
+            "or mark its module `pytestmark = pytest.mark.needs_ray`"
+        )
+
     return refuse
 
 

@@ -26,8 +26,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server: FileServer = self.server  # type: ignore[assignment]
         url = urlsplit(self.path)  # a path, or an absolute URL when the server is a reader's HTTP proxy
         query = parse_qs(url.query)
-        signed = (server.authorize(url.path, query) if server.authorize
-                  else query.get("sig", [""])[0] == signature(url.path))
+        signed = (
+            server.authorize(url.path, query)
+            if server.authorize
+            else query.get("sig", [""])[0] == signature(url.path)
+        )
         with server.lock:
             server.requests.append((self.command, url.path, signed))
         if server.latency_s:
@@ -42,7 +45,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         ranged = self.headers.get("Range", "").startswith("bytes=")
         if ranged:
             first, _, last = self.headers["Range"][6:].split(",")[0].partition("-")
-            start, end = (size - int(last), size - 1) if not first else (int(first), min(int(last or size - 1), size - 1))
+            start, end = (
+                (size - int(last), size - 1)
+                if not first
+                else (int(first), min(int(last or size - 1), size - 1))
+            )
         with path.open("rb") as f:  # the range only: a benchmark's large COG is not read whole per request
             f.seek(start)
             chunk = f.read(end + 1 - start) if body else b""

@@ -54,5 +54,3 @@ def refined_lee_filter(intensity: np.ndarray, window: int = 7, looks: float = 4.
     out = out.astype(np.float32)
     out[~valid] = np.nan
     return out
-
-

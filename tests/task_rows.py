@@ -24,7 +24,8 @@ class Recorder:
 
 
 class DiesOnce:
-    """Kills its own worker process the first time it sees item ``victim`` (a crashed or OOM-killed worker)."""
+    """Kills its own worker process the first time it sees item ``victim`` (a crashed or OOM-killed
+    worker)."""
 
     def __init__(self, log_dir: str, victim: int):
         self.log_dir, self.victim = Path(log_dir), victim
@@ -40,7 +41,8 @@ class DiesOnce:
 
 
 class Sleeper:
-    """Leaves ``started-<i>`` (its pid), sleeps ``seconds``, then leaves ``done-<i>``: which items ran to their
+    """Leaves ``started-<i>`` (its pid), sleeps ``seconds``, then leaves ``done-<i>``: which items ran to
+    their
     end, and where."""
 
     def __init__(self, log_dir: str, seconds: float):

@@ -38,59 +38,171 @@ DOC = REPO / "docs" / "reliability.md"
 
 # (class of bad input, how it is made, file it is reported under, error_class, a word of the advice)
 SCENES = [
-    ("truncated GeoTIFF", "a real scene cut to its first third", "truncated_sar.tif", "unreadable", "re-download"),
+    (
+        "truncated GeoTIFF",
+        "a real scene cut to its first third",
+        "truncated_sar.tif",
+        "unreadable",
+        "re-download",
+    ),
     ("not a TIFF inside", "TIFF magic bytes, then junk", "garbage_sar.tif", "unreadable", "corrupt"),
     ("no CRS", "a real scene written without CRS", "nocrs_sar.tif", "no_crs", "Georeference it"),
-    ("too few GCPs", "georeferenced by 2 GCPs, no geotransform (a GCP-only file needs at least 3)",
-     "gcps_sar.tif", "bad_gcps", "at least 3"),
-    ("all nodata", "a real scene with every pixel 0 (its nodata value)", "allnodata_sar.tif", "all_nodata", "nodata value"),
-    ("optical image as SAR", "the RGB optical twin copied into sar/", "rgb_given_as_sar.tif", "not_sar", "Move it"),
+    (
+        "too few GCPs",
+        "georeferenced by 2 GCPs, no geotransform (a GCP-only file needs at least 3)",
+        "gcps_sar.tif",
+        "bad_gcps",
+        "at least 3",
+    ),
+    (
+        "all nodata",
+        "a real scene with every pixel 0 (its nodata value)",
+        "allnodata_sar.tif",
+        "all_nodata",
+        "nodata value",
+    ),
+    (
+        "optical image as SAR",
+        "the RGB optical twin copied into sar/",
+        "rgb_given_as_sar.tif",
+        "not_sar",
+        "Move it",
+    ),
     ("boolean mask as SAR", "a 1-bit (NBITS=1) raster", "mask_1bit_sar.tif", "not_sar", "Move it"),
-    ("0/1 mask as SAR", "a uint8 water mask of 0 and 1 (as Sen1Floods11's) caught by a broad glob",
-     "water_mask_sar.tif", "not_sar", "narrow catalog.sar_glob"),
+    (
+        "0/1 mask as SAR",
+        "a uint8 water mask of 0 and 1 (as Sen1Floods11's) caught by a broad glob",
+        "water_mask_sar.tif",
+        "not_sar",
+        "narrow catalog.sar_glob",
+    ),
     ("complex SLC", "complex64 samples", "slc_complex_sar.tif", "complex_sar", "Detect it"),
     ("signed bytes", "int8 samples", "int8_sar.tif", "unsupported_dtype", "Convert it"),
-    ("absurd size", "a 1 KB TIFF whose header claims 10^9 x 10^9 px", "huge_header_sar.tif", "too_large", "split it"),
-    ("giant block", "a header claiming 100000 x 1000 px in one deflated strip (381 MiB a block)",
-     "giant_strip_sar.tif", "too_large", "Rewrite it tiled"),
+    (
+        "absurd size",
+        "a 1 KB TIFF whose header claims 10^9 x 10^9 px",
+        "huge_header_sar.tif",
+        "too_large",
+        "split it",
+    ),
+    (
+        "giant block",
+        "a header claiming 100000 x 1000 px in one deflated strip (381 MiB a block)",
+        "giant_strip_sar.tif",
+        "too_large",
+        "Rewrite it tiled",
+    ),
     ("zero size", "a header claiming 0 x 0 px", "zero_size_sar.tif", "unreadable", "remove it"),
     ("zero bands", "a header with SamplesPerPixel 0", "zero_bands_sar.tif", "unreadable", "remove it"),
-    ("NaN geotransform", "ModelPixelScale (NaN, 10)", "nan_transform_sar.tif", "bad_transform", "Fix its georeferencing"),
-    ("zero-area footprint", "ModelTransformation with a pixel width of 0", "zero_pixel_sar.tif", "bad_transform",
-     "Fix its georeferencing"),
-    ("across the antimeridian", "a UTM 60N scene centred on lon 180", "antimeridian_sar.tif", "bad_footprint", "Split it"),
-    ("around a pole", "an EPSG:3413 scene centred on the North Pole", "north_pole_sar.tif", "bad_footprint", "Split it"),
+    (
+        "NaN geotransform",
+        "ModelPixelScale (NaN, 10)",
+        "nan_transform_sar.tif",
+        "bad_transform",
+        "Fix its georeferencing",
+    ),
+    (
+        "zero-area footprint",
+        "ModelTransformation with a pixel width of 0",
+        "zero_pixel_sar.tif",
+        "bad_transform",
+        "Fix its georeferencing",
+    ),
+    (
+        "across the antimeridian",
+        "a UTM 60N scene centred on lon 180",
+        "antimeridian_sar.tif",
+        "bad_footprint",
+        "Split it",
+    ),
+    (
+        "around a pole",
+        "an EPSG:3413 scene centred on the North Pole",
+        "north_pole_sar.tif",
+        "bad_footprint",
+        "Split it",
+    ),
 ]
 TILES = [
-    ("NaN and inf pixels", "a real scene, 70 % NaN and a block of inf", "naninf_sar.tif", "nodata", "raise the limit"),
+    (
+        "NaN and inf pixels",
+        "a real scene, 70 % NaN and a block of inf",
+        "naninf_sar.tif",
+        "nodata",
+        "raise the limit",
+    ),
 ]
 LABELS = [
-    ("self-intersecting polygon", "a bow-tie polygon", "bad_geometries.parquet#feature=0", "invalid_geometry", "make_valid"),
+    (
+        "self-intersecting polygon",
+        "a bow-tie polygon",
+        "bad_geometries.parquet#feature=0",
+        "invalid_geometry",
+        "make_valid",
+    ),
     ("empty geometry", "an empty polygon", "bad_geometries.parquet#feature=1", "empty_geometry", "Remove"),
     ("point label", "a point, not a polygon", "bad_geometries.parquet#feature=2", "not_polygon", "buffer"),
     ("no class", "a polygon with class None", "bad_geometries.parquet#feature=3", "no_class", "Fill it in"),
     ("labels without CRS", "GeoParquet written without a CRS", "no_crs.parquet", "no_crs", "set_crs"),
-    ("no class column", "GeoParquet whose class column is called 'label'", "no_class_column.parquet", "no_class_column",
-     "align.class_column"),
-    ("plain Parquet labels", "a pandas table with WKT strings, no GeoParquet metadata", "plain_table.parquet",
-     "unreadable", "GeoParquet"),
-    ("labels in another CRS than declared", "UTM metres in a file that says EPSG:4326",
-     "wrong_crs.parquet#feature=0", "bad_coordinates", "Check the file's CRS"),
-    ("label across the antimeridian", "a UTM 60N polygon across lon 180", "antimeridian_labels.parquet#feature=0",
-     "bad_coordinates", "split polygons"),
+    (
+        "no class column",
+        "GeoParquet whose class column is called 'label'",
+        "no_class_column.parquet",
+        "no_class_column",
+        "align.class_column",
+    ),
+    (
+        "plain Parquet labels",
+        "a pandas table with WKT strings, no GeoParquet metadata",
+        "plain_table.parquet",
+        "unreadable",
+        "GeoParquet",
+    ),
+    (
+        "labels in another CRS than declared",
+        "UTM metres in a file that says EPSG:4326",
+        "wrong_crs.parquet#feature=0",
+        "bad_coordinates",
+        "Check the file's CRS",
+    ),
+    (
+        "label across the antimeridian",
+        "a UTM 60N polygon across lon 180",
+        "antimeridian_labels.parquet#feature=0",
+        "bad_coordinates",
+        "split polygons",
+    ),
 ]
 
 
-def _tiff(width: int, height: int, data: bytes = b"\0" * 64, *, bits: int = 32, sample_format: int = 3,
-          samples: int = 1, compression: int = 1, pixel_scale: tuple | None = (10.0, 10.0, 0.0),
-          model_transform: list | None = None) -> bytes:
+def _tiff(
+    width: int,
+    height: int,
+    data: bytes = b"\0" * 64,
+    *,
+    bits: int = 32,
+    sample_format: int = 3,
+    samples: int = 1,
+    compression: int = 1,
+    pixel_scale: tuple | None = (10.0, 10.0, 0.0),
+    model_transform: list | None = None,
+) -> bytes:
     """A minimal little-endian GeoTIFF (UTM 31N) whose header says whatever we like: one strip holding
     ``data`` (usually far less than the header claims)."""
     short, long_, double = 3, 4, 12
-    tags = {256: (long_, [width]), 257: (long_, [height]), 258: (short, [bits] * max(samples, 1)),
-            259: (short, [compression]), 262: (short, [1]), 273: (long_, [0]), 277: (short, [samples]),
-            278: (long_, [max(height, 1)]), 279: (long_, [len(data)]), 339: (short, [sample_format] * max(samples, 1)),
-            34735: (short, [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32631])}
+    tags = {
+        256: (long_, [width]),
+        257: (long_, [height]),
+        258: (short, [bits] * max(samples, 1)),
+        259: (short, [compression]),
+        262: (short, [1]),
+        273: (long_, [0]),
+        277: (short, [samples]),
+        278: (long_, [max(height, 1)]),
+        279: (long_, [len(data)]),
+        339: (short, [sample_format] * max(samples, 1)),
+        34735: (short, [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32631]),
+    }
     if pixel_scale is not None:
         tags[33550] = (double, list(pixel_scale))
         tags[33922] = (double, [0, 0, 0, 500000.0, 5800000.0, 0])
@@ -108,13 +220,23 @@ def _tiff(width: int, height: int, data: bytes = b"\0" * 64, *, bits: int = 32, 
             extra += raw
     head = b"II*\0" + struct.pack("<IH", 8, n) + entries + b"\0\0\0\0" + extra
     strip_offset = 8 + 2 + 12 * sorted(tags).index(273) + 8
-    head = head[:strip_offset] + struct.pack("<I", len(head)) + head[strip_offset + 4:]
+    head = head[:strip_offset] + struct.pack("<I", len(head)) + head[strip_offset + 4 :]
     return head + data
 
 
 def _write(path: Path, data: np.ndarray, crs, transform, **kw) -> None:
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1,
-                       dtype=data.dtype, crs=crs, transform=transform, **kw) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[1],
+        height=data.shape[0],
+        count=1,
+        dtype=data.dtype,
+        crs=crs,
+        transform=transform,
+        **kw,
+    ) as dst:
         dst.write(data, 1)
 
 
@@ -128,9 +250,13 @@ def _make_bad_scenes(sar: Path, good: Path) -> None:
     p.pop("crs")
     with rasterio.open(sar / "nocrs_sar.tif", "w", **p) as dst:  # no CRS at all
         dst.write(data, 1)
-    with rasterio.open(sar / "gcps_sar.tif", "w", driver="GTiff", width=32, height=32, count=1, dtype="float32") as dst:
-        dst.gcps = ([GroundControlPoint(r, c, 4.1 + c / 3200, 51.9 - r / 3200) for r, c in ((0, 0), (32, 32))],
-                    CRS.from_epsg(4326))
+    with rasterio.open(
+        sar / "gcps_sar.tif", "w", driver="GTiff", width=32, height=32, count=1, dtype="float32"
+    ) as dst:
+        dst.gcps = (
+            [GroundControlPoint(r, c, 4.1 + c / 3200, 51.9 - r / 3200) for r, c in ((0, 0), (32, 32))],
+            CRS.from_epsg(4326),
+        )
         dst.write(np.ones((32, 32), "float32"), 1)
     with rasterio.open(sar / "allnodata_sar.tif", "w", **profile) as dst:
         dst.write(np.zeros_like(data), 1)
@@ -153,8 +279,14 @@ def _make_bad_scenes(sar: Path, good: Path) -> None:
     (sar / "zero_size_sar.tif").write_bytes(_tiff(0, 0, b""))
     (sar / "zero_bands_sar.tif").write_bytes(_tiff(4, 4, samples=0))
     (sar / "nan_transform_sar.tif").write_bytes(_tiff(4, 4, pixel_scale=(math.nan, 10.0, 0.0)))
-    (sar / "zero_pixel_sar.tif").write_bytes(_tiff(4, 4, pixel_scale=None, model_transform=[
-        0.0, 0, 0, 500000, 0, -10, 0, 5800000, 0, 0, 0, 0, 0, 0, 0, 1]))
+    (sar / "zero_pixel_sar.tif").write_bytes(
+        _tiff(
+            4,
+            4,
+            pixel_scale=None,
+            model_transform=[0.0, 0, 0, 500000, 0, -10, 0, 5800000, 0, 0, 0, 0, 0, 0, 0, 1],
+        )
+    )
     x, y = Transformer.from_crs(4326, 32660, always_xy=True).transform(180.0, 60.0)
     _write(sar / "antimeridian_sar.tif", ones, "EPSG:32660", Affine(100, 0, x - 1600, 0, -100, y + 1600))
     _write(sar / "north_pole_sar.tif", ones, "EPSG:3413", Affine(100, 0, -1600, 0, -100, 1600))
@@ -163,18 +295,26 @@ def _make_bad_scenes(sar: Path, good: Path) -> None:
 def _make_bad_labels(labels: Path) -> None:
     crs = gpd.read_parquet(next(labels.glob("*.parquet"))).crs
     bowtie = Polygon([(4.10, 51.93), (4.11, 51.94), (4.11, 51.93), (4.10, 51.94)])
-    gpd.GeoDataFrame({"class": ["ship", "car", "ship", None]},
-                     geometry=[bowtie, Polygon(), Point(4.1, 51.93), Point(4.1, 51.93).buffer(1e-4)],
-                     crs=crs).to_parquet(labels / "bad_geometries.parquet")
+    gpd.GeoDataFrame(
+        {"class": ["ship", "car", "ship", None]},
+        geometry=[bowtie, Polygon(), Point(4.1, 51.93), Point(4.1, 51.93).buffer(1e-4)],
+        crs=crs,
+    ).to_parquet(labels / "bad_geometries.parquet")
     square = Point(4.1, 51.93).buffer(1e-4)
     gpd.GeoDataFrame({"class": ["ship"]}, geometry=[square]).to_parquet(labels / "no_crs.parquet")
-    gpd.GeoDataFrame({"label": ["ship"]}, geometry=[square], crs=4326).to_parquet(labels / "no_class_column.parquet")
+    gpd.GeoDataFrame({"label": ["ship"]}, geometry=[square], crs=4326).to_parquet(
+        labels / "no_class_column.parquet"
+    )
     pd.DataFrame({"class": ["ship"], "geometry": [square.wkt]}).to_parquet(labels / "plain_table.parquet")
-    gpd.GeoDataFrame({"class": ["ship"]}, geometry=[box(594000, 5755000, 594050, 5755050)],  # UTM 31N metres
-                     crs=4326).to_parquet(labels / "wrong_crs.parquet")
+    gpd.GeoDataFrame(
+        {"class": ["ship"]},
+        geometry=[box(594000, 5755000, 594050, 5755050)],  # UTM 31N metres
+        crs=4326,
+    ).to_parquet(labels / "wrong_crs.parquet")
     x, y = Transformer.from_crs(4326, 32660, always_xy=True).transform(180.0, 60.0)
-    gpd.GeoDataFrame({"class": ["ship"]}, geometry=[box(x - 500, y - 500, x + 500, y + 500)],
-                     crs=32660).to_parquet(labels / "antimeridian_labels.parquet")
+    gpd.GeoDataFrame(
+        {"class": ["ship"]}, geometry=[box(x - 500, y - 500, x + 500, y + 500)], crs=32660
+    ).to_parquet(labels / "antimeridian_labels.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +324,16 @@ def bad_run(ray_session, tmp_path_factory):
     write_archive(SynthSection(out_dir=str(archive), scene_size_px=256), seed=3)
     _make_bad_scenes(archive / "sar", min((archive / "sar").glob("*.tif")))
     _make_bad_labels(archive / "labels")
-    cfg = load_config(None, [f"run.run_dir={root / 'run'}", f"catalog.archive={archive}",
-                             "run.stages=[catalog,tile,align]", "ray.progress=false", "tile.tile_size=128"])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={root / 'run'}",
+            f"catalog.archive={archive}",
+            "run.stages=[catalog,tile,align]",
+            "ray.progress=false",
+            "tile.tile_size=128",
+        ],
+    )
     summary = pipeline.run(cfg)
     errors = pipeline.read_errors(cfg.run.run_dir).to_pylist()
     return cfg, summary, errors
@@ -277,7 +425,9 @@ def test_a_polar_scene_in_lon_lat_is_tiled_in_ups(tmp_path):
     for lat, ups in ((86.0, "EPSG:32661"), (-82.0, "EPSG:32761")):
         path = tmp_path / f"polar_{lat}_sar.tif"
         _write(path, np.ones((64, 256), "float32"), "EPSG:4326", Affine(1e-4, 0, 10.0, 0, -1e-4, lat))
-        scene = inspect_scene(str(path), CatalogSection(archive=str(tmp_path), optical_rule=None, landcover_rule=None))
+        scene = inspect_scene(
+            str(path), CatalogSection(archive=str(tmp_path), optical_rule=None, landcover_rule=None)
+        )
         assert scene["tile_crs"] == ups
         grid = grid_for(scene, 5.0, TileSection(tile_size=64))
         assert grid.n_windows >= 1 and math.isfinite(grid.x0) and math.isfinite(grid.y0)
@@ -290,27 +440,36 @@ def test_a_lying_header_is_rejected_without_reading_pixels(tmp_path):
 
     path = tmp_path / "huge_sar.tif"
     path.write_bytes(_tiff(10**9, 10**9))
-    code = ("import resource, sys\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"  # 3 GiB of address space at most
-            "from sarlang_ray.catalog import inspect_scene\nfrom sarlang_ray.config import CatalogSection\n"
-            "from sarlang_ray.errors import ItemError\n"
-            "try:\n    inspect_scene(sys.argv[1], CatalogSection(archive='/'))\n"
-            "except ItemError as e:\n    print(e.error_class)\n"
-            # VmHWM: the peak RSS of this program's own memory (getrusage's ru_maxrss also counts the forked copy
-            # of the parent before exec, so it grows with the test session's size)
-            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout.split()
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"  # 3 GiB of address space at most
+        "from sarlang_ray.catalog import inspect_scene\nfrom sarlang_ray.config import CatalogSection\n"
+        "from sarlang_ray.errors import ItemError\n"
+        "try:\n    inspect_scene(sys.argv[1], CatalogSection(archive='/'))\n"
+        "except ItemError as e:\n    print(e.error_class)\n"
+        # VmHWM: the peak RSS of this program's own memory (getrusage's ru_maxrss also counts the forked copy
+        # of the parent before exec, so it grows with the test session's size)
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out[0] == "too_large" and int(out[1]) < 600 * 1024, out  # peak RSS under 600 MB (KiB on Linux)
 
 
-# ------------------------------------------------------------------ the gallery, as docs/reliability.md shows it
+# ------------------------------------------------------------------ the gallery, as docs/reliability.md shows
+# it
 def _outside_the_pipeline(tmp_path: Path) -> list[tuple[str, str, str, str]]:
     """(class, how it is made, error_class, message) for the bad inputs that never reach a stage."""
     from sarlang_ray.export import import_sarlang1m
 
     rows = []
-    for cls, override in (("unknown config key", "tile.tile_szie=1"), ("config value of the wrong type", "tile.tile_size=big"),
-                          ("config value that is not YAML", "run.stages=[catalog"), ("non-finite config number", "export.train=nan")):
+    for cls, override in (
+        ("unknown config key", "tile.tile_szie=1"),
+        ("config value of the wrong type", "tile.tile_size=big"),
+        ("config value that is not YAML", "run.stages=[catalog"),
+        ("non-finite config number", "export.train=nan"),
+    ):
         with pytest.raises(ConfigError) as info:
             load_config(None, [override])
         rows.append((cls, f"override `{override}`", "ConfigError", str(info.value)))
@@ -318,8 +477,11 @@ def _outside_the_pipeline(tmp_path: Path) -> list[tuple[str, str, str, str]]:
     (release / "vqa").mkdir(parents=True)
     turn = [{"role": "user", "content": "<image>How many ships?"}, {"role": "assistant", "content": "2"}]
     for cls, how, records in (
-        ("release image path leaving the release", "`../../etc/passwd` as a VQA record's image",
-         [{"messages": turn, "images": ["../../etc/passwd"]}]),
+        (
+            "release image path leaving the release",
+            "`../../etc/passwd` as a VQA record's image",
+            [{"messages": turn, "images": ["../../etc/passwd"]}],
+        ),
         ("malformed release record", "a VQA record without messages", [{"images": ["SAR_images/t.png"]}]),
     ):
         (release / "vqa" / "vqa_train.json").write_text(json.dumps(records))
@@ -330,8 +492,14 @@ def _outside_the_pipeline(tmp_path: Path) -> list[tuple[str, str, str, str]]:
     zipped.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip
     with pytest.raises(ItemError) as info:
         import_sarlang1m(str(zipped))
-    rows.append(("release that is not a folder", "a .zip given as `sarlang import RELEASE`", info.value.error_class,
-                 str(info.value).replace(str(tmp_path), "<tmp>")))
+    rows.append(
+        (
+            "release that is not a folder",
+            "a .zip given as `sarlang import RELEASE`",
+            info.value.error_class,
+            str(info.value).replace(str(tmp_path), "<tmp>"),
+        )
+    )
     return rows
 
 
@@ -353,7 +521,9 @@ def _table(rows) -> str:
         return " ".join(text.split()).replace("|", "\\|")
 
     lines = ["| # | class of bad input | how it is made | error_class | message |", "|---|---|---|---|---|"]
-    lines += [f"| {i} | {cell(c)} | {cell(h)} | `{cell(k)}` | {cell(m)} |" for i, (c, h, k, m) in enumerate(rows, 1)]
+    lines += [
+        f"| {i} | {cell(c)} | {cell(h)} | `{cell(k)}` | {cell(m)} |" for i, (c, h, k, m) in enumerate(rows, 1)
+    ]
     return "\n".join(lines)
 
 
@@ -368,8 +538,10 @@ def test_the_gallery_in_docs_is_current(bad_run, tmp_path):
     if os.environ.get("SARLANG_UPDATE_DOCS") == "1":
         DOC.write_text(text[:i] + table + text[j:])
         current = table
-    assert current == table, ("docs/reliability.md's gallery is out of date; rewrite it with "
-                              "SARLANG_UPDATE_DOCS=1 pytest tests/test_bad_inputs.py -k gallery")
+    assert current == table, (
+        "docs/reliability.md's gallery is out of date; rewrite it with "
+        "SARLANG_UPDATE_DOCS=1 pytest tests/test_bad_inputs.py -k gallery"
+    )
 
 
 def _code_error_classes() -> set[str]:
@@ -380,20 +552,26 @@ def _code_error_classes() -> set[str]:
             if isinstance(node, ast.Call):
                 name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
                 index = {"ItemError": 0, "error_row": 2}.get(name)
-                if index is not None and len(node.args) > index and isinstance(node.args[index], ast.Constant):
+                if (
+                    index is not None
+                    and len(node.args) > index
+                    and isinstance(node.args[index], ast.Constant)
+                ):
                     found.add(node.args[index].value)
     return found
 
 
 def test_every_error_class_in_the_code_is_documented_and_vice_versa():
     text = DOC.read_text()
-    section = text[text.index("## Error classes"):]
-    section = section[:section.index("\n## ", 1)]
+    section = text[text.index("## Error classes") :]
+    section = section[: section.index("\n## ", 1)]
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE))
     code = _code_error_classes()
     assert len(code) >= 20, code
-    assert documented == code, (f"in the code, not in docs/reliability.md: {sorted(code - documented)}; "
-                                f"in the doc, not in the code: {sorted(documented - code)}")
+    assert documented == code, (
+        f"in the code, not in docs/reliability.md: {sorted(code - documented)}; "
+        f"in the doc, not in the code: {sorted(documented - code)}"
+    )
 
 
 def test_align_errors_are_classed_by_cause(demo_run, tmp_path, monkeypatch):
@@ -416,34 +594,54 @@ def test_align_errors_are_classed_by_cause(demo_run, tmp_path, monkeypatch):
     tiles = pq.read_table(shard)
     empty = tiles["tile_id"][0].as_py()
     fractions = [1.0] + tiles["nodata_fraction"].to_pylist()[1:]
-    pq.write_table(tiles.set_column(tiles.schema.get_field_index("nodata_fraction"), "nodata_fraction",
-                                    pa.array(fractions, pa.float32())), shard)
+    pq.write_table(
+        tiles.set_column(
+            tiles.schema.get_field_index("nodata_fraction"),
+            "nodata_fraction",
+            pa.array(fractions, pa.float32()),
+        ),
+        shard,
+    )
 
     def errors_of() -> dict[str, tuple[str, str]]:
         for d in ("shards", "errors"):
             shutil.rmtree(run / "align" / d, ignore_errors=True)
         done = align.AlignShard(cfg.align, str(run), None)({"shard": name})
         rows = pq.read_table(run / "align" / "errors" / name).to_pylist()
-        assert done["planned"] == tiles.num_rows == done["written"] + done["rejected"] and done["rejected"] == len(rows)
+        assert done["planned"] == tiles.num_rows == done["written"] + done["rejected"] and done[
+            "rejected"
+        ] == len(rows)
         return {r["item"]: (r["error_class"], r["message"]) for r in rows}
 
     errors = errors_of()
-    assert list(errors) == [empty] and errors[empty][0] == "nodata" and "tile.max_nodata_fraction" in errors[empty][1]
+    assert (
+        list(errors) == [empty]
+        and errors[empty][0] == "nodata"
+        and "tile.max_nodata_fraction" in errors[empty][1]
+    )
 
     # the optical twin truncated (a download cut short): every other tile of the scene is unreadable
     optical = Path(scene["optical_uri"])
     cut = tmp_path / optical.name
     cut.write_bytes(optical.read_bytes()[:2000])
-    pq.write_table(pa.Table.from_pylist([{**s, "optical_uri": str(cut) if s is scene else s["optical_uri"]} for s in scenes],
-                                        schema=pq.read_schema(run / "catalog" / "scenes.parquet")), run / "catalog" / "scenes.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{**s, "optical_uri": str(cut) if s is scene else s["optical_uri"]} for s in scenes],
+            schema=pq.read_schema(run / "catalog" / "scenes.parquet"),
+        ),
+        run / "catalog" / "scenes.parquet",
+    )
     errors = errors_of()
     assert len(errors) == tiles.num_rows and errors.pop(empty)[0] == "nodata"
     assert {c for c, _ in errors.values()} == {"unreadable"}
     assert all("re-download" in m and str(cut) in m for _, m in errors.values())
 
-    # a programming error (planted: the land-cover step raises) is a bug, with where, and no re-download advice
-    pq.write_table(pa.Table.from_pylist(scenes, schema=pq.read_schema(run / "catalog" / "scenes.parquet")),
-                   run / "catalog" / "scenes.parquet")
+    # a programming error (planted: the land-cover step raises) is a bug, with where, and no re-download
+    # advice
+    pq.write_table(
+        pa.Table.from_pylist(scenes, schema=pq.read_schema(run / "catalog" / "scenes.parquet")),
+        run / "catalog" / "scenes.parquet",
+    )
 
     def broken(lc, classes):
         return min(classes.items())[1] + 1  # str + int: TypeError

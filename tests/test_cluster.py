@@ -55,6 +55,7 @@ def workers(cfg: dict) -> dict[str, dict]:
 
 # ---- cluster launcher YAMLs (ray up) ----
 
+
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_matches_ray_schema(name):
     jsonschema.validate(load(name), SCHEMA)
@@ -71,7 +72,8 @@ def test_launcher_passes_ray_up_checks(name):
 BREAKAGES = {
     "misspelled top-level key": lambda c: c.update(max_worker=c.pop("max_workers")),
     "fractional GPU resource": lambda c: c["available_node_types"]["gpu_annotate"]["resources"].update(
-        GPU=0.5),
+        GPU=0.5
+    ),
     "node type without node_config": lambda c: c["available_node_types"]["cpu_tile"].pop("node_config"),
     "unknown node type field": lambda c: c["available_node_types"]["cpu_tile"].update(min_worker=0),
     "negative max_workers": lambda c: c.update(max_workers=-1),
@@ -163,14 +165,23 @@ def test_no_credentials_in_cluster_files(name):
     """Credentials come from the standard chains (laptop) and instance profiles / service accounts (nodes)."""
     text = (CLUSTER / name).read_text()
     keys = all_keys(yaml.safe_load(text))
-    forbidden = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "ssh_private_key",
-                 "gcp_credentials", "credentials", "secretaccesskey", "api_key"}
+    forbidden = {
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "ssh_private_key",
+        "gcp_credentials",
+        "credentials",
+        "secretaccesskey",
+        "api_key",
+    }
     assert not keys & forbidden, f"{name} sets {sorted(keys & forbidden)}"
     assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text), f"{name} holds an AWS access key id"
     assert "PRIVATE KEY-----" not in text, f"{name} holds a private key"
 
 
 # ---- KubeRay manifests (no CRD schema offline: check the structure the operator relies on) ----
+
 
 def kuberay_problems(spec: dict) -> list[str]:
     """What is wrong with a RayCluster spec (also the rayClusterSpec of a RayJob); empty when fine."""
@@ -203,8 +214,9 @@ def kuberay_problems(spec: dict) -> list[str]:
         pod = g.get("template", {}).get("spec", {})
         group_containers = pod.get("containers", [])
         containers += group_containers
-        gpus = [int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
-                for c in group_containers]
+        gpus = [
+            int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) for c in group_containers
+        ]
         if any(gpus):
             gpu_groups += 1
             if not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])):
@@ -216,7 +228,7 @@ def kuberay_problems(spec: dict) -> list[str]:
             problems.append(f"image {c.get('image')!r} does not carry rayVersion {version}")
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         if env.get("RAY_USAGE_STATS_ENABLED") != "0":
-            problems.append(f"{c.get('name')}: RAY_USAGE_STATS_ENABLED must be \"0\"")
+            problems.append(f'{c.get("name")}: RAY_USAGE_STATS_ENABLED must be "0"')
     return problems
 
 
@@ -237,14 +249,20 @@ def test_rayjob_structure():
     assert {".git", ".venv", "runs"} <= set(runtime_env["excludes"])
 
 
-@pytest.mark.parametrize("breakage", [
-    lambda s: s["workerGroupSpecs"][0].update(minReplicas=1),
-    lambda s: s["workerGroupSpecs"][0].update(replicas=99),
-    lambda s: s.update(rayVersion="2.9.3"),
-    lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
-    lambda s: [c["resources"]["limits"].pop("nvidia.com/gpu", None)
-               for g in s["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]],
-])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda s: s["workerGroupSpecs"][0].update(minReplicas=1),
+        lambda s: s["workerGroupSpecs"][0].update(replicas=99),
+        lambda s: s.update(rayVersion="2.9.3"),
+        lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+        lambda s: [
+            c["resources"]["limits"].pop("nvidia.com/gpu", None)
+            for g in s["workerGroupSpecs"]
+            for c in g["template"]["spec"]["containers"]
+        ],
+    ],
+)
 def test_kuberay_check_rejects_a_broken_copy(breakage):
     spec = copy.deepcopy(load("kuberay-raycluster.yaml")["spec"])
     breakage(spec)
@@ -253,13 +271,15 @@ def test_kuberay_check_rejects_a_broken_copy(breakage):
 
 # ---- the commands and config keys that the manifests and docs cite ----
 
+
 def check_sarlang_command(command: str) -> None:
     """`sarlang run WORKFLOW key=value ...`: the workflow exists and the overrides load (keys and types)."""
     args = shlex.split(command)
     assert args[:2] == ["sarlang", "run"], command
     workflow = REPO / args[2]
     assert workflow.is_file() and workflow.parent == REPO / "workflows", f"{args[2]} is not in workflows/"
-    # the docs' placeholder bucket is refused as it is (test_presets_refuse_the_placeholder_bucket): a user's works
+    # the docs' placeholder bucket is refused as it is (test_presets_refuse_the_placeholder_bucket): a user's
+    # works
     load_config(str(workflow), [a.replace("YOUR_BUCKET", "my-bucket") for a in args[3:]])
 
 
@@ -270,7 +290,10 @@ def test_presets_refuse_the_placeholder_bucket_until_it_is_set(preset):
 
     with pytest.raises(ConfigError, match="placeholder bucket"):
         load_config(str(REPO / "workflows" / preset))
-    assert load_config(str(REPO / "workflows" / preset), ["run.run_dir=s3://my-bucket/runs/x"]).run.run_dir == "s3://my-bucket/runs/x"
+    assert (
+        load_config(str(REPO / "workflows" / preset), ["run.run_dir=s3://my-bucket/runs/x"]).run.run_dir
+        == "s3://my-bucket/runs/x"
+    )
 
 
 def test_rayjob_entrypoint_runs_an_existing_workflow():
@@ -280,8 +303,11 @@ def test_rayjob_entrypoint_runs_an_existing_workflow():
 def documented_job_commands(text: str) -> list[str]:
     """The entrypoints (after `--`) of every `ray job submit` in the text, continuation lines joined."""
     text = text.replace("\\\n", " ")
-    return [line.split(" -- ", 1)[1].strip() for line in text.splitlines()
-            if "ray job submit" in line and " -- " in line]
+    return [
+        line.split(" -- ", 1)[1].strip()
+        for line in text.splitlines()
+        if "ray job submit" in line and " -- " in line
+    ]
 
 
 @pytest.mark.parametrize("doc", ["cluster/README.md", "docs/scaling.md"])

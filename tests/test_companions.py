@@ -33,8 +33,17 @@ GEOD = Geod(ellps="WGS84")
 
 
 def _run(run_dir: Path, archive: Path, stages: str, *overrides: str, workflow: str | None = None):
-    cfg = load_config(workflow, [f"run.run_dir={run_dir}", f"catalog.archive={archive}", f"synth.out_dir={archive}",
-                                 f"run.stages={stages}", "ray.progress=false", *overrides])
+    cfg = load_config(
+        workflow,
+        [
+            f"run.run_dir={run_dir}",
+            f"catalog.archive={archive}",
+            f"synth.out_dir={archive}",
+            f"run.stages={stages}",
+            "ray.progress=false",
+            *overrides,
+        ],
+    )
     return cfg, pipeline.run(cfg)
 
 
@@ -52,7 +61,8 @@ def archive(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def regex_run(ray_session, archive, tmp_path_factory) -> Path:
-    """catalog -> tile -> align of the small demo as workflows/demo.yaml pairs it (regex rules, labels_glob)."""
+    """catalog -> tile -> align of the small demo as workflows/demo.yaml pairs it (regex rules,
+    labels_glob)."""
     run_dir = tmp_path_factory.mktemp("regex") / "run"
     _run(run_dir, archive, "[catalog,tile,align]", *SMALL, workflow=DEMO)
     return run_dir
@@ -104,8 +114,14 @@ def _candidates(scene: dict, archive: Path, k: int) -> list[pystac.Item]:
     return items
 
 
-def _expected_twin(scene: dict, items: list[pystac.Item], window: float = 30.0, min_overlap: float = 0.1,
-                   wt: float = 0.5, wc: float = 0.5) -> str | None:
+def _expected_twin(
+    scene: dict,
+    items: list[pystac.Item],
+    window: float = 30.0,
+    min_overlap: float = 0.1,
+    wt: float = 0.5,
+    wc: float = 0.5,
+) -> str | None:
     """The twin by the documented score, computed here with geodesic areas on the ellipsoid (the code
     measures in the tile CRS)."""
     fp = shapely.from_wkb(scene["footprint"])
@@ -129,16 +145,23 @@ def _expected_twin(scene: dict, items: list[pystac.Item], window: float = 30.0, 
 
 
 def _item_collection(path: Path, items: list[pystac.Item]) -> Path:
-    path.write_text(json.dumps({"type": "FeatureCollection",
-                                "features": [i.to_dict(include_self_link=False) for i in items]}))
+    path.write_text(
+        json.dumps(
+            {"type": "FeatureCollection", "features": [i.to_dict(include_self_link=False) for i in items]}
+        )
+    )
     return path
 
 
 def test_twin_by_search_is_the_best_scored_item_and_ties_go_to_the_smaller_id(scenes, archive, tmp_path):
     items = [i for k, s in enumerate(scenes) for i in _candidates(s, archive, k)]
     source = _item_collection(tmp_path / "optical.json", items)
-    cfg = load_config(None, [f"catalog.archive={archive}", "catalog.optical_rule=null", f"catalog.optical={source}"])
-    kept, errors, counts = catalog.assign_companions([dict(s) for s in scenes], cfg.catalog, str(tmp_path / "vrt"))
+    cfg = load_config(
+        None, [f"catalog.archive={archive}", "catalog.optical_rule=null", f"catalog.optical={source}"]
+    )
+    kept, errors, counts = catalog.assign_companions(
+        [dict(s) for s in scenes], cfg.catalog, str(tmp_path / "vrt")
+    )
     assert errors == [] and counts["twins"] == {"search": len(scenes)}
     for k, scene in enumerate(kept):
         expected = _expected_twin(scene, _candidates(scene, archive, k))
@@ -148,20 +171,34 @@ def test_twin_by_search_is_the_best_scored_item_and_ties_go_to_the_smaller_id(sc
         assert scene["optical_gap_days"] == pytest.approx(gap)
         assert scene["optical_cloud"] == chosen.properties.get("eo:cloud_cover")
         fp = shapely.from_wkb(scene["footprint"])
-        overlap = _geodesic_area(shapely.geometry.shape(chosen.geometry).intersection(fp)) / _geodesic_area(fp)
+        overlap = _geodesic_area(shapely.geometry.shape(chosen.geometry).intersection(fp)) / _geodesic_area(
+            fp
+        )
         assert scene["optical_overlap"] == pytest.approx(overlap, abs=0.01)
         assert scene["optical_source"] == "search" and scene["optical_reason"] is None
     assert kept[0]["optical_items"] == ["s0-tie-a"]  # the tie, broken by item id
-    assert {s["optical_items"][0].split("-", 1)[1] for s in kept[1:]} <= {"half-clear", "full-cloudy", "full-late",
-                                                                         "no-cloud-field"}
+    assert {s["optical_items"][0].split("-", 1)[1] for s in kept[1:]} <= {
+        "half-clear",
+        "full-cloudy",
+        "full-late",
+        "no-cloud-field",
+    }
 
     # the same items as a stac-geoparquet file give the same twins
     import stac_geoparquet.arrow
 
-    table = stac_geoparquet.arrow.parse_stac_items_to_arrow([i.to_dict(include_self_link=False) for i in items])
+    table = stac_geoparquet.arrow.parse_stac_items_to_arrow(
+        [i.to_dict(include_self_link=False) for i in items]
+    )
     stac_geoparquet.arrow.to_parquet(table, str(tmp_path / "optical.parquet"))
-    cfg_gpq = load_config(None, [f"catalog.archive={archive}", "catalog.optical_rule=null",
-                                 f"catalog.optical={tmp_path / 'optical.parquet'}"])
+    cfg_gpq = load_config(
+        None,
+        [
+            f"catalog.archive={archive}",
+            "catalog.optical_rule=null",
+            f"catalog.optical={tmp_path / 'optical.parquet'}",
+        ],
+    )
     again, _, _ = catalog.assign_companions([dict(s) for s in scenes], cfg_gpq.catalog, str(tmp_path / "vrt"))
     assert [s["optical_items"] for s in again] == [s["optical_items"] for s in kept]
     assert [s["optical_score"] for s in again] == pytest.approx([s["optical_score"] for s in kept])
@@ -171,10 +208,14 @@ def test_scene_without_candidate_is_kept_with_its_reason_or_rejected(scenes, arc
     # candidates for scene 0 only; scene 1 gets only an item outside the time window
     items = _candidates(scenes[0], archive, 0)
     late = companions.parse_time(scenes[1]["datetime"]) + dt.timedelta(days=45)
-    items.append(_item("s1-too-late", shapely.from_wkb(scenes[1]["footprint"]).buffer(0.001), late, 0.0, "x.tif"))
+    items.append(
+        _item("s1-too-late", shapely.from_wkb(scenes[1]["footprint"]).buffer(0.001), late, 0.0, "x.tif")
+    )
     source = _item_collection(tmp_path / "optical.json", items)
     base = [f"catalog.archive={archive}", "catalog.optical_rule=null", f"catalog.optical={source}"]
-    kept, errors, counts = catalog.assign_companions([dict(s) for s in scenes], load_config(None, base).catalog, str(tmp_path))
+    kept, errors, counts = catalog.assign_companions(
+        [dict(s) for s in scenes], load_config(None, base).catalog, str(tmp_path)
+    )
     assert len(kept) == len(scenes) and errors == []
     reasons = [s["optical_reason"] for s in kept]
     assert reasons[0] is None and reasons[1] == "outside_time_window"
@@ -182,11 +223,14 @@ def test_scene_without_candidate_is_kept_with_its_reason_or_rejected(scenes, arc
     assert counts["no_twin"] == {"no_candidate": len(scenes) - 2, "outside_time_window": 1}
     assert all(s["optical_uri"] is None for s in kept[1:])
 
-    kept, errors, counts = catalog.assign_companions([dict(s) for s in scenes],
-                                                     load_config(None, base + ["catalog.no_twin=reject"]).catalog, str(tmp_path))
+    kept, errors, counts = catalog.assign_companions(
+        [dict(s) for s in scenes], load_config(None, base + ["catalog.no_twin=reject"]).catalog, str(tmp_path)
+    )
     assert len(kept) == 1 and len(errors) == len(scenes) - 1
     assert {e["error_class"] for e in errors} == {"no_optical_twin"}
-    assert all("catalog.no_twin=keep" in e["message"] and e["item"] in {s["sar_uri"] for s in scenes} for e in errors)
+    assert all(
+        "catalog.no_twin=keep" in e["message"] and e["item"] in {s["sar_uri"] for s in scenes} for e in errors
+    )
 
 
 def test_bad_twin_config_is_refused_naming_the_key(archive):
@@ -196,13 +240,20 @@ def test_bad_twin_config_is_refused_naming_the_key(archive):
     with pytest.raises(ValueError, match="catalog.no_twin"):
         load_config(None, [f"catalog.archive={archive}", "catalog.no_twin=drop"])
     with pytest.raises(ValueError, match="catalog.min_overlap"):
-        catalog.list_scenes(replace(load_config(None, [f"catalog.archive={archive}"]).catalog, min_overlap=5.0))
+        catalog.list_scenes(
+            replace(load_config(None, [f"catalog.archive={archive}"]).catalog, min_overlap=5.0)
+        )
 
 
 def test_scene_time_from_tags_and_file_names():
-    assert companions.acquired_from_file({"ACQUISITION_DATETIME": "2024-06-01T10:00:00Z"}, "x.tif") == "2024-06-01T10:00:00Z"
+    assert (
+        companions.acquired_from_file({"ACQUISITION_DATETIME": "2024-06-01T10:00:00Z"}, "x.tif")
+        == "2024-06-01T10:00:00Z"
+    )
     name = "OPERA_L2_RTC-S1_T137-292318-IW1_20211119T015854Z_20250830T120333Z_S1A_30_v1.0_VV.tif"
-    assert companions.acquired_from_file({}, name) == "2021-11-19T01:58:54Z"  # the first token: the acquisition
+    assert (
+        companions.acquired_from_file({}, name) == "2021-11-19T01:58:54Z"
+    )  # the first token: the acquisition
     assert companions.acquired_from_file({}, "scene.tif") is None
 
 
@@ -215,11 +266,21 @@ def _split_in_four(raster: Path, out: Path, cut: tuple[int, int]) -> list[Path]:
     paths = []
     with rasterio.open(raster) as src:
         c, r = cut
-        for name, (col0, row0, w, h) in {"nw": (0, 0, c, r), "ne": (c, 0, src.width - c, r),
-                                         "sw": (0, r, c, src.height - r), "se": (c, r, src.width - c, src.height - r)}.items():
+        for name, (col0, row0, w, h) in {
+            "nw": (0, 0, c, r),
+            "ne": (c, 0, src.width - c, r),
+            "sw": (0, r, c, src.height - r),
+            "se": (c, r, src.width - c, src.height - r),
+        }.items():
             window = Window(col0, row0, w, h)
-            profile = {**src.profile, "width": w, "height": h, "transform": src.window_transform(window),
-                       "tiled": False, "compress": "deflate"}
+            profile = {
+                **src.profile,
+                "width": w,
+                "height": h,
+                "transform": src.window_transform(window),
+                "tiled": False,
+                "compress": "deflate",
+            }
             profile.pop("blockxsize", None), profile.pop("blockysize", None)
             path = out / f"lc_{name}.tif"
             with rasterio.open(path, "w", **profile) as dst:
@@ -233,8 +294,11 @@ def _tile_grid(scene: dict, gsd: float, size: int = 64) -> list[Affine]:
     left, top = t.c, t.f
     right, bottom = left + t.a * scene["width"], top + t.e * scene["height"]
     step = gsd * size
-    return [Affine(gsd, 0, x, 0, -gsd, y) for x in np.arange(left, right - step / 2, step)
-            for y in np.arange(top, bottom + step / 2, -step)]
+    return [
+        Affine(gsd, 0, x, 0, -gsd, y)
+        for x in np.arange(left, right - step / 2, step)
+        for y in np.arange(top, bottom + step / 2, -step)
+    ]
 
 
 @pytest.mark.parametrize("as_stac", [False, True])
@@ -244,8 +308,13 @@ def test_landcover_split_in_four_tiles_gives_the_unsplit_fractions(scenes, archi
     tiles = _split_in_four(raster, tmp_path / "tiles", (97, 141))
     layer = str(tmp_path / "tiles")
     if as_stac:
-        collection = pystac.Collection("lc", "land-cover tiles", pystac.Extent(
-            pystac.SpatialExtent([[-180, -90, 180, 90]]), pystac.TemporalExtent([[None, None]])))
+        collection = pystac.Collection(
+            "lc",
+            "land-cover tiles",
+            pystac.Extent(
+                pystac.SpatialExtent([[-180, -90, 180, 90]]), pystac.TemporalExtent([[None, None]])
+            ),
+        )
         for p in tiles:
             with rasterio.open(p) as src:
                 fp = catalog.footprint_4326(src)
@@ -255,8 +324,12 @@ def test_landcover_split_in_four_tiles_gives_the_unsplit_fractions(scenes, archi
         collection.normalize_hrefs(str(tmp_path / "stac"))
         collection.save(pystac.CatalogType.ABSOLUTE_PUBLISHED)
         layer = str(tmp_path / "stac" / "collection.json")
-    cfg = load_config(None, [f"catalog.archive={archive}", "catalog.landcover_rule=null", f"catalog.landcover={layer}"])
-    kept, _, counts = catalog.assign_companions([dict(scene, landcover_uri=None)], cfg.catalog, str(tmp_path / "vrt"))
+    cfg = load_config(
+        None, [f"catalog.archive={archive}", "catalog.landcover_rule=null", f"catalog.landcover={layer}"]
+    )
+    kept, _, counts = catalog.assign_companions(
+        [dict(scene, landcover_uri=None)], cfg.catalog, str(tmp_path / "vrt")
+    )
     assert kept[0]["landcover_tiles"] == 4 and kept[0]["landcover_uri"].endswith(".vrt")
     assert counts["landcover"] == {"tiles": 1}
     classes = AlignSection().landcover_classes
@@ -276,7 +349,19 @@ def test_landcover_split_in_four_tiles_gives_the_unsplit_fractions(scenes, archi
 
 def test_worldcover_preset_and_unknown_preset():
     assert companions.landcover_classes({1: "x"}, "worldcover")[80] == "water"
-    assert sorted(companions.landcover_classes({}, "worldcover")) == [10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100]
+    assert sorted(companions.landcover_classes({}, "worldcover")) == [
+        10,
+        20,
+        30,
+        40,
+        50,
+        60,
+        70,
+        80,
+        90,
+        95,
+        100,
+    ]
     with pytest.raises(ValueError, match="align.landcover_preset"):
         companions.landcover_classes({}, "corine")
 
@@ -290,7 +375,9 @@ def label_layers(archive, tmp_path_factory) -> dict:
     many files (city=<name>/cell=<i>_<j>/part.parquet on a 0.005 degree grid), both with a covering bbox
     and an OSM-style `building`/`kind` attribute instead of a class column; plus far-away decoy files."""
     root = tmp_path_factory.mktemp("layers")
-    gdf = pd.concat([gpd.read_parquet(p) for p in sorted((archive / "labels").glob("*.parquet"))], ignore_index=True)
+    gdf = pd.concat(
+        [gpd.read_parquet(p) for p in sorted((archive / "labels").glob("*.parquet"))], ignore_index=True
+    )
     gdf = gpd.GeoDataFrame(gdf, crs=4326)
     gdf["building"] = np.where(gdf["class"] == "building", "yes", None)
     gdf["kind"] = gdf["class"]
@@ -299,20 +386,35 @@ def label_layers(archive, tmp_path_factory) -> dict:
     gdf.to_parquet(single, write_covering_bbox=True, row_group_size=200)
     parted = root / "parted"
     c = gdf.geometry.centroid
-    cells = (np.floor(c.x / 0.005).astype(int).astype(str) + "_" + np.floor(c.y / 0.005).astype(int).astype(str))
+    cells = (
+        np.floor(c.x / 0.005).astype(int).astype(str) + "_" + np.floor(c.y / 0.005).astype(int).astype(str)
+    )
     for (city, cell), part in gdf.groupby([gdf["city"], cells]):
         folder = parted / f"city={city}" / f"cell={cell}"
         folder.mkdir(parents=True)
-        part.drop(columns=["city"]).to_parquet(folder / "part.parquet", write_covering_bbox=True, row_group_size=50)
-    decoy = gpd.GeoDataFrame({"kind": ["building"] * 3, "building": ["yes"] * 3, "object_id": ["d1", "d2", "d3"]},
-                             geometry=[box(-70 + i, -30, -69.99 + i, -29.99) for i in range(3)], crs=4326)
+        part.drop(columns=["city"]).to_parquet(
+            folder / "part.parquet", write_covering_bbox=True, row_group_size=50
+        )
+    decoy = gpd.GeoDataFrame(
+        {"kind": ["building"] * 3, "building": ["yes"] * 3, "object_id": ["d1", "d2", "d3"]},
+        geometry=[box(-70 + i, -30, -69.99 + i, -29.99) for i in range(3)],
+        crs=4326,
+    )
     (parted / "city=nowhere" / "cell=0_0").mkdir(parents=True)
     decoy.to_parquet(parted / "city=nowhere" / "cell=0_0" / "part.parquet", write_covering_bbox=True)
     return {"gdf": gdf, "single": str(single), "parted": str(parted)}
 
 
-CLASS_MAP = {"building": "building", "kind=ship": "ship", "kind=road": "road", "kind=harbour": "harbour",
-             "kind=storage tank": "storage tank", "kind=aircraft": "aircraft", "kind=car": "car", "kind=bridge": "bridge"}
+CLASS_MAP = {
+    "building": "building",
+    "kind=ship": "ship",
+    "kind=road": "road",
+    "kind=harbour": "harbour",
+    "kind=storage tank": "storage tank",
+    "kind=aircraft": "aircraft",
+    "kind=car": "car",
+    "kind=bridge": "bridge",
+}
 
 
 def _slice(layer_uri: str, scene: dict, out: Path) -> tuple[gpd.GeoDataFrame, dict]:
@@ -322,7 +424,9 @@ def _slice(layer_uri: str, scene: dict, out: Path) -> tuple[gpd.GeoDataFrame, di
     return gpd.read_parquet(out / "labels" / f"{scene['scene_id']}.parquet"), manifest
 
 
-def test_partitioned_layer_reads_only_the_files_a_scene_needs_and_equals_the_single_file(scenes, label_layers, tmp_path):
+def test_partitioned_layer_reads_only_the_files_a_scene_needs_and_equals_the_single_file(
+    scenes, label_layers, tmp_path
+):
     gdf = label_layers["gdf"]
     for scene in scenes:
         fp = shapely.from_wkb(scene["footprint"])
@@ -332,7 +436,11 @@ def test_partitioned_layer_reads_only_the_files_a_scene_needs_and_equals_the_sin
         a = one.sort_values("label_id").reset_index(drop=True)
         b = many.sort_values("label_id").reset_index(drop=True)
         assert a[cols].equals(b[cols]) and a.geometry.equals(b.geometry)
-        assert (m1["planned"], m1["written"], m1["rejected"]) == (m2["planned"], m2["written"], m2["rejected"])
+        assert (m1["planned"], m1["written"], m1["rejected"]) == (
+            m2["planned"],
+            m2["written"],
+            m2["rejected"],
+        )
         # expected features, computed from the whole frame: those whose bbox meets the footprint's bounds
         b0 = gdf.geometry.bounds
         x0, y0, x1, y1 = fp.bounds
@@ -357,19 +465,24 @@ def test_files_of_a_layer_with_different_columns_are_read_with_all_of_them(scene
     cx, cy = fp.centroid.x, fp.centroid.y
     (tmp_path / "layer" / "region=a").mkdir(parents=True)
     (tmp_path / "layer" / "region=b").mkdir(parents=True)
-    gpd.GeoDataFrame({"building": ["yes"], "object_id": ["a1"]}, geometry=[box(cx, cy, cx + 1e-4, cy + 1e-4)],
-                     crs=4326).to_parquet(tmp_path / "layer" / "region=a" / "part.parquet", write_covering_bbox=True)
-    gpd.GeoDataFrame({"building": [None], "kind": ["ship"], "object_id": ["b1"]},
-                     geometry=[box(cx + 2e-4, cy, cx + 3e-4, cy + 1e-4)], crs=4326).to_parquet(
-        tmp_path / "layer" / "region=b" / "part.parquet", write_covering_bbox=True)
+    gpd.GeoDataFrame(
+        {"building": ["yes"], "object_id": ["a1"]}, geometry=[box(cx, cy, cx + 1e-4, cy + 1e-4)], crs=4326
+    ).to_parquet(tmp_path / "layer" / "region=a" / "part.parquet", write_covering_bbox=True)
+    gpd.GeoDataFrame(
+        {"building": [None], "kind": ["ship"], "object_id": ["b1"]},
+        geometry=[box(cx + 2e-4, cy, cx + 3e-4, cy + 1e-4)],
+        crs=4326,
+    ).to_parquet(tmp_path / "layer" / "region=b" / "part.parquet", write_covering_bbox=True)
     labels, m = _slice(str(tmp_path / "layer"), scenes[0], tmp_path / "out")
     assert sorted(zip(labels["label_id"], labels["class"])) == [("a1", "building"), ("b1", "ship")]
     assert m["unmapped"] == 0 and len(m["files"]) == 2
 
 
 def test_layer_without_geo_metadata_is_refused(tmp_path):
-    pq.write_table(pd.DataFrame({"a": [1]}).pipe(lambda d: __import__("pyarrow").Table.from_pandas(d)),
-                   tmp_path / "plain.parquet")
+    pq.write_table(
+        pd.DataFrame({"a": [1]}).pipe(lambda d: __import__("pyarrow").Table.from_pandas(d)),
+        tmp_path / "plain.parquet",
+    )
     with pytest.raises(ValueError, match="no GeoParquet 'geo' metadata"):
         companions.LabelLayer.open(str(tmp_path / "plain.parquet"))
     with pytest.raises(FileNotFoundError, match="catalog.labels"):
@@ -381,26 +494,44 @@ def test_bad_features_of_a_global_layer_go_to_the_errors_table(scenes, tmp_path)
     fp = shapely.from_wkb(scene["footprint"])
     cx, cy = fp.centroid.x, fp.centroid.y
     bowtie = shapely.Polygon([(cx, cy), (cx + 1e-4, cy + 1e-4), (cx + 1e-4, cy), (cx, cy + 1e-4)])
-    gdf = gpd.GeoDataFrame({"building": ["yes", "yes", None, "yes"], "id": ["ok", "bowtie", "unmapped", "line"]},
-                           geometry=[box(cx, cy, cx + 1e-4, cy + 1e-4), bowtie, box(cx, cy, cx + 2e-4, cy + 2e-4),
-                                     shapely.LineString([(cx, cy), (cx + 1e-4, cy)])], crs=4326)
+    gdf = gpd.GeoDataFrame(
+        {"building": ["yes", "yes", None, "yes"], "id": ["ok", "bowtie", "unmapped", "line"]},
+        geometry=[
+            box(cx, cy, cx + 1e-4, cy + 1e-4),
+            bowtie,
+            box(cx, cy, cx + 2e-4, cy + 2e-4),
+            shapely.LineString([(cx, cy), (cx + 1e-4, cy)]),
+        ],
+        crs=4326,
+    )
     gdf.to_parquet(tmp_path / "layer.parquet", write_covering_bbox=True)
     layer = companions.LabelLayer.open(str(tmp_path / "layer.parquet"))
     m = align.LabelSlicer(layer, {"building": "building"}, "id", AlignSection(), str(tmp_path / "out"))(scene)
     assert (m["read"], m["unmapped"], m["planned"], m["written"], m["rejected"]) == (4, 1, 3, 1, 2)
     errors = pq.read_table(tmp_path / "out" / "label_errors" / f"{scene['scene_id']}.parquet").to_pylist()
     assert sorted((e["item"].rsplit("#", 1)[1], e["error_class"]) for e in errors) == [
-        ("bowtie", "invalid_geometry"), ("line", "not_polygon")]
+        ("bowtie", "invalid_geometry"),
+        ("line", "not_polygon"),
+    ]
 
 
 @pytest.mark.slow
-def test_align_with_partitioned_layer_equals_align_with_the_demo_labels(regex_run, archive, label_layers, tmp_path):
+def test_align_with_partitioned_layer_equals_align_with_the_demo_labels(
+    regex_run, archive, label_layers, tmp_path
+):
     """catalog -> tile -> align with the archive's labels (labels_glob), then with the partitioned layer
     (catalog.labels): every tile's objects are the same (ids are the layer's object_id, the demo's are
     <file>#feature=<row>: compared through the demo labels' object_id)."""
-    _, summary = _run(tmp_path / "layer", archive, "[catalog,tile,align]", *SMALL,
-                        f"catalog.labels={label_layers['parted']}", "catalog.labels_id_column=object_id",
-                        "catalog.labels_class_map=" + json.dumps(CLASS_MAP), workflow=DEMO)
+    _, summary = _run(
+        tmp_path / "layer",
+        archive,
+        "[catalog,tile,align]",
+        *SMALL,
+        f"catalog.labels={label_layers['parted']}",
+        "catalog.labels_id_column=object_id",
+        "catalog.labels_class_map=" + json.dumps(CLASS_MAP),
+        workflow=DEMO,
+    )
     counts = summary["stages"]["align"]["labels"]
     assert counts["files_read"] < counts["layer_files"] and counts["rejected"] == 0
     demo_ids = {}
@@ -434,14 +565,31 @@ def test_real_sen1floods11_water_mask_as_landcover_and_as_label_layer(ray_sessio
     mask = src_dir / "Spain_7370579_LabelHand.tif"
     with rasterio.open(mask) as src:
         values = src.read(1)
-        polys = [shapely.geometry.shape(g) for g, v in shapes(values.astype("int16"), transform=src.transform) if v == 1]
+        polys = [
+            shapely.geometry.shape(g)
+            for g, v in shapes(values.astype("int16"), transform=src.transform)
+            if v == 1
+        ]
     layer = tmp_path / "water.parquet"
-    gpd.GeoDataFrame({"water": ["yes"] * len(polys)}, geometry=polys, crs=4326).to_parquet(layer, write_covering_bbox=True)
-    _, summary = _run(tmp_path / "run", src_dir, "[catalog,tile,align]", "catalog.sar_glob=[*_S1Hand.tif]",
-                      "catalog.optical_rule=null", "catalog.landcover_rule=null", f"catalog.landcover={mask}",
-                      f"catalog.labels={layer}", "catalog.labels_class_map={water: water}", "catalog.units=db",
-                      "align.landcover_classes={0: land, 1: water}", "tile.gsds_m=[20.0]", "tile.tile_size=64",
-                      "align.min_visible_fraction=0.0")
+    gpd.GeoDataFrame({"water": ["yes"] * len(polys)}, geometry=polys, crs=4326).to_parquet(
+        layer, write_covering_bbox=True
+    )
+    _, summary = _run(
+        tmp_path / "run",
+        src_dir,
+        "[catalog,tile,align]",
+        "catalog.sar_glob=[*_S1Hand.tif]",
+        "catalog.optical_rule=null",
+        "catalog.landcover_rule=null",
+        f"catalog.landcover={mask}",
+        f"catalog.labels={layer}",
+        "catalog.labels_class_map={water: water}",
+        "catalog.units=db",
+        "align.landcover_classes={0: land, 1: water}",
+        "tile.gsds_m=[20.0]",
+        "tile.tile_size=64",
+        "align.min_visible_fraction=0.0",
+    )
     assert summary["stages"]["align"]["labels"]["written"] == len(polys) > 10
     tiles = pipeline.read_tiles(str(tmp_path / "run")).to_pylist()
     assert len(tiles) >= 4
@@ -450,7 +598,11 @@ def test_real_sen1floods11_water_mask_as_landcover_and_as_label_layer(ray_sessio
         lc = dict(t["landcover"] or [])
         if t["landcover_valid_fraction"] < 0.99:
             continue
-        water_px = shapely.union_all([shapely.from_wkb(o["polygon"]) for o in t["objects"]]).area if t["objects"] else 0.0
+        water_px = (
+            shapely.union_all([shapely.from_wkb(o["polygon"]) for o in t["objects"]]).area
+            if t["objects"]
+            else 0.0
+        )
         assert lc.get("water", 0.0) == pytest.approx(water_px / (64 * 64), abs=0.03), t["tile_id"]
         checked += 1
     assert checked >= 4
@@ -463,13 +615,20 @@ def test_real_sen1floods11_water_mask_as_landcover_and_as_label_layer(ray_sessio
 def test_demo_search_gives_the_regex_demo_tiles_and_records_twins(regex_run, tmp_path):
     """workflows/demo-search.yaml (its own archive, synthesised from the same seed) against the regex demo."""
     search_dir = tmp_path / "search"
-    _, summary = _run(search_dir, search_dir / "archive", "[synth,catalog,tile,align,annotate,export]", *SMALL,
-                      workflow=str(REPO / "workflows" / "demo-search.yaml"))
+    _, summary = _run(
+        search_dir,
+        search_dir / "archive",
+        "[synth,catalog,tile,align,annotate,export]",
+        *SMALL,
+        workflow=str(REPO / "workflows" / "demo-search.yaml"),
+    )
     assert summary["stages"]["catalog"]["companions"]["twins"] == {"search": 4}
     scenes = pipeline.read_scenes(str(search_dir))
     for s in scenes:
         stem = s["sar_uri"].rsplit("/", 1)[1][: -len("_sar.tif")]
-        assert s["optical_items"] == [f"{stem}_optical"] and s["optical_uri"].endswith(f"/optical/{stem}_optical.tif")
+        assert s["optical_items"] == [f"{stem}_optical"] and s["optical_uri"].endswith(
+            f"/optical/{stem}_optical.tif"
+        )
         assert s["optical_gap_days"] is not None and s["optical_overlap"] == pytest.approx(1.0, abs=1e-6)
         assert s["optical_cloud"] is not None and s["optical_score"] is not None
     a = pipeline.read_tiles(str(regex_run)).sort_by("tile_id")

@@ -50,13 +50,20 @@ def test_cli_reports_unknown_key_and_exits_2(capsys):
 
 
 def test_python_dash_m_prints_the_resolved_config():
-    out = subprocess.run([sys.executable, "-m", "sarlang_ray", "config", "tile.tile_size=96"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sarlang_ray", "config", "tile.tile_size=96"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "tile_size: 96" in out
 
 
 def test_saved_config_redacts_secrets_but_keeps_key_names():
-    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), ["catalog.archive=s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/archive"])
+    cfg = load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        ["catalog.archive=s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/archive"],
+    )
     text = to_yaml(cfg)
     assert "wJalrXUtnFEMI" not in text and "s3://AKIAEXAMPLE:***@bucket/archive" in text
     assert "api_key_env: OPENAI_API_KEY" in text  # the variable's name, never its value
@@ -81,16 +88,19 @@ def test_a_landcover_legend_replaces_the_default_one(tmp_path):
     assert from_file.name == "worldcover", "the summary names the workflow actually run"
 
 
-@pytest.mark.parametrize("override, words", [
-    ("catalog.no_twin=bogus", "catalog.no_twin must be keep or reject"),
-    ("catalog.min_overlap=5", "catalog.min_overlap"),
-    ("catalog.time_window_days=0", "catalog.time_window_days"),
-    ("catalog.band=0", "catalog.band"),
-    ("annotate.backend=gpt", "annotate.backend"),
-    ("annotate.openai.caption_image=thermal", "annotate.openai.caption_image"),
-    ("evaluate.dtype=int4", "evaluate.dtype"),
-    ("tile.stretch.low=99", "tile.stretch.low"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("catalog.no_twin=bogus", "catalog.no_twin must be keep or reject"),
+        ("catalog.min_overlap=5", "catalog.min_overlap"),
+        ("catalog.time_window_days=0", "catalog.time_window_days"),
+        ("catalog.band=0", "catalog.band"),
+        ("annotate.backend=gpt", "annotate.backend"),
+        ("annotate.openai.caption_image=thermal", "annotate.openai.caption_image"),
+        ("evaluate.dtype=int4", "evaluate.dtype"),
+        ("tile.stretch.low=99", "tile.stretch.low"),
+    ],
+)
 def test_every_value_check_runs_when_the_config_is_loaded(override, words, capsys):
     """`sarlang config ...` exits 2 naming the key, so a bad value never reaches a stage (or a Ray start)."""
     assert main(["config", override]) == 2
@@ -98,12 +108,20 @@ def test_every_value_check_runs_when_the_config_is_loaded(override, words, capsy
 
 
 def test_sarlang_config_with_a_bad_catalog_value_exits_non_zero():
-    proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "config", "catalog.no_twin=bogus"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sarlang_ray", "config", "catalog.no_twin=bogus"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 2 and "catalog.no_twin" in proc.stderr and not proc.stdout
 
 
 def test_off_on_the_command_line_is_off():
     """YAML 1.1 reads a bare `off` as false; the QC rules and the judge take it as the word it is."""
     cfg = load_config(None, ["annotate.qc.colour=off", "annotate.qc.contradiction=off", "evaluate.judge=off"])
-    assert (cfg.annotate.qc.colour, cfg.annotate.qc.contradiction, cfg.evaluate.judge) == ("off", "off", "off")
+    assert (cfg.annotate.qc.colour, cfg.annotate.qc.contradiction, cfg.evaluate.judge) == (
+        "off",
+        "off",
+        "off",
+    )

@@ -1,5 +1,6 @@
 """Typed modes and sections that check themselves: every mode is a Literal field whose bad value is refused on
-load naming the key and the allowed values; every section is a ``Section`` whose ``check`` runs at load time, and
+load naming the key and the allowed values; every section is a ``Section`` whose ``check`` runs at load time,
+and
 gives the same words for a section built in code. No Ray: config only."""
 
 from __future__ import annotations
@@ -25,22 +26,37 @@ def _modes(obj, prefix: str = ""):
             continue
         is_list = typing.get_origin(hint) is list
         inner = typing.get_args(hint)[0] if is_list else hint
-        args = [inner] if typing.get_origin(inner) is typing.Literal else [a for a in typing.get_args(inner)
-                                                                         if a is not type(None)]
+        args = (
+            [inner]
+            if typing.get_origin(inner) is typing.Literal
+            else [a for a in typing.get_args(inner) if a is not type(None)]
+        )
         if len(args) == 1 and typing.get_origin(args[0]) is typing.Literal:
             yield key, typing.get_args(args[0]), is_list
 
 
 MODES = list(_modes(WorkflowConfig()))
 # values that need another key to be valid
-NEEDS = {"evaluate.vqa_mode=judge": ["evaluate.judge=openai"], "train.strategy=fsdp": ["train.method=full"],
-         "evaluate.judge=embedding": ["evaluate.judge_model=m"], "evaluate.judge=served": ["evaluate.judge_model=m"]}
+NEEDS = {
+    "evaluate.vqa_mode=judge": ["evaluate.judge=openai"],
+    "train.strategy=fsdp": ["train.method=full"],
+    "evaluate.judge=embedding": ["evaluate.judge_model=m"],
+    "evaluate.judge=served": ["evaluate.judge_model=m"],
+}
 
 
 def test_the_modes_are_typed():
     keys = {k for k, _, _ in MODES}
-    assert {"catalog.no_twin", "tile.speckle.filter", "annotate.qc.colour", "evaluate.engine", "train.strategy",
-            "annotate.vllm.device", "evaluate.images", "bench.formats"} <= keys
+    assert {
+        "catalog.no_twin",
+        "tile.speckle.filter",
+        "annotate.qc.colour",
+        "evaluate.engine",
+        "train.strategy",
+        "annotate.vllm.device",
+        "evaluate.images",
+        "bench.formats",
+    } <= keys
     assert len(MODES) >= 30, keys
 
 
@@ -62,8 +78,9 @@ def test_a_bad_mode_is_refused_naming_the_key_and_the_choices(key, allowed, is_l
 
 def test_every_section_checks_itself_at_load_and_when_built_in_code():
     cfg = WorkflowConfig()
-    sections = [cfg] + [v for v in (getattr(cfg, f.name) for f in dataclasses.fields(cfg))
-                        if dataclasses.is_dataclass(v)]
+    sections = [cfg] + [
+        v for v in (getattr(cfg, f.name) for f in dataclasses.fields(cfg)) if dataclasses.is_dataclass(v)
+    ]
     assert all(isinstance(s, Section) for s in sections)
     assert cfg.check() == []  # the defaults are valid
     # the same words for the same bad value, whether it came through load_config or was built in code
@@ -90,7 +107,9 @@ def test_fingerprints_see_the_modes_as_plain_strings():
     cfg = load_config(None, ["annotate.backend=hf", "tile.speckle.filter=lee", "evaluate.judge=openai"])
     for stage in registry().values():
         settings = stage.settings(cfg)
-        assert json.loads(json.dumps(settings)) == settings, stage.name  # plain JSON, nothing that encodes differently
+        assert json.loads(json.dumps(settings)) == settings, (
+            stage.name
+        )  # plain JSON, nothing that encodes differently
     assert registry()["tile"].settings(cfg)["tile"]["speckle"]["filter"] == "lee"
 
 

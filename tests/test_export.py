@@ -34,7 +34,9 @@ def _exported_tiles(out: Path) -> dict[str, str]:
     return {tid: next(iter(s)) for tid, s in split_of.items()}
 
 
-def _brute_force_leaks(tiles: list[dict], split_of: dict[str, str], buffer_m: float) -> tuple[float, int, int]:
+def _brute_force_leaks(
+    tiles: list[dict], split_of: dict[str, str], buffer_m: float
+) -> tuple[float, int, int]:
     """Every pair of tiles of two different splits, measured directly (no index, no code under test): the
     overlap area on the ground (m², both footprints in the UTM zone of the first), pairs closer than
     ``buffer_m``, and label objects seen in both splits."""
@@ -48,7 +50,7 @@ def _brute_force_leaks(tiles: list[dict], split_of: dict[str, str], buffer_m: fl
     for i, a in enumerate(ids):
         to_utm = Transformer.from_crs("EPSG:4326", crs[a], always_xy=True).transform
         pa_ = ops.transform(to_utm, geo[a])
-        for b in ids[i + 1:]:
+        for b in ids[i + 1 :]:
             if split_of[a] == split_of[b]:
                 continue
             pb = ops.transform(to_utm, geo[b])
@@ -58,7 +60,10 @@ def _brute_force_leaks(tiles: list[dict], split_of: dict[str, str], buffer_m: fl
     for t in tiles:
         if t["tile_id"] in split_of:
             labels.setdefault(split_of[t["tile_id"]], set()).update(o["label_id"] for o in t["objects"])
-    shared = sum(len(labels.get(x, set()) & labels.get(y, set())) for x, y in (("train", "val"), ("train", "test"), ("val", "test")))
+    shared = sum(
+        len(labels.get(x, set()) & labels.get(y, set()))
+        for x, y in (("train", "val"), ("train", "test"), ("val", "test"))
+    )
     return area, near, shared
 
 
@@ -68,16 +73,25 @@ def test_default_split_is_geographic_with_no_shared_ground_or_objects(exported):
     assert cfg.export.split_by == "geographic"
     split_of = _exported_tiles(out)
     assert set(split_of.values()) == {"train", "val", "test"}, "all three splits hold tiles"
-    tiles = pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "footprint", "crs", "objects"]).to_pylist()
+    tiles = pipeline.read_tiles(
+        cfg.run.run_dir, columns=["tile_id", "footprint", "crs", "objects"]
+    ).to_pylist()
     area, near, shared = _brute_force_leaks(tiles, split_of, cfg.export.buffer_m)
     assert (area, near, shared) == (0.0, 0, 0)
     report = json.loads((out / "leakage.json").read_text())
-    assert report["leak_free"] and all(p == {"intersection_m2": 0.0, "tile_pairs_within_buffer": 0, "shared_objects": 0}
-                                       for p in report["pairs"].values())
+    assert report["leak_free"] and all(
+        p == {"intersection_m2": 0.0, "tile_pairs_within_buffer": 0, "shared_objects": 0}
+        for p in report["pairs"].values()
+    )
     # boundary tiles dropped are in the errors table, and the counts reconcile
     e = summary["stages"]["export"]
-    dropped = [r for r in pipeline.read_errors(cfg.run.run_dir).to_pylist() if r["error_class"] == "split_boundary"]
-    assert e["planned"] == e["written"] + e["rejected"] and e["rejected"] == len(dropped) == report["dropped_tiles"]
+    dropped = [
+        r for r in pipeline.read_errors(cfg.run.run_dir).to_pylist() if r["error_class"] == "split_boundary"
+    ]
+    assert (
+        e["planned"] == e["written"] + e["rejected"]
+        and e["rejected"] == len(dropped) == report["dropped_tiles"]
+    )
     assert e["written"] == len(split_of) and not {r["item"] for r in dropped} & set(split_of)
     assert "## Leakage between splits" in (out / "dataset_card.md").read_text()
 
@@ -91,7 +105,9 @@ def test_the_scene_split_leaks_and_the_report_says_so(exported):
     candidates = [t for _, t in split_inputs(cfg.run.run_dir)]
     split_of = group_splits(candidates, "scene", {"train": 0.7, "val": 0.1, "test": 0.2}, cfg.run.seed)
     report = leakage_report(candidates, split_of, cfg.export.buffer_m)
-    tiles = pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "footprint", "crs", "objects"]).to_pylist()
+    tiles = pipeline.read_tiles(
+        cfg.run.run_dir, columns=["tile_id", "footprint", "crs", "objects"]
+    ).to_pylist()
     area, _near, shared = _brute_force_leaks(tiles, split_of, cfg.export.buffer_m)
     assert not report["leak_free"] and shared > 0 and area > 0
     assert sum(p["shared_objects"] for p in report["pairs"].values()) == shared
@@ -135,8 +151,15 @@ def test_parquet_loads_with_hf_datasets_and_decodes_images(exported):
     assert len(ds) == summary["stages"]["export"]["splits"]["train"]["pairs"] > 0
     row = ds[0]
     assert row["image"].size == (cfg.tile.tile_size, cfg.tile.tile_size) and row["question"] and row["answer"]
-    assert set(ds.unique("application")) <= {"image description", "object identification", "object classification",
-                                              "instance counting", "region referring", "object positioning", "others"}
+    assert set(ds.unique("application")) <= {
+        "image description",
+        "object identification",
+        "object classification",
+        "instance counting",
+        "region referring",
+        "object positioning",
+        "others",
+    }
 
 
 def test_llamafactory_json_is_well_formed(exported):
@@ -161,8 +184,19 @@ def test_reimporting_the_sarlang1m_layout_gives_back_the_same_pairs(exported):
     cfg, _, out = exported
     imported = import_sarlang1m(str(out / "sarlang1m")).to_pylist()
     kept = set(_exported_tiles(out))
-    ours = [p for p in pipeline.read_annotations(cfg.run.run_dir).to_pylist() if p["qc_passed"] and p["tile_id"] in kept]
-    key = lambda p: (p["tile_id"], p["kind"], p["application"], p["question_type"], p["question"], p["answer"])
+    ours = [
+        p
+        for p in pipeline.read_annotations(cfg.run.run_dir).to_pylist()
+        if p["qc_passed"] and p["tile_id"] in kept
+    ]
+    key = lambda p: (
+        p["tile_id"],
+        p["kind"],
+        p["application"],
+        p["question_type"],
+        p["question"],
+        p["answer"],
+    )
     assert sorted(map(key, imported)) == sorted(map(key, ours))
     assert all(Path(p["image_uri"]).exists() for p in imported)
     assert {p["split"] for p in imported} <= {"train", "val", "test"}
@@ -178,8 +212,12 @@ def test_import_cli_writes_an_annotations_table(exported, tmp_path):
 
     _, _, out = exported
     target = tmp_path / "imported.parquet"
-    proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "import", str(out / "sarlang1m"), str(target)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sarlang_ray", "import", str(out / "sarlang1m"), str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = pq.read_table(target)
     assert set(ANNOTATION_SCHEMA.names) <= set(table.column_names) and table.num_rows > 0
@@ -197,7 +235,8 @@ def test_dataset_card_has_counts_and_plots(exported):
 # ---------------------------------------------------------------- the export runs per shard on Ray workers
 def _expected_files(cfg) -> dict[str, bytes]:
     """What the export must write, computed here from the tiles and annotations tables alone, the way the old
-    serial exporter did (records in shard order, then pair order; whole-list ``json.dumps``; ``csv.DictWriter``):
+    serial exporter did (records in shard order, then pair order; whole-list ``json.dumps``;
+    ``csv.DictWriter``):
     the assembled JSON/CSV files, every Parquet shard and every PNG, path under export/ -> bytes."""
     import csv
     import io as _io
@@ -209,9 +248,13 @@ def _expected_files(cfg) -> dict[str, bytes]:
     from sarlang_ray.splits import SPLITS, geographic_splits
 
     e = cfg.export
-    split_of, _, _ = geographic_splits([t for _, t in split_inputs(cfg.run.run_dir)], {"train": e.train, "val": e.val, "test": e.test},
-                                       cfg.run.seed,
-                                    e.block_m, e.buffer_m)
+    split_of, _, _ = geographic_splits(
+        [t for _, t in split_inputs(cfg.run.run_dir)],
+        {"train": e.train, "val": e.val, "test": e.test},
+        cfg.run.seed,
+        e.block_m,
+        e.buffer_m,
+    )
     llama = {s: [] for s in SPLITS}
     captions = {(k, s): [] for k in ("concise", "detailed") for s in SPLITS}
     files: dict[str, bytes] = {}
@@ -219,31 +262,53 @@ def _expected_files(cfg) -> dict[str, bytes]:
     for uri in tables.tiles_table_shards(cfg.run.run_dir):
         name = io.relative(uri, root)
         png = dict(zip(*io.read_parquet(uri, columns=["tile_id", "sar_png"]).to_pydict().values()))
-        pairs = [p for p in io.read_parquet(io.join(tables.shard_root(cfg.run.run_dir, "annotate"), name)).to_pylist()
-                 if p["qc_passed"] and p["tile_id"] in split_of]
+        pairs = [
+            p
+            for p in io.read_parquet(
+                io.join(tables.shard_root(cfg.run.run_dir, "annotate"), name)
+            ).to_pylist()
+            if p["qc_passed"] and p["tile_id"] in split_of
+        ]
         rows = {s: [] for s in SPLITS}
         for p in pairs:
             split, image = split_of[p["tile_id"]], f"{p['tile_id']}.png"
             files[f"sarlang1m/SAR_images/{image}"] = png[p["tile_id"]]
-            rows[split].append({**{c: p[c] for c in PAIR_COLUMNS}, "split": split,
-                                "image": {"bytes": png[p["tile_id"]], "path": image}})
-            llama[split].append({"messages": [{"role": "user", "content": "<image>" + p["question"]},
-                                              {"role": "assistant", "content": p["answer"]}],
-                                 "images": [f"images/{image}"], "pair_id": p["pair_id"],
-                                 "application": p["application"], "question_type": p["question_type"]})
+            rows[split].append(
+                {
+                    **{c: p[c] for c in PAIR_COLUMNS},
+                    "split": split,
+                    "image": {"bytes": png[p["tile_id"]], "path": image},
+                }
+            )
+            llama[split].append(
+                {
+                    "messages": [
+                        {"role": "user", "content": "<image>" + p["question"]},
+                        {"role": "assistant", "content": p["answer"]},
+                    ],
+                    "images": [f"images/{image}"],
+                    "pair_id": p["pair_id"],
+                    "application": p["application"],
+                    "question_type": p["question_type"],
+                }
+            )
             if p["kind"] != "vqa":
                 captions[(p["kind"].split("_")[1], split)].append({"image": image, "caption": p["answer"]})
         for split, r in rows.items():
             if r:
-                files[f"parquet/{split}/{name.replace('/', '__')}"] = io.parquet_bytes(pa.Table.from_pylist(r, schema=EXPORT_SCHEMA))
+                files[f"parquet/{split}/{name.replace('/', '__')}"] = io.parquet_bytes(
+                    pa.Table.from_pylist(r, schema=EXPORT_SCHEMA)
+                )
     for split in SPLITS:
+
         def dump(records: list[dict], folder: str) -> bytes:
             images = [{**r, "images": [r["images"][0].replace("images/", folder)]} for r in records]
             return json.dumps(images, indent=2, sort_keys=True).encode()
 
         files[f"llamafactory/sarlang_{split}.json"] = dump(llama[split], "../sarlang1m/SAR_images/")
-        files[f"sarlang1m/vqa/vqa_{split}.json"] = dump([r for r in llama[split] if r["application"] != "image description"],
-                                                        "SAR_images/")
+        files[f"sarlang1m/vqa/vqa_{split}.json"] = dump(
+            [r for r in llama[split] if r["application"] != "image description"], "SAR_images/"
+        )
         for kind in ("concise", "detailed"):
             buf = _io.StringIO()
             w = csv.DictWriter(buf, fieldnames=["image", "caption"])
@@ -258,12 +323,19 @@ def test_the_files_are_those_the_tables_give(exported):
     directly; the JSON files are valid and hold exactly the QC-passed pairs of the split tiles."""
     cfg, summary, out = exported
     expected = _expected_files(cfg)
-    written = {str(f.relative_to(out)) for top in ("parquet", "sarlang1m", "llamafactory") for f in (out / top).rglob("*")
-               if f.is_file()}
+    written = {
+        str(f.relative_to(out))
+        for top in ("parquet", "sarlang1m", "llamafactory")
+        for f in (out / top).rglob("*")
+        if f.is_file()
+    }
     assert written - {"llamafactory/dataset_info.json"} == set(expected)
     for path, data in sorted(expected.items()):
         assert (out / path).read_bytes() == data, path
-    pairs = sum(len(json.loads((out / f"llamafactory/sarlang_{s}.json").read_text())) for s in ("train", "val", "test"))
+    pairs = sum(
+        len(json.loads((out / f"llamafactory/sarlang_{s}.json").read_text()))
+        for s in ("train", "val", "test")
+    )
     assert pairs == sum(c["pairs"] for c in summary["stages"]["export"]["splits"].values()) > 0
     assert not (out / "_parts").exists(), "per-shard parts are removed once assembled"
 
@@ -272,8 +344,12 @@ def test_each_png_is_written_once_and_both_layouts_name_it(exported):
     _, _, out = exported
     pngs = [f for f in out.rglob("*.png") if "plots" not in f.parts]
     tiles = set(_exported_tiles(out))
-    assert sorted(f.name for f in pngs) == sorted(f"{t}.png" for t in tiles), "one file per exported tile, no copies"
-    assert {f.parent for f in pngs} == {out / "sarlang1m" / "SAR_images"} and not (out / "llamafactory" / "images").exists()
+    assert sorted(f.name for f in pngs) == sorted(f"{t}.png" for t in tiles), (
+        "one file per exported tile, no copies"
+    )
+    assert {f.parent for f in pngs} == {out / "sarlang1m" / "SAR_images"} and not (
+        out / "llamafactory" / "images"
+    ).exists()
     # LLaMA-Factory joins image paths to media_dir, which defaults to dataset_dir (export/llamafactory)
     used = set()
     for split in ("train", "val", "test"):
@@ -285,8 +361,10 @@ def test_each_png_is_written_once_and_both_layouts_name_it(exported):
 
 
 def test_workers_export_the_shards_and_a_second_export_is_byte_identical(exported, tmp_path, monkeypatch):
-    """The export of a copy of the run folder: the driver reads no shard of the tiles table (Ray tasks plan the
-    split) and writes no PNG, Parquet shard or part (the actors do), and every file equals the first export's."""
+    """The export of a copy of the run folder: the driver reads no shard of the tiles table (Ray tasks plan
+    the
+    split) and writes no PNG, Parquet shard or part (the actors do), and every file equals the first
+    export's."""
     import shutil
 
     import pyarrow.parquet as pq
@@ -301,14 +379,24 @@ def test_workers_export_the_shards_and_a_second_export_is_byte_identical(exporte
         shutil.copytree(Path(cfg.run.run_dir) / stage, run_dir / stage)
     reads, writes = [], []
     read_parquet, write_bytes = io.read_parquet, io.write_bytes_atomic
-    monkeypatch.setattr(io, "read_parquet", lambda uris, columns=None: reads.append((uris, columns)) or read_parquet(uris, columns))
-    monkeypatch.setattr(io, "write_bytes_atomic", lambda uri, data: writes.append(uri) or write_bytes(uri, data))
+    monkeypatch.setattr(
+        io,
+        "read_parquet",
+        lambda uris, columns=None: reads.append((uris, columns)) or read_parquet(uris, columns),
+    )
+    monkeypatch.setattr(
+        io, "write_bytes_atomic", lambda uri, data: writes.append(uri) or write_bytes(uri, data)
+    )
     counts = export_stage.run(demo_config(run_dir))
     monkeypatch.undo()
 
     tile_reads = [c for u, c in reads if "/align/shards/" in str(u)]
-    assert not tile_reads, f"the split is planned by Ray tasks (export.planner=workers): the driver reads {tile_reads}"
-    assert not [u for u in writes if "/plots/" not in u and (u.endswith((".png", ".part")) or "/parquet/" in u)]
+    assert not tile_reads, (
+        f"the split is planned by Ray tasks (export.planner=workers): the driver reads {tile_reads}"
+    )
+    assert not [
+        u for u in writes if "/plots/" not in u and (u.endswith((".png", ".part")) or "/parquet/" in u)
+    ]
     again = run_dir / "export"
     assert counts["shards"] > 1 and len(list(again.glob("sarlang1m/SAR_images/*.png"))) == counts["written"]
 
@@ -318,7 +406,9 @@ def test_workers_export_the_shards_and_a_second_export_is_byte_identical(exporte
     assert files(again) == files(out)
     for path in sorted(files(out) - {"_SUCCESS.json", "errors.parquet"}):
         assert (again / path).read_bytes() == (out / path).read_bytes(), path
-    untimed = [pq.read_table(d / "errors.parquet").drop_columns(["time"]) for d in (again, out)]  # rows carry the time
+    untimed = [
+        pq.read_table(d / "errors.parquet").drop_columns(["time"]) for d in (again, out)
+    ]  # rows carry the time
     assert untimed[0].equals(untimed[1])
 
 
@@ -338,9 +428,13 @@ def test_an_interrupted_export_resumes_finished_shards(exported, tmp_path):
         shutil.copytree(Path(cfg.run.run_dir) / stage, run_dir / stage)
     items, _ = export.plan(demo_config(run_dir))
     first = list(execution.map(Work(items[:1], export.ExportShard, (str(run_dir),))))
-    again = sorted(execution.map(Work(items[:2], export.ExportShard, (str(run_dir),))), key=lambda m: m["index"])
+    again = sorted(
+        execution.map(Work(items[:2], export.ExportShard, (str(run_dir),))), key=lambda m: m["index"]
+    )
     assert [m["skipped"] for m in again] == [True, False] and again[0]["stats"] == first[0]["stats"]
-    assert str(os.getpid()) not in {m["worker"].rsplit(":", 1)[1] for m in first + again}, "shards are exported by Ray workers"
+    assert str(os.getpid()) not in {m["worker"].rsplit(":", 1)[1] for m in first + again}, (
+        "shards are exported by Ray workers"
+    )
 
 
 def test_a_stream_write_is_all_or_nothing(tmp_path):
@@ -375,7 +469,7 @@ def test_export_to_s3_equals_the_local_export(exported, s3):
     counts = export_stage.run(demo_config(Path("unused"), "run.run_dir=s3://sarlang/export-run"))
     assert counts["splits"] == summary["stages"]["export"]["splits"]
     remote = "sarlang/export-run/export"
-    names = {p[len(remote) + 1:] for p in fs.find(remote)}
+    names = {p[len(remote) + 1 :] for p in fs.find(remote)}
     local = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
     assert names == local
     for path in sorted(local - {"_SUCCESS.json", "errors.parquet"}):
@@ -394,7 +488,9 @@ def test_importing_our_llamafactory_folder_names_the_folder_to_import_instead(ex
     records = sum(len(json.loads(p.read_text())) for p in (out / "llamafactory").glob("sarlang_*.json"))
     assert refused.table.num_rows == 0 and len(errors) == records > 0
     assert {e["error_class"] for e in errors} == {"unsafe_path"}
-    assert all(f"sarlang import {out}/sarlang1m OUT.parquet" in e["message"] for e in errors), errors[0]["message"]
+    assert all(f"sarlang import {out}/sarlang1m OUT.parquet" in e["message"] for e in errors), errors[0][
+        "message"
+    ]
     followed = release.import_release(f"{out}/sarlang1m")
     assert followed.errors.num_rows == 0 and followed.table.num_rows >= records
 
@@ -408,14 +504,21 @@ def test_one_reason_rejecting_more_than_the_share_warns_in_the_summary(exported,
 
     cfg, summary, _ = exported
     e = summary["stages"]["export"]
-    assert e["rejected"] > 0 and e["rejects_by_reason"] == {"split_boundary": e["rejected"]} and "warnings" not in e
+    assert (
+        e["rejected"] > 0
+        and e["rejects_by_reason"] == {"split_boundary": e["rejected"]}
+        and "warnings" not in e
+    )
     run_dir = tmp_path / "run"
     for stage in ("catalog", "tile", "align", "annotate"):
         shutil.copytree(Path(cfg.run.run_dir) / stage, run_dir / stage)
     share = e["rejected"] / e["planned"] / 2
     again = pipeline.run(demo_config(run_dir, f"run.warn_reject_share={share}", "run.stages=[export]"))
-    warning = (f"export: {e['rejected']} of {e['planned']} planned items ({e['rejected'] / e['planned']:.0%}) rejected "
-               f"as split_boundary (more than run.warn_reject_share={share:g})")
+    warning = (
+        f"export: {e['rejected']} of {e['planned']} planned items ({e['rejected'] / e['planned']:.0%}) "
+        "rejected "
+        f"as split_boundary (more than run.warn_reject_share={share:g})"
+    )
     assert [w.split(";")[0] for w in again["stages"]["export"]["warnings"]] == [warning]
     assert f"  !! WARNING {warning}" in pipeline.format_summary(again)
     marker = json.loads((run_dir / "export" / "_SUCCESS.json").read_text())
@@ -430,11 +533,15 @@ def _exported_objects(out: Path, tiles: dict[str, dict], split_of: dict[str, str
 
     files = sorted(out.glob("objects/*.parquet"))
     if not files:
-        return [{"tile_id": tid, "split": s, "object_id": o["label_id"], "label_id": o["label_id"]}
-                for tid, s in split_of.items() for o in tiles[tid]["objects"]]
+        return [
+            {"tile_id": tid, "split": s, "object_id": o["label_id"], "label_id": o["label_id"]}
+            for tid, s in split_of.items()
+            for o in tiles[tid]["objects"]
+        ]
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
     assert sorted((r["tile_id"], r["label_id"]) for r in rows) == sorted(
-        (tid, o["label_id"]) for tid in split_of for o in tiles[tid]["objects"]), "every object of every exported tile"
+        (tid, o["label_id"]) for tid in split_of for o in tiles[tid]["objects"]
+    ), "every object of every exported tile"
     assert all(split_of[r["tile_id"]] == r["split"] for r in rows)
     return rows
 
@@ -462,21 +569,33 @@ def test_a_long_road_across_split_blocks_is_in_no_two_splits(demo_run, tmp_path)
     cfg, _ = demo_run
     out0 = Path(cfg.run.run_dir) / "export"
     split0 = _exported_tiles(out0)
-    t0 = {t["tile_id"]: t for t in pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "scene_id", "gsd_m", "footprint"]).to_pylist()}
-    fine = [t for tid, t in t0.items() if t["scene_id"].startswith("shanghai_1m") and split0.get(tid) == "test"]
-    coarse = [t for tid, t in t0.items() if t["scene_id"].startswith("shanghai_10m") and split0.get(tid) == "val"]
+    t0 = {
+        t["tile_id"]: t
+        for t in pipeline.read_tiles(
+            cfg.run.run_dir, columns=["tile_id", "scene_id", "gsd_m", "footprint"]
+        ).to_pylist()
+    }
+    fine = [
+        t for tid, t in t0.items() if t["scene_id"].startswith("shanghai_1m") and split0.get(tid) == "test"
+    ]
+    coarse = [
+        t for tid, t in t0.items() if t["scene_id"].startswith("shanghai_10m") and split0.get(tid) == "val"
+    ]
     assert fine and coarse, "the demo's Shanghai has test tiles (1 m scene) and val tiles (10 m scene)"
     centre = from_wkb(min(fine, key=lambda t: t["tile_id"])["footprint"]).centroid
     start = min((from_wkb(t["footprint"]).centroid for t in coarse), key=lambda c: c.distance(centre))
     utm = Transformer.from_crs("EPSG:4326", "EPSG:32651", always_xy=True)
     a, b = transform(utm.transform, start), transform(utm.transform, centre)
-    road = LineString([(a.x, a.y), (b.x + 0.5 * (b.x - a.x), b.y + 0.5 * (b.y - a.y))]).buffer(6, cap_style="flat")
+    road = LineString([(a.x, a.y), (b.x + 0.5 * (b.x - a.x), b.y + 0.5 * (b.y - a.y))]).buffer(
+        6, cap_style="flat"
+    )
     assert road.length / 2 > 2 * cfg.export.block_m  # blocks long
 
     run_dir = tmp_path / "run"
     shutil.copytree(Path(cfg.run.run_dir) / "archive", run_dir / "archive")
     gpd.GeoDataFrame({"class": ["road"]}, geometry=[road], crs="EPSG:32651").to_crs(4326).to_parquet(
-        run_dir / "archive" / "labels" / "long_road.parquet")
+        run_dir / "archive" / "labels" / "long_road.parquet"
+    )
     road_id = "labels/long_road.parquet#feature=0"
     run = demo_config(run_dir, "run.stages=[catalog,tile,align,annotate,export]")
     assert run.export.split_by == "geographic" and run.export.block_m == 2000
@@ -484,9 +603,14 @@ def test_a_long_road_across_split_blocks_is_in_no_two_splits(demo_run, tmp_path)
 
     out = run_dir / "export"
     split_of = _exported_tiles(out)
-    tiles = {t["tile_id"]: t for t in pipeline.read_tiles(str(run_dir), columns=["tile_id", "footprint", "objects"]).to_pylist()}
+    tiles = {
+        t["tile_id"]: t
+        for t in pipeline.read_tiles(str(run_dir), columns=["tile_id", "footprint", "objects"]).to_pylist()
+    }
     on_road = {tid for tid in split_of if road_id in {o["label_id"] for o in tiles[tid]["objects"]}}
-    assert len(on_road) >= 8 and len({split_of[t] for t in on_road}) >= 2, "the road is exported in tiles of two splits"
+    assert len(on_road) >= 8 and len({split_of[t] for t in on_road}) >= 2, (
+        "the road is exported in tiles of two splits"
+    )
 
     # brute force over the exported tiles: every object id and the splits whose tiles show it
     rows = _exported_objects(out, tiles, split_of)
@@ -494,8 +618,10 @@ def test_a_long_road_across_split_blocks_is_in_no_two_splits(demo_run, tmp_path)
     for r in rows:
         splits_of_id.setdefault(r["object_id"], set()).add(r["split"])
     crossing = {i: sorted(s) for i, s in splits_of_id.items() if len(s) > 1}
-    print(f"road in {len(on_road)} exported tiles of splits {sorted({split_of[t] for t in on_road})}; "
-          f"{len(splits_of_id)} object ids; in two splits: {crossing}")
+    print(
+        f"road in {len(on_road)} exported tiles of splits {sorted({split_of[t] for t in on_road})}; "
+        f"{len(splits_of_id)} object ids; in two splits: {crossing}"
+    )
     assert crossing == {}, f"object ids in two splits: {crossing}"
     clipped = {r["label_id"] for r in rows if r["object_id"] != r["label_id"]}
     assert not clipped & set(splits_of_id), "a clipped object is never exported under its original id"
@@ -508,12 +634,18 @@ def test_a_long_road_across_split_blocks_is_in_no_two_splits(demo_run, tmp_path)
     # a clipped object is longer than a block: its exported tiles' centroids lie more than block_m apart
     to_grid = Transformer.from_crs("EPSG:4326", EQUAL_AREA, always_xy=True)
     for label in clipped:
-        xy = [to_grid.transform(*from_wkb(tiles[r["tile_id"]]["footprint"]).centroid.coords[0]) for r in rows if r["label_id"] == label]
+        xy = [
+            to_grid.transform(*from_wkb(tiles[r["tile_id"]]["footprint"]).centroid.coords[0])
+            for r in rows
+            if r["label_id"] == label
+        ]
         spans = [max(v[k] for v in xy) - min(v[k] for v in xy) for k in (0, 1)]
         assert max(spans) > run.export.block_m, (label, spans)
     report = json.loads((out / "leakage.json").read_text())
     assert report["leak_free"] and report["clipped_objects"] == len(clipped) >= 1
-    assert report["clipped_parts"] == len({(r["label_id"], r["split"]) for r in rows if r["label_id"] in clipped})
+    assert report["clipped_parts"] == len(
+        {(r["label_id"], r["split"]) for r in rows if r["label_id"] in clipped}
+    )
     assert sum(p["shared_objects"] for p in report["pairs"].values()) == 0
 
 
@@ -524,8 +656,17 @@ def _row_of_tiles(n: int, labels) -> list:
 
     from sarlang_ray.splits import SplitTile
 
-    return [SplitTile(f"t{i:02d}", "s", "r", shapely.box(4.0 + i * 0.0045, 52.0, 4.0015 + i * 0.0045, 52.001), "EPSG:32631",
-                      frozenset(labels(i))) for i in range(n)]
+    return [
+        SplitTile(
+            f"t{i:02d}",
+            "s",
+            "r",
+            shapely.box(4.0 + i * 0.0045, 52.0, 4.0015 + i * 0.0045, 52.001),
+            "EPSG:32631",
+            frozenset(labels(i)),
+        )
+        for i in range(n)
+    ]
 
 
 def test_objects_shared_at_any_distance_are_clipped_when_long_and_dropped_when_short():
@@ -535,7 +676,10 @@ def test_objects_shared_at_any_distance_are_clipped_when_long_and_dropped_when_s
     from sarlang_ray.splits import geographic_splits, leakage_report, object_ids
 
     ratios = {"train": 0.7, "val": 0.1, "test": 0.2}
-    for labels, long_ in ((lambda i: {"road"}, True), (lambda i: {f"o{j}" for j in range(i - 2, i + 1)}, False)):
+    for labels, long_ in (
+        (lambda i: {"road"}, True),
+        (lambda i: {f"o{j}" for j in range(i - 2, i + 1)}, False),
+    ):
         tiles = _row_of_tiles(60, labels)
         kept, dropped, clipped = geographic_splits(tiles, ratios, 0, 2000.0, 50.0)
         assert set(kept.values()) == {"train", "val", "test"}

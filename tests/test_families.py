@@ -22,14 +22,27 @@ REPO = Path(__file__).resolve().parents[1]
 # What closes the assistant's turn in each family's published chat template (from the hub repos' templates,
 # written out here rather than read from the code under test); LLaVA-1.5's template closes it with nothing,
 # and the model was trained to end its answer with the end-of-sequence token </s>.
-END_OF_TURN = {"llava": "</s>", "qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>",
-               "internvl": "<|im_end|>", "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>",
-               "gemma3": "<end_of_turn>"}
+END_OF_TURN = {
+    "llava": "</s>",
+    "qwen2_vl": "<|im_end|>",
+    "qwen2_5_vl": "<|im_end|>",
+    "qwen3_vl": "<|im_end|>",
+    "internvl": "<|im_end|>",
+    "idefics3": "<end_of_utterance>",
+    "smolvlm": "<end_of_utterance>",
+    "gemma3": "<end_of_turn>",
+}
 # the model class each family's hub checkpoints load as
-MODEL_CLASS = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-               "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
-               "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
+MODEL_CLASS = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +52,17 @@ def tiny(tmp_path_factory):
 
     def get(family: str) -> str:
         if family not in built:
-            built[family] = tiny_models.init_tiny_vlm(str(tmp_path_factory.mktemp("tiny") / family), family=family)
+            built[family] = tiny_models.init_tiny_vlm(
+                str(tmp_path_factory.mktemp("tiny") / family), family=family
+            )
         return built[family]
 
     return get
 
 
 def _images():
-    """Two images of different sizes and aspect ratios (Qwen grids and Idefics3 splits differ between them)."""
+    """Two images of different sizes and aspect ratios (Qwen grids and Idefics3 splits differ between
+    them)."""
     gradient = Image.linear_gradient("L").resize((48, 40)).convert("RGB")
     return [gradient, Image.new("RGB", (64, 24), (90, 140, 200))]
 
@@ -84,8 +100,11 @@ def test_tiny_model_loads_like_a_hub_model(tiny, family, tmp_path):
     saved = json.loads((folder / "processor_config.json").read_text())
     assert saved["processor_class"] == families.FAMILIES[family].processor
     if "video_processor" in saved:
-        assert saved["video_processor"]["video_processor_type"] == saved["processor_class"].replace("Processor", "VideoProcessor")
-    # a loaded processor saves back the same settings (a merged checkpoint reloads) and survives pickling (Ray)
+        assert saved["video_processor"]["video_processor_type"] == saved["processor_class"].replace(
+            "Processor", "VideoProcessor"
+        )
+    # a loaded processor saves back the same settings (a merged checkpoint reloads) and survives pickling
+    # (Ray)
     processor.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "processor_config.json").read_text()) == saved
     assert (tmp_path / "chat_template.jinja").read_text() == (folder / "chat_template.jinja").read_text()
@@ -96,7 +115,10 @@ def test_tiny_model_loads_like_a_hub_model(tiny, family, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generator_batches_left_padded_and_decodes_only_new_tokens(tiny, family):
     generator = models.Generator(tiny(family), dtype="float32", batch_size=2)
-    images, questions = _images(), ["How many ships are there?", "Describe the land cover of this image in detail."]
+    images, questions = (
+        _images(),
+        ["How many ships are there?", "Describe the land cover of this image in detail."],
+    )
     batched = generator.generate(images, questions, 6)
     assert len(batched) == 2 and all(batched)
     # one prompt at a time (no padding at all) gives the same greedy text: padding and masking are right
@@ -116,8 +138,8 @@ def test_chat_texts_answer_span_is_answer_and_end_of_turn(tiny, family):
     image = _images()[0]
     full_ids = processor(images=[[image]], text=[full], return_tensors="pt")["input_ids"][0].tolist()
     prompt_ids = processor(images=[[image]], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
-    assert full_ids[:len(prompt_ids)] == prompt_ids  # the prompt's tokens are a prefix of the conversation's
-    span = full_ids[len(prompt_ids):]
+    assert full_ids[: len(prompt_ids)] == prompt_ids  # the prompt's tokens are a prefix of the conversation's
+    span = full_ids[len(prompt_ids) :]
     assert span[-1] == processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[family])
     assert processor.tokenizer.decode(span).strip() == answer + END_OF_TURN[family]
 
@@ -149,8 +171,12 @@ def test_hf_annotator_annotates_real_tiles(tiny, family, demo_run):
     cfg, _ = demo_run
     tiles = pipeline.read_tiles(cfg.run.run_dir).slice(0, 2).to_pylist()
     section = AnnotateSection(backend="hf")
-    section.hf.model, section.hf.dtype, section.hf.max_new_tokens_caption, section.hf.max_new_tokens_answer = (
-        tiny(family), "float32", 6, 3)
+    (
+        section.hf.model,
+        section.hf.dtype,
+        section.hf.max_new_tokens_caption,
+        section.hf.max_new_tokens_answer,
+    ) = (tiny(family), "float32", 6, 3)
     annotator = HFAnnotator(section, seed=0, max_pixels=cfg.run.max_pixels)
     results = annotator.annotate_many(tiles)
     planned = [annotator.questions.annotate(t) for t in tiles]
@@ -165,12 +191,19 @@ def _batch(processor, family: str):
     images = _images()
     qa = [("How many ships are there?", "three ships"), ("What covers most of the image?", "water")]
     texts = [models.chat_texts(processor, q, a) for q, a in qa]
-    batch = processor(images=[[im] for im in images], text=[full for _, full in texts], return_tensors="pt",
-                      padding=True, padding_side="right")
+    batch = processor(
+        images=[[im] for im in images],
+        text=[full for _, full in texts],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+    )
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
     for i, (image, (prompt, _)) in enumerate(zip(images, texts)):
-        labels[i, :processor(images=[[image]], text=[prompt], return_tensors="pt")["input_ids"].shape[1]] = -100
+        labels[
+            i, : processor(images=[[image]], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+        ] = -100
     batch["labels"] = labels
     assert set(families.FAMILIES[family].forward_inputs) <= set(batch)
     return batch
@@ -189,7 +222,9 @@ def test_lora_learns_merges_saves_and_reloads(tiny, family, tmp_path):
     assert answer_tokens >= 4  # two answers of at least one token, each with its end-of-turn marker
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=families.family_of(folder).lora_targets))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=families.family_of(folder).lora_targets)
+    )
     assert model.get_nb_trainable_parameters()[0] > 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -219,7 +254,9 @@ def test_every_preset_names_a_family_with_a_tiny_builder():
         for section, key in (("train", "model"), ("annotate", "hf")):
             value = (cfg.get(section) or {}).get(key)
             value = value.get("model") if isinstance(value, dict) else value
-            if value and re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not value.startswith("runs/"):  # a hub name
+            if (
+                value and re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not value.startswith("runs/")
+            ):  # a hub name
                 hub_models[f"{preset.name}:{section}"] = value
     assert {"qwen2vl-2b.yaml:train", "qwen25vl-7b.yaml:train", "llava15-7b.yaml:train"} <= set(hub_models)
     for where, name in hub_models.items():

@@ -33,8 +33,15 @@ if TYPE_CHECKING:
 STAGES = ["synth", "catalog", "tile", "align", "annotate"]
 # small enough for CI (38 shards of at most 4 tiles per stage), large enough that a stage is still
 # running when the first shard lands (one annotate actor: template captions take milliseconds a shard)
-SMALL = ["tile.gsds_m=[1.0,5.0]", "tile.tile_size=128", "tile.tiles_per_shard=4", "annotate.concurrency=1",
-         "ray.num_cpus=2", "ray.progress=false", f"run.stages=[{','.join(STAGES)}]"]
+SMALL = [
+    "tile.gsds_m=[1.0,5.0]",
+    "tile.tile_size=128",
+    "tile.tiles_per_shard=4",
+    "annotate.concurrency=1",
+    "ray.num_cpus=2",
+    "ray.progress=false",
+    f"run.stages=[{','.join(STAGES)}]",
+]
 
 
 def _config(run_dir: Path, archive: Path):
@@ -160,13 +167,18 @@ def test_killing_a_tile_worker_mid_stage_loses_and_duplicates_no_tile(reference,
     from sarlang_ray.stages.execution import task_name
     from sarlang_ray.tiling import TileChunk
 
-    with KillBusyWorker(f"ray::{task_name(TileChunk)}", cfg.run.run_dir, "tile") as killer:  # a task's process title
+    with KillBusyWorker(
+        f"ray::{task_name(TileChunk)}", cfg.run.run_dir, "tile"
+    ) as killer:  # a task's process title
         counts = tile_stage.run(cfg)
     _assert_killed_mid_stage(killer, reference.run.run_dir)
     assert counts["planned"] == counts["written"] + counts["rejected"]
     _assert_same_as_reference(cfg.run.run_dir, reference.run.run_dir, ["tile"])
-    ids = [t for uri in io.glob(os.path.join(cfg.run.run_dir, "tile", "shards"), "*/*.parquet")
-           for t in io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist()]
+    ids = [
+        t
+        for uri in io.glob(os.path.join(cfg.run.run_dir, "tile", "shards"), "*/*.parquet")
+        for t in io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist()
+    ]
     assert len(ids) == len(set(ids)) == counts["written"]
 
 
@@ -177,7 +189,8 @@ def test_killing_an_annotate_worker_mid_stage_loses_and_duplicates_no_pair(refer
     from sarlang_ray.annotate.stage import AnnotateShard
     from sarlang_ray.stages.execution import task_name
 
-    # the template backend holds no model: its shards are Ray tasks, the worker titled ray::sarlang.AnnotateShard
+    # the template backend holds no model: its shards are Ray tasks, the worker titled
+    # ray::sarlang.AnnotateShard
     with KillBusyWorker(f"ray::{task_name(AnnotateShard)}", cfg.run.run_dir, "annotate") as killer:
         counts = annotate_stage.run(cfg)
     _assert_killed_mid_stage(killer, reference.run.run_dir)
@@ -187,17 +200,29 @@ def test_killing_an_annotate_worker_mid_stage_loses_and_duplicates_no_pair(refer
 
 
 # ---------------------------------------------------------------- `sarlang run` interrupted mid-stage
-def _sarlang_run(run_dir: Path, archive: Path, interrupt: tuple[signal.Signals, str] | None = None) -> tuple[int, str]:
+def _sarlang_run(
+    run_dir: Path, archive: Path, interrupt: tuple[signal.Signals, str] | None = None
+) -> tuple[int, str]:
     """Run ``sarlang run`` with its own local Ray; with ``interrupt=(signal, stage)``, send the signal once
     ``stage`` has written its first shard: SIGINT to the process group (as Ctrl-C in a terminal does),
     SIGTERM to the driver (as ``kill`` or a scheduler does). Returns the exit code and the output; every
     process the run started must be gone within 30 s of its end."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "sarlang_ray", "run", str(REPO / "workflows" / "demo.yaml"), f"run.run_dir={run_dir}",
-           f"synth.out_dir={archive}", *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sarlang_ray",
+        "run",
+        str(REPO / "workflows" / "demo.yaml"),
+        f"run.run_dir={run_dir}",
+        f"synth.out_dir={archive}",
+        *SMALL,
+    ]
     log = run_dir.with_suffix(f".{len(list(run_dir.parent.glob('*.log')))}.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
     tree: dict[int, psutil.Process] = {}
     try:
         driver = psutil.Process(proc.pid)
@@ -215,7 +240,10 @@ def _sarlang_run(run_dir: Path, archive: Path, interrupt: tuple[signal.Signals, 
         try:
             rc = proc.wait(timeout=60 if interrupt else 600)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"sarlang run still running {'60 s after ' + interrupt[0].name if interrupt else 'after 600 s'}")
+            pytest.fail(
+                "sarlang run still running "
+                f"{'60 s after ' + interrupt[0].name if interrupt else 'after 600 s'}"
+            )
         alive = _left_after(tree.values(), 30)
         assert not alive, f"processes left running after the run ended: {[(p.pid, p.name()) for p in alive]}"
     finally:  # whatever happened, nothing this test started stays behind
@@ -248,14 +276,18 @@ def test_an_interrupted_run_resumes_where_it_stopped_with_identical_tables(refer
     # Ctrl-C while tiling
     rc, out = _sarlang_run(run_dir, archive, (signal.SIGINT, "tile"))
     assert rc != 0 and "KeyboardInterrupt" in out, out[-3000:]
-    assert (run_dir / "catalog" / "_SUCCESS.json").exists() and not (run_dir / "tile" / "_SUCCESS.json").exists()
+    assert (run_dir / "catalog" / "_SUCCESS.json").exists() and not (
+        run_dir / "tile" / "_SUCCESS.json"
+    ).exists()
     tiled = len(_shards(str(run_dir), "tile"))
     assert 0 < tiled < total["tile"], (tiled, total)
 
     # SIGTERM while annotating: tiling resumed and finished first
     rc, out = _sarlang_run(run_dir, archive, (signal.SIGTERM, "annotate"))
     assert rc != 0, out[-3000:]
-    assert (run_dir / "align" / "_SUCCESS.json").exists() and not (run_dir / "annotate" / "_SUCCESS.json").exists()
+    assert (run_dir / "align" / "_SUCCESS.json").exists() and not (
+        run_dir / "annotate" / "_SUCCESS.json"
+    ).exists()
     annotated = len(_shards(str(run_dir), "annotate"))
     assert 0 < annotated < total["annotate"], (annotated, total)
 
@@ -295,8 +327,14 @@ def test_a_driver_ended_while_its_local_rays_agents_start_leaves_no_process_behi
     (``reaper.start_watcher``) does. The driver ends the moment the agents exist, each time."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     for attempt in range(attempts):
-        proc = subprocess.Popen([sys.executable, "-c", _BUSY_DRIVER], env=env, cwd=REPO, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BUSY_DRIVER],
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         tree: dict[int, psutil.Process] = {}
         try:
             deadline = time.time() + 120

@@ -47,21 +47,54 @@ def _leaf_keys(node, prefix: str = "") -> list[str]:
 
 
 KNOWN_KEYS = _leaf_keys(OmegaConf.structured(WorkflowConfig))
-SECTIONS = sorted({k.split(".")[0] for k in KNOWN_KEYS} | {k.rsplit(".", 1)[0] for k in KNOWN_KEYS if "." in k})
+SECTIONS = sorted(
+    {k.split(".")[0] for k in KNOWN_KEYS} | {k.rsplit(".", 1)[0] for k in KNOWN_KEYS if "." in k}
+)
 NAME = r"[a-z_][a-z0-9_]{0,10}"
 keys = st.one_of(
     st.sampled_from(KNOWN_KEYS),  # a real key (with a value of any type below)
     st.sampled_from(SECTIONS),  # a whole section given a scalar
     st.from_regex(rf"{NAME}(\.{NAME}){{0,2}}", fullmatch=True),  # unknown keys, nested or not
-    st.builds(lambda k, i: f"{k}.{i}", st.sampled_from(["tile.gsds_m", "run.stages", "evaluate.prompts"]),
-              st.integers(0, 3)),  # list items addressed as keys
+    st.builds(
+        lambda k, i: f"{k}.{i}",
+        st.sampled_from(["tile.gsds_m", "run.stages", "evaluate.prompts"]),
+        st.integers(0, 3),
+    ),  # list items addressed as keys
 )
 values = st.one_of(
-    st.integers(-10**30, 10**30).map(str),
+    st.integers(-(10**30), 10**30).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["true", "false", "null", "~", "nan", "-inf", "[]", "{}", "[1, 'a']", "{a: 1}", "[", "{", "'",
-                     '"', "%", "&a", "*a", "!!python/object:os.system", "${}", "${oops}", "${run.seed}",
-                     "${oc.env:SARLANG_FUZZ_UNSET}", "${oc.decode:'[1'}", "- a", "a: b", ": ", "#"]),
+    st.sampled_from(
+        [
+            "true",
+            "false",
+            "null",
+            "~",
+            "nan",
+            "-inf",
+            "[]",
+            "{}",
+            "[1, 'a']",
+            "{a: 1}",
+            "[",
+            "{",
+            "'",
+            '"',
+            "%",
+            "&a",
+            "*a",
+            "!!python/object:os.system",
+            "${}",
+            "${oops}",
+            "${run.seed}",
+            "${oc.env:SARLANG_FUZZ_UNSET}",
+            "${oc.decode:'[1'}",
+            "- a",
+            "a: b",
+            ": ",
+            "#",
+        ]
+    ),
     st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
 )
 
@@ -93,15 +126,21 @@ def test_config_overrides_give_a_valid_config_or_a_config_error_naming_the_key(p
     assert not _non_finite(cfg), f"{overrides} gave a config with non-finite numbers at {_non_finite(cfg)}"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("run.stages=[x", "run.stages"),  # unbalanced YAML flow sequence
-    ("name='", "name"),  # unterminated quote
-    ("tile=5", "tile"),  # a section given a scalar
-    ("tile.gsds_m.0=2", "tile.gsds_m"),  # a list item addressed as a key
-    ("export.train=nan", "export.train"),  # NaN passes every comparison: must be rejected by name
-    ("evaluate=${run.seed}", "evaluate"),  # a section given an interpolation: fails only when resolved
-    ("evaluate.vllm.concurrency=0", "evaluate.vllm.concurrency"),  # a check of a section used in two places
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("run.stages=[x", "run.stages"),  # unbalanced YAML flow sequence
+        ("name='", "name"),  # unterminated quote
+        ("tile=5", "tile"),  # a section given a scalar
+        ("tile.gsds_m.0=2", "tile.gsds_m"),  # a list item addressed as a key
+        ("export.train=nan", "export.train"),  # NaN passes every comparison: must be rejected by name
+        ("evaluate=${run.seed}", "evaluate"),  # a section given an interpolation: fails only when resolved
+        (
+            "evaluate.vllm.concurrency=0",
+            "evaluate.vllm.concurrency",
+        ),  # a check of a section used in two places
+    ],
+)
 def test_config_edge_cases_found_by_fuzzing(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
@@ -128,7 +167,11 @@ def sites(draw):
     if kind == "3031":
         return CRS.from_epsg(3031), draw(st.floats(-180, 180)), draw(st.floats(-90, -60))
     north = draw(st.booleans())
-    return CRS.from_epsg(32661 if north else 32761), draw(st.floats(-180, 180)), draw(st.floats(84, 90) if north else st.floats(-90, -80))
+    return (
+        CRS.from_epsg(32661 if north else 32761),
+        draw(st.floats(-180, 180)),
+        draw(st.floats(84, 90) if north else st.floats(-90, -80)),
+    )
 
 
 GSDS = st.sampled_from([0.5, 1.0, 2.0, 5.0, 10.0])
@@ -148,7 +191,9 @@ def star_polygons(draw, size: int):
     cx, cy = draw(st.floats(-0.25 * size, 1.25 * size)), draw(st.floats(-0.25 * size, 1.25 * size))
     n = draw(st.integers(3, 10))
     r = draw(st.floats(0.5, size))
-    angles = sorted(draw(st.lists(st.floats(0, 2 * math.pi, exclude_max=True), min_size=n, max_size=n, unique=True)))
+    angles = sorted(
+        draw(st.lists(st.floats(0, 2 * math.pi, exclude_max=True), min_size=n, max_size=n, unique=True))
+    )
     radii = draw(st.lists(st.floats(0.3, 1.0), min_size=n, max_size=n))
     poly = Polygon([(cx + r * k * math.cos(a), cy + r * k * math.sin(a)) for a, k in zip(angles, radii)])
     assume(poly.is_valid and poly.area > 1e-3)
@@ -183,10 +228,16 @@ AROUND_THE_CENTRE = Polygon([(10, 10), (120, 20), (100, 110), (20, 100)])  # of 
 
 @FUZZ
 @given(label_cases())
-@example((CRS.from_epsg(32660), 180.0, 60.0, 10.0, 128, AROUND_THE_CENTRE, "4326"))  # crosses the antimeridian
-@example((CRS.from_epsg(32660), 180.0, 60.0, 10.0, 128, AROUND_THE_CENTRE, "tile"))  # same, from UTM 60N labels
+@example(
+    (CRS.from_epsg(32660), 180.0, 60.0, 10.0, 128, AROUND_THE_CENTRE, "4326")
+)  # crosses the antimeridian
+@example(
+    (CRS.from_epsg(32660), 180.0, 60.0, 10.0, 128, AROUND_THE_CENTRE, "tile")
+)  # same, from UTM 60N labels
 @example((CRS.from_epsg(3413), 0.0, 90.0, 10.0, 128, AROUND_THE_CENTRE, "4326"))  # around the North Pole
-@example((CRS.from_epsg(3031), 0.0, -90.0, 10.0, 128, AROUND_THE_CENTRE, "neighbour"))  # South Pole, labels in 3413
+@example(
+    (CRS.from_epsg(3031), 0.0, -90.0, 10.0, 128, AROUND_THE_CENTRE, "neighbour")
+)  # South Pole, labels in 3413
 def test_label_polygons_land_on_the_right_tile_pixels_or_are_rejected_with_a_reason(case):
     """Pixel polygon -> tile CRS -> label CRS -> (label file) -> prepare_labels (EPSG:4326) -> tile CRS ->
     objects_in_tile: the box comes back within 0.01 px, or the feature is in the errors table."""
@@ -203,7 +254,10 @@ def test_label_polygons_land_on_the_right_tile_pixels_or_are_rejected_with_a_rea
     assert planned == 1 and len(labels) + len(errors) == 1
     if errors:
         e = errors[0]
-        assert e["item"] == f"{path}#feature=0" and e["error_class"] in ("bad_coordinates", "invalid_geometry"), e
+        assert e["item"] == f"{path}#feature=0" and e["error_class"] in (
+            "bad_coordinates",
+            "invalid_geometry",
+        ), e
         assert path in e["message"]
         event(f"rejected: {e['error_class']}")
         return
@@ -218,11 +272,15 @@ def test_label_polygons_land_on_the_right_tile_pixels_or_are_rejected_with_a_rea
     got = np.array(objects[0]["bbox_xyxy"])
     # sandwiched between the box of the visible part grown by 0.01 px and that of its 0.01 px erosion: an edge
     # lying on the tile border (a vertex at y = -1e-134, say) may fall either side of it after reprojection
-    outer = np.array(polygon_px.buffer(0.01).intersection(Polygon([(0, 0), (size, 0), (size, size), (0, size)])).bounds)
+    outer = np.array(
+        polygon_px.buffer(0.01).intersection(Polygon([(0, 0), (size, 0), (size, size), (0, size)])).bounds
+    )
     assert (got[:2] >= outer[:2] - 0.01).all() and (got[2:] <= outer[2:] + 0.01).all(), (got, outer)
     inner = visible.buffer(-0.01)
     if not inner.is_empty:
-        assert (got[:2] <= np.array(inner.bounds[:2]) + 1e-6).all() and (got[2:] >= np.array(inner.bounds[2:]) - 1e-6).all()
+        assert (got[:2] <= np.array(inner.bounds[:2]) + 1e-6).all() and (
+            got[2:] >= np.array(inner.bounds[2:]) - 1e-6
+        ).all()
     polygon = shapely.from_wkb(objects[0]["polygon"])
     assert polygon.symmetric_difference(visible).area <= 1e-3 + 1e-6 * visible.area
     assert objects[0]["area_px"] == pytest.approx(visible.area, rel=1e-4, abs=1e-3)
@@ -242,7 +300,10 @@ def _crosses_antimeridian_or_pole(crs: CRS, transform: Affine, w: int, h: int) -
                 return True
     cols, rows = np.meshgrid(np.linspace(0, w, 33), np.linspace(0, h, 33))
     cols, rows = cols.ravel(), rows.ravel()
-    xs, ys = transform.a * cols + transform.b * rows + transform.c, transform.d * cols + transform.e * rows + transform.f
+    xs, ys = (
+        transform.a * cols + transform.b * rows + transform.c,
+        transform.d * cols + transform.e * rows + transform.f,
+    )
     lon, _ = Transformer.from_crs(crs, 4326, always_xy=True).transform(xs, ys)
     lon = np.asarray(lon)
     return bool((lon > 170).any() and (lon < -170).any())
@@ -274,14 +335,25 @@ def test_scene_footprints_round_trip_or_are_rejected_as_bad_footprint(grid):
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "scene_sar.tif")
         data = np.random.default_rng(0).gamma(4.0, 0.25, (h, w)).astype("float32")
-        with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=1, dtype="float32", crs=crs,
-                           transform=transform) as dst:
+        with rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            width=w,
+            height=h,
+            count=1,
+            dtype="float32",
+            crs=crs,
+            transform=transform,
+        ) as dst:
             dst.write(data, 1)
         try:
             scene = inspect_scene(path, CatalogSection(archive=tmp, optical_rule=None, landcover_rule=None))
         except ItemError as exc:
             assert exc.error_class == "bad_footprint" and path in str(exc), exc
-            assert _crosses_antimeridian_or_pole(crs, transform, w, h), f"rejected a scene that is fine: {exc}"
+            assert _crosses_antimeridian_or_pole(crs, transform, w, h), (
+                f"rejected a scene that is fine: {exc}"
+            )
             event("rejected: bad_footprint")
             return
     event(f"accepted: tiles in {scene['tile_crs']}" if crs.is_geographic else "accepted")
@@ -305,8 +377,12 @@ def test_scene_footprints_round_trip_or_are_rejected_as_bad_footprint(grid):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=80), st.sampled_from(sorted({s for _, syns in vocab.CLASS_WORDS.values() for s in syns})))
-@example("a \u017fhip", "ship")  # LATIN SMALL LONG S: matched "ship" under re.I but .lower() kept it (KeyError)
+@given(
+    st.text(max_size=80), st.sampled_from(sorted({s for _, syns in vocab.CLASS_WORDS.values() for s in syns}))
+)
+@example(
+    "a \u017fhip", "ship"
+)  # LATIN SMALL LONG S: matched "ship" under re.I but .lower() kept it (KeyError)
 def test_class_mentions_in_any_text_never_raise_and_point_at_a_synonym(text, synonym):
     """QC's hallucination rule reads class mentions out of free LLM text: arbitrary Unicode must not crash
     it, every span must cover a synonym of the class it is filed under, and an inserted synonym is found."""

@@ -50,8 +50,17 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cogs")
     plain = folder / "plain.tif"
     data = (np.arange(1024 * 1024, dtype="uint32") % 65521).astype("uint16").reshape(1024, 1024)
-    with rasterio.open(plain, "w", driver="GTiff", width=1024, height=1024, count=1, dtype="uint16",
-                       crs="EPSG:32631", transform=from_origin(600000, 4800000, 10, 10)) as dst:
+    with rasterio.open(
+        plain,
+        "w",
+        driver="GTiff",
+        width=1024,
+        height=1024,
+        count=1,
+        dtype="uint16",
+        crs="EPSG:32631",
+        transform=from_origin(600000, 4800000, 10, 10),
+    ) as dst:
         dst.write(data, 1)
     rasterio.shutil.copy(plain, folder / "scene.tif", driver="COG", BLOCKSIZE=256, COMPRESS="DEFLATE")
     plain.unlink()
@@ -64,8 +73,15 @@ def _read(server, mode: str, **env_extra) -> tuple[dict, list]:
     env.update(env_extra, PYTHONPATH=str(REPO))
     with server.lock:
         server.requests.clear()
-    done = subprocess.run([sys.executable, "-c", READ, f"{server.url}/scene.tif", mode], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", READ, f"{server.url}/scene.tif", mode],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     with server.lock:
         return json.loads(done.stdout.strip().splitlines()[-1]), list(server.requests)

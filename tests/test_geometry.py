@@ -61,7 +61,12 @@ def test_fully_visible_objects_land_within_one_pixel_at_every_gsd(tiles, labels_
             if obj["visible_fraction"] < 0.999:
                 continue
             exp = _expected_box(labels_4326[obj["label_id"]], tile)
-            assert np.allclose(obj["bbox_xyxy"], exp, atol=1.0), (tile["tile_id"], obj["class"], obj["bbox_xyxy"], exp)
+            assert np.allclose(obj["bbox_xyxy"], exp, atol=1.0), (
+                tile["tile_id"],
+                obj["class"],
+                obj["bbox_xyxy"],
+                exp,
+            )
             checked[tile["gsd_m"]] += 1
     assert set(checked) == {0.5, 1.0, 2.0, 5.0, 10.0} and min(checked.values()) >= 10, checked
 
@@ -83,26 +88,33 @@ def test_a_known_ship_is_in_the_right_tile_and_bright_in_sar_and_optical(demo_ru
                     continue
                 step = cfg.tile.tile_size * gsd
                 col, row = math.floor((cx - x0) / step), math.floor((y0 - cy) / step)
-                tid = f"{scene['scene_id']}_{gsd:g}m_r{row:04d}_c{col:04d}".replace(".", "p", 1) if gsd < 1 else \
-                    f"{scene['scene_id']}_{gsd:g}m_r{row:04d}_c{col:04d}"
+                tid = (
+                    f"{scene['scene_id']}_{gsd:g}m_r{row:04d}_c{col:04d}".replace(".", "p", 1)
+                    if gsd < 1
+                    else f"{scene['scene_id']}_{gsd:g}m_r{row:04d}_c{col:04d}"
+                )
                 tile = by_id.get(tid)
                 if tile is None:
                     continue
                 objs = [o for o in tile["objects"] if o["label_id"] == label_id]
                 if not objs or objs[0]["class"] != "ship" or objs[0]["visible_fraction"] < 0.999:
                     continue
-                x_0, y_0, x_1, y_1 = (int(round(v)) for v in objs[0]["bbox_xyxy"])  # noqa: RUF046 - numpy floats
+                # numpy floats
+                x_0, y_0, x_1, y_1 = (int(round(v)) for v in objs[0]["bbox_xyxy"])  # noqa: RUF046
                 sar = _png(tile["sar_png"])
                 opt = _png(tile["optical_png"]).astype(int)
-                assert sar[y_0:y_1 + 1, x_0:x_1 + 1].max() >= 250, tid  # bright target in SAR
-                box_rgb = opt[y_0:y_1 + 1, x_0:x_1 + 1].reshape(-1, 3)
-                assert box_rgb[:, 0].max() > 70, tid  # the (white/red) ship shows against blue water (red 28) too
+                assert sar[y_0 : y_1 + 1, x_0 : x_1 + 1].max() >= 250, tid  # bright target in SAR
+                box_rgb = opt[y_0 : y_1 + 1, x_0 : x_1 + 1].reshape(-1, 3)
+                assert box_rgb[:, 0].max() > 70, (
+                    tid
+                )  # the (white/red) ship shows against blue water (red 28) too
                 found += 1
     assert found >= 20
 
 
 def test_tiles_cover_each_scene_without_gaps(demo_run, tiles):
-    """With stride = tile size: windows abut exactly, start at the scene corner and reach past its far edge."""
+    """With stride = tile size: windows abut exactly, start at the scene corner and reach past its far
+    edge."""
     cfg, _summary = demo_run
     errors = pipeline.read_errors(cfg.run.run_dir).to_pylist()
     dropped = {e["item"] for e in errors if e["stage"] == "tile"}

@@ -18,7 +18,12 @@ from sarlang_ray.config import load_config
 
 def test_init_tiny_writes_a_loadable_safetensors_model(tmp_path):
     out = tmp_path / "vlm"
-    proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "model", "init-tiny", str(out)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sarlang_ray", "model", "init-tiny", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
     from PIL import Image
@@ -26,7 +31,12 @@ def test_init_tiny_writes_a_loadable_safetensors_model(tmp_path):
 
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many ships are there?"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "How many ships are there?"}],
+        }
+    ]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True)
     inputs = processor(images=[Image.new("RGB", (40, 40))], text=[text], return_tensors="pt")
     ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -38,8 +48,17 @@ def test_hf_backend_annotates_every_tile_on_the_actor_pool(demo_run, tiny_vlm, t
     cfg, _ = demo_run
     run_dir = tmp_path / "hf"
     shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive"))
-    hf = load_config(None, [f"run.run_dir={run_dir}", "annotate.backend=hf", f"annotate.hf.model={tiny_vlm}",
-                            "annotate.hf.dtype=float32", "annotate.hf.batch_size=16", "ray.progress=false"])
+    hf = load_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            "annotate.backend=hf",
+            f"annotate.hf.model={tiny_vlm}",
+            "annotate.hf.dtype=float32",
+            "annotate.hf.batch_size=16",
+            "ray.progress=false",
+        ],
+    )
     counts = pipeline.run(hf, ["annotate"])["stages"]["annotate"]
     assert counts["planned"] == counts["written"] + counts["rejected"]
     assert counts["written"] > 0.9 * counts["planned"]

@@ -1,4 +1,5 @@
-"""`sarlang export-hf`: a dataset folder that `datasets.load_dataset(OUT)` reads as it is: three splits with the
+"""`sarlang export-hf`: a dataset folder that `datasets.load_dataset(OUT)` reads as it is: three splits with
+the
 export's row counts, images decoded equal to the exported PNGs, a card whose YAML header the Hub reads."""
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ def test_load_dataset_reads_the_demo_runs_export(demo_run, tmp_path):
     assert cli.main(["export-hf", str(run), str(out), "--license", "cc-by-4.0"]) == 0
     ds = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache"))
     names = {"train": "train", "val": "validation", "test": "test"}
-    expected = {names[s]: sum(pq.ParquetFile(f).metadata.num_rows for f in (run / "export" / "parquet" / s).glob("*.parquet"))
-                for s in names}
+    expected = {
+        names[s]: sum(
+            pq.ParquetFile(f).metadata.num_rows for f in (run / "export" / "parquet" / s).glob("*.parquet")
+        )
+        for s in names
+    }
     assert {s: ds[s].num_rows for s in ds} == expected and all(expected.values())
     assert isinstance(ds["test"].features["image"], datasets.Image)
     pngs = run / "export" / "sarlang1m" / "SAR_images"
     for split in ds:
         seen = set()
-        for row in ds[split]:  # every tile once: decoded by datasets, equal pixel for pixel to the exported PNG
+        for row in ds[
+            split
+        ]:  # every tile once: decoded by datasets, equal pixel for pixel to the exported PNG
             if row["tile_id"] in seen:
                 continue
             seen.add(row["tile_id"])
@@ -51,9 +58,11 @@ def test_load_dataset_reads_the_demo_runs_export(demo_run, tmp_path):
         assert seen
     header = _header(out / "README.md")
     assert header["license"] == "cc-by-4.0"
-    assert header["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"},
-                                                  {"split": "validation", "path": "data/validation-*"},
-                                                  {"split": "test", "path": "data/test-*"}]
+    assert header["configs"][0]["data_files"] == [
+        {"split": "train", "path": "data/train-*"},
+        {"split": "validation", "path": "data/validation-*"},
+        {"split": "test", "path": "data/test-*"},
+    ]
     assert {s["name"]: s["num_examples"] for s in header["dataset_info"]["splits"]} == expected
     assert {"name": "image", "dtype": "image"} in header["dataset_info"]["features"]
     card = (out / "README.md").read_text()
@@ -61,7 +70,8 @@ def test_load_dataset_reads_the_demo_runs_export(demo_run, tmp_path):
 
 
 def test_an_imported_table_exports_too(tmp_path):
-    """An imported SARChat-Bench table: its own splits (train, test), images read from image_uri, no leakage claim."""
+    """An imported SARChat-Bench table: its own splits (train, test), images read from image_uri, no leakage
+    claim."""
     from test_sarchat import build_sarchat
 
     from sarlang_ray import release

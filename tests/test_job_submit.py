@@ -35,8 +35,18 @@ from sarlang_ray import io, pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 # what the job does not need (the upload limit of a working_dir is 500 MiB; this leaves ~0.5 MiB)
-EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info", "benchmarks/work",
-            "*.tif", "*.tiff", "*.tmp-*"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "runs",
+    "**/__pycache__",
+    ".pytest_cache",
+    "*.egg-info",
+    "benchmarks/work",
+    "*.tif",
+    "*.tiff",
+    "*.tmp-*",
+]
 JOB_TIMEOUT_S = 600
 
 
@@ -68,35 +78,64 @@ def test_ray_job_submit_runs_the_workflow_on_a_started_cluster(ray_head, tmp_pat
     url, env, temp_dir = ray_head
     head_gcs = Path(temp_dir, "ray_current_cluster").read_text().strip()
     default_file = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
-    assert not (default_file.exists() and default_file.read_text().strip() == head_gcs), \
+    assert not (default_file.exists() and default_file.read_text().strip() == head_gcs), (
         "ray start wrote its address where a bare ray.init() would find it"
+    )
     session_gcs = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     assert session_gcs != head_gcs
 
     run_dir = tmp_path / "run"
     submission_id = f"sarlang-test-{os.getpid()}-{int(time.time())}"
-    entrypoint = ["sarlang", "run", "workflows/demo.yaml", f"run.run_dir={run_dir}", f"synth.out_dir={run_dir}/archive",
-                  "run.stages=[synth,catalog,tile,align]", "synth.scene_size_px=256", "tile.tile_size=128",
-                  "ray.progress=false"]
-    submit = [str(BIN / "ray"), "job", "submit", "--address", url, "--submission-id", submission_id, "--no-wait",
-              "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--", *entrypoint]
+    entrypoint = [
+        "sarlang",
+        "run",
+        "workflows/demo.yaml",
+        f"run.run_dir={run_dir}",
+        f"synth.out_dir={run_dir}/archive",
+        "run.stages=[synth,catalog,tile,align]",
+        "synth.scene_size_px=256",
+        "tile.tile_size=128",
+        "ray.progress=false",
+    ]
+    submit = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        url,
+        "--submission-id",
+        submission_id,
+        "--no-wait",
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": EXCLUDES}),
+        "--",
+        *entrypoint,
+    ]
     out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, f"{shlex.join(submit)}\n{out.stdout}\n{out.stderr}"
 
     client = JobSubmissionClient(url)
     deadline = time.time() + JOB_TIMEOUT_S
-    while (status := client.get_job_status(submission_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                                    JobStatus.STOPPED):
+    while (status := client.get_job_status(submission_id)) not in (
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.STOPPED,
+    ):
         if time.time() > deadline:
             client.stop_job(submission_id)
-            pytest.fail(f"job {submission_id} still {status} after {JOB_TIMEOUT_S} s:\n"
-                        f"{client.get_job_logs(submission_id)[-5000:]}")
+            pytest.fail(
+                f"job {submission_id} still {status} after {JOB_TIMEOUT_S} s:\n"
+                f"{client.get_job_logs(submission_id)[-5000:]}"
+            )
         time.sleep(2)
     logs_cmd = [str(BIN / "ray"), "job", "logs", submission_id, "--address", url]
     logs = subprocess.run(logs_cmd, env=env, capture_output=True, text=True, timeout=120, check=False).stdout
     assert status == JobStatus.SUCCEEDED, f"job {submission_id} {status}:\n{logs[-5000:]}"
 
-    # the driver attached to the head (RAY_ADDRESS set by the job supervisor), it did not start a Ray of its own
+    # the driver attached to the head (RAY_ADDRESS set by the job supervisor), it did not start a Ray of its
+    # own
     details = next(j for j in client.list_jobs() if j.submission_id == submission_id)
     assert details.driver_info is not None, details  # set when the job's driver registers with the head's GCS
     assert "Started a local Ray instance" not in logs, logs[-3000:]

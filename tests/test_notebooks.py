@@ -18,21 +18,32 @@ def _execute(name: str, run_dir: str) -> nbformat.NotebookNode:
     old = os.environ.get("SARLANG_RUN_DIR")
     os.environ["SARLANG_RUN_DIR"] = run_dir  # the kernel inherits it
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
     finally:
         os.environ.pop("SARLANG_RUN_DIR") if old is None else os.environ.__setitem__("SARLANG_RUN_DIR", old)
     return nb
 
 
 def _images(nb) -> int:
-    return sum("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    return sum(
+        "image/png" in out.get("data", {})
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+    )
 
 
 def _text(nb) -> str:
     parts = []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
-            parts.append(out.get("text", "") + str(out.get("data", {}).get("text/plain", "")) + str(out.get("data", {}).get("text/markdown", "")))
+            parts.append(
+                out.get("text", "")
+                + str(out.get("data", {}).get("text/plain", ""))
+                + str(out.get("data", {}).get("text/markdown", ""))
+            )
     return "\n".join(parts)
 
 
@@ -42,7 +53,9 @@ def test_notebooks_are_committed_without_outputs():
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         nbformat.validate(nb)
-        assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code"), name
+        assert all(
+            not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code"
+        ), name
 
 
 @pytest.mark.slow
@@ -62,7 +75,8 @@ def test_data_notebooks_execute(name, demo_run):
 
 
 def _drawn_footprints(text: str) -> dict:
-    """{(region, split): polygons} from notebook 01's "<region>: <split> <n>, ... tile footprints drawn" lines."""
+    """{(region, split): polygons} from notebook 01's "<region>: <split> <n>, ... tile footprints drawn"
+    lines."""
     import re
 
     out = {}
@@ -82,8 +96,12 @@ def _footprints_by_region(run_dir: Path) -> dict:
     for split in ("train", "val", "test"):
         files = sorted((run_dir / "export" / "parquet" / split).glob("*.parquet"))
         if files:
-            split_of.update(dict.fromkeys(pq.read_table(files, columns=["tile_id"])["tile_id"].to_pylist(), split))
-    tiles = pq.read_table(sorted((run_dir / "align" / "shards").glob("*/*.parquet")), columns=["tile_id", "region"]).to_pylist()
+            split_of.update(
+                dict.fromkeys(pq.read_table(files, columns=["tile_id"])["tile_id"].to_pylist(), split)
+            )
+    tiles = pq.read_table(
+        sorted((run_dir / "align" / "shards").glob("*/*.parquet")), columns=["tile_id", "region"]
+    ).to_pylist()
     return dict(Counter((t["region"], split_of.get(t["tile_id"], "not exported")) for t in tiles))
 
 

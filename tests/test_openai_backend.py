@@ -88,17 +88,35 @@ class ChatServer:
             self.stats["caption"] += 1
         if "one sentence" in text:
             return "An overhead radar-like view of the scene."
-        return "This overhead image shows the land cover and the layout of the scene seen from above in detail."
+        return (
+            "This overhead image shows the land cover and the layout of the scene seen from above in detail."
+        )
 
     @staticmethod
     def qa_answer(content: str) -> str:
         """A well-formed QA reply: the count of the objects the prompt lists, and a pair to drop."""
-        objects = re.search(r"Objects in the image \(class, position\): (.*?)\. Land cover", content, re.DOTALL).group(1)
+        objects = re.search(
+            r"Objects in the image \(class, position\): (.*?)\. Land cover", content, re.DOTALL
+        ).group(1)
         n = 0 if objects == "none" else len(objects.split("), "))
-        return "```json\n" + json.dumps([
-            {"application": "instance counting", "question": "How many labelled objects are there?", "answer": str(n)},
-            {"application": "astrology", "question": "Dropped?", "answer": "yes"},  # not one of the seven: dropped
-        ]) + "\n```"
+        return (
+            "```json\n"
+            + json.dumps(
+                [
+                    {
+                        "application": "instance counting",
+                        "question": "How many labelled objects are there?",
+                        "answer": str(n),
+                    },
+                    {
+                        "application": "astrology",
+                        "question": "Dropped?",
+                        "answer": "yes",
+                    },  # not one of the seven: dropped
+                ]
+            )
+            + "\n```"
+        )
 
     def stop(self):
         self.httpd.shutdown()
@@ -116,11 +134,19 @@ def test_openai_backend_end_to_end(demo_run, chat_server, tmp_path):
     cfg, _ = demo_run
     run_dir = tmp_path / "llm"
     shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive"))
-    llm = load_config(None, [
-        f"run.run_dir={run_dir}", "annotate.backend=openai", f"annotate.openai.base_url={chat_server.url}",
-        "annotate.openai.api_key_env=SARLANG_TEST_OPENAI_KEY", "annotate.openai.timeout_s=1",
-        "annotate.openai.max_retries=1", "annotate.openai.backoff_s=0.1", "ray.progress=false",
-    ])
+    llm = load_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            "annotate.backend=openai",
+            f"annotate.openai.base_url={chat_server.url}",
+            "annotate.openai.api_key_env=SARLANG_TEST_OPENAI_KEY",
+            "annotate.openai.timeout_s=1",
+            "annotate.openai.max_retries=1",
+            "annotate.openai.backoff_s=0.1",
+            "ray.progress=false",
+        ],
+    )
     summary = pipeline.run(llm, ["annotate"])
     counts = summary["stages"]["annotate"]
     assert counts["planned"] == counts["written"] + counts["rejected"]
@@ -132,20 +158,34 @@ def test_openai_backend_end_to_end(demo_run, chat_server, tmp_path):
 
     pairs = pipeline.read_annotations(str(run_dir)).to_pylist()
     assert {p["backend"] for p in pairs} == {"openai"}
-    tiles = {t["tile_id"]: t for t in pipeline.read_tiles(str(run_dir), columns=["tile_id", "gsd_m", "objects", "landcover"]).to_pylist()}
+    tiles = {
+        t["tile_id"]: t
+        for t in pipeline.read_tiles(
+            str(run_dir), columns=["tile_id", "gsd_m", "objects", "landcover"]
+        ).to_pylist()
+    }
     vqa = [p for p in pairs if p["kind"] == "vqa"]
-    assert vqa and all(p["application"] == "instance counting" for p in vqa)  # the invalid application was dropped
-    for p in vqa:  # the prompt lists the objects that can be seen at the tile's GSD (no 0.1-pixel cars at 10 m)
+    assert vqa and all(
+        p["application"] == "instance counting" for p in vqa
+    )  # the invalid application was dropped
+    for (
+        p
+    ) in vqa:  # the prompt lists the objects that can be seen at the tile's GSD (no 0.1-pixel cars at 10 m)
         seen = Visibility().view(tiles[p["tile_id"]], tuple(CLASS_WORDS)).seen
         assert int(p["answer"]) == min(len(seen), 60)
     captions = [p for p in pairs if p["kind"] != "vqa"]
     assert captions and all(p["qc_passed"] for p in captions)
 
     secret_free = (run_dir / "config.yaml").read_text() + json.dumps(errors)
-    assert TEST_OPENAI_KEY not in secret_free and "SARLANG_TEST_OPENAI_KEY" in (run_dir / "config.yaml").read_text()
+    assert (
+        TEST_OPENAI_KEY not in secret_free
+        and "SARLANG_TEST_OPENAI_KEY" in (run_dir / "config.yaml").read_text()
+    )
 
 
-def test_openai_backend_without_its_key_fails_at_annotate_naming_the_variable(demo_run, chat_server, tmp_path, capsys):
+def test_openai_backend_without_its_key_fails_at_annotate_naming_the_variable(
+    demo_run, chat_server, tmp_path, capsys
+):
     """The key variable unset: every request is answered 401, every tile is a backend_error. The command
     exits non-zero at annotate (not two stages later in train), with the reason counts and the variable's
     name, and annotate writes no _SUCCESS.json, so nothing downstream takes the empty table for data."""
@@ -158,19 +198,32 @@ def test_openai_backend_without_its_key_fails_at_annotate_naming_the_variable(de
     shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive"))
     assert "SARLANG_TEST_UNSET_KEY" not in os.environ
     before = chat_server.stats["401"]
-    rc = cli.main(["annotate", f"run.run_dir={run_dir}", "annotate.backend=openai", f"annotate.openai.base_url={chat_server.url}",
-                   "annotate.openai.api_key_env=SARLANG_TEST_UNSET_KEY", "annotate.openai.max_retries=0", "ray.progress=false"])
+    rc = cli.main(
+        [
+            "annotate",
+            f"run.run_dir={run_dir}",
+            "annotate.backend=openai",
+            f"annotate.openai.base_url={chat_server.url}",
+            "annotate.openai.api_key_env=SARLANG_TEST_UNSET_KEY",
+            "annotate.openai.max_retries=0",
+            "ray.progress=false",
+        ]
+    )
     err = capsys.readouterr().err
     tiles = pipeline.read_tiles(str(run_dir), columns=["tile_id"]).num_rows
     assert rc == 1
-    assert f"sarlang annotate: failed: annotate: all {tiles} planned items were rejected (backend_error: {tiles})" in err
+    assert (
+        f"sarlang annotate: failed: annotate: all {tiles} planned items were rejected (backend_error: "
+        f"{tiles})" in err
+    )
     assert "SARLANG_TEST_UNSET_KEY" in err and "is not set" in err
     assert chat_server.stats["401"] - before >= tiles  # the server was asked, and refused
     assert not (run_dir / "annotate" / "_SUCCESS.json").exists() and not (run_dir / "export").exists()
 
 
 class HealingServer(ChatServer):
-    """Counts every request; until ``healed``, the QA request of a tile whose prompt hashes to a multiple of 3 gets
+    """Counts every request; until ``healed``, the QA request of a tile whose prompt hashes to a multiple of 3
+    gets
     HTTP 500 (with annotate.openai.max_retries=0 the tile fails: 3 requests, 2 captions and the QA)."""
 
     def __init__(self):
@@ -189,8 +242,10 @@ class HealingServer(ChatServer):
 
 
 def test_a_retry_redoes_only_the_failed_tiles(demo_run, tmp_path):
-    """`sarlang annotate ... run.retry_errors=true` after an endpoint outage: only the tiles of the errors table
-    are asked again (the server counts the requests), the other pairs are kept as they were, the counts and the
+    """`sarlang annotate ... run.retry_errors=true` after an endpoint outage: only the tiles of the errors
+    table
+    are asked again (the server counts the requests), the other pairs are kept as they were, the counts and
+    the
     errors table are updated, and the export made from the old annotations is redone."""
     from sarlang_ray import cli, io
 
@@ -199,30 +254,56 @@ def test_a_retry_redoes_only_the_failed_tiles(demo_run, tmp_path):
     shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive"))
     server = HealingServer()
     try:
-        argv = ["annotate", str(REPO / "workflows" / "demo.yaml"), f"run.run_dir={run_dir}", f"synth.out_dir={cfg.synth.out_dir}", "annotate.backend=openai",
-                f"annotate.openai.base_url={server.url}", "annotate.openai.api_key_env=SARLANG_TEST_OPENAI_KEY",
-                "annotate.openai.max_retries=0", "ray.progress=false", "run.stages=[synth,catalog,tile,align,annotate,export]"]
+        argv = [
+            "annotate",
+            str(REPO / "workflows" / "demo.yaml"),
+            f"run.run_dir={run_dir}",
+            f"synth.out_dir={cfg.synth.out_dir}",
+            "annotate.backend=openai",
+            f"annotate.openai.base_url={server.url}",
+            "annotate.openai.api_key_env=SARLANG_TEST_OPENAI_KEY",
+            "annotate.openai.max_retries=0",
+            "ray.progress=false",
+            "run.stages=[synth,catalog,tile,align,annotate,export]",
+        ]
         assert cli.main(argv) == 0
         assert cli.main(["export", *argv[1:]]) == 0
         first = io.read_json(str(run_dir / "annotate" / "_SUCCESS.json"))
-        failed = {e["item"] for e in pipeline.read_errors(str(run_dir)).to_pylist() if e["stage"] == "annotate"}
+        failed = {
+            e["item"] for e in pipeline.read_errors(str(run_dir)).to_pylist() if e["stage"] == "annotate"
+        }
         assert 0 < first["rejected"] == len(failed) < first["planned"]
         assert server.calls == 3 * first["planned"]
-        kept = sorted(json.dumps(r, sort_keys=True) for r in pipeline.read_annotations(str(run_dir)).to_pylist())
+        kept = sorted(
+            json.dumps(r, sort_keys=True) for r in pipeline.read_annotations(str(run_dir)).to_pylist()
+        )
         export_before = io.read_json(str(run_dir / "export" / "_SUCCESS.json"))
 
         server.healed, server.calls = True, 0
         assert cli.main([*argv, "run.retry_errors=true"]) == 0
         assert server.calls == 3 * len(failed)  # the failed tiles' requests, and no other
         after = io.read_json(str(run_dir / "annotate" / "_SUCCESS.json"))
-        assert (after["planned"], after["written"], after["rejected"], after["retried"]) == (first["planned"], first["planned"], 0, len(failed))
-        assert after["fingerprint"]["value"] == first["fingerprint"]["value"] and after["fingerprint"]["retries"] == 1
+        assert (after["planned"], after["written"], after["rejected"], after["retried"]) == (
+            first["planned"],
+            first["planned"],
+            0,
+            len(failed),
+        )
+        assert (
+            after["fingerprint"]["value"] == first["fingerprint"]["value"]
+            and after["fingerprint"]["retries"] == 1
+        )
         assert not [e for e in pipeline.read_errors(str(run_dir)).to_pylist() if e["stage"] == "annotate"]
         pairs = pipeline.read_annotations(str(run_dir)).to_pylist()
         assert {p["tile_id"] for p in pairs} >= failed and len({p["pair_id"] for p in pairs}) == len(pairs)
-        assert sorted(json.dumps(r, sort_keys=True) for r in pairs if r["tile_id"] not in failed) == kept  # the others, as they were
+        assert (
+            sorted(json.dumps(r, sort_keys=True) for r in pairs if r["tile_id"] not in failed) == kept
+        )  # the others, as they were
         export_after = io.read_json(str(run_dir / "export" / "_SUCCESS.json"))
-        assert export_after["fingerprint"]["inputs"]["annotate"] != export_before["fingerprint"]["inputs"]["annotate"]
+        assert (
+            export_after["fingerprint"]["inputs"]["annotate"]
+            != export_before["fingerprint"]["inputs"]["annotate"]
+        )
         assert export_after["planned"] > export_before["planned"]  # the recovered tiles are exported
 
         server.calls = 0  # nothing left to retry: a no-op

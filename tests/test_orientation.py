@@ -63,7 +63,7 @@ def _merc_transform() -> Affine:
 def _scene_pixels(objects, seed: int) -> np.ndarray:
     data = np.random.default_rng(seed).gamma(4.0, 0.25, (SIZE, SIZE)).astype("float32")  # linear intensity
     for r, c, s in objects:
-        data[r:r + s, c:c + s] = 50.0  # +17 dB
+        data[r : r + s, c : c + s] = 50.0  # +17 dB
     return data
 
 
@@ -78,8 +78,18 @@ def _box_4326(transform: Affine, crs, r: int, c: int, s: int) -> Polygon:
 
 
 def _write(path, data, crs, transform, dtype="float32", **kw):
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1, dtype=dtype,
-                       crs=crs, transform=transform, **kw) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[1],
+        height=data.shape[0],
+        count=1,
+        dtype=dtype,
+        crs=crs,
+        transform=transform,
+        **kw,
+    ) as dst:
         dst.write(data.astype(dtype), 1)
 
 
@@ -96,19 +106,39 @@ def oriented_run(ray_session, tmp_path_factory):
     merc = _merc_transform()
     _write(archive / "sar" / "webmerc60_sar.tif", _scene_pixels(MERC_OBJECTS, 2), "EPSG:3857", merc)
     labels = [("ship", _box_4326(north_up, UTM, *o), f"utm{i}") for i, o in enumerate(UTM_OBJECTS)]
-    labels += [("storage tank", _box_4326(merc, "EPSG:3857", *o), f"merc{i}") for i, o in enumerate(MERC_OBJECTS)]
-    gpd.GeoDataFrame({"class": [c for c, _, _ in labels], "name": [n for _, _, n in labels]},
-                     geometry=[g for _, g, _ in labels], crs=4326).to_parquet(archive / "labels" / "objects.parquet")
-    lc = np.where(np.arange(SIZE)[None, :] * 10.0 < WATER_EAST_M, 1, 2).repeat(SIZE, axis=0)  # 1 water, 2 built-up
+    labels += [
+        ("storage tank", _box_4326(merc, "EPSG:3857", *o), f"merc{i}") for i, o in enumerate(MERC_OBJECTS)
+    ]
+    gpd.GeoDataFrame(
+        {"class": [c for c, _, _ in labels], "name": [n for _, _, n in labels]},
+        geometry=[g for _, g, _ in labels],
+        crs=4326,
+    ).to_parquet(archive / "labels" / "objects.parquet")
+    lc = np.where(np.arange(SIZE)[None, :] * 10.0 < WATER_EAST_M, 1, 2).repeat(
+        SIZE, axis=0
+    )  # 1 water, 2 built-up
     _write(archive / "landcover" / "everywhere.tif", lc, UTM, north_up, dtype="uint8")
-    cfg = load_config(None, [
-        f"run.run_dir={root / 'run'}", f"catalog.archive={archive}", "ray.progress=false",
-        "run.stages=[catalog,tile,align]", "catalog.sar_glob=[sar/*_sar.tif]", "catalog.optical_rule=null",
-        "catalog.landcover=landcover/everywhere.tif",  # the default landcover_rule finds nothing here
-        "tile.gsds_m=[10,20]", f"tile.tile_size={TILE}", "tile.speckle.filter=none", "tile.max_nodata_fraction=0.99",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={root / 'run'}",
+            f"catalog.archive={archive}",
+            "ray.progress=false",
+            "run.stages=[catalog,tile,align]",
+            "catalog.sar_glob=[sar/*_sar.tif]",
+            "catalog.optical_rule=null",
+            "catalog.landcover=landcover/everywhere.tif",  # the default landcover_rule finds nothing here
+            "tile.gsds_m=[10,20]",
+            f"tile.tile_size={TILE}",
+            "tile.speckle.filter=none",
+            "tile.max_nodata_fraction=0.99",
+        ],
+    )
     summary = pipeline.run(cfg, ["catalog", "tile", "align"])
-    scenes = {s["sar_uri"].rsplit("/", 1)[-1].removesuffix("_sar.tif"): s for s in pipeline.read_scenes(cfg.run.run_dir)}
+    scenes = {
+        s["sar_uri"].rsplit("/", 1)[-1].removesuffix("_sar.tif"): s
+        for s in pipeline.read_scenes(cfg.run.run_dir)
+    }
     tiles = pipeline.read_tiles(cfg.run.run_dir).to_pylist()
     by_scene = defaultdict(list)
     for t in tiles:
@@ -160,7 +190,9 @@ def test_tiles_cover_every_scene_and_their_nodata_matches_the_outline(oriented_r
                 tile_box = box(*t["bounds"])
                 expected_valid = outline.intersection(tile_box).area / tile_box.area
                 edge = 4 / TILE  # a ring of partially covered pixels
-                assert 1 - t["nodata_fraction"] == pytest.approx(expected_valid, abs=edge + 0.01), t["tile_id"]
+                assert 1 - t["nodata_fraction"] == pytest.approx(expected_valid, abs=edge + 0.01), t[
+                    "tile_id"
+                ]
 
 
 def _pixel_polygon(poly_4326: Polygon, tile: dict) -> Polygon:
@@ -183,13 +215,19 @@ def test_objects_land_within_one_pixel_of_proj_and_on_bright_pixels(oriented_run
                 cls, poly, label_name = by_id[obj["label_id"]]
                 assert obj["class"] == cls
                 px = _pixel_polygon(poly, t).intersection(box(0, 0, size, size))
-                np.testing.assert_allclose(obj["bbox_xyxy"], px.bounds, atol=1.0, err_msg=f"{t['tile_id']} {label_name}")
+                np.testing.assert_allclose(
+                    obj["bbox_xyxy"], px.bounds, atol=1.0, err_msg=f"{t['tile_id']} {label_name}"
+                )
                 seen[t["gsd_m"]].add(label_name)
                 if t["gsd_m"] == 10.0 and obj["visible_fraction"] == 1.0:
                     x0, y0, x1, y1 = px.bounds
-                    inner = img[math.ceil(y0) + 1:math.floor(y1) - 1, math.ceil(x0) + 1:math.floor(x1) - 1]
+                    inner = img[
+                        math.ceil(y0) + 1 : math.floor(y1) - 1, math.ceil(x0) + 1 : math.floor(x1) - 1
+                    ]
                     if inner.size:
-                        assert inner.mean() > np.median(img) + 60, f"{t['tile_id']}: {label_name} is not on its bright pixels"
+                        assert inner.mean() > np.median(img) + 60, (
+                            f"{t['tile_id']}: {label_name} is not on its bright pixels"
+                        )
         mine = {n for _, _, n in labels if n.startswith("merc" if name == "webmerc60" else "utm")}
         for gsd in (10.0, 20.0):
             assert seen[gsd] == mine, (name, gsd, seen[gsd])
@@ -223,7 +261,7 @@ def _ground_gsd_webmerc(scene: dict) -> float:
     phi = 2 * math.atan(math.exp(y / A_WGS84)) - math.pi / 2  # inverse of the Mercator northing
     e2 = F_WGS84 * (2 - F_WGS84)
     w = 1 - e2 * math.sin(phi) ** 2
-    n, m = A_WGS84 / math.sqrt(w), A_WGS84 * (1 - e2) / w ** 1.5
+    n, m = A_WGS84 / math.sqrt(w), A_WGS84 * (1 - e2) / w**1.5
     gx = abs(t.a) * n * math.cos(phi) / A_WGS84
     gy = abs(t.e) * m * math.cos(phi) / A_WGS84
     return math.sqrt(gx * gy)
@@ -262,7 +300,9 @@ def test_mirrored_scenes_give_the_north_up_scene_tiles_pixel_for_pixel(oriented_
                 np.testing.assert_array_equal(a, b, err_msg=f"{name} {k}")
             else:  # averaged 2 x 2: the sums may differ in the last float bit
                 assert np.abs(a - b).max() <= 1, (name, k)
-            assert [(o["class"], o["label_id"]) for o in t["objects"]] == [(o["class"], o["label_id"]) for o in r["objects"]]
+            assert [(o["class"], o["label_id"]) for o in t["objects"]] == [
+                (o["class"], o["label_id"]) for o in r["objects"]
+            ]
             for o, p in zip(t["objects"], r["objects"]):
                 np.testing.assert_allclose(o["bbox_xyxy"], p["bbox_xyxy"], atol=1e-6)
             assert t["landcover"] == r["landcover"], (name, k)
@@ -292,7 +332,10 @@ def test_a_missing_landcover_raster_is_a_clear_error(tmp_path):
     (tmp_path / "sar").mkdir()
     _write(tmp_path / "sar" / "a_sar.tif", np.ones((8, 8)), UTM, Affine(10, 0, 500000, 0, -10, 5800000))
     cfg = CatalogSection(archive=str(tmp_path), sar_glob=["sar/*.tif"], landcover="lc/missing.tif")
-    with pytest.raises(FileNotFoundError, match=r"catalog.landcover='lc/missing.tif'.*does not exist.*relative to the archive"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"catalog.landcover='lc/missing.tif'.*does not exist.*relative to the archive",
+    ):
         list_scenes(cfg)
 
 
@@ -309,6 +352,8 @@ def test_reject_mode_names_the_orientation(tmp_path):
         if name == "northup":
             assert not inspect_scene(str(path), cfg)["rotated"]
             continue
-        with pytest.raises(ItemError, match={"southup": "south-up", "flipew": "flipped east-west"}[name]) as info:
+        with pytest.raises(
+            ItemError, match={"southup": "south-up", "flipew": "flipped east-west"}[name]
+        ) as info:
             inspect_scene(str(path), cfg)
         assert info.value.error_class == "rotated" and str(path) in str(info.value)

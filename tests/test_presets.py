@@ -29,13 +29,29 @@ def test_a_gpu_preset_trains_and_evaluates_at_toy_size(preset, demo_run, tmp_pat
     model = init_tiny_vlm(str(tmp_path / "tiny"), family=family)
     run_dir = tmp_path / "run"
     shutil.copytree(Path(demo_run[0].run.run_dir) / "export", run_dir / "export")
-    cfg = load_config(str(workflow), [
-        f"run.run_dir={run_dir}", f"train.model={model}", "ray.progress=false",
-        # the GPU cluster, at toy size
-        "train.use_gpu=false", "train.num_workers=1", "train.cpus_per_worker=1", "train.limit_pairs=16",
-        "train.epochs=1", "train.precision=fp32", "evaluate.num_gpus=0", "evaluate.num_cpus=1", "evaluate.concurrency=1",
-        "evaluate.max_concurrent_trials=1", "evaluate.dtype=float32", "evaluate.limit_pairs=12", "evaluate.images=[sar]",
-        "evaluate.baselines=[majority]"])
+    cfg = load_config(
+        str(workflow),
+        [
+            f"run.run_dir={run_dir}",
+            f"train.model={model}",
+            "ray.progress=false",
+            # the GPU cluster, at toy size
+            "train.use_gpu=false",
+            "train.num_workers=1",
+            "train.cpus_per_worker=1",
+            "train.limit_pairs=16",
+            "train.epochs=1",
+            "train.precision=fp32",
+            "evaluate.num_gpus=0",
+            "evaluate.num_cpus=1",
+            "evaluate.concurrency=1",
+            "evaluate.max_concurrent_trials=1",
+            "evaluate.dtype=float32",
+            "evaluate.limit_pairs=12",
+            "evaluate.images=[sar]",
+            "evaluate.baselines=[majority]",
+        ],
+    )
     assert cfg.train.method == "lora" and cfg.train.lora_r == 8 and cfg.run.max_pixels  # the preset's recipe
     summary = pipeline.run(cfg)
     metrics = json.loads((run_dir / "train" / "metrics.json").read_text())

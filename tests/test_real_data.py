@@ -21,15 +21,28 @@ from sarlang_ray.config import load_config
 @pytest.fixture(scope="module")
 def real_run(ray_session, real_sar, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("real") / "run"
-    cfg = load_config(None, [
-        f"run.run_dir={run_dir}", f"catalog.archive={real_sar}", "run.stages=[catalog,tile,align]", "ray.progress=false",
-        ("catalog.sar_glob=[pyrosar_s1_grd_geocoded/*.tif,umbra_gec_mount_yasur/*.tiff,opera_rtc_s1_t137_crops/*/*.tif,"
-         "sen1floods11_spain_7370579/*_S1Hand.tif,sen1floods11_spain_7370579/*_S2Hand.tif]"),
-        "catalog.optical_rule=[_S1Hand\\.tif$,_S2Hand.tif]", "catalog.landcover_rule=[_S1Hand\\.tif$,_LabelHand.tif]",
-        "catalog.labels_glob=[sen1floods11_spain_7370579/*.geojson]", "align.class_column=location",
-        "align.landcover_classes={0: land, 1: water}", "align.optical_bands=[4,3,2]",
-        "tile.gsds_m=[2,10,30,60]", "tile.tile_size=64", "tile.max_nodata_fraction=0.9",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            f"catalog.archive={real_sar}",
+            "run.stages=[catalog,tile,align]",
+            "ray.progress=false",
+            (
+                "catalog.sar_glob=[pyrosar_s1_grd_geocoded/*.tif,umbra_gec_mount_yasur/*.tiff,opera_rtc_s1_t137_crops/*/*.tif,"
+                "sen1floods11_spain_7370579/*_S1Hand.tif,sen1floods11_spain_7370579/*_S2Hand.tif]"
+            ),
+            "catalog.optical_rule=[_S1Hand\\.tif$,_S2Hand.tif]",
+            "catalog.landcover_rule=[_S1Hand\\.tif$,_LabelHand.tif]",
+            "catalog.labels_glob=[sen1floods11_spain_7370579/*.geojson]",
+            "align.class_column=location",
+            "align.landcover_classes={0: land, 1: water}",
+            "align.optical_bands=[4,3,2]",
+            "tile.gsds_m=[2,10,30,60]",
+            "tile.tile_size=64",
+            "tile.max_nodata_fraction=0.9",
+        ],
+    )
     summary = pipeline.run(cfg)
     tiles = pipeline.read_tiles(cfg.run.run_dir).to_pylist()
     return cfg, summary, tiles
@@ -37,14 +50,21 @@ def real_run(ray_session, real_sar, tmp_path_factory):
 
 def _scene_rows(cfg):
     """Scene rows by the file name of each of their bands (an OPERA burst's VV and VH files are one scene)."""
-    return {b["uri"].rsplit("/", 1)[-1]: s for s in pipeline.read_scenes(cfg.run.run_dir) for b in json.loads(s["bands"])}
+    return {
+        b["uri"].rsplit("/", 1)[-1]: s
+        for s in pipeline.read_scenes(cfg.run.run_dir)
+        for b in json.loads(s["bands"])
+    }
 
 
 def test_every_real_sar_file_is_tiled(real_run, real_sar):
     cfg, summary, tiles = real_run
     scenes = _scene_rows(cfg)
-    sar_files = [p for p in real_sar.rglob("*.tif*") if not p.name.endswith(".xml")
-                 and not p.name.endswith(("_S2Hand.tif", "_LabelHand.tif"))]
+    sar_files = [
+        p
+        for p in real_sar.rglob("*.tif*")
+        if not p.name.endswith(".xml") and not p.name.endswith(("_S2Hand.tif", "_LabelHand.tif"))
+    ]
     assert len(sar_files) == 63
     per_scene = {}
     for t in tiles:
@@ -141,15 +161,25 @@ def test_a_mask_under_a_broad_glob_is_not_sar_and_real_uint8_sar_is(ray_session,
     """``sen1floods11_spain_7370579/*.tif`` also catches the hand-labelled water mask (int16, -1/0/1) and
     the Sentinel-2 image: both are rejected with what to do; the SAR chip and Umbra's 8-bit amplitude
     (uint8, 0-255) are cataloged."""
-    cfg = load_config(None, [
-        f"run.run_dir={tmp_path / 'run'}", f"catalog.archive={real_sar}", "ray.progress=false",
-        "catalog.sar_glob=[sen1floods11_spain_7370579/*.tif,umbra_gec_mount_yasur/*.tiff]",
-        "catalog.optical_rule=null", "catalog.landcover_rule=null", "run.stages=[catalog]",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={tmp_path / 'run'}",
+            f"catalog.archive={real_sar}",
+            "ray.progress=false",
+            "catalog.sar_glob=[sen1floods11_spain_7370579/*.tif,umbra_gec_mount_yasur/*.tiff]",
+            "catalog.optical_rule=null",
+            "catalog.landcover_rule=null",
+            "run.stages=[catalog]",
+        ],
+    )
     summary = pipeline.run(cfg, ["catalog"])
     scenes = _scene_rows(cfg)
     assert set(scenes) == {"Spain_7370579_S1Hand.tif", "umbra_mount_yasur.tiff"}
-    assert scenes["umbra_mount_yasur.tiff"]["units"] == "amplitude" and scenes["umbra_mount_yasur.tiff"]["dtype"] == "uint8"
+    assert (
+        scenes["umbra_mount_yasur.tiff"]["units"] == "amplitude"
+        and scenes["umbra_mount_yasur.tiff"]["dtype"] == "uint8"
+    )
     errors = {e["item"].rsplit("/", 1)[-1]: e for e in pipeline.read_errors(cfg.run.run_dir).to_pylist()}
     assert set(errors) == {"Spain_7370579_LabelHand.tif", "Spain_7370579_S2Hand.tif"}
     mask = errors["Spain_7370579_LabelHand.tif"]

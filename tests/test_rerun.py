@@ -16,14 +16,18 @@ from sarlang_ray import io, pipeline
 
 
 def _snapshot(root: str) -> dict[str, tuple[int, str]]:
-    """(mtime, sha1) of every file of a run folder but the command logs (logs/: each command writes its own)."""
+    """(mtime, sha1) of every file of a run folder but the command logs (logs/: each command writes its
+    own)."""
     out = {}
     for dirpath, _, files in os.walk(root):
         if os.path.relpath(dirpath, root).split(os.sep)[0] == "logs":
             continue
         for f in files:
             p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = (os.stat(p).st_mtime_ns, hashlib.sha1(Path(p).read_bytes()).hexdigest())
+            out[os.path.relpath(p, root)] = (
+                os.stat(p).st_mtime_ns,
+                hashlib.sha1(Path(p).read_bytes()).hexdigest(),
+            )
     return out
 
 
@@ -47,10 +51,16 @@ def test_a_resumed_stage_sweeps_partial_files_of_killed_writers_only(tmp_path):
     cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}"])
     seen: list = []
     shards = tmp_path / "run" / "demo_stage" / "shards"
-    stage = Stage("demo_stage", lambda c: seen.append(sorted(p.name for p in shards.iterdir())) or {"planned": 0},
-                  keys=("tile",), needs_ray=False)
+    stage = Stage(
+        "demo_stage",
+        lambda c: seen.append(sorted(p.name for p in shards.iterdir())) or {"planned": 0},
+        keys=("tile",),
+        needs_ray=False,
+    )
     shards.mkdir(parents=True)
-    io.write_json_atomic(stage.marker(cfg, STARTED), {"fingerprint": stage.fingerprint(cfg)})  # interrupted earlier
+    io.write_json_atomic(
+        stage.marker(cfg, STARTED), {"fingerprint": stage.fingerprint(cfg)}
+    )  # interrupted earlier
     stale, young = shards / f"a.parquet.tmp-{'0' * 32}", shards / f"b.parquet.tmp-{'f' * 32}"
     keep = [shards / "a.parquet", shards / "notes.tmp-x", shards / f"c.tmp-{'0' * 32}.parquet"]
     for p in (stale, young, *keep):
@@ -71,11 +81,15 @@ def test_a_stage_reruns_only_when_what_it_is_made_from_changes(tmp_path):
     stage = _toy_stage(calls)
     stage.run(load_config(None, [f"run.run_dir={run_dir}"]))
     (run_dir / "demo_stage" / "old-output.parquet").write_bytes(b"made with tile_size 256")
-    stage.run(load_config(None, [f"run.run_dir={run_dir}", "tile.concurrency=1", "tile.num_cpus=0.5"]))  # resources only
+    stage.run(
+        load_config(None, [f"run.run_dir={run_dir}", "tile.concurrency=1", "tile.num_cpus=0.5"])
+    )  # resources only
     assert calls == [256] and (run_dir / "demo_stage" / "old-output.parquet").exists()
     stage.run(load_config(None, [f"run.run_dir={run_dir}", "tile.tile_size=128"]))
     assert calls == [256, 128]
-    assert not (run_dir / "demo_stage" / "old-output.parquet").exists(), "a recomputed stage starts from nothing"
+    assert not (run_dir / "demo_stage" / "old-output.parquet").exists(), (
+        "a recomputed stage starts from nothing"
+    )
     stage.run(load_config(None, [f"run.run_dir={run_dir}", "tile.tile_size=128", "run.force=true"]))
     assert calls == [256, 128, 128]
 
@@ -112,7 +126,9 @@ def demo_copy(demo_run, tmp_path):
 
     cfg, _ = demo_run
     run_dir = tmp_path / "run"
-    shutil.copytree(cfg.run.run_dir, run_dir, ignore=lambda d, names: ["archive"] if d == cfg.run.run_dir else [])
+    shutil.copytree(
+        cfg.run.run_dir, run_dir, ignore=lambda d, names: ["archive"] if d == cfg.run.run_dir else []
+    )
     overrides = [f"synth.out_dir={cfg.synth.out_dir}"]
     return run_dir, overrides
 
@@ -126,19 +142,33 @@ def test_changing_a_tile_key_redoes_tile_and_every_stage_after_it(demo_copy):
     from sarlang_ray import cli
 
     run_dir, overrides = demo_copy
-    before = {s: io.read_json(str(run_dir / s / "_SUCCESS.json"))["fingerprint"]["value"]
-              for s in ("catalog", "tile", "align", "annotate", "export")}
-    argv = ["tile", str(REPO / "workflows" / "demo.yaml"), f"run.run_dir={run_dir}", *overrides, "ray.progress=false",
-            "run.stages=[synth,catalog,tile,align,annotate,export]"]
+    before = {
+        s: io.read_json(str(run_dir / s / "_SUCCESS.json"))["fingerprint"]["value"]
+        for s in ("catalog", "tile", "align", "annotate", "export")
+    }
+    argv = [
+        "tile",
+        str(REPO / "workflows" / "demo.yaml"),
+        f"run.run_dir={run_dir}",
+        *overrides,
+        "ray.progress=false",
+        "run.stages=[synth,catalog,tile,align,annotate,export]",
+    ]
     assert cli.main([*argv, "tile.tile_size=128"]) == 0
     after = {s: io.read_json(str(run_dir / s / "_SUCCESS.json"))["fingerprint"]["value"] for s in before}
     assert after["catalog"] == before["catalog"]
     assert all(after[s] != before[s] for s in ("tile", "align", "annotate", "export")), (before, after)
     for stage in ("tile", "align"):
-        widths = {w for f in (run_dir / stage / "shards").glob("*/*.parquet") for w in pq.read_table(f, columns=["width"])["width"].to_pylist()}
+        widths = {
+            w
+            for f in (run_dir / stage / "shards").glob("*/*.parquet")
+            for w in pq.read_table(f, columns=["width"])["width"].to_pylist()
+        }
         assert widths == {128}, (stage, widths)
     assert "tile_size: 128" in (run_dir / "config.yaml").read_text()
-    image = pq.read_table(next((run_dir / "export" / "parquet" / "train").glob("*.parquet")), columns=["image"])["image"][0]
+    image = pq.read_table(
+        next((run_dir / "export" / "parquet" / "train").glob("*.parquet")), columns=["image"]
+    )["image"][0]
     import io as _io
 
     from PIL import Image
@@ -151,7 +181,10 @@ def test_changing_a_tile_key_redoes_tile_and_every_stage_after_it(demo_copy):
     # only a resource key changed: nothing is redone, nothing is rewritten
     snapshot = _snapshot(str(run_dir))
     assert cli.main([*argv, "tile.tile_size=128", "tile.concurrency=1", "align.num_cpus=0.5"]) == 0
-    changed = {k for k, v in _snapshot(str(run_dir)).items() if snapshot.get(k) != v} - {"summary.json", "config.yaml"}
+    changed = {k for k, v in _snapshot(str(run_dir)).items() if snapshot.get(k) != v} - {
+        "summary.json",
+        "config.yaml",
+    }
     assert not changed, changed
 
 
@@ -159,12 +192,21 @@ def test_a_stage_run_alone_makes_the_stale_stages_before_it(demo_copy):
     from sarlang_ray.config import load_config
 
     run_dir, overrides = demo_copy
-    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}", *overrides,
-                                                               "run.stages=[synth,catalog,tile,align,annotate,export]"])
+    cfg = load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [f"run.run_dir={run_dir}", *overrides, "run.stages=[synth,catalog,tile,align,annotate,export]"],
+    )
     assert pipeline.plan(cfg, ["align"]) == ["align", "annotate", "export"]
     assert pipeline.plan(cfg, ["export"]) == ["export"]
-    changed = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}", *overrides, "tile.tile_size=64",
-                                                                   "run.stages=[synth,catalog,tile,align,annotate,export]"])
+    changed = load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [
+            f"run.run_dir={run_dir}",
+            *overrides,
+            "tile.tile_size=64",
+            "run.stages=[synth,catalog,tile,align,annotate,export]",
+        ],
+    )
     assert pipeline.plan(changed, ["align"]) == ["tile", "align", "annotate", "export"]
 
 
@@ -183,8 +225,15 @@ def test_an_interrupted_stage_resumes_without_duplicates(demo_copy):
     from sarlang_ray.stages import tile
 
     run_dir, overrides = demo_copy
-    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}", *overrides, "ray.progress=false",
-                                                               "run.stages=[synth,catalog,tile,align,annotate,export]"])
+    cfg = load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [
+            f"run.run_dir={run_dir}",
+            *overrides,
+            "ray.progress=false",
+            "run.stages=[synth,catalog,tile,align,annotate,export]",
+        ],
+    )
     done = io.read_json(str(run_dir / "tile" / "_SUCCESS.json"))
     shards = io.glob(io.join(cfg.run.run_dir, "tile", "shards"), "*/*.parquet")
     lost = shards[len(shards) // 2]
@@ -193,15 +242,22 @@ def test_an_interrupted_stage_resumes_without_duplicates(demo_copy):
     counts = tile.run(cfg)
     assert counts["skipped_shards"] == counts["shards"] - 1  # only the missing shard was redone
     assert os.path.exists(lost)
-    assert {k: counts[k] for k in ("planned", "written", "rejected")} == {k: done[k] for k in ("planned", "written", "rejected")}
-    ids = [t for f in io.glob(io.join(cfg.run.run_dir, "tile", "shards"), "*/*.parquet")
-           for t in io.read_parquet(f, columns=["tile_id"])["tile_id"].to_pylist()]
+    assert {k: counts[k] for k in ("planned", "written", "rejected")} == {
+        k: done[k] for k in ("planned", "written", "rejected")
+    }
+    ids = [
+        t
+        for f in io.glob(io.join(cfg.run.run_dir, "tile", "shards"), "*/*.parquet")
+        for t in io.read_parquet(f, columns=["tile_id"])["tile_id"].to_pylist()
+    ]
     assert len(ids) == len(set(ids)) == done["written"]
 
 
 def test_the_summary_is_made_from_the_markers_alone(demo_copy):
-    """Every shard, errors table and the scenes table unreadable after the run: the summary of the next command
-    (a no-op) still has the right counts, so it read none of them (the workers counted; the markers hold the sums)."""
+    """Every shard, errors table and the scenes table unreadable after the run: the summary of the next
+    command
+    (a no-op) still has the right counts, so it read none of them (the workers counted; the markers hold the
+    sums)."""
     import collections
 
     from sarlang_ray.config import load_config
@@ -210,35 +266,60 @@ def test_the_summary_is_made_from_the_markers_alone(demo_copy):
     tiles = pipeline.read_tiles(str(run_dir), columns=["gsd_m", "objects"]).to_pylist()
     pairs = pipeline.read_annotations(str(run_dir), columns=["application", "qc_passed"]).to_pylist()
     errors = pipeline.read_errors(str(run_dir)).to_pylist()
-    truth = {"scenes": len(pipeline.read_scenes(str(run_dir))),
-             "tiles_per_gsd": collections.Counter(f"{t['gsd_m']:g} m" for t in tiles),
-             "objects_per_class": collections.Counter(o["class"] for t in tiles for o in t["objects"]),
-             "pairs_per_application": collections.Counter(p["application"] for p in pairs if p["qc_passed"]),
-             "rejects_by_reason": collections.Counter(f"{e['stage']}:{e['error_class']}" for e in errors)}
+    truth = {
+        "scenes": len(pipeline.read_scenes(str(run_dir))),
+        "tiles_per_gsd": collections.Counter(f"{t['gsd_m']:g} m" for t in tiles),
+        "objects_per_class": collections.Counter(o["class"] for t in tiles for o in t["objects"]),
+        "pairs_per_application": collections.Counter(p["application"] for p in pairs if p["qc_passed"]),
+        "rejects_by_reason": collections.Counter(f"{e['stage']}:{e['error_class']}" for e in errors),
+    }
     assert all(truth.values())
-    broken = [p for stage in ("catalog", "tile", "align", "annotate") for p in (run_dir / stage).rglob("*.parquet")]
+    broken = [
+        p for stage in ("catalog", "tile", "align", "annotate") for p in (run_dir / stage).rglob("*.parquet")
+    ]
     for p in broken:
         p.write_bytes(b"not parquet")
-    cfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={run_dir}", *overrides, "ray.progress=false",
-                                                               "run.stages=[synth,catalog,tile,align,annotate,export]"])
+    cfg = load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [
+            f"run.run_dir={run_dir}",
+            *overrides,
+            "ray.progress=false",
+            "run.stages=[synth,catalog,tile,align,annotate,export]",
+        ],
+    )
     summary = pipeline.run(cfg)
-    assert {k: summary[k] for k in truth} == {k: v if isinstance(v, int) else dict(v) for k, v in truth.items()}
-    assert "tiles per GSD: " + ", ".join(f"{k}: {v}" for k, v in summary["tiles_per_gsd"].items()) in pipeline.format_summary(summary)
+    assert {k: summary[k] for k in truth} == {
+        k: v if isinstance(v, int) else dict(v) for k, v in truth.items()
+    }
+    assert "tiles per GSD: " + ", ".join(
+        f"{k}: {v}" for k, v in summary["tiles_per_gsd"].items()
+    ) in pipeline.format_summary(summary)
     assert all(p.read_bytes() == b"not parquet" for p in broken)  # nothing was redone
 
 
 def test_a_summary_that_fails_does_not_hide_why_the_stage_failed(ray_session, tmp_path):
-    """The summary runs in a ``finally``: an error of its own (here a marker it cannot read) is logged, and the
+    """The summary runs in a ``finally``: an error of its own (here a marker it cannot read) is logged, and
+    the
     command reports the stage's failure."""
     from sarlang_ray.config import load_config
     from sarlang_ray.stages import StageFailed
 
     (tmp_path / "empty" / "sar").mkdir(parents=True)
-    (tmp_path / "empty" / "sar" / "scene.tif").write_bytes(b"not a GeoTIFF")  # the catalog rejects it: no usable scene
+    (tmp_path / "empty" / "sar" / "scene.tif").write_bytes(
+        b"not a GeoTIFF"
+    )  # the catalog rejects it: no usable scene
     (tmp_path / "run" / "tile").mkdir(parents=True)
     (tmp_path / "run" / "tile" / "_SUCCESS.json").write_text("{not json")
-    cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}", f"catalog.archive={tmp_path / 'empty'}",
-                             "run.stages=[catalog]", "ray.progress=false"])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={tmp_path / 'run'}",
+            f"catalog.archive={tmp_path / 'empty'}",
+            "run.stages=[catalog]",
+            "ray.progress=false",
+        ],
+    )
     with pytest.raises(StageFailed, match="^catalog: "):
         pipeline.run(cfg)
 
@@ -251,23 +332,42 @@ def test_same_seed_gives_identical_tables(demo_run, tmp_path):
     for stage in ("tile", "align"):
         a = io.glob(io.join(cfg.run.run_dir, stage, "shards"), "*/*.parquet")
         b = io.glob(io.join(cfg2.run.run_dir, stage, "shards"), "*/*.parquet")
-        assert [Path(x).relative_to(cfg.run.run_dir) for x in a] == [Path(x).relative_to(cfg2.run.run_dir) for x in b]
+        assert [Path(x).relative_to(cfg.run.run_dir) for x in a] == [
+            Path(x).relative_to(cfg2.run.run_dir) for x in b
+        ]
         for x, y in zip(a, b):
             assert Path(x).read_bytes() == Path(y).read_bytes(), x
 
 
 @pytest.mark.slow
 def test_cli_runs_the_workflow_on_the_session_cluster(ray_session, tmp_path):
-    """`sarlang run workflows/demo.yaml ...` as a user types it, attached to the running Ray cluster (RAY_ADDRESS),
-    with a relative run folder and command-line overrides: the data stages and the end-of-command summary. The whole
+    """`sarlang run workflows/demo.yaml ...` as a user types it, attached to the running Ray cluster
+    (RAY_ADDRESS),
+    with a relative run folder and command-line overrides: the data stages and the end-of-command summary. The
+    whole
     recipe (train, evaluate, leaderboard) through the CLI is tests/test_view_terminal.py's `make run`."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     run_dir = tmp_path / "runs" / "cli"  # given relative to the working directory, as the demo does
     proc = subprocess.run(
-        [sys.executable, "-m", "sarlang_ray", "run", str(REPO / "workflows/demo.yaml"), "run.run_dir=runs/cli",
-         "synth.out_dir=runs/cli/archive", "synth.scene_size_px=256", "tile.tile_size=128", "ray.progress=false",
-         "run.stages=[synth,catalog,tile,align,annotate,export]"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path, check=False,
+        [
+            sys.executable,
+            "-m",
+            "sarlang_ray",
+            "run",
+            str(REPO / "workflows/demo.yaml"),
+            "run.run_dir=runs/cli",
+            "synth.out_dir=runs/cli/archive",
+            "synth.scene_size_px=256",
+            "tile.tile_size=128",
+            "ray.progress=false",
+            "run.stages=[synth,catalog,tile,align,annotate,export]",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiles per GSD" in proc.stdout and "objects per class" in proc.stdout

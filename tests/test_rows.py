@@ -1,4 +1,5 @@
-"""The row TypedDicts (sarlang_ray/rows.py) are the Arrow schemas of their tables, key by key and type by type;
+"""The row TypedDicts (sarlang_ray/rows.py) are the Arrow schemas of their tables, key by key and type by
+type;
 a chunk row is what tiling.plan_chunks makes. No Ray."""
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ def _python(arrow: pa.DataType):
     if pa.types.is_list(arrow) or pa.types.is_fixed_size_list(arrow) or pa.types.is_large_list(arrow):
         return ("list", _python(arrow.value_type))
     if pa.types.is_struct(arrow):
-        return ("struct", {arrow.field(i).name: _python(arrow.field(i).type) for i in range(arrow.num_fields)})
+        return (
+            "struct",
+            {arrow.field(i).name: _python(arrow.field(i).type) for i in range(arrow.num_fields)},
+        )
     raise AssertionError(f"no Python type for {arrow}")
 
 
@@ -54,12 +58,16 @@ def _schema_shape(schema: pa.Schema):
     return ("struct", {f.name: _python(f.type) for f in schema})
 
 
-@pytest.mark.parametrize("row, schema", [
-    (rows.SceneRow, catalog.SCENES_SCHEMA),
-    (rows.TileRow, tables.TILES_SCHEMA),
-    (rows.AlignedTileRow, tables.ALIGNED_SCHEMA),
-    (rows.PairRow, tables.ANNOTATION_SCHEMA),
-], ids=["scene", "tile", "aligned_tile", "pair"])
+@pytest.mark.parametrize(
+    "row, schema",
+    [
+        (rows.SceneRow, catalog.SCENES_SCHEMA),
+        (rows.TileRow, tables.TILES_SCHEMA),
+        (rows.AlignedTileRow, tables.ALIGNED_SCHEMA),
+        (rows.PairRow, tables.ANNOTATION_SCHEMA),
+    ],
+    ids=["scene", "tile", "aligned_tile", "pair"],
+)
 def test_a_row_typeddict_is_its_arrow_schema(row, schema):
     got, want = _shape(row), _schema_shape(schema)
     assert list(got[1]) == list(want[1]), "the columns differ (or their order)"  # same keys, same order
@@ -74,9 +82,17 @@ def test_the_comparison_bites():
 
 
 def test_a_chunk_row_is_what_plan_chunks_makes():
-    scene = {"scene_id": "s1", "gsd_m": 1.0, "crs": "EPSG:32633", "tile_crs": "EPSG:32633",
-             "transform": [1.0, 0.0, 500000.0, 0.0, -1.0, 4000000.0], "width": 300, "height": 200,
-             "footprint": b"", "georef": "transform"}
+    scene = {
+        "scene_id": "s1",
+        "gsd_m": 1.0,
+        "crs": "EPSG:32633",
+        "tile_crs": "EPSG:32633",
+        "transform": [1.0, 0.0, 500000.0, 0.0, -1.0, 4000000.0],
+        "width": 300,
+        "height": 200,
+        "footprint": b"",
+        "georef": "transform",
+    }
     chunks = tiling.plan_chunks(scene, TileSection(gsds_m=[1.0, 2.0], tile_size=64, tiles_per_shard=4))
     assert chunks
     hints = typing.get_type_hints(rows.ChunkRow)

@@ -20,8 +20,16 @@ def test_catalog_tile_align_from_and_to_s3(ray_session, s3, tmp_path):
     fs.put(str(local), "sarlang/archive", recursive=True)
     assert len(fs.glob("sarlang/archive/sar/*.tif")) == 4
 
-    cfg = load_config(None, ["run.run_dir=s3://sarlang/runs/one", "catalog.archive=s3://sarlang/archive",
-                             "run.stages=[catalog,tile,align]", "ray.progress=false", "tile.tile_size=128"])
+    cfg = load_config(
+        None,
+        [
+            "run.run_dir=s3://sarlang/runs/one",
+            "catalog.archive=s3://sarlang/archive",
+            "run.stages=[catalog,tile,align]",
+            "ray.progress=false",
+            "tile.tile_size=128",
+        ],
+    )
     summary = pipeline.run(cfg)
     scenes = pipeline.read_scenes(cfg.run.run_dir)
     assert len(scenes) == 4 and all(s["sar_uri"].startswith("s3://sarlang/archive/sar/") for s in scenes)
@@ -30,11 +38,21 @@ def test_catalog_tile_align_from_and_to_s3(ray_session, s3, tmp_path):
     assert tiles.num_rows == summary["stages"]["align"]["written"] > 0
     assert sum(len(o) for o in tiles["objects"].to_pylist()) > 0
     assert all(p is not None for p in tiles["optical_png"].to_pylist())
-    assert io.exists("s3://sarlang/runs/one/config.yaml") and io.exists("s3://sarlang/runs/one/align/_SUCCESS.json")
+    assert io.exists("s3://sarlang/runs/one/config.yaml") and io.exists(
+        "s3://sarlang/runs/one/align/_SUCCESS.json"
+    )
 
     # the same archive read locally gives the same tiles (ids and objects)
-    cfg_local = load_config(None, [f"run.run_dir={tmp_path / 'run'}", f"catalog.archive={local}",
-                                   "run.stages=[catalog,tile,align]", "ray.progress=false", "tile.tile_size=128"])
+    cfg_local = load_config(
+        None,
+        [
+            f"run.run_dir={tmp_path / 'run'}",
+            f"catalog.archive={local}",
+            "run.stages=[catalog,tile,align]",
+            "ray.progress=false",
+            "tile.tile_size=128",
+        ],
+    )
     pipeline.run(cfg_local)
     local_tiles = pipeline.read_tiles(cfg_local.run.run_dir, columns=["tile_id", "objects"])
     assert sorted(local_tiles["tile_id"].to_pylist()) == sorted(tiles["tile_id"].to_pylist())
@@ -50,20 +68,39 @@ def test_train_checkpoints_and_evaluation_on_s3(demo_run, tiny_vlm, s3, tmp_path
     cfg0, _ = demo_run
     fs = fsspec.filesystem("s3")
     fs.put(str(Path(cfg0.run.run_dir) / "export"), "sarlang/runs/trained/export", recursive=True)
-    cfg = load_config(None, ["run.run_dir=s3://sarlang/runs/trained", f"train.model={tiny_vlm}", "train.method=full",
-                             "train.epochs=1", "train.limit_pairs=48", "train.batch_size=8", "train.lr=0.003",
-                             "evaluate.models=[finetuned]", "evaluate.limit_pairs=24", "evaluate.baselines=[majority]",
-                             "run.stages=[train,evaluate]", "ray.progress=false"])
+    cfg = load_config(
+        None,
+        [
+            "run.run_dir=s3://sarlang/runs/trained",
+            f"train.model={tiny_vlm}",
+            "train.method=full",
+            "train.epochs=1",
+            "train.limit_pairs=48",
+            "train.batch_size=8",
+            "train.lr=0.003",
+            "evaluate.models=[finetuned]",
+            "evaluate.limit_pairs=24",
+            "evaluate.baselines=[majority]",
+            "run.stages=[train,evaluate]",
+            "ray.progress=false",
+        ],
+    )
     summary = pipeline.run(cfg)
     checkpoint = summary["stages"]["train"]["checkpoint"]
     assert checkpoint.startswith("s3://sarlang/runs/trained/train/sarlang-train/checkpoint_")
-    assert io.exists(f"{checkpoint}/merged/model.safetensors") and io.exists(f"{checkpoint}/model.safetensors")
+    assert io.exists(f"{checkpoint}/merged/model.safetensors") and io.exists(
+        f"{checkpoint}/model.safetensors"
+    )
     metrics = json.loads(fs.cat("sarlang/runs/trained/train/metrics.json"))
     assert metrics["merged_model"] == f"{checkpoint}/merged"
     board = json.loads(fs.cat("sarlang/runs/trained/evaluate/leaderboard.json"))
     assert not board["failed"], board["failed"]
-    assert [r["model"] for r in board["rows"] if r["model"] == "finetuned"] and all(r["n_pairs"] == 24 for r in board["rows"])
-    assert fs.exists("sarlang/runs/trained/evaluate/predictions/" + evaluate.prediction_name("finetuned", "sar", "paper"))
+    assert [r["model"] for r in board["rows"] if r["model"] == "finetuned"] and all(
+        r["n_pairs"] == 24 for r in board["rows"]
+    )
+    assert fs.exists(
+        "sarlang/runs/trained/evaluate/predictions/" + evaluate.prediction_name("finetuned", "sar", "paper")
+    )
     assert fs.glob("sarlang/runs/trained/evaluate/tune/sweep/*")  # Tune's own results, on S3 too
     assert not Path("s3:").exists() and not Path("sarlang").exists()  # no URI was mistaken for a local path
 
@@ -112,8 +149,15 @@ def test_local_copy_downloads_once_per_node_with_no_partial_left(s3, tmp_path):
     fsspec.filesystem("s3").put(str(src), "sarlang/models/m", recursive=True)
     uri, cache, count = "s3://sarlang/models/m", tmp_path / "cache", tmp_path / "downloads.txt"
     start = time.time() + 3.0
-    procs = [subprocess.Popen([sys.executable, "-c", FETCH, uri, str(cache), str(count), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FETCH, uri, str(cache), str(count), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
     folders = {o.strip().splitlines()[-1] for o, _ in outs}
@@ -124,5 +168,7 @@ def test_local_copy_downloads_once_per_node_with_no_partial_left(s3, tmp_path):
         assert (Path(folder) / name).read_bytes() == data
     assert sorted(p.name for p in cache.iterdir() if p.name.endswith(".partial")) == []
     assert sorted(p.name for p in cache.iterdir()) == sorted([Path(folder).name, Path(folder).name + ".lock"])
-    subprocess.run([sys.executable, "-c", FETCH, uri, str(cache), str(count), "0"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", FETCH, uri, str(cache), str(count), "0"], check=True, capture_output=True
+    )
     assert count.read_text().count("get") == 1  # already there: nothing fetched

@@ -17,7 +17,7 @@ def test_unit_conversions_to_intensity():
 def _speckled_step(looks=4, size=128, seed=0):
     rng = np.random.default_rng(seed)
     truth = np.full((size, size), 0.01, np.float32)
-    truth[:, size // 2:] = 0.2  # a vertical edge
+    truth[:, size // 2 :] = 0.2  # a vertical edge
     return truth, truth * rng.gamma(looks, 1 / looks, truth.shape).astype(np.float32)
 
 
@@ -36,8 +36,10 @@ def test_speckle_filters_smooth_flat_areas_and_keep_the_edge(name):
 
 def test_refined_lee_keeps_edges_sharper_than_lee():
     truth, noisy = _speckled_step(seed=1)
-    err = {n: np.abs(sar.despeckle(noisy, SpeckleSection(filter=n, window=7, looks=4)) - truth)[:, 60:68].mean()
-           for n in ("lee", "refined_lee")}
+    err = {
+        n: np.abs(sar.despeckle(noisy, SpeckleSection(filter=n, window=7, looks=4)) - truth)[:, 60:68].mean()
+        for n in ("lee", "refined_lee")
+    }
     assert err["refined_lee"] < err["lee"]
 
 
@@ -64,9 +66,14 @@ from hypothesis.extra import numpy as hnp
 
 
 @settings(max_examples=300, deadline=None)
-@given(hnp.arrays(st.sampled_from([np.float32, np.float64]), st.integers(1, 600),
-                  elements=st.floats(-1e6, 1e6, allow_nan=False, width=32)),
-       st.lists(st.floats(0, 100), min_size=1, max_size=6))
+@given(
+    hnp.arrays(
+        st.sampled_from([np.float32, np.float64]),
+        st.integers(1, 600),
+        elements=st.floats(-1e6, 1e6, allow_nan=False, width=32),
+    ),
+    st.lists(st.floats(0, 100), min_size=1, max_size=6),
+)
 def test_percentiles_equal_numpys_bit_for_bit(values, q):
     """The histogram selection + numpy's interpolation formula against np.percentile itself: ties, constant
     arrays, one element, extreme ranks, float32 and float64."""
@@ -86,11 +93,15 @@ def test_percentiles_equal_numpys_on_real_tiles(real_sar):
         db = sar.to_db(np.abs(block))
         for r in range(0, db.shape[0] - 127, 128):
             for c in range(0, db.shape[1] - 127, 128):
-                tile = db[r: r + 128, c: c + 128]
+                tile = db[r : r + 128, c : c + 128]
                 valid = tile[np.isfinite(tile)]
                 if valid.size:
                     q = [2, 98, 0.5, 99.5]
-                    assert np.array_equal(sar.percentiles(valid, q), np.percentile(valid, q)), (path.name, r, c)
+                    assert np.array_equal(sar.percentiles(valid, q), np.percentile(valid, q)), (
+                        path.name,
+                        r,
+                        c,
+                    )
                     n += 1
     assert n >= 50
 
@@ -103,8 +114,11 @@ def test_the_png_encoder_writes_the_same_pixels_as_pillow_reads():
     from sarlang_ray.tiling import encode_png
 
     rng = np.random.default_rng(3)
-    for array in (rng.integers(0, 256, (512, 512), dtype=np.uint8), rng.integers(0, 256, (37, 53, 3), dtype=np.uint8),
-                  np.zeros((9, 9), np.uint8)[::2, ::3]):
+    for array in (
+        rng.integers(0, 256, (512, 512), dtype=np.uint8),
+        rng.integers(0, 256, (37, 53, 3), dtype=np.uint8),
+        np.zeros((9, 9), np.uint8)[::2, ::3],
+    ):
         png = encode_png(array, 6)
         with Image.open(io.BytesIO(png)) as im:
             assert im.format == "PNG" and im.mode == ("RGB" if array.ndim == 3 else "L")
@@ -124,14 +138,19 @@ def test_the_paeth_filtered_png_is_as_small_as_libpng_adaptive_filtering_on_real
 
     ours = adaptive = 0
     crops = 0
-    scenes = [p for p in sorted(real_sar.rglob("*")) if p.suffix.lower() in (".tif", ".tiff")
-              and not any(k in p.name for k in ("LabelHand", "S2Hand"))]  # SAR only: not the water mask or Sentinel-2
+    scenes = [
+        p
+        for p in sorted(real_sar.rglob("*"))
+        if p.suffix.lower() in (".tif", ".tiff") and not any(k in p.name for k in ("LabelHand", "S2Hand"))
+    ]  # SAR only: not the water mask or Sentinel-2
     for path in scenes:
         with rasterio.open(path) as src:
             if src.width < 128 or src.height < 128:
                 continue
             for r0, c0 in ((0, 0), (src.height // 2 - 64, src.width // 2 - 64)):
-                x = src.read(1, window=Window(c0, r0, min(256, src.width - c0), min(256, src.height - r0)), masked=True)
+                x = src.read(
+                    1, window=Window(c0, r0, min(256, src.width - c0), min(256, src.height - r0)), masked=True
+                )
                 x = x.astype(np.float64).filled(np.nan)
                 if not np.isfinite(x).any():
                     continue

@@ -1,8 +1,11 @@
 """SARChat-Bench-2M, as published and scored the way its authors score it.
 
-The small release here is built in its published layout (github.com/JimmyMa99/SARChat: one ms-swift JSON per task
-and split, ``SARChat_<task>_<split>.json`` as its ``infer/swift-eval.py`` lists them; records of ``messages`` +
-``images``; the README's six tasks; the training set as one mixed file, here in ms-swift's ``query``/``response``
+The small release here is built in its published layout (github.com/JimmyMa99/SARChat: one ms-swift JSON per
+task
+and split, ``SARChat_<task>_<split>.json`` as its ``infer/swift-eval.py`` lists them; records of ``messages``
++
+``images``; the README's six tasks; the training set as one mixed file, here in ms-swift's
+``query``/``response``
 form), with several box conventions in the answers and some malformed records. Expected values come from the
 test's own bookkeeping and from shapely, never from the code under test.
 """
@@ -20,12 +23,25 @@ from shapely.geometry import box as shapely_box
 from sarlang_ray import boxes, evaluate, release
 
 # the release's file task names -> the README's six tasks (the layout's own labels)
-FILE_TASKS = {"classify": "classification", "describe": "description", "classify_count": "counting",
-              "classify_grounding_single": "grounding", "classify_grounding_multi": "grounding",
-              "classify_identify_single": "identification", "classify_identify_multi": "identification",
-              "classify_refer_single": "referring", "classify_refer_multi": "referring"}
-TAGS = {"classification": "cls", "description": "describe", "counting": "count", "grounding": "grounding",
-        "identification": "identify", "referring": "refer"}
+FILE_TASKS = {
+    "classify": "classification",
+    "describe": "description",
+    "classify_count": "counting",
+    "classify_grounding_single": "grounding",
+    "classify_grounding_multi": "grounding",
+    "classify_identify_single": "identification",
+    "classify_identify_multi": "identification",
+    "classify_refer_single": "referring",
+    "classify_refer_multi": "referring",
+}
+TAGS = {
+    "classification": "cls",
+    "description": "describe",
+    "counting": "count",
+    "grounding": "grounding",
+    "identification": "identify",
+    "referring": "refer",
+}
 SIZES = [(512, 512), (800, 600), (640, 480)]  # the images' (width, height)
 
 
@@ -36,17 +52,27 @@ def _png(path: Path, seed: int, size: tuple[int, int]) -> None:
 
 
 def _question(task: str, i: int) -> tuple[str, str]:
-    """(question, answer) of record i of a task, answers in the release's forms (boxes in pixels, {<x1><y1><x2><y2>})."""
+    """(question, answer) of record i of a task, answers in the release's forms (boxes in pixels,
+    {<x1><y1><x2><y2>})."""
     w, h = SIZES[i % 3]
     b = (40 + 10 * i, 30 + 5 * i, min(w - 1, 200 + 10 * i), min(h - 1, 180 + 7 * i))
     one = "{{<{}><{}><{}><{}>}}".format(*b)
     return {
-        "classification": ("What is the category of the target in this SAR image?", ["ship", "aircraft", "car"][i % 3]),
-        "description": ("Describe the image in detail.", f"There are {i + 1} ships moored in a harbour near the coast."),
+        "classification": (
+            "What is the category of the target in this SAR image?",
+            ["ship", "aircraft", "car"][i % 3],
+        ),
+        "description": (
+            "Describe the image in detail.",
+            f"There are {i + 1} ships moored in a harbour near the coast.",
+        ),
         "counting": ("How many ships are there in the image?", str(i + 1)),
         "grounding": (f"Give the bounding box of the ship number {i}.", one),
         "identification": ("Is there an aircraft in the image?", ["yes", "no"][i % 2]),
-        "referring": (f"Locate {i % 2 + 1} ship(s).", one if i % 2 == 0 else one + f" and {{<{b[0] + 150}><{b[1] + 100}><{b[2] + 150}><{b[3] + 100}>}}"),
+        "referring": (
+            f"Locate {i % 2 + 1} ship(s).",
+            one if i % 2 == 0 else one + f" and {{<{b[0] + 150}><{b[1] + 100}><{b[2] + 150}><{b[3] + 100}>}}",
+        ),
     }[task]
 
 
@@ -59,26 +85,62 @@ def build_sarchat(root: Path, n: int = 3) -> dict:
         recs = []
         for i in range(n):
             q, a = _question(task, i)
-            recs.append({"messages": [{"role": "user", "content": f"<image>[{TAGS[task]}] {q}"},
-                                      {"role": "assistant", "content": a}], "images": [f"images/{i:07d}.png"]})
+            recs.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"<image>[{TAGS[task]}] {q}"},
+                        {"role": "assistant", "content": a},
+                    ],
+                    "images": [f"images/{i:07d}.png"],
+                }
+            )
             expected[f"SARChat_{name}_test.json#{i}"] = task
-        if name == "classify_count":  # malformed: no assistant turn; an image that is not there; a path leaving the release
-            recs.append({"messages": [{"role": "user", "content": "<image>[count] How many?"}], "images": ["images/0000000.png"]})
-            recs.append({"messages": [{"role": "user", "content": "<image>[count] How many?"},
-                                      {"role": "assistant", "content": "2"}], "images": ["images/9999999.png"]})
-            recs.append({"messages": [{"role": "user", "content": "<image>[count] How many?"},
-                                      {"role": "assistant", "content": "2"}], "images": ["../outside.png"]})
-            expected.update({f"SARChat_{name}_test.json#{n}": "error:malformed_release",
-                             f"SARChat_{name}_test.json#{n + 1}": "error:missing_image",
-                             f"SARChat_{name}_test.json#{n + 2}": "error:unsafe_path"})
+        if (
+            name == "classify_count"
+        ):  # malformed: no assistant turn; an image that is not there; a path leaving the release
+            recs.append(
+                {
+                    "messages": [{"role": "user", "content": "<image>[count] How many?"}],
+                    "images": ["images/0000000.png"],
+                }
+            )
+            recs.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": "<image>[count] How many?"},
+                        {"role": "assistant", "content": "2"},
+                    ],
+                    "images": ["images/9999999.png"],
+                }
+            )
+            recs.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": "<image>[count] How many?"},
+                        {"role": "assistant", "content": "2"},
+                    ],
+                    "images": ["../outside.png"],
+                }
+            )
+            expected.update(
+                {
+                    f"SARChat_{name}_test.json#{n}": "error:malformed_release",
+                    f"SARChat_{name}_test.json#{n + 1}": "error:missing_image",
+                    f"SARChat_{name}_test.json#{n + 2}": "error:unsafe_path",
+                }
+            )
         (root / f"SARChat_{name}_test.json").write_text(json.dumps(recs))
     # the training set: one mixed file, tasks only in the tags, ms-swift's query/response form
     train = []
     for k, task in enumerate(TAGS):
         q, a = _question(task, k % n)
-        train.append({"query": f"<image>[{TAGS[task]}] {q}", "response": a, "images": [f"images/{k % n:07d}.png"]})
+        train.append(
+            {"query": f"<image>[{TAGS[task]}] {q}", "response": a, "images": [f"images/{k % n:07d}.png"]}
+        )
         expected[f"SARChat_total_task_train.json#{k}"] = task
-    train.append({"query": "<image>What is this?", "response": "ship", "images": ["images/0000000.png"]})  # no tag
+    train.append(
+        {"query": "<image>What is this?", "response": "ship", "images": ["images/0000000.png"]}
+    )  # no tag
     expected[f"SARChat_total_task_train.json#{len(TAGS)}"] = "error:unknown_task"
     (root / "SARChat_total_task_train.json").write_text(json.dumps(train))
     return expected
@@ -128,15 +190,28 @@ TRUTH = (100, 100, 300, 250)
 
 def _cases():
     def n1000(b):
-        return [round(b[0] * 1000 / W), round(b[1] * 1000 / H), round(b[2] * 1000 / W), round(b[3] * 1000 / H)]
+        return [
+            round(b[0] * 1000 / W),
+            round(b[1] * 1000 / H),
+            round(b[2] * 1000 / W),
+            round(b[3] * 1000 / H),
+        ]
 
     near, far, half = (110, 105, 310, 260), (250, 200, 420, 380), (100, 100, 300, 160)
     q = n1000(near)
     return [
         ("[110, 105, 310, 260]", near, None),
         ("The ship is at [250, 200, 420, 380].", far, None),
-        ("<box>[[{}, {}, {}, {}]]</box>".format(*n1000(near)), [v * s / 1000 for v, s in zip(n1000(near), (W, H, W, H))], None),
-        ("<|box_start|>({},{}),({},{})<|box_end|>".format(*q), [v * s / 1000 for v, s in zip(q, (W, H, W, H))], None),
+        (
+            "<box>[[{}, {}, {}, {}]]</box>".format(*n1000(near)),
+            [v * s / 1000 for v, s in zip(n1000(near), (W, H, W, H))],
+            None,
+        ),
+        (
+            "<|box_start|>({},{}),({},{})<|box_end|>".format(*q),
+            [v * s / 1000 for v, s in zip(q, (W, H, W, H))],
+            None,
+        ),
         ("[0.1375, 0.175, 0.3875, 0.4333]", (0.1375 * W, 0.175 * H, 0.3875 * W, 0.4333 * H), None),
         ("{<100><100><300><160>}", half, None),
         ("[700, 500, 900, 650]", None, "outside"),  # reaches outside the 800 x 600 image
@@ -176,33 +251,82 @@ def test_score_gives_six_sarchat_columns_and_counts_box_parse_failures():
     for i, (text, meant, _) in enumerate(_cases()):
         for task in ("grounding", "referring"):
             pid = f"{task}-{i}"
-            pairs.append({"pair_id": pid, "tile_id": f"t{i}", "kind": "vqa", "application": "object positioning",
-                          "question_type": "positioning", "question": "Locate the ship.", "answer": truth})
+            pairs.append(
+                {
+                    "pair_id": pid,
+                    "tile_id": f"t{i}",
+                    "kind": "vqa",
+                    "application": "object positioning",
+                    "question_type": "positioning",
+                    "question": "Locate the ship.",
+                    "answer": truth,
+                }
+            )
             predictions[pid], tasks[pid], sizes[pid] = text, task, (W, H)
             expect.setdefault(task, []).append(meant is not None and _shapely_iou(meant, TRUTH) >= 0.5)
     for i, (pred, ans) in enumerate([("3", "3"), ("There are 3 ships.", "3"), ("4", "3"), ("three", "3")]):
         pid = f"count-{i}"
-        pairs.append({"pair_id": pid, "tile_id": "c", "kind": "vqa", "application": "instance counting",
-                      "question_type": "counting", "question": "How many ships?", "answer": ans})
+        pairs.append(
+            {
+                "pair_id": pid,
+                "tile_id": "c",
+                "kind": "vqa",
+                "application": "instance counting",
+                "question_type": "counting",
+                "question": "How many ships?",
+                "answer": ans,
+            }
+        )
         predictions[pid], tasks[pid] = pred, "counting"
-    for i, (pred, ans, task) in enumerate([("Ship.", "ship", "classification"), ("aircraft", "ship", "classification"),
-                                           ("Yes, there is.", "yes", "identification"), ("no", "yes", "identification")]):
+    for i, (pred, ans, task) in enumerate(
+        [
+            ("Ship.", "ship", "classification"),
+            ("aircraft", "ship", "classification"),
+            ("Yes, there is.", "yes", "identification"),
+            ("no", "yes", "identification"),
+        ]
+    ):
         pid = f"{task}-x{i}"
-        pairs.append({"pair_id": pid, "tile_id": "c", "kind": "vqa", "application": "object classification",
-                      "question_type": "classification", "question": "What is it?", "answer": ans})
+        pairs.append(
+            {
+                "pair_id": pid,
+                "tile_id": "c",
+                "kind": "vqa",
+                "application": "object classification",
+                "question_type": "classification",
+                "question": "What is it?",
+                "answer": ans,
+            }
+        )
         predictions[pid], tasks[pid] = pred, task
     refs = {}
     for i, text in enumerate(["three ships in a harbour", "an airport with two runways and aircraft"]):
-        pairs.append({"pair_id": f"d{i}", "tile_id": f"t{i}", "kind": "caption_detailed", "application": "image description",
-                      "question_type": "caption/detailed", "question": "Describe.", "answer": text})
-        predictions[f"d{i}"], tasks[f"d{i}"], refs[(f"t{i}", "caption_detailed")] = text, "description", [text]
+        pairs.append(
+            {
+                "pair_id": f"d{i}",
+                "tile_id": f"t{i}",
+                "kind": "caption_detailed",
+                "application": "image description",
+                "question_type": "caption/detailed",
+                "question": "Describe.",
+                "answer": text,
+            }
+        )
+        predictions[f"d{i}"], tasks[f"d{i}"], refs[(f"t{i}", "caption_detailed")] = (
+            text,
+            "description",
+            [text],
+        )
     out = evaluate.score(pairs, predictions, refs, None, {"tasks": tasks, "sizes": sizes})
     sc = out["sarchat"]
     assert list(sc) == list(release.SARCHAT_TASKS)
     for task in ("grounding", "referring"):
         assert sc[task] == pytest.approx(sum(expect[task]) / len(expect[task]))
-    assert sc["counting"] == pytest.approx(3 / 4) and sc["classification"] == 0.5 and sc["identification"] == 0.5
-    # description: the caption metrics of the task's pairs (here every caption: the same as the detailed set's)
+    assert (
+        sc["counting"] == pytest.approx(3 / 4) and sc["classification"] == 0.5 and sc["identification"] == 0.5
+    )
+    # description: the caption metrics of the task's pairs (here every caption: the same as the detailed
+    # set's)
     assert out["sarchat_description"]["bleu_1"] == pytest.approx(1.0) and out["sarchat_n"]["description"] == 2
     assert sc["description"] == pytest.approx(out["detailed_cider_tok"]) and sc["description"] > 0
     reasons = [r for _, m, r in _cases() if m is None]
@@ -218,8 +342,10 @@ def test_score_gives_six_sarchat_columns_and_counts_box_parse_failures():
 
 @pytest.mark.slow
 def test_one_command_evaluates_a_model_on_sarchat(ray_session, tiny_vlm, sarchat, tmp_path, capsys):
-    """`sarlang import` then `sarlang evaluate workflows/sarchat.yaml` with the tiny offline VLM: the leaderboard's
-    SARChat section has the six task columns and the command exits 0; a model that cannot load fails its row and
+    """`sarlang import` then `sarlang evaluate workflows/sarchat.yaml` with the tiny offline VLM: the
+    leaderboard's
+    SARChat section has the six task columns and the command exits 0; a model that cannot load fails its row
+    and
     the command exits non-zero."""
     from conftest import REPO
 
@@ -229,27 +355,57 @@ def test_one_command_evaluates_a_model_on_sarchat(ray_session, tiny_vlm, sarchat
     pairs = tmp_path / "pairs.parquet"
     assert cli.main(["import", str(root), str(pairs)]) == 0
     capsys.readouterr()
-    common = [f"train.model={tiny_vlm}", "ray.progress=false", "evaluate.max_new_tokens_caption=4",
-              "evaluate.max_new_tokens_answer=4", f"evaluate.dataset={pairs}"]
-    rc = cli.main(["evaluate", str(REPO / "workflows" / "sarchat.yaml"), f"run.run_dir={tmp_path / 'run'}", *common])
+    common = [
+        f"train.model={tiny_vlm}",
+        "ray.progress=false",
+        "evaluate.max_new_tokens_caption=4",
+        "evaluate.max_new_tokens_answer=4",
+        f"evaluate.dataset={pairs}",
+    ]
+    rc = cli.main(
+        ["evaluate", str(REPO / "workflows" / "sarchat.yaml"), f"run.run_dir={tmp_path / 'run'}", *common]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
-    header = next(line for line in out.splitlines() if line.startswith("| model | image | prompt | classification"))
+    header = next(
+        line for line in out.splitlines() if line.startswith("| model | image | prompt | classification")
+    )
     assert [c.strip() for c in header.strip("|").split("|")][3:9] == [
-        "classification %", "description (CIDEr)", "counting %", "grounding %", "identification %", "referring %"]
+        "classification %",
+        "description (CIDEr)",
+        "counting %",
+        "grounding %",
+        "identification %",
+        "referring %",
+    ]
     board = json.loads((tmp_path / "run" / "evaluate" / "leaderboard.json").read_text())
     row = board["rows"][0]
-    n_test = {t: sum(1 for k, v in expected.items() if v == t and "_test" in k) for t in release.SARCHAT_TASKS}
+    n_test = {
+        t: sum(1 for k, v in expected.items() if v == t and "_test" in k) for t in release.SARCHAT_TASKS
+    }
     assert row["sarchat_n"] == {t: n for t, n in n_test.items() if t != "description"} | {"description": 3}
     assert row["box_pairs"] == n_test["grounding"] + n_test["referring"]
-    assert sum(row["box_failures"].get(k, 0) for k in ("no_box", "degenerate", "outside", "count", "iou")) + round(
-        (row["sarchat"]["grounding"] * n_test["grounding"]) + row["sarchat"]["referring"] * n_test["referring"]) == row["box_pairs"]
+    assert (
+        sum(row["box_failures"].get(k, 0) for k in ("no_box", "degenerate", "outside", "count", "iou"))
+        + round(
+            (row["sarchat"]["grounding"] * n_test["grounding"])
+            + row["sarchat"]["referring"] * n_test["referring"]
+        )
+        == row["box_pairs"]
+    )
 
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    rc = cli.main(["evaluate", str(REPO / "workflows" / "sarchat.yaml"), f"run.run_dir={tmp_path / 'run2'}", *common,
-                   f"evaluate.models=[{broken}]"])
+    rc = cli.main(
+        [
+            "evaluate",
+            str(REPO / "workflows" / "sarchat.yaml"),
+            f"run.run_dir={tmp_path / 'run2'}",
+            *common,
+            f"evaluate.models=[{broken}]",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 1 and "1 trial(s) failed" in captured.err
 
@@ -265,16 +421,40 @@ def test_the_exported_harness_task_scores_sarchat_like_sarlang_evaluate(sarchat,
     root, _ = sarchat
     pairs = tmp_path / "pairs.parquet"
     release.write_import(release.import_release(str(root)), str(pairs))
-    cfg = load_config(str(REPO / "workflows" / "sarchat.yaml"), [f"run.run_dir={tmp_path / 'run'}", f"evaluate.dataset={pairs}"])
+    cfg = load_config(
+        str(REPO / "workflows" / "sarchat.yaml"),
+        [f"run.run_dir={tmp_path / 'run'}", f"evaluate.dataset={pairs}"],
+    )
     samples = harness.bench_samples(cfg)
     assert {s["task"] for s in samples} == set(release.SARCHAT_TASKS)
     box = [s for s in samples if boxes.is_box_answer(s["answer"])]
-    assert box and all(json.loads(s["box_size"]) == list(SIZES[int(s["tile_id"])  % 3]) for s in box)
+    assert box and all(json.loads(s["box_size"]) == list(SIZES[int(s["tile_id"]) % 3]) for s in box)
     keys = dict(harness._metric_keys(samples, "strict"))
     assert {f"sarchat_{t}" for t in release.SARCHAT_TASKS} <= keys.keys()
-    items = [{**{k: s[k] for k in ("pair_id", "tile_id", "kind", "application", "question_type", "question", "answer", "task",
-                                   "box_size")}, "references": s["references"], "prediction": s["answer"]} for s in samples]
+    items = [
+        {
+            **{
+                k: s[k]
+                for k in (
+                    "pair_id",
+                    "tile_id",
+                    "kind",
+                    "application",
+                    "question_type",
+                    "question",
+                    "answer",
+                    "task",
+                    "box_size",
+                )
+            },
+            "references": s["references"],
+            "prediction": s["answer"],
+        }
+        for s in samples
+    ]
     for t in ("classification", "counting", "grounding", "identification", "referring"):
         assert harness.aggregate(items, keys[f"sarchat_{t}"]) == 1.0, t
-    shifted = [{**i, "prediction": "[0, 0, 10, 10]"} if boxes.is_box_answer(i["answer"]) else i for i in items]
+    shifted = [
+        {**i, "prediction": "[0, 0, 10, 10]"} if boxes.is_box_answer(i["answer"]) else i for i in items
+    ]
     assert harness.aggregate(shifted, keys["sarchat_grounding"]) == 0.0

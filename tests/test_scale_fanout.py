@@ -1,4 +1,5 @@
-"""Fan-out of actor-pool stages (issue 31): the actor pool of execution.map puts many items in few blocks and streams the
+"""Fan-out of actor-pool stages (issue 31): the actor pool of execution.map puts many items in few blocks and
+streams the
 manifest rows to a file of the driver, in item order. Driver CPU per item: benchmarks/bench_fanout.py."""
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ from sarlang_ray.stages import execution as runner
 
 class Square:
     def __call__(self, row: dict) -> dict:
-        return {"shard": row["shard"], "planned": row["n"], "written": row["n"] * row["n"], "rejected": 0,
-                "skipped": row["n"] % 2 == 0, "pid": os.getpid()}
+        return {
+            "shard": row["shard"],
+            "planned": row["n"],
+            "written": row["n"] * row["n"],
+            "rejected": 0,
+            "skipped": row["n"] % 2 == 0,
+            "pid": os.getpid(),
+        }
 
 
 def test_many_items_go_in_few_blocks_and_the_manifest_streams_to_a_file(ray_session, monkeypatch):

@@ -1,4 +1,5 @@
-"""The geographic split on a synthetic archive with revisits and long objects (benchmarks/bench_scale_plan.py's
+"""The geographic split on a synthetic archive with revisits and long objects
+(benchmarks/bench_scale_plan.py's
 generator, small): by brute force, no ground and no label object in two splits, and the ratios kept."""
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def test_synthetic_revisits_and_long_roads_split_without_leaks(tmp_path, ray_ses
     tiles = pq.read_table(sorted((run / "align" / "shards").rglob("*.parquet"))).to_pylist()
     assert len(tiles) == n == counts["planned"] and len(split_of) == counts["written"] > 0.8 * n
     kept = [t for t in tiles if t["tile_id"] in split_of]
-    # ground: every pair of kept tiles closer than buffer_m (in their UTM zone) is in one split; a revisit's tile
+    # ground: every pair of kept tiles closer than buffer_m (in their UTM zone) is in one split; a revisit's
+    # tile
     # (the same footprint, another scene) is such a pair
     by_crs = defaultdict(list)
     for t in kept:
@@ -60,7 +62,10 @@ def test_synthetic_revisits_and_long_roads_split_without_leaks(tmp_path, ray_ses
         geoms = np.array([reproject(to_utm.transform, shapely.from_wkb(t["footprint"])) for t in group])
         a, b = shapely.STRtree(geoms).query(geoms, predicate="dwithin", distance=cfg.export.buffer_m)
         pairs += len(a)
-        assert all(split_of[group[i]["tile_id"]] == split_of[group[j]["tile_id"]] for i, j in zip(a.tolist(), b.tolist()))
+        assert all(
+            split_of[group[i]["tile_id"]] == split_of[group[j]["tile_id"]]
+            for i, j in zip(a.tolist(), b.tolist())
+        )
     assert pairs > len(kept) * 3  # revisits and neighbours were compared, not only each tile with itself
     # objects: an id (a clipped one by its part's id) lives in one split; the long roads are the clipped ones
     splits_of_id = defaultdict(set)
@@ -77,8 +82,10 @@ def test_synthetic_revisits_and_long_roads_split_without_leaks(tmp_path, ray_ses
 
 
 def test_the_workers_planner_gives_the_drivers_split(tmp_path, ray_session):
-    """At small sizes the planner on the workers (block aggregates, groups of neighbouring blocks, a group-by on
-    label id) decides as the driver's: the same tiles in the same splits, the same drops and the same report."""
+    """At small sizes the planner on the workers (block aggregates, groups of neighbouring blocks, a group-by
+    on
+    label id) decides as the driver's: the same tiles in the same splits, the same drops and the same
+    report."""
     run = tmp_path / "run"
     generate(run, 6 * 256 * 2, revisits=2)
     plans, errors = {}, {}
@@ -88,8 +95,9 @@ def test_the_workers_planner_gives_the_drivers_split(tmp_path, ray_session):
         errors[p] = sorted((r["item"], r["error_class"], r["message"]) for r in rows)
     (_, old), (_, new) = plans["driver"], plans["workers"]
     assert decisions(plans["workers"][0]) == decisions(plans["driver"][0])
-    assert {k: new[k] for k in ("planned", "written", "rejected", "reasons")} == \
-        {k: old[k] for k in ("planned", "written", "rejected", "reasons")}
+    assert {k: new[k] for k in ("planned", "written", "rejected", "reasons")} == {
+        k: old[k] for k in ("planned", "written", "rejected", "reasons")
+    }
     assert {k: new["leakage"][k] for k in old["leakage"]} == old["leakage"]
     # the errors table names the same dropped tiles for the same reasons, in the same words
     assert errors["workers"] == errors["driver"] and len(errors["driver"]) == old["rejected"] > 0
@@ -101,7 +109,10 @@ def test_neighbouring_blocks_from_arrays_are_those_a_spatial_index_finds():
     from sarlang_ray.splits import grid_centroids
 
     rng = np.random.default_rng(3)
-    lon0, lat0 = rng.uniform(4.0, 4.3, 3000), rng.uniform(60.0, 60.2, 3000)  # a high latitude: x and y scale apart
+    lon0, lat0 = (
+        rng.uniform(4.0, 4.3, 3000),
+        rng.uniform(60.0, 60.2, 3000),
+    )  # a high latitude: x and y scale apart
     size = np.where(rng.random(3000) < 0.05, 0.03, 0.004)  # a few tiles ~1.7-3 km, most ~250 m
     boxes = shapely.box(lon0, lat0, lon0 + size, lat0 + size / 2)
     gx, gy = grid_centroids(list(boxes))
@@ -109,10 +120,21 @@ def test_neighbouring_blocks_from_arrays_are_those_a_spatial_index_finds():
     keys = export.block_keys(col, row)
     uniq, inverse = np.unique(keys, return_inverse=True)
     b = shapely.bounds(boxes)
-    bounds = np.column_stack([np.full(len(uniq), np.inf), np.full(len(uniq), np.inf), np.full(len(uniq), -np.inf),
-                              np.full(len(uniq), -np.inf)])
+    bounds = np.column_stack(
+        [
+            np.full(len(uniq), np.inf),
+            np.full(len(uniq), np.inf),
+            np.full(len(uniq), -np.inf),
+            np.full(len(uniq), -np.inf),
+        ]
+    )
     for i, k in enumerate(inverse):
-        bounds[k] = [min(bounds[k, 0], b[i, 0]), min(bounds[k, 1], b[i, 1]), max(bounds[k, 2], b[i, 2]), max(bounds[k, 3], b[i, 3])]
+        bounds[k] = [
+            min(bounds[k, 0], b[i, 0]),
+            min(bounds[k, 1], b[i, 1]),
+            max(bounds[k, 2], b[i, 2]),
+            max(bounds[k, 3], b[i, 3]),
+        ]
     cols, rows = (uniq >> 32) - (1 << 30), (uniq & 0xFFFFFFFF) - (1 << 31)
     a, c = export.neighbour_blocks(uniq, cols, rows, bounds, 2000.0, 50.0)
     got = set(zip(a.tolist(), c.tolist()))

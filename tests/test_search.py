@@ -1,5 +1,7 @@
-"""SAR scenes by search (catalog.search): a real STAC API (rustac's server, paged) and stac-geoparquet snapshots
-give the scenes an independent filter (shapely, plain python over the same items) selects; the search is frozen
+"""SAR scenes by search (catalog.search): a real STAC API (rustac's server, paged) and stac-geoparquet
+snapshots
+give the scenes an independent filter (shapely, plain python over the same items) selects; the search is
+frozen
 into the run folder and a rerun does not ask again."""
 
 from __future__ import annotations
@@ -41,17 +43,33 @@ def _items(real_sar: Path, folder: Path) -> list[dict]:
         for pol, src in (("vv", vv), ("vh", vh))[: 2 if dual else 1]:
             link = folder / f"scene{i:03d}_{pol.upper()}.tif"
             link.symlink_to(src)
-            assets[pol] = {"href": str(link), "type": "image/tiff; application=geotiff; profile=cloud-optimized",
-                           "roles": ["data"]}
+            assets[pol] = {
+                "href": str(link),
+                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                "roles": ["data"],
+            }
         x, y = i % 9, i // 9
         geom = box(x, 40 + y, x + 0.8, 40.8 + y)
-        out.append({"type": "Feature", "stac_version": "1.0.0", "id": f"s1-{i:03d}", "collection": "opera-rtc",
-                    "geometry": mapping(geom), "bbox": list(geom.bounds), "links": [], "assets": assets,
-                    "stac_extensions": [],
-                    "properties": {"datetime": (T0 + dt.timedelta(days=i)).isoformat().replace("+00:00", "Z"),
-                                   "platform": "sentinel-1a", "sar:instrument_mode": "IW",
-                                   "sar:polarizations": ["VV", "VH"] if dual else ["VV"],
-                                   "sat:orbit_state": "ascending" if i % 3 else "descending"}})
+        out.append(
+            {
+                "type": "Feature",
+                "stac_version": "1.0.0",
+                "id": f"s1-{i:03d}",
+                "collection": "opera-rtc",
+                "geometry": mapping(geom),
+                "bbox": list(geom.bounds),
+                "links": [],
+                "assets": assets,
+                "stac_extensions": [],
+                "properties": {
+                    "datetime": (T0 + dt.timedelta(days=i)).isoformat().replace("+00:00", "Z"),
+                    "platform": "sentinel-1a",
+                    "sar:instrument_mode": "IW",
+                    "sar:polarizations": ["VV", "VH"] if dual else ["VV"],
+                    "sat:orbit_state": "ascending" if i % 3 else "descending",
+                },
+            }
+        )
     return out
 
 
@@ -60,7 +78,11 @@ def _expected(items: list[dict], aoi, start: dt.datetime, end: dt.datetime, pol:
     keep = set()
     for it in items:
         when = dt.datetime.fromisoformat(it["properties"]["datetime"].replace("Z", "+00:00"))
-        if shape(it["geometry"]).intersects(aoi) and start <= when <= end and pol in it["properties"]["sar:polarizations"]:
+        if (
+            shape(it["geometry"]).intersects(aoi)
+            and start <= when <= end
+            and pol in it["properties"]["sar:polarizations"]
+        ):
             keep.add(it["id"])
     return keep
 
@@ -77,17 +99,29 @@ def stac_api(real_sar, tmp_path_factory):
 
 
 def _search_overrides(run_dir: Path, archive: Path, url: str, when: str) -> list[str]:
-    return [f"run.run_dir={run_dir}", f"catalog.archive={archive}", "run.stages=[catalog]",
-            f"catalog.search.source={url}", "catalog.search.collections=[opera-rtc]",
-            "catalog.search.bbox=[2.5,40.5,6.2,43.1]", f"catalog.search.datetime={when}",
-            "catalog.search.filter={sar:polarizations: [VH]}", "catalog.search.page_size=10"]
+    return [
+        f"run.run_dir={run_dir}",
+        f"catalog.archive={archive}",
+        "run.stages=[catalog]",
+        f"catalog.search.source={url}",
+        "catalog.search.collections=[opera-rtc]",
+        "catalog.search.bbox=[2.5,40.5,6.2,43.1]",
+        f"catalog.search.datetime={when}",
+        "catalog.search.filter={sar:polarizations: [VH]}",
+        "catalog.search.page_size=10",
+    ]
 
 
 def test_stac_api_search_is_frozen_and_matches_an_independent_filter(ray_session, stac_api, tmp_path):
     server, items = stac_api
     when = "2024-01-03T00:00:00Z/2024-02-05T00:00:00Z"
-    expected = _expected(items, box(2.5, 40.5, 6.2, 43.1), dt.datetime(2024, 1, 3, tzinfo=dt.timezone.utc),
-                         dt.datetime(2024, 2, 5, tzinfo=dt.timezone.utc), "VH")
+    expected = _expected(
+        items,
+        box(2.5, 40.5, 6.2, 43.1),
+        dt.datetime(2024, 1, 3, tzinfo=dt.timezone.utc),
+        dt.datetime(2024, 2, 5, tzinfo=dt.timezone.utc),
+        "VH",
+    )
     assert 5 <= len(expected) < N_ITEMS / 2  # the filters bite, and something is left
     run_dir = tmp_path / "run"
     overrides = _search_overrides(run_dir, tmp_path, server.url, when)
@@ -99,7 +133,9 @@ def test_stac_api_search_is_frozen_and_matches_an_independent_filter(ray_session
 
     scenes = pq.read_table(tables.scenes_uri(str(run_dir))).to_pylist()
     assert {s["stac_item"] for s in scenes} == expected
-    assert all(s["polarisations"] == "VV+VH" for s in scenes)  # each item's VV and VH assets grouped as one scene
+    assert all(
+        s["polarisations"] == "VV+VH" for s in scenes
+    )  # each item's VV and VH assets grouped as one scene
     # frozen: the snapshot holds exactly the selection, as stac-geoparquet
     snapshot = search.snapshot_uri(load_config(None, overrides).catalog.search, str(run_dir))
     frozen = list(search.read_items(snapshot))
@@ -118,8 +154,12 @@ def test_stac_api_search_is_frozen_and_matches_an_independent_filter(ray_session
     pipeline.run(load_config(None, _search_overrides(run_dir, tmp_path, server.url, wider)))
     assert [r for r in server.requests[n:] if "/search" in r]
     assert {s["stac_item"] for s in pq.read_table(tables.scenes_uri(str(run_dir))).to_pylist()} == _expected(
-        items, box(2.5, 40.5, 6.2, 43.1), dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
-        dt.datetime(2024, 2, 14, 23, 59, 59, tzinfo=dt.timezone.utc), "VH")
+        items,
+        box(2.5, 40.5, 6.2, 43.1),
+        dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+        dt.datetime(2024, 2, 14, 23, 59, 59, tzinfo=dt.timezone.utc),
+        "VH",
+    )
 
 
 def test_a_run_is_reproducible_from_its_snapshot(stac_api, tmp_path):
@@ -149,14 +189,19 @@ def test_property_filter_and_cql2():
     assert search.property_matches(props, {"sat:relative_orbit": [37, 139]})
     assert not search.property_matches(props, {"sat:relative_orbit": 139})
     assert not search.property_matches(props, {"platform": "sentinel-1a"})  # absent: no match
-    assert search.cql2({"sar:polarizations": ["VH"], "sat:orbit_state": "ascending"}) == {"op": "and", "args": [
-        {"op": "a_contains", "args": [{"property": "sar:polarizations"}, ["VH"]]},
-        {"op": "=", "args": [{"property": "sat:orbit_state"}, "ascending"]}]}
+    assert search.cql2({"sar:polarizations": ["VH"], "sat:orbit_state": "ascending"}) == {
+        "op": "and",
+        "args": [
+            {"op": "a_contains", "args": [{"property": "sar:polarizations"}, ["VH"]]},
+            {"op": "=", "args": [{"property": "sat:orbit_state"}, "ascending"]},
+        ],
+    }
 
 
 def test_the_streaming_catalog_equals_the_whole_listing(ray_session, real_sar, tmp_path):
     """A snapshot of more items than three pages of inspection tasks, with items whose file is missing and an
-    asset named by two items on different pages: the streamed scenes and errors tables hold what the catalog of
+    asset named by two items on different pages: the streamed scenes and errors tables hold what the catalog
+    of
     the same items as one ItemCollection (the whole-listing path) holds, and the counts reconcile."""
     import stac_geoparquet.arrow
 
@@ -165,16 +210,25 @@ def test_the_streaming_catalog_equals_the_whole_listing(ray_session, real_sar, t
     n = 2 * catalog_stage.PAGE_ROWS + 20
     items = _items_n(real_sar, tmp_path / "rasters", n)
     items[5]["assets"]["vv"]["href"] = str(tmp_path / "rasters" / "missing_VV.tif")  # stac_bad_href
-    items[-1]["assets"] = {"vv": dict(items[1]["assets"]["vv"])}  # the raster of item 1, pages apart: stac_duplicate
+    items[-1]["assets"] = {
+        "vv": dict(items[1]["assets"]["vv"])
+    }  # the raster of item 1, pages apart: stac_duplicate
     items[-1]["properties"]["sar:polarizations"] = ["VV"]
-    stac_geoparquet.arrow.to_parquet(stac_geoparquet.arrow.parse_stac_items_to_arrow(items), tmp_path / "items.parquet")
+    stac_geoparquet.arrow.to_parquet(
+        stac_geoparquet.arrow.parse_stac_items_to_arrow(items), tmp_path / "items.parquet"
+    )
     (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}))
 
     streamed, whole = tmp_path / "streamed", tmp_path / "whole"
     base = [f"catalog.archive={tmp_path}", "run.stages=[catalog]"]
-    summary = pipeline.run(load_config(None, [f"run.run_dir={streamed}", *base,
-                                              f"catalog.search.source={tmp_path / 'items.parquet'}"]))
-    pipeline.run(load_config(None, [f"run.run_dir={whole}", *base, f"catalog.archive={tmp_path / 'items.json'}"]))
+    summary = pipeline.run(
+        load_config(
+            None, [f"run.run_dir={streamed}", *base, f"catalog.search.source={tmp_path / 'items.parquet'}"]
+        )
+    )
+    pipeline.run(
+        load_config(None, [f"run.run_dir={whole}", *base, f"catalog.archive={tmp_path / 'items.json'}"])
+    )
     counts = summary["stages"]["catalog"]
     assert counts["pages"] >= 3 and counts["planned"] == counts["written"] + counts["rejected"] == n
     assert counts["rejects_by_reason"] == {"stac_bad_href": 1, "stac_duplicate": 1}
@@ -185,10 +239,15 @@ def test_the_streaming_catalog_equals_the_whole_listing(ray_session, real_sar, t
     # the same properties and instants; the stac-geoparquet round trip writes datetimes with microseconds
     drop = ("stac_properties", "datetime")
     instant = lambda t: dt.datetime.fromisoformat(t.replace("Z", "+00:00"))
-    assert [instant(s["datetime"]) for s in sorted(a, key=key)] == [instant(s["datetime"]) for s in sorted(b, key=key)]
+    assert [instant(s["datetime"]) for s in sorted(a, key=key)] == [
+        instant(s["datetime"]) for s in sorted(b, key=key)
+    ]
+
     def rows(table):  # JSON: NaN nodata compares equal to itself
-        return [json.dumps({k: v for k, v in s.items() if k not in drop}, sort_keys=True, default=str)
-                for s in sorted(table, key=key)]
+        return [
+            json.dumps({k: v for k, v in s.items() if k not in drop}, sort_keys=True, default=str)
+            for s in sorted(table, key=key)
+        ]
 
     assert rows(a) == rows(b)
     errors = pq.read_table(streamed / "catalog" / "errors.parquet").to_pylist()
@@ -209,16 +268,30 @@ def _items_n(real_sar: Path, folder: Path, n: int) -> list[dict]:
             link.symlink_to(src)
             assets[pol] = {"href": str(link), "type": "image/tiff; application=geotiff", "roles": ["data"]}
         geom = box(i % 20, 40 + i // 20, i % 20 + 0.5, 40.5 + i // 20)
-        out.append({"type": "Feature", "stac_version": "1.0.0", "id": f"s1-{i:04d}", "collection": "opera-rtc",
-                    "geometry": mapping(geom), "bbox": list(geom.bounds), "links": [], "assets": assets,
-                    "stac_extensions": [],
-                    "properties": {"datetime": (T0 + dt.timedelta(hours=i)).isoformat().replace("+00:00", "Z"),
-                                   "platform": "sentinel-1a", "sar:polarizations": ["VV", "VH"] if i % 2 == 0 else ["VV"]}})
+        out.append(
+            {
+                "type": "Feature",
+                "stac_version": "1.0.0",
+                "id": f"s1-{i:04d}",
+                "collection": "opera-rtc",
+                "geometry": mapping(geom),
+                "bbox": list(geom.bounds),
+                "links": [],
+                "assets": assets,
+                "stac_extensions": [],
+                "properties": {
+                    "datetime": (T0 + dt.timedelta(hours=i)).isoformat().replace("+00:00", "Z"),
+                    "platform": "sentinel-1a",
+                    "sar:polarizations": ["VV", "VH"] if i % 2 == 0 else ["VV"],
+                },
+            }
+        )
     return out
 
 
 def test_api_pages_of_different_shapes_freeze_whole(real_sar, tmp_path):
-    """The API path writes each page to the snapshot as it arrives: items of later pages carry a property and an
+    """The API path writes each page to the snapshot as it arrives: items of later pages carry a property and
+    an
     asset the first pages' items lack, and the frozen stac-geoparquet still holds every item as served (ids,
     properties and asset keys), with a cap that stops in the middle of a page."""
     items = _items_n(real_sar, tmp_path / "rasters", 30)
@@ -232,7 +305,9 @@ def test_api_pages_of_different_shapes_freeze_whole(real_sar, tmp_path):
     server = RustacServer(path, tmp_path / "rustac.log").start()
     try:
         uri, counts = search.freeze(SearchSection(source=server.url, page_size=5), str(tmp_path / "a"))
-        capped, _ = search.freeze(SearchSection(source=server.url, page_size=5, max_items=23), str(tmp_path / "b"))
+        capped, _ = search.freeze(
+            SearchSection(source=server.url, page_size=5, max_items=23), str(tmp_path / "b")
+        )
     finally:
         server.stop()
     assert counts["pages"] >= 6 and counts["items"] == 30

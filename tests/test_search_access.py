@@ -1,6 +1,7 @@
 """Access to the archive: ``catalog.sign`` signs every asset href that is read (the file server answers signed
 requests only and records every one), and ``catalog.s3_anonymous`` / ``catalog.s3_requester_pays`` reach both
-raster readers, fsspec (s3fs) and GDAL (/vsis3/), as seen by a header-recording proxy in front of SeaweedFS."""
+raster readers, fsspec (s3fs) and GDAL (/vsis3/), as seen by a header-recording proxy in front of
+SeaweedFS."""
 
 from __future__ import annotations
 
@@ -34,13 +35,30 @@ def _snapshot(real_sar: Path, served: Path, url: str, out: Path) -> list[str]:
         for pol in ("VV", "VH"):
             name = f"scene{i}_{pol}.tif"
             shutil.copy(path.with_name(path.name.replace("_VV.tif", f"_{pol}.tif")), served / name)
-            assets[pol.lower()] = {"href": f"{url}/{name}", "type": "image/tiff; application=geotiff", "roles": ["data"]}
+            assets[pol.lower()] = {
+                "href": f"{url}/{name}",
+                "type": "image/tiff; application=geotiff",
+                "roles": ["data"],
+            }
         with rasterio.open(path) as src:
             footprint = catalog.footprint_4326(src)
-        items.append({"type": "Feature", "stac_version": "1.0.0", "id": f"item{i}", "collection": "opera", "links": [],
-                      "stac_extensions": [], "geometry": footprint.__geo_interface__, "bbox": list(footprint.bounds),
-                      "properties": {"datetime": dt.datetime(2021, 11, 19, tzinfo=dt.timezone.utc).isoformat(),
-                                     "sar:polarizations": ["VV", "VH"]}, "assets": assets})
+        items.append(
+            {
+                "type": "Feature",
+                "stac_version": "1.0.0",
+                "id": f"item{i}",
+                "collection": "opera",
+                "links": [],
+                "stac_extensions": [],
+                "geometry": footprint.__geo_interface__,
+                "bbox": list(footprint.bounds),
+                "properties": {
+                    "datetime": dt.datetime(2021, 11, 19, tzinfo=dt.timezone.utc).isoformat(),
+                    "sar:polarizations": ["VV", "VH"],
+                },
+                "assets": assets,
+            }
+        )
     stac_geoparquet.arrow.to_parquet(stac_geoparquet.arrow.parse_stac_items_to_arrow(items), out)
     return [it["id"] for it in items]
 
@@ -57,9 +75,19 @@ def test_every_href_read_is_signed_by_the_entry_point(ray_session, real_sar, tmp
         server.requests.clear()
 
         run_dir = tmp_path / "run"
-        cfg = load_config(None, [f"run.run_dir={run_dir}", f"catalog.archive={tmp_path}", "run.stages=[catalog,tile]",
-                                 f"catalog.search.source={tmp_path / 'items.parquet'}", "catalog.sign=stac_signers:sign",
-                                 "tile.gsds_m=[30]", "tile.tile_size=64", "tile.speckle.filter=none"])
+        cfg = load_config(
+            None,
+            [
+                f"run.run_dir={run_dir}",
+                f"catalog.archive={tmp_path}",
+                "run.stages=[catalog,tile]",
+                f"catalog.search.source={tmp_path / 'items.parquet'}",
+                "catalog.sign=stac_signers:sign",
+                "tile.gsds_m=[30]",
+                "tile.tile_size=64",
+                "tile.speckle.filter=none",
+            ],
+        )
         try:
             summary = pipeline.run(cfg)
         finally:
@@ -68,8 +96,9 @@ def test_every_href_read_is_signed_by_the_entry_point(ray_session, real_sar, tmp
         assert sorted(s["stac_item"] for s in scenes) == ids
         assert summary["stages"]["tile"]["written"] > 0  # the tile workers read the pixels, signed too
         paths = {p for _, p, _ in server.requests}
-        assert {p for p in paths if p.endswith(".tif")} == {f"/scene{i}_{pol}.tif" for i in range(N_ITEMS)
-                                                            for pol in ("VV", "VH")}
+        assert {p for p in paths if p.endswith(".tif")} == {
+            f"/scene{i}_{pol}.tif" for i in range(N_ITEMS) for pol in ("VV", "VH")
+        }
         # besides the rasters, only the Capella-style sidecar metadata the catalog looks for beside each scene
         assert all(p.endswith((".tif", "_VV.json", "_VV_extended.json")) for p in paths), sorted(paths)
         assert all(signed for _, _, signed in server.requests), [r for r in server.requests if not r[2]][:3]
@@ -79,20 +108,31 @@ def test_every_href_read_is_signed_by_the_entry_point(ray_session, real_sar, tmp
 
 @pytest.fixture
 def proxied_s3(s3, monkeypatch, real_sar):
-    """The session's SeaweedFS behind a header-recording proxy, as the pipeline's fsspec config; one object."""
+    """The session's SeaweedFS behind a header-recording proxy, as the pipeline's fsspec config; one
+    object."""
     import s3_server
 
     key = f"sarlang/access-{uuid.uuid4().hex[:8]}"
     io.use_access()  # none of catalog.sign / anonymous / requester pays to start with
     with HeaderProxy(s3_server.ENDPOINT) as proxy:
-        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": proxy.url, "key": "sarlang-test",
-                                                       "secret": "sarlang-test-secret"})
+        monkeypatch.setitem(
+            fsspec.config.conf,
+            "s3",
+            {"endpoint_url": proxy.url, "key": "sarlang-test", "secret": "sarlang-test-secret"},
+        )
         monkeypatch.setattr(S3FileSystem, "_cache", {})
-        fs = S3FileSystem(endpoint_url=proxy.url, key="sarlang-test", secret="sarlang-test-secret",
-                          skip_instance_cache=True)
+        fs = S3FileSystem(
+            endpoint_url=proxy.url, key="sarlang-test", secret="sarlang-test-secret", skip_instance_cache=True
+        )
         src = real_sar / "opera_rtc_s1_t137_crops"
         path = min(src.glob("2021-11-19/*_VV.tif"))
-        for name in ("gdal-anon.tif", "fsspec-anon.tif", "gdal-payer.tif", "fsspec-payer.tif", "gdal-plain.tif"):
+        for name in (
+            "gdal-anon.tif",
+            "fsspec-anon.tif",
+            "gdal-payer.tif",
+            "fsspec-payer.tif",
+            "gdal-plain.tif",
+        ):
             fs.put(str(path), f"{key}/{name}")
         with rasterio.open(path) as local:
             expected = local.read(1)
@@ -129,5 +169,6 @@ def test_anonymous_and_requester_pays_reach_both_readers(proxied_s3, monkeypatch
         with io.open_raster(f"s3://{key}/{name}", reader=reader) as src:
             assert np.array_equal(src.read(1), expected)
         sent = _reads(proxy, name)
-        assert sent and all(h.get("x-amz-request-payer") == "requester" and "authorization" in h for h in sent), (
-            reader, sent[:2])
+        assert sent and all(
+            h.get("x-amz-request-payer") == "requester" and "authorization" in h for h in sent
+        ), (reader, sent[:2])

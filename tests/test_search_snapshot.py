@@ -1,5 +1,7 @@
-"""A 1,000,000-item stac-geoparquet snapshot partitioned by month (generated, ~11 s): an AOI and one month select
-exactly the items numpy selects from the generating arrays, reading only the row groups whose bbox and datetime
+"""A 1,000,000-item stac-geoparquet snapshot partitioned by month (generated, ~11 s): an AOI and one month
+select
+exactly the items numpy selects from the generating arrays, reading only the row groups whose bbox and
+datetime
 statistics can match; property filters and max_items apply on top."""
 
 from __future__ import annotations
@@ -39,19 +41,29 @@ def test_aoi_and_one_month_of_a_million_items(snapshot, tmp_path):
 
     # the frozen items are whole STAC items the catalog can read: assets, polarisations, datetime
     first = next(iter(search.read_items(uri)))
-    assert first["assets"]["vv"]["href"].startswith("s3://sentinel-1-grd/") and first["properties"]["datetime"]
+    assert (
+        first["assets"]["vv"]["href"].startswith("s3://sentinel-1-grd/") and first["properties"]["datetime"]
+    )
 
 
 def test_property_filter_and_cap_on_the_snapshot(snapshot, tmp_path):
     folder, arrays = snapshot
-    q = SearchSection(source=str(folder), bbox=AOI, datetime=f"{MARCH[0]}Z/{MARCH[1]}Z",
-                      filter={"sar:polarizations": ["VH"]})
+    q = SearchSection(
+        source=str(folder),
+        bbox=AOI,
+        datetime=f"{MARCH[0]}Z/{MARCH[1]}Z",
+        filter={"sar:polarizations": ["VH"]},
+    )
     uri, _ = search.freeze(q, str(tmp_path / "a"))
     dual = set(arrays["ids"][arrays["dual"]].tolist())
     assert {d["id"] for d in search.read_items(uri)} == expected(arrays, AOI, *MARCH) & dual
-    capped, counts = search.freeze(SearchSection(source=str(folder), bbox=AOI, max_items=50), str(tmp_path / "b"))
+    capped, counts = search.freeze(
+        SearchSection(source=str(folder), bbox=AOI, max_items=50), str(tmp_path / "b")
+    )
     ids = [d["id"] for d in search.read_items(capped)]
-    assert len(ids) == 50 and set(ids) <= expected(arrays, AOI, "2024-01-01T00:00:00", "2024-12-31T23:59:59.999999")
+    assert len(ids) == 50 and set(ids) <= expected(
+        arrays, AOI, "2024-01-01T00:00:00", "2024-12-31T23:59:59.999999"
+    )
     assert counts["items"] == 50
 
 

@@ -35,14 +35,18 @@ def _targets(ann):
     pixels = sorted({p["pixel"] for p in ann.grid})
     nodes = [p for p in ann.grid if p["line"] in lines[3:5] and p["pixel"] in pixels[8:10]]
     l0, l1, p0, p1 = lines[3], lines[4], pixels[8], pixels[9]
-    between = [(l0 + 0.5 * (l1 - l0), p0 + 0.5 * (p1 - p0)), (l0 + 0.27 * (l1 - l0), p0 + 0.61 * (p1 - p0)),
-               (l0 + 0.8 * (l1 - l0), p0 + 0.2 * (p1 - p0))]
+    between = [
+        (l0 + 0.5 * (l1 - l0), p0 + 0.5 * (p1 - p0)),
+        (l0 + 0.27 * (l1 - l0), p0 + 0.61 * (p1 - p0)),
+        (l0 + 0.8 * (l1 - l0), p0 + 0.2 * (p1 - p0)),
+    ]
     return nodes, [(round(a), round(b)) for a, b in between]
 
 
 @pytest.fixture(scope="module", params=sorted(PRODUCTS))
 def grd(request, real_sar, tmp_path_factory):
-    """A real product completed with measurement files holding bright squares at grid nodes and between them."""
+    """A real product completed with measurement files holding bright squares at grid nodes and between
+    them."""
     ann = annotation(real_sar / "s1_grd_safe_metadata" / PRODUCTS[request.param])
     nodes, between = _targets(ann)
     targets = [(p["line"], p["pixel"], TARGET_DN) for p in nodes] + [(a, b, TARGET_DN) for a, b in between]
@@ -55,13 +59,28 @@ def _run(zip_path, run_dir, nodes, *overrides):
     lon = [p["longitude"] for p in nodes]
     lat = [p["latitude"] for p in nodes]
     aoi = [min(lon) - 0.03, min(lat) - 0.03, max(lon) + 0.03, max(lat) + 0.03]
-    cfg = load_config(None, [
-        f"run.run_dir={run_dir}", f"catalog.archive={zip_path.parent}", "catalog.sar_glob=['*.zip']",
-        "catalog.optical_rule=null", "catalog.landcover_rule=null", "run.stages=[catalog,tile]", "ray.progress=false",
-        f"tile.aoi={aoi}", "tile.gsds_m=[20]", "tile.include_native=true", "tile.tile_size=512",
-        "tile.speckle.filter=none", "tile.stretch.mode=fixed", "tile.stretch.db_min=0", "tile.stretch.db_max=40",
-        "tile.max_nodata_fraction=1.0", *overrides,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            f"catalog.archive={zip_path.parent}",
+            "catalog.sar_glob=['*.zip']",
+            "catalog.optical_rule=null",
+            "catalog.landcover_rule=null",
+            "run.stages=[catalog,tile]",
+            "ray.progress=false",
+            f"tile.aoi={aoi}",
+            "tile.gsds_m=[20]",
+            "tile.include_native=true",
+            "tile.tile_size=512",
+            "tile.speckle.filter=none",
+            "tile.stretch.mode=fixed",
+            "tile.stretch.db_min=0",
+            "tile.stretch.db_max=40",
+            "tile.max_nodata_fraction=1.0",
+            *overrides,
+        ],
+    )
     summary = pipeline.run(cfg, ["catalog", "tile"])
     scenes = pipeline.read_scenes(cfg.run.run_dir)
     return cfg, summary, scenes
@@ -123,7 +142,9 @@ def test_grd_targets_land_on_their_geolocation_grid_nodes(ray_session, grd, tmp_
     assert sorted(p.name for p in zip_path.parent.iterdir()) == [zip_path.name]
     tiles = _tile_rows(tmp_path / "run")
     assert tiles and {len(t["bands"]) for t in tiles} == {2}
-    gcps = [GroundControlPoint(row=p["line"], col=p["pixel"], x=p["longitude"], y=p["latitude"]) for p in ann.grid]
+    gcps = [
+        GroundControlPoint(row=p["line"], col=p["pixel"], x=p["longitude"], y=p["latitude"]) for p in ann.grid
+    ]
     tps = GCPTransformer(gcps, tps=True)
     xs, ys = tps.xy([b[0] for b in between], [b[1] for b in between], offset="ul")
     expected = [(p["longitude"], p["latitude"]) for p in nodes] + list(zip(xs, ys))
@@ -131,7 +152,7 @@ def test_grd_targets_land_on_their_geolocation_grid_nodes(ray_session, grd, tmp_
         errors = _errors_m(tiles, scene, gsd, expected)
         px = [e / gsd for e in errors]
         assert max(px[: len(nodes)]) < 0.5, (key, gsd, "node targets off by px", px)
-        assert max(px[len(nodes):]) < 0.5, (key, gsd, "between-node targets off by px", px)
+        assert max(px[len(nodes) :]) < 0.5, (key, gsd, "between-node targets off by px", px)
     # the same product through one affine fitted to the GCPs: hundreds of metres off (so this test can fail)
     _run(zip_path, tmp_path / "affine", nodes, "catalog.gcp_method=affine")
     affine_tiles = _tile_rows(tmp_path / "affine")
@@ -157,15 +178,23 @@ def _grid_interp(root, vector, value):
             vals = np.interp(pixels, p, vals)  # IPF 3 noise vectors differ in length: onto the common pixels
         lines.append(float(v.findtext("line")))
         rows.append(vals)
-    return RegularGridInterpolator((np.array(lines), pixels), np.array(rows), bounds_error=False, fill_value=None)
+    return RegularGridInterpolator(
+        (np.array(lines), pixels), np.array(rows), bounds_error=False, fill_value=None
+    )
 
 
 def _azimuth_noise(root, line, pixel):
     for v in root.iter("noiseAzimuthVector"):
-        if int(v.findtext("firstAzimuthLine")) <= line <= int(v.findtext("lastAzimuthLine")) and \
-                int(v.findtext("firstRangeSample")) <= pixel <= int(v.findtext("lastRangeSample")):
-            return float(np.interp(line, np.array(v.findtext("line").split(), float),
-                                   np.array(v.findtext("noiseAzimuthLut").split(), float)))
+        if int(v.findtext("firstAzimuthLine")) <= line <= int(v.findtext("lastAzimuthLine")) and int(
+            v.findtext("firstRangeSample")
+        ) <= pixel <= int(v.findtext("lastRangeSample")):
+            return float(
+                np.interp(
+                    line,
+                    np.array(v.findtext("line").split(), float),
+                    np.array(v.findtext("noiseAzimuthLut").split(), float),
+                )
+            )
     return 1.0
 
 
@@ -177,23 +206,42 @@ def test_grd_calibration_equals_an_independent_computation(grd, tmp_path, calibr
     schemas (the 2015 product's noise LUT is all zeros: removal must leave it unchanged)."""
     key, zip_path, ann, _nodes, _between = grd
     lo, hi = -30.0, -5.0  # fixed stretch: one PNG level = 0.098 dB, so decoding is within 0.05 dB
-    cfg = load_config(None, [
-        f"run.run_dir={tmp_path}", f"catalog.archive={zip_path.parent}", "catalog.optical_rule=null",
-        "catalog.landcover_rule=null", f"catalog.calibration={calibration}", f"catalog.noise_removal={noise_removal}",
-        "tile.tile_size=128", "tile.speckle.filter=none", "tile.stretch.mode=fixed",
-        f"tile.stretch.db_min={lo}", f"tile.stretch.db_max={hi}", "tile.gsds_m=[20]",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={tmp_path}",
+            f"catalog.archive={zip_path.parent}",
+            "catalog.optical_rule=null",
+            "catalog.landcover_rule=null",
+            f"catalog.calibration={calibration}",
+            f"catalog.noise_removal={noise_removal}",
+            "tile.tile_size=128",
+            "tile.speckle.filter=none",
+            "tile.stretch.mode=fixed",
+            f"tile.stretch.db_min={lo}",
+            f"tile.stretch.db_max={hi}",
+            "tile.gsds_m=[20]",
+        ],
+    )
     scene = catalog.inspect_product(str(zip_path), cfg.catalog)
     assert scene["calibration"] == calibration and scene["noise_removed"] is noise_removal
     worker = tiling.TileChunk(cfg.tile, str(tmp_path))
     grid = tiling.grid_for(scene, 20.0, cfg.tile)
-    cal = _grid_interp(_lut_xml(zip_path, "calibration"), "calibrationVector",
-                       {"sigma0": "sigmaNought", "beta0": "betaNought", "gamma0": "gamma"}[calibration])
+    cal = _grid_interp(
+        _lut_xml(zip_path, "calibration"),
+        "calibrationVector",
+        {"sigma0": "sigmaNought", "beta0": "betaNought", "gamma0": "gamma"}[calibration],
+    )
     noise_root = _lut_xml(zip_path, "noise")
     new_schema = noise_root.find("noiseRangeVectorList") is not None
-    rng = _grid_interp(noise_root, "noiseRangeVector" if new_schema else "noiseVector",
-                       "noiseRangeLut" if new_schema else "noiseLut")
-    gcps = [GroundControlPoint(row=p["line"], col=p["pixel"], x=p["longitude"], y=p["latitude"]) for p in ann.grid]
+    rng = _grid_interp(
+        noise_root,
+        "noiseRangeVector" if new_schema else "noiseVector",
+        "noiseRangeLut" if new_schema else "noiseLut",
+    )
+    gcps = [
+        GroundControlPoint(row=p["line"], col=p["pixel"], x=p["longitude"], y=p["latitude"]) for p in ann.grid
+    ]
     tps = GCPTransformer(gcps, tps=True)
     # tiles across the swath (near and far range: the LUTs change most along range), away from the targets
     to_tile = Transformer.from_crs("EPSG:4326", scene["tile_crs"], always_xy=True)
@@ -209,15 +257,18 @@ def test_grd_calibration_equals_an_independent_computation(grd, tmp_path, calibr
         t = Affine(*tile["transform"])
         rows, cols = np.mgrid[0:128:9, 0:128:9]
         px, py = t * (cols + 0.5, rows + 0.5)
-        plon, plat = Transformer.from_crs(scene["tile_crs"], "EPSG:4326", always_xy=True).transform(px.ravel(), py.ravel())
+        plon, plat = Transformer.from_crs(scene["tile_crs"], "EPSG:4326", always_xy=True).transform(
+            px.ravel(), py.ravel()
+        )
         srow, scol = tps.rowcol(plon, plat, op=lambda v: v)
         line, pixel = np.floor(np.asarray(srow, float)), np.floor(np.asarray(scol, float))  # the source pixel
         a = cal(np.column_stack([line, pixel]))
-        dn2 = np.full(line.shape, BACKGROUND_DN ** 2, float)
-        noise = rng(np.column_stack([line, pixel])) * np.array([_azimuth_noise(noise_root, li, pi)
-                                                                for li, pi in zip(line, pixel)])
+        dn2 = np.full(line.shape, BACKGROUND_DN**2, float)
+        noise = rng(np.column_stack([line, pixel])) * np.array(
+            [_azimuth_noise(noise_root, li, pi) for li, pi in zip(line, pixel)]
+        )
         power = dn2 - noise if noise_removal else dn2
-        expected = 10 * np.log10(power / a ** 2)
+        expected = 10 * np.log10(power / a**2)
         noise_effect.append(float(np.max(np.abs(10 * np.log10((dn2 - noise) / dn2)))))
         diffs.append(np.abs(got[rows.ravel(), cols.ravel()] - expected))
         checked += expected.size
@@ -229,7 +280,9 @@ def test_grd_calibration_equals_an_independent_computation(grd, tmp_path, calibr
         assert max(noise_effect) == 0.0  # IPF 2.x: all-zero noise LUT
 
 
-def test_opera_burst_vv_and_vh_are_one_scene_and_composites_hold_the_documented_channels(ray_session, real_sar, tmp_path):
+def test_opera_burst_vv_and_vh_are_one_scene_and_composites_hold_the_documented_channels(
+    ray_session, real_sar, tmp_path
+):
     """The VV and VH files of an OPERA burst are one scene; ``tile.bands=composite`` PNGs are R = VV dB,
     G = VH dB, B = VV/VH in dB, ``tile.bands=VH`` a grey VH PNG; each tile holds both bands' statistics.
     Expected values are read from the two files directly (at 30 m the tile grid is the files' pixel grid)."""
@@ -238,10 +291,20 @@ def test_opera_burst_vv_and_vh_are_one_scene_and_composites_hold_the_documented_
     folder = real_sar / "opera_rtc_s1_t137_crops" / "2021-11-19"
     stem = "OPERA_L2_RTC-S1_T137-292319-IW2_20211119T015858Z_20250830T120333Z_S1A_30_v1.0"
     lo, hi = -30.0, 20.0
-    base = [f"catalog.archive={folder}", f"catalog.sar_glob=[{stem}_*.tif]", "catalog.optical_rule=null",
-            "catalog.landcover_rule=null", "run.stages=[catalog,tile]", "ray.progress=false", "tile.gsds_m=[30]",
-            "tile.tile_size=50", "tile.speckle.filter=none", "tile.stretch.mode=fixed", f"tile.stretch.db_min={lo}",
-            f"tile.stretch.db_max={hi}"]
+    base = [
+        f"catalog.archive={folder}",
+        f"catalog.sar_glob=[{stem}_*.tif]",
+        "catalog.optical_rule=null",
+        "catalog.landcover_rule=null",
+        "run.stages=[catalog,tile]",
+        "ray.progress=false",
+        "tile.gsds_m=[30]",
+        "tile.tile_size=50",
+        "tile.speckle.filter=none",
+        "tile.stretch.mode=fixed",
+        f"tile.stretch.db_min={lo}",
+        f"tile.stretch.db_max={hi}",
+    ]
     expected = {}
     for pol in ("VV", "VH"):
         with rasterio.open(folder / f"{stem}_{pol}.tif") as src:
@@ -259,17 +322,23 @@ def test_opera_burst_vv_and_vh_are_one_scene_and_composites_hold_the_documented_
         for t in tiles:
             img = np.asarray(Image.open(io.BytesIO(t["sar_png"]))).astype(float)
             r0, c0 = t["row"] * 50, t["col"] * 50
-            window = np.s_[r0: r0 + 50, c0: c0 + 50]
+            window = np.s_[r0 : r0 + 50, c0 : c0 + 50]
             channels = {"composite": [("VV", 0), ("VH", 1), ("ratio", 2)], "VH": [("VH", None)]}[mode]
             assert img.shape == ((50, 50, 3) if mode == "composite" else (50, 50))
             for name, k in channels:
                 got = lo + (img if k is None else img[..., k]) / 255 * (hi - lo)
                 want = np.clip(expected[name][window], lo, hi)
-                assert np.abs(got - want).max() <= step / 2 + 1e-3, (mode, name, float(np.abs(got - want).max()))
+                assert np.abs(got - want).max() <= step / 2 + 1e-3, (
+                    mode,
+                    name,
+                    float(np.abs(got - want).max()),
+                )
             stats = {b["polarisation"]: b for b in t["bands"]}
             assert sorted(stats) == ["VH", "VV"]
             for pol in ("VV", "VH"):
-                assert stats[pol]["db_mean"] == pytest.approx(max(expected[pol][window].mean(), -100), abs=1e-3)
+                assert stats[pol]["db_mean"] == pytest.approx(
+                    max(expected[pol][window].mean(), -100), abs=1e-3
+                )
             assert t["polarisation"] == ("VV+VH composite" if mode == "composite" else "VH")
 
 
@@ -285,33 +354,73 @@ def test_stac_grd_item_with_made_up_proj_fields_gives_the_products_own_tiles(ray
     targets = [(p["line"], p["pixel"], TARGET_DN) for p in nodes]
     safe_dir = build_product(real_sar, "2021", tmp_path / "product", BACKGROUND_DN, targets, as_zip=False)
     node = nodes[0]
-    aoi = [node["longitude"] - 0.02, node["latitude"] - 0.02, node["longitude"] + 0.02, node["latitude"] + 0.02]
+    aoi = [
+        node["longitude"] - 0.02,
+        node["latitude"] - 0.02,
+        node["longitude"] + 0.02,
+        node["latitude"] + 0.02,
+    ]
     assets = {}
-    for kind, folder in (("measurement", "measurement"), ("calibration", "annotation/calibration"),
-                         ("noise", "annotation/calibration"), ("product", "annotation")):
+    for kind, folder in (
+        ("measurement", "measurement"),
+        ("calibration", "annotation/calibration"),
+        ("noise", "annotation/calibration"),
+        ("product", "annotation"),
+    ):
         for pol in ("vv", "vh"):
-            path = next(p for p in (safe_dir / folder).iterdir() if f"-{pol}-" in p.name and
-                        (kind in ("measurement", "product") or p.name.startswith(kind)))
+            path = next(
+                p
+                for p in (safe_dir / folder).iterdir()
+                if f"-{pol}-" in p.name and (kind in ("measurement", "product") or p.name.startswith(kind))
+            )
             key = pol if kind == "measurement" else f"schema-{kind}-{pol}"
             media = "image/tiff; application=geotiff" if kind == "measurement" else "application/xml"
-            assets[key] = pystac.Asset(str(path), media_type=media, roles=["data"] if kind == "measurement" else ["metadata"])
+            assets[key] = pystac.Asset(
+                str(path), media_type=media, roles=["data"] if kind == "measurement" else ["metadata"]
+            )
     lons = [p["longitude"] for p in ann.grid]
     lats = [p["latitude"] for p in ann.grid]
     bbox = [min(lons), min(lats), max(lons), max(lats)]
-    props = {"platform": "SENTINEL-1A", "sar:instrument_mode": "IW", "sar:polarizations": ["VV", "VH"],
-             "sar:product_type": "GRD", "proj:epsg": 4326,
-             "proj:shape": [ann.width, ann.height],  # transposed, as catalogues publish it
-             "proj:transform": [(bbox[2] - bbox[0]) / ann.width, 0, bbox[0], 0, -(bbox[3] - bbox[1]) / ann.height, bbox[3]]}
+    props = {
+        "platform": "SENTINEL-1A",
+        "sar:instrument_mode": "IW",
+        "sar:polarizations": ["VV", "VH"],
+        "sar:product_type": "GRD",
+        "proj:epsg": 4326,
+        "proj:shape": [ann.width, ann.height],  # transposed, as catalogues publish it
+        "proj:transform": [
+            (bbox[2] - bbox[0]) / ann.width,
+            0,
+            bbox[0],
+            0,
+            -(bbox[3] - bbox[1]) / ann.height,
+            bbox[3],
+        ],
+    }
     import datetime as dt
 
-    item = pystac.Item("S1A_IW_GRDH_2021", shapely.geometry.mapping(shapely.geometry.box(*bbox)), bbox,
-                       dt.datetime(2021, 1, 19, 3, 16, 53, tzinfo=dt.timezone.utc), props)
+    item = pystac.Item(
+        "S1A_IW_GRDH_2021",
+        shapely.geometry.mapping(shapely.geometry.box(*bbox)),
+        bbox,
+        dt.datetime(2021, 1, 19, 3, 16, 53, tzinfo=dt.timezone.utc),
+        props,
+    )
     for key, asset in assets.items():
         item.add_asset(key, asset)
     pystac.ItemCollection([item]).save_object(dest_href=str(tmp_path / "items.json"))
-    common = ["catalog.optical_rule=null", "catalog.landcover_rule=null", "run.stages=[catalog,tile]", "ray.progress=false",
-              f"tile.aoi={aoi}", "tile.gsds_m=[20]", "tile.tile_size=256"]
-    stac_cfg = load_config(None, [f"run.run_dir={tmp_path / 'stac'}", f"catalog.archive={tmp_path / 'items.json'}", *common])
+    common = [
+        "catalog.optical_rule=null",
+        "catalog.landcover_rule=null",
+        "run.stages=[catalog,tile]",
+        "ray.progress=false",
+        f"tile.aoi={aoi}",
+        "tile.gsds_m=[20]",
+        "tile.tile_size=256",
+    ]
+    stac_cfg = load_config(
+        None, [f"run.run_dir={tmp_path / 'stac'}", f"catalog.archive={tmp_path / 'items.json'}", *common]
+    )
     summary = pipeline.run(stac_cfg, ["catalog", "tile"])
     (scene,) = pipeline.read_scenes(stac_cfg.run.run_dir)
     assert scene["georef"] == "gcps" and scene["calibration"] == "sigma0" and scene["noise_removed"]
@@ -320,8 +429,15 @@ def test_stac_grd_item_with_made_up_proj_fields_gives_the_products_own_tiles(ray
     assert set(mismatch) == {"proj:shape", "proj:transform", "proj:code"}
     assert mismatch["proj:shape"]["file"] == [ann.height, ann.width]
     assert summary["stages"]["catalog"]["proj_mismatches"] == 1
-    safe_cfg = load_config(None, [f"run.run_dir={tmp_path / 'safe'}", f"catalog.archive={safe_dir.parent}",
-                                  "catalog.sar_glob=['*.SAFE']", *common])
+    safe_cfg = load_config(
+        None,
+        [
+            f"run.run_dir={tmp_path / 'safe'}",
+            f"catalog.archive={safe_dir.parent}",
+            "catalog.sar_glob=['*.SAFE']",
+            *common,
+        ],
+    )
     pipeline.run(safe_cfg, ["catalog", "tile"])
     (safe_scene,) = pipeline.read_scenes(safe_cfg.run.run_dir)
     assert safe_scene["proj_mismatch"] is None
@@ -330,7 +446,11 @@ def test_stac_grd_item_with_made_up_proj_fields_gives_the_products_own_tiles(ray
     assert stac_tiles and sorted(by_key) == sorted((t["gsd_m"], t["row"], t["col"]) for t in stac_tiles)
     for t in stac_tiles:
         other = by_key[(t["gsd_m"], t["row"], t["col"])]
-        assert t["sar_png"] == other["sar_png"] and t["transform"] == other["transform"] and t["bands"] == other["bands"]
+        assert (
+            t["sar_png"] == other["sar_png"]
+            and t["transform"] == other["transform"]
+            and t["bands"] == other["bands"]
+        )
 
 
 @pytest.mark.slow
@@ -341,14 +461,31 @@ def test_safe_zip_on_s3_is_read_in_place_and_gives_the_local_tiles(ray_session, 
 
     ann = annotation(real_sar / "s1_grd_safe_metadata" / PRODUCTS["2021"])
     nodes, _ = _targets(ann)
-    zip_path = build_product(real_sar, "2021", tmp_path / "local", BACKGROUND_DN,
-                             [(p["line"], p["pixel"], TARGET_DN) for p in nodes])
+    zip_path = build_product(
+        real_sar,
+        "2021",
+        tmp_path / "local",
+        BACKGROUND_DN,
+        [(p["line"], p["pixel"], TARGET_DN) for p in nodes],
+    )
     fsspec.filesystem("s3").put(str(zip_path), f"sarlang/grd-archive/{zip_path.name}")
     node = nodes[0]
-    aoi = [node["longitude"] - 0.02, node["latitude"] - 0.02, node["longitude"] + 0.02, node["latitude"] + 0.02]
-    common = ["catalog.sar_glob=['*.zip']", "catalog.optical_rule=null", "catalog.landcover_rule=null",
-              "run.stages=[catalog,tile]", "ray.progress=false", f"tile.aoi={aoi}", "tile.gsds_m=[20]",
-              "tile.tile_size=256"]
+    aoi = [
+        node["longitude"] - 0.02,
+        node["latitude"] - 0.02,
+        node["longitude"] + 0.02,
+        node["latitude"] + 0.02,
+    ]
+    common = [
+        "catalog.sar_glob=['*.zip']",
+        "catalog.optical_rule=null",
+        "catalog.landcover_rule=null",
+        "run.stages=[catalog,tile]",
+        "ray.progress=false",
+        f"tile.aoi={aoi}",
+        "tile.gsds_m=[20]",
+        "tile.tile_size=256",
+    ]
     tiles = {}
     for name, archive in (("s3", "s3://sarlang/grd-archive"), ("local", str(zip_path.parent))):
         cfg = load_config(None, [f"run.run_dir={tmp_path / name}", f"catalog.archive={archive}", *common])
@@ -356,7 +493,9 @@ def test_safe_zip_on_s3_is_read_in_place_and_gives_the_local_tiles(ray_session, 
         assert summary["stages"]["catalog"]["written"] == 1, summary["stages"]["catalog"]
         (scene,) = pipeline.read_scenes(cfg.run.run_dir)
         assert scene["sar_uri"] == f"{archive}/{zip_path.name}"
-        assert json.loads(scene["bands"])[0]["uri"].startswith("/vsizip//vsis3/sarlang/" if name == "s3" else "/vsizip/")
+        assert json.loads(scene["bands"])[0]["uri"].startswith(
+            "/vsizip//vsis3/sarlang/" if name == "s3" else "/vsizip/"
+        )
         tiles[name] = {(t["row"], t["col"]): t["sar_png"] for t in _tile_rows(tmp_path / name)}
     assert tiles["s3"] and tiles["s3"] == tiles["local"]
 
@@ -382,10 +521,22 @@ def test_opera_layover_shadow_mask_becomes_nodata(ray_session, real_sar, tmp_pat
     mask[0:3, :] = 3
     with rasterio.open(archive / f"{stem}_mask.tif", "w", **profile) as dst:
         dst.write(mask, 1)
-    cfg = load_config(None, [
-        f"run.run_dir={tmp_path / 'run'}", f"catalog.archive={archive}", "catalog.sar_glob=['*.tif']",
-        "catalog.optical_rule=null", "catalog.landcover_rule=null", "run.stages=[catalog,tile]", "ray.progress=false",
-        "tile.gsds_m=[30]", "tile.tile_size=50", "tile.max_nodata_fraction=1.0", "tile.speckle.filter=none"])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={tmp_path / 'run'}",
+            f"catalog.archive={archive}",
+            "catalog.sar_glob=['*.tif']",
+            "catalog.optical_rule=null",
+            "catalog.landcover_rule=null",
+            "run.stages=[catalog,tile]",
+            "ray.progress=false",
+            "tile.gsds_m=[30]",
+            "tile.tile_size=50",
+            "tile.max_nodata_fraction=1.0",
+            "tile.speckle.filter=none",
+        ],
+    )
     summary = pipeline.run(cfg, ["catalog", "tile"])
     assert summary["stages"]["catalog"]["planned"] == 1  # the VV, VH and mask files are one scene
     (scene,) = pipeline.read_scenes(cfg.run.run_dir)
@@ -393,7 +544,7 @@ def test_opera_layover_shadow_mask_becomes_nodata(ray_session, real_sar, tmp_pat
     tiles = _tile_rows(tmp_path / "run")
     assert len(tiles) == 4
     for t in tiles:
-        window = mask[t["row"] * 50: t["row"] * 50 + 50, t["col"] * 50: t["col"] * 50 + 50]
+        window = mask[t["row"] * 50 : t["row"] * 50 + 50, t["col"] * 50 : t["col"] * 50 + 50]
         assert t["nodata_fraction"] == pytest.approx((window != 0).mean())
         for b in t["bands"]:
             assert b["nodata_fraction"] == pytest.approx((window != 0).mean())
@@ -413,17 +564,33 @@ def test_amplitude_product_with_a_sidecar_scale_factor_is_calibrated(ray_session
         archive.mkdir()
         shutil.copy(src, archive)
         if name == "sidecar":
-            (archive / "umbra_mount_yasur_extended.json").write_text(json.dumps(
-                {"collect": {"image": {"scale_factor": factor, "radiometry": "beta_nought"}}}))
-        cfg = load_config(None, [
-            f"run.run_dir={tmp_path / name / 'run'}", f"catalog.archive={archive}", "catalog.sar_glob=['*.tiff']",
-            "catalog.optical_rule=null", "catalog.landcover_rule=null", "run.stages=[catalog,tile]",
-            "ray.progress=false", "tile.gsds_m=[10]", "tile.tile_size=64", "tile.max_nodata_fraction=0.9"])
+            (archive / "umbra_mount_yasur_extended.json").write_text(
+                json.dumps({"collect": {"image": {"scale_factor": factor, "radiometry": "beta_nought"}}})
+            )
+        cfg = load_config(
+            None,
+            [
+                f"run.run_dir={tmp_path / name / 'run'}",
+                f"catalog.archive={archive}",
+                "catalog.sar_glob=['*.tiff']",
+                "catalog.optical_rule=null",
+                "catalog.landcover_rule=null",
+                "run.stages=[catalog,tile]",
+                "ray.progress=false",
+                "tile.gsds_m=[10]",
+                "tile.tile_size=64",
+                "tile.max_nodata_fraction=0.9",
+            ],
+        )
         pipeline.run(cfg, ["catalog", "tile"])
         (scene,) = pipeline.read_scenes(cfg.run.run_dir)
         runs[name] = (scene, {(t["row"], t["col"]): t for t in _tile_rows(tmp_path / name / "run")})
     scene, tiles = runs["sidecar"]
-    assert scene["scale_factor"] == factor and scene["calibration"] == "beta0" and "scale factor" in scene["units_source"]
+    assert (
+        scene["scale_factor"] == factor
+        and scene["calibration"] == "beta0"
+        and "scale factor" in scene["units_source"]
+    )
     assert runs["plain"][0]["scale_factor"] is None
     assert tiles and sorted(tiles) == sorted(runs["plain"][1])
     shift = 20 * np.log10(factor)

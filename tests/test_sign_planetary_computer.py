@@ -62,8 +62,10 @@ class TokenServer(http.server.ThreadingHTTPServer):
                 container = self.path.rstrip("/").split("/")[-1]
                 start, expiry = _now(), _now() + dt.timedelta(seconds=TOKEN_LIFE_S)
                 se = expiry.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-                token = (f"st={start.strftime('%Y-%m-%dT%H:%M:%SZ')}&se={se}&sp=rl&sv=2021-06-08&sr=c"
-                         f"&sig={_sig(container, se)}")
+                token = (
+                    f"st={start.strftime('%Y-%m-%dT%H:%M:%SZ')}&se={se}&sp=rl&sv=2021-06-08&sr=c"
+                    f"&sig={_sig(container, se)}"
+                )
                 with outer.lock:
                     outer.issued.append(token)
                 body = json.dumps({"msft:expiry": se, "token": token}).encode()
@@ -142,12 +144,23 @@ def test_planetary_computer_signs_every_read_and_refreshes_tokens(blobs):
     store = BlobStore()
     with TokenServer() as tokens, FileServer(root, authorize=store) as files:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "CPL_", "PC_SDK_"))}
-        env.update(PYTHONPATH=str(REPO), PC_SDK_SAS_URL=tokens.url, PC_SDK_SUBSCRIPTION_KEY="",
-                   GDAL_HTTP_PROXY=files.url.split("://")[1], HOME=str(root))  # no ~/.planetarycomputer
+        env.update(
+            PYTHONPATH=str(REPO),
+            PC_SDK_SAS_URL=tokens.url,
+            PC_SDK_SUBSCRIPTION_KEY="",
+            GDAL_HTTP_PROXY=files.url.split("://")[1],
+            HOME=str(root),
+        )  # no ~/.planetarycomputer
         started = _now()
-        done = subprocess.run([sys.executable, "-c", READER, json.dumps(hrefs), json.dumps(expected),
-                               str(2.5 * TOKEN_LIFE_S)], env=env, cwd=REPO, capture_output=True, text=True,
-                              timeout=180, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", READER, json.dumps(hrefs), json.dumps(expected), str(2.5 * TOKEN_LIFE_S)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         reads = json.loads(done.stdout.strip().splitlines()[-1])["reads"]
         with files.lock:

@@ -20,7 +20,9 @@ def _stage(sized: dict, prefix: str) -> dict:
 def test_measured_inputs_come_from_the_committed_results():
     m = size_archive.measured()
     scale = json.loads((size_archive.RESULTS / "scale.json").read_text())
-    assert m["tile_align_cpu_s_per_tile"] == pytest.approx(scale["machine"]["cpus"] * scale["fit"]["seconds_per_tile"])
+    assert m["tile_align_cpu_s_per_tile"] == pytest.approx(
+        scale["machine"]["cpus"] * scale["fit"]["seconds_per_tile"]
+    )
     assert 0 < m["annotate_cpu_s_per_tile"] < m["tile_align_cpu_s_per_tile"]
     assert m["pairs_per_tile"] > 1 and m["train_tokens_per_s_per_h200"] > 1000
 
@@ -48,7 +50,9 @@ def test_the_bottleneck_moves_to_io_on_a_thin_link():
 
 def test_cli_prints_one_table_per_size(capsys, tmp_path):
     out = tmp_path / "plan.json"
-    assert size_archive.main(["--tb", "1", "--tb", "10", "--preset", "umbra-spotlight", "--json", str(out)]) == 0
+    assert (
+        size_archive.main(["--tb", "1", "--tb", "10", "--preset", "umbra-spotlight", "--json", str(out)]) == 0
+    )
     text = capsys.readouterr().out
     assert text.count("| tile + align |") == 2 and "10 TB of umbra-spotlight" in text
     assert [s["tb"] for s in json.loads(out.read_text())] == [1.0, 10.0]

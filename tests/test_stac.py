@@ -18,12 +18,18 @@ from sarlang_ray.config import SynthSection, load_config
 from sarlang_ray.synth import write_archive
 
 WHEN = dt.datetime(2024, 5, 1, 10, 30, tzinfo=dt.timezone.utc)
-SYNTH_PROPS = {"platform": "sarlang-synth", "sar:instrument_mode": "SM", "sar:polarizations": ["VV"],
-               "sar:frequency_band": "X", "sar:product_type": "GRD"}
+SYNTH_PROPS = {
+    "platform": "sarlang-synth",
+    "sar:instrument_mode": "SM",
+    "sar:polarizations": ["VV"],
+    "sar:frequency_band": "X",
+    "sar:product_type": "GRD",
+}
 
 
-def _item(item_id: str, raster: Path | None, props: dict, assets: dict[str, pystac.Asset],
-          when: dt.datetime = WHEN) -> pystac.Item:
+def _item(
+    item_id: str, raster: Path | None, props: dict, assets: dict[str, pystac.Asset], when: dt.datetime = WHEN
+) -> pystac.Item:
     """An item whose geometry is the raster's footprint, as a publisher would write it."""
     if raster is not None and raster.exists():
         with rasterio.open(raster) as src:
@@ -46,15 +52,39 @@ def _synthetic_items(archive: Path) -> list[pystac.Item]:
     items = []
     for sar in sorted((archive / "sar").glob("*_sar.tif")):
         stem = sar.name[: -len("_sar.tif")]
-        items.append(_item(stem, sar, SYNTH_PROPS, {
-            "vv": _data(sar),
-            "visual": pystac.Asset(str(archive / "optical" / f"{stem}_optical.tif"), media_type=pystac.MediaType.COG,
-                                   roles=["visual"]),
-            "thumbnail": pystac.Asset(str(archive / f"{stem}.png"), media_type=pystac.MediaType.PNG, roles=["thumbnail"]),
-        }))
-    items.append(_item("missing-scene", None, SYNTH_PROPS, {"vv": _data(archive / "sar" / "missing_sar.tif")}))
-    items.append(_item("thumbnail-only", None, SYNTH_PROPS, {
-        "thumbnail": pystac.Asset(str(archive / "x.png"), media_type=pystac.MediaType.PNG, roles=["thumbnail"])}))
+        items.append(
+            _item(
+                stem,
+                sar,
+                SYNTH_PROPS,
+                {
+                    "vv": _data(sar),
+                    "visual": pystac.Asset(
+                        str(archive / "optical" / f"{stem}_optical.tif"),
+                        media_type=pystac.MediaType.COG,
+                        roles=["visual"],
+                    ),
+                    "thumbnail": pystac.Asset(
+                        str(archive / f"{stem}.png"), media_type=pystac.MediaType.PNG, roles=["thumbnail"]
+                    ),
+                },
+            )
+        )
+    items.append(
+        _item("missing-scene", None, SYNTH_PROPS, {"vv": _data(archive / "sar" / "missing_sar.tif")})
+    )
+    items.append(
+        _item(
+            "thumbnail-only",
+            None,
+            SYNTH_PROPS,
+            {
+                "thumbnail": pystac.Asset(
+                    str(archive / "x.png"), media_type=pystac.MediaType.PNG, roles=["thumbnail"]
+                )
+            },
+        )
+    )
     return items
 
 
@@ -84,8 +114,16 @@ def stac_archive(tmp_path_factory) -> Path:
 
 
 def _catalog(run_dir: Path, archive: str, *overrides: str):
-    cfg = load_config(None, [f"run.run_dir={run_dir}", f"catalog.archive={archive}", "run.stages=[catalog]",
-                             "ray.progress=false", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            f"catalog.archive={archive}",
+            "run.stages=[catalog]",
+            "ray.progress=false",
+            *overrides,
+        ],
+    )
     summary = pipeline.run(cfg)
     scenes = {s["scene_id"]: s for s in pipeline.read_scenes(str(run_dir))}
     errors = pipeline.read_errors(str(run_dir)).to_pylist()
@@ -104,8 +142,20 @@ def _assert_same_scenes(stac_scenes: dict, folder_scenes: dict, exact_ids: bool 
     assert sorted(s["sar_uri"] for s in stac_scenes.values()) == sorted(by_uri)
     for s in stac_scenes.values():
         f = by_uri[s["sar_uri"]]
-        for key in ("footprint", "crs", "tile_crs", "transform", "width", "height", "gsd_m", "units", "optical_uri",
-                    "landcover_uri", "rotated", "valid_fraction"):
+        for key in (
+            "footprint",
+            "crs",
+            "tile_crs",
+            "transform",
+            "width",
+            "height",
+            "gsd_m",
+            "units",
+            "optical_uri",
+            "landcover_uri",
+            "rotated",
+            "valid_fraction",
+        ):
             assert s[key] == f[key], (s["sar_uri"], key)
         assert s["scene_id"].rsplit("-", 1)[0] == f["scene_id"].rsplit("-", 1)[0]  # same stem
 
@@ -146,7 +196,9 @@ def test_static_catalog_gives_the_folder_scenes_with_item_metadata(stac_archive,
 
 def test_item_collection_with_named_assets(stac_archive, folder_scan, tmp_path):
     _, folder_scenes, _ = folder_scan
-    counts, scenes, errors = _catalog(tmp_path / "run", str(stac_archive / "items.json"), "catalog.stac_assets=[VV]")
+    counts, scenes, errors = _catalog(
+        tmp_path / "run", str(stac_archive / "items.json"), "catalog.stac_assets=[VV]"
+    )
     _assert_same_scenes(scenes, folder_scenes)
     _assert_synthetic_metadata(scenes)
     _assert_bad_items_rejected(counts, errors, stac_archive)
@@ -180,10 +232,20 @@ def test_real_opera_burst_item(ray_session, real_sar, tmp_path):
     files = {pol: folder / f"{stem}_{pol}.tif" for pol in ("VV", "VH")}
     if not all(p.exists() for p in files.values()):
         pytest.skip(f"OPERA burst {stem} not in {folder}")
-    props = {"platform": "sentinel-1a", "constellation": "sentinel-1", "sar:instrument_mode": "IW",
-             "sar:polarizations": ["VV", "VH"], "sar:product_type": "RTC"}
-    item = _item(stem, files["VV"], props, {pol: _data(p) for pol, p in files.items()},
-                 when=dt.datetime(2021, 11, 19, 1, 58, 54, tzinfo=dt.timezone.utc))
+    props = {
+        "platform": "sentinel-1a",
+        "constellation": "sentinel-1",
+        "sar:instrument_mode": "IW",
+        "sar:polarizations": ["VV", "VH"],
+        "sar:product_type": "RTC",
+    }
+    item = _item(
+        stem,
+        files["VV"],
+        props,
+        {pol: _data(p) for pol, p in files.items()},
+        when=dt.datetime(2021, 11, 19, 1, 58, 54, tzinfo=dt.timezone.utc),
+    )
     root = pystac.Catalog("opera", "one OPERA RTC-S1 burst")
     root.add_item(item)
     root.normalize_hrefs(str(tmp_path / "stac"))
@@ -196,7 +258,9 @@ def test_real_opera_burst_item(ray_session, real_sar, tmp_path):
     _assert_same_scenes(scenes, folder_scenes, exact_ids=False)  # ids hash paths relative to another root
     (s,) = scenes.values()
     assert s["stac_asset"] == "VV+VH" and s["polarisation"] == "VV+VH"
-    assert [(b["polarisation"], b["uri"]) for b in json.loads(s["bands"])] == [(p, str(files[p])) for p in ("VV", "VH")]
+    assert [(b["polarisation"], b["uri"]) for b in json.loads(s["bands"])] == [
+        (p, str(files[p])) for p in ("VV", "VH")
+    ]
     (f,) = folder_scenes.values()
     assert [b["uri"] for b in json.loads(f["bands"])] == [b["uri"] for b in json.loads(s["bands"])]
     for s in scenes.values():
@@ -206,7 +270,8 @@ def test_real_opera_burst_item(ray_session, real_sar, tmp_path):
 
 @pytest.mark.slow
 def test_static_catalog_on_s3(ray_session, s3, stac_archive, folder_scan, tmp_path):
-    """The same catalog read through fsspec from s3://: same scene ids (paths relative to the catalog's folder)."""
+    """The same catalog read through fsspec from s3://: same scene ids (paths relative to the catalog's
+    folder)."""
     _, folder_scenes, _ = folder_scan
     fs = fsspec.filesystem("s3")
     fs.put(str(stac_archive), "sarlang/stac-archive", recursive=True)
@@ -215,4 +280,7 @@ def test_static_catalog_on_s3(ray_session, s3, stac_archive, folder_scan, tmp_pa
     assert all(s["sar_uri"].startswith("s3://sarlang/stac-archive/sar/") for s in scenes.values())
     assert all(s["optical_uri"].startswith("s3://sarlang/stac-archive/optical/") for s in scenes.values())
     _assert_synthetic_metadata(scenes)
-    assert counts["written"] == 4 and {e["error_class"] for e in errors} == {"stac_bad_href", "stac_no_sar_asset"}
+    assert counts["written"] == 4 and {e["error_class"] for e in errors} == {
+        "stac_bad_href",
+        "stac_no_sar_asset",
+    }

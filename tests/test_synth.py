@@ -55,7 +55,9 @@ def _scene(archive, name):
     with rasterio.open(path) as src:
         sar = src.read(1)
         meta = (src.transform, src.crs, src.shape)
-    with rasterio.open(str(path).replace("/sar/", "/landcover/").replace("_sar.tif", "_landcover.tif")) as src:
+    with rasterio.open(
+        str(path).replace("/sar/", "/landcover/").replace("_sar.tif", "_landcover.tif")
+    ) as src:
         lc = src.read(1)
     labels = gpd.read_parquet(archive / "labels" / f"{name.split('_')[0]}.parquet").to_crs(meta[1])
     return sar, lc, labels, meta
@@ -68,7 +70,9 @@ def test_sar_looks_like_sar(archive):
     water, land = (lc == 1) & valid, (lc == 3) & valid
     ships = labels[labels["class"] == "ship"]
     inside = ~geometry_mask(ships.geometry, shape, transform) & valid
-    near_objects = binary_dilation(~geometry_mask(labels.geometry, shape, transform, all_touched=True), iterations=3)
+    near_objects = binary_dilation(
+        ~geometry_mask(labels.geometry, shape, transform, all_touched=True), iterations=3
+    )
     open_water = binary_erosion(water, iterations=3) & ~near_objects  # no mixed shore pixels
     assert db[open_water].mean() < db[land].mean() - 10, "water is dark"
     # multiplicative gamma speckle: coefficient of variation 1/sqrt(looks) over open water
@@ -87,7 +91,12 @@ def test_double_bounce_and_radar_shadow_at_buildings(archive):
     for g in labels[labels["class"] == "building"].geometry:
         x0, y0, x1, y1 = g.bounds
         ym = (y0 + y1) / 2
-        samples = {"wall": (x0 + 1.0, ym), "roof": ((x0 + x1) / 2, ym), "east": (x1 + 2.5, ym), "west": (x0 - 7.5, ym)}
+        samples = {
+            "wall": (x0 + 1.0, ym),
+            "roof": ((x0 + x1) / 2, ym),
+            "east": (x1 + 2.5, ym),
+            "west": (x0 - 7.5, ym),
+        }
         px = {k: tuple(int(v) for v in inv @ xy) for k, xy in samples.items()}
         if not all(0 <= c < shape[1] and 0 <= r < shape[0] and sar[r, c] > 0 for c, r in px.values()):
             continue

@@ -60,9 +60,19 @@ def _tile_chunk(tmp_path, *overrides):
 def _scene(src, path, units):
     """The scenes-table fields the tile stage reads, for a north-up file tiled in its own CRS."""
     t = src.transform
-    return {"scene_id": "s", "sar_uri": str(path), "crs": src.crs.to_string(), "tile_crs": src.crs.to_string(),
-            "transform": list(t)[:6], "width": src.width, "height": src.height, "gsd_m": abs(t.a), "band": 1,
-            "units": units, "rotated": False}
+    return {
+        "scene_id": "s",
+        "sar_uri": str(path),
+        "crs": src.crs.to_string(),
+        "tile_crs": src.crs.to_string(),
+        "transform": list(t)[:6],
+        "width": src.width,
+        "height": src.height,
+        "gsd_m": abs(t.a),
+        "band": 1,
+        "units": units,
+        "rotated": False,
+    }
 
 
 def test_tiles_filtered_alone_equal_the_scene_filtered_whole(real_sar, tmp_path):
@@ -81,9 +91,15 @@ def test_tiles_filtered_alone_equal_the_scene_filtered_whole(real_sar, tmp_path)
                 _, filtered = worker.filtered_intensity(src, scene, grid, grid.window_transform(r, c))
                 rows = slice(r * 64, min(r * 64 + 64, src.height))
                 cols = slice(c * 64, min(c * 64 + 64, src.width))
-                part, expected = filtered[: rows.stop - rows.start, : cols.stop - cols.start], whole[rows, cols].copy()
+                part, expected = (
+                    filtered[: rows.stop - rows.start, : cols.stop - cols.start],
+                    whole[rows, cols].copy(),
+                )
                 keep = np.zeros_like(expected, dtype=bool)  # away from the scene border
-                keep[max(0, reach - rows.start): src.height - reach - rows.start, max(0, reach - cols.start): src.width - reach - cols.start] = True
+                keep[
+                    max(0, reach - rows.start) : src.height - reach - rows.start,
+                    max(0, reach - cols.start) : src.width - reach - cols.start,
+                ] = True
                 assert np.array_equal(part[keep], expected[keep]), (r, c)
                 compared += keep.sum()
         assert compared > 0.9 * src.width * src.height
@@ -97,7 +113,9 @@ def test_native_tiles_read_directly_equal_the_warped_ones(real_sar, name):
         size, t = 48, src.transform
         to_float = lambda b: sar.to_intensity(b.astype(np.float32).filled(np.nan), REAL[name])
         n = 0
-        for row in range(-8, src.height, 40):  # windows inside, across and beyond the edges, halo-like offsets
+        for row in range(
+            -8, src.height, 40
+        ):  # windows inside, across and beyond the edges, halo-like offsets
             for col in range(-8, src.width, 40):
                 tile_t = t @ Affine.translation(col, row)
                 window = pixel_window(src, tile_t, src.crs.to_string(), size)
@@ -107,8 +125,12 @@ def test_native_tiles_read_directly_equal_the_warped_ones(real_sar, name):
                 assert np.array_equal(direct, warped, equal_nan=True), (row, col)
                 n += 1
         assert n >= 9
-        assert pixel_window(src, t @ Affine.scale(2), src.crs.to_string(), size) is None  # coarser: not a pixel grid
-        assert pixel_window(src, t @ Affine.translation(0.5, 0), src.crs.to_string(), size) is None  # off by half a pixel
+        assert (
+            pixel_window(src, t @ Affine.scale(2), src.crs.to_string(), size) is None
+        )  # coarser: not a pixel grid
+        assert (
+            pixel_window(src, t @ Affine.translation(0.5, 0), src.crs.to_string(), size) is None
+        )  # off by half a pixel
 
 
 def test_a_coarse_level_of_a_cog_reads_its_overviews(tmp_path):
@@ -122,12 +144,24 @@ def test_a_coarse_level_of_a_cog_reads_its_overviews(tmp_path):
     field = (0.02 + 0.2 * (np.sin(xx / 300.0) > 0.3) + 0.1 * (yy > 2000)).astype(np.float32)
     data = field * rng.gamma(4, 0.25, (n, n)).astype(np.float32)
     plain = tmp_path / "plain.tif"
-    profile = {"driver": "GTiff", "width": n, "height": n, "count": 1, "dtype": "float32", "crs": "EPSG:32631",
-               "transform": Affine(0.5, 0, 600000, 0, -0.5, 5800000), "tiled": True, "blockxsize": 512, "blockysize": 512}
+    profile = {
+        "driver": "GTiff",
+        "width": n,
+        "height": n,
+        "count": 1,
+        "dtype": "float32",
+        "crs": "EPSG:32631",
+        "transform": Affine(0.5, 0, 600000, 0, -0.5, 5800000),
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+    }
     with rasterio.open(plain, "w", **profile) as dst:
         dst.write(data, 1)
     cog = tmp_path / "scene.tif"
-    rio_copy(plain, cog, driver="COG", RESAMPLING="AVERAGE", OVERVIEWS="AUTO", BLOCKSIZE=256)  # overviews down to 256 px: 2x ... 16x
+    rio_copy(
+        plain, cog, driver="COG", RESAMPLING="AVERAGE", OVERVIEWS="AUTO", BLOCKSIZE=256
+    )  # overviews down to 256 px: 2x ... 16x
     worker = _tile_chunk(tmp_path, "tile.tile_size=128")
     warp_all = _tile_chunk(tmp_path, "tile.tile_size=128", "tile.use_overviews=false")
     with rasterio.open(cog) as src:
@@ -185,7 +219,9 @@ def test_a_multiband_warp_equals_each_band_warped_alone(real_sar, gsd_factor, cr
             assert together.shape == (3, size, size)
             assert np.array_equal(together, alone, equal_nan=True), (k, np.nanmax(np.abs(together - alone)))
             if k == 0:
-                assert np.isnan(together).any() and np.isfinite(together).any()  # the edge tile: nodata and data
+                assert (
+                    np.isnan(together).any() and np.isfinite(together).any()
+                )  # the edge tile: nodata and data
 
 
 def test_a_multiband_warp_keeps_each_bands_own_nodata():
@@ -197,15 +233,25 @@ def test_a_multiband_warp_keeps_each_bands_own_nodata():
     rng = np.random.default_rng(5)
     data = rng.uniform(0, 1, (3, 64, 64)).astype(np.float32)
     data[1, 10:30, 10:30] = np.nan  # only the second band
-    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "float32", "crs": "EPSG:32631",
-               "transform": Affine(10, 0, 500000, 0, -10, 4000000), "nodata": np.nan}
+    profile = {
+        "driver": "GTiff",
+        "width": 64,
+        "height": 64,
+        "count": 3,
+        "dtype": "float32",
+        "crs": "EPSG:32631",
+        "transform": Affine(10, 0, 500000, 0, -10, 4000000),
+        "nodata": np.nan,
+    }
     with MemoryFile() as mem:
         with mem.open(**profile) as dst:
             dst.write(data)
         with mem.open() as src:
             t = Affine(30, 0, 500000 + 3, 0, -30, 4000000 - 7)  # 3x coarser, off the pixel grid
             together = warp_window(src, [1, 2, 3], t, "EPSG:32631", 20, Resampling.average)
-            alone = np.stack([warp_window(src, b, t, "EPSG:32631", 20, Resampling.average) for b in (1, 2, 3)])
+            alone = np.stack(
+                [warp_window(src, b, t, "EPSG:32631", 20, Resampling.average) for b in (1, 2, 3)]
+            )
     # on the patch's edge the band's own average skips its nodata; inside it there is nothing to average
     assert np.isfinite(alone[1, 3, 3]) and np.isnan(alone[1, 5, 5]) and np.isfinite(alone[[0, 2], 5, 5]).all()
     assert np.array_equal(together, alone, equal_nan=True)
@@ -234,8 +280,11 @@ def test_the_optical_twin_on_the_tile_grid_is_read_not_warped(real_sar):
         assert stats["direct"] == n >= 9 and "warp" not in stats
         assert np.isnan(grid_read(src, bands, t @ Affine.translation(-20, -20), crs, size, resampling)).any()
         off = t @ Affine.translation(0.5, 0.25)
-        assert np.array_equal(grid_read(src, bands, off, crs, size, resampling, stats=stats),
-                              warp_window(src, bands, off, crs, size, resampling), equal_nan=True)
+        assert np.array_equal(
+            grid_read(src, bands, off, crs, size, resampling, stats=stats),
+            warp_window(src, bands, off, crs, size, resampling),
+            equal_nan=True,
+        )
         assert stats["warp"] == 1
         grid_read(src, bands, t, crs, size, Resampling.average, stats=stats)  # on the grid, but averaging
         assert stats["warp"] == 2

@@ -19,11 +19,23 @@ def test_lora_training_lowers_held_out_loss_and_checkpoints_reload(demo_run, tin
     cfg, _ = demo_run
     run_dir = tmp_path / "train"
     shutil.copytree(Path(cfg.run.run_dir) / "export", run_dir / "export")
-    tr = load_config(None, [f"run.run_dir={run_dir}", f"train.model={tiny_vlm}", "train.batch_size=8", "train.lr=0.003",
-                            "train.epochs=2", "train.limit_pairs=240", "ray.progress=false"])
+    tr = load_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            f"train.model={tiny_vlm}",
+            "train.batch_size=8",
+            "train.lr=0.003",
+            "train.epochs=2",
+            "train.limit_pairs=240",
+            "ray.progress=false",
+        ],
+    )
     sigint = signal.getsignal(signal.SIGINT)
     counts = pipeline.run(tr, ["train"])["stages"]["train"]
-    assert signal.getsignal(signal.SIGINT) is sigint  # Ray Train's own handler is not left behind: Ctrl-C still works
+    assert (
+        signal.getsignal(signal.SIGINT) is sigint
+    )  # Ray Train's own handler is not left behind: Ctrl-C still works
     assert counts["val_loss_after"] < counts["val_loss_before"] - 0.05, counts
     metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [-1, 0, 1]
@@ -34,17 +46,29 @@ def test_lora_training_lowers_held_out_loss_and_checkpoints_reload(demo_run, tin
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(ckpt / "merged")  # plain transformers, no sarlang code
+    model = AutoModelForImageTextToText.from_pretrained(
+        ckpt / "merged"
+    )  # plain transformers, no sarlang code
     processor = AutoProcessor.from_pretrained(ckpt / "merged")
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many ships are there?"}]}]
-    inputs = processor(images=[Image.new("RGB", (64, 64))], text=[processor.apply_chat_template(msgs, add_generation_prompt=True)],
-                       return_tensors="pt")
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "How many ships are there?"}],
+        }
+    ]
+    inputs = processor(
+        images=[Image.new("RGB", (64, 64))],
+        text=[processor.apply_chat_template(msgs, add_generation_prompt=True)],
+        return_tensors="pt",
+    )
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
 def _train_config(run_dir: Path, model: str, *overrides: str):
-    return load_config(None, [f"run.run_dir={run_dir}", f"train.model={model}", "ray.progress=false", *overrides])
+    return load_config(
+        None, [f"run.run_dir={run_dir}", f"train.model={model}", "ray.progress=false", *overrides]
+    )
 
 
 def _of_this_session(proc) -> bool:
@@ -78,8 +102,17 @@ def test_killed_worker_resumes_from_last_checkpoint(demo_run, tiny_vlm, tmp_path
 
     run_dir = tmp_path / "train"
     _copy_export(demo_run, run_dir)
-    tr = _train_config(run_dir, tiny_vlm, "train.method=full", "train.batch_size=8", "train.lr=0.003", "train.epochs=4",
-                       "train.limit_pairs=96", "train.max_failures=2", "train.num_to_keep=2")
+    tr = _train_config(
+        run_dir,
+        tiny_vlm,
+        "train.method=full",
+        "train.batch_size=8",
+        "train.lr=0.003",
+        "train.epochs=4",
+        "train.limit_pairs=96",
+        "train.max_failures=2",
+        "train.num_to_keep=2",
+    )
     outcome: dict = {}
 
     def fit():
@@ -104,7 +137,9 @@ def test_killed_worker_resumes_from_last_checkpoint(demo_run, tiny_vlm, tmp_path
     assert killed is not None, "no training worker was found to kill before the run ended"
     assert "error" not in outcome, outcome.get("error")
     metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
-    assert metrics["resumes"] and 1 <= metrics["resumes"][0] <= 3, metrics["resumes"]  # resumed, not restarted
+    assert metrics["resumes"] and 1 <= metrics["resumes"][0] <= 3, metrics[
+        "resumes"
+    ]  # resumed, not restarted
     assert [h["epoch"] for h in metrics["history"]] == [-1, 0, 1, 2, 3]  # every epoch exactly once
     assert metrics["val_loss_after"] < metrics["val_loss_before"]
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE

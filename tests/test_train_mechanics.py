@@ -18,8 +18,11 @@ from sarlang_ray.tiny_models import init_tiny_vlm
 from sarlang_ray.train import IGNORE, check_adapter, collate, encode_pair, load_checkpoint_model
 
 FAMILIES = sorted(families.FAMILIES)  # every family of the adapter table
-QA = [("How many ships are there?", "3"), ("Describe this image.", "A port with two ships and a road."),
-      ("Is there a road?", "no")]
+QA = [
+    ("How many ships are there?", "3"),
+    ("Describe this image.", "A port with two ships and a road."),
+    ("Is there a road?", "no"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,9 @@ def test_collated_batch_equals_the_processors_own_batch_and_labels_cover_only_th
     fulls = [chat_texts(processor, q, a)[1] for q, a in QA]
     processor.tokenizer.padding_side = "right"
     nested = family in ("idefics3", "smolvlm", "gemma3")  # these processors take one image list per text
-    ref = processor(images=[[im] for im in images] if nested else images, text=fulls, return_tensors="pt", padding=True)
+    ref = processor(
+        images=[[im] for im in images] if nested else images, text=fulls, return_tensors="pt", padding=True
+    )
     assert set(got) == set(ref) | {"labels"}, (sorted(got), sorted(ref))
     for key in ref:
         assert got[key].shape == ref[key].shape, (key, got[key].shape, ref[key].shape)
@@ -70,7 +75,9 @@ def test_collated_batch_equals_the_processors_own_batch_and_labels_cover_only_th
     for i, (q, a) in enumerate(QA):
         answer_ids = got["input_ids"][i][got["labels"][i] != IGNORE]
         text = processor.tokenizer.decode(answer_ids)
-        assert text.strip().startswith(a) and len(text.strip()) > len(a), text  # the answer, then its end marker
+        assert text.strip().startswith(a) and len(text.strip()) > len(a), (
+            text
+        )  # the answer, then its end marker
         assert (got["labels"][i][ref["attention_mask"][i] == 0] == IGNORE).all()  # padding has no loss
 
 
@@ -100,16 +107,22 @@ def test_checkpoint_load_reties_tied_weights_and_refuses_another_models_weights(
     for (k, a), b in zip(tied.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
 
-    with pytest.raises(RuntimeError, match=r"cannot resume from checkpoint .*missing [1-9]\d* .*new train.name"):
+    with pytest.raises(
+        RuntimeError, match=r"cannot resume from checkpoint .*missing [1-9]\d* .*new train.name"
+    ):
         load_checkpoint_model(tiny_models("qwen2_vl", layers=3), str(tmp_path / "ckpt"), torch.float32)
     with pytest.raises(RuntimeError, match=r"cannot resume from checkpoint .*shape differs [1-9]"):
         load_checkpoint_model(tiny_models("qwen2_vl", hidden=96), str(tmp_path / "ckpt"), torch.float32)
 
-    lora8 = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_models("llava")),
-                           LoraConfig(r=8, target_modules="all-linear"))
+    lora8 = get_peft_model(
+        AutoModelForImageTextToText.from_pretrained(tiny_models("llava")),
+        LoraConfig(r=8, target_modules="all-linear"),
+    )
     lora8.save_pretrained(tmp_path / "adapter")
-    lora4 = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_models("llava")),
-                           LoraConfig(r=4, target_modules="all-linear"))
+    lora4 = get_peft_model(
+        AutoModelForImageTextToText.from_pretrained(tiny_models("llava")),
+        LoraConfig(r=4, target_modules="all-linear"),
+    )
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     check_adapter(lora8, adapter, "adapter")  # its own adapter passes
     with pytest.raises(RuntimeError, match="shape differs [1-9]"):
@@ -117,7 +130,8 @@ def test_checkpoint_load_reties_tied_weights_and_refuses_another_models_weights(
 
 
 def test_lora_base_in_bf16_and_the_merged_model_saved_in_the_training_dtype(tiny_models, tmp_path):
-    """LoRA loads the frozen base in the autocast dtype (bf16 where the GPU supports it; full fine-tuning keeps
+    """LoRA loads the frozen base in the autocast dtype (bf16 where the GPU supports it; full fine-tuning
+    keeps
     fp32 master weights); the merged model is written in the training dtype and reloads in it."""
     import torch
     from transformers import AutoModelForImageTextToText
@@ -125,7 +139,10 @@ def test_lora_base_in_bf16_and_the_merged_model_saved_in_the_training_dtype(tiny
     from sarlang_ray.train import _save_model, autocast_dtype, weights_dtype
 
     assert autocast_dtype("auto", torch.device("cpu")) is None  # no bf16 autocast on a CPU for auto
-    assert weights_dtype("lora", torch.bfloat16) == torch.bfloat16 and weights_dtype("full", torch.bfloat16) == torch.float32
+    assert (
+        weights_dtype("lora", torch.bfloat16) == torch.bfloat16
+        and weights_dtype("full", torch.bfloat16) == torch.float32
+    )
     assert weights_dtype("lora", None) == torch.float32
     model = AutoModelForImageTextToText.from_pretrained(tiny_models("llava"))
     _save_model(model, str(tmp_path / "bf16"), dtype=torch.bfloat16)
@@ -145,8 +162,9 @@ def _order_loop(config: dict) -> None:
     for epoch in range(config["epochs"]):
         for name in config["names"]:
             shard = ray.train.get_dataset_shard(name)
-            seen[f"{name}{epoch}"] = [str(p) for b in shard.iter_batches(batch_size=4, batch_format="numpy")
-                                      for p in b["pair_id"]]
+            seen[f"{name}{epoch}"] = [
+                str(p) for b in shard.iter_batches(batch_size=4, batch_format="numpy") for p in b["pair_id"]
+            ]
     Path(config["out"]).write_text(json.dumps(seen))  # one machine: the test reads it back
 
 
@@ -167,16 +185,23 @@ def test_training_order_is_shuffled_anew_each_epoch_and_reproducible_for_a_seed(
     n, epochs = 24, 3
     datasets, options = {}, {}
     for name, seed in (("first", 0), ("again", 0), ("other", 1)):
-        ds, config, _ = ingest(_config(run_dir, tiny_vlm, f"train.seed={seed}", f"train.limit_pairs={n}",
-                                       "train.cpus_per_worker=0.5"))
+        ds, config, _ = ingest(
+            _config(
+                run_dir, tiny_vlm, f"train.seed={seed}", f"train.limit_pairs={n}", "train.cpus_per_worker=0.5"
+            )
+        )
         datasets[name], options[name] = ds["train"], config._get_user_execution_options("train")
         assert options[name].preserve_order is False  # the training ingest's own options
     datasets["val"] = ds["val"]
     out = tmp_path / "seen.json"
-    TorchTrainer(_order_loop, train_loop_config={"epochs": epochs, "out": str(out), "names": list(datasets)},
-                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(storage_path=str(tmp_path / "storage")), datasets=datasets,
-                 dataset_config=DataConfig(execution_options=options)).fit()
+    TorchTrainer(
+        _order_loop,
+        train_loop_config={"epochs": epochs, "out": str(out), "names": list(datasets)},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path / "storage")),
+        datasets=datasets,
+        dataset_config=DataConfig(execution_options=options),
+    ).fit()
     seen = json.loads(out.read_text())
 
     files = sorted(str(p) for p in (run_dir / "export" / "parquet" / "train").glob("*.parquet"))
@@ -189,7 +214,7 @@ def test_training_order_is_shuffled_anew_each_epoch_and_reproducible_for_a_seed(
     assert all(seen[f"other{e}"] != orders[e] for e in range(epochs))  # another seed: other orders
     parquet = str(run_dir / "export" / "parquet")
     val_files = io.glob(parquet, "val/*.parquet") or io.glob(parquet, "test/*.parquet")
-    val_expected = pq.read_table(sorted(val_files), columns=["pair_id"])["pair_id"].to_pylist()[:n // 4]
+    val_expected = pq.read_table(sorted(val_files), columns=["pair_id"])["pair_id"].to_pylist()[: n // 4]
     assert all(seen[f"val{e}"] == val_expected for e in range(epochs))  # held-out: file order, unshuffled
 
 
@@ -199,7 +224,9 @@ def _copy_export(demo_run, run_dir: Path) -> None:
 
 
 def _config(run_dir: Path, model: str, *overrides: str):
-    return load_config(None, [f"run.run_dir={run_dir}", f"train.model={model}", "ray.progress=false", *overrides])
+    return load_config(
+        None, [f"run.run_dir={run_dir}", f"train.model={model}", "ray.progress=false", *overrides]
+    )
 
 
 def _logits(model_dir_or_model, processor):
@@ -233,8 +260,17 @@ def test_full_finetune_with_tied_embeddings_steps_the_leftover_and_reloads(demo_
     assert _tied(base) and base.config.tie_word_embeddings
     run_dir = tmp_path / "run"
     _copy_export(demo_run, run_dir)
-    cfg = _config(run_dir, model_dir, "train.method=full", "train.limit_pairs=5", "train.batch_size=1",
-                  "train.grad_accum=2", "train.epochs=2", "train.lr=0.003", "train.max_failures=0")
+    cfg = _config(
+        run_dir,
+        model_dir,
+        "train.method=full",
+        "train.limit_pairs=5",
+        "train.batch_size=1",
+        "train.grad_accum=2",
+        "train.epochs=2",
+        "train.lr=0.003",
+        "train.max_failures=0",
+    )
     summary = pipeline.run(cfg, ["train"])["stages"]["train"]
     history = json.loads((run_dir / "train" / "metrics.json").read_text())["history"]
     assert [h["step"] for h in history] == [0, 3, 6]
@@ -264,9 +300,19 @@ def test_fsdp_full_finetune_on_two_cpu_workers_saves_a_reloadable_model(demo_run
 
     run_dir = tmp_path / "run"
     _copy_export(demo_run, run_dir)
-    cfg = _config(run_dir, tiny_vlm, "train.method=full", "train.strategy=fsdp", "train.num_workers=2",
-                  "train.cpus_per_worker=0.5", "train.limit_pairs=32", "train.batch_size=4", "train.epochs=1",
-                  "train.lr=0.003", "train.max_failures=0")
+    cfg = _config(
+        run_dir,
+        tiny_vlm,
+        "train.method=full",
+        "train.strategy=fsdp",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.limit_pairs=32",
+        "train.batch_size=4",
+        "train.epochs=1",
+        "train.lr=0.003",
+        "train.max_failures=0",
+    )
     summary = pipeline.run(cfg, ["train"])["stages"]["train"]
     assert summary["val_loss_after"] < summary["val_loss_before"], summary
     history = json.loads((run_dir / "train" / "metrics.json").read_text())["history"]
@@ -288,8 +334,11 @@ def _preprocess_in_a_worker(pid_file: str, batch: dict, model: str) -> list[str]
     return sorted(preprocess_batch(batch, model, None, 256))
 
 
-def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_worker(ray_session, tiny_vlm, tmp_path):
-    """Ray Data cancels preprocessing tasks when an execution is torn down (a lost node restarting the training
+def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_worker(
+    ray_session, tiny_vlm, tmp_path
+):
+    """Ray Data cancels preprocessing tasks when an execution is torn down (a lost node restarting the
+    training
     workers). A cancel inside the first import of transformers -> torch used to leave the worker process with
     half-initialised modules, and Ray reused it: every later task there failed to import (CI: "module 'sympy'
     has no attribute 'printing'", each training retry). Now the cancelled task's process ends, and the next
@@ -303,8 +352,12 @@ def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_wo
 
     buf = io.BytesIO()
     Image.new("L", (64, 48), 90).save(buf, format="PNG")
-    batch = {"pair_id": np.array(["p0"]), "image": [{"bytes": buf.getvalue()}],
-             "question": np.array(["Is there a road?"]), "answer": np.array(["no"])}
+    batch = {
+        "pair_id": np.array(["p0"]),
+        "image": [{"bytes": buf.getvalue()}],
+        "question": np.array(["Is there a road?"]),
+        "answer": np.array(["no"]),
+    }
     task = ray.remote(_preprocess_in_a_worker)
     for attempt, delay in enumerate((0.5, 1.2)):
         # workers of their own (a runtime_env of their own): nothing imported yet when the cancel comes
@@ -320,7 +373,9 @@ def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_wo
         cancelled = int(pid_file.read_text())
         deadline = time.time() + 10
 
-        def gone(pid: int = cancelled) -> bool:  # exited, or a zombie; NoSuchProcess: it exited between the calls
+        def gone(
+            pid: int = cancelled,
+        ) -> bool:  # exited, or a zombie; NoSuchProcess: it exited between the calls
             try:
                 return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
             except psutil.NoSuchProcess:
@@ -335,7 +390,8 @@ def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_wo
 
 
 def test_a_held_out_loss_on_the_test_split_is_said_loudly(tmp_path):
-    """An export without a val split: the held-out loss is measured on the test split (the leaderboard's pairs),
+    """An export without a val split: the held-out loss is measured on the test split (the leaderboard's
+    pairs),
     and the train marker and the summary say so instead of calling it held-out as usual."""
     from sarlang_ray.train import held_out_split
 
@@ -347,8 +403,26 @@ def test_a_held_out_loss_on_the_test_split_is_said_loudly(tmp_path):
     (parquet / "val").mkdir()
     (parquet / "val" / "0.parquet").write_bytes(b"")
     assert held_out_split(str(parquet)) == "val"
-    counts = {"n_train": 10, "val_loss_before": 2.0, "val_loss_after": 1.0, "checkpoint": "c", "held_out_split": "test",
-              "warnings": ["train: the export has no val split, so the held-out loss is the test split's"]}
-    text = pipeline.format_summary({"workflow": "w", "run_dir": "r", "wall_seconds": 1.0, "stages": {"train": counts},
-                                    "tiles_per_gsd": {}, "objects_per_class": {}, "rejects_by_reason": {}})
-    assert "held-out loss (test split!) 2.000 -> 1.000" in text and "!! WARNING train: the export has no val split" in text
+    counts = {
+        "n_train": 10,
+        "val_loss_before": 2.0,
+        "val_loss_after": 1.0,
+        "checkpoint": "c",
+        "held_out_split": "test",
+        "warnings": ["train: the export has no val split, so the held-out loss is the test split's"],
+    }
+    text = pipeline.format_summary(
+        {
+            "workflow": "w",
+            "run_dir": "r",
+            "wall_seconds": 1.0,
+            "stages": {"train": counts},
+            "tiles_per_gsd": {},
+            "objects_per_class": {},
+            "rejects_by_reason": {},
+        }
+    )
+    assert (
+        "held-out loss (test split!) 2.000 -> 1.000" in text
+        and "!! WARNING train: the export has no val split" in text
+    )

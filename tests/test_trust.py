@@ -13,16 +13,27 @@ import pytest
 from sarlang_ray import cli, pipeline
 from sarlang_ray.config import load_config
 
-OPERA = ["catalog.sar_glob=[opera_rtc_s1_t137_crops/*/*.tif]", "ray.progress=false",
-         "run.stages=[catalog,tile,align,annotate,export]"]
+OPERA = [
+    "catalog.sar_glob=[opera_rtc_s1_t137_crops/*/*.tif]",
+    "ray.progress=false",
+    "run.stages=[catalog,tile,align,annotate,export]",
+]
 
 
 @pytest.fixture(scope="module")
 def opera_run(ray_session, real_sar, tmp_path_factory):
     """The 60 OPERA RTC crops (15 bursts x 2 dates x VV/VH, 30 m) through catalog ... export."""
     run_dir = tmp_path_factory.mktemp("opera") / "run"
-    cfg = load_config(None, [f"run.run_dir={run_dir}", f"catalog.archive={real_sar}", *OPERA,
-                             "tile.gsds_m=[30,60]", "tile.tile_size=50"])
+    cfg = load_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            f"catalog.archive={real_sar}",
+            *OPERA,
+            "tile.gsds_m=[30,60]",
+            "tile.tile_size=50",
+        ],
+    )
     return cfg, pipeline.run(cfg)
 
 
@@ -45,11 +56,13 @@ def test_every_date_and_polarisation_of_a_burst_lands_in_one_split(opera_run):
     assert n > 0 and all(len(s) == 1 for s in splits_of_burst.values()), dict(splits_of_burst)
     assert set().union(*splits_of_burst.values()) == {"train", "val", "test"}
     report = json.loads(Path(cfg.run.run_dir, "export", "leakage.json").read_text())
-    assert report["leak_free"] and all(p["intersection_m2"] == 0 and p["shared_objects"] == 0
-                                       for p in report["pairs"].values())
+    assert report["leak_free"] and all(
+        p["intersection_m2"] == 0 and p["shared_objects"] == 0 for p in report["pairs"].values()
+    )
     e = summary["stages"]["export"]
     assert e["planned"] == e["written"] + e["rejected"]
-    # by brute force over the exported tiles (shapely in each tile's UTM zone, not the planner): no two tiles of
+    # by brute force over the exported tiles (shapely in each tile's UTM zone, not the planner): no two tiles
+    # of
     # different splits closer than export.buffer_m (tiles of one UTM zone: the 15 bursts' track)
     import numpy as np
     import shapely
@@ -59,8 +72,11 @@ def test_every_date_and_polarisation_of_a_burst_lands_in_one_split(opera_run):
     split_of = {}
     for f in Path(cfg.run.run_dir, "export", "parquet").glob("*/*.parquet"):
         split_of |= dict(zip(*pq.read_table(f, columns=["tile_id", "split"]).to_pydict().values()))
-    tiles = [t for t in pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "footprint", "crs"]).to_pylist()
-             if t["tile_id"] in split_of]
+    tiles = [
+        t
+        for t in pipeline.read_tiles(cfg.run.run_dir, columns=["tile_id", "footprint", "crs"]).to_pylist()
+        if t["tile_id"] in split_of
+    ]
     by_crs = defaultdict(list)
     for t in tiles:
         by_crs[t["crs"]].append(t)
@@ -69,7 +85,10 @@ def test_every_date_and_polarisation_of_a_burst_lands_in_one_split(opera_run):
         geoms = np.array([reproject(to_utm.transform, shapely.from_wkb(t["footprint"])) for t in group])
         a, b = shapely.STRtree(geoms).query(geoms, predicate="dwithin", distance=cfg.export.buffer_m)
         assert len(a) > len(group)  # neighbours were compared, not only each tile with itself
-        assert all(split_of[group[i]["tile_id"]] == split_of[group[j]["tile_id"]] for i, j in zip(a.tolist(), b.tolist()))
+        assert all(
+            split_of[group[i]["tile_id"]] == split_of[group[j]["tile_id"]]
+            for i, j in zip(a.tolist(), b.tolist())
+        )
 
 
 def test_a_tile_stage_that_plans_nothing_says_why_and_exits_non_zero(opera_run, tmp_path, capsys):
@@ -85,10 +104,20 @@ def test_a_tile_stage_that_plans_nothing_says_why_and_exits_non_zero(opera_run, 
     assert not (run_dir / "tile" / "_SUCCESS.json").exists()
 
 
-def test_a_catalog_without_a_usable_scene_says_why_and_exits_non_zero(ray_session, real_sar, tmp_path, capsys):
+def test_a_catalog_without_a_usable_scene_says_why_and_exits_non_zero(
+    ray_session, real_sar, tmp_path, capsys
+):
     """A glob that only catches Sentinel-2 optical files: every file rejected as not_sar, nothing to tile."""
-    rc = cli.main(["catalog", f"run.run_dir={tmp_path / 'run'}", f"catalog.archive={real_sar}", "ray.progress=false",
-                   "catalog.sar_glob=[sen1floods11_spain_7370579/*_S2Hand.tif]", "run.stages=[catalog]"])
+    rc = cli.main(
+        [
+            "catalog",
+            f"run.run_dir={tmp_path / 'run'}",
+            f"catalog.archive={real_sar}",
+            "ray.progress=false",
+            "catalog.sar_glob=[sen1floods11_spain_7370579/*_S2Hand.tif]",
+            "run.stages=[catalog]",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert "none of the 1 files" in err and "not_sar: 1" in err and "catalog/errors.parquet" in err

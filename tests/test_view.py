@@ -1,4 +1,5 @@
-"""`sarlang view`: the site of a run, opened in headless Chromium (Debian's chromium + chromium-driver, installed
+"""`sarlang view`: the site of a run, opened in headless Chromium (Debian's chromium + chromium-driver,
+installed
 by `make setup`) and checked against the run's Parquet tables read here with pyarrow.
 
 The run: the demo's catalog/tile/align, re-annotated with a backend whose extra answers QC rejects (the demo's
@@ -30,15 +31,30 @@ def viewed_run(demo_run, trained_run, tmp_path_factory):
     cfg, _ = demo_run
     tr, _ = trained_run
     run_dir = tmp_path_factory.mktemp("viewed") / "run"
-    shutil.copytree(cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive", "view"))
-    again = load_config(str(REPO / "workflows" / "demo.yaml"), [
-        f"run.run_dir={run_dir}", f"synth.out_dir={cfg.synth.out_dir}", "ray.progress=false",
-        "annotate.backend=annotate_backends:HallucinatingBackend", "run.stages=[catalog,tile,align,annotate,export]"])
+    shutil.copytree(
+        cfg.run.run_dir, run_dir, ignore=shutil.ignore_patterns("annotate", "export", "archive", "view")
+    )
+    again = load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [
+            f"run.run_dir={run_dir}",
+            f"synth.out_dir={cfg.synth.out_dir}",
+            "ray.progress=false",
+            "annotate.backend=annotate_backends:HallucinatingBackend",
+            "run.stages=[catalog,tile,align,annotate,export]",
+        ],
+    )
     pipeline.run(again, ["annotate", "export"])
     shutil.copytree(Path(tr.run.run_dir) / "evaluate", run_dir / "evaluate")  # after: a run would redo it
     out = run_dir / "site"
-    proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "view", str(run_dir), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sarlang_ray", "view", str(run_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, out
 
@@ -46,15 +62,25 @@ def viewed_run(demo_run, trained_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.fail("headless Chromium is missing: `make setup` installs Debian's chromium and chromium-driver")
+        pytest.fail(
+            "headless Chromium is missing: `make setup` installs Debian's chromium and chromium-driver"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1300,1000",
+    ):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)  # a driver path: no selenium-manager
+    driver = webdriver.Chrome(
+        service=Service(CHROMEDRIVER), options=opts
+    )  # a driver path: no selenium-manager
     yield driver
     driver.quit()
 
@@ -65,7 +91,9 @@ def _open(driver, site: Path, page: str, hash_: str = ""):
     driver.get("about:blank")
     driver.get((site / page).as_uri() + (f"#{hash_}" if hash_ else ""))
     WebDriverWait(driver, 30).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready"))
-    assert driver.find_element("tag name", "body").get_attribute("data-ready") == "1", driver.find_element("id", "main").text
+    assert driver.find_element("tag name", "body").get_attribute("data-ready") == "1", driver.find_element(
+        "id", "main"
+    ).text
 
 
 def _shot(driver, tmp: Path, name: str):
@@ -98,17 +126,26 @@ def test_site_in_headless_chromium(viewed_run, browser, tmp_path):
     # the grid, filtered in the page's own selects: split=test, application=instance counting
     _open(browser, site, "index.html")
     Select(browser.find_element("id", "f-split")).select_by_value("test")
-    WebDriverWait(browser, 30).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1")
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1"
+    )
     Select(browser.find_element("id", "f-application")).select_by_value("instance counting")
-    WebDriverWait(browser, 30).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1"
-                                     and "application=instance" in d.current_url)
+    WebDriverWait(browser, 30).until(
+        lambda d: (
+            d.find_element("tag name", "body").get_attribute("data-ready") == "1"
+            and "application=instance" in d.current_url
+        )
+    )
     shown = {c.get_attribute("data-tile-id") for c in browser.find_elements("css selector", "#grid .card")}
-    expected = {r["tile_id"] for r in exported if r["split"] == "test" and r["application"] == "instance counting"}
+    expected = {
+        r["tile_id"] for r in exported if r["split"] == "test" and r["application"] == "instance counting"
+    }
     assert expected and shown == expected
     assert browser.find_element("id", "count").text == str(len(expected))
     _shot(browser, tmp_path, "grid")
 
-    # a tile's page: every pair of the tile (annotations table, QC-rejected ones included), a rejected pair's reason
+    # a tile's page: every pair of the tile (annotations table, QC-rejected ones included), a rejected pair's
+    # reason
     by_tile = defaultdict(list)
     for p in pairs:
         by_tile[p["tile_id"]].append(p)
@@ -118,7 +155,9 @@ def test_site_in_headless_chromium(viewed_run, browser, tmp_path):
     tile = next(t for t in sorted(test_tiles) if any(not p["qc_passed"] for p in by_tile[t]))
     _open(browser, site, "tile.html", tile)
     rows = browser.find_elements("css selector", "#pairs tr.pair")
-    assert sorted(r.get_attribute("data-pair-id") for r in rows) == sorted(p["pair_id"] for p in by_tile[tile])
+    assert sorted(r.get_attribute("data-pair-id") for r in rows) == sorted(
+        p["pair_id"] for p in by_tile[tile]
+    )
     cells = {r.get_attribute("data-pair-id"): r for r in rows}
     for p in by_tile[tile]:
         qc = cells[p["pair_id"]].find_element("css selector", "td.qc").text
@@ -126,8 +165,10 @@ def test_site_in_headless_chromium(viewed_run, browser, tmp_path):
     assert any("hallucination" in cells[p["pair_id"]].text for p in by_tile[tile] if not p["qc_passed"])
 
     # the model answers beside the truth (predictions files read here), wrong ones marked
-    preds = {f.stem: {r["pair_id"]: r for r in pq.read_table(f).to_pylist()}
-             for f in sorted((run_dir / "evaluate" / "predictions").glob("*.parquet"))}
+    preds = {
+        f.stem: {r["pair_id"]: r for r in pq.read_table(f).to_pylist()}
+        for f in sorted((run_dir / "evaluate" / "predictions").glob("*.parquet"))
+    }
     assert preds
     checked = wrong = 0
     for p in by_tile[tile]:
@@ -151,13 +192,18 @@ def test_site_in_headless_chromium(viewed_run, browser, tmp_path):
 
     # the map: one footprint per exported tile, coloured by its split
     _open(browser, site, "map.html")
-    drawn = {e.get_attribute("data-tile-id"): e.get_attribute("data-split")
-             for e in browser.find_elements("css selector", "svg.map path.tile")}
-    assert len(browser.find_elements("css selector", "svg.map path.tile")) == len({r["tile_id"] for r in exported})
+    drawn = {
+        e.get_attribute("data-tile-id"): e.get_attribute("data-split")
+        for e in browser.find_elements("css selector", "svg.map path.tile")
+    }
+    assert len(browser.find_elements("css selector", "svg.map path.tile")) == len(
+        {r["tile_id"] for r in exported}
+    )
     assert drawn == {r["tile_id"]: r["split"] for r in exported}
     _shot(browser, tmp_path, "map")
 
-    # the reports: leakage, errors table (rows from the run's tables), leaderboard (one row per leaderboard row)
+    # the reports: leakage, errors table (rows from the run's tables), leaderboard (one row per leaderboard
+    # row)
     _open(browser, site, "leakage.html")
     assert browser.find_element("id", "verdict").text in ("no leakage", "LEAKS")
     _shot(browser, tmp_path, "leakage")
@@ -187,7 +233,9 @@ def test_card_shows_a_sample_mosaic_and_the_split_map(demo_run):
     export = Path(cfg.run.run_dir) / "export"
     card = (export / "dataset_card.md").read_text()
     assert "![samples](plots/samples.png)" in card and "![split map](plots/split_map.png)" in card
-    samples_line = next(x for x in card.splitlines() if x.startswith(tuple("0123456789")) and "random test tiles" in x)
+    samples_line = next(
+        x for x in card.splitlines() if x.startswith(tuple("0123456789")) and "random test tiles" in x
+    )
     shown = re.findall(r"`([^`]+)`", samples_line.split(":", 1)[1])
     rows = _export_rows(Path(cfg.run.run_dir))
     test_tiles = {r["tile_id"] for r in rows if r["split"] == "test"}
@@ -195,16 +243,25 @@ def test_card_shows_a_sample_mosaic_and_the_split_map(demo_run):
     width, height = Image.open(export / "plots" / "samples.png").size
     assert width > 600 and height > 300
     map_line = next(x for x in card.splitlines() if x.startswith("Footprints of the exported tiles"))
-    stated = {(region, split): int(n) for region, body in re.findall(r"(\w+): ((?:\w+ \d+(?:, )?)+)", map_line.split(":", 1)[1])
-              for split, n in re.findall(r"(\w+) (\d+)", body)}
+    stated = {
+        (region, split): int(n)
+        for region, body in re.findall(r"(\w+): ((?:\w+ \d+(?:, )?)+)", map_line.split(":", 1)[1])
+        for split, n in re.findall(r"(\w+) (\d+)", body)
+    }
     split_of = {r["tile_id"]: r["split"] for r in rows}
-    region_of = {t["tile_id"]: t["region"] for t in pq.read_table(
-        sorted((Path(cfg.run.run_dir) / "align" / "shards").glob("*/*.parquet")), columns=["tile_id", "region"]).to_pylist()}
+    region_of = {
+        t["tile_id"]: t["region"]
+        for t in pq.read_table(
+            sorted((Path(cfg.run.run_dir) / "align" / "shards").glob("*/*.parquet")),
+            columns=["tile_id", "region"],
+        ).to_pylist()
+    }
     assert stated == dict(Counter((region_of[t], s) for t, s in split_of.items()))
 
 
 def test_site_of_an_s3_run_written_to_s3(demo_run, s3, tmp_path):
-    """A run folder on s3:// gives, on s3://, the same site as its local copy gives locally: the same files, the
+    """A run folder on s3:// gives, on s3://, the same site as its local copy gives locally: the same files,
+    the
     same index (the data files name the run folder, so that is compared with the folder name swapped)."""
     import fsspec
 
@@ -218,12 +275,19 @@ def test_site_of_an_s3_run_written_to_s3(demo_run, s3, tmp_path):
     remote = view.build_site("s3://sarlang/runs/viewed", "s3://sarlang/sites/viewed")
     local = view.build_site(str(local_run), str(tmp_path / "site"))
     assert remote["tiles"] == local["tiles"] > 0 and remote["exported"] == local["exported"] == len(
-        {r["tile_id"] for r in _export_rows(local_run)})
+        {r["tile_id"] for r in _export_rows(local_run)}
+    )
     remote_files = {f.split("sarlang/sites/viewed/", 1)[1] for f in fs.find("sarlang/sites/viewed")}
-    local_files = {str(p.relative_to(tmp_path / "site")) for p in (tmp_path / "site").rglob("*") if p.is_file()}
+    local_files = {
+        str(p.relative_to(tmp_path / "site")) for p in (tmp_path / "site").rglob("*") if p.is_file()
+    }
     assert remote_files == local_files
     for name in ("data/sample.js", "data/pages/0.js"):
-        got = fs.cat(f"sarlang/sites/viewed/{name}").decode().replace("s3://sarlang/runs/viewed", str(local_run))
+        got = (
+            fs.cat(f"sarlang/sites/viewed/{name}")
+            .decode()
+            .replace("s3://sarlang/runs/viewed", str(local_run))
+        )
         assert got == (tmp_path / "site" / name).read_text()
 
 

@@ -23,9 +23,23 @@ def test_make_run_prints_at_most_80_lines_with_counts_and_leaderboard(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
     env["PYTHONPATH"] = str(REPO)
     # what `make run` runs (its run folder moved out of the repository): the whole demo, bars and all
-    proc = subprocess.run([sys.executable, "-m", "sarlang_ray", "run", str(REPO / "workflows" / "demo.yaml"),
-                           f"run.run_dir={run_dir}", f"synth.out_dir={run_dir}/archive"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=1200, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sarlang_ray",
+            "run",
+            str(REPO / "workflows" / "demo.yaml"),
+            f"run.run_dir={run_dir}",
+            f"synth.out_dir={run_dir}/archive",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=1200,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     lines = out.splitlines()
@@ -40,12 +54,20 @@ def test_make_run_prints_at_most_80_lines_with_counts_and_leaderboard(tmp_path):
         line = next((x for x in lines if re.match(rf"\s+{stage} done in ", x)), None)
         assert line is not None, (stage, out)
         if "planned" in counts:
-            assert f"planned {counts['planned']} = written {counts['written']} + rejected {counts['rejected']}" in line
+            assert (
+                f"planned {counts['planned']} = written {counts['written']} + rejected {counts['rejected']}"
+                in line
+            )
     board = (run_dir / "evaluate" / "leaderboard.md").read_text().strip().splitlines()
     assert board and all(row in lines for row in board)  # the leaderboard, every row of it
-    # the whole recipe ran: the untrained and the fine-tuned tiny VLM on SAR with the paper's prompts, both baselines
-    for row in ("| base | sar | paper |", "| finetuned | sar | paper |", "majority answer (lower bound)",
-                "template oracle (upper bound)"):
+    # the whole recipe ran: the untrained and the fine-tuned tiny VLM on SAR with the paper's prompts, both
+    # baselines
+    for row in (
+        "| base | sar | paper |",
+        "| finetuned | sar | paper |",
+        "majority answer (lower bound)",
+        "template oracle (upper bound)",
+    ):
         assert any(row in x for x in board), row
     assert (run_dir / "tiny-vlm" / "model.safetensors").exists()  # train.init_tiny wrote the model
     assert (run_dir / "evaluate" / "plots" / "vqa_per_application.png").exists()

@@ -42,9 +42,17 @@ def _copy_align(cfg, dest: Path) -> Path:
 
 
 def _config(run_dir: Path, model: str, *overrides: str):
-    return load_config(str(REPO / "workflows" / "demo.yaml"), [
-        f"run.run_dir={run_dir}", "annotate.backend=vllm", f"annotate.hf.model={model}", "annotate.hf.dtype=float32",
-        "ray.progress=false", *overrides])
+    return load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [
+            f"run.run_dir={run_dir}",
+            "annotate.backend=vllm",
+            f"annotate.hf.model={model}",
+            "annotate.hf.dtype=float32",
+            "ray.progress=false",
+            *overrides,
+        ],
+    )
 
 
 def _shards(run_dir: Path) -> list[str]:
@@ -53,26 +61,44 @@ def _shards(run_dir: Path) -> list[str]:
 
 
 def _tiles(run_dir: Path, name: str) -> list[dict]:
-    return io.read_parquet(str(run_dir / "align" / "shards" / name), columns=ANNOTATE_TILE_COLUMNS).to_pylist()
+    return io.read_parquet(
+        str(run_dir / "align" / "shards" / name), columns=ANNOTATE_TILE_COLUMNS
+    ).to_pylist()
 
 
 def _engine_rows(requests: list[dict], texts: list[str], errors: list[str] | None = None) -> list[dict]:
     """Rows shaped as Ray Data LLM's vLLM stage returns them (the request's carried columns, then
     generated_text, num_generated_tokens, __inference_error__), around ``texts`` from elsewhere."""
     errors = errors or [""] * len(requests)
-    return [{**{k: v for k, v in r.items() if k not in ("multimodal_data", "sampling_params")},
-             "generated_text": t, "num_generated_tokens": len(t.split()), "__inference_error__": e}
-            for r, t, e in zip(requests, texts, errors)]
+    return [
+        {
+            **{k: v for k, v in r.items() if k not in ("multimodal_data", "sampling_params")},
+            "generated_text": t,
+            "num_generated_tokens": len(t.split()),
+            "__inference_error__": e,
+        }
+        for r, t, e in zip(requests, texts, errors)
+    ]
 
 
 def test_config_validates_the_engine_knobs_without_vllm_installed(tmp_path):
-    cfg = _config(tmp_path, "m", "evaluate.engine=vllm", "annotate.vllm.tensor_parallel_size=2",
-                  "annotate.vllm.engine_kwargs.enforce_eager=true", "evaluate.vllm.device=cpu")
+    cfg = _config(
+        tmp_path,
+        "m",
+        "evaluate.engine=vllm",
+        "annotate.vllm.tensor_parallel_size=2",
+        "annotate.vllm.engine_kwargs.enforce_eager=true",
+        "evaluate.vllm.device=cpu",
+    )
     assert cfg.annotate.backend == "vllm" and cfg.evaluate.engine == "vllm"
-    assert cfg.annotate.vllm.tensor_parallel_size == 2 and cfg.annotate.vllm.engine_kwargs == {"enforce_eager": True}
-    for bad, words in (("annotate.vllm.gpu_memory_utilization=1.5", "gpu_memory_utilization"),
-                       ("evaluate.vllm.device=tpu", "device must be gpu or cpu"),
-                       ("annotate.vllm.concurrency=0", "concurrency must be >= 1")):
+    assert cfg.annotate.vllm.tensor_parallel_size == 2 and cfg.annotate.vllm.engine_kwargs == {
+        "enforce_eager": True
+    }
+    for bad, words in (
+        ("annotate.vllm.gpu_memory_utilization=1.5", "gpu_memory_utilization"),
+        ("evaluate.vllm.device=tpu", "device must be gpu or cpu"),
+        ("annotate.vllm.concurrency=0", "concurrency must be >= 1"),
+    ):
         with pytest.raises(ConfigError, match=words):
             _config(tmp_path, "m", bad)
 
@@ -81,18 +107,36 @@ def test_processor_config_carries_the_knobs_into_ray_data_llm(tiny_vlm):
     from sarlang_ray.config import VLLMSection
     from sarlang_ray.vllm_engine import processor_config
 
-    section = VLLMSection(concurrency=3, batch_size=32, max_model_len=2048, gpu_memory_utilization=0.8,
-                          tensor_parallel_size=2, max_num_seqs=128, engine_kwargs={"max_model_len": 1024, "seed": 7})
+    section = VLLMSection(
+        concurrency=3,
+        batch_size=32,
+        max_model_len=2048,
+        gpu_memory_utilization=0.8,
+        tensor_parallel_size=2,
+        max_num_seqs=128,
+        engine_kwargs={"max_model_len": 1024, "seed": 7},
+    )
     c = processor_config(section, tiny_vlm, "bfloat16", max_pixels=50_000)
     assert (c.model_source, c.concurrency, c.batch_size) == (tiny_vlm, 3, 32)
     e = c.engine_kwargs
-    assert (e["tensor_parallel_size"], e["gpu_memory_utilization"], e["max_num_seqs"], e["dtype"]) == (2, 0.8, 128, "bfloat16")
+    assert (e["tensor_parallel_size"], e["gpu_memory_utilization"], e["max_num_seqs"], e["dtype"]) == (
+        2,
+        0.8,
+        128,
+        "bfloat16",
+    )
     assert e["max_model_len"] == 1024 and e["seed"] == 7  # engine_kwargs win over the named knobs
     assert e["limit_mm_per_prompt"] == {"image": 1}
-    assert "mm_processor_kwargs" not in e  # CLIP's image processor takes no max_pixels; the image is downsized instead
-    assert not (c.chat_template_stage or c.tokenize_stage or c.detokenize_stage) and c.should_continue_on_error
+    assert (
+        "mm_processor_kwargs" not in e
+    )  # CLIP's image processor takes no max_pixels; the image is downsized instead
+    assert (
+        not (c.chat_template_stage or c.tokenize_stage or c.detokenize_stage) and c.should_continue_on_error
+    )
     assert c.placement_group_config is None  # GPUs: Ray Data LLM gives each replica tensor x pipeline GPUs
-    cpu = processor_config(VLLMSection(device="cpu", cpus_per_replica=2, tensor_parallel_size=2), tiny_vlm, "auto", None)
+    cpu = processor_config(
+        VLLMSection(device="cpu", cpus_per_replica=2, tensor_parallel_size=2), tiny_vlm, "auto", None
+    )
     assert cpu.placement_group_config["bundles"] == [{"CPU": 2.0, "GPU": 0.0}] * 2
     assert "gpu_memory_utilization" not in cpu.engine_kwargs
 
@@ -108,8 +152,11 @@ def test_requests_carry_the_hf_paths_prompts_and_images(demo_run, tiny_vlm, tmp_
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_vlm)
-    questions = TemplateAnnotator(seed=vcfg.run.seed, identification_pairs=vcfg.annotate.identification_pairs,
-                                  max_per_family=vcfg.annotate.max_per_family)
+    questions = TemplateAnnotator(
+        seed=vcfg.run.seed,
+        identification_pairs=vcfg.annotate.identification_pairs,
+        max_per_family=vcfg.annotate.max_per_family,
+    )
     by_tile = {}
     for r in rows:
         by_tile.setdefault(r["tile_id"], []).append(r)
@@ -119,8 +166,10 @@ def test_requests_carry_the_hf_paths_prompts_and_images(demo_run, tiny_vlm, tmp_
         pairs = questions.annotate(tile)
         assert [r["job"] for r in asked] == list(range(len(pairs)))
         for r, pair in zip(asked, pairs):
-            text = {"caption_concise": prompts.CAPTION_CONCISE, "caption_detailed": prompts.CAPTION_DETAILED}.get(
-                pair["kind"], pair["question"] + " Answer the question concisely.")
+            text = {
+                "caption_concise": prompts.CAPTION_CONCISE,
+                "caption_detailed": prompts.CAPTION_DETAILED,
+            }.get(pair["kind"], pair["question"] + " Answer the question concisely.")
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
             assert r["prompt"] == processor.apply_chat_template(msgs, add_generation_prompt=True)
             budget = {"caption_concise": 32, "caption_detailed": 96}.get(pair["kind"], 8)
@@ -133,7 +182,8 @@ def test_requests_carry_the_hf_paths_prompts_and_images(demo_run, tiny_vlm, tmp_
         assert image.mode == "RGB" and image.width * image.height <= 4096
         assert abs(image.width / image.height - source.width / source.height) < 0.05
         assert all(r["multimodal_data"]["image"] is image for r in asked)  # decoded once per tile
-        # and the model's own processor accepts the request as the engine gets it: one image, its tokens expanded
+        # and the model's own processor accepts the request as the engine gets it: one image, its tokens
+        # expanded
         inputs = processor(images=[image], text=[asked[0]["prompt"]], return_tensors="pt")
         image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
         # the tiny VLM sees 32 px in 8 px patches: 16 patch features (CLIP's class token is dropped)
@@ -147,8 +197,15 @@ def test_outputs_become_the_same_annotations_as_the_hf_backend(demo_run, tiny_vl
     cfg, _ = demo_run
     hf_dir, v_dir = _copy_align(cfg, tmp_path / "hf"), _copy_align(cfg, tmp_path / "vllm")
     name = min((n for n in _shards(hf_dir) if _tiles(hf_dir, n)), key=lambda n: len(_tiles(hf_dir, n)))
-    hcfg = load_config(str(REPO / "workflows" / "demo.yaml"), [
-        f"run.run_dir={hf_dir}", "annotate.backend=hf", f"annotate.hf.model={tiny_vlm}", "annotate.hf.dtype=float32"])
+    hcfg = load_config(
+        str(REPO / "workflows" / "demo.yaml"),
+        [
+            f"run.run_dir={hf_dir}",
+            "annotate.backend=hf",
+            f"annotate.hf.model={tiny_vlm}",
+            "annotate.hf.dtype=float32",
+        ],
+    )
     hf_shard = AnnotateShard(hcfg.annotate, str(hf_dir), hcfg.run.seed, None)
     tiles = _tiles(hf_dir, name)
     generated = hf_shard.backend.annotate_many(tiles)  # the hf path's raw texts, before QC
@@ -160,10 +217,19 @@ def test_outputs_become_the_same_annotations_as_the_hf_backend(demo_run, tiny_vl
     for r in requests:  # the hf text of the same (tile, question); "" where the hf backend got an empty one
         tile_pairs = generated[[t["tile_id"] for t in tiles].index(r["tile_id"])]
         pair = json.loads(r["pair"])
-        match = [p["answer"] for p in tile_pairs if (p["kind"], p["question"]) == (pair["kind"], pair["question"])]
+        match = [
+            p["answer"] for p in tile_pairs if (p["kind"], p["question"]) == (pair["kind"], pair["question"])
+        ]
         texts.append(match[0] if match else "")
-    v_manifest = _finish_shard(AnnotateShard, vcfg.annotate, str(v_dir), vcfg.run.seed, None, name,
-                               [_keep(row) for row in _engine_rows(requests, texts)])
+    v_manifest = _finish_shard(
+        AnnotateShard,
+        vcfg.annotate,
+        str(v_dir),
+        vcfg.run.seed,
+        None,
+        name,
+        [_keep(row) for row in _engine_rows(requests, texts)],
+    )
 
     def table(run_dir):
         t = pq.read_table(run_dir / "annotate" / "shards" / name)
@@ -198,15 +264,35 @@ def test_engine_errors_and_empty_outputs_go_to_the_errors_table(demo_run, tmp_pa
         if tile["tile_id"] == c:
             continue
         for j, (pair, _, _) in enumerate(annotator.jobs(tile)):
-            rows.append({"shard": name, "n_requests": 0, "tile_id": tile["tile_id"], "job": j, "prompt": "p",
-                         "pair": json.dumps({k: v for k, v in pair.items() if k != "answer"})})
+            rows.append(
+                {
+                    "shard": name,
+                    "n_requests": 0,
+                    "tile_id": tile["tile_id"],
+                    "job": j,
+                    "prompt": "p",
+                    "pair": json.dumps({k: v for k, v in pair.items() if k != "answer"}),
+                }
+            )
             texts.append("" if tile["tile_id"] == b or (tile["tile_id"] == a and j == 1) else pair["answer"])
-            errors.append("EngineGenerateError: prompt is too long" if tile["tile_id"] == a and j == 1 else "")
-    m = _finish_shard(AnnotateShard, vcfg.annotate, str(run_dir), vcfg.run.seed, None, name,
-                      [_keep(r) for r in _engine_rows(rows, texts, errors)])
+            errors.append(
+                "EngineGenerateError: prompt is too long" if tile["tile_id"] == a and j == 1 else ""
+            )
+    m = _finish_shard(
+        AnnotateShard,
+        vcfg.annotate,
+        str(run_dir),
+        vcfg.run.seed,
+        None,
+        name,
+        [_keep(r) for r in _engine_rows(rows, texts, errors)],
+    )
     err = {r["item"]: r for r in pq.read_table(run_dir / "annotate" / "errors" / name).to_pylist()}
     assert set(err) == {a, b, c}
-    assert "EngineGenerateError: prompt is too long" in err[a]["message"] and "1 of the tile's" in err[a]["message"]
+    assert (
+        "EngineGenerateError: prompt is too long" in err[a]["message"]
+        and "1 of the tile's" in err[a]["message"]
+    )
     assert "only empty text" in err[b]["message"]
     assert "returned 0 of the tile's" in err[c]["message"]
     assert all(e["error_class"] == "backend_error" and e["stage"] == "annotate" for e in err.values())
@@ -216,8 +302,15 @@ def test_engine_errors_and_empty_outputs_go_to_the_errors_table(demo_run, tmp_pa
     # template text through the vllm backend's parsing gives the template's pairs, and they pass its QC
     expected = [p for t in tiles[3:] for p in TemplateAnnotator(seed=vcfg.run.seed).annotate(t)]
     assert [(r["question"], r["answer"]) for r in written] == [(p["question"], p["answer"]) for p in expected]
-    assert validate_pairs([{k: r[k] for k in ("kind", "application", "question_type", "question", "answer")}
-                           for r in written]) is None
+    assert (
+        validate_pairs(
+            [
+                {k: r[k] for k in ("kind", "application", "question_type", "question", "answer")}
+                for r in written
+            ]
+        )
+        is None
+    )
     assert m["pairs"] == len(written) and m["pairs_passed"] == sum(r["qc_passed"] for r in written)
 
 
@@ -231,10 +324,14 @@ def test_a_run_without_vllm_says_what_to_install(demo_run, tmp_path):
     cfg, _ = demo_run
     run_dir = _copy_align(cfg, tmp_path)
     vcfg = _config(run_dir, str(REPO / "runs" / "no-model"), "run.stages=[annotate]")
-    with pytest.raises(VLLMUnavailable, match=r"annotate.backend=vllm.*pip install 'sarlang-ray\[vllm\]'.*GPU nodes"):
+    with pytest.raises(
+        VLLMUnavailable, match=r"annotate.backend=vllm.*pip install 'sarlang-ray\[vllm\]'.*GPU nodes"
+    ):
         pipeline.run(vcfg, ["annotate"])
     assert not (run_dir / "annotate" / "shards").exists()  # nothing was written before the check
-    ecfg = load_config(str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={cfg.run.run_dir}", "evaluate.engine=vllm"])
+    ecfg = load_config(
+        str(REPO / "workflows" / "demo.yaml"), [f"run.run_dir={cfg.run.run_dir}", "evaluate.engine=vllm"]
+    )
     with pytest.raises(VLLMUnavailable, match=r"evaluate.engine=vllm.*sarlang-ray\[vllm\]"):
         evaluate.run_evaluate(ecfg)
 
@@ -265,8 +362,13 @@ print(json.dumps({"model": model, "annotate": annotate, "evaluate": board["stage
 
 def _vllm_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "RAY_ADDRESS"))}
-    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-               PYTHONPATH=str(REPO))
+    env.update(
+        VLLM_TARGET_DEVICE="cpu",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+        PYTHONPATH=str(REPO),
+    )
     return env
 
 
@@ -278,20 +380,38 @@ def test_vllm_backend_end_to_end_in_its_own_environment(demo_run, tmp_path):
     backend's pass, and the evaluation writes a leaderboard row for the model."""
     python = VLLM_VENV / "bin" / "python"
     if not python.exists():
-        pytest.skip(f"no vLLM environment at {VLLM_VENV} (built by hand, see docs/vllm.md; CI does not build it)")
+        pytest.skip(
+            f"no vLLM environment at {VLLM_VENV} (built by hand, see docs/vllm.md; CI does not build it)"
+        )
     cfg, _ = demo_run
     run_dir = _copy_align(cfg, tmp_path / "run")
-    proc = subprocess.run([str(python), "-c", E2E, str(run_dir)], capture_output=True, text=True,
-                          env=_vllm_env(), cwd=REPO, timeout=1500, check=False)
+    proc = subprocess.run(
+        [str(python), "-c", E2E, str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=_vllm_env(),
+        cwd=REPO,
+        timeout=1500,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     counts = report["annotate"]
-    assert counts["planned"] == counts["written"] + counts["rejected"] and counts["written"] > 0.9 * counts["planned"]
+    assert (
+        counts["planned"] == counts["written"] + counts["rejected"]
+        and counts["written"] > 0.9 * counts["planned"]
+    )
     pairs = pq.read_table(run_dir / "annotate" / "shards").to_pylist()
     assert pairs and {p["backend"] for p in pairs} == {"vllm"}
-    assert validate_pairs([{k: p[k] for k in ("kind", "application", "question_type", "question", "answer")}
-                           for p in pairs]) is None
-    assert pq.read_table(run_dir / "annotate" / "shards").schema.equals(ANNOTATION_SCHEMA, check_metadata=False)
+    assert (
+        validate_pairs(
+            [{k: p[k] for k in ("kind", "application", "question_type", "question", "answer")} for p in pairs]
+        )
+        is None
+    )
+    assert pq.read_table(run_dir / "annotate" / "shards").schema.equals(
+        ANNOTATION_SCHEMA, check_metadata=False
+    )
     assert all(p["qc_reasons"] for p in pairs if not p["qc_passed"])
     qc = json.loads((run_dir / "annotate" / "qc_report.json").read_text())
     assert qc["backend"] == "vllm" and qc["pairs"]["planned"] == len(pairs)

@@ -24,7 +24,9 @@ from s3fs import S3FileSystem
 
 from sarlang_ray import io
 
-PYROSAR = "pyrosar_s1_grd_geocoded/S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif"  # striped, with .aux.xml
+PYROSAR = (
+    "pyrosar_s1_grd_geocoded/S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif"  # striped, with .aux.xml
+)
 UMBRA = "umbra_gec_mount_yasur/umbra_mount_yasur.tiff"  # 2000 x 2000 uint8, made into a tiled COG below
 WINDOWS = [Window(0, 0, 64, 64), Window(100, 37, 130, 90), Window(0, 150, 268, 67)]  # inside 268 x 217
 COG_WINDOWS = [Window(0, 0, 256, 256), Window(1500, 1700, 256, 300), Window(911, 37, 333, 129)]
@@ -36,15 +38,19 @@ def archive(s3, real_sar, tmp_path_factory):
     for the life of the process, so no test rewrites a key another one read)."""
     local = tmp_path_factory.mktemp("vsis3")
     cog = local / "umbra_cog.tif"
-    rasterio.shutil.copy(real_sar / UMBRA, cog, driver="COG", BLOCKSIZE=256, COMPRESS="DEFLATE",
-                         OVERVIEW_RESAMPLING="AVERAGE")
+    rasterio.shutil.copy(
+        real_sar / UMBRA, cog, driver="COG", BLOCKSIZE=256, COMPRESS="DEFLATE", OVERVIEW_RESAMPLING="AVERAGE"
+    )
     prefix = f"sarlang/vsis3-{uuid.uuid4().hex[:8]}"
     fs = fsspec.filesystem("s3")
     fs.put(str(real_sar / PYROSAR), f"{prefix}/sar/scene.tif")
     fs.put(str(real_sar / PYROSAR) + ".aux.xml", f"{prefix}/sar/scene.tif.aux.xml")
     fs.put(str(cog), f"{prefix}/cog/umbra.tif")
-    return {"striped": (real_sar / PYROSAR, f"s3://{prefix}/sar/scene.tif"),
-            "cog": (cog, f"s3://{prefix}/cog/umbra.tif"), "prefix": prefix}
+    return {
+        "striped": (real_sar / PYROSAR, f"s3://{prefix}/sar/scene.tif"),
+        "cog": (cog, f"s3://{prefix}/cog/umbra.tif"),
+        "prefix": prefix,
+    }
 
 
 def test_the_cog_has_tiles_and_overviews(archive):
@@ -69,8 +75,10 @@ def test_remote_windows_equal_the_local_file(archive, reader):
 def test_remote_overview_equals_the_local_overview(archive, reader):
     local_path, uri = archive["cog"]
     for level, size in ((0, 1000), (1, 500)):
-        with rasterio.open(local_path, overview_level=level) as local, \
-                io.open_raster(uri, reader=reader, overview_level=level) as remote:
+        with (
+            rasterio.open(local_path, overview_level=level) as local,
+            io.open_raster(uri, reader=reader, overview_level=level) as remote,
+        ):
             assert remote.shape == local.shape == (size, size)
             window = Window(size // 3, size // 5, 200, 150)
             assert np.array_equal(remote.read(1, window=window), local.read(1, window=window))
@@ -110,7 +118,9 @@ def test_a_missing_object_names_the_uri_and_what_to_check(archive, reader):
     message = str(err.value)
     assert message.startswith(f"{uri} does not exist")
     assert fsspec.filesystem("s3").endpoint_url in message and "FSSPEC_S3_ENDPOINT_URL" in message
-    assert isinstance(err.value, rasterio.errors.RasterioIOError)  # callers that catch rasterio's errors still do
+    assert isinstance(
+        err.value, rasterio.errors.RasterioIOError
+    )  # callers that catch rasterio's errors still do
 
 
 def test_a_missing_bucket_is_reported_too(s3):
@@ -123,25 +133,51 @@ def test_gdal_options_follow_the_fsspec_config(monkeypatch):
     """The mapping of s3fs settings to GDAL options, on filesystems built here (no request is made) with
     fsspec's own config (the test server's FSSPEC_S3_*) out of the way."""
     monkeypatch.setitem(fsspec.config.conf, "s3", {})
-    fs = S3FileSystem(endpoint_url="https://store.example.org:9443", key="AK", secret="SK", token="TK",
-                      client_kwargs={"region_name": "eu-west-3"}, skip_instance_cache=True)
+    fs = S3FileSystem(
+        endpoint_url="https://store.example.org:9443",
+        key="AK",
+        secret="SK",
+        token="TK",
+        client_kwargs={"region_name": "eu-west-3"},
+        skip_instance_cache=True,
+    )
     assert io.gdal_s3_options(fs) == {
-        "AWS_S3_ENDPOINT": "store.example.org:9443", "AWS_HTTPS": "YES", "AWS_VIRTUAL_HOSTING": "FALSE",
-        "AWS_REGION": "eu-west-3", "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK", "AWS_SESSION_TOKEN": "TK"}
-    virtual = S3FileSystem(client_kwargs={"endpoint_url": "http://10.0.0.5:8333"}, anon=True,
-                           config_kwargs={"s3": {"addressing_style": "virtual"}}, skip_instance_cache=True)
-    assert io.gdal_s3_options(virtual) == {"AWS_S3_ENDPOINT": "10.0.0.5:8333", "AWS_HTTPS": "NO",
-                                           "AWS_VIRTUAL_HOSTING": "TRUE", "AWS_NO_SIGN_REQUEST": "YES"}
+        "AWS_S3_ENDPOINT": "store.example.org:9443",
+        "AWS_HTTPS": "YES",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+        "AWS_REGION": "eu-west-3",
+        "AWS_ACCESS_KEY_ID": "AK",
+        "AWS_SECRET_ACCESS_KEY": "SK",
+        "AWS_SESSION_TOKEN": "TK",
+    }
+    virtual = S3FileSystem(
+        client_kwargs={"endpoint_url": "http://10.0.0.5:8333"},
+        anon=True,
+        config_kwargs={"s3": {"addressing_style": "virtual"}},
+        skip_instance_cache=True,
+    )
+    assert io.gdal_s3_options(virtual) == {
+        "AWS_S3_ENDPOINT": "10.0.0.5:8333",
+        "AWS_HTTPS": "NO",
+        "AWS_VIRTUAL_HOSTING": "TRUE",
+        "AWS_NO_SIGN_REQUEST": "YES",
+    }
     # plain AWS with the standard credential chain: nothing to set, GDAL reads AWS_* and ~/.aws itself
     assert io.gdal_s3_options(S3FileSystem(skip_instance_cache=True)) == {}
-    assert io.gdal_s3_options(S3FileSystem(requester_pays=True, profile="p", use_ssl=False,
-                                           skip_instance_cache=True)) == {
-        "AWS_HTTPS": "NO", "AWS_PROFILE": "p", "AWS_REQUEST_PAYER": "requester"}
-    in_client = S3FileSystem(client_kwargs={"endpoint_url": "http://h:1", "aws_access_key_id": "A",
-                                            "aws_secret_access_key": "S"}, skip_instance_cache=True)
+    assert io.gdal_s3_options(
+        S3FileSystem(requester_pays=True, profile="p", use_ssl=False, skip_instance_cache=True)
+    ) == {"AWS_HTTPS": "NO", "AWS_PROFILE": "p", "AWS_REQUEST_PAYER": "requester"}
+    in_client = S3FileSystem(
+        client_kwargs={"endpoint_url": "http://h:1", "aws_access_key_id": "A", "aws_secret_access_key": "S"},
+        skip_instance_cache=True,
+    )
     assert io.gdal_s3_options(in_client) == {
-        "AWS_S3_ENDPOINT": "h:1", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
-        "AWS_ACCESS_KEY_ID": "A", "AWS_SECRET_ACCESS_KEY": "S"}
+        "AWS_S3_ENDPOINT": "h:1",
+        "AWS_HTTPS": "NO",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+        "AWS_ACCESS_KEY_ID": "A",
+        "AWS_SECRET_ACCESS_KEY": "S",
+    }
 
 
 def test_settings_made_in_one_thread_serve_every_thread(archive):
@@ -170,10 +206,20 @@ print("ok")
 def _fresh_process(script: str) -> subprocess.CompletedProcess:
     """Run ``script`` in a new Python without the GDAL options this test process has put into its
     environment (the child derives its own from the FSSPEC_S3_* variables it inherits)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in io.GDAL_S3_TUNING and not (k.startswith("AWS_") and k != "AWS_EC2_METADATA_DISABLED")}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
-                          cwd=Path(__file__).resolve().parents[1], env=env)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in io.GDAL_S3_TUNING and not (k.startswith("AWS_") and k != "AWS_EC2_METADATA_DISABLED")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done
 
@@ -204,16 +250,35 @@ def auth_s3(s3, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("weed-auth")
     key, secret = "vsis3-key", "vsis3-secret"
-    (folder / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "tester", "credentials": [{"accessKey": key, "secretKey": secret}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    (folder / "s3.json").write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tester",
+                        "credentials": [{"accessKey": key, "secretKey": secret}],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    }
+                ]
+            }
+        )
+    )
     taken = {q for p in s3_server.PORTS.values() for q in (p, p + 10000)}
     ports = {}
     for name in ("master", "volume", "filer", "s3"):
         ports[name] = s3_server._free_port_pair(taken | {q for p in ports.values() for q in (p, p + 10000)})
-    cmd = [s3_server.weed_binary(), "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           *(f"-{name}.port={port}" for name, port in ports.items()), "-webdav=false", "-admin.ui=false",
-           "-bucket=sarlang", f"-s3.config={folder / 's3.json'}"]
+    cmd = [
+        s3_server.weed_binary(),
+        "mini",
+        f"-dir={folder / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        *(f"-{name}.port={port}" for name, port in ports.items()),
+        "-webdav=false",
+        "-admin.ui=false",
+        "-bucket=sarlang",
+        f"-s3.config={folder / 's3.json'}",
+    ]
     (folder / "data").mkdir()
     with open(folder / "weed.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -267,7 +332,11 @@ def test_credentials_reach_gdal_from_the_fsspec_config(auth_s3, real_sar, monkey
     _use_storage(monkeypatch, endpoint_url=endpoint)  # no key at all, and none in the AWS_* variables
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("AWS_SHARED_CREDENTIALS_FILE", "CPL_AWS_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):  # nor in ~/.aws
+    for name in (
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "CPL_AWS_CREDENTIALS_FILE",
+        "AWS_CONFIG_FILE",
+    ):  # nor in ~/.aws
         monkeypatch.setenv(name, str(tmp_path / "absent"))
     with pytest.raises(io.RemoteRasterError, match=f"^cannot reach s3://{prefix}/none.tif .*credentials"):
         io.open_raster(f"s3://{prefix}/none.tif")
@@ -285,5 +354,8 @@ def test_the_catalog_records_a_missing_object_in_its_errors_table(archive):
     missing = f"s3://{archive['prefix']}/sar/gone.tif"
     row = inspect({"uri": missing, "stac": None})["error"]
     assert row["item"] == missing and row["error_class"] == "unreadable"
-    assert f"{missing} does not exist (GDAL /vsis3/, endpoint {fsspec.filesystem('s3').endpoint_url})" in row["message"]
+    assert (
+        f"{missing} does not exist (GDAL /vsis3/, endpoint {fsspec.filesystem('s3').endpoint_url})"
+        in row["message"]
+    )
     assert "corrupt" not in row["message"]  # a missing object is not called a corrupt file

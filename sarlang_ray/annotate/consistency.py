@@ -46,43 +46,106 @@ EXAMPLES_PER_RULE = 3
 
 # land-cover words in free text -> land-cover class (align.landcover_classes names)
 LANDCOVER_SYNONYMS = {
-    "open water": "water", "water": "water", "sea": "water", "river": "water", "lake": "water",
-    "built-up": "built-up", "built up": "built-up", "urban": "built-up",
-    "vegetation": "vegetation", "vegetated land": "vegetation", "vegetated": "vegetation", "forest": "vegetation",
-    "bare soil": "bare soil", "bare land": "bare soil", "bare ground": "bare soil",
-    "paved surfaces": "road", "paved surface": "road", "paved": "road", "road": "road",
+    "open water": "water",
+    "water": "water",
+    "sea": "water",
+    "river": "water",
+    "lake": "water",
+    "built-up": "built-up",
+    "built up": "built-up",
+    "urban": "built-up",
+    "vegetation": "vegetation",
+    "vegetated land": "vegetation",
+    "vegetated": "vegetation",
+    "forest": "vegetation",
+    "bare soil": "bare soil",
+    "bare land": "bare soil",
+    "bare ground": "bare soil",
+    "paved surfaces": "road",
+    "paved surface": "road",
+    "paved": "road",
+    "road": "road",
 }
 _LC = "|".join(sorted(map(re.escape, LANDCOVER_SYNONYMS), key=len, reverse=True))
 _LC_FRACTION = re.compile(rf"\b({_LC})\s*\(\s*(\d+(?:\.\d+)?)\s*%\s*\)", re.IGNORECASE)
-_LC_DOMINANT = re.compile(rf"\b(?:mostly|most of (?:it|the image|the tile|the scene) is)\s+(?:an?\s+)?(?:dense\s+)?({_LC})\b", re.IGNORECASE)
+_LC_DOMINANT = re.compile(
+    rf"\b(?:mostly|most of (?:it|the image|the tile|the scene) is)\s+(?:an?\s+)?(?:dense\s+)?({_LC})\b",
+    re.IGNORECASE,
+)
 _LC_WORD = re.compile(rf"\b({_LC})\b", re.IGNORECASE)
 _LC_QUESTION = re.compile(r"land ?cover|surface|terrain|covers the (largest|most)|dominat", re.IGNORECASE)
 
-_POSITION_SYNONYMS = ((r"\bupper\b", "top"), (r"\blower\b", "bottom"), (r"\b(?:centre|middle)\b", "center"), (r"-", " "))
+_POSITION_SYNONYMS = (
+    (r"\bupper\b", "top"),
+    (r"\blower\b", "bottom"),
+    (r"\b(?:centre|middle)\b", "center"),
+    (r"-", " "),
+)
 _POSITION = re.compile(r"\b(" + "|".join(sorted(map(re.escape, POSITIONS), key=len, reverse=True)) + r")\b")
 _NUMBER = r"(\d+|" + "|".join(NUMBER_WORDS) + r"|a single|an|a)"
 _COUNT_BEFORE = re.compile(_NUMBER + r"((?:\s+[a-z-]+){0,2})\s+$", re.IGNORECASE)
-_NOT_ADJECTIVES = {"and", "or", "of", "the", "than", "with", "in", "on", "at", "to", "from", "by", "for", "as", "more",
-                   "fewer", "less", "are", "is", "be", "there", "these", "those", "many", "several", "some", "m"}
+_NOT_ADJECTIVES = {
+    "and",
+    "or",
+    "of",
+    "the",
+    "than",
+    "with",
+    "in",
+    "on",
+    "at",
+    "to",
+    "from",
+    "by",
+    "for",
+    "as",
+    "more",
+    "fewer",
+    "less",
+    "are",
+    "is",
+    "be",
+    "there",
+    "these",
+    "those",
+    "many",
+    "several",
+    "some",
+    "m",
+}
 _NEGATOR = re.compile(r"\b(no|not|without|none|zero|neither|nor|absent|never)\b|n't\b", re.IGNORECASE)
-_NEGATED_AFTER = re.compile(r"\b(?:not|n't)\b.*\b(?:visible|present|seen|there|found)\b|\babsent\b", re.IGNORECASE)
-_ABSENT_ALL = re.compile(r"\b(?:no|without|zero)\s+(?:labell?ed\s+|visible\s+|other\s+|distinct\s+)?(?:objects?|targets?)\b"
-                         r"|\bno labell?ed object\b|\bnothing\b", re.IGNORECASE)
+_NEGATED_AFTER = re.compile(
+    r"\b(?:not|n't)\b.*\b(?:visible|present|seen|there|found)\b|\babsent\b", re.IGNORECASE
+)
+_ABSENT_ALL = re.compile(
+    r"\b(?:no|without|zero)\s+(?:labell?ed\s+|visible\s+|other\s+|distinct\s+)?(?:objects?|targets?)\b"
+    r"|\bno labell?ed object\b|\bnothing\b",
+    re.IGNORECASE,
+)
 _CLAUSE = re.compile(r"[,;:]|\bbut\b|\bwhile\b|\bwhereas\b", re.IGNORECASE)
-_BOX = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\]")
+_BOX = re.compile(
+    r"\[\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\]"
+)
 _COUNT_QUESTION = re.compile(r"\bhow many\b|^\s*count\b|\bnumber of\b|\bcount of\b", re.IGNORECASE)
-_COMPARE = (("eq", re.compile(r"\bas many\b|\bsame number\b|\bequal\b", re.IGNORECASE)),
-            ("lt", re.compile(r"\bfewer\b|\bless\b|\bsmaller\b", re.IGNORECASE)),
-            ("gt", re.compile(r"\bmore\b|\bexceed|\bnumerous\b|\blarger\b|\bgreater\b", re.IGNORECASE)))
-_WH = re.compile(r"^\s*(what|which|where|describe|how would|along|locate|identify|name|in which|give)\b", re.IGNORECASE)
-_WHERE = re.compile(r"\bwhere\b|\bwhich (part|region|area)\b|\blocate\b|\bposition\b|\bin which\b", re.IGNORECASE)
+_COMPARE = (
+    ("eq", re.compile(r"\bas many\b|\bsame number\b|\bequal\b", re.IGNORECASE)),
+    ("lt", re.compile(r"\bfewer\b|\bless\b|\bsmaller\b", re.IGNORECASE)),
+    ("gt", re.compile(r"\bmore\b|\bexceed|\bnumerous\b|\blarger\b|\bgreater\b", re.IGNORECASE)),
+)
+_WH = re.compile(
+    r"^\s*(what|which|where|describe|how would|along|locate|identify|name|in which|give)\b", re.IGNORECASE
+)
+_WHERE = re.compile(
+    r"\bwhere\b|\bwhich (part|region|area)\b|\blocate\b|\bposition\b|\bin which\b", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
 class Statement:
     """One claim a pair makes. ``fact`` names what it is about, ``value`` what it says:
 
-    ``("count", cls)``: ``("eq", n)`` or ``("ge", 1)``; ``("at", cls, cell)``: True/False; ``("total", a, b)``:
+    ``("count", cls)``: ``("eq", n)`` or ``("ge", 1)``; ``("at", cls, cell)``: True/False; ``("total", a,
+    b)``:
     n; ``("compare", a, b, op)``: True/False; ``("lc_fraction", lc)``: fraction; ``("lc_dominant",)``: lc;
     ``("water",)``: True/False; ``("absent_all",)``: True; ``("mention", cls)``: True; ``("box", cls)``: box
     size in 0-1000 units (its diagonal)."""
@@ -111,8 +174,14 @@ class Finding:
             seen.add(key)
             p = pairs[s.pair]
             said = s.text if p["kind"] in CAPTION_KINDS else f"{p['question']} -> {p['answer']}"
-            out.append({"pair_id": p.get("pair_id", s.pair), "kind": p["kind"], "text": said[:240],
-                        "blamed": any((b.pair, b.sentence) == key for b in self.blamed)})
+            out.append(
+                {
+                    "pair_id": p.get("pair_id", s.pair),
+                    "kind": p["kind"],
+                    "text": said[:240],
+                    "blamed": any((b.pair, b.sentence) == key for b in self.blamed),
+                }
+            )
         return {"rule": self.rule, "tile_id": tile_id, "message": self.message, "statements": out}
 
 
@@ -162,6 +231,7 @@ def _ordered_classes(text: str) -> list[str]:
 def _caption_statements(i: int, text: str) -> list[Statement]:
     out = []
     for k, sent in enumerate(sentences(text)):
+
         def add(fact, value, k=k, sent=sent):
             out.append(Statement(i, k, fact, value, sent))
 
@@ -180,8 +250,8 @@ def _caption_statements(i: int, text: str) -> list[Statement]:
                 if value is not None:
                     add(("count", cls), value)
         if len(mentions) == 1:
-            (cls, spans), = mentions.items()
-            after = sent[spans[0][1]:]
+            ((cls, spans),) = mentions.items()
+            after = sent[spans[0][1] :]
             if _caption_count(sent, *spans[0]) != ("eq", 0):
                 for cell in dict.fromkeys(_positions(after)):
                     add(("at", cls, cell), True)
@@ -189,11 +259,12 @@ def _caption_statements(i: int, text: str) -> list[Statement]:
 
 
 def _caption_count(sent: str, start: int, end: int) -> tuple | None:
-    """What one class mention in a caption sentence says of its count: ("eq", n), ("ge", 1) or None (unsure)."""
+    """What one class mention in a caption sentence says of its count: ("eq", n), ("ge", 1) or None
+    (unsure)."""
     bounds = [0] + [m.end() for m in _CLAUSE.finditer(sent) if m.end() <= start]
     clause_start = bounds[-1]
     nxt = [m.start() for m in _CLAUSE.finditer(sent) if m.start() >= end]
-    before, after = sent[clause_start:start], sent[end:nxt[0] if nxt else len(sent)]
+    before, after = sent[clause_start:start], sent[end : nxt[0] if nxt else len(sent)]
     if _NEGATOR.search(before):
         return ("eq", 0)
     if _NEGATOR.search(after):
@@ -254,7 +325,9 @@ def _vqa_statements(i: int, question: str, answer: str) -> list[Statement]:
         elif n is not None and len(classes) == 1:
             add(("count", classes[0]), ("eq", n))
         return out
-    if not _WH.search(question) or re.match(r"^\s*(no|none|nothing|there (is|are) no)\b", answer, re.IGNORECASE):
+    if not _WH.search(question) or re.match(
+        r"^\s*(no|none|nothing|there (is|are) no)\b", answer, re.IGNORECASE
+    ):
         return out
     if len(classes) >= 2 and len(answer_classes) == 1:  # classification: the option chosen is present
         add(("count", answer_classes[0]), ("ge", 1))
@@ -301,7 +374,9 @@ def _counts(stmts: list[Statement], findings: list[Finding]) -> dict[str, int]:
     known = {}
     for cls, group in by_class.items():
         exact = {s.value[1] for s in group if s.value[0] == "eq"}
-        hypotheses = exact | ({"ge1"} if not any(n >= 1 for n in exact) and any(s.value[0] == "ge" for s in group) else set())
+        hypotheses = exact | (
+            {"ge1"} if not any(n >= 1 for n in exact) and any(s.value[0] == "ge" for s in group) else set()
+        )
         winners, blamed = _vote(group, _compatible, hypotheses)
         if len(winners) == 1 and isinstance(winners[0], int):
             known[cls] = winners[0]
@@ -320,17 +395,32 @@ def _arithmetic(stmts: list[Statement], known: dict[str, int], findings: list[Fi
         if s.fact[0] == "total" and s.fact[1] in known and s.fact[2] in known:
             a, b = s.fact[1:]
             if known[a] + known[b] != s.value:
-                findings.append(Finding("count", f"total of {a} and {b} is {s.value}, counts say {known[a]} + {known[b]}", [s], [s]))
+                findings.append(
+                    Finding(
+                        "count",
+                        f"total of {a} and {b} is {s.value}, counts say {known[a]} + {known[b]}",
+                        [s],
+                        [s],
+                    )
+                )
         elif s.fact[0] == "compare" and s.fact[1] in known and s.fact[2] in known:
             _, a, b, op = s.fact
             if ops[op](known[a], known[b]) != s.value:
-                findings.append(Finding("count", f"{a} {op} {b} answered {'yes' if s.value else 'no'}, counts say "
-                                        f"{known[a]} vs {known[b]}", [s], [s]))
+                findings.append(
+                    Finding(
+                        "count",
+                        f"{a} {op} {b} answered {'yes' if s.value else 'no'}, counts say "
+                        f"{known[a]} vs {known[b]}",
+                        [s],
+                        [s],
+                    )
+                )
 
 
 def _places(stmts: list[Statement], known: dict[str, int], findings: list[Finding]) -> None:
     """Yes and no for one class at one cell; and, for a class the pairs agree has one instance, two
-    statements that put it in different cells ("the harbour is in the top" vs "Where is the harbour?" "bottom")."""
+    statements that put it in different cells ("the harbour is in the top" vs "Where is the harbour?"
+    "bottom")."""
     by_cell: dict[tuple, list[Statement]] = defaultdict(list)
     for s in stmts:
         if s.fact[0] == "at":
@@ -348,12 +438,15 @@ def _places(stmts: list[Statement], known: dict[str, int], findings: list[Findin
             continue
         group = [s for s in stmts if s.fact[0] == "at" and s.fact[1] == cls and s.value]
         cells = set().union(*claims.values())
-        _, blamed_claims = _vote([Statement(k[0], k[1], ("at", cls), v, "") for k, v in claims.items()],
-                                 lambda v, h: h in v, cells)
+        _, blamed_claims = _vote(
+            [Statement(k[0], k[1], ("at", cls), v, "") for k, v in claims.items()], lambda v, h: h in v, cells
+        )
         blamed_keys = {(b.pair, b.sentence) for b in blamed_claims}
         if blamed_keys:
             blamed = [s for s in group if (s.pair, s.sentence) in blamed_keys]
-            findings.append(Finding("position", f"the one {cls} placed in {', '.join(sorted(cells))}", blamed, group))
+            findings.append(
+                Finding("position", f"the one {cls} placed in {', '.join(sorted(cells))}", blamed, group)
+            )
 
 
 def _landcover(stmts: list[Statement], findings: list[Finding]) -> None:
@@ -362,26 +455,44 @@ def _landcover(stmts: list[Statement], findings: list[Finding]) -> None:
     water = [s for s in stmts if s.fact[0] == "water"]
     conflicts: list[tuple[Statement, Statement, str]] = []
     for a in dominant:
-        conflicts += [(a, b, f"dominant land cover {a.value} vs {b.value}") for b in dominant
-                      if b.value != a.value and (a.pair, a.sentence) < (b.pair, b.sentence)]
+        conflicts += [
+            (a, b, f"dominant land cover {a.value} vs {b.value}")
+            for b in dominant
+            if b.value != a.value and (a.pair, a.sentence) < (b.pair, b.sentence)
+        ]
         own = [f.value for f in fractions if f.fact[1] == a.value]
         for f in fractions:
             if f.fact[1] != a.value and f.value > (max(own) + 0.015 if own else 0.5):
                 conflicts.append((a, f, f"dominant land cover {a.value} vs {f.fact[1]} at {f.value:.0%}"))
     for a in fractions:
-        conflicts += [(a, b, f"{a.fact[1]} at {a.value:.0%} vs {b.value:.0%}") for b in fractions
-                      if b.fact == a.fact and abs(a.value - b.value) > 0.02 and (a.pair, a.sentence) < (b.pair, b.sentence)]
+        conflicts += [
+            (a, b, f"{a.fact[1]} at {a.value:.0%} vs {b.value:.0%}")
+            for b in fractions
+            if b.fact == a.fact
+            and abs(a.value - b.value) > 0.02
+            and (a.pair, a.sentence) < (b.pair, b.sentence)
+        ]
     for w in water:
         if w.value:  # water in the image, but the stated land cover leaves no room for it
             per_sentence: dict[tuple, float] = defaultdict(float)
             for f in fractions:
                 if f.fact[1] != "water":
                     per_sentence[(f.pair, f.sentence)] += f.value
-            conflicts += [(w, next(f for f in fractions if (f.pair, f.sentence) == key), "water yes, land cover 100 % other")
-                          for key, total in per_sentence.items() if total >= 0.995]
+            conflicts += [
+                (
+                    w,
+                    next(f for f in fractions if (f.pair, f.sentence) == key),
+                    "water yes, land cover 100 % other",
+                )
+                for key, total in per_sentence.items()
+                if total >= 0.995
+            ]
         else:
-            conflicts += [(w, f, f"no water, but water at {f.value:.0%}") for f in fractions
-                          if f.fact[1] == "water" and f.value >= 0.1]
+            conflicts += [
+                (w, f, f"no water, but water at {f.value:.0%}")
+                for f in fractions
+                if f.fact[1] == "water" and f.value >= 0.1
+            ]
             conflicts += [(w, d, "no water, but water dominates") for d in dominant if d.value == "water"]
     # one conflict per two statements (a caption sentence or a VQA pair is one voice, whatever it states)
     key = lambda st: (st.pair, st.sentence)
@@ -421,12 +532,19 @@ def _implied(stmts: list[Statement], vis: Visibility, findings: list[Finding]) -
             if (s.fact == ("count", cls) and s.value == ("eq", 0)) or s.fact == ("absent_all",):
                 said.setdefault((s.pair, s.sentence), s)
         for s in said.values():
-            findings.append(Finding("implied_absence", f"no {cls} asserted where the land cover is {lc}", [s],
-                                    [evidence[lc], s]))
+            findings.append(
+                Finding(
+                    "implied_absence",
+                    f"no {cls} asserted where the land cover is {lc}",
+                    [s],
+                    [evidence[lc], s],
+                )
+            )
 
 
-def _unresolvable(stmts: list[Statement], vis: Visibility, gsd_m: float | None, width: int | None,
-                  findings: list[Finding]) -> None:
+def _unresolvable(
+    stmts: list[Statement], vis: Visibility, gsd_m: float | None, width: int | None, findings: list[Finding]
+) -> None:
     if gsd_m is None:
         return
     done = set()
@@ -434,23 +552,41 @@ def _unresolvable(stmts: list[Statement], vis: Visibility, gsd_m: float | None, 
         cls = s.fact[1] if s.fact[0] in ("mention", "box") else None
         if cls is None or cls not in vis.min_size_px:
             continue
-        if s.fact[0] == "mention" and not vis.resolvable(cls, gsd_m) and (s.pair, s.sentence, cls) not in done:
+        if (
+            s.fact[0] == "mention"
+            and not vis.resolvable(cls, gsd_m)
+            and (s.pair, s.sentence, cls) not in done
+        ):
             done.add((s.pair, s.sentence, cls))
-            findings.append(Finding("unresolvable", f"{cls} named at {gsd_m:g} m: a {vis.class_size_m[cls]:g} m {cls} "
-                                    f"spans {vis.class_size_m[cls] / gsd_m:.1f} px < {vis.min_size_px[cls]:g}", [s], [s]))
+            findings.append(
+                Finding(
+                    "unresolvable",
+                    f"{cls} named at {gsd_m:g} m: a {vis.class_size_m[cls]:g} m {cls} "
+                    f"spans {vis.class_size_m[cls] / gsd_m:.1f} px < {vis.min_size_px[cls]:g}",
+                    [s],
+                    [s],
+                )
+            )
         elif s.fact[0] == "box" and width and (s.pair, s.sentence, cls) not in done:
             # the box's diagonal bounds the object's extent; 0-1000 coordinates are rounded to whole units
             diag_px = (s.value + 1.5) * width / 1000
             if diag_px < vis.min_size_px[cls]:
                 done.add((s.pair, s.sentence, cls))
-                findings.append(Finding("unresolvable", f"region box of a {cls} spans <= {diag_px:.1f} px < "
-                                        f"{vis.min_size_px[cls]:g}", [s], [s]))
+                findings.append(
+                    Finding(
+                        "unresolvable",
+                        f"region box of a {cls} spans <= {diag_px:.1f} px < {vis.min_size_px[cls]:g}",
+                        [s],
+                        [s],
+                    )
+                )
 
 
 def contradictions(tile: dict, pairs: list[dict], visibility: Visibility | None = None) -> list[Finding]:
     """Findings for one tile's pairs (dicts with ``kind``, ``question``, ``answer``).
 
-    ``tile`` needs ``gsd_m`` (None: the ``unresolvable`` rule is skipped) and may give ``width`` (pixels; region
+    ``tile`` needs ``gsd_m`` (None: the ``unresolvable`` rule is skipped) and may give ``width`` (pixels;
+    region
     boxes are then checked against the minimum sizes). Nothing else of the tile is read: the check judges
     what the pairs say, not what the labels hold, so it is independent of the annotator."""
     vis = visibility or Visibility()
@@ -470,10 +606,13 @@ def contradictions(tile: dict, pairs: list[dict], visibility: Visibility | None 
 
 
 # ---------------------------------------------------------------- over a whole table or export
-def check_pairs(pairs: list[dict], tiles: dict[str, dict] | None = None, visibility: Visibility | None = None) -> dict:
+def check_pairs(
+    pairs: list[dict], tiles: dict[str, dict] | None = None, visibility: Visibility | None = None
+) -> dict:
     """Run :func:`contradictions` over pairs of many tiles (grouped by ``tile_id``) and report.
 
-    ``pairs`` may carry ``gsd_m`` and ``backend``; ``tiles`` (tile id -> dict with ``gsd_m`` / ``width``) fills
+    ``pairs`` may carry ``gsd_m`` and ``backend``; ``tiles`` (tile id -> dict with ``gsd_m`` / ``width``)
+    fills
     what they lack. Returns counts of findings and of pairs hit per rule and per backend, the tiles whose GSD
     is unknown (``unresolvable`` not judged there) and up to three examples per rule."""
     vis = visibility or Visibility()
@@ -501,17 +640,31 @@ def check_pairs(pairs: list[dict], tiles: dict[str, dict] | None = None, visibil
             hit_pairs[rule] += len({s.pair for f in found if f.rule == rule for s in f.blamed})
         if found:
             tiles_hit.add(tid)
-    return {"tiles": len(by_tile), "pairs": len(pairs), "tiles_with_findings": len(tiles_hit),
-            "findings": {r: findings[r] for r in RULES}, "pairs_hit": {r: hit_pairs[r] for r in RULES},
-            "by_backend": {b: {r: c[r] for r in RULES} for b, c in sorted(by_backend.items())},
-            "tiles_without_gsd": unjudged, "examples": {r: examples[r] for r in RULES if examples[r]}}
+    return {
+        "tiles": len(by_tile),
+        "pairs": len(pairs),
+        "tiles_with_findings": len(tiles_hit),
+        "findings": {r: findings[r] for r in RULES},
+        "pairs_hit": {r: hit_pairs[r] for r in RULES},
+        "by_backend": {b: {r: c[r] for r in RULES} for b, c in sorted(by_backend.items())},
+        "tiles_without_gsd": unjudged,
+        "examples": {r: examples[r] for r in RULES if examples[r]},
+    }
 
 
 def merge_reports(reports: list[dict]) -> dict:
     """:func:`check_pairs` reports of disjoint sets of tiles (export shards), summed into one as if checked
     together: counts added, examples kept in the reports' order up to ``EXAMPLES_PER_RULE`` per rule."""
-    out: dict[str, Any] = {"tiles": 0, "pairs": 0, "tiles_with_findings": 0, "tiles_without_gsd": 0,
-           "findings": dict.fromkeys(RULES, 0), "pairs_hit": dict.fromkeys(RULES, 0), "by_backend": {}, "examples": {}}
+    out: dict[str, Any] = {
+        "tiles": 0,
+        "pairs": 0,
+        "tiles_with_findings": 0,
+        "tiles_without_gsd": 0,
+        "findings": dict.fromkeys(RULES, 0),
+        "pairs_hit": dict.fromkeys(RULES, 0),
+        "by_backend": {},
+        "examples": {},
+    }
     for r in reports:
         for key in ("tiles", "pairs", "tiles_with_findings", "tiles_without_gsd"):
             out[key] += r[key]
@@ -524,7 +677,7 @@ def merge_reports(reports: list[dict]) -> dict:
                 mine[rule] += counts.get(rule, 0)
         for rule, examples in r["examples"].items():
             kept = out["examples"].setdefault(rule, [])
-            kept.extend(examples[:EXAMPLES_PER_RULE - len(kept)])
+            kept.extend(examples[: EXAMPLES_PER_RULE - len(kept)])
     out["by_backend"] = dict(sorted(out["by_backend"].items()))
     out["examples"] = {r: out["examples"][r] for r in RULES if out["examples"].get(r)}
     return out
@@ -538,14 +691,22 @@ def check_export(run_dir: str, visibility: Visibility | None = None, export_dir:
         FileNotFoundError: the export has no Parquet files (nothing was checked; a report of zeros would lie).
     """
     export_dir = export_dir or io.join(run_dir, "export")
-    files = io.glob(io.join(export_dir, "parquet"), "*/*.parquet") if io.exists(io.join(export_dir, "parquet")) else []
+    files = (
+        io.glob(io.join(export_dir, "parquet"), "*/*.parquet")
+        if io.exists(io.join(export_dir, "parquet"))
+        else []
+    )
     if not files:
-        raise FileNotFoundError(f"no exported pairs under {io.join(export_dir, 'parquet')}: run the export stage first")
+        raise FileNotFoundError(
+            f"no exported pairs under {io.join(export_dir, 'parquet')}: run the export stage first"
+        )
     cols = ["pair_id", "tile_id", "gsd_m", "kind", "question", "answer"]
     pairs = io.read_parquet(files, columns=cols).to_pylist()
     tiles = {}
     if tables.tiles_table_shards(run_dir):
-        tiles = {t["tile_id"]: t for t in tables.read_tiles(run_dir, ["tile_id", "gsd_m", "width"]).to_pylist()}
+        tiles = {
+            t["tile_id"]: t for t in tables.read_tiles(run_dir, ["tile_id", "gsd_m", "width"]).to_pylist()
+        }
     if tables.annotation_shards(run_dir):
         ann = tables.read_annotations(run_dir, ["pair_id", "backend"])
         backend = dict(zip(ann["pair_id"].to_pylist(), ann["backend"].to_pylist()))
@@ -568,16 +729,22 @@ def card_section(run_dir: str, cfg: AnnotateSection, exported: dict) -> str:
     for rule in RULES:
         for backend in backends:
             at_qc = at_annotation[backend].get(rule, 0) if backend in at_annotation else "n/a"
-            rows.append(f"| {rule} | {backend} | {at_qc} | {exported['by_backend'].get(backend, {}).get(rule, 0)} |")
+            rows.append(
+                f"| {rule} | {backend} | {at_qc} | {exported['by_backend'].get(backend, {}).get(rule, 0)} |"
+            )
     limits = ", ".join(f"{c} <= {vis.max_gsd(c):.3g} m" for c in sorted(vis.class_size_m, key=vis.max_gsd))
     mode = cfg.qc.contradiction
     fate = {"repair": "repaired or rejected", "reject": "rejected", "off": "kept: the rule is off"}[mode]
-    missing = "" if annotated else "\nThe annotate stage left no contradiction counts (no qc_report.json, or an older one): n/a.\n"
+    missing = (
+        ""
+        if annotated
+        else "\nThe annotate stage left no contradiction counts (no qc_report.json, or an older one): n/a.\n"
+    )
     return f"""## Contradictions
 Pairs of one tile must agree with each other and ask only what the pixels can show (`sarlang_ray/annotate/consistency.py`).
 Findings per rule and backend: found by the annotate stage's QC (`annotate.qc.contradiction: {mode}`, the blamed
-pairs {fate}), and by the same checker run again over this export ({exported['tiles_with_findings']} of
-{exported['tiles']} exported tiles with a finding).
+pairs {fate}), and by the same checker run again over this export ({exported["tiles_with_findings"]} of
+{exported["tiles"]} exported tiles with a finding).
 {missing}
 | rule | backend | found by annotation QC | left in this export |
 |---|---|---|---|
@@ -589,7 +756,8 @@ pixels: {limits}.
 
 
 def run_visibility(run_dir: str) -> Visibility:
-    """The visibility settings a run was made with (its ``config.yaml``, local or s3://), else the defaults."""
+    """The visibility settings a run was made with (its ``config.yaml``, local or s3://), else the
+    defaults."""
     import tempfile
 
     from sarlang_ray.config import load_config

@@ -27,9 +27,15 @@ class HFAnnotator:
     def __init__(self, cfg: AnnotateSection, seed: int = 0, max_pixels: int | None = None):
         self.cfg = cfg.hf
         self.max_pixels = max_pixels  # run.max_pixels, shared with training and evaluation
-        self.generator = Generator(self.cfg.model, self.cfg.dtype, cfg.num_gpus > 0, self.cfg.batch_size, max_pixels)
-        self.questions = TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs,
-                                           max_per_family=cfg.max_per_family, visibility=Visibility.from_config(cfg))
+        self.generator = Generator(
+            self.cfg.model, self.cfg.dtype, cfg.num_gpus > 0, self.cfg.batch_size, max_pixels
+        )
+        self.questions = TemplateAnnotator(
+            seed=seed,
+            identification_pairs=cfg.identification_pairs,
+            max_per_family=cfg.max_per_family,
+            visibility=Visibility.from_config(cfg),
+        )
 
     def _image(self, tile: dict) -> Image.Image:
         png = tile.get("optical_png") if self.cfg.caption_image == "optical" else None
@@ -42,8 +48,15 @@ class HFAnnotator:
         jobs = []  # (tile index, pair template, prompt, max tokens)
         for k, tile in enumerate(tiles):
             for pair in self.questions.annotate(tile):
-                jobs.append((k, pair, *prompts.annotation_prompt(pair, self.cfg.max_new_tokens_caption,
-                                                                 self.cfg.max_new_tokens_answer)))
+                jobs.append(
+                    (
+                        k,
+                        pair,
+                        *prompts.annotation_prompt(
+                            pair, self.cfg.max_new_tokens_caption, self.cfg.max_new_tokens_answer
+                        ),
+                    )
+                )
         answered: list[list[dict]] = [[] for _ in tiles]
         images = {k: self._image(t) for k, t in enumerate(tiles)}
         for budget in sorted({j[3] for j in jobs}):  # one generation length per batch

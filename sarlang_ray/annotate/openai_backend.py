@@ -30,8 +30,10 @@ from sarlang_ray.annotate.vocab import APPLICATIONS, CLASS_WORDS, position_of
 from sarlang_ray.config import AnnotateSection
 
 CONCISE_PROMPT = "Describe the content of this remote sensing image in one sentence. Do not mention colours."
-DETAILED_PROMPT = ("Describe this remote sensing image in detail: land cover, objects with their counts and "
-                   "positions, and their arrangement. Do not mention colours.")
+DETAILED_PROMPT = (
+    "Describe this remote sensing image in detail: land cover, objects with their counts and "
+    "positions, and their arrangement. Do not mention colours."
+)
 QA_PROMPT = """You write question-answer pairs about a remote sensing image for a SAR benchmark.
 Objects in the image (class, position): {objects}. Land cover fractions: {landcover}.
 Write {n} pairs, grounded only in these facts, as a JSON list of objects with keys
@@ -57,8 +59,12 @@ class OpenAIAnnotator:
     # -- one request, with retries -------------------------------------------------
     def _chat(self, messages: list[dict]) -> str:
         url = self.cfg.base_url.rstrip("/") + "/chat/completions"
-        body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
-                "max_tokens": self.cfg.max_tokens}
+        body = {
+            "model": self.cfg.model,
+            "messages": messages,
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+        }
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
@@ -85,7 +91,15 @@ class OpenAIAnnotator:
     @staticmethod
     def _image_message(png: bytes, prompt: str) -> list[dict]:
         url = "data:image/png;base64," + base64.b64encode(png).decode()
-        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]}]
+        return [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": prompt},
+                ],
+            }
+        ]
 
     # -- one tile ------------------------------------------------------------------------
     def annotate(self, tile: dict) -> list[dict]:
@@ -96,23 +110,45 @@ class OpenAIAnnotator:
         detailed = self._chat(self._image_message(image, DETAILED_PROMPT)).strip()
         size = tile["width"]
         seen = self.visibility.view(tile, tuple(CLASS_WORDS)).seen
-        objects = ", ".join(f"{o['class']} ({position_of(o['bbox_xyxy'], size)})" for o in seen[:60]) or "none"
+        objects = (
+            ", ".join(f"{o['class']} ({position_of(o['bbox_xyxy'], size)})" for o in seen[:60]) or "none"
+        )
         landcover = ", ".join(f"{k} {v:.0%}" for k, v in (tile.get("landcover") or [])) or "unknown"
-        prompt = QA_PROMPT.format(objects=objects, landcover=landcover, n=self.cfg.qa_per_tile,
-                                  applications=", ".join(a for a in APPLICATIONS if a != "image description"))
+        prompt = QA_PROMPT.format(
+            objects=objects,
+            landcover=landcover,
+            n=self.cfg.qa_per_tile,
+            applications=", ".join(a for a in APPLICATIONS if a != "image description"),
+        )
         qa = self._parse_qa(self._chat([{"role": "user", "content": prompt}]))
         pairs = [
-            {"kind": "caption_concise", "application": "image description", "question_type": "caption/concise",
-             "question": prompts.CAPTION_CONCISE, "answer": concise},
-            {"kind": "caption_detailed", "application": "image description", "question_type": "caption/detailed",
-             "question": prompts.CAPTION_DETAILED, "answer": detailed},
+            {
+                "kind": "caption_concise",
+                "application": "image description",
+                "question_type": "caption/concise",
+                "question": prompts.CAPTION_CONCISE,
+                "answer": concise,
+            },
+            {
+                "kind": "caption_detailed",
+                "application": "image description",
+                "question_type": "caption/detailed",
+                "question": prompts.CAPTION_DETAILED,
+                "answer": detailed,
+            },
         ]
         counts: Counter[str] = Counter()
         for item in qa:
             counts[item["application"]] += 1
-            pairs.append({"kind": "vqa", "application": item["application"],
-                          "question_type": f"llm/{item['application'].replace(' ', '_')}",
-                          "question": item["question"], "answer": item["answer"]})
+            pairs.append(
+                {
+                    "kind": "vqa",
+                    "application": item["application"],
+                    "question_type": f"llm/{item['application'].replace(' ', '_')}",
+                    "question": item["question"],
+                    "answer": item["answer"],
+                }
+            )
         return pairs
 
     @staticmethod
@@ -124,15 +160,28 @@ class OpenAIAnnotator:
             items = json.loads(m.group(0))
         except json.JSONDecodeError as exc:
             raise BackendError(f"QA reply is not valid JSON ({exc.msg}): {text[:120]!r}") from None
-        good = [i for i in items if isinstance(i, dict) and i.get("application") in APPLICATIONS
-                and str(i.get("question", "")).strip() and str(i.get("answer", "")).strip()]
+        good = [
+            i
+            for i in items
+            if isinstance(i, dict)
+            and i.get("application") in APPLICATIONS
+            and str(i.get("question", "")).strip()
+            and str(i.get("answer", "")).strip()
+        ]
         if not good:
             raise BackendError("QA reply has no usable pair (application, question, answer)")
-        return [{"application": i["application"], "question": str(i["question"]).strip(), "answer": str(i["answer"]).strip()}
-                for i in good]
+        return [
+            {
+                "application": i["application"],
+                "question": str(i["question"]).strip(),
+                "answer": str(i["answer"]).strip(),
+            }
+            for i in good
+        ]
 
     def annotate_many(self, tiles: list[dict]) -> list[list[dict] | Exception]:
         """Tiles in parallel (``max_concurrency`` requests in flight); an exception per failed tile."""
+
         def one(tile):
             try:
                 return self.annotate(tile)

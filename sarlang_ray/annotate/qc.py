@@ -28,12 +28,41 @@ from sarlang_ray.annotate.vocab import NUMBER_WORDS, count_phrase, mentioned_cla
 from sarlang_ray.config import QCSection
 
 RULES = ("colour", "count", "hallucination", "vague", "duplicate", "contradiction")
-COLOUR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "violet", "pink", "brown", "cyan", "magenta",
-                "turquoise", "beige", "colorful", "colourful", "multicolored", "multicoloured")
+COLOUR_WORDS = (
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "orange",
+    "purple",
+    "violet",
+    "pink",
+    "brown",
+    "cyan",
+    "magenta",
+    "turquoise",
+    "beige",
+    "colorful",
+    "colourful",
+    "multicolored",
+    "multicoloured",
+)
 _COLOUR = re.compile(r"\s*\b(" + "|".join(COLOUR_WORDS) + r")\b(?:-colou?red)?", re.IGNORECASE)
 _NUMBER = r"(\d+|" + "|".join(NUMBER_WORDS) + r"|a single|a|an|one)"
-VAGUE_PHRASES = ("some objects", "various objects", "something", "some things", "i cannot", "i can't", "it is unclear",
-                 "hard to tell", "not sure", "an image", "a picture", "unknown objects")
+VAGUE_PHRASES = (
+    "some objects",
+    "various objects",
+    "something",
+    "some things",
+    "i cannot",
+    "i can't",
+    "it is unclear",
+    "hard to tell",
+    "not sure",
+    "an image",
+    "a picture",
+    "unknown objects",
+)
 FREE_TEXT_KINDS = ("caption_concise", "caption_detailed")
 
 
@@ -81,7 +110,9 @@ def check_text(text: str, kind: str, counts: Counter, cfg: QCSection) -> tuple[s
                 value = _number_value(m.group(1))
                 if value is None or value == true:
                     continue
-                if m.group(1).lower() in ("a", "an") and m.group(2).strip():  # "a large group of ships": not a count
+                if (
+                    m.group(1).lower() in ("a", "an") and m.group(2).strip()
+                ):  # "a large group of ships": not a count
                     continue
                 hits.append("count")
                 if cfg.count == "reject":
@@ -96,7 +127,10 @@ def check_text(text: str, kind: str, counts: Counter, cfg: QCSection) -> tuple[s
                 break
     if cfg.vague != "off":
         words = re.findall(r"[A-Za-z0-9]+", text)
-        min_words = {"caption_concise": cfg.min_words_concise, "caption_detailed": cfg.min_words_detailed}.get(kind, 1)
+        min_words = {
+            "caption_concise": cfg.min_words_concise,
+            "caption_detailed": cfg.min_words_detailed,
+        }.get(kind, 1)
         if len(words) < min_words or any(p in text.lower() for p in VAGUE_PHRASES):
             hits.append("vague")
             rejected = True
@@ -115,15 +149,25 @@ def normalise_question(q: str) -> str:
     return re.sub(r"[^a-z0-9\[\], ]", "", q.lower()).strip()
 
 
-def apply_qc(pairs: list[dict], objects: list[dict], cfg: QCSection, tile: dict | None = None,
-             visibility: Visibility | None = None) -> list[dict]:
+def apply_qc(
+    pairs: list[dict],
+    objects: list[dict],
+    cfg: QCSection,
+    tile: dict | None = None,
+    visibility: Visibility | None = None,
+) -> list[dict]:
     """QC one tile's pairs: fills ``qc_passed`` and ``qc_reasons``; repaired text replaces the original.
     The ``contradiction`` rule runs when ``tile`` (its ``gsd_m``, optionally ``width``) is given."""
     return qc_tile(pairs, objects, cfg, tile, visibility)[0]
 
 
-def qc_tile(pairs: list[dict], objects: list[dict], cfg: QCSection, tile: dict | None = None,
-            visibility: Visibility | None = None) -> tuple[list[dict], list[consistency.Finding]]:
+def qc_tile(
+    pairs: list[dict],
+    objects: list[dict],
+    cfg: QCSection,
+    tile: dict | None = None,
+    visibility: Visibility | None = None,
+) -> tuple[list[dict], list[consistency.Finding]]:
     """:func:`apply_qc`, and the contradiction findings among the pairs that passed the other rules (their
     statements' ``pair`` indices point into the returned list)."""
     counts = Counter(o["class"] for o in objects)
@@ -141,7 +185,9 @@ def qc_tile(pairs: list[dict], objects: list[dict], cfg: QCSection, tile: dict |
                 p["answer"] = text
         text = normalise_question(p["question"] if p["kind"] == "vqa" else p["answer"])
         tokens = frozenset(re.findall(r"[a-z0-9]+", text))
-        if cfg.duplicate != "off" and any(kind == p["kind"] and _jaccard(tokens, t) >= NEAR_DUPLICATE for kind, t in seen):
+        if cfg.duplicate != "off" and any(
+            kind == p["kind"] and _jaccard(tokens, t) >= NEAR_DUPLICATE for kind, t in seen
+        ):
             reasons = reasons + ["duplicate"]
             passed = False
         seen.add((p["kind"], tokens))
@@ -166,7 +212,10 @@ def _contradictions(out: list[dict], tile: dict, cfg: QCSection, visibility: Vis
         if p["kind"] in FREE_TEXT_KINDS and cfg.contradiction == "repair" and None not in sentence_ids:
             keep = [s for k, s in enumerate(consistency.sentences(p["answer"])) if k not in sentence_ids]
             words = len(re.findall(r"[A-Za-z0-9]+", " ".join(keep)))
-            min_words = {"caption_concise": cfg.min_words_concise, "caption_detailed": cfg.min_words_detailed}[p["kind"]]
+            min_words = {
+                "caption_concise": cfg.min_words_concise,
+                "caption_detailed": cfg.min_words_detailed,
+            }[p["kind"]]
             if keep and (cfg.vague == "off" or words >= min_words):
                 p["answer"] = " ".join(keep)
                 continue
@@ -174,7 +223,12 @@ def _contradictions(out: list[dict], tile: dict, cfg: QCSection, visibility: Vis
                 p["qc_reasons"].append("vague")
         p["qc_passed"] = False
     # the findings, re-indexed onto ``out``
-    return [consistency.Finding(f.rule, f.message,
-                                [consistency.Statement(live[s.pair], s.sentence, s.fact, s.value, s.text) for s in f.blamed],
-                                [consistency.Statement(live[s.pair], s.sentence, s.fact, s.value, s.text) for s in f.involved])
-            for f in findings]
+    return [
+        consistency.Finding(
+            f.rule,
+            f.message,
+            [consistency.Statement(live[s.pair], s.sentence, s.fact, s.value, s.text) for s in f.blamed],
+            [consistency.Statement(live[s.pair], s.sentence, s.fact, s.value, s.text) for s in f.involved],
+        )
+        for f in findings
+    ]

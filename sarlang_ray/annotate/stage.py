@@ -38,8 +38,12 @@ KINDS = ("caption_concise", "caption_detailed", "vqa")
 
 def load_backend(cfg: AnnotateSection, seed: int, max_pixels: int | None = None):
     if cfg.backend == "template":
-        return TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs, max_per_family=cfg.max_per_family,
-                                 visibility=Visibility.from_config(cfg))
+        return TemplateAnnotator(
+            seed=seed,
+            identification_pairs=cfg.identification_pairs,
+            max_per_family=cfg.max_per_family,
+            visibility=Visibility.from_config(cfg),
+        )
     if cfg.backend == "hf":
         from sarlang_ray.annotate.hf_backend import HFAnnotator
 
@@ -48,12 +52,17 @@ def load_backend(cfg: AnnotateSection, seed: int, max_pixels: int | None = None)
         from sarlang_ray.annotate.openai_backend import OpenAIAnnotator
 
         return OpenAIAnnotator(cfg)
-    if cfg.backend == "vllm":  # generation runs for the whole stage on Ray Data LLM (vllm_backend.annotate_shards)
+    if (
+        cfg.backend == "vllm"
+    ):  # generation runs for the whole stage on Ray Data LLM (vllm_backend.annotate_shards)
         from sarlang_ray.annotate.vllm_backend import VLLMAnnotator
 
         return VLLMAnnotator(cfg, seed, max_pixels)
     if ":" not in cfg.backend:
-        raise ValueError(f"unknown annotate.backend {cfg.backend!r}: use template, hf, vllm, openai or package.module:Class")
+        raise ValueError(
+            f"unknown annotate.backend {cfg.backend!r}: use template, hf, vllm, openai or "
+            "package.module:Class"
+        )
     module, cls = cfg.backend.split(":", 1)
     return getattr(importlib.import_module(module), cls)(cfg)
 
@@ -87,10 +96,18 @@ class AnnotateShard:
     """Ray Data row function (actor pool): one tiles shard -> one annotations shard.
 
     ``retry``: a shard written before is not only counted again: the tiles of its errors table are annotated
-    again and their pairs merged into it (in tile order, as one run would have written them); the others' pairs
+    again and their pairs merged into it (in tile order, as one run would have written them); the others'
+    pairs
     are kept as they are (``run.retry_errors=true``: paid requests that succeeded are not made twice)."""
 
-    def __init__(self, cfg: AnnotateSection, run_dir: str, seed: int, max_pixels: int | None = None, retry: bool = False):
+    def __init__(
+        self,
+        cfg: AnnotateSection,
+        run_dir: str,
+        seed: int,
+        max_pixels: int | None = None,
+        retry: bool = False,
+    ):
         self.cfg = cfg
         self.backend = load_backend(cfg, seed, max_pixels)
         self.tiles = io.join(run_dir, "align", "shards")
@@ -116,10 +133,13 @@ class AnnotateShard:
         name = row["shard"]
         out_uri = io.join(self.out, name)
         kept = None  # a retry: the pairs and findings of the tiles that succeeded before
-        if io.exists(out_uri):  # written by an earlier run (interrupted, or finished and now retried) or a killed worker
+        if io.exists(
+            out_uri
+        ):  # written by an earlier run (interrupted, or finished and now retried) or a killed worker
             ids = io.read_parquet(io.join(self.tiles, name), columns=["tile_id"])["tile_id"].to_pylist()
             done = io.read_parquet(out_uri).to_pylist()
-            # the failed tiles: those without a pair (a tile the backend answered has one, QC-rejected or not), so a
+            # the failed tiles: those without a pair (a tile the backend answered has one, QC-rejected or
+            # not), so a
             # retry killed between its writes loses no tile and annotates none twice
             failed = set(ids) - {r["tile_id"] for r in done} if self.retry else set()
             if not failed:
@@ -133,14 +153,23 @@ class AnnotateShard:
         if kept is not None:
             rows = sorted(kept[0] + rows, key=lambda r: (order[r["tile_id"]], r["pair_id"]))
             findings = kept[1] + findings
-        # side files only when they have rows (a retry that fixed every tile removes the old ones); both before the
+        # side files only when they have rows (a retry that fixed every tile removes the old ones); both
+        # before the
         # shard: a written shard has its errors and findings
         write_errors(io.join(self.errors, name), errors)
         write_rows_file(self._findings_uri(name), findings, io.write_json_atomic)
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA))
-        return {"shard": name, "planned": planned, "written": planned - len(errors), "rejected": len(errors),
-                "skipped": False, "retried": len(tiles) if kept is not None else 0, **_pair_counts(rows),
-                "reasons": reasons_json(errors), "findings": json.dumps(findings)}
+        return {
+            "shard": name,
+            "planned": planned,
+            "written": planned - len(errors),
+            "rejected": len(errors),
+            "skipped": False,
+            "retried": len(tiles) if kept is not None else 0,
+            **_pair_counts(rows),
+            "reasons": reasons_json(errors),
+            "findings": json.dumps(findings),
+        }
 
     def _annotate(self, tiles: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
         """The annotation rows, error rows and contradiction findings of ``tiles``."""
@@ -148,32 +177,70 @@ class AnnotateShard:
         for tile, pairs in zip(tiles, self._annotate_all(tiles)):
             tid = tile["tile_id"]
             if isinstance(pairs, Exception):
-                errors.append(error_row(STAGE, tid, "backend_error", f"backend {self.cfg.backend!r} failed on {tid}: "
-                                        f"{type(pairs).__name__}: {pairs}. The tile is skipped; run annotate again with "
-                                        "run.retry_errors=true to retry the failed tiles only."))
+                errors.append(
+                    error_row(
+                        STAGE,
+                        tid,
+                        "backend_error",
+                        f"backend {self.cfg.backend!r} failed on {tid}: "
+                        f"{type(pairs).__name__}: {pairs}. The tile is skipped; run annotate again with "
+                        "run.retry_errors=true to retry the failed tiles only.",
+                    )
+                )
                 continue
             problem = validate_pairs(pairs)
             if problem:
-                errors.append(error_row(STAGE, tid, "malformed_output", f"backend {self.cfg.backend!r} on {tid}: {problem}."))
+                errors.append(
+                    error_row(
+                        STAGE, tid, "malformed_output", f"backend {self.cfg.backend!r} on {tid}: {problem}."
+                    )
+                )
                 continue
             checked, found = qc_tile(pairs, tile["objects"], self.cfg.qc, tile, self.visibility)
             backend = getattr(self.backend, "name", self.cfg.backend)
-            findings += [{**f.example(tid, [{**p, "pair_id": f"{tid}#{i:03d}"} for i, p in enumerate(checked)]),
-                          "backend": backend} for f in found]
-            rows += [{"pair_id": f"{tid}#{i:03d}", "tile_id": tid, "scene_id": tile["scene_id"], "gsd_m": tile["gsd_m"],
-                      "kind": p["kind"], "application": p["application"], "question_type": p["question_type"],
-                      "question": p["question"], "answer": p["answer"], "backend": backend,
-                      "qc_passed": p["qc_passed"], "qc_reasons": p["qc_reasons"]} for i, p in enumerate(checked)]
+            findings += [
+                {
+                    **f.example(tid, [{**p, "pair_id": f"{tid}#{i:03d}"} for i, p in enumerate(checked)]),
+                    "backend": backend,
+                }
+                for f in found
+            ]
+            rows += [
+                {
+                    "pair_id": f"{tid}#{i:03d}",
+                    "tile_id": tid,
+                    "scene_id": tile["scene_id"],
+                    "gsd_m": tile["gsd_m"],
+                    "kind": p["kind"],
+                    "application": p["application"],
+                    "question_type": p["question_type"],
+                    "question": p["question"],
+                    "answer": p["answer"],
+                    "backend": backend,
+                    "qc_passed": p["qc_passed"],
+                    "qc_reasons": p["qc_reasons"],
+                }
+                for i, p in enumerate(checked)
+            ]
         return rows, errors, findings
 
     def _counted(self, name: str, planned: int, done: list[dict]) -> dict:
-        """The manifest row of a shard written before (``done``: its pairs), counted again by a resumed or retried
+        """The manifest row of a shard written before (``done``: its pairs), counted again by a resumed or
+        retried
         stage: written are the tiles with pairs, the reasons those of its errors table."""
         shard_errors = read_error_rows(io.join(self.errors, name), ["error_class"])
         tiles = len({r["tile_id"] for r in done})
-        return {"shard": name, "planned": planned, "written": tiles, "rejected": planned - tiles,
-                "skipped": True, "retried": 0, **_pair_counts(done), "reasons": reasons_json(shard_errors),
-                "findings": json.dumps(self._read_findings(name))}
+        return {
+            "shard": name,
+            "planned": planned,
+            "written": tiles,
+            "rejected": planned - tiles,
+            "skipped": True,
+            "retried": 0,
+            **_pair_counts(done),
+            "reasons": reasons_json(shard_errors),
+            "findings": json.dumps(self._read_findings(name)),
+        }
 
     def _findings_uri(self, name: str) -> str:
         return io.join(self.findings, name.rsplit(".", 1)[0] + ".json")
@@ -193,17 +260,26 @@ def contradiction_report(findings: list[dict], backend: str, examples: int = 3) 
     for f in findings:
         by_backend.setdefault(f["backend"], Counter())[f["rule"]] += 1
     ordered = sorted(findings, key=lambda f: (f["tile_id"], f["message"], json.dumps(f["statements"])))
-    return {"findings": {r: counts[r] for r in CONTRADICTION_RULES},
-            "by_backend": {b: {r: c[r] for r in CONTRADICTION_RULES} for b, c in sorted(by_backend.items())}
-            or {backend: {r: 0 for r in CONTRADICTION_RULES}},
-            "tiles": len({f["tile_id"] for f in findings}),
-            "examples": {r: [f for f in ordered if f["rule"] == r][:examples] for r in CONTRADICTION_RULES if counts[r]}}
+    return {
+        "findings": {r: counts[r] for r in CONTRADICTION_RULES},
+        "by_backend": {b: {r: c[r] for r in CONTRADICTION_RULES} for b, c in sorted(by_backend.items())}
+        or {backend: {r: 0 for r in CONTRADICTION_RULES}},
+        "tiles": len({f["tile_id"] for f in findings}),
+        "examples": {
+            r: [f for f in ordered if f["rule"] == r][:examples] for r in CONTRADICTION_RULES if counts[r]
+        },
+    }
 
 
 def _pair_counts(rows: list[dict]) -> dict:
-    """A shard's pair counts for its manifest row: pairs, QC-passed pairs, QC rule hits (the stage's qc_report.json)
+    """A shard's pair counts for its manifest row: pairs, QC-passed pairs, QC rule hits (the stage's
+    qc_report.json)
     and QC-passed pairs per application (the run summary), the last two as JSON."""
     hits = Counter(r for p in rows for r in p["qc_reasons"])
     apps = Counter(p["application"] for p in rows if p["qc_passed"])
-    return {"pairs": len(rows), "pairs_passed": sum(p["qc_passed"] for p in rows),
-            "qc_hits": json.dumps({k: hits[k] for k in RULES if hits[k]}), "applications": json.dumps(dict(sorted(apps.items())))}
+    return {
+        "pairs": len(rows),
+        "pairs_passed": sum(p["qc_passed"] for p in rows),
+        "qc_hits": json.dumps({k: hits[k] for k in RULES if hits[k]}),
+        "applications": json.dumps(dict(sorted(apps.items()))),
+    }

@@ -67,7 +67,12 @@ class TileView:
 
 
 # the annotate keys that Visibility.from_config reads (a stage that builds one keys them)
-VISIBILITY_KEYS = ("annotate.class_size_m", "annotate.min_size_px", "annotate.implied_by", "annotate.implied_min_fraction")
+VISIBILITY_KEYS = (
+    "annotate.class_size_m",
+    "annotate.min_size_px",
+    "annotate.implied_by",
+    "annotate.implied_min_fraction",
+)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,9 @@ class Visibility:
 
     @classmethod
     def from_config(cls, cfg: AnnotateSection) -> Visibility:
-        return cls(dict(cfg.class_size_m), dict(cfg.min_size_px), dict(cfg.implied_by), cfg.implied_min_fraction)
+        return cls(
+            dict(cfg.class_size_m), dict(cfg.min_size_px), dict(cfg.implied_by), cfg.implied_min_fraction
+        )
 
     def max_gsd(self, cls: str) -> float:
         """The coarsest GSD (m) at which ``cls`` is resolvable."""
@@ -89,7 +96,8 @@ class Visibility:
 
     def resolvable(self, cls: str, gsd_m: float | None) -> bool:
         """Whether a typical ``cls`` spans ``min_size_px`` pixels at ``gsd_m``; an unknown GSD (an imported
-        release without one) cannot be judged and counts as resolvable (reports say how many were unjudged)."""
+        release without one) cannot be judged and counts as resolvable (reports say how many were
+        unjudged)."""
         if gsd_m is None or cls not in self.class_size_m:
             return True
         return self.class_size_m[cls] / gsd_m >= self.min_size_px[cls] - 1e-9
@@ -112,8 +120,18 @@ class Visibility:
         counts = Counter(o["class"] for o in seen)
         hidden = frozenset(c for c in labelled if labelled[c] > counts.get(c, 0))
         unresolvable = frozenset(c for c in classes if not self.resolvable(c, gsd))
-        implied = {c: l for c, l in self.implied(tile.get("landcover")).items() if c in classes and not counts.get(c)}
-        askable_absent = tuple(c for c in sorted(classes)
-                               if not labelled.get(c) and c not in unresolvable and c not in implied)
-        return TileView(seen, counts, frozenset(c for c in counts if c not in hidden), hidden, askable_absent, implied,
-                        unresolvable)
+        implied = {
+            c: l for c, l in self.implied(tile.get("landcover")).items() if c in classes and not counts.get(c)
+        }
+        askable_absent = tuple(
+            c for c in sorted(classes) if not labelled.get(c) and c not in unresolvable and c not in implied
+        )
+        return TileView(
+            seen,
+            counts,
+            frozenset(c for c in counts if c not in hidden),
+            hidden,
+            askable_absent,
+            implied,
+            unresolvable,
+        )

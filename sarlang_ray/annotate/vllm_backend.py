@@ -43,15 +43,26 @@ class VLLMAnnotator:
     def __init__(self, cfg: AnnotateSection, seed: int = 0, max_pixels: int | None = None):
         self.cfg = cfg.hf  # the model, caption image and generation lengths are the hf backend's
         self.max_pixels = max_pixels
-        self.questions = TemplateAnnotator(seed=seed, identification_pairs=cfg.identification_pairs,
-                                           max_per_family=cfg.max_per_family, visibility=Visibility.from_config(cfg))
+        self.questions = TemplateAnnotator(
+            seed=seed,
+            identification_pairs=cfg.identification_pairs,
+            max_per_family=cfg.max_per_family,
+            visibility=Visibility.from_config(cfg),
+        )
         self.generated: dict[str, list[dict]] | None = None  # tile id -> parsed outputs, set by the stage
 
     def jobs(self, tile: dict) -> list[tuple[dict, str, int]]:
         """(pair without answer, text asked, max new tokens) per pair of the tile, in the template's order:
         the prompts and lengths the hf backend uses."""
-        return [(pair, *prompts.annotation_prompt(pair, self.cfg.max_new_tokens_caption, self.cfg.max_new_tokens_answer))
-                for pair in self.questions.annotate(tile)]
+        return [
+            (
+                pair,
+                *prompts.annotation_prompt(
+                    pair, self.cfg.max_new_tokens_caption, self.cfg.max_new_tokens_answer
+                ),
+            )
+            for pair in self.questions.annotate(tile)
+        ]
 
     def image_png(self, tile: dict) -> bytes:
         """The PNG the model sees: the optical twin (RGB-to-SAR transfer) when there is one and
@@ -66,9 +77,18 @@ class VLLMAnnotator:
         from sarlang_ray.vllm_engine import render_prompt, request
 
         image = load_image(self.image_png(tile), self.max_pixels)
-        return [request(render_prompt(processor, text), image, budget, tile_id=tile["tile_id"], job=j,
-                        pair=json.dumps({k: v for k, v in pair.items() if k != "answer"}), **meta)
-                for j, (pair, text, budget) in enumerate(self.jobs(tile))]
+        return [
+            request(
+                render_prompt(processor, text),
+                image,
+                budget,
+                tile_id=tile["tile_id"],
+                job=j,
+                pair=json.dumps({k: v for k, v in pair.items() if k != "answer"}),
+                **meta,
+            )
+            for j, (pair, text, budget) in enumerate(self.jobs(tile))
+        ]
 
     def assemble(self, tile: dict, outputs: list[dict]) -> list[dict] | Exception:
         """The tile's pairs from its parsed outputs (``job``, ``pair``, ``text``, ``error``), or the exception
@@ -87,8 +107,10 @@ class VLLMAnnotator:
 
     def annotate_many(self, tiles: list[dict]) -> list[list[dict] | Exception]:
         if self.generated is None:
-            raise RuntimeError("the vllm backend generates on Ray Data LLM for the whole stage "
-                               "(sarlang_ray.annotate.vllm_backend.annotate_shards), not tile by tile")
+            raise RuntimeError(
+                "the vllm backend generates on Ray Data LLM for the whole stage "
+                "(sarlang_ray.annotate.vllm_backend.annotate_shards), not tile by tile"
+            )
         return [self.assemble(t, self.generated.get(t["tile_id"], [])) for t in tiles]
 
     def annotate(self, tile: dict) -> list[dict]:
@@ -109,7 +131,9 @@ def shard_requests(cfg: WorkflowConfig):
 
         annotator = VLLMAnnotator(a, seed, max_pixels)
         processor = prompt_processor(a.hf.model, max_pixels)
-        tiles = io.read_parquet(io.join(run_dir, "align", "shards", item["shard"]), columns=ANNOTATE_TILE_COLUMNS).to_pylist()
+        tiles = io.read_parquet(
+            io.join(run_dir, "align", "shards", item["shard"]), columns=ANNOTATE_TILE_COLUMNS
+        ).to_pylist()
         rows = [r for tile in tiles for r in annotator.requests(tile, processor, shard=item["shard"])]
         return [{**r, "n_requests": len(rows)} for r in rows]
 
@@ -120,12 +144,25 @@ def _keep(row: dict) -> dict:
     """Ray Data LLM postprocess: what the driver needs of an output row (no prompt, no image)."""
     from sarlang_ray.vllm_engine import parse_output
 
-    return {"shard": row["shard"], "n_requests": row["n_requests"], "tile_id": row["tile_id"], "job": row["job"],
-            "pair": row["pair"], **parse_output(row)}
+    return {
+        "shard": row["shard"],
+        "n_requests": row["n_requests"],
+        "tile_id": row["tile_id"],
+        "job": row["job"],
+        "pair": row["pair"],
+        **parse_output(row),
+    }
 
 
-def _finish_shard(writer, cfg: AnnotateSection, run_dir: str, seed: int, max_pixels: int | None, name: str,
-                  outputs: list[dict] | None) -> dict:
+def _finish_shard(
+    writer,
+    cfg: AnnotateSection,
+    run_dir: str,
+    seed: int,
+    max_pixels: int | None,
+    name: str,
+    outputs: list[dict] | None,
+) -> dict:
     """QC and write one shard from its generated texts (``None``: a shard an earlier run finished) with
     ``writer``, the stage's :class:`~sarlang_ray.annotate.stage.AnnotateShard` (passed in: that module
     imports this one)."""
@@ -152,21 +189,29 @@ def annotate_shards(cfg: WorkflowConfig, items: list[dict], writer) -> list[dict
     finish = ray.remote(num_cpus=a.num_cpus)(_finish_shard)
     args = (writer, a, run_dir, cfg.run.seed, cfg.run.max_pixels)
     done = [i for i in items if io.exists(io.join(run_dir, "annotate", "shards", i["shard"]))]
-    finished = {i["shard"] for i in done}  # a set: `i not in done` scanned a list per item (~57 s at 80k shards)
+    finished = {
+        i["shard"] for i in done
+    }  # a set: `i not in done` scanned a list per item (~57 s at 80k shards)
     todo = [i for i in items if i["shard"] not in finished]
     futures = [finish.remote(*args, i["shard"], None) for i in done]  # counted again, as AnnotateShard does
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
     if todo:
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).flat_map(shard_requests(cfg), num_cpus=1)
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).flat_map(
+            shard_requests(cfg), num_cpus=1
+        )
         pending: dict[str, list[dict]] = defaultdict(list)
         t0, first = time.time(), None
         for row in processor(ds).iter_rows():
             first = first or time.time() - t0
             pending[row["shard"]].append(row)
-            if len(pending[row["shard"]]) == row["n_requests"]:  # the shard's every prompt is back: QC and write it
+            if (
+                len(pending[row["shard"]]) == row["n_requests"]
+            ):  # the shard's every prompt is back: QC and write it
                 futures.append(finish.remote(*args, row["shard"], pending.pop(row["shard"])))
         if pending:  # only if the engine dropped rows: the tiles missing some go to the errors table
-            log.error("annotate: the vLLM engine returned only part of the prompts of shards %s", sorted(pending))
+            log.error(
+                "annotate: the vLLM engine returned only part of the prompts of shards %s", sorted(pending)
+            )
         futures += [finish.remote(*args, name, rows) for name, rows in pending.items()]
         if first is not None:
             log.info("annotate: vLLM returned its first text %.1f s after the pipeline started", first)

@@ -17,19 +17,48 @@ APPLICATIONS = (
 # class -> (plural, synonyms that mean the same class in free text)
 CLASS_WORDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ship": ("ships", ("ship", "ships", "boat", "boats", "vessel", "vessels")),
-    "aircraft": ("aircraft", ("aircraft", "airplane", "airplanes", "aeroplane", "aeroplanes", "plane", "planes", "jet", "jets")),
+    "aircraft": (
+        "aircraft",
+        ("aircraft", "airplane", "airplanes", "aeroplane", "aeroplanes", "plane", "planes", "jet", "jets"),
+    ),
     "car": ("cars", ("car", "cars", "vehicle", "vehicles", "automobile", "automobiles")),
-    "storage tank": ("storage tanks", ("storage tank", "storage tanks", "tank", "tanks", "oil tank", "oil tanks")),
+    "storage tank": (
+        "storage tanks",
+        ("storage tank", "storage tanks", "tank", "tanks", "oil tank", "oil tanks"),
+    ),
     "bridge": ("bridges", ("bridge", "bridges")),
     "harbour": ("harbours", ("harbour", "harbours", "harbor", "harbors", "port", "ports", "dock", "docks")),
     "building": ("buildings", ("building", "buildings", "house", "houses")),
     "road": ("roads", ("road", "roads", "street", "streets")),
 }
 
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+POSITIONS = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve")
+NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+)
 
 
 def plural(cls: str, n: int = 2) -> str:
@@ -56,7 +85,10 @@ def box_text(bbox: list[float], size: int) -> str:
 
 
 _SYNONYM_TO_CLASS = {syn.casefold(): cls for cls, (_, syns) in CLASS_WORDS.items() for syn in syns}
-_MENTION = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _SYNONYM_TO_CLASS), key=len, reverse=True)) + r")\b", re.IGNORECASE)
+_MENTION = re.compile(
+    r"\b(" + "|".join(sorted(map(re.escape, _SYNONYM_TO_CLASS), key=len, reverse=True)) + r")\b",
+    re.IGNORECASE,
+)
 
 
 def mentioned_classes(text: str) -> dict[str, list[tuple[int, int]]]:

@@ -23,7 +23,8 @@ log = logging.getLogger("sarlang")
 
 
 def _body(cfg: WorkflowConfig, retry: bool = False) -> dict:
-    """Annotate every shard (finished ones counted again); ``retry``: and annotate again the failed tiles of the
+    """Annotate every shard (finished ones counted again); ``retry``: and annotate again the failed tiles of
+    the
     finished ones, keeping their other pairs."""
     a = cfg.annotate
     items = shard_items(io.join(cfg.run.run_dir, "align", "shards"))
@@ -31,17 +32,28 @@ def _body(cfg: WorkflowConfig, retry: bool = False) -> dict:
         from sarlang_ray.annotate.vllm_backend import annotate_shards
 
         if retry:
-            log.warning("annotate: the vllm backend generates whole shards and cannot retry single tiles; the failed "
-                        "tiles stay in the errors table (run.force=true annotates everything again)")
+            log.warning(
+                "annotate: the vllm backend generates whole shards and cannot retry single tiles; the failed "
+                "tiles stay in the errors table (run.force=true annotates everything again)"
+            )
         manifest = Manifest()
-        for row in annotate_shards(cfg, items, annotate_stage.AnnotateShard):  # each row with the node that finished it
+        for row in annotate_shards(
+            cfg, items, annotate_stage.AnnotateShard
+        ):  # each row with the node that finished it
             manifest.append(row)
     else:
         # a model backend (hf, or one of your own) loads its model once per actor and keeps it: an actor pool;
         # the template and openai backends hold no model: tasks on the pooled workers
-        manifest = execution.map(Work(items, annotate_stage.AnnotateShard,
-                                      (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels, retry), Resources.of(a),
-                                      holds_model=a.backend not in ("template", "openai"), progress=cfg.ray.progress))
+        manifest = execution.map(
+            Work(
+                items,
+                annotate_stage.AnnotateShard,
+                (a, cfg.run.run_dir, cfg.run.seed, cfg.run.max_pixels, retry),
+                Resources.of(a),
+                holds_model=a.backend not in ("template", "openai"),
+                progress=cfg.ray.progress,
+            )
+        )
     counts = {**totals(manifest), "placement": placement(manifest)}
     hits: collections.Counter = collections.Counter()
     for m in manifest:
@@ -49,13 +61,22 @@ def _body(cfg: WorkflowConfig, retry: bool = False) -> dict:
     pairs, passed = sum(m["pairs"] for m in manifest), sum(m["pairs_passed"] for m in manifest)
     counts["pairs"] = {"planned": pairs, "passed": passed, "rejected": pairs - passed}
     findings = [f for m in manifest for f in json.loads(m["findings"])]
-    report = {"backend": a.backend, "pairs": counts["pairs"], "rule_hits": dict(hits), "rules": asdict(a.qc),
-              "contradictions": annotate_stage.contradiction_report(findings, annotate_stage.backend_name(a))}
+    report = {
+        "backend": a.backend,
+        "pairs": counts["pairs"],
+        "rule_hits": dict(hits),
+        "rules": asdict(a.qc),
+        "contradictions": annotate_stage.contradiction_report(findings, annotate_stage.backend_name(a)),
+    }
     io.write_json_atomic(io.join(cfg.run.run_dir, "annotate", "qc_report.json"), report)
-    counts = judge_outcome("annotate", counts, summed_reasons(manifest), cfg.run.warn_reject_share, failure_hint(a))
+    counts = judge_outcome(
+        "annotate", counts, summed_reasons(manifest), cfg.run.warn_reject_share, failure_hint(a)
+    )
     if "failure" not in counts and pairs > 0 and passed == 0:
-        counts["failure"] = (f"QC rejected all {pairs} pairs of the {counts['written']} annotated tiles (rule hits: "
-                             f"{dict(hits.most_common())}); see annotate/qc_report.json and the annotate.qc rules")
+        counts["failure"] = (
+            f"QC rejected all {pairs} pairs of the {counts['written']} annotated tiles (rule hits: "
+            f"{dict(hits.most_common())}); see annotate/qc_report.json and the annotate.qc rules"
+        )
     return counts
 
 
@@ -63,8 +84,11 @@ def failure_hint(a: AnnotateSection) -> str:
     """What to change when no tile was annotated: for the openai backend, the key variable when it is unset
     here (the usual cause: every request answered 401)."""
     if a.backend == "openai" and not os.environ.get(a.openai.api_key_env):
-        return (f"The API key variable {a.openai.api_key_env} (annotate.openai.api_key_env) is not set in this "
-                f"environment: export {a.openai.api_key_env}=<key> (on every node of a cluster) and run annotate again.")
+        return (
+            f"The API key variable {a.openai.api_key_env} (annotate.openai.api_key_env) is not set in this "
+            f"environment: export {a.openai.api_key_env}=<key> (on every node of a cluster) and run annotate "
+            "again."
+        )
     if a.backend in ("openai", "vllm", "hf"):
         return f"Check that the annotate.{a.backend} model and endpoint work (the first error rows say how each tile failed)."
     return ""
@@ -72,13 +96,29 @@ def failure_hint(a: AnnotateSection) -> str:
 
 def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
     """What annotate reads: QC and resolvability, and the selected backend's own keys only."""
-    questions = ("annotate.identification_pairs", "annotate.max_per_family", "run.seed")  # the template annotator's
+    questions = (
+        "annotate.identification_pairs",
+        "annotate.max_per_family",
+        "run.seed",
+    )  # the template annotator's
     model = (*questions, "annotate.hf", "run.max_pixels")
-    backend = {"template": questions, "openai": ("annotate.openai",), "hf": model, "vllm": (*model, "annotate.vllm")}
-    return ("annotate.backend", "annotate.qc", *VISIBILITY_KEYS, *backend.get(cfg.annotate.backend, ("annotate",)))  # your own: all
+    backend = {
+        "template": questions,
+        "openai": ("annotate.openai",),
+        "hf": model,
+        "vllm": (*model, "annotate.vllm"),
+    }
+    return (
+        "annotate.backend",
+        "annotate.qc",
+        *VISIBILITY_KEYS,
+        *backend.get(cfg.annotate.backend, ("annotate",)),
+    )  # your own: all
 
 
-STAGE = Stage("annotate", _body, inputs=("align",), keys=read_keys, retry=functools.partial(_body, retry=True))
+STAGE = Stage(
+    "annotate", _body, inputs=("align",), keys=read_keys, retry=functools.partial(_body, retry=True)
+)
 
 
 def run(cfg: WorkflowConfig) -> dict:

@@ -13,6 +13,7 @@ from sarlang_ray.config import WorkflowConfig
 class StageFailed(RuntimeError):
     """A stage ran but its work failed (a failed trial, nothing planned): the command exits non-zero."""
 
+
 def ensure_ray(cfg: WorkflowConfig) -> None:
     """Connect to the configured cluster (or RAY_ADDRESS), or start a local Ray on 127.0.0.1; either way (a
     Ray the caller started included) set the Ray Data options the stages rely on.
@@ -42,8 +43,13 @@ def ensure_ray(cfg: WorkflowConfig) -> None:
             reaper.start_watcher()
             atexit.unregister(stop_local_ray)
             atexit.register(stop_local_ray)
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     **kwargs)
+            ray.init(
+                address="local",
+                num_cpus=cfg.ray.num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                **kwargs,
+            )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress
     ctx.execution_options.preserve_order = True  # deterministic manifests
@@ -74,6 +80,10 @@ def check_storage(cfg: WorkflowConfig) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
         raise StageFailed(
-            f"run.run_dir={cfg.run.run_dir} is a local path, but the Ray cluster has {len(nodes)} nodes: each would "
-            "write its shards to its own disk. Use storage every node sees (run.run_dir=s3://BUCKET/PREFIX or gs://...), "
-            "or, if that path is a shared file system mounted on every node (NFS, EFS, Lustre), set run.shared_fs=true.")
+            f"run.run_dir={cfg.run.run_dir} is a local path, but the Ray cluster has {len(nodes)} nodes: "
+            "each would "
+            "write its shards to its own disk. Use storage every node sees (run.run_dir=s3://BUCKET/PREFIX "
+            "or gs://...), "
+            "or, if that path is a shared file system mounted on every node (NFS, EFS, Lustre), set "
+            "run.shared_fs=true."
+        )

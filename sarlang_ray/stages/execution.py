@@ -45,7 +45,8 @@ class Resources:
 
     ``concurrency``: ``N`` (at most N items at once: N tasks in flight, or a pool of N actors), ``(min, max)``
     (autoscaling: tasks in flight up to ``max``; an actor pool that starts with what the cluster holds now, at
-    least ``min``, and grows to ``max``), or None (as wide as the items: Ray runs what the cluster's CPUs hold and
+    least ``min``, and grows to ``max``), or None (as wide as the items: Ray runs what the cluster's CPUs hold
+    and
     an autoscaler sees the rest as demand)."""
 
     num_cpus: float = 1.0
@@ -56,14 +57,19 @@ class Resources:
     @classmethod
     def of(cls, section) -> Resources:
         """A stage section's resources, from its keys in the one vocabulary (``config.resource_keys``; the old
-        ``max_tasks`` / ``max_actors`` were translated to ``concurrency: [1, max]`` when the config loaded)."""
+        ``max_tasks`` / ``max_actors`` were translated to ``concurrency: [1, max]`` when the config
+        loaded)."""
         from sarlang_ray.config import resource_keys
 
         keys = resource_keys(section)
         c = keys["concurrency"]
         concurrency = (int(c[0]), int(c[1])) if isinstance(c, (list, tuple)) else c
-        return cls(num_cpus=float(keys["num_cpus"]), num_gpus=float(keys["num_gpus"] or 0.0),
-                   memory_gb=keys["memory_gb"] or None, concurrency=concurrency)
+        return cls(
+            num_cpus=float(keys["num_cpus"]),
+            num_gpus=float(keys["num_gpus"] or 0.0),
+            memory_gb=keys["memory_gb"] or None,
+            concurrency=concurrency,
+        )
 
     def width(self, n_items: int | None) -> int:
         """Tasks in flight at most."""
@@ -76,21 +82,26 @@ class Resources:
         if self.num_gpus:
             out["num_gpus"] = self.num_gpus
         if self.memory_gb:
-            out["memory"] = int(self.memory_gb * 2**30)  # Ray's memory resource: the scheduler and autoscaler count it
+            out["memory"] = int(
+                self.memory_gb * 2**30
+            )  # Ray's memory resource: the scheduler and autoscaler count it
         return out
 
 
 @dataclass(frozen=True)
 class Work:
     """A stage's work: ``row(*args)`` is built once per worker process (tasks) or actor, then called with each
-    item, returning that item's small manifest row. ``finish`` turns the manifest into what ``map`` returns (by
+    item, returning that item's small manifest row. ``finish`` turns the manifest into what ``map`` returns
+    (by
     default the :class:`Manifest` itself)."""
 
     items: Iterable[Mapping[str, Any]]
     row: type
     args: tuple = ()
     resources: Resources = field(default_factory=Resources)
-    holds_model: bool = False  # the row loads a model once and keeps it (on a GPU when num_gpus): an actor pool
+    holds_model: bool = (
+        False  # the row loads a model once and keeps it (on a GPU when num_gpus): an actor pool
+    )
     finish: Callable[[Manifest], Any] | None = None
     progress: bool = False
     max_retries: int = 3  # runs of an item whose worker or node died (never of one whose row raised)
@@ -110,7 +121,8 @@ class Work:
 
 
 def map(work: Work) -> Any:  # the one way a stage runs its items (stages call execution.map)
-    """Run ``work``'s items on the back-end its declared need chooses (module docstring); the manifest rows, in
+    """Run ``work``'s items on the back-end its declared need chooses (module docstring); the manifest rows,
+    in
     item order, each with the ``node`` it ran on, passed to ``work.finish`` when set."""
     manifest = (_actors if work.backend == ACTORS else _tasks)(work)
     return work.finish(manifest) if work.finish else manifest
@@ -118,7 +130,8 @@ def map(work: Work) -> Any:  # the one way a stage runs its items (stages call e
 
 def placement(*manifests: Manifest, weight: str | None = None) -> dict:
     """Where a stage's items ran (its marker's ``placement``): per node id, the address it registered with the
-    cluster (``NodeManagerAddress``) and the items it ran (``weight``: a manifest column to add up instead, such
+    cluster (``NodeManagerAddress``) and the items it ran (``weight``: a manifest column to add up instead,
+    such
     as the scenes of a catalog page)."""
     import ray
 
@@ -135,7 +148,8 @@ def placement(*manifests: Manifest, weight: str | None = None) -> dict:
 
 # ---------------------------------------------------------------- the manifest
 class Manifest:
-    """The manifest rows of a map, spooled to a local temporary file of the driver as they arrive (pickled, one
+    """The manifest rows of a map, spooled to a local temporary file of the driver as they arrive (pickled,
+    one
     record each) instead of collected in its memory; iterable any number of times, each pass reading the file.
     Counts the items per node id as they arrive (:func:`placement`)."""
 
@@ -147,7 +161,9 @@ class Manifest:
         self._file = os.fdopen(fd, "wb")
         self._rows = 0
         self.nodes: Counter = Counter()
-        self._finalizer = weakref.finalize(self, _remove_file, self._file, self.path)  # at the latest when collected
+        self._finalizer = weakref.finalize(
+            self, _remove_file, self._file, self.path
+        )  # at the latest when collected
 
     def close(self) -> None:
         """Remove the spool file now."""
@@ -170,7 +186,8 @@ class Manifest:
 
 
 def _plain_value(value):
-    """A value of a Ray Data row as plain Python (numpy scalars and arrays through ``tolist``), as a task's is."""
+    """A value of a Ray Data row as plain Python (numpy scalars and arrays through ``tolist``), as a task's
+    is."""
     return value.tolist() if hasattr(value, "tolist") else value
 
 
@@ -200,11 +217,18 @@ def _progress(work: Work, total: int | None):
 
 
 # ---------------------------------------------------------------- back-end: an actor pool (Ray Data)
-def pool(n_items: int, concurrency: int | None, max_actors: int | None = None, num_cpus: float = 1.0,
-         num_gpus: float = 0.0, min_actors: int = 1):
+def pool(
+    n_items: int,
+    concurrency: int | None,
+    max_actors: int | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    min_actors: int = 1,
+):
     """The actor pool of a stage: ``concurrency`` actors when set, else an autoscaling pool.
 
-    The autoscaling pool starts with the actors the cluster's CPUs (and GPUs) fit now (at least ``min_actors``)
+    The autoscaling pool starts with the actors the cluster's CPUs (and GPUs) fit now (at least
+    ``min_actors``)
     and may grow to ``max_actors``
     (default: one per work item). Ray Data adds actors as resources appear and, on a cluster with an
     autoscaler, asks it for the nodes that pending actors need, so a cluster that starts from zero workers
@@ -221,26 +245,34 @@ def pool(n_items: int, concurrency: int | None, max_actors: int | None = None, n
     import ray
 
     def fixed(size: int):
-        return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2 if n_items >= 4 * size else 1)
+        return ray.data.ActorPoolStrategy(
+            size=size, max_tasks_in_flight_per_actor=2 if n_items >= 4 * size else 1
+        )
 
     if concurrency:
         return fixed(min(concurrency, n_items))
     have = ray.cluster_resources()
     fits = [have.get("CPU", 0) / num_cpus] if num_cpus else []
     fits += [have.get("GPU", 0) / num_gpus] if num_gpus else []
-    now = max(1, min_actors, int(min(fits, default=1)))  # actors the cluster holds now (at least one: it asks for a node)
+    now = max(
+        1, min_actors, int(min(fits, default=1))
+    )  # actors the cluster holds now (at least one: it asks for a node)
     top = max(1, min(max_actors or n_items, n_items))
     if top <= now:  # everything fits now: a fixed pool
         return fixed(top)
     return ray.data.ActorPoolStrategy(min_size=now, max_size=top, max_tasks_in_flight_per_actor=2)
 
 
-MAX_BLOCKS = 1024  # the actor pool: blocks of items at most (more when the cluster has more than 1024 / 16 CPUs)
+MAX_BLOCKS = (
+    1024  # the actor pool: blocks of items at most (more when the cluster has more than 1024 / 16 CPUs)
+)
 
 
 def item_blocks(n_items: int) -> int:
-    """Blocks for ``n_items`` work items: one per item up to ``MAX_BLOCKS`` (few items of seconds to minutes each:
-    balance matters), then ``MAX_BLOCKS`` (or 16 per cluster CPU, if more) of consecutive items. The driver pays
+    """Blocks for ``n_items`` work items: one per item up to ``MAX_BLOCKS`` (few items of seconds to minutes
+    each:
+    balance matters), then ``MAX_BLOCKS`` (or 16 per cluster CPU, if more) of consecutive items. The driver
+    pays
     Ray Data's scheduling per block (~4.5 ms measured), so its cost stops growing with items; an actor takes a
     block at a time, so the tail is at most one block's items (n / 1024)."""
     import ray
@@ -250,7 +282,8 @@ def item_blocks(n_items: int) -> int:
 
 
 class _ActorRow:
-    """An actor's row: ``cls(*args)`` built once per actor; each item's row with where it ran, or an error that
+    """An actor's row: ``cls(*args)`` built once per actor; each item's row with where it ran, or an error
+    that
     names the item."""
 
     def __init__(self, cls, args: tuple):
@@ -280,12 +313,19 @@ def _actors(work: Work) -> Manifest:
     c = r.concurrency
     fixed, top = (c, None) if isinstance(c, int) else (None, c[1] if c else None)
     low = c[0] if isinstance(c, tuple) else 1
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the manifest is in item order
+    ray.data.DataContext.get_current().execution_options.preserve_order = (
+        True  # the manifest is in item order
+    )
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    # named as the row class: Ray Data's operator and actors read Map(<row class>) in the dashboard and process titles
+    # named as the row class: Ray Data's operator and actors read Map(<row class>) in the dashboard and
+    # process titles
     actor = type(work.row.__name__, (_ActorRow,), {"__qualname__": work.row.__name__})
-    mapped = ds.map(actor, fn_constructor_args=(work.row, work.args),
-                    compute=pool(blocks, fixed, top, r.num_cpus, r.num_gpus, low), **r.remote_args())
+    mapped = ds.map(
+        actor,
+        fn_constructor_args=(work.row, work.args),
+        compute=pool(blocks, fixed, top, r.num_cpus, r.num_gpus, low),
+        **r.remote_args(),
+    )
     bar = _progress(work, len(items))
     rows = iter(mapped.iter_rows())  # a generator: closing it shuts the pool's executor down
     failed = None
@@ -298,14 +338,17 @@ def _actors(work: Work) -> Manifest:
         failed = next((line.strip() for line in str(exc).splitlines() if "failed on item" in line), None)
         if failed is None:
             raise
-        failed = failed[failed.index(task_name(work.row)):] if task_name(work.row) in failed else failed
+        failed = failed[failed.index(task_name(work.row)) :] if task_name(work.row) in failed else failed
     finally:
         with contextlib.suppress(Exception):
-            rows.close()  # type: ignore[attr-defined]  # a generator (iter of one); an interrupt or a failed row: stop the pool's executor, nothing more of this map runs
+            # a generator (iter of one); an interrupt or a failed row: stop the pool's executor, nothing more
+            # of this map runs
+            rows.close()  # type: ignore[attr-defined]
         if bar is not None:
             bar.close()
     if failed is not None:
-        # raised outside the handler, so it does not hold Ray Data's error (whose traceback holds the executor and
+        # raised outside the handler, so it does not hold Ray Data's error (whose traceback holds the executor
+        # and
         # its actors, and their CPUs, for as long as the caller keeps the error)
         del rows, mapped, ds
         import gc
@@ -320,11 +363,14 @@ def _actors(work: Work) -> Manifest:
 # tasks: open datasets, GDAL's block cache and imports stay warm from one item to the next).
 _INSTANCES: OrderedDict[str, object] = OrderedDict()
 KEEP_INSTANCES = 4
-MAX_IN_FLIGHT = 4096  # tasks submitted ahead of the results (the autoscaler's demand); the rest wait in the driver
+MAX_IN_FLIGHT = (
+    4096  # tasks submitted ahead of the results (the autoscaler's demand); the rest wait in the driver
+)
 
 
 def _instance(key: str, spec: list):
-    """This process's instance of a map_tasks row function (``spec``: ``[ref of (class, args)]``, nested so that
+    """This process's instance of a map_tasks row function (``spec``: ``[ref of (class, args)]``, nested so
+    that
     Ray passes the reference instead of resolving it for every task)."""
     import ray
 
@@ -346,13 +392,15 @@ def _run_item(key: str, spec: list, item: Mapping[str, Any]) -> dict:
 
 
 def task_name(cls) -> str:
-    """The name of map_tasks' tasks for a row class: what ``ray list tasks`` shows, and the worker's process title
+    """The name of map_tasks' tasks for a row class: what ``ray list tasks`` shows, and the worker's process
+    title
     (``ray::<name>``) while one runs."""
     return f"sarlang.{cls.__name__}"
 
 
 def _tasks(work: Work) -> Manifest:
-    """One Ray task per item, at most ``Resources.width`` in flight (the items may be a stream: they are drawn as
+    """One Ray task per item, at most ``Resources.width`` in flight (the items may be a stream: they are drawn
+    as
     tasks finish); the rows are written to the manifest in item order (a result that comes early waits for the
     ones before it, at most the width of them).
 
@@ -390,7 +438,9 @@ def _tasks(work: Work) -> Manifest:
                 break
             refs = list(pending)
             ray.wait(refs, num_returns=1)
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # every result ready by now, in one pass
+            done, _ = ray.wait(
+                refs, num_returns=len(refs), timeout=0
+            )  # every result ready by now, in one pass
             for ref in done:
                 index, item = pending.pop(ref)
                 try:
@@ -434,7 +484,8 @@ SUMMED = {"gsds": "tiles_per_gsd", "classes": "objects_per_class", "applications
 
 
 def totals(manifest: Iterable[dict]) -> dict:
-    """The stage's counts from its manifest rows, in one pass (a :class:`Manifest` is read from its file, never
+    """The stage's counts from its manifest rows, in one pass (a :class:`Manifest` is read from its file,
+    never
     held whole)."""
     out: dict[str, Any] = {"shards": 0, "planned": 0, "written": 0, "rejected": 0, "skipped_shards": 0}
     retried: int | None = None

@@ -37,8 +37,18 @@ from sarlang_ray.stages.cluster import StageFailed, check_storage, ensure_ray
 
 log = logging.getLogger("sarlang")
 
-__all__ = ["ORDER", "RESOURCE_KEYS", "STARTED", "SUCCESS", "Stage", "StageFailed", "counts_of", "downstream",
-           "invalidate_downstream", "registry"]
+__all__ = [
+    "ORDER",
+    "RESOURCE_KEYS",
+    "STARTED",
+    "SUCCESS",
+    "Stage",
+    "StageFailed",
+    "counts_of",
+    "downstream",
+    "invalidate_downstream",
+    "registry",
+]
 
 ORDER = ("synth", "catalog", "tile", "align", "annotate", "export", "train", "evaluate")
 SUCCESS, STARTED = "_SUCCESS.json", "_STARTED.json"
@@ -46,12 +56,34 @@ FINGERPRINT_VERSION = 1  # bump when the meaning of a stage's output changes for
 # field names (at any level of a stage's keys) that only say how fast or where a stage runs, never what it
 # writes. Not `name`: a prompt's name is the leaderboard's label (train.name, where checkpoints go, is
 # train's own ignore). docs/architecture.md has the table of what each key redoes (tests/test_fingerprints.py)
-RESOURCE_KEYS = frozenset({
-    "concurrency", "num_cpus", "num_gpus", "max_actors", "max_tasks", "memory_gb", "max_concurrent_trials", "cpus_per_worker", "progress", "num_to_keep",
-    "max_failures", "storage_path", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "raster_reader",
-    "gdal_cache_mb", "preprocess_cpus", "prefetch_batches", "cpus_per_replica", "accelerator_type", "gpu_memory_utilization",
-    "api_key_env",  # names the variable that holds a key, never the key
-})
+RESOURCE_KEYS = frozenset(
+    {
+        "concurrency",
+        "num_cpus",
+        "num_gpus",
+        "max_actors",
+        "max_tasks",
+        "memory_gb",
+        "max_concurrent_trials",
+        "cpus_per_worker",
+        "progress",
+        "num_to_keep",
+        "max_failures",
+        "storage_path",
+        "max_concurrency",
+        "timeout_s",
+        "max_retries",
+        "backoff_s",
+        "raster_reader",
+        "gdal_cache_mb",
+        "preprocess_cpus",
+        "prefetch_batches",
+        "cpus_per_replica",
+        "accelerator_type",
+        "gpu_memory_utilization",
+        "api_key_env",  # names the variable that holds a key, never the key
+    }
+)
 
 
 def _select(cfg: WorkflowConfig, path: str):
@@ -65,10 +97,15 @@ def _plain(value, ignore: frozenset[str], path: str = "", drop: frozenset[str] =
     """A config value as plain JSON data, resource keys (field names) and the fields at ``drop`` (dotted
     paths) left out at every level."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name), ignore, f"{path}.{f.name}", drop) for f in dataclasses.fields(value)
-                if f.name not in ignore and f"{path}.{f.name}" not in drop}
+        return {
+            f.name: _plain(getattr(value, f.name), ignore, f"{path}.{f.name}", drop)
+            for f in dataclasses.fields(value)
+            if f.name not in ignore and f"{path}.{f.name}" not in drop
+        }
     if isinstance(value, dict):
-        return {str(k): _plain(v, ignore, path, drop) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {
+            str(k): _plain(v, ignore, path, drop) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+        }
     if isinstance(value, (list, tuple)):
         return [_plain(v, ignore, path, drop) for v in value]
     return value
@@ -84,10 +121,13 @@ class Stage:
     # the config paths the stage reads ("tile", "run.seed", ...), or a function of the config that gives them
     # (annotate reads only its selected backend's section)
     keys: tuple[str, ...] | Callable[[WorkflowConfig], tuple[str, ...]] = ()
-    ignore: frozenset[str] = field(default_factory=frozenset)  # more resource keys (field names), for this stage only
+    ignore: frozenset[str] = field(
+        default_factory=frozenset
+    )  # more resource keys (field names), for this stage only
     drop: frozenset[str] = field(default_factory=frozenset)  # paths under ``keys`` the stage does not read
     needs_ray: bool = True
-    # the body that redoes only the items of the stage's errors table, keeping the rest (run.retry_errors=true on a
+    # the body that redoes only the items of the stage's errors table, keeping the rest (run.retry_errors=true
+    # on a
     # finished stage); None: the stage cannot, and keeps its rejects (run.force=true redoes it all)
     retry: Callable[[WorkflowConfig], dict] | None = None
 
@@ -106,8 +146,11 @@ class Stage:
     def settings(self, cfg: WorkflowConfig) -> dict:
         """The config values that change this stage's output."""
         ignore = RESOURCE_KEYS | self.ignore
-        return {k: _plain(_select(cfg, k), ignore, k, self.drop) for k in self.read_keys(cfg)
-                if k.rsplit(".", 1)[-1] not in ignore and k not in self.drop}
+        return {
+            k: _plain(_select(cfg, k), ignore, k, self.drop)
+            for k in self.read_keys(cfg)
+            if k.rsplit(".", 1)[-1] not in ignore and k not in self.drop
+        }
 
     def input_fingerprints(self, cfg: WorkflowConfig) -> dict[str, str | None]:
         """The fingerprint each input stage recorded on disk (None: not made in this run folder)."""
@@ -120,8 +163,12 @@ class Stage:
         return out
 
     def fingerprint(self, cfg: WorkflowConfig) -> dict:
-        made_from = {"version": FINGERPRINT_VERSION, "stage": self.name, "config": self.settings(cfg),
-                     "inputs": self.input_fingerprints(cfg)}
+        made_from = {
+            "version": FINGERPRINT_VERSION,
+            "stage": self.name,
+            "config": self.settings(cfg),
+            "inputs": self.input_fingerprints(cfg),
+        }
         text = json.dumps(made_from, sort_keys=True, default=str)
         return {"value": hashlib.sha256(text.encode()).hexdigest()[:16], **made_from}
 
@@ -130,7 +177,9 @@ class Stage:
         if not io.exists(uri):
             return None
         marker = io.read_json(uri)
-        return marker if isinstance(marker.get("fingerprint"), dict) else None  # an older version's marker: stale
+        return (
+            marker if isinstance(marker.get("fingerprint"), dict) else None
+        )  # an older version's marker: stale
 
     def status(self, cfg: WorkflowConfig) -> str:
         """``done`` (up to date), ``stale`` (finished, but from other settings or inputs) or ``missing``."""
@@ -141,7 +190,8 @@ class Stage:
 
     # ------------------------------------------------------------ running
     def run(self, cfg: WorkflowConfig) -> dict:
-        """Run the stage if it is not up to date (or, with ``run.retry_errors=true``, redo the items it rejected);
+        """Run the stage if it is not up to date (or, with ``run.retry_errors=true``, redo the items it
+        rejected);
         its counts either way."""
         fp = self.fingerprint(cfg)
         done = self.read_marker(cfg)
@@ -149,36 +199,56 @@ class Stage:
             if not (cfg.run.retry_errors and done.get("rejected")):
                 return counts_of(done)
             if self.retry is None:
-                log.warning("%s: run.retry_errors=true, but this stage cannot redo single items: its %d rejected items "
-                            "stay (its errors table says why; run.force=true redoes the whole stage)", self.name, done["rejected"])
+                log.warning(
+                    "%s: run.retry_errors=true, but this stage cannot redo single items: its %d rejected "
+                    "items "
+                    "stay (its errors table says why; run.force=true redoes the whole stage)",
+                    self.name,
+                    done["rejected"],
+                )
                 return counts_of(done)
-            log.info("%s: retrying the %d items of its errors table; the %d written ones are kept", self.name,
-                     done["rejected"], done.get("written", 0))
+            log.info(
+                "%s: retrying the %d items of its errors table; the %d written ones are kept",
+                self.name,
+                done["rejected"],
+                done.get("written", 0),
+            )
             self._prepare(cfg)
-            # one more remake of this output: the stages made from it see a new input, and a resume keeps the count
+            # one more remake of this output: the stages made from it see a new input, and a resume keeps the
+            # count
             fp = {**fp, "retries": done["fingerprint"].get("retries", 0) + 1}
             io.write_json_atomic(self.marker(cfg, STARTED), {"fingerprint": fp})
             fs, path = io.filesystem(self.marker(cfg))
-            fs.rm(path)  # until the retry ends, the stage is unfinished: an interrupted one resumes, shard by shard
+            fs.rm(
+                path
+            )  # until the retry ends, the stage is unfinished: an interrupted one resumes, shard by shard
             return self._execute(cfg, fp, self.retry)
         self._prepare(cfg)
         started = self.read_marker(cfg, STARTED)
         resume = started is not None and started["fingerprint"]["value"] == fp["value"] and not cfg.run.force
-        if resume and started is not None and started["fingerprint"].get("retries"):  # an interrupted retry: its outputs are partly remade
+        if (
+            resume and started is not None and started["fingerprint"].get("retries")
+        ):  # an interrupted retry: its outputs are partly remade
             fp = {**fp, "retries": started["fingerprint"]["retries"]}
         if not resume:
             if done is not None or started is not None or io.exists(self.marker(cfg)):
                 log.info("%s: %s; recomputing it", self.name, describe_change(done or started, fp))
-            clear(self.folder(cfg), owned=self.name != "synth" or io.exists(self.marker(cfg)) or started is not None)
+            clear(
+                self.folder(cfg),
+                owned=self.name != "synth" or io.exists(self.marker(cfg)) or started is not None,
+            )
             io.write_json_atomic(self.marker(cfg, STARTED), {"fingerprint": fp})
         else:
             swept = io.sweep_partial(self.folder(cfg))
             if swept:
-                log.info("%s: resuming; removed %d partial files left by killed writers", self.name, len(swept))
+                log.info(
+                    "%s: resuming; removed %d partial files left by killed writers", self.name, len(swept)
+                )
         return self._execute(cfg, fp, self.body)
 
     def _prepare(self, cfg: WorkflowConfig) -> None:
-        """What comes before touching the stage's folder: Ray (the run folder may be the wrong kind of storage for
+        """What comes before touching the stage's folder: Ray (the run folder may be the wrong kind of storage
+        for
         its cluster), and the removal of the success markers of every stage made from this one."""
         if self.needs_ray:
             ensure_ray(cfg)
@@ -193,12 +263,15 @@ class Stage:
         placement = counts.pop("placement", None)  # where the work ran: recorded in the marker, not a count
         if problem := counts.pop("failure", None):  # the body finished its outputs, but its work failed
             raise StageFailed(f"{self.name}: {problem}")
-        io.write_json_atomic(self.marker(cfg), {**counts, **({"placement": placement} if placement else {}), "fingerprint": fp})
+        io.write_json_atomic(
+            self.marker(cfg), {**counts, **({"placement": placement} if placement else {}), "fingerprint": fp}
+        )
         return counts
 
 
 def output_id(marker: dict) -> str:
-    """What the stages made from this one record as its fingerprint: the marker's, changed by every retry of its
+    """What the stages made from this one record as its fingerprint: the marker's, changed by every retry of
+    its
     errors (``run.retry_errors=true`` remakes part of the output with the same config and inputs)."""
     fp = marker["fingerprint"]
     if not fp.get("retries"):
@@ -209,6 +282,7 @@ def output_id(marker: dict) -> str:
 def counts_of(marker: dict) -> dict:
     """A marker's counts, without its fingerprint and placement."""
     return {k: v for k, v in marker.items() if k not in ("fingerprint", "placement")}
+
 
 def describe_change(old: dict | None, new: dict) -> str:
     """Which config keys or inputs differ between a marker and a fingerprint, for the log."""

@@ -1,4 +1,5 @@
-"""synth: write the embedded sample archive (SAR scenes, optical twins, land cover, labels) to synth.out_dir."""
+"""synth: write the embedded sample archive (SAR scenes, optical twins, land cover, labels) to
+synth.out_dir."""
 
 from __future__ import annotations
 
