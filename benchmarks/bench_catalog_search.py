@@ -1,6 +1,5 @@
 """catalog.search over stac-geoparquet snapshots of 10k, 100k and 1M items, and over a STAC API (rustac's
-server)
-of 2k and 20k items: time and driver peak memory.
+server) of 2k and 20k items: time and driver peak memory.
 
     python benchmarks/bench_catalog_search.py [--sizes 10000 100000 1000000] [--api-sizes 2000 20000]
                                               [--only snapshot|api] [--out benchmarks/results/catalog_search.json]
@@ -9,15 +8,12 @@ API: ``rustac serve`` (tests/stac_server.py) over an ItemCollection of Sentinel-
 assets, the properties a Planetary Computer item has, ~2.5 KB of JSON each), searched whole in pages of
 API_PAGE; the frozen snapshot is written page by page (search.freeze). Its baseline, in the same run: the
 former path, every item that passes kept in a list and converted at the end. ``--only`` runs one part and
-keeps
-the other's results from the existing output file.
+keeps the other's results from the existing output file.
 
 Each snapshot is generated (tests/stac_snapshots.py: Sentinel-1-like items over Europe through 2024, one
-folder
-per month, row groups of 10,000 items sorted by latitude). The selection is one month (March) and an AOI
-around
-(6 E, 52 N) sized per snapshot so that every size selects about the same number of items: the driver's memory
-must follow the selection, not the snapshot.
+folder per month, row groups of 10,000 items sorted by latitude). The selection is one month (March) and an
+AOI around (6 E, 52 N) sized per snapshot so that every size selects about the same number of items: the
+driver's memory must follow the selection, not the snapshot.
 
 Each measurement runs in a fresh process that imports everything first, then runs the search; the peak RSS
 (``VmHWM``) after the imports and at the end give the search's own peak. The baseline, in the same run:

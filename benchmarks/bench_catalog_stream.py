@@ -15,8 +15,7 @@ before, that was the whole listing held in the driver (506 MiB at 10k, results o
 ``--driver-only``: the same driver (listing, pages through the object store, Ray tasks, merge of the parts,
 duplicate check) at the same sizes, but each task writes a copy of one really inspected page (scene ids made
 unique) instead of inspecting its rasters: the driver's memory at a size the 2 shared cores of this machine
-cannot
-inspect in the time there is. A measurement of the driver, not of the catalog (rows ``driver_only``).
+cannot inspect in the time there is. A measurement of the driver, not of the catalog (rows ``driver_only``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """Driver CPU per work item of an actor-pool stage (``runner.map_items``): one block per item (before issue
-31)
-vs items batched into blocks with the manifest streamed to a file (now).
+31) vs items batched into blocks with the manifest streamed to a file (now).
 
     .venv/bin/python benchmarks/bench_fanout.py        # writes benchmarks/results/fanout.json
 

@@ -5,10 +5,9 @@ sarlang-ray applies (``io.GDAL_NETWORK``, ``io.GDAL_HTTP_OPEN``), over ``/vsicur
 benchmarks/results/gdal_network.json]
 
 Archive: tiled COGs with overviews (256-pixel blocks, deflate): the real Umbra scene of
-../shared/data/real_sar
-made into a COG (2000 x 2000 uint8) and a synthetic float32 speckle scene (4096 x 4096), as bench_vsis3 makes
-them. Servers, on 127.0.0.1, each adding ``--latency-ms`` to every answer (a remote store's round trip) and
-counting requests and body bytes:
+../shared/data/real_sar made into a COG (2000 x 2000 uint8) and a synthetic float32 speckle scene (4096 x
+4096), as bench_vsis3 makes them. Servers, on 127.0.0.1, each adding ``--latency-ms`` to every answer (a
+remote store's round trip) and counting requests and body bytes:
 
 * ``/vsicurl/``: tests/http_files.FileServer over the folder (HTTP/1.1 keep-alive, single ranges, 404 for a
   folder URL as blob stores answer);
@@ -17,8 +16,7 @@ counting requests and body bytes:
 Each configuration runs in a fresh process (GDAL's caches are per process) and reads the same random 512 x 512
 windows per scene, at full resolution and at overview level 1, in two passes: ``cold`` (open each scene, read
 its windows, close it) and ``reopened`` (the same again in the same process: what a worker that reopens a
-scene
-gets). ``gdal_defaults`` opens with plain rasterio and no GDAL option set (the storage options only, for
+scene gets). ``gdal_defaults`` opens with plain rasterio and no GDAL option set (the storage options only, for
 /vsis3/); ``sarlang`` opens through ``io.open_raster``; the others are the defaults plus one option. Every
 configuration's pixels are hashed: they must all be equal.
 """

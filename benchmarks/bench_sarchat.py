@@ -1,14 +1,11 @@
 """SARChat-Bench-2M at scale: import time and driver memory of a release in its published layout, and the cost
-of
-scoring box answers by IoU against scoring the same number of short answers by the strict string rule.
+of scoring box answers by IoU against scoring the same number of short answers by the strict string rule.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_sarchat.py [--records 200000]
 
 Writes benchmarks/results/sarchat.json. The release: the nine test files of SARChat's infer/swift-eval.py,
-records
-spread over them in the README's test-set proportions, 64 shared images (the import checks each record's image
-by
-path; pixels are not read). Ratios are against a baseline measured in the same run.
+records spread over them in the README's test-set proportions, 64 shared images (the import checks each
+record's image by path; pixels are not read). Ratios are against a baseline measured in the same run.
 """
 
 from __future__ import annotations

@@ -141,9 +141,8 @@ def make_archive(root: Path) -> list[Path]:
 
 def floor(paths: list[Path], fast: bool = False) -> dict:
     """One process: windowed reads, dB, stretch, PNG. ``fast``: the percentiles and the PNG by the tile
-    stage's
-    implementations (``sar.percentiles``, libpng + zlib-ng), the floor for the same work done as sarlang does
-    it."""
+    stage's implementations (``sar.percentiles``, libpng + zlib-ng), the floor for the same work done as
+    sarlang does it."""
     from sarlang_ray import sar
     from sarlang_ray.tiling import encode_png
 

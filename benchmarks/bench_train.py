@@ -4,13 +4,12 @@
 
 Each Ray worker reserves 0.9 CPU (one intra-op thread): the remaining 0.2 lets Ray Data's read tasks
 (0.1 CPU each) feed them. Same model (a tiny LLaVA-style VLM from ``sarlang model init-tiny``, widened so
-compute dominates), same
-data (the demo export's train split), same LoRA setup, same global batch (the plain loop takes 2b pairs
-per step, each Ray worker b), the same preprocessing (``Preprocess``), ``collate`` and optimizer code. Steady
-state = samples/s over the
-epochs after the first (the first pays warm-up: allocator, lazy imports); Ray Train's fixed start-up
-(worker group, process group, dataset shards, model load; everything outside the training epochs and
-held-out passes) is reported separately. Each method runs ``--repeats`` times, alternating; the best counts.
+compute dominates), same data (the demo export's train split), same LoRA setup, same global batch (the plain
+loop takes 2b pairs per step, each Ray worker b), the same preprocessing (``Preprocess``), ``collate`` and
+optimizer code. Steady state = samples/s over the epochs after the first (the first pays warm-up: allocator,
+lazy imports); Ray Train's fixed start-up (worker group, process group, dataset shards, model load; everything
+outside the training epochs and held-out passes) is reported separately. Each method runs ``--repeats`` times,
+alternating; the best counts.
 """
 
 from __future__ import annotations

@@ -5,10 +5,9 @@ The site is written by one Ray task per tiles shard and the driver keeps counter
 memory should not grow with the run (goal: <= 1.25x the demo's). The large run is the demo's own tables copied
 ``--copies`` times under new scene, tile and pair ids (``x<k>-`` prefixed: every table the viewer reads, so
 each copy is a run of its own ground): the same content the demo's pipeline makes, at 16x the tiles and
-shards,
-without re-running the pipeline for minutes. Each `sarlang view` runs as a fresh process with its own local
-Ray;
-the driver's RSS is sampled every 50 ms (benchmarks/peak_memory.py), its Ray workers are not counted.
+shards, without re-running the pipeline for minutes. Each `sarlang view` runs as a fresh process with its own
+local Ray; the driver's RSS is sampled every 50 ms (benchmarks/peak_memory.py), its Ray workers are not
+counted.
 
 Run: python benchmarks/bench_view.py [--run-dir EXISTING_DEMO_RUN] [--copies 16]
 """

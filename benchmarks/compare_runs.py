@@ -7,11 +7,9 @@
     python benchmarks/compare_runs.py compare /tmp/runs/base /tmp/runs/branch [--json results/x.json]
 
 Every Parquet file is compared: a file only one run has, or any table that differs (schema, values, row order)
-is
-reported and makes the command exit 1. Two things differ between any two runs and are normalised first: each
-run's
-own folder in paths (the archive lives under it: ``<run>``) and the wall-clock ``time`` column of errors
-tables.
+is reported and makes the command exit 1. Two things differ between any two runs and are normalised first:
+each run's own folder in paths (the archive lives under it: ``<run>``) and the wall-clock ``time`` column of
+errors tables.
 """
 
 from __future__ import annotations
@@ -42,10 +40,8 @@ def run(run_dir: Path) -> None:
 
 def _normal(table, name: str, root: Path):
     """What may differ between two runs of the same code: the run folder (the archive's paths under it are in
-    the
-    scenes table and in error messages) becomes ``<run>``, and the ``time`` column of an errors table (when
-    the
-    error was recorded: wall clock) is left out. Schema metadata is left out too; everything else is
+    the scenes table and in error messages) becomes ``<run>``, and the ``time`` column of an errors table
+    (when the error was recorded: wall clock) is left out. Schema metadata is left out too; everything else is
     compared."""
     import pyarrow as pa
     import pyarrow.compute as pc

@@ -558,8 +558,7 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
         polarisation = _polarisation_of(src, uri, cfg.band)
         tile_crs = tile_crs_for(src.crs, footprint)
         # GSD in metres of the tile CRS: the map pixel where tiles are cut in the scene's own CRS (within 1 %
-        # of
-        # the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground
+        # of the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground
         # GSD
         own = (
             map_gsd(src) if tile_crs == src.crs.to_string() else None
@@ -770,8 +769,7 @@ def gcp_scene(
         )
     tile_crs = tile_crs_for(CRS.from_user_input(gcp_crs), footprint)
     # the product's own pixel spacing where it states one (10 m for IW GRDH: what "10 m tiles" means to a
-    # user);
-    # else the geodesic length of a pixel step through the GCPs (10.06-10.08 m on the real IW products)
+    # user); else the geodesic length of a pixel step through the GCPs (10.06-10.08 m on the real IW products)
     gx, gy = spacing or georef.ground_gsd(src.width, src.height)
     from rasterio.warp import transform_geom
 
@@ -1262,15 +1260,12 @@ def listing_pages(
     cfg: CatalogSection, snapshot: str | None, page_rows: int
 ) -> Iterator[tuple[list[dict], list[dict]]]:
     """What :func:`list_scenes` lists, as pages read while they are listed: ``(rows, errors)``, the inspection
-    rows
-    of up to ``page_rows`` scenes and the error rows of the listing that came with them. One generator for
-    every
-    source: a search snapshot and a STAC file (an ItemCollection parsed item by item, a static catalog walked
-    link
-    by link) page their items; a glob lists the archive in key order (s3:// a page of 1,000 keys at a time)
-    and
-    groups polarisations and masks as soon as nothing later can join them. The driver holds a page, the groups
-    still open and 8 bytes per asset (duplicates across pages), never the listing.
+    rows of up to ``page_rows`` scenes and the error rows of the listing that came with them. One generator
+    for every source: a search snapshot and a STAC file (an ItemCollection parsed item by item, a static
+    catalog walked link by link) page their items; a glob lists the archive in key order (s3:// a page of
+    1,000 keys at a time) and groups polarisations and masks as soon as nothing later can join them. The
+    driver holds a page, the groups still open and 8 bytes per asset (duplicates across pages), never the
+    listing.
 
     Raises:
         FileNotFoundError: as :func:`list_scenes`, once the listing is over (nothing to inspect).
@@ -1317,8 +1312,7 @@ def _item_rows(
     cfg: CatalogSection, entries: Iterator, source: str, chunk: int
 ) -> Iterator[tuple[list[dict], list[dict]]]:
     """STAC entries (``(item, base)`` pairs or error rows) as inspection rows and error rows, ``chunk`` items
-    at a
-    time (``stac.candidates_from_items``, duplicates across chunks by digest)."""
+    at a time (``stac.candidates_from_items``, duplicates across chunks by digest)."""
     seen = SeenDigests()
     items: list = []
     errors: list[dict] = []
@@ -1490,10 +1484,8 @@ def _glob_rows(cfg: CatalogSection) -> Iterator[tuple[list[dict], list[dict]]]:
 
 def inspect_page(cfg: CatalogSection, run_dir: str, index: int, page: tuple[list[dict], list[dict]]) -> dict:
     """One page of the streaming catalog, on a Ray worker: inspect its rows (``page``: the inspection rows and
-    the
-    listing's error rows of that page), find their companions, and write
-    ``catalog/parts/scenes-<index>.parquet``
-    and ``errors-<index>.parquet``. Returns counts only."""
+    the listing's error rows of that page), find their companions, and write
+    ``catalog/parts/scenes-<index>.parquet`` and ``errors-<index>.parquet``. Returns counts only."""
     import ray
 
     rows, listing_errors = page
@@ -1524,8 +1516,7 @@ def inspect_page(cfg: CatalogSection, run_dir: str, index: int, page: tuple[list
 
 def duplicate_ids(scenes_uri: str, n: int) -> list[str]:
     """The scene ids that appear more than once in a scenes table of ``n`` rows, read a row group at a time
-    and
-    compared as 8-byte digests (the driver holds 8 bytes a scene, not the ids)."""
+    and compared as 8-byte digests (the driver holds 8 bytes a scene, not the ids)."""
     import pyarrow.parquet as pq
 
     fs, path = io.filesystem(scenes_uri)
@@ -1547,18 +1538,15 @@ def duplicate_ids(scenes_uri: str, n: int) -> list[str]:
 
 
 # rows per row group of the merged tables: a row group per part (64 rows) made the writer's footer metadata,
-# held
-# until the file is closed, grow with the number of pages (~100 KB a part: 155 MB of the driver at 100k
+# held until the file is closed, grow with the number of pages (~100 KB a part: 155 MB of the driver at 100k
 # scenes)
 MERGE_ROWS = 4096
 
 
 def merge_parts(run_dir: str, pages: int) -> None:
     """The parts of the streaming catalog as ``catalog/scenes.parquet`` and ``catalog/errors.parquet``, in
-    page
-    order, one part in memory at a time (a Parquet writer streaming row groups to
-    :func:`io.write_stream_atomic`);
-    the parts are removed after."""
+    page order, one part in memory at a time (a Parquet writer streaming row groups to
+    :func:`io.write_stream_atomic`); the parts are removed after."""
     import io as pyio
 
     import pyarrow.parquet as pq

@@ -2,17 +2,15 @@
 
 Commands: ``run`` (all configured stages), one stage by name (``synth``, ``catalog``, ``tile``,
 ``align``, ``annotate``, ``export``, ``train``, ``evaluate``), ``config`` (print the resolved config), ``model
-init-tiny DIR
-[--family F]`` (write a tiny offline VLM of a family) and ``model families`` (the family table), ``import
-RELEASE OUT.parquet [--sardet DIR] [--images DIR] [--embed-images]
-[--split S]`` (a SARLANG-1M release as published, our own export's, or any LLaMA-Factory / ShareGPT JSON
-dataset, as a pairs table with an errors table and a report), ``export-bench [workflow.yaml] [key=value ...]``
-(the evaluated split as an lmms-eval task and a VLMEvalKit TSV), ``score-bench PREDICTIONS`` (a harness's
-predictions scored with our metrics), ``export-hf RUN_DIR|TABLE OUT`` (a Hugging Face dataset folder) and
-``view RUN_DIR`` (a static site to look at a run).
-Without a workflow file, the built-in defaults of
-:mod:`sarlang_ray.config` apply; they are not ``workflows/demo.yaml`` (the demo also trains and evaluates, on
-its own tiny model): ``sarlang config`` prints what a command would use.
+init-tiny DIR [--family F]`` (write a tiny offline VLM of a family) and ``model families`` (the family table),
+``import RELEASE OUT.parquet [--sardet DIR] [--images DIR] [--embed-images] [--split S]`` (a SARLANG-1M
+release as published, our own export's, or any LLaMA-Factory / ShareGPT JSON dataset, as a pairs table with an
+errors table and a report), ``export-bench [workflow.yaml] [key=value ...]`` (the evaluated split as an
+lmms-eval task and a VLMEvalKit TSV), ``score-bench PREDICTIONS`` (a harness's predictions scored with our
+metrics), ``export-hf RUN_DIR|TABLE OUT`` (a Hugging Face dataset folder) and ``view RUN_DIR`` (a static site
+to look at a run). Without a workflow file, the built-in defaults of :mod:`sarlang_ray.config` apply; they are
+not ``workflows/demo.yaml`` (the demo also trains and evaluates, on its own tiny model): ``sarlang config``
+prints what a command would use.
 """
 
 from __future__ import annotations
@@ -81,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_quietly(cfg, command: str, stages: list[str] | None) -> dict:
     """``pipeline.run`` with a person's terminal (sarlang_ray.console): stage lines, bars and counts here,
-    Ray's own
-    output in ``RUN_DIR/logs/<command>-<time>.log`` (a local file uploaded there at the end for an s3://
-    run)."""
+    Ray's own output in ``RUN_DIR/logs/<command>-<time>.log`` (a local file uploaded there at the end for an
+    s3:// run)."""
     import os
     import shutil
     import tempfile
@@ -182,9 +179,8 @@ def _view(args: list[str]) -> int:
 
 def _model(args: list[str]) -> int:
     """``sarlang model init-tiny DIR [--family F] [--seed N]``: write a tiny offline VLM of family ``F`` (a
-    family
-    name, a model type or the hub name it stands in for, e.g. ``Qwen/Qwen2-VL-2B-Instruct``); ``sarlang model
-    families``: the family table (see sarlang_ray.families)."""
+    family name, a model type or the hub name it stands in for, e.g. ``Qwen/Qwen2-VL-2B-Instruct``); ``sarlang
+    model families``: the family table (see sarlang_ray.families)."""
     from sarlang_ray import families
 
     parser = argparse.ArgumentParser(prog="sarlang model", description=_model.__doc__)
@@ -323,8 +319,8 @@ def _score_bench(args: list[str]) -> int:
 
 def _export_hf(args: list[str]) -> int:
     """``sarlang export-hf RUN_DIR|IMPORTED_TABLE OUT``: a dataset folder in the Hugging Face layout (Parquet
-    shards
-    per split with an Image feature, README.md with the Hub's YAML header); see sarlang_ray.hf_export."""
+    shards per split with an Image feature, README.md with the Hub's YAML header); see sarlang_ray.hf_export.
+    """
     parser = argparse.ArgumentParser(prog="sarlang export-hf", description=_export_hf.__doc__)
     parser.add_argument(
         "source", help="a run folder with an export, or a pairs table (.parquet) from `sarlang import`"

@@ -55,8 +55,7 @@ GEOTIFF_SUFFIXES = (".tif", ".tiff", ".vrt")
 
 def check(cfg: CatalogSection) -> None:
     """The catalog keys' checks (:func:`sarlang_ray.config.catalog_problems`, which ``load_config`` runs), for
-    a
-    section built without it.
+    a section built without it.
 
     Raises:
         ValueError: a key out of range, with the key named.
@@ -184,8 +183,7 @@ def _cloud(props: dict[str, Any]) -> float | None:
 
 def _static_dicts(source: str) -> Iterator[tuple[dict, str] | dict]:
     """The item dicts of a static STAC file or a stac-geoparquet file, one at a time, with the href their
-    asset
-    hrefs resolve against; error rows (dicts with ``item``) for links that cannot be read."""
+    asset hrefs resolve against; error rows (dicts with ``item``) for links that cannot be read."""
     if source.lower().endswith((".parquet", ".geoparquet")):
         import stac_geoparquet.arrow
 
@@ -209,9 +207,8 @@ def read_static_items(source: str, asset: str | None, keep=None) -> tuple[list[O
     geometry, and the hrefs of item links that could not be read.
 
     ``keep(item) -> bool | None``: the candidates a caller can use (True), those it needs only the footprint
-    of
-    (None: ``counts["pruned_geometries"]``) and those it cannot use at all (False); all are kept without it.
-    Returns (items, skipped, counts): ``usable``, the items with an image asset and a geometry, pruned or
+    of (None: ``counts["pruned_geometries"]``) and those it cannot use at all (False); all are kept without
+    it. Returns (items, skipped, counts): ``usable``, the items with an image asset and a geometry, pruned or
     not."""
     out: list[OpticalItem] = []
     skipped: list[str] = []
@@ -248,11 +245,9 @@ class TwinFinder:
     """Ranks the optical candidates of one scene and picks its twin (see the module docstring).
 
     ``scenes``: the scenes the finder will be asked about (a page of the catalog). Only the candidates that
-    can
-    be chosen for one of them are kept: a footprint meeting the page's extent and a time within
+    can be chosen for one of them are kept: a footprint meeting the page's extent and a time within
     ``catalog.time_window_days`` of the page's scenes; of those that meet the extent but not the time, only
-    the
-    footprint (so a scene whose candidates are all too far in time still says ``outside_time_window``)."""
+    the footprint (so a scene whose candidates are all too far in time still says ``outside_time_window``)."""
 
     def __init__(self, cfg: CatalogSection, source: str, scenes: list[dict] | None = None):
         self.cfg = cfg

@@ -7,8 +7,7 @@ The resolved config is written into the run folder (``config.yaml``) so a run ca
 Modes are ``Literal`` fields (OmegaConf refuses any other value on load; the values stay plain strings, so
 fingerprints and saved configs read as before). Every section is a :class:`Section` that checks its own values
 in its ``check`` method, next to its fields; ``load_config`` runs ``WorkflowConfig.check``, which reaches
-every
-section, so a bad value stops a command before Ray starts. The data stages' sections share one resource
+every section, so a bad value stops a command before Ray starts. The data stages' sections share one resource
 vocabulary (:class:`StageResources`, :func:`resource_keys`).
 """
 
@@ -38,8 +37,7 @@ class ConfigError(ValueError):
 
 
 # The modes, each a Literal: OmegaConf checks a value on load and names its key, mypy checks the comparisons
-# in
-# the code. The values stay plain strings, so fingerprints and saved configs read as before.
+# in the code. The values stay plain strings, so fingerprints and saved configs read as before.
 RasterReader = Literal["gdal", "fsspec"]
 NoTwin = Literal["keep", "reject"]
 Units = Literal["auto", "intensity", "amplitude", "db"]
@@ -207,8 +205,7 @@ class RunSection(Section):
     )  # what `run` does
     force: bool = False  # re-run stages that already finished (default: a finished stage is a no-op)
     # on a finished stage, redo only the items of its errors table and keep the rest (annotate: the tiles
-    # whose
-    # backend failed); the stages made from it are redone. Stages that cannot redo single items say so
+    # whose backend failed); the stages made from it are redone. Stages that cannot redo single items say so
     retry_errors: bool = False
     # run_dir is a local path that every node of the cluster mounts (NFS, EFS, Lustre): allows a local
     # run_dir on a cluster of more than one node (otherwise use s3:// or gs://, which every node sees)
@@ -266,9 +263,8 @@ class SearchSection(Section):
         None  # a STAC interval, e.g. 2024-01-01T00:00:00Z/2024-02-01T00:00:00Z (.. = open end)
     )
     # item properties: {"sat:orbit_state": ascending} (equal), {"platform": [sentinel-1a, sentinel-1c]} (any
-    # of),
-    # {"sar:polarizations": [VH]} on a list property (contains all). Sent as CQL2 where the API conforms to
-    # Filter, and always applied to what comes back
+    # of), {"sar:polarizations": [VH]} on a list property (contains all). Sent as CQL2 where the API conforms
+    # to Filter, and always applied to what comes back
     filter: dict[str, Any] | None = None
     max_items: int | None = None  # at most this many items (the first by id order of the source's answer)
     page_size: int = 100  # items per page of a STAC API
@@ -352,8 +348,7 @@ class CatalogSection(StageResources):
     # Sentinel-1 products as distributed (docs/sentinel1.md): whatever sar_glob matches that is a SAFE folder
     # (``*.SAFE`` or its manifest.safe) or a SAFE zip (``*.SAFE.zip``, ``S1?_*.zip``) is read in place as one
     # scene with all its polarisations, e.g. sar_glob=["**/*.zip"]; files inside a .SAFE folder are never
-    # scenes
-    # products with calibration LUTs: sigma0, beta0, gamma0 or none (digital numbers)
+    # scenes products with calibration LUTs: sigma0, beta0, gamma0 or none (digital numbers)
     calibration: Calibration = "sigma0"
     noise_removal: bool = (
         True  # subtract the product's thermal-noise LUTs (both IPF schemas) before calibration
@@ -362,9 +357,9 @@ class CatalogSection(StageResources):
         -40.0
     )  # pixels that noise removal takes to zero or below get this value (and are counted)
     # GCP-referenced scenes (Sentinel-1 GRD measurement files, COG_SAFE, GCP-only GeoTIFFs): warped by GDAL
-    # through
-    # the GCPs themselves: tps (thin-plate spline, exact at every GCP) or polynomial (order gcp_order); affine
-    # (one least-squares affine, hundreds of metres off on a GRD) exists only to measure what the others avoid
+    # through the GCPs themselves: tps (thin-plate spline, exact at every GCP) or polynomial (order
+    # gcp_order); affine (one least-squares affine, hundreds of metres off on a GRD) exists only to measure
+    # what the others avoid
     gcp_method: GcpMethod = "tps"
     gcp_order: int = 3  # gcp_method=polynomial: 1, 2 or 3
     # without a DEM, GRD geolocation assumes the heights of the geolocation grid: scenes whose grid spans more
@@ -708,8 +703,7 @@ class ExportSection(StageResources):
     # equal-area grid, boundary tiles dropped). scene or region: weaker, same ground can land in two splits
     split_by: SplitBy = "geographic"
     # geographic splits planned by Ray tasks from block aggregates (workers: the driver holds blocks, not
-    # tiles)
-    # or in the driver from one descriptor per tile (driver: the reference planner, for comparison)
+    # tiles) or in the driver from one descriptor per tile (driver: the reference planner, for comparison)
     planner: Planner = "workers"
     block_m: float = 2000.0  # side of the equal-area spatial blocks (EPSG:6933) that are assigned to splits
     buffer_m: float = 50.0  # tiles of two splits stay at least this far apart on the ground
@@ -811,8 +805,8 @@ class EvaluateSection(StageResources):
     images: list[ImageVariant] = field(default_factory=lambda: ["sar"])
     prompts: list[PromptSection] = field(default_factory=lambda: [PromptSection()])
     # what to score: export (this run's export/parquet), a pairs table written by `sarlang import` (a
-    # SARLANG-1M
-    # release, our own, SARChat-Bench...: a .parquet file or a folder of them), or a LLaMA-Factory JSON file
+    # SARLANG-1M release, our own, SARChat-Bench...: a .parquet file or a folder of them), or a LLaMA-Factory
+    # JSON file
     dataset: str = "export"
     # where the majority baseline takes its train answers when evaluate.dataset has no train split (a JSON
     # file or a pairs table); null: the dataset's own train split
@@ -824,11 +818,9 @@ class EvaluateSection(StageResources):
     vqa_mode: VqaMode = "auto"
     # the published rule's last step (vqa_judge): off; openai (an LLM on annotate.openai's endpoint); or
     # embedding (a local sentence encoder, judge_model: hub name or folder; right when cosine >=
-    # judge_threshold)
-    # or served: an open model (judge_model: hub name or folder) that the evaluation serves on the cluster for
-    # the
-    # sweep (Ray Serve, OpenAI-compatible; sarlang_ray/judge.py), judge_num_cpus/judge_num_gpus for its
-    # replica
+    # judge_threshold) or served: an open model (judge_model: hub name or folder) that the evaluation serves
+    # on the cluster for the sweep (Ray Serve, OpenAI-compatible; sarlang_ray/judge.py),
+    # judge_num_cpus/judge_num_gpus for its replica
     judge: Judge = "off"
     judge_model: str | None = None
     judge_threshold: float = 0.8
@@ -836,8 +828,7 @@ class EvaluateSection(StageResources):
     judge_num_gpus: float = 0.0
     baselines: list[Baseline] = field(default_factory=lambda: ["majority", "oracle"])  # reference rows
     # box answers (SARChat grounding/referring, any answer that is a box) are right at IoU >= 0.5; the frame
-    # the
-    # predictions' / references' boxes are read in: auto (by convention, docs/evaluate.md), pixel, norm1,
+    # the predictions' / references' boxes are read in: auto (by convention, docs/evaluate.md), pixel, norm1,
     # norm1000
     box_frame: BoxFrame = "auto"
     truth_box_frame: BoxFrame = "auto"
@@ -1037,8 +1028,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 # the keys whose value may be `off`: YAML 1.1 (omegaconf's parser) reads a bare off as false, which their
-# Literal
-# type would refuse (annotate.qc.colour=off on the command line, or `colour: off` in a workflow)
+# Literal type would refuse (annotate.qc.colour=off on the command line, or `colour: off` in a workflow)
 OFF_KEYS = (
     "annotate.qc.colour",
     "annotate.qc.count",

@@ -1,13 +1,12 @@
 """What ``sarlang run`` shows a person: a line when a stage starts, a progress bar while it runs, its counts
-when
-it ends, then the summary; everything else (Ray Data's bars and INFO lines, worker logs, Tune's trial tables)
-goes to a log file in the run folder, named at the start.
+when it ends, then the summary; everything else (Ray Data's bars and INFO lines, worker logs, Tune's trial
+tables) goes to a log file in the run folder, named at the start.
 
 Ray writes to the process's file descriptors 1 and 2 (its workers' lines come back through the driver), not
 only through Python's ``sys.stdout``, so the capture is at the descriptor level: both are pointed at a pipe
-whose
-reader thread appends every line to the log and passes the warning and error lines to the terminal, once each
-(a line that differs only by process ids, numbers or times is the same line). ``-v`` turns the capture off.
+whose reader thread appends every line to the log and passes the warning and error lines to the terminal, once
+each (a line that differs only by process ids, numbers or times is the same line). ``-v`` turns the capture
+off.
 
 The progress bar polls the run folder: the shards a stage has written against the shards of the stage it reads
 (align, annotate, export map shards one to one), the prediction files of evaluate against its trials; stages

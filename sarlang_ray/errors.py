@@ -131,8 +131,8 @@ def nothing_written(stage: str, planned: int, written: int, reasons: Counter, hi
 
 def dominant_reasons(stage: str, planned: int, reasons: Counter, share: float) -> list[str]:
     """A warning per reason that rejected more than ``share`` of a stage's planned items
-    (``run.warn_reject_share``):
-    one cause taking out most of a stage is worth a look even when the stage wrote something."""
+    (``run.warn_reject_share``): one cause taking out most of a stage is worth a look even when the stage
+    wrote something."""
     return [
         f"{stage}: {n} of {planned} planned items ({n / planned:.0%}) rejected as {reason} (more than "
         f"run.warn_reject_share={share:g}); see the {stage} errors table"

@@ -5,8 +5,7 @@ The dataset is this run's export (``export``, the default), a pairs table writte
 SARLANG-1M release as published, SARChat-Bench, any LLaMA-Factory JSON set; :mod:`sarlang_ray.release`), or a
 LLaMA-Factory JSON file read the same way (:func:`prepare_datasets`); :func:`read_split` gives a split's rows
 whichever it is. ``evaluate.vqa_mode=auto`` ranks by ``strict`` on our export and by ``sarlang1m`` (the
-published
-rule) on anything else.
+published rule) on anything else.
 
 Every point of the sweep (``evaluate.models`` x ``evaluate.images`` x ``evaluate.prompts``) is one Ray Tune
 trial. A trial runs batch inference on a Ray Data actor pool (``evaluate.engine=hf``: ``evaluate.concurrency``
@@ -156,9 +155,9 @@ def table_uris(cfg: WorkflowConfig, which: str = "dataset") -> list[str]:
 
 def prepare_datasets(cfg: WorkflowConfig) -> list[str]:
     """Read ``evaluate.dataset`` / ``evaluate.train_dataset`` given as LLaMA-Factory JSON into pairs tables
-    under
-    ``evaluate/dataset/`` (every row in the split it is used as: the dataset in ``evaluate.split``, the train
-    dataset in ``train``), with the import's error table beside them. Returns notes on rejected records."""
+    under ``evaluate/dataset/`` (every row in the split it is used as: the dataset in ``evaluate.split``, the
+    train dataset in ``train``), with the import's error table beside them. Returns notes on rejected records.
+    """
     from sarlang_ray import release
 
     notes = []
@@ -396,9 +395,8 @@ def pairs_dataset(cfg: WorkflowConfig, image: str, wanted: set[str]):
 
 def _table_pairs_dataset(cfg: WorkflowConfig, wanted: set[str], chunk: int = 64):
     """The wanted pairs of an imported table: the driver reads their ids, questions and image uris (no
-    pixels),
-    read tasks of ``chunk`` pairs each (0.1 CPU) read the images: from ``image_uri``, or embedded bytes from
-    the table. An image that cannot be read fails the trial, naming it."""
+    pixels), read tasks of ``chunk`` pairs each (0.1 CPU) read the images: from ``image_uri``, or embedded
+    bytes from the table. An image that cannot be read fails the trial, naming it."""
     import ray
 
     rows = [
@@ -655,8 +653,8 @@ def score(
 def box_decisions(vqa: list[dict], context: dict) -> dict | None:
     """Score every VQA row whose reference answer is a box by IoU (:mod:`sarlang_ray.boxes`), in place: the
     row's ``decided`` is True/False (read by :func:`metrics.vqa_accuracy` in strict and judge mode) and
-    ``why``
-    the reason it is wrong. Returns the reasons counted (``_pairs``: how many box rows), or None (no box row).
+    ``why`` the reason it is wrong. Returns the reasons counted (``_pairs``: how many box rows), or None (no
+    box row).
 
     Raises:
         ValueError: a box row whose image size is not in ``context['sizes']``."""
@@ -691,13 +689,10 @@ def sarchat_scores(
     pairs: list[dict], vqa: list[dict], predictions: dict[str, str], refs: dict, tasks: dict
 ) -> dict:
     """SARChat-Bench-2M's six columns, as its authors score them: classification, identification and counting
-    by
-    accuracy (the strict rule: normalised answers, the first integer for a count), grounding and referring by
-    IoU >= 0.5 when the answer is a box (``decided``, :func:`box_decisions`; else the strict rule),
-    description by
-    the caption metrics (CIDEr, PTB-tokenised, in ``sarchat`` as a fraction; every metric in
-    ``sarchat_description``).
-    ``sarchat_n``: pairs per task."""
+    by accuracy (the strict rule: normalised answers, the first integer for a count), grounding and referring
+    by IoU >= 0.5 when the answer is a box (``decided``, :func:`box_decisions`; else the strict rule),
+    description by the caption metrics (CIDEr, PTB-tokenised, in ``sarchat`` as a fraction; every metric in
+    ``sarchat_description``). ``sarchat_n``: pairs per task."""
     from sarlang_ray import release
 
     acc: dict[str, list[int]] = {}
@@ -746,8 +741,7 @@ def pair_tasks(cfg: WorkflowConfig) -> dict[str, str]:
 
 def image_sizes(cfg: WorkflowConfig, wanted: set[str]) -> dict[str, tuple[int, int]]:
     """pair_id -> (width, height) of the images of ``wanted`` pairs, read by Ray Data tasks (image headers
-    only
-    are decoded; nothing but the sizes comes back)."""
+    only are decoded; nothing but the sizes comes back)."""
     if not wanted:
         return {}
 
@@ -765,8 +759,7 @@ def image_sizes(cfg: WorkflowConfig, wanted: set[str]) -> dict[str, tuple[int, i
 
 def scoring_context(cfg: WorkflowConfig, pairs: list[dict]) -> dict:
     """What :func:`score` needs beyond the answers: the SARChat tasks, the image sizes of the box-answer
-    pairs,
-    the box frames."""
+    pairs, the box frames."""
     from sarlang_ray import boxes
 
     wanted = {
@@ -1151,10 +1144,8 @@ def judge_name(cfg: WorkflowConfig) -> str | None:
 @contextlib.contextmanager
 def judge_service(cfg: WorkflowConfig):
     """``evaluate.judge=served``: serve ``evaluate.judge_model`` (:func:`sarlang_ray.judge.served_judge`) for
-    the
-    block and yield a copy of ``cfg`` whose ``annotate.openai`` points at it, with the judge's description
-    (name,
-    url; ``requests`` filled in after the block). Any other judge: ``cfg`` as it is."""
+    the block and yield a copy of ``cfg`` whose ``annotate.openai`` points at it, with the judge's description
+    (name, url; ``requests`` filled in after the block). Any other judge: ``cfg`` as it is."""
     ev = cfg.evaluate
     if ev.judge != "served":
         yield cfg, ({"kind": ev.judge, "name": judge_name(cfg)} if ev.judge != "off" else None)

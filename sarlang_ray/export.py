@@ -20,16 +20,13 @@
 
 Geographic splits are planned by Ray tasks from block aggregates (:func:`plan_on_workers`: the driver holds
 blocks, never tiles; each shard's decisions in ``export/_plan/decisions/``), or with ``export.planner:
-driver``
-(and for the scene and region splits) in the driver from small per-tile descriptors (:func:`split_inputs`: no
-images). The rest is per shard (:class:`ExportShard`, on Ray workers): it reads one tiles shard and its
-annotations, writes the
-PNGs, the Parquet shards and, for each JSON/CSV file of the layouts, a *part* (that shard's records, already
-encoded) under ``export/_parts/``, and returns only counters. :func:`assemble` then streams each file's parts,
-in shard order and one at a time, into the final file (one JSON array, byte for byte what one ``json.dumps``
-of all records
-would give), and the parts are removed. Splits are by geography (default), scene or region, so no ground
-lands in two splits.
+driver`` (and for the scene and region splits) in the driver from small per-tile descriptors
+(:func:`split_inputs`: no images). The rest is per shard (:class:`ExportShard`, on Ray workers): it reads one
+tiles shard and its annotations, writes the PNGs, the Parquet shards and, for each JSON/CSV file of the
+layouts, a *part* (that shard's records, already encoded) under ``export/_parts/``, and returns only counters.
+:func:`assemble` then streams each file's parts, in shard order and one at a time, into the final file (one
+JSON array, byte for byte what one ``json.dumps`` of all records would give), and the parts are removed.
+Splits are by geography (default), scene or region, so no ground lands in two splits.
 """
 
 from __future__ import annotations
@@ -99,8 +96,7 @@ PARTS = "_parts"  # under export/: per-shard parts of the JSON and CSV files, re
 # under export/: the label objects of every exported tile, with the id they carry in this export
 OBJECTS = "objects"
 # under export/: the split of every exported tile, one file per tiles shard named like it (its Parquet and
-# JSON may be
-# merged into numbered shards; this stays, for the card and `sarlang view`)
+# JSON may be merged into numbered shards; this stays, for the card and `sarlang view`)
 TILES = "tiles"
 TILES_SCHEMA = pa.schema([("tile_id", pa.string()), ("scene_id", pa.string()), ("split", pa.string())])
 OBJECTS_SCHEMA = pa.schema(
@@ -157,10 +153,9 @@ def parquet_target(split: str) -> str:
 def shard_names(target: str, n: int) -> list[str]:
     """The numbered shards of ``target`` (a path under export/), in a folder named after it:
     ``llamafactory/sarlang_train.json`` -> ``llamafactory/sarlang_train/sarlang_train-00000-of-00003.json``.
-    The
-    folder holds the shards only (LLaMA-Factory loads every file of a dataset folder and wants one type).
-    Parquet
-    shards sit in ``parquet/<split>/``, where the per-shard files were (what train and evaluate read)."""
+    The folder holds the shards only (LLaMA-Factory loads every file of a dataset folder and wants one type).
+    Parquet shards sit in ``parquet/<split>/``, where the per-shard files were (what train and evaluate read).
+    """
     folder, _, name = target.rpartition("/")
     stem, ext = name.rsplit(".", 1)
     return [f"{folder}/{stem}/{stem}-{i:05d}-of-{n:05d}.{ext}" for i in range(n)]
@@ -366,8 +361,7 @@ def _index_batch(run_dir: str, out: str, k: int, names: list[str], block_m: floa
         block_keys(col, row), np.ones(len(col), dtype=np.int32), outward32(shapely.bounds(geoms))
     )
     # a file, not the task's result: a result of this size goes through the object store, whose pages the
-    # driver
-    # maps while it reads them (they counted in its RSS, ~20 MB at 1M tiles of one visit)
+    # driver maps while it reads them (they counted in its RSS, ~20 MB at 1M tiles of one visit)
     io.write_parquet_atomic(
         blocks_uri(out, k),
         pa.table(
@@ -418,9 +412,8 @@ def outward32(bounds):
 
 def reduce_blocks(keys, n, bounds):
     """Block aggregates with one row per key (sorted keys, tile counts summed, bounds merged) from rows that
-    may
-    repeat a key (a block's tiles, or a block seen by several batches): numpy arrays (28 bytes a block with
-    int32 counts and float32 bounds)."""
+    may repeat a key (a block's tiles, or a block seen by several batches): numpy arrays (28 bytes a block
+    with int32 counts and float32 bounds)."""
     import numpy as np
 
     order = np.argsort(keys, kind="stable")
@@ -661,11 +654,10 @@ def _settle_labels(ratios: dict[str, float], block_m: float, out: str, b: int, k
 
 def _report_labels(out: str, b: int, ks: list[int]) -> dict:
     """The leakage report's label part for one partition of label ids (the kept tiles' object ids): per pair
-    of
-    splits, the object ids in both; the clipped labels whose kept tiles still lie in more than one split (a
+    of splits, the object ids in both; the clipped labels whose kept tiles still lie in more than one split (a
     label clipped on the ground-kept tiles whose other parts' tiles were all dropped for another label is one
-    split's again, as :func:`~sarlang_ray.splits.resolve_objects` decides after every drop), and their
-    parts."""
+    split's again, as :func:`~sarlang_ray.splits.resolve_objects` decides after every drop), and their parts.
+    """
 
     df = _partition(out, "report", b, ks)
     if df is None or df.empty:
@@ -684,8 +676,7 @@ def _report_labels(out: str, b: int, ks: list[int]) -> dict:
 
 def _decide(out: str, k: int, bkeys, bsplit, dropped, clipped) -> list[tuple[str, list[int]]]:
     """Write the decisions of a batch's tiles shards (kept tiles: split and clipped labels); (shard, tiles
-    kept
-    per split) of each, in shard order."""
+    kept per split) of each, in shard order."""
     import numpy as np
 
     t = _read_index(out, [k], ["tile_id", "shard", "col", "row", "labels"])
@@ -718,8 +709,7 @@ NEIGHBOUR_CHUNK = 65_536  # blocks compared at a time (temporary arrays of this 
 
 def _widen(bounds, buffer_m: float):
     """Blocks' bounds (lon/lat) widened by ``buffer_m`` as :func:`~sarlang_ray.splits.candidate_pairs` widens
-    a
-    tile's."""
+    a tile's."""
     import numpy as np
 
     from sarlang_ray.splits import _M_PER_DEG_LAT
@@ -735,14 +725,12 @@ def _widen(bounds, buffer_m: float):
 
 def neighbour_blocks(keys, cols, rows, bounds, block_m: float, buffer_m: float, chunk: int = NEIGHBOUR_CHUNK):
     """Index pairs (a < b, int32) of blocks whose tiles' bounds (lon/lat, ``bounds``: minx, miny, maxx, maxy
-    per
-    block), widened by ``buffer_m`` as :func:`~sarlang_ray.splits.candidate_pairs` widens a tile's, meet: no
-    tile
-    of two blocks outside these pairs can come within ``buffer_m``. From arrays only (no geometry per block):
-    the equal-area grid is cylindrical (x from longitude, y from latitude, both monotonic), so each block's
-    bounds cover a range of grid cells around its own, and only blocks within the widest such reach of each
-    other are compared, one cell offset at a time, ``chunk`` blocks at a time (the driver's temporaries stay
-    the size of a chunk however many blocks there are)."""
+    per block), widened by ``buffer_m`` as :func:`~sarlang_ray.splits.candidate_pairs` widens a tile's, meet:
+    no tile of two blocks outside these pairs can come within ``buffer_m``. From arrays only (no geometry per
+    block): the equal-area grid is cylindrical (x from longitude, y from latitude, both monotonic), so each
+    block's bounds cover a range of grid cells around its own, and only blocks within the widest such reach of
+    each other are compared, one cell offset at a time, ``chunk`` blocks at a time (the driver's temporaries
+    stay the size of a chunk however many blocks there are)."""
     import numpy as np
     from pyproj import Transformer
 
@@ -882,9 +870,8 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
         return units, unit_ks
 
     # a few seeded places to start the curve at; keep the one whose kept tiles come closest to the ratios (as
-    # the
-    # driver's planner: shares of the tiles kept, plus the share dropped), with the ground drops of each start
-    # resolved on the workers (boundary tiles only; label objects are settled for the start chosen)
+    # the driver's planner: shares of the tiles kept, plus the share dropped), with the ground drops of each
+    # start resolved on the workers (boundary tiles only; label objects are settled for the start chosen)
     boundary = _remote(_boundary_unit)
     keys_ref = ray.put(keys)
     base = int(hashlib.sha256(f"{cfg.run.seed}:start".encode()).hexdigest(), 16)
@@ -942,8 +929,7 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     del settled
     dropped = ray.put(np.asarray(sorted(d[0] for d in drops), dtype=object))
     # the leakage report's label part, by the same group-by on the kept tiles: it also settles which clipped
-    # labels
-    # still lie in two splits once every drop is known (the others are not clipped)
+    # labels still lie in two splits once every drop is known (the others are not clipped)
     ray.get([rows.remote(out, k, keys_ref, blocks, LABEL_BUCKETS, dropped, ray.put(clipped)) for k in ks])
     report_labels = _remote(_report_labels)
     label_rep = ray.get([report_labels.remote(out, p, ks) for p in range(LABEL_BUCKETS)])
@@ -1208,11 +1194,9 @@ def assembly_jobs(
 
     A file whose records or bytes stay within ``max_records`` and ``max_bytes`` is one file, as published (a
     JSON/CSV file: one job, ``sharded`` false; a split's Parquet: the workers' per-shard files stay as they
-    are,
-    no job). Above either, it is written as numbered shards (:func:`shard_names`), one job per shard
+    are, no job). Above either, it is written as numbered shards (:func:`shard_names`), one job per shard
     (``sharded`` true: run by Ray tasks, :class:`AssembleFile`), each of consecutive pieces in shard order, so
-    the
-    shards read in name order hold the records in the single file's order."""
+    the shards read in name order hold the records in the single file's order."""
     jobs = []
     for split in SPLITS:
         for target, fmt in [*assembled_files(split).items(), (parquet_target(split), "parquet")]:
@@ -1335,8 +1319,7 @@ def assemble(job: dict) -> dict:
 
 class AssembleFile:
     """Ray task row class (:func:`sarlang_ray.stages.execution.map`): one numbered shard of a big file,
-    written
-    on a worker from its parts (the driver only lists them)."""
+    written on a worker from its parts (the driver only lists them)."""
 
     def __call__(self, job: dict) -> dict:
         return assemble(job)
@@ -1346,10 +1329,8 @@ def write_manifest(
     out: str, jobs: list[dict], written: list[dict], manifest: list[dict], nested_images: bool
 ) -> dict:
     """``export/manifest.json``: every file of the export's logical files (the JSON and CSV files and each
-    split's
-    Parquet) with its records and bytes, whether it is sharded, and where the PNGs are; what a tool that moves
-    or
-    checks the export reads instead of listing folders. Returns it."""
+    split's Parquet) with its records and bytes, whether it is sharded, and where the PNGs are; what a tool
+    that moves or checks the export reads instead of listing folders. Returns it."""
     files: dict[str, dict] = {}
     for w in written:
         files.setdefault(w["logical"], {"files": []})["files"].append(
@@ -1414,10 +1395,8 @@ def merge_stats(manifest: list[dict]) -> dict[str, Counter]:
 
 def write_dataset_info(out: str, sharded: AbstractSet[str] = frozenset()) -> None:
     """``llamafactory/dataset_info.json``: one ShareGPT dataset per split. A sharded split's ``file_name`` is
-    its
-    folder of numbered shards: LLaMA-Factory's loader (``data/loader.py``, ``_load_single_dataset``) loads
-    every
-    file of a folder it is given as one dataset."""
+    its folder of numbered shards: LLaMA-Factory's loader (``data/loader.py``, ``_load_single_dataset``) loads
+    every file of a folder it is given as one dataset."""
 
     def name(split: str) -> str:
         return (
@@ -1549,8 +1528,7 @@ SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
 
 def _exported_shards(out: str) -> list[tuple[str, str]]:
     """(split, tiles shard's membership file under ``export/tiles/``) for every split the shard exported tiles
-    to,
-    in name order: the same whether the export's Parquet is one file per shard or merged into numbered
+    to, in name order: the same whether the export's Parquet is one file per shard or merged into numbered
     shards."""
     root = io.join(out, TILES)
     files = sorted(io.glob(root, "*.parquet")) if io.exists(root) else []
@@ -1565,8 +1543,7 @@ def _exported_shards(out: str) -> list[tuple[str, str]]:
 
 def _align_shards(run_dir: str) -> dict[str, str]:
     """Export shard file name -> the tiles-table shard it was made from (``<scene>/<name>.parquet`` is
-    exported as
-    ``<scene>__<name>.parquet``)."""
+    exported as ``<scene>__<name>.parquet``)."""
     root = tables.shard_root(run_dir, "align")
     return {io.relative(uri, root).replace("/", "__"): uri for uri in tables.tiles_table_shards(run_dir)}
 
@@ -1634,10 +1611,8 @@ def _draw_samples(run_dir: str, out: str, jobs: list[tuple[str, str]], seed: int
 
 def _draw_split_map(out: str, jobs: list[tuple[str, str]]) -> str:
     """``plots/split_map.png``: the footprints of the exported tiles (at most CARD_MAP_TILES), coloured by
-    split,
-    one panel per region, from each (membership file, tiles shard) of ``jobs``, each read once; returns the
-    card's
-    text for it (a Ray task: it reads the tiles shards' footprints)."""
+    split, one panel per region, from each (membership file, tiles shard) of ``jobs``, each read once; returns
+    the card's text for it (a Ray task: it reads the tiles shards' footprints)."""
     import numpy as np
 
     plt = plots.pyplot()
@@ -1707,11 +1682,9 @@ def _draw_split_map(out: str, jobs: list[tuple[str, str]]) -> str:
 def _sample_section(run_dir: str, out: str, seed: int) -> str:
     """The card's pictures: a mosaic of CARD_SAMPLES random test tiles (SAR and optical twin with boxes, a few
     of their pairs under each: ``plots/samples.png``) and the exported tiles' footprints coloured by split,
-    one
-    panel per region (``plots/split_map.png``). Read shard by shard: the tiles' pixels of the sample only, the
-    footprints of at most CARD_MAP_TILES tiles. The driver picks tile ids from the membership files; Ray tasks
-    read
-    the tiles shards (pixels, footprints) and draw."""
+    one panel per region (``plots/split_map.png``). Read shard by shard: the tiles' pixels of the sample only,
+    the footprints of at most CARD_MAP_TILES tiles. The driver picks tile ids from the membership files; Ray
+    tasks read the tiles shards (pixels, footprints) and draw."""
     import random
 
     import ray

@@ -82,8 +82,8 @@ class Georef:
 
     def warp_options(self, row_off: float, col_off: float) -> dict:
         """Keyword arguments of ``rasterio.warp.reproject`` for a source window starting at (row_off,
-        col_off):
-        the GCPs shifted into the window and GDAL's transformer options (an affine for ``affine``)."""
+        col_off): the GCPs shifted into the window and GDAL's transformer options (an affine for ``affine``).
+        """
         if self.method == "affine":
             from affine import Affine
 

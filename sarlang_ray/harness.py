@@ -5,12 +5,11 @@
 selection: every VQA pair, one caption prompt per image and caption set) in two forms:
 
 * an **lmms-eval task** (``lmms_eval/<name>/``): ``<name>.yaml`` (``dataset_path: parquet`` with
-``data_files``
-  beside it, ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target``, ``process_results`` and one
-  ``metric_list`` entry per metric with its aggregation), ``utils.py`` (those hooks; the aggregations call
+  ``data_files`` beside it, ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target``, ``process_results`` and
+  one ``metric_list`` entry per metric with its aggregation), ``utils.py`` (those hooks; the aggregations call
   :func:`sarlang_ray.evaluate.score`, so a model scores the same in lmms-eval as in ``sarlang evaluate``),
-  ``<name>.parquet`` (one row per sample) and ``images/`` (each image once).
-  Run: ``lmms-eval --model ... --tasks <name> --include_path <out>/lmms_eval``.
+  ``<name>.parquet`` (one row per sample) and ``images/`` (each image once). Run: ``lmms-eval --model ...
+  --tasks <name> --include_path <out>/lmms_eval``.
 * a **VLMEvalKit TSV** (``vlmevalkit/<name>.tsv``): ``index``, ``image`` (base64; a row whose image already
   appeared holds that row's index instead, VLMEvalKit's own space saving), ``question`` (the prompt the model
   sees), ``answer``, ``category`` (the application), ``l2-category`` (question type), ``split``, and our
@@ -277,9 +276,8 @@ def export_bench(cfg: WorkflowConfig) -> dict:
 
 def _write_bench(cfg: WorkflowConfig, samples: list[dict], name: str, out: str, staged: Path) -> dict:
     """export_bench's files. Each image once, under a name unique to its bytes, staged in a local folder as
-    the
-    split's files stream by (only their digests are kept), then copied to the lmms-eval task and read back for
-    the TSV, row by row."""
+    the split's files stream by (only their digests are kept), then copied to the lmms-eval task and read back
+    for the TSV, row by row."""
     names: dict[str, str] = {}  # pair_id -> file name
     digests: dict[str, str] = {}  # file name -> sha1 of its bytes
     for pid, base, data in _image_stream(cfg, samples):
@@ -364,8 +362,7 @@ def vlmevalkit_tsv(
     samples: list[dict], images: Path, names: dict, split: str, chunk_bytes: int = 1 << 20
 ) -> Iterator[str]:
     """The VLMEvalKit TSV text in chunks of rows of about ``chunk_bytes`` of base64 each (the header first):
-    one
-    row per sample; an image's first row holds its base64 (read from the folder ``images``, by its name in
+    one row per sample; an image's first row holds its base64 (read from the folder ``images``, by its name in
     ``names``), later rows of the same image hold that row's index (VLMEvalKit resolves image values of 64
     characters or fewer as an index)."""
     import pandas as pd
@@ -413,11 +410,9 @@ _SCORES: dict[tuple, dict] = {}
 
 def aggregate(items: list[dict], key: str) -> float:
     """One metric of :func:`sarlang_ray.evaluate.score` over lmms-eval's ``process_results`` items (the
-    exported
-    task's aggregations call this). ``key``: a key of the score, or ``group|entry``
-    (``vqa_sarlang1m_per_application|
-    others``). The score is computed once per set of predictions: lmms-eval loads utils.py anew for every
-    ``!function``, so the cache lives here."""
+    exported task's aggregations call this). ``key``: a key of the score, or ``group|entry``
+    (``vqa_sarlang1m_per_application| others``). The score is computed once per set of predictions: lmms-eval
+    loads utils.py anew for every ``!function``, so the cache lives here."""
     signature = tuple((i["pair_id"], i["prediction"]) for i in items)
     if signature not in _SCORES:
         pairs = [{k: i[k] for k in evaluate.META} for i in items]
@@ -439,11 +434,9 @@ def aggregate(items: list[dict], key: str) -> float:
 
 def read_predictions(path: str) -> list[dict]:
     """Rows with ``pair_id``, ``tile_id``, ``kind``, ``application``, ``question_type``, ``question``,
-    ``answer``,
-    ``references`` and ``prediction`` from a harness's output: VLMEvalKit's prediction file (``.tsv``,
-    ``.csv``,
-    ``.xlsx``: the TSV's columns plus ``prediction``) or lmms-eval's ``--log_samples`` file (``.jsonl``: our
-    ``process_results`` items)."""
+    ``answer``, ``references`` and ``prediction`` from a harness's output: VLMEvalKit's prediction file
+    (``.tsv``, ``.csv``, ``.xlsx``: the TSV's columns plus ``prediction``) or lmms-eval's ``--log_samples``
+    file (``.jsonl``: our ``process_results`` items)."""
     import pandas as pd
 
     if path.endswith(".jsonl"):

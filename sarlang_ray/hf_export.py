@@ -1,13 +1,11 @@
 """``sarlang export-hf RUN_DIR|IMPORTED_TABLE OUT``: a dataset folder in the Hugging Face layout.
 
 What ``datasets.load_dataset(OUT)`` and the Hub's dataset viewer read as they are, and what lmms-eval tasks
-and
-most training frameworks consume:
+and most training frameworks consume:
 
 * ``data/<split>-<k>-of-<n>.parquet``: Parquet shards per split (``train``, ``validation``, ``test``; our
-``val``
-  is the Hub's ``validation``), each with the image in an ``image`` {bytes, path} column and the ``features``
-  metadata (``Image`` for ``image``) that makes ``datasets`` decode it to a PIL image;
+  ``val`` is the Hub's ``validation``), each with the image in an ``image`` {bytes, path} column and the
+  ``features`` metadata (``Image`` for ``image``) that makes ``datasets`` decode it to a PIL image;
 * ``README.md``: the dataset card, with the YAML header the Hub reads (``configs``/``data_files`` per split,
   ``dataset_info`` features and split sizes, ``license``, ``task_categories``, ``pretty_name``), then the
   counts, the leakage report of the export (``export/leakage.json``; an imported table has none, said so) and
@@ -16,8 +14,7 @@ most training frameworks consume:
 The source is a run folder (its ``export/parquet/<split>/*.parquet``: one output shard per export shard, rows
 unchanged) or a pairs table written by ``sarlang import`` (its ``split`` column; the images read from
 ``image_uri`` or the embedded bytes, ``rows_per_shard`` rows per output shard). Both are streamed one shard at
-a
-time: a split never sits in memory whole.
+a time: a split never sits in memory whole.
 """
 
 from __future__ import annotations

@@ -343,8 +343,7 @@ def signer(spec: str | None = None):
 
 def sign_href(uri: str, spec: str | None = None) -> str:
     """``uri`` as it must be read: signed by ``catalog.sign`` when it is remote (local paths are never
-    signed).
-    Signing happens at every open, never once in the driver, so a token never outlives its run."""
+    signed). Signing happens at every open, never once in the driver, so a token never outlives its run."""
     fn = signer(spec)
     return uri if fn is None or not is_remote(uri) else str(fn(uri))
 

@@ -1,7 +1,6 @@
 """A judge you can run yourself: ``evaluate.judge=served`` serves an open model (``evaluate.judge_model``: a
-hub
-name or a folder) on the cluster for the duration of the sweep, behind an OpenAI-compatible endpoint, and the
-trials' judge (:class:`sarlang_ray.evaluate.OpenAIJudge`) asks it.
+hub name or a folder) on the cluster for the duration of the sweep, behind an OpenAI-compatible endpoint, and
+the trials' judge (:class:`sarlang_ray.evaluate.OpenAIJudge`) asks it.
 
 SARLANG-1M's published VQA rule ends in a paid judge (gpt-4o-mini after the substring and exact-match steps);
 here the same last step goes to a model the evaluation starts and stops itself, so the judged number is
@@ -9,9 +8,8 @@ reproducible without an API key. The server is a **Ray Serve** application (``ra
 (``evaluate.judge_num_cpus`` / ``judge_num_gpus``) holding the model, a FastAPI ingress answering
 ``POST /v1/chat/completions`` and ``GET /v1/models`` (the OpenAI wire format), plus ``GET /v1/sarlang/stats``
 (requests served). Its HTTP proxy listens on the driver's node address (127.0.0.1 on a one-machine Ray) at a
-free
-port; the trials, on any node, reach it there. :func:`served_judge` starts it before the sweep and deletes the
-application and shuts Serve down after it, also when the sweep fails.
+free port; the trials, on any node, reach it there. :func:`served_judge` starts it before the sweep and
+deletes the application and shuts Serve down after it, also when the sweep fails.
 
 The model's text side answers: a causal LM as it is, a VLM (``AutoModelForImageTextToText``: the tiny offline
 VLM on a CPU-only machine, whose verdicts mean nothing but exercise the whole path) through its language model

@@ -295,16 +295,14 @@ def vqa_correct(
         integer of the prediction ("there are 2 ships" is right for "2", "12" is not); a truth of 0 also by
         a no-answer ("none", "no ships"). A yes/no truth is matched by a prediction that starts with the
         same yes/no word. Anything else must be equal after normalisation ("Vessels." is right for
-        "ship").
-        ``sarlang1m``: the rule of SARLANG-1M's released ``Evaluate_VQA.py`` without its GPT judge. Both
-        texts lowercased (not stripped); right when the truth is a substring of the prediction; else
-        wrong (the script's exact-match step for yes/no and 0..99 truths cannot succeed once the
-        substring test failed, and every other truth would go to the judge). Flawed: a substring is not
-        a match, so "2" is right for "12" or "25", "no" for "I don't know" or "not sure", "car" for
-        "cargo ship", and an empty truth for anything. A lower bound of the published judge accuracy.
-        ``judge``: the full published rule: as ``sarlang1m``, but a truth other than yes/no or 0..99 that
-        is not a substring goes to ``judge(question, truth, pred)`` (all three lowercased, as the script
-        sends them to gpt-4o-mini).
+        "ship"). ``sarlang1m``: the rule of SARLANG-1M's released ``Evaluate_VQA.py`` without its GPT judge.
+        Both texts lowercased (not stripped); right when the truth is a substring of the prediction; else
+        wrong (the script's exact-match step for yes/no and 0..99 truths cannot succeed once the substring
+        test failed, and every other truth would go to the judge). Flawed: a substring is not a match, so "2"
+        is right for "12" or "25", "no" for "I don't know" or "not sure", "car" for "cargo ship", and an empty
+        truth for anything. A lower bound of the published judge accuracy. ``judge``: the full published rule:
+        as ``sarlang1m``, but a truth other than yes/no or 0..99 that is not a substring goes to
+        ``judge(question, truth, pred)`` (all three lowercased, as the script sends them to gpt-4o-mini).
 
     Raises:
         ValueError: an unknown mode, ``judge`` mode without a judge, or a judge with another mode.

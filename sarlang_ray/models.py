@@ -25,8 +25,7 @@ def _video_mixin():
     from transformers.video_processing_utils import VideoProcessorMixin
 
     # transformers exports this base class only when torchvision is installed, yet checks every processor's
-    # video
-    # processor against it by name: make the name resolvable (the class itself needs no torchvision)
+    # video processor against it by name: make the name resolvable (the class itself needs no torchvision)
     if "VideoProcessorMixin" not in transformers.__dict__:
         transformers.VideoProcessorMixin = VideoProcessorMixin
     return VideoProcessorMixin

@@ -63,10 +63,8 @@ SUMMARY_FIELDS = ("tiles_per_gsd", "objects_per_class", "pairs_per_application")
 
 def summarise(cfg: WorkflowConfig, stage_counts: dict, seconds: float) -> dict:
     """Scenes, tiles per GSD, objects per class, pairs per application, rejects by reason and wall time, from
-    the
-    finished stages' counts (their ``_SUCCESS.json``) only: it runs after every command, a no-op one included,
-    and
-    reads no shard (the workers counted them and the stage markers hold the sums)."""
+    the finished stages' counts (their ``_SUCCESS.json``) only: it runs after every command, a no-op one
+    included, and reads no shard (the workers counted them and the stage markers hold the sums)."""
     summary: dict = {
         "workflow": cfg.name,
         "run_dir": cfg.run.run_dir,
@@ -97,8 +95,7 @@ def summarise(cfg: WorkflowConfig, stage_counts: dict, seconds: float) -> dict:
 
 def format_summary(s: dict, stage_lines: bool = True) -> str:
     """The summary as text; ``stage_lines=False`` leaves out the per-stage rows (the terminal printed each
-    stage's
-    counts as it ended) but keeps their warnings."""
+    stage's counts as it ended) but keeps their warnings."""
     lines = [f"== sarlang run '{s['workflow']}' -> {s['run_dir']} ({s['wall_seconds']} s) =="]
     for stage, c in s["stages"].items():
         extra = (

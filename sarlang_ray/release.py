@@ -5,9 +5,8 @@ LLaMA-Factory / ms-swift / ShareGPT JSON instruction set (SARChat-Bench-2M's, fo
 
 * **SARLANG-1M as published** (HF ``YiminJimmy/SARLANG-1M``, README of ``Jimmyxichen/SARLANG-1M``): images in
   ``SARimages_preprocessed/SARimages/`` or ``SARimages/`` (PNG), ``SARimages_original/`` (TIF); text
-(``Text.zip``,
-  unpacked) in ``Text/caption/Caption-training.csv`` (concise and complex captions mixed), ``Caption_test.csv``
-  (complex), ``Caption_test1.csv`` (concise), their JSON twins, and
+  (``Text.zip``, unpacked) in ``Text/caption/Caption-training.csv`` (concise and complex captions mixed),
+  ``Caption_test.csv`` (complex), ``Caption_test1.csv`` (concise), their JSON twins, and
 ``Text/VQA/{train,test}/SARVQA{1,2}_{train,test}.json``.
   SARVQA1's images come from SARDet-100K (``0009787.jpg``) and are distributed separately: pass their folder as
   ``sardet``. Files may sit one folder deeper or shallower: they are found by name, anywhere in the release.
@@ -18,19 +17,15 @@ LLaMA-Factory / ms-swift / ShareGPT JSON instruction set (SARChat-Bench-2M's, fo
 Records: LLaMA-Factory / ms-swift form (``messages`` with ``role`` user/assistant and an ``<image>`` tag, plus
 ``images``), ShareGPT form (``conversations`` with ``from`` human/gpt and ``value``), or plain
 ``question``/``answer``/``image``; each user turn with its assistant turn is one pair. CSVs: the image and
-text
-columns are found from the header (``image``, ``Image Name``, ``filename`` ...; ``caption``, ``text`` ...;
-``question``, ``answer``) or, in a headerless file, from the values (file names vs text); the choice is
-reported.
-A JSON and a CSV twin of the same name: the JSON is read, the CSV reported as skipped.
+text columns are found from the header (``image``, ``Image Name``, ``filename`` ...; ``caption``, ``text``
+...; ``question``, ``answer``) or, in a headerless file, from the values (file names vs text); the choice is
+reported. A JSON and a CSV twin of the same name: the JSON is read, the CSV reported as skipped.
 
 Every row keeps its ``source`` (``SARVQA1``/``SARVQA2``, ``complex``/``concise``/``training``, ...),
-``split``,
-``file`` (``path#record``) and its image: ``image_uri`` checked to exist (or the bytes in ``image``, with
-``embed_images``). A record whose image is missing, whose path leaves the release, or that is malformed
-becomes a
-row of the errors table naming the file, the record and what to do; per file ``records = imported +
-rejected``.
+``split``, ``file`` (``path#record``) and its image: ``image_uri`` checked to exist (or the bytes in
+``image``, with ``embed_images``). A record whose image is missing, whose path leaves the release, or that is
+malformed becomes a row of the errors table naming the file, the record and what to do; per file ``records =
+imported + rejected``.
 
 Applications: a record's own ``application`` key (ours) is kept; every other question gets one of the paper's
 seven applications from rules over its text (:func:`classify_question`); what no rule matches is ``unknown``,
@@ -421,9 +416,8 @@ def sarchat_task(question: str, source: str, rec: dict | None = None) -> str | N
     """The SARChat-Bench-2M task (one of :data:`SARCHAT_TASKS`) of one of its questions, from the data: the
     question's task tag (``[count] How many ...``), else its file's task name (``SARChat:classify_count`` from
     ``SARChat_classify_count_test.json``: the last known word before ``_single``/``_multi``), else the
-    record's
-    own ``task`` key; None when none of them names a task (the mixed ``total_task`` training file without
-    tags)."""
+    record's own ``task`` key; None when none of them names a task (the mixed ``total_task`` training file
+    without tags)."""
     m = _TAG.match(re.sub(r"<image>|<img>|</img>", " ", str(question or "")).strip())
     if m and m.group(1).strip().lower() in _SARCHAT_NAMES:
         return _SARCHAT_NAMES[m.group(1).strip().lower()]
@@ -1187,9 +1181,8 @@ class _Reader:
 
 def import_sarlang1m(root: str, splits: tuple[str, ...] = SPLITS) -> pa.Table:
     """A SARLANG-style release folder (ours or the published SARLANG-1M) as a pairs table, raising on the
-    first
-    unsafe image path or malformed record (what :func:`import_release` with ``strict=True`` does). Images are
-    not required to exist here: ``image_uri`` is where the release says they are.
+    first unsafe image path or malformed record (what :func:`import_release` with ``strict=True`` does).
+    Images are not required to exist here: ``image_uri`` is where the release says they are.
 
     Raises:
         ItemError: ``not_a_release``, ``unsafe_path`` (see :func:`release_image`), ``malformed_release``.

@@ -272,8 +272,7 @@ class Lut:
 
 def _child_text(el: ET.Element, tag: str) -> str:
     """The text of ``el``'s child ``tag``, which the annotation schema requires (a clear error where it is
-    missing,
-    instead of ``float(None)``)."""
+    missing, instead of ``float(None)``)."""
     text = el.findtext(tag)
     if text is None:
         raise SafeError(

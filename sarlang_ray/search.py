@@ -25,8 +25,7 @@ exact footprint test (shapely) and the property filter run per record batch on w
 driver holds the selection, never the snapshot.
 
 An API search is frozen as its pages arrive (:func:`_freeze_api`): items that pass go to a spool on disk page
-by
-page and become stac-geoparquet in chunks, so the driver holds a page, never the search.
+by page and become stac-geoparquet in chunks, so the driver holds a page, never the search.
 """
 
 from __future__ import annotations
@@ -380,8 +379,7 @@ def freeze(q: SearchSection, run_dir: str) -> tuple[str, dict]:
 
 def _snapshot_chunks(parts: Iterator[pa.Table], cap: int | None, written: list[int]) -> Iterator[bytes]:
     """The bytes of a Parquet file of ``parts`` (at most ``cap`` rows), as a writer produces them, part by
-    part;
-    ``written[0]``: the rows written so far."""
+    part; ``written[0]``: the rows written so far."""
     import io as pyio
 
     buf, writer = pyio.BytesIO(), None
@@ -412,12 +410,11 @@ SPOOL_CHUNK = 1024  # items per Arrow batch when the spool of an API search beco
 
 def _freeze_api(q: SearchSection, geom, start, end, stats: dict, uri: str) -> int:
     """Write the items of an API search that pass the client-side filter to ``uri`` as stac-geoparquet;
-    returns
-    how many. Pages are consumed as pystac-client fetches them: each passing item goes to a local NDJSON spool
-    as it arrives, so the driver holds one page, not the search. stac-geoparquet then converts the spool in
-    chunks of :data:`SPOOL_CHUNK` items (two passes: the schema common to all items, since pages may carry
-    different properties and assets; then the rows, batch by batch through a Parquet writer), and the file is
-    copied to the run folder in blocks."""
+    returns how many. Pages are consumed as pystac-client fetches them: each passing item goes to a local
+    NDJSON spool as it arrives, so the driver holds one page, not the search. stac-geoparquet then converts
+    the spool in chunks of :data:`SPOOL_CHUNK` items (two passes: the schema common to all items, since pages
+    may carry different properties and assets; then the rows, batch by batch through a Parquet writer), and
+    the file is copied to the run folder in blocks."""
     import os
     import tempfile
 

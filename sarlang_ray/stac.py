@@ -61,8 +61,7 @@ class Candidate:
         default_factory=dict
     )  # extension fields of the asset (sar:polarizations)
     # the polarisations of one item as one scene: {polarisation, uri, band, asset, calibration, noise} per
-    # asset
-    # (calibration / noise: the item's Sentinel-1 calibration and noise XML assets of that polarisation)
+    # asset (calibration / noise: the item's Sentinel-1 calibration and noise XML assets of that polarisation)
     bands: list[dict[str, Any]] | None = None
 
     def to_json(self) -> str:
@@ -139,8 +138,7 @@ def _iter_walk(
     cat: pystac.Catalog, root: pystac.Catalog, seen: set[str], stage: str
 ) -> Iterator[tuple | dict]:
     """:func:`_walk` as a generator: ``(item, base)`` pairs and error rows as the links are followed. A link
-    is
-    set back to its href once followed, so the catalog does not keep what it has yielded (the hrefs of the
+    is set back to its href once followed, so the catalog does not keep what it has yielded (the hrefs of the
     links followed stay, in ``seen``)."""
     for rel in (pystac.RelType.ITEM, pystac.RelType.CHILD):
         for link in cat.get_links(rel):
@@ -170,8 +168,7 @@ def _iter_walk(
 def iter_items(archive: str, stage: str) -> Iterator[tuple | dict]:
     """:func:`read_items` one item at a time: ``(item, base)`` pairs and error rows, in the same order. An
     ItemCollection is parsed item by item (ijson), a static catalog walked link by link, so the driver holds
-    one
-    item (and the catalogs above it), not the file's items.
+    one item (and the catalogs above it), not the file's items.
 
     Raises:
         FileNotFoundError: the STAC file itself does not exist.

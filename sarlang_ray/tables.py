@@ -9,8 +9,8 @@ through it without importing the orchestrator:
 * ``align/shards/...``: the **tiles** table (tiles + objects, land cover, optical twin);
 * ``annotate/shards/...``: the **annotations** table (pairs, QC-rejected ones included);
 * ``<stage>/errors/...`` and ``catalog/errors.parquet``, ``align/label_errors.parquet``: the errors table. A
-chunk
-  (``<stage>/errors/<shard>``, ``annotate/findings/<shard>.json``, ``align/label_errors/<scene>.parquet``)
+  chunk (``<stage>/errors/<shard>``, ``annotate/findings/<shard>.json``,
+  ``align/label_errors/<scene>.parquet``)
 writes its
   side file only when it has rows: a missing one means none (:func:`write_errors`, :func:`read_error_rows`).
 """
@@ -85,9 +85,8 @@ TILES_SCHEMA = pa.schema(
         ("region", pa.string()),
         ("native_gsd_m", pa.float64()),
         # every polarisation of the scene on this tile (the PNG shows `polarisation`: one of them or a
-        # composite);
-        # noise_clipped: pixels thermal-noise removal took to catalog.noise_floor_db; stretch_db: null if not
-        # shown
+        # composite); noise_clipped: pixels thermal-noise removal took to catalog.noise_floor_db; stretch_db:
+        # null if not shown
         (
             "bands",
             pa.list_(
@@ -214,15 +213,13 @@ def existing_shard(uri: str, planned: int, name: str) -> dict | None:
 
 def tiles_table_shards(run_dir: str) -> list[str]:
     """The shards of the **tiles** table (``align/shards/``: the tiles with objects, land cover and optical
-    twin;
-    ``tile/shards/`` holds the tile stage's tiles before alignment)."""
+    twin; ``tile/shards/`` holds the tile stage's tiles before alignment)."""
     return shards(run_dir, "align")
 
 
 def tiles_counters(tiles: list[dict]) -> dict:
     """Tiles per GSD and objects per class of some rows of the tiles table, as JSON (a manifest row's ``gsds``
-    and
-    ``classes``: the align stage's marker sums them for the run summary)."""
+    and ``classes``: the align stage's marker sums them for the run summary)."""
     gsds = Counter(f"{t['gsd_m']:g} m" for t in tiles)
     classes = Counter(o["class"] for t in tiles for o in t["objects"] or [])
     return {
@@ -269,8 +266,7 @@ def read_error_rows(uri: str, columns: list[str] | None = None) -> list[dict]:
 
 def shard_error_reasons(run_dir: str, stage: str, names: list[str]) -> dict[str, int]:
     """Rejects per ``error_class`` in the errors tables of some shards of a sharded stage
-    (``<stage>/errors/<name>``;
-    a shard without one rejected nothing)."""
+    (``<stage>/errors/<name>``; a shard without one rejected nothing)."""
     reasons: Counter = Counter()
     for name in names:
         reasons.update(

@@ -387,8 +387,7 @@ def _timing(started: float) -> dict:
 
 class TileChunk:
     """Row function of the tile stage (Ray tasks, one instance per worker process): one chunk descriptor ->
-    one
-    shard + manifest row."""
+    one shard + manifest row."""
 
     def __init__(self, cfg: TileSection, run_dir: str, access: dict | None = None):
         self.cfg = cfg
@@ -636,9 +635,8 @@ class TileChunk:
         self, src, scene: SceneRow, bands: list[dict], grid: Grid, t: Affine
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
         """Every band's linear intensity on a tile, before and after the speckle filter (read with the
-        filter's
-        halo, as :meth:`filtered_intensity`), and per band the source pixels noise removal took to the
-        floor."""
+        filter's halo, as :meth:`filtered_intensity`), and per band the source pixels noise removal took to
+        the floor."""
         size, halo = self.cfg.tile_size, sar.despeckle_halo(self.cfg.speckle)
         looks_scale = (grid.gsd / scene["gsd_m"]) ** 2
         inner = np.s_[halo : halo + size, halo : halo + size]

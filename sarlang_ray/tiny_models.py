@@ -60,9 +60,8 @@ def _tokenizer(
     """A byte-level BPE tokenizer trained on ``_corpus()`` with ``specials`` as special tokens.
 
     ``roles`` maps ``bos_token``/``eos_token``/``pad_token``/``unk_token`` to tokens of ``specials``;
-    ``extra``
-    names the family's multimodal tokens (``image_token``, ``boi_token``...) the processors read as tokenizer
-    attributes. ``add_bos`` prepends the BOS token to every encoding, as Llama tokenizers do."""
+    ``extra`` names the family's multimodal tokens (``image_token``, ``boi_token``...) the processors read as
+    tokenizer attributes. ``add_bos`` prepends the BOS token to every encoding, as Llama tokenizers do."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -535,8 +534,7 @@ def _tiny_idefics3(hidden: int, layers: int, size: int):
         chat_template=IDEFICS3_TEMPLATE,
     )
     # pad_token_id: a generic config attribute the config accepts as an extra keyword (its dataclass __init__,
-    # all
-    # that mypy sees, does not list it)
+    # all that mypy sees, does not list it)
     config = Idefics3Config(
         vision_config=_idefics_vision(layers, tile, patch),
         text_config=dict(model_type="llama", **_text(hidden, layers, tokenizer)),
@@ -655,8 +653,7 @@ def _tiny_gemma3(hidden: int, layers: int, size: int):
     )  # as every Gemma 3
     model = Gemma3ForConditionalGeneration(config)
     # Gemma scales token embeddings by sqrt(hidden) and normalises each layer's output (post-norms at 1 + 0):
-    # an
-    # untrained two-layer model then repeats its last input token; 4x wider post-norms let the layers speak
+    # an untrained two-layer model then repeats its last input token; 4x wider post-norms let the layers speak
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
@@ -689,10 +686,9 @@ def init_tiny_vlm(
 
     ``family`` may also be a hub name or model type that ``families.tiny_for`` places
     (``Qwen/Qwen2-VL-2B-Instruct`` gives a tiny ``qwen2_vl``). ``hidden`` is the text decoder's width (4
-    heads),
-    ``layers`` the depth of its decoder and vision tower, ``image_size`` (a multiple of 16) the vision input
-    side (tile side for InternVL/Idefics3/SmolVLM; half the largest image side for Qwen). Weights are random
-    (``seed``), in float32."""
+    heads), ``layers`` the depth of its decoder and vision tower, ``image_size`` (a multiple of 16) the vision
+    input side (tile side for InternVL/Idefics3/SmolVLM; half the largest image side for Qwen). Weights are
+    random (``seed``), in float32."""
     if image_size % 16:
         raise ValueError(f"image_size must be a multiple of 16 (8-px patches merged 2x2), got {image_size}")
     import torch

@@ -8,8 +8,7 @@ The wiring, top to bottom:
   ``train.preprocess_concurrency`` at once, each worker process keeping its :class:`Preprocess` and so its
   processor from one task and one epoch to the next) decode the PNG, render the model's own chat template
   (``models.chat_texts``), run the processor and build the labels. The training dataset runs with its own
-execution options
-  (``DataConfig``: no ``preserve_order``), the held-out one in file order, unshuffled.
+  execution options (``DataConfig``: no ``preserve_order``), the held-out one in file order, unshuffled.
 - **workers** (:func:`train_loop_per_worker`): each streams its shard with prefetch, pads and concatenates the
   tensors (:func:`collate`, generic over whatever the processor returned) and moves them to its device.
   Gradient accumulation skips the gradient all-reduce on all but the last micro-step (DDP ``no_sync``, FSDP2
@@ -656,10 +655,8 @@ def _rows_dataset(files: list[str], columns: list[str], limit: int | None):
 
 def held_out_split(parquet: str) -> str:
     """The split the held-out loss is measured on: ``val``, or ``test`` when the export has no validation
-    pairs (a
-    small archive may put no block in val). Then the held-out loss is the test split's, the split the
-    leaderboard
-    scores: the training log, metrics.json and the run summary say so."""
+    pairs (a small archive may put no block in val). Then the held-out loss is the test split's, the split the
+    leaderboard scores: the training log, metrics.json and the run summary say so."""
     return "val" if io.glob(parquet, "val/*.parquet") else "test"
 
 

@@ -6,17 +6,14 @@ is one folder of plain files (``index.html``, ``tile.html``, ``map.html``, ``lea
 ``leaderboard.html``, ``app.js``, data as ``.js`` files, PNGs) that opens from ``file://`` or any static host:
 data files are scripts that hand their content to the page (a browser refuses ``fetch`` of local files, not
 ``<script src>``), and nothing is fetched from the internet (the map draws footprints in SVG; a basemap tile
-URL
-is optional).
+URL is optional).
 
 It scales with the run, not with the driver: one Ray task per tiles-table shard (``align/shards/``) reads that
 shard, its annotations, its exported split membership, its error rows and the model answers for its pairs, and
 writes the tile pages, images, thumbnails and one *page* of the grid's index (``data/pages/<n>.js``). The
-driver
-keeps only counters per filter value and a sample of at most ``sample`` tiles per filter value (the tiles with
-the smallest hash of their id, so the sample is reproducible and the same tile serves several values); the
-grid
-filters that sample in the browser and pages through the full index shard by shard.
+driver keeps only counters per filter value and a sample of at most ``sample`` tiles per filter value (the
+tiles with the smallest hash of their id, so the sample is reproducible and the same tile serves several
+values); the grid filters that sample in the browser and pages through the full index shard by shard.
 """
 
 from __future__ import annotations
@@ -375,10 +372,8 @@ def build_site(
     manifest.
 
     Ray must be initialised (the CLI connects as the pipeline does). ``sample``: tiles kept per filter value
-    for the
-    grid; ``basemap``: an XYZ tile URL template (``https://.../{z}/{x}/{y}.png``) drawn under the map's
-    footprints
-    when the browser can reach it."""
+    for the grid; ``basemap``: an XYZ tile URL template (``https://.../{z}/{x}/{y}.png``) drawn under the
+    map's footprints when the browser can reach it."""
     import ray
 
     run_dir = run_dir.rstrip("/")

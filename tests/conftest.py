@@ -125,12 +125,10 @@ def trained_run(demo_run, tiny_vlm, tmp_path_factory):
 
 # ---------------------------------------------------------------- test tiers
 # `make test-fast` runs the tests marked `fast`: those that need no Ray, no demo run and no server. The mark
-# is
-# derived here from the fixtures a test uses (transitively); a module that starts its own cluster or server
+# is derived here from the fixtures a test uses (transitively); a module that starts its own cluster or server
 # without a fixture says so with `pytestmark = pytest.mark.needs_ray`. In the fast tier
-# (SARLANG_TEST_TIER=fast)
-# starting Ray or a test server raises, so a test that was classified wrongly fails loudly instead of slowing
-# the tier down.
+# (SARLANG_TEST_TIER=fast) starting Ray or a test server raises, so a test that was classified wrongly fails
+# loudly instead of slowing the tier down.
 HEAVY_FIXTURES = frozenset({"ray_session", "demo_run", "trained_run", "s3", "tiny_vlm"})
 FAST_TIER = os.environ.get("SARLANG_TEST_TIER") == "fast"
 

@@ -1,7 +1,6 @@
 """A pass-through HTTP proxy on 127.0.0.1 that records the headers of every request (tests: what a reader
 sent to SeaweedFS: a signature or none, ``x-amz-request-payer``); with ``latency_s`` it delays every answer,
-as
-a remote store's round trip would, and ``bytes_sent`` counts the body bytes it answered (benchmarks)."""
+as a remote store's round trip would, and ``bytes_sent`` counts the body bytes it answered (benchmarks)."""
 
 from __future__ import annotations
 

@@ -42,8 +42,7 @@ class DiesOnce:
 
 class Sleeper:
     """Leaves ``started-<i>`` (its pid), sleeps ``seconds``, then leaves ``done-<i>``: which items ran to
-    their
-    end, and where."""
+    their end, and where."""
 
     def __init__(self, log_dir: str, seconds: float):
         self.log_dir, self.seconds = Path(log_dir), seconds

@@ -1,8 +1,7 @@
 """Every catalog source streams: a glob over a folder or an s3:// bucket and a STAC file (ItemCollection,
-static
-catalog) are listed in pages (catalog.listing_pages) that flow into the same inspection tasks as a search
-snapshot. Expected values come from the whole-listing functions (catalog.list_scenes, stac.read_items) and the
-per-scene inspector run in the test process, not from the streaming code."""
+static catalog) are listed in pages (catalog.listing_pages) that flow into the same inspection tasks as a
+search snapshot. Expected values come from the whole-listing functions (catalog.list_scenes, stac.read_items)
+and the per-scene inspector run in the test process, not from the streaming code."""
 
 from __future__ import annotations
 
@@ -38,9 +37,8 @@ def _streamed(cfg, page_rows: int = 64) -> tuple[list[dict], list[dict], list[in
 @pytest.fixture
 def tricky_archive(real_sar, tmp_path) -> Path:
     """OPERA VV/VH pairs in two folders, plus names that sort between a group's members (``x_VHa.tif``, a
-    folder
-    ``x_VH/``), OPERA masks with and without their pair, a polarisation named twice, a SAFE folder and a file
-    no pattern matches."""
+    folder ``x_VH/``), OPERA masks with and without their pair, a polarisation named twice, a SAFE folder and
+    a file no pattern matches."""
     src = sorted((real_sar / OPERA).glob("*/*_VV.tif"))
     root = tmp_path / "archive"
     for i, vv in enumerate(src[:6]):
@@ -75,8 +73,7 @@ def tricky_archive(real_sar, tmp_path) -> Path:
 )
 def test_a_glob_streams_the_rows_of_the_whole_listing(tricky_archive, globs):
     """The streamed glob lists what list_scenes lists (groups, masks, products, loners), in pages of the sizes
-    the
-    stream promises (4, 8, 16... at most 64), for several pattern sets."""
+    the stream promises (4, 8, 16... at most 64), for several pattern sets."""
     cfg = load_config(
         None, [f"catalog.archive={tricky_archive}", f"catalog.sar_glob={json.dumps(globs)}"]
     ).catalog
@@ -151,8 +148,7 @@ def test_stac_files_stream_the_items_of_the_whole_read(real_sar, tmp_path):
 
 def _expected_tables(cfg) -> tuple[list[str], list[tuple[str, str]]]:
     """The whole-listing result: every row of list_scenes inspected in this process (catalog.SceneInspector),
-    as
-    sorted scene ids and sorted (file name, error class) pairs."""
+    as sorted scene ids and sorted (file name, error class) pairs."""
     rows, errors = catalog.list_scenes(cfg)
     inspector = catalog.SceneInspector(cfg)
     results = [inspector(r) for r in rows]
@@ -163,9 +159,8 @@ def _expected_tables(cfg) -> tuple[list[str], list[tuple[str, str]]]:
 
 def test_the_streamed_glob_equals_the_whole_listing_locally_and_on_s3(ray_session, s3, real_sar, tmp_path):
     """A folder of OPERA pairs, single files and a corrupt file, catalogued by the streaming stage from the
-    local
-    folder and from its copy on SeaweedFS: both tables hold what inspecting the whole listing gives (the same
-    scene ids, the corrupt file in errors), and planned = written + rejected."""
+    local folder and from its copy on SeaweedFS: both tables hold what inspecting the whole listing gives (the
+    same scene ids, the corrupt file in errors), and planned = written + rejected."""
     import fsspec
 
     local = tmp_path / "archive"
@@ -207,10 +202,9 @@ def test_the_streamed_glob_equals_the_whole_listing_locally_and_on_s3(ray_sessio
 
 def test_twin_candidates_pruned_per_page_choose_the_twins_of_the_whole_source(tmp_path):
     """A page's TwinFinder keeps only the optical items its scenes can use (footprint on the page's extent,
-    time
-    within the window of one of its scenes): every scene gets the twin, score and reason the finder over the
-    whole
-    source gives, including ``outside_time_window`` for scenes whose only candidates were pruned by time."""
+    time within the window of one of its scenes): every scene gets the twin, score and reason the finder over
+    the whole source gives, including ``outside_time_window`` for scenes whose only candidates were pruned by
+    time."""
     import random
 
     import shapely

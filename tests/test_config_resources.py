@@ -1,8 +1,6 @@
 """One resource vocabulary: every stage section has num_cpus, num_gpus, memory_gb and concurrency (N, [min,
-max]
-or null); the old keys (tile.max_tasks, align.max_actors, annotate.max_actors) still load, with a warning
-naming
-the new key, and give what the new spelling gives. No Ray: config only."""
+max] or null); the old keys (tile.max_tasks, align.max_actors, annotate.max_actors) still load, with a warning
+naming the new key, and give what the new spelling gives. No Ray: config only."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Typed modes and sections that check themselves: every mode is a Literal field whose bad value is refused on
 load naming the key and the allowed values; every section is a ``Section`` whose ``check`` runs at load time,
-and
-gives the same words for a section built in code. No Ray: config only."""
+and gives the same words for a section built in code. No Ray: config only."""
 
 from __future__ import annotations
 

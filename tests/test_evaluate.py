@@ -617,8 +617,7 @@ def test_one_command_evaluates_a_model_on_the_imported_sarlang1m_release(
     workflows/sarlang1m.yaml`:
     the leaderboard has the paper's seven application columns, the complex and concise caption sets apart, the
     majority baseline from the release's train split (no template oracle: no objects), the `sarlang1m` rule
-    and
-    the published numbers."""
+    and the published numbers."""
     from conftest import REPO
     from test_release import build_release
 

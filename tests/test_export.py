@@ -236,8 +236,8 @@ def test_dataset_card_has_counts_and_plots(exported):
 def _expected_files(cfg) -> dict[str, bytes]:
     """What the export must write, computed here from the tiles and annotations tables alone, the way the old
     serial exporter did (records in shard order, then pair order; whole-list ``json.dumps``;
-    ``csv.DictWriter``):
-    the assembled JSON/CSV files, every Parquet shard and every PNG, path under export/ -> bytes."""
+    ``csv.DictWriter``): the assembled JSON/CSV files, every Parquet shard and every PNG, path under export/
+    -> bytes."""
     import csv
     import io as _io
 
@@ -362,8 +362,7 @@ def test_each_png_is_written_once_and_both_layouts_name_it(exported):
 
 def test_workers_export_the_shards_and_a_second_export_is_byte_identical(exported, tmp_path, monkeypatch):
     """The export of a copy of the run folder: the driver reads no shard of the tiles table (Ray tasks plan
-    the
-    split) and writes no PNG, Parquet shard or part (the actors do), and every file equals the first
+    the split) and writes no PNG, Parquet shard or part (the actors do), and every file equals the first
     export's."""
     import shutil
 

@@ -2,8 +2,8 @@
 
 The walk runs the real :meth:`Stage.run` (fingerprints, markers on disk, ``run.force``, invalidation of later
 stages) with each stage's body replaced by a recorder, so no Ray is started and no data is made: a stage
-"redoes"
-when ``Stage.run`` calls its body. The table is parsed from the doc, so the doc and the code cannot drift.
+"redoes" when ``Stage.run`` calls its body. The table is parsed from the doc, so the doc and the code cannot
+drift.
 """
 
 from __future__ import annotations
@@ -162,8 +162,7 @@ def _override(base: WorkflowConfig, key: str, value, hint) -> list[str]:
 
 class Walk:
     """A finished run of ``base`` (markers only, every stage's body a recorder), and what ``Stage.run``
-    recomputes,
-    in order, when it is run again with a change."""
+    recomputes, in order, when it is run again with a change."""
 
     def __init__(self, root, base: list[str]):
         self.root, self.calls = root, []

@@ -1,6 +1,5 @@
 """The test split for other harnesses: an lmms-eval task loaded by lmms-eval's own TaskManager, a VLMEvalKit
-TSV
-read the way VLMEvalKit reads it, both with the samples ``sarlang evaluate`` scores, both scored with our
+TSV read the way VLMEvalKit reads it, both with the samples ``sarlang evaluate`` scores, both scored with our
 metrics."""
 
 from __future__ import annotations
@@ -50,8 +49,7 @@ def _export_images(cfg, pairs) -> dict[str, np.ndarray]:
 
 def _predictions(samples) -> dict[str, str]:
     """Right on every other VQA pair, empty on the rest, the first reference for captions: scores strictly
-    between
-    0 and 1 that any mix-up of pairs, answers or references would change."""
+    between 0 and 1 that any mix-up of pairs, answers or references would change."""
     return {
         s["pair_id"]: (
             s["references"][0] if s["kind"] in evaluate.CAPTION_KINDS else s["answer"] if i % 2 else ""
@@ -63,8 +61,8 @@ def _predictions(samples) -> dict[str, str]:
 def test_the_lmms_eval_task_follows_the_documented_schema(bench):
     """What lmms-eval's docs (and its bundled tasks, e.g. chartqa.yaml) require of a task: a YAML with task,
     dataset_path + dataset_kwargs.data_files, test_split, output_type, the !function hooks and a metric_list
-    whose
-    aggregations exist; read here with a !function constructor that imports utils.py as lmms-eval does."""
+    whose aggregations exist; read here with a !function constructor that imports utils.py as lmms-eval does.
+    """
     _cfg, manifest, pairs = bench
     task_dir = Path(manifest["files"]["lmms_eval"]["task_dir"])
 
@@ -138,8 +136,7 @@ def _vlmevalkit_load(tsv: Path) -> pd.DataFrame:
     vlmeval/dataset/__init__.py build_dataset(): a `question` column and no A/B columns is a CustomVQADataset;
     vlmeval/dataset/image_base.py ImageBaseDataset.__init__: index as str, an image value of 64 characters or
     fewer is the index of the row holding the image), at commit e8e78f05 of open-compass/VLMEvalKit, which
-    does
-    not install from PyPI."""
+    does not install from PyPI."""
     data = pd.read_csv(tsv, sep="\t")
     assert "question" in [c.lower() for c in data.columns] and not (
         "A" in data and "B" in data
@@ -199,9 +196,8 @@ def test_the_vlmevalkit_tsv_loads_as_vlmevalkit_reads_it_and_scores_with_our_met
 
 def test_export_bench_writes_an_imported_release_too(tmp_path, capsys):
     """`sarlang export-bench workflows/sarlang1m.yaml` on an imported SARLANG-1M-style release: the same
-    samples
-    evaluate scores (VQA of the test split, one prompt per image and caption set), images read from the
-    release."""
+    samples evaluate scores (VQA of the test split, one prompt per image and caption set), images read from
+    the release."""
     from test_release import build_release
 
     built = build_release(tmp_path)

@@ -1,6 +1,5 @@
 """`sarlang export-hf`: a dataset folder that `datasets.load_dataset(OUT)` reads as it is: three splits with
-the
-export's row counts, images decoded equal to the exported PNGs, a card whose YAML header the Hub reads."""
+the export's row counts, images decoded equal to the exported PNGs, a card whose YAML header the Hub reads."""
 
 from __future__ import annotations
 

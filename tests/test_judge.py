@@ -1,10 +1,7 @@
 """`evaluate.judge=served`: the evaluation serves an open model (here the tiny offline VLM's text side) behind
-a
-real OpenAI-compatible server on Ray Serve for the sweep, judges through it, and stops it after; the
-leaderboard
-shows the rule-only and the judged accuracy side by side with the judge's name; only the answers the rules
-left
-undecided reach the judge, counted by the trial and by the server itself."""
+a real OpenAI-compatible server on Ray Serve for the sweep, judges through it, and stops it after; the
+leaderboard shows the rule-only and the judged accuracy side by side with the judge's name; only the answers
+the rules left undecided reach the judge, counted by the trial and by the server itself."""
 
 from __future__ import annotations
 

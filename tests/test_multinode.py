@@ -150,8 +150,8 @@ NODE_LOSS = textwrap.dedent("""
 def test_a_node_lost_mid_tile_and_mid_annotate_loses_and_duplicates_nothing(demo_run, tmp_path):
     """A 4-node cluster (1 CPU each; 2 tile tasks at once, then a pool of 2 annotate actors); while tile runs,
     then while annotate runs, a worker node busy with the stage is removed (as a spot node is reclaimed): the
-    stages finish on the nodes left,
-    and every table equals the one of an undisturbed run on the same cluster, shard for shard."""
+    stages finish on the nodes left, and every table equals the one of an undisturbed run on the same cluster,
+    shard for shard."""
     cfg, _ = demo_run
     proc = subprocess.run(
         [sys.executable, "-c", NODE_LOSS, cfg.synth.out_dir, str(tmp_path)],
@@ -363,8 +363,7 @@ def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_pat
     for stage, where in spread.items():
         assert where and where <= nodes, (stage, out["actors"])
     # one stage's items may fit one node (the catalog's few pages, small tasks): Ray chooses; the run as a
-    # whole
-    # used every node of the cluster
+    # whole used every node of the cluster
     assert set().union(*spread.values()) == nodes
 
     # the run folder on S3: the storage check let s3:// through without run.shared_fs, and every stage
@@ -441,8 +440,8 @@ PLACEMENT = textwrap.dedent("""
 @pytest.mark.slow  # 4 min on a loaded 2-core machine (the demo's data stages at two GSDs on 3 raylets)
 def test_every_data_stage_records_where_its_items_ran_on_a_3_node_cluster(tmp_path):
     """Each data stage's ``_SUCCESS.json`` has a ``placement``: per node id its address and items, the items
-    adding
-    up to the stage's own count of them (scenes, chunks / shards, export shards), on the cluster's nodes."""
+    adding up to the stage's own count of them (scenes, chunks / shards, export shards), on the cluster's
+    nodes."""
     import shutil
     import tempfile
 
@@ -493,6 +492,5 @@ def test_every_data_stage_records_where_its_items_ran_on_a_3_node_cluster(tmp_pa
         assert sum(p["items"] for p in placement.values()) == expected[stage], (stage, placement, expected)
         used |= set(placement)
     # where one stage's items land is Ray's choice (small tasks may all fit one node); across the stages the
-    # work
-    # ran on more than one node, and every node named is one of the cluster's
+    # work ran on more than one node, and every node named is one of the cluster's
     assert len(used) >= 2 and used <= set(nodes), (used, nodes)

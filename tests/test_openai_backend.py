@@ -223,8 +223,7 @@ def test_openai_backend_without_its_key_fails_at_annotate_naming_the_variable(
 
 class HealingServer(ChatServer):
     """Counts every request; until ``healed``, the QA request of a tile whose prompt hashes to a multiple of 3
-    gets
-    HTTP 500 (with annotate.openai.max_retries=0 the tile fails: 3 requests, 2 captions and the QA)."""
+    gets HTTP 500 (with annotate.openai.max_retries=0 the tile fails: 3 requests, 2 captions and the QA)."""
 
     def __init__(self):
         super().__init__()
@@ -243,10 +242,8 @@ class HealingServer(ChatServer):
 
 def test_a_retry_redoes_only_the_failed_tiles(demo_run, tmp_path):
     """`sarlang annotate ... run.retry_errors=true` after an endpoint outage: only the tiles of the errors
-    table
-    are asked again (the server counts the requests), the other pairs are kept as they were, the counts and
-    the
-    errors table are updated, and the export made from the old annotations is redone."""
+    table are asked again (the server counts the requests), the other pairs are kept as they were, the counts
+    and the errors table are updated, and the export made from the old annotations is redone."""
     from sarlang_ray import cli, io
 
     cfg, _ = demo_run

@@ -1,7 +1,6 @@
 """Importing releases as published: SARLANG-1M's layout (both record forms, mixed CSV headers, JSON twins,
-SARDet
-images kept apart, a missing image), the paper's seven applications from the question text, SARChat-Bench's
-ms-swift JSON, and the loud failures (a zip, renamed folders)."""
+SARDet images kept apart, a missing image), the paper's seven applications from the question text,
+SARChat-Bench's ms-swift JSON, and the loud failures (a zip, renamed folders)."""
 
 from __future__ import annotations
 
@@ -151,12 +150,12 @@ def build_release(root: Path) -> dict:
     """A small SARLANG-1M release in the published layout, and what importing it must give.
 
     ``root/SARLANG-1M``: preprocessed PNGs under SARimages_preprocessed/SARimages/, one original TIF, Text/
-    unpacked
-    (captions: Caption-training.csv with its JSON twin, Caption_test.csv with a spaced "Image Name , Caption"
-    header, a headerless Caption_test1.csv; VQA: SARVQA1 in LLaMA-Factory form naming SARDet-100K images,
-    SARVQA2 in ShareGPT form); ``root/SARDet_100K/JPEGImages/{train,test}/``: the SARDet images, apart. One
-    SARVQA2 record names an image that is nowhere, one SARVQA1 record a SARDet image that is not there, one
-    record is malformed. Every question of QUESTIONS appears once in a test file and once in a train file."""
+    unpacked (captions: Caption-training.csv with its JSON twin, Caption_test.csv with a spaced "Image Name ,
+    Caption" header, a headerless Caption_test1.csv; VQA: SARVQA1 in LLaMA-Factory form naming SARDet-100K
+    images, SARVQA2 in ShareGPT form); ``root/SARDet_100K/JPEGImages/{train,test}/``: the SARDet images,
+    apart. One SARVQA2 record names an image that is nowhere, one SARVQA1 record a SARDet image that is not
+    there, one record is malformed. Every question of QUESTIONS appears once in a test file and once in a
+    train file."""
     rel = root / "SARLANG-1M"
     images = rel / "SARimages_preprocessed" / "SARimages"
     names = [f"France_Nice_{i}.png" for i in range(6)]
@@ -376,10 +375,8 @@ def test_a_zip_renamed_folders_and_nothing_importable_are_loud(tmp_path, capsys)
 def test_sarchat_bench_ms_swift_json_imports_the_same_way(tmp_path):
     """SARChat-Bench-2M (github.com/JimmyMa99/SARChat): one ms-swift JSON per task and split
     (SARChat_<task>_test.json, as its infer/swift-eval.py lists them), records with messages + images,
-    questions
-    led by a task tag ("[refer] Locate 1 aircraft." -> "{<393><426><470><494>} (bottom right)", as its
-    training
-    logs show). Built here in that layout, with SARDet-style images beside it."""
+    questions led by a task tag ("[refer] Locate 1 aircraft." -> "{<393><426><470><494>} (bottom right)", as
+    its training logs show). Built here in that layout, with SARDet-style images beside it."""
     root = tmp_path / "sarchat"
     for i in range(3):
         _png(root / "images" / f"{i:07d}.jpg", i, ".jpg")

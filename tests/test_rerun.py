@@ -255,9 +255,8 @@ def test_an_interrupted_stage_resumes_without_duplicates(demo_copy):
 
 def test_the_summary_is_made_from_the_markers_alone(demo_copy):
     """Every shard, errors table and the scenes table unreadable after the run: the summary of the next
-    command
-    (a no-op) still has the right counts, so it read none of them (the workers counted; the markers hold the
-    sums)."""
+    command (a no-op) still has the right counts, so it read none of them (the workers counted; the markers
+    hold the sums)."""
     import collections
 
     from sarlang_ray.config import load_config
@@ -300,8 +299,7 @@ def test_the_summary_is_made_from_the_markers_alone(demo_copy):
 
 def test_a_summary_that_fails_does_not_hide_why_the_stage_failed(ray_session, tmp_path):
     """The summary runs in a ``finally``: an error of its own (here a marker it cannot read) is logged, and
-    the
-    command reports the stage's failure."""
+    the command reports the stage's failure."""
     from sarlang_ray.config import load_config
     from sarlang_ray.stages import StageFailed
 
@@ -342,10 +340,9 @@ def test_same_seed_gives_identical_tables(demo_run, tmp_path):
 @pytest.mark.slow
 def test_cli_runs_the_workflow_on_the_session_cluster(ray_session, tmp_path):
     """`sarlang run workflows/demo.yaml ...` as a user types it, attached to the running Ray cluster
-    (RAY_ADDRESS),
-    with a relative run folder and command-line overrides: the data stages and the end-of-command summary. The
-    whole
-    recipe (train, evaluate, leaderboard) through the CLI is tests/test_view_terminal.py's `make run`."""
+    (RAY_ADDRESS), with a relative run folder and command-line overrides: the data stages and the
+    end-of-command summary. The whole recipe (train, evaluate, leaderboard) through the CLI is
+    tests/test_view_terminal.py's `make run`."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     run_dir = tmp_path / "runs" / "cli"  # given relative to the working directory, as the demo does
     proc = subprocess.run(

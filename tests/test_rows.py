@@ -1,6 +1,5 @@
 """The row TypedDicts (sarlang_ray/rows.py) are the Arrow schemas of their tables, key by key and type by
-type;
-a chunk row is what tiling.plan_chunks makes. No Ray."""
+type; a chunk row is what tiling.plan_chunks makes. No Ray."""
 
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
 """SARChat-Bench-2M, as published and scored the way its authors score it.
 
 The small release here is built in its published layout (github.com/JimmyMa99/SARChat: one ms-swift JSON per
-task
-and split, ``SARChat_<task>_<split>.json`` as its ``infer/swift-eval.py`` lists them; records of ``messages``
-+
-``images``; the README's six tasks; the training set as one mixed file, here in ms-swift's
-``query``/``response``
-form), with several box conventions in the answers and some malformed records. Expected values come from the
-test's own bookkeeping and from shapely, never from the code under test.
+task and split, ``SARChat_<task>_<split>.json`` as its ``infer/swift-eval.py`` lists them; records of
+``messages`` + ``images``; the README's six tasks; the training set as one mixed file, here in ms-swift's
+``query``/``response`` form), with several box conventions in the answers and some malformed records. Expected
+values come from the test's own bookkeeping and from shapely, never from the code under test.
 """
 
 from __future__ import annotations
@@ -343,10 +340,8 @@ def test_score_gives_six_sarchat_columns_and_counts_box_parse_failures():
 @pytest.mark.slow
 def test_one_command_evaluates_a_model_on_sarchat(ray_session, tiny_vlm, sarchat, tmp_path, capsys):
     """`sarlang import` then `sarlang evaluate workflows/sarchat.yaml` with the tiny offline VLM: the
-    leaderboard's
-    SARChat section has the six task columns and the command exits 0; a model that cannot load fails its row
-    and
-    the command exits non-zero."""
+    leaderboard's SARChat section has the six task columns and the command exits 0; a model that cannot load
+    fails its row and the command exits non-zero."""
     from conftest import REPO
 
     from sarlang_ray import cli

@@ -1,10 +1,7 @@
 """Sharded exports (issue 31): above export.shard_records / shard_bytes a split's LLaMA-Factory JSON,
-SARLANG-1M
-JSON and CSV and Parquet are numbered shards written by Ray tasks, listed in manifest.json, and the frameworks
-read
-them as one dataset with the records of the single-file export; above export.images_per_prefix the PNGs go
-under
-SAR_images/<scene>/<gsd>m/."""
+SARLANG-1M JSON and CSV and Parquet are numbered shards written by Ray tasks, listed in manifest.json, and the
+frameworks read them as one dataset with the records of the single-file export; above export.images_per_prefix
+the PNGs go under SAR_images/<scene>/<gsd>m/."""
 
 from __future__ import annotations
 
@@ -44,8 +41,7 @@ def _llamafactory_load(dataset_dir: Path, name: str, cache: Path):
     ``_load_single_dataset`` (hiyouga/LLaMA-Factory 0.9.5, load_from == "file") joins ``dataset_dir`` and the
     dataset's ``file_name`` from ``dataset_info.json``; a folder
     gives every file in ``os.listdir`` order, whose extensions must map to one builder (``FILEEXT2TYPE``),
-    then
-    ``datasets.load_dataset(path=builder, data_files=files, split="train")``."""
+    then ``datasets.load_dataset(path=builder, data_files=files, split="train")``."""
     from datasets import load_dataset
 
     filetypes = {
@@ -74,12 +70,10 @@ def _llamafactory_load(dataset_dir: Path, name: str, cache: Path):
 LLAMAFACTORY = "llamafactory==0.9.5"  # the release whose data/loader.py the helper above was read from
 LF_VENV = Path(__file__).resolve().parents[1] / ".lf-venv"  # ignored by git; built by the fixture below
 # run by the LLaMA-Factory venv's Python: its own parser (data/parser.py get_dataset_list reads
-# dataset_info.json)
-# and loader (data/loader.py _load_single_dataset: the folder's files through datasets, then align_dataset
-# into
-# its standard columns); llamafactory/data/__init__.py is not run (its template module imports torchaudio,
-# whose
-# wheels are built for other torch versions; the loader does not use it), nor hparams/__init__ (the trainers)
+# dataset_info.json) and loader (data/loader.py _load_single_dataset: the folder's files through datasets,
+# then align_dataset into its standard columns); llamafactory/data/__init__.py is not run (its template module
+# imports torchaudio, whose wheels are built for other torch versions; the loader does not use it), nor
+# hparams/__init__ (the trainers)
 LF_LOAD = """
 import json, sys, types
 from pathlib import Path
@@ -108,9 +102,9 @@ print(json.dumps(out))
 @pytest.fixture(scope="session")
 def llamafactory_python():
     """A Python with LLaMA-Factory's package, in its own venv under the worktree: ``pip install --no-deps`` of
-    the
-    pinned release (its requirements pin transformers, datasets and peft below this project's), the project
-    venv's packages visible through a ``.pth`` file (so torch and datasets are the project's, unchanged)."""
+    the pinned release (its requirements pin transformers, datasets and peft below this project's), the
+    project venv's packages visible through a ``.pth`` file (so torch and datasets are the project's,
+    unchanged)."""
     import site
     import subprocess
     import sys
@@ -162,8 +156,7 @@ def llamafactory_python():
 
 def _llamafactory_rows(python: Path, datasets: list[tuple[Path, str]], cache: Path) -> dict:
     """What LLaMA-Factory's loader gives for each (dataset_dir, dataset name), by "dataset_dir:name"; one
-    process
-    (its imports take most of the time)."""
+    process (its imports take most of the time)."""
     import subprocess
 
     args = [f"{d}:{name}" for d, name in datasets]
@@ -182,9 +175,8 @@ def _llamafactory_rows(python: Path, datasets: list[tuple[Path, str]], cache: Pa
 def test_llamafactorys_own_loader_reads_the_shards_as_the_single_file(sharded, llamafactory_python, tmp_path):
     """LLaMA-Factory 0.9.5's own code (installed from PyPI in .lf-venv) reads the sharded split through our
     dataset_info.json: its parser takes the folder as a file dataset, its loader loads every shard as one
-    dataset
-    and converts it (ShareGPT columns and tags, images resolved against media_dir) to the same rows as the
-    single-file export gives, with the same PNGs behind the image paths."""
+    dataset and converts it (ShareGPT columns and tags, images resolved against media_dir) to the same rows as
+    the single-file export gives, with the same PNGs behind the image paths."""
     single, out, _ = sharded
     records_of = {s: json.loads((single / "llamafactory" / f"sarlang_{s}.json").read_text()) for s in SPLITS}
     big = [s for s in SPLITS if len(records_of[s]) > SHARD_RECORDS]
@@ -372,10 +364,8 @@ def test_a_small_export_keeps_the_published_single_files(demo_run):
 
 def test_a_sharded_export_keeps_the_card_pictures_and_each_tiles_split(sharded):
     """The card and `sarlang view` find each exported tile's split in export/tiles/ (named like the tiles
-    shard),
-    which a sharded export keeps although its per-shard Parquet is merged away: the same tiles and splits as
-    the
-    exported Parquet rows read here, and the card still has its mosaic of test tiles."""
+    shard), which a sharded export keeps although its per-shard Parquet is merged away: the same tiles and
+    splits as the exported Parquet rows read here, and the card still has its mosaic of test tiles."""
     import re
 
     _, out, _ = sharded

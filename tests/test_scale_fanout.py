@@ -1,6 +1,6 @@
 """Fan-out of actor-pool stages (issue 31): the actor pool of execution.map puts many items in few blocks and
-streams the
-manifest rows to a file of the driver, in item order. Driver CPU per item: benchmarks/bench_fanout.py."""
+streams the manifest rows to a file of the driver, in item order. Driver CPU per item:
+benchmarks/bench_fanout.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """No empty files (issue 31): a chunk writes its errors table and its contradiction findings only when they
-have
-rows, and every reader (the errors table, the run summary, a resumed stage) takes a missing file as none."""
+have rows, and every reader (the errors table, the run summary, a resumed stage) takes a missing file as none.
+"""
 
 from __future__ import annotations
 
@@ -75,8 +75,7 @@ def test_chunks_without_rows_write_no_side_file(demo_run):
 
 def test_resumed_stages_count_shards_without_side_files(demo_run, tmp_path):
     """An interrupted align and annotate, resumed: every shard is already written and has no errors or
-    findings
-    file; the resumed stages count them again from the shards alone, to the same totals."""
+    findings file; the resumed stages count them again from the shards alone, to the same totals."""
     cfg, summary = demo_run
     run = tmp_path / "run"
     shutil.copytree(cfg.run.run_dir, run, ignore=shutil.ignore_patterns("export", "summary.json"))

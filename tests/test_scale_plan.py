@@ -51,8 +51,7 @@ def test_synthetic_revisits_and_long_roads_split_without_leaks(tmp_path, ray_ses
     assert len(tiles) == n == counts["planned"] and len(split_of) == counts["written"] > 0.8 * n
     kept = [t for t in tiles if t["tile_id"] in split_of]
     # ground: every pair of kept tiles closer than buffer_m (in their UTM zone) is in one split; a revisit's
-    # tile
-    # (the same footprint, another scene) is such a pair
+    # tile (the same footprint, another scene) is such a pair
     by_crs = defaultdict(list)
     for t in kept:
         by_crs[t["crs"]].append(t)
@@ -83,8 +82,7 @@ def test_synthetic_revisits_and_long_roads_split_without_leaks(tmp_path, ray_ses
 
 def test_the_workers_planner_gives_the_drivers_split(tmp_path, ray_session):
     """At small sizes the planner on the workers (block aggregates, groups of neighbouring blocks, a group-by
-    on
-    label id) decides as the driver's: the same tiles in the same splits, the same drops and the same
+    on label id) decides as the driver's: the same tiles in the same splits, the same drops and the same
     report."""
     run = tmp_path / "run"
     generate(run, 6 * 256 * 2, revisits=2)

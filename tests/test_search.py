@@ -1,8 +1,6 @@
 """SAR scenes by search (catalog.search): a real STAC API (rustac's server, paged) and stac-geoparquet
-snapshots
-give the scenes an independent filter (shapely, plain python over the same items) selects; the search is
-frozen
-into the run folder and a rerun does not ask again."""
+snapshots give the scenes an independent filter (shapely, plain python over the same items) selects; the
+search is frozen into the run folder and a rerun does not ask again."""
 
 from __future__ import annotations
 
@@ -201,8 +199,7 @@ def test_property_filter_and_cql2():
 def test_the_streaming_catalog_equals_the_whole_listing(ray_session, real_sar, tmp_path):
     """A snapshot of more items than three pages of inspection tasks, with items whose file is missing and an
     asset named by two items on different pages: the streamed scenes and errors tables hold what the catalog
-    of
-    the same items as one ItemCollection (the whole-listing path) holds, and the counts reconcile."""
+    of the same items as one ItemCollection (the whole-listing path) holds, and the counts reconcile."""
     import stac_geoparquet.arrow
 
     from sarlang_ray.stages import catalog as catalog_stage
@@ -291,9 +288,8 @@ def _items_n(real_sar: Path, folder: Path, n: int) -> list[dict]:
 
 def test_api_pages_of_different_shapes_freeze_whole(real_sar, tmp_path):
     """The API path writes each page to the snapshot as it arrives: items of later pages carry a property and
-    an
-    asset the first pages' items lack, and the frozen stac-geoparquet still holds every item as served (ids,
-    properties and asset keys), with a cap that stops in the middle of a page."""
+    an asset the first pages' items lack, and the frozen stac-geoparquet still holds every item as served
+    (ids, properties and asset keys), with a cap that stops in the middle of a page."""
     items = _items_n(real_sar, tmp_path / "rasters", 30)
     for i, it in enumerate(items):
         it["assets"] = {"vv": it["assets"]["vv"]}

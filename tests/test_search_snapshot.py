@@ -1,8 +1,6 @@
 """A 1,000,000-item stac-geoparquet snapshot partitioned by month (generated, ~11 s): an AOI and one month
-select
-exactly the items numpy selects from the generating arrays, reading only the row groups whose bbox and
-datetime
-statistics can match; property filters and max_items apply on top."""
+select exactly the items numpy selects from the generating arrays, reading only the row groups whose bbox and
+datetime statistics can match; property filters and max_items apply on top."""
 
 from __future__ import annotations
 

@@ -51,9 +51,8 @@ _NOT_WEIGHTS = re.compile(r"(Processor|Tokenizer|TokenizerFast|Config|FeatureExt
 # The one place the package unpickles: the driver reads back its own manifest spool
 # (stages.execution.Manifest),
 # a private file it made with tempfile.mkstemp (mode 0600) and wrote itself in the same process. Nothing read
-# from
-# a run folder, a checkpoint or a download is unpickled (the test below checks the spool stays that kind of
-# file).
+# from a run folder, a checkpoint or a download is unpickled (the test below checks the spool stays that kind
+# of file).
 _OWN_SPOOLS = {("sarlang_ray/stages/execution.py", "pickle", "load")}
 
 

@@ -1,6 +1,5 @@
 """stages.execution.map: work items as Ray tasks on pooled worker processes (rows that need CPUs only), or on
-an
-actor pool (rows that pin a model); both with the same manifest contract."""
+an actor pool (rows that pin a model); both with the same manifest contract."""
 
 from __future__ import annotations
 
@@ -135,11 +134,9 @@ def test_ctrl_c_cancels_what_is_queued_unless_the_driver_ends_its_own_local_ray(
     ray_session, tmp_path, monkeypatch, own_local_ray
 ):
     """Connected to a Ray it did not start (a cluster; here the tests' session Ray), an interrupted map
-    cancels
-    its tasks. On a local Ray the driver started itself, it cancels nothing: the Ctrl-C that reached the
-    driver
-    reached that Ray's workers too (one process group), a cancel racing their deaths can abort the driver in
-    Ray 2.60, and the driver's exit ends that Ray anyway."""
+    cancels its tasks. On a local Ray the driver started itself, it cancels nothing: the Ctrl-C that reached
+    the driver reached that Ray's workers too (one process group), a cancel racing their deaths can abort the
+    driver in Ray 2.60, and the driver's exit ends that Ray anyway."""
     from sarlang_ray import reaper
 
     monkeypatch.setattr(reaper, "_WATCHER", object() if own_local_ray else None)
@@ -202,8 +199,7 @@ def _running(pid: int) -> bool:
 
 def test_the_tile_stage_records_where_its_chunks_ran(demo_run):
     """The tile marker's ``placement``: every chunk (one shard each) counted once, on this one-node Ray's
-    node;
-    it is not one of the stage's counts."""
+    node; it is not one of the stage's counts."""
     import ray
 
     from sarlang_ray import io

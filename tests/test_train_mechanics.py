@@ -131,8 +131,7 @@ def test_checkpoint_load_reties_tied_weights_and_refuses_another_models_weights(
 
 def test_lora_base_in_bf16_and_the_merged_model_saved_in_the_training_dtype(tiny_models, tmp_path):
     """LoRA loads the frozen base in the autocast dtype (bf16 where the GPU supports it; full fine-tuning
-    keeps
-    fp32 master weights); the merged model is written in the training dtype and reloads in it."""
+    keeps fp32 master weights); the merged model is written in the training dtype and reloads in it."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -338,11 +337,10 @@ def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_wo
     ray_session, tiny_vlm, tmp_path
 ):
     """Ray Data cancels preprocessing tasks when an execution is torn down (a lost node restarting the
-    training
-    workers). A cancel inside the first import of transformers -> torch used to leave the worker process with
-    half-initialised modules, and Ray reused it: every later task there failed to import (CI: "module 'sympy'
-    has no attribute 'printing'", each training retry). Now the cancelled task's process ends, and the next
-    task runs in a clean one."""
+    training workers). A cancel inside the first import of transformers -> torch used to leave the worker
+    process with half-initialised modules, and Ray reused it: every later task there failed to import (CI:
+    "module 'sympy' has no attribute 'printing'", each training retry). Now the cancelled task's process ends,
+    and the next task runs in a clean one."""
     import io
     import time
 
@@ -391,8 +389,7 @@ def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_wo
 
 def test_a_held_out_loss_on_the_test_split_is_said_loudly(tmp_path):
     """An export without a val split: the held-out loss is measured on the test split (the leaderboard's
-    pairs),
-    and the train marker and the summary say so instead of calling it held-out as usual."""
+    pairs), and the train marker and the summary say so instead of calling it held-out as usual."""
     from sarlang_ray.train import held_out_split
 
     parquet = tmp_path / "export" / "parquet"

@@ -62,8 +62,7 @@ def test_every_date_and_polarisation_of_a_burst_lands_in_one_split(opera_run):
     e = summary["stages"]["export"]
     assert e["planned"] == e["written"] + e["rejected"]
     # by brute force over the exported tiles (shapely in each tile's UTM zone, not the planner): no two tiles
-    # of
-    # different splits closer than export.buffer_m (tiles of one UTM zone: the 15 bursts' track)
+    # of different splits closer than export.buffer_m (tiles of one UTM zone: the 15 bursts' track)
     import numpy as np
     import shapely
     from pyproj import Transformer

@@ -1,6 +1,5 @@
 """`sarlang view`: the site of a run, opened in headless Chromium (Debian's chromium + chromium-driver,
-installed
-by `make setup`) and checked against the run's Parquet tables read here with pyarrow.
+installed by `make setup`) and checked against the run's Parquet tables read here with pyarrow.
 
 The run: the demo's catalog/tile/align, re-annotated with a backend whose extra answers QC rejects (the demo's
 template pairs all pass), exported, with the evaluation of the trained fixture (same tiles, same pair ids)."""
@@ -261,8 +260,7 @@ def test_card_shows_a_sample_mosaic_and_the_split_map(demo_run):
 
 def test_site_of_an_s3_run_written_to_s3(demo_run, s3, tmp_path):
     """A run folder on s3:// gives, on s3://, the same site as its local copy gives locally: the same files,
-    the
-    same index (the data files name the run folder, so that is compared with the folder name swapped)."""
+    the same index (the data files name the run folder, so that is compared with the folder name swapped)."""
     import fsspec
 
     from sarlang_ray import view

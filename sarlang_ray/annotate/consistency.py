@@ -145,10 +145,9 @@ class Statement:
     """One claim a pair makes. ``fact`` names what it is about, ``value`` what it says:
 
     ``("count", cls)``: ``("eq", n)`` or ``("ge", 1)``; ``("at", cls, cell)``: True/False; ``("total", a,
-    b)``:
-    n; ``("compare", a, b, op)``: True/False; ``("lc_fraction", lc)``: fraction; ``("lc_dominant",)``: lc;
-    ``("water",)``: True/False; ``("absent_all",)``: True; ``("mention", cls)``: True; ``("box", cls)``: box
-    size in 0-1000 units (its diagonal)."""
+    b)``: n; ``("compare", a, b, op)``: True/False; ``("lc_fraction", lc)``: fraction; ``("lc_dominant",)``:
+    lc; ``("water",)``: True/False; ``("absent_all",)``: True; ``("mention", cls)``: True; ``("box", cls)``:
+    box size in 0-1000 units (its diagonal)."""
 
     pair: int  # index of the pair in the tile's list
     sentence: int | None  # caption sentence index; None: the whole (VQA) pair
@@ -586,9 +585,8 @@ def contradictions(tile: dict, pairs: list[dict], visibility: Visibility | None 
     """Findings for one tile's pairs (dicts with ``kind``, ``question``, ``answer``).
 
     ``tile`` needs ``gsd_m`` (None: the ``unresolvable`` rule is skipped) and may give ``width`` (pixels;
-    region
-    boxes are then checked against the minimum sizes). Nothing else of the tile is read: the check judges
-    what the pairs say, not what the labels hold, so it is independent of the annotator."""
+    region boxes are then checked against the minimum sizes). Nothing else of the tile is read: the check
+    judges what the pairs say, not what the labels hold, so it is independent of the annotator."""
     vis = visibility or Visibility()
     stmts = statements(pairs)
     # a generic "no labelled objects are visible" says 0 of every class the other pairs talk about
@@ -612,9 +610,8 @@ def check_pairs(
     """Run :func:`contradictions` over pairs of many tiles (grouped by ``tile_id``) and report.
 
     ``pairs`` may carry ``gsd_m`` and ``backend``; ``tiles`` (tile id -> dict with ``gsd_m`` / ``width``)
-    fills
-    what they lack. Returns counts of findings and of pairs hit per rule and per backend, the tiles whose GSD
-    is unknown (``unresolvable`` not judged there) and up to three examples per rule."""
+    fills what they lack. Returns counts of findings and of pairs hit per rule and per backend, the tiles
+    whose GSD is unknown (``unresolvable`` not judged there) and up to three examples per rule."""
     vis = visibility or Visibility()
     tiles = tiles or {}
     by_tile: dict[str, list[dict]] = defaultdict(list)

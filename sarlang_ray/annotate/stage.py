@@ -97,8 +97,8 @@ class AnnotateShard:
 
     ``retry``: a shard written before is not only counted again: the tiles of its errors table are annotated
     again and their pairs merged into it (in tile order, as one run would have written them); the others'
-    pairs
-    are kept as they are (``run.retry_errors=true``: paid requests that succeeded are not made twice)."""
+    pairs are kept as they are (``run.retry_errors=true``: paid requests that succeeded are not made twice).
+    """
 
     def __init__(
         self,
@@ -139,8 +139,7 @@ class AnnotateShard:
             ids = io.read_parquet(io.join(self.tiles, name), columns=["tile_id"])["tile_id"].to_pylist()
             done = io.read_parquet(out_uri).to_pylist()
             # the failed tiles: those without a pair (a tile the backend answered has one, QC-rejected or
-            # not), so a
-            # retry killed between its writes loses no tile and annotates none twice
+            # not), so a retry killed between its writes loses no tile and annotates none twice
             failed = set(ids) - {r["tile_id"] for r in done} if self.retry else set()
             if not failed:
                 return self._counted(name, len(ids), done)
@@ -154,8 +153,7 @@ class AnnotateShard:
             rows = sorted(kept[0] + rows, key=lambda r: (order[r["tile_id"]], r["pair_id"]))
             findings = kept[1] + findings
         # side files only when they have rows (a retry that fixed every tile removes the old ones); both
-        # before the
-        # shard: a written shard has its errors and findings
+        # before the shard: a written shard has its errors and findings
         write_errors(io.join(self.errors, name), errors)
         write_rows_file(self._findings_uri(name), findings, io.write_json_atomic)
         io.write_parquet_atomic(out_uri, pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA))
@@ -226,8 +224,7 @@ class AnnotateShard:
 
     def _counted(self, name: str, planned: int, done: list[dict]) -> dict:
         """The manifest row of a shard written before (``done``: its pairs), counted again by a resumed or
-        retried
-        stage: written are the tiles with pairs, the reasons those of its errors table."""
+        retried stage: written are the tiles with pairs, the reasons those of its errors table."""
         shard_errors = read_error_rows(io.join(self.errors, name), ["error_class"])
         tiles = len({r["tile_id"] for r in done})
         return {
@@ -273,8 +270,7 @@ def contradiction_report(findings: list[dict], backend: str, examples: int = 3) 
 
 def _pair_counts(rows: list[dict]) -> dict:
     """A shard's pair counts for its manifest row: pairs, QC-passed pairs, QC rule hits (the stage's
-    qc_report.json)
-    and QC-passed pairs per application (the run summary), the last two as JSON."""
+    qc_report.json) and QC-passed pairs per application (the run summary), the last two as JSON."""
     hits = Counter(r for p in rows for r in p["qc_reasons"])
     apps = Counter(p["application"] for p in rows if p["qc_passed"])
     return {

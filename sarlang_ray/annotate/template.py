@@ -4,9 +4,9 @@ No model: every caption and answer is computed from the tile's objects (class, p
 orientation) and land-cover fractions, so it is true by construction and tests can recompute it. True of
 the labels is not enough: it must also be true of what the pixels can show at the tile's GSD, so classes
 too small to resolve are never named, and absence is never asserted where land cover implies the class
-(:mod:`sarlang_ray.annotate.visibility`).
-Phrasings vary per tile (seeded by the tile id); every pair records its application and a
-``question_type`` = ``<family>/<template>/<class>[/<class>]`` so the type space is countable.
+(:mod:`sarlang_ray.annotate.visibility`). Phrasings vary per tile (seeded by the tile id); every pair records
+its application and a ``question_type`` = ``<family>/<template>/<class>[/<class>]`` so the type space is
+countable.
 
 Region boxes in questions are ``[x0, y0, x1, y1]`` on a 0-1000 scale of the tile (x right, y down).
 """

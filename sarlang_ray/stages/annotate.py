@@ -24,8 +24,7 @@ log = logging.getLogger("sarlang")
 
 def _body(cfg: WorkflowConfig, retry: bool = False) -> dict:
     """Annotate every shard (finished ones counted again); ``retry``: and annotate again the failed tiles of
-    the
-    finished ones, keeping their other pairs."""
+    the finished ones, keeping their other pairs."""
     a = cfg.annotate
     items = shard_items(io.join(cfg.run.run_dir, "align", "shards"))
     if a.backend == "vllm":  # one Ray Data LLM pipeline for the stage's prompts, then QC and writes per shard

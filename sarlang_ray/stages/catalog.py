@@ -44,12 +44,10 @@ def _stream(cfg: WorkflowConfig, snapshot: str | None, searched: dict | None) ->
     bucket: :func:`catalog.listing_pages`): pages of the listing become tasks of ``execution.map`` as they are
     read (at most two per CPU of the cluster in flight), each task writes its part of the scenes and errors
     tables, and the driver keeps counts (and an 8-byte digest per asset, for duplicates across pages) until
-    the
-    parts are merged into ``catalog/scenes.parquet`` one at a time.
+    the parts are merged into ``catalog/scenes.parquet`` one at a time.
 
     A page travels through the object store (``Work.by_reference``), not inline in the task: Ray kept ~12 KB
-    of
-    every task's inline arguments in the driver after the task had finished (23 MB at 1,563 pages)."""
+    of every task's inline arguments in the driver after the task had finished (23 MB at 1,563 pages)."""
     import ray
 
     pages = 0

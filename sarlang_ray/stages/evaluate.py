@@ -1,8 +1,7 @@
 """evaluate: a Ray Tune sweep of models x image variants x prompts on a split of ``evaluate.dataset`` (this
-run's
-export, an imported release, a LLaMA-Factory JSON) -> the leaderboard
-(see :mod:`sarlang_ray.evaluate`). A failed trial is listed in the leaderboard with its root exception,
-and makes the stage (and the command) fail once the leaderboard is written."""
+run's export, an imported release, a LLaMA-Factory JSON) -> the leaderboard (see :mod:`sarlang_ray.evaluate`).
+A failed trial is listed in the leaderboard with its root exception, and makes the stage (and the command)
+fail once the leaderboard is written."""
 
 from __future__ import annotations
 
@@ -48,9 +47,8 @@ def _body(cfg: WorkflowConfig) -> dict:
 
 def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
     """What evaluate reads: its section (the vLLM engine's keys with evaluate.engine=vllm only, the embedding
-    judge's
-    with evaluate.judge=embedding only), the base model (train.model), the image size, the oracle's annotator
-    settings, and the OpenAI judge's endpoint (annotate.openai)."""
+    judge's with evaluate.judge=embedding only), the base model (train.model), the image size, the oracle's
+    annotator settings, and the OpenAI judge's endpoint (annotate.openai)."""
     ev = cfg.evaluate
     unread = (
         ({"vllm"} if ev.engine != "vllm" else set())

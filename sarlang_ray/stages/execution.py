@@ -46,8 +46,7 @@ class Resources:
     ``concurrency``: ``N`` (at most N items at once: N tasks in flight, or a pool of N actors), ``(min, max)``
     (autoscaling: tasks in flight up to ``max``; an actor pool that starts with what the cluster holds now, at
     least ``min``, and grows to ``max``), or None (as wide as the items: Ray runs what the cluster's CPUs hold
-    and
-    an autoscaler sees the rest as demand)."""
+    and an autoscaler sees the rest as demand)."""
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -92,8 +91,7 @@ class Resources:
 class Work:
     """A stage's work: ``row(*args)`` is built once per worker process (tasks) or actor, then called with each
     item, returning that item's small manifest row. ``finish`` turns the manifest into what ``map`` returns
-    (by
-    default the :class:`Manifest` itself)."""
+    (by default the :class:`Manifest` itself)."""
 
     items: Iterable[Mapping[str, Any]]
     row: type
@@ -122,8 +120,7 @@ class Work:
 
 def map(work: Work) -> Any:  # the one way a stage runs its items (stages call execution.map)
     """Run ``work``'s items on the back-end its declared need chooses (module docstring); the manifest rows,
-    in
-    item order, each with the ``node`` it ran on, passed to ``work.finish`` when set."""
+    in item order, each with the ``node`` it ran on, passed to ``work.finish`` when set."""
     manifest = (_actors if work.backend == ACTORS else _tasks)(work)
     return work.finish(manifest) if work.finish else manifest
 
@@ -131,8 +128,7 @@ def map(work: Work) -> Any:  # the one way a stage runs its items (stages call e
 def placement(*manifests: Manifest, weight: str | None = None) -> dict:
     """Where a stage's items ran (its marker's ``placement``): per node id, the address it registered with the
     cluster (``NodeManagerAddress``) and the items it ran (``weight``: a manifest column to add up instead,
-    such
-    as the scenes of a catalog page)."""
+    such as the scenes of a catalog page)."""
     import ray
 
     total: Counter = Counter()
@@ -149,9 +145,8 @@ def placement(*manifests: Manifest, weight: str | None = None) -> dict:
 # ---------------------------------------------------------------- the manifest
 class Manifest:
     """The manifest rows of a map, spooled to a local temporary file of the driver as they arrive (pickled,
-    one
-    record each) instead of collected in its memory; iterable any number of times, each pass reading the file.
-    Counts the items per node id as they arrive (:func:`placement`)."""
+    one record each) instead of collected in its memory; iterable any number of times, each pass reading the
+    file. Counts the items per node id as they arrive (:func:`placement`)."""
 
     def __init__(self):
         import tempfile
@@ -228,11 +223,10 @@ def pool(
     """The actor pool of a stage: ``concurrency`` actors when set, else an autoscaling pool.
 
     The autoscaling pool starts with the actors the cluster's CPUs (and GPUs) fit now (at least
-    ``min_actors``)
-    and may grow to ``max_actors``
-    (default: one per work item). Ray Data adds actors as resources appear and, on a cluster with an
-    autoscaler, asks it for the nodes that pending actors need, so a cluster that starts from zero workers
-    (or has no GPU node yet) grows for the stage instead of running it on one actor.
+    ``min_actors``) and may grow to ``max_actors`` (default: one per work item). Ray Data adds actors as
+    resources appear and, on a cluster with an autoscaler, asks it for the nodes that pending actors need, so
+    a cluster that starts from zero workers (or has no GPU node yet) grows for the stage instead of running it
+    on one actor.
 
     A fixed pool's actor holds one work item at a time while items are few per actor: items are whole
     scenes or shards (seconds to minutes each), so an item queued on a busy actor would wait while another
@@ -270,11 +264,9 @@ MAX_BLOCKS = (
 
 def item_blocks(n_items: int) -> int:
     """Blocks for ``n_items`` work items: one per item up to ``MAX_BLOCKS`` (few items of seconds to minutes
-    each:
-    balance matters), then ``MAX_BLOCKS`` (or 16 per cluster CPU, if more) of consecutive items. The driver
-    pays
-    Ray Data's scheduling per block (~4.5 ms measured), so its cost stops growing with items; an actor takes a
-    block at a time, so the tail is at most one block's items (n / 1024)."""
+    each: balance matters), then ``MAX_BLOCKS`` (or 16 per cluster CPU, if more) of consecutive items. The
+    driver pays Ray Data's scheduling per block (~4.5 ms measured), so its cost stops growing with items; an
+    actor takes a block at a time, so the tail is at most one block's items (n / 1024)."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
@@ -283,8 +275,7 @@ def item_blocks(n_items: int) -> int:
 
 class _ActorRow:
     """An actor's row: ``cls(*args)`` built once per actor; each item's row with where it ran, or an error
-    that
-    names the item."""
+    that names the item."""
 
     def __init__(self, cls, args: tuple):
         self.cls = cls
@@ -348,8 +339,7 @@ def _actors(work: Work) -> Manifest:
             bar.close()
     if failed is not None:
         # raised outside the handler, so it does not hold Ray Data's error (whose traceback holds the executor
-        # and
-        # its actors, and their CPUs, for as long as the caller keeps the error)
+        # and its actors, and their CPUs, for as long as the caller keeps the error)
         del rows, mapped, ds
         import gc
 
@@ -370,8 +360,7 @@ MAX_IN_FLIGHT = (
 
 def _instance(key: str, spec: list):
     """This process's instance of a map_tasks row function (``spec``: ``[ref of (class, args)]``, nested so
-    that
-    Ray passes the reference instead of resolving it for every task)."""
+    that Ray passes the reference instead of resolving it for every task)."""
     import ray
 
     inst = _INSTANCES.get(key)
@@ -393,16 +382,14 @@ def _run_item(key: str, spec: list, item: Mapping[str, Any]) -> dict:
 
 def task_name(cls) -> str:
     """The name of map_tasks' tasks for a row class: what ``ray list tasks`` shows, and the worker's process
-    title
-    (``ray::<name>``) while one runs."""
+    title (``ray::<name>``) while one runs."""
     return f"sarlang.{cls.__name__}"
 
 
 def _tasks(work: Work) -> Manifest:
     """One Ray task per item, at most ``Resources.width`` in flight (the items may be a stream: they are drawn
-    as
-    tasks finish); the rows are written to the manifest in item order (a result that comes early waits for the
-    ones before it, at most the width of them).
+    as tasks finish); the rows are written to the manifest in item order (a result that comes early waits for
+    the ones before it, at most the width of them).
 
     Nothing flows between operators here, so Ray Data's streaming executor would only add its scheduling loop,
     and its actor pools a worker start per actor per stage (1.6-2.2 s on a 2-core node)."""
@@ -485,8 +472,7 @@ SUMMED = {"gsds": "tiles_per_gsd", "classes": "objects_per_class", "applications
 
 def totals(manifest: Iterable[dict]) -> dict:
     """The stage's counts from its manifest rows, in one pass (a :class:`Manifest` is read from its file,
-    never
-    held whole)."""
+    never held whole)."""
     out: dict[str, Any] = {"shards": 0, "planned": 0, "written": 0, "rejected": 0, "skipped_shards": 0}
     retried: int | None = None
     summed: dict[str, Counter] = {}

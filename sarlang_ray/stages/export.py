@@ -7,9 +7,8 @@ shard is exported by an actor of a pool (:class:`~sarlang_ray.export.ExportShard
 per-shard parts of the JSON and CSV files, the contradiction checker's report of its pairs); the driver then
 streams each JSON/CSV file together from its parts, one part in memory at a time
 (:func:`~sarlang_ray.export.assemble`), or, for a file above ``export.shard_records`` /
-``export.shard_bytes``,
-has Ray tasks write it as numbered shards (Parquet included), lists every file in ``manifest.json``, and draws
-the card from the summed counters and reports.
+``export.shard_bytes``, has Ray tasks write it as numbered shards (Parquet included), lists every file in
+``manifest.json``, and draws the card from the summed counters and reports.
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ def _body(cfg: WorkflowConfig) -> dict:
     e = cfg.export
     jobs = export.assembly_jobs(out, manifest, e.shard_records, e.shard_bytes)
     # files within the thresholds (12 small text files at most): in the driver, where starting a Ray worker
-    # costs
-    # more than the copy; the numbered shards of big files: Ray tasks, each streaming its parts
+    # costs more than the copy; the numbered shards of big files: Ray tasks, each streaming its parts
     written = [export.assemble(job) for job in jobs if not job["sharded"]]
     assembled = execution.map(
         Work([job for job in jobs if job["sharded"]], export.AssembleFile, (), resources)

@@ -127,8 +127,7 @@ class Stage:
     drop: frozenset[str] = field(default_factory=frozenset)  # paths under ``keys`` the stage does not read
     needs_ray: bool = True
     # the body that redoes only the items of the stage's errors table, keeping the rest (run.retry_errors=true
-    # on a
-    # finished stage); None: the stage cannot, and keeps its rejects (run.force=true redoes it all)
+    # on a finished stage); None: the stage cannot, and keeps its rejects (run.force=true redoes it all)
     retry: Callable[[WorkflowConfig], dict] | None = None
 
     # ------------------------------------------------------------ where
@@ -191,8 +190,7 @@ class Stage:
     # ------------------------------------------------------------ running
     def run(self, cfg: WorkflowConfig) -> dict:
         """Run the stage if it is not up to date (or, with ``run.retry_errors=true``, redo the items it
-        rejected);
-        its counts either way."""
+        rejected); its counts either way."""
         fp = self.fingerprint(cfg)
         done = self.read_marker(cfg)
         if done is not None and done["fingerprint"]["value"] == fp["value"] and not cfg.run.force:
@@ -248,8 +246,7 @@ class Stage:
 
     def _prepare(self, cfg: WorkflowConfig) -> None:
         """What comes before touching the stage's folder: Ray (the run folder may be the wrong kind of storage
-        for
-        its cluster), and the removal of the success markers of every stage made from this one."""
+        for its cluster), and the removal of the success markers of every stage made from this one."""
         if self.needs_ray:
             ensure_ray(cfg)
             check_storage(cfg)
@@ -271,8 +268,7 @@ class Stage:
 
 def output_id(marker: dict) -> str:
     """What the stages made from this one record as its fingerprint: the marker's, changed by every retry of
-    its
-    errors (``run.retry_errors=true`` remakes part of the output with the same config and inputs)."""
+    its errors (``run.retry_errors=true`` remakes part of the output with the same config and inputs)."""
     fp = marker["fingerprint"]
     if not fp.get("retries"):
         return fp["value"]
