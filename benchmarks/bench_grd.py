@@ -184,14 +184,12 @@ def node_errors(rows, scene, nodes) -> list[float]:
     sums = np.zeros((len(nodes), 3))
     for t in rows:
         img = np.asarray(Image.open(_io.BytesIO(t["sar_png"]))).astype(float)
-        r, c = np.nonzero(
-            img > 0
-        )  # fixed stretch from 0 dB: speckle (about -13 dB) is 0, targets (+30 dB) bright
+        # fixed stretch from 0 dB: speckle (about -13 dB) is 0, targets (+30 dB) bright
+        r, c = np.nonzero(img > 0)
         if not r.size:
             continue
-        weight = 10 ** (
-            img[r, c] / 255 * 40 / 10
-        )  # back to linear intensity: partial pixels weigh what they hold
+        # back to linear intensity: partial pixels weigh what they hold
+        weight = 10 ** (img[r, c] / 255 * 40 / 10)
         xs, ys = Affine(*t["transform"]) * (c + 0.5, r + 0.5)
         d = np.hypot(xs[:, None] - centres[:, 0], ys[:, None] - centres[:, 1])
         near = np.argmin(d, axis=1)

@@ -157,9 +157,8 @@ def generate(run_dir: Path, n_tiles: int, revisits: int, full: bool = False) -> 
                 lon, lat = to_geo.transform(xs, ys)
                 ring = list(zip(lon, lat)) + [(lon[0], lat[0])]  # 33 vertices, as the tile stage's footprints
                 labels = {f"p{place}/b{r}_{c}_{k}" for k in range(6)}  # buildings of this tile
-                labels |= {
-                    f"p{place}/e{r}_{c + d}" for d in (0, 1)
-                }  # objects across its left and right edges
+                # objects across its left and right edges
+                labels |= {f"p{place}/e{r}_{c + d}" for d in (0, 1)}
                 labels |= {f"p{place}/s{r + d}_{c}" for d in (0, 1)}  # and across its top and bottom edges
                 labels.add(f"p{place}/road{r}")  # a road along the whole row: long (16 tiles, 20 km)
                 rows.append(
@@ -426,9 +425,8 @@ def main() -> None:
                     check=False,
                     env={**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"},
                 )
-                if (
-                    done.returncode
-                ):  # one failed measurement (say Ray not starting on a loaded machine) loses no other
+                # one failed measurement (say Ray not starting on a loaded machine) loses no other
+                if done.returncode:
                     print(
                         f"{n} tiles, {revisits} revisits, {planner}: failed\n{done.stderr[-3000:]}",
                         flush=True,

@@ -169,6 +169,7 @@ def torchgeo_python() -> Path:
     python = VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        # the fast work imports sarlang_ray.sar
         subprocess.run(
             [
                 str(VENV / "bin" / "pip"),
@@ -185,7 +186,7 @@ def torchgeo_python() -> Path:
                 "imagecodecs",
             ],
             check=True,
-        )  # the fast work imports sarlang_ray.sar
+        )
     return python
 
 

@@ -101,10 +101,11 @@ def throughput(work: Path, scale: int, tile_size: int, repeats: int) -> dict:
         ray_runs.append((time.time() - t0, steady_state_rate(manifest), len({m["worker"] for m in manifest})))
         assert sum(m["written"] for m in manifest) == n_tiles
 
+        # right after the actor pool (it took the idle workers with it), then again
         for cold in (
             True,
             False,
-        ):  # right after the actor pool (it took the idle workers with it), then again
+        ):
             shutil.rmtree(ray_dir, ignore_errors=True)
             t0 = time.time()
             manifest = map_tasks(chunks, tiling.TileChunk, (cfg.tile, str(ray_dir)))

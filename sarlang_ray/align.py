@@ -229,9 +229,8 @@ class LabelSlicer:
             if files
             else gpd.GeoSeries([], crs=self.layer.crs)
         )
-        if (
-            files and not self.layer.covering
-        ):  # no covering column: the row groups were not filtered, the rows are
+        # no covering column: the row groups were not filtered, the rows are
+        if files and not self.layer.covering:
             inside = geometry.intersects(box(*bbox)).to_numpy()
             table, geometry = table.filter(pa.array(inside)), geometry[inside].reset_index(drop=True)
         classes = companions.map_classes(table, self.class_map, self.cfg.class_column) if files else []
@@ -249,9 +248,8 @@ class LabelSlicer:
         fs, path = io.filesystem(io.join(self.out, "labels", f"{scene_id}.parquet"))
         io.makedirs(io.join(self.out, "labels"))
         labels.to_parquet(path, filesystem=fs, write_covering_bbox=True)
-        write_errors(
-            io.join(self.out, "label_errors", f"{scene_id}.parquet"), errors
-        )  # only when it has rows
+        # only when it has rows
+        write_errors(io.join(self.out, "label_errors", f"{scene_id}.parquet"), errors)
         return {
             "scene_id": scene_id,
             "files": files,
@@ -380,10 +378,11 @@ def optical_rgb(src, bands: list[int], transform: Affine, crs: str, size: int, t
     return np.rint(out).astype(np.uint8)
 
 
+# a file that cannot be read (RasterioIOError, ArrowIOError are OSErrors)
 IO_ERRORS = (
     OSError,
     CPLE_BaseError,
-)  # a file that cannot be read (RasterioIOError, ArrowIOError are OSErrors)
+)
 
 
 def failure_reason(exc: Exception, tile: TileRow, scene: SceneRow) -> ItemError:

@@ -149,9 +149,8 @@ def list_scenes(cfg: CatalogSection, snapshot: str | None = None) -> tuple[list[
                 "bands": [{"uri": u, "mask": mask} for u in group] if len(group) > 1 or mask else None,
             }
         )
-    rows += [
-        {"uri": m, "stac": None, "product": None, "bands": None} for m in sorted(masks)
-    ]  # masks of nothing
+    # masks of nothing
+    rows += [{"uri": m, "stac": None, "product": None, "bands": None} for m in sorted(masks)]
     return sorted(rows, key=lambda r: r["uri"]), []
 
 
@@ -192,9 +191,8 @@ def scene_id_for(uri: str, archive: str) -> str:
     rel = io.relative(uri, archive)
     stem = PurePosixPath(rel).name.rsplit(".", 1)[0].lower()
     stem = re.sub(r"[^a-z0-9]+", "_", stem).strip("_")[:48] or "scene"
-    digest = hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[
-        :8
-    ]  # file names need not be UTF-8
+    # file names need not be UTF-8
+    digest = hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{stem}-{digest}"
 
 
@@ -465,9 +463,8 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
             "it.",
         ) from None
     with src:
-        if (
-            src.transform.is_identity and src.gcps[0]
-        ):  # e.g. a Sentinel-1 GRD measurement file (its CRS is the GCPs')
+        # e.g. a Sentinel-1 GRD measurement file (its CRS is the GCPs')
+        if src.transform.is_identity and src.gcps[0]:
             bands = bands or [
                 {"polarisation": _polarisation_of(src, uri, cfg.band), "uri": uri, "band": cfg.band}
             ]
@@ -534,9 +531,8 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
         _check_not_a_mask(src, cfg.band, sample, uri)
         units, units_source = _detect_units(src, cfg.band, values, uri, cfg)
         sidecar = sidecar_calibration(uri) if cfg.calibration != "none" else None
-        if (
-            sidecar is not None
-        ):  # a Capella-style amplitude product: DN x scale factor is calibrated amplitude
+        # a Capella-style amplitude product: DN x scale factor is calibrated amplitude
+        if sidecar is not None:
             units, units_source = (
                 "amplitude",
                 f"sidecar {sidecar['source']}: scale factor {sidecar['scale_factor']:g}",
@@ -560,9 +556,8 @@ def inspect_scene(uri: str, cfg: CatalogSection, bands: list[dict] | None = None
         # GSD in metres of the tile CRS: the map pixel where tiles are cut in the scene's own CRS (within 1 %
         # of the ground GSD there, by tile_crs_for, and native tiles stay the scene's pixels), else the ground
         # GSD
-        own = (
-            map_gsd(src) if tile_crs == src.crs.to_string() else None
-        )  # never None there: the CRS is projected
+        # never None there: the CRS is projected
+        own = map_gsd(src) if tile_crs == src.crs.to_string() else None
         gx, gy = own if own is not None else metric_gsd(src)
         return {
             **_file_columns(uri, tags, cfg),
@@ -630,9 +625,8 @@ def _file_columns(uri: str, tags: dict, cfg: CatalogSection) -> dict:
         and (single := resolve_landcover(cfg)) is not None
         and not companions.is_tiled(single)
     ):
-        landcover = (
-            single  # one raster or VRT for every scene; a folder or STAC file of tiles: assign_companions
-        )
+        # one raster or VRT for every scene; a folder or STAC file of tiles: assign_companions
+        landcover = single
     return {
         "scene_id": scene_id_for(uri, archive_root(cfg.archive)),
         "sar_uri": uri,
@@ -660,10 +654,11 @@ def _polarisation_of(src: rasterio.io.DatasetReader, uri: str, band: int) -> str
 
 # columns of how a scene is read: its bands (polarisations), georeferencing and radiometry
 PRODUCT_COLUMNS = (
+    # JSON list: {polarisation, uri, band, calibration, noise, annotation} per polarisation
     (
         "bands",
         pa.string(),
-    ),  # JSON list: {polarisation, uri, band, calibration, noise, annotation} per polarisation
+    ),
     ("polarisations", pa.string()),  # e.g. VV+VH
     ("product_type", pa.string()),  # GRD for Sentinel-1 products, null for files
     ("georef", pa.string()),  # transform (a geotransform) or gcps
@@ -671,19 +666,21 @@ PRODUCT_COLUMNS = (
     ("gcp_method", pa.string()),  # tps, polynomial<order> or affine
     ("tile_bounds", pa.list_(pa.float64())),  # georef=gcps: bounds of the footprint in the tile CRS
     ("relief_m", pa.float64()),  # spread of the GCP heights
+    # relief_m > catalog.max_relief_m and no terrain correction: geolocation weak
     (
         "relief_flag",
         pa.bool_(),
-    ),  # relief_m > catalog.max_relief_m and no terrain correction: geolocation weak
+    ),
     ("calibration", pa.string()),  # sigma0 / beta0 / gamma0 from the product's LUTs, none, or null (no LUTs)
     ("noise_removed", pa.bool_()),  # thermal-noise LUTs subtracted
     ("noise_schema", pa.string()),  # ipf2 (noiseVectorList) or ipf3 (range x azimuth)
     ("pass_direction", pa.string()),
     ("proj_mismatch", pa.string()),  # STAC proj:* that disagreed with the file header (JSON), the file won
+    # amplitude products with sidecar metadata (Capella): amplitude = DN x this
     (
         "scale_factor",
         pa.float64(),
-    ),  # amplitude products with sidecar metadata (Capella): amplitude = DN x this
+    ),
 )
 
 
@@ -1439,9 +1436,8 @@ def _glob_rows(cfg: CatalogSection) -> Iterator[tuple[list[dict], list[dict]]]:
         close(path)
         low = path.lower()
         safe_at = low.find(".safe/")
-        if (
-            safe_at >= 0
-        ):  # a file inside a .SAFE folder: the folder is a product if a pattern names it or its manifest
+        # a file inside a .SAFE folder: the folder is a product if a pattern names it or its manifest
+        if safe_at >= 0:
             folder = path[: safe_at + len(".safe")]
             if (
                 matches(folder) or (low.endswith("/manifest.safe") and matches(path))
@@ -1457,9 +1453,8 @@ def _glob_rows(cfg: CatalogSection) -> Iterator[tuple[list[dict], list[dict]]]:
             else:
                 folder, _, name = path.rpartition("/")
                 tokens = _POL_TOKEN.findall(name)
-                if _MASK_FILE.search(
-                    name
-                ):  # the mask of the open group named after it, else a scene of its own
+                # the mask of the open group named after it, else a scene of its own
+                if _MASK_FILE.search(name):
                     group = groups.get(path)
                     if group is not None and group[2] is None:
                         group[2] = uri
@@ -1531,9 +1526,8 @@ def duplicate_ids(scenes_uri: str, n: int) -> list[str]:
     if (counts == 1).all():
         return []
     clashes = set(values[counts > 1].tolist())
-    found = (
-        io.read_parquet(scenes_uri, columns=["scene_id"]).column("scene_id").to_pylist()
-    )  # only on failure
+    # only on failure
+    found = io.read_parquet(scenes_uri, columns=["scene_id"]).column("scene_id").to_pylist()
     return sorted({s for s in found if SeenDigests._key(s) in clashes})
 
 

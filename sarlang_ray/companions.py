@@ -700,9 +700,8 @@ class LabelLayer:
             wanted["catalog.labels_id_column"] = [id_column]
         for key, cols in wanted.items():
             missing = sorted(set(cols) - have)
-            if missing == sorted(
-                set(cols)
-            ):  # a class map may name columns only some layers have; none is an error
+            # a class map may name columns only some layers have; none is an error
+            if missing == sorted(set(cols)):
                 raise ValueError(
                     f"{key} names columns {missing} that the layer {self.root} does not have (its columns: "
                     f"{sorted(have)}). Fix {key}."

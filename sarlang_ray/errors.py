@@ -38,12 +38,10 @@ class ItemError(Exception):
 
 
 REDACTED = "***"
-_URL_USERINFO = re.compile(
-    r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]+)@", re.IGNORECASE
-)  # s3://key:secret@bucket
-_AUTH_HEADER = re.compile(
-    r"\b(?P<scheme>Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{8,}"
-)  # an echoed Authorization header
+# s3://key:secret@bucket
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]+)@", re.IGNORECASE)
+# an echoed Authorization header
+_AUTH_HEADER = re.compile(r"\b(?P<scheme>Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{8,}")
 _SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|API_?KEY|ACCESS_KEY|(^|_)KEY$", re.IGNORECASE)
 
 

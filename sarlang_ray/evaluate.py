@@ -192,9 +192,8 @@ def read_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None
     Raises:
         FileNotFoundError: no such split (the message says where it was looked for)."""
     parts = list(iter_split(cfg, split, columns))
-    return (
-        pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
-    )  # as io.read_parquet
+    # as io.read_parquet
+    return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
 
 
 def iter_split(cfg: WorkflowConfig, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -588,10 +587,11 @@ class EmbeddingJudge:
 def make_judge(cfg: WorkflowConfig):
     """The judge ``evaluate.judge`` names (None for off)."""
     ev = cfg.evaluate
+    # served: run_evaluate pointed annotate.openai at the judge it serves
     if ev.judge in (
         "openai",
         "served",
-    ):  # served: run_evaluate pointed annotate.openai at the judge it serves
+    ):
         return OpenAIJudge(cfg)
     if ev.judge == "embedding":
         assert ev.judge_model is not None  # the config check requires it for judge=embedding
@@ -868,9 +868,8 @@ def majority_row(
             "(a LLaMA-Factory JSON file or a pairs table)"
         )
     majority = vqa.majority()
-    common = (
-        dict(captions.majority()) if captions.per_type else {}
-    )  # caption kind -> its most frequent caption
+    # caption kind -> its most frequent caption
+    common = dict(captions.majority()) if captions.per_type else {}
     preds = {
         p["pair_id"]: common.get(p["kind"], "")
         if p["kind"] in CAPTION_KINDS
@@ -906,9 +905,8 @@ def oracle_row(
             "(copy the align stage's output into the run folder)"
         )
     wanted = sorted({p["tile_id"] for p in pairs})
-    columns = [
-        c for c in ANNOTATE_TILE_COLUMNS if not c.endswith("_png")
-    ]  # the template annotator reads no image
+    # the template annotator reads no image
+    columns = [c for c in ANNOTATE_TILE_COLUMNS if not c.endswith("_png")]
     import pyarrow.compute as pc
 
     tiles, wanted_ids = [], pa.array(wanted, pa.string())
@@ -1030,9 +1028,8 @@ def root_from_text(text: str) -> tuple[str, str] | None:
     text = re.split(r"^Failure # \d+ .*$", text, flags=re.MULTILINE)[-1]
     parts = re.split(f"({re.escape(_CAUSE)}|{re.escape(_CONTEXT)})", text)
     segments, markers = parts[0::2], parts[1::2]
-    found = {
-        k: f for k, f in enumerate(_segment_exception(seg) for seg in segments) if f
-    }  # segment -> exception
+    # segment -> exception
+    found = {k: f for k, f in enumerate(_segment_exception(seg) for seg in segments) if f}
     if not found:
         return None
     i = best = max(found)
@@ -1069,9 +1066,8 @@ def root_error(error, text: str = "") -> tuple[str, str]:
             return name, message[:500]
     if real:
         return type(real[-1]).__name__, (str(real[-1]).strip().splitlines() or [""])[0][:500]
-    if (
-        chain
-    ):  # only Ray's own exception (e.g. an actor killed from outside): its first line says what happened
+    # only Ray's own exception (e.g. an actor killed from outside): its first line says what happened
+    if chain:
         return _short(type(chain[-1]).__name__), (str(chain[-1]).strip().splitlines() or [""])[0][:500]
     if isinstance(error, str) and error.strip():
         return "Error", error.strip().splitlines()[-1][:500]
@@ -1338,9 +1334,8 @@ def format_leaderboard(board: dict) -> str:
     description is scored by its captions' CIDEr), the caption metrics per test set, failed trials, notes
     (baselines left out), then the paper's published numbers apart."""
     mode = board["vqa_mode"]
-    other = (
-        "strict" if mode == "sarlang1m" else "sarlang1m"
-    )  # beside a judged ranking: the same rule without the judge
+    # beside a judged ranking: the same rule without the judge
+    other = "strict" if mode == "sarlang1m" else "sarlang1m"
     judge = board.get("judge") or {}
     judged = mode != "judge" and any(r.get("vqa_judge") is not None for r in board["rows"])
     sets = board.get("caption_sets") or {"concise": "concise", "detailed": "detailed"}

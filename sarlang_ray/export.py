@@ -109,6 +109,7 @@ OBJECTS_SCHEMA = pa.schema(
     ]
 )
 CSV_HEADER = b"image,caption\r\n"  # csv.DictWriter's header (and its \r\n line ends)
+# the card's counters
 STATS = (
     "pairs",
     "applications",
@@ -117,7 +118,7 @@ STATS = (
     "landcover",
     "gsd",
     "tiles",
-)  # the card's counters
+)
 
 
 def _image_name(tile_id: str) -> str:
@@ -261,13 +262,11 @@ def plan(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
 
 # ---------------------------------------------------------------- workers: the split planned from block
 # aggregates
-PLAN = (
-    "_plan"  # under export/: the planner's tile index (one file per batch of tiles shards) and its decisions
-)
+# under export/: the planner's tile index (one file per batch of tiles shards) and its decisions
+PLAN = "_plan"
 PLAN_SHARDS_PER_TASK = 32  # tiles shards a planning task indexes (~8k tiles at 256 a shard)
-PLAN_TILES_PER_UNIT = (
-    20_000  # boundary tiles a conflict task loads at most (a larger group of conflicts: one task)
-)
+# boundary tiles a conflict task loads at most (a larger group of conflicts: one task)
+PLAN_TILES_PER_UNIT = 20_000
 LABEL_BUCKETS = 8  # the group-by on label id: partitions, each settled by one task
 INDEX_SCHEMA = pa.schema(
     [
@@ -517,9 +516,8 @@ def _boundary_unit(
     gone = set(dropped) if dropped is not None else set()
     for cluster in clusters:
         idx = np.flatnonzero(np.isin(keys, np.asarray(cluster, dtype=np.int64)))
-        idx = idx[
-            np.argsort([tids[i] for i in idx], kind="stable")
-        ]  # tile order: by id, whatever the files' order
+        # tile order: by id, whatever the files' order
+        idx = idx[np.argsort([tids[i] for i in idx], kind="stable")]
         if dropped is not None:
             idx = np.asarray([i for i in idx if tids[i] not in gone], dtype=np.int64)
         tiles = [SplitTile(tids[i], "", "", fps[i], crs[i], frozenset()) for i in idx]
@@ -586,9 +584,8 @@ def _label_rows(out: str, k: int, bkeys, bsplit, buckets: int, dropped=None, cli
                 "clipped": is_clipped,
             }
         ).drop_duplicates()
-    bucket = _label_bucket(
-        df["base" if clipped is not None else "label"].to_numpy(), buckets
-    )  # a label's parts together
+    # a label's parts together
+    bucket = _label_bucket(df["base" if clipped is not None else "label"].to_numpy(), buckets)
     folder = "report" if clipped is not None else "labels"
     for b in range(buckets):  # files, not task results: small results would come back through the driver
         part = df[bucket == b]
@@ -738,9 +735,8 @@ def neighbour_blocks(keys, cols, rows, bounds, block_m: float, buffer_m: float, 
 
     keys, cols, rows = np.asarray(keys), np.asarray(cols, dtype=np.int64), np.asarray(rows, dtype=np.int64)
     to_grid = Transformer.from_crs("EPSG:4326", EQUAL_AREA, always_xy=True)
-    reach = (
-        0  # how many cells a block's widened bounds reach beyond its own cell (the widest, for every block)
-    )
+    # how many cells a block's widened bounds reach beyond its own cell (the widest, for every block)
+    reach = 0
     for lo in range(0, len(keys), chunk):
         wide, c, r = _widen(bounds[lo : lo + chunk], buffer_m), cols[lo : lo + chunk], rows[lo : lo + chunk]
         x0, y0 = to_grid.transform(np.clip(wide[:, 0], -180, 180), np.clip(wide[:, 1], -89.9, 89.9))
@@ -906,9 +902,8 @@ def plan_on_workers(cfg: WorkflowConfig) -> tuple[list[dict], dict]:
     assert best is not None  # START_CANDIDATES >= 1 candidates
     _, split, blocks, units, unit_ks = best
     del candidates, cols, rows
-    near_a = near_b = pair_key = pair_k = (
-        None  # the blocks' neighbours and batches: the units hold what is needed
-    )
+    # the blocks' neighbours and batches: the units hold what is needed
+    near_a = near_b = pair_key = pair_k = None
     drops = [
         d
         for res in ray.get(
@@ -1162,9 +1157,8 @@ def _pieces(out: str, manifest: list[dict], split: str, target: str) -> list[tup
         if target.startswith("parquet/"):
             if target in sizes:
                 pieces.append((io.join(out, "parquet", split, m["shard"].replace("/", "__")), *sizes[target]))
-        elif target in json.loads(
-            m["parts"]
-        ):  # a shard finished by a version that recorded no sizes: 0 bytes
+        # a shard finished by a version that recorded no sizes: 0 bytes
+        elif target in json.loads(m["parts"]):
             pieces.append(
                 (part_uri(out, target, m["shard"]), *sizes.get(target, [json.loads(m["parts"])[target], 0]))
             )

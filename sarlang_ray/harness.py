@@ -84,10 +84,11 @@ def _image_stream(cfg: WorkflowConfig, pairs: list[dict]) -> Iterator[tuple[str,
     for table in evaluate.iter_split(cfg, cfg.evaluate.split, columns):
         table = table.filter(pc.is_in(table["pair_id"], wanted))
         image = table["image"].combine_chunks()
+        # bytes made row by row: pairs repeat them
         paths, blobs = (
             image.field("path").to_pylist(),
             image.field("bytes"),
-        )  # bytes made row by row: pairs repeat them
+        )
         for i, (pid, key) in enumerate(zip(table["pair_id"].to_pylist(), table[columns[1]].to_pylist())):
             if export:
                 yield pid, paths[i] or f"{key}.png", blobs[i].as_py()

@@ -193,9 +193,8 @@ def chat_texts(processor, question: str, answer: str | None = None) -> tuple[str
     if at < 0:
         return prompt, prompt + answer + eos
     end = at + len(answer)
-    marker = (
-        full[end:].strip().split("\n")[0].strip()
-    )  # what closes this turn (nothing in LLaVA-1.5's template)
+    # what closes this turn (nothing in LLaVA-1.5's template)
+    marker = full[end:].strip().split("\n")[0].strip()
     return prompt, full[:end] + (marker or eos)
 
 

@@ -84,9 +84,8 @@ def summarise(cfg: WorkflowConfig, stage_counts: dict, seconds: float) -> dict:
         summary["pairs_per_application"] = dict(collections.Counter(apps).most_common())
     rejects: collections.Counter = collections.Counter()
     for name, c in stage_counts.items():
-        labels = (
-            c.get("labels") if isinstance(c.get("labels"), dict) else {}
-        )  # align's label files and features
+        # align's label files and features
+        labels = c.get("labels") if isinstance(c.get("labels"), dict) else {}
         for reasons in (c.get("rejects_by_reason") or {}, labels.get("rejects_by_reason") or {}):
             rejects.update({f"{name}:{k}": v for k, v in reasons.items()})
     summary["rejects_by_reason"] = dict(rejects.most_common())
@@ -105,10 +104,11 @@ def format_summary(s: dict, stage_lines: bool = True) -> str:
         )
         if stage_lines:
             lines.append(f"  {stage:8s} {c.get('seconds', '-')} s{extra}")
+        # one reason took out much of the stage
         lines += [
             f"  !! WARNING {stage}: {w}" if not stage_lines else f"  !! WARNING {w}"
             for w in c.get("warnings", [])
-        ]  # one reason took out much of the stage
+        ]
     if "scenes" in s:
         lines.append(f"scenes: {s['scenes']}")
     lines.append("tiles per GSD: " + ", ".join(f"{k}: {v}" for k, v in s["tiles_per_gsd"].items()))
@@ -153,10 +153,11 @@ def _absolute_local_paths(cfg: WorkflowConfig) -> None:
         value = getattr(obj, key)
         if value and not io.is_remote(value) and not os.path.isabs(value):
             setattr(obj, key, os.path.abspath(value))
+    # model: a hub name stays, an existing local folder gets absolute
     for obj in (
         cfg.train,
         cfg.annotate.hf,
-    ):  # model: a hub name stays, an existing local folder gets absolute
+    ):
         if obj.model and not os.path.isabs(obj.model) and os.path.isdir(obj.model):
             obj.model = os.path.abspath(obj.model)
 
@@ -197,9 +198,8 @@ def run(cfg: WorkflowConfig, stages: list[str] | None = None, console=None) -> d
             io.write_bytes_atomic(io.join(cfg.run.run_dir, "config.yaml"), to_yaml(cfg).encode())
             summary = summarise(cfg, finished_counts(cfg), time.time() - t0)
             text = redact_text(json.dumps(summary, indent=2, default=str), [cfg.annotate.openai.api_key_env])
-            io.write_bytes_atomic(
-                io.join(cfg.run.run_dir, "summary.json"), text.encode()
-            )  # run_dir may hold s3://KEY:SECRET@
+            # run_dir may hold s3://KEY:SECRET@
+            io.write_bytes_atomic(io.join(cfg.run.run_dir, "summary.json"), text.encode())
         except Exception:
             if not failed:
                 raise

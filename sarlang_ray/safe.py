@@ -94,9 +94,8 @@ class _Reader:
         self.zip = self.uri.lower().endswith(".zip")
         if self.zip:
             fs, path = io.filesystem(self.uri)
-            self._file = fs.open(
-                path, "rb"
-            )  # seekable: zipfile reads the central directory and members by range
+            # seekable: zipfile reads the central directory and members by range
+            self._file = fs.open(path, "rb")
             try:
                 self._zf = zipfile.ZipFile(self._file)
             except zipfile.BadZipFile as exc:

@@ -94,10 +94,8 @@ def halo_for(window: int) -> int:
     return max(r, max(1, r - 1) + 1)
 
 
-@numba.njit(cache=True, nogil=True)
-def _refined_lee_kernel(
-    xp, pad, halo, height, width, step, offsets, counts, weights, looks, out
-):  # pragma: no cover (compiled)
+@numba.njit(cache=True, nogil=True)  # pragma: no cover (compiled)
+def _refined_lee_kernel(xp, pad, halo, height, width, step, offsets, counts, weights, looks, out):
     """Refined Lee for every pixel of the inner region; ``xp`` is the filled image padded by ``pad``.
 
     Per pixel: the 3x3 means at the centre and at ``step`` pixels along four axes (clamped to the image),

@@ -348,9 +348,8 @@ def freeze(q: SearchSection, run_dir: str) -> tuple[str, dict]:
     stats: dict = {}
     cap = q.max_items
     io.makedirs(io.join(run_dir, FOLDER))
-    if is_api(
-        _source(q)
-    ):  # page by page to a spool on disk, then to Parquet in chunks: the driver holds a page
+    # page by page to a spool on disk, then to Parquet in chunks: the driver holds a page
+    if is_api(_source(q)):
         n = _freeze_api(q, geom, start, end, stats, uri)
     else:  # written batch by batch as the scan selects them: the driver holds one batch, not the selection
         written = [0]

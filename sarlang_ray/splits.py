@@ -180,9 +180,8 @@ def block_runs_arrays(
     if not len(cols):
         return out
     x, y = np.asarray(cols, dtype=np.int64) + (1 << 30), np.asarray(rows, dtype=np.int64) + (1 << 30)
-    step = (
-        65_536  # in chunks: the curve's ~10 temporaries per cell stay the size of a chunk, not of every block
-    )
+    # in chunks: the curve's ~10 temporaries per cell stay the size of a chunk, not of every block
+    step = 65_536
     h = np.concatenate([hilbert_indexes(x[i : i + step], y[i : i + step]) for i in range(0, len(x), step)])
     order = np.argsort(h, kind="stable")
     if start is None:
@@ -222,9 +221,8 @@ def block_runs(
     start %= len(order)
     order = order[start:] + order[:start]
     names = [s for s in SPLITS if ratios.get(s, 0) > 0]
-    names = sorted(
-        names, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest()
-    )  # which region comes first
+    # which region comes first
+    names = sorted(names, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
     total = sum(block_sizes.values()) or 1
     out, filled, k = {}, 0.0, 0
     bound = ratios[names[0]] * total

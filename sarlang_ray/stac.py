@@ -57,9 +57,8 @@ class Candidate:
     asset: str  # asset key
     href: str  # the asset href as written in the item (relative or absolute)
     properties: dict[str, Any] = field(default_factory=dict)  # the item's properties
-    asset_fields: dict[str, Any] = field(
-        default_factory=dict
-    )  # extension fields of the asset (sar:polarizations)
+    # extension fields of the asset (sar:polarizations)
+    asset_fields: dict[str, Any] = field(default_factory=dict)
     # the polarisations of one item as one scene: {polarisation, uri, band, asset, calibration, noise} per
     # asset (calibration / noise: the item's Sentinel-1 calibration and noise XML assets of that polarisation)
     bands: list[dict[str, Any]] | None = None

@@ -110,10 +110,11 @@ TILES_SCHEMA = pa.schema(
 OBJECT_TYPE = pa.struct(
     [
         ("class", pa.string()),
+        # pixel coordinates: x right, y down, origin top-left corner
         (
             "bbox_xyxy",
             pa.list_(pa.float32(), 4),
-        ),  # pixel coordinates: x right, y down, origin top-left corner
+        ),
         ("polygon", pa.binary()),  # WKB polygon in pixel coordinates
         ("area_px", pa.float32()),
         ("angle_deg", pa.float32()),  # long axis, counter-clockwise from the image x axis, in [0, 180)
@@ -276,11 +277,12 @@ def shard_error_reasons(run_dir: str, stage: str, names: list[str]) -> dict[str,
     return dict(sorted(reasons.items()))
 
 
+# one file per stage; tile, align, annotate: one per chunk too
 STAGE_ERROR_FILES = {
     "catalog": ["catalog/errors.parquet"],
     "align": ["align/label_errors.parquet"],
     "export": ["export/errors.parquet"],
-}  # one file per stage; tile, align, annotate: one per chunk too
+}
 
 
 def error_files(run_dir: str, stage: str | None = None) -> list[str]:

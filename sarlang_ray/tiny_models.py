@@ -285,9 +285,8 @@ def _tiny_llava(hidden: int, layers: int, size: int):
             image_size=size,
             patch_size=patch,
         ),
-        text_config=LlamaConfig(
-            **_text(hidden, layers, tokenizer, initializer_range=0.02)
-        ),  # untied: the default
+        # untied: the default
+        text_config=LlamaConfig(**_text(hidden, layers, tokenizer, initializer_range=0.02)),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -358,6 +357,7 @@ def _tiny_qwen2_vl(hidden: int, layers: int, size: int):
     image, video, start, end = _ids(
         tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
     )
+    # as Qwen2-VL-2B
     config = Qwen2VLConfig(
         text_config=_text(hidden, layers, tokenizer, rope_parameters=_qwen_rope(hidden)),
         vision_config={
@@ -375,7 +375,7 @@ def _tiny_qwen2_vl(hidden: int, layers: int, size: int):
         vision_start_token_id=start,
         vision_end_token_id=end,
         tie_word_embeddings=True,
-    )  # as Qwen2-VL-2B
+    )
     return Qwen2VLForConditionalGeneration(config), processor
 
 
@@ -386,6 +386,7 @@ def _tiny_qwen2_5_vl(hidden: int, layers: int, size: int):
     image, video, start, end = _ids(
         tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
     )
+    # as Qwen2.5-VL-7B
     config = Qwen2_5_VLConfig(
         text_config=_text(hidden, layers, tokenizer, rope_parameters=_qwen_rope(hidden)),
         vision_config={
@@ -405,7 +406,7 @@ def _tiny_qwen2_5_vl(hidden: int, layers: int, size: int):
         vision_start_token_id=start,
         vision_end_token_id=end,
         tie_word_embeddings=False,
-    )  # as Qwen2.5-VL-7B
+    )
     return Qwen2_5_VLForConditionalGeneration(config), processor
 
 
@@ -417,6 +418,7 @@ def _tiny_qwen3_vl(hidden: int, layers: int, size: int):
         tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
     )
     rope = {**_qwen_rope(hidden), "mrope_interleaved": True}
+    # as Qwen3-VL-2B
     config = Qwen3VLConfig(
         text_config=_text(hidden, layers, tokenizer, rope_parameters=rope),
         vision_config={
@@ -436,7 +438,7 @@ def _tiny_qwen3_vl(hidden: int, layers: int, size: int):
         vision_start_token_id=start,
         vision_end_token_id=end,
         tie_word_embeddings=True,
-    )  # as Qwen3-VL-2B
+    )
     return Qwen3VLForConditionalGeneration(config), processor
 
 
@@ -535,14 +537,14 @@ def _tiny_idefics3(hidden: int, layers: int, size: int):
     )
     # pad_token_id: a generic config attribute the config accepts as an extra keyword (its dataclass __init__,
     # all that mypy sees, does not list it)
-    config = Idefics3Config(
+    config = Idefics3Config(  # type: ignore[call-arg]
         vision_config=_idefics_vision(layers, tile, patch),
         text_config=dict(model_type="llama", **_text(hidden, layers, tokenizer)),
         scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-    )  # type: ignore[call-arg]
+    )
     return Idefics3ForConditionalGeneration(config), processor
 
 
@@ -581,6 +583,7 @@ def _tiny_smolvlm(hidden: int, layers: int, size: int):
         image_seq_len=(tile // patch // 2) ** 2,
         chat_template=SMOLVLM_TEMPLATE,
     )
+    # as SmolVLM-256M/500M
     config = SmolVLMConfig(
         vision_config=_idefics_vision(layers, tile, patch),
         text_config=dict(model_type="llama", **_text(hidden, layers, tokenizer)),
@@ -588,7 +591,7 @@ def _tiny_smolvlm(hidden: int, layers: int, size: int):
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]  # as Idefics3Config's
         tie_word_embeddings=True,
-    )  # as SmolVLM-256M/500M
+    )
     return SmolVLMForConditionalGeneration(config), processor
 
 
@@ -634,6 +637,7 @@ def _tiny_gemma3(hidden: int, layers: int, size: int):
         sliding_window=64,
         layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
     )
+    # as every Gemma 3
     config = Gemma3Config(
         text_config=text,
         vision_config={
@@ -650,7 +654,7 @@ def _tiny_gemma3(hidden: int, layers: int, size: int):
         image_token_index=soft,
         initializer_range=0.2,
         tie_word_embeddings=True,
-    )  # as every Gemma 3
+    )
     model = Gemma3ForConditionalGeneration(config)
     # Gemma scales token embeddings by sqrt(hidden) and normalises each layer's output (post-norms at 1 + 0):
     # an untrained two-layer model then repeats its last input token; 4x wider post-norms let the layers speak

@@ -42,9 +42,8 @@ from sarlang_ray import io, plots, reaper
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.models import chat_texts, load_image, load_processor
 
-if (
-    TYPE_CHECKING
-):  # torch and Ray Train are imported where they run (the driver never loads torch for this module)
+# torch and Ray Train are imported where they run (the driver never loads torch for this module)
+if TYPE_CHECKING:
     import torch
     from ray.train import DataConfig
 
@@ -405,12 +404,13 @@ def resume_state(checkpoint_dir: str | None) -> tuple[int, list[dict], list[int]
     with open(os.path.join(checkpoint_dir, "state.json")) as f:
         meta = json.load(f)
     start_epoch = meta["epoch"] + 1
+    # resumes: proof
     return (
         start_epoch,
         meta["history"],
         meta.get("resumes", []) + [start_epoch],
         trainer_state,
-    )  # resumes: proof
+    )
 
 
 def distribute(w: _Worker, model) -> None:
@@ -541,6 +541,7 @@ def train_epoch(w: _Worker) -> dict:
             pending = 0
         batch = following
     seconds = time.time() - t0
+    # rank 0's sample order this epoch
     return {
         "step": w.step,
         "train_loss": running.item() / max(1, micro_batches),
@@ -548,7 +549,7 @@ def train_epoch(w: _Worker) -> dict:
         "samples_per_s": seen * w.world / max(seconds, 1e-9),
         "lr": w.scheduler.get_last_lr()[0],
         "order_sha256": order.hexdigest(),
-    }  # rank 0's sample order this epoch
+    }
 
 
 def save_checkpoint(w: _Worker, epoch: int, history: list[dict], resumes: list[int], final: bool) -> None:

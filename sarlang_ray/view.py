@@ -42,6 +42,7 @@ PAGES = {
     "errors": "Errors",
     "leaderboard": "Leaderboard",
 }
+# the grid's filters: fields of an index row
 FILTERS = (
     "split",
     "application",
@@ -50,7 +51,7 @@ FILTERS = (
     "class",
     "qc",
     "error",
-)  # the grid's filters: fields of an index row
+)
 NOT_EXPORTED = "not exported"
 TILE_COLUMNS = [
     "tile_id",
@@ -122,9 +123,8 @@ def _filtered(uri: str, column: str, values: list[str], columns: list[str] | Non
         return []
     fs, path = io.arrow_filesystem(uri)
     cols = None if columns is None else sorted({*columns, column})
-    if pa.types.is_string(
-        pq.read_schema(path, filesystem=fs).field(column).type
-    ):  # row groups skipped by statistics
+    # row groups skipped by statistics
+    if pa.types.is_string(pq.read_schema(path, filesystem=fs).field(column).type):
         return pq.read_table(
             path, filesystem=fs, columns=cols, filters=pc.field(column).isin(pa.array(values, pa.string()))
         ).to_pylist()
@@ -171,9 +171,8 @@ def view_shard(job: dict) -> dict:
     from sarlang_ray import metrics
 
     run_dir, rel, out = job["run_dir"], job["rel"], job["out"]
-    mode = (
-        job["vqa_mode"] if job["vqa_mode"] in ("strict", "sarlang1m") else "strict"
-    )  # a judge's verdicts are not kept
+    # a judge's verdicts are not kept
+    mode = job["vqa_mode"] if job["vqa_mode"] in ("strict", "sarlang1m") else "strict"
     tiles = io.read_parquet(
         io.join(tables.shard_root(run_dir, "align"), rel), columns=TILE_COLUMNS
     ).to_pylist()
@@ -235,10 +234,11 @@ def view_shard(job: dict) -> dict:
             row["qc_reasons"] = list(p["qc_reasons"] or [])
             row["answers"] = []
             for model, pred in (answers.get(p["pair_id"]) or {}).items():
+                # captions have no right answer
                 vqa = p["kind"] not in (
                     "caption_concise",
                     "caption_detailed",
-                )  # captions have no right answer
+                )
                 correct = (
                     metrics.vqa_correct(pred, p["answer"], mode, question=p["question"]) if vqa else None
                 )
@@ -265,9 +265,8 @@ def view_shard(job: dict) -> dict:
                 }
                 for o in objects
             ],
-            "landcover": dict(
-                sorted(t["landcover"] or [], key=lambda kv: -kv[1])
-            ),  # a Parquet map reads as pairs
+            # a Parquet map reads as pairs
+            "landcover": dict(sorted(t["landcover"] or [], key=lambda kv: -kv[1])),
             "pairs": pair_rows,
             "models": models,
             "errors": tile_errors,

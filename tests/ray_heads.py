@@ -100,9 +100,10 @@ def ray_head(
         )
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the job's entrypoint finds `sarlang` here
     env.update(
         RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    )  # the job's entrypoint finds `sarlang` here
+    )
     env.update(extra_env or {})
     cmd = [
         str(BIN / "ray"),
@@ -166,9 +167,8 @@ def ray_head(
             proc.wait(timeout=30)
         log.close()
         time.sleep(1)
-        kill_leftovers(
-            [temp_dir, str(log_path.parent), f"127.0.0.1:{ports['gcs']}"]
-        )  # safety net (a job driver); normally nothing is left
+        # safety net (a job driver); normally nothing is left
+        kill_leftovers([temp_dir, str(log_path.parent), f"127.0.0.1:{ports['gcs']}"])
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -182,9 +182,8 @@ def test_every_template_answer_is_true(annotated):
             labelled, seen, _ = _visible(tile)
             listed = re.search(r"It contains (.*?)\.", a)
             for cls, n in labelled.items():
-                if (
-                    seen[cls] == n
-                ):  # every object visible: the class with its true count, as words up to twelve
+                # every object visible: the class with its true count, as words up to twelve
+                if seen[cls] == n:
                     assert f"{_number(n)} {CLASS_WORDS[cls][0] if n != 1 else cls}" in listed.group(1), (
                         cls,
                         n,
@@ -345,9 +344,8 @@ def test_no_question_about_a_class_below_its_resolvable_size(annotated):
                     "question"
                 ]
             if fam in ("counting", "total", "positioning", "position_yesno", "pattern", "reasoning"):
-                for cls in set(rest[1:]) & set(
-                    CLASS_WORDS
-                ):  # counts and places only where every object is seen
+                # counts and places only where every object is seen
+                for cls in set(rest[1:]) & set(CLASS_WORDS):
                     assert seen[cls] == labelled[cls], (fam, cls, labelled[cls], seen[cls])
     assert asked[("car", 1.0)] and asked[("ship", 10.0)] and not asked[("car", 10.0)], asked
 
@@ -367,9 +365,8 @@ def test_absence_is_never_asserted_where_land_cover_implies_the_class(annotated)
         if p["tile_id"] not in implied:
             continue
         _, *rest = p["question_type"].split("/")
-        assert "building" not in set(rest[1:]) | _names(p["question"]), p[
-            "question"
-        ]  # neither asked nor offered
+        # neither asked nor offered
+        assert "building" not in set(rest[1:]) | _names(p["question"]), p["question"]
         assert "without labelled objects" not in p["answer"] and "No labelled object" not in p["answer"], p[
             "answer"
         ]

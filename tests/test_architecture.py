@@ -204,6 +204,7 @@ NOT_MAPPED = {
     "sarlang_ray.stages.evaluate",
     *(f"sarlang_ray.{m}" for m in STAGE_MACHINERY),
 }
+# ray.<these>: running work by hand
 RAY_WORK = {
     "remote",
     "get",
@@ -213,7 +214,7 @@ RAY_WORK = {
     "train",
     "tune",
     "cancel",
-}  # ray.<these>: running work by hand
+}
 
 
 def work_outside_map(source: str) -> list[str]:

@@ -137,9 +137,8 @@ def test_stages_grow_the_cluster_from_zero_cpu_and_gpu_workers(demo_run, tmp_pat
     for stage in ("catalog", "tile", "align"):
         where = set(json.loads((run_dir / stage / "_SUCCESS.json").read_text())["placement"])
         assert where and head["id"] not in where and where <= cpu_nodes | gpu_nodes, (stage, where)
-    annotate_nodes = {
-        a["node"] for a in actors if "AnnotateShard" in a["class"] + a["name"]
-    }  # num_gpus=1: actors
+    # num_gpus=1: actors
+    annotate_nodes = {a["node"] for a in actors if "AnnotateShard" in a["class"] + a["name"]}
     assert annotate_nodes == gpu_nodes, state["actors"]
     assert set(json.loads((run_dir / "annotate" / "_SUCCESS.json").read_text())["placement"]) == gpu_nodes
     tiles = _tiles(run_dir)

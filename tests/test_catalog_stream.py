@@ -171,9 +171,8 @@ def test_the_streamed_glob_equals_the_whole_listing_locally_and_on_s3(ray_sessio
         if i % 2 == 0:
             vh = vv.with_name(vv.name.replace("_VV.", "_VH."))
             shutil.copy(vh, local / "sar" / "x" / vh.name)
-    (local / "sar" / "corrupt_VV.tif").write_bytes(
-        b"II*\x00" + b"\x00" * 200
-    )  # a TIFF header and nothing else
+    # a TIFF header and nothing else
+    (local / "sar" / "corrupt_VV.tif").write_bytes(b"II*\x00" + b"\x00" * 200)
     prefix = f"sarlang/stream-{uuid.uuid4().hex[:8]}"
     fs = fsspec.filesystem("s3")
     fs.put(str(local / "sar"), f"{prefix}/sar", recursive=True)

@@ -251,9 +251,8 @@ def test_scene_time_from_tags_and_file_names():
         == "2024-06-01T10:00:00Z"
     )
     name = "OPERA_L2_RTC-S1_T137-292318-IW1_20211119T015854Z_20250830T120333Z_S1A_30_v1.0_VV.tif"
-    assert (
-        companions.acquired_from_file({}, name) == "2021-11-19T01:58:54Z"
-    )  # the first token: the acquisition
+    # the first token: the acquisition
+    assert companions.acquired_from_file({}, name) == "2021-11-19T01:58:54Z"
     assert companions.acquired_from_file({}, "scene.tif") is None
 
 

@@ -78,9 +78,8 @@ def test_old_keys_in_a_workflow_file_load_too(tmp_path):
     assert all(f"{key} in {workflow}" in text for key in LEGACY_BOUNDS), text
     assert resource_keys(cfg.tile)["concurrency"] == (1, 32)
     assert resource_keys(cfg.align)["concurrency"] is None  # null was the old key's default: nothing changes
-    assert (
-        resource_keys(cfg.annotate)["concurrency"] == 4
-    )  # a fixed size won over the old key, and still does
+    # a fixed size won over the old key, and still does
+    assert resource_keys(cfg.annotate)["concurrency"] == 4
     assert "annotate.concurrency=4 fixes the number" in text
 
 

@@ -106,9 +106,8 @@ def test_fingerprints_see_the_modes_as_plain_strings():
     cfg = load_config(None, ["annotate.backend=hf", "tile.speckle.filter=lee", "evaluate.judge=openai"])
     for stage in registry().values():
         settings = stage.settings(cfg)
-        assert json.loads(json.dumps(settings)) == settings, (
-            stage.name
-        )  # plain JSON, nothing that encodes differently
+        # plain JSON, nothing that encodes differently
+        assert json.loads(json.dumps(settings)) == settings, stage.name
     assert registry()["tile"].settings(cfg)["tile"]["speckle"]["filter"] == "lee"
 
 

@@ -146,9 +146,8 @@ def test_planted_contradiction_is_found_blamed_and_repaired_or_rejected(case):
                 continue
             assert "contradiction" in p["qc_reasons"], (mode, p)
             sentences = {k for j, k in blamed if j == i}
-            if mode == "repair" and sentences != {
-                None
-            }:  # a caption loses the blamed sentence, keeps the rest
+            # a caption loses the blamed sentence, keeps the rest
+            if mode == "repair" and sentences != {None}:
                 kept = [
                     s
                     for k, s in enumerate(re.split(r"(?<=[.!?])\s+", pairs[i]["answer"]))
@@ -286,9 +285,8 @@ def plant(pairs: list[dict], tile: dict) -> tuple[list[dict], Counter]:
     pairs, planted = [dict(p) for p in pairs], Counter()
     detailed = next(p["answer"] for p in pairs if p["kind"] == "caption_detailed")
     m = re.search(r"built-up \((\d+)%\)", detailed)
-    if (
-        m and int(m.group(1)) >= 10 and "building" not in detailed and tile["gsd_m"] <= 5
-    ):  # buildings: 20 m / 4 px
+    # buildings: 20 m / 4 px
+    if m and int(m.group(1)) >= 10 and "building" not in detailed and tile["gsd_m"] <= 5:
         pairs.append(
             {
                 "kind": "vqa",
@@ -300,6 +298,7 @@ def plant(pairs: list[dict], tile: dict) -> tuple[list[dict], Counter]:
         )
         planted["implied_absence"] += 1
     if tile["gsd_m"] >= 10:
+        # unanswerable at 10 m
         pairs.append(
             {
                 "kind": "vqa",
@@ -308,7 +307,7 @@ def plant(pairs: list[dict], tile: dict) -> tuple[list[dict], Counter]:
                 "question": "How many cars are there in the image?",
                 "answer": "0",
             }
-        )  # unanswerable at 10 m
+        )
         planted["unresolvable"] += 1
     for p in pairs:
         if (

@@ -208,17 +208,15 @@ def test_a_failing_trial_is_listed_with_its_root_exception_and_the_sweep_goes_on
     )
     sigint = signal.getsignal(signal.SIGINT)
     board = evaluate.run_evaluate(ev)
-    assert (
-        signal.getsignal(signal.SIGINT) is sigint
-    )  # Ray Tune's own handler is not left behind: Ctrl-C still works
+    # Ray Tune's own handler is not left behind: Ctrl-C still works
+    assert signal.getsignal(signal.SIGINT) is sigint
     assert {(r["model"], r["image"]) for r in board["rows"]} == {
         (good, "sar"),
         ("majority answer (lower bound)", "-"),
     }
     assert all(r["n_pairs"] == 40 for r in board["rows"])
-    assert all(
-        0 <= r["vqa_judge"] <= 1 and r["vqa_judge"] >= r["vqa_sarlang1m"] for r in board["rows"]
-    )  # judge only adds
+    # judge only adds
+    assert all(0 <= r["vqa_judge"] <= 1 and r["vqa_judge"] >= r["vqa_sarlang1m"] for r in board["rows"])
     failed = {(f["model"], f["image"]): f for f in board["failed"]}
     assert set(failed) == {(good, "optical"), (str(broken), "sar"), (str(broken), "optical")}
     arrow = failed[(good, "optical")]
@@ -227,10 +225,11 @@ def test_a_failing_trial_is_listed_with_its_root_exception_and_the_sweep_goes_on
     )
     config = failed[(str(broken), "sar")]
     assert config["error_class"] == "OSError" and "is not a valid JSON file" in config["error"]
+    # whichever fails first
     assert failed[(str(broken), "optical")]["error_class"] in (
         "ArrowInvalid",
         "OSError",
-    )  # whichever fails first
+    )
     for f in board["failed"]:  # the exception, never Ray's wrapper or its retry hint
         assert f["prompt"] == "paper" and "retr" not in f["error"] and "UDF failed" not in f["error"], f
     full = json.loads((run_dir / "evaluate" / "leaderboard.json").read_text())
@@ -312,14 +311,16 @@ def test_root_error_digs_through_rays_wrappers():
         '  File "x.py", line 5, in f\n    raise OSError("config.json is not a valid JSON file")\n'
         "OSError: config.json is not a valid JSON file\n"
     )
+    # Result.error as text
     assert evaluate.root_error(tune_file) == (
         "OSError",
         "config.json is not a valid JSON file",
-    )  # Result.error as text
+    )
+    # the error file
     assert evaluate.root_error(None, tune_file) == (
         "OSError",
         "config.json is not a valid JSON file",
-    )  # the error file
+    )
 
 
 def test_evaluate_does_not_import_the_orchestrator():
@@ -760,12 +761,13 @@ def test_baselines_stream_the_split_and_give_what_the_whole_table_gives(demo_run
 
     test = io.read_parquet(evaluate.split_files(cfg, "test"), columns=evaluate.META)
     pairs, refs = evaluate.select_pairs(test, None), evaluate.caption_refs(test)
+    # unseen type: overall
     expected_preds = {
         p["pair_id"]: expected_answer.get(p["kind"], "")
         if p["kind"] in evaluate.CAPTION_KINDS
         else expected_answer.get(p["question_type"], overall)
         for p in pairs
-    }  # unseen type: overall
+    }
     row, why = evaluate.majority_row(cfg, pairs, refs)
     assert why is None
     expected = {

@@ -405,9 +405,8 @@ def test_workers_export_the_shards_and_a_second_export_is_byte_identical(exporte
     assert files(again) == files(out)
     for path in sorted(files(out) - {"_SUCCESS.json", "errors.parquet"}):
         assert (again / path).read_bytes() == (out / path).read_bytes(), path
-    untimed = [
-        pq.read_table(d / "errors.parquet").drop_columns(["time"]) for d in (again, out)
-    ]  # rows carry the time
+    # rows carry the time
+    untimed = [pq.read_table(d / "errors.parquet").drop_columns(["time"]) for d in (again, out)]
     assert untimed[0].equals(untimed[1])
 
 

@@ -254,9 +254,8 @@ def test_every_preset_names_a_family_with_a_tiny_builder():
         for section, key in (("train", "model"), ("annotate", "hf")):
             value = (cfg.get(section) or {}).get(key)
             value = value.get("model") if isinstance(value, dict) else value
-            if (
-                value and re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not value.startswith("runs/")
-            ):  # a hub name
+            # a hub name
+            if value and re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not value.startswith("runs/"):
                 hub_models[f"{preset.name}:{section}"] = value
     assert {"qwen2vl-2b.yaml:train", "qwen25vl-7b.yaml:train", "llava15-7b.yaml:train"} <= set(hub_models)
     for where, name in hub_models.items():

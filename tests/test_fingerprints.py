@@ -294,10 +294,8 @@ def test_a_class_map_change_does_not_retile_and_a_prompt_rename_redoes_evaluate(
     assert walk.redone(["evaluate.prompts=[{name: short}]"]) == ["evaluate"]
     assert walk.redone(["annotate.openai.model=gpt-x"]) == []  # backend=template reads no endpoint
     judged = Walk(tmp_path / "judged", base_overrides(tmp_path / "judged", "evaluate.judge=openai"))
-    assert judged.redone(["annotate.openai.model=gpt-x"]) == [
-        "evaluate"
-    ]  # the judge's model: a new leaderboard
+    # the judge's model: a new leaderboard
+    assert judged.redone(["annotate.openai.model=gpt-x"]) == ["evaluate"]
     assert walk.redone(["tile.concurrency=1", "align.num_cpus=0.5", "annotate.concurrency=[1, 2]"]) == []
-    assert (
-        walk.redone(["annotate.max_actors=2"]) == []
-    )  # the old key (translated: tests/test_config_resources.py)
+    # the old key (translated: tests/test_config_resources.py)
+    assert walk.redone(["annotate.max_actors=2"]) == []

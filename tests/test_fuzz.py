@@ -55,11 +55,12 @@ keys = st.one_of(
     st.sampled_from(KNOWN_KEYS),  # a real key (with a value of any type below)
     st.sampled_from(SECTIONS),  # a whole section given a scalar
     st.from_regex(rf"{NAME}(\.{NAME}){{0,2}}", fullmatch=True),  # unknown keys, nested or not
+    # list items addressed as keys
     st.builds(
         lambda k, i: f"{k}.{i}",
         st.sampled_from(["tile.gsds_m", "run.stages", "evaluate.prompts"]),
         st.integers(0, 3),
-    ),  # list items addressed as keys
+    ),
 )
 values = st.one_of(
     st.integers(-(10**30), 10**30).map(str),
@@ -135,10 +136,11 @@ def test_config_overrides_give_a_valid_config_or_a_config_error_naming_the_key(p
         ("tile.gsds_m.0=2", "tile.gsds_m"),  # a list item addressed as a key
         ("export.train=nan", "export.train"),  # NaN passes every comparison: must be rejected by name
         ("evaluate=${run.seed}", "evaluate"),  # a section given an interpolation: fails only when resolved
+        # a check of a section used in two places
         (
             "evaluate.vllm.concurrency=0",
             "evaluate.vllm.concurrency",
-        ),  # a check of a section used in two places
+        ),
     ],
 )
 def test_config_edge_cases_found_by_fuzzing(override, key):
@@ -228,16 +230,13 @@ AROUND_THE_CENTRE = Polygon([(10, 10), (120, 20), (100, 110), (20, 100)])  # of 
 
 @FUZZ
 @given(label_cases())
-@example(
-    (CRS.from_epsg(32660), 180.0, 60.0, 10.0, 128, AROUND_THE_CENTRE, "4326")
-)  # crosses the antimeridian
-@example(
-    (CRS.from_epsg(32660), 180.0, 60.0, 10.0, 128, AROUND_THE_CENTRE, "tile")
-)  # same, from UTM 60N labels
+# crosses the antimeridian
+@example((CRS.from_epsg(32660), 180.0, 60.0, 10.0, 128, AROUND_THE_CENTRE, "4326"))
+# same, from UTM 60N labels
+@example((CRS.from_epsg(32660), 180.0, 60.0, 10.0, 128, AROUND_THE_CENTRE, "tile"))
 @example((CRS.from_epsg(3413), 0.0, 90.0, 10.0, 128, AROUND_THE_CENTRE, "4326"))  # around the North Pole
-@example(
-    (CRS.from_epsg(3031), 0.0, -90.0, 10.0, 128, AROUND_THE_CENTRE, "neighbour")
-)  # South Pole, labels in 3413
+# South Pole, labels in 3413
+@example((CRS.from_epsg(3031), 0.0, -90.0, 10.0, 128, AROUND_THE_CENTRE, "neighbour"))
 def test_label_polygons_land_on_the_right_tile_pixels_or_are_rejected_with_a_reason(case):
     """Pixel polygon -> tile CRS -> label CRS -> (label file) -> prepare_labels (EPSG:4326) -> tile CRS ->
     objects_in_tile: the box comes back within 0.01 px, or the feature is in the errors table."""
@@ -380,9 +379,8 @@ def test_scene_footprints_round_trip_or_are_rejected_as_bad_footprint(grid):
 @given(
     st.text(max_size=80), st.sampled_from(sorted({s for _, syns in vocab.CLASS_WORDS.values() for s in syns}))
 )
-@example(
-    "a \u017fhip", "ship"
-)  # LATIN SMALL LONG S: matched "ship" under re.I but .lower() kept it (KeyError)
+# LATIN SMALL LONG S: matched "ship" under re.I but .lower() kept it (KeyError)
+@example("a \u017fhip", "ship")
 def test_class_mentions_in_any_text_never_raise_and_point_at_a_synonym(text, synonym):
     """QC's hallucination rule reads class mentions out of free LLM text: arbitrary Unicode must not crash
     it, every span must cover a synonym of the class it is filed under, and an inserted synonym is found."""

@@ -138,9 +138,8 @@ def _vlmevalkit_load(tsv: Path) -> pd.DataFrame:
     fewer is the index of the row holding the image), at commit e8e78f05 of open-compass/VLMEvalKit, which
     does not install from PyPI."""
     data = pd.read_csv(tsv, sep="\t")
-    assert "question" in [c.lower() for c in data.columns] and not (
-        "A" in data and "B" in data
-    )  # -> CustomVQADataset
+    # -> CustomVQADataset
+    assert "question" in [c.lower() for c in data.columns] and not ("A" in data and "B" in data)
     data = data[~pd.isna(data["image"])]
     data["index"] = [str(x) for x in data["index"]]
     data["image"] = [str(x) for x in data["image"]]
@@ -165,9 +164,10 @@ def test_the_vlmevalkit_tsv_loads_as_vlmevalkit_reads_it_and_scores_with_our_met
     for _, row in data.iterrows():  # vlmeval/smp/vlm.py decode_base64_to_image
         decoded = Image.open(_io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
         assert np.array_equal(np.asarray(decoded), images[row["pair_id"]])
+    # each image once
     assert tsv.stat().st_size < sum(
         len(base64.b64encode(Image.fromarray(a).tobytes())) for a in images.values()
-    )  # each image once
+    )
 
     # VLMEvalKit's prediction file (PRED_FORMAT=tsv): every column but image, plus prediction
     predictions = _predictions(
@@ -212,9 +212,8 @@ def test_export_bench_writes_an_imported_release_too(tmp_path, capsys):
     assert cli.main(["export-bench", str(REPO / "workflows" / "sarlang1m.yaml"), *overrides]) == 0
     assert "sarlang1m_test" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "bench" / "manifest.json").read_text())
-    expected = (
-        built["vqa_test"] + 2 + 3
-    )  # test VQA pairs, one prompt per image of Caption_test (2) and Caption_test1 (3)
+    # test VQA pairs, one prompt per image of Caption_test (2) and Caption_test1 (3)
+    expected = built["vqa_test"] + 2 + 3
     assert manifest["samples"] == expected and manifest["kinds"] == {
         "caption_concise": 3,
         "caption_detailed": 2,

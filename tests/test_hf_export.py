@@ -46,9 +46,8 @@ def test_load_dataset_reads_the_demo_runs_export(demo_run, tmp_path):
     pngs = run / "export" / "sarlang1m" / "SAR_images"
     for split in ds:
         seen = set()
-        for row in ds[
-            split
-        ]:  # every tile once: decoded by datasets, equal pixel for pixel to the exported PNG
+        # every tile once: decoded by datasets, equal pixel for pixel to the exported PNG
+        for row in ds[split]:
             if row["tile_id"] in seen:
                 continue
             seen.add(row["tile_id"])

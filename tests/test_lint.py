@@ -17,9 +17,8 @@ except ModuleNotFoundError:  # Python 3.10: mypy's own dependency tomli is the s
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(
-    shutil.which("make") is None, reason="make is not installed"
-)  # CI runs `make test`: it is
+# CI runs `make test`: it is
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_test_runs_ruff_then_mypy_before_pytest():
     # -n prints the recipes without running them; -o: take the set-up as done (no venv or apt work)
     out = subprocess.run(

@@ -317,9 +317,8 @@ def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_pat
     from sarlang_ray.config import to_yaml
 
     demo_cfg, _ = demo_run
-    fsspec.filesystem("s3").put(
-        demo_cfg.synth.out_dir, "sarlang/multinode/archive", recursive=True
-    )  # the demo's archive
+    # the demo's archive
+    fsspec.filesystem("s3").put(demo_cfg.synth.out_dir, "sarlang/multinode/archive", recursive=True)
     run_dir = "s3://sarlang/multinode/run"
     cfg = demo_config(
         tmp_path / "unused",

@@ -108,11 +108,12 @@ class ChatServer:
                         "question": "How many labelled objects are there?",
                         "answer": str(n),
                     },
+                    # not one of the seven: dropped
                     {
                         "application": "astrology",
                         "question": "Dropped?",
                         "answer": "yes",
-                    },  # not one of the seven: dropped
+                    },
                 ]
             )
             + "\n```"
@@ -165,9 +166,8 @@ def test_openai_backend_end_to_end(demo_run, chat_server, tmp_path):
         ).to_pylist()
     }
     vqa = [p for p in pairs if p["kind"] == "vqa"]
-    assert vqa and all(
-        p["application"] == "instance counting" for p in vqa
-    )  # the invalid application was dropped
+    # the invalid application was dropped
+    assert vqa and all(p["application"] == "instance counting" for p in vqa)
     for (
         p
     ) in vqa:  # the prompt lists the objects that can be seen at the tile's GSD (no 0.1-pixel cars at 10 m)
@@ -293,9 +293,8 @@ def test_a_retry_redoes_only_the_failed_tiles(demo_run, tmp_path):
         assert not [e for e in pipeline.read_errors(str(run_dir)).to_pylist() if e["stage"] == "annotate"]
         pairs = pipeline.read_annotations(str(run_dir)).to_pylist()
         assert {p["tile_id"] for p in pairs} >= failed and len({p["pair_id"] for p in pairs}) == len(pairs)
-        assert (
-            sorted(json.dumps(r, sort_keys=True) for r in pairs if r["tile_id"] not in failed) == kept
-        )  # the others, as they were
+        # the others, as they were
+        assert sorted(json.dumps(r, sort_keys=True) for r in pairs if r["tile_id"] not in failed) == kept
         export_after = io.read_json(str(run_dir / "export" / "_SUCCESS.json"))
         assert (
             export_after["fingerprint"]["inputs"]["annotate"]

@@ -114,9 +114,8 @@ def oriented_run(ray_session, tmp_path_factory):
         geometry=[g for _, g, _ in labels],
         crs=4326,
     ).to_parquet(archive / "labels" / "objects.parquet")
-    lc = np.where(np.arange(SIZE)[None, :] * 10.0 < WATER_EAST_M, 1, 2).repeat(
-        SIZE, axis=0
-    )  # 1 water, 2 built-up
+    # 1 water, 2 built-up
+    lc = np.where(np.arange(SIZE)[None, :] * 10.0 < WATER_EAST_M, 1, 2).repeat(SIZE, axis=0)
     _write(archive / "landcover" / "everywhere.tif", lc, UTM, north_up, dtype="uint8")
     cfg = load_config(
         None,

@@ -230,9 +230,8 @@ def build_release(root: Path) -> dict:
         v1, v2 = [], []
         for app, questions in QUESTIONS.items():
             for i, q in enumerate(questions):
-                answer = ANSWERS[app][
-                    (i + (split == "test")) % len(ANSWERS[app])
-                ]  # train and test answers differ
+                # train and test answers differ
+                answer = ANSWERS[app][(i + (split == "test")) % len(ANSWERS[app])]
                 if i % 2:  # SARVQA1: SARDet-100K images, LLaMA-Factory form
                     v1.append(
                         _llamafactory(q, answer, f"{9787 + 10 * (split == 'test') + i // 2 % 2:07d}.jpg")
@@ -241,12 +240,10 @@ def build_release(root: Path) -> dict:
                     v2.append(_sharegpt(q, answer, f"SARimages/{names[i % 6]}"))
                 expected_apps.append((q, app or release.UNKNOWN))
         if split == "test":
-            v2.append(
-                _sharegpt("How many ships are in the image?", "2", "SARimages/SV_Darwin_missing.png")
-            )  # nowhere
-            v1.append(
-                _llamafactory("Is there a ship in the image?", "yes", "0099999.jpg")
-            )  # a SARDet image not there
+            # nowhere
+            v2.append(_sharegpt("How many ships are in the image?", "2", "SARimages/SV_Darwin_missing.png"))
+            # a SARDet image not there
+            v1.append(_llamafactory("Is there a ship in the image?", "yes", "0099999.jpg"))
             v1.append({"images": ["0009797.jpg"]})  # malformed: no messages
         (folder / f"SARVQA1_{split}.json").write_text(json.dumps(v1))
         (folder / f"SARVQA2_{split}.json").write_text(json.dumps(v2))
@@ -330,9 +327,8 @@ def test_the_published_release_imports_every_record_or_an_error_row(imported, ca
     ]
     assert not wrong, wrong
     apps = report["applications"]
-    assert (
-        apps["unknown"] == 2 and apps["unknown_rate"] < 0.02
-    )  # the one nonsense question, in train and test
+    # the one nonsense question, in train and test
+    assert apps["unknown"] == 2 and apps["unknown_rate"] < 0.02
     assert apps["unknown_examples"] == ["Hello, what do you think?"]
     assert "unknown application: 2 of" in text and "Hello, what do you think?" in text
 

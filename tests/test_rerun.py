@@ -58,9 +58,8 @@ def test_a_resumed_stage_sweeps_partial_files_of_killed_writers_only(tmp_path):
         needs_ray=False,
     )
     shards.mkdir(parents=True)
-    io.write_json_atomic(
-        stage.marker(cfg, STARTED), {"fingerprint": stage.fingerprint(cfg)}
-    )  # interrupted earlier
+    # interrupted earlier
+    io.write_json_atomic(stage.marker(cfg, STARTED), {"fingerprint": stage.fingerprint(cfg)})
     stale, young = shards / f"a.parquet.tmp-{'0' * 32}", shards / f"b.parquet.tmp-{'f' * 32}"
     keep = [shards / "a.parquet", shards / "notes.tmp-x", shards / f"c.tmp-{'0' * 32}.parquet"]
     for p in (stale, young, *keep):
@@ -81,9 +80,8 @@ def test_a_stage_reruns_only_when_what_it_is_made_from_changes(tmp_path):
     stage = _toy_stage(calls)
     stage.run(load_config(None, [f"run.run_dir={run_dir}"]))
     (run_dir / "demo_stage" / "old-output.parquet").write_bytes(b"made with tile_size 256")
-    stage.run(
-        load_config(None, [f"run.run_dir={run_dir}", "tile.concurrency=1", "tile.num_cpus=0.5"])
-    )  # resources only
+    # resources only
+    stage.run(load_config(None, [f"run.run_dir={run_dir}", "tile.concurrency=1", "tile.num_cpus=0.5"]))
     assert calls == [256] and (run_dir / "demo_stage" / "old-output.parquet").exists()
     stage.run(load_config(None, [f"run.run_dir={run_dir}", "tile.tile_size=128"]))
     assert calls == [256, 128]
@@ -304,9 +302,8 @@ def test_a_summary_that_fails_does_not_hide_why_the_stage_failed(ray_session, tm
     from sarlang_ray.stages import StageFailed
 
     (tmp_path / "empty" / "sar").mkdir(parents=True)
-    (tmp_path / "empty" / "sar" / "scene.tif").write_bytes(
-        b"not a GeoTIFF"
-    )  # the catalog rejects it: no usable scene
+    # the catalog rejects it: no usable scene
+    (tmp_path / "empty" / "sar" / "scene.tif").write_bytes(b"not a GeoTIFF")
     (tmp_path / "run" / "tile").mkdir(parents=True)
     (tmp_path / "run" / "tile" / "_SUCCESS.json").write_text("{not json")
     cfg = load_config(

@@ -138,11 +138,12 @@ def test_the_paeth_filtered_png_is_as_small_as_libpng_adaptive_filtering_on_real
 
     ours = adaptive = 0
     crops = 0
+    # SAR only: not the water mask or Sentinel-2
     scenes = [
         p
         for p in sorted(real_sar.rglob("*"))
         if p.suffix.lower() in (".tif", ".tiff") and not any(k in p.name for k in ("LabelHand", "S2Hand"))
-    ]  # SAR only: not the water mask or Sentinel-2
+    ]
     for path in scenes:
         with rasterio.open(path) as src:
             if src.width < 128 or src.height < 128:

@@ -92,9 +92,8 @@ def build_sarchat(root: Path, n: int = 3) -> dict:
                 }
             )
             expected[f"SARChat_{name}_test.json#{i}"] = task
-        if (
-            name == "classify_count"
-        ):  # malformed: no assistant turn; an image that is not there; a path leaving the release
+        # malformed: no assistant turn; an image that is not there; a path leaving the release
+        if name == "classify_count":
             recs.append(
                 {
                     "messages": [{"role": "user", "content": "<image>[count] How many?"}],
@@ -135,9 +134,8 @@ def build_sarchat(root: Path, n: int = 3) -> dict:
             {"query": f"<image>[{TAGS[task]}] {q}", "response": a, "images": [f"images/{k % n:07d}.png"]}
         )
         expected[f"SARChat_total_task_train.json#{k}"] = task
-    train.append(
-        {"query": "<image>What is this?", "response": "ship", "images": ["images/0000000.png"]}
-    )  # no tag
+    # no tag
+    train.append({"query": "<image>What is this?", "response": "ship", "images": ["images/0000000.png"]})
     expected[f"SARChat_total_task_train.json#{len(TAGS)}"] = "error:unknown_task"
     (root / "SARChat_total_task_train.json").write_text(json.dumps(train))
     return expected

@@ -107,10 +107,11 @@ def test_neighbouring_blocks_from_arrays_are_those_a_spatial_index_finds():
     from sarlang_ray.splits import grid_centroids
 
     rng = np.random.default_rng(3)
+    # a high latitude: x and y scale apart
     lon0, lat0 = (
         rng.uniform(4.0, 4.3, 3000),
         rng.uniform(60.0, 60.2, 3000),
-    )  # a high latitude: x and y scale apart
+    )
     size = np.where(rng.random(3000) < 0.05, 0.03, 0.004)  # a few tiles ~1.7-3 km, most ~250 m
     boxes = shapely.box(lon0, lat0, lon0 + size, lat0 + size / 2)
     gx, gy = grid_centroids(list(boxes))

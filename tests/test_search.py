@@ -131,9 +131,8 @@ def test_stac_api_search_is_frozen_and_matches_an_independent_filter(ray_session
 
     scenes = pq.read_table(tables.scenes_uri(str(run_dir))).to_pylist()
     assert {s["stac_item"] for s in scenes} == expected
-    assert all(
-        s["polarisations"] == "VV+VH" for s in scenes
-    )  # each item's VV and VH assets grouped as one scene
+    # each item's VV and VH assets grouped as one scene
+    assert all(s["polarisations"] == "VV+VH" for s in scenes)
     # frozen: the snapshot holds exactly the selection, as stac-geoparquet
     snapshot = search.snapshot_uri(load_config(None, overrides).catalog.search, str(run_dir))
     frozen = list(search.read_items(snapshot))
@@ -207,9 +206,8 @@ def test_the_streaming_catalog_equals_the_whole_listing(ray_session, real_sar, t
     n = 2 * catalog_stage.PAGE_ROWS + 20
     items = _items_n(real_sar, tmp_path / "rasters", n)
     items[5]["assets"]["vv"]["href"] = str(tmp_path / "rasters" / "missing_VV.tif")  # stac_bad_href
-    items[-1]["assets"] = {
-        "vv": dict(items[1]["assets"]["vv"])
-    }  # the raster of item 1, pages apart: stac_duplicate
+    # the raster of item 1, pages apart: stac_duplicate
+    items[-1]["assets"] = {"vv": dict(items[1]["assets"]["vv"])}
     items[-1]["properties"]["sar:polarizations"] = ["VV"]
     stac_geoparquet.arrow.to_parquet(
         stac_geoparquet.arrow.parse_stac_items_to_arrow(items), tmp_path / "items.parquet"

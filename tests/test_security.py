@@ -63,9 +63,8 @@ def test_the_only_unpickled_file_is_the_drivers_own_private_spool():
     try:
         m.append({"index": 1, "node": "n"})
         assert os.stat(m.path).st_mode & 0o077 == 0, oct(os.stat(m.path).st_mode)  # no one else may write it
-        assert (
-            os.path.dirname(m.path) == tempfile.gettempdir()
-        )  # the driver's own temporary folder, not a run folder
+        # the driver's own temporary folder, not a run folder
+        assert os.path.dirname(m.path) == tempfile.gettempdir()
         assert list(m) == [{"index": 1, "node": "n"}]
     finally:
         m.close()
@@ -157,9 +156,8 @@ def test_a_zip_or_a_typo_is_not_silently_an_empty_release(tmp_path):
 
     release = _release(tmp_path / "r")
     with zipfile.ZipFile(tmp_path / "r.zip", "w") as z:
-        z.write(
-            Path(release) / "vqa" / "vqa_train.json", "../../vqa/vqa_train.json"
-        )  # a hostile member name too
+        # a hostile member name too
+        z.write(Path(release) / "vqa" / "vqa_train.json", "../../vqa/vqa_train.json")
     for root in (str(tmp_path / "r.zip"), str(tmp_path / "missing")):
         with pytest.raises(ItemError, match="Unpack the release") as info:
             import_sarlang1m(root)

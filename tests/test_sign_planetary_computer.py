@@ -144,13 +144,14 @@ def test_planetary_computer_signs_every_read_and_refreshes_tokens(blobs):
     store = BlobStore()
     with TokenServer() as tokens, FileServer(root, authorize=store) as files:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "CPL_", "PC_SDK_"))}
+        # no ~/.planetarycomputer
         env.update(
             PYTHONPATH=str(REPO),
             PC_SDK_SAS_URL=tokens.url,
             PC_SDK_SUBSCRIPTION_KEY="",
             GDAL_HTTP_PROXY=files.url.split("://")[1],
             HOME=str(root),
-        )  # no ~/.planetarycomputer
+        )
         started = _now()
         done = subprocess.run(
             [sys.executable, "-c", READER, json.dumps(hrefs), json.dumps(expected), str(2.5 * TOKEN_LIFE_S)],

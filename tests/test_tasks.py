@@ -32,9 +32,8 @@ def test_resources_from_a_sections_keys():
     assert Resources.of(cfg.tile) == Resources(num_cpus=1.0, concurrency=3)
     assert Resources.of(cfg.align).concurrency == (1, 5)
     assert Resources.of(cfg.annotate) == Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=2.0)
-    assert (
-        Resources.of(cfg.export) == Resources()
-    )  # the defaults: one CPU, no GPU, none reserved, the cluster decides
+    # the defaults: one CPU, no GPU, none reserved, the cluster decides
+    assert Resources.of(cfg.export) == Resources()
     cfg = load_config(None, ["catalog.concurrency=[2, 6]", "export.num_cpus=0.5", "export.memory_gb=1.5"])
     assert Resources.of(cfg.catalog).concurrency == (2, 6)
     assert Resources.of(cfg.export) == Resources(num_cpus=0.5, memory_gb=1.5)
@@ -63,9 +62,8 @@ def test_both_back_ends_keep_item_order_record_the_node_and_name_a_failed_item(
     )
     assert [r["i"] for r in out] == list(range(12)) and {r["node"] for r in out} == {node}
     assert os.getpid() not in {r["pid"] for r in out}
-    assert execution.placement(out) == {
-        node: {"ip": ray.util.get_node_ip_address(), "items": 12}
-    }  # this one node
+    # this one node
+    assert execution.placement(out) == {node: {"ip": ray.util.get_node_ip_address(), "items": 12}}
     items = [{"i": i, "fail": i == 3} for i in range(6)]
     with pytest.raises(RuntimeError) as info:
         execution.map(Work(items, Recorder, (str(tmp_path), 0.0), holds_model=holds_model))
@@ -104,9 +102,8 @@ def test_concurrency_caps_the_items_running_at_once(ray_session, tmp_path):
     assert all(b[0] >= a[1] for a, b in itertools.pairwise(spans)), spans  # never two at once
     wide = map_tasks([{"i": i} for i in range(6)], Recorder, (str(tmp_path), 0.3))
     spans = sorted((r["started_at"], r["finished_at"]) for r in wide)
-    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), (
-        spans
-    )  # without a cap, the node's 2 CPUs overlap
+    # without a cap, the node's 2 CPUs overlap
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), spans
 
 
 def test_an_error_in_a_row_fails_the_map_and_names_the_item(ray_session, tmp_path):
@@ -166,18 +163,16 @@ def _interrupt_a_map(tmp_path, own_local_ray: bool) -> None:
     threading.Thread(target=ctrl_c_mid_item, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         map_tasks(items, Sleeper, (str(tmp_path), 1.0))
-    deadline = time.time() + (
-        15 if own_local_ray else 6
-    )  # uncancelled, all 8 are done within 4 s of the start
+    # uncancelled, all 8 are done within 4 s of the start
+    deadline = time.time() + (15 if own_local_ray else 6)
     while len(list(tmp_path.glob("done-*"))) < len(items) and time.time() < deadline:
         time.sleep(0.2)
     done = len(list(tmp_path.glob("done-*")))
     if own_local_ray:
         assert done == len(items)  # nothing cancelled: the tasks submitted ran to their end
     else:
-        assert done <= 4, (
-            done
-        )  # at most the two running at the interrupt and the next two: the rest cancelled
+        # at most the two running at the interrupt and the next two: the rest cancelled
+        assert done <= 4, done
         # a task cancelled while it ran ended its worker process (reaper.cancel_ends_worker): Ray does not
         # reuse a process an interrupt may have left half-initialised
         cut = [

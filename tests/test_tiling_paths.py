@@ -113,9 +113,8 @@ def test_native_tiles_read_directly_equal_the_warped_ones(real_sar, name):
         size, t = 48, src.transform
         to_float = lambda b: sar.to_intensity(b.astype(np.float32).filled(np.nan), REAL[name])
         n = 0
-        for row in range(
-            -8, src.height, 40
-        ):  # windows inside, across and beyond the edges, halo-like offsets
+        # windows inside, across and beyond the edges, halo-like offsets
+        for row in range(-8, src.height, 40):
             for col in range(-8, src.width, 40):
                 tile_t = t @ Affine.translation(col, row)
                 window = pixel_window(src, tile_t, src.crs.to_string(), size)
@@ -125,12 +124,10 @@ def test_native_tiles_read_directly_equal_the_warped_ones(real_sar, name):
                 assert np.array_equal(direct, warped, equal_nan=True), (row, col)
                 n += 1
         assert n >= 9
-        assert (
-            pixel_window(src, t @ Affine.scale(2), src.crs.to_string(), size) is None
-        )  # coarser: not a pixel grid
-        assert (
-            pixel_window(src, t @ Affine.translation(0.5, 0), src.crs.to_string(), size) is None
-        )  # off by half a pixel
+        # coarser: not a pixel grid
+        assert pixel_window(src, t @ Affine.scale(2), src.crs.to_string(), size) is None
+        # off by half a pixel
+        assert pixel_window(src, t @ Affine.translation(0.5, 0), src.crs.to_string(), size) is None
 
 
 def test_a_coarse_level_of_a_cog_reads_its_overviews(tmp_path):
@@ -159,9 +156,8 @@ def test_a_coarse_level_of_a_cog_reads_its_overviews(tmp_path):
     with rasterio.open(plain, "w", **profile) as dst:
         dst.write(data, 1)
     cog = tmp_path / "scene.tif"
-    rio_copy(
-        plain, cog, driver="COG", RESAMPLING="AVERAGE", OVERVIEWS="AUTO", BLOCKSIZE=256
-    )  # overviews down to 256 px: 2x ... 16x
+    # overviews down to 256 px: 2x ... 16x
+    rio_copy(plain, cog, driver="COG", RESAMPLING="AVERAGE", OVERVIEWS="AUTO", BLOCKSIZE=256)
     worker = _tile_chunk(tmp_path, "tile.tile_size=128")
     warp_all = _tile_chunk(tmp_path, "tile.tile_size=128", "tile.use_overviews=false")
     with rasterio.open(cog) as src:
@@ -219,9 +215,8 @@ def test_a_multiband_warp_equals_each_band_warped_alone(real_sar, gsd_factor, cr
             assert together.shape == (3, size, size)
             assert np.array_equal(together, alone, equal_nan=True), (k, np.nanmax(np.abs(together - alone)))
             if k == 0:
-                assert (
-                    np.isnan(together).any() and np.isfinite(together).any()
-                )  # the edge tile: nodata and data
+                # the edge tile: nodata and data
+                assert np.isnan(together).any() and np.isfinite(together).any()
 
 
 def test_a_multiband_warp_keeps_each_bands_own_nodata():

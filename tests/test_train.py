@@ -33,9 +33,8 @@ def test_lora_training_lowers_held_out_loss_and_checkpoints_reload(demo_run, tin
     )
     sigint = signal.getsignal(signal.SIGINT)
     counts = pipeline.run(tr, ["train"])["stages"]["train"]
-    assert (
-        signal.getsignal(signal.SIGINT) is sigint
-    )  # Ray Train's own handler is not left behind: Ctrl-C still works
+    # Ray Train's own handler is not left behind: Ctrl-C still works
+    assert signal.getsignal(signal.SIGINT) is sigint
     assert counts["val_loss_after"] < counts["val_loss_before"] - 0.05, counts
     metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [-1, 0, 1]
@@ -46,9 +45,8 @@ def test_lora_training_lowers_held_out_loss_and_checkpoints_reload(demo_run, tin
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(
-        ckpt / "merged"
-    )  # plain transformers, no sarlang code
+    # plain transformers, no sarlang code
+    model = AutoModelForImageTextToText.from_pretrained(ckpt / "merged")
     processor = AutoProcessor.from_pretrained(ckpt / "merged")
     msgs = [
         {
@@ -137,9 +135,8 @@ def test_killed_worker_resumes_from_last_checkpoint(demo_run, tiny_vlm, tmp_path
     assert killed is not None, "no training worker was found to kill before the run ended"
     assert "error" not in outcome, outcome.get("error")
     metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
-    assert metrics["resumes"] and 1 <= metrics["resumes"][0] <= 3, metrics[
-        "resumes"
-    ]  # resumed, not restarted
+    # resumed, not restarted
+    assert metrics["resumes"] and 1 <= metrics["resumes"][0] <= 3, metrics["resumes"]
     assert [h["epoch"] for h in metrics["history"]] == [-1, 0, 1, 2, 3]  # every epoch exactly once
     assert metrics["val_loss_after"] < metrics["val_loss_before"]
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE

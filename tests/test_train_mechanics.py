@@ -75,9 +75,8 @@ def test_collated_batch_equals_the_processors_own_batch_and_labels_cover_only_th
     for i, (q, a) in enumerate(QA):
         answer_ids = got["input_ids"][i][got["labels"][i] != IGNORE]
         text = processor.tokenizer.decode(answer_ids)
-        assert text.strip().startswith(a) and len(text.strip()) > len(a), (
-            text
-        )  # the answer, then its end marker
+        # the answer, then its end marker
+        assert text.strip().startswith(a) and len(text.strip()) > len(a), text
         assert (got["labels"][i][ref["attention_mask"][i] == 0] == IGNORE).all()  # padding has no loss
 
 

@@ -77,9 +77,8 @@ def browser():
         "--window-size=1300,1000",
     ):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(
-        service=Service(CHROMEDRIVER), options=opts
-    )  # a driver path: no selenium-manager
+    # a driver path: no selenium-manager
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver
     driver.quit()
 

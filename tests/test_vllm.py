@@ -127,9 +127,8 @@ def test_processor_config_carries_the_knobs_into_ray_data_llm(tiny_vlm):
     )
     assert e["max_model_len"] == 1024 and e["seed"] == 7  # engine_kwargs win over the named knobs
     assert e["limit_mm_per_prompt"] == {"image": 1}
-    assert (
-        "mm_processor_kwargs" not in e
-    )  # CLIP's image processor takes no max_pixels; the image is downsized instead
+    # CLIP's image processor takes no max_pixels; the image is downsized instead
+    assert "mm_processor_kwargs" not in e
     assert (
         not (c.chat_template_stage or c.tokenize_stage or c.detokenize_stage) and c.should_continue_on_error
     )

@@ -24,9 +24,8 @@ from s3fs import S3FileSystem
 
 from sarlang_ray import io
 
-PYROSAR = (
-    "pyrosar_s1_grd_geocoded/S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif"  # striped, with .aux.xml
-)
+# striped, with .aux.xml
+PYROSAR = "pyrosar_s1_grd_geocoded/S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif"
 UMBRA = "umbra_gec_mount_yasur/umbra_mount_yasur.tiff"  # 2000 x 2000 uint8, made into a tiled COG below
 WINDOWS = [Window(0, 0, 64, 64), Window(100, 37, 130, 90), Window(0, 150, 268, 67)]  # inside 268 x 217
 COG_WINDOWS = [Window(0, 0, 256, 256), Window(1500, 1700, 256, 300), Window(911, 37, 333, 129)]
@@ -118,9 +117,8 @@ def test_a_missing_object_names_the_uri_and_what_to_check(archive, reader):
     message = str(err.value)
     assert message.startswith(f"{uri} does not exist")
     assert fsspec.filesystem("s3").endpoint_url in message and "FSSPEC_S3_ENDPOINT_URL" in message
-    assert isinstance(
-        err.value, rasterio.errors.RasterioIOError
-    )  # callers that catch rasterio's errors still do
+    # callers that catch rasterio's errors still do
+    assert isinstance(err.value, rasterio.errors.RasterioIOError)
 
 
 def test_a_missing_bucket_is_reported_too(s3):
@@ -332,11 +330,12 @@ def test_credentials_reach_gdal_from_the_fsspec_config(auth_s3, real_sar, monkey
     _use_storage(monkeypatch, endpoint_url=endpoint)  # no key at all, and none in the AWS_* variables
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
+    # nor in ~/.aws
     for name in (
         "AWS_SHARED_CREDENTIALS_FILE",
         "CPL_AWS_CREDENTIALS_FILE",
         "AWS_CONFIG_FILE",
-    ):  # nor in ~/.aws
+    ):
         monkeypatch.setenv(name, str(tmp_path / "absent"))
     with pytest.raises(io.RemoteRasterError, match=f"^cannot reach s3://{prefix}/none.tif .*credentials"):
         io.open_raster(f"s3://{prefix}/none.tif")

@@ -110,9 +110,8 @@ def check_text(text: str, kind: str, counts: Counter, cfg: QCSection) -> tuple[s
                 value = _number_value(m.group(1))
                 if value is None or value == true:
                     continue
-                if (
-                    m.group(1).lower() in ("a", "an") and m.group(2).strip()
-                ):  # "a large group of ships": not a count
+                # "a large group of ships": not a count
+                if m.group(1).lower() in ("a", "an") and m.group(2).strip():
                     continue
                 hits.append("count")
                 if cfg.count == "reject":

@@ -52,9 +52,8 @@ def load_backend(cfg: AnnotateSection, seed: int, max_pixels: int | None = None)
         from sarlang_ray.annotate.openai_backend import OpenAIAnnotator
 
         return OpenAIAnnotator(cfg)
-    if (
-        cfg.backend == "vllm"
-    ):  # generation runs for the whole stage on Ray Data LLM (vllm_backend.annotate_shards)
+    # generation runs for the whole stage on Ray Data LLM (vllm_backend.annotate_shards)
+    if cfg.backend == "vllm":
         from sarlang_ray.annotate.vllm_backend import VLLMAnnotator
 
         return VLLMAnnotator(cfg, seed, max_pixels)
@@ -133,9 +132,8 @@ class AnnotateShard:
         name = row["shard"]
         out_uri = io.join(self.out, name)
         kept = None  # a retry: the pairs and findings of the tiles that succeeded before
-        if io.exists(
-            out_uri
-        ):  # written by an earlier run (interrupted, or finished and now retried) or a killed worker
+        # written by an earlier run (interrupted, or finished and now retried) or a killed worker
+        if io.exists(out_uri):
             ids = io.read_parquet(io.join(self.tiles, name), columns=["tile_id"])["tile_id"].to_pylist()
             done = io.read_parquet(out_uri).to_pylist()
             # the failed tiles: those without a pair (a tile the backend answered has one, QC-rejected or

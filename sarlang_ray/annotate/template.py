@@ -298,9 +298,8 @@ class TemplateAnnotator:
                 f"{where[0].upper() + where[1:]} seen by radar.",
             ]
             text = rng.choice(variants)
-            if text == variants[1] and (
-                view.implied or view.hidden
-            ):  # absence of what may be there: not said
+            # absence of what may be there: not said
+            if text == variants[1] and (view.implied or view.hidden):
                 text = variants[0]
         else:
             things = " and ".join(self._thing(view, c) for c in top)
@@ -336,9 +335,8 @@ class TemplateAnnotator:
                 f"{_join([plural(c) for c in uncounted]).capitalize()} {also}, some of them too small to "
                 "count."
             )
-        for lc_class in sorted(
-            set(view.implied.values())
-        ):  # what the image shows, no claim about unlabelled objects
+        # what the image shows, no claim about unlabelled objects
+        for lc_class in sorted(set(view.implied.values())):
             plain = LANDCOVER_PHRASES.get(lc_class, lc_class)
             if landcover.get(lc_class, 0.0) >= 0.5:
                 parts.append(f"Most of it is {DENSE_PHRASES.get(lc_class, plain)}.")

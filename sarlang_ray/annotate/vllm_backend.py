@@ -189,9 +189,8 @@ def annotate_shards(cfg: WorkflowConfig, items: list[dict], writer) -> list[dict
     finish = ray.remote(num_cpus=a.num_cpus)(_finish_shard)
     args = (writer, a, run_dir, cfg.run.seed, cfg.run.max_pixels)
     done = [i for i in items if io.exists(io.join(run_dir, "annotate", "shards", i["shard"]))]
-    finished = {
-        i["shard"] for i in done
-    }  # a set: `i not in done` scanned a list per item (~57 s at 80k shards)
+    # a set: `i not in done` scanned a list per item (~57 s at 80k shards)
+    finished = {i["shard"] for i in done}
     todo = [i for i in items if i["shard"] not in finished]
     futures = [finish.remote(*args, i["shard"], None) for i in done]  # counted again, as AnnotateShard does
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress
@@ -204,9 +203,8 @@ def annotate_shards(cfg: WorkflowConfig, items: list[dict], writer) -> list[dict
         for row in processor(ds).iter_rows():
             first = first or time.time() - t0
             pending[row["shard"]].append(row)
-            if (
-                len(pending[row["shard"]]) == row["n_requests"]
-            ):  # the shard's every prompt is back: QC and write it
+            # the shard's every prompt is back: QC and write it
+            if len(pending[row["shard"]]) == row["n_requests"]:
                 futures.append(finish.remote(*args, row["shard"], pending.pop(row["shard"])))
         if pending:  # only if the engine dropped rows: the tiles missing some go to the errors table
             log.error(

@@ -65,17 +65,15 @@ def _reasons(rows: list[dict]) -> dict[str, int]:
 
 def _body(cfg: WorkflowConfig) -> dict:
     out = io.join(cfg.run.run_dir, "align")
-    companions.landcover_classes(
-        cfg.align.landcover_classes, cfg.align.landcover_preset
-    )  # an unknown preset stops here
+    # an unknown preset stops here
+    companions.landcover_classes(cfg.align.landcover_classes, cfg.align.landcover_preset)
     labels_uri, labels_dir, sliced = None, None, Manifest()
     if cfg.catalog.labels:
         label_counts, sliced = _global_labels(cfg, out)
         labels_dir = io.join(out, "labels")
     else:
-        root = catalog.archive_root(
-            cfg.catalog.archive
-        )  # a STAC catalog's labels sit beside its catalog.json
+        # a STAC catalog's labels sit beside its catalog.json
+        root = catalog.archive_root(cfg.catalog.archive)
         label_uris = sorted({u for pattern in cfg.catalog.labels_glob for u in io.glob(root, pattern)})
         labels, label_errors, n_features = align.prepare_labels(label_uris, cfg.align, root)
         if label_uris:

@@ -36,9 +36,8 @@ def _body(cfg: WorkflowConfig, retry: bool = False) -> dict:
                 "tiles stay in the errors table (run.force=true annotates everything again)"
             )
         manifest = Manifest()
-        for row in annotate_shards(
-            cfg, items, annotate_stage.AnnotateShard
-        ):  # each row with the node that finished it
+        # each row with the node that finished it
+        for row in annotate_shards(cfg, items, annotate_stage.AnnotateShard):
             manifest.append(row)
     else:
         # a model backend (hf, or one of your own) loads its model once per actor and keeps it: an actor pool;
@@ -95,11 +94,12 @@ def failure_hint(a: AnnotateSection) -> str:
 
 def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
     """What annotate reads: QC and resolvability, and the selected backend's own keys only."""
+    # the template annotator's
     questions = (
         "annotate.identification_pairs",
         "annotate.max_per_family",
         "run.seed",
-    )  # the template annotator's
+    )
     model = (*questions, "annotate.hf", "run.max_pixels")
     backend = {
         "template": questions,
@@ -107,12 +107,13 @@ def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
         "hf": model,
         "vllm": (*model, "annotate.vllm"),
     }
+    # your own: all
     return (
         "annotate.backend",
         "annotate.qc",
         *VISIBILITY_KEYS,
         *backend.get(cfg.annotate.backend, ("annotate",)),
-    )  # your own: all
+    )
 
 
 STAGE = Stage(

@@ -18,9 +18,8 @@ from sarlang_ray.stages.stage import Stage
 def _body(cfg: WorkflowConfig) -> dict:
     io.use_access(cfg.catalog.sign, cfg.catalog.s3_anonymous, cfg.catalog.s3_requester_pays)
     snapshot, searched = None, None
-    if (
-        cfg.catalog.search.source
-    ):  # frozen into the run folder before anything is inspected; reused by a rerun
+    # frozen into the run folder before anything is inspected; reused by a rerun
+    if cfg.catalog.search.source:
         snapshot, searched = search.freeze(cfg.catalog.search, cfg.run.run_dir)
     return _stream(cfg, snapshot, searched)
 
@@ -59,9 +58,8 @@ def _stream(cfg: WorkflowConfig, snapshot: str | None, searched: dict | None) ->
             pages += 1
 
     resources = Resources.of(cfg.catalog)
-    window = max(
-        2, int(2 * ray.cluster_resources().get("CPU", 1))
-    )  # pages in flight: the listing is read as they end
+    # pages in flight: the listing is read as they end
+    window = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
     done = execution.map(
         Work(
             listing(),

@@ -59,9 +59,8 @@ def read_keys(cfg: WorkflowConfig) -> tuple[str, ...]:
     keys += ["train.model", "run.max_pixels"]
     if "oracle" in ev.baselines:  # recomputes the answers with the annotate stage's template annotator
         keys += ["run.seed", "annotate.identification_pairs", "annotate.max_per_family"]
-    if (
-        ev.judge == "openai"
-    ):  # what the judge's requests are made of (stages.stage.RESOURCE_KEYS: how they are sent)
+    # what the judge's requests are made of (stages.stage.RESOURCE_KEYS: how they are sent)
+    if ev.judge == "openai":
         keys += [
             "annotate.openai.base_url",
             "annotate.openai.model",

@@ -81,9 +81,8 @@ class Resources:
         if self.num_gpus:
             out["num_gpus"] = self.num_gpus
         if self.memory_gb:
-            out["memory"] = int(
-                self.memory_gb * 2**30
-            )  # Ray's memory resource: the scheduler and autoscaler count it
+            # Ray's memory resource: the scheduler and autoscaler count it
+            out["memory"] = int(self.memory_gb * 2**30)
         return out
 
 
@@ -97,9 +96,8 @@ class Work:
     row: type
     args: tuple = ()
     resources: Resources = field(default_factory=Resources)
-    holds_model: bool = (
-        False  # the row loads a model once and keeps it (on a GPU when num_gpus): an actor pool
-    )
+    # the row loads a model once and keeps it (on a GPU when num_gpus): an actor pool
+    holds_model: bool = False
     finish: Callable[[Manifest], Any] | None = None
     progress: bool = False
     max_retries: int = 3  # runs of an item whose worker or node died (never of one whose row raised)
@@ -156,9 +154,8 @@ class Manifest:
         self._file = os.fdopen(fd, "wb")
         self._rows = 0
         self.nodes: Counter = Counter()
-        self._finalizer = weakref.finalize(
-            self, _remove_file, self._file, self.path
-        )  # at the latest when collected
+        # at the latest when collected
+        self._finalizer = weakref.finalize(self, _remove_file, self._file, self.path)
 
     def close(self) -> None:
         """Remove the spool file now."""
@@ -248,18 +245,16 @@ def pool(
     have = ray.cluster_resources()
     fits = [have.get("CPU", 0) / num_cpus] if num_cpus else []
     fits += [have.get("GPU", 0) / num_gpus] if num_gpus else []
-    now = max(
-        1, min_actors, int(min(fits, default=1))
-    )  # actors the cluster holds now (at least one: it asks for a node)
+    # actors the cluster holds now (at least one: it asks for a node)
+    now = max(1, min_actors, int(min(fits, default=1)))
     top = max(1, min(max_actors or n_items, n_items))
     if top <= now:  # everything fits now: a fixed pool
         return fixed(top)
     return ray.data.ActorPoolStrategy(min_size=now, max_size=top, max_tasks_in_flight_per_actor=2)
 
 
-MAX_BLOCKS = (
-    1024  # the actor pool: blocks of items at most (more when the cluster has more than 1024 / 16 CPUs)
-)
+# the actor pool: blocks of items at most (more when the cluster has more than 1024 / 16 CPUs)
+MAX_BLOCKS = 1024
 
 
 def item_blocks(n_items: int) -> int:
@@ -304,9 +299,8 @@ def _actors(work: Work) -> Manifest:
     c = r.concurrency
     fixed, top = (c, None) if isinstance(c, int) else (None, c[1] if c else None)
     low = c[0] if isinstance(c, tuple) else 1
-    ray.data.DataContext.get_current().execution_options.preserve_order = (
-        True  # the manifest is in item order
-    )
+    # the manifest is in item order
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     # named as the row class: Ray Data's operator and actors read Map(<row class>) in the dashboard and
     # process titles
@@ -353,9 +347,8 @@ def _actors(work: Work) -> Manifest:
 # tasks: open datasets, GDAL's block cache and imports stay warm from one item to the next).
 _INSTANCES: OrderedDict[str, object] = OrderedDict()
 KEEP_INSTANCES = 4
-MAX_IN_FLIGHT = (
-    4096  # tasks submitted ahead of the results (the autoscaler's demand); the rest wait in the driver
-)
+# tasks submitted ahead of the results (the autoscaler's demand); the rest wait in the driver
+MAX_IN_FLIGHT = 4096
 
 
 def _instance(key: str, spec: list):
@@ -425,9 +418,8 @@ def _tasks(work: Work) -> Manifest:
                 break
             refs = list(pending)
             ray.wait(refs, num_returns=1)
-            done, _ = ray.wait(
-                refs, num_returns=len(refs), timeout=0
-            )  # every result ready by now, in one pass
+            # every result ready by now, in one pass
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             for ref in done:
                 index, item = pending.pop(ref)
                 try:

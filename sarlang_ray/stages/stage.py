@@ -121,9 +121,8 @@ class Stage:
     # the config paths the stage reads ("tile", "run.seed", ...), or a function of the config that gives them
     # (annotate reads only its selected backend's section)
     keys: tuple[str, ...] | Callable[[WorkflowConfig], tuple[str, ...]] = ()
-    ignore: frozenset[str] = field(
-        default_factory=frozenset
-    )  # more resource keys (field names), for this stage only
+    # more resource keys (field names), for this stage only
+    ignore: frozenset[str] = field(default_factory=frozenset)
     drop: frozenset[str] = field(default_factory=frozenset)  # paths under ``keys`` the stage does not read
     needs_ray: bool = True
     # the body that redoes only the items of the stage's errors table, keeping the rest (run.retry_errors=true
@@ -176,9 +175,8 @@ class Stage:
         if not io.exists(uri):
             return None
         marker = io.read_json(uri)
-        return (
-            marker if isinstance(marker.get("fingerprint"), dict) else None
-        )  # an older version's marker: stale
+        # an older version's marker: stale
+        return marker if isinstance(marker.get("fingerprint"), dict) else None
 
     def status(self, cfg: WorkflowConfig) -> str:
         """``done`` (up to date), ``stale`` (finished, but from other settings or inputs) or ``missing``."""
@@ -217,16 +215,14 @@ class Stage:
             fp = {**fp, "retries": done["fingerprint"].get("retries", 0) + 1}
             io.write_json_atomic(self.marker(cfg, STARTED), {"fingerprint": fp})
             fs, path = io.filesystem(self.marker(cfg))
-            fs.rm(
-                path
-            )  # until the retry ends, the stage is unfinished: an interrupted one resumes, shard by shard
+            # until the retry ends, the stage is unfinished: an interrupted one resumes, shard by shard
+            fs.rm(path)
             return self._execute(cfg, fp, self.retry)
         self._prepare(cfg)
         started = self.read_marker(cfg, STARTED)
         resume = started is not None and started["fingerprint"]["value"] == fp["value"] and not cfg.run.force
-        if (
-            resume and started is not None and started["fingerprint"].get("retries")
-        ):  # an interrupted retry: its outputs are partly remade
+        # an interrupted retry: its outputs are partly remade
+        if resume and started is not None and started["fingerprint"].get("retries"):
             fp = {**fp, "retries": started["fingerprint"]["retries"]}
         if not resume:
             if done is not None or started is not None or io.exists(self.marker(cfg)):
