@@ -52,3 +52,18 @@ class Sleeper:
         time.sleep(self.seconds)
         (self.log_dir / f"done-{item['i']}").touch()
         return {"i": item["i"]}
+
+
+class AlwaysDies:
+    """Kills its own worker process every time it sees item ``victim`` (an item that crashes whatever runs
+    it: a segfaulting reader, a model load that is OOM-killed); leaves one line per run in ``ran-<i>``."""
+
+    def __init__(self, log_dir: str, victim: int):
+        self.log_dir, self.victim = Path(log_dir), victim
+
+    def __call__(self, item: dict) -> dict:
+        with open(self.log_dir / f"ran-{item['i']}", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if item["i"] == self.victim:
+            os._exit(1)
+        return {"i": item["i"], "pid": os.getpid()}

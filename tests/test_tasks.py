@@ -116,14 +116,34 @@ def test_an_error_in_a_row_fails_the_map_and_names_the_item(ray_session, tmp_pat
     assert task_name(Recorder) in message and '"i": 3' in message and "item 3 is bad on purpose" in message
 
 
-def test_a_worker_that_dies_mid_item_is_replaced_and_the_item_run_again(ray_session, tmp_path):
+@pytest.mark.parametrize("holds_model", [False, True], ids=["tasks", "actors"])
+def test_a_worker_that_dies_mid_item_is_replaced_and_the_item_run_again(ray_session, tmp_path, holds_model):
     from task_rows import DiesOnce
 
-    out = map_tasks([{"i": i} for i in range(6)], DiesOnce, (str(tmp_path), 2))
+    out = execution.map(
+        Work([{"i": i} for i in range(6)], DiesOnce, (str(tmp_path), 2), holds_model=holds_model)
+    )
     assert [r["i"] for r in out] == list(range(6))
     died = (tmp_path / "ran-2").read_text().split()
     assert len(died) == 2 and died[0] != died[1]  # the item ran twice, the second time in another process
     assert all(len((tmp_path / f"ran-{i}").read_text().split()) == 1 for i in (0, 1, 3, 4, 5))
+
+
+@pytest.mark.parametrize("holds_model", [False, True], ids=["tasks", "actors"])
+def test_an_item_that_kills_every_worker_fails_the_map_after_the_same_retries_on_both_back_ends(
+    ray_session, tmp_path, holds_model
+):
+    """One retry rule for both back-ends: an item whose worker dies runs 1 + max_retries times, then the map
+    fails saying so (Ray Data's own default restarts an actor without end: the stage never finished)."""
+    from task_rows import AlwaysDies
+
+    items = [{"i": i} for i in range(4)]
+    with pytest.raises(RuntimeError, match="died on each of its 3 runs") as info:
+        execution.map(Work(items, AlwaysDies, (str(tmp_path), 2), holds_model=holds_model, max_retries=2))
+    assert task_name(AlwaysDies) in str(info.value)
+    if not holds_model:  # a task is one item: the error names it
+        assert '{"i": 2}' in str(info.value)
+    assert len((tmp_path / "ran-2").read_text().split()) == 3
 
 
 @pytest.mark.parametrize("own_local_ray", [False, True])

@@ -200,6 +200,30 @@ def _item_failed(cls, item: Mapping[str, Any], exc: BaseException) -> str:
     return f"{task_name(cls)} failed on item {_describe(item)}: {exc}"
 
 
+def _is_death(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it was raised from) says a worker process or its node died."""
+    import ray
+
+    deaths = (ray.exceptions.ActorDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+    while exc is not None:
+        if isinstance(exc, deaths):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class WorkerDied(RuntimeError):
+    """An item's worker process (or its node) died on every one of its runs."""
+
+
+def _died(exc: BaseException, retries: int) -> WorkerDied:
+    return WorkerDied(
+        f"its worker died on each of its {retries + 1} runs ({type(exc).__name__}): a crash or an out-of-memory "
+        "kill that this item causes; the worker's log (python-core-worker-*.log in the Ray session's logs) "
+        "has the cause; give the stage more memory (memory_gb) if the node's OOM killer ended it"
+    )
+
+
 def _progress(work: Work, total: int | None):
     if not work.progress:
         return None
@@ -309,6 +333,10 @@ def _actors(work: Work) -> Manifest:
         actor,
         fn_constructor_args=(work.row, work.args),
         compute=pool(blocks, fixed, top, r.num_cpus, r.num_gpus, low),
+        # the tasks' retry rule: an item whose worker died runs again at most max_retries times (Ray Data's
+        # default, -1 for both, restarts an actor that an item kills again and again, and the stage never ends)
+        max_restarts=work.max_retries,
+        max_task_retries=work.max_retries,
         **r.remote_args(),
     )
     bar = _progress(work, len(items))
@@ -321,6 +349,9 @@ def _actors(work: Work) -> Manifest:
                 bar.update(1)
     except Exception as exc:  # Ray Data wraps the row's error: keep the line that names the item
         failed = next((line.strip() for line in str(exc).splitlines() if "failed on item" in line), None)
+        if failed is None and _is_death(exc):
+            # a block's items are not named by Ray Data's error; one of them killed its actor every time
+            failed = f"{task_name(work.row)} failed on one of its items: {_died(exc, work.max_retries)}"
         if failed is None:
             raise
         failed = failed[failed.index(task_name(work.row)) :] if task_name(work.row) in failed else failed
@@ -426,6 +457,8 @@ def _tasks(work: Work) -> Manifest:
                     early[index] = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     raise RuntimeError(_item_failed(cls, item, exc)) from exc
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+                    raise RuntimeError(_item_failed(cls, item, _died(exc, work.max_retries))) from exc
                 if bar is not None:
                     bar.update(1)
             while next_out in early:
