@@ -1,23 +1,19 @@
 """Tasks vs an actor pool for the stages whose rows hold no model (issue 29: one execution model).
 
-    .venv/bin/python benchmarks/bench_backends.py [--factor 16] [--reps 2]   # -> benchmarks/results/backends.json
+    .venv/bin/python benchmarks/bench_backends.py [--factor 16] [--reps 2]
+    # -> benchmarks/results/backends.json
 
 The demo's data stages run once up to tile; its tile shards are then copied ``--factor`` times
-(``<scene>/<name>-cK``:
-the same pixels under new shard names), so align and annotate (template backend) get ``factor`` x the demo's
-items
-(hundreds of shards) of the demo's real work each. Then, alternating the order (align: tasks then actors,
-annotate: actors
-then tasks; the next repetition the other way round), align and annotate are run on each back-end of
-``execution.map`` (``SARLANG_MAP_BACKEND``, which
-overrides what a stage declares; benchmarks only) with ``run.force=true``: the stage time (its
-``_SUCCESS.json``
-``seconds``), and the driver's peak RSS while it ran (sampled every 0.1 s), on one local Ray of the machine's
-CPUs.
+(``<scene>/<name>-cK``: the same pixels under new shard names), so align and annotate (template backend) get
+``factor`` x the demo's items (hundreds of shards) of the demo's real work each. Then, alternating the order
+(align: tasks then actors, annotate: actors then tasks; the next repetition the other way round), align and
+annotate are run on each back-end of ``execution.map`` (``SARLANG_MAP_BACKEND``, which overrides what a stage
+declares; benchmarks only) with ``run.force=true``: the stage time (its ``_SUCCESS.json`` ``seconds``), and
+the driver's peak RSS while it ran (sampled every 0.1 s), on one local Ray of the machine's CPUs.
 
 The machine is shared with other jobs while this runs (other sessions' tests and benchmarks): the alternation
-and the
-per-repetition numbers are there so a reader can see the noise; compare the two back-ends within a repetition.
+and the per-repetition numbers are there so a reader can see the noise; compare the two back-ends within a
+repetition.
 """
 
 from __future__ import annotations

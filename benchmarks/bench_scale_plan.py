@@ -1,34 +1,27 @@
 """Export planning (splits + leakage report) at 10k, 100k and 1M synthetic tiles, 1 and 16 revisits: the
-driver's
-peak memory and time per tile of both planners, ``export.planner=workers`` (Ray tasks from block aggregates,
-the
-default) and ``driver`` (one descriptor per tile in the driver, the reference; run up to ``--driver-max``
-tiles).
-With ``--export``, the whole export stage instead (``stages.export._body``: planning on the workers, leakage
-report, the shards' actor pool writing PNGs, Parquet and parts, the assembly of the LLaMA-Factory / SARLANG-1M
-/
-Parquet files, numbered shards by Ray tasks above ``--shard-records``, manifest, card) on full synthetic
-shards.
+driver's peak memory and time per tile of both planners, ``export.planner=workers`` (Ray tasks from block
+aggregates, the default) and ``driver`` (one descriptor per tile in the driver, the reference; run up to
+``--driver-max`` tiles). With ``--export``, the whole export stage instead (``stages.export._body``: planning
+on the workers, leakage report, the shards' actor pool writing PNGs, Parquet and parts, the assembly of the
+LLaMA-Factory / SARLANG-1M / Parquet files, numbered shards by Ray tasks above ``--shard-records``, manifest,
+card) on full synthetic shards.
 
-    .venv/bin/python benchmarks/bench_scale_plan.py                      # -> benchmarks/results/scale_plan.json
+    .venv/bin/python benchmarks/bench_scale_plan.py      # -> benchmarks/results/scale_plan.json
     .venv/bin/python benchmarks/bench_scale_plan.py --sizes 10000 100000 --revisits 1
     .venv/bin/python benchmarks/bench_scale_plan.py --export --sizes 10000 100000 --code "what ran"
 
 Rows are merged into the results file: a row replaces an earlier one of the same stage, planner, revisits,
-size
-and ``--code`` (the label of the code that ran), so earlier rows stay for comparison.
+size and ``--code`` (the label of the code that ran), so earlier rows stay for comparison.
 
 The generator writes what the planner reads of the align and annotate shards (``export.split_inputs``: tile
-id,
-scene, region, footprint, CRS, label objects; tile id and ``qc_passed``), in shards of 256 tiles: scenes of
-16 x 16 tiles of 1.28 km (128 px at 10 m) on a grid of places 30 km apart, each footprint a 33-vertex lon/lat
-polygon as the tile stage writes it; ~10 label ids per tile, most shared with a neighbour (objects crossing
-tile edges), and one long object (a road) along every row of tiles of a scene. ``revisits`` scenes cover each
-place (other dates: the same ground, other scene ids), as a Sentinel-1 archive revisits its tracks. Each size
-and planner runs in a fresh process (the workers' planner on a local Ray of 2 CPUs started before the
-measurement); peak RSS is the driver process's ``resource.getrusage`` less its RSS before planning (Ray's
-worker
-processes hold the tasks' memory, not the driver).
+id, scene, region, footprint, CRS, label objects; tile id and ``qc_passed``), in shards of 256 tiles: scenes
+of 16 x 16 tiles of 1.28 km (128 px at 10 m) on a grid of places 30 km apart, each footprint a 33-vertex
+lon/lat polygon as the tile stage writes it; ~10 label ids per tile, most shared with a neighbour (objects
+crossing tile edges), and one long object (a road) along every row of tiles of a scene. ``revisits`` scenes
+cover each place (other dates: the same ground, other scene ids), as a Sentinel-1 archive revisits its tracks.
+Each size and planner runs in a fresh process (the workers' planner on a local Ray of 2 CPUs started before
+the measurement); peak RSS is the driver process's ``resource.getrusage`` less its RSS before planning (Ray's
+worker processes hold the tasks' memory, not the driver).
 """
 
 from __future__ import annotations

@@ -1,17 +1,15 @@
 """The demo's tables before and after a refactor, shard by shard (issue 29: one execution model).
 
-    # run the demo's data stages (tests/conftest.py demo_config: synth..export) with the sarlang_ray on PYTHONPATH
+    # run the demo's data stages (tests/conftest.py demo_config: synth..export), the sarlang_ray on PYTHONPATH
     PYTHONPATH=/tmp/base python benchmarks/compare_runs.py run /tmp/runs/base
     PYTHONPATH=$PWD      python benchmarks/compare_runs.py run /tmp/runs/branch
     # every Parquet file of both run folders: the same relative paths, and pyarrow.Table.equals for each
     python benchmarks/compare_runs.py compare /tmp/runs/base /tmp/runs/branch [--json results/x.json]
 
 Every Parquet file is compared: a file only one run has, or any table that differs (schema, values, row order)
-is
-reported and makes the command exit 1. Two things differ between any two runs and are normalised first: each
-run's
-own folder in paths (the archive lives under it: ``<run>``) and the wall-clock ``time`` column of errors
-tables.
+is reported and makes the command exit 1. Two things differ between any two runs and are normalised first:
+each run's own folder in paths (the archive lives under it: ``<run>``) and the wall-clock ``time`` column of
+errors tables.
 """
 
 from __future__ import annotations
