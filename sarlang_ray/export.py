@@ -9,8 +9,8 @@
   :mod:`sarlang_ray.release` reads it back (``import_sarlang1m`` and ``release_image`` are re-exported here).
 * ``export/llamafactory/``: ShareGPT JSON per split (``messages`` + ``images``, one ``<image>`` per image) and
   ``dataset_info.json``. Its records name the images of ``sarlang1m/SAR_images/`` as
-  ``../sarlang1m/SAR_images/<tile>.png``: LLaMA-Factory joins an image path to ``media_dir``, which defaults to
-  ``dataset_dir`` (this folder), so ``dataset_dir=export/llamafactory`` finds them with no copy.
+  ``../sarlang1m/SAR_images/<tile>.png``: LLaMA-Factory joins an image path to ``media_dir``, which defaults
+  to ``dataset_dir`` (this folder), so ``dataset_dir=export/llamafactory`` finds them with no copy.
 * ``export/objects/<shard>.parquet``: the label objects of every exported tile (``tile_id``, ``split``,
   ``object_id``, ``label_id``, ``class``); ``object_id`` is the label id, or for an object clipped at a split
   boundary the id of its part in that split (:func:`sarlang_ray.splits.clipped_id`).
@@ -19,17 +19,14 @@
 * ``export/dataset_card.md`` with counts and PNG plots.
 
 Geographic splits are planned by Ray tasks from block aggregates (:func:`plan_on_workers`: the driver holds
-blocks, never tiles; each shard's decisions in ``export/_plan/decisions/``), or with ``export.planner:
-driver``
-(and for the scene and region splits) in the driver from small per-tile descriptors (:func:`split_inputs`: no
-images). The rest is per shard (:class:`ExportShard`, on Ray workers): it reads one tiles shard and its
-annotations, writes the
-PNGs, the Parquet shards and, for each JSON/CSV file of the layouts, a *part* (that shard's records, already
-encoded) under ``export/_parts/``, and returns only counters. :func:`assemble` then streams each file's parts,
-in shard order and one at a time, into the final file (one JSON array, byte for byte what one ``json.dumps``
-of all records
-would give), and the parts are removed. Splits are by geography (default), scene or region, so no ground
-lands in two splits.
+blocks, never tiles; each shard's decisions in ``export/_plan/decisions/``), or with
+``export.planner: driver`` (and for the scene and region splits) in the driver from small per-tile descriptors
+(:func:`split_inputs`: no images). The rest is per shard (:class:`ExportShard`, on Ray workers): it reads one
+tiles shard and its annotations, writes the PNGs, the Parquet shards and, for each JSON/CSV file of the
+layouts, a *part* (that shard's records, already encoded) under ``export/_parts/``, and returns only counters.
+:func:`assemble` then streams each file's parts, in shard order and one at a time, into the final file (one
+JSON array, byte for byte what one ``json.dumps`` of all records would give), and the parts are removed.
+Splits are by geography (default), scene or region, so no ground lands in two splits.
 """
 
 from __future__ import annotations
@@ -1506,8 +1503,8 @@ Splits {how} (seed {cfg.run.seed}).
 {samples}
 ## Leakage between splits
 Measured on the tiles written ({"no leakage" if leakage["leak_free"] else "**LEAKS**"}): ground area shared by
-the footprints of two splits (geodesic), tile pairs that share ground or lie within {leakage["buffer_m"]:g} m, label
-objects that appear in both (`leakage.json`).
+the footprints of two splits (geodesic), tile pairs that share ground or lie within {leakage["buffer_m"]:g} m,
+label objects that appear in both (`leakage.json`).
 
 | splits | shared area (m²) | tile pairs within buffer | shared objects |
 |---|---|---|---|

@@ -5,19 +5,19 @@
 selection: every VQA pair, one caption prompt per image and caption set) in two forms:
 
 * an **lmms-eval task** (``lmms_eval/<name>/``): ``<name>.yaml`` (``dataset_path: parquet`` with
-``data_files``
-  beside it, ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target``, ``process_results`` and one
-  ``metric_list`` entry per metric with its aggregation), ``utils.py`` (those hooks; the aggregations call
+  ``data_files`` beside it, ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target``, ``process_results`` and
+  one ``metric_list`` entry per metric with its aggregation), ``utils.py`` (those hooks; the aggregations call
   :func:`sarlang_ray.evaluate.score`, so a model scores the same in lmms-eval as in ``sarlang evaluate``),
   ``<name>.parquet`` (one row per sample) and ``images/`` (each image once).
   Run: ``lmms-eval --model ... --tasks <name> --include_path <out>/lmms_eval``.
 * a **VLMEvalKit TSV** (``vlmevalkit/<name>.tsv``): ``index``, ``image`` (base64; a row whose image already
   appeared holds that row's index instead, VLMEvalKit's own space saving), ``question`` (the prompt the model
   sees), ``answer``, ``category`` (the application), ``l2-category`` (question type), ``split``, and our
-  ``pair_id``, ``tile_id``, ``kind``, ``raw_question``, ``references`` (JSON), ``source``. VLMEvalKit treats an
-  unknown TSV in ``$LMUData`` with a ``question`` column and no ``A``/``B`` columns as a custom VQA dataset:
-  ``LMUData=<out>/vlmevalkit python run.py --data <name> --model ... --mode infer``; its prediction file
-  keeps every column but ``image``, and :func:`score_predictions` (``sarlang score-bench FILE``) scores it.
+  ``pair_id``, ``tile_id``, ``kind``, ``raw_question``, ``references`` (JSON), ``source``. VLMEvalKit treats
+  an unknown TSV in ``$LMUData`` with a ``question`` column and no ``A``/``B`` columns as a custom VQA
+  dataset: ``LMUData=<out>/vlmevalkit python run.py --data <name> --model ... --mode infer``; its prediction
+  file keeps every column but ``image``, and :func:`score_predictions` (``sarlang score-bench FILE``) scores
+  it.
 
 The prompts are ``evaluate.prompts``' first entry (the paper's by default), as ``sarlang evaluate`` asks them.
 """
@@ -186,9 +186,10 @@ def _metric_keys(samples: list[dict], mode: str) -> list[tuple[str, str]]:
 
 UTILS_TEMPLATE = '''"""lmms-eval hooks of the task {name!r}, written by `sarlang export-bench` (sarlang-ray).
 
-The aggregations score with sarlang-ray's own code (sarlang_ray.harness.aggregate -> sarlang_ray.evaluate.score: captions by pycocoevalcap with
-PTB tokenisation, VQA by the strict and sarlang1m rules), so a model scores the same here as in
-`sarlang evaluate`. Install sarlang-ray in the lmms-eval environment.
+The aggregations score with sarlang-ray's own code (sarlang_ray.harness.aggregate ->
+sarlang_ray.evaluate.score: captions by pycocoevalcap with PTB tokenisation, VQA by the strict and sarlang1m
+rules), so a model scores the same here as in `sarlang evaluate`. Install sarlang-ray in the lmms-eval
+environment.
 """
 
 import os
@@ -196,7 +197,9 @@ import os
 from PIL import Image
 
 TASK_DIR = os.path.dirname(os.path.abspath(__file__))
-FIELDS = ("pair_id", "tile_id", "kind", "application", "question_type", "question", "answer", "task", "box_size")
+FIELDS = (
+    "pair_id", "tile_id", "kind", "application", "question_type", "question", "answer", "task", "box_size"
+)
 # lmms-eval metric -> key of sarlang_ray.evaluate.score's result ("a|b": per-application entry b of a)
 METRICS = {metrics!r}
 
@@ -232,9 +235,10 @@ def _yaml(name: str, metrics: list[tuple[str, str]], cfg: WorkflowConfig, n: int
         f"  - metric: {m}\n    aggregation: !function utils.agg_{m}\n    higher_is_better: true"
         for m, _ in metrics
     )
-    return f"""# lmms-eval task written by `sarlang export-bench` (sarlang-ray): {n} samples, the {ev.split} split of
-# {evaluate.dataset_label(cfg)}. Run:
-#   lmms-eval --model <model> --model_args pretrained=<hub name> --tasks {name} --include_path <this folder's parent>
+    return f"""# lmms-eval task written by `sarlang export-bench` (sarlang-ray): {n} samples,
+# the {ev.split} split of {evaluate.dataset_label(cfg)}. Run:
+#   lmms-eval --model <model> --model_args pretrained=<hub name> --tasks {name} \\
+#     --include_path <this folder's parent>
 # Scoring calls sarlang-ray's metrics (utils.py): install sarlang-ray in the lmms-eval environment.
 task: {name}
 dataset_path: parquet
@@ -277,9 +281,8 @@ def export_bench(cfg: WorkflowConfig) -> dict:
 
 def _write_bench(cfg: WorkflowConfig, samples: list[dict], name: str, out: str, staged: Path) -> dict:
     """export_bench's files. Each image once, under a name unique to its bytes, staged in a local folder as
-    the
-    split's files stream by (only their digests are kept), then copied to the lmms-eval task and read back for
-    the TSV, row by row."""
+    the split's files stream by (only their digests are kept), then copied to the lmms-eval task and read back
+    for the TSV, row by row."""
     names: dict[str, str] = {}  # pair_id -> file name
     digests: dict[str, str] = {}  # file name -> sha1 of its bytes
     for pid, base, data in _image_stream(cfg, samples):

@@ -5,12 +5,11 @@ LLaMA-Factory / ms-swift / ShareGPT JSON instruction set (SARChat-Bench-2M's, fo
 
 * **SARLANG-1M as published** (HF ``YiminJimmy/SARLANG-1M``, README of ``Jimmyxichen/SARLANG-1M``): images in
   ``SARimages_preprocessed/SARimages/`` or ``SARimages/`` (PNG), ``SARimages_original/`` (TIF); text
-(``Text.zip``,
-  unpacked) in ``Text/caption/Caption-training.csv`` (concise and complex captions mixed), ``Caption_test.csv``
-  (complex), ``Caption_test1.csv`` (concise), their JSON twins, and
-``Text/VQA/{train,test}/SARVQA{1,2}_{train,test}.json``.
-  SARVQA1's images come from SARDet-100K (``0009787.jpg``) and are distributed separately: pass their folder as
-  ``sardet``. Files may sit one folder deeper or shallower: they are found by name, anywhere in the release.
+  (``Text.zip``, unpacked) in ``Text/caption/Caption-training.csv`` (concise and complex captions mixed),
+  ``Caption_test.csv`` (complex), ``Caption_test1.csv`` (concise), their JSON twins, and
+  ``Text/VQA/{train,test}/SARVQA{1,2}_{train,test}.json``. SARVQA1's images come from SARDet-100K
+  (``0009787.jpg``) and are distributed separately: pass their folder as ``sardet``. Files may sit one folder
+  deeper or shallower: they are found by name, anywhere in the release.
 * **our export layout** (``export/sarlang1m/``): ``captions/{concise,detailed}_<split>.csv`` (images under
   ``SAR_images/``) and ``vqa/vqa_<split>.json`` (with our ``application`` and ``question_type`` keys).
 * **any other JSON or JSONL list of records**, split from the file name (``_train``/``_val``/``_test``).
@@ -18,19 +17,15 @@ LLaMA-Factory / ms-swift / ShareGPT JSON instruction set (SARChat-Bench-2M's, fo
 Records: LLaMA-Factory / ms-swift form (``messages`` with ``role`` user/assistant and an ``<image>`` tag, plus
 ``images``), ShareGPT form (``conversations`` with ``from`` human/gpt and ``value``), or plain
 ``question``/``answer``/``image``; each user turn with its assistant turn is one pair. CSVs: the image and
-text
-columns are found from the header (``image``, ``Image Name``, ``filename`` ...; ``caption``, ``text`` ...;
-``question``, ``answer``) or, in a headerless file, from the values (file names vs text); the choice is
-reported.
-A JSON and a CSV twin of the same name: the JSON is read, the CSV reported as skipped.
+text columns are found from the header (``image``, ``Image Name``, ``filename`` ...; ``caption``, ``text``
+...; ``question``, ``answer``) or, in a headerless file, from the values (file names vs text); the choice is
+reported. A JSON and a CSV twin of the same name: the JSON is read, the CSV reported as skipped.
 
 Every row keeps its ``source`` (``SARVQA1``/``SARVQA2``, ``complex``/``concise``/``training``, ...),
-``split``,
-``file`` (``path#record``) and its image: ``image_uri`` checked to exist (or the bytes in ``image``, with
-``embed_images``). A record whose image is missing, whose path leaves the release, or that is malformed
-becomes a
-row of the errors table naming the file, the record and what to do; per file ``records = imported +
-rejected``.
+``split``, ``file`` (``path#record``) and its image: ``image_uri`` checked to exist (or the bytes in
+``image``, with ``embed_images``). A record whose image is missing, whose path leaves the release, or that is
+malformed becomes a row of the errors table naming the file, the record and what to do; per file
+``records = imported + rejected``.
 
 Applications: a record's own ``application`` key (ours) is kept; every other question gets one of the paper's
 seven applications from rules over its text (:func:`classify_question`); what no rule matches is ``unknown``,
@@ -188,13 +183,15 @@ _OTHERS = (
     (
         "pattern",
         re.compile(
-            r"\barrange(?:d|ment)\b|\bpattern\b|\blayout\b|\bdistribut(?:ed|ion)\b|\bspacing\b|\bdensity\b|\bclustered\b|\bscattered\b"
+            r"\barrange(?:d|ment)\b|\bpattern\b|\blayout\b|\bdistribut(?:ed|ion)\b|\bspacing\b"
+            r"|\bdensity\b|\bclustered\b|\bscattered\b"
         ),
     ),
     (
         "landcover",
         re.compile(
-            rf"\bland[- ]?(?:cover|use)\b|\bterrain\b|\bsurface\b|\blandscape\b|\bcovers?\b.*\b(?:most|largest|majority)\b"
+            r"\bland[- ]?(?:cover|use)\b|\bterrain\b|\bsurface\b|\blandscape\b"
+            r"|\bcovers?\b.*\b(?:most|largest|majority)\b"
             rf"|^(?:is|are) there (?:any )?(?:open )?{_LAND}\b|\bcontains? (?:any )?(?:open )?{_LAND}\b"
             rf"|\b(?:see|observe) (?:any )?(?:open )?{_LAND}\b|\b{_LAND} "
             r"(?:body|bodies|area|areas|region|visible|present)\b"
