@@ -1,6 +1,7 @@
 """Tasks vs an actor pool for the stages whose rows hold no model (issue 29: one execution model).
 
-    .venv/bin/python benchmarks/bench_backends.py [--factor 16] [--reps 2]   # -> benchmarks/results/backends.json
+    .venv/bin/python benchmarks/bench_backends.py [--factor 16] [--reps 2]
+    # -> benchmarks/results/backends.json
 
 The demo's data stages run once up to tile; its tile shards are then copied ``--factor`` times
 (``<scene>/<name>-cK``: the same pixels under new shard names), so align and annotate (template backend) get

@@ -2,7 +2,7 @@
 server) of 2k and 20k items: time and driver peak memory.
 
     python benchmarks/bench_catalog_search.py [--sizes 10000 100000 1000000] [--api-sizes 2000 20000]
-                                              [--only snapshot|api] [--out benchmarks/results/catalog_search.json]
+        [--only snapshot|api] [--out benchmarks/results/catalog_search.json]
 
 API: ``rustac serve`` (tests/stac_server.py) over an ItemCollection of Sentinel-1-GRD-like items (VV and VH
 assets, the properties a Planetary Computer item has, ~2.5 KB of JSON each), searched whole in pages of
@@ -42,7 +42,8 @@ SIDE = 2.0  # item side, degrees
 CHILD = r"""
 import json, sys, time
 sys.path[:0] = [{repo!r}, {tests!r}]
-import pyarrow as pa, pyarrow.compute as pc, pyarrow.dataset as ds, pyarrow.parquet as pq, shapely, stac_geoparquet.arrow
+import pyarrow as pa, pyarrow.compute as pc, pyarrow.dataset as ds, pyarrow.parquet as pq
+import shapely, stac_geoparquet.arrow
 from sarlang_ray import search
 from sarlang_ray.config import SearchSection
 mode, folder, bbox, run_dir = {mode!r}, {folder!r}, {bbox!r}, {run_dir!r}
@@ -74,8 +75,11 @@ else:  # the whole snapshot in memory, then filtered
     keep = pc.and_(pc.and_(pc.less_equal(b.field("xmin"), e), pc.greater_equal(b.field("xmax"), w)),
                    pc.and_(pc.less_equal(b.field("ymin"), nn), pc.greater_equal(b.field("ymax"), s)))
     t = table.column("datetime")
-    keep = pc.and_(keep, pc.and_(pc.greater_equal(t, pa.scalar(pa.scalar(when[0][:-1]).cast(pa.timestamp("us")).value, pa.timestamp("us", tz="UTC"))),
-                                 pc.less_equal(t, pa.scalar(pa.scalar(when[1][:-1]).cast(pa.timestamp("us")).value, pa.timestamp("us", tz="UTC")))))
+    first, last = (
+        pa.scalar(pa.scalar(d[:-1]).cast(pa.timestamp("us")).value, pa.timestamp("us", tz="UTC"))
+        for d in when
+    )
+    keep = pc.and_(keep, pc.and_(pc.greater_equal(t, first), pc.less_equal(t, last)))
     sel = table.filter(keep)
     n = len(list(stac_geoparquet.arrow.stac_table_to_items(sel)))
     extra = {{}}

@@ -66,7 +66,8 @@ summary = pipeline.run(cfg)
 seconds = time.perf_counter() - t0
 c = summary["stages"]["catalog"]
 print(json.dumps({{"seconds": round(seconds, 1), "stage_seconds": c.get("seconds"), "written": c["written"],
-                  "rejected": c["rejected"], "pages": c.get("pages"), "driver_peak_rss_mib": round(hwm() / 1024, 1)}}))
+                  "rejected": c["rejected"], "pages": c.get("pages"),
+                  "driver_peak_rss_mib": round(hwm() / 1024, 1)}}))
 """
 
 

@@ -6,7 +6,7 @@ on the workers, leakage report, the shards' actor pool writing PNGs, Parquet and
 LLaMA-Factory / SARLANG-1M / Parquet files, numbered shards by Ray tasks above ``--shard-records``, manifest,
 card) on full synthetic shards.
 
-    .venv/bin/python benchmarks/bench_scale_plan.py                      # -> benchmarks/results/scale_plan.json
+    .venv/bin/python benchmarks/bench_scale_plan.py      # -> benchmarks/results/scale_plan.json
     .venv/bin/python benchmarks/bench_scale_plan.py --sizes 10000 100000 --revisits 1
     .venv/bin/python benchmarks/bench_scale_plan.py --export --sizes 10000 100000 --code "what ran"
 

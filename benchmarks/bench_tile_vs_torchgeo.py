@@ -1,7 +1,7 @@
 """`sarlang tile` against TorchGeo and a one-process floor, on identical work; the refined Lee filter's
 cost; pixels decoded for a coarse level of a COG with overviews.
 
-    .venv/bin/python benchmarks/bench_tile_vs_torchgeo.py      # writes benchmarks/results/tile_vs_torchgeo.json
+    .venv/bin/python benchmarks/bench_tile_vs_torchgeo.py  # -> benchmarks/results/tile_vs_torchgeo.json
 
 The archive (made by this script): two 8192 x 8192 float32 linear-intensity GeoTIFFs, 1 m, deflate,
 512-px internal tiles. The work per tile, the same for everyone: read a 512 x 512 window at native
@@ -67,7 +67,7 @@ class Scenes(RasterDataset):
 def work(sample):  # the per-tile work of every method: dB, 2-98 % stretch, PNG
     x = sample["image"].numpy()[0].astype(np.float32)
     db = 10 * np.log10(np.maximum(x, 1e-10))
-    if FAST:  # the same work by the tile stage's implementations: exact percentiles by selection, libpng + zlib-ng
+    if FAST:  # the same work by the tile stage's implementations: exact percentiles by selection
         lo, hi = sar.percentiles(db.ravel(), [2, 98])
     else:
         lo, hi = np.percentile(db, [2, 98])

@@ -1,6 +1,6 @@
 """Ray Train samples/s before and after moving preprocessing into Ray Data (issue 14).
 
-    .venv/bin/python benchmarks/bench_train_preprocess.py     # writes benchmarks/results/train_preprocess.json
+    .venv/bin/python benchmarks/bench_train_preprocess.py  # -> benchmarks/results/train_preprocess.json
 
 *Before*: ``sarlang_ray/train.py`` as committed at ``--before`` (default ``HEAD``; read with ``git show`` into
 a temporary module): each worker decodes the PNGs, renders the chat template and calls the processor twice

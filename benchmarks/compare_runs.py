@@ -1,6 +1,6 @@
 """The demo's tables before and after a refactor, shard by shard (issue 29: one execution model).
 
-    # run the demo's data stages (tests/conftest.py demo_config: synth..export) with the sarlang_ray on PYTHONPATH
+    # run the demo's data stages (tests/conftest.py demo_config: synth..export), the sarlang_ray on PYTHONPATH
     PYTHONPATH=/tmp/base python benchmarks/compare_runs.py run /tmp/runs/base
     PYTHONPATH=$PWD      python benchmarks/compare_runs.py run /tmp/runs/branch
     # every Parquet file of both run folders: the same relative paths, and pyarrow.Table.equals for each

@@ -859,10 +859,8 @@ def majority_row(
             captions.add((k, a) for k, a in zip(kinds, answers) if k in CAPTION_KINDS)
     except FileNotFoundError as exc:
         if dataset_kind(cfg) == "export":
-            return (
-                None,
-                f"no train split under {io.join(cfg.run.run_dir, 'export', 'parquet')} to take the answers from",
-            )
+            where = io.join(cfg.run.run_dir, "export", "parquet")
+            return None, f"no train split under {where} to take the answers from"
         return None, (
             f"no train split to take the answers from ({exc}); give one with evaluate.train_dataset "
             "(a LLaMA-Factory JSON file or a pairs table)"

@@ -9,8 +9,8 @@
   :mod:`sarlang_ray.release` reads it back (``import_sarlang1m`` and ``release_image`` are re-exported here).
 * ``export/llamafactory/``: ShareGPT JSON per split (``messages`` + ``images``, one ``<image>`` per image) and
   ``dataset_info.json``. Its records name the images of ``sarlang1m/SAR_images/`` as
-  ``../sarlang1m/SAR_images/<tile>.png``: LLaMA-Factory joins an image path to ``media_dir``, which defaults to
-  ``dataset_dir`` (this folder), so ``dataset_dir=export/llamafactory`` finds them with no copy.
+  ``../sarlang1m/SAR_images/<tile>.png``: LLaMA-Factory joins an image path to ``media_dir``, which defaults
+  to ``dataset_dir`` (this folder), so ``dataset_dir=export/llamafactory`` finds them with no copy.
 * ``export/objects/<shard>.parquet``: the label objects of every exported tile (``tile_id``, ``split``,
   ``object_id``, ``label_id``, ``class``); ``object_id`` is the label id, or for an object clipped at a split
   boundary the id of its part in that split (:func:`sarlang_ray.splits.clipped_id`).
@@ -1479,8 +1479,8 @@ Splits {how} (seed {cfg.run.seed}).
 {samples}
 ## Leakage between splits
 Measured on the tiles written ({"no leakage" if leakage["leak_free"] else "**LEAKS**"}): ground area shared by
-the footprints of two splits (geodesic), tile pairs that share ground or lie within {leakage["buffer_m"]:g} m, label
-objects that appear in both (`leakage.json`).
+the footprints of two splits (geodesic), tile pairs that share ground or lie within {leakage["buffer_m"]:g} m,
+label objects that appear in both (`leakage.json`).
 
 | splits | shared area (m²) | tile pairs within buffer | shared objects |
 |---|---|---|---|

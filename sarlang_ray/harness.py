@@ -13,10 +13,11 @@ selection: every VQA pair, one caption prompt per image and caption set) in two 
 * a **VLMEvalKit TSV** (``vlmevalkit/<name>.tsv``): ``index``, ``image`` (base64; a row whose image already
   appeared holds that row's index instead, VLMEvalKit's own space saving), ``question`` (the prompt the model
   sees), ``answer``, ``category`` (the application), ``l2-category`` (question type), ``split``, and our
-  ``pair_id``, ``tile_id``, ``kind``, ``raw_question``, ``references`` (JSON), ``source``. VLMEvalKit treats an
-  unknown TSV in ``$LMUData`` with a ``question`` column and no ``A``/``B`` columns as a custom VQA dataset:
-  ``LMUData=<out>/vlmevalkit python run.py --data <name> --model ... --mode infer``; its prediction file
-  keeps every column but ``image``, and :func:`score_predictions` (``sarlang score-bench FILE``) scores it.
+  ``pair_id``, ``tile_id``, ``kind``, ``raw_question``, ``references`` (JSON), ``source``. VLMEvalKit treats
+  an unknown TSV in ``$LMUData`` with a ``question`` column and no ``A``/``B`` columns as a custom VQA
+  dataset: ``LMUData=<out>/vlmevalkit python run.py --data <name> --model ... --mode infer``; its prediction
+  file keeps every column but ``image``, and :func:`score_predictions` (``sarlang score-bench FILE``) scores
+  it.
 
 The prompts are ``evaluate.prompts``' first entry (the paper's by default), as ``sarlang evaluate`` asks them.
 """
@@ -186,9 +187,10 @@ def _metric_keys(samples: list[dict], mode: str) -> list[tuple[str, str]]:
 
 UTILS_TEMPLATE = '''"""lmms-eval hooks of the task {name!r}, written by `sarlang export-bench` (sarlang-ray).
 
-The aggregations score with sarlang-ray's own code (sarlang_ray.harness.aggregate -> sarlang_ray.evaluate.score: captions by pycocoevalcap with
-PTB tokenisation, VQA by the strict and sarlang1m rules), so a model scores the same here as in
-`sarlang evaluate`. Install sarlang-ray in the lmms-eval environment.
+The aggregations score with sarlang-ray's own code (sarlang_ray.harness.aggregate ->
+sarlang_ray.evaluate.score: captions by pycocoevalcap with PTB tokenisation, VQA by the strict and sarlang1m
+rules), so a model scores the same here as in `sarlang evaluate`. Install sarlang-ray in the lmms-eval
+environment.
 """
 
 import os
@@ -196,7 +198,9 @@ import os
 from PIL import Image
 
 TASK_DIR = os.path.dirname(os.path.abspath(__file__))
-FIELDS = ("pair_id", "tile_id", "kind", "application", "question_type", "question", "answer", "task", "box_size")
+FIELDS = (
+    "pair_id", "tile_id", "kind", "application", "question_type", "question", "answer", "task", "box_size"
+)
 # lmms-eval metric -> key of sarlang_ray.evaluate.score's result ("a|b": per-application entry b of a)
 METRICS = {metrics!r}
 
@@ -232,9 +236,10 @@ def _yaml(name: str, metrics: list[tuple[str, str]], cfg: WorkflowConfig, n: int
         f"  - metric: {m}\n    aggregation: !function utils.agg_{m}\n    higher_is_better: true"
         for m, _ in metrics
     )
-    return f"""# lmms-eval task written by `sarlang export-bench` (sarlang-ray): {n} samples, the {ev.split} split of
-# {evaluate.dataset_label(cfg)}. Run:
-#   lmms-eval --model <model> --model_args pretrained=<hub name> --tasks {name} --include_path <this folder's parent>
+    return f"""# lmms-eval task written by `sarlang export-bench` (sarlang-ray): {n} samples,
+# the {ev.split} split of {evaluate.dataset_label(cfg)}. Run:
+#   lmms-eval --model <model> --model_args pretrained=<hub name> --tasks {name} \\
+#     --include_path <this folder's parent>
 # Scoring calls sarlang-ray's metrics (utils.py): install sarlang-ray in the lmms-eval environment.
 task: {name}
 dataset_path: parquet

@@ -167,7 +167,8 @@ def served_judge(
     """Serve ``model`` for the duration of the block; yields ``{"base_url", "model", "stats_url"}``.
 
     Raises:
-        RuntimeError: Ray Serve is not installed (``pip install "ray[serve]"``) or the server did not come up."""
+        RuntimeError: Ray Serve is not installed (``pip install "ray[serve]"``) or the server did not come
+            up."""
     try:
         import ray
         from ray import serve

@@ -7,9 +7,9 @@ LLaMA-Factory / ms-swift / ShareGPT JSON instruction set (SARChat-Bench-2M's, fo
   ``SARimages_preprocessed/SARimages/`` or ``SARimages/`` (PNG), ``SARimages_original/`` (TIF); text
   (``Text.zip``, unpacked) in ``Text/caption/Caption-training.csv`` (concise and complex captions mixed),
   ``Caption_test.csv`` (complex), ``Caption_test1.csv`` (concise), their JSON twins, and
-``Text/VQA/{train,test}/SARVQA{1,2}_{train,test}.json``.
-  SARVQA1's images come from SARDet-100K (``0009787.jpg``) and are distributed separately: pass their folder as
-  ``sardet``. Files may sit one folder deeper or shallower: they are found by name, anywhere in the release.
+  ``Text/VQA/{train,test}/SARVQA{1,2}_{train,test}.json``. SARVQA1's images come from SARDet-100K
+  (``0009787.jpg``) and are distributed separately: pass their folder as ``sardet``. Files may sit one folder
+  deeper or shallower: they are found by name, anywhere in the release.
 * **our export layout** (``export/sarlang1m/``): ``captions/{concise,detailed}_<split>.csv`` (images under
   ``SAR_images/``) and ``vqa/vqa_<split>.json`` (with our ``application`` and ``question_type`` keys).
 * **any other JSON or JSONL list of records**, split from the file name (``_train``/``_val``/``_test``).
@@ -183,13 +183,15 @@ _OTHERS = (
     (
         "pattern",
         re.compile(
-            r"\barrange(?:d|ment)\b|\bpattern\b|\blayout\b|\bdistribut(?:ed|ion)\b|\bspacing\b|\bdensity\b|\bclustered\b|\bscattered\b"
+            r"\barrange(?:d|ment)\b|\bpattern\b|\blayout\b|\bdistribut(?:ed|ion)\b|\bspacing\b"
+            r"|\bdensity\b|\bclustered\b|\bscattered\b"
         ),
     ),
     (
         "landcover",
         re.compile(
-            rf"\bland[- ]?(?:cover|use)\b|\bterrain\b|\bsurface\b|\blandscape\b|\bcovers?\b.*\b(?:most|largest|majority)\b"
+            r"\bland[- ]?(?:cover|use)\b|\bterrain\b|\bsurface\b|\blandscape\b"
+            r"|\bcovers?\b.*\b(?:most|largest|majority)\b"
             rf"|^(?:is|are) there (?:any )?(?:open )?{_LAND}\b|\bcontains? (?:any )?(?:open )?{_LAND}\b"
             rf"|\b(?:see|observe) (?:any )?(?:open )?{_LAND}\b|\b{_LAND} "
             r"(?:body|bodies|area|areas|region|visible|present)\b"

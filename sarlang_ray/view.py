@@ -76,7 +76,8 @@ def _safe(name: str) -> str:
 def _script(var: str, key: str | None, obj) -> bytes:
     """A data file the pages load with <script src>: ``SV.<var>[key] = {...}`` (or ``SV.<var> = {...}``)."""
     target = f"SV.{var}" + (f"[{json.dumps(key)}]" if key is not None else "")
-    return f"window.SV = window.SV || {{}}; SV.{var} = SV.{var} || {{}}; {target} = {json.dumps(obj, default=str)};\n".encode()
+    data = json.dumps(obj, default=str)
+    return f"window.SV = window.SV || {{}}; SV.{var} = SV.{var} || {{}}; {target} = {data};\n".encode()
 
 
 def _sample_key(tile_id: str) -> str:

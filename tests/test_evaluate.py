@@ -327,7 +327,10 @@ def test_evaluate_does_not_import_the_orchestrator():
     import subprocess
     import sys
 
-    code = "import sarlang_ray.evaluate, sys; assert 'sarlang_ray.pipeline' not in sys.modules, 'imports pipeline'"
+    code = (
+        "import sarlang_ray.evaluate, sys; "
+        "assert 'sarlang_ray.pipeline' not in sys.modules, 'imports pipeline'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

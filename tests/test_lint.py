@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,29 @@ def test_mypy_settings_silence_nothing_globally():
         assert "ignore_errors" not in override, override
         # only third-party modules may go unchecked, never the package itself
         assert not any(m.startswith("sarlang_ray") for m in override["module"]), override
+
+
+def test_ruff_reports_a_line_over_110_characters():
+    """The README's lint claim: the project's ruff settings make a line over 110 characters an error (E501),
+    while one of exactly 110 passes."""
+    ruff = Path(sys.executable).parent / "ruff"
+
+    def check(source: str) -> subprocess.CompletedProcess:
+        # the source through stdin, named as a file of tests/ so ruff applies the repository's pyproject.toml
+        return subprocess.run(
+            [str(ruff), "check", "--output-format", "concise", "--stdin-filename", "tests/_probe.py", "-"],
+            cwd=REPO,
+            input=source,
+            check=False,  # the exit status is what is asserted
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    words = "a b " * 26  # with spaces: ruff lets a line of one unbreakable word through
+    at_limit, over_limit = f'X = "{words}"\n', f'X = "{words}c"\n'
+    assert [len(line) - 1 for line in (at_limit, over_limit)] == [110, 111]
+    ok = check(at_limit)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    over = check(over_limit)
+    assert over.returncode == 1 and "E501" in over.stdout, over.stdout + over.stderr

@@ -158,7 +158,8 @@ import json, shutil, sys
 from sarlang_ray import metrics
 assert shutil.which("java") is None, shutil.which("java")  # nothing on this PATH
 refs, preds = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(json.dumps({"scores": metrics.caption_scores(refs, preds, tokenize=True), "java": shutil.which("java")}))
+scores = metrics.caption_scores(refs, preds, tokenize=True)
+print(json.dumps({"scores": scores, "java": shutil.which("java")}))
 """
 
 

@@ -29,7 +29,8 @@ SCRIPT = textwrap.dedent("""
     ray.data.DataContext.get_current().enable_progress_bars = False
     out = {"nodes": len([n for n in ray.nodes() if n["Alive"]])}
     archive, run_dir = sys.argv[1], sys.argv[2]
-    base = [f"catalog.archive={archive}", "catalog.sar_glob=[pyrosar_s1_grd_geocoded/*.tif]", "run.stages=[catalog]"]
+    base = [f"catalog.archive={archive}", "catalog.sar_glob=[pyrosar_s1_grd_geocoded/*.tif]",
+            "run.stages=[catalog]"]
     try:
         pipeline.run(load_config(None, [f"run.run_dir={run_dir}/local", *base]))
         out["local"] = "ran"
@@ -80,11 +81,13 @@ NODE_LOSS = textwrap.dedent("""
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     def config(run_dir):
-        return load_config(None, [f"run.run_dir={run_dir}", f"catalog.archive={archive}", "run.shared_fs=true",
-                                  "tile.gsds_m=[1.0,5.0]", "tile.tile_size=128", "tile.tiles_per_shard=4",
-                                  "tile.concurrency=2", "annotate.concurrency=2", "align.concurrency=2",
-                                  "annotate.backend=annotate_backends:SlowBackend",  # a model's pace, not milliseconds
-                                  "run.stages=[catalog,tile,align,annotate]"])
+        return load_config(None, [
+            f"run.run_dir={run_dir}", f"catalog.archive={archive}", "run.shared_fs=true",
+            "tile.gsds_m=[1.0,5.0]", "tile.tile_size=128", "tile.tiles_per_shard=4",
+            "tile.concurrency=2", "annotate.concurrency=2", "align.concurrency=2",
+            "annotate.backend=annotate_backends:SlowBackend",  # a model's pace, not milliseconds
+            "run.stages=[catalog,tile,align,annotate]",
+        ])
 
     def contents(run_dir, stage):
         base = Path(run_dir, stage)
@@ -96,10 +99,11 @@ NODE_LOSS = textwrap.dedent("""
 
     def busy_nodes(stage):
         if stage == "annotate":  # Ray Data actors: the GCS's actor table
-            return {a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+            actors = ray._private.state.actors().values()
+            return {a["Address"]["NodeID"] for a in actors
                     if a["State"] == "ALIVE" and "MapWorker" in a["ActorClassName"]}
-        # tile's chunks are Ray tasks: a worker process titled ray::sarlang.TileChunk while it runs one, a child
-        # of its node's raylet (whose command line names the node)
+        # tile's chunks are Ray tasks: a worker process titled ray::sarlang.TileChunk while it runs one, a
+        # child of its node's raylet (whose command line names the node)
         out = set()
         for proc in psutil.Process().children(recursive=True):
             try:
@@ -139,7 +143,8 @@ NODE_LOSS = textwrap.dedent("""
            "errors": {k: v for k, v in removed.items() if k.endswith("_error")},
            "shards_at_removal": {s: removed.get(s + "_shards_at_removal") for s in ("tile", "annotate")},
            "total_shards": {s: len(contents(root / "reference", s)) for s in ("tile", "annotate")},
-           "same": {s: contents(root / "faulty", s) == contents(root / "reference", s) for s in ("tile", "align", "annotate")}}
+           "same": {s: contents(root / "faulty", s) == contents(root / "reference", s)
+                    for s in ("tile", "align", "annotate")}}
     ray.shutdown()
     cluster.shutdown()
     print(json.dumps(out))
@@ -184,9 +189,11 @@ TRAIN_NODE_LOSS = textwrap.dedent("""
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = load_config(None, [f"run.run_dir={run_dir}", f"train.model={model}", "run.shared_fs=true", "ray.progress=false",
-                             "train.method=full", "train.batch_size=8", "train.lr=0.003", "train.epochs=4",
-                             "train.limit_pairs=96", "train.max_failures=2", "run.stages=[train]"])
+    cfg = load_config(None, [
+        f"run.run_dir={run_dir}", f"train.model={model}", "run.shared_fs=true", "ray.progress=false",
+        "train.method=full", "train.batch_size=8", "train.lr=0.003", "train.epochs=4",
+        "train.limit_pairs=96", "train.max_failures=2", "run.stages=[train]",
+    ])
     out = {}
 
     def lose_the_training_node():
@@ -245,7 +252,9 @@ S3_RUN = textwrap.dedent("""
 
     workflow, temp_dir = sys.argv[1], sys.argv[2]
     # a head and 2 worker raylets, 1 CPU each: one-CPU actors of a pool of 3 can only be placed one per node
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir}
+    )
     out = {}
     try:
         for _ in range(2):
@@ -253,16 +262,21 @@ S3_RUN = textwrap.dedent("""
         cluster.wait_for_nodes()
         t0 = time.time()
         # the real CLI, as a driver of the cluster (the environment carries the S3 endpoint and keys)
-        run = subprocess.run([str(Path(sys.executable).parent / "sarlang"), "run", workflow, "--json"],
-                             env={**os.environ, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True,
-                             timeout=480)
+        run = subprocess.run(
+            [str(Path(sys.executable).parent / "sarlang"), "run", workflow, "--json"],
+            env={**os.environ, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True, timeout=480,
+        )
         out.update(rc=run.returncode, seconds=round(time.time() - t0, 1), stderr=run.stderr[-4000:])
         ray.init(address=cluster.address, log_to_driver=False)
         # the GCS's tables: every node, and every actor the run made (dead ones included) with its node
-        out["nodes"] = [{"id": n["NodeID"], "alive": n["Alive"], "head": "node:__internal_head__" in n["Resources"]}
-                        for n in ray.nodes()]
-        out["actors"] = [{"class": a["ActorClassName"] + " " + (a.get("Name") or ""), "node": a["Address"]["NodeID"]}
-                         for a in ray._private.state.actors().values()]
+        out["nodes"] = [
+            {"id": n["NodeID"], "alive": n["Alive"], "head": "node:__internal_head__" in n["Resources"]}
+            for n in ray.nodes()
+        ]
+        out["actors"] = [
+            {"class": a["ActorClassName"] + " " + (a.get("Name") or ""), "node": a["Address"]["NodeID"]}
+            for a in ray._private.state.actors().values()
+        ]
         ray.shutdown()
     finally:
         cluster.shutdown()
@@ -418,7 +432,9 @@ PLACEMENT = textwrap.dedent("""
     from sarlang_ray import pipeline
 
     run_dir, temp_dir = sys.argv[1], sys.argv[2]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir}
+    )
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1)

@@ -92,8 +92,12 @@ training_args = Seq2SeqTrainingArguments(output_dir=cache)
 for arg in sys.argv[2:]:  # dataset_dir:name, each loaded as a training config naming it would
     dataset_dir, name = arg.rsplit(":", 1)
     attr, = parser.get_dataset_list([name], dataset_dir)
-    ds = loader._load_single_dataset(attr, ModelArguments(model_name_or_path="unused", cache_dir=cache),
-                                     DataArguments(dataset_dir=dataset_dir, media_dir=dataset_dir), training_args)
+    ds = loader._load_single_dataset(
+        attr,
+        ModelArguments(model_name_or_path="unused", cache_dir=cache),
+        DataArguments(dataset_dir=dataset_dir, media_dir=dataset_dir),
+        training_args,
+    )
     out[arg] = {"load_from": attr.load_from, "file_name": attr.dataset_name, "rows": ds.to_list()}
 print(json.dumps(out))
 """

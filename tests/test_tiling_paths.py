@@ -28,7 +28,10 @@ FILTER_RTOL, MAX_TIED_SHARE = 1e-6, 1e-3
 REAL = {  # file (relative to ../shared/data/real_sar) -> units
     "pyrosar_s1_grd_geocoded/S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif": "db",
     "umbra_gec_mount_yasur/umbra_mount_yasur.tiff": "amplitude",
-    "opera_rtc_s1_t137_crops/2021-11-19/OPERA_L2_RTC-S1_T137-292318-IW1_20211119T015854Z_20250830T120333Z_S1A_30_v1.0_VV.tif": "intensity",
+    (
+        "opera_rtc_s1_t137_crops/2021-11-19/"
+        "OPERA_L2_RTC-S1_T137-292318-IW1_20211119T015854Z_20250830T120333Z_S1A_30_v1.0_VV.tif"
+    ): "intensity",
     "sen1floods11_spain_7370579/Spain_7370579_S1Hand.tif": "db",
 }
 

@@ -344,18 +344,22 @@ from sarlang_ray.config import load_config
 from sarlang_ray.tiny_models import init_tiny_vlm
 from sarlang_ray.vllm_engine import hub_layout
 run_dir = sys.argv[1]
-# vLLM's CPU attention needs a head size of 32 or more (hidden 256 / 4 heads); the CLIP keys in the hub's layout
+# vLLM's CPU attention needs a head size of 32 or more (hidden 256 / 4 heads); CLIP keys in the hub's layout
 model = hub_layout(init_tiny_vlm(f"{run_dir}/tiny-vlm-src", hidden=256), f"{run_dir}/tiny-vlm")
-engine = ["device=cpu", "cpus_per_replica=1", "max_model_len=512", "batch_size=32", "engine_kwargs.enforce_eager=true"]
-common = [f"run.run_dir={run_dir}", "ray.progress=false", f"annotate.hf.model={model}", "annotate.hf.dtype=float32",
-          "annotate.backend=vllm", *(f"annotate.vllm.{k}" for k in engine), *(f"evaluate.vllm.{k}" for k in engine)]
+engine = ["device=cpu", "cpus_per_replica=1", "max_model_len=512", "batch_size=32",
+          "engine_kwargs.enforce_eager=true"]
+common = [
+    f"run.run_dir={run_dir}", "ray.progress=false", f"annotate.hf.model={model}", "annotate.hf.dtype=float32",
+    "annotate.backend=vllm", *(f"annotate.vllm.{k}" for k in engine), *(f"evaluate.vllm.{k}" for k in engine),
+]
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 annotate = pipeline.run(load_config("workflows/demo.yaml", common + ["run.stages=[annotate,export]"]),
                         ["annotate", "export"])["stages"]["annotate"]
 board = pipeline.run(load_config("workflows/demo.yaml", common + [
     "run.stages=[evaluate]", f"evaluate.models=[{model}]", "evaluate.engine=vllm", "evaluate.dtype=float32",
     "evaluate.limit_pairs=40", "evaluate.baselines=[]"]), ["evaluate"])
-print(json.dumps({"model": model, "annotate": annotate, "evaluate": board["stages"].get("evaluate")}, default=str))
+result = {"model": model, "annotate": annotate, "evaluate": board["stages"].get("evaluate")}
+print(json.dumps(result, default=str))
 """
 
 

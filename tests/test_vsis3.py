@@ -234,7 +234,8 @@ def test_a_local_vrt_of_s3_objects_reads_them_with_the_same_settings(archive, tm
 import numpy as np, rasterio
 from sarlang_ray import io
 with io.open_raster({str(vrt)!r}) as v, rasterio.open({str(local_path)!r}) as ref:
-    assert np.array_equal(v.read(1, window=((700, 956), (300, 556))), ref.read(1, window=((700, 956), (300, 556))))
+    window = ((700, 956), (300, 556))
+    assert np.array_equal(v.read(1, window=window), ref.read(1, window=window))
 print("ok")
 """
     assert _fresh_process(script).stdout.strip() == "ok"

@@ -738,9 +738,10 @@ def card_section(run_dir: str, cfg: AnnotateSection, exported: dict) -> str:
         else "\nThe annotate stage left no contradiction counts (no qc_report.json, or an older one): n/a.\n"
     )
     return f"""## Contradictions
-Pairs of one tile must agree with each other and ask only what the pixels can show (`sarlang_ray/annotate/consistency.py`).
-Findings per rule and backend: found by the annotate stage's QC (`annotate.qc.contradiction: {mode}`, the blamed
-pairs {fate}), and by the same checker run again over this export ({exported["tiles_with_findings"]} of
+Pairs of one tile must agree with each other and ask only what the pixels can show
+(`sarlang_ray/annotate/consistency.py`). Findings per rule and backend: found by the annotate stage's QC
+(`annotate.qc.contradiction: {mode}`, the blamed pairs {fate}), and by the same checker run again over this
+export ({exported["tiles_with_findings"]} of
 {exported["tiles"]} exported tiles with a finding).
 {missing}
 | rule | backend | found by annotation QC | left in this export |

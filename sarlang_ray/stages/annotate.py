@@ -88,7 +88,10 @@ def failure_hint(a: AnnotateSection) -> str:
             "again."
         )
     if a.backend in ("openai", "vllm", "hf"):
-        return f"Check that the annotate.{a.backend} model and endpoint work (the first error rows say how each tile failed)."
+        return (
+            f"Check that the annotate.{a.backend} model and endpoint work (the first error rows say how each "
+            "tile failed)."
+        )
     return ""
 
 

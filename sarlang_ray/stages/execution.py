@@ -218,9 +218,10 @@ class WorkerDied(RuntimeError):
 
 def _died(exc: BaseException, retries: int) -> WorkerDied:
     return WorkerDied(
-        f"its worker died on each of its {retries + 1} runs ({type(exc).__name__}): a crash or an out-of-memory "
-        "kill that this item causes; the worker's log (python-core-worker-*.log in the Ray session's logs) "
-        "has the cause; give the stage more memory (memory_gb) if the node's OOM killer ended it"
+        f"its worker died on each of its {retries + 1} runs ({type(exc).__name__}): a crash or an "
+        "out-of-memory kill that this item causes; the worker's log (python-core-worker-*.log in the Ray "
+        "session's logs) has the cause; give the stage more memory (memory_gb) if the node's OOM killer "
+        "ended it"
     )
 
 
@@ -334,7 +335,7 @@ def _actors(work: Work) -> Manifest:
         fn_constructor_args=(work.row, work.args),
         compute=pool(blocks, fixed, top, r.num_cpus, r.num_gpus, low),
         # the tasks' retry rule: an item whose worker died runs again at most max_retries times (Ray Data's
-        # default, -1 for both, restarts an actor that an item kills again and again, and the stage never ends)
+        # default, -1 for both, restarts an actor that an item kills again and again: the stage never ends)
         max_restarts=work.max_retries,
         max_task_retries=work.max_retries,
         **r.remote_args(),
