@@ -149,7 +149,7 @@ class AlignedTileRow(TileRow):
 
     optical_png: bytes | None
     objects: list[ObjectRow]
-    landcover: dict[str, float] | None
+    landcover: list[tuple[str, float]] | None  # an Arrow map reads back as (class, fraction) pairs
     landcover_valid_fraction: float | None
 
 

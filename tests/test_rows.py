@@ -26,8 +26,8 @@ def _python(arrow: pa.DataType):
         return int
     if pa.types.is_floating(arrow):
         return float
-    if pa.types.is_map(arrow):
-        return ("dict", _python(arrow.key_type), _python(arrow.item_type))
+    if pa.types.is_map(arrow):  # as_py / to_pylist give a map as a list of (key, value) tuples, not a dict
+        return ("list", ("tuple", _python(arrow.key_type), _python(arrow.item_type)))
     if pa.types.is_list(arrow) or pa.types.is_fixed_size_list(arrow) or pa.types.is_large_list(arrow):
         return ("list", _python(arrow.value_type))
     if pa.types.is_struct(arrow):
@@ -48,8 +48,8 @@ def _shape(hint):
         return ("struct", {k: _shape(v) for k, v in typing.get_type_hints(hint).items()})
     if typing.get_origin(hint) is list:
         return ("list", _shape(typing.get_args(hint)[0]))
-    if typing.get_origin(hint) is dict:
-        return ("dict", *(_shape(a) for a in typing.get_args(hint)))
+    if typing.get_origin(hint) is tuple:
+        return ("tuple", *(_shape(a) for a in typing.get_args(hint)))
     return hint
 
 
@@ -78,6 +78,14 @@ def test_the_comparison_bites():
     renamed = typing.TypedDict("Renamed", {"pair_id": str})
     assert _shape(renamed) != _schema_shape(pa.schema([("pair_id", pa.int64())]))
     assert _shape(rows.TileRow) != _schema_shape(tables.ALIGNED_SCHEMA)
+
+
+def test_a_map_column_reads_back_as_a_list_of_tuples():
+    """What _python says of a map (so AlignedTileRow.landcover is a list of pairs, not a dict): the stages
+    iterate it as ``for cls, fraction in tile["landcover"]``."""
+    schema = pa.schema([tables.ALIGNED_SCHEMA.field("landcover")])
+    table = pa.Table.from_pylist([{"landcover": {"water": 0.5}}], schema=schema)
+    assert table.to_pylist() == [{"landcover": [("water", 0.5)]}]
 
 
 def test_a_chunk_row_is_what_plan_chunks_makes():
