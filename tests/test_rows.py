@@ -9,6 +9,7 @@ import typing
 
 import pyarrow as pa
 import pytest
+import typing_extensions
 
 from sarlang_ray import catalog, rows, tables, tiling
 from sarlang_ray.config import TileSection
@@ -44,8 +45,8 @@ def _shape(hint):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         assert len(args) == 1, hint
         hint = args[0]
-    if typing.is_typeddict(hint):
-        return ("struct", {k: _shape(v) for k, v in typing.get_type_hints(hint).items()})
+    if typing_extensions.is_typeddict(hint):  # get_type_hints of typing_extensions drops ReadOnly
+        return ("struct", {k: _shape(v) for k, v in typing_extensions.get_type_hints(hint).items()})
     if typing.get_origin(hint) is list:
         return ("list", _shape(typing.get_args(hint)[0]))
     if typing.get_origin(hint) is tuple:
@@ -70,6 +71,28 @@ def _schema_shape(schema: pa.Schema):
 def test_a_row_typeddict_is_its_arrow_schema(row, schema):
     got, want = _shape(row), _schema_shape(schema)
     assert list(got[1]) == list(want[1]), "the columns differ (or their order)"  # same keys, same order
+    wrong = {k: (got[1][k], want[1][k]) for k in want[1] if got[1][k] != want[1][k]}
+    assert not wrong, f"TypedDict vs Arrow types differ: {wrong}"
+
+
+def _projection(schema: pa.Schema, columns: list[str]) -> pa.Schema:
+    return pa.schema([schema.field(c) for c in columns])
+
+
+@pytest.mark.parametrize(
+    "row, columns",
+    [
+        (rows.TileKey, ["tile_id", "scene_id", "gsd_m"]),
+        # evaluate's template oracle reads these (the annotate columns without the images)
+        (rows.LabelledTile, [c for c in tables.ANNOTATE_TILE_COLUMNS if not c.endswith("_png")]),
+        (rows.AnnotateTileRow, tables.ANNOTATE_TILE_COLUMNS),
+        (rows.TileScale, ["gsd_m", "width"]),
+    ],
+    ids=["tile_key", "labelled_tile", "annotate_tile", "tile_scale"],
+)
+def test_a_projection_typeddict_is_those_columns_of_the_aligned_schema(row, columns):
+    got, want = _shape(row), _schema_shape(_projection(tables.ALIGNED_SCHEMA, columns))
+    assert list(got[1]) == list(want[1]), "the columns differ (or their order)"
     wrong = {k: (got[1][k], want[1][k]) for k in want[1] if got[1][k] != want[1][k]}
     assert not wrong, f"TypedDict vs Arrow types differ: {wrong}"
 
