@@ -34,7 +34,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -986,7 +986,7 @@ def with_stac_metadata(scene: dict, item: stac.Candidate, cfg: CatalogSection) -
     return scene
 
 
-def proj_mismatch(props: dict, asset_fields: dict, scene: dict) -> str | None:
+def proj_mismatch(props: dict, asset_fields: dict, scene: Mapping[str, Any]) -> str | None:
     """The STAC projection fields (``proj:shape``, ``proj:transform``, ``proj:epsg`` / ``proj:code``, asset
     fields first) that disagree with the file's header, as JSON ``{field: {"item": ..., "file": ...}}``;
     None when they agree or are absent. The file always wins: catalogues publish made-up values for GRD

@@ -48,6 +48,7 @@ import shapely
 from sarlang_ray import io, plots, tables
 from sarlang_ray.config import WorkflowConfig
 from sarlang_ray.errors import error_row, errors_table
+from sarlang_ray.rows import TileKey
 from sarlang_ray.splits import (
     OBJECT,
     SPLITS,
@@ -125,7 +126,7 @@ def _image_name(tile_id: str) -> str:
     return f"{tile_id}.png"
 
 
-def image_path(tile: dict, nested: bool) -> str:
+def image_path(tile: TileKey, nested: bool) -> str:
     """Where a tile's PNG lives under ``SAR_images/``: flat (``<tile>.png``, the published layout) or, for an
     export of more tiles than ``export.images_per_prefix``, under its scene and GSD
     (``<scene>/<gsd>m/<tile>.png``:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 CAPTION_CONCISE = "Describe the content of this image in one sentence."  # the paper's concise-caption prompt
 CAPTION_DETAILED = "Describe this image in detail."
 VQA = "Question: {question}. Answer the question concisely."  # the paper's VQA prompt
@@ -11,7 +14,9 @@ ANSWER_SUFFIX = " Answer the question concisely."  # after a question, when the 
 CAPTIONS = {"concise": CAPTION_CONCISE, "detailed": CAPTION_DETAILED}
 
 
-def annotation_prompt(pair: dict, max_new_tokens_caption: int, max_new_tokens_answer: int) -> tuple[str, int]:
+def annotation_prompt(
+    pair: Mapping[str, Any], max_new_tokens_caption: int, max_new_tokens_answer: int
+) -> tuple[str, int]:
     """What a VLM annotator (``hf``, ``vllm``) asks for a template pair, and its generation budget: the
     caption prompts (a detailed caption gets three times the caption budget), else the pair's question."""
     if pair["kind"] == "caption_concise":

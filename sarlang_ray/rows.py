@@ -1,6 +1,11 @@
 """The rows the stages pass around, as TypedDicts: a scene (the catalog's scenes table), a chunk (a tile
-stage's unit of work), a tile (the tile stage's table; aligned: the tiles table align writes) and a pair (the
-annotations table).
+stage's unit of work), a tile (the tile stage's table; aligned: the tiles table align writes), the columns of
+an aligned tile that annotate and export read (``TileKey``, ``LabelledTile``, ``AnnotateTileRow``) and a pair
+(the annotations table).
+
+Where they are used: scene and chunk rows by ``tiling`` and ``stages.tile``, tile rows by ``align``, aligned
+tiles by ``viz``, the projections by the annotate backends (``template``, ``hf``, ``openai``, ``vllm``),
+``annotate.visibility``, ``annotate.stage`` and ``export.image_path``.
 
 They are the Arrow schemas (``tables.py``, ``catalog.SCENES_SCHEMA``) as the type checker sees them, so a
 function that takes ``scene: SceneRow`` says which row it wants and mypy checks the keys it reads.
@@ -12,6 +17,8 @@ the stages leave null).
 from __future__ import annotations
 
 from typing import TypedDict
+
+import typing_extensions
 
 SceneRow = TypedDict(
     "SceneRow",
@@ -149,8 +156,46 @@ class AlignedTileRow(TileRow):
 
     optical_png: bytes | None
     objects: list[ObjectRow]
-    landcover: dict[str, float] | None
+    landcover: list[tuple[str, float]] | None  # an Arrow map reads back as (class, fraction) pairs
     landcover_valid_fraction: float | None
+
+
+# What a stage reads of an aligned tile: projections of AlignedTileRow, each a superset of the one before, so
+# an AlignedTileRow (or an AnnotateTileRow) is accepted where a TileKey or a LabelledTile is asked for.
+class TileKey(TypedDict):
+    """What names a tile and places its image (``export.image_path``): its id, scene and GSD."""
+
+    tile_id: str
+    scene_id: str
+    gsd_m: float
+
+
+class LabelledTile(TileKey):
+    """A tile's labels without its images: what the template annotator and ``visibility.view`` read, and all
+    that evaluate's template oracle reads of the tiles table (``tables.ANNOTATE_TILE_COLUMNS`` without the
+    PNGs)."""
+
+    width: int
+    objects: list[ObjectRow]
+    landcover: list[tuple[str, float]] | None
+
+
+class AnnotateTileRow(LabelledTile):
+    """What an annotate backend gets (``annotate(tile)``, ``annotate_many(tiles)``): the columns of the tiles
+    table the annotate stage reads, ``tables.ANNOTATE_TILE_COLUMNS``."""
+
+    sar_png: bytes
+    optical_png: bytes | None
+
+
+class TileScale(typing_extensions.TypedDict, total=False):
+    """What the consistency check reads of a tile (``consistency.contradictions``, ``qc.qc_tile``): its GSD
+    (None or absent: unknown, e.g. an imported release; the ``unresolvable`` rule is then skipped) and its width
+    in pixels (absent: region boxes are not checked). Read-only keys, so any tile row above is one, and so is
+    ``{"gsd_m": None}``."""
+
+    gsd_m: typing_extensions.ReadOnly[float | None]
+    width: typing_extensions.ReadOnly[int | None]
 
 
 class PairRow(TypedDict):

@@ -9,6 +9,7 @@ import typing
 
 import pyarrow as pa
 import pytest
+import typing_extensions
 
 from sarlang_ray import catalog, rows, tables, tiling
 from sarlang_ray.config import TileSection
@@ -26,8 +27,8 @@ def _python(arrow: pa.DataType):
         return int
     if pa.types.is_floating(arrow):
         return float
-    if pa.types.is_map(arrow):
-        return ("dict", _python(arrow.key_type), _python(arrow.item_type))
+    if pa.types.is_map(arrow):  # as_py / to_pylist give a map as a list of (key, value) tuples, not a dict
+        return ("list", ("tuple", _python(arrow.key_type), _python(arrow.item_type)))
     if pa.types.is_list(arrow) or pa.types.is_fixed_size_list(arrow) or pa.types.is_large_list(arrow):
         return ("list", _python(arrow.value_type))
     if pa.types.is_struct(arrow):
@@ -44,12 +45,12 @@ def _shape(hint):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         assert len(args) == 1, hint
         hint = args[0]
-    if typing.is_typeddict(hint):
-        return ("struct", {k: _shape(v) for k, v in typing.get_type_hints(hint).items()})
+    if typing_extensions.is_typeddict(hint):  # get_type_hints of typing_extensions drops ReadOnly
+        return ("struct", {k: _shape(v) for k, v in typing_extensions.get_type_hints(hint).items()})
     if typing.get_origin(hint) is list:
         return ("list", _shape(typing.get_args(hint)[0]))
-    if typing.get_origin(hint) is dict:
-        return ("dict", *(_shape(a) for a in typing.get_args(hint)))
+    if typing.get_origin(hint) is tuple:
+        return ("tuple", *(_shape(a) for a in typing.get_args(hint)))
     return hint
 
 
@@ -74,10 +75,40 @@ def test_a_row_typeddict_is_its_arrow_schema(row, schema):
     assert not wrong, f"TypedDict vs Arrow types differ: {wrong}"
 
 
+def _projection(schema: pa.Schema, columns: list[str]) -> pa.Schema:
+    return pa.schema([schema.field(c) for c in columns])
+
+
+@pytest.mark.parametrize(
+    "row, columns",
+    [
+        (rows.TileKey, ["tile_id", "scene_id", "gsd_m"]),
+        # evaluate's template oracle reads these (the annotate columns without the images)
+        (rows.LabelledTile, [c for c in tables.ANNOTATE_TILE_COLUMNS if not c.endswith("_png")]),
+        (rows.AnnotateTileRow, tables.ANNOTATE_TILE_COLUMNS),
+        (rows.TileScale, ["gsd_m", "width"]),
+    ],
+    ids=["tile_key", "labelled_tile", "annotate_tile", "tile_scale"],
+)
+def test_a_projection_typeddict_is_those_columns_of_the_aligned_schema(row, columns):
+    got, want = _shape(row), _schema_shape(_projection(tables.ALIGNED_SCHEMA, columns))
+    assert list(got[1]) == list(want[1]), "the columns differ (or their order)"
+    wrong = {k: (got[1][k], want[1][k]) for k in want[1] if got[1][k] != want[1][k]}
+    assert not wrong, f"TypedDict vs Arrow types differ: {wrong}"
+
+
 def test_the_comparison_bites():
     renamed = typing.TypedDict("Renamed", {"pair_id": str})
     assert _shape(renamed) != _schema_shape(pa.schema([("pair_id", pa.int64())]))
     assert _shape(rows.TileRow) != _schema_shape(tables.ALIGNED_SCHEMA)
+
+
+def test_a_map_column_reads_back_as_a_list_of_tuples():
+    """What _python says of a map (so AlignedTileRow.landcover is a list of pairs, not a dict): the stages
+    iterate it as ``for cls, fraction in tile["landcover"]``."""
+    schema = pa.schema([tables.ALIGNED_SCHEMA.field("landcover")])
+    table = pa.Table.from_pylist([{"landcover": {"water": 0.5}}], schema=schema)
+    assert table.to_pylist() == [{"landcover": [("water", 0.5)]}]
 
 
 def test_a_chunk_row_is_what_plan_chunks_makes():

@@ -32,6 +32,7 @@ import math
 import re
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from sarlang_ray import io, tables
 from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import NUMBER_WORDS, POSITIONS, mentioned_classes
 from sarlang_ray.config import AnnotateSection
+from sarlang_ray.rows import TileScale
 
 RULES = ("presence", "count", "position", "landcover", "implied_absence", "unresolvable")
 CAPTION_KINDS = ("caption_concise", "caption_detailed")
@@ -581,7 +583,7 @@ def _unresolvable(
                 )
 
 
-def contradictions(tile: dict, pairs: list[dict], visibility: Visibility | None = None) -> list[Finding]:
+def contradictions(tile: TileScale, pairs: list[dict], visibility: Visibility | None = None) -> list[Finding]:
     """Findings for one tile's pairs (dicts with ``kind``, ``question``, ``answer``).
 
     ``tile`` needs ``gsd_m`` (None: the ``unresolvable`` rule is skipped) and may give ``width`` (pixels;
@@ -605,7 +607,7 @@ def contradictions(tile: dict, pairs: list[dict], visibility: Visibility | None 
 
 # ---------------------------------------------------------------- over a whole table or export
 def check_pairs(
-    pairs: list[dict], tiles: dict[str, dict] | None = None, visibility: Visibility | None = None
+    pairs: list[dict], tiles: Mapping[str, TileScale] | None = None, visibility: Visibility | None = None
 ) -> dict:
     """Run :func:`contradictions` over pairs of many tiles (grouped by ``tile_id``) and report.
 

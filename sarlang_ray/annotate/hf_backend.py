@@ -12,6 +12,8 @@ GPU when the actor has one (``annotate.num_gpus``), else on the CPU. Weights loa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from PIL import Image
 
 from sarlang_ray import prompts
@@ -19,6 +21,7 @@ from sarlang_ray.annotate.template import TemplateAnnotator
 from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.config import AnnotateSection
 from sarlang_ray.models import Generator, load_image
+from sarlang_ray.rows import AnnotateTileRow
 
 
 class HFAnnotator:
@@ -37,14 +40,14 @@ class HFAnnotator:
             visibility=Visibility.from_config(cfg),
         )
 
-    def _image(self, tile: dict) -> Image.Image:
+    def _image(self, tile: AnnotateTileRow) -> Image.Image:
         png = tile.get("optical_png") if self.cfg.caption_image == "optical" else None
         return load_image(png or tile["sar_png"], self.max_pixels)
 
     def generate(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]:
         return self.generator.generate(images, prompts, max_new_tokens)
 
-    def annotate_many(self, tiles: list[dict]) -> list[list[dict] | Exception]:
+    def annotate_many(self, tiles: Sequence[AnnotateTileRow]) -> list[list[dict] | Exception]:
         jobs = []  # (tile index, pair template, prompt, max tokens)
         for k, tile in enumerate(tiles):
             for pair in self.questions.annotate(tile):

@@ -20,6 +20,7 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -28,6 +29,7 @@ from sarlang_ray import prompts
 from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import APPLICATIONS, CLASS_WORDS, position_of
 from sarlang_ray.config import AnnotateSection
+from sarlang_ray.rows import AnnotateTileRow
 
 CONCISE_PROMPT = "Describe the content of this remote sensing image in one sentence. Do not mention colours."
 DETAILED_PROMPT = (
@@ -102,7 +104,7 @@ class OpenAIAnnotator:
         ]
 
     # -- one tile ------------------------------------------------------------------------
-    def annotate(self, tile: dict) -> list[dict]:
+    def annotate(self, tile: AnnotateTileRow) -> list[dict]:
         image = tile.get("optical_png") if self.cfg.caption_image == "optical" else tile["sar_png"]
         if image is None:
             image = tile["sar_png"]  # no optical twin: caption the SAR tile itself
@@ -179,7 +181,7 @@ class OpenAIAnnotator:
             for i in good
         ]
 
-    def annotate_many(self, tiles: list[dict]) -> list[list[dict] | Exception]:
+    def annotate_many(self, tiles: Sequence[AnnotateTileRow]) -> list[list[dict] | Exception]:
         """Tiles in parallel (``max_concurrency`` requests in flight); an exception per failed tile."""
 
         def one(tile):

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 from sarlang_ray.annotate import consistency
 from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import NUMBER_WORDS, count_phrase, mentioned_classes
 from sarlang_ray.config import QCSection
+from sarlang_ray.rows import ObjectRow, TileScale
 
 RULES = ("colour", "count", "hallucination", "vague", "duplicate", "contradiction")
 COLOUR_WORDS = (
@@ -150,9 +152,9 @@ def normalise_question(q: str) -> str:
 
 def apply_qc(
     pairs: list[dict],
-    objects: list[dict],
+    objects: Sequence[ObjectRow],
     cfg: QCSection,
-    tile: dict | None = None,
+    tile: TileScale | None = None,
     visibility: Visibility | None = None,
 ) -> list[dict]:
     """QC one tile's pairs: fills ``qc_passed`` and ``qc_reasons``; repaired text replaces the original.
@@ -162,9 +164,9 @@ def apply_qc(
 
 def qc_tile(
     pairs: list[dict],
-    objects: list[dict],
+    objects: Sequence[ObjectRow],
     cfg: QCSection,
-    tile: dict | None = None,
+    tile: TileScale | None = None,
     visibility: Visibility | None = None,
 ) -> tuple[list[dict], list[consistency.Finding]]:
     """:func:`apply_qc`, and the contradiction findings among the pairs that passed the other rules (their
@@ -197,7 +199,7 @@ def qc_tile(
     return out, _contradictions(out, tile, cfg, visibility)
 
 
-def _contradictions(out: list[dict], tile: dict, cfg: QCSection, visibility: Visibility | None) -> list:
+def _contradictions(out: list[dict], tile: TileScale, cfg: QCSection, visibility: Visibility | None) -> list:
     """The contradiction rule over the passed pairs of ``out`` (edited in place)."""
     live = [i for i, p in enumerate(out) if p["qc_passed"]]
     findings = consistency.contradictions(tile, [out[i] for i in live], visibility)

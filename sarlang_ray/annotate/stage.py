@@ -29,6 +29,7 @@ from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.annotate.vocab import APPLICATIONS
 from sarlang_ray.config import AnnotateSection
 from sarlang_ray.errors import error_row, reasons_json
+from sarlang_ray.rows import AnnotateTileRow
 from sarlang_ray.tables import ANNOTATE_TILE_COLUMNS as TILE_COLUMNS
 from sarlang_ray.tables import ANNOTATION_SCHEMA, read_error_rows, write_errors, write_rows_file
 
@@ -116,7 +117,7 @@ class AnnotateShard:
         self.visibility = Visibility.from_config(cfg)
         self.retry = retry
 
-    def _annotate_all(self, tiles: list[dict]) -> list:
+    def _annotate_all(self, tiles: list[AnnotateTileRow]) -> list:
         """Pairs (or the exception) per tile; backends with ``annotate_many`` run tiles concurrently."""
         if hasattr(self.backend, "annotate_many"):
             return self.backend.annotate_many(tiles)
@@ -167,7 +168,7 @@ class AnnotateShard:
             "findings": json.dumps(findings),
         }
 
-    def _annotate(self, tiles: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    def _annotate(self, tiles: list[AnnotateTileRow]) -> tuple[list[dict], list[dict], list[dict]]:
         """The annotation rows, error rows and contradiction findings of ``tiles``."""
         rows, errors, findings = [], [], []
         for tile, pairs in zip(tiles, self._annotate_all(tiles)):

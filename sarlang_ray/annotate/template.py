@@ -23,6 +23,7 @@ from numpy.typing import ArrayLike
 from sarlang_ray import prompts
 from sarlang_ray.annotate.visibility import TileView, Visibility
 from sarlang_ray.annotate.vocab import CLASS_WORDS, POSITIONS, box_text, count_phrase, plural, position_of
+from sarlang_ray.rows import LabelledTile, ObjectRow
 
 CLASSES = tuple(CLASS_WORDS)
 PATTERN_SENTENCE = {
@@ -231,7 +232,7 @@ def pattern_of(centres: ArrayLike, size: int) -> str:
     return "scattered"
 
 
-def _centre(o: dict) -> tuple[float, float]:
+def _centre(o: ObjectRow) -> tuple[float, float]:
     b = o["bbox_xyxy"]
     return ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
 
@@ -261,7 +262,7 @@ class TemplateAnnotator:
         self.seed, self.identification_pairs, self.max_per_family = seed, identification_pairs, max_per_family
         self.visibility = visibility or Visibility()
 
-    def annotate(self, tile: dict) -> list[dict]:
+    def annotate(self, tile: LabelledTile) -> list[dict]:
         rng = random.Random(f"{self.seed}:{tile['tile_id']}")
         size = tile["width"]
         view = self.visibility.view(tile, CLASSES)

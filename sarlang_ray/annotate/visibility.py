@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import shapely
 
 from sarlang_ray.config import AnnotateSection
+from sarlang_ray.rows import LabelledTile, ObjectRow
 
 
-def object_size_px(obj: dict) -> float:
+def object_size_px(obj: ObjectRow) -> float:
     """Largest distance across the object's (visible, clipped) pixel polygon: its Feret diameter.
 
     For a car 4.6 x 1.9 m that is its diagonal, ~5 m; for a road segment its length. Computed on the
@@ -57,7 +59,7 @@ class TileView:
     ``implied``: classes implied by land cover and not seen (never asserted absent); ``unresolvable``:
     classes not resolvable at this GSD (never named)."""
 
-    seen: list[dict]
+    seen: list[ObjectRow]
     counts: Counter
     countable: frozenset[str]
     hidden: frozenset[str]
@@ -102,16 +104,16 @@ class Visibility:
             return True
         return self.class_size_m[cls] / gsd_m >= self.min_size_px[cls] - 1e-9
 
-    def is_seen(self, obj: dict, gsd_m: float) -> bool:
+    def is_seen(self, obj: ObjectRow, gsd_m: float) -> bool:
         cls = obj["class"]
         return self.resolvable(cls, gsd_m) and object_size_px(obj) >= self.min_size_px.get(cls, 0.0) - 1e-9
 
-    def implied(self, landcover: dict[str, float] | None) -> dict[str, str]:
+    def implied(self, landcover: Iterable[tuple[str, float]] | None) -> dict[str, str]:
         """Classes (-> the land-cover class) that land cover covering >= implied_min_fraction implies."""
-        lc = dict(landcover or {})
+        lc = dict(landcover or ())
         return {c: l for c, l in self.implied_by.items() if lc.get(l, 0.0) >= self.implied_min_fraction}
 
-    def view(self, tile: dict, classes: tuple[str, ...]) -> TileView:
+    def view(self, tile: LabelledTile, classes: tuple[str, ...]) -> TileView:
         """The tile's objects of ``classes`` as its pixels show them at its GSD."""
         gsd = tile["gsd_m"]
         objects = [o for o in tile["objects"] if o["class"] in classes]

@@ -24,11 +24,13 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 
 from sarlang_ray import io, prompts
 from sarlang_ray.annotate.template import TemplateAnnotator
 from sarlang_ray.annotate.visibility import Visibility
 from sarlang_ray.config import AnnotateSection, WorkflowConfig
+from sarlang_ray.rows import AnnotateTileRow
 
 log = logging.getLogger("sarlang")
 
@@ -51,7 +53,7 @@ class VLLMAnnotator:
         )
         self.generated: dict[str, list[dict]] | None = None  # tile id -> parsed outputs, set by the stage
 
-    def jobs(self, tile: dict) -> list[tuple[dict, str, int]]:
+    def jobs(self, tile: AnnotateTileRow) -> list[tuple[dict, str, int]]:
         """(pair without answer, text asked, max new tokens) per pair of the tile, in the template's order:
         the prompts and lengths the hf backend uses."""
         return [
@@ -64,13 +66,13 @@ class VLLMAnnotator:
             for pair in self.questions.annotate(tile)
         ]
 
-    def image_png(self, tile: dict) -> bytes:
+    def image_png(self, tile: AnnotateTileRow) -> bytes:
         """The PNG the model sees: the optical twin (RGB-to-SAR transfer) when there is one and
         ``caption_image=optical``, else the SAR tile."""
         png = tile.get("optical_png") if self.cfg.caption_image == "optical" else None
         return png or tile["sar_png"]
 
-    def requests(self, tile: dict, processor, **meta) -> list[dict]:
+    def requests(self, tile: AnnotateTileRow, processor, **meta) -> list[dict]:
         """The tile's engine requests (:func:`sarlang_ray.vllm_engine.request`), each with ``tile_id``,
         ``job`` (its index among the tile's pairs), ``pair`` (JSON) and ``meta``."""
         from sarlang_ray.models import load_image
@@ -90,7 +92,7 @@ class VLLMAnnotator:
             for j, (pair, text, budget) in enumerate(self.jobs(tile))
         ]
 
-    def assemble(self, tile: dict, outputs: list[dict]) -> list[dict] | Exception:
+    def assemble(self, tile: AnnotateTileRow, outputs: list[dict]) -> list[dict] | Exception:
         """The tile's pairs from its parsed outputs (``job``, ``pair``, ``text``, ``error``), or the exception
         that sends it to the errors table."""
         expected = len(self.jobs(tile))
@@ -105,7 +107,7 @@ class VLLMAnnotator:
             return ValueError("the model generated only empty text for this tile")
         return [p for p in pairs if p["answer"]]  # empty answers are malformed: dropped, the rest kept
 
-    def annotate_many(self, tiles: list[dict]) -> list[list[dict] | Exception]:
+    def annotate_many(self, tiles: Sequence[AnnotateTileRow]) -> list[list[dict] | Exception]:
         if self.generated is None:
             raise RuntimeError(
                 "the vllm backend generates on Ray Data LLM for the whole stage "
@@ -113,7 +115,7 @@ class VLLMAnnotator:
             )
         return [self.assemble(t, self.generated.get(t["tile_id"], [])) for t in tiles]
 
-    def annotate(self, tile: dict) -> list[dict]:
+    def annotate(self, tile: AnnotateTileRow) -> list[dict]:
         out = self.annotate_many([tile])[0]
         if isinstance(out, Exception):
             raise out
