@@ -190,9 +190,9 @@ class AnnotateTileRow(LabelledTile):
 
 class TileScale(typing_extensions.TypedDict, total=False):
     """What the consistency check reads of a tile (``consistency.contradictions``, ``qc.qc_tile``): its GSD
-    (None or absent: unknown, e.g. an imported release; the ``unresolvable`` rule is then skipped) and its width
-    in pixels (absent: region boxes are not checked). Read-only keys, so any tile row above is one, and so is
-    ``{"gsd_m": None}``."""
+    (None or absent: unknown, e.g. an imported release; the ``unresolvable`` rule is then skipped) and its
+    width in pixels (absent: region boxes are not checked). Read-only keys, so any tile row above is one, and
+    so is ``{"gsd_m": None}``."""
 
     gsd_m: typing_extensions.ReadOnly[float | None]
     width: typing_extensions.ReadOnly[int | None]
