@@ -133,11 +133,20 @@ HEAVY_FIXTURES = frozenset({"ray_session", "demo_run", "trained_run", "s3", "tin
 FAST_TIER = os.environ.get("SARLANG_TEST_TIER") == "fast"
 
 
+# `make test` spreads the suite over both cores (`pytest -n 2 --dist loadgroup`): each xdist worker has its
+# own Ray and its own demo run (the data stages: ~12 s). The tests of the trained demo (train + evaluate,
+# ~100 s) are one group, kept on one worker, so that training runs once per session, not once per worker.
+# Tests marked `serial` interrupt or kill something at a chosen moment; they run alone afterwards, where no
+# other test's load moves that moment.
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        heavy = HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        if not heavy and item.get_closest_marker("needs_ray") is None:
+        used = set(getattr(item, "fixturenames", ()))
+        if not HEAVY_FIXTURES & used and item.get_closest_marker("needs_ray") is None:
             item.add_marker(pytest.mark.fast)
+        if "trained_run" in used:
+            item.add_marker(pytest.mark.xdist_group("trained_run"))
 
 
 def _refuse(what: str):
