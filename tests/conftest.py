@@ -14,8 +14,12 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # the S3 test server's endpoint must be in the environment before Ray starts (workers inherit it)
 import s3_server
 
+# (a pytest-xdist worker inherits the controller's environment: each worker has its own server and ports)
 for _k, _v in s3_server.ENV.items():
-    os.environ.setdefault(_k, _v)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ[_k] = _v
+    else:
+        os.environ.setdefault(_k, _v)
 
 # the key the local OpenAI-compatible test server expects (workers read it from their environment)
 TEST_OPENAI_KEY = "sk-sarlang-test-0123456789"
@@ -140,6 +144,7 @@ FAST_TIER = os.environ.get("SARLANG_TEST_TIER") == "fast"
 # other test's load moves that moment.
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
