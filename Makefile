@@ -35,13 +35,15 @@ run: setup
 # ignored by git)
 lint: setup
 	$(BIN)/ruff check sarlang_ray tests benchmarks
+	$(BIN)/ruff format --check sarlang_ray tests benchmarks
 	$(BIN)/mypy --cache-dir .mypy_cache
 
-# lint first: a test run starts only on code that passes the linter and the type checker. Then the tier that needs
-# no Ray over both cores (pytest-xdist), then the tests that share the session's Ray and demo run, in one process
+# lint first: a test run starts only on code that passes the linter, the formatter's check and the type
+# checker. Then everything but the `serial` tests over both cores (pytest-xdist; each worker its own Ray and
+# demo run, the trained demo's tests on one worker: tests/conftest.py), then the `serial` tests alone
 test: setup lint
-	SARLANG_TEST_TIER=fast $(BIN)/python -m pytest -q -m fast -n 2 --durations=10 tests
-	$(BIN)/python -m pytest -q -m "not fast" --durations=25 tests
+	$(BIN)/python -m pytest -q -m "not serial" -n 2 --dist loadgroup --durations=25 tests
+	$(BIN)/python -m pytest -q -m serial --durations=10 tests
 
 # the tier with no Ray, no demo run and no server (marked in tests/conftest.py): minutes, for quick feedback
 test-fast: setup

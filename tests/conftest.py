@@ -14,8 +14,12 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # the S3 test server's endpoint must be in the environment before Ray starts (workers inherit it)
 import s3_server
 
+# (a pytest-xdist worker inherits the controller's environment: each worker has its own server and ports)
 for _k, _v in s3_server.ENV.items():
-    os.environ.setdefault(_k, _v)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ[_k] = _v
+    else:
+        os.environ.setdefault(_k, _v)
 
 # the key the local OpenAI-compatible test server expects (workers read it from their environment)
 TEST_OPENAI_KEY = "sk-sarlang-test-0123456789"
@@ -133,11 +137,21 @@ HEAVY_FIXTURES = frozenset({"ray_session", "demo_run", "trained_run", "s3", "tin
 FAST_TIER = os.environ.get("SARLANG_TEST_TIER") == "fast"
 
 
+# `make test` spreads the suite over both cores (`pytest -n 2 --dist loadgroup`): each xdist worker has its
+# own Ray and its own demo run (the data stages: ~12 s). The tests of the trained demo (train + evaluate,
+# ~100 s) are one group, kept on one worker, so that training runs once per session, not once per worker.
+# Tests marked `serial` interrupt or kill something at a chosen moment; they run alone afterwards, where no
+# other test's load moves that moment.
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        heavy = HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        if not heavy and item.get_closest_marker("needs_ray") is None:
+        used = set(getattr(item, "fixturenames", ()))
+        if not HEAVY_FIXTURES & used and item.get_closest_marker("needs_ray") is None:
             item.add_marker(pytest.mark.fast)
+        if "trained_run" in used:
+            item.add_marker(pytest.mark.xdist_group("trained_run"))
 
 
 def _refuse(what: str):

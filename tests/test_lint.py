@@ -1,14 +1,18 @@
-"""`make test` runs `make lint` (ruff, then mypy) before the suite, and mypy's settings name each untyped
-library instead of silencing imports or errors globally (README, pyproject.toml)."""
+"""`make test` runs `make lint` (ruff, its format check, then mypy) before the suite, in runs that hold
+every test once, and mypy's settings name each untyped library instead of silencing imports or errors
+globally (README, pyproject.toml)."""
 
 from __future__ import annotations
 
+import itertools
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _pytest.mark.expression import Expression
 
 try:
     import tomllib
@@ -34,15 +38,22 @@ def test_make_test_runs_ruff_then_mypy_before_pytest():
     def first(word: str) -> int:
         return next(i for i, line in enumerate(out) if word in line)
 
-    assert first("ruff check") < first("mypy") < first("-m pytest"), "\n".join(out)
-    ruff = out[first("ruff check")]
-    assert all(path in ruff.split() for path in ("sarlang_ray", "tests", "benchmarks")), ruff
-    # the suite in two runs that together hold every test: the fast tier (marked by conftest.py) and the rest
+    assert first("ruff check") < first("ruff format --check") < first("mypy") < first("-m pytest"), "\n".join(
+        out
+    )
+    for tool in ("ruff check", "ruff format --check"):
+        line = out[first(tool)]
+        assert all(path in line.split() for path in ("sarlang_ray", "tests", "benchmarks")), line
+    # the suite in runs that together hold every test once: each marker expression is evaluated the way pytest
+    # does (-m) for every combination of the marks a test can carry
     runs = [line for line in out if "-m pytest" in line]
-    assert (
-        len(runs) == 2 and "-m fast" in runs[0] and ('-m "not fast"' in runs[1] or "-m 'not fast'" in runs[1])
-    ), runs
     assert all(run.rstrip().endswith(" tests") for run in runs), runs
+    expressions = [shlex.split(run)[shlex.split(run).index("-m", 2) + 1] for run in runs]
+    marks = ("fast", "serial", "slow", "needs_ray")
+    for carried in itertools.product((False, True), repeat=len(marks)):
+        has = dict(zip(marks, carried))
+        matching = [e for e in expressions if Expression.compile(e).evaluate(has.__getitem__)]
+        assert len(matching) == 1, (has, expressions)
 
 
 def test_mypy_settings_silence_nothing_globally():

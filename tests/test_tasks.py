@@ -146,6 +146,7 @@ def test_an_item_that_kills_every_worker_fails_the_map_after_the_same_retries_on
     assert len((tmp_path / "ran-2").read_text().split()) == 3
 
 
+@pytest.mark.serial  # Ctrl-C while items are queued: alone, so that load does not empty the queue first
 @pytest.mark.parametrize("own_local_ray", [False, True])
 def test_ctrl_c_cancels_what_is_queued_unless_the_driver_ends_its_own_local_ray(
     ray_session, tmp_path, monkeypatch, own_local_ray

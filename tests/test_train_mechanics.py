@@ -332,6 +332,7 @@ def _preprocess_in_a_worker(pid_file: str, batch: dict, model: str) -> list[str]
     return sorted(preprocess_batch(batch, model, None, 256))
 
 
+@pytest.mark.serial  # cancels 0.5 and 1.2 s into a fresh worker: alone, so that load does not move them
 def test_a_preprocessing_task_cancelled_in_its_first_imports_leaves_no_broken_worker(
     ray_session, tiny_vlm, tmp_path
 ):

