@@ -144,14 +144,19 @@ FAST_TIER = os.environ.get("SARLANG_TEST_TIER") == "fast"
 # other test's load moves that moment.
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    from _pytest.nodeid import coerce_node_id
+
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if not HEAVY_FIXTURES & used and item.get_closest_marker("needs_ray") is None:
             item.add_marker(pytest.mark.fast)
-        if "trained_run" in used:
-            item.add_marker(pytest.mark.xdist_group("trained_run"))
+        if "trained_run" in used and getattr(config.option, "loadgroup", False):
+            # what pytest-xdist does for an `xdist_group` mark (its scheduler keeps the nodeids that end in
+            # the same "@group" on one worker); xdist 3.8 sets `item._nodeid`, which pytest 9.2 no longer
+            # reads, so the mark alone groups nothing
+            item._id = coerce_node_id(f"{item.nodeid}@trained_run")
 
 
 def _refuse(what: str):
