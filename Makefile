@@ -39,12 +39,12 @@ lint: setup
 	$(BIN)/mypy --cache-dir .mypy_cache
 
 # lint first: a test run starts only on code that passes the linter, the formatter's check and the type
-# checker. Then everything but the `serial` tests in 3 pytest-xdist workers (each its own Ray and demo run,
-# the trained demo's tests on one worker: tests/conftest.py; 3 on 2 cores, as much of a Ray test is waiting),
-# then the `serial` tests alone
+# checker. Then the `serial` tests alone, on a machine nothing else loads yet, then everything else over both
+# cores (pytest-xdist: each worker its own Ray and demo run, the trained demo's tests on one worker:
+# tests/conftest.py; a third worker measured no faster, the cores are busy)
 test: setup lint
-	$(BIN)/python -m pytest -q -m "not serial" -n 3 --dist loadgroup --durations=25 tests
 	$(BIN)/python -m pytest -q -m serial --durations=10 tests
+	$(BIN)/python -m pytest -q -m "not serial" -n 2 --dist loadgroup --durations=25 tests
 
 # the tier with no Ray, no demo run and no server (marked in tests/conftest.py): minutes, for quick feedback
 test-fast: setup
