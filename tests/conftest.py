@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# Ctrl-C and ray.cancel (a SIGINT to the worker) reach the processes the tests start only if SIGINT is not
+# ignored: a shell that runs pytest in the background (`make test &`, nohup, some CI runners) ignores it,
+# and an ignored signal stays ignored in every process started from there (Ray's raylet and workers
+# included), so the interrupt and cancellation tests fail. Python's own handler, as in a foreground run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
