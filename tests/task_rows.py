@@ -23,19 +23,20 @@ class Recorder:
         return {"i": item["i"], "pid": os.getpid(), "started_at": started, "finished_at": time.time()}
 
 
-class DiesOnce:
-    """Kills its own worker process the first time it sees item ``victim`` (a crashed or OOM-killed
-    worker)."""
+class Dies:
+    """Kills its own worker process when it sees item ``victim``: the first time only (a crashed or OOM-killed
+    worker), or on ``every_run`` (an item that crashes whatever runs it: a segfaulting reader, a model load
+    that is OOM-killed). Leaves one line per run (its pid) in ``ran-<i>``."""
 
-    def __init__(self, log_dir: str, victim: int):
-        self.log_dir, self.victim = Path(log_dir), victim
+    def __init__(self, log_dir: str, victim: int, every_run: bool = False):
+        self.log_dir, self.victim, self.every_run = Path(log_dir), victim, every_run
 
     def __call__(self, item: dict) -> dict:
         marker = self.log_dir / f"ran-{item['i']}"
         first = not marker.exists()
         with open(marker, "a") as f:
             f.write(f"{os.getpid()}\n")
-        if item["i"] == self.victim and first:
+        if item["i"] == self.victim and (first or self.every_run):
             os._exit(1)  # no exception, no cleanup: the process is simply gone
         return {"i": item["i"], "pid": os.getpid()}
 
@@ -52,18 +53,3 @@ class Sleeper:
         time.sleep(self.seconds)
         (self.log_dir / f"done-{item['i']}").touch()
         return {"i": item["i"]}
-
-
-class AlwaysDies:
-    """Kills its own worker process every time it sees item ``victim`` (an item that crashes whatever runs
-    it: a segfaulting reader, a model load that is OOM-killed); leaves one line per run in ``ran-<i>``."""
-
-    def __init__(self, log_dir: str, victim: int):
-        self.log_dir, self.victim = Path(log_dir), victim
-
-    def __call__(self, item: dict) -> dict:
-        with open(self.log_dir / f"ran-{item['i']}", "a") as f:
-            f.write(f"{os.getpid()}\n")
-        if item["i"] == self.victim:
-            os._exit(1)
-        return {"i": item["i"], "pid": os.getpid()}

@@ -118,11 +118,9 @@ def test_an_error_in_a_row_fails_the_map_and_names_the_item(ray_session, tmp_pat
 
 @pytest.mark.parametrize("holds_model", [False, True], ids=["tasks", "actors"])
 def test_a_worker_that_dies_mid_item_is_replaced_and_the_item_run_again(ray_session, tmp_path, holds_model):
-    from task_rows import DiesOnce
+    from task_rows import Dies
 
-    out = execution.map(
-        Work([{"i": i} for i in range(6)], DiesOnce, (str(tmp_path), 2), holds_model=holds_model)
-    )
+    out = execution.map(Work([{"i": i} for i in range(6)], Dies, (str(tmp_path), 2), holds_model=holds_model))
     assert [r["i"] for r in out] == list(range(6))
     died = (tmp_path / "ran-2").read_text().split()
     assert len(died) == 2 and died[0] != died[1]  # the item ran twice, the second time in another process
@@ -135,12 +133,12 @@ def test_an_item_that_kills_every_worker_fails_the_map_after_the_same_retries_on
 ):
     """One retry rule for both back-ends: an item whose worker dies runs 1 + max_retries times, then the map
     fails saying so (Ray Data's own default restarts an actor without end: the stage never finished)."""
-    from task_rows import AlwaysDies
+    from task_rows import Dies
 
     items = [{"i": i} for i in range(4)]
     with pytest.raises(RuntimeError, match="died on each of its 3 runs") as info:
-        execution.map(Work(items, AlwaysDies, (str(tmp_path), 2), holds_model=holds_model, max_retries=2))
-    assert task_name(AlwaysDies) in str(info.value)
+        execution.map(Work(items, Dies, (str(tmp_path), 2, True), holds_model=holds_model, max_retries=2))
+    assert task_name(Dies) in str(info.value)
     if not holds_model:  # a task is one item: the error names it
         assert '{"i": 2}' in str(info.value)
     assert len((tmp_path / "ran-2").read_text().split()) == 3

@@ -200,11 +200,16 @@ def _item_failed(cls, item: Mapping[str, Any], exc: BaseException) -> str:
     return f"{task_name(cls)} failed on item {_describe(item)}: {exc}"
 
 
-def _is_death(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or what it was raised from) says a worker process or its node died."""
+def _deaths() -> tuple[type[BaseException], ...]:
+    """Ray's errors that say a worker process (an actor's, a task's) or its node died."""
     import ray
 
-    deaths = (ray.exceptions.ActorDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+    return (ray.exceptions.ActorDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+
+
+def _is_death(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it was raised from) says a worker process or its node died."""
+    deaths = _deaths()
     while exc is not None:
         if isinstance(exc, deaths):
             return True
@@ -458,7 +463,7 @@ def _tasks(work: Work) -> Manifest:
                     early[index] = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     raise RuntimeError(_item_failed(cls, item, exc)) from exc
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+                except _deaths() as exc:
                     raise RuntimeError(_item_failed(cls, item, _died(exc, work.max_retries))) from exc
                 if bar is not None:
                     bar.update(1)
