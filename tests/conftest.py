@@ -111,28 +111,52 @@ def tiny_vlm(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_run(demo_run, tiny_vlm, tmp_path_factory):
-    """The demo export, fine-tuned (tiny VLM, full, 3 epochs) and evaluated once: (config, summary)."""
-    import shutil
+def made_run(tmp_path_factory):
+    """What `make run` runs, once for the session: ``sarlang run workflows/demo.yaml`` in a process of its
+    own (its own local Ray, progress bars and all; the run folder moved out of the repository), the whole
+    demo from the synthetic archive to the leaderboard: (run folder, exit code, terminal output). The
+    terminal's test reads the output; the trained demo's tests read the run folder."""
+    import subprocess
+    import sys
 
-    from sarlang_ray import pipeline
+    run_dir = tmp_path_factory.mktemp("made") / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sarlang_ray",
+            "run",
+            str(REPO / "workflows" / "demo.yaml"),
+            f"run.run_dir={run_dir}",
+            f"synth.out_dir={run_dir}/archive",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=1200,
+        check=False,
+    )
+    return run_dir, proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def trained_run(made_run, ray_session):
+    """The demo fine-tuned (tiny VLM, full, 3 epochs) and evaluated, as `make run` left it: (config,
+    summary). Tests that run more stages on a copy of it use the session's Ray."""
+    import json
+
     from sarlang_ray.config import load_config
 
-    cfg, _ = demo_run
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    shutil.copytree(Path(cfg.run.run_dir) / "export", run_dir / "export")
-    shutil.copytree(Path(cfg.run.run_dir) / "align", run_dir / "align")  # the oracle re-captions tiles
-    tr = load_config(
+    run_dir, rc, out = made_run
+    assert rc == 0, f"`sarlang run workflows/demo.yaml` failed:\n{out[-3000:]}"
+    cfg = load_config(
         str(REPO / "workflows" / "demo.yaml"),
-        [
-            f"run.run_dir={run_dir}",
-            f"train.model={tiny_vlm}",
-            "train.init_tiny=false",
-            "ray.progress=false",
-            "run.stages=[train,evaluate]",
-        ],
+        [f"run.run_dir={run_dir}", f"synth.out_dir={run_dir}/archive", "ray.progress=false"],
     )
-    return tr, pipeline.run(tr)
+    return cfg, json.loads((run_dir / "summary.json").read_text())
 
 
 # ---------------------------------------------------------------- test tiers
@@ -141,7 +165,7 @@ def trained_run(demo_run, tiny_vlm, tmp_path_factory):
 # without a fixture says so with `pytestmark = pytest.mark.needs_ray`. In the fast tier
 # (SARLANG_TEST_TIER=fast) starting Ray or a test server raises, so a test that was classified wrongly fails
 # loudly instead of slowing the tier down.
-HEAVY_FIXTURES = frozenset({"ray_session", "demo_run", "trained_run", "s3", "tiny_vlm"})
+HEAVY_FIXTURES = frozenset({"ray_session", "demo_run", "made_run", "trained_run", "s3", "tiny_vlm"})
 FAST_TIER = os.environ.get("SARLANG_TEST_TIER") == "fast"
 
 
@@ -160,7 +184,7 @@ def pytest_collection_modifyitems(config, items):
         used = set(getattr(item, "fixturenames", ()))
         if not HEAVY_FIXTURES & used and item.get_closest_marker("needs_ray") is None:
             item.add_marker(pytest.mark.fast)
-        if "trained_run" in used and getattr(config.option, "loadgroup", False):
+        if {"made_run", "trained_run"} & used and getattr(config.option, "loadgroup", False):
             # what pytest-xdist does for an `xdist_group` mark (its scheduler keeps the nodeids that end in
             # the same "@group" on one worker); xdist 3.8 sets `item._nodeid`, which pytest 9.2 no longer
             # reads, so the mark alone groups nothing

@@ -4,10 +4,7 @@ terminal, with Ray's own output in the run folder's log; plot legends stay clear
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,31 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.needs_ray  # the command starts its own local Ray: not the fast tier
-def test_make_run_prints_at_most_80_lines_with_counts_and_leaderboard(tmp_path):
-    run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
-    env["PYTHONPATH"] = str(REPO)
+def test_make_run_prints_at_most_80_lines_with_counts_and_leaderboard(made_run):
     # what `make run` runs (its run folder moved out of the repository): the whole demo, bars and all
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sarlang_ray",
-            "run",
-            str(REPO / "workflows" / "demo.yaml"),
-            f"run.run_dir={run_dir}",
-            f"synth.out_dir={run_dir}/archive",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=1200,
-        check=False,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    run_dir, returncode, out = made_run
+    assert returncode == 0, out[-3000:]
     lines = out.splitlines()
     assert len(lines) <= 80, out
     assert "\x1b[" not in out  # no escape codes off a terminal
