@@ -275,6 +275,11 @@ def test_two_models_with_the_same_last_path_component_write_two_prediction_files
     assert files == expected and len(set(files)) == 2 and all(f.startswith("merged-") for f in files)
     for f in files:
         assert pq.read_table(run_dir / "evaluate" / "predictions" / f).num_rows == 6
+    # one trial after the other in one process (Tune's reuse_actors): the imports and METEOR's Java process
+    # are paid once; Tune's own result files say which process ran each trial
+    results = sorted((run_dir / "evaluate" / "tune" / "sweep").glob("*/result.json"))
+    pids = [json.loads(r.read_text().splitlines()[-1])["pid"] for r in results]
+    assert len(pids) == 2 and len(set(pids)) == 1, pids
 
 
 def test_root_error_digs_through_rays_wrappers():

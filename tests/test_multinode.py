@@ -5,7 +5,6 @@ untouched."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -270,7 +269,8 @@ S3_RUN = textwrap.dedent("""
         ray.init(address=cluster.address, log_to_driver=False)
         # the GCS's tables: every node, and every actor the run made (dead ones included) with its node
         out["nodes"] = [
-            {"id": n["NodeID"], "alive": n["Alive"], "head": "node:__internal_head__" in n["Resources"]}
+            {"id": n["NodeID"], "ip": n["NodeManagerAddress"], "alive": n["Alive"],
+             "head": "node:__internal_head__" in n["Resources"]}
             for n in ray.nodes()
         ]
         out["actors"] = [
@@ -316,11 +316,34 @@ def _tables(run_dir: str) -> dict:
     }
 
 
+def _items_run(run_dir: str) -> dict[str, int]:
+    """The items each data stage ran, counted from its outputs (not from the marker under test): the
+    catalog's planned scenes, the tile, align and annotate shards, and for export one item per align shard
+    with a tile in a split (a tile not in export's errors table)."""
+    from sarlang_ray import io
+
+    scenes = io.read_json(io.join(run_dir, "catalog", "_SUCCESS.json"))["planned"]
+    shards = {
+        s: len(io.glob(io.join(run_dir, s, "shards"), "*/*.parquet")) for s in ("tile", "align", "annotate")
+    }
+    dropped = {
+        r["item"]
+        for r in io.read_parquet(io.join(run_dir, "export", "errors.parquet"), columns=["item"]).to_pylist()
+    }
+    exported = sum(
+        1
+        for uri in io.glob(io.join(run_dir, "align", "shards"), "*/*.parquet")
+        if set(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist()) - dropped
+    )
+    return {"catalog": scenes, **shards, "export": exported}
+
+
 @pytest.mark.slow
 def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_path):
     """`sarlang run` (catalog to export) as a driver of a 3-node cluster, archive and run folder on s3://
-    (SeaweedFS): the storage check accepts s3:// without run.shared_fs, every stage spreads over the
-    nodes, and the tables read back from S3 equal those of the one-node local demo run."""
+    (SeaweedFS): the storage check accepts s3:// without run.shared_fs, every stage records where its items
+    ran (the nodes' ids and addresses, the items adding up), the run spreads over the nodes, and the tables
+    read back from S3 equal those of the one-node local demo run."""
     import shutil
     import tempfile
 
@@ -367,14 +390,18 @@ def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_pat
     # the run had 3 nodes, one of them the head
     nodes = {n["id"] for n in out["nodes"] if n["alive"]}
     assert len(nodes) == 3 and sum(n["head"] for n in out["nodes"]) == 1, out["nodes"]
-    # every data stage's marker records the node of every item (execution.map, tasks or actors)
-    spread = {
-        stage: set(io.read_json(io.join(run_dir, stage, "_SUCCESS.json"))["placement"])
-        for stage in DATA_STAGES
-    }
+    # every data stage's marker records where its items ran (execution.map, tasks or actors): per node id
+    # its address and items, the items adding up to what the stage ran, counted from its outputs
+    ip = {n["id"]: n["ip"] for n in out["nodes"]}
+    expected = _items_run(run_dir)
+    spread = {}
+    for stage in DATA_STAGES:
+        placement = io.read_json(io.join(run_dir, stage, "_SUCCESS.json"))["placement"]
+        spread[stage] = set(placement)
+        assert spread[stage] and spread[stage] <= nodes, (stage, placement, out["actors"])
+        assert all(p["ip"] == ip[node] for node, p in placement.items()), (stage, placement, ip)
+        assert sum(p["items"] for p in placement.values()) == expected[stage], (stage, placement, expected)
     print("nodes per stage:", {s: len(n) for s, n in spread.items()})
-    for stage, where in spread.items():
-        assert where and where <= nodes, (stage, out["actors"])
     # one stage's items may fit one node (the catalog's few pages, small tasks): Ray chooses; the run as a
     # whole used every node of the cluster
     assert set().union(*spread.values()) == nodes
@@ -422,90 +449,3 @@ def test_sarlang_run_of_the_demo_on_s3_on_a_3_node_cluster(demo_run, s3, tmp_pat
         "passed QC), "
         f"exported {len(ours['export'])} pairs of {counts['export']['written']} tiles; counts {counts}"
     )
-
-
-PLACEMENT = textwrap.dedent("""
-    import json, sys
-    import ray
-    from ray.cluster_utils import Cluster
-    from conftest import demo_config
-    from sarlang_ray import pipeline
-
-    run_dir, temp_dir = sys.argv[1], sys.argv[2]
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir}
-    )
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-        # the demo at its smallest: two GSDs, small tiles of few per shard (many items: every node gets some)
-        cfg = demo_config(run_dir, "run.shared_fs=true", "tile.gsds_m=[2.0,5.0]", "tile.tile_size=128",
-                          "tile.tiles_per_shard=2")
-        summary = pipeline.run(cfg)
-        nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-        ray.shutdown()
-    finally:
-        cluster.shutdown()
-    print(json.dumps({"nodes": nodes, "stages": summary["stages"]}))
-""")
-
-
-@pytest.mark.slow  # 4 min on a loaded 2-core machine (the demo's data stages at two GSDs on 3 raylets)
-def test_every_data_stage_records_where_its_items_ran_on_a_3_node_cluster(tmp_path):
-    """Each data stage's ``_SUCCESS.json`` has a ``placement``: per node id its address and items, the items
-    adding up to the stage's own count of them (scenes, chunks / shards, export shards), on the cluster's
-    nodes."""
-    import shutil
-    import tempfile
-
-    from ray_heads import kill_leftovers
-
-    from sarlang_ray import io
-
-    run_dir = tmp_path / "run"
-    temp_dir = tempfile.mkdtemp(prefix="sarlang-pl-", dir="/tmp")
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", PLACEMENT, str(run_dir), temp_dir],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
-            check=False,
-        )
-    finally:
-        kill_leftovers([temp_dir])
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    nodes = out["nodes"]
-    assert len(nodes) == 3
-    # what each stage ran, counted from its outputs on disk (not from the marker under test)
-    scenes = io.read_json(io.join(str(run_dir), "catalog", "_SUCCESS.json"))["planned"]
-    shards = {
-        s: len(io.glob(str(run_dir / s / "shards"), "*/*.parquet")) for s in ("tile", "align", "annotate")
-    }
-    # export: one item per align shard with a tile in a split (a tile not in export's errors table)
-    dropped = {
-        r["item"]
-        for r in io.read_parquet(str(run_dir / "export" / "errors.parquet"), columns=["item"]).to_pylist()
-    }
-    exported = sum(
-        1
-        for uri in io.glob(str(run_dir / "align" / "shards"), "*/*.parquet")
-        if set(io.read_parquet(uri, columns=["tile_id"])["tile_id"].to_pylist()) - dropped
-    )
-    expected = {"catalog": scenes, **shards, "export": exported}
-    used = set()
-    for stage in DATA_STAGES:
-        placement = io.read_json(io.join(str(run_dir), stage, "_SUCCESS.json"))["placement"]
-        assert set(placement) <= set(nodes), (stage, placement)
-        assert all(p["ip"] == nodes[node] for node, p in placement.items()), (stage, placement, nodes)
-        assert sum(p["items"] for p in placement.values()) == expected[stage], (stage, placement, expected)
-        used |= set(placement)
-    # where one stage's items land is Ray's choice (small tasks may all fit one node); across the stages the
-    # work ran on more than one node, and every node named is one of the cluster's
-    assert len(used) >= 2 and used <= set(nodes), (used, nodes)
