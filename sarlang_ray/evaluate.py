@@ -1191,7 +1191,7 @@ def _sweep(cfg: WorkflowConfig, judge_info: dict | None) -> dict:
         "image": tune.grid_search(list(ev.images)),
         "prompt": tune.grid_search([prompt_dict(p) for p in ev.prompts]),
     }
-    # a trial only drives its Ray Data actor pool, which holds the CPUs/GPUs: the trial itself asks for little.
+    # a trial only drives its Ray Data actor pool, which holds the CPUs/GPUs: the trial itself asks for little
     # Trials run one after another in the same few processes (reuse_actors): the imports and METEOR's Java
     # process (5 s to load its paraphrase table) are paid once per process, not once per grid point.
     tuner = tune.Tuner(

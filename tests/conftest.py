@@ -174,9 +174,9 @@ FAST_TIER = os.environ.get("SARLANG_TEST_TIER") == "fast"
 
 
 # `make test` spreads the suite over both cores (`pytest -n 2 --dist loadgroup`): each xdist worker has its
-# own Ray and its own demo run (the data stages: ~12 s). The tests of the trained demo (train + evaluate,
-# ~100 s) are one group, kept on one worker, so that training runs once per session, not once per worker.
-# Tests marked `serial` interrupt or kill something at a chosen moment; they run alone afterwards, where no
+# own Ray and its own demo run (the data stages: ~12 s). The tests of the trained demo (what `make run` makes,
+# ~110 s) are one group, kept on one worker, so that the demo runs once per session, not once per worker.
+# Tests marked `serial` interrupt or kill something at a chosen moment; they run alone first, where no
 # other test's load moves that moment.
 
 
@@ -193,6 +193,10 @@ def pytest_collection_modifyitems(config, items):
             # the same "@group" on one worker); xdist 3.8 sets `item._nodeid`, which pytest 9.2 no longer
             # reads, so the mark alone groups nothing
             item._id = coerce_node_id(f"{item.nodeid}@trained_run")
+    # the slow tests first (a stable sort: otherwise in file order): pytest-xdist hands out the tests in this
+    # order, so the last ones are short and both workers finish close together, instead of one running a
+    # 60 s training test alone at the end
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _refuse(what: str):

@@ -321,6 +321,7 @@ def plant(pairs: list[dict], tile: dict) -> tuple[list[dict], Counter]:
     return pairs, planted
 
 
+@pytest.mark.slow
 def test_annotate_stage_reports_planted_model_errors_per_rule_and_backend(demo_run, tmp_path):
     from sarlang_ray import pipeline
     from sarlang_ray.config import load_config

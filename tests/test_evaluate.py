@@ -240,6 +240,7 @@ def test_a_failing_trial_is_listed_with_its_root_exception_and_the_sweep_goes_on
     assert f"- {broken} / sar / paper: OSError: It looks like the config file at" in md
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_models_with_the_same_last_path_component_write_two_prediction_files(
     demo_run, tiny_vlm, tmp_path
@@ -619,6 +620,7 @@ def test_a_failed_trial_makes_the_command_exit_non_zero_with_its_root_exception(
     ).exists()
 
 
+@pytest.mark.slow
 def test_one_command_evaluates_a_model_on_the_imported_sarlang1m_release(
     ray_session, tiny_vlm, tmp_path, capsys
 ):

@@ -228,6 +228,7 @@ def expected(rows, key: str, setting: str | None) -> tuple[int, list[str]] | Non
     return None
 
 
+@pytest.mark.slow
 def test_every_key_redoes_what_the_architecture_table_says(tmp_path):
     rows = read_table()
     used: set[int] = set()
