@@ -46,14 +46,35 @@ def test_make_test_runs_ruff_then_mypy_before_pytest():
         assert all(path in line.split() for path in ("sarlang_ray", "tests", "benchmarks")), line
     # the suite in runs that together hold every test once: each marker expression is evaluated the way pytest
     # does (-m) for every combination of the marks a test can carry
-    runs = [line for line in out if "-m pytest" in line]
-    assert all(run.rstrip().endswith(" tests") for run in runs), runs
-    expressions = [shlex.split(run)[shlex.split(run).index("-m", 2) + 1] for run in runs]
+    expressions = _pytest_mark_expressions(out)
+    assert len(expressions) >= 2, out
     marks = ("fast", "serial", "slow", "needs_ray")
     for carried in itertools.product((False, True), repeat=len(marks)):
         has = dict(zip(marks, carried))
         matching = [e for e in expressions if Expression.compile(e).evaluate(has.__getitem__)]
         assert len(matching) == 1, (has, expressions)
+
+
+def _pytest_mark_expressions(lines: list[str]) -> list[str]:
+    """The ``-m`` expression of every pytest command in the shell lines, each command checked to select the
+    ``tests`` folder (a line may hold several commands, joined by ``;``, ``&`` or ``&&``)."""
+    out = []
+    for line in "\n".join(lines).replace("\\\n", " ").splitlines():  # continued lines joined
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        tokens = list(lexer)
+        commands: list[list[str]] = [[]]
+        for token in tokens:
+            if token in (";", "&", "&&", "||", "|"):
+                commands.append([])
+            else:
+                commands[-1].append(token)
+        for cmd in commands:
+            if "pytest" in cmd and cmd[cmd.index("pytest") - 1] == "-m":
+                args = cmd[cmd.index("pytest") + 1 :]
+                assert "tests" in args, cmd
+                out.append(args[args.index("-m") + 1])
+    return out
 
 
 def test_mypy_settings_silence_nothing_globally():
