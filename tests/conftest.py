@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # up to 2 s late, and the group's shutdown waits on the same poll (~3.5 s of every training run, measured).
 # The tests train about a dozen times; a quarter-second poll costs nothing on a one-machine cluster.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# and it starts an actor that watches for spot-instance preemption (a process of its own, ~1.2 CPU-s per
+# training run here): no test preempts a node
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # the S3 test server's endpoint must be in the environment before Ray starts (workers inherit it)
 import s3_server

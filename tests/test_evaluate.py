@@ -199,7 +199,7 @@ def test_a_failing_trial_is_listed_with_its_root_exception_and_the_sweep_goes_on
             "ray.progress=false",
             f"evaluate.models=[{good},{broken}]",
             "evaluate.images=[sar,optical]",
-            "evaluate.limit_pairs=40",
+            "evaluate.limit_pairs=16",
             "evaluate.baselines=[majority]",
             "evaluate.judge=embedding",
             "evaluate.vqa_mode=judge",
@@ -214,7 +214,7 @@ def test_a_failing_trial_is_listed_with_its_root_exception_and_the_sweep_goes_on
         (good, "sar"),
         ("majority answer (lower bound)", "-"),
     }
-    assert all(r["n_pairs"] == 40 for r in board["rows"])
+    assert all(r["n_pairs"] == 16 for r in board["rows"])
     # judge only adds
     assert all(0 <= r["vqa_judge"] <= 1 and r["vqa_judge"] >= r["vqa_sarlang1m"] for r in board["rows"])
     failed = {(f["model"], f["image"]): f for f in board["failed"]}
