@@ -40,14 +40,14 @@ lint: setup
 
 # lint first: a test run starts only on code that passes the linter, the formatter's check and the type
 # checker. Then the `serial` tests (they interrupt or kill something at a chosen moment) with no other Ray
-# beside them; they keep ~0.7 of the 2 cores busy, so the tier that needs no Ray runs beside them (their
-# output follows its own). Then everything else over both cores (pytest-xdist: each worker its
+# beside them; they keep ~0.7 of the 2 cores busy, so the tier that needs no Ray runs beside them in one
+# process (in two, the serial tests' reference run took 109 s instead of 22; their output follows its own). Then everything else over both cores (pytest-xdist: each worker its
 # own Ray and demo run, the trained demo's tests on one worker, the slow tests handed out first:
 # tests/conftest.py)
 test: setup lint
 	@log=$$(mktemp); \
 	$(BIN)/python -m pytest -q -m serial --durations=10 tests > $$log 2>&1 & serial=$$!; \
-	SARLANG_TEST_TIER=fast $(BIN)/python -m pytest -q -m "fast and not serial" -n 2 tests; fast=$$?; \
+	SARLANG_TEST_TIER=fast $(BIN)/python -m pytest -q -m "fast and not serial" tests; fast=$$?; \
 	wait $$serial; rc=$$?; echo "== the serial tests, run beside the fast tier:"; cat $$log; rm -f $$log; \
 	[ $$fast -eq 0 ] && [ $$rc -eq 0 ]
 	$(BIN)/python -m pytest -q -m "not serial and not fast" -n 2 --dist loadgroup --durations=25 tests
