@@ -41,9 +41,9 @@ lint: setup
 # lint first: a test run starts only on code that passes the linter, the formatter's check and the type
 # checker. Then the `serial` tests (they interrupt or kill something at a chosen moment) with no other Ray
 # beside them; they keep ~0.7 of the 2 cores busy, so the tier that needs no Ray runs beside them in one
-# process (in two, the serial tests' reference run took 109 s instead of 22; their output follows its own). Then everything else over both cores (pytest-xdist: each worker its
-# own Ray and demo run, the trained demo's tests on one worker, the slow tests handed out first:
-# tests/conftest.py)
+# process (in two, the serial tests' reference run took 109 s instead of 22); their output follows its own.
+# Then everything else over both cores (pytest-xdist: each worker its own Ray and demo run, the trained
+# demo's tests on one worker, the slow tests handed out first: tests/conftest.py)
 test: setup lint
 	@log=$$(mktemp); \
 	$(BIN)/python -m pytest -q -m serial --durations=10 tests > $$log 2>&1 & serial=$$!; \

@@ -179,8 +179,8 @@ FAST_TIER = os.environ.get("SARLANG_TEST_TIER") == "fast"
 # `make test` spreads the suite over both cores (`pytest -n 2 --dist loadgroup`): each xdist worker has its
 # own Ray and its own demo run (the data stages: ~12 s). The tests of the trained demo (what `make run` makes,
 # ~110 s) are one group, kept on one worker, so that the demo runs once per session, not once per worker.
-# Tests marked `serial` interrupt or kill something at a chosen moment; they run alone first, where no
-# other test's load moves that moment.
+# Tests marked `serial` interrupt or kill something at a chosen moment; they run first, with no other Ray
+# beside them (only the fast tier, in one process), so that no other test's Ray moves that moment.
 
 
 @pytest.hookimpl(tryfirst=True)
