@@ -80,6 +80,23 @@ def demo_config(run_dir: Path, *overrides: str):
     )
 
 
+def demo_command(run_dir: Path, archive: Path, *overrides: str) -> list[str]:
+    """The command line of ``sarlang run workflows/demo.yaml`` (what `make run` runs) into ``run_dir``, the
+    archive synthesised into (or read from) ``archive``, in a process of its own."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "sarlang_ray",
+        "run",
+        str(REPO / "workflows" / "demo.yaml"),
+        f"run.run_dir={run_dir}",
+        f"synth.out_dir={archive}",
+        *overrides,
+    ]
+
+
 @pytest.fixture(scope="session")
 def demo_run(ray_session, tmp_path_factory):
     """The demo workflow, run once for the session: (config, summary)."""
@@ -124,21 +141,12 @@ def made_run(tmp_path_factory):
     demo from the synthetic archive to the leaderboard: (run folder, exit code, terminal output). The
     terminal's test reads the output; the trained demo's tests read the run folder."""
     import subprocess
-    import sys
 
     run_dir = tmp_path_factory.mktemp("made") / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sarlang_ray",
-            "run",
-            str(REPO / "workflows" / "demo.yaml"),
-            f"run.run_dir={run_dir}",
-            f"synth.out_dir={run_dir}/archive",
-        ],
+        demo_command(run_dir, run_dir / "archive"),
         capture_output=True,
         text=True,
         env=env,

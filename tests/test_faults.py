@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 import pytest
-from conftest import REPO, demo_config
+from conftest import REPO, demo_command, demo_config
 
 from sarlang_ray import io, pipeline
 from sarlang_ray.stages import annotate as annotate_stage
@@ -212,16 +212,7 @@ def _sarlang_run(
     SIGTERM to the driver (as ``kill`` or a scheduler does). Returns the exit code and the output; every
     process the run started must be gone within 30 s of its end."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "sarlang_ray",
-        "run",
-        str(REPO / "workflows" / "demo.yaml"),
-        f"run.run_dir={run_dir}",
-        f"synth.out_dir={archive}",
-        *SMALL,
-    ]
+    cmd = demo_command(run_dir, archive, *SMALL)
     log = run_dir.with_suffix(f".{len(list(run_dir.parent.glob('*.log')))}.log")
     with open(log, "w") as out:
         proc = subprocess.Popen(
