@@ -1,4 +1,5 @@
-"""`make test` runs `make lint` (ruff, its format check, then mypy) before the suite, in runs that hold
+"""`make test` runs ruff and its format check before the suite and mypy beside its first tests, failing when
+any of them fails, in runs that hold
 every test once, and mypy's settings name each untyped library instead of silencing imports or errors
 globally (README, pyproject.toml)."""
 
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # CI runs `make test`: it is
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_make_test_runs_ruff_then_mypy_before_pytest():
+def test_make_test_runs_ruff_before_pytest_and_fails_on_mypy():
     # -n prints the recipes without running them; -o: take the set-up as done (no venv or apt work)
     out = subprocess.run(
         ["make", "-n", "-o", ".venv/bin/sarlang", "-o", "/usr/bin/chromedriver", "test"],
@@ -38,9 +39,15 @@ def test_make_test_runs_ruff_then_mypy_before_pytest():
     def first(word: str) -> int:
         return next(i for i, line in enumerate(out) if word in line)
 
-    assert first("ruff check") < first("ruff format --check") < first("mypy") < first("-m pytest"), "\n".join(
-        out
-    )
+    order = [first("ruff check"), first("ruff format --check"), first("mypy"), first("-m pytest")]
+    assert order == sorted(order) and order[1] < order[2], "\n".join(out)
+    # mypy runs in the background beside the first tests: the recipe waits for it and fails on its status
+    # before the last pytest run starts
+    recipe = "\n".join(out)
+    mypy_line = out[first("mypy")]
+    assert mypy_line.rstrip(" \\").endswith("& mypy=$!;"), mypy_line
+    waited = recipe.index("wait $mypy; typed_rc=$?")
+    assert waited < recipe.index("[ $typed_rc -eq 0 ]") < recipe.rindex("-m pytest"), recipe
     for tool in ("ruff check", "ruff format --check"):
         line = out[first(tool)]
         assert all(path in line.split() for path in ("sarlang_ray", "tests", "benchmarks")), line
