@@ -13,7 +13,9 @@ vocabulary (:class:`StageResources`, :func:`resource_keys`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -951,7 +953,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     Raises:
         ConfigError: an unknown key, a value of the wrong type, or a cross-field inconsistency.
     """
-    cfg = OmegaConf.structured(WorkflowConfig)
+    cfg = copy.deepcopy(_defaults())  # this load's own copy: the merges below change it in place
     source, key = path, None  # what is being merged, for the error message
     try:
         if path is not None:
@@ -1076,13 +1078,21 @@ def _translate_legacy(base: DictConfig, incoming: DictConfig, source: str | None
 REPLACED_MAPPINGS = ("align.landcover_classes",)
 
 
+@functools.cache
+def _defaults() -> DictConfig:
+    """The defaults as a structured config, built once per process (building it from the dataclasses was
+    half of a load's time); :func:`load_config` merges into a deep copy, never into this one."""
+    return OmegaConf.structured(WorkflowConfig)
+
+
 def _merge(base: DictConfig, incoming: DictConfig) -> DictConfig:
-    """OmegaConf.merge, except that the mappings of REPLACED_MAPPINGS given in ``incoming`` replace the
-    base's instead of merging into it."""
+    """``incoming`` merged into ``base`` in place (``base`` is the load's own copy: OmegaConf.merge would
+    copy it again for every override), except that the mappings of REPLACED_MAPPINGS given in ``incoming``
+    replace the base's instead of merging into it."""
     for key in REPLACED_MAPPINGS:
         if OmegaConf.select(incoming, key) is not None:
             OmegaConf.update(base, key, {}, merge=False)
-    return cast(DictConfig, OmegaConf.merge(base, incoming))
+    return cast(DictConfig, OmegaConf.unsafe_merge(base, incoming))
 
 
 _BARE_ITEM = re.compile(r"^[^'\"\[\]{},]*[*?!&|>%@`][^'\"\[\]{},]*$")
