@@ -44,19 +44,18 @@ lint: style
 
 # The linter and the formatter's check first (seconds): a test run starts only on code that passes them. Then
 # the `serial` tests (they interrupt or kill something at a chosen moment) with no other Ray beside them; they
-# keep ~0.7 of the 2 cores busy, so the tier that needs no Ray runs beside them in one process (in two, the
-# serial tests' reference run took 109 s instead of 22), and the type checker (~40 s of one core) too. Each
-# prints its output after the tier's; any failure stops `make test` there. Then everything else over both
-# cores (pytest-xdist: each worker its own Ray and demo run, the trained demo's tests on one worker, the slow
-# tests handed out first: tests/conftest.py)
+# keep ~0.7 of the 2 cores busy, so one process beside them runs the type checker (~40 s of one core), then
+# the tier that needs no Ray (in two processes, the serial tests' reference run took 109 s instead of 22; with
+# mypy as a third, 49 s). The serial tests' output follows; any failure of the three stops `make test` there.
+# Then everything else over both cores (pytest-xdist: each worker its own Ray and demo run, the trained
+# demo's tests on one worker, the slow tests handed out first: tests/conftest.py)
 test: setup style
-	@log=$$(mktemp); typed=$$(mktemp); \
-	$(MYPY) > $$typed 2>&1 & mypy=$$!; \
+	@log=$$(mktemp); \
 	$(BIN)/python -m pytest -q -m serial --durations=10 tests > $$log 2>&1 & serial=$$!; \
+	$(MYPY); typed=$$?; \
 	SARLANG_TEST_TIER=fast $(BIN)/python -m pytest -q -m "fast and not serial" tests; fast=$$?; \
-	wait $$mypy; typed_rc=$$?; echo "== the type checker, run beside the fast tier:"; cat $$typed; \
-	wait $$serial; rc=$$?; echo "== the serial tests, run beside the fast tier:"; cat $$log; \
-	rm -f $$log $$typed; [ $$fast -eq 0 ] && [ $$typed_rc -eq 0 ] && [ $$rc -eq 0 ]
+	wait $$serial; rc=$$?; echo "== the serial tests, run beside mypy and the fast tier:"; cat $$log; \
+	rm -f $$log; [ $$typed -eq 0 ] && [ $$fast -eq 0 ] && [ $$rc -eq 0 ]
 	$(BIN)/python -m pytest -q -m "not serial and not fast" -n 2 --dist loadgroup --durations=25 tests
 
 # the tier with no Ray, no demo run and no server (marked in tests/conftest.py): minutes, for quick feedback

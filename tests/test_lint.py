@@ -39,15 +39,13 @@ def test_make_test_runs_ruff_before_pytest_and_fails_on_mypy():
     def first(word: str) -> int:
         return next(i for i, line in enumerate(out) if word in line)
 
-    order = [first("ruff check"), first("ruff format --check"), first("mypy"), first("-m pytest")]
-    assert order == sorted(order) and order[1] < order[2], "\n".join(out)
-    # mypy runs in the background beside the first tests: the recipe waits for it and fails on its status
-    # before the last pytest run starts
+    last_pytest = max(i for i, line in enumerate(out) if "-m pytest" in line)
+    assert first("ruff check") < first("ruff format --check") < first("-m pytest") < last_pytest, out
+    assert first("mypy") < last_pytest, out
+    # mypy runs beside the first tests: its status fails the recipe before the last pytest run starts
     recipe = "\n".join(out)
-    mypy_line = out[first("mypy")]
-    assert mypy_line.rstrip(" \\").endswith("& mypy=$!;"), mypy_line
-    waited = recipe.index("wait $mypy; typed_rc=$?")
-    assert waited < recipe.index("[ $typed_rc -eq 0 ]") < recipe.rindex("-m pytest"), recipe
+    assert "mypy --cache-dir .mypy_cache; typed=$?;" in out[first("mypy")], out[first("mypy")]
+    assert recipe.index("typed=$?") < recipe.index("[ $typed -eq 0 ]") < recipe.rindex("-m pytest"), recipe
     for tool in ("ruff check", "ruff format --check"):
         line = out[first(tool)]
         assert all(path in line.split() for path in ("sarlang_ray", "tests", "benchmarks")), line
@@ -60,6 +58,32 @@ def test_make_test_runs_ruff_before_pytest_and_fails_on_mypy():
         has = dict(zip(marks, carried))
         matching = [e for e in expressions if Expression.compile(e).evaluate(has.__getitem__)]
         assert len(matching) == 1, (has, expressions)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("mypy_rc", [0, 1])
+def test_make_test_fails_on_mypy_before_the_last_pytest_run(tmp_path, mypy_rc):
+    """The recipe run for real with stand-ins (BIN: a folder whose ruff and python record their arguments
+    and succeed; MYPY: a command exiting with mypy_rc): a failing mypy makes `make test` fail after the
+    serial and fast runs and before the xdist run, a passing one lets all three run."""
+    calls = tmp_path / "calls.txt"
+    for tool in ("ruff", "python"):
+        stand_in = tmp_path / tool
+        stand_in.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        stand_in.chmod(0o755)
+    proc = subprocess.run(
+        ["make", "-o", f"{tmp_path}/sarlang", "-o", "/usr/bin/chromedriver", "test"]
+        + [f"BIN={tmp_path}", f"MYPY=sh -c 'exit {mypy_rc}'"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    runs = [line for line in calls.read_text().splitlines() if " -m pytest " in line]
+    assert (proc.returncode != 0) == bool(mypy_rc), proc.stdout + proc.stderr
+    assert any("-m serial" in r for r in runs) and any("fast and not serial" in r for r in runs), runs
+    assert any("-n 2" in r for r in runs) == (mypy_rc == 0), runs
 
 
 def _pytest_mark_expressions(lines: list[str]) -> list[str]:
