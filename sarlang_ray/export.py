@@ -432,7 +432,7 @@ class BlockAggregates:
     Also which batches hold each block (sorted block keys, batch numbers; a block of revisits is in
     several)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         import numpy as np
 
         self.keys, self.n = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)

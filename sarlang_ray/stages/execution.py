@@ -146,7 +146,7 @@ class Manifest:
     one record each) instead of collected in its memory; iterable any number of times, each pass reading the
     file. Counts the items per node id as they arrive (:func:`placement`)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         import tempfile
         import weakref
 
