@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]
+from demo_cli import demo_command
 from peak_memory import PeakMemory
 
 ID_COLUMNS = ("tile_id", "scene_id", "pair_id", "item")
@@ -41,16 +42,9 @@ def demo_run(run_dir: Path) -> Path:
     if not (run_dir / "export" / "_SUCCESS.json").exists():
         env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sarlang_ray",
-                "run",
-                str(REPO / "workflows" / "demo.yaml"),
-                f"run.run_dir={run_dir}",
-                f"synth.out_dir={run_dir}/archive",
-                "run.stages=[synth,catalog,tile,align,annotate,export]",
-            ],
+            demo_command(
+                run_dir, f"{run_dir}/archive", "run.stages=[synth,catalog,tile,align,annotate,export]"
+            ),
             check=True,
             env=env,
         )

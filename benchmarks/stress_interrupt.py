@@ -33,6 +33,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from demo_cli import demo_command
+
 SMALL = [
     "tile.gsds_m=[1.0,5.0]",
     "tile.tile_size=128",
@@ -54,16 +57,7 @@ def one_run(work: Path, archive: Path, index: int) -> dict:
     run_dir = work / f"run{index}"
     shards = run_dir / "tile" / "shards"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "sarlang_ray",
-        "run",
-        str(REPO / "workflows" / "demo.yaml"),
-        f"run.run_dir={run_dir}",
-        f"synth.out_dir={archive}",
-        *SMALL,
-    ]
+    cmd = demo_command(run_dir, archive, *SMALL)
     log = work / f"run{index}.log"
     t0 = time.time()
     with open(log, "w") as out:

@@ -33,6 +33,7 @@ os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "10000")
 
 # the S3 test server's endpoint must be in the environment before Ray starts (workers inherit it)
 import s3_server
+from demo_cli import demo_command
 
 # (a pytest-xdist worker inherits the controller's environment: each worker has its own server and ports)
 for _k, _v in s3_server.ENV.items():
@@ -83,23 +84,6 @@ def demo_config(run_dir: Path, *overrides: str):
             *overrides,
         ],
     )
-
-
-def demo_command(run_dir: Path, archive: Path, *overrides: str) -> list[str]:
-    """The command line of ``sarlang run workflows/demo.yaml`` (what `make run` runs) into ``run_dir``, the
-    archive synthesised into (or read from) ``archive``, in a process of its own."""
-    import sys
-
-    return [
-        sys.executable,
-        "-m",
-        "sarlang_ray",
-        "run",
-        str(REPO / "workflows" / "demo.yaml"),
-        f"run.run_dir={run_dir}",
-        f"synth.out_dir={archive}",
-        *overrides,
-    ]
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 import pytest
-from conftest import REPO, demo_command, demo_config
+from conftest import REPO, demo_config
+from demo_cli import demo_command
 
 from sarlang_ray import io, pipeline
 from sarlang_ray.stages import annotate as annotate_stage
